@@ -1,0 +1,36 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` runs the checks.
+# Both create or reuse the virtual environment in $(VENV). An already installed torch is kept;
+# otherwise the CPU wheel torch==$(TORCH_VERSION) is installed (no CUDA build is ever pulled).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.sbnn-installed
+
+.PHONY: install demo test lint docs clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q --no-deps "spikingjelly==2.0.0"
+	$(PY) -m pip install -q -e ".[all]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/sbnn-bench
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -n 2
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+clean:
+	rm -rf $(VENV) site .pytest_cache

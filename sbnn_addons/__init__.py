@@ -1,0 +1,35 @@
+"""sbnn_addons: Spiking Bayesian Neural Networks for snnTorch and SpikingJelly.
+
+The core (this namespace) is framework-free: IW-ST spike functions, variational layers
+with the local reparameterisation, variance propagation, the SBNN objective and the
+evaluation modes. Host-library adapters live in :mod:`sbnn_addons.snntorch` and
+:mod:`sbnn_addons.spikingjelly` and are imported only when used.
+"""
+
+from .estimators import AGR, IWST, ST, BernoulliSpike, Estimator, get_estimator, sample_spikes
+from .layers import (
+    BayesConv1d,
+    BayesConv2d,
+    BayesLinear,
+    ChannelAffine,
+    GaussianPrior,
+    is_bayesian,
+    scale_mixture_prior,
+)
+from .losses import aux_loss, enable_aux_loss, kl_divergence, sbnn_objective
+from .modes import get_mode, mc_predict, mode, set_mode
+from .moments import attach_variance, get_variance, track_variance, variance_flow
+from .neurons import LIF, LIFState
+from .spike import IWSTSpike, seed_spikes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AGR", "IWST", "ST", "Estimator", "get_estimator", "BernoulliSpike", "sample_spikes",
+    "BayesLinear", "BayesConv1d", "BayesConv2d", "ChannelAffine", "GaussianPrior",
+    "scale_mixture_prior", "is_bayesian",
+    "aux_loss", "enable_aux_loss", "kl_divergence", "sbnn_objective",
+    "set_mode", "get_mode", "mode", "mc_predict",
+    "attach_variance", "get_variance", "track_variance", "variance_flow",
+    "LIF", "LIFState", "IWSTSpike", "seed_spikes",
+]

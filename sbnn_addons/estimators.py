@@ -1,0 +1,222 @@
+"""IW-ST gradient estimators for stochastic binary / spiking units (SPEC section 4).
+
+An estimator is a small frozen value (:class:`Estimator`) built with :func:`ST`,
+:func:`IWST` or :func:`AGR`, or parsed from a string by :func:`get_estimator`:
+
+>>> get_estimator("agr")            # AGR(tau=0)
+>>> get_estimator("iwst(0.5)")      # IW-ST with p = 0.5
+>>> get_estimator("agr(0.3)")       # AGR with tau = 0.3
+
+The sampled spike and its replacement Jacobian are computed by
+:class:`BernoulliSpike`, an ``autograd.Function`` with ``setup_context`` and a vmap rule,
+so it composes with ``torch.func.grad`` and ``torch.func.vmap``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .functional import SIGMA_MIN, check_float, estimator_jacobian
+
+__all__ = ["Estimator", "ST", "IWST", "AGR", "get_estimator", "BernoulliSpike", "sample_spikes"]
+
+_KINDS = ("st", "iwst", "agr")
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """A member of the IW-ST family.
+
+    Attributes:
+        kind: ``"st"``, ``"iwst"`` or ``"agr"``.
+        p: IW-ST mixing weight in [0, 1] (``p = 0`` is ST, ``p = 1`` is AGR(0)).
+        tau: AGR temperature, >= 0 (``tau = 0`` is the limit ``w(h) = 1 / (2 P(h))``).
+        max_weight: bound of the importance ratio (SPEC: "bound weights, e.g. at 1e4").
+    """
+
+    kind: str = "st"
+    p: float = 0.0
+    tau: float = 0.0
+    max_weight: float = 1e4
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(
+                f"estimator kind must be one of {_KINDS}, got {self.kind!r}; "
+                "use ST(), IWST(p) or AGR(tau)"
+            )
+        if not (isinstance(self.p, (int, float)) and 0.0 <= self.p <= 1.0):
+            raise ValueError(f"p must be a number in [0, 1], got {self.p!r}")
+        if not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau) and self.tau >= 0):
+            raise ValueError(f"tau must be a finite number >= 0, got {self.tau!r}")
+        if not (self.max_weight >= 1.0 and math.isfinite(self.max_weight)):
+            raise ValueError(f"max_weight must be a finite number >= 1, got {self.max_weight!r}")
+
+    def __str__(self) -> str:
+        if self.kind == "st":
+            return "ST"
+        if self.kind == "iwst":
+            return f"IW-ST({self.p:g})"
+        return f"AGR({self.tau:g})"
+
+    def jacobian(self, u: Tensor, sigma: Tensor, h: Tensor) -> Tensor:
+        """Replacement Jacobian ``dh/du``; see :func:`sbnn_addons.functional.estimator_jacobian`."""
+        return estimator_jacobian(u, sigma, h, self.kind, self.p, self.tau, self.max_weight)
+
+
+def ST() -> Estimator:
+    """Straight-through: ``w(h) = 1``. Lowest variance, bias proportional to ``Phi(z) - 1/2``."""
+    return Estimator("st")
+
+
+def IWST(p: float) -> Estimator:
+    """Importance-weighted ST: ``w(h) = (1 - p) + p / (2 P(h))``, ``p`` in [0, 1].
+
+    Its second-order bias is ``(1 - p)`` times the ST bias.
+    """
+    return Estimator("iwst", p=float(p))
+
+
+def AGR(tau: float = 0.0) -> Estimator:
+    """Analytic Gumbel-Rao at temperature ``tau >= 0`` (closed form, SPEC section 4).
+
+    ``tau = 0`` is unbiased to second order for a curved loss.
+    """
+    return Estimator("agr", tau=float(tau))
+
+
+_PATTERN = re.compile(r"^\s*([a-z\-_]+)\s*(?:\(\s*([^)]*)\s*\))?\s*$")
+
+
+def get_estimator(spec: str | Estimator) -> Estimator:
+    """Build an :class:`Estimator` from a value or a string.
+
+    Accepted strings (case-insensitive): ``"st"``, ``"iwst(p)"`` / ``"iw-st(p)"``,
+    ``"agr"`` / ``"agr(tau)"``.
+
+    Raises:
+        ValueError: unknown name or malformed argument.
+        TypeError: neither a string nor an :class:`Estimator`.
+    """
+    if isinstance(spec, Estimator):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"estimator must be a str or an Estimator, got {type(spec).__name__}")
+    match = _PATTERN.match(spec.lower())
+    name = match.group(1).replace("-", "").replace("_", "") if match else None
+    arg = match.group(2) if match else None
+    try:
+        value = float(arg) if arg else None
+    except ValueError:
+        value, name = None, None
+    if name == "st" and value is None:
+        return ST()
+    if name == "iwst" and value is not None:
+        return IWST(value)
+    if name == "agr":
+        return AGR(value or 0.0)
+    raise ValueError(
+        f"unknown estimator {spec!r}; expected 'st', 'iwst(p)' with p in [0, 1], "
+        "'agr' or 'agr(tau)' with tau >= 0"
+    )
+
+
+class BernoulliSpike(torch.autograd.Function):
+    """Sampled spike with an IW-ST backward (SPEC sections 1 and 4).
+
+    Forward: ``h = 1[u + sigma * eps > 0]`` (``>= 0`` when ``at_zero``), returned in the
+    dtype of ``u``. Backward: ``dL/du = g J(h)``, ``dL/dsigma = -z g J(h)``.
+
+    Inputs ``u``, ``sigma`` and ``eps`` have one shape; the noise ``eps`` is drawn outside
+    (so that generators and vmap compose), ``eps = 0`` gives the deterministic mean mode.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(u: Tensor, sigma: Tensor, eps: Tensor, estimator: Estimator, at_zero: bool):
+        out_dtype = u.dtype
+        if u.dtype in (torch.float16, torch.bfloat16):
+            u, sigma, eps = u.float(), sigma.float(), eps.float()
+        drive = u + sigma * eps
+        fired = drive >= 0 if at_zero else drive > 0
+        return fired.to(out_dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        u, sigma, _eps, estimator, _at_zero = inputs
+        ctx.save_for_backward(u, sigma, output)
+        ctx.estimator = estimator
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        u, sigma, h = ctx.saved_tensors
+        jac = ctx.estimator.jacobian(u, sigma, h)
+        z = u.to(jac.dtype) / sigma.to(jac.dtype).clamp_min(SIGMA_MIN)
+        g = grad.to(jac.dtype)
+        grad_u = g * jac
+        grad_sigma = -z * grad_u
+        return _finite(grad_u, u.dtype), _finite(grad_sigma, sigma.dtype), None, None, None
+
+
+def _finite(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """Cast ``t`` to ``dtype`` clamped to its finite range (no inf in float16)."""
+    if t.dtype == dtype:
+        return t
+    big = torch.finfo(dtype).max
+    return t.clamp(-big, big).to(dtype)
+
+
+def sample_spikes(
+    u: Tensor,
+    sigma: Tensor,
+    estimator: str | Estimator = "st",
+    *,
+    deterministic: bool = False,
+    generator: torch.Generator | None = None,
+    at_zero: bool = False,
+) -> Tensor:
+    """Draw spikes ``h = 1[u + sigma eps > 0]`` with an IW-ST backward.
+
+    Args:
+        u: drive ``mu - theta`` (floating point), any shape ``[*]``.
+        sigma: noise std, broadcastable to ``u``, non-negative and finite.
+        estimator: an :class:`Estimator` or its string name.
+        deterministic: ``True`` gives the mean mode ``h = 1[u > 0]`` (``eps = 0``).
+        generator: optional ``torch.Generator`` on ``u``'s device, for exact replay.
+        at_zero: fire at ``u + sigma eps == 0`` too (SpikingJelly's ``>=`` convention).
+
+    Returns:
+        Spikes of the shape and dtype of ``u``.
+
+    Raises:
+        TypeError: integer inputs.
+        ValueError: negative or non-finite ``sigma``, or a shape that does not broadcast.
+    """
+    check_float("u", u)
+    check_float("sigma", sigma)
+    if sigma.shape != u.shape:
+        try:
+            sigma = sigma.expand_as(u)
+        except RuntimeError:
+            raise ValueError(
+                f"sigma of shape {tuple(sigma.shape)} does not broadcast to the drive "
+                f"u of shape {tuple(u.shape)}"
+            ) from None
+    if not torch.compiler.is_compiling():
+        bad = ~torch.isfinite(sigma) | (sigma < 0)
+        if bad.any():
+            raise ValueError(
+                "sigma (the noise std) must be finite and >= 0; got "
+                f"{sigma[bad].flatten()[:3].tolist()}"
+            )
+    if deterministic:
+        eps = torch.zeros_like(u)
+    else:
+        eps = torch.randn(u.shape, generator=generator, device=u.device, dtype=u.dtype)
+    return BernoulliSpike.apply(u, sigma, eps, get_estimator(estimator), at_zero)

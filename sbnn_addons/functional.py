@@ -1,0 +1,273 @@
+"""Pure functions of the SBNN method (SPEC sections 1-6), no state, no host library.
+
+Notation: ``u = mu - theta`` is the noise-free drive of a unit, ``sigma`` its noise std,
+``z = u / sigma``, ``phi`` / ``Phi`` the standard normal pdf / cdf. Every function here
+broadcasts over arbitrary leading shapes and is differentiable with autograd unless
+stated otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SIGMA_MIN",
+    "check_float",
+    "spike_probability",
+    "standard_normal_log_pdf",
+    "normal_cdf_ratio",
+    "estimator_jacobian",
+    "exact_unit_gradient",
+    "safe_sqrt",
+    "gaussian_kl",
+    "lif_step",
+]
+
+#: Lower clamp of ``sigma`` inside divisions (SPEC section 1).
+SIGMA_MIN = 1e-6
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def check_float(name: str, tensor: Tensor) -> None:
+    """Raise ``TypeError`` unless ``tensor`` is a floating-point tensor.
+
+    Args:
+        name: argument name used in the message.
+        tensor: the value to check.
+    """
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor, got dtype {tensor.dtype}; "
+            f"convert it with {name}.float()"
+        )
+
+
+def spike_probability(u: Tensor, sigma: Tensor) -> Tensor:
+    """Firing probability of the noisy binary neuron (SPEC section 1).
+
+    ``P(h = 1) = Phi(u / sigma)``; where ``sigma == 0`` it is ``1[u > 0]``.
+
+    Args:
+        u: drive ``mu - theta``, any shape.
+        sigma: noise std, broadcastable to ``u``, non-negative.
+
+    Returns:
+        Tensor of probabilities, broadcast shape of ``u`` and ``sigma``.
+    """
+    z = u / sigma.clamp_min(SIGMA_MIN)
+    return torch.where(sigma > 0, torch.special.ndtr(z), (u > 0).to(u.dtype))
+
+
+def standard_normal_log_pdf(z: Tensor) -> Tensor:
+    """``log phi(z) = -z^2 / 2 - log sqrt(2 pi)``."""
+    return -0.5 * z * z - _LOG_SQRT_2PI
+
+
+def normal_cdf_ratio(x: Tensor, scale: float) -> Tensor:
+    """``Phi(scale * x) / Phi(x)`` for ``0 <= scale <= 1``, without 0/0.
+
+    Formed with ``ndtr`` where ``Phi(x)`` is representable and, for the elements where it
+    underflows (``x`` below about -9 in float32), in log space with ``log_ndtr``.
+    """
+    den = torch.special.ndtr(x)
+    num = torch.special.ndtr(x * scale) if scale != 0.0 else torch.full_like(x, 0.5)
+    ratio = num / den.clamp_min(torch.finfo(x.dtype).tiny)
+    tiny = den < 1e-20
+    if bool(tiny.any()):
+        xt = x[tiny]
+        log_num = torch.special.log_ndtr(xt * scale)
+        ratio = ratio.masked_scatter(tiny, torch.exp(log_num - torch.special.log_ndtr(xt)))
+    return ratio
+
+
+def estimator_jacobian(
+    u: Tensor,
+    sigma: Tensor,
+    h: Tensor,
+    kind: str,
+    p: float = 1.0,
+    tau: float = 0.0,
+    max_weight: float = 1e4,
+) -> Tensor:
+    """Replacement Jacobian ``dh/du`` of the IW-ST family (SPEC section 4).
+
+    Every member keeps the sampled forward ``h`` and uses
+
+    .. code-block:: text
+
+        dh/du     := J(h) = w(h) * phi(z) / sigma
+        dh/dsigma := -z * J(h)
+
+    with importance weights (``P(h) = Phi(s z)``, ``s = 2h - 1``)
+
+    * ``st``:   ``w(h) = 1``
+    * ``iwst``: ``w(h) = (1 - p) + p / (2 P(h))``
+    * ``agr``:  ``J(h) = phi(z/r)/r * Phi(s z tau / r) / P(h) / sigma``,
+      ``r = sqrt(1 + tau^2)`` (closed-form analytic Gumbel-Rao; ``tau -> 0`` equals
+      ``iwst`` with ``p = 1``).
+
+    The ratios ``Phi(.)/P(h)`` never form 0/0: where ``P(h)`` underflows they are
+    computed in log space (:func:`normal_cdf_ratio`), and they are bounded by
+    ``max_weight``. Where ``sigma == 0`` the unit is deterministic and the Jacobian is 0.
+    Computed in float32 (float64 kept) and returned in that precision.
+
+    Args:
+        u: drive ``mu - theta``.
+        sigma: noise std, same shape as ``u``.
+        h: sampled spikes in {0, 1}, same shape as ``u``.
+        kind: ``"st"``, ``"iwst"`` or ``"agr"``.
+        p: mixing weight of ``iwst``, in [0, 1].
+        tau: temperature of ``agr``, >= 0.
+        max_weight: upper bound of the importance ratio.
+
+    Returns:
+        ``J(h)`` with the shape of ``u``.
+    """
+    work = torch.float64 if u.dtype == torch.float64 else torch.float32
+    if u.dtype != work:
+        u, sigma, h = u.to(work), sigma.to(work), h.to(work)
+    sig = sigma.clamp_min(SIGMA_MIN)
+    z = u / sig
+    if kind == "st":
+        jac = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    elif kind == "iwst":
+        sz = torch.where(h > 0, z, -z)
+        weight = (1.0 - p) + p * normal_cdf_ratio(sz, 0.0)
+        jac = weight.clamp_max(max_weight) * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    elif kind == "agr":
+        r = math.sqrt(1.0 + tau * tau)
+        sz = torch.where(h > 0, z, -z)
+        ratio = normal_cdf_ratio(sz, tau / r).clamp_max(max_weight)
+        jac = ratio * torch.exp(-0.5 * (z / r) ** 2) * (_INV_SQRT_2PI / r)
+    else:  # validated upstream; kept for direct callers
+        raise ValueError(f"kind must be 'st', 'iwst' or 'agr', got {kind!r}")
+    jac = jac / sig
+    return torch.where(sigma > 0, jac, torch.zeros_like(jac))
+
+
+def exact_unit_gradient(u: Tensor, sigma: Tensor, f0: Tensor, f1: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact gradient of ``E[f(h)]`` for one noisy unit (SPEC section 1).
+
+    .. code-block:: text
+
+        dE[f]/du     =  phi(z) / sigma * (f(1) - f(0))
+        dE[f]/dsigma = -z * dE[f]/du
+
+    Args:
+        u: drive, any shape.
+        sigma: positive noise std, same shape.
+        f0: loss value at ``h = 0``.
+        f1: loss value at ``h = 1``.
+
+    Returns:
+        ``(dE/du, dE/dsigma)``.
+    """
+    z = u / sigma
+    d_u = torch.exp(standard_normal_log_pdf(z)) / sigma * (f1 - f0)
+    return d_u, -z * d_u
+
+
+class _SafeSqrt(torch.autograd.Function):
+    """``sqrt(v)`` with gradient 0 at ``v == 0`` instead of ``inf``."""
+
+    @staticmethod
+    def forward(v: Tensor) -> Tensor:
+        return v.sqrt()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (out,) = ctx.saved_tensors
+        safe = torch.where(out > 0, out, torch.ones_like(out))
+        return torch.where(out > 0, grad / (2.0 * safe), torch.zeros_like(grad))
+
+    generate_vmap_rule = True
+
+
+def safe_sqrt(variance: Tensor) -> Tensor:
+    """Standard deviation from a non-negative variance, with a finite gradient at 0.
+
+    ``d sqrt(v) / dv = 1 / (2 sqrt(v))`` is infinite at ``v = 0``; a deterministic unit
+    (``v = 0``) receives no gradient anyway (SPEC section 1), so the gradient is 0 there.
+    """
+    return _SafeSqrt.apply(variance)
+
+
+def gaussian_kl(mean: Tensor, std: Tensor, prior_std: float | Tensor) -> Tensor:
+    """Closed-form ``KL(N(m, s^2) || N(0, s0^2))``, **summed** over all elements.
+
+    .. code-block:: text
+
+        KL = sum_i [ log(s0 / s_i) + (s_i^2 + m_i^2) / (2 s0^2) - 1/2 ]
+
+    With a per-layer scalar std and ``n`` weights this is
+    ``n log(s0/s) + (n s^2 + ||m||^2) / (2 s0^2) - n/2`` (SPEC section 6).
+
+    Args:
+        mean: posterior means ``m``, any shape.
+        std: posterior stds ``s`` (> 0), broadcastable to ``mean``.
+        prior_std: prior std ``s0`` > 0.
+
+    Returns:
+        Scalar tensor.
+    """
+    std = std.expand_as(mean)
+    prior_std = torch.as_tensor(prior_std, dtype=mean.dtype, device=mean.device)
+    var_ratio = (std / prior_std) ** 2
+    return 0.5 * (var_ratio + (mean / prior_std) ** 2 - 1.0 - torch.log(var_ratio)).sum()
+
+
+def lif_step(
+    current: Tensor,
+    current_var: Tensor | None,
+    membrane: Tensor,
+    variance: Tensor,
+    spike_fn,
+    beta: float | Tensor,
+    threshold: float = 1.0,
+    reset: str = "subtract",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One step of the SBNN LIF neuron with moment-tracked noise (SPEC section 3).
+
+    .. code-block:: text
+
+        u_t = beta * u_{t-1} + I_t                (noise-free membrane)
+        V_t = beta^2 * V_{t-1} + var(I_t)         (accumulated noise variance)
+        h_t = spike_fn(u_t - theta, V_t)          (sampled spike)
+        u_t = u_t - theta * h_t                   (soft reset by the emitted spike)
+
+    ``reset="zero"`` uses ``u_t = (1 - h_t) u_t`` and ``reset="none"`` keeps ``u_t``.
+    Binary networks are the special case ``T = 1, theta = 0``.
+
+    Args:
+        current: mean input current ``I_t``, shape ``[B, *]``.
+        current_var: its variance (same or broadcastable shape) or ``None`` for 0.
+        membrane: ``u_{t-1}``, broadcastable to ``current``.
+        variance: ``V_{t-1}``, broadcastable to ``current``.
+        spike_fn: callable ``(drive, variance) -> spikes``.
+        beta: membrane decay in [0, 1].
+        threshold: firing threshold ``theta``.
+        reset: ``"subtract"``, ``"zero"`` or ``"none"``.
+
+    Returns:
+        ``(spikes, u_t, V_t)``, each of the shape of ``current``.
+    """
+    membrane = beta * membrane + current
+    variance = beta * beta * variance
+    if current_var is not None:
+        variance = variance + current_var
+    spikes = spike_fn(membrane - threshold, variance)
+    if reset == "subtract":
+        membrane = membrane - threshold * spikes
+    elif reset == "zero":
+        membrane = membrane * (1.0 - spikes)
+    return spikes, membrane, variance

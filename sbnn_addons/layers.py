@@ -1,0 +1,427 @@
+"""Variational weight layers with the local reparameterisation (SPEC section 2).
+
+Each layer subclasses its ``torch.nn`` counterpart, so ``.weight`` is the posterior mean
+and tools that look for ``nn.Linear`` / ``nn.Conv2d`` keep working. The forward returns
+the **mean** pre-activation and attaches its variance (see :mod:`sbnn_addons.moments`):
+
+.. code-block:: text
+
+    mean(a) = sum_i m_i x_i + b
+    var(a)  = sum_i s_i^2 x_i^2  (+ s_b^2 with bias noise)
+
+Weights are never sampled; the neuron that consumes ``a`` samples its spike.
+The posterior std ``s`` is ``softplus(rho)`` with one ``rho`` per layer (the paper's
+scalar, initialised to ``0.5 / sqrt(fan_in)``), per output channel, or per weight.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import SBNNModule, check_std, inverse_softplus, softplus
+from .functional import check_float, gaussian_kl
+from .moments import attach_variance, get_variance, no_variance_flow
+
+__all__ = [
+    "BayesLinear",
+    "BayesConv1d",
+    "BayesConv2d",
+    "ChannelAffine",
+    "GaussianPrior",
+    "scale_mixture_prior",
+    "is_bayesian",
+]
+
+STD_MODES = ("layer", "channel", "weight")
+
+
+class GaussianPrior:
+    """Zero-mean Gaussian prior ``N(0, std^2)`` on every weight (closed-form KL)."""
+
+    def __init__(self, std: float = 1.0) -> None:
+        self.std = check_std("prior std", std, allow_zero=False)
+
+    def __repr__(self) -> str:
+        return f"GaussianPrior(std={self.std:g})"
+
+
+def scale_mixture_prior(pi: float = 0.5, std1: float = 1.0, std2: float = 1e-3):
+    """Scale-mixture prior ``pi N(0, std1^2) + (1 - pi) N(0, std2^2)`` (Blundell et al.).
+
+    Returned as a ``torch.distributions.MixtureSameFamily``; its KL is Monte Carlo.
+    """
+    if not 0.0 < pi < 1.0:
+        raise ValueError(f"pi must be in (0, 1), got {pi}")
+    std1 = check_std("std1", std1, allow_zero=False)
+    std2 = check_std("std2", std2, allow_zero=False)
+    mix = torch.distributions.Categorical(torch.tensor([pi, 1.0 - pi]))
+    comp = torch.distributions.Normal(torch.zeros(2), torch.tensor([std1, std2]))
+    return torch.distributions.MixtureSameFamily(mix, comp)
+
+
+class _BayesMixin(SBNNModule):
+    """Posterior std parameters, the LRT variance and the KL shared by all layers."""
+
+    weight: Tensor
+    bias: Tensor | None
+
+    def _init_posterior(
+        self,
+        std: float | None,
+        std_mode: str,
+        learn_std: bool,
+        bias_std: float | None,
+        detach_input_variance: bool,
+    ) -> None:
+        if std_mode not in STD_MODES:
+            raise ValueError(f"std_mode must be one of {STD_MODES}, got {std_mode!r}")
+        fan_in = self.weight[0].numel()
+        std = 0.5 / math.sqrt(fan_in) if std is None else std
+        std = check_std("std", std, allow_zero=not learn_std)
+        shape = {"layer": (), "channel": (self.weight.shape[0],), "weight": self.weight.shape}
+        init = torch.full(shape[std_mode], 1.0, device=self.weight.device)
+        self.std_mode = std_mode
+        self.learn_std = bool(learn_std)
+        if self.learn_std:
+            self.std_rho = nn.Parameter(init * inverse_softplus(std))
+        else:
+            self.register_buffer("fixed_std", init * std)
+        self.bias_noise = bias_std is not None
+        if self.bias_noise:
+            bias_std = check_std("bias_std", bias_std, allow_zero=False)
+            self.bias_std_rho = nn.Parameter(
+                torch.tensor(inverse_softplus(bias_std), device=self.weight.device)
+            )
+        self.detach_input_variance = detach_input_variance
+
+    @property
+    def std(self) -> Tensor:
+        """Posterior std ``s``: shape ``()``, ``[out]`` or the weight shape."""
+        return softplus(self.std_rho) if self.learn_std else self.fixed_std
+
+    @property
+    def bias_std(self) -> Tensor | None:
+        """Std ``s_b`` of the bias noise, or ``None``."""
+        return softplus(self.bias_std_rho) if self.bias_noise else None
+
+    def _noise_free(self) -> bool:
+        return self.deterministic or (
+            not self.learn_std and not self.bias_noise and not bool(self.fixed_std.any())
+        )
+
+    def _attach(self, mean: Tensor, x: Tensor) -> Tensor:
+        if self._noise_free():
+            return attach_variance(mean, None)
+        x_in = x.detach() if self.detach_input_variance else x
+        var = self._output_variance(x_in * x_in, self.std)
+        if self.bias_noise:
+            var = var + self.bias_std**2
+        return attach_variance(mean, var.expand_as(mean))
+
+    def output_variance(self, x: Tensor) -> Tensor:
+        """LRT variance ``var(a) = sum_i s_i^2 x_i^2 (+ s_b^2)`` of the output, full shape."""
+        with no_variance_flow():
+            mean = self._mean(x)
+            var = self._output_variance(x * x, self.std)
+            if self.bias_noise:
+                var = var + self.bias_std**2
+            return var.expand_as(mean)
+
+    def kl_divergence(self, prior=None, num_samples: int = 16) -> Tensor:
+        """``KL(q(W) || p(W))`` summed over every weight (and the bias if it is noisy).
+
+        Args:
+            prior: ``None`` (``N(0, 1)``), a float std, a :class:`GaussianPrior`, or any
+                ``torch.distributions.Distribution`` broadcastable to the weights.
+                Pairs known to ``torch.distributions.kl_divergence`` are closed form;
+                others (e.g. :func:`scale_mixture_prior`) use ``num_samples`` Monte Carlo
+                samples with the reparameterisation trick.
+            num_samples: Monte Carlo samples for priors without a closed form.
+
+        Returns:
+            Scalar tensor.
+        """
+        params = [(self.weight, self.std)]
+        if self.bias_noise and self.bias is not None:
+            params.append((self.bias, self.bias_std))
+        total = self.weight.new_zeros(())
+        for mean, std in params:
+            total = total + _kl(mean, std, prior, num_samples)
+        return total
+
+
+def _kl(mean: Tensor, std: Tensor, prior, num_samples: int) -> Tensor:
+    if prior is None or isinstance(prior, (int, float, GaussianPrior)):
+        prior_std = 1.0 if prior is None else getattr(prior, "std", prior)
+        prior_std = check_std("prior std", prior_std, allow_zero=False)
+        return gaussian_kl(mean, std, prior_std)
+    if not isinstance(prior, torch.distributions.Distribution):
+        raise TypeError(
+            "prior must be None, a float std, GaussianPrior or a torch.distributions "
+            f"Distribution, got {type(prior).__name__}"
+        )
+    q = torch.distributions.Normal(mean, std.expand_as(mean))
+    try:
+        return torch.distributions.kl_divergence(q, prior).sum()
+    except NotImplementedError:
+        w = q.rsample((num_samples,))
+        return (q.log_prob(w) - prior.log_prob(w)).mean(0).sum()
+
+
+def _check_features(x: Tensor, expected: int, dim: int, layer: str) -> None:
+    check_float("input", x)
+    if x.dim() == 0 or x.shape[dim] != expected:
+        raise ValueError(
+            f"{layer} expects {expected} input features in dimension {dim}, got input of "
+            f"shape {tuple(x.shape)}"
+        )
+
+
+class BayesLinear(_BayesMixin, nn.Linear):
+    """``nn.Linear`` with a Gaussian weight posterior (mean ``.weight``, std ``.std``).
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        bias: learn an additive (posterior-mean) bias.
+        std: initial posterior std; default ``0.5 / sqrt(in_features)``.
+        std_mode: ``"layer"`` (one scalar, the paper's), ``"channel"`` or ``"weight"``.
+        learn_std: learn the std through ``softplus(rho)``; ``False`` keeps it fixed
+            (and allows ``std=0``).
+        bias_std: initial std of additive bias noise ``s_b`` (``None``: no bias noise).
+        detach_input_variance: detach ``x`` in the variance path (reference default).
+
+    Shapes:
+        input ``[*, in_features]`` -> output ``[*, out_features]`` (the mean, with its
+        variance attached).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        std: float | None = None,
+        std_mode: str = "layer",
+        learn_std: bool = True,
+        bias_std: float | None = None,
+        detach_input_variance: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_posterior(std, std_mode, learn_std, bias_std, detach_input_variance)
+
+    def _mean(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def _output_variance(self, x2: Tensor, std: Tensor) -> Tensor:
+        s2 = std * std
+        if self.std_mode == "weight":
+            return F.linear(x2, s2)
+        return x2.sum(-1, keepdim=True) * s2
+
+    def forward(self, x: Tensor) -> Tensor:
+        with no_variance_flow():
+            _check_features(x, self.in_features, -1, "BayesLinear")
+            return self._attach(self._mean(x), x)
+
+    @classmethod
+    def from_module(cls, module: nn.Linear, **kwargs) -> BayesLinear:
+        """Build from an ``nn.Linear``, keeping its weight and bias as posterior means."""
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"expected an nn.Linear, got {type(module).__name__}")
+        w = module.weight
+        layer = cls(
+            module.in_features, module.out_features, module.bias is not None,
+            device=w.device, dtype=w.dtype, **kwargs,
+        )
+        _copy_means(layer, module)
+        return layer
+
+    def to_module(self) -> nn.Linear:
+        """Plain ``nn.Linear`` with the posterior means (the deployable layer)."""
+        w = self.weight
+        plain = nn.Linear(
+            self.in_features, self.out_features, self.bias is not None,
+            device=w.device, dtype=w.dtype,
+        )
+        _copy_means(plain, self)
+        return plain
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, std_mode={self.std_mode}, bias_noise={self.bias_noise}"
+
+
+class _BayesConv(_BayesMixin):
+    """Shared forward of the convolutional layers."""
+
+    _plain: type[nn.modules.conv._ConvNd]
+
+    def _mean(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.weight, self.bias)
+
+    def _output_variance(self, x2: Tensor, std: Tensor) -> Tensor:
+        s2 = std * std
+        if self.std_mode == "weight":
+            return self._conv_forward(x2, s2, None)
+        if self.groups != 1:
+            per_out = s2.view(-1, *([1] * (self.weight.dim() - 1))) if s2.dim() else s2
+            return self._conv_forward(x2, per_out.expand_as(self.weight), None)
+        # one ones-kernel conv producing a single channel, scaled per layer / channel
+        ones = torch.ones((1, *self.weight.shape[1:]), dtype=x2.dtype, device=x2.device)
+        field = self._conv_forward(x2, ones, None)
+        if self.std_mode == "channel":
+            return field * s2.view(1, -1, *([1] * (x2.dim() - 2)))
+        return field * s2
+
+    def forward(self, x: Tensor) -> Tensor:
+        with no_variance_flow():
+            return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        n = self.weight.dim() - 2
+        check_float("input", x)
+        if x.dim() not in (n + 1, n + 2) or x.shape[-n - 1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__} expects input [N, {self.in_channels}, ...] with "
+                f"{n + 2} dimensions (or {n + 1} unbatched), got shape {tuple(x.shape)}"
+            )
+        return self._attach(self._mean(x), x)
+
+    @classmethod
+    def from_module(cls, module, **kwargs):
+        """Build from a plain convolution, keeping its weight and bias as means."""
+        if type(module) is not cls._plain and not isinstance(module, cls._plain):
+            raise TypeError(f"expected an {cls._plain.__name__}, got {type(module).__name__}")
+        w = module.weight
+        layer = cls(
+            module.in_channels, module.out_channels, module.kernel_size,
+            stride=module.stride, padding=module.padding, dilation=module.dilation,
+            groups=module.groups, bias=module.bias is not None,
+            padding_mode=module.padding_mode, device=w.device, dtype=w.dtype, **kwargs,
+        )
+        _copy_means(layer, module)
+        return layer
+
+    def to_module(self):
+        """Plain convolution with the posterior means (the deployable layer)."""
+        w = self.weight
+        plain = self._plain(
+            self.in_channels, self.out_channels, self.kernel_size,
+            stride=self.stride, padding=self.padding, dilation=self.dilation,
+            groups=self.groups, bias=self.bias is not None, padding_mode=self.padding_mode,
+            device=w.device, dtype=w.dtype,
+        )
+        _copy_means(plain, self)
+        return plain
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, std_mode={self.std_mode}, bias_noise={self.bias_noise}"
+
+
+def _conv_init(self, plain, args, kwargs):
+    post = {k: kwargs.pop(k) for k in
+            ("std", "std_mode", "learn_std", "bias_std", "detach_input_variance") if k in kwargs}
+    plain.__init__(self, *args, **kwargs)
+    self._init_posterior(
+        post.get("std"), post.get("std_mode", "layer"), post.get("learn_std", True),
+        post.get("bias_std"), post.get("detach_input_variance", True),
+    )
+
+
+class BayesConv1d(_BayesConv, nn.Conv1d):
+    """``nn.Conv1d`` with a Gaussian weight posterior; arguments as :class:`BayesLinear`
+    plus those of ``nn.Conv1d``. Input ``[N, C_in, L]`` -> mean ``[N, C_out, L_out]``."""
+
+    _plain = nn.Conv1d
+
+    def __init__(self, *args, **kwargs) -> None:
+        _conv_init(self, nn.Conv1d, args, kwargs)
+
+
+class BayesConv2d(_BayesConv, nn.Conv2d):
+    """``nn.Conv2d`` with a Gaussian weight posterior; arguments as :class:`BayesLinear`
+    plus those of ``nn.Conv2d``. Input ``[N, C_in, H, W]`` -> mean ``[N, C_out, H', W']``.
+
+    With the per-layer std the variance is one ones-kernel convolution producing a single
+    channel, ``s^2 * sum over the receptive field of x^2``, shared by all output channels.
+    """
+
+    _plain = nn.Conv2d
+
+    def __init__(self, *args, **kwargs) -> None:
+        _conv_init(self, nn.Conv2d, args, kwargs)
+
+
+def _copy_means(dst: nn.Module, src: nn.Module) -> None:
+    with torch.no_grad():
+        dst.weight.copy_(src.weight)
+        if src.bias is not None:
+            dst.bias.copy_(src.bias)
+
+
+def is_bayesian(module: nn.Module) -> bool:
+    """``True`` for the Bayesian layers of this module."""
+    return isinstance(module, _BayesMixin)
+
+
+class ChannelAffine(nn.Module):
+    """Per-channel affine on the **mean only** (replaces BatchNorm, SPEC section 2).
+
+    .. code-block:: text
+
+        y = gamma[c] * x + beta[c],   var(y) = var(x)   (noise left unscaled)
+
+    Args:
+        num_features: number of channels ``C``.
+        channel_dim: dimension of ``C`` in the input (1 for ``[N, C, ...]``).
+
+    Shapes:
+        input ``[N, C, *]`` -> output of the same shape.
+    """
+
+    def __init__(self, num_features: int, channel_dim: int = 1) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.channel_dim = channel_dim
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> ChannelAffine:
+        """Fold a BatchNorm's running statistics and affine into a ChannelAffine."""
+        affine = cls(bn.num_features)
+        with torch.no_grad():
+            if bn.track_running_stats and bn.running_var is not None:
+                scale = 1.0 / torch.sqrt(bn.running_var + bn.eps)
+                shift = -bn.running_mean * scale
+            else:
+                scale = torch.ones(bn.num_features)
+                shift = torch.zeros(bn.num_features)
+            if bn.affine:
+                scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+            affine.weight.copy_(scale)
+            affine.bias.copy_(shift)
+        return affine.to(bn.weight.device if bn.affine else "cpu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() <= self.channel_dim or x.shape[self.channel_dim] != self.num_features:
+            raise ValueError(
+                f"ChannelAffine expects {self.num_features} channels in dimension "
+                f"{self.channel_dim}, got shape {tuple(x.shape)}"
+            )
+        var = get_variance(x)
+        with no_variance_flow():
+            shape = [1] * x.dim()
+            shape[self.channel_dim] = -1
+            out = x * self.weight.view(shape) + self.bias.view(shape)
+        return attach_variance(out, var)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, channel_dim={self.channel_dim}"

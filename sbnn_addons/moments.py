@@ -1,0 +1,411 @@
+"""Variance propagation from Bayesian layers to the neurons they feed (SPEC sections 2-3).
+
+A Bayesian layer returns an ordinary mean tensor and *attaches* the local-reparameterisation
+variance to it (:func:`attach_variance`). Between the layer and the spike function, real
+models apply pooling, flattening, dropout, normalisation, residual sums and, inside the
+host library's neuron, the membrane update itself. :class:`VarianceFlow` is one
+mechanism for all of them: a ``TorchFunctionMode`` that, for every torch operation whose
+inputs carry a variance, applies the rule of that operation to the variance:
+
+============================  ===============================================
+operation                      variance of the output
+============================  ===============================================
+``a + b``, ``a - b``           ``var(a) + var(b)`` (independent noise)
+``c * a``, ``a / c``           ``c^2 var(a)``, ``var(a) / c^2`` (``c`` noise-free)
+reshape / view / index / cat   the same operation applied to ``var``
+``avg_pool`` over ``k``        ``sum(var) / k^2``
+``max_pool``                   ``var`` at the element the max selected
+``mean`` / ``sum`` over ``n``  ``sum(var) / n^2`` / ``sum(var)``
+dropout (mask ``m``)           ``var * m^2 / (1 - p)^2``
+batch norm (scale ``g/s``)     ``var * (g / s)^2``
+============================  ===============================================
+
+Because the neuron's own update is made of these operations, the variance follows the
+neuron's dynamics automatically: snnTorch ``Leaky`` gives ``V_t = beta^2 V_{t-1} + var_t``
+and SpikingJelly ``LIFNode(decay_input=True)`` gives
+``V_t = (1 - 1/tau)^2 V_{t-1} + var_t / tau^2``, exactly SPEC section 3.
+
+An operation without a rule does not guess: its output is marked with
+:class:`UnknownVariance`, and a spike function that receives such an input raises an
+error that names the operation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = [
+    "UnknownVariance",
+    "VarianceFlowError",
+    "attach_variance",
+    "get_variance",
+    "VarianceFlow",
+    "variance_flow",
+    "no_variance_flow",
+    "track_variance",
+    "untrack_variance",
+    "register_variance_rule",
+]
+
+_ATTR = "_sbnn_var"
+
+
+class VarianceFlowError(RuntimeError):
+    """A spike function received an input whose variance cannot be propagated."""
+
+
+class UnknownVariance:
+    """Marker attached to the output of an operation that has no variance rule."""
+
+    __slots__ = ("op",)
+
+    def __init__(self, op: str) -> None:
+        self.op = op
+
+    def __repr__(self) -> str:
+        return f"UnknownVariance(op={self.op!r})"
+
+
+def attach_variance(mean: Tensor, variance: Tensor | UnknownVariance | None) -> Tensor:
+    """Attach ``variance`` (broadcastable to ``mean``) to the tensor ``mean`` in place.
+
+    Returns ``mean`` itself. ``None`` removes an attached variance.
+    """
+    if variance is None:
+        mean.__dict__.pop(_ATTR, None)
+    else:
+        setattr(mean, _ATTR, variance)
+    return mean
+
+
+def get_variance(tensor: Tensor) -> Tensor | UnknownVariance | None:
+    """The variance attached to ``tensor``, an :class:`UnknownVariance`, or ``None``."""
+    return getattr(tensor, _ATTR, None)
+
+
+# --------------------------------------------------------------------------- rules
+# A rule gets (func, args, kwargs, out, var_of) and returns the output variance,
+# None (noise-free output) or an UnknownVariance. ``var_of(x)`` returns the variance of
+# an argument (None for noise-free values).
+
+Rule = Callable[..., "Tensor | UnknownVariance | None"]
+_RULES: dict[str, Rule] = {}
+
+
+def register_variance_rule(*names: str) -> Callable[[Rule], Rule]:
+    """Register a rule for torch operations by name (``func.__name__``)."""
+
+    def deco(rule: Rule) -> Rule:
+        for name in names:
+            _RULES[name] = rule
+        return rule
+
+    return deco
+
+
+def _zero_if_none(var, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if var is None else var
+
+
+@register_variance_rule(
+    "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "permute",
+    "transpose", "t", "contiguous", "clone", "expand", "expand_as", "__getitem__",
+    "narrow", "select", "flip", "roll", "movedim", "view_as", "reshape_as",
+    "repeat", "float", "double", "half", "bfloat16", "to", "type_as", "detach",
+    "squeeze_", "unsqueeze_",
+)
+def _same_op(func, args, kwargs, out, var_of):
+    var = var_of(args[0])
+    if var is None:
+        return None
+    if isinstance(out, Tensor) and var.shape != args[0].shape:
+        var = var.expand_as(args[0])
+    name = func.__name__
+    if name in ("to", "type_as", "float", "double", "half", "bfloat16"):
+        return var.to(dtype=out.dtype, device=out.device)
+    if name == "detach":
+        return var.detach()
+    if name in ("view_as", "reshape_as", "expand_as"):
+        return getattr(var, name)(args[1])
+    return func(var, *args[1:], **kwargs)
+
+
+def _linear_combination():
+    def rule(func, args, kwargs, out, var_of):
+        a = args[0]
+        b = args[1] if len(args) > 1 else kwargs.get("other")
+        alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1.0)
+        va, vb = var_of(a), var_of(b)
+        if va is None and vb is None:
+            return None
+        if vb is not None:
+            vb = vb * (alpha * alpha)
+        total = vb if va is None else (va if vb is None else va + vb)
+        return total.expand(out.shape) if total.shape != out.shape else total
+
+    return rule
+
+
+_add_rule = register_variance_rule("add", "add_", "__add__", "__radd__", "__iadd__")(
+    _linear_combination()
+)
+_sub_rule = register_variance_rule("sub", "sub_", "__sub__", "__rsub__", "__isub__")(
+    _linear_combination()
+)
+
+
+@register_variance_rule("mul", "mul_", "__mul__", "__rmul__", "__imul__")
+def _mul(func, args, kwargs, out, var_of):
+    a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
+    va, vb = var_of(a), var_of(b)
+    if va is not None and vb is not None:
+        return UnknownVariance("product of two noisy tensors")
+    var, coef = (va, b) if va is not None else (vb, a)
+    return var * (coef * coef) if isinstance(coef, Tensor) else var * float(coef) ** 2
+
+
+@register_variance_rule("div", "div_", "__truediv__", "__itruediv__", "true_divide")
+def _div(func, args, kwargs, out, var_of):
+    a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
+    if var_of(b) is not None or kwargs.get("rounding_mode") is not None:
+        return UnknownVariance(f"{func.__name__} by a noisy tensor or with rounding")
+    return var_of(a) / (b * b) if isinstance(b, Tensor) else var_of(a) / float(b) ** 2
+
+
+@register_variance_rule("neg", "__neg__", "positive")
+def _neg(func, args, kwargs, out, var_of):
+    return var_of(args[0])
+
+
+@register_variance_rule("cat", "concat", "concatenate", "stack")
+def _cat(func, args, kwargs, out, var_of):
+    tensors = args[0]
+    vars_ = [_zero_if_none(var_of(t), t).expand_as(t) for t in tensors]
+    return func(vars_, *args[1:], **kwargs)
+
+
+@register_variance_rule("where")
+def _where(func, args, kwargs, out, var_of):
+    cond, a, b = args[0], args[1], args[2]
+    if var_of(cond) is not None:
+        return UnknownVariance("where on a noisy condition")
+    va = _zero_if_none(var_of(a), out) if isinstance(a, Tensor) else torch.zeros_like(out)
+    vb = _zero_if_none(var_of(b), out) if isinstance(b, Tensor) else torch.zeros_like(out)
+    return torch.where(cond, va, vb)
+
+
+@register_variance_rule("sum", "mean")
+def _reduce(func, args, kwargs, out, var_of):
+    x = args[0]
+    var = var_of(x).expand_as(x)
+    rest = {k: v for k, v in kwargs.items() if k != "dtype"}
+    total = var.sum(*args[1:], **rest)
+    if func.__name__ == "mean":
+        n = x.numel() // max(out.numel(), 1) if x.numel() else 1
+        total = total / (n * n)
+    return total
+
+
+def _pool_arg(args, kwargs, index, name, default=None):
+    return args[index] if len(args) > index else kwargs.get(name, default)
+
+
+def _spatial_dims(func) -> int:
+    return int(func.__name__[-2])
+
+
+@register_variance_rule("avg_pool1d", "avg_pool2d", "avg_pool3d")
+def _avg_pool(func, args, kwargs, out, var_of):
+    var = var_of(args[0]).expand_as(args[0])
+    kernel = _pool_arg(args, kwargs, 1, "kernel_size")
+    kernel = tuple(kernel) if isinstance(kernel, (tuple, list)) else (kernel,)
+    k = kernel[0] ** _spatial_dims(func) if len(kernel) == 1 else math.prod(kernel)
+    k = _pool_arg(args, kwargs, 6, "divisor_override") or k
+    # mean over k elements with coefficients 1/k: var_out = sum(var) / k^2 = avg(var) / k
+    return func(var, *args[1:], **kwargs) / k
+
+
+@register_variance_rule("max_pool1d", "max_pool2d", "max_pool3d")
+def _max_pool(func, args, kwargs, out, var_of):
+    x, var = args[0], var_of(args[0]).expand_as(args[0])
+    names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+    params = dict(zip(names, args[1:]))
+    params.update(kwargs)
+    if params.pop("return_indices", False):
+        return UnknownVariance(f"{func.__name__} with return_indices")
+    _, idx = func(x.detach(), return_indices=True, **params)
+    d = _spatial_dims(func)
+    picked = var.flatten(start_dim=-d).gather(-1, idx.flatten(start_dim=-d))
+    return picked.view_as(idx)
+
+
+@register_variance_rule("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout")
+def _dropout(func, args, kwargs, out, var_of):
+    x, var = args[0], var_of(args[0])
+    p = _pool_arg(args, kwargs, 1, "p", 0.5)
+    training = _pool_arg(args, kwargs, 2, "training", True)
+    if not training or p == 0:
+        return var
+    if func.__name__ == "alpha_dropout":
+        return UnknownVariance("alpha_dropout")
+    kept = ((out != 0) | (x == 0)).to(var.dtype)
+    return var * kept / (1.0 - p) ** 2
+
+
+@register_variance_rule("batch_norm")
+def _batch_norm(func, args, kwargs, out, var_of):
+    names = (
+        "input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"
+    )
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    x = bound["input"]
+    var = var_of(x)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if bound.get("training", False) or bound.get("running_var") is None:
+        dims = [d for d in range(x.dim()) if d != 1]
+        stat = x.detach().var(dim=dims, unbiased=False)
+    else:
+        stat = bound["running_var"]
+    scale = 1.0 / (stat + bound.get("eps", 1e-5))
+    if bound.get("weight") is not None:
+        scale = scale * bound["weight"] ** 2
+    return var * scale.view(shape)
+
+
+@register_variance_rule("pad")
+def _pad(func, args, kwargs, out, var_of):
+    var = var_of(args[0]).expand_as(args[0])
+    mode = _pool_arg(args, kwargs, 2, "mode", "constant")
+    if mode != "constant":
+        return UnknownVariance(f"pad with mode={mode!r}")
+    rest = {k: v for k, v in kwargs.items() if k != "value"}
+    return F.pad(var, _pool_arg(args, kwargs, 1, "pad"), mode="constant", value=0.0, **{
+        k: v for k, v in rest.items() if k not in ("pad", "mode")})
+
+
+# Operations that never carry noise forward (their outputs are noise-free by design).
+_NOISE_FREE = frozenset(
+    {"__get__", "__set__", "size", "dim", "numel", "__len__", "__bool__", "zeros_like",
+     "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "gt", "ge", "lt", "le",
+     "eq", "ne", "__gt__", "__ge__", "__lt__", "__le__", "__eq__", "__ne__", "sign",
+     "heaviside", "argmax", "argmin", "isfinite", "isnan", "any", "all", "item", "tolist",
+     "__format__", "__repr__", "numpy", "data_ptr", "requires_grad_", "retain_grad",
+     "register_hook", "__hash__", "backward"}
+)
+
+
+def _var_of(x):
+    if isinstance(x, Tensor):
+        return getattr(x, _ATTR, None)
+    return None
+
+
+def _has_noise(args, kwargs) -> bool:
+    for a in args:
+        if isinstance(a, Tensor):
+            if _ATTR in a.__dict__:
+                return True
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, Tensor) and _ATTR in b.__dict__:
+                    return True
+    for a in kwargs.values():
+        if isinstance(a, Tensor) and _ATTR in a.__dict__:
+            return True
+    return False
+
+
+def _first_unknown(args, kwargs) -> UnknownVariance | None:
+    for a in list(args) + list(kwargs.values()):
+        items = a if isinstance(a, (list, tuple)) else (a,)
+        for b in items:
+            v = _var_of(b)
+            if isinstance(v, UnknownVariance):
+                return v
+    return None
+
+
+class VarianceFlow(TorchFunctionMode):
+    """``TorchFunctionMode`` that carries attached variances through torch operations.
+
+    Use it through :func:`variance_flow` or :func:`track_variance`; see the module doc.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not _has_noise(args, kwargs):
+            return out
+        name = getattr(func, "__name__", str(func))
+        if name in _NOISE_FREE:
+            return out
+        if not isinstance(out, Tensor):
+            if name in ("__setitem__", "index_put_") and isinstance(args[0], Tensor):
+                attach_variance(args[0], UnknownVariance(name))
+            return out
+        unknown = _first_unknown(args, kwargs)
+        if unknown is not None:
+            return attach_variance(out, unknown)
+        rule = _RULES.get(name)
+        if rule is None:
+            return attach_variance(out, UnknownVariance(name))
+        return attach_variance(out, rule(func, args, kwargs, out, _var_of))
+
+
+@contextlib.contextmanager
+def variance_flow() -> Iterator[None]:
+    """Context manager: propagate attached variances through every torch operation."""
+    with VarianceFlow():
+        yield
+
+
+@contextlib.contextmanager
+def no_variance_flow() -> Iterator[None]:
+    """Disable the variance flow (and any torch-function mode) inside the block."""
+    with torch._C.DisableTorchFunction():
+        yield
+
+
+class _FlowHooks:
+    """Forward pre-/post-hooks that enter and leave one :class:`VarianceFlow` per call."""
+
+    def __init__(self) -> None:
+        self.stack: list[VarianceFlow] = []
+
+    def enter(self, module, args):
+        mode = VarianceFlow()
+        mode.__enter__()
+        self.stack.append(mode)
+
+    def leave(self, module, args, output):
+        self.stack.pop().__exit__(None, None, None)
+
+
+def track_variance(model: nn.Module) -> nn.Module:
+    """Make every call of ``model`` run inside a :class:`VarianceFlow`.
+
+    Idempotent; the adapters call it on the converted model. Returns ``model``.
+    """
+    if getattr(model, "_sbnn_flow_handles", None):
+        return model
+    hooks = _FlowHooks()
+    pre = model.register_forward_pre_hook(hooks.enter)
+    post = model.register_forward_hook(hooks.leave, always_call=True)
+    model._sbnn_flow_handles = (pre, post)
+    return model
+
+
+def untrack_variance(model: nn.Module) -> nn.Module:
+    """Remove the hooks installed by :func:`track_variance`."""
+    for handle in getattr(model, "_sbnn_flow_handles", ()) or ():
+        handle.remove()
+    model._sbnn_flow_handles = None
+    return model

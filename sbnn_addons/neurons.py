@@ -1,0 +1,126 @@
+"""Framework-free SBNN LIF neuron with moment-tracked noise (SPEC section 3).
+
+The reference networks (:mod:`sbnn_addons.models`) are built from :class:`LIF`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .functional import check_float, lif_step
+from .moments import UnknownVariance, VarianceFlowError, get_variance
+from .spike import IWSTSpike
+
+__all__ = ["LIF", "LIFState"]
+
+_RESETS = ("subtract", "zero", "none")
+
+
+class LIFState(tuple):
+    """``(membrane, variance)``: the noise-free membrane ``u`` and its noise variance ``V``."""
+
+    __slots__ = ()
+
+    def __new__(cls, membrane: Tensor, variance: Tensor):
+        return super().__new__(cls, (membrane, variance))
+
+    @property
+    def membrane(self) -> Tensor:
+        return self[0]
+
+    @property
+    def variance(self) -> Tensor:
+        return self[1]
+
+
+class LIF(nn.Module):
+    """Leaky integrate-and-fire neuron whose spikes are Bernoulli draws.
+
+    .. code-block:: text
+
+        u_t = beta * u_{t-1} + I_t
+        V_t = beta^2 * V_{t-1} + var(I_t)
+        h_t = 1[u_t - theta + sqrt(V_t + s_n^2) eps_t > 0]
+        u_t = u_t - theta * h_t                         (reset="subtract")
+
+    ``var(I_t)`` is the variance attached to the input by a Bayesian layer (0 if none),
+    ``s_n`` the spike function's own noise std. ``V`` restarts with the state.
+    Defaults are the reference ``beta = exp(-1/10) ~= 0.905``, ``theta = 1``, soft reset.
+    A binary (non-spiking) unit is ``LIF(beta=0, threshold=0)`` run for one step.
+
+    Args:
+        beta: membrane decay in [0, 1].
+        threshold: firing threshold ``theta``.
+        spike_fn: an :class:`~sbnn_addons.IWSTSpike` (default ``IWSTSpike("st")``).
+        reset: ``"subtract"``, ``"zero"`` or ``"none"``.
+
+    Shapes:
+        ``forward(I [B, *], state) -> (spikes [B, *], LIFState)``;
+        ``run(I [T, B, *]) -> spikes [T, B, *]``.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.905,
+        threshold: float = 1.0,
+        spike_fn: IWSTSpike | None = None,
+        reset: str = "subtract",
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= float(beta) <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta}")
+        if reset not in _RESETS:
+            raise ValueError(f"reset must be one of {_RESETS}, got {reset!r}")
+        self.beta = float(beta)
+        self.threshold = float(threshold)
+        self.reset = reset
+        self.spike_fn = spike_fn if spike_fn is not None else IWSTSpike("st")
+        self.spike_fn.threshold = self.threshold
+
+    def initial_state(self, current: Tensor) -> LIFState:
+        """Zero membrane and zero variance shaped like ``current``."""
+        zeros = torch.zeros_like(current)
+        return LIFState(zeros, zeros)
+
+    def _fire(self, drive: Tensor, variance: Tensor) -> Tensor:
+        own = self.spike_fn.noise_variance(drive.detach())  # own std only: drive is clean
+        return self.spike_fn.fire(drive, variance if own is None else variance + own)
+
+    def forward(self, current: Tensor, state: LIFState | None = None) -> tuple[Tensor, LIFState]:
+        check_float("current", current)
+        var_in = get_variance(current)
+        if isinstance(var_in, UnknownVariance):
+            raise VarianceFlowError(
+                f"the input current went through '{var_in.op}', whose effect on the "
+                "variance is unknown"
+            )
+        if state is None:
+            state = self.initial_state(current)
+        membrane, variance = state
+        if membrane.shape != current.shape and membrane.numel() != 1:
+            raise ValueError(
+                f"state of shape {tuple(membrane.shape)} does not match the input current "
+                f"of shape {tuple(current.shape)}; pass state=None at the start of a sequence"
+            )
+        spikes, membrane, variance = lif_step(
+            current, var_in, membrane, variance, self._fire, self.beta, self.threshold,
+            self.reset,
+        )
+        return spikes, LIFState(membrane, variance)
+
+    def run(self, currents: Tensor) -> Tensor:
+        """Run a whole sequence ``[T, B, *]`` from a zero state; returns spikes ``[T, B, *]``."""
+        state = None
+        out = []
+        var_seq = get_variance(currents)
+        for t in range(currents.shape[0]):
+            current = currents[t]
+            if isinstance(var_seq, Tensor):
+                current.__dict__["_sbnn_var"] = var_seq.expand_as(currents)[t]
+            spikes, state = self(current, state)
+            out.append(spikes)
+        return torch.stack(out)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta:g}, threshold={self.threshold:g}, reset={self.reset}"

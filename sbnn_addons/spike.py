@@ -1,0 +1,207 @@
+"""Drop-in stochastic spike function with an IW-ST backward.
+
+:class:`IWSTSpike` has the contract of snnTorch's ``spike_grad`` and SpikingJelly's
+``surrogate_function``: ``forward(u) -> spikes`` with ``u = membrane - threshold``.
+Its noise variance is the sum of
+
+* the variance attached to ``u`` by a linked Bayesian layer (propagated through the
+  neuron's own dynamics by :mod:`sbnn_addons.moments`), and
+* its own noise std ``s_n`` (fixed, or learnable with a softplus parameter per layer or
+  per neuron), added at every step and not accumulated: ``sigma^2 = V_t + s_n^2``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import SBNNModule, check_std, inverse_softplus, softplus
+from .estimators import BernoulliSpike, Estimator, get_estimator
+from .functional import SIGMA_MIN, check_float, safe_sqrt
+from .moments import (
+    UnknownVariance,
+    VarianceFlowError,
+    attach_variance,
+    get_variance,
+    no_variance_flow,
+)
+
+__all__ = ["IWSTSpike", "seed_spikes"]
+
+
+class IWSTSpike(SBNNModule, nn.Module):
+    """Stochastic spike ``h = 1[u + sigma eps > 0]`` with an IW-ST gradient.
+
+    .. code-block:: text
+
+        sigma^2 = V(u) + s_n^2          V(u): variance attached to u by Bayesian layers
+        h       = 1[u + sigma * eps > 0],  eps ~ N(0, 1)
+        dh/du   = w(h) phi(z) / sigma,  dh/dsigma = -z dh/du,  z = u / sigma
+
+    Args:
+        estimator: ``"st"``, ``"iwst(p)"``, ``"agr(tau)"`` or an
+            :class:`~sbnn_addons.estimators.Estimator`.
+        std: the spike function's own noise std ``s_n`` (``None`` or 0: none).
+        learn_std: learn ``s_n`` through ``softplus(rho)`` (requires ``std > 0``).
+        std_shape: shape of the learnable std: ``()`` per layer, or the neuron shape
+            without the batch dimension (e.g. ``(C, H, W)``) per neuron.
+        use_input_variance: read the variance attached to ``u`` (default ``True``).
+        at_zero: fire when the noisy drive equals 0 (SpikingJelly's ``>=`` convention).
+        threshold: threshold of the host neuron, used by ``aux_center="zero"`` only.
+        aux_center: ``"threshold"`` (``z = u / sigma``, default) or ``"zero"``
+            (``z = (u + threshold) / sigma``, the reference code's centring).
+        batch_dim: dimension of ``u`` that indexes examples (1 for ``[T, B, ...]`` input).
+
+    Shapes:
+        ``u``: ``[*]``; output: ``[*]``, same dtype, values in {0, 1}.
+    """
+
+    def __init__(
+        self,
+        estimator: str | Estimator = "st",
+        *,
+        std: float | None = None,
+        learn_std: bool = False,
+        std_shape: Sequence[int] = (),
+        use_input_variance: bool = True,
+        at_zero: bool = False,
+        threshold: float = 1.0,
+        aux_center: str = "threshold",
+        batch_dim: int = 0,
+    ) -> None:
+        super().__init__()
+        self.estimator = get_estimator(estimator)
+        std = check_std("std", 0.0 if std is None else std, allow_zero=not learn_std)
+        if aux_center not in ("threshold", "zero"):
+            raise ValueError(f"aux_center must be 'threshold' or 'zero', got {aux_center!r}")
+        self.learn_std = bool(learn_std)
+        if self.learn_std:
+            self.std_rho = nn.Parameter(torch.full(tuple(std_shape), inverse_softplus(std)))
+        else:
+            self.register_buffer("fixed_std", torch.full(tuple(std_shape), std))
+        self.use_input_variance = use_input_variance
+        self.at_zero = at_zero
+        self.threshold = float(threshold)
+        self.aux_center = aux_center
+        self.batch_dim = batch_dim
+        self.collect_aux = False
+        self._aux_terms: list[Tensor] = []
+        self._seed: int | None = None
+        self._generator: torch.Generator | None = None
+
+    # ------------------------------------------------------------------ noise
+    @property
+    def std(self) -> Tensor:
+        """The spike function's own noise std ``s_n`` (shape ``std_shape``)."""
+        return softplus(self.std_rho) if self.learn_std else self.fixed_std
+
+    def noise_variance(self, u: Tensor) -> Tensor | None:
+        """Total noise variance ``V(u) + s_n^2`` for drive ``u`` (``None`` if zero).
+
+        Raises:
+            VarianceFlowError: the variance attached to ``u`` went through an operation
+                without a variance rule.
+        """
+        var = get_variance(u) if self.use_input_variance else None
+        if isinstance(var, UnknownVariance):
+            raise VarianceFlowError(
+                f"the input of this spike function went through '{var.op}', whose effect on "
+                "the posterior variance is unknown. Use a supported operation between the "
+                "Bayesian layer and the neuron (see sbnn_addons.moments), register a rule "
+                "with sbnn_addons.moments.register_variance_rule, or exclude the layer."
+            )
+        own = self.std
+        if self.learn_std or bool((own != 0).any()):
+            own_var = (own * own).to(u.dtype)
+            var = own_var if var is None else var + own_var
+        return var
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, u: Tensor) -> Tensor:
+        """Sample spikes for drive ``u = membrane - threshold``."""
+        check_float("u", u)
+        variance = self.noise_variance(u)
+        with no_variance_flow():
+            return self.fire(u, variance)
+
+    def fire(self, u: Tensor, variance: Tensor | None) -> Tensor:
+        """Sample spikes for drive ``u`` with an explicit noise ``variance`` (or ``None``).
+
+        Args:
+            u: drive ``mu - theta``, shape ``[*]``.
+            variance: noise variance broadcastable to ``u``, or ``None`` for zero noise.
+        """
+        if variance is None:
+            sigma = torch.zeros((), dtype=u.dtype, device=u.device)
+        else:
+            if variance.shape != u.shape:
+                try:
+                    torch.broadcast_shapes(variance.shape, u.shape)
+                except RuntimeError:
+                    raise ValueError(
+                        f"the variance of shape {tuple(variance.shape)} does not broadcast "
+                        f"to the drive u of shape {tuple(u.shape)}"
+                    ) from None
+            sigma = safe_sqrt(variance.float().clamp_min(0)).to(u.dtype)
+        if self.deterministic:
+            eps = torch.zeros_like(u)
+        else:
+            eps = torch.randn(u.shape, generator=self._generator_for(u), dtype=u.dtype,
+                              device=u.device)
+        spikes = BernoulliSpike.apply(u, sigma.expand_as(u), eps, self.estimator, self.at_zero)
+        if self.collect_aux and variance is not None and torch.is_grad_enabled():
+            self._aux_terms.append(self._z_squared(u, sigma))
+        return attach_variance(spikes, None)
+
+    def _z_squared(self, u: Tensor, sigma: Tensor) -> Tensor:
+        """``sum over units of z^2`` averaged over the batch (SPEC section 5)."""
+        centre = u + self.threshold if self.aux_center == "zero" else u
+        sigma = sigma.expand_as(u)
+        z = centre.float() / sigma.float().clamp_min(SIGMA_MIN)
+        z2 = torch.where(sigma > 0, z * z, torch.zeros_like(z))
+        batch = u.shape[self.batch_dim] if u.dim() > self.batch_dim else 1
+        return z2.sum() / max(batch, 1)
+
+    def pop_aux(self) -> Tensor | None:
+        """Sum of the collected ``z^2`` terms since the last call (then cleared)."""
+        if not self._aux_terms:
+            return None
+        total = torch.stack(self._aux_terms).sum()
+        self._aux_terms = []
+        return total
+
+    # ------------------------------------------------------------------ seeding
+    def manual_seed(self, seed: int | None) -> None:
+        """Use a private generator seeded with ``seed`` (``None``: the global RNG)."""
+        self._seed = None if seed is None else int(seed)
+        self._generator = None
+
+    def _generator_for(self, u: Tensor) -> torch.Generator | None:
+        if self._seed is None or self.deterministic:
+            return None
+        if self._generator is None or self._generator.device != u.device:
+            self._generator = torch.Generator(device=u.device).manual_seed(self._seed)
+        return self._generator
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_generator"] = None  # re-created from the seed
+        state["_aux_terms"] = []
+        return state
+
+    def extra_repr(self) -> str:
+        own = "learned" if self.learn_std else f"{float(self.fixed_std.max()):g}"
+        return f"estimator={self.estimator}, std={own}, mode={self.sbnn_mode}"
+
+
+def seed_spikes(model: nn.Module, seed: int | None) -> nn.Module:
+    """Seed every :class:`IWSTSpike` in ``model`` (``seed + i`` for the i-th one).
+
+    Calling it again with the same seed replays the same spike noise exactly.
+    ``None`` returns them to the global RNG. Returns ``model``.
+    """
+    for i, m in enumerate(m for m in model.modules() if isinstance(m, IWSTSpike)):
+        m.manual_seed(None if seed is None else seed + i)
+    return model
