@@ -1,0 +1,76 @@
+"""DVS128 Gesture frames preprocessed to 49 x 2 x 32 x 32 (``dvs_gesture_32`` layout).
+
+The folder holds ``train.npz``, ``validation.npz`` and ``test.npz``, each with
+``frames`` (float16, ``[N, 49, 2, 32, 32]``), ``labels`` (int64, ``[N]``) and
+``sample_ids``. The path is always an argument; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ["DVSGestureFrames", "load_dvs_gesture_32", "LAYOUT"]
+
+SPLITS = ("train", "validation", "test")
+LAYOUT = (
+    "expected a folder with train.npz, validation.npz and test.npz, each holding "
+    "'frames' [N, 49, 2, 32, 32] and 'labels' [N] (the dvs_gesture_32 layout)"
+)
+
+
+def load_dvs_gesture_32(
+    data_dir: str | Path,
+    split: str = "train",
+    frame_stride: int = 1,
+    num_frames: int | None = None,
+    classes: tuple[int, ...] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load one split as tensors ``(frames [N, T, 2, 32, 32] float32, labels [N])``.
+
+    Args:
+        data_dir: folder in the ``dvs_gesture_32`` layout.
+        split: ``"train"``, ``"validation"`` or ``"test"``.
+        frame_stride: keep every ``frame_stride``-th frame (e.g. 3 gives 17 frames).
+        num_frames: keep at most this many frames after striding.
+        classes: keep only these labels (e.g. to hold classes out as OOD).
+
+    Raises:
+        FileNotFoundError / ValueError: the folder does not have the layout above.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if frame_stride < 1:
+        raise ValueError(f"frame_stride must be >= 1, got {frame_stride}")
+    path = Path(data_dir) / f"{split}.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {LAYOUT}")
+    with np.load(path, allow_pickle=False) as data:
+        if "frames" not in data or "labels" not in data:
+            raise ValueError(f"{path} has keys {sorted(data.keys())}: {LAYOUT}")
+        frames, labels = data["frames"], data["labels"]
+    if frames.ndim != 5 or frames.shape[2:] != (2, 32, 32) or len(frames) != len(labels):
+        raise ValueError(f"{path}: frames of shape {frames.shape}: {LAYOUT}")
+    frames = frames[:, ::frame_stride]
+    if num_frames is not None:
+        frames = frames[:, :num_frames]
+    if classes is not None:
+        keep = np.isin(labels, np.asarray(classes))
+        frames, labels = frames[keep], labels[keep]
+    return torch.from_numpy(frames.astype(np.float32)), torch.from_numpy(labels.astype(np.int64))
+
+
+class DVSGestureFrames(Dataset):
+    """``Dataset`` over :func:`load_dvs_gesture_32`; items are ``(frames [T, 2, 32, 32], label)``."""
+
+    def __init__(self, data_dir: str | Path, split: str = "train", **kwargs) -> None:
+        self.frames, self.labels = load_dvs_gesture_32(data_dir, split, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.frames[index], self.labels[index]
