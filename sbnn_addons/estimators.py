@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .functional import SIGMA_MIN, check_float, estimator_jacobian
+from .functional import SIGMA_MIN, apply_function, check_float, estimator_jacobian
 
 __all__ = ["Estimator", "ST", "IWST", "AGR", "get_estimator", "BernoulliSpike", "sample_spikes"]
 
@@ -150,7 +150,7 @@ class BernoulliSpike(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         u, sigma, _eps, estimator, _at_zero = inputs
-        ctx.save_for_backward(u, sigma, output)
+        ctx.save_for_backward(u, sigma, output.bool())  # 1 byte per spike for backward
         ctx.estimator = estimator
 
     @staticmethod
@@ -219,4 +219,4 @@ def sample_spikes(
         eps = torch.zeros_like(u)
     else:
         eps = torch.randn(u.shape, generator=generator, device=u.device, dtype=u.dtype)
-    return BernoulliSpike.apply(u, sigma, eps, get_estimator(estimator), at_zero)
+    return apply_function(BernoulliSpike, u, sigma, eps, get_estimator(estimator), at_zero)

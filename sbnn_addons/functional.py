@@ -22,6 +22,7 @@ __all__ = [
     "estimator_jacobian",
     "exact_unit_gradient",
     "safe_sqrt",
+    "apply_function",
     "gaussian_kl",
     "lif_step",
 ]
@@ -79,6 +80,9 @@ def normal_cdf_ratio(x: Tensor, scale: float) -> Tensor:
     num = torch.special.ndtr(x * scale) if scale != 0.0 else torch.full_like(x, 0.5)
     ratio = num / den.clamp_min(torch.finfo(x.dtype).tiny)
     tiny = den < 1e-20
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):  # vmap/grad: no data-dependent if
+        log_ratio = torch.special.log_ndtr(x * scale) - torch.special.log_ndtr(x)
+        return torch.where(tiny, torch.exp(log_ratio), ratio)
     if bool(tiny.any()):
         xt = x[tiny]
         log_num = torch.special.log_ndtr(xt * scale)
@@ -131,18 +135,20 @@ def estimator_jacobian(
     """
     work = torch.float64 if u.dtype == torch.float64 else torch.float32
     if u.dtype != work:
-        u, sigma, h = u.to(work), sigma.to(work), h.to(work)
+        u, sigma = u.to(work), sigma.to(work)
+    h = h.bool() if h.dtype != torch.bool else h
     sig = sigma.clamp_min(SIGMA_MIN)
     z = u / sig
     if kind == "st":
         jac = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
     elif kind == "iwst":
-        sz = torch.where(h > 0, z, -z)
-        weight = (1.0 - p) + p * normal_cdf_ratio(sz, 0.0)
+        sz = torch.where(h, z, -z)
+        ratio = normal_cdf_ratio(sz, 0.0) if p > 0 else torch.zeros_like(z)  # no 0 * inf
+        weight = (1.0 - p) + p * ratio
         jac = weight.clamp_max(max_weight) * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
     elif kind == "agr":
         r = math.sqrt(1.0 + tau * tau)
-        sz = torch.where(h > 0, z, -z)
+        sz = torch.where(h, z, -z)
         ratio = normal_cdf_ratio(sz, tau / r).clamp_max(max_weight)
         jac = ratio * torch.exp(-0.5 * (z / r) ** 2) * (_INV_SQRT_2PI / r)
     else:  # validated upstream; kept for direct callers
@@ -173,6 +179,18 @@ def exact_unit_gradient(u: Tensor, sigma: Tensor, f0: Tensor, f1: Tensor) -> tup
     return d_u, -z * d_u
 
 
+def apply_function(fn: type[torch.autograd.Function], *args):
+    """``fn.apply(*args)`` without the per-call ``inspect.signature`` binding.
+
+    ``Function.apply`` binds default arguments with ``inspect.signature`` on every call
+    (about 20 us); outside ``torch.func`` transforms the C entry point is called directly.
+    Under ``vmap`` / ``grad`` the full ``apply`` (and the vmap rule) is used.
+    """
+    if torch._C._are_functorch_transforms_active():
+        return fn.apply(*args)
+    return super(torch.autograd.Function, fn).apply(*args)
+
+
 class _SafeSqrt(torch.autograd.Function):
     """``sqrt(v)`` with gradient 0 at ``v == 0`` instead of ``inf``."""
 
@@ -199,7 +217,7 @@ def safe_sqrt(variance: Tensor) -> Tensor:
     ``d sqrt(v) / dv = 1 / (2 sqrt(v))`` is infinite at ``v = 0``; a deterministic unit
     (``v = 0``) receives no gradient anyway (SPEC section 1), so the gradient is 0 there.
     """
-    return _SafeSqrt.apply(variance)
+    return apply_function(_SafeSqrt, variance)
 
 
 def gaussian_kl(mean: Tensor, std: Tensor, prior_std: float | Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .base import SBNNModule, check_std, inverse_softplus, softplus
 from .estimators import BernoulliSpike, Estimator, get_estimator
-from .functional import SIGMA_MIN, check_float, safe_sqrt
+from .functional import SIGMA_MIN, apply_function, check_float, safe_sqrt
 from .moments import (
     UnknownVariance,
     VarianceFlowError,
@@ -150,7 +150,9 @@ class IWSTSpike(SBNNModule, nn.Module):
         else:
             eps = torch.randn(u.shape, generator=self._generator_for(u), dtype=u.dtype,
                               device=u.device)
-        spikes = BernoulliSpike.apply(u, sigma.expand_as(u), eps, self.estimator, self.at_zero)
+        spikes = apply_function(
+            BernoulliSpike, u, sigma.expand_as(u), eps, self.estimator, self.at_zero
+        )
         if self.collect_aux and variance is not None and torch.is_grad_enabled():
             self._aux_terms.append(self._z_squared(u, sigma))
         return attach_variance(spikes, None)

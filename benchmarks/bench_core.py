@@ -1,0 +1,214 @@
+"""Training-step cost of the core SBNN layers against deterministic + atan twins.
+
+Measures, in one run and interleaved, the median training-step time (forward, loss,
+backward) and the bytes of tensors saved for backward (the activation memory that
+dominates training memory on CPU, measured with ``saved_tensors_hooks``) of:
+
+* an MLP spiking net (784-256-10, T=25, batch 128) and
+* a small conv spiking net (2x32x32 -> conv16 -> avgpool -> conv32 -> avgpool -> fc10,
+  T=8, batch 32),
+
+each built with ``BayesLinear``/``BayesConv2d`` (per-layer or per-weight std) and
+``IWSTSpike``, against the same network with ``nn.Linear``/``nn.Conv2d`` and snnTorch's
+atan surrogate; and the spike function alone against atan. Results are ratios
+(SBNN / baseline), printed as a Markdown table and optionally written as JSON.
+
+Usage::
+
+    python benchmarks/bench_core.py --reps 30 --json runs/bench_core.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sbnn_addons as sb
+
+
+class AtanSpike(torch.autograd.Function):
+    """snnTorch's default surrogate: Heaviside forward, ``alpha/2 / (1 + (pi/2 alpha u)^2)``."""
+
+    @staticmethod
+    def forward(ctx, u, alpha=2.0):
+        ctx.save_for_backward(u)
+        ctx.alpha = alpha
+        return (u > 0).to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (u,) = ctx.saved_tensors
+        a = ctx.alpha
+        return grad * (a / 2) / (1 + (math.pi / 2 * a * u) ** 2), None
+
+
+def atan_spike(u, variance=None):
+    return AtanSpike.apply(u)
+
+
+class SpikingNet(nn.Module):
+    """LIF network ``layer_i -> [pool] -> LIF`` with soft reset, readout = summed membrane."""
+
+    def __init__(self, kind: str, bayes: str | None, beta: float = 0.9) -> None:
+        super().__init__()
+        self.kind, self.beta = kind, beta
+        kw = {} if bayes is None else {"std_mode": bayes}
+        lin = nn.Linear if bayes is None else sb.BayesLinear
+        conv = nn.Conv2d if bayes is None else sb.BayesConv2d
+        if kind == "mlp":
+            self.layers = nn.ModuleList([lin(784, 256, **kw), lin(256, 10, **kw)])
+        else:
+            self.layers = nn.ModuleList(
+                [conv(2, 16, 3, padding=1, **kw), conv(16, 32, 3, padding=1, **kw),
+                 lin(32 * 8 * 8, 10, **kw)]
+            )
+        self.spikes = nn.ModuleList(
+            [sb.IWSTSpike("st") for _ in self.layers] if bayes is not None else []
+        )
+        self.bayes = bayes is not None
+
+    def _spike(self, i, u, var):
+        if not self.bayes:
+            return atan_spike(u)
+        return self.spikes[i].fire(u, var)
+
+    def forward(self, x):  # x: [T, B, ...]
+        mems = [None] * len(self.layers)
+        vars_ = [None] * len(self.layers)
+        out = 0.0
+        for t in range(x.shape[0]):
+            h = x[t]
+            for i, layer in enumerate(self.layers):
+                if i == len(self.layers) - 1 and self.kind == "conv":
+                    h = h.flatten(1)
+                cur = layer(h)
+                if self.kind == "conv" and i < 2:
+                    cur = F.avg_pool2d(cur, 2)
+                var = sb.get_variance(cur)
+                mems[i] = cur if mems[i] is None else self.beta * mems[i] + cur
+                if var is not None:
+                    vars_[i] = var if vars_[i] is None else self.beta**2 * vars_[i] + var
+                if i == len(self.layers) - 1:
+                    out = out + mems[i]
+                    break
+                h = self._spike(i, mems[i] - 1.0, vars_[i])
+                mems[i] = mems[i] - h
+        return out
+
+
+def _step_fn(net, x, y):
+    def step():
+        net.zero_grad(set_to_none=True)
+        if net.kind == "conv" and net.bayes:
+            with sb.variance_flow():
+                loss = F.cross_entropy(net(x), y)
+        else:
+            loss = F.cross_entropy(net(x), y)
+        loss.backward()
+
+    return step
+
+
+def _saved_bytes(step) -> int:
+    seen, total = set(), [0]
+
+    def pack(t):
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return total[0]
+
+
+def _spike_alone(kind: str):
+    u0 = torch.randn(128, 256)
+    var = torch.full((128, 256), 0.25)
+    spike = sb.IWSTSpike(kind)
+
+    def base():
+        u = u0.clone().requires_grad_()
+        atan_spike(u).sum().backward()
+
+    def sbnn():
+        u = u0.clone().requires_grad_()
+        spike.fire(u, var).sum().backward()
+
+    return base, sbnn
+
+
+def _median_ratio(fns: dict, reps: int) -> dict:
+    times = {k: [] for k in fns}
+    for f in fns.values():  # warm-up
+        for _ in range(3):
+            f()
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def run(reps: int = 30, threads: int = 2, seed: int = 0) -> list[dict]:
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    rows = []
+    for kind, shape, steps in (("mlp", (128, 784), 25), ("conv", (32, 2, 32, 32), 8)):
+        x = (torch.rand(steps, *shape) < 0.2).float()
+        y = torch.randint(0, 10, (shape[0],))
+        nets = {name: SpikingNet(kind, b) for name, b in
+                (("baseline", None), ("layer", "layer"), ("weight", "weight"))}
+        steps_fn = {k: _step_fn(n, x, y) for k, n in nets.items()}
+        med = _median_ratio(steps_fn, reps)
+        mem = {k: _saved_bytes(f) for k, f in steps_fn.items()}
+        for std in ("layer", "weight"):
+            rows.append({
+                "network": kind, "config": f"per-{std} std",
+                "baseline_ms": 1e3 * med["baseline"], "sbnn_ms": 1e3 * med[std],
+                "time_ratio": med[std] / med["baseline"],
+                "memory_ratio": mem[std] / mem["baseline"],
+            })
+    for est in ("st", "agr"):
+        base, sbnn = _spike_alone(est)
+        med = _median_ratio({"baseline": base, "sbnn": sbnn}, reps * 5)
+        rows.append({
+            "network": "spike function [128, 256]", "config": f"IWSTSpike({est}) vs atan",
+            "baseline_ms": 1e3 * med["baseline"], "sbnn_ms": 1e3 * med["sbnn"],
+            "time_ratio": med["sbnn"] / med["baseline"], "memory_ratio": float("nan"),
+        })
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    rows = run(args.reps, args.threads)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{args.threads} threads, {args.reps} interleaved repetitions (medians)\n")
+    print("| network | config | baseline ms | SBNN ms | time ratio | saved-memory ratio |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['network']} | {r['config']} | {r['baseline_ms']:.2f} | {r['sbnn_ms']:.2f} "
+              f"| {r['time_ratio']:.2f} | {r['memory_ratio']:.2f} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
