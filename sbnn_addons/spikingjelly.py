@@ -1,0 +1,571 @@
+"""SpikingJelly 2.0 adapter: turn an existing ``spikingjelly.activation_based`` model into an
+SBNN, and back.
+
+.. code-block:: python
+
+    from sbnn_addons import spikingjelly as sbnn_sj
+
+    sbnn = sbnn_sj.to_sbnn(model, "st")          # Bayesian layers + stochastic spikes
+    ...                                          # train as usual, reset between batches
+    plain = sbnn_sj.to_spikingjelly(sbnn)        # posterior-mean SpikingJelly model
+
+What :func:`to_sbnn` does (SPEC sections 2-3):
+
+* ``layer.Linear`` / ``layer.Conv2d`` (SpikingJelly's stateless wrappers, both step modes)
+  and plain ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (e.g. inside
+  ``layer.SeqToANNContainer``) become Bayesian layers whose ``.weight`` is the old weight
+  (the posterior mean). They return the mean and attach the local-reparameterisation
+  variance ``var(a) = s^2 sum x^2``.
+* ``IFNode``, ``LIFNode`` and ``ParametricLIFNode`` get an :class:`SJSpike` (an
+  :class:`~sbnn_addons.IWSTSpike`) as ``surrogate_function``, with ``at_zero=True``
+  because SpikingJelly's Heaviside is ``x >= 0``. The neuron is *linked*: a forward
+  pre-hook takes the variance of its input ``X_t`` and the spike function integrates it
+  with the neuron's own linear dynamics
+
+  .. code-block:: text
+
+      H_t = beta * V_{t-1} + c * X_t           (mean: SpikingJelly's own update)
+      S_t = beta^2 S_{t-1} + c^2 var(X_t)      (variance, tracked by the spike function)
+      sigma_t^2 = S_t + s_n^2,   spike = 1[H_t - v_th + sigma_t eps >= 0]
+      hard reset: S_t <- S_t (1 - spike);  soft reset: S_t unchanged
+
+  with ``LIFNode(decay_input=True)``: ``beta = 1 - 1/tau``, ``c = 1/tau``;
+  ``decay_input=False``: ``c = 1``; ``IFNode``: ``beta = c = 1``; ``ParametricLIFNode``:
+  ``1/tau = sigmoid(w)``. (SpikingJelly's update ``V + (X - (V - V_reset)) / tau`` uses
+  ``V`` twice, so the generic variance flow, which treats the terms of a sum as
+  independent, cannot follow it; the link does it exactly.) ``S`` is reset together with
+  the membrane (``functional.reset_net``).
+* BatchNorm becomes a mean-only :class:`~sbnn_addons.ChannelAffine` (``batchnorm="affine"``,
+  equal to the BatchNorm in eval mode) or is kept (``"keep"``).
+
+Custom surrogates always run on SpikingJelly's Python reference path (one call per time
+step); only SpikingJelly's own built-in surrogates use its fused GPU kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Iterable
+
+import torch
+from spikingjelly.activation_based import base, functional, layer, neuron, surrogate
+from torch import Tensor, nn
+
+from . import layers as _layers
+from .base import SBNNModule
+from .losses import enable_aux_loss
+from .moments import (
+    UnknownVariance,
+    VarianceFlowError,
+    attach_variance,
+    get_variance,
+    no_variance_flow,
+    track_variance,
+    untrack_variance,
+)
+from .spike import IWSTSpike
+
+__all__ = [
+    "SJSpike",
+    "BayesLinear",
+    "BayesConv2d",
+    "ChannelAffine",
+    "SUPPORTED_NEURONS",
+    "surrogate_function",
+    "link_neuron",
+    "to_sbnn",
+    "to_spikingjelly",
+    "reset",
+]
+
+#: Neuron classes whose dynamics the adapter follows exactly (exact type match).
+SUPPORTED_NEURONS: tuple[type, ...] = (
+    neuron.IFNode,
+    neuron.LIFNode,
+    neuron.ParametricLIFNode,
+)
+
+
+# --------------------------------------------------------------------------- spike
+class SJSpike(IWSTSpike):
+    """:class:`~sbnn_addons.IWSTSpike` for SpikingJelly neurons (``surrogate_function``).
+
+    Defaults to ``at_zero=True`` (SpikingJelly fires at ``H - v_th >= 0``) and
+    ``batch_dim=0``: SpikingJelly's reference path calls the surrogate once per time step
+    with ``u = H_t - v_th`` of shape ``[N, *]`` in both step modes.
+
+    When linked to its neuron (:func:`link_neuron`, done by :func:`to_sbnn`), it tracks the
+    variance of the membrane with the neuron's dynamics (module doc). Unlinked, it adds
+    only its own noise ``std``: SpikingJelly's update does not carry a Bayesian layer's
+    variance to the surrogate correctly, so link the neuron (an unlinked surrogate that
+    does receive a variance raises ``ValueError``).
+    """
+
+    def __init__(self, estimator="st", **kwargs) -> None:
+        kwargs.setdefault("at_zero", True)
+        kwargs.setdefault("batch_dim", 0)
+        super().__init__(estimator, **kwargs)
+        self._linked = False
+        self._clear_link_state()
+
+    def _clear_link_state(self) -> None:
+        self._var_state: Tensor | None = None  # membrane variance S after the last step
+        self._pending: Tensor | None = None  # variance of the node's input this call
+        self._multi = False
+        self._step = 0
+        self._coeffs: tuple = (1.0, 1.0, False)
+
+    def _begin(self, node: nn.Module, var, multi: bool) -> None:
+        """Called by the neuron's pre-hook before each neuron call."""
+        if not isinstance(node._memories.get("v"), Tensor):
+            self._var_state = None  # the neuron was reset: so is the variance
+        self._pending, self._multi, self._step = var, multi, 0
+        self._coeffs = _dynamics(node)
+
+    def _next_input_variance(self, u: Tensor) -> Tensor | None:
+        var = self._pending
+        if var is None:
+            return None
+        if self._multi:
+            if self._step >= var.shape[0]:
+                raise RuntimeError("SJSpike was called more often than the sequence length")
+            var = var[self._step]
+        self._step += 1
+        return var.expand_as(u) if var.shape != u.shape else var
+
+    def forward(self, u: Tensor) -> Tensor:
+        """Sample spikes for ``u = H_t - v_threshold`` (shape ``[N, *]``)."""
+        if not self._linked:
+            var = get_variance(u)
+            if isinstance(var, Tensor):
+                raise ValueError(
+                    "this SpikingJelly surrogate received an input carrying a posterior "
+                    "variance but is not linked to its neuron; convert the model with "
+                    "sbnn_addons.spikingjelly.to_sbnn or call link_neuron(node)"
+                )
+            return super().forward(u)
+        with no_variance_flow():
+            beta, c, hard = self._coeffs
+            var_in = self._next_input_variance(u)
+            state = None
+            if self._var_state is not None:
+                state = self._var_state * (beta * beta)
+            if var_in is not None:
+                term = var_in * (c * c)
+                state = term if state is None else state + term
+            total = self.noise_variance(u)
+            if state is not None:
+                total = state if total is None else state + total
+            spikes = self.fire(u, total)
+            if state is not None:
+                self._var_state = state * (1.0 - spikes.detach()) if hard else state
+            return spikes
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        for key in ("_var_state", "_pending"):
+            state[key] = None
+        return state
+
+
+def surrogate_function(
+    estimator="st", *, std: float | None = None, learn_std: bool = False, **kw
+) -> SJSpike:
+    """Stochastic IW-ST spike usable as ``neuron.LIFNode(surrogate_function=...)``.
+
+    ``h = 1[u + sigma eps >= 0]`` with ``u = H - v_threshold`` of shape ``[N, *]``
+    (one call per time step in both step modes), ``sigma = std`` (plus the linked
+    posterior variance after :func:`to_sbnn`). In ``mean`` mode it equals SpikingJelly's
+    Heaviside exactly.
+
+    Args:
+        estimator: ``"st"``, ``"iwst(p)"``, ``"agr(tau)"`` or an Estimator.
+        std: the spike's own noise std (``None``: no own noise).
+        learn_std: learn it (requires ``std > 0``).
+        **kw: further :class:`~sbnn_addons.IWSTSpike` arguments (``threshold``,
+            ``aux_center``, ``std_shape``, ...); ``at_zero=True`` and ``batch_dim=0``
+            are the defaults.
+    """
+    return SJSpike(estimator, std=std, learn_std=learn_std, **kw)
+
+
+def _dynamics(node: nn.Module) -> tuple:
+    """``(beta, c, hard_reset)`` of ``H = beta V + c X`` for a supported neuron."""
+    hard = node.v_reset is not None
+    if type(node) is neuron.ParametricLIFNode:
+        q = node.w.sigmoid()
+        return 1.0 - q, (q if node.decay_input else 1.0), hard
+    if type(node) is neuron.LIFNode:
+        inv = 1.0 / node.tau
+        return 1.0 - inv, (inv if node.decay_input else 1.0), hard
+    if type(node) is neuron.IFNode:
+        return 1.0, 1.0, hard
+    raise _unsupported(node)
+
+
+def _unsupported(node: nn.Module) -> TypeError:
+    names = ", ".join(f"neuron.{c.__name__}" for c in SUPPORTED_NEURONS)
+    return TypeError(
+        f"{type(node).__name__} is not supported by sbnn_addons.spikingjelly (its membrane "
+        f"variance dynamics are unknown); supported neurons: {names}. Replace it, or keep "
+        "the layers feeding it out of the conversion with exclude=..."
+    )
+
+
+def _neuron_pre_hook(node: nn.Module, args):
+    spike = node.surrogate_function
+    if not isinstance(spike, SJSpike) or not args or not isinstance(args[0], Tensor):
+        return None
+    x = args[0]
+    var = get_variance(x)
+    if isinstance(var, UnknownVariance):
+        raise VarianceFlowError(
+            f"the input of {type(node).__name__} went through '{var.op}', whose effect on the "
+            "posterior variance is unknown. Use a supported operation between the Bayesian "
+            "layer and the neuron, or register a rule with "
+            "sbnn_addons.moments.register_variance_rule."
+        )
+    spike._begin(node, var, node.step_mode == "m")
+    if var is None:
+        return None
+    with no_variance_flow():
+        stripped = x.view_as(x)  # same values and graph, no variance: the spike tracks it
+    return (stripped, *args[1:])
+
+
+def _is_spiking_node(m: nn.Module) -> bool:
+    return isinstance(m, base.MemoryModule) and hasattr(m, "surrogate_function")
+
+
+def link_neuron(node: nn.Module, spike: SJSpike | None = None) -> nn.Module:
+    """Link a supported SpikingJelly neuron to an :class:`SJSpike` (its surrogate).
+
+    Installs a forward pre-hook that hands the variance of the neuron's input to the
+    spike function, which then follows the neuron's dynamics (module doc).
+
+    Raises:
+        TypeError: the neuron is not exactly ``IFNode``, ``LIFNode`` or
+            ``ParametricLIFNode``.
+    """
+    if type(node) not in SUPPORTED_NEURONS:
+        raise _unsupported(node)
+    if spike is not None:
+        node.surrogate_function = spike
+    if not isinstance(node.surrogate_function, SJSpike):
+        raise TypeError(
+            "node.surrogate_function must be an SJSpike (sbnn_addons.spikingjelly."
+            f"surrogate_function(...)), got {type(node.surrogate_function).__name__}"
+        )
+    node.surrogate_function.threshold = float(node.v_threshold)
+    node.surrogate_function._linked = True
+    if _neuron_pre_hook not in node._forward_pre_hooks.values():
+        node.register_forward_pre_hook(_neuron_pre_hook)
+    return node
+
+
+def _unlink(node: nn.Module) -> None:
+    for key, hook in list(node._forward_pre_hooks.items()):
+        if hook is _neuron_pre_hook:
+            del node._forward_pre_hooks[key]
+
+
+# --------------------------------------------------------------------------- layers
+class BayesLinear(_layers.BayesLinear, base.StepModule):
+    """:class:`~sbnn_addons.BayesLinear` with SpikingJelly's ``step_mode``.
+
+    Input ``[N, in]`` (``'s'``) or ``[T, N, in]`` (``'m'``): the linear map acts on the
+    last dimension either way. Output: the mean, with its variance attached.
+    """
+
+    def __init__(self, *args, step_mode: str = "s", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.step_mode = step_mode
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, step_mode={self.step_mode}"
+
+
+class BayesConv2d(_layers.BayesConv2d, base.StepModule):
+    """:class:`~sbnn_addons.BayesConv2d` with SpikingJelly's ``step_mode``.
+
+    ``'s'``: ``[N, C, H, W]``; ``'m'``: ``[T, N, C, H, W]``, flattened to ``[T*N, ...]``
+    for the convolution; the mean and its variance are reshaped back to ``[T, N, ...]``.
+    """
+
+    def __init__(self, *args, step_mode: str = "s", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.step_mode = step_mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.step_mode == "s":
+            return super().forward(x)
+        if x.dim() != 5:
+            raise ValueError(
+                f"BayesConv2d in step_mode='m' expects x of shape [T, N, C, H, W], got "
+                f"{tuple(x.shape)}"
+            )
+        with no_variance_flow():
+            y = super().forward(x.flatten(0, 1))
+            var = get_variance(y)
+            out = y.unflatten(0, x.shape[:2])
+            if isinstance(var, Tensor):
+                var = var.unflatten(0, x.shape[:2])
+        return attach_variance(out, var)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, step_mode={self.step_mode}"
+
+
+class ChannelAffine(_layers.ChannelAffine, base.StepModule):
+    """Mean-only :class:`~sbnn_addons.ChannelAffine` replacing SpikingJelly's
+    ``layer.BatchNorm1d/2d``: channels in dimension 1 (``'s'``) or 2 (``'m'``,
+    ``[T, N, C, ...]``)."""
+
+    def __init__(self, num_features: int, step_mode: str = "s", bn_class: str = "") -> None:
+        super().__init__(num_features)
+        self.step_mode = step_mode
+        self.bn_class = bn_class
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.channel_dim = 1 if self.step_mode == "s" else 2
+        return super().forward(x)
+
+
+def _affine_from_bn(bn: nn.Module) -> nn.Module:
+    plain = _layers.ChannelAffine.from_batchnorm(bn)
+    if isinstance(bn, base.StepModule):
+        affine = ChannelAffine(bn.num_features, bn.step_mode, type(bn).__name__)
+        affine.load_state_dict(plain.state_dict())
+        affine = affine.to(plain.weight.device)
+    else:
+        affine = plain
+        affine.bn_class = type(bn).__name__
+    affine.train(bn.training)
+    return affine
+
+
+_SJ_BN = (layer.BatchNorm1d, layer.BatchNorm2d)
+_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+# --------------------------------------------------------------------------- surgery
+def reset(model: nn.Module) -> nn.Module:
+    """Reset every neuron (and its tracked variance): ``invalidate_reset_cache`` +
+    ``reset_net``. Call it between sequences. Returns ``model``."""
+    functional.invalidate_reset_cache(model)
+    functional.reset_net(model)
+    return model
+
+
+def _matches(name: str, patterns: Iterable[str] | None) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
+
+
+def _replace_children(module: nn.Module, prefix: str, fn) -> None:
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        full = f"{prefix}.{name}" if prefix else name
+        new = fn(full, child)
+        if new is not None:
+            module._modules[name] = new
+        else:
+            _replace_children(child, full, fn)
+
+
+def to_sbnn(
+    model: nn.Module,
+    estimator="st",
+    *,
+    std: float | None = None,
+    std_mode: str = "layer",
+    learn_std: bool = True,
+    bias_std: float | None = None,
+    spike_std: float | None = None,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    batchnorm: str = "affine",
+    aux_loss: bool = False,
+    inplace: bool = False,
+) -> nn.Module:
+    """Convert a SpikingJelly model into a Spiking Bayesian Neural Network.
+
+    Weight layers become Bayesian (``.weight`` kept as the posterior mean, std ``s``),
+    supported neurons get a linked :class:`SJSpike`, BatchNorm becomes a mean-only affine:
+
+    .. code-block:: text
+
+        a = W_mean x + b,  var(a) = s^2 sum x^2        (Bayesian layer, shapes kept)
+        S_t = beta^2 S_{t-1} + c^2 var(X_t)            (neuron H = beta V + c X)
+        spike_t = 1[H_t - v_th + sqrt(S_t + s_n^2) eps >= 0]
+
+    Converted: ``layer.Linear`` / ``layer.Conv2d`` (to :class:`BayesLinear` /
+    :class:`BayesConv2d`, same ``step_mode``) and plain ``nn.Linear`` / ``nn.Conv1d`` /
+    ``nn.Conv2d`` (to the core Bayesian layers; exact types only, so e.g.
+    ``layer.WSConv2d`` is left alone). Neurons: exactly ``neuron.IFNode``,
+    ``neuron.LIFNode`` (both ``decay_input``, soft or hard reset) and
+    ``neuron.ParametricLIFNode``.
+
+    Args:
+        model: a SpikingJelly model (any step mode). Input/output shapes are unchanged.
+        estimator: spike gradient estimator (``"st"``, ``"iwst(p)"``, ``"agr(tau)"``).
+        std: initial posterior std of the weights (default ``0.5 / sqrt(fan_in)``).
+        std_mode: ``"layer"``, ``"channel"`` or ``"weight"``.
+        learn_std: learn the weight std (``False``: fixed, allows ``std=0``).
+        bias_std: additive bias noise std (``None``: none).
+        spike_std: each spike function's own noise std (``None``: none); learned when
+            ``learn_std`` and ``spike_std > 0``.
+        include: fnmatch patterns of qualified module names of weight layers to convert
+            (``None``: all).
+        exclude: patterns of weight layers to keep deterministic.
+        batchnorm: ``"affine"`` (BatchNorm1d/2d -> :class:`~sbnn_addons.ChannelAffine`
+            from the running statistics; equal to the BatchNorm in eval mode) or
+            ``"keep"``.
+        aux_loss: collect the auxiliary bias loss (:func:`sbnn_addons.aux_loss`).
+        inplace: convert ``model`` itself instead of a deep copy.
+
+    Returns:
+        The converted model, with :func:`sbnn_addons.track_variance` installed on it.
+        Reset it between sequences with :func:`reset` (or ``functional.reset_net``).
+
+    Raises:
+        ValueError: ``model`` is already converted, contains nothing to convert, or
+            ``batchnorm`` is not ``"affine"``/``"keep"``.
+        TypeError: ``model`` contains a spiking neuron other than the supported ones.
+    """
+    if batchnorm not in ("affine", "keep"):
+        raise ValueError(f"batchnorm must be 'affine' or 'keep', got {batchnorm!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if any(_layers.is_bayesian(m) or isinstance(m, IWSTSpike) for m in model.modules()):
+        raise ValueError(
+            "model is already converted (it contains Bayesian layers or SBNN spike "
+            "functions); convert the original model, or use to_spikingjelly first"
+        )
+    for m in model.modules():
+        if _is_spiking_node(m) and type(m) not in SUPPORTED_NEURONS:
+            raise _unsupported(m)
+    functional.reset_net(model)
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    posterior = dict(std=std, std_mode=std_mode, learn_std=learn_std, bias_std=bias_std)
+    counts = {"layers": 0, "neurons": 0}
+
+    def convert(name: str, m: nn.Module):
+        if include is not None and not _matches(name, include):
+            selected = False
+        else:
+            selected = not _matches(name, exclude)
+        t = type(m)
+        new = None
+        if selected and t is layer.Linear:
+            new = BayesLinear.from_module(m, step_mode=m.step_mode, **posterior)
+        elif selected and t is layer.Conv2d:
+            new = BayesConv2d.from_module(m, step_mode=m.step_mode, **posterior)
+        elif selected and t is nn.Linear:
+            new = _layers.BayesLinear.from_module(m, **posterior)
+        elif selected and t is nn.Conv1d:
+            new = _layers.BayesConv1d.from_module(m, **posterior)
+        elif selected and t is nn.Conv2d:
+            new = _layers.BayesConv2d.from_module(m, **posterior)
+        if new is not None:
+            counts["layers"] += 1
+            return new.train(m.training)
+        if batchnorm == "affine" and t in _SJ_BN + _PLAIN_BN:
+            return _affine_from_bn(m)
+        return None
+
+    _replace_children(model, "", convert)
+    spike_learn = bool(learn_std and spike_std)
+    for m in model.modules():
+        if _is_spiking_node(m):
+            spike = SJSpike(estimator, std=spike_std, learn_std=spike_learn)
+            spike = spike.to(next(iter(m.parameters()), torch.empty(0)).device)
+            link_neuron(m, spike)
+            counts["neurons"] += 1
+    if counts["layers"] == 0 and counts["neurons"] == 0:
+        raise ValueError(
+            "nothing to convert: the model has no layer.Linear/layer.Conv2d/nn.Linear/"
+            "nn.Conv1d/nn.Conv2d (check include/exclude) and no supported neuron"
+        )
+    reset(model)
+    track_variance(model)
+    if aux_loss:
+        enable_aux_loss(model)
+    return model
+
+
+def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = None) -> nn.Module:
+    """Export a converted model as a plain SpikingJelly model (posterior means).
+
+    Bayesian layers go back to ``layer.Linear`` / ``layer.Conv2d`` (same ``step_mode``) or
+    plain torch layers, each :class:`~sbnn_addons.ChannelAffine` to a BatchNorm equal to it
+    in eval mode (``running_mean=0``, ``running_var=1``, ``eps=0``), and every neuron gets
+    ``surrogate_function`` (a fresh deep copy per neuron; default ``surrogate.Sigmoid()``).
+    The result's forward in eval mode equals the SBNN in ``mean`` mode and does not
+    reference ``sbnn_addons`` (it pickles without it).
+
+    Args:
+        model: a model returned by :func:`to_sbnn` (not modified).
+        surrogate_function: SpikingJelly surrogate for the exported neurons.
+    """
+    reset(model)
+    model = copy.deepcopy(model)
+    untrack_variance(model)
+    if "_sbnn_flow_handles" in model.__dict__:
+        del model.__dict__["_sbnn_flow_handles"]
+
+    def export(name: str, m: nn.Module):
+        if isinstance(m, BayesLinear):
+            new = layer.Linear(m.in_features, m.out_features, m.bias is not None,
+                               step_mode=m.step_mode)
+        elif isinstance(m, BayesConv2d):
+            new = layer.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride,
+                               m.padding, m.dilation, m.groups, m.bias is not None,
+                               m.padding_mode, step_mode=m.step_mode)
+        elif _layers.is_bayesian(m):
+            return m.to_module().train(m.training)
+        elif isinstance(m, _layers.ChannelAffine):
+            return _bn_from_affine(m)
+        else:
+            return None
+        new = new.to(device=m.weight.device, dtype=m.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(m.weight)
+            if m.bias is not None:
+                new.bias.copy_(m.bias)
+        return new.train(m.training)
+
+    _replace_children(model, "", export)
+    for m in model.modules():
+        if _is_spiking_node(m):
+            _unlink(m)
+            if isinstance(m.surrogate_function, IWSTSpike):
+                m.surrogate_function = (
+                    surrogate.Sigmoid() if surrogate_function is None
+                    else copy.deepcopy(surrogate_function)
+                )
+    for m in model.modules():
+        if isinstance(m, SBNNModule):
+            raise TypeError(f"cannot export {type(m).__name__} to a plain SpikingJelly model")
+    functional.invalidate_reset_cache(model)
+    return model
+
+
+def _bn_from_affine(affine: _layers.ChannelAffine) -> nn.Module:
+    name = getattr(affine, "bn_class", "") or "BatchNorm1d"
+    n = affine.num_features
+    if isinstance(affine, ChannelAffine):
+        cls = layer.BatchNorm2d if name.endswith("2d") else layer.BatchNorm1d
+        bn = cls(n, eps=0.0, step_mode=affine.step_mode)
+    else:
+        bn = (nn.BatchNorm2d if name.endswith("2d") else nn.BatchNorm1d)(n, eps=0.0)
+    bn = bn.to(affine.weight.device)
+    with torch.no_grad():
+        bn.weight.copy_(affine.weight)
+        bn.bias.copy_(affine.bias)
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1.0)
+    return bn.train(affine.training)

@@ -1,0 +1,43 @@
+"""Shared helpers of the SpikingJelly adapter tests (no mocks: real SpikingJelly models)."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import torch
+
+
+def install_torchvision_stub() -> None:
+    """SpikingJelly's model zoo imports torchvision at import time only for pretrained
+    weights (host-libraries notes 2.6); a stub module is enough without network."""
+    if "torchvision" in sys.modules:
+        return
+    stub = types.ModuleType("torchvision")
+    utils = types.ModuleType("torchvision._internally_replaced_utils")
+    utils.load_state_dict_from_url = torch.hub.load_state_dict_from_url
+    stub._internally_replaced_utils = utils
+    sys.modules["torchvision"] = stub
+    sys.modules["torchvision._internally_replaced_utils"] = utils
+
+
+def record_spikes(model: torch.nn.Module):
+    """Forward hooks that record every spiking neuron's output; returns (store, handles)."""
+    from spikingjelly.activation_based import base
+
+    store: list[torch.Tensor] = []
+    handles = []
+    for m in model.modules():
+        if isinstance(m, base.MemoryModule) and hasattr(m, "surrogate_function"):
+            handles.append(m.register_forward_hook(lambda mod, a, out: store.append(out.detach())))
+    return store, handles
+
+
+def run_sequence(model: torch.nn.Module, x: torch.Tensor, step_mode: str) -> torch.Tensor:
+    """Reset, then run ``x`` ``[T, N, ...]`` through ``model`` in its step mode."""
+    from spikingjelly.activation_based import functional
+
+    functional.reset_net(model)
+    if step_mode == "m":
+        return model(x)
+    return torch.stack([model(xt) for xt in x])

@@ -1,0 +1,208 @@
+"""Variance dynamics, stochastic reset consistency, training and real-data smoke tests
+of the SpikingJelly adapter (real SpikingJelly neurons, fixed seeds)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _sj_helpers import run_sequence
+from torch import nn
+
+import sbnn_addons
+from sbnn_addons import spikingjelly as sbnn_sj
+from sbnn_addons.data import load_digits_split, load_dvs_gesture_32, rate_code
+
+pytest.importorskip("spikingjelly")
+from spikingjelly.activation_based import functional, layer, neuron  # noqa: E402
+
+DVS_DIR = Path("/work/shared/data/dvs_gesture_32")
+
+NEURONS = {
+    "if_hard": (lambda sm: neuron.IFNode(v_threshold=2.0, step_mode=sm), None),
+    "lif_decay_hard": (lambda sm: neuron.LIFNode(tau=2.0, step_mode=sm), None),
+    "lif_decay_soft": (lambda sm: neuron.LIFNode(tau=4.0, v_reset=None, step_mode=sm), None),
+    "lif_nodecay_soft": (
+        lambda sm: neuron.LIFNode(tau=3.0, decay_input=False, v_reset=None, step_mode=sm),
+        None,
+    ),
+    "plif_hard": (lambda sm: neuron.ParametricLIFNode(init_tau=3.0, step_mode=sm), None),
+}
+
+
+def _beta_c(node):
+    if isinstance(node, neuron.ParametricLIFNode):
+        q = float(node.w.detach().sigmoid())
+        return 1 - q, (q if node.decay_input else 1.0)
+    if isinstance(node, neuron.LIFNode):
+        return 1 - 1 / node.tau, (1 / node.tau if node.decay_input else 1.0)
+    return 1.0, 1.0
+
+
+def _record_fire(spike):
+    """Record the variance handed to the spike function at every step."""
+    seen = []
+    original = spike.fire
+
+    def fire(u, variance):
+        out = original(u, variance)
+        seen.append((variance.detach().clone(), out.detach().clone()))
+        return out
+
+    spike.fire = fire
+    return seen
+
+
+def _expected(var_in, spikes, beta, c, hard):
+    expected, state = [], None
+    for var_t, s_t in zip(var_in, spikes):
+        state = c * c * var_t if state is None else beta * beta * state + c * c * var_t
+        expected.append(state)
+        if hard:
+            state = state * (1 - s_t)
+    return expected
+
+
+@pytest.mark.parametrize("sm", ["s", "m"])
+@pytest.mark.parametrize("kind", list(NEURONS))
+def test_variance_follows_node_dynamics(kind, sm):
+    """V_t = beta^2 V_{t-1} + c^2 var_t (x (1 - s_t) after a hard reset), rtol 1e-5."""
+    torch.manual_seed(0)
+    make, _ = NEURONS[kind]
+    net = nn.Sequential(layer.Linear(12, 7, step_mode=sm), make(sm))
+    sbnn = sbnn_sj.to_sbnn(net, std=0.3, learn_std=False)
+    lin, node = sbnn[0], sbnn[1]
+    x = torch.rand(8, 4, 12) * 2
+    seen = _record_fire(node.surrogate_function)
+    for _ in range(2):  # a second sequence after reset must start from zero again
+        seen.clear()
+        run_sequence(sbnn, x, sm)
+        assert len(seen) == x.shape[0]
+        var_in = [lin.output_variance(xt) for xt in x]
+        spikes = [s for _, s in seen]
+        beta, c = _beta_c(node)
+        expected = _expected(var_in, spikes, beta, c, node.v_reset is not None)
+        for (got, _), want in zip(seen, expected):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert torch.stack(spikes).float().mean() > 0.01  # the hard-reset branch is exercised
+
+
+def test_variance_through_seq_to_ann_container():
+    """The variance of a plain Bayesian conv inside SeqToANNContainer flows through its
+    flatten/view ops to the neuron (LIF, decay_input)."""
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        layer.SeqToANNContainer(nn.Conv2d(2, 3, 3, padding=1), nn.AvgPool2d(2)),
+        neuron.LIFNode(tau=2.0, v_reset=None, step_mode="m"),
+    )
+    sbnn = sbnn_sj.to_sbnn(net, std=0.2, learn_std=False)
+    conv, node = sbnn[0][0], sbnn[1]
+    x = torch.rand(5, 2, 2, 6, 6)
+    seen = _record_fire(node.surrogate_function)
+    run_sequence(sbnn, x, "m")
+    var_in = [conv.output_variance(xt) for xt in x]
+    var_in = [F.avg_pool2d(v, 2) / 4 for v in var_in]  # avg over k=4: sum(var)/k^2
+    expected = _expected(var_in, [s for _, s in seen], 0.5, 0.5, False)
+    for (got, _), want in zip(seen, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["lif_decay_soft", "lif_nodecay_soft", "if_soft"])
+def test_stochastic_soft_reset_uses_emitted_spike(kind):
+    """With noise, v_after = H - v_th * spike at every step, for the emitted spike."""
+    torch.manual_seed(2)
+    make = {
+        "lif_decay_soft": lambda: neuron.LIFNode(tau=2.0, v_reset=None),
+        "lif_nodecay_soft": lambda: neuron.LIFNode(tau=2.0, decay_input=False, v_reset=None),
+        "if_soft": lambda: neuron.IFNode(v_reset=None),
+    }[kind]
+    net = nn.Sequential(layer.Linear(10, 16), make())
+    sbnn = sbnn_sj.to_sbnn(net, std=0.5, learn_std=False, spike_std=0.3)
+    sbnn_addons.seed_spikes(sbnn, 0)
+    lin, node = sbnn[0], sbnn[1]
+    beta, c = _beta_c(node)
+    x = torch.rand(12, 8, 10)
+    functional.reset_net(sbnn)
+    v = torch.zeros(8, 16)
+    disagreements = 0
+    with torch.no_grad():
+        for xt in x:
+            h = beta * v + c * lin(xt) if not isinstance(node, neuron.IFNode) else v + lin(xt)
+            s = sbnn(xt)
+            torch.testing.assert_close(node.v, h - node.v_threshold * s, rtol=0, atol=1e-6)
+            disagreements += int(((h - node.v_threshold >= 0).float() != s).sum())
+            v = node.v.clone()
+    assert disagreements > 0  # the spikes really are stochastic
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny nets run faster on one thread (and are not slowed by a loaded machine)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_training_digits_lif_multistep(one_thread):
+    """A converted layer.Linear + LIFNode net learns rate-coded digits quickly (< 20 s)."""
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    x_tr, y_tr, x_te, y_te = load_digits_split(0.25, seed=0)
+    net = nn.Sequential(
+        layer.Linear(64, 64, step_mode="m"),
+        neuron.LIFNode(tau=2.0, v_reset=None, step_mode="m"),
+        layer.Linear(64, 10, step_mode="m"),
+    )
+    sbnn = sbnn_sj.to_sbnn(net, "st", aux_loss=True)
+    opt = torch.optim.Adam(sbnn.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _step in range(40):
+        idx = torch.randint(0, len(x_tr), (64,), generator=g)
+        xs = rate_code(x_tr[idx], 8, generator=g)
+        functional.reset_net(sbnn)
+        logits = sbnn(xs).mean(0)
+        loss = F.cross_entropy(logits, y_tr[idx]) + 1e-6 * sbnn_addons.aux_loss(sbnn)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    with torch.no_grad(), sbnn_addons.mode(sbnn, "mean"):
+        functional.reset_net(sbnn)
+        pred = sbnn(rate_code(x_te, 8, generator=g)).mean(0).argmax(-1)
+    acc = (pred == y_te).float().mean().item()
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    assert acc >= 0.30, acc
+    assert time.perf_counter() - t0 < 20
+
+
+@pytest.mark.skipif(not DVS_DIR.is_dir(), reason="DVS Gesture frames not available")
+def test_real_dvs_gesture_smoke():
+    """A small converted conv net on real DVS Gesture frames: finite outputs and grads."""
+    frames, labels = load_dvs_gesture_32(DVS_DIR, "test", frame_stride=8)
+    x = torch.as_tensor(frames[:4]).float().transpose(0, 1)  # [T, N, 2, 32, 32]
+    y = torch.as_tensor(labels[:4])
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        layer.Conv2d(2, 8, 3, padding=1, bias=False, step_mode="m"),
+        layer.BatchNorm2d(8, step_mode="m"),
+        neuron.ParametricLIFNode(step_mode="m", detach_reset=True),
+        layer.MaxPool2d(4, 4, step_mode="m"),
+        layer.Flatten(step_mode="m"),
+        layer.Linear(8 * 8 * 8, 11, step_mode="m"),
+        neuron.LIFNode(tau=2.0, step_mode="m"),
+    )
+    sbnn = sbnn_sj.to_sbnn(net, "iwst(0.5)", aux_loss=True)
+    functional.reset_net(sbnn)
+    out = sbnn(x).mean(0)
+    loss = F.cross_entropy(out, y) + 1e-10 * sbnn_addons.aux_loss(sbnn)
+    loss.backward()
+    assert torch.isfinite(out).all() and torch.isfinite(loss)
+    grads = [p.grad for p in sbnn.parameters() if p.requires_grad]
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
+    stds = [m.std_rho.grad for m in sbnn.modules() if sbnn_addons.is_bayesian(m)]
+    assert any(float(gr.abs().sum()) > 0 for gr in stds)

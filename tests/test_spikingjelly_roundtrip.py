@@ -1,0 +1,193 @@
+"""Round trips (state_dict, deepcopy, torch.save/load, export) and errors of the
+SpikingJelly adapter."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from _sj_helpers import run_sequence
+from torch import nn
+
+import sbnn_addons
+from sbnn_addons import spikingjelly as sbnn_sj
+
+pytest.importorskip("spikingjelly")
+from spikingjelly.activation_based import functional, layer, neuron, surrogate  # noqa: E402
+
+
+def _net(sm="m"):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        layer.Conv2d(2, 4, 3, padding=1, step_mode=sm),
+        layer.BatchNorm2d(4, step_mode=sm),
+        neuron.ParametricLIFNode(step_mode=sm),
+        layer.Flatten(step_mode=sm),
+        layer.Linear(4 * 6 * 6, 5, step_mode=sm),
+        neuron.LIFNode(tau=2.0, v_reset=None, step_mode=sm),
+    )
+    with torch.no_grad():
+        net[0].weight.mul_(3)
+        net[4].weight.mul_(3)
+        net[4].bias.fill_(0.6)
+    return net.eval()
+
+
+X = (torch.rand(4, 3, 2, 6, 6, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+
+
+def _sample(model, sm="m"):
+    sbnn_addons.seed_spikes(model, 0)
+    with torch.no_grad():
+        return run_sequence(model, X, sm)
+
+
+@pytest.fixture
+def sbnn():
+    model = sbnn_sj.to_sbnn(_net(), spike_std=0.1)
+    with torch.no_grad():  # make the converted parameters differ from the initial ones
+        for p in model.parameters():
+            p.add_(0.01)
+    return model.eval()
+
+
+def test_state_dict_round_trip(sbnn):
+    ref = _sample(sbnn)
+    other = sbnn_sj.to_sbnn(_net(), spike_std=0.1).eval()
+    other.load_state_dict(sbnn.state_dict())
+    assert torch.equal(_sample(other), ref)
+    assert ref.sum() > 0
+
+
+def test_deepcopy_after_forward_and_reset(sbnn):
+    ref = _sample(sbnn)
+    sbnn_sj.reset(sbnn)
+    clone = copy.deepcopy(sbnn)
+    assert torch.equal(_sample(clone), ref)
+
+
+def test_torch_save_whole_model(sbnn):
+    ref = _sample(sbnn)
+    sbnn_sj.reset(sbnn)
+    buf = io.BytesIO()
+    torch.save(sbnn, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.equal(_sample(loaded), ref)
+
+
+@pytest.mark.parametrize("sm", ["s", "m"])
+def test_export_equals_mean_mode(sm):
+    model = sbnn_sj.to_sbnn(_net(sm), spike_std=0.1).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    with sbnn_addons.mode(model, "mean"), torch.no_grad():
+        ref = run_sequence(model, X, sm)
+    plain = sbnn_sj.to_spikingjelly(model, surrogate.ATan())
+    assert type(plain[0]) is layer.Conv2d and plain[0].step_mode == sm
+    assert type(plain[1]) is layer.BatchNorm2d and type(plain[4]) is layer.Linear
+    assert type(plain[2].surrogate_function) is surrogate.ATan
+    assert plain[2].surrogate_function is not plain[5].surrogate_function
+    with torch.no_grad():
+        out = run_sequence(plain.eval(), X, sm)
+    assert torch.equal(out, ref)
+    assert b"sbnn_addons" not in pickle.dumps(plain)
+    # the default surrogate is a fresh Sigmoid per neuron
+    default = sbnn_sj.to_spikingjelly(model)
+    assert type(default[2].surrogate_function) is surrogate.Sigmoid
+    assert default[2].surrogate_function is not default[5].surrogate_function
+
+
+def test_export_seq_to_ann_container_plain_layers():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        layer.SeqToANNContainer(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)),
+        neuron.IFNode(step_mode="m"),
+        layer.SeqToANNContainer(nn.Flatten(), nn.Linear(4 * 6 * 6, 3)),
+    ).eval()
+    model = sbnn_sj.to_sbnn(net)
+    plain = sbnn_sj.to_spikingjelly(model).eval()
+    assert type(plain[0][0]) is nn.Conv2d and type(plain[0][1]) is nn.BatchNorm2d
+    assert type(plain[2][1]) is nn.Linear
+    with sbnn_addons.mode(model, "mean"), torch.no_grad():
+        ref = run_sequence(model, X, "m")
+    with torch.no_grad():
+        assert torch.equal(run_sequence(plain, X, "m"), ref)
+    assert b"sbnn_addons" not in pickle.dumps(plain)
+
+
+def test_surrogate_factory_in_lifnode():
+    spike = sbnn_sj.surrogate_function("iwst(0.5)", std=0.2)
+    node = neuron.LIFNode(tau=2.0, surrogate_function=spike, step_mode="m")
+    x = torch.rand(5, 3, 4) * 2
+    out = node(x)
+    assert out.shape == x.shape and set(out.unique().tolist()) <= {0.0, 1.0}
+    with sbnn_addons.mode(node, "mean"):
+        functional.reset_net(node)
+        mean = node(x)
+    ref = neuron.LIFNode(tau=2.0, step_mode="m")(x)
+    assert torch.equal(mean, ref)
+    assert spike.at_zero and spike.batch_dim == 0
+
+
+# ------------------------------------------------------------------ errors
+@pytest.mark.parametrize("node", [neuron.IzhikevichNode, neuron.QIFNode])
+def test_unsupported_neuron(node):
+    net = nn.Sequential(layer.Linear(3, 4), node())
+    with pytest.raises(TypeError, match=node.__name__ + r".*LIFNode"):
+        sbnn_sj.to_sbnn(net)
+
+
+def test_double_conversion():
+    model = sbnn_sj.to_sbnn(_net())
+    with pytest.raises(ValueError, match="already converted"):
+        sbnn_sj.to_sbnn(model)
+
+
+def test_nothing_to_convert():
+    with pytest.raises(ValueError, match="nothing to convert"):
+        sbnn_sj.to_sbnn(nn.Sequential(layer.Flatten(), nn.ReLU()))
+    with pytest.raises(ValueError, match="nothing to convert"):
+        sbnn_sj.to_sbnn(nn.Sequential(layer.Linear(3, 3)), exclude=["*"])
+
+
+def test_bad_batchnorm_value():
+    with pytest.raises(ValueError, match="batchnorm"):
+        sbnn_sj.to_sbnn(_net(), batchnorm="fold")
+
+
+def test_mismatched_shapes():
+    model = sbnn_sj.to_sbnn(_net())
+    with pytest.raises(ValueError, match="expects"):
+        model(torch.rand(4, 3, 5, 6, 6))  # 5 channels instead of 2
+    with pytest.raises(ValueError, match=r"\[T, N, C, H, W\]"):
+        model(torch.rand(3, 2, 6, 6))  # single-step input to a multi-step model
+    sbnn_sj.reset(model)
+    lin = sbnn_sj.to_sbnn(nn.Sequential(layer.Linear(3, 4), neuron.IFNode()))
+    with pytest.raises(ValueError, match="3 input features"):
+        lin(torch.rand(2, 5))
+
+
+def test_link_neuron_on_hand_built_model():
+    """A hand-built model (core BayesLinear + SJ node with the factory surrogate) gets the
+    posterior variance once the neuron is linked; unsupported nodes are refused."""
+    torch.manual_seed(0)
+    spike = sbnn_sj.surrogate_function()
+    net = nn.Sequential(
+        sbnn_addons.BayesLinear(3, 4, std=0.5, learn_std=False),
+        neuron.LIFNode(tau=2.0, surrogate_function=spike),
+    )
+    sbnn_addons.track_variance(net)
+    sbnn_sj.link_neuron(net[1])
+    seen = []
+    original = spike.fire
+    spike.fire = lambda u, var: (seen.append(var), original(u, var))[1]
+    x = torch.rand(2, 3)
+    net(x)
+    torch.testing.assert_close(seen[0], net[0].output_variance(x) / 4)  # c = 1/tau
+    with pytest.raises(TypeError, match="QIFNode"):
+        sbnn_sj.link_neuron(neuron.QIFNode())
