@@ -31,6 +31,7 @@ __all__ = [
 SIGMA_MIN = 1e-6
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 
 
 def check_float(name: str, tensor: Tensor) -> None:
@@ -76,8 +77,10 @@ def normal_cdf_ratio(x: Tensor, scale: float) -> Tensor:
     Formed with ``ndtr`` where ``Phi(x)`` is representable and, for the elements where it
     underflows (``x`` below about -9 in float32), in log space with ``log_ndtr``.
     """
-    den = torch.special.ndtr(x)
-    num = torch.special.ndtr(x * scale) if scale != 0.0 else torch.full_like(x, 0.5)
+    # erfc form: torch's ndtr is 1 - ... in the lower tail (4 % off at x = -5 in float32)
+    den = 0.5 * torch.special.erfc(x * -_INV_SQRT_2)
+    num = 0.5 * torch.special.erfc(x * -scale * _INV_SQRT_2) if scale != 0.0 else (
+        torch.full_like(x, 0.5))
     ratio = num / den.clamp_min(torch.finfo(x.dtype).tiny)
     tiny = den < 1e-20
     if torch._C._functorch.is_functorch_wrapped_tensor(x):  # vmap/grad: no data-dependent if

@@ -83,7 +83,7 @@ class _BayesMixin(SBNNModule):
         std = 0.5 / math.sqrt(fan_in) if std is None else std
         std = check_std("std", std, allow_zero=not learn_std)
         shape = {"layer": (), "channel": (self.weight.shape[0],), "weight": self.weight.shape}
-        init = torch.full(shape[std_mode], 1.0, device=self.weight.device)
+        init = torch.full(shape[std_mode], 1.0, device=self.weight.device, dtype=self.weight.dtype)
         self.std_mode = std_mode
         self.learn_std = bool(learn_std)
         if self.learn_std:
@@ -94,7 +94,9 @@ class _BayesMixin(SBNNModule):
         if self.bias_noise:
             bias_std = check_std("bias_std", bias_std, allow_zero=False)
             self.bias_std_rho = nn.Parameter(
-                torch.tensor(inverse_softplus(bias_std), device=self.weight.device)
+                torch.tensor(
+                    inverse_softplus(bias_std), device=self.weight.device, dtype=self.weight.dtype
+                )
             )
         self.detach_input_variance = detach_input_variance
 
@@ -145,7 +147,10 @@ class _BayesMixin(SBNNModule):
         Returns:
             Scalar tensor.
         """
-        params = [(self.weight, self.std)]
+        std = self.std
+        if self.std_mode == "channel":  # [out] -> [out, 1, ...] to broadcast over the weight
+            std = std.view(-1, *([1] * (self.weight.dim() - 1)))
+        params = [(self.weight, std)]
         if self.bias_noise and self.bias is not None:
             params.append((self.bias, self.bias_std))
         total = self.weight.new_zeros(())

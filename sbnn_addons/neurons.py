@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .functional import check_float, lif_step
-from .moments import UnknownVariance, VarianceFlowError, get_variance
+from .moments import UnknownVariance, VarianceFlowError, get_variance, no_variance_flow
 from .spike import IWSTSpike
 
 __all__ = ["LIF", "LIFState"]
@@ -103,10 +103,11 @@ class LIF(nn.Module):
                 f"state of shape {tuple(membrane.shape)} does not match the input current "
                 f"of shape {tuple(current.shape)}; pass state=None at the start of a sequence"
             )
-        spikes, membrane, variance = lif_step(
-            current, var_in, membrane, variance, self._fire, self.beta, self.threshold,
-            self.reset,
-        )
+        with no_variance_flow():  # V is tracked explicitly; the flow would count it twice
+            spikes, membrane, variance = lif_step(
+                current, var_in, membrane, variance, self._fire, self.beta, self.threshold,
+                self.reset,
+            )
         return spikes, LIFState(membrane, variance)
 
     def run(self, currents: Tensor) -> Tensor:

@@ -112,11 +112,19 @@ class IWSTSpike(SBNNModule, nn.Module):
                 "Bayesian layer and the neuron (see sbnn_addons.moments), register a rule "
                 "with sbnn_addons.moments.register_variance_rule, or exclude the layer."
             )
-        own = self.std
-        if self.learn_std or bool((own != 0).any()):
+        if self.learn_std or self._fixed_std_nonzero():
+            own = self.std
             own_var = (own * own).to(u.dtype)
             var = own_var if var is None else var + own_var
         return var
+
+    def _fixed_std_nonzero(self) -> bool:
+        """Whether the fixed std is non-zero, cached by the buffer's version (no sync)."""
+        key = (self.fixed_std.data_ptr(), self.fixed_std._version)
+        if getattr(self, "_nonzero_key", None) != key:
+            self._nonzero_key = key
+            self._nonzero = bool((self.fixed_std != 0).any())
+        return self._nonzero
 
     # ------------------------------------------------------------------ forward
     def forward(self, u: Tensor) -> Tensor:
@@ -138,7 +146,8 @@ class IWSTSpike(SBNNModule, nn.Module):
         else:
             if variance.shape != u.shape:
                 try:
-                    torch.broadcast_shapes(variance.shape, u.shape)
+                    if torch.broadcast_shapes(variance.shape, u.shape) != u.shape:
+                        raise RuntimeError  # would enlarge u
                 except RuntimeError:
                     raise ValueError(
                         f"the variance of shape {tuple(variance.shape)} does not broadcast "

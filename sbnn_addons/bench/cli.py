@@ -86,7 +86,8 @@ def summarise(rows: list[dict]) -> str:
         lines.append(
             f"| {task} | {method} | {len(rs)} | {rs[0]['eval']} | "
             f"{fmt([r['accuracy'] for r in rs], 100, 1)} % | {fmt([r['nll'] for r in rs], 1, 3)} "
-            f"| {fmt([r['ece'] for r in rs], 1, 3)} | {fmt([r['train_time_s'] for r in rs], 1, 1)} |"
+            f"| {fmt([r['ece'] for r in rs], 1, 3)} "
+            f"| {fmt([r['train_time_s'] for r in rs], 1, 1)} |"
         )
     return "\n".join(lines)
 

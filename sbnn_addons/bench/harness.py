@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..losses import aux_loss
+from ..metrics import classification_metrics
 from ..modes import mc_predict, mode
 from ..spike import seed_spikes
-from ..metrics import classification_metrics
 
 __all__ = ["Method", "Task", "METHODS", "TASKS", "run_one", "run_grid"]
 

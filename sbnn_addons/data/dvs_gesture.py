@@ -64,7 +64,10 @@ def load_dvs_gesture_32(
 
 
 class DVSGestureFrames(Dataset):
-    """``Dataset`` over :func:`load_dvs_gesture_32`; items are ``(frames [T, 2, 32, 32], label)``."""
+    """``Dataset`` over :func:`load_dvs_gesture_32`.
+
+    Items are ``(frames [T, 2, 32, 32], label)``.
+    """
 
     def __init__(self, data_dir: str | Path, split: str = "train", **kwargs) -> None:
         self.frames, self.labels = load_dvs_gesture_32(data_dir, split, **kwargs)

@@ -1,0 +1,136 @@
+"""Training-step cost of converted host models against the original models.
+
+In one run, interleaved, for the notes' reference shape (784-256-10 MLP, T=25, batch 128,
+Bernoulli(0.2) input):
+
+* snnTorch: ``nn.Linear`` + ``snn.Leaky(beta=0.9)`` with the atan surrogate, explicit time
+  loop (the tutorial style), against ``sbnn_addons.snntorch.to_sbnn`` of the same model;
+* SpikingJelly: ``layer.Linear`` + ``neuron.LIFNode(tau=2)`` in multi-step mode with
+  ``surrogate.ATan()``, against ``sbnn_addons.spikingjelly.to_sbnn`` of the same model.
+
+Per-layer std (the paper's scalar) with ST and AGR estimators. Reports median step time
+(forward, cross-entropy, backward, state reset) and the bytes of tensors saved for
+backward, each as a ratio to the original model.
+
+Usage::
+
+    python benchmarks/bench_adapters.py --reps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+
+import torch
+import torch.nn.functional as F
+from bench_core import _median_ratio, _saved_bytes
+from torch import nn
+
+T, B = 25, 128
+
+
+def snntorch_models():
+    import snntorch as snn
+    from snntorch import surrogate
+
+    from sbnn_addons.snntorch import to_sbnn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(784, 256)
+            self.lif1 = snn.Leaky(beta=0.9, spike_grad=surrogate.atan())
+            self.fc2 = nn.Linear(256, 10)
+            self.lif2 = snn.Leaky(beta=0.9, spike_grad=surrogate.atan())
+
+        def forward(self, x):
+            mem1, mem2 = self.lif1.init_leaky(), self.lif2.init_leaky()
+            out = 0.0
+            for t in range(x.shape[0]):
+                spk1, mem1 = self.lif1(self.fc1(x[t]), mem1)
+                _, mem2 = self.lif2(self.fc2(spk1), mem2)
+                out = out + mem2
+            return out
+
+    base = Net()
+    return {"original": base,
+            "sbnn ST": to_sbnn(base, estimator="st"),
+            "sbnn AGR": to_sbnn(base, estimator="agr")}, (lambda m: None)
+
+
+def spikingjelly_models():
+    from spikingjelly.activation_based import functional, layer, neuron, surrogate
+
+    from sbnn_addons.spikingjelly import to_sbnn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(
+                layer.Linear(784, 256, step_mode="m"),
+                neuron.LIFNode(tau=2.0, surrogate_function=surrogate.ATan(), step_mode="m"),
+                layer.Linear(256, 10, step_mode="m"),
+                neuron.LIFNode(tau=2.0, surrogate_function=surrogate.ATan(), step_mode="m"),
+            )
+
+        def forward(self, x):
+            return self.net(x).sum(0)
+
+    base = Net()
+    return {"original": base,
+            "sbnn ST": to_sbnn(base, estimator="st"),
+            "sbnn AGR": to_sbnn(base, estimator="agr")}, functional.reset_net
+
+
+def run(reps: int, threads: int, seed: int = 0) -> list[dict]:
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    x = (torch.rand(T, B, 784) < 0.2).float()
+    y = torch.randint(0, 10, (B,))
+    rows = []
+    for host, factory in (("snntorch", snntorch_models), ("spikingjelly", spikingjelly_models)):
+        models, reset = factory()
+
+        def make_step(model, reset=reset):
+            def step():
+                model.zero_grad(set_to_none=True)
+                reset(model)
+                F.cross_entropy(model(x), y).backward()
+            return step
+
+        steps = {k: make_step(m) for k, m in models.items()}
+        med = _median_ratio(steps, reps)
+        mem = {k: _saved_bytes(f) for k, f in steps.items()}
+        for k in models:
+            if k == "original":
+                continue
+            rows.append({"host": host, "config": f"{k}, per-layer std",
+                         "original_ms": 1e3 * med["original"], "sbnn_ms": 1e3 * med[k],
+                         "time_ratio": med[k] / med["original"],
+                         "memory_ratio": mem[k] / mem["original"]})
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    rows = run(args.reps, args.threads)
+    print(f"torch {torch.__version__}, {platform.machine()}, {args.threads} threads, "
+          f"{args.reps} interleaved repetitions (medians); MLP 784-256-10, T={T}, batch {B}\n")
+    print("| host | config | original ms | SBNN ms | time ratio | saved-memory ratio |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['host']} | {r['config']} | {r['original_ms']:.1f} | {r['sbnn_ms']:.1f} "
+              f"| {r['time_ratio']:.2f} | {r['memory_ratio']:.2f} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,460 @@
+"""snnTorch adapter: convert an existing snnTorch model into a Spiking Bayesian network.
+
+.. code-block:: python
+
+    import snntorch as snn
+    from sbnn_addons.snntorch import to_sbnn, to_snntorch, reset
+
+    sbnn = to_sbnn(net)            # Linear/Conv -> Bayes*, spike_grad -> IWSTSpike, reset fix
+    ...train sbnn as the original...
+    plain = to_snntorch(sbnn)      # back to plain snnTorch (posterior means, atan surrogate)
+
+What the conversion does (SPEC sections 2-3):
+
+* ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (including ``RLeaky.recurrent``) become
+  :class:`~sbnn_addons.BayesLinear` / ``BayesConv1d`` / ``BayesConv2d`` whose ``.weight`` is
+  the original weight (posterior mean). They attach the local-reparameterisation variance
+  ``var(a) = s^2 sum_i x_i^2`` to their output.
+* Every ``snn.Leaky`` / ``snn.RLeaky`` gets an :class:`~sbnn_addons.IWSTSpike` as
+  ``spike_grad``. The neuron's own update ``U_t = beta U_{t-1} + I_t - S_{t-1} theta`` runs
+  inside a :class:`~sbnn_addons.moments.VarianceFlow`, so the spike function sees
+  ``V_t = beta^2 V_{t-1} + var_t`` (``+ var`` of the recurrent current for ``RLeaky``).
+* The reset uses **the emitted spike**: snnTorch computes the reset by calling
+  ``spike_grad`` a second time, which for a stochastic spike would be an independent
+  draw. The neurons are switched to :class:`SBNNLeaky` / :class:`SBNNRLeaky`, which cache
+  the spike together with the membrane it came from and return it as the reset.
+
+This module imports snnTorch; ``import sbnn_addons`` does not import it.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Iterable, Sequence
+
+import snntorch as snn
+import torch
+from torch import Tensor, nn
+
+from .estimators import Estimator
+from .layers import BayesConv1d, BayesConv2d, BayesLinear, ChannelAffine, is_bayesian
+from .losses import enable_aux_loss
+from .moments import (
+    attach_variance,
+    get_variance,
+    no_variance_flow,
+    track_variance,
+    untrack_variance,
+)
+from .spike import IWSTSpike
+
+__all__ = [
+    "spike_grad",
+    "to_sbnn",
+    "to_snntorch",
+    "reset",
+    "SBNNLeaky",
+    "SBNNRLeaky",
+    "SUPPORTED_NEURONS",
+]
+
+#: Names of the snnTorch neurons :func:`to_sbnn` converts.
+SUPPORTED_NEURONS = ("Leaky", "RLeaky")
+
+_CACHE = "_sbnn_fire_cache"
+_BN_KIND = "_sbnn_batchnorm_kind"
+
+
+def spike_grad(
+    estimator: str | Estimator = "st",
+    *,
+    std: float | None = None,
+    learn_std: bool = False,
+    **kw,
+) -> IWSTSpike:
+    """A stochastic spike function to pass as ``snn.Leaky(spike_grad=...)``.
+
+    .. code-block:: text
+
+        h = 1[u + sigma eps > 0],  u = mem - threshold,  sigma^2 = V(u) + std^2
+
+    Args:
+        estimator: ``"st"``, ``"iwst(p)"``, ``"agr(tau)"`` or an Estimator.
+        std: the spike function's own noise std (``None``/0: only the variance attached
+            by Bayesian layers).
+        learn_std: learn ``std`` (needs ``std > 0``).
+        **kw: further :class:`~sbnn_addons.IWSTSpike` arguments.
+
+    Note:
+        Used directly in a hand-built neuron, snnTorch still computes the reset with a
+        second (independent) draw. :func:`to_sbnn` fixes this; prefer building the model
+        with the default surrogate and converting it.
+    """
+    return IWSTSpike(estimator, std=std, learn_std=learn_std, **kw)
+
+
+# --------------------------------------------------------------------------- neurons
+class _EmittedSpikeReset:
+    """Mixin: the reset signal is the spike emitted from the same membrane tensor."""
+
+    def fire(self, mem: Tensor) -> Tensor:
+        source = mem
+        if self.state_quant:
+            mem = self.state_quant(mem)
+        raw = self.spike_grad(mem - self.threshold)
+        self.__dict__[_CACHE] = (source, raw)
+        return raw * self.graded_spikes_factor
+
+    def fire_inhibition(self, batch_size: int, mem: Tensor) -> Tensor:
+        mem_shift = mem - self.threshold
+        index = torch.argmax(mem_shift, dim=1)
+        raw = self.spike_grad(mem_shift)
+        # snnTorch's reset ignores the inhibition mask: keep that behaviour.
+        self.__dict__[_CACHE] = (mem, raw)
+        mask = torch.zeros_like(raw)
+        mask[torch.arange(batch_size), index] = 1
+        return raw * mask
+
+    def mem_reset(self, mem: Tensor) -> Tensor:
+        cached = self.__dict__.get(_CACHE)
+        if cached is not None and cached[0] is mem:
+            return cached[1].clone().detach()
+        with no_variance_flow():
+            return (mem.detach() - self.threshold > 0).to(mem.dtype)
+
+    def reset_mem(self):
+        self.__dict__.pop(_CACHE, None)
+        return super().reset_mem()
+
+
+class SBNNLeaky(_EmittedSpikeReset, snn.Leaky):
+    """``snn.Leaky`` whose reset is the emitted spike (set by :func:`to_sbnn`)."""
+
+
+class SBNNRLeaky(_EmittedSpikeReset, snn.RLeaky):
+    """``snn.RLeaky`` whose reset is the emitted spike (set by :func:`to_sbnn`).
+
+    Reset-to-zero is computed as ``(1 - reset) * base`` (same value as snnTorch's
+    ``base - reset * base``) so that the variance flow sees one noisy term.
+    """
+
+    def _base_zero(self, input_):
+        return (1 - self.reset) * self._base_state_function(input_)
+
+
+_TO_SBNN = {snn.Leaky: SBNNLeaky, snn.RLeaky: SBNNRLeaky}
+_TO_PLAIN = {v: k for k, v in _TO_SBNN.items()}
+
+
+def _is_snn_neuron(m: nn.Module) -> bool:
+    from snntorch._neurons.neurons import SpikingNeuron
+
+    return (
+        isinstance(m, SpikingNeuron)
+        or type(m).__module__.startswith("snntorch._neurons")
+        or (hasattr(m, "spike_grad") and type(m).__module__.startswith("snntorch"))
+    )
+
+
+def _check_neuron(name: str, m: nn.Module) -> None:
+    cls = type(m)
+    if cls in _TO_SBNN:
+        return
+    supported = ", ".join(f"snn.{n}" for n in SUPPORTED_NEURONS)
+    if cls is snn.Synaptic:
+        raise TypeError(
+            f"module '{name}' is snn.Synaptic, which to_sbnn does not support: its two states "
+            "(syn, mem) carry the same weight noise, so their noise is correlated and the "
+            "independent-variance flow cannot track it exactly. Supported neurons: "
+            f"{supported}. Use snn.Leaky (or exclude nothing and rebuild the layer)."
+        )
+    raise TypeError(
+        f"module '{name}' is {cls.__module__}.{cls.__name__}, which to_sbnn does not support. "
+        f"Supported neurons: {supported}."
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+def _patterns(name: str, value) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, Iterable) and all(isinstance(p, str) for p in value):
+        return tuple(value)
+    raise TypeError(f"{name} must be a pattern string or a list of them, got {value!r}")
+
+
+def _already_converted(model: nn.Module) -> bool:
+    return any(
+        is_bayesian(m) or isinstance(m, IWSTSpike) or type(m) in _TO_PLAIN
+        for m in model.modules()
+    )
+
+
+def _state_tensors(m: nn.Module) -> list[Tensor]:
+    out = [b for n, b in m._buffers.items() if n in m._non_persistent_buffers_set]
+    for key in ("reset", _CACHE):
+        val = m.__dict__.get(key)
+        if isinstance(val, Tensor):
+            out.append(val)
+        elif isinstance(val, tuple):
+            out.extend(v for v in val if isinstance(v, Tensor))
+    return [t for t in out if t is not None]
+
+
+def _safe_deepcopy(model: nn.Module) -> nn.Module:
+    """``deepcopy`` that also works while neuron states still hold an autograd graph.
+
+    Non-leaf state tensors are copied as detached clones (with their attached variance).
+    """
+    memo: dict[int, object] = {}
+    keep = []
+    for m in model.modules():
+        if not _is_snn_neuron(m):
+            continue
+        for t in _state_tensors(m):
+            if t.grad_fn is not None and id(t) not in memo:
+                new = t.detach().clone()
+                var = get_variance(t)
+                if isinstance(var, Tensor):
+                    attach_variance(new, var.detach().clone())
+                memo[id(t)] = new
+                keep.append(t)
+    return copy.deepcopy(model, memo)
+
+
+def _thr(m: nn.Module) -> float:
+    t = m.threshold
+    return float(t) if not isinstance(t, Tensor) or t.numel() == 1 else float(t.mean())
+
+
+_LAYERS = {nn.Linear: BayesLinear, nn.Conv1d: BayesConv1d, nn.Conv2d: BayesConv2d}
+_BNS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def reset(model: nn.Module) -> nn.Module:
+    """Reset every neuron state in ``model`` (nested modules and copies included).
+
+    Calls ``reset_mem()`` on every module that has it and clears the emitted-spike
+    caches. Unlike ``snntorch.utils.reset`` it walks the whole module tree and touches
+    only this model's neurons (works on ``deepcopy`` / ``torch.load`` copies). Returns
+    ``model``.
+    """
+    for m in model.modules():
+        m.__dict__.pop(_CACHE, None)
+        fn = getattr(m, "reset_mem", None)
+        if callable(fn):
+            fn()
+    return model
+
+
+# --------------------------------------------------------------------------- to_sbnn
+def to_sbnn(
+    model: nn.Module,
+    estimator: str | Estimator = "st",
+    *,
+    std: float | None = None,
+    std_mode: str = "layer",
+    learn_std: bool = True,
+    bias_std: float | None = None,
+    spike_std: float | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    batchnorm: str = "affine",
+    aux_loss: bool = False,
+    inplace: bool = False,
+) -> nn.Module:
+    """Convert an snnTorch model into a Spiking Bayesian network (SPEC sections 2-3).
+
+    Serves both snnTorch styles: ``nn.Sequential`` with ``init_hidden=True`` neurons (time
+    loop outside the model; the membrane keeps its attached variance between calls) and
+    explicit time loops inside ``forward`` (``spk, mem = lif(fc(x), mem)``).
+
+    .. code-block:: text
+
+        a   = W_mean x + b,   var(a) = s^2 sum_i x_i^2 (+ s_b^2)     Bayesian layer
+        U_t = beta U_{t-1} + a_t - S_{t-1} theta                       host neuron (mean)
+        V_t = beta^2 V_{t-1} + var(a_t)                                variance flow
+        S_t = 1[U_t - theta + sqrt(V_t + spike_std^2) eps > 0]         IWSTSpike
+        reset at t+1 = S_t                                             emitted spike
+
+    Args:
+        model: an snnTorch model with ``snn.Leaky`` / ``snn.RLeaky`` neurons.
+        estimator: gradient estimator of the spikes (``"st"``, ``"iwst(p)"``, ``"agr"``).
+        std: initial posterior std of the weight layers (``None``: ``0.5/sqrt(fan_in)``).
+        std_mode: ``"layer"``, ``"channel"`` or ``"weight"``.
+        learn_std: learn the posterior stds (``False`` keeps them fixed, allows 0).
+        bias_std: initial std of additive bias noise (``None``: none).
+        spike_std: the spike functions' own noise std (``None``: none). Learned when
+            ``learn_std`` is true and ``spike_std > 0``.
+        include: ``fnmatch`` patterns of qualified module names (``"fc*"``,
+            ``"lif1.recurrent"``) of the weight layers to convert; ``None``: all.
+        exclude: patterns of weight layers to keep deterministic.
+        batchnorm: ``"affine"`` replaces ``BatchNorm1d/2d`` by a mean-only
+            :class:`~sbnn_addons.ChannelAffine` folded from the running statistics;
+            ``"keep"`` keeps them (the variance is scaled by the flow's batch-norm rule).
+        aux_loss: collect the auxiliary bias loss (:func:`sbnn_addons.aux_loss`).
+        inplace: convert ``model`` itself instead of a deep copy.
+
+    Returns:
+        The converted model, with its variance flow installed (``track_variance``) and
+        its neuron states reset.
+
+    Raises:
+        ValueError: the model is already converted (contains a Bayesian layer, an
+            ``IWSTSpike`` or an SBNN neuron: ``"already converted"``); there is nothing to
+            convert (no snnTorch neuron); an ``include`` pattern matches no layer; a bad
+            ``batchnorm`` value.
+        TypeError: an unsupported neuron (``snn.Synaptic``: its correlated two-state
+            noise; anything other than ``Leaky`` / ``RLeaky``).
+    """
+    if batchnorm not in ("affine", "keep"):
+        raise ValueError(f"batchnorm must be 'affine' or 'keep', got {batchnorm!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    inc, exc = _patterns("include", include), _patterns("exclude", exclude)
+    if _already_converted(model):
+        raise ValueError(
+            "model is already converted (it contains a Bayesian layer, an IWSTSpike or an "
+            "SBNN neuron); convert the original snnTorch model, or to_snntorch(model) first"
+        )
+    neurons = [(n, m) for n, m in model.named_modules() if _is_snn_neuron(m)]
+    for name, m in neurons:
+        _check_neuron(name or type(m).__name__, m)
+    if not neurons:
+        raise ValueError(
+            "nothing to convert: model contains no snnTorch neuron "
+            f"({', '.join('snn.' + n for n in SUPPORTED_NEURONS)})"
+        )
+
+    out = model if inplace else _safe_deepcopy(model)
+    layer_kw = dict(std=std, std_mode=std_mode, learn_std=learn_std, bias_std=bias_std)
+
+    # qualified names of every module (shared modules have several)
+    names: dict[int, list[str]] = {}
+    for n, m in out.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(n)
+
+    def selected(m: nn.Module) -> bool:
+        qn = names.get(id(m), [])
+        if inc is not None and not any(fnmatch.fnmatchcase(n, p) for n in qn for p in inc):
+            return False
+        return not (exc and any(fnmatch.fnmatchcase(n, p) for n in qn for p in exc))
+
+    if inc is not None:
+        layer_names = [n for m in out.modules() if type(m) in _LAYERS for n in names[id(m)]]
+        for p in inc:
+            if not any(fnmatch.fnmatchcase(n, p) for n in layer_names):
+                raise ValueError(
+                    f"include pattern {p!r} matches no Linear/Conv1d/Conv2d layer; "
+                    f"layers are: {layer_names}"
+                )
+
+    replaced: dict[int, nn.Module] = {}
+    for parent in list(out.modules()):
+        for child_name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            new = replaced.get(id(child))
+            if new is None:
+                if type(child) in _LAYERS and selected(child):
+                    new = _LAYERS[type(child)].from_module(child, **layer_kw)
+                elif type(child) in _BNS and batchnorm == "affine":
+                    new = ChannelAffine.from_batchnorm(child)
+                    new.__dict__[_BN_KIND] = type(child).__name__
+                if new is not None:
+                    new.train(child.training)
+                    replaced[id(child)] = new
+            if new is not None:
+                parent._modules[child_name] = new
+
+    for m in out.modules():
+        if type(m) in _TO_SBNN:
+            m.__class__ = _TO_SBNN[type(m)]
+            learn = bool(learn_std and spike_std)
+            fn = IWSTSpike(estimator, std=spike_std, learn_std=learn, threshold=_thr(m))
+            thr = m.threshold
+            if isinstance(thr, Tensor):
+                fn = fn.to(thr.device)
+            m.__dict__.pop("spike_grad", None)
+            m.spike_grad = fn
+    reset(out)
+    track_variance(out)
+    if aux_loss:
+        enable_aux_loss(out)
+    return out
+
+
+# --------------------------------------------------------------------------- to_snntorch
+def _affine_to_batchnorm(a: ChannelAffine) -> nn.Module:
+    if a.channel_dim != 1:
+        raise ValueError(
+            f"cannot export a ChannelAffine with channel_dim={a.channel_dim} to BatchNorm "
+            "(needs channel_dim=1)"
+        )
+    kind = a.__dict__.get(_BN_KIND, "BatchNorm1d")
+    cls = nn.BatchNorm2d if kind == "BatchNorm2d" else nn.BatchNorm1d
+    w = a.weight
+    bn = cls(a.num_features, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        bn.weight.copy_(a.weight)
+        bn.bias.copy_(a.bias)
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1.0 - bn.eps)
+    return bn.eval()
+
+
+def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
+    """Export a converted model back to plain snnTorch / torch modules (a deep copy).
+
+    Bayesian layers become their plain layers with the posterior means, ``ChannelAffine``
+    becomes an eval-mode ``BatchNorm1d/2d`` with ``running_mean = 0``,
+    ``running_var = 1 - eps``, weight ``gamma`` and bias ``beta`` (equivalent in eval mode
+    only: keep the exported model in ``.eval()``), neurons become ``snn.Leaky`` /
+    ``snn.RLeaky`` with ``spike_grad`` (default ``snntorch.surrogate.atan()``), and the
+    variance-flow hooks are removed. The result references no ``sbnn_addons`` code, so it
+    loads without this package. In eval mode its spikes equal the SBNN's ``mean`` mode.
+
+    Note:
+        snnTorch's default ``atan()`` is a closure, which ``torch.save(model)`` cannot
+        pickle; save the ``state_dict`` or pass a picklable ``spike_grad``.
+    """
+    from snntorch import surrogate
+
+    out = _safe_deepcopy(model)
+    untrack_variance(out)
+    out.__dict__.pop("_sbnn_flow_handles", None)
+    replaced: dict[int, nn.Module] = {}
+    for parent in list(out.modules()):
+        for child_name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            new = replaced.get(id(child))
+            if new is None:
+                if is_bayesian(child):
+                    new = child.to_module()
+                    new.train(child.training)
+                elif isinstance(child, ChannelAffine):
+                    new = _affine_to_batchnorm(child)
+                if new is not None:
+                    replaced[id(child)] = new
+            if new is not None:
+                parent._modules[child_name] = new
+    for m in out.modules():
+        if type(m) in _TO_PLAIN:
+            m.__class__ = _TO_PLAIN[type(m)]
+            m.__dict__.pop(_CACHE, None)
+            m._modules.pop("spike_grad", None)
+            m.spike_grad = surrogate.atan() if spike_grad is None else spike_grad
+        elif isinstance(m, IWSTSpike):
+            raise ValueError(
+                "model contains an IWSTSpike outside a converted neuron; replace it before "
+                "exporting"
+            )
+    reset(out)
+    for m in out.modules():  # drop attached variances left on any state tensor
+        for t in _state_tensors(m):
+            attach_variance(t, None)
+    return out

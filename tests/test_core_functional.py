@@ -1,0 +1,149 @@
+"""Pure maths of ``sbnn_addons.functional`` (SPEC sections 1, 4, 6). Exact, float64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sbnn_addons.functional import (
+    estimator_jacobian,
+    exact_unit_gradient,
+    gaussian_kl,
+    normal_cdf_ratio,
+    safe_sqrt,
+    spike_probability,
+)
+
+F64 = torch.float64
+Z = torch.linspace(-4, 4, 81, dtype=F64)
+BIG = 1e8  # weight bound lifted so that the identities hold exactly on |z| <= 4
+
+
+def phi(z):
+    return torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+
+
+def jac(kind, z, h, sigma=1.0, **kw):
+    s = torch.full_like(z, sigma)
+    return estimator_jacobian(z * sigma, s, torch.full_like(z, h), kind, max_weight=BIG, **kw)
+
+
+@pytest.mark.parametrize("sigma", [1.0, 0.3])
+@pytest.mark.parametrize("tau", [0.0, 0.1, 0.5, 1.0, 2.0, 5.0])
+def test_agr_expected_jacobian_identity(tau, sigma):
+    """P(1) J(1) + P(0) J(0) = phi(z/r)/r (times 1/sigma), r = sqrt(1 + tau^2), computed
+    exactly on z in [-4, 4]. Tolerance: rtol 1e-10 (float64)."""
+    P1 = torch.special.ndtr(Z)
+    total = P1 * jac("agr", Z, 1.0, sigma, tau=tau) + (1 - P1) * jac("agr", Z, 0.0, sigma, tau=tau)
+    r = math.sqrt(1 + tau * tau)
+    torch.testing.assert_close(total * sigma, phi(Z / r) / r, rtol=1e-10, atol=1e-300)
+
+
+def test_agr_tau_to_zero_is_iwst1_and_iwst0_is_st():
+    """AGR(0) == IW-ST(1) (rtol 1e-12); AGR(1e-7) -> IW-ST(1) (rtol 1e-6); IW-ST(0) == ST."""
+    for h in (0.0, 1.0):
+        iw1 = jac("iwst", Z, h, p=1.0)
+        torch.testing.assert_close(jac("agr", Z, h, tau=0.0), iw1, rtol=1e-12, atol=0)
+        torch.testing.assert_close(jac("agr", Z, h, tau=1e-7), iw1, rtol=1e-6, atol=0)
+        torch.testing.assert_close(jac("iwst", Z, h, p=0.0), jac("st", Z, h), rtol=1e-15, atol=0)
+        # tau > 0 really differs from the limit
+        assert (jac("agr", Z, h, tau=0.5) - iw1).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.7, 1.0])
+def test_iwst_weight_formula(p):
+    """J(h) = ((1 - p) + p / (2 P(h))) phi(z) / sigma; and E[w(h)] = 1 (rtol 1e-12)."""
+    sigma = 0.8
+    P1 = torch.special.ndtr(Z)
+    j1, j0 = jac("iwst", Z, 1.0, sigma, p=p), jac("iwst", Z, 0.0, sigma, p=p)
+    torch.testing.assert_close(j1, ((1 - p) + p / (2 * P1)) * phi(Z) / sigma, rtol=1e-12, atol=0)
+    torch.testing.assert_close(j0, ((1 - p) + p / (2 * (1 - P1))) * phi(Z) / sigma, rtol=1e-12,
+                               atol=0)
+    torch.testing.assert_close(P1 * j1 + (1 - P1) * j0, phi(Z) / sigma, rtol=1e-12, atol=0)
+
+
+def test_finite_differences_of_exact_expectation():
+    """E[f(h)] = Phi(z) f(1) + (1 - Phi(z)) f(0): central differences (step 1e-6) in mu and
+    sigma agree with exact_unit_gradient. Tolerance: 1e-7 absolute + 1e-6 relative."""
+    gen = torch.Generator().manual_seed(0)
+    mu = torch.randn(50, generator=gen, dtype=F64) * 2
+    sigma = torch.rand(50, generator=gen, dtype=F64) + 0.2
+    f0, f1 = torch.randn(50, generator=gen, dtype=F64), torch.randn(50, generator=gen, dtype=F64)
+
+    def expect(m, s):
+        P = torch.special.ndtr(m / s)
+        return P * f1 + (1 - P) * f0
+
+    d = 1e-6
+    fd_mu = (expect(mu + d, sigma) - expect(mu - d, sigma)) / (2 * d)
+    fd_sigma = (expect(mu, sigma + d) - expect(mu, sigma - d)) / (2 * d)
+    g_mu, g_sigma = exact_unit_gradient(mu, sigma, f0, f1)
+    torch.testing.assert_close(g_mu, fd_mu, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(g_sigma, fd_sigma, rtol=1e-6, atol=1e-7)
+    assert g_mu.abs().max() > 0.1  # not trivially zero
+
+
+def test_spike_probability_and_sigma_zero():
+    u = torch.tensor([-1.0, 0.0, 2.0], dtype=F64)
+    torch.testing.assert_close(spike_probability(u, torch.full_like(u, 2.0)),
+                               torch.special.ndtr(u / 2), rtol=1e-15, atol=0)
+    assert torch.equal(spike_probability(u, torch.zeros_like(u)), torch.tensor([0.0, 0.0, 1.0],
+                                                                                dtype=F64))
+    for kind in ("st", "iwst", "agr"):
+        j = estimator_jacobian(u, torch.zeros_like(u), torch.ones_like(u), kind, p=0.5, tau=0.5)
+        assert torch.equal(j, torch.zeros_like(u))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normal_cdf_ratio_far_tail(dtype):
+    """Phi(s x) / Phi(x) for x down to -40 (Phi underflows in float32 below ~-13) matches
+    the float64 log-space value: rtol 1e-4 (float32) / 1e-10 (float64), finite wherever the
+    true ratio is representable in the dtype (beyond that it overflows to inf, and the
+    estimators clamp it at max_weight)."""
+    x = torch.tensor([-40.0, -30.0, -15.0, -10.0, -5.0, 0.0, 3.0], dtype=dtype)
+    for scale in (0.0, 0.3, 0.9):
+        got = normal_cdf_ratio(x, scale)
+        x64 = x.double()
+        log_num = torch.special.log_ndtr(x64 * scale)
+        want = torch.exp(log_num - torch.special.log_ndtr(x64))
+        finite = want < torch.finfo(dtype).max  # the true value is representable
+        assert torch.isfinite(got[finite]).all()
+        rtol = 1e-4 if dtype == torch.float32 else 1e-10
+        torch.testing.assert_close(got[finite].double(), want[finite], rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["st", "iwst", "agr"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_jacobian_extreme_z_finite_and_bounded(kind, dtype):
+    z = torch.tensor([-40.0, -20.0, -8.5, 0.0, 8.5, 20.0, 40.0], dtype=dtype)
+    for p in (0.0, 0.5, 1.0):
+        for h in (0.0, 1.0):
+            j = estimator_jacobian(z, torch.ones_like(z), torch.full_like(z, h), kind, p=p,
+                                   tau=0.5)
+            assert torch.isfinite(j).all()
+            assert (j <= 1e4 * phi(torch.tensor(0.0))).all()
+
+
+def test_gaussian_kl_closed_form():
+    """Summed KL equals torch.distributions and the SPEC per-layer formula (rtol 1e-12)."""
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(7, 5, generator=gen, dtype=F64)
+    s = torch.rand(7, 5, generator=gen, dtype=F64) + 0.1
+    want = torch.distributions.kl_divergence(
+        torch.distributions.Normal(m, s),
+        torch.distributions.Normal(torch.tensor(0.0, dtype=F64), torch.tensor(0.7, dtype=F64)),
+    ).sum()
+    torch.testing.assert_close(gaussian_kl(m, s, 0.7), want, rtol=1e-12, atol=0)
+    s_l, n = torch.tensor(0.3, dtype=F64), m.numel()
+    spec = n * math.log(0.7 / 0.3) + (n * 0.09 + (m**2).sum()) / (2 * 0.49) - n / 2
+    torch.testing.assert_close(gaussian_kl(m, s_l, 0.7), spec, rtol=1e-12, atol=0)
+
+
+def test_safe_sqrt_gradient_zero_at_zero():
+    v = torch.tensor([0.0, 4.0], requires_grad=True)
+    out = safe_sqrt(v)
+    out.sum().backward()
+    assert torch.equal(out.detach(), torch.tensor([0.0, 2.0]))
+    assert torch.equal(v.grad, torch.tensor([0.0, 0.25]))

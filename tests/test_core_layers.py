@@ -1,0 +1,271 @@
+"""Bayesian layers: local reparameterisation, KL, conversion (SPEC sections 2 and 6)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sbnn_addons as sb
+from sbnn_addons import (
+    BayesConv1d,
+    BayesConv2d,
+    BayesLinear,
+    ChannelAffine,
+    GaussianPrior,
+    get_variance,
+    scale_mixture_prior,
+)
+
+F64 = torch.float64
+S = 4000  # Monte Carlo weight samples
+
+
+def _make(kind, std_mode, bias_noise, groups, padding):
+    kw = dict(std=0.3, std_mode=std_mode, bias_std=0.2 if bias_noise else None, dtype=F64)
+    if kind == "linear":
+        return BayesLinear(6, 4, **kw), torch.rand(3, 6, dtype=F64)
+    if kind == "conv1d":
+        return (BayesConv1d(4, 6, 3, padding=padding, groups=groups, **kw),
+                torch.rand(2, 4, 7, dtype=F64))
+    return (BayesConv2d(4, 6, 3, padding=padding, groups=groups, **kw),
+            torch.rand(2, 4, 5, 5, dtype=F64))
+
+
+def _randomise_std(layer, gen):
+    """Make per-channel / per-weight stds really differ (so the modes are distinguishable)."""
+    with torch.no_grad():
+        layer.std_rho.add_(0.5 * torch.randn(layer.std_rho.shape, generator=gen, dtype=F64))
+
+
+CASES = [("linear", m, b, 1, 0) for m in ("layer", "channel", "weight") for b in (False, True)]
+CASES += [(k, m, b, g, pad) for k in ("conv1d", "conv2d") for m in ("layer", "channel", "weight")
+          for b in (False, True) for g, pad in ((1, 0), (2, 1))]
+
+
+@pytest.mark.parametrize("kind, std_mode, bias_noise, groups, padding", CASES)
+def test_lrt_moments_match_weight_sampling(kind, std_mode, bias_noise, groups, padding):
+    """Mean and attached variance of the output equal the moments of the output under
+    sampled weights w ~ N(m, s^2) (and b ~ N(b, s_b^2) with bias noise): 4000 samples,
+    float64. Tolerance: 5 standard errors (mean: sd/sqrt(S); variance: var sqrt(2/(S-1)),
+    the outputs are exactly Gaussian)."""
+    gen = torch.Generator().manual_seed(11)
+    torch.manual_seed(0)
+    layer, x = _make(kind, std_mode, bias_noise, groups, padding)
+    _randomise_std(layer, gen)
+    mean = layer(x)
+    var = get_variance(mean)
+    assert var is not None and var.shape == mean.shape
+    torch.testing.assert_close(layer.output_variance(x), var, rtol=1e-12, atol=0)
+    # posterior-mean forward is the plain layer with .weight
+    plain = layer.to_module()
+    torch.testing.assert_close(mean, plain(x), rtol=1e-12, atol=1e-14)
+
+    std = layer.std.detach().expand(layer.weight.shape) if std_mode != "channel" else (
+        layer.std.detach().view(-1, *([1] * (layer.weight.dim() - 1))).expand_as(layer.weight))
+    w = layer.weight.detach() + std * torch.randn((S, *layer.weight.shape), generator=gen,
+                                                  dtype=F64)
+    b = layer.bias.detach().expand(S, -1)
+    if bias_noise:
+        b = b + layer.bias_std.detach() * torch.randn(b.shape, generator=gen, dtype=F64)
+    if kind == "linear":
+        outs = torch.einsum("bi,soi->sbo", x, w) + b[:, None, :]
+    else:
+        conv = F.conv1d if kind == "conv1d" else F.conv2d
+        outs = torch.func.vmap(
+            lambda wi, bi: conv(x, wi, bi, padding=padding, groups=groups))(w, b)
+    m_hat, v_hat = outs.mean(0), outs.var(0)
+    v = var.detach()
+    assert torch.all((m_hat - mean.detach()).abs() <= 5 * torch.sqrt(v / S))
+    assert torch.all((v_hat - v).abs() <= 5 * v * math.sqrt(2 / (S - 1)))
+
+
+def test_std_modes_shapes_and_defaults():
+    layer = BayesLinear(16, 3)
+    torch.testing.assert_close(layer.std, torch.tensor(0.5 / math.sqrt(16)), rtol=1e-6, atol=0)
+    assert BayesLinear(4, 3, std_mode="channel").std.shape == (3,)
+    assert BayesConv2d(2, 5, 3, std_mode="weight").std.shape == (5, 2, 3, 3)
+    conv = BayesConv2d(2, 5, 3)
+    torch.testing.assert_close(conv.std, torch.tensor(0.5 / math.sqrt(18)), rtol=1e-6, atol=0)
+    assert isinstance(conv, nn.Conv2d) and isinstance(layer, nn.Linear)
+    assert sb.is_bayesian(conv) and not sb.is_bayesian(nn.Linear(2, 2))
+
+
+def test_zero_std_fixed_is_noise_free_and_mean_mode_drops_variance():
+    layer = BayesLinear(3, 2, std=0.0, learn_std=False)
+    out = layer(torch.rand(4, 3))
+    assert get_variance(out) is None
+    layer = BayesLinear(3, 2)
+    with sb.mode(layer, "mean"):
+        assert get_variance(layer(torch.rand(4, 3))) is None
+    assert get_variance(layer(torch.rand(4, 3))) is not None
+
+
+def test_variance_path_detaches_input_by_default():
+    x = torch.rand(4, 3, requires_grad=True)
+    layer = BayesLinear(3, 2)
+    get_variance(layer(x)).sum().backward()
+    assert x.grad is None and layer.std_rho.grad is not None
+    layer2 = BayesLinear(3, 2, detach_input_variance=False)
+    get_variance(layer2(x)).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Linear(5, 3),
+    lambda: nn.Linear(5, 3, bias=False),
+    lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2),
+    lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1, groups=2, bias=False),
+])
+def test_from_module_keeps_weights_and_to_module_roundtrip(make):
+    torch.manual_seed(0)
+    plain = make()
+    cls = {nn.Linear: BayesLinear, nn.Conv1d: BayesConv1d, nn.Conv2d: BayesConv2d}[type(plain)]
+    bayes = cls.from_module(plain, std=0.1, std_mode="channel")
+    assert torch.equal(bayes.weight, plain.weight)
+    assert (bayes.bias is None) == (plain.bias is None)
+    if plain.bias is not None:
+        assert torch.equal(bayes.bias, plain.bias)
+    x = torch.rand(2, 5) if isinstance(plain, nn.Linear) else torch.rand(
+        (2, 4, 9) if isinstance(plain, nn.Conv1d) else (2, 4, 9, 9))
+    assert torch.equal(bayes(x), plain(x))
+    back = bayes.to_module()
+    assert type(back) is type(plain)
+    assert torch.equal(back.weight, plain.weight)
+    assert torch.equal(back(x), plain(x))
+    with pytest.raises(TypeError, match="expected"):
+        cls.from_module(nn.Identity())
+
+
+# ----------------------------------------------------------------------------- KL
+@pytest.mark.parametrize("std_mode", ["layer", "channel", "weight"])
+def test_kl_closed_form(std_mode):
+    """layer.kl_divergence(prior) == torch.distributions KL summed (rtol 1e-12, float64)
+    and, with the per-layer scalar std, the SPEC formula
+    n log(s0/s) + (n s^2 + ||m||^2) / (2 s0^2) - n/2."""
+    torch.manual_seed(0)
+    layer = BayesConv2d(3, 4, 3, std=0.2, std_mode=std_mode, dtype=F64)
+    _randomise_std(layer, torch.Generator().manual_seed(1))
+    s0 = 0.7
+    q = torch.distributions.Normal(layer.weight, layer.std.view(
+        -1, 1, 1, 1).expand_as(layer.weight) if std_mode == "channel" else
+        layer.std.expand_as(layer.weight))
+    prior = torch.distributions.Normal(torch.tensor(0.0, dtype=F64), torch.tensor(s0, dtype=F64))
+    want = torch.distributions.kl_divergence(q, prior).sum()
+    for p in (s0, GaussianPrior(s0), prior):
+        torch.testing.assert_close(layer.kl_divergence(p), want, rtol=1e-12, atol=0)
+    if std_mode == "layer":
+        n, s = layer.weight.numel(), float(layer.std.detach())
+        m2 = float((layer.weight**2).sum().detach())
+        spec = n * math.log(s0 / s) + (n * s * s + m2) / (2 * s0 * s0) - n / 2
+        assert float(layer.kl_divergence(s0).detach()) == pytest.approx(spec, rel=1e-12)
+    # default prior N(0, 1)
+    unit = torch.distributions.kl_divergence(q, torch.distributions.Normal(
+        torch.tensor(0.0, dtype=F64), torch.tensor(1.0, dtype=F64))).sum()
+    torch.testing.assert_close(layer.kl_divergence(), unit, rtol=1e-12, atol=0)
+    layer.kl_divergence(s0).backward()
+    assert layer.std_rho.grad is not None and layer.weight.grad is not None
+
+
+def test_kl_includes_noisy_bias_and_model_sum():
+    torch.manual_seed(0)
+    layer = BayesLinear(4, 3, bias_std=0.1, dtype=F64)
+    q_b = torch.distributions.Normal(layer.bias, layer.bias_std.expand_as(layer.bias))
+    q_w = torch.distributions.Normal(layer.weight, layer.std.expand_as(layer.weight))
+    p = torch.distributions.Normal(torch.tensor(0.0, dtype=F64), torch.tensor(1.0, dtype=F64))
+    want = (torch.distributions.kl_divergence(q_w, p).sum()
+            + torch.distributions.kl_divergence(q_b, p).sum())
+    torch.testing.assert_close(layer.kl_divergence(), want, rtol=1e-12, atol=0)
+    model = nn.Sequential(layer, nn.ReLU(), BayesConv1d(3, 2, 1, dtype=F64), nn.Linear(2, 2))
+    total = sb.kl_divergence(model, 0.5)
+    torch.testing.assert_close(total, layer.kl_divergence(0.5) + model[2].kl_divergence(0.5),
+                               rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="Bayesian"):
+        sb.kl_divergence(nn.Linear(2, 2))
+
+
+def test_kl_scale_mixture_monte_carlo():
+    """MC KL to a scale-mixture prior (4000 samples) matches an independent 200k-sample
+    estimate of E_q[log q(w) - log p(w)]. Tolerance: 5 standard errors of the 4000-sample
+    estimate."""
+    torch.manual_seed(0)
+    layer = BayesLinear(4, 3, std=0.3)
+    prior = scale_mixture_prior(0.5, 1.0, 0.1)
+    torch.manual_seed(1)
+    got = float(layer.kl_divergence(prior, num_samples=4000).detach())
+    with torch.no_grad():
+        q = torch.distributions.Normal(layer.weight, layer.std.expand_as(layer.weight))
+        w = q.sample((200_000,))
+        per_sample = (q.log_prob(w) - prior.log_prob(w)).sum((1, 2)).double()
+    want, sd = float(per_sample.mean()), float(per_sample.std())
+    assert abs(got - want) <= 5 * sd / math.sqrt(4000)
+    # closed-form Gaussian prior differs from the mixture (the test can tell them apart)
+    assert abs(float(layer.kl_divergence(1.0).detach()) - want) > 10 * sd / math.sqrt(4000)
+
+
+# ----------------------------------------------------------------------------- ChannelAffine
+def test_channel_affine_mean_only():
+    torch.manual_seed(0)
+    aff = ChannelAffine(3)
+    with torch.no_grad():
+        aff.weight.copy_(torch.tensor([2.0, -1.0, 0.5]))
+        aff.bias.copy_(torch.tensor([0.1, 0.2, 0.3]))
+    x = torch.rand(2, 3, 4)
+    var = torch.rand(2, 3, 4)
+    sb.attach_variance(x, var)
+    out = aff(x)
+    torch.testing.assert_close(out, x * aff.weight.view(1, 3, 1) + aff.bias.view(1, 3, 1))
+    assert get_variance(out) is var
+    bn = nn.BatchNorm2d(3)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    bn.eval()
+    folded = ChannelAffine.from_batchnorm(bn)
+    y = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(folded(y), bn(y), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="channels"):
+        aff(torch.rand(2, 4))
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "call, exc, word",
+    [
+        (lambda: BayesLinear(3, 2, std=-1.0), ValueError, "std"),
+        (lambda: BayesLinear(3, 2, std=float("nan")), ValueError, "std"),
+        (lambda: BayesLinear(3, 2, std=0.0), ValueError, "std"),  # learn_std=True default
+        (lambda: BayesLinear(3, 2, std=0.0, learn_std=True), ValueError, "learn_std"),
+        (lambda: BayesLinear(3, 2, bias_std=-0.1), ValueError, "bias_std"),
+        (lambda: BayesLinear(3, 2, std_mode="neuron"), ValueError, "std_mode"),
+        (lambda: BayesConv2d(3, 2, 3, std=float("inf")), ValueError, "std"),
+        (lambda: BayesLinear(3, 2)(torch.ones(4, 3, dtype=torch.long)), TypeError, "input"),
+        (lambda: BayesLinear(3, 2)(torch.ones(4, 5)), ValueError, "features"),
+        (lambda: BayesConv2d(3, 2, 3)(torch.ones(1, 4, 8, 8)), ValueError, "BayesConv2d"),
+        (lambda: BayesConv2d(3, 2, 3)(torch.ones(8, 8)), ValueError, "BayesConv2d"),
+        (lambda: BayesConv2d(3, 2, 3)(torch.ones(1, 3, 8, 8, dtype=torch.int32)), TypeError,
+         "input"),
+        (lambda: BayesLinear(3, 2).kl_divergence(-1.0), ValueError, "prior"),
+        (lambda: BayesLinear(3, 2).kl_divergence("x"), TypeError, "prior"),
+        (lambda: scale_mixture_prior(1.5), ValueError, "pi"),
+    ],
+)
+def test_bad_input(call, exc, word):
+    with pytest.raises(exc, match=rf"\b{word}\b"):
+        call()
+
+
+def test_empty_batch_and_bf16():
+    layer = BayesLinear(5, 3)
+    x = torch.zeros(0, 5, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (0, 3) and get_variance(out).shape == (0, 3)
+    (out.sum() + get_variance(out).sum()).backward()
+    layer16 = BayesLinear(5, 3).to(torch.bfloat16)
+    y = layer16(torch.rand(4, 5, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(get_variance(y)).all()

@@ -1,0 +1,117 @@
+"""Auxiliary bias loss and the SBNN objective (SPEC sections 5 and 6)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sbnn_addons as sb
+from sbnn_addons import LIF, BayesLinear, IWSTSpike, aux_loss, enable_aux_loss, sbnn_objective
+
+T, B = 4, 3
+
+
+class Net(nn.Module):
+    def __init__(self, center):
+        super().__init__()
+        self.fc1 = BayesLinear(5, 6, std=0.3)
+        self.lif1 = LIF(threshold=1.0, spike_fn=IWSTSpike("st", std=0.2, aux_center=center))
+        self.fc2 = BayesLinear(6, 2, std=0.3)
+        self.lif2 = LIF(threshold=0.5, spike_fn=IWSTSpike("st", std=0.1, aux_center=center))
+
+
+def _hand(net, x, center):
+    """sum over layers and steps of mean over batch (sum over units z^2), from the SPEC
+    recurrences with the same seeded noise; z = (u - theta)/sigma or u/sigma ("zero")."""
+    total, s1, s2 = 0.0, None, None
+    for t in range(T):
+        a1 = net.fc1(x[t])
+        v1 = sb.get_variance(a1)
+        m1 = (0.0 if s1 is None else net.lif1.beta * s1[0]) + a1
+        V1 = (0.0 if s1 is None else net.lif1.beta**2 * s1[1]) + v1
+        sig1 = torch.sqrt(V1 + 0.2**2)
+        h1, st1 = net.lif1(sb.attach_variance(a1.detach().clone(), v1.detach()), s1)
+        z1 = (m1 - (1.0 if center == "threshold" else 0.0)) / sig1
+        a2 = net.fc2(h1)
+        v2 = sb.get_variance(a2)
+        m2 = (0.0 if s2 is None else net.lif2.beta * s2[0]) + a2
+        V2 = (0.0 if s2 is None else net.lif2.beta**2 * s2[1]) + v2
+        sig2 = torch.sqrt(V2 + 0.1**2)
+        h2, st2 = net.lif2(sb.attach_variance(a2.detach().clone(), v2.detach()), s2)
+        z2 = (m2 - (0.5 if center == "threshold" else 0.0)) / sig2
+        total = total + (z1**2).sum(-1).mean() + (z2**2).sum(-1).mean()
+        s1, s2 = st1, st2
+    return total
+
+
+@pytest.mark.parametrize("center", ["threshold", "zero"])
+def test_aux_loss_equals_hand_computation(center):
+    """aux_loss == hand-computed sum_t mean_batch sum_units z^2 (rtol 1e-5, float32),
+    with identical spikes (both passes seeded)."""
+    torch.manual_seed(0)
+    net = Net(center)
+    x = torch.rand(T, B, 5)
+    enable_aux_loss(net)
+    sb.seed_spikes(net, 3)
+    s1 = s2 = None
+    for t in range(T):
+        h1, s1 = net.lif1(net.fc1(x[t]), s1)
+        _, s2 = net.lif2(net.fc2(h1), s2)
+    got = aux_loss(net)
+    enable_aux_loss(net, False)
+    sb.seed_spikes(net, 3)
+    with torch.no_grad():
+        want = _hand(net, x, center)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=0)
+    assert float(got.detach()) > 0
+    got.backward()
+    assert net.fc1.std_rho.grad is not None  # the aux loss trains the noise scales
+    assert float(aux_loss(net)) == 0.0  # cleared after reading
+
+
+def test_aux_loss_not_collected_without_grad_or_flag():
+    net = Net("threshold")
+    x = torch.rand(B, 5)
+    net.lif1(net.fc1(x))
+    assert float(aux_loss(net)) == 0.0
+    enable_aux_loss(net)
+    with torch.no_grad():
+        net.lif1(net.fc1(x))
+    assert float(aux_loss(net)) == 0.0
+
+
+def test_sbnn_objective_combines_terms():
+    """loss = NLL + kl_weight KL / N + aux_weight aux (rtol 1e-6)."""
+    torch.manual_seed(0)
+    net = Net("threshold")
+    x = torch.rand(B, 5)
+    nll = torch.tensor(0.7)
+    enable_aux_loss(net)
+    sb.seed_spikes(net, 1)
+    net.lif1(net.fc1(x))
+    aux = aux_loss(net).detach()
+    sb.seed_spikes(net, 1)
+    net.lif1(net.fc1(x))
+    kl = sb.kl_divergence(net, 0.5).detach()
+    loss = sbnn_objective(nll, net, 1000, kl_weight=0.3, aux_weight=1e-2, prior=0.5)
+    torch.testing.assert_close(loss.detach(), nll + 0.3 * kl / 1000 + 1e-2 * aux, rtol=1e-6,
+                               atol=0)
+    assert float(sbnn_objective(nll, net)) == pytest.approx(0.7)  # parity default: NLL only
+
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        (dict(kl_weight=-1.0, num_data=10), "kl_weight"),
+        (dict(aux_weight=-0.1), "aux_weight"),
+        (dict(aux_weight=float("nan")), "aux_weight"),
+        (dict(kl_weight=1.0), "num_data"),
+    ],
+)
+def test_objective_bad_input(kwargs, word):
+    net = Net("threshold")
+    with pytest.raises(ValueError, match=rf"\b{word}\b"):
+        sbnn_objective(torch.tensor(1.0), net, **kwargs)
+    with pytest.raises(ValueError, match="nll"):
+        sbnn_objective(torch.ones(3), net)

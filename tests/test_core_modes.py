@@ -1,0 +1,75 @@
+"""Evaluation modes sample / mean / mc (SPEC section 7)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sbnn_addons as sb
+from sbnn_addons import BayesLinear, IWSTSpike, get_mode, mc_predict, mode, set_mode
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(BayesLinear(5, 8, std=0.5), IWSTSpike("st", std=0.3),
+                         BayesLinear(8, 3, std=0.5))
+
+
+def test_set_mode_and_context_restores():
+    model = _model()
+    assert get_mode(model) == "sample"
+    set_mode(model, "mean")
+    assert all(m.sbnn_mode == "mean" for m in model)
+    model[1].sbnn_mode = "sample"  # mixed modes are restored per module
+    with mode(model, "mc"):
+        assert all(m.sbnn_mode == "mc" for m in model)
+    assert [m.sbnn_mode for m in model] == ["mean", "sample", "mean"]
+    with pytest.raises(RuntimeError), mode(model, "sample"):
+        raise RuntimeError
+    assert [m.sbnn_mode for m in model] == ["mean", "sample", "mean"]
+    assert get_mode(nn.Linear(2, 2)) is None
+
+
+def test_mean_mode_is_deterministic_plain_network():
+    model = _model()
+    x = torch.rand(4, 5)
+    with mode(model, "mean"):
+        a, b = model(x), model(x)
+    assert torch.equal(a, b)
+    h = (model[0].to_module()(x) > 0).float()
+    assert torch.equal(a, model[2].to_module()(h))
+
+
+def test_mc_predict_averages_softmax():
+    model = _model()
+    x = torch.rand(4, 5)
+    sb.seed_spikes(model, 0)
+    one = mc_predict(lambda: model(x), model, 1)
+    sb.seed_spikes(model, 0)
+    ref = torch.softmax(model(x), -1)  # one sample pass, same seed
+    assert torch.equal(one, ref)
+    sb.seed_spikes(model, 1)
+    k = mc_predict(lambda: model(x), model, 5)
+    sb.seed_spikes(model, 1)
+    manual = torch.stack([torch.softmax(model(x), -1) for _ in range(5)]).mean(0)
+    torch.testing.assert_close(k, manual, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(k.sum(-1), torch.ones(4), rtol=1e-6, atol=0)
+    assert get_mode(model) == "sample"  # restored after the passes
+    seen = []
+    mc_predict(lambda: seen.append(get_mode(model)) or model(x), model, 2)
+    assert seen == ["mc", "mc"]
+
+
+@pytest.mark.parametrize("k", [0, -1, 1.5, "3"])
+def test_mc_predict_bad_k(k):
+    model = _model()
+    with pytest.raises(ValueError, match="num_samples"):
+        mc_predict(lambda: model(torch.rand(2, 5)), model, k)
+
+
+def test_bad_mode_name():
+    with pytest.raises(ValueError, match=r"\bmode\b"):
+        set_mode(_model(), "deploy")
+    with pytest.raises(ValueError, match=r"\bmode\b"), mode(_model(), "deploy"):
+        pass

@@ -1,0 +1,184 @@
+"""Variance flow between Bayesian layers and neurons (SPEC section 2, ``moments.py``)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sbnn_addons import BayesConv2d, ChannelAffine, IWSTSpike, attach_variance, get_variance
+from sbnn_addons.moments import (
+    UnknownVariance,
+    VarianceFlowError,
+    no_variance_flow,
+    track_variance,
+    untrack_variance,
+    variance_flow,
+)
+
+F64 = torch.float64
+
+
+def _noisy(shape, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=F64)
+    v = torch.rand(shape, generator=gen, dtype=F64) + 0.1
+    return attach_variance(x, v), v
+
+
+def test_avg_pool_sum_var_over_k2_matches_monte_carlo():
+    """avg_pool over k = 4 gives sum(var)/k^2 exactly; and equals the variance of pooled
+    Gaussian samples (40k samples, tolerance 5 standard errors var sqrt(2/(S-1)))."""
+    x, v = _noisy((2, 3, 4, 4))
+    with variance_flow():
+        y = F.avg_pool2d(x, 2)
+        y_mod = nn.AvgPool2d(2)(x)
+    want = F.avg_pool2d(v, 2) * 4 / 16  # sum over the 4 elements / 4^2
+    torch.testing.assert_close(get_variance(y), want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(get_variance(y_mod), want, rtol=1e-12, atol=0)
+    S = 40_000
+    gen = torch.Generator().manual_seed(1)
+    samples = x + v.sqrt() * torch.randn((S, *x.shape), generator=gen, dtype=F64)
+    pooled = F.avg_pool2d(samples.flatten(0, 1), 2).view(S, *y.shape)
+    assert torch.all((pooled.var(0) - want).abs() <= 5 * want * math.sqrt(2 / (S - 1)))
+    with variance_flow():
+        y1 = F.avg_pool1d(x.flatten(2), 4)
+    torch.testing.assert_close(get_variance(y1), F.avg_pool1d(v.flatten(2), 4) / 4, rtol=1e-12,
+                               atol=0)
+
+
+def test_max_pool_takes_variance_at_argmax():
+    x, v = _noisy((2, 3, 4, 4))
+    with variance_flow():
+        y = nn.MaxPool2d(2)(x)
+        y_f = F.max_pool2d(x, kernel_size=2, stride=2)
+    _, idx = F.max_pool2d(x, 2, return_indices=True)
+    want = v.flatten(2).gather(2, idx.flatten(2)).view_as(idx)
+    assert torch.equal(get_variance(y), want)
+    assert torch.equal(get_variance(y_f), want)
+    assert not torch.equal(want, F.max_pool2d(v, 2))  # the test distinguishes argmax of var
+
+
+def test_reshape_flatten_index_move_variance():
+    x, v = _noisy((2, 3, 4))
+    with variance_flow():
+        f = x.flatten(1)
+        r = x.reshape(6, 4)
+        p = x.permute(2, 0, 1)
+        i = x[:, 1]
+        c = torch.cat([x, x * 2.0], dim=1)
+    assert torch.equal(get_variance(f), v.flatten(1))
+    assert torch.equal(get_variance(r), v.reshape(6, 4))
+    assert torch.equal(get_variance(p), v.permute(2, 0, 1))
+    assert torch.equal(get_variance(i), v[:, 1])
+    assert torch.equal(get_variance(c), torch.cat([v, 4 * v], 1))
+
+
+def test_linear_combinations():
+    a, va = _noisy((3, 4), 0)
+    b, vb = _noisy((3, 4), 1)
+    c = torch.randn(3, 4, dtype=F64)
+    with variance_flow():
+        s = a + b
+        d = a - 2.0 * b
+        m = a * 3.0
+        mt = c * a
+        q = a / 4.0
+        mean = a.mean(1)
+        tot = a.sum()
+        n = -a
+    torch.testing.assert_close(get_variance(s), va + vb, rtol=1e-12, atol=0)
+    torch.testing.assert_close(get_variance(d), va + 4 * vb, rtol=1e-12, atol=0)
+    torch.testing.assert_close(get_variance(m), 9 * va, rtol=1e-12, atol=0)
+    torch.testing.assert_close(get_variance(mt), c * c * va, rtol=1e-12, atol=0)
+    torch.testing.assert_close(get_variance(q), va / 16, rtol=1e-12, atol=0)
+    torch.testing.assert_close(get_variance(mean), va.sum(1) / 16, rtol=1e-12, atol=0)
+    torch.testing.assert_close(get_variance(tot), va.sum(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(get_variance(n), va, rtol=1e-12, atol=0)
+    with variance_flow():
+        prod = a * b
+    assert isinstance(get_variance(prod), UnknownVariance)
+
+
+def test_batch_norm_eval_scales_variance():
+    """Eval-mode batch_norm: var * (gamma / sqrt(running_var + eps))^2 (rtol 1e-12)."""
+    x, v = _noisy((4, 3, 2, 2))
+    bn = nn.BatchNorm2d(3).double().eval()
+    bn.running_var.copy_(torch.tensor([0.5, 2.0, 4.0]))
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.5, -0.5, 2.0]))
+    with variance_flow():
+        y = bn(x)
+    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().view(1, 3, 1, 1)
+    torch.testing.assert_close(get_variance(y), v * scale**2, rtol=1e-12, atol=0)
+
+
+def test_dropout_and_pad():
+    x, v = _noisy((4, 8))
+    torch.manual_seed(0)
+    with variance_flow():
+        y = F.dropout(x, 0.5, training=True)
+        z = F.dropout(x, 0.5, training=False)
+        pd = F.pad(x, (1, 2))
+    kept = (y != 0).double()
+    torch.testing.assert_close(get_variance(y), v * kept * 4, rtol=1e-12, atol=0)
+    assert torch.equal(get_variance(z), v)
+    assert torch.equal(get_variance(pd), F.pad(v, (1, 2)))
+
+
+def test_channel_affine_leaves_variance_inside_flow():
+    x, v = _noisy((2, 3, 4))
+    aff = ChannelAffine(3).double()
+    with torch.no_grad():
+        aff.weight.fill_(3.0)
+    with variance_flow():
+        y = aff(x)
+    assert torch.equal(get_variance(y), v)
+
+
+def test_unknown_op_raises_naming_op():
+    x, _ = _noisy((2, 5))
+    spike = IWSTSpike()
+    with variance_flow():
+        y = torch.tanh(x)
+        assert isinstance(get_variance(y), UnknownVariance)
+        with pytest.raises(VarianceFlowError, match="tanh"):
+            spike(y - 1.0)  # unknown propagates through later ops too
+        with pytest.raises(VarianceFlowError, match="sigmoid"):
+            spike(torch.sigmoid(x))
+
+
+def test_no_variance_flow_and_plain_ops_drop_variance():
+    x, _ = _noisy((2, 5))
+    assert get_variance(x + 1.0) is None  # outside the flow nothing propagates
+    with variance_flow(), no_variance_flow():
+        assert get_variance(x * 2.0) is None
+
+
+def test_track_variance_model_end_to_end():
+    """BayesConv2d -> AvgPool2d -> flatten -> IWSTSpike under track_variance: the spike
+    sees sum(var)/k^2 of the LRT variance (checked through noise_variance)."""
+    torch.manual_seed(0)
+    conv = BayesConv2d(2, 3, 3, padding=1, std=0.2)
+    seen = []
+
+    class Probe(IWSTSpike):
+        def fire(self, u, variance):
+            seen.append(variance)
+            return super().fire(u, variance)
+
+    model = nn.Sequential(conv, nn.AvgPool2d(2), nn.Flatten(), Probe())
+    track_variance(model)
+    x = torch.rand(2, 2, 4, 4)
+    model(x)
+    want = (F.avg_pool2d(conv.output_variance(x), 2) / 4).flatten(1)
+    torch.testing.assert_close(seen[0], want, rtol=1e-5, atol=0)
+    untrack_variance(model)
+    model(x)  # without the flow the variance does not get through the pool
+    assert seen[1] is None
+    model2 = track_variance(nn.Sequential(conv, nn.AvgPool2d(2), nn.Tanh(), IWSTSpike()))
+    with pytest.raises(VarianceFlowError, match="tanh"):
+        model2(x)

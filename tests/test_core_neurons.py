@@ -1,0 +1,161 @@
+"""Framework-free ``LIF`` against a hand-written loop of SPEC section 3."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import sbnn_addons as sb
+from sbnn_addons import LIF, BayesLinear, IWSTSpike, attach_variance, get_variance
+
+T, B, N = 6, 4, 5
+
+
+def _inputs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    current = torch.rand(T, B, N, generator=gen) * 1.2
+    var = torch.rand(T, B, N, generator=gen) * 0.3
+    return current, var
+
+
+def _reference(current, var, beta, theta, own_std, eps=None, reset="subtract"):
+    """SPEC section 3 recurrences written out: u = beta u + I, V = beta^2 V + var,
+    h = 1[u - theta + sqrt(V + s_n^2) eps > 0], u -= theta h."""
+    u = torch.zeros_like(current[0])
+    v = torch.zeros_like(current[0])
+    spikes, vs = [], []
+    for t in range(current.shape[0]):
+        u = beta * u + current[t]
+        v = beta * beta * v + var[t]
+        sigma = torch.sqrt(v + own_std**2)
+        drive = u - theta
+        noisy = drive if eps is None else drive + sigma * eps[t]
+        h = (noisy > 0).float()
+        if reset == "subtract":
+            u = u - theta * h
+        elif reset == "zero":
+            u = u * (1 - h)
+        spikes.append(h)
+        vs.append(v)
+    return torch.stack(spikes), torch.stack(vs), u
+
+
+def _run(lif, current, var):
+    state, out, vs = None, [], []
+    for t in range(current.shape[0]):
+        c = attach_variance(current[t].clone(), var[t])
+        h, state = lif(c, state)
+        out.append(h)
+        vs.append(state.variance)
+    return torch.stack(out), torch.stack(vs), state.membrane
+
+
+@pytest.mark.parametrize("reset", ["subtract", "zero", "none"])
+def test_mean_mode_matches_reference_exactly(reset):
+    current, var = _inputs()
+    lif = LIF(beta=0.905, threshold=1.0, spike_fn=IWSTSpike(std=0.3), reset=reset)
+    sb.set_mode(lif, "mean")
+    h, v, u = _run(lif, current, var)
+    h_ref, v_ref, u_ref = _reference(current, var, 0.905, 1.0, 0.3, reset=reset)
+    assert torch.equal(h, h_ref) and torch.equal(v, v_ref) and torch.equal(u, u_ref)
+    assert 0 < h.mean() < 1
+
+
+def test_sample_mode_seeded_matches_reference_exactly():
+    """Same eps stream (generator seeded 7, one randn per step): identical spikes, V and u
+    (exact equality), and different from the noise-free pass."""
+    current, var = _inputs(1)
+    spike = IWSTSpike("iwst(0.5)", std=0.2)
+    spike.manual_seed(7)
+    lif = LIF(beta=0.8, threshold=1.0, spike_fn=spike)
+    h, v, u = _run(lif, current, var)
+    gen = torch.Generator().manual_seed(7)
+    eps = torch.stack([torch.randn(B, N, generator=gen) for _ in range(T)])
+    h_ref, v_ref, u_ref = _reference(current, var, 0.8, 1.0, 0.2, eps=eps)
+    assert torch.equal(h, h_ref) and torch.equal(v, v_ref)
+    torch.testing.assert_close(u, u_ref, rtol=0, atol=0)
+    # and the sample differs from the mean-mode pass (noise matters)
+    assert not torch.equal(h_ref, _reference(current, var, 0.8, 1.0, 0.2)[0])
+
+
+def test_variance_accumulates_beta_squared():
+    """V_t = beta^2 V_{t-1} + var_t: constant var c gives c (1 - beta^(2t)) / (1 - beta^2)."""
+    beta, c = 0.9, 0.25
+    lif = LIF(beta=beta, spike_fn=IWSTSpike())
+    current = attach_variance(torch.zeros(8, 3), torch.full((8, 3), c))
+    state = None
+    for t in range(1, 9):
+        cur = attach_variance(torch.zeros(3), torch.full((3,), c))
+        _, state = lif(cur, state)
+        want = c * (1 - beta ** (2 * t)) / (1 - beta**2)
+        torch.testing.assert_close(state.variance, torch.full((3,), want), rtol=1e-6, atol=0)
+    assert lif.run(current).shape == (8, 3)
+
+
+def test_run_equals_stepping_and_reads_sequence_variance():
+    current, var = _inputs(2)
+    spike = IWSTSpike("agr", std=0.1)
+    lif = LIF(spike_fn=spike)
+    spike.manual_seed(3)
+    h_step, _, _ = _run(lif, current, var)
+    spike.manual_seed(3)
+    h_run = lif.run(attach_variance(current.clone(), var))
+    assert torch.equal(h_run, h_step)
+
+
+def test_binary_special_case():
+    """T = 1, theta = 0, beta = 0: h = 1[I + sqrt(var) eps > 0], firing rate Phi(I/sigma)
+    (200k units, tolerance 4 standard errors); mean mode is 1[I > 0]."""
+    n = 200_000
+    lif = LIF(beta=0.0, threshold=0.0, spike_fn=IWSTSpike())
+    cur = attach_variance(torch.full((n,), 0.3), torch.full((n,), 0.36))
+    torch.manual_seed(0)
+    h, state = lif(cur)
+    p = float(torch.special.ndtr(torch.tensor(0.5)))
+    assert abs(float(h.mean()) - p) <= 4 * math.sqrt(p * (1 - p) / n)
+    sb.set_mode(lif, "mean")
+    x = torch.linspace(-1, 1, 11)
+    assert torch.equal(lif(attach_variance(x.clone(), torch.ones(11)))[0], (x > 0).float())
+
+
+def test_bptt_reaches_std_and_flow_not_double_counted():
+    """Gradients reach the Bayesian layer's std through V; running inside variance_flow()
+    (needed when pooling sits before the neuron) gives the same spikes and V as without."""
+    torch.manual_seed(0)
+    layer = BayesLinear(3, 4, std=0.4)
+    x = torch.rand(T, 2, 3)
+    outs = {}
+    for flow in (False, True):
+        spike = IWSTSpike("iwst(0.5)", std=0.1)
+        spike.manual_seed(1)
+        lif = LIF(spike_fn=spike)
+        layer.zero_grad()
+        ctx = sb.variance_flow() if flow else torch.enable_grad()
+        with ctx:
+            state, hs = None, []
+            for t in range(T):
+                h, state = lif(layer(x[t]), state)
+                hs.append(h)
+        torch.stack(hs).sum().backward()
+        outs[flow] = (torch.stack(hs), state.variance.detach(), layer.std_rho.grad.clone())
+    assert outs[False][2].abs() > 0
+    assert torch.equal(outs[False][0], outs[True][0])
+    torch.testing.assert_close(outs[False][1], outs[True][1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(outs[False][2], outs[True][2], rtol=1e-5, atol=0)
+    assert get_variance(state.membrane) is None
+
+
+@pytest.mark.parametrize(
+    "call, exc, word",
+    [
+        (lambda: LIF(beta=1.5), ValueError, "beta"),
+        (lambda: LIF(reset="hard"), ValueError, "reset"),
+        (lambda: LIF()(torch.ones(3, dtype=torch.long)), TypeError, "current"),
+        (lambda: LIF()(torch.ones(3), (torch.zeros(4), torch.zeros(4))), ValueError, "state"),
+    ],
+)
+def test_bad_input(call, exc, word):
+    with pytest.raises(exc, match=rf"\b{word}\b"):
+        call()

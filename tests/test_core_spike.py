@@ -1,0 +1,212 @@
+"""``IWSTSpike``: the drop-in stochastic spike module (SPEC sections 1, 4, 7)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import pickle
+import warnings
+
+import pytest
+import torch
+
+import sbnn_addons as sb
+from sbnn_addons import BayesLinear, IWSTSpike, attach_variance, seed_spikes
+
+
+def test_mean_mode_is_deterministic_threshold():
+    u = torch.linspace(-1, 1, 21)
+    attach_variance(u, torch.full_like(u, 4.0))
+    spike = IWSTSpike("agr", std=1.0)
+    with sb.mode(spike, "mean"):
+        for _ in range(3):
+            assert torch.equal(spike(u), (u > 0).float())
+    spike_z = IWSTSpike(std=1.0, at_zero=True)
+    sb.set_mode(spike_z, "mean")
+    assert torch.equal(spike_z(torch.zeros(3)), torch.ones(3))
+
+
+def test_sampling_uses_attached_plus_own_variance():
+    """sigma^2 = V(u) + s_n^2: the firing rate over 200k units equals Phi(u / sigma).
+    Tolerance: 4 standard errors of a proportion."""
+    n = 200_000
+    u = torch.full((n,), -0.5)
+    attach_variance(u, torch.full((n,), 0.09))
+    spike = IWSTSpike(std=0.4)  # sigma = sqrt(0.09 + 0.16) = 0.5 -> P = Phi(-1)
+    spike.manual_seed(0)
+    var = spike.noise_variance(u)
+    torch.testing.assert_close(var, torch.full((n,), 0.25), rtol=1e-6, atol=0)
+    rate = float(spike(u).mean())
+    p = float(torch.special.ndtr(torch.tensor(-1.0)))
+    assert abs(rate - p) <= 4 * math.sqrt(p * (1 - p) / n)
+    # use_input_variance=False ignores the attached variance: sigma = 0.4
+    spike2 = IWSTSpike(std=0.4, use_input_variance=False)
+    torch.testing.assert_close(spike2.noise_variance(u), torch.tensor(0.16), rtol=1e-6, atol=0)
+
+
+def test_no_noise_fires_deterministically():
+    u = torch.tensor([-0.1, 0.0, 0.1])
+    spike = IWSTSpike()
+    assert spike.noise_variance(u) is None
+    assert torch.equal(spike(u), torch.tensor([0.0, 0.0, 1.0]))
+
+
+def test_fire_explicit_variance_and_gradient():
+    """fire(u, var) samples with sigma = sqrt(var) and backpropagates J(h) to u and, through
+    sigma, to the variance; equals BernoulliSpike with the same eps (exact)."""
+    u = torch.tensor([0.3, -0.2, 1.0], requires_grad=True)
+    var = torch.tensor([0.5, 1.0, 2.0], requires_grad=True)
+    spike = IWSTSpike("iwst(0.5)")
+    spike.manual_seed(3)
+    h = spike.fire(u, var)
+    eps = torch.randn(3, generator=torch.Generator().manual_seed(3))
+    u2 = u.detach().clone().requires_grad_(True)
+    s2 = var.detach().sqrt().requires_grad_(True)
+    h2 = sb.BernoulliSpike.apply(u2, s2, eps, sb.IWST(0.5), False)
+    assert torch.equal(h, h2)
+    h.sum().backward()
+    h2.sum().backward()
+    torch.testing.assert_close(u.grad, u2.grad, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.grad, s2.grad / (2 * s2.detach()), rtol=1e-6, atol=0)
+
+
+def test_learnable_std_gets_gradient():
+    spike = IWSTSpike("st", std=0.5, learn_std=True)
+    assert isinstance(spike.std_rho, torch.nn.Parameter)
+    torch.testing.assert_close(spike.std, torch.tensor(0.5), rtol=1e-6, atol=0)
+    spike.manual_seed(0)
+    u = torch.linspace(-1, 1, 50)
+    (spike(u) * torch.linspace(-2, 1, 50)).sum().backward()
+    assert spike.std_rho.grad is not None and spike.std_rho.grad.abs() > 0
+    per_neuron = IWSTSpike(std=0.3, learn_std=True, std_shape=(4,))
+    per_neuron(torch.randn(8, 4)).sum().backward()
+    assert per_neuron.std_rho.grad.shape == (4,) and (per_neuron.std_rho.grad != 0).any()
+
+
+def test_seed_spikes_replays():
+    model = torch.nn.Sequential(IWSTSpike(std=1.0), IWSTSpike(std=1.0))
+    u = torch.zeros(1000)
+    seed_spikes(model, 5)
+    a = [model[0](u), model[1](u)]
+    seed_spikes(model, 5)
+    b = [model[0](u), model[1](u)]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], a[1])  # seed + i: the two are different streams
+    seed_spikes(model, 6)
+    assert not torch.equal(model[0](u), a[0])
+
+
+def _roundtrip_pickle(m):
+    return pickle.loads(pickle.dumps(m))
+
+
+def test_pickle_deepcopy_to_float64():
+    spike = IWSTSpike("agr(0.3)", std=0.5, learn_std=True, std_shape=(3,))
+    spike.manual_seed(4)
+    spike(torch.zeros(2, 3))  # creates the private generator
+    for clone in (_roundtrip_pickle(spike), copy.deepcopy(spike)):
+        assert clone.estimator == spike.estimator
+        torch.testing.assert_close(clone.std, spike.std)
+        clone.manual_seed(4)
+        spike.manual_seed(4)
+        u = torch.zeros(10, 3)
+        assert torch.equal(clone(u), spike(u))
+    s64 = copy.deepcopy(spike).to(torch.float64)
+    assert s64.std.dtype == torch.float64
+    u = torch.zeros(4, 3, dtype=torch.float64, requires_grad=True)
+    out = s64(u)
+    out.sum().backward()
+    assert out.dtype == torch.float64 and u.grad.dtype == torch.float64
+
+
+@pytest.mark.parametrize("std_shape", [(), (2, 3)])
+def test_state_dict_roundtrip(std_shape):
+    a = IWSTSpike(std=0.5, learn_std=True, std_shape=std_shape)
+    with torch.no_grad():
+        a.std_rho.add_(torch.randn(std_shape, generator=torch.Generator().manual_seed(0)))
+    b = IWSTSpike(std=0.1, learn_std=True, std_shape=std_shape)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b.load_state_dict(torch.load(buf))
+    assert torch.equal(a.std, b.std)
+    fixed = IWSTSpike(std=0.2, std_shape=std_shape)
+    fixed2 = IWSTSpike(std=0.7, std_shape=std_shape)
+    fixed2.load_state_dict(fixed.state_dict())
+    assert torch.equal(fixed.std, fixed2.std)
+
+
+def test_vmap_grad_through_spike_module_functional():
+    """torch.func.vmap(torch.func.grad(.)) through the module in mean mode equals a loop."""
+    spike = IWSTSpike("iwst(0.5)", std=0.5)
+    sb.set_mode(spike, "mean")
+    u = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+
+    def f(x):
+        return (spike(x) * torch.arange(5.0)).sum()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # functorch fallback performance notice
+        batched = torch.func.vmap(torch.func.grad(f))(u)
+    loop = torch.stack([torch.func.grad(f)(u[i]) for i in range(4)])
+    torch.testing.assert_close(batched, loop, rtol=1e-6, atol=0)
+    assert batched.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    spike = IWSTSpike("agr", std=0.5)
+    spike.manual_seed(0)
+    u = (torch.linspace(-20, 20, 41)).to(dtype).requires_grad_(True)
+    attach_variance(u, torch.full((41,), 1e-3, dtype=dtype))
+    out = spike(u)
+    out.sum().backward()
+    assert out.dtype == dtype and torch.isfinite(u.grad).all()
+
+
+def test_sigma_tiny_and_empty_batch():
+    for std in (0.0, 1e-12):
+        u = torch.tensor([-1.0, 0.0, 1.0], requires_grad=True)
+        spike = IWSTSpike("agr", std=std)
+        spike(u).sum().backward()
+        assert torch.isfinite(u.grad).all()
+    spike = IWSTSpike(std=0.5, learn_std=True)
+    spike.collect_aux = True
+    u = torch.zeros(0, 5, requires_grad=True)
+    out = spike(u)
+    out.sum().backward()
+    assert out.shape == (0, 5)
+    assert float(spike.pop_aux().detach()) == 0.0
+
+
+def test_bf16_bayes_linear_into_spike():
+    torch.manual_seed(0)
+    layer = BayesLinear(5, 3).to(torch.bfloat16)
+    spike = IWSTSpike("iwst(0.5)")
+    x = torch.rand(4, 5, dtype=torch.bfloat16)
+    out = spike(layer(x))
+    out.sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    assert layer.std_rho.grad is not None
+
+
+@pytest.mark.parametrize(
+    "call, exc, word",
+    [
+        (lambda: IWSTSpike(std=-1), ValueError, "std"),
+        (lambda: IWSTSpike(std=float("inf")), ValueError, "std"),
+        (lambda: IWSTSpike(std=0, learn_std=True), ValueError, "std"),
+        (lambda: IWSTSpike(std="a"), TypeError, "std"),
+        (lambda: IWSTSpike("foo"), ValueError, "estimator"),
+        (lambda: IWSTSpike("iwst(1.5)"), ValueError, "p"),
+        (lambda: IWSTSpike(aux_center="middle"), ValueError, "aux_center"),
+        (lambda: IWSTSpike()(torch.ones(3, dtype=torch.long)), TypeError, "u"),
+        (lambda: IWSTSpike().fire(torch.ones(4, 5), torch.ones(4, 3)), ValueError, "variance"),
+        (lambda: IWSTSpike().fire(torch.ones(3), torch.ones(2, 3)), ValueError, "variance"),
+    ],
+)
+def test_bad_input(call, exc, word):
+    with pytest.raises(exc, match=rf"\b{word}\b"):
+        call()

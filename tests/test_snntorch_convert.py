@@ -1,0 +1,182 @@
+"""snnTorch adapter: exact equivalence, variance flow and reset consistency."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _snntorch_nets import BETA, MODELS, make, run
+
+import sbnn_addons
+from sbnn_addons import get_variance
+from sbnn_addons.snntorch import SBNNLeaky, SBNNRLeaky, reset, to_sbnn
+
+ALL = sorted(MODELS)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_mean_mode_equals_original_exactly(name):
+    net, x = make(name)
+    ref_spk, ref_mem = run(net, x)
+    assert ref_spk.sum() > 0, "the test model must spike"
+    sbnn = to_sbnn(net, std=0.0, learn_std=False)
+    with sbnn_addons.mode(sbnn, "mean"):
+        spk, mem = run(sbnn, x)
+    assert torch.equal(spk, ref_spk)
+    assert torch.equal(mem, ref_mem)
+    # the original is untouched (conversion works on a copy)
+    assert not any(isinstance(m, (SBNNLeaky, SBNNRLeaky)) for m in net.modules())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_zero_std_sample_mode_is_also_deterministic(name):
+    net, x = make(name)
+    ref_spk, _ = run(net, x)
+    sbnn = to_sbnn(net, std=0.0, learn_std=False)
+    spk, _ = run(sbnn, x)  # sample mode, sigma = 0 -> 1[u > 0]
+    assert torch.equal(spk, ref_spk)
+
+
+def _record_variance(neuron):
+    seen = []
+    neuron.spike_grad.register_forward_pre_hook(
+        lambda mod, args: seen.append(get_variance(args[0]).detach().clone())
+    )
+    return seen
+
+
+def _record_spikes(neuron):
+    out = []
+
+    def hook(mod, args, output):
+        spk = output[0] if isinstance(output, tuple) else output
+        out.append(spk.detach().clone())
+
+    neuron.register_forward_hook(hook)
+    return out
+
+
+@pytest.mark.parametrize("name", ["seq_leaky", "loop_leaky", "seq_rleaky", "loop_rleaky"])
+def test_variance_follows_leaky_recurrence(name):
+    net, x = make(name)
+    sbnn = to_sbnn(net, std=0.3, learn_std=False)
+    sbnn_addons.seed_spikes(sbnn, 1)
+    if name.startswith("seq"):
+        fc, lif = sbnn[0], sbnn[1]
+    else:
+        fc, lif = sbnn.fc1, sbnn.lif1
+    seen = _record_variance(lif)
+    spikes = _record_spikes(lif)
+    run(sbnn, x)
+    assert len(seen) == x.shape[0]
+    recurrent = getattr(lif, "recurrent", None)
+    expected = torch.zeros(())
+    prev_spk = torch.zeros_like(spikes[0])
+    for t in range(x.shape[0]):
+        var_t = fc.output_variance(x[t])
+        if recurrent is not None:  # the converted RLeaky.recurrent adds its own LRT variance
+            var_t = var_t + recurrent.output_variance(prev_spk)
+        expected = BETA**2 * expected + var_t
+        torch.testing.assert_close(seen[t].expand_as(expected), expected, rtol=1e-5, atol=1e-7)
+        prev_spk = spikes[t]
+    assert float(expected.min()) > 0
+
+
+@pytest.mark.parametrize("name", ["seq_conv", "tutorial_conv"])
+def test_conv_maxpool_variance_is_gathered_at_argmax(name):
+    net, x = make(name)
+    sbnn = to_sbnn(net, std=0.3, learn_std=False, std_mode="weight")
+    conv, lif = (sbnn[0], sbnn[2]) if name == "seq_conv" else (sbnn.conv1, sbnn.lif1)
+    seen = _record_variance(lif)
+    run(sbnn, x)
+    expected = None
+    for t in range(x.shape[0]):
+        with sbnn_addons.moments.no_variance_flow():
+            mean = F.conv2d(x[t], conv.weight, conv.bias, padding=1)
+            _, idx = F.max_pool2d(mean, 2, return_indices=True)
+        var = conv.output_variance(x[t]).flatten(2).gather(2, idx.flatten(2)).view_as(idx)
+        # the neuron's variance is not the pooled maximum of the variance
+        expected = var if expected is None else BETA**2 * expected + var
+        torch.testing.assert_close(seen[t], expected, rtol=1e-5, atol=1e-7)
+    full = conv.output_variance(x[0])
+    assert not torch.allclose(F.max_pool2d(full, 2), seen[0])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_reset_equals_emitted_spike(name):
+    net, x = make(name)
+    sbnn = to_sbnn(net, spike_std=0.4, std=0.3)
+    sbnn_addons.seed_spikes(sbnn, 3)
+    neurons = [m for m in sbnn.modules() if isinstance(m, (SBNNLeaky, SBNNRLeaky))]
+    records = {id(n): [] for n in neurons}
+
+    def hook(mod, args, output):
+        spk = output[0] if isinstance(output, tuple) else output
+        records[id(mod)].append((spk.detach().clone(), mod.reset.clone()))
+
+    for n in neurons:
+        n.register_forward_hook(hook)
+    spk, _ = run(sbnn, x)
+    with sbnn_addons.mode(sbnn, "mean"):
+        mean_spk, _ = run(sbnn, x)
+    assert not torch.equal(spk, mean_spk), "the spikes must be stochastic for this test"
+    for n in neurons:
+        rec = records[id(n)][: x.shape[0]]
+        assert len(rec) == x.shape[0]
+        assert not rec[0][1].any()  # first step after reset: no reset
+        for t in range(1, len(rec)):
+            assert torch.equal(rec[t][1], rec[t - 1][0]), f"step {t}"
+
+
+def test_reset_clears_nested_and_copied_states():
+    import copy
+
+    net, x = make("seq_leaky")
+    outer = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Sequential(*net))
+    sbnn = to_sbnn(outer)
+    for t in range(3):
+        sbnn(x[t])
+    assert sbnn[1][1].mem.abs().sum() > 0
+    dup = copy.deepcopy(reset(sbnn))
+    for t in range(3):
+        dup(x[t])
+    reset(dup)
+    assert dup[1][1].mem.abs().sum() == 0 and dup[1][3].mem.abs().sum() == 0
+
+
+def test_include_exclude_and_recurrent():
+    net, _ = make("seq_rleaky")
+    sbnn = to_sbnn(net, exclude=["2", "*.recurrent"])
+    kinds = {n: type(m).__name__ for n, m in sbnn.named_modules()}
+    assert kinds["0"] == "BayesLinear" and kinds["2"] == "Linear"
+    assert kinds["1.recurrent"] == "Linear"
+    sbnn = to_sbnn(net, include="1.*")
+    kinds = {n: type(m).__name__ for n, m in sbnn.named_modules()}
+    assert kinds["0"] == "Linear" and kinds["1.recurrent"] == "BayesLinear"
+    with pytest.raises(ValueError, match="matches no"):
+        to_sbnn(net, include="fc9")
+
+
+def test_batchnorm_affine_and_keep():
+    import snntorch as snn
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16),
+                        snn.Leaky(beta=BETA, init_hidden=True, output=True))
+    net[1].running_mean.normal_()
+    net[1].running_var.uniform_(0.5, 2.0)
+    net.eval()
+    x = (torch.rand(5, 4, 64) < 0.5).float()
+    ref = run(net, x)
+    affine = to_sbnn(net, std=0.0, learn_std=False)
+    assert type(affine[1]).__name__ == "ChannelAffine"
+    with sbnn_addons.mode(affine, "mean"):
+        out = run(affine, x)
+    torch.testing.assert_close(out[1], ref[1], rtol=1e-5, atol=1e-5)
+    kept = to_sbnn(net, std=0.2, learn_std=False, batchnorm="keep")
+    assert isinstance(kept[1], nn.BatchNorm1d)
+    seen = _record_variance(kept[2])
+    run(kept, x)
+    scale = kept[1].weight**2 / (kept[1].running_var + kept[1].eps)
+    torch.testing.assert_close(seen[0], kept[0].output_variance(x[0]) * scale)

@@ -1,0 +1,187 @@
+"""snnTorch adapter: training, round trips, export, errors and the import boundary."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import subprocess
+import sys
+
+import pytest
+import snntorch as snn
+import torch
+import torch.nn.functional as F
+from _snntorch_nets import LoopLeaky, make, run
+from torch import nn
+
+import sbnn_addons
+from sbnn_addons.data import load_digits_split, rate_code
+from sbnn_addons.snntorch import IWSTSpike, reset, spike_grad, to_sbnn, to_snntorch
+
+
+def _seeded(model, x):
+    sbnn_addons.seed_spikes(model, 0)
+    return run(model, x)
+
+
+def test_training_on_rate_coded_digits():
+    torch.manual_seed(0)
+    x_tr, y_tr, x_te, y_te = load_digits_split(seed=0)
+    g = torch.Generator().manual_seed(0)
+    num_steps = 8
+    model = to_sbnn(LoopLeaky(64, 64, 10), estimator="iwst(0.5)")
+    sbnn_addons.seed_spikes(model, 0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _step in range(40):
+        idx = torch.randint(0, len(y_tr), (64,), generator=g)
+        spk, mem = model(rate_code(x_tr[idx], num_steps, g))
+        loss = F.cross_entropy(mem.mean(0), y_tr[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    with torch.no_grad(), sbnn_addons.mode(model, "mean"):
+        spk, mem = model(rate_code(x_te, num_steps, g))
+    acc = (mem.mean(0).argmax(1) == y_te).float().mean().item()
+    assert acc >= 0.3, acc
+
+
+def _trained_like(name):
+    net, x = make(name)
+    model = to_sbnn(net, std=0.2, spike_std=0.1)
+    with torch.no_grad():  # move parameters away from their initial values
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return model, x
+
+
+@pytest.mark.parametrize("name", ["seq_rleaky", "loop_leaky", "tutorial_conv"])
+def test_state_dict_round_trip(name):
+    model, x = _trained_like(name)
+    fresh, _ = make(name, seed=5)
+    fresh = to_sbnn(fresh, std=0.2, spike_std=0.1)
+    fresh.load_state_dict(model.state_dict())
+    a, b = _seeded(model, x), _seeded(fresh, x)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("name", ["seq_rleaky", "loop_leaky", "seq_conv"])
+def test_deepcopy_and_torch_save_round_trip(name, tmp_path):
+    model, x = _trained_like(name)
+    ref = _seeded(model, x)
+    dup = copy.deepcopy(reset(model))
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    loaded = torch.load(path, weights_only=False)
+    for other in (dup, loaded):
+        out = _seeded(other, x)
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    # the stochastic pass really is stochastic
+    sbnn_addons.seed_spikes(model, 7)
+    assert not torch.equal(run(model, x)[0], ref[0])
+
+
+def test_deepcopy_while_state_holds_a_graph():
+    model, x = _trained_like("seq_leaky")
+    model(x[0])  # state now holds an autograd graph
+    dup = to_snntorch(model)  # deep copies internally without failing
+    assert isinstance(dup[1], snn.Leaky)
+
+
+@pytest.mark.parametrize("name", ["seq_leaky", "seq_rleaky", "loop_rleaky", "tutorial_conv"])
+def test_to_snntorch_equals_mean_mode(name):
+    model, x = _trained_like(name)
+    with sbnn_addons.mode(model, "mean"):
+        ref = run(model, x)
+    plain = to_snntorch(model)
+    kinds = {type(m).__module__.split(".")[0] for m in plain.modules()}
+    assert "sbnn_addons" not in kinds
+    assert all(type(m) in (snn.Leaky, snn.RLeaky) for m in plain.modules()
+               if hasattr(m, "spike_grad"))
+    assert plain[1].spike_grad.__qualname__ == "atan.<locals>.inner" if name.startswith(
+        "seq") else True
+    out = run(plain, x)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    # original snnTorch training still works on the export
+    out[1].sum().backward()
+
+
+def test_to_snntorch_pickles_without_sbnn_addons():
+    from snntorch import surrogate
+
+    model, x = _trained_like("seq_rleaky")
+    run(model, x)
+    plain = to_snntorch(model, spike_grad=surrogate.StraightThroughEstimator.apply)
+    blob = pickle.dumps(plain)
+    assert b"sbnn_addons" not in blob
+    buf = io.BytesIO()
+    torch.save(plain, buf)
+    assert b"sbnn_addons" not in buf.getvalue()
+    assert b"sbnn_addons" not in pickle.dumps(to_snntorch(model).state_dict())
+
+
+def test_to_snntorch_batchnorm_export():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(),
+                        nn.Linear(4 * 6 * 6, 10), snn.Leaky(beta=0.9, init_hidden=True,
+                                                            output=True)).eval()
+    model = to_sbnn(net)
+    plain = to_snntorch(model).eval()
+    assert isinstance(plain[1], nn.BatchNorm2d)
+    x = (torch.rand(4, 3, 1, 8, 8) < 0.5).float()
+    with sbnn_addons.mode(model, "mean"):
+        ref = run(model, x)
+    torch.testing.assert_close(run(plain, x)[1], ref[1], rtol=1e-5, atol=1e-5)
+
+
+def test_spike_grad_factory():
+    fn = spike_grad("iwst(0.5)", std=0.2, learn_std=True)
+    assert isinstance(fn, IWSTSpike) and fn.learn_std
+    lif = snn.Leaky(beta=0.9, spike_grad=fn)
+    assert "spike_grad.std_rho" in dict(lif.named_parameters())
+    spk, _ = lif(torch.full((3, 4), 2.0))
+    assert spk.shape == (3, 4)
+
+
+# --------------------------------------------------------------------------- errors
+def test_synaptic_is_rejected_with_reason():
+    net = nn.Sequential(nn.Linear(4, 4), snn.Synaptic(alpha=0.8, beta=0.9, init_hidden=True))
+    with pytest.raises(TypeError, match="correlated.*Leaky, snn.RLeaky"):
+        to_sbnn(net)
+
+
+@pytest.mark.parametrize("neuron", [
+    lambda: snn.Alpha(alpha=0.9, beta=0.8), lambda: snn.Lapicque(beta=0.9),
+    lambda: snn.RSynaptic(alpha=0.8, beta=0.9, linear_features=4),
+])
+def test_unsupported_neuron(neuron):
+    n = neuron()
+    net = nn.Sequential(nn.Linear(4, 4), n)
+    with pytest.raises(TypeError, match=f"{type(n).__name__}.*Supported neurons: snn.Leaky"):
+        to_sbnn(net)
+
+
+def test_double_conversion_nothing_to_convert_and_bad_batchnorm():
+    net, x = make("seq_leaky")
+    model = to_sbnn(net)
+    with pytest.raises(ValueError, match="already converted"):
+        to_sbnn(model)
+    with pytest.raises(ValueError, match="already converted"):
+        to_sbnn(nn.Sequential(nn.Linear(2, 2), snn.Leaky(beta=0.5, spike_grad=spike_grad())))
+    with pytest.raises(ValueError, match="nothing to convert"):
+        to_sbnn(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
+    with pytest.raises(ValueError, match="batchnorm"):
+        to_sbnn(net, batchnorm="fold")
+    with pytest.raises(ValueError, match="64 input features"):
+        reset(model)
+        model(torch.zeros(2, 63))
+
+
+def test_import_does_not_import_snntorch():
+    code = ("import sys, sbnn_addons; "
+            "assert 'snntorch' not in sys.modules, 'snntorch imported'; "
+            "assert 'tonic' not in sys.modules, 'tonic imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
