@@ -1,0 +1,187 @@
+"""Building blocks shared by the reference networks (time folding, norms, layer factory)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..base import SBNNModule
+from ..functional import safe_sqrt
+from ..layers import BayesConv2d, BayesLinear, ChannelAffine
+from ..moments import UnknownVariance, attach_variance, get_variance
+from ..neurons import LIF
+from ..spike import IWSTSpike
+from .surrogate import SurrogateSpike
+
+NORMS = ("affine", "bn", "none")
+
+
+def softplus_value(rho: float) -> float:
+    """``softplus(rho) = log(1 + exp(rho))`` as a float (the reference noise inits)."""
+    return math.log1p(math.exp(rho))
+
+
+def known_variance(x: Tensor) -> Tensor | None:
+    var = get_variance(x)
+    if isinstance(var, UnknownVariance):  # pragma: no cover - the models only use known ops
+        raise RuntimeError(f"variance lost through '{var.op}'")
+    return var
+
+
+def reshape_with_variance(x: Tensor, *shape: int) -> Tensor:
+    """``x.reshape(shape)`` carrying the attached variance through the same reshape."""
+    var = known_variance(x)
+    out = x.reshape(*shape)
+    if var is not None:
+        var = var.expand_as(x).reshape(*shape)
+    return attach_variance(out, var)
+
+
+class StepBatchNorm(nn.Module):
+    """One BatchNorm per time step (the baseline's per-step normalisation).
+
+    Args:
+        num_features: channels ``C``.
+        num_steps: time steps ``T`` (one BatchNorm each).
+        dims: 1 (``BatchNorm1d``, input ``[T*B, C]``) or 2 (``BatchNorm2d``,
+            input ``[T*B, C, H, W]``).
+
+    Shapes:
+        input ``[T*B, C, *]`` (time-major fold) -> same shape.
+    """
+
+    def __init__(self, num_features: int, num_steps: int, dims: int = 2) -> None:
+        super().__init__()
+        bn = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
+        self.num_steps = num_steps
+        self.norms = nn.ModuleList(bn(num_features) for _ in range(num_steps))
+
+    def forward(self, x: Tensor) -> Tensor:
+        T = self.num_steps
+        if x.shape[0] % T:
+            raise ValueError(
+                f"StepBatchNorm expects a time-major fold [T*B, ...] with T={T}, got "
+                f"leading size {x.shape[0]}"
+            )
+        steps = x.reshape(T, x.shape[0] // T, *x.shape[1:])
+        return torch.cat([norm(s) for norm, s in zip(self.norms, steps)])
+
+    def extra_repr(self) -> str:
+        return f"num_steps={self.num_steps}"
+
+
+class LayerFactory:
+    """Builds the Bayesian layers or their deterministic twins with the same layout."""
+
+    def __init__(
+        self,
+        bayes: bool,
+        *,
+        estimator: str = "st",
+        std: float | None = None,
+        bias_std: float | None = None,
+        norm: str = "affine",
+        num_steps: int = 1,
+        beta: float = 0.905,
+        threshold: float = 1.0,
+        surrogate: str = "gaussian",
+        surrogate_width: float = 0.4,
+    ) -> None:
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        if bayes and norm == "bn":
+            raise ValueError(
+                "norm='bn' is for the deterministic twin only (bayes=False); the Bayesian "
+                "networks are normalisation-free: use norm='affine' (mean-only) or 'none'"
+            )
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        self.bayes = bayes
+        self.estimator = estimator
+        self.std = std
+        self.bias_std = bias_std
+        self.norm_kind = norm
+        self.num_steps = num_steps
+        self.beta = beta
+        self.threshold = threshold
+        self.surrogate = surrogate
+        self.surrogate_width = surrogate_width
+
+    def _noise(self, std: float | None) -> dict:
+        return {"std": self.std if std is None else std, "bias_std": self.bias_std}
+
+    def conv(self, cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+        if self.bayes:
+            return BayesConv2d(cin, cout, 3, stride=stride, padding=1, bias=False,
+                               **self._noise(None))
+        return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+    def linear(self, fin: int, fout: int, bias: bool = True) -> nn.Linear:
+        if self.bayes:
+            return BayesLinear(fin, fout, bias, **self._noise(None))
+        return nn.Linear(fin, fout, bias)
+
+    def norm(self, channels: int, dims: int = 2) -> nn.Module:
+        if self.norm_kind == "affine":
+            return ChannelAffine(channels)
+        if self.norm_kind == "bn":
+            return StepBatchNorm(channels, self.num_steps, dims)
+        return nn.Identity()
+
+    def spike(self) -> nn.Module:
+        if self.bayes:
+            return IWSTSpike(self.estimator)
+        return SurrogateSpike(self.surrogate, self.surrogate_width)
+
+    def lif(self) -> LIF:
+        return LIF(beta=self.beta, threshold=self.threshold, spike_fn=self.spike())
+
+
+class ReferenceNet(SBNNModule, nn.Module):
+    """Base of the reference networks: the readout and the twin construction."""
+
+    bayes: bool
+    readout_noise: bool
+    _config: dict
+
+    def sample_readout(self, out: Tensor) -> Tensor:
+        """Readout per step: the mean, plus ``sqrt(var) * eps`` when sampling.
+
+        .. code-block:: text
+
+            y_t = mean_t + sqrt(var_t) * eps_t   (sample / mc mode, readout_noise=True)
+            y_t = mean_t                         (mean mode, the twin, readout_noise=False)
+        """
+        var = known_variance(out)
+        if var is None or not self.readout_noise or self.deterministic:
+            return attach_variance(out, None) if var is not None else out
+        noise = safe_sqrt(var.expand_as(out).clamp_min(0)) * torch.randn_like(out)
+        return out + noise
+
+    def deterministic_twin(self, **overrides) -> ReferenceNet:
+        """The surrogate-gradient twin (``bayes=False``) with this network's posterior means.
+
+        Weights, biases and affine parameters are copied; noise parameters are dropped.
+        With the same weights, the twin's Heaviside forward equals this network's
+        ``mean`` mode.
+
+        Args:
+            **overrides: constructor arguments to change (e.g. ``surrogate="atan"``).
+        """
+        config = {**self._config, "bayes": False, **overrides}
+        config.pop("estimator", None)
+        config.pop("bias_std", None)
+        config.pop("std", None)
+        config.pop("readout_noise", None)
+        twin = type(self)(**config)
+        twin.load_state_dict(self.state_dict(), strict=False)
+        return twin.to(next(self.parameters()).device)
+
+
+def channel_pad(x: Tensor, out_channels: int) -> Tensor:
+    """Zero-pad the channel dimension (dim 1) of ``x [N, C, H, W]`` to ``out_channels``."""
+    extra = out_channels - x.shape[1]
+    return F.pad(x, (0, 0, 0, 0, 0, extra)) if extra > 0 else x

@@ -1,0 +1,303 @@
+"""Normalisation-free spiking / binary ResNets of the reference experiments (SPEC section 8).
+
+Layout (both :class:`DVSResNet` and :class:`BinaryResNet`):
+
+.. code-block:: text
+
+    stem:   conv3x3 -> affine -> [avgpool 2] -> LIF
+    block:  h1 = LIF(affine(conv3x3(x, stride)))
+            h2 = LIF(affine(conv3x3(h1)))
+            out = h2 + shortcut(x)          shortcut = zero-pad-channels(AvgPool(stride)(x))
+    head:   global average pool -> FC -> mean over time
+
+Time is folded into the batch for the convolutions (``[T*B, C, H, W]``) and the LIF runs
+over ``T``; the LRT variance of each Bayesian conv is carried across the fold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..moments import variance_flow
+from ._common import (
+    LayerFactory,
+    ReferenceNet,
+    channel_pad,
+    reshape_with_variance,
+    softplus_value,
+)
+
+__all__ = ["SpikingResNet", "DVSResNet", "BinaryResNet", "Shortcut", "dvs_resnet19",
+           "cifar_resnet25"]
+
+
+class Shortcut(nn.Module):
+    """Parameter-free shortcut: ``AvgPool(stride)`` then zero-pad the channels.
+
+    .. code-block:: text
+
+        y = pad_C( avgpool_s(x), C_out - C_in )
+
+    Shapes:
+        ``[N, C_in, H, W] -> [N, C_out, H / s, W / s]``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        if out_channels < in_channels:
+            raise ValueError(
+                f"the zero-pad shortcut cannot reduce channels ({in_channels} -> {out_channels})"
+            )
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride > 1:
+            x = F.avg_pool2d(x, self.stride)
+        return channel_pad(x, self.out_channels)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
+
+
+class ConvLIF(nn.Module):
+    """``LIF(norm(conv(x)))`` with time folded in the batch.
+
+    Shapes:
+        ``x [T*B, C_in, H, W]`` -> spikes ``[T*B, C_out, H', W']``.
+    """
+
+    def __init__(self, factory: LayerFactory, cin: int, cout: int, stride: int = 1,
+                 pool: int = 1) -> None:
+        super().__init__()
+        self.conv = factory.conv(cin, cout, stride)
+        self.norm = factory.norm(cout)
+        self.pool = pool
+        self.lif = factory.lif()
+
+    def current(self, x: Tensor) -> Tensor:
+        """Input current of the LIF, ``[T*B, C, H', W']``, with its variance attached."""
+        y = self.norm(self.conv(x))  # ChannelAffine keeps the variance (mean-only affine)
+        if self.pool > 1:
+            with variance_flow():  # avg-pool rule: var -> sum(var) / k^2
+                y = F.avg_pool2d(y, self.pool)
+        return y
+
+    def forward(self, x: Tensor, num_steps: int) -> Tensor:
+        y = self.current(x)
+        seq = reshape_with_variance(y, num_steps, -1, *y.shape[1:])
+        return self.lif.run(seq).flatten(0, 1)
+
+
+class BasicBlock(nn.Module):
+    """Two ConvLIF layers and the spike-sum residual ``out = h2 + shortcut(x)``."""
+
+    def __init__(self, factory: LayerFactory, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.layer1 = ConvLIF(factory, cin, cout, stride)
+        self.layer2 = ConvLIF(factory, cout, cout)
+        self.shortcut = Shortcut(cin, cout, stride)
+
+    def forward(self, x: Tensor, num_steps: int) -> Tensor:
+        h = self.layer2(self.layer1(x, num_steps), num_steps)
+        return h + self.shortcut(x)
+
+
+def _widths(widths: Sequence[int], width_mult: float) -> list[int]:
+    if width_mult <= 0:
+        raise ValueError(f"width_mult must be > 0, got {width_mult}")
+    return [max(1, round(w * width_mult)) for w in widths]
+
+
+def _blocks(blocks: int | Sequence[int], stages: int) -> list[int]:
+    blocks = [blocks] * stages if isinstance(blocks, int) else list(blocks)
+    if len(blocks) != stages or any(b < 1 for b in blocks):
+        raise ValueError(
+            f"blocks must be a positive int or {stages} positive ints (one per stage), "
+            f"got {blocks}"
+        )
+    return blocks
+
+
+class SpikingResNet(ReferenceNet):
+    """Normalisation-free ResNet of LIF (or binary) units with spike-sum residuals.
+
+    Args:
+        in_channels: input channels.
+        num_classes: outputs of the FC layer.
+        widths: channels per stage (the stem has ``widths[0]``); stages after the first
+            halve the resolution.
+        blocks: residual blocks per stage (int or one per stage); each block has 2 convs,
+            so ``1 + 2 * sum(blocks)`` convs in all.
+        width_mult: multiplier applied to ``widths``.
+        bayes: Bayesian layers and :class:`~sbnn_addons.IWSTSpike` (``True``) or the
+            deterministic twin with :class:`SurrogateSpike` (``False``).
+        estimator: spike estimator of the Bayesian network (``"st"``, ``"iwst(0.5)"``, ...).
+        std: initial per-layer posterior std (default ``0.5 / sqrt(fan_in)``).
+        bias_std: initial bias-noise std (``None``: no bias noise).
+        norm: ``"affine"`` (:class:`~sbnn_addons.ChannelAffine`, mean only), ``"none"``,
+            or, for the twin only, ``"bn"`` (one BatchNorm per time step).
+        num_steps: ``T``; fixed only with ``norm="bn"`` (one BatchNorm per step).
+        beta: LIF decay (0 for binary units).
+        threshold: firing threshold ``theta``.
+        stem_pool: average-pool (2x2) the stem current before its LIF.
+        readout_noise: sample the FC output ``mean + sqrt(var) eps`` in sample mode.
+        surrogate: surrogate of the twin (``"gaussian"``, ``"atan"``, ``"sigmoid"``).
+        surrogate_width: width of the Gaussian surrogate.
+
+    Shapes:
+        ``forward(x [T, B, C_in, H, W]) -> logits [B, num_classes]``, the time average of
+        the FC output ``[T, B, num_classes]``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        widths: Sequence[int],
+        blocks: int | Sequence[int] = 3,
+        *,
+        width_mult: float = 1.0,
+        bayes: bool = True,
+        estimator: str = "st",
+        std: float | None = None,
+        bias_std: float | None = None,
+        norm: str = "affine",
+        num_steps: int = 1,
+        beta: float = 0.905,
+        threshold: float = 1.0,
+        stem_pool: bool = False,
+        readout_noise: bool = True,
+        surrogate: str = "gaussian",
+        surrogate_width: float = 0.4,
+    ) -> None:
+        super().__init__()
+        self._config = {
+            k: v for k, v in locals().items() if k not in ("self", "__class__")
+        }
+        self.bayes = bool(bayes)
+        self.readout_noise = bool(readout_noise)
+        self.in_channels = in_channels
+        self.num_steps = num_steps
+        self.per_step_norm = norm == "bn"
+        factory = LayerFactory(
+            self.bayes, estimator=estimator, std=std, bias_std=bias_std, norm=norm,
+            num_steps=num_steps, beta=beta, threshold=threshold, surrogate=surrogate,
+            surrogate_width=surrogate_width,
+        )
+        chans = _widths(widths, width_mult)
+        self.widths = chans
+        self.stem = ConvLIF(factory, in_channels, chans[0], pool=2 if stem_pool else 1)
+        layers = []
+        cin = chans[0]
+        for stage, (cout, n) in enumerate(zip(chans, _blocks(blocks, len(chans)))):
+            for i in range(n):
+                stride = 2 if (stage > 0 and i == 0) else 1
+                layers.append(BasicBlock(factory, cin, cout, stride))
+                cin = cout
+        self.blocks = nn.ModuleList(layers)
+        self.fc = factory.linear(cin, num_classes)
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 5 or x.shape[2] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__} expects input x of shape [T, B, {self.in_channels}, H, W]"
+                f", got {tuple(x.shape)}"
+            )
+        if self.per_step_norm and x.shape[0] != self.num_steps:
+            raise ValueError(
+                f"{type(self).__name__} with per-step BatchNorm expects x of shape "
+                f"[T={self.num_steps}, B, {self.in_channels}, H, W], got {tuple(x.shape)}"
+            )
+
+    def forward_steps(self, x: Tensor) -> Tensor:
+        """FC output per time step, ``[T, B, num_classes]`` (readout noise included)."""
+        self._check_input(x)
+        T = x.shape[0]
+        h = self.stem(x.flatten(0, 1), T)
+        for block in self.blocks:
+            h = block(h, T)
+        out = self.fc(h.mean(dim=(2, 3)))
+        out = reshape_with_variance(out, T, -1, out.shape[-1])
+        return self.sample_readout(out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_steps(x).mean(0)
+
+    def num_convs(self) -> int:
+        """Number of convolution layers."""
+        return sum(isinstance(m, nn.Conv2d) for m in self.modules())
+
+
+class DVSResNet(SpikingResNet):
+    """ResNet-19 of LIF neurons for DVS128 Gesture (SPEC section 8).
+
+    Defaults: widths (32, 64, 128), 3 blocks per stage (``1 + 2 * 9 = 19`` convs), LIF
+    ``beta = 0.905``, ``theta = 1``, soft reset, bias noise ``softplus(-1)``, 11 classes.
+
+    Args:
+        num_classes: 11 for DVS128 Gesture.
+        widths: channels per stage.
+        blocks: blocks per stage.
+        num_steps: ``T`` (49 frames in the reference); fixed only with ``norm="bn"``.
+        bias_std: bias-noise init (``softplus(-1)``).
+        **kwargs: the other arguments of :class:`SpikingResNet`.
+
+    Shapes:
+        ``x [T, B, 2, H, W]`` (``[T, B, 2, 32, 32]`` for the reference data) ->
+        logits ``[B, num_classes]``.
+    """
+
+    def __init__(self, num_classes: int = 11, widths: Sequence[int] = (32, 64, 128),
+                 blocks: int | Sequence[int] = 3, *, num_steps: int = 49,
+                 bias_std: float | None = softplus_value(-1.0), **kwargs) -> None:
+        kwargs.setdefault("in_channels", 2)
+        super().__init__(num_classes=num_classes, widths=widths, blocks=blocks,
+                         num_steps=num_steps, bias_std=bias_std, **kwargs)
+
+
+class BinaryResNet(SpikingResNet):
+    """ResNet-25 of binary units for CIFAR-10 (``T = 1``, ``theta = 0``, SPEC section 8).
+
+    A binary unit is ``LIF(beta=0, threshold=0)`` run for one step:
+    ``h = 1[a + sigma eps > 0]``. Defaults: widths (64, 128, 256, 512), 3 blocks per stage
+    (``1 + 2 * 12 = 25`` convs), per-layer std, no bias noise, 10 classes.
+
+    Args:
+        num_classes: 10 for CIFAR-10.
+        widths: channels per stage.
+        blocks: blocks per stage.
+        **kwargs: the other arguments of :class:`SpikingResNet` (``norm="bn"`` for the
+            twin with BatchNorm).
+
+    Shapes:
+        ``x [B, 3, H, W]`` (normalised RGB) -> logits ``[B, num_classes]``.
+    """
+
+    def __init__(self, num_classes: int = 10, widths: Sequence[int] = (64, 128, 256, 512),
+                 blocks: int | Sequence[int] = 3, **kwargs) -> None:
+        kwargs.setdefault("in_channels", 3)
+        kwargs.setdefault("num_steps", 1)
+        kwargs.setdefault("beta", 0.0)
+        kwargs.setdefault("threshold", 0.0)
+        super().__init__(num_classes=num_classes, widths=widths, blocks=blocks, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"BinaryResNet expects input x of shape [B, {self.in_channels}, H, W], "
+                f"got {tuple(x.shape)}"
+            )
+        return super().forward(x.unsqueeze(0))
+
+
+def dvs_resnet19(**kwargs) -> DVSResNet:
+    """The DVS128 Gesture reference network (:class:`DVSResNet` with its defaults)."""
+    return DVSResNet(**kwargs)
+
+
+def cifar_resnet25(**kwargs) -> BinaryResNet:
+    """The CIFAR-10 reference network (:class:`BinaryResNet` with its defaults)."""
+    return BinaryResNet(**kwargs)

@@ -1,0 +1,362 @@
+"""Reference networks (sbnn_addons.models): layout, variance flow, twins, training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sbnn_addons as sb
+from sbnn_addons import get_variance
+from sbnn_addons.models import (
+    BinaryResNet,
+    DVSResNet,
+    SHDRecurrentNet,
+    Shortcut,
+    SurrogateSpike,
+    ZeroDiagBayesLinear,
+    ZeroDiagLinear,
+    cifar_resnet25,
+    dvs_resnet19,
+    paper_recipe,
+    shd_recurrent,
+)
+
+T, B = 3, 2
+
+
+def tiny_dvs(**kw) -> DVSResNet:
+    kw = {"width_mult": 0.125, "blocks": 1, "num_steps": T, **kw}
+    return dvs_resnet19(**kw)
+
+
+def tiny_shd(**kw) -> SHDRecurrentNet:
+    return shd_recurrent(**{"in_features": 40, "hidden": (16, 12), "num_steps": T, **kw})
+
+
+def tiny_cifar(**kw) -> BinaryResNet:
+    return cifar_resnet25(**{"width_mult": 1 / 16, "blocks": 1, **kw})
+
+
+def dvs_input(seed=0, t=T, hw=16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(t, B, 2, hw, hw, generator=g) < 0.3).float() * 2
+
+
+def shd_input(seed=0, t=T) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(t, B, 40, generator=g) < 0.3).float() * 3
+
+
+def cifar_input(seed=0) -> torch.Tensor:
+    return torch.randn(B, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------- SurrogateSpike
+@pytest.mark.parametrize(
+    "kind, grad",
+    [
+        ("gaussian", lambda u: torch.exp(-0.5 * (u / 0.4) ** 2) / (math.sqrt(2 * math.pi) * 0.4)),
+        ("atan", lambda u: 1.0 / (1.0 + (math.pi * u) ** 2)),  # snnTorch atan, alpha = 2
+        ("sigmoid", lambda u: 25 * torch.sigmoid(25 * u) * (1 - torch.sigmoid(25 * u))),
+    ],
+)
+def test_surrogate_forward_heaviside_and_gradient(kind, grad):
+    u = torch.linspace(-2, 2, 41, dtype=torch.float64, requires_grad=True)
+    spike = SurrogateSpike(kind)
+    h = spike(u)
+    assert torch.equal(h, (u > 0).double())
+    h.sum().backward()
+    torch.testing.assert_close(u.grad, grad(u.detach()), rtol=1e-12, atol=1e-12)
+    assert spike.noise_variance(u) is None
+    assert torch.equal(spike.fire(u, torch.ones_like(u)), h)  # variance ignored
+
+
+def test_surrogate_in_lif_matches_mean_mode_iwst():
+    current = torch.rand(5, B, 7, generator=torch.Generator().manual_seed(1)) * 1.5
+    twin = sb.LIF(spike_fn=SurrogateSpike()).run(current)
+    bayes = sb.LIF(spike_fn=sb.IWSTSpike("st"))
+    sb.set_mode(bayes, "mean")
+    assert torch.equal(twin, bayes.run(current))
+    assert twin.sum() > 0
+
+
+def test_surrogate_bad_arguments():
+    with pytest.raises(ValueError, match="kind"):
+        SurrogateSpike("relu")
+    with pytest.raises(ValueError, match="width"):
+        SurrogateSpike(width=0)
+
+
+# ----------------------------------------------------------------------- layout
+def test_default_conv_counts_and_widths():
+    dvs, cifar = dvs_resnet19(), cifar_resnet25()
+    assert dvs.num_convs() == 19 and cifar.num_convs() == 25
+    assert sum(isinstance(m, sb.BayesConv2d) for m in dvs.modules()) == 19
+    assert dvs.widths == [32, 64, 128] and cifar.widths == [64, 128, 256, 512]
+    assert dvs.fc.out_features == 11 and cifar.fc.out_features == 10
+    twin = dvs_resnet19(bayes=False)
+    assert twin.num_convs() == 19 and not any(sb.is_bayesian(m) for m in twin.modules())
+    assert sum(isinstance(m, sb.ChannelAffine) for m in dvs.modules()) == 19
+    assert dvs_resnet19(blocks=(1, 2, 1)).num_convs() == 1 + 2 * 4
+
+
+def test_shd_layout():
+    net = shd_recurrent()
+    assert [m.out_features for m in net.ff] == [256, 256]
+    assert net.ff[0].in_features == 700 and net.readout.out_features == 20
+    assert all(isinstance(r, ZeroDiagBayesLinear) for r in net.rec)
+    assert abs(net.ff[0].bias_std.item() - math.log1p(math.exp(-2))) < 1e-6
+    assert abs(dvs_resnet19().stem.conv.bias_std.item() - math.log1p(math.exp(-1))) < 1e-6
+
+
+@pytest.mark.parametrize("bayes", [True, False])
+def test_output_shapes(bayes):
+    norm = "affine" if bayes else "bn"
+    assert tiny_dvs(bayes=bayes, norm=norm)(dvs_input()).shape == (B, 11)
+    assert tiny_dvs(bayes=bayes).forward_steps(dvs_input()).shape == (T, B, 11)
+    assert tiny_shd(bayes=bayes, norm=norm)(shd_input()).shape == (B, 20)
+    assert tiny_cifar(bayes=bayes, norm=norm)(cifar_input()).shape == (B, 10)
+
+
+def test_shortcut_avgpool_then_zero_pad():
+    x = torch.randn(B, 4, 8, 8)
+    y = Shortcut(4, 8, stride=2)(x)
+    assert y.shape == (B, 8, 4, 4)
+    torch.testing.assert_close(y[:, :4], F.avg_pool2d(x, 2))
+    assert torch.all(y[:, 4:] == 0)
+    assert torch.equal(Shortcut(4, 4)(x), x)
+    net = tiny_dvs()
+    shapes = {}
+    for i, blk in enumerate(net.blocks):
+        blk.register_forward_hook(lambda m, a, out, i=i: shapes.__setitem__(i, out.shape))
+    net(dvs_input(hw=16))
+    w = net.widths
+    assert [shapes[i] for i in range(3)] == [
+        (T * B, w[0], 16, 16), (T * B, w[1], 8, 8), (T * B, w[2], 4, 4)
+    ]
+    with pytest.raises(ValueError, match="reduce channels"):
+        Shortcut(8, 4)
+
+
+# ----------------------------------------------------------------------- variance flow
+def _capture_lif_inputs(lif):
+    got = []
+
+    def hook(module, args):
+        var = get_variance(args[0])
+        got.append(None if var is None else var.expand_as(args[0]).clone())
+
+    return got, lif.register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize("stem_pool", [False, True])
+def test_variance_reaching_stem_lif(stem_pool):
+    """Input variance of each LIF step = LRT variance of the conv (affine-free), pooled."""
+    net = tiny_dvs(stem_pool=stem_pool)
+    with torch.no_grad():  # a non-trivial affine must not scale the variance
+        net.stem.norm.weight.uniform_(0.5, 3.0)
+    x = dvs_input()
+    got, handle = _capture_lif_inputs(net.stem.lif)
+    net(x)
+    handle.remove()
+    assert len(got) == T
+    for t in range(T):
+        expected = net.stem.conv.output_variance(x[t])  # s^2 sum x^2 + s_b^2, [B, C, H, W]
+        if stem_pool:  # mean of 4 independent terms: sum(var) / 4^2
+            expected = F.avg_pool2d(expected, 2) / 4
+        torch.testing.assert_close(got[t], expected, rtol=1e-6, atol=1e-7)
+        assert got[t].shape == (B, net.widths[0], *((8, 8) if stem_pool else (16, 16)))
+
+
+def test_variance_reaching_block_lif_uses_spike_input():
+    net = tiny_dvs()
+    x = dvs_input()
+    stem_out = {}
+    net.stem.register_forward_hook(lambda m, a, out: stem_out.update(h=out))
+    blk = net.blocks[1]  # stride-2 block, input = spikes + identity of block 0
+    block_in = {}
+    blk.register_forward_hook(lambda m, a, out: block_in.update(x=a[0]))  # returns None
+    got, _ = _capture_lif_inputs(blk.layer1.lif)
+    net(x)
+    expected = blk.layer1.conv.output_variance(block_in["x"]).reshape(T, B, *got[0].shape[1:])
+    for t in range(T):
+        torch.testing.assert_close(got[t], expected[t], rtol=1e-6, atol=1e-7)
+    assert stem_out["h"].shape[0] == T * B
+
+
+def test_shd_variance_feedforward_plus_recurrent():
+    net = tiny_shd()
+    x = shd_input()
+    got, _ = _capture_lif_inputs(net.lifs[0])
+    spikes = []
+    net.lifs[0].register_forward_hook(lambda m, a, out: spikes.append(out[0]))
+    net(x)
+    assert spikes[0].sum() > 0  # the recurrent term is exercised
+    for t in range(T):
+        expected = net.ff[0].output_variance(x[t])
+        if t > 0:
+            expected = expected + net.rec[0].output_variance(spikes[t - 1])
+        torch.testing.assert_close(got[t], expected, rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------- zero diagonal
+def test_zero_diagonal_recurrent_in_mean_and_variance():
+    n = 6
+    rec = ZeroDiagBayesLinear(n, std=0.3)
+    twin = ZeroDiagLinear(n)
+    with torch.no_grad():  # even a non-zero stored diagonal has no effect
+        rec.weight.copy_(torch.randn(n, n) + 5 * torch.eye(n))
+        twin.weight.copy_(rec.weight)
+    eye = torch.eye(n)
+    mean = rec(eye)  # row i: input = unit i alone
+    var = get_variance(mean).expand_as(mean)
+    assert torch.all(mean.diagonal() == 0) and torch.all(var.diagonal() == 0)
+    off = ~torch.eye(n, dtype=torch.bool)
+    assert torch.all(mean[off] != 0) and torch.allclose(var[off], torch.tensor(0.09))
+    assert torch.all(twin(eye).diagonal() == 0)
+    torch.testing.assert_close(rec.output_variance(eye), var)
+    # the diagonal gets no gradient, so training keeps it at its initial zero
+    fresh = ZeroDiagBayesLinear(n)
+    (fresh(torch.rand(4, n)) ** 2).sum().backward()
+    assert torch.all(fresh.weight.diagonal() == 0) and torch.all(fresh.weight.grad.diagonal() == 0)
+
+
+# ----------------------------------------------------------------------- mean mode / twin
+def _perturb_affines(net, seed=0):
+    """Random affines and 3x weights, so that every layer of the tiny nets spikes."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.weight.mul_(3.0)
+        for m in net.modules():
+            if isinstance(m, sb.ChannelAffine):
+                m.weight.copy_(1.0 + torch.rand(m.weight.shape, generator=g))
+                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
+
+
+@pytest.mark.parametrize(
+    "build, data",
+    [
+        (lambda: tiny_dvs(), dvs_input),
+        (lambda: tiny_shd(norm="affine"), shd_input),
+        (lambda: tiny_shd(), shd_input),
+        (lambda: tiny_cifar(), cifar_input),
+    ],
+)
+def test_mean_mode_deterministic_and_equals_twin(build, data):
+    torch.manual_seed(0)
+    net = build()
+    _perturb_affines(net)
+    twin = net.deterministic_twin()
+    rates = []
+    for m in net.modules():
+        if isinstance(m, sb.LIF):
+            m.register_forward_hook(lambda mod, a, out: rates.append(out[0].mean().item()))
+    assert isinstance(twin, type(net)) and not twin.bayes
+    assert not any(sb.is_bayesian(m) for m in twin.modules())
+    sb.set_mode(net, "mean")
+    x = data()
+    with torch.no_grad():
+        a, b, c = net(x), net(x), twin(x)
+        assert not torch.allclose(a, net(data(1)))  # the output depends on the input
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
+    n_lif = sum(isinstance(m, sb.LIF) for m in net.modules())
+    steps = len(rates) // (3 * n_lif)  # three forwards above
+    per_layer = torch.tensor(rates[: steps * n_lif]).view(n_lif, steps).mean(1)
+    assert torch.all(per_layer > 0), per_layer  # every layer fires: the comparison is not vacuous
+    sb.set_mode(net, "sample")
+    with torch.no_grad():
+        assert not torch.equal(net(x), net(x))  # sample mode is stochastic
+
+
+# ----------------------------------------------------------------------- training
+@pytest.mark.parametrize("bayes", [True, False])
+@pytest.mark.parametrize(
+    "build, data, task, classes",
+    [
+        (tiny_dvs, dvs_input, "dvs_gesture", 11),
+        (tiny_shd, shd_input, "shd", 20),
+        (tiny_cifar, cifar_input, "cifar10", 10),
+    ],
+)
+def test_training_reduces_loss_with_finite_grads(bayes, build, data, task, classes):
+    torch.manual_seed(0)
+    net = build(bayes=bayes)
+    x, y = data(), torch.tensor([1, 3])
+    steps = 25
+    opt, sched = paper_recipe(net, task, total_steps=steps)
+
+    def loss_fn():
+        torch.manual_seed(123)
+        sb.seed_spikes(net, 7)  # the same noise for the before / after comparison
+        return F.cross_entropy(net(x), y)
+
+    with torch.no_grad():
+        before = loss_fn().item()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        for name, p in net.named_parameters():
+            assert p.grad is None or torch.isfinite(p.grad).all(), name
+        opt.step()
+        sched.step()
+    if bayes:  # the variance path trains the per-layer noise scales
+        rho = [p for n, p in net.named_parameters() if n.endswith("std_rho")]
+        assert rho and any(p.grad is not None and p.grad.abs().sum() > 0 for p in rho)
+    with torch.no_grad():
+        after = loss_fn().item()
+    assert math.isfinite(after) and after < before
+
+
+# ----------------------------------------------------------------------- recipe / errors
+def test_paper_recipe_groups_and_cosine():
+    net = tiny_shd()
+    opt, sched = paper_recipe(net, "shd", steps_per_epoch=2)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs == {"weights": 5e-3, "noise": 5e-2}
+    noise = {id(p) for p in opt.param_groups[1]["params"]}
+    assert noise == {id(p) for n, p in net.named_parameters() if n.endswith("std_rho")}
+    assert sched.T_max == 30 * 2
+    for _ in range(30):
+        opt.step()
+        sched.step()
+    assert abs(opt.param_groups[0]["lr"] - 2.5e-3) < 1e-9  # half way: lr_0 / 2
+    with pytest.raises(ValueError, match="task"):
+        paper_recipe(net, "mnist", 10)
+    with pytest.raises(ValueError, match="total_steps"):
+        paper_recipe(net, "shd")
+
+
+def test_bad_inputs_raise_value_error_with_expected_shape():
+    with pytest.raises(ValueError, match=r"\[T, B, 2, H, W\]"):
+        tiny_dvs()(torch.rand(B, 2, 16, 16))
+    with pytest.raises(ValueError, match=r"\[T, B, 2, H, W\]"):
+        tiny_dvs()(torch.rand(T, B, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"\[T=3, B, 2, H, W\]"):
+        tiny_dvs(bayes=False, norm="bn")(dvs_input(t=4))
+    with pytest.raises(ValueError, match=r"\[T, B, 40\]"):
+        tiny_shd()(torch.rand(T, B, 700))
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        tiny_cifar()(torch.rand(1, B, 3, 16, 16))
+    with pytest.raises(ValueError, match="norm='bn'"):
+        tiny_dvs(norm="bn")
+    with pytest.raises(ValueError, match="norm"):
+        tiny_dvs(norm="layer")
+    with pytest.raises(ValueError, match="blocks"):
+        tiny_dvs(blocks=(1, 1))
+
+
+def test_aux_loss_collected_per_lif_and_step():
+    net = tiny_dvs()
+    sb.enable_aux_loss(net)
+    loss = net(dvs_input()).sum()
+    aux = sb.aux_loss(net)
+    assert aux.ndim == 0 and torch.isfinite(aux) and aux > 0
+    (loss + 1e-6 * aux).backward()
+    assert torch.isfinite(net.stem.conv.std_rho.grad)
