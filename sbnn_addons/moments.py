@@ -375,37 +375,68 @@ def no_variance_flow() -> Iterator[None]:
 
 
 class _FlowHooks:
-    """Forward pre-/post-hooks that enter and leave one :class:`VarianceFlow` per call."""
+    """Hooks that keep one :class:`VarianceFlow` active during each call of the root module,
+    paused inside *opaque* modules (which track their own moments explicitly)."""
 
     def __init__(self) -> None:
-        self.stack: list[VarianceFlow] = []
+        self.stack: list[tuple[VarianceFlow, list[bool]]] = []
 
     def enter(self, module, args):
         mode = VarianceFlow()
         mode.__enter__()
-        self.stack.append(mode)
+        self.stack.append((mode, [False]))
 
     def leave(self, module, args, output):
-        self.stack.pop().__exit__(None, None, None)
+        mode, paused = self.stack.pop()
+        if not paused[0]:
+            mode.__exit__(None, None, None)
+
+    def pause(self, module, args):
+        if self.stack and not self.stack[-1][1][0]:
+            mode, paused = self.stack[-1]
+            mode.__exit__(None, None, None)
+            paused[0] = True
+
+    def resume(self, module, args, output):
+        if self.stack and self.stack[-1][1][0]:
+            mode, paused = self.stack[-1]
+            mode.__enter__()
+            paused[0] = False
 
 
-def track_variance(model: nn.Module) -> nn.Module:
+def track_variance(model: nn.Module, opaque=()) -> nn.Module:
     """Make every call of ``model`` run inside a :class:`VarianceFlow`.
+
+    Args:
+        model: the root module; the flow is entered and left by its forward hooks.
+        opaque: submodules whose internals run **without** the flow (it is paused from
+            their forward pre-hook to their forward hook). The adapters pass the converted
+            neurons, which track their own variance explicitly; this keeps the per-op cost
+            of the flow out of the neurons' inner updates.
 
     Idempotent; the adapters call it on the converted model. Returns ``model``.
     """
     if getattr(model, "_sbnn_flow_handles", None):
         return model
     hooks = _FlowHooks()
-    pre = model.register_forward_pre_hook(hooks.enter)
-    post = model.register_forward_hook(hooks.leave, always_call=True)
-    model._sbnn_flow_handles = (pre, post)
+    handles = [
+        model.register_forward_pre_hook(hooks.enter),
+        model.register_forward_hook(hooks.leave, always_call=True),
+    ]
+    for m in opaque:
+        handles.append(m.register_forward_pre_hook(hooks.pause))
+        handles.append(m.register_forward_hook(hooks.resume, always_call=True))
+    model._sbnn_flow_handles = tuple(handles)
     return model
 
 
 def untrack_variance(model: nn.Module) -> nn.Module:
-    """Remove the hooks installed by :func:`track_variance`."""
-    for handle in getattr(model, "_sbnn_flow_handles", ()) or ():
-        handle.remove()
-    model._sbnn_flow_handles = None
+    """Remove the hooks installed by :func:`track_variance` (from every submodule)."""
+    for m in model.modules():
+        for hooks in (m._forward_pre_hooks, m._forward_hooks):
+            for key in [k for k, h in hooks.items() if isinstance(getattr(h, "__self__", None),
+                                                                  _FlowHooks)]:
+                del hooks[key]
+                m._forward_hooks_always_called.pop(key, None)
+    model.__dict__.pop("_sbnn_flow_handles", None)
     return model

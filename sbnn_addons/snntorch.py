@@ -41,9 +41,9 @@ from .estimators import Estimator
 from .layers import BayesConv1d, BayesConv2d, BayesLinear, ChannelAffine, is_bayesian
 from .losses import enable_aux_loss
 from .moments import (
+    VarianceFlow,
     attach_variance,
     get_variance,
-    no_variance_flow,
     track_variance,
     untrack_variance,
 )
@@ -96,18 +96,26 @@ def spike_grad(
 
 # --------------------------------------------------------------------------- neurons
 class _EmittedSpikeReset:
-    """Mixin: the reset signal is the spike emitted from the same membrane tensor."""
+    """Mixin of the converted neurons: explicit moments and reset = emitted spike.
+
+    The model-wide variance flow is paused inside the neuron (see
+    :func:`sbnn_addons.moments.track_variance`); only the neuron's state update runs in a
+    local :class:`~sbnn_addons.moments.VarianceFlow`, so the membrane carries
+    ``V_t = beta^2 V_{t-1} + var(I_t)`` (``+ var`` of the recurrent current for ``RLeaky``).
+    """
+
+    def _sbnn_state_update(self, input_: Tensor) -> Tensor:
+        with VarianceFlow():
+            return self._sbnn_host_state(input_)
 
     def fire(self, mem: Tensor) -> Tensor:
-        source = mem
-        if self.state_quant:
-            mem = self.state_quant(mem)
-        raw = self.spike_grad(mem - self.threshold)
-        self.__dict__[_CACHE] = (source, raw)
+        u = attach_variance(mem - self.threshold, get_variance(mem))
+        raw = self.spike_grad(u)
+        self.__dict__[_CACHE] = (mem, raw)
         return raw * self.graded_spikes_factor
 
     def fire_inhibition(self, batch_size: int, mem: Tensor) -> Tensor:
-        mem_shift = mem - self.threshold
+        mem_shift = attach_variance(mem - self.threshold, get_variance(mem))
         index = torch.argmax(mem_shift, dim=1)
         raw = self.spike_grad(mem_shift)
         # snnTorch's reset ignores the inhibition mask: keep that behaviour.
@@ -120,12 +128,24 @@ class _EmittedSpikeReset:
         cached = self.__dict__.get(_CACHE)
         if cached is not None and cached[0] is mem:
             return cached[1].clone().detach()
-        with no_variance_flow():
-            return (mem.detach() - self.threshold > 0).to(mem.dtype)
+        return (mem.detach() - self.threshold > 0).to(mem.dtype)
 
     def reset_mem(self):
         self.__dict__.pop(_CACHE, None)
         return super().reset_mem()
+
+
+def _link_state_update(m: nn.Module) -> None:
+    """Route the neuron's bound ``state_function`` through ``_sbnn_state_update``."""
+    fn = m.__dict__.get("_sbnn_host_state") or m.state_function
+    m._sbnn_host_state = getattr(m, fn.__func__.__name__)  # re-bound through the subclass
+    m.state_function = m._sbnn_state_update
+
+
+def _unlink_state_update(m: nn.Module) -> None:
+    host = m.__dict__.pop("_sbnn_host_state", None)
+    if host is not None:
+        m.state_function = getattr(m, host.__func__.__name__)
 
 
 class SBNNLeaky(_EmittedSpikeReset, snn.Leaky):
@@ -160,6 +180,18 @@ def _is_snn_neuron(m: nn.Module) -> bool:
 def _check_neuron(name: str, m: nn.Module) -> None:
     cls = type(m)
     if cls in _TO_SBNN:
+        if not m.reset_delay:
+            raise ValueError(
+                f"module '{name}' uses reset_delay=False, which to_sbnn does not support (its "
+                "same-step correction is applied outside the state update, so the tracked "
+                "variance would be lost); build the neuron with the default reset_delay=True"
+            )
+        if m.state_quant:
+            raise ValueError(
+                f"module '{name}' uses state_quant, which to_sbnn does not support (the effect "
+                "of quantising the membrane on its noise variance is not defined); remove "
+                "state_quant before converting"
+            )
         return
     supported = ", ".join(f"snn.{n}" for n in SUPPORTED_NEURONS)
     if cls is snn.Synaptic:
@@ -380,8 +412,9 @@ def to_sbnn(
                 fn = fn.to(thr.device)
             m.__dict__.pop("spike_grad", None)
             m.spike_grad = fn
+            _link_state_update(m)
     reset(out)
-    track_variance(out)
+    track_variance(out, opaque=[m for m in out.modules() if type(m) in _TO_PLAIN])
     if aux_loss:
         enable_aux_loss(out)
     return out
@@ -445,6 +478,7 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
     for m in out.modules():
         if type(m) in _TO_PLAIN:
             m.__class__ = _TO_PLAIN[type(m)]
+            _unlink_state_update(m)
             m.__dict__.pop(_CACHE, None)
             m._modules.pop("spike_grad", None)
             m.spike_grad = surrogate.atan() if spike_grad is None else spike_grad
