@@ -491,7 +491,10 @@ def to_sbnn(
             "nn.Conv1d/nn.Conv2d (check include/exclude) and no supported neuron"
         )
     reset(model)
-    track_variance(model)
+    # linked neurons track their variance themselves: pause the flow inside them
+    linked = [m for m in model.modules() if isinstance(getattr(m, "surrogate_function", None),
+                                                       SJSpike) and m.surrogate_function._linked]
+    track_variance(model, opaque=linked)
     if aux_loss:
         enable_aux_loss(model)
     return model
