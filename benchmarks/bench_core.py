@@ -91,7 +91,8 @@ class SpikingNet(nn.Module):
                     h = h.flatten(1)
                 cur = layer(h)
                 if self.kind == "conv" and i < 2:
-                    cur = F.avg_pool2d(cur, 2)
+                    with sb.variance_flow():  # carries the variance through the pooling
+                        cur = F.avg_pool2d(cur, 2)
                 var = sb.get_variance(cur)
                 mems[i] = cur if mems[i] is None else self.beta * mems[i] + cur
                 if var is not None:
@@ -107,12 +108,7 @@ class SpikingNet(nn.Module):
 def _step_fn(net, x, y):
     def step():
         net.zero_grad(set_to_none=True)
-        if net.kind == "conv" and net.bayes:
-            with sb.variance_flow():
-                loss = F.cross_entropy(net(x), y)
-        else:
-            loss = F.cross_entropy(net(x), y)
-        loss.backward()
+        F.cross_entropy(net(x), y).backward()
 
     return step
 
