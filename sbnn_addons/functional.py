@@ -157,7 +157,7 @@ def estimator_jacobian(
     else:  # validated upstream; kept for direct callers
         raise ValueError(f"kind must be 'st', 'iwst' or 'agr', got {kind!r}")
     jac = jac / sig
-    return torch.where(sigma > 0, jac, torch.zeros_like(jac))
+    return torch.where(sigma > 0, jac, 0.0)
 
 
 def exact_unit_gradient(u: Tensor, sigma: Tensor, f0: Tensor, f1: Tensor) -> tuple[Tensor, Tensor]:
@@ -208,8 +208,7 @@ class _SafeSqrt(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         (out,) = ctx.saved_tensors
-        safe = torch.where(out > 0, out, torch.ones_like(out))
-        return torch.where(out > 0, grad / (2.0 * safe), torch.zeros_like(grad))
+        return torch.where(out > 0, grad / (2.0 * out.clamp_min(1e-30)), 0.0)
 
     generate_vmap_rule = True
 

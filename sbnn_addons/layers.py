@@ -122,7 +122,9 @@ class _BayesMixin(SBNNModule):
         var = self._output_variance(x_in * x_in, self.std)
         if self.bias_noise:
             var = var + self.bias_std**2
-        return attach_variance(mean, var.expand_as(mean))
+        # broadcastable to the mean (e.g. [N, 1, H, W] with a per-layer std): consumers
+        # broadcast it, and channel-independent ops (avg-pool) stay C times cheaper
+        return attach_variance(mean, var)
 
     def output_variance(self, x: Tensor) -> Tensor:
         """LRT variance ``var(a) = sum_i s_i^2 x_i^2 (+ s_b^2)`` of the output, full shape."""

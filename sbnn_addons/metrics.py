@@ -1,6 +1,8 @@
 """Classification and calibration metrics of a predictive distribution.
 
 ECE uses torchmetrics' ``multiclass_calibration_error`` (15 equal-width bins, L1).
+Adaptive ECE (equal-mass bins), OOD AUROC / FPR@95%TPR (torchmetrics ROC) and spike /
+SynOps counting (:class:`SpikeMonitor`) serve :mod:`sbnn_addons.uncertainty`.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["check_probabilities", "negative_log_likelihood", "brier_score",
-           "expected_calibration_error", "classification_metrics"]
+           "expected_calibration_error", "classification_metrics",
+           "adaptive_calibration_error", "ood_metrics", "layer_synops", "SpikeMonitor"]
 
 
 def check_probabilities(probs: Tensor, targets: Tensor, atol: float = 1e-4) -> None:
@@ -64,3 +67,215 @@ def classification_metrics(probs: Tensor, targets: Tensor) -> dict[str, float]:
         "brier": float(brier_score(probs, targets)),
         "ece": float(expected_calibration_error(probs, targets)),
     }
+
+
+# --------------------------------------------------------------------------- calibration
+def adaptive_calibration_error(probs: Tensor, targets: Tensor, n_bins: int = 15) -> Tensor:
+    """Adaptive ECE: equal-mass confidence bins (torchmetrics has only equal-width bins).
+
+    .. code-block:: text
+
+        sort the N examples by confidence c_n = max_c p_nc, split them into n_bins bins of
+        (nearly) equal size (sizes differ by at most one),
+        ACE = sum_b |B_b| / N * | acc(B_b) - mean conf(B_b) |
+
+    Args:
+        probs: predictive probabilities ``[N, C]`` (rows sum to one).
+        targets: integer labels ``[N]``.
+        n_bins: number of bins ``>= 1`` (bins are never empty: at most ``N`` are used).
+
+    Returns:
+        Scalar tensor.
+    """
+    check_probabilities(probs, targets)
+    if not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
+    n = probs.shape[0]
+    if n == 0:
+        return probs.new_zeros(())
+    conf, pred = probs.max(-1)
+    correct = (pred == targets).to(probs.dtype)
+    order = torch.argsort(conf, stable=True)
+    total = probs.new_zeros(())
+    for idx in torch.tensor_split(order, min(n_bins, n)):
+        total = total + (correct[idx].sum() - conf[idx].sum()).abs()
+    return total / n
+
+
+# --------------------------------------------------------------------------- OOD
+def _check_scores(name: str, scores: Tensor) -> Tensor:
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(scores).__name__}")
+    if scores.dim() != 1 or scores.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D tensor [N], got {tuple(scores.shape)}")
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"{name} contains NaN or inf scores")
+    return scores.detach().double()
+
+
+def ood_metrics(scores_in: Tensor, scores_out: Tensor) -> dict[str, float]:
+    """Out-of-distribution detection quality of an uncertainty score.
+
+    Convention: a **higher** score means "more likely out-of-distribution" (predictive
+    entropy, mutual information). In-distribution examples are the positives of the
+    FPR@95%TPR (the usual OOD convention, Hendrycks & Gimpel 2017): the threshold keeps
+    95 % of the in-distribution examples, and ``fpr95`` is the fraction of
+    out-of-distribution examples that it also keeps.
+
+    .. code-block:: text
+
+        auroc = P(score_out > score_in) + P(tie) / 2       (torchmetrics binary_auroc)
+        fpr95 = min { FPR(t) : TPR(t) >= 0.95 }             (torchmetrics binary_roc)
+
+    Args:
+        scores_in: scores of in-distribution examples ``[N_in]``.
+        scores_out: scores of out-of-distribution examples ``[N_out]``.
+
+    Returns:
+        ``{"auroc": float, "fpr95": float}``; AUROC 1 and FPR95 0 are perfect.
+    """
+    from torchmetrics.functional.classification import binary_auroc, binary_roc
+
+    s_in, s_out = _check_scores("scores_in", scores_in), _check_scores("scores_out", scores_out)
+    scores = torch.cat([s_in, s_out])
+    is_out = torch.cat([torch.zeros_like(s_in), torch.ones_like(s_out)]).long()
+    auroc = binary_auroc(scores, is_out)
+    # in-distribution positives, ranked by -score ("more in-distribution")
+    fpr, tpr, _ = binary_roc(-scores, 1 - is_out)
+    fpr95 = fpr[tpr >= 0.95 - 1e-12].min()
+    return {"auroc": float(auroc), "fpr95": float(fpr95)}
+
+
+# --------------------------------------------------------------------------- spikes, SynOps
+_WEIGHT_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+
+
+def layer_synops(layer: torch.nn.Module, x: Tensor) -> Tensor:
+    """Synaptic operations of one weight-layer call: one per (non-zero input, synapse).
+
+    .. code-block:: text
+
+        Linear:  SynOps = nnz(x) * out_features
+        Conv:    SynOps = sum over output positions of nnz(x in the receptive field)
+                          * out_channels / groups    (exact at the borders)
+
+    For binary spike inputs this is ``sum over spikes of the spike's fan-out``.
+
+    Args:
+        layer: ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d`` (or a subclass).
+        x: the layer's input (``[*, in_features]`` or ``[N, C, (H,) W]``).
+
+    Returns:
+        Scalar float64 tensor.
+    """
+    nz = (x.detach() != 0).to(torch.float32)
+    if isinstance(layer, torch.nn.Linear):
+        return nz.sum().double() * layer.out_features
+    if not isinstance(layer, (torch.nn.Conv1d, torch.nn.Conv2d)):
+        raise TypeError(f"layer must be Linear/Conv1d/Conv2d, got {type(layer).__name__}")
+    conv = torch.nn.functional.conv1d if isinstance(layer, torch.nn.Conv1d) else (
+        torch.nn.functional.conv2d)
+    spatial = 1 if isinstance(layer, torch.nn.Conv1d) else 2
+    if nz.dim() == spatial + 1:  # unbatched
+        nz = nz.unsqueeze(0)
+    g = layer.groups
+    nz = nz.unflatten(1, (g, nz.shape[1] // g)).sum(2)  # [N, groups, *spatial]
+    padding = layer.padding if isinstance(layer.padding, str) else tuple(layer.padding)
+    ones = nz.new_ones((g, 1, *layer.kernel_size))
+    counts = conv(nz, ones, stride=layer.stride, padding=padding, dilation=layer.dilation,
+                  groups=g)
+    return counts.sum().double() * (layer.out_channels // g)
+
+
+class SpikeMonitor:
+    """Count the spikes of every :class:`~sbnn_addons.IWSTSpike` and the SynOps of every
+    weight layer while a model runs.
+
+    Used as a context manager; the counters accumulate over every call inside it::
+
+        with SpikeMonitor(model) as mon:
+            model(x)
+        mon.counts     # {layer name: spikes emitted}       (float64 scalars)
+        mon.units      # {layer name: unit-steps evaluated} (ints, batch included)
+        mon.synops     # {weight-layer name: SynOps}
+
+    Spikes are counted at :meth:`IWSTSpike.fire`, which every entry point of the spike
+    function goes through (``forward``, snnTorch / SpikingJelly neurons, and the
+    framework-free :class:`~sbnn_addons.LIF`, which calls ``fire`` directly and would
+    escape a forward hook); the monitor wraps that method on the instances and restores
+    it on exit. Weight layers are observed with forward pre-hooks.
+
+    Args:
+        model: any module containing ``IWSTSpike`` modules and/or weight layers.
+        synops: count SynOps at ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` layers
+            (Bayesian layers included).
+        spiking_inputs_only: count SynOps only for calls whose input is binary (spikes);
+            a layer fed with analogue values (e.g. the encoder layer) performs MACs, not
+            SynOps, and is skipped.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, synops: bool = True,
+                 spiking_inputs_only: bool = True) -> None:
+        from .spike import IWSTSpike
+
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.count_synops = synops
+        self.spiking_inputs_only = spiking_inputs_only
+        self._spikes = [(n, m) for n, m in model.named_modules() if isinstance(m, IWSTSpike)]
+        self._layers = [(n, m) for n, m in model.named_modules()
+                        if synops and isinstance(m, _WEIGHT_LAYERS)]
+        self._handles: list = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero every counter."""
+        self.counts: dict[str, Tensor] = {n: torch.zeros((), dtype=torch.float64)
+                                          for n, _ in self._spikes}
+        self.units: dict[str, int] = {n: 0 for n, _ in self._spikes}
+        self.synops: dict[str, Tensor] = {n: torch.zeros((), dtype=torch.float64)
+                                          for n, _ in self._layers}
+
+    def __enter__(self) -> SpikeMonitor:
+        for name, m in self._spikes:
+            original = m.fire  # bound method
+
+            def fire(u, variance, _orig=original, _name=name):
+                out = _orig(u, variance)
+                self.counts[_name] = self.counts[_name] + out.detach().sum().double().cpu()
+                self.units[_name] += out.numel()
+                return out
+
+            m.__dict__["fire"] = fire  # instance attribute shadows the method
+        for name, m in self._layers:
+            def pre(mod, args, _name=name):
+                x = args[0] if args else None
+                if not isinstance(x, Tensor):
+                    return
+                if self.spiking_inputs_only and not bool(((x == 0) | (x == 1)).all()):
+                    return
+                self.synops[_name] = self.synops[_name] + layer_synops(mod, x).cpu()
+
+            self._handles.append(m.register_forward_pre_hook(pre))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for _, m in self._spikes:
+            m.__dict__.pop("fire", None)
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def total_spikes(self) -> float:
+        """Spikes of all layers."""
+        return float(sum(self.counts.values())) if self.counts else 0.0
+
+    def total_synops(self) -> float:
+        """SynOps of all weight layers."""
+        return float(sum(self.synops.values())) if self.synops else 0.0
+
+    def spike_rates(self) -> dict[str, float]:
+        """Per layer: spikes / unit-steps (the firing probability per unit and step)."""
+        return {n: float(self.counts[n]) / self.units[n] if self.units[n] else 0.0
+                for n in self.counts}

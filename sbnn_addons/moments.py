@@ -223,7 +223,9 @@ def _spatial_dims(func) -> int:
 
 @register_variance_rule("avg_pool1d", "avg_pool2d", "avg_pool3d")
 def _avg_pool(func, args, kwargs, out, var_of):
-    var = var_of(args[0]).expand_as(args[0])
+    var = var_of(args[0])
+    if var.dim() != args[0].dim():  # pooling acts on the trailing dims; size-1 dims broadcast
+        var = var.expand_as(args[0])
     kernel = _pool_arg(args, kwargs, 1, "kernel_size")
     kernel = tuple(kernel) if isinstance(kernel, (tuple, list)) else (kernel,)
     k = kernel[0] ** _spatial_dims(func) if len(kernel) == 1 else math.prod(kernel)

@@ -171,7 +171,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         centre = u + self.threshold if self.aux_center == "zero" else u
         sigma = sigma.expand_as(u)
         z = centre.float() / sigma.float().clamp_min(SIGMA_MIN)
-        z2 = torch.where(sigma > 0, z * z, torch.zeros_like(z))
+        z2 = torch.where(sigma > 0, z * z, 0.0)
         batch = u.shape[self.batch_dim] if u.dim() > self.batch_dim else 1
         return z2.sum() / max(batch, 1)
 

@@ -66,12 +66,14 @@ def save_plots(rows: list[dict], out_dir: Path) -> list[Path]:
                              gridspec_kw={"height_ratios": [3, 1]})
     for i, (r, lab) in enumerate(zip(rows, labels)):
         conf, acc, count = reliability_curve(r["_probs"], r["_targets"])
-        centres = (torch.arange(15) + 0.5) / 15
-        axes[0, i].bar(centres, acc, width=1 / 15, edgecolor="k", alpha=0.7, label="accuracy")
+        centres = ((torch.arange(15) + 0.5) / 15).tolist()
+        axes[0, i].bar(centres, acc.tolist(), width=1 / 15, edgecolor="k", alpha=0.7,
+                       label="accuracy")
         axes[0, i].plot([0, 1], [0, 1], "k--", lw=1)
         axes[0, i].set(title=f"{lab}\nECE {r['ece']:.3f}", xlim=(0, 1), ylim=(0, 1),
                        xlabel="confidence", ylabel="accuracy")
-        axes[1, i].bar(centres, count / count.sum(), width=1 / 15, color="tab:gray")
+        axes[1, i].bar(centres, (count / count.sum()).tolist(), width=1 / 15,
+                       color="tab:gray")
         axes[1, i].set(xlim=(0, 1), xlabel="confidence", ylabel="fraction")
     fig.tight_layout()
     paths.append(out_dir / "reliability.png")

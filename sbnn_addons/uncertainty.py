@@ -1,0 +1,515 @@
+"""Predictive uncertainty of a Spiking Bayesian network (SPEC section 7, ``mc(K)``).
+
+.. code-block:: python
+
+    from sbnn_addons.uncertainty import predict
+
+    pred = predict(model, x, num_samples=20)     # K stochastic passes in "mc" mode
+    pred.probs               # [B, C]  mean predictive distribution
+    pred.entropy             # [B]     total uncertainty  H[p]
+    pred.mutual_information  # [B]     epistemic part     H[p] - mean_k H[p_k]
+    pred.spike_counts        # [K]     spikes emitted in each pass (all layers)
+    pred.synops              # [K]     synaptic operations of each pass
+
+With ``p_k = softmax(f_k(x))`` the prediction of the ``k``-th stochastic pass:
+
+.. code-block:: text
+
+    p(y|x)   = 1/K sum_k p_k                         (mean predictive distribution)
+    H[p]     = - sum_c p_c log p_c                   (predictive entropy, nats)
+    E[H]     = 1/K sum_k H[p_k]                      (expected entropy: aleatoric part)
+    MI       = H[p] - E[H] >= 0                      (mutual information: epistemic part)
+
+Works with converted snnTorch and SpikingJelly models and with any module built from the
+core (:class:`~sbnn_addons.IWSTSpike`, :class:`~sbnn_addons.LIF`, Bayesian layers). The
+plot helpers at the end need matplotlib (``pip install "sbnn_addons[plot]"``) and write
+PNG files with the ``Agg`` backend.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .metrics import (
+    SpikeMonitor,
+    check_probabilities,
+    expected_calibration_error,
+    negative_log_likelihood,
+)
+from .modes import mode as _mode
+from .spike import seed_spikes
+
+__all__ = [
+    "Prediction",
+    "predict",
+    "time_as_samples",
+    "from_sample_probs",
+    "entropy",
+    "default_reset",
+    "metrics_vs_samples",
+    "plot_reliability",
+    "plot_entropy_histograms",
+    "plot_metrics_vs_samples",
+]
+
+_TINY = 1e-12
+
+
+@dataclass
+class Prediction:
+    """Result of :func:`predict` / :func:`time_as_samples`.
+
+    Attributes:
+        probs: mean predictive distribution ``[B, C]``.
+        entropy: predictive entropy ``H[p]`` in nats ``[B]``.
+        expected_entropy: ``1/K sum_k H[p_k]`` (aleatoric part) ``[B]``.
+        mutual_information: ``H[p] - E[H]`` (epistemic part, clamped at 0) ``[B]``.
+        sample_probs: per-sample probabilities ``[K, B, C]`` (``None`` unless requested).
+        num_samples: ``K``.
+        spike_counts: spikes emitted in each pass, all layers, whole batch ``[K]``
+            (``None`` when not counted).
+        layer_spike_counts: per ``IWSTSpike`` (qualified module name): ``[K]``.
+        layer_units: per ``IWSTSpike``: unit-steps evaluated in one pass (batch included),
+            the denominator of the spike rate.
+        synops: synaptic operations of each pass ``[K]`` (see
+            :func:`sbnn_addons.metrics.layer_synops`), ``None`` when not counted.
+        layer_synops: per weight layer: ``[K]``.
+    """
+
+    probs: Tensor
+    entropy: Tensor
+    expected_entropy: Tensor
+    mutual_information: Tensor
+    sample_probs: Tensor | None
+    num_samples: int
+    spike_counts: Tensor | None = None
+    layer_spike_counts: dict[str, Tensor] = field(default_factory=dict)
+    layer_units: dict[str, int] = field(default_factory=dict)
+    synops: Tensor | None = None
+    layer_synops: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        """``B``."""
+        return self.probs.shape[0]
+
+    def spike_rates(self) -> dict[str, float]:
+        """Per layer: mean spikes per unit and time step over the K passes."""
+        return {n: float(c.sum()) / (self.layer_units[n] * self.num_samples)
+                if self.layer_units.get(n) else 0.0
+                for n, c in self.layer_spike_counts.items()}
+
+    def synops_per_example(self) -> float:
+        """SynOps of the whole ``mc(K)`` prediction per input example: ``sum_k SynOps_k / B``
+        (K times the cost of one pass)."""
+        if self.synops is None:
+            return float("nan")
+        return float(self.synops.sum()) / max(self.batch_size, 1)
+
+
+# --------------------------------------------------------------------------- maths
+def entropy(probs: Tensor, dim: int = -1) -> Tensor:
+    """Shannon entropy ``-sum p log p`` in nats along ``dim`` (``0 log 0 = 0``)."""
+    return -(probs * probs.clamp_min(_TINY).log()).sum(dim)
+
+
+def from_sample_probs(sample_probs: Tensor, *, keep_samples: bool = True) -> Prediction:
+    """Build a :class:`Prediction` from per-sample probabilities ``[K, B, C]``.
+
+    Raises:
+        ValueError: not 3-D, ``K < 1``, or rows that do not sum to one.
+    """
+    if not isinstance(sample_probs, Tensor) or not sample_probs.is_floating_point():
+        raise TypeError("sample_probs must be a floating-point tensor [K, B, C]")
+    if sample_probs.dim() != 3:
+        raise ValueError(
+            f"sample_probs must be [K, B, C], got shape {tuple(sample_probs.shape)}")
+    if sample_probs.shape[0] < 1:
+        raise ValueError("sample_probs needs K >= 1 samples (dimension 0 is empty)")
+    sums = sample_probs.sum(-1)
+    if sample_probs.numel() and not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
+        raise ValueError("sample_probs rows must sum to one (pass softmax probabilities)")
+    probs = sample_probs.mean(0)
+    h = entropy(probs)
+    eh = entropy(sample_probs).mean(0)
+    return Prediction(probs=probs, entropy=h, expected_entropy=eh,
+                      mutual_information=(h - eh).clamp_min(0.0),
+                      sample_probs=sample_probs if keep_samples else None,
+                      num_samples=sample_probs.shape[0])
+
+
+def time_as_samples(per_step_logits: Tensor) -> Prediction:
+    """The "time as samples" variant: read the per-step outputs of **one** pass as samples.
+
+    .. code-block:: text
+
+        p_t = softmax(logits_t),  p = 1/T sum_t p_t,  MI = H[p] - 1/T sum_t H[p_t]
+
+    Costs one pass instead of K, but the T samples are correlated through the membrane
+    state (and differ also because the input changes over time), so its MI mixes temporal
+    variability with epistemic uncertainty.
+
+    Args:
+        per_step_logits: ``[T, B, C]`` logits (or membrane potentials) of each time step.
+
+    Returns:
+        :class:`Prediction` with ``num_samples = T`` and ``sample_probs [T, B, C]``.
+    """
+    if not isinstance(per_step_logits, Tensor) or per_step_logits.dim() != 3:
+        shape = getattr(per_step_logits, "shape", None)
+        raise ValueError(f"per_step_logits must be a tensor [T, B, C], got shape {shape}")
+    if per_step_logits.shape[0] < 1:
+        raise ValueError("per_step_logits needs T >= 1 time steps")
+    return from_sample_probs(torch.softmax(per_step_logits.float(), -1))
+
+
+# --------------------------------------------------------------------------- predict
+def _host_kind(model: nn.Module) -> tuple[bool, bool]:
+    """(has snnTorch neurons, has SpikingJelly neurons), without importing either."""
+    snn = sj = False
+    for m in model.modules():
+        for cls in type(m).__mro__:
+            mod = cls.__module__
+            if mod.startswith("snntorch") or mod == "sbnn_addons.snntorch":
+                snn = True
+            elif mod.startswith("spikingjelly") or mod == "sbnn_addons.spikingjelly":
+                sj = True
+    return snn, sj
+
+
+def default_reset(model: nn.Module) -> Callable[[nn.Module], object]:
+    """The state reset :func:`predict` uses when none is given.
+
+    ``sbnn_addons.snntorch.reset`` if the model contains snnTorch neurons,
+    ``sbnn_addons.spikingjelly.reset`` if it contains SpikingJelly modules (both when it
+    has both), else a no-op. Detection reads the classes' module names, so neither host
+    library is imported unless the model already uses it.
+    """
+    snn, sj = _host_kind(model)
+    fns = []
+    if snn:
+        from .snntorch import reset as snn_reset
+
+        fns.append(snn_reset)
+    if sj:
+        from .spikingjelly import reset as sj_reset
+
+        fns.append(sj_reset)
+
+    def reset(m: nn.Module) -> None:
+        for fn in fns:
+            fn(m)
+
+    return reset
+
+
+def _check_logits(logits, rows: int) -> Tensor:
+    if not isinstance(logits, Tensor):
+        raise TypeError(
+            f"the forward pass returned {type(logits).__name__}, not a logits tensor [B, C]; "
+            "pass forward=lambda model, x: ... that returns the logits (e.g. "
+            "lambda m, x: m(x)[1].mean(0) for an snnTorch model returning (spk, mem))"
+        )
+    if logits.dim() != 2 or logits.shape[0] != rows:
+        raise ValueError(
+            f"the forward pass must return logits [B, C] with B = {rows}, got shape "
+            f"{tuple(logits.shape)}; pass forward= that reduces the time dimension"
+        )
+    return logits
+
+
+def predict(
+    model: nn.Module,
+    inputs: Tensor,
+    *,
+    num_samples: int = 10,
+    forward: Callable[[nn.Module, Tensor], Tensor] | None = None,
+    reset: Callable[[nn.Module], object] | None = None,
+    chunk_size: int | None = None,
+    fold: bool = False,
+    batch_dim: int = 0,
+    eval_mode: str = "mc",
+    seed: int | None = None,
+    return_samples: bool = True,
+    count_spikes: bool = True,
+    synops: bool = True,
+) -> Prediction:
+    """Monte Carlo predictive distribution and uncertainty from ``K`` stochastic passes.
+
+    .. code-block:: text
+
+        p_k = softmax(forward(model, inputs))      k = 1..K, model in "mc" mode
+        p   = 1/K sum_k p_k,   H[p],   MI = H[p] - 1/K sum_k H[p_k]
+
+    Runs under ``torch.no_grad()``. Before each pass the neuron states are reset.
+
+    Memory stays bounded by ``chunk_size``: the passes are processed ``chunk_size`` at a
+    time and only ``[K, B, C]`` probabilities are kept. Without ``fold`` every pass is a
+    separate call (``chunk_size`` only groups them; the result does not depend on it).
+    With ``fold=True`` the samples of one chunk are folded into the batch: the input is
+    repeated ``chunk_size`` times along ``batch_dim`` (default chunk: all ``K``), one call
+    evaluates them all, and the output ``[chunk * B, C]`` is split back. Folding is faster
+    (larger matrix products) but uses ``chunk_size`` times the activation memory, and the
+    random numbers are drawn in a different order, so with a seed it gives other (equally
+    distributed) samples than ``fold=False``, and its result depends on ``chunk_size``.
+    With ``fold=True`` the per-pass spike and SynOps counts are the chunk's average.
+
+    Args:
+        model: converted snnTorch / SpikingJelly model or a core-only module.
+        inputs: the model's input (e.g. ``[T, B, ...]`` for an snnTorch time loop).
+        num_samples: ``K >= 1``.
+        forward: ``(model, inputs) -> logits [B, C]``, for models whose call is not
+            ``model(inputs)`` or does not return logits (e.g. snnTorch models returning
+            ``(spk, mem)`` records: ``lambda m, x: m(x)[1].mean(0)``).
+        reset: ``(model) -> None`` resetting neuron states between passes (default:
+            :func:`default_reset`).
+        chunk_size: passes per chunk (``None``: ``K`` with ``fold``, 1 without).
+        fold: fold the samples of a chunk into the batch (see above).
+        batch_dim: dimension of ``inputs`` that indexes examples (1 for ``[T, B, ...]``);
+            used by ``fold`` only.
+        eval_mode: ``"mc"`` (default), or ``"mean"`` (K identical deterministic passes,
+            a baseline: MI = 0) or ``"sample"``.
+        seed: if given, :func:`~sbnn_addons.seed_spikes` ``(model, seed)`` first, for
+            exact replay.
+        return_samples: keep ``sample_probs [K, B, C]``.
+        count_spikes: record per-pass spike counts of every ``IWSTSpike`` (and SynOps).
+        synops: count SynOps at the weight layers (needs ``count_spikes``).
+
+    Returns:
+        :class:`Prediction`.
+
+    Raises:
+        ValueError: ``num_samples < 1``, bad ``chunk_size``, logits of the wrong shape.
+        TypeError: the forward pass does not return a tensor.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples (K) must be an integer >= 1, got {num_samples!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if chunk_size is None:
+        chunk_size = num_samples if fold else 1
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
+    chunk_size = min(chunk_size, num_samples)
+    forward = forward if forward is not None else (lambda m, x: m(x))
+    reset = reset if reset is not None else default_reset(model)
+    if seed is not None:
+        seed_spikes(model, seed)
+    if fold:
+        if not isinstance(inputs, Tensor):
+            raise TypeError("fold=True needs inputs to be a tensor")
+        if not -inputs.dim() <= batch_dim < inputs.dim():
+            raise ValueError(f"batch_dim={batch_dim} is out of range for inputs of shape "
+                             f"{tuple(inputs.shape)}")
+        rows = inputs.shape[batch_dim]
+    else:
+        rows = None
+
+    monitor = SpikeMonitor(model, synops=synops) if count_spikes else None
+    samples: list[Tensor] = []
+    spikes: dict[str, list[float]] = {}
+    ops: dict[str, list[float]] = {}
+    units: dict[str, int] = {}
+
+    def record(mon: SpikeMonitor, reps: int) -> None:
+        for n, c in mon.counts.items():
+            spikes.setdefault(n, []).extend([float(c) / reps] * reps)
+            units[n] = mon.units[n] // reps
+        for n, c in mon.synops.items():
+            ops.setdefault(n, []).extend([float(c) / reps] * reps)
+        mon.reset()
+
+    with torch.no_grad(), _mode(model, eval_mode):
+        if monitor is not None:
+            monitor.__enter__()
+        try:
+            done = 0
+            while done < num_samples:
+                reps = min(chunk_size, num_samples - done)
+                if fold:
+                    reset(model)
+                    x = torch.cat([inputs] * reps, dim=batch_dim) if reps > 1 else inputs
+                    logits = _check_logits(forward(model, x), reps * rows)
+                    samples.append(torch.softmax(logits.float(), -1).unflatten(0, (reps, rows)))
+                    if monitor is not None:
+                        record(monitor, reps)
+                else:
+                    for _ in range(reps):
+                        reset(model)
+                        logits = forward(model, inputs)
+                        if rows is None:
+                            rows = logits.shape[0] if isinstance(logits, Tensor) else -1
+                        logits = _check_logits(logits, rows)
+                        samples.append(torch.softmax(logits.float(), -1)[None])
+                        if monitor is not None:
+                            record(monitor, 1)
+                done += reps
+        finally:
+            if monitor is not None:
+                monitor.__exit__(None, None, None)
+            reset(model)
+    pred = from_sample_probs(torch.cat(samples), keep_samples=return_samples)
+    if monitor is not None:
+        pred.layer_spike_counts = {n: torch.tensor(v, dtype=torch.float64)
+                                   for n, v in spikes.items()}
+        pred.layer_units = units
+        pred.spike_counts = (torch.stack(list(pred.layer_spike_counts.values())).sum(0)
+                             if spikes else torch.zeros(num_samples, dtype=torch.float64))
+        if synops:
+            pred.layer_synops = {n: torch.tensor(v, dtype=torch.float64)
+                                 for n, v in ops.items()}
+            pred.synops = (torch.stack(list(pred.layer_synops.values())).sum(0)
+                           if ops else torch.zeros(num_samples, dtype=torch.float64))
+    return pred
+
+
+# --------------------------------------------------------------------------- K sweeps
+def metrics_vs_samples(
+    sample_probs: Tensor | Prediction,
+    targets: Tensor,
+    ks: Sequence[int] | None = None,
+    n_bins: int = 15,
+) -> dict[str, list[float]]:
+    """Accuracy, NLL and ECE of ``mc(k)`` for each ``k`` in ``ks``, from one set of samples.
+
+    Uses the first ``k`` of the ``K`` stored samples, so one :func:`predict` call with
+    ``K = max(ks)`` serves the whole sweep.
+
+    Args:
+        sample_probs: ``[K, B, C]`` or a :class:`Prediction` with ``sample_probs``.
+        targets: integer labels ``[B]``.
+        ks: sample counts ``1 <= k <= K`` (default: 1, 2, 4, ... up to K, and K).
+        n_bins: ECE bins.
+
+    Returns:
+        ``{"k": [...], "accuracy": [...], "nll": [...], "ece": [...]}``.
+    """
+    if isinstance(sample_probs, Prediction):
+        if sample_probs.sample_probs is None:
+            raise ValueError("the Prediction has no sample_probs; call predict(..., "
+                             "return_samples=True)")
+        sample_probs = sample_probs.sample_probs
+    if sample_probs.dim() != 3:
+        raise ValueError(f"sample_probs must be [K, B, C], got {tuple(sample_probs.shape)}")
+    big_k = sample_probs.shape[0]
+    if ks is None:
+        ks = sorted({2 ** i for i in range(int(math.log2(big_k)) + 1)} | {big_k})
+    out: dict[str, list[float]] = {"k": [], "accuracy": [], "nll": [], "ece": []}
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= big_k:
+            raise ValueError(f"every k must be an integer in [1, K={big_k}], got {k!r}")
+        probs = sample_probs[:k].mean(0)
+        check_probabilities(probs, targets)
+        out["k"].append(k)
+        out["accuracy"].append(float((probs.argmax(-1) == targets).float().mean()))
+        out["nll"].append(float(negative_log_likelihood(probs, targets)))
+        out["ece"].append(float(expected_calibration_error(probs, targets, n_bins)))
+    return out
+
+
+# --------------------------------------------------------------------------- plots
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError('plots need matplotlib: pip install "sbnn_addons[plot]"') from err
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_reliability(probs: Tensor, targets: Tensor, path, n_bins: int = 15,
+                     title: str = "Reliability diagram") -> Path:
+    """Reliability diagram (accuracy per equal-width confidence bin against the diagonal)
+    with the confidence histogram below it; the ECE is printed in the title.
+
+    Args:
+        probs: ``[N, C]`` probabilities. targets: ``[N]`` labels.
+        path: PNG file to write. n_bins: number of bins.
+
+    Returns:
+        The written path.
+    """
+    check_probabilities(probs, targets)
+    plt = _pyplot()
+    conf, pred = probs.max(-1)
+    correct = (pred == targets).float()
+    edges = torch.linspace(0, 1, n_bins + 1)
+    idx = torch.bucketize(conf.float().clamp(1e-7, 1), edges, right=False) - 1
+    idx = idx.clamp(0, n_bins - 1)
+    count = torch.bincount(idx, minlength=n_bins).float()
+    acc = torch.bincount(idx, weights=correct, minlength=n_bins) / count.clamp_min(1)
+    mean_conf = torch.bincount(idx, weights=conf.float(), minlength=n_bins) / count.clamp_min(1)
+    ece = float(expected_calibration_error(probs, targets, n_bins))
+    centers = ((edges[:-1] + edges[1:]) / 2).numpy()
+    have = (count > 0).numpy()
+    acc, mean_conf, count = acc.numpy(), mean_conf.numpy(), count.numpy()
+    fig, (ax, axh) = plt.subplots(2, 1, figsize=(4.5, 5.5), sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 1]})
+    ax.bar(centers[have], acc[have], width=1 / n_bins, edgecolor="k", label="accuracy")
+    ax.bar(centers[have], (mean_conf - acc)[have], bottom=acc[have], width=1 / n_bins,
+           color="tab:red", alpha=0.35, label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{title} (ECE {ece:.3f})")
+    ax.legend(loc="upper left", fontsize=8)
+    axh.bar(centers, count / max(len(conf), 1), width=1 / n_bins, edgecolor="k")
+    axh.set_xlabel("confidence")
+    axh.set_ylabel("fraction")
+    axh.set_xlim(0, 1)
+    return _save(fig, path)
+
+
+def plot_entropy_histograms(scores_in: Tensor, scores_out: Tensor, path,
+                            label: str = "predictive entropy (nats)", bins: int = 30) -> Path:
+    """Overlaid histograms of an uncertainty score for in- and out-of-distribution inputs;
+    AUROC and FPR@95%TPR (:func:`sbnn_addons.metrics.ood_metrics`) in the title."""
+    from .metrics import ood_metrics
+
+    plt = _pyplot()
+    m = ood_metrics(scores_in, scores_out)
+    a, b = scores_in.detach().double().cpu(), scores_out.detach().double().cpu()
+    lo, hi = float(torch.minimum(a.min(), b.min())), float(torch.maximum(a.max(), b.max()))
+    edges = torch.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1).numpy()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.hist(a.numpy(), bins=edges, alpha=0.6, density=True, label="in-distribution")
+    ax.hist(b.numpy(), bins=edges, alpha=0.6, density=True, label="out-of-distribution")
+    ax.set_xlabel(label)
+    ax.set_ylabel("density")
+    ax.set_title(f"AUROC {m['auroc']:.3f}, FPR@95%TPR {m['fpr95']:.3f}", fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_metrics_vs_samples(sweep: dict[str, list[float]], path) -> Path:
+    """Accuracy and ECE against K (the output of :func:`metrics_vs_samples`)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(sweep["k"], sweep["accuracy"], "o-", color="tab:blue", label="accuracy")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("K (Monte Carlo samples)")
+    ax.set_ylabel("accuracy", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(sweep["k"], sweep["ece"], "s--", color="tab:red", label="ECE")
+    ax2.set_ylabel("ECE (15 bins)", color="tab:red")
+    ax.set_title("mc(K): accuracy and calibration")
+    return _save(fig, path)

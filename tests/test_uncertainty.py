@@ -1,0 +1,292 @@
+"""Uncertainty (mc(K) prediction), calibration / OOD / spike metrics and plots."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import snntorch as snn
+import torch
+from torch import nn
+
+import sbnn_addons
+from sbnn_addons import metrics
+from sbnn_addons.snntorch import to_sbnn
+from sbnn_addons.uncertainty import (
+    Prediction,
+    from_sample_probs,
+    metrics_vs_samples,
+    plot_entropy_histograms,
+    plot_metrics_vs_samples,
+    plot_reliability,
+    predict,
+    time_as_samples,
+)
+
+T, B = 8, 6
+
+
+# --------------------------------------------------------------------------- models
+class TutorialNet(nn.Module):
+    """snnTorch tutorial 5 network (time loop inside forward), returns (spk, mem) records."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 24)
+        self.lif1 = snn.Leaky(beta=0.9)
+        self.fc2 = nn.Linear(24, 5)
+        self.lif2 = snn.Leaky(beta=0.9)
+
+    def forward(self, x):
+        mem1, mem2 = self.lif1.init_leaky(), self.lif2.init_leaky()
+        spk_rec, mem_rec = [], []
+        for step in range(x.shape[0]):
+            spk1, mem1 = self.lif1(self.fc1(x[step]), mem1)
+            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+            spk_rec.append(spk2)
+            mem_rec.append(mem2)
+        return torch.stack(spk_rec), torch.stack(mem_rec)
+
+
+def readout(m, x):
+    return m(x)[1].mean(0)  # time-averaged output membrane = logits
+
+
+def snn_model(**kw):
+    torch.manual_seed(0)
+    net = TutorialNet()
+    with torch.no_grad():
+        net.fc1.weight.mul_(3)
+    return to_sbnn(net, **kw)
+
+
+def spikes_in():
+    g = torch.Generator().manual_seed(1)
+    return (torch.rand(T, B, 16, generator=g) < 0.4).float()
+
+
+class CoreNet(nn.Module):
+    """Core-only model: Bayesian layers + IWSTSpike, static input [B, 16]."""
+
+    def __init__(self, std=0.3):
+        super().__init__()
+        self.fc1 = sbnn_addons.BayesLinear(16, 32, std=std, learn_std=False)
+        self.spk = sbnn_addons.IWSTSpike("agr", std=0.2)
+        self.fc2 = sbnn_addons.BayesLinear(32, 4, std=std, learn_std=False)
+
+    def forward(self, x):
+        return self.fc2(self.spk(self.fc1(x)))
+
+
+def core_model(std=0.3):
+    torch.manual_seed(0)
+    return sbnn_addons.track_variance(CoreNet(std))
+
+
+# --------------------------------------------------------------------------- metrics
+PROBS = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]])
+TARGETS = torch.tensor([0, 2])
+
+
+def test_basic_metrics_hand_values():
+    out = metrics.classification_metrics(PROBS, TARGETS)
+    assert out["accuracy"] == 0.5
+    assert out["nll"] == pytest.approx(-(math.log(0.7) + math.log(0.3)) / 2, abs=1e-6)
+    # (0.3^2 + 0.2^2 + 0.1^2 + 0.1^2 + 0.6^2 + 0.7^2) / 2
+    assert out["brier"] == pytest.approx(0.5, abs=1e-6)
+
+
+def _two_class(confs, correct):
+    """Two-class predictions with confidence c for class 0; target 0 iff correct."""
+    c = torch.tensor(confs, dtype=torch.float64)
+    probs = torch.stack([c, 1 - c], 1)
+    targets = torch.tensor([0 if k else 1 for k in correct])
+    return probs, targets
+
+
+def test_ece_hand_value():
+    # bin of 0.9: acc 1/2, bin of 0.62: acc 1 -> 0.5*0.4 + 0.5*0.38
+    probs, targets = _two_class([0.9, 0.9, 0.62, 0.62], [1, 0, 1, 1])
+    assert float(metrics.expected_calibration_error(probs, targets)) == pytest.approx(
+        0.39, abs=1e-6)
+
+
+def test_ece_and_ace_zero_when_perfectly_calibrated():
+    # confidence 5/8 on 8 examples with 5 correct; 7/8 on 8 examples with 7 correct
+    probs, targets = _two_class([5 / 8] * 8 + [7 / 8] * 8, [1] * 5 + [0] * 3 + [1] * 7 + [0])
+    assert float(metrics.expected_calibration_error(probs, targets)) == pytest.approx(0, abs=1e-7)
+    assert float(metrics.adaptive_calibration_error(probs, targets, n_bins=2)) == pytest.approx(
+        0, abs=1e-12)
+
+
+def test_adaptive_ece_hand_value():
+    # sorted confidences 0.6, 0.7 | 0.8, 0.9 (2 equal-mass bins); correct: 0, 1 | 1, 1
+    probs, targets = _two_class([0.9, 0.6, 0.8, 0.7], [1, 0, 1, 1])
+    ace = float(metrics.adaptive_calibration_error(probs, targets, n_bins=2))
+    expected = 0.5 * abs(0.5 - 0.65) + 0.5 * abs(1.0 - 0.85)
+    assert ace == pytest.approx(expected, abs=1e-12)
+
+
+def test_ood_metrics_toy_scores():
+    s_in = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    s_out = torch.tensor([0.35, 0.5, 0.6, 0.7])
+    m = metrics.ood_metrics(s_in, s_out)
+    assert m["auroc"] == pytest.approx(15 / 16, abs=1e-6)   # 15 of 16 pairs ordered
+    assert m["fpr95"] == pytest.approx(1 / 4, abs=1e-6)     # keeping all in also keeps 0.35
+    perfect = metrics.ood_metrics(s_in, s_in + 1)
+    assert perfect == {"auroc": pytest.approx(1.0), "fpr95": pytest.approx(0.0)}
+    tied = metrics.ood_metrics(torch.ones(5), torch.ones(5))
+    assert tied["auroc"] == pytest.approx(0.5) and tied["fpr95"] == pytest.approx(1.0)
+
+
+def test_metric_bad_input():
+    with pytest.raises(ValueError, match="targets"):
+        metrics.expected_calibration_error(PROBS, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="sum to one"):
+        metrics.adaptive_calibration_error(PROBS * 2, TARGETS)
+    with pytest.raises(ValueError, match="n_bins"):
+        metrics.adaptive_calibration_error(PROBS, TARGETS, n_bins=0)
+    with pytest.raises(ValueError, match="scores_out"):
+        metrics.ood_metrics(torch.ones(3), torch.ones(0))
+    with pytest.raises(ValueError, match="scores_in"):
+        metrics.ood_metrics(torch.ones(3, 2), torch.ones(3))
+    with pytest.raises(ValueError, match="sum to one"):
+        from_sample_probs(torch.rand(3, 2, 4))
+    with pytest.raises(ValueError, match=r"\[K, B, C\]"):
+        from_sample_probs(torch.rand(2, 4))
+    with pytest.raises(ValueError, match=r"\[T, B, C\]"):
+        time_as_samples(torch.rand(2, 4))
+
+
+def test_layer_synops_linear_and_conv_borders():
+    lin = nn.Linear(5, 7)
+    x = torch.tensor([[1.0, 0, 1, 0, 0], [0, 0, 0, 0, 1]])
+    assert float(metrics.layer_synops(lin, x)) == 3 * 7
+    conv = nn.Conv2d(2, 4, 3, padding=1)
+    x = torch.zeros(1, 2, 5, 5)
+    x[0, 0, 2, 2] = 1  # interior spike: reaches 3x3 positions x 4 channels
+    assert float(metrics.layer_synops(conv, x)) == 9 * 4
+    x[0, 1, 0, 0] = 1  # corner spike: 2x2 positions
+    assert float(metrics.layer_synops(conv, x)) == (9 + 4) * 4
+
+
+# --------------------------------------------------------------------------- predict
+def test_predict_snntorch_shapes_and_uncertainty():
+    model, x, k = snn_model(std=0.3), spikes_in(), 5
+    pred = predict(model, x, num_samples=k, forward=readout, seed=3)
+    assert isinstance(pred, Prediction) and pred.num_samples == k
+    assert pred.probs.shape == (B, 5) and pred.sample_probs.shape == (k, B, 5)
+    assert pred.entropy.shape == pred.mutual_information.shape == (B,)
+    torch.testing.assert_close(pred.probs.sum(-1), torch.ones(B))
+    assert (pred.mutual_information >= 0).all()
+    assert pred.mutual_information.max() > 1e-4  # noise does produce disagreement
+    assert (pred.entropy >= pred.mutual_information).all()
+    assert set(pred.layer_spike_counts) == {"lif1.spike_grad", "lif2.spike_grad"}
+    assert pred.spike_counts.shape == (k,) and (pred.spike_counts > 0).all()
+    assert pred.layer_units["lif1.spike_grad"] == T * B * 24
+    assert all(0 < r < 1 for r in pred.spike_rates().values())
+    # SynOps: fc1 (binary input) and fc2 (spikes of lif1), fan-outs 24 and 5
+    assert set(pred.layer_synops) == {"fc1", "fc2"}
+    torch.testing.assert_close(pred.layer_synops["fc2"],
+                               pred.layer_spike_counts["lif1.spike_grad"] * 5)
+    assert pred.synops_per_example() == pytest.approx(float(pred.synops.sum()) / B)
+
+
+def test_predict_chunked_equals_unchunked_with_seed():
+    model, x = snn_model(std=0.3), spikes_in()
+    a = predict(model, x, num_samples=6, forward=readout, seed=7)
+    b = predict(model, x, num_samples=6, forward=readout, seed=7, chunk_size=4)
+    torch.testing.assert_close(a.sample_probs, b.sample_probs, rtol=0, atol=0)
+    torch.testing.assert_close(a.spike_counts, b.spike_counts, rtol=0, atol=0)
+    # folded: a replay with the same seed is exact, chunked folding is valid too
+    f1 = predict(model, x, num_samples=6, forward=readout, seed=7, fold=True, batch_dim=1)
+    f2 = predict(model, x, num_samples=6, forward=readout, seed=7, fold=True, batch_dim=1)
+    torch.testing.assert_close(f1.sample_probs, f2.sample_probs, rtol=0, atol=0)
+    f3 = predict(model, x, num_samples=6, forward=readout, seed=7, fold=True, batch_dim=1,
+                 chunk_size=4)
+    assert f3.sample_probs.shape == (6, B, 5)
+    torch.testing.assert_close(f3.probs.sum(-1), torch.ones(B))
+
+
+def test_predict_mean_mode_and_zero_std_give_zero_mi():
+    x = spikes_in()
+    pred = predict(snn_model(std=0.3), x, num_samples=4, forward=readout, eval_mode="mean")
+    torch.testing.assert_close(pred.mutual_information, torch.zeros(B), rtol=0, atol=1e-6)
+    silent = snn_model(std=0.0, learn_std=False)  # no weight noise, no spike noise
+    a = predict(silent, x, num_samples=4, forward=readout)
+    torch.testing.assert_close(a.mutual_information, torch.zeros(B), rtol=0, atol=1e-6)
+    # without noise folding changes nothing
+    f = predict(silent, x, num_samples=4, forward=readout, fold=True, batch_dim=1)
+    torch.testing.assert_close(f.sample_probs, a.sample_probs, rtol=1e-5, atol=1e-6)
+
+
+def test_predict_sequential_snntorch_model():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 24), snn.Leaky(beta=0.9, init_hidden=True),
+                        nn.Linear(24, 5), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    model = to_sbnn(net, std=0.3)
+
+    def step_loop(m, x):
+        return torch.stack([m(x[t])[1] for t in range(x.shape[0])]).mean(0)
+
+    pred = predict(model, spikes_in(), num_samples=3, forward=step_loop, seed=0)
+    assert pred.probs.shape == (B, 5)
+    assert set(pred.layer_spike_counts) == {"1.spike_grad", "3.spike_grad"}
+
+
+def test_predict_core_model():
+    model = core_model()
+    x = torch.randn(B, 16)
+    pred = predict(model, x, num_samples=8, seed=0)  # default forward: model(x)
+    assert pred.probs.shape == (B, 4)
+    torch.testing.assert_close(pred.probs.sum(-1), torch.ones(B))
+    assert (pred.mutual_information >= 0).all() and pred.mutual_information.max() > 0
+    chunked = predict(model, x, num_samples=8, seed=0, chunk_size=3)
+    torch.testing.assert_close(chunked.sample_probs, pred.sample_probs, rtol=0, atol=0)
+    assert float(pred.layer_synops["fc1"].sum()) == 0  # analogue input: MACs, not SynOps
+    torch.testing.assert_close(pred.layer_synops["fc2"], pred.layer_spike_counts["spk"] * 4)
+    folded = predict(model, x, num_samples=8, seed=0, fold=True, chunk_size=4)
+    assert folded.sample_probs.shape == (8, B, 4)
+    mean = predict(model, x, num_samples=3, eval_mode="mean")
+    torch.testing.assert_close(mean.mutual_information, torch.zeros(B), rtol=0, atol=1e-6)
+
+
+def test_predict_bad_input():
+    model, x = core_model(), torch.randn(B, 16)
+    for k in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="num_samples"):
+            predict(model, x, num_samples=k)
+    with pytest.raises(ValueError, match="chunk_size"):
+        predict(model, x, num_samples=2, chunk_size=0)
+    with pytest.raises(TypeError, match="forward="):
+        predict(snn_model(), spikes_in(), num_samples=2)  # returns (spk, mem)
+    with pytest.raises(ValueError, match=r"logits \[B, C\]"):
+        predict(snn_model(), spikes_in(), num_samples=2, forward=lambda m, x: m(x)[1])
+
+
+def test_time_as_samples():
+    logits = torch.randn(T, B, 5)
+    pred = time_as_samples(logits)
+    assert pred.num_samples == T and pred.sample_probs.shape == (T, B, 5)
+    torch.testing.assert_close(pred.probs, torch.softmax(logits, -1).mean(0))
+    assert (pred.mutual_information >= 0).all()
+    same = time_as_samples(logits[:1].expand(T, -1, -1))
+    torch.testing.assert_close(same.mutual_information, torch.zeros(B), rtol=0, atol=1e-6)
+
+
+def test_metrics_vs_samples_and_plots(tmp_path):
+    model, x = core_model(), torch.randn(40, 16)
+    y = torch.randint(4, (40,), generator=torch.Generator().manual_seed(0))
+    pred = predict(model, x, num_samples=8, seed=0)
+    sweep = metrics_vs_samples(pred, y)
+    assert sweep["k"] == [1, 2, 4, 8]
+    assert sweep["accuracy"][-1] == float((pred.probs.argmax(-1) == y).float().mean())
+    with pytest.raises(ValueError, match="k must be"):
+        metrics_vs_samples(pred, y, ks=[9])
+    paths = [
+        plot_reliability(pred.probs, y, tmp_path / "rel.png"),
+        plot_entropy_histograms(pred.entropy, pred.entropy + 0.5, tmp_path / "ent.png"),
+        plot_metrics_vs_samples(sweep, tmp_path / "k.png"),
+    ]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
