@@ -183,3 +183,18 @@ def test_torchrun_two_processes(tmp_path):
         assert run["world_size"] == 2 and len(run["curve"]) == 1
         assert 0.0 <= run["accuracy"] <= 1.0
     assert proc.stdout.count("| digits | sbnn-agr-kl |") == 1  # rank 0 prints only
+
+
+def test_ep_method_in_bench(tmp_path, capsys):
+    """The ``ep`` method runs through the harness (3 passes) next to a baseline, on the same
+    rate code, and writes the same outputs; it refuses other tasks."""
+    rows = cli.run(["--methods", "ep", "--epochs", "1", "--num-steps", "4", "--quiet",
+                    "--no-plots", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| digits | ep | 1 | 3 |" in out
+    (row,) = rows
+    assert row["method"] == "ep" and row["epochs"] == 3 and row["accuracy"] > 0.8
+    assert {r["method"] for r in _read_csv(tmp_path / "results.csv")} == {"ep"}
+    with pytest.raises(ValueError, match="digits task only"):
+        cli.run(["--task", "randman", "--methods", "ep", "--quiet", "--no-plots",
+                 "--out-dir", str(tmp_path / "x")])

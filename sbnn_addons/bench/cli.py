@@ -137,8 +137,8 @@ def summarise(rows: list[dict]) -> str:
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["task"], r["method"]), []).append(r)
-    lines = ["| task | method | seeds | eval | accuracy | NLL | ECE | train s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | method | seeds | passes | eval | accuracy | NLL | ECE | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(vals, scale=1.0, digits=2):
         m = statistics.mean(vals) * scale
@@ -148,7 +148,7 @@ def summarise(rows: list[dict]) -> str:
 
     for (task, method), rs in groups.items():
         lines.append(
-            f"| {task} | {method} | {len(rs)} | {rs[0]['eval']} | "
+            f"| {task} | {method} | {len(rs)} | {rs[0]['epochs']} | {rs[0]['eval']} | "
             f"{fmt([r['accuracy'] for r in rs], 100, 1)} % | {fmt([r['nll'] for r in rs], 1, 3)} "
             f"| {fmt([r['ece'] for r in rs], 1, 3)} "
             f"| {fmt([r['train_time_s'] for r in rs], 1, 1)} |"

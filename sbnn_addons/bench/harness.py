@@ -98,8 +98,13 @@ METHODS: dict[str, Method] = {
                help="SpikingJelly model converted by sbnn_addons.spikingjelly, ST"),
         Method("sbnn-sj-agr", estimator="agr", framework="spikingjelly",
                help="SpikingJelly model converted by sbnn_addons.spikingjelly, AGR"),
+        Method("ep", estimator=None, framework="ep",
+               help="expectation propagation (ADF form, sbnn_addons.ep), 3 passes; digits only"),
     )
 }
+
+#: Passes over the training set of the ``ep`` method (its learning rule needs few).
+EP_PASSES = 3
 
 
 # --------------------------------------------------------------------------- tasks
@@ -593,6 +598,8 @@ def run_one(task_name: str, method_name: str, seed: int, cfg: dict, progress=Non
     task, method = TASKS[task_name], METHODS[method_name]
     cfg = {"lr": 5e-3, "noise_lr": 5e-2, "mc_samples": 10, **task.defaults,
            **{k: v for k, v in cfg.items() if v is not None}}
+    if method.framework == "ep":
+        return _run_ep(task_name, seed, cfg, progress)
     rank, world = _world()
     device = torch.device(cfg.get("device") or "cpu")
     torch.manual_seed(seed)
@@ -669,6 +676,21 @@ def run_one(task_name: str, method_name: str, seed: int, cfg: dict, progress=Non
     row["curve"] = curve
     row["_probs"] = probs
     row["_targets"] = yte
+    return row
+
+
+def _run_ep(task_name: str, seed: int, cfg: dict, progress=None) -> dict:
+    """The ``ep`` method: :func:`sbnn_addons.ep.bench_digits` on the same rate code."""
+    if task_name != "digits":
+        raise ValueError(f"method 'ep' supports the digits task only, got {task_name!r}")
+    if _world()[1] > 1:
+        raise ValueError("method 'ep' runs in a single process; drop torchrun for it")
+    from ..ep import bench_digits
+
+    row = bench_digits(seed, epochs=EP_PASSES, num_steps=cfg["num_steps"],
+                       mc_samples=cfg["mc_samples"], split_seed=cfg.get("split_seed", 0))
+    if progress is not None:
+        progress.update(cfg["epochs"])
     return row
 
 
