@@ -20,12 +20,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 
 import torch
 import torch.nn.functional as F
-from bench_core import _median_ratio, _saved_bytes
+from bench_core import _median_ratio, _saved_bytes, print_rows
 from torch import nn
 
 T, B = 25, 128
@@ -122,15 +121,8 @@ def main(argv=None) -> None:
     rows = run(args.reps, args.threads)
     print(f"torch {torch.__version__}, {platform.machine()}, {args.threads} threads, "
           f"{args.reps} interleaved repetitions (medians); MLP 784-256-10, T={T}, batch {B}\n")
-    print("| host | config | original ms | SBNN ms | time ratio | saved-memory ratio |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['host']} | {r['config']} | {r['original_ms']:.1f} | {r['sbnn_ms']:.1f} "
-              f"| {r['time_ratio']:.2f} | {r['memory_ratio']:.2f} |")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
-
+    print_rows(rows, ("host", "config", "original_ms", "sbnn_ms", "time_ratio", "memory_ratio"),
+               args.json)
 
 if __name__ == "__main__":
     main()

@@ -196,15 +196,20 @@ def main(argv=None) -> None:
     rows = run(args.reps, args.threads)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{args.threads} threads, {args.reps} interleaved repetitions (medians)\n")
-    print("| network | config | baseline ms | SBNN ms | time ratio | saved-memory ratio |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['network']} | {r['config']} | {r['baseline_ms']:.2f} | {r['sbnn_ms']:.2f} "
-              f"| {r['time_ratio']:.2f} | {r['memory_ratio']:.2f} |")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
+    print_rows(rows, ("network", "config", "baseline_ms", "sbnn_ms", "time_ratio",
+                      "memory_ratio"), args.json)
 
+
+def print_rows(rows: list[dict], keys: tuple[str, ...], json_path: str | None) -> None:
+    """Print ``rows`` as a Markdown table of ``keys`` and optionally dump them as JSON."""
+    print("| " + " | ".join(k.replace("_", " ") for k in keys) + " |")
+    print("|" + "---|" * len(keys))
+    for r in rows:
+        cells = [f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k]) for k in keys]
+        print("| " + " | ".join(cells) + " |")
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(rows, fh, indent=2)
 
 if __name__ == "__main__":
     main()

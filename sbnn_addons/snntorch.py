@@ -48,6 +48,7 @@ from .moments import (
     untrack_variance,
 )
 from .spike import IWSTSpike
+from .surgery import replace_modules
 
 __all__ = [
     "spike_grad",
@@ -384,23 +385,18 @@ def to_sbnn(
                     f"layers are: {layer_names}"
                 )
 
-    replaced: dict[int, nn.Module] = {}
-    for parent in list(out.modules()):
-        for child_name, child in list(parent._modules.items()):
-            if child is None:
-                continue
-            new = replaced.get(id(child))
-            if new is None:
-                if type(child) in _LAYERS and selected(child):
-                    new = _LAYERS[type(child)].from_module(child, **layer_kw)
-                elif type(child) in _BNS and batchnorm == "affine":
-                    new = ChannelAffine.from_batchnorm(child)
-                    new.__dict__[_BN_KIND] = type(child).__name__
-                if new is not None:
-                    new.train(child.training)
-                    replaced[id(child)] = new
-            if new is not None:
-                parent._modules[child_name] = new
+    def convert(_name: str, child: nn.Module) -> nn.Module | None:
+        new = None
+        if type(child) in _LAYERS and selected(child):
+            new = _LAYERS[type(child)].from_module(child, **layer_kw)
+        elif type(child) in _BNS and batchnorm == "affine":
+            new = ChannelAffine.from_batchnorm(child)
+            new.__dict__[_BN_KIND] = type(child).__name__
+        if new is not None:
+            new.train(child.training)
+        return new
+
+    replace_modules(out, convert)
 
     for m in out.modules():
         if type(m) in _TO_SBNN:
@@ -459,22 +455,14 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
     out = _safe_deepcopy(model)
     untrack_variance(out)
     out.__dict__.pop("_sbnn_flow_handles", None)
-    replaced: dict[int, nn.Module] = {}
-    for parent in list(out.modules()):
-        for child_name, child in list(parent._modules.items()):
-            if child is None:
-                continue
-            new = replaced.get(id(child))
-            if new is None:
-                if is_bayesian(child):
-                    new = child.to_module()
-                    new.train(child.training)
-                elif isinstance(child, ChannelAffine):
-                    new = _affine_to_batchnorm(child)
-                if new is not None:
-                    replaced[id(child)] = new
-            if new is not None:
-                parent._modules[child_name] = new
+    def export(_name: str, child: nn.Module) -> nn.Module | None:
+        if is_bayesian(child):
+            return child.to_module().train(child.training)
+        if isinstance(child, ChannelAffine):
+            return _affine_to_batchnorm(child)
+        return None
+
+    replace_modules(out, export)
     for m in out.modules():
         if type(m) in _TO_PLAIN:
             m.__class__ = _TO_PLAIN[type(m)]

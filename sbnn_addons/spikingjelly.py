@@ -65,6 +65,7 @@ from .moments import (
     untrack_variance,
 )
 from .spike import IWSTSpike
+from .surgery import replace_modules
 
 __all__ = [
     "SJSpike",
@@ -362,18 +363,6 @@ def _matches(name: str, patterns: Iterable[str] | None) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
 
 
-def _replace_children(module: nn.Module, prefix: str, fn) -> None:
-    for name, child in list(module._modules.items()):
-        if child is None:
-            continue
-        full = f"{prefix}.{name}" if prefix else name
-        new = fn(full, child)
-        if new is not None:
-            module._modules[name] = new
-        else:
-            _replace_children(child, full, fn)
-
-
 def to_sbnn(
     model: nn.Module,
     estimator="st",
@@ -477,7 +466,7 @@ def to_sbnn(
             return _affine_from_bn(m)
         return None
 
-    _replace_children(model, "", convert)
+    replace_modules(model, convert)
     spike_learn = bool(learn_std and spike_std)
     for m in model.modules():
         if _is_spiking_node(m):
@@ -541,7 +530,7 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
                 new.bias.copy_(m.bias)
         return new.train(m.training)
 
-    _replace_children(model, "", export)
+    replace_modules(model, export)
     for m in model.modules():
         if _is_spiking_node(m):
             _unlink(m)
