@@ -280,12 +280,34 @@ class _BayesConv(_BayesMixin):
         if self.groups != 1:
             per_out = s2.view(-1, *([1] * (self.weight.dim() - 1))) if s2.dim() else s2
             return self._conv_forward(x2, per_out.expand_as(self.weight), None)
-        # one ones-kernel conv producing a single channel, scaled per layer / channel
-        ones = torch.ones((1, *self.weight.shape[1:]), dtype=x2.dtype, device=x2.device)
-        field = self._conv_forward(x2, ones, None)
+        field = self._receptive_field_sum(x2)
         if self.std_mode == "channel":
             return field * s2.view(1, -1, *([1] * (x2.dim() - 2)))
         return field * s2
+
+    def _receptive_field_sum(self, x2: Tensor) -> Tensor:
+        """``sum_{i in field(j)} x2_i`` over channels and kernel window, one channel.
+
+        Equals a convolution with an all-ones ``[1, C_in, *k]`` kernel. Where the layer
+        allows it (no dilation, zero padding of at most half the kernel) it is computed as
+        a channel sum followed by sum pooling, which is several times cheaper.
+        """
+        n = self.weight.dim() - 2
+        k, stride = self.kernel_size, self.stride
+        pad = self.padding
+        if pad == "valid":
+            pad = (0,) * n
+        poolable = (
+            self.padding_mode == "zeros" and n in (1, 2) and not isinstance(pad, str)
+            and all(d == 1 for d in self.dilation) and all(2 * p <= kk for p, kk in zip(pad, k))
+        )
+        if not poolable:
+            ones = torch.ones((1, *self.weight.shape[1:]), dtype=x2.dtype, device=x2.device)
+            return self._conv_forward(x2, ones, None)
+        summed = x2.sum(dim=-n - 1, keepdim=True)
+        if n == 2:
+            return F.avg_pool2d(summed, k, stride, pad, divisor_override=1)
+        return F.avg_pool1d(summed, k, stride, pad) * k[0]
 
     def forward(self, x: Tensor) -> Tensor:
         with no_variance_flow():

@@ -115,10 +115,13 @@ class LIF(nn.Module):
         state = None
         out = []
         var_seq = get_variance(currents)
-        for t in range(currents.shape[0]):
-            current = currents[t]
-            if isinstance(var_seq, Tensor):
-                current.__dict__["_sbnn_var"] = var_seq.expand_as(currents)[t]
+        # unbind, not currents[t]: the backward of T selects would zero-fill T full-size
+        # gradients (quadratic in T); unbind's backward is one stack
+        steps = currents.unbind(0)
+        var_steps = var_seq.expand_as(currents).unbind(0) if isinstance(var_seq, Tensor) else None
+        for t, current in enumerate(steps):
+            if var_steps is not None:
+                current.__dict__["_sbnn_var"] = var_steps[t]
             spikes, state = self(current, state)
             out.append(spikes)
         return torch.stack(out)

@@ -169,13 +169,14 @@ class SHDRecurrentNet(ReferenceNet):
         cur = norm(ff(x.flatten(0, 1)))  # [T*B, n]; ChannelAffine keeps the variance
         cur = reshape_with_variance(cur, T, B, cur.shape[-1])
         var_ff = get_variance(cur)
-        var_ff = None if var_ff is None else var_ff.expand_as(cur)
+        # unbind rather than cur[t]: one stack in backward instead of T zero-filled grads
+        var_ff = None if var_ff is None else var_ff.expand_as(cur).unbind(0)
         h = cur.new_zeros(cur.shape[1:])
         state = None
         out = []
-        for t in range(T):
+        for t, cur_t in enumerate(cur.unbind(0)):
             r = rec(h)
-            current = cur[t] + r
+            current = cur_t + r
             var_r = get_variance(r)
             var = var_r if var_ff is None else (var_ff[t] if var_r is None else var_ff[t] + var_r)
             attach_variance(current, var)
