@@ -604,10 +604,10 @@ def plot_sweep(rows: list[dict], x_key: str, path, *, layer: str = "all",
 
 
 # --------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of :func:`main` (``prog="sbnn-diagnostics"``)."""
+def build_parser(prog: str = "python -m sbnn_addons.diagnostics") -> argparse.ArgumentParser:
+    """The argument parser of :func:`main`."""
     p = argparse.ArgumentParser(
-        prog="sbnn-diagnostics",
+        prog=prog,
         description="Exact bias/variance of spike-gradient estimators by enumeration.")
     p.add_argument("--out-dir", default="runs/diagnostics", help="CSV and PNG folder")
     p.add_argument("--neuron", nargs="+", default=["binary", "lif"], choices=["binary", "lif"])
@@ -634,7 +634,8 @@ COLUMNS = ["sweep", "neuron", "depth", "width", "steps", "weight_scale", "mean_a
            "grad_norm"]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m sbnn_addons.diagnostics"
+         ) -> int:
     """Run the noise and depth sweeps; write ``diagnostics.csv`` and PNG figures.
 
     Figures (per neuron kind): ``{neuron}_bias_variance_vs_z.png`` and
@@ -643,11 +644,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Args:
         argv: argument list (``None``: ``sys.argv[1:]``); see :func:`build_parser`.
+        prog: program name shown in the help (``sbnn-bench diagnostics`` from the CLI).
 
     Returns:
         Exit status 0.
     """
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rules = default_rules(surrogates=not args.no_surrogates)

@@ -198,3 +198,27 @@ def test_ep_method_in_bench(tmp_path, capsys):
     with pytest.raises(ValueError, match="digits task only"):
         cli.run(["--task", "randman", "--methods", "ep", "--quiet", "--no-plots",
                  "--out-dir", str(tmp_path / "x")])
+
+
+def test_cli_diagnostics_subcommand(tmp_path, capsys):
+    from sbnn_addons.bench.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["diagnostics", "--out-dir", str(tmp_path), "--neuron", "binary", "--scales",
+              "1", "4", "--depths", "1", "2", "--networks", "1", "--batch", "2",
+              "--no-surrogates"])
+    assert done.value.code == 0
+    with open(tmp_path / "diagnostics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["sweep"] for r in rows} == {"noise", "depth"}
+    assert {r["estimator"] for r in rows} >= {"ST", "AGR(0)"}
+    assert (tmp_path / "binary_bias_variance_vs_z.png").read_bytes()[:4] == b"\x89PNG"
+    assert "AGR(0)" in capsys.readouterr().out
+
+
+def test_cli_diagnostics_help_names_subcommand(capsys):
+    from sbnn_addons.bench.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["diagnostics", "--help"])
+    assert "sbnn-bench diagnostics" in capsys.readouterr().out

@@ -6,6 +6,7 @@ and SBNN(AGR), one seed, and writes ``results.csv``, ``results.json`` and PNG pl
 ``--out-dir`` (default ``runs/bench``). Other tasks: ``randman`` (generated), ``shd``,
 ``cifar10`` and ``dvs-gesture`` (read from ``--data-dir``); ``--list`` shows them all.
 Launched by ``torchrun --nproc_per_node=N`` it trains with DistributedDataParallel.
+``sbnn-bench diagnostics`` runs the exact-enumeration gradient diagnostics instead.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ COLUMNS = ["task", "method", "seed", "eval", "accuracy", "accuracy_mean_mode", "
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sbnn-bench", description=__doc__.split("\n")[0],
                                 epilog="Scale out: torchrun --nproc_per_node=N -m "
-                                "sbnn_addons.bench ... (DistributedDataParallel).")
+                                "sbnn_addons.bench ... (DistributedDataParallel). Gradient "
+                                "diagnostics: sbnn-bench diagnostics --help.")
     p.add_argument("--list", action="store_true", help="print the tasks and methods, exit")
     p.add_argument("--task", nargs="+", default=["digits"], choices=sorted(TASKS))
     p.add_argument("--methods", nargs="+", default=None, choices=sorted(METHODS),
@@ -157,7 +159,17 @@ def summarise(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point of ``sbnn-bench``."""
+    """Console entry point of ``sbnn-bench``.
+
+    ``sbnn-bench diagnostics [...]`` runs the exact gradient diagnostics
+    (:func:`sbnn_addons.diagnostics.main`: bias / variance figures of the estimators by
+    enumeration); anything else is the training benchmark (:func:`run`).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["diagnostics"]:
+        from ..diagnostics import main as diagnostics_main
+
+        raise SystemExit(diagnostics_main(argv[1:], prog="sbnn-bench diagnostics"))
     run(argv)
 
 

@@ -584,8 +584,12 @@ def _check_in_sync(model: nn.Module) -> None:
         raise RuntimeError(f"parameters differ across processes after training ({hi} vs {lo})")
 
 
-def run_one(task_name: str, method_name: str, seed: int, cfg: dict, progress=None) -> dict:
+def run_one(task_name: str, method_name: str, seed: int, cfg: dict, progress=None,
+            keep_model: bool = False) -> dict:
     """Train and evaluate one (task, method, seed); returns a result row with curves.
+
+    With ``keep_model=True`` the trained model (in eval mode) is returned under the row's
+    private key ``"_model"``, for further evaluation (e.g. ``benchmarks/dvs_uncertainty.py``).
 
     Inside a ``torchrun`` launch (process group initialised) the training batches are
     sharded over the processes and the model is wrapped in ``DistributedDataParallel``;
@@ -676,6 +680,8 @@ def run_one(task_name: str, method_name: str, seed: int, cfg: dict, progress=Non
     row["curve"] = curve
     row["_probs"] = probs
     row["_targets"] = yte
+    if keep_model:
+        row["_model"] = model
     return row
 
 
