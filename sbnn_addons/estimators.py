@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .functional import SIGMA_MIN, apply_function, check_float, estimator_jacobian
+from .functional import apply_function, check_float, estimator_jacobian, jacobian_and_z
 
 __all__ = ["Estimator", "ST", "IWST", "AGR", "get_estimator", "BernoulliSpike", "sample_spikes"]
 
@@ -156,8 +156,8 @@ class BernoulliSpike(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         u, sigma, h = ctx.saved_tensors
-        jac = ctx.estimator.jacobian(u, sigma, h)
-        z = u.to(jac.dtype) / sigma.to(jac.dtype).clamp_min(SIGMA_MIN)
+        est = ctx.estimator
+        jac, z = jacobian_and_z(u, sigma, h, est.kind, est.p, est.tau, est.max_weight)
         g = grad.to(jac.dtype)
         grad_u = g * jac
         grad_sigma = -z * grad_u
@@ -208,9 +208,10 @@ def sample_spikes(
                 f"sigma of shape {tuple(sigma.shape)} does not broadcast to the drive "
                 f"u of shape {tuple(u.shape)}"
             ) from None
-    if not torch.compiler.is_compiling():
-        bad = ~torch.isfinite(sigma) | (sigma < 0)
-        if bad.any():
+    if not torch.compiler.is_compiling() and sigma.numel():
+        low, high = torch.aminmax(sigma.detach())  # one pass; NaN propagates to both
+        if not (bool(low >= 0) and bool(high < math.inf)):
+            bad = ~torch.isfinite(sigma) | (sigma < 0)
             raise ValueError(
                 "sigma (the noise std) must be finite and >= 0; got "
                 f"{sigma[bad].flatten()[:3].tolist()}"

@@ -136,6 +136,13 @@ def estimator_jacobian(
     Returns:
         ``J(h)`` with the shape of ``u``.
     """
+    return jacobian_and_z(u, sigma, h, kind, p, tau, max_weight)[0]
+
+
+def jacobian_and_z(u: Tensor, sigma: Tensor, h: Tensor, kind: str, p: float = 1.0,
+                   tau: float = 0.0, max_weight: float = 1e4) -> tuple[Tensor, Tensor]:
+    """:func:`estimator_jacobian` and the ``z = u / sigma`` it computed (for the backward
+    of :class:`~sbnn_addons.BernoulliSpike`, which needs both)."""
     work = torch.float64 if u.dtype == torch.float64 else torch.float32
     if u.dtype != work:
         u, sigma = u.to(work), sigma.to(work)
@@ -157,7 +164,7 @@ def estimator_jacobian(
     else:  # validated upstream; kept for direct callers
         raise ValueError(f"kind must be 'st', 'iwst' or 'agr', got {kind!r}")
     jac = jac / sig
-    return torch.where(sigma > 0, jac, 0.0)
+    return torch.where(sigma > 0, jac, 0.0), z
 
 
 def exact_unit_gradient(u: Tensor, sigma: Tensor, f0: Tensor, f1: Tensor) -> tuple[Tensor, Tensor]:
