@@ -8,15 +8,24 @@ expectation backpropagation and probabilistic backpropagation (PBP):
 
 .. code-block:: text
 
-    posterior      q(W) = prod_ij N(w_ij; m_ij, v_ij)            (factorised Gaussian)
+    posterior      q(W) = prod_ij N(w_ij; m_ij, v_ij)            (factorised Gaussian), or
+                   q(W) = prod_ij Bern(w_ij = +1; (1 + m_ij)/2)  (w in {-1, +1}, v = 1 - m^2)
     forward        E[u_j]   = sum_i m_ij E[v_i]  (+ bias mean)
                    Var[u_j] = sum_i v_ij E[v_i^2] + m_ij^2 (E[v_i^2] - E[v_i]^2)
                             (= sum_i E[w^2] E[v^2] - E[w]^2 E[v]^2)
     Heaviside unit P(v_j = 1) = Phi(E[u_j] / sqrt(Var[u_j] + s_n^2))
     sigmoid unit   P(v_j = 1) = E[sigmoid(u_j)] ~= Phi(E[u_j] / sqrt(Var[u_j] + 8/pi + s_n^2))
     output         log Z = sum_k log Phi(t_k E[u_k] / sqrt(Var[u_k] + s_0^2)),  t_k = +-1
-    update         m <- m + d * v * dlogZ/dm
+    update         m <- m + d * v * dlogZ/dm                                (Gaussian)
                    v <- v - d * v^2 * ((dlogZ/dm)^2 - 2 dlogZ/dv),   v >= var_floor
+                   theta = atanh(m) <- theta + d * (g + m (g^2 - 2 h)),        (binary)
+                   m = tanh(theta), v = 1 - m^2 >= var_floor,   g = dlogZ/dm, h = dlogZ/dv
+
+(the update lines are for one example; a mini-batch adds the per-example sites, see
+:meth:`EPNetwork.update`). Binary (+-1) weights (``EPNetwork(..., weights="binary")``) get
+the Bernoulli moment match of the second-order expansion of ``log Z`` in the weight, as in
+expectation backpropagation (Soudry, Hubara, Meir 2014); biases stay Gaussian. Their
+deterministic network uses ``sign(m)``, and they export as moment-matched Gaussians.
 
 Hidden binary units are marginalised (their firing probabilities are propagated), never
 sampled. ``d`` in (0, 1] is the damping. The derivatives of ``log Z`` come from autograd;
@@ -49,6 +58,9 @@ __all__ = [
     "from_sbnn_layers",
     "train",
     "bench_digits",
+    "bench_task",
+    "first_spike_features",
+    "BENCH_TASKS",
     "SIGMOID_PROBIT_VARIANCE",
 ]
 
@@ -57,6 +69,9 @@ __all__ = [
 SIGMOID_PROBIT_VARIANCE = 8.0 / math.pi
 
 ACTIVATIONS = ("heaviside", "sigmoid")
+WEIGHTS = ("gaussian", "binary")
+#: variance floor of the initial binary posteriors (``1 - m^2 >= floor``)
+_BINARY_INIT_FLOOR = 1e-6
 _TINY = 1e-12
 _SQRT1_2 = math.sqrt(0.5)
 
@@ -118,6 +133,24 @@ def _unsupported(module: nn.Module) -> TypeError:
         why = ("EP supports nn.Linear / BayesLinear layers separated by binary units "
                "(IWSTSpike, LIF(beta=0)), nn.Identity, nn.Flatten")
     return TypeError(f"unsupported module {name} in the EP network: {why}")
+
+
+def _binary_theta_limit(var_floor: float) -> float:
+    """Largest ``|theta|`` of a binary weight whose variance ``1 - tanh(theta)^2 =
+    1 / cosh(theta)^2`` stays ``>= var_floor``: ``acosh(1 / sqrt(var_floor))``."""
+    return math.acosh(1.0 / math.sqrt(var_floor)) if var_floor < 1.0 else 0.0
+
+
+def _tanh_moments(theta: Tensor) -> tuple[Tensor, Tensor]:
+    """``(m, v) = (tanh(theta), 1 - tanh(theta)^2)`` of a +-1 weight with log-odds ``2 theta``.
+
+    Written as ``m = s(2 theta) - s(-2 theta)``, ``v = 4 s(2 theta) s(-2 theta)`` with
+    ``s = sigmoid``: ``v`` keeps its relative precision as ``|m| -> 1`` (``1 - m^2``
+    would cancel), and ``sigmoid`` avoids the threaded ``tanh`` / ``exp`` kernels, which
+    are orders of magnitude slower on small tensors on a loaded multi-core CPU.
+    """
+    p, q = torch.sigmoid(2.0 * theta), torch.sigmoid(-2.0 * theta)
+    return p - q, 4.0 * p * q
 
 
 # --------------------------------------------------------------------------- maths
@@ -231,7 +264,12 @@ def _sign_targets(y: Tensor, num_classes: int, dtype) -> Tensor:
 
 # --------------------------------------------------------------------------- network
 class EPNetwork(nn.Module):
-    """Feed-forward network of binary units with a factorised Gaussian weight posterior.
+    """Feed-forward network of binary units with a factorised weight posterior.
+
+    The posterior is Gaussian ``N(m, v)`` per weight (``weights="gaussian"``), or Bernoulli
+    over ``w`` in {-1, +1} with ``P(w = +1) = (1 + m)/2``, i.e. mean ``m`` in (-1, 1) and
+    variance ``v = 1 - m^2`` (``weights="binary"``; biases stay Gaussian). Both are stored
+    as ``(mean, variance)`` buffers and propagated by the same moment formulas.
 
     Args:
         layers: layer sizes ``[in, hidden..., out]`` (e.g. ``[64, 100, 10]``), or an
@@ -242,17 +280,23 @@ class EPNetwork(nn.Module):
             raise ``TypeError``.
         activation: hidden units, ``"heaviside"`` (``1[u > 0]``) or ``"sigmoid"``
             (Bernoulli-sigmoid, probit approximation).
-        prior_std: std of the zero-mean Gaussian prior on every weight and bias.
+        prior_std: std of the zero-mean Gaussian prior on every weight and bias (binary
+            weights: on the biases only).
         bias: give each unit a bias (a weight on a constant input 1).
         init_std: std of the random initial means (symmetry breaking); default
-            ``prior_std``. The initial variances are ``prior_std^2``.
+            ``prior_std``. The initial variances are ``prior_std^2``. Binary weights start
+            at ``m = tanh(theta)``, ``theta ~ N(0, init_std^2)``, ``v = 1 - m^2``.
         unit_noise_std: Gaussian noise std ``s_n`` of hidden units (added to ``Var[u]``).
         output_noise_std: noise std ``s_0`` of the probit output likelihood.
         seed: seed of the initial means.
         dtype: floating dtype of the posterior.
+        weights: ``"gaussian"`` (real weights) or ``"binary"`` (+-1 weights, Bernoulli
+            posteriors, see :meth:`update`). Binary networks start from layer sizes;
+            ``layers`` given as modules raise ``ValueError``.
 
     Attributes:
-        means, variances: lists of ``[out, in (+1)]`` tensors (last column: bias).
+        means, variances: lists of ``[out, in (+1)]`` tensors (last column: bias). For
+            binary weights ``variances = 1 - means^2`` on the weight columns.
     """
 
     def __init__(
@@ -267,11 +311,16 @@ class EPNetwork(nn.Module):
         output_noise_std: float = 0.0,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
+        weights: str = "gaussian",
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if not isinstance(weights, str) or weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {WEIGHTS} (factorised Gaussian or +-1 "
+                             f"weights with Bernoulli posteriors), got {weights!r}")
         self.activation = activation
+        self.weights = weights
         self.prior_std = _check_positive("prior_std", prior_std)
         self.unit_noise_std = _check_positive("unit_noise_std", unit_noise_std, allow_zero=True)
         self.output_noise_std = _check_positive("output_noise_std", output_noise_std,
@@ -283,6 +332,12 @@ class EPNetwork(nn.Module):
         if isinstance(layers, nn.Module) or (
             isinstance(layers, Sequence) and any(isinstance(m, nn.Module) for m in layers)
         ):
+            if weights == "binary":
+                raise ValueError(
+                    "weights='binary' networks start from layer sizes [in, ..., out] (the "
+                    "+-1 posteriors are initialised from the seed); building one from "
+                    "modules is not supported, their real-valued weights are not +-1"
+                )
             sizes, loaded = _parse_modules(layers, self.bias, dtype)
         else:
             sizes = list(layers)
@@ -299,8 +354,11 @@ class EPNetwork(nn.Module):
                 m, v = _assemble(*loaded[i], self.prior_var, dtype)
             else:
                 m = torch.randn(n_out, n_in + extra, generator=gen, dtype=torch.float64)
-                m = (m * init_std).to(dtype)
-                v = torch.full((n_out, n_in + extra), self.prior_std**2, dtype=dtype)
+                m = m * init_std
+                v = torch.full((n_out, n_in + extra), self.prior_std**2, dtype=torch.float64)
+                if weights == "binary":  # m = tanh(theta), v = 1 - m^2 (bias stays Gaussian)
+                    t_max = _binary_theta_limit(_BINARY_INIT_FLOOR)
+                    m[:, :n_in], v[:, :n_in] = _tanh_moments(m[:, :n_in].clamp(-t_max, t_max))
             self.register_buffer(f"mean{i}", m.to(dtype).clone())
             self.register_buffer(f"var{i}", v.to(dtype).clone())
 
@@ -325,6 +383,10 @@ class EPNetwork(nn.Module):
     def unit_noise_var(self) -> float:
         extra = SIGMOID_PROBIT_VARIANCE if self.activation == "sigmoid" else 0.0
         return self.unit_noise_std**2 + extra
+
+    def _num_binary(self, layer: int) -> int:
+        """Number of leading +-1 (Bernoulli) columns of layer ``layer`` (0: all Gaussian)."""
+        return self.sizes[layer] if self.weights == "binary" else 0
 
     def mean_variance(self) -> float:
         """Average posterior variance over all weights and biases."""
@@ -367,10 +429,18 @@ class EPNetwork(nn.Module):
     @torch.no_grad()
     def deterministic_logits(self, x: Tensor) -> Tensor:
         """Deterministic pass: posterior-mean weights, hidden units ``1[u > 0]``; returns the
-        output pre-activations ``[B, K]`` (the ``mean`` mode of the exported network)."""
+        output pre-activations ``[B, K]`` (the ``mean`` mode of the exported network).
+
+        With ``weights="binary"`` the weights are ``sign(m)`` in {-1, +1} (``m = 0`` gives
+        +1; biases keep their means): the deployable +-1 network, i.e. each weight's most
+        probable value. This differs from the ``mean`` mode of :meth:`to_sbnn_layers`,
+        which uses the real-valued means ``m``.
+        """
         h = self._input(x)
         for i, m in enumerate(self.means):
             w, b = (m[:, :-1], m[:, -1]) if self.bias else (m, None)
+            if self._num_binary(i):
+                w = torch.where(w >= 0, torch.ones_like(w), -torch.ones_like(w))
             u = h @ w.T + (b if b is not None else 0.0)
             if i == self.num_layers - 1:
                 return u
@@ -410,6 +480,38 @@ class EPNetwork(nn.Module):
         ``m <- m + v g``, ``v <- v - v^2 (g^2 - 2h)``. Where the summed precision is not
         positive, the weight keeps its old moments; variances are floored at ``var_floor``.
 
+        **Binary weights** (``weights="binary"``, every column but the bias): ``w`` in
+        {-1, +1} with ``P(w = +1) = (1 + m)/2``, ``v = 1 - m^2``, natural parameter
+        ``theta = atanh(m)`` (half the log-odds). This is the assumed-density update of
+        expectation backpropagation (Soudry, Hubara, Meir 2014), carried to second order.
+        ``Z_n(m, v)`` is the Gaussian smoothing of the evidence with the weight clamped,
+        ``Z_n(w) = Z_n(m=w, v=0)``, so ``dZ/dv = (1/2) d^2Z/dm^2`` and
+        ``d^2 log Z/dm^2 = 2h - g^2``; expanding ``log Z_n`` to second order in ``w - m``
+        (first order in ``v``):
+
+        .. code-block:: text
+
+            log Z_n(w) ~= log Z_n + (w - m) g_n + ((w - m)^2 - v) h_n - (w - m)^2 g_n^2 / 2
+            log Z_n(+1) - log Z_n(-1) ~= 2 g_n + 2 m (g_n^2 - 2 h_n)
+
+        (``2 g_n - 4 m h_n`` alone linearises ``log(Z_n(w) / Z_n)`` instead and misses the
+        ``g_n^2`` term, which is of the same order). The Bernoulli family is closed under
+        tilting by any function of ``w`` in {-1, +1}, so the tilted distribution
+        ``q(w) Z_n(w)`` of the expanded evidence is Bernoulli again, and matching its
+        moments is exact: ``theta_n = theta + (log Z_n(+1) - log Z_n(-1)) / 2``. The
+        mini-batch sites are summed in ``theta`` (parallel EP) and damped:
+
+        .. code-block:: text
+
+            theta_new = theta + d sum_n (g_n + m (g_n^2 - 2 h_n))
+            m_new     = clip(tanh(theta_new), -(1 - eps), 1 - eps),  1 - eps = sqrt(1 - var_floor)
+            v_new     = 1 - m_new^2  (>= var_floor)
+
+        (computed as ``tanh`` of ``theta_new`` clipped to ``+-acosh(1 / sqrt(var_floor))``,
+        the same thing, with ``v_new = 4 sigmoid(2 theta) sigmoid(-2 theta)``).
+
+        The bias column keeps the Gaussian update above.
+
         Returns:
             The per-example ``log Z_n`` before the update, ``[B]``.
         """
@@ -446,6 +548,10 @@ class EPNetwork(nn.Module):
                 safe = torch.where(ok, prec, torch.ones_like(prec))
                 new_v = torch.where(ok, 1.0 / safe, v).clamp_min(var_floor)
                 new_m = torch.where(ok, eta / safe, m)
+                k = self._num_binary(i)
+                if k:  # +-1 weights: Bernoulli site update of theta = atanh(m)
+                    new_m[:, :k], new_v[:, :k] = _binary_update(
+                        m[:, :k], g[..., :k], h[..., :k], damping, var_floor)
                 getattr(self, f"mean{i}").copy_(new_m)
                 getattr(self, f"var{i}").copy_(new_v)
         return logz.detach()
@@ -460,6 +566,13 @@ class EPNetwork(nn.Module):
         own noise ``sqrt(unit_noise_var)`` (``sqrt(8/pi)`` for sigmoid units), i.e.
         ``1[u > 0]`` in ``mean`` mode. Use :func:`sbnn_addons.set_mode` /
         :func:`sbnn_addons.mc_predict` for ``sample`` / ``mean`` / ``mc(K)`` evaluation.
+
+        Binary (+-1) weights are exported as their moment-matched Gaussians ``N(m, 1 - m^2)``
+        (same mean and variance). The local reparameterisation of ``BayesLinear`` only uses
+        these two moments of each weight (pre-activation mean ``sum m x``, variance
+        ``sum v x^2``), so ``sample`` / ``mc(K)`` pre-activations have the same moments as
+        with sampled +-1 weights; ``mean`` mode uses ``m``, not the ``sign(m)`` of
+        :meth:`deterministic_logits`.
         """
         modules: list[nn.Module] = []
         for i, (m, v) in enumerate(zip(self.means, self.variances)):
@@ -482,8 +595,30 @@ class EPNetwork(nn.Module):
         return nn.Sequential(*modules)
 
     def extra_repr(self) -> str:
-        return (f"sizes={self.sizes}, activation={self.activation}, prior_std={self.prior_std:g}"
-                f", bias={self.bias}")
+        return (f"sizes={self.sizes}, weights={self.weights}, activation={self.activation}, "
+                f"prior_std={self.prior_std:g}, bias={self.bias}")
+
+
+def _binary_update(m: Tensor, g: Tensor, h: Tensor, damping: float,
+                   var_floor: float) -> tuple[Tensor, Tensor]:
+    """Damped parallel Bernoulli site update of +-1 weights (see :meth:`EPNetwork.update`).
+
+    Args:
+        m: current means ``[out, k]`` in (-1, 1).
+        g: per-example ``dlogZ_n/dm`` ``[B, out, k]``.
+        h: per-example ``dlogZ_n/dv`` ``[B, out, k]``.
+        damping: ``d`` in (0, 1].
+        var_floor: smallest allowed variance ``1 - m^2``.
+
+    Returns:
+        ``(m_new, v_new)`` with ``v_new = 1 - m_new^2 >= var_floor``: ``theta`` is clipped
+        to ``|theta| <= acosh(1 / sqrt(var_floor))``, i.e. ``|m| <= sqrt(1 - var_floor)``.
+    """
+    t_max = _binary_theta_limit(var_floor)
+    theta = torch.atanh(m.clamp(-1.0, 1.0)).clamp(-t_max, t_max)
+    step = (g + m * (g * g - 2.0 * h)).sum(0)  # sum_n (log Z_n(+1) - log Z_n(-1)) / 2
+    m_new, v_new = _tanh_moments((theta + damping * step).clamp(-t_max, t_max))
+    return m_new, v_new.clamp_min(var_floor)
 
 
 def _parse_modules(layers, bias: bool, dtype) -> tuple[list[int], list[tuple[Tensor, Tensor]]]:
@@ -667,7 +802,32 @@ def train(
     return network, curve
 
 
-def bench_digits(
+#: tasks of :func:`bench_task` (and of the ``ep`` method of ``sbnn-bench``)
+BENCH_TASKS = ("digits", "randman")
+
+
+def first_spike_features(x: Tensor) -> Tensor:
+    """Static latency code of spike trains: ``[T, B, F] -> [B, F]``.
+
+    .. code-block:: text
+
+        feature_j = (T - t_j) / T   (t_j: step of channel j's first spike; 0 if it is silent)
+
+    Early spikes give values near 1, the last step ``1/T``. This keeps the timing that a
+    time average throws away: in ``randman`` every channel spikes exactly once, so its
+    rate ``mean_t s_t = 1/T`` is the same for every channel and example.
+    """
+    _check_data("x", x)
+    if x.dim() != 3:
+        raise ValueError(f"x must be spike trains [T, B, F], got shape {tuple(x.shape)}")
+    steps = x.shape[0]
+    t = torch.arange(steps, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    first = torch.where(x > 0, t, torch.full_like(x, float(steps))).amin(0)
+    return ((steps - first) / steps).to(x.dtype)
+
+
+def bench_task(
+    task: str = "digits",
     seed: int = 0,
     *,
     epochs: int = 3,
@@ -677,50 +837,81 @@ def bench_digits(
     num_steps: int | None = None,
     mc_samples: int = 10,
     split_seed: int = 0,
+    cfg: dict | None = None,
     **network_kwargs,
 ) -> dict:
-    """Train EP on the digits task and return a row like ``sbnn_addons.bench``'s.
+    """Train EP on a ``sbnn-bench`` task and return a row like ``sbnn_addons.bench``'s.
 
-    Input: pixel intensities in [0, 1] directly (``num_steps=None``, T = 1), or rate-coded
-    with ``num_steps`` steps and averaged over time (test set coded with generator seed
-    12345 as in the bench; the training set is coded once with generator ``seed``).
+    The data come from the harness (``TASKS[task].load(cfg)`` and ``.encode``), with the
+    same codes as the other methods: the training set is encoded once with generator
+    ``seed``, the test set with generator seed 12345. EP sees static inputs ``[B, F]``:
+
+    - ``digits``: pixel intensities in [0, 1] directly (``num_steps=None``, T = 1), or
+      the Bernoulli rate code with ``num_steps`` steps averaged over time;
+    - ``randman``: the spike trains ``[T, B, F]`` (``num_steps=None``: the task default,
+      50) reduced by :func:`first_spike_features` (each channel's first-spike latency).
+      The time average would be ``1/T`` for every channel (one spike per channel).
 
     Args:
+        task: one of :data:`BENCH_TASKS` (``"digits"``, ``"randman"``).
         seed: seed of the initial means, the shuffling and the training-set code.
         epochs: passes over the training set.
-        hidden: hidden layer sizes (network ``[64, *hidden, 10]``).
+        hidden: hidden layer sizes (network ``[F, *hidden, K]``).
         batch_size: examples per update (1: sequential ADF).
         damping: ``d`` in (0, 1].
-        num_steps: ``None`` for direct intensities, else the rate-code length ``T``.
+        num_steps: time steps ``T`` of the encoding; ``None``: see above.
         mc_samples: ``K`` of the ``mc(K)`` evaluation of the exported network.
-        split_seed: seed of :func:`sbnn_addons.data.load_digits_split`.
-        **network_kwargs: further :class:`EPNetwork` arguments (``activation``, ...).
+        split_seed: seed of the task's data split / generator (``cfg["split_seed"]``).
+        cfg: further harness config (e.g. ``randman_classes``, ``randman_units``,
+            ``randman_samples``, ``randman_dim``, ``randman_alpha``); the task's defaults
+            fill in the rest.
+        **network_kwargs: further :class:`EPNetwork` arguments (``activation``,
+            ``weights``, ...).
 
     Returns:
         dict with ``task``, ``method`` (``"ep"``), ``seed``, ``epochs``, ``num_steps``,
         ``train_time_s``, the :func:`sbnn_addons.metrics.classification_metrics` of the EP
         moment-propagated predictive (``accuracy``, ``nll``, ``brier``, ``ece``),
-        ``accuracy_mean_mode`` (deterministic mean-weight pass), ``accuracy_mc`` (exported
-        SBNN network, ``mc(mc_samples)``), ``eval``, ``world_size``, ``curve``, ``_probs``,
-        ``_targets``.
+        ``accuracy_mean_mode`` (deterministic pass, :meth:`EPNetwork.deterministic_logits`),
+        ``accuracy_mc`` (exported SBNN network, ``mc(mc_samples)``), ``eval``,
+        ``world_size``, ``curve``, ``_probs``, ``_targets``.
+
+    Raises:
+        ValueError: a task outside :data:`BENCH_TASKS`.
     """
-    from .data.digits import load_digits_split, rate_code
+    if task not in BENCH_TASKS:
+        raise ValueError(f"EP supports the tasks {list(BENCH_TASKS)}, got {task!r} (its "
+                         "networks are feed-forward and memoryless: no convolutions, no "
+                         "recurrence)")
+    from .bench.harness import TASKS
     from .metrics import classification_metrics
     from .modes import mc_predict
 
-    xtr, ytr, xte, yte = load_digits_split(seed=split_seed)
+    spec = TASKS[task]
+    cfg = {**spec.defaults, **{k: v for k, v in (cfg or {}).items() if v is not None}}
+    cfg["split_seed"] = split_seed
     if num_steps is not None:
-        xtr = rate_code(xtr, num_steps, torch.Generator().manual_seed(seed))
-        xte = rate_code(xte, num_steps, torch.Generator().manual_seed(12345))
-    net = EPNetwork([64, *hidden, 10], seed=seed, **network_kwargs)
+        cfg["num_steps"] = num_steps
+    elif task == "digits":
+        cfg["num_steps"] = None
+    xtr, ytr, xte, yte = spec.load(cfg)
+    if cfg["num_steps"] is not None:
+        xtr = spec.encode(xtr, cfg["num_steps"], torch.Generator().manual_seed(seed))
+        xte = spec.encode(xte, cfg["num_steps"], torch.Generator().manual_seed(12345))
+    if task == "randman":
+        xtr, xte = first_spike_features(xtr.float()), first_spike_features(xte.float())
+        num_classes = int(cfg["randman_classes"])
+    else:
+        num_classes = 10
+    net = EPNetwork([xtr.shape[-1], *hidden, num_classes], seed=seed, **network_kwargs)
     t0 = time.perf_counter()
     net, curve = train(net, xtr, ytr, epochs=epochs, batch_size=batch_size, damping=damping,
                        seed=seed, x_test=xte, y_test=yte)
     train_time = time.perf_counter() - t0
     probs = net.predict_proba(xte).float()
-    row = {"task": "digits", "method": "ep", "seed": seed, "epochs": epochs,
-           "num_steps": 1 if num_steps is None else num_steps, "train_time_s": train_time,
-           **classification_metrics(probs, yte)}
+    row = {"task": task, "method": "ep", "seed": seed, "epochs": epochs,
+           "num_steps": 1 if cfg["num_steps"] is None else cfg["num_steps"],
+           "train_time_s": train_time, **classification_metrics(probs, yte)}
     row["accuracy_mean_mode"] = float((net.predict(xte, True) == yte).float().mean())
     seq = net.to_sbnn_layers()
     x_in = net._input(xte)
@@ -735,3 +926,41 @@ def bench_digits(
     row["_probs"] = probs
     row["_targets"] = yte
     return row
+
+
+def bench_digits(
+    seed: int = 0,
+    *,
+    epochs: int = 3,
+    hidden: Sequence[int] = (100,),
+    batch_size: int = 1,
+    damping: float = 1.0,
+    num_steps: int | None = None,
+    mc_samples: int = 10,
+    split_seed: int = 0,
+    **network_kwargs,
+) -> dict:
+    """Train EP on the digits task: ``bench_task("digits", ...)`` (kept for compatibility).
+
+    Input: pixel intensities in [0, 1] directly (``num_steps=None``, T = 1), or rate-coded
+    with ``num_steps`` steps and averaged over time (test set coded with generator seed
+    12345 as in the bench; the training set is coded once with generator ``seed``).
+
+    Args:
+        seed: seed of the initial means, the shuffling and the training-set code.
+        epochs: passes over the training set.
+        hidden: hidden layer sizes (network ``[64, *hidden, 10]``).
+        batch_size: examples per update (1: sequential ADF).
+        damping: ``d`` in (0, 1].
+        num_steps: ``None`` for direct intensities, else the rate-code length ``T``.
+        mc_samples: ``K`` of the ``mc(K)`` evaluation of the exported network.
+        split_seed: seed of :func:`sbnn_addons.data.load_digits_split`.
+        **network_kwargs: further :class:`EPNetwork` arguments (``activation``,
+            ``weights``, ...).
+
+    Returns:
+        The row of :func:`bench_task`.
+    """
+    return bench_task("digits", seed, epochs=epochs, hidden=hidden, batch_size=batch_size,
+                      damping=damping, num_steps=num_steps, mc_samples=mc_samples,
+                      split_seed=split_seed, **network_kwargs)

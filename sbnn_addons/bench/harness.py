@@ -99,7 +99,8 @@ METHODS: dict[str, Method] = {
         Method("sbnn-sj-agr", estimator="agr", framework="spikingjelly",
                help="SpikingJelly model converted by sbnn_addons.spikingjelly, AGR"),
         Method("ep", estimator=None, framework="ep",
-               help="expectation propagation (ADF form, sbnn_addons.ep), 3 passes; digits only"),
+               help="expectation propagation (ADF form, sbnn_addons.ep), 3 passes; digits, "
+               "randman"),
     )
 }
 
@@ -686,15 +687,22 @@ def run_one(task_name: str, method_name: str, seed: int, cfg: dict, progress=Non
 
 
 def _run_ep(task_name: str, seed: int, cfg: dict, progress=None) -> dict:
-    """The ``ep`` method: :func:`sbnn_addons.ep.bench_digits` on the same rate code."""
-    if task_name != "digits":
-        raise ValueError(f"method 'ep' supports the digits task only, got {task_name!r}")
+    """The ``ep`` method: :func:`sbnn_addons.ep.bench_task` on the task's data and code.
+
+    ``digits``: the same rate code as the other methods, averaged over time; ``randman``:
+    the same spike trains, reduced to first-spike latencies. ``--width`` sets the hidden
+    width (default 100). Other tasks raise ``ValueError``.
+    """
+    from ..ep import BENCH_TASKS, bench_task
+
+    if task_name not in BENCH_TASKS:
+        raise ValueError(f"method 'ep' supports the tasks {list(BENCH_TASKS)} only, got "
+                         f"{task_name!r}")
     if _world()[1] > 1:
         raise ValueError("method 'ep' runs in a single process; drop torchrun for it")
-    from ..ep import bench_digits
-
-    row = bench_digits(seed, epochs=EP_PASSES, num_steps=cfg["num_steps"],
-                       mc_samples=cfg["mc_samples"], split_seed=cfg.get("split_seed", 0))
+    row = bench_task(task_name, seed, epochs=EP_PASSES, num_steps=cfg["num_steps"],
+                     hidden=(_width(cfg, 100),), mc_samples=cfg["mc_samples"],
+                     split_seed=cfg.get("split_seed", 0), cfg=cfg)
     if progress is not None:
         progress.update(cfg["epochs"])
     return row
