@@ -147,6 +147,20 @@ class ReferenceNet(SBNNModule, nn.Module):
     readout_noise: bool
     _config: dict
 
+    def _setup(self, config: dict, *, bayes: bool, readout_noise: bool, num_steps: int,
+               norm: str, **layer_kwargs) -> LayerFactory:
+        """Store the constructor ``config`` and the shared flags; return the layer factory.
+
+        ``layer_kwargs`` are the other :class:`LayerFactory` arguments (estimator, stds,
+        LIF constants, surrogate).
+        """
+        self._config = config
+        self.bayes = bool(bayes)
+        self.readout_noise = bool(readout_noise)
+        self.num_steps = num_steps
+        self.per_step_norm = norm == "bn"
+        return LayerFactory(self.bayes, norm=norm, num_steps=num_steps, **layer_kwargs)
+
     def sample_readout(self, out: Tensor) -> Tensor:
         """Readout per step: the mean, plus ``sqrt(var) * eps`` when sampling.
 

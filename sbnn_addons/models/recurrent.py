@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..layers import BayesLinear
 from ..moments import attach_variance, get_variance
-from ._common import LayerFactory, ReferenceNet, reshape_with_variance, softplus_value
+from ._common import ReferenceNet, reshape_with_variance, softplus_value
 
 __all__ = ["ZeroDiagLinear", "ZeroDiagBayesLinear", "SHDRecurrentNet", "shd_recurrent"]
 
@@ -124,18 +124,14 @@ class SHDRecurrentNet(ReferenceNet):
         surrogate_width: float = 0.4,
     ) -> None:
         super().__init__()
-        self._config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        self._config.pop("rec_std")
-        self.bayes = bool(bayes)
-        self.readout_noise = bool(readout_noise)
-        self.in_features = in_features
-        self.num_steps = num_steps
-        self.per_step_norm = norm == "bn"
-        factory = LayerFactory(
-            self.bayes, estimator=estimator, std=std, bias_std=bias_std, norm=norm,
-            num_steps=num_steps, beta=beta, threshold=threshold, surrogate=surrogate,
-            surrogate_width=surrogate_width,
+        config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        config.pop("rec_std")
+        factory = self._setup(
+            config, bayes=bayes, readout_noise=readout_noise, num_steps=num_steps, norm=norm,
+            estimator=estimator, std=std, bias_std=bias_std, beta=beta, threshold=threshold,
+            surrogate=surrogate, surrogate_width=surrogate_width,
         )
+        self.in_features = in_features
         self.ff = nn.ModuleList()
         self.norms = nn.ModuleList()
         self.rec = nn.ModuleList()

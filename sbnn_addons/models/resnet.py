@@ -174,19 +174,13 @@ class SpikingResNet(ReferenceNet):
         surrogate_width: float = 0.4,
     ) -> None:
         super().__init__()
-        self._config = {
-            k: v for k, v in locals().items() if k not in ("self", "__class__")
-        }
-        self.bayes = bool(bayes)
-        self.readout_noise = bool(readout_noise)
-        self.in_channels = in_channels
-        self.num_steps = num_steps
-        self.per_step_norm = norm == "bn"
-        factory = LayerFactory(
-            self.bayes, estimator=estimator, std=std, bias_std=bias_std, norm=norm,
-            num_steps=num_steps, beta=beta, threshold=threshold, surrogate=surrogate,
-            surrogate_width=surrogate_width,
+        config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        factory = self._setup(
+            config, bayes=bayes, readout_noise=readout_noise, num_steps=num_steps, norm=norm,
+            estimator=estimator, std=std, bias_std=bias_std, beta=beta, threshold=threshold,
+            surrogate=surrogate, surrogate_width=surrogate_width,
         )
+        self.in_channels = in_channels
         chans = _widths(widths, width_mult)
         self.widths = chans
         self.stem = ConvLIF(factory, in_channels, chans[0], pool=2 if stem_pool else 1)
