@@ -6,6 +6,7 @@ evaluation modes. Host-library adapters live in :mod:`sbnn_addons.snntorch` and
 :mod:`sbnn_addons.spikingjelly` and are imported only when used.
 """
 
+from . import kernels
 from .estimators import AGR, IWST, ST, BernoulliSpike, Estimator, get_estimator, sample_spikes
 from .layers import (
     BayesConv1d,
@@ -31,5 +32,5 @@ __all__ = [
     "aux_loss", "enable_aux_loss", "kl_divergence", "sbnn_objective",
     "set_mode", "get_mode", "mode", "mc_predict",
     "attach_variance", "get_variance", "track_variance", "variance_flow",
-    "LIF", "LIFState", "IWSTSpike", "seed_spikes",
+    "LIF", "LIFState", "IWSTSpike", "seed_spikes", "kernels",
 ]

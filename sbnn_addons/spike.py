@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from .base import SBNNModule, check_std, inverse_softplus, softplus
 from .estimators import BernoulliSpike, Estimator, get_estimator
 from .functional import SIGMA_MIN, apply_function, check_float, safe_sqrt
@@ -141,18 +142,27 @@ class IWSTSpike(SBNNModule, nn.Module):
             u: drive ``mu - theta``, shape ``[*]``.
             variance: noise variance broadcastable to ``u``, or ``None`` for zero noise.
         """
+        if variance is not None and variance.shape != u.shape:
+            try:
+                if torch.broadcast_shapes(variance.shape, u.shape) != u.shape:
+                    raise RuntimeError  # would enlarge u
+            except RuntimeError:
+                raise ValueError(
+                    f"the variance of shape {tuple(variance.shape)} does not broadcast "
+                    f"to the drive u of shape {tuple(u.shape)}"
+                ) from None
+        if not self.deterministic:
+            fused_var = _fused_variance(u, variance)
+            if fused_var is not None and kernels.can_fuse(u, fused_var):
+                spikes = kernels.fused_spike(u, fused_var, self.estimator, self.at_zero,
+                                             self._generator_for(u))
+                if self.collect_aux and variance is not None and torch.is_grad_enabled():
+                    sigma = safe_sqrt(variance.float().clamp_min(0)).to(u.dtype)
+                    self._aux_terms.append(self._z_squared(u, sigma))
+                return attach_variance(spikes, None)
         if variance is None:
             sigma = torch.zeros((), dtype=u.dtype, device=u.device)
         else:
-            if variance.shape != u.shape:
-                try:
-                    if torch.broadcast_shapes(variance.shape, u.shape) != u.shape:
-                        raise RuntimeError  # would enlarge u
-                except RuntimeError:
-                    raise ValueError(
-                        f"the variance of shape {tuple(variance.shape)} does not broadcast "
-                        f"to the drive u of shape {tuple(u.shape)}"
-                    ) from None
             sigma = safe_sqrt(variance.float().clamp_min(0)).to(u.dtype)
         if self.deterministic:
             eps = torch.zeros_like(u)
@@ -205,6 +215,18 @@ class IWSTSpike(SBNNModule, nn.Module):
     def extra_repr(self) -> str:
         own = "learned" if self.learn_std else f"{float(self.fixed_std.max()):g}"
         return f"estimator={self.estimator}, std={own}, mode={self.sbnn_mode}"
+
+
+def _fused_variance(u: Tensor, variance: Tensor | None) -> Tensor | None:
+    """The variance in the layout the fused kernel takes: float32, one element or the shape
+    of ``u`` (``None`` where the kernel cannot serve ``u``)."""
+    if u.dtype != torch.float32 or u.device.type != "cpu":
+        return None
+    if variance is None:
+        return torch.zeros((), dtype=u.dtype)
+    if variance.numel() != 1 and variance.shape != u.shape:
+        variance = variance.expand_as(u)
+    return variance.to(u.dtype)
 
 
 def seed_spikes(model: nn.Module, seed: int | None) -> nn.Module:

@@ -54,7 +54,13 @@ def test_no_noise_fires_deterministically():
 
 def test_fire_explicit_variance_and_gradient():
     """fire(u, var) samples with sigma = sqrt(var) and backpropagates J(h) to u and, through
-    sigma, to the variance; equals BernoulliSpike with the same eps (exact)."""
+    sigma, to the variance; equals BernoulliSpike with the same eps (exact). PyTorch path;
+    the fused kernel is checked in test_kernels.py."""
+    with sb.kernels.use_kernels(False):
+        _check_fire_explicit_variance()
+
+
+def _check_fire_explicit_variance():
     u = torch.tensor([0.3, -0.2, 1.0], requires_grad=True)
     var = torch.tensor([0.5, 1.0, 2.0], requires_grad=True)
     spike = IWSTSpike("iwst(0.5)")

@@ -1,0 +1,167 @@
+/* Fused CPU kernels of the SBNN spike (SPEC sections 1 and 4), float32, contiguous.
+ *
+ * Forward:  h_i = 1[U_i < Phi(u_i / sigma_i)],  sigma_i = sqrt(var_i),
+ *           U_i uniform on (0, 1) from Philox4x32-10 keyed by `seed`, counter = i / 4,
+ *           so a draw depends on (seed, i) only, never on threads or chunking.
+ *           Where var_i == 0 the unit is deterministic: h_i = 1[u_i > 0] (>= with at_zero).
+ * Backward: the IW-ST Jacobian J(h) of sbnn_addons.functional.estimator_jacobian, and
+ *           grad_u = g J,  grad_var = -z g J / (2 sigma)  (0 where var == 0).
+ *
+ * Built by sbnn_addons.kernels with -O3 -ffast-math (compiled, then linked without it so
+ * that crtfastmath does not switch the process to flush-to-zero). Every division and
+ * logarithm has a guarded argument, so no inf or NaN enters the vectorised loops.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#define CHUNK 1024 /* elements per uniform buffer (multiple of 4) */
+#define INV_SQRT2 0.70710678118654752440f
+#define INV_SQRT_2PI 0.39894228040143267794f
+#define SIGMA_MIN 1e-6f
+#define Z_MAX 40.0f
+#define Z_FIRE 9.0f /* Phi(-9) = 1e-19: below the resolution of U, so clamping is exact */
+
+static inline void philox4x32_10(uint64_t counter, uint64_t key, uint32_t out[4]) {
+    uint32_t x0 = (uint32_t)counter, x1 = (uint32_t)(counter >> 32), x2 = 0, x3 = 0;
+    uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
+    for (int r = 0; r < 10; ++r) {
+        uint64_t p0 = (uint64_t)0xD2511F53u * x0;
+        uint64_t p1 = (uint64_t)0xCD9E8D57u * x2;
+        uint32_t y0 = (uint32_t)(p1 >> 32) ^ x1 ^ k0;
+        uint32_t y2 = (uint32_t)(p0 >> 32) ^ x3 ^ k1;
+        x1 = (uint32_t)p1;
+        x3 = (uint32_t)p0;
+        x0 = y0;
+        x2 = y2;
+        k0 += 0x9E3779B9u;
+        k1 += 0xBB67AE85u;
+    }
+    out[0] = x0; out[1] = x1; out[2] = x2; out[3] = x3;
+}
+
+/* 4 * nblocks uniforms: midpoints of the 2^23 cells of (0, 1) (exact in float), from
+ * counters block0, block0 + 1, ... */
+static void uniforms(float *restrict out, int64_t nblocks, uint64_t block0, uint64_t key) {
+    for (int64_t b = 0; b < nblocks; ++b) {
+        uint32_t r[4];
+        philox4x32_10(block0 + (uint64_t)b, key, r);
+        for (int j = 0; j < 4; ++j) out[4 * b + j] = (float)((r[j] >> 9) * 2u + 1u) * 0x1.0p-24f;
+    }
+}
+
+static inline float fire(float x, float v, float U, int at_zero) {
+    float s = sqrtf(fmaxf(v, 1e-30f));
+    float z = fminf(fmaxf(x / s, -Z_FIRE), Z_FIRE);
+    float p = 0.5f * erfcf(-z * INV_SQRT2);
+    float det = at_zero ? (float)(x >= 0.0f) : (float)(x > 0.0f);
+    return v > 0.0f ? (float)(U < p) : det;
+}
+
+/* Spikes for elements [begin, end); begin must be a multiple of 4. var_stride is 0 (one
+ * variance for all elements) or 1. */
+void sbnn_spike_forward(const float *restrict u, const float *restrict var, int64_t var_stride,
+                        float *restrict h, int64_t begin, int64_t end, uint64_t seed,
+                        int at_zero) {
+    float U[CHUNK];
+    for (int64_t c0 = begin; c0 < end; c0 += CHUNK) {
+        int64_t n = end - c0 < CHUNK ? end - c0 : CHUNK;
+        uniforms(U, (n + 3) / 4, (uint64_t)c0 / 4, seed);
+        const float *uc = u + c0;
+        float *hc = h + c0;
+        if (var_stride == 0) {
+            float v = var[0];
+            for (int64_t i = 0; i < n; ++i) hc[i] = fire(uc[i], v, U[i], at_zero);
+        } else {
+            const float *vc = var + c0;
+            for (int64_t i = 0; i < n; ++i) hc[i] = fire(uc[i], vc[i], U[i], at_zero);
+        }
+    }
+}
+
+/* The vector math of libmvec leaves the fast path for arguments in the underflow range
+ * (erfcf beyond about 10, expf below -87), so every argument below is kept inside it. */
+#define TAIL (-12.0f)
+
+/* log Phi(t) for t <= TAIL: log(phi(t) / -t) + log(1 - 1/t^2 + 3/t^4 - 15/t^6)
+ * (asymptotic series, relative error below 1e-7 at t = -12). */
+static inline float log_ndtr_tail(float t) {
+    float t2 = 1.0f / (t * t);
+    float series = 1.0f + t2 * (-1.0f + t2 * (3.0f - 15.0f * t2));
+    return -0.5f * t * t - 0.91893853320467274178f + logf(series / -t);
+}
+
+/* Phi(c x) / Phi(x) for 0 <= c < 1 and x in [-40, 40], at most e^80: the ratio of erfc
+ * values where Phi(x) is a normal float (x >= TAIL), else (with `tail`) the asymptotic log
+ * form. P(h) = Phi(s z) < Phi(TAIL) = 2e-33 never happens for a sampled spike, so the
+ * backward first runs without the tail branch and only reruns with it if it was needed. */
+static inline float cdf_ratio(float x, float c, int tail) {
+    float a = c * x;
+    float num = erfcf(-fmaxf(a, TAIL) * INV_SQRT2);
+    float den = erfcf(-fmaxf(x, TAIL) * INV_SQRT2);
+    if (!tail) return num / den;
+    float log_num = a < TAIL ? log_ndtr_tail(fminf(a, TAIL)) : logf(0.5f * num);
+    float deep = expf(fminf(log_num - log_ndtr_tail(fminf(x, TAIL)), 80.0f));
+    return x < TAIL ? deep : num / den;
+}
+
+/* phi(z) sqrt(2 pi) = exp(-z^2 / 2), exactly 0 where it would underflow. */
+static inline float gauss(float z) {
+    float e = expf(fmaxf(-0.5f * z * z, -87.0f));
+    return fabsf(z) < 13.19f ? e : 0.0f;
+}
+
+/* kind: 0 = ST, 1 = IW-ST(p), 2 = AGR(tau). */
+static inline int grad_one(float g, float x, float v, float h, int kind, int tail, float p,
+                           float tau, float max_weight, float *gu, float *gv) {
+    float sr = sqrtf(fmaxf(v, 0.0f));
+    float s = fmaxf(sr, SIGMA_MIN);
+    float inv_s = 1.0f / s;
+    float z = fminf(fmaxf(x * inv_s, -1e4f), 1e4f);
+    float zc = fminf(fmaxf(z, -Z_MAX), Z_MAX);
+    float sz = h > 0.5f ? zc : -zc;
+    float jac;
+    if (kind == 0) {
+        jac = gauss(zc) * INV_SQRT_2PI;
+    } else if (kind == 1) {
+        float w = p > 0.0f ? (1.0f - p) + p * cdf_ratio(sz, 0.0f, tail) : 1.0f;
+        jac = fminf(w, max_weight) * gauss(zc) * INV_SQRT_2PI;
+    } else {
+        float r = sqrtf(1.0f + tau * tau);
+        float ratio = fminf(cdf_ratio(sz, tau / r, tail), max_weight);
+        jac = ratio * gauss(zc / r) * (INV_SQRT_2PI / r);
+    }
+    float a = g * jac * inv_s;
+    int noisy = v > 0.0f;
+    *gu = noisy ? a : 0.0f;
+    *gv = noisy && sr > 0.0f ? -z * a * 0.5f / fmaxf(sr, 1e-30f) : 0.0f;
+    return kind != 0 && noisy && sz < TAIL;
+}
+
+/* grad_u and grad_var (full shape) for elements [begin, end). */
+#define BACKWARD_LOOP(KIND, TAIL_BRANCH)                                                     \
+    if (var_stride == 0) {                                                                   \
+        for (int64_t i = begin; i < end; ++i)                                                \
+            deep += grad_one(g[i], u[i], var[0], h[i], KIND, TAIL_BRANCH, p, tau, max_weight, \
+                             gu + i, gv + i);                                                \
+    } else {                                                                                 \
+        for (int64_t i = begin; i < end; ++i)                                                \
+            deep += grad_one(g[i], u[i], var[i], h[i], KIND, TAIL_BRANCH, p, tau, max_weight, \
+                             gu + i, gv + i);                                                \
+    }
+
+void sbnn_spike_backward(const float *restrict g, const float *restrict u,
+                         const float *restrict var, int64_t var_stride,
+                         const float *restrict h, float *restrict gu, float *restrict gv,
+                         int64_t begin, int64_t end, int kind, float p, float tau,
+                         float max_weight) {
+    int64_t deep = 0;
+    if (kind == 0) {
+        BACKWARD_LOOP(0, 0)
+    } else if (kind == 1) {
+        BACKWARD_LOOP(1, 0)
+        if (deep) { BACKWARD_LOOP(1, 1) }
+    } else {
+        BACKWARD_LOOP(2, 0)
+        if (deep) { BACKWARD_LOOP(2, 1) }
+    }
+}

@@ -1,0 +1,299 @@
+"""Fused CPU kernel of the spike function, compiled on first use (optional).
+
+The PyTorch implementation of a sampled spike (:class:`~sbnn_addons.estimators.BernoulliSpike`)
+costs about fifteen elementwise passes over the neurons per step: a Gaussian draw from
+the global Mersenne twister, the comparison, and the IW-ST backward. On a CPU these
+passes, not the arithmetic, are the cost. This module compiles ``_kernels/spike.c`` once
+per machine with the system C compiler (``$CC``, else ``cc``) into
+``$SBNN_ADDONS_CACHE`` (default ``~/.cache/sbnn_addons``) and loads it with ``ctypes``.
+It does the forward in one pass and the backward in one pass:
+
+.. code-block:: text
+
+    forward   h   = 1[U < Phi(u / sigma)],  sigma = sqrt(var),  U ~ Uniform[0, 1)
+    backward  g_u = g J(h),   g_var = -z g J(h) / (2 sigma)      (J: SPEC section 4)
+
+``U`` comes from a counter-based Philox4x32-10 stream keyed by a 64-bit seed drawn from
+the torch generator (the global one, or the spike function's own after
+:func:`~sbnn_addons.seed_spikes`), so ``torch.manual_seed`` replays a pass exactly, and a
+draw does not depend on the number of threads. ``P(h = 1) = Phi(z)`` is the same law as
+the PyTorch path (``h = 1[u + sigma eps > 0]``); the individual draws differ between
+the two paths.
+
+The kernel serves contiguous float32 CPU tensors outside ``torch.func`` transforms and
+``torch.compile``; everything else (CUDA, float16 / bfloat16 / float64, ``vmap``) takes
+the PyTorch path, which is also the fallback when no C compiler is found. Set
+``SBNN_ADDONS_KERNELS=0`` to turn the kernel off, or use :func:`use_kernels`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "available", "enabled", "use_kernels", "can_fuse", "fused_spike", "FusedSpike",
+    "spike_forward", "spike_backward",
+]
+
+_SOURCE = Path(__file__).with_name("_kernels") / "spike.c"
+_KIND_CODES = {"st": 0, "iwst": 1, "agr": 2}
+_CHUNK = 1024  # must match CHUNK in spike.c
+_PARALLEL_MIN = 1 << 17  # elements per thread below which one thread is faster
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-mprefer-vector-width=256", "-ffast-math"],
+    ["-O3", "-ffast-math"],
+)
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_load_error: str | None = None
+_enabled = os.environ.get("SBNN_ADDONS_KERNELS", "1").strip().lower() not in ("0", "false", "no")
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("SBNN_ADDONS_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sbnn_addons"
+
+
+def _cpu_signature() -> str:
+    """The CPU model and flags: a library built with ``-march=native`` is tied to them."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        lines = [ln for ln in info if ln.startswith(("model name", "flags", "Features"))][:2]
+    except OSError:
+        lines = []
+    return platform.machine() + "|" + "|".join(lines)
+
+
+def _compile(compiler: str, source: Path, target: Path, flags: list[str]) -> None:
+    """Compile with ``flags``, then link **without** them: linking a shared library with
+    ``-ffast-math`` adds ``crtfastmath.o``, which would flush denormals process-wide."""
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        obj = Path(tmp) / "spike.o"
+        so = Path(tmp) / "spike.so"
+        run = dict(check=True, capture_output=True, text=True, timeout=120)
+        subprocess.run([compiler, "-c", "-fPIC", *flags, str(source), "-o", str(obj)], **run)
+        libs = ["-lmvec", "-lm"] if "-ffast-math" in flags else ["-lm"]
+        try:
+            subprocess.run([compiler, "-shared", str(obj), "-o", str(so), *libs], **run)
+        except subprocess.CalledProcessError:  # no libmvec: scalar math calls
+            subprocess.run([compiler, "-c", "-fPIC", *[f for f in flags if f != "-ffast-math"],
+                            str(source), "-o", str(obj)], **run)
+            subprocess.run([compiler, "-shared", str(obj), "-o", str(so), "-lm"], **run)
+        os.replace(so, target)  # atomic: concurrent builders (pytest -n) never see half a file
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _load_error
+    with _lock:
+        if _lib is not None or _load_error is not None:
+            return _lib
+        try:
+            _lib = _build_and_open()
+        except Exception as exc:  # noqa: BLE001 - any failure means: use the PyTorch path
+            _load_error = f"{type(exc).__name__}: {exc}"
+            warnings.warn(
+                "sbnn_addons: the fused CPU spike kernel could not be built or loaded "
+                f"({_load_error}); using the PyTorch implementation, which is slower. "
+                "Install a C compiler (or set CC) to enable it, or set SBNN_ADDONS_KERNELS=0 "
+                "to silence this warning.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return _lib
+
+
+def _build_and_open() -> ctypes.CDLL:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (tried $CC, cc, gcc)")
+    source = _SOURCE.read_bytes()
+    cache = _cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(
+            source + repr(flags).encode() + compiler.encode() + _cpu_signature().encode()
+        ).hexdigest()[:16]
+        target = cache / f"spike-{key}.so"
+        try:
+            if not target.exists():
+                _compile(compiler, _SOURCE, target, flags)
+            lib = ctypes.CDLL(str(target))
+        except (subprocess.CalledProcessError, OSError) as exc:
+            detail = getattr(exc, "stderr", "") or str(exc)
+            errors.append(f"{' '.join(flags)}: {detail.strip()[:300]}")
+            continue
+        _declare(lib)
+        return lib
+    raise RuntimeError("; ".join(errors))
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    ptr, i64, u64, i32, f32 = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int,
+                               ctypes.c_float)
+    lib.sbnn_spike_forward.argtypes = [ptr, ptr, i64, ptr, i64, i64, u64, i32]
+    lib.sbnn_spike_forward.restype = None
+    lib.sbnn_spike_backward.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, i32, f32,
+                                        f32, f32]
+    lib.sbnn_spike_backward.restype = None
+
+
+def available() -> bool:
+    """Whether the fused kernel is compiled and loaded (builds it on the first call)."""
+    return _load() is not None
+
+
+def enabled() -> bool:
+    """Whether spike functions use the kernel when it is available."""
+    return _enabled
+
+
+@contextlib.contextmanager
+def use_kernels(flag: bool) -> Iterator[None]:
+    """Turn the fused kernel on or off inside a ``with`` block (``False``: PyTorch path)."""
+    global _enabled
+    previous, _enabled = _enabled, bool(flag)
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def can_fuse(u: Tensor, variance: Tensor) -> bool:
+    """Whether :func:`fused_spike` serves this drive and variance."""
+    return (
+        _enabled
+        and u.dtype == torch.float32
+        and variance.dtype == torch.float32
+        and u.device.type == "cpu"
+        and variance.device.type == "cpu"
+        and (variance.numel() == 1 or variance.shape == u.shape)
+        and not torch._C._are_functorch_transforms_active()
+        and not torch.compiler.is_compiling()
+        and (_lib is not None or _load() is not None)
+    )
+
+
+def _parallel(fn, n: int, make_args) -> None:
+    """Call ``fn(*make_args(begin, end))`` over ``[0, n)``, split across torch's threads
+    for large ``n`` (the C functions release the GIL)."""
+    global _pool
+    parts = min(torch.get_num_threads(), n // _PARALLEL_MIN)
+    if parts <= 1:
+        fn(*make_args(0, n))
+        return
+    pid = os.getpid()
+    if _pool is None or _pool[0] != pid or _pool[1] != parts:  # new after fork or resize
+        _pool = (pid, parts, ThreadPoolExecutor(parts, thread_name_prefix="sbnn-kernel"))
+    step = -(-n // parts // _CHUNK) * _CHUNK  # chunk-aligned: draws independent of threads
+    bounds = [(b, min(b + step, n)) for b in range(0, n, step)]
+    for fut in [_pool[2].submit(fn, *make_args(b, e)) for b, e in bounds]:
+        fut.result()
+
+
+def _seed(generator: torch.Generator | None) -> int:
+    """A 64-bit Philox key drawn from ``generator`` (the global RNG when ``None``)."""
+    draw = torch.empty((), dtype=torch.int64).random_(generator=generator)
+    return int(draw) & 0xFFFF_FFFF_FFFF_FFFF
+
+
+def spike_forward(u: Tensor, variance: Tensor, seed: int, at_zero: bool = False) -> Tensor:
+    """The kernel's forward: spikes ``1[U < Phi(u / sqrt(variance))]`` (no autograd).
+
+    ``u``: float32 CPU ``[*]``; ``variance``: float32, ``[*]`` or one element.
+    """
+    u, var = u.contiguous(), variance.contiguous()
+    h = torch.empty_like(u)
+    stride = 0 if var.numel() == 1 else 1
+    _parallel(_lib.sbnn_spike_forward, u.numel(), lambda b, e: (
+        u.data_ptr(), var.data_ptr(), stride, h.data_ptr(), b, e, seed, int(at_zero)))
+    return h
+
+
+def spike_backward(grad: Tensor, u: Tensor, variance: Tensor, spikes: Tensor,
+                   estimator) -> tuple[Tensor, Tensor]:
+    """The kernel's backward for given spikes: ``(g J(h), -z g J(h) / (2 sigma))``.
+
+    Both results have the shape of ``u`` (the variance gradient is not yet reduced to a
+    one-element ``variance``). ``J`` is :func:`sbnn_addons.functional.estimator_jacobian`.
+    """
+    kind, p = _KIND_CODES[estimator.kind], estimator.p
+    if estimator.kind == "agr" and estimator.tau == 0.0:  # AGR(0) is IW-ST(1) (SPEC sec. 4)
+        kind, p = _KIND_CODES["iwst"], 1.0
+    u, var, h = u.contiguous(), variance.contiguous(), spikes.to(torch.float32).contiguous()
+    g = grad.to(torch.float32).contiguous()
+    grad_u = torch.empty_like(u)
+    grad_var = torch.empty_like(u)
+    stride = 0 if var.numel() == 1 else 1
+    _parallel(_lib.sbnn_spike_backward, u.numel(), lambda b, e: (
+        g.data_ptr(), u.data_ptr(), var.data_ptr(), stride, h.data_ptr(), grad_u.data_ptr(),
+        grad_var.data_ptr(), b, e, kind, p, estimator.tau, estimator.max_weight))
+    return grad_u, grad_var
+
+
+class FusedSpike(torch.autograd.Function):
+    """Sampled spike with an IW-ST backward, computed by the compiled kernel.
+
+    Inputs: ``u`` (float32, CPU), ``variance`` (same shape, or one element), the Philox
+    ``seed``, the :class:`~sbnn_addons.estimators.Estimator` and ``at_zero``.
+    Gradients flow to ``u`` and ``variance``. Check :func:`can_fuse` first.
+    """
+
+    @staticmethod
+    def forward(u: Tensor, variance: Tensor, seed: int, estimator, at_zero: bool) -> Tensor:
+        return spike_forward(u, variance, seed, at_zero)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        u, variance, _seed, estimator, _at_zero = inputs
+        ctx.save_for_backward(u, variance, output)
+        ctx.estimator = estimator
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        u, variance, h = ctx.saved_tensors
+        grad_u, grad_var = spike_backward(grad, u, variance, h, ctx.estimator)
+        if variance.shape != u.shape:
+            grad_var = grad_var.sum().reshape(variance.shape)
+        return grad_u, grad_var, None, None, None
+
+
+def fused_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Spikes ``h = 1[U < Phi(u / sqrt(variance))]`` with the IW-ST backward of ``estimator``.
+
+    Check :func:`can_fuse` first; inputs are not validated here.
+
+    Args:
+        u: drive ``mu - theta``, float32 CPU tensor ``[*]``.
+        variance: noise variance ``[*]`` or one element, float32, ``>= 0``.
+        estimator: an :class:`~sbnn_addons.estimators.Estimator`.
+        at_zero: where ``variance == 0``, fire at ``u == 0`` too.
+        generator: CPU generator the Philox key is drawn from (global RNG when ``None``).
+
+    Returns:
+        Spikes ``[*]``, float32, values in {0, 1}.
+    """
+    from .functional import apply_function
+
+    return apply_function(FusedSpike, u, variance, _seed(generator), estimator, at_zero)

@@ -1,0 +1,222 @@
+"""The fused CPU spike kernel (sbnn_addons.kernels) against independent references:
+a NumPy Philox4x32-10 for the draws, the PyTorch estimators for the backward, the
+binomial law for the firing frequencies."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import sbnn_addons as sb
+from sbnn_addons import IWSTSpike, kernels, seed_spikes
+from sbnn_addons.functional import SIGMA_MIN
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler on this machine")
+
+ESTIMATORS = [sb.ST(), sb.IWST(0.0), sb.IWST(0.5), sb.IWST(1.0), sb.AGR(0.0), sb.AGR(0.3),
+              sb.AGR(2.0)]
+
+
+def _philox_uniforms(seed: int, n: int) -> np.ndarray:
+    """Philox4x32-10 (Salmon et al. 2011) in NumPy, counter = i // 4, as the kernel."""
+    blocks = (n + 3) // 4
+    c = np.arange(blocks, dtype=np.uint64)
+    x0, x1 = c & 0xFFFFFFFF, c >> np.uint64(32)
+    x2 = np.zeros_like(x0)
+    x3 = np.zeros_like(x0)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    mask = np.uint64(0xFFFFFFFF)
+    for _ in range(10):
+        p0 = np.uint64(0xD2511F53) * x0
+        p1 = np.uint64(0xCD9E8D57) * x2
+        x0, x1, x2, x3 = ((p1 >> np.uint64(32)) ^ x1 ^ k0, p1 & mask,
+                          (p0 >> np.uint64(32)) ^ x3 ^ k1, p0 & mask)
+        k0 = (k0 + np.uint64(0x9E3779B9)) & mask
+        k1 = (k1 + np.uint64(0xBB67AE85)) & mask
+    bits = np.stack([x0, x1, x2, x3], axis=1).reshape(-1)[:n]
+    return ((bits >> np.uint64(9)) * 2 + 1).astype(np.float64) * 2.0**-24
+
+
+def test_draws_match_numpy_philox_reference():
+    """h_i = 1[U_i < Phi(u_i / sigma_i)] with U_i from an independent Philox implementation,
+    for every element whose U is not within 1e-6 of Phi (float rounding of the cdf)."""
+    torch.manual_seed(11)
+    u = torch.randn(1001) * 2
+    var = torch.rand(1001) + 0.01
+    var[::7] = 0.0  # deterministic units
+    torch.manual_seed(5)
+    h = kernels.fused_spike(u, var, sb.ST())
+    torch.manual_seed(5)
+    seed = kernels._seed(None)
+    U = _philox_uniforms(seed, 1001)
+    p = torch.special.ndtr(u.double() / var.double().clamp_min(1e-300).sqrt()).numpy()
+    expected = np.where(var.numpy() > 0, U < p, u.numpy() > 0)
+    clear = (np.abs(U - p) > 1e-6) | (var.numpy() == 0)
+    assert clear.sum() > 990
+    np.testing.assert_array_equal(h.numpy()[clear], expected[clear])
+
+
+def test_firing_frequency_is_phi_z():
+    """2000 seeded passes over 4096 units: the z-scores of the frequencies against
+    Phi(u/sigma) have mean 0 and std 1 within 0.05, max below 5.5."""
+    torch.manual_seed(0)
+    u = torch.randn(4096) * 1.5
+    var = torch.rand(4096) + 0.05
+    reps = 2000
+    counts = torch.zeros(4096, dtype=torch.float64)
+    for _ in range(reps):
+        counts += kernels.fused_spike(u, var, sb.ST())
+    p = torch.special.ndtr(u.double() / var.double().sqrt())
+    keep = (p > 0.01) & (p < 0.99)
+    z = ((counts / reps - p) / (p * (1 - p) / reps).sqrt())[keep]
+    assert keep.sum() > 2500
+    assert abs(z.mean()) < 0.05 and abs(z.std() - 1) < 0.05 and z.abs().max() < 5.5
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=str)
+def test_backward_equals_pytorch_estimator(estimator):
+    """Given the same spikes, grad_u and grad_var equal BernoulliSpike + sqrt (rtol 1e-4),
+    over z in [-40, 40] and sigma from 1e-12 to 10, with var = 0 giving zero gradients."""
+    torch.manual_seed(1)
+    u = torch.linspace(-8, 8, 4001)
+    var = torch.logspace(-24, 2, 4001)[torch.randperm(4001)]
+    var[::50] = 0.0
+    u = torch.cat([u, torch.tensor([-40.0, 40.0, -12.0, 12.0])])
+    var = torch.cat([var, torch.ones(4)])
+    uk, vk = u.clone().requires_grad_(), var.clone().requires_grad_()
+    h = kernels.fused_spike(uk, vk, estimator)
+    g = torch.randn_like(u)
+    h.backward(g)
+    ur, vr = u.clone().requires_grad_(), var.clone().requires_grad_()
+    sigma = sb.functional.safe_sqrt(vr)
+    eps = torch.where(h.bool(), 1e30, -1e30)  # replays the kernel's spikes
+    h_ref = sb.BernoulliSpike.apply(ur, sigma, eps, estimator, False)
+    assert torch.equal(h, torch.where(var > 0, h_ref, (u > 0).float()))
+    h_ref.backward(g)
+    for got, ref in ((uk.grad, ur.grad), (vk.grad, vr.grad)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-30 + 1e-6 * ref.abs().max())
+    assert (uk.grad[var == 0] == 0).all() and (vk.grad[var == 0] == 0).all()
+    big = var > (SIGMA_MIN * 10) ** 2
+    assert (uk.grad[big] != 0).any()
+
+
+def test_scalar_variance_gradient_is_the_sum():
+    torch.manual_seed(2)
+    u = torch.randn(64, 32, requires_grad=True)
+    var = torch.tensor(0.3, requires_grad=True)
+    torch.manual_seed(3)
+    kernels.fused_spike(u, var, sb.AGR(0.0)).sum().backward()
+    full = var.detach().expand(64, 32).clone().requires_grad_()
+    u2 = u.detach().clone().requires_grad_()
+    torch.manual_seed(3)
+    kernels.fused_spike(u2, full, sb.AGR(0.0)).sum().backward()
+    torch.testing.assert_close(var.grad, full.grad.sum(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(u.grad, u2.grad, rtol=1e-5, atol=0)
+
+
+def test_replay_generator_and_thread_independence():
+    u = torch.randn(300_000)
+    var = torch.rand(300_000)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(4)
+        one = kernels.fused_spike(u, var, sb.ST())
+        torch.set_num_threads(2)
+        torch.manual_seed(4)
+        two = kernels.fused_spike(u, var, sb.ST())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    gen = torch.Generator().manual_seed(9)
+    a = kernels.fused_spike(u, var, sb.ST(), generator=gen)
+    b = kernels.fused_spike(u, var, sb.ST(), generator=gen)
+    gen.manual_seed(9)
+    assert torch.equal(a, kernels.fused_spike(u, var, sb.ST(), generator=gen))
+    assert not torch.equal(a, b)
+
+
+def test_iwst_spike_uses_kernel_and_seed_spikes_replays():
+    """IWSTSpike takes the kernel for float32 CPU input (and seed_spikes replays it), and
+    the PyTorch path for float64 and under use_kernels(False); both fire at Phi(z)."""
+    layer = sb.BayesLinear(20, 30, std=0.3)
+    spike = IWSTSpike("agr")
+    x = torch.rand(256, 20)
+    seed_spikes(spike, 1)
+    a = spike(layer(x) - 0.2)
+    seed_spikes(spike, 1)
+    assert torch.equal(a, spike(layer(x) - 0.2))
+    assert type(a.grad_fn).__name__.startswith("FusedSpike")
+    with kernels.use_kernels(False):
+        b = spike(layer(x) - 0.2)
+        assert type(b.grad_fn).__name__.startswith("BernoulliSpike")
+    assert type(spike(layer.double()(x.double()) - 0.2).grad_fn).__name__.startswith(
+        "BernoulliSpike")
+
+
+def test_vmap_takes_the_pytorch_path():
+    spike = IWSTSpike("st", std=0.5)
+    spike.manual_seed(0)
+    out = torch.func.vmap(spike, randomness="different")(torch.randn(3, 5))
+    assert out.shape == (3, 5)
+
+
+def test_loading_keeps_denormals():
+    """Linking with -ffast-math would switch the process to flush-to-zero; the kernel is
+    linked without it."""
+    assert kernels.available()
+    tiny = torch.tensor(1e-40)
+    assert (tiny * 1.0).item() > 0
+
+
+def test_no_compiler_falls_back_with_a_warning(tmp_path):
+    """With CC pointing at a failing compiler and an empty cache, loading fails with a
+    RuntimeWarning that names the fix, and IWSTSpike still works (PyTorch path)."""
+    code = textwrap.dedent("""
+        import warnings, torch
+        import sbnn_addons as sb
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert not sb.kernels.available()
+        msg = str(caught[0].message)
+        assert "C compiler" in msg and "SBNN_ADDONS_KERNELS=0" in msg, msg
+        out = sb.IWSTSpike("st", std=0.5)(torch.randn(8, requires_grad=True))
+        assert type(out.grad_fn).__name__.startswith("BernoulliSpike")
+        print("ok")
+    """)
+    env = dict(os.environ, CC="/bin/false", SBNN_ADDONS_CACHE=str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=str)
+def test_backward_with_improbable_spikes_uses_the_tail_form(estimator):
+    """Spikes forced against the odds (P(h) down to Phi(-40)) take the asymptotic log
+    form of Phi(c x) / Phi(x): the Jacobian equals the PyTorch estimator (rtol 1e-3) and
+    stays finite; sigma = 0 and 1e-12 give zero gradients."""
+    z = torch.cat([torch.linspace(-40, 40, 801), torch.tensor([-13.0, -12.5, -12.0, -11.5])])
+    sigma = torch.full_like(z, 0.7)
+    u = z * sigma
+    h = (z < 0).float()  # every spike is the improbable outcome
+    grad = torch.ones_like(z)
+    gu, gv = kernels.spike_backward(grad, u, sigma**2, h, estimator)
+    ref = sb.functional.estimator_jacobian(u.double(), sigma.double(), h.double(),
+                                           estimator.kind, estimator.p, estimator.tau,
+                                           estimator.max_weight)
+    assert torch.isfinite(gu).all() and torch.isfinite(gv).all()
+    torch.testing.assert_close(gu.double(), ref, rtol=1e-3, atol=1e-30)
+    torch.testing.assert_close(gv.double(), -z.double() * ref / (2 * 0.7), rtol=1e-3,
+                               atol=1e-30)
+    zero = torch.tensor([0.0, 1e-24])
+    gu0, gv0 = kernels.spike_backward(torch.ones(2), torch.tensor([0.3, -0.3]), zero,
+                                      torch.ones(2), estimator)
+    assert torch.isfinite(gu0).all() and torch.isfinite(gv0).all()
+    assert gu0[0] == 0 and gv0[0] == 0
