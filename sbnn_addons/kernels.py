@@ -217,6 +217,16 @@ def _seed(generator: torch.Generator | None) -> int:
     return int(draw) & 0xFFFF_FFFF_FFFF_FFFF
 
 
+def _require() -> ctypes.CDLL:
+    lib = _lib if _lib is not None else _load()
+    if lib is None:
+        raise RuntimeError(
+            f"the fused spike kernel is not available ({_load_error}); check "
+            "sbnn_addons.kernels.available() first, or install a C compiler"
+        )
+    return lib
+
+
 def spike_forward(u: Tensor, variance: Tensor, seed: int, at_zero: bool = False) -> Tensor:
     """The kernel's forward: spikes ``1[U < Phi(u / sqrt(variance))]`` (no autograd).
 
@@ -225,7 +235,7 @@ def spike_forward(u: Tensor, variance: Tensor, seed: int, at_zero: bool = False)
     u, var = u.contiguous(), variance.contiguous()
     h = torch.empty_like(u)
     stride = 0 if var.numel() == 1 else 1
-    _parallel(_lib.sbnn_spike_forward, u.numel(), lambda b, e: (
+    _parallel(_require().sbnn_spike_forward, u.numel(), lambda b, e: (
         u.data_ptr(), var.data_ptr(), stride, h.data_ptr(), b, e, seed, int(at_zero)))
     return h
 
@@ -245,7 +255,7 @@ def spike_backward(grad: Tensor, u: Tensor, variance: Tensor, spikes: Tensor,
     grad_u = torch.empty_like(u)
     grad_var = torch.empty_like(u)
     stride = 0 if var.numel() == 1 else 1
-    _parallel(_lib.sbnn_spike_backward, u.numel(), lambda b, e: (
+    _parallel(_require().sbnn_spike_backward, u.numel(), lambda b, e: (
         g.data_ptr(), u.data_ptr(), var.data_ptr(), stride, h.data_ptr(), grad_u.data_ptr(),
         grad_var.data_ptr(), b, e, kind, p, estimator.tau, estimator.max_weight))
     return grad_u, grad_var

@@ -1,9 +1,15 @@
 /* Fused CPU kernels of the SBNN spike (SPEC sections 1 and 4), float32, contiguous.
  *
- * Forward:  h_i = 1[U_i < Phi(u_i / sigma_i)],  sigma_i = sqrt(var_i),
- *           U_i uniform on (0, 1) from Philox4x32-10 keyed by `seed`, counter = i / 4,
- *           so a draw depends on (seed, i) only, never on threads or chunking.
- *           Where var_i == 0 the unit is deterministic: h_i = 1[u_i > 0] (>= with at_zero).
+ * Forward:  h_i = 1[U_i < Phi(z_i)],  z_i = u_i / sigma_i,  sigma_i = sqrt(var_i),
+ *           U_i uniform on (0, 1); where var_i == 0 the unit is deterministic:
+ *           h_i = 1[u_i > 0] (>= with at_zero).
+ *           U_i is drawn lazily, exactly: U_i = (B_i + V_i) / 256 with B_i a random byte
+ *           and V_i uniform. The byte alone decides h_i unless Phi(z_i) lies within the
+ *           byte's cell [B_i/256, (B_i+1)/256) (up to the margin of a cheap bound of Phi),
+ *           which happens for about 0.5 % of the units; only those draw V_i and evaluate
+ *           Phi exactly. All bits come from Philox4x32-10 keyed by `seed`: byte i is byte
+ *           i % 16 of block i / 16, V_i word i % 4 of block 2^62 + i / 4. A draw depends
+ *           on (seed, i) only, never on threads or chunking.
  * Backward: the IW-ST Jacobian J(h) of sbnn_addons.functional.estimator_jacobian, and
  *           grad_u = g J,  grad_var = -z g J / (2 sigma)  (0 where var == 0).
  *
@@ -14,12 +20,13 @@
 #include <math.h>
 #include <stdint.h>
 
-#define CHUNK 1024 /* elements per uniform buffer (multiple of 4) */
+#define CHUNK 1024 /* elements per buffer of random bytes (multiple of 16) */
 #define INV_SQRT2 0.70710678118654752440f
 #define INV_SQRT_2PI 0.39894228040143267794f
 #define SIGMA_MIN 1e-6f
 #define Z_MAX 40.0f
-#define Z_FIRE 9.0f /* Phi(-9) = 1e-19: below the resolution of U, so clamping is exact */
+#define Z_FIRE 9.0f /* Phi(-9) = 1e-19, below the resolution of U: clamping is exact */
+#define V_STREAM (1ULL << 62) /* first Philox counter of the V stream */
 
 static inline void philox4x32_10(uint64_t counter, uint64_t key, uint32_t out[4]) {
     uint32_t x0 = (uint32_t)counter, x1 = (uint32_t)(counter >> 32), x2 = 0, x3 = 0;
@@ -39,41 +46,67 @@ static inline void philox4x32_10(uint64_t counter, uint64_t key, uint32_t out[4]
     out[0] = x0; out[1] = x1; out[2] = x2; out[3] = x3;
 }
 
-/* 4 * nblocks uniforms: midpoints of the 2^23 cells of (0, 1) (exact in float), from
- * counters block0, block0 + 1, ... */
-static void uniforms(float *restrict out, int64_t nblocks, uint64_t block0, uint64_t key) {
+/* 16 * nblocks random bytes (as floats 0..255) from counters block0, block0 + 1, ...;
+ * byte j of a block is byte j % 4 (little end first) of word j / 4. */
+static void random_bytes(float *restrict out, int64_t nblocks, uint64_t block0, uint64_t key) {
     for (int64_t b = 0; b < nblocks; ++b) {
         uint32_t r[4];
         philox4x32_10(block0 + (uint64_t)b, key, r);
-        for (int j = 0; j < 4; ++j) out[4 * b + j] = (float)((r[j] >> 9) * 2u + 1u) * 0x1.0p-24f;
+        for (int j = 0; j < 16; ++j) out[16 * b + j] = (float)((r[j >> 2] >> (8 * (j & 3))) & 255u);
     }
 }
 
-static inline float fire(float x, float v, float U, int at_zero) {
+/* The logistic bound q(z) = 1 / (1 + exp(-z (1.5976 + 0.070566 z^2))) of Phi
+ * (Bowling et al. 2009): |q - Phi| < 1.41e-4 on the real line (checked in the tests). */
+#define PHI_MARGIN 2e-4f
+#define UNDECIDED 2.0f
+
+static inline float fire_by_byte(float x, float v, float byte, int at_zero) {
     float s = sqrtf(fmaxf(v, 1e-30f));
     float z = fminf(fmaxf(x / s, -Z_FIRE), Z_FIRE);
-    float p = 0.5f * erfcf(-z * INV_SQRT2);
+    float q = 1.0f / (1.0f + expf(-z * (1.5976f + 0.070566f * z * z)));
+    /* U in [byte/256, (byte+1)/256): below Phi for sure, above for sure, or undecided */
+    float sampled = byte + 1.0f <= 256.0f * (q - PHI_MARGIN) ? 1.0f
+                    : (byte >= 256.0f * (q + PHI_MARGIN) ? 0.0f : UNDECIDED);
     float det = at_zero ? (float)(x >= 0.0f) : (float)(x > 0.0f);
-    return v > 0.0f ? (float)(U < p) : det;
+    return v > 0.0f ? sampled : det;
 }
 
-/* Spikes for elements [begin, end); begin must be a multiple of 4. var_stride is 0 (one
+/* The exact decision for an undecided unit: U = (byte + V) / 256 against Phi(z), double. */
+static float fire_exact(int64_t i, float x, float v, float byte, uint64_t seed) {
+    uint32_t r[4];
+    philox4x32_10(V_STREAM + (uint64_t)i / 4, seed, r);
+    double V = ((double)r[i & 3] + 0.5) * 0x1.0p-32;
+    double z = (double)x / sqrt((double)v);
+    double p = 0.5 * erfc(-fmin(fmax(z, -40.0), 40.0) * 0.70710678118654752440);
+    return (float)(((double)byte + V) * (1.0 / 256.0) < p);
+}
+
+/* Spikes for elements [begin, end); begin must be a multiple of 16. var_stride is 0 (one
  * variance for all elements) or 1. */
 void sbnn_spike_forward(const float *restrict u, const float *restrict var, int64_t var_stride,
                         float *restrict h, int64_t begin, int64_t end, uint64_t seed,
                         int at_zero) {
-    float U[CHUNK];
+    float B[CHUNK];
     for (int64_t c0 = begin; c0 < end; c0 += CHUNK) {
         int64_t n = end - c0 < CHUNK ? end - c0 : CHUNK;
-        uniforms(U, (n + 3) / 4, (uint64_t)c0 / 4, seed);
+        random_bytes(B, (n + 15) / 16, (uint64_t)c0 / 16, seed);
         const float *uc = u + c0;
+        const float *vc = var + (var_stride ? c0 : 0);
         float *hc = h + c0;
         if (var_stride == 0) {
-            float v = var[0];
-            for (int64_t i = 0; i < n; ++i) hc[i] = fire(uc[i], v, U[i], at_zero);
+            for (int64_t i = 0; i < n; ++i) hc[i] = fire_by_byte(uc[i], vc[0], B[i], at_zero);
         } else {
-            const float *vc = var + c0;
-            for (int64_t i = 0; i < n; ++i) hc[i] = fire(uc[i], vc[i], U[i], at_zero);
+            for (int64_t i = 0; i < n; ++i) hc[i] = fire_by_byte(uc[i], vc[i], B[i], at_zero);
+        }
+        for (int64_t b = 0; b < n; b += 16) { /* blocks of 16: a vectorised test first */
+            int64_t m = n - b < 16 ? n - b : 16;
+            int any = 0;
+            for (int64_t j = 0; j < m; ++j) any |= hc[b + j] == UNDECIDED;
+            if (!any) continue;
+            for (int64_t i = b; i < b + m; ++i)
+                if (hc[i] == UNDECIDED)
+                    hc[i] = fire_exact(c0 + i, uc[i], vc[var_stride * i], B[i], seed);
         }
     }
 }
