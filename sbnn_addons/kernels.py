@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -47,7 +48,7 @@ from torch import Tensor
 
 __all__ = [
     "available", "enabled", "use_kernels", "can_fuse", "fused_spike", "FusedSpike",
-    "spike_forward", "spike_backward",
+    "spike_forward", "spike_backward", "broadcast_layout",
 ]
 
 _SOURCE = Path(__file__).with_name("_kernels") / "spike.c"
@@ -151,10 +152,11 @@ def _build_and_open() -> ctypes.CDLL:
 def _declare(lib: ctypes.CDLL) -> None:
     ptr, i64, u64, i32, f32 = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int,
                                ctypes.c_float)
-    lib.sbnn_spike_forward.argtypes = [ptr, ptr, i64, ptr, i64, i64, u64, i32]
-    lib.sbnn_spike_forward.restype = None
-    lib.sbnn_spike_backward.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, i32, f32,
-                                        f32, f32]
+    lib.sbnn_spike_forward.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, i64, u64, i32, i32,
+                                       f32]
+    lib.sbnn_spike_forward.restype = ctypes.c_double
+    lib.sbnn_spike_backward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i64, i32,
+                                        f32, f32, f32, f32, f32]
     lib.sbnn_spike_backward.restype = None
 
 
@@ -180,35 +182,53 @@ def use_kernels(flag: bool) -> Iterator[None]:
 
 
 def can_fuse(u: Tensor, variance: Tensor) -> bool:
-    """Whether :func:`fused_spike` serves this drive and variance."""
+    """Whether :func:`fused_spike` serves this drive and variance (``variance`` must
+    broadcast to ``u``)."""
     return (
         _enabled
         and u.dtype == torch.float32
         and variance.dtype == torch.float32
         and u.device.type == "cpu"
         and variance.device.type == "cpu"
-        and (variance.numel() == 1 or variance.shape == u.shape)
         and not torch._C._are_functorch_transforms_active()
         and not torch.compiler.is_compiling()
         and (_lib is not None or _load() is not None)
     )
 
 
-def _parallel(fn, n: int, make_args) -> None:
+def broadcast_layout(var_shape: torch.Size, shape: torch.Size) -> tuple[int, int] | None:
+    """``(mid, inner)`` of a variance of ``var_shape`` broadcast to ``shape``.
+
+    The kernel reads the variance of element ``e`` (row-major in ``shape``) at
+    ``(e // (mid * inner)) * inner + e % inner`` of the contiguous variance: ``(1, 1)`` for
+    the full shape, ``(C, H * W)`` for ``[N, 1, H, W]`` against ``[N, C, H, W]``,
+    ``(numel, 1)`` for one element. ``None`` when the broadcast dimensions are not one
+    contiguous block (the variance is then expanded).
+    """
+    nd = len(shape)
+    padded = (1,) * (nd - len(var_shape)) + tuple(var_shape)
+    differ = [d for d in range(nd) if padded[d] != shape[d]]
+    if not differ:
+        return 1, 1
+    first, last = differ[0], differ[-1] + 1
+    if any(padded[d] != 1 for d in range(first, last)):
+        return None
+    return math.prod(shape[first:last]), math.prod(shape[last:])
+
+
+def _parallel(fn, n: int, make_args) -> list:
     """Call ``fn(*make_args(begin, end))`` over ``[0, n)``, split across torch's threads
-    for large ``n`` (the C functions release the GIL)."""
+    for large ``n`` (the C functions release the GIL); returns the results of the parts."""
     global _pool
     parts = min(torch.get_num_threads(), n // _PARALLEL_MIN)
     if parts <= 1:
-        fn(*make_args(0, n))
-        return
+        return [fn(*make_args(0, n))]
     pid = os.getpid()
     if _pool is None or _pool[0] != pid or _pool[1] != parts:  # new after fork or resize
         _pool = (pid, parts, ThreadPoolExecutor(parts, thread_name_prefix="sbnn-kernel"))
     step = -(-n // parts // _CHUNK) * _CHUNK  # chunk-aligned: draws independent of threads
     bounds = [(b, min(b + step, n)) for b in range(0, n, step)]
-    for fut in [_pool[2].submit(fn, *make_args(b, e)) for b, e in bounds]:
-        fut.result()
+    return [fut.result() for fut in [_pool[2].submit(fn, *make_args(b, e)) for b, e in bounds]]
 
 
 def _seed(generator: torch.Generator | None) -> int:
@@ -227,83 +247,126 @@ def _require() -> ctypes.CDLL:
     return lib
 
 
-def spike_forward(u: Tensor, variance: Tensor, seed: int, at_zero: bool = False) -> Tensor:
-    """The kernel's forward: spikes ``1[U < Phi(u / sqrt(variance))]`` (no autograd).
+def _layout(u: Tensor, variance: Tensor) -> tuple[Tensor, int, int]:
+    layout = broadcast_layout(variance.shape, u.shape)
+    if layout is None:
+        return variance.expand_as(u).contiguous(), 1, 1
+    return variance.contiguous(), *layout
 
-    ``u``: float32 CPU ``[*]``; ``variance``: float32, ``[*]`` or one element.
+
+def spike_forward(u: Tensor, variance: Tensor, seed: int, at_zero: bool = False,
+                  aux_offset: float | None = None) -> tuple[Tensor, Tensor, float]:
+    """The kernel's forward (no autograd): spikes ``1[U < Phi(u / sqrt(variance))]``.
+
+    Args:
+        u: drive, float32 CPU ``[*]``.
+        variance: float32, broadcastable to ``u`` (kept compact where its broadcast
+            dimensions form one block, see :func:`broadcast_layout`).
+        seed: the 64-bit Philox key.
+        at_zero: where ``variance == 0``, fire at ``u == 0`` too.
+        aux_offset: if not ``None``, also return ``sum z^2`` of the auxiliary loss with
+            ``z = (u + aux_offset) / max(sigma, SIGMA_MIN)`` over the noisy units.
+
+    Returns:
+        ``(spikes, spike_bytes, sum_z2)``: the spikes as float32 and as uint8 (shape of
+        ``u``) and the auxiliary sum (0 without ``aux_offset``).
     """
-    u, var = u.contiguous(), variance.contiguous()
+    u = u.contiguous()
+    var, mid, inner = _layout(u, variance)
     h = torch.empty_like(u)
-    stride = 0 if var.numel() == 1 else 1
-    _parallel(_require().sbnn_spike_forward, u.numel(), lambda b, e: (
-        u.data_ptr(), var.data_ptr(), stride, h.data_ptr(), b, e, seed, int(at_zero)))
-    return h
+    hb = torch.empty(u.shape, dtype=torch.uint8)
+    want_aux = aux_offset is not None
+    parts = _parallel(_require().sbnn_spike_forward, u.numel(), lambda b, e: (
+        u.data_ptr(), var.data_ptr(), mid, inner, h.data_ptr(), hb.data_ptr(), b, e, seed,
+        int(at_zero), int(want_aux), float(aux_offset or 0.0)))
+    return h, hb, float(sum(parts))
 
 
-def spike_backward(grad: Tensor, u: Tensor, variance: Tensor, spikes: Tensor,
-                   estimator) -> tuple[Tensor, Tensor]:
+def spike_backward(grad: Tensor, u: Tensor, variance: Tensor, spikes: Tensor, estimator,
+                   grad_aux: float = 0.0, aux_offset: float = 0.0) -> tuple[Tensor, Tensor]:
     """The kernel's backward for given spikes: ``(g J(h), -z g J(h) / (2 sigma))``.
 
-    Both results have the shape of ``u`` (the variance gradient is not yet reduced to a
-    one-element ``variance``). ``J`` is :func:`sbnn_addons.functional.estimator_jacobian`.
+    ``J`` is :func:`sbnn_addons.functional.estimator_jacobian`. The first result has the
+    shape of ``u``, the second the shape of ``variance`` (summed over its broadcast).
+    ``grad_aux`` (the gradient of the loss with respect to the forward's ``sum z^2``)
+    adds ``grad_aux * 2 z / sigma`` and ``-grad_aux * z^2 / var``.
     """
     kind, p = _KIND_CODES[estimator.kind], estimator.p
     if estimator.kind == "agr" and estimator.tau == 0.0:  # AGR(0) is IW-ST(1) (SPEC sec. 4)
         kind, p = _KIND_CODES["iwst"], 1.0
-    u, var, h = u.contiguous(), variance.contiguous(), spikes.to(torch.float32).contiguous()
+    u = u.contiguous()
+    var, mid, inner = _layout(u, variance)
+    h = spikes.to(torch.uint8).contiguous()
     g = grad.to(torch.float32).contiguous()
     grad_u = torch.empty_like(u)
     grad_var = torch.empty_like(u)
-    stride = 0 if var.numel() == 1 else 1
     _parallel(_require().sbnn_spike_backward, u.numel(), lambda b, e: (
-        g.data_ptr(), u.data_ptr(), var.data_ptr(), stride, h.data_ptr(), grad_u.data_ptr(),
-        grad_var.data_ptr(), b, e, kind, p, estimator.tau, estimator.max_weight))
+        g.data_ptr(), u.data_ptr(), var.data_ptr(), mid, inner, h.data_ptr(),
+        grad_u.data_ptr(), grad_var.data_ptr(), b, e, kind, p, estimator.tau,
+        estimator.max_weight, float(grad_aux), float(aux_offset)))
+    if variance.shape != u.shape:
+        grad_var = grad_var.sum_to_size(variance.shape)
     return grad_u, grad_var
 
 
 class FusedSpike(torch.autograd.Function):
     """Sampled spike with an IW-ST backward, computed by the compiled kernel.
 
-    Inputs: ``u`` (float32, CPU), ``variance`` (same shape, or one element), the Philox
-    ``seed``, the :class:`~sbnn_addons.estimators.Estimator` and ``at_zero``.
-    Gradients flow to ``u`` and ``variance``. Check :func:`can_fuse` first.
+    Inputs: ``u`` (float32, CPU), ``variance`` (broadcastable to ``u``), the Philox
+    ``seed``, the :class:`~sbnn_addons.estimators.Estimator`, ``at_zero`` and
+    ``aux_offset`` (``None``: no auxiliary sum). Outputs: spikes (float32), spikes as
+    bytes (not differentiable) and ``sum z^2`` (a 0-dim tensor). Gradients flow to ``u``
+    and ``variance``. Check :func:`can_fuse` first.
     """
 
     @staticmethod
-    def forward(u: Tensor, variance: Tensor, seed: int, estimator, at_zero: bool) -> Tensor:
-        return spike_forward(u, variance, seed, at_zero)
+    def forward(u: Tensor, variance: Tensor, seed: int, estimator, at_zero: bool,
+                aux_offset: float | None):
+        h, hb, aux = spike_forward(u, variance, seed, at_zero, aux_offset)
+        return h, hb, torch.tensor(aux, dtype=torch.float32)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        u, variance, _seed, estimator, _at_zero = inputs
-        ctx.save_for_backward(u, variance, output)
+        u, variance, _seed, estimator, _at_zero, aux_offset = inputs
+        ctx.mark_non_differentiable(output[1])
+        # the spikes are kept as bytes and the variance in its compact broadcast shape
+        ctx.save_for_backward(u, variance, output[1])
         ctx.estimator = estimator
+        ctx.aux_offset = 0.0 if aux_offset is None else float(aux_offset)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad: Tensor, _grad_bytes: Tensor, grad_aux: Tensor):
         u, variance, h = ctx.saved_tensors
-        grad_u, grad_var = spike_backward(grad, u, variance, h, ctx.estimator)
-        if variance.shape != u.shape:
-            grad_var = grad_var.sum().reshape(variance.shape)
-        return grad_u, grad_var, None, None, None
+        grad_u, grad_var = spike_backward(grad, u, variance, h, ctx.estimator,
+                                          float(grad_aux), ctx.aux_offset)
+        return grad_u, grad_var, None, None, None, None
 
 
 def fused_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
-                generator: torch.Generator | None = None) -> Tensor:
+                generator: torch.Generator | None = None,
+                aux_offset: float | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Spikes ``h = 1[U < Phi(u / sqrt(variance))]`` with the IW-ST backward of ``estimator``.
 
     Check :func:`can_fuse` first; inputs are not validated here.
 
     Args:
         u: drive ``mu - theta``, float32 CPU tensor ``[*]``.
-        variance: noise variance ``[*]`` or one element, float32, ``>= 0``.
+        variance: noise variance, float32, ``>= 0``, broadcastable to ``u`` (a broadcast
+            over one block of dimensions, e.g. ``[N, 1, H, W]`` against ``[N, C, H, W]``,
+            is read in place; its gradient has the variance's own shape).
         estimator: an :class:`~sbnn_addons.estimators.Estimator`.
         at_zero: where ``variance == 0``, fire at ``u == 0`` too.
         generator: CPU generator the Philox key is drawn from (global RNG when ``None``).
+        aux_offset: if not ``None``, also return the differentiable auxiliary sum
+            ``sum z^2``, ``z = (u + aux_offset) / sigma``, over the noisy units (SPEC
+            section 5), computed in the same pass.
 
     Returns:
-        Spikes ``[*]``, float32, values in {0, 1}.
+        Spikes ``[*]``, float32, values in {0, 1}; with ``aux_offset``, the pair
+        ``(spikes, sum_z2)``.
     """
     from .functional import apply_function
 
-    return apply_function(FusedSpike, u, variance, _seed(generator), estimator, at_zero)
+    h, _bytes, aux = apply_function(FusedSpike, u, variance, _seed(generator), estimator,
+                                    at_zero, aux_offset)
+    return h if aux_offset is None else (h, aux)

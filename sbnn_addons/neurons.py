@@ -45,7 +45,8 @@ class LIF(nn.Module):
         u_t = u_t - theta * h_t                         (reset="subtract")
 
     ``var(I_t)`` is the variance attached to the input by a Bayesian layer (0 if none),
-    ``s_n`` the spike function's own noise std. ``V`` restarts with the state.
+    ``s_n`` the spike function's own noise std. ``V`` restarts with the state; it has the
+    shape of ``var(I_t)``, which broadcasts to the membrane.
     Defaults are the reference ``beta = exp(-1/10) ~= 0.905``, ``theta = 1``, soft reset.
     A binary (non-spiking) unit is ``LIF(beta=0, threshold=0)`` run for one step.
 
@@ -79,9 +80,14 @@ class LIF(nn.Module):
         self.spike_fn.threshold = self.threshold
 
     def initial_state(self, current: Tensor) -> LIFState:
-        """Zero membrane and zero variance shaped like ``current``."""
-        zeros = torch.zeros_like(current)
-        return LIFState(zeros, zeros)
+        """Zero membrane shaped like ``current`` and a zero variance.
+
+        The variance starts as one element, so that ``V_t`` keeps the shape of the input
+        variance, which broadcasts to the membrane: with a per-layer std a convolution's
+        variance is ``[N, 1, H, W]``, C times smaller than the membrane, and the spike
+        kernel reads it in place (:mod:`sbnn_addons.kernels`).
+        """
+        return LIFState(torch.zeros_like(current), current.new_zeros(()))
 
     def _fire(self, drive: Tensor, variance: Tensor) -> Tensor:
         own = self.spike_fn.noise_variance(drive.detach())  # own std only: drive is clean

@@ -154,11 +154,15 @@ class IWSTSpike(SBNNModule, nn.Module):
         if not self.deterministic:
             fused_var = _fused_variance(u, variance)
             if fused_var is not None and kernels.can_fuse(u, fused_var):
-                spikes = kernels.fused_spike(u, fused_var, self.estimator, self.at_zero,
-                                             self._generator_for(u))
-                if self.collect_aux and variance is not None and torch.is_grad_enabled():
-                    sigma = safe_sqrt(variance.float().clamp_min(0)).to(u.dtype)
-                    self._aux_terms.append(self._z_squared(u, sigma))
+                aux = self.collect_aux and variance is not None and torch.is_grad_enabled()
+                spikes = kernels.fused_spike(
+                    u, fused_var, self.estimator, self.at_zero, self._generator_for(u),
+                    aux_offset=(self.threshold if self.aux_center == "zero" else 0.0)
+                    if aux else None,
+                )
+                if aux:
+                    spikes, z2 = spikes
+                    self._aux_terms.append(z2 / max(self._batch_size(u), 1))
                 return attach_variance(spikes, None)
         if variance is None:
             sigma = torch.zeros((), dtype=u.dtype, device=u.device)
@@ -182,8 +186,10 @@ class IWSTSpike(SBNNModule, nn.Module):
         sigma = sigma.expand_as(u)
         z = centre.float() / sigma.float().clamp_min(SIGMA_MIN)
         z2 = torch.where(sigma > 0, z * z, 0.0)
-        batch = u.shape[self.batch_dim] if u.dim() > self.batch_dim else 1
-        return z2.sum() / max(batch, 1)
+        return z2.sum() / max(self._batch_size(u), 1)
+
+    def _batch_size(self, u: Tensor) -> int:
+        return u.shape[self.batch_dim] if u.dim() > self.batch_dim else 1
 
     def pop_aux(self) -> Tensor | None:
         """Sum of the collected ``z^2`` terms since the last call (then cleared)."""
@@ -218,14 +224,12 @@ class IWSTSpike(SBNNModule, nn.Module):
 
 
 def _fused_variance(u: Tensor, variance: Tensor | None) -> Tensor | None:
-    """The variance in the layout the fused kernel takes: float32, one element or the shape
-    of ``u`` (``None`` where the kernel cannot serve ``u``)."""
+    """The variance as the fused kernel takes it (float32, broadcastable to ``u``), or
+    ``None`` where the kernel cannot serve ``u``."""
     if u.dtype != torch.float32 or u.device.type != "cpu":
         return None
     if variance is None:
         return torch.zeros((), dtype=u.dtype)
-    if variance.numel() != 1 and variance.shape != u.shape:
-        variance = variance.expand_as(u)
     return variance.to(u.dtype)
 
 

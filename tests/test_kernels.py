@@ -239,3 +239,71 @@ def test_backward_with_improbable_spikes_uses_the_tail_form(estimator):
                                       torch.ones(2), estimator)
     assert torch.isfinite(gu0).all() and torch.isfinite(gv0).all()
     assert gu0[0] == 0 and gv0[0] == 0
+
+
+@pytest.mark.parametrize(("var_shape", "layout"), [
+    ((4, 1, 5, 6), (3, 30)),       # per-layer conv variance [N, 1, H, W]
+    ((5, 1), None),                # [H, 1]: broadcast over N, C and W, not one block
+    ((4, 3, 1, 1), (30, 1)),       # one value per channel map
+    ((), (360, 1)),                # one element
+    ((4, 3, 5, 6), (1, 1)),        # full shape
+    ((1, 3, 1, 6), None),          # two separate broadcast blocks: expanded
+])
+def test_broadcast_variance_is_read_in_place(var_shape, layout):
+    """A variance broadcast over one block of dimensions is read compactly by the kernel:
+    same spikes (same seed) and same gradients as with the expanded variance, and its
+    gradient comes back in its own shape."""
+    shape = (4, 3, 5, 6)
+    assert kernels.broadcast_layout(torch.Size(var_shape), torch.Size(shape)) == layout
+    torch.manual_seed(0)
+    u = torch.randn(shape, requires_grad=True)
+    var = (torch.rand(var_shape) + 0.1).requires_grad_()
+    full = var.detach().expand(shape).contiguous().requires_grad_()
+    u2 = u.detach().clone().requires_grad_()
+    g = torch.randn(shape)
+    torch.manual_seed(1)
+    h = kernels.fused_spike(u, var, sb.AGR(0.5))
+    torch.manual_seed(1)
+    h2 = kernels.fused_spike(u2, full, sb.AGR(0.5))
+    assert torch.equal(h, h2)
+    h.backward(g)
+    h2.backward(g)
+    assert var.grad.shape == var.shape
+    torch.testing.assert_close(u.grad, u2.grad, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.grad, full.grad.sum_to_size(var_shape), rtol=1e-5,
+                               atol=1e-7)
+
+
+def test_spike_bytes_are_kept_for_backward_not_floats():
+    """The autograd graph keeps the spikes as uint8 and the variance in its compact shape."""
+    u = torch.randn(8, 16, 4, 4, requires_grad=True)
+    var = torch.rand(8, 1, 4, 4, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kernels.fused_spike(u, var, sb.ST())
+    assert [t.dtype for t in saved] == [torch.float32, torch.float32, torch.uint8]
+    assert saved[1].shape == (8, 1, 4, 4)
+
+
+@pytest.mark.parametrize("centre", ["threshold", "zero"])
+def test_aux_sum_and_its_gradient_match_the_pytorch_path(centre):
+    """The auxiliary z^2 sum computed in the kernel's pass equals the PyTorch formula, and
+    so do its gradients to the drive and to the (broadcast) variance (rtol 1e-4);
+    units with var = 0 contribute nothing."""
+    torch.manual_seed(3)
+    u0 = torch.randn(6, 4, 5, 5)
+    var0 = torch.rand(6, 1, 5, 5) + 0.05
+    var0[0] = 0.0
+    results = []
+    for fused in (True, False):
+        u, var = u0.clone().requires_grad_(), var0.clone().requires_grad_()
+        spike = IWSTSpike("agr", threshold=1.0, aux_center=centre)
+        spike.collect_aux = True
+        with kernels.use_kernels(fused):
+            h = spike.fire(u, var)
+        assert type(h.grad_fn).__name__.startswith("Fused" if fused else "Bernoulli")
+        aux = spike.pop_aux()
+        aux.backward()
+        results.append((aux.detach(), u.grad, var.grad))
+    for got, ref in zip(*results):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)

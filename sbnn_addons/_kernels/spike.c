@@ -82,33 +82,74 @@ static float fire_exact(int64_t i, float x, float v, float byte, uint64_t seed) 
     return (float)(((double)byte + V) * (1.0 / 256.0) < p);
 }
 
-/* Spikes for elements [begin, end); begin must be a multiple of 16. var_stride is 0 (one
- * variance for all elements) or 1. */
-void sbnn_spike_forward(const float *restrict u, const float *restrict var, int64_t var_stride,
-                        float *restrict h, int64_t begin, int64_t end, uint64_t seed,
-                        int at_zero) {
-    float B[CHUNK];
+/* The variance of element e is var[(e / (mid * inner)) * inner + e % inner]: mid = 1 is a
+ * full-shape variance, and mid > 1 a variance broadcast over a block of `mid` middle
+ * positions (e.g. [N, 1, H, W] against [N, C, H, W]: mid = C, inner = H W; one element:
+ * mid = n, inner = 1). Returns a pointer to the variances of elements c0 .. c0 + n - 1,
+ * gathered into `buf` unless they are contiguous in `var`. */
+static const float *variance_run(const float *restrict var, int64_t mid, int64_t inner,
+                                 int64_t c0, int64_t n, float *restrict buf) {
+    if (mid == 1) return var + c0;
+    for (int64_t i = 0, e = c0; i < n;) {
+        int64_t outer = e / (mid * inner), k = e % inner, len;
+        if (inner == 1) { /* one value repeated over the rest of its block of mid */
+            len = mid - e % mid;
+            len = len < n - i ? len : n - i;
+            float v = var[outer];
+            for (int64_t j = 0; j < len; ++j) buf[i + j] = v;
+        } else { /* a contiguous row of inner values */
+            len = inner - k < n - i ? inner - k : n - i;
+            const float *src = var + outer * inner + k;
+            for (int64_t j = 0; j < len; ++j) buf[i + j] = src[j];
+        }
+        i += len;
+        e += len;
+    }
+    return buf;
+}
+
+/* z^2 = ((u + offset) / max(sigma, SIGMA_MIN))^2 of the auxiliary loss (SPEC section 5),
+ * 0 where var == 0. */
+static inline float aux_z(float x, float v, float offset) {
+    return (x + offset) / fmaxf(sqrtf(fmaxf(v, 0.0f)), SIGMA_MIN);
+}
+
+/* Spikes for elements [begin, end); begin must be a multiple of 16. `h` receives them as
+ * float and, when `hb` is not NULL, as bytes (the compact copy kept for the backward).
+ * Returns the sum of z^2 over the noisy units when `want_aux`, else 0. */
+double sbnn_spike_forward(const float *restrict u, const float *restrict var, int64_t mid,
+                          int64_t inner, float *restrict h, uint8_t *restrict hb,
+                          int64_t begin, int64_t end, uint64_t seed, int at_zero,
+                          int want_aux, float offset) {
+    float B[CHUNK], VB[CHUNK];
+    double aux = 0.0;
     for (int64_t c0 = begin; c0 < end; c0 += CHUNK) {
         int64_t n = end - c0 < CHUNK ? end - c0 : CHUNK;
         random_bytes(B, (n + 15) / 16, (uint64_t)c0 / 16, seed);
         const float *uc = u + c0;
-        const float *vc = var + (var_stride ? c0 : 0);
+        const float *vc = variance_run(var, mid, inner, c0, n, VB);
         float *hc = h + c0;
-        if (var_stride == 0) {
-            for (int64_t i = 0; i < n; ++i) hc[i] = fire_by_byte(uc[i], vc[0], B[i], at_zero);
-        } else {
-            for (int64_t i = 0; i < n; ++i) hc[i] = fire_by_byte(uc[i], vc[i], B[i], at_zero);
-        }
+        for (int64_t i = 0; i < n; ++i) hc[i] = fire_by_byte(uc[i], vc[i], B[i], at_zero);
         for (int64_t b = 0; b < n; b += 16) { /* blocks of 16: a vectorised test first */
             int64_t m = n - b < 16 ? n - b : 16;
             int any = 0;
             for (int64_t j = 0; j < m; ++j) any |= hc[b + j] == UNDECIDED;
             if (!any) continue;
             for (int64_t i = b; i < b + m; ++i)
-                if (hc[i] == UNDECIDED)
-                    hc[i] = fire_exact(c0 + i, uc[i], vc[var_stride * i], B[i], seed);
+                if (hc[i] == UNDECIDED) hc[i] = fire_exact(c0 + i, uc[i], vc[i], B[i], seed);
+        }
+        if (hb)
+            for (int64_t i = 0; i < n; ++i) hb[c0 + i] = (uint8_t)hc[i];
+        if (want_aux) {
+            float acc = 0.0f;
+            for (int64_t i = 0; i < n; ++i) {
+                float z = aux_z(uc[i], vc[i], offset);
+                acc += vc[i] > 0.0f ? z * z : 0.0f;
+            }
+            aux += acc;
         }
     }
+    return aux;
 }
 
 /* The vector math of libmvec leaves the fast path for arguments in the underflow range
@@ -144,8 +185,9 @@ static inline float gauss(float z) {
 }
 
 /* kind: 0 = ST, 1 = IW-ST(p), 2 = AGR(tau). */
-static inline int grad_one(float g, float x, float v, float h, int kind, int tail, float p,
-                           float tau, float max_weight, float *gu, float *gv) {
+static inline int grad_one(float g, float x, float v, float h, int kind, int tail, int aux,
+                           float p, float tau, float max_weight, float g_aux, float offset,
+                           float *gu, float *gv) {
     float sr = sqrtf(fmaxf(v, 0.0f));
     float s = fmaxf(sr, SIGMA_MIN);
     float inv_s = 1.0f / s;
@@ -165,36 +207,54 @@ static inline int grad_one(float g, float x, float v, float h, int kind, int tai
     }
     float a = g * jac * inv_s;
     int noisy = v > 0.0f;
-    *gu = noisy ? a : 0.0f;
-    *gv = noisy && sr > 0.0f ? -z * a * 0.5f / fmaxf(sr, 1e-30f) : 0.0f;
+    float grad_u = noisy ? a : 0.0f;
+    float grad_v = noisy && sr > 0.0f ? -z * a * 0.5f / fmaxf(sr, 1e-30f) : 0.0f;
+    /* auxiliary loss: d z^2/du = 2 z / s, d z^2/dvar = -z^2 / var (0 where s is clamped) */
+    if (aux) {
+        float za = aux_z(x, v, offset);
+        grad_u += noisy ? g_aux * 2.0f * za * inv_s : 0.0f;
+        grad_v += noisy && sr >= SIGMA_MIN ? -g_aux * za * za / fmaxf(v, 1e-30f) : 0.0f;
+    }
+    *gu = grad_u;
+    *gv = grad_v;
     return kind != 0 && noisy && sz < TAIL;
 }
 
-/* grad_u and grad_var (full shape) for elements [begin, end). */
-#define BACKWARD_LOOP(KIND, TAIL_BRANCH)                                                     \
-    if (var_stride == 0) {                                                                   \
-        for (int64_t i = begin; i < end; ++i)                                                \
-            deep += grad_one(g[i], u[i], var[0], h[i], KIND, TAIL_BRANCH, p, tau, max_weight, \
-                             gu + i, gv + i);                                                \
+/* grad_u and grad_var (full shape; the caller sums it over the broadcast block) for
+ * elements [begin, end); `h` holds the spikes as bytes. */
+#define BACKWARD_LOOP(KIND, TAIL_BRANCH, AUX)                                                \
+    for (int64_t i = 0; i < n; ++i)                                                          \
+        deep += grad_one(gc[i], uc[i], vc[i], (float)hc[i], KIND, TAIL_BRANCH, AUX, p, tau,  \
+                         max_weight, g_aux, offset, guc + i, gvc + i);
+
+#define BACKWARD_KINDS(AUX)                                                                  \
+    if (kind == 0) {                                                                         \
+        BACKWARD_LOOP(0, 0, AUX)                                                             \
+    } else if (kind == 1) {                                                                  \
+        BACKWARD_LOOP(1, 0, AUX)                                                             \
+        if (deep) { BACKWARD_LOOP(1, 1, AUX) }                                               \
     } else {                                                                                 \
-        for (int64_t i = begin; i < end; ++i)                                                \
-            deep += grad_one(g[i], u[i], var[i], h[i], KIND, TAIL_BRANCH, p, tau, max_weight, \
-                             gu + i, gv + i);                                                \
+        BACKWARD_LOOP(2, 0, AUX)                                                             \
+        if (deep) { BACKWARD_LOOP(2, 1, AUX) }                                               \
     }
 
+/* g_aux: gradient of the loss with respect to the forward's sum of z^2 (0: no aux loss). */
 void sbnn_spike_backward(const float *restrict g, const float *restrict u,
-                         const float *restrict var, int64_t var_stride,
-                         const float *restrict h, float *restrict gu, float *restrict gv,
+                         const float *restrict var, int64_t mid, int64_t inner,
+                         const uint8_t *restrict h, float *restrict gu, float *restrict gv,
                          int64_t begin, int64_t end, int kind, float p, float tau,
-                         float max_weight) {
-    int64_t deep = 0;
-    if (kind == 0) {
-        BACKWARD_LOOP(0, 0)
-    } else if (kind == 1) {
-        BACKWARD_LOOP(1, 0)
-        if (deep) { BACKWARD_LOOP(1, 1) }
-    } else {
-        BACKWARD_LOOP(2, 0)
-        if (deep) { BACKWARD_LOOP(2, 1) }
+                         float max_weight, float g_aux, float offset) {
+    float VB[CHUNK];
+    for (int64_t c0 = begin; c0 < end; c0 += CHUNK) {
+        int64_t n = end - c0 < CHUNK ? end - c0 : CHUNK, deep = 0;
+        const float *gc = g + c0, *uc = u + c0;
+        const float *vc = variance_run(var, mid, inner, c0, n, VB);
+        const uint8_t *hc = h + c0;
+        float *guc = gu + c0, *gvc = gv + c0;
+        if (g_aux != 0.0f) {
+            BACKWARD_KINDS(1)
+        } else {
+            BACKWARD_KINDS(0)
+        }
     }
 }
