@@ -25,6 +25,8 @@ __all__ = [
     "apply_function",
     "gaussian_kl",
     "lif_step",
+    "mark_binary",
+    "is_binary",
 ]
 
 #: Lower clamp of ``sigma`` inside divisions (SPEC section 1).
@@ -165,6 +167,24 @@ def jacobian_and_z(u: Tensor, sigma: Tensor, h: Tensor, kind: str, p: float = 1.
         raise ValueError(f"kind must be 'st', 'iwst' or 'agr', got {kind!r}")
     jac = jac / sig
     return torch.where(sigma > 0, jac, 0.0), z
+
+
+_BINARY = "_sbnn_binary"
+
+
+def mark_binary(tensor: Tensor) -> Tensor:
+    """Record that ``tensor`` holds only 0 and 1 (spikes); returns ``tensor``.
+
+    The mark is tied to the tensor's version counter, so an in-place change voids it.
+    Layers use it to skip ``x * x`` (``x^2 = x`` for spikes) in the LRT variance.
+    """
+    tensor.__dict__[_BINARY] = tensor._version
+    return tensor
+
+
+def is_binary(tensor: Tensor) -> bool:
+    """Whether ``tensor`` was marked by :func:`mark_binary` and not changed in place since."""
+    return tensor.__dict__.get(_BINARY, -1) == tensor._version
 
 
 def exact_unit_gradient(u: Tensor, sigma: Tensor, f0: Tensor, f1: Tensor) -> tuple[Tensor, Tensor]:

@@ -40,7 +40,6 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -53,18 +52,17 @@ __all__ = [
 
 _SOURCE = Path(__file__).with_name("_kernels") / "spike.c"
 _KIND_CODES = {"st": 0, "iwst": 1, "agr": 2}
-_CHUNK = 1024  # must match CHUNK in spike.c
-_PARALLEL_MIN = 1 << 17  # elements per thread below which one thread is faster
-_FLAG_SETS = (
-    ["-O3", "-march=native", "-mprefer-vector-width=256", "-ffast-math"],
+_FLAG_SETS = (  # tried in order; the first that builds and loads is used
+    ["-O3", "-march=native", "-mprefer-vector-width=256", "-ffast-math", "-fopenmp"],
+    ["-O3", "-ffast-math", "-fopenmp"],
     ["-O3", "-ffast-math"],
+    ["-O3"],
 )
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _load_error: str | None = None
 _enabled = os.environ.get("SBNN_ADDONS_KERNELS", "1").strip().lower() not in ("0", "false", "no")
-_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
 
 
 def _cache_dir() -> Path:
@@ -86,20 +84,21 @@ def _cpu_signature() -> str:
 
 
 def _compile(compiler: str, source: Path, target: Path, flags: list[str]) -> None:
-    """Compile with ``flags``, then link **without** them: linking a shared library with
-    ``-ffast-math`` adds ``crtfastmath.o``, which would flush denormals process-wide."""
+    """Compile with ``flags``, then link **without** ``-ffast-math``: linking a shared
+    library with it adds ``crtfastmath.o``, which would flush denormals process-wide.
+
+    With ``-fopenmp`` the library needs ``libgomp.so.1``; torch has loaded a library of
+    that name already, so the dynamic loader binds the kernel to torch's OpenMP runtime
+    and its threads are torch's intra-op threads.
+    """
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         obj = Path(tmp) / "spike.o"
         so = Path(tmp) / "spike.so"
         run = dict(check=True, capture_output=True, text=True, timeout=120)
         subprocess.run([compiler, "-c", "-fPIC", *flags, str(source), "-o", str(obj)], **run)
+        link = [f for f in flags if f == "-fopenmp"]
         libs = ["-lmvec", "-lm"] if "-ffast-math" in flags else ["-lm"]
-        try:
-            subprocess.run([compiler, "-shared", str(obj), "-o", str(so), *libs], **run)
-        except subprocess.CalledProcessError:  # no libmvec: scalar math calls
-            subprocess.run([compiler, "-c", "-fPIC", *[f for f in flags if f != "-ffast-math"],
-                            str(source), "-o", str(obj)], **run)
-            subprocess.run([compiler, "-shared", str(obj), "-o", str(so), "-lm"], **run)
+        subprocess.run([compiler, "-shared", *link, str(obj), "-o", str(so), *libs], **run)
         os.replace(so, target)  # atomic: concurrent builders (pytest -n) never see half a file
 
 
@@ -152,11 +151,11 @@ def _build_and_open() -> ctypes.CDLL:
 def _declare(lib: ctypes.CDLL) -> None:
     ptr, i64, u64, i32, f32 = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int,
                                ctypes.c_float)
-    lib.sbnn_spike_forward.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, i64, u64, i32, i32,
-                                       f32]
+    lib.sbnn_spike_forward.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, u64, i32, i32, f32,
+                                       i32]
     lib.sbnn_spike_forward.restype = ctypes.c_double
-    lib.sbnn_spike_backward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i64, i32,
-                                        f32, f32, f32, f32, f32]
+    lib.sbnn_spike_backward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i32, f32,
+                                        f32, f32, f32, f32, i32]
     lib.sbnn_spike_backward.restype = None
 
 
@@ -216,21 +215,6 @@ def broadcast_layout(var_shape: torch.Size, shape: torch.Size) -> tuple[int, int
     return math.prod(shape[first:last]), math.prod(shape[last:])
 
 
-def _parallel(fn, n: int, make_args) -> list:
-    """Call ``fn(*make_args(begin, end))`` over ``[0, n)``, split across torch's threads
-    for large ``n`` (the C functions release the GIL); returns the results of the parts."""
-    global _pool
-    parts = min(torch.get_num_threads(), n // _PARALLEL_MIN)
-    if parts <= 1:
-        return [fn(*make_args(0, n))]
-    pid = os.getpid()
-    if _pool is None or _pool[0] != pid or _pool[1] != parts:  # new after fork or resize
-        _pool = (pid, parts, ThreadPoolExecutor(parts, thread_name_prefix="sbnn-kernel"))
-    step = -(-n // parts // _CHUNK) * _CHUNK  # chunk-aligned: draws independent of threads
-    bounds = [(b, min(b + step, n)) for b in range(0, n, step)]
-    return [fut.result() for fut in [_pool[2].submit(fn, *make_args(b, e)) for b, e in bounds]]
-
-
 def _seed(generator: torch.Generator | None) -> int:
     """A 64-bit Philox key drawn from ``generator`` (the global RNG when ``None``)."""
     draw = torch.empty((), dtype=torch.int64).random_(generator=generator)
@@ -275,11 +259,11 @@ def spike_forward(u: Tensor, variance: Tensor, seed: int, at_zero: bool = False,
     var, mid, inner = _layout(u, variance)
     h = torch.empty_like(u)
     hb = torch.empty(u.shape, dtype=torch.uint8)
-    want_aux = aux_offset is not None
-    parts = _parallel(_require().sbnn_spike_forward, u.numel(), lambda b, e: (
-        u.data_ptr(), var.data_ptr(), mid, inner, h.data_ptr(), hb.data_ptr(), b, e, seed,
-        int(at_zero), int(want_aux), float(aux_offset or 0.0)))
-    return h, hb, float(sum(parts))
+    aux = _require().sbnn_spike_forward(
+        u.data_ptr(), var.data_ptr(), mid, inner, h.data_ptr(), hb.data_ptr(), u.numel(), seed,
+        int(at_zero), int(aux_offset is not None), float(aux_offset or 0.0),
+        torch.get_num_threads())
+    return h, hb, aux
 
 
 def spike_backward(grad: Tensor, u: Tensor, variance: Tensor, spikes: Tensor, estimator,
@@ -300,10 +284,10 @@ def spike_backward(grad: Tensor, u: Tensor, variance: Tensor, spikes: Tensor, es
     g = grad.to(torch.float32).contiguous()
     grad_u = torch.empty_like(u)
     grad_var = torch.empty_like(u)
-    _parallel(_require().sbnn_spike_backward, u.numel(), lambda b, e: (
+    _require().sbnn_spike_backward(
         g.data_ptr(), u.data_ptr(), var.data_ptr(), mid, inner, h.data_ptr(),
-        grad_u.data_ptr(), grad_var.data_ptr(), b, e, kind, p, estimator.tau,
-        estimator.max_weight, float(grad_aux), float(aux_offset)))
+        grad_u.data_ptr(), grad_var.data_ptr(), u.numel(), kind, p, estimator.tau,
+        estimator.max_weight, float(grad_aux), float(aux_offset), torch.get_num_threads())
     if variance.shape != u.shape:
         grad_var = grad_var.sum_to_size(variance.shape)
     return grad_u, grad_var

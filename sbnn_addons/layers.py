@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import SBNNModule, check_std, inverse_softplus, softplus
-from .functional import check_float, gaussian_kl
+from .functional import check_float, gaussian_kl, is_binary
 from .moments import attach_variance, get_variance, no_variance_flow
 
 __all__ = [
@@ -119,7 +119,8 @@ class _BayesMixin(SBNNModule):
         if self._noise_free():
             return attach_variance(mean, None)
         x_in = x.detach() if self.detach_input_variance else x
-        var = self._output_variance(x_in * x_in, self.std)
+        # spikes: x^2 = x (no extra pass, and nothing extra saved for the backward)
+        var = self._output_variance(x_in if is_binary(x) else x_in * x_in, self.std)
         if self.bias_noise:
             var = var + self.bias_std**2
         # broadcastable to the mean (e.g. [N, 1, H, W] with a per-layer std): consumers

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .functional import check_float, lif_step
+from .functional import check_float, is_binary, lif_step, mark_binary
 from .moments import UnknownVariance, VarianceFlowError, get_variance, no_variance_flow
 from .spike import IWSTSpike
 
@@ -130,7 +130,8 @@ class LIF(nn.Module):
                 current.__dict__["_sbnn_var"] = var_steps[t]
             spikes, state = self(current, state)
             out.append(spikes)
-        return torch.stack(out)
+        spikes = torch.stack(out)
+        return mark_binary(spikes) if all(map(is_binary, out)) else spikes
 
     def extra_repr(self) -> str:
         return f"beta={self.beta:g}, threshold={self.threshold:g}, reset={self.reset}"

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from . import kernels
 from .base import SBNNModule, check_std, inverse_softplus, softplus
 from .estimators import BernoulliSpike, Estimator, get_estimator
-from .functional import SIGMA_MIN, apply_function, check_float, safe_sqrt
+from .functional import SIGMA_MIN, apply_function, check_float, mark_binary, safe_sqrt
 from .moments import (
     UnknownVariance,
     VarianceFlowError,
@@ -163,7 +163,7 @@ class IWSTSpike(SBNNModule, nn.Module):
                 if aux:
                     spikes, z2 = spikes
                     self._aux_terms.append(z2 / max(self._batch_size(u), 1))
-                return attach_variance(spikes, None)
+                return mark_binary(attach_variance(spikes, None))
         if variance is None:
             sigma = torch.zeros((), dtype=u.dtype, device=u.device)
         else:
@@ -178,7 +178,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         )
         if self.collect_aux and variance is not None and torch.is_grad_enabled():
             self._aux_terms.append(self._z_squared(u, sigma))
-        return attach_variance(spikes, None)
+        return mark_binary(attach_variance(spikes, None))
 
     def _z_squared(self, u: Tensor, sigma: Tensor) -> Tensor:
         """``sum over units of z^2`` averaged over the batch (SPEC section 5)."""

@@ -307,3 +307,13 @@ def test_aux_sum_and_its_gradient_match_the_pytorch_path(centre):
         results.append((aux.detach(), u.grad, var.grad))
     for got, ref in zip(*results):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc")
+def test_kernel_shares_torchs_openmp_runtime():
+    """The kernel's OpenMP threads are torch's: one libgomp.so.1 is mapped, not a second
+    copy from the system (other packages may map their own, differently named, copies)."""
+    assert kernels.available()
+    with open("/proc/self/maps") as fh:
+        gomp = {line.split()[-1] for line in fh if line.rstrip().endswith("/libgomp.so.1")}
+    assert len(gomp) <= 1, gomp

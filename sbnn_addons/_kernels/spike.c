@@ -114,17 +114,26 @@ static inline float aux_z(float x, float v, float offset) {
     return (x + offset) / fmaxf(sqrtf(fmaxf(v, 0.0f)), SIGMA_MIN);
 }
 
-/* Spikes for elements [begin, end); begin must be a multiple of 16. `h` receives them as
- * float and, when `hb` is not NULL, as bytes (the compact copy kept for the backward).
- * Returns the sum of z^2 over the noisy units when `want_aux`, else 0. */
+/* Chunks of CHUNK elements are spread over `threads` OpenMP threads when there are at
+ * least PARALLEL_MIN elements per thread. Built against the OpenMP runtime torch has
+ * already loaded (same soname), so the threads are torch's own intra-op pool. */
+#define PARALLEL_MIN ((int64_t)1 << 16)
+
+/* Spikes for the n elements. `h` receives them as float and, when `hb` is not NULL, as
+ * bytes (the compact copy kept for the backward). Returns the sum of z^2 over the noisy
+ * units when `want_aux`, else 0. */
 double sbnn_spike_forward(const float *restrict u, const float *restrict var, int64_t mid,
-                          int64_t inner, float *restrict h, uint8_t *restrict hb,
-                          int64_t begin, int64_t end, uint64_t seed, int at_zero,
-                          int want_aux, float offset) {
-    float B[CHUNK], VB[CHUNK];
+                          int64_t inner, float *restrict h, uint8_t *restrict hb, int64_t total,
+                          uint64_t seed, int at_zero, int want_aux, float offset,
+                          int threads) {
     double aux = 0.0;
-    for (int64_t c0 = begin; c0 < end; c0 += CHUNK) {
-        int64_t n = end - c0 < CHUNK ? end - c0 : CHUNK;
+    int64_t chunks = (total + CHUNK - 1) / CHUNK;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : aux) \
+    if (threads > 1 && total >= PARALLEL_MIN * threads)
+    for (int64_t c = 0; c < chunks; ++c) {
+        float B[CHUNK], VB[CHUNK];
+        int64_t c0 = c * CHUNK;
+        int64_t n = total - c0 < CHUNK ? total - c0 : CHUNK;
         random_bytes(B, (n + 15) / 16, (uint64_t)c0 / 16, seed);
         const float *uc = u + c0;
         const float *vc = variance_run(var, mid, inner, c0, n, VB);
@@ -242,11 +251,15 @@ static inline int grad_one(float g, float x, float v, float h, int kind, int tai
 void sbnn_spike_backward(const float *restrict g, const float *restrict u,
                          const float *restrict var, int64_t mid, int64_t inner,
                          const uint8_t *restrict h, float *restrict gu, float *restrict gv,
-                         int64_t begin, int64_t end, int kind, float p, float tau,
-                         float max_weight, float g_aux, float offset) {
-    float VB[CHUNK];
-    for (int64_t c0 = begin; c0 < end; c0 += CHUNK) {
-        int64_t n = end - c0 < CHUNK ? end - c0 : CHUNK, deep = 0;
+                         int64_t total, int kind, float p, float tau, float max_weight,
+                         float g_aux, float offset, int threads) {
+    int64_t chunks = (total + CHUNK - 1) / CHUNK;
+#pragma omp parallel for schedule(static) num_threads(threads) \
+    if (threads > 1 && total >= PARALLEL_MIN * threads)
+    for (int64_t c = 0; c < chunks; ++c) {
+        float VB[CHUNK];
+        int64_t c0 = c * CHUNK;
+        int64_t n = total - c0 < CHUNK ? total - c0 : CHUNK, deep = 0;
         const float *gc = g + c0, *uc = u + c0;
         const float *vc = variance_run(var, mid, inner, c0, n, VB);
         const uint8_t *hc = h + c0;

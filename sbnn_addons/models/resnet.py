@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..functional import is_binary, mark_binary
 from ..moments import variance_flow
 from ._common import (
     LayerFactory,
@@ -88,7 +89,9 @@ class ConvLIF(nn.Module):
     def forward(self, x: Tensor, num_steps: int) -> Tensor:
         y = self.current(x)
         seq = reshape_with_variance(y, num_steps, -1, *y.shape[1:])
-        return self.lif.run(seq).flatten(0, 1)
+        spikes = self.lif.run(seq)
+        flat = spikes.flatten(0, 1)
+        return mark_binary(flat) if is_binary(spikes) else flat  # x^2 = x downstream
 
 
 class BasicBlock(nn.Module):
