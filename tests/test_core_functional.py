@@ -147,3 +147,39 @@ def test_safe_sqrt_gradient_zero_at_zero():
     out.sum().backward()
     assert torch.equal(out.detach(), torch.tensor([0.0, 2.0]))
     assert torch.equal(v.grad, torch.tensor([0.0, 0.25]))
+
+
+def test_mark_binary_is_voided_by_in_place_changes_and_skips_x_squared():
+    """Spikes are marked binary; an in-place change voids the mark; a Bayesian layer gives
+    the same variance for a marked spike input (x^2 = x skipped) as for an unmarked copy,
+    and saves nothing extra for it."""
+    from sbnn_addons import BayesLinear, IWSTSpike, get_variance
+    from sbnn_addons.functional import is_binary, mark_binary
+
+    spikes = IWSTSpike("st", std=0.5)(torch.randn(16, 8))
+    assert is_binary(spikes)
+    plain = spikes.clone()
+    assert not is_binary(plain)
+    layer = BayesLinear(8, 4, std=0.3, std_mode="weight")
+    torch.testing.assert_close(get_variance(layer(spikes)), get_variance(layer(plain)),
+                               rtol=0, atol=0)
+    counts = []
+    for x in (spikes, plain):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                      lambda t: t):
+            layer(x)
+        counts.append(len({t.untyped_storage().data_ptr() for t in saved}))
+    assert counts[0] < counts[1]
+    x = mark_binary(torch.ones(3))
+    x.mul_(0.5)
+    assert not is_binary(x)
+
+
+def test_lif_run_output_is_marked_binary():
+    from sbnn_addons import LIF, BayesLinear
+    from sbnn_addons.functional import is_binary
+
+    currents = BayesLinear(5, 6, std=0.2)(torch.rand(4, 3, 5))
+    assert is_binary(LIF()(currents[0])[0])
+    assert is_binary(LIF().run(currents))
