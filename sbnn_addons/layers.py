@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import SBNNModule, check_std, inverse_softplus, softplus
-from .functional import check_float, gaussian_kl, is_binary
+from .functional import apply_function, check_float, gaussian_kl, is_binary, mark_binary
 from .moments import attach_variance, get_variance, no_variance_flow
 
 __all__ = [
@@ -61,6 +61,30 @@ def scale_mixture_prior(pi: float = 0.5, std1: float = 1.0, std2: float = 1e-3):
     mix = torch.distributions.Categorical(torch.tensor([pi, 1.0 - pi]))
     comp = torch.distributions.Normal(torch.zeros(2), torch.tensor([std1, std2]))
     return torch.distributions.MixtureSameFamily(mix, comp)
+
+
+class _BinaryInputOp(torch.autograd.Function):
+    """``layer._plain_op(x, weight, bias)`` for a 0/1 input ``x`` (spikes), keeping ``x``
+    as uint8 for the backward instead of float32: the saved input, usually the largest
+    activation a spiking layer keeps, takes a quarter of the memory. Same gradients."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, layer) -> Tensor:
+        return layer._plain_op(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, layer = inputs
+        ctx.layer, ctx.x_dtype, ctx.has_bias = layer, x.dtype, bias is not None
+        ctx.save_for_backward(x.to(torch.uint8), weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x_bytes, weight = ctx.saved_tensors
+        needs = (*ctx.needs_input_grad[:2], ctx.has_bias and ctx.needs_input_grad[2])
+        gx, gw, gb = ctx.layer._op_backward(grad, x_bytes.to(ctx.x_dtype), weight, needs)
+        return gx, gw, gb, None
 
 
 class _BayesMixin(SBNNModule):
@@ -115,12 +139,23 @@ class _BayesMixin(SBNNModule):
             not self.learn_std and not self.bias_noise and not bool(self.fixed_std.any())
         )
 
+    def _compact_ok(self) -> bool:
+        return True
+
+    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The plain linear / convolution; a spike input is kept as bytes for the backward."""
+        if (is_binary(x) and torch.is_grad_enabled() and self._compact_ok()
+                and not torch._C._are_functorch_transforms_active()):
+            return apply_function(_BinaryInputOp, x, weight, bias, self)
+        return self._plain_op(x, weight, bias)
+
     def _attach(self, mean: Tensor, x: Tensor) -> Tensor:
         if self._noise_free():
             return attach_variance(mean, None)
         x_in = x.detach() if self.detach_input_variance else x
         # spikes: x^2 = x (no extra pass, and nothing extra saved for the backward)
-        var = self._output_variance(x_in if is_binary(x) else x_in * x_in, self.std)
+        var = self._output_variance(mark_binary(x_in) if is_binary(x) else x_in * x_in,
+                                    self.std)
         if self.bias_noise:
             var = var + self.bias_std**2
         # broadcastable to the mean (e.g. [N, 1, H, W] with a per-layer std): consumers
@@ -226,13 +261,25 @@ class BayesLinear(_BayesMixin, nn.Linear):
         self._init_posterior(std, std_mode, learn_std, bias_std, detach_input_variance)
 
     def _mean(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._op(x, self.weight, self.bias)
 
     def _output_variance(self, x2: Tensor, std: Tensor) -> Tensor:
         s2 = std * std
         if self.std_mode == "weight":
-            return F.linear(x2, s2)
+            return self._op(x2, s2, None)
         return x2.sum(-1, keepdim=True) * s2
+
+    @staticmethod
+    def _plain_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def _op_backward(grad: Tensor, x: Tensor, weight: Tensor, needs) -> tuple:
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gx = grad @ weight if needs[0] else None
+        gw = g2.t() @ x.reshape(-1, x.shape[-1]) if needs[1] else None
+        gb = g2.sum(0) if needs[2] else None
+        return gx, gw, gb
 
     def forward(self, x: Tensor) -> Tensor:
         with no_variance_flow():
@@ -272,12 +319,12 @@ class _BayesConv(_BayesMixin):
     _plain: type[nn.modules.conv._ConvNd]
 
     def _mean(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.weight, self.bias)
+        return self._op(x, self.weight, self.bias)
 
     def _output_variance(self, x2: Tensor, std: Tensor) -> Tensor:
         s2 = std * std
         if self.std_mode == "weight":
-            return self._conv_forward(x2, s2, None)
+            return self._op(x2, s2, None)
         if self.groups != 1:
             per_out = s2.view(-1, *([1] * (self.weight.dim() - 1))) if s2.dim() else s2
             return self._conv_forward(x2, per_out.expand_as(self.weight), None)
@@ -309,6 +356,23 @@ class _BayesConv(_BayesMixin):
         if n == 2:
             return F.avg_pool2d(summed, k, stride, pad, divisor_override=1)
         return F.avg_pool1d(summed, k, stride, pad) * k[0]
+
+    def _plain_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return self._conv_forward(x, weight, bias)
+
+    def _compact_ok(self) -> bool:
+        return self.padding_mode == "zeros" and not isinstance(self.padding, str)
+
+    def _op_backward(self, grad: Tensor, x: Tensor, weight: Tensor, needs) -> tuple:
+        n = weight.dim() - 2
+        unbatched = x.dim() == n + 1
+        if unbatched:
+            x, grad = x.unsqueeze(0), grad.unsqueeze(0)
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad, x, weight, [weight.shape[0]] if needs[2] else None, self.stride,
+            self.padding, self.dilation, False, [0] * n, self.groups, list(needs),
+        )
+        return (gx.squeeze(0) if unbatched and gx is not None else gx), gw, gb
 
     def forward(self, x: Tensor) -> Tensor:
         with no_variance_flow():

@@ -271,3 +271,47 @@ def test_empty_batch_and_bf16():
     layer16 = BayesLinear(5, 3).to(torch.bfloat16)
     y = layer16(torch.rand(4, 5, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and torch.isfinite(get_variance(y)).all()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: sb.BayesLinear(12, 5, std=0.2),
+    lambda: sb.BayesLinear(12, 5, std=0.2, std_mode="weight", bias=False),
+    lambda: sb.BayesConv1d(3, 4, 3, std=0.2, padding=1),
+    lambda: sb.BayesConv2d(3, 4, 3, std=0.2, stride=2, padding=1),
+    lambda: sb.BayesConv2d(3, 4, 3, std=0.2, std_mode="weight", dilation=2, groups=1),
+], ids=["linear", "linear-weight-std", "conv1d", "conv2d-stride", "conv2d-weight-std"])
+def test_spike_input_kept_as_bytes_gives_identical_gradients(make):
+    """A marked 0/1 input is saved as uint8 (a quarter of the bytes) by the mean (and the
+    per-weight variance) operation; outputs, variances and every gradient are identical
+    to those of an unmarked copy of the same input."""
+    from sbnn_addons.functional import mark_binary
+
+    torch.manual_seed(0)
+    layer = make()
+    shape = {sb.BayesLinear: (7, 12), sb.BayesConv1d: (2, 3, 9), sb.BayesConv2d: (2, 3, 9, 9)}
+    x0 = (torch.rand(shape[type(layer)]) < 0.4).float()
+    results, saved_bytes = [], []
+    for marked in (True, False):
+        layer.zero_grad()
+        x = x0.clone().requires_grad_()
+        inp = mark_binary(x * 1.0) if marked else x * 1.0
+        seen = {}
+
+        def pack(t, seen=seen):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            mean = layer(inp)
+            var = sb.get_variance(mean)
+        (mean * torch.linspace(-1, 1, mean.numel()).view_as(mean)).sum().backward(
+            retain_graph=True)
+        var.sum().backward()
+        grads = [x.grad] + [p.grad for p in layer.parameters()]
+        results.append((mean.detach(), var.detach(), grads))
+        saved_bytes.append(sum(seen.values()))
+    (m1, v1, g1), (m2, v2, g2) = results
+    assert torch.equal(m1, m2) and torch.equal(v1, v2)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert saved_bytes[0] < saved_bytes[1]
