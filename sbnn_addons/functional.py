@@ -27,6 +27,7 @@ __all__ = [
     "lif_step",
     "mark_binary",
     "is_binary",
+    "binary_bytes",
 ]
 
 #: Lower clamp of ``sigma`` inside divisions (SPEC section 1).
@@ -170,21 +171,35 @@ def jacobian_and_z(u: Tensor, sigma: Tensor, h: Tensor, kind: str, p: float = 1.
 
 
 _BINARY = "_sbnn_binary"
+_BYTES = "_sbnn_bytes"
 
 
-def mark_binary(tensor: Tensor) -> Tensor:
+def mark_binary(tensor: Tensor, as_bytes: Tensor | None = None) -> Tensor:
     """Record that ``tensor`` holds only 0 and 1 (spikes); returns ``tensor``.
 
     The mark is tied to the tensor's version counter, so an in-place change voids it.
-    Layers use it to skip ``x * x`` (``x^2 = x`` for spikes) in the LRT variance.
+    Layers use it to skip ``x * x`` (``x^2 = x`` for spikes) in the LRT variance and to
+    keep the input as uint8 for the backward. ``as_bytes``, a uint8 copy that exists
+    anyway (the spike kernel makes one), is then reused instead of a new conversion.
     """
     tensor.__dict__[_BINARY] = tensor._version
+    if as_bytes is not None:
+        tensor.__dict__[_BYTES] = as_bytes
     return tensor
 
 
 def is_binary(tensor: Tensor) -> bool:
     """Whether ``tensor`` was marked by :func:`mark_binary` and not changed in place since."""
     return tensor.__dict__.get(_BINARY, -1) == tensor._version
+
+
+def binary_bytes(tensor: Tensor) -> Tensor:
+    """``tensor`` (marked binary) as uint8: the copy given to :func:`mark_binary`, or a new
+    conversion."""
+    stored = tensor.__dict__.get(_BYTES)
+    if stored is not None and is_binary(tensor) and stored.shape == tensor.shape:
+        return stored
+    return tensor.to(torch.uint8)
 
 
 def exact_unit_gradient(u: Tensor, sigma: Tensor, f0: Tensor, f1: Tensor) -> tuple[Tensor, Tensor]:

@@ -45,6 +45,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .functional import apply_function, mark_binary
+
 __all__ = [
     "available", "enabled", "use_kernels", "can_fuse", "fused_spike", "FusedSpike",
     "spike_forward", "spike_backward", "broadcast_layout",
@@ -349,8 +351,7 @@ def fused_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
         Spikes ``[*]``, float32, values in {0, 1}; with ``aux_offset``, the pair
         ``(spikes, sum_z2)``.
     """
-    from .functional import apply_function
-
-    h, _bytes, aux = apply_function(FusedSpike, u, variance, _seed(generator), estimator,
-                                    at_zero, aux_offset)
+    h, h_bytes, aux = apply_function(FusedSpike, u, variance, _seed(generator), estimator,
+                                     at_zero, aux_offset)
+    mark_binary(h, h_bytes)  # a layer fed by h saves these bytes, already kept here
     return h if aux_offset is None else (h, aux)

@@ -23,7 +23,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import SBNNModule, check_std, inverse_softplus, softplus
-from .functional import apply_function, check_float, gaussian_kl, is_binary, mark_binary
+from .functional import (
+    apply_function,
+    binary_bytes,
+    check_float,
+    gaussian_kl,
+    is_binary,
+    mark_binary,
+)
 from .moments import attach_variance, get_variance, no_variance_flow
 
 __all__ = [
@@ -37,6 +44,9 @@ __all__ = [
 ]
 
 STD_MODES = ("layer", "channel", "weight")
+#: Spike inputs with at least this many elements are kept as uint8 for the backward;
+#: below it the memory saved is small and the extra autograd node costs more time.
+COMPACT_INPUT_MIN = 1 << 16
 
 
 class GaussianPrior:
@@ -76,7 +86,7 @@ class _BinaryInputOp(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, weight, bias, layer = inputs
         ctx.layer, ctx.x_dtype, ctx.has_bias = layer, x.dtype, bias is not None
-        ctx.save_for_backward(x.to(torch.uint8), weight)
+        ctx.save_for_backward(binary_bytes(x), weight)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -144,8 +154,8 @@ class _BayesMixin(SBNNModule):
 
     def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """The plain linear / convolution; a spike input is kept as bytes for the backward."""
-        if (is_binary(x) and torch.is_grad_enabled() and self._compact_ok()
-                and not torch._C._are_functorch_transforms_active()):
+        if (x.numel() >= COMPACT_INPUT_MIN and is_binary(x) and torch.is_grad_enabled()
+                and self._compact_ok() and not torch._C._are_functorch_transforms_active()):
             return apply_function(_BinaryInputOp, x, weight, bias, self)
         return self._plain_op(x, weight, bias)
 
@@ -154,8 +164,11 @@ class _BayesMixin(SBNNModule):
             return attach_variance(mean, None)
         x_in = x.detach() if self.detach_input_variance else x
         # spikes: x^2 = x (no extra pass, and nothing extra saved for the backward)
-        var = self._output_variance(mark_binary(x_in) if is_binary(x) else x_in * x_in,
-                                    self.std)
+        if is_binary(x):
+            x2 = mark_binary(x_in, x.__dict__.get("_sbnn_bytes"))
+        else:
+            x2 = x_in * x_in
+        var = self._output_variance(x2, self.std)
         if self.bias_noise:
             var = var + self.bias_std**2
         # broadcastable to the mean (e.g. [N, 1, H, W] with a per-layer std): consumers

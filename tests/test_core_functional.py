@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import sbnn_addons as sb
 from sbnn_addons.functional import (
     estimator_jacobian,
     exact_unit_gradient,
@@ -149,13 +150,14 @@ def test_safe_sqrt_gradient_zero_at_zero():
     assert torch.equal(v.grad, torch.tensor([0.0, 0.25]))
 
 
-def test_mark_binary_is_voided_by_in_place_changes_and_skips_x_squared():
+def test_mark_binary_is_voided_by_in_place_changes_and_skips_x_squared(monkeypatch):
     """Spikes are marked binary; an in-place change voids the mark; a Bayesian layer gives
     the same variance for a marked spike input (x^2 = x skipped) as for an unmarked copy,
     and saves nothing extra for it."""
     from sbnn_addons import BayesLinear, IWSTSpike, get_variance
     from sbnn_addons.functional import is_binary, mark_binary
 
+    monkeypatch.setattr(sb.layers, "COMPACT_INPUT_MIN", 1)
     spikes = IWSTSpike("st", std=0.5)(torch.randn(16, 8))
     assert is_binary(spikes)
     plain = spikes.clone()

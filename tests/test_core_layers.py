@@ -280,12 +280,13 @@ def test_empty_batch_and_bf16():
     lambda: sb.BayesConv2d(3, 4, 3, std=0.2, stride=2, padding=1),
     lambda: sb.BayesConv2d(3, 4, 3, std=0.2, std_mode="weight", dilation=2, groups=1),
 ], ids=["linear", "linear-weight-std", "conv1d", "conv2d-stride", "conv2d-weight-std"])
-def test_spike_input_kept_as_bytes_gives_identical_gradients(make):
+def test_spike_input_kept_as_bytes_gives_identical_gradients(make, monkeypatch):
     """A marked 0/1 input is saved as uint8 (a quarter of the bytes) by the mean (and the
     per-weight variance) operation; outputs, variances and every gradient are identical
     to those of an unmarked copy of the same input."""
     from sbnn_addons.functional import mark_binary
 
+    monkeypatch.setattr(sb.layers, "COMPACT_INPUT_MIN", 1)
     torch.manual_seed(0)
     layer = make()
     shape = {sb.BayesLinear: (7, 12), sb.BayesConv1d: (2, 3, 9), sb.BayesConv2d: (2, 3, 9, 9)}
