@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 from collections.abc import Iterable, Sequence
 
 import snntorch as snn
@@ -442,13 +443,14 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
     becomes an eval-mode ``BatchNorm1d/2d`` with ``running_mean = 0``,
     ``running_var = 1 - eps``, weight ``gamma`` and bias ``beta`` (equivalent in eval mode
     only: keep the exported model in ``.eval()``), neurons become ``snn.Leaky`` /
-    ``snn.RLeaky`` with ``spike_grad`` (default ``snntorch.surrogate.atan()``), and the
-    variance-flow hooks are removed. The result references no ``sbnn_addons`` code, so it
-    loads without this package. In eval mode its spikes equal the SBNN's ``mean`` mode.
+    ``snn.RLeaky`` with ``spike_grad``, and the variance-flow hooks are removed. The result
+    references no ``sbnn_addons`` code, so it loads without this package. In eval mode its
+    spikes equal the SBNN's ``mean`` mode.
 
-    Note:
-        snnTorch's default ``atan()`` is a closure, which ``torch.save(model)`` cannot
-        pickle; save the ``state_dict`` or pass a picklable ``spike_grad``.
+    The default ``spike_grad`` is snnTorch's arctangent surrogate with ``alpha = 2`` (the
+    gradient of ``snntorch.surrogate.atan()``), given as
+    ``functools.partial(surrogate.ATan.apply, alpha=2.0)``: ``atan()`` itself returns a
+    closure, which ``torch.save(model)`` cannot pickle, while the partial pickles.
     """
     from snntorch import surrogate
 
@@ -469,7 +471,8 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
             _unlink_state_update(m)
             m.__dict__.pop(_CACHE, None)
             m._modules.pop("spike_grad", None)
-            m.spike_grad = surrogate.atan() if spike_grad is None else spike_grad
+            m.spike_grad = (functools.partial(surrogate.ATan.apply, alpha=2.0)
+                            if spike_grad is None else spike_grad)
         elif isinstance(m, IWSTSpike):
             raise ValueError(
                 "model contains an IWSTSpike outside a converted neuron; replace it before "
