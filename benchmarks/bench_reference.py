@@ -41,6 +41,7 @@ CONFIGS = {
     "surrogate twin (gaussian)": {"bayes": False, "surrogate": "gaussian"},
     "sbnn ST": {"bayes": True, "estimator": "st"},
     "sbnn AGR": {"bayes": True, "estimator": "agr"},
+    "sbnn AGR, checkpointed blocks": {"bayes": True, "estimator": "agr", "checkpoint": True},
 }
 
 

@@ -12,7 +12,8 @@ Its noise variance is the sum of
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +30,20 @@ from .moments import (
     no_variance_flow,
 )
 
-__all__ = ["IWSTSpike", "seed_spikes"]
+__all__ = ["IWSTSpike", "seed_spikes", "recomputing_forward"]
+
+_RECOMPUTING = [0]  # depth of recomputations (activation checkpointing) in progress
+
+
+@contextlib.contextmanager
+def recomputing_forward() -> Iterator[None]:
+    """Mark a forward as a recomputation for activation checkpointing: spike functions
+    draw as usual but do not collect the auxiliary loss terms a second time."""
+    _RECOMPUTING[0] += 1
+    try:
+        yield
+    finally:
+        _RECOMPUTING[0] -= 1
 
 
 class IWSTSpike(SBNNModule, nn.Module):
@@ -162,7 +176,7 @@ class IWSTSpike(SBNNModule, nn.Module):
                 )
                 if aux:
                     spikes, z2 = spikes
-                    self._aux_terms.append(z2 / max(self._batch_size(u), 1))
+                    self._collect(z2 / max(self._batch_size(u), 1))
                 return mark_binary(attach_variance(spikes, None))
         if variance is None:
             sigma = torch.zeros((), dtype=u.dtype, device=u.device)
@@ -177,7 +191,7 @@ class IWSTSpike(SBNNModule, nn.Module):
             BernoulliSpike, u, sigma.expand_as(u), eps, self.estimator, self.at_zero
         )
         if self.collect_aux and variance is not None and torch.is_grad_enabled():
-            self._aux_terms.append(self._z_squared(u, sigma))
+            self._collect(self._z_squared(u, sigma))
         return mark_binary(attach_variance(spikes, None))
 
     def _z_squared(self, u: Tensor, sigma: Tensor) -> Tensor:
@@ -187,6 +201,12 @@ class IWSTSpike(SBNNModule, nn.Module):
         z = centre.float() / sigma.float().clamp_min(SIGMA_MIN)
         z2 = torch.where(sigma > 0, z * z, 0.0)
         return z2.sum() / max(self._batch_size(u), 1)
+
+    def _collect(self, term: Tensor) -> None:
+        """Keep an aux term, except in a checkpoint's recomputation (computed there too,
+        so that the recomputation saves the same tensors, but already collected)."""
+        if not _RECOMPUTING[0]:
+            self._aux_terms.append(term)
 
     def _batch_size(self, u: Tensor) -> int:
         return u.shape[self.batch_dim] if u.dim() > self.batch_dim else 1

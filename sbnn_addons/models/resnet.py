@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checkpoint import checkpoint
 from ..functional import is_binary, mark_binary
 from ..moments import variance_flow
 from ._common import (
@@ -149,6 +151,9 @@ class SpikingResNet(ReferenceNet):
         readout_noise: sample the FC output ``mean + sqrt(var) eps`` in sample mode.
         surrogate: surrogate of the twin (``"gaussian"``, ``"atan"``, ``"sigmoid"``).
         surrogate_width: width of the Gaussian surrogate.
+        checkpoint: recompute each residual block in the backward instead of keeping its
+            activations (:func:`sbnn_addons.checkpoint.checkpoint`: same spikes, same
+            gradients; one more forward of the blocks, much less memory).
 
     Shapes:
         ``forward(x [T, B, C_in, H, W]) -> logits [B, num_classes]``, the time average of
@@ -175,6 +180,7 @@ class SpikingResNet(ReferenceNet):
         readout_noise: bool = True,
         surrogate: str = "gaussian",
         surrogate_width: float = 0.4,
+        checkpoint: bool = False,
     ) -> None:
         super().__init__()
         config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -196,6 +202,7 @@ class SpikingResNet(ReferenceNet):
                 cin = cout
         self.blocks = nn.ModuleList(layers)
         self.fc = factory.linear(cin, num_classes)
+        self.checkpoint = bool(checkpoint)
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 5 or x.shape[2] != self.in_channels:
@@ -215,7 +222,10 @@ class SpikingResNet(ReferenceNet):
         T = x.shape[0]
         h = self.stem(x.flatten(0, 1), T)
         for block in self.blocks:
-            h = block(h, T)
+            if self.checkpoint and torch.is_grad_enabled():
+                h = checkpoint(block, h, T, modules=block)
+            else:
+                h = block(h, T)
         out = self.fc(h.mean(dim=(2, 3)))
         out = reshape_with_variance(out, T, -1, out.shape[-1])
         return self.sample_readout(out)

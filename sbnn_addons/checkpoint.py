@@ -1,0 +1,84 @@
+"""Activation checkpointing for stochastic spiking regions.
+
+``torch.utils.checkpoint`` trades compute for memory: a region keeps only its inputs for
+the backward and runs its forward again when the backward needs the rest. With sampled
+spikes that is only correct if the second forward draws **the same** spikes as the
+first. :func:`checkpoint` makes it so:
+
+* the global RNG is restored for the recomputation (``preserve_rng_state``), which
+  covers spike functions on the global generator, both the fused kernel and the PyTorch
+  path;
+* the private generators of :class:`~sbnn_addons.IWSTSpike` modules seeded with
+  :func:`~sbnn_addons.seed_spikes` are snapshotted when the region runs forward, used
+  from the snapshot during the recomputation, and left untouched by it;
+* the auxiliary ``z^2`` terms (SPEC section 5) are collected by the first forward only,
+  not again by the recomputation.
+
+The gradients are then exactly those of the plain forward (tested), at the cost of one
+more forward of the region.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as _torch_checkpoint
+
+from .spike import IWSTSpike, recomputing_forward
+
+__all__ = ["checkpoint"]
+
+
+def _generator_snapshot(spikes: list[IWSTSpike]) -> list:
+    """Per spike module: ``None`` (global RNG), ``"fresh"`` (seeded, no draw yet) or the
+    state of its private generator."""
+    snap = []
+    for m in spikes:
+        if m._seed is None:
+            snap.append(None)
+        elif m._generator is None:
+            snap.append("fresh")
+        else:
+            snap.append(m._generator.get_state())
+    return snap
+
+
+@contextlib.contextmanager
+def _replay(spikes: list[IWSTSpike], snapshot: list) -> Iterator[None]:
+    current = [m._generator for m in spikes]
+    try:
+        for m, state in zip(spikes, snapshot):
+            if state == "fresh":
+                m._generator = None  # re-created from the seed at the first draw
+            elif state is not None:
+                m._generator = torch.Generator(device=m._generator.device)
+                m._generator.set_state(state)
+        with recomputing_forward():
+            yield
+    finally:
+        for m, gen in zip(spikes, current):
+            m._generator = gen
+
+
+def checkpoint(fn: Callable[..., Tensor], *args, modules: nn.Module) -> Tensor:
+    """``fn(*args)`` whose activations are recomputed in the backward, with the same spikes.
+
+    Args:
+        fn: the region, e.g. a residual block's forward.
+        *args: its inputs (tensors are kept for the backward, nothing else of the region).
+        modules: the module(s) ``fn`` runs, searched for :class:`~sbnn_addons.IWSTSpike`.
+
+    Returns:
+        ``fn(*args)``.
+    """
+    spikes = [m for m in modules.modules() if isinstance(m, IWSTSpike)]
+
+    def context_fn():
+        snapshot = _generator_snapshot(spikes)
+        return contextlib.nullcontext(), _replay(spikes, snapshot)
+
+    return _torch_checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn,
+                             preserve_rng_state=True)
