@@ -96,6 +96,11 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-dir", default=None, help="dvs_gesture_32 folder (optional)")
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                    help="run the workers with MALLOC_MMAP_THRESHOLD_=BYTES (glibc): blocks "
+                         "of this size or more are returned to the system when freed, so "
+                         "the peak RSS follows the live tensors rather than the heap's "
+                         "retention (default: glibc's adaptive threshold)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -113,7 +118,11 @@ def main(argv=None) -> None:
                    "--batch", str(args.batch), "--threads", str(args.threads)]
             if args.data_dir:
                 cmd += ["--data-dir", args.data_dir]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            env = dict(os.environ)
+            if args.malloc_mmap_threshold is not None:
+                env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                 env=env).stdout
             results[name].append(json.loads(out.strip().splitlines()[-1]))
             print(f"# {name}: {results[name][-1]['times']}", flush=True)
 
@@ -136,6 +145,7 @@ def main(argv=None) -> None:
         })
     print(f"\n# dvs_resnet19, T={args.num_steps}, batch {args.batch}, {args.threads} threads, "
           f"{args.rounds} x {args.steps} timed steps; torch {_torch_version()}; "
+          f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold or 'glibc default'}; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus\n")
     keys = ("config", "step_s", "ratio_to_twin", "speed_up_vs_paper", "peak_rss_gb",
             "memory_fraction_of_paper")
