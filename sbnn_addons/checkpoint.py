@@ -74,6 +74,11 @@ def checkpoint(fn: Callable[..., Tensor], *args, modules: nn.Module) -> Tensor:
     Returns:
         ``fn(*args)``.
     """
+    if not isinstance(modules, nn.Module):
+        raise TypeError(
+            f"modules must be the nn.Module that fn runs (searched for spike functions), got "
+            f"{type(modules).__name__}"
+        )
     spikes = [m for m in modules.modules() if isinstance(m, IWSTSpike)]
 
     def context_fn():

@@ -28,6 +28,7 @@ __all__ = [
     "mark_binary",
     "is_binary",
     "binary_bytes",
+    "stored_bytes",
 ]
 
 #: Lower clamp of ``sigma`` inside divisions (SPEC section 1).
@@ -193,13 +194,19 @@ def is_binary(tensor: Tensor) -> bool:
     return tensor.__dict__.get(_BINARY, -1) == tensor._version
 
 
-def binary_bytes(tensor: Tensor) -> Tensor:
-    """``tensor`` (marked binary) as uint8: the copy given to :func:`mark_binary`, or a new
-    conversion."""
+def stored_bytes(tensor: Tensor) -> Tensor | None:
+    """The uint8 copy given to :func:`mark_binary`, if ``tensor`` is still marked binary."""
     stored = tensor.__dict__.get(_BYTES)
     if stored is not None and is_binary(tensor) and stored.shape == tensor.shape:
         return stored
-    return tensor.to(torch.uint8)
+    return None
+
+
+def binary_bytes(tensor: Tensor) -> Tensor:
+    """``tensor`` (marked binary) as uint8: the copy given to :func:`mark_binary`, or a new
+    conversion."""
+    stored = stored_bytes(tensor)
+    return stored if stored is not None else tensor.to(torch.uint8)
 
 
 def exact_unit_gradient(u: Tensor, sigma: Tensor, f0: Tensor, f1: Tensor) -> tuple[Tensor, Tensor]:

@@ -233,7 +233,28 @@ def _require() -> ctypes.CDLL:
     return lib
 
 
+def _check(name: str, t: Tensor, dtype: torch.dtype = torch.float32) -> None:
+    if not isinstance(t, Tensor) or t.dtype != dtype or t.device.type != "cpu":
+        got = f"{t.dtype} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
+        raise TypeError(
+            f"{name} must be a {dtype} CPU tensor for the fused kernel, got {got}; use "
+            "sbnn_addons.IWSTSpike or sample_spikes, which take the PyTorch path otherwise"
+        )
+
+
 def _layout(u: Tensor, variance: Tensor) -> tuple[Tensor, int, int]:
+    _check("u", u)
+    _check("variance", variance)
+    try:
+        shape = torch.broadcast_shapes(variance.shape, u.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"variance of shape {tuple(variance.shape)} does not broadcast to the drive u of "
+            f"shape {tuple(u.shape)}"
+        ) from None
+    if shape != u.shape:
+        raise ValueError(f"variance of shape {tuple(variance.shape)} would enlarge the drive u "
+                         f"of shape {tuple(u.shape)}")
     layout = broadcast_layout(variance.shape, u.shape)
     if layout is None:
         return variance.expand_as(u).contiguous(), 1, 1
@@ -282,6 +303,9 @@ def spike_backward(grad: Tensor, u: Tensor, variance: Tensor, spikes: Tensor, es
         kind, p = _KIND_CODES["iwst"], 1.0
     u = u.contiguous()
     var, mid, inner = _layout(u, variance)
+    if spikes.shape != u.shape or grad.shape != u.shape:
+        raise ValueError(f"grad {tuple(grad.shape)} and spikes {tuple(spikes.shape)} must have "
+                         f"the shape of u {tuple(u.shape)}")
     h = spikes.to(torch.uint8).contiguous()
     g = grad.to(torch.float32).contiguous()
     grad_u = torch.empty_like(u)

@@ -30,6 +30,7 @@ from .functional import (
     gaussian_kl,
     is_binary,
     mark_binary,
+    stored_bytes,
 )
 from .moments import attach_variance, get_variance, no_variance_flow
 
@@ -165,7 +166,7 @@ class _BayesMixin(SBNNModule):
         x_in = x.detach() if self.detach_input_variance else x
         # spikes: x^2 = x (no extra pass, and nothing extra saved for the backward)
         if is_binary(x):
-            x2 = mark_binary(x_in, x.__dict__.get("_sbnn_bytes"))
+            x2 = mark_binary(x_in, stored_bytes(x))
         else:
             x2 = x_in * x_in
         var = self._output_variance(x2, self.std)

@@ -55,3 +55,10 @@ def test_checkpoint_leaves_private_generators_where_the_forward_left_them():
         with torch.no_grad():
             outs.append(model(x))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def test_checkpoint_needs_the_module():
+    from sbnn_addons.checkpoint import checkpoint
+
+    with pytest.raises(TypeError, match="modules must be the nn.Module"):
+        checkpoint(torch.sin, torch.ones(2), modules=None)

@@ -317,3 +317,17 @@ def test_kernel_shares_torchs_openmp_runtime():
     with open("/proc/self/maps") as fh:
         gomp = {line.split()[-1] for line in fh if line.rstrip().endswith("/libgomp.so.1")}
     assert len(gomp) <= 1, gomp
+
+
+def test_bad_input_to_the_kernel_functions_is_named():
+    u = torch.randn(4, 5)
+    with pytest.raises(TypeError, match="u must be a torch.float32 CPU tensor"):
+        kernels.spike_forward(u.double(), torch.ones(()), 1)
+    with pytest.raises(TypeError, match="variance must be"):
+        kernels.spike_forward(u, torch.ones((), dtype=torch.int64), 1)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        kernels.spike_forward(u, torch.ones(3), 1)
+    with pytest.raises(ValueError, match="enlarge"):
+        kernels.spike_forward(u, torch.ones(2, 4, 5), 1)
+    with pytest.raises(ValueError, match="must have the shape of u"):
+        kernels.spike_backward(torch.ones(4, 4), u, torch.ones(()), torch.ones(4, 5), sb.ST())
