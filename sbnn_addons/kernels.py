@@ -245,6 +245,10 @@ def _check(name: str, t: Tensor, dtype: torch.dtype = torch.float32) -> None:
 def _layout(u: Tensor, variance: Tensor) -> tuple[Tensor, int, int]:
     _check("u", u)
     _check("variance", variance)
+    if variance.shape == u.shape:  # the common cases first: no broadcast
+        return variance.contiguous(), 1, 1
+    if variance.dim() == 0:
+        return variance, max(u.numel(), 1), 1
     try:
         shape = torch.broadcast_shapes(variance.shape, u.shape)
     except RuntimeError:
