@@ -10,8 +10,12 @@ It does the forward in one pass and the backward in one pass:
 
 .. code-block:: text
 
-    forward   h   = 1[U < Phi(u / sigma)],  sigma = sqrt(var),  U ~ Uniform[0, 1)
+    forward   h   = 1[U < Phi(u / sigma)],  sigma = sqrt(var),  U ~ Uniform(0, 1)
     backward  g_u = g J(h),   g_var = -z g J(h) / (2 sigma)      (J: SPEC section 4)
+
+(plus, on request, the auxiliary ``sum z^2`` of SPEC section 5 and its gradient, in the
+same passes). Spikes are kept as bytes for the backward and a broadcast variance is
+read in place.
 
 ``U`` comes from a counter-based Philox4x32-10 stream keyed by a 64-bit seed drawn from
 the torch generator (the global one, or the spike function's own after
@@ -20,7 +24,7 @@ draw does not depend on the number of threads. ``P(h = 1) = Phi(z)`` is the same
 the PyTorch path (``h = 1[u + sigma eps > 0]``); the individual draws differ between
 the two paths.
 
-The kernel serves contiguous float32 CPU tensors outside ``torch.func`` transforms and
+The kernel serves float32 CPU tensors outside ``torch.func`` transforms and
 ``torch.compile``; everything else (CUDA, float16 / bfloat16 / float64, ``vmap``) takes
 the PyTorch path, which is also the fallback when no C compiler is found. Set
 ``SBNN_ADDONS_KERNELS=0`` to turn the kernel off, or use :func:`use_kernels`.
