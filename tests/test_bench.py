@@ -200,6 +200,14 @@ def test_ep_method_in_bench(tmp_path, capsys):
                  "--out-dir", str(tmp_path / "x")])
 
 
+def test_ep_binary_method_in_bench(tmp_path, capsys):
+    """``ep-binary`` trains binary +-1 weights through the harness on digits."""
+    (row,) = cli.run(["--methods", "ep-binary", "--epochs", "1", "--num-steps", "4",
+                      "--quiet", "--no-plots", "--out-dir", str(tmp_path)])
+    assert "| digits | ep-binary | 1 | 3 |" in capsys.readouterr().out
+    assert row["method"] == "ep-binary" and row["accuracy"] > 0.8
+
+
 def test_cli_diagnostics_subcommand(tmp_path, capsys):
     from sbnn_addons.bench.cli import main
 

@@ -101,6 +101,9 @@ METHODS: dict[str, Method] = {
         Method("ep", estimator=None, framework="ep",
                help="expectation propagation (ADF form, sbnn_addons.ep), 3 passes; digits, "
                "randman"),
+        Method("ep-binary", estimator=None, framework="ep",
+               help="EP with binary +-1 weights (Bernoulli posteriors), 3 passes; digits, "
+               "randman"),
     )
 }
 
@@ -604,7 +607,7 @@ def run_one(task_name: str, method_name: str, seed: int, cfg: dict, progress=Non
     cfg = {"lr": 5e-3, "noise_lr": 5e-2, "mc_samples": 10, **task.defaults,
            **{k: v for k, v in cfg.items() if v is not None}}
     if method.framework == "ep":
-        return _run_ep(task_name, seed, cfg, progress)
+        return _run_ep(task_name, method_name, seed, cfg, progress)
     rank, world = _world()
     device = torch.device(cfg.get("device") or "cpu")
     torch.manual_seed(seed)
@@ -686,23 +689,26 @@ def run_one(task_name: str, method_name: str, seed: int, cfg: dict, progress=Non
     return row
 
 
-def _run_ep(task_name: str, seed: int, cfg: dict, progress=None) -> dict:
-    """The ``ep`` method: :func:`sbnn_addons.ep.bench_task` on the task's data and code.
+def _run_ep(task_name: str, method_name: str, seed: int, cfg: dict, progress=None) -> dict:
+    """The ``ep`` methods: :func:`sbnn_addons.ep.bench_task` on the task's data and code.
 
     ``digits``: the same rate code as the other methods, averaged over time; ``randman``:
     the same spike trains, reduced to first-spike latencies. ``--width`` sets the hidden
-    width (default 100). Other tasks raise ``ValueError``.
+    width (default 100). ``ep-binary`` uses binary +-1 weights (``weights="binary"``).
+    Other tasks raise ``ValueError``.
     """
     from ..ep import BENCH_TASKS, bench_task
 
     if task_name not in BENCH_TASKS:
-        raise ValueError(f"method 'ep' supports the tasks {list(BENCH_TASKS)} only, got "
-                         f"{task_name!r}")
+        raise ValueError(f"method {method_name!r} supports the tasks {list(BENCH_TASKS)} only, "
+                         f"got {task_name!r}")
     if _world()[1] > 1:
-        raise ValueError("method 'ep' runs in a single process; drop torchrun for it")
+        raise ValueError(f"method {method_name!r} runs in a single process; drop torchrun")
+    weights = "binary" if method_name == "ep-binary" else "gaussian"
     row = bench_task(task_name, seed, epochs=EP_PASSES, num_steps=cfg["num_steps"],
                      hidden=(_width(cfg, 100),), mc_samples=cfg["mc_samples"],
-                     split_seed=cfg.get("split_seed", 0), cfg=cfg)
+                     split_seed=cfg.get("split_seed", 0), cfg=cfg, weights=weights)
+    row["method"] = method_name
     if progress is not None:
         progress.update(cfg["epochs"])
     return row
