@@ -16,6 +16,7 @@ from .layers import (
     GaussianPrior,
     is_bayesian,
     scale_mixture_prior,
+    share_posterior,
 )
 from .losses import aux_loss, enable_aux_loss, kl_divergence, sbnn_objective
 from .modes import get_mode, mc_predict, mode, set_mode
@@ -28,7 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AGR", "IWST", "ST", "Estimator", "get_estimator", "BernoulliSpike", "sample_spikes",
     "BayesLinear", "BayesConv1d", "BayesConv2d", "ChannelAffine", "GaussianPrior",
-    "scale_mixture_prior", "is_bayesian",
+    "scale_mixture_prior", "is_bayesian", "share_posterior",
     "aux_loss", "enable_aux_loss", "kl_divergence", "sbnn_objective",
     "set_mode", "get_mode", "mode", "mc_predict",
     "attach_variance", "get_variance", "track_variance", "variance_flow",

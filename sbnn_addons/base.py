@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-__all__ = ["SBNNModule", "MODES", "inverse_softplus", "check_std"]
+__all__ = ["SBNNModule", "MODES", "inverse_softplus", "check_std", "share_posterior"]
 
 #: Evaluation modes of SPEC section 7 (``mc`` draws like ``sample`` in each pass).
 MODES = ("sample", "mean", "mc")
@@ -61,3 +63,32 @@ def check_std(name: str, value, *, allow_zero: bool) -> float:
 def softplus(rho: Tensor) -> Tensor:
     """``log(1 + exp(rho))``."""
     return torch.nn.functional.softplus(rho)
+
+
+_SHARED: list[dict | None] = [None]
+
+
+@contextlib.contextmanager
+def share_posterior() -> Iterator[None]:
+    """Inside the block, each Bayesian layer computes ``s^2`` once and reuses it.
+
+    A time loop calls every layer ``T`` times per forward pass; with a per-weight std,
+    ``softplus(rho)^2`` over the whole weight and its backward are then repeated ``T``
+    times. Wrap **one** forward pass (the whole time loop) in this block to compute it
+    once; autograd accumulates the gradient of every use into the one node, so the
+    gradients are unchanged (tested). Do not keep a block open across backward passes or
+    optimiser steps: the cache is dropped when the block ends (and a changed parameter
+    is recomputed).
+
+    Example::
+
+        with sbnn_addons.share_posterior():
+            for t in range(T):
+                spikes, state = lif(fc(x[t]), state)
+    """
+    previous = _SHARED[0]
+    _SHARED[0] = {} if previous is None else previous
+    try:
+        yield
+    finally:
+        _SHARED[0] = previous

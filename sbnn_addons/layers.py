@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import SBNNModule, check_std, inverse_softplus, softplus
+from .base import _SHARED, SBNNModule, check_std, inverse_softplus, share_posterior, softplus
 from .functional import (
     apply_function,
     binary_bytes,
@@ -35,6 +35,7 @@ from .functional import (
 from .moments import attach_variance, get_variance, no_variance_flow
 
 __all__ = [
+    "share_posterior",  # re-exported from .base
     "BayesLinear",
     "BayesConv1d",
     "BayesConv2d",
@@ -135,6 +136,20 @@ class _BayesMixin(SBNNModule):
             )
         self.detach_input_variance = detach_input_variance
 
+    def _std_squared(self) -> Tensor:
+        """``s^2``, computed once per :func:`share_posterior` block (else at every call)."""
+        cache = _SHARED[0]
+        if cache is None:
+            std = self.std
+            return std * std
+        key = (id(self), torch.is_grad_enabled(),
+               (self.std_rho if self.learn_std else self.fixed_std)._version)
+        s2 = cache.get(key)
+        if s2 is None:
+            std = self.std
+            s2 = cache[key] = std * std
+        return s2
+
     @property
     def std(self) -> Tensor:
         """Posterior std ``s``: shape ``()``, ``[out]`` or the weight shape."""
@@ -169,7 +184,7 @@ class _BayesMixin(SBNNModule):
             x2 = mark_binary(x_in, stored_bytes(x))
         else:
             x2 = x_in * x_in
-        var = self._output_variance(x2, self.std)
+        var = self._output_variance(x2, self._std_squared())
         if self.bias_noise:
             var = var + self.bias_std**2
         # broadcastable to the mean (e.g. [N, 1, H, W] with a per-layer std): consumers
@@ -180,7 +195,7 @@ class _BayesMixin(SBNNModule):
         """LRT variance ``var(a) = sum_i s_i^2 x_i^2 (+ s_b^2)`` of the output, full shape."""
         with no_variance_flow():
             mean = self._mean(x)
-            var = self._output_variance(x * x, self.std)
+            var = self._output_variance(x * x, self._std_squared())
             if self.bias_noise:
                 var = var + self.bias_std**2
             return var.expand_as(mean)
@@ -277,8 +292,7 @@ class BayesLinear(_BayesMixin, nn.Linear):
     def _mean(self, x: Tensor) -> Tensor:
         return self._op(x, self.weight, self.bias)
 
-    def _output_variance(self, x2: Tensor, std: Tensor) -> Tensor:
-        s2 = std * std
+    def _output_variance(self, x2: Tensor, s2: Tensor) -> Tensor:
         if self.std_mode == "weight":
             return self._op(x2, s2, None)
         return x2.sum(-1, keepdim=True) * s2
@@ -335,8 +349,7 @@ class _BayesConv(_BayesMixin):
     def _mean(self, x: Tensor) -> Tensor:
         return self._op(x, self.weight, self.bias)
 
-    def _output_variance(self, x2: Tensor, std: Tensor) -> Tensor:
-        s2 = std * std
+    def _output_variance(self, x2: Tensor, s2: Tensor) -> Tensor:
         if self.std_mode == "weight":
             return self._op(x2, s2, None)
         if self.groups != 1:

@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .base import share_posterior
+
 __all__ = [
     "UnknownVariance",
     "VarianceFlowError",
@@ -381,27 +383,32 @@ class _FlowHooks:
     paused inside *opaque* modules (which track their own moments explicitly)."""
 
     def __init__(self) -> None:
-        self.stack: list[tuple[VarianceFlow, list[bool]]] = []
+        self.stack: list[tuple[VarianceFlow, list[bool], contextlib.AbstractContextManager]] = []
 
     def enter(self, module, args):
+        # one forward of the root module is one share_posterior block: a time loop in the
+        # model's forward computes each layer's s^2 once
+        share = share_posterior()
+        share.__enter__()
         mode = VarianceFlow()
         mode.__enter__()
-        self.stack.append((mode, [False]))
+        self.stack.append((mode, [False], share))
 
     def leave(self, module, args, output):
-        mode, paused = self.stack.pop()
+        mode, paused, share = self.stack.pop()
         if not paused[0]:
             mode.__exit__(None, None, None)
+        share.__exit__(None, None, None)
 
     def pause(self, module, args):
         if self.stack and not self.stack[-1][1][0]:
-            mode, paused = self.stack[-1]
+            mode, paused, _share = self.stack[-1]
             mode.__exit__(None, None, None)
             paused[0] = True
 
     def resume(self, module, args, output):
         if self.stack and self.stack[-1][1][0]:
-            mode, paused = self.stack[-1]
+            mode, paused, _share = self.stack[-1]
             mode.__enter__()
             paused[0] = False
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -316,3 +317,29 @@ def test_spike_input_kept_as_bytes_gives_identical_gradients(make, monkeypatch):
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert saved_bytes[0] < saved_bytes[1]
+
+
+@pytest.mark.parametrize("std_mode", ["weight", "layer"])
+def test_share_posterior_reuses_s2_with_identical_gradients(std_mode):
+    """In a 6-step loop, share_posterior computes softplus(rho)^2 once per layer (one node
+    in the graph); outputs are equal and gradients equal within float rounding; a
+    no-grad call inside the block does not hand a graph-less s^2 to a grad call."""
+    torch.manual_seed(0)
+    layer = sb.BayesLinear(7, 5, std=0.2, std_mode=std_mode)
+    xs = torch.rand(6, 3, 7)
+    results = []
+    for shared in (False, True):
+        layer.zero_grad()
+        block = sb.share_posterior() if shared else contextlib.nullcontext()
+        with block:
+            with torch.no_grad():
+                layer(xs[0])
+            outs = [sb.get_variance(layer(x)) for x in xs]
+            if shared:
+                nodes = {id(layer._std_squared())}
+                assert len(nodes) == 1
+        torch.stack(outs).sum().backward()
+        results.append((torch.stack(outs).detach(), layer.std_rho.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-8)
+    assert sb.layers._SHARED[0] is None

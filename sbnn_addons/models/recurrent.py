@@ -61,8 +61,7 @@ class ZeroDiagBayesLinear(BayesLinear):
     def _mean(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight * self.diag_mask, self.bias)
 
-    def _output_variance(self, x2: Tensor, std: Tensor) -> Tensor:
-        s2 = std * std
+    def _output_variance(self, x2: Tensor, s2: Tensor) -> Tensor:
         if self.std_mode == "channel":
             s2 = s2.view(-1, 1)
         return F.linear(x2, s2 * self.diag_mask)
