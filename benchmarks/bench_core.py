@@ -81,6 +81,11 @@ class SpikingNet(nn.Module):
         return self.spikes[i].fire(u, var)
 
     def forward(self, x):  # x: [T, B, ...]
+        # one forward pass over T steps: each Bayesian layer computes s^2 once
+        with sb.share_posterior():
+            return self._forward(x)
+
+    def _forward(self, x):
         mems = [None] * len(self.layers)
         vars_ = [None] * len(self.layers)
         out = 0.0
