@@ -237,11 +237,11 @@ def _require() -> ctypes.CDLL:
     return lib
 
 
-def _check(name: str, t: Tensor, dtype: torch.dtype = torch.float32) -> None:
-    if not isinstance(t, Tensor) or t.dtype != dtype or t.device.type != "cpu":
+def _check(name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor) or t.dtype != torch.float32 or t.device.type != "cpu":
         got = f"{t.dtype} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
         raise TypeError(
-            f"{name} must be a {dtype} CPU tensor for the fused kernel, got {got}; use "
+            f"{name} must be a torch.float32 CPU tensor for the fused kernel, got {got}; use "
             "sbnn_addons.IWSTSpike or sample_spikes, which take the PyTorch path otherwise"
         )
 
@@ -365,7 +365,9 @@ def fused_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
                 aux_offset: float | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Spikes ``h = 1[U < Phi(u / sqrt(variance))]`` with the IW-ST backward of ``estimator``.
 
-    Check :func:`can_fuse` first; inputs are not validated here.
+    Check :func:`can_fuse` first. Inputs of the wrong dtype or device raise ``TypeError``
+    and a variance that does not broadcast to ``u`` raises ``ValueError``; the values are
+    not checked (a negative variance counts as 0).
 
     Args:
         u: drive ``mu - theta``, float32 CPU tensor ``[*]``.
