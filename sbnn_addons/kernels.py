@@ -59,7 +59,7 @@ __all__ = [
 _SOURCE = Path(__file__).with_name("_kernels") / "spike.c"
 _KIND_CODES = {"st": 0, "iwst": 1, "agr": 2}
 _FLAG_SETS = (  # tried in order; the first that builds and loads is used
-    ["-O3", "-march=native", "-mprefer-vector-width=256", "-ffast-math", "-fopenmp"],
+    ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp"],
     ["-O3", "-ffast-math", "-fopenmp"],
     ["-O3", "-ffast-math"],
     ["-O3"],
@@ -163,6 +163,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sbnn_spike_backward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i32, f32,
                                         f32, f32, f32, f32, i32]
     lib.sbnn_spike_backward.restype = None
+    lib.sbnn_thresholds.argtypes = [ptr, ptr]
+    lib.sbnn_thresholds.restype = None
+    lib.sbnn_init.argtypes = []
+    lib.sbnn_init.restype = None
+    lib.sbnn_init()  # the forward's threshold tables
 
 
 def available() -> bool:
@@ -219,6 +224,13 @@ def broadcast_layout(var_shape: torch.Size, shape: torch.Size) -> tuple[int, int
     if any(padded[d] != 1 for d in range(first, last)):
         return None
     return math.prod(shape[first:last]), math.prod(shape[last:])
+
+
+def _thresholds() -> tuple[Tensor, Tensor]:
+    """The forward's byte tables ``(fire, silent)`` as float64 (for the tests)."""
+    fire, silent = torch.empty(256), torch.empty(256)
+    _require().sbnn_thresholds(fire.data_ptr(), silent.data_ptr())
+    return fire.double(), silent.double()
 
 
 def _seed(generator: torch.Generator | None) -> int:

@@ -72,13 +72,41 @@ def test_draws_match_numpy_philox_reference():
     np.testing.assert_array_equal(h.numpy()[clear], expected[clear])
 
 
-def test_logistic_bound_of_phi():
-    """The kernel decides most draws with q(z) = sigmoid(z (1.5976 + 0.070566 z^2)) and a
-    margin of 2e-4 around it: |q - Phi| stays below 1.45e-4 on a fine grid, in float32."""
-    z = torch.linspace(-9, 9, 2_000_001, dtype=torch.float64)
-    zf = z.float()
-    q = 1 / (1 + torch.exp(-zf * (1.5976 + 0.070566 * zf * zf)))
-    assert (q.double() - torch.special.ndtr(z)).abs().max() < 1.45e-4
+def test_byte_thresholds_are_the_normal_quantiles_plus_margin():
+    """Byte B fires for sure above t = Phi^-1((B + 1)/256 + 4e-6) and stays silent below
+    Phi^-1(B/256 - 4e-6); the tables hold t |t| in float32."""
+    fire, silent = kernels._thresholds()
+    b = torch.arange(256, dtype=torch.float64)
+
+    def quantile(signed_square):
+        return signed_square.sign() * signed_square.abs().sqrt()
+
+    assert torch.allclose(torch.special.ndtr(quantile(fire[:255])), (b[:255] + 1) / 256 + 4e-6,
+                          rtol=0, atol=1e-7)
+    assert torch.allclose(torch.special.ndtr(quantile(silent[1:])), b[1:] / 256 - 4e-6,
+                          rtol=0, atol=1e-7)
+
+
+def test_draws_at_the_byte_cell_boundaries_are_exact():
+    """Each unit's Phi(z) is put within 1e-5 of an edge of its own draw's byte cell, where
+    the byte decision is closest to being wrong: every spike equals 1[U < Phi(z)] of the
+    reference draw."""
+    n = 4096
+    torch.manual_seed(8)
+    U = _philox_uniforms(kernels._seed(None), n)
+    gen = torch.Generator().manual_seed(3)
+    byte = torch.from_numpy(np.floor(U * 256))
+    edge = (byte + torch.randint(0, 2, (n,), generator=gen)) / 256
+    offset = (torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1) * 1e-5
+    var = torch.rand(n, generator=gen, dtype=torch.float64) * 4 + 1e-3
+    u = (torch.special.ndtri((edge + offset).clamp(1e-9, 1 - 1e-9)) * var.sqrt()).float()
+    var = var.float()
+    torch.manual_seed(8)
+    h = kernels.fused_spike(u, var, sb.ST())
+    p = torch.special.ndtr(u.double() / var.double().sqrt()).numpy()
+    clear = np.abs(U - p) > 1e-12
+    assert clear.sum() > n - 5
+    np.testing.assert_array_equal(h.numpy()[clear], (U < p)[clear])
 
 
 def test_firing_frequency_is_phi_z():

@@ -5,9 +5,10 @@
  *           h_i = 1[u_i > 0] (>= with at_zero).
  *           U_i is drawn lazily, exactly: U_i = (B_i + V_i) / 256 with B_i a random byte
  *           and V_i uniform. The byte alone decides h_i unless Phi(z_i) lies within the
- *           byte's cell [B_i/256, (B_i+1)/256) (up to the margin of a cheap bound of Phi),
- *           which happens for about 0.5 % of the units; only those draw V_i and evaluate
- *           Phi exactly. All bits come from Philox4x32-10 keyed by `seed`: byte i is byte
+ *           byte's cell [B_i/256, (B_i+1)/256) (up to a margin of 4e-6), which happens
+ *           for about 0.4 % of the units; the byte's decision compares u |u| with
+ *           tabulated quantiles times var (no square root, division or exp). Only the
+ *           undecided units draw V_i and evaluate Phi exactly, in double. All bits come from Philox4x32-10 keyed by `seed`: byte i is byte
  *           i % 16 of block i / 16, V_i word i % 4 of block 2^62 + i / 4. A draw depends
  *           on (seed, i) only, never on threads or chunking.
  * Backward: the IW-ST Jacobian J(h) of sbnn_addons.functional.estimator_jacobian, and
@@ -25,7 +26,6 @@
 #define INV_SQRT_2PI 0.39894228040143267794f
 #define SIGMA_MIN 1e-6f
 #define Z_MAX 40.0f
-#define Z_FIRE 9.0f /* Phi(-9) = 1e-19, below the resolution of U: clamping is exact */
 #define V_STREAM (1ULL << 62) /* first Philox counter of the V stream */
 
 static inline void philox4x32_10(uint64_t counter, uint64_t key, uint32_t out[4]) {
@@ -46,39 +46,111 @@ static inline void philox4x32_10(uint64_t counter, uint64_t key, uint32_t out[4]
     out[0] = x0; out[1] = x1; out[2] = x2; out[3] = x3;
 }
 
-/* 16 * nblocks random bytes (as floats 0..255) from counters block0, block0 + 1, ...;
- * byte j of a block is byte j % 4 (little end first) of word j / 4. */
-static void random_bytes(float *restrict out, int64_t nblocks, uint64_t block0, uint64_t key) {
+/* Philox4x32-10 of counters block0 .. block0 + nblocks - 1 into out[4 b .. 4 b + 3]: the
+ * same function as philox4x32_10, written so that the compiler runs one block per SIMD
+ * lane (the rounds unrolled, the round keys k + r * constant). */
+/* noinline: inlined into the OpenMP region, the block loop is no longer vectorised */
+__attribute__((noinline)) static void philox_blocks(uint32_t *restrict out, int64_t nblocks,
+                                                    uint64_t block0, uint64_t key) {
+    const uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
     for (int64_t b = 0; b < nblocks; ++b) {
-        uint32_t r[4];
-        philox4x32_10(block0 + (uint64_t)b, key, r);
-        for (int j = 0; j < 16; ++j) out[16 * b + j] = (float)((r[j >> 2] >> (8 * (j & 3))) & 255u);
+        uint64_t counter = block0 + (uint64_t)b;
+        uint32_t x0 = (uint32_t)counter, x1 = (uint32_t)(counter >> 32), x2 = 0, x3 = 0;
+#pragma GCC unroll 10
+        for (int r = 0; r < 10; ++r) {
+            uint32_t rk0 = k0 + (uint32_t)r * 0x9E3779B9u, rk1 = k1 + (uint32_t)r * 0xBB67AE85u;
+            uint64_t p0 = (uint64_t)0xD2511F53u * x0;
+            uint64_t p1 = (uint64_t)0xCD9E8D57u * x2;
+            uint32_t y0 = (uint32_t)(p1 >> 32) ^ x1 ^ rk0;
+            uint32_t y2 = (uint32_t)(p0 >> 32) ^ x3 ^ rk1;
+            x1 = (uint32_t)p1;
+            x3 = (uint32_t)p0;
+            x0 = y0;
+            x2 = y2;
+        }
+        out[4 * b] = x0;
+        out[4 * b + 1] = x1;
+        out[4 * b + 2] = x2;
+        out[4 * b + 3] = x3;
     }
 }
 
-/* The logistic bound q(z) = 1 / (1 + exp(-z (1.5976 + 0.070566 z^2))) of Phi
- * (Bowling et al. 2009): |q - Phi| < 1.41e-4 on the real line (checked in the tests). */
-#define PHI_MARGIN 2e-4f
-#define UNDECIDED 2.0f
+/* The random bytes of elements c0 .. c0 + n - 1 (c0 a multiple of 16): byte j of block b is
+ * byte j % 4, little end first, of word j / 4. */
+static void random_bytes(uint8_t *restrict out, uint32_t *restrict words, int64_t n,
+                         uint64_t c0, uint64_t key) {
+    int64_t nblocks = (n + 15) / 16;
+    philox_blocks(words, nblocks, c0 / 16, key);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    const uint8_t *bytes = (const uint8_t *)words;
+    for (int64_t i = 0; i < 16 * nblocks; ++i) out[i] = bytes[i];
+#else
+    for (int64_t i = 0; i < 16 * nblocks; ++i) out[i] = (uint8_t)(words[i >> 2] >> (8 * (i & 3)));
+#endif
+}
 
-static inline float fire_by_byte(float x, float v, float byte, int at_zero) {
-    float s = sqrtf(fmaxf(v, 1e-30f));
-    float z = fminf(fmaxf(x / s, -Z_FIRE), Z_FIRE);
-    float q = 1.0f / (1.0f + expf(-z * (1.5976f + 0.070566f * z * z)));
-    /* U in [byte/256, (byte+1)/256): below Phi for sure, above for sure, or undecided */
-    float sampled = byte + 1.0f <= 256.0f * (q - PHI_MARGIN) ? 1.0f
-                    : (byte >= 256.0f * (q + PHI_MARGIN) ? 0.0f : UNDECIDED);
+/* The byte B decides U = (B + V) / 256 < Phi(z) unless Phi(z) is within PHI_MARGIN of the
+ * byte's cell [B/256, (B+1)/256). In the sign-square form s(t) = t |t|, which needs neither
+ * the square root nor a division (s(u) >= s(t) var  <=>  u / sqrt(var) >= t):
+ *   fire for sure    where s(u) >= FIRE_Q[B] var,    FIRE_Q[B] = s(Phi^-1((B+1)/256 + margin))
+ *   silent for sure  where s(u) <= SILENT_Q[B] var,  SILENT_Q[B] = s(Phi^-1(B/256 - margin))
+ * (never for B = 255 and B = 0 respectively). The margin covers the float rounding of the
+ * products (relative 3e-7 in z, at most 1e-7 in Phi) many times over; the undecided
+ * fraction is 1/256 + 2 margin, about 0.4 %. Outside var in [VAR_LO, VAR_HI] and
+ * |u| <= U_HI the products could lose precision, so those units are always undecided. */
+#define PHI_MARGIN 4e-6
+#define VAR_LO 1e-30f
+#define VAR_HI 1e30f
+#define U_HI 1e15f
+#define UNDECIDED 2.0f
+static float FIRE_Q[256], SILENT_Q[256];
+
+static double ndtr(double t) { return 0.5 * erfc(-t * 0.70710678118654752440); }
+
+static double ndtri(double p) { /* bisection: 100 halvings of [-40, 40] reach double ulp */
+    double lo = -40.0, hi = 40.0;
+    for (int k = 0; k < 100; ++k) {
+        double mid = 0.5 * (lo + hi);
+        if (ndtr(mid) < p) lo = mid; else hi = mid;
+    }
+    return 0.5 * (lo + hi);
+}
+
+/* Fill the threshold tables (called once when the library is loaded). */
+void sbnn_init(void) {
+    for (int b = 0; b < 256; ++b) {
+        double fire = b < 255 ? ndtri((b + 1) / 256.0 + PHI_MARGIN) : 0.0;
+        double silent = b > 0 ? ndtri(b / 256.0 - PHI_MARGIN) : 0.0;
+        FIRE_Q[b] = (float)(fire * fabs(fire));
+        SILENT_Q[b] = (float)(silent * fabs(silent));
+    }
+}
+
+/* Copy the tables out (for the tests). */
+void sbnn_thresholds(float *fire, float *silent) {
+    for (int b = 0; b < 256; ++b) {
+        fire[b] = FIRE_Q[b];
+        silent[b] = SILENT_Q[b];
+    }
+}
+
+static inline float fire_by_byte(float x, float v, int byte, int at_zero) {
+    float sx = x * fabsf(x);
+    int usable = (v >= VAR_LO) & (v <= VAR_HI) & (fabsf(x) <= U_HI);
+    int fire = usable & (byte != 255) & (sx >= FIRE_Q[byte] * v);
+    int silent = usable & (byte != 0) & (sx <= SILENT_Q[byte] * v);
+    float sampled = fire ? 1.0f : (silent ? 0.0f : UNDECIDED);
     float det = at_zero ? (float)(x >= 0.0f) : (float)(x > 0.0f);
     return v > 0.0f ? sampled : det;
 }
 
 /* The exact decision for an undecided unit: U = (byte + V) / 256 against Phi(z), double. */
-static float fire_exact(int64_t i, float x, float v, float byte, uint64_t seed) {
+static float fire_exact(int64_t i, float x, float v, int byte, uint64_t seed) {
     uint32_t r[4];
     philox4x32_10(V_STREAM + (uint64_t)i / 4, seed, r);
     double V = ((double)r[i & 3] + 0.5) * 0x1.0p-32;
     double z = (double)x / sqrt((double)v);
-    double p = 0.5 * erfc(-fmin(fmax(z, -40.0), 40.0) * 0.70710678118654752440);
+    double p = ndtr(fmin(fmax(z, -40.0), 40.0));
     return (float)(((double)byte + V) * (1.0 / 256.0) < p);
 }
 
@@ -131,10 +203,12 @@ double sbnn_spike_forward(const float *restrict u, const float *restrict var, in
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : aux) \
     if (threads > 1 && total >= PARALLEL_MIN * threads)
     for (int64_t c = 0; c < chunks; ++c) {
-        float B[CHUNK], VB[CHUNK];
+        uint8_t B[CHUNK];
+        uint32_t W[CHUNK / 4];
+        float VB[CHUNK];
         int64_t c0 = c * CHUNK;
         int64_t n = total - c0 < CHUNK ? total - c0 : CHUNK;
-        random_bytes(B, (n + 15) / 16, (uint64_t)c0 / 16, seed);
+        random_bytes(B, W, n, (uint64_t)c0, seed);
         const float *uc = u + c0;
         const float *vc = variance_run(var, mid, inner, c0, n, VB);
         float *hc = h + c0;
