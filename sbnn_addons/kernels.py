@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import math
 import os
@@ -49,7 +50,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .functional import apply_function, mark_binary
+from .functional import apply_function, broadcasts_to, mark_binary
 
 __all__ = [
     "available", "enabled", "use_kernels", "can_fuse", "fused_spike", "FusedSpike",
@@ -206,6 +207,7 @@ def can_fuse(u: Tensor, variance: Tensor) -> bool:
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def broadcast_layout(var_shape: torch.Size, shape: torch.Size) -> tuple[int, int] | None:
     """``(mid, inner)`` of a variance of ``var_shape`` broadcast to ``shape``.
 
@@ -265,16 +267,11 @@ def _layout(u: Tensor, variance: Tensor) -> tuple[Tensor, int, int]:
         return variance.contiguous(), 1, 1
     if variance.dim() == 0:
         return variance, max(u.numel(), 1), 1
-    try:
-        shape = torch.broadcast_shapes(variance.shape, u.shape)
-    except RuntimeError:
+    if not broadcasts_to(variance.shape, u.shape):
         raise ValueError(
             f"variance of shape {tuple(variance.shape)} does not broadcast to the drive u of "
-            f"shape {tuple(u.shape)}"
-        ) from None
-    if shape != u.shape:
-        raise ValueError(f"variance of shape {tuple(variance.shape)} would enlarge the drive u "
-                         f"of shape {tuple(u.shape)}")
+            f"shape {tuple(u.shape)} (it must not enlarge u)"
+        )
     layout = broadcast_layout(variance.shape, u.shape)
     if layout is None:
         return variance.expand_as(u).contiguous(), 1, 1

@@ -21,7 +21,14 @@ from torch import Tensor, nn
 from . import kernels
 from .base import SBNNModule, check_std, inverse_softplus, softplus
 from .estimators import BernoulliSpike, Estimator, get_estimator
-from .functional import SIGMA_MIN, apply_function, check_float, mark_binary, safe_sqrt
+from .functional import (
+    SIGMA_MIN,
+    apply_function,
+    broadcasts_to,
+    check_float,
+    mark_binary,
+    safe_sqrt,
+)
 from .moments import (
     UnknownVariance,
     VarianceFlowError,
@@ -156,15 +163,12 @@ class IWSTSpike(SBNNModule, nn.Module):
             u: drive ``mu - theta``, shape ``[*]``.
             variance: noise variance broadcastable to ``u``, or ``None`` for zero noise.
         """
-        if variance is not None and variance.shape != u.shape:
-            try:
-                if torch.broadcast_shapes(variance.shape, u.shape) != u.shape:
-                    raise RuntimeError  # would enlarge u
-            except RuntimeError:
-                raise ValueError(
-                    f"the variance of shape {tuple(variance.shape)} does not broadcast "
-                    f"to the drive u of shape {tuple(u.shape)}"
-                ) from None
+        if (variance is not None and variance.shape != u.shape
+                and not broadcasts_to(variance.shape, u.shape)):
+            raise ValueError(
+                f"the variance of shape {tuple(variance.shape)} does not broadcast "
+                f"to the drive u of shape {tuple(u.shape)}"
+            )
         if not self.deterministic:
             fused_var = _fused_variance(u, variance)
             if fused_var is not None and kernels.can_fuse(u, fused_var):
