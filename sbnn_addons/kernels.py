@@ -164,6 +164,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sbnn_spike_backward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i32, f32,
                                         f32, f32, f32, f32, i32]
     lib.sbnn_spike_backward.restype = None
+    lib.sbnn_erfcx.argtypes = [ptr, ptr, i64]
+    lib.sbnn_erfcx.restype = None
     lib.sbnn_thresholds.argtypes = [ptr, ptr]
     lib.sbnn_thresholds.restype = None
     lib.sbnn_init.argtypes = []
@@ -233,6 +235,14 @@ def _thresholds() -> tuple[Tensor, Tensor]:
     fire, silent = torch.empty(256), torch.empty(256)
     _require().sbnn_thresholds(fire.data_ptr(), silent.data_ptr())
     return fire.double(), silent.double()
+
+
+def _erfcx(x: Tensor) -> Tensor:
+    """The backward's float32 ``erfcx`` on ``x`` in [0, 30] (for the tests)."""
+    x = x.float().contiguous()
+    out = torch.empty_like(x)
+    _require().sbnn_erfcx(x.data_ptr(), out.data_ptr(), x.numel())
+    return out
 
 
 def _seed(generator: torch.Generator | None) -> int:
