@@ -150,7 +150,7 @@ def _linear_combination():
         if vb is not None:
             vb = vb * (alpha * alpha)
         total = vb if va is None else (va if vb is None else va + vb)
-        return total.expand(out.shape) if total.shape != out.shape else total
+        return total  # broadcastable to out; kept compact (e.g. [N, 1] for a per-layer std)
 
     return rule
 
