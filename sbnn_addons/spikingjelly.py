@@ -133,7 +133,7 @@ class SJSpike(IWSTSpike):
                 raise RuntimeError("SJSpike was called more often than the sequence length")
             var = var[self._step]
         self._step += 1
-        return var.expand_as(u) if var.shape != u.shape else var
+        return var  # broadcastable to u; kept compact (e.g. [N, 1] for a per-layer std)
 
     def forward(self, u: Tensor) -> Tensor:
         """Sample spikes for ``u = H_t - v_threshold`` (shape ``[N, *]``)."""

@@ -86,7 +86,7 @@ def test_variance_follows_node_dynamics(kind, sm):
         beta, c = _beta_c(node)
         expected = _expected(var_in, spikes, beta, c, node.v_reset is not None)
         for (got, _), want in zip(seen, expected):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(got.expand_as(want), want, rtol=1e-5, atol=1e-7)
     assert torch.stack(spikes).float().mean() > 0.01  # the hard-reset branch is exercised
 
 

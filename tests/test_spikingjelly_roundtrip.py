@@ -188,6 +188,6 @@ def test_link_neuron_on_hand_built_model():
     spike.fire = lambda u, var: (seen.append(var), original(u, var))[1]
     x = torch.rand(2, 3)
     net(x)
-    torch.testing.assert_close(seen[0], net[0].output_variance(x) / 4)  # c = 1/tau
+    torch.testing.assert_close(seen[0].expand(2, 4), net[0].output_variance(x) / 4)  # c = 1/tau
     with pytest.raises(TypeError, match="QIFNode"):
         sbnn_sj.link_neuron(neuron.QIFNode())
