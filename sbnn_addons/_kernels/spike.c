@@ -77,7 +77,7 @@ __attribute__((noinline)) static void philox_blocks(uint32_t *restrict out, int6
 
 /* The random bytes of elements c0 .. c0 + n - 1 (c0 a multiple of 16): byte j of block b is
  * byte j % 4, little end first, of word j / 4. */
-static void random_bytes(uint8_t *restrict out, uint32_t *restrict words, int64_t n,
+static void random_bytes(int32_t *restrict out, uint32_t *restrict words, int64_t n,
                          uint64_t c0, uint64_t key) {
     int64_t nblocks = (n + 15) / 16;
     philox_blocks(words, nblocks, c0 / 16, key);
@@ -85,7 +85,7 @@ static void random_bytes(uint8_t *restrict out, uint32_t *restrict words, int64_
     const uint8_t *bytes = (const uint8_t *)words;
     for (int64_t i = 0; i < 16 * nblocks; ++i) out[i] = bytes[i];
 #else
-    for (int64_t i = 0; i < 16 * nblocks; ++i) out[i] = (uint8_t)(words[i >> 2] >> (8 * (i & 3)));
+    for (int64_t i = 0; i < 16 * nblocks; ++i) out[i] = (words[i >> 2] >> (8 * (i & 3))) & 255u;
 #endif
 }
 
@@ -142,6 +142,18 @@ static inline float fire_by_byte(float x, float v, int byte, int at_zero) {
     float sampled = fire ? 1.0f : (silent ? 0.0f : UNDECIDED);
     float det = at_zero ? (float)(x >= 0.0f) : (float)(x > 0.0f);
     return v > 0.0f ? sampled : det;
+}
+
+/* fire_by_byte over n units. noinline and restrict: inside the OpenMP region the compiler
+ * cannot rule out that h aliases the tables and leaves the loop scalar. */
+__attribute__((noinline)) static void decide_by_bytes(const float *restrict u,
+                                                      const float *restrict v,
+                                                      const int32_t *restrict byte,
+                                                      float *restrict h, int64_t n, int at_zero) {
+    if (at_zero) /* one loop per constant value, each vectorised */
+        for (int64_t i = 0; i < n; ++i) h[i] = fire_by_byte(u[i], v[i], byte[i], 1);
+    else
+        for (int64_t i = 0; i < n; ++i) h[i] = fire_by_byte(u[i], v[i], byte[i], 0);
 }
 
 /* The exact decision for an undecided unit: U = (byte + V) / 256 against Phi(z), double. */
@@ -203,7 +215,7 @@ double sbnn_spike_forward(const float *restrict u, const float *restrict var, in
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : aux) \
     if (threads > 1 && total >= PARALLEL_MIN * threads)
     for (int64_t c = 0; c < chunks; ++c) {
-        uint8_t B[CHUNK];
+        int32_t B[CHUNK]; /* the random bytes, widened to table indices */
         uint32_t W[CHUNK / 4];
         float VB[CHUNK];
         int64_t c0 = c * CHUNK;
@@ -212,7 +224,7 @@ double sbnn_spike_forward(const float *restrict u, const float *restrict var, in
         const float *uc = u + c0;
         const float *vc = variance_run(var, mid, inner, c0, n, VB);
         float *hc = h + c0;
-        for (int64_t i = 0; i < n; ++i) hc[i] = fire_by_byte(uc[i], vc[i], B[i], at_zero);
+        decide_by_bytes(uc, vc, B, hc, n, at_zero);
         for (int64_t b = 0; b < n; b += 16) { /* blocks of 16: a vectorised test first */
             int64_t m = n - b < 16 ? n - b : 16;
             int any = 0;
