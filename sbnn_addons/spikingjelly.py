@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from . import layers as _layers
 from .base import SBNNModule
+from .functional import stored_bytes
 from .losses import enable_aux_loss
 from .moments import (
     UnknownVariance,
@@ -150,17 +151,23 @@ class SJSpike(IWSTSpike):
             beta, c, hard = self._coeffs
             var_in = self._next_input_variance(u)
             state = None
-            if self._var_state is not None:
-                state = self._var_state * (beta * beta)
             if var_in is not None:
-                term = var_in * (c * c)
-                state = term if state is None else state + term
+                state = var_in * (c * c)
+            if self._var_state is not None:  # S_t = beta^2 S_{t-1} + c^2 var_t
+                decay = beta * beta
+                state = (self._var_state * decay if state is None
+                         else torch.addcmul(state, self._var_state, decay)
+                         if isinstance(decay, Tensor) else state.add(self._var_state, alpha=decay))
             total = self.noise_variance(u)
             if state is not None:
                 total = state if total is None else state + total
             spikes = self.fire(u, total)
+            if state is not None and hard:  # S_t (1 - spike): a byte mask, kept for backward
+                fired = stored_bytes(spikes)
+                fired = fired.view(torch.bool) if fired is not None else spikes.detach() > 0
+                state = state.masked_fill(fired, 0.0)
             if state is not None:
-                self._var_state = state * (1.0 - spikes.detach()) if hard else state
+                self._var_state = state
             return spikes
 
     def __getstate__(self):
