@@ -147,7 +147,7 @@ def _linear_combination():
         va, vb = var_of(a), var_of(b)
         if va is None and vb is None:
             return None
-        if vb is not None:
+        if vb is not None and alpha != 1:
             vb = vb * (alpha * alpha)
         total = vb if va is None else (va if vb is None else va + vb)
         return total  # broadcastable to out; kept compact (e.g. [N, 1] for a per-layer std)
@@ -170,7 +170,11 @@ def _mul(func, args, kwargs, out, var_of):
     if va is not None and vb is not None:
         return UnknownVariance("product of two noisy tensors")
     var, coef = (va, b) if va is not None else (vb, a)
-    return var * (coef * coef) if isinstance(coef, Tensor) else var * float(coef) ** 2
+    if isinstance(coef, Tensor):
+        if coef.dim() or coef.requires_grad or coef.device.type != "cpu":
+            return var * (coef * coef)
+        coef = coef.item()  # a constant CPU scalar (e.g. snnTorch's beta): one op, no sync
+    return var * float(coef) ** 2
 
 
 @register_variance_rule("div", "div_", "__truediv__", "__itruediv__", "true_divide")
@@ -312,29 +316,42 @@ def _var_of(x):
     return None
 
 
-def _has_noise(args, kwargs) -> bool:
-    for a in args:
-        if isinstance(a, Tensor):
-            if _ATTR in a.__dict__:
-                return True
-        elif isinstance(a, (list, tuple)):
-            for b in a:
-                if isinstance(b, Tensor) and _ATTR in b.__dict__:
-                    return True
-    for a in kwargs.values():
-        if isinstance(a, Tensor) and _ATTR in a.__dict__:
-            return True
-    return False
+def _scan(args, kwargs):
+    """``None`` if no argument carries a variance, else the first :class:`UnknownVariance`
+    among them, else ``True``. One pass over the (possibly nested) arguments."""
+    noisy = None
+    for group in (args, kwargs.values()) if kwargs else (args,):
+        for a in group:
+            if isinstance(a, Tensor):
+                var = a.__dict__.get(_ATTR)
+                if var is not None:
+                    if isinstance(var, UnknownVariance):
+                        return var
+                    noisy = True
+            elif isinstance(a, (list, tuple)):
+                for b in a:
+                    var = b.__dict__.get(_ATTR) if isinstance(b, Tensor) else None
+                    if var is not None:
+                        if isinstance(var, UnknownVariance):
+                            return var
+                        noisy = True
+    return noisy
 
 
-def _first_unknown(args, kwargs) -> UnknownVariance | None:
-    for a in list(args) + list(kwargs.values()):
-        items = a if isinstance(a, (list, tuple)) else (a,)
-        for b in items:
-            v = _var_of(b)
-            if isinstance(v, UnknownVariance):
-                return v
-    return None
+_NAMES: dict = {}
+
+
+def _name(func) -> str:
+    """``func.__name__`` (cached per function object)."""
+    try:
+        return _NAMES[func]
+    except (KeyError, TypeError):
+        name = getattr(func, "__name__", str(func))
+        try:
+            _NAMES[func] = name
+        except TypeError:  # unhashable callable
+            pass
+        return name
 
 
 class VarianceFlow(TorchFunctionMode):
@@ -346,18 +363,18 @@ class VarianceFlow(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if not _has_noise(args, kwargs):
+        noise = _scan(args, kwargs)
+        if noise is None:
             return out
-        name = getattr(func, "__name__", str(func))
+        name = _name(func)
         if name in _NOISE_FREE:
             return out
         if not isinstance(out, Tensor):
             if name in ("__setitem__", "index_put_") and isinstance(args[0], Tensor):
                 attach_variance(args[0], UnknownVariance(name))
             return out
-        unknown = _first_unknown(args, kwargs)
-        if unknown is not None:
-            return attach_variance(out, unknown)
+        if noise is not True:  # an input's variance is already unknown
+            return attach_variance(out, noise)
         rule = _RULES.get(name)
         if rule is None:
             return attach_variance(out, UnknownVariance(name))
