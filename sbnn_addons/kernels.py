@@ -307,6 +307,12 @@ def spike_forward(u: Tensor, variance: Tensor, seed: int, at_zero: bool = False,
     """
     u = u.contiguous()
     var, mid, inner = _layout(u, variance)
+    return _forward_raw(u, var, mid, inner, seed, at_zero, aux_offset)
+
+
+def _forward_raw(u: Tensor, var: Tensor, mid: int, inner: int, seed: int, at_zero: bool,
+                 aux_offset: float | None) -> tuple[Tensor, Tensor, float]:
+    """:func:`spike_forward` for a contiguous ``u`` and a variance in its kernel layout."""
     h = torch.empty_like(u)
     hb = torch.empty(u.shape, dtype=torch.uint8)
     aux = _require().sbnn_spike_forward(
@@ -325,15 +331,25 @@ def spike_backward(grad: Tensor, u: Tensor, variance: Tensor, spikes: Tensor, es
     ``grad_aux`` (the gradient of the loss with respect to the forward's ``sum z^2``)
     adds ``grad_aux * 2 z / sigma`` and ``-grad_aux * z^2 / var``.
     """
-    kind, p = _KIND_CODES[estimator.kind], estimator.p
-    if estimator.kind == "agr" and estimator.tau == 0.0:  # AGR(0) is IW-ST(1) (SPEC sec. 4)
-        kind, p = _KIND_CODES["iwst"], 1.0
     u = u.contiguous()
     var, mid, inner = _layout(u, variance)
     if spikes.shape != u.shape or grad.shape != u.shape:
         raise ValueError(f"grad {tuple(grad.shape)} and spikes {tuple(spikes.shape)} must have "
                          f"the shape of u {tuple(u.shape)}")
-    h = spikes.to(torch.uint8).contiguous()
+    grad_u, grad_var = _backward_raw(grad, u, var, mid, inner, spikes.to(torch.uint8),
+                                     estimator, grad_aux, aux_offset)
+    if variance.shape != u.shape:
+        grad_var = grad_var.sum_to_size(variance.shape)
+    return grad_u, grad_var
+
+
+def _backward_raw(grad: Tensor, u: Tensor, var: Tensor, mid: int, inner: int, h: Tensor,
+                  estimator, grad_aux: float, aux_offset: float) -> tuple[Tensor, Tensor]:
+    """:func:`spike_backward` in the kernel layout; ``grad_var`` has the shape of ``u``."""
+    kind, p = _KIND_CODES[estimator.kind], estimator.p
+    if estimator.kind == "agr" and estimator.tau == 0.0:  # AGR(0) is IW-ST(1) (SPEC sec. 4)
+        kind, p = _KIND_CODES["iwst"], 1.0
+    h = h.contiguous()
     g = grad.to(torch.float32).contiguous()
     grad_u = torch.empty_like(u)
     grad_var = torch.empty_like(u)
@@ -341,8 +357,6 @@ def spike_backward(grad: Tensor, u: Tensor, variance: Tensor, spikes: Tensor, es
         g.data_ptr(), u.data_ptr(), var.data_ptr(), mid, inner, h.data_ptr(),
         grad_u.data_ptr(), grad_var.data_ptr(), u.numel(), kind, p, estimator.tau,
         estimator.max_weight, float(grad_aux), float(aux_offset), torch.get_num_threads())
-    if variance.shape != u.shape:
-        grad_var = grad_var.sum_to_size(variance.shape)
     return grad_u, grad_var
 
 
@@ -352,30 +366,39 @@ class FusedSpike(torch.autograd.Function):
     Inputs: ``u`` (float32, CPU), ``variance`` (broadcastable to ``u``), the Philox
     ``seed``, the :class:`~sbnn_addons.estimators.Estimator`, ``at_zero`` and
     ``aux_offset`` (``None``: no auxiliary sum). Outputs: spikes (float32), spikes as
-    bytes (not differentiable) and ``sum z^2`` (a 0-dim tensor). Gradients flow to ``u``
-    and ``variance``. Check :func:`can_fuse` first.
+    bytes (not differentiable) and, with ``aux_offset``, ``sum z^2`` (a 0-dim tensor).
+    Gradients flow to ``u`` and ``variance``. Check :func:`can_fuse` first.
+
+    The forward takes ``ctx`` (the classic form) so that the backward reuses the
+    variance in its kernel layout; the kernel is not used under ``torch.func``
+    transforms, which need the ``setup_context`` form.
     """
 
     @staticmethod
-    def forward(u: Tensor, variance: Tensor, seed: int, estimator, at_zero: bool,
+    def forward(ctx, u: Tensor, variance: Tensor, seed: int, estimator, at_zero: bool,
                 aux_offset: float | None):
-        h, hb, aux = spike_forward(u, variance, seed, at_zero, aux_offset)
+        u = u.contiguous()
+        var, mid, inner = _layout(u, variance)
+        h, hb, aux = _forward_raw(u, var, mid, inner, seed, at_zero, aux_offset)
+        ctx.mark_non_differentiable(hb)
+        # the spikes are kept as bytes and the variance in its compact broadcast layout
+        ctx.save_for_backward(u, var, hb)
+        ctx.layout = (mid, inner, variance.shape)
+        ctx.estimator = estimator
+        ctx.aux_offset = 0.0 if aux_offset is None else float(aux_offset)
+        if aux_offset is None:
+            return h, hb
         return h, hb, torch.tensor(aux, dtype=torch.float32)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        u, variance, _seed, estimator, _at_zero, aux_offset = inputs
-        ctx.mark_non_differentiable(output[1])
-        # the spikes are kept as bytes and the variance in its compact broadcast shape
-        ctx.save_for_backward(u, variance, output[1])
-        ctx.estimator = estimator
-        ctx.aux_offset = 0.0 if aux_offset is None else float(aux_offset)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor, _grad_bytes: Tensor, grad_aux: Tensor):
-        u, variance, h = ctx.saved_tensors
-        grad_u, grad_var = spike_backward(grad, u, variance, h, ctx.estimator,
-                                          float(grad_aux), ctx.aux_offset)
+    def backward(ctx, grad: Tensor, _grad_bytes: Tensor, *grad_aux: Tensor):
+        u, var, hb = ctx.saved_tensors
+        mid, inner, var_shape = ctx.layout
+        grad_u, grad_var = _backward_raw(grad, u, var, mid, inner, hb, ctx.estimator,
+                                         float(grad_aux[0]) if grad_aux else 0.0,
+                                         ctx.aux_offset)
+        if var_shape != u.shape:
+            grad_var = grad_var.sum_to_size(var_shape)
         return grad_u, grad_var, None, None, None, None
 
 
@@ -404,7 +427,7 @@ def fused_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
         Spikes ``[*]``, float32, values in {0, 1}; with ``aux_offset``, the pair
         ``(spikes, sum_z2)``.
     """
-    h, h_bytes, aux = apply_function(FusedSpike, u, variance, _seed(generator), estimator,
-                                     at_zero, aux_offset)
-    mark_binary(h, h_bytes)  # a layer fed by h saves these bytes, already kept here
-    return h if aux_offset is None else (h, aux)
+    out = apply_function(FusedSpike, u, variance, _seed(generator), estimator, at_zero,
+                         aux_offset)
+    mark_binary(out[0], out[1])  # a layer fed by the spikes saves these bytes, already kept
+    return out[0] if aux_offset is None else (out[0], out[2])

@@ -118,12 +118,14 @@ class SJSpike(IWSTSpike):
         self._step = 0
         self._coeffs: tuple = (1.0, 1.0, False)
 
+    # The per-step state below is written to __dict__ directly: it holds no parameters,
+    # buffers or modules, and nn.Module.__setattr__ costs a few microseconds per call.
     def _begin(self, node: nn.Module, var, multi: bool) -> None:
         """Called by the neuron's pre-hook before each neuron call."""
+        state = self.__dict__
         if not isinstance(node._memories.get("v"), Tensor):
-            self._var_state = None  # the neuron was reset: so is the variance
-        self._pending, self._multi, self._step = var, multi, 0
-        self._coeffs = _dynamics(node)
+            state["_var_state"] = None  # the neuron was reset: so is the variance
+        state.update(_pending=var, _multi=multi, _step=0, _coeffs=_dynamics(node))
 
     def _next_input_variance(self, u: Tensor) -> Tensor | None:
         var = self._pending
@@ -133,7 +135,7 @@ class SJSpike(IWSTSpike):
             if self._step >= var.shape[0]:
                 raise RuntimeError("SJSpike was called more often than the sequence length")
             var = var[self._step]
-        self._step += 1
+        self.__dict__["_step"] = self._step + 1
         return var  # broadcastable to u; kept compact (e.g. [N, 1] for a per-layer std)
 
     def forward(self, u: Tensor) -> Tensor:
@@ -167,7 +169,7 @@ class SJSpike(IWSTSpike):
                 fired = fired.view(torch.bool) if fired is not None else spikes.detach() > 0
                 state = state.masked_fill(fired, 0.0)
             if state is not None:
-                self._var_state = state
+                self.__dict__["_var_state"] = state
             return spikes
 
     def __getstate__(self):
