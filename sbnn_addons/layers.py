@@ -179,17 +179,18 @@ class _BayesMixin(SBNNModule):
         if self._noise_free():
             return attach_variance(mean, None)
         x_in = x.detach() if self.detach_input_variance else x
-        # spikes: x^2 = x (no extra pass, and nothing extra saved for the backward)
-        if is_binary(x):
-            x2 = mark_binary(x_in, stored_bytes(x))
-        else:
-            x2 = x_in * x_in
-        var = self._output_variance(x2, self._std_squared())
+        var = self._input_variance(x_in, is_binary(x), stored_bytes(x))
         if self.bias_noise:
             var = var + self.bias_std**2
         # broadcastable to the mean (e.g. [N, 1, H, W] with a per-layer std): consumers
         # broadcast it, and channel-independent ops (avg-pool) stay C times cheaper
         return attach_variance(mean, var)
+
+    def _input_variance(self, x: Tensor, binary: bool, as_bytes: Tensor | None) -> Tensor:
+        """LRT variance without bias noise; for spikes ``x^2 = x`` (no extra pass, and
+        nothing extra saved for the backward)."""
+        x2 = mark_binary(x, as_bytes) if binary else x * x
+        return self._output_variance(x2, self._std_squared())
 
     def output_variance(self, x: Tensor) -> Tensor:
         """LRT variance ``var(a) = sum_i s_i^2 x_i^2 (+ s_b^2)`` of the output, full shape."""
@@ -296,6 +297,14 @@ class BayesLinear(_BayesMixin, nn.Linear):
         if self.std_mode == "weight":
             return self._op(x2, s2, None)
         return x2.sum(-1, keepdim=True) * s2
+
+    def _input_variance(self, x: Tensor, binary: bool, as_bytes: Tensor | None) -> Tensor:
+        if (self.std_mode == "weight" or binary
+                or type(self)._output_variance is not BayesLinear._output_variance):
+            return super()._input_variance(x, binary, as_bytes)
+        # sum_i x_i^2 in one pass, without an x^2 temporary (as large as the input)
+        squares = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square()
+        return squares * self._std_squared()
 
     @staticmethod
     def _plain_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -113,15 +113,33 @@ class _EmittedSpikeReset:
     def fire(self, mem: Tensor) -> Tensor:
         u = attach_variance(mem - self.threshold, get_variance(mem))
         raw = self.spike_grad(u)
-        self.__dict__[_CACHE] = (mem, raw)
+        # the reset's copy is taken now: the spikes returned below may be changed in place
+        self.__dict__[_CACHE] = (mem, raw.detach().clone())
+        if self._unit_spike_factor():
+            return raw  # the same values, and the spikes keep their binary mark (cheaper layers)
         return raw * self.graded_spikes_factor
+
+    def _unit_spike_factor(self) -> bool:
+        """Whether ``graded_spikes_factor`` is a constant 1 (checked once per value of the
+        buffer, not at every step)."""
+        factor = self.graded_spikes_factor
+        if not isinstance(factor, Tensor):
+            return factor == 1.0
+        if factor.requires_grad:
+            return False
+        key = (factor.data_ptr(), factor._version)
+        state = self.__dict__
+        if state.get("_sbnn_unit_key") != key:
+            state["_sbnn_unit_key"] = key
+            state["_sbnn_unit"] = bool((factor == 1).all())
+        return state["_sbnn_unit"]
 
     def fire_inhibition(self, batch_size: int, mem: Tensor) -> Tensor:
         mem_shift = attach_variance(mem - self.threshold, get_variance(mem))
         index = torch.argmax(mem_shift, dim=1)
         raw = self.spike_grad(mem_shift)
         # snnTorch's reset ignores the inhibition mask: keep that behaviour.
-        self.__dict__[_CACHE] = (mem, raw)
+        self.__dict__[_CACHE] = (mem, raw.detach().clone())
         mask = torch.zeros_like(raw)
         mask[torch.arange(batch_size), index] = 1
         return raw * mask
@@ -129,7 +147,7 @@ class _EmittedSpikeReset:
     def mem_reset(self, mem: Tensor) -> Tensor:
         cached = self.__dict__.get(_CACHE)
         if cached is not None and cached[0] is mem:
-            return cached[1].clone().detach()
+            return cached[1]
         return (mem.detach() - self.threshold > 0).to(mem.dtype)
 
     def reset_mem(self):
@@ -469,7 +487,8 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
         if type(m) in _TO_PLAIN:
             m.__class__ = _TO_PLAIN[type(m)]
             _unlink_state_update(m)
-            m.__dict__.pop(_CACHE, None)
+            for key in (_CACHE, "_sbnn_unit_key", "_sbnn_unit"):
+                m.__dict__.pop(key, None)
             m._modules.pop("spike_grad", None)
             m.spike_grad = (functools.partial(surrogate.ATan.apply, alpha=2.0)
                             if spike_grad is None else spike_grad)

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from . import layers as _layers
 from .base import SBNNModule
-from .functional import stored_bytes
+from .functional import mark_binary, stored_bytes
 from .losses import enable_aux_loss
 from .moments import (
     UnknownVariance,
@@ -271,13 +271,24 @@ def link_neuron(node: nn.Module, spike: SJSpike | None = None) -> nn.Module:
     node.surrogate_function._linked = True
     if _neuron_pre_hook not in node._forward_pre_hooks.values():
         node.register_forward_pre_hook(_neuron_pre_hook)
+    if _mark_spikes not in node._forward_hooks.values():
+        node.register_forward_hook(_mark_spikes)
     return node
 
 
+def _mark_spikes(node: nn.Module, args, output):
+    """The node's output is its spikes (0/1): mark it, so that a Bayesian layer fed by it
+    skips ``x * x`` and keeps it as bytes for the backward."""
+    if isinstance(output, Tensor):
+        mark_binary(output)
+
+
 def _unlink(node: nn.Module) -> None:
-    for key, hook in list(node._forward_pre_hooks.items()):
-        if hook is _neuron_pre_hook:
-            del node._forward_pre_hooks[key]
+    for hooks, fn in ((node._forward_pre_hooks, _neuron_pre_hook),
+                      (node._forward_hooks, _mark_spikes)):
+        for key, hook in list(hooks.items()):
+            if hook is fn:
+                del hooks[key]
 
 
 # --------------------------------------------------------------------------- layers

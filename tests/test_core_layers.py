@@ -283,8 +283,8 @@ def test_empty_batch_and_bf16():
 ], ids=["linear", "linear-weight-std", "conv1d", "conv2d-stride", "conv2d-weight-std"])
 def test_spike_input_kept_as_bytes_gives_identical_gradients(make, monkeypatch):
     """A marked 0/1 input is saved as uint8 (a quarter of the bytes) by the mean (and the
-    per-weight variance) operation; outputs, variances and every gradient are identical
-    to those of an unmarked copy of the same input."""
+    per-weight variance) operation; outputs are identical, and variances and every
+    gradient equal within float rounding, to those of an unmarked copy of the input."""
     from sbnn_addons.functional import mark_binary
 
     monkeypatch.setattr(sb.layers, "COMPACT_INPUT_MIN", 1)
@@ -313,7 +313,9 @@ def test_spike_input_kept_as_bytes_gives_identical_gradients(make, monkeypatch):
         results.append((mean.detach(), var.detach(), grads))
         saved_bytes.append(sum(seen.values()))
     (m1, v1, g1), (m2, v2, g2) = results
-    assert torch.equal(m1, m2) and torch.equal(v1, v2)
+    assert torch.equal(m1, m2)
+    # an unmarked input's sum of squares is one fused reduction (vector_norm^2): rounding
+    torch.testing.assert_close(v1, v2, rtol=1e-6, atol=0)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert saved_bytes[0] < saved_bytes[1]

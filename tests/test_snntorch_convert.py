@@ -128,6 +128,33 @@ def test_reset_equals_emitted_spike(name):
             assert torch.equal(rec[t][1], rec[t - 1][0]), f"step {t}"
 
 
+def test_spikes_are_marked_binary_and_the_reset_is_a_private_copy():
+    """With graded_spikes_factor 1 the neuron returns the spike tensor itself, marked 0/1
+    (a Bayesian layer fed by it skips x * x); changing it in place afterwards does not
+    change the next step's reset, which is the emitted spike."""
+    import snntorch as snn
+    from torch import nn
+
+    from sbnn_addons.functional import is_binary
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 8)
+            self.lif = snn.Leaky(beta=0.9)
+
+    torch.manual_seed(0)
+    sbnn = to_sbnn(Net(), std=0.3)
+    lif = sbnn.lif
+    cur = sbnn.fc(torch.rand(4, 6) * 3)
+    spk, mem = lif(cur, lif.init_leaky())
+    assert is_binary(spk) and spk.any()
+    emitted = spk.detach().clone()
+    spk.detach().mul_(0)  # the caller changes its spikes in place
+    lif(sbnn.fc(torch.rand(4, 6)), mem)
+    assert torch.equal(lif.reset, emitted)
+
+
 def test_reset_clears_nested_and_copied_states():
     import copy
 

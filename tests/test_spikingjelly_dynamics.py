@@ -90,6 +90,24 @@ def test_variance_follows_node_dynamics(kind, sm):
     assert torch.stack(spikes).float().mean() > 0.01  # the hard-reset branch is exercised
 
 
+@pytest.mark.parametrize("sm", ["s", "m"])
+def test_node_output_is_marked_binary_and_unmarked_after_export(sm):
+    """A linked node's output (its spikes) is marked 0/1, so the next Bayesian layer skips
+    x * x; the export removes the marking hook with the variance link."""
+    from sbnn_addons.functional import is_binary
+
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(12, 7, step_mode=sm),
+                        neuron.LIFNode(tau=2.0, step_mode=sm))
+    sbnn = sbnn_sj.to_sbnn(net, std=0.3)
+    x = torch.rand(3, 4, 12) * 2 if sm == "m" else torch.rand(4, 12) * 2
+    out = sbnn(x)
+    assert is_binary(out) and set(out.unique().tolist()) <= {0.0, 1.0}
+    plain = sbnn_sj.to_spikingjelly(sbnn)
+    functional.reset_net(plain)
+    assert not is_binary(plain(x)) and not plain[1]._forward_hooks
+
+
 def test_variance_through_seq_to_ann_container():
     """The variance of a plain Bayesian conv inside SeqToANNContainer flows through its
     flatten/view ops to the neuron (LIF, decay_input)."""
