@@ -113,7 +113,7 @@ class SJSpike(IWSTSpike):
 
     def _clear_link_state(self) -> None:
         self._var_state: Tensor | None = None  # membrane variance S after the last step
-        self._pending: Tensor | None = None  # variance of the node's input this call
+        self._pending: Tensor | tuple[Tensor, ...] | None = None  # input variance (per step)
         self._multi = False
         self._step = 0
         self._coeffs: tuple = (1.0, 1.0, False)
@@ -125,6 +125,8 @@ class SJSpike(IWSTSpike):
         state = self.__dict__
         if not isinstance(node._memories.get("v"), Tensor):
             state["_var_state"] = None  # the neuron was reset: so is the variance
+        if multi and isinstance(var, Tensor):
+            var = var.unbind(0)  # the T steps' variances (one graph node for all of them)
         state.update(_pending=var, _multi=multi, _step=0, _coeffs=_dynamics(node))
 
     def _next_input_variance(self, u: Tensor) -> Tensor | None:
@@ -132,7 +134,7 @@ class SJSpike(IWSTSpike):
         if var is None:
             return None
         if self._multi:
-            if self._step >= var.shape[0]:
+            if self._step >= len(var):
                 raise RuntimeError("SJSpike was called more often than the sequence length")
             var = var[self._step]
         self.__dict__["_step"] = self._step + 1
