@@ -86,6 +86,27 @@ def test_lrt_moments_match_weight_sampling(kind, std_mode, bias_noise, groups, p
     assert torch.all((v_hat - v).abs() <= 5 * v * math.sqrt(2 / (S - 1)))
 
 
+@pytest.mark.parametrize("conv, kernel, stride, padding, dilation", [
+    (BayesConv2d, 3, 1, 1, 1), (BayesConv2d, (3, 2), (2, 3), (1, 0), 1),
+    (BayesConv2d, 3, 2, 2, 1), (BayesConv2d, 4, 3, 0, 1), (BayesConv2d, 3, 1, 1, 2),
+    (BayesConv1d, 5, 2, 3, 1), (BayesConv1d, 1, 1, 0, 1),
+])
+def test_per_layer_conv_variance_is_the_ones_kernel_convolution(conv, kernel, stride, padding,
+                                                               dilation):
+    """var = s^2 conv(x^2, ones[1, C, *k]) exactly (float64), for the separable window
+    sum (any zero padding, strides, rectangular kernels) and the convolution fallback
+    (dilation)."""
+    torch.manual_seed(0)
+    layer = conv(3, 5, kernel, stride=stride, padding=padding, dilation=dilation, std=0.3,
+                 dtype=F64)
+    x = torch.rand((2, 3, 11, 9) if conv is BayesConv2d else (2, 3, 13), dtype=F64)
+    ones = torch.ones((1, *layer.weight.shape[1:]), dtype=F64)
+    field = (F.conv2d if conv is BayesConv2d else F.conv1d)(
+        x * x, ones, stride=stride, padding=padding, dilation=dilation)
+    var = sb.get_variance(layer(x))
+    torch.testing.assert_close(var, field * layer.std**2, rtol=1e-12, atol=1e-14)
+
+
 def test_std_modes_shapes_and_defaults():
     layer = BayesLinear(16, 3)
     torch.testing.assert_close(layer.std, torch.tensor(0.5 / math.sqrt(16)), rtol=1e-6, atol=0)
