@@ -201,7 +201,7 @@ static inline float aux_z(float x, float v, float offset) {
 /* Chunks of CHUNK elements are spread over `threads` OpenMP threads when there are at
  * least PARALLEL_MIN elements per thread. Built against the OpenMP runtime torch has
  * already loaded (same soname), so the threads are torch's own intra-op pool. */
-#define PARALLEL_MIN ((int64_t)1 << 16)
+#define PARALLEL_MIN ((int64_t)1 << 13)
 
 /* Spikes for the n elements. `h` receives them as float and, when `hb` is not NULL, as
  * bytes (the compact copy kept for the backward). Returns the sum of z^2 over the noisy
