@@ -12,6 +12,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "exact_unit_gradient",
     "safe_sqrt",
     "apply_function",
+    "box_sum",
     "gaussian_kl",
     "lif_step",
     "mark_binary",
@@ -230,6 +232,40 @@ def exact_unit_gradient(u: Tensor, sigma: Tensor, f0: Tensor, f1: Tensor) -> tup
     z = u / sigma
     d_u = torch.exp(standard_normal_log_pdf(z)) / sigma * (f1 - f0)
     return d_u, -z * d_u
+
+
+def box_sum(x: Tensor, kernel, stride, padding) -> Tensor:
+    """Sum of ``x`` over every zero-padded ``kernel`` window of the trailing dimensions.
+
+    .. code-block:: text
+
+        out[j] = sum over i in window(j) of x_pad[i]     (one dimension per entry of kernel)
+
+    The same as a convolution with an all-ones kernel (or sum pooling), computed
+    separably as ``k - 1`` shifted adds per dimension: several times cheaper on CPU.
+
+    Args:
+        x: ``[*, L_1, ..., L_n]``.
+        kernel, stride, padding: sequences of ``n`` ints (zero padding on both sides).
+
+    Returns:
+        ``[*, (L_d + 2 p_d - k_d) // s_d + 1 ...]``.
+    """
+    n = len(kernel)
+    pads = [p for pad in reversed(padding) for p in (pad, pad)]
+    x = F.pad(x, pads) if any(pads) else x
+    for d in range(n):
+        dim = x.dim() - n + d
+        k, s = kernel[d], stride[d]
+        span = (x.shape[dim] - k) // s * s + 1
+        index = [slice(None)] * x.dim()
+        total = None
+        for j in range(k):
+            index[dim] = slice(j, j + span, s)
+            part = x[tuple(index)]
+            total = part if total is None else total + part
+        x = total
+    return x
 
 
 @functools.lru_cache(maxsize=4096)

@@ -26,6 +26,7 @@ from .base import _SHARED, SBNNModule, check_std, inverse_softplus, share_poster
 from .functional import (
     apply_function,
     binary_bytes,
+    box_sum,
     check_float,
     gaussian_kl,
     is_binary,
@@ -227,28 +228,6 @@ class _BayesMixin(SBNNModule):
         return total
 
 
-def _box_sum(x: Tensor, kernel, stride, padding) -> Tensor:
-    """Sum of ``x`` over every zero-padded ``kernel`` window of the trailing dimensions
-    (one per entry of ``kernel``), taken with ``stride``: a convolution with an all-ones
-    kernel, computed separably as ``k - 1`` shifted adds per dimension (several times
-    cheaper than sum pooling or a convolution on CPU for a single channel)."""
-    n = len(kernel)
-    pads = [p for pad in reversed(padding) for p in (pad, pad)]
-    x = F.pad(x, pads) if any(pads) else x
-    for d in range(n):
-        dim = x.dim() - n + d
-        k, s = kernel[d], stride[d]
-        span = (x.shape[dim] - k) // s * s + 1
-        index = [slice(None)] * x.dim()
-        total = None
-        for j in range(k):
-            index[dim] = slice(j, j + span, s)
-            part = x[tuple(index)]
-            total = part if total is None else total + part
-        x = total
-    return x
-
-
 def _kl(mean: Tensor, std: Tensor, prior, num_samples: int) -> Tensor:
     if prior is None or isinstance(prior, (int, float, GaussianPrior)):
         prior_std = 1.0 if prior is None else getattr(prior, "std", prior)
@@ -395,8 +374,9 @@ class _BayesConv(_BayesMixin):
         """``sum_{i in field(j)} x2_i`` over channels and kernel window, one channel.
 
         Equals a convolution with an all-ones ``[1, C_in, *k]`` kernel. Where the layer
-        allows it (no dilation, zero padding) it is computed as a channel sum followed by a
-        separable window sum (:func:`_box_sum`), which is several times cheaper.
+        allows it (no dilation, zero padding) it is computed as a channel sum followed by
+        a separable window sum (:func:`~sbnn_addons.functional.box_sum`), which is
+        several times cheaper.
         """
         n = self.weight.dim() - 2
         k, stride = self.kernel_size, self.stride
@@ -410,7 +390,7 @@ class _BayesConv(_BayesMixin):
         if not separable:
             ones = torch.ones((1, *self.weight.shape[1:]), dtype=x2.dtype, device=x2.device)
             return self._conv_forward(x2, ones, None)
-        return _box_sum(x2.sum(dim=-n - 1, keepdim=True), k, stride, pad)
+        return box_sum(x2.sum(dim=-n - 1, keepdim=True), k, stride, pad)
 
     def _plain_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return self._conv_forward(x, weight, bias)

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .base import share_posterior
+from .functional import box_sum
 
 __all__ = [
     "UnknownVariance",
@@ -229,15 +230,40 @@ def _spatial_dims(func) -> int:
 
 @register_variance_rule("avg_pool1d", "avg_pool2d", "avg_pool3d")
 def _avg_pool(func, args, kwargs, out, var_of):
-    var = var_of(args[0])
-    if var.dim() != args[0].dim():  # pooling acts on the trailing dims; size-1 dims broadcast
-        var = var.expand_as(args[0])
-    kernel = _pool_arg(args, kwargs, 1, "kernel_size")
-    kernel = tuple(kernel) if isinstance(kernel, (tuple, list)) else (kernel,)
-    k = kernel[0] ** _spatial_dims(func) if len(kernel) == 1 else math.prod(kernel)
-    k = _pool_arg(args, kwargs, 6, "divisor_override") or k
-    # mean over k elements with coefficients 1/k: var_out = sum(var) / k^2 = avg(var) / k
-    return func(var, *args[1:], **kwargs) / k
+    # out_j = sum_{i in W_j} x_i / D_j, so var_out_j = sum_{i in W_j} var_i / D_j^2
+    x, var = args[0], var_of(args[0])
+    if var.dim() != x.dim():  # pooling acts on the trailing dims; size-1 dims broadcast
+        var = var.expand_as(x)
+    n = _spatial_dims(func)
+    names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+             "divisor_override")
+    params = dict(zip(names, args[1:]))
+    params.update(kwargs)
+    kernel = _per_dim(params["kernel_size"], n)
+    stride = _per_dim(params.get("stride") or kernel, n)
+    padding = _per_dim(params.get("padding", 0), n)
+    override = params.get("divisor_override")
+    if not params.get("ceil_mode", False) and (params.get("count_include_pad", True)
+                                                 or not any(padding)):
+        divisor = override or math.prod(kernel)  # the same for every window
+        return box_sum(var, kernel, stride, padding) / float(divisor) ** 2
+    # ceil mode, or padding left out of the count: D_j varies with the window. With the
+    # indicator e of in-bounds elements, avg(e)_j = n_j / D_j, where n_j (in-bounds
+    # elements of window j) is the same pooling with divisor 1.
+    ones = torch.ones_like(var)
+    ceil = params.get("ceil_mode", False)
+    if n == 1:  # avg_pool1d has no divisor_override: count in 2-d
+        counts = F.avg_pool2d(ones.unsqueeze(-2), (1, *kernel), (1, *stride), (0, *padding),
+                              ceil, True, 1).squeeze(-2)
+    else:
+        pool = F.avg_pool2d if n == 2 else F.avg_pool3d
+        counts = pool(ones, kernel, stride, padding, ceil, True, 1)
+    inv_divisor = func(ones, *args[1:], **kwargs) / counts.clamp_min(1)
+    return func(var, *args[1:], **kwargs) * inv_divisor
+
+
+def _per_dim(value, n: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
 
 
 @register_variance_rule("max_pool1d", "max_pool2d", "max_pool3d")

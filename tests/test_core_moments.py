@@ -29,6 +29,36 @@ def _noisy(shape, seed=0):
     return attach_variance(x, v), v
 
 
+def _pooling_weights_variance(func, shape, var, **kw):
+    """Exact variance of a linear pooling: its weights W by pooling basis vectors, then
+    var_out = W^2 var."""
+    n = math.prod(shape)
+    basis = torch.eye(n, dtype=F64).view(n, *shape[1:])
+    weights = func(basis, **kw).reshape(n, -1).t()
+    return ((weights**2) @ var.reshape(-1)).view(func(torch.zeros(shape, dtype=F64), **kw).shape)
+
+
+_POOL_CASES = [
+    (func, shape, dict(kernel_size=k, stride=s, padding=p, ceil_mode=c, count_include_pad=i))
+    for func, shape in ((F.avg_pool1d, (1, 1, 9)), (F.avg_pool2d, (1, 1, 7, 8)))
+    for k in (2, 3) for s in (1, 2, 3) for p in (0, 1) for c in (False, True)
+    for i in (True, False) if 2 * p <= k
+] + [(F.avg_pool2d, (1, 1, 7, 8), dict(kernel_size=3, stride=2, padding=1, divisor_override=d))
+     for d in (1, 5)]
+
+
+@pytest.mark.parametrize("func, shape, kw", _POOL_CASES)
+def test_avg_pool_variance_is_exact_for_every_window_mode(func, shape, kw):
+    """sum over each window of var / D_j^2 with PyTorch's own divisor D_j: constant
+    windows (separable sum), ceil mode and count_include_pad=False (per-window divisors)
+    and divisor_override all equal the pooling's weights squared applied to var."""
+    x, v = _noisy(shape)
+    with variance_flow():
+        y = func(x, **kw)
+    want = _pooling_weights_variance(func, shape, v, **kw)
+    torch.testing.assert_close(get_variance(y), want, rtol=1e-12, atol=1e-14)
+
+
 def test_avg_pool_sum_var_over_k2_matches_monte_carlo():
     """avg_pool over k = 4 gives sum(var)/k^2 exactly; and equals the variance of pooled
     Gaussian samples (40k samples, tolerance 5 standard errors var sqrt(2/(S-1)))."""
