@@ -14,7 +14,7 @@ backward, each as a ratio to the original model.
 
 Usage::
 
-    python benchmarks/bench_adapters.py --reps 30
+    python benchmarks/bench_adapters.py --reps 30 --repeat 3
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import platform
 
 import torch
 import torch.nn.functional as F
-from bench_core import _median_ratio, _saved_bytes, print_rows
+from bench_core import _saved_bytes, print_rows, repeated
 from torch import nn
 
 T, B = 25, 128
@@ -83,7 +83,7 @@ def spikingjelly_models():
             "sbnn AGR": to_sbnn(base, estimator="agr")}, functional.reset_net
 
 
-def run(reps: int, threads: int, seed: int = 0) -> list[dict]:
+def run(reps: int, threads: int, seed: int = 0, repeat: int = 1) -> list[dict]:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     x = (torch.rand(T, B, 784) < 0.2).float()
@@ -100,14 +100,15 @@ def run(reps: int, threads: int, seed: int = 0) -> list[dict]:
             return step
 
         steps = {k: make_step(m) for k, m in models.items()}
-        med = _median_ratio(steps, reps)
+        times, ratios = repeated(steps, reps, repeat)
         mem = {k: _saved_bytes(f) for k, f in steps.items()}
         for k in models:
             if k == "original":
                 continue
+            ratio, low, high = ratios[k]
             rows.append({"host": host, "config": f"{k}, per-layer std",
-                         "original_ms": 1e3 * med["original"], "sbnn_ms": 1e3 * med[k],
-                         "time_ratio": med[k] / med["original"],
+                         "original_ms": 1e3 * times["original"], "sbnn_ms": 1e3 * times[k],
+                         "time_ratio": ratio, "ratio_range": f"{low:.2f}-{high:.2f}",
                          "memory_ratio": mem[k] / mem["original"]})
     return rows
 
@@ -116,13 +117,17 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of --reps repetitions; ratios are the median over rounds, "
+                             "with their range")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    rows = run(args.reps, args.threads)
+    rows = run(args.reps, args.threads, repeat=args.repeat)
     print(f"torch {torch.__version__}, {platform.machine()}, {args.threads} threads, "
-          f"{args.reps} interleaved repetitions (medians); MLP 784-256-10, T={T}, batch {B}\n")
-    print_rows(rows, ("host", "config", "original_ms", "sbnn_ms", "time_ratio", "memory_ratio"),
-               args.json)
+          f"{args.repeat} round(s) of {args.reps} interleaved repetitions (medians); "
+          f"MLP 784-256-10, T={T}, batch {B}\n")
+    print_rows(rows, ("host", "config", "original_ms", "sbnn_ms", "time_ratio", "ratio_range",
+                      "memory_ratio"), args.json)
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ atan surrogate; and the spike function alone against atan. Results are ratios
 
 Usage::
 
-    python benchmarks/bench_core.py --reps 30 --json runs/bench_core.json
+    python benchmarks/bench_core.py --reps 30 --repeat 3 --json runs/bench_core.json
 """
 
 from __future__ import annotations
@@ -162,7 +162,28 @@ def _median_ratio(fns: dict, reps: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def run(reps: int = 30, threads: int = 2, seed: int = 0) -> list[dict]:
+def repeated(fns: dict, reps: int, repeat: int) -> tuple[dict, dict]:
+    """``repeat`` rounds of :func:`_median_ratio`: the median over rounds of each
+    function's time, and the ``(median, min, max)`` over rounds of its ratio to
+    ``fns``' first entry (the baseline)."""
+    rounds = [_median_ratio(fns, reps) for _ in range(repeat)]
+    base = next(iter(fns))
+    times = {k: statistics.median(r[k] for r in rounds) for k in fns}
+    ratios = {}
+    for k in fns:
+        values = [r[k] / r[base] for r in rounds]
+        ratios[k] = (statistics.median(values), min(values), max(values))
+    return times, ratios
+
+
+def _row(network: str, config: str, times: dict, ratios: dict, key: str, memory: float):
+    ratio, low, high = ratios[key]
+    return {"network": network, "config": config, "baseline_ms": 1e3 * times["baseline"],
+            "sbnn_ms": 1e3 * times[key], "time_ratio": ratio,
+            "ratio_range": f"{low:.2f}-{high:.2f}", "memory_ratio": memory}
+
+
+def run(reps: int = 30, threads: int = 2, seed: int = 0, repeat: int = 1) -> list[dict]:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     rows = []
@@ -172,23 +193,16 @@ def run(reps: int = 30, threads: int = 2, seed: int = 0) -> list[dict]:
         nets = {name: SpikingNet(kind, b) for name, b in
                 (("baseline", None), ("layer", "layer"), ("weight", "weight"))}
         steps_fn = {k: _step_fn(n, x, y) for k, n in nets.items()}
-        med = _median_ratio(steps_fn, reps)
+        times, ratios = repeated(steps_fn, reps, repeat)
         mem = {k: _saved_bytes(f) for k, f in steps_fn.items()}
         for std in ("layer", "weight"):
-            rows.append({
-                "network": kind, "config": f"per-{std} std",
-                "baseline_ms": 1e3 * med["baseline"], "sbnn_ms": 1e3 * med[std],
-                "time_ratio": med[std] / med["baseline"],
-                "memory_ratio": mem[std] / mem["baseline"],
-            })
+            rows.append(_row(kind, f"per-{std} std", times, ratios, std,
+                             mem[std] / mem["baseline"]))
     for est in ("st", "agr"):
         base, sbnn = _spike_alone(est)
-        med = _median_ratio({"baseline": base, "sbnn": sbnn}, reps * 5)
-        rows.append({
-            "network": "spike function [128, 256]", "config": f"IWSTSpike({est}) vs atan",
-            "baseline_ms": 1e3 * med["baseline"], "sbnn_ms": 1e3 * med["sbnn"],
-            "time_ratio": med["sbnn"] / med["baseline"], "memory_ratio": float("nan"),
-        })
+        times, ratios = repeated({"baseline": base, "sbnn": sbnn}, reps * 5, repeat)
+        rows.append(_row("spike function [128, 256]", f"IWSTSpike({est}) vs atan", times,
+                         ratios, "sbnn", float("nan")))
     return rows
 
 
@@ -196,13 +210,17 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of --reps repetitions; ratios are the median over rounds, "
+                             "with their range")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     args = parser.parse_args(argv)
-    rows = run(args.reps, args.threads)
+    rows = run(args.reps, args.threads, repeat=args.repeat)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{args.threads} threads, {args.reps} interleaved repetitions (medians)\n")
+          f"{args.threads} threads, {args.repeat} round(s) of {args.reps} interleaved "
+          "repetitions (medians)\n")
     print_rows(rows, ("network", "config", "baseline_ms", "sbnn_ms", "time_ratio",
-                      "memory_ratio"), args.json)
+                      "ratio_range", "memory_ratio"), args.json)
 
 
 def print_rows(rows: list[dict], keys: tuple[str, ...], json_path: str | None) -> None:
