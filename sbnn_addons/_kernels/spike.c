@@ -28,27 +28,9 @@
 #define Z_MAX 40.0f
 #define V_STREAM (1ULL << 62) /* first Philox counter of the V stream */
 
-static inline void philox4x32_10(uint64_t counter, uint64_t key, uint32_t out[4]) {
-    uint32_t x0 = (uint32_t)counter, x1 = (uint32_t)(counter >> 32), x2 = 0, x3 = 0;
-    uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
-    for (int r = 0; r < 10; ++r) {
-        uint64_t p0 = (uint64_t)0xD2511F53u * x0;
-        uint64_t p1 = (uint64_t)0xCD9E8D57u * x2;
-        uint32_t y0 = (uint32_t)(p1 >> 32) ^ x1 ^ k0;
-        uint32_t y2 = (uint32_t)(p0 >> 32) ^ x3 ^ k1;
-        x1 = (uint32_t)p1;
-        x3 = (uint32_t)p0;
-        x0 = y0;
-        x2 = y2;
-        k0 += 0x9E3779B9u;
-        k1 += 0xBB67AE85u;
-    }
-    out[0] = x0; out[1] = x1; out[2] = x2; out[3] = x3;
-}
-
-/* Philox4x32-10 of counters block0 .. block0 + nblocks - 1 into out[4 b .. 4 b + 3]: the
- * same function as philox4x32_10, written so that the compiler runs one block per SIMD
- * lane (the rounds unrolled, the round keys k + r * constant). */
+/* Philox4x32-10 (Salmon et al. 2011) of counters block0 .. block0 + nblocks - 1 into
+ * out[4 b .. 4 b + 3], written so that the compiler runs one block per SIMD lane (the
+ * rounds unrolled, the round keys k + r * constant). */
 /* noinline: inlined into the OpenMP region, the block loop is no longer vectorised */
 __attribute__((noinline)) static void philox_blocks(uint32_t *restrict out, int64_t nblocks,
                                                     uint64_t block0, uint64_t key) {
@@ -159,7 +141,7 @@ __attribute__((noinline)) static void decide_by_bytes(const float *restrict u,
 /* The exact decision for an undecided unit: U = (byte + V) / 256 against Phi(z), double. */
 static float fire_exact(int64_t i, float x, float v, int byte, uint64_t seed) {
     uint32_t r[4];
-    philox4x32_10(V_STREAM + (uint64_t)i / 4, seed, r);
+    philox_blocks(r, 1, V_STREAM + (uint64_t)i / 4, seed);
     double V = ((double)r[i & 3] + 0.5) * 0x1.0p-32;
     double z = (double)x / sqrt((double)v);
     double p = ndtr(fmin(fmax(z, -40.0), 40.0));
