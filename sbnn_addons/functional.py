@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -234,7 +235,8 @@ def exact_unit_gradient(u: Tensor, sigma: Tensor, f0: Tensor, f1: Tensor) -> tup
     return d_u, -z * d_u
 
 
-def box_sum(x: Tensor, kernel, stride, padding) -> Tensor:
+def box_sum(x: Tensor, kernel: Sequence[int], stride: Sequence[int],
+            padding: Sequence[int]) -> Tensor:
     """Sum of ``x`` over every zero-padded ``kernel`` window of the trailing dimensions.
 
     .. code-block:: text
@@ -246,7 +248,9 @@ def box_sum(x: Tensor, kernel, stride, padding) -> Tensor:
 
     Args:
         x: ``[*, L_1, ..., L_n]``.
-        kernel, stride, padding: sequences of ``n`` ints (zero padding on both sides).
+        kernel: window size per dimension (``n`` ints).
+        stride: step per dimension (``n`` ints).
+        padding: zeros added on both sides, per dimension (``n`` ints).
 
     Returns:
         ``[*, (L_d + 2 p_d - k_d) // s_d + 1 ...]``.
