@@ -164,6 +164,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sbnn_spike_backward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i32, f32,
                                         f32, f32, f32, f32, i32]
     lib.sbnn_spike_backward.restype = None
+    lib.sbnn_spike_backward_compact.argtypes = lib.sbnn_spike_backward.argtypes
+    lib.sbnn_spike_backward_compact.restype = None
     lib.sbnn_erfcx.argtypes = [ptr, ptr, i64]
     lib.sbnn_erfcx.restype = None
     lib.sbnn_thresholds.argtypes = [ptr, ptr]
@@ -336,28 +338,36 @@ def spike_backward(grad: Tensor, u: Tensor, variance: Tensor, spikes: Tensor, es
     if spikes.shape != u.shape or grad.shape != u.shape:
         raise ValueError(f"grad {tuple(grad.shape)} and spikes {tuple(spikes.shape)} must have "
                          f"the shape of u {tuple(u.shape)}")
-    grad_u, grad_var = _backward_raw(grad, u, var, mid, inner, spikes.to(torch.uint8),
-                                     estimator, grad_aux, aux_offset)
-    if variance.shape != u.shape:
-        grad_var = grad_var.sum_to_size(variance.shape)
-    return grad_u, grad_var
+    return _backward_raw(grad, u, var, mid, inner, spikes.to(torch.uint8), estimator,
+                         grad_aux, aux_offset, variance.shape)
 
 
 def _backward_raw(grad: Tensor, u: Tensor, var: Tensor, mid: int, inner: int, h: Tensor,
-                  estimator, grad_aux: float, aux_offset: float) -> tuple[Tensor, Tensor]:
-    """:func:`spike_backward` in the kernel layout; ``grad_var`` has the shape of ``u``."""
+                  estimator, grad_aux: float, aux_offset: float,
+                  var_shape: torch.Size) -> tuple[Tensor, Tensor]:
+    """:func:`spike_backward` in the kernel layout; ``grad_var`` has ``var_shape``.
+
+    A variance broadcast over a block (``mid > 1``) gets its gradient summed in the
+    kernel, each thread owning whole outer blocks, when there are at least two of them
+    (the choice does not depend on the thread count, so neither do the results);
+    otherwise the kernel writes it in full and it is summed here.
+    """
     kind, p = _KIND_CODES[estimator.kind], estimator.p
     if estimator.kind == "agr" and estimator.tau == 0.0:  # AGR(0) is IW-ST(1) (SPEC sec. 4)
         kind, p = _KIND_CODES["iwst"], 1.0
     h = h.contiguous()
     g = grad.to(torch.float32).contiguous()
     grad_u = torch.empty_like(u)
-    grad_var = torch.empty_like(u)
-    _require().sbnn_spike_backward(
-        g.data_ptr(), u.data_ptr(), var.data_ptr(), mid, inner, h.data_ptr(),
-        grad_u.data_ptr(), grad_var.data_ptr(), u.numel(), kind, p, estimator.tau,
-        estimator.max_weight, float(grad_aux), float(aux_offset), torch.get_num_threads())
-    return grad_u, grad_var
+    threads = torch.get_num_threads()
+    compact = mid > 1 and u.numel() // (mid * inner) >= 2
+    grad_var = torch.empty_like(var) if compact else torch.empty_like(u)
+    fn = _require().sbnn_spike_backward_compact if compact else _require().sbnn_spike_backward
+    fn(g.data_ptr(), u.data_ptr(), var.data_ptr(), mid, inner, h.data_ptr(), grad_u.data_ptr(),
+       grad_var.data_ptr(), u.numel(), kind, p, estimator.tau, estimator.max_weight,
+       float(grad_aux), float(aux_offset), threads)
+    if compact:
+        return grad_u, grad_var.view(var_shape)
+    return grad_u, (grad_var.sum_to_size(var_shape) if var_shape != u.shape else grad_var)
 
 
 class FusedSpike(torch.autograd.Function):
@@ -396,9 +406,7 @@ class FusedSpike(torch.autograd.Function):
         mid, inner, var_shape = ctx.layout
         grad_u, grad_var = _backward_raw(grad, u, var, mid, inner, hb, ctx.estimator,
                                          float(grad_aux[0]) if grad_aux else 0.0,
-                                         ctx.aux_offset)
-        if var_shape != u.shape:
-            grad_var = grad_var.sum_to_size(var_shape)
+                                         ctx.aux_offset, var_shape)
         return grad_u, grad_var, None, None, None, None
 
 

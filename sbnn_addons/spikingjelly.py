@@ -125,9 +125,12 @@ class SJSpike(IWSTSpike):
         state = self.__dict__
         if not isinstance(node._memories.get("v"), Tensor):
             state["_var_state"] = None  # the neuron was reset: so is the variance
-        if multi and isinstance(var, Tensor):
-            var = var.unbind(0)  # the T steps' variances (one graph node for all of them)
-        state.update(_pending=var, _multi=multi, _step=0, _coeffs=_dynamics(node))
+        coeffs = _dynamics(node)
+        if isinstance(var, Tensor):
+            var = var * (coeffs[1] * coeffs[1])  # c^2 var(X_t), for all steps at once
+            if multi:
+                var = var.unbind(0)  # the T steps' terms (one graph node for all of them)
+        state.update(_pending=var, _multi=multi, _step=0, _coeffs=coeffs)
 
     def _next_input_variance(self, u: Tensor) -> Tensor | None:
         var = self._pending
@@ -138,7 +141,7 @@ class SJSpike(IWSTSpike):
                 raise RuntimeError("SJSpike was called more often than the sequence length")
             var = var[self._step]
         self.__dict__["_step"] = self._step + 1
-        return var  # broadcastable to u; kept compact (e.g. [N, 1] for a per-layer std)
+        return var  # c^2 var(X_t), broadcastable to u; compact (e.g. [N, 1], per-layer std)
 
     def forward(self, u: Tensor) -> Tensor:
         """Sample spikes for ``u = H_t - v_threshold`` (shape ``[N, *]``)."""
@@ -152,11 +155,8 @@ class SJSpike(IWSTSpike):
                 )
             return super().forward(u)
         with no_variance_flow():
-            beta, c, hard = self._coeffs
-            var_in = self._next_input_variance(u)
-            state = None
-            if var_in is not None:
-                state = var_in * (c * c)
+            beta, _c, hard = self._coeffs
+            state = self._next_input_variance(u)  # c^2 var_t
             if self._var_state is not None:  # S_t = beta^2 S_{t-1} + c^2 var_t
                 decay = beta * beta
                 state = (self._var_state * decay if state is None

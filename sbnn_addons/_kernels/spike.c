@@ -355,6 +355,50 @@ void sbnn_spike_backward(const float *restrict g, const float *restrict u,
     }
 }
 
+/* The same backward with grad_var summed over its broadcast block in the kernel: `gvar`
+ * has the variance's own size, (total / (mid * inner)) * inner. Each outer block of
+ * mid * inner elements belongs to one thread, so the sums need no atomics (with a single
+ * outer block, use sbnn_spike_backward and a sum over the broadcast instead). */
+void sbnn_spike_backward_compact(const float *restrict g, const float *restrict u,
+                                 const float *restrict var, int64_t mid, int64_t inner,
+                                 const uint8_t *restrict h, float *restrict gu,
+                                 float *restrict gvar, int64_t total, int kind, float p,
+                                 float tau, float max_weight, float g_aux, float offset,
+                                 int threads) {
+    int64_t block = mid * inner, outer = total / block;
+#pragma omp parallel for schedule(static) num_threads(threads) \
+    if (threads > 1 && total >= PARALLEL_MIN * threads)
+    for (int64_t o = 0; o < outer; ++o) {
+        float VB[CHUNK], GV[CHUNK];
+        float *acc = gvar + o * inner;
+        for (int64_t k = 0; k < inner; ++k) acc[k] = 0.0f;
+        int64_t end = (o + 1) * block;
+        for (int64_t c0 = o * block; c0 < end; c0 += CHUNK) {
+            int64_t n = end - c0 < CHUNK ? end - c0 : CHUNK;
+            const float *gc = g + c0, *uc = u + c0;
+            const float *vc = variance_run(var, mid, inner, c0, n, VB);
+            const uint8_t *hc = h + c0;
+            float *guc = gu + c0, *gvc = GV;
+            if (g_aux != 0.0f) {
+                BACKWARD_KINDS(1)
+            } else {
+                BACKWARD_KINDS(0)
+            }
+            if (inner == 1) { /* one variance per block: a plain sum */
+                float sum = 0.0f;
+                for (int64_t i = 0; i < n; ++i) sum += GV[i];
+                acc[0] += sum;
+            } else { /* runs of at most `inner` elements, each added to acc[k ...] */
+                for (int64_t i = 0, k = (c0 - o * block) % inner; i < n; k = 0) {
+                    int64_t len = inner - k < n - i ? inner - k : n - i;
+                    for (int64_t j = 0; j < len; ++j) acc[k + j] += GV[i + j];
+                    i += len;
+                }
+            }
+        }
+    }
+}
+
 /* erfcx_pos for the tests. */
 void sbnn_erfcx(const float *x, float *out, int64_t n) {
     for (int64_t i = 0; i < n; ++i) out[i] = erfcx_pos(x[i]);
