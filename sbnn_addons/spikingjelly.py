@@ -157,11 +157,14 @@ class SJSpike(IWSTSpike):
         with no_variance_flow():
             beta, _c, hard = self._coeffs
             state = self._next_input_variance(u)  # c^2 var_t
-            if self._var_state is not None:  # S_t = beta^2 S_{t-1} + c^2 var_t
+            if self._var_state is not None:  # S_t = beta^2 S_{t-1} + c^2 var_t, one op
                 decay = beta * beta
-                state = (self._var_state * decay if state is None
-                         else torch.addcmul(state, self._var_state, decay)
-                         if isinstance(decay, Tensor) else state.add(self._var_state, alpha=decay))
+                if state is None:
+                    state = self._var_state * decay
+                elif isinstance(decay, Tensor):  # ParametricLIFNode: learned beta
+                    state = torch.addcmul(state, self._var_state, decay)
+                else:
+                    state = state.add(self._var_state, alpha=decay)
             total = self.noise_variance(u)
             if state is not None:
                 total = state if total is None else state + total
