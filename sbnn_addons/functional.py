@@ -244,7 +244,9 @@ def box_sum(x: Tensor, kernel: Sequence[int], stride: Sequence[int],
         out[j] = sum over i in window(j) of x_pad[i]     (one dimension per entry of kernel)
 
     The same as a convolution with an all-ones kernel (or sum pooling), computed
-    separably as ``k - 1`` shifted adds per dimension: several times cheaper on CPU.
+    separably as ``k - 1`` shifted adds per dimension: several times cheaper on CPU. Its
+    backward (the transposed window sum) adds the gradient into one buffer per
+    dimension, instead of one zero-filled input-sized tensor per shifted slice.
 
     Args:
         x: ``[*, L_1, ..., L_n]``.
@@ -255,21 +257,78 @@ def box_sum(x: Tensor, kernel: Sequence[int], stride: Sequence[int],
     Returns:
         ``[*, (L_d + 2 p_d - k_d) // s_d + 1 ...]``.
     """
+    kernel, stride, padding = tuple(kernel), tuple(stride), tuple(padding)
+    if x.requires_grad and torch.is_grad_enabled():
+        return apply_function(_BoxSum, x, kernel, stride, padding)
+    return _box_sum(x, kernel, stride, padding)[0]
+
+
+def _box_sum(x: Tensor, kernel, stride, padding) -> tuple[Tensor, list[torch.Size]]:
+    """:func:`box_sum` and the shapes it reduced, padded input first."""
     n = len(kernel)
     pads = [p for pad in reversed(padding) for p in (pad, pad)]
     x = F.pad(x, pads) if any(pads) else x
+    shapes = []
     for d in range(n):
+        shapes.append(x.shape)
         dim = x.dim() - n + d
-        k, s = kernel[d], stride[d]
-        span = (x.shape[dim] - k) // s * s + 1
-        index = [slice(None)] * x.dim()
         total = None
-        for j in range(k):
-            index[dim] = slice(j, j + span, s)
-            part = x[tuple(index)]
+        for part in _window_slices(x, dim, kernel[d], stride[d], x.shape[dim]):
             total = part if total is None else total + part
         x = total
-    return x
+    return x, shapes
+
+
+def _window_slices(x: Tensor, dim: int, k: int, s: int, length: int):
+    """The ``k`` strided views ``x[..., j : j + span : s, ...]`` along ``dim``."""
+    span = (length - k) // s * s + 1
+    index = [slice(None)] * x.dim()
+    for j in range(k):
+        index[dim] = slice(j, j + span, s)
+        yield x[tuple(index)]
+
+
+class _BoxSum(torch.autograd.Function):
+    """:func:`box_sum` with the transposed window sum as its backward."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, kernel, stride, padding) -> Tensor:
+        return _box_sum(x, kernel, stride, padding)[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, kernel, stride, padding = inputs
+        pads = [p for pad in reversed(padding) for p in (pad, pad)]
+        padded = list(x.shape)
+        n = len(kernel)
+        for d, p in enumerate(padding):
+            padded[x.dim() - n + d] += 2 * p
+        shapes = [torch.Size(padded)]
+        for d in range(n - 1):  # the shape after reducing dimensions 0 .. d
+            dim = x.dim() - n + d
+            reduced = list(shapes[-1])
+            reduced[dim] = (reduced[dim] - kernel[d]) // stride[d] + 1
+            shapes.append(torch.Size(reduced))
+        ctx.shapes, ctx.kernel, ctx.stride, ctx.padding = shapes, kernel, stride, padding
+        ctx.pads = pads
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        n = len(ctx.kernel)
+        for d in reversed(range(n)):
+            shape = ctx.shapes[d]
+            dim = len(shape) - n + d
+            spread = grad.new_zeros(shape)
+            for part in _window_slices(spread, dim, ctx.kernel[d], ctx.stride[d], shape[dim]):
+                part += grad
+            grad = spread
+        for d, p in enumerate(ctx.padding):
+            if p:
+                dim = grad.dim() - n + d
+                grad = grad.narrow(dim, p, grad.shape[dim] - 2 * p)
+        return grad, None, None, None
 
 
 @functools.lru_cache(maxsize=4096)

@@ -186,3 +186,23 @@ def test_lif_run_output_is_marked_binary():
     currents = BayesLinear(5, 6, std=0.2)(torch.rand(4, 3, 5))
     assert is_binary(LIF()(currents[0])[0])
     assert is_binary(LIF().run(currents))
+
+
+@pytest.mark.parametrize("shape, kernel, stride, padding", [
+    ((2, 3, 9, 11), (3, 3), (1, 1), (1, 1)), ((2, 1, 9, 11), (3, 2), (2, 3), (1, 0)),
+    ((2, 1, 10), (5,), (2,), (2,)), ((2, 4, 8, 8), (2, 2), (2, 2), (0, 0)),
+    ((1, 1, 7, 7), (4, 4), (3, 3), (2, 2)),
+])
+def test_box_sum_is_the_ones_convolution_and_its_gradient_checks(shape, kernel, stride,
+                                                                 padding):
+    """box_sum equals a convolution of each channel with an all-ones kernel (float64),
+    and its custom backward (the transposed window sum) passes gradcheck."""
+    from sbnn_addons.functional import box_sum
+
+    x = torch.rand(shape, dtype=torch.float64, requires_grad=True)
+    conv = torch.nn.functional.conv2d if len(kernel) == 2 else torch.nn.functional.conv1d
+    ones = torch.ones((shape[1], 1, *kernel), dtype=torch.float64)
+    want = conv(x, ones, stride=stride, padding=padding, groups=shape[1])
+    torch.testing.assert_close(box_sum(x, kernel, stride, padding), want, rtol=1e-12,
+                               atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: box_sum(t, kernel, stride, padding), (x,))
