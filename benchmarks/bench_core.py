@@ -55,9 +55,13 @@ def atan_spike(u, variance=None):
 
 
 class SpikingNet(nn.Module):
-    """LIF network ``layer_i -> [pool] -> LIF`` with soft reset, readout = summed membrane."""
+    """LIF network ``layer_i -> [pool] -> LIF`` with soft reset, readout = summed membrane.
 
-    def __init__(self, kind: str, bayes: str | None, beta: float = 0.9) -> None:
+    ``atan_spikes=True`` keeps the Bayesian layers and their variances but fires with the
+    atan surrogate (an ablation: the cost of the layers alone)."""
+
+    def __init__(self, kind: str, bayes: str | None, beta: float = 0.9,
+                 atan_spikes: bool = False) -> None:
         super().__init__()
         self.kind, self.beta = kind, beta
         kw = {} if bayes is None else {"std_mode": bayes}
@@ -73,7 +77,7 @@ class SpikingNet(nn.Module):
         self.spikes = nn.ModuleList(
             [sb.IWSTSpike("st") for _ in self.layers] if bayes is not None else []
         )
-        self.bayes = bayes is not None
+        self.bayes = bayes is not None and not atan_spikes
 
     def _spike(self, i, u, var):
         if not self.bayes:
@@ -183,7 +187,8 @@ def _row(network: str, config: str, times: dict, ratios: dict, key: str, memory:
             "ratio_range": f"{low:.2f}-{high:.2f}", "memory_ratio": memory}
 
 
-def run(reps: int = 30, threads: int = 2, seed: int = 0, repeat: int = 1) -> list[dict]:
+def run(reps: int = 30, threads: int = 2, seed: int = 0, repeat: int = 1,
+        ablate: bool = False) -> list[dict]:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     rows = []
@@ -192,12 +197,14 @@ def run(reps: int = 30, threads: int = 2, seed: int = 0, repeat: int = 1) -> lis
         y = torch.randint(0, 10, (shape[0],))
         nets = {name: SpikingNet(kind, b) for name, b in
                 (("baseline", None), ("layer", "layer"), ("weight", "weight"))}
+        if ablate:
+            nets["layer, atan spikes"] = SpikingNet(kind, "layer", atan_spikes=True)
         steps_fn = {k: _step_fn(n, x, y) for k, n in nets.items()}
         times, ratios = repeated(steps_fn, reps, repeat)
         mem = {k: _saved_bytes(f) for k, f in steps_fn.items()}
-        for std in ("layer", "weight"):
-            rows.append(_row(kind, f"per-{std} std", times, ratios, std,
-                             mem[std] / mem["baseline"]))
+        for key in list(nets)[1:]:
+            config = f"per-{key} std" if key in ("layer", "weight") else "per-layer std, atan spike"
+            rows.append(_row(kind, config, times, ratios, key, mem[key] / mem["baseline"]))
     for est in ("st", "agr"):
         base, sbnn = _spike_alone(est)
         times, ratios = repeated({"baseline": base, "sbnn": sbnn}, reps * 5, repeat)
@@ -213,9 +220,12 @@ def main(argv=None) -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of --reps repetitions; ratios are the median over rounds, "
                              "with their range")
+    parser.add_argument("--ablate-spike", action="store_true",
+                        help="also time the per-layer networks with atan spikes (Bayesian "
+                             "layers kept): the cost of the layers alone")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     args = parser.parse_args(argv)
-    rows = run(args.reps, args.threads, repeat=args.repeat)
+    rows = run(args.reps, args.threads, repeat=args.repeat, ablate=args.ablate_spike)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{args.threads} threads, {args.repeat} round(s) of {args.reps} interleaved "
           "repetitions (medians)\n")
