@@ -256,27 +256,46 @@ def box_sum(x: Tensor, kernel: Sequence[int], stride: Sequence[int],
 
     Returns:
         ``[*, (L_d + 2 p_d - k_d) // s_d + 1 ...]``.
+
+    Raises:
+        ValueError: the three sequences differ in length, ``x`` has fewer dimensions, or
+            a kernel is longer than its padded dimension (or a size is out of range).
     """
     kernel, stride, padding = tuple(kernel), tuple(stride), tuple(padding)
+    _check_windows(x, kernel, stride, padding)
     if x.requires_grad and torch.is_grad_enabled():
         return apply_function(_BoxSum, x, kernel, stride, padding)
-    return _box_sum(x, kernel, stride, padding)[0]
+    return _box_sum(x, kernel, stride, padding)
 
 
-def _box_sum(x: Tensor, kernel, stride, padding) -> tuple[Tensor, list[torch.Size]]:
-    """:func:`box_sum` and the shapes it reduced, padded input first."""
+def _check_windows(x: Tensor, kernel, stride, padding) -> None:
+    n = len(kernel)
+    if not n or len(stride) != n or len(padding) != n:
+        raise ValueError(f"kernel, stride and padding must have one entry per window "
+                         f"dimension, got {kernel}, {stride}, {padding}")
+    if x.dim() < n:
+        raise ValueError(f"x of shape {tuple(x.shape)} has fewer than the {n} dimensions of "
+                         f"kernel {kernel}")
+    for d in range(n):
+        length = x.shape[x.dim() - n + d] + 2 * padding[d]
+        if kernel[d] < 1 or stride[d] < 1 or padding[d] < 0 or kernel[d] > length:
+            raise ValueError(
+                f"window {d}: kernel {kernel[d]} must be in [1, {length}] (the padded "
+                f"length), stride {stride[d]} >= 1 and padding {padding[d]} >= 0"
+            )
+
+
+def _box_sum(x: Tensor, kernel, stride, padding) -> Tensor:
     n = len(kernel)
     pads = [p for pad in reversed(padding) for p in (pad, pad)]
     x = F.pad(x, pads) if any(pads) else x
-    shapes = []
     for d in range(n):
-        shapes.append(x.shape)
         dim = x.dim() - n + d
         total = None
         for part in _window_slices(x, dim, kernel[d], stride[d], x.shape[dim]):
             total = part if total is None else total + part
         x = total
-    return x, shapes
+    return x
 
 
 def _window_slices(x: Tensor, dim: int, k: int, s: int, length: int):
@@ -295,12 +314,11 @@ class _BoxSum(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, kernel, stride, padding) -> Tensor:
-        return _box_sum(x, kernel, stride, padding)[0]
+        return _box_sum(x, kernel, stride, padding)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, kernel, stride, padding = inputs
-        pads = [p for pad in reversed(padding) for p in (pad, pad)]
         padded = list(x.shape)
         n = len(kernel)
         for d, p in enumerate(padding):
@@ -312,7 +330,6 @@ class _BoxSum(torch.autograd.Function):
             reduced[dim] = (reduced[dim] - kernel[d]) // stride[d] + 1
             shapes.append(torch.Size(reduced))
         ctx.shapes, ctx.kernel, ctx.stride, ctx.padding = shapes, kernel, stride, padding
-        ctx.pads = pads
 
     @staticmethod
     def backward(ctx, grad: Tensor):

@@ -206,3 +206,17 @@ def test_box_sum_is_the_ones_convolution_and_its_gradient_checks(shape, kernel, 
     torch.testing.assert_close(box_sum(x, kernel, stride, padding), want, rtol=1e-12,
                                atol=1e-12)
     assert torch.autograd.gradcheck(lambda t: box_sum(t, kernel, stride, padding), (x,))
+
+
+@pytest.mark.parametrize("kernel, stride, padding, word", [
+    ((3, 3), (1,), (0, 0), "one entry per window"),
+    ((3, 3, 3, 3, 3), (1,) * 5, (0,) * 5, "fewer than"),
+    ((9,), (1,), (0,), "kernel 9 must be in"),
+    ((0,), (1,), (0,), "kernel 0"),
+    ((2,), (0,), (0,), "stride 0"),
+])
+def test_box_sum_names_bad_windows(kernel, stride, padding, word):
+    from sbnn_addons.functional import box_sum
+
+    with pytest.raises(ValueError, match=word):
+        box_sum(torch.rand(2, 3, 8), kernel, stride, padding)
