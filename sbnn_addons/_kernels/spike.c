@@ -314,12 +314,12 @@ static inline void grad_one(float g, float x, float v, float h, int kind, int au
     *gv = grad_v;
 }
 
-/* grad_u and grad_var (full shape; the caller sums it over the broadcast block) for the
- * n elements of a chunk; `hc` holds the spikes as bytes. */
+/* grad_u (into gu[c0 ...]) and the per-element grad_var (into gv[0 .. n)) of the n elements
+ * from c0; `h` holds the spikes as bytes. Shared by both backward entry points. */
 #define BACKWARD_LOOP(KIND, AUX)                                                             \
     for (int64_t i = 0; i < n; ++i)                                                          \
         grad_one(gc[i], uc[i], vc[i], (float)hc[i], KIND, AUX, p, tau, max_weight, g_aux,    \
-                 offset, guc + i, gvc + i);
+                 offset, guc + i, gv + i);
 
 #define BACKWARD_KINDS(AUX)                                                                  \
     if (kind == 0) {                                                                         \
@@ -330,7 +330,25 @@ static inline void grad_one(float g, float x, float v, float h, int kind, int au
         BACKWARD_LOOP(2, AUX)                                                                \
     }
 
-/* g_aux: gradient of the loss with respect to the forward's sum of z^2 (0: no aux loss). */
+static void backward_chunk(const float *restrict g, const float *restrict u,
+                           const float *restrict var, int64_t mid, int64_t inner,
+                           const uint8_t *restrict h, float *restrict gu, float *restrict gv,
+                           int64_t c0, int64_t n, int kind, float p, float tau,
+                           float max_weight, float g_aux, float offset) {
+    float VB[CHUNK];
+    const float *gc = g + c0, *uc = u + c0;
+    const float *vc = variance_run(var, mid, inner, c0, n, VB);
+    const uint8_t *hc = h + c0;
+    float *guc = gu + c0;
+    if (g_aux != 0.0f) {
+        BACKWARD_KINDS(1)
+    } else {
+        BACKWARD_KINDS(0)
+    }
+}
+
+/* g_aux: gradient of the loss with respect to the forward's sum of z^2 (0: no aux loss).
+ * grad_var is written in full (shape of u); the caller sums it over a broadcast. */
 void sbnn_spike_backward(const float *restrict g, const float *restrict u,
                          const float *restrict var, int64_t mid, int64_t inner,
                          const uint8_t *restrict h, float *restrict gu, float *restrict gv,
@@ -340,18 +358,10 @@ void sbnn_spike_backward(const float *restrict g, const float *restrict u,
 #pragma omp parallel for schedule(static) num_threads(threads) \
     if (threads > 1 && total >= PARALLEL_MIN * threads)
     for (int64_t c = 0; c < chunks; ++c) {
-        float VB[CHUNK];
         int64_t c0 = c * CHUNK;
         int64_t n = total - c0 < CHUNK ? total - c0 : CHUNK;
-        const float *gc = g + c0, *uc = u + c0;
-        const float *vc = variance_run(var, mid, inner, c0, n, VB);
-        const uint8_t *hc = h + c0;
-        float *guc = gu + c0, *gvc = gv + c0;
-        if (g_aux != 0.0f) {
-            BACKWARD_KINDS(1)
-        } else {
-            BACKWARD_KINDS(0)
-        }
+        backward_chunk(g, u, var, mid, inner, h, gu, gv + c0, c0, n, kind, p, tau, max_weight,
+                       g_aux, offset);
     }
 }
 
@@ -369,21 +379,14 @@ void sbnn_spike_backward_compact(const float *restrict g, const float *restrict 
 #pragma omp parallel for schedule(static) num_threads(threads) \
     if (threads > 1 && total >= PARALLEL_MIN * threads)
     for (int64_t o = 0; o < outer; ++o) {
-        float VB[CHUNK], GV[CHUNK];
+        float GV[CHUNK];
         float *acc = gvar + o * inner;
         for (int64_t k = 0; k < inner; ++k) acc[k] = 0.0f;
         int64_t end = (o + 1) * block;
         for (int64_t c0 = o * block; c0 < end; c0 += CHUNK) {
             int64_t n = end - c0 < CHUNK ? end - c0 : CHUNK;
-            const float *gc = g + c0, *uc = u + c0;
-            const float *vc = variance_run(var, mid, inner, c0, n, VB);
-            const uint8_t *hc = h + c0;
-            float *guc = gu + c0, *gvc = GV;
-            if (g_aux != 0.0f) {
-                BACKWARD_KINDS(1)
-            } else {
-                BACKWARD_KINDS(0)
-            }
+            backward_chunk(g, u, var, mid, inner, h, gu, GV, c0, n, kind, p, tau, max_weight,
+                           g_aux, offset);
             if (inner == 1) { /* one variance per block: a plain sum */
                 float sum = 0.0f;
                 for (int64_t i = 0; i < n; ++i) sum += GV[i];
