@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -31,6 +31,17 @@ class SBNNModule:
     def deterministic(self) -> bool:
         """``True`` in ``mean`` mode."""
         return self.sbnn_mode == "mean"
+
+
+def cached_tensor_test(owner: object, name: str, tensor: Tensor,
+                       test: Callable[[Tensor], bool]) -> bool:
+    """``test(tensor)``, cached in ``owner.__dict__[name]`` until the tensor's storage or
+    version changes: a per-step check on a buffer without a device sync at every step."""
+    key = (tensor.data_ptr(), tensor._version)
+    cached = owner.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        cached = owner.__dict__[name] = (key, bool(test(tensor)))
+    return cached[1]
 
 
 def inverse_softplus(value: float) -> float:

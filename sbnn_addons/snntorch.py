@@ -38,6 +38,7 @@ import snntorch as snn
 import torch
 from torch import Tensor, nn
 
+from .base import cached_tensor_test
 from .estimators import Estimator
 from .layers import BayesConv1d, BayesConv2d, BayesLinear, ChannelAffine, is_bayesian
 from .losses import enable_aux_loss
@@ -127,12 +128,7 @@ class _EmittedSpikeReset:
             return factor == 1.0
         if factor.requires_grad:
             return False
-        key = (factor.data_ptr(), factor._version)
-        state = self.__dict__
-        if state.get("_sbnn_unit_key") != key:
-            state["_sbnn_unit_key"] = key
-            state["_sbnn_unit"] = bool((factor == 1).all())
-        return state["_sbnn_unit"]
+        return cached_tensor_test(self, "_sbnn_unit", factor, lambda f: (f == 1).all())
 
     def fire_inhibition(self, batch_size: int, mem: Tensor) -> Tensor:
         mem_shift = attach_variance(mem - self.threshold, get_variance(mem))
@@ -487,7 +483,7 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
         if type(m) in _TO_PLAIN:
             m.__class__ = _TO_PLAIN[type(m)]
             _unlink_state_update(m)
-            for key in (_CACHE, "_sbnn_unit_key", "_sbnn_unit"):
+            for key in (_CACHE, "_sbnn_unit"):
                 m.__dict__.pop(key, None)
             m._modules.pop("spike_grad", None)
             m.spike_grad = (functools.partial(surrogate.ATan.apply, alpha=2.0)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .base import SBNNModule, check_std, inverse_softplus, softplus
+from .base import SBNNModule, cached_tensor_test, check_std, inverse_softplus, softplus
 from .estimators import BernoulliSpike, Estimator, get_estimator
 from .functional import (
     SIGMA_MIN,
@@ -141,12 +141,9 @@ class IWSTSpike(SBNNModule, nn.Module):
         return var
 
     def _fixed_std_nonzero(self) -> bool:
-        """Whether the fixed std is non-zero, cached by the buffer's version (no sync)."""
-        key = (self.fixed_std.data_ptr(), self.fixed_std._version)
-        if getattr(self, "_nonzero_key", None) != key:
-            self._nonzero_key = key
-            self._nonzero = bool((self.fixed_std != 0).any())
-        return self._nonzero
+        """Whether the fixed std is non-zero (checked once per value of the buffer)."""
+        return cached_tensor_test(self, "_sbnn_nonzero", self.fixed_std,
+                                  lambda std: (std != 0).any())
 
     # ------------------------------------------------------------------ forward
     def forward(self, u: Tensor) -> Tensor:
