@@ -244,9 +244,10 @@ def box_sum(x: Tensor, kernel: Sequence[int], stride: Sequence[int],
         out[j] = sum over i in window(j) of x_pad[i]     (one dimension per entry of kernel)
 
     The same as a convolution with an all-ones kernel (or sum pooling), computed
-    separably as ``k - 1`` shifted adds per dimension: several times cheaper on CPU. Its
-    backward (the transposed window sum) adds the gradient into one buffer per
-    dimension, instead of one zero-filled input-sized tensor per shifted slice.
+    separably as ``k - 1`` shifted adds per dimension, which on CPU is cheaper than sum
+    pooling or a convolution of a single channel. Its backward (the transposed window
+    sum) adds the gradient into one buffer per dimension, instead of one zero-filled
+    input-sized tensor per shifted slice.
 
     Args:
         x: ``[*, L_1, ..., L_n]``.
@@ -352,7 +353,8 @@ class _BoxSum(torch.autograd.Function):
 def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     """Whether a tensor of ``shape`` broadcasts to ``target`` without enlarging it.
 
-    A cached pure-Python test: ``torch.broadcast_shapes`` costs about 10 us per call.
+    A cached pure-Python test, used per spike where ``torch.broadcast_shapes`` would
+    dominate the call's fixed cost.
     """
     if len(shape) > len(target):
         return False

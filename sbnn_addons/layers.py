@@ -375,8 +375,8 @@ class _BayesConv(_BayesMixin):
 
         Equals a convolution with an all-ones ``[1, C_in, *k]`` kernel. Where the layer
         allows it (no dilation, zero padding) it is computed as a channel sum followed by
-        a separable window sum (:func:`~sbnn_addons.functional.box_sum`), which is
-        several times cheaper.
+        a separable window sum (:func:`~sbnn_addons.functional.box_sum`), which is cheaper
+        on CPU.
         """
         n = self.weight.dim() - 2
         k, stride = self.kernel_size, self.stride
