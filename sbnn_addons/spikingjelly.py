@@ -46,12 +46,14 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 from collections.abc import Iterable
 
 import torch
 from spikingjelly.activation_based import base, functional, layer, neuron, surrogate
 from torch import Tensor, nn
 
+from . import kernels
 from . import layers as _layers
 from .base import SBNNModule
 from .functional import mark_binary, stored_bytes
@@ -113,7 +115,8 @@ class SJSpike(IWSTSpike):
 
     def _clear_link_state(self) -> None:
         self._var_state: Tensor | None = None  # membrane variance S after the last step
-        self._pending: Tensor | tuple[Tensor, ...] | None = None  # input variance (per step)
+        self._pending: Tensor | None = None  # c^2 var(X): [N, *] or, multi-step, [T, N, *]
+        self._steps: tuple[Tensor, ...] | None = None  # _pending unbound over T
         self._multi = False
         self._step = 0
         self._coeffs: tuple = (1.0, 1.0, False)
@@ -128,18 +131,18 @@ class SJSpike(IWSTSpike):
         coeffs = _dynamics(node)
         if isinstance(var, Tensor):
             var = var * (coeffs[1] * coeffs[1])  # c^2 var(X_t), for all steps at once
-            if multi:
-                var = var.unbind(0)  # the T steps' terms (one graph node for all of them)
-        state.update(_pending=var, _multi=multi, _step=0, _coeffs=coeffs)
+        state.update(_pending=var, _steps=None, _multi=multi, _step=0, _coeffs=coeffs)
 
     def _next_input_variance(self, u: Tensor) -> Tensor | None:
         var = self._pending
         if var is None:
             return None
         if self._multi:
-            if self._step >= len(var):
+            if self._steps is None:  # the T steps' terms (one graph node for all of them)
+                self.__dict__["_steps"] = var.unbind(0)
+            if self._step >= len(self._steps):
                 raise RuntimeError("SJSpike was called more often than the sequence length")
-            var = var[self._step]
+            var = self._steps[self._step]
         self.__dict__["_step"] = self._step + 1
         return var  # c^2 var(X_t), broadcastable to u; compact (e.g. [N, 1], per-layer std)
 
@@ -179,7 +182,7 @@ class SJSpike(IWSTSpike):
 
     def __getstate__(self):
         state = super().__getstate__()
-        for key in ("_var_state", "_pending"):
+        for key in ("_var_state", "_pending", "_steps"):
             state[key] = None
         return state
 
@@ -278,7 +281,61 @@ def link_neuron(node: nn.Module, spike: SJSpike | None = None) -> nn.Module:
         node.register_forward_pre_hook(_neuron_pre_hook)
     if _mark_spikes not in node._forward_hooks.values():
         node.register_forward_hook(_mark_spikes)
+    # an instance attribute shadows the class method (removed again by _unlink)
+    node.__dict__["multi_step_forward"] = functools.partial(_linked_multi_step_forward, node)
     return node
+
+
+def _sequence_config(node: nn.Module, spike: SJSpike, x_seq: Tensor) -> dict | None:
+    """The :func:`~sbnn_addons.kernels.lif_sequence` arguments for this multi-step call of
+    a linked node, or ``None`` where it does not apply (then the node runs its own loop):
+    it serves ``LIFNode`` / ``IFNode`` with a Bayesian input, float32 on CPU, in a
+    stochastic mode, without the spike's own noise, the auxiliary loss or ``store_v_seq``.
+    """
+    var = spike._pending
+    kind = type(node)
+    if (
+        kind not in (neuron.LIFNode, neuron.IFNode)
+        or not isinstance(var, Tensor)
+        or not spike._multi
+        or spike._step != 0
+        or spike.deterministic
+        or spike.collect_aux
+        or spike.learn_std
+        or spike._fixed_std_nonzero()
+        or node.store_v_seq
+        or node._neuron_precision is not None
+        or x_seq.dim() < 2
+        or var.dim() != x_seq.dim()
+        or var.shape[0] != x_seq.shape[0]
+        or not kernels.can_fuse(x_seq, var)
+    ):
+        return None
+    tau = float(node.tau) if kind is neuron.LIFNode else None
+    return dict(tau=tau, decay_input=bool(getattr(node, "decay_input", True)),
+                threshold=float(node.v_threshold), v_reset=node.v_reset,
+                detach_reset=bool(node.detach_reset), estimator=spike.estimator,
+                at_zero=spike.at_zero, generator=spike._generator_for(x_seq))
+
+
+def _linked_multi_step_forward(node: nn.Module, x_seq: Tensor, *args, **kwargs):
+    """A linked node's ``multi_step_forward``: the whole sequence in one
+    :func:`~sbnn_addons.kernels.lif_sequence` call (the same spikes and membranes as the
+    node's own loop, which calls the spike function once per step; one autograd node
+    instead of about ten per step), else the node's own method."""
+    spike = node.surrogate_function
+    config = None
+    if not args and not kwargs and isinstance(spike, SJSpike) and spike._linked:
+        config = _sequence_config(node, spike, x_seq)
+    if config is None:
+        return type(node).multi_step_forward(node, x_seq, *args, **kwargs)
+    (v0,) = node.materialize_states((x_seq,), tuple(node._memories.values()), "m")[:1]
+    spikes, v, state = kernels.lif_sequence(x_seq, spike._pending, v0, spike._var_state,
+                                            **config)
+    node._memories["v"] = v
+    node.v_seq = None
+    spike.__dict__.update(_var_state=state, _step=x_seq.shape[0])
+    return spikes
 
 
 def _mark_spikes(node: nn.Module, args, output):
@@ -289,6 +346,7 @@ def _mark_spikes(node: nn.Module, args, output):
 
 
 def _unlink(node: nn.Module) -> None:
+    node.__dict__.pop("multi_step_forward", None)
     for hooks, fn in ((node._forward_pre_hooks, _neuron_pre_hook),
                       (node._forward_hooks, _mark_spikes)):
         for key, hook in list(hooks.items()):

@@ -393,3 +393,85 @@ def test_bad_input_to_the_kernel_functions_is_named():
         kernels.spike_forward(u, torch.ones(2, 4, 5), 1)
     with pytest.raises(ValueError, match="must have the shape of u"):
         kernels.spike_backward(torch.ones(4, 4), u, torch.ones(()), torch.ones(4, 5), sb.ST())
+
+
+def _loop_reference(x, q, v0, s0, tau, decay_input, v_reset, detach, estimator):
+    """The recurrence of kernels.LIFSequence step by step with autograd: SpikingJelly's
+    charge and reset operations, one fused_spike per step (the same Philox keys)."""
+    v, state, out = v0, s0, []
+    beta2 = 1.0 if tau is None else (1 - 1 / tau) ** 2
+    for t in range(x.shape[0]):
+        if tau is None:
+            h = v + x[t]
+        elif decay_input:
+            h = v + (x[t] - (v - (v_reset or 0.0))) / tau
+        else:
+            h = v - (v - (v_reset or 0.0)) / tau + x[t]
+        state = q[t] if state is None else q[t].add(state, alpha=beta2)
+        spike = kernels.fused_spike(h - 1.0, state, estimator, at_zero=True)
+        s_reset = spike.detach() if detach else spike
+        if v_reset is None:
+            v = h - s_reset * 1.0
+        else:
+            v = s_reset * v_reset + (1.0 - s_reset) * h
+            state = state.masked_fill(spike.detach() > 0, 0.0)
+        out.append(spike)
+    return torch.stack(out), v, state
+
+
+@pytest.mark.parametrize("tau, decay_input, v_reset, detach, q_shape", [
+    (None, True, 0.0, False, (6, 3, 1)),
+    (None, True, None, True, (6, 3, 5)),
+    (2.0, True, 0.0, False, (6, 3, 1)),
+    (2.0, True, -0.3, True, (6, 1, 5)),
+    (3.0, False, None, False, (6, 3, 1)),
+    (1.5, True, None, False, (6, 3, 5)),
+])
+def test_lif_sequence_equals_the_step_loop(tau, decay_input, v_reset, detach, q_shape):
+    """LIFSequence: the same spikes, final membrane and variance state as the per-step
+    loop (bitwise, same keys), and the same gradients for x, Q, V_0 and S'_0 (rtol 1e-5),
+    with a loss on the spikes and on the final states."""
+    torch.manual_seed(0)
+    x = (torch.rand(6, 3, 5) * 1.5).requires_grad_()
+    q = (torch.rand(q_shape) * 0.4).requires_grad_()
+    v0 = (torch.rand(3, 5) * 0.5).requires_grad_()
+    s0 = (torch.rand(3, 1) * 0.2).requires_grad_()
+    weights = torch.randn(6, 3, 5)
+    est = sb.AGR(0.5)
+    results = []
+    for run in ("loop", "fused"):
+        for t in (x, q, v0, s0):
+            t.grad = None
+        torch.manual_seed(7)
+        if run == "loop":
+            spikes, v, state = _loop_reference(x, q, v0, s0, tau, decay_input, v_reset,
+                                               detach, est)
+        else:
+            spikes, v, state = kernels.lif_sequence(
+                x, q, v0, s0, tau=tau, decay_input=decay_input, threshold=1.0,
+                v_reset=v_reset, detach_reset=detach, estimator=est)
+        ((spikes * weights).sum() + (v * v).sum() + 2 * state.sum()).backward()
+        results.append((spikes.detach(), v.detach(), state.detach(),
+                        [t.grad.clone() for t in (x, q, v0, s0)]))
+    (s_a, v_a, st_a, g_a), (s_b, v_b, st_b, g_b) = results
+    assert 0.05 < float(s_a.mean()) < 0.95
+    assert torch.equal(s_a, s_b) and torch.equal(v_a, v_b)
+    assert torch.equal(st_a.expand(3, 5), st_b.expand(3, 5))
+    for name, a, b in zip(("x", "q", "v0", "s0"), g_a, g_b):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_lif_sequence_bad_input_is_named():
+    x, q, v0 = torch.rand(4, 2, 3), torch.rand(4, 2, 1), torch.zeros(2, 3)
+    kw = dict(tau=2.0, decay_input=True, threshold=1.0, v_reset=0.0, detach_reset=False,
+              estimator=sb.ST())
+    with pytest.raises(TypeError, match="x_seq must be a torch.float32"):
+        kernels.lif_sequence(x.double(), q, v0, None, **kw)
+    with pytest.raises(ValueError, match="T steps"):
+        kernels.lif_sequence(x, q[:3], v0, None, **kw)
+    with pytest.raises(ValueError, match="v0 of shape"):
+        kernels.lif_sequence(x, q, torch.zeros(5), None, **kw)
+    with pytest.raises(ValueError, match="T >= 1"):
+        kernels.lif_sequence(x[:0], q[:0], v0, None, **kw)
+    with pytest.raises(ValueError, match="tau must be >= 1"):
+        kernels.lif_sequence(x, q, v0, None, **{**kw, "tau": 0.5})

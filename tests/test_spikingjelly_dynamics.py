@@ -3,13 +3,14 @@ of the SpikingJelly adapter (real SpikingJelly neurons, fixed seeds)."""
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _sj_helpers import run_sequence
+from _sj_helpers import record_spikes, run_sequence
 from torch import nn
 
 import sbnn_addons
@@ -49,11 +50,22 @@ def _record_fire(spike):
 
     def fire(u, variance):
         out = original(u, variance)
-        seen.append((variance.detach().clone(), out.detach().clone()))
+        seen.append((None if variance is None else variance.detach().clone(),
+                     out.detach().clone()))
         return out
 
     spike.fire = fire
     return seen
+
+
+def _own_loop(model):
+    """A copy of a converted model whose linked nodes run SpikingJelly's own per-step
+    loop in multi-step mode (one spike-function call per step) instead of the fused
+    sequence."""
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        m.__dict__.pop("multi_step_forward", None)
+    return twin
 
 
 def _expected(var_in, spikes, beta, c, hard):
@@ -73,7 +85,7 @@ def test_variance_follows_node_dynamics(kind, sm):
     torch.manual_seed(0)
     make, _ = NEURONS[kind]
     net = nn.Sequential(layer.Linear(12, 7, step_mode=sm), make(sm))
-    sbnn = sbnn_sj.to_sbnn(net, std=0.3, learn_std=False)
+    sbnn = _own_loop(sbnn_sj.to_sbnn(net, std=0.3, learn_std=False))  # per-step calls
     lin, node = sbnn[0], sbnn[1]
     x = torch.rand(8, 4, 12) * 2
     seen = _record_fire(node.surrogate_function)
@@ -88,6 +100,88 @@ def test_variance_follows_node_dynamics(kind, sm):
         for (got, _), want in zip(seen, expected):
             torch.testing.assert_close(got.expand_as(want), want, rtol=1e-5, atol=1e-7)
     assert torch.stack(spikes).float().mean() > 0.01  # the hard-reset branch is exercised
+
+
+SEQUENCE_NEURONS = {
+    **NEURONS,
+    "lif_detach_reset": (lambda sm: neuron.LIFNode(tau=2.0, detach_reset=True, step_mode=sm),
+                         None),
+    "if_reset_below_zero": (lambda sm: neuron.IFNode(v_reset=-0.5, step_mode=sm), None),
+    "if_soft_detach": (lambda sm: neuron.IFNode(v_reset=None, detach_reset=True,
+                                                step_mode=sm), None),
+}
+
+
+@pytest.mark.parametrize("estimator", ["st", "agr(0.5)"])
+@pytest.mark.parametrize("kind", list(SEQUENCE_NEURONS))
+def test_fused_sequence_equals_the_nodes_own_loop(kind, estimator):
+    """Multi-step LIFNode / IFNode run as one fused sequence (kernels.lif_sequence): the
+    spikes, outputs, membranes and variance states equal the node's own loop bitwise, and
+    all gradients (weights, posterior std, through two sequences chained without a reset)
+    agree to rtol 1e-5. ParametricLIFNode keeps the node's loop."""
+    torch.manual_seed(3)
+    make, _ = SEQUENCE_NEURONS[kind]
+    net = nn.Sequential(layer.Linear(12, 9, step_mode="m"), make("m"),
+                        layer.Linear(9, 5, step_mode="m"), make("m"))
+    with torch.no_grad():  # strong enough weights for both layers to spike often
+        net[0].weight.mul_(2.5)
+        net[2].weight.mul_(4.0)
+        net[2].bias.fill_(0.9)
+    fused = sbnn_sj.to_sbnn(net, estimator, std=0.4)
+    own = _own_loop(fused)
+    calls = _record_fire(fused[1].surrogate_function)
+    fired, _ = record_spikes(fused)
+    x = torch.rand(2, 6, 4, 12) * 2.0
+    results = []
+    for model in (fused, own):
+        torch.manual_seed(11)
+        functional.reset_net(model)
+        outs = [model(x[0]), model(x[1])]  # the second sequence continues the state
+        (sum(o.sum() for o in outs) + outs[1][-1, :, 0].sum() * 3).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        states = [(m.v, m.surrogate_function._var_state) for m in (model[1], model[3])]
+        results.append((outs, grads, states))
+    (out_f, grad_f, state_f), (out_o, grad_o, state_o) = results
+    fused_kind = kind not in ("plif_hard",)
+    assert (len(calls) == 0) == fused_kind  # the fused path ran (no per-step fire calls)
+    for a, b in zip(out_f, out_o):
+        assert torch.equal(a, b)
+    rates = [float(f.mean()) for f in fired]
+    assert all(0.02 < r < 0.98 for r in rates), rates  # both layers fire, not always
+    for (v_f, s_f), (v_o, s_o) in zip(state_f, state_o):
+        assert torch.equal(v_f, v_o)
+        assert torch.equal(s_f.expand_as(v_f), s_o.expand_as(v_o))
+    assert grad_f.keys() == grad_o.keys()
+    for name in grad_f:
+        torch.testing.assert_close(grad_f[name], grad_o[name], rtol=1e-5, atol=1e-6,
+                                   msg=name)
+    assert any(name.endswith("std_rho") and bool(grad_f[name].abs().sum() > 0)
+               for name in grad_f)
+
+
+def test_fused_sequence_falls_back_where_it_does_not_apply():
+    """Own spike noise, the auxiliary loss, store_v_seq and mean mode run the node's own
+    loop (the spike function is called once per step)."""
+    torch.manual_seed(0)
+    x = torch.rand(5, 3, 12)
+    cases = {
+        "own noise": dict(convert={"spike_std": 0.2}),
+        "aux loss": dict(aux=True),
+        "store_v_seq": dict(store=True),
+        "mean mode": dict(mode="mean"),
+    }
+    for name, case in cases.items():
+        node = neuron.LIFNode(tau=2.0, step_mode="m", store_v_seq=case.get("store", False))
+        net = nn.Sequential(layer.Linear(12, 7, step_mode="m"), node)
+        sbnn = sbnn_sj.to_sbnn(net, std=0.3, **case.get("convert", {}))
+        if case.get("aux"):
+            sbnn_addons.enable_aux_loss(sbnn)
+        if case.get("mode"):
+            sbnn_addons.set_mode(sbnn, case["mode"])
+        calls = _record_fire(sbnn[1].surrogate_function)
+        functional.reset_net(sbnn)
+        sbnn(x)
+        assert len(calls) == x.shape[0], name
 
 
 @pytest.mark.parametrize("sm", ["s", "m"])
