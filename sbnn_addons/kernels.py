@@ -559,7 +559,11 @@ def lif_sequence(x_seq: Tensor, q_seq: Tensor, v0: Tensor, s0: Tensor | None, *,
             to ``x_seq``, float32.
         v0: membrane before the first step, broadcastable to ``S``.
         s0: variance state ``S'`` before the first step (``None``: none yet).
-        tau, decay_input, threshold, v_reset, detach_reset: SpikingJelly's parameters.
+        tau: membrane time constant, ``>= 1``; ``None`` for an IF neuron.
+        decay_input: SpikingJelly's ``decay_input`` (divide the input by ``tau``).
+        threshold: firing threshold ``theta``.
+        v_reset: hard-reset potential ``V_r``; ``None`` for a soft reset.
+        detach_reset: no gradient through the reset's spike.
         estimator: an :class:`~sbnn_addons.estimators.Estimator`.
         at_zero: fire at ``H - theta = 0`` where ``S = 0`` (SpikingJelly's ``>=``).
         generator: the generator the T per-step Philox keys are drawn from, in order (the

@@ -38,8 +38,11 @@ What :func:`to_sbnn` does (SPEC sections 2-3):
 * BatchNorm becomes a mean-only :class:`~sbnn_addons.ChannelAffine` (``batchnorm="affine"``,
   equal to the BatchNorm in eval mode) or is kept (``"keep"``).
 
-Custom surrogates always run on SpikingJelly's Python reference path (one call per time
-step); only SpikingJelly's own built-in surrogates use its fused GPU kernels.
+A linked multi-step ``LIFNode`` / ``IFNode`` runs its whole sequence in one
+:func:`~sbnn_addons.kernels.lif_sequence` call (SpikingJelly's own charge and reset
+operations, one autograd node); elsewhere the node runs SpikingJelly's Python reference
+path, which calls the spike function once per time step. Only SpikingJelly's own
+built-in surrogates use its fused GPU kernels.
 """
 
 from __future__ import annotations
