@@ -236,24 +236,27 @@ def exact_unit_gradient(u: Tensor, sigma: Tensor, f0: Tensor, f1: Tensor) -> tup
 
 
 def box_sum(x: Tensor, kernel: Sequence[int], stride: Sequence[int],
-            padding: Sequence[int]) -> Tensor:
+            padding: Sequence[int], scale: float = 1.0) -> Tensor:
     """Sum of ``x`` over every zero-padded ``kernel`` window of the trailing dimensions.
 
     .. code-block:: text
 
-        out[j] = sum over i in window(j) of x_pad[i]     (one dimension per entry of kernel)
+        out[j] = scale * sum over i in window(j) of x_pad[i]   (one dimension per entry
+                                                              of kernel)
 
-    The same as a convolution with an all-ones kernel (or sum pooling), computed
-    separably as ``k - 1`` shifted adds per dimension, which on CPU is cheaper than sum
-    pooling or a convolution of a single channel. Its backward (the transposed window
-    sum) adds the gradient into one buffer per dimension, instead of one zero-filled
-    input-sized tensor per shifted slice.
+    The same as a convolution with an all-ones kernel (or sum pooling). For float32 CPU
+    tensors with one or two window dimensions it is one pass of the compiled kernel
+    (:func:`sbnn_addons.kernels.window_sum`, and its transpose for the backward);
+    otherwise it is computed separably as ``k - 1`` shifted adds per dimension, which on
+    CPU is cheaper than sum pooling or a convolution of a single channel, with a backward
+    that adds the gradient into one buffer per dimension.
 
     Args:
         x: ``[*, L_1, ..., L_n]``.
         kernel: window size per dimension (``n`` ints).
         stride: step per dimension (``n`` ints).
         padding: zeros added on both sides, per dimension (``n`` ints).
+        scale: factor applied to every sum (and to the gradient).
 
     Returns:
         ``[*, (L_d + 2 p_d - k_d) // s_d + 1 ...]``.
@@ -265,8 +268,8 @@ def box_sum(x: Tensor, kernel: Sequence[int], stride: Sequence[int],
     kernel, stride, padding = tuple(kernel), tuple(stride), tuple(padding)
     _check_windows(x, kernel, stride, padding)
     if x.requires_grad and torch.is_grad_enabled():
-        return apply_function(_BoxSum, x, kernel, stride, padding)
-    return _box_sum(x, kernel, stride, padding)
+        return apply_function(_BoxSum, x, kernel, stride, padding, float(scale))
+    return _box_sum(x, kernel, stride, padding, float(scale))
 
 
 def _check_windows(x: Tensor, kernel, stride, padding) -> None:
@@ -286,7 +289,11 @@ def _check_windows(x: Tensor, kernel, stride, padding) -> None:
             )
 
 
-def _box_sum(x: Tensor, kernel, stride, padding) -> Tensor:
+def _box_sum(x: Tensor, kernel, stride, padding, scale: float) -> Tensor:
+    from . import kernels  # imports this module
+
+    if kernels.can_window_sum(x, len(kernel)):
+        return kernels.window_sum(x, kernel, stride, padding, scale=scale)
     n = len(kernel)
     pads = [p for pad in reversed(padding) for p in (pad, pad)]
     x = F.pad(x, pads) if any(pads) else x
@@ -296,7 +303,7 @@ def _box_sum(x: Tensor, kernel, stride, padding) -> Tensor:
         for part in _window_slices(x, dim, kernel[d], stride[d], x.shape[dim]):
             total = part if total is None else total + part
         x = total
-    return x
+    return x * scale if scale != 1.0 else x
 
 
 def _window_slices(x: Tensor, dim: int, k: int, s: int, length: int):
@@ -314,12 +321,13 @@ class _BoxSum(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, kernel, stride, padding) -> Tensor:
-        return _box_sum(x, kernel, stride, padding)
+    def forward(x: Tensor, kernel, stride, padding, scale: float) -> Tensor:
+        return _box_sum(x, kernel, stride, padding, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, kernel, stride, padding = inputs
+        x, kernel, stride, padding, scale = inputs
+        ctx.input_shape, ctx.scale = x.shape, scale
         padded = list(x.shape)
         n = len(kernel)
         for d, p in enumerate(padding):
@@ -334,7 +342,14 @@ class _BoxSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        from . import kernels
+
         n = len(ctx.kernel)
+        if grad.dtype == torch.float32 and kernels.can_window_sum(grad, n):
+            return kernels.window_sum_backward(grad, ctx.input_shape, ctx.kernel, ctx.stride,
+                                               ctx.padding, ctx.scale), None, None, None, None
+        if ctx.scale != 1.0:
+            grad = grad * ctx.scale
         for d in reversed(range(n)):
             shape = ctx.shapes[d]
             dim = len(shape) - n + d
@@ -346,7 +361,7 @@ class _BoxSum(torch.autograd.Function):
             if p:
                 dim = grad.dim() - n + d
                 grad = grad.narrow(dim, p, grad.shape[dim] - 2 * p)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 @functools.lru_cache(maxsize=4096)

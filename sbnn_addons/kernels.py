@@ -166,6 +166,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sbnn_spike_backward.restype = None
     lib.sbnn_spike_backward_compact.argtypes = lib.sbnn_spike_backward.argtypes
     lib.sbnn_spike_backward_compact.restype = None
+    lib.sbnn_window_sum.argtypes = [ptr, ptr, *[i64] * 12, i32, f32, i32]
+    lib.sbnn_window_sum.restype = None
+    lib.sbnn_window_sum_backward.argtypes = [ptr, ptr, *[i64] * 11, f32, i32]
+    lib.sbnn_window_sum_backward.restype = None
     lib.sbnn_erfcx.argtypes = [ptr, ptr, i64]
     lib.sbnn_erfcx.restype = None
     lib.sbnn_thresholds.argtypes = [ptr, ptr]
@@ -230,6 +234,77 @@ def broadcast_layout(var_shape: torch.Size, shape: torch.Size) -> tuple[int, int
     if any(padded[d] != 1 for d in range(first, last)):
         return None
     return math.prod(shape[first:last]), math.prod(shape[last:])
+
+
+def can_window_sum(x: Tensor, n: int) -> bool:
+    """Whether :func:`window_sum` serves ``x`` with ``n`` window dimensions."""
+    return (
+        _enabled and n in (1, 2) and x.dtype == torch.float32 and x.device.type == "cpu"
+        and x.dim() >= n + 1 and not torch._C._are_functorch_transforms_active()
+        and not torch.compiler.is_compiling() and (_lib is not None or _load() is not None)
+    )
+
+
+def _window_geometry(shape, kernel, stride, padding):
+    """``(H, W, Ho, Wo, kh, kw, sh, sw, ph, pw)`` of 1-D or 2-D windows on ``shape``."""
+    if len(kernel) == 1:
+        length = shape[-1]
+        out = (length + 2 * padding[0] - kernel[0]) // stride[0] + 1
+        return 1, length, 1, out, 1, kernel[0], 1, stride[0], 0, padding[0]
+    h, w = shape[-2], shape[-1]
+    ho = (h + 2 * padding[0] - kernel[0]) // stride[0] + 1
+    wo = (w + 2 * padding[1] - kernel[1]) // stride[1] + 1
+    return h, w, ho, wo, kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1]
+
+
+def window_sum(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
+               padding: tuple[int, ...], channels: int = 1, square: bool = False,
+               scale: float = 1.0) -> Tensor:
+    """Zero-padded window sums of the last 1 or 2 dimensions, in one pass (no autograd).
+
+    .. code-block:: text
+
+        out[m, j] = scale * sum_{c < channels} sum_{i in window(j)} f(x[m, c, i]),
+        f(v) = v, or v^2 with square
+
+    Args:
+        x: float32 CPU ``[*, channels, *window_dims]`` (``channels = 1``: the leading
+            dimensions are all batch).
+        kernel, stride, padding: per window dimension (validated by the caller, see
+            :func:`sbnn_addons.functional.box_sum`).
+        channels: the dimension before the window dimensions is summed when > 1.
+        square: sum ``x^2`` instead of ``x``.
+        scale: factor applied to the sums.
+
+    Returns:
+        ``[*, 1, *out_dims]`` for ``channels > 1``, else ``[*, *out_dims]``.
+    """
+    n = len(kernel)
+    x = x.contiguous()
+    h, w, ho, wo, kh, kw, sh, sw, ph, pw = _window_geometry(x.shape, kernel, stride, padding)
+    lead = x.shape[:-n - 1] if channels > 1 else x.shape[:-n]
+    out_dims = (ho, wo) if n == 2 else (wo,)
+    out = torch.empty((*lead, *((1,) if channels > 1 else ()), *out_dims), dtype=x.dtype)
+    m = math.prod(lead)
+    _require().sbnn_window_sum(x.data_ptr(), out.data_ptr(), m, channels, h, w, ho, wo, kh,
+                               kw, sh, sw, ph, pw, int(square), float(scale),
+                               torch.get_num_threads())
+    return out
+
+
+def window_sum_backward(grad: Tensor, shape: torch.Size, kernel: tuple[int, ...],
+                        stride: tuple[int, ...], padding: tuple[int, ...],
+                        scale: float = 1.0) -> Tensor:
+    """The transposed :func:`window_sum` (``channels = 1``, no square) onto ``shape``."""
+    n = len(kernel)
+    grad = grad.to(torch.float32).contiguous()
+    h, w, ho, wo, kh, kw, sh, sw, ph, pw = _window_geometry(shape, kernel, stride, padding)
+    out = torch.empty(shape, dtype=torch.float32)
+    m = math.prod(shape[:-n])
+    _require().sbnn_window_sum_backward(grad.data_ptr(), out.data_ptr(), m, h, w, ho, wo, kh,
+                                        kw, sh, sw, ph, pw, float(scale),
+                                        torch.get_num_threads())
+    return out
 
 
 def _thresholds() -> tuple[Tensor, Tensor]:

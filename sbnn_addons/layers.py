@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .base import _SHARED, SBNNModule, check_std, inverse_softplus, share_posterior, softplus
 from .functional import (
     apply_function,
@@ -370,6 +371,16 @@ class _BayesConv(_BayesMixin):
             return field * s2.view(1, -1, *([1] * (x2.dim() - 2)))
         return field * s2
 
+    def _window_padding(self) -> tuple[int, ...] | None:
+        """The zero padding per dimension where the receptive field is a plain window
+        (zero padding, no dilation), else ``None``."""
+        n = self.weight.dim() - 2
+        pad = (0,) * n if self.padding == "valid" else self.padding
+        if (self.padding_mode != "zeros" or isinstance(pad, str)
+                or any(d != 1 for d in self.dilation)):
+            return None
+        return tuple(pad)
+
     def _receptive_field_sum(self, x2: Tensor) -> Tensor:
         """``sum_{i in field(j)} x2_i`` over channels and kernel window, one channel.
 
@@ -379,18 +390,27 @@ class _BayesConv(_BayesMixin):
         on CPU.
         """
         n = self.weight.dim() - 2
-        k, stride = self.kernel_size, self.stride
-        pad = self.padding
-        if pad == "valid":
-            pad = (0,) * n
-        separable = (
-            self.padding_mode == "zeros" and not isinstance(pad, str)
-            and all(d == 1 for d in self.dilation)
-        )
-        if not separable:
+        pad = self._window_padding()
+        if pad is None:
             ones = torch.ones((1, *self.weight.shape[1:]), dtype=x2.dtype, device=x2.device)
             return self._conv_forward(x2, ones, None)
-        return box_sum(x2.sum(dim=-n - 1, keepdim=True), k, stride, pad)
+        return box_sum(x2.sum(dim=-n - 1, keepdim=True), self.kernel_size, self.stride, pad)
+
+    def _input_variance(self, x: Tensor, binary: bool, as_bytes: Tensor | None) -> Tensor:
+        n = self.weight.dim() - 2
+        pad = self._window_padding()
+        if (self.std_mode == "weight" or self.groups != 1 or pad is None
+                or x.dim() != n + 2 or (x.requires_grad and torch.is_grad_enabled())
+                or type(self)._output_variance is not _BayesConv._output_variance
+                or not kernels.can_window_sum(x, n)):
+            return super()._input_variance(x, binary, as_bytes)
+        # channel sum, squares (unless x is 0/1) and window sum in one compiled pass
+        field = kernels.window_sum(x, self.kernel_size, self.stride, pad,
+                                   channels=self.in_channels, square=not binary)
+        s2 = self._std_squared()
+        if self.std_mode == "channel":
+            s2 = s2.view(1, -1, *([1] * n))
+        return field * s2
 
     def _plain_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return self._conv_forward(x, weight, bias)

@@ -246,7 +246,7 @@ def _avg_pool(func, args, kwargs, out, var_of):
     if not params.get("ceil_mode", False) and (params.get("count_include_pad", True)
                                                  or not any(padding)):
         divisor = override or math.prod(kernel)  # the same for every window
-        return box_sum(var, kernel, stride, padding) / float(divisor) ** 2
+        return box_sum(var, kernel, stride, padding, scale=1.0 / float(divisor) ** 2)
     # ceil mode, or padding left out of the count: D_j varies with the window. With the
     # indicator e of in-bounds elements, avg(e)_j = n_j / D_j, where n_j (in-bounds
     # elements of window j) is the same pooling with divisor 1.

@@ -475,3 +475,57 @@ def test_lif_sequence_bad_input_is_named():
         kernels.lif_sequence(x[:0], q[:0], v0, None, **kw)
     with pytest.raises(ValueError, match="tau must be >= 1"):
         kernels.lif_sequence(x, q, v0, None, **{**kw, "tau": 0.5})
+
+
+WINDOWS = [  # shape [M, C, *dims], kernel, stride, padding
+    ((2, 3, 9, 11), (3, 3), (1, 1), (1, 1)), ((2, 1, 9, 11), (3, 2), (2, 3), (1, 0)),
+    ((3, 1, 10), (5,), (2,), (2,)), ((2, 4, 8, 8), (2, 2), (2, 2), (0, 0)),
+    ((1, 2, 7, 7), (4, 4), (3, 3), (2, 2)), ((2, 5, 6, 9), (3, 5), (1, 2), (2, 3)),
+    ((2, 16, 16, 16), (3, 3), (1, 1), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("shape, kernel, stride, padding", WINDOWS)
+@pytest.mark.parametrize("square", [False, True])
+def test_window_sum_is_the_ones_convolution(shape, kernel, stride, padding, square):
+    """kernels.window_sum summed over the channels (of x or x^2) and scaled equals a
+    float64 convolution with an all-ones [1, C, *k] kernel (rtol 1e-6); per channel
+    (channels = 1) it equals the grouped one."""
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    conv = torch.nn.functional.conv2d if len(kernel) == 2 else torch.nn.functional.conv1d
+    x64 = x.double() ** 2 if square else x.double()
+    ones = torch.ones((1, shape[1], *kernel), dtype=torch.float64)
+    want = conv(x64, ones, stride=stride, padding=padding) * 0.25
+    got = kernels.window_sum(x, kernel, stride, padding, channels=shape[1], square=square,
+                             scale=0.25)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
+    per_channel = conv(x64, ones.view(shape[1], 1, *kernel)[:, :, ...], stride=stride,
+                       padding=padding, groups=shape[1])
+    got = kernels.window_sum(x ** 2 if square else x, kernel, stride, padding)
+    torch.testing.assert_close(got.double(), per_channel, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, kernel, stride, padding", WINDOWS)
+def test_window_sum_backward_is_the_transposed_sum(shape, kernel, stride, padding):
+    """The kernel's transposed window sum equals the float64 autograd gradient of the
+    grouped ones-convolution, and box_sum's two paths (kernel, shifted adds) agree in
+    value and gradient, with a scale."""
+    from sbnn_addons.functional import box_sum
+
+    torch.manual_seed(1)
+    x = torch.rand(shape, requires_grad=True)
+    out = box_sum(x, kernel, stride, padding, scale=0.5)
+    g = torch.randn(out.shape)
+    (gx,) = torch.autograd.grad(out, x, g)
+    x64 = x.detach().double().requires_grad_()
+    conv = torch.nn.functional.conv2d if len(kernel) == 2 else torch.nn.functional.conv1d
+    ones = torch.ones((shape[1], 1, *kernel), dtype=torch.float64)
+    ref = conv(x64, ones, stride=stride, padding=padding, groups=shape[1]) * 0.5
+    (want,) = torch.autograd.grad(ref, x64, g.double())
+    torch.testing.assert_close(gx.double(), want, rtol=1e-6, atol=1e-5)
+    with kernels.use_kernels(False):
+        out_torch = box_sum(x, kernel, stride, padding, scale=0.5)
+        (gx_torch,) = torch.autograd.grad(out_torch, x, g)
+    torch.testing.assert_close(out, out_torch, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx, gx_torch, rtol=1e-6, atol=1e-6)

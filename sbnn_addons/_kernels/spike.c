@@ -20,6 +20,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define CHUNK 1024 /* elements per buffer of random bytes (multiple of 16) */
 #define INV_SQRT2 0.70710678118654752440f
@@ -399,6 +400,118 @@ void sbnn_spike_backward_compact(const float *restrict g, const float *restrict 
                 }
             }
         }
+    }
+}
+
+/* ---------------------------------------------------------------- window sums
+ * out[m, i, j] = scale * sum_{c < C} sum_{a < kh, b < kw} f(x[m, c, i sh + a - ph, j sw + b - pw])
+ * over zero-padded windows, f(v) = v (or v * v with `square`); x is [M, C, H, W] and out
+ * [M, Ho, Wo], both contiguous (1-D windows: H = Ho = kh = 1). This is the receptive-field
+ * sum of the LRT variance (all C channels, one output channel) and the window sum of the
+ * average-pooling variance rule (C = 1). Separable: the channel sum S (H x W), the row
+ * sums R (H x Wo), then the column sums, each an inner loop over contiguous memory for
+ * stride 1. Every output depends on the inputs of one m only, so the result does not
+ * depend on the thread count. */
+
+/* the j with 0 <= j s + b - p < len, as [lo, hi) within [0, n) */
+static void valid_range(int64_t b, int64_t s, int64_t p, int64_t len, int64_t n, int64_t *lo,
+                        int64_t *hi) {
+    int64_t first = p - b > 0 ? (p - b + s - 1) / s : 0;
+    int64_t last = (len - 1 + p - b) >= 0 ? (len - 1 + p - b) / s + 1 : 0;
+    *lo = first < n ? first : n;
+    *hi = last < n ? last : n;
+    if (*hi < *lo) *hi = *lo;
+}
+
+void sbnn_window_sum(const float *restrict x, float *restrict out, int64_t M, int64_t C,
+                     int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t kh, int64_t kw,
+                     int64_t sh, int64_t sw, int64_t ph, int64_t pw, int square, float scale,
+                     int threads) {
+    const int64_t plane = H * W;
+#pragma omp parallel num_threads(threads) if (threads > 1 && M * C * plane >= PARALLEL_MIN * threads)
+    {
+        float *S = malloc(sizeof(float) * (size_t)(plane + H * Wo));
+        float *R = S + plane;
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; ++m) {
+            const float *xm = x + m * C * plane;
+            for (int64_t e = 0; e < plane; ++e) S[e] = square ? xm[e] * xm[e] : xm[e];
+            for (int64_t c = 1; c < C; ++c) {
+                const float *xc = xm + c * plane;
+                if (square)
+                    for (int64_t e = 0; e < plane; ++e) S[e] += xc[e] * xc[e];
+                else
+                    for (int64_t e = 0; e < plane; ++e) S[e] += xc[e];
+            }
+            for (int64_t y = 0; y < H; ++y) {
+                float *r = R + y * Wo;
+                const float *srow = S + y * W;
+                for (int64_t j = 0; j < Wo; ++j) r[j] = 0.0f;
+                for (int64_t b = 0; b < kw; ++b) {
+                    int64_t lo, hi;
+                    valid_range(b, sw, pw, W, Wo, &lo, &hi);
+                    if (sw == 1)
+                        for (int64_t j = lo; j < hi; ++j) r[j] += srow[j + b - pw];
+                    else
+                        for (int64_t j = lo; j < hi; ++j) r[j] += srow[j * sw + b - pw];
+                }
+            }
+            for (int64_t i = 0; i < Ho; ++i) {
+                float *o = out + (m * Ho + i) * Wo;
+                for (int64_t j = 0; j < Wo; ++j) o[j] = 0.0f;
+                for (int64_t a = 0; a < kh; ++a) {
+                    int64_t y = i * sh + a - ph;
+                    if (y < 0 || y >= H) continue;
+                    const float *r = R + y * Wo;
+                    for (int64_t j = 0; j < Wo; ++j) o[j] += r[j];
+                }
+                if (scale != 1.0f)
+                    for (int64_t j = 0; j < Wo; ++j) o[j] *= scale;
+            }
+        }
+        free(S);
+    }
+}
+
+/* The transposed window sum (the backward of sbnn_window_sum with C = 1, f(v) = v):
+ * gx[m, y, x] = scale * sum over the windows (i, j) that contain (y, x) of g[m, i, j]. */
+void sbnn_window_sum_backward(const float *restrict g, float *restrict gx, int64_t M,
+                              int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t kh,
+                              int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                              float scale, int threads) {
+#pragma omp parallel num_threads(threads) if (threads > 1 && M * H * W >= PARALLEL_MIN * threads)
+    {
+        float *R = malloc(sizeof(float) * (size_t)(H * Wo));
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; ++m) {
+            const float *gm = g + m * Ho * Wo;
+            float *out = gx + m * H * W;
+            for (int64_t e = 0; e < H * Wo; ++e) R[e] = 0.0f;
+            for (int64_t i = 0; i < Ho; ++i)
+                for (int64_t a = 0; a < kh; ++a) {
+                    int64_t y = i * sh + a - ph;
+                    if (y < 0 || y >= H) continue;
+                    float *r = R + y * Wo;
+                    const float *gi = gm + i * Wo;
+                    for (int64_t j = 0; j < Wo; ++j) r[j] += gi[j];
+                }
+            for (int64_t y = 0; y < H; ++y) {
+                float *orow = out + y * W;
+                const float *r = R + y * Wo;
+                for (int64_t e = 0; e < W; ++e) orow[e] = 0.0f;
+                for (int64_t b = 0; b < kw; ++b) {
+                    int64_t lo, hi;
+                    valid_range(b, sw, pw, W, Wo, &lo, &hi);
+                    if (sw == 1)
+                        for (int64_t j = lo; j < hi; ++j) orow[j + b - pw] += r[j];
+                    else
+                        for (int64_t j = lo; j < hi; ++j) orow[j * sw + b - pw] += r[j];
+                }
+                if (scale != 1.0f)
+                    for (int64_t e = 0; e < W; ++e) orow[e] *= scale;
+            }
+        }
+        free(R);
     }
 }
 
