@@ -46,6 +46,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -54,7 +55,8 @@ from .functional import apply_function, broadcasts_to, mark_binary
 
 __all__ = [
     "available", "enabled", "use_kernels", "can_fuse", "fused_spike", "FusedSpike",
-    "spike_forward", "spike_backward", "broadcast_layout", "LIFSequence", "lif_sequence",
+    "spike_forward", "spike_backward", "broadcast_layout", "Dynamics", "LIFSequence",
+    "lif_sequence", "window_sum", "window_sum_backward", "can_window_sum",
 ]
 
 _SOURCE = Path(__file__).with_name("_kernels") / "spike.c"
@@ -270,8 +272,10 @@ def window_sum(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
     Args:
         x: float32 CPU ``[*, channels, *window_dims]`` (``channels = 1``: the leading
             dimensions are all batch).
-        kernel, stride, padding: per window dimension (validated by the caller, see
+        kernel: window size per window dimension (validated by the caller, see
             :func:`sbnn_addons.functional.box_sum`).
+        stride: step per window dimension.
+        padding: zeros on both sides, per window dimension.
         channels: the dimension before the window dimensions is summed when > 1.
         square: sum ``x^2`` instead of ``x``.
         scale: factor applied to the sums.
@@ -470,6 +474,7 @@ class FusedSpike(torch.autograd.Function):
         var, mid, inner = _layout(u, variance)
         h, hb, aux = _forward_raw(u, var, mid, inner, seed, at_zero, aux_offset)
         ctx.mark_non_differentiable(hb)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the bytes
         # the spikes are kept as bytes and the variance in its compact broadcast layout
         ctx.save_for_backward(u, var, hb)
         ctx.layout = (mid, inner, variance.shape)
@@ -480,11 +485,15 @@ class FusedSpike(torch.autograd.Function):
         return h, hb, torch.tensor(aux, dtype=torch.float32)
 
     @staticmethod
-    def backward(ctx, grad: Tensor, _grad_bytes: Tensor, *grad_aux: Tensor):
+    def backward(ctx, grad: Tensor | None, _grad_bytes: None, *grad_aux: Tensor | None):
         u, var, hb = ctx.saved_tensors
+        g_aux = float(grad_aux[0]) if grad_aux and grad_aux[0] is not None else 0.0
+        if grad is None:
+            if g_aux == 0.0:
+                return None, None, None, None, None, None
+            grad = torch.zeros_like(u)
         mid, inner, var_shape = ctx.layout
-        grad_u, grad_var = _backward_raw(grad, u, var, mid, inner, hb, ctx.estimator,
-                                         float(grad_aux[0]) if grad_aux else 0.0,
+        grad_u, grad_var = _backward_raw(grad, u, var, mid, inner, hb, ctx.estimator, g_aux,
                                          ctx.aux_offset, var_shape)
         return grad_u, grad_var, None, None, None, None
 
@@ -520,159 +529,248 @@ def fused_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
     return out[0] if aux_offset is None else (out[0], out[2])
 
 
-class LIFSequence(torch.autograd.Function):
-    """A whole sequence of a linked LIF / IF neuron, with a hand-written BPTT backward.
 
-    The membrane follows SpikingJelly's update (the same operations, so the same values),
-    the variance the linked recurrence of :mod:`sbnn_addons.spikingjelly`, and each step
-    samples its spikes with the kernel:
+class Dynamics(NamedTuple):
+    """How :class:`LIFSequence` charges, fires and resets (its equations).
+
+    Attributes:
+        charge: ``"leaky"`` (``beta V + X``, the core :class:`~sbnn_addons.LIF`), ``"if"``
+            (``V + X``), ``"lif"`` (SpikingJelly, ``decay_input=True``) or
+            ``"lif_nodecay"`` (``decay_input=False``).
+        beta: membrane decay; the variance decays by ``beta^2``.
+        tau: SpikingJelly's time constant (``"lif"``, ``"lif_nodecay"``), else ``None``.
+        threshold: ``theta``.
+        reset: ``"hard"`` (to ``v_reset``), ``"subtract"`` (``theta``), ``"zero"`` (times
+            ``1 - h``) or ``"none"``.
+        v_reset: the hard-reset potential.
+        reset_variance: ``S'_t = S_t (1 - h_t)`` (SpikingJelly's hard reset), else
+            ``S'_t = S_t``.
+        detach_reset: no gradient through the reset's spike.
+    """
+
+    charge: str
+    beta: float
+    tau: float | None
+    threshold: float
+    reset: str
+    v_reset: float = 0.0
+    reset_variance: bool = False
+    detach_reset: bool = False
+
+
+class LIFSequence(torch.autograd.Function):
+    """A whole sequence of an LIF / IF neuron with moment-tracked noise, one autograd node.
 
     .. code-block:: text
 
-        H_t = V_{t-1} + (X_t - (V_{t-1} - V_r)) / tau     (LIF, decay_input=True)
-        H_t = V_{t-1} - (V_{t-1} - V_r) / tau + X_t       (LIF, decay_input=False)
-        H_t = V_{t-1} + X_t                               (IF: tau = None)
-        S_t = Q_t + beta^2 S'_{t-1},   beta = 1 - 1/tau (1 for IF)
-        h_t = 1[U_t < Phi((H_t - theta) / sqrt(S_t))]
-        V_t = h_t V_r + (1 - h_t) H_t,   S'_t = S_t (1 - h_t)     (hard reset, V_r)
-        V_t = H_t - h_t theta,           S'_t = S_t               (soft reset)
+        H_t = beta V_{t-1} + X_t                          (charge "leaky")
+        H_t = V_{t-1} + (X_t - (V_{t-1} - V_r)) / tau     ("lif", SpikingJelly)
+        H_t = V_{t-1} - (V_{t-1} - V_r) / tau + X_t       ("lif_nodecay")
+        H_t = V_{t-1} + X_t                               ("if")
+        S_t = Q_t + beta^2 S'_{t-1}                       (Q_t: the input's variance term)
+        h_t = 1[U_t < Phi((H_t - theta) / sqrt(S_t + s_n^2))]      (kernel draw)
+        V_t = h_t V_r + (1 - h_t) H_t    ("hard"),   H_t - h_t theta   ("subtract"),
+              H_t (1 - h_t)              ("zero"),   H_t               ("none")
+        S'_t = S_t (1 - h_t) with reset_variance, else S_t
 
-    One autograd node for the sequence instead of about ten per step: the backward runs
-    the recurrences in reverse with the IW-ST Jacobian of each step (gradients through
-    the reset's spike unless ``detach_reset``). Use :func:`lif_sequence`.
+    The forward uses the same operations as the step-by-step neurons (the core
+    :class:`~sbnn_addons.LIF` and a linked SpikingJelly node) and the same Philox keys,
+    so spikes and membranes are equal bitwise. The backward runs the recurrences in
+    reverse with each step's IW-ST Jacobian (through the reset's spike unless
+    ``detach_reset``), and passes the gradient of the auxiliary sum to every step. Use
+    :func:`lif_sequence`.
     """
 
     @staticmethod
-    def forward(ctx, x_seq: Tensor, q_seq: Tensor, v0: Tensor, s0: Tensor | None, config):
-        tau, decay_input, threshold, v_reset, _detach, _estimator, at_zero, seeds = config
-        rv = 0.0 if v_reset is None else v_reset
-        beta2 = 1.0 if tau is None else (1.0 - 1.0 / tau) ** 2
-        spikes, spike_bytes = torch.empty_like(x_seq), torch.empty(x_seq.shape,
-                                                                   dtype=torch.uint8)
+    def forward(ctx, x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | None,
+                own_var: Tensor | None, config):
+        dyn, estimator, at_zero, seeds, aux_offset = config
+        beta2 = dyn.beta * dyn.beta
+        spikes = torch.empty_like(x_seq)
+        spike_bytes = torch.empty(x_seq.shape, dtype=torch.uint8)
         u_seq = torch.empty_like(x_seq)
-        v, state, saved = v0, s0, []
+        v, state, saved, aux = v0, s0, [], 0.0
         for t, x in enumerate(x_seq):
-            if tau is None:
-                h = v + x
-            elif decay_input:
-                h = v + (x - (v - rv)) / tau
+            h = _charge(dyn, v, x)
+            q = None if q_seq is None else q_seq[t]
+            if state is None:
+                state = q
+            elif q is not None:  # the operations of each step-by-step neuron
+                state = (beta2 * state + q if dyn.charge == "leaky"
+                         else q.add(state, alpha=beta2))
             else:
-                h = v - (v - rv) / tau + x
-            state = q_seq[t] if state is None else q_seq[t].add(state, alpha=beta2)
-            u = torch.sub(h, threshold, out=u_seq[t])
-            var, mid, inner = _layout(u, state)
-            _forward_raw(u, var, mid, inner, seeds[t], at_zero, None,
-                         out=(spikes[t], spike_bytes[t]))
-            saved.append((var, mid, inner, state.shape))
-            if v_reset is None:
-                v = h - spikes[t] * threshold
+                state = state * beta2
+            total = state if own_var is None else (own_var if state is None
+                                                   else state + own_var)
+            if total is None:  # no noise at all: the deterministic spike 1[u > 0]
+                total = torch.zeros((), dtype=x_seq.dtype)
+            u = torch.sub(h, dyn.threshold, out=u_seq[t])
+            var, mid, inner = _layout(u, total)
+            _, _, aux_t = _forward_raw(u, var, mid, inner, seeds[t], at_zero, aux_offset,
+                                       out=(spikes[t], spike_bytes[t]))
+            aux += aux_t
+            saved.append((var, mid, inner, total.shape, None if state is None else state.shape))
+            fired = spikes[t]
+            if dyn.reset == "hard":
+                v = fired * dyn.v_reset + (1.0 - fired) * h
+            elif dyn.reset == "subtract":
+                v = h - fired * dyn.threshold
+            elif dyn.reset == "zero":
+                v = h * (1.0 - fired)
             else:
-                v = spikes[t] * v_reset + (1.0 - spikes[t]) * h
+                v = h
+            if dyn.reset_variance and state is not None:
                 state = state.masked_fill(spike_bytes[t].view(torch.bool), 0.0)
-        if state._is_view():  # one step from no state (soft reset): Q_0 itself
+        if state is not None and state._is_view():  # e.g. Q_0 itself after one step
             state = state.clone()
+        if state is None:
+            state = torch.zeros((), dtype=x_seq.dtype)
         ctx.mark_non_differentiable(spike_bytes)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(u_seq, spike_bytes)
-        ctx.variances, ctx.config, ctx.beta2 = saved, config, beta2
-        ctx.shapes = (q_seq.shape[1:], v0.shape, None if s0 is None else s0.shape)
-        return spikes, spike_bytes, v, state
+        ctx.steps, ctx.dyn, ctx.estimator = saved, dyn, estimator
+        ctx.aux_offset = 0.0 if aux_offset is None else float(aux_offset)
+        ctx.shapes = tuple(None if t is None else t.shape for t in (q_seq, v0, s0, own_var))
+        return spikes, spike_bytes, v, state, torch.tensor(aux, dtype=torch.float32)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_spikes, _g_bytes, g_v, g_state):
+    def backward(ctx, g_spikes, _g_bytes, g_v, g_state, g_aux):
         u_seq, spike_bytes = ctx.saved_tensors
-        tau, decay_input, threshold, v_reset, detach, estimator, _at_zero, _seeds = ctx.config
-        q_shape, v_shape, s_shape = ctx.shapes
+        dyn = ctx.dyn
+        q_shape, v_shape, s_shape, own_shape = ctx.shapes
+        g_aux = 0.0 if g_aux is None else float(g_aux)
         grad_x = torch.empty_like(u_seq)
-        grad_q = []
+        grad_q, g_own = [], None
         for t in range(u_seq.shape[0] - 1, -1, -1):
             fired = spike_bytes[t].view(torch.bool)
             g_spike = torch.zeros_like(u_seq[t]) if g_spikes is None else g_spikes[t]
             g_h = None
             if g_v is not None:  # V_t = reset(H_t, h_t)
-                if v_reset is None:
-                    g_h = g_v
-                    if not detach:
-                        g_spike = g_spike - threshold * g_v
-                else:
-                    g_h = g_v.masked_fill(fired, 0.0)
-                    if not detach:  # d V_t / d h_t = V_r - H_t
-                        g_spike = g_spike + g_v * (v_reset - (u_seq[t] + threshold))
-            if g_state is not None and v_reset is not None:
-                g_state = g_state.masked_fill(fired, 0.0)
-            var, mid, inner, s_shape_t = ctx.variances[t]
-            g_u, g_s = _backward_raw(g_spike, u_seq[t], var, mid, inner, spike_bytes[t],
-                                     estimator, 0.0, 0.0, s_shape_t)
+                g_h, d_spike = _reset_backward(dyn, g_v, fired, u_seq[t])
+                if d_spike is not None and not dyn.detach_reset:
+                    g_spike = g_spike + d_spike
+            var, mid, inner, total_shape, state_shape = ctx.steps[t]
+            g_u, g_total = _backward_raw(g_spike, u_seq[t], var, mid, inner, spike_bytes[t],
+                                         ctx.estimator, g_aux, ctx.aux_offset, total_shape)
             g_h = g_u if g_h is None else g_h + g_u
-            if g_state is not None:  # dL/dS'_t (shape of S'_t) to S_t's own shape
-                g_s = g_s + (g_state.sum_to_size(s_shape_t) if g_state.shape != s_shape_t
-                             else g_state)
-            grad_q.append(g_s.sum_to_size(q_shape) if g_s.shape != q_shape else g_s)
-            g_state = g_s * ctx.beta2
-            if tau is None:
-                grad_x[t], g_v = g_h, g_h
-            else:
-                grad_x[t] = g_h / tau if decay_input else g_h
-                g_v = g_h - g_h / tau
+            if own_shape is not None:
+                g = g_total.sum_to_size(own_shape) if g_total.shape != own_shape else g_total
+                g_own = g if g_own is None else g_own + g
+            if state_shape is not None:  # dL/dS_t: from the spike and from S'_t
+                g_s = _sum_to(g_total, state_shape)
+                if g_state is not None:
+                    if dyn.reset_variance:
+                        g_state = g_state.masked_fill(fired, 0.0)
+                    g_s = g_s + _sum_to(g_state, state_shape)
+                if q_shape is not None:
+                    grad_q.append(_sum_to(g_s, q_shape[1:]))
+                g_state = g_s * (dyn.beta * dyn.beta)
+            elif q_shape is not None:
+                grad_q.append(torch.zeros(q_shape[1:]))
+            grad_x[t], g_v = _charge_backward(dyn, g_h)
         grad_q.reverse()
-        g_v0 = g_v.sum_to_size(v_shape) if g_v.shape != v_shape else g_v
-        g_s0 = None if s_shape is None else g_state.sum_to_size(s_shape)
-        return grad_x, torch.stack(grad_q), g_v0, g_s0, None
+        g_v0 = _sum_to(g_v, v_shape)
+        g_s0 = None if s_shape is None or g_state is None else _sum_to(g_state, s_shape)
+        return (grad_x, None if q_shape is None else torch.stack(grad_q), g_v0, g_s0, g_own,
+                None)
 
 
-def lif_sequence(x_seq: Tensor, q_seq: Tensor, v0: Tensor, s0: Tensor | None, *,
-                 tau: float | None, decay_input: bool, threshold: float,
-                 v_reset: float | None, detach_reset: bool, estimator,
-                 at_zero: bool = True,
-                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Run a linked LIF (or IF, ``tau=None``) neuron over a sequence (:class:`LIFSequence`).
+def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
+    return t if t.shape == shape else t.sum_to_size(shape)
+
+
+def _charge(dyn: Dynamics, v: Tensor, x: Tensor) -> Tensor:
+    if dyn.charge == "leaky":
+        return dyn.beta * v + x
+    if dyn.charge == "if":
+        return v + x
+    if dyn.charge == "lif":
+        return v + (x - (v - dyn.v_reset)) / dyn.tau
+    return v - (v - dyn.v_reset) / dyn.tau + x
+
+
+def _charge_backward(dyn: Dynamics, g_h: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dL/dX_t, dL/dV_{t-1})`` from ``dL/dH_t``."""
+    if dyn.charge == "leaky":
+        return g_h, dyn.beta * g_h
+    if dyn.charge == "if":
+        return g_h, g_h
+    decayed = g_h - g_h / dyn.tau
+    return (g_h / dyn.tau if dyn.charge == "lif" else g_h), decayed
+
+
+def _reset_backward(dyn: Dynamics, g_v: Tensor, fired: Tensor,
+                    u: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(dL/dH_t, dL/dh_t)`` through ``V_t = reset(H_t, h_t)``; ``u = H_t - theta``."""
+    if dyn.reset == "hard":  # dV/dh = V_r - H
+        return g_v.masked_fill(fired, 0.0), g_v * (dyn.v_reset - (u + dyn.threshold))
+    if dyn.reset == "subtract":
+        return g_v, g_v * -dyn.threshold
+    if dyn.reset == "zero":  # dV/dh = -H
+        return g_v.masked_fill(fired, 0.0), g_v * -(u + dyn.threshold)
+    return g_v, None
+
+
+def lif_sequence(x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | None,
+                 dynamics: Dynamics, estimator, *, own_var: Tensor | None = None,
+                 at_zero: bool = False, aux_offset: float | None = None,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
+    """Run an LIF / IF neuron with moment-tracked noise over a sequence
+    (:class:`LIFSequence`).
 
     Args:
         x_seq: mean input ``X`` ``[T, *S]``, float32 CPU.
-        q_seq: the input's variance term ``Q_t = c^2 var(X_t)``, ``[T, *]`` broadcastable
-            to ``x_seq``, float32.
+        q_seq: the input's variance term ``Q_t`` ``[T, *]``, broadcastable to each step,
+            float32, or ``None`` (no input variance).
         v0: membrane before the first step, broadcastable to ``S``.
-        s0: variance state ``S'`` before the first step (``None``: none yet).
-        tau: membrane time constant, ``>= 1``; ``None`` for an IF neuron.
-        decay_input: SpikingJelly's ``decay_input`` (divide the input by ``tau``).
-        threshold: firing threshold ``theta``.
-        v_reset: hard-reset potential ``V_r``; ``None`` for a soft reset.
-        detach_reset: no gradient through the reset's spike.
+        s0: variance state ``S'`` before the first step, or ``None``.
+        dynamics: the charge, reset and variance reset (:class:`Dynamics`).
         estimator: an :class:`~sbnn_addons.estimators.Estimator`.
-        at_zero: fire at ``H - theta = 0`` where ``S = 0`` (SpikingJelly's ``>=``).
+        own_var: the spike function's own noise variance ``s_n^2``, added to ``S_t`` for
+            the draw only (broadcastable, may require grad), or ``None``.
+        at_zero: fire at ``H - theta = 0`` where the variance is 0 (SpikingJelly's ``>=``).
+        aux_offset: if not ``None``, also return the auxiliary ``sum z^2`` over all steps
+            (:func:`spike_forward`), differentiable.
         generator: the generator the T per-step Philox keys are drawn from, in order (the
             same keys as T calls of :func:`fused_spike`).
 
     Returns:
-        ``(spikes [T, *S], V_T, S'_T)``; the spikes are marked binary, with their bytes.
+        ``(spikes [T, *S], V_T, S'_T)``, plus ``sum z^2`` with ``aux_offset``. The spikes
+        are marked binary, with their bytes.
 
     Raises:
         TypeError: a tensor is not float32 on the CPU.
-        ValueError: empty sequence, shapes that do not broadcast to the membrane, or
-            ``tau < 1``.
+        ValueError: an empty sequence, shapes that do not broadcast to the membrane, or an
+            unknown charge or reset.
     """
-    _check("x_seq", x_seq)
-    _check("q_seq", q_seq)
-    _check("v0", v0)
-    if s0 is not None:
-        _check("s0", s0)
+    for name, t in (("x_seq", x_seq), ("q_seq", q_seq), ("v0", v0), ("s0", s0),
+                    ("own_var", own_var)):
+        if t is not None:
+            _check(name, t)
     if x_seq.dim() < 1 or x_seq.shape[0] == 0:
         raise ValueError(f"x_seq must be [T, *] with T >= 1, got shape {tuple(x_seq.shape)}")
     step = x_seq.shape[1:]
-    if q_seq.dim() < 1 or q_seq.shape[0] != x_seq.shape[0] or not broadcasts_to(
-            q_seq.shape[1:], step):
+    if q_seq is not None and (q_seq.dim() < 1 or q_seq.shape[0] != x_seq.shape[0]
+                              or not broadcasts_to(q_seq.shape[1:], step)):
         raise ValueError(f"q_seq of shape {tuple(q_seq.shape)} must have the T steps of x_seq "
                          f"{tuple(x_seq.shape)} and broadcast to each step")
-    for name, t in (("v0", v0), ("s0", s0)):
+    for name, t in (("v0", v0), ("s0", s0), ("own_var", own_var)):
         if t is not None and not broadcasts_to(t.shape, step):
             raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to the "
                              f"membrane of shape {tuple(step)}")
-    if tau is not None and not float(tau) >= 1.0:
-        raise ValueError(f"tau must be >= 1 (or None for IF), got {tau}")
+    if dynamics.charge not in _CHARGES or dynamics.reset not in _RESETS:
+        raise ValueError(f"charge must be one of {_CHARGES} and reset one of {_RESETS}, got "
+                         f"{dynamics.charge!r} and {dynamics.reset!r}")
+    if dynamics.charge in ("lif", "lif_nodecay") and not (dynamics.tau or 0.0) >= 1.0:
+        raise ValueError(f"tau must be >= 1 for charge {dynamics.charge!r}, got {dynamics.tau}")
     seeds = tuple(_seed(generator) for _ in range(x_seq.shape[0]))
-    config = (tau, decay_input, float(threshold), v_reset, bool(detach_reset), estimator,
-              bool(at_zero), seeds)
-    spikes, spike_bytes, v, state = apply_function(
-        LIFSequence, x_seq.contiguous(), q_seq, v0, s0, config)
-    return mark_binary(spikes, spike_bytes), v, state
+    config = (dynamics, estimator, bool(at_zero), seeds, aux_offset)
+    spikes, spike_bytes, v, state, aux = apply_function(
+        LIFSequence, x_seq.contiguous(), q_seq, v0, s0, own_var, config)
+    mark_binary(spikes, spike_bytes)
+    return (spikes, v, state) if aux_offset is None else (spikes, v, state, aux)
+
+
+_CHARGES = ("leaky", "if", "lif", "lif_nodecay")
+_RESETS = ("hard", "subtract", "zero", "none")

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .functional import check_float, is_binary, lif_step, mark_binary
+from . import kernels
+from .functional import broadcasts_to, check_float, is_binary, lif_step, mark_binary
 from .moments import UnknownVariance, VarianceFlowError, get_variance, no_variance_flow
 from .spike import IWSTSpike
 
@@ -110,17 +111,57 @@ class LIF(nn.Module):
                 f"of shape {tuple(current.shape)}; pass state=None at the start of a sequence"
             )
         with no_variance_flow():  # V is tracked explicitly; the flow would count it twice
+            fused = None if not isinstance(var_in, Tensor) else self._fused(
+                current.unsqueeze(0), var_in.unsqueeze(0), membrane, variance)
+            if fused is not None:
+                spikes, membrane, variance = fused
+                return spikes[0], LIFState(membrane, variance)
             spikes, membrane, variance = lif_step(
                 current, var_in, membrane, variance, self._fire, self.beta, self.threshold,
                 self.reset,
             )
         return spikes, LIFState(membrane, variance)
 
+    def _fused(self, currents: Tensor, var_seq: Tensor, membrane: Tensor,
+               variance: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Steps ``currents [T, B, *]`` (input variances ``var_seq [T, *]``) in one
+        :func:`~sbnn_addons.kernels.lif_sequence` call: the same spikes and states as
+        :func:`~sbnn_addons.functional.lif_step` step by step, in one autograd node.
+        ``None`` where it does not serve them (then the steps run one by one)."""
+        spike = self.spike_fn
+        step = currents.shape[1:]
+        if (type(spike).fire is not IWSTSpike.fire or spike.deterministic
+                or not kernels.can_fuse(currents, var_seq)
+                or not broadcasts_to(var_seq.shape[1:], step)
+                or not broadcasts_to(membrane.shape, step)
+                or not broadcasts_to(variance.shape, step)
+                or membrane.dtype != torch.float32 or variance.dtype != torch.float32):
+            return None
+        own = spike.noise_variance(currents.new_zeros(()))  # the spike's own noise only
+        aux = spike.collect_aux and torch.is_grad_enabled()
+        dyn = kernels.Dynamics("leaky", self.beta, None, self.threshold, self.reset)
+        out = kernels.lif_sequence(
+            currents, var_seq, membrane, variance, dyn, spike.estimator,
+            own_var=own, at_zero=spike.at_zero,
+            aux_offset=(self.threshold if spike.aux_center == "zero" else 0.0) if aux else None,
+            generator=spike._generator_for(currents))
+        if aux:
+            spike._collect(out[3] / max(spike._batch_size(currents[0]), 1))
+        return out[0], out[1], out[2]
+
     def run(self, currents: Tensor) -> Tensor:
         """Run a whole sequence ``[T, B, *]`` from a zero state; returns spikes ``[T, B, *]``."""
         state = None
         out = []
         var_seq = get_variance(currents)
+        if isinstance(var_seq, Tensor) and currents.dim() >= 2:
+            check_float("currents", currents)
+            if var_seq.dim() != currents.dim() or var_seq.shape[0] != currents.shape[0]:
+                var_seq = var_seq.expand_as(currents)
+            with no_variance_flow():
+                fused = self._fused(currents, var_seq, *self.initial_state(currents[0]))
+            if fused is not None:
+                return fused[0]  # marked binary
         # unbind, not currents[t]: the backward of T selects would zero-fill T full-size
         # gradients (quadratic in T); unbind's backward is one stack
         steps = currents.unbind(0)

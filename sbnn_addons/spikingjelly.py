@@ -289,36 +289,36 @@ def link_neuron(node: nn.Module, spike: SJSpike | None = None) -> nn.Module:
     return node
 
 
-def _sequence_config(node: nn.Module, spike: SJSpike, x_seq: Tensor) -> dict | None:
-    """The :func:`~sbnn_addons.kernels.lif_sequence` arguments for this multi-step call of
-    a linked node, or ``None`` where it does not apply (then the node runs its own loop):
-    it serves ``LIFNode`` / ``IFNode`` with a Bayesian input, float32 on CPU, in a
-    stochastic mode, without the spike's own noise, the auxiliary loss or ``store_v_seq``.
-    """
+def _sequence_dynamics(node: nn.Module, spike: SJSpike, x_seq: Tensor):
+    """The :class:`~sbnn_addons.kernels.Dynamics` of this multi-step call of a linked
+    node, or ``None`` where the fused sequence does not serve it (then the node runs its
+    own loop): ``LIFNode`` / ``IFNode``, float32 on the CPU, a stochastic mode, no
+    ``store_v_seq``."""
     var = spike._pending
     kind = type(node)
     if (
         kind not in (neuron.LIFNode, neuron.IFNode)
-        or not isinstance(var, Tensor)
-        or not spike._multi
         or spike._step != 0
+        or not spike._multi
         or spike.deterministic
-        or spike.collect_aux
-        or spike.learn_std
-        or spike._fixed_std_nonzero()
         or node.store_v_seq
         or node._neuron_precision is not None
         or x_seq.dim() < 2
-        or var.dim() != x_seq.dim()
-        or var.shape[0] != x_seq.shape[0]
-        or not kernels.can_fuse(x_seq, var)
+        or (isinstance(var, Tensor) and (var.dim() != x_seq.dim()
+                                         or var.shape[0] != x_seq.shape[0]))
+        or not kernels.can_fuse(x_seq, var if isinstance(var, Tensor) else x_seq)
     ):
         return None
-    tau = float(node.tau) if kind is neuron.LIFNode else None
-    return dict(tau=tau, decay_input=bool(getattr(node, "decay_input", True)),
-                threshold=float(node.v_threshold), v_reset=node.v_reset,
-                detach_reset=bool(node.detach_reset), estimator=spike.estimator,
-                at_zero=spike.at_zero, generator=spike._generator_for(x_seq))
+    hard = node.v_reset is not None
+    if kind is neuron.LIFNode:
+        tau = float(node.tau)
+        charge, beta = ("lif" if node.decay_input else "lif_nodecay"), 1.0 - 1.0 / tau
+    else:
+        tau, charge, beta = None, "if", 1.0
+    return kernels.Dynamics(charge, beta, tau, float(node.v_threshold),
+                            "hard" if hard else "subtract",
+                            float(node.v_reset) if hard else 0.0, reset_variance=hard,
+                            detach_reset=bool(node.detach_reset))
 
 
 def _linked_multi_step_forward(node: nn.Module, x_seq: Tensor, *args, **kwargs):
@@ -327,17 +327,27 @@ def _linked_multi_step_forward(node: nn.Module, x_seq: Tensor, *args, **kwargs):
     node's own loop, which calls the spike function once per step; one autograd node
     instead of about ten per step), else the node's own method."""
     spike = node.surrogate_function
-    config = None
+    dyn = None
     if not args and not kwargs and isinstance(spike, SJSpike) and spike._linked:
-        config = _sequence_config(node, spike, x_seq)
-    if config is None:
+        dyn = _sequence_dynamics(node, spike, x_seq)
+    if dyn is None:
         return type(node).multi_step_forward(node, x_seq, *args, **kwargs)
     (v0,) = node.materialize_states((x_seq,), tuple(node._memories.values()), "m")[:1]
-    spikes, v, state = kernels.lif_sequence(x_seq, spike._pending, v0, spike._var_state,
-                                            **config)
+    var = spike._pending if isinstance(spike._pending, Tensor) else None
+    own = spike.noise_variance(x_seq.new_zeros(()))  # the spike's own noise only
+    aux = spike.collect_aux and var is not None and torch.is_grad_enabled()
+    out = kernels.lif_sequence(
+        x_seq, var, v0, spike._var_state, dyn, spike.estimator, own_var=own,
+        at_zero=spike.at_zero,
+        aux_offset=(spike.threshold if spike.aux_center == "zero" else 0.0) if aux else None,
+        generator=spike._generator_for(x_seq))
+    spikes, v, state = out[:3]
+    if aux:
+        spike._collect(out[3] / max(x_seq.shape[1], 1))
     node._memories["v"] = v
     node.v_seq = None
-    spike.__dict__.update(_var_state=state, _step=x_seq.shape[0])
+    spike.__dict__.update(_var_state=state if var is not None or spike._var_state is not None
+                          else None, _step=x_seq.shape[0])
     return spikes
 
 

@@ -447,9 +447,11 @@ def test_lif_sequence_equals_the_step_loop(tau, decay_input, v_reset, detach, q_
             spikes, v, state = _loop_reference(x, q, v0, s0, tau, decay_input, v_reset,
                                                detach, est)
         else:
-            spikes, v, state = kernels.lif_sequence(
-                x, q, v0, s0, tau=tau, decay_input=decay_input, threshold=1.0,
-                v_reset=v_reset, detach_reset=detach, estimator=est)
+            charge = "if" if tau is None else ("lif" if decay_input else "lif_nodecay")
+            dyn = kernels.Dynamics(charge, 1.0 if tau is None else 1 - 1 / tau, tau, 1.0,
+                                   "subtract" if v_reset is None else "hard", v_reset or 0.0,
+                                   reset_variance=v_reset is not None, detach_reset=detach)
+            spikes, v, state = kernels.lif_sequence(x, q, v0, s0, dyn, est, at_zero=True)
         ((spikes * weights).sum() + (v * v).sum() + 2 * state.sum()).backward()
         results.append((spikes.detach(), v.detach(), state.detach(),
                         [t.grad.clone() for t in (x, q, v0, s0)]))
@@ -463,18 +465,19 @@ def test_lif_sequence_equals_the_step_loop(tau, decay_input, v_reset, detach, q_
 
 def test_lif_sequence_bad_input_is_named():
     x, q, v0 = torch.rand(4, 2, 3), torch.rand(4, 2, 1), torch.zeros(2, 3)
-    kw = dict(tau=2.0, decay_input=True, threshold=1.0, v_reset=0.0, detach_reset=False,
-              estimator=sb.ST())
+    dyn = kernels.Dynamics("lif", 0.5, 2.0, 1.0, "hard")
     with pytest.raises(TypeError, match="x_seq must be a torch.float32"):
-        kernels.lif_sequence(x.double(), q, v0, None, **kw)
+        kernels.lif_sequence(x.double(), q, v0, None, dyn, sb.ST())
     with pytest.raises(ValueError, match="T steps"):
-        kernels.lif_sequence(x, q[:3], v0, None, **kw)
+        kernels.lif_sequence(x, q[:3], v0, None, dyn, sb.ST())
     with pytest.raises(ValueError, match="v0 of shape"):
-        kernels.lif_sequence(x, q, torch.zeros(5), None, **kw)
+        kernels.lif_sequence(x, q, torch.zeros(5), None, dyn, sb.ST())
     with pytest.raises(ValueError, match="T >= 1"):
-        kernels.lif_sequence(x[:0], q[:0], v0, None, **kw)
+        kernels.lif_sequence(x[:0], q[:0], v0, None, dyn, sb.ST())
     with pytest.raises(ValueError, match="tau must be >= 1"):
-        kernels.lif_sequence(x, q, v0, None, **{**kw, "tau": 0.5})
+        kernels.lif_sequence(x, q, v0, None, dyn._replace(tau=0.5), sb.ST())
+    with pytest.raises(ValueError, match="reset one of"):
+        kernels.lif_sequence(x, q, v0, None, dyn._replace(reset="soft"), sb.ST())
 
 
 WINDOWS = [  # shape [M, C, *dims], kernel, stride, padding

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import sbnn_addons as sb
-from sbnn_addons import get_variance
+from sbnn_addons import get_variance, kernels
 from sbnn_addons.models import (
     BinaryResNet,
     DVSResNet,
@@ -143,6 +143,9 @@ def test_shortcut_avgpool_then_zero_pad():
 
 # ----------------------------------------------------------------------- variance flow
 def _capture_lif_inputs(lif):
+    """Record the input variance of each step a LIF runs. Run the model inside
+    ``kernels.use_kernels(False)``: with the kernel, ``LIF.run`` does the whole sequence in
+    one fused call (tested against the step loop in test_core_neurons.py)."""
     got = []
 
     def hook(module, args):
@@ -160,7 +163,8 @@ def test_variance_reaching_stem_lif(stem_pool):
         net.stem.norm.weight.uniform_(0.5, 3.0)
     x = dvs_input()
     got, handle = _capture_lif_inputs(net.stem.lif)
-    net(x)
+    with kernels.use_kernels(False):
+        net(x)
     handle.remove()
     assert len(got) == T
     for t in range(T):
@@ -180,7 +184,8 @@ def test_variance_reaching_block_lif_uses_spike_input():
     block_in = {}
     blk.register_forward_hook(lambda m, a, out: block_in.update(x=a[0]))  # returns None
     got, _ = _capture_lif_inputs(blk.layer1.lif)
-    net(x)
+    with kernels.use_kernels(False):
+        net(x)
     expected = blk.layer1.conv.output_variance(block_in["x"]).reshape(T, B, *got[0].shape[1:])
     for t in range(T):
         torch.testing.assert_close(got[t], expected[t], rtol=1e-6, atol=1e-7)

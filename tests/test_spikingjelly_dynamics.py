@@ -112,13 +112,15 @@ SEQUENCE_NEURONS = {
 }
 
 
-@pytest.mark.parametrize("estimator", ["st", "agr(0.5)"])
+@pytest.mark.parametrize("estimator, extra", [("st", None), ("agr(0.5)", None),
+                                              ("st", "own noise"), ("agr(0.5)", "aux loss")])
 @pytest.mark.parametrize("kind", list(SEQUENCE_NEURONS))
-def test_fused_sequence_equals_the_nodes_own_loop(kind, estimator):
+def test_fused_sequence_equals_the_nodes_own_loop(kind, estimator, extra):
     """Multi-step LIFNode / IFNode run as one fused sequence (kernels.lif_sequence): the
     spikes, outputs, membranes and variance states equal the node's own loop bitwise, and
-    all gradients (weights, posterior std, through two sequences chained without a reset)
-    agree to rtol 1e-5. ParametricLIFNode keeps the node's loop."""
+    all gradients (weights, posterior std, the spike's own learned std, the auxiliary
+    loss, through two sequences chained without a reset) agree to rtol 1e-5.
+    ParametricLIFNode keeps the node's loop."""
     torch.manual_seed(3)
     make, _ = SEQUENCE_NEURONS[kind]
     net = nn.Sequential(layer.Linear(12, 9, step_mode="m"), make("m"),
@@ -127,7 +129,10 @@ def test_fused_sequence_equals_the_nodes_own_loop(kind, estimator):
         net[0].weight.mul_(2.5)
         net[2].weight.mul_(4.0)
         net[2].bias.fill_(0.9)
-    fused = sbnn_sj.to_sbnn(net, estimator, std=0.4)
+    fused = sbnn_sj.to_sbnn(net, estimator, std=0.4,
+                            spike_std=0.3 if extra == "own noise" else None)
+    if extra == "aux loss":
+        sbnn_addons.enable_aux_loss(fused)
     own = _own_loop(fused)
     calls = _record_fire(fused[1].surrogate_function)
     fired, _ = record_spikes(fused)
@@ -137,7 +142,12 @@ def test_fused_sequence_equals_the_nodes_own_loop(kind, estimator):
         torch.manual_seed(11)
         functional.reset_net(model)
         outs = [model(x[0]), model(x[1])]  # the second sequence continues the state
-        (sum(o.sum() for o in outs) + outs[1][-1, :, 0].sum() * 3).backward()
+        loss = sum(o.sum() for o in outs) + outs[1][-1, :, 0].sum() * 3
+        if extra == "aux loss":
+            aux = sbnn_addons.aux_loss(model)
+            assert aux > 0
+            loss = loss + 0.1 * aux
+        loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         states = [(m.v, m.surrogate_function._var_state) for m in (model[1], model[3])]
         results.append((outs, grads, states))
@@ -160,22 +170,15 @@ def test_fused_sequence_equals_the_nodes_own_loop(kind, estimator):
 
 
 def test_fused_sequence_falls_back_where_it_does_not_apply():
-    """Own spike noise, the auxiliary loss, store_v_seq and mean mode run the node's own
-    loop (the spike function is called once per step)."""
+    """store_v_seq and mean mode run the node's own loop (the spike function is called
+    once per step)."""
     torch.manual_seed(0)
     x = torch.rand(5, 3, 12)
-    cases = {
-        "own noise": dict(convert={"spike_std": 0.2}),
-        "aux loss": dict(aux=True),
-        "store_v_seq": dict(store=True),
-        "mean mode": dict(mode="mean"),
-    }
+    cases = {"store_v_seq": dict(store=True), "mean mode": dict(mode="mean")}
     for name, case in cases.items():
         node = neuron.LIFNode(tau=2.0, step_mode="m", store_v_seq=case.get("store", False))
         net = nn.Sequential(layer.Linear(12, 7, step_mode="m"), node)
-        sbnn = sbnn_sj.to_sbnn(net, std=0.3, **case.get("convert", {}))
-        if case.get("aux"):
-            sbnn_addons.enable_aux_loss(sbnn)
+        sbnn = sbnn_sj.to_sbnn(net, std=0.3)
         if case.get("mode"):
             sbnn_addons.set_mode(sbnn, case["mode"])
         calls = _record_fire(sbnn[1].surrogate_function)
