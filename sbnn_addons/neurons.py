@@ -111,11 +111,6 @@ class LIF(nn.Module):
                 f"of shape {tuple(current.shape)}; pass state=None at the start of a sequence"
             )
         with no_variance_flow():  # V is tracked explicitly; the flow would count it twice
-            fused = None if not isinstance(var_in, Tensor) else self._fused(
-                current.unsqueeze(0), var_in.unsqueeze(0), membrane, variance)
-            if fused is not None:
-                spikes, membrane, variance = fused
-                return spikes[0], LIFState(membrane, variance)
             spikes, membrane, variance = lif_step(
                 current, var_in, membrane, variance, self._fire, self.beta, self.threshold,
                 self.reset,
@@ -127,7 +122,9 @@ class LIF(nn.Module):
         """Steps ``currents [T, B, *]`` (input variances ``var_seq [T, *]``) in one
         :func:`~sbnn_addons.kernels.lif_sequence` call: the same spikes and states as
         :func:`~sbnn_addons.functional.lif_step` step by step, in one autograd node.
-        ``None`` where it does not serve them (then the steps run one by one)."""
+        ``None`` where it does not serve them (then the steps run one by one). Used by
+        :meth:`run`; a single step gains nothing from it (its fixed cost is about that of
+        the autograd nodes it saves)."""
         spike = self.spike_fn
         step = currents.shape[1:]
         if (type(spike).fire is not IWSTSpike.fire or spike.deterministic

@@ -167,12 +167,11 @@ def test_bad_input(call, exc, word):
 @pytest.mark.skipif(not sb.kernels.available(), reason="no C compiler on this machine")
 @pytest.mark.parametrize("reset", ["subtract", "zero", "none"])
 @pytest.mark.parametrize("extra", [None, "own noise", "aux loss"])
-@pytest.mark.parametrize("style", ["run", "steps"])
-def test_fused_lif_equals_the_step_loop(reset, extra, style):
-    """With the kernel, LIF.run (the sequence) and LIF.forward (each step) run as
-    kernels.lif_sequence: spikes and states equal the step-by-step lif_step bitwise (same
-    Philox keys), and the gradients of the layer's weights and std, the spike's own
-    learned std and the auxiliary loss agree to rtol 1e-5."""
+def test_fused_lif_run_equals_the_step_loop(reset, extra):
+    """With the kernel, LIF.run runs the sequence as kernels.lif_sequence: spikes equal
+    the step-by-step lif_step bitwise (same Philox keys), and the gradients of the layer's
+    weights and std, the spike's own learned std and the auxiliary loss agree to
+    rtol 1e-5."""
     torch.manual_seed(0)
     layer = BayesLinear(7, N, std=0.3)
     with torch.no_grad():
@@ -190,32 +189,18 @@ def test_fused_lif_equals_the_step_loop(reset, extra, style):
     results = []
     for lay, neuron in ((layer, lif), loop):
         torch.manual_seed(4)
-        currents = lay(x)
-        if style == "run":
-            spikes = neuron.run(currents)
-            state = None
-        else:
-            state, out = None, []
-            for t in range(T):
-                h, state = neuron(lay(x[t]), state)
-                out.append(h)
-            spikes = torch.stack(out)
+        spikes = neuron.run(lay(x))
         loss = (spikes * torch.linspace(-1, 2, N)).sum()
-        if state is not None:
-            loss = loss + state.membrane.square().sum() + state.variance.sum()
         if extra == "aux loss":
             aux = sb.aux_loss(neuron)
             assert aux is not None and aux > 0
             loss = loss + 0.1 * aux
         loss.backward()
         params = list(lay.named_parameters()) + list(neuron.named_parameters())
-        results.append((spikes.detach(), state, {n: p.grad.clone() for n, p in params}))
-    (s_f, st_f, g_f), (s_l, st_l, g_l) = results
+        results.append((spikes.detach(), {n: p.grad.clone() for n, p in params}))
+    (s_f, g_f), (s_l, g_l) = results
     assert not calls
     assert torch.equal(s_f, s_l) and 0.05 < float(s_f.mean()) < 0.95
-    if st_f is not None:
-        assert torch.equal(st_f.membrane, st_l.membrane)
-        assert torch.equal(st_f.variance, st_l.variance)
     assert g_f.keys() == g_l.keys()
     for name in g_f:
         torch.testing.assert_close(g_f[name], g_l[name], rtol=1e-5, atol=1e-6, msg=name)
