@@ -408,68 +408,78 @@ void sbnn_spike_backward_compact(const float *restrict g, const float *restrict 
  * over zero-padded windows, f(v) = v (or v * v with `square`); x is [M, C, H, W] and out
  * [M, Ho, Wo], both contiguous (1-D windows: H = Ho = kh = 1). This is the receptive-field
  * sum of the LRT variance (all C channels, one output channel) and the window sum of the
- * average-pooling variance rule (C = 1). Separable: the channel sum S (H x W), the row
- * sums R (H x Wo), then the column sums, each an inner loop over contiguous memory for
- * stride 1. Every output depends on the inputs of one m only, so the result does not
- * depend on the thread count. */
+ * average-pooling variance rule (C = 1).
+ *
+ * Each plane is summed over the channels into a zero-padded buffer P of Hp x Wp
+ * (Hp = H + 2 ph, Wp = W + 2 pw), and the window sums are taken on P flattened: the row
+ * sums R[e] = sum_b P[e + b] and the column sums Q[e] = sum_a R[e + a Wp] are each one long
+ * contiguous loop per tap (vectorised), whatever the plane's width. A flat index e that
+ * wraps into the next row only feeds positions that no window reads. Then
+ * out[i, j] = scale Q[i sh Wp + j sw]. The transposed sum (the backward) runs the same
+ * steps backwards. Every output depends on one m only: the result does not depend on the
+ * thread count. */
+static void window_taps(float *restrict dst, const float *restrict src, int64_t n,
+                        int64_t taps, int64_t step) {
+    /* dst[e] = sum_{t < taps} src[e + t step], e < n */
+    for (int64_t e = 0; e < n; ++e) dst[e] = src[e];
+    for (int64_t t = 1; t < taps; ++t) {
+        const float *s = src + t * step;
+        for (int64_t e = 0; e < n; ++e) dst[e] += s[e];
+    }
+}
 
-/* the j with 0 <= j s + b - p < len, as [lo, hi) within [0, n) */
-static void valid_range(int64_t b, int64_t s, int64_t p, int64_t len, int64_t n, int64_t *lo,
-                        int64_t *hi) {
-    int64_t first = p - b > 0 ? (p - b + s - 1) / s : 0;
-    int64_t last = (len - 1 + p - b) >= 0 ? (len - 1 + p - b) / s + 1 : 0;
-    *lo = first < n ? first : n;
-    *hi = last < n ? last : n;
-    if (*hi < *lo) *hi = *lo;
+static void window_taps_transposed(float *restrict dst, const float *restrict src,
+                                   int64_t n_src, int64_t n_dst, int64_t taps, int64_t step) {
+    /* dst[e] = sum_{t < taps} src[e - t step] (0 outside src), e < n_dst */
+    for (int64_t e = 0; e < n_dst; ++e) dst[e] = e < n_src ? src[e] : 0.0f;
+    for (int64_t t = 1; t < taps; ++t) {
+        int64_t off = t * step, hi = n_src + off < n_dst ? n_src + off : n_dst;
+        float *d = dst + off;
+        for (int64_t e = 0; e < hi - off; ++e) d[e] += src[e];
+    }
 }
 
 void sbnn_window_sum(const float *restrict x, float *restrict out, int64_t M, int64_t C,
                      int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t kh, int64_t kw,
                      int64_t sh, int64_t sw, int64_t ph, int64_t pw, int square, float scale,
                      int threads) {
-    const int64_t plane = H * W;
+    const int64_t plane = H * W, Hp = H + 2 * ph, Wp = W + 2 * pw, np = Hp * Wp;
+    const int64_t nr = np - (kw - 1), nq = (Hp - kh) * Wp + Wp - (kw - 1);
 #pragma omp parallel num_threads(threads) if (threads > 1 && M * C * plane >= PARALLEL_MIN * threads)
     {
-        float *S = malloc(sizeof(float) * (size_t)(plane + H * Wo));
-        float *R = S + plane;
+        float *P = malloc(sizeof(float) * (size_t)(3 * np));
+        float *R = P + np, *Q = R + np;
+        for (int64_t e = 0; e < np; ++e) P[e] = 0.0f; /* the padding stays 0 */
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; ++m) {
             const float *xm = x + m * C * plane;
-            for (int64_t e = 0; e < plane; ++e) S[e] = square ? xm[e] * xm[e] : xm[e];
-            for (int64_t c = 1; c < C; ++c) {
-                const float *xc = xm + c * plane;
-                if (square)
-                    for (int64_t e = 0; e < plane; ++e) S[e] += xc[e] * xc[e];
-                else
-                    for (int64_t e = 0; e < plane; ++e) S[e] += xc[e];
-            }
             for (int64_t y = 0; y < H; ++y) {
-                float *r = R + y * Wo;
-                const float *srow = S + y * W;
-                for (int64_t j = 0; j < Wo; ++j) r[j] = 0.0f;
-                for (int64_t b = 0; b < kw; ++b) {
-                    int64_t lo, hi;
-                    valid_range(b, sw, pw, W, Wo, &lo, &hi);
-                    if (sw == 1)
-                        for (int64_t j = lo; j < hi; ++j) r[j] += srow[j + b - pw];
+                float *prow = P + (y + ph) * Wp + pw;
+                const float *xr = xm + y * W;
+                if (square)
+                    for (int64_t e = 0; e < W; ++e) prow[e] = xr[e] * xr[e];
+                else
+                    for (int64_t e = 0; e < W; ++e) prow[e] = xr[e];
+                for (int64_t c = 1; c < C; ++c) {
+                    const float *xc = xr + c * plane;
+                    if (square)
+                        for (int64_t e = 0; e < W; ++e) prow[e] += xc[e] * xc[e];
                     else
-                        for (int64_t j = lo; j < hi; ++j) r[j] += srow[j * sw + b - pw];
+                        for (int64_t e = 0; e < W; ++e) prow[e] += xc[e];
                 }
             }
+            window_taps(R, P, nr, kw, 1);
+            window_taps(Q, R, nq, kh, Wp);
+            float *o = out + m * Ho * Wo;
             for (int64_t i = 0; i < Ho; ++i) {
-                float *o = out + (m * Ho + i) * Wo;
-                for (int64_t j = 0; j < Wo; ++j) o[j] = 0.0f;
-                for (int64_t a = 0; a < kh; ++a) {
-                    int64_t y = i * sh + a - ph;
-                    if (y < 0 || y >= H) continue;
-                    const float *r = R + y * Wo;
-                    for (int64_t j = 0; j < Wo; ++j) o[j] += r[j];
-                }
-                if (scale != 1.0f)
-                    for (int64_t j = 0; j < Wo; ++j) o[j] *= scale;
+                const float *q = Q + i * sh * Wp;
+                if (sw == 1)
+                    for (int64_t j = 0; j < Wo; ++j) o[i * Wo + j] = scale * q[j];
+                else
+                    for (int64_t j = 0; j < Wo; ++j) o[i * Wo + j] = scale * q[j * sw];
             }
         }
-        free(S);
+        free(P);
     }
 }
 
@@ -479,39 +489,32 @@ void sbnn_window_sum_backward(const float *restrict g, float *restrict gx, int64
                               int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t kh,
                               int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
                               float scale, int threads) {
+    const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, np = Hp * Wp;
+    const int64_t nq = (Hp - kh) * Wp + Wp - (kw - 1), nr = np - (kw - 1);
 #pragma omp parallel num_threads(threads) if (threads > 1 && M * H * W >= PARALLEL_MIN * threads)
     {
-        float *R = malloc(sizeof(float) * (size_t)(H * Wo));
+        float *Q = malloc(sizeof(float) * (size_t)(3 * np));
+        float *R = Q + np, *P = R + np;
+        for (int64_t e = 0; e < np; ++e) Q[e] = 0.0f; /* unread positions stay 0 */
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; ++m) {
             const float *gm = g + m * Ho * Wo;
-            float *out = gx + m * H * W;
-            for (int64_t e = 0; e < H * Wo; ++e) R[e] = 0.0f;
-            for (int64_t i = 0; i < Ho; ++i)
-                for (int64_t a = 0; a < kh; ++a) {
-                    int64_t y = i * sh + a - ph;
-                    if (y < 0 || y >= H) continue;
-                    float *r = R + y * Wo;
-                    const float *gi = gm + i * Wo;
-                    for (int64_t j = 0; j < Wo; ++j) r[j] += gi[j];
-                }
+            for (int64_t i = 0; i < Ho; ++i) { /* Q: g at the windows' corners */
+                float *q = Q + i * sh * Wp;
+                if (sw == 1)
+                    for (int64_t j = 0; j < Wo; ++j) q[j] = gm[i * Wo + j];
+                else
+                    for (int64_t j = 0; j < Wo; ++j) q[j * sw] = gm[i * Wo + j];
+            }
+            window_taps_transposed(R, Q, nq, nr, kh, Wp);
+            window_taps_transposed(P, R, nr, np, kw, 1);
+            float *o = gx + m * H * W;
             for (int64_t y = 0; y < H; ++y) {
-                float *orow = out + y * W;
-                const float *r = R + y * Wo;
-                for (int64_t e = 0; e < W; ++e) orow[e] = 0.0f;
-                for (int64_t b = 0; b < kw; ++b) {
-                    int64_t lo, hi;
-                    valid_range(b, sw, pw, W, Wo, &lo, &hi);
-                    if (sw == 1)
-                        for (int64_t j = lo; j < hi; ++j) orow[j + b - pw] += r[j];
-                    else
-                        for (int64_t j = lo; j < hi; ++j) orow[j * sw + b - pw] += r[j];
-                }
-                if (scale != 1.0f)
-                    for (int64_t e = 0; e < W; ++e) orow[e] *= scale;
+                const float *prow = P + (y + ph) * Wp + pw;
+                for (int64_t e = 0; e < W; ++e) o[y * W + e] = scale * prow[e];
             }
         }
-        free(R);
+        free(Q);
     }
 }
 
