@@ -27,6 +27,7 @@ __all__ = [
     "safe_sqrt",
     "apply_function",
     "box_sum",
+    "compact_broadcast",
     "gaussian_kl",
     "lif_step",
     "mark_binary",
@@ -362,6 +363,20 @@ class _BoxSum(torch.autograd.Function):
                 dim = grad.dim() - n + d
                 grad = grad.narrow(dim, p, grad.shape[dim] - 2 * p)
         return grad, None, None, None, None
+
+
+def compact_broadcast(t: Tensor) -> Tensor:
+    """``t`` with every expanded dimension (stride 0, size > 1) narrowed to size 1.
+
+    The values are the same and the result still broadcasts to ``t``'s shape; an
+    expanded variance (e.g. ``[T, B, 1, H, W]`` viewed as ``[T, B, C, H, W]``) becomes C
+    times smaller again for the operations that follow, and the spike kernel reads it in
+    place.
+    """
+    for d, (size, stride) in enumerate(zip(t.shape, t.stride())):
+        if stride == 0 and size > 1:
+            t = t.narrow(d, 0, 1)
+    return t
 
 
 @functools.lru_cache(maxsize=4096)

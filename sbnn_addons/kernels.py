@@ -535,9 +535,11 @@ class Dynamics(NamedTuple):
 
     Attributes:
         charge: ``"leaky"`` (``beta V + X``, the core :class:`~sbnn_addons.LIF`), ``"if"``
-            (``V + X``), ``"lif"`` (SpikingJelly, ``decay_input=True``) or
-            ``"lif_nodecay"`` (``decay_input=False``).
-        beta: membrane decay; the variance decays by ``beta^2``.
+            (``V + X``), ``"lif"`` (SpikingJelly, ``decay_input=True``),
+            ``"lif_nodecay"`` (``decay_input=False``), or ``"plif"`` /
+            ``"plif_nodecay"`` (``ParametricLIFNode``, rate ``q`` given to
+            :func:`lif_sequence`).
+        beta: membrane decay; the variance decays by ``beta^2`` (``1 - q`` for PLIF).
         tau: SpikingJelly's time constant (``"lif"``, ``"lif_nodecay"``), else ``None``.
         threshold: ``theta``.
         reset: ``"hard"`` (to ``v_reset``), ``"subtract"`` (``theta``), ``"zero"`` (times
@@ -566,6 +568,7 @@ class LIFSequence(torch.autograd.Function):
         H_t = beta V_{t-1} + X_t                          (charge "leaky")
         H_t = V_{t-1} + (X_t - (V_{t-1} - V_r)) / tau     ("lif", SpikingJelly)
         H_t = V_{t-1} - (V_{t-1} - V_r) / tau + X_t       ("lif_nodecay")
+        H_t = V_{t-1} + (X_t - (V_{t-1} - V_r)) q         ("plif", q = sigmoid(w))
         H_t = V_{t-1} + X_t                               ("if")
         S_t = Q_t + beta^2 S'_{t-1}                       (Q_t: the input's variance term)
         h_t = 1[U_t < Phi((H_t - theta) / sqrt(S_t + s_n^2))]      (kernel draw)
@@ -583,33 +586,44 @@ class LIFSequence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | None,
-                own_var: Tensor | None, config):
+                own_var: Tensor | None, rate: Tensor | None, config):
         dyn, estimator, at_zero, seeds, aux_offset = config
-        beta2 = dyn.beta * dyn.beta
+        plif = dyn.charge in _PLIF
+        beta2 = (1.0 - rate) * (1.0 - rate) if plif else dyn.beta * dyn.beta
         spikes = torch.empty_like(x_seq)
-        spike_bytes = torch.empty(x_seq.shape, dtype=torch.uint8)
-        u_seq = torch.empty_like(x_seq)
-        v, state, saved, aux = v0, s0, [], 0.0
+        # per-step tensors, not [T, ...] buffers: blocks of a step's size are reused by the
+        # allocator, while very large ones are mapped afresh (page faults) every time
+        us, hbs, variances, prevs, meta, aux = [], [], [], [], [], 0.0
+        v, state = v0, s0
         for t, x in enumerate(x_seq):
-            h = _charge(dyn, v, x)
+            h = _charge(dyn, v, x, rate)
             q = None if q_seq is None else q_seq[t]
+            prev = state
             if state is None:
                 state = q
-            elif q is not None:  # the operations of each step-by-step neuron
-                state = (beta2 * state + q if dyn.charge == "leaky"
-                         else q.add(state, alpha=beta2))
-            else:
+            elif q is None:
                 state = state * beta2
+            elif dyn.charge == "leaky":  # the operations of each step-by-step neuron
+                state = beta2 * state + q
+            elif plif:
+                state = torch.addcmul(q, state, beta2)
+            else:
+                state = q.add(state, alpha=beta2)
             total = state if own_var is None else (own_var if state is None
                                                    else state + own_var)
             if total is None:  # no noise at all: the deterministic spike 1[u > 0]
                 total = torch.zeros((), dtype=x_seq.dtype)
-            u = torch.sub(h, dyn.threshold, out=u_seq[t])
+            u = h - dyn.threshold
+            hb = torch.empty(u.shape, dtype=torch.uint8)
             var, mid, inner = _layout(u, total)
             _, _, aux_t = _forward_raw(u, var, mid, inner, seeds[t], at_zero, aux_offset,
-                                       out=(spikes[t], spike_bytes[t]))
+                                       out=(spikes[t], hb))
             aux += aux_t
-            saved.append((var, mid, inner, total.shape, None if state is None else state.shape))
+            us.append(u)
+            hbs.append(hb)
+            variances.append(var)
+            prevs.append(prev if plif else None)
+            meta.append((mid, inner, total.shape, None if state is None else state.shape))
             fired = spikes[t]
             if dyn.reset == "hard":
                 v = fired * dyn.v_reset + (1.0 - fired) * h
@@ -620,38 +634,46 @@ class LIFSequence(torch.autograd.Function):
             else:
                 v = h
             if dyn.reset_variance and state is not None:
-                state = state.masked_fill(spike_bytes[t].view(torch.bool), 0.0)
+                state = state.masked_fill(hb.view(torch.bool), 0.0)
         if state is not None and state._is_view():  # e.g. Q_0 itself after one step
             state = state.clone()
         if state is None:
             state = torch.zeros((), dtype=x_seq.dtype)
-        ctx.mark_non_differentiable(spike_bytes)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(u_seq, spike_bytes)
-        ctx.steps, ctx.dyn, ctx.estimator = saved, dyn, estimator
+        ctx.save_for_backward(*us, *hbs, *variances, *prevs,
+                              *((x_seq, v0, rate) if plif else ()))
+        ctx.meta, ctx.dyn, ctx.estimator = meta, dyn, estimator
         ctx.aux_offset = 0.0 if aux_offset is None else float(aux_offset)
         ctx.shapes = tuple(None if t is None else t.shape for t in (q_seq, v0, s0, own_var))
-        return spikes, spike_bytes, v, state, torch.tensor(aux, dtype=torch.float32)
+        return spikes, v, state, torch.tensor(aux, dtype=torch.float32)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_spikes, _g_bytes, g_v, g_state, g_aux):
-        u_seq, spike_bytes = ctx.saved_tensors
+    def backward(ctx, g_spikes, g_v, g_state, g_aux):
+        steps = len(ctx.meta)
+        saved = ctx.saved_tensors
+        us, hbs = saved[:steps], saved[steps:2 * steps]
+        variances, prevs = saved[2 * steps:3 * steps], saved[3 * steps:4 * steps]
         dyn = ctx.dyn
         q_shape, v_shape, s_shape, own_shape = ctx.shapes
         g_aux = 0.0 if g_aux is None else float(g_aux)
-        grad_x = torch.empty_like(u_seq)
-        grad_q, g_own = [], None
-        for t in range(u_seq.shape[0] - 1, -1, -1):
-            fired = spike_bytes[t].view(torch.bool)
-            g_spike = torch.zeros_like(u_seq[t]) if g_spikes is None else g_spikes[t]
+        grad_x = torch.empty((steps, *us[0].shape), dtype=us[0].dtype)
+        grad_q, g_own, g_rate, rate, v_prev = [], None, None, None, None
+        if len(saved) > 4 * steps:  # PLIF: dH_t/dq needs V_{t-1} (recomputed) and X_t
+            x_seq, v0, rate = saved[4 * steps:]
+            v_prev = [v0] + [_reset(dyn, us[t] + dyn.threshold, hbs[t])
+                             for t in range(steps - 1)]
+            beta = 1.0 - rate
+        for t in range(steps - 1, -1, -1):
+            fired = hbs[t].view(torch.bool)
+            g_spike = torch.zeros_like(us[t]) if g_spikes is None else g_spikes[t]
             g_h = None
             if g_v is not None:  # V_t = reset(H_t, h_t)
-                g_h, d_spike = _reset_backward(dyn, g_v, fired, u_seq[t])
+                g_h, d_spike = _reset_backward(dyn, g_v, fired, us[t])
                 if d_spike is not None and not dyn.detach_reset:
                     g_spike = g_spike + d_spike
-            var, mid, inner, total_shape, state_shape = ctx.steps[t]
-            g_u, g_total = _backward_raw(g_spike, u_seq[t], var, mid, inner, spike_bytes[t],
+            mid, inner, total_shape, state_shape = ctx.meta[t]
+            g_u, g_total = _backward_raw(g_spike, us[t], variances[t], mid, inner, hbs[t],
                                          ctx.estimator, g_aux, ctx.aux_offset, total_shape)
             g_h = g_u if g_h is None else g_h + g_u
             if own_shape is not None:
@@ -665,39 +687,70 @@ class LIFSequence(torch.autograd.Function):
                     g_s = g_s + _sum_to(g_state, state_shape)
                 if q_shape is not None:
                     grad_q.append(_sum_to(g_s, q_shape[1:]))
-                g_state = g_s * (dyn.beta * dyn.beta)
-            elif q_shape is not None:
-                grad_q.append(torch.zeros(q_shape[1:]))
-            grad_x[t], g_v = _charge_backward(dyn, g_h)
+                if rate is None:
+                    g_state = g_s * (dyn.beta * dyn.beta)
+                else:  # S_t = Q_t + (1 - q)^2 S'_{t-1}
+                    g_state = g_s * (beta * beta)
+                    if prevs[t] is not None:
+                        term = (g_s * prevs[t]).sum() * (-2.0 * beta)
+                        g_rate = term if g_rate is None else g_rate + term
+            if rate is not None:  # dH_t/dq
+                v_p = v_prev[t]
+                drive = (x_seq[t] - (v_p - dyn.v_reset) if dyn.charge == "plif"
+                         else -(v_p - dyn.v_reset))
+                term = (g_h * drive).sum()
+                g_rate = term if g_rate is None else g_rate + term
+            grad_x[t], g_v = _charge_backward(dyn, g_h, rate)
         grad_q.reverse()
         g_v0 = _sum_to(g_v, v_shape)
         g_s0 = None if s_shape is None or g_state is None else _sum_to(g_state, s_shape)
+        if rate is not None and g_rate is not None:
+            g_rate = g_rate.reshape(rate.shape)
         return (grad_x, None if q_shape is None else torch.stack(grad_q), g_v0, g_s0, g_own,
-                None)
+                g_rate, None)
 
 
 def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
     return t if t.shape == shape else t.sum_to_size(shape)
 
 
-def _charge(dyn: Dynamics, v: Tensor, x: Tensor) -> Tensor:
+def _charge(dyn: Dynamics, v: Tensor, x: Tensor, rate: Tensor | None) -> Tensor:
     if dyn.charge == "leaky":
         return dyn.beta * v + x
     if dyn.charge == "if":
         return v + x
     if dyn.charge == "lif":
         return v + (x - (v - dyn.v_reset)) / dyn.tau
-    return v - (v - dyn.v_reset) / dyn.tau + x
+    if dyn.charge == "lif_nodecay":
+        return v - (v - dyn.v_reset) / dyn.tau + x
+    if dyn.charge == "plif":
+        return v + (x - (v - dyn.v_reset)) * rate
+    return v - (v - dyn.v_reset) * rate + x
 
 
-def _charge_backward(dyn: Dynamics, g_h: Tensor) -> tuple[Tensor, Tensor]:
+def _charge_backward(dyn: Dynamics, g_h: Tensor,
+                     rate: Tensor | None) -> tuple[Tensor, Tensor]:
     """``(dL/dX_t, dL/dV_{t-1})`` from ``dL/dH_t``."""
     if dyn.charge == "leaky":
         return g_h, dyn.beta * g_h
     if dyn.charge == "if":
         return g_h, g_h
+    if rate is not None:
+        return (g_h * rate if dyn.charge == "plif" else g_h), g_h - g_h * rate
     decayed = g_h - g_h / dyn.tau
     return (g_h / dyn.tau if dyn.charge == "lif" else g_h), decayed
+
+
+def _reset(dyn: Dynamics, h: Tensor, spike_bytes: Tensor) -> Tensor:
+    """``V_t`` from ``H_t`` and the spikes (as bytes)."""
+    fired = spike_bytes.to(h.dtype)
+    if dyn.reset == "hard":
+        return fired * dyn.v_reset + (1.0 - fired) * h
+    if dyn.reset == "subtract":
+        return h - fired * dyn.threshold
+    if dyn.reset == "zero":
+        return h * (1.0 - fired)
+    return h
 
 
 def _reset_backward(dyn: Dynamics, g_v: Tensor, fired: Tensor,
@@ -713,7 +766,8 @@ def _reset_backward(dyn: Dynamics, g_v: Tensor, fired: Tensor,
 
 
 def lif_sequence(x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | None,
-                 dynamics: Dynamics, estimator, *, own_var: Tensor | None = None,
+                 dynamics: Dynamics, estimator, *, rate: Tensor | None = None,
+                 own_var: Tensor | None = None,
                  at_zero: bool = False, aux_offset: float | None = None,
                  generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
     """Run an LIF / IF neuron with moment-tracked noise over a sequence
@@ -727,6 +781,9 @@ def lif_sequence(x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | N
         s0: variance state ``S'`` before the first step, or ``None``.
         dynamics: the charge, reset and variance reset (:class:`Dynamics`).
         estimator: an :class:`~sbnn_addons.estimators.Estimator`.
+        rate: for the ``"plif"`` charges, the learned ``q = sigmoid(w)`` (0-dim,
+            differentiable): ``H_t = V_{t-1} + (X_t - (V_{t-1} - V_r)) q`` and
+            ``beta = 1 - q``.
         own_var: the spike function's own noise variance ``s_n^2``, added to ``S_t`` for
             the draw only (broadcastable, may require grad), or ``None``.
         at_zero: fire at ``H - theta = 0`` where the variance is 0 (SpikingJelly's ``>=``).
@@ -737,7 +794,7 @@ def lif_sequence(x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | N
 
     Returns:
         ``(spikes [T, *S], V_T, S'_T)``, plus ``sum z^2`` with ``aux_offset``. The spikes
-        are marked binary, with their bytes.
+        are marked binary.
 
     Raises:
         TypeError: a tensor is not float32 on the CPU.
@@ -764,13 +821,19 @@ def lif_sequence(x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | N
                          f"{dynamics.charge!r} and {dynamics.reset!r}")
     if dynamics.charge in ("lif", "lif_nodecay") and not (dynamics.tau or 0.0) >= 1.0:
         raise ValueError(f"tau must be >= 1 for charge {dynamics.charge!r}, got {dynamics.tau}")
+    if (dynamics.charge in _PLIF) != (rate is not None) or (
+            rate is not None and (rate.dim() != 0 or rate.dtype != torch.float32)):
+        raise ValueError(f"rate must be a float32 0-dim tensor exactly for the charges {_PLIF}, "
+                         f"got {None if rate is None else tuple(rate.shape)} for "
+                         f"{dynamics.charge!r}")
     seeds = tuple(_seed(generator) for _ in range(x_seq.shape[0]))
     config = (dynamics, estimator, bool(at_zero), seeds, aux_offset)
-    spikes, spike_bytes, v, state, aux = apply_function(
-        LIFSequence, x_seq.contiguous(), q_seq, v0, s0, own_var, config)
-    mark_binary(spikes, spike_bytes)
+    spikes, v, state, aux = apply_function(
+        LIFSequence, x_seq.contiguous(), q_seq, v0, s0, own_var, rate, config)
+    mark_binary(spikes)
     return (spikes, v, state) if aux_offset is None else (spikes, v, state, aux)
 
 
-_CHARGES = ("leaky", "if", "lif", "lif_nodecay")
+_PLIF = ("plif", "plif_nodecay")
+_CHARGES = ("leaky", "if", "lif", "lif_nodecay", *_PLIF)
 _RESETS = ("hard", "subtract", "zero", "none")

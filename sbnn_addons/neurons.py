@@ -9,7 +9,14 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .functional import broadcasts_to, check_float, is_binary, lif_step, mark_binary
+from .functional import (
+    broadcasts_to,
+    check_float,
+    compact_broadcast,
+    is_binary,
+    lif_step,
+    mark_binary,
+)
 from .moments import UnknownVariance, VarianceFlowError, get_variance, no_variance_flow
 from .spike import IWSTSpike
 
@@ -155,6 +162,7 @@ class LIF(nn.Module):
             check_float("currents", currents)
             if var_seq.dim() != currents.dim() or var_seq.shape[0] != currents.shape[0]:
                 var_seq = var_seq.expand_as(currents)
+            var_seq = compact_broadcast(var_seq)  # an expanded view: back to its own size
             with no_variance_flow():
                 fused = self._fused(currents, var_seq, *self.initial_state(currents[0]))
             if fused is not None:

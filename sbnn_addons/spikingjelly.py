@@ -38,7 +38,7 @@ What :func:`to_sbnn` does (SPEC sections 2-3):
 * BatchNorm becomes a mean-only :class:`~sbnn_addons.ChannelAffine` (``batchnorm="affine"``,
   equal to the BatchNorm in eval mode) or is kept (``"keep"``).
 
-A linked multi-step ``LIFNode`` / ``IFNode`` runs its whole sequence in one
+A linked multi-step node runs its whole sequence in one
 :func:`~sbnn_addons.kernels.lif_sequence` call (SpikingJelly's own charge and reset
 operations, one autograd node); elsewhere the node runs SpikingJelly's Python reference
 path, which calls the spike function once per time step. Only SpikingJelly's own
@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from . import kernels
 from . import layers as _layers
 from .base import SBNNModule
-from .functional import mark_binary, stored_bytes
+from .functional import compact_broadcast, mark_binary, stored_bytes
 from .losses import enable_aux_loss
 from .moments import (
     UnknownVariance,
@@ -292,12 +292,11 @@ def link_neuron(node: nn.Module, spike: SJSpike | None = None) -> nn.Module:
 def _sequence_dynamics(node: nn.Module, spike: SJSpike, x_seq: Tensor):
     """The :class:`~sbnn_addons.kernels.Dynamics` of this multi-step call of a linked
     node, or ``None`` where the fused sequence does not serve it (then the node runs its
-    own loop): ``LIFNode`` / ``IFNode``, float32 on the CPU, a stochastic mode, no
-    ``store_v_seq``."""
+    own loop): float32 on the CPU, a stochastic mode, no ``store_v_seq``."""
     var = spike._pending
     kind = type(node)
     if (
-        kind not in (neuron.LIFNode, neuron.IFNode)
+        kind not in SUPPORTED_NEURONS
         or spike._step != 0
         or not spike._multi
         or spike.deterministic
@@ -313,6 +312,8 @@ def _sequence_dynamics(node: nn.Module, spike: SJSpike, x_seq: Tensor):
     if kind is neuron.LIFNode:
         tau = float(node.tau)
         charge, beta = ("lif" if node.decay_input else "lif_nodecay"), 1.0 - 1.0 / tau
+    elif kind is neuron.ParametricLIFNode:  # beta = 1 - sigmoid(w), given as the rate
+        tau, charge, beta = None, ("plif" if node.decay_input else "plif_nodecay"), 0.0
     else:
         tau, charge, beta = None, "if", 1.0
     return kernels.Dynamics(charge, beta, tau, float(node.v_threshold),
@@ -333,11 +334,12 @@ def _linked_multi_step_forward(node: nn.Module, x_seq: Tensor, *args, **kwargs):
     if dyn is None:
         return type(node).multi_step_forward(node, x_seq, *args, **kwargs)
     (v0,) = node.materialize_states((x_seq,), tuple(node._memories.values()), "m")[:1]
-    var = spike._pending if isinstance(spike._pending, Tensor) else None
+    var = compact_broadcast(spike._pending) if isinstance(spike._pending, Tensor) else None
     own = spike.noise_variance(x_seq.new_zeros(()))  # the spike's own noise only
     aux = spike.collect_aux and var is not None and torch.is_grad_enabled()
+    rate = node.w.sigmoid() if dyn.charge.startswith("plif") else None
     out = kernels.lif_sequence(
-        x_seq, var, v0, spike._var_state, dyn, spike.estimator, own_var=own,
+        x_seq, var, v0, spike._var_state, dyn, spike.estimator, rate=rate, own_var=own,
         at_zero=spike.at_zero,
         aux_offset=(spike.threshold if spike.aux_center == "zero" else 0.0) if aux else None,
         generator=spike._generator_for(x_seq))

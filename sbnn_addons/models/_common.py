@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..base import SBNNModule
-from ..functional import safe_sqrt
+from ..functional import compact_broadcast, safe_sqrt
 from ..layers import BayesConv2d, BayesLinear, ChannelAffine
 from ..moments import UnknownVariance, attach_variance, get_variance
 from ..neurons import LIF
@@ -35,8 +35,8 @@ def reshape_with_variance(x: Tensor, *shape: int) -> Tensor:
     """``x.reshape(shape)`` carrying the attached variance through the same reshape."""
     var = known_variance(x)
     out = x.reshape(*shape)
-    if var is not None:
-        var = var.expand_as(x).reshape(*shape)
+    if var is not None:  # expanded dimensions stay broadcast (size 1) after the reshape
+        var = compact_broadcast(var.expand_as(x).reshape(*shape))
     return attach_variance(out, var)
 
 
