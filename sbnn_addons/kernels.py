@@ -169,9 +169,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sbnn_spike_backward_compact.argtypes = lib.sbnn_spike_backward.argtypes
     lib.sbnn_spike_backward_compact.restype = None
     lib.sbnn_window_sum.argtypes = [ptr, ptr, *[i64] * 12, i32, f32, i32]
-    lib.sbnn_window_sum.restype = None
+    lib.sbnn_window_sum.restype = ctypes.c_int
     lib.sbnn_window_sum_backward.argtypes = [ptr, ptr, *[i64] * 11, f32, i32]
-    lib.sbnn_window_sum_backward.restype = None
+    lib.sbnn_window_sum_backward.restype = ctypes.c_int
     lib.sbnn_erfcx.argtypes = [ptr, ptr, i64]
     lib.sbnn_erfcx.restype = None
     lib.sbnn_thresholds.argtypes = [ptr, ptr]
@@ -290,10 +290,19 @@ def window_sum(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
     out_dims = (ho, wo) if n == 2 else (wo,)
     out = torch.empty((*lead, *((1,) if channels > 1 else ()), *out_dims), dtype=x.dtype)
     m = math.prod(lead)
-    _require().sbnn_window_sum(x.data_ptr(), out.data_ptr(), m, channels, h, w, ho, wo, kh,
-                               kw, sh, sw, ph, pw, int(square), float(scale),
-                               torch.get_num_threads())
+    failed = _require().sbnn_window_sum(x.data_ptr(), out.data_ptr(), m, channels, h, w, ho,
+                                        wo, kh, kw, sh, sw, ph, pw, int(square), float(scale),
+                                        torch.get_num_threads())
+    _check_allocation(failed, h, w, ph, pw)
     return out
+
+
+def _check_allocation(failed: int, h: int, w: int, ph: int, pw: int) -> None:
+    if failed:
+        raise MemoryError(
+            f"the window-sum kernel could not allocate its work planes of "
+            f"{(h + 2 * ph) * (w + 2 * pw) * 12} bytes per thread; free memory, or run this "
+            "layer with sbnn_addons.kernels.use_kernels(False)")
 
 
 def window_sum_backward(grad: Tensor, shape: torch.Size, kernel: tuple[int, ...],
@@ -305,9 +314,10 @@ def window_sum_backward(grad: Tensor, shape: torch.Size, kernel: tuple[int, ...]
     h, w, ho, wo, kh, kw, sh, sw, ph, pw = _window_geometry(shape, kernel, stride, padding)
     out = torch.empty(shape, dtype=torch.float32)
     m = math.prod(shape[:-n])
-    _require().sbnn_window_sum_backward(grad.data_ptr(), out.data_ptr(), m, h, w, ho, wo, kh,
-                                        kw, sh, sw, ph, pw, float(scale),
-                                        torch.get_num_threads())
+    failed = _require().sbnn_window_sum_backward(grad.data_ptr(), out.data_ptr(), m, h, w, ho,
+                                                 wo, kh, kw, sh, sw, ph, pw, float(scale),
+                                                 torch.get_num_threads())
+    _check_allocation(failed, h, w, ph, pw)
     return out
 
 

@@ -532,3 +532,11 @@ def test_window_sum_backward_is_the_transposed_sum(shape, kernel, stride, paddin
         (gx_torch,) = torch.autograd.grad(out_torch, x, g)
     torch.testing.assert_close(out, out_torch, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gx, gx_torch, rtol=1e-6, atol=1e-6)
+
+
+def test_window_sum_allocation_failure_is_named():
+    """The kernel reports a failed work-buffer allocation; Python raises MemoryError
+    naming the size and the way around it."""
+    with pytest.raises(MemoryError, match="use_kernels\\(False\\)"):
+        kernels._check_allocation(1, 30, 40, 1, 2)
+    kernels._check_allocation(0, 30, 40, 1, 2)  # success: no error

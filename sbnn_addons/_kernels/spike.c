@@ -439,83 +439,126 @@ static void window_taps_transposed(float *restrict dst, const float *restrict sr
     }
 }
 
-void sbnn_window_sum(const float *restrict x, float *restrict out, int64_t M, int64_t C,
-                     int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t kh, int64_t kw,
-                     int64_t sh, int64_t sw, int64_t ph, int64_t pw, int square, float scale,
-                     int threads) {
-    const int64_t plane = H * W, Hp = H + 2 * ph, Wp = W + 2 * pw, np = Hp * Wp;
-    const int64_t nr = np - (kw - 1), nq = (Hp - kh) * Wp + Wp - (kw - 1);
-#pragma omp parallel num_threads(threads) if (threads > 1 && M * C * plane >= PARALLEL_MIN * threads)
+/* The windows: sizes, the padded plane (Hp x Wp = np positions; nr row sums, nq column
+ * sums), and what to sum. */
+typedef struct {
+    int64_t C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, Wp, np, nr, nq;
+    int square;
+    float scale;
+} windows;
+
+/* One plane of sbnn_window_sum: in = x[m] (C planes), out = out[m]; P R Q: 3 np floats,
+ * P's padding zero. */
+static void plane_sum(const float *restrict in, float *restrict out, float *restrict P,
+                      const windows *w) {
+    float *R = P + w->np, *Q = R + w->np;
+    const int64_t plane = w->H * w->W, Wp = w->Wp;
+    for (int64_t y = 0; y < w->H; ++y) {
+        float *prow = P + (y + w->ph) * Wp + w->pw;
+        const float *xr = in + y * w->W;
+        if (w->square)
+            for (int64_t e = 0; e < w->W; ++e) prow[e] = xr[e] * xr[e];
+        else
+            for (int64_t e = 0; e < w->W; ++e) prow[e] = xr[e];
+        for (int64_t c = 1; c < w->C; ++c) {
+            const float *xc = xr + c * plane;
+            if (w->square)
+                for (int64_t e = 0; e < w->W; ++e) prow[e] += xc[e] * xc[e];
+            else
+                for (int64_t e = 0; e < w->W; ++e) prow[e] += xc[e];
+        }
+    }
+    window_taps(R, P, w->nr, w->kw, 1);
+    window_taps(Q, R, w->nq, w->kh, Wp);
+    for (int64_t i = 0; i < w->Ho; ++i) {
+        const float *q = Q + i * w->sh * Wp;
+        float *o = out + i * w->Wo;
+        if (w->sw == 1)
+            for (int64_t j = 0; j < w->Wo; ++j) o[j] = w->scale * q[j];
+        else
+            for (int64_t j = 0; j < w->Wo; ++j) o[j] = w->scale * q[j * w->sw];
+    }
+}
+
+/* One plane of the transposed sum: in = g[m] (Ho x Wo), out = gx[m] (H x W); Q R P: 3 np
+ * floats, Q zero except at the window corners, which are overwritten here. */
+static void plane_sum_transposed(const float *restrict in, float *restrict out,
+                                 float *restrict Q, const windows *w) {
+    float *R = Q + w->np, *P = R + w->np;
+    const int64_t Wp = w->Wp;
+    for (int64_t i = 0; i < w->Ho; ++i) { /* g at the windows' corners */
+        float *q = Q + i * w->sh * Wp;
+        const float *gi = in + i * w->Wo;
+        if (w->sw == 1)
+            for (int64_t j = 0; j < w->Wo; ++j) q[j] = gi[j];
+        else
+            for (int64_t j = 0; j < w->Wo; ++j) q[j * w->sw] = gi[j];
+    }
+    window_taps_transposed(R, Q, w->nq, w->nr, w->kh, Wp);
+    window_taps_transposed(P, R, w->nr, w->np, w->kw, 1);
+    for (int64_t y = 0; y < w->H; ++y) {
+        const float *prow = P + (y + w->ph) * Wp + w->pw;
+        for (int64_t e = 0; e < w->W; ++e) out[y * w->W + e] = w->scale * prow[e];
+    }
+}
+
+/* Runs `transposed ? plane_sum_transposed : plane_sum` on the M planes, spread over the
+ * threads; each thread allocates its own 3 np work floats. Returns 0, or 1 if a work
+ * buffer could not be allocated (the output is then incomplete). */
+static int each_plane(const float *restrict in, float *restrict out, int64_t M,
+                      const windows *w, int transposed, int threads) {
+    const int64_t in_size = transposed ? w->Ho * w->Wo : w->C * w->H * w->W;
+    const int64_t out_size = transposed ? w->H * w->W : w->Ho * w->Wo;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed) \
+    if (threads > 1 && M * (in_size > out_size ? in_size : out_size) >= PARALLEL_MIN * threads)
     {
-        float *P = malloc(sizeof(float) * (size_t)(3 * np));
-        float *R = P + np, *Q = R + np;
-        for (int64_t e = 0; e < np; ++e) P[e] = 0.0f; /* the padding stays 0 */
+        float *buf = malloc(sizeof(float) * (size_t)(3 * w->np));
+        if (buf)
+            for (int64_t e = 0; e < w->np; ++e) buf[e] = 0.0f;
+        failed = buf == NULL;
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; ++m) {
-            const float *xm = x + m * C * plane;
-            for (int64_t y = 0; y < H; ++y) {
-                float *prow = P + (y + ph) * Wp + pw;
-                const float *xr = xm + y * W;
-                if (square)
-                    for (int64_t e = 0; e < W; ++e) prow[e] = xr[e] * xr[e];
-                else
-                    for (int64_t e = 0; e < W; ++e) prow[e] = xr[e];
-                for (int64_t c = 1; c < C; ++c) {
-                    const float *xc = xr + c * plane;
-                    if (square)
-                        for (int64_t e = 0; e < W; ++e) prow[e] += xc[e] * xc[e];
-                    else
-                        for (int64_t e = 0; e < W; ++e) prow[e] += xc[e];
-                }
-            }
-            window_taps(R, P, nr, kw, 1);
-            window_taps(Q, R, nq, kh, Wp);
-            float *o = out + m * Ho * Wo;
-            for (int64_t i = 0; i < Ho; ++i) {
-                const float *q = Q + i * sh * Wp;
-                if (sw == 1)
-                    for (int64_t j = 0; j < Wo; ++j) o[i * Wo + j] = scale * q[j];
-                else
-                    for (int64_t j = 0; j < Wo; ++j) o[i * Wo + j] = scale * q[j * sw];
-            }
+            if (!buf) continue;
+            if (transposed)
+                plane_sum_transposed(in + m * in_size, out + m * out_size, buf, w);
+            else
+                plane_sum(in + m * in_size, out + m * out_size, buf, w);
         }
-        free(P);
+        free(buf);
     }
+    return failed;
+}
+
+static windows make_windows(int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
+                            int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+                            int64_t pw, int square, float scale) {
+    windows w = {C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, 0, 0, 0, 0, square, scale};
+    int64_t Hp = H + 2 * ph;
+    w.Wp = W + 2 * pw;
+    w.np = Hp * w.Wp;
+    w.nr = w.np - (kw - 1);
+    w.nq = (Hp - kh) * w.Wp + w.Wp - (kw - 1);
+    return w;
+}
+
+/* Returns 0, or 1 if a work buffer could not be allocated (out is then incomplete). */
+int sbnn_window_sum(const float *restrict x, float *restrict out, int64_t M, int64_t C,
+                    int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t kh, int64_t kw,
+                    int64_t sh, int64_t sw, int64_t ph, int64_t pw, int square, float scale,
+                    int threads) {
+    windows w = make_windows(C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, square, scale);
+    return each_plane(x, out, M, &w, 0, threads);
 }
 
 /* The transposed window sum (the backward of sbnn_window_sum with C = 1, f(v) = v):
  * gx[m, y, x] = scale * sum over the windows (i, j) that contain (y, x) of g[m, i, j]. */
-void sbnn_window_sum_backward(const float *restrict g, float *restrict gx, int64_t M,
-                              int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t kh,
-                              int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
-                              float scale, int threads) {
-    const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, np = Hp * Wp;
-    const int64_t nq = (Hp - kh) * Wp + Wp - (kw - 1), nr = np - (kw - 1);
-#pragma omp parallel num_threads(threads) if (threads > 1 && M * H * W >= PARALLEL_MIN * threads)
-    {
-        float *Q = malloc(sizeof(float) * (size_t)(3 * np));
-        float *R = Q + np, *P = R + np;
-        for (int64_t e = 0; e < np; ++e) Q[e] = 0.0f; /* unread positions stay 0 */
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; ++m) {
-            const float *gm = g + m * Ho * Wo;
-            for (int64_t i = 0; i < Ho; ++i) { /* Q: g at the windows' corners */
-                float *q = Q + i * sh * Wp;
-                if (sw == 1)
-                    for (int64_t j = 0; j < Wo; ++j) q[j] = gm[i * Wo + j];
-                else
-                    for (int64_t j = 0; j < Wo; ++j) q[j * sw] = gm[i * Wo + j];
-            }
-            window_taps_transposed(R, Q, nq, nr, kh, Wp);
-            window_taps_transposed(P, R, nr, np, kw, 1);
-            float *o = gx + m * H * W;
-            for (int64_t y = 0; y < H; ++y) {
-                const float *prow = P + (y + ph) * Wp + pw;
-                for (int64_t e = 0; e < W; ++e) o[y * W + e] = scale * prow[e];
-            }
-        }
-        free(Q);
-    }
+int sbnn_window_sum_backward(const float *restrict g, float *restrict gx, int64_t M,
+                             int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t kh,
+                             int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                             float scale, int threads) {
+    windows w = make_windows(1, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, 0, scale);
+    return each_plane(g, gx, M, &w, 1, threads);
 }
 
 /* erfcx_pos for the tests. */
