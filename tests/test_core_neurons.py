@@ -204,3 +204,23 @@ def test_fused_lif_run_equals_the_step_loop(reset, extra):
     assert g_f.keys() == g_l.keys()
     for name in g_f:
         torch.testing.assert_close(g_f[name], g_l[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not sb.kernels.available(), reason="no C compiler on this machine")
+def test_fused_lif_run_saves_its_tensors_through_autograd():
+    """Everything the fused sequence keeps for its backward goes through
+    save_for_backward (so saved-tensor hooks, and activation checkpointing, see it): per
+    step the drive (float32), the spikes as bytes and the compact variance."""
+    torch.manual_seed(0)
+    currents = torch.rand(T, B, N, requires_grad=True)
+    var = torch.rand(T, B, 1) * 0.2
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t,
+                                                  lambda t: t):
+        spikes = LIF(spike_fn=IWSTSpike("st")).run(attach_variance(currents, var))
+    kinds = [(t.dtype, tuple(t.shape)) for t in packed]
+    assert kinds.count((torch.float32, (B, N))) >= T  # the drives
+    assert kinds.count((torch.uint8, (B, N))) == T  # the spikes as bytes
+    assert kinds.count((torch.float32, (B, 1))) >= T  # the variances, compact
+    spikes.sum().backward()
+    assert currents.grad is not None and currents.grad.abs().sum() > 0
