@@ -539,7 +539,6 @@ def fused_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
     return out[0] if aux_offset is None else (out[0], out[2])
 
 
-
 class Dynamics(NamedTuple):
     """How :class:`LIFSequence` charges, fires and resets (its equations).
 
@@ -634,15 +633,7 @@ class LIFSequence(torch.autograd.Function):
             variances.append(var)
             prevs.append(prev if plif else None)
             meta.append((mid, inner, total.shape, None if state is None else state.shape))
-            fired = spikes[t]
-            if dyn.reset == "hard":
-                v = fired * dyn.v_reset + (1.0 - fired) * h
-            elif dyn.reset == "subtract":
-                v = h - fired * dyn.threshold
-            elif dyn.reset == "zero":
-                v = h * (1.0 - fired)
-            else:
-                v = h
+            v = _reset(dyn, h, spikes[t])
             if dyn.reset_variance and state is not None:
                 state = state.masked_fill(hb.view(torch.bool), 0.0)
         if state is not None and state._is_view():  # e.g. Q_0 itself after one step
@@ -671,7 +662,7 @@ class LIFSequence(torch.autograd.Function):
         grad_q, g_own, g_rate, rate, v_prev = [], None, None, None, None
         if len(saved) > 4 * steps:  # PLIF: dH_t/dq needs V_{t-1} (recomputed) and X_t
             x_seq, v0, rate = saved[4 * steps:]
-            v_prev = [v0] + [_reset(dyn, us[t] + dyn.threshold, hbs[t])
+            v_prev = [v0] + [_reset(dyn, us[t] + dyn.threshold, hbs[t].to(us[t].dtype))
                              for t in range(steps - 1)]
             beta = 1.0 - rate
         for t in range(steps - 1, -1, -1):
@@ -751,9 +742,8 @@ def _charge_backward(dyn: Dynamics, g_h: Tensor,
     return (g_h / dyn.tau if dyn.charge == "lif" else g_h), decayed
 
 
-def _reset(dyn: Dynamics, h: Tensor, spike_bytes: Tensor) -> Tensor:
-    """``V_t`` from ``H_t`` and the spikes (as bytes)."""
-    fired = spike_bytes.to(h.dtype)
+def _reset(dyn: Dynamics, h: Tensor, fired: Tensor) -> Tensor:
+    """``V_t`` from ``H_t`` and the spikes ``h_t`` (the step-by-step neurons' operations)."""
     if dyn.reset == "hard":
         return fired * dyn.v_reset + (1.0 - fired) * h
     if dyn.reset == "subtract":
