@@ -204,6 +204,8 @@ def test_node_output_is_marked_binary_and_unmarked_after_export(sm):
     plain = sbnn_sj.to_spikingjelly(sbnn)
     functional.reset_net(plain)
     assert not is_binary(plain(x)) and not plain[1]._forward_hooks
+    assert "multi_step_forward" in sbnn[1].__dict__  # the fused sequence, linked nodes only
+    assert "multi_step_forward" not in plain[1].__dict__
 
 
 def test_variance_through_seq_to_ann_container():
