@@ -51,7 +51,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .functional import apply_function, broadcasts_to, mark_binary
+from .functional import _check_windows, apply_function, broadcasts_to, mark_binary
 
 __all__ = [
     "available", "enabled", "use_kernels", "can_fuse", "fused_spike", "FusedSpike",
@@ -282,7 +282,27 @@ def window_sum(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
 
     Returns:
         ``[*, 1, *out_dims]`` for ``channels > 1``, else ``[*, *out_dims]``.
+
+    Raises:
+        TypeError: ``x`` is not float32 on the CPU.
+        ValueError: bad windows (as :func:`~sbnn_addons.functional.box_sum`), more than
+            two window dimensions, or ``channels`` that is not ``x``'s channel count.
     """
+    _check("x", x)
+    kernel, stride, padding = tuple(kernel), tuple(stride), tuple(padding)
+    _check_windows(x, kernel, stride, padding)
+    n = len(kernel)
+    if n > 2 or (channels > 1 and (x.dim() < n + 1 or x.shape[-n - 1] != channels)):
+        raise ValueError(f"window_sum takes 1 or 2 window dimensions and x [*, channels, ...] "
+                         f"with channels = {channels}, got kernel {kernel} and x of shape "
+                         f"{tuple(x.shape)}")
+    return _window_sum(x, kernel, stride, padding, channels, square, scale)
+
+
+def _window_sum(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
+                padding: tuple[int, ...], channels: int = 1, square: bool = False,
+                scale: float = 1.0) -> Tensor:
+    """:func:`window_sum` for arguments already checked (box_sum, the conv layers)."""
     n = len(kernel)
     x = x.contiguous()
     h, w, ho, wo, kh, kw, sh, sw, ph, pw = _window_geometry(x.shape, kernel, stride, padding)

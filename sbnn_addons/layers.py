@@ -405,8 +405,8 @@ class _BayesConv(_BayesMixin):
                 or not kernels.can_window_sum(x, n)):
             return super()._input_variance(x, binary, as_bytes)
         # channel sum, squares (unless x is 0/1) and window sum in one compiled pass
-        field = kernels.window_sum(x, self.kernel_size, self.stride, pad,
-                                   channels=self.in_channels, square=not binary)
+        field = kernels._window_sum(x, self.kernel_size, self.stride, pad,  # checked shapes
+                                    channels=self.in_channels, square=not binary)
         s2 = self._std_squared()
         if self.std_mode == "channel":
             s2 = s2.view(1, -1, *([1] * n))

@@ -540,3 +540,15 @@ def test_window_sum_allocation_failure_is_named():
     with pytest.raises(MemoryError, match="use_kernels\\(False\\)"):
         kernels._check_allocation(1, 30, 40, 1, 2)
     kernels._check_allocation(0, 30, 40, 1, 2)  # success: no error
+
+
+def test_window_sum_bad_input_is_named():
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(TypeError, match="x must be a torch.float32"):
+        kernels.window_sum(x.double(), (3, 3), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="kernel 11 must be in"):
+        kernels.window_sum(x, (11, 3), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="channels = 4"):
+        kernels.window_sum(x, (3, 3), (1, 1), (1, 1), channels=4)
+    with pytest.raises(ValueError, match="1 or 2 window dimensions"):
+        kernels.window_sum(torch.rand(2, 3, 4, 4, 4), (2, 2, 2), (1, 1, 1), (0, 0, 0))
