@@ -6,7 +6,9 @@ dominates training memory on CPU, measured with ``saved_tensors_hooks``) of:
 
 * an MLP spiking net (784-256-10, T=25, batch 128) and
 * a small conv spiking net (2x32x32 -> conv16 -> avgpool -> conv32 -> avgpool -> fc10,
-  T=8, batch 32),
+  T=8, batch 32), run step by step, and the same net with time folded into the batch
+  (``conv_seq``: each layer once on ``[T*B, ...]``, then the neurons over the sequence,
+  with ``sbnn_addons.LIF.run`` in the SBNN net),
 
 each built with ``BayesLinear``/``BayesConv2d`` (per-layer or per-weight std) and
 ``IWSTSpike``, against the same network with ``nn.Linear``/``nn.Conv2d`` and snnTorch's
@@ -78,6 +80,10 @@ class SpikingNet(nn.Module):
             [sb.IWSTSpike("st") for _ in self.layers] if bayes is not None else []
         )
         self.bayes = bayes is not None and not atan_spikes
+        self.lifs = nn.ModuleList(  # the library's neuron, for the time-folded network
+            [sb.LIF(beta, 1.0, spike, reset="subtract") for spike in self.spikes[:-1]]
+            if kind == "conv_seq" and self.bayes else []
+        )
 
     def _spike(self, i, u, var):
         if not self.bayes:
@@ -87,7 +93,37 @@ class SpikingNet(nn.Module):
     def forward(self, x):  # x: [T, B, ...]
         # one forward pass over T steps: each Bayesian layer computes s^2 once
         with sb.share_posterior():
-            return self._forward(x)
+            return self._forward_folded(x) if self.kind == "conv_seq" else self._forward(x)
+
+    def _forward_folded(self, x):
+        """The conv network with time folded into the batch: each layer runs once on
+        ``[T*B, ...]``, then its neurons run the whole sequence (``LIF.run`` for the SBNN
+        network, the written-out atan LIF for the baseline)."""
+        steps, batch = x.shape[:2]
+        h = x.flatten(0, 1)
+        for i, layer in enumerate(self.layers[:-1]):
+            with sb.variance_flow():  # carries the variance through the pooling
+                cur = F.avg_pool2d(layer(h), 2)
+            var = sb.get_variance(cur)
+            seq = cur.view(steps, batch, *cur.shape[1:])
+            if self.lifs:
+                spikes = self.lifs[i].run(sb.attach_variance(
+                    seq, var.view(steps, batch, *var.shape[1:])))
+            else:
+                mem, out = None, []
+                for t in range(steps):
+                    mem = seq[t] if mem is None else self.beta * mem + seq[t]
+                    spike = self._spike(i, mem - 1.0, None)
+                    mem = mem - spike
+                    out.append(spike)
+                spikes = torch.stack(out)
+            h = spikes.flatten(0, 1)
+        cur = self.layers[-1](h.flatten(1)).view(steps, batch, -1)
+        mem, out = None, 0.0
+        for t in range(steps):  # the readout's membrane, summed over time
+            mem = cur[t] if mem is None else self.beta * mem + cur[t]
+            out = out + mem
+        return out
 
     def _forward(self, x):
         mems = [None] * len(self.layers)
@@ -192,12 +228,13 @@ def run(reps: int = 30, threads: int = 2, seed: int = 0, repeat: int = 1,
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     rows = []
-    for kind, shape, steps in (("mlp", (128, 784), 25), ("conv", (32, 2, 32, 32), 8)):
+    for kind, shape, steps in (("mlp", (128, 784), 25), ("conv", (32, 2, 32, 32), 8),
+                               ("conv_seq", (32, 2, 32, 32), 8)):
         x = (torch.rand(steps, *shape) < 0.2).float()
         y = torch.randint(0, 10, (shape[0],))
         nets = {name: SpikingNet(kind, b) for name, b in
                 (("baseline", None), ("layer", "layer"), ("weight", "weight"))}
-        if ablate:
+        if ablate and kind != "conv_seq":
             nets["layer, atan spikes"] = SpikingNet(kind, "layer", atan_spikes=True)
         steps_fn = {k: _step_fn(n, x, y) for k, n in nets.items()}
         times, ratios = repeated(steps_fn, reps, repeat)
