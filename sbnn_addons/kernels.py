@@ -24,6 +24,12 @@ draw does not depend on the number of threads. ``P(h = 1) = Phi(z)`` is the same
 the PyTorch path (``h = 1[u + sigma eps > 0]``); the individual draws differ between
 the two paths.
 
+The same library holds the window sums of the variance (:func:`window_sum`: the
+receptive-field sum of a convolution's LRT variance and the average-pooling rule, with
+its transpose for the backward), and :func:`lif_sequence` runs a whole LIF sequence
+(the core :class:`~sbnn_addons.LIF` or a linked SpikingJelly node) as one autograd node
+around the spike kernel.
+
 The kernel serves float32 CPU tensors outside ``torch.func`` transforms and
 ``torch.compile``; everything else (CUDA, float16 / bfloat16 / float64, ``vmap``) takes
 the PyTorch path, which is also the fallback when no C compiler is found. Set

@@ -1,4 +1,5 @@
-/* Fused CPU kernels of the SBNN spike (SPEC sections 1 and 4), float32, contiguous.
+/* Fused CPU kernels of the SBNN spike (SPEC sections 1 and 4), float32, contiguous, and
+ * the window sums of the LRT variance (at the end of this file).
  *
  * Forward:  h_i = 1[U_i < Phi(z_i)],  z_i = u_i / sigma_i,  sigma_i = sqrt(var_i),
  *           U_i uniform on (0, 1); where var_i == 0 the unit is deterministic:
