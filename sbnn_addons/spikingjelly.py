@@ -336,7 +336,8 @@ def _linked_multi_step_forward(node: nn.Module, x_seq: Tensor, *args, **kwargs):
     (v0,) = node.materialize_states((x_seq,), tuple(node._memories.values()), "m")[:1]
     var = compact_broadcast(spike._pending) if isinstance(spike._pending, Tensor) else None
     own = spike.noise_variance(x_seq.new_zeros(()))  # the spike's own noise only
-    aux = spike.collect_aux and var is not None and torch.is_grad_enabled()
+    noisy = var is not None or spike._var_state is not None or own is not None
+    aux = spike.collect_aux and noisy and torch.is_grad_enabled()  # as the node's loop
     rate = node.w.sigmoid() if dyn.charge.startswith("plif") else None
     out = kernels.lif_sequence(
         x_seq, var, v0, spike._var_state, dyn, spike.estimator, rate=rate, own_var=own,

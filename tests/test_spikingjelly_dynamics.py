@@ -324,3 +324,24 @@ def test_real_dvs_gesture_smoke():
     assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
     stds = [m.std_rho.grad for m in sbnn.modules() if sbnn_addons.is_bayesian(m)]
     assert any(float(gr.abs().sum()) > 0 for gr in stds)
+
+
+def test_fused_sequence_aux_loss_with_own_noise_only():
+    """A linked node fed by a layer kept deterministic (exclude=...) fires with its own
+    noise only; the fused sequence collects the same auxiliary loss as the node's loop."""
+    torch.manual_seed(2)
+    net = nn.Sequential(layer.Linear(12, 7, step_mode="m"),
+                        neuron.LIFNode(tau=2.0, step_mode="m"))
+    fused = sbnn_sj.to_sbnn(net, spike_std=0.3, exclude=["0*"])
+    sbnn_addons.enable_aux_loss(fused)
+    own = _own_loop(fused)
+    x = torch.rand(5, 3, 12) * 2
+    aux = []
+    for model in (fused, own):
+        torch.manual_seed(9)
+        functional.reset_net(model)
+        out = model(x)
+        aux.append(sbnn_addons.aux_loss(model))
+        assert aux[-1] is not None, "no auxiliary loss collected"
+        assert 0 < float(out.mean()) < 1
+    torch.testing.assert_close(aux[0], aux[1], rtol=1e-5, atol=0)
