@@ -346,7 +346,7 @@ class _BoxSum(torch.autograd.Function):
         from . import kernels
 
         n = len(ctx.kernel)
-        if grad.dtype == torch.float32 and kernels.can_window_sum(grad, n):
+        if kernels.can_window_sum(grad, n):
             return kernels.window_sum_backward(grad, ctx.input_shape, ctx.kernel, ctx.stride,
                                                ctx.padding, ctx.scale), None, None, None, None
         if ctx.scale != 1.0:

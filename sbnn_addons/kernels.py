@@ -704,7 +704,7 @@ class LIFSequence(torch.autograd.Function):
                                          ctx.estimator, g_aux, ctx.aux_offset, total_shape)
             g_h = g_u if g_h is None else g_h + g_u
             if own_shape is not None:
-                g = g_total.sum_to_size(own_shape) if g_total.shape != own_shape else g_total
+                g = _sum_to(g_total, own_shape)
                 g_own = g if g_own is None else g_own + g
             if state_shape is not None:  # dL/dS_t: from the spike and from S'_t
                 g_s = _sum_to(g_total, state_shape)

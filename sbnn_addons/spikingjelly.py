@@ -308,14 +308,13 @@ def _sequence_dynamics(node: nn.Module, spike: SJSpike, x_seq: Tensor):
         or not kernels.can_fuse(x_seq, var if isinstance(var, Tensor) else x_seq)
     ):
         return None
-    hard = node.v_reset is not None
+    beta, _c, hard = spike._coeffs  # _dynamics(node), taken by the pre-hook for this call
     if kind is neuron.LIFNode:
-        tau = float(node.tau)
-        charge, beta = ("lif" if node.decay_input else "lif_nodecay"), 1.0 - 1.0 / tau
+        tau, charge = float(node.tau), ("lif" if node.decay_input else "lif_nodecay")
     elif kind is neuron.ParametricLIFNode:  # beta = 1 - sigmoid(w), given as the rate
         tau, charge, beta = None, ("plif" if node.decay_input else "plif_nodecay"), 0.0
     else:
-        tau, charge, beta = None, "if", 1.0
+        tau, charge = None, "if"
     return kernels.Dynamics(charge, beta, tau, float(node.v_threshold),
                             "hard" if hard else "subtract",
                             float(node.v_reset) if hard else 0.0, reset_variance=hard,
