@@ -347,7 +347,7 @@ class _BoxSum(torch.autograd.Function):
 
         n = len(ctx.kernel)
         if kernels.can_window_sum(grad, n):
-            return kernels.window_sum_backward(grad, ctx.input_shape, ctx.kernel, ctx.stride,
+            return kernels._window_sum_backward(grad, ctx.input_shape, ctx.kernel, ctx.stride,
                                                ctx.padding, ctx.scale), None, None, None, None
         if ctx.scale != 1.0:
             grad = grad * ctx.scale

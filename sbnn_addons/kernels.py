@@ -62,7 +62,7 @@ from .functional import _check_windows, apply_function, broadcasts_to, mark_bina
 __all__ = [
     "available", "enabled", "use_kernels", "can_fuse", "fused_spike", "FusedSpike",
     "spike_forward", "spike_backward", "broadcast_layout", "Dynamics", "LIFSequence",
-    "lif_sequence", "window_sum", "window_sum_backward", "can_window_sum",
+    "lif_sequence", "window_sum", "can_window_sum",
 ]
 
 _SOURCE = Path(__file__).with_name("_kernels") / "spike.c"
@@ -331,10 +331,11 @@ def _check_allocation(failed: int, h: int, w: int, ph: int, pw: int) -> None:
             "layer with sbnn_addons.kernels.use_kernels(False)")
 
 
-def window_sum_backward(grad: Tensor, shape: torch.Size, kernel: tuple[int, ...],
+def _window_sum_backward(grad: Tensor, shape: torch.Size, kernel: tuple[int, ...],
                         stride: tuple[int, ...], padding: tuple[int, ...],
                         scale: float = 1.0) -> Tensor:
-    """The transposed :func:`window_sum` (``channels = 1``, no square) onto ``shape``."""
+    """The transposed :func:`window_sum` (``channels = 1``, no square) onto ``shape``:
+    the backward of ``box_sum``, whose arguments are already checked."""
     n = len(kernel)
     grad = grad.to(torch.float32).contiguous()
     h, w, ho, wo, kh, kw, sh, sw, ph, pw = _window_geometry(shape, kernel, stride, padding)
