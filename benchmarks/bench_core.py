@@ -80,9 +80,9 @@ class SpikingNet(nn.Module):
             [sb.IWSTSpike("st") for _ in self.layers] if bayes is not None else []
         )
         self.bayes = bayes is not None and not atan_spikes
-        self.lifs = nn.ModuleList(  # the library's neuron, for the time-folded network
+        self.lifs = nn.ModuleList(  # the library's neuron in the SBNN networks
             [sb.LIF(beta, 1.0, spike, reset="subtract") for spike in self.spikes[:-1]]
-            if kind == "conv_seq" and self.bayes else []
+            if self.bayes else []
         )
 
     def _spike(self, i, u, var):
@@ -126,8 +126,11 @@ class SpikingNet(nn.Module):
         return out
 
     def _forward(self, x):
+        """Step by step: the SBNN network's hidden neurons are ``sbnn_addons.LIF``; the
+        baseline (and the atan ablation) write the same LIF out."""
         mems = [None] * len(self.layers)
         vars_ = [None] * len(self.layers)
+        states = [None] * len(self.layers)
         out = 0.0
         for t in range(x.shape[0]):
             h = x[t]
@@ -138,13 +141,17 @@ class SpikingNet(nn.Module):
                 if self.kind == "conv" and i < 2:
                     with sb.variance_flow():  # carries the variance through the pooling
                         cur = F.avg_pool2d(cur, 2)
+                if i == len(self.layers) - 1:  # the readout: membrane summed over time
+                    mems[i] = cur if mems[i] is None else self.beta * mems[i] + cur
+                    out = out + mems[i]
+                    break
+                if self.lifs:
+                    h, states[i] = self.lifs[i](cur, states[i])
+                    continue
                 var = sb.get_variance(cur)
                 mems[i] = cur if mems[i] is None else self.beta * mems[i] + cur
                 if var is not None:
                     vars_[i] = var if vars_[i] is None else self.beta**2 * vars_[i] + var
-                if i == len(self.layers) - 1:
-                    out = out + mems[i]
-                    break
                 h = self._spike(i, mems[i] - 1.0, vars_[i])
                 mems[i] = mems[i] - h
         return out

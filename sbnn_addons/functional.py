@@ -490,13 +490,41 @@ def lif_step(
     Returns:
         ``(spikes, u_t, V_t)``, each of the shape of ``current``.
     """
-    membrane = beta * membrane + current
     variance = beta * beta * variance
     if current_var is not None:
         variance = variance + current_var
+    spikes, membrane = lif_fire(current, membrane, variance, spike_fn, beta, threshold, reset)
+    return spikes, membrane, variance
+
+
+def _is_one(value) -> bool:
+    return isinstance(value, (int, float)) and value == 1
+
+
+def lif_fire(
+    current: Tensor,
+    membrane: Tensor | None,
+    variance: Tensor,
+    spike_fn,
+    beta: float | Tensor,
+    threshold: float = 1.0,
+    reset: str = "subtract",
+) -> tuple[Tensor, Tensor]:
+    """The membrane half of :func:`lif_step`, for a noise variance ``V_t`` already formed.
+
+    .. code-block:: text
+
+        u_t = beta * u_{t-1} + I_t;   h_t = spike_fn(u_t - theta, V_t);   reset u_t
+
+    ``membrane=None`` is the zero initial state (``u_t = I_t``, one operation fewer).
+
+    Returns:
+        ``(spikes, u_t)``, each of the shape of ``current``.
+    """
+    membrane = current if membrane is None else beta * membrane + current
     spikes = spike_fn(membrane - threshold, variance)
     if reset == "subtract":
-        membrane = membrane - threshold * spikes
+        membrane = membrane - (spikes if _is_one(threshold) else threshold * spikes)
     elif reset == "zero":
         membrane = membrane * (1.0 - spikes)
-    return spikes, membrane, variance
+    return spikes, membrane

@@ -34,7 +34,7 @@ from .functional import (
     mark_binary,
     stored_bytes,
 )
-from .moments import attach_variance, get_variance, no_variance_flow
+from .moments import ScaledVariance, attach_variance, no_variance_flow, raw_variance
 
 __all__ = [
     "share_posterior",  # re-exported from .base
@@ -181,18 +181,30 @@ class _BayesMixin(SBNNModule):
         if self._noise_free():
             return attach_variance(mean, None)
         x_in = x.detach() if self.detach_input_variance else x
-        var = self._input_variance(x_in, is_binary(x), stored_bytes(x))
+        s2 = self._std_squared()
+        if self._factored():  # s^2 F kept factored through the variance flow
+            field = self._input_variance(x_in, is_binary(x), stored_bytes(x), None)
+            return attach_variance(mean, ScaledVariance(field, s2))
+        var = self._input_variance(x_in, is_binary(x), stored_bytes(x), s2)
         if self.bias_noise:
             var = var + self.bias_std**2
         # broadcastable to the mean (e.g. [N, 1, H, W] with a per-layer std): consumers
         # broadcast it, and channel-independent ops (avg-pool) stay C times cheaper
         return attach_variance(mean, var)
 
-    def _input_variance(self, x: Tensor, binary: bool, as_bytes: Tensor | None) -> Tensor:
-        """LRT variance without bias noise; for spikes ``x^2 = x`` (no extra pass, and
-        nothing extra saved for the backward)."""
+    def _factored(self) -> bool:
+        """Whether the variance is ``s^2 F`` with one scalar ``s^2`` (per-layer std, no
+        bias noise, the library's own variance formula)."""
+        return (self.std_mode == "layer" and not self.bias_noise
+                and type(self)._output_variance in _SCALAR_STD_FORMULAS)
+
+    def _input_variance(self, x: Tensor, binary: bool, as_bytes: Tensor | None,
+                        s2: Tensor | None) -> Tensor:
+        """LRT variance without bias noise (``s2=None``: the per-layer std's unscaled
+        field ``F``); for spikes ``x^2 = x`` (no extra pass, and nothing extra saved for
+        the backward)."""
         x2 = mark_binary(x, as_bytes) if binary else x * x
-        return self._output_variance(x2, self._std_squared())
+        return self._output_variance(x2, s2)
 
     def output_variance(self, x: Tensor) -> Tensor:
         """LRT variance ``var(a) = sum_i s_i^2 x_i^2 (+ s_b^2)`` of the output, full shape."""
@@ -295,18 +307,20 @@ class BayesLinear(_BayesMixin, nn.Linear):
     def _mean(self, x: Tensor) -> Tensor:
         return self._op(x, self.weight, self.bias)
 
-    def _output_variance(self, x2: Tensor, s2: Tensor) -> Tensor:
+    def _output_variance(self, x2: Tensor, s2: Tensor | None) -> Tensor:
         if self.std_mode == "weight":
             return self._op(x2, s2, None)
-        return x2.sum(-1, keepdim=True) * s2
+        field = x2.sum(-1, keepdim=True)
+        return field if s2 is None else field * s2
 
-    def _input_variance(self, x: Tensor, binary: bool, as_bytes: Tensor | None) -> Tensor:
+    def _input_variance(self, x: Tensor, binary: bool, as_bytes: Tensor | None,
+                        s2: Tensor | None) -> Tensor:
         if (self.std_mode == "weight" or binary
                 or type(self)._output_variance is not BayesLinear._output_variance):
-            return super()._input_variance(x, binary, as_bytes)
+            return super()._input_variance(x, binary, as_bytes, s2)
         # sum_i x_i^2 in one pass, without an x^2 temporary (as large as the input)
-        squares = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square()
-        return squares * self._std_squared()
+        field = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square()
+        return field if s2 is None else field * s2
 
     @staticmethod
     def _plain_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -360,13 +374,17 @@ class _BayesConv(_BayesMixin):
     def _mean(self, x: Tensor) -> Tensor:
         return self._op(x, self.weight, self.bias)
 
-    def _output_variance(self, x2: Tensor, s2: Tensor) -> Tensor:
+    def _output_variance(self, x2: Tensor, s2: Tensor | None) -> Tensor:
         if self.std_mode == "weight":
             return self._op(x2, s2, None)
         if self.groups != 1:
+            if s2 is None:  # the per-layer std's unscaled field
+                s2 = torch.ones((), dtype=x2.dtype, device=x2.device)
             per_out = s2.view(-1, *([1] * (self.weight.dim() - 1))) if s2.dim() else s2
             return self._conv_forward(x2, per_out.expand_as(self.weight), None)
         field = self._receptive_field_sum(x2)
+        if s2 is None:
+            return field
         if self.std_mode == "channel":
             return field * s2.view(1, -1, *([1] * (x2.dim() - 2)))
         return field * s2
@@ -396,18 +414,20 @@ class _BayesConv(_BayesMixin):
             return self._conv_forward(x2, ones, None)
         return box_sum(x2.sum(dim=-n - 1, keepdim=True), self.kernel_size, self.stride, pad)
 
-    def _input_variance(self, x: Tensor, binary: bool, as_bytes: Tensor | None) -> Tensor:
+    def _input_variance(self, x: Tensor, binary: bool, as_bytes: Tensor | None,
+                        s2: Tensor | None) -> Tensor:
         n = self.weight.dim() - 2
         pad = self._window_padding()
         if (self.std_mode == "weight" or self.groups != 1 or pad is None
                 or x.dim() != n + 2 or (x.requires_grad and torch.is_grad_enabled())
                 or type(self)._output_variance is not _BayesConv._output_variance
                 or not kernels.can_window_sum(x, n)):
-            return super()._input_variance(x, binary, as_bytes)
+            return super()._input_variance(x, binary, as_bytes, s2)
         # channel sum, squares (unless x is 0/1) and window sum in one compiled pass
         field = kernels._window_sum(x, self.kernel_size, self.stride, pad,  # checked shapes
                                     channels=self.in_channels, square=not binary)
-        s2 = self._std_squared()
+        if s2 is None:
+            return field
         if self.std_mode == "channel":
             s2 = s2.view(1, -1, *([1] * n))
         return field * s2
@@ -472,6 +492,10 @@ class _BayesConv(_BayesMixin):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, std_mode={self.std_mode}, bias_noise={self.bias_noise}"
+
+
+#: the library's variance formulas, which give ``s^2 F`` for a per-layer std
+_SCALAR_STD_FORMULAS = (BayesLinear._output_variance, _BayesConv._output_variance)
 
 
 def _conv_init(self, plain, args, kwargs):
@@ -565,7 +589,7 @@ class ChannelAffine(nn.Module):
                 f"ChannelAffine expects {self.num_features} channels in dimension "
                 f"{self.channel_dim}, got shape {tuple(x.shape)}"
             )
-        var = get_variance(x)
+        var = raw_variance(x)  # passed on as stored (a factored one stays factored)
         with no_variance_flow():
             shape = [1] * x.dim()
             shape[self.channel_dim] = -1

@@ -25,6 +25,15 @@ neuron's dynamics automatically: snnTorch ``Leaky`` gives ``V_t = beta^2 V_{t-1}
 and SpikingJelly ``LIFNode(decay_input=True)`` gives
 ``V_t = (1 - 1/tau)^2 V_{t-1} + var_t / tau^2``, exactly SPEC section 3.
 
+With a per-layer std (the paper's scalar ``s``) a Bayesian layer's variance is
+``s^2 F``, where ``F`` (the receptive-field sum of ``x^2``) is noise-free. Every rule above
+is linear in the variance, so the flow keeps the two factors apart
+(:class:`ScaledVariance`): the rules act on ``F`` alone, outside autograd, and the product
+with ``s^2`` is formed once, where the variance is read (:func:`get_variance`, the spike
+function, :class:`~sbnn_addons.LIF`). The gradient is the same; the graph has one node per
+read instead of one per operation. Variances of different layers meeting in one
+operation (a residual sum) are multiplied out first.
+
 An operation without a rule does not guess: its output is marked with
 :class:`UnknownVariance`, and a spike function that receives such an input raises an
 error that names the operation.
@@ -45,10 +54,12 @@ from .base import share_posterior
 from .functional import box_sum
 
 __all__ = [
+    "ScaledVariance",
     "UnknownVariance",
     "VarianceFlowError",
     "attach_variance",
     "get_variance",
+    "raw_variance",
     "VarianceFlow",
     "variance_flow",
     "no_variance_flow",
@@ -76,7 +87,40 @@ class UnknownVariance:
         return f"UnknownVariance(op={self.op!r})"
 
 
-def attach_variance(mean: Tensor, variance: Tensor | UnknownVariance | None) -> Tensor:
+class ScaledVariance:
+    """A variance kept as two factors, ``scale * base`` (see the module doc).
+
+    ``scale`` is a 0-dim tensor (a layer's ``s^2``, usually requiring grad) and ``base``
+    a tensor broadcastable to the mean it belongs to. The variance rules act on ``base``;
+    :meth:`value` forms the product, once per grad mode.
+
+    Args:
+        base: the unscaled variance, e.g. the receptive-field sum of ``x^2``.
+        scale: 0-dim tensor multiplying it.
+    """
+
+    __slots__ = ("base", "scale", "_value")
+
+    def __init__(self, base: Tensor, scale: Tensor) -> None:
+        if scale.dim() != 0:
+            raise ValueError(f"scale must be a 0-dim tensor, got shape {tuple(scale.shape)}")
+        self.base = base
+        self.scale = scale
+        self._value: tuple[bool, Tensor] | None = None
+
+    def value(self) -> Tensor:
+        """``scale * base``, differentiable in both (cached for the current grad mode)."""
+        grad = torch.is_grad_enabled()
+        if self._value is None or self._value[0] != grad:
+            self._value = (grad, self.base * self.scale)
+        return self._value[1]
+
+    def __repr__(self) -> str:
+        return f"ScaledVariance(base={tuple(self.base.shape)}, scale={float(self.scale):g})"
+
+
+def attach_variance(mean: Tensor,
+                    variance: Tensor | ScaledVariance | UnknownVariance | None) -> Tensor:
     """Attach ``variance`` (broadcastable to ``mean``) to the tensor ``mean`` in place.
 
     Returns ``mean`` itself. ``None`` removes an attached variance.
@@ -89,7 +133,17 @@ def attach_variance(mean: Tensor, variance: Tensor | UnknownVariance | None) -> 
 
 
 def get_variance(tensor: Tensor) -> Tensor | UnknownVariance | None:
-    """The variance attached to ``tensor``, an :class:`UnknownVariance`, or ``None``."""
+    """The variance attached to ``tensor``, an :class:`UnknownVariance`, or ``None``.
+
+    A factored variance (:class:`ScaledVariance`) is returned as its product, a tensor.
+    """
+    var = getattr(tensor, _ATTR, None)
+    return var.value() if isinstance(var, ScaledVariance) else var
+
+
+def raw_variance(tensor: Tensor) -> Tensor | ScaledVariance | UnknownVariance | None:
+    """The variance attached to ``tensor`` as stored: a factored one stays a
+    :class:`ScaledVariance` (for code that passes it on, or keeps it factored)."""
     return getattr(tensor, _ATTR, None)
 
 
@@ -100,6 +154,7 @@ def get_variance(tensor: Tensor) -> Tensor | UnknownVariance | None:
 
 Rule = Callable[..., "Tensor | UnknownVariance | None"]
 _RULES: dict[str, Rule] = {}
+_FACTORED: set[str] = set()  # rules that may act on the base of a ScaledVariance
 
 
 def register_variance_rule(*names: str) -> Callable[[Rule], Rule]:
@@ -108,6 +163,7 @@ def register_variance_rule(*names: str) -> Callable[[Rule], Rule]:
     def deco(rule: Rule) -> Rule:
         for name in names:
             _RULES[name] = rule
+            _FACTORED.discard(name)  # only the built-in rules are known to be linear
         return rule
 
     return deco
@@ -325,6 +381,12 @@ def _pad(func, args, kwargs, out, var_of):
         k: v for k, v in rest.items() if k not in ("pad", "mode")})
 
 
+# Every built-in rule is linear in the variance, so it may act on the base of a
+# ScaledVariance; conversions of dtype and device, and detach, multiply it out first.
+_FACTORED.update(set(_RULES) - {"to", "type_as", "float", "double", "half", "bfloat16",
+                                "detach"})
+
+
 # Operations that never carry noise forward (their outputs are noise-free by design).
 _NOISE_FREE = frozenset(
     {"__get__", "__set__", "size", "dim", "numel", "__len__", "__bool__", "zeros_like",
@@ -337,31 +399,52 @@ _NOISE_FREE = frozenset(
 
 
 def _var_of(x):
+    """The variance of an argument as a tensor (a factored one multiplied out)."""
     if isinstance(x, Tensor):
-        return getattr(x, _ATTR, None)
+        var = x.__dict__.get(_ATTR)
+        return var.value() if isinstance(var, ScaledVariance) else var
+    return None
+
+
+def _base_of(x):
+    """The base of an argument's factored variance (all of them share one scale)."""
+    if isinstance(x, Tensor):
+        var = x.__dict__.get(_ATTR)
+        return None if var is None else var.base
     return None
 
 
 def _scan(args, kwargs):
-    """``None`` if no argument carries a variance, else the first :class:`UnknownVariance`
-    among them, else ``True``. One pass over the (possibly nested) arguments."""
-    noisy = None
+    """One pass over the (possibly nested) arguments: ``(noise, scale)``.
+
+    ``noise`` is ``None`` if no argument carries a variance, else the first
+    :class:`UnknownVariance` among them, else ``True``. ``scale`` is the scale tensor
+    shared by all of them when every one is a :class:`ScaledVariance`, else ``None``.
+    """
+    noisy, scale = None, None
     for group in (args, kwargs.values()) if kwargs else (args,):
         for a in group:
             if isinstance(a, Tensor):
-                var = a.__dict__.get(_ATTR)
-                if var is not None:
-                    if isinstance(var, UnknownVariance):
-                        return var
-                    noisy = True
+                items = (a,)
             elif isinstance(a, (list, tuple)):
-                for b in a:
-                    var = b.__dict__.get(_ATTR) if isinstance(b, Tensor) else None
-                    if var is not None:
-                        if isinstance(var, UnknownVariance):
-                            return var
-                        noisy = True
-    return noisy
+                items = a
+            else:
+                continue
+            for b in items:
+                var = b.__dict__.get(_ATTR) if isinstance(b, Tensor) else None
+                if var is None:
+                    continue
+                if isinstance(var, UnknownVariance):
+                    return var, None
+                if isinstance(var, ScaledVariance):
+                    if noisy is None:
+                        scale = var.scale
+                    elif scale is not var.scale:
+                        scale = None
+                else:
+                    scale = None
+                noisy = True
+    return noisy, scale
 
 
 _NAMES: dict = {}
@@ -389,7 +472,7 @@ class VarianceFlow(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        noise = _scan(args, kwargs)
+        noise, scale = _scan(args, kwargs)
         if noise is None:
             return out
         name = _name(func)
@@ -404,6 +487,10 @@ class VarianceFlow(TorchFunctionMode):
         rule = _RULES.get(name)
         if rule is None:
             return attach_variance(out, UnknownVariance(name))
+        if scale is not None and name in _FACTORED:  # the rule is linear: act on the bases
+            var = rule(func, args, kwargs, out, _base_of)
+            return attach_variance(out, ScaledVariance(var, scale)
+                                   if isinstance(var, Tensor) else var)
         return attach_variance(out, rule(func, args, kwargs, out, _var_of))
 
 

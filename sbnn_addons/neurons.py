@@ -14,15 +14,31 @@ from .functional import (
     check_float,
     compact_broadcast,
     is_binary,
-    lif_step,
+    lif_fire,
     mark_binary,
 )
-from .moments import UnknownVariance, VarianceFlowError, get_variance, no_variance_flow
+from .moments import (
+    ScaledVariance,
+    UnknownVariance,
+    VarianceFlowError,
+    get_variance,
+    no_variance_flow,
+    raw_variance,
+)
 from .spike import IWSTSpike
 
 __all__ = ["LIF", "LIFState"]
 
 _RESETS = ("subtract", "zero", "none")
+_FACTORS = "_sbnn_factors"  # on a state's variance V: (its ScaledVariance, V._version)
+_ZERO = "zero"  # the factors of the initial state's V = 0
+
+
+def _zero_variance(like: Tensor) -> Tensor:
+    """The initial ``V = 0``: one element, marked as factored (any scale may follow)."""
+    variance = like.new_zeros(())
+    variance.__dict__[_FACTORS] = (_ZERO, variance._version)
+    return variance
 
 
 class LIFState(tuple):
@@ -54,7 +70,10 @@ class LIF(nn.Module):
 
     ``var(I_t)`` is the variance attached to the input by a Bayesian layer (0 if none),
     ``s_n`` the spike function's own noise std. ``V`` restarts with the state; it has the
-    shape of ``var(I_t)``, which broadcasts to the membrane.
+    shape of ``var(I_t)``, which broadcasts to the membrane. Where ``var(I_t) = s^2 F_t``
+    (a per-layer std, see :class:`~sbnn_addons.moments.ScaledVariance`), the recurrence
+    runs on ``F``, outside autograd, and ``V_t = s^2 G_t`` with
+    ``G_t = beta^2 G_{t-1} + F_t``: one autograd node per step instead of two.
     Defaults are the reference ``beta = exp(-1/10) ~= 0.905``, ``theta = 1``, soft reset.
     A binary (non-spiking) unit is ``LIF(beta=0, threshold=0)`` run for one step.
 
@@ -95,7 +114,26 @@ class LIF(nn.Module):
         variance is ``[N, 1, H, W]``, C times smaller than the membrane, and the spike
         kernel reads it in place (:mod:`sbnn_addons.kernels`).
         """
-        return LIFState(torch.zeros_like(current), current.new_zeros(()))
+        return LIFState(torch.zeros_like(current), _zero_variance(current))
+
+    def _variance_step(self, variance: Tensor, var_in) -> Tensor:
+        """``V_t = beta^2 V_{t-1} + var(I_t)``, factored where ``V_{t-1}`` and
+        ``var(I_t)`` share their scale ``s^2`` (or ``V_{t-1}`` is the initial 0)."""
+        b2 = self.beta * self.beta
+        prev, version = variance.__dict__.get(_FACTORS, (None, None))
+        if (isinstance(var_in, ScaledVariance) and version == variance._version
+                and (prev is _ZERO or (isinstance(prev, ScaledVariance)
+                                       and prev.scale is var_in.scale))):
+            base = var_in.base if prev is _ZERO else torch.add(var_in.base, prev.base,
+                                                                 alpha=b2)
+            factors = ScaledVariance(base, var_in.scale)
+            out = factors.value()
+            out.__dict__[_FACTORS] = (factors, out._version)
+            return out
+        if isinstance(var_in, ScaledVariance):
+            var_in = var_in.value()
+        out = b2 * variance
+        return out if var_in is None else out + var_in
 
     def _fire(self, drive: Tensor, variance: Tensor) -> Tensor:
         own = self.spike_fn.noise_variance(drive.detach())  # own std only: drive is clean
@@ -103,25 +141,26 @@ class LIF(nn.Module):
 
     def forward(self, current: Tensor, state: LIFState | None = None) -> tuple[Tensor, LIFState]:
         check_float("current", current)
-        var_in = get_variance(current)
+        var_in = raw_variance(current)
         if isinstance(var_in, UnknownVariance):
             raise VarianceFlowError(
                 f"the input current went through '{var_in.op}', whose effect on the "
                 "variance is unknown"
             )
-        if state is None:
-            state = self.initial_state(current)
-        membrane, variance = state
-        if membrane.shape != current.shape and membrane.numel() != 1:
+        if state is None:  # a zero membrane, left out of the first update
+            membrane, variance = None, _zero_variance(current)
+        else:
+            membrane, variance = state
+        if (membrane is not None and membrane.shape != current.shape
+                and membrane.numel() != 1):
             raise ValueError(
                 f"state of shape {tuple(membrane.shape)} does not match the input current "
                 f"of shape {tuple(current.shape)}; pass state=None at the start of a sequence"
             )
         with no_variance_flow():  # V is tracked explicitly; the flow would count it twice
-            spikes, membrane, variance = lif_step(
-                current, var_in, membrane, variance, self._fire, self.beta, self.threshold,
-                self.reset,
-            )
+            variance = self._variance_step(variance, var_in)
+            spikes, membrane = lif_fire(current, membrane, variance, self._fire, self.beta,
+                                        self.threshold, self.reset)
         return spikes, LIFState(membrane, variance)
 
     def _fused(self, currents: Tensor, var_seq: Tensor, membrane: Tensor,

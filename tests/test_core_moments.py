@@ -9,11 +9,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sbnn_addons import BayesConv2d, ChannelAffine, IWSTSpike, attach_variance, get_variance
+import sbnn_addons as sb
+from sbnn_addons import (
+    BayesConv2d,
+    ChannelAffine,
+    IWSTSpike,
+    attach_variance,
+    get_variance,
+    moments,
+)
 from sbnn_addons.moments import (
+    ScaledVariance,
     UnknownVariance,
     VarianceFlowError,
     no_variance_flow,
+    raw_variance,
+    register_variance_rule,
     track_variance,
     untrack_variance,
     variance_flow,
@@ -212,3 +223,92 @@ def test_track_variance_model_end_to_end():
     model2 = track_variance(nn.Sequential(conv, nn.AvgPool2d(2), nn.Tanh(), IWSTSpike()))
     with pytest.raises(VarianceFlowError, match="tanh"):
         model2(x)
+
+
+# ----------------------------------------------------------------- factored variances
+def _std_pair(seed=0):
+    """A per-layer-std conv (its variance kept factored, s^2 F) and a per-channel one
+    with the same means and equal stds (its variance a plain tensor)."""
+    torch.manual_seed(seed)
+    layer = BayesConv2d(2, 3, 3, padding=1, std=0.3)
+    channel = BayesConv2d(2, 3, 3, padding=1, std=0.3, std_mode="channel")
+    channel.load_state_dict({**layer.state_dict(),
+                             "std_rho": layer.std_rho.detach().expand(3).clone()})
+    return layer, channel
+
+
+def _flow_ops(layer, x):
+    with variance_flow():
+        y = F.avg_pool2d(layer(x), 2)
+        return (0.5 * y.flatten(1) - 1.0)[:, 2:]
+
+
+def test_factored_variance_through_the_flow_equals_the_tensor_variance():
+    """pool, flatten, scale, shift and index act on F alone; the variance read at the end
+    and its gradient with respect to the std equal the per-channel layer's."""
+    layer, channel = _std_pair()
+    x = torch.rand(4, 2, 8, 8)
+    y_layer, y_channel = _flow_ops(layer, x), _flow_ops(channel, x)
+    assert isinstance(raw_variance(y_layer), ScaledVariance)
+    assert not isinstance(raw_variance(y_channel), ScaledVariance)
+    v_layer, v_channel = get_variance(y_layer), get_variance(y_channel)
+    torch.testing.assert_close(v_layer.expand_as(y_layer), v_channel, rtol=1e-6, atol=0)
+    (v_layer.expand_as(y_layer) * torch.arange(y_layer.shape[1])).sum().backward()
+    (v_channel * torch.arange(y_layer.shape[1])).sum().backward()
+    assert layer.std_rho.grad.abs() > 0
+    torch.testing.assert_close(layer.std_rho.grad, channel.std_rho.grad.sum(), rtol=1e-5,
+                               atol=0)
+
+
+def test_factored_variances_of_two_layers_are_multiplied_out():
+    """A residual sum of two layers (two scales) gives a tensor variance, their sum; one
+    layer used twice in a share_posterior block (one scale) stays factored."""
+    torch.manual_seed(0)
+    a, b = BayesConv2d(2, 3, 3, padding=1), BayesConv2d(2, 3, 3, padding=1, std=0.2)
+    x, x2 = torch.rand(2, 2, 5, 5), torch.rand(2, 2, 5, 5)
+    with variance_flow():
+        ya, yb = a(x), b(x)
+        mixed = ya + yb
+        with sb.share_posterior():
+            same = a(x) + a(x2)
+    assert isinstance(raw_variance(mixed), torch.Tensor)
+    torch.testing.assert_close(get_variance(mixed), get_variance(ya) + get_variance(yb))
+    assert isinstance(raw_variance(same), ScaledVariance)
+    with no_variance_flow():
+        want = get_variance(a(x)) + get_variance(a(x2))
+    torch.testing.assert_close(get_variance(same), want)
+
+
+def test_scaled_variance_value_follows_the_grad_mode_and_checks_its_scale():
+    scale = torch.tensor(0.5, requires_grad=True)
+    var = ScaledVariance(torch.ones(3), scale)
+    with torch.no_grad():
+        assert var.value().grad_fn is None
+    assert var.value().grad_fn is not None and var.value() is var.value()
+    torch.testing.assert_close(var.value().detach(), torch.full((3,), 0.5))
+    with pytest.raises(ValueError, match="scale must be a 0-dim"):
+        ScaledVariance(torch.ones(3), torch.ones(3))
+
+
+def test_a_registered_rule_gets_the_variance_multiplied_out():
+    """Only the built-in rules are known to be linear; a rule registered over one of
+    them receives the product s^2 F."""
+    seen = []
+
+    def rule(func, args, kwargs, out, var_of):
+        seen.append(var_of(args[0]))
+        return var_of(args[0]) * 4.0
+
+    saved = moments._RULES["neg"], set(moments._FACTORED)
+    try:
+        register_variance_rule("neg")(rule)
+        layer, _ = _std_pair()
+        x = torch.rand(1, 2, 4, 4)
+        with variance_flow():
+            y = layer(x)
+            z = -y
+        assert not isinstance(raw_variance(z), ScaledVariance)
+        torch.testing.assert_close(seen[0], get_variance(y))
+        torch.testing.assert_close(get_variance(z), 4.0 * get_variance(y))
+    finally:
+        moments._RULES["neg"], moments._FACTORED = saved[0], saved[1]

@@ -224,3 +224,56 @@ def test_fused_lif_run_saves_its_tensors_through_autograd():
     assert kinds.count((torch.float32, (B, 1))) >= T  # the variances, compact
     spikes.sum().backward()
     assert currents.grad is not None and currents.grad.abs().sum() > 0
+
+
+def _graph_size(t: torch.Tensor) -> int:
+    """Autograd nodes reachable from ``t``."""
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(n for n, _ in node.next_functions)
+    return len(seen)
+
+
+def _std_pair():
+    torch.manual_seed(0)
+    layer = BayesLinear(3, 4, std=0.4)
+    channel = BayesLinear(3, 4, std=0.4, std_mode="channel")
+    channel.load_state_dict({**layer.state_dict(),
+                             "std_rho": layer.std_rho.detach().expand(4).clone()})
+    return layer, channel
+
+
+@pytest.mark.parametrize("modify_state", [False, True])
+def test_factored_variance_runs_the_recurrence_on_f(modify_state):
+    """With a per-layer std, var(I_t) = s^2 F_t and V_t = s^2 G_t, G_t = beta^2 G_{t-1} + F_t:
+    the same spikes, V and std gradient as the per-channel layer with equal stds (a tensor
+    variance), and a graph for V_T that does not grow with T. A state whose V was changed
+    in place goes back to the tensor recurrence (same results)."""
+    layer, channel = _std_pair()
+    x = torch.rand(T, 2, 3)
+    outs = {}
+    for name, lin in (("layer", layer), ("channel", channel)):
+        spike = IWSTSpike("agr", std=0.1)
+        spike.manual_seed(1)
+        lif = LIF(spike_fn=spike)
+        state, hs = None, []
+        with sb.share_posterior():
+            for t in range(T):
+                h, state = lif(lin(x[t]), state)
+                if modify_state and t == 2:
+                    state.variance.mul_(1.5)
+                hs.append(h)
+        sizes = _graph_size(state.variance)
+        torch.stack(hs).sum().backward()
+        outs[name] = (torch.stack(hs), state.variance.detach(), lin.std_rho.grad.sum(), sizes)
+    assert torch.equal(outs["layer"][0], outs["channel"][0])
+    torch.testing.assert_close(outs["layer"][1].expand_as(outs["channel"][1]),
+                               outs["channel"][1], rtol=1e-6, atol=0)
+    assert outs["layer"][2].abs() > 0
+    torch.testing.assert_close(outs["layer"][2], outs["channel"][2], rtol=1e-5, atol=0)
+    if not modify_state:
+        assert outs["layer"][3] <= 5 < 2 * T <= outs["channel"][3]
