@@ -30,6 +30,7 @@ __all__ = [
     "compact_broadcast",
     "gaussian_kl",
     "lif_step",
+    "lif_fire",
     "mark_binary",
     "is_binary",
     "binary_bytes",

@@ -220,3 +220,33 @@ def test_box_sum_names_bad_windows(kernel, stride, padding, word):
 
     with pytest.raises(ValueError, match=word):
         box_sum(torch.rand(2, 3, 8), kernel, stride, padding)
+
+
+@pytest.mark.parametrize("reset", ["subtract", "zero", "none"])
+@pytest.mark.parametrize("threshold", [1.0, 0.7])
+def test_lif_fire_is_the_membrane_half_of_lif_step(reset, threshold):
+    """lif_step = V update + lif_fire; a None membrane is the zero state (one op fewer)
+    and threshold 1 subtracts the spikes themselves: the same values either way."""
+    from sbnn_addons.functional import lif_fire, lif_step
+
+    gen = torch.Generator().manual_seed(0)
+    current, membrane = torch.randn(2, 4, 5, generator=gen)
+    var_in, var_prev = torch.rand(2, 4, 5, generator=gen)
+
+    def spike_fn(drive, variance):  # deterministic, reads both arguments
+        return (drive + 0.1 * variance > 0).float()
+
+    beta = 0.8
+    h, u, v = lif_step(current, var_in, membrane, var_prev, spike_fn, beta, threshold, reset)
+    v_want = beta**2 * var_prev + var_in
+    u_want = beta * membrane + current
+    h_want = spike_fn(u_want - threshold, v_want)
+    u_want = {"subtract": u_want - threshold * h_want, "zero": u_want * (1 - h_want),
+              "none": u_want}[reset]
+    torch.testing.assert_close(v, v_want)
+    assert torch.equal(h, h_want)
+    torch.testing.assert_close(u, u_want)
+    h0, u0 = lif_fire(current, None, var_in, spike_fn, beta, threshold, reset)
+    h1, u1 = lif_fire(current, torch.zeros_like(current), var_in, spike_fn, beta, threshold,
+                      reset)
+    assert torch.equal(h0, h1) and torch.equal(u0, u1)
