@@ -31,6 +31,7 @@ __all__ = [
     "gaussian_kl",
     "lif_step",
     "lif_fire",
+    "LIF_RESETS",
     "mark_binary",
     "is_binary",
     "binary_bytes",
@@ -498,6 +499,10 @@ def lif_step(
     return spikes, membrane, variance
 
 
+#: The membrane resets of :func:`lif_step` and :func:`lif_fire`.
+LIF_RESETS = ("subtract", "zero", "none")
+
+
 def _is_one(value) -> bool:
     return isinstance(value, (int, float)) and value == 1
 
@@ -521,7 +526,12 @@ def lif_fire(
 
     Returns:
         ``(spikes, u_t)``, each of the shape of ``current``.
+
+    Raises:
+        ValueError: ``reset`` is not ``"subtract"``, ``"zero"`` or ``"none"``.
     """
+    if reset not in LIF_RESETS:
+        raise ValueError(f"reset must be one of {LIF_RESETS}, got {reset!r}")
     membrane = current if membrane is None else beta * membrane + current
     spikes = spike_fn(membrane - threshold, variance)
     if reset == "subtract":

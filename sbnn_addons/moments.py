@@ -102,6 +102,9 @@ class ScaledVariance:
     __slots__ = ("base", "scale", "_value")
 
     def __init__(self, base: Tensor, scale: Tensor) -> None:
+        for name, value in (("base", base), ("scale", scale)):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
         if scale.dim() != 0:
             raise ValueError(f"scale must be a 0-dim tensor, got shape {tuple(scale.shape)}")
         self.base = base

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from . import kernels
 from .functional import (
+    LIF_RESETS,
     broadcasts_to,
     check_float,
     compact_broadcast,
@@ -29,7 +30,6 @@ from .spike import IWSTSpike
 
 __all__ = ["LIF", "LIFState"]
 
-_RESETS = ("subtract", "zero", "none")
 _FACTORS = "_sbnn_factors"  # on a state's variance V: (its ScaledVariance, V._version)
 _ZERO = "zero"  # the factors of the initial state's V = 0
 
@@ -98,8 +98,8 @@ class LIF(nn.Module):
         super().__init__()
         if not 0.0 <= float(beta) <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
-        if reset not in _RESETS:
-            raise ValueError(f"reset must be one of {_RESETS}, got {reset!r}")
+        if reset not in LIF_RESETS:
+            raise ValueError(f"reset must be one of {LIF_RESETS}, got {reset!r}")
         self.beta = float(beta)
         self.threshold = float(threshold)
         self.reset = reset

@@ -250,3 +250,6 @@ def test_lif_fire_is_the_membrane_half_of_lif_step(reset, threshold):
     h1, u1 = lif_fire(current, torch.zeros_like(current), var_in, spike_fn, beta, threshold,
                       reset)
     assert torch.equal(h0, h1) and torch.equal(u0, u1)
+
+    with pytest.raises(ValueError, match="reset must be one of"):
+        lif_step(current, var_in, membrane, var_prev, spike_fn, beta, threshold, "hard")

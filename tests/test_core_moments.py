@@ -288,6 +288,8 @@ def test_scaled_variance_value_follows_the_grad_mode_and_checks_its_scale():
     torch.testing.assert_close(var.value().detach(), torch.full((3,), 0.5))
     with pytest.raises(ValueError, match="scale must be a 0-dim"):
         ScaledVariance(torch.ones(3), torch.ones(3))
+    with pytest.raises(TypeError, match="scale must be a torch.Tensor"):
+        ScaledVariance(torch.ones(3), 0.5)
 
 
 def test_a_registered_rule_gets_the_variance_multiplied_out():
