@@ -36,6 +36,10 @@ from torch import nn
 
 import sbnn_addons as sb
 
+#: Input shape (without time) and number of steps of each network.
+SHAPES = {"mlp": ((128, 784), 25), "conv": ((32, 2, 32, 32), 8),
+          "conv_seq": ((32, 2, 32, 32), 8)}
+
 
 class AtanSpike(torch.autograd.Function):
     """snnTorch's default surrogate: Heaviside forward, ``alpha/2 / (1 + (pi/2 alpha u)^2)``."""
@@ -236,8 +240,7 @@ def run(reps: int = 30, threads: int = 2, seed: int = 0, repeat: int = 1,
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     rows = []
-    for kind, shape, steps in (("mlp", (128, 784), 25), ("conv", (32, 2, 32, 32), 8),
-                               ("conv_seq", (32, 2, 32, 32), 8)):
+    for kind, (shape, steps) in SHAPES.items():
         x = (torch.rand(steps, *shape) < 0.2).float()
         y = torch.randint(0, 10, (shape[0],))
         nets = {name: SpikingNet(kind, b) for name, b in

@@ -17,11 +17,8 @@ import argparse
 import resource
 
 import torch
-from bench_core import SpikingNet, _step_fn, print_rows
+from bench_core import SHAPES, SpikingNet, _step_fn, print_rows
 from torch.profiler import ProfilerActivity, profile
-
-SHAPES = {"mlp": ((128, 784), 25), "conv": ((32, 2, 32, 32), 8),
-          "conv_seq": ((32, 2, 32, 32), 8)}
 
 
 def measure(kind: str, bayes: str | None, steps: int, seed: int = 0) -> dict:

@@ -492,11 +492,16 @@ def lif_step(
     Returns:
         ``(spikes, u_t, V_t)``, each of the shape of ``current``.
     """
-    variance = beta * beta * variance
-    if current_var is not None:
-        variance = variance + current_var
+    variance = _variance_update(variance, current_var, beta)
     spikes, membrane = lif_fire(current, membrane, variance, spike_fn, beta, threshold, reset)
     return spikes, membrane, variance
+
+
+def _variance_update(variance: Tensor, current_var: Tensor | None,
+                     beta: float | Tensor) -> Tensor:
+    """``V_t = beta^2 V_{t-1} + var(I_t)`` (``current_var=None``: no input noise)."""
+    variance = beta * beta * variance
+    return variance if current_var is None else variance + current_var
 
 
 #: The membrane resets of :func:`lif_step` and :func:`lif_fire`.

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from . import kernels
 from .functional import (
     LIF_RESETS,
+    _variance_update,
     broadcasts_to,
     check_float,
     compact_broadcast,
@@ -132,8 +133,7 @@ class LIF(nn.Module):
             return out
         if isinstance(var_in, ScaledVariance):
             var_in = var_in.value()
-        out = b2 * variance
-        return out if var_in is None else out + var_in
+        return _variance_update(variance, var_in, self.beta)
 
     def _fire(self, drive: Tensor, variance: Tensor) -> Tensor:
         own = self.spike_fn.noise_variance(drive.detach())  # own std only: drive is clean
