@@ -62,7 +62,7 @@ from .functional import _check_windows, apply_function, broadcasts_to, mark_bina
 __all__ = [
     "available", "enabled", "use_kernels", "can_fuse", "fused_spike", "FusedSpike",
     "spike_forward", "spike_backward", "broadcast_layout", "Dynamics", "LIFSequence",
-    "lif_sequence", "window_sum", "can_window_sum",
+    "lif_sequence", "LIFStep", "fused_lif_step", "window_sum", "can_window_sum",
 ]
 
 _SOURCE = Path(__file__).with_name("_kernels") / "spike.c"
@@ -174,6 +174,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sbnn_spike_backward.restype = None
     lib.sbnn_spike_backward_compact.argtypes = lib.sbnn_spike_backward.argtypes
     lib.sbnn_spike_backward_compact.restype = None
+    lib.sbnn_lif_step_forward.argtypes = [ptr, ptr, ptr, i64, i64, f32, f32, i32, ptr, ptr,
+                                          ptr, ptr, i64, u64, i32, i32, f32, i32]
+    lib.sbnn_lif_step_forward.restype = ctypes.c_double
+    lib.sbnn_lif_step_backward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ptr, f32, f32, i32,
+                                           ptr, ptr, ptr, i32, i64, i32, f32, f32, f32, f32,
+                                           f32, i32]
+    lib.sbnn_lif_step_backward.restype = None
     lib.sbnn_window_sum.argtypes = [ptr, ptr, *[i64] * 12, i32, f32, i32]
     lib.sbnn_window_sum.restype = ctypes.c_int
     lib.sbnn_window_sum_backward.argtypes = [ptr, ptr, *[i64] * 11, f32, i32]
@@ -472,9 +479,7 @@ def _backward_raw(grad: Tensor, u: Tensor, var: Tensor, mid: int, inner: int, h:
     (the choice does not depend on the thread count, so neither do the results);
     otherwise the kernel writes it in full and it is summed here.
     """
-    kind, p = _KIND_CODES[estimator.kind], estimator.p
-    if estimator.kind == "agr" and estimator.tau == 0.0:  # AGR(0) is IW-ST(1) (SPEC sec. 4)
-        kind, p = _KIND_CODES["iwst"], 1.0
+    kind, p = _estimator_codes(estimator)
     h = h.contiguous()
     g = grad.to(torch.float32).contiguous()
     grad_u = torch.empty_like(u)
@@ -564,6 +569,128 @@ def fused_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
                          aux_offset)
     mark_binary(out[0], out[1])  # a layer fed by the spikes saves these bytes, already kept
     return out[0] if aux_offset is None else (out[0], out[2])
+
+
+_STEP_RESETS = {"subtract": 0, "zero": 1, "none": 2}
+
+
+def _estimator_codes(estimator) -> tuple[int, float]:
+    """The kernel's estimator code and ``p`` (AGR(0) is IW-ST(1), SPEC section 4)."""
+    if estimator.kind == "agr" and estimator.tau == 0.0:
+        return _KIND_CODES["iwst"], 1.0
+    return _KIND_CODES[estimator.kind], estimator.p
+
+
+class LIFStep(torch.autograd.Function):
+    """One step of the core LIF neuron, charge, spike and reset in one kernel pass.
+
+    .. code-block:: text
+
+        H = beta m + x,   u = H - theta,   h = 1[U < Phi(u / sqrt(var))],
+        m' = H - theta h  ("subtract"),  H (1 - h)  ("zero"),  H  ("none")
+
+    The same values as the PyTorch operations of
+    :func:`~sbnn_addons.functional.lif_fire` followed by :func:`fused_spike` (bitwise:
+    same Philox key, no fused multiply-add), in one autograd node whose backward is one
+    pass: ``dL/dh`` through the reset too, the IW-ST Jacobian, then ``dL/dx`` and
+    ``dL/dm = beta dL/dx``. Inputs: ``x``, ``m`` (``None``: the zero state), the variance
+    (broadcastable to ``x``), the Philox seed and a config tuple. Outputs: spikes,
+    spikes as bytes (not differentiable), ``m'`` and, with an auxiliary offset,
+    ``sum z^2``. Use :func:`fused_lif_step`.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, m: Tensor | None, variance: Tensor, seed: int, config):
+        estimator, beta, theta, reset, at_zero, aux_offset = config
+        var, mid, inner = _layout(x, variance)
+        u, h, m_out = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+        hb = torch.empty(x.shape, dtype=torch.uint8)
+        aux = _require().sbnn_lif_step_forward(
+            x.data_ptr(), 0 if m is None else m.data_ptr(), var.data_ptr(), mid, inner, beta,
+            theta, _STEP_RESETS[reset], u.data_ptr(), h.data_ptr(), hb.data_ptr(),
+            m_out.data_ptr(), x.numel(), seed, int(at_zero), int(aux_offset is not None),
+            float(aux_offset or 0.0), torch.get_num_threads())
+        ctx.mark_non_differentiable(hb)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(u, var, hb)
+        ctx.layout = (mid, inner, variance.shape)
+        ctx.config = config
+        if aux_offset is None:
+            return h, hb, m_out
+        return h, hb, m_out, torch.tensor(aux, dtype=torch.float32)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_h: Tensor | None, _g_bytes: None, g_m: Tensor | None,
+                 *g_aux: Tensor | None):
+        u, var, hb = ctx.saved_tensors
+        estimator, beta, theta, reset, _, aux_offset = ctx.config
+        grad_aux = float(g_aux[0]) if g_aux and g_aux[0] is not None else 0.0
+        if g_h is None and g_m is None and grad_aux == 0.0:
+            return None, None, None, None, None
+        mid, inner, var_shape = ctx.layout
+        g_h = None if g_h is None else g_h.to(torch.float32).contiguous()
+        g_m = None if g_m is None else g_m.to(torch.float32).contiguous()
+        g_x = torch.empty_like(u)
+        g_mprev = torch.empty_like(u) if ctx.needs_input_grad[1] else None
+        compact = mid > 1 and u.numel() // (mid * inner) >= 2
+        g_var = torch.empty_like(var) if compact else torch.empty_like(u)
+        kind, p = _estimator_codes(estimator)
+        _require().sbnn_lif_step_backward(
+            0 if g_h is None else g_h.data_ptr(), 0 if g_m is None else g_m.data_ptr(),
+            u.data_ptr(), var.data_ptr(), mid, inner, hb.data_ptr(), beta, theta,
+            _STEP_RESETS[reset], g_x.data_ptr(), 0 if g_mprev is None else g_mprev.data_ptr(),
+            g_var.data_ptr(), int(compact), u.numel(), kind, p, estimator.tau,
+            estimator.max_weight, grad_aux, float(aux_offset or 0.0), torch.get_num_threads())
+        if compact:
+            g_var = g_var.view(var_shape)
+        elif var_shape != u.shape:
+            g_var = g_var.sum_to_size(var_shape)
+        return g_x, g_mprev, g_var, None, None
+
+
+def fused_lif_step(x: Tensor, membrane: Tensor | None, variance: Tensor, estimator, beta: float,
+             threshold: float = 1.0, reset: str = "subtract", at_zero: bool = False,
+             generator: torch.Generator | None = None,
+             aux_offset: float | None = None) -> tuple[Tensor, ...]:
+    """One fused step of the core LIF neuron (:class:`LIFStep`).
+
+    Args:
+        x: input current ``[*]``, float32 CPU.
+        membrane: ``m``, float32 of the shape of ``x``, or ``None`` (zero state).
+        variance: the noise variance of this step's draw, float32, broadcastable to ``x``.
+        estimator: an :class:`~sbnn_addons.estimators.Estimator`.
+        beta: membrane decay.
+        threshold: ``theta``.
+        reset: ``"subtract"``, ``"zero"`` or ``"none"``.
+        at_zero: where ``variance == 0``, fire at ``u == 0`` too.
+        generator: the generator the Philox key is drawn from (global RNG when ``None``),
+            one key as :func:`fused_spike` draws.
+        aux_offset: if not ``None``, also return the auxiliary ``sum z^2``
+            (:func:`spike_forward`), differentiable.
+
+    Returns:
+        ``(spikes, membrane')`` (the spikes marked binary), plus ``sum z^2`` with
+        ``aux_offset``.
+
+    Raises:
+        TypeError: a tensor is not float32 on the CPU.
+        ValueError: a membrane of another shape than ``x``, a variance that does not
+            broadcast to ``x``, or an unknown reset.
+    """
+    _check("x", x)
+    if membrane is not None:
+        _check("membrane", membrane)
+        if membrane.shape != x.shape:
+            raise ValueError(f"membrane of shape {tuple(membrane.shape)} must have the shape "
+                             f"of x {tuple(x.shape)}")
+        membrane = membrane.contiguous()
+    if reset not in _STEP_RESETS:
+        raise ValueError(f"reset must be one of {tuple(_STEP_RESETS)}, got {reset!r}")
+    config = (estimator, float(beta), float(threshold), reset, bool(at_zero), aux_offset)
+    out = apply_function(LIFStep, x.contiguous(), membrane, variance, _seed(generator), config)
+    mark_binary(out[0], out[1])
+    return (out[0], out[2]) if aux_offset is None else (out[0], out[2], out[3])
 
 
 class Dynamics(NamedTuple):

@@ -23,6 +23,7 @@ from .moments import (
     ScaledVariance,
     UnknownVariance,
     VarianceFlowError,
+    attach_variance,
     get_variance,
     no_variance_flow,
     raw_variance,
@@ -159,9 +160,36 @@ class LIF(nn.Module):
             )
         with no_variance_flow():  # V is tracked explicitly; the flow would count it twice
             variance = self._variance_step(variance, var_in)
-            spikes, membrane = lif_fire(current, membrane, variance, self._fire, self.beta,
-                                        self.threshold, self.reset)
+            fused = self._fused_step(current, membrane, variance)
+            if fused is None:
+                spikes, membrane = lif_fire(current, membrane, variance, self._fire,
+                                            self.beta, self.threshold, self.reset)
+            else:
+                spikes, membrane = fused
         return spikes, LIFState(membrane, variance)
+
+    def _fused_step(self, current: Tensor, membrane: Tensor | None,
+                    variance: Tensor) -> tuple[Tensor, Tensor] | None:
+        """One step as :func:`~sbnn_addons.kernels.fused_lif_step`: the spikes and
+        membrane of :func:`~sbnn_addons.functional.lif_fire` with the spike kernel, in one
+        kernel pass and one autograd node. ``None`` where the kernel does not serve it."""
+        spike = self.spike_fn
+        if (type(spike).fire is not IWSTSpike.fire or spike.deterministic
+                or not kernels.can_fuse(current, variance)
+                or (membrane is not None and (membrane.shape != current.shape
+                                              or membrane.dtype != torch.float32))
+                or not broadcasts_to(variance.shape, current.shape)):
+            return None
+        own = spike.noise_variance(current.detach())  # the spike's own noise only
+        total = variance if own is None else variance + own
+        aux = spike.collect_aux and torch.is_grad_enabled()
+        out = kernels.fused_lif_step(
+            current, membrane, total, spike.estimator, self.beta, self.threshold, self.reset,
+            spike.at_zero, spike._generator_for(current),
+            aux_offset=(self.threshold if spike.aux_center == "zero" else 0.0) if aux else None)
+        if aux:
+            spike._collect(out[2] / max(spike._batch_size(current), 1))
+        return attach_variance(out[0], None), out[1]
 
     def _fused(self, currents: Tensor, var_seq: Tensor, membrane: Tensor,
                variance: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:

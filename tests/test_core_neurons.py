@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sbnn_addons as sb
-from sbnn_addons import LIF, BayesLinear, IWSTSpike, attach_variance, get_variance
+from sbnn_addons import LIF, BayesLinear, IWSTSpike, LIFState, attach_variance, get_variance
 
 T, B, N = 6, 4, 5
 
@@ -168,10 +168,11 @@ def test_bad_input(call, exc, word):
 @pytest.mark.parametrize("reset", ["subtract", "zero", "none"])
 @pytest.mark.parametrize("extra", [None, "own noise", "aux loss"])
 def test_fused_lif_run_equals_the_step_loop(reset, extra):
-    """With the kernel, LIF.run runs the sequence as kernels.lif_sequence: spikes equal
-    the step-by-step lif_step bitwise (same Philox keys), and the gradients of the layer's
-    weights and std, the spike's own learned std and the auxiliary loss agree to
-    rtol 1e-5."""
+    """With the kernel, LIF.run runs the sequence as kernels.lif_sequence, and a step
+    runs as kernels.fused_lif_step: spikes equal those of the step-by-step PyTorch
+    operations around the spike kernel (lif_fire) bitwise (same Philox keys), and the
+    gradients of the layer's weights and std, the spike's own learned std and the
+    auxiliary loss agree to rtol 1e-5."""
     torch.manual_seed(0)
     layer = BayesLinear(7, N, std=0.3)
     with torch.no_grad():
@@ -183,11 +184,13 @@ def test_fused_lif_run_equals_the_step_loop(reset, extra):
     if extra == "aux loss":
         sb.enable_aux_loss(lif)
     loop = copy.deepcopy((layer, lif))
-    loop[1]._fused = lambda *args: None  # the step-by-step reference
+    loop[1]._fused = lambda *args: None  # step by step, each step fused
+    plain = copy.deepcopy(loop)
+    plain[1]._fused_step = lambda *args: None  # the step-by-step PyTorch reference
     calls, fire = [], spike.fire
     spike.fire = lambda *a, **k: calls.append(1) or fire(*a, **k)  # not called when fused
     results = []
-    for lay, neuron in ((layer, lif), loop):
+    for lay, neuron in ((layer, lif), loop, plain):
         torch.manual_seed(4)
         spikes = neuron.run(lay(x))
         loss = (spikes * torch.linspace(-1, 2, N)).sum()
@@ -198,12 +201,14 @@ def test_fused_lif_run_equals_the_step_loop(reset, extra):
         loss.backward()
         params = list(lay.named_parameters()) + list(neuron.named_parameters())
         results.append((spikes.detach(), {n: p.grad.clone() for n, p in params}))
-    (s_f, g_f), (s_l, g_l) = results
+    (s_l, g_l) = results[2]
     assert not calls
-    assert torch.equal(s_f, s_l) and 0.05 < float(s_f.mean()) < 0.95
-    assert g_f.keys() == g_l.keys()
-    for name in g_f:
-        torch.testing.assert_close(g_f[name], g_l[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert 0.05 < float(s_l.mean()) < 0.95
+    for s_f, g_f in results[:2]:
+        assert torch.equal(s_f, s_l)
+        assert g_f.keys() == g_l.keys()
+        for name in g_f:
+            torch.testing.assert_close(g_f[name], g_l[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.skipif(not sb.kernels.available(), reason="no C compiler on this machine")
@@ -277,3 +282,27 @@ def test_factored_variance_runs_the_recurrence_on_f(modify_state):
     torch.testing.assert_close(outs["layer"][2], outs["channel"][2], rtol=1e-5, atol=0)
     if not modify_state:
         assert outs["layer"][3] <= 5 < 2 * T <= outs["channel"][3]
+
+
+@pytest.mark.skipif(not sb.kernels.available(), reason="no C compiler on this machine")
+def test_a_step_is_one_kernel_node_and_falls_back_where_it_must():
+    """A float32 CPU step runs as one LIFStep node (spikes and membrane); float64, the
+    mean mode and a broadcast membrane take the PyTorch operations, with the same
+    spikes in the mean mode."""
+    torch.manual_seed(0)
+    layer = BayesLinear(6, N, std=0.3)
+    x = torch.rand(B, 6)
+    lif = LIF(beta=0.9, spike_fn=IWSTSpike("st"))
+    spikes, state = lif(layer(x), LIFState(torch.rand(B, N), torch.zeros(())))
+    assert spikes.grad_fn is state.membrane.grad_fn
+    assert type(spikes.grad_fn).__name__ == "LIFStepBackward"
+    spikes, state = lif(layer(x), LIFState(torch.zeros(()), torch.zeros(())))  # broadcast
+    assert type(spikes.grad_fn).__name__ != "LIFStepBackward"
+    double = copy.deepcopy((layer, lif))
+    double[0].double()
+    spikes, _ = double[1](double[0](x.double()))
+    assert spikes.dtype == torch.float64
+    assert type(spikes.grad_fn).__name__ != "LIFStepBackward"
+    sb.set_mode(lif, "mean")
+    mean, _ = lif(layer(x))
+    assert torch.equal(mean, (layer(x) > 1.0).float())

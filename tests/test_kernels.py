@@ -480,6 +480,100 @@ def test_lif_sequence_bad_input_is_named():
         kernels.lif_sequence(x, q, v0, None, dyn._replace(reset="soft"), sb.ST())
 
 
+def _step_reference(x, m, var, estimator, beta, theta, reset, aux_offset):
+    """One LIF step as separate PyTorch operations around one fused_spike call (the same
+    Philox key): functional.lif_fire with the kernel's spike."""
+    def spike_fn(drive, variance):
+        out = kernels.fused_spike(drive, variance, estimator, aux_offset=aux_offset)
+        if aux_offset is None:
+            return out
+        aux.append(out[1])
+        return out[0]
+
+    aux = []
+    spikes, membrane = sb.functional.lif_fire(x, m, var, spike_fn, beta, theta, reset)
+    return (spikes, membrane) if aux_offset is None else (spikes, membrane, aux[0])
+
+
+@pytest.mark.parametrize("reset", ["subtract", "zero", "none"])
+@pytest.mark.parametrize("first, theta, var_shape, estimator, aux", [
+    (False, 1.0, (4, 1, 3, 3), sb.ST(), False),
+    (True, 1.0, (4, 1, 3, 3), sb.AGR(0.5), True),
+    (False, 0.7, (4, 6, 3, 3), sb.IWST(0.5), False),
+    (False, 1.0, (), sb.AGR(0.0), True),
+])
+def test_fused_lif_step_equals_the_pytorch_operations(reset, first, theta, var_shape,
+                                                      estimator, aux):
+    """kernels.fused_lif_step: spikes and membrane equal the PyTorch operations around
+    fused_spike bitwise (same key, same float operations), and the gradients of x, the
+    previous membrane and the variance agree to rtol 1e-5, for a loss on the spikes, the
+    new membrane and the auxiliary sum."""
+    torch.manual_seed(0)
+    x = (torch.rand(4, 6, 3, 3) * 2.0).requires_grad_()
+    m = (torch.rand(4, 6, 3, 3) * 0.8).requires_grad_()
+    var = (torch.rand(var_shape) * 0.4 + 0.01).requires_grad_()
+    weights, m_weights = torch.randn(4, 6, 3, 3), torch.randn(4, 6, 3, 3)
+    offset = 0.3 if aux else None
+    results = []
+    for fn in (_step_reference, None):
+        for t in (x, m, var):
+            t.grad = None
+        torch.manual_seed(5)
+        args = (x, None if first else m, var, estimator, 0.85, theta, reset)
+        if fn is None:
+            out = kernels.fused_lif_step(*args, aux_offset=offset)
+            assert sb.functional.is_binary(out[0])
+        else:
+            out = fn(*args, offset)
+        loss = (out[0] * weights).sum() + (out[1] * m_weights).sum()
+        if aux:
+            loss = loss + 0.2 * out[2]
+        loss.backward()
+        results.append((out[0].detach(), out[1].detach(),
+                        [None if t.grad is None else t.grad.clone() for t in (x, m, var)]))
+    (s_a, m_a, g_a), (s_b, m_b, g_b) = results
+    assert 0.05 < float(s_a.mean()) < 0.95
+    assert torch.equal(s_a, s_b) and torch.equal(m_a, m_b)
+    for name, a, b in zip(("x", "m", "var"), g_a, g_b):
+        if a is None:
+            assert b is None and name == "m" and first
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fused_lif_step_gradient_of_only_the_membrane_or_only_the_spikes():
+    """A loss on one output only (the other's gradient is None in the backward): the
+    same gradients as the PyTorch operations."""
+    torch.manual_seed(1)
+    x = (torch.rand(3, 50) * 2.0).requires_grad_()
+    m = torch.rand(3, 50).requires_grad_()
+    var = torch.full((3, 1), 0.3)
+    for pick in (0, 1):
+        grads = []
+        for fn in (_step_reference, kernels.fused_lif_step):
+            x.grad = m.grad = None
+            torch.manual_seed(2)
+            out = fn(x, m, var, sb.ST(), 0.9, 1.0, "subtract", *([None] if fn is
+                                                                  _step_reference else []))
+            (out[pick] * torch.linspace(-1, 1, 50)).sum().backward()
+            grads.append((x.grad.clone(), m.grad.clone()))
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_lif_step_bad_input_is_named():
+    x, var = torch.rand(2, 3), torch.ones(2, 1)
+    with pytest.raises(TypeError, match="x must be a torch.float32"):
+        kernels.fused_lif_step(x.double(), None, var, sb.ST(), 0.9)
+    with pytest.raises(TypeError, match="membrane must be a torch.float32"):
+        kernels.fused_lif_step(x, torch.zeros(2, 3, dtype=torch.int32), var, sb.ST(), 0.9)
+    with pytest.raises(ValueError, match="membrane of shape"):
+        kernels.fused_lif_step(x, torch.zeros(3), var, sb.ST(), 0.9)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        kernels.fused_lif_step(x, None, torch.ones(4), sb.ST(), 0.9)
+    with pytest.raises(ValueError, match="reset must be one of"):
+        kernels.fused_lif_step(x, None, var, sb.ST(), 0.9, reset="hard")
+
+
 WINDOWS = [  # shape [M, C, *dims], kernel, stride, padding
     ((2, 3, 9, 11), (3, 3), (1, 1), (1, 1)), ((2, 1, 9, 11), (3, 2), (2, 3), (1, 0)),
     ((3, 1, 10), (5,), (2,), (2,)), ((2, 4, 8, 8), (2, 2), (2, 2), (0, 0)),

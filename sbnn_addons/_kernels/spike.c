@@ -187,6 +187,38 @@ static inline float aux_z(float x, float v, float offset) {
  * already loaded (same soname), so the threads are torch's own intra-op pool. */
 #define PARALLEL_MIN ((int64_t)1 << 13)
 
+/* The spikes of elements c0 .. c0 + n - 1 (one chunk, n <= CHUNK) for the drives uc and
+ * variances vc of those elements, into hc (float) and hbc (bytes, unless NULL). Returns
+ * the chunk's sum of z^2 over the noisy units when `want_aux`, else 0. */
+static double spike_chunk(const float *restrict uc, const float *restrict vc, float *restrict hc,
+                          uint8_t *restrict hbc, int64_t c0, int64_t n, uint64_t seed,
+                          int at_zero, int want_aux, float offset) {
+    int32_t B[CHUNK]; /* the random bytes, widened to table indices */
+    uint32_t W[CHUNK / 4];
+    random_bytes(B, W, n, (uint64_t)c0, seed);
+    decide_by_bytes(uc, vc, B, hc, n, at_zero);
+    for (int64_t b = 0; b < n; b += 16) { /* blocks of 16: a vectorised test first */
+        int64_t m = n - b < 16 ? n - b : 16;
+        int any = 0;
+        for (int64_t j = 0; j < m; ++j) any |= hc[b + j] == UNDECIDED;
+        if (!any) continue;
+        for (int64_t i = b; i < b + m; ++i)
+            if (hc[i] == UNDECIDED) hc[i] = fire_exact(c0 + i, uc[i], vc[i], B[i], seed);
+    }
+    if (hbc)
+        for (int64_t i = 0; i < n; ++i) hbc[i] = (uint8_t)hc[i];
+    double aux = 0.0;
+    if (want_aux) {
+        float acc = 0.0f;
+        for (int64_t i = 0; i < n; ++i) {
+            float z = aux_z(uc[i], vc[i], offset);
+            acc += vc[i] > 0.0f ? z * z : 0.0f;
+        }
+        aux = acc;
+    }
+    return aux;
+}
+
 /* Spikes for the n elements. `h` receives them as float and, when `hb` is not NULL, as
  * bytes (the compact copy kept for the backward). Returns the sum of z^2 over the noisy
  * units when `want_aux`, else 0. */
@@ -199,34 +231,77 @@ double sbnn_spike_forward(const float *restrict u, const float *restrict var, in
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : aux) \
     if (threads > 1 && total >= PARALLEL_MIN * threads)
     for (int64_t c = 0; c < chunks; ++c) {
-        int32_t B[CHUNK]; /* the random bytes, widened to table indices */
-        uint32_t W[CHUNK / 4];
         float VB[CHUNK];
         int64_t c0 = c * CHUNK;
         int64_t n = total - c0 < CHUNK ? total - c0 : CHUNK;
-        random_bytes(B, W, n, (uint64_t)c0, seed);
-        const float *uc = u + c0;
         const float *vc = variance_run(var, mid, inner, c0, n, VB);
-        float *hc = h + c0;
-        decide_by_bytes(uc, vc, B, hc, n, at_zero);
-        for (int64_t b = 0; b < n; b += 16) { /* blocks of 16: a vectorised test first */
-            int64_t m = n - b < 16 ? n - b : 16;
-            int any = 0;
-            for (int64_t j = 0; j < m; ++j) any |= hc[b + j] == UNDECIDED;
-            if (!any) continue;
-            for (int64_t i = b; i < b + m; ++i)
-                if (hc[i] == UNDECIDED) hc[i] = fire_exact(c0 + i, uc[i], vc[i], B[i], seed);
+        aux += spike_chunk(u + c0, vc, h + c0, hb ? hb + c0 : NULL, c0, n, seed, at_zero,
+                           want_aux, offset);
+    }
+    return aux;
+}
+
+/* ---------------------------------------------------------------- one LIF step
+ * The core LIF's step fused into one pass (reset: 0 "subtract", 1 "zero", 2 "none"):
+ *   H = beta m + x  (m == NULL: the zero initial state, H = x),  u = H - theta,
+ *   h = the spike of sbnn_spike_forward for (u, var) (same draws for the same seed),
+ *   m' = H - theta h,  H (1 - h),  or H.
+ * The arithmetic is that of the step-by-step PyTorch operations (no contraction into a
+ * fused multiply-add), so the membranes and spikes equal theirs bitwise. */
+#if defined(__clang__)
+#define NO_CONTRACT
+#elif defined(__GNUC__)
+#define NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else
+#define NO_CONTRACT
+#endif
+
+NO_CONTRACT static void lif_charge(const float *restrict x, const float *restrict m, float beta,
+                                   float theta, float *restrict H, float *restrict u, int64_t n) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+    if (m)
+        for (int64_t i = 0; i < n; ++i) {
+            float decayed = beta * m[i];
+            H[i] = decayed + x[i];
         }
-        if (hb)
-            for (int64_t i = 0; i < n; ++i) hb[c0 + i] = (uint8_t)hc[i];
-        if (want_aux) {
-            float acc = 0.0f;
-            for (int64_t i = 0; i < n; ++i) {
-                float z = aux_z(uc[i], vc[i], offset);
-                acc += vc[i] > 0.0f ? z * z : 0.0f;
-            }
-            aux += acc;
-        }
+    else
+        for (int64_t i = 0; i < n; ++i) H[i] = x[i];
+    for (int64_t i = 0; i < n; ++i) u[i] = H[i] - theta;
+}
+
+NO_CONTRACT static void lif_reset(float *restrict H, const float *restrict h, float theta,
+                                  int reset, int64_t n) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+    if (reset == 0)
+        for (int64_t i = 0; i < n; ++i) H[i] = H[i] - theta * h[i];
+    else if (reset == 1)
+        for (int64_t i = 0; i < n; ++i) H[i] = H[i] * (1.0f - h[i]);
+}
+
+/* Writes u (kept for the backward), h, hb and the new membrane m_out; m may be NULL. */
+double sbnn_lif_step_forward(const float *restrict x, const float *restrict m,
+                             const float *restrict var, int64_t mid, int64_t inner,
+                             float beta, float theta, int reset, float *restrict u,
+                             float *restrict h, uint8_t *restrict hb, float *restrict m_out,
+                             int64_t total, uint64_t seed, int at_zero, int want_aux,
+                             float offset, int threads) {
+    double aux = 0.0;
+    int64_t chunks = (total + CHUNK - 1) / CHUNK;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : aux) \
+    if (threads > 1 && total >= PARALLEL_MIN * threads)
+    for (int64_t c = 0; c < chunks; ++c) {
+        float VB[CHUNK];
+        int64_t c0 = c * CHUNK;
+        int64_t n = total - c0 < CHUNK ? total - c0 : CHUNK;
+        lif_charge(x + c0, m ? m + c0 : NULL, beta, theta, m_out + c0, u + c0, n);
+        const float *vc = variance_run(var, mid, inner, c0, n, VB);
+        aux += spike_chunk(u + c0, vc, h + c0, hb + c0, c0, n, seed, at_zero, want_aux,
+                           offset);
+        lif_reset(m_out + c0, h + c0, theta, reset, n);
     }
     return aux;
 }
@@ -316,68 +391,98 @@ static inline void grad_one(float g, float x, float v, float h, int kind, int au
     *gv = grad_v;
 }
 
-/* grad_u (into gu[c0 ...]) and the per-element grad_var (into gv[0 .. n)) of the n elements
- * from c0; `h` holds the spikes as bytes. Shared by both backward entry points. */
+/* The arguments of a backward: the spike's (g, u, var, h -> gu, grad_var) and, for a
+ * fused LIF step (`step`), the membrane's: g is then dL/dh (NULL: 0), g_m = dL/dm' (NULL:
+ * 0), gu receives dL/dx and g_mprev (unless NULL) dL/dm = beta dL/dx. */
+typedef struct {
+    const float *g, *u, *var, *g_m;
+    const uint8_t *h;
+    float *gu, *g_mprev;
+    int64_t mid, inner;
+    int kind, step, reset;
+    float p, tau, max_weight, g_aux, offset, beta, theta;
+} bwd_args;
+
+/* grad_u (into a->gu[c0 ...]) and the per-element grad_var (into gv[0 .. n)) of the n
+ * elements from c0; `h` holds the spikes as bytes. Shared by every backward entry point. */
 #define BACKWARD_LOOP(KIND, AUX)                                                             \
     for (int64_t i = 0; i < n; ++i)                                                          \
-        grad_one(gc[i], uc[i], vc[i], (float)hc[i], KIND, AUX, p, tau, max_weight, g_aux,    \
-                 offset, guc + i, gv + i);
+        grad_one(gc[i], uc[i], vc[i], (float)hc[i], KIND, AUX, a->p, a->tau, a->max_weight,  \
+                 a->g_aux, a->offset, guc + i, gv + i);
 
 #define BACKWARD_KINDS(AUX)                                                                  \
-    if (kind == 0) {                                                                         \
+    if (a->kind == 0) {                                                                      \
         BACKWARD_LOOP(0, AUX)                                                                \
-    } else if (kind == 1) {                                                                  \
+    } else if (a->kind == 1) {                                                               \
         BACKWARD_LOOP(1, AUX)                                                                \
     } else {                                                                                 \
         BACKWARD_LOOP(2, AUX)                                                                \
     }
 
-static void backward_chunk(const float *restrict g, const float *restrict u,
-                           const float *restrict var, int64_t mid, int64_t inner,
-                           const uint8_t *restrict h, float *restrict gu, float *restrict gv,
-                           int64_t c0, int64_t n, int kind, float p, float tau,
-                           float max_weight, float g_aux, float offset) {
-    float VB[CHUNK];
-    const float *gc = g + c0, *uc = u + c0;
-    const float *vc = variance_run(var, mid, inner, c0, n, VB);
-    const uint8_t *hc = h + c0;
-    float *guc = gu + c0;
-    if (g_aux != 0.0f) {
+/* dL/dh of a LIF step, through the reset too: m' = H - theta h gives -theta dL/dm',
+ * m' = H (1 - h) gives -H dL/dm' (H = u + theta). */
+static void step_spike_grad(const bwd_args *restrict a, int64_t c0, int64_t n,
+                            float *restrict G) {
+    const float *uc = a->u + c0;
+    for (int64_t i = 0; i < n; ++i) {
+        float gh = a->g ? a->g[c0 + i] : 0.0f, gm = a->g_m ? a->g_m[c0 + i] : 0.0f;
+        G[i] = a->reset == 0 ? gh - a->theta * gm
+             : a->reset == 1 ? gh - (uc[i] + a->theta) * gm : gh;
+    }
+}
+
+/* dL/dx = dL/dH = dL/du + dm'/dH dL/dm' (dm'/dH = 1 - h for the zero reset, else 1), in
+ * place of dL/du, and dL/dm = beta dL/dx. */
+static void step_input_grad(const bwd_args *restrict a, int64_t c0, int64_t n) {
+    float *gx = a->gu + c0;
+    const uint8_t *hc = a->h + c0;
+    if (a->g_m)
+        for (int64_t i = 0; i < n; ++i) {
+            float gm = a->g_m[c0 + i];
+            gx[i] += a->reset == 1 && hc[i] ? 0.0f : gm;
+        }
+    if (a->g_mprev)
+        for (int64_t i = 0; i < n; ++i) a->g_mprev[c0 + i] = a->beta * gx[i];
+}
+
+static void backward_chunk(const bwd_args *restrict a, int64_t c0, int64_t n,
+                           float *restrict gv) {
+    float VB[CHUNK], G[CHUNK];
+    const float *uc = a->u + c0, *gc = G;
+    const float *vc = variance_run(a->var, a->mid, a->inner, c0, n, VB);
+    const uint8_t *hc = a->h + c0;
+    float *guc = a->gu + c0;
+    if (a->step)
+        step_spike_grad(a, c0, n, G);
+    else
+        gc = a->g + c0;
+    if (a->g_aux != 0.0f) {
         BACKWARD_KINDS(1)
     } else {
         BACKWARD_KINDS(0)
     }
+    if (a->step) step_input_grad(a, c0, n);
 }
 
-/* g_aux: gradient of the loss with respect to the forward's sum of z^2 (0: no aux loss).
- * grad_var is written in full (shape of u); the caller sums it over a broadcast. */
-void sbnn_spike_backward(const float *restrict g, const float *restrict u,
-                         const float *restrict var, int64_t mid, int64_t inner,
-                         const uint8_t *restrict h, float *restrict gu, float *restrict gv,
-                         int64_t total, int kind, float p, float tau, float max_weight,
-                         float g_aux, float offset, int threads) {
+/* grad_var written in full (shape of u); the caller sums it over a broadcast. */
+static void backward_full(const bwd_args *a, float *restrict gv, int64_t total, int threads) {
     int64_t chunks = (total + CHUNK - 1) / CHUNK;
 #pragma omp parallel for schedule(static) num_threads(threads) \
     if (threads > 1 && total >= PARALLEL_MIN * threads)
     for (int64_t c = 0; c < chunks; ++c) {
         int64_t c0 = c * CHUNK;
         int64_t n = total - c0 < CHUNK ? total - c0 : CHUNK;
-        backward_chunk(g, u, var, mid, inner, h, gu, gv + c0, c0, n, kind, p, tau, max_weight,
-                       g_aux, offset);
+        backward_chunk(a, c0, n, gv + c0);
     }
 }
 
-/* The same backward with grad_var summed over its broadcast block in the kernel: `gvar`
- * has the variance's own size, (total / (mid * inner)) * inner. Each outer block of
- * mid * inner elements belongs to one thread, so the sums need no atomics (with a single
- * outer block, use sbnn_spike_backward and a sum over the broadcast instead). */
-void sbnn_spike_backward_compact(const float *restrict g, const float *restrict u,
-                                 const float *restrict var, int64_t mid, int64_t inner,
-                                 const uint8_t *restrict h, float *restrict gu,
-                                 float *restrict gvar, int64_t total, int kind, float p,
-                                 float tau, float max_weight, float g_aux, float offset,
-                                 int threads) {
-    int64_t block = mid * inner, outer = total / block;
+/* grad_var summed over its broadcast block in the kernel: `gvar` has the variance's own
+ * size, (total / (mid * inner)) * inner. Each outer block of mid * inner elements belongs
+ * to one thread, so the sums need no atomics (with a single outer block, use the full
+ * backward and a sum over the broadcast instead). */
+static void backward_compact(const bwd_args *a, float *restrict gvar, int64_t total,
+                             int threads) {
+    int64_t mid = a->mid, inner = a->inner, block = mid * inner, outer = total / block;
 #pragma omp parallel for schedule(static) num_threads(threads) \
     if (threads > 1 && total >= PARALLEL_MIN * threads)
     for (int64_t o = 0; o < outer; ++o) {
@@ -387,8 +492,7 @@ void sbnn_spike_backward_compact(const float *restrict g, const float *restrict 
         int64_t end = (o + 1) * block;
         for (int64_t c0 = o * block; c0 < end; c0 += CHUNK) {
             int64_t n = end - c0 < CHUNK ? end - c0 : CHUNK;
-            backward_chunk(g, u, var, mid, inner, h, gu, GV, c0, n, kind, p, tau, max_weight,
-                           g_aux, offset);
+            backward_chunk(a, c0, n, GV);
             if (inner == 1) { /* one variance per block: a plain sum */
                 float sum = 0.0f;
                 for (int64_t i = 0; i < n; ++i) sum += GV[i];
@@ -402,6 +506,48 @@ void sbnn_spike_backward_compact(const float *restrict g, const float *restrict 
             }
         }
     }
+}
+
+/* g_aux: gradient of the loss with respect to the forward's sum of z^2 (0: no aux loss).
+ * grad_var is written in full (shape of u); the caller sums it over a broadcast. */
+void sbnn_spike_backward(const float *restrict g, const float *restrict u,
+                         const float *restrict var, int64_t mid, int64_t inner,
+                         const uint8_t *restrict h, float *restrict gu, float *restrict gv,
+                         int64_t total, int kind, float p, float tau, float max_weight,
+                         float g_aux, float offset, int threads) {
+    bwd_args a = {g, u, var, NULL, h, gu, NULL, mid, inner, kind, 0, 0,
+                  p, tau, max_weight, g_aux, offset, 0.0f, 0.0f};
+    backward_full(&a, gv, total, threads);
+}
+
+/* The same backward with grad_var of the variance's own size (see backward_compact). */
+void sbnn_spike_backward_compact(const float *restrict g, const float *restrict u,
+                                 const float *restrict var, int64_t mid, int64_t inner,
+                                 const uint8_t *restrict h, float *restrict gu,
+                                 float *restrict gvar, int64_t total, int kind, float p,
+                                 float tau, float max_weight, float g_aux, float offset,
+                                 int threads) {
+    bwd_args a = {g, u, var, NULL, h, gu, NULL, mid, inner, kind, 0, 0,
+                  p, tau, max_weight, g_aux, offset, 0.0f, 0.0f};
+    backward_compact(&a, gvar, total, threads);
+}
+
+/* The backward of sbnn_lif_step_forward: g_h = dL/dh and g_m = dL/dm' (either NULL: 0)
+ * give g_x = dL/dx, g_mprev = dL/dm (unless NULL) and grad_var (compact as in
+ * sbnn_spike_backward_compact when `compact`, else in full). */
+void sbnn_lif_step_backward(const float *restrict g_h, const float *restrict g_m,
+                            const float *restrict u, const float *restrict var, int64_t mid,
+                            int64_t inner, const uint8_t *restrict h, float beta, float theta,
+                            int reset, float *restrict g_x, float *restrict g_mprev,
+                            float *restrict gv, int compact, int64_t total, int kind, float p,
+                            float tau, float max_weight, float g_aux, float offset,
+                            int threads) {
+    bwd_args a = {g_h, u, var, g_m, h, g_x, g_mprev, mid, inner, kind, 1, reset,
+                  p, tau, max_weight, g_aux, offset, beta, theta};
+    if (compact)
+        backward_compact(&a, gv, total, threads);
+    else
+        backward_full(&a, gv, total, threads);
 }
 
 /* ---------------------------------------------------------------- window sums
