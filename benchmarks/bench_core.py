@@ -16,17 +16,29 @@ each built with ``BayesLinear``/``BayesConv2d`` (per-layer or per-weight std) an
 atan surrogate; and the spike function alone against atan. Results are ratios
 (SBNN / baseline), printed as a Markdown table and optionally written as JSON.
 
+Each round (``--repeat``) runs in a fresh process, and ratios are the median over
+rounds: a process's heap history moves both arms' times (glibc maps and trims memory
+adaptively, and a fresh page costs about a microsecond on a VM), so one process is one
+sample. The minor page faults per training step are reported next to each ratio.
+``--no-trim`` keeps freed memory in the process for both arms (glibc ``mallopt``: no
+trimming of the heap, no ``mmap`` below 32 MiB), which removes most page faults and
+with them most of the run-to-run spread.
+
 Usage::
 
-    python benchmarks/bench_core.py --reps 30 --repeat 3 --json runs/bench_core.json
+    python benchmarks/bench_core.py --reps 30 --repeat 5 --json runs/bench_core.json
+    python benchmarks/bench_core.py --reps 30 --repeat 5 --no-trim
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
+import multiprocessing
 import platform
+import resource
 import statistics
 import time
 
@@ -228,15 +240,38 @@ def repeated(fns: dict, reps: int, repeat: int) -> tuple[dict, dict]:
     return times, ratios
 
 
-def _row(network: str, config: str, times: dict, ratios: dict, key: str, memory: float):
-    ratio, low, high = ratios[key]
-    return {"network": network, "config": config, "baseline_ms": 1e3 * times["baseline"],
-            "sbnn_ms": 1e3 * times[key], "time_ratio": ratio,
-            "ratio_range": f"{low:.2f}-{high:.2f}", "memory_ratio": memory}
+def keep_freed_memory() -> bool:
+    """glibc only: keep freed memory in the process (no heap trimming, no ``mmap`` for
+    blocks below 32 MiB, the largest threshold glibc allows), so that freed blocks are
+    reused without page faults. Returns whether both settings were applied."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_trim_threshold, 1 << 30)) and bool(
+        mallopt(m_mmap_threshold, 32 << 20))
 
 
-def run(reps: int = 30, threads: int = 2, seed: int = 0, repeat: int = 1,
-        ablate: bool = False) -> list[dict]:
+def _faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _pair(fns: dict, reps: int) -> dict:
+    """One interleaved A/B: median time of each function and page faults per call."""
+    before = _faults()
+    times = _median_ratio(fns, reps)
+    faults = (_faults() - before) / (reps + 3) / len(fns)  # both arms together
+    return {"times": times, "faults": faults}
+
+
+def _round(reps: int, threads: int, seed: int, ablate: bool, no_trim: bool) -> list[dict]:
+    """One round, meant for a fresh process: every configuration against its own
+    interleaved baseline (a pairwise A/B that the other configurations' allocations, the
+    per-weight nets', do not disturb)."""
+    if no_trim and not keep_freed_memory():
+        raise RuntimeError("--no-trim needs glibc's mallopt")
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     rows = []
@@ -250,17 +285,42 @@ def run(reps: int = 30, threads: int = 2, seed: int = 0, repeat: int = 1,
         steps_fn = {k: _step_fn(n, x, y) for k, n in nets.items()}
         mem = {k: _saved_bytes(f) for k, f in steps_fn.items()}
         for key in list(nets)[1:]:
-            # each configuration against its own interleaved baseline: a pairwise A/B that
-            # the other configurations' allocations (the per-weight nets') do not disturb
-            times, ratios = repeated({"baseline": steps_fn["baseline"], key: steps_fn[key]},
-                                     reps, repeat)
+            pair = _pair({"baseline": steps_fn["baseline"], key: steps_fn[key]}, reps)
             config = f"per-{key} std" if key in ("layer", "weight") else "per-layer std, atan spike"
-            rows.append(_row(kind, config, times, ratios, key, mem[key] / mem["baseline"]))
+            rows.append({"network": kind, "config": config, **pair,
+                         "memory_ratio": mem[key] / mem["baseline"], "key": key})
     for est in ("st", "agr"):
         base, sbnn = _spike_alone(est)
-        times, ratios = repeated({"baseline": base, "sbnn": sbnn}, reps * 5, repeat)
-        rows.append(_row("spike function [128, 256]", f"IWSTSpike({est}) vs atan", times,
-                         ratios, "sbnn", float("nan")))
+        pair = _pair({"baseline": base, "sbnn": sbnn}, reps * 5)
+        rows.append({"network": "spike function [128, 256]",
+                     "config": f"IWSTSpike({est}) vs atan", **pair,
+                     "memory_ratio": float("nan"), "key": "sbnn"})
+    return rows
+
+
+def run(reps: int = 30, threads: int = 2, seed: int = 0, repeat: int = 1,
+        ablate: bool = False, no_trim: bool = False) -> list[dict]:
+    """``repeat`` rounds, each in a fresh (spawned) process; per configuration the median
+    over rounds of the time ratio (with its range), the median times and page faults."""
+    spawn = multiprocessing.get_context("spawn")
+    rounds = []
+    for _ in range(repeat):
+        with spawn.Pool(1) as pool:
+            rounds.append(pool.apply(_round, (reps, threads, seed, ablate, no_trim)))
+    rows = []
+    for i, first in enumerate(rounds[0]):
+        samples = [r[i] for r in rounds]
+        key = first["key"]
+        ratios = [s["times"][key] / s["times"]["baseline"] for s in samples]
+        rows.append({
+            "network": first["network"], "config": first["config"],
+            "baseline_ms": 1e3 * statistics.median(s["times"]["baseline"] for s in samples),
+            "sbnn_ms": 1e3 * statistics.median(s["times"][key] for s in samples),
+            "time_ratio": statistics.median(ratios),
+            "ratio_range": f"{min(ratios):.2f}-{max(ratios):.2f}",
+            "page_faults_per_step": statistics.median(s["faults"] for s in samples),
+            "memory_ratio": first["memory_ratio"],
+        })
     return rows
 
 
@@ -269,19 +329,26 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1,
-                        help="rounds of --reps repetitions; ratios are the median over rounds, "
-                             "with their range")
+                        help="rounds of --reps repetitions, each in a fresh process; ratios "
+                             "are the median over rounds, with their range")
     parser.add_argument("--ablate-spike", action="store_true",
                         help="also time the per-layer networks with atan spikes (Bayesian "
                              "layers kept): the cost of the layers alone")
+    parser.add_argument("--no-trim", action="store_true",
+                        help="keep freed memory in the process, for both arms (glibc "
+                             "mallopt): fewer page faults, less spread")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     args = parser.parse_args(argv)
-    rows = run(args.reps, args.threads, repeat=args.repeat, ablate=args.ablate_spike)
+    if min(args.reps, args.threads, args.repeat) < 1:
+        parser.error("--reps, --threads and --repeat must be >= 1")
+    rows = run(args.reps, args.threads, repeat=args.repeat, ablate=args.ablate_spike,
+               no_trim=args.no_trim)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{args.threads} threads, {args.repeat} round(s) of {args.reps} interleaved "
-          "repetitions (medians)\n")
+          f"{args.threads} threads, {args.repeat} process(es) of {args.reps} interleaved "
+          f"repetitions (medians); allocator: "
+          f"{'freed memory kept (--no-trim)' if args.no_trim else 'glibc defaults'}\n")
     print_rows(rows, ("network", "config", "baseline_ms", "sbnn_ms", "time_ratio",
-                      "ratio_range", "memory_ratio"), args.json)
+                      "ratio_range", "page_faults_per_step", "memory_ratio"), args.json)
 
 
 def print_rows(rows: list[dict], keys: tuple[str, ...], json_path: str | None) -> None:

@@ -222,8 +222,8 @@ def can_fuse(u: Tensor, variance: Tensor) -> bool:
         _enabled
         and u.dtype == torch.float32
         and variance.dtype == torch.float32
-        and u.device.type == "cpu"
-        and variance.device.type == "cpu"
+        and u.is_cpu
+        and variance.is_cpu
         and not torch._C._are_functorch_transforms_active()
         and not torch.compiler.is_compiling()
         and (_lib is not None or _load() is not None)
@@ -254,7 +254,7 @@ def broadcast_layout(var_shape: torch.Size, shape: torch.Size) -> tuple[int, int
 def can_window_sum(x: Tensor, n: int) -> bool:
     """Whether :func:`window_sum` serves ``x`` with ``n`` window dimensions."""
     return (
-        _enabled and n in (1, 2) and x.dtype == torch.float32 and x.device.type == "cpu"
+        _enabled and n in (1, 2) and x.dtype == torch.float32 and x.is_cpu
         and x.dim() >= n + 1 and not torch._C._are_functorch_transforms_active()
         and not torch.compiler.is_compiling() and (_lib is not None or _load() is not None)
     )
@@ -370,10 +370,15 @@ def _erfcx(x: Tensor) -> Tensor:
     return out
 
 
+_draws = threading.local()  # one reused 0-dim int64 tensor per thread for the key draws
+
+
 def _seed(generator: torch.Generator | None) -> int:
     """A 64-bit Philox key drawn from ``generator`` (the global RNG when ``None``)."""
-    draw = torch.empty((), dtype=torch.int64).random_(generator=generator)
-    return int(draw) & 0xFFFF_FFFF_FFFF_FFFF
+    draw = getattr(_draws, "tensor", None)
+    if draw is None:
+        draw = _draws.tensor = torch.empty((), dtype=torch.int64)
+    return draw.random_(generator=generator).item() & 0xFFFF_FFFF_FFFF_FFFF
 
 
 def _require() -> ctypes.CDLL:
@@ -387,7 +392,7 @@ def _require() -> ctypes.CDLL:
 
 
 def _check(name: str, t: Tensor) -> None:
-    if not isinstance(t, Tensor) or t.dtype != torch.float32 or t.device.type != "cpu":
+    if not isinstance(t, Tensor) or t.dtype != torch.float32 or not t.is_cpu:
         got = f"{t.dtype} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
         raise TypeError(
             f"{name} must be a torch.float32 CPU tensor for the fused kernel, got {got}; use "
@@ -441,7 +446,7 @@ def _forward_raw(u: Tensor, var: Tensor, mid: int, inner: int, seed: int, at_zer
     """:func:`spike_forward` for a contiguous ``u`` and a variance in its kernel layout;
     ``out``: contiguous float32 and uint8 tensors of ``u``'s shape to write the spikes to."""
     if out is None:
-        h, hb = torch.empty_like(u), torch.empty(u.shape, dtype=torch.uint8)
+        h, hb = torch.empty_like(u), torch.empty_like(u, dtype=torch.uint8)
     else:
         h, hb = out
     aux = _require().sbnn_spike_forward(
@@ -604,7 +609,7 @@ class LIFStep(torch.autograd.Function):
         estimator, beta, theta, reset, at_zero, aux_offset = config
         var, mid, inner = _layout(x, variance)
         u, h, m_out = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
-        hb = torch.empty(x.shape, dtype=torch.uint8)
+        hb = torch.empty_like(x, dtype=torch.uint8)
         aux = _require().sbnn_lif_step_forward(
             x.data_ptr(), 0 if m is None else m.data_ptr(), var.data_ptr(), mid, inner, beta,
             theta, _STEP_RESETS[reset], u.data_ptr(), h.data_ptr(), hb.data_ptr(),
@@ -777,7 +782,7 @@ class LIFSequence(torch.autograd.Function):
             if total is None:  # no noise at all: the deterministic spike 1[u > 0]
                 total = torch.zeros((), dtype=x_seq.dtype)
             u = h - dyn.threshold
-            hb = torch.empty(u.shape, dtype=torch.uint8)
+            hb = torch.empty_like(u, dtype=torch.uint8)
             var, mid, inner = _layout(u, total)
             _, _, aux_t = _forward_raw(u, var, mid, inner, seeds[t], at_zero, aux_offset,
                                        out=(spikes[t], hb))

@@ -137,8 +137,9 @@ class LIF(nn.Module):
         return _variance_update(variance, var_in, self.beta)
 
     def _fire(self, drive: Tensor, variance: Tensor) -> Tensor:
-        own = self.spike_fn.noise_variance(drive.detach())  # own std only: drive is clean
-        return self.spike_fn.fire(drive, variance if own is None else variance + own)
+        own = self.spike_fn.own_noise_variance()
+        return self.spike_fn.fire(drive, variance if own is None
+                                  else variance + own.to(variance.dtype))
 
     def forward(self, current: Tensor, state: LIFState | None = None) -> tuple[Tensor, LIFState]:
         check_float("current", current)
@@ -180,8 +181,8 @@ class LIF(nn.Module):
                                               or membrane.dtype != torch.float32))
                 or not broadcasts_to(variance.shape, current.shape)):
             return None
-        own = spike.noise_variance(current.detach())  # the spike's own noise only
-        total = variance if own is None else variance + own
+        own = spike.own_noise_variance()
+        total = variance if own is None else variance + own.to(variance.dtype)
         aux = spike.collect_aux and torch.is_grad_enabled()
         out = kernels.fused_lif_step(
             current, membrane, total, spike.estimator, self.beta, self.threshold, self.reset,
@@ -208,7 +209,8 @@ class LIF(nn.Module):
                 or not broadcasts_to(variance.shape, step)
                 or membrane.dtype != torch.float32 or variance.dtype != torch.float32):
             return None
-        own = spike.noise_variance(currents.new_zeros(()))  # the spike's own noise only
+        own = spike.own_noise_variance()
+        own = None if own is None else own.to(currents.dtype)
         aux = spike.collect_aux and torch.is_grad_enabled()
         dyn = kernels.Dynamics("leaky", self.beta, None, self.threshold, self.reset)
         out = kernels.lif_sequence(

@@ -134,11 +134,18 @@ class IWSTSpike(SBNNModule, nn.Module):
                 "Bayesian layer and the neuron (see sbnn_addons.moments), register a rule "
                 "with sbnn_addons.moments.register_variance_rule, or exclude the layer."
             )
-        if self.learn_std or self._fixed_std_nonzero():
-            own = self.std
-            own_var = (own * own).to(u.dtype)
+        own_var = self.own_noise_variance()
+        if own_var is not None:
+            own_var = own_var.to(u.dtype)
             var = own_var if var is None else var + own_var
         return var
+
+    def own_noise_variance(self) -> Tensor | None:
+        """The spike function's own noise variance ``s_n^2`` (``None`` if it is zero)."""
+        if self.learn_std or self._fixed_std_nonzero():
+            own = self.std
+            return own * own
+        return None
 
     def _fixed_std_nonzero(self) -> bool:
         """Whether the fixed std is non-zero (checked once per value of the buffer)."""
@@ -247,7 +254,7 @@ class IWSTSpike(SBNNModule, nn.Module):
 def _fused_variance(u: Tensor, variance: Tensor | None) -> Tensor | None:
     """The variance as the fused kernel takes it (float32, broadcastable to ``u``), or
     ``None`` where the kernel cannot serve ``u``."""
-    if u.dtype != torch.float32 or u.device.type != "cpu":
+    if u.dtype != torch.float32 or not u.is_cpu:
         return None
     if variance is None:
         return torch.zeros((), dtype=u.dtype)
