@@ -137,9 +137,8 @@ class LIF(nn.Module):
         return _variance_update(variance, var_in, self.beta)
 
     def _fire(self, drive: Tensor, variance: Tensor) -> Tensor:
-        own = self.spike_fn.own_noise_variance()
-        return self.spike_fn.fire(drive, variance if own is None
-                                  else variance + own.to(variance.dtype))
+        own = self.spike_fn.noise_variance(drive.detach())  # own std only: drive is clean
+        return self.spike_fn.fire(drive, variance if own is None else variance + own)
 
     def forward(self, current: Tensor, state: LIFState | None = None) -> tuple[Tensor, LIFState]:
         check_float("current", current)
