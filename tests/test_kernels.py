@@ -604,6 +604,20 @@ def test_window_sum_is_the_ones_convolution(shape, kernel, stride, padding, squa
 
 
 @pytest.mark.parametrize("shape, kernel, stride, padding", WINDOWS)
+def test_window_sum_of_spike_bytes_equals_the_float_sum(shape, kernel, stride, padding):
+    """With the uint8 copy of 0/1 values, the window sum reads the bytes: the same sums,
+    exactly (small integers), with and without ``square``."""
+    torch.manual_seed(0)
+    x = (torch.rand(shape) < 0.4).float()
+    channels = shape[1] if len(shape) == len(kernel) + 2 else 1
+    want = kernels.window_sum(x, kernel, stride, padding, channels=channels)
+    for square in (False, True):
+        got = kernels._window_sum(x, kernel, stride, padding, channels, square,
+                                  as_bytes=x.to(torch.uint8))
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("shape, kernel, stride, padding", WINDOWS)
 def test_window_sum_backward_is_the_transposed_sum(shape, kernel, stride, padding):
     """The kernel's transposed window sum equals the float64 autograd gradient of the
     grouped ones-convolution, and box_sum's two paths (kernel, shifted adds) agree in

@@ -553,7 +553,8 @@ void sbnn_lif_step_backward(const float *restrict g_h, const float *restrict g_m
 /* ---------------------------------------------------------------- window sums
  * out[m, i, j] = scale * sum_{c < C} sum_{a < kh, b < kw} f(x[m, c, i sh + a - ph, j sw + b - pw])
  * over zero-padded windows, f(v) = v (or v * v with `square`); x is [M, C, H, W] and out
- * [M, Ho, Wo], both contiguous (1-D windows: H = Ho = kh = 1). This is the receptive-field
+ * [M, Ho, Wo], both contiguous (1-D windows: H = Ho = kh = 1). x is float, or uint8 with
+ * `bytes` (the byte copy of spikes: a quarter of the memory to read). This is the receptive-field
  * sum of the LRT variance (all C channels, one output channel) and the window sum of the
  * average-pooling variance rule (C = 1).
  *
@@ -590,30 +591,43 @@ static void window_taps_transposed(float *restrict dst, const float *restrict sr
  * sums), and what to sum. */
 typedef struct {
     int64_t C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, Wp, np, nr, nq;
-    int square;
+    int square, bytes;
     float scale;
 } windows;
 
+/* prow[e] = (or +=, with `add`) f(xr[e]) for e < n, xr float or (with `bytes`) uint8. */
+static void channel_row(float *restrict prow, const void *restrict xr, int64_t n,
+                        const windows *w, int add) {
+    if (w->bytes) {
+        const uint8_t *x8 = (const uint8_t *)xr;
+        if (add)
+            for (int64_t e = 0; e < n; ++e) prow[e] += (float)x8[e];
+        else
+            for (int64_t e = 0; e < n; ++e) prow[e] = (float)x8[e];
+        return;
+    }
+    const float *xf = (const float *)xr;
+    if (w->square && add)
+        for (int64_t e = 0; e < n; ++e) prow[e] += xf[e] * xf[e];
+    else if (w->square)
+        for (int64_t e = 0; e < n; ++e) prow[e] = xf[e] * xf[e];
+    else if (add)
+        for (int64_t e = 0; e < n; ++e) prow[e] += xf[e];
+    else
+        for (int64_t e = 0; e < n; ++e) prow[e] = xf[e];
+}
+
 /* One plane of sbnn_window_sum: in = x[m] (C planes), out = out[m]; P R Q: 3 np floats,
  * P's padding zero. */
-static void plane_sum(const float *restrict in, float *restrict out, float *restrict P,
+static void plane_sum(const void *restrict in, float *restrict out, float *restrict P,
                       const windows *w) {
     float *R = P + w->np, *Q = R + w->np;
-    const int64_t plane = w->H * w->W, Wp = w->Wp;
+    const int64_t plane = w->H * w->W, Wp = w->Wp, size = w->bytes ? 1 : 4;
+    const char *in_c = (const char *)in;
     for (int64_t y = 0; y < w->H; ++y) {
         float *prow = P + (y + w->ph) * Wp + w->pw;
-        const float *xr = in + y * w->W;
-        if (w->square)
-            for (int64_t e = 0; e < w->W; ++e) prow[e] = xr[e] * xr[e];
-        else
-            for (int64_t e = 0; e < w->W; ++e) prow[e] = xr[e];
-        for (int64_t c = 1; c < w->C; ++c) {
-            const float *xc = xr + c * plane;
-            if (w->square)
-                for (int64_t e = 0; e < w->W; ++e) prow[e] += xc[e] * xc[e];
-            else
-                for (int64_t e = 0; e < w->W; ++e) prow[e] += xc[e];
-        }
+        for (int64_t c = 0; c < w->C; ++c)
+            channel_row(prow, in_c + (c * plane + y * w->W) * size, w->W, w, c > 0);
     }
     window_taps(R, P, w->nr, w->kw, 1);
     window_taps(Q, R, w->nq, w->kh, Wp);
@@ -652,9 +666,11 @@ static void plane_sum_transposed(const float *restrict in, float *restrict out,
 /* Runs `transposed ? plane_sum_transposed : plane_sum` on the M planes, spread over the
  * threads; each thread allocates its own 3 np work floats. Returns 0, or 1 if a work
  * buffer could not be allocated (the output is then incomplete). */
-static int each_plane(const float *restrict in, float *restrict out, int64_t M,
+static int each_plane(const void *restrict in, float *restrict out, int64_t M,
                       const windows *w, int transposed, int threads) {
     const int64_t in_size = transposed ? w->Ho * w->Wo : w->C * w->H * w->W;
+    const char *in_c = (const char *)in;
+    const int64_t in_stride = in_size * (w->bytes ? 1 : 4);
     const int64_t out_size = transposed ? w->H * w->W : w->Ho * w->Wo;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed) \
@@ -668,9 +684,10 @@ static int each_plane(const float *restrict in, float *restrict out, int64_t M,
         for (int64_t m = 0; m < M; ++m) {
             if (!buf) continue;
             if (transposed)
-                plane_sum_transposed(in + m * in_size, out + m * out_size, buf, w);
+                plane_sum_transposed((const float *)(in_c + m * in_stride),
+                                     out + m * out_size, buf, w);
             else
-                plane_sum(in + m * in_size, out + m * out_size, buf, w);
+                plane_sum(in_c + m * in_stride, out + m * out_size, buf, w);
         }
         free(buf);
     }
@@ -679,8 +696,8 @@ static int each_plane(const float *restrict in, float *restrict out, int64_t M,
 
 static windows make_windows(int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
                             int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
-                            int64_t pw, int square, float scale) {
-    windows w = {C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, 0, 0, 0, 0, square, scale};
+                            int64_t pw, int square, int bytes, float scale) {
+    windows w = {C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, 0, 0, 0, 0, square, bytes, scale};
     int64_t Hp = H + 2 * ph;
     w.Wp = W + 2 * pw;
     w.np = Hp * w.Wp;
@@ -689,12 +706,13 @@ static windows make_windows(int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t
     return w;
 }
 
-/* Returns 0, or 1 if a work buffer could not be allocated (out is then incomplete). */
-int sbnn_window_sum(const float *restrict x, float *restrict out, int64_t M, int64_t C,
+/* Returns 0, or 1 if a work buffer could not be allocated (out is then incomplete). x is
+ * uint8 with `bytes`, else float. */
+int sbnn_window_sum(const void *restrict x, float *restrict out, int64_t M, int64_t C,
                     int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t kh, int64_t kw,
-                    int64_t sh, int64_t sw, int64_t ph, int64_t pw, int square, float scale,
-                    int threads) {
-    windows w = make_windows(C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, square, scale);
+                    int64_t sh, int64_t sw, int64_t ph, int64_t pw, int square, int bytes,
+                    float scale, int threads) {
+    windows w = make_windows(C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, square, bytes, scale);
     return each_plane(x, out, M, &w, 0, threads);
 }
 
@@ -704,7 +722,7 @@ int sbnn_window_sum_backward(const float *restrict g, float *restrict gx, int64_
                              int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t kh,
                              int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
                              float scale, int threads) {
-    windows w = make_windows(1, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, 0, scale);
+    windows w = make_windows(1, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, 0, 0, scale);
     return each_plane(g, gx, M, &w, 1, threads);
 }
 
