@@ -140,14 +140,31 @@ __attribute__((noinline)) static void decide_by_bytes(const float *restrict u,
         for (int64_t i = 0; i < n; ++i) h[i] = fire_by_byte(u[i], v[i], byte[i], 0);
 }
 
-/* The exact decision for an undecided unit: U = (byte + V) / 256 against Phi(z), double. */
-static float fire_exact(int64_t i, float x, float v, int byte, uint64_t seed) {
-    uint32_t r[4];
-    philox_blocks(r, 1, V_STREAM + (uint64_t)i / 4, seed);
-    double V = ((double)r[i & 3] + 0.5) * 0x1.0p-32;
-    double z = (double)x / sqrt((double)v);
-    double p = ndtr(fmin(fmax(z, -40.0), 40.0));
-    return (float)(((double)byte + V) * (1.0 / 256.0) < p);
+/* The exact decisions for the nu undecided units idx[0 .. nu) of a chunk starting at
+ * element c0: U = (byte + V) / 256 against Phi(z), in double. In batches, so that Phi
+ * (erfc) runs as one loop, which the compiler vectorises with the vector math library
+ * where it has one. */
+#define EXACT_BATCH 64
+static void decide_exact(const int32_t *restrict idx, int64_t nu, const float *restrict uc,
+                         const float *restrict vc, const int32_t *restrict B,
+                         float *restrict hc, int64_t c0, uint64_t seed) {
+    for (int64_t k0 = 0; k0 < nu; k0 += EXACT_BATCH) {
+        int64_t m = nu - k0 < EXACT_BATCH ? nu - k0 : EXACT_BATCH;
+        double t[EXACT_BATCH], p[EXACT_BATCH];
+        for (int64_t k = 0; k < m; ++k) {
+            int64_t i = idx[k0 + k];
+            double z = (double)uc[i] / sqrt((double)vc[i]);
+            t[k] = -fmin(fmax(z, -40.0), 40.0) * 0.70710678118654752440;
+        }
+        for (int64_t k = 0; k < m; ++k) p[k] = 0.5 * erfc(t[k]); /* Phi(z) */
+        for (int64_t k = 0; k < m; ++k) {
+            int64_t i = idx[k0 + k], e = c0 + i;
+            uint32_t r[4];
+            philox_blocks(r, 1, V_STREAM + (uint64_t)e / 4, seed);
+            double V = ((double)r[e & 3] + 0.5) * 0x1.0p-32;
+            hc[i] = (float)(((double)B[i] + V) * (1.0 / 256.0) < p[k]);
+        }
+    }
 }
 
 /* The variance of element e is var[(e / (mid * inner)) * inner + e % inner]: mid = 1 is a
@@ -195,6 +212,8 @@ static double spike_chunk(const float *restrict uc, const float *restrict vc, fl
                           int at_zero, int want_aux, float offset) {
     int32_t B[CHUNK]; /* the random bytes, widened to table indices */
     uint32_t W[CHUNK / 4];
+    int32_t idx[CHUNK]; /* the undecided units */
+    int64_t nu = 0;
     random_bytes(B, W, n, (uint64_t)c0, seed);
     decide_by_bytes(uc, vc, B, hc, n, at_zero);
     for (int64_t b = 0; b < n; b += 16) { /* blocks of 16: a vectorised test first */
@@ -203,8 +222,9 @@ static double spike_chunk(const float *restrict uc, const float *restrict vc, fl
         for (int64_t j = 0; j < m; ++j) any |= hc[b + j] == UNDECIDED;
         if (!any) continue;
         for (int64_t i = b; i < b + m; ++i)
-            if (hc[i] == UNDECIDED) hc[i] = fire_exact(c0 + i, uc[i], vc[i], B[i], seed);
+            if (hc[i] == UNDECIDED) idx[nu++] = (int32_t)i;
     }
+    if (nu) decide_exact(idx, nu, uc, vc, B, hc, c0, seed);
     if (hbc)
         for (int64_t i = 0; i < n; ++i) hbc[i] = (uint8_t)hc[i];
     double aux = 0.0;
