@@ -407,6 +407,11 @@ def _check(name: str, t: Tensor) -> None:
 def _layout(u: Tensor, variance: Tensor) -> tuple[Tensor, int, int]:
     _check("u", u)
     _check("variance", variance)
+    return _layout_of(u, variance)
+
+
+def _layout_of(u: Tensor, variance: Tensor) -> tuple[Tensor, int, int]:
+    """:func:`_layout` for float32 CPU tensors (checked by the caller)."""
     if variance.shape == u.shape:  # the common cases first: no broadcast
         return variance.contiguous(), 1, 1
     if variance.dim() == 0:
@@ -611,7 +616,7 @@ class LIFStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, m: Tensor | None, variance: Tensor, seed: int, config):
         estimator, beta, theta, reset, at_zero, aux_offset = config
-        var, mid, inner = _layout(x, variance)
+        var, mid, inner = _layout_of(x, variance)  # both checked by fused_lif_step
         u, h, m_out = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
         hb = torch.empty_like(x, dtype=torch.uint8)
         aux = _require().sbnn_lif_step_forward(
@@ -688,18 +693,29 @@ def fused_lif_step(x: Tensor, membrane: Tensor | None, variance: Tensor, estimat
             broadcast to ``x``, or an unknown reset.
     """
     _check("x", x)
+    _check("variance", variance)
+    if not broadcasts_to(variance.shape, x.shape):
+        raise ValueError(f"variance of shape {tuple(variance.shape)} does not broadcast to x "
+                         f"of shape {tuple(x.shape)}")
     if membrane is not None:
         _check("membrane", membrane)
         if membrane.shape != x.shape:
             raise ValueError(f"membrane of shape {tuple(membrane.shape)} must have the shape "
                              f"of x {tuple(x.shape)}")
-        membrane = membrane.contiguous()
     if reset not in _STEP_RESETS:
         raise ValueError(f"reset must be one of {tuple(_STEP_RESETS)}, got {reset!r}")
     config = (estimator, float(beta), float(threshold), reset, bool(at_zero), aux_offset)
-    out = apply_function(LIFStep, x.contiguous(), membrane, variance, _seed(generator), config)
+    return _fused_lif_step(x, membrane, variance, _seed(generator), config)
+
+
+def _fused_lif_step(x: Tensor, membrane: Tensor | None, variance: Tensor, seed: int,
+                    config: tuple) -> tuple[Tensor, ...]:
+    """:func:`fused_lif_step` for checked arguments (``config``: estimator, beta, theta,
+    reset, at_zero, aux_offset)."""
+    out = apply_function(LIFStep, x.contiguous(), None if membrane is None
+                         else membrane.contiguous(), variance, seed, config)
     mark_binary(out[0], out[1])
-    return (out[0], out[2]) if aux_offset is None else (out[0], out[2], out[3])
+    return (out[0], out[2]) if config[5] is None else (out[0], out[2], out[3])
 
 
 class Dynamics(NamedTuple):

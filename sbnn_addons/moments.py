@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -497,18 +497,15 @@ class VarianceFlow(TorchFunctionMode):
         return attach_variance(out, rule(func, args, kwargs, out, _var_of))
 
 
-@contextlib.contextmanager
-def variance_flow() -> Iterator[None]:
+def variance_flow() -> contextlib.AbstractContextManager:
     """Context manager: propagate attached variances through every torch operation."""
-    with VarianceFlow():
-        yield
+    return VarianceFlow()
 
 
-@contextlib.contextmanager
-def no_variance_flow() -> Iterator[None]:
-    """Disable the variance flow (and any torch-function mode) inside the block."""
-    with torch._C.DisableTorchFunction():
-        yield
+def no_variance_flow() -> contextlib.AbstractContextManager:
+    """Context manager: disable the variance flow (and any torch-function mode) inside
+    the block."""
+    return torch._C.DisableTorchFunction()
 
 
 class _FlowHooks:

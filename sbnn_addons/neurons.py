@@ -174,7 +174,7 @@ class LIF(nn.Module):
         membrane of :func:`~sbnn_addons.functional.lif_fire` with the spike kernel, in one
         kernel pass and one autograd node. ``None`` where the kernel does not serve it."""
         spike = self.spike_fn
-        if (type(spike).fire is not IWSTSpike.fire or spike.deterministic
+        if (type(spike).fire is not IWSTSpike.fire or spike.sbnn_mode == "mean"
                 or not kernels.can_fuse(current, variance)
                 or (membrane is not None and (membrane.shape != current.shape
                                               or membrane.dtype != torch.float32))
@@ -183,10 +183,10 @@ class LIF(nn.Module):
         own = spike.own_noise_variance()
         total = variance if own is None else variance + own.to(variance.dtype)
         aux = spike.collect_aux and torch.is_grad_enabled()
-        out = kernels.fused_lif_step(
-            current, membrane, total, spike.estimator, self.beta, self.threshold, self.reset,
-            spike.at_zero, spike._generator_for(current),
-            aux_offset=(self.threshold if spike.aux_center == "zero" else 0.0) if aux else None)
+        offset = (self.threshold if spike.aux_center == "zero" else 0.0) if aux else None
+        out = kernels._fused_lif_step(
+            current, membrane, total, kernels._seed(spike._generator_for(current)),
+            (spike.estimator, self.beta, self.threshold, self.reset, spike.at_zero, offset))
         if aux:
             spike._collect(out[2] / max(spike._batch_size(current), 1))
         return attach_variance(out[0], None), out[1]
