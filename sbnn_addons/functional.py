@@ -34,8 +34,7 @@ __all__ = [
     "LIF_RESETS",
     "mark_binary",
     "is_binary",
-    "binary_bytes",
-    "stored_bytes",
+    "is_kept",
 ]
 
 #: Lower clamp of ``sigma`` inside divisions (SPEC section 1).
@@ -179,20 +178,22 @@ def jacobian_and_z(u: Tensor, sigma: Tensor, h: Tensor, kind: str, p: float = 1.
 
 
 _BINARY = "_sbnn_binary"
-_BYTES = "_sbnn_bytes"
+_KEPT = "_sbnn_kept"
 
 
-def mark_binary(tensor: Tensor, as_bytes: Tensor | None = None) -> Tensor:
+def mark_binary(tensor: Tensor, kept: bool = False) -> Tensor:
     """Record that ``tensor`` holds only 0 and 1 (spikes); returns ``tensor``.
 
     The mark is tied to the tensor's version counter, so an in-place change voids it.
-    Layers use it to skip ``x * x`` (``x^2 = x`` for spikes) in the LRT variance and to
-    keep the input as uint8 for the backward. ``as_bytes``, a uint8 copy that exists
-    anyway (the spike kernel makes one), is then reused instead of a new conversion.
+    Layers use it to skip ``x * x`` (``x^2 = x`` for spikes) in the LRT variance, and
+    keep a marked input for the backward as uint8 (a quarter of the memory) unless it is
+    ``kept``: ``kept=True`` records that the producer saves this very tensor for its own
+    backward (the spike kernel does), so a layer saves it too at no memory cost and
+    without a conversion.
     """
     tensor.__dict__[_BINARY] = tensor._version
-    if as_bytes is not None:
-        tensor.__dict__[_BYTES] = as_bytes
+    if kept:
+        tensor.__dict__[_KEPT] = tensor._version
     return tensor
 
 
@@ -201,19 +202,10 @@ def is_binary(tensor: Tensor) -> bool:
     return tensor.__dict__.get(_BINARY, -1) == tensor._version
 
 
-def stored_bytes(tensor: Tensor) -> Tensor | None:
-    """The uint8 copy given to :func:`mark_binary`, if ``tensor`` is still marked binary."""
-    stored = tensor.__dict__.get(_BYTES)
-    if stored is not None and is_binary(tensor) and stored.shape == tensor.shape:
-        return stored
-    return None
-
-
-def binary_bytes(tensor: Tensor) -> Tensor:
-    """``tensor`` (marked binary) as uint8: the copy given to :func:`mark_binary`, or a new
-    conversion."""
-    stored = stored_bytes(tensor)
-    return stored if stored is not None else tensor.to(torch.uint8)
+def is_kept(tensor: Tensor) -> bool:
+    """Whether ``tensor`` was marked binary and ``kept`` by its producer (and not changed
+    in place since)."""
+    return tensor.__dict__.get(_KEPT, -1) == tensor._version
 
 
 def exact_unit_gradient(u: Tensor, sigma: Tensor, f0: Tensor, f1: Tensor) -> tuple[Tensor, Tensor]:

@@ -169,8 +169,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sbnn_spike_forward.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, u64, i32, i32, f32,
                                        i32]
     lib.sbnn_spike_forward.restype = ctypes.c_double
-    lib.sbnn_spike_backward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i32, f32,
-                                        f32, f32, f32, f32, i32]
+    lib.sbnn_spike_backward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, i32, ptr, ptr, i64, i32,
+                                        f32, f32, f32, f32, f32, i32]
     lib.sbnn_spike_backward.restype = None
     lib.sbnn_spike_backward_compact.argtypes = lib.sbnn_spike_backward.argtypes
     lib.sbnn_spike_backward_compact.restype = None
@@ -181,7 +181,7 @@ def _declare(lib: ctypes.CDLL) -> None:
                                            ptr, ptr, ptr, i32, i64, i32, f32, f32, f32, f32,
                                            f32, i32]
     lib.sbnn_lif_step_backward.restype = None
-    lib.sbnn_window_sum.argtypes = [ptr, ptr, *[i64] * 12, i32, i32, f32, i32]
+    lib.sbnn_window_sum.argtypes = [ptr, ptr, *[i64] * 12, i32, f32, i32]
     lib.sbnn_window_sum.restype = ctypes.c_int
     lib.sbnn_window_sum_backward.argtypes = [ptr, ptr, *[i64] * 11, f32, i32]
     lib.sbnn_window_sum_backward.restype = ctypes.c_int
@@ -314,21 +314,17 @@ def window_sum(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
 
 def _window_sum(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
                 padding: tuple[int, ...], channels: int = 1, square: bool = False,
-                scale: float = 1.0, as_bytes: Tensor | None = None) -> Tensor:
-    """:func:`window_sum` for arguments already checked (box_sum, the conv layers).
-
-    ``as_bytes``: ``x`` (0/1 values) as a uint8 tensor of its shape, read instead of ``x``
-    (a quarter of the memory; ``square`` changes nothing for 0/1 values)."""
+                scale: float = 1.0) -> Tensor:
+    """:func:`window_sum` for arguments already checked (box_sum, the conv layers)."""
     n = len(kernel)
-    source = x.contiguous() if as_bytes is None else as_bytes.contiguous()
+    x = x.contiguous()
     h, w, ho, wo, kh, kw, sh, sw, ph, pw = _window_geometry(x.shape, kernel, stride, padding)
     lead = x.shape[:-n - 1] if channels > 1 else x.shape[:-n]
     out_dims = (ho, wo) if n == 2 else (wo,)
     out = torch.empty((*lead, *((1,) if channels > 1 else ()), *out_dims), dtype=x.dtype)
     m = math.prod(lead)
-    failed = _require().sbnn_window_sum(source.data_ptr(), out.data_ptr(), m, channels, h, w,
-                                        ho, wo, kh, kw, sh, sw, ph, pw, int(square),
-                                        int(as_bytes is not None), float(scale),
+    failed = _require().sbnn_window_sum(x.data_ptr(), out.data_ptr(), m, channels, h, w, ho,
+                                        wo, kh, kw, sh, sw, ph, pw, int(square), float(scale),
                                         torch.get_num_threads())
     _check_allocation(failed, h, w, ph, pw)
     return out
@@ -453,13 +449,15 @@ def _forward_raw(u: Tensor, var: Tensor, mid: int, inner: int, seed: int, at_zer
                  aux_offset: float | None,
                  out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, float]:
     """:func:`spike_forward` for a contiguous ``u`` and a variance in its kernel layout;
-    ``out``: contiguous float32 and uint8 tensors of ``u``'s shape to write the spikes to."""
+    ``out``: contiguous float32 and uint8 tensors of ``u``'s shape to write the spikes to
+    (the uint8 one may be ``None``: no bytes)."""
     if out is None:
         h, hb = torch.empty_like(u), torch.empty_like(u, dtype=torch.uint8)
     else:
         h, hb = out
     aux = _require().sbnn_spike_forward(
-        u.data_ptr(), var.data_ptr(), mid, inner, h.data_ptr(), hb.data_ptr(), u.numel(), seed,
+        u.data_ptr(), var.data_ptr(), mid, inner, h.data_ptr(),
+        0 if hb is None else hb.data_ptr(), u.numel(), seed,
         int(at_zero), int(aux_offset is not None), float(aux_offset or 0.0),
         torch.get_num_threads())
     return h, hb, aux
@@ -479,14 +477,15 @@ def spike_backward(grad: Tensor, u: Tensor, variance: Tensor, spikes: Tensor, es
     if spikes.shape != u.shape or grad.shape != u.shape:
         raise ValueError(f"grad {tuple(grad.shape)} and spikes {tuple(spikes.shape)} must have "
                          f"the shape of u {tuple(u.shape)}")
-    return _backward_raw(grad, u, var, mid, inner, spikes.to(torch.uint8), estimator,
+    return _backward_raw(grad, u, var, mid, inner, spikes.to(torch.float32), estimator,
                          grad_aux, aux_offset, variance.shape)
 
 
 def _backward_raw(grad: Tensor, u: Tensor, var: Tensor, mid: int, inner: int, h: Tensor,
                   estimator, grad_aux: float, aux_offset: float,
                   var_shape: torch.Size) -> tuple[Tensor, Tensor]:
-    """:func:`spike_backward` in the kernel layout; ``grad_var`` has ``var_shape``.
+    """:func:`spike_backward` in the kernel layout; ``grad_var`` has ``var_shape``. ``h``:
+    the spikes, float32 or uint8.
 
     A variance broadcast over a block (``mid > 1``) gets its gradient summed in the
     kernel, each thread owning whole outer blocks, when there are at least two of them
@@ -501,9 +500,9 @@ def _backward_raw(grad: Tensor, u: Tensor, var: Tensor, mid: int, inner: int, h:
     compact = mid > 1 and u.numel() // (mid * inner) >= 2
     grad_var = torch.empty_like(var) if compact else torch.empty_like(u)
     fn = _require().sbnn_spike_backward_compact if compact else _require().sbnn_spike_backward
-    fn(g.data_ptr(), u.data_ptr(), var.data_ptr(), mid, inner, h.data_ptr(), grad_u.data_ptr(),
-       grad_var.data_ptr(), u.numel(), kind, p, estimator.tau, estimator.max_weight,
-       float(grad_aux), float(aux_offset), threads)
+    fn(g.data_ptr(), u.data_ptr(), var.data_ptr(), mid, inner, h.data_ptr(),
+       int(h.dtype == torch.float32), grad_u.data_ptr(), grad_var.data_ptr(), u.numel(), kind,
+       p, estimator.tau, estimator.max_weight, float(grad_aux), float(aux_offset), threads)
     if compact:
         return grad_u, grad_var.view(var_shape)
     return grad_u, (grad_var.sum_to_size(var_shape) if var_shape != u.shape else grad_var)
@@ -514,13 +513,15 @@ class FusedSpike(torch.autograd.Function):
 
     Inputs: ``u`` (float32, CPU), ``variance`` (broadcastable to ``u``), the Philox
     ``seed``, the :class:`~sbnn_addons.estimators.Estimator`, ``at_zero`` and
-    ``aux_offset`` (``None``: no auxiliary sum). Outputs: spikes (float32), spikes as
-    bytes (not differentiable) and, with ``aux_offset``, ``sum z^2`` (a 0-dim tensor).
-    Gradients flow to ``u`` and ``variance``. Check :func:`can_fuse` first.
+    ``aux_offset`` (``None``: no auxiliary sum). Outputs: spikes (float32) and, with
+    ``aux_offset``, ``sum z^2`` (a 0-dim tensor). Gradients flow to ``u`` and
+    ``variance``. Check :func:`can_fuse` first.
 
-    The forward takes ``ctx`` (the classic form) so that the backward reuses the
-    variance in its kernel layout; the kernel is not used under ``torch.func``
-    transforms, which need the ``setup_context`` form.
+    The spikes are saved for the backward as they are (float32): a layer fed by them
+    saves the same tensor, so the pair keeps one copy (see
+    :func:`~sbnn_addons.functional.mark_binary`). The forward takes ``ctx`` (the classic
+    form) so that the backward reuses the variance in its kernel layout; the kernel is
+    not used under ``torch.func`` transforms, which need the ``setup_context`` form.
     """
 
     @staticmethod
@@ -528,28 +529,28 @@ class FusedSpike(torch.autograd.Function):
                 aux_offset: float | None):
         u = u.contiguous()
         var, mid, inner = _layout(u, variance)
-        h, hb, aux = _forward_raw(u, var, mid, inner, seed, at_zero, aux_offset)
-        ctx.mark_non_differentiable(hb)
-        ctx.set_materialize_grads(False)  # no zero-filled gradient for the bytes
-        # the spikes are kept as bytes and the variance in its compact broadcast layout
-        ctx.save_for_backward(u, var, hb)
+        h = torch.empty_like(u)
+        _, _, aux = _forward_raw(u, var, mid, inner, seed, at_zero, aux_offset, out=(h, None))
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for an unused output
+        # the variance is kept in its compact broadcast layout
+        ctx.save_for_backward(u, var, h)
         ctx.layout = (mid, inner, variance.shape)
         ctx.estimator = estimator
         ctx.aux_offset = 0.0 if aux_offset is None else float(aux_offset)
         if aux_offset is None:
-            return h, hb
-        return h, hb, torch.tensor(aux, dtype=torch.float32)
+            return h
+        return h, torch.tensor(aux, dtype=torch.float32)
 
     @staticmethod
-    def backward(ctx, grad: Tensor | None, _grad_bytes: None, *grad_aux: Tensor | None):
-        u, var, hb = ctx.saved_tensors
+    def backward(ctx, grad: Tensor | None, *grad_aux: Tensor | None):
+        u, var, h = ctx.saved_tensors
         g_aux = float(grad_aux[0]) if grad_aux and grad_aux[0] is not None else 0.0
         if grad is None:
             if g_aux == 0.0:
                 return None, None, None, None, None, None
             grad = torch.zeros_like(u)
         mid, inner, var_shape = ctx.layout
-        grad_u, grad_var = _backward_raw(grad, u, var, mid, inner, hb, ctx.estimator, g_aux,
+        grad_u, grad_var = _backward_raw(grad, u, var, mid, inner, h, ctx.estimator, g_aux,
                                          ctx.aux_offset, var_shape)
         return grad_u, grad_var, None, None, None, None
 
@@ -581,8 +582,9 @@ def fused_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
     """
     out = apply_function(FusedSpike, u, variance, _seed(generator), estimator, at_zero,
                          aux_offset)
-    mark_binary(out[0], out[1])  # a layer fed by the spikes saves these bytes, already kept
-    return out[0] if aux_offset is None else (out[0], out[2])
+    if aux_offset is None:  # kept: a layer fed by the spikes saves them as they are
+        return mark_binary(out, kept=True)
+    return mark_binary(out[0], kept=True), out[1]
 
 
 _STEP_RESETS = {"subtract": 0, "zero": 1, "none": 2}
@@ -608,9 +610,10 @@ class LIFStep(torch.autograd.Function):
     same Philox key, no fused multiply-add), in one autograd node whose backward is one
     pass: ``dL/dh`` through the reset too, the IW-ST Jacobian, then ``dL/dx`` and
     ``dL/dm = beta dL/dx``. Inputs: ``x``, ``m`` (``None``: the zero state), the variance
-    (broadcastable to ``x``), the Philox seed and a config tuple. Outputs: spikes,
-    spikes as bytes (not differentiable), ``m'`` and, with an auxiliary offset,
-    ``sum z^2``. Use :func:`fused_lif_step`.
+    (broadcastable to ``x``), the Philox seed and a config tuple. Outputs: spikes, ``m'``
+    and, with an auxiliary offset, ``sum z^2``. The spikes are saved as they are
+    (float32), shared with a layer they feed (as :class:`FusedSpike`'s). Use
+    :func:`fused_lif_step`.
     """
 
     @staticmethod
@@ -618,26 +621,23 @@ class LIFStep(torch.autograd.Function):
         estimator, beta, theta, reset, at_zero, aux_offset = config
         var, mid, inner = _layout_of(x, variance)  # both checked by fused_lif_step
         u, h, m_out = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
-        hb = torch.empty_like(x, dtype=torch.uint8)
         aux = _require().sbnn_lif_step_forward(
             x.data_ptr(), 0 if m is None else m.data_ptr(), var.data_ptr(), mid, inner, beta,
-            theta, _STEP_RESETS[reset], u.data_ptr(), h.data_ptr(), hb.data_ptr(),
+            theta, _STEP_RESETS[reset], u.data_ptr(), h.data_ptr(), 0,
             m_out.data_ptr(), x.numel(), seed, int(at_zero), int(aux_offset is not None),
             float(aux_offset or 0.0), torch.get_num_threads())
-        ctx.mark_non_differentiable(hb)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(u, var, hb)
+        ctx.save_for_backward(u, var, h)
         ctx.layout = (mid, inner, variance.shape)
         ctx.config = config
         if aux_offset is None:
-            return h, hb, m_out
-        return h, hb, m_out, torch.tensor(aux, dtype=torch.float32)
+            return h, m_out
+        return h, m_out, torch.tensor(aux, dtype=torch.float32)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_h: Tensor | None, _g_bytes: None, g_m: Tensor | None,
-                 *g_aux: Tensor | None):
-        u, var, hb = ctx.saved_tensors
+    def backward(ctx, g_h: Tensor | None, g_m: Tensor | None, *g_aux: Tensor | None):
+        u, var, h = ctx.saved_tensors
         estimator, beta, theta, reset, _, aux_offset = ctx.config
         grad_aux = float(g_aux[0]) if g_aux and g_aux[0] is not None else 0.0
         if g_h is None and g_m is None and grad_aux == 0.0:
@@ -652,7 +652,7 @@ class LIFStep(torch.autograd.Function):
         kind, p = _estimator_codes(estimator)
         _require().sbnn_lif_step_backward(
             0 if g_h is None else g_h.data_ptr(), 0 if g_m is None else g_m.data_ptr(),
-            u.data_ptr(), var.data_ptr(), mid, inner, hb.data_ptr(), beta, theta,
+            u.data_ptr(), var.data_ptr(), mid, inner, h.data_ptr(), beta, theta,
             _STEP_RESETS[reset], g_x.data_ptr(), 0 if g_mprev is None else g_mprev.data_ptr(),
             g_var.data_ptr(), int(compact), u.numel(), kind, p, estimator.tau,
             estimator.max_weight, grad_aux, float(aux_offset or 0.0), torch.get_num_threads())
@@ -684,7 +684,7 @@ def fused_lif_step(x: Tensor, membrane: Tensor | None, variance: Tensor, estimat
             (:func:`spike_forward`), differentiable.
 
     Returns:
-        ``(spikes, membrane')`` (the spikes marked binary), plus ``sum z^2`` with
+        ``(spikes, membrane')`` (the spikes marked binary and kept), plus ``sum z^2`` with
         ``aux_offset``.
 
     Raises:
@@ -714,8 +714,8 @@ def _fused_lif_step(x: Tensor, membrane: Tensor | None, variance: Tensor, seed: 
     reset, at_zero, aux_offset)."""
     out = apply_function(LIFStep, x.contiguous(), None if membrane is None
                          else membrane.contiguous(), variance, seed, config)
-    mark_binary(out[0], out[1])
-    return (out[0], out[2]) if config[5] is None else (out[0], out[2], out[3])
+    mark_binary(out[0], kept=True)  # a layer fed by the spikes saves them as they are
+    return out
 
 
 class Dynamics(NamedTuple):

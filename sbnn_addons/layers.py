@@ -26,13 +26,12 @@ from . import kernels
 from .base import _SHARED, SBNNModule, check_std, inverse_softplus, share_posterior, softplus
 from .functional import (
     apply_function,
-    binary_bytes,
     box_sum,
     check_float,
     gaussian_kl,
     is_binary,
+    is_kept,
     mark_binary,
-    stored_bytes,
 )
 from .moments import ScaledVariance, attach_variance, no_variance_flow, raw_variance
 
@@ -90,7 +89,7 @@ class _BinaryInputOp(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, weight, bias, layer = inputs
         ctx.layer, ctx.x_dtype, ctx.has_bias = layer, x.dtype, bias is not None
-        ctx.save_for_backward(binary_bytes(x), weight)
+        ctx.save_for_backward(x.to(torch.uint8), weight)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -172,7 +171,8 @@ class _BayesMixin(SBNNModule):
 
     def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """The plain linear / convolution; a spike input is kept as bytes for the backward."""
-        if (x.numel() >= COMPACT_INPUT_MIN and is_binary(x) and torch.is_grad_enabled()
+        if (x.numel() >= COMPACT_INPUT_MIN and is_binary(x) and not is_kept(x)
+                and torch.is_grad_enabled()
                 and self._compact_ok() and not torch._C._are_functorch_transforms_active()):
             return apply_function(_BinaryInputOp, x, weight, bias, self)
         return self._plain_op(x, weight, bias)
@@ -180,12 +180,15 @@ class _BayesMixin(SBNNModule):
     def _attach(self, mean: Tensor, x: Tensor) -> Tensor:
         if self._noise_free():
             return attach_variance(mean, None)
+        binary = is_binary(x)
         x_in = x.detach() if self.detach_input_variance else x
+        if binary and x_in is not x:  # the detached view holds the same spikes
+            mark_binary(x_in, is_kept(x))
         s2 = self._std_squared()
         if self._factored():  # s^2 F kept factored through the variance flow
-            field = self._input_variance(x_in, is_binary(x), stored_bytes(x), None)
+            field = self._input_variance(x_in, binary, None)
             return attach_variance(mean, ScaledVariance(field, s2))
-        var = self._input_variance(x_in, is_binary(x), stored_bytes(x), s2)
+        var = self._input_variance(x_in, binary, s2)
         if self.bias_noise:
             var = var + self.bias_std**2
         # broadcastable to the mean (e.g. [N, 1, H, W] with a per-layer std): consumers
@@ -198,12 +201,11 @@ class _BayesMixin(SBNNModule):
         return (self.std_mode == "layer" and not self.bias_noise
                 and type(self)._output_variance in _SCALAR_STD_FORMULAS)
 
-    def _input_variance(self, x: Tensor, binary: bool, as_bytes: Tensor | None,
-                        s2: Tensor | None) -> Tensor:
+    def _input_variance(self, x: Tensor, binary: bool, s2: Tensor | None) -> Tensor:
         """LRT variance without bias noise (``s2=None``: the per-layer std's unscaled
         field ``F``); for spikes ``x^2 = x`` (no extra pass, and nothing extra saved for
         the backward)."""
-        x2 = mark_binary(x, as_bytes) if binary else x * x
+        x2 = x if binary else x * x  # a spike input is marked (x^2 = x, kept as it is)
         return self._output_variance(x2, s2)
 
     def output_variance(self, x: Tensor) -> Tensor:
@@ -310,16 +312,13 @@ class BayesLinear(_BayesMixin, nn.Linear):
     def _output_variance(self, x2: Tensor, s2: Tensor | None) -> Tensor:
         if self.std_mode == "weight":
             return self._op(x2, s2, None)
-        as_bytes = stored_bytes(x2)  # spikes: sum their uint8 copy (a quarter to read)
-        field = (x2.sum(-1, keepdim=True) if as_bytes is None
-                 else as_bytes.sum(-1, keepdim=True, dtype=x2.dtype))
+        field = x2.sum(-1, keepdim=True)
         return field if s2 is None else field * s2
 
-    def _input_variance(self, x: Tensor, binary: bool, as_bytes: Tensor | None,
-                        s2: Tensor | None) -> Tensor:
+    def _input_variance(self, x: Tensor, binary: bool, s2: Tensor | None) -> Tensor:
         if (self.std_mode == "weight" or binary
                 or type(self)._output_variance is not BayesLinear._output_variance):
-            return super()._input_variance(x, binary, as_bytes, s2)
+            return super()._input_variance(x, binary, s2)
         # sum_i x_i^2 in one pass, without an x^2 temporary (as large as the input)
         field = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square()
         return field if s2 is None else field * s2
@@ -416,20 +415,17 @@ class _BayesConv(_BayesMixin):
             return self._conv_forward(x2, ones, None)
         return box_sum(x2.sum(dim=-n - 1, keepdim=True), self.kernel_size, self.stride, pad)
 
-    def _input_variance(self, x: Tensor, binary: bool, as_bytes: Tensor | None,
-                        s2: Tensor | None) -> Tensor:
+    def _input_variance(self, x: Tensor, binary: bool, s2: Tensor | None) -> Tensor:
         n = self.weight.dim() - 2
         pad = self._window_padding()
         if (self.std_mode == "weight" or self.groups != 1 or pad is None
                 or x.dim() != n + 2 or (x.requires_grad and torch.is_grad_enabled())
                 or type(self)._output_variance is not _BayesConv._output_variance
                 or not kernels.can_window_sum(x, n)):
-            return super()._input_variance(x, binary, as_bytes, s2)
-        # channel sum, squares (unless x is 0/1) and window sum in one compiled pass; spikes
-        # are read from their uint8 copy where they have one
+            return super()._input_variance(x, binary, s2)
+        # channel sum, squares (unless x is 0/1) and window sum in one compiled pass
         field = kernels._window_sum(x, self.kernel_size, self.stride, pad,  # checked shapes
-                                    channels=self.in_channels, square=not binary,
-                                    as_bytes=as_bytes)
+                                    channels=self.in_channels, square=not binary)
         if s2 is None:
             return field
         if self.std_mode == "channel":

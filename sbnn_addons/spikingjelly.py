@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from . import kernels
 from . import layers as _layers
 from .base import SBNNModule
-from .functional import compact_broadcast, mark_binary, stored_bytes
+from .functional import compact_broadcast, mark_binary
 from .losses import enable_aux_loss
 from .moments import (
     UnknownVariance,
@@ -175,10 +175,8 @@ class SJSpike(IWSTSpike):
             if state is not None:
                 total = state if total is None else state + total
             spikes = self.fire(u, total)
-            if state is not None and hard:  # S_t (1 - spike): a byte mask, kept for backward
-                fired = stored_bytes(spikes)
-                fired = fired.view(torch.bool) if fired is not None else spikes.detach() > 0
-                state = state.masked_fill(fired, 0.0)
+            if state is not None and hard:  # S_t (1 - spike)
+                state = state.masked_fill(spikes.detach() > 0, 0.0)
             if state is not None:
                 self.__dict__["_var_state"] = state
             return spikes
@@ -355,9 +353,10 @@ def _linked_multi_step_forward(node: nn.Module, x_seq: Tensor, *args, **kwargs):
 
 def _mark_spikes(node: nn.Module, args, output):
     """The node's output is its spikes (0/1): mark it, so that a Bayesian layer fed by it
-    skips ``x * x`` and keeps it as bytes for the backward."""
+    skips ``x * x``, and keeps it as bytes for the backward unless the spike function
+    keeps this tensor already (then the layer shares it)."""
     if isinstance(output, Tensor):
-        mark_binary(output)
+        mark_binary(output)  # a kept mark (the spike function's) stays
 
 
 def _unlink(node: nn.Module) -> None:

@@ -336,15 +336,34 @@ def test_broadcast_variance_is_read_in_place(var_shape, layout):
                                atol=1e-7)
 
 
-def test_spike_bytes_are_kept_for_backward_not_floats():
-    """The autograd graph keeps the spikes as uint8 and the variance in its compact shape."""
+def test_spikes_are_kept_once_and_shared_with_the_layer_they_feed():
+    """The spike function saves the drive, the variance in its compact shape and the
+    spikes themselves; a Bayesian layer fed by them saves that same tensor (one copy of
+    the spikes for both backwards, no uint8 conversion), with the same gradients as an
+    unmarked copy."""
+    torch.manual_seed(0)
     u = torch.randn(8, 16, 4, 4, requires_grad=True)
     var = torch.rand(8, 1, 4, 4, requires_grad=True)
+    layer = sb.BayesConv2d(16, 4, 3, padding=1, std=0.2)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        kernels.fused_spike(u, var, sb.ST())
-    assert [t.dtype for t in saved] == [torch.float32, torch.float32, torch.uint8]
-    assert saved[1].shape == (8, 1, 4, 4)
+        spikes = kernels.fused_spike(u, var, sb.ST())
+        n_spike = len(saved)
+        out = layer(spikes)
+    assert [t.dtype for t in saved[:n_spike]] == [torch.float32] * 3
+    assert saved[1].shape == (8, 1, 4, 4) and saved[2] is spikes
+    assert sb.functional.is_kept(spikes)
+    layer_ptrs = {t.untyped_storage().data_ptr() for t in saved[n_spike:]}
+    assert spikes.untyped_storage().data_ptr() in layer_ptrs
+    assert not any(t.dtype == torch.uint8 for t in saved[n_spike:])
+    weights = torch.randn_like(out)
+    grads = []
+    for x in (spikes, spikes.detach().clone().requires_grad_()):
+        layer.zero_grad()
+        (layer(x) * weights).sum().backward()
+        grads.append([layer.weight.grad.clone(), layer.bias.grad.clone()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("centre", ["threshold", "zero"])
@@ -601,20 +620,6 @@ def test_window_sum_is_the_ones_convolution(shape, kernel, stride, padding, squa
                        padding=padding, groups=shape[1])
     got = kernels.window_sum(x ** 2 if square else x, kernel, stride, padding)
     torch.testing.assert_close(got.double(), per_channel, rtol=1e-6, atol=1e-5)
-
-
-@pytest.mark.parametrize("shape, kernel, stride, padding", WINDOWS)
-def test_window_sum_of_spike_bytes_equals_the_float_sum(shape, kernel, stride, padding):
-    """With the uint8 copy of 0/1 values, the window sum reads the bytes: the same sums,
-    exactly (small integers), with and without ``square``."""
-    torch.manual_seed(0)
-    x = (torch.rand(shape) < 0.4).float()
-    channels = shape[1] if len(shape) == len(kernel) + 2 else 1
-    want = kernels.window_sum(x, kernel, stride, padding, channels=channels)
-    for square in (False, True):
-        got = kernels._window_sum(x, kernel, stride, padding, channels, square,
-                                  as_bytes=x.to(torch.uint8))
-        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("shape, kernel, stride, padding", WINDOWS)

@@ -319,8 +319,8 @@ double sbnn_lif_step_forward(const float *restrict x, const float *restrict m,
         int64_t n = total - c0 < CHUNK ? total - c0 : CHUNK;
         lif_charge(x + c0, m ? m + c0 : NULL, beta, theta, m_out + c0, u + c0, n);
         const float *vc = variance_run(var, mid, inner, c0, n, VB);
-        aux += spike_chunk(u + c0, vc, h + c0, hb + c0, c0, n, seed, at_zero, want_aux,
-                           offset);
+        aux += spike_chunk(u + c0, vc, h + c0, hb ? hb + c0 : NULL, c0, n, seed, at_zero,
+                           want_aux, offset);
         lif_reset(m_out + c0, h + c0, theta, reset, n);
     }
     return aux;
@@ -416,10 +416,10 @@ static inline void grad_one(float g, float x, float v, float h, int kind, int au
  * 0), gu receives dL/dx and g_mprev (unless NULL) dL/dm = beta dL/dx. */
 typedef struct {
     const float *g, *u, *var, *g_m;
-    const uint8_t *h;
+    const void *h; /* the spikes: uint8, or float with h_float */
     float *gu, *g_mprev;
     int64_t mid, inner;
-    int kind, step, reset;
+    int kind, step, reset, h_float;
     float p, tau, max_weight, g_aux, offset, beta, theta;
 } bwd_args;
 
@@ -427,7 +427,7 @@ typedef struct {
  * elements from c0; `h` holds the spikes as bytes. Shared by every backward entry point. */
 #define BACKWARD_LOOP(KIND, AUX)                                                             \
     for (int64_t i = 0; i < n; ++i)                                                          \
-        grad_one(gc[i], uc[i], vc[i], (float)hc[i], KIND, AUX, a->p, a->tau, a->max_weight,  \
+        grad_one(gc[i], uc[i], vc[i], hc[i], KIND, AUX, a->p, a->tau, a->max_weight,  \
                  a->g_aux, a->offset, guc + i, gv + i);
 
 #define BACKWARD_KINDS(AUX)                                                                  \
@@ -453,13 +453,13 @@ static void step_spike_grad(const bwd_args *restrict a, int64_t c0, int64_t n,
 
 /* dL/dx = dL/dH = dL/du + dm'/dH dL/dm' (dm'/dH = 1 - h for the zero reset, else 1), in
  * place of dL/du, and dL/dm = beta dL/dx. */
-static void step_input_grad(const bwd_args *restrict a, int64_t c0, int64_t n) {
+static void step_input_grad(const bwd_args *restrict a, int64_t c0, int64_t n,
+                            const float *restrict hc) {
     float *gx = a->gu + c0;
-    const uint8_t *hc = a->h + c0;
     if (a->g_m)
         for (int64_t i = 0; i < n; ++i) {
             float gm = a->g_m[c0 + i];
-            gx[i] += a->reset == 1 && hc[i] ? 0.0f : gm;
+            gx[i] += a->reset == 1 && hc[i] > 0.5f ? 0.0f : gm;
         }
     if (a->g_mprev)
         for (int64_t i = 0; i < n; ++i) a->g_mprev[c0 + i] = a->beta * gx[i];
@@ -467,10 +467,15 @@ static void step_input_grad(const bwd_args *restrict a, int64_t c0, int64_t n) {
 
 static void backward_chunk(const bwd_args *restrict a, int64_t c0, int64_t n,
                            float *restrict gv) {
-    float VB[CHUNK], G[CHUNK];
-    const float *uc = a->u + c0, *gc = G;
+    float VB[CHUNK], G[CHUNK], HB[CHUNK];
+    const float *uc = a->u + c0, *gc = G, *hc = HB;
     const float *vc = variance_run(a->var, a->mid, a->inner, c0, n, VB);
-    const uint8_t *hc = a->h + c0;
+    if (a->h_float) {
+        hc = (const float *)a->h + c0;
+    } else {
+        const uint8_t *h8 = (const uint8_t *)a->h + c0;
+        for (int64_t i = 0; i < n; ++i) HB[i] = (float)h8[i];
+    }
     float *guc = a->gu + c0;
     if (a->step)
         step_spike_grad(a, c0, n, G);
@@ -481,7 +486,7 @@ static void backward_chunk(const bwd_args *restrict a, int64_t c0, int64_t n,
     } else {
         BACKWARD_KINDS(0)
     }
-    if (a->step) step_input_grad(a, c0, n);
+    if (a->step) step_input_grad(a, c0, n, hc);
 }
 
 /* grad_var written in full (shape of u); the caller sums it over a broadcast. */
@@ -529,13 +534,14 @@ static void backward_compact(const bwd_args *a, float *restrict gvar, int64_t to
 }
 
 /* g_aux: gradient of the loss with respect to the forward's sum of z^2 (0: no aux loss).
- * grad_var is written in full (shape of u); the caller sums it over a broadcast. */
+ * h: the spikes, float with h_float, else uint8. grad_var is written in full (shape of
+ * u); the caller sums it over a broadcast. */
 void sbnn_spike_backward(const float *restrict g, const float *restrict u,
                          const float *restrict var, int64_t mid, int64_t inner,
-                         const uint8_t *restrict h, float *restrict gu, float *restrict gv,
-                         int64_t total, int kind, float p, float tau, float max_weight,
-                         float g_aux, float offset, int threads) {
-    bwd_args a = {g, u, var, NULL, h, gu, NULL, mid, inner, kind, 0, 0,
+                         const void *restrict h, int h_float, float *restrict gu,
+                         float *restrict gv, int64_t total, int kind, float p, float tau,
+                         float max_weight, float g_aux, float offset, int threads) {
+    bwd_args a = {g, u, var, NULL, h, gu, NULL, mid, inner, kind, 0, 0, h_float,
                   p, tau, max_weight, g_aux, offset, 0.0f, 0.0f};
     backward_full(&a, gv, total, threads);
 }
@@ -543,26 +549,26 @@ void sbnn_spike_backward(const float *restrict g, const float *restrict u,
 /* The same backward with grad_var of the variance's own size (see backward_compact). */
 void sbnn_spike_backward_compact(const float *restrict g, const float *restrict u,
                                  const float *restrict var, int64_t mid, int64_t inner,
-                                 const uint8_t *restrict h, float *restrict gu,
+                                 const void *restrict h, int h_float, float *restrict gu,
                                  float *restrict gvar, int64_t total, int kind, float p,
                                  float tau, float max_weight, float g_aux, float offset,
                                  int threads) {
-    bwd_args a = {g, u, var, NULL, h, gu, NULL, mid, inner, kind, 0, 0,
+    bwd_args a = {g, u, var, NULL, h, gu, NULL, mid, inner, kind, 0, 0, h_float,
                   p, tau, max_weight, g_aux, offset, 0.0f, 0.0f};
     backward_compact(&a, gvar, total, threads);
 }
 
 /* The backward of sbnn_lif_step_forward: g_h = dL/dh and g_m = dL/dm' (either NULL: 0)
  * give g_x = dL/dx, g_mprev = dL/dm (unless NULL) and grad_var (compact as in
- * sbnn_spike_backward_compact when `compact`, else in full). */
+ * sbnn_spike_backward_compact when `compact`, else in full); h: the spikes, float. */
 void sbnn_lif_step_backward(const float *restrict g_h, const float *restrict g_m,
                             const float *restrict u, const float *restrict var, int64_t mid,
-                            int64_t inner, const uint8_t *restrict h, float beta, float theta,
+                            int64_t inner, const float *restrict h, float beta, float theta,
                             int reset, float *restrict g_x, float *restrict g_mprev,
                             float *restrict gv, int compact, int64_t total, int kind, float p,
                             float tau, float max_weight, float g_aux, float offset,
                             int threads) {
-    bwd_args a = {g_h, u, var, g_m, h, g_x, g_mprev, mid, inner, kind, 1, reset,
+    bwd_args a = {g_h, u, var, g_m, h, g_x, g_mprev, mid, inner, kind, 1, reset, 1,
                   p, tau, max_weight, g_aux, offset, beta, theta};
     if (compact)
         backward_compact(&a, gv, total, threads);
@@ -573,8 +579,7 @@ void sbnn_lif_step_backward(const float *restrict g_h, const float *restrict g_m
 /* ---------------------------------------------------------------- window sums
  * out[m, i, j] = scale * sum_{c < C} sum_{a < kh, b < kw} f(x[m, c, i sh + a - ph, j sw + b - pw])
  * over zero-padded windows, f(v) = v (or v * v with `square`); x is [M, C, H, W] and out
- * [M, Ho, Wo], both contiguous (1-D windows: H = Ho = kh = 1). x is float, or uint8 with
- * `bytes` (the byte copy of spikes: a quarter of the memory to read). This is the receptive-field
+ * [M, Ho, Wo], both contiguous (1-D windows: H = Ho = kh = 1). This is the receptive-field
  * sum of the LRT variance (all C channels, one output channel) and the window sum of the
  * average-pooling variance rule (C = 1).
  *
@@ -611,43 +616,30 @@ static void window_taps_transposed(float *restrict dst, const float *restrict sr
  * sums), and what to sum. */
 typedef struct {
     int64_t C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, Wp, np, nr, nq;
-    int square, bytes;
+    int square;
     float scale;
 } windows;
 
-/* prow[e] = (or +=, with `add`) f(xr[e]) for e < n, xr float or (with `bytes`) uint8. */
-static void channel_row(float *restrict prow, const void *restrict xr, int64_t n,
-                        const windows *w, int add) {
-    if (w->bytes) {
-        const uint8_t *x8 = (const uint8_t *)xr;
-        if (add)
-            for (int64_t e = 0; e < n; ++e) prow[e] += (float)x8[e];
-        else
-            for (int64_t e = 0; e < n; ++e) prow[e] = (float)x8[e];
-        return;
-    }
-    const float *xf = (const float *)xr;
-    if (w->square && add)
-        for (int64_t e = 0; e < n; ++e) prow[e] += xf[e] * xf[e];
-    else if (w->square)
-        for (int64_t e = 0; e < n; ++e) prow[e] = xf[e] * xf[e];
-    else if (add)
-        for (int64_t e = 0; e < n; ++e) prow[e] += xf[e];
-    else
-        for (int64_t e = 0; e < n; ++e) prow[e] = xf[e];
-}
-
 /* One plane of sbnn_window_sum: in = x[m] (C planes), out = out[m]; P R Q: 3 np floats,
  * P's padding zero. */
-static void plane_sum(const void *restrict in, float *restrict out, float *restrict P,
+static void plane_sum(const float *restrict in, float *restrict out, float *restrict P,
                       const windows *w) {
     float *R = P + w->np, *Q = R + w->np;
-    const int64_t plane = w->H * w->W, Wp = w->Wp, size = w->bytes ? 1 : 4;
-    const char *in_c = (const char *)in;
+    const int64_t plane = w->H * w->W, Wp = w->Wp;
     for (int64_t y = 0; y < w->H; ++y) {
         float *prow = P + (y + w->ph) * Wp + w->pw;
-        for (int64_t c = 0; c < w->C; ++c)
-            channel_row(prow, in_c + (c * plane + y * w->W) * size, w->W, w, c > 0);
+        const float *xr = in + y * w->W;
+        if (w->square)
+            for (int64_t e = 0; e < w->W; ++e) prow[e] = xr[e] * xr[e];
+        else
+            for (int64_t e = 0; e < w->W; ++e) prow[e] = xr[e];
+        for (int64_t c = 1; c < w->C; ++c) {
+            const float *xc = xr + c * plane;
+            if (w->square)
+                for (int64_t e = 0; e < w->W; ++e) prow[e] += xc[e] * xc[e];
+            else
+                for (int64_t e = 0; e < w->W; ++e) prow[e] += xc[e];
+        }
     }
     window_taps(R, P, w->nr, w->kw, 1);
     window_taps(Q, R, w->nq, w->kh, Wp);
@@ -686,11 +678,9 @@ static void plane_sum_transposed(const float *restrict in, float *restrict out,
 /* Runs `transposed ? plane_sum_transposed : plane_sum` on the M planes, spread over the
  * threads; each thread allocates its own 3 np work floats. Returns 0, or 1 if a work
  * buffer could not be allocated (the output is then incomplete). */
-static int each_plane(const void *restrict in, float *restrict out, int64_t M,
+static int each_plane(const float *restrict in, float *restrict out, int64_t M,
                       const windows *w, int transposed, int threads) {
     const int64_t in_size = transposed ? w->Ho * w->Wo : w->C * w->H * w->W;
-    const char *in_c = (const char *)in;
-    const int64_t in_stride = in_size * (w->bytes ? 1 : 4);
     const int64_t out_size = transposed ? w->H * w->W : w->Ho * w->Wo;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed) \
@@ -704,10 +694,9 @@ static int each_plane(const void *restrict in, float *restrict out, int64_t M,
         for (int64_t m = 0; m < M; ++m) {
             if (!buf) continue;
             if (transposed)
-                plane_sum_transposed((const float *)(in_c + m * in_stride),
-                                     out + m * out_size, buf, w);
+                plane_sum_transposed(in + m * in_size, out + m * out_size, buf, w);
             else
-                plane_sum(in_c + m * in_stride, out + m * out_size, buf, w);
+                plane_sum(in + m * in_size, out + m * out_size, buf, w);
         }
         free(buf);
     }
@@ -716,8 +705,8 @@ static int each_plane(const void *restrict in, float *restrict out, int64_t M,
 
 static windows make_windows(int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
                             int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
-                            int64_t pw, int square, int bytes, float scale) {
-    windows w = {C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, 0, 0, 0, 0, square, bytes, scale};
+                            int64_t pw, int square, float scale) {
+    windows w = {C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, 0, 0, 0, 0, square, scale};
     int64_t Hp = H + 2 * ph;
     w.Wp = W + 2 * pw;
     w.np = Hp * w.Wp;
@@ -726,13 +715,12 @@ static windows make_windows(int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t
     return w;
 }
 
-/* Returns 0, or 1 if a work buffer could not be allocated (out is then incomplete). x is
- * uint8 with `bytes`, else float. */
-int sbnn_window_sum(const void *restrict x, float *restrict out, int64_t M, int64_t C,
+/* Returns 0, or 1 if a work buffer could not be allocated (out is then incomplete). */
+int sbnn_window_sum(const float *restrict x, float *restrict out, int64_t M, int64_t C,
                     int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t kh, int64_t kw,
-                    int64_t sh, int64_t sw, int64_t ph, int64_t pw, int square, int bytes,
-                    float scale, int threads) {
-    windows w = make_windows(C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, square, bytes, scale);
+                    int64_t sh, int64_t sw, int64_t ph, int64_t pw, int square, float scale,
+                    int threads) {
+    windows w = make_windows(C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, square, scale);
     return each_plane(x, out, M, &w, 0, threads);
 }
 
@@ -742,7 +730,7 @@ int sbnn_window_sum_backward(const float *restrict g, float *restrict gx, int64_
                              int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t kh,
                              int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
                              float scale, int threads) {
-    windows w = make_windows(1, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, 0, 0, scale);
+    windows w = make_windows(1, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, 0, scale);
     return each_plane(g, gx, M, &w, 1, threads);
 }
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoint import checkpoint
-from ..functional import is_binary, mark_binary
+from ..functional import is_binary, is_kept, mark_binary
 from ..moments import variance_flow
 from ._common import (
     LayerFactory,
@@ -93,7 +93,8 @@ class ConvLIF(nn.Module):
         seq = reshape_with_variance(y, num_steps, -1, *y.shape[1:])
         spikes = self.lif.run(seq)
         flat = spikes.flatten(0, 1)
-        return mark_binary(flat) if is_binary(spikes) else flat  # x^2 = x downstream
+        # x^2 = x downstream; a view of kept spikes is kept too (same storage)
+        return mark_binary(flat, is_kept(spikes)) if is_binary(spikes) else flat
 
 
 class BasicBlock(nn.Module):
