@@ -425,10 +425,13 @@ typedef struct {
 
 /* grad_u (into a->gu[c0 ...]) and the per-element grad_var (into gv[0 .. n)) of the n
  * elements from c0; `h` holds the spikes as bytes. Shared by every backward entry point. */
+/* grad_one over n elements, one loop per estimator kind and aux flag (constants, so
+ * that each loop is vectorised); noinline with restrict pointers, so that the compiler
+ * knows the outputs do not alias the inputs. */
 #define BACKWARD_LOOP(KIND, AUX)                                                             \
     for (int64_t i = 0; i < n; ++i)                                                          \
-        grad_one(gc[i], uc[i], vc[i], hc[i], KIND, AUX, a->p, a->tau, a->max_weight,  \
-                 a->g_aux, a->offset, guc + i, gv + i);
+        grad_one(g[i], u[i], v[i], (float)h[i], KIND, AUX, a->p, a->tau, a->max_weight,      \
+                 a->g_aux, a->offset, gu + i, gv + i);
 
 #define BACKWARD_KINDS(AUX)                                                                  \
     if (a->kind == 0) {                                                                      \
@@ -438,6 +441,20 @@ typedef struct {
     } else {                                                                                 \
         BACKWARD_LOOP(2, AUX)                                                                \
     }
+
+__attribute__((noinline)) static void backward_loop(const bwd_args *restrict a,
+                                                    const float *restrict g,
+                                                    const float *restrict u,
+                                                    const float *restrict v,
+                                                    const uint8_t *restrict h,
+                                                    float *restrict gu, float *restrict gv,
+                                                    int64_t n) {
+    if (a->g_aux != 0.0f) {
+        BACKWARD_KINDS(1)
+    } else {
+        BACKWARD_KINDS(0)
+    }
+}
 
 /* dL/dh of a LIF step, through the reset too: m' = H - theta h gives -theta dL/dm',
  * m' = H (1 - h) gives -H dL/dm' (H = u + theta). */
@@ -454,12 +471,12 @@ static void step_spike_grad(const bwd_args *restrict a, int64_t c0, int64_t n,
 /* dL/dx = dL/dH = dL/du + dm'/dH dL/dm' (dm'/dH = 1 - h for the zero reset, else 1), in
  * place of dL/du, and dL/dm = beta dL/dx. */
 static void step_input_grad(const bwd_args *restrict a, int64_t c0, int64_t n,
-                            const float *restrict hc) {
+                            const uint8_t *restrict hc) {
     float *gx = a->gu + c0;
     if (a->g_m)
         for (int64_t i = 0; i < n; ++i) {
             float gm = a->g_m[c0 + i];
-            gx[i] += a->reset == 1 && hc[i] > 0.5f ? 0.0f : gm;
+            gx[i] += a->reset == 1 && hc[i] ? 0.0f : gm;
         }
     if (a->g_mprev)
         for (int64_t i = 0; i < n; ++i) a->g_mprev[c0 + i] = a->beta * gx[i];
@@ -467,25 +484,22 @@ static void step_input_grad(const bwd_args *restrict a, int64_t c0, int64_t n,
 
 static void backward_chunk(const bwd_args *restrict a, int64_t c0, int64_t n,
                            float *restrict gv) {
-    float VB[CHUNK], G[CHUNK], HB[CHUNK];
-    const float *uc = a->u + c0, *gc = G, *hc = HB;
+    float VB[CHUNK], G[CHUNK];
+    uint8_t HB[CHUNK];
+    const float *uc = a->u + c0, *gc = G;
     const float *vc = variance_run(a->var, a->mid, a->inner, c0, n, VB);
-    if (a->h_float) {
-        hc = (const float *)a->h + c0;
+    const uint8_t *hc = HB;
+    if (a->h_float) { /* as bytes: the loop below runs faster on them than on floats */
+        const float *hf = (const float *)a->h + c0;
+        for (int64_t i = 0; i < n; ++i) HB[i] = (uint8_t)(hf[i] > 0.5f);
     } else {
-        const uint8_t *h8 = (const uint8_t *)a->h + c0;
-        for (int64_t i = 0; i < n; ++i) HB[i] = (float)h8[i];
+        hc = (const uint8_t *)a->h + c0;
     }
-    float *guc = a->gu + c0;
     if (a->step)
         step_spike_grad(a, c0, n, G);
     else
         gc = a->g + c0;
-    if (a->g_aux != 0.0f) {
-        BACKWARD_KINDS(1)
-    } else {
-        BACKWARD_KINDS(0)
-    }
+    backward_loop(a, gc, uc, vc, hc, a->gu + c0, gv, n);
     if (a->step) step_input_grad(a, c0, n, hc);
 }
 
