@@ -781,7 +781,7 @@ class LIFSequence(torch.autograd.Function):
         spikes = torch.empty_like(x_seq)
         # per-step tensors, not [T, ...] buffers: blocks of a step's size are reused by the
         # allocator, while very large ones are mapped afresh (page faults) every time
-        us, variances, prevs, meta, aux = [], [], [], [], 0.0
+        us, hbs, variances, prevs, meta, aux = [], [], [], [], [], 0.0
         v, state = v0, s0
         for t, x in enumerate(x_seq):
             h = _charge(dyn, v, x, rate)
@@ -802,26 +802,25 @@ class LIFSequence(torch.autograd.Function):
             if total is None:  # no noise at all: the deterministic spike 1[u > 0]
                 total = torch.zeros((), dtype=x_seq.dtype)
             u = h - dyn.threshold
-            masked = dyn.reset_variance and state is not None  # needs the spikes as bytes
-            hb = torch.empty_like(u, dtype=torch.uint8) if masked else None
+            hb = torch.empty_like(u, dtype=torch.uint8)
             var, mid, inner = _layout(u, total)
             _, _, aux_t = _forward_raw(u, var, mid, inner, seeds[t], at_zero, aux_offset,
                                        out=(spikes[t], hb))
             aux += aux_t
             us.append(u)
+            hbs.append(hb)
             variances.append(var)
             prevs.append(prev if plif else None)
             meta.append((mid, inner, total.shape, None if state is None else state.shape))
             v = _reset(dyn, h, spikes[t])
-            if masked:
+            if dyn.reset_variance and state is not None:
                 state = state.masked_fill(hb.view(torch.bool), 0.0)
         if state is not None and state._is_view():  # e.g. Q_0 itself after one step
             state = state.clone()
         if state is None:
             state = torch.zeros((), dtype=x_seq.dtype)
         ctx.set_materialize_grads(False)
-        # the spikes are kept as they are, once (a layer fed by them shares them)
-        ctx.save_for_backward(*us, spikes, *variances, *prevs,
+        ctx.save_for_backward(*us, *hbs, *variances, *prevs,
                               *((x_seq, v0, rate) if plif else ()))
         ctx.meta, ctx.dyn, ctx.estimator = meta, dyn, estimator
         ctx.aux_offset = 0.0 if aux_offset is None else float(aux_offset)
@@ -833,21 +832,20 @@ class LIFSequence(torch.autograd.Function):
     def backward(ctx, g_spikes, g_v, g_state, g_aux):
         steps = len(ctx.meta)
         saved = ctx.saved_tensors
-        us, spikes = saved[:steps], saved[steps]
-        variances, prevs = saved[steps + 1:2 * steps + 1], saved[2 * steps + 1:3 * steps + 1]
+        us, hbs = saved[:steps], saved[steps:2 * steps]
+        variances, prevs = saved[2 * steps:3 * steps], saved[3 * steps:4 * steps]
         dyn = ctx.dyn
         q_shape, v_shape, s_shape, own_shape = ctx.shapes
         g_aux = 0.0 if g_aux is None else float(g_aux)
         grad_x = torch.empty((steps, *us[0].shape), dtype=us[0].dtype)
         grad_q, g_own, g_rate, rate, v_prev = [], None, None, None, None
-        if len(saved) > 3 * steps + 1:  # PLIF: dH_t/dq needs V_{t-1} (recomputed) and X_t
-            x_seq, v0, rate = saved[3 * steps + 1:]
-            v_prev = [v0] + [_reset(dyn, us[t] + dyn.threshold, spikes[t])
+        if len(saved) > 4 * steps:  # PLIF: dH_t/dq needs V_{t-1} (recomputed) and X_t
+            x_seq, v0, rate = saved[4 * steps:]
+            v_prev = [v0] + [_reset(dyn, us[t] + dyn.threshold, hbs[t].to(us[t].dtype))
                              for t in range(steps - 1)]
             beta = 1.0 - rate
         for t in range(steps - 1, -1, -1):
-            masks = dyn.reset in ("hard", "zero") or dyn.reset_variance
-            fired = spikes[t] > 0 if masks else None
+            fired = hbs[t].view(torch.bool)
             g_spike = torch.zeros_like(us[t]) if g_spikes is None else g_spikes[t]
             g_h = None
             if g_v is not None:  # V_t = reset(H_t, h_t)
@@ -855,7 +853,7 @@ class LIFSequence(torch.autograd.Function):
                 if d_spike is not None and not dyn.detach_reset:
                     g_spike = g_spike + d_spike
             mid, inner, total_shape, state_shape = ctx.meta[t]
-            g_u, g_total = _backward_raw(g_spike, us[t], variances[t], mid, inner, spikes[t],
+            g_u, g_total = _backward_raw(g_spike, us[t], variances[t], mid, inner, hbs[t],
                                          ctx.estimator, g_aux, ctx.aux_offset, total_shape)
             g_h = g_u if g_h is None else g_h + g_u
             if own_shape is not None:
@@ -1011,7 +1009,7 @@ def lif_sequence(x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | N
     config = (dynamics, estimator, bool(at_zero), seeds, aux_offset)
     spikes, v, state, aux = apply_function(
         LIFSequence, x_seq.contiguous(), q_seq, v0, s0, own_var, rate, config)
-    mark_binary(spikes, kept=True)  # a layer fed by the spikes shares them
+    mark_binary(spikes)
     return (spikes, v, state) if aux_offset is None else (spikes, v, state, aux)
 
 
