@@ -242,23 +242,19 @@ static double spike_chunk(const float *restrict uc, const float *restrict vc, fl
 /* Spikes for the n elements. `h` receives them as float and, when `hb` is not NULL, as
  * bytes (the compact copy kept for the backward). Returns the sum of z^2 over the noisy
  * units when `want_aux`, else 0. */
+static double forward_chunks(const float *restrict x, const float *restrict m,
+                             const float *restrict var, int64_t mid, int64_t inner, int step,
+                             float beta, float theta, int reset, float *restrict u,
+                             float *restrict h, uint8_t *restrict hb, float *restrict m_out,
+                             int64_t total, uint64_t seed, int at_zero, int want_aux,
+                             float offset, int threads);
+
 double sbnn_spike_forward(const float *restrict u, const float *restrict var, int64_t mid,
                           int64_t inner, float *restrict h, uint8_t *restrict hb, int64_t total,
                           uint64_t seed, int at_zero, int want_aux, float offset,
                           int threads) {
-    double aux = 0.0;
-    int64_t chunks = (total + CHUNK - 1) / CHUNK;
-#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : aux) \
-    if (threads > 1 && total >= PARALLEL_MIN * threads)
-    for (int64_t c = 0; c < chunks; ++c) {
-        float VB[CHUNK];
-        int64_t c0 = c * CHUNK;
-        int64_t n = total - c0 < CHUNK ? total - c0 : CHUNK;
-        const float *vc = variance_run(var, mid, inner, c0, n, VB);
-        aux += spike_chunk(u + c0, vc, h + c0, hb ? hb + c0 : NULL, c0, n, seed, at_zero,
-                           want_aux, offset);
-    }
-    return aux;
+    return forward_chunks(u, NULL, var, mid, inner, 0, 0.0f, 0.0f, 2, NULL, h, hb, NULL, total,
+                          seed, at_zero, want_aux, offset, threads);
 }
 
 /* ---------------------------------------------------------------- one LIF step
@@ -302,9 +298,11 @@ NO_CONTRACT static void lif_reset(float *restrict H, const float *restrict h, fl
         for (int64_t i = 0; i < n; ++i) H[i] = H[i] * (1.0f - h[i]);
 }
 
-/* Writes u (kept for the backward), h, hb and the new membrane m_out; m may be NULL. */
-double sbnn_lif_step_forward(const float *restrict x, const float *restrict m,
-                             const float *restrict var, int64_t mid, int64_t inner,
+/* The forward over all chunks, spread over the threads. With `step`, a LIF step: the
+ * charge (x, m -> H in m_out, u) first and the reset of m_out after; otherwise the drive
+ * is x itself (u, m and m_out unused). hb may be NULL (no bytes). */
+static double forward_chunks(const float *restrict x, const float *restrict m,
+                             const float *restrict var, int64_t mid, int64_t inner, int step,
                              float beta, float theta, int reset, float *restrict u,
                              float *restrict h, uint8_t *restrict hb, float *restrict m_out,
                              int64_t total, uint64_t seed, int at_zero, int want_aux,
@@ -317,13 +315,25 @@ double sbnn_lif_step_forward(const float *restrict x, const float *restrict m,
         float VB[CHUNK];
         int64_t c0 = c * CHUNK;
         int64_t n = total - c0 < CHUNK ? total - c0 : CHUNK;
-        lif_charge(x + c0, m ? m + c0 : NULL, beta, theta, m_out + c0, u + c0, n);
+        if (step) lif_charge(x + c0, m ? m + c0 : NULL, beta, theta, m_out + c0, u + c0, n);
         const float *vc = variance_run(var, mid, inner, c0, n, VB);
-        aux += spike_chunk(u + c0, vc, h + c0, hb ? hb + c0 : NULL, c0, n, seed, at_zero,
-                           want_aux, offset);
-        lif_reset(m_out + c0, h + c0, theta, reset, n);
+        aux += spike_chunk(step ? u + c0 : x + c0, vc, h + c0, hb ? hb + c0 : NULL, c0, n,
+                           seed, at_zero, want_aux, offset);
+        if (step) lif_reset(m_out + c0, h + c0, theta, reset, n);
     }
     return aux;
+}
+
+/* Writes u (kept for the backward), h, hb (unless NULL) and the new membrane m_out; m may
+ * be NULL. */
+double sbnn_lif_step_forward(const float *restrict x, const float *restrict m,
+                             const float *restrict var, int64_t mid, int64_t inner,
+                             float beta, float theta, int reset, float *restrict u,
+                             float *restrict h, uint8_t *restrict hb, float *restrict m_out,
+                             int64_t total, uint64_t seed, int at_zero, int want_aux,
+                             float offset, int threads) {
+    return forward_chunks(x, m, var, mid, inner, 1, beta, theta, reset, u, h, hb, m_out, total,
+                          seed, at_zero, want_aux, offset, threads);
 }
 
 /* The vector math of libmvec leaves its fast path for exp arguments below -87, so the
