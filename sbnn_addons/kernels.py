@@ -14,8 +14,9 @@ It does the forward in one pass and the backward in one pass:
     backward  g_u = g J(h),   g_var = -z g J(h) / (2 sigma)      (J: SPEC section 4)
 
 (plus, on request, the auxiliary ``sum z^2`` of SPEC section 5 and its gradient, in the
-same passes). Spikes are kept as bytes for the backward and a broadcast variance is
-read in place.
+same passes). The spikes returned are the tensor kept for the backward, marked ``kept``
+so that a layer they feed shares it (:func:`~sbnn_addons.functional.mark_binary`), and
+a broadcast variance is read in place.
 
 ``U`` comes from a counter-based Philox4x32-10 stream keyed by a 64-bit seed drawn from
 the torch generator (the global one, or the spike function's own after
@@ -26,9 +27,11 @@ the two paths.
 
 The same library holds the window sums of the variance (:func:`window_sum`: the
 receptive-field sum of a convolution's LRT variance and the average-pooling rule, with
-its transpose for the backward), and :func:`lif_sequence` runs a whole LIF sequence
-(the core :class:`~sbnn_addons.LIF` or a linked SpikingJelly node) as one autograd node
-around the spike kernel.
+its transpose for the backward), :func:`fused_lif_step` runs one step of the core
+:class:`~sbnn_addons.LIF` (charge, spike and reset) in one pass, and
+:func:`lif_sequence` runs a whole LIF sequence (the core ``LIF`` or a linked
+SpikingJelly node) as one autograd node around the spike kernel, keeping its spikes as
+bytes.
 
 The kernel serves float32 CPU tensors outside ``torch.func`` transforms and
 ``torch.compile``; everything else (CUDA, float16 / bfloat16 / float64, ``vmap``) takes

@@ -170,7 +170,8 @@ class _BayesMixin(SBNNModule):
         return True
 
     def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """The plain linear / convolution; a spike input is kept as bytes for the backward."""
+        """The plain linear / convolution; a spike input is kept as bytes for the backward,
+        unless its producer keeps it (then it is saved as it is, shared)."""
         if (x.numel() >= COMPACT_INPUT_MIN and is_binary(x) and not is_kept(x)
                 and torch.is_grad_enabled()
                 and self._compact_ok() and not torch._C._are_functorch_transforms_active()):
