@@ -6,7 +6,9 @@ Bernoulli(0.2) input):
 * snnTorch: ``nn.Linear`` + ``snn.Leaky(beta=0.9)`` with the atan surrogate, explicit time
   loop (the tutorial style), against ``sbnn_addons.snntorch.to_sbnn`` of the same model;
 * SpikingJelly: ``layer.Linear`` + ``neuron.LIFNode(tau=2)`` in multi-step mode with
-  ``surrogate.ATan()``, against ``sbnn_addons.spikingjelly.to_sbnn`` of the same model.
+  ``surrogate.ATan()`` (``--sj-node plif``: ``neuron.ParametricLIFNode(init_tau=2)``,
+  whose learned rate the fused sequence also differentiates), against
+  ``sbnn_addons.spikingjelly.to_sbnn`` of the same model.
 
 Per-layer std (the paper's scalar) with ST and AGR estimators. Reports median step time
 (forward, cross-entropy, backward, state reset) and the bytes of tensors saved for
@@ -15,6 +17,7 @@ backward, each as a ratio to the original model.
 Usage::
 
     python benchmarks/bench_adapters.py --reps 30 --repeat 3
+    python benchmarks/bench_adapters.py --reps 30 --repeat 3 --sj-node plif --hosts spikingjelly
 """
 
 from __future__ import annotations
@@ -59,19 +62,23 @@ def snntorch_models():
             "sbnn AGR": to_sbnn(base, estimator="agr")}, (lambda m: None)
 
 
-def spikingjelly_models():
+def spikingjelly_models(node: str = "lif"):
     from spikingjelly.activation_based import functional, layer, neuron, surrogate
 
     from sbnn_addons.spikingjelly import to_sbnn
+
+    def make_node():
+        if node == "plif":
+            return neuron.ParametricLIFNode(init_tau=2.0, surrogate_function=surrogate.ATan(),
+                                            step_mode="m")
+        return neuron.LIFNode(tau=2.0, surrogate_function=surrogate.ATan(), step_mode="m")
 
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.net = nn.Sequential(
-                layer.Linear(784, 256, step_mode="m"),
-                neuron.LIFNode(tau=2.0, surrogate_function=surrogate.ATan(), step_mode="m"),
-                layer.Linear(256, 10, step_mode="m"),
-                neuron.LIFNode(tau=2.0, surrogate_function=surrogate.ATan(), step_mode="m"),
+                layer.Linear(784, 256, step_mode="m"), make_node(),
+                layer.Linear(256, 10, step_mode="m"), make_node(),
             )
 
         def forward(self, x):
@@ -83,14 +90,17 @@ def spikingjelly_models():
             "sbnn AGR": to_sbnn(base, estimator="agr")}, functional.reset_net
 
 
-def run(reps: int, threads: int, seed: int = 0, repeat: int = 1) -> list[dict]:
+def run(reps: int, threads: int, seed: int = 0, repeat: int = 1, sj_node: str = "lif",
+        hosts: tuple[str, ...] = ("snntorch", "spikingjelly")) -> list[dict]:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     x = (torch.rand(T, B, 784) < 0.2).float()
     y = torch.randint(0, 10, (B,))
     rows = []
-    for host, factory in (("snntorch", snntorch_models), ("spikingjelly", spikingjelly_models)):
-        models, reset = factory()
+    factories = {"snntorch": snntorch_models,
+                 "spikingjelly": lambda: spikingjelly_models(sj_node)}
+    for host in hosts:
+        models, reset = factories[host]()
 
         def make_step(model, reset=reset):
             def step():
@@ -106,7 +116,8 @@ def run(reps: int, threads: int, seed: int = 0, repeat: int = 1) -> list[dict]:
             if k == "original":
                 continue
             ratio, low, high = ratios[k]
-            rows.append({"host": host, "config": f"{k}, per-layer std",
+            name = f"{host} ({sj_node})" if host == "spikingjelly" else host
+            rows.append({"host": name, "config": f"{k}, per-layer std",
                          "original_ms": 1e3 * times["original"], "sbnn_ms": 1e3 * times[k],
                          "time_ratio": ratio, "ratio_range": f"{low:.2f}-{high:.2f}",
                          "memory_ratio": mem[k] / mem["original"]})
@@ -120,9 +131,14 @@ def main(argv=None) -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of --reps repetitions; ratios are the median over rounds, "
                              "with their range")
+    parser.add_argument("--sj-node", choices=("lif", "plif"), default="lif",
+                        help="SpikingJelly neuron: LIFNode or ParametricLIFNode")
+    parser.add_argument("--hosts", nargs="+", choices=("snntorch", "spikingjelly"),
+                        default=["snntorch", "spikingjelly"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    rows = run(args.reps, args.threads, repeat=args.repeat)
+    rows = run(args.reps, args.threads, repeat=args.repeat, sj_node=args.sj_node,
+               hosts=tuple(args.hosts))
     print(f"torch {torch.__version__}, {platform.machine()}, {args.threads} threads, "
           f"{args.repeat} round(s) of {args.reps} interleaved repetitions (medians); "
           f"MLP 784-256-10, T={T}, batch {B}\n")
