@@ -585,9 +585,10 @@ def fused_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
     """
     out = apply_function(FusedSpike, u, variance, _seed(generator), estimator, at_zero,
                          aux_offset)
-    if aux_offset is None:  # kept: a layer fed by the spikes saves them as they are
-        return mark_binary(out, kept=True)
-    return mark_binary(out[0], kept=True), out[1]
+    spikes = out if aux_offset is None else out[0]
+    # kept (saved by the node just recorded): a layer fed by the spikes saves them as they are
+    mark_binary(spikes, kept=spikes.requires_grad)
+    return spikes if aux_offset is None else (spikes, out[1])
 
 
 _STEP_RESETS = {"subtract": 0, "zero": 1, "none": 2}
@@ -717,7 +718,8 @@ def _fused_lif_step(x: Tensor, membrane: Tensor | None, variance: Tensor, seed: 
     reset, at_zero, aux_offset)."""
     out = apply_function(LIFStep, x.contiguous(), None if membrane is None
                          else membrane.contiguous(), variance, seed, config)
-    mark_binary(out[0], kept=True)  # a layer fed by the spikes saves them as they are
+    # kept (saved by the node just recorded): a layer fed by the spikes saves them as they are
+    mark_binary(out[0], kept=out[0].requires_grad)
     return out
 
 

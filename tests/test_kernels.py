@@ -366,6 +366,19 @@ def test_spikes_are_kept_once_and_shared_with_the_layer_they_feed():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_spikes_of_an_unrecorded_pass_are_not_kept():
+    """Spikes drawn without an autograd node (the drive needs no gradient, or no_grad)
+    were not saved by the kernel: they are marked binary but not kept, so a layer keeps
+    its usual byte copy of them."""
+    u, var = torch.randn(4, 8), torch.full((4, 1), 0.3)
+    for spikes in (kernels.fused_spike(u, var, sb.ST()),
+                   kernels.fused_lif_step(u, None, var, sb.ST(), 0.9)[0]):
+        assert sb.functional.is_binary(spikes) and not sb.functional.is_kept(spikes)
+    with torch.no_grad():
+        spikes = kernels.fused_spike(u.requires_grad_(), var, sb.ST())
+    assert sb.functional.is_binary(spikes) and not sb.functional.is_kept(spikes)
+
+
 @pytest.mark.parametrize("centre", ["threshold", "zero"])
 def test_aux_sum_and_its_gradient_match_the_pytorch_path(centre):
     """The auxiliary z^2 sum computed in the kernel's pass equals the PyTorch formula, and
