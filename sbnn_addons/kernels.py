@@ -846,9 +846,11 @@ class LIFSequence(torch.autograd.Function):
         grad_q, g_own, g_rate, rate, v_prev = [], None, None, None, None
         if len(saved) > 4 * steps:  # PLIF: dH_t/dq needs V_{t-1} (recomputed) and X_t
             x_seq, v0, rate = saved[4 * steps:]
-            v_prev = [v0] + [_reset(dyn, us[t] + dyn.threshold, hbs[t].to(us[t].dtype))
+            v_prev = [v0] + [_reset_by_mask(dyn, us[t] + dyn.threshold, hbs[t].view(torch.bool))
                              for t in range(steps - 1)]
             beta = 1.0 - rate
+            beta2, state_coef = beta * beta, -2.0 * beta  # dS_t/dq = -2 (1 - q) S'_{t-1}
+            g_rate_x = g_rate_s = None  # sums over t of dL/dH_t dH_t/dq, dL/dS_t S'_{t-1}
         for t in range(steps - 1, -1, -1):
             fired = hbs[t].view(torch.bool)
             g_spike = torch.zeros_like(us[t]) if g_spikes is None else g_spikes[t]
@@ -875,22 +877,25 @@ class LIFSequence(torch.autograd.Function):
                 if rate is None:
                     g_state = g_s * (dyn.beta * dyn.beta)
                 else:  # S_t = Q_t + (1 - q)^2 S'_{t-1}
-                    g_state = g_s * (beta * beta)
-                    if prevs[t] is not None:
-                        term = (g_s * prevs[t]).sum() * (-2.0 * beta)
-                        g_rate = term if g_rate is None else g_rate + term
+                    g_state = g_s * beta2
+                    if prevs[t] is not None:  # compact states: a sum per step
+                        term = (g_s * prevs[t]).sum()
+                        g_rate_s = term if g_rate_s is None else g_rate_s + term
             if rate is not None:  # dH_t/dq
-                v_p = v_prev[t]
-                drive = (x_seq[t] - (v_p - dyn.v_reset) if dyn.charge == "plif"
-                         else -(v_p - dyn.v_reset))
-                term = (g_h * drive).sum()
-                g_rate = term if g_rate is None else g_rate + term
+                v_p = v_prev[t] if dyn.v_reset == 0.0 else v_prev[t] - dyn.v_reset
+                drive = x_seq[t] - v_p if dyn.charge == "plif" else -v_p
+                # the membrane's shape: accumulated elementwise, summed once at the end
+                g_rate_x = (g_h * drive if g_rate_x is None
+                            else g_rate_x.addcmul_(g_h, drive))
             grad_x[t], g_v = _charge_backward(dyn, g_h, rate)
         grad_q.reverse()
         g_v0 = _sum_to(g_v, v_shape)
         g_s0 = None if s_shape is None or g_state is None else _sum_to(g_state, s_shape)
-        if rate is not None and g_rate is not None:
-            g_rate = g_rate.reshape(rate.shape)
+        if rate is not None:
+            terms = [t.sum() for t in (g_rate_x,) if t is not None]
+            if g_rate_s is not None:
+                terms.append(g_rate_s.sum() * state_coef)
+            g_rate = sum(terms[1:], terms[0]).reshape(rate.shape) if terms else None
         return (grad_x, None if q_shape is None else torch.stack(grad_q), g_v0, g_s0, g_own,
                 g_rate, None)
 
@@ -921,7 +926,8 @@ def _charge_backward(dyn: Dynamics, g_h: Tensor,
     if dyn.charge == "if":
         return g_h, g_h
     if rate is not None:
-        return (g_h * rate if dyn.charge == "plif" else g_h), g_h - g_h * rate
+        scaled = g_h * rate
+        return (scaled if dyn.charge == "plif" else g_h), g_h - scaled
     decayed = g_h - g_h / dyn.tau
     return (g_h / dyn.tau if dyn.charge == "lif" else g_h), decayed
 
@@ -934,6 +940,18 @@ def _reset(dyn: Dynamics, h: Tensor, fired: Tensor) -> Tensor:
         return h - fired * dyn.threshold
     if dyn.reset == "zero":
         return h * (1.0 - fired)
+    return h
+
+
+def _reset_by_mask(dyn: Dynamics, h: Tensor, fired: Tensor) -> Tensor:
+    """:func:`_reset` with the spikes as a boolean mask: the same values (the resets pick
+    ``V_r``, ``h - theta`` or 0 where a unit fired, ``h`` elsewhere), one operation."""
+    if dyn.reset == "hard":
+        return h.masked_fill(fired, dyn.v_reset)
+    if dyn.reset == "subtract":
+        return torch.where(fired, h - dyn.threshold, h)
+    if dyn.reset == "zero":
+        return h.masked_fill(fired, 0.0)
     return h
 
 
