@@ -18,11 +18,11 @@ atan surrogate; and the spike function alone against atan. Results are ratios
 
 Each round (``--repeat``) runs in a fresh process, and ratios are the median over
 rounds: a process's heap history moves both arms' times (glibc maps and trims memory
-adaptively, and a fresh page costs about a microsecond on a VM), so one process is one
-sample. The minor page faults per training step are reported next to each ratio.
-``--no-trim`` keeps freed memory in the process for both arms (glibc ``mallopt``: no
-trimming of the heap, no ``mmap`` below 32 MiB), which removes most page faults and
-with them most of the run-to-run spread.
+adaptively, and memory taken back from the system is zero-filled page by page on first
+touch), so one process is one sample. The minor page faults per training step are
+reported next to each ratio. ``--no-trim`` keeps freed memory in the process for both
+arms (glibc ``mallopt``: no trimming of the heap, no ``mmap`` below 32 MiB), which
+removes most page faults and with them most of the run-to-run spread.
 
 Usage::
 

@@ -667,10 +667,10 @@ class LIFStep(torch.autograd.Function):
         return g_x, g_mprev, g_var, None, None
 
 
-def fused_lif_step(x: Tensor, membrane: Tensor | None, variance: Tensor, estimator, beta: float,
-             threshold: float = 1.0, reset: str = "subtract", at_zero: bool = False,
-             generator: torch.Generator | None = None,
-             aux_offset: float | None = None) -> tuple[Tensor, ...]:
+def fused_lif_step(x: Tensor, membrane: Tensor | None, variance: Tensor, estimator,
+                   beta: float, threshold: float = 1.0, reset: str = "subtract",
+                   at_zero: bool = False, generator: torch.Generator | None = None,
+                   aux_offset: float | None = None) -> tuple[Tensor, ...]:
     """One fused step of the core LIF neuron (:class:`LIFStep`).
 
     Args:

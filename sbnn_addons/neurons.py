@@ -174,7 +174,7 @@ class LIF(nn.Module):
         membrane of :func:`~sbnn_addons.functional.lif_fire` with the spike kernel, in one
         kernel pass and one autograd node. ``None`` where the kernel does not serve it."""
         spike = self.spike_fn
-        if (type(spike).fire is not IWSTSpike.fire or spike.sbnn_mode == "mean"
+        if (type(spike).fire is not IWSTSpike.fire or spike.deterministic
                 or not kernels.can_fuse(current, variance)
                 or (membrane is not None and (membrane.shape != current.shape
                                               or membrane.dtype != torch.float32))

@@ -239,9 +239,6 @@ static double spike_chunk(const float *restrict uc, const float *restrict vc, fl
     return aux;
 }
 
-/* Spikes for the n elements. `h` receives them as float and, when `hb` is not NULL, as
- * bytes (the compact copy kept for the backward). Returns the sum of z^2 over the noisy
- * units when `want_aux`, else 0. */
 static double forward_chunks(const float *restrict x, const float *restrict m,
                              const float *restrict var, int64_t mid, int64_t inner, int step,
                              float beta, float theta, int reset, float *restrict u,
@@ -249,6 +246,8 @@ static double forward_chunks(const float *restrict x, const float *restrict m,
                              int64_t total, uint64_t seed, int at_zero, int want_aux,
                              float offset, int threads);
 
+/* Spikes for the n elements. `h` receives them as float and, when `hb` is not NULL, as
+ * bytes. Returns the sum of z^2 over the noisy units when `want_aux`, else 0. */
 double sbnn_spike_forward(const float *restrict u, const float *restrict var, int64_t mid,
                           int64_t inner, float *restrict h, uint8_t *restrict hb, int64_t total,
                           uint64_t seed, int at_zero, int want_aux, float offset,
@@ -433,9 +432,8 @@ typedef struct {
     float p, tau, max_weight, g_aux, offset, beta, theta;
 } bwd_args;
 
-/* grad_u (into a->gu[c0 ...]) and the per-element grad_var (into gv[0 .. n)) of the n
- * elements from c0; `h` holds the spikes as bytes. Shared by every backward entry point. */
-/* grad_one over n elements, one loop per estimator kind and aux flag (constants, so
+/* grad_one over n elements (grad_u into gu, the per-element grad_var into gv; h: the
+ * spikes as bytes), one loop per estimator kind and aux flag (constants, so
  * that each loop is vectorised); noinline with restrict pointers, so that the compiler
  * knows the outputs do not alias the inputs. */
 #define BACKWARD_LOOP(KIND, AUX)                                                             \
