@@ -22,6 +22,7 @@ from .losses import aux_loss, enable_aux_loss, kl_divergence, sbnn_objective
 from .modes import get_mode, mc_predict, mode, set_mode
 from .moments import attach_variance, get_variance, track_variance, variance_flow
 from .neurons import LIF, LIFState
+from .optim import noise_parameters, param_groups
 from .spike import IWSTSpike, seed_spikes
 
 __version__ = "0.1.0"
@@ -33,5 +34,6 @@ __all__ = [
     "aux_loss", "enable_aux_loss", "kl_divergence", "sbnn_objective",
     "set_mode", "get_mode", "mode", "mc_predict",
     "attach_variance", "get_variance", "track_variance", "variance_flow",
-    "LIF", "LIFState", "IWSTSpike", "seed_spikes", "kernels",
+    "LIF", "LIFState", "IWSTSpike", "seed_spikes", "kernels", "param_groups",
+    "noise_parameters",
 ]

@@ -1,0 +1,72 @@
+"""Optimiser helpers: the two learning rates of an SBNN (weights vs noise scales).
+
+A Bayesian model has two kinds of parameters: the posterior means (ordinary weights,
+biases, affine scales and shifts) and the noise scales (``*std_rho``, the softplus
+parameters of ``s_l``, ``s_rec``, ``s_n``, ``s_b``). The noise scales move on another
+scale and are trained with a larger learning rate (10x in the released configuration).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import nn
+
+__all__ = ["NOISE_SUFFIX", "is_noise_parameter", "noise_parameters", "param_groups"]
+
+#: Name suffix of every noise-scale parameter in the library (``softplus(rho) = std``).
+NOISE_SUFFIX = "std_rho"
+
+
+def is_noise_parameter(name: str) -> bool:
+    """Whether the parameter called ``name`` (as in ``named_parameters``) is a noise scale."""
+    return name.rsplit(".", 1)[-1] == NOISE_SUFFIX
+
+
+def noise_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """The trainable noise scales of ``model`` (parameters named ``*std_rho``)."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and is_noise_parameter(name):
+            yield p
+
+
+def param_groups(model: nn.Module, lr: float, noise_lr: float | None = None) -> list[dict]:
+    """Optimiser parameter groups: weights at ``lr``, noise scales at ``noise_lr``.
+
+    .. code-block:: text
+
+        group "weights": every trainable parameter but the noise scales, lr = lr
+        group "noise":   parameters named *std_rho (s = softplus(rho)), lr = noise_lr
+
+    Works on any model: a plain snnTorch / SpikingJelly model has no noise group.
+
+    Args:
+        model: the network.
+        lr: learning rate of the weights, biases and affine parameters (> 0).
+        noise_lr: learning rate of the noise scales (default ``10 * lr``, the released
+            configuration's ratio).
+
+    Returns:
+        A list for ``torch.optim.Adam(param_groups(model, lr=5e-3))``; each group has a
+        ``"name"`` (``"weights"`` or ``"noise"``); empty groups are left out.
+
+    Raises:
+        ValueError: a learning rate that is not a finite positive number.
+    """
+    noise_lr = 10.0 * lr if noise_lr is None else noise_lr
+    for name, value in (("lr", lr), ("noise_lr", noise_lr)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                0 < value < float("inf")):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    weights, noise = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (noise if is_noise_parameter(name) else weights).append(p)
+    groups = []
+    if weights:
+        groups.append({"params": weights, "lr": float(lr), "name": "weights"})
+    if noise:
+        groups.append({"params": noise, "lr": float(noise_lr), "name": "noise"})
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    return groups
