@@ -7,6 +7,7 @@ evaluation modes. Host-library adapters live in :mod:`sbnn_addons.snntorch` and
 """
 
 from . import kernels
+from .base import check_finite
 from .estimators import AGR, IWST, ST, BernoulliSpike, Estimator, get_estimator, sample_spikes
 from .layers import (
     BayesConv1d,
@@ -35,5 +36,5 @@ __all__ = [
     "set_mode", "get_mode", "mode", "mc_predict",
     "attach_variance", "get_variance", "track_variance", "variance_flow",
     "LIF", "LIFState", "IWSTSpike", "seed_spikes", "kernels", "param_groups",
-    "noise_parameters",
+    "noise_parameters", "check_finite",
 ]

@@ -9,7 +9,10 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["SBNNModule", "MODES", "inverse_softplus", "check_std", "share_posterior"]
+__all__ = [
+    "SBNNModule", "MODES", "inverse_softplus", "check_std", "share_posterior", "check_finite",
+    "check_input",
+]
 
 #: Evaluation modes of SPEC section 7 (``mc`` draws like ``sample`` in each pass).
 MODES = ("sample", "mean", "mc")
@@ -103,3 +106,147 @@ def share_posterior() -> Iterator[None]:
         yield
     finally:
         _SHARED[0] = previous
+
+
+_CHECK_FINITE = [True]
+_FINITE_MARK = "_sbnn_finite"  # on a checked tensor: its _version when it was found finite
+
+
+class check_finite:  # noqa: N801 (used as a function and as a context manager)
+    """Switch the check for NaN / inf inputs on or off (on by default).
+
+    Converted models (:func:`sbnn_addons.snntorch.to_sbnn`,
+    :func:`sbnn_addons.spikingjelly.to_sbnn`) and the Bayesian layers check their input:
+    a NaN or inf would otherwise train silently into NaN gradients while the spikes stay
+    finite. The check is one reduction over each non-spike input (spikes are skipped).
+    Turn it off for speed once the data pipeline is known to be clean.
+
+    Use it as a function (global switch) or as a context manager (restored on exit)::
+
+        sbnn_addons.check_finite(False)        # off from now on
+        with sbnn_addons.check_finite(False):  # off inside the block only
+            ...
+
+    Args:
+        enabled: ``True`` to check (the default), ``False`` to skip the check.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be True or False, got {enabled!r}")
+        self._previous = _CHECK_FINITE[0]
+        _CHECK_FINITE[0] = enabled
+
+    def __enter__(self) -> check_finite:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _CHECK_FINITE[0] = self._previous
+
+    @staticmethod
+    def enabled() -> bool:
+        """Whether inputs are checked now."""
+        return _CHECK_FINITE[0]
+
+
+def check_input(x: Tensor, where: str) -> None:
+    """Raise ``ValueError`` if ``x`` holds a NaN or inf (unless :class:`check_finite` is off).
+
+    0/1 spike tensors (marked by the spike functions) and tensors already checked at the
+    same version are skipped. The test is one sum (a NaN or inf makes it non-finite), then
+    an exact count only when that sum is not finite.
+
+    Args:
+        x: the input tensor.
+        where: who received it, for the message (e.g. ``"BayesLinear"``).
+    """
+    if not _CHECK_FINITE[0] or not isinstance(x, Tensor) or not x.is_floating_point():
+        return
+    state = x.__dict__
+    version = None if x.is_inference() else x._version  # inference tensors have none
+    if version is not None and version in (state.get(_FINITE_MARK), state.get("_sbnn_binary")):
+        return
+    with torch._C.DisableTorchFunction():  # no variance flow: a plain reduction
+        if x.numel() and not bool(torch.isfinite(x.detach().sum())):
+            bad = x.detach()
+            nan, inf = int(torch.isnan(bad).sum()), int(torch.isinf(bad).sum())
+        else:
+            nan = inf = 0
+    if nan or inf:
+        raise ValueError(
+            f"the input of {where} contains {nan} NaN and {inf} inf values (shape "
+            f"{tuple(x.shape)}); they would train into NaN gradients while the spikes stay "
+            "finite. Clean or normalise the data; to skip this check for speed use "
+            "sbnn_addons.check_finite(False)"
+        )
+    if version is not None:
+        state[_FINITE_MARK] = version
+
+
+def _factory_spec(fn) -> tuple | None:
+    """``(module, factory, kwargs)`` when ``fn`` is a closure returned by a module-level
+    factory whose free variables are the factory's arguments (e.g. snnTorch's
+    ``surrogate.fast_sigmoid(slope=25)``), else ``None``."""
+    import importlib
+    import inspect
+
+    qualname = getattr(fn, "__qualname__", "")
+    code = getattr(fn, "__code__", None)
+    parts = qualname.split(".")
+    if code is None or len(parts) != 3 or parts[1] != "<locals>":
+        return None
+    try:
+        factory = getattr(importlib.import_module(fn.__module__), parts[0])
+        params = inspect.signature(factory).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+    cells = fn.__closure__ or ()
+    kwargs = {name: cell.cell_contents for name, cell in zip(code.co_freevars, cells)}
+    if not set(kwargs) <= set(params) or not all(
+            isinstance(v, (bool, int, float, str, type(None))) for v in kwargs.values()):
+        return None
+    return fn.__module__, parts[0], kwargs
+
+
+class HostObject:
+    """Holds an object of the host library (e.g. a model's original surrogate) across
+    copies: ``deepcopy`` keeps it (a function stays the same function), and pickling
+    keeps it where it pickles, else (a closure such as snnTorch's ``surrogate.atan()``)
+    the recipe to rebuild it from its factory (:meth:`get` rebuilds it).
+
+    Args:
+        obj: the object.
+    """
+
+    def __init__(self, obj, spec: tuple | None = None) -> None:
+        self.obj = obj
+        self.spec = spec if spec is not None or obj is None else _factory_spec(obj)
+
+    def get(self):
+        """The object, or one rebuilt from its factory after unpickling (``None`` if
+        neither is available)."""
+        if self.obj is None and self.spec is not None:
+            import importlib
+
+            module, name, kwargs = self.spec
+            self.obj = getattr(importlib.import_module(module), name)(**kwargs)
+        return self.obj
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        return HostObject(copy.deepcopy(self.obj, memo), self.spec)
+
+    def __reduce__(self):
+        import pickle
+
+        try:
+            pickle.dumps(self.obj)
+        except Exception:  # e.g. a closure: keep the recipe only
+            if self.spec is None:
+                return HostObject, (None, None)
+            return HostObject, (None, self.spec)
+        return HostObject, (self.obj, self.spec)
+
+    def __repr__(self) -> str:
+        return f"HostObject({self.obj!r})"

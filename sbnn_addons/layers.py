@@ -23,7 +23,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
-from .base import _SHARED, SBNNModule, check_std, inverse_softplus, share_posterior, softplus
+from .base import (
+    _SHARED,
+    SBNNModule,
+    check_input,
+    check_std,
+    inverse_softplus,
+    share_posterior,
+    softplus,
+)
 from .functional import (
     apply_function,
     box_sum,
@@ -264,6 +272,7 @@ def _kl(mean: Tensor, std: Tensor, prior, num_samples: int) -> Tensor:
 
 def _check_features(x: Tensor, expected: int, dim: int, layer: str) -> None:
     check_float("input", x)
+    check_input(x, layer)
     if x.dim() == 0 or x.shape[dim] != expected:
         raise ValueError(
             f"{layer} expects {expected} input features in dimension {dim}, got input of "
@@ -457,6 +466,7 @@ class _BayesConv(_BayesMixin):
     def _forward(self, x: Tensor) -> Tensor:
         n = self.weight.dim() - 2
         check_float("input", x)
+        check_input(x, type(self).__name__)
         if x.dim() not in (n + 1, n + 2) or x.shape[-n - 1] != self.in_channels:
             raise ValueError(
                 f"{type(self).__name__} expects input [N, {self.in_channels}, ...] with "

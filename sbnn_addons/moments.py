@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .base import share_posterior
+from .base import check_input, share_posterior
 from .functional import box_sum
 
 __all__ = [
@@ -66,6 +66,7 @@ __all__ = [
     "track_variance",
     "untrack_variance",
     "register_variance_rule",
+    "check_model_input",
 ]
 
 _ATTR = "_sbnn_var"
@@ -466,6 +467,44 @@ def _name(func) -> str:
         return name
 
 
+#: Operations that split one tensor into several views (``torch.chunk``, ``split``,
+#: ``unbind``, ...): the variance is split the same way, each output gets its part.
+_SPLITS = frozenset(
+    {"split", "chunk", "unbind", "tensor_split", "split_with_sizes", "unsafe_split",
+     "unsafe_chunk", "unsafe_split_with_sizes", "hsplit", "vsplit", "dsplit"}
+)
+
+
+def _attach_each(name, func, args, kwargs, out, noise, scale) -> None:
+    """The variance of each tensor in a multi-tensor result ``out`` (a split gives each
+    part its part of the variance; any other operation, e.g. ``nn.GRU`` / ``nn.LSTM``,
+    marks every tensor output unknown, so that a neuron fed by it raises)."""
+    tensors = [t for t in out if isinstance(t, Tensor)]
+    if not tensors:
+        return
+    if noise is not True:  # an input's variance is already unknown
+        for t in tensors:
+            attach_variance(t, noise)
+        return
+    if name not in _SPLITS or not isinstance(args[0], Tensor) or len(tensors) != len(out):
+        for t in tensors:
+            attach_variance(t, UnknownVariance(name))
+        return
+    x = args[0]
+    if scale is not None:  # split the base of a factored variance
+        base = x.__dict__[_ATTR].base.expand_as(x)
+        for t, part in zip(out, func(base, *args[1:], **kwargs)):
+            attach_variance(t, ScaledVariance(part, scale))
+        return
+    var = _var_of(x)
+    if var is None:  # the noise is in another argument (e.g. a split size): unknown
+        for t in tensors:
+            attach_variance(t, UnknownVariance(name))
+        return
+    for t, part in zip(out, func(var.expand_as(x), *args[1:], **kwargs)):
+        attach_variance(t, part)
+
+
 class VarianceFlow(TorchFunctionMode):
     """``TorchFunctionMode`` that carries attached variances through torch operations.
 
@@ -484,6 +523,8 @@ class VarianceFlow(TorchFunctionMode):
         if not isinstance(out, Tensor):
             if name in ("__setitem__", "index_put_") and isinstance(args[0], Tensor):
                 attach_variance(args[0], UnknownVariance(name))
+            elif isinstance(out, (tuple, list)):
+                _attach_each(name, func, args, kwargs, out, noise, scale)
             return out
         if noise is not True:  # an input's variance is already unknown
             return attach_variance(out, noise)
@@ -512,10 +553,13 @@ class _FlowHooks:
     """Hooks that keep one :class:`VarianceFlow` active during each call of the root module,
     paused inside *opaque* modules (which track their own moments explicitly)."""
 
-    def __init__(self) -> None:
+    def __init__(self, check_inputs: bool = False) -> None:
         self.stack: list[tuple[VarianceFlow, list[bool], contextlib.AbstractContextManager]] = []
+        self.check_inputs = check_inputs
 
     def enter(self, module, args):
+        if self.check_inputs and not self.stack:
+            check_model_input(module, args)
         # one forward of the root module is one share_posterior block: a time loop in the
         # model's forward computes each layer's s^2 once
         share = share_posterior()
@@ -543,7 +587,28 @@ class _FlowHooks:
             paused[0] = False
 
 
-def track_variance(model: nn.Module, opaque=()) -> nn.Module:
+def check_model_input(model: nn.Module, args: tuple) -> None:
+    """Check the first tensor argument of a converted model's call: no zero-size
+    dimension (``T = 0`` or a batch of 0) and, unless :class:`~sbnn_addons.check_finite`
+    is off, no NaN / inf.
+
+    Raises:
+        ValueError: naming the problem.
+    """
+    x = next((a for a in args if isinstance(a, Tensor)), None)
+    if x is None:
+        return
+    where = f"the converted model ({type(model).__name__})"
+    if x.dim() and 0 in x.shape:
+        raise ValueError(
+            f"the input of {where} has shape {tuple(x.shape)}, with a zero-size dimension "
+            "(a sequence of T = 0 steps or a batch of 0 examples); there is nothing to run: "
+            "skip empty inputs before calling the model"
+        )
+    check_input(x, where)
+
+
+def track_variance(model: nn.Module, opaque=(), *, check_inputs: bool = False) -> nn.Module:
     """Make every call of ``model`` run inside a :class:`VarianceFlow`.
 
     Args:
@@ -552,12 +617,15 @@ def track_variance(model: nn.Module, opaque=()) -> nn.Module:
             their forward pre-hook to their forward hook). The adapters pass the converted
             neurons, which track their own variance explicitly; this keeps the per-op cost
             of the flow out of the neurons' inner updates.
+        check_inputs: check the input of each (outermost) call with
+            :func:`check_model_input` (empty shapes, and NaN / inf unless
+            :class:`~sbnn_addons.check_finite` is off); the adapters turn it on.
 
     Idempotent; the adapters call it on the converted model. Returns ``model``.
     """
     if getattr(model, "_sbnn_flow_handles", None):
         return model
-    hooks = _FlowHooks()
+    hooks = _FlowHooks(check_inputs)
     handles = [
         model.register_forward_pre_hook(hooks.enter),
         model.register_forward_hook(hooks.leave, always_call=True),

@@ -38,11 +38,12 @@ import snntorch as snn
 import torch
 from torch import Tensor, nn
 
-from .base import cached_tensor_test
+from .base import HostObject, cached_tensor_test
 from .estimators import Estimator
 from .layers import BayesConv1d, BayesConv2d, BayesLinear, ChannelAffine, is_bayesian
 from .losses import enable_aux_loss
 from .moments import (
+    ScaledVariance,
     VarianceFlow,
     attach_variance,
     get_variance,
@@ -66,6 +67,8 @@ __all__ = [
 SUPPORTED_NEURONS = ("Leaky", "RLeaky")
 
 _CACHE = "_sbnn_fire_cache"
+_HAD_GRAPH = "_sbnn_had_graph"  # on a membrane: whether it had a graph when it was made
+_HOST_SPIKE = "_sbnn_host_spike_grad"  # HostObject: the neuron's original spike_grad
 _BN_KIND = "_sbnn_batchnorm_kind"
 
 
@@ -108,8 +111,17 @@ class _EmittedSpikeReset:
     """
 
     def _sbnn_state_update(self, input_: Tensor) -> Tensor:
+        _align_variance(self)
         with VarianceFlow():
-            return self._sbnn_host_state(input_)
+            mem = self._sbnn_host_state(input_)
+        mem.__dict__[_HAD_GRAPH] = mem.grad_fn is not None
+        return mem
+
+    def __setstate__(self, state) -> None:
+        # deepcopy / pickle / torch.load build the copy without __init__, so snnTorch's
+        # class-level registry (read by snntorch.utils.reset) would not know it
+        super().__setstate__(state)
+        _register(self)
 
     def fire(self, mem: Tensor) -> Tensor:
         u = attach_variance(mem - self.threshold, get_variance(mem))
@@ -149,6 +161,41 @@ class _EmittedSpikeReset:
     def reset_mem(self):
         self.__dict__.pop(_CACHE, None)
         return super().reset_mem()
+
+
+def _instance_lists() -> list[list]:
+    """The lists snnTorch's class-level ``reset_hidden`` / ``detach_hidden`` iterate over
+    (``SpikingNeuron.instances``; a subclass's own list where ``clear_instances`` made one)."""
+    from snntorch._neurons.neurons import SpikingNeuron
+
+    lists: dict[int, list] = {}
+    for cls in (SpikingNeuron, snn.Leaky, snn.RLeaky):
+        lst = getattr(cls, "instances", None)
+        if isinstance(lst, list):
+            lists.setdefault(id(lst), lst)
+    return list(lists.values())
+
+
+def _register(m: nn.Module) -> None:
+    """Register a neuron made without ``__init__`` (a copy) in snnTorch's instance lists,
+    so that ``snntorch.utils.reset`` / ``detach_hidden`` reach it."""
+    for lst in _instance_lists():
+        if not any(x is m for x in lst):
+            lst.append(m)
+
+
+def _align_variance(m: nn.Module) -> None:
+    """Keep the membrane's attached variance consistent with the membrane: where a host
+    utility detached the membrane in place (``snntorch.utils.reset`` / ``detach_hidden``,
+    truncated BPTT), detach its variance too."""
+    mem = m.__dict__["_buffers"].get("mem")
+    if isinstance(mem, Tensor) and mem.grad_fn is None and mem.__dict__.get(_HAD_GRAPH):
+        var = mem.__dict__.get("_sbnn_var")
+        base = getattr(var, "base", None)
+        if isinstance(var, Tensor) and var.grad_fn is not None:
+            attach_variance(mem, var.detach())
+        elif base is not None and (base.grad_fn is not None or var.scale.grad_fn is not None):
+            attach_variance(mem, ScaledVariance(base.detach(), var.scale.detach()))
 
 
 def _link_state_update(m: nn.Module) -> None:
@@ -358,10 +405,12 @@ def to_sbnn(
         TypeError: an unsupported neuron (``snn.Synaptic``: its correlated two-state
             noise; anything other than ``Leaky`` / ``RLeaky``).
     """
-    if batchnorm not in ("affine", "keep"):
-        raise ValueError(f"batchnorm must be 'affine' or 'keep', got {batchnorm!r}")
+    # every argument is validated before anything changes: a failed inplace=True
+    # conversion leaves the model as it was
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if batchnorm not in ("affine", "keep"):
+        raise ValueError(f"batchnorm must be 'affine' or 'keep', got {batchnorm!r}")
     inc, exc = _patterns("include", include), _patterns("exclude", exclude)
     if _already_converted(model):
         raise ValueError(
@@ -376,9 +425,11 @@ def to_sbnn(
             "nothing to convert: model contains no snnTorch neuron "
             f"({', '.join('snn.' + n for n in SUPPORTED_NEURONS)})"
         )
+    layer_kw = dict(std=std, std_mode=std_mode, learn_std=learn_std, bias_std=bias_std)
+    spike_learn = bool(learn_std and spike_std)
+    _validate_arguments(model, estimator, layer_kw, spike_std, spike_learn, inc, exc)
 
     out = model if inplace else _safe_deepcopy(model)
-    layer_kw = dict(std=std, std_mode=std_mode, learn_std=learn_std, bias_std=bias_std)
 
     # qualified names of every module (shared modules have several)
     names: dict[int, list[str]] = {}
@@ -387,18 +438,9 @@ def to_sbnn(
 
     def selected(m: nn.Module) -> bool:
         qn = names.get(id(m), [])
-        if inc is not None and not any(fnmatch.fnmatchcase(n, p) for n in qn for p in inc):
+        if inc is not None and not any(_match(n, inc) for n in qn):
             return False
-        return not (exc and any(fnmatch.fnmatchcase(n, p) for n in qn for p in exc))
-
-    if inc is not None:
-        layer_names = [n for m in out.modules() if type(m) in _LAYERS for n in names[id(m)]]
-        for p in inc:
-            if not any(fnmatch.fnmatchcase(n, p) for n in layer_names):
-                raise ValueError(
-                    f"include pattern {p!r} matches no Linear/Conv1d/Conv2d layer; "
-                    f"layers are: {layer_names}"
-                )
+        return not (exc and any(_match(n, exc) for n in qn))
 
     def convert(_name: str, child: nn.Module) -> nn.Module | None:
         new = None
@@ -415,20 +457,52 @@ def to_sbnn(
 
     for m in out.modules():
         if type(m) in _TO_SBNN:
+            host_fn = m.spike_grad  # kept for to_snntorch (an instance attribute or a module)
             m.__class__ = _TO_SBNN[type(m)]
-            learn = bool(learn_std and spike_std)
-            fn = IWSTSpike(estimator, std=spike_std, learn_std=learn, threshold=_thr(m))
+            fn = IWSTSpike(estimator, std=spike_std, learn_std=spike_learn, threshold=_thr(m))
             thr = m.threshold
             if isinstance(thr, Tensor):
                 fn = fn.to(thr.device)
             m.__dict__.pop("spike_grad", None)
             m.spike_grad = fn
+            m.__dict__[_HOST_SPIKE] = HostObject(host_fn)
             _link_state_update(m)
+            _register(m)  # a copy is not in snnTorch's instance lists (utils.reset)
     reset(out)
-    track_variance(out, opaque=[m for m in out.modules() if type(m) in _TO_PLAIN])
+    track_variance(out, opaque=[m for m in out.modules() if type(m) in _TO_PLAIN],
+                   check_inputs=True)
     if aux_loss:
         enable_aux_loss(out)
     return out
+
+
+def _match(name: str, patterns: Sequence[str]) -> bool:
+    """Whether the module ``name`` or one of the modules containing it matches a pattern
+    (``exclude="encoder"`` covers ``encoder.0``)."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)] if name else [""]
+    return any(fnmatch.fnmatchcase(q, p) for q in prefixes for p in patterns)
+
+
+def _validate_arguments(model, estimator, layer_kw, spike_std, spike_learn, inc, exc) -> None:
+    """Raise for any bad argument of :func:`to_sbnn` before the model is touched."""
+    IWSTSpike(estimator, std=spike_std, learn_std=spike_learn)  # the spike's own noise
+    BayesLinear(1, 1, **layer_kw)  # std, std_mode, learn_std, bias_std
+    names = [n for n, _ in model.named_modules(remove_duplicate=False)]
+    layer_names = [n for n, m in model.named_modules(remove_duplicate=False)
+                   if type(m) in _LAYERS]
+    for p in inc or ():
+        if not any(_match(n, (p,)) for n in layer_names):
+            raise ValueError(
+                f"include pattern {p!r} matches no Linear/Conv1d/Conv2d layer (nor a module "
+                f"containing one); layers are: {layer_names}"
+            )
+    for p in exc or ():
+        if not any(_match(n, (p,)) for n in names if n):
+            raise ValueError(
+                f"exclude pattern {p!r} matches no module of the model; modules are: "
+                f"{[n for n in names if n]}"
+            )
 
 
 # --------------------------------------------------------------------------- to_snntorch
@@ -457,20 +531,27 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
     becomes an eval-mode ``BatchNorm1d/2d`` with ``running_mean = 0``,
     ``running_var = 1 - eps``, weight ``gamma`` and bias ``beta`` (equivalent in eval mode
     only: keep the exported model in ``.eval()``), neurons become ``snn.Leaky`` /
-    ``snn.RLeaky`` with ``spike_grad``, and the variance-flow hooks are removed. The result
-    references no ``sbnn_addons`` code, so it loads without this package. In eval mode its
-    spikes equal the SBNN's ``mean`` mode.
+    ``snn.RLeaky``, and the variance-flow hooks are removed. The result references no
+    ``sbnn_addons`` code, so it loads without this package. In eval mode its spikes equal
+    the SBNN's ``mean`` mode. Its neurons are registered with snnTorch, so
+    ``snntorch.utils.reset`` resets them.
 
-    The default ``spike_grad`` is snnTorch's arctangent surrogate with ``alpha = 2`` (the
-    gradient of ``snntorch.surrogate.atan()``), given as
-    ``functools.partial(surrogate.ATan.apply, alpha=2.0)``: ``atan()`` itself returns a
-    closure, which ``torch.save(model)`` cannot pickle, while the partial pickles.
+    Args:
+        model: a model returned by :func:`to_sbnn` (not modified).
+        spike_grad: the exported neurons' spike function. ``None`` (default): each
+            neuron gets back the surrogate it had before :func:`to_sbnn` (the same
+            function, e.g. ``surrogate.fast_sigmoid(slope=25)``; after a pickle round
+            trip a closure is rebuilt from its factory with the same arguments). Where
+            none is known, snnTorch's arctangent surrogate with ``alpha = 2`` as
+            ``functools.partial(surrogate.ATan.apply, alpha=2.0)`` (it pickles, unlike
+            the closure ``surrogate.atan()``).
     """
     from snntorch import surrogate
 
     out = _safe_deepcopy(model)
     untrack_variance(out)
     out.__dict__.pop("_sbnn_flow_handles", None)
+
     def export(_name: str, child: nn.Module) -> nn.Module | None:
         if is_bayesian(child):
             return child.to_module().train(child.training)
@@ -483,11 +564,18 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
         if type(m) in _TO_PLAIN:
             m.__class__ = _TO_PLAIN[type(m)]
             _unlink_state_update(m)
+            host = m.__dict__.pop(_HOST_SPIKE, None)
             for key in (_CACHE, "_sbnn_unit"):
                 m.__dict__.pop(key, None)
             m._modules.pop("spike_grad", None)
-            m.spike_grad = (functools.partial(surrogate.ATan.apply, alpha=2.0)
-                            if spike_grad is None else spike_grad)
+            fn = spike_grad
+            if fn is None:
+                fn = host.get() if isinstance(host, HostObject) else None
+                fn = copy.deepcopy(fn) if isinstance(fn, nn.Module) else fn
+            if fn is None:
+                fn = functools.partial(surrogate.ATan.apply, alpha=2.0)
+            m.spike_grad = fn
+            _register(m)
         elif isinstance(m, IWSTSpike):
             raise ValueError(
                 "model contains an IWSTSpike outside a converted neuron; replace it before "

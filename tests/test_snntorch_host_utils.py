@@ -1,0 +1,214 @@
+"""snnTorch's own utilities on converted and exported models (issue 15): utils.reset on
+copies, truncated BPTT with detach_hidden, the original surrogate back on export, and
+validation before an inplace conversion changes anything. Real snnTorch models only."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import snntorch as snn
+import snntorch.utils as sutils
+import torch
+from _snntorch_nets import LoopLeaky, make
+from snntorch import surrogate
+from torch import nn
+
+import sbnn_addons
+from sbnn_addons.moments import raw_variance
+from sbnn_addons.snntorch import to_sbnn, to_snntorch
+
+
+def _tutorial_seq(spike_grad=None):
+    """snnTorch tutorial 6/7 style: nn.Sequential with init_hidden neurons."""
+    kw = {} if spike_grad is None else {"spike_grad": spike_grad}
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(16, 24), snn.Leaky(beta=0.9, init_hidden=True, **kw),
+        nn.Linear(24, 4), snn.Leaky(beta=0.9, init_hidden=True, output=True, **kw),
+    )
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(3.0)
+    return net
+
+
+def forward_pass(net, data):
+    """snnTorch tutorial 6's own loop: utils.reset, then one call per step."""
+    spk_rec, mem_rec = [], []
+    sutils.reset(net)
+    for step in range(data.size(0)):
+        spk_out, mem_out = net(data[step])
+        spk_rec.append(spk_out)
+        mem_rec.append(mem_out)
+    return torch.stack(spk_rec), torch.stack(mem_rec)
+
+
+def _data(steps=6, batch=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(steps, batch, 16, generator=g) < 0.5).float()
+
+
+def _mems(net):
+    return [m.mem for m in net.modules() if isinstance(m, snn.Leaky | snn.RLeaky)]
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_utils_reset_resets_converted_model_and_its_variance(inplace):
+    model = to_sbnn(_tutorial_seq(), inplace=inplace)
+    x = _data()
+    for t in range(x.shape[0]):
+        model(x[t])
+    assert any(m.abs().max() > 0 for m in _mems(model))
+    assert any(raw_variance(m) is not None for m in _mems(model))
+    sutils.reset(model)
+    for mem in _mems(model):
+        assert mem.abs().max() == 0
+        assert raw_variance(mem) is None  # the noise variance goes with the membrane
+    # the host's own loop gives the same result twice (no state leaks between batches)
+    sbnn_addons.seed_spikes(model, 3)
+    first = forward_pass(model, x)
+    sbnn_addons.seed_spikes(model, 3)
+    second = forward_pass(model, x)
+    assert torch.equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_utils_reset_reaches_copies_of_converted_model(how):
+    model = to_sbnn(_tutorial_seq())
+    if how == "deepcopy":
+        dup = copy.deepcopy(model)
+    elif how == "pickle":
+        dup = pickle.loads(pickle.dumps(model))
+    else:
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        dup = torch.load(buf, weights_only=False)
+    x = _data()
+    for t in range(x.shape[0]):
+        dup(x[t])
+    sutils.reset(dup)
+    assert all(m.abs().max() == 0 and raw_variance(m) is None for m in _mems(dup))
+
+
+def test_utils_reset_resets_exported_model():
+    model = to_sbnn(_tutorial_seq())
+    plain = to_snntorch(model)
+    x = _data()
+    first = forward_pass(plain, x)
+    second = forward_pass(plain, x)  # tutorial 6: no membrane carried over
+    assert torch.equal(first[1], second[1])
+    with torch.no_grad(), sbnn_addons.mode(model, "mean"):
+        ref = forward_pass(model, x)
+    assert torch.equal(first[0], ref[0])
+
+
+def test_truncated_bptt_with_detach_hidden():
+    """snnTorch's detach_hidden detaches the membrane in place; the attached variance
+    must follow, or the next backward runs through a freed graph."""
+    model = to_sbnn(_tutorial_seq())
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = _data(steps=8)
+    sutils.reset(model)
+    for chunk in x.split(2):
+        loss = sum(sum(o.sum() for o in model(xt)) for xt in chunk)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        snn.Leaky.detach_hidden()
+    std_grads = [m.std_rho.grad for m in model.modules() if hasattr(m, "std_rho")]
+    assert all(g is not None and torch.isfinite(g).all() for g in std_grads)
+
+
+# --------------------------------------------------------------------------- surrogate
+def test_export_restores_fast_sigmoid_closure():
+    fs = surrogate.fast_sigmoid(slope=25)
+    model = to_sbnn(_tutorial_seq(spike_grad=fs))
+    plain = to_snntorch(model)
+    assert plain[1].spike_grad is fs and plain[3].spike_grad is fs
+    # a deepcopy of the converted model keeps it too
+    assert to_snntorch(copy.deepcopy(model))[1].spike_grad is fs
+
+
+def test_export_after_pickle_rebuilds_the_closure_with_its_arguments():
+    model = to_sbnn(_tutorial_seq(spike_grad=surrogate.fast_sigmoid(slope=7)))
+    again = pickle.loads(pickle.dumps(model))
+    fn = to_snntorch(again)[1].spike_grad
+    assert fn.__qualname__ == "fast_sigmoid.<locals>.inner"
+    u = torch.linspace(-1, 1, 11, requires_grad=True)
+    u_ref = u.detach().clone().requires_grad_()
+    fn(u).sum().backward()
+    surrogate.fast_sigmoid(slope=7)(u_ref).sum().backward()
+    assert torch.equal(u.grad, u_ref.grad)
+
+
+def test_export_default_atan_and_explicit_override():
+    net = _tutorial_seq()
+    original = net[1].spike_grad
+    model = to_sbnn(net)
+    assert to_snntorch(model)[1].spike_grad is original  # snnTorch's default atan()
+    ste = surrogate.StraightThroughEstimator.apply
+    assert to_snntorch(model, spike_grad=ste)[1].spike_grad is ste
+
+
+def test_export_restores_module_surrogate():
+    class Steep(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("slope", torch.tensor(4.0))
+
+        def forward(self, u):
+            return surrogate.FastSigmoid.apply(u, float(self.slope))
+
+    model = to_sbnn(_tutorial_seq(spike_grad=Steep()))
+    assert "1.spike_grad.slope" not in model.state_dict()  # replaced by the SBNN spike
+    plain = to_snntorch(model)
+    assert isinstance(plain[1].spike_grad, Steep) and "1.spike_grad.slope" in plain.state_dict()
+
+
+# --------------------------------------------------------------------------- validation
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [type(m) for m in model.modules()])
+
+
+def _same(model, snap):
+    state, kinds = snap
+    now = model.state_dict()
+    return (kinds == [type(m) for m in model.modules()] and now.keys() == state.keys()
+            and all(torch.equal(now[k], v) for k, v in state.items()))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"estimator": "iwts"}, "iwts"),
+    ({"std": -1.0}, "std"),
+    ({"std_mode": "neuron"}, "std_mode"),
+    ({"bias_std": float("nan")}, "bias_std"),
+    ({"spike_std": -0.5}, "std"),
+    ({"batchnorm": "fold"}, "batchnorm"),
+    ({"include": "fc9"}, "fc9"),
+    ({"exclude": "fc9"}, "fc9"),
+    ({"include": 3}, "include"),
+])
+def test_failed_inplace_conversion_leaves_model_untouched(kwargs, match):
+    net = LoopLeaky()
+    snap = _snapshot(net)
+    with pytest.raises((ValueError, TypeError), match=match):
+        to_sbnn(net, inplace=True, **kwargs)
+    assert _same(net, snap)
+    assert type(net.lif1) is snn.Leaky and net.lif1.spike_grad is not None
+
+
+def test_include_exclude_single_string_is_one_name():
+    net, _ = make("loop_leaky")
+    model = to_sbnn(net, exclude="fc1")
+    assert not sbnn_addons.is_bayesian(model.fc1) and sbnn_addons.is_bayesian(model.fc2)
+    model = to_sbnn(net, include="fc2")
+    assert not sbnn_addons.is_bayesian(model.fc1) and sbnn_addons.is_bayesian(model.fc2)
+    seq = _tutorial_seq()
+    model = to_sbnn(seq, exclude="0")  # a container or a layer name, not its characters
+    assert not sbnn_addons.is_bayesian(model[0]) and sbnn_addons.is_bayesian(model[2])
