@@ -59,8 +59,10 @@ __all__ = [
     "train",
     "bench_digits",
     "bench_task",
+    "fit_static",
     "first_spike_features",
     "BENCH_TASKS",
+    "TASK_DEFAULTS",
     "SIGMOID_PROBIT_VARIANCE",
 ]
 
@@ -775,8 +777,9 @@ def train(
 
     Returns:
         ``(network, curve)``; ``curve[e]`` has ``epoch``, ``train_loss`` (mean ``-log Z``),
-        ``mean_variance`` and, with a test set, ``test_accuracy`` (deterministic mean-weight
-        pass) and ``test_accuracy_ep`` (moment-propagated predictive).
+        ``mean_variance``, ``time_s`` (seconds of the pass) and, with a test set,
+        ``test_accuracy`` (deterministic mean-weight pass) and ``test_accuracy_ep``
+        (moment-propagated predictive).
     """
     _check_data("x", x)
     if x_test is not None:
@@ -792,8 +795,10 @@ def train(
         raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
     curve = []
     for e in range(epochs):
+        t0 = time.perf_counter()
         loss = trainer.epoch(x, y)
-        row = {"epoch": e + 1, "train_loss": loss, "mean_variance": network.mean_variance()}
+        row = {"epoch": e + 1, "train_loss": loss, "mean_variance": network.mean_variance(),
+               "time_s": time.perf_counter() - t0}
         if x_test is not None and y_test is not None:
             row["test_accuracy"] = float((network.predict(x_test, True) == y_test)
                                          .float().mean())
@@ -804,6 +809,13 @@ def train(
 
 #: tasks of :func:`bench_task` (and of the ``ep`` method of ``sbnn-bench``)
 BENCH_TASKS = ("digits", "randman")
+
+#: data defaults of :func:`bench_task` (those of the ``sbnn-bench`` tasks)
+TASK_DEFAULTS = {
+    "digits": {"num_steps": 16},
+    "randman": {"num_steps": 50, "randman_classes": 10, "randman_units": 100,
+                "randman_samples": 250, "randman_dim": 1, "randman_alpha": 2.0},
+}
 
 
 def first_spike_features(x: Tensor) -> Tensor:
@@ -826,6 +838,92 @@ def first_spike_features(x: Tensor) -> Tensor:
     return ((steps - first) / steps).to(x.dtype)
 
 
+def fit_static(
+    x_train: Tensor,
+    y_train: Tensor,
+    x_test: Tensor,
+    y_test: Tensor,
+    *,
+    num_classes: int | None = None,
+    seed: int = 0,
+    epochs: int = 3,
+    hidden: Sequence[int] = (100,),
+    batch_size: int = 1,
+    damping: float = 1.0,
+    mc_samples: int = 10,
+    **network_kwargs,
+) -> dict:
+    """Train EP on static inputs and evaluate it in every mode; one benchmark-style row.
+
+    Knows nothing about tasks: the caller (``sbnn-bench``, :func:`bench_task`) prepares the
+    inputs ``[N, F]`` (or ``[T, N, F]``, averaged over time).
+
+    Args:
+        x_train: training inputs.
+        y_train: training labels ``[N]``.
+        x_test: test inputs.
+        y_test: test labels.
+        num_classes: output size (default ``max label + 1``).
+        seed: seed of the initial means, the shuffling and the ``sample``/``mc`` passes.
+        epochs: passes over the training set.
+        hidden: hidden layer sizes (network ``[F, *hidden, K]``).
+        batch_size: examples per update (1: sequential ADF).
+        damping: ``d`` in (0, 1].
+        mc_samples: ``K`` of the ``mc(K)`` evaluation of the exported network.
+        **network_kwargs: further :class:`EPNetwork` arguments (``activation``,
+            ``weights``, ...).
+
+    Returns:
+        dict with ``seed``, ``epochs``, ``train_samples``, ``test_samples``, the metrics of
+        the deterministic mean-weight pass (``accuracy_mean``, ``nll_mean``, ``ece_mean``,
+        ``brier_mean``), of the exported SBNN network (``accuracy_sample``, and
+        ``accuracy_mc``, ``nll_mc``, ``ece_mc``, ``brier_mc`` for ``mc(K)``), of the EP
+        moment-propagated predictive (``accuracy_ep``, ``nll_ep``, ``ece_ep``, ``brier_ep``),
+        ``mc_samples``, ``train_s_per_epoch`` (+ ``_std``), ``train_s``, ``eval_s``,
+        ``eval_mc_s``, ``epoch_train_s``, ``curve``, ``_probs`` (``mean``, ``sample``,
+        ``mc``, ``ep``) and ``_targets``.
+    """
+    import statistics
+
+    from .metrics import classification_metrics
+    from .modes import mc_predict, mode
+
+    k = int(num_classes) if num_classes is not None else int(y_train.max()) + 1
+    net = EPNetwork([x_train.shape[-1], *hidden, k], seed=seed, **network_kwargs)
+    net, curve = train(net, x_train, y_train, epochs=epochs, batch_size=batch_size,
+                       damping=damping, seed=seed, x_test=x_test, y_test=y_test)
+    times = [c["time_s"] for c in curve]
+    t0 = time.perf_counter()
+    probs_mean = torch.softmax(net.deterministic_logits(x_test).float(), -1)
+    eval_s = time.perf_counter() - t0
+    probs_ep = net.predict_proba(x_test).float()
+    seq = net.to_sbnn_layers()
+    x_in = net._input(x_test)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        with mode(seq, "sample"):
+            probs_sample = torch.softmax(seq(x_in).float(), -1)
+        t0 = time.perf_counter()
+        probs_mc = mc_predict(lambda: seq(x_in), seq, mc_samples).float()
+        eval_mc_s = time.perf_counter() - t0
+    row = {"seed": seed, "epochs": epochs, "train_samples": len(y_train),
+           "test_samples": len(y_test), "mc_samples": mc_samples}
+    for suffix, p in (("mean", probs_mean), ("mc", probs_mc), ("ep", probs_ep)):
+        row.update({f"{m}_{suffix}": v for m, v in classification_metrics(p, y_test).items()})
+    row["accuracy_sample"] = float((probs_sample.argmax(-1) == y_test).float().mean())
+    row.update({
+        "train_s_per_epoch": statistics.mean(times) if times else 0.0,
+        "train_s_per_epoch_std": statistics.stdev(times) if len(times) > 1 else 0.0,
+        "train_s": sum(times), "eval_s": eval_s, "eval_mc_s": eval_mc_s,
+        "epoch_train_s": times,
+        "curve": [{"epoch": c["epoch"], "train_loss": c["train_loss"],
+                   "test_accuracy": c["test_accuracy"]} for c in curve],
+        "_probs": {"mean": probs_mean, "sample": probs_sample, "mc": probs_mc, "ep": probs_ep},
+        "_targets": y_test,
+    })
+    return row
+
+
 def bench_task(
     task: str = "digits",
     seed: int = 0,
@@ -840,11 +938,11 @@ def bench_task(
     cfg: dict | None = None,
     **network_kwargs,
 ) -> dict:
-    """Train EP on a ``sbnn-bench`` task and return a row like ``sbnn_addons.bench``'s.
+    """Train EP on the data of a ``sbnn-bench`` task; the row of :func:`fit_static`.
 
-    The data come from the harness (``TASKS[task].load(cfg)`` and ``.encode``), with the
-    same codes as the other methods: the training set is encoded once with generator
-    ``seed``, the test set with generator seed 12345. EP sees static inputs ``[B, F]``:
+    The data come from :mod:`sbnn_addons.data` with the bench's codes (this module does not
+    import the bench): the training set is encoded once with generator ``seed``, the test
+    set with generator seed 12345. EP sees static inputs ``[B, F]``:
 
     - ``digits``: pixel intensities in [0, 1] directly (``num_steps=None``, T = 1), or
       the Bernoulli rate code with ``num_steps`` steps averaged over time;
@@ -861,20 +959,15 @@ def bench_task(
         damping: ``d`` in (0, 1].
         num_steps: time steps ``T`` of the encoding; ``None``: see above.
         mc_samples: ``K`` of the ``mc(K)`` evaluation of the exported network.
-        split_seed: seed of the task's data split / generator (``cfg["split_seed"]``).
-        cfg: further harness config (e.g. ``randman_classes``, ``randman_units``,
-            ``randman_samples``, ``randman_dim``, ``randman_alpha``); the task's defaults
-            fill in the rest.
+        split_seed: seed of the task's data split / generator.
+        cfg: randman settings (``randman_classes``, ``randman_units``, ``randman_samples``,
+            ``randman_dim``, ``randman_alpha``); :data:`TASK_DEFAULTS` fill in the rest.
         **network_kwargs: further :class:`EPNetwork` arguments (``activation``,
             ``weights``, ...).
 
     Returns:
-        dict with ``task``, ``method`` (``"ep"``), ``seed``, ``epochs``, ``num_steps``,
-        ``train_time_s``, the :func:`sbnn_addons.metrics.classification_metrics` of the EP
-        moment-propagated predictive (``accuracy``, ``nll``, ``brier``, ``ece``),
-        ``accuracy_mean_mode`` (deterministic pass, :meth:`EPNetwork.deterministic_logits`),
-        ``accuracy_mc`` (exported SBNN network, ``mc(mc_samples)``), ``eval``,
-        ``world_size``, ``curve``, ``_probs``, ``_targets``.
+        The row of :func:`fit_static` plus ``task``, ``method`` (``"ep"``) and
+        ``num_steps``.
 
     Raises:
         ValueError: a task outside :data:`BENCH_TASKS`.
@@ -883,48 +976,34 @@ def bench_task(
         raise ValueError(f"EP supports the tasks {list(BENCH_TASKS)}, got {task!r} (its "
                          "networks are feed-forward and memoryless: no convolutions, no "
                          "recurrence)")
-    from .bench.harness import TASKS
-    from .metrics import classification_metrics
-    from .modes import mc_predict
-
-    spec = TASKS[task]
-    cfg = {**spec.defaults, **{k: v for k, v in (cfg or {}).items() if v is not None}}
-    cfg["split_seed"] = split_seed
+    cfg = {**TASK_DEFAULTS[task], **{k: v for k, v in (cfg or {}).items() if v is not None}}
     if num_steps is not None:
         cfg["num_steps"] = num_steps
     elif task == "digits":
         cfg["num_steps"] = None
-    xtr, ytr, xte, yte = spec.load(cfg)
-    if cfg["num_steps"] is not None:
-        xtr = spec.encode(xtr, cfg["num_steps"], torch.Generator().manual_seed(seed))
-        xte = spec.encode(xte, cfg["num_steps"], torch.Generator().manual_seed(12345))
-    if task == "randman":
-        xtr, xte = first_spike_features(xtr.float()), first_spike_features(xte.float())
-        num_classes = int(cfg["randman_classes"])
-    else:
+    if task == "digits":
+        from .data.digits import load_digits_split, rate_code
+
+        xtr, ytr, xte, yte = load_digits_split(seed=split_seed)
+        if cfg["num_steps"] is not None:
+            xtr = rate_code(xtr, cfg["num_steps"], torch.Generator().manual_seed(seed))
+            xte = rate_code(xte, cfg["num_steps"], torch.Generator().manual_seed(12345))
         num_classes = 10
-    net = EPNetwork([xtr.shape[-1], *hidden, num_classes], seed=seed, **network_kwargs)
-    t0 = time.perf_counter()
-    net, curve = train(net, xtr, ytr, epochs=epochs, batch_size=batch_size, damping=damping,
-                       seed=seed, x_test=xte, y_test=yte)
-    train_time = time.perf_counter() - t0
-    probs = net.predict_proba(xte).float()
-    row = {"task": task, "method": "ep", "seed": seed, "epochs": epochs,
-           "num_steps": 1 if cfg["num_steps"] is None else cfg["num_steps"],
-           "train_time_s": train_time, **classification_metrics(probs, yte)}
-    row["accuracy_mean_mode"] = float((net.predict(xte, True) == yte).float().mean())
-    seq = net.to_sbnn_layers()
-    x_in = net._input(xte)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        mc = mc_predict(lambda: seq(x_in), seq, mc_samples)
-    row["accuracy_mc"] = float((mc.argmax(-1) == yte).float().mean())
-    row["eval"] = "ep-moments"
-    row["world_size"] = 1
-    row["curve"] = [{"epoch": c["epoch"], "train_loss": c["train_loss"],
-                     "test_accuracy": c["test_accuracy"]} for c in curve]
-    row["_probs"] = probs
-    row["_targets"] = yte
+    else:
+        from .data.randman import randman_split
+
+        xtr, ytr, xte, yte = randman_split(
+            num_classes=cfg["randman_classes"], num_units=cfg["randman_units"],
+            num_steps=cfg["num_steps"], samples_per_class=cfg["randman_samples"],
+            manifold_dim=cfg["randman_dim"], alpha=cfg["randman_alpha"], seed=split_seed)
+        xtr = first_spike_features(xtr.transpose(0, 1).float())
+        xte = first_spike_features(xte.transpose(0, 1).float())
+        num_classes = int(cfg["randman_classes"])
+    row = fit_static(xtr, ytr, xte, yte, num_classes=num_classes, seed=seed, epochs=epochs,
+                     hidden=hidden, batch_size=batch_size, damping=damping,
+                     mc_samples=mc_samples, **network_kwargs)
+    row.update({"task": task, "method": "ep",
+                "num_steps": 1 if cfg["num_steps"] is None else cfg["num_steps"]})
     return row
 
 

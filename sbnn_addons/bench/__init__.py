@@ -1,5 +1,18 @@
-"""Benchmark harness: SBNN training against surrogate-gradient baselines (``sbnn-bench``)."""
+"""Benchmark SBNN training against surrogate-gradient baselines, on your model or ours.
 
-from .harness import METHODS, TASKS, run_grid
+* :func:`compare`: your snnTorch / SpikingJelly model (or factory) and data, trained with
+  its own surrogate and as SBNN conversions on identical terms; returns
+  :class:`BenchResults` (table, notes, curves, per-sample predictions, ``save``).
+* ``sbnn-bench`` (:mod:`sbnn_addons.bench.cli`): the same from the command line
+  (``--model module:factory --data module:loaders``), and the built-in tasks.
+* :func:`stratified_subset`: seeded, class-stratified subset indices.
+"""
 
-__all__ = ["METHODS", "TASKS", "run_grid"]
+from .compare import DEFAULT_METHODS, GENERIC_METHODS, Method, compare, default_recipe
+from .data import check_subset_classes, stratified_subset
+from .harness import METHODS, TASKS, run_grid, run_task
+from .results import COLUMNS, BenchResults
+
+__all__ = ["compare", "BenchResults", "Method", "GENERIC_METHODS", "DEFAULT_METHODS",
+           "COLUMNS", "default_recipe", "stratified_subset", "check_subset_classes",
+           "METHODS", "TASKS", "run_grid", "run_task"]

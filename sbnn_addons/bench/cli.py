@@ -1,31 +1,43 @@
 """``sbnn-bench``: compare SBNN training with surrogate-gradient baselines.
 
+Your model: ``sbnn-bench --model package.module:factory --data package.module:loaders``
+trains the factory's snnTorch / SpikingJelly network with its own surrogate
+(``original``) and as SBNN conversions, on identical terms (see
+:func:`sbnn_addons.bench.compare`). ``loaders()`` returns ``(train, test)`` (each ``(x, y)``
+tensors or a DataLoader) or a dict ``{"train": ..., "test": ..., "layout": "TB",
+"encode": fn, "num_classes": 10, "name": "mytask"}``. A ``path/to/file.py:name`` works too.
+
 With no arguments it runs the embedded default: the ``digits`` task (scikit-learn's
 bundled 8x8 digits, rate-coded, no download) with the snnTorch atan baseline, SBNN(ST)
-and SBNN(AGR), one seed, and writes ``results.csv``, ``results.json`` and PNG plots to
-``--out-dir`` (default ``runs/bench``). Other tasks: ``randman`` (generated), ``shd``,
-``cifar10`` and ``dvs-gesture`` (read from ``--data-dir``); ``--list`` shows them all.
-Launched by ``torchrun --nproc_per_node=N`` it trains with DistributedDataParallel.
-``sbnn-bench diagnostics`` runs the exact-enumeration gradient diagnostics instead.
+and SBNN(AGR), one seed, and writes ``results.csv``, ``results.json``,
+``predictions.csv``, PNG plots and ``report.md`` to ``--out-dir`` (default
+``runs/bench``). The built-in tasks go through the same mechanism (a factory and data);
+``--list`` shows them. Launched by ``torchrun --nproc_per_node=N`` it trains with
+DistributedDataParallel. ``sbnn-bench diagnostics`` runs the exact-enumeration gradient
+diagnostics instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import platform
-import statistics
+import importlib
+import importlib.util
+import shlex
 import sys
 from pathlib import Path
 
 import torch
 
-from .harness import METHODS, PRESET_METHODS, PRESETS, TASKS, init_distributed, run_grid
+from .compare import GENERIC_METHODS, compare, init_distributed
+from .harness import METHODS, PRESET_METHODS, PRESETS, TASKS, run_tasks
+from .results import COLUMNS, BenchResults, summarise, write_results
+
+__all__ = ["main", "run", "build_parser", "load_object", "COLUMNS", "DEFAULT_METHODS",
+           "summarise", "write_results"]
 
 DEFAULT_METHODS = ["snntorch-atan", "sbnn-st", "sbnn-agr"]
-COLUMNS = ["task", "method", "seed", "eval", "accuracy", "accuracy_mean_mode", "nll", "ece",
-           "brier", "train_time_s", "epochs", "num_steps"]
+#: default methods with --model
+DEFAULT_MODEL_METHODS = ["original", "sbnn-st", "sbnn-agr"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,15 +46,28 @@ def build_parser() -> argparse.ArgumentParser:
                                 "sbnn_addons.bench ... (DistributedDataParallel). Gradient "
                                 "diagnostics: sbnn-bench diagnostics --help.")
     p.add_argument("--list", action="store_true", help="print the tasks and methods, exit")
-    p.add_argument("--task", nargs="+", default=["digits"], choices=sorted(TASKS))
-    p.add_argument("--methods", nargs="+", default=None, choices=sorted(METHODS),
-                   help=f"default: {' '.join(DEFAULT_METHODS)} (or the preset's)")
+    g = p.add_argument_group("your model (instead of --task)")
+    g.add_argument("--model", metavar="MODULE:FACTORY",
+                   help="factory (or nn.Module) of your snnTorch / SpikingJelly network: "
+                   "package.module:name or path/to/file.py:name")
+    g.add_argument("--data", metavar="MODULE:LOADERS",
+                   help="callable returning (train, test) or a dict with 'train', 'test' and "
+                   "optional 'layout', 'encode', 'num_classes', 'name'")
+    g.add_argument("--layout", choices=["TB", "BT", "static"], default=None,
+                   help="where the samples are in your tensors / batches: TB time-major "
+                   "[T, N, ...] (default), BT batch-major [N, T, ...] (transposed per "
+                   "batch), static [N, ...] (your encode adds time)")
+    p.add_argument("--task", nargs="+", default=None, choices=sorted(TASKS),
+                   help="built-in task(s) (default: digits)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help=f"default: {' '.join(DEFAULT_METHODS)} (tasks; or the preset's), "
+                   f"{' '.join(DEFAULT_MODEL_METHODS)} (--model); --list shows all")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="paper: reference recipe (SPEC section 8); cpu: dvs-gesture sized "
                    "for 2 CPU cores. Presets only set defaults; explicit flags win")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--epochs", type=int, default=None, help="default: per task")
-    p.add_argument("--batch-size", type=int, default=None, help="per process")
+    p.add_argument("--epochs", type=int, default=None, help="default: per task (--model: 5)")
+    p.add_argument("--batch-size", type=int, default=None, help="per process (--model: 64)")
     p.add_argument("--num-steps", type=int, default=None,
                    help="time steps T / frames / SHD bins (default per task)")
     p.add_argument("--width", type=int, default=None, help="hidden width / conv channels")
@@ -55,7 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset folder (dvs-gesture, shd, cifar10), never downloaded; "
                    "with several data tasks give TASK=DIR per task")
     p.add_argument("--max-samples", type=int, default=None,
-                   help="shd / cifar10 / dvs-gesture: only the first N samples of each split")
+                   help="a stratified, seeded subset of N samples of each split (every class "
+                   "kept in proportion; a subset missing a class stops the run)")
+    p.add_argument("--max-test-samples", type=int, default=None,
+                   help="test subset size (default: --max-samples)")
+    p.add_argument("--subset-seed", type=int, default=0, help="seed of the subsets (0)")
+    p.add_argument("--sequential", action="store_true",
+                   help="train the methods one after the other instead of interleaving "
+                   "their epochs (each still gets an untimed warm-up)")
     p.add_argument("--no-reference", action="store_true",
                    help="--preset paper: keep the small benchmark networks instead of the "
                    "reference networks of sbnn_addons.models")
@@ -75,9 +107,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DistributedDataParallel(find_unused_parameters=True)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out-dir", default="runs/bench")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots (report.md still)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def load_object(spec: str):
+    """The object named by ``package.module:name`` or ``path/to/file.py:name``.
+
+    The current folder is importable (as with ``python -m``).
+    """
+    mod_name, sep, attr = spec.rpartition(":")
+    if not sep or not mod_name or not attr:
+        raise SystemExit(f"sbnn-bench: {spec!r} must be package.module:name or "
+                         "path/to/file.py:name")
+    if mod_name.endswith(".py") or "/" in mod_name:
+        path = Path(mod_name)
+        if not path.is_file():
+            raise SystemExit(f"sbnn-bench: no file {path}")
+        name = f"_sbnn_user_{path.stem}"
+        spec_ = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec_)
+        sys.modules[name] = module
+        spec_.loader.exec_module(module)
+    else:
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))
+        module = importlib.import_module(mod_name)
+    try:
+        obj = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError as err:
+        raise SystemExit(f"sbnn-bench: {mod_name} has no {attr!r}") from err
+    return obj
 
 
 def _data_dirs(values: list[str] | None, tasks: list[str]) -> str | dict | None:
@@ -102,8 +165,11 @@ def list_choices() -> str:
     for name, t in TASKS.items():
         extra = f" [presets: {', '.join(sorted(t.presets))}]" if t.presets else ""
         lines.append(f"  {name:<22} {t.help}{extra}")
-    lines.append("methods:")
+    lines.append("methods (built-in tasks):")
     for name, m in METHODS.items():
+        lines.append(f"  {name:<22} {m.help}")
+    lines.append("methods (--model: any snnTorch / SpikingJelly network):")
+    for name, m in GENERIC_METHODS.items():
         lines.append(f"  {name:<22} {m.help}")
     lines.append("presets:")
     for name, methods in PRESET_METHODS.items():
@@ -117,45 +183,6 @@ def _progress(quiet: bool):
     from tqdm.auto import tqdm
 
     return lambda total: tqdm(total=total, desc="epochs", unit="epoch", file=sys.stderr)
-
-
-def write_results(rows: list[dict], out_dir: Path, extra_meta: dict | None = None) -> None:
-    """``results.csv`` (one row per run) and ``results.json`` (with learning curves)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "results.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
-    meta = {"torch": torch.__version__, "machine": platform.machine(),
-            "processor": platform.processor(), "threads": torch.get_num_threads(),
-            **(extra_meta or {})}
-    with open(out_dir / "results.json", "w") as fh:
-        json.dump({"meta": meta, "runs": public}, fh, indent=2)
-
-
-def summarise(rows: list[dict]) -> str:
-    """Markdown table: mean (and std over seeds) per task and method."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["task"], r["method"]), []).append(r)
-    lines = ["| task | method | seeds | passes | eval | accuracy | NLL | ECE | train s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-
-    def fmt(vals, scale=1.0, digits=2):
-        m = statistics.mean(vals) * scale
-        if len(vals) > 1:
-            return f"{m:.{digits}f} ± {statistics.stdev(vals) * scale:.{digits}f}"
-        return f"{m:.{digits}f}"
-
-    for (task, method), rs in groups.items():
-        lines.append(
-            f"| {task} | {method} | {len(rs)} | {rs[0]['epochs']} | {rs[0]['eval']} | "
-            f"{fmt([r['accuracy'] for r in rs], 100, 1)} % | {fmt([r['nll'] for r in rs], 1, 3)} "
-            f"| {fmt([r['ece'] for r in rs], 1, 3)} "
-            f"| {fmt([r['train_time_s'] for r in rs], 1, 1)} |"
-        )
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,45 +200,79 @@ def main(argv: list[str] | None = None) -> None:
     run(argv)
 
 
+def _user_data(spec: str) -> dict:
+    out = load_object(spec)
+    if callable(out) and not isinstance(out, (tuple, list, dict)):
+        out = out()
+    if isinstance(out, dict):
+        if "train" not in out or "test" not in out:
+            raise SystemExit(f"sbnn-bench: --data {spec}: the dict needs 'train' and 'test'")
+        return dict(out)
+    if isinstance(out, (tuple, list)) and len(out) == 2:
+        return {"train": out[0], "test": out[1]}
+    raise SystemExit(f"sbnn-bench: --data {spec} must give (train, test) or a dict with "
+                     f"'train' and 'test', got {type(out).__name__}")
+
+
+def _run_model(args, command: str, device: torch.device) -> BenchResults:
+    if not args.data:
+        raise SystemExit("sbnn-bench: --model needs --data (and --data needs --model)")
+    model = load_object(args.model)
+    data = _user_data(args.data)
+    unknown = set(data) - {"train", "test", "layout", "encode", "num_classes", "name"}
+    if unknown:
+        raise SystemExit(f"sbnn-bench: --data returned unknown keys {sorted(unknown)}")
+    make_bar = _progress(args.quiet)
+    return compare(
+        model, data["train"], data["test"],
+        methods=args.methods or DEFAULT_MODEL_METHODS, epochs=args.epochs or 5,
+        seeds=args.seeds, batch_size=args.batch_size or 64, lr=args.lr or 5e-3,
+        noise_lr=args.noise_lr or 5e-2, layout=args.layout or data.get("layout", "TB"),
+        encode=data.get("encode"), mc_samples=args.mc_samples or 10,
+        max_train_samples=args.max_samples,
+        max_test_samples=args.max_test_samples or args.max_samples,
+        subset_seed=args.subset_seed, num_classes=data.get("num_classes"),
+        aux_weight=args.aux_weight, interleave=not args.sequential, device=device,
+        task=data.get("name") or args.model.rpartition(":")[2],
+        find_unused_parameters=args.find_unused_parameters,
+        progress=make_bar, command=command)
+
+
 def run(argv: list[str] | None = None) -> list[dict]:
-    """Parse ``argv``, run the grid, write the outputs and print the summary; return rows.
+    """Parse ``argv``, run the comparison, write the outputs and print the table; rows.
 
     Under ``torchrun`` every process trains its shard; only rank 0 writes and prints.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if args.list:
         print(list_choices())
         return []
     if args.threads:
         torch.set_num_threads(args.threads)
-    methods = args.methods or PRESET_METHODS.get(args.preset, DEFAULT_METHODS)
-    data_dir = _data_dirs(args.data_dir, args.task)
+    if (args.model or args.data) and args.task:
+        raise SystemExit("sbnn-bench: give --model/--data or --task, not both")
+    command = "sbnn-bench " + shlex.join(argv)
     rank, world, device = init_distributed(args.device)
-    cfg = {"epochs": args.epochs, "batch_size": args.batch_size, "num_steps": args.num_steps,
-           "width": args.width, "lr": args.lr, "noise_lr": args.noise_lr,
-           "aux_weight": args.aux_weight, "mc_samples": args.mc_samples,
-           "data_dir": data_dir, "max_samples": args.max_samples,
-           "frame_stride": args.frame_stride, "recurrent": False if args.feedforward else None,
-           "randman_classes": args.randman_classes, "randman_units": args.randman_units,
-           "randman_samples": args.randman_samples, "randman_dim": args.randman_dim,
-           "randman_alpha": args.randman_alpha, "device": str(device),
-           "find_unused_parameters": args.find_unused_parameters or None,
-           "use_reference": False if args.no_reference else None}
     try:
-        rows = run_grid(args.task, methods, args.seeds, cfg,
-                        _progress(args.quiet or rank != 0), preset=args.preset)
+        if args.model or args.data:
+            if not args.model:
+                raise SystemExit("sbnn-bench: --data needs --model")
+            results = [_run_model(args, command, device)]
+        else:
+            results = _run_tasks(args, command, device, rank)
+        res = BenchResults([r for x in results for r in x.rows],
+                           {**results[0].meta,
+                            "tasks": [x.meta.get("task") for x in results],
+                            "preset": args.preset, "command": command})
         if rank == 0:
             out_dir = Path(args.out_dir)
-            write_results(rows, out_dir, extra_meta={"world_size": world,
-                                                     "device": str(device),
-                                                     "preset": args.preset})
-            if not args.no_plots:
-                from .plots import save_plots
-
-                save_plots(rows, out_dir)
-            print(summarise(rows))
-            print(f"\nwrote {out_dir / 'results.csv'}, {out_dir / 'results.json'}"
-                  + ("" if args.no_plots else " and PNG plots"))
+            paths = res.save(out_dir, plots=not args.no_plots)
+            print(res.table())
+            notes = res.notes()
+            if notes:
+                print("\n" + "\n".join(f"- {n}" for n in notes))
+            print(f"\nwrote {', '.join(p.name for p in paths)} to {out_dir}")
     finally:
         if world > 1:
             import torch.distributed as dist
@@ -219,7 +280,27 @@ def run(argv: list[str] | None = None) -> list[dict]:
             if dist.is_initialized():
                 dist.barrier()
                 dist.destroy_process_group()
-    return rows
+    return res.rows
 
-if __name__ == "__main__":
-    main()
+
+def _run_tasks(args, command: str, device: torch.device, rank: int) -> list[BenchResults]:
+    tasks = args.task or ["digits"]
+    methods = args.methods or PRESET_METHODS.get(args.preset, DEFAULT_METHODS)
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"sbnn-bench: unknown method {m!r} for the built-in tasks; "
+                             f"choose from {sorted(METHODS)}")
+    cfg = {"epochs": args.epochs, "batch_size": args.batch_size, "num_steps": args.num_steps,
+           "width": args.width, "lr": args.lr, "noise_lr": args.noise_lr,
+           "aux_weight": args.aux_weight, "mc_samples": args.mc_samples,
+           "data_dir": _data_dirs(args.data_dir, tasks), "max_samples": args.max_samples,
+           "max_test_samples": args.max_test_samples, "subset_seed": args.subset_seed,
+           "frame_stride": args.frame_stride, "recurrent": False if args.feedforward else None,
+           "randman_classes": args.randman_classes, "randman_units": args.randman_units,
+           "randman_samples": args.randman_samples, "randman_dim": args.randman_dim,
+           "randman_alpha": args.randman_alpha, "device": str(device),
+           "find_unused_parameters": args.find_unused_parameters or None,
+           "use_reference": False if args.no_reference else None,
+           "sequential": args.sequential or None}
+    return run_tasks(tasks, methods, args.seeds, cfg, _progress(args.quiet or rank != 0),
+                     preset=args.preset, command=command)

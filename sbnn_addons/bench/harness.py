@@ -1,9 +1,12 @@
-"""Grid runner: tasks x methods x seeds, with the same model, data and recipe for all.
+"""Built-in tasks and methods of ``sbnn-bench``, run through :func:`~sbnn_addons.bench.compare`.
 
-Baselines are snnTorch (or SpikingJelly) models with their own surrogate; the SBNN
-methods are the same models converted with :func:`sbnn_addons.snntorch.to_sbnn` (or
-:func:`sbnn_addons.spikingjelly.to_sbnn`). Every method sees the same encoded data,
-optimiser (Adam, two learning rates, cosine decay) and evaluation inputs.
+A built-in task is the same thing a user passes with ``--model`` / ``--data``: a factory
+(which takes the :class:`Method`, so each baseline gets its surrogate, framework and
+BatchNorm variant) and tensors with an encoding. :func:`task_setup` produces exactly the
+arguments of :func:`compare`; :func:`run_task` runs them. Baselines are snnTorch (or
+SpikingJelly) models with their own surrogate; the SBNN methods are the same models
+converted with :func:`sbnn_addons.snntorch.to_sbnn` (or
+:func:`sbnn_addons.spikingjelly.to_sbnn`).
 
 Runs scale out with ``torchrun --nproc_per_node=N``: each process trains on its shard of
 every epoch's permutation inside ``DistributedDataParallel`` (gloo on CPU, nccl on GPU),
@@ -13,22 +16,21 @@ evaluation is sharded and gathered, and every process returns the same rows.
 from __future__ import annotations
 
 import copy
-import math
-import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..losses import aux_loss, sbnn_objective
-from ..metrics import classification_metrics
-from ..modes import mc_predict, mode
-from ..spike import seed_spikes
+from .compare import (
+    GENERIC_METHODS,
+    Method,
+    _world,
+    compare,
+    dist_info,
+    init_distributed,
+)
 from .nets import (
     ConvNet,
     MLPNet,
@@ -39,34 +41,11 @@ from .nets import (
 )
 
 __all__ = ["Method", "Task", "METHODS", "TASKS", "PRESETS", "run_one", "run_grid",
-           "apply_preset", "dist_info"]
+           "run_task", "run_tasks", "task_setup", "apply_preset", "dist_info",
+           "init_distributed"]
 
 
 # --------------------------------------------------------------------------- methods
-@dataclass(frozen=True)
-class Method:
-    """A training method: a host surrogate baseline or an SBNN estimator.
-
-    ``framework`` is ``"snntorch"`` or ``"spikingjelly"``; ``bn`` builds the task's
-    "with BatchNorm" variant; ``kl_weight > 0`` trains with the KL term of
-    :func:`sbnn_addons.sbnn_objective` (``N`` = training-set size).
-    """
-
-    name: str
-    surrogate: str = "atan"
-    estimator: str | None = None  # None: baseline
-    aux_weight: float = 0.0
-    learn_std: bool = True
-    framework: str = "snntorch"
-    bn: bool = False
-    kl_weight: float = 0.0
-    help: str = ""
-
-    @property
-    def is_sbnn(self) -> bool:
-        return self.estimator is not None
-
-
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -85,15 +64,7 @@ METHODS: dict[str, Method] = {
                help="SpikingJelly LIFNode (multi-step), surrogate.ATan()"),
         Method("sj-lif-atan-bn", surrogate="atan", framework="spikingjelly", bn=True,
                help="SpikingJelly ATan with per-step BatchNorm"),
-        Method("sbnn-st", estimator="st", help="SBNN, straight-through (IW-ST p=0)"),
-        Method("sbnn-iwst", estimator="iwst(0.5)", help="SBNN, IW-ST p=0.5"),
-        Method("sbnn-agr", estimator="agr", help="SBNN, AGR estimator"),
-        Method("sbnn-agr-aux", estimator="agr", aux_weight=1e-4,
-               help="SBNN AGR + bias-minimising aux loss"),
-        Method("sbnn-agr-kl", estimator="agr", kl_weight=1.0,
-               help="SBNN AGR + KL (sbnn_objective, kl_weight=1, N = train size)"),
-        Method("sbnn-st-fixed-std", estimator="st", learn_std=False,
-               help="SBNN ST with fixed (not learned) weight std"),
+        *(m for name, m in GENERIC_METHODS.items() if name != "original"),
         Method("sbnn-sj-st", estimator="st", framework="spikingjelly",
                help="SpikingJelly model converted by sbnn_addons.spikingjelly, ST"),
         Method("sbnn-sj-agr", estimator="agr", framework="spikingjelly",
@@ -120,7 +91,10 @@ class Task:
     surrogate_function, bn)`` its SpikingJelly twin (``None``: not offered);
     ``reference(cfg)`` the paper's reference network from :mod:`sbnn_addons.models` (used by
     ``--preset paper`` when that package is importable). ``presets`` maps a preset name to
-    the config defaults it sets for this task.
+    the config defaults it sets for this task. ``load(cfg)`` returns batch-major tensors
+    ``(x_train, y_train, x_test, y_test)``; ``encode(x, T, generator)`` turns a batch into
+    the time-major model input ``[T, B, ...]``. ``num_classes`` (or ``num_classes(cfg)``)
+    is checked against every subset.
     """
 
     name: str
@@ -133,6 +107,7 @@ class Task:
     reference: Callable[[dict, Method], nn.Module] | None = None
     presets: dict = field(default_factory=dict)
     help: str = ""
+    num_classes: int | Callable[[dict], int] = 10
 
 
 def _need_dir(cfg: dict, task: str, layout: str) -> Path:
@@ -171,9 +146,6 @@ def _load_dvs(cfg):
             f"dvs-gesture: {frames} frames requested but --frame-stride {stride} leaves "
             f"{xtr.shape[1]}; lower --frame-stride or --num-steps"
         )
-    n = cfg.get("max_samples")
-    if n is not None:
-        xtr, ytr, xte, yte = xtr[:n], ytr[:n], xte[:n], yte[:n]
     scale = cfg.get("input_scale", 0.25)
     return xtr * scale, ytr, xte * scale, yte
 
@@ -187,24 +159,42 @@ SHD_LAYOUT = ("expected tonic's SHD layout: <data-dir>/SHD/shd_train.h5 and shd_
               "empty shd_*.h5.zip placeholders), or --data-dir pointing at that SHD/ folder")
 
 
+def _shd_labels(root: Path, split: str):
+    import h5py
+
+    with h5py.File(root / "SHD" / f"shd_{split}.h5", "r") as f:
+        return torch.as_tensor(f["labels"][:]).long()
+
+
 def _load_shd(cfg):
+    """SHD binned in memory; with ``max_samples`` only a stratified seeded subset is read
+    (the subset is chosen from the labels in the .h5 files, before any binning)."""
     from ..data.shd import SHDBinned
+    from .data import check_subset_classes, stratified_subset
 
     root = _need_dir(cfg, "shd", SHD_LAYOUT)
     if (root / "shd_train.h5").is_file() and not (root / "SHD").is_dir():
         root = root.parent  # pointed at the SHD/ folder itself
     out = []
-    for split in ("train", "test"):
+    for k, split in enumerate(("train", "test")):
         ds = SHDBinned(root, split, num_bins=cfg["num_steps"], bin_ms=cfg.get("bin_ms", 14.0))
-        n = len(ds) if cfg.get("max_samples") is None else min(cfg["max_samples"], len(ds))
+        n_max = cfg.get("max_samples") if split == "train" else (
+            cfg.get("max_test_samples") or cfg.get("max_samples"))
+        if n_max is None:
+            idx = torch.arange(len(ds))
+        else:
+            labels = _shd_labels(root, split)
+            idx = stratified_subset(labels, n_max, cfg.get("subset_seed", 0) + k)
+            check_subset_classes(labels, labels[idx], f"shd {split} subset", 20)
         # spike counts per 14 ms bin are small integers: store compactly, decode per batch
-        x = torch.empty((n, cfg["num_steps"], 700), dtype=torch.uint8)
-        y = torch.empty(n, dtype=torch.int64)
-        for i in range(n):
+        x = torch.empty((len(idx), cfg["num_steps"], 700), dtype=torch.uint8)
+        y = torch.empty(len(idx), dtype=torch.int64)
+        for j, i in enumerate(idx.tolist()):
             frames, label = ds[i]
-            x[i] = frames.clamp_max(255).to(torch.uint8)
-            y[i] = label
+            x[j] = frames.clamp_max(255).to(torch.uint8)
+            y[j] = label
         out += [x, y]
+    cfg["_subset_done"] = True
     return tuple(out)
 
 
@@ -225,9 +215,8 @@ def _load_cifar(cfg):
     from ..data.cifar10 import LAYOUT, load_cifar10
 
     root = _need_dir(cfg, "cifar10", LAYOUT)
-    n = cfg.get("max_samples")
-    xtr, ytr = load_cifar10(root, "train", max_samples=n)
-    xte, yte = load_cifar10(root, "test", max_samples=n)
+    xtr, ytr = load_cifar10(root, "train")
+    xte, yte = load_cifar10(root, "test")
     return xtr, ytr, xte, yte
 
 
@@ -266,12 +255,11 @@ def _reference(builder: str):
         if method.is_sbnn:
             kwargs["estimator"] = method.estimator
         else:
-            kwargs["surrogate"] = method.surrogate
+            kwargs["surrogate"] = "atan" if method.surrogate == "own" else method.surrogate
             kwargs.pop("bias_std", None)
         if method.bn:
             kwargs["norm"] = "bn"
-        if builder != "cifar_resnet25":
-            kwargs["num_steps"] = cfg["num_steps"]
+        kwargs["num_steps"] = cfg["num_steps"]  # the reference networks check T
         if cfg.get("width") and builder != "shd_recurrent":
             kwargs.setdefault("width_mult", cfg["width"] / (32 if "dvs" in builder else 64))
         elif cfg.get("width"):
@@ -304,6 +292,7 @@ TASKS: dict[str, Task] = {
         build_sj=lambda cfg, sg, bn: SJMLPNet(cfg["randman_units"], _width(cfg, 128),
                                               cfg["randman_classes"], sg, bn=bn),
         help="random-manifold spike-timing task (generated, seeded)",
+        num_classes=lambda cfg: int(cfg["randman_classes"]),
     ),
     "shd": Task(
         "shd", _load_shd, _encode_frames,
@@ -315,6 +304,7 @@ TASKS: dict[str, Task] = {
         presets={"paper": {"epochs": 30, "batch_size": 32, "num_steps": 100,
                            "aux_weight": 1e-6}},
         help="Spiking Heidelberg Digits, tonic .h5 in --data-dir (100 bins x 14 ms x 700)",
+        num_classes=20,
     ),
     "cifar10": Task(
         "cifar10", _load_cifar, _encode_direct,
@@ -339,6 +329,7 @@ TASKS: dict[str, Task] = {
                     "width": 16, "mc_samples": 4},
         },
         help="DVS128 Gesture frames (dvs_gesture_32 layout) in --data-dir",
+        num_classes=11,
     ),
 }
 
@@ -379,7 +370,12 @@ def apply_preset(task_name: str, preset: str | None, cfg: dict) -> dict:
 
 # --------------------------------------------------------------------------- models
 def build_model(task: Task, method: Method, cfg: dict) -> nn.Module:
-    """The task's network with the method's surrogate, converted for SBNN methods."""
+    """The task's network for ``method``: its surrogate, framework and BatchNorm variant.
+
+    The network is not converted: :func:`compare` converts it for SBNN methods with
+    ``to_sbnn`` of its host library, as it does for a user's model. The paper's reference
+    networks (``use_reference``) are built Bayesian (``bayes=True``) directly.
+    """
     if method.bn and not task.has_bn:
         raise ValueError(f"method {method.name!r} (with BatchNorm) is offered for tasks with "
                          "normalisation in the reference (cifar10, dvs-gesture, shd), "
@@ -395,28 +391,15 @@ def build_model(task: Task, method: Method, cfg: dict) -> nn.Module:
     if method.framework == "spikingjelly":
         if task.build_sj is None:
             raise ValueError(f"method {method.name!r} is not offered for task {task.name!r}")
-        model = task.build_sj(cfg, sj_surrogate(method.surrogate), method.bn)
-        if method.is_sbnn:
-            from ..spikingjelly import to_sbnn
-
-            model = to_sbnn(model, estimator=method.estimator, learn_std=method.learn_std,
-                            aux_loss=method.aux_weight > 0, inplace=True)
-        return model
-    sg = snntorch_surrogate("atan" if method.is_sbnn else method.surrogate)
-    model = task.build(cfg, sg, method.bn)
-    if method.is_sbnn:
-        from ..snntorch import to_sbnn
-
-        model = to_sbnn(
-            model, estimator=method.estimator, learn_std=method.learn_std,
-            aux_loss=method.aux_weight > 0, inplace=True,
-        )
-    return model
+        surrogate = "atan" if method.surrogate == "own" else method.surrogate
+        return task.build_sj(cfg, sj_surrogate(surrogate), method.bn)
+    surrogate = "atan" if method.is_sbnn or method.surrogate == "own" else method.surrogate
+    return task.build(cfg, snntorch_surrogate(surrogate), method.bn)
 
 
 def _try_reference(task: Task, method: Method, cfg: dict) -> nn.Module | None:
     """The paper's reference network from :mod:`sbnn_addons.models`, if importable."""
-    if method.framework != "snntorch":
+    if method.framework not in ("snntorch", "any"):
         return None
     try:
         return task.reference(cfg, method)
@@ -428,287 +411,172 @@ def _try_reference(task: Task, method: Method, cfg: dict) -> nn.Module | None:
         return None
 
 
-def _optimizer(model: nn.Module, lr: float, noise_lr: float, total_steps: int):
-    noise = [p for n, p in model.named_parameters() if n.endswith("std_rho")]
-    rest = [p for n, p in model.named_parameters() if not n.endswith("std_rho")]
-    groups = [{"params": rest, "lr": lr}]
-    if noise:
-        groups.append({"params": noise, "lr": noise_lr})
-    opt = torch.optim.Adam(groups)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
-    return opt, sched
+# --------------------------------------------------------------------------- running
+#: the reference recipe's task keys (sbnn_addons.models.PAPER_CONFIGS)
+_PAPER_KEYS = {"shd": "shd", "cifar10": "cifar10", "dvs-gesture": "dvs_gesture"}
 
 
-# --------------------------------------------------------------------------- distributed
-def dist_info() -> tuple[int, int, int]:
-    """``(rank, world_size, local_rank)`` from torchrun's environment (``1`` process if unset)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    return rank, world, local
+def _task_cfg(task: Task, cfg: dict) -> dict:
+    return {"lr": 5e-3, "noise_lr": 5e-2, "mc_samples": 10, **task.defaults,
+            **{k: v for k, v in cfg.items() if v is not None}}
 
 
-def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
-    """Initialise the process group when launched by ``torchrun`` (``WORLD_SIZE > 1``).
+def task_setup(task_name: str, cfg: dict) -> dict:
+    """Everything :func:`sbnn_addons.bench.compare` needs for a built-in task.
 
-    Backend ``nccl`` when the run uses CUDA, ``gloo`` otherwise. Returns ``(rank, world,
-    device)``; a single process returns ``(0, 1, device)`` without a process group.
+    The built-in tasks are examples of the same mechanism as ``--model`` / ``--data``: a
+    factory (taking the :class:`Method`, so each baseline gets its surrogate) and
+    batch-major tensors with the task's ``encode`` (which returns ``[T, B, ...]``).
+
+    Returns:
+        dict of :func:`compare` keyword arguments: ``model``, ``train_data``,
+        ``test_data``, ``layout``, ``encode``, ``num_classes``, ``max_train_samples``,
+        ``max_test_samples``, ``recipe`` (``None``: the default), and ``cfg`` (the
+        resolved config).
     """
-    rank, world, local = dist_info()
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    dev = torch.device(f"cuda:{local % max(torch.cuda.device_count(), 1)}" if use_cuda
-                       else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return rank, world, dev
+    if task_name not in TASKS:
+        raise ValueError(f"unknown task {task_name!r}; choose from {sorted(TASKS)}")
+    task = TASKS[task_name]
+    cfg = _task_cfg(task, cfg)
+    xtr, ytr, xte, yte = task.load(cfg)
+    num_steps = cfg["num_steps"]
+
+    def encode(x: Tensor, gen: torch.Generator) -> Tensor:
+        return task.encode(x, num_steps, gen)
+
+    def factory(method: Method) -> nn.Module:
+        return build_model(task, method, cfg)
+
+    recipe = None
+    if cfg.get("use_reference") and task.reference is not None and \
+            task_name in _PAPER_KEYS:
+        key = _PAPER_KEYS[task_name]
+
+        def recipe(model: nn.Module, epochs: int, steps_per_epoch: int):
+            from ..models import paper_recipe
+
+            opt, sched = paper_recipe(model, key, epochs=cfg["epochs"], lr=cfg["lr"],
+                                      noise_lr=cfg["noise_lr"])
+            return opt, sched, "epoch"  # the reference cosine steps once per epoch
+
+    num_classes = task.num_classes(cfg) if callable(task.num_classes) else task.num_classes
+    pre_subset = cfg.get("_subset_done", False)
+    return {"model": factory, "train_data": (xtr, ytr), "test_data": (xte, yte),
+            "layout": "static", "encode": encode, "num_classes": num_classes,
+            "max_train_samples": None if pre_subset else cfg.get("max_samples"),
+            "max_test_samples": None if pre_subset else (cfg.get("max_test_samples")
+                                                         or cfg.get("max_samples")),
+            "recipe": recipe, "cfg": cfg}
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def run_task(task_name: str, methods: list[str], seeds: list[int], cfg: dict,
+             progress=None, command: str | None = None, keep_models: bool = False):
+    """One built-in task through :func:`sbnn_addons.bench.compare`; EP methods after it.
 
-
-# --------------------------------------------------------------------------- train / eval
-@torch.no_grad()
-def _predict(model, method, x_enc, batch_size, mc_samples, eval_mode, device):
-    """Class probabilities for the samples of ``x_enc [T, N, ...]``, sharded over ranks."""
-    rank, world = _world()
-    n = x_enc.shape[1]
-    chunk = math.ceil(n / world)
-    lo, hi = min(rank * chunk, n), min((rank + 1) * chunk, n)
-    probs = []
-    for i in range(lo, hi, batch_size):
-        xb = x_enc[:, i:min(i + batch_size, hi)].to(device, torch.float32)
-        if method.is_sbnn and eval_mode == "mc":
-            probs.append(mc_predict(lambda xb=xb: model(xb), model, mc_samples))
-        elif method.is_sbnn:
-            with mode(model, eval_mode):
-                probs.append(torch.softmax(model(xb), -1))
-        else:
-            probs.append(torch.softmax(model(xb), -1))
-    local = torch.cat(probs) if probs else None
-    if world == 1:
-        return local.cpu()
-    # gather: pad every shard to `chunk` rows
-    if local is None:
-        k = torch.tensor([0], device=device)
-    else:
-        k = torch.tensor([local.shape[1]], device=device)
-    dist.all_reduce(k, op=dist.ReduceOp.MAX)
-    padded = torch.zeros(chunk, int(k.item()), device=device)
-    if local is not None:
-        padded[:len(local)] = local
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    full = torch.cat([p[:max(0, min((r + 1) * chunk, n) - r * chunk)]
-                      for r, p in enumerate(parts)])
-    return full.cpu()
-
-
-def _shard(perm: Tensor, rank: int, world: int) -> Tensor:
-    """This rank's part of an epoch permutation (padded by wrap-around to equal lengths)."""
-    if world == 1:
-        return perm
-    pad = (-len(perm)) % world
-    return torch.cat([perm, perm[:pad]])[rank::world]
-
-
-def _forward_params(output: Tensor) -> set[int]:
-    """``id`` of every leaf tensor that ``output``'s autograd graph accumulates into."""
-    seen, found, stack = set(), set(), [output.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        var = getattr(fn, "variable", None)
-        if var is not None:
-            found.add(id(var))
-        stack.extend(nxt for nxt, _ in fn.next_functions)
-    return found
-
-
-def _wrap_ddp(model: nn.Module, device: torch.device, cfg: dict, probe: Tensor):
-    """Wrap ``model`` in ``DistributedDataParallel``; returns ``(ddp, ignored_params)``.
-
-    Converted models keep their variance-tracking hooks (TorchFunctionMode) on the inner
-    module, which DDP calls, so they work unchanged. Parameters outside the forward graph
-    (e.g. the posterior std of the readout layer, whose variance no neuron consumes) are
-    found with one probe forward on ``probe`` and left out of DDP: their gradient, when a
-    loss term outside the forward gives one (the KL), is all-reduced by
-    :func:`_sync_ignored`. Neuron state buffers change shape with the batch, so buffers
-    are not synchronised after construction (BatchNorm statistics stay per process; rank
-    0's are evaluated).
+    Returns:
+        :class:`sbnn_addons.bench.BenchResults`.
     """
-    import inspect
+    from .results import BenchResults
 
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {sorted(METHODS)}")
+    setup = task_setup(task_name, cfg)
+    cfg = setup.pop("cfg")
+    recipe = setup.pop("recipe")
+    trained = [m for m in methods if METHODS[m].framework != "ep"]
+    rows, meta = [], {}
+    if trained:
+        res = compare(
+            **setup, methods=trained, known_methods=METHODS, epochs=cfg["epochs"],
+            seeds=seeds, batch_size=cfg["batch_size"], lr=cfg["lr"], noise_lr=cfg["noise_lr"],
+            mc_samples=cfg["mc_samples"], recipe=recipe, aux_weight=cfg.get("aux_weight"),
+            interleave=not cfg.get("sequential", False), device=cfg.get("device") or "cpu",
+            task=task_name, find_unused_parameters=bool(cfg.get("find_unused_parameters")),
+            progress=progress, command=command, keep_models=keep_models,
+            subset_seed=cfg.get("subset_seed", 0))
+        rows, meta = res.rows, res.meta
+    for m in methods:
+        if METHODS[m].framework == "ep":
+            for s in seeds:
+                rows.append(_run_ep(task_name, m, s, cfg))
+    if not meta:
+        meta = {"task": task_name, "epochs": cfg["epochs"], "seeds": list(seeds),
+                "methods": list(methods), "command": command, "world_size": 1}
+    # keep the requested method order
+    order = {m: i for i, m in enumerate(methods)}
+    rows.sort(key=lambda r: (order[r["method"]], r["seed"]))
+    return BenchResults(rows, meta)
 
-    if cfg.get("find_unused_parameters"):
-        ignored = []
-    else:
-        with torch.enable_grad():
-            used = _forward_params(model(probe))
-        aux_loss(model)  # drop aux terms the probe collected (they hold the probe's graph)
-        ignored = [(n, p) for n, p in model.named_parameters()
-                   if p.requires_grad and id(p) not in used]
-        DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, _ in ignored])
-    kwargs = {"find_unused_parameters": bool(cfg.get("find_unused_parameters", False))}
-    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
-        kwargs["forward_sync_buffers"] = False
-    else:  # pragma: no cover - older torch
-        kwargs["broadcast_buffers"] = False
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **kwargs)
-    return ddp, [p for _, p in ignored]
 
-
-def _sync_ignored(params: list[Tensor]) -> None:
-    """Average the gradients of the parameters left out of DDP over the processes."""
-    world = dist.get_world_size()
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad.div_(world)
-
-
-def _check_in_sync(model: nn.Module) -> None:
-    """Raise if the processes' parameters differ (DDP keeps them identical)."""
-    with torch.no_grad():
-        total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
-    hi, lo = total.clone().reshape(1), total.clone().reshape(1)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    if not torch.isclose(hi, lo, rtol=1e-9, atol=1e-9).all():
-        raise RuntimeError(f"parameters differ across processes after training ({hi} vs {lo})")
+def _legacy(row: dict) -> dict:
+    """Keys of the former rows (``accuracy``, ``eval``, ``train_time_s``,
+    ``accuracy_mean_mode``) for callers of :func:`run_one`."""
+    sbnn = row.get("accuracy_mc") is not None and row["kind"] == "sbnn"
+    row.setdefault("accuracy", row["accuracy_mc"] if sbnn else row["accuracy_mean"])
+    row.setdefault("eval", f"mc({row['mc_samples']})" if sbnn else "deterministic")
+    row.setdefault("train_time_s", row["train_s"])
+    row.setdefault("accuracy_mean_mode", row["accuracy_mean"])
+    return row
 
 
 def run_one(task_name: str, method_name: str, seed: int, cfg: dict, progress=None,
             keep_model: bool = False) -> dict:
-    """Train and evaluate one (task, method, seed); returns a result row with curves.
+    """Train and evaluate one (task, method, seed) through :func:`compare`; one row.
 
     With ``keep_model=True`` the trained model (in eval mode) is returned under the row's
-    private key ``"_model"``, for further evaluation (e.g. ``benchmarks/dvs_uncertainty.py``).
-
-    Inside a ``torchrun`` launch (process group initialised) the training batches are
-    sharded over the processes and the model is wrapped in ``DistributedDataParallel``;
-    every process returns the same row.
+    private key ``"_model"``. The row also carries the former keys ``accuracy`` (``mc(K)``
+    for SBNN, deterministic otherwise), ``eval``, ``train_time_s`` and
+    ``accuracy_mean_mode``.
     """
     if task_name not in TASKS:
         raise ValueError(f"unknown task {task_name!r}; choose from {sorted(TASKS)}")
     if method_name not in METHODS:
         raise ValueError(f"unknown method {method_name!r}; choose from {sorted(METHODS)}")
-    task, method = TASKS[task_name], METHODS[method_name]
-    cfg = {"lr": 5e-3, "noise_lr": 5e-2, "mc_samples": 10, **task.defaults,
-           **{k: v for k, v in cfg.items() if v is not None}}
-    if method.framework == "ep":
-        return _run_ep(task_name, method_name, seed, cfg, progress)
-    rank, world = _world()
-    device = torch.device(cfg.get("device") or "cpu")
-    torch.manual_seed(seed)
-    xtr, ytr, xte, yte = task.load(cfg)
-    model = build_model(task, method, cfg).to(device)
-    seed_spikes(model, seed + 7919 * rank)
-    ignored: list[Tensor] = []
-    net = model
-    if world > 1:
-        probe = task.encode(xtr[:2], cfg["num_steps"], torch.Generator().manual_seed(0))
-        net, ignored = _wrap_ddp(model, device, cfg, probe.to(device, torch.float32))
-    aux_w = (cfg.get("aux_weight") or method.aux_weight) if method.aux_weight > 0 else 0.0
-    n_train, bs = len(ytr), cfg["batch_size"]
-    steps_per_epoch = math.ceil(math.ceil(n_train / world) / bs)
-    opt, sched = _optimizer(model, cfg["lr"], cfg["noise_lr"], cfg["epochs"] * steps_per_epoch)
-    gen = torch.Generator().manual_seed(seed)  # permutation: identical on every rank
-    enc_gen = gen if world == 1 else torch.Generator().manual_seed(seed * 1000 + rank + 1)
-    test_gen = torch.Generator().manual_seed(12345)  # identical test encoding for all methods
-    x_test = task.encode(xte, cfg["num_steps"], test_gen)
-    curve, train_time = [], 0.0
-    for epoch in range(cfg["epochs"]):
-        model.train()
-        idx_all = _shard(torch.randperm(n_train, generator=gen), rank, world)
-        total, count = torch.zeros(2, dtype=torch.float64), 0
-        t0 = time.perf_counter()
-        for i in range(0, len(idx_all), bs):
-            idx = idx_all[i:i + bs]
-            xb = task.encode(xtr[idx], cfg["num_steps"], enc_gen).to(device, torch.float32)
-            yb = ytr[idx].to(device)
-            nll = F.cross_entropy(net(xb), yb)
-            if method.is_sbnn:
-                loss = sbnn_objective(nll, model, n_train, kl_weight=method.kl_weight,
-                                      aux_weight=aux_w)
-            else:
-                loss = nll
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if ignored:
-                _sync_ignored(ignored)
-            opt.step()
-            sched.step()
-            total[0] += loss.item() * len(idx)
-            count += len(idx)
-        total[1] = count
-        elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(total)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        train_time += float(elapsed)
-        model.eval()
-        quick = _predict(model, method, x_test, 256, 1, "mean" if method.is_sbnn else "n/a",
-                         device)
-        curve.append({"epoch": epoch + 1, "train_loss": float(total[0] / total[1]),
-                      "test_accuracy": float((quick.argmax(-1) == yte).float().mean())})
-        if progress is not None:
-            progress.update(1)
-    if world > 1:
-        _check_in_sync(model)
-    model.eval()
-    probs = _predict(model, method, x_test, 256, cfg["mc_samples"], "mc", device)
-    row = {"task": task_name, "method": method_name, "seed": seed,
-           "epochs": cfg["epochs"], "num_steps": cfg["num_steps"],
-           "train_time_s": train_time,
-           **classification_metrics(probs, yte)}
-    if method.is_sbnn:
-        mean_probs = _predict(model, method, x_test, 256, 1, "mean", device)
-        row["accuracy_mean_mode"] = float((mean_probs.argmax(-1) == yte).float().mean())
-        row["eval"] = f"mc({cfg['mc_samples']})"
-    else:
-        row["accuracy_mean_mode"] = row["accuracy"]
-        row["eval"] = "deterministic"
-    row["world_size"] = world
-    row["model"] = type(getattr(model, "net", model)).__name__
-    row["curve"] = curve
-    row["_probs"] = probs
-    row["_targets"] = yte
-    if keep_model:
-        row["_model"] = model
-    return row
+    res = run_task(task_name, [method_name], [seed], cfg, progress, keep_models=keep_model)
+    return _legacy(res.rows[0])
 
 
 def _run_ep(task_name: str, method_name: str, seed: int, cfg: dict, progress=None) -> dict:
-    """The ``ep`` methods: :func:`sbnn_addons.ep.bench_task` on the task's data and code.
+    """The ``ep`` methods: :func:`sbnn_addons.ep.fit_static` on the task's data and code.
 
     ``digits``: the same rate code as the other methods, averaged over time; ``randman``:
     the same spike trains, reduced to first-spike latencies. ``--width`` sets the hidden
     width (default 100). ``ep-binary`` uses binary +-1 weights (``weights="binary"``).
     Other tasks raise ``ValueError``.
     """
-    from ..ep import BENCH_TASKS, bench_task
+    from .. import ep
 
-    if task_name not in BENCH_TASKS:
-        raise ValueError(f"method {method_name!r} supports the tasks {list(BENCH_TASKS)} only, "
-                         f"got {task_name!r}")
+    if task_name not in ep.BENCH_TASKS:
+        raise ValueError(f"method {method_name!r} supports the tasks {list(ep.BENCH_TASKS)} "
+                         f"only, got {task_name!r}")
     if _world()[1] > 1:
         raise ValueError(f"method {method_name!r} runs in a single process; drop torchrun")
+    cfg = _task_cfg(TASKS[task_name], cfg)
+    task = TASKS[task_name]
+    xtr, ytr, xte, yte = task.load(cfg)
+    if cfg.get("max_samples"):
+        from .data import DataSpec
+
+        nc = task.num_classes(cfg) if callable(task.num_classes) else task.num_classes
+        tr = DataSpec(x=xtr, y=ytr, layout="static").subset(
+            cfg["max_samples"], cfg.get("subset_seed", 0), "train subset", nc)
+        te = DataSpec(x=xte, y=yte, layout="static").subset(
+            cfg.get("max_test_samples") or cfg["max_samples"], cfg.get("subset_seed", 0) + 1,
+            "test subset", nc)
+        xtr, ytr, xte, yte = tr.x, tr.y, te.x, te.y
+    xtr = task.encode(xtr, cfg["num_steps"], torch.Generator().manual_seed(seed)).float()
+    xte = task.encode(xte, cfg["num_steps"], torch.Generator().manual_seed(12345)).float()
+    if task_name == "randman":
+        xtr, xte = ep.first_spike_features(xtr), ep.first_spike_features(xte)
     weights = "binary" if method_name == "ep-binary" else "gaussian"
-    row = bench_task(task_name, seed, epochs=EP_PASSES, num_steps=cfg["num_steps"],
-                     hidden=(_width(cfg, 100),), mc_samples=cfg["mc_samples"],
-                     split_seed=cfg.get("split_seed", 0), cfg=cfg, weights=weights)
-    row["method"] = method_name
+    nc = task.num_classes(cfg) if callable(task.num_classes) else task.num_classes
+    row = ep.fit_static(xtr, ytr, xte, yte, num_classes=nc, seed=seed, epochs=EP_PASSES,
+                        hidden=(_width(cfg, 100),), mc_samples=cfg["mc_samples"],
+                        weights=weights)
+    row.update({"task": task_name, "method": method_name, "kind": "ep",
+                "spike_fn": f"EP ({weights} weights)", "num_steps": cfg["num_steps"],
+                "batch_size": 1, "world_size": 1, "host": "-"})
     if progress is not None:
         progress.update(cfg["epochs"])
     return row
@@ -716,7 +584,14 @@ def _run_ep(task_name: str, method_name: str, seed: int, cfg: dict, progress=Non
 
 def run_grid(tasks, methods, seeds, cfg: dict, progress_factory=None,
              preset: str | None = None) -> list[dict]:
-    """Run every (task, method, seed); ``progress_factory(total)`` makes a progress bar.
+    """Run every (task, method, seed); returns the rows (see :func:`run_tasks`)."""
+    return [r for res in run_tasks(tasks, methods, seeds, cfg, progress_factory, preset)
+            for r in res.rows]
+
+
+def run_tasks(tasks, methods, seeds, cfg: dict, progress_factory=None,
+              preset: str | None = None, command: str | None = None) -> list:
+    """One :class:`BenchResults` per task; ``progress_factory(total)`` makes a bar.
 
     ``preset`` (``"paper"``, ``"cpu"``) fills in defaults per task (see
     :func:`apply_preset`); explicit values in ``cfg`` win.
@@ -731,16 +606,15 @@ def run_grid(tasks, methods, seeds, cfg: dict, progress_factory=None,
     for t in tasks:  # data_dir may be {task: folder}
         if isinstance(cfgs[t].get("data_dir"), dict):
             cfgs[t]["data_dir"] = cfgs[t]["data_dir"].get(t)
-    total = sum({**TASKS[t].defaults, **{k: v for k, v in cfgs[t].items() if v is not None}}
-                ["epochs"] for t in tasks) * len(methods) * len(seeds)
-    bar = progress_factory(total) if progress_factory else None
-    rows = []
-    try:
-        for t in tasks:
-            for m in methods:
-                for s in seeds:
-                    rows.append(run_one(t, m, s, copy.deepcopy(cfgs[t]), bar))
-    finally:
-        if bar is not None:
-            bar.close()
-    return rows
+    out = []
+    for t in tasks:
+        total = _task_cfg(TASKS[t], cfgs[t])["epochs"] * len(methods) * len(seeds)
+        bar = progress_factory(total) if progress_factory else None
+        try:
+            out.append(run_task(t, list(methods), list(seeds), copy.deepcopy(cfgs[t]),
+                                progress=(lambda n, bar=bar: bar) if bar else None,
+                                command=command))
+        finally:
+            if bar is not None:
+                bar.close()
+    return out

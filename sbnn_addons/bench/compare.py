@@ -1,0 +1,847 @@
+"""``compare``: train your snnTorch / SpikingJelly model and its SBNN conversions side by side.
+
+.. code-block:: python
+
+    from sbnn_addons.bench import compare
+
+    res = compare(make_net, (x_train, y_train), (x_test, y_test), layout="TB",
+                  methods=["original", "sbnn-st", "sbnn-agr"], epochs=5, seeds=[0, 1, 2])
+    print(res.table())            # the columns of results.csv, mean +- std over seeds
+    res.save("runs/mine")         # results.csv, results.json, PNG plots, report.md
+
+What is the same for every method (the protocol the report states):
+
+* the initial weights (a factory is called under ``torch.manual_seed(seed)``; a module
+  instance is deep-copied), the SBNN methods converting that same network with
+  :func:`sbnn_addons.snntorch.to_sbnn` or :func:`sbnn_addons.spikingjelly.to_sbnn`;
+* the data: the batch order of every epoch and the encoding's random draws come from
+  generators seeded by ``(seed, epoch)`` only; the test inputs from one fixed generator;
+* the recipe: Adam over :func:`sbnn_addons.param_groups` (weights ``lr``, noise scales
+  ``noise_lr``) and a cosine decay, or your ``recipe``;
+* the evaluation: ``mean`` mode (deterministic network, posterior-mean weights) for every
+  method; ``sample`` (one stochastic pass) and ``mc(K)`` additionally for SBNN methods.
+
+Timing: each method runs one warm-up training step (its state restored afterwards) before
+anything is timed; then the methods are interleaved epoch by epoch, the first method
+rotating, each with its own random-number stream. Training and evaluation are timed
+separately, per epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..losses import aux_loss, sbnn_objective
+from ..metrics import classification_metrics
+from ..modes import mc_predict, mode
+from ..optim import param_groups
+from ..spike import IWSTSpike, seed_spikes
+from .data import DataSpec, fingerprint, prepare
+
+__all__ = ["Method", "GENERIC_METHODS", "DEFAULT_METHODS", "compare", "resolve_methods",
+           "default_recipe", "detect_host", "dist_info", "init_distributed"]
+
+
+# --------------------------------------------------------------------------- methods
+@dataclass(frozen=True)
+class Method:
+    """A training method: the model's own surrogate (baseline) or an SBNN estimator.
+
+    ``framework`` and ``surrogate`` and ``bn`` are read by factories that accept a
+    ``method`` argument (the built-in tasks build the network the method names); for your
+    own model the host library is detected and ``"original"`` keeps your surrogate.
+    ``kl_weight > 0`` adds the KL term of :func:`sbnn_addons.sbnn_objective` (``N`` =
+    training-set size); ``aux_weight > 0`` the bias-minimising auxiliary loss.
+    """
+
+    name: str
+    surrogate: str = "atan"
+    estimator: str | None = None  # None: baseline
+    aux_weight: float = 0.0
+    learn_std: bool = True
+    framework: str = "snntorch"
+    bn: bool = False
+    kl_weight: float = 0.0
+    help: str = ""
+
+    @property
+    def is_sbnn(self) -> bool:
+        return self.estimator is not None
+
+    @property
+    def kind(self) -> str:
+        return "ep" if self.framework == "ep" else ("sbnn" if self.is_sbnn else "baseline")
+
+
+#: methods that apply to any model: its own surrogate and the SBNN conversions
+GENERIC_METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("original", surrogate="own", framework="any",
+               help="your model as given, trained with its own surrogate gradient"),
+        Method("sbnn-st", estimator="st", help="SBNN, straight-through (IW-ST p=0)"),
+        Method("sbnn-iwst", estimator="iwst(0.5)", help="SBNN, IW-ST p=0.5"),
+        Method("sbnn-agr", estimator="agr", help="SBNN, AGR estimator"),
+        Method("sbnn-agr-aux", estimator="agr", aux_weight=1e-4,
+               help="SBNN AGR + bias-minimising aux loss"),
+        Method("sbnn-agr-kl", estimator="agr", kl_weight=1.0,
+               help="SBNN AGR + KL (sbnn_objective, kl_weight=1, N = train size)"),
+        Method("sbnn-st-fixed-std", estimator="st", learn_std=False,
+               help="SBNN ST with fixed (not learned) weight std"),
+    )
+}
+DEFAULT_METHODS = ("original", "sbnn-st", "sbnn-agr")
+
+
+def resolve_methods(methods: Sequence[str | Method],
+                    known: dict[str, Method] | None = None) -> list[Method]:
+    """:class:`Method` objects for names (``GENERIC_METHODS`` and ``known``) or objects."""
+    table = {**GENERIC_METHODS, **(known or {})}
+    out = []
+    for m in methods:
+        if isinstance(m, Method):
+            out.append(m)
+        elif m in table:
+            out.append(table[m])
+        else:
+            raise ValueError(f"unknown method {m!r}; choose from {sorted(table)} or pass a "
+                             "sbnn_addons.bench.Method")
+    if not out:
+        raise ValueError("methods is empty")
+    names = [m.name for m in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"methods repeat a name: {names}")
+    return out
+
+
+# --------------------------------------------------------------------------- hosts
+def detect_host(model: nn.Module) -> str | None:
+    """``"snntorch"``, ``"spikingjelly"`` or ``None`` from the classes in ``model``."""
+    hosts = set()
+    for m in model.modules():
+        mod = type(m).__module__
+        for cls in type(m).__mro__:
+            mod = cls.__module__
+            if mod.startswith("snntorch"):
+                hosts.add("snntorch")
+            elif mod.startswith("spikingjelly"):
+                hosts.add("spikingjelly")
+    if len(hosts) > 1:
+        raise ValueError("the model mixes snnTorch and SpikingJelly modules; convert it by hand")
+    return hosts.pop() if hosts else None
+
+
+def _step_style(model: nn.Module, host: str | None) -> bool:
+    """Whether the model runs one time step per call (time loop outside the model)."""
+    if host == "snntorch":
+        return any(getattr(m, "init_hidden", False) for m in model.modules())
+    if host == "spikingjelly":
+        from spikingjelly.activation_based import base
+
+        steps = {m.step_mode for m in model.modules() if isinstance(m, base.StepModule)}
+        return steps == {"s"}
+    return False
+
+
+def _reset(model: nn.Module, host: str | None, converted: bool) -> None:
+    """Reset the neuron states with the host's utilities (and the SBNN caches)."""
+    if host == "snntorch":
+        from snntorch import utils
+
+        utils.reset(model)
+        from ..snntorch import reset  # walks the tree: copies too, and the spike caches
+
+        reset(model)
+    elif host == "spikingjelly":
+        from spikingjelly.activation_based import functional
+
+        if converted:
+            functional.invalidate_reset_cache(model)
+        functional.reset_net(model)
+
+
+def describe_surrogate(model: nn.Module) -> str:
+    """Short name of the spike function of the model's neurons (for the report)."""
+    names = []
+    for m in model.modules():
+        if isinstance(m, IWSTSpike):
+            names.append(f"IW-ST {m.estimator}" if hasattr(m, "estimator") else "IW-ST")
+            continue
+        sg = getattr(m, "spike_grad", None) or getattr(m, "surrogate_function", None)
+        if sg is None:
+            continue
+        if isinstance(sg, IWSTSpike):
+            names.append("IW-ST")
+            continue
+        name = getattr(sg, "__name__", None) or type(sg).__name__
+        if name == "function" or name.startswith("<"):
+            name = getattr(getattr(sg, "__func__", None), "__name__", "surrogate")
+        names.append(name.replace("inner", "surrogate"))
+    uniq = sorted(set(names))
+    return ", ".join(uniq) if uniq else "-"
+
+
+class _Forward:
+    """Model input ``[T, B, ...]`` -> logits ``[B, C]`` for any call style.
+
+    Step models (snnTorch ``init_hidden=True``, SpikingJelly single-step) are called once
+    per step; sequence models once. Tuple outputs ``(spk, mem)`` keep the first item; a
+    ``[T, B, C]`` output is averaged over time (the default ``readout``).
+    """
+
+    def __init__(self, model: nn.Module, host: str | None, converted: bool, step: bool,
+                 readout: Callable | None, caller: nn.Module | None = None) -> None:
+        self.model, self.host, self.converted, self.step = model, host, converted, step
+        self.readout = readout
+        self.caller = caller if caller is not None else model
+
+    def __call__(self, x: Tensor) -> Tensor:
+        _reset(self.model, self.host, self.converted)
+        if self.step:
+            out = [self.caller(x[t]) for t in range(x.shape[0])]
+            if self.readout is not None:
+                return self.readout(out)
+            out = torch.stack([o[0] if isinstance(o, (tuple, list)) else o for o in out])
+        else:
+            out = self.caller(x)
+            if self.readout is not None:
+                return self.readout(out)
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+        return out.mean(0) if out.dim() == 3 else out
+
+
+# --------------------------------------------------------------------------- recipe
+Recipe = Callable[[nn.Module, int, int], tuple]
+
+
+def default_recipe(lr: float = 5e-3, noise_lr: float | None = 5e-2) -> Recipe:
+    """Adam over :func:`sbnn_addons.param_groups` and a cosine decay stepped per batch.
+
+    Returns:
+        ``recipe(model, epochs, steps_per_epoch) -> (optimizer, scheduler, "batch")``, the
+        form :func:`compare` takes (the third item is ``"batch"`` or ``"epoch"``: when the
+        scheduler steps).
+    """
+
+    def recipe(model: nn.Module, epochs: int, steps_per_epoch: int):
+        opt = torch.optim.Adam(param_groups(model, lr=lr, noise_lr=noise_lr))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=max(epochs * steps_per_epoch, 1))
+        return opt, sched, "batch"
+
+    return recipe
+
+
+# --------------------------------------------------------------------------- distributed
+def dist_info() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from torchrun's environment (``1`` process if unset)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    return rank, world, local
+
+
+def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
+    """Initialise the process group when launched by ``torchrun`` (``WORLD_SIZE > 1``).
+
+    Backend ``nccl`` when the run uses CUDA, ``gloo`` otherwise. Returns ``(rank, world,
+    device)``; a single process returns ``(0, 1, device)`` without a process group.
+    """
+    rank, world, local = dist_info()
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = torch.device(f"cuda:{local % max(torch.cuda.device_count(), 1)}" if use_cuda
+                       else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, dev
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _forward_params(output: Tensor) -> set[int]:
+    """``id`` of every leaf tensor that ``output``'s autograd graph accumulates into."""
+    seen, found, stack = set(), set(), [output.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            found.add(id(var))
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return found
+
+
+def _wrap_ddp(model: nn.Module, forward: _Forward, device: torch.device, probe: Tensor,
+              find_unused: bool):
+    """Wrap ``model`` in ``DistributedDataParallel``; returns ``(ddp, ignored_params)``.
+
+    Parameters outside the forward graph (e.g. the posterior std of a readout layer whose
+    variance no neuron consumes) are found with one probe forward and left out of DDP;
+    :func:`_sync_ignored` all-reduces their gradients. Buffers are not synchronised
+    (neuron states change shape with the batch; BatchNorm statistics stay per process).
+    """
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ignored: list[tuple[str, Tensor]] = []
+    if not find_unused:
+        with torch.enable_grad():
+            used = _forward_params(forward(probe))
+        aux_loss(model)  # drop aux terms the probe collected
+        ignored = [(n, p) for n, p in model.named_parameters()
+                   if p.requires_grad and id(p) not in used]
+        DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, _ in ignored])
+    kwargs = {"find_unused_parameters": find_unused}
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        kwargs["forward_sync_buffers"] = False
+    else:  # pragma: no cover - older torch
+        kwargs["broadcast_buffers"] = False
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **kwargs)
+    return ddp, [p for _, p in ignored]
+
+
+def _sync_ignored(params: list[Tensor]) -> None:
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(world)
+
+
+def _check_in_sync(model: nn.Module) -> None:
+    with torch.no_grad():
+        total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
+    hi, lo = total.clone().reshape(1), total.clone().reshape(1)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    if not torch.isclose(hi, lo, rtol=1e-9, atol=1e-9).all():
+        raise RuntimeError(f"parameters differ across processes after training ({hi} vs {lo})")
+
+
+# --------------------------------------------------------------------------- one run
+@dataclass
+class _Run:
+    method: Method
+    seed: int
+    model: nn.Module
+    forward: _Forward
+    host: str | None
+    surrogate: str
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: object | None = None
+    interval: str = "batch"
+    ignored: list = field(default_factory=list)
+    rng: Tensor | None = None
+    cuda_rng: Tensor | None = None
+    curve: list = field(default_factory=list)
+    train_times: list = field(default_factory=list)
+    eval_times: list = field(default_factory=list)
+    orders: list = field(default_factory=list)
+
+
+def _mix(*xs: int) -> int:
+    """A seed from several integers (stable, in [0, 2**62))."""
+    h = 1469598103934665603
+    for x in xs:
+        h = ((h ^ (int(x) & 0xFFFFFFFFFFFF)) * 1099511628211) % (2**62)
+    return h
+
+
+def _make_model(model, method: Method, seed: int, reinit: bool) -> nn.Module:
+    torch.manual_seed(seed)
+    if isinstance(model, nn.Module):
+        net = copy.deepcopy(model)
+        if reinit:
+            for m in net.modules():
+                fn = getattr(m, "reset_parameters", None)
+                if callable(fn) and m is not net:
+                    fn()
+        return net
+    if not callable(model):
+        raise TypeError(f"model must be an nn.Module or a factory, got {type(model).__name__}")
+    try:
+        accepts = "method" in inspect.signature(model).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    net = model(method=method) if accepts else model()
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"the factory returned {type(net).__name__}, not an nn.Module")
+    return net
+
+
+def _convert(net: nn.Module, method: Method, host: str | None, sbnn_kwargs: dict):
+    if any(isinstance(m, IWSTSpike) for m in net.modules()):
+        return net  # the factory built the SBNN model itself (e.g. a reference network)
+    kwargs = {"estimator": method.estimator, "learn_std": method.learn_std,
+              "aux_loss": method.aux_weight > 0, "inplace": True, **sbnn_kwargs}
+    if host == "snntorch":
+        from ..snntorch import to_sbnn
+    elif host == "spikingjelly":
+        from ..spikingjelly import to_sbnn
+    else:
+        raise ValueError(f"method {method.name!r} converts snnTorch or SpikingJelly models; "
+                         "this model has neither (no snnTorch / SpikingJelly neuron found)")
+    return to_sbnn(net, **kwargs)
+
+
+def _fork_rng(run: _Run, device: torch.device) -> None:
+    torch.set_rng_state(run.rng)
+    if device.type == "cuda" and run.cuda_rng is not None:
+        torch.cuda.set_rng_state(run.cuda_rng, device)
+
+
+def _save_rng(run: _Run, device: torch.device) -> None:
+    run.rng = torch.get_rng_state()
+    if device.type == "cuda":
+        run.cuda_rng = torch.cuda.get_rng_state(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------- compare
+def compare(
+    model: nn.Module | Callable[..., nn.Module],
+    train_data,
+    test_data,
+    *,
+    methods: Sequence[str | Method] = DEFAULT_METHODS,
+    epochs: int = 5,
+    seeds: Sequence[int] = (0,),
+    batch_size: int = 64,
+    lr: float = 5e-3,
+    noise_lr: float | None = 5e-2,
+    layout: str = "TB",
+    encode: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+    readout: Callable | None = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    mc_samples: int = 10,
+    max_train_samples: int | None = None,
+    max_test_samples: int | None = None,
+    subset_seed: int = 0,
+    num_classes: int | None = None,
+    recipe: Recipe | None = None,
+    sbnn_kwargs: dict | None = None,
+    aux_weight: float | None = None,
+    interleave: bool = True,
+    warmup: bool = True,
+    reinit: bool | None = None,
+    device: str | torch.device = "cpu",
+    task: str = "custom",
+    eval_batch_size: int = 256,
+    known_methods: dict[str, Method] | None = None,
+    find_unused_parameters: bool = False,
+    progress: Callable[[int], object] | None = None,
+    command: str | None = None,
+    keep_models: bool = False,
+):
+    """Train ``model`` with its own surrogate and as SBNN conversions, on identical terms.
+
+    Args:
+        model: an snnTorch or SpikingJelly ``nn.Module`` (deep-copied per run), or a factory
+            ``() -> nn.Module`` called under ``torch.manual_seed(seed)`` (a factory with a
+            ``method`` parameter gets the :class:`Method`, as the built-in tasks do).
+        train_data: ``(x, y)`` tensors, a ``TensorDataset`` or a re-iterable ``DataLoader``
+            of ``(x, y)`` batches.
+        test_data: the same for evaluation (a loader must not shuffle).
+        methods: names from :data:`GENERIC_METHODS` (``"original"``, ``"sbnn-st"``,
+            ``"sbnn-agr"``, ...) or :class:`Method` objects.
+        epochs: passes over the training data (``>= 1``).
+        seeds: one run per method and seed; the table shows mean +- std over seeds.
+        batch_size: training batch size for tensor data (loaders keep theirs).
+        lr: learning rate of the weights (:func:`default_recipe`).
+        noise_lr: learning rate of the SBNN noise scales (``None``: ``10 * lr``).
+        layout: where the samples are: ``"TB"`` (time-major ``x [T, N, ...]``, batches go to
+            the model as ``[T, B, ...]``), ``"BT"`` (batch-major ``[N, T, ...]``, transposed
+            to ``[T, B, ...]`` per batch) or ``"static"`` (``[N, ...]``, no time axis;
+            ``encode`` adds it).
+        encode: ``encode(x, generator) -> model input`` per batch, after the transposition
+            (e.g. a rate code); ``generator`` is seeded identically for every method.
+        readout: ``readout(output) -> logits [B, C]``; ``output`` is the model's return
+            value (sequence models) or the list of per-step returns (step models). Default:
+            first item of a tuple, mean over time of a ``[T, B, C]`` output.
+        loss_fn: ``loss_fn(logits, y)`` (default cross-entropy); SBNN methods add their
+            objective's terms (:func:`sbnn_addons.sbnn_objective`).
+        mc_samples: ``K`` of the ``mc(K)`` evaluation.
+        max_train_samples: a stratified, seeded subset of the training tensors.
+        max_test_samples: the same for the test tensors.
+        subset_seed: seed of those subsets (the same for every method and seed).
+        num_classes: classes of the task; a training set (or subset) with fewer raises.
+        recipe: ``recipe(model, epochs, steps_per_epoch) -> (optimizer, scheduler or None,
+            "batch" | "epoch")``; default :func:`default_recipe` ``(lr, noise_lr)``.
+        sbnn_kwargs: extra arguments of ``to_sbnn`` (``std``, ``std_mode``, ...).
+        aux_weight: weight of the aux loss for methods that use it (default: the method's).
+        interleave: train the methods epoch by epoch in turn (``False``: one after the
+            other, each after its own warm-up).
+        warmup: one untimed training step per method before timing (state restored).
+        reinit: re-initialise a module instance per seed (``reset_parameters`` under
+            ``torch.manual_seed(seed)``); default: only with several seeds.
+        device: ``"cpu"``, ``"cuda"``, ... .
+        task: name of the task in the outputs.
+        eval_batch_size: batch size of the evaluation passes (tensor data).
+        known_methods: extra method names (the built-in tasks' baselines).
+        find_unused_parameters: passed to ``DistributedDataParallel`` under ``torchrun``.
+        progress: ``progress(total_epochs)`` returns a bar with ``update(n)`` / ``close()``.
+        command: the command line to record in the report.
+        keep_models: keep the trained models in the rows (``"_model"``).
+
+    Returns:
+        :class:`sbnn_addons.bench.BenchResults`: ``rows`` (one per method and seed, the
+        CSV columns plus ``curve`` and per-sample ``_probs`` / ``_targets``), ``table()``,
+        ``curves()``, ``predictions()``, ``save(out_dir)``.
+
+    Raises:
+        ValueError: unknown methods, bad layout, a subset or training set that lacks
+            classes, a shuffling test loader, data order that differs between methods.
+    """
+    from .results import BenchResults
+
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}")
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds is empty")
+    meths = resolve_methods(methods, known_methods)
+    device = torch.device(device)
+    rank, world = _world()
+    train = DataSpec.from_any(train_data, layout, "train_data")
+    test = DataSpec.from_any(test_data, layout, "test_data")
+    train = train.subset(max_train_samples, subset_seed, "train subset", num_classes)
+    test = test.subset(max_test_samples, subset_seed + 1, "test subset", num_classes)
+    if train.is_tensor and test.is_tensor:
+        _check_train_classes(train.y, test.y, num_classes)
+    if world > 1 and not train.is_tensor:
+        raise ValueError("under torchrun pass tensors (the harness shards them); a DataLoader "
+                         "would be read in full by every process")
+    loss_fn = loss_fn or F.cross_entropy
+    recipe = recipe or default_recipe(lr, noise_lr)
+    sbnn_kwargs = dict(sbnn_kwargs or {})
+    reinit = len(seeds) > 1 if reinit is None else reinit
+    n_train = len(train)
+    steps_per_epoch = (math.ceil(math.ceil(n_train / world) / batch_size) if train.is_tensor
+                       else max(len(train.loader), 1))
+    bar = progress(epochs * len(meths) * len(seeds)) if progress else None
+    ctx = _Ctx(train, test, layout=train.layout, encode=encode, device=device,
+               batch_size=batch_size, eval_batch_size=eval_batch_size, loss_fn=loss_fn,
+               n_train=n_train, rank=rank, world=world, aux_weight=aux_weight)
+    rows: list[dict] = []
+    num_steps = None
+    try:
+        for seed in seeds:
+            runs = []
+            for m in meths:
+                run = _build_run(model, m, seed, reinit, readout, sbnn_kwargs, ctx,
+                                 find_unused_parameters)
+                run.optimizer, run.scheduler, run.interval = recipe(
+                    run.model, epochs, steps_per_epoch)
+                if run.interval not in ("batch", "epoch"):
+                    raise ValueError(f"recipe must return 'batch' or 'epoch' as third item, "
+                                     f"got {run.interval!r}")
+                # every run gets the same random-number stream of its own
+                torch.manual_seed(_mix(seed, 99, rank))
+                _save_rng(run, device)
+                runs.append(run)
+            schedule = _schedule(runs, epochs, interleave)
+            for run, epoch in schedule:
+                if epoch == 0:
+                    if warmup:
+                        _warmup(run, ctx)
+                    seed_spikes(run.model, _mix(seed, 7919, rank))
+                _train_epoch(run, ctx, epoch)
+                if bar is not None:
+                    bar.update(1)
+            for run in runs:
+                if world > 1:
+                    _check_in_sync(run.model)
+                row, num_steps = _final_eval(run, ctx, mc_samples, task, epochs, batch_size)
+                if keep_models:
+                    row["_model"] = run.model
+                rows.append(row)
+            _check_same_order(runs)
+    finally:
+        if bar is not None:
+            bar.close()
+    meta = {"task": task, "epochs": epochs, "seeds": seeds, "methods": [m.name for m in meths],
+            "mc_samples": mc_samples, "batch_size": batch_size, "layout": train.layout,
+            "num_steps": num_steps, "train_samples": n_train, "test_samples": len(test),
+            "max_train_samples": max_train_samples, "max_test_samples": max_test_samples,
+            "subset_seed": subset_seed, "interleaved": interleave, "warmup": warmup,
+            "device": str(device), "world_size": world, "command": command,
+            "data_order": "identical for every method (checked)"}
+    return BenchResults(rows, meta)
+
+
+@dataclass
+class _Ctx:
+    train: DataSpec
+    test: DataSpec
+    layout: str
+    encode: Callable | None
+    device: torch.device
+    batch_size: int
+    eval_batch_size: int
+    loss_fn: Callable
+    n_train: int
+    rank: int
+    world: int
+    aux_weight: float | None
+
+
+def _check_train_classes(ytr: Tensor, yte: Tensor, num_classes: int | None) -> None:
+    have = set(ytr.unique().tolist())
+    want = set(yte.unique().tolist()) | (set(range(num_classes)) if num_classes else set())
+    if len(have) < 2 or not want <= have:
+        raise ValueError(
+            f"the training data has {len(have)} class(es) {sorted(have)[:10]} but the task has "
+            f"{sorted(want)[:10]}{'...' if len(want) > 10 else ''}: a model trained on it only "
+            "learns the class shares. Use a stratified subset "
+            "(sbnn_addons.bench.stratified_subset) or more data")
+
+
+def _build_run(model, method: Method, seed: int, reinit: bool, readout, sbnn_kwargs: dict,
+               ctx: _Ctx, find_unused: bool) -> _Run:
+    if method.kind == "ep":
+        raise ValueError(f"method {method.name!r} runs through the built-in tasks only")
+    net = _make_model(model, method, seed, reinit)
+    host = detect_host(net)
+    own = describe_surrogate(net)
+    if method.is_sbnn:
+        net = _convert(net, method, host, sbnn_kwargs)
+    net = net.to(ctx.device)
+    step = _step_style(net, host)
+    if step and ctx.layout == "static" and ctx.encode is None:
+        raise ValueError("this model runs one time step per call (snnTorch init_hidden=True "
+                         "or SpikingJelly single-step): it needs time-major input, so give "
+                         "layout='TB' / 'BT' or an encode hook that adds the time axis")
+    fwd = _Forward(net, host, method.is_sbnn, step, readout)
+    run = _Run(method, seed, net, fwd, host,
+               surrogate=(f"SBNN {method.estimator}" if method.is_sbnn else own))
+    if ctx.world > 1:
+        if step:
+            raise ValueError("under torchrun the model must take the whole sequence (a step "
+                             "model's time loop calls DDP once per step)")
+        probe = _first_batch(ctx)
+        ddp, run.ignored = _wrap_ddp(net, fwd, ctx.device, probe, find_unused)
+        run.forward = _Forward(net, host, method.is_sbnn, step, readout, caller=ddp)
+    return run
+
+
+def _first_batch(ctx: _Ctx) -> Tensor:
+    xb, _ = next(iter(ctx.train.batches(min(ctx.batch_size, 2), None)))
+    return prepare(xb, ctx.layout, ctx.encode, torch.Generator().manual_seed(0), ctx.device)
+
+
+def _schedule(runs: list[_Run], epochs: int, interleave: bool) -> list[tuple[_Run, int]]:
+    """(run, epoch) in execution order: interleaved with a rotating first method."""
+    if not interleave:
+        return [(r, e) for r in runs for e in range(epochs)]
+    out = []
+    for e in range(epochs):
+        k = e % len(runs)
+        out += [(r, e) for r in runs[k:] + runs[:k]]
+    return out
+
+
+def _loss(run: _Run, ctx: _Ctx, out: Tensor, y: Tensor) -> Tensor:
+    loss = ctx.loss_fn(out, y)
+    m = run.method
+    if m.is_sbnn:
+        aux_w = (ctx.aux_weight if ctx.aux_weight is not None else m.aux_weight) \
+            if m.aux_weight > 0 else 0.0
+        loss = sbnn_objective(loss, run.model, ctx.n_train, kl_weight=m.kl_weight,
+                              aux_weight=aux_w)
+    return loss
+
+
+def _warmup(run: _Run, ctx: _Ctx, steps: int = 2) -> None:
+    """Untimed training steps (forward, backward, optimiser step) on the first batches;
+    the parameters, buffers and optimiser state are restored afterwards."""
+    saved = copy.deepcopy(run.model.state_dict())
+    saved_opt = copy.deepcopy(run.optimizer.state_dict())
+    rng = torch.get_rng_state()
+    run.model.train()
+    gen = torch.Generator().manual_seed(0)
+    for i, (xb, yb) in enumerate(ctx.train.batches(ctx.batch_size, None)):
+        if i >= steps:
+            break
+        x = prepare(xb, ctx.layout, ctx.encode, gen, ctx.device)
+        loss = _loss(run, ctx, run.forward(x), yb.to(ctx.device))
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    aux_loss(run.model)  # drop collected aux terms
+    run.model.load_state_dict(saved)
+    run.optimizer.load_state_dict(saved_opt)
+    run.optimizer.state.clear()
+    _reset(run.model, run.host, run.method.is_sbnn)
+    torch.set_rng_state(rng)
+    _sync(ctx.device)
+
+
+def _train_epoch(run: _Run, ctx: _Ctx, epoch: int) -> None:
+    _fork_rng(run, ctx.device)
+    run.model.train()
+    perm_gen = torch.Generator().manual_seed(_mix(run.seed, epoch, 1))
+    enc_gen = torch.Generator().manual_seed(_mix(run.seed, epoch, 2, ctx.rank))
+    total = torch.zeros(2, dtype=torch.float64)
+    labels = []
+    _sync(ctx.device)
+    t0 = time.perf_counter()
+    for xb, yb in ctx.train.batches(ctx.batch_size, perm_gen, ctx.rank, ctx.world):
+        x = prepare(xb, ctx.layout, ctx.encode, enc_gen, ctx.device)
+        y = yb.to(ctx.device)
+        loss = _loss(run, ctx, run.forward(x), y)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if run.ignored:
+            _sync_ignored(run.ignored)
+        run.optimizer.step()
+        if run.scheduler is not None and run.interval == "batch":
+            run.scheduler.step()
+        total[0] += float(loss.detach()) * len(y)
+        total[1] += len(y)
+        labels.append(yb)
+    _sync(ctx.device)
+    elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    if run.scheduler is not None and run.interval == "epoch":
+        run.scheduler.step()
+    if ctx.world > 1:
+        dist.all_reduce(total)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    ytr = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    run.orders.append(fingerprint(ytr))
+    if epoch == 0 and not ctx.train.is_tensor:
+        _check_train_classes(ytr, ytr, None)  # a loader: at least two classes
+    run.train_times.append(float(elapsed))
+    probs, targets, secs = _predict(run, ctx, "mean", 1)
+    run.eval_times.append(secs)
+    run.curve.append({"epoch": epoch + 1, "train_loss": float(total[0] / max(total[1], 1)),
+                      "test_accuracy": float((probs.argmax(-1) == targets).float().mean())})
+    _save_rng(run, ctx.device)
+
+
+@torch.no_grad()
+def _predict(run: _Run, ctx: _Ctx, eval_mode: str, k: int) -> tuple[Tensor, Tensor, float]:
+    """``(probs [N, C], targets [N], seconds)`` on the test data in ``eval_mode``."""
+    run.model.eval()
+    gen = torch.Generator().manual_seed(12345)  # identical test inputs for every method
+    probs, ys = [], []
+    _sync(ctx.device)
+    t0 = time.perf_counter()
+    for xb, yb in ctx.test.batches(ctx.eval_batch_size, None, ctx.rank, ctx.world):
+        x = prepare(xb, ctx.layout, ctx.encode, gen, ctx.device)
+        if run.method.is_sbnn and eval_mode == "mc":
+            p = mc_predict(lambda x=x: run.forward(x), run.model, k)
+        elif run.method.is_sbnn:
+            with mode(run.model, eval_mode):
+                p = torch.softmax(run.forward(x), -1)
+        else:
+            p = torch.softmax(run.forward(x), -1)
+        probs.append(p.float().cpu())
+        ys.append(yb)
+    _sync(ctx.device)
+    secs = time.perf_counter() - t0
+    local, targets = torch.cat(probs), torch.cat(ys)
+    if ctx.world > 1:  # strided shards of equal length: gather and interleave back
+        buf = local.to(ctx.device)
+        parts = [torch.empty_like(buf) for _ in range(ctx.world)]
+        dist.all_gather(parts, buf)
+        n = len(ctx.test)
+        local = torch.stack([p.cpu() for p in parts], 1).reshape(-1, local.shape[-1])[:n]
+        targets = ctx.test.y
+        t = torch.tensor([secs], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        secs = float(t)
+    return local, targets, secs
+
+
+def _metrics(probs: Tensor, targets: Tensor, suffix: str) -> dict:
+    m = classification_metrics(probs, targets)
+    return {f"{k}_{suffix}": v for k, v in m.items()}
+
+
+def _final_eval(run: _Run, ctx: _Ctx, k: int, task: str, epochs: int, batch_size: int):
+    m = run.method
+    probs, targets, eval_s = _predict(run, ctx, "mean", 1)
+    out_probs = {"mean": probs}
+    row = {"task": task, "method": m.name, "kind": m.kind, "host": run.host or "-",
+           "spike_fn": run.surrogate, "seed": run.seed, "epochs": epochs}
+    row.update(_metrics(probs, targets, "mean"))
+    eval_mc_s = None
+    if m.is_sbnn:
+        torch.manual_seed(_mix(run.seed, 424242))
+        seed_spikes(run.model, _mix(run.seed, 31337))
+        sp, _, _ = _predict(run, ctx, "sample", 1)
+        out_probs["sample"] = sp
+        row["accuracy_sample"] = float((sp.argmax(-1) == targets).float().mean())
+        mp, _, eval_mc_s = _predict(run, ctx, "mc", k)
+        out_probs["mc"] = mp
+        row.update(_metrics(mp, targets, "mc"))
+    else:
+        for key in ("accuracy_sample", "accuracy_mc", "nll_mc", "ece_mc", "brier_mc"):
+            row[key] = None
+    x0, _ = next(iter(ctx.test.batches(1, None)))
+    shape = prepare(x0, ctx.layout, ctx.encode, torch.Generator().manual_seed(0),
+                    torch.device("cpu")).shape
+    num_steps = int(shape[0]) if ctx.layout != "static" or ctx.encode is not None else None
+    times = run.train_times
+    row.update({
+        "mc_samples": k if m.is_sbnn else None,
+        "train_s_per_epoch": statistics.mean(times),
+        "train_s_per_epoch_std": statistics.stdev(times) if len(times) > 1 else 0.0,
+        "train_s": sum(times),
+        "eval_s": eval_s,
+        "eval_mc_s": eval_mc_s,
+        "num_steps": num_steps,
+        "batch_size": batch_size,
+        "train_samples": ctx.n_train,
+        "test_samples": len(targets),
+        "world_size": ctx.world,
+        "model": type(run.model).__name__,
+        "curve": run.curve,
+        "epoch_train_s": list(times),
+        "epoch_eval_s": list(run.eval_times),
+        "data_order": list(run.orders),
+        "_probs": out_probs,
+        "_targets": targets,
+    })
+    return row, num_steps
+
+
+def _check_same_order(runs: list[_Run]) -> None:
+    orders = {tuple(r.orders) for r in runs}
+    if len(orders) > 1:
+        names = ", ".join(r.method.name for r in runs)
+        raise ValueError(f"the training data came in a different order for the methods "
+                         f"({names}): a DataLoader whose sampler does not follow its "
+                         "generator or the global seed; pass tensors or a loader with "
+                         "generator=torch.Generator()")

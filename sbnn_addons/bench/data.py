@@ -1,0 +1,215 @@
+"""Data handling of the benchmark: layouts, seeded stratified subsets, identical batch order.
+
+Layouts (``layout=`` of :func:`sbnn_addons.bench.compare`) say where the samples are in the
+tensors you pass and what the model receives:
+
+.. code-block:: text
+
+    "TB"      time-major   x [T, N, ...]  batches x[:, idx] = [T, B, ...] go to the model as is
+    "BT"      batch-major  x [N, T, ...]  batches [B, T, ...] are transposed to [T, B, ...]
+    "static"  no time axis x [N, ...]     batches [B, ...] go as is (an ``encode`` hook can
+                                          add the time axis, e.g. a rate code)
+
+A ``DataLoader`` yields batches in the same layouts. ``encode(x, generator)`` (optional)
+runs on every batch after the transposition; its ``generator`` is seeded identically for
+every method, so all methods see the same encoded spikes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["LAYOUTS", "stratified_subset", "check_subset_classes", "DataSpec"]
+
+LAYOUTS = ("TB", "BT", "static")
+_ALIASES = {"time-major": "TB", "batch-major": "BT", "tb": "TB", "bt": "BT", "B": "static"}
+
+
+def normalise_layout(layout: str) -> str:
+    """``"TB"``, ``"BT"`` or ``"static"`` (accepts ``"time-major"`` / ``"batch-major"``)."""
+    out = _ALIASES.get(layout, layout)
+    if out not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS} (or 'time-major', 'batch-major'), "
+                         f"got {layout!r}")
+    return out
+
+
+def stratified_subset(labels: Tensor, n: int, seed: int = 0) -> Tensor:
+    """Indices of a seeded, class-stratified subset of ``n`` samples.
+
+    Every class gets ``n * share`` samples (largest remainders round, at least one per class
+    when ``n`` allows), drawn at random within the class with generator ``seed``; the indices
+    come back in a seeded random order (never sorted by label).
+
+    Args:
+        labels: integer labels ``[N]``.
+        n: subset size, ``1 <= n``; ``n >= N`` returns every index (shuffled).
+        seed: seed of the draw.
+
+    Returns:
+        ``LongTensor`` of ``min(n, N)`` distinct indices.
+    """
+    labels = torch.as_tensor(labels).reshape(-1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    gen = torch.Generator().manual_seed(int(seed))
+    total = labels.numel()
+    if n >= total:
+        return torch.randperm(total, generator=gen)
+    classes, counts = torch.unique(labels, return_counts=True)
+    quota = counts.double() * n / total
+    take = quota.floor().long()
+    if n >= len(classes):  # at least one sample of every class
+        take = torch.maximum(take, torch.ones_like(take))
+    # distribute what is left by largest remainder (ties: the rarer class first)
+    while int(take.sum()) < n:
+        room = take < counts
+        rem = torch.where(room, quota - take.double(), torch.full_like(quota, -1e9))
+        take[int(rem.argmax())] += 1
+    while int(take.sum()) > n:  # the at-least-one rule overshot: trim the largest classes
+        take[int(torch.where(take > 1, take, torch.zeros_like(take)).argmax())] -= 1
+    picked = []
+    for c, k in zip(classes.tolist(), take.tolist()):
+        idx = (labels == c).nonzero().reshape(-1)
+        picked.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
+    out = torch.cat(picked)
+    return out[torch.randperm(len(out), generator=gen)]
+
+
+def check_subset_classes(full: Tensor, subset: Tensor, where: str,
+                         num_classes: int | None = None) -> None:
+    """Raise when ``subset`` has fewer classes than ``full`` (or than ``num_classes``).
+
+    Raises:
+        ValueError: naming the missing classes and ``where`` the subset came from.
+    """
+    have = set(torch.as_tensor(subset).unique().tolist())
+    want = set(torch.as_tensor(full).unique().tolist())
+    if num_classes is not None:
+        want |= set(range(num_classes))
+    missing = sorted(want - have)
+    if missing:
+        raise ValueError(
+            f"{where}: the subset has {len(have)} of {len(want)} classes (missing "
+            f"{missing[:10]}{' ...' if len(missing) > 10 else ''}); accuracy on it would "
+            "measure the class shares, not the model. Use more samples (at least one per "
+            "class) or a stratified subset (sbnn_addons.bench.stratified_subset)")
+
+
+def fingerprint(labels: Tensor) -> str:
+    """Short hash of a label sequence (to prove that two methods saw the same order)."""
+    return hashlib.sha1(labels.detach().cpu().to(torch.int64).numpy().tobytes()).hexdigest()[:12]
+
+
+@dataclass
+class DataSpec:
+    """One split: tensors ``(x, y)`` or a re-iterable loader of ``(x, y)`` batches."""
+
+    x: Tensor | None = None
+    y: Tensor | None = None
+    loader: object | None = None
+    layout: str = "TB"
+
+    @classmethod
+    def from_any(cls, data, layout: str, name: str) -> DataSpec:
+        """Wrap ``(x, y)`` tensors, a ``TensorDataset`` or a ``DataLoader``."""
+        layout = normalise_layout(layout)
+        if isinstance(data, torch.utils.data.TensorDataset):
+            data = tuple(data.tensors)
+        if isinstance(data, (tuple, list)) and len(data) == 2 and all(
+                isinstance(t, Tensor) for t in data):
+            x, y = data
+            y = torch.as_tensor(y).long().reshape(-1)
+            n = x.shape[1] if layout == "TB" else x.shape[0]
+            if n != len(y):
+                raise ValueError(
+                    f"{name}: x has {n} samples on its {'second' if layout == 'TB' else 'first'}"
+                    f" axis (layout {layout!r}, shape {tuple(x.shape)}) but y has {len(y)}; "
+                    "time-major data is layout='TB' [T, N, ...], batch-major 'BT' [N, T, ...]")
+            return cls(x=x, y=y, layout=layout)
+        if hasattr(data, "__iter__") and not isinstance(data, (Tensor, dict, str)):
+            return cls(loader=data, layout=layout)
+        raise TypeError(f"{name} must be (x, y) tensors, a TensorDataset or a DataLoader, got "
+                        f"{type(data).__name__}")
+
+    @property
+    def is_tensor(self) -> bool:
+        return self.x is not None
+
+    def __len__(self) -> int:
+        if self.is_tensor:
+            return len(self.y)
+        try:
+            return len(self.loader.dataset)  # type: ignore[union-attr]
+        except (AttributeError, TypeError):
+            return 0
+
+    def take(self, idx: Tensor) -> DataSpec:
+        """The samples ``idx`` (tensors only)."""
+        x = self.x[:, idx] if self.layout == "TB" else self.x[idx]
+        return DataSpec(x=x, y=self.y[idx], layout=self.layout)
+
+    def subset(self, n: int | None, seed: int, where: str,
+               num_classes: int | None = None) -> DataSpec:
+        """A stratified seeded subset of ``n`` samples (raises when it drops a class)."""
+        if n is None:
+            return self
+        if not self.is_tensor:
+            raise ValueError(f"{where}: max-samples subsets need tensor data; subset your "
+                             "dataset with torch.utils.data.Subset(ds, stratified_subset(labels,"
+                             " n)) instead")
+        out = self.take(stratified_subset(self.y, n, seed))
+        check_subset_classes(self.y, out.y, where, num_classes)
+        return out
+
+    def batches(self, batch_size: int, perm_gen: torch.Generator | None, rank: int = 0,
+                world: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(x, y)`` batches as stored; shuffled by ``perm_gen`` (tensors), or the loader's
+        own order (its sampler reseeded from ``perm_gen`` so every method gets the same)."""
+        if self.is_tensor:
+            n = len(self.y)
+            order = (torch.randperm(n, generator=perm_gen) if perm_gen is not None
+                     else torch.arange(n))
+            if world > 1:
+                pad = (-n) % world
+                order = torch.cat([order, order[:pad]])[rank::world]
+            for i in range(0, len(order), batch_size):
+                idx = order[i:i + batch_size]
+                yield (self.x[:, idx] if self.layout == "TB" else self.x[idx]), self.y[idx]
+            return
+        seed = int(torch.randint(0, 2**62, (1,), generator=perm_gen)) if perm_gen else 0
+        own = getattr(self.loader, "generator", None)
+        if own is not None:
+            own.manual_seed(seed)
+        state = torch.get_rng_state()
+        # a RandomSampler without generator draws its seed from the global RNG when the
+        # first batch is fetched: seed it for that moment only
+        torch.manual_seed(seed)
+        try:
+            it = iter(self.loader)
+            first = next(it, None)
+        finally:
+            torch.set_rng_state(state)
+        if first is None:
+            return
+        for batch in itertools.chain([first], it):
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise TypeError("a DataLoader must yield (x, y) batches, got "
+                                f"{type(batch).__name__}")
+            yield batch[0], torch.as_tensor(batch[1]).long().reshape(-1)
+
+
+def prepare(x: Tensor, layout: str, encode: Callable | None, gen: torch.Generator,
+            device: torch.device) -> Tensor:
+    """A stored batch as the model's input: transposed (``"BT"``), encoded, float on device."""
+    if layout == "BT":
+        x = x.transpose(0, 1)
+    if encode is not None:
+        x = encode(x, gen)
+    return x.to(device, torch.float32)
