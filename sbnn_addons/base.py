@@ -14,7 +14,7 @@ __all__ = [
     "check_input",
 ]
 
-#: Evaluation modes of SPEC section 7 (``mc`` draws like ``sample`` in each pass).
+#: Evaluation modes of the Method page, section 7 (``mc`` draws like ``sample`` in each pass).
 MODES = ("sample", "mean", "mc")
 
 

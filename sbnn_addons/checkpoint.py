@@ -11,7 +11,7 @@ first. :func:`checkpoint` makes it so:
 * the private generators of :class:`~sbnn_addons.IWSTSpike` modules seeded with
   :func:`~sbnn_addons.seed_spikes` are snapshotted when the region runs forward, used
   from the snapshot during the recomputation, and left untouched by it;
-* the auxiliary ``z^2`` terms (SPEC section 5) are collected by the first forward only,
+* the auxiliary ``z^2`` terms (Method page, section 5) are collected by the first forward only,
   not again by the recomputation.
 
 The gradients are then exactly those of the plain forward (tested), at the cost of one

@@ -3,10 +3,11 @@
 For a network small enough (at most about 20 stochastic units counted over time steps) the
 expected loss is a finite sum over every spike configuration, so both the **exact
 gradient** and the **exact expectation and covariance of every estimator** are computable
-by enumeration, with no Monte Carlo error (SPEC sections 1 and 4).
+by enumeration, with no Monte Carlo error (Method page, sections 1 and 4).
 
 Network (``neuron="binary"``: ``T = 1``, ``theta = 0``, no membrane; ``neuron="lif"``: the
-LIF recurrence of SPEC section 3 with soft reset), hidden layers ``l = 1..L``, readout ``V``:
+LIF recurrence of the Method page, section 3, with soft reset), hidden layers ``l = 1..L``,
+readout ``V``:
 
 .. code-block:: text
 

@@ -1,4 +1,4 @@
-"""Expectation propagation for feed-forward binary networks (experimental, SPEC section 9).
+"""Expectation propagation for feed-forward binary networks (experimental, Method page, section 9).
 
 A gradient-free trainer in the assumed-density (ADF / probabilistic-backpropagation) form
 of expectation propagation, after "Training of Spiking Neural Networks with

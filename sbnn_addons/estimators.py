@@ -1,4 +1,4 @@
-"""IW-ST gradient estimators for stochastic binary / spiking units (SPEC section 4).
+"""IW-ST gradient estimators for stochastic binary / spiking units (Method page, section 4).
 
 An estimator is a small frozen value (:class:`Estimator`) built with :func:`ST`,
 :func:`IWST` or :func:`AGR`, or parsed from a string by :func:`get_estimator`:
@@ -36,7 +36,7 @@ class Estimator:
         kind: ``"st"``, ``"iwst"`` or ``"agr"``.
         p: IW-ST mixing weight in [0, 1] (``p = 0`` is ST, ``p = 1`` is AGR(0)).
         tau: AGR temperature, >= 0 (``tau = 0`` is the limit ``w(h) = 1 / (2 P(h))``).
-        max_weight: bound of the importance ratio (SPEC: "bound weights, e.g. at 1e4").
+        max_weight: bound of the importance ratio (Method page, section 4).
     """
 
     kind: str = "st"
@@ -83,7 +83,7 @@ def IWST(p: float) -> Estimator:
 
 
 def AGR(tau: float = 0.0) -> Estimator:
-    """Analytic Gumbel-Rao at temperature ``tau >= 0`` (closed form, SPEC section 4).
+    """Analytic Gumbel-Rao at temperature ``tau >= 0`` (closed form, Method page, section 4).
 
     ``tau = 0`` is unbiased to second order for a curved loss.
     """
@@ -127,7 +127,7 @@ def get_estimator(spec: str | Estimator) -> Estimator:
 
 
 class BernoulliSpike(torch.autograd.Function):
-    """Sampled spike with an IW-ST backward (SPEC sections 1 and 4).
+    """Sampled spike with an IW-ST backward (Method page, sections 1 and 4).
 
     Forward: ``h = 1[u + sigma * eps > 0]`` (``>= 0`` when ``at_zero``), returned in the
     dtype of ``u``. Backward: ``dL/du = g J(h)``, ``dL/dsigma = -z g J(h)``.

@@ -1,4 +1,4 @@
-"""Pure functions of the SBNN method (SPEC sections 1-6), no state, no host library.
+"""Pure functions of the SBNN method (Method page, sections 1-6), no state, no host library.
 
 Notation: ``u = mu - theta`` is the noise-free drive of a unit, ``sigma`` its noise std,
 ``z = u / sigma``, ``phi`` / ``Phi`` the standard normal pdf / cdf. Every function here
@@ -37,7 +37,7 @@ __all__ = [
     "is_kept",
 ]
 
-#: Lower clamp of ``sigma`` inside divisions (SPEC section 1).
+#: Lower clamp of ``sigma`` inside divisions (Method page, section 1).
 SIGMA_MIN = 1e-6
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -61,7 +61,7 @@ def check_float(name: str, tensor: Tensor) -> None:
 
 
 def spike_probability(u: Tensor, sigma: Tensor) -> Tensor:
-    """Firing probability of the noisy binary neuron (SPEC section 1).
+    """Firing probability of the noisy binary neuron (Method page, section 1).
 
     ``P(h = 1) = Phi(u / sigma)``; where ``sigma == 0`` it is ``1[u > 0]``.
 
@@ -112,7 +112,7 @@ def estimator_jacobian(
     tau: float = 0.0,
     max_weight: float = 1e4,
 ) -> Tensor:
-    """Replacement Jacobian ``dh/du`` of the IW-ST family (SPEC section 4).
+    """Replacement Jacobian ``dh/du`` of the IW-ST family (Method page, section 4).
 
     Every member keeps the sampled forward ``h`` and uses
 
@@ -209,7 +209,7 @@ def is_kept(tensor: Tensor) -> bool:
 
 
 def exact_unit_gradient(u: Tensor, sigma: Tensor, f0: Tensor, f1: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact gradient of ``E[f(h)]`` for one noisy unit (SPEC section 1).
+    """Exact gradient of ``E[f(h)]`` for one noisy unit (Method page, section 1).
 
     .. code-block:: text
 
@@ -420,7 +420,7 @@ def safe_sqrt(variance: Tensor) -> Tensor:
     """Standard deviation from a non-negative variance, with a finite gradient at 0.
 
     ``d sqrt(v) / dv = 1 / (2 sqrt(v))`` is infinite at ``v = 0``; a deterministic unit
-    (``v = 0``) receives no gradient anyway (SPEC section 1), so the gradient is 0 there.
+    (``v = 0``) receives no gradient anyway (Method page, section 1), so the gradient is 0 there.
     """
     return apply_function(_SafeSqrt, variance)
 
@@ -433,7 +433,7 @@ def gaussian_kl(mean: Tensor, std: Tensor, prior_std: float | Tensor) -> Tensor:
         KL = sum_i [ log(s0 / s_i) + (s_i^2 + m_i^2) / (2 s0^2) - 1/2 ]
 
     With a per-layer scalar std and ``n`` weights this is
-    ``n log(s0/s) + (n s^2 + ||m||^2) / (2 s0^2) - n/2`` (SPEC section 6).
+    ``n log(s0/s) + (n s^2 + ||m||^2) / (2 s0^2) - n/2`` (Method page, section 6).
 
     Args:
         mean: posterior means ``m``, any shape.
@@ -459,7 +459,7 @@ def lif_step(
     threshold: float = 1.0,
     reset: str = "subtract",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One step of the SBNN LIF neuron with moment-tracked noise (SPEC section 3).
+    """One step of the SBNN LIF neuron with moment-tracked noise (Method page, section 3).
 
     .. code-block:: text
 

@@ -11,9 +11,9 @@ It does the forward in one pass and the backward in one pass:
 .. code-block:: text
 
     forward   h   = 1[U < Phi(u / sigma)],  sigma = sqrt(var),  U ~ Uniform(0, 1)
-    backward  g_u = g J(h),   g_var = -z g J(h) / (2 sigma)      (J: SPEC section 4)
+    backward  g_u = g J(h),   g_var = -z g J(h) / (2 sigma)      (J: Method page, section 4)
 
-(plus, on request, the auxiliary ``sum z^2`` of SPEC section 5 and its gradient, in the
+(plus, on request, the auxiliary ``sum z^2`` of the Method page, section 5 and its gradient, in the
 same passes). The spikes returned are the tensor kept for the backward, marked ``kept``
 so that a layer they feed shares it (:func:`~sbnn_addons.functional.mark_binary`), and
 a broadcast variance is read in place.
@@ -576,8 +576,8 @@ def fused_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
         at_zero: where ``variance == 0``, fire at ``u == 0`` too.
         generator: CPU generator the Philox key is drawn from (global RNG when ``None``).
         aux_offset: if not ``None``, also return the differentiable auxiliary sum
-            ``sum z^2``, ``z = (u + aux_offset) / sigma``, over the noisy units (SPEC
-            section 5), computed in the same pass.
+            ``sum z^2``, ``z = (u + aux_offset) / sigma``, over the noisy units (Method
+            page, section 5), computed in the same pass.
 
     Returns:
         Spikes ``[*]``, float32, values in {0, 1}; with ``aux_offset``, the pair
@@ -595,7 +595,7 @@ _STEP_RESETS = {"subtract": 0, "zero": 1, "none": 2}
 
 
 def _estimator_codes(estimator) -> tuple[int, float]:
-    """The kernel's estimator code and ``p`` (AGR(0) is IW-ST(1), SPEC section 4)."""
+    """The kernel's estimator code and ``p`` (AGR(0) is IW-ST(1), Method page, section 4)."""
     if estimator.kind == "agr" and estimator.tau == 0.0:
         return _KIND_CODES["iwst"], 1.0
     return _KIND_CODES[estimator.kind], estimator.p

@@ -1,4 +1,4 @@
-"""Variational weight layers with the local reparameterisation (SPEC section 2).
+"""Variational weight layers with the local reparameterisation (Method page, section 2).
 
 Each layer subclasses its ``torch.nn`` counterpart, so ``.weight`` is the posterior mean
 and tools that look for ``nn.Linear`` / ``nn.Conv2d`` keep working. The forward returns
@@ -556,7 +556,7 @@ def is_bayesian(module: nn.Module) -> bool:
 
 
 class ChannelAffine(nn.Module):
-    """Per-channel affine on the **mean only** (replaces BatchNorm, SPEC section 2).
+    """Per-channel affine on the **mean only** (replaces BatchNorm, Method page, section 2).
 
     .. code-block:: text
 

@@ -1,4 +1,4 @@
-"""The SBNN objective: auxiliary bias loss, KL and their combination (SPEC sections 5-6)."""
+"""The SBNN objective: auxiliary bias loss, KL and their combination (Method page, sections 5-6)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .spike import IWSTSpike
 
 __all__ = ["enable_aux_loss", "aux_loss", "kl_divergence", "sbnn_objective", "REFERENCE_AUX_WEIGHT"]
 
-#: Reference values of ``lambda`` (SPEC section 5).
+#: Reference values of ``lambda`` (Method page, section 5).
 REFERENCE_AUX_WEIGHT = {"cifar10": 1e-8, "dvs-gesture": 1e-10, "shd": 1e-6}
 
 
@@ -30,7 +30,7 @@ def enable_aux_loss(model: nn.Module, enabled: bool = True) -> nn.Module:
 
 
 def aux_loss(model: nn.Module) -> Tensor:
-    """Collected auxiliary bias loss (without ``lambda``), then cleared (SPEC section 5).
+    """Collected auxiliary bias loss (without ``lambda``), then cleared (Method page, section 5).
 
     .. code-block:: text
 
@@ -70,7 +70,7 @@ def sbnn_objective(
     aux_weight: float = 0.0,
     prior=None,
 ) -> Tensor:
-    """Full SBNN training loss per example (SPEC section 6).
+    """Full SBNN training loss per example (Method page, section 6).
 
     .. code-block:: text
 

@@ -1,4 +1,4 @@
-"""Evaluation modes ``sample``, ``mean`` and ``mc(K)`` (SPEC section 7)."""
+"""Evaluation modes ``sample``, ``mean`` and ``mc(K)`` (Method page, section 7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Variance propagation from Bayesian layers to the neurons they feed (SPEC sections 2-3).
+"""Variance propagation from Bayesian layers to the neurons they feed (Method page, sections 2-3).
 
 A Bayesian layer returns an ordinary mean tensor and *attaches* the local-reparameterisation
 variance to it (:func:`attach_variance`). Between the layer and the spike function, real
@@ -23,7 +23,7 @@ batch norm (scale ``g/s``)     ``var * (g / s)^2``
 Because the neuron's own update is made of these operations, the variance follows the
 neuron's dynamics automatically: snnTorch ``Leaky`` gives ``V_t = beta^2 V_{t-1} + var_t``
 and SpikingJelly ``LIFNode(decay_input=True)`` gives
-``V_t = (1 - 1/tau)^2 V_{t-1} + var_t / tau^2``, exactly SPEC section 3.
+``V_t = (1 - 1/tau)^2 V_{t-1} + var_t / tau^2``, the recurrence of the Method page, section 3.
 
 With a per-layer std (the paper's scalar ``s``) a Bayesian layer's variance is
 ``s^2 F``, where ``F`` (the receptive-field sum of ``x^2``) is noise-free. Every rule above

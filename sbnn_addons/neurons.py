@@ -1,4 +1,4 @@
-"""Framework-free SBNN LIF neuron with moment-tracked noise (SPEC section 3).
+"""Framework-free SBNN LIF neuron with moment-tracked noise (Method page, section 3).
 
 The reference networks (:mod:`sbnn_addons.models`) are built from :class:`LIF`.
 """

@@ -9,7 +9,7 @@
     ...train sbnn as the original...
     plain = to_snntorch(sbnn)      # back to plain snnTorch (posterior means, atan surrogate)
 
-What the conversion does (SPEC sections 2-3):
+What the conversion does (Method page, sections 2-3):
 
 * ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (including ``RLeaky.recurrent``) become
   :class:`~sbnn_addons.BayesLinear` / ``BayesConv1d`` / ``BayesConv2d`` whose ``.weight`` is
@@ -361,7 +361,7 @@ def to_sbnn(
     aux_loss: bool = False,
     inplace: bool = False,
 ) -> nn.Module:
-    """Convert an snnTorch model into a Spiking Bayesian network (SPEC sections 2-3).
+    """Convert an snnTorch model into a Spiking Bayesian network (Method page, sections 2-3).
 
     Serves both snnTorch styles: ``nn.Sequential`` with ``init_hidden=True`` neurons (time
     loop outside the model; the membrane keeps its attached variance between calls) and

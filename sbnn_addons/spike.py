@@ -203,7 +203,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         return mark_binary(attach_variance(spikes, None))
 
     def _z_squared(self, u: Tensor, sigma: Tensor) -> Tensor:
-        """``sum over units of z^2`` averaged over the batch (SPEC section 5)."""
+        """``sum over units of z^2`` averaged over the batch (Method page, section 5)."""
         centre = u + self.threshold if self.aux_center == "zero" else u
         sigma = sigma.expand_as(u)
         z = centre.float() / sigma.float().clamp_min(SIGMA_MIN)

@@ -9,7 +9,7 @@ SBNN, and back.
     ...                                          # train as usual, reset between batches
     plain = sbnn_sj.to_spikingjelly(sbnn)        # posterior-mean SpikingJelly model
 
-What :func:`to_sbnn` does (SPEC sections 2-3):
+What :func:`to_sbnn` does (Method page, sections 2-3):
 
 * ``layer.Linear`` / ``layer.Conv2d`` (SpikingJelly's stateless wrappers, both step modes)
   and plain ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (e.g. inside

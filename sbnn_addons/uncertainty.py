@@ -1,4 +1,4 @@
-"""Predictive uncertainty of a Spiking Bayesian network (SPEC section 7, ``mc(K)``).
+"""Predictive uncertainty of a Spiking Bayesian network (Method page, section 7, ``mc(K)``).
 
 .. code-block:: python
 

@@ -1,4 +1,4 @@
-/* Fused CPU kernels of the SBNN spike (SPEC sections 1 and 4), float32, contiguous, and
+/* Fused CPU kernels of the SBNN spike (Method page, sections 1 and 4), float32, contiguous, and
  * the window sums of the LRT variance (at the end of this file).
  *
  * Forward:  h_i = 1[U_i < Phi(z_i)],  z_i = u_i / sigma_i,  sigma_i = sqrt(var_i),
@@ -193,7 +193,7 @@ static const float *variance_run(const float *restrict var, int64_t mid, int64_t
     return buf;
 }
 
-/* z^2 = ((u + offset) / max(sigma, SIGMA_MIN))^2 of the auxiliary loss (SPEC section 5),
+/* z^2 = ((u + offset) / max(sigma, SIGMA_MIN))^2 of the auxiliary loss (Method page, section 5),
  * 0 where var == 0. */
 static inline float aux_z(float x, float v, float offset) {
     return (x + offset) / fmaxf(sqrtf(fmaxf(v, 0.0f)), SIGMA_MIN);
@@ -367,7 +367,7 @@ static inline float erfcx_pos(float x) {
 }
 
 /* The replacement Jacobian times sigma, J(h) sigma, at z (clamped to [-Z_MAX, Z_MAX]),
- * with y = s z, s = 2h - 1, so that P(h) = Phi(y) (SPEC section 4):
+ * with y = s z, s = 2h - 1, so that P(h) = Phi(y) (Method page, section 4):
  *   ST:        phi(z)
  *   IW-ST(p):  min((1 - p) phi(z) + p phi(z) Phi(0) / Phi(y),  max_weight phi(z))
  *   AGR(tau):  min(phi(z/r) Phi(c y) / Phi(y),  max_weight phi(z/r)) / r,

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"default: {' '.join(DEFAULT_METHODS)} (tasks; or the preset's), "
                    f"{' '.join(DEFAULT_MODEL_METHODS)} (--model); --list shows all")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="paper: reference recipe (SPEC section 8); cpu: dvs-gesture sized "
+                   help="paper: reference recipe (Method page, section 8); cpu: dvs-gesture sized "
                    "for 2 CPU cores. Presets only set defaults; explicit flags win")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--epochs", type=int, default=None, help="default: per task (--model: 5)")

@@ -1,4 +1,4 @@
-"""Spiking Heidelberg Digits (SHD) through tonic, binned to spike counts (SPEC section 8).
+"""Spiking Heidelberg Digits (SHD) through tonic, binned to spike counts (Method page, section 8).
 
 Reads tonic's layout (never downloads)::
 

@@ -1,4 +1,4 @@
-"""Reference networks of the paper's experiments (SPEC section 8), framework-free.
+"""Reference networks of the paper's experiments (Method page, section 8), framework-free.
 
 * :class:`DVSResNet` / :func:`dvs_resnet19`: ResNet-19 of LIF neurons, DVS128 Gesture.
 * :class:`SHDRecurrentNet` / :func:`shd_recurrent`: recurrent LIF 700-256-256-20, SHD.

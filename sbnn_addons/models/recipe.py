@@ -1,4 +1,4 @@
-"""The reference optimiser of SPEC section 8."""
+"""The reference optimiser of the Method page, section 8."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from torch import nn
 
 __all__ = ["PAPER_CONFIGS", "paper_recipe"]
 
-#: Released configuration per task: epochs, batch size, auxiliary-loss weight (SPEC 5, 8).
+#: Released configuration per task: epochs, batch size, auxiliary-loss weight (Method page, section 5, 8).
 PAPER_CONFIGS: dict[str, dict[str, float]] = {
     "cifar10": {"epochs": 200, "batch_size": 256, "aux_weight": 1e-8},
     "dvs_gesture": {"epochs": 70, "batch_size": 16, "aux_weight": 1e-10},
@@ -34,7 +34,7 @@ def paper_recipe(
         lr = 5e-2  for noise scales (parameters named ``*std_rho``: s_l, s_rec, s_b, s_n)
         lr_k = lr_0 * (1 + cos(pi * k / total_steps)) / 2     (stepped once per batch)
 
-    No weight decay and no KL (the parity default of SPEC section 6).
+    No weight decay and no KL (the parity default of the Method page, section 6).
 
     Args:
         model: the network.

@@ -1,4 +1,4 @@
-"""Recurrent LIF network of the SHD reference experiment (SPEC section 8)."""
+"""Recurrent LIF network of the SHD reference experiment (Method page, section 8)."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ class ZeroDiagBayesLinear(BayesLinear):
 class SHDRecurrentNet(ReferenceNet):
     """Recurrent LIF network 700-256-256-20 for the Spiking Heidelberg Digits.
 
-    Per hidden layer ``l`` (SPEC section 3 with a recurrent term):
+    Per hidden layer ``l`` (Method page, section 3 with a recurrent term):
 
     .. code-block:: text
 

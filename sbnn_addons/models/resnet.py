@@ -1,4 +1,4 @@
-"""Normalisation-free spiking / binary ResNets of the reference experiments (SPEC section 8).
+"""Normalisation-free spiking / binary ResNets of the reference experiments (Method page, sec. 8).
 
 Layout (both :class:`DVSResNet` and :class:`BinaryResNet`):
 
@@ -240,7 +240,7 @@ class SpikingResNet(ReferenceNet):
 
 
 class DVSResNet(SpikingResNet):
-    """ResNet-19 of LIF neurons for DVS128 Gesture (SPEC section 8).
+    """ResNet-19 of LIF neurons for DVS128 Gesture (Method page, section 8).
 
     Defaults: widths (32, 64, 128), 3 blocks per stage (``1 + 2 * 9 = 19`` convs), LIF
     ``beta = 0.905``, ``theta = 1``, soft reset, bias noise ``softplus(-1)``, 11 classes.
@@ -267,7 +267,7 @@ class DVSResNet(SpikingResNet):
 
 
 class BinaryResNet(SpikingResNet):
-    """ResNet-25 of binary units for CIFAR-10 (``T = 1``, ``theta = 0``, SPEC section 8).
+    """ResNet-25 of binary units for CIFAR-10 (``T = 1``, ``theta = 0``, Method page, section 8).
 
     A binary unit is ``LIF(beta=0, threshold=0)`` run for one step:
     ``h = 1[a + sigma eps > 0]``. Defaults: widths (64, 128, 256, 512), 3 blocks per stage
