@@ -7,7 +7,8 @@ from torch import nn
 
 __all__ = ["PAPER_CONFIGS", "paper_recipe"]
 
-#: Released configuration per task: epochs, batch size, auxiliary-loss weight (Method page, section 5, 8).
+#: Released configuration per task: epochs, batch size, auxiliary-loss weight (Method page,
+#: sections 5 and 8).
 PAPER_CONFIGS: dict[str, dict[str, float]] = {
     "cifar10": {"epochs": 200, "batch_size": 256, "aux_weight": 1e-8},
     "dvs_gesture": {"epochs": 70, "batch_size": 16, "aux_weight": 1e-10},
