@@ -47,18 +47,29 @@ def test_default_cli_tiny(tmp_path, capsys):
     rows = cli.run([*TINY, "--out-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "| task | method |" in out and "| digits | sbnn-agr |" in out
-    for name in ("results.csv", "results.json", "curves.png", "accuracy_ece.png",
-                 "reliability.png"):
+    for name in ("results.csv", "results.json", "predictions.csv", "curves.png",
+                 "accuracy_ece.png", "reliability.png", "report.md"):
         assert (tmp_path / name).stat().st_size > 0, name
     table = _read_csv(tmp_path / "results.csv")
     assert [r["method"] for r in table] == cli.DEFAULT_METHODS
     assert list(table[0]) == cli.COLUMNS
+    # the printed table's headers are CSV column names
+    header = [h.strip().removesuffix(" (%)") for h in out.splitlines()[0].strip("|").split("|")]
+    assert set(header) - {"seeds"} <= set(cli.COLUMNS)
+    # the same accuracy modes for every method: mean for all, sample / mc for SBNN only
+    for r in table:
+        assert r["accuracy_mean"] != ""
+        assert (r["accuracy_mc"] != "") == r["method"].startswith("sbnn")
+        assert (r["accuracy_sample"] != "") == r["method"].startswith("sbnn")
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["meta"]["world_size"] == 1
+    assert data["meta"]["command"].startswith("sbnn-bench --epochs 1")
     assert len(data["runs"]) == 3 and len(rows) == 3
     for run in data["runs"]:
-        assert len(run["curve"]) == 1 and 0.0 <= run["accuracy"] <= 1.0
+        assert len(run["curve"]) == 1 and 0.0 <= run["accuracy_mean"] <= 1.0
         assert set(run["curve"][0]) == {"epoch", "train_loss", "test_accuracy"}
+        assert len(run["epoch_train_s"]) == 1 and run["eval_s"] > 0
+    assert len({tuple(r["data_order"]) for r in data["runs"]}) == 1  # same batches
 
 
 def test_list(capsys):
@@ -95,18 +106,18 @@ def test_randman_task(tmp_path):
     assert [r["method"] for r in rows] == ["snntorch-gaussian", "sbnn-agr-kl",
                                            "sj-lif-sigmoid", "sbnn-sj-st"]
     for r in rows:
-        assert r["_probs"].shape == (6, 3) and np.isfinite(r["nll"])
+        assert r["_probs"]["mean"].shape == (6, 3) and np.isfinite(r["nll_mean"])
 
 
 def test_shd_task(tmp_path):
     make_synthetic_shd(tmp_path, num_train=16, num_test=8)
     rows = _grid("shd", ["snntorch-atan", "snntorch-atan-bn", "sbnn-agr"], tmp_path,
                  data_dir=str(tmp_path))
-    assert all(r["_probs"].shape == (8, 20) for r in rows)
+    assert all(r["_probs"]["mean"].shape == (8, 20) for r in rows)
     # pointing at the SHD/ folder itself works too; feed-forward variant
     rows = _grid("shd", ["sj-lif-atan"], tmp_path, data_dir=str(tmp_path / "SHD"),
                  recurrent=False)
-    assert rows[0]["_probs"].shape == (8, 20)
+    assert rows[0]["_probs"]["mean"].shape == (8, 20)
 
 
 def test_cifar10_task(tmp_path):
@@ -118,7 +129,7 @@ def test_cifar10_task(tmp_path):
     assert x2.shape == (12, 3, 32, 32) and 0.0 <= float(x2.min()) <= float(x2.max()) <= 1.0
     rows = _grid("cifar10", ["snntorch-atan-bn", "sbnn-st"], tmp_path, data_dir=str(tmp_path),
                  num_steps=1)
-    assert all(r["_probs"].shape == (12, 10) and r["num_steps"] == 1 for r in rows)
+    assert all(r["_probs"]["mean"].shape == (12, 10) and r["num_steps"] == 1 for r in rows)
 
 
 def test_missing_and_malformed_data_dir(tmp_path):
@@ -181,7 +192,7 @@ def test_torchrun_two_processes(tmp_path):
     assert data["meta"]["world_size"] == 2
     for run in data["runs"]:
         assert run["world_size"] == 2 and len(run["curve"]) == 1
-        assert 0.0 <= run["accuracy"] <= 1.0
+        assert 0.0 <= run["accuracy_mean"] <= 1.0
     assert proc.stdout.count("| digits | sbnn-agr-kl |") == 1  # rank 0 prints only
 
 
@@ -193,7 +204,8 @@ def test_ep_method_in_bench(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| digits | ep | 1 | 3 |" in out
     (row,) = rows
-    assert row["method"] == "ep" and row["epochs"] == 3 and row["accuracy"] > 0.8
+    assert row["method"] == "ep" and row["epochs"] == 3 and row["accuracy_mean"] > 0.8
+    assert row["accuracy_sample"] is not None and row["accuracy_mc"] > 0.8
     assert {r["method"] for r in _read_csv(tmp_path / "results.csv")} == {"ep"}
     with pytest.raises(ValueError, match=r"\['digits', 'randman'\] only"):
         cli.run(["--task", "shd", "--methods", "ep", "--quiet", "--no-plots",
@@ -205,7 +217,7 @@ def test_ep_binary_method_in_bench(tmp_path, capsys):
     (row,) = cli.run(["--methods", "ep-binary", "--epochs", "1", "--num-steps", "4",
                       "--quiet", "--no-plots", "--out-dir", str(tmp_path)])
     assert "| digits | ep-binary | 1 | 3 |" in capsys.readouterr().out
-    assert row["method"] == "ep-binary" and row["accuracy"] > 0.8
+    assert row["method"] == "ep-binary" and row["accuracy_mean"] > 0.8
 
 
 def test_cli_diagnostics_subcommand(tmp_path, capsys):
@@ -230,3 +242,189 @@ def test_cli_diagnostics_help_names_subcommand(capsys):
     with pytest.raises(SystemExit):
         main(["diagnostics", "--help"])
     assert "sbnn-bench diagnostics" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- compare()
+def _spike_data(n: int, seed: int, steps: int = 6, classes: int = 3, per: int = 4):
+    """Time-major spike trains ``[T, n, classes * per]``: class c fires its own channels."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    rate = torch.full((n, classes * per), 0.05)
+    for c in range(classes):
+        rate[y == c, c * per:(c + 1) * per] = 0.8
+    x = (torch.rand(steps, n, classes * per, generator=gen) < rate).float()
+    return x, y
+
+
+def _snntorch_net():
+    import snntorch as snn
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(12, 16), snn.Leaky(beta=0.9, init_hidden=True),
+                         nn.Linear(16, 3))
+
+
+def _sj_net():
+    from spikingjelly.activation_based import layer, neuron
+    from torch import nn
+
+    return nn.Sequential(layer.Linear(12, 16, step_mode="m"),
+                         neuron.LIFNode(tau=2.0, step_mode="m"),
+                         layer.Linear(16, 3, step_mode="m"))
+
+
+def test_compare_snntorch_model(tmp_path):
+    """A real snnTorch model (nn.Sequential, init_hidden) on time-major tensors."""
+    from sbnn_addons.bench import COLUMNS, compare
+
+    res = compare(_snntorch_net, _spike_data(48, 0), _spike_data(24, 1), layout="TB",
+                  methods=["original", "sbnn-st"], epochs=2, batch_size=16, mc_samples=2,
+                  lr=2e-2)
+    assert [r["method"] for r in res.rows] == ["original", "sbnn-st"]
+    orig, sbnn = res.rows
+    assert orig["host"] == sbnn["host"] == "snntorch"
+    assert orig["num_steps"] == 6 and orig["test_samples"] == 24
+    assert orig["accuracy_mc"] is None and orig["accuracy_sample"] is None
+    assert sbnn["accuracy_mc"] is not None and sbnn["accuracy_sample"] is not None
+    assert orig["data_order"] == sbnn["data_order"]  # identical batches
+    assert len(orig["epoch_train_s"]) == 2 and len(orig["curve"]) == 2
+    assert orig["accuracy_mean"] > 0.6, orig["accuracy_mean"]  # separable: it learns
+    pred = res.predictions("sbnn-st", mode="mc")
+    assert pred["probs"].shape == (24, 3) and pred["pred"].shape == (24,)
+    head = res.table().splitlines()[0]
+    for col in ("accuracy_mean (%)", "accuracy_sample (%)", "accuracy_mc (%)",
+                "train_s_per_epoch", "eval_s"):
+        assert col in head
+    assert all(c.removesuffix(" (%)") in COLUMNS + ["seeds"]
+               for c in (h.strip() for h in head.strip("|").split("|")))
+
+
+def test_compare_spikingjelly_model_loader():
+    """A SpikingJelly multi-step model fed by a shuffling DataLoader of batch-major samples:
+    every method sees the same batch order, two seeds give mean +- std."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from sbnn_addons.bench import compare
+
+    x, y = _spike_data(48, 0)
+    xte, yte = _spike_data(24, 1)
+    train = DataLoader(TensorDataset(x.transpose(0, 1), y), batch_size=16, shuffle=True)
+    test = DataLoader(TensorDataset(xte.transpose(0, 1), yte), batch_size=24)
+    res = compare(_sj_net, train, test, layout="BT", methods=["original", "sbnn-agr"],
+                  epochs=1, seeds=[0, 1], mc_samples=2)
+    assert {r["host"] for r in res.rows} == {"spikingjelly"}
+    by_seed = {}
+    for r in res.rows:
+        by_seed.setdefault(r["seed"], set()).add(tuple(r["data_order"]))
+    assert all(len(v) == 1 for v in by_seed.values())  # same order within a seed
+    assert by_seed[0] != by_seed[1]  # seeds shuffle differently
+    assert " ± " in res.table()
+    assert any("seed" in n for n in res.notes()) or len(res.notes()) > 0
+
+
+def test_stratified_subset():
+    from sbnn_addons.bench import stratified_subset
+
+    labels = torch.arange(11).repeat_interleave(torch.tensor([30] * 10 + [10]))  # sorted
+    idx = stratified_subset(labels, 64, seed=0)
+    assert len(idx) == 64 and len(set(idx.tolist())) == 64
+    counts = torch.bincount(labels[idx], minlength=11)
+    assert counts.min() >= 1 and counts[:10].min() >= 5  # every class, in proportion
+    assert torch.equal(idx, stratified_subset(labels, 64, seed=0))  # seeded
+    assert not torch.equal(idx, stratified_subset(labels, 64, seed=1))
+    assert not torch.equal(labels[idx], labels[idx].sort().values)  # not label-sorted
+    assert len(stratified_subset(labels, 1000)) == len(labels)
+
+
+def test_subset_missing_classes_raises(tmp_path):
+    """A subset (or training set) with fewer classes than the task stops the run."""
+    from sbnn_addons.bench import check_subset_classes, compare
+
+    labels = torch.tensor([0] * 40 + [1] * 40 + [2] * 40)
+    with pytest.raises(ValueError, match="1 of 3 classes"):
+        check_subset_classes(labels, labels[:40], "first 40")  # the old first-N cut
+    x, y = _spike_data(48, 0)
+    with pytest.raises(ValueError, match="classes"):
+        compare(_snntorch_net, (x, y), (x, y), max_train_samples=2, epochs=1)
+    one = (x[:, y == 0], y[y == 0])
+    with pytest.raises(ValueError, match="class"):
+        compare(_snntorch_net, one, (x, y), epochs=1)
+    with pytest.raises(ValueError, match="classes"):
+        cli.run([*TINY, "--no-plots", "--max-samples", "5", "--out-dir", str(tmp_path)])
+
+
+def test_report_written(tmp_path):
+    from sbnn_addons.bench import compare
+
+    res = compare(_snntorch_net, _spike_data(30, 0), _spike_data(15, 1),
+                  methods=["original", "sbnn-st"], epochs=2, mc_samples=2,
+                  command="python my_script.py")
+    paths = res.save(tmp_path)
+    names = {p.name for p in paths}
+    assert {"results.csv", "results.json", "predictions.csv", "curves.png",
+            "accuracy_ece.png", "reliability.png", "report.md"} <= names
+    report = (tmp_path / "report.md").read_text()
+    assert "python my_script.py" in report and "accuracy_mean (%)" in report
+    for fig in ("curves.png", "accuracy_ece.png", "reliability.png"):
+        assert f"]({fig})" in report
+        assert (tmp_path / fig).read_bytes()[:4] == b"\x89PNG"
+    assert "warm-up" in report and "interleaved" in report
+    preds = _read_csv(tmp_path / "predictions.csv")
+    assert len(preds) == 2 * 15 and preds[0]["conf_mc"] == ""  # original: no mc
+
+
+def test_interleaved_schedule_rotates():
+    from sbnn_addons.bench.compare import _schedule
+
+    order = [(r, e) for r, e in _schedule(["a", "b", "c"], 3, True)]
+    assert [r for r, _ in order] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert [e for _, e in order] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [r for r, _ in _schedule(["a", "b"], 2, False)] == ["a", "a", "b", "b"]
+
+
+USER_MODULE = '''
+import torch
+import snntorch as snn
+from torch import nn
+
+
+def net():
+    return nn.Sequential(nn.Linear(12, 16), snn.Leaky(beta=0.9, init_hidden=True),
+                         nn.Linear(16, 3))
+
+
+def _data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    rate = torch.full((n, 12), 0.05)
+    for c in range(3):
+        rate[y == c, 4 * c:4 * c + 4] = 0.8
+    return (torch.rand(n, 6, 12, generator=g) < rate[:, None]).float(), y
+
+
+def loaders():
+    return {"train": _data(36, 0), "test": _data(18, 1), "layout": "BT", "name": "toy"}
+'''
+
+
+def test_cli_user_model_and_data(tmp_path, monkeypatch, capsys):
+    """--model / --data on a module written to tmp_path (module path and file path)."""
+    (tmp_path / "toy_bench_mod.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    rows = cli.run(["--model", "toy_bench_mod:net", "--data", "toy_bench_mod:loaders",
+                    "--epochs", "1", "--mc-samples", "2", "--quiet", "--no-plots",
+                    "--out-dir", str(out)])
+    assert [r["method"] for r in rows] == cli.DEFAULT_MODEL_METHODS
+    assert {r["task"] for r in rows} == {"toy"} and rows[0]["num_steps"] == 6
+    assert "| toy | original |" in capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    assert "--model toy_bench_mod:net" in report
+    rows = cli.run(["--model", f"{tmp_path / 'toy_bench_mod.py'}:net", "--data",
+                    f"{tmp_path / 'toy_bench_mod.py'}:loaders", "--methods", "original",
+                    "sbnn-agr", "--epochs", "1", "--max-samples", "12", "--mc-samples", "2",
+                    "--quiet", "--no-plots", "--out-dir", str(out)])
+    assert [r["train_samples"] for r in rows] == [12, 12]
+    with pytest.raises(ValueError, match="unknown method"):
+        cli.run(["--model", "toy_bench_mod:net", "--data", "toy_bench_mod:loaders",
+                 "--methods", "snntorch-atan", "--quiet", "--out-dir", str(out)])

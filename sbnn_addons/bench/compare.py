@@ -34,6 +34,7 @@ import inspect
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -536,8 +537,9 @@ def compare(
     test = DataSpec.from_any(test_data, layout, "test_data")
     train = train.subset(max_train_samples, subset_seed, "train subset", num_classes)
     test = test.subset(max_test_samples, subset_seed + 1, "test subset", num_classes)
+    data_warnings = []
     if train.is_tensor and test.is_tensor:
-        _check_train_classes(train.y, test.y, num_classes)
+        data_warnings.append(_check_train_classes(train.y, test.y, num_classes))
     if world > 1 and not train.is_tensor:
         raise ValueError("under torchrun pass tensors (the harness shards them); a DataLoader "
                          "would be read in full by every process")
@@ -595,7 +597,8 @@ def compare(
             "max_train_samples": max_train_samples, "max_test_samples": max_test_samples,
             "subset_seed": subset_seed, "interleaved": interleave, "warmup": warmup,
             "device": str(device), "world_size": world, "command": command,
-            "data_order": "identical for every method (checked)"}
+            "data_order": "identical for every method (checked)",
+            "data_warnings": [w for w in data_warnings if w]}
     return BenchResults(rows, meta)
 
 
@@ -615,15 +618,23 @@ class _Ctx:
     aux_weight: float | None
 
 
-def _check_train_classes(ytr: Tensor, yte: Tensor, num_classes: int | None) -> None:
+def _check_train_classes(ytr: Tensor, yte: Tensor, num_classes: int | None) -> str | None:
+    """Raise for a single-class training set; a warning text when it lacks classes."""
     have = set(ytr.unique().tolist())
     want = set(yte.unique().tolist()) | (set(range(num_classes)) if num_classes else set())
-    if len(have) < 2 or not want <= have:
+    if len(have) < 2:
         raise ValueError(
-            f"the training data has {len(have)} class(es) {sorted(have)[:10]} but the task has "
-            f"{sorted(want)[:10]}{'...' if len(want) > 10 else ''}: a model trained on it only "
-            "learns the class shares. Use a stratified subset "
+            f"the training data has {len(have)} class ({sorted(have)}): a model trained on it "
+            "only learns the class shares. Use a stratified subset "
             "(sbnn_addons.bench.stratified_subset) or more data")
+    missing = sorted(want - have)
+    if not missing:
+        return None
+    msg = (f"the training data lacks {len(missing)} of the task's {len(want)} classes "
+           f"({missing[:10]}{' ...' if len(missing) > 10 else ''}): test samples of those "
+           "classes cannot be learned")
+    warnings.warn(msg, stacklevel=3)
+    return msg
 
 
 def _build_run(model, method: Method, seed: int, reinit: bool, readout, sbnn_kwargs: dict,

@@ -481,6 +481,12 @@ def run_task(task_name: str, methods: list[str], seeds: list[int], cfg: dict,
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {sorted(METHODS)}")
+    from ..ep import BENCH_TASKS
+
+    for m in methods:
+        if METHODS[m].framework == "ep" and task_name not in BENCH_TASKS:
+            raise ValueError(f"method {m!r} supports the tasks {list(BENCH_TASKS)} only, got "
+                             f"{task_name!r}")
     setup = task_setup(task_name, cfg)
     cfg = setup.pop("cfg")
     recipe = setup.pop("recipe")

@@ -120,7 +120,8 @@ class BenchResults:
 
     def notes(self) -> list[str]:
         """Plain-language warnings: seed spread, differences within it, timing, chance."""
-        out = []
+        out = [f"{self.meta.get('task', 'data')}: {w}"
+               for w in self.meta.get("data_warnings", [])]
         summ = self.summary()
         by_task: dict[str, list[dict]] = {}
         for s in summ:
