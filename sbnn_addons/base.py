@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -250,3 +251,32 @@ class HostObject:
 
     def __repr__(self) -> str:
         return f"HostObject({self.obj!r})"
+
+
+def name_patterns(name: str, value) -> tuple[str, ...] | None:
+    """``include`` / ``exclude`` of a converter as a tuple of ``fnmatch`` patterns.
+
+    A single string is one pattern (not its characters); ``None`` stays ``None``.
+
+    Raises:
+        TypeError: neither a string nor an iterable of strings.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, Iterable) and not isinstance(value, (bytes, Tensor)):
+        value = tuple(value)
+        if all(isinstance(p, str) for p in value):
+            return value
+    raise TypeError(f"{name} must be a pattern string or a list of them, got {value!r}")
+
+
+def match_name(name: str, patterns) -> bool:
+    """Whether the qualified module ``name`` or a module containing it matches one of
+    ``patterns`` (so ``exclude="encoder"`` covers ``encoder.0``)."""
+    if not patterns:
+        return False
+    parts = name.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)] if name else [""]
+    return any(fnmatch.fnmatchcase(q, p) for q in prefixes for p in patterns)

@@ -569,6 +569,8 @@ class _FlowHooks:
         self.stack.append((mode, [False], share))
 
     def leave(self, module, args, output):
+        if not self.stack:  # enter raised (a rejected input) before entering the flow
+            return
         mode, paused, share = self.stack.pop()
         if not paused[0]:
             mode.__exit__(None, None, None)

@@ -222,10 +222,22 @@ class LIF(nn.Module):
         return out[0], out[1], out[2]
 
     def run(self, currents: Tensor) -> Tensor:
-        """Run a whole sequence ``[T, B, *]`` from a zero state; returns spikes ``[T, B, *]``."""
+        """Run a whole sequence ``[T, B, *]`` from a zero state; returns spikes ``[T, B, *]``.
+
+        An empty sequence (``T = 0``) or batch (``B = 0``) gives empty spikes of the same
+        shape.
+        """
+        check_float("currents", currents)
+        var_seq = get_variance(currents)
+        if isinstance(var_seq, UnknownVariance):
+            raise VarianceFlowError(
+                f"the input currents went through '{var_seq.op}', whose effect on the "
+                "variance is unknown"
+            )
+        if currents.numel() == 0:  # T = 0 or B = 0: nothing to run
+            return mark_binary(currents.new_zeros(currents.shape))
         state = None
         out = []
-        var_seq = get_variance(currents)
         if isinstance(var_seq, Tensor) and currents.dim() >= 2:
             check_float("currents", currents)
             if var_seq.dim() != currents.dim() or var_seq.shape[0] != currents.shape[0]:

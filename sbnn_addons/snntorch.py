@@ -30,15 +30,16 @@ This module imports snnTorch; ``import sbnn_addons`` does not import it.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import snntorch as snn
 import torch
 from torch import Tensor, nn
 
 from .base import HostObject, cached_tensor_test
+from .base import match_name as _match
+from .base import name_patterns as _patterns
 from .estimators import Estimator
 from .layers import BayesConv1d, BayesConv2d, BayesLinear, ChannelAffine, is_bayesian
 from .losses import enable_aux_loss
@@ -271,16 +272,6 @@ def _check_neuron(name: str, m: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
-def _patterns(name: str, value) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, Iterable) and all(isinstance(p, str) for p in value):
-        return tuple(value)
-    raise TypeError(f"{name} must be a pattern string or a list of them, got {value!r}")
-
-
 def _already_converted(model: nn.Module) -> bool:
     return any(
         is_bayesian(m) or isinstance(m, IWSTSpike) or type(m) in _TO_PLAIN
@@ -474,14 +465,6 @@ def to_sbnn(
     if aux_loss:
         enable_aux_loss(out)
     return out
-
-
-def _match(name: str, patterns: Sequence[str]) -> bool:
-    """Whether the module ``name`` or one of the modules containing it matches a pattern
-    (``exclude="encoder"`` covers ``encoder.0``)."""
-    parts = name.split(".")
-    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)] if name else [""]
-    return any(fnmatch.fnmatchcase(q, p) for q in prefixes for p in patterns)
 
 
 def _validate_arguments(model, estimator, layer_kw, spike_std, spike_learn, inc, exc) -> None:

@@ -48,7 +48,6 @@ built-in surrogates use its fused GPU kernels.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import functools
 from collections.abc import Iterable
 
@@ -58,7 +57,7 @@ from torch import Tensor, nn
 
 from . import kernels
 from . import layers as _layers
-from .base import SBNNModule
+from .base import HostObject, SBNNModule, match_name, name_patterns
 from .functional import compact_broadcast, mark_binary
 from .losses import enable_aux_loss
 from .moments import (
@@ -85,6 +84,11 @@ __all__ = [
     "to_spikingjelly",
     "reset",
 ]
+
+#: Name of the memory (``register_memory``) holding a linked neuron's noise variance.
+VAR_MEMORY = "sbnn_var"
+#: Key of a converted neuron's original surrogate in its ``__dict__`` (a HostObject).
+_HOST_SURROGATE = "_sbnn_host_surrogate"
 
 #: Neuron classes whose dynamics the adapter follows exactly (exact type match).
 SUPPORTED_NEURONS: tuple[type, ...] = (
@@ -129,8 +133,9 @@ class SJSpike(IWSTSpike):
     def _begin(self, node: nn.Module, var, multi: bool) -> None:
         """Called by the neuron's pre-hook before each neuron call."""
         state = self.__dict__
-        if not isinstance(node._memories.get("v"), Tensor):
-            state["_var_state"] = None  # the neuron was reset: so is the variance
+        # the variance is the neuron's own state (register_memory): reset with it by
+        # reset_net, detached by detach_net, copied and pickled with the neuron
+        state["_var_state"] = node._memories.get(VAR_MEMORY)
         coeffs = _dynamics(node)
         if isinstance(var, Tensor):
             var = var * (coeffs[1] * coeffs[1])  # c^2 var(X_t), for all steps at once
@@ -223,12 +228,15 @@ def _dynamics(node: nn.Module) -> tuple:
     raise _unsupported(node)
 
 
-def _unsupported(node: nn.Module) -> TypeError:
+def _unsupported(node: nn.Module, name: str = "") -> TypeError:
     names = ", ".join(f"neuron.{c.__name__}" for c in SUPPORTED_NEURONS)
+    where = f"module '{name}' ({type(node).__name__})" if name else type(node).__name__
+    hint = (f"exclude=['{name}', <the layers feeding it>]" if name
+            else "exclude=[<its name>, <the layers feeding it>]")
     return TypeError(
-        f"{type(node).__name__} is not supported by sbnn_addons.spikingjelly (its membrane "
-        f"variance dynamics are unknown); supported neurons: {names}. Replace it, or keep "
-        "the layers feeding it out of the conversion with exclude=..."
+        f"{where} is not supported by sbnn_addons.spikingjelly (its membrane variance "
+        f"dynamics are unknown); supported neurons: {names}. Replace it, or keep it and the "
+        f"layers feeding it deterministic with {hint}"
     )
 
 
@@ -278,6 +286,8 @@ def link_neuron(node: nn.Module, spike: SJSpike | None = None) -> nn.Module:
         )
     node.surrogate_function.threshold = float(node.v_threshold)
     node.surrogate_function._linked = True
+    if VAR_MEMORY not in node._memories:
+        node.register_memory(VAR_MEMORY, None)
     if _neuron_pre_hook not in node._forward_pre_hooks.values():
         node.register_forward_pre_hook(_neuron_pre_hook)
     if _mark_spikes not in node._forward_hooks.values():
@@ -325,6 +335,8 @@ def _linked_multi_step_forward(node: nn.Module, x_seq: Tensor, *args, **kwargs):
     node's own loop, which calls the spike function once per step; one autograd node
     instead of about ten per step), else the node's own method."""
     spike = node.surrogate_function
+    if isinstance(x_seq, Tensor) and x_seq.dim() and x_seq.shape[0] == 0:
+        return x_seq.new_zeros(x_seq.shape)  # T = 0: no steps, no spikes, state unchanged
     dyn = None
     if not args and not kwargs and isinstance(spike, SJSpike) and spike._linked:
         dyn = _sequence_dynamics(node, spike, x_seq)
@@ -352,16 +364,26 @@ def _linked_multi_step_forward(node: nn.Module, x_seq: Tensor, *args, **kwargs):
 
 
 def _mark_spikes(node: nn.Module, args, output):
-    """The node's output is its spikes (0/1): mark it, so that a Bayesian layer fed by it
-    skips ``x * x``, and keeps it as bytes for the backward unless the spike function
-    keeps this tensor already (then the layer shares it)."""
+    """After a linked node's call: store the spike function's membrane variance as the
+    node's memory ``sbnn_var``, and mark the output as spikes (0/1), so that a Bayesian
+    layer fed by it skips ``x * x`` and keeps it as bytes for the backward unless the
+    spike function keeps this tensor already (then the layer shares it)."""
+    spike = node.surrogate_function
+    if isinstance(spike, SJSpike) and VAR_MEMORY in node._memories:
+        state = spike._var_state
+        if isinstance(state, Tensor) and state._base is not None:
+            state = state.clone()  # a view cannot be detached in place (detach_net)
+        node._memories[VAR_MEMORY] = state
     if isinstance(output, Tensor):
         mark_binary(output)  # a kept mark (the spike function's) stays
 
 
 def _unlink(node: nn.Module) -> None:
     node.__dict__.pop("multi_step_forward", None)
+    if VAR_MEMORY in node._memories:
+        delattr(node, VAR_MEMORY)  # MemoryModule.__delattr__: the memory and its reset value
     for hooks, fn in ((node._forward_pre_hooks, _neuron_pre_hook),
+                      (node._forward_pre_hooks, _refuse_variance),
                       (node._forward_hooks, _mark_spikes)):
         for key, hook in list(hooks.items()):
             if hook is fn:
@@ -456,10 +478,6 @@ def reset(model: nn.Module) -> nn.Module:
     return model
 
 
-def _matches(name: str, patterns: Iterable[str] | None) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
-
-
 def to_sbnn(
     model: nn.Module,
     estimator="st",
@@ -469,8 +487,8 @@ def to_sbnn(
     learn_std: bool = True,
     bias_std: float | None = None,
     spike_std: float | None = None,
-    include: Iterable[str] | None = None,
-    exclude: Iterable[str] | None = None,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
     batchnorm: str = "affine",
     aux_loss: bool = False,
     inplace: bool = False,
@@ -502,9 +520,13 @@ def to_sbnn(
         bias_std: additive bias noise std (``None``: none).
         spike_std: each spike function's own noise std (``None``: none); learned when
             ``learn_std`` and ``spike_std > 0``.
-        include: fnmatch patterns of qualified module names of weight layers to convert
-            (``None``: all).
-        exclude: patterns of weight layers to keep deterministic.
+        include: an ``fnmatch`` pattern (one string is one name) or a list of them, of
+            qualified module names of weight layers to convert, or of modules containing
+            them (``None``: all).
+        exclude: patterns of modules to leave as they are: weight layers stay
+            deterministic, and a spiking neuron matched here (also an unsupported one) is
+            not converted; a neuron left out must not receive a Bayesian layer's output
+            (it raises at its call), so exclude the layers feeding it too.
         batchnorm: ``"affine"`` (BatchNorm1d/2d -> :class:`~sbnn_addons.ChannelAffine`
             from the running statistics; equal to the BatchNorm in eval mode) or
             ``"keep"``.
@@ -515,35 +537,44 @@ def to_sbnn(
         The converted model, with :func:`sbnn_addons.track_variance` installed on it.
         Reset it between sequences with :func:`reset` (or ``functional.reset_net``).
 
+    Every argument is checked before the model changes: with ``inplace=True`` a failed
+    conversion leaves the model as it was. The converted model checks its input at each
+    call (no zero-size dimension; no NaN / inf unless :class:`sbnn_addons.check_finite` is
+    off).
+
     Raises:
-        ValueError: ``model`` is already converted, contains nothing to convert, or
-            ``batchnorm`` is not ``"affine"``/``"keep"``.
-        TypeError: ``model`` contains a spiking neuron other than the supported ones.
+        ValueError: ``model`` is already converted, contains nothing to convert, an
+            ``include`` / ``exclude`` pattern matches nothing, a bad ``estimator``,
+            ``std``, ``std_mode``, ``bias_std``, ``spike_std`` or ``batchnorm``.
+        TypeError: ``model`` contains a spiking neuron other than the supported ones
+            (and not excluded).
     """
-    if batchnorm not in ("affine", "keep"):
-        raise ValueError(f"batchnorm must be 'affine' or 'keep', got {batchnorm!r}")
+    # every argument is validated before anything changes: a failed inplace=True
+    # conversion leaves the model as it was
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if batchnorm not in ("affine", "keep"):
+        raise ValueError(f"batchnorm must be 'affine' or 'keep', got {batchnorm!r}")
+    inc, exc = name_patterns("include", include), name_patterns("exclude", exclude)
     if any(_layers.is_bayesian(m) or isinstance(m, IWSTSpike) for m in model.modules()):
         raise ValueError(
             "model is already converted (it contains Bayesian layers or SBNN spike "
             "functions); convert the original model, or use to_spikingjelly first"
         )
-    for m in model.modules():
-        if _is_spiking_node(m) and type(m) not in SUPPORTED_NEURONS:
-            raise _unsupported(m)
-    functional.reset_net(model)
-    if not inplace:
-        model = copy.deepcopy(model)
-
     posterior = dict(std=std, std_mode=std_mode, learn_std=learn_std, bias_std=bias_std)
+    spike_learn = bool(learn_std and spike_std)
+    _validate_arguments(model, estimator, posterior, spike_std, spike_learn, inc, exc)
+    for name, m in model.named_modules():
+        if _is_spiking_node(m) and type(m) not in SUPPORTED_NEURONS and not match_name(name,
+                                                                                      exc):
+            raise _unsupported(m, name)
+
+    model = model if inplace else _safe_deepcopy(model)
+    reset(model)  # (the copy's) neuron states: a fresh start
     counts = {"layers": 0, "neurons": 0}
 
     def convert(name: str, m: nn.Module):
-        if include is not None and not _matches(name, include):
-            selected = False
-        else:
-            selected = not _matches(name, exclude)
+        selected = (inc is None or match_name(name, inc)) and not match_name(name, exc)
         t = type(m)
         new = None
         if selected and t is layer.Linear:
@@ -564,13 +595,21 @@ def to_sbnn(
         return None
 
     replace_modules(model, convert)
-    spike_learn = bool(learn_std and spike_std)
-    for m in model.modules():
-        if _is_spiking_node(m):
-            spike = SJSpike(estimator, std=spike_std, learn_std=spike_learn)
-            spike = spike.to(next(iter(m.parameters()), torch.empty(0)).device)
-            link_neuron(m, spike)
-            counts["neurons"] += 1
+    kept = []
+    for name, m in model.named_modules():
+        if not _is_spiking_node(m):
+            continue
+        if match_name(name, exc):  # excluded: kept as it is, and must get no variance
+            if _refuse_variance not in m._forward_pre_hooks.values():
+                m.register_forward_pre_hook(_refuse_variance)
+            kept.append(m)
+            continue
+        spike = SJSpike(estimator, std=spike_std, learn_std=spike_learn)
+        spike = spike.to(next(iter(m.parameters()), torch.empty(0)).device)
+        host = m.surrogate_function
+        link_neuron(m, spike)
+        m.__dict__[_HOST_SURROGATE] = HostObject(host)
+        counts["neurons"] += 1
     if counts["layers"] == 0 and counts["neurons"] == 0:
         raise ValueError(
             "nothing to convert: the model has no layer.Linear/layer.Conv2d/nn.Linear/"
@@ -580,10 +619,55 @@ def to_sbnn(
     # linked neurons track their variance themselves: pause the flow inside them
     linked = [m for m in model.modules() if isinstance(getattr(m, "surrogate_function", None),
                                                        SJSpike) and m.surrogate_function._linked]
-    track_variance(model, opaque=linked)
+    track_variance(model, opaque=linked + kept, check_inputs=True)
     if aux_loss:
         enable_aux_loss(model)
     return model
+
+
+def _refuse_variance(node: nn.Module, args):
+    """Pre-hook of a neuron left out of the conversion (``exclude``): a Bayesian layer's
+    variance must not reach it, since it would be dropped there silently."""
+    x = args[0] if args else None
+    if isinstance(x, Tensor) and get_variance(x) is not None:
+        raise VarianceFlowError(
+            f"{type(node).__name__} was excluded from the conversion but its input comes "
+            "from a Bayesian layer (it carries a posterior variance that this neuron would "
+            "drop); exclude the layers feeding it as well"
+        )
+
+
+def _validate_arguments(model, estimator, posterior, spike_std, spike_learn, inc, exc) -> None:
+    """Raise for any bad argument of :func:`to_sbnn` before the model is touched."""
+    SJSpike(estimator, std=spike_std, learn_std=spike_learn)  # estimator, spike noise
+    _layers.BayesLinear(1, 1, **posterior)  # std, std_mode, learn_std, bias_std
+    names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
+    layers = [n for n, m in model.named_modules(remove_duplicate=False) if type(m) in _WEIGHTS]
+    for p in inc or ():
+        if not any(match_name(n, (p,)) for n in layers):
+            raise ValueError(
+                f"include pattern {p!r} matches no layer.Linear/layer.Conv2d/nn.Linear/"
+                f"nn.Conv1d/nn.Conv2d (nor a module containing one); those layers are: "
+                f"{layers}"
+            )
+    for p in exc or ():
+        if not any(match_name(n, (p,)) for n in names):
+            raise ValueError(f"exclude pattern {p!r} matches no module; modules are: {names}")
+
+
+_WEIGHTS = (layer.Linear, layer.Conv2d, nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _safe_deepcopy(model: nn.Module) -> nn.Module:
+    """``deepcopy`` that also works while neuron memories hold an autograd graph (those
+    are copied as detached clones; the copy is reset by the converter anyway)."""
+    memo: dict[int, object] = {}
+    for m in model.modules():
+        if isinstance(m, base.MemoryModule):
+            for value in m._memories.values():
+                if isinstance(value, Tensor) and value.grad_fn is not None:
+                    memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
 
 
 def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = None) -> nn.Module:
@@ -592,16 +676,19 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
     Bayesian layers go back to ``layer.Linear`` / ``layer.Conv2d`` (same ``step_mode``) or
     plain torch layers, each :class:`~sbnn_addons.ChannelAffine` to a BatchNorm equal to it
     in eval mode (``running_mean=0``, ``running_var=1``, ``eps=0``), and every neuron gets
-    ``surrogate_function`` (a fresh deep copy per neuron; default ``surrogate.Sigmoid()``).
-    The result's forward in eval mode equals the SBNN in ``mean`` mode and does not
-    reference ``sbnn_addons`` (it pickles without it).
+    back the surrogate it had before :func:`to_sbnn` (e.g. ``surrogate.ATan(alpha=2)``, a
+    copy per neuron), or ``surrogate_function`` where given. The result's forward in eval
+    mode equals the SBNN in ``mean`` mode and does not reference ``sbnn_addons`` (it
+    pickles without it).
 
     Args:
         model: a model returned by :func:`to_sbnn` (not modified).
-        surrogate_function: SpikingJelly surrogate for the exported neurons.
+        surrogate_function: SpikingJelly surrogate for every exported neuron (a fresh deep
+            copy each); ``None``: each neuron's original surrogate (``surrogate.Sigmoid()``,
+            SpikingJelly's default, where none is known).
     """
+    model = _safe_deepcopy(model)
     reset(model)
-    model = copy.deepcopy(model)
     untrack_variance(model)
     if "_sbnn_flow_handles" in model.__dict__:
         del model.__dict__["_sbnn_flow_handles"]
@@ -631,11 +718,13 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
     for m in model.modules():
         if _is_spiking_node(m):
             _unlink(m)
-            if isinstance(m.surrogate_function, IWSTSpike):
-                m.surrogate_function = (
-                    surrogate.Sigmoid() if surrogate_function is None
-                    else copy.deepcopy(surrogate_function)
-                )
+            host = m.__dict__.pop(_HOST_SURROGATE, None)
+            if surrogate_function is not None:
+                m.surrogate_function = copy.deepcopy(surrogate_function)
+            elif isinstance(m.surrogate_function, IWSTSpike):
+                original = host.get() if isinstance(host, HostObject) else None
+                m.surrogate_function = (surrogate.Sigmoid() if original is None
+                                        else copy.deepcopy(original))
     for m in model.modules():
         if isinstance(m, SBNNModule):
             raise TypeError(f"cannot export {type(m).__name__} to a plain SpikingJelly model")

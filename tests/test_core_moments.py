@@ -314,3 +314,46 @@ def test_a_registered_rule_gets_the_variance_multiplied_out():
         torch.testing.assert_close(get_variance(z), 4.0 * get_variance(y))
     finally:
         moments._RULES["neg"], moments._FACTORED = saved[0], saved[1]
+
+
+# --------------------------------------------------------------------------- multi-output ops
+@pytest.mark.parametrize("op", [
+    lambda y: y.chunk(3, dim=-1),
+    lambda y: torch.chunk(y, 2, dim=0),
+    lambda y: y.split(2, dim=-1),
+    lambda y: torch.split(y, [1, 5], dim=-1),
+    lambda y: y.unbind(0),
+    lambda y: torch.tensor_split(y, 3, dim=-1),
+])
+def test_split_ops_carry_the_variance_to_each_output(op):
+    x, v = _noisy((4, 6))
+    with variance_flow():
+        parts = op(x)
+    expected = op(v)
+    assert len(parts) == len(expected)
+    for part, ref in zip(parts, expected):
+        torch.testing.assert_close(get_variance(part).expand_as(part), ref)
+
+
+@pytest.mark.parametrize("std_mode", ["layer", "weight"])
+def test_chunk_of_a_bayesian_layer_reaches_each_neuron(std_mode):
+    torch.manual_seed(0)
+    fc = sb.BayesLinear(5, 8, std_mode=std_mode, std=0.3)
+    x = torch.rand(3, 5)
+    with variance_flow():
+        a, b = fc(x).chunk(2, dim=-1)
+    full = fc.output_variance(x)
+    torch.testing.assert_close(get_variance(a).expand_as(a), full[:, :4])
+    torch.testing.assert_close(get_variance(b).expand_as(b), full[:, 4:])
+    # the layer's std gets a gradient through both halves
+    sb.IWSTSpike("st")(b).sum().backward()
+    assert fc.std_rho.grad is not None and fc.std_rho.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("rnn, name", [(nn.GRU, "gru"), (nn.LSTM, "lstm"), (nn.RNN, "rnn")])
+def test_recurrent_torch_module_between_layer_and_neuron_raises(rnn, name):
+    fc, cell, lif = sb.BayesLinear(4, 6), rnn(6, 6), sb.LIF()
+    with variance_flow():
+        out = cell(fc(torch.rand(2, 3, 4)))[0]
+    with pytest.raises(VarianceFlowError, match=name):
+        lif.run(out)

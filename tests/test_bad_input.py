@@ -1,0 +1,248 @@
+"""Bad input is named (issue 15): NaN / inf input, T = 0 and batch 0 on every entry
+point (core layers and LIF, converted snnTorch and SpikingJelly models), operations with
+no variance rule between a Bayesian layer and a host neuron."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import snntorch as snn
+import torch
+from _snntorch_nets import LoopLeaky
+from torch import nn
+
+import sbnn_addons as sb
+from sbnn_addons import check_finite
+from sbnn_addons import snntorch as sbnn_snn
+from sbnn_addons import spikingjelly as sbnn_sj
+from sbnn_addons.moments import VarianceFlowError
+
+pytest.importorskip("spikingjelly")
+from spikingjelly.activation_based import functional, layer, neuron  # noqa: E402
+
+NONFINITE = [math.nan, math.inf, -math.inf]
+
+
+def _poison(x, value):
+    x = x.clone()
+    x.view(-1)[1] = value
+    return x
+
+
+# --------------------------------------------------------------------------- core layers
+@pytest.mark.parametrize("value", NONFINITE)
+@pytest.mark.parametrize("make, shape", [
+    (lambda: sb.BayesLinear(6, 3), (4, 6)),
+    (lambda: sb.BayesConv1d(2, 3, 3), (4, 2, 8)),
+    (lambda: sb.BayesConv2d(2, 3, 3), (4, 2, 6, 6)),
+])
+def test_core_layer_names_nonfinite_input(make, shape, value):
+    layer_ = make()
+    with pytest.raises(ValueError, match=r"NaN.*inf.*check_finite\(False\)"):
+        layer_(_poison(torch.rand(shape), value))
+
+
+def test_check_finite_switch_as_context_and_global():
+    fc = sb.BayesLinear(6, 3)
+    bad = _poison(torch.rand(2, 6), math.nan)
+    assert check_finite.enabled()
+    with check_finite(False):
+        assert torch.isnan(fc(bad)).any()  # the check is off: NaN passes through
+    assert check_finite.enabled()
+    with pytest.raises(ValueError, match="1 NaN"):
+        fc(bad)
+    try:
+        check_finite(False)
+        assert not check_finite.enabled()
+        fc(bad)
+    finally:
+        check_finite(True)
+    with pytest.raises(TypeError, match="True or False"):
+        check_finite("no")
+
+
+def test_finite_input_is_checked_once_per_version():
+    fc = sb.BayesLinear(6, 3)
+    x = torch.rand(2, 6)
+    fc(x)
+    x[0, 0] = math.inf  # an in-place change voids the mark
+    with pytest.raises(ValueError, match="1 inf"):
+        fc(x)
+
+
+def test_check_input_accepts_inference_tensors():
+    from sbnn_addons.base import check_input
+
+    with torch.inference_mode():
+        check_input(torch.rand(2, 6), "here")
+        with pytest.raises(ValueError, match="the input of here contains 1 NaN"):
+            check_input(_poison(torch.rand(2, 6), math.nan), "here")
+
+
+@pytest.mark.parametrize("shape", [(0, 6), (0, 3, 6)])
+def test_core_layer_empty_batch_gives_empty_output(shape):
+    out = sb.BayesLinear(6, 3)(torch.rand(shape))
+    assert out.shape == (*shape[:-1], 3)
+
+
+# --------------------------------------------------------------------------- core LIF
+@pytest.mark.parametrize("shape", [(0, 4, 5), (3, 0, 5), (0, 0, 5)])
+@pytest.mark.parametrize("bayes", [False, True])
+def test_lif_run_empty_sequence_or_batch(shape, bayes):
+    lif = sb.LIF()
+    currents = torch.rand(shape)
+    if bayes:
+        currents = sb.BayesLinear(5, 5)(currents)
+    out = lif.run(currents)
+    assert out.shape == shape
+
+
+# --------------------------------------------------------------------------- snnTorch
+def _snn_seq():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 8), snn.Leaky(beta=0.9, init_hidden=True),
+                         nn.Linear(8, 4), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+
+
+@pytest.mark.parametrize("value", NONFINITE)
+@pytest.mark.parametrize("exclude", [None, "0"])
+def test_snntorch_converted_sequential_names_nonfinite_input(value, exclude):
+    model = sbnn_snn.to_sbnn(_snn_seq(), exclude=exclude)
+    sbnn_snn.reset(model)
+    with pytest.raises(ValueError, match=r"converted model.*NaN.*check_finite"):
+        model(_poison(torch.rand(3, 16), value))
+    with check_finite(False):
+        model(_poison(torch.rand(3, 16), value))  # documented switch: no check
+
+
+@pytest.mark.parametrize("value", NONFINITE)
+def test_snntorch_converted_loop_names_nonfinite_input(value):
+    model = sbnn_snn.to_sbnn(LoopLeaky())
+    with pytest.raises(ValueError, match="NaN"):
+        model(_poison(torch.rand(5, 3, 64), value))
+
+
+@pytest.mark.parametrize("shape", [(0, 16), (0, 3, 16)])
+def test_snntorch_converted_sequential_empty_batch(shape):
+    model = sbnn_snn.to_sbnn(_snn_seq())
+    with pytest.raises(ValueError, match="zero-size dimension"):
+        model(torch.rand(shape))
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 64), (5, 0, 64)])
+def test_snntorch_converted_loop_empty_sequence(shape):
+    model = sbnn_snn.to_sbnn(LoopLeaky())
+    with pytest.raises(ValueError, match=r"T = 0 steps or a batch of 0"):
+        model(torch.rand(shape))
+
+
+class _SnnGRU(nn.Module):
+    """A recurrent torch layer between a weight layer and an snnTorch neuron."""
+
+    def __init__(self, rnn):
+        super().__init__()
+        self.fc = nn.Linear(8, 6)
+        self.rnn = rnn(6, 6, batch_first=True)
+        self.lif = snn.Leaky(beta=0.9, init_hidden=True)
+
+    def forward(self, x):
+        return self.lif(self.rnn(self.fc(x))[0])
+
+
+@pytest.mark.parametrize("rnn, name", [(nn.GRU, "gru"), (nn.LSTM, "lstm")])
+def test_snntorch_recurrent_op_before_neuron_is_named(rnn, name):
+    model = sbnn_snn.to_sbnn(_SnnGRU(rnn))
+    with pytest.raises(VarianceFlowError, match=f"'{name}'"):
+        model(torch.rand(2, 3, 8))
+
+
+def test_snntorch_chunk_before_two_neurons_keeps_variance():
+    class Split(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 12)
+            self.a = snn.Leaky(beta=0.9, init_hidden=True)
+            self.b = snn.Leaky(beta=0.9, init_hidden=True)
+
+        def forward(self, x):
+            left, right = self.fc(x).chunk(2, dim=-1)
+            return self.a(left), self.b(right)
+
+    torch.manual_seed(0)
+    model = sbnn_snn.to_sbnn(Split(), std=0.5)
+    model(torch.rand(4, 8))
+    for lif in (model.a, model.b):
+        var = sb.moments.raw_variance(lif.mem)
+        assert var is not None  # the membrane carries the layer's noise
+
+
+# --------------------------------------------------------------------------- SpikingJelly
+def _sj_net(sm):
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(10, 8), neuron.LIFNode(), layer.Linear(8, 4),
+                        neuron.LIFNode())
+    functional.set_step_mode(net, sm)
+    return net
+
+
+@pytest.mark.parametrize("value", NONFINITE)
+@pytest.mark.parametrize("sm, shape", [("s", (3, 10)), ("m", (4, 3, 10))])
+def test_spikingjelly_converted_names_nonfinite_input(sm, shape, value):
+    model = sbnn_sj.to_sbnn(_sj_net(sm))
+    with pytest.raises(ValueError, match=r"NaN.*check_finite\(False\)"):
+        model(_poison(torch.rand(shape), value))
+
+
+@pytest.mark.parametrize("sm, shape", [("m", (0, 3, 10)), ("m", (4, 0, 10)), ("s", (0, 10))])
+def test_spikingjelly_converted_empty_input(sm, shape):
+    model = sbnn_sj.to_sbnn(_sj_net(sm))
+    with pytest.raises(ValueError, match="zero-size dimension"):
+        model(torch.rand(shape))
+
+
+@pytest.mark.parametrize("bayes", [False, True])
+def test_spikingjelly_linked_multistep_node_with_no_steps(bayes):
+    model = sbnn_sj.to_sbnn(_sj_net("m"))
+    x = torch.rand(0, 3, 10)
+    current = model[0](x) if bayes else torch.rand(0, 3, 8)
+    out = model[1](current)
+    assert out.shape == (0, 3, 8)
+    out = model[1](model[0](torch.rand(2, 3, 10)))  # and it still runs afterwards
+    assert out.shape == (2, 3, 8)
+
+
+@pytest.mark.parametrize("rnn, name", [(nn.GRU, "gru"), (nn.LSTM, "lstm")])
+def test_spikingjelly_recurrent_op_before_neuron_is_named(rnn, name):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = layer.Linear(8, 6, step_mode="m")
+            self.rnn = rnn(6, 6)
+            self.lif = neuron.LIFNode(step_mode="m")
+
+        def forward(self, x):
+            return self.lif(self.rnn(self.fc(x))[0])
+
+    model = sbnn_sj.to_sbnn(Net())
+    with pytest.raises(VarianceFlowError, match=f"'{name}'"):
+        model(torch.rand(3, 2, 8))
+
+
+def test_spikingjelly_chunk_reaches_each_neuron():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = layer.Linear(8, 12, step_mode="m")
+            self.a = neuron.LIFNode(step_mode="m")
+            self.b = neuron.LIFNode(step_mode="m")
+
+        def forward(self, x):
+            left, right = self.fc(x).chunk(2, dim=-1)
+            return self.a(left) + self.b(right)
+
+    torch.manual_seed(0)
+    model = sbnn_sj.to_sbnn(Net(), std=0.5)
+    model(torch.rand(3, 2, 8))
+    assert isinstance(model.a.sbnn_var, torch.Tensor) and isinstance(model.b.sbnn_var,
+                                                                     torch.Tensor)

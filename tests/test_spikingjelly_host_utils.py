@@ -1,0 +1,197 @@
+"""SpikingJelly's own utilities on converted models (issue 15): the noise variance is
+the neuron's registered memory (reset_net, detach_net, copies mid-sequence), include /
+exclude names, validation before an inplace conversion changes anything, the original
+surrogate back on export. Real SpikingJelly models only (parametric_lif_net zoo)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import sbnn_addons
+from sbnn_addons import spikingjelly as sbnn_sj
+from sbnn_addons.moments import VarianceFlowError
+
+pytest.importorskip("spikingjelly")
+from spikingjelly.activation_based import functional, layer, neuron, surrogate  # noqa: E402
+from spikingjelly.activation_based.model import parametric_lif_net  # noqa: E402
+
+T = 4
+
+
+def _mnist_net(sm="m", **kw):
+    """SpikingJelly's zoo MNISTNet (conv, BatchNorm, max-pool, dropout, linear, voting)."""
+    torch.manual_seed(0)
+    kw.setdefault("surrogate_function", surrogate.ATan(alpha=3.0))
+    net = parametric_lif_net.MNISTNet(channels=2, spiking_neuron=neuron.LIFNode, **kw)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.weight.mul_(4.0)
+    functional.set_step_mode(net, sm)
+    return net.eval()
+
+
+def _x(steps=T, batch=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(steps, batch, 1, 28, 28, generator=g) < 0.3).float()
+
+
+def _run(model, x, sm):
+    if sm == "m":
+        return model(x)
+    return torch.stack([model(xt) for xt in x])
+
+
+def _nodes(model):
+    return [m for m in model.modules() if isinstance(m, neuron.LIFNode)]
+
+
+def _copy(model, how):
+    if how == "deepcopy":
+        return copy.deepcopy(model)
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(model))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+@pytest.mark.parametrize("sm", ["s", "m"])
+def test_copy_mid_sequence_carries_the_variance(how, sm):
+    model = sbnn_sj.to_sbnn(_mnist_net(sm))
+    x = _x(steps=2 * T)
+    with torch.no_grad():
+        functional.reset_net(model)
+        _run(model, x[:T], sm)
+        assert all(isinstance(n.sbnn_var, torch.Tensor) for n in _nodes(model))
+        dup = _copy(model, how)
+        sbnn_addons.seed_spikes(model, 11)
+        sbnn_addons.seed_spikes(dup, 11)
+        a = _run(model, x[T:], sm)
+        b = _run(dup, x[T:], sm)
+    assert torch.equal(a, b)
+    for n, m in zip(_nodes(model), _nodes(dup)):
+        assert torch.equal(n.sbnn_var, m.sbnn_var)
+
+
+def test_variance_is_a_registered_memory_reset_and_detached_by_spikingjelly():
+    model = sbnn_sj.to_sbnn(_mnist_net("m"))
+    x = _x()
+    model(x)
+    node = _nodes(model)[0]
+    assert "sbnn_var" in dict(node.named_memories())
+    assert node.sbnn_var.requires_grad  # through the layers' std
+    functional.detach_net(model)
+    assert all(not n.sbnn_var.requires_grad for n in _nodes(model))
+    functional.reset_net(model)
+    assert all(n.sbnn_var is None for n in _nodes(model))
+    # a fresh sequence after reset_net equals the first one (same noise)
+    sbnn_addons.seed_spikes(model, 2)
+    first = model(x)
+    functional.reset_net(model)
+    sbnn_addons.seed_spikes(model, 2)
+    assert torch.equal(model(x), first)
+
+
+def test_set_step_mode_after_conversion_keeps_the_sequence():
+    model = sbnn_sj.to_sbnn(_mnist_net("m"))
+    x = _x()
+    with torch.no_grad(), sbnn_addons.mode(model, "mean"):
+        functional.reset_net(model)
+        multi = model(x)
+        functional.set_step_mode(model, "s")
+        functional.reset_net(model)
+        single = _run(model, x, "s")
+    assert torch.equal(multi, single)
+
+
+def test_export_restores_the_original_surrogate():
+    model = sbnn_sj.to_sbnn(_mnist_net("m"))
+    for plain in (sbnn_sj.to_spikingjelly(model),
+                  sbnn_sj.to_spikingjelly(pickle.loads(pickle.dumps(model)))):
+        for node in _nodes(plain):
+            assert type(node.surrogate_function) is surrogate.ATan
+            assert node.surrogate_function.alpha == 3.0
+            assert "sbnn_var" not in dict(node.named_memories())
+    plain = sbnn_sj.to_spikingjelly(model, surrogate_function=surrogate.Sigmoid(alpha=2.0))
+    assert all(type(n.surrogate_function) is surrogate.Sigmoid for n in _nodes(plain))
+
+
+# --------------------------------------------------------------------------- include / exclude
+def test_single_string_include_exclude_is_one_name():
+    net = _mnist_net()
+    model = sbnn_sj.to_sbnn(net, exclude="conv_fc.0")
+    assert not sbnn_addons.is_bayesian(model.conv_fc[0])
+    assert sbnn_addons.is_bayesian(model.conv_fc[4]) and sbnn_addons.is_bayesian(model.conv_fc[10])
+    model = sbnn_sj.to_sbnn(net, include="conv_fc.13")
+    bayes = [n for n, m in model.named_modules() if sbnn_addons.is_bayesian(m)]
+    assert bayes == ["conv_fc.13"]
+
+
+@pytest.mark.parametrize("kw, name", [({"include": "conv_fc.9"}, "conv_fc.9"),
+                                      ({"exclude": "conv_fc.99"}, "conv_fc.99"),
+                                      ({"include": ["conv_fc.0", "fc*"]}, "fc*")])
+def test_unknown_name_is_named(kw, name):
+    with pytest.raises(ValueError, match=name.replace("*", r"\*")):
+        sbnn_sj.to_sbnn(_mnist_net(), **kw)
+
+
+def test_exclude_keeps_an_unsupported_neuron_and_refuses_its_variance():
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(8, 6), neuron.LIFNode(), layer.Linear(6, 4),
+                        neuron.QIFNode())
+    with pytest.raises(TypeError, match=r"'3'.*QIFNode.*exclude=\['3'"):
+        sbnn_sj.to_sbnn(net)
+    model = sbnn_sj.to_sbnn(net, exclude=["2", "3"])
+    assert type(model[3]) is neuron.QIFNode and sbnn_addons.is_bayesian(model[0])
+    assert model(torch.rand(5, 8)).shape == (5, 4)
+    bad = sbnn_sj.to_sbnn(net, exclude="3")  # the layer feeding it is still Bayesian
+    with pytest.raises(VarianceFlowError, match="QIFNode was excluded.*feeding it"):
+        bad(torch.rand(5, 8))
+
+
+# --------------------------------------------------------------------------- validation
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [type(m) for m in model.modules()],
+            [type(n.surrogate_function) for n in _nodes(model)])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"estimator": "iwts"}, "iwts"),
+    ({"std": -1.0}, "std"),
+    ({"std_mode": "neuron"}, "std_mode"),
+    ({"bias_std": float("inf")}, "bias_std"),
+    ({"spike_std": -0.5}, "std"),
+    ({"batchnorm": "fold"}, "batchnorm"),
+    ({"include": "conv_fc.9"}, "conv_fc.9"),
+    ({"exclude": ["conv_fc.0", "nope"]}, "nope"),
+    ({"exclude": 5}, "exclude"),
+])
+def test_failed_inplace_conversion_leaves_model_untouched(kwargs, match):
+    net = _mnist_net()
+    before = _snapshot(net)
+    with pytest.raises((ValueError, TypeError), match=match):
+        sbnn_sj.to_sbnn(net, inplace=True, **kwargs)
+    after = _snapshot(net)
+    assert before[1:] == after[1:]
+    assert before[0].keys() == after[0].keys()
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    assert not any(n._forward_pre_hooks for n in _nodes(net))
+
+
+def test_conversion_does_not_touch_the_original_state():
+    net = _mnist_net()
+    with torch.no_grad():
+        net(_x())
+    v = [n.v.clone() for n in _nodes(net)]
+    sbnn_sj.to_sbnn(net)  # a copy: the original keeps its membranes
+    assert all(torch.equal(a, n.v) for a, n in zip(v, _nodes(net)))
