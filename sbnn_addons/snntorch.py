@@ -7,7 +7,7 @@
 
     sbnn = to_sbnn(net)            # Linear/Conv -> Bayes*, spike_grad -> IWSTSpike, reset fix
     ...train sbnn as the original...
-    plain = to_snntorch(sbnn)      # back to plain snnTorch (posterior means, atan surrogate)
+    plain = to_snntorch(sbnn)      # back to plain snnTorch (posterior means, original surrogate)
 
 What the conversion does (Method page, sections 2-3):
 
@@ -263,7 +263,7 @@ def _check_neuron(name: str, m: nn.Module) -> None:
             f"module '{name}' is snn.Synaptic, which to_sbnn does not support: its two states "
             "(syn, mem) carry the same weight noise, so their noise is correlated and the "
             "independent-variance flow cannot track it exactly. Supported neurons: "
-            f"{supported}. Use snn.Leaky (or exclude nothing and rebuild the layer)."
+            f"{supported}. Replace it with snn.Leaky before converting."
         )
     raise TypeError(
         f"module '{name}' is {cls.__module__}.{cls.__name__}, which to_sbnn does not support. "
@@ -375,9 +375,11 @@ def to_sbnn(
         bias_std: initial std of additive bias noise (``None``: none).
         spike_std: the spike functions' own noise std (``None``: none). Learned when
             ``learn_std`` is true and ``spike_std > 0``.
-        include: ``fnmatch`` patterns of qualified module names (``"fc*"``,
-            ``"lif1.recurrent"``) of the weight layers to convert; ``None``: all.
-        exclude: patterns of weight layers to keep deterministic.
+        include: an ``fnmatch`` pattern (one string is one name) or a list of them, of
+            qualified module names (``"fc*"``, ``"lif1.recurrent"``) of the weight layers
+            to convert or of modules containing them; ``None``: all.
+        exclude: patterns of weight layers (or modules containing them) to keep
+            deterministic; each must match a module.
         batchnorm: ``"affine"`` replaces ``BatchNorm1d/2d`` by a mean-only
             :class:`~sbnn_addons.ChannelAffine` folded from the running statistics;
             ``"keep"`` keeps them (the variance is scaled by the flow's batch-norm rule).
@@ -388,11 +390,18 @@ def to_sbnn(
         The converted model, with its variance flow installed (``track_variance``) and
         its neuron states reset.
 
+    Every argument is checked before the model changes: with ``inplace=True`` a failed
+    conversion leaves the model as it was. The converted model's neurons (copies
+    included) are registered with snnTorch, so ``snntorch.utils.reset`` resets them and
+    their noise variance; it checks its input at each call (no zero-size dimension; no
+    NaN / inf unless :class:`sbnn_addons.check_finite` is off).
+
     Raises:
         ValueError: the model is already converted (contains a Bayesian layer, an
             ``IWSTSpike`` or an SBNN neuron: ``"already converted"``); there is nothing to
-            convert (no snnTorch neuron); an ``include`` pattern matches no layer; a bad
-            ``batchnorm`` value.
+            convert (no snnTorch neuron); an ``include`` pattern matches no layer or an
+            ``exclude`` pattern no module; a bad ``estimator``, ``std``, ``std_mode``,
+            ``bias_std``, ``spike_std`` or ``batchnorm``.
         TypeError: an unsupported neuron (``snn.Synaptic``: its correlated two-state
             noise; anything other than ``Leaky`` / ``RLeaky``).
     """

@@ -33,8 +33,9 @@ What :func:`to_sbnn` does (Method page, sections 2-3):
   ``decay_input=False``: ``c = 1``; ``IFNode``: ``beta = c = 1``; ``ParametricLIFNode``:
   ``1/tau = sigmoid(w)``. (SpikingJelly's update ``V + (X - (V - V_reset)) / tau`` uses
   ``V`` twice, so the generic variance flow, which treats the terms of a sum as
-  independent, cannot follow it; the link does it exactly.) ``S`` is reset together with
-  the membrane (``functional.reset_net``).
+  independent, cannot follow it; the link does it exactly.) ``S`` is the neuron's own
+  memory ``sbnn_var`` (``register_memory``): ``functional.reset_net`` resets it with the
+  membrane, ``detach_net`` detaches it, and copies of the model carry it.
 * BatchNorm becomes a mean-only :class:`~sbnn_addons.ChannelAffine` (``batchnorm="affine"``,
   equal to the BatchNorm in eval mode) or is kept (``"keep"``).
 
