@@ -189,7 +189,8 @@ class IWSTSpike(SBNNModule, nn.Module):
         if variance is None:
             sigma = torch.zeros((), dtype=u.dtype, device=u.device)
         else:
-            sigma = safe_sqrt(variance.float().clamp_min(0)).to(u.dtype)
+            dtype = torch.promote_types(u.dtype, torch.float32)  # half -> float32
+            sigma = safe_sqrt(variance.to(dtype).clamp_min(0)).to(u.dtype)
         if self.deterministic:
             eps = torch.zeros_like(u)
         else:
@@ -206,7 +207,8 @@ class IWSTSpike(SBNNModule, nn.Module):
         """``sum over units of z^2`` averaged over the batch (Method page, section 5)."""
         centre = u + self.threshold if self.aux_center == "zero" else u
         sigma = sigma.expand_as(u)
-        z = centre.float() / sigma.float().clamp_min(SIGMA_MIN)
+        dtype = torch.promote_types(u.dtype, torch.float32)  # half -> float32, float64 kept
+        z = centre.to(dtype) / sigma.to(dtype).clamp_min(SIGMA_MIN)
         z2 = torch.where(sigma > 0, z * z, 0.0)
         return z2.sum() / max(self._batch_size(u), 1)
 

@@ -5,11 +5,11 @@
 * :class:`BinaryResNet` / :func:`cifar_resnet25`: ResNet-25 of binary units, CIFAR-10.
 * :class:`SurrogateSpike`: Heaviside + surrogate gradient, for the deterministic twins
   (``bayes=False``) that share each network's layout.
-* :func:`paper_recipe`: the reference Adam + cosine optimiser.
+* :func:`paper_recipe`: the released Adam with two learning rates and per-epoch cosine.
 """
 
-from ._common import StepBatchNorm
-from .recipe import PAPER_CONFIGS, paper_recipe
+from ._common import PAPER_BETA, StepAffine, StepBatchNorm
+from .recipe import PAPER_CONFIGS, paper_lr_factor, paper_recipe
 from .recurrent import SHDRecurrentNet, ZeroDiagBayesLinear, ZeroDiagLinear, shd_recurrent
 from .resnet import (
     BinaryResNet,
@@ -24,5 +24,6 @@ from .surrogate import SURROGATES, SurrogateSpike
 __all__ = [
     "SurrogateSpike", "SURROGATES", "SpikingResNet", "DVSResNet", "BinaryResNet", "Shortcut",
     "SHDRecurrentNet", "ZeroDiagLinear", "ZeroDiagBayesLinear", "StepBatchNorm",
+    "StepAffine", "PAPER_BETA", "paper_lr_factor",
     "dvs_resnet19", "shd_recurrent", "cifar_resnet25", "paper_recipe", "PAPER_CONFIGS",
 ]

@@ -11,12 +11,22 @@ from torch import Tensor, nn
 from ..base import SBNNModule
 from ..functional import compact_broadcast, safe_sqrt
 from ..layers import BayesConv2d, BayesLinear, ChannelAffine
-from ..moments import UnknownVariance, attach_variance, get_variance
+from ..moments import (
+    UnknownVariance,
+    attach_variance,
+    get_variance,
+    no_variance_flow,
+    raw_variance,
+)
 from ..neurons import LIF
 from ..spike import IWSTSpike
 from .surrogate import SurrogateSpike
 
 NORMS = ("affine", "bn", "none")
+
+#: The released membrane decay: ``beta = exp(-1 / softplus(10))`` = 0.9048378 (Method page,
+#: section 8.1).
+PAPER_BETA = math.exp(-1.0 / math.log1p(math.exp(10.0)))
 
 
 def softplus_value(rho: float) -> float:
@@ -73,6 +83,72 @@ class StepBatchNorm(nn.Module):
         return f"num_steps={self.num_steps}"
 
 
+class StepAffine(nn.Module):
+    """One scale and one shift per channel **and per time step**, on the mean only.
+
+    The released networks' replacement for BatchNorm: no statistics, scale init 1,
+    shift init 0; the noise variance passes unscaled (Method page, section 8.1).
+
+    .. code-block:: text
+
+        y[t, b, c, ...] = gamma[t, c] * x[t, b, c, ...] + beta[t, c],   var(y) = var(x)
+
+    Args:
+        num_features: channels ``C``.
+        num_steps: time steps ``T`` (one scale and shift each).
+
+    Shapes:
+        :meth:`forward`: input ``[T*B, C, *]`` (time-major fold) -> same shape;
+        :meth:`step`: input ``[B, C, *]`` at step ``t`` -> same shape.
+    """
+
+    def __init__(self, num_features: int, num_steps: int) -> None:
+        super().__init__()
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        self.num_features = num_features
+        self.num_steps = num_steps
+        self.weight = nn.Parameter(torch.ones(num_steps, num_features))
+        self.bias = nn.Parameter(torch.zeros(num_steps, num_features))
+
+    def _check(self, x: Tensor, folded: bool) -> None:
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise ValueError(
+                f"StepAffine expects {self.num_features} channels in dimension 1, got shape "
+                f"{tuple(x.shape)}"
+            )
+        if folded and x.shape[0] % self.num_steps:
+            raise ValueError(
+                f"StepAffine expects a time-major fold [T*B, ...] with T={self.num_steps}, "
+                f"got leading size {x.shape[0]}; build the network with num_steps equal to "
+                "the number of time steps of its input"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x, folded=True)
+        T = self.num_steps
+        var = raw_variance(x)  # passed on as stored (mean-only affine)
+        shape = (T, 1, self.num_features) + (1,) * (x.dim() - 2)
+        with no_variance_flow():
+            steps = x.reshape(T, x.shape[0] // T, *x.shape[1:])
+            out = steps * self.weight.view(shape) + self.bias.view(shape)
+        return attach_variance(out.reshape(x.shape), var)
+
+    def step(self, x: Tensor, t: int) -> Tensor:
+        """The affine of step ``t`` on ``x [B, C, *]`` (variance passed on)."""
+        self._check(x, folded=False)
+        if not 0 <= t < self.num_steps:
+            raise ValueError(f"step {t} is outside the affine's num_steps={self.num_steps}")
+        var = raw_variance(x)
+        shape = (1, self.num_features) + (1,) * (x.dim() - 2)
+        with no_variance_flow():
+            out = x * self.weight[t].view(shape) + self.bias[t].view(shape)
+        return attach_variance(out, var)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, num_steps={self.num_steps}"
+
+
 class LayerFactory:
     """Builds the Bayesian layers or their deterministic twins with the same layout."""
 
@@ -85,10 +161,12 @@ class LayerFactory:
         bias_std: float | None = None,
         norm: str = "affine",
         num_steps: int = 1,
-        beta: float = 0.905,
+        beta: float = PAPER_BETA,
         threshold: float = 1.0,
         surrogate: str = "gaussian",
         surrogate_width: float = 0.4,
+        affine_per_step: bool = True,
+        aux_center: str = "zero",
     ) -> None:
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -109,31 +187,44 @@ class LayerFactory:
         self.threshold = threshold
         self.surrogate = surrogate
         self.surrogate_width = surrogate_width
+        self.affine_per_step = bool(affine_per_step)
+        self.aux_center = aux_center
 
-    def _noise(self, std: float | None) -> dict:
-        return {"std": self.std if std is None else std, "bias_std": self.bias_std}
-
-    def conv(self, cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    def conv(self, cin: int, cout: int, stride: int = 1, first: bool = False) -> nn.Conv2d:
+        """3x3 conv without bias; ``first``: the variance path reads the input itself
+        (not detached), as the released first layer does."""
         if self.bayes:
             return BayesConv2d(cin, cout, 3, stride=stride, padding=1, bias=False,
-                               **self._noise(None))
+                               std=self.std, detach_input_variance=not first)
         return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
 
-    def linear(self, fin: int, fout: int, bias: bool = True) -> nn.Linear:
-        if self.bayes:
-            return BayesLinear(fin, fout, bias, **self._noise(None))
+    def linear(self, fin: int, fout: int, bias: bool = True, bayes: bool | None = None,
+               first: bool = False) -> nn.Linear:
+        """Linear layer: Bayesian in the Bayesian network unless ``bayes=False``."""
+        if self.bayes if bayes is None else bayes:
+            return BayesLinear(fin, fout, bias, std=self.std,
+                               detach_input_variance=not first)
         return nn.Linear(fin, fout, bias)
 
     def norm(self, channels: int, dims: int = 2) -> nn.Module:
         if self.norm_kind == "affine":
+            if self.affine_per_step:
+                return StepAffine(channels, self.num_steps)
             return ChannelAffine(channels)
         if self.norm_kind == "bn":
             return StepBatchNorm(channels, self.num_steps, dims)
         return nn.Identity()
 
     def spike(self) -> nn.Module:
+        """The neuron's spike function. ``bias_std`` is noise added where the spike is
+        drawn, ``sigma^2 = V_t + s_b^2``, never accumulated by the membrane: it is the
+        spike function's own learnable std (:class:`~sbnn_addons.IWSTSpike`'s ``s_n``)."""
         if self.bayes:
-            return IWSTSpike(self.estimator)
+            if self.bias_std is None:
+                return IWSTSpike(self.estimator, threshold=self.threshold,
+                                 aux_center=self.aux_center)
+            return IWSTSpike(self.estimator, std=self.bias_std, learn_std=True,
+                             threshold=self.threshold, aux_center=self.aux_center)
         return SurrogateSpike(self.surrogate, self.surrogate_width)
 
     def lif(self) -> LIF:
@@ -158,7 +249,9 @@ class ReferenceNet(SBNNModule, nn.Module):
         self.bayes = bool(bayes)
         self.readout_noise = bool(readout_noise)
         self.num_steps = num_steps
-        self.per_step_norm = norm == "bn"
+        # one norm per step: the input must have exactly num_steps steps
+        self.per_step_norm = norm == "bn" or (
+            norm == "affine" and layer_kwargs.get("affine_per_step", True))
         return LayerFactory(self.bayes, norm=norm, num_steps=num_steps, **layer_kwargs)
 
     def sample_readout(self, out: Tensor) -> Tensor:
@@ -168,6 +261,9 @@ class ReferenceNet(SBNNModule, nn.Module):
 
             y_t = mean_t + sqrt(var_t) * eps_t   (sample / mc mode, readout_noise=True)
             y_t = mean_t                         (mean mode, the twin, readout_noise=False)
+
+        With ``readout_noise=False`` (the released configuration) the readout is a plain
+        ``nn.Linear`` and carries no variance.
         """
         var = known_variance(out)
         if var is None or not self.readout_noise or self.deterministic:

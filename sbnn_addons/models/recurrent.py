@@ -9,8 +9,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import BayesLinear
-from ..moments import attach_variance, get_variance
-from ._common import ReferenceNet, reshape_with_variance, softplus_value
+from ..moments import attach_variance, get_variance, no_variance_flow
+from ._common import (
+    PAPER_BETA,
+    ReferenceNet,
+    StepAffine,
+    StepBatchNorm,
+    reshape_with_variance,
+    softplus_value,
+)
 
 __all__ = ["ZeroDiagLinear", "ZeroDiagBayesLinear", "SHDRecurrentNet", "shd_recurrent"]
 
@@ -34,12 +41,15 @@ class ZeroDiagLinear(nn.Linear):
 
 
 class ZeroDiagBayesLinear(BayesLinear):
-    """Recurrent :class:`~sbnn_addons.BayesLinear` with the diagonal masked in mean and variance.
+    """Recurrent :class:`~sbnn_addons.BayesLinear` with the diagonal masked on the mean.
 
     .. code-block:: text
 
         mean_i = sum_{j != i} m_ij h_j (+ b_i)
-        var_i  = sum_{j != i} s_ij^2 h_j^2          (s_ij = s_rec for the per-layer std)
+        var_i  = sum_j s_ij^2 h_j^2                 (s_ij = s_rec for the per-layer std)
+
+    The released SHD network masks the mean only: the variance sums over all units, the
+    unit's own spike included (Method page, section 8.1). ``mask_variance=True`` masks it too.
 
     Args:
         features: number of units ``n``.
@@ -51,10 +61,12 @@ class ZeroDiagBayesLinear(BayesLinear):
         ``[*, n] -> [*, n]`` (mean, variance attached).
     """
 
-    def __init__(self, features: int, bias: bool = False, **kwargs) -> None:
+    def __init__(self, features: int, bias: bool = False, *, mask_variance: bool = False,
+                 **kwargs) -> None:
         super().__init__(features, features, bias, **kwargs)
         eye = torch.eye(features, device=self.weight.device, dtype=self.weight.dtype)
         self.register_buffer("diag_mask", 1.0 - eye)
+        self.mask_variance = bool(mask_variance)
         with torch.no_grad():
             self.weight.mul_(self.diag_mask)
 
@@ -62,23 +74,31 @@ class ZeroDiagBayesLinear(BayesLinear):
         return F.linear(x, self.weight * self.diag_mask, self.bias)
 
     def _output_variance(self, x2: Tensor, s2: Tensor) -> Tensor:
-        if self.std_mode == "channel":
+        if not self.mask_variance:
+            return super()._output_variance(x2, s2)
+        if s2 is None:  # the per-layer std's unscaled field F
+            s2 = torch.ones((), dtype=x2.dtype, device=x2.device)
+        elif self.std_mode == "channel":
             s2 = s2.view(-1, 1)
-        return F.linear(x2, s2 * self.diag_mask)
+        return F.linear(x2, s2.expand_as(self.weight) * self.diag_mask)
 
 
 class SHDRecurrentNet(ReferenceNet):
     """Recurrent LIF network 700-256-256-20 for the Spiking Heidelberg Digits.
 
-    Per hidden layer ``l`` (Method page, section 3 with a recurrent term):
+    Per hidden layer ``l`` and step ``t`` (the released recurrences, Method page, section 8.1):
 
     .. code-block:: text
 
-        I_t = W_l x_t + R_l h_{t-1} (+ b),         R_l zero-diagonal
-        var(I_t) = s_l^2 sum x_t^2 + sum_{j != i} s_rec^2 h_{t-1,j}^2 + s_b^2
-        (u_t, V_t, h_t) = LIF(I_t, var(I_t))      beta = 0.905, theta = 1, soft reset
+        I_t     = (W_l x_t + (R_l * M) h_{t-1}) * gamma_t + beta_t    M = 1 - I (mean only)
+        var_t   = s_l^2 sum_i x_{t,i}^2 + s_rec^2 sum_j h_{t-1,j}^2   (all units j)
+        u_t     = beta u_{t-1} + I_t,   V_t = beta^2 V_{t-1} + var_t
+        h_t     = 1[u_t - theta + sqrt(V_t + s_b^2) eps_t > 0],   u_t -= theta h_t
+        z_t     = I_t / sqrt(max(var_t + 2 s_b^2, 1e-6))              (auxiliary loss)
 
-    Logits are the time average of the last linear layer (no neuron).
+    with ``beta = exp(-1 / softplus(10))``, ``theta = 1``; the bias noise ``s_b`` enters
+    once, at the draw. Logits are the time average of a deterministic readout without
+    bias (no neuron).
 
     Args:
         in_features: input channels (700).
@@ -89,15 +109,24 @@ class SHDRecurrentNet(ReferenceNet):
         std: initial per-layer std of the feed-forward weights (default
             ``0.5 / sqrt(fan_in)``).
         rec_std: initial per-layer std of the recurrent weights (same default).
-        bias_std: initial bias-noise std of the feed-forward layers (``softplus(-2)``).
-        norm: ``"none"`` (default), ``"affine"`` (mean-only, on the feed-forward current)
-            or, for the twin only, ``"bn"`` (one BatchNorm1d per time step).
-        num_steps: ``T`` (100 bins in the reference); fixed only with ``norm="bn"``.
+        bias_std: initial std of the bias noise at the draw (``softplus(-2)``; ``None``:
+            none).
+        norm: ``"affine"`` (default: mean-only affine on the summed current), ``"none"``
+            or, for the twin only, ``"bn"`` (one BatchNorm1d per time step on the summed
+            current).
+        num_steps: ``T`` (100 bins in the reference); the input must have exactly ``T``
+            steps with per-step affines or ``norm="bn"``.
         beta: LIF decay.
         threshold: firing threshold ``theta``.
-        readout_noise: sample the readout ``mean + sqrt(var) eps`` in sample mode.
+        readout_noise: a Bayesian readout (with a bias) sampled in sample mode (default
+            ``False``: the released deterministic readout without bias).
         surrogate: surrogate of the twin (``"gaussian"``, ``"atan"``, ``"sigmoid"``).
         surrogate_width: width of the Gaussian surrogate.
+        affine_per_step: one affine per channel and time step (released); ``False``: one
+            per channel.
+        aux_form: ``"input"`` (the released SHD form ``z_t`` above) or ``"membrane"``
+            (the spike function's ``z = u_t / sigma_t``, as in the DVS network).
+        mask_rec_variance: also mask the diagonal in the recurrent variance.
 
     Shapes:
         ``forward(x [T, B, in_features]) -> logits [B, num_classes]``.
@@ -114,37 +143,47 @@ class SHDRecurrentNet(ReferenceNet):
         std: float | None = None,
         rec_std: float | None = None,
         bias_std: float | None = softplus_value(-2.0),
-        norm: str = "none",
+        norm: str = "affine",
         num_steps: int = 100,
-        beta: float = 0.905,
+        beta: float = PAPER_BETA,
         threshold: float = 1.0,
-        readout_noise: bool = True,
+        readout_noise: bool = False,
         surrogate: str = "gaussian",
         surrogate_width: float = 0.4,
+        affine_per_step: bool = True,
+        aux_form: str = "input",
+        mask_rec_variance: bool = False,
     ) -> None:
         super().__init__()
+        if aux_form not in ("input", "membrane"):
+            raise ValueError(f"aux_form must be 'input' or 'membrane', got {aux_form!r}")
         config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         config.pop("rec_std")
         factory = self._setup(
             config, bayes=bayes, readout_noise=readout_noise, num_steps=num_steps, norm=norm,
             estimator=estimator, std=std, bias_std=bias_std, beta=beta, threshold=threshold,
             surrogate=surrogate, surrogate_width=surrogate_width,
+            affine_per_step=affine_per_step,
         )
         self.in_features = in_features
+        self.aux_form = aux_form
         self.ff = nn.ModuleList()
         self.norms = nn.ModuleList()
         self.rec = nn.ModuleList()
         self.lifs = nn.ModuleList()
         fin = in_features
-        for n in hidden:
-            self.ff.append(factory.linear(fin, n))
+        for i, n in enumerate(hidden):
+            # the affine's shift is the bias of the summed current (none with norm="none")
+            self.ff.append(factory.linear(fin, n, bias=norm == "none", first=i == 0))
             self.norms.append(factory.norm(n, dims=1))
             self.rec.append(
-                ZeroDiagBayesLinear(n, std=rec_std) if self.bayes else ZeroDiagLinear(n)
+                ZeroDiagBayesLinear(n, std=rec_std, mask_variance=mask_rec_variance)
+                if self.bayes else ZeroDiagLinear(n)
             )
             self.lifs.append(factory.lif())
             fin = n
-        self.readout = factory.linear(fin, num_classes)
+        bayes_readout = self.bayes and self.readout_noise
+        self.readout = factory.linear(fin, num_classes, bias=bayes_readout, bayes=bayes_readout)
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 3 or x.shape[-1] != self.in_features:
@@ -154,30 +193,64 @@ class SHDRecurrentNet(ReferenceNet):
             )
         if self.per_step_norm and x.shape[0] != self.num_steps:
             raise ValueError(
-                f"SHDRecurrentNet with per-step BatchNorm expects x of shape "
-                f"[T={self.num_steps}, B, {self.in_features}], got {tuple(x.shape)}"
+                f"SHDRecurrentNet has one affine (or BatchNorm) per time step and expects x "
+                f"of shape [T={self.num_steps}, B, {self.in_features}], got "
+                f"{tuple(x.shape)}: build it with num_steps={x.shape[0]}"
             )
+
+    @staticmethod
+    def _norm_step(norm: nn.Module, current: Tensor, t: int) -> Tensor:
+        """The norm of step ``t`` on the summed current ``[B, n]`` (variance passed on)."""
+        if isinstance(norm, StepAffine):
+            return norm.step(current, t)
+        if isinstance(norm, StepBatchNorm):
+            return norm.norms[t](current)
+        return norm(current)  # ChannelAffine (mean only) or Identity
 
     def _layer(self, ff: nn.Module, norm: nn.Module, rec: nn.Module, lif: nn.Module,
                x: Tensor) -> Tensor:
         T, B = x.shape[:2]
-        cur = norm(ff(x.flatten(0, 1)))  # [T*B, n]; ChannelAffine keeps the variance
+        cur = ff(x.flatten(0, 1))  # [T*B, n], variance attached
         cur = reshape_with_variance(cur, T, B, cur.shape[-1])
         var_ff = get_variance(cur)
         # unbind rather than cur[t]: one stack in backward instead of T zero-filled grads
         var_ff = None if var_ff is None else var_ff.expand_as(cur).unbind(0)
+        spike = lif.spike_fn
+        input_aux = (self.aux_form == "input" and getattr(spike, "collect_aux", False)
+                     and torch.is_grad_enabled())
         h = cur.new_zeros(cur.shape[1:])
         state = None
         out = []
         for t, cur_t in enumerate(cur.unbind(0)):
             r = rec(h)
-            current = cur_t + r
             var_r = get_variance(r)
             var = var_r if var_ff is None else (var_ff[t] if var_r is None else var_ff[t] + var_r)
+            with no_variance_flow():
+                current = self._norm_step(norm, attach_variance(cur_t + r, None), t)
             attach_variance(current, var)
-            h, state = lif(current, state)
+            if input_aux:
+                self._collect_input_aux(spike, current, var)
+                spike.collect_aux = False  # the membrane form is not collected here
+                try:
+                    h, state = lif(current, state)
+                finally:
+                    spike.collect_aux = True
+            else:
+                h, state = lif(current, state)
             out.append(h)
         return torch.stack(out)
+
+    @staticmethod
+    def _collect_input_aux(spike: nn.Module, current: Tensor, var: Tensor | None) -> None:
+        """``mean over batch of sum over units z^2``, ``z = I_t / sqrt(var_t + 2 s_b^2)``."""
+        total = torch.zeros((), dtype=current.dtype, device=current.device)
+        if var is not None:
+            total = total + var
+        own = spike.own_noise_variance()
+        if own is not None:
+            total = total + 2 * own
+        z = current / total.clamp_min(1e-6).sqrt()
+        spike._collect((z * z).sum() / max(current.shape[0], 1))
 
     def forward_steps(self, x: Tensor) -> Tensor:
         """Readout per time step, ``[T, B, num_classes]`` (readout noise included)."""

@@ -26,6 +26,7 @@ from ..checkpoint import checkpoint
 from ..functional import is_binary, is_kept, mark_binary
 from ..moments import variance_flow
 from ._common import (
+    PAPER_BETA,
     LayerFactory,
     ReferenceNet,
     channel_pad,
@@ -73,9 +74,9 @@ class ConvLIF(nn.Module):
     """
 
     def __init__(self, factory: LayerFactory, cin: int, cout: int, stride: int = 1,
-                 pool: int = 1) -> None:
+                 pool: int = 1, first: bool = False) -> None:
         super().__init__()
-        self.conv = factory.conv(cin, cout, stride)
+        self.conv = factory.conv(cin, cout, stride, first=first)
         self.norm = factory.norm(cout)
         self.pool = pool
         self.lif = factory.lif()
@@ -142,14 +143,22 @@ class SpikingResNet(ReferenceNet):
             deterministic twin with :class:`SurrogateSpike` (``False``).
         estimator: spike estimator of the Bayesian network (``"st"``, ``"iwst(0.5)"``, ...).
         std: initial per-layer posterior std (default ``0.5 / sqrt(fan_in)``).
-        bias_std: initial bias-noise std (``None``: no bias noise).
-        norm: ``"affine"`` (:class:`~sbnn_addons.ChannelAffine`, mean only), ``"none"``,
-            or, for the twin only, ``"bn"`` (one BatchNorm per time step).
-        num_steps: ``T``; fixed only with ``norm="bn"`` (one BatchNorm per step).
-        beta: LIF decay (0 for binary units).
+        bias_std: initial std ``s_b`` of the bias noise, learned (``None``: none). It
+            enters once, where each spike is drawn: ``sigma_t = sqrt(V_t + s_b^2)``; the
+            membrane does not accumulate it (it is the spike function's own std).
+        norm: ``"affine"`` (mean-only affine, no statistics), ``"none"``, or, for the
+            twin only, ``"bn"`` (one BatchNorm per time step).
+        num_steps: ``T``; the input must have exactly ``T`` steps with per-step affines
+            or ``norm="bn"``.
+        beta: LIF decay (0 for binary units; default ``exp(-1 / softplus(10))``).
         threshold: firing threshold ``theta``.
         stem_pool: average-pool (2x2) the stem current before its LIF.
-        readout_noise: sample the FC output ``mean + sqrt(var) eps`` in sample mode.
+        readout_noise: a Bayesian FC readout, sampled ``mean + sqrt(var) eps`` in sample
+            mode (default ``False``: the released deterministic readout).
+        affine_per_step: one affine scale and shift per channel and per time step (the
+            released networks); ``False``: one per channel, shared by all steps.
+        aux_center: centring of the auxiliary loss's ``z``: ``"zero"`` (the released
+            ``z = membrane / sigma``) or ``"threshold"`` (``(membrane - theta) / sigma``).
         surrogate: surrogate of the twin (``"gaussian"``, ``"atan"``, ``"sigmoid"``).
         surrogate_width: width of the Gaussian surrogate.
         checkpoint: recompute each residual block in the backward instead of keeping its
@@ -175,13 +184,15 @@ class SpikingResNet(ReferenceNet):
         bias_std: float | None = None,
         norm: str = "affine",
         num_steps: int = 1,
-        beta: float = 0.905,
+        beta: float = PAPER_BETA,
         threshold: float = 1.0,
         stem_pool: bool = False,
-        readout_noise: bool = True,
+        readout_noise: bool = False,
         surrogate: str = "gaussian",
         surrogate_width: float = 0.4,
         checkpoint: bool = False,
+        affine_per_step: bool = True,
+        aux_center: str = "zero",
     ) -> None:
         super().__init__()
         config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -189,11 +200,13 @@ class SpikingResNet(ReferenceNet):
             config, bayes=bayes, readout_noise=readout_noise, num_steps=num_steps, norm=norm,
             estimator=estimator, std=std, bias_std=bias_std, beta=beta, threshold=threshold,
             surrogate=surrogate, surrogate_width=surrogate_width,
+            affine_per_step=affine_per_step, aux_center=aux_center,
         )
         self.in_channels = in_channels
         chans = _widths(widths, width_mult)
         self.widths = chans
-        self.stem = ConvLIF(factory, in_channels, chans[0], pool=2 if stem_pool else 1)
+        self.stem = ConvLIF(factory, in_channels, chans[0], pool=2 if stem_pool else 1,
+                            first=True)
         layers = []
         cin = chans[0]
         for stage, (cout, n) in enumerate(zip(chans, _blocks(blocks, len(chans)))):
@@ -202,7 +215,7 @@ class SpikingResNet(ReferenceNet):
                 layers.append(BasicBlock(factory, cin, cout, stride))
                 cin = cout
         self.blocks = nn.ModuleList(layers)
-        self.fc = factory.linear(cin, num_classes)
+        self.fc = factory.linear(cin, num_classes, bayes=self.bayes and self.readout_noise)
         self.checkpoint = bool(checkpoint)
 
     def _check_input(self, x: Tensor) -> None:
@@ -213,8 +226,9 @@ class SpikingResNet(ReferenceNet):
             )
         if self.per_step_norm and x.shape[0] != self.num_steps:
             raise ValueError(
-                f"{type(self).__name__} with per-step BatchNorm expects x of shape "
-                f"[T={self.num_steps}, B, {self.in_channels}, H, W], got {tuple(x.shape)}"
+                f"{type(self).__name__} has one affine (or BatchNorm) per time step and "
+                f"expects x of shape [T={self.num_steps}, B, {self.in_channels}, H, W], got "
+                f"{tuple(x.shape)}: build it with num_steps={x.shape[0]}"
             )
 
     def forward_steps(self, x: Tensor) -> Tensor:
@@ -242,8 +256,10 @@ class SpikingResNet(ReferenceNet):
 class DVSResNet(SpikingResNet):
     """ResNet-19 of LIF neurons for DVS128 Gesture (Method page, section 8).
 
-    Defaults: widths (32, 64, 128), 3 blocks per stage (``1 + 2 * 9 = 19`` convs), LIF
-    ``beta = 0.905``, ``theta = 1``, soft reset, bias noise ``softplus(-1)``, 11 classes.
+    Defaults (the released configuration): widths (32, 64, 128), 3 blocks per stage
+    (``1 + 2 * 9 = 19`` convs), LIF ``beta = exp(-1 / softplus(10))``, ``theta = 1``, soft
+    reset, bias noise ``softplus(-1)`` at the draw, per-step affines, a deterministic FC
+    readout, 11 classes.
 
     Args:
         num_classes: 11 for DVS128 Gesture.
