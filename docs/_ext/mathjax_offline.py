@@ -3,10 +3,10 @@
 MathJax 3 comes from the ``django-static-mathjax`` package (in the ``docs`` extra; despite
 its name it has no dependency, it only ships MathJax's files). After every build
 (``mkdocs build`` and each rebuild of ``mkdocs serve``) this hook copies the parts of its
-``es5`` bundle that the TeX-to-HTML (CommonHTML) output needs into
-``<site>/javascripts/mathjax/``: the ``tex-chtml.js`` component, the TeX extensions it may
-load on demand, the fonts and the menu. ``mkdocs.yml`` loads
-``javascripts/mathjax/tex-chtml.js`` after the configuration in ``javascripts/mathjax.js``.
+``es5`` bundle that the TeX-to-SVG output needs into ``<site>/javascripts/mathjax/``: the
+``tex-svg.js`` component (its glyphs are built in, so no font file is fetched), the TeX
+extensions it may load on demand and the menu. ``mkdocs.yml`` loads
+``javascripts/mathjax/tex-svg.js`` after the configuration in ``javascripts/mathjax.js``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from pathlib import Path
 from mkdocs.exceptions import PluginError
 
 #: Paths inside MathJax's ``es5`` folder that the pages need.
-PARTS = ("tex-chtml.js", "input/tex/extensions", "output/chtml", "ui", "a11y", "adaptors",
-         "LICENSE")
+PARTS = ("tex-svg.js", "input/tex/extensions", "ui", "a11y", "adaptors", "LICENSE")
 TARGET = "javascripts/mathjax"
 
 
@@ -30,7 +29,7 @@ def mathjax_es5() -> Path:
         raise PluginError("MathJax is not installed: pip install 'sbnn_addons[docs]' "
                           "(the django-static-mathjax package ships MathJax's files)")
     es5 = Path(spec.origin).parent / "static" / "mathjax" / "es5"
-    if not (es5 / "tex-chtml.js").is_file():
+    if not (es5 / PARTS[0]).is_file():
         raise PluginError(f"no MathJax es5 bundle at {es5}: reinstall django-static-mathjax")
     return es5
 
