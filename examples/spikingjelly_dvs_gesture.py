@@ -19,6 +19,7 @@ from spikingjelly.activation_based.model import parametric_lif_net
 
 import sbnn_addons
 from sbnn_addons import spikingjelly as sbnn_sj
+from sbnn_addons.bench import stratified_subset
 from sbnn_addons.data import load_dvs_gesture_32
 
 
@@ -62,7 +63,8 @@ def main() -> None:
     p.add_argument("--frame-stride", type=int, default=12, help="keep every k-th frame")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--test-samples", type=int, default=64)
+    p.add_argument("--test-samples", type=int, default=64,
+                   help="stratified, seeded test subset (every class in proportion)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--estimator", default="st")
     p.add_argument("--seed", type=int, default=0)
@@ -70,7 +72,9 @@ def main() -> None:
 
     x_tr, y_tr = load_dvs_gesture_32(args.data_dir, "train", frame_stride=args.frame_stride)
     x_te, y_te = load_dvs_gesture_32(args.data_dir, "test", frame_stride=args.frame_stride)
-    data = ((x_tr, y_tr), (x_te[: args.test_samples], y_te[: args.test_samples]))
+    # the split is sorted by label: a stratified seeded subset keeps every gesture
+    keep = stratified_subset(y_te, args.test_samples, seed=args.seed)
+    data = ((x_tr, y_tr), (x_te[keep], y_te[keep]))
     print(f"train {tuple(x_tr.shape)}, test {tuple(data[1][0].shape)}")
 
     torch.manual_seed(args.seed)
