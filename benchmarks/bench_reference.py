@@ -73,7 +73,8 @@ def worker(name: str, steps: int, num_steps: int, batch: int, threads: int,
     def step() -> float:
         t0 = time.perf_counter()
         nll = F.cross_entropy(model(x), y)
-        loss = sbnn_objective(nll, model, aux_weight=aux) if cfg["bayes"] else nll
+        loss = (sbnn_objective(nll, model, aux_weight=aux, aux_reduction="sum")
+                if cfg["bayes"] else nll)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -123,7 +123,7 @@ def run(method: str, seed: int, args, data) -> dict:
             nll = F.cross_entropy(net(x), y)
             if bayes:
                 loss = sb.sbnn_objective(nll, net, n_train, kl_weight=args.kl,
-                                         aux_weight=aux_weight)
+                                         aux_weight=aux_weight, aux_reduction="sum")
             else:
                 loss = nll
             if not torch.isfinite(loss):
@@ -132,7 +132,7 @@ def run(method: str, seed: int, args, data) -> dict:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(nll) * len(idx)
+            total += nll.item() * len(idx)
             count += len(idx)
         sched.step()
         train_time += time.perf_counter() - t0

@@ -42,7 +42,7 @@ def train_eval(model, data, args, sbnn: bool) -> tuple[float, float]:
         logits = model(upsample(x_tr[idx])).mean(0)
         loss = F.cross_entropy(logits, y_tr[idx])
         if sbnn:
-            loss = loss + 1e-10 * sbnn_addons.aux_loss(model)
+            loss = loss + 1e-10 * sbnn_addons.aux_loss(model, "sum")
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -63,7 +63,7 @@ def train_eval(model, data, args, sbnn: bool) -> tuple[float, float]:
         functional.reset_net(model)
         loss = F.cross_entropy(model(images(x_tr[idx], args.T, g)).mean(0), y_tr[idx])
         if sbnn:
-            loss = loss + 1e-8 * sbnn_addons.aux_loss(model)
+            loss = loss + 1e-8 * sbnn_addons.aux_loss(model, "sum")
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -29,21 +29,42 @@ def enable_aux_loss(model: nn.Module, enabled: bool = True) -> nn.Module:
     return model
 
 
-def aux_loss(model: nn.Module) -> Tensor:
-    """Collected auxiliary bias loss (without ``lambda``), then cleared (Method page, section 5).
+AUX_REDUCTIONS = ("mean", "sum")
+
+
+def aux_loss(model: nn.Module, reduction: str = "mean") -> Tensor:
+    """Collected auxiliary bias loss (without its weight), then cleared (Method page,
+    section 5).
 
     .. code-block:: text
 
-        L_aux / lambda = sum over layers and steps of mean over batch (sum over units z^2)
+        "mean": mean over layers' units and steps of mean over batch (z^2)   (scale-free)
+        "sum":  sum over layers and steps of mean over batch (sum over units z^2)
+                (the paper's form, used with its tiny lambda: 1e-10 on DVS Gesture)
 
     ``z^2 / 2`` is ``KL(N(mu, sigma^2) || N(theta, sigma^2))``: the loss keeps units
-    out of the saturated, high-bias regime. Returns a scalar (0 if nothing was collected).
+    out of the saturated, high-bias regime. The ``"mean"`` form does not grow with the
+    width, depth or number of steps, so a weight of 1e-3 .. 1 is meaningful for any model
+    and the loss stays readable; ``"sum"`` is the released configuration's form.
+
+    Args:
+        model: a model with :class:`~sbnn_addons.IWSTSpike` spike functions after
+            :func:`enable_aux_loss`.
+        reduction: ``"mean"`` (default) or ``"sum"``.
+
+    Returns:
+        A scalar (0 if nothing was collected).
     """
-    terms = [t for t in (m.pop_aux() for m in _spikes(model)) if t is not None]
-    if not terms:
+    if reduction not in AUX_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {AUX_REDUCTIONS}, got {reduction!r}")
+    parts = [t for t in (m.pop_aux() for m in _spikes(model)) if t is not None]
+    if not parts:
         p = next(model.parameters(), None)
         return torch.zeros((), device=p.device if p is not None else None)
-    return torch.stack(terms).sum()
+    total = torch.stack([term for term, _ in parts]).sum()
+    if reduction == "sum":
+        return total
+    return total / max(sum(units for _, units in parts), 1)
 
 
 def kl_divergence(model: nn.Module, prior=None, num_samples: int = 16) -> Tensor:
@@ -68,6 +89,7 @@ def sbnn_objective(
     *,
     kl_weight: float = 0.0,
     aux_weight: float = 0.0,
+    aux_reduction: str = "mean",
     prior=None,
 ) -> Tensor:
     """Full SBNN training loss per example (Method page, section 6).
@@ -79,8 +101,10 @@ def sbnn_objective(
     ``NLL_mean`` is the batch-mean negative log-likelihood; the KL is summed over all
     weights and divided by the number of training examples ``N`` (so that the sum over an
     epoch of mini-batches is the negative ELBO per example when ``kl_weight = 1``).
-    The released experiments use ``kl_weight = 0`` (the parity default) and
-    ``aux_weight`` from :data:`REFERENCE_AUX_WEIGHT`.
+    The released experiments use ``kl_weight = 0`` (the parity default) and the summed
+    auxiliary loss (``aux_reduction="sum"``) with ``aux_weight`` from
+    :data:`REFERENCE_AUX_WEIGHT`; with the default scale-free ``"mean"`` form a weight of
+    1e-3 .. 1 is meaningful.
 
     Args:
         nll: scalar batch-mean NLL (e.g. ``F.cross_entropy``).
@@ -88,16 +112,19 @@ def sbnn_objective(
         num_data: training-set size ``N``; required when ``kl_weight > 0``.
         kl_weight: ``beta_kl >= 0``.
         aux_weight: ``lambda >= 0``.
+        aux_reduction: ``"mean"`` or ``"sum"`` (see :func:`aux_loss`).
         prior: prior passed to :func:`kl_divergence`.
     """
     for name, value in (("kl_weight", kl_weight), ("aux_weight", aux_weight)):
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    if aux_reduction not in AUX_REDUCTIONS:
+        raise ValueError(f"aux_reduction must be one of {AUX_REDUCTIONS}, got {aux_reduction!r}")
     if nll.dim() != 0:
         raise ValueError(f"nll must be a scalar (batch mean), got shape {tuple(nll.shape)}")
     loss = nll
     if aux_weight > 0:
-        loss = loss + aux_weight * aux_loss(model)
+        loss = loss + aux_weight * aux_loss(model, aux_reduction)
     if kl_weight > 0:
         if not num_data or num_data < 1:
             raise ValueError("num_data (the training-set size N) must be >= 1 when kl_weight > 0")

@@ -184,7 +184,8 @@ class IWSTSpike(SBNNModule, nn.Module):
                 )
                 if aux:
                     spikes, z2 = spikes
-                    self._collect(z2 / max(self._batch_size(u), 1))
+                    batch = max(self._batch_size(u), 1)
+                    self._collect(z2 / batch, u.numel() // batch)
                 return mark_binary(attach_variance(spikes, None))
         if variance is None:
             sigma = torch.zeros((), dtype=u.dtype, device=u.device)
@@ -200,7 +201,8 @@ class IWSTSpike(SBNNModule, nn.Module):
             BernoulliSpike, u, sigma.expand_as(u), eps, self.estimator, self.at_zero
         )
         if self.collect_aux and variance is not None and torch.is_grad_enabled():
-            self._collect(self._z_squared(u, sigma))
+            self._collect(self._z_squared(u, sigma),
+                          u.numel() // max(self._batch_size(u), 1))
         return mark_binary(attach_variance(spikes, None))
 
     def _z_squared(self, u: Tensor, sigma: Tensor) -> Tensor:
@@ -212,22 +214,26 @@ class IWSTSpike(SBNNModule, nn.Module):
         z2 = torch.where(sigma > 0, z * z, 0.0)
         return z2.sum() / max(self._batch_size(u), 1)
 
-    def _collect(self, term: Tensor) -> None:
-        """Keep an aux term, except in a checkpoint's recomputation (computed there too,
-        so that the recomputation saves the same tensors, but already collected)."""
+    def _collect(self, term: Tensor, units: int) -> None:
+        """Keep an aux term (``sum over units of z^2``, batch-averaged) that covers
+        ``units`` unit-steps per example, except in a checkpoint's recomputation (computed
+        there too, so that the recomputation saves the same tensors, but already
+        collected)."""
         if not _RECOMPUTING[0]:
-            self._aux_terms.append(term)
+            self._aux_terms.append((term, int(units)))
 
     def _batch_size(self, u: Tensor) -> int:
         return u.shape[self.batch_dim] if u.dim() > self.batch_dim else 1
 
-    def pop_aux(self) -> Tensor | None:
-        """Sum of the collected ``z^2`` terms since the last call (then cleared)."""
+    def pop_aux(self) -> tuple[Tensor, int] | None:
+        """``(sum of the collected z^2 terms, unit-steps they cover per example)`` since
+        the last call (then cleared); ``None`` if nothing was collected."""
         if not self._aux_terms:
             return None
-        total = torch.stack(self._aux_terms).sum()
+        total = torch.stack([term for term, _ in self._aux_terms]).sum()
+        units = sum(n for _, n in self._aux_terms)
         self._aux_terms = []
-        return total
+        return total, units
 
     # ------------------------------------------------------------------ seeding
     def manual_seed(self, seed: int | None) -> None:

@@ -45,10 +45,12 @@ def _hand(net, x, center):
     return total
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("center", ["threshold", "zero"])
-def test_aux_loss_equals_hand_computation(center):
+def test_aux_loss_equals_hand_computation(center, reduction):
     """aux_loss == hand-computed sum_t mean_batch sum_units z^2 (rtol 1e-5, float32),
-    with identical spikes (both passes seeded)."""
+    with identical spikes (both passes seeded); the scale-free "mean" form divides it by
+    the unit-steps per example, T * (6 + 2)."""
     torch.manual_seed(0)
     net = Net(center)
     x = torch.rand(T, B, 5)
@@ -58,16 +60,25 @@ def test_aux_loss_equals_hand_computation(center):
     for t in range(T):
         h1, s1 = net.lif1(net.fc1(x[t]), s1)
         _, s2 = net.lif2(net.fc2(h1), s2)
-    got = aux_loss(net)
+    got = aux_loss(net, reduction)
     enable_aux_loss(net, False)
     sb.seed_spikes(net, 3)
     with torch.no_grad():
         want = _hand(net, x, center)
+        if reduction == "mean":
+            want = want / (T * (6 + 2))
     torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=0)
     assert float(got.detach()) > 0
     got.backward()
     assert net.fc1.std_rho.grad is not None  # the aux loss trains the noise scales
     assert float(aux_loss(net)) == 0.0  # cleared after reading
+
+
+def test_aux_loss_rejects_unknown_reduction():
+    with pytest.raises(ValueError, match="reduction"):
+        aux_loss(Net("zero"), "max")
+    with pytest.raises(ValueError, match="aux_reduction"):
+        sbnn_objective(torch.tensor(1.0), Net("zero"), aux_weight=1.0, aux_reduction="max")
 
 
 def test_aux_loss_not_collected_without_grad_or_flag():

@@ -168,7 +168,7 @@ def test_dvs_resnet_matches_released_recurrences():
     sb.seed_spikes(net, SEED)
     with kernels.use_kernels(False):
         logits = net(x)
-    lib_aux = aux_loss(net)
+    lib_aux = aux_loss(net, "sum")
     loss = F.cross_entropy(logits, y) + 1e-3 * lib_aux
     loss.backward()
 
@@ -243,7 +243,7 @@ def test_shd_recurrent_matches_released_recurrences():
     sb.seed_spikes(net, SEED)
     with kernels.use_kernels(False):
         logits = net(x)
-    lib_aux = aux_loss(net)
+    lib_aux = aux_loss(net, "sum")
     (F.cross_entropy(logits, y) + 1e-2 * lib_aux).backward()
 
     ref_rec, ref_aux = Recorder(), []

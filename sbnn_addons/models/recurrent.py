@@ -250,7 +250,8 @@ class SHDRecurrentNet(ReferenceNet):
         if own is not None:
             total = total + 2 * own
         z = current / total.clamp_min(1e-6).sqrt()
-        spike._collect((z * z).sum() / max(current.shape[0], 1))
+        batch = max(current.shape[0], 1)
+        spike._collect((z * z).sum() / batch, current.numel() // batch)
 
     def forward_steps(self, x: Tensor) -> Tensor:
         """Readout per time step, ``[T, B, num_classes]`` (readout noise included)."""
