@@ -191,6 +191,8 @@ def mark_binary(tensor: Tensor, kept: bool = False) -> Tensor:
     backward (the spike kernel does), so a layer saves it too at no memory cost and
     without a conversion.
     """
+    if tensor.is_inference():  # no version counter: an unmarked tensor is always safe
+        return tensor
     tensor.__dict__[_BINARY] = tensor._version
     if kept:
         tensor.__dict__[_KEPT] = tensor._version
@@ -199,13 +201,15 @@ def mark_binary(tensor: Tensor, kept: bool = False) -> Tensor:
 
 def is_binary(tensor: Tensor) -> bool:
     """Whether ``tensor`` was marked by :func:`mark_binary` and not changed in place since."""
-    return tensor.__dict__.get(_BINARY, -1) == tensor._version
+    mark = tensor.__dict__.get(_BINARY)
+    return mark is not None and not tensor.is_inference() and mark == tensor._version
 
 
 def is_kept(tensor: Tensor) -> bool:
     """Whether ``tensor`` was marked binary and ``kept`` by its producer (and not changed
     in place since)."""
-    return tensor.__dict__.get(_KEPT, -1) == tensor._version
+    mark = tensor.__dict__.get(_KEPT)
+    return mark is not None and not tensor.is_inference() and mark == tensor._version
 
 
 def exact_unit_gradient(u: Tensor, sigma: Tensor, f0: Tensor, f1: Tensor) -> tuple[Tensor, Tensor]:

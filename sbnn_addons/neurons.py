@@ -39,7 +39,8 @@ _ZERO = "zero"  # the factors of the initial state's V = 0
 def _zero_variance(like: Tensor) -> Tensor:
     """The initial ``V = 0``: one element, marked as factored (any scale may follow)."""
     variance = like.new_zeros(())
-    variance.__dict__[_FACTORS] = (_ZERO, variance._version)
+    if not variance.is_inference():  # inference tensors have no version counter
+        variance.__dict__[_FACTORS] = (_ZERO, variance._version)
     return variance
 
 
@@ -123,14 +124,16 @@ class LIF(nn.Module):
         ``var(I_t)`` share their scale ``s^2`` (or ``V_{t-1}`` is the initial 0)."""
         b2 = self.beta * self.beta
         prev, version = variance.__dict__.get(_FACTORS, (None, None))
-        if (isinstance(var_in, ScaledVariance) and version == variance._version
+        if (isinstance(var_in, ScaledVariance) and version is not None
+                and version == variance._version
                 and (prev is _ZERO or (isinstance(prev, ScaledVariance)
                                        and prev.scale is var_in.scale))):
             base = var_in.base if prev is _ZERO else torch.add(var_in.base, prev.base,
                                                                  alpha=b2)
             factors = ScaledVariance(base, var_in.scale)
             out = factors.value()
-            out.__dict__[_FACTORS] = (factors, out._version)
+            if not out.is_inference():
+                out.__dict__[_FACTORS] = (factors, out._version)
             return out
         if isinstance(var_in, ScaledVariance):
             var_in = var_in.value()

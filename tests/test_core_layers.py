@@ -376,3 +376,20 @@ def test_share_posterior_reuses_s2_with_identical_gradients(std_mode):
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-8)
     assert sb.layers._SHARED[0] is None
 
+
+
+def test_layers_and_lif_run_under_inference_mode():
+    """torch.inference_mode tensors have no version counter: spikes are not marked there,
+    and the layers fall back to x * x (same values)."""
+    layer = BayesConv2d(2, 4, 3, padding=1, std=0.2)
+    lif = sb.LIF()
+    x = (torch.rand(3, 2, 2, 8, 8) < 0.3).float()
+    with sb.mode(lif, "mean"):
+        want = lif.run(layer(x.flatten(0, 1)).reshape(3, 2, 4, 8, 8))
+        with torch.inference_mode():
+            got = lif.run(layer(x.flatten(0, 1)).reshape(3, 2, 4, 8, 8))
+    assert torch.equal(got, want)
+    with torch.inference_mode():
+        spikes = lif.run(layer(x.flatten(0, 1)).reshape(3, 2, 4, 8, 8))
+        assert spikes.shape == (3, 2, 4, 8, 8)
+        assert BayesLinear(8, 3)(spikes.flatten(0, 1).flatten(2)[..., :8]).shape == (6, 4, 3)
