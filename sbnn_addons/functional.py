@@ -8,13 +8,22 @@ stated otherwise.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import kernels
+from .tensors import (
+    apply_function,
+    broadcasts_to,
+    check_windows,
+    is_binary,
+    is_kept,
+    mark_binary,
+)
 
 __all__ = [
     "SIGMA_MIN",
@@ -26,6 +35,7 @@ __all__ = [
     "exact_unit_gradient",
     "safe_sqrt",
     "apply_function",
+    "broadcasts_to",
     "box_sum",
     "compact_broadcast",
     "gaussian_kl",
@@ -177,41 +187,6 @@ def jacobian_and_z(u: Tensor, sigma: Tensor, h: Tensor, kind: str, p: float = 1.
     return torch.where(sigma > 0, jac, 0.0), z
 
 
-_BINARY = "_sbnn_binary"
-_KEPT = "_sbnn_kept"
-
-
-def mark_binary(tensor: Tensor, kept: bool = False) -> Tensor:
-    """Record that ``tensor`` holds only 0 and 1 (spikes); returns ``tensor``.
-
-    The mark is tied to the tensor's version counter, so an in-place change voids it.
-    Layers use it to skip ``x * x`` (``x^2 = x`` for spikes) in the LRT variance, and
-    keep a marked input for the backward as uint8 (a quarter of the memory) unless it is
-    ``kept``: ``kept=True`` records that the producer saves this very tensor for its own
-    backward (the spike kernel does), so a layer saves it too at no memory cost and
-    without a conversion.
-    """
-    if tensor.is_inference():  # no version counter: an unmarked tensor is always safe
-        return tensor
-    tensor.__dict__[_BINARY] = tensor._version
-    if kept:
-        tensor.__dict__[_KEPT] = tensor._version
-    return tensor
-
-
-def is_binary(tensor: Tensor) -> bool:
-    """Whether ``tensor`` was marked by :func:`mark_binary` and not changed in place since."""
-    mark = tensor.__dict__.get(_BINARY)
-    return mark is not None and not tensor.is_inference() and mark == tensor._version
-
-
-def is_kept(tensor: Tensor) -> bool:
-    """Whether ``tensor`` was marked binary and ``kept`` by its producer (and not changed
-    in place since)."""
-    mark = tensor.__dict__.get(_KEPT)
-    return mark is not None and not tensor.is_inference() and mark == tensor._version
-
-
 def exact_unit_gradient(u: Tensor, sigma: Tensor, f0: Tensor, f1: Tensor) -> tuple[Tensor, Tensor]:
     """Exact gradient of ``E[f(h)]`` for one noisy unit (Method page, section 1).
 
@@ -265,32 +240,13 @@ def box_sum(x: Tensor, kernel: Sequence[int], stride: Sequence[int],
             a kernel is longer than its padded dimension (or a size is out of range).
     """
     kernel, stride, padding = tuple(kernel), tuple(stride), tuple(padding)
-    _check_windows(x, kernel, stride, padding)
+    check_windows(x, kernel, stride, padding)
     if x.requires_grad and torch.is_grad_enabled():
         return apply_function(_BoxSum, x, kernel, stride, padding, float(scale))
     return _box_sum(x, kernel, stride, padding, float(scale))
 
 
-def _check_windows(x: Tensor, kernel, stride, padding) -> None:
-    n = len(kernel)
-    if not n or len(stride) != n or len(padding) != n:
-        raise ValueError(f"kernel, stride and padding must have one entry per window "
-                         f"dimension, got {kernel}, {stride}, {padding}")
-    if x.dim() < n:
-        raise ValueError(f"x of shape {tuple(x.shape)} has fewer than the {n} dimensions of "
-                         f"kernel {kernel}")
-    for d in range(n):
-        length = x.shape[x.dim() - n + d] + 2 * padding[d]
-        if kernel[d] < 1 or stride[d] < 1 or padding[d] < 0 or kernel[d] > length:
-            raise ValueError(
-                f"window {d}: kernel {kernel[d]} must be in [1, {length}] (the padded "
-                f"length), stride {stride[d]} >= 1 and padding {padding[d]} >= 0"
-            )
-
-
 def _box_sum(x: Tensor, kernel, stride, padding, scale: float) -> Tensor:
-    from . import kernels  # imports this module
-
     if kernels.can_window_sum(x, len(kernel)):
         return kernels._window_sum(x, kernel, stride, padding, scale=scale)  # checked
     n = len(kernel)
@@ -341,8 +297,6 @@ class _BoxSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        from . import kernels
-
         n = len(ctx.kernel)
         if kernels.can_window_sum(grad, n):
             return kernels._window_sum_backward(grad, ctx.input_shape, ctx.kernel, ctx.stride,
@@ -375,30 +329,6 @@ def compact_broadcast(t: Tensor) -> Tensor:
         if stride == 0 and size > 1:
             t = t.narrow(d, 0, 1)
     return t
-
-
-@functools.lru_cache(maxsize=4096)
-def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
-    """Whether a tensor of ``shape`` broadcasts to ``target`` without enlarging it.
-
-    A cached pure-Python test, used per spike where ``torch.broadcast_shapes`` would
-    dominate the call's fixed cost.
-    """
-    if len(shape) > len(target):
-        return False
-    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
-
-
-def apply_function(fn: type[torch.autograd.Function], *args):
-    """``fn.apply(*args)`` without the per-call ``inspect.signature`` binding.
-
-    ``Function.apply`` binds default arguments with ``inspect.signature`` on every call
-    (about 20 us); outside ``torch.func`` transforms the C entry point is called directly.
-    Under ``vmap`` / ``grad`` the full ``apply`` (and the vmap rule) is used.
-    """
-    if torch._C._are_functorch_transforms_active():
-        return fn.apply(*args)
-    return super(torch.autograd.Function, fn).apply(*args)
 
 
 class _SafeSqrt(torch.autograd.Function):

@@ -60,7 +60,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .functional import _check_windows, apply_function, broadcasts_to, mark_binary
+from .tensors import apply_function, broadcasts_to, check_windows, mark_binary
 
 __all__ = [
     "available", "enabled", "use_kernels", "can_fuse", "fused_spike", "FusedSpike",
@@ -306,7 +306,7 @@ def window_sum(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
     """
     _check("x", x)
     kernel, stride, padding = tuple(kernel), tuple(stride), tuple(padding)
-    _check_windows(x, kernel, stride, padding)
+    check_windows(x, kernel, stride, padding)
     n = len(kernel)
     if n > 2 or (channels > 1 and (x.dim() < n + 1 or x.shape[-n - 1] != channels)):
         raise ValueError(f"window_sum takes 1 or 2 window dimensions and x [*, channels, ...] "

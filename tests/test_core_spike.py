@@ -183,7 +183,7 @@ def test_sigma_tiny_and_empty_batch():
     out = spike(u)
     out.sum().backward()
     assert out.shape == (0, 5)
-    assert float(spike.pop_aux().detach()) == 0.0
+    assert float(spike.pop_aux()[0].detach()) == 0.0
 
 
 def test_bf16_bayes_linear_into_spike():

@@ -43,19 +43,17 @@ def _mean_std(vals: list[float]) -> tuple[float, float]:
 
 def save_plots(results, out_dir: Path) -> list[Path]:
     """Write the figures of ``results`` (a :class:`BenchResults` or its rows); return paths."""
-    from .results import BenchResults
-
-    res = results if isinstance(results, BenchResults) else BenchResults(list(results))
+    all_rows = list(results.rows if hasattr(results, "rows") else results)
     plt = _plt()
     from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tasks = list(dict.fromkeys(r["task"] for r in res.rows))
+    tasks = list(dict.fromkeys(r["task"] for r in all_rows))
     paths = []
     for task in tasks:
-        rows = [r for r in res.rows if r["task"] == task]
+        rows = [r for r in all_rows if r["task"] == task]
         suffix = "" if len(tasks) == 1 else f"-{task}"
         methods = list(dict.fromkeys(r["method"] for r in rows))
         by_m = {m: [r for r in rows if r["method"] == m] for m in methods}

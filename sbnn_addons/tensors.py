@@ -1,0 +1,92 @@
+"""Tensor marks and small helpers shared by the pure functions and the kernels.
+
+The lowest layer of the framework-free core: it imports nothing from the package, so
+:mod:`sbnn_addons.functional` and :mod:`sbnn_addons.kernels` both build on it without
+importing each other in a cycle. :mod:`sbnn_addons.functional` re-exports the public
+names (``mark_binary``, ``is_binary``, ``is_kept``, ``apply_function``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+__all__ = ["mark_binary", "is_binary", "is_kept", "broadcasts_to", "apply_function",
+           "check_windows"]
+
+_BINARY = "_sbnn_binary"
+_KEPT = "_sbnn_kept"
+
+
+def mark_binary(tensor: Tensor, kept: bool = False) -> Tensor:
+    """Record that ``tensor`` holds only 0 and 1 (spikes); returns ``tensor``.
+
+    The mark is tied to the tensor's version counter, so an in-place change voids it.
+    Layers use it to skip ``x * x`` (``x^2 = x`` for spikes) in the LRT variance, and
+    keep a marked input for the backward as uint8 (a quarter of the memory) unless it is
+    ``kept``: ``kept=True`` records that the producer saves this very tensor for its own
+    backward (the spike kernel does), so a layer saves it too at no memory cost and
+    without a conversion.
+    """
+    if tensor.is_inference():  # no version counter: an unmarked tensor is always safe
+        return tensor
+    tensor.__dict__[_BINARY] = tensor._version
+    if kept:
+        tensor.__dict__[_KEPT] = tensor._version
+    return tensor
+
+
+def is_binary(tensor: Tensor) -> bool:
+    """Whether ``tensor`` was marked by :func:`mark_binary` and not changed in place since."""
+    mark = tensor.__dict__.get(_BINARY)
+    return mark is not None and not tensor.is_inference() and mark == tensor._version
+
+
+def is_kept(tensor: Tensor) -> bool:
+    """Whether ``tensor`` was marked binary and ``kept`` by its producer (and not changed
+    in place since)."""
+    mark = tensor.__dict__.get(_KEPT)
+    return mark is not None and not tensor.is_inference() and mark == tensor._version
+
+
+def check_windows(x: Tensor, kernel, stride, padding) -> None:
+    n = len(kernel)
+    if not n or len(stride) != n or len(padding) != n:
+        raise ValueError(f"kernel, stride and padding must have one entry per window "
+                         f"dimension, got {kernel}, {stride}, {padding}")
+    if x.dim() < n:
+        raise ValueError(f"x of shape {tuple(x.shape)} has fewer than the {n} dimensions of "
+                         f"kernel {kernel}")
+    for d in range(n):
+        length = x.shape[x.dim() - n + d] + 2 * padding[d]
+        if kernel[d] < 1 or stride[d] < 1 or padding[d] < 0 or kernel[d] > length:
+            raise ValueError(
+                f"window {d}: kernel {kernel[d]} must be in [1, {length}] (the padded "
+                f"length), stride {stride[d]} >= 1 and padding {padding[d]} >= 0"
+            )
+
+
+@functools.lru_cache(maxsize=4096)
+def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` without enlarging it.
+
+    A cached pure-Python test, used per spike where ``torch.broadcast_shapes`` would
+    dominate the call's fixed cost.
+    """
+    if len(shape) > len(target):
+        return False
+    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
+
+
+def apply_function(fn: type[torch.autograd.Function], *args):
+    """``fn.apply(*args)`` without the per-call ``inspect.signature`` binding.
+
+    ``Function.apply`` binds default arguments with ``inspect.signature`` on every call
+    (about 20 us); outside ``torch.func`` transforms the C entry point is called directly.
+    Under ``vmap`` / ``grad`` the full ``apply`` (and the vmap rule) is used.
+    """
+    if torch._C._are_functorch_transforms_active():
+        return fn.apply(*args)
+    return super(torch.autograd.Function, fn).apply(*args)
