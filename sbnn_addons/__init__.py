@@ -20,11 +20,12 @@ from .layers import (
     share_posterior,
 )
 from .losses import aux_loss, enable_aux_loss, kl_divergence, sbnn_objective
-from .modes import get_mode, mc_predict, mode, set_mode
+from .modes import get_mode, mode, set_mode
 from .moments import attach_variance, get_variance, track_variance, variance_flow
 from .neurons import LIF, LIFState
 from .optim import noise_parameters, param_groups
 from .spike import IWSTSpike, seed_spikes
+from .uncertainty import Prediction, mc_predict
 
 __version__ = "0.1.0"
 
@@ -33,7 +34,7 @@ __all__ = [
     "BayesLinear", "BayesConv1d", "BayesConv2d", "ChannelAffine", "GaussianPrior",
     "scale_mixture_prior", "is_bayesian", "share_posterior",
     "aux_loss", "enable_aux_loss", "kl_divergence", "sbnn_objective",
-    "set_mode", "get_mode", "mode", "mc_predict",
+    "set_mode", "get_mode", "mode", "mc_predict", "Prediction",
     "attach_variance", "get_variance", "track_variance", "variance_flow",
     "LIF", "LIFState", "IWSTSpike", "seed_spikes", "kernels", "param_groups",
     "noise_parameters", "check_finite",

@@ -1,16 +1,19 @@
-"""Evaluation modes ``sample``, ``mean`` and ``mc(K)`` (Method page, section 7)."""
+"""Evaluation modes ``sample``, ``mean`` and ``mc(K)`` (Method page, section 7).
+
+The ``mc(K)`` prediction itself is :func:`sbnn_addons.mc_predict` (defined in
+:mod:`sbnn_addons.uncertainty`, also reachable as ``sbnn_addons.modes.mc_predict``).
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .base import MODES, SBNNModule
 
-__all__ = ["set_mode", "get_mode", "mode", "mc_predict"]
+__all__ = ["set_mode", "get_mode", "mode"]
 
 
 def set_mode(model: nn.Module, mode: str) -> nn.Module:
@@ -20,7 +23,7 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
         model: any module.
         mode: ``"sample"`` (one stochastic pass), ``"mean"`` (deterministic
             ``1[mu > theta]``, posterior-mean weights: the deployable network) or
-            ``"mc"`` (stochastic passes for :func:`mc_predict`).
+            ``"mc"`` (stochastic passes of :func:`sbnn_addons.mc_predict`).
 
     Returns:
         ``model``.
@@ -53,31 +56,11 @@ def mode(model: nn.Module, value: str) -> Iterator[nn.Module]:
             m.sbnn_mode = old
 
 
-def mc_predict(
-    forward: Callable[[], Tensor],
-    model: nn.Module,
-    num_samples: int,
-) -> Tensor:
-    """Monte Carlo predictive distribution: mean of ``softmax(logits)`` over K passes.
+def __getattr__(name: str):
+    """``sbnn_addons.modes.mc_predict``: the Monte Carlo API lives in
+    :mod:`sbnn_addons.uncertainty` (imported on first use, which avoids an import cycle)."""
+    if name == "mc_predict":
+        from .uncertainty import mc_predict
 
-    .. code-block:: text
-
-        p(y | x) = 1/K sum_k softmax(f_k(x)),   f_k: a stochastic pass
-
-    Args:
-        forward: zero-argument callable that runs one pass (including any state reset)
-            and returns logits ``[B, C]``.
-        model: the SBNN model (run in ``mc`` mode during the passes).
-        num_samples: ``K >= 1``.
-
-    Returns:
-        Probabilities ``[B, C]``.
-    """
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples (K) must be an integer >= 1, got {num_samples!r}")
-    with mode(model, "mc"):
-        total = None
-        for _ in range(num_samples):
-            probs = torch.softmax(forward(), dim=-1)
-            total = probs if total is None else total + probs
-    return total / num_samples
+        return mc_predict
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,17 +1,22 @@
-"""Predictive uncertainty of a Spiking Bayesian network (Method page, section 7, ``mc(K)``).
+"""Monte Carlo prediction and predictive uncertainty (Method page, section 7, ``mc(K)``).
+
+:func:`mc_predict` is the one Monte Carlo API of the library, for models built from the
+core and for converted snnTorch and SpikingJelly models alike (``sbnn_addons.mc_predict``
+is the same function; :func:`predict` is a documented alias of it):
 
 .. code-block:: python
 
-    from sbnn_addons.uncertainty import predict
+    import sbnn_addons
 
-    pred = predict(model, x, num_samples=20)     # K stochastic passes in "mc" mode
+    pred = sbnn_addons.mc_predict(model, x, num_samples=20, seed=0)  # K passes, "mc" mode
     pred.probs               # [B, C]  mean predictive distribution
     pred.entropy             # [B]     total uncertainty  H[p]
     pred.mutual_information  # [B]     epistemic part     H[p] - mean_k H[p_k]
     pred.spike_counts        # [K]     spikes emitted in each pass (all layers)
     pred.synops              # [K]     synaptic operations of each pass
 
-With ``p_k = softmax(f_k(x))`` the prediction of the ``k``-th stochastic pass:
+Every pass runs under ``torch.no_grad()`` (no graph is built) from a freshly reset neuron
+state. With ``p_k = softmax(f_k(x))`` the prediction of the ``k``-th stochastic pass:
 
 .. code-block:: text
 
@@ -20,34 +25,35 @@ With ``p_k = softmax(f_k(x))`` the prediction of the ``k``-th stochastic pass:
     E[H]     = 1/K sum_k H[p_k]                      (expected entropy: aleatoric part)
     MI       = H[p] - E[H] >= 0                      (mutual information: epistemic part)
 
-Works with converted snnTorch and SpikingJelly models and with any module built from the
-core (:class:`~sbnn_addons.IWSTSpike`, :class:`~sbnn_addons.LIF`, Bayesian layers). The
-plot helpers at the end need matplotlib (``pip install "sbnn_addons[plot]"``) and write
+The plot helpers at the end need matplotlib (``pip install "sbnn_addons[plot]"``) and write
 PNG files with the ``Agg`` backend.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from .base import MODES, SBNNModule, check_input
 from .metrics import (
     SpikeMonitor,
     check_probabilities,
     expected_calibration_error,
     negative_log_likelihood,
 )
-from .modes import mode as _mode
 from .spike import seed_spikes
 
 __all__ = [
     "Prediction",
+    "mc_predict",
     "predict",
     "time_as_samples",
     "from_sample_probs",
@@ -185,12 +191,18 @@ def _host_kind(model: nn.Module) -> tuple[bool, bool]:
 
 
 def default_reset(model: nn.Module) -> Callable[[nn.Module], object]:
-    """The state reset :func:`predict` uses when none is given.
+    """The neuron-state reset :func:`mc_predict` runs before every pass when none is given.
 
-    ``sbnn_addons.snntorch.reset`` if the model contains snnTorch neurons,
-    ``sbnn_addons.spikingjelly.reset`` if it contains SpikingJelly modules (both when it
-    has both), else a no-op. Detection reads the classes' module names, so neither host
-    library is imported unless the model already uses it.
+    * snnTorch neurons: :func:`sbnn_addons.snntorch.reset`, which does what
+      ``snntorch.utils.reset`` does (every neuron's ``reset_mem()``: a zero membrane) for
+      this model's neurons only, copies included, and leaves other models alone;
+    * SpikingJelly modules: :func:`sbnn_addons.spikingjelly.reset`, i.e.
+      ``spikingjelly.activation_based.functional.reset_net`` (membrane and noise variance);
+    * both when the model has both; a no-op for a core-only model (the core's
+      :class:`~sbnn_addons.LIF` keeps its state explicitly, in the caller's loop).
+
+    Detection reads the classes' module names, so neither host library is imported unless
+    the model already uses it.
     """
     snn, sj = _host_kind(model)
     fns = []
@@ -220,38 +232,112 @@ def _check_logits(logits, rows: int) -> Tensor:
     if logits.dim() != 2 or logits.shape[0] != rows:
         raise ValueError(
             f"the forward pass must return logits [B, C] with B = {rows}, got shape "
-            f"{tuple(logits.shape)}; pass forward= that reduces the time dimension"
+            f"{tuple(logits.shape)}; pass forward= that reduces the time dimension (e.g. "
+            "lambda m, x: m(x).mean(0) for a SpikingJelly multi-step model returning "
+            "[T, B, C])"
         )
     return logits
 
 
-def predict(
+def _check_inputs(inputs, custom_forward: bool) -> None:
+    """``inputs`` is a tensor (or, with a custom ``forward``, a tuple / list of tensors)
+    without a zero-size dimension and, unless :class:`~sbnn_addons.check_finite` is off,
+    without NaN / inf."""
+    items = inputs if custom_forward and isinstance(inputs, (tuple, list)) else (inputs,)
+    if not items or not all(isinstance(x, Tensor) for x in items):
+        kinds = ", ".join(type(x).__name__ for x in items) or "an empty sequence"
+        raise TypeError(
+            f"mc_predict: inputs must be a torch.Tensor (time-major [T, B, ...] for a "
+            f"spiking model, [B, ...] for a static core model), got {kinds}"
+            + ("" if custom_forward else
+               "; for other inputs pass forward=lambda model, inputs: logits [B, C]")
+        )
+    for x in items:
+        if x.dim() and 0 in x.shape:
+            raise ValueError(
+                f"mc_predict: inputs of shape {tuple(x.shape)} have a zero-size dimension "
+                "(an empty batch or a sequence of T = 0 steps); there is nothing to predict: "
+                "skip empty inputs before calling mc_predict"
+            )
+        check_input(x, "mc_predict")
+
+
+def _legacy_call(forward_fn: Callable[[], Tensor], model: nn.Module,
+                 num_samples) -> Tensor:
+    """``mc_predict(forward_fn, model, K)``: the earlier closure form (deprecated)."""
+    warnings.warn(
+        "mc_predict(forward_fn, model, K) is deprecated: call "
+        "mc_predict(model, inputs, K, forward=lambda m, x: logits).probs (the passes "
+        "now run without gradients from a reset neuron state)",
+        DeprecationWarning, stacklevel=3,
+    )
+    _check_num_samples(num_samples)
+    pred = _run(model, None, num_samples, seed=None, forward=lambda m, x: forward_fn(),
+                reset=None, chunk_size=None, fold=False, batch_dim=0, eval_mode="mc",
+                return_samples=False, count_spikes=False, synops=False)
+    return pred.probs
+
+
+def _check_num_samples(num_samples) -> None:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples (K) must be an integer >= 1, got {num_samples!r}")
+
+
+def mc_predict(
     model: nn.Module,
-    inputs: Tensor,
-    *,
+    inputs: Tensor | Sequence[Tensor] | None,
     num_samples: int = 10,
+    *,
+    seed: int | None = None,
     forward: Callable[[nn.Module, Tensor], Tensor] | None = None,
     reset: Callable[[nn.Module], object] | None = None,
     chunk_size: int | None = None,
     fold: bool = False,
     batch_dim: int = 0,
     eval_mode: str = "mc",
-    seed: int | None = None,
     return_samples: bool = True,
     count_spikes: bool = True,
     synops: bool = True,
 ) -> Prediction:
     """Monte Carlo predictive distribution and uncertainty from ``K`` stochastic passes.
 
+    The library's one Monte Carlo API, the same for a core model, a converted snnTorch
+    model and a converted SpikingJelly model:
+
     .. code-block:: text
 
-        p_k = softmax(forward(model, inputs))      k = 1..K, model in "mc" mode
-        p   = 1/K sum_k p_k,   H[p],   MI = H[p] - 1/K sum_k H[p_k]
+        for k = 1..K:  reset(model);  p_k = softmax(forward(model, inputs))   # "mc" mode
+        p = 1/K sum_k p_k,   H[p] = -sum_c p_c log p_c,   MI = H[p] - 1/K sum_k H[p_k]
 
-    Runs under ``torch.no_grad()``. Before each pass the neuron states are reset.
+    * **No gradients**: every pass runs under ``torch.no_grad()``; no graph is built and
+      the returned tensors have ``requires_grad=False``.
+    * **State reset before every pass** (and once after the last): the passes are
+      independent draws, whatever state an earlier forward left behind. The default
+      ``reset`` is the host's own (:func:`default_reset`: ``snntorch.utils.reset``'s
+      ``reset_mem()`` for snnTorch neurons, ``functional.reset_net`` for SpikingJelly);
+      a core-only model needs none.
+    * **Exact replay**: with ``seed``, :func:`~sbnn_addons.seed_spikes` ``(model, seed)``
+      runs first, so two calls with the same seed give the same result.
+    * The model's ``train()`` / ``eval()`` flag is left as it is (call ``model.eval()``
+      first, as for any evaluation); its SBNN mode is ``eval_mode`` during the passes and
+      restored afterwards.
 
-    Memory stays bounded by ``chunk_size``: the passes are processed ``chunk_size`` at a
-    time and only ``[K, B, C]`` probabilities are kept. Without ``fold`` every pass is a
+    **Inputs and the forward hook.** Spiking models take time-major inputs ``[T, B, ...]``
+    (step ``t`` is ``inputs[t]``); a static core model takes ``[B, ...]``. By default one
+    pass is ``model(inputs)``, which must return logits ``[B, C]``. For any other call or
+    output pass ``forward(model, inputs) -> logits [B, C]``, e.g.
+
+    .. code-block:: python
+
+        # snnTorch, explicit time loop returning (spk_rec, mem_rec) records [T, B, C]
+        forward = lambda m, x: m(x)[1].mean(0)
+        # snnTorch, nn.Sequential with init_hidden=True neurons: the loop over steps
+        forward = lambda m, x: torch.stack([m(x_t)[1] for x_t in x]).mean(0)
+        # SpikingJelly, multi-step model returning [T, B, C]: the firing rate
+        forward = lambda m, x: m(x).mean(0)
+
+    **Memory** stays bounded by ``chunk_size``: the passes are processed ``chunk_size`` at
+    a time and only ``[K, B, C]`` probabilities are kept. Without ``fold`` every pass is a
     separate call (``chunk_size`` only groups them; the result does not depend on it).
     With ``fold=True`` the samples of one chunk are folded into the batch: the input is
     repeated ``chunk_size`` times along ``batch_dim`` (default chunk: all ``K``), one call
@@ -263,12 +349,12 @@ def predict(
 
     Args:
         model: converted snnTorch / SpikingJelly model or a core-only module.
-        inputs: the model's input (e.g. ``[T, B, ...]`` for an snnTorch time loop).
+        inputs: ``[T, B, ...]`` (spiking model) or ``[B, ...]`` (static core model);
+            with a custom ``forward`` also a tuple / list of tensors, passed on as is.
         num_samples: ``K >= 1``.
-        forward: ``(model, inputs) -> logits [B, C]``, for models whose call is not
-            ``model(inputs)`` or does not return logits (e.g. snnTorch models returning
-            ``(spk, mem)`` records: ``lambda m, x: m(x)[1].mean(0)``).
-        reset: ``(model) -> None`` resetting neuron states between passes (default:
+        seed: if given, seed the spike noise first (:func:`~sbnn_addons.seed_spikes`).
+        forward: ``(model, inputs) -> logits [B, C]`` (default ``model(inputs)``).
+        reset: ``(model) -> None`` resetting the neuron states before each pass (default:
             :func:`default_reset`).
         chunk_size: passes per chunk (``None``: ``K`` with ``fold``, 1 without).
         fold: fold the samples of a chunk into the batch (see above).
@@ -276,23 +362,57 @@ def predict(
             used by ``fold`` only.
         eval_mode: ``"mc"`` (default), or ``"mean"`` (K identical deterministic passes,
             a baseline: MI = 0) or ``"sample"``.
-        seed: if given, :func:`~sbnn_addons.seed_spikes` ``(model, seed)`` first, for
-            exact replay.
         return_samples: keep ``sample_probs [K, B, C]``.
         count_spikes: record per-pass spike counts of every ``IWSTSpike`` (and SynOps).
         synops: count SynOps at the weight layers (needs ``count_spikes``).
 
     Returns:
-        :class:`Prediction`.
+        :class:`Prediction` (``.probs [B, C]``, ``.entropy [B]``,
+        ``.mutual_information [B]``, ``.sample_probs [K, B, C]``, ...).
 
     Raises:
-        ValueError: ``num_samples < 1``, bad ``chunk_size``, logits of the wrong shape.
-        TypeError: the forward pass does not return a tensor.
+        TypeError: ``model`` is not an ``nn.Module``, ``inputs`` is not a tensor, or the
+            forward pass does not return a tensor.
+        ValueError: ``num_samples < 1`` or not an integer, an empty input (batch 0 or
+            ``T = 0``), NaN / inf in the input, bad ``chunk_size`` / ``batch_dim`` /
+            ``eval_mode``, logits of the wrong shape.
+
+    .. note::
+        The earlier closure form ``mc_predict(forward_fn, model, K)`` still works for one
+        release and returns the probabilities ``[B, C]`` as before, now without gradients
+        and with the state reset; it warns with a ``DeprecationWarning``.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples (K) must be an integer >= 1, got {num_samples!r}")
+    if (not isinstance(model, nn.Module) and callable(model)
+            and isinstance(inputs, nn.Module)):
+        return _legacy_call(model, inputs, num_samples)
+    _check_num_samples(num_samples)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_inputs(inputs, forward is not None)
+    return _run(model, inputs, num_samples, seed=seed, forward=forward, reset=reset,
+                chunk_size=chunk_size, fold=fold, batch_dim=batch_dim, eval_mode=eval_mode,
+                return_samples=return_samples, count_spikes=count_spikes, synops=synops)
+
+
+@contextlib.contextmanager
+def _mode(model: nn.Module, value: str) -> Iterator[None]:
+    """:func:`sbnn_addons.mode` (kept here: :mod:`sbnn_addons.modes` re-exports
+    :func:`mc_predict` from this module, so this module does not import that one)."""
+    saved = [(m, m.sbnn_mode) for m in model.modules() if isinstance(m, SBNNModule)]
+    for m, _ in saved:
+        m.sbnn_mode = value
+    try:
+        yield
+    finally:
+        for m, old in saved:
+            m.sbnn_mode = old
+
+
+def _run(model: nn.Module, inputs, num_samples: int, *, seed, forward, reset, chunk_size,
+         fold, batch_dim, eval_mode, return_samples, count_spikes, synops) -> Prediction:
+    """The passes of :func:`mc_predict` (arguments checked by the caller)."""
+    if eval_mode not in MODES:
+        raise ValueError(f"eval_mode must be one of {MODES}, got {eval_mode!r}")
     if chunk_size is None:
         chunk_size = num_samples if fold else 1
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -300,8 +420,6 @@ def predict(
     chunk_size = min(chunk_size, num_samples)
     forward = forward if forward is not None else (lambda m, x: m(x))
     reset = reset if reset is not None else default_reset(model)
-    if seed is not None:
-        seed_spikes(model, seed)
     if fold:
         if not isinstance(inputs, Tensor):
             raise TypeError("fold=True needs inputs to be a tensor")
@@ -311,6 +429,8 @@ def predict(
         rows = inputs.shape[batch_dim]
     else:
         rows = None
+    if seed is not None:
+        seed_spikes(model, seed)
 
     monitor = SpikeMonitor(model, synops=synops) if count_spikes else None
     samples: list[Tensor] = []
@@ -368,6 +488,10 @@ def predict(
             pred.synops = (torch.stack(list(pred.layer_synops.values())).sum(0)
                            if ops else torch.zeros(num_samples, dtype=torch.float64))
     return pred
+
+
+#: Alias of :func:`mc_predict` (the same function): ``sbnn_addons.uncertainty.predict``.
+predict = mc_predict
 
 
 # --------------------------------------------------------------------------- K sweeps

@@ -1,4 +1,4 @@
-"""Evaluation modes sample / mean / mc (SPEC section 7)."""
+"""Evaluation modes sample / mean / mc (Method page, section 7)."""
 
 from __future__ import annotations
 
@@ -44,28 +44,37 @@ def test_mean_mode_is_deterministic_plain_network():
 def test_mc_predict_averages_softmax():
     model = _model()
     x = torch.rand(4, 5)
-    sb.seed_spikes(model, 0)
-    one = mc_predict(lambda: model(x), model, 1)
+    one = mc_predict(model, x, 1, seed=0)
     sb.seed_spikes(model, 0)
     ref = torch.softmax(model(x), -1)  # one sample pass, same seed
-    assert torch.equal(one, ref)
-    sb.seed_spikes(model, 1)
-    k = mc_predict(lambda: model(x), model, 5)
+    assert torch.equal(one.probs, ref)
+    k = mc_predict(model, x, 5, seed=1)
     sb.seed_spikes(model, 1)
     manual = torch.stack([torch.softmax(model(x), -1) for _ in range(5)]).mean(0)
-    torch.testing.assert_close(k, manual, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(k.sum(-1), torch.ones(4), rtol=1e-6, atol=0)
+    torch.testing.assert_close(k.probs, manual, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(k.probs.sum(-1), torch.ones(4), rtol=1e-6, atol=0)
+    assert not k.probs.requires_grad  # no graph over the passes
     assert get_mode(model) == "sample"  # restored after the passes
     seen = []
-    mc_predict(lambda: seen.append(get_mode(model)) or model(x), model, 2)
+    mc_predict(model, x, 2, forward=lambda m, x: seen.append(get_mode(m)) or m(x))
     assert seen == ["mc", "mc"]
+
+
+def test_mc_predict_old_closure_form_is_deprecated_and_runs_the_same_code():
+    model = _model()
+    x = torch.rand(4, 5)
+    new = mc_predict(model, x, 3, seed=2).probs
+    sb.seed_spikes(model, 2)
+    with pytest.warns(DeprecationWarning, match=r"mc_predict\(model, inputs, K"):
+        old = mc_predict(lambda: model(x), model, 3)
+    assert torch.equal(old, new) and not old.requires_grad
 
 
 @pytest.mark.parametrize("k", [0, -1, 1.5, "3"])
 def test_mc_predict_bad_k(k):
     model = _model()
     with pytest.raises(ValueError, match="num_samples"):
-        mc_predict(lambda: model(torch.rand(2, 5)), model, k)
+        mc_predict(model, torch.rand(2, 5), k)
 
 
 def test_bad_mode_name():
