@@ -1,0 +1,227 @@
+"""One Monte Carlo API (issue 15, item 6): ``sbnn_addons.mc_predict`` and its alias
+``sbnn_addons.uncertainty.predict`` run the same code, without gradients, from a reset
+neuron state before every pass, with the same signature for the core and both hosts."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import snntorch as snn
+import torch
+from torch import nn
+
+import sbnn_addons as sb
+from sbnn_addons import snntorch as sbnn_snn
+from sbnn_addons import uncertainty
+
+pytest.importorskip("spikingjelly")
+from spikingjelly.activation_based import functional, layer, neuron  # noqa: E402
+
+from sbnn_addons import spikingjelly as sbnn_sj  # noqa: E402
+
+T, B = 6, 5
+
+
+def _rate(shape, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(*shape, generator=g) < 0.4).float()
+
+
+# --------------------------------------------------------------------------- models
+def core_model() -> nn.Module:
+    torch.manual_seed(0)
+    return sb.track_variance(nn.Sequential(
+        sb.BayesLinear(12, 16, std=0.4), sb.IWSTSpike("st", std=0.2),
+        sb.BayesLinear(16, 4, std=0.4)))
+
+
+def snntorch_seq() -> nn.Module:
+    """snnTorch tutorial style: ``nn.Sequential`` of ``init_hidden=True`` neurons."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 20), snn.Leaky(beta=0.9, init_hidden=True),
+                        nn.Linear(20, 4), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    with torch.no_grad():
+        net[0].weight.mul_(3)
+    return sbnn_snn.to_sbnn(net, std=0.3)
+
+
+def snn_loop(m, x):
+    """The time loop of an ``init_hidden`` Sequential: logits = time-mean output membrane."""
+    return torch.stack([m(x_t)[1] for x_t in x]).mean(0)
+
+
+def spikingjelly_multistep() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(12, 20), neuron.LIFNode(tau=2.0),
+                        layer.Linear(20, 4), neuron.LIFNode(tau=2.0))
+    functional.set_step_mode(net, "m")
+    with torch.no_grad():
+        net[0].weight.mul_(8)
+        net[2].weight.mul_(4)
+    return sbnn_sj.to_sbnn(net)
+
+
+def sj_rate(m, x):
+    return m(x).mean(0)  # [T, B, C] -> firing rate [B, C]
+
+
+CASES = {
+    "core": (core_model, None, (B, 12)),
+    "snntorch": (snntorch_seq, snn_loop, (T, B, 12)),
+    "spikingjelly": (spikingjelly_multistep, sj_rate, (T, B, 12)),
+}
+
+
+# --------------------------------------------------------------------------- one API
+def test_one_function_three_names():
+    from sbnn_addons.modes import mc_predict as via_modes
+
+    assert sb.mc_predict is uncertainty.mc_predict is uncertainty.predict is via_modes
+
+
+@pytest.mark.parametrize("host", list(CASES))
+def test_both_entry_points_give_the_same_result_with_the_same_seed(host):
+    make, fwd, shape = CASES[host]
+    model, x = make(), _rate(shape)
+    a = sb.mc_predict(model, x, 4, seed=3, forward=fwd)
+    b = uncertainty.predict(model, x, num_samples=4, seed=3, forward=fwd)
+    assert isinstance(a, sb.Prediction) and a.probs.shape == (B, 4)
+    torch.testing.assert_close(a.sample_probs, b.sample_probs, rtol=0, atol=0)
+    torch.testing.assert_close(a.mutual_information, b.mutual_information, rtol=0, atol=0)
+    assert a.sample_probs.std(0).max() > 0  # the passes are stochastic draws
+
+
+@pytest.mark.parametrize("host", list(CASES))
+def test_no_graph_is_built(host):
+    make, fwd, shape = CASES[host]
+    model, x = make(), _rate(shape)
+    assert any(p.requires_grad for p in model.parameters())
+    seen = []
+
+    def forward(m, inputs):
+        seen.append(torch.is_grad_enabled())
+        return (fwd or (lambda m_, x_: m_(x_)))(m, inputs)
+
+    pred = sb.mc_predict(model, x, 3, forward=forward)
+    assert seen == [False, False, False]
+    for t in (pred.probs, pred.sample_probs, pred.entropy, pred.mutual_information):
+        assert not t.requires_grad and t.grad_fn is None
+    assert torch.is_grad_enabled()  # restored
+
+
+def _membranes(model):
+    return [m.mem.clone() for m in model.modules() if isinstance(m, snn.Leaky)]
+
+
+def test_snntorch_state_is_reset_between_passes():
+    model, x = snntorch_seq(), _rate((T, B, 12))
+    with torch.no_grad():
+        for x_t in 3 * x:  # a forward that leaves a large membrane behind
+            model(x_t)
+    assert max(float(m.abs().max()) for m in _membranes(model)) > 1
+    a = sb.mc_predict(model, x, 3, seed=0, forward=snn_loop)
+    with torch.no_grad():
+        model(3 * x[0])  # state left again
+    b = sb.mc_predict(model, x, 3, seed=0, forward=snn_loop)
+    torch.testing.assert_close(a.sample_probs, b.sample_probs, rtol=0, atol=0)
+    # the same as on a freshly converted model (zero state)
+    fresh = sb.mc_predict(snntorch_seq(), x, 3, seed=0, forward=snn_loop)
+    torch.testing.assert_close(a.sample_probs, fresh.sample_probs, rtol=0, atol=0)
+    # state reset after the passes too: what snntorch.utils.reset leaves
+    assert all(float(m.abs().max()) == 0 for m in _membranes(model))
+    # one pass is one sequence from a zero state: the same as a manual host reset + loop
+    sb.seed_spikes(model, 5)
+    manual = []
+    with torch.no_grad(), sb.mode(model, "mc"):
+        for _ in range(2):
+            import snntorch.utils
+
+            snntorch.utils.reset(model)
+            manual.append(torch.softmax(snn_loop(model, x), -1))
+    pred = sb.mc_predict(model, x, 2, seed=5, forward=snn_loop)
+    torch.testing.assert_close(pred.sample_probs, torch.stack(manual), rtol=0, atol=0)
+
+
+def test_spikingjelly_state_is_reset_between_passes():
+    model, x = spikingjelly_multistep(), _rate((T, B, 12))
+    with torch.no_grad():
+        model(3 * x)  # leaves membranes behind
+    nodes = [m for m in model.modules() if isinstance(m, neuron.LIFNode)]
+    assert any(isinstance(n.v, torch.Tensor) and float(n.v.abs().max()) > 0 for n in nodes)
+    a = sb.mc_predict(model, x, 3, seed=0, forward=sj_rate)
+    with torch.no_grad():
+        model(3 * x)
+    b = sb.mc_predict(model, x, 3, seed=0, forward=sj_rate)
+    torch.testing.assert_close(a.sample_probs, b.sample_probs, rtol=0, atol=0)
+    fresh = sb.mc_predict(spikingjelly_multistep(), x, 3, seed=0, forward=sj_rate)
+    torch.testing.assert_close(a.sample_probs, fresh.sample_probs, rtol=0, atol=0)
+    # and the same as the host's own reset before each pass
+    sb.seed_spikes(model, 5)
+    manual = []
+    with torch.no_grad(), sb.mode(model, "mc"):
+        for _ in range(2):
+            functional.reset_net(model)
+            manual.append(torch.softmax(sj_rate(model, x), -1))
+    pred = sb.mc_predict(model, x, 2, seed=5, forward=sj_rate)
+    torch.testing.assert_close(pred.sample_probs, torch.stack(manual), rtol=0, atol=0)
+
+
+def test_default_forward_errors_name_the_forward_hook():
+    with pytest.raises(TypeError, match="forward="):  # snnTorch Sequential: (spk, mem)
+        sb.mc_predict(snntorch_seq(), _rate((T, B, 12)), 2)
+    with pytest.raises(ValueError, match=r"m\(x\)\.mean\(0\)"):  # SpikingJelly: [T, B, C]
+        sb.mc_predict(spikingjelly_multistep(), _rate((T, B, 12)), 2)
+
+
+# --------------------------------------------------------------------------- bad arguments
+@pytest.mark.parametrize("k", [0, -2, 2.0, True, None, "4"])
+def test_bad_num_samples(k):
+    with pytest.raises(ValueError, match="num_samples"):
+        sb.mc_predict(core_model(), _rate((B, 12)), k)
+
+
+@pytest.mark.parametrize("bad", [[[0.0] * 12] * B, np.zeros((B, 12), np.float32), 3.0, None])
+def test_non_tensor_input(bad):
+    with pytest.raises(TypeError, match="inputs must be a torch.Tensor"):
+        sb.mc_predict(core_model(), bad, 2)
+
+
+@pytest.mark.parametrize("host", list(CASES))
+def test_empty_batch_and_empty_sequence(host):
+    make, fwd, shape = CASES[host]
+    empties = [(*shape[:-2], 0, shape[-1])]  # batch 0
+    if len(shape) == 3:
+        empties.append((0, *shape[1:]))  # T = 0
+    for s in empties:
+        with pytest.raises(ValueError, match="zero-size dimension"):
+            sb.mc_predict(make(), torch.zeros(s), 2, forward=fwd)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_input(value):
+    x = _rate((B, 12))
+    x[0, 3] = value
+    with pytest.raises(ValueError, match="NaN"):
+        sb.mc_predict(core_model(), x, 2)
+    with sb.check_finite(False):  # the documented switch
+        sb.mc_predict(core_model(), x, 1)
+
+
+def test_other_bad_arguments():
+    model, x = core_model(), _rate((B, 12))
+    with pytest.raises(TypeError, match="nn.Module"):
+        sb.mc_predict(object(), x, 2)
+    with pytest.raises(ValueError, match="eval_mode"):
+        sb.mc_predict(model, x, 2, eval_mode="deploy")
+    with pytest.raises(ValueError, match="chunk_size"):
+        sb.mc_predict(model, x, 2, chunk_size=0)
+    with pytest.raises(ValueError, match="batch_dim"):
+        sb.mc_predict(model, x, 2, fold=True, batch_dim=4)
+    assert sb.get_mode(model) == "sample"
+    # a custom forward may take several tensors; each is checked
+    pred = sb.mc_predict(model, (x, x), 2, forward=lambda m, xs: m(xs[0] + xs[1]))
+    assert pred.probs.shape == (B, 4)
+    with pytest.raises(ValueError, match="zero-size"):
+        sb.mc_predict(model, (x, x[:0]), 2, forward=lambda m, xs: m(xs[0]))
