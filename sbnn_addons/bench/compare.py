@@ -450,6 +450,8 @@ def compare(
     recipe: Recipe | None = None,
     sbnn_kwargs: dict | None = None,
     aux_weight: float | None = None,
+    aux_reduction: str = "mean",
+    aux_all: bool = False,
     interleave: bool = True,
     warmup: bool = True,
     reinit: bool | None = None,
@@ -498,6 +500,10 @@ def compare(
             "batch" | "epoch")``; default :func:`default_recipe` ``(lr, noise_lr)``.
         sbnn_kwargs: extra arguments of ``to_sbnn`` (``std``, ``std_mode``, ...).
         aux_weight: weight of the aux loss for methods that use it (default: the method's).
+        aux_reduction: ``"mean"`` (scale-free, default) or ``"sum"`` (the paper's form,
+            with its tiny weights), see :func:`sbnn_addons.aux_loss`.
+        aux_all: every SBNN method uses the aux loss with ``aux_weight`` (the paper
+            preset), not only the methods that name one.
         interleave: train the methods epoch by epoch in turn (``False``: one after the
             other, each after its own warm-up).
         warmup: one untimed training step per method before timing (state restored).
@@ -553,7 +559,8 @@ def compare(
     bar = progress(epochs * len(meths) * len(seeds)) if progress else None
     ctx = _Ctx(train, test, layout=train.layout, encode=encode, device=device,
                batch_size=batch_size, eval_batch_size=eval_batch_size, loss_fn=loss_fn,
-               n_train=n_train, rank=rank, world=world, aux_weight=aux_weight)
+               n_train=n_train, rank=rank, world=world, aux_weight=aux_weight,
+               aux_reduction=aux_reduction, aux_all=aux_all and bool(aux_weight))
     rows: list[dict] = []
     num_steps = None
     try:
@@ -616,6 +623,8 @@ class _Ctx:
     rank: int
     world: int
     aux_weight: float | None
+    aux_reduction: str = "mean"
+    aux_all: bool = False
 
 
 def _check_train_classes(ytr: Tensor, yte: Tensor, num_classes: int | None) -> str | None:
@@ -685,10 +694,11 @@ def _loss(run: _Run, ctx: _Ctx, out: Tensor, y: Tensor) -> Tensor:
     loss = ctx.loss_fn(out, y)
     m = run.method
     if m.is_sbnn:
+        uses_aux = m.aux_weight > 0 or ctx.aux_all
         aux_w = (ctx.aux_weight if ctx.aux_weight is not None else m.aux_weight) \
-            if m.aux_weight > 0 else 0.0
+            if uses_aux else 0.0
         loss = sbnn_objective(loss, run.model, ctx.n_train, kl_weight=m.kl_weight,
-                              aux_weight=aux_w)
+                              aux_weight=aux_w, aux_reduction=ctx.aux_reduction)
     return loss
 
 

@@ -339,7 +339,9 @@ PRESET_METHODS = {
     "cpu": ["snntorch-atan", "sbnn-agr"],
 }
 #: recipe shared by every task under a preset (task presets add to it)
-PRESETS = {"paper": {"lr": 5e-3, "noise_lr": 5e-2, "use_reference": True},
+#: the paper preset: every SBNN method uses the summed aux loss with the task's lambda
+PRESETS = {"paper": {"lr": 5e-3, "noise_lr": 5e-2, "use_reference": True,
+                     "aux_reduction": "sum", "aux_all": True},
            "cpu": {}}
 
 
@@ -383,7 +385,7 @@ def build_model(task: Task, method: Method, cfg: dict) -> nn.Module:
     if cfg.get("use_reference") and task.reference is not None:
         ref = _try_reference(task, method, cfg)
         if ref is not None:
-            if method.is_sbnn and method.aux_weight > 0:
+            if method.is_sbnn and (method.aux_weight > 0 or cfg.get("aux_all")):
                 from ..losses import enable_aux_loss
 
                 enable_aux_loss(ref)
@@ -497,6 +499,7 @@ def run_task(task_name: str, methods: list[str], seeds: list[int], cfg: dict,
             **setup, methods=trained, known_methods=METHODS, epochs=cfg["epochs"],
             seeds=seeds, batch_size=cfg["batch_size"], lr=cfg["lr"], noise_lr=cfg["noise_lr"],
             mc_samples=cfg["mc_samples"], recipe=recipe, aux_weight=cfg.get("aux_weight"),
+            aux_reduction=cfg.get("aux_reduction", "mean"), aux_all=bool(cfg.get("aux_all")),
             interleave=not cfg.get("sequential", False), device=cfg.get("device") or "cpu",
             task=task_name, find_unused_parameters=bool(cfg.get("find_unused_parameters")),
             progress=progress, command=command, keep_models=keep_models,

@@ -159,7 +159,7 @@ class BenchResults:
                            "(accuracy of always answering it).")
                 for s in ss:
                     if s["accuracy_mean"] is not None and s["accuracy_mean"] <= share + 0.01:
-                        out.append(f"{task}: {s['method']} is at that share "
+                        out.append(f"{task}: {s['method']} is at or below that share "
                                    f"({100 * s['accuracy_mean']:.1f} %): it has not learned "
                                    "the task (too few epochs or samples, or a bad recipe).")
         return out
