@@ -150,7 +150,8 @@ def run(method: str, seed: int, args, data) -> dict:
             f"{k} {v:.4f}" for k, v in row.items() if k != "epoch"), flush=True)
     net.eval()
     result = {"method": method, "seed": seed, "width": args.width, "frames": args.frames,
-              "epochs": epochs, "kl": args.kl, "estimator": args.estimator if bayes else None,
+              "epochs": epochs, "kl": args.kl if bayes else 0.0,
+              "estimator": args.estimator if bayes else None, "holdout": list(args.holdout),
               "train_samples": n_train, "curve": curve,
               "train_s_per_epoch": train_time / epochs,
               "loss_fell": curve[-1]["train_nll"] < curve[0]["train_nll"]}
