@@ -886,7 +886,8 @@ def fit_static(
     import statistics
 
     from .metrics import classification_metrics
-    from .modes import mc_predict, mode
+    from .modes import mode
+    from .uncertainty import mc_predict
 
     k = int(num_classes) if num_classes is not None else int(y_train.max()) + 1
     net = EPNetwork([x_train.shape[-1], *hidden, k], seed=seed, **network_kwargs)
@@ -904,7 +905,7 @@ def fit_static(
         with mode(seq, "sample"):
             probs_sample = torch.softmax(seq(x_in).float(), -1)
         t0 = time.perf_counter()
-        probs_mc = mc_predict(lambda: seq(x_in), seq, mc_samples).float()
+        probs_mc = mc_predict(seq, x_in, mc_samples, count_spikes=False).probs.float()
         eval_mc_s = time.perf_counter() - t0
     row = {"seed": seed, "epochs": epochs, "train_samples": len(y_train),
            "test_samples": len(y_test), "mc_samples": mc_samples}

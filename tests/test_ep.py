@@ -181,7 +181,7 @@ def test_export_round_trip(digits_net):
     assert torch.equal(logits.argmax(-1), net.predict(xte, deterministic=True))
     torch.manual_seed(0)
     with torch.no_grad():
-        probs = sb.mc_predict(lambda: seq(xte), seq, 8)
+        probs = sb.mc_predict(seq, xte, 8).probs
     torch.testing.assert_close(probs.sum(-1), torch.ones(len(yte)))
     assert float((probs.argmax(-1) == yte).float().mean()) >= 0.8
     back = ep.from_sbnn_layers(seq)
@@ -399,7 +399,7 @@ def test_binary_deterministic_pass_and_export(binary_digits):
     torch.testing.assert_close(seq[0].output_variance(xte), var1, rtol=1e-4, atol=1e-5)
     torch.manual_seed(0)
     with torch.no_grad():
-        probs = sb.mc_predict(lambda: seq(xte), seq, 8)
+        probs = sb.mc_predict(seq, xte, 8).probs
     assert float((probs.argmax(-1) == yte).float().mean()) >= 0.88
 
 
