@@ -41,6 +41,8 @@ def cached_tensor_test(owner: object, name: str, tensor: Tensor,
                        test: Callable[[Tensor], bool]) -> bool:
     """``test(tensor)``, cached in ``owner.__dict__[name]`` until the tensor's storage or
     version changes: a per-step check on a buffer without a device sync at every step."""
+    if tensor.is_meta:  # no values: assume the test holds (the general code path)
+        return True
     key = (tensor.data_ptr(), tensor._version)
     cached = owner.__dict__.get(name)
     if cached is None or cached[0] != key:
@@ -161,7 +163,8 @@ def check_input(x: Tensor, where: str) -> None:
         x: the input tensor.
         where: who received it, for the message (e.g. ``"BayesLinear"``).
     """
-    if not _CHECK_FINITE[0] or not isinstance(x, Tensor) or not x.is_floating_point():
+    if (not _CHECK_FINITE[0] or not isinstance(x, Tensor) or not x.is_floating_point()
+            or x.is_meta):  # a meta tensor has no values to check
         return
     state = x.__dict__
     version = None if x.is_inference() else x._version  # inference tensors have none

@@ -208,7 +208,7 @@ def sample_spikes(
                 f"sigma of shape {tuple(sigma.shape)} does not broadcast to the drive "
                 f"u of shape {tuple(u.shape)}"
             ) from None
-    if not torch.compiler.is_compiling() and sigma.numel():
+    if not torch.compiler.is_compiling() and sigma.numel() and not sigma.is_meta:
         low, high = torch.aminmax(sigma.detach())  # one pass; NaN propagates to both
         if not (bool(low >= 0) and bool(high < math.inf)):
             bad = ~torch.isfinite(sigma) | (sigma < 0)

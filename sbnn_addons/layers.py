@@ -52,6 +52,10 @@ __all__ = [
     "GaussianPrior",
     "scale_mixture_prior",
     "is_bayesian",
+    "CONVERTED_STD_FRACTION",
+    "converted_std",
+    "folded_batchnorm_scale",
+    "batchnorm_after",
 ]
 
 STD_MODES = ("layer", "channel", "weight")
@@ -171,7 +175,8 @@ class _BayesMixin(SBNNModule):
 
     def _noise_free(self) -> bool:
         return self.deterministic or (
-            not self.learn_std and not self.bias_noise and not bool(self.fixed_std.any())
+            not self.learn_std and not self.bias_noise and not self.fixed_std.is_meta
+            and not bool(self.fixed_std.any())
         )
 
     def _compact_ok(self) -> bool:
@@ -548,6 +553,65 @@ def _copy_means(dst: nn.Module, src: nn.Module) -> None:
         dst.weight.copy_(src.weight)
         if src.bias is not None:
             dst.bias.copy_(src.bias)
+
+
+#: Default posterior std of a converted layer, as a fraction of the RMS of its weights.
+CONVERTED_STD_FRACTION = 0.5
+
+
+def folded_batchnorm_scale(bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
+    """The per-channel scale a BatchNorm applies in eval mode: ``gamma / sqrt(var + eps)``
+    (``gamma`` alone without running statistics, 1 without an affine)."""
+    with torch.no_grad():
+        if bn.track_running_stats and bn.running_var is not None:
+            scale = 1.0 / torch.sqrt(bn.running_var.float() + bn.eps)
+        else:
+            scale = torch.ones(bn.num_features)
+        if bn.affine:
+            scale = scale.to(bn.weight.device) * bn.weight.float()
+    return scale
+
+
+def converted_std(weight: Tensor, fraction: float = CONVERTED_STD_FRACTION,
+                  scale: Tensor | None = None) -> float:
+    """Initial posterior std of a converted layer: a fraction of its weights' RMS.
+
+    .. code-block:: text
+
+        s = fraction * RMS(W)                 (scale=None)
+        s = fraction * RMS(scale[o] * W[o])   (a folded BatchNorm's scale per output o)
+
+    The noise of the pre-activation is then ``fraction`` times the spread of its signal,
+    ``var(a) = s^2 sum x^2`` against ``RMS(W)^2 sum x^2``, whatever the scale of the
+    ported weights. A mean-only :class:`ChannelAffine` folded from a BatchNorm multiplies
+    the mean by ``scale`` but not the variance, so the scale is folded into ``s`` to keep
+    the same signal-to-noise ratio. Weights that are all zero give ``0.5 / sqrt(fan_in)``,
+    the layers' own default.
+    """
+    w = weight.detach().float()
+    if scale is not None:
+        w = w * scale.detach().float().to(w.device).view(-1, *([1] * (w.dim() - 1)))
+    rms = float(w.pow(2).mean().sqrt()) if w.numel() else 0.0
+    if not (rms > 0 and math.isfinite(rms)):
+        return 0.5 / math.sqrt(max(weight[0].numel(), 1))
+    return float(fraction) * rms
+
+
+def batchnorm_after(model: nn.Module, weight_types: tuple) -> dict[int, nn.Module]:
+    """``{id(layer): bn}`` for each BatchNorm that directly follows a weight layer of
+    ``weight_types`` in the model's module order and normalises its outputs (as many
+    channels as the layer has outputs): the BatchNorm a converter folds into that layer's
+    noise."""
+    out: dict[int, nn.Module] = {}
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if last is not None and last.weight.shape[0] == m.num_features:
+                out[id(last)] = m
+            last = None
+        elif type(m) in weight_types:
+            last = m
+    return out
 
 
 def is_bayesian(module: nn.Module) -> bool:

@@ -13,6 +13,7 @@ Its noise variance is the sum of
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -37,7 +38,20 @@ from .moments import (
     no_variance_flow,
 )
 
-__all__ = ["IWSTSpike", "seed_spikes", "recomputing_forward"]
+__all__ = ["IWSTSpike", "seed_spikes", "recomputing_forward", "DEFAULT_SPIKE_STD",
+           "CONVERTED_SPIKE_STD"]
+
+#: Default own noise std of a drop-in spike function, ``1 / sqrt(2 pi) = 0.3989...``.
+#: With own noise ``s`` and the ST estimator the expected gradient is
+#: ``dE[h]/du = phi(u / s) / s``, a Gaussian surrogate of width ``s`` in expectation; its
+#: peak ``phi(0) / s`` is 1 at this ``s``, the peak of the hosts' default surrogates
+#: (snnTorch ``atan(alpha=2)``, SpikingJelly ``Sigmoid(alpha=4)`` and ``ATan(alpha=2)``).
+DEFAULT_SPIKE_STD = 1.0 / math.sqrt(2.0 * math.pi)
+
+#: Default own noise std of the spike functions of a converted model (learned, one per
+#: layer): a floor under the posterior noise, ``sigma^2 = V + s_n^2``, so that a neuron
+#: whose inputs are silent (``V = 0``) still passes a gradient and can recover.
+CONVERTED_SPIKE_STD = 0.2
 
 _RECOMPUTING = [0]  # depth of recomputations (activation checkpointing) in progress
 
@@ -255,7 +269,8 @@ class IWSTSpike(SBNNModule, nn.Module):
         return state
 
     def extra_repr(self) -> str:
-        own = "learned" if self.learn_std else f"{float(self.fixed_std.max()):g}"
+        own = ("learned" if self.learn_std else "meta" if self.fixed_std.is_meta
+               else f"{float(self.fixed_std.max()):g}")
         return f"estimator={self.estimator}, std={own}, mode={self.sbnn_mode}"
 
 

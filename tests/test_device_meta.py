@@ -1,0 +1,102 @@
+"""Every public layer, neuron, model, converter and loss runs on the ``meta`` device.
+
+A meta tensor has a shape, a dtype and a device but no values: a code path that reaches
+a CPU-only branch (the C kernels, a ``.cpu()``, a tensor created without ``device=``) or
+reads a value on the host (``.item()``, ``bool(t)``) fails here. So a CUDA user cannot hit
+such a branch either: these tests prove the device-agnostic path on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sbnn_addons as sb
+from sbnn_addons.models import cifar_resnet25, dvs_resnet19, shd_recurrent
+
+META = torch.device("meta")
+
+
+def _backward_reaches(model: nn.Module, out: torch.Tensor) -> None:
+    assert out.device.type == "meta"
+    out.float().sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.device.type == "meta" for g in grads)
+    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert all(w.grad is not None for w in weights)
+
+
+@pytest.mark.parametrize("std_mode, estimator",
+                         [("layer", "st"), ("channel", "iwst(0.5)"), ("weight", "agr")])
+def test_core_layers_and_lif_on_meta(std_mode, estimator):
+    conv = sb.BayesConv2d(2, 3, 3, padding=1, std_mode=std_mode, bias_std=0.1, device=META)
+    fc = sb.BayesLinear(3 * 8 * 8, 4, std_mode=std_mode, device=META)
+    lif1 = sb.LIF(spike_fn=sb.IWSTSpike(estimator, std=0.2, learn_std=True)).to(META)
+    lif2 = sb.LIF(spike_fn=sb.IWSTSpike(estimator)).to(META)
+    net = nn.ModuleList([conv, fc, lif1, lif2])
+    sb.enable_aux_loss(net)
+    x = torch.rand(5, 2, 2, 8, 8, device=META)
+    h1 = lif1.run(conv(x.flatten(0, 1)).reshape(5, 2, 3, 8, 8))
+    h2 = lif2.run(fc(h1.flatten(2).flatten(0, 1)).reshape(5, 2, 4))
+    loss = sb.sbnn_objective(h2.mean(), net, 100, kl_weight=1.0, aux_weight=0.1)
+    _backward_reaches(net, loss)
+
+
+def test_conv1d_affine_and_step_lif_on_meta():
+    conv = sb.BayesConv1d(2, 3, 3, padding=1, device=META)
+    affine = sb.ChannelAffine(3).to(META)
+    lif = sb.LIF().to(META)
+    state = None
+    for _ in range(3):
+        spikes, state = lif(affine(conv(torch.rand(4, 2, 10, device=META))), state)
+    assert spikes.shape == (4, 3, 10)
+    _backward_reaches(nn.ModuleList([conv, affine]), spikes)
+
+
+@pytest.mark.parametrize("mode", ["sample", "mean"])
+def test_reference_networks_on_meta(mode):
+    nets = [
+        (dvs_resnet19(widths=(4, 4, 4), blocks=1, num_steps=2), torch.rand(2, 2, 2, 8, 8)),
+        (shd_recurrent(in_features=6, hidden=(5,), num_classes=3, num_steps=3),
+         torch.rand(3, 2, 6)),
+        (cifar_resnet25(widths=(4, 4, 4, 4), blocks=1), torch.rand(2, 3, 8, 8)),
+    ]
+    for net, x in nets:
+        net = net.to(META)
+        sb.set_mode(net, mode)
+        _backward_reaches(net, net(x.to(META)))
+
+
+def test_converted_snntorch_model_on_meta():
+    snn = pytest.importorskip("snntorch")
+    from sbnn_addons.snntorch import reset, to_sbnn
+
+    net = nn.Sequential(nn.Linear(6, 5), snn.Leaky(beta=0.9, init_hidden=True),
+                        nn.Linear(5, 3), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    model = to_sbnn(net).to(META)
+    reset(model)
+    out = sum(model(torch.rand(2, 6, device=META))[1] for _ in range(3))
+    _backward_reaches(model, out)
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_converted_spikingjelly_model_on_meta(step_mode):
+    pytest.importorskip("spikingjelly")
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    from sbnn_addons.spikingjelly import to_sbnn
+
+    net = nn.Sequential(layer.Linear(6, 5), neuron.LIFNode(), layer.Linear(5, 3),
+                        neuron.LIFNode())
+    functional.set_step_mode(net, step_mode)
+    model = to_sbnn(net).to(META)
+    functional.reset_net(model)
+    x = torch.rand(3, 2, 6, device=META)
+    out = model(x) if step_mode == "m" else torch.stack([model(x[t]) for t in range(3)])
+    _backward_reaches(model, out)
+
+
+def test_kernels_never_serve_a_non_cpu_tensor():
+    x = torch.rand(4, 3, device=META)
+    assert not sb.kernels.can_fuse(x, torch.zeros((), device=META))
