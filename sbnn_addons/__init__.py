@@ -21,7 +21,14 @@ from .layers import (
 )
 from .losses import aux_loss, enable_aux_loss, kl_divergence, sbnn_objective
 from .modes import get_mode, mode, set_mode
-from .moments import attach_variance, get_variance, track_variance, variance_flow
+from .moments import (
+    VarianceFlowError,
+    attach_variance,
+    check_variance_flow,
+    get_variance,
+    track_variance,
+    variance_flow,
+)
 from .neurons import LIF, LIFState
 from .optim import noise_parameters, param_groups
 from .spike import IWSTSpike, seed_spikes
@@ -36,6 +43,7 @@ __all__ = [
     "aux_loss", "enable_aux_loss", "kl_divergence", "sbnn_objective",
     "set_mode", "get_mode", "mode", "mc_predict", "Prediction",
     "attach_variance", "get_variance", "track_variance", "variance_flow",
+    "check_variance_flow", "VarianceFlowError",
     "LIF", "LIFState", "IWSTSpike", "seed_spikes", "kernels", "param_groups",
     "noise_parameters", "check_finite",
 ]

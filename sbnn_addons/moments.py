@@ -37,6 +37,14 @@ operation (a residual sum) are multiplied out first.
 An operation without a rule does not guess: its output is marked with
 :class:`UnknownVariance`, and a spike function that receives such an input raises an
 error that names the operation.
+
+The check does not depend on the evaluation mode. In ``mean`` mode a Bayesian layer
+attaches no variance (its noise is off), but :func:`track_variance` marks its output as
+*noisy in principle* (a probe, no tensor); the flow carries the probe through every
+operation that has a rule, at the cost of one attribute per tensor, and turns it into an
+:class:`UnknownVariance` at an operation without one, so that the neuron it reaches
+raises the same :class:`VarianceFlowError` as in ``sample`` mode. Right after a
+conversion, :func:`check_variance_flow` runs one such forward and reports.
 """
 
 from __future__ import annotations
@@ -44,13 +52,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .base import check_input, share_posterior
+from .base import SBNNModule, cached_tensor_test, check_input, share_posterior
 from .functional import box_sum
 
 __all__ = [
@@ -67,9 +76,15 @@ __all__ = [
     "untrack_variance",
     "register_variance_rule",
     "check_model_input",
+    "check_variance_flow",
+    "VarianceFlowReport",
+    "register_variance_passthrough",
 ]
 
 _ATTR = "_sbnn_var"
+#: Marks a tensor that carries no variance now but would in ``sample`` mode (the output of
+#: a Bayesian layer in ``mean`` mode, and what the flow computes from it).
+_PROBE = "_sbnn_probe"
 
 
 class VarianceFlowError(RuntimeError):
@@ -419,13 +434,14 @@ def _base_of(x):
 
 
 def _scan(args, kwargs):
-    """One pass over the (possibly nested) arguments: ``(noise, scale)``.
+    """One pass over the (possibly nested) arguments: ``(noise, scale, probe)``.
 
     ``noise`` is ``None`` if no argument carries a variance, else the first
     :class:`UnknownVariance` among them, else ``True``. ``scale`` is the scale tensor
     shared by all of them when every one is a :class:`ScaledVariance`, else ``None``.
+    ``probe`` is ``True`` if an argument without a variance carries the ``mean``-mode probe.
     """
-    noisy, scale = None, None
+    noisy, scale, probe = None, None, False
     for group in (args, kwargs.values()) if kwargs else (args,):
         for a in group:
             if isinstance(a, Tensor):
@@ -435,11 +451,16 @@ def _scan(args, kwargs):
             else:
                 continue
             for b in items:
-                var = b.__dict__.get(_ATTR) if isinstance(b, Tensor) else None
+                if not isinstance(b, Tensor):
+                    continue
+                state = b.__dict__
+                var = state.get(_ATTR)
                 if var is None:
+                    if _PROBE in state:
+                        probe = True
                     continue
                 if isinstance(var, UnknownVariance):
-                    return var, None
+                    return var, None, False
                 if isinstance(var, ScaledVariance):
                     if noisy is None:
                         scale = var.scale
@@ -448,7 +469,7 @@ def _scan(args, kwargs):
                 else:
                     scale = None
                 noisy = True
-    return noisy, scale
+    return noisy, scale, probe
 
 
 _NAMES: dict = {}
@@ -505,6 +526,142 @@ def _attach_each(name, func, args, kwargs, out, noise, scale) -> None:
         attach_variance(t, part)
 
 
+@dataclass
+class VarianceFlowReport:
+    """What :func:`check_variance_flow` saw in one forward.
+
+    Attributes:
+        ops: operations the (probed) noise of a Bayesian layer went through, with a rule,
+            and how often: ``{name: count}``.
+        unknown: operations without a rule that the noise reached, ``{name: count}``. They
+            are harmless where their output reaches no neuron (a loss, a readout); one that
+            reaches a neuron makes the check raise instead.
+        tracked: whether the model had the variance flow installed
+            (:func:`track_variance`); the check installs it for its own forward if not.
+        bayesian_layers: Bayesian layers found (whose noise was followed).
+    """
+
+    ops: dict[str, int] = field(default_factory=dict)
+    unknown: dict[str, int] = field(default_factory=dict)
+    tracked: bool = True
+    bayesian_layers: int = 0
+
+    def note(self, name: str, known: bool) -> None:
+        table = self.ops if known else self.unknown
+        table[name] = table.get(name, 0) + 1
+
+
+#: Reports being filled (a stack: :func:`check_variance_flow` calls may nest).
+_REPORTS: list[VarianceFlowReport] = []
+
+#: Modules that pass the variance of their input on to their output explicitly (they read
+#: it with :func:`raw_variance` and attach it again, outside the flow), by qualified class
+#: name; :func:`track_variance` passes the ``mean``-mode probe through them as well.
+_PASSTHROUGH: set[str] = {"sbnn_addons.layers.ChannelAffine",
+                          "sbnn_addons.models._common.StepAffine"}
+
+
+def register_variance_passthrough(cls: type) -> type:
+    """Declare a module class that passes its input's variance on to its output itself
+    (``attach_variance(out, raw_variance(x))`` with the flow off, like
+    :class:`~sbnn_addons.ChannelAffine`), so that :func:`track_variance` carries the
+    ``mean``-mode probe through it too. Usable as a class decorator; returns ``cls``."""
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise TypeError(f"register_variance_passthrough expects an nn.Module subclass, "
+                        f"got {cls!r}")
+    _PASSTHROUGH.add(f"{cls.__module__}.{cls.__qualname__}")
+    return cls
+
+
+def _is_passthrough(m: nn.Module) -> bool:
+    return any(f"{c.__module__}.{c.__qualname__}" in _PASSTHROUGH for c in type(m).__mro__)
+
+
+def _is_bayesian_layer(m: nn.Module) -> bool:
+    """A Bayesian layer (the source of a variance), recognised without importing
+    :mod:`sbnn_addons.layers` (which imports this module)."""
+    return isinstance(m, SBNNModule) and callable(getattr(type(m), "_noise_free", None))
+
+
+def _noisy_in_sample_mode(layer: nn.Module) -> bool:
+    """Whether ``layer`` attaches a variance in ``sample`` mode (a learnable std, bias
+    noise or a non-zero fixed std), the fixed std's test cached per buffer version."""
+    if getattr(layer, "learn_std", True) or getattr(layer, "bias_noise", False):
+        return True
+    std = getattr(layer, "fixed_std", None)
+    if not isinstance(std, Tensor):
+        return True
+    return cached_tensor_test(layer, "_sbnn_probe_std", std, lambda t: (t != 0).any())
+
+
+def _probed(x) -> bool:
+    return isinstance(x, Tensor) and (_PROBE in x.__dict__ or _ATTR in x.__dict__)
+
+
+def _probe_unknown(name: str, args, kwargs) -> str | None:
+    """For an operation with a rule: the reason its rule would return an
+    :class:`UnknownVariance` for these (probed) arguments, or ``None``. Mirrors the
+    conditions of the built-in rules (a product of two noisy tensors, a division by one,
+    ``where`` on a noisy condition, ``return_indices``, ``alpha_dropout``, a padding mode
+    other than ``constant``), without computing any variance."""
+    if name in ("mul", "mul_", "__mul__", "__rmul__", "__imul__"):
+        other = args[1] if len(args) > 1 else kwargs.get("other")
+        if _probed(args[0]) and _probed(other):
+            return "product of two noisy tensors"
+    elif name in ("div", "div_", "__truediv__", "__itruediv__", "true_divide"):
+        other = args[1] if len(args) > 1 else kwargs.get("other")
+        if _probed(other) or kwargs.get("rounding_mode") is not None:
+            return f"{name} by a noisy tensor or with rounding"
+    elif name == "where":
+        if _probed(args[0]):
+            return "where on a noisy condition"
+    elif name.startswith("max_pool"):
+        if (args[6] if len(args) > 6 else kwargs.get("return_indices", False)):
+            return f"{name} with return_indices"
+    elif name == "alpha_dropout":
+        p = _pool_arg(args, kwargs, 1, "p", 0.5)
+        if _pool_arg(args, kwargs, 2, "training", True) and p != 0:
+            return "alpha_dropout"
+    elif name == "pad":
+        mode = _pool_arg(args, kwargs, 2, "mode", "constant")
+        if mode != "constant":
+            return f"pad with mode={mode!r}"
+    return None
+
+
+def _carry_probe(name: str, args, kwargs, out) -> None:
+    """The ``mean``-mode counterpart of the rules: an operation with a rule passes the probe
+    on to its output(s); one without a rule marks them with an :class:`UnknownVariance`
+    (as in ``sample`` mode), so that a neuron fed by it raises."""
+    if name in _NOISE_FREE:
+        return
+    if isinstance(out, Tensor):
+        why = _probe_unknown(name, args, kwargs) if name in _RULES else name
+        if _REPORTS:
+            _REPORTS[-1].note(name, why is None)
+        if why is None:
+            out.__dict__[_PROBE] = True
+        else:
+            attach_variance(out, UnknownVariance(why))
+    elif isinstance(out, (tuple, list)):
+        tensors = [t for t in out if isinstance(t, Tensor)]
+        if not tensors:
+            return
+        split = (name in _SPLITS and len(tensors) == len(out) and args
+                 and isinstance(args[0], Tensor) and _PROBE in args[0].__dict__)
+        if _REPORTS:
+            _REPORTS[-1].note(name, bool(split))
+        for t in tensors:
+            if split:
+                t.__dict__[_PROBE] = True
+            else:
+                attach_variance(t, UnknownVariance(name))
+    elif name in ("__setitem__", "index_put_") and args and isinstance(args[0], Tensor):
+        if _REPORTS:
+            _REPORTS[-1].note(name, False)
+        attach_variance(args[0], UnknownVariance(name))
+
+
 class VarianceFlow(TorchFunctionMode):
     """``TorchFunctionMode`` that carries attached variances through torch operations.
 
@@ -514,8 +671,10 @@ class VarianceFlow(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        noise, scale = _scan(args, kwargs)
+        noise, scale, probe = _scan(args, kwargs)
         if noise is None:
+            if probe:
+                _carry_probe(_name(func), args, kwargs, out)
             return out
         name = _name(func)
         if name in _NOISE_FREE:
@@ -588,6 +747,19 @@ class _FlowHooks:
             mode.__enter__()
             paused[0] = False
 
+    def probe_source(self, module, args, output):
+        """Forward hook of a Bayesian layer: in ``mean`` mode its output carries no
+        variance; mark it with the probe if the layer is noisy in ``sample`` mode."""
+        if (isinstance(output, Tensor) and module.deterministic
+                and _ATTR not in output.__dict__ and _noisy_in_sample_mode(module)):
+            output.__dict__[_PROBE] = True
+
+    def probe_pass(self, module, args, output):
+        """Forward hook of a pass-through module: the probe of its input goes on."""
+        if (isinstance(output, Tensor) and args and isinstance(args[0], Tensor)
+                and _PROBE in args[0].__dict__ and _ATTR not in output.__dict__):
+            output.__dict__[_PROBE] = True
+
 
 def check_model_input(model: nn.Module, args: tuple) -> None:
     """Check the first tensor argument of a converted model's call: no zero-size
@@ -635,6 +807,11 @@ def track_variance(model: nn.Module, opaque=(), *, check_inputs: bool = False) -
     for m in opaque:
         handles.append(m.register_forward_pre_hook(hooks.pause))
         handles.append(m.register_forward_hook(hooks.resume, always_call=True))
+    for m in model.modules():  # the mean-mode probe (see the module doc)
+        if _is_bayesian_layer(m):
+            handles.append(m.register_forward_hook(hooks.probe_source))
+        elif _is_passthrough(m):
+            handles.append(m.register_forward_hook(hooks.probe_pass))
     model._sbnn_flow_handles = tuple(handles)
     return model
 
@@ -649,3 +826,99 @@ def untrack_variance(model: nn.Module) -> nn.Module:
                 m._forward_hooks_always_called.pop(key, None)
     model.__dict__.pop("_sbnn_flow_handles", None)
     return model
+
+
+def _snapshot(model: nn.Module) -> list[tuple[nn.Module, dict, dict | None, dict, bool]]:
+    """Each module's buffers (snnTorch membranes, BatchNorm statistics), SpikingJelly
+    memories, ``_sbnn*`` instance state and train flag, by reference."""
+    out = []
+    for m in model.modules():
+        memories = getattr(m, "_memories", None)
+        out.append((m, dict(m._buffers),
+                    dict(memories) if isinstance(memories, dict) else None,
+                    {k: v for k, v in m.__dict__.items() if k.startswith("_sbnn")},
+                    m.training))
+    return out
+
+
+def _restore(snapshot) -> None:
+    for m, buffers, memories, own, training in snapshot:
+        m._buffers.clear()
+        m._buffers.update(buffers)
+        if memories is not None and isinstance(getattr(m, "_memories", None), dict):
+            m._memories.clear()
+            m._memories.update(memories)
+        for k in [k for k in m.__dict__ if k.startswith("_sbnn") and k not in own]:
+            del m.__dict__[k]
+        m.__dict__.update(own)
+        m.training = training
+
+
+def check_variance_flow(
+    model: nn.Module,
+    example_input,
+    *,
+    forward: Callable[[nn.Module, object], object] | None = None,
+) -> VarianceFlowReport:
+    """Check, right after a conversion, that every operation between a Bayesian layer and
+    a neuron has a variance rule.
+
+    Runs one forward ``forward(model, example_input)`` (default ``model(example_input)``)
+    under ``torch.no_grad()`` in ``mean`` mode with ``model.eval()``: the noise of every
+    Bayesian layer is followed as a probe (see the module doc), so the check costs about
+    one deterministic forward and draws no random numbers. An operation without a rule
+    whose output reaches a neuron makes that neuron raise, exactly as it would in
+    ``sample`` mode at the first training step. Afterwards the model is as before: its
+    modes, train flags, buffers (neuron membranes, BatchNorm statistics) and SpikingJelly
+    memories are restored, and a model without the flow (:func:`track_variance`) has it
+    only for the check.
+
+    Args:
+        model: a converted model, or any model with Bayesian layers.
+        example_input: what one call of the model takes: ``[B, ...]`` for one step of a
+            step-wise model (an snnTorch ``nn.Sequential`` with ``init_hidden=True``, a
+            SpikingJelly single-step model), ``[T, B, ...]`` for a model that loops over
+            time itself or runs multi-step. A batch of one is enough.
+        forward: ``(model, example_input) -> anything``, for a model whose call is not
+            ``model(example_input)``.
+
+    Returns:
+        :class:`VarianceFlowReport`: the operations the noise went through (with a rule)
+        and those without a rule that reached no neuron.
+
+    Raises:
+        VarianceFlowError: an operation without a variance rule feeds a neuron; the
+            message names it.
+        TypeError: ``model`` is not an ``nn.Module``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    call = forward if forward is not None else (lambda m, x: m(x))
+    tracked = bool(getattr(model, "_sbnn_flow_handles", None))
+    report = VarianceFlowReport(
+        tracked=tracked,
+        bayesian_layers=sum(1 for m in model.modules() if _is_bayesian_layer(m)))
+    modes = [(m, m.sbnn_mode) for m in model.modules() if isinstance(m, SBNNModule)]
+    snapshot = _snapshot(model)
+    try:
+        if not tracked:
+            track_variance(model)
+        for m, _ in modes:
+            m.sbnn_mode = "mean"
+        model.eval()
+        _REPORTS.append(report)
+        with torch.no_grad():
+            call(model, example_input)
+    except VarianceFlowError as err:
+        raise VarianceFlowError(
+            f"{err} [found by sbnn_addons.check_variance_flow on {type(model).__name__}]"
+        ) from err
+    finally:
+        if _REPORTS and _REPORTS[-1] is report:
+            _REPORTS.pop()
+        if not tracked:
+            untrack_variance(model)
+        for m, old in modes:
+            m.sbnn_mode = old
+        _restore(snapshot)
+    return report
