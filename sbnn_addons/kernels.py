@@ -380,7 +380,8 @@ def _seed(generator: torch.Generator | None) -> int:
     """A 64-bit Philox key drawn from ``generator`` (the global RNG when ``None``)."""
     draw = getattr(_draws, "tensor", None)
     if draw is None:
-        draw = _draws.tensor = torch.empty((), dtype=torch.int64)
+        with torch.inference_mode(False):  # a normal tensor, usable in and out of it
+            draw = _draws.tensor = torch.empty((), dtype=torch.int64)
     return draw.random_(generator=generator).item() & 0xFFFF_FFFF_FFFF_FFFF
 
 

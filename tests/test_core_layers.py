@@ -393,3 +393,24 @@ def test_layers_and_lif_run_under_inference_mode():
         spikes = lif.run(layer(x.flatten(0, 1)).reshape(3, 2, 4, 8, 8))
         assert spikes.shape == (3, 2, 4, 8, 8)
         assert BayesLinear(8, 3)(spikes.flatten(0, 1).flatten(2)[..., :8]).shape == (6, 4, 3)
+
+
+def test_spikes_after_inference_mode_in_a_fresh_thread():
+    """State created lazily inside inference_mode (the kernel's key-draw tensor) stays
+    usable outside it."""
+    import threading
+
+    errors = []
+
+    def work():
+        try:
+            with torch.inference_mode():
+                sb.IWSTSpike(std=0.3)(torch.rand(4, 5))
+            sb.IWSTSpike(std=0.3)(torch.rand(4, 5, requires_grad=True)).sum().backward()
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert not errors, errors
