@@ -1,4 +1,4 @@
-"""Variance flow between Bayesian layers and neurons (SPEC section 2, ``moments.py``)."""
+"""Variance flow between Bayesian layers and neurons (Method page, section 2, ``moments.py``)."""
 
 from __future__ import annotations
 
@@ -357,3 +357,205 @@ def test_recurrent_torch_module_between_layer_and_neuron_raises(rnn, name):
         out = cell(fc(torch.rand(2, 3, 4)))[0]
     with pytest.raises(VarianceFlowError, match=name):
         lif.run(out)
+
+
+# --------------------------------------------------------------------------- mean mode
+class _Between(nn.Module):
+    """``BayesLinear -> op -> IWSTSpike`` (tracked): ``op`` sits between layer and neuron."""
+
+    def __init__(self, op, std=0.3, learn_std=True, affine=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = sb.BayesLinear(8, 6, std=std, learn_std=learn_std)
+        self.affine = ChannelAffine(6) if affine else nn.Identity()
+        self.op = op
+        self.spk = IWSTSpike("st", std=0.1)
+        track_variance(self)
+
+    def forward(self, x):
+        return self.spk(self.op(self.affine(self.fc(x))))
+
+
+def _raises_in(model, x, mode):
+    with torch.no_grad(), sb.mode(model, mode):
+        try:
+            model(x)
+        except VarianceFlowError as err:
+            return str(err)
+    return None
+
+
+UNRULED = [
+    ("tanh", torch.tanh),
+    ("softplus", F.softplus),
+    ("product of two noisy tensors", lambda v: v * v),
+    ("div", lambda v: v / v),
+    ("max_pool1d_with_indices",
+     lambda v: F.max_pool1d(v[:, None], 2, return_indices=True)[0].repeat(1, 1, 2)[:, 0]),
+    ("pad with mode='reflect'", lambda v: F.pad(v[:, None], (1, 1), mode="reflect")[:, 0, 1:-1]),
+    ("gru", lambda v: nn.GRU(6, 6, batch_first=True)(v[:, None])[0][:, 0]),
+]
+
+
+@pytest.mark.parametrize("name, op", UNRULED, ids=[n for n, _ in UNRULED])
+def test_op_without_rule_raises_the_same_error_in_mean_and_sample_mode(name, op):
+    model, x = _Between(op), torch.rand(4, 8)
+    msg_sample, msg_mean = _raises_in(model, x, "sample"), _raises_in(model, x, "mean")
+    assert msg_sample is not None and name in msg_sample
+    assert msg_mean == msg_sample
+    # after a ChannelAffine (a pass-through that attaches the variance itself) as well
+    assert _raises_in(_Between(op, affine=True), x, "mean") == msg_sample
+
+
+RULED = [
+    ("flatten / view", lambda v: v.flatten(1).view(v.shape)),
+    ("chunk + cat", lambda v: torch.cat(v.chunk(2, -1), -1)),
+    ("avg_pool", lambda v: F.avg_pool1d(v[:, None], 1)[:, 0]),
+    ("max_pool", lambda v: F.max_pool1d(v[:, None], 1)[:, 0]),
+    ("dropout", lambda v: F.dropout(v, 0.5, training=True)),
+    ("batch_norm", lambda v: F.batch_norm(v, None, None, training=True)),
+    ("affine", lambda v: 2.0 * v - 1.0),
+    ("pad", lambda v: F.pad(v, (1, 1))[:, 1:-1]),
+]
+
+
+@pytest.mark.parametrize("name, op", RULED, ids=[n for n, _ in RULED])
+def test_ops_with_rules_pass_in_mean_mode_and_outputs_are_unchanged(name, op):
+    model, x = _Between(op), torch.rand(4, 8)
+    assert _raises_in(model, x, "mean") is None and _raises_in(model, x, "sample") is None
+    plain = _Between(op)
+    untrack_variance(plain)  # no flow, no probe: the mean-mode values are the same
+    with torch.no_grad(), sb.mode(model, "mean"), sb.mode(plain, "mean"):
+        torch.manual_seed(1)
+        a = model(x)
+        torch.manual_seed(1)
+        assert torch.equal(a, plain(x))
+
+
+def test_probe_only_where_sample_mode_carries_noise():
+    x = torch.rand(4, 8)
+    silent = _Between(torch.tanh, std=0.0, learn_std=False)  # a layer without noise
+    assert _raises_in(silent, x, "sample") is None and _raises_in(silent, x, "mean") is None
+
+    class AfterSpike(nn.Module):  # spikes carry no noise: any op may follow them
+        def __init__(self):
+            super().__init__()
+            self.fc, self.spk1 = sb.BayesLinear(8, 6, std=0.3), IWSTSpike("st", std=0.1)
+            self.spk2 = IWSTSpike("st", std=0.1)
+            track_variance(self)
+
+        def forward(self, v):
+            return self.spk2(torch.tanh(self.spk1(self.fc(v))) - 0.5)
+
+    model = AfterSpike()
+    assert _raises_in(model, x, "sample") is None and _raises_in(model, x, "mean") is None
+
+
+def test_mean_mode_probe_through_a_registered_passthrough():
+    class Scale(nn.Module):  # attaches the variance itself, outside the flow
+        def forward(self, v):
+            var = raw_variance(v)
+            with no_variance_flow():
+                out = 3.0 * v
+            return attach_variance(out, var)
+
+    x = torch.rand(4, 8)
+    assert _raises_in(_Between(nn.Sequential(Scale(), nn.Tanh())), x, "mean") is None
+    moments.register_variance_passthrough(Scale)
+    try:
+        assert "tanh" in _raises_in(_Between(nn.Sequential(Scale(), nn.Tanh())), x, "mean")
+    finally:
+        moments._PASSTHROUGH.discard(f"{Scale.__module__}.{Scale.__qualname__}")
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        moments.register_variance_passthrough(int)
+
+
+# --------------------------------------------------------------------------- check
+def test_check_variance_flow_core_model():
+    model, x = _Between(torch.tanh), torch.rand(4, 8)
+    with pytest.raises(VarianceFlowError, match=r"'tanh'.*check_variance_flow"):
+        sb.check_variance_flow(model, x)
+    report = sb.check_variance_flow(_Between(lambda v: v.flatten(1) * 2.0), x)
+    assert report.ops == {"flatten": 1, "mul": 1} and report.unknown == {}
+    assert report.tracked and report.bayesian_layers == 1
+    with pytest.raises(TypeError, match="nn.Module"):
+        sb.check_variance_flow(lambda v: v, x)
+
+
+def test_check_variance_flow_untracked_model_is_left_untracked():
+    model = nn.Sequential(sb.BayesLinear(8, 6, std=0.3), nn.Flatten(), nn.Tanh(),
+                          IWSTSpike("st", std=0.1))
+    hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks)  # noqa: E731
+                        for m in model.modules())
+    with pytest.raises(VarianceFlowError, match="'tanh'"):
+        sb.check_variance_flow(model, torch.rand(4, 8))
+    assert hooks() == 0 and not hasattr(model, "_sbnn_flow_handles")
+    report = sb.check_variance_flow(model[:2], torch.rand(4, 8))
+    assert not report.tracked and report.ops == {"flatten": 1}
+
+
+def test_check_variance_flow_reports_unknown_ops_that_reach_no_neuron():
+    class Readout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = sb.BayesLinear(8, 3, std=0.3)
+            track_variance(self)
+
+        def forward(self, v):
+            return torch.log_softmax(self.fc(v), -1)
+
+    report = sb.check_variance_flow(Readout(), torch.rand(4, 8))
+    assert report.unknown == {"log_softmax": 1}
+
+
+def test_check_variance_flow_restores_state_snntorch():
+    snn = pytest.importorskip("snntorch")
+    from sbnn_addons.snntorch import to_sbnn
+
+    net = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), snn.Leaky(beta=0.9, init_hidden=True),
+                        nn.Linear(6, 3), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    model = to_sbnn(net, batchnorm="keep")
+    model.train()
+    sb.set_mode(model, "sample")
+    with torch.no_grad():
+        model(torch.rand(4, 8) * 3)  # mid-sequence: a membrane is left behind
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mems = [m.mem for m in model.modules() if isinstance(m, snn.Leaky)]
+    report = sb.check_variance_flow(model, torch.rand(4, 8))
+    assert report.ops and report.unknown == {}
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN stats, membranes
+    assert [m.mem for m in model.modules() if isinstance(m, snn.Leaky)] == mems
+    assert model.training and sb.get_mode(model) == "sample"
+
+
+def test_check_variance_flow_spikingjelly_multistep():
+    pytest.importorskip("spikingjelly")
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    from sbnn_addons.spikingjelly import to_sbnn
+
+    class Net(nn.Module):
+        def __init__(self, between):
+            super().__init__()
+            self.fc = layer.Linear(8, 6, step_mode="m")
+            self.between = between
+            self.lif = neuron.LIFNode(step_mode="m")
+
+        def forward(self, x):
+            return self.lif(self.between(self.fc(x)))
+
+    x = torch.rand(3, 4, 8)
+    ok = to_sbnn(Net(nn.Identity()))
+    with torch.no_grad():
+        ok(x)
+    v = [n.v for n in ok.modules() if isinstance(n, neuron.LIFNode)]
+    report = sb.check_variance_flow(ok, x)
+    assert report.bayesian_layers == 1 and report.unknown == {}
+    assert [n.v for n in ok.modules() if isinstance(n, neuron.LIFNode)] == v  # memories kept
+    bad = to_sbnn(Net(nn.Tanh()))
+    with pytest.raises(VarianceFlowError, match="'tanh'"):
+        sb.check_variance_flow(bad, x)
+    with torch.no_grad(), sb.mode(bad, "mean"), pytest.raises(VarianceFlowError, match="'tanh'"):
+        functional.reset_net(bad)
+        bad(x)  # and in mean mode itself, not only in sample mode
