@@ -155,8 +155,9 @@ class _BayesMixin(SBNNModule):
         if cache is None:
             std = self.std
             return std * std
+        param = self.std_rho if self.learn_std else self.fixed_std
         key = (id(self), torch.is_grad_enabled(),
-               (self.std_rho if self.learn_std else self.fixed_std)._version)
+               None if param.is_inference() else param._version)
         s2 = cache.get(key)
         if s2 is None:
             std = self.std
