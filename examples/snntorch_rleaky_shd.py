@@ -24,7 +24,7 @@ import sbnn_addons
 from sbnn_addons.data.shd import SHD_CHANNELS, load_shd, make_synthetic_shd
 from sbnn_addons.snntorch import to_sbnn
 
-BETA = 0.905  # exp(-1/10): the reference membrane decay (SPEC section 3)
+BETA = 0.905  # exp(-1/10) rounded: a membrane decay close to the reference (Method page, section 3)
 
 
 class RecurrentSNN(nn.Module):

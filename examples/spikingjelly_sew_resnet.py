@@ -3,7 +3,7 @@ trained briefly on rate-coded digits (8x8 images upsampled to 16x16, 3 channels)
 
 SpikingJelly's ``model.sew_resnet`` imports torchvision only to download pretrained
 weights; a stub module is enough here. ``norm_layer`` is an identity, so the SBNN has
-no normalisation at all (SPEC section 2).
+no normalisation at all (Method page, section 2).
 
     python examples/spikingjelly_sew_resnet.py --steps 20
 """

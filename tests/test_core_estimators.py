@@ -1,4 +1,4 @@
-"""IW-ST estimators through ``BernoulliSpike`` (SPEC sections 1 and 4).
+"""IW-ST estimators through ``BernoulliSpike`` (Method page, sections 1 and 4).
 
 Every stochastic test uses a fixed seed and states its tolerance. Exact checks (no
 sampling) are done in float64 by enumerating the spike states.
@@ -77,7 +77,7 @@ def test_expected_jacobian_exact_by_enumeration(est):
     """sum_h P(h) J(h) equals the analytic expectation exactly (float64, rtol 1e-10),
     with J taken from BernoulliSpike's backward for each forced state, on z in [-4, 4].
 
-    The default weight bound max_weight = 1e4 (SPEC: "bound weights, e.g. at 1e4") is active
+    The default weight bound max_weight = 1e4 (Method page: weights bounded) is active
     for |z| > ~3.7 (1/(2 Phi(-4)) = 1.6e4), so the identity is checked with the bound lifted
     to 1e8; the bound itself is tested in test_weight_bound_is_applied."""
     est = dataclasses.replace(est, max_weight=1e8)
@@ -98,7 +98,7 @@ def test_expected_jacobian_exact_by_enumeration(est):
 @pytest.mark.parametrize("sigma", [0.5, 2.0])
 @pytest.mark.parametrize("p", [0.0, 0.3, 0.7, 1.0])
 def test_quadratic_loss_single_unit_bias_exact(p, sigma):
-    """SPEC section 4, single unit, f(h) = (h - y)^2 (curved): exact expected estimator
+    """Method page, section 4, single unit, f(h) = (h - y)^2 (curved): exact expected estimator
     gradient (enumeration of h) minus the exact gradient phi(z)/sigma (f(1) - f(0)) equals
     phi(z)/sigma (q(1) - 1/2) (f'(1) - f'(0)), with q(1) = (1-p) Phi(z) + p/2, i.e. (1-p)
     times the ST bias. p = 1 (= AGR(0)) is exactly unbiased. Tolerance 1e-12 (float64)."""

@@ -1,4 +1,4 @@
-"""Pure maths of ``sbnn_addons.functional`` (SPEC sections 1, 4, 6). Exact, float64."""
+"""Pure maths of ``sbnn_addons.functional`` (Method page, sections 1, 4, 6). Exact, float64."""
 
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def test_jacobian_extreme_z_finite_and_bounded(kind, dtype):
 
 
 def test_gaussian_kl_closed_form():
-    """Summed KL equals torch.distributions and the SPEC per-layer formula (rtol 1e-12)."""
+    """Summed KL equals torch.distributions and the per-layer formula (rtol 1e-12)."""
     gen = torch.Generator().manual_seed(0)
     m = torch.randn(7, 5, generator=gen, dtype=F64)
     s = torch.rand(7, 5, generator=gen, dtype=F64) + 0.1

@@ -1,4 +1,4 @@
-"""Bayesian layers: local reparameterisation, KL, conversion (SPEC sections 2 and 6)."""
+"""Bayesian layers: local reparameterisation, KL, conversion (Method page, sections 2 and 6)."""
 
 from __future__ import annotations
 
@@ -168,7 +168,7 @@ def test_from_module_keeps_weights_and_to_module_roundtrip(make):
 @pytest.mark.parametrize("std_mode", ["layer", "channel", "weight"])
 def test_kl_closed_form(std_mode):
     """layer.kl_divergence(prior) == torch.distributions KL summed (rtol 1e-12, float64)
-    and, with the per-layer scalar std, the SPEC formula
+    and, with the per-layer scalar std, the formula of the Method page
     n log(s0/s) + (n s^2 + ||m||^2) / (2 s0^2) - n/2."""
     torch.manual_seed(0)
     layer = BayesConv2d(3, 4, 3, std=0.2, std_mode=std_mode, dtype=F64)

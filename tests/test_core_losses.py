@@ -1,4 +1,4 @@
-"""Auxiliary bias loss and the SBNN objective (SPEC sections 5 and 6)."""
+"""Auxiliary bias loss and the SBNN objective (Method page, sections 5 and 6)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class Net(nn.Module):
 
 
 def _hand(net, x, center):
-    """sum over layers and steps of mean over batch (sum over units z^2), from the SPEC
+    """sum over layers and steps of mean over batch (sum over units z^2), from the Method page
     recurrences with the same seeded noise; z = (u - theta)/sigma or u/sigma ("zero")."""
     total, s1, s2 = 0.0, None, None
     for t in range(T):

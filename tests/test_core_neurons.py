@@ -1,4 +1,4 @@
-"""Framework-free ``LIF`` against a hand-written loop of SPEC section 3."""
+"""Framework-free ``LIF`` against a hand-written loop of Method page, section 3."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _inputs(seed=0):
 
 
 def _reference(current, var, beta, theta, own_std, eps=None, reset="subtract"):
-    """SPEC section 3 recurrences written out: u = beta u + I, V = beta^2 V + var,
+    """Method page, section 3 recurrences written out: u = beta u + I, V = beta^2 V + var,
     h = 1[u - theta + sqrt(V + s_n^2) eps > 0], u -= theta h."""
     u = torch.zeros_like(current[0])
     v = torch.zeros_like(current[0])

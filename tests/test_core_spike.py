@@ -1,4 +1,4 @@
-"""``IWSTSpike``: the drop-in stochastic spike module (SPEC sections 1, 4, 7)."""
+"""``IWSTSpike``: the drop-in stochastic spike module (Method page, sections 1, 4, 7)."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ def test_single_unit_matches_analytic_gradient():
     f1 = torch.nn.functional.cross_entropy((v[:, 0] + c).expand(len(y), -1), y,
                                            reduction="none")
     f0 = torch.nn.functional.cross_entropy(c.expand(len(y), -1), y, reduction="none")
-    d_u = _phi(z) / net.sigma * (f1 - f0)     # SPEC section 1, per example
+    d_u = _phi(z) / net.sigma * (f1 - f0)     # Method page, section 1, per example
     torch.testing.assert_close(grads[0][0], (d_u[:, None] * xs).mean(0), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(grads[1][0], d_u.mean(), rtol=1e-12, atol=1e-14)
     # readout: E[dCE/dlogits * h] and E[dCE/dlogits]

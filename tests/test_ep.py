@@ -1,4 +1,4 @@
-"""Expectation propagation (ADF / PBP form) for binary networks (SPEC section 9)."""
+"""Expectation propagation (ADF / PBP form) for binary networks (Method page, section 9)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Parity of the reference networks with the released recurrences (the Method page's
-"released configuration", SPEC 8.1), written out here as plain PyTorch loops.
+"released configuration", Method page, section 8), written out here as plain PyTorch loops.
 
 The loops below share no code with the library: they read the library network's
 parameter values, draw the same standard-normal noise (one private generator per spiking
@@ -50,7 +50,7 @@ class Recorder:
 
 # ---------------------------------------------------------------- DVS ResNet-19 loop
 def lif_sequence(mean_seq, var_seq, sb2, gen, rec: Recorder, aux: list):
-    """LIF over T steps (SPEC 8.1): u, V, sigma = sqrt(V + s_b^2), soft reset, aux z = u/sigma."""
+    """LIF over T steps: u, V, sigma = sqrt(V + s_b^2), soft reset, aux z = u/sigma."""
     u = torch.zeros_like(mean_seq[0])
     V = torch.zeros_like(var_seq[0])
     out = []
