@@ -47,6 +47,7 @@ from .moments import (
     ScaledVariance,
     VarianceFlow,
     attach_variance,
+    check_variance_flow,
     get_variance,
     track_variance,
     untrack_variance,
@@ -351,6 +352,7 @@ def to_sbnn(
     batchnorm: str = "affine",
     aux_loss: bool = False,
     inplace: bool = False,
+    example_input=None,
 ) -> nn.Module:
     """Convert an snnTorch model into a Spiking Bayesian network (Method page, sections 2-3).
 
@@ -385,6 +387,13 @@ def to_sbnn(
             ``"keep"`` keeps them (the variance is scaled by the flow's batch-norm rule).
         aux_loss: collect the auxiliary bias loss (:func:`sbnn_addons.aux_loss`).
         inplace: convert ``model`` itself instead of a deep copy.
+        example_input: if given, :func:`sbnn_addons.check_variance_flow` runs one
+            no-grad ``mean``-mode forward ``model(example_input)`` on the converted model
+            (what one call takes, e.g. one step ``[B, ...]`` for a step-wise model) and
+            raises :class:`~sbnn_addons.moments.VarianceFlowError` naming any operation
+            without a variance rule between a Bayesian layer and a neuron, at conversion
+            time instead of at the first training step (with ``inplace=True`` the model
+            is converted by then). The model's state is left as it was.
 
     Returns:
         The converted model, with its variance flow installed (``track_variance``) and
@@ -473,6 +482,8 @@ def to_sbnn(
                    check_inputs=True)
     if aux_loss:
         enable_aux_loss(out)
+    if example_input is not None:
+        check_variance_flow(out, example_input)
     return out
 
 

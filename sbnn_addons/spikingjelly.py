@@ -65,6 +65,7 @@ from .moments import (
     UnknownVariance,
     VarianceFlowError,
     attach_variance,
+    check_variance_flow,
     get_variance,
     no_variance_flow,
     track_variance,
@@ -494,6 +495,7 @@ def to_sbnn(
     batchnorm: str = "affine",
     aux_loss: bool = False,
     inplace: bool = False,
+    example_input=None,
 ) -> nn.Module:
     """Convert a SpikingJelly model into a Spiking Bayesian Neural Network.
 
@@ -534,6 +536,13 @@ def to_sbnn(
             ``"keep"``.
         aux_loss: collect the auxiliary bias loss (:func:`sbnn_addons.aux_loss`).
         inplace: convert ``model`` itself instead of a deep copy.
+        example_input: if given, :func:`sbnn_addons.check_variance_flow` runs one
+            no-grad ``mean``-mode forward ``model(example_input)`` on the converted model
+            (what one call takes, e.g. one step ``[B, ...]`` for a step-wise model) and
+            raises :class:`~sbnn_addons.moments.VarianceFlowError` naming any operation
+            without a variance rule between a Bayesian layer and a neuron, at conversion
+            time instead of at the first training step (with ``inplace=True`` the model
+            is converted by then). The model's state is left as it was.
 
     Returns:
         The converted model, with :func:`sbnn_addons.track_variance` installed on it.
@@ -624,6 +633,8 @@ def to_sbnn(
     track_variance(model, opaque=linked + kept, check_inputs=True)
     if aux_loss:
         enable_aux_loss(model)
+    if example_input is not None:
+        check_variance_flow(model, example_input)
     return model
 
 

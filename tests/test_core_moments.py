@@ -559,3 +559,33 @@ def test_check_variance_flow_spikingjelly_multistep():
     with torch.no_grad(), sb.mode(bad, "mean"), pytest.raises(VarianceFlowError, match="'tanh'"):
         functional.reset_net(bad)
         bad(x)  # and in mean mode itself, not only in sample mode
+
+
+def test_converters_check_the_variance_flow_with_example_input():
+    snn = pytest.importorskip("snntorch")
+    pytest.importorskip("spikingjelly")
+    from spikingjelly.activation_based import layer, neuron
+
+    from sbnn_addons import snntorch as sbnn_snn
+    from sbnn_addons import spikingjelly as sbnn_sj
+
+    def snn_net(between):
+        return nn.Sequential(nn.Linear(8, 6), between, snn.Leaky(beta=0.9, init_hidden=True))
+
+    x = torch.rand(4, 8)
+    sbnn_snn.to_sbnn(snn_net(nn.Dropout(0.2)), example_input=x)  # ruled ops: no error
+    original = snn_net(nn.Tanh())
+    with pytest.raises(VarianceFlowError, match="'tanh'.*check_variance_flow"):
+        sbnn_snn.to_sbnn(original, example_input=x)
+    assert not any(sb.layers.is_bayesian(m) for m in original.modules())  # a copy failed
+    sbnn_snn.to_sbnn(snn_net(nn.Tanh()))  # without example_input: found at the first call
+
+    def sj_net(between):
+        return nn.Sequential(layer.Linear(8, 6, step_mode="m"), between,
+                             neuron.LIFNode(step_mode="m"))
+
+    xs = torch.rand(3, 4, 8)
+    model = sbnn_sj.to_sbnn(sj_net(nn.Identity()), example_input=xs)
+    assert all(n.v == 0.0 for n in model.modules() if isinstance(n, neuron.LIFNode))
+    with pytest.raises(VarianceFlowError, match="'tanh'"):
+        sbnn_sj.to_sbnn(sj_net(nn.Tanh()), example_input=xs)
