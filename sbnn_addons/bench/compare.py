@@ -781,7 +781,8 @@ def _predict(run: _Run, ctx: _Ctx, eval_mode: str, k: int) -> tuple[Tensor, Tens
     for xb, yb in ctx.test.batches(ctx.eval_batch_size, None, ctx.rank, ctx.world):
         x = prepare(xb, ctx.layout, ctx.encode, gen, ctx.device)
         if run.method.is_sbnn and eval_mode == "mc":
-            p = mc_predict(lambda x=x: run.forward(x), run.model, k)
+            p = mc_predict(run.model, x, k, forward=lambda m, xb: run.forward(xb),
+                           count_spikes=False).probs
         elif run.method.is_sbnn:
             with mode(run.model, eval_mode):
                 p = torch.softmax(run.forward(x), -1)
