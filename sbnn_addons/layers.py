@@ -557,7 +557,7 @@ def _copy_means(dst: nn.Module, src: nn.Module) -> None:
 
 
 #: Default posterior std of a converted layer, as a fraction of the RMS of its weights.
-CONVERTED_STD_FRACTION = 0.5
+CONVERTED_STD_FRACTION = 0.1
 
 
 def folded_batchnorm_scale(bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
@@ -573,9 +573,10 @@ def folded_batchnorm_scale(bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
     return scale
 
 
-def converted_std(weight: Tensor, fraction: float = CONVERTED_STD_FRACTION,
+def converted_std(weight: Tensor, fraction: float | None = None,
                   scale: Tensor | None = None) -> float:
-    """Initial posterior std of a converted layer: a fraction of its weights' RMS.
+    """Initial posterior std of a converted layer: a fraction (default
+    :data:`CONVERTED_STD_FRACTION`) of its weights' RMS.
 
     .. code-block:: text
 
@@ -595,7 +596,7 @@ def converted_std(weight: Tensor, fraction: float = CONVERTED_STD_FRACTION,
     rms = float(w.pow(2).mean().sqrt()) if w.numel() else 0.0
     if not (rms > 0 and math.isfinite(rms)):
         return 0.5 / math.sqrt(max(weight[0].numel(), 1))
-    return float(fraction) * rms
+    return float(CONVERTED_STD_FRACTION if fraction is None else fraction) * rms
 
 
 def batchnorm_after(model: nn.Module, weight_types: tuple) -> dict[int, nn.Module]:

@@ -41,7 +41,16 @@ from .base import HostObject, cached_tensor_test
 from .base import match_name as _match
 from .base import name_patterns as _patterns
 from .estimators import Estimator
-from .layers import BayesConv1d, BayesConv2d, BayesLinear, ChannelAffine, is_bayesian
+from .layers import (
+    BayesConv1d,
+    BayesConv2d,
+    BayesLinear,
+    ChannelAffine,
+    batchnorm_after,
+    converted_std,
+    folded_batchnorm_scale,
+    is_bayesian,
+)
 from .losses import enable_aux_loss
 from .moments import (
     ScaledVariance,
@@ -52,11 +61,12 @@ from .moments import (
     track_variance,
     untrack_variance,
 )
-from .spike import IWSTSpike
+from .spike import CONVERTED_SPIKE_STD, DEFAULT_SPIKE_STD, IWSTSpike
 from .surgery import replace_modules
 
 __all__ = [
     "spike_grad",
+    "SnnTorchSpike",
     "to_sbnn",
     "to_snntorch",
     "reset",
@@ -74,11 +84,50 @@ _HOST_SPIKE = "_sbnn_host_spike_grad"  # HostObject: the neuron's original spike
 _BN_KIND = "_sbnn_batchnorm_kind"
 
 
+class SnnTorchSpike(IWSTSpike):
+    """:class:`~sbnn_addons.IWSTSpike` for a hand-built ``snn.Leaky(spike_grad=...)``:
+    the reset reuses the emitted spike.
+
+    snnTorch computes a neuron's reset by calling ``spike_grad`` a second time, on the
+    membrane of the previous step (``mem_reset``). A stochastic spike would draw again,
+    and the reset would disagree with the spike the neuron emitted. This spike function
+    remembers its recent calls: a call whose drive equals a remembered call's drive (same
+    shape and values) returns that call's spikes, once, and draws nothing. So the reset
+    is the emitted spike, and the next step's drive, which differs, gets a fresh draw.
+    Shared by several neurons (snnTorch tutorials pass one ``spike_grad`` to every
+    layer), it remembers the last :attr:`MEMORY` calls.
+    """
+
+    #: How many recent calls are remembered.
+    MEMORY = 16
+
+    def forward(self, u: Tensor) -> Tensor:
+        if self.deterministic:
+            return super().forward(u)
+        recent = self.__dict__.setdefault("_sbnn_recent", [])
+        key = u.detach()
+        for i, (prev, spikes) in enumerate(recent):
+            if (prev.shape == key.shape and prev.dtype == key.dtype
+                    and prev.device == key.device and torch.equal(prev, key)):
+                del recent[i]
+                return spikes
+        out = super().forward(u)
+        recent.append((key, out.detach().clone()))
+        if len(recent) > self.MEMORY:
+            del recent[0]
+        return out
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_sbnn_recent", None)
+        return state
+
+
 def spike_grad(
     estimator: str | Estimator = "st",
     *,
-    std: float | None = None,
-    learn_std: bool = False,
+    std: float | None = DEFAULT_SPIKE_STD,
+    learn_std: bool | None = None,
     **kw,
 ) -> IWSTSpike:
     """A stochastic spike function to pass as ``snn.Leaky(spike_grad=...)``.
@@ -86,20 +135,29 @@ def spike_grad(
     .. code-block:: text
 
         h = 1[u + sigma eps > 0],  u = mem - threshold,  sigma^2 = V(u) + std^2
+        E[dh/du] = phi(u / std) / std       (ST, no Bayesian layer in front: V = 0)
+
+    Used alone in an otherwise unchanged model it trains by default: its own noise std
+    starts at ``1/sqrt(2 pi) = 0.399`` and is learned (one per spike function, so give
+    each layer its own ``spike_grad()`` for one std per layer). In expectation over the
+    noise, the ST gradient is a Gaussian surrogate of width ``std``; at this ``std`` its
+    peak ``phi(0)/std`` is 1, the peak of snnTorch's default ``atan(alpha=2)``.
 
     Args:
         estimator: ``"st"``, ``"iwst(p)"``, ``"agr(tau)"`` or an Estimator.
-        std: the spike function's own noise std (``None``/0: only the variance attached
-            by Bayesian layers).
-        learn_std: learn ``std`` (needs ``std > 0``).
+        std: the spike function's own noise std (default
+            :data:`~sbnn_addons.spike.DEFAULT_SPIKE_STD`; ``None`` or 0: only the variance
+            attached by Bayesian layers, and a zero gradient without them).
+        learn_std: learn ``std`` through ``softplus(rho)`` (default: when ``std > 0``).
         **kw: further :class:`~sbnn_addons.IWSTSpike` arguments.
 
-    Note:
-        Used directly in a hand-built neuron, snnTorch still computes the reset with a
-        second (independent) draw. :func:`to_sbnn` fixes this; prefer building the model
-        with the default surrogate and converting it.
+    Returns:
+        A :class:`SnnTorchSpike`: snnTorch's second call for the reset gets back the
+        spike the neuron emitted, not a second draw.
     """
-    return IWSTSpike(estimator, std=std, learn_std=learn_std, **kw)
+    if learn_std is None:
+        learn_std = bool(std)
+    return SnnTorchSpike(estimator, std=std, learn_std=learn_std, **kw)
 
 
 # --------------------------------------------------------------------------- neurons
@@ -346,10 +404,10 @@ def to_sbnn(
     std_mode: str = "layer",
     learn_std: bool = True,
     bias_std: float | None = None,
-    spike_std: float | None = None,
+    spike_std: float | None = CONVERTED_SPIKE_STD,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
-    batchnorm: str = "affine",
+    batchnorm: str = "keep",
     aux_loss: bool = False,
     inplace: bool = False,
     example_input=None,
@@ -368,23 +426,40 @@ def to_sbnn(
         S_t = 1[U_t - theta + sqrt(V_t + spike_std^2) eps > 0]         IWSTSpike
         reset at t+1 = S_t                                             emitted spike
 
+    The defaults train out of the box: each layer's posterior std starts at a tenth of the RMS
+    of its ported weights (the noise is a tenth of the spread of the signal, whatever the
+    weights' scale), each neuron has a learned own noise std (``spike_std = 0.399``), a
+    floor under the posterior noise so that a neuron whose inputs are silent still passes
+    a gradient, and BatchNorm stays a BatchNorm (an untrained one keeps learning its
+    statistics, and it scales the noise with the signal).
+
     Args:
         model: an snnTorch model with ``snn.Leaky`` / ``snn.RLeaky`` neurons.
         estimator: gradient estimator of the spikes (``"st"``, ``"iwst(p)"``, ``"agr"``).
-        std: initial posterior std of the weight layers (``None``: ``0.5/sqrt(fan_in)``).
+        std: initial posterior std of the weight layers (``None``: a fraction
+            :data:`~sbnn_addons.layers.CONVERTED_STD_FRACTION` = 0.1 of the RMS of each
+            layer's weights, times the scale of a BatchNorm folded after it, see
+            :func:`~sbnn_addons.layers.converted_std`).
         std_mode: ``"layer"``, ``"channel"`` or ``"weight"``.
         learn_std: learn the posterior stds (``False`` keeps them fixed, allows 0).
         bias_std: initial std of additive bias noise (``None``: none).
-        spike_std: the spike functions' own noise std (``None``: none). Learned when
-            ``learn_std`` is true and ``spike_std > 0``.
+        spike_std: the spike functions' own noise std, ``sigma^2 = V + spike_std^2``
+            (default :data:`~sbnn_addons.spike.CONVERTED_SPIKE_STD` = 0.399, one per
+            neuron layer; ``None`` or 0: none, then a neuron fed only by silent inputs has
+            a zero gradient). Learned when ``learn_std`` is true and ``spike_std > 0``.
         include: an ``fnmatch`` pattern (one string is one name) or a list of them, of
             qualified module names (``"fc*"``, ``"lif1.recurrent"``) of the weight layers
             to convert or of modules containing them; ``None``: all.
         exclude: patterns of weight layers (or modules containing them) to keep
             deterministic; each must match a module.
-        batchnorm: ``"affine"`` replaces ``BatchNorm1d/2d`` by a mean-only
-            :class:`~sbnn_addons.ChannelAffine` folded from the running statistics;
-            ``"keep"`` keeps them (the variance is scaled by the flow's batch-norm rule).
+        batchnorm: ``"keep"`` (default) keeps ``BatchNorm1d/2d`` (the variance is
+            scaled like the mean by the flow's batch-norm rule, and in training mode the
+            statistics keep learning, as in the original); ``"affine"`` replaces them by
+            a mean-only :class:`~sbnn_addons.ChannelAffine` folded from the running
+            statistics (the released configuration; the BatchNorm's scale is folded into
+            the initial posterior std of the layer before it, which keeps the
+            signal-to-noise ratio; it freezes the statistics, so use it on trained
+            models).
         aux_loss: collect the auxiliary bias loss (:func:`sbnn_addons.aux_loss`).
         inplace: convert ``model`` itself instead of a deep copy.
         example_input: if given, :func:`sbnn_addons.check_variance_flow` runs one
@@ -451,10 +526,17 @@ def to_sbnn(
             return False
         return not (exc and any(_match(n, exc) for n in qn))
 
+    folded = batchnorm_after(out, tuple(_LAYERS)) if batchnorm == "affine" else {}
+
     def convert(_name: str, child: nn.Module) -> nn.Module | None:
         new = None
         if type(child) in _LAYERS and selected(child):
-            new = _LAYERS[type(child)].from_module(child, **layer_kw)
+            kw = dict(layer_kw)
+            if std is None:
+                bn = folded.get(id(child))
+                kw["std"] = converted_std(
+                    child.weight, scale=None if bn is None else folded_batchnorm_scale(bn))
+            new = _LAYERS[type(child)].from_module(child, **kw)
         elif type(child) in _BNS and batchnorm == "affine":
             new = ChannelAffine.from_batchnorm(child)
             new.__dict__[_BN_KIND] = type(child).__name__

@@ -49,9 +49,10 @@ __all__ = ["IWSTSpike", "seed_spikes", "recomputing_forward", "DEFAULT_SPIKE_STD
 DEFAULT_SPIKE_STD = 1.0 / math.sqrt(2.0 * math.pi)
 
 #: Default own noise std of the spike functions of a converted model (learned, one per
-#: layer): a floor under the posterior noise, ``sigma^2 = V + s_n^2``, so that a neuron
-#: whose inputs are silent (``V = 0``) still passes a gradient and can recover.
-CONVERTED_SPIKE_STD = 0.2
+#: neuron layer), the drop-in default: a floor under the posterior noise,
+#: ``sigma^2 = V + s_n^2``, so that a neuron whose inputs are silent (``V = 0``) still
+#: passes a gradient and can recover, with at least the peak of the hosts' surrogates.
+CONVERTED_SPIKE_STD = DEFAULT_SPIKE_STD
 
 _RECOMPUTING = [0]  # depth of recomputations (activation checkpointing) in progress
 
@@ -165,6 +166,12 @@ class IWSTSpike(SBNNModule, nn.Module):
         """Whether the fixed std is non-zero (checked once per value of the buffer)."""
         return cached_tensor_test(self, "_sbnn_nonzero", self.fixed_std,
                                   lambda std: (std != 0).any())
+
+    def fire_overridden(self) -> bool:
+        """Whether :meth:`fire` is replaced (by a subclass or on this instance, e.g. by
+        :class:`~sbnn_addons.metrics.SpikeMonitor`): the fused neuron kernels, which draw
+        without calling it, then step through :meth:`fire` instead."""
+        return type(self).fire is not IWSTSpike.fire or "fire" in self.__dict__
 
     # ------------------------------------------------------------------ forward
     def forward(self, u: Tensor) -> Tensor:

@@ -71,7 +71,7 @@ from .moments import (
     track_variance,
     untrack_variance,
 )
-from .spike import IWSTSpike
+from .spike import CONVERTED_SPIKE_STD, DEFAULT_SPIKE_STD, IWSTSpike
 from .surgery import replace_modules
 
 __all__ = [
@@ -196,7 +196,8 @@ class SJSpike(IWSTSpike):
 
 
 def surrogate_function(
-    estimator="st", *, std: float | None = None, learn_std: bool = False, **kw
+    estimator="st", *, std: float | None = DEFAULT_SPIKE_STD, learn_std: bool | None = None,
+    **kw
 ) -> SJSpike:
     """Stochastic IW-ST spike usable as ``neuron.LIFNode(surrogate_function=...)``.
 
@@ -205,14 +206,25 @@ def surrogate_function(
     posterior variance after :func:`to_sbnn`). In ``mean`` mode it equals SpikingJelly's
     Heaviside exactly.
 
+    Used alone in an otherwise unchanged model it trains by default: its own noise std
+    starts at ``1/sqrt(2 pi) = 0.399`` and is learned (one per spike function: give each
+    neuron its own). With the ST estimator the expected gradient is
+    ``E[dh/du] = phi(u / std) / std``, a Gaussian surrogate of width ``std``; at this
+    ``std`` its peak is 1, the peak of SpikingJelly's ``Sigmoid(alpha=4)`` (the default)
+    and ``ATan(alpha=2)``.
+
     Args:
         estimator: ``"st"``, ``"iwst(p)"``, ``"agr(tau)"`` or an Estimator.
-        std: the spike's own noise std (``None``: no own noise).
-        learn_std: learn it (requires ``std > 0``).
+        std: the spike's own noise std (default
+            :data:`~sbnn_addons.spike.DEFAULT_SPIKE_STD`; ``None`` or 0: no own noise,
+            and a zero gradient without a linked Bayesian layer).
+        learn_std: learn it through ``softplus(rho)`` (default: when ``std > 0``).
         **kw: further :class:`~sbnn_addons.IWSTSpike` arguments (``threshold``,
             ``aux_center``, ``std_shape``, ...); ``at_zero=True`` and ``batch_dim=0``
             are the defaults.
     """
+    if learn_std is None:
+        learn_std = bool(std)
     return SJSpike(estimator, std=std, learn_std=learn_std, **kw)
 
 
@@ -310,6 +322,7 @@ def _sequence_dynamics(node: nn.Module, spike: SJSpike, x_seq: Tensor):
         or spike._step != 0
         or not spike._multi
         or spike.deterministic
+        or spike.fire_overridden()
         or node.store_v_seq
         or node._neuron_precision is not None
         or x_seq.dim() < 2
@@ -489,10 +502,10 @@ def to_sbnn(
     std_mode: str = "layer",
     learn_std: bool = True,
     bias_std: float | None = None,
-    spike_std: float | None = None,
+    spike_std: float | None = CONVERTED_SPIKE_STD,
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
-    batchnorm: str = "affine",
+    batchnorm: str = "keep",
     aux_loss: bool = False,
     inplace: bool = False,
     example_input=None,
@@ -500,13 +513,21 @@ def to_sbnn(
     """Convert a SpikingJelly model into a Spiking Bayesian Neural Network.
 
     Weight layers become Bayesian (``.weight`` kept as the posterior mean, std ``s``),
-    supported neurons get a linked :class:`SJSpike`, BatchNorm becomes a mean-only affine:
+    supported neurons get a linked :class:`SJSpike`; BatchNorm is kept (or becomes a
+    mean-only affine):
 
     .. code-block:: text
 
         a = W_mean x + b,  var(a) = s^2 sum x^2        (Bayesian layer, shapes kept)
         S_t = beta^2 S_{t-1} + c^2 var(X_t)            (neuron H = beta V + c X)
         spike_t = 1[H_t - v_th + sqrt(S_t + s_n^2) eps >= 0]
+
+    The defaults train out of the box: each layer's posterior std starts at a tenth of the RMS
+    of its ported weights (the noise is a tenth of the spread of the signal, whatever the
+    weights' scale), each neuron has a learned own noise std (``spike_std = 0.399``), a
+    floor under the posterior noise so that a neuron whose inputs are silent still passes
+    a gradient, and BatchNorm stays a BatchNorm (an untrained one keeps learning its
+    statistics, and it scales the noise with the signal).
 
     Converted: ``layer.Linear`` / ``layer.Conv2d`` (to :class:`BayesLinear` /
     :class:`BayesConv2d`, same ``step_mode``) and plain ``nn.Linear`` / ``nn.Conv1d`` /
@@ -518,12 +539,17 @@ def to_sbnn(
     Args:
         model: a SpikingJelly model (any step mode). Input/output shapes are unchanged.
         estimator: spike gradient estimator (``"st"``, ``"iwst(p)"``, ``"agr(tau)"``).
-        std: initial posterior std of the weights (default ``0.5 / sqrt(fan_in)``).
+        std: initial posterior std of the weights (``None``: a fraction
+            :data:`~sbnn_addons.layers.CONVERTED_STD_FRACTION` = 0.1 of the RMS of each
+            layer's weights, times the scale of a BatchNorm folded after it, see
+            :func:`~sbnn_addons.layers.converted_std`).
         std_mode: ``"layer"``, ``"channel"`` or ``"weight"``.
         learn_std: learn the weight std (``False``: fixed, allows ``std=0``).
         bias_std: additive bias noise std (``None``: none).
-        spike_std: each spike function's own noise std (``None``: none); learned when
-            ``learn_std`` and ``spike_std > 0``.
+        spike_std: each spike function's own noise std, ``sigma^2 = S + s_n^2``
+            (default :data:`~sbnn_addons.spike.CONVERTED_SPIKE_STD` = 0.399, one per
+            neuron; ``None`` or 0: none, then a neuron fed only by silent inputs has a
+            zero gradient); learned when ``learn_std`` and ``spike_std > 0``.
         include: an ``fnmatch`` pattern (one string is one name) or a list of them, of
             qualified module names of weight layers to convert, or of modules containing
             them (``None``: all).
@@ -531,9 +557,14 @@ def to_sbnn(
             deterministic, and a spiking neuron matched here (also an unsupported one) is
             not converted; a neuron left out must not receive a Bayesian layer's output
             (it raises at its call), so exclude the layers feeding it too.
-        batchnorm: ``"affine"`` (BatchNorm1d/2d -> :class:`~sbnn_addons.ChannelAffine`
-            from the running statistics; equal to the BatchNorm in eval mode) or
-            ``"keep"``.
+        batchnorm: ``"keep"`` (default: the BatchNorm stays, scales the variance like the
+            mean, and in training mode keeps learning its statistics as in the original)
+            or ``"affine"`` (BatchNorm1d/2d -> mean-only
+            :class:`~sbnn_addons.ChannelAffine` from the running statistics, equal to the
+            BatchNorm in eval mode, the released configuration; the BatchNorm's scale is
+            folded into the initial posterior std of the layer before it, which keeps the
+            signal-to-noise ratio; it freezes the statistics, so use it on trained
+            models).
         aux_loss: collect the auxiliary bias loss (:func:`sbnn_addons.aux_loss`).
         inplace: convert ``model`` itself instead of a deep copy.
         example_input: if given, :func:`sbnn_addons.check_variance_flow` runs one
@@ -584,20 +615,27 @@ def to_sbnn(
     reset(model)  # (the copy's) neuron states: a fresh start
     counts = {"layers": 0, "neurons": 0}
 
+    folded = _layers.batchnorm_after(model, _WEIGHTS) if batchnorm == "affine" else {}
+
     def convert(name: str, m: nn.Module):
         selected = (inc is None or match_name(name, inc)) and not match_name(name, exc)
         t = type(m)
         new = None
+        kw = dict(posterior)
+        if selected and t in _WEIGHTS and std is None:
+            bn = folded.get(id(m))
+            kw["std"] = _layers.converted_std(
+                m.weight, scale=None if bn is None else _layers.folded_batchnorm_scale(bn))
         if selected and t is layer.Linear:
-            new = BayesLinear.from_module(m, step_mode=m.step_mode, **posterior)
+            new = BayesLinear.from_module(m, step_mode=m.step_mode, **kw)
         elif selected and t is layer.Conv2d:
-            new = BayesConv2d.from_module(m, step_mode=m.step_mode, **posterior)
+            new = BayesConv2d.from_module(m, step_mode=m.step_mode, **kw)
         elif selected and t is nn.Linear:
-            new = _layers.BayesLinear.from_module(m, **posterior)
+            new = _layers.BayesLinear.from_module(m, **kw)
         elif selected and t is nn.Conv1d:
-            new = _layers.BayesConv1d.from_module(m, **posterior)
+            new = _layers.BayesConv1d.from_module(m, **kw)
         elif selected and t is nn.Conv2d:
-            new = _layers.BayesConv2d.from_module(m, **posterior)
+            new = _layers.BayesConv2d.from_module(m, **kw)
         if new is not None:
             counts["layers"] += 1
             return new.train(m.training)

@@ -1,0 +1,340 @@
+"""Converted host models at the converters' defaults against their surrogate originals.
+
+For each host model, the surrogate original and ``to_sbnn(original)`` (defaults, no
+tuning) start from the same weights and see the same mini-batches in the same order, at
+the learning rate and with the loss of the host library's own tutorial. Per epoch the
+script prints the mean training loss and the test accuracy (the original: its surrogate
+network; the converted model: ``sample`` mode, one stochastic pass, and ``mean`` mode).
+
+Models:
+
+* ``snntorch-csnn``: snnTorch tutorial 7's CSNN (Conv2d(1,12,5)-MaxPool-Leaky-
+  Conv2d(12,64,5)-MaxPool-Leaky-Linear-Leaky, ``init_hidden`` Sequential, beta 0.5,
+  ``fast_sigmoid(slope=25)``), ``SF.ce_rate_loss``, Adam; scikit-learn's digits
+  upsampled to 28 x 28 and fed directly at every step.
+* ``sj-csnn``: SpikingJelly's ``conv_fashion_mnist`` CSNN (Conv-BN-IF-pool twice, two
+  Linear-IF, multi-step, ATan), MSE of the firing rate against one-hot, SGD 0.1 with
+  momentum 0.9 as the example's command; the same digits.
+* ``sj-dvsgesture``: SpikingJelly's zoo ``parametric_lif_net.DVSGestureNet(channels=16)``
+  with ``LIFNode(surrogate_function=ATan(), detach_reset=True)`` in multi-step mode (the
+  ``classify_dvsg`` example), Adam 1e-3, MSE of the firing rate; the real DVS128 Gesture
+  frames (``dvs_gesture_32``), upsampled 4x (nearest) to the 128 x 128 the network
+  expects.
+
+Usage::
+
+    python benchmarks/bench_dropin.py --models snntorch-csnn sj-csnn \
+        --dvs-dir ../shared/data/dvs_gesture_32 --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sbnn_addons
+
+
+# --------------------------------------------------------------------------- data
+def digits_28(n_train: int | None, n_test: int | None, seed: int = 0):
+    """Digits ``[N, 1, 28, 28]`` in [0, 1] (bilinear upsampling of the 8 x 8 images)."""
+    from sbnn_addons.data.digits import load_digits_split
+
+    xtr, ytr, xte, yte = load_digits_split(seed=seed)
+
+    def up(x):
+        return F.interpolate(x.view(-1, 1, 8, 8), size=(28, 28), mode="bilinear",
+                             align_corners=False).clamp(0, 1)
+
+    return up(xtr[:n_train]), ytr[:n_train], up(xte[:n_test]), yte[:n_test]
+
+
+def dvs_frames(data_dir: str, n_train: int, n_test: int, num_frames: int, stride: int):
+    from sbnn_addons.data.dvs_gesture import load_dvs_gesture_32
+
+    xtr, ytr = load_dvs_gesture_32(data_dir, "train", frame_stride=stride,
+                                   num_frames=num_frames)
+    xte, yte = load_dvs_gesture_32(data_dir, "test", frame_stride=stride,
+                                   num_frames=num_frames)
+    g = torch.Generator().manual_seed(0)
+    tr = torch.randperm(len(ytr), generator=g)[:n_train]
+    te = torch.randperm(len(yte), generator=g)[:n_test]
+    return xtr[tr], ytr[tr], xte[te], yte[te]
+
+
+# --------------------------------------------------------------------------- models
+def _torchvision_stub() -> None:
+    """SpikingJelly's zoo package imports torchvision for pretrained weights only."""
+    if "torchvision" in sys.modules:
+        return
+    stub = types.ModuleType("torchvision")
+    utils = types.ModuleType("torchvision._internally_replaced_utils")
+    utils.load_state_dict_from_url = torch.hub.load_state_dict_from_url
+    stub._internally_replaced_utils = utils
+    sys.modules["torchvision"] = stub
+    sys.modules["torchvision._internally_replaced_utils"] = utils
+
+
+class SnnTorchTask:
+    """snnTorch tutorial 7: static image at every step, ``ce_rate_loss``."""
+
+    name = "snntorch-csnn"
+
+    def __init__(self, num_steps: int, lr: float, convert_kw: dict | None = None):
+        self.num_steps, self.lr, self.convert_kw = num_steps, lr, convert_kw or {}
+
+    def build(self) -> nn.Module:
+        import snntorch as snn
+        from snntorch import surrogate
+
+        sg = surrogate.fast_sigmoid(slope=25)
+        beta = 0.5
+        return nn.Sequential(
+            nn.Conv2d(1, 12, 5), nn.MaxPool2d(2),
+            snn.Leaky(beta=beta, spike_grad=sg, init_hidden=True),
+            nn.Conv2d(12, 64, 5), nn.MaxPool2d(2),
+            snn.Leaky(beta=beta, spike_grad=sg, init_hidden=True),
+            nn.Flatten(), nn.Linear(64 * 4 * 4, 10),
+            snn.Leaky(beta=beta, spike_grad=sg, init_hidden=True, output=True),
+        )
+
+    def convert(self, net: nn.Module) -> nn.Module:
+        from sbnn_addons.snntorch import to_sbnn
+
+        return to_sbnn(net, **self.convert_kw)
+
+    def forward(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Output spikes ``[T, B, 10]``."""
+        from snntorch import utils
+
+        utils.reset(net)
+        return torch.stack([net(x)[0] for _ in range(self.num_steps)])
+
+    def loss(self, spk: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from snntorch import functional as SF
+
+        return SF.ce_rate_loss()(spk, y)
+
+    def predict(self, spk: torch.Tensor) -> torch.Tensor:
+        return spk.sum(0).argmax(-1)
+
+    def optimizer(self, net: nn.Module, sbnn: bool):
+        params = sbnn_addons.param_groups(net, lr=self.lr)
+        return torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999))
+
+
+class SJTask:
+    """SpikingJelly examples: multi-step net, firing rate, MSE against one-hot."""
+
+    def __init__(self, name: str, lr: float, T: int, opt: str, channels: int,
+                 convert_kw: dict | None = None):
+        self.name, self.lr, self.T, self.opt, self.channels = name, lr, T, opt, channels
+        self.convert_kw = convert_kw or {}
+
+    def build(self) -> nn.Module:
+        from spikingjelly.activation_based import functional, layer, neuron, surrogate
+
+        if self.name == "sj-csnn":
+            c = self.channels
+            net = nn.Sequential(
+                layer.Conv2d(1, c, kernel_size=3, padding=1, bias=False),
+                layer.BatchNorm2d(c),
+                neuron.IFNode(surrogate_function=surrogate.ATan()),
+                layer.MaxPool2d(2, 2),
+                layer.Conv2d(c, c, kernel_size=3, padding=1, bias=False),
+                layer.BatchNorm2d(c),
+                neuron.IFNode(surrogate_function=surrogate.ATan()),
+                layer.MaxPool2d(2, 2),
+                layer.Flatten(),
+                layer.Linear(c * 7 * 7, c * 4 * 4, bias=False),
+                neuron.IFNode(surrogate_function=surrogate.ATan()),
+                layer.Linear(c * 4 * 4, 10, bias=False),
+                neuron.IFNode(surrogate_function=surrogate.ATan()),
+            )
+        else:
+            _torchvision_stub()
+            from spikingjelly.activation_based.model import parametric_lif_net
+
+            net = parametric_lif_net.DVSGestureNet(
+                channels=self.channels, spiking_neuron=neuron.LIFNode,
+                surrogate_function=surrogate.ATan(), detach_reset=True)
+        functional.set_step_mode(net, "m")
+        return net
+
+    def convert(self, net: nn.Module) -> nn.Module:
+        from sbnn_addons.spikingjelly import to_sbnn
+
+        return to_sbnn(net, **self.convert_kw)
+
+    def forward(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Firing rate of the output ``[B, C]``; ``x``: images or ``[B, T, 2, 32, 32]``."""
+        from spikingjelly.activation_based import functional
+
+        functional.reset_net(net)
+        if self.name == "sj-csnn":
+            x_seq = x.unsqueeze(0).repeat(self.T, 1, 1, 1, 1)
+        else:
+            x_seq = x.transpose(0, 1)  # [T, B, 2, 32, 32]
+            x_seq = F.interpolate(x_seq.flatten(0, 1), scale_factor=4, mode="nearest")
+            x_seq = x_seq.unflatten(0, x.shape[1::-1])
+        out = net(x_seq)
+        return out.mean(0)
+
+    def loss(self, fr: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(fr, F.one_hot(y, fr.shape[-1]).to(fr.dtype))
+
+    def predict(self, fr: torch.Tensor) -> torch.Tensor:
+        return fr.argmax(-1)
+
+    def optimizer(self, net: nn.Module, sbnn: bool):
+        params = sbnn_addons.param_groups(net, lr=self.lr)
+        if self.opt == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=0.9)
+        return torch.optim.Adam(params, lr=self.lr)
+
+
+# --------------------------------------------------------------------------- runs
+def evaluate(task, net, x, y, batch: int, mode: str | None) -> float:
+    net.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(y), batch):
+            if mode is None:
+                out = task.forward(net, x[i:i + batch])
+            else:
+                with sbnn_addons.mode(net, mode):
+                    out = task.forward(net, x[i:i + batch])
+            correct += int((task.predict(out) == y[i:i + batch]).sum())
+    net.train()
+    return correct / max(len(y), 1)
+
+
+def train(task, net, data, epochs: int, batch: int, sbnn: bool, seed: int):
+    xtr, ytr, xte, yte = data
+    opt = task.optimizer(net, sbnn)
+    order = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    rows = []
+    for epoch in range(epochs):
+        perm = torch.randperm(len(ytr), generator=order)
+        t0, total, count = time.perf_counter(), 0.0, 0
+        for i in range(0, len(ytr), batch):
+            idx = perm[i:i + batch]
+            out = task.forward(net, xtr[idx])
+            loss = task.loss(out, ytr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        seconds = time.perf_counter() - t0
+        acc = evaluate(task, net, xte, yte, 256, "sample" if sbnn else None)
+        acc_mean = evaluate(task, net, xte, yte, 256, "mean") if sbnn else float("nan")
+        rows.append(dict(epoch=epoch + 1, loss=total / count, acc=acc, acc_mean=acc_mean,
+                         seconds=seconds))
+        print(f"  {'sbnn' if sbnn else 'orig'} epoch {epoch + 1}: loss {total / count:.4f} "
+              f"acc {acc:.3f} mean-mode {acc_mean:.3f} ({seconds:.0f} s)", flush=True)
+    return rows
+
+
+def initial_stats(task, net, x, y) -> dict:
+    """Loss and weight-gradient norm on one batch at initialisation, and the output rate."""
+    net.train()
+    out = task.forward(net, x)
+    loss = task.loss(out, y)
+    grads = torch.autograd.grad(loss, [p for n, p in net.named_parameters()
+                                       if "std_rho" not in n and p.requires_grad],
+                                allow_unused=True)
+    norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None))
+    return dict(loss=float(loss.detach()), grad=norm, out_rate=float(out.detach().float().mean()))
+
+
+def run_task(task, data, epochs: int, batch: int, seed: int) -> dict:
+    torch.manual_seed(seed)
+    original = task.build()
+    converted = task.convert(original)  # a copy: the same initial weights
+    x0, y0 = data[0][:batch], data[1][:batch]
+    torch.manual_seed(seed)
+    init = {"orig": initial_stats(task, original, x0, y0),
+            "sbnn": initial_stats(task, converted, x0, y0)}
+    print(f"{task.name}: init {init}", flush=True)
+    result = {"init": init}
+    for label, net in (("orig", original), ("sbnn", converted)):
+        result[label] = train(task, net, data, epochs, batch, label == "sbnn", seed)
+    return result
+
+
+def table(name: str, result: dict) -> str:
+    lines = [f"**{name}** (at initialisation: weight-gradient norm "
+             f"{result['init']['orig']['grad']:.3g} original, "
+             f"{result['init']['sbnn']['grad']:.3g} converted)", "",
+             "| epoch | original loss | converted loss | original acc | converted acc "
+             "(sample) | converted acc (mean) |", "|---|---|---|---|---|---|"]
+    for o, s in zip(result["orig"], result["sbnn"]):
+        lines.append(f"| {o['epoch']} | {o['loss']:.4f} | {s['loss']:.4f} | {o['acc']:.3f} "
+                     f"| {s['acc']:.3f} | {s['acc_mean']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["snntorch-csnn", "sj-csnn", "sj-dvsgesture"],
+                   choices=["snntorch-csnn", "sj-csnn", "sj-dvsgesture"])
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--snntorch-lr", type=float, nargs="+", default=[1e-2, 5e-4])
+    p.add_argument("--snntorch-steps", type=int, default=10)
+    p.add_argument("--batch", type=int, default=32, help="digits mini-batch size")
+    p.add_argument("--digits-train", type=int, default=512)
+    p.add_argument("--digits-test", type=int, default=256)
+    p.add_argument("--sj-channels", type=int, default=16)
+    p.add_argument("--dvs-dir", default=None)
+    p.add_argument("--dvs-train", type=int, default=128)
+    p.add_argument("--dvs-test", type=int, default=64)
+    p.add_argument("--dvs-frames", type=int, default=8)
+    p.add_argument("--dvs-stride", type=int, default=6)
+    p.add_argument("--dvs-channels", type=int, default=16)
+    p.add_argument("--convert-kw", type=json.loads, default={},
+                   help='to_sbnn keyword arguments as JSON (ablations; default: none)')
+    args = p.parse_args(argv)
+    kw = args.convert_kw
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}")
+    out = []
+    for name in args.models:
+        if name == "snntorch-csnn":
+            data = digits_28(args.digits_train, args.digits_test, args.seed)
+            for lr in args.snntorch_lr:
+                task = SnnTorchTask(args.snntorch_steps, lr, kw)
+                res = run_task(task, data, args.epochs, args.batch, args.seed)
+                out.append(table(f"snnTorch tutorial CSNN, Adam lr {lr:g}", res))
+        elif name == "sj-csnn":
+            data = digits_28(args.digits_train, args.digits_test, args.seed)
+            task = SJTask(name, 0.1, 4, "sgd", args.sj_channels, kw)
+            res = run_task(task, data, args.epochs, args.batch, args.seed)
+            out.append(table(f"SpikingJelly tutorial CSNN (channels {args.sj_channels}), "
+                             "SGD lr 0.1", res))
+        else:
+            if args.dvs_dir is None:
+                p.error("sj-dvsgesture needs --dvs-dir")
+            data = dvs_frames(args.dvs_dir, args.dvs_train, args.dvs_test, args.dvs_frames,
+                              args.dvs_stride)
+            task = SJTask(name, 1e-3, args.dvs_frames, "adam", args.dvs_channels, kw)
+            out.append(table(f"SpikingJelly DVSGestureNet (channels {args.dvs_channels}), "
+                             "Adam lr 0.001", run_task(task, data, args.epochs, 16, args.seed)))
+    print()
+    print("\n\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
