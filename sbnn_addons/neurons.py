@@ -177,7 +177,8 @@ class LIF(nn.Module):
         membrane of :func:`~sbnn_addons.functional.lif_fire` with the spike kernel, in one
         kernel pass and one autograd node. ``None`` where the kernel does not serve it."""
         spike = self.spike_fn
-        if (type(spike).fire is not IWSTSpike.fire or spike.deterministic
+        if (not isinstance(spike, IWSTSpike) or spike.fire_overridden()
+                or spike.deterministic
                 or not kernels.can_fuse(current, variance)
                 or (membrane is not None and (membrane.shape != current.shape
                                               or membrane.dtype != torch.float32))
@@ -205,7 +206,8 @@ class LIF(nn.Module):
         the autograd nodes it saves)."""
         spike = self.spike_fn
         step = currents.shape[1:]
-        if (type(spike).fire is not IWSTSpike.fire or spike.deterministic
+        if (not isinstance(spike, IWSTSpike) or spike.fire_overridden()
+                or spike.deterministic
                 or not kernels.can_fuse(currents, var_seq)
                 or not broadcasts_to(var_seq.shape[1:], step)
                 or not broadcasts_to(membrane.shape, step)

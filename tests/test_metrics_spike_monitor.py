@@ -1,0 +1,44 @@
+"""``SpikeMonitor`` counts every spike, also on the paths the fused kernels serve
+(``LIF.run`` sequences, one ``LIF`` step, SpikingJelly multi-step nodes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sbnn_addons as sb
+from sbnn_addons.metrics import SpikeMonitor
+
+
+def test_counts_lif_sequence_and_step():
+    torch.manual_seed(0)
+    lif, fc = sb.LIF(), sb.BayesLinear(6, 40)
+    model = nn.ModuleList([lif, fc])
+    x = torch.rand(8, 4, 6) * 6
+    with SpikeMonitor(model) as mon:
+        seq = lif.run(fc(x.flatten(0, 1)).reshape(8, 4, 40))
+        step, _ = lif(fc(x[0]))
+    total = float(seq.sum() + step.sum())
+    assert total > 0 and float(mon.counts["0.spike_fn"]) == total
+    assert mon.units["0.spike_fn"] == seq.numel() + step.numel()
+    assert "fire" not in lif.spike_fn.__dict__  # restored on exit
+
+
+@pytest.mark.parametrize("step_mode", ["m", "s"])
+def test_counts_spikingjelly_nodes(step_mode):
+    pytest.importorskip("spikingjelly")
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    from sbnn_addons.spikingjelly import to_sbnn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(6, 40), neuron.LIFNode())
+    functional.set_step_mode(net, step_mode)
+    model = to_sbnn(net)
+    functional.reset_net(model)
+    x = torch.rand(8, 4, 6) * 3
+    with SpikeMonitor(model) as mon, torch.no_grad():
+        out = model(x) if step_mode == "m" else torch.stack([model(x[t]) for t in range(8)])
+    assert float(out.sum()) > 0
+    assert float(mon.counts["1.surrogate_function"]) == float(out.sum())
