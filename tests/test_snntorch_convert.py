@@ -19,7 +19,7 @@ def test_mean_mode_equals_original_exactly(name):
     net, x = make(name)
     ref_spk, ref_mem = run(net, x)
     assert ref_spk.sum() > 0, "the test model must spike"
-    sbnn = to_sbnn(net, std=0.0, learn_std=False)
+    sbnn = to_sbnn(net, std=0.0, learn_std=False, spike_std=None)
     with sbnn_addons.mode(sbnn, "mean"):
         spk, mem = run(sbnn, x)
     assert torch.equal(spk, ref_spk)
@@ -32,7 +32,7 @@ def test_mean_mode_equals_original_exactly(name):
 def test_zero_std_sample_mode_is_also_deterministic(name):
     net, x = make(name)
     ref_spk, _ = run(net, x)
-    sbnn = to_sbnn(net, std=0.0, learn_std=False)
+    sbnn = to_sbnn(net, std=0.0, learn_std=False, spike_std=None)
     spk, _ = run(sbnn, x)  # sample mode, sigma = 0 -> 1[u > 0]
     assert torch.equal(spk, ref_spk)
 
@@ -196,7 +196,7 @@ def test_batchnorm_affine_and_keep():
     net.eval()
     x = (torch.rand(5, 4, 64) < 0.5).float()
     ref = run(net, x)
-    affine = to_sbnn(net, std=0.0, learn_std=False)
+    affine = to_sbnn(net, std=0.0, learn_std=False, spike_std=None, batchnorm="affine")
     assert type(affine[1]).__name__ == "ChannelAffine"
     with sbnn_addons.mode(affine, "mean"):
         out = run(affine, x)

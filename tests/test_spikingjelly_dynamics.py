@@ -85,7 +85,7 @@ def test_variance_follows_node_dynamics(kind, sm):
     torch.manual_seed(0)
     make, _ = NEURONS[kind]
     net = nn.Sequential(layer.Linear(12, 7, step_mode=sm), make(sm))
-    sbnn = _own_loop(sbnn_sj.to_sbnn(net, std=0.3, learn_std=False))  # per-step calls
+    sbnn = _own_loop(sbnn_sj.to_sbnn(net, std=0.3, learn_std=False, spike_std=None))  # per-step
     lin, node = sbnn[0], sbnn[1]
     x = torch.rand(8, 4, 12) * 2
     seen = _record_fire(node.surrogate_function)
@@ -216,7 +216,7 @@ def test_variance_through_seq_to_ann_container():
         layer.SeqToANNContainer(nn.Conv2d(2, 3, 3, padding=1), nn.AvgPool2d(2)),
         neuron.LIFNode(tau=2.0, v_reset=None, step_mode="m"),
     )
-    sbnn = sbnn_sj.to_sbnn(net, std=0.2, learn_std=False)
+    sbnn = sbnn_sj.to_sbnn(net, std=0.2, learn_std=False, spike_std=None)
     conv, node = sbnn[0][0], sbnn[1]
     x = torch.rand(5, 2, 2, 6, 6)
     seen = _record_fire(node.surrogate_function)

@@ -74,7 +74,7 @@ def _assert_same_spikes(net, x, sm, batchnorm="affine"):
     ref = run_sequence(net, x, sm)
     for h in hs:
         h.remove()
-    sbnn = sbnn_sj.to_sbnn(net, std=0.0, learn_std=False, batchnorm=batchnorm)
+    sbnn = sbnn_sj.to_sbnn(net, std=0.0, learn_std=False, spike_std=None, batchnorm=batchnorm)
     sbnn.eval()
     store, hs = record_spikes(sbnn)
     with sbnn_addons.mode(sbnn, "mean"):
@@ -128,7 +128,7 @@ def test_keep_batchnorm_exact_in_train_mode():
     net = _conv_net(NEURONS["lif"], "m")
     _boost(net)
     x = (torch.rand(5, 4, 2, 8, 8) < 0.4).float()
-    sbnn = sbnn_sj.to_sbnn(net, std=0.0, learn_std=False, batchnorm="keep")
+    sbnn = sbnn_sj.to_sbnn(net, std=0.0, learn_std=False, spike_std=None, batchnorm="keep")
     net.train()
     sbnn.train()
     ref = run_sequence(net, x, "m")

@@ -176,7 +176,7 @@ def test_link_neuron_on_hand_built_model():
     """A hand-built model (core BayesLinear + SJ node with the factory surrogate) gets the
     posterior variance once the neuron is linked; unsupported nodes are refused."""
     torch.manual_seed(0)
-    spike = sbnn_sj.surrogate_function()
+    spike = sbnn_sj.surrogate_function(std=None)  # the linked variance only
     net = nn.Sequential(
         sbnn_addons.BayesLinear(3, 4, std=0.5, learn_std=False),
         neuron.LIFNode(tau=2.0, surrogate_function=spike),
