@@ -46,6 +46,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .data.randman import TASK_DEFAULTS as RANDMAN_DEFAULTS
 from .layers import BayesLinear
 from .neurons import LIF
 from .spike import IWSTSpike
@@ -813,8 +814,7 @@ BENCH_TASKS = ("digits", "randman")
 #: data defaults of :func:`bench_task` (those of the ``sbnn-bench`` tasks)
 TASK_DEFAULTS = {
     "digits": {"num_steps": 16},
-    "randman": {"num_steps": 50, "randman_classes": 10, "randman_units": 100,
-                "randman_samples": 250, "randman_dim": 1, "randman_alpha": 2.0},
+    "randman": dict(RANDMAN_DEFAULTS),
 }
 
 

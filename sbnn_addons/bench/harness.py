@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..data.randman import TASK_DEFAULTS as RANDMAN_DEFAULTS
 from .compare import (
     GENERIC_METHODS,
     Method,
@@ -286,9 +287,7 @@ TASKS: dict[str, Task] = {
         "randman", _load_randman, _encode_frames,
         lambda cfg, sg, bn: MLPNet(cfg["randman_units"], _width(cfg, 128),
                                    cfg["randman_classes"], sg, bn=bn),
-        {"num_steps": 50, "epochs": 20, "batch_size": 64, "randman_classes": 10,
-         "randman_units": 100, "randman_samples": 250, "randman_dim": 1,
-         "randman_alpha": 2.0},
+        {**RANDMAN_DEFAULTS, "epochs": 20, "batch_size": 64},
         build_sj=lambda cfg, sg, bn: SJMLPNet(cfg["randman_units"], _width(cfg, 128),
                                               cfg["randman_classes"], sg, bn=bn),
         help="random-manifold spike-timing task (generated, seeded)",

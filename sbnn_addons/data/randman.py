@@ -26,7 +26,14 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["make_randman", "randman_split"]
+__all__ = ["make_randman", "randman_split", "TASK_DEFAULTS"]
+
+#: Defaults of the ``randman`` benchmark task, in the keys of its config (``sbnn-bench
+#: --task randman`` and :func:`sbnn_addons.ep.bench_task` both read them from here):
+#: ``num_steps`` is ``T``; the ``randman_*`` keys are the ``num_classes``, ``num_units``,
+#: ``samples_per_class``, ``manifold_dim`` and ``alpha`` of :func:`randman_split`.
+TASK_DEFAULTS = {"num_steps": 50, "randman_classes": 10, "randman_units": 100,
+                 "randman_samples": 250, "randman_dim": 1, "randman_alpha": 2.0}
 
 
 def _check_positive(**values) -> None:
