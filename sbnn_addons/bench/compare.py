@@ -21,7 +21,7 @@ What is the same for every method (the protocol the report states):
 * the evaluation: ``mean`` mode (deterministic network, posterior-mean weights) for every
   method; ``sample`` (one stochastic pass) and ``mc(K)`` additionally for SBNN methods.
 
-Timing: each method runs one warm-up training step (its state restored afterwards) before
+Timing: each method runs two warm-up training steps (its state restored afterwards) before
 anything is timed; then the methods are interleaved epoch by epoch, the first method
 rotating, each with its own random-number stream. Training and evaluation are timed
 separately, per epoch.
@@ -394,11 +394,12 @@ def _make_model(model, method: Method, seed: int, reinit: bool) -> nn.Module:
     return net
 
 
-def _convert(net: nn.Module, method: Method, host: str | None, sbnn_kwargs: dict):
+def _convert(net: nn.Module, method: Method, host: str | None, sbnn_kwargs: dict,
+             aux_all: bool = False):
     if any(isinstance(m, IWSTSpike) for m in net.modules()):
         return net  # the factory built the SBNN model itself (e.g. a reference network)
     kwargs = {"estimator": method.estimator, "learn_std": method.learn_std,
-              "aux_loss": method.aux_weight > 0, "inplace": True, **sbnn_kwargs}
+              "aux_loss": method.aux_weight > 0 or aux_all, "inplace": True, **sbnn_kwargs}
     if host == "snntorch":
         from ..snntorch import to_sbnn
     elif host == "spikingjelly":
@@ -506,7 +507,7 @@ def compare(
             preset), not only the methods that name one.
         interleave: train the methods epoch by epoch in turn (``False``: one after the
             other, each after its own warm-up).
-        warmup: one untimed training step per method before timing (state restored).
+        warmup: two untimed training steps per method before timing (state restored).
         reinit: re-initialise a module instance per seed (``reset_parameters`` under
             ``torch.manual_seed(seed)``); default: only with several seeds.
         device: ``"cpu"``, ``"cuda"``, ... .
@@ -654,7 +655,7 @@ def _build_run(model, method: Method, seed: int, reinit: bool, readout, sbnn_kwa
     host = detect_host(net)
     own = describe_surrogate(net)
     if method.is_sbnn:
-        net = _convert(net, method, host, sbnn_kwargs)
+        net = _convert(net, method, host, sbnn_kwargs, ctx.aux_all)
     net = net.to(ctx.device)
     step = _step_style(net, host)
     if step and ctx.layout == "static" and ctx.encode is None:

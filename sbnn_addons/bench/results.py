@@ -263,7 +263,7 @@ PROTOCOL = """\
   posterior-mean weights, spikes `1[mu > theta]`); `accuracy_sample` one stochastic pass
   and `accuracy_mc` the mean of K softmax outputs, for SBNN methods only (– otherwise).
   ECE uses 15 equal-width bins.
-- Timing: one untimed warm-up step per method (state restored), then the methods
+- Timing: two untimed warm-up steps per method (state restored), then the methods
   {order}; `train_s_per_epoch` is the mean ± std over epochs (and seeds), `eval_s` one
   `mean`-mode pass over the test set, `eval_mc_s` the `mc(K)` pass; the learning curves'
   evaluations are not in the training time.
