@@ -212,7 +212,7 @@ def test_predict_mean_mode_and_zero_std_give_zero_mi():
     x = spikes_in()
     pred = predict(snn_model(std=0.3), x, num_samples=4, forward=readout, eval_mode="mean")
     torch.testing.assert_close(pred.mutual_information, torch.zeros(B), rtol=0, atol=1e-6)
-    silent = snn_model(std=0.0, learn_std=False)  # no weight noise, no spike noise
+    silent = snn_model(std=0.0, learn_std=False, spike_std=None)  # no weight or spike noise
     a = predict(silent, x, num_samples=4, forward=readout)
     torch.testing.assert_close(a.mutual_information, torch.zeros(B), rtol=0, atol=1e-6)
     # without noise folding changes nothing
