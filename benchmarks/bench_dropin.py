@@ -84,6 +84,9 @@ def _torchvision_stub() -> None:
     sys.modules["torchvision._internally_replaced_utils"] = utils
 
 
+#: noise scales' learning rate over the weights' (--noise-lr-ratio)
+NOISE_LR_RATIO = [10.0]
+
 class SnnTorchTask:
     """snnTorch tutorial 7: static image at every step, ``ce_rate_loss``."""
 
@@ -128,7 +131,7 @@ class SnnTorchTask:
         return spk.sum(0).argmax(-1)
 
     def optimizer(self, net: nn.Module, sbnn: bool):
-        params = sbnn_addons.param_groups(net, lr=self.lr)
+        params = sbnn_addons.param_groups(net, lr=self.lr, noise_lr=NOISE_LR_RATIO[0] * self.lr)
         return torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999))
 
 
@@ -196,7 +199,7 @@ class SJTask:
         return fr.argmax(-1)
 
     def optimizer(self, net: nn.Module, sbnn: bool):
-        params = sbnn_addons.param_groups(net, lr=self.lr)
+        params = sbnn_addons.param_groups(net, lr=self.lr, noise_lr=NOISE_LR_RATIO[0] * self.lr)
         if self.opt == "sgd":
             return torch.optim.SGD(params, lr=self.lr, momentum=0.9)
         return torch.optim.Adam(params, lr=self.lr)
@@ -303,9 +306,12 @@ def main(argv=None) -> int:
     p.add_argument("--dvs-frames", type=int, default=8)
     p.add_argument("--dvs-stride", type=int, default=6)
     p.add_argument("--dvs-channels", type=int, default=16)
+    p.add_argument("--noise-lr-ratio", type=float, default=10.0,
+                   help="noise scales' learning rate / the weights' (param_groups default 10)")
     p.add_argument("--convert-kw", type=json.loads, default={},
                    help='to_sbnn keyword arguments as JSON (ablations; default: none)')
     args = p.parse_args(argv)
+    NOISE_LR_RATIO[0] = args.noise_lr_ratio
     kw = args.convert_kw
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}")
