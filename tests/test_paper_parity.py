@@ -155,13 +155,9 @@ def _assert_traces(lib: Recorder, ref: Recorder):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_dvs_resnet_matches_released_recurrences():
-    T, B, widths, blocks = 4, 3, (4, 6, 8), 1
-    net = dvs_resnet19(widths=widths, blocks=blocks, num_steps=T).to(F64)
-    gen = torch.Generator().manual_seed(0)
-    _perturb(net, gen)
-    x = (torch.rand(T, B, 2, 12, 12, generator=gen, dtype=F64) * 3).requires_grad_(True)
-    y = torch.tensor([0, 3, 7])
+def _check_parity(net, x, y, aux_weight, reference):
+    """Run the library network (PyTorch path, seeded noise) and ``reference(x, params,
+    recorder, aux_terms)`` on copies of its parameters; compare everything."""
     p = _leaf_copies(net)
     lib_rec = _library_trace(net)
     enable_aux_loss(net)
@@ -169,14 +165,13 @@ def test_dvs_resnet_matches_released_recurrences():
     with kernels.use_kernels(False):
         logits = net(x)
     lib_aux = aux_loss(net, "sum")
-    loss = F.cross_entropy(logits, y) + 1e-3 * lib_aux
-    loss.backward()
+    (F.cross_entropy(logits, y) + aux_weight * lib_aux).backward()
 
     ref_rec, ref_aux = Recorder(), []
     x_ref = x.detach().clone().requires_grad_(True)
-    ref_logits = dvs_reference(x_ref, p, widths, blocks, ref_rec, ref_aux)
+    ref_logits = reference(x_ref, p, ref_rec, ref_aux)
     ref_aux = torch.stack(ref_aux).sum()
-    (F.cross_entropy(ref_logits, y) + 1e-3 * ref_aux).backward()
+    (F.cross_entropy(ref_logits, y) + aux_weight * ref_aux).backward()
 
     _assert_traces(lib_rec, ref_rec)
     assert 0 < sum(float(s.mean()) for s in ref_rec.spikes)  # the check is not vacuous
@@ -187,6 +182,16 @@ def test_dvs_resnet_matches_released_recurrences():
         assert q.grad is not None, name
         torch.testing.assert_close(q.grad, p[name].grad, rtol=1e-8, atol=1e-12,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_dvs_resnet_matches_released_recurrences():
+    T, B, widths, blocks = 4, 3, (4, 6, 8), 1
+    net = dvs_resnet19(widths=widths, blocks=blocks, num_steps=T).to(F64)
+    gen = torch.Generator().manual_seed(0)
+    _perturb(net, gen)
+    x = (torch.rand(T, B, 2, 12, 12, generator=gen, dtype=F64) * 3).requires_grad_(True)
+    _check_parity(net, x, torch.tensor([0, 3, 7]), 1e-3,
+                  lambda x, p, rec, aux: dvs_reference(x, p, widths, blocks, rec, aux))
 
 
 # ---------------------------------------------------------------- SHD recurrent loop
@@ -236,31 +241,8 @@ def test_shd_recurrent_matches_released_recurrences():
         for r in net.rec:
             r.weight.add_(torch.eye(r.weight.shape[0], dtype=F64))
     x = (torch.rand(T, B, fin, generator=gen, dtype=F64) * 4).requires_grad_(True)
-    y = torch.tensor([0, 1, 2, 1])
-    p = _leaf_copies(net)
-    lib_rec = _library_trace(net)
-    enable_aux_loss(net)
-    sb.seed_spikes(net, SEED)
-    with kernels.use_kernels(False):
-        logits = net(x)
-    lib_aux = aux_loss(net, "sum")
-    (F.cross_entropy(logits, y) + 1e-2 * lib_aux).backward()
-
-    ref_rec, ref_aux = Recorder(), []
-    x_ref = x.detach().clone().requires_grad_(True)
-    ref_logits = shd_reference(x_ref, p, hidden, ref_rec, ref_aux)
-    ref_aux = torch.stack(ref_aux).sum()
-    (F.cross_entropy(ref_logits, y) + 1e-2 * ref_aux).backward()
-
-    _assert_traces(lib_rec, ref_rec)
-    assert 0 < sum(float(s.mean()) for s in ref_rec.spikes)
-    torch.testing.assert_close(logits, ref_logits, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(lib_aux, ref_aux, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-8, atol=1e-12)
-    for name, q in net.named_parameters():
-        assert q.grad is not None, name
-        torch.testing.assert_close(q.grad, p[name].grad, rtol=1e-8, atol=1e-12,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+    _check_parity(net, x, torch.tensor([0, 1, 2, 1]), 1e-2,
+                  lambda x, p, rec, aux: shd_reference(x, p, hidden, rec, aux))
 
 
 @pytest.mark.parametrize("kernels_on", [True, False])
