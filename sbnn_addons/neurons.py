@@ -192,8 +192,7 @@ class LIF(nn.Module):
             current, membrane, total, kernels._seed(spike._generator_for(current)),
             (spike.estimator, self.beta, self.threshold, self.reset, spike.at_zero, offset))
         if aux:
-            batch = max(spike._batch_size(current), 1)
-            spike._collect(out[2] / batch, current.numel() // batch)
+            spike._collect(out[2], current)
         return attach_variance(out[0], None), out[1]
 
     def _fused(self, currents: Tensor, var_seq: Tensor, membrane: Tensor,
@@ -224,8 +223,7 @@ class LIF(nn.Module):
             aux_offset=(self.threshold if spike.aux_center == "zero" else 0.0) if aux else None,
             generator=spike._generator_for(currents))
         if aux:
-            batch = max(spike._batch_size(currents[0]), 1)
-            spike._collect(out[3] / batch, currents.numel() // batch)
+            spike._collect(out[3], currents[0], len(currents))
         return out[0], out[1], out[2]
 
     def run(self, currents: Tensor) -> Tensor:

@@ -205,8 +205,7 @@ class IWSTSpike(SBNNModule, nn.Module):
                 )
                 if aux:
                     spikes, z2 = spikes
-                    batch = max(self._batch_size(u), 1)
-                    self._collect(z2 / batch, u.numel() // batch)
+                    self._collect(z2, u)
                 return mark_binary(attach_variance(spikes, None))
         if variance is None:
             sigma = torch.zeros((), dtype=u.dtype, device=u.device)
@@ -222,26 +221,27 @@ class IWSTSpike(SBNNModule, nn.Module):
             BernoulliSpike, u, sigma.expand_as(u), eps, self.estimator, self.at_zero
         )
         if self.collect_aux and variance is not None and torch.is_grad_enabled():
-            self._collect(self._z_squared(u, sigma),
-                          u.numel() // max(self._batch_size(u), 1))
+            self._collect(self._z_squared(u, sigma), u)
         return mark_binary(attach_variance(spikes, None))
 
     def _z_squared(self, u: Tensor, sigma: Tensor) -> Tensor:
-        """``sum over units of z^2`` averaged over the batch (Method page, section 5)."""
+        """``sum of z^2`` over the batch and the units (Method page, section 5)."""
         centre = u + self.threshold if self.aux_center == "zero" else u
         sigma = sigma.expand_as(u)
         dtype = torch.promote_types(u.dtype, torch.float32)  # half -> float32, float64 kept
         z = centre.to(dtype) / sigma.to(dtype).clamp_min(SIGMA_MIN)
         z2 = torch.where(sigma > 0, z * z, 0.0)
-        return z2.sum() / max(self._batch_size(u), 1)
+        return z2.sum()
 
-    def _collect(self, term: Tensor, units: int) -> None:
-        """Keep an aux term (``sum over units of z^2``, batch-averaged) that covers
-        ``units`` unit-steps per example, except in a checkpoint's recomputation (computed
-        there too, so that the recomputation saves the same tensors, but already
-        collected)."""
+    def _collect(self, z2_sum: Tensor, step: Tensor, steps: int = 1) -> None:
+        """Keep an aux term: ``z2_sum`` (``z^2`` summed over batch, units and ``steps``
+        steps shaped like ``step``, whose batch dimension is ``batch_dim``) averaged over
+        the batch, with the unit-steps it covers per example. Not in a checkpoint's
+        recomputation (computed there too, so that the recomputation saves the same
+        tensors, but already collected)."""
         if not _RECOMPUTING[0]:
-            self._aux_terms.append((term, int(units)))
+            batch = max(self._batch_size(step), 1)
+            self._aux_terms.append((z2_sum / batch, step.numel() // batch * steps))
 
     def _batch_size(self, u: Tensor) -> int:
         return u.shape[self.batch_dim] if u.dim() > self.batch_dim else 1

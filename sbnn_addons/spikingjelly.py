@@ -370,8 +370,7 @@ def _linked_multi_step_forward(node: nn.Module, x_seq: Tensor, *args, **kwargs):
         generator=spike._generator_for(x_seq))
     spikes, v, state = out[:3]
     if aux:
-        batch = max(x_seq.shape[1], 1)
-        spike._collect(out[3] / batch, x_seq.numel() // batch)
+        spike._collect(out[3], x_seq[0], x_seq.shape[0])
     node._memories["v"] = v
     node.v_seq = None
     spike.__dict__.update(_var_state=state if var is not None or spike._var_state is not None

@@ -250,8 +250,7 @@ class SHDRecurrentNet(ReferenceNet):
         if own is not None:
             total = total + 2 * own
         z = current / total.clamp_min(1e-6).sqrt()
-        batch = max(current.shape[0], 1)
-        spike._collect((z * z).sum() / batch, current.numel() // batch)
+        spike._collect((z * z).sum(), current)
 
     def forward_steps(self, x: Tensor) -> Tensor:
         """Readout per time step, ``[T, B, num_classes]`` (readout noise included)."""
