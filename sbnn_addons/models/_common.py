@@ -127,23 +127,24 @@ class StepAffine(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self._check(x, folded=True)
         T = self.num_steps
-        var = raw_variance(x)  # passed on as stored (mean-only affine)
-        shape = (T, 1, self.num_features) + (1,) * (x.dim() - 2)
-        with no_variance_flow():
-            steps = x.reshape(T, x.shape[0] // T, *x.shape[1:])
-            out = steps * self.weight.view(shape) + self.bias.view(shape)
-        return attach_variance(out.reshape(x.shape), var)
+        return self._affine(x.reshape(T, x.shape[0] // T, *x.shape[1:]), x,
+                            self.weight, self.bias)
 
     def step(self, x: Tensor, t: int) -> Tensor:
         """The affine of step ``t`` on ``x [B, C, *]`` (variance passed on)."""
         self._check(x, folded=False)
         if not 0 <= t < self.num_steps:
             raise ValueError(f"step {t} is outside the affine's num_steps={self.num_steps}")
-        var = raw_variance(x)
-        shape = (1, self.num_features) + (1,) * (x.dim() - 2)
+        return self._affine(x, x, self.weight[t], self.bias[t])
+
+    @staticmethod
+    def _affine(view: Tensor, x: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+        """``gamma * view + beta`` with the channels in dimension ``gamma.dim()`` of
+        ``view``, shaped back to ``x`` with ``x``'s variance passed on as stored."""
+        shape = gamma.shape[:-1] + (1, gamma.shape[-1]) + (1,) * (x.dim() - 2)
         with no_variance_flow():
-            out = x * self.weight[t].view(shape) + self.bias[t].view(shape)
-        return attach_variance(out, var)
+            out = view * gamma.view(shape) + beta.view(shape)
+        return attach_variance(out.reshape(x.shape), raw_variance(x))
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, num_steps={self.num_steps}"
@@ -220,10 +221,8 @@ class LayerFactory:
         drawn, ``sigma^2 = V_t + s_b^2``, never accumulated by the membrane: it is the
         spike function's own learnable std (:class:`~sbnn_addons.IWSTSpike`'s ``s_n``)."""
         if self.bayes:
-            if self.bias_std is None:
-                return IWSTSpike(self.estimator, threshold=self.threshold,
-                                 aux_center=self.aux_center)
-            return IWSTSpike(self.estimator, std=self.bias_std, learn_std=True,
+            return IWSTSpike(self.estimator, std=self.bias_std,
+                             learn_std=self.bias_std is not None,
                              threshold=self.threshold, aux_center=self.aux_center)
         return SurrogateSpike(self.surrogate, self.surrogate_width)
 

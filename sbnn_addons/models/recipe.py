@@ -22,7 +22,6 @@ PAPER_CONFIGS: dict[str, dict[str, float]] = {
 }
 
 
-
 def paper_lr_factor(epoch: int, epochs: int, floor: float) -> float:
     """Cosine factor of epoch ``e`` from 1 down to ``floor`` over ``E`` epochs.
 
