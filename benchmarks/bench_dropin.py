@@ -33,9 +33,7 @@ import argparse
 import json
 import math
 import platform
-import sys
 import time
-import types
 
 import torch
 import torch.nn.functional as F
@@ -72,18 +70,6 @@ def dvs_frames(data_dir: str, n_train: int, n_test: int, num_frames: int, stride
 
 
 # --------------------------------------------------------------------------- models
-def _torchvision_stub() -> None:
-    """SpikingJelly's zoo package imports torchvision for pretrained weights only."""
-    if "torchvision" in sys.modules:
-        return
-    stub = types.ModuleType("torchvision")
-    utils = types.ModuleType("torchvision._internally_replaced_utils")
-    utils.load_state_dict_from_url = torch.hub.load_state_dict_from_url
-    stub._internally_replaced_utils = utils
-    sys.modules["torchvision"] = stub
-    sys.modules["torchvision._internally_replaced_utils"] = utils
-
-
 #: noise scales' learning rate over the weights' (--noise-lr-ratio)
 NOISE_LR_RATIO = [10.0]
 
@@ -164,7 +150,9 @@ class SJTask:
                 neuron.IFNode(surrogate_function=surrogate.ATan()),
             )
         else:
-            _torchvision_stub()
+            from sbnn_addons.spikingjelly import stub_torchvision
+
+            stub_torchvision()
             from spikingjelly.activation_based.model import parametric_lif_net
 
             net = parametric_lif_net.DVSGestureNet(

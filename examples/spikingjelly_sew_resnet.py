@@ -2,8 +2,8 @@
 trained briefly on rate-coded digits (8x8 images upsampled to 16x16, 3 channels).
 
 SpikingJelly's ``model.sew_resnet`` imports torchvision only to download pretrained
-weights; a stub module is enough here. ``norm_layer`` is an identity, so the SBNN has
-no normalisation at all (Method page, section 2).
+weights; ``sbnn_addons.spikingjelly.stub_torchvision()`` lets it import without it.
+``norm_layer`` is an identity, so the SBNN has no normalisation at all (Method page, section 2).
 
     python examples/spikingjelly_sew_resnet.py --steps 20
 """
@@ -11,32 +11,19 @@ no normalisation at all (Method page, section 2).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import sbnn_addons
+from sbnn_addons import spikingjelly as sbnn_sj
+from sbnn_addons.data import load_digits_split, rate_code
 
-def _stub_torchvision() -> None:
-    if "torchvision" in sys.modules:
-        return
-    stub = types.ModuleType("torchvision")
-    utils = types.ModuleType("torchvision._internally_replaced_utils")
-    utils.load_state_dict_from_url = torch.hub.load_state_dict_from_url
-    stub._internally_replaced_utils = utils
-    sys.modules.update({"torchvision": stub, "torchvision._internally_replaced_utils": utils})
-
-
-_stub_torchvision()
+sbnn_sj.stub_torchvision()  # before the zoo import
 from spikingjelly.activation_based import functional, neuron, surrogate  # noqa: E402
 from spikingjelly.activation_based.model import sew_resnet  # noqa: E402
-
-import sbnn_addons  # noqa: E402
-from sbnn_addons import spikingjelly as sbnn_sj  # noqa: E402
-from sbnn_addons.data import load_digits_split, rate_code  # noqa: E402
 
 
 class NoNorm(nn.Identity):

@@ -85,6 +85,7 @@ __all__ = [
     "to_sbnn",
     "to_spikingjelly",
     "reset",
+    "stub_torchvision",
 ]
 
 #: Name of the memory (``register_memory``) holding a linked neuron's noise variance.
@@ -482,6 +483,33 @@ def _affine_from_bn(bn: nn.Module) -> nn.Module:
 
 _SJ_BN = (layer.BatchNorm1d, layer.BatchNorm2d)
 _PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def stub_torchvision() -> bool:
+    """Let SpikingJelly's model zoo import on a machine without torchvision.
+
+    ``spikingjelly.activation_based.model`` (``sew_resnet``, ``spiking_resnet``,
+    ``spiking_vgg``) imports torchvision at import time, only to download pretrained
+    weights. Where torchvision is not installed, this registers a stub module in
+    ``sys.modules`` whose one function, ``load_state_dict_from_url``, is
+    ``torch.hub.load_state_dict_from_url``; call it before importing the zoo. Nothing
+    changes where torchvision is installed or already imported.
+
+    Returns:
+        ``True`` if the stub was installed by this call.
+    """
+    import importlib.util
+    import sys
+    import types
+
+    if "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is not None:
+        return False
+    stub = types.ModuleType("torchvision")
+    utils = types.ModuleType("torchvision._internally_replaced_utils")
+    utils.load_state_dict_from_url = torch.hub.load_state_dict_from_url
+    stub._internally_replaced_utils = utils
+    sys.modules.update({"torchvision": stub, "torchvision._internally_replaced_utils": utils})
+    return True
 
 
 # --------------------------------------------------------------------------- surgery

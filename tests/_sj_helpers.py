@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-import types
-
 import torch
 
 
 def install_torchvision_stub() -> None:
     """SpikingJelly's model zoo imports torchvision at import time only for pretrained
-    weights (host-libraries notes 2.6); a stub module is enough without network."""
-    if "torchvision" in sys.modules:
-        return
-    stub = types.ModuleType("torchvision")
-    utils = types.ModuleType("torchvision._internally_replaced_utils")
-    utils.load_state_dict_from_url = torch.hub.load_state_dict_from_url
-    stub._internally_replaced_utils = utils
-    sys.modules["torchvision"] = stub
-    sys.modules["torchvision._internally_replaced_utils"] = utils
+    weights (host-libraries notes 2.6): the library's stub is enough without network."""
+    from sbnn_addons.spikingjelly import stub_torchvision
+
+    stub_torchvision()
 
 
 def record_spikes(model: torch.nn.Module):

@@ -195,3 +195,19 @@ def test_conversion_does_not_touch_the_original_state():
     v = [n.v.clone() for n in _nodes(net)]
     sbnn_sj.to_sbnn(net)  # a copy: the original keeps its membranes
     assert all(torch.equal(a, n.v) for a, n in zip(v, _nodes(net)))
+
+
+def test_stub_torchvision_lets_the_model_zoo_import():
+    """SpikingJelly's sew_resnet imports torchvision only for pretrained weights; the stub
+    is installed once (a second call changes nothing) and the zoo model builds."""
+    import sys
+
+    from sbnn_addons.spikingjelly import stub_torchvision
+
+    stub_torchvision()
+    assert "torchvision" in sys.modules
+    assert stub_torchvision() is False  # already there: nothing changes
+    from spikingjelly.activation_based.model import sew_resnet
+
+    net = sew_resnet.sew_resnet18(cnf="ADD", num_classes=3, spiking_neuron=neuron.IFNode)
+    assert sum(p.numel() for p in net.parameters()) > 0
