@@ -36,6 +36,16 @@ _FACTORS = "_sbnn_factors"  # on a state's variance V: (its ScaledVariance, V._v
 _ZERO = "zero"  # the factors of the initial state's V = 0
 
 
+def _known(variance, what: str):
+    """``variance`` itself, unless the input went through an operation without a rule."""
+    if isinstance(variance, UnknownVariance):
+        raise VarianceFlowError(
+            f"the {what} went through '{variance.op}', whose effect on the variance is "
+            "unknown"
+        )
+    return variance
+
+
 def _zero_variance(like: Tensor) -> Tensor:
     """The initial ``V = 0``: one element, marked as factored (any scale may follow)."""
     variance = like.new_zeros(())
@@ -145,12 +155,7 @@ class LIF(nn.Module):
 
     def forward(self, current: Tensor, state: LIFState | None = None) -> tuple[Tensor, LIFState]:
         check_float("current", current)
-        var_in = raw_variance(current)
-        if isinstance(var_in, UnknownVariance):
-            raise VarianceFlowError(
-                f"the input current went through '{var_in.op}', whose effect on the "
-                "variance is unknown"
-            )
+        var_in = _known(raw_variance(current), "input current")
         if state is None:  # a zero membrane, left out of the first update
             membrane, variance = None, _zero_variance(current)
         else:
@@ -233,18 +238,12 @@ class LIF(nn.Module):
         shape.
         """
         check_float("currents", currents)
-        var_seq = get_variance(currents)
-        if isinstance(var_seq, UnknownVariance):
-            raise VarianceFlowError(
-                f"the input currents went through '{var_seq.op}', whose effect on the "
-                "variance is unknown"
-            )
+        var_seq = _known(get_variance(currents), "input currents")
         if currents.numel() == 0:  # T = 0 or B = 0: nothing to run
             return mark_binary(currents.new_zeros(currents.shape))
         state = None
         out = []
         if isinstance(var_seq, Tensor) and currents.dim() >= 2:
-            check_float("currents", currents)
             if var_seq.dim() != currents.dim() or var_seq.shape[0] != currents.shape[0]:
                 var_seq = var_seq.expand_as(currents)
             var_seq = compact_broadcast(var_seq)  # an expanded view: back to its own size
