@@ -19,8 +19,9 @@ NOISE_SUFFIX = "std_rho"
 
 
 def is_noise_parameter(name: str) -> bool:
-    """Whether the parameter called ``name`` (as in ``named_parameters``) is a noise scale."""
-    return name.rsplit(".", 1)[-1] == NOISE_SUFFIX
+    """Whether the parameter called ``name`` (as in ``named_parameters``) is a noise scale
+    (``std_rho``, ``bias_std_rho``, ...: its last component ends in ``std_rho``)."""
+    return name.rsplit(".", 1)[-1].endswith(NOISE_SUFFIX)
 
 
 def noise_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
@@ -28,6 +29,12 @@ def noise_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     for name, p in model.named_parameters():
         if p.requires_grad and is_noise_parameter(name):
             yield p
+
+
+def _check_lr(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0 < value < float("inf")):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def param_groups(model: nn.Module, lr: float, noise_lr: float | None = None) -> list[dict]:
@@ -53,11 +60,9 @@ def param_groups(model: nn.Module, lr: float, noise_lr: float | None = None) -> 
     Raises:
         ValueError: a learning rate that is not a finite positive number.
     """
+    _check_lr("lr", lr)
     noise_lr = 10.0 * lr if noise_lr is None else noise_lr
-    for name, value in (("lr", lr), ("noise_lr", noise_lr)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                0 < value < float("inf")):
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    _check_lr("noise_lr", noise_lr)
     weights, noise = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:

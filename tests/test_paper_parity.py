@@ -291,3 +291,21 @@ def test_paper_recipe_groups_and_epoch_cosine(task, floor):
         factor = floor + (1 - floor) * (1 + math.cos(math.pi * e / 4)) / 2
         assert lr_w == pytest.approx(5e-3 * factor) and lr_n == pytest.approx(5e-2 * factor)
     assert lrs[-1][0] == pytest.approx(5e-3 * floor)
+
+
+def test_step_affine_and_shd_options_name_bad_input():
+    from sbnn_addons.models import StepAffine
+
+    with pytest.raises(ValueError, match="num_steps"):
+        StepAffine(4, 0)
+    affine = StepAffine(4, 3)
+    with pytest.raises(ValueError, match="4 channels"):
+        affine(torch.rand(6, 5, 2, 2))
+    with pytest.raises(ValueError, match="T=3"):
+        affine(torch.rand(7, 4, 2, 2))
+    with pytest.raises(ValueError, match="step 3"):
+        affine.step(torch.rand(2, 4), 3)
+    with pytest.raises(ValueError, match="aux_form"):
+        shd_recurrent(in_features=5, hidden=(3,), num_classes=2, num_steps=2, aux_form="z")
+    with pytest.raises(ValueError, match="num_steps=5"):
+        dvs_resnet19(widths=(4, 4, 4), blocks=1, num_steps=2)(torch.rand(5, 1, 2, 8, 8))
