@@ -38,11 +38,16 @@ class SBNNModule:
 
 
 def cached_tensor_test(owner: object, name: str, tensor: Tensor,
-                       test: Callable[[Tensor], bool]) -> bool:
+                       test: Callable[[Tensor], bool], assume: bool = True) -> bool:
     """``test(tensor)``, cached in ``owner.__dict__[name]`` until the tensor's storage or
-    version changes: a per-step check on a buffer without a device sync at every step."""
-    if tensor.is_meta:  # no values: assume the test holds (the general code path)
-        return True
+    version changes: a per-step check on a buffer without a device sync at every step.
+
+    On the ``meta`` device and under ``torch.compile`` (no values, or no data-dependent
+    branch in a graph) it returns ``assume``: the caller passes the answer that takes its
+    general code path.
+    """
+    if tensor.is_meta or torch.compiler.is_compiling():
+        return assume
     if tensor.is_inference():  # no version counter: test every time
         return bool(test(tensor))
     key = (tensor.data_ptr(), tensor._version)
@@ -167,6 +172,12 @@ def check_input(x: Tensor, where: str) -> None:
     """
     if (not _CHECK_FINITE[0] or not isinstance(x, Tensor) or not x.is_floating_point()
             or x.is_meta):  # a meta tensor has no values to check
+        return
+    if torch.compiler.is_compiling():  # no data-dependent branch in a graph: a runtime assert
+        with torch._C.DisableTorchFunctionSubclass():
+            torch._assert_async(torch.isfinite(x.detach().sum()),
+                                f"the input of {where} contains NaN or inf values; clean or "
+                                "normalise the data, or use sbnn_addons.check_finite(False)")
         return
     state = x.__dict__
     version = None if x.is_inference() else x._version  # inference tensors have none

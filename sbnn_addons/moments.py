@@ -1,11 +1,12 @@
 """Variance propagation from Bayesian layers to the neurons they feed (Method page, sections 2-3).
 
-A Bayesian layer returns an ordinary mean tensor and *attaches* the local-reparameterisation
-variance to it (:func:`attach_variance`). Between the layer and the spike function, real
-models apply pooling, flattening, dropout, normalisation, residual sums and, inside the
-host library's neuron, the membrane update itself. :class:`VarianceFlow` is one
-mechanism for all of them: a ``TorchFunctionMode`` that, for every torch operation whose
-inputs carry a variance, applies the rule of that operation to the variance:
+A Bayesian layer returns its mean as a :class:`VarianceTensor`, a tensor subclass that
+carries the local-reparameterisation variance (:func:`attach_variance`). Between the
+layer and the spike function, real models apply pooling, flattening, dropout,
+normalisation, residual sums and, inside the host library's neuron, the membrane update
+itself. The subclass is one mechanism for all of them: its ``__torch_function__``, for
+every torch operation whose inputs carry a variance, applies the rule of that operation
+to the variance:
 
 ============================  ===============================================
 operation                      variance of the output
@@ -57,7 +58,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from .base import SBNNModule, cached_tensor_test, check_input, share_posterior
 from .functional import box_sum
@@ -69,7 +69,8 @@ __all__ = [
     "attach_variance",
     "get_variance",
     "raw_variance",
-    "VarianceFlow",
+    "VarianceTensor",
+    "plain",
     "variance_flow",
     "no_variance_flow",
     "track_variance",
@@ -81,10 +82,6 @@ __all__ = [
     "register_variance_passthrough",
 ]
 
-_ATTR = "_sbnn_var"
-#: Marks a tensor that carries no variance now but would in ``sample`` mode (the output of
-#: a Bayesian layer in ``mean`` mode, and what the flow computes from it).
-_PROBE = "_sbnn_probe"
 
 
 class VarianceFlowError(RuntimeError):
@@ -138,32 +135,119 @@ class ScaledVariance:
         return f"ScaledVariance(base={tuple(self.base.shape)}, scale={float(self.scale):g})"
 
 
+class VarianceTensor(Tensor):
+    """A mean tensor that carries its posterior variance: the variance flow's carrier.
+
+    A Bayesian layer returns its output mean as a ``VarianceTensor`` whose
+    :attr:`variance` is the local-reparameterisation variance (``None`` in ``mean`` mode).
+    Every torch operation on it goes through :meth:`__torch_function__`, which computes the
+    operation on the plain mean and applies the operation's variance rule (module doc) to
+    the variance; the result is a ``VarianceTensor`` again, or a plain tensor where the
+    output is noise-free. An operation without a rule returns a ``VarianceTensor`` whose
+    variance is an :class:`UnknownVariance` naming it, so that a neuron it reaches raises.
+
+    The state is an ordinary attribute of a declared tensor subclass, so ``torch.compile``
+    (Dynamo traces ``__torch_function__``), ``deepcopy``, ``pickle`` and ``torch.save`` see
+    it and carry it. Autograd is the mean's own: the subclass is an alias of the mean
+    (``as_subclass``), and the variance is a separate tensor with its own graph.
+
+    Attributes:
+        variance: a tensor broadcastable to the mean, a :class:`ScaledVariance`, an
+            :class:`UnknownVariance`, or ``None`` (no noise now).
+        probe: ``True`` where the noise is off (``mean`` mode) but would be on in
+            ``sample`` mode (see :func:`check_variance_flow`).
+    """
+
+    variance: Tensor | ScaledVariance | UnknownVariance | None
+    probe: bool
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return _flow(func, args, kwargs or {})
+
+    def __repr__(self, *, tensor_contents=None) -> str:
+        with torch._C.DisableTorchFunctionSubclass():
+            text = Tensor.__repr__(self)
+        var = self.variance
+        what = ("probe" if self.probe else "None") if var is None else (
+            repr(var) if not isinstance(var, Tensor) else f"shape {tuple(var.shape)}")
+        return f"{text} (variance: {what})"
+
+
+def _wrap(out: Tensor, variance, probe: bool = False) -> Tensor:
+    """``out`` as a :class:`VarianceTensor` carrying ``variance`` (a plain tensor where it
+    carries nothing).
+
+    Eager: ``out`` itself becomes the carrier (its class is set, no alias and no autograd
+    node). Under ``torch.compile`` (which traces ``as_subclass``, not a class change): a
+    new carrier aliasing ``out``.
+    """
+    if variance is None and not probe:
+        return _plain(out, in_place=True)
+    if torch.compiler.is_compiling():
+        new = out.as_subclass(VarianceTensor) if type(out) is not VarianceTensor else out
+    else:
+        if type(out) is not VarianceTensor:
+            out.__class__ = VarianceTensor
+        new = out
+    new.variance = variance
+    new.probe = probe
+    return new
+
+
+def _plain(t: Tensor, in_place: bool = False) -> Tensor:
+    """``t`` without its variance: a plain tensor (``t`` itself when ``in_place``, eager;
+    else an alias)."""
+    if type(t) is not VarianceTensor:
+        return t
+    if torch.compiler.is_compiling():
+        with torch._C.DisableTorchFunctionSubclass():
+            return t.view_as(t)
+    if in_place:
+        t.__class__ = Tensor
+        t.__dict__.pop("variance", None)
+        t.__dict__.pop("probe", None)
+        return t
+    return t.as_subclass(Tensor)
+
+
+def plain(t: Tensor) -> Tensor:
+    """The mean of ``t`` as a plain tensor (``t`` itself if it carries no variance; else an
+    alias, ``t`` keeps its variance)."""
+    return _plain(t)
+
+
 def attach_variance(mean: Tensor,
                     variance: Tensor | ScaledVariance | UnknownVariance | None) -> Tensor:
-    """Attach ``variance`` (broadcastable to ``mean``) to the tensor ``mean`` in place.
+    """``mean`` carrying ``variance`` (broadcastable to ``mean``): a :class:`VarianceTensor`.
 
-    Returns ``mean`` itself. ``None`` removes an attached variance.
+    In eager mode ``mean`` itself becomes the carrier (``None`` turns it back into a plain
+    tensor) and is returned; under ``torch.compile`` the result is a new tensor that aliases
+    ``mean``. Use the returned tensor, which is right in both.
     """
-    if variance is None:
-        mean.__dict__.pop(_ATTR, None)
-    else:
-        setattr(mean, _ATTR, variance)
-    return mean
+    return _wrap(mean, variance)
 
 
 def get_variance(tensor: Tensor) -> Tensor | UnknownVariance | None:
-    """The variance attached to ``tensor``, an :class:`UnknownVariance`, or ``None``.
+    """The variance carried by ``tensor``, an :class:`UnknownVariance`, or ``None``.
 
     A factored variance (:class:`ScaledVariance`) is returned as its product, a tensor.
     """
-    var = getattr(tensor, _ATTR, None)
+    var = tensor.variance if type(tensor) is VarianceTensor else None
     return var.value() if isinstance(var, ScaledVariance) else var
 
 
 def raw_variance(tensor: Tensor) -> Tensor | ScaledVariance | UnknownVariance | None:
-    """The variance attached to ``tensor`` as stored: a factored one stays a
+    """The variance carried by ``tensor`` as stored: a factored one stays a
     :class:`ScaledVariance` (for code that passes it on, or keeps it factored)."""
-    return getattr(tensor, _ATTR, None)
+    return tensor.variance if type(tensor) is VarianceTensor else None
+
+
+def _state(x) -> tuple:
+    """``(variance, probe)`` of an argument (``(None, False)`` for anything noise-free)."""
+    if type(x) is VarianceTensor:
+        return x.variance, x.probe
+    return None, False
 
 
 # --------------------------------------------------------------------------- rules
@@ -197,7 +281,7 @@ def _zero_if_none(var, like: Tensor) -> Tensor:
     "transpose", "t", "contiguous", "clone", "expand", "expand_as", "__getitem__",
     "narrow", "select", "flip", "roll", "movedim", "view_as", "reshape_as",
     "repeat", "float", "double", "half", "bfloat16", "to", "type_as", "detach",
-    "squeeze_", "unsqueeze_",
+    "squeeze_", "unsqueeze_", "detach_",
 )
 def _same_op(func, args, kwargs, out, var_of):
     var = var_of(args[0])
@@ -208,7 +292,7 @@ def _same_op(func, args, kwargs, out, var_of):
     name = func.__name__
     if name in ("to", "type_as", "float", "double", "half", "bfloat16"):
         return var.to(dtype=out.dtype, device=out.device)
-    if name == "detach":
+    if name in ("detach", "detach_"):
         return var.detach()
     if name in ("view_as", "reshape_as", "expand_as"):
         return getattr(var, name)(args[1])
@@ -403,7 +487,7 @@ def _pad(func, args, kwargs, out, var_of):
 # Every built-in rule is linear in the variance, so it may act on the base of a
 # ScaledVariance; conversions of dtype and device, and detach, multiply it out first.
 _FACTORED.update(set(_RULES) - {"to", "type_as", "float", "double", "half", "bfloat16",
-                                "detach"})
+                                "detach", "detach_"})
 
 
 # Operations that never carry noise forward (their outputs are noise-free by design).
@@ -419,16 +503,16 @@ _NOISE_FREE = frozenset(
 
 def _var_of(x):
     """The variance of an argument as a tensor (a factored one multiplied out)."""
-    if isinstance(x, Tensor):
-        var = x.__dict__.get(_ATTR)
+    if type(x) is VarianceTensor:
+        var = x.variance
         return var.value() if isinstance(var, ScaledVariance) else var
     return None
 
 
 def _base_of(x):
     """The base of an argument's factored variance (all of them share one scale)."""
-    if isinstance(x, Tensor):
-        var = x.__dict__.get(_ATTR)
+    if type(x) is VarianceTensor:
+        var = x.variance
         return None if var is None else var.base
     return None
 
@@ -451,12 +535,11 @@ def _scan(args, kwargs):
             else:
                 continue
             for b in items:
-                if not isinstance(b, Tensor):
+                if type(b) is not VarianceTensor:
                     continue
-                state = b.__dict__
-                var = state.get(_ATTR)
+                var = b.variance
                 if var is None:
-                    if _PROBE in state:
+                    if b.probe:
                         probe = True
                     continue
                 if isinstance(var, UnknownVariance):
@@ -496,34 +579,40 @@ _SPLITS = frozenset(
 )
 
 
-def _attach_each(name, func, args, kwargs, out, noise, scale) -> None:
-    """The variance of each tensor in a multi-tensor result ``out`` (a split gives each
-    part its part of the variance; any other operation, e.g. ``nn.GRU`` / ``nn.LSTM``,
+def _attach_each(name, func, args, kwargs, out, noise, scale):
+    """The outputs of a multi-tensor result ``out``, each with its variance (a split gives
+    each part its part of the variance; any other operation, e.g. ``nn.GRU`` / ``nn.LSTM``,
     marks every tensor output unknown, so that a neuron fed by it raises)."""
     tensors = [t for t in out if isinstance(t, Tensor)]
     if not tensors:
-        return
+        return out
     if noise is not True:  # an input's variance is already unknown
-        for t in tensors:
-            attach_variance(t, noise)
-        return
+        return _remake(out, [noise] * len(out))
     if name not in _SPLITS or not isinstance(args[0], Tensor) or len(tensors) != len(out):
-        for t in tensors:
-            attach_variance(t, UnknownVariance(name))
-        return
+        return _remake(out, [UnknownVariance(name)] * len(out))
     x = args[0]
     if scale is not None:  # split the base of a factored variance
-        base = x.__dict__[_ATTR].base.expand_as(x)
-        for t, part in zip(out, func(base, *args[1:], **kwargs)):
-            attach_variance(t, ScaledVariance(part, scale))
-        return
+        base = x.variance.base.expand_as(x)
+        parts = func(base, *args[1:], **kwargs)
+        return _remake(out, [ScaledVariance(part, scale) for part in parts])
     var = _var_of(x)
     if var is None:  # the noise is in another argument (e.g. a split size): unknown
-        for t in tensors:
-            attach_variance(t, UnknownVariance(name))
-        return
-    for t, part in zip(out, func(var.expand_as(x), *args[1:], **kwargs)):
-        attach_variance(t, part)
+        return _remake(out, [UnknownVariance(name)] * len(out))
+    return _remake(out, list(func(var.expand_as(x), *args[1:], **kwargs)))
+
+
+def _remake(out, variances, probe: bool = False):
+    """``out`` (a tuple or list) with each tensor carrying its entry of ``variances``."""
+    items = [_wrap(t, v, probe) if isinstance(t, Tensor) else t
+             for t, v in zip(out, variances)]
+    if isinstance(out, list):
+        return items
+    if type(out) is tuple:
+        return tuple(items)
+    try:  # a named tuple (torch.return_types, e.g. max_pool with indices)
+        return type(out)(items)
+    except TypeError:
+        return tuple(items)
 
 
 @dataclass
@@ -595,7 +684,7 @@ def _noisy_in_sample_mode(layer: nn.Module) -> bool:
 
 
 def _probed(x) -> bool:
-    return isinstance(x, Tensor) and (_PROBE in x.__dict__ or _ATTR in x.__dict__)
+    return type(x) is VarianceTensor
 
 
 def _probe_unknown(name: str, args, kwargs) -> str | None:
@@ -629,136 +718,145 @@ def _probe_unknown(name: str, args, kwargs) -> str | None:
     return None
 
 
-def _carry_probe(name: str, args, kwargs, out) -> None:
+def _carry_probe(name: str, args, kwargs, out):
     """The ``mean``-mode counterpart of the rules: an operation with a rule passes the probe
     on to its output(s); one without a rule marks them with an :class:`UnknownVariance`
-    (as in ``sample`` mode), so that a neuron fed by it raises."""
+    (as in ``sample`` mode), so that a neuron fed by it raises. Returns the output(s)."""
     if name in _NOISE_FREE:
-        return
+        return out
     if isinstance(out, Tensor):
         why = _probe_unknown(name, args, kwargs) if name in _RULES else name
         if _REPORTS:
             _REPORTS[-1].note(name, why is None)
-        if why is None:
-            out.__dict__[_PROBE] = True
-        else:
-            attach_variance(out, UnknownVariance(why))
-    elif isinstance(out, (tuple, list)):
+        if _in_place(args, out):
+            args[0].variance = None if why is None else UnknownVariance(why)
+            args[0].probe = why is None
+            return args[0]
+        return _wrap(out, None, True) if why is None else _wrap(out, UnknownVariance(why))
+    if isinstance(out, (tuple, list)):
         tensors = [t for t in out if isinstance(t, Tensor)]
         if not tensors:
-            return
+            return out
         split = (name in _SPLITS and len(tensors) == len(out) and args
-                 and isinstance(args[0], Tensor) and _PROBE in args[0].__dict__)
+                 and type(args[0]) is VarianceTensor and args[0].probe)
         if _REPORTS:
             _REPORTS[-1].note(name, bool(split))
-        for t in tensors:
-            if split:
-                t.__dict__[_PROBE] = True
-            else:
-                attach_variance(t, UnknownVariance(name))
-    elif name in ("__setitem__", "index_put_") and args and isinstance(args[0], Tensor):
+        if split:
+            return _remake(out, [None] * len(out), True)
+        return _remake(out, [UnknownVariance(name)] * len(out))
+    if name in ("__setitem__", "index_put_") and args and isinstance(args[0], Tensor):
         if _REPORTS:
             _REPORTS[-1].note(name, False)
-        attach_variance(args[0], UnknownVariance(name))
+        _mark_in_place(args[0], UnknownVariance(name), name)
+    return out
 
 
-class VarianceFlow(TorchFunctionMode):
-    """``TorchFunctionMode`` that carries attached variances through torch operations.
+def _in_place(args, out) -> bool:
+    """Whether ``out`` is the (noisy) first argument itself: an in-place operation."""
+    return bool(args) and out is args[0] and type(out) is VarianceTensor
 
-    Use it through :func:`variance_flow` or :func:`track_variance`; see the module doc.
+
+def _mark_in_place(target, variance, name: str) -> None:
+    """Give ``target``, changed in place by ``name``, the variance ``variance``.
+
+    A plain tensor that receives noise in place (a metric's running count, a slice
+    assignment) becomes a carrier in eager mode, so that a neuron it reaches still sees
+    the variance (or raises for an unknown one); under ``torch.compile`` it stays plain.
     """
+    if type(target) is VarianceTensor:
+        target.variance = variance
+        target.probe = False
+    elif isinstance(target, Tensor) and not torch.compiler.is_compiling():
+        _wrap(target, variance)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+
+def _flow(func, args, kwargs):
+    """The body of :meth:`VarianceTensor.__torch_function__`: the operation on the plain
+    means, then its variance rule (module doc)."""
+    with torch._C.DisableTorchFunctionSubclass():
         out = func(*args, **kwargs)
-        noise, scale, probe = _scan(args, kwargs)
-        if noise is None:
-            if probe:
-                _carry_probe(_name(func), args, kwargs, out)
-            return out
-        name = _name(func)
-        if name in _NOISE_FREE:
-            return out
-        if not isinstance(out, Tensor):
-            if name in ("__setitem__", "index_put_") and isinstance(args[0], Tensor):
-                attach_variance(args[0], UnknownVariance(name))
-            elif isinstance(out, (tuple, list)):
-                _attach_each(name, func, args, kwargs, out, noise, scale)
-            return out
-        if noise is not True:  # an input's variance is already unknown
-            return attach_variance(out, noise)
+    noise, scale, probe = _scan(args, kwargs)
+    if noise is None:
+        if probe:
+            return _carry_probe(_name(func), args, kwargs, out)
+        return out
+    name = _name(func)
+    if name in _NOISE_FREE:
+        return out
+    if not isinstance(out, Tensor):
+        if name in ("__setitem__", "index_put_") and isinstance(args[0], Tensor):
+            _mark_in_place(args[0], UnknownVariance(name), name)
+        elif isinstance(out, (tuple, list)):
+            return _attach_each(name, func, args, kwargs, out, noise, scale)
+        return out
+    if noise is not True:  # an input's variance is already unknown
+        var = noise
+    else:
         rule = _RULES.get(name)
         if rule is None:
-            return attach_variance(out, UnknownVariance(name))
-        if scale is not None and name in _FACTORED:  # the rule is linear: act on the bases
+            var = UnknownVariance(name)
+        elif scale is not None and name in _FACTORED:  # the rule is linear: act on the bases
             var = rule(func, args, kwargs, out, _base_of)
-            return attach_variance(out, ScaledVariance(var, scale)
-                                   if isinstance(var, Tensor) else var)
-        return attach_variance(out, rule(func, args, kwargs, out, _var_of))
+            if isinstance(var, Tensor):
+                var = ScaledVariance(var, scale)
+        else:
+            var = rule(func, args, kwargs, out, _var_of)
+    if out is args[0] if args else False:  # in place: the target carries the result
+        _mark_in_place(args[0], var, name)
+        return args[0]
+    return _wrap(out, var)
 
 
 def variance_flow() -> contextlib.AbstractContextManager:
-    """Context manager: propagate attached variances through every torch operation."""
-    return VarianceFlow()
+    """Context manager kept for existing code: a no-op. The variance flows wherever a
+    :class:`VarianceTensor` goes, with or without it."""
+    return contextlib.nullcontext()
 
 
 def no_variance_flow() -> contextlib.AbstractContextManager:
-    """Context manager: disable the variance flow (and any torch-function mode) inside
-    the block."""
-    return torch._C.DisableTorchFunction()
+    """Context manager: inside the block, operations on a :class:`VarianceTensor` act on
+    its mean alone and return plain tensors (code that tracks a variance explicitly)."""
+    return torch._C.DisableTorchFunctionSubclass()
 
 
 class _FlowHooks:
-    """Hooks that keep one :class:`VarianceFlow` active during each call of the root module,
-    paused inside *opaque* modules (which track their own moments explicitly)."""
+    """Forward hooks of a tracked model: input checks, one :func:`share_posterior` block per
+    call of the root module, and the ``mean``-mode probe (module doc)."""
 
     def __init__(self, check_inputs: bool = False) -> None:
-        self.stack: list[tuple[VarianceFlow, list[bool], contextlib.AbstractContextManager]] = []
+        self.stack: list[contextlib.AbstractContextManager] = []
         self.check_inputs = check_inputs
 
     def enter(self, module, args):
         if self.check_inputs and not self.stack:
             check_model_input(module, args)
+        if torch.compiler.is_compiling():  # the cache is eager-only; a graph shares s^2 itself
+            return
         # one forward of the root module is one share_posterior block: a time loop in the
         # model's forward computes each layer's s^2 once
         share = share_posterior()
         share.__enter__()
-        mode = VarianceFlow()
-        mode.__enter__()
-        self.stack.append((mode, [False], share))
+        self.stack.append(share)
 
     def leave(self, module, args, output):
-        if not self.stack:  # enter raised (a rejected input) before entering the flow
+        if torch.compiler.is_compiling() or not self.stack:
             return
-        mode, paused, share = self.stack.pop()
-        if not paused[0]:
-            mode.__exit__(None, None, None)
-        share.__exit__(None, None, None)
-
-    def pause(self, module, args):
-        if self.stack and not self.stack[-1][1][0]:
-            mode, paused, _share = self.stack[-1]
-            mode.__exit__(None, None, None)
-            paused[0] = True
-
-    def resume(self, module, args, output):
-        if self.stack and self.stack[-1][1][0]:
-            mode, paused, _share = self.stack[-1]
-            mode.__enter__()
-            paused[0] = False
+        self.stack.pop().__exit__(None, None, None)
 
     def probe_source(self, module, args, output):
         """Forward hook of a Bayesian layer: in ``mean`` mode its output carries no
         variance; mark it with the probe if the layer is noisy in ``sample`` mode."""
         if (isinstance(output, Tensor) and module.deterministic
-                and _ATTR not in output.__dict__ and _noisy_in_sample_mode(module)):
-            output.__dict__[_PROBE] = True
+                and type(output) is not VarianceTensor and _noisy_in_sample_mode(module)):
+            return _wrap(output, None, True)
+        return None
 
     def probe_pass(self, module, args, output):
         """Forward hook of a pass-through module: the probe of its input goes on."""
-        if (isinstance(output, Tensor) and args and isinstance(args[0], Tensor)
-                and _PROBE in args[0].__dict__ and _ATTR not in output.__dict__):
-            output.__dict__[_PROBE] = True
+        if (isinstance(output, Tensor) and args and type(args[0]) is VarianceTensor
+                and args[0].probe and type(output) is not VarianceTensor):
+            return _wrap(output, None, True)
+        return None
 
 
 def check_model_input(model: nn.Module, args: tuple) -> None:
@@ -783,14 +881,18 @@ def check_model_input(model: nn.Module, args: tuple) -> None:
 
 
 def track_variance(model: nn.Module, opaque=(), *, check_inputs: bool = False) -> nn.Module:
-    """Make every call of ``model`` run inside a :class:`VarianceFlow`.
+    """Install the variance flow's forward hooks on ``model``.
+
+    The variance itself flows wherever a :class:`VarianceTensor` goes; the hooks add, per
+    call of ``model``: the input checks, one :func:`~sbnn_addons.base.share_posterior`
+    block (each layer's ``s^2`` computed once per forward in eager mode), and the
+    ``mean``-mode probe of :func:`check_variance_flow` at every Bayesian layer and
+    pass-through module.
 
     Args:
-        model: the root module; the flow is entered and left by its forward hooks.
-        opaque: submodules whose internals run **without** the flow (it is paused from
-            their forward pre-hook to their forward hook). The adapters pass the converted
-            neurons, which track their own variance explicitly; this keeps the per-op cost
-            of the flow out of the neurons' inner updates.
+        model: the root module.
+        opaque: accepted for compatibility and ignored (a neuron that tracks its variance
+            explicitly runs its own update with :func:`no_variance_flow`).
         check_inputs: check the input of each (outermost) call with
             :func:`check_model_input` (empty shapes, and NaN / inf unless
             :class:`~sbnn_addons.check_finite` is off); the adapters turn it on.
@@ -804,9 +906,6 @@ def track_variance(model: nn.Module, opaque=(), *, check_inputs: bool = False) -
         model.register_forward_pre_hook(hooks.enter),
         model.register_forward_hook(hooks.leave, always_call=True),
     ]
-    for m in opaque:
-        handles.append(m.register_forward_pre_hook(hooks.pause))
-        handles.append(m.register_forward_hook(hooks.resume, always_call=True))
     for m in model.modules():  # the mean-mode probe (see the module doc)
         if _is_bayesian_layer(m):
             handles.append(m.register_forward_hook(hooks.probe_source))

@@ -32,10 +32,6 @@ from .spike import IWSTSpike
 
 __all__ = ["LIF", "LIFState"]
 
-_FACTORS = "_sbnn_factors"  # on a state's variance V: (its ScaledVariance, V._version)
-_ZERO = "zero"  # the factors of the initial state's V = 0
-
-
 def _known(variance, what: str):
     """``variance`` itself, unless the input went through an operation without a rule."""
     if isinstance(variance, UnknownVariance):
@@ -47,11 +43,9 @@ def _known(variance, what: str):
 
 
 def _zero_variance(like: Tensor) -> Tensor:
-    """The initial ``V = 0``: one element, marked as factored (any scale may follow)."""
-    variance = like.new_zeros(())
-    if not variance.is_inference():  # inference tensors have no version counter
-        variance.__dict__[_FACTORS] = (_ZERO, variance._version)
-    return variance
+    """The initial ``V = 0``: one element (it broadcasts to any input variance)."""
+    with no_variance_flow():
+        return like.new_zeros(())
 
 
 class LIFState(tuple):
@@ -130,21 +124,7 @@ class LIF(nn.Module):
         return LIFState(torch.zeros_like(current), _zero_variance(current))
 
     def _variance_step(self, variance: Tensor, var_in) -> Tensor:
-        """``V_t = beta^2 V_{t-1} + var(I_t)``, factored where ``V_{t-1}`` and
-        ``var(I_t)`` share their scale ``s^2`` (or ``V_{t-1}`` is the initial 0)."""
-        b2 = self.beta * self.beta
-        prev, version = variance.__dict__.get(_FACTORS, (None, None))
-        if (isinstance(var_in, ScaledVariance) and version is not None
-                and version == variance._version
-                and (prev is _ZERO or (isinstance(prev, ScaledVariance)
-                                       and prev.scale is var_in.scale))):
-            base = var_in.base if prev is _ZERO else torch.add(var_in.base, prev.base,
-                                                                 alpha=b2)
-            factors = ScaledVariance(base, var_in.scale)
-            out = factors.value()
-            if not out.is_inference():
-                out.__dict__[_FACTORS] = (factors, out._version)
-            return out
+        """``V_t = beta^2 V_{t-1} + var(I_t)``."""
         if isinstance(var_in, ScaledVariance):
             var_in = var_in.value()
         return _variance_update(variance, var_in, self.beta)
@@ -257,7 +237,7 @@ class LIF(nn.Module):
         var_steps = var_seq.expand_as(currents).unbind(0) if isinstance(var_seq, Tensor) else None
         for t, current in enumerate(steps):
             if var_steps is not None:
-                current.__dict__["_sbnn_var"] = var_steps[t]
+                current = attach_variance(current, var_steps[t])
             spikes, state = self(current, state)
             out.append(spikes)
         spikes = torch.stack(out)

@@ -53,8 +53,6 @@ from .layers import (
 )
 from .losses import enable_aux_loss
 from .moments import (
-    ScaledVariance,
-    VarianceFlow,
     attach_variance,
     check_variance_flow,
     get_variance,
@@ -79,7 +77,6 @@ __all__ = [
 SUPPORTED_NEURONS = ("Leaky", "RLeaky")
 
 _CACHE = "_sbnn_fire_cache"
-_HAD_GRAPH = "_sbnn_had_graph"  # on a membrane: whether it had a graph when it was made
 _HOST_SPIKE = "_sbnn_host_spike_grad"  # HostObject: the neuron's original spike_grad
 _BN_KIND = "_sbnn_batchnorm_kind"
 
@@ -162,20 +159,16 @@ def spike_grad(
 
 # --------------------------------------------------------------------------- neurons
 class _EmittedSpikeReset:
-    """Mixin of the converted neurons: explicit moments and reset = emitted spike.
+    """Mixin of the converted neurons: reset = emitted spike.
 
-    The model-wide variance flow is paused inside the neuron (see
-    :func:`sbnn_addons.moments.track_variance`); only the neuron's state update runs in a
-    local :class:`~sbnn_addons.moments.VarianceFlow`, so the membrane carries
-    ``V_t = beta^2 V_{t-1} + var(I_t)`` (``+ var`` of the recurrent current for ``RLeaky``).
+    The input current is a :class:`~sbnn_addons.moments.VarianceTensor`, so snnTorch's own
+    state update carries the variance: the membrane (a ``VarianceTensor`` buffer) holds
+    ``V_t = beta^2 V_{t-1} + var(I_t)`` (``+ var`` of the recurrent current for ``RLeaky``),
+    and ``snntorch.utils.reset`` / ``detach_hidden`` reset or detach it with the membrane.
     """
 
     def _sbnn_state_update(self, input_: Tensor) -> Tensor:
-        _align_variance(self)
-        with VarianceFlow():
-            mem = self._sbnn_host_state(input_)
-        mem.__dict__[_HAD_GRAPH] = mem.grad_fn is not None
-        return mem
+        return self._sbnn_host_state(input_)
 
     def __setstate__(self, state) -> None:
         # deepcopy / pickle / torch.load build the copy without __init__, so snnTorch's
@@ -200,7 +193,8 @@ class _EmittedSpikeReset:
             return factor == 1.0
         if factor.requires_grad:
             return False
-        return cached_tensor_test(self, "_sbnn_unit", factor, lambda f: (f == 1).all())
+        return cached_tensor_test(self, "_sbnn_unit", factor, lambda f: (f == 1).all(),
+                                  assume=False)
 
     def fire_inhibition(self, batch_size: int, mem: Tensor) -> Tensor:
         mem_shift = attach_variance(mem - self.threshold, get_variance(mem))
@@ -242,20 +236,6 @@ def _register(m: nn.Module) -> None:
     for lst in _instance_lists():
         if not any(x is m for x in lst):
             lst.append(m)
-
-
-def _align_variance(m: nn.Module) -> None:
-    """Keep the membrane's attached variance consistent with the membrane: where a host
-    utility detached the membrane in place (``snntorch.utils.reset`` / ``detach_hidden``,
-    truncated BPTT), detach its variance too."""
-    mem = m.__dict__["_buffers"].get("mem")
-    if isinstance(mem, Tensor) and mem.grad_fn is None and mem.__dict__.get(_HAD_GRAPH):
-        var = mem.__dict__.get("_sbnn_var")
-        base = getattr(var, "base", None)
-        if isinstance(var, Tensor) and var.grad_fn is not None:
-            attach_variance(mem, var.detach())
-        elif base is not None and (base.grad_fn is not None or var.scale.grad_fn is not None):
-            attach_variance(mem, ScaledVariance(base.detach(), var.scale.detach()))
 
 
 def _link_state_update(m: nn.Module) -> None:

@@ -64,6 +64,7 @@ from .losses import enable_aux_loss
 from .moments import (
     UnknownVariance,
     VarianceFlowError,
+    VarianceTensor,
     attach_variance,
     check_variance_flow,
     get_variance,
@@ -269,7 +270,7 @@ def _neuron_pre_hook(node: nn.Module, args):
             "sbnn_addons.moments.register_variance_rule."
         )
     spike._begin(node, var, node.step_mode == "m")
-    if var is None:
+    if type(x) is not VarianceTensor:
         return None
     with no_variance_flow():
         stripped = x.view_as(x)  # same values and graph, no variance: the spike tracks it

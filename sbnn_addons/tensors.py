@@ -30,8 +30,8 @@ def mark_binary(tensor: Tensor, kept: bool = False) -> Tensor:
     backward (the spike kernel does), so a layer saves it too at no memory cost and
     without a conversion.
     """
-    if tensor.is_inference():  # no version counter: an unmarked tensor is always safe
-        return tensor
+    if torch.compiler.is_compiling() or tensor.is_inference():
+        return tensor  # an unmarked tensor is always safe (inference: no version counter)
     tensor.__dict__[_BINARY] = tensor._version
     if kept:
         tensor.__dict__[_KEPT] = tensor._version
@@ -40,6 +40,8 @@ def mark_binary(tensor: Tensor, kept: bool = False) -> Tensor:
 
 def is_binary(tensor: Tensor) -> bool:
     """Whether ``tensor`` was marked by :func:`mark_binary` and not changed in place since."""
+    if torch.compiler.is_compiling():
+        return False
     mark = tensor.__dict__.get(_BINARY)
     return mark is not None and not tensor.is_inference() and mark == tensor._version
 
@@ -47,6 +49,8 @@ def is_binary(tensor: Tensor) -> bool:
 def is_kept(tensor: Tensor) -> bool:
     """Whether ``tensor`` was marked binary and ``kept`` by its producer (and not changed
     in place since)."""
+    if torch.compiler.is_compiling():
+        return False
     mark = tensor.__dict__.get(_KEPT)
     return mark is not None and not tensor.is_inference() and mark == tensor._version
 
@@ -68,16 +72,24 @@ def check_windows(x: Tensor, kernel, stride, padding) -> None:
             )
 
 
-@functools.lru_cache(maxsize=4096)
+def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
+
+
+_broadcasts_cached = functools.lru_cache(maxsize=4096)(_broadcasts)
+
+
 def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     """Whether a tensor of ``shape`` broadcasts to ``target`` without enlarging it.
 
     A cached pure-Python test, used per spike where ``torch.broadcast_shapes`` would
-    dominate the call's fixed cost.
+    dominate the call's fixed cost (traced uncached under ``torch.compile``).
     """
-    if len(shape) > len(target):
-        return False
-    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
+    if torch.compiler.is_compiling():
+        return _broadcasts(tuple(shape), tuple(target))
+    return _broadcasts_cached(shape, target)
 
 
 def apply_function(fn: type[torch.autograd.Function], *args):
@@ -87,6 +99,6 @@ def apply_function(fn: type[torch.autograd.Function], *args):
     (about 20 us); outside ``torch.func`` transforms the C entry point is called directly.
     Under ``vmap`` / ``grad`` the full ``apply`` (and the vmap rule) is used.
     """
-    if torch._C._are_functorch_transforms_active():
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
         return fn.apply(*args)
     return super(torch.autograd.Function, fn).apply(*args)

@@ -17,7 +17,7 @@ from sbnn_addons import BayesLinear, IWSTSpike, attach_variance, seed_spikes
 
 def test_mean_mode_is_deterministic_threshold():
     u = torch.linspace(-1, 1, 21)
-    attach_variance(u, torch.full_like(u, 4.0))
+    u = attach_variance(u, torch.full_like(u, 4.0))
     spike = IWSTSpike("agr", std=1.0)
     with sb.mode(spike, "mean"):
         for _ in range(3):
@@ -32,7 +32,7 @@ def test_sampling_uses_attached_plus_own_variance():
     Tolerance: 4 standard errors of a proportion."""
     n = 200_000
     u = torch.full((n,), -0.5)
-    attach_variance(u, torch.full((n,), 0.09))
+    u = attach_variance(u, torch.full((n,), 0.09))
     spike = IWSTSpike(std=0.4)  # sigma = sqrt(0.09 + 0.16) = 0.5 -> P = Phi(-1)
     spike.manual_seed(0)
     var = spike.noise_variance(u)
@@ -164,11 +164,11 @@ def test_vmap_grad_through_spike_module_functional():
 def test_half_precision(dtype):
     spike = IWSTSpike("agr", std=0.5)
     spike.manual_seed(0)
-    u = (torch.linspace(-20, 20, 41)).to(dtype).requires_grad_(True)
-    attach_variance(u, torch.full((41,), 1e-3, dtype=dtype))
+    leaf = (torch.linspace(-20, 20, 41)).to(dtype).requires_grad_(True)
+    u = attach_variance(leaf, torch.full((41,), 1e-3, dtype=dtype))
     out = spike(u)
     out.sum().backward()
-    assert out.dtype == dtype and torch.isfinite(u.grad).all()
+    assert out.dtype == dtype and torch.isfinite(leaf.grad).all()
 
 
 def test_sigma_tiny_and_empty_batch():

@@ -44,7 +44,8 @@ def known_variance(x: Tensor) -> Tensor | None:
 def reshape_with_variance(x: Tensor, *shape: int) -> Tensor:
     """``x.reshape(shape)`` carrying the attached variance through the same reshape."""
     var = known_variance(x)
-    out = x.reshape(*shape)
+    with no_variance_flow():
+        out = x.reshape(*shape)
     if var is not None:  # expanded dimensions stay broadcast (size 1) after the reshape
         var = compact_broadcast(var.expand_as(x).reshape(*shape))
     return attach_variance(out, var)
@@ -267,8 +268,9 @@ class ReferenceNet(SBNNModule, nn.Module):
         var = known_variance(out)
         if var is None or not self.readout_noise or self.deterministic:
             return attach_variance(out, None) if var is not None else out
-        noise = safe_sqrt(var.expand_as(out).clamp_min(0)) * torch.randn_like(out)
-        return out + noise
+        with no_variance_flow():
+            noise = safe_sqrt(var.expand_as(out).clamp_min(0)) * torch.randn_like(out)
+            return out + noise
 
     def deterministic_twin(self, **overrides) -> ReferenceNet:
         """The surrogate-gradient twin (``bayes=False``) with this network's posterior means.

@@ -227,7 +227,7 @@ class SHDRecurrentNet(ReferenceNet):
             var = var_r if var_ff is None else (var_ff[t] if var_r is None else var_ff[t] + var_r)
             with no_variance_flow():
                 current = self._norm_step(norm, attach_variance(cur_t + r, None), t)
-            attach_variance(current, var)
+            current = attach_variance(current, var)
             if input_aux:
                 self._collect_input_aux(spike, current, var)
                 spike.collect_aux = False  # the membrane form is not collected here
