@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -163,6 +164,11 @@ class VarianceTensor(Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if len(args) == 2 and args[1] is None and func in _NONE_COMPARISONS:
+            return func is Tensor.__ne__  # `mem == None` (snnTorch): Python's answer
+        if len(args) == 1 and _name(func) == "__get__":  # an attribute (x.shape): no noise
+            with torch._C.DisableTorchFunctionSubclass():
+                return getattr(args[0], func.__self__.__name__)
         return _flow(func, args, kwargs or {})
 
     def __repr__(self, *, tensor_contents=None) -> str:
@@ -172,6 +178,9 @@ class VarianceTensor(Tensor):
         what = ("probe" if self.probe else "None") if var is None else (
             repr(var) if not isinstance(var, Tensor) else f"shape {tuple(var.shape)}")
         return f"{text} (variance: {what})"
+
+
+_NONE_COMPARISONS = (Tensor.__eq__, Tensor.__ne__)
 
 
 def _wrap(out: Tensor, variance, probe: bool = False) -> Tensor:
@@ -209,6 +218,21 @@ def _plain(t: Tensor, in_place: bool = False) -> Tensor:
         t.__dict__.pop("probe", None)
         return t
     return t.as_subclass(Tensor)
+
+
+def plain_in_place(t: Tensor) -> Tensor:
+    """``t`` as a plain tensor: ``t`` itself in eager mode (it drops its variance), an
+    alias under ``torch.compile``."""
+    return _plain(t, in_place=True)
+
+
+def detach_variance(var):
+    """``var`` (a tensor, :class:`ScaledVariance` or marker) without its autograd graph."""
+    if isinstance(var, Tensor):
+        return var.detach()
+    if isinstance(var, ScaledVariance):
+        return ScaledVariance(var.base.detach(), var.scale.detach())
+    return var
 
 
 def plain(t: Tensor) -> Tensor:
@@ -296,7 +320,7 @@ def _same_op(func, args, kwargs, out, var_of):
         return var.detach()
     if name in ("view_as", "reshape_as", "expand_as"):
         return getattr(var, name)(args[1])
-    return func(var, *args[1:], **kwargs)
+    return _c_level(func)(var, *args[1:], **kwargs)
 
 
 def _linear_combination():
@@ -354,7 +378,7 @@ def _neg(func, args, kwargs, out, var_of):
 def _cat(func, args, kwargs, out, var_of):
     tensors = args[0]
     vars_ = [_zero_if_none(var_of(t), t).expand_as(t) for t in tensors]
-    return func(vars_, *args[1:], **kwargs)
+    return _c_level(func)(vars_, *args[1:], **kwargs)
 
 
 @register_variance_rule("where")
@@ -564,10 +588,11 @@ def _name(func) -> str:
         return _NAMES[func]
     except (KeyError, TypeError):
         name = getattr(func, "__name__", str(func))
-        try:
-            _NAMES[func] = name
-        except TypeError:  # unhashable callable
-            pass
+        if not torch.compiler.is_compiling():  # no global side effect inside a graph
+            try:
+                _NAMES[func] = name
+            except TypeError:  # unhashable callable
+                pass
         return name
 
 
@@ -593,12 +618,12 @@ def _attach_each(name, func, args, kwargs, out, noise, scale):
     x = args[0]
     if scale is not None:  # split the base of a factored variance
         base = x.variance.base.expand_as(x)
-        parts = func(base, *args[1:], **kwargs)
+        parts = _c_level(func)(base, *args[1:], **kwargs)
         return _remake(out, [ScaledVariance(part, scale) for part in parts])
     var = _var_of(x)
     if var is None:  # the noise is in another argument (e.g. a split size): unknown
         return _remake(out, [UnknownVariance(name)] * len(out))
-    return _remake(out, list(func(var.expand_as(x), *args[1:], **kwargs)))
+    return _remake(out, list(_c_level(func)(var.expand_as(x), *args[1:], **kwargs)))
 
 
 def _remake(out, variances, probe: bool = False):
@@ -770,11 +795,34 @@ def _mark_in_place(target, variance, name: str) -> None:
         _wrap(target, variance)
 
 
+_C_LEVEL: dict = {}
+
+
+def _c_level(func):
+    """The C method behind a Python-level ``Tensor`` method (``unflatten``, ``split``, ...,
+    which call ``super()``: Dynamo cannot trace that on a subclass); ``func`` otherwise."""
+    try:
+        return _C_LEVEL[func]
+    except (KeyError, TypeError):
+        pass
+    target = func
+    if getattr(func, "__module__", None) == "torch._tensor":
+        builtin = getattr(torch, getattr(func, "__name__", ""), None)
+        if isinstance(builtin, types.BuiltinFunctionType):
+            target = builtin
+    if not torch.compiler.is_compiling():  # no global side effect inside a graph
+        try:
+            _C_LEVEL[func] = target
+        except TypeError:
+            pass
+    return target
+
+
 def _flow(func, args, kwargs):
     """The body of :meth:`VarianceTensor.__torch_function__`: the operation on the plain
     means, then its variance rule (module doc)."""
     with torch._C.DisableTorchFunctionSubclass():
-        out = func(*args, **kwargs)
+        out = _c_level(func)(*args, **kwargs)
     noise, scale, probe = _scan(args, kwargs)
     if noise is None:
         if probe:

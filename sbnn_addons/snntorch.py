@@ -53,9 +53,12 @@ from .layers import (
 )
 from .losses import enable_aux_loss
 from .moments import (
+    VarianceTensor,
     attach_variance,
     check_variance_flow,
+    detach_variance,
     get_variance,
+    plain_in_place,
     track_variance,
     untrack_variance,
 )
@@ -63,6 +66,7 @@ from .spike import CONVERTED_SPIKE_STD, DEFAULT_SPIKE_STD, IWSTSpike
 from .surgery import replace_modules
 
 __all__ = [
+    "membrane_variance",
     "spike_grad",
     "SnnTorchSpike",
     "to_sbnn",
@@ -77,6 +81,7 @@ __all__ = [
 SUPPORTED_NEURONS = ("Leaky", "RLeaky")
 
 _CACHE = "_sbnn_fire_cache"
+_STATE = "_sbnn_state"  # (membrane, its variance, whether it required grad) between calls
 _HOST_SPIKE = "_sbnn_host_spike_grad"  # HostObject: the neuron's original spike_grad
 _BN_KIND = "_sbnn_batchnorm_kind"
 
@@ -162,12 +167,46 @@ class _EmittedSpikeReset:
     """Mixin of the converted neurons: reset = emitted spike.
 
     The input current is a :class:`~sbnn_addons.moments.VarianceTensor`, so snnTorch's own
-    state update carries the variance: the membrane (a ``VarianceTensor`` buffer) holds
-    ``V_t = beta^2 V_{t-1} + var(I_t)`` (``+ var`` of the recurrent current for ``RLeaky``),
-    and ``snntorch.utils.reset`` / ``detach_hidden`` reset or detach it with the membrane.
+    state update carries the variance: the membrane it computes holds
+    ``V_t = beta^2 V_{t-1} + var(I_t)`` (``+ var`` of the recurrent current for ``RLeaky``).
+
+    Between calls the membrane buffer is a plain tensor (what ``torch.compile`` takes as a
+    graph input) and its variance is the neuron's state ``_sbnn_state = (membrane, V,
+    had_grad)``, valid while ``self.mem`` is that very membrane: ``snntorch.utils.reset``
+    (a new zero membrane) resets ``V`` with it, ``detach_hidden`` (``mem.detach_()``)
+    detaches it, and a membrane passed back by an explicit time loop
+    (``spk, mem = lif(cur, mem)``) finds its own ``V``.
     """
 
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        self._sbnn_store()
+        return out
+
+    def _sbnn_store(self) -> None:
+        """After a step: the membrane buffer as a plain tensor, its variance as state."""
+        mem = self._buffers.get("mem")
+        if type(mem) is not VarianceTensor:
+            self.__dict__.pop(_STATE, None)
+            return
+        var = get_variance(mem)  # a factored variance multiplied out: a tensor
+        plain_mem = plain_in_place(mem)  # eager: this object (a caller's too); compiled: an alias
+        if plain_mem is not mem:
+            self._buffers["mem"] = plain_mem
+            cached = self.__dict__.get(_CACHE)
+            if cached is not None and cached[0] is mem:  # either membrane may come back
+                self.__dict__[_CACHE] = (plain_mem, cached[1], mem)
+        self.__dict__[_STATE] = (plain_mem, var, plain_mem.requires_grad)
+
     def _sbnn_state_update(self, input_: Tensor) -> Tensor:
+        mem = self._buffers.get("mem")
+        state = self.__dict__.get(_STATE)
+        if (state is not None and type(mem) is not VarianceTensor and mem is state[0]
+                and state[1] is not None):
+            var = state[1]
+            if state[2] and not mem.requires_grad:  # detach_hidden / truncated BPTT
+                var = detach_variance(var)
+            self._buffers["mem"] = attach_variance(mem, var)
         return self._sbnn_host_state(input_)
 
     def __setstate__(self, state) -> None:
@@ -208,13 +247,29 @@ class _EmittedSpikeReset:
 
     def mem_reset(self, mem: Tensor) -> Tensor:
         cached = self.__dict__.get(_CACHE)
-        if cached is not None and cached[0] is mem:
+        if cached is not None and (cached[0] is mem or (len(cached) > 2 and cached[2] is mem)):
             return cached[1]
         return (mem.detach() - self.threshold > 0).to(mem.dtype)
 
     def reset_mem(self):
         self.__dict__.pop(_CACHE, None)
         return super().reset_mem()
+
+
+def membrane_variance(neuron: nn.Module) -> Tensor | None:
+    """The noise variance ``V`` of a converted neuron's current membrane, or ``None``
+    (no noise yet, or reset with the membrane).
+
+    Args:
+        neuron: a neuron of a model converted by :func:`to_sbnn`.
+    """
+    mem = neuron._buffers.get("mem")
+    if type(mem) is VarianceTensor:
+        return get_variance(mem)
+    state = neuron.__dict__.get(_STATE)
+    if state is not None and mem is state[0]:
+        return state[1]
+    return None
 
 
 def _instance_lists() -> list[list]:
@@ -320,7 +375,7 @@ def _already_converted(model: nn.Module) -> bool:
 
 def _state_tensors(m: nn.Module) -> list[Tensor]:
     out = [b for n, b in m._buffers.items() if n in m._non_persistent_buffers_set]
-    for key in ("reset", _CACHE):
+    for key in ("reset", _CACHE, _STATE):
         val = m.__dict__.get(key)
         if isinstance(val, Tensor):
             out.append(val)
@@ -369,6 +424,7 @@ def reset(model: nn.Module) -> nn.Module:
     """
     for m in model.modules():
         m.__dict__.pop(_CACHE, None)
+        m.__dict__.pop(_STATE, None)
         fn = getattr(m, "reset_mem", None)
         if callable(fn):
             fn()
@@ -630,7 +686,7 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
             m.__class__ = _TO_PLAIN[type(m)]
             _unlink_state_update(m)
             host = m.__dict__.pop(_HOST_SPIKE, None)
-            for key in (_CACHE, "_sbnn_unit"):
+            for key in (_CACHE, _STATE, "_sbnn_unit"):
                 m.__dict__.pop(key, None)
             m._modules.pop("spike_grad", None)
             fn = spike_grad
