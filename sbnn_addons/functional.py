@@ -103,7 +103,8 @@ def normal_cdf_ratio(x: Tensor, scale: float) -> Tensor:
         torch.full_like(x, 0.5))
     ratio = num / den.clamp_min(torch.finfo(x.dtype).tiny)
     tiny = den < 1e-20
-    if torch._C._functorch.is_functorch_wrapped_tensor(x) or x.is_meta:  # no data-dependent if
+    if (torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x)
+            or x.is_meta):  # no data-dependent branch
         log_ratio = torch.special.log_ndtr(x * scale) - torch.special.log_ndtr(x)
         return torch.where(tiny, torch.exp(log_ratio), ratio)
     if bool(tiny.any()):

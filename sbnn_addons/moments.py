@@ -51,6 +51,7 @@ conversion, :func:`check_variance_flow` runs one such forward and reports.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import types
 from collections.abc import Callable
@@ -170,6 +171,25 @@ class VarianceTensor(Tensor):
             with torch._C.DisableTorchFunctionSubclass():
                 return getattr(args[0], func.__self__.__name__)
         return _flow(func, args, kwargs or {})
+
+    def __deepcopy__(self, memo):
+        if id(self) in memo:
+            return memo[id(self)]
+        if not self.is_leaf:
+            raise RuntimeError(
+                "Only Tensors created explicitly by the user (graph leaves) support the "
+                "deepcopy protocol at the moment; detach() the VarianceTensor first")
+        with torch._C.DisableTorchFunctionSubclass():
+            mean = self.detach().clone()
+        var = self.variance
+        if isinstance(var, Tensor):
+            var = copy.deepcopy(var, memo) if var.is_leaf else var.detach().clone()
+        else:
+            var = copy.deepcopy(var, memo)
+        new = _wrap(mean, var, self.probe)
+        new.requires_grad_(self.requires_grad)
+        memo[id(self)] = new
+        return new
 
     def __repr__(self, *, tensor_contents=None) -> str:
         with torch._C.DisableTorchFunctionSubclass():
@@ -807,9 +827,11 @@ def _c_level(func):
         pass
     target = func
     if getattr(func, "__module__", None) == "torch._tensor":
-        builtin = getattr(torch, getattr(func, "__name__", ""), None)
-        if isinstance(builtin, types.BuiltinFunctionType):
-            target = builtin
+        name = getattr(func, "__name__", "")
+        if not name.startswith("__"):  # torch.unflatten etc., never a module's dunder
+            builtin = getattr(torch._C._VariableFunctions, name, None)
+            if isinstance(builtin, types.BuiltinFunctionType):
+                target = builtin
     if not torch.compiler.is_compiling():  # no global side effect inside a graph
         try:
             _C_LEVEL[func] = target

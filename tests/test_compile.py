@@ -1,0 +1,197 @@
+"""``torch.compile(fullgraph=True)`` on every path: the core network, converted snnTorch models
+(Sequential with ``init_hidden`` and an explicit time loop) and converted SpikingJelly models
+(single- and multi-step), each against eager.
+
+With inductor's ``fallback_random`` the compiled graph draws the same random numbers as eager
+PyTorch, so ``sample`` mode must match exactly (the C kernel, which draws its own stream, is
+turned off for these comparisons); ``mean`` mode must match in any case. A separate test
+checks the law of the compiled draw with inductor's own random numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import snntorch as snn
+import snntorch.utils as sutils
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sbnn_addons as sb
+import sbnn_addons.snntorch as sbnn_snn
+import sbnn_addons.spikingjelly as sbnn_sj
+from sbnn_addons.moments import VarianceTensor
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+T = 4
+
+
+@pytest.fixture
+def same_random_stream():
+    import torch._inductor.config as inductor_config
+
+    old = inductor_config.fallback_random
+    inductor_config.fallback_random = True
+    torch._dynamo.reset()
+    with sb.kernels.use_kernels(False):
+        yield
+    inductor_config.fallback_random = old
+    torch._dynamo.reset()
+
+
+def _step(net: nn.Module, loss_fn, x, y):
+    torch.manual_seed(1)
+    net.zero_grad()
+    loss = loss_fn(x, y)
+    loss.backward()
+    grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+             for p in net.parameters()]
+    return loss.detach(), grads
+
+
+def _check_like_eager(net: nn.Module, loss_fn, x, y):
+    """Eager, then compiled (fullgraph), in sample and mean mode: same loss and gradients."""
+    for mode in ("sample", "mean"):
+        sb.set_mode(net, mode)
+        eager = _step(net, loss_fn, x, y)
+        compiled = _step(net, torch.compile(loss_fn, fullgraph=True), x, y)
+        assert torch.equal(eager[0], compiled[0]), mode
+        if mode == "sample":
+            assert any(g.abs().sum() > 0 for g in eager[1])
+        for a, b in zip(eager[1], compiled[1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    sb.set_mode(net, "sample")
+
+
+class CoreNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = sb.BayesLinear(12, 16, std=0.3)
+        self.lif1 = sb.LIF(spike_fn=sb.IWSTSpike("iwst(0.5)"))
+        self.fc2 = sb.BayesLinear(16, 5, std=0.3)
+        self.lif2 = sb.LIF(spike_fn=sb.IWSTSpike("st"))
+
+    def forward(self, x):
+        s1 = s2 = None
+        out = 0
+        for t in range(x.shape[0]):
+            h, s1 = self.lif1(self.fc1(x[t]), s1)
+            o, s2 = self.lif2(self.fc2(h), s2)
+            out = out + o
+        return out
+
+
+def test_core_network_compiles_like_eager(same_random_stream):
+    torch.manual_seed(0)
+    net = CoreNet()
+    x, y = torch.rand(T, 6, 12) * 2, torch.randint(0, 5, (6,))
+    _check_like_eager(net, lambda x, y: F.cross_entropy(net(x), y), x, y)
+
+
+def test_snntorch_sequential_compiles_like_eager(same_random_stream):
+    """The tutorial-6 loop with snntorch.utils.reset inside the compiled step, after eager
+    steps (membranes from an earlier call are graph inputs)."""
+    torch.manual_seed(0)
+    host = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2),
+        snn.Leaky(beta=0.9, init_hidden=True),
+        nn.Flatten(), nn.Linear(4 * 4 * 4, 5),
+        snn.Leaky(beta=0.9, init_hidden=True, output=True),
+    )
+    net = sbnn_snn.to_sbnn(host)
+
+    def loss_fn(x, y):
+        sutils.reset(net)
+        out = 0
+        for t in range(x.shape[0]):
+            spk, _mem = net(x[t])
+            out = out + spk
+        return F.cross_entropy(out, y)
+
+    x, y = torch.rand(T, 6, 1, 8, 8) * 3, torch.randint(0, 5, (6,))
+    _check_like_eager(net, loss_fn, x, y)
+
+
+class LoopNet(nn.Module):
+    """snnTorch tutorial 5: explicit time loop, membranes passed back in."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(12, 16)
+        self.lif1 = snn.Leaky(beta=0.9)
+        self.fc2 = nn.Linear(16, 5)
+        self.lif2 = snn.Leaky(beta=0.9)
+
+    def forward(self, x):
+        mem1, mem2 = self.lif1.init_leaky(), self.lif2.init_leaky()
+        out = []
+        for t in range(x.shape[0]):
+            spk1, mem1 = self.lif1(self.fc1(x[t]), mem1)
+            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+            out.append(spk2)
+        return torch.stack(out)
+
+
+def test_snntorch_explicit_loop_compiles_like_eager(same_random_stream):
+    torch.manual_seed(0)
+    net = sbnn_snn.to_sbnn(LoopNet())
+    x, y = torch.rand(T, 6, 12) * 3, torch.randint(0, 5, (6,))
+    _check_like_eager(net, lambda x, y: F.cross_entropy(net(x).sum(0), y), x, y)
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_spikingjelly_compiles_like_eager(same_random_stream, step_mode):
+    from spikingjelly.activation_based import functional, layer, neuron, surrogate
+
+    torch.manual_seed(0)
+    host = nn.Sequential(
+        layer.Conv2d(1, 4, 3, padding=1), layer.MaxPool2d(2),
+        neuron.LIFNode(tau=2.0, surrogate_function=surrogate.ATan()),
+        layer.Flatten(), layer.Linear(4 * 4 * 4, 5),
+        neuron.LIFNode(tau=2.0, surrogate_function=surrogate.ATan()),
+    )
+    functional.set_step_mode(host, step_mode)
+    net = sbnn_sj.to_sbnn(host)
+
+    def loss_fn(x, y):
+        functional.reset_net(net)
+        if step_mode == "m":
+            out = net(x).sum(0)
+        else:
+            out = sum(net(x[t]) for t in range(x.shape[0]))
+        return F.cross_entropy(out, y)
+
+    x, y = torch.rand(T, 6, 1, 8, 8) * 3, torch.randint(0, 5, (6,))
+    _check_like_eager(net, loss_fn, x, y)
+
+
+def test_compiled_draw_has_the_law_of_the_method():
+    """With inductor's own random numbers the compiled spike still fires with
+    P = Phi(u / sigma), and its expected ST gradient is phi(z) / sigma."""
+    torch._dynamo.reset()
+    spike = sb.IWSTSpike("st", std=None)
+    u = torch.tensor([-1.0, -0.3, 0.0, 0.4, 1.2]).repeat_interleave(20000)
+    var = torch.full_like(u, 0.49)
+
+    def draw(u):
+        return spike(sb.attach_variance(u, var))
+
+    leaf = u.clone().requires_grad_(True)
+    h = torch.compile(draw, fullgraph=True)(leaf)
+    h.sum().backward()
+    freq = h.detach().view(5, -1).mean(1)
+    p = torch.special.ndtr(u.view(5, -1)[:, 0] / 0.7)
+    assert (freq - p).abs().max() < 4 * (0.25 / 20000) ** 0.5
+    z = u / 0.7
+    torch.testing.assert_close(leaf.grad, torch.exp(-0.5 * z * z) / (2 * torch.pi) ** 0.5 / 0.7)
+
+
+def test_variance_survives_copies():
+    x = sb.attach_variance(torch.randn(3, 4), torch.rand(3, 4))
+    for dup in (copy.deepcopy(x), pickle.loads(pickle.dumps(x))):
+        assert type(dup) is VarianceTensor
+        assert torch.equal(dup, x) and torch.equal(dup.variance, x.variance)
