@@ -64,6 +64,7 @@ from .tensors import apply_function, broadcasts_to, check_windows, mark_binary
 
 __all__ = [
     "available", "enabled", "use_kernels", "can_fuse", "fused_spike", "FusedSpike",
+    "can_fuse_compiled", "compiled_spike",
     "spike_forward", "spike_backward", "broadcast_layout", "Dynamics", "LIFSequence",
     "lif_sequence", "LIFStep", "fused_lif_step", "window_sum", "can_window_sum",
 ]
@@ -590,6 +591,98 @@ def fused_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
     # kept (saved by the node just recorded): a layer fed by the spikes saves them as they are
     mark_binary(spikes, kept=spikes.requires_grad)
     return spikes if aux_offset is None else (spikes, out[1])
+
+
+# --------------------------------------------------------------------------- custom ops
+# The spike kernel as torch.library custom ops, for compiled graphs: torch.compile keeps them
+# as opaque calls (their fake implementations give the shapes) and fuses everything around
+# them. The forward draws its Philox key from the global generator inside the op, so the
+# graph has no data-dependent seed.
+
+
+class _EstimatorArgs(NamedTuple):
+    """What the kernel reads of an :class:`~sbnn_addons.estimators.Estimator`."""
+
+    kind: str
+    p: float
+    tau: float
+    max_weight: float
+
+
+@torch.library.custom_op("sbnn_addons::spike_forward", mutates_args=(), device_types="cpu",
+                         tags=(torch.Tag.nondeterministic_seeded,))
+def _spike_forward_op(u: Tensor, variance: Tensor, at_zero: bool,
+                      aux_offset: float | None) -> tuple[Tensor, Tensor]:
+    u = u.contiguous()
+    var, mid, inner = _layout(u, variance)
+    h = torch.empty_like(u)
+    _, _, aux = _forward_raw(u, var, mid, inner, _seed(None), at_zero, aux_offset,
+                             out=(h, None))
+    return h, torch.tensor(aux, dtype=torch.float32)
+
+
+@_spike_forward_op.register_fake
+def _(u, variance, at_zero, aux_offset):
+    return (torch.empty_like(u, memory_format=torch.contiguous_format),
+            u.new_empty((), dtype=torch.float32))
+
+
+@torch.library.custom_op("sbnn_addons::spike_backward", mutates_args=(), device_types="cpu")
+def _spike_backward_op(grad: Tensor, grad_aux: Tensor, u: Tensor, variance: Tensor,
+                       spikes: Tensor, kind: str, p: float, tau: float, max_weight: float,
+                       aux_offset: float) -> tuple[Tensor, Tensor]:
+    u = u.contiguous()
+    var, mid, inner = _layout(u, variance)
+    return _backward_raw(grad, u, var, mid, inner, spikes,
+                         _EstimatorArgs(kind, p, tau, max_weight),
+                         float(grad_aux), aux_offset, variance.shape)
+
+
+@_spike_backward_op.register_fake
+def _(grad, grad_aux, u, variance, spikes, kind, p, tau, max_weight, aux_offset):
+    return (torch.empty_like(u, memory_format=torch.contiguous_format),
+            torch.empty_like(variance, memory_format=torch.contiguous_format))
+
+
+def can_fuse_compiled(u: Tensor, variance: Tensor) -> bool:
+    """Under ``torch.compile``: whether the spike op (:func:`compiled_spike`) serves this
+    drive and variance (float32 CPU, kernel enabled and not known to be unbuildable)."""
+    return (_enabled and _load_error is None and u.dtype == torch.float32
+            and variance.dtype == torch.float32 and u.is_cpu and variance.is_cpu)
+
+
+class _CompiledSpike(torch.autograd.Function):
+    """The custom ops with the estimator as a constant: the form ``torch.compile`` traces."""
+
+    @staticmethod
+    def forward(u, variance, at_zero, estimator, aux_offset):
+        return _spike_forward_op(u, variance, at_zero, aux_offset)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        u, variance, _at_zero, estimator, aux_offset = inputs
+        ctx.save_for_backward(u, variance, output[0])
+        ctx.estimator = estimator
+        ctx.aux_offset = 0.0 if aux_offset is None else float(aux_offset)
+
+    @staticmethod
+    def backward(ctx, grad, grad_aux):
+        u, variance, spikes = ctx.saved_tensors
+        est = ctx.estimator
+        grad_u, grad_var = _spike_backward_op(grad, grad_aux, u, variance, spikes, est.kind,
+                                              float(est.p), float(est.tau),
+                                              float(est.max_weight), ctx.aux_offset)
+        return grad_u, grad_var, None, None, None
+
+
+def compiled_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
+                   aux_offset: float | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`fused_spike` as custom ops, for compiled graphs (global RNG).
+
+    Returns ``(spikes, sum_z2)`` (``sum_z2`` is 0 without ``aux_offset``). Check
+    :func:`can_fuse_compiled` first.
+    """
+    return _CompiledSpike.apply(u, variance, at_zero, estimator, aux_offset)
 
 
 _STEP_RESETS = {"subtract": 0, "zero": 1, "none": 2}

@@ -375,7 +375,8 @@ def _mul(func, args, kwargs, out, var_of):
         return UnknownVariance("product of two noisy tensors")
     var, coef = (va, b) if va is not None else (vb, a)
     if isinstance(coef, Tensor):
-        if coef.dim() or coef.requires_grad or coef.device.type != "cpu":
+        if (torch.compiler.is_compiling() or coef.dim() or coef.requires_grad
+                or coef.device.type != "cpu"):
             return var * (coef * coef)
         coef = coef.item()  # a constant CPU scalar (e.g. snnTorch's beta): one op, no sync
     return var * float(coef) ** 2
@@ -749,7 +750,7 @@ def _probe_unknown(name: str, args, kwargs) -> str | None:
     elif name == "where":
         if _probed(args[0]):
             return "where on a noisy condition"
-    elif name.startswith("max_pool"):
+    elif name in ("max_pool1d", "max_pool2d", "max_pool3d"):
         if (args[6] if len(args) > 6 else kwargs.get("return_indices", False)):
             return f"{name} with return_indices"
     elif name == "alpha_dropout":

@@ -108,12 +108,27 @@ class SnnTorchSpike(IWSTSpike):
             return super().forward(u)
         recent = self.__dict__.setdefault("_sbnn_recent", [])
         key = u.detach()
+        if torch.compiler.is_compiling():
+            return self._compiled_forward(u, key, recent)
         for i, (prev, spikes) in enumerate(recent):
             if (prev.shape == key.shape and prev.dtype == key.dtype
                     and prev.device == key.device and torch.equal(prev, key)):
                 del recent[i]
                 return spikes
         out = super().forward(u)
+        recent.append((key, out.detach().clone()))
+        if len(recent) > self.MEMORY:
+            del recent[0]
+        return out
+
+    def _compiled_forward(self, u: Tensor, key: Tensor, recent: list) -> Tensor:
+        """The same rule in a compiled graph, without a data-dependent branch: a fresh draw,
+        replaced by the spikes of the latest remembered call with equal values
+        (``torch.where`` on a 0-dim condition)."""
+        out = super().forward(u)
+        for prev, spikes in recent:  # oldest first: the latest match wins
+            if prev.shape == key.shape and prev.dtype == key.dtype:
+                out = torch.where((prev == key).all(), spikes, out)
         recent.append((key, out.detach().clone()))
         if len(recent) > self.MEMORY:
             del recent[0]

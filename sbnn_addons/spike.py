@@ -196,6 +196,17 @@ class IWSTSpike(SBNNModule, nn.Module):
             )
         if not self.deterministic:
             fused_var = _fused_variance(u, variance)
+            if (torch.compiler.is_compiling() and fused_var is not None
+                    and self._seed is None and kernels.can_fuse_compiled(u, fused_var)):
+                # in a compiled graph: the kernel as custom ops (the global RNG)
+                aux = self.collect_aux and variance is not None and torch.is_grad_enabled()
+                spikes, z2 = kernels.compiled_spike(
+                    u, fused_var, self.estimator, self.at_zero,
+                    aux_offset=(self.threshold if self.aux_center == "zero" else 0.0)
+                    if aux else None)
+                if aux:
+                    self._collect(z2, u)
+                return spikes
             if fused_var is not None and kernels.can_fuse(u, fused_var):
                 aux = self.collect_aux and variance is not None and torch.is_grad_enabled()
                 spikes = kernels.fused_spike(

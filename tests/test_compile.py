@@ -195,3 +195,68 @@ def test_variance_survives_copies():
     for dup in (copy.deepcopy(x), pickle.loads(pickle.dumps(x))):
         assert type(dup) is VarianceTensor
         assert torch.equal(dup, x) and torch.equal(dup.variance, x.variance)
+
+
+def test_kernel_op_in_a_compiled_graph_matches_the_eager_kernel():
+    """With the kernel on, a compiled graph calls it as a custom op
+    (``sbnn_addons::spike_forward`` / ``spike_backward``): one spike call gives the eager
+    kernel's spikes (same Philox key from the global RNG) and gradients."""
+    if not sb.kernels.available():
+        pytest.skip("no C compiler on this machine")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    fc = sb.BayesLinear(20, 30, std=0.3)
+    spike = sb.IWSTSpike("agr", std=0.2, learn_std=True)
+    x = torch.rand(8, 20)
+
+    def f(x):
+        return spike(fc(x) - 1.0)
+
+    grads = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        fc.zero_grad()
+        spike.zero_grad()
+        torch.manual_seed(3)
+        h = fn(x)
+        (h * torch.arange(30.0)).sum().backward()
+        grads.append((h.detach(), fc.weight.grad.clone(), fc.std_rho.grad.clone(),
+                      spike.std_rho.grad.clone()))
+    assert grads[0][0].sum() > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_drop_in_spike_functions_compile():
+    """The drop-in spike functions in unconverted host models, fullgraph: snnTorch's second
+    call (the reset) still gets the emitted spike; gradients reach the weights and the
+    spike function's own std."""
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    snn_net = nn.Sequential(
+        nn.Linear(12, 16), snn.Leaky(beta=0.9, init_hidden=True, spike_grad=sbnn_snn.spike_grad()),
+        nn.Linear(16, 5),
+        snn.Leaky(beta=0.9, init_hidden=True, output=True, spike_grad=sbnn_snn.spike_grad()),
+    )
+    sj_net = nn.Sequential(
+        layer.Linear(12, 16), neuron.LIFNode(surrogate_function=sbnn_sj.surrogate_function()),
+        layer.Linear(16, 5), neuron.LIFNode(surrogate_function=sbnn_sj.surrogate_function()),
+    )
+    x = torch.rand(T, 6, 12) * 3
+    sutils.reset(snn_net)  # once eagerly: snnTorch's reset defines its module globals
+
+    def snn_loss(x):
+        sutils.reset(snn_net)
+        return sum(snn_net(x[t])[0] for t in range(x.shape[0])).sum()
+
+    def sj_loss(x):
+        functional.reset_net(sj_net)
+        return sum(sj_net(x[t]) for t in range(x.shape[0])).sum()
+
+    for net, loss_fn in ((snn_net, snn_loss), (sj_net, sj_loss)):
+        loss = torch.compile(loss_fn, fullgraph=True)(x)
+        loss.backward()
+        assert net[0].weight.grad.abs().sum() > 0
+        spike = next(m for m in net.modules() if isinstance(m, sb.IWSTSpike))
+        assert spike.std_rho.grad is not None and spike.std_rho.grad.abs() > 0

@@ -1,0 +1,143 @@
+"""Eager, C kernel and ``torch.compile``: what each costs per training step, against the host.
+
+In one run, interleaved, for the reference shape of ``bench_adapters.py`` (784-256-10 MLP,
+T=25, batch 128, Bernoulli(0.2) input), for snnTorch (tutorial explicit loop, atan
+surrogate) and SpikingJelly (multi-step ``LIFNode``, ``ATan``):
+
+* ``host eager`` (the baseline, ratio 1) and ``host compiled``: the original model (on
+  CUDA, SpikingJelly runs its own CUDA or Triton neuron here; the script prints which);
+* ``sbnn eager, C kernel``: the converted model (per-layer std, ST) with the fused CPU kernel;
+* ``sbnn eager, PyTorch``: the same without the kernel (``use_kernels(False)``), the path a
+  CUDA tensor takes;
+* ``sbnn compiled``: ``torch.compile(fullgraph=True)`` of the forward and loss (inductor; the
+  backward is compiled by AOTAutograd).
+
+A step is state reset, forward, cross-entropy and backward (the compiled variants compile
+the forward and the loss). Reports the median step time as a ratio to ``host eager`` and to
+``host compiled``, the bytes saved for backward as a ratio to the host's (eager variants),
+and, so that no time is quoted for a network that does not learn, the loss before and after
+``--train-steps`` Adam steps on one fixed batch for every variant (it must fall).
+
+Usage::
+
+    python benchmarks/bench_compile.py --reps 20 --repeat 3
+    python benchmarks/bench_compile.py --device cuda --reps 50 --repeat 3   # GPU (see docs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import platform
+
+import torch
+import torch.nn.functional as F
+from bench_adapters import B, T, snntorch_models, spikingjelly_models
+from bench_core import _saved_bytes, print_rows, repeated
+
+import sbnn_addons as sb
+
+
+def _variants(host: str):
+    factory = snntorch_models if host == "snntorch" else spikingjelly_models
+    models, reset = factory()
+    original, sbnn = models["original"], models["sbnn ST"]
+    return {
+        "host eager": (original, reset, False, True),
+        "host compiled": (copy.deepcopy(original), reset, True, True),
+        "sbnn eager, C kernel": (sbnn, reset, False, True),
+        "sbnn eager, PyTorch": (copy.deepcopy(sbnn), reset, False, False),
+        "sbnn compiled": (copy.deepcopy(sbnn), reset, True, True),
+    }
+
+
+def _make_step(model, reset, compiled: bool, kernels: bool, x, y):
+    def loss_fn(x, y):
+        return F.cross_entropy(model(x), y)
+
+    fn = torch.compile(loss_fn, fullgraph=True) if compiled else loss_fn
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        # eager for every variant: SpikingJelly's reset_net caches modules in a global
+        # table, on which a compiled step would guard (a recompile per new model)
+        reset(model)
+        with contextlib.nullcontext() if kernels else sb.kernels.use_kernels(False):
+            loss = fn(x, y)
+            loss.backward()
+        return loss
+
+    return step
+
+
+def _learns(model, step, steps: int) -> tuple[float, float]:
+    opt = torch.optim.Adam(sb.param_groups(model, lr=2e-3))
+    first = last = None
+    for _ in range(steps):
+        loss = step()
+        opt.step()
+        value = float(loss.detach())
+        first = value if first is None else first
+        last = value
+    return first, last
+
+
+def run(reps: int, repeat: int, threads: int, device: str, train_steps: int,
+        hosts: tuple[str, ...], seed: int = 0) -> list[dict]:
+    torch.set_num_threads(threads)
+    rows = []
+    for host in hosts:
+        torch.manual_seed(seed)
+        x = (torch.rand(T, B, 784) < 0.2).float().to(device)
+        y = torch.randint(0, 10, (B,)).to(device)
+        variants = _variants(host)
+        steps = {}
+        for name, (model, reset, compiled, kernels) in variants.items():
+            model.to(device)
+            steps[name] = _make_step(model, reset, compiled, kernels, x, y)
+        times, ratios = repeated(steps, reps, repeat)
+        saved = {k: _saved_bytes(f) for k, f in steps.items() if "compiled" not in k}
+        for name, (model, *_rest) in variants.items():
+            first, last = _learns(model, steps[name], train_steps)
+            ratio, low, high = ratios[name]
+            rows.append({
+                "host": host, "variant": name, "ms": 1e3 * times[name],
+                "vs_host_eager": ratio, "range": f"{low:.2f}-{high:.2f}",
+                "vs_host_compiled": times[name] / times["host compiled"],
+                "saved_bytes_ratio": (saved[name] / saved["host eager"]) if name in saved
+                else float("nan"),
+                "loss_first": first, "loss_last": last, "learns": last < first,
+            })
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--hosts", nargs="+", choices=("snntorch", "spikingjelly"),
+                        default=["snntorch", "spikingjelly"])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    rows = run(args.reps, args.repeat, args.threads, args.device, args.train_steps,
+               tuple(args.hosts))
+    if "spikingjelly" in args.hosts:  # on CUDA the host uses its own CUDA / Triton neuron
+        from spikingjelly.activation_based import functional
+
+        impl = functional.neuron_implementation("lif", torch.device(args.device))
+        print(f"SpikingJelly LIF implementation on {args.device}: {impl}")
+    print(f"torch {torch.__version__}, {platform.machine()}, device {args.device}, "
+          f"{args.threads} threads, {args.repeat} round(s) of {args.reps} interleaved "
+          f"repetitions (medians); MLP 784-256-10, T={T}, batch {B}\n")
+    print_rows(rows, ("host", "variant", "ms", "vs_host_eager", "range", "vs_host_compiled",
+                      "saved_bytes_ratio", "loss_first", "loss_last", "learns"), args.json)
+    if not all(r["learns"] for r in rows):
+        raise SystemExit("a variant's loss did not fall: its time is not meaningful")
+
+
+if __name__ == "__main__":
+    main()
