@@ -9,8 +9,10 @@ surrogate) and SpikingJelly (multi-step ``LIFNode``, ``ATan``):
 * ``sbnn eager, C kernel``: the converted model (per-layer std, ST) with the fused CPU kernel;
 * ``sbnn eager, PyTorch``: the same without the kernel (``use_kernels(False)``), the path a
   CUDA tensor takes;
-* ``sbnn compiled``: ``torch.compile(fullgraph=True)`` of the forward and loss (inductor; the
-  backward is compiled by AOTAutograd).
+* ``sbnn compiled, PyTorch``: ``torch.compile(fullgraph=True)`` of the forward and loss with
+  the kernel off: inductor fuses the PyTorch path (the backward is compiled by
+  AOTAutograd);
+* ``sbnn compiled``: the same with the kernel on, called as ``torch.library`` custom ops.
 
 A step is state reset, forward, cross-entropy and backward (the compiled variants compile
 the forward and the loss). Reports the median step time as a ratio to ``host eager`` and to
@@ -48,6 +50,7 @@ def _variants(host: str):
         "host compiled": (copy.deepcopy(original), reset, True, True),
         "sbnn eager, C kernel": (sbnn, reset, False, True),
         "sbnn eager, PyTorch": (copy.deepcopy(sbnn), reset, False, False),
+        "sbnn compiled, PyTorch": (copy.deepcopy(sbnn), reset, True, False),
         "sbnn compiled": (copy.deepcopy(sbnn), reset, True, True),
     }
 
@@ -86,6 +89,8 @@ def _learns(model, step, steps: int) -> tuple[float, float]:
 def run(reps: int, repeat: int, threads: int, device: str, train_steps: int,
         hosts: tuple[str, ...], seed: int = 0) -> list[dict]:
     torch.set_num_threads(threads)
+    # the compiled variants share one code object (loss_fn), one cache entry per model
+    torch._dynamo.config.recompile_limit = 64
     rows = []
     for host in hosts:
         torch.manual_seed(seed)
