@@ -219,5 +219,6 @@ def sample_spikes(
     if deterministic:
         eps = torch.zeros_like(u)
     else:
-        eps = torch.randn(u.shape, generator=generator, device=u.device, dtype=u.dtype)
+        eps = (torch.randn_like(u, memory_format=torch.contiguous_format) if generator is None
+               else torch.randn(u.shape, generator=generator, device=u.device, dtype=u.dtype))
     return apply_function(BernoulliSpike, u, sigma, eps, get_estimator(estimator), at_zero)

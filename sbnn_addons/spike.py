@@ -226,8 +226,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         if self.deterministic:
             eps = torch.zeros_like(u)
         else:
-            eps = torch.randn(u.shape, generator=self._generator_for(u), dtype=u.dtype,
-                              device=u.device)
+            eps = _standard_normal(u, self._generator_for(u))
         spikes = apply_function(
             BernoulliSpike, u, sigma.expand_as(u), eps, self.estimator, self.at_zero
         )
@@ -290,6 +289,14 @@ class IWSTSpike(SBNNModule, nn.Module):
         own = ("learned" if self.learn_std else "meta" if self.fixed_std.is_meta
                else f"{float(self.fixed_std.max()):g}")
         return f"estimator={self.estimator}, std={own}, mode={self.sbnn_mode}"
+
+
+def _standard_normal(u: Tensor, generator: torch.Generator | None) -> Tensor:
+    """``N(0, 1)`` noise shaped like ``u`` (without a ``generator`` argument when there is
+    none: ``randn_like``, the same numbers, traces with symbolic shapes)."""
+    if generator is None:
+        return torch.randn_like(u, memory_format=torch.contiguous_format)
+    return torch.randn(u.shape, generator=generator, dtype=u.dtype, device=u.device)
 
 
 def _fused_variance(u: Tensor, variance: Tensor | None) -> Tensor | None:

@@ -260,3 +260,24 @@ def test_drop_in_spike_functions_compile():
         assert net[0].weight.grad.abs().sum() > 0
         spike = next(m for m in net.modules() if isinstance(m, sb.IWSTSpike))
         assert spike.std_rho.grad is not None and spike.std_rho.grad.abs() > 0
+
+
+@pytest.mark.parametrize("name", ["dvs", "shd", "cifar"])
+def test_reference_networks_compile_like_eager(same_random_stream, name):
+    """The paper's reference networks (small widths), sample mode, fullgraph."""
+    from test_models import cifar_input, dvs_input, shd_input, tiny_cifar, tiny_dvs, tiny_shd
+
+    make, inp = {"dvs": (tiny_dvs, dvs_input), "shd": (tiny_shd, shd_input),
+                 "cifar": (tiny_cifar, cifar_input)}[name]
+    torch.manual_seed(0)
+    net, x = make(), inp()
+
+    def loss_fn(x, y):
+        return F.cross_entropy(net(x), y)
+
+    y = torch.zeros(net(x).shape[0], dtype=torch.long)
+    eager = _step(net, loss_fn, x, y)
+    compiled = _step(net, torch.compile(loss_fn, fullgraph=True), x, y)
+    assert torch.equal(eager[0], compiled[0])
+    for a, b in zip(eager[1], compiled[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
