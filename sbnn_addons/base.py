@@ -9,6 +9,9 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .tensors import is_binary
 
 __all__ = [
     "SBNNModule", "MODES", "inverse_softplus", "check_std", "share_posterior", "check_finite",
@@ -119,7 +122,9 @@ def share_posterior() -> Iterator[None]:
 
 
 _CHECK_FINITE = [True]
-_FINITE_MARK = "_sbnn_finite"  # on a checked tensor: its _version when it was found finite
+#: Tensors found finite, with their ``_version`` then (weak keys: an entry goes with its
+#: tensor), so that a tensor fed to several layers is checked once.
+_CHECKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 class check_finite:  # noqa: N801 (used as a function and as a context manager)
@@ -179,9 +184,10 @@ def check_input(x: Tensor, where: str) -> None:
                                 f"the input of {where} contains NaN or inf values; clean or "
                                 "normalise the data, or use sbnn_addons.check_finite(False)")
         return
-    state = x.__dict__
+    if is_binary(x):  # spikes: 0 and 1 only
+        return
     version = None if x.is_inference() else x._version  # inference tensors have none
-    if version is not None and version in (state.get(_FINITE_MARK), state.get("_sbnn_binary")):
+    if version is not None and _CHECKED.get(x) == version:
         return
     with torch._C.DisableTorchFunction():  # no variance flow: a plain reduction
         if x.numel() and not bool(torch.isfinite(x.detach().sum())):
@@ -197,7 +203,7 @@ def check_input(x: Tensor, where: str) -> None:
             "sbnn_addons.check_finite(False)"
         )
     if version is not None:
-        state[_FINITE_MARK] = version
+        _CHECKED[x] = version
 
 
 def _factory_spec(fn) -> tuple | None:

@@ -13,46 +13,65 @@ import functools
 import torch
 from torch import Tensor
 
-__all__ = ["mark_binary", "is_binary", "is_kept", "broadcasts_to", "apply_function",
-           "check_windows"]
+__all__ = ["SpikeTensor", "mark_binary", "is_binary", "is_kept", "broadcasts_to",
+           "apply_function", "check_windows"]
 
-_BINARY = "_sbnn_binary"
-_KEPT = "_sbnn_kept"
+class SpikeTensor(Tensor):
+    """A tensor of spikes (0 and 1 only), as a spike function returns it in eager mode.
+
+    A declared tensor subclass, so the mark is state PyTorch can see (it survives
+    ``deepcopy`` and ``pickle``). Any operation on it returns a plain tensor, so the mark
+    never spreads to values that may not be 0/1; an in-place operation on it, or on an
+    alias sharing its version counter, voids it.
+
+    Attributes:
+        kept: the spike function saves this very tensor for its own backward (the kernel
+            does), so a layer fed by it saves it too at no memory cost.
+        marked_version: the tensor's ``_version`` when it was marked.
+    """
+
+    kept: bool
+    marked_version: int
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            if len(args) == 1 and getattr(func, "__name__", None) == "__get__":
+                return func(*args)  # an attribute (x.shape)
+            return func(*args, **(kwargs or {}))
 
 
 def mark_binary(tensor: Tensor, kept: bool = False) -> Tensor:
     """Record that ``tensor`` holds only 0 and 1 (spikes); returns ``tensor``.
 
-    The mark is tied to the tensor's version counter, so an in-place change voids it.
-    Layers use it to skip ``x * x`` (``x^2 = x`` for spikes) in the LRT variance, and
-    keep a marked input for the backward as uint8 (a quarter of the memory) unless it is
-    ``kept``: ``kept=True`` records that the producer saves this very tensor for its own
-    backward (the spike kernel does), so a layer saves it too at no memory cost and
-    without a conversion.
+    The tensor becomes a :class:`SpikeTensor` (a class change, in place: no copy, no
+    autograd node); any in-place change voids the mark. Layers use it to skip ``x * x``
+    (``x^2 = x`` for spikes) in the LRT variance, and keep a marked input for the backward
+    as uint8 (a quarter of the memory) unless it is ``kept``: ``kept=True`` records that
+    the producer saves this very tensor for its own backward (the spike kernel does), so a
+    layer saves it too at no memory cost and without a conversion. Eager only: under
+    ``torch.compile``, inference mode, or for a tensor of another subclass, the tensor is
+    returned unmarked (always safe).
     """
-    if torch.compiler.is_compiling() or tensor.is_inference():
-        return tensor  # an unmarked tensor is always safe (inference: no version counter)
-    tensor.__dict__[_BINARY] = tensor._version
-    if kept:
-        tensor.__dict__[_KEPT] = tensor._version
+    if (torch.compiler.is_compiling() or tensor.is_inference()
+            or type(tensor) not in (Tensor, SpikeTensor)):
+        return tensor
+    tensor.__class__ = SpikeTensor
+    tensor.kept = bool(kept)
+    tensor.marked_version = tensor._version
     return tensor
 
 
 def is_binary(tensor: Tensor) -> bool:
     """Whether ``tensor`` was marked by :func:`mark_binary` and not changed in place since."""
-    if torch.compiler.is_compiling():
-        return False
-    mark = tensor.__dict__.get(_BINARY)
-    return mark is not None and not tensor.is_inference() and mark == tensor._version
+    return (type(tensor) is SpikeTensor and not torch.compiler.is_compiling()
+            and tensor.marked_version == tensor._version)
 
 
 def is_kept(tensor: Tensor) -> bool:
     """Whether ``tensor`` was marked binary and ``kept`` by its producer (and not changed
     in place since)."""
-    if torch.compiler.is_compiling():
-        return False
-    mark = tensor.__dict__.get(_KEPT)
-    return mark is not None and not tensor.is_inference() and mark == tensor._version
+    return is_binary(tensor) and tensor.kept
 
 
 def check_windows(x: Tensor, kernel, stride, padding) -> None:
