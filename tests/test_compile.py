@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import shutil
 
 import pytest
 import snntorch as snn
@@ -25,7 +26,11 @@ import sbnn_addons.snntorch as sbnn_snn
 import sbnn_addons.spikingjelly as sbnn_sj
 from sbnn_addons.moments import VarianceTensor
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                       reason="inductor needs a C++ compiler on the CPU"),
+]
 
 T = 4
 
