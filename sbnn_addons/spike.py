@@ -36,6 +36,7 @@ from .moments import (
     attach_variance,
     get_variance,
     no_variance_flow,
+    plain,
 )
 
 __all__ = ["IWSTSpike", "seed_spikes", "recomputing_forward", "DEFAULT_SPIKE_STD",
@@ -179,7 +180,9 @@ class IWSTSpike(SBNNModule, nn.Module):
         check_float("u", u)
         variance = self.noise_variance(u)
         with no_variance_flow():
-            return self.fire(u, variance)
+            # the drive as a plain tensor: the kernel's autograd function runs its own
+            # operations with torch functions enabled (no carrier overhead in them)
+            return self.fire(plain(u), variance)
 
     def fire(self, u: Tensor, variance: Tensor | None) -> Tensor:
         """Sample spikes for drive ``u`` with an explicit noise ``variance`` (or ``None``).
