@@ -42,6 +42,9 @@ def _known(variance, what: str):
     return variance
 
 
+_ZERO = "zero"  # the factors of the initial state's V = 0 (any scale may follow)
+
+
 def _zero_variance(like: Tensor) -> Tensor:
     """The initial ``V = 0``: one element (it broadcasts to any input variance)."""
     with no_variance_flow():
@@ -49,12 +52,24 @@ def _zero_variance(like: Tensor) -> Tensor:
 
 
 class LIFState(tuple):
-    """``(membrane, variance)``: the noise-free membrane ``u`` and its noise variance ``V``."""
+    """``(membrane, variance)``: the noise-free membrane ``u`` and its noise variance ``V``.
 
-    __slots__ = ()
+    Attributes:
+        factors: with a per-layer std inside a :func:`~sbnn_addons.share_posterior` block,
+            ``V = s^2 G`` kept factored (:class:`~sbnn_addons.moments.ScaledVariance`),
+            with the version of ``variance`` it belongs to, so that the next step runs
+            the recurrence ``G_t = beta^2 G_{t-1} + F_t`` on ``G`` outside autograd (one
+            graph node per step for ``V``); ``None`` otherwise. A ``variance`` changed in
+            place since, or a new state, takes the tensor recurrence (same values).
+    """
 
-    def __new__(cls, membrane: Tensor, variance: Tensor):
-        return super().__new__(cls, (membrane, variance))
+    def __new__(cls, membrane: Tensor, variance: Tensor, factors=None):
+        state = super().__new__(cls, (membrane, variance))
+        state.factors = factors
+        return state
+
+    def __getnewargs__(self):
+        return (self[0], self[1])
 
     @property
     def membrane(self) -> Tensor:
@@ -123,11 +138,24 @@ class LIF(nn.Module):
         """
         return LIFState(torch.zeros_like(current), _zero_variance(current))
 
-    def _variance_step(self, variance: Tensor, var_in) -> Tensor:
-        """``V_t = beta^2 V_{t-1} + var(I_t)``."""
+    def _variance_step(self, variance: Tensor, var_in, factors) -> tuple[Tensor, tuple | None]:
+        """``V_t = beta^2 V_{t-1} + var(I_t)`` and its factors (see :class:`LIFState`):
+        factored where ``V_{t-1}`` and ``var(I_t)`` share their scale ``s^2`` (or
+        ``V_{t-1}`` is the initial 0), eager mode only."""
+        if (isinstance(var_in, ScaledVariance) and factors is not None
+                and not torch.compiler.is_compiling() and not variance.is_inference()
+                and factors[1] == variance._version):
+            prev = factors[0]
+            if prev is _ZERO or (isinstance(prev, ScaledVariance)
+                                 and prev.scale is var_in.scale):
+                base = var_in.base if prev is _ZERO else torch.add(
+                    var_in.base, prev.base, alpha=self.beta * self.beta)
+                scaled = ScaledVariance(base, var_in.scale)
+                out = scaled.value()
+                return out, (scaled, out._version)
         if isinstance(var_in, ScaledVariance):
             var_in = var_in.value()
-        return _variance_update(variance, var_in, self.beta)
+        return _variance_update(variance, var_in, self.beta), None
 
     def _fire(self, drive: Tensor, variance: Tensor) -> Tensor:
         own = self.spike_fn.noise_variance(drive.detach())  # own std only: drive is clean
@@ -138,8 +166,11 @@ class LIF(nn.Module):
         var_in = _known(raw_variance(current), "input current")
         if state is None:  # a zero membrane, left out of the first update
             membrane, variance = None, _zero_variance(current)
+            factors = (None if torch.compiler.is_compiling() or variance.is_inference()
+                       else (_ZERO, variance._version))
         else:
             membrane, variance = state
+            factors = getattr(state, "factors", None)
         if (membrane is not None and membrane.shape != current.shape
                 and membrane.numel() != 1):
             raise ValueError(
@@ -147,14 +178,14 @@ class LIF(nn.Module):
                 f"of shape {tuple(current.shape)}; pass state=None at the start of a sequence"
             )
         with no_variance_flow():  # V is tracked explicitly; the flow would count it twice
-            variance = self._variance_step(variance, var_in)
+            variance, factors = self._variance_step(variance, var_in, factors)
             fused = self._fused_step(current, membrane, variance)
             if fused is None:
                 spikes, membrane = lif_fire(current, membrane, variance, self._fire,
                                             self.beta, self.threshold, self.reset)
             else:
                 spikes, membrane = fused
-        return spikes, LIFState(membrane, variance)
+        return spikes, LIFState(membrane, variance, factors)
 
     def _fused_step(self, current: Tensor, membrane: Tensor | None,
                     variance: Tensor) -> tuple[Tensor, Tensor] | None:

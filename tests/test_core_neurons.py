@@ -256,9 +256,10 @@ def _std_pair():
 
 @pytest.mark.parametrize("modify_state", [False, True])
 def test_factored_variance_runs_the_recurrence_on_f(modify_state):
-    """With a per-layer std, var(I_t) = s^2 F_t: the same spikes, V and std gradient as the
-    per-channel layer with equal stds (a tensor variance), also for a state whose V was
-    changed in place."""
+    """With a per-layer std, var(I_t) = s^2 F_t and V_t = s^2 G_t, G_t = beta^2 G_{t-1} + F_t:
+    the same spikes, V and std gradient as the per-channel layer with equal stds (a tensor
+    variance), and a graph for V_T that does not grow with T. A state whose V was changed
+    in place goes back to the tensor recurrence (same results)."""
     layer, channel = _std_pair()
     x = torch.rand(T, 2, 3)
     outs = {}
@@ -281,6 +282,8 @@ def test_factored_variance_runs_the_recurrence_on_f(modify_state):
                                outs["channel"][1], rtol=1e-6, atol=0)
     assert outs["layer"][2].abs() > 0
     torch.testing.assert_close(outs["layer"][2], outs["channel"][2], rtol=1e-5, atol=0)
+    if not modify_state:
+        assert outs["layer"][3] <= 5 < 2 * T <= outs["channel"][3]
 
 
 @pytest.mark.skipif(not sb.kernels.available(), reason="no C compiler on this machine")
