@@ -26,6 +26,7 @@ from .moments import (
     attach_variance,
     get_variance,
     no_variance_flow,
+    plain,
     raw_variance,
 )
 from .spike import IWSTSpike
@@ -164,6 +165,7 @@ class LIF(nn.Module):
     def forward(self, current: Tensor, state: LIFState | None = None) -> tuple[Tensor, LIFState]:
         check_float("current", current)
         var_in = _known(raw_variance(current), "input current")
+        current = plain(current)  # the kernels' autograd functions see a plain tensor
         if state is None:  # a zero membrane, left out of the first update
             membrane, variance = None, _zero_variance(current)
             factors = (None if torch.compiler.is_compiling() or variance.is_inference()
@@ -250,6 +252,7 @@ class LIF(nn.Module):
         """
         check_float("currents", currents)
         var_seq = _known(get_variance(currents), "input currents")
+        currents = plain(currents)
         if currents.numel() == 0:  # T = 0 or B = 0: nothing to run
             return mark_binary(currents.new_zeros(currents.shape))
         state = None
