@@ -246,3 +246,15 @@ def test_spikingjelly_chunk_reaches_each_neuron():
     model(torch.rand(3, 2, 8))
     assert isinstance(model.a.sbnn_var, torch.Tensor) and isinstance(model.b.sbnn_var,
                                                                      torch.Tensor)
+
+
+@pytest.mark.parametrize("op", [torch.tanh, torch.sigmoid, torch.relu])
+def test_core_op_without_rule_raises_without_track_variance(op):
+    """A plain core network (no converter, no track_variance): an operation without a
+    variance rule between a Bayesian layer and the neuron is named, not dropped."""
+    fc = sb.BayesLinear(4, 3, std=0.3)
+    lif = sb.LIF(spike_fn=sb.IWSTSpike("st"))
+    with pytest.raises(sb.VarianceFlowError, match=op.__name__):
+        lif(op(fc(torch.rand(2, 4))))
+    with pytest.raises(sb.VarianceFlowError, match=op.__name__):
+        sb.IWSTSpike("st")(op(fc(torch.rand(2, 4))) - 0.5)
