@@ -16,8 +16,8 @@ What the conversion does (Method page, sections 2-3):
   the original weight (posterior mean). They attach the local-reparameterisation variance
   ``var(a) = s^2 sum_i x_i^2`` to their output.
 * Every ``snn.Leaky`` / ``snn.RLeaky`` gets an :class:`~sbnn_addons.IWSTSpike` as
-  ``spike_grad``. The neuron's own update ``U_t = beta U_{t-1} + I_t - S_{t-1} theta`` runs
-  inside a :class:`~sbnn_addons.moments.VarianceFlow`, so the spike function sees
+  ``spike_grad``. The neuron's own update ``U_t = beta U_{t-1} + I_t - S_{t-1} theta`` acts
+  on a :class:`~sbnn_addons.moments.VarianceTensor` current, so the spike function sees
   ``V_t = beta^2 V_{t-1} + var_t`` (``+ var`` of the recurrent current for ``RLeaky``).
 * The reset uses **the emitted spike**: snnTorch computes the reset by calling
   ``spike_grad`` a second time, which for a stochastic spike would be an independent

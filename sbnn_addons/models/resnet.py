@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from ..checkpoint import checkpoint
 from ..functional import is_binary, is_kept, mark_binary
-from ..moments import variance_flow
 from ._common import (
     PAPER_BETA,
     LayerFactory,
@@ -85,8 +84,7 @@ class ConvLIF(nn.Module):
         """Input current of the LIF, ``[T*B, C, H', W']``, with its variance attached."""
         y = self.norm(self.conv(x))  # ChannelAffine keeps the variance (mean-only affine)
         if self.pool > 1:
-            with variance_flow():  # avg-pool rule: var -> sum(var) / k^2
-                y = F.avg_pool2d(y, self.pool)
+            y = F.avg_pool2d(y, self.pool)  # the carrier's rule: var -> sum(var) / k^2
         return y
 
     def forward(self, x: Tensor, num_steps: int) -> Tensor:
