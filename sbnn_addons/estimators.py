@@ -172,6 +172,14 @@ def _finite(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.clamp(-big, big).to(dtype)
 
 
+def _standard_normal(u: Tensor, generator: torch.Generator | None) -> Tensor:
+    """``N(0, 1)`` noise shaped like ``u`` (without a ``generator`` argument when there is
+    none: ``randn_like``, the same numbers, traces with symbolic shapes)."""
+    if generator is None:
+        return torch.randn_like(u, memory_format=torch.contiguous_format)
+    return torch.randn(u.shape, generator=generator, dtype=u.dtype, device=u.device)
+
+
 def sample_spikes(
     u: Tensor,
     sigma: Tensor,
@@ -219,6 +227,5 @@ def sample_spikes(
     if deterministic:
         eps = torch.zeros_like(u)
     else:
-        eps = (torch.randn_like(u, memory_format=torch.contiguous_format) if generator is None
-               else torch.randn(u.shape, generator=generator, device=u.device, dtype=u.dtype))
+        eps = _standard_normal(u, generator)
     return apply_function(BernoulliSpike, u, sigma, eps, get_estimator(estimator), at_zero)

@@ -631,11 +631,8 @@ def _(u, variance, at_zero, aux_offset):
 def _spike_backward_op(grad: Tensor, grad_aux: Tensor, u: Tensor, variance: Tensor,
                        spikes: Tensor, kind: str, p: float, tau: float, max_weight: float,
                        aux_offset: float) -> tuple[Tensor, Tensor]:
-    u = u.contiguous()
-    var, mid, inner = _layout(u, variance)
-    return _backward_raw(grad, u, var, mid, inner, spikes,
-                         _EstimatorArgs(kind, p, tau, max_weight),
-                         float(grad_aux), aux_offset, variance.shape)
+    return spike_backward(grad, u, variance, spikes, _EstimatorArgs(kind, p, tau, max_weight),
+                          float(grad_aux), aux_offset)
 
 
 @_spike_backward_op.register_fake

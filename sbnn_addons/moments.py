@@ -246,15 +246,6 @@ def plain_in_place(t: Tensor) -> Tensor:
     return _plain(t, in_place=True)
 
 
-def detach_variance(var):
-    """``var`` (a tensor, :class:`ScaledVariance` or marker) without its autograd graph."""
-    if isinstance(var, Tensor):
-        return var.detach()
-    if isinstance(var, ScaledVariance):
-        return ScaledVariance(var.base.detach(), var.scale.detach())
-    return var
-
-
 def plain(t: Tensor) -> Tensor:
     """The mean of ``t`` as a plain tensor (``t`` itself if it carries no variance; else an
     alias, ``t`` keeps its variance)."""
@@ -285,13 +276,6 @@ def raw_variance(tensor: Tensor) -> Tensor | ScaledVariance | UnknownVariance | 
     """The variance carried by ``tensor`` as stored: a factored one stays a
     :class:`ScaledVariance` (for code that passes it on, or keeps it factored)."""
     return tensor.variance if type(tensor) is VarianceTensor else None
-
-
-def _state(x) -> tuple:
-    """``(variance, probe)`` of an argument (``(None, False)`` for anything noise-free)."""
-    if type(x) is VarianceTensor:
-        return x.variance, x.probe
-    return None, False
 
 
 # --------------------------------------------------------------------------- rules
@@ -775,8 +759,8 @@ def _carry_probe(name: str, args, kwargs, out):
         if _REPORTS:
             _REPORTS[-1].note(name, why is None)
         if _in_place(args, out):
-            args[0].variance = None if why is None else UnknownVariance(why)
-            args[0].probe = why is None
+            _mark_in_place(args[0], None if why is None else UnknownVariance(why), name,
+                           probe=why is None)
             return args[0]
         return _wrap(out, None, True) if why is None else _wrap(out, UnknownVariance(why))
     if isinstance(out, (tuple, list)):
@@ -802,7 +786,7 @@ def _in_place(args, out) -> bool:
     return bool(args) and out is args[0] and type(out) is VarianceTensor
 
 
-def _mark_in_place(target, variance, name: str) -> None:
+def _mark_in_place(target, variance, name: str, probe: bool = False) -> None:
     """Give ``target``, changed in place by ``name``, the variance ``variance``.
 
     A plain tensor that receives noise in place (a metric's running count, a slice
@@ -811,9 +795,9 @@ def _mark_in_place(target, variance, name: str) -> None:
     """
     if type(target) is VarianceTensor:
         target.variance = variance
-        target.probe = False
+        target.probe = probe
     elif isinstance(target, Tensor) and not torch.compiler.is_compiling():
-        _wrap(target, variance)
+        _wrap(target, variance, probe)
 
 
 _C_LEVEL: dict = {}

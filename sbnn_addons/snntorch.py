@@ -56,7 +56,6 @@ from .moments import (
     VarianceTensor,
     attach_variance,
     check_variance_flow,
-    detach_variance,
     get_variance,
     plain_in_place,
     track_variance,
@@ -215,13 +214,10 @@ class _EmittedSpikeReset:
 
     def _sbnn_state_update(self, input_: Tensor) -> Tensor:
         mem = self._buffers.get("mem")
-        state = self.__dict__.get(_STATE)
-        if (state is not None and type(mem) is not VarianceTensor and mem is state[0]
-                and state[1] is not None):
-            var = state[1]
-            if state[2] and not mem.requires_grad:  # detach_hidden / truncated BPTT
-                var = detach_variance(var)
-            self._buffers["mem"] = attach_variance(mem, var)
+        if type(mem) is not VarianceTensor:
+            var = _stored_variance(self, detached=True)
+            if var is not None:
+                self._buffers["mem"] = attach_variance(mem, var)
         return self._sbnn_host_state(input_)
 
     def __setstate__(self, state) -> None:
@@ -271,6 +267,20 @@ class _EmittedSpikeReset:
         return super().reset_mem()
 
 
+def _stored_variance(neuron: nn.Module, detached: bool = False):
+    """The variance of a neuron's plain membrane buffer: the stored ``V`` while ``mem`` is
+    the membrane it belongs to, else ``None``. ``detached``: without its graph where
+    ``detach_hidden`` (truncated BPTT) detached the membrane since."""
+    mem = neuron._buffers.get("mem")
+    state = neuron.__dict__.get(_STATE)
+    if state is None or mem is not state[0]:
+        return None
+    var = state[1]
+    if detached and state[2] and not mem.requires_grad and isinstance(var, Tensor):
+        var = var.detach()
+    return var
+
+
 def membrane_variance(neuron: nn.Module) -> Tensor | None:
     """The noise variance ``V`` of a converted neuron's current membrane, or ``None``
     (no noise yet, or reset with the membrane).
@@ -281,10 +291,7 @@ def membrane_variance(neuron: nn.Module) -> Tensor | None:
     mem = neuron._buffers.get("mem")
     if type(mem) is VarianceTensor:
         return get_variance(mem)
-    state = neuron.__dict__.get(_STATE)
-    if state is not None and mem is state[0]:
-        return state[1]
-    return None
+    return _stored_variance(neuron)
 
 
 def _instance_lists() -> list[list]:
@@ -611,8 +618,7 @@ def to_sbnn(
             _link_state_update(m)
             _register(m)  # a copy is not in snnTorch's instance lists (utils.reset)
     reset(out)
-    track_variance(out, opaque=[m for m in out.modules() if type(m) in _TO_PLAIN],
-                   check_inputs=True)
+    track_variance(out, check_inputs=True)
     if aux_loss:
         enable_aux_loss(out)
     if example_input is not None:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import kernels
 from .base import SBNNModule, cached_tensor_test, check_std, inverse_softplus, softplus
-from .estimators import BernoulliSpike, Estimator, get_estimator
+from .estimators import BernoulliSpike, Estimator, _standard_normal, get_estimator
 from .functional import (
     SIGMA_MIN,
     apply_function,
@@ -199,26 +199,20 @@ class IWSTSpike(SBNNModule, nn.Module):
             )
         if not self.deterministic:
             fused_var = _fused_variance(u, variance)
-            if (torch.compiler.is_compiling() and fused_var is not None
-                    and self._seed is None and kernels.can_fuse_compiled(u, fused_var)):
-                # in a compiled graph: the kernel as custom ops (the global RNG)
+            # in a compiled graph the kernel runs as custom ops (the global RNG)
+            compiled = (torch.compiler.is_compiling() and fused_var is not None
+                        and self._seed is None and kernels.can_fuse_compiled(u, fused_var))
+            if compiled or (fused_var is not None and kernels.can_fuse(u, fused_var)):
                 aux = self.collect_aux and variance is not None and torch.is_grad_enabled()
-                spikes, z2 = kernels.compiled_spike(
-                    u, fused_var, self.estimator, self.at_zero,
-                    aux_offset=(self.threshold if self.aux_center == "zero" else 0.0)
-                    if aux else None)
+                offset = (self.threshold if self.aux_center == "zero" else 0.0) if aux else None
+                if compiled:
+                    spikes, z2 = kernels.compiled_spike(u, fused_var, self.estimator,
+                                                        self.at_zero, aux_offset=offset)
+                else:
+                    out = kernels.fused_spike(u, fused_var, self.estimator, self.at_zero,
+                                              self._generator_for(u), aux_offset=offset)
+                    spikes, z2 = out if aux else (out, None)
                 if aux:
-                    self._collect(z2, u)
-                return spikes
-            if fused_var is not None and kernels.can_fuse(u, fused_var):
-                aux = self.collect_aux and variance is not None and torch.is_grad_enabled()
-                spikes = kernels.fused_spike(
-                    u, fused_var, self.estimator, self.at_zero, self._generator_for(u),
-                    aux_offset=(self.threshold if self.aux_center == "zero" else 0.0)
-                    if aux else None,
-                )
-                if aux:
-                    spikes, z2 = spikes
                     self._collect(z2, u)
                 return mark_binary(attach_variance(spikes, None))
         if variance is None:
@@ -292,14 +286,6 @@ class IWSTSpike(SBNNModule, nn.Module):
         own = ("learned" if self.learn_std else "meta" if self.fixed_std.is_meta
                else f"{float(self.fixed_std.max()):g}")
         return f"estimator={self.estimator}, std={own}, mode={self.sbnn_mode}"
-
-
-def _standard_normal(u: Tensor, generator: torch.Generator | None) -> Tensor:
-    """``N(0, 1)`` noise shaped like ``u`` (without a ``generator`` argument when there is
-    none: ``randn_like``, the same numbers, traces with symbolic shapes)."""
-    if generator is None:
-        return torch.randn_like(u, memory_format=torch.contiguous_format)
-    return torch.randn(u.shape, generator=generator, dtype=u.dtype, device=u.device)
 
 
 def _fused_variance(u: Tensor, variance: Tensor | None) -> Tensor | None:

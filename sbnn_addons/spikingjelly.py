@@ -672,14 +672,12 @@ def to_sbnn(
         return None
 
     replace_modules(model, convert)
-    kept = []
     for name, m in model.named_modules():
         if not _is_spiking_node(m):
             continue
         if match_name(name, exc):  # excluded: kept as it is, and must get no variance
             if _refuse_variance not in m._forward_pre_hooks.values():
                 m.register_forward_pre_hook(_refuse_variance)
-            kept.append(m)
             continue
         spike = SJSpike(estimator, std=spike_std, learn_std=spike_learn)
         spike = spike.to(next(iter(m.parameters()), torch.empty(0)).device)
@@ -693,10 +691,7 @@ def to_sbnn(
             "nn.Conv1d/nn.Conv2d (check include/exclude) and no supported neuron"
         )
     reset(model)
-    # linked neurons track their variance themselves: pause the flow inside them
-    linked = [m for m in model.modules() if isinstance(getattr(m, "surrogate_function", None),
-                                                       SJSpike) and m.surrogate_function._linked]
-    track_variance(model, opaque=linked + kept, check_inputs=True)
+    track_variance(model, check_inputs=True)
     if aux_loss:
         enable_aux_loss(model)
     if example_input is not None:

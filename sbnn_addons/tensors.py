@@ -36,8 +36,6 @@ class SpikeTensor(Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         with torch._C.DisableTorchFunctionSubclass():
-            if len(args) == 1 and getattr(func, "__name__", None) == "__get__":
-                return func(*args)  # an attribute (x.shape)
             return func(*args, **(kwargs or {}))
 
 
