@@ -676,8 +676,10 @@ def compiled_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False
                    aux_offset: float | None = None) -> tuple[Tensor, Tensor]:
     """:func:`fused_spike` as custom ops, for compiled graphs (global RNG).
 
-    Returns ``(spikes, sum_z2)`` (``sum_z2`` is 0 without ``aux_offset``). Check
-    :func:`can_fuse_compiled` first.
+    Spikes ``h = 1[U < Phi(u / sqrt(variance))]`` with the IW-ST backward of ``estimator``,
+    as :func:`fused_spike`: ``u`` float32 CPU ``[*]``, ``variance`` float32 broadcastable to
+    ``u``. Returns ``(spikes [*], sum_z2 [])`` (``sum_z2`` is 0 without ``aux_offset``).
+    Check :func:`can_fuse_compiled` first; wrong dtypes or devices raise ``TypeError``.
     """
     return _CompiledSpike.apply(u, variance, at_zero, estimator, aux_offset)
 

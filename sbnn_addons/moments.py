@@ -259,7 +259,15 @@ def attach_variance(mean: Tensor,
     In eager mode ``mean`` itself becomes the carrier (``None`` turns it back into a plain
     tensor) and is returned; under ``torch.compile`` the result is a new tensor that aliases
     ``mean``. Use the returned tensor, which is right in both.
+
+    Raises:
+        TypeError: ``mean`` is not a tensor, or ``variance`` is none of the above.
     """
+    if not isinstance(mean, Tensor):
+        raise TypeError(f"mean must be a torch.Tensor, got {type(mean).__name__}")
+    if not (variance is None or isinstance(variance, (Tensor, ScaledVariance, UnknownVariance))):
+        raise TypeError("variance must be a torch.Tensor, a ScaledVariance, an UnknownVariance "
+                        f"or None, got {type(variance).__name__}")
     return _wrap(mean, variance)
 
 

@@ -258,3 +258,18 @@ def test_core_op_without_rule_raises_without_track_variance(op):
         lif(op(fc(torch.rand(2, 4))))
     with pytest.raises(sb.VarianceFlowError, match=op.__name__):
         sb.IWSTSpike("st")(op(fc(torch.rand(2, 4))) - 0.5)
+
+
+def test_attach_variance_names_a_wrong_argument():
+    with pytest.raises(TypeError, match="mean must be a torch.Tensor"):
+        sb.attach_variance([1.0, 2.0], torch.ones(2))
+    with pytest.raises(TypeError, match="variance must be"):
+        sb.attach_variance(torch.ones(2), 0.5)
+
+
+def test_compiled_spike_names_a_wrong_dtype():
+    if not sb.kernels.available():
+        pytest.skip("no C compiler on this machine")
+    with pytest.raises(TypeError, match="u must be a torch.float32 CPU tensor"):
+        sb.kernels.compiled_spike(torch.zeros(4, dtype=torch.float64), torch.ones(4),
+                                  sb.get_estimator("st"))
