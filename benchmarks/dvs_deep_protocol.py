@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 import sbnn_addons as sb
+from sbnn_addons.base import inverse_softplus
 from sbnn_addons.data.dvs_gesture import load_dvs_gesture_32
 from sbnn_addons.metrics import classification_metrics, ood_metrics
 from sbnn_addons.models import PAPER_CONFIGS, dvs_resnet19, paper_recipe
@@ -60,11 +61,21 @@ METHODS = ("sbnn", "twin", "twin-bn")
 NUM_CLASSES = 11
 
 
-def build(method: str, width: int, frames: int, estimator: str) -> torch.nn.Module:
-    """The network of one method (full depth: 3 blocks per stage, 19 convs)."""
+def build(method: str, width: int, frames: int, estimator: str,
+          std_scale: float = 1.0) -> torch.nn.Module:
+    """The network of one method (full depth: 3 blocks per stage, 19 convs).
+
+    ``std_scale`` multiplies the SBNN layers' initial posterior std ``0.5 / sqrt(fan_in)``
+    (an ablation of the noise level; 1 is the released initialisation)."""
     kw = {"width_mult": width / 32, "num_steps": frames}
     if method == "sbnn":
-        return dvs_resnet19(estimator=estimator, **kw)
+        net = dvs_resnet19(estimator=estimator, **kw)
+        if std_scale != 1.0:
+            with torch.no_grad():
+                for m in net.modules():
+                    if isinstance(m, sb.BayesConv2d):
+                        m.std_rho.fill_(inverse_softplus(float(m.std) * std_scale))
+        return net
     if method == "twin":
         return dvs_resnet19(bayes=False, **kw)
     if method == "twin-bn":
@@ -101,11 +112,13 @@ def run(method: str, seed: int, args, data) -> dict:
     xtr, ytr, xte, yte, xood = data
     device = torch.device(args.device)
     torch.manual_seed(seed)
-    net = build(method, args.width, args.frames, args.estimator).to(device)
+    net = build(method, args.width, args.frames, args.estimator, args.std_scale).to(device)
     epochs = args.epochs
     opt, sched = paper_recipe(net, "dvs_gesture", epochs=epochs)
     bayes = method == "sbnn"
-    aux_weight = PAPER_CONFIGS["dvs_gesture"]["aux_weight"] if bayes else 0.0
+    aux_weight = args.aux_weight if args.aux_weight is not None else (
+        PAPER_CONFIGS["dvs_gesture"]["aux_weight"])
+    aux_weight = aux_weight if bayes else 0.0
     if bayes and aux_weight > 0:
         sb.enable_aux_loss(net)
     n_train = xtr.shape[1]
@@ -123,7 +136,8 @@ def run(method: str, seed: int, args, data) -> dict:
             nll = F.cross_entropy(net(x), y)
             if bayes:
                 loss = sb.sbnn_objective(nll, net, n_train, kl_weight=args.kl,
-                                         aux_weight=aux_weight, aux_reduction="sum")
+                                         prior=args.prior_std, aux_weight=aux_weight,
+                                         aux_reduction="sum")
             else:
                 loss = nll
             if not torch.isfinite(loss):
@@ -151,12 +165,16 @@ def run(method: str, seed: int, args, data) -> dict:
     net.eval()
     result = {"method": method, "seed": seed, "width": args.width, "frames": args.frames,
               "epochs": epochs, "kl": args.kl if bayes else 0.0,
-              "estimator": args.estimator if bayes else None, "holdout": list(args.holdout),
+              "prior_std": args.prior_std if bayes and args.kl else None,
+              "estimator": args.estimator if bayes else None,
+              "std_scale": args.std_scale if bayes else None,
+              "aux_weight": aux_weight if bayes else None, "holdout": list(args.holdout),
               "train_samples": n_train, "curve": curve,
               "train_s_per_epoch": train_time / epochs,
               "loss_fell": curve[-1]["train_nll"] < curve[0]["train_nll"]}
     mean_p = probabilities(net, xte, "mean", 1, args.eval_batch, device)[0]
     result["mean"] = classification_metrics(mean_p, yte)
+    samples = None
     if bayes:
         k_max = max(args.mc)
         samples = probabilities(net, xte, "sample", k_max, args.eval_batch, device)
@@ -165,8 +183,7 @@ def run(method: str, seed: int, args, data) -> dict:
                         for k in args.mc}
     if xood is not None:
         if bayes:
-            k_max = max(args.mc)
-            s_in = probabilities(net, xte, "sample", k_max, args.eval_batch, device)
+            s_in = samples
             s_out = probabilities(net, xood, "sample", k_max, args.eval_batch, device)
             p_in, p_out = s_in.mean(0), s_out.mean(0)
             mi_in = entropy(p_in) - entropy(s_in).mean(0)
@@ -212,17 +229,30 @@ def _fmt(values: list[float]) -> str:
     return f"{100 * m:.1f} ± {100 * s:.1f}" if len(values) > 1 else f"{100 * m:.1f}"
 
 
+def _label(row: dict) -> str:
+    """The method's name, with the ablations that differ from the released SBNN."""
+    parts = []
+    if row.get("estimator") not in (None, "st"):
+        parts.append(row["estimator"])
+    if row.get("std_scale") not in (None, 1.0):
+        parts.append(f"std x{row['std_scale']:g}")
+    aux = row.get("aux_weight")
+    if aux is not None and aux != PAPER_CONFIGS["dvs_gesture"]["aux_weight"]:
+        parts.append(f"aux {aux:g}")
+    return row["method"] + (f" ({', '.join(parts)})" if parts else "")
+
+
 def table(path: Path) -> str:
     """Markdown table (mean ± std over seeds) of the JSON lines in ``path``."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["method"], r["kl"]), []).append(r)
+        groups.setdefault((_label(r), r["kl"], r.get("prior_std") or 1.0), []).append(r)
     lines = ["| method | KL | seeds | epochs | acc mean % | acc sample % | acc mc(max K) % "
              "| NLL (mean / mc) | ECE % (mean / mc) | OOD AUROC % (entropy / MI) "
              "| s/epoch | loss fell |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (method, kl), rs in sorted(groups.items()):
+    for (method, kl, prior_std), rs in sorted(groups.items()):
         kmax = max((max(map(int, r["mc"])) for r in rs if "mc" in r), default=None)
 
         def vals(*keys, rs=rs):
@@ -237,7 +267,8 @@ def table(path: Path) -> str:
         if vals("ood_mi", "auroc"):
             ood += f" / {_fmt(vals('ood_mi', 'auroc'))}"
         lines.append(
-            f"| {method} | {kl:g} | {len(rs)} | {rs[0]['epochs']} | "
+            f"| {method} | {kl:g}{f' (s0 {prior_std:g})' if kl else ''} | {len(rs)} | "
+            f"{rs[0]['epochs']} | "
             f"{_fmt(vals('mean', 'accuracy'))} | {_fmt(vals('sample', 'accuracy'))} | "
             f"{_fmt(vals(*mc, 'accuracy')) if mc else '-'} | {nll} | {ece} | {ood} | "
             f"{statistics.mean(r['train_s_per_epoch'] for r in rs):.0f} | "
@@ -258,7 +289,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--eval-batch", type=int, default=48)
     p.add_argument("--estimator", default="st")
+    p.add_argument("--std-scale", type=float, default=1.0,
+                   help="ablation: scale of the SBNN's initial posterior stds (1: released)")
+    p.add_argument("--aux-weight", type=float, default=None,
+                   help="ablation: weight lambda of the summed aux loss (default: 1e-10)")
     p.add_argument("--kl", type=float, default=0.0, help="KL weight beta_kl (0: none)")
+    p.add_argument("--prior-std", type=float, default=1.0,
+                   help="std s0 of the N(0, s0^2) weight prior of the KL term")
     p.add_argument("--mc", nargs="+", type=int, default=[1, 2, 4, 8, 16])
     p.add_argument("--holdout", nargs="*", type=int, default=[],
                    help="gesture classes left out of training and scored as OOD")

@@ -1,0 +1,51 @@
+"""The deep-protocol benchmark script runs end to end on real frames (tiny sizes)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DVS_DIR = ROOT.parent / "shared" / "data" / "dvs_gesture_32"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not DVS_DIR.exists(), reason="needs ../shared/data/dvs_gesture_32")
+def test_dvs_deep_protocol_ablation_and_kl_rows(tmp_path, capsys):
+    deep = _script("dvs_deep_protocol")
+    out = tmp_path / "runs.jsonl"
+    common = ["--data-dir", str(DVS_DIR), "--width", "2", "--frames", "2",
+              "--frame-stride", "24", "--max-train", "11", "--epochs", "1", "--mc", "1", "2",
+              "--threads", "1", "--out", str(out), "--seeds", "0"]
+    deep.main([*common, "--methods", "sbnn", "twin"])
+    deep.main([*common, "--methods", "sbnn", "--std-scale", "0.5", "--aux-weight", "0",
+               "--kl", "0.1", "--prior-std", "0.05", "--holdout", "9", "10"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["sbnn", "twin", "sbnn"]
+    assert rows[2]["std_scale"] == 0.5 and rows[2]["aux_weight"] == 0.0
+    assert rows[2]["prior_std"] == 0.05 and "ood_mi" in rows[2] and "ood_entropy" in rows[2]
+    assert set(rows[0]["mc"]) == {"1", "2"}
+    table = deep.table(out)
+    assert "| sbnn | 0 |" in table and "| twin | 0 |" in table
+    assert "| sbnn (std x0.5, aux 0) | 0.1 (s0 0.05) |" in table
+
+
+def test_std_scale_scales_every_posterior_std():
+    import sbnn_addons as sb
+
+    deep = _script("dvs_deep_protocol")
+    base = deep.build("sbnn", 2, 2, "st")
+    scaled = deep.build("sbnn", 2, 2, "st", std_scale=0.5)
+    pairs = [(a.std.item(), b.std.item())
+             for a, b in zip(base.modules(), scaled.modules(), strict=True)
+             if isinstance(a, sb.BayesConv2d)]
+    assert len(pairs) == 19
+    for a, b in pairs:
+        assert b == pytest.approx(0.5 * a, rel=1e-5)
