@@ -174,7 +174,7 @@ def _declare(lib: ctypes.CDLL) -> None:
                                        i32]
     lib.sbnn_spike_forward.restype = ctypes.c_double
     lib.sbnn_spike_backward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, i32, ptr, ptr, i64, i32,
-                                        f32, f32, f32, f32, f32, i32]
+                                        f32, f32, f32, f32, f32, i32, i32]
     lib.sbnn_spike_backward.restype = None
     lib.sbnn_spike_backward_compact.argtypes = lib.sbnn_spike_backward.argtypes
     lib.sbnn_spike_backward_compact.restype = None
@@ -183,7 +183,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sbnn_lif_step_forward.restype = ctypes.c_double
     lib.sbnn_lif_step_backward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ptr, f32, f32, i32,
                                            ptr, ptr, ptr, i32, i64, i32, f32, f32, f32, f32,
-                                           f32, i32]
+                                           f32, i32, i32]
     lib.sbnn_lif_step_backward.restype = None
     lib.sbnn_window_sum.argtypes = [ptr, ptr, *[i64] * 12, i32, f32, i32]
     lib.sbnn_window_sum.restype = ctypes.c_int
@@ -469,13 +469,14 @@ def _forward_raw(u: Tensor, var: Tensor, mid: int, inner: int, seed: int, at_zer
 
 
 def spike_backward(grad: Tensor, u: Tensor, variance: Tensor, spikes: Tensor, estimator,
-                   grad_aux: float = 0.0, aux_offset: float = 0.0) -> tuple[Tensor, Tensor]:
+                   grad_aux: float = 0.0, aux_offset: float = 0.0,
+                   aux_var: bool = True) -> tuple[Tensor, Tensor]:
     """The kernel's backward for given spikes: ``(g J(h), -z g J(h) / (2 sigma))``.
 
     ``J`` is :func:`sbnn_addons.functional.estimator_jacobian`. The first result has the
     shape of ``u``, the second the shape of ``variance`` (summed over its broadcast).
     ``grad_aux`` (the gradient of the loss with respect to the forward's ``sum z^2``)
-    adds ``grad_aux * 2 z / sigma`` and ``-grad_aux * z^2 / var``.
+    adds ``grad_aux * 2 z / sigma`` and, with ``aux_var``, ``-grad_aux * z^2 / var``.
     """
     u = u.contiguous()
     var, mid, inner = _layout(u, variance)
@@ -483,12 +484,12 @@ def spike_backward(grad: Tensor, u: Tensor, variance: Tensor, spikes: Tensor, es
         raise ValueError(f"grad {tuple(grad.shape)} and spikes {tuple(spikes.shape)} must have "
                          f"the shape of u {tuple(u.shape)}")
     return _backward_raw(grad, u, var, mid, inner, spikes.to(torch.float32), estimator,
-                         grad_aux, aux_offset, variance.shape)
+                         grad_aux, aux_offset, variance.shape, aux_var)
 
 
 def _backward_raw(grad: Tensor, u: Tensor, var: Tensor, mid: int, inner: int, h: Tensor,
                   estimator, grad_aux: float, aux_offset: float,
-                  var_shape: torch.Size) -> tuple[Tensor, Tensor]:
+                  var_shape: torch.Size, aux_var: bool = True) -> tuple[Tensor, Tensor]:
     """:func:`spike_backward` in the kernel layout; ``grad_var`` has ``var_shape``. ``h``:
     the spikes, float32 or uint8.
 
@@ -507,7 +508,8 @@ def _backward_raw(grad: Tensor, u: Tensor, var: Tensor, mid: int, inner: int, h:
     fn = _require().sbnn_spike_backward_compact if compact else _require().sbnn_spike_backward
     fn(g.data_ptr(), u.data_ptr(), var.data_ptr(), mid, inner, h.data_ptr(),
        int(h.dtype == torch.float32), grad_u.data_ptr(), grad_var.data_ptr(), u.numel(), kind,
-       p, estimator.tau, estimator.max_weight, float(grad_aux), float(aux_offset), threads)
+       p, estimator.tau, estimator.max_weight, float(grad_aux), float(aux_offset), int(aux_var),
+       threads)
     if compact:
         return grad_u, grad_var.view(var_shape)
     return grad_u, (grad_var.sum_to_size(var_shape) if var_shape != u.shape else grad_var)
@@ -518,7 +520,8 @@ class FusedSpike(torch.autograd.Function):
 
     Inputs: ``u`` (float32, CPU), ``variance`` (broadcastable to ``u``), the Philox
     ``seed``, the :class:`~sbnn_addons.estimators.Estimator`, ``at_zero`` and
-    ``aux_offset`` (``None``: no auxiliary sum). Outputs: spikes (float32) and, with
+    ``aux_offset`` (``None``: no auxiliary sum) and ``aux_var`` (whether the auxiliary
+    sum's gradient reaches the variance). Outputs: spikes (float32) and, with
     ``aux_offset``, ``sum z^2`` (a 0-dim tensor). Gradients flow to ``u`` and
     ``variance``. Check :func:`can_fuse` first.
 
@@ -531,7 +534,7 @@ class FusedSpike(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u: Tensor, variance: Tensor, seed: int, estimator, at_zero: bool,
-                aux_offset: float | None):
+                aux_offset: float | None, aux_var: bool):
         u = u.contiguous()
         var, mid, inner = _layout(u, variance)
         h = torch.empty_like(u)
@@ -542,6 +545,7 @@ class FusedSpike(torch.autograd.Function):
         ctx.layout = (mid, inner, variance.shape)
         ctx.estimator = estimator
         ctx.aux_offset = 0.0 if aux_offset is None else float(aux_offset)
+        ctx.aux_var = aux_var
         if aux_offset is None:
             return h
         return h, torch.tensor(aux, dtype=torch.float32)
@@ -552,17 +556,18 @@ class FusedSpike(torch.autograd.Function):
         g_aux = float(grad_aux[0]) if grad_aux and grad_aux[0] is not None else 0.0
         if grad is None:
             if g_aux == 0.0:
-                return None, None, None, None, None, None
+                return None, None, None, None, None, None, None
             grad = torch.zeros_like(u)
         mid, inner, var_shape = ctx.layout
         grad_u, grad_var = _backward_raw(grad, u, var, mid, inner, h, ctx.estimator, g_aux,
-                                         ctx.aux_offset, var_shape)
-        return grad_u, grad_var, None, None, None, None
+                                         ctx.aux_offset, var_shape, ctx.aux_var)
+        return grad_u, grad_var, None, None, None, None, None
 
 
 def fused_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
                 generator: torch.Generator | None = None,
-                aux_offset: float | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                aux_offset: float | None = None,
+                aux_var: bool = True) -> Tensor | tuple[Tensor, Tensor]:
     """Spikes ``h = 1[U < Phi(u / sqrt(variance))]`` with the IW-ST backward of ``estimator``.
 
     Check :func:`can_fuse` first. Inputs of the wrong dtype or device raise ``TypeError``
@@ -580,13 +585,15 @@ def fused_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
         aux_offset: if not ``None``, also return the differentiable auxiliary sum
             ``sum z^2``, ``z = (u + aux_offset) / sigma``, over the noisy units (Method
             page, section 5), computed in the same pass.
+        aux_var: whether the auxiliary sum's gradient reaches the variance too
+            (``False``: ``sigma`` is held constant in ``z``, only the drive gets it).
 
     Returns:
         Spikes ``[*]``, float32, values in {0, 1}; with ``aux_offset``, the pair
         ``(spikes, sum_z2)``.
     """
     out = apply_function(FusedSpike, u, variance, _seed(generator), estimator, at_zero,
-                         aux_offset)
+                         aux_offset, bool(aux_var))
     spikes = out if aux_offset is None else out[0]
     # kept (saved by the node just recorded): a layer fed by the spikes saves them as they are
     mark_binary(spikes, kept=spikes.requires_grad)
@@ -630,13 +637,13 @@ def _(u, variance, at_zero, aux_offset):
 @torch.library.custom_op("sbnn_addons::spike_backward", mutates_args=(), device_types="cpu")
 def _spike_backward_op(grad: Tensor, grad_aux: Tensor, u: Tensor, variance: Tensor,
                        spikes: Tensor, kind: str, p: float, tau: float, max_weight: float,
-                       aux_offset: float) -> tuple[Tensor, Tensor]:
+                       aux_offset: float, aux_var: bool) -> tuple[Tensor, Tensor]:
     return spike_backward(grad, u, variance, spikes, _EstimatorArgs(kind, p, tau, max_weight),
-                          float(grad_aux), aux_offset)
+                          float(grad_aux), aux_offset, aux_var)
 
 
 @_spike_backward_op.register_fake
-def _(grad, grad_aux, u, variance, spikes, kind, p, tau, max_weight, aux_offset):
+def _(grad, grad_aux, u, variance, spikes, kind, p, tau, max_weight, aux_offset, aux_var):
     return (torch.empty_like(u, memory_format=torch.contiguous_format),
             torch.empty_like(variance, memory_format=torch.contiguous_format))
 
@@ -652,15 +659,16 @@ class _CompiledSpike(torch.autograd.Function):
     """The custom ops with the estimator as a constant: the form ``torch.compile`` traces."""
 
     @staticmethod
-    def forward(u, variance, at_zero, estimator, aux_offset):
+    def forward(u, variance, at_zero, estimator, aux_offset, aux_var):
         return _spike_forward_op(u, variance, at_zero, aux_offset)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        u, variance, _at_zero, estimator, aux_offset = inputs
+        u, variance, _at_zero, estimator, aux_offset, aux_var = inputs
         ctx.save_for_backward(u, variance, output[0])
         ctx.estimator = estimator
         ctx.aux_offset = 0.0 if aux_offset is None else float(aux_offset)
+        ctx.aux_var = aux_var
 
     @staticmethod
     def backward(ctx, grad, grad_aux):
@@ -668,12 +676,14 @@ class _CompiledSpike(torch.autograd.Function):
         est = ctx.estimator
         grad_u, grad_var = _spike_backward_op(grad, grad_aux, u, variance, spikes, est.kind,
                                               float(est.p), float(est.tau),
-                                              float(est.max_weight), ctx.aux_offset)
-        return grad_u, grad_var, None, None, None
+                                              float(est.max_weight), ctx.aux_offset,
+                                              ctx.aux_var)
+        return grad_u, grad_var, None, None, None, None
 
 
 def compiled_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
-                   aux_offset: float | None = None) -> tuple[Tensor, Tensor]:
+                   aux_offset: float | None = None,
+                   aux_var: bool = True) -> tuple[Tensor, Tensor]:
     """:func:`fused_spike` as custom ops, for compiled graphs (global RNG).
 
     Spikes ``h = 1[U < Phi(u / sqrt(variance))]`` with the IW-ST backward of ``estimator``,
@@ -681,7 +691,7 @@ def compiled_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False
     ``u``. Returns ``(spikes [*], sum_z2 [])`` (``sum_z2`` is 0 without ``aux_offset``).
     Check :func:`can_fuse_compiled` first; wrong dtypes or devices raise ``TypeError``.
     """
-    return _CompiledSpike.apply(u, variance, at_zero, estimator, aux_offset)
+    return _CompiledSpike.apply(u, variance, at_zero, estimator, aux_offset, bool(aux_var))
 
 
 _STEP_RESETS = {"subtract": 0, "zero": 1, "none": 2}
@@ -715,7 +725,7 @@ class LIFStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, m: Tensor | None, variance: Tensor, seed: int, config):
-        estimator, beta, theta, reset, at_zero, aux_offset = config
+        estimator, beta, theta, reset, at_zero, aux_offset, _aux_var = config
         var, mid, inner = _layout_of(x, variance)  # both checked by fused_lif_step
         u, h, m_out = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
         aux = _require().sbnn_lif_step_forward(
@@ -735,7 +745,7 @@ class LIFStep(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_h: Tensor | None, g_m: Tensor | None, *g_aux: Tensor | None):
         u, var, h = ctx.saved_tensors
-        estimator, beta, theta, reset, _, aux_offset = ctx.config
+        estimator, beta, theta, reset, _, aux_offset, aux_var = ctx.config
         grad_aux = float(g_aux[0]) if g_aux and g_aux[0] is not None else 0.0
         if g_h is None and g_m is None and grad_aux == 0.0:
             return None, None, None, None, None
@@ -752,7 +762,8 @@ class LIFStep(torch.autograd.Function):
             u.data_ptr(), var.data_ptr(), mid, inner, h.data_ptr(), beta, theta,
             _STEP_RESETS[reset], g_x.data_ptr(), 0 if g_mprev is None else g_mprev.data_ptr(),
             g_var.data_ptr(), int(compact), u.numel(), kind, p, estimator.tau,
-            estimator.max_weight, grad_aux, float(aux_offset or 0.0), torch.get_num_threads())
+            estimator.max_weight, grad_aux, float(aux_offset or 0.0), int(aux_var),
+            torch.get_num_threads())
         if compact:
             g_var = g_var.view(var_shape)
         elif var_shape != u.shape:
@@ -763,7 +774,7 @@ class LIFStep(torch.autograd.Function):
 def fused_lif_step(x: Tensor, membrane: Tensor | None, variance: Tensor, estimator,
                    beta: float, threshold: float = 1.0, reset: str = "subtract",
                    at_zero: bool = False, generator: torch.Generator | None = None,
-                   aux_offset: float | None = None) -> tuple[Tensor, ...]:
+                   aux_offset: float | None = None, aux_var: bool = True) -> tuple[Tensor, ...]:
     """One fused step of the core LIF neuron (:class:`LIFStep`).
 
     Args:
@@ -779,6 +790,8 @@ def fused_lif_step(x: Tensor, membrane: Tensor | None, variance: Tensor, estimat
             one key as :func:`fused_spike` draws.
         aux_offset: if not ``None``, also return the auxiliary ``sum z^2``
             (:func:`spike_forward`), differentiable.
+        aux_var: whether the auxiliary sum's gradient reaches the variance too
+            (``False``: ``sigma`` is held constant in ``z``, only the drive gets it).
 
     Returns:
         ``(spikes, membrane')`` (the spikes marked binary and kept), plus ``sum z^2`` with
@@ -801,14 +814,15 @@ def fused_lif_step(x: Tensor, membrane: Tensor | None, variance: Tensor, estimat
                              f"of x {tuple(x.shape)}")
     if reset not in _STEP_RESETS:
         raise ValueError(f"reset must be one of {tuple(_STEP_RESETS)}, got {reset!r}")
-    config = (estimator, float(beta), float(threshold), reset, bool(at_zero), aux_offset)
+    config = (estimator, float(beta), float(threshold), reset, bool(at_zero), aux_offset,
+              bool(aux_var))
     return _fused_lif_step(x, membrane, variance, _seed(generator), config)
 
 
 def _fused_lif_step(x: Tensor, membrane: Tensor | None, variance: Tensor, seed: int,
                     config: tuple) -> tuple[Tensor, ...]:
     """:func:`fused_lif_step` for checked arguments (``config``: estimator, beta, theta,
-    reset, at_zero, aux_offset)."""
+    reset, at_zero, aux_offset, aux_var)."""
     out = apply_function(LIFStep, x.contiguous(), None if membrane is None
                          else membrane.contiguous(), variance, seed, config)
     # kept (saved by the node just recorded): a layer fed by the spikes saves them as they are
@@ -873,7 +887,7 @@ class LIFSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | None,
                 own_var: Tensor | None, rate: Tensor | None, config):
-        dyn, estimator, at_zero, seeds, aux_offset = config
+        dyn, estimator, at_zero, seeds, aux_offset, aux_var = config
         plif = dyn.charge in _PLIF
         beta2 = (1.0 - rate) * (1.0 - rate) if plif else dyn.beta * dyn.beta
         spikes = torch.empty_like(x_seq)
@@ -922,6 +936,7 @@ class LIFSequence(torch.autograd.Function):
                               *((x_seq, v0, rate) if plif else ()))
         ctx.meta, ctx.dyn, ctx.estimator = meta, dyn, estimator
         ctx.aux_offset = 0.0 if aux_offset is None else float(aux_offset)
+        ctx.aux_var = aux_var
         ctx.shapes = tuple(None if t is None else t.shape for t in (q_seq, v0, s0, own_var))
         return spikes, v, state, torch.tensor(aux, dtype=torch.float32)
 
@@ -954,7 +969,8 @@ class LIFSequence(torch.autograd.Function):
                     g_spike = g_spike + d_spike
             mid, inner, total_shape, state_shape = ctx.meta[t]
             g_u, g_total = _backward_raw(g_spike, us[t], variances[t], mid, inner, hbs[t],
-                                         ctx.estimator, g_aux, ctx.aux_offset, total_shape)
+                                         ctx.estimator, g_aux, ctx.aux_offset, total_shape,
+                                         ctx.aux_var)
             g_h = g_u if g_h is None else g_h + g_u
             if own_shape is not None:
                 g = _sum_to(g_total, own_shape)
@@ -1064,6 +1080,7 @@ def lif_sequence(x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | N
                  dynamics: Dynamics, estimator, *, rate: Tensor | None = None,
                  own_var: Tensor | None = None,
                  at_zero: bool = False, aux_offset: float | None = None,
+                 aux_var: bool = True,
                  generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
     """Run an LIF / IF neuron with moment-tracked noise over a sequence
     (:class:`LIFSequence`).
@@ -1084,6 +1101,8 @@ def lif_sequence(x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | N
         at_zero: fire at ``H - theta = 0`` where the variance is 0 (SpikingJelly's ``>=``).
         aux_offset: if not ``None``, also return the auxiliary ``sum z^2`` over all steps
             (:func:`spike_forward`), differentiable.
+        aux_var: whether the auxiliary sum's gradient reaches the variance too
+            (``False``: ``sigma`` is held constant in ``z``, only the drive gets it).
         generator: the generator the T per-step Philox keys are drawn from, in order (the
             same keys as T calls of :func:`fused_spike`).
 
@@ -1122,7 +1141,7 @@ def lif_sequence(x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | N
                          f"got {None if rate is None else tuple(rate.shape)} for "
                          f"{dynamics.charge!r}")
     seeds = tuple(_seed(generator) for _ in range(x_seq.shape[0]))
-    config = (dynamics, estimator, bool(at_zero), seeds, aux_offset)
+    config = (dynamics, estimator, bool(at_zero), seeds, aux_offset, bool(aux_var))
     spikes, v, state, aux = apply_function(
         LIFSequence, x_seq.contiguous(), q_seq, v0, s0, own_var, rate, config)
     mark_binary(spikes)

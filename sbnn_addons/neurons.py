@@ -208,7 +208,8 @@ class LIF(nn.Module):
         offset = (self.threshold if spike.aux_center == "zero" else 0.0) if aux else None
         out = kernels._fused_lif_step(
             current, membrane, total, kernels._seed(spike._generator_for(current)),
-            (spike.estimator, self.beta, self.threshold, self.reset, spike.at_zero, offset))
+            (spike.estimator, self.beta, self.threshold, self.reset, spike.at_zero, offset,
+             spike.aux_std_grad))
         if aux:
             spike._collect(out[2], current)
         return attach_variance(out[0], None), out[1]
@@ -239,7 +240,7 @@ class LIF(nn.Module):
             currents, var_seq, membrane, variance, dyn, spike.estimator,
             own_var=own, at_zero=spike.at_zero,
             aux_offset=(self.threshold if spike.aux_center == "zero" else 0.0) if aux else None,
-            generator=spike._generator_for(currents))
+            aux_var=spike.aux_std_grad, generator=spike._generator_for(currents))
         if aux:
             spike._collect(out[3], currents[0], len(currents))
         return out[0], out[1], out[2]

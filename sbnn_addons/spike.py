@@ -90,6 +90,13 @@ class IWSTSpike(SBNNModule, nn.Module):
         threshold: threshold of the host neuron, used by ``aux_center="zero"`` only.
         aux_center: ``"threshold"`` (``z = u / sigma``, default) or ``"zero"``
             (``z = (u + threshold) / sigma``, the reference code's centring).
+        aux_std_grad: let the auxiliary loss's gradient reach ``sigma`` (the variance, so
+            the layers' and this function's stds), as the released code does. Default
+            ``False``: ``sigma`` is held constant in ``z``, so the loss pulls membranes
+            towards the threshold (a silent unit gets a gradient back) instead of
+            growing the noise: with a learned std at a weight of 1e-3 .. 1, the released
+            form lowers ``z^2`` mostly by inflating ``sigma`` until the noise drowns the
+            signal.
         batch_dim: dimension of ``u`` that indexes examples (1 for ``[T, B, ...]`` input).
 
     Shapes:
@@ -107,6 +114,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         at_zero: bool = False,
         threshold: float = 1.0,
         aux_center: str = "threshold",
+        aux_std_grad: bool = False,
         batch_dim: int = 0,
     ) -> None:
         super().__init__()
@@ -123,6 +131,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         self.at_zero = at_zero
         self.threshold = float(threshold)
         self.aux_center = aux_center
+        self.aux_std_grad = bool(aux_std_grad)
         self.batch_dim = batch_dim
         self.collect_aux = False
         self._aux_terms: list[Tensor] = []
@@ -207,10 +216,12 @@ class IWSTSpike(SBNNModule, nn.Module):
                 offset = (self.threshold if self.aux_center == "zero" else 0.0) if aux else None
                 if compiled:
                     spikes, z2 = kernels.compiled_spike(u, fused_var, self.estimator,
-                                                        self.at_zero, aux_offset=offset)
+                                                        self.at_zero, aux_offset=offset,
+                                                        aux_var=self.aux_std_grad)
                 else:
                     out = kernels.fused_spike(u, fused_var, self.estimator, self.at_zero,
-                                              self._generator_for(u), aux_offset=offset)
+                                              self._generator_for(u), aux_offset=offset,
+                                              aux_var=self.aux_std_grad)
                     spikes, z2 = out if aux else (out, None)
                 if aux:
                     self._collect(z2, u)
@@ -232,9 +243,10 @@ class IWSTSpike(SBNNModule, nn.Module):
         return mark_binary(attach_variance(spikes, None))
 
     def _z_squared(self, u: Tensor, sigma: Tensor) -> Tensor:
-        """``sum of z^2`` over the batch and the units (Method page, section 5)."""
+        """``sum of z^2`` over the batch and the units (Method page, section 5); ``sigma``
+        held constant unless :attr:`aux_std_grad`."""
         centre = u + self.threshold if self.aux_center == "zero" else u
-        sigma = sigma.expand_as(u)
+        sigma = (sigma if self.aux_std_grad else sigma.detach()).expand_as(u)
         dtype = torch.promote_types(u.dtype, torch.float32)  # half -> float32, float64 kept
         z = centre.to(dtype) / sigma.to(dtype).clamp_min(SIGMA_MIN)
         z2 = torch.where(sigma > 0, z * z, 0.0)

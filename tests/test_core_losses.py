@@ -126,3 +126,38 @@ def test_objective_bad_input(kwargs, word):
         sbnn_objective(torch.tensor(1.0), net, **kwargs)
     with pytest.raises(ValueError, match="nll"):
         sbnn_objective(torch.ones(3), net)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("path", ["spike", "lif_step", "lif_run"])
+def test_aux_gradient_reaches_the_stds_only_with_aux_std_grad(path, kernel):
+    """By default the auxiliary loss holds sigma constant in z: an aux-only loss gives the
+    layer's and the spike's stds no gradient, and the drive (the layer's weight) one
+    pulling towards the threshold. ``aux_std_grad=True`` (the released form) lets it reach
+    the stds too. The same on the kernel and PyTorch paths, for a spike, a LIF step and a
+    fused LIF sequence (one step: over more, the spikes' own sigma-gradient reaches later
+    membranes through the reset); the weight's gradient does not depend on the flag."""
+    from sbnn_addons import kernels
+
+    grads = {}
+    for std_grad in (False, True):
+        torch.manual_seed(0)
+        fc = BayesLinear(12, 6)
+        spike = IWSTSpike("st", std=0.3, learn_std=True, aux_std_grad=std_grad)
+        enable_aux_loss(spike)
+        x = torch.rand(4, 12)
+        with kernels.use_kernels(kernel):
+            if path == "spike":
+                spike(fc(x) - 1.0)
+            elif path == "lif_step":
+                LIF(0.9, 1.0, spike)(fc(x))
+            else:
+                LIF(0.9, 1.0, spike).run(fc(x).unsqueeze(0))
+        aux_loss(spike).backward()
+        grads[std_grad] = (fc.weight.grad.clone(), fc.std_rho.grad, spike.std_rho.grad)
+    weight, layer_std, spike_std = grads[False]
+    assert weight.abs().sum() > 0
+    for g in (layer_std, spike_std):
+        assert g is None or float(g.abs().sum()) == 0.0
+    torch.testing.assert_close(grads[True][0], weight, rtol=1e-5, atol=1e-7)
+    assert float(grads[True][1].abs()) > 0 and float(grads[True][2].abs()) > 0

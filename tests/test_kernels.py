@@ -379,11 +379,13 @@ def test_spikes_of_an_unrecorded_pass_are_not_kept():
     assert sb.functional.is_binary(spikes) and not sb.functional.is_kept(spikes)
 
 
+@pytest.mark.parametrize("std_grad", [True, False])
 @pytest.mark.parametrize("centre", ["threshold", "zero"])
-def test_aux_sum_and_its_gradient_match_the_pytorch_path(centre):
+def test_aux_sum_and_its_gradient_match_the_pytorch_path(centre, std_grad):
     """The auxiliary z^2 sum computed in the kernel's pass equals the PyTorch formula, and
     so do its gradients to the drive and to the (broadcast) variance (rtol 1e-4);
-    units with var = 0 contribute nothing."""
+    units with var = 0 contribute nothing. Without ``aux_std_grad`` the variance gets
+    no gradient from it (sigma held constant), the drive the same one."""
     torch.manual_seed(3)
     u0 = torch.randn(6, 4, 5, 5)
     var0 = torch.rand(6, 1, 5, 5) + 0.05
@@ -391,16 +393,18 @@ def test_aux_sum_and_its_gradient_match_the_pytorch_path(centre):
     results = []
     for fused in (True, False):
         u, var = u0.clone().requires_grad_(), var0.clone().requires_grad_()
-        spike = IWSTSpike("agr", threshold=1.0, aux_center=centre)
+        spike = IWSTSpike("agr", threshold=1.0, aux_center=centre, aux_std_grad=std_grad)
         spike.collect_aux = True
         with kernels.use_kernels(fused):
             h = spike.fire(u, var)
         assert type(h.grad_fn).__name__.startswith("Fused" if fused else "Bernoulli")
         aux = spike.pop_aux()[0]
         aux.backward()
-        results.append((aux.detach(), u.grad, var.grad))
+        var_grad = torch.zeros_like(var) if var.grad is None else var.grad
+        results.append((aux.detach(), u.grad, var_grad))
     for got, ref in zip(*results):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+    assert (results[0][2].abs().sum() > 0) == std_grad
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc")

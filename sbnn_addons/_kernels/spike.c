@@ -410,11 +410,13 @@ static inline void grad_one(float g, float x, float v, float h, int kind, int au
     int noisy = v > 0.0f;
     float grad_u = noisy ? a : 0.0f;
     float grad_v = noisy && sr > 0.0f ? -z * a * 0.5f / fmaxf(sr, 1e-30f) : 0.0f;
-    /* auxiliary loss: d z^2/du = 2 z / s, d z^2/dvar = -z^2 / var (0 where s is clamped) */
+    /* auxiliary loss: d z^2/du = 2 z / s, d z^2/dvar = -z^2 / var (0 where s is clamped);
+     * aux 1: both, aux 2: the membrane's only (sigma held constant in z) */
     if (aux) {
         float za = aux_z(x, v, offset);
         grad_u += noisy ? g_aux * 2.0f * za * inv_s : 0.0f;
-        grad_v += noisy && sr >= SIGMA_MIN ? -g_aux * za * za / fmaxf(v, 1e-30f) : 0.0f;
+        grad_v += aux == 1 && noisy && sr >= SIGMA_MIN ? -g_aux * za * za / fmaxf(v, 1e-30f)
+                                                       : 0.0f;
     }
     *gu = grad_u;
     *gv = grad_v;
@@ -430,6 +432,7 @@ typedef struct {
     int64_t mid, inner;
     int kind, step, reset, h_float;
     float p, tau, max_weight, g_aux, offset, beta, theta;
+    int aux_var; /* the aux loss's gradient reaches the variance (else the membrane only) */
 } bwd_args;
 
 /* grad_one over n elements (grad_u into gu, the per-element grad_var into gv; h: the
@@ -457,8 +460,10 @@ __attribute__((noinline)) static void backward_loop(const bwd_args *restrict a,
                                                     const uint8_t *restrict h,
                                                     float *restrict gu, float *restrict gv,
                                                     int64_t n) {
-    if (a->g_aux != 0.0f) {
+    if (a->g_aux != 0.0f && a->aux_var) {
         BACKWARD_KINDS(1)
+    } else if (a->g_aux != 0.0f) {
+        BACKWARD_KINDS(2)
     } else {
         BACKWARD_KINDS(0)
     }
@@ -555,16 +560,18 @@ static void backward_compact(const bwd_args *a, float *restrict gvar, int64_t to
     }
 }
 
-/* g_aux: gradient of the loss with respect to the forward's sum of z^2 (0: no aux loss).
- * h: the spikes, float with h_float, else uint8. grad_var is written in full (shape of
+/* g_aux: gradient of the loss with respect to the forward's sum of z^2 (0: no aux loss);
+ * aux_var: whether that gradient also reaches the variance (else sigma is held constant in
+ * z and only u receives it). h: the spikes, float with h_float, else uint8. grad_var is written in full (shape of
  * u); the caller sums it over a broadcast. */
 void sbnn_spike_backward(const float *restrict g, const float *restrict u,
                          const float *restrict var, int64_t mid, int64_t inner,
                          const void *restrict h, int h_float, float *restrict gu,
                          float *restrict gv, int64_t total, int kind, float p, float tau,
-                         float max_weight, float g_aux, float offset, int threads) {
+                         float max_weight, float g_aux, float offset, int aux_var,
+                         int threads) {
     bwd_args a = {g, u, var, NULL, h, gu, NULL, mid, inner, kind, 0, 0, h_float,
-                  p, tau, max_weight, g_aux, offset, 0.0f, 0.0f};
+                  p, tau, max_weight, g_aux, offset, 0.0f, 0.0f, aux_var};
     backward_full(&a, gv, total, threads);
 }
 
@@ -574,9 +581,9 @@ void sbnn_spike_backward_compact(const float *restrict g, const float *restrict 
                                  const void *restrict h, int h_float, float *restrict gu,
                                  float *restrict gvar, int64_t total, int kind, float p,
                                  float tau, float max_weight, float g_aux, float offset,
-                                 int threads) {
+                                 int aux_var, int threads) {
     bwd_args a = {g, u, var, NULL, h, gu, NULL, mid, inner, kind, 0, 0, h_float,
-                  p, tau, max_weight, g_aux, offset, 0.0f, 0.0f};
+                  p, tau, max_weight, g_aux, offset, 0.0f, 0.0f, aux_var};
     backward_compact(&a, gvar, total, threads);
 }
 
@@ -589,9 +596,9 @@ void sbnn_lif_step_backward(const float *restrict g_h, const float *restrict g_m
                             int reset, float *restrict g_x, float *restrict g_mprev,
                             float *restrict gv, int compact, int64_t total, int kind, float p,
                             float tau, float max_weight, float g_aux, float offset,
-                            int threads) {
+                            int aux_var, int threads) {
     bwd_args a = {g_h, u, var, g_m, h, g_x, g_mprev, mid, inner, kind, 1, reset, 1,
-                  p, tau, max_weight, g_aux, offset, beta, theta};
+                  p, tau, max_weight, g_aux, offset, beta, theta, aux_var};
     if (compact)
         backward_compact(&a, gv, total, threads);
     else

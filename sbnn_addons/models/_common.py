@@ -224,7 +224,8 @@ class LayerFactory:
         if self.bayes:
             return IWSTSpike(self.estimator, std=self.bias_std,
                              learn_std=self.bias_std is not None,
-                             threshold=self.threshold, aux_center=self.aux_center)
+                             threshold=self.threshold, aux_center=self.aux_center,
+                             aux_std_grad=True)
         return SurrogateSpike(self.surrogate, self.surrogate_width)
 
     def lif(self) -> LIF:
