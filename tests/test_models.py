@@ -410,3 +410,36 @@ def test_deep_reference_network_learns_on_real_frames(dvs_data_dir):
         opt.step()
     after = eval_loss()
     assert after < before - 0.1 and after < math.log(11) - 0.1, (before, after)
+
+
+@pytest.mark.parametrize("make", ["dvs", "shd"])
+def test_aux_std_grad_option_keeps_the_aux_loss_off_the_stds(make):
+    """Paper mode (``aux_std_grad=True``): an aux-only loss reaches the noise stds; with
+    ``aux_std_grad=False`` (the named option) the same loss value gives the stds no
+    gradient and the weights the same gradient (the last layer's, one step: no later aux
+    term depends on them). SHD's own input form of the aux loss follows the option too."""
+    results = {}
+    for std_grad in (True, False):
+        torch.manual_seed(0)
+        if make == "dvs":
+            # centred at the threshold: z != 0 for the (silent) last layer too
+            net = tiny_dvs(aux_std_grad=std_grad, num_steps=1, aux_center="threshold")
+            x = dvs_input(t=1)
+        else:
+            net, x = tiny_shd(aux_std_grad=std_grad, num_steps=1), torch.rand(1, B, 40)
+        assert all(m.aux_std_grad == std_grad for m in net.modules()
+                   if isinstance(m, sb.IWSTSpike))
+        sb.enable_aux_loss(net)
+        sb.seed_spikes(net, 3)
+        net(x)
+        aux = sb.aux_loss(net, "sum")
+        aux.backward()
+        # the last spike function: its bias-noise std reaches no later aux term
+        spike = [m for m in net.modules() if isinstance(m, sb.IWSTSpike)][-1]
+        weights = [p.grad.clone() for n, p in net.named_parameters()
+                   if n.endswith("weight") and p.grad is not None]
+        results[std_grad] = (float(aux), weights, spike.std_rho.grad)
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-6)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-4, atol=1e-6)
+    assert float(results[True][2].abs().sum()) > 0
+    assert results[False][2] is None or float(results[False][2].abs().sum()) == 0.0

@@ -169,6 +169,7 @@ class LayerFactory:
         surrogate_width: float = 0.4,
         affine_per_step: bool = True,
         aux_center: str = "zero",
+        aux_std_grad: bool = True,
     ) -> None:
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -191,6 +192,7 @@ class LayerFactory:
         self.surrogate_width = surrogate_width
         self.affine_per_step = bool(affine_per_step)
         self.aux_center = aux_center
+        self.aux_std_grad = bool(aux_std_grad)
 
     def conv(self, cin: int, cout: int, stride: int = 1, first: bool = False) -> nn.Conv2d:
         """3x3 conv without bias; ``first``: the variance path reads the input itself
@@ -225,7 +227,7 @@ class LayerFactory:
             return IWSTSpike(self.estimator, std=self.bias_std,
                              learn_std=self.bias_std is not None,
                              threshold=self.threshold, aux_center=self.aux_center,
-                             aux_std_grad=True)
+                             aux_std_grad=self.aux_std_grad)
         return SurrogateSpike(self.surrogate, self.surrogate_width)
 
     def lif(self) -> LIF:

@@ -126,6 +126,9 @@ class SHDRecurrentNet(ReferenceNet):
             per channel.
         aux_form: ``"input"`` (the released SHD form ``z_t`` above) or ``"membrane"``
             (the spike function's ``z = u_t / sigma_t``, as in the DVS network).
+        aux_std_grad: the auxiliary loss's gradient reaches ``sigma`` (``True``, the
+            released form); ``False`` holds ``sigma`` constant in ``z``
+            (:class:`~sbnn_addons.IWSTSpike`).
         mask_rec_variance: also mask the diagonal in the recurrent variance.
 
     Shapes:
@@ -152,6 +155,7 @@ class SHDRecurrentNet(ReferenceNet):
         surrogate_width: float = 0.4,
         affine_per_step: bool = True,
         aux_form: str = "input",
+        aux_std_grad: bool = True,
         mask_rec_variance: bool = False,
     ) -> None:
         super().__init__()
@@ -163,7 +167,7 @@ class SHDRecurrentNet(ReferenceNet):
             config, bayes=bayes, readout_noise=readout_noise, num_steps=num_steps, norm=norm,
             estimator=estimator, std=std, bias_std=bias_std, beta=beta, threshold=threshold,
             surrogate=surrogate, surrogate_width=surrogate_width,
-            affine_per_step=affine_per_step,
+            affine_per_step=affine_per_step, aux_std_grad=aux_std_grad,
         )
         self.in_features = in_features
         self.aux_form = aux_form
@@ -249,7 +253,8 @@ class SHDRecurrentNet(ReferenceNet):
         own = spike.own_noise_variance()
         if own is not None:
             total = total + 2 * own
-        z = current / total.clamp_min(1e-6).sqrt()
+        sigma = total.clamp_min(1e-6).sqrt()
+        z = current / (sigma if spike.aux_std_grad else sigma.detach())
         spike._collect((z * z).sum(), current)
 
     def forward_steps(self, x: Tensor) -> Tensor:

@@ -157,6 +157,9 @@ class SpikingResNet(ReferenceNet):
             released networks); ``False``: one per channel, shared by all steps.
         aux_center: centring of the auxiliary loss's ``z``: ``"zero"`` (the released
             ``z = membrane / sigma``) or ``"threshold"`` (``(membrane - theta) / sigma``).
+        aux_std_grad: the auxiliary loss's gradient reaches ``sigma`` (``True``, the
+            released form); ``False`` holds ``sigma`` constant in ``z``
+            (:class:`~sbnn_addons.IWSTSpike`).
         surrogate: surrogate of the twin (``"gaussian"``, ``"atan"``, ``"sigmoid"``).
         surrogate_width: width of the Gaussian surrogate.
         checkpoint: recompute each residual block in the backward instead of keeping its
@@ -191,6 +194,7 @@ class SpikingResNet(ReferenceNet):
         checkpoint: bool = False,
         affine_per_step: bool = True,
         aux_center: str = "zero",
+        aux_std_grad: bool = True,
     ) -> None:
         super().__init__()
         config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -198,7 +202,7 @@ class SpikingResNet(ReferenceNet):
             config, bayes=bayes, readout_noise=readout_noise, num_steps=num_steps, norm=norm,
             estimator=estimator, std=std, bias_std=bias_std, beta=beta, threshold=threshold,
             surrogate=surrogate, surrogate_width=surrogate_width,
-            affine_per_step=affine_per_step, aux_center=aux_center,
+            affine_per_step=affine_per_step, aux_center=aux_center, aux_std_grad=aux_std_grad,
         )
         self.in_channels = in_channels
         chans = _widths(widths, width_mult)
