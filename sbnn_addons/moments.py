@@ -922,6 +922,24 @@ class _FlowHooks:
         return None
 
 
+def refuse_variance(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a host neuron left out of a conversion (``exclude``): a Bayesian
+    layer's variance (or, in ``mean`` mode, its probe) must not reach it, since the neuron
+    would drop it silently.
+
+    Raises:
+        VarianceFlowError: the neuron's input carries a variance; the message says to
+            exclude the layers feeding it as well.
+    """
+    x = args[0] if args else None
+    if type(x) is VarianceTensor:
+        raise VarianceFlowError(
+            f"{type(module).__name__} was excluded from the conversion but its input comes "
+            "from a Bayesian layer (it carries a posterior variance that this neuron would "
+            "drop); exclude the layers feeding it as well"
+        )
+
+
 def check_model_input(model: nn.Module, args: tuple) -> None:
     """Check the first tensor argument of a converted model's call: no zero-size
     dimension (``T = 0`` or a batch of 0) and, unless :class:`~sbnn_addons.check_finite`

@@ -58,6 +58,7 @@ from .moments import (
     check_variance_flow,
     get_variance,
     plain_in_place,
+    refuse_variance,
     track_variance,
     untrack_variance,
 )
@@ -294,13 +295,15 @@ def membrane_variance(neuron: nn.Module) -> Tensor | None:
     return _stored_variance(neuron)
 
 
-def _instance_lists() -> list[list]:
+def _instance_lists(neuron_type: type | None = None) -> list[list]:
     """The lists snnTorch's class-level ``reset_hidden`` / ``detach_hidden`` iterate over
-    (``SpikingNeuron.instances``; a subclass's own list where ``clear_instances`` made one)."""
+    (``SpikingNeuron.instances``; a subclass's own list where ``clear_instances`` made one),
+    those of ``neuron_type``'s classes included."""
     from snntorch._neurons.neurons import SpikingNeuron
 
     lists: dict[int, list] = {}
-    for cls in (SpikingNeuron, snn.Leaky, snn.RLeaky):
+    extra = neuron_type.__mro__ if neuron_type is not None else ()
+    for cls in (SpikingNeuron, snn.Leaky, snn.RLeaky, *extra):
         lst = getattr(cls, "instances", None)
         if isinstance(lst, list):
             lists.setdefault(id(lst), lst)
@@ -310,7 +313,7 @@ def _instance_lists() -> list[list]:
 def _register(m: nn.Module) -> None:
     """Register a neuron made without ``__init__`` (a copy) in snnTorch's instance lists,
     so that ``snntorch.utils.reset`` / ``detach_hidden`` reach it."""
-    for lst in _instance_lists():
+    for lst in _instance_lists(type(m)):
         if not any(x is m for x in lst):
             lst.append(m)
 
@@ -508,8 +511,11 @@ def to_sbnn(
         include: an ``fnmatch`` pattern (one string is one name) or a list of them, of
             qualified module names (``"fc*"``, ``"lif1.recurrent"``) of the weight layers
             to convert or of modules containing them; ``None``: all.
-        exclude: patterns of weight layers (or modules containing them) to keep
-            deterministic; each must match a module.
+        exclude: patterns of modules to leave as they are: weight layers stay
+            deterministic, neurons keep their surrogate (any neuron type, a
+            ``snn.Synaptic`` included). An excluded neuron must not be fed by a Bayesian
+            layer (it raises at its call, since it would drop the variance), so exclude
+            the layers feeding it too. Each pattern must match a module.
         batchnorm: ``"keep"`` (default) keeps ``BatchNorm1d/2d`` (the variance is
             scaled like the mean by the flow's batch-norm rule, and in training mode the
             statistics keep learning, as in the original); ``"affine"`` replaces them by
@@ -561,7 +567,8 @@ def to_sbnn(
         )
     neurons = [(n, m) for n, m in model.named_modules() if _is_snn_neuron(m)]
     for name, m in neurons:
-        _check_neuron(name or type(m).__name__, m)
+        if not (exc and _match(name, exc)):  # an excluded neuron is left as it is
+            _check_neuron(name or type(m).__name__, m)
     if not neurons:
         raise ValueError(
             "nothing to convert: model contains no snnTorch neuron "
@@ -605,6 +612,12 @@ def to_sbnn(
     replace_modules(out, convert)
 
     for m in out.modules():
+        if exc and _is_snn_neuron(m) and any(_match(n, exc) for n in names.get(id(m), [])):
+            # excluded: kept as it is, and must get no variance
+            if refuse_variance not in m._forward_pre_hooks.values():
+                m.register_forward_pre_hook(refuse_variance)
+            _register(m)  # a copy is not in snnTorch's instance lists (utils.reset)
+            continue
         if type(m) in _TO_SBNN:
             host_fn = m.spike_grad  # kept for to_snntorch (an instance attribute or a module)
             m.__class__ = _TO_SBNN[type(m)]

@@ -72,6 +72,7 @@ from .moments import (
     track_variance,
     untrack_variance,
 )
+from .moments import refuse_variance as _refuse_variance
 from .spike import CONVERTED_SPIKE_STD, DEFAULT_SPIKE_STD, IWSTSpike
 from .surgery import replace_modules
 
@@ -697,18 +698,6 @@ def to_sbnn(
     if example_input is not None:
         check_variance_flow(model, example_input)
     return model
-
-
-def _refuse_variance(node: nn.Module, args):
-    """Pre-hook of a neuron left out of the conversion (``exclude``): a Bayesian layer's
-    variance must not reach it, since it would be dropped there silently."""
-    x = args[0] if args else None
-    if isinstance(x, Tensor) and get_variance(x) is not None:
-        raise VarianceFlowError(
-            f"{type(node).__name__} was excluded from the conversion but its input comes "
-            "from a Bayesian layer (it carries a posterior variance that this neuron would "
-            "drop); exclude the layers feeding it as well"
-        )
 
 
 def _validate_arguments(model, estimator, posterior, spike_std, spike_learn, inc, exc) -> None:

@@ -207,3 +207,59 @@ def test_batchnorm_affine_and_keep():
     run(kept, x)
     scale = kept[1].weight**2 / (kept[1].running_var + kept[1].eps)
     torch.testing.assert_close(seen[0], kept[0].output_variance(x[0]) * scale)
+
+
+def _synaptic_head_net():
+    import snntorch as snn
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(8, 16), snn.Leaky(beta=0.9, init_hidden=True),
+        nn.Linear(16, 4),
+        snn.Synaptic(alpha=0.8, beta=0.9, init_hidden=True, output=True))
+
+
+def test_exclude_keeps_a_neuron_and_its_surrogate():
+    """``exclude=`` leaves a neuron as it is (even an unsupported ``snn.Synaptic``, whose
+    type check is skipped) with its own surrogate; the excluded head with its deterministic
+    layer trains behind an SBNN body, snnTorch's ``utils.reset`` resets both, and the
+    export keeps the excluded neuron."""
+    from snntorch import utils
+
+    from sbnn_addons.snntorch import to_snntorch
+
+    net = _synaptic_head_net()
+    with pytest.raises(TypeError, match="Synaptic"):
+        to_sbnn(net)
+    sbnn = to_sbnn(net, exclude=["2", "3"])
+    assert isinstance(sbnn[1], SBNNLeaky) and type(sbnn[3]) is type(net[3])
+    assert type(sbnn[2]) is torch.nn.Linear
+    assert sbnn[3].spike_grad is not None and not isinstance(sbnn[3].spike_grad,
+                                                             sbnn_addons.IWSTSpike)
+    x = torch.rand(5, 8)
+    utils.reset(sbnn)
+    loss = sum(sbnn(x)[1].sum() for _ in range(4))  # the Synaptic membrane over 4 steps
+    loss.backward()
+    assert sbnn[0].weight.grad.abs().sum() > 0
+    utils.reset(sbnn)
+    assert float(sbnn[3].mem.abs().sum()) == 0.0 and float(sbnn[1].mem.abs().sum()) == 0.0
+    back = to_snntorch(sbnn)
+    assert type(back[3]) is type(net[3]) and type(back[1]) is type(net[1])
+
+
+def test_excluded_neuron_fed_by_a_bayesian_layer_raises():
+    """An excluded neuron whose input carries a posterior variance would drop it: its
+    call raises a named error (sample and mean mode), and so does the conversion with an
+    example input."""
+    from snntorch import utils
+
+    net = _synaptic_head_net()
+    sbnn = to_sbnn(net, exclude="3")
+    for mode in ("sample", "mean"):
+        utils.reset(sbnn)
+        with sbnn_addons.mode(sbnn, mode), pytest.raises(
+                sbnn_addons.VarianceFlowError, match="exclude the layers feeding it"):
+            sbnn(torch.rand(5, 8))
+    with pytest.raises(sbnn_addons.VarianceFlowError, match="Synaptic was excluded"):
+        to_sbnn(net, exclude="3", example_input=torch.rand(5, 8))
