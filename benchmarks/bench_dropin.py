@@ -5,10 +5,11 @@ tuning) start from the same weights and see the same mini-batches in the same or
 the learning rate and with the loss of the host library's own tutorial. Per epoch the
 script prints the mean training loss and the test accuracy (the original: its surrogate
 network; the converted model: ``sample`` mode, one stochastic pass, and ``mean`` mode).
-The converted model trains on the SBNN objective the docs give for converted models, the
-host's loss plus ``--aux-weight`` times the scale-free auxiliary loss
-(``sbnn_addons.aux_loss``, sigma held constant; 0: the host's loss alone); the loss
-printed is the host's loss in both columns.
+The converted model trains on the SBNN objective the docs give for converted models: the
+host's loss plus ``w`` times the scale-free auxiliary loss (``sbnn_addons.aux_loss``,
+sigma held constant), with ``w = --aux-fraction`` (default 0.05) times the host's loss
+of the first batch at initialisation, or ``--aux-weight`` if given (0: the host's loss
+alone). The loss printed is the host's loss in both columns.
 
 Models:
 
@@ -74,8 +75,8 @@ def dvs_frames(data_dir: str, n_train: int, n_test: int, num_frames: int, stride
 
 
 # --------------------------------------------------------------------------- models
-#: weight of the converted model's auxiliary loss (--aux-weight)
-AUX_WEIGHT = [0.1]
+#: the converted model's aux weight: [fraction of the initial host loss, explicit weight]
+AUX = [0.05, None]
 #: noise scales' learning rate over the weights' (--noise-lr-ratio)
 NOISE_LR_RATIO = [10.0]
 
@@ -215,10 +216,10 @@ def evaluate(task, net, x, y, batch: int, mode: str | None) -> float:
     return correct / max(len(y), 1)
 
 
-def train(task, net, data, epochs: int, batch: int, sbnn: bool, seed: int):
+def train(task, net, data, epochs: int, batch: int, sbnn: bool, seed: int,
+          aux_weight: float = 0.0):
     xtr, ytr, xte, yte = data
     opt = task.optimizer(net, sbnn)
-    aux_weight = AUX_WEIGHT[0] if sbnn else 0.0
     if aux_weight:
         sbnn_addons.enable_aux_loss(net)
     order = torch.Generator().manual_seed(seed)
@@ -268,16 +269,20 @@ def run_task(task, data, epochs: int, batch: int, seed: int) -> dict:
     init = {"orig": initial_stats(task, original, x0, y0),
             "sbnn": initial_stats(task, converted, x0, y0)}
     print(f"{task.name}: init {init}", flush=True)
-    result = {"init": init}
+    fraction, weight = AUX
+    aux_weight = weight if weight is not None else fraction * init["orig"]["loss"]
+    result = {"init": init, "aux_weight": aux_weight}
     for label, net in (("orig", original), ("sbnn", converted)):
-        result[label] = train(task, net, data, epochs, batch, label == "sbnn", seed)
+        result[label] = train(task, net, data, epochs, batch, label == "sbnn", seed,
+                              aux_weight if label == "sbnn" else 0.0)
     return result
 
 
 def table(name: str, result: dict) -> str:
     lines = [f"**{name}** (at initialisation: weight-gradient norm "
              f"{result['init']['orig']['grad']:.3g} original, "
-             f"{result['init']['sbnn']['grad']:.3g} converted)", "",
+             f"{result['init']['sbnn']['grad']:.3g} converted; aux weight "
+             f"{result['aux_weight']:.3g})", "",
              "| epoch | original loss | converted loss | original acc | converted acc "
              "(sample) | converted acc (mean) |", "|---|---|---|---|---|---|"]
     for o, s in zip(result["orig"], result["sbnn"]):
@@ -306,16 +311,19 @@ def main(argv=None) -> int:
     p.add_argument("--dvs-channels", type=int, default=16)
     p.add_argument("--noise-lr-ratio", type=float, default=10.0,
                    help="noise scales' learning rate / the weights' (param_groups default 10)")
-    p.add_argument("--aux-weight", type=float, default=AUX_WEIGHT[0],
-                   help="weight of the converted model's scale-free aux loss (0: none)")
+    p.add_argument("--aux-fraction", type=float, default=AUX[0],
+                   help="aux weight as a fraction of the host loss at initialisation")
+    p.add_argument("--aux-weight", type=float, default=None,
+                   help="explicit aux weight (overrides --aux-fraction; 0: none)")
     p.add_argument("--convert-kw", type=json.loads, default={},
                    help='to_sbnn keyword arguments as JSON (ablations; default: none)')
     args = p.parse_args(argv)
     NOISE_LR_RATIO[0] = args.noise_lr_ratio
-    AUX_WEIGHT[0] = args.aux_weight
+    AUX[:] = [args.aux_fraction, args.aux_weight]
     kw = args.convert_kw
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}, aux weight {args.aux_weight:g}, "
+          f"{platform.processor() or platform.machine()}, aux fraction {args.aux_fraction:g}, "
+          f"aux weight {args.aux_weight}, "
           f"noise lr ratio {args.noise_lr_ratio:g}")
     out = []
     for name in args.models:
