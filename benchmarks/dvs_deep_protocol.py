@@ -276,6 +276,27 @@ def table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def mc_table(path: Path) -> str:
+    """Markdown table of ``mc(K)`` against ``K`` (mean +- std over seeds) for every SBNN
+    row group of ``path``: accuracy, NLL and ECE of the averaged predictive."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "mc" in r:
+            groups.setdefault((_label(r), r["kl"], r.get("prior_std") or 1.0), []).append(r)
+    lines = ["| method | KL | K | acc % | NLL | ECE % |", "|---|---|---|---|---|---|"]
+    for (method, kl, prior_std), rs in sorted(groups.items()):
+        ks = sorted({int(k) for r in rs for k in r["mc"]})
+        for k in ks:
+            got = [r["mc"][str(k)] for r in rs if str(k) in r["mc"]]
+            lines.append(
+                f"| {method} | {kl:g}{f' (s0 {prior_std:g})' if kl else ''} | {k} | "
+                f"{_fmt([g['accuracy'] for g in got])} | "
+                f"{statistics.mean(g['nll'] for g in got):.3f} | "
+                f"{_fmt([g['ece'] for g in got])} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -305,9 +326,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=Path("runs/dvs_deep_protocol.jsonl"))
     p.add_argument("--table", type=Path, help="print the table of a results file and exit")
+    p.add_argument("--mc-table", type=Path,
+                   help="print the mc(K)-against-K table of a results file and exit")
     args = p.parse_args(argv)
-    if args.table:
-        print(table(args.table))
+    if args.table or args.mc_table:
+        print(table(args.table) if args.table else mc_table(args.mc_table))
         return
     if args.data_dir is None:
         p.error("--data-dir is required")

@@ -35,6 +35,9 @@ def test_dvs_deep_protocol_ablation_and_kl_rows(tmp_path, capsys):
     table = deep.table(out)
     assert "| sbnn | 0 |" in table and "| twin | 0 |" in table
     assert "| sbnn (std x0.5, aux 0) | 0.1 (s0 0.05) |" in table
+    curve = deep.mc_table(out)
+    assert "| sbnn | 0 | 2 |" in curve and "| sbnn (std x0.5, aux 0) | 0.1 (s0 0.05) | 1 |" in curve
+    assert "twin" not in curve
 
 
 def test_std_scale_scales_every_posterior_std():
