@@ -135,6 +135,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         self.batch_dim = batch_dim
         self.collect_aux = False
         self._aux_terms: list[Tensor] = []
+        self._aux_version: int | None = None
         self._seed: int | None = None
         self._generator: torch.Generator | None = None
 
@@ -257,10 +258,35 @@ class IWSTSpike(SBNNModule, nn.Module):
         steps shaped like ``step``, whose batch dimension is ``batch_dim``) averaged over
         the batch, with the unit-steps it covers per example. Not in a checkpoint's
         recomputation (computed there too, so that the recomputation saves the same
-        tensors, but already collected)."""
-        if not _RECOMPUTING[0]:
-            batch = max(self._batch_size(step), 1)
-            self._aux_terms.append((z2_sum / batch, step.numel() // batch * steps))
+        tensors, but already collected).
+
+        Raises:
+            RuntimeError: terms collected before the last optimiser step (the learned
+                std changed since) were never consumed by :func:`sbnn_addons.aux_loss`:
+                they would pile up with their graphs every step.
+        """
+        if _RECOMPUTING[0]:
+            return
+        version = self._std_version()
+        if self._aux_terms and version is not None and version != self._aux_version:
+            self._aux_terms = []
+            raise RuntimeError(
+                "auxiliary loss terms collected before the last optimiser step were never "
+                "used: add sbnn_addons.aux_loss(model) to the loss (or pass aux_weight to "
+                "sbnn_objective), or stop collecting them with "
+                "sbnn_addons.enable_aux_loss(model, False) (to_sbnn(..., aux_loss=False))")
+        if not self._aux_terms:
+            self._aux_version = version
+        batch = max(self._batch_size(step), 1)
+        self._aux_terms.append((z2_sum / batch, step.numel() // batch * steps))
+
+    def _std_version(self) -> int | None:
+        """Version counter of the learned std (changes at each optimiser step), or
+        ``None`` where there is none to read (fixed std, inference tensor, compiling)."""
+        if (not self.learn_std or torch.compiler.is_compiling()
+                or self.std_rho.is_inference()):
+            return None
+        return self.std_rho._version
 
     def _batch_size(self, u: Tensor) -> int:
         return u.shape[self.batch_dim] if u.dim() > self.batch_dim else 1

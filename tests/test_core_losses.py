@@ -161,3 +161,32 @@ def test_aux_gradient_reaches_the_stds_only_with_aux_std_grad(path, kernel):
         assert g is None or float(g.abs().sum()) == 0.0
     torch.testing.assert_close(grads[True][0], weight, rtol=1e-5, atol=1e-7)
     assert float(grads[True][1].abs()) > 0 and float(grads[True][2].abs()) > 0
+
+
+def test_unused_aux_terms_raise_at_the_next_step():
+    """Aux terms collected but never consumed would pile up with their graphs: after an
+    optimiser step changes the learned std, the next collection raises a named error.
+    Consuming them every step, or accumulating over several forwards before one step,
+    is fine; so is collecting with a fixed std (nothing to tell the steps apart)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(BayesLinear(8, 4), IWSTSpike("st", std=0.3, learn_std=True))
+    enable_aux_loss(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x = torch.rand(5, 8)
+    for _ in range(2):
+        loss = net(x).sum() + 0.1 * aux_loss(net)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net(x)
+    net(x)  # two forwards, one aux term each, then one step
+    (net(x).sum() + aux_loss(net)).backward()
+    opt.step()
+    loss = net(x).sum()  # the aux term is not used
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    with pytest.raises(RuntimeError, match=r"never used: add sbnn_addons.aux_loss\(model\)"):
+        net(x)
+    net(x)  # the stale terms were dropped with the error
+    assert aux_loss(net) > 0
