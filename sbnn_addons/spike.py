@@ -268,7 +268,8 @@ class IWSTSpike(SBNNModule, nn.Module):
         if _RECOMPUTING[0]:
             return
         version = self._std_version()
-        if self._aux_terms and version is not None and version != self._aux_version:
+        if (self._aux_terms and version is not None
+                and version != getattr(self, "_aux_version", version)):
             self._aux_terms = []
             raise RuntimeError(
                 "auxiliary loss terms collected before the last optimiser step were never "
