@@ -242,17 +242,27 @@ def _label(row: dict) -> str:
     return row["method"] + (f" ({', '.join(parts)})" if parts else "")
 
 
+def _groups(path: Path, sbnn_only: bool = False) -> list[tuple[str, str, list[dict]]]:
+    """The JSON lines of ``path`` grouped over seeds: ``(method label, KL label, rows)``,
+    sorted; ``sbnn_only``: the rows with ``mc(K)`` results only."""
+    groups: dict[tuple, list[dict]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            if not sbnn_only or "mc" in r:
+                key = (_label(r), r["kl"], r.get("prior_std") or 1.0)
+                groups.setdefault(key, []).append(r)
+    return [(method, f"{kl:g}{f' (s0 {prior_std:g})' if kl else ''}", rs)
+            for (method, kl, prior_std), rs in sorted(groups.items())]
+
+
 def table(path: Path) -> str:
     """Markdown table (mean ± std over seeds) of the JSON lines in ``path``."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((_label(r), r["kl"], r.get("prior_std") or 1.0), []).append(r)
     lines = ["| method | KL | seeds | epochs | acc mean % | acc sample % | acc mc(max K) % "
              "| NLL (mean / mc) | ECE % (mean / mc) | OOD AUROC % (entropy / MI) "
              "| s/epoch | loss fell |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (method, kl, prior_std), rs in sorted(groups.items()):
+    for method, kl, rs in _groups(path):
         kmax = max((max(map(int, r["mc"])) for r in rs if "mc" in r), default=None)
 
         def vals(*keys, rs=rs):
@@ -267,8 +277,7 @@ def table(path: Path) -> str:
         if vals("ood_mi", "auroc"):
             ood += f" / {_fmt(vals('ood_mi', 'auroc'))}"
         lines.append(
-            f"| {method} | {kl:g}{f' (s0 {prior_std:g})' if kl else ''} | {len(rs)} | "
-            f"{rs[0]['epochs']} | "
+            f"| {method} | {kl} | {len(rs)} | {rs[0]['epochs']} | "
             f"{_fmt(vals('mean', 'accuracy'))} | {_fmt(vals('sample', 'accuracy'))} | "
             f"{_fmt(vals(*mc, 'accuracy')) if mc else '-'} | {nll} | {ece} | {ood} | "
             f"{statistics.mean(r['train_s_per_epoch'] for r in rs):.0f} | "
@@ -279,18 +288,13 @@ def table(path: Path) -> str:
 def mc_table(path: Path) -> str:
     """Markdown table of ``mc(K)`` against ``K`` (mean +- std over seeds) for every SBNN
     row group of ``path``: accuracy, NLL and ECE of the averaged predictive."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if "mc" in r:
-            groups.setdefault((_label(r), r["kl"], r.get("prior_std") or 1.0), []).append(r)
     lines = ["| method | KL | K | acc % | NLL | ECE % |", "|---|---|---|---|---|---|"]
-    for (method, kl, prior_std), rs in sorted(groups.items()):
+    for method, kl, rs in _groups(path, sbnn_only=True):
         ks = sorted({int(k) for r in rs for k in r["mc"]})
         for k in ks:
             got = [r["mc"][str(k)] for r in rs if str(k) in r["mc"]]
             lines.append(
-                f"| {method} | {kl:g}{f' (s0 {prior_std:g})' if kl else ''} | {k} | "
+                f"| {method} | {kl} | {k} | "
                 f"{_fmt([g['accuracy'] for g in got])} | "
                 f"{statistics.mean(g['nll'] for g in got):.3f} | "
                 f"{_fmt([g['ece'] for g in got])} |")
