@@ -205,7 +205,7 @@ class LIF(nn.Module):
         own = spike.own_noise_variance()
         total = variance if own is None else variance + own.to(variance.dtype)
         aux = spike.collect_aux and torch.is_grad_enabled()
-        offset = (self.threshold if spike.aux_center == "zero" else 0.0) if aux else None
+        offset = spike._aux_offset(self.threshold) if aux else None
         out = kernels._fused_lif_step(
             current, membrane, total, kernels._seed(spike._generator_for(current)),
             (spike.estimator, self.beta, self.threshold, self.reset, spike.at_zero, offset,
@@ -239,7 +239,7 @@ class LIF(nn.Module):
         out = kernels.lif_sequence(
             currents, var_seq, membrane, variance, dyn, spike.estimator,
             own_var=own, at_zero=spike.at_zero,
-            aux_offset=(self.threshold if spike.aux_center == "zero" else 0.0) if aux else None,
+            aux_offset=spike._aux_offset(self.threshold) if aux else None,
             aux_var=spike.aux_std_grad, generator=spike._generator_for(currents))
         if aux:
             spike._collect(out[3], currents[0], len(currents))

@@ -585,11 +585,13 @@ def to_sbnn(
     for n, m in out.named_modules(remove_duplicate=False):
         names.setdefault(id(m), []).append(n)
 
+    def excluded(m: nn.Module) -> bool:
+        return bool(exc) and any(_match(n, exc) for n in names.get(id(m), []))
+
     def selected(m: nn.Module) -> bool:
-        qn = names.get(id(m), [])
-        if inc is not None and not any(_match(n, inc) for n in qn):
+        if inc is not None and not any(_match(n, inc) for n in names.get(id(m), [])):
             return False
-        return not (exc and any(_match(n, exc) for n in qn))
+        return not excluded(m)
 
     folded = batchnorm_after(out, tuple(_LAYERS)) if batchnorm == "affine" else {}
 
@@ -612,7 +614,7 @@ def to_sbnn(
     replace_modules(out, convert)
 
     for m in out.modules():
-        if exc and _is_snn_neuron(m) and any(_match(n, exc) for n in names.get(id(m), [])):
+        if _is_snn_neuron(m) and excluded(m):
             # excluded: kept as it is, and must get no variance
             if refuse_variance not in m._forward_pre_hooks.values():
                 m.register_forward_pre_hook(refuse_variance)

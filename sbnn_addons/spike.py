@@ -214,7 +214,7 @@ class IWSTSpike(SBNNModule, nn.Module):
                         and self._seed is None and kernels.can_fuse_compiled(u, fused_var))
             if compiled or (fused_var is not None and kernels.can_fuse(u, fused_var)):
                 aux = self.collect_aux and variance is not None and torch.is_grad_enabled()
-                offset = (self.threshold if self.aux_center == "zero" else 0.0) if aux else None
+                offset = self._aux_offset(self.threshold) if aux else None
                 if compiled:
                     spikes, z2 = kernels.compiled_spike(u, fused_var, self.estimator,
                                                         self.at_zero, aux_offset=offset,
@@ -247,11 +247,21 @@ class IWSTSpike(SBNNModule, nn.Module):
         """``sum of z^2`` over the batch and the units (Method page, section 5); ``sigma``
         held constant unless :attr:`aux_std_grad`."""
         centre = u + self.threshold if self.aux_center == "zero" else u
-        sigma = (sigma if self.aux_std_grad else sigma.detach()).expand_as(u)
+        sigma = self._aux_sigma(sigma).expand_as(u)
         dtype = torch.promote_types(u.dtype, torch.float32)  # half -> float32, float64 kept
         z = centre.to(dtype) / sigma.to(dtype).clamp_min(SIGMA_MIN)
         z2 = torch.where(sigma > 0, z * z, 0.0)
         return z2.sum()
+
+    def _aux_offset(self, threshold: float) -> float:
+        """What the kernels add to the drive ``u = mu - threshold`` to centre ``z``:
+        ``threshold`` for ``aux_center="zero"``, else 0."""
+        return threshold if self.aux_center == "zero" else 0.0
+
+    def _aux_sigma(self, sigma: Tensor) -> Tensor:
+        """``sigma`` as the auxiliary loss's ``z`` sees it: held constant (detached)
+        unless :attr:`aux_std_grad`."""
+        return sigma if self.aux_std_grad else sigma.detach()
 
     def _collect(self, z2_sum: Tensor, step: Tensor, steps: int = 1) -> None:
         """Keep an aux term: ``z2_sum`` (``z^2`` summed over batch, units and ``steps``

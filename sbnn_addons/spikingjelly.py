@@ -369,7 +369,7 @@ def _linked_multi_step_forward(node: nn.Module, x_seq: Tensor, *args, **kwargs):
     out = kernels.lif_sequence(
         x_seq, var, v0, spike._var_state, dyn, spike.estimator, rate=rate, own_var=own,
         at_zero=spike.at_zero,
-        aux_offset=(spike.threshold if spike.aux_center == "zero" else 0.0) if aux else None,
+        aux_offset=spike._aux_offset(spike.threshold) if aux else None,
         aux_var=spike.aux_std_grad, generator=spike._generator_for(x_seq))
     spikes, v, state = out[:3]
     if aux:

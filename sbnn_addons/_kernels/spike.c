@@ -562,8 +562,8 @@ static void backward_compact(const bwd_args *a, float *restrict gvar, int64_t to
 
 /* g_aux: gradient of the loss with respect to the forward's sum of z^2 (0: no aux loss);
  * aux_var: whether that gradient also reaches the variance (else sigma is held constant in
- * z and only u receives it). h: the spikes, float with h_float, else uint8. grad_var is written in full (shape of
- * u); the caller sums it over a broadcast. */
+ * z and only u receives it). h: the spikes, float with h_float, else uint8. grad_var is
+ * written in full (shape of u); the caller sums it over a broadcast. */
 void sbnn_spike_backward(const float *restrict g, const float *restrict u,
                          const float *restrict var, int64_t mid, int64_t inner,
                          const void *restrict h, int h_float, float *restrict gu,

@@ -253,8 +253,7 @@ class SHDRecurrentNet(ReferenceNet):
         own = spike.own_noise_variance()
         if own is not None:
             total = total + 2 * own
-        sigma = total.clamp_min(1e-6).sqrt()
-        z = current / (sigma if spike.aux_std_grad else sigma.detach())
+        z = current / spike._aux_sigma(total.clamp_min(1e-6).sqrt())
         spike._collect((z * z).sum(), current)
 
     def forward_steps(self, x: Tensor) -> Tensor:
