@@ -122,6 +122,8 @@ class IWSTSpike(SBNNModule, nn.Module):
         std = check_std("std", 0.0 if std is None else std, allow_zero=not learn_std)
         if aux_center not in ("threshold", "zero"):
             raise ValueError(f"aux_center must be 'threshold' or 'zero', got {aux_center!r}")
+        if not isinstance(aux_std_grad, bool):
+            raise TypeError(f"aux_std_grad must be a bool, got {type(aux_std_grad).__name__}")
         self.learn_std = bool(learn_std)
         if self.learn_std:
             self.std_rho = nn.Parameter(torch.full(tuple(std_shape), inverse_softplus(std)))
@@ -131,7 +133,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         self.at_zero = at_zero
         self.threshold = float(threshold)
         self.aux_center = aux_center
-        self.aux_std_grad = bool(aux_std_grad)
+        self.aux_std_grad = aux_std_grad
         self.batch_dim = batch_dim
         self.collect_aux = False
         self._aux_terms: list[Tensor] = []

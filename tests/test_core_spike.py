@@ -208,6 +208,7 @@ def test_bf16_bayes_linear_into_spike():
         (lambda: IWSTSpike("foo"), ValueError, "estimator"),
         (lambda: IWSTSpike("iwst(1.5)"), ValueError, "p"),
         (lambda: IWSTSpike(aux_center="middle"), ValueError, "aux_center"),
+        (lambda: IWSTSpike(aux_std_grad="no"), TypeError, "aux_std_grad"),
         (lambda: IWSTSpike()(torch.ones(3, dtype=torch.long)), TypeError, "u"),
         (lambda: IWSTSpike().fire(torch.ones(4, 5), torch.ones(4, 3)), ValueError, "variance"),
         (lambda: IWSTSpike().fire(torch.ones(3), torch.ones(2, 3)), ValueError, "variance"),

@@ -368,6 +368,10 @@ def test_bad_inputs_raise_value_error_with_expected_shape():
         tiny_dvs(norm="layer")
     with pytest.raises(ValueError, match="blocks"):
         tiny_dvs(blocks=(1, 1))
+    for make in (tiny_dvs, tiny_shd, tiny_cifar):
+        for bayes in (True, False):  # the twin too: a bad flag is never ignored
+            with pytest.raises(TypeError, match="aux_std_grad"):
+                make(bayes=bayes, aux_std_grad=1)
 
 
 def test_aux_loss_collected_per_lif_and_step():

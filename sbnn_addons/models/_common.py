@@ -173,6 +173,8 @@ class LayerFactory:
     ) -> None:
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        if not isinstance(aux_std_grad, bool):
+            raise TypeError(f"aux_std_grad must be a bool, got {type(aux_std_grad).__name__}")
         if bayes and norm == "bn":
             raise ValueError(
                 "norm='bn' is for the deterministic twin only (bayes=False); the Bayesian "
@@ -192,7 +194,7 @@ class LayerFactory:
         self.surrogate_width = surrogate_width
         self.affine_per_step = bool(affine_per_step)
         self.aux_center = aux_center
-        self.aux_std_grad = bool(aux_std_grad)
+        self.aux_std_grad = aux_std_grad
 
     def conv(self, cin: int, cout: int, stride: int = 1, first: bool = False) -> nn.Conv2d:
         """3x3 conv without bias; ``first``: the variance path reads the input itself
