@@ -336,6 +336,9 @@ def main(argv=None) -> int:
                    help='to_sbnn keyword arguments as JSON (ablations; default: none)')
     args = p.parse_args(argv)
     NOISE_LR_RATIO[0] = args.noise_lr_ratio
+    for name in ("aux_fraction", "aux_weight", "pretrain_epochs"):
+        if getattr(args, name) is not None and not getattr(args, name) >= 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     AUX[:] = [args.aux_fraction, args.aux_weight]
     kw = args.convert_kw
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "

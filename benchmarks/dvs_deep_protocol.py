@@ -333,6 +333,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mc-table", type=Path,
                    help="print the mc(K)-against-K table of a results file and exit")
     args = p.parse_args(argv)
+    for name in ("std_scale", "prior_std"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("kl", "aux_weight"):
+        if getattr(args, name) is not None and not getattr(args, name) >= 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.table or args.mc_table:
         print(table(args.table) if args.table else mc_table(args.mc_table))
         return

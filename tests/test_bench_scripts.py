@@ -68,3 +68,19 @@ def test_bench_dropin_runs_fresh_and_pretrained(capsys):
     assert dropin.main([*common, "--pretrain-epochs", "1", "--aux-weight", "0"]) == 0
     pretrained = capsys.readouterr().out
     assert pretrained.count("trained 1 epochs first") == 2 and "aux weight 0)" in pretrained
+
+
+@pytest.mark.parametrize("script, args, word", [
+    ("dvs_deep_protocol", ["--std-scale", "0"], "--std-scale"),
+    ("dvs_deep_protocol", ["--prior-std", "-1"], "--prior-std"),
+    ("dvs_deep_protocol", ["--aux-weight", "-1e-3"], "--aux-weight"),
+    ("dvs_deep_protocol", ["--kl", "nan"], "--kl"),
+    ("bench_dropin", ["--aux-fraction", "-0.1"], "--aux-fraction"),
+    ("bench_dropin", ["--aux-weight", "nan"], "--aux-weight"),
+    ("bench_dropin", ["--pretrain-epochs", "-1"], "--pretrain-epochs"),
+])
+def test_bench_scripts_name_bad_arguments(script, args, word, capsys):
+    """A bad ablation or aux argument stops the script before any work, naming it."""
+    with pytest.raises(SystemExit):
+        _script(script).main(args)
+    assert word in capsys.readouterr().err
