@@ -78,7 +78,7 @@ def dvs_frames(data_dir: str, n_train: int, n_test: int, num_frames: int, stride
 #: the converted model's aux weight: [fraction of the initial host loss, explicit weight]
 AUX = [0.05, None]
 #: noise scales' learning rate over the weights' (--noise-lr-ratio)
-NOISE_LR_RATIO = [10.0]
+NOISE_LR_RATIO = [1.0]
 
 class SnnTorchTask:
     """snnTorch tutorial 7: static image at every step, ``ce_rate_loss``."""
@@ -324,8 +324,8 @@ def main(argv=None) -> int:
     p.add_argument("--dvs-frames", type=int, default=8)
     p.add_argument("--dvs-stride", type=int, default=6)
     p.add_argument("--dvs-channels", type=int, default=16)
-    p.add_argument("--noise-lr-ratio", type=float, default=10.0,
-                   help="noise scales' learning rate / the weights' (param_groups default 10)")
+    p.add_argument("--noise-lr-ratio", type=float, default=1.0,
+                   help="noise scales' learning rate / the weights' (param_groups default 1)")
     p.add_argument("--pretrain-epochs", type=int, default=0,
                    help="train the original this many epochs first, then convert it")
     p.add_argument("--aux-fraction", type=float, default=AUX[0],

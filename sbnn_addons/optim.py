@@ -2,8 +2,9 @@
 
 A Bayesian model has two kinds of parameters: the posterior means (ordinary weights,
 biases, affine scales and shifts) and the noise scales (``*std_rho``, the softplus
-parameters of ``s_l``, ``s_rec``, ``s_n``, ``s_b``). The noise scales move on another
-scale and are trained with a larger learning rate (10x in the released configuration).
+parameters of ``s_l``, ``s_rec``, ``s_n``, ``s_b``). :func:`param_groups` puts them in
+a group of their own, so that their learning rate can differ from the weights' (the
+released configuration trains them at 10x).
 """
 
 from __future__ import annotations
@@ -50,8 +51,13 @@ def param_groups(model: nn.Module, lr: float, noise_lr: float | None = None) -> 
     Args:
         model: the network.
         lr: learning rate of the weights, biases and affine parameters (> 0).
-        noise_lr: learning rate of the noise scales (default ``10 * lr``, the released
-            configuration's ratio).
+        noise_lr: learning rate of the noise scales (default ``lr``). Adam moves each
+            ``rho`` by about ``noise_lr`` per step, which for a small std
+            ``s = softplus(rho)`` is a relative change of about ``noise_lr``. The released
+            configuration uses ``10 * lr`` at ``lr = 5e-3``; at the higher learning rates of
+            the host tutorials (Adam 1e-2) that moves every std by about 10 % per step and
+            a converted model learns slower (Benchmarks page, "Converted host models at
+            defaults").
 
     Returns:
         A list for ``torch.optim.Adam(param_groups(model, lr=5e-3))``; each group has a
@@ -61,7 +67,7 @@ def param_groups(model: nn.Module, lr: float, noise_lr: float | None = None) -> 
         ValueError: a learning rate that is not a finite positive number.
     """
     _check_lr("lr", lr)
-    noise_lr = 10.0 * lr if noise_lr is None else noise_lr
+    noise_lr = lr if noise_lr is None else noise_lr
     _check_lr("noise_lr", noise_lr)
     weights, noise = [], []
     for name, p in model.named_parameters():

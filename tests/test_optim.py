@@ -18,7 +18,7 @@ def test_groups_split_noise_scales_from_weights():
     net = _net()
     groups = sb.param_groups(net, lr=1e-3)
     assert [g["name"] for g in groups] == ["weights", "noise"]
-    assert groups[0]["lr"] == 1e-3 and groups[1]["lr"] == pytest.approx(1e-2)  # 10x default
+    assert groups[0]["lr"] == 1e-3 and groups[1]["lr"] == 1e-3  # default: noise_lr = lr
     names = {id(p): n for n, p in net.named_parameters()}
     noise = {names[id(p)] for p in groups[1]["params"]}
     assert noise == {"0.std_rho", "0.bias_std_rho", "1.spike_fn.std_rho"}

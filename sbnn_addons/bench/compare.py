@@ -480,7 +480,8 @@ def compare(
         seeds: one run per method and seed; the table shows mean +- std over seeds.
         batch_size: training batch size for tensor data (loaders keep theirs).
         lr: learning rate of the weights (:func:`default_recipe`).
-        noise_lr: learning rate of the SBNN noise scales (``None``: ``10 * lr``).
+        noise_lr: learning rate of the SBNN noise scales (``None``: ``lr``, the
+            :func:`~sbnn_addons.param_groups` default).
         layout: where the samples are: ``"TB"`` (time-major ``x [T, N, ...]``, batches go to
             the model as ``[T, B, ...]``), ``"BT"`` (batch-major ``[N, T, ...]``, transposed
             to ``[T, B, ...]`` per batch) or ``"static"`` (``[N, ...]``, no time axis;
