@@ -121,6 +121,25 @@ def share_posterior() -> Iterator[None]:
         _SHARED[0] = previous
 
 
+def shared_square(owner: object, param: Tensor, std: Callable[[], Tensor]) -> Tensor:
+    """``std() ** 2``, computed once per :func:`share_posterior` block for ``owner``.
+
+    Outside a block it is computed at every call. Inside, the value is kept under
+    ``owner``'s identity, the grad mode and ``param``'s version (the tensor ``std`` is
+    computed from), so a changed parameter is recomputed.
+    """
+    cache = _SHARED[0]
+    if cache is None:
+        value = std()
+        return value * value
+    key = (id(owner), torch.is_grad_enabled(), None if param.is_inference() else param._version)
+    squared = cache.get(key)
+    if squared is None:
+        value = std()
+        squared = cache[key] = value * value
+    return squared
+
+
 _CHECK_FINITE = [True]
 #: Tensors found finite, with their ``_version`` then (weak keys: an entry goes with its
 #: tensor), so that a tensor fed to several layers is checked once.

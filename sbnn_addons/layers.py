@@ -24,12 +24,12 @@ from torch import Tensor, nn
 
 from . import kernels
 from .base import (
-    _SHARED,
     SBNNModule,
     check_input,
     check_std,
     inverse_softplus,
     share_posterior,
+    shared_square,
     softplus,
 )
 from .functional import (
@@ -151,18 +151,8 @@ class _BayesMixin(SBNNModule):
 
     def _std_squared(self) -> Tensor:
         """``s^2``, computed once per :func:`share_posterior` block (else at every call)."""
-        cache = _SHARED[0]
-        if cache is None:
-            std = self.std
-            return std * std
         param = self.std_rho if self.learn_std else self.fixed_std
-        key = (id(self), torch.is_grad_enabled(),
-               None if param.is_inference() else param._version)
-        s2 = cache.get(key)
-        if s2 is None:
-            std = self.std
-            s2 = cache[key] = std * std
-        return s2
+        return shared_square(self, param, lambda: self.std)
 
     @property
     def std(self) -> Tensor:

@@ -20,7 +20,14 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .base import SBNNModule, cached_tensor_test, check_std, inverse_softplus, softplus
+from .base import (
+    SBNNModule,
+    cached_tensor_test,
+    check_std,
+    inverse_softplus,
+    shared_square,
+    softplus,
+)
 from .estimators import BernoulliSpike, Estimator, _standard_normal, get_estimator
 from .functional import (
     SIGMA_MIN,
@@ -169,10 +176,12 @@ class IWSTSpike(SBNNModule, nn.Module):
         return var
 
     def own_noise_variance(self) -> Tensor | None:
-        """The spike function's own noise variance ``s_n^2`` (``None`` if it is zero)."""
-        if self.learn_std or self._fixed_std_nonzero():
-            own = self.std
-            return own * own
+        """The spike function's own noise variance ``s_n^2`` (``None`` if it is zero),
+        computed once per :func:`~sbnn_addons.share_posterior` block."""
+        if self.learn_std:
+            return shared_square(self, self.std_rho, lambda: self.std)
+        if self._fixed_std_nonzero():
+            return shared_square(self, self.fixed_std, lambda: self.std)
         return None
 
     def _fixed_std_nonzero(self) -> bool:

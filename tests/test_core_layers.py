@@ -374,7 +374,7 @@ def test_share_posterior_reuses_s2_with_identical_gradients(std_mode):
         results.append((torch.stack(outs).detach(), layer.std_rho.grad.clone()))
     assert torch.equal(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-8)
-    assert sb.layers._SHARED[0] is None
+    assert sb.base._SHARED[0] is None
 
 
 

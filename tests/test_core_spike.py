@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import math
@@ -217,3 +218,29 @@ def test_bf16_bayes_linear_into_spike():
 def test_bad_input(call, exc, word):
     with pytest.raises(exc, match=rf"\b{word}\b"):
         call()
+
+
+@pytest.mark.parametrize("learn_std", [True, False])
+def test_share_posterior_computes_own_noise_once_with_identical_gradients(learn_std):
+    """Inside share_posterior a spike function squares its own std once per block (one
+    node, whatever the number of steps); spikes and the std's gradient are those of the
+    unshared loop, and the cache does not outlive the block."""
+    spike = IWSTSpike("st", std=0.3, learn_std=learn_std)
+    u = torch.randn(5, 4, 6, requires_grad=True)
+    results = []
+    for shared in (False, True):
+        spike.zero_grad()
+        u.grad = None
+        with sb.share_posterior() if shared else contextlib.nullcontext():
+            torch.manual_seed(1)
+            out = torch.stack([spike(u[t]) for t in range(5)])
+            if shared:
+                assert spike.own_noise_variance() is spike.own_noise_variance()
+        (out * torch.arange(6.0)).sum().backward()
+        grad = spike.std_rho.grad.clone() if learn_std else None
+        results.append((out.detach(), u.grad.clone(), grad))
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+    if learn_std:
+        torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-5, atol=1e-8)
+    assert spike.own_noise_variance() is not spike.own_noise_variance()
