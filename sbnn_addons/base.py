@@ -152,7 +152,8 @@ class check_finite:  # noqa: N801 (used as a function and as a context manager)
     Converted models (:func:`sbnn_addons.snntorch.to_sbnn`,
     :func:`sbnn_addons.spikingjelly.to_sbnn`) and the Bayesian layers check their input:
     a NaN or inf would otherwise train silently into NaN gradients while the spikes stay
-    finite. The check is one reduction over each non-spike input (spikes are skipped).
+    finite. The check is one reduction over each non-spike input (spikes are skipped);
+    on a GPU it also reads the result back, a device synchronisation per checked input.
     Turn it off for speed once the data pipeline is known to be clean.
 
     Use it as a function (global switch) or as a context manager (restored on exit)::
