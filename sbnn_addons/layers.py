@@ -41,7 +41,14 @@ from .functional import (
     is_kept,
     mark_binary,
 )
-from .moments import ScaledVariance, attach_variance, no_variance_flow, raw_variance
+from .moments import (
+    ScaledVariance,
+    VarianceFlowError,
+    VarianceTensor,
+    attach_variance,
+    no_variance_flow,
+    raw_variance,
+)
 
 __all__ = [
     "share_posterior",  # re-exported from .base
@@ -266,8 +273,22 @@ def _kl(mean: Tensor, std: Tensor, prior, num_samples: int) -> Tensor:
         return (q.log_prob(w) - prior.log_prob(w)).mean(0).sum()
 
 
+def _refuse_noisy_input(x: Tensor, layer: str) -> None:
+    """A Bayesian layer's input must not carry a posterior variance (or, in ``mean``
+    mode, the variance flow's probe): the layer's output variance ``s^2 sum_i x_i^2``
+    would replace it, and the first layer's noise would vanish silently."""
+    if type(x) is VarianceTensor:
+        raise VarianceFlowError(
+            f"the input of {layer} carries the posterior variance of an earlier Bayesian "
+            "layer (two weight layers with no spiking neuron between them), which this "
+            "layer would drop: put a neuron between them, or keep the earlier layer "
+            "deterministic (exclude its name in to_sbnn, or use a plain nn.Linear / nn.Conv)"
+        )
+
+
 def _check_features(x: Tensor, expected: int, dim: int, layer: str) -> None:
     check_float("input", x)
+    _refuse_noisy_input(x, layer)
     check_input(x, layer)
     if x.dim() == 0 or x.shape[dim] != expected:
         raise ValueError(
@@ -462,6 +483,7 @@ class _BayesConv(_BayesMixin):
     def _forward(self, x: Tensor) -> Tensor:
         n = self.weight.dim() - 2
         check_float("input", x)
+        _refuse_noisy_input(x, type(self).__name__)
         check_input(x, type(self).__name__)
         if x.dim() not in (n + 1, n + 2) or x.shape[-n - 1] != self.in_channels:
             raise ValueError(

@@ -534,7 +534,8 @@ _NOISE_FREE = frozenset(
      "eq", "ne", "__gt__", "__ge__", "__lt__", "__le__", "__eq__", "__ne__", "sign",
      "heaviside", "argmax", "argmin", "isfinite", "isnan", "any", "all", "item", "tolist",
      "__format__", "__repr__", "numpy", "data_ptr", "requires_grad_", "retain_grad",
-     "register_hook", "__hash__", "backward"}
+     "register_hook", "__hash__", "backward", "new_zeros", "new_ones", "new_empty",
+     "new_full", "new_tensor"}
 )
 
 

@@ -273,3 +273,46 @@ def test_compiled_spike_names_a_wrong_dtype():
     with pytest.raises(TypeError, match="u must be a torch.float32 CPU tensor"):
         sb.kernels.compiled_spike(torch.zeros(4, dtype=torch.float64), torch.ones(4),
                                   sb.get_estimator("st"))
+
+
+# ------------------------------------------------- two weight layers with no neuron between
+def test_core_layer_refuses_an_input_that_carries_a_variance():
+    """A Bayesian layer fed by another one (no neuron between) would replace the first
+    layer's variance by its own: it raises, naming the fix."""
+    first = sb.BayesLinear(6, 5, std=0.3)
+    for second, x in [(sb.BayesLinear(5, 3), torch.rand(4, 6)),
+                      (sb.BayesConv1d(5, 3, 1), torch.rand(4, 2, 6))]:
+        h = first(x)
+        if isinstance(second, sb.BayesConv1d):
+            h = h.transpose(1, 2)
+        with pytest.raises(VarianceFlowError, match="neuron between them"):
+            second(h)
+    with sb.mode(first, "mean"):  # no variance in mean mode: nothing to refuse
+        sb.BayesLinear(5, 3)(first(torch.rand(4, 6)))
+
+
+def test_snntorch_stacked_linears_raise_at_conversion_and_call():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 32), nn.Linear(32, 16),
+                        snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    x = torch.rand(4, 10)
+    with pytest.raises(VarianceFlowError, match="neuron between them"):
+        sbnn_snn.to_sbnn(net, example_input=x)
+    model = sbnn_snn.to_sbnn(net)
+    with pytest.raises(VarianceFlowError, match="neuron between them"):
+        model(x)
+    kept = sbnn_snn.to_sbnn(net, exclude="0")  # the earlier layer deterministic: trains
+    spk, _ = kept(x)
+    spk.sum().backward()
+    assert kept[1].std_rho.grad is not None
+
+
+def test_spikingjelly_conv_flatten_linear_raises_at_conversion():
+    net = nn.Sequential(layer.Conv2d(2, 4, 3, step_mode="m"), layer.Flatten(step_mode="m"),
+                        layer.Linear(4 * 6 * 6, 5, step_mode="m"), neuron.LIFNode(step_mode="m"))
+    with pytest.raises(VarianceFlowError, match="neuron between them"):
+        sbnn_sj.to_sbnn(net, example_input=torch.rand(3, 2, 2, 8, 8))
+    model = sbnn_sj.to_sbnn(net, exclude="0")
+    functional.reset_net(model)
+    model(torch.rand(3, 2, 2, 8, 8)).sum().backward()
+    assert model[2].std_rho.grad is not None

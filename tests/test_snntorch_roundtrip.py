@@ -151,7 +151,8 @@ def test_to_snntorch_partial_atan_pickles():
 
 def test_to_snntorch_batchnorm_export():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(),
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4),
+                        snn.Leaky(beta=0.9, init_hidden=True), nn.Flatten(),
                         nn.Linear(4 * 6 * 6, 10), snn.Leaky(beta=0.9, init_hidden=True,
                                                             output=True)).eval()
     model = to_sbnn(net)
