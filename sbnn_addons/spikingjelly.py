@@ -146,6 +146,14 @@ class SJSpike(IWSTSpike):
             var = var * (coeffs[1] * coeffs[1])  # c^2 var(X_t), for all steps at once
         state.update(_pending=var, _steps=None, _multi=multi, _step=0, _coeffs=coeffs)
 
+    def _end(self) -> None:
+        """Called by the neuron's forward hook after each neuron call: the per-call state
+        (input variances, the dynamics' coefficients, which hold a graph for a learned
+        decay) is dropped, so that a trained model deep-copies; the membrane variance
+        lives on as the neuron's memory."""
+        self.__dict__.update(_var_state=None, _pending=None, _steps=None,
+                             _coeffs=(1.0, 1.0, False))
+
     def _next_input_variance(self, u: Tensor) -> Tensor | None:
         var = self._pending
         if var is None:
@@ -392,6 +400,8 @@ def _mark_spikes(node: nn.Module, args, output):
         if isinstance(state, Tensor) and state._base is not None:
             state = state.clone()  # a view cannot be detached in place (detach_net)
         node._memories[VAR_MEMORY] = state
+    if isinstance(spike, SJSpike):
+        spike._end()
     if isinstance(output, Tensor):
         mark_binary(output)  # a kept mark (the spike function's) stays
 

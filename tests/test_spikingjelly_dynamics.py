@@ -153,7 +153,7 @@ def test_fused_sequence_equals_the_nodes_own_loop(kind, estimator, extra, monkey
             loss = loss + 0.1 * aux
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        states = [(m.v, m.surrogate_function._var_state) for m in (model[1], model[3])]
+        states = [(m.v, getattr(m, sbnn_sj.VAR_MEMORY)) for m in (model[1], model[3])]
         results.append((outs, grads, states))
         if model is fused:
             assert not calls  # the fused path ran (no per-step fire calls)

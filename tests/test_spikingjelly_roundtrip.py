@@ -191,3 +191,23 @@ def test_link_neuron_on_hand_built_model():
     torch.testing.assert_close(seen[0].expand(2, 4), net[0].output_variance(x) / 4)  # c = 1/tau
     with pytest.raises(TypeError, match="QIFNode"):
         sbnn_sj.link_neuron(neuron.QIFNode())
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_trained_plif_model_deep_copies_and_exports(step_mode):
+    """After a training forward and backward, a converted ParametricLIFNode model (whose
+    spike function used the learned decay, a tensor with a graph) deep-copies and
+    exports: the per-call state is dropped after each neuron call."""
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(6, 5, step_mode=step_mode),
+                        neuron.ParametricLIFNode(step_mode=step_mode))
+    model = sbnn_sj.to_sbnn(net)
+    x = torch.rand(4, 3, 6)
+    out = model(x) if step_mode == "m" else torch.stack([model(x[t]) for t in range(4)])
+    out.sum().backward()
+    functional.reset_net(model)
+    best = copy.deepcopy(model)
+    plain = sbnn_sj.to_spikingjelly(model)
+    with sbnn_addons.mode(best, "mean"):
+        want = run_sequence(best, x, step_mode)
+    torch.testing.assert_close(run_sequence(plain, x, step_mode), want)
