@@ -38,6 +38,23 @@ class SpikeTensor(Tensor):
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
 
+    def __deepcopy__(self, memo):
+        """A copy of the spikes, marked binary if they still are (not ``kept``: no spike
+        function saves the copy); like a plain tensor, only a graph leaf copies."""
+        if id(self) in memo:
+            return memo[id(self)]
+        if not self.is_leaf:
+            raise RuntimeError(
+                "Only Tensors created explicitly by the user (graph leaves) support the "
+                "deepcopy protocol at the moment; detach() the spikes first")
+        with torch._C.DisableTorchFunctionSubclass():
+            new = self.detach().clone()
+        new.requires_grad_(self.requires_grad)
+        if is_binary(self):
+            mark_binary(new)
+        memo[id(self)] = new
+        return new
+
 
 def mark_binary(tensor: Tensor, kept: bool = False) -> Tensor:
     """Record that ``tensor`` holds only 0 and 1 (spikes); returns ``tensor``.

@@ -244,3 +244,17 @@ def test_share_posterior_computes_own_noise_once_with_identical_gradients(learn_
     if learn_std:
         torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-5, atol=1e-8)
     assert spike.own_noise_variance() is not spike.own_noise_variance()
+
+
+def test_spikes_deep_copy_with_their_mark():
+    """Spikes made under no_grad are a SpikeTensor; deepcopy gives an equal tensor,
+    still marked binary (not kept), and copying an in-place-changed one drops the mark."""
+    spike = IWSTSpike("st", std=0.3)
+    with torch.no_grad():
+        out = spike(torch.randn(4, 5))
+    assert sb.functional.is_binary(out)
+    new = copy.deepcopy({"a": out, "b": out})
+    assert new["a"] is new["b"] and torch.equal(new["a"], out)
+    assert sb.functional.is_binary(new["a"]) and not sb.functional.is_kept(new["a"])
+    out.mul_(2)
+    assert not sb.functional.is_binary(copy.deepcopy(out))

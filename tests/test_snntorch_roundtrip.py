@@ -212,3 +212,19 @@ def test_import_does_not_import_snntorch():
             "assert 'snntorch' not in sys.modules, 'snntorch imported'; "
             "assert 'tonic' not in sys.modules, 'tonic imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_rleaky_model_copies_and_exports_after_an_evaluation_pass():
+    """RLeaky(init_hidden) keeps its last spikes (a SpikeTensor under no_grad) as state:
+    the model deep-copies and exports after an evaluation forward, as plain snnTorch does."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(10, 16), snn.RLeaky(beta=0.9, linear_features=16,
+                                                      init_hidden=True))
+    model = to_sbnn(net)
+    x = torch.rand(4, 10)
+    with torch.no_grad():
+        model(x)
+    twin = copy.deepcopy(model)
+    assert torch.equal(twin[1].spk, model[1].spk)
+    plain = to_snntorch(model)
+    assert isinstance(plain[1], snn.RLeaky)
