@@ -163,7 +163,8 @@ def layer_synops(layer: torch.nn.Module, x: Tensor) -> Tensor:
 
     Args:
         layer: ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d`` (or a subclass).
-        x: the layer's input (``[*, in_features]`` or ``[N, C, (H,) W]``).
+        x: the layer's input (``[*, in_features]``, or ``[*, N, C, (H,) W]`` with any
+            leading dimensions, e.g. the steps of a SpikingJelly multi-step layer).
 
     Returns:
         Scalar float64 tensor.
@@ -178,6 +179,8 @@ def layer_synops(layer: torch.nn.Module, x: Tensor) -> Tensor:
     spatial = 1 if isinstance(layer, torch.nn.Conv1d) else 2
     if nz.dim() == spatial + 1:  # unbatched
         nz = nz.unsqueeze(0)
+    elif nz.dim() > spatial + 2:  # leading step dimensions (SpikingJelly multi-step)
+        nz = nz.flatten(0, nz.dim() - spatial - 2)
     g = layer.groups
     nz = nz.unflatten(1, (g, nz.shape[1] // g)).sum(2)  # [N, groups, *spatial]
     padding = layer.padding if isinstance(layer.padding, str) else tuple(layer.padding)

@@ -168,6 +168,28 @@ def test_layer_synops_linear_and_conv_borders():
     assert float(metrics.layer_synops(conv, x)) == 9 * 4
     x[0, 1, 0, 0] = 1  # corner spike: 2x2 positions
     assert float(metrics.layer_synops(conv, x)) == (9 + 4) * 4
+    steps = torch.stack([x, torch.zeros_like(x), x])  # [T, N, C, H, W] (multi-step)
+    assert float(metrics.layer_synops(conv, steps)) == 2 * (9 + 4) * 4
+
+
+def test_mc_predict_on_a_multistep_spikingjelly_conv_network():
+    """Default mc_predict (spike counts and SynOps on) on a converted multi-step
+    SpikingJelly network whose second conv gets [T, N, C, H, W] spikes."""
+    pytest.importorskip("spikingjelly")
+    from spikingjelly.activation_based import layer, neuron
+
+    from sbnn_addons.spikingjelly import to_sbnn as sj_to_sbnn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        layer.Conv2d(2, 4, 3, padding=1, step_mode="m"), neuron.LIFNode(step_mode="m"),
+        layer.Conv2d(4, 4, 3, padding=1, step_mode="m"), neuron.LIFNode(step_mode="m"),
+        layer.Flatten(step_mode="m"), layer.Linear(4 * 8 * 8, 3, step_mode="m"))
+    model = sj_to_sbnn(net)
+    pred = sbnn_addons.mc_predict(model, torch.rand(4, 2, 2, 8, 8) * 3, num_samples=2,
+                                  forward=lambda m, x: m(x).mean(0), seed=0)
+    assert pred.probs.shape == (2, 3) and pred.synops.shape == (2,)
+    assert (pred.synops > 0).all()
 
 
 # --------------------------------------------------------------------------- predict
