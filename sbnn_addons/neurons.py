@@ -204,7 +204,7 @@ class LIF(nn.Module):
             return None
         own = spike.own_noise_variance()
         total = variance if own is None else variance + own.to(variance.dtype)
-        aux = spike.collect_aux and torch.is_grad_enabled()
+        aux = spike._aux_wanted()
         offset = spike._aux_offset(self.threshold) if aux else None
         out = kernels._fused_lif_step(
             current, membrane, total, kernels._seed(spike._generator_for(current)),
@@ -234,7 +234,7 @@ class LIF(nn.Module):
             return None
         own = spike.own_noise_variance()
         own = None if own is None else own.to(currents.dtype)
-        aux = spike.collect_aux and torch.is_grad_enabled()
+        aux = spike._aux_wanted()
         dyn = kernels.Dynamics("leaky", self.beta, None, self.threshold, self.reset)
         out = kernels.lif_sequence(
             currents, var_seq, membrane, variance, dyn, spike.estimator,

@@ -224,7 +224,7 @@ class IWSTSpike(SBNNModule, nn.Module):
             compiled = (torch.compiler.is_compiling() and fused_var is not None
                         and self._seed is None and kernels.can_fuse_compiled(u, fused_var))
             if compiled or (fused_var is not None and kernels.can_fuse(u, fused_var)):
-                aux = self.collect_aux and variance is not None and torch.is_grad_enabled()
+                aux = variance is not None and self._aux_wanted()
                 offset = self._aux_offset(self.threshold) if aux else None
                 if compiled:
                     spikes, z2 = kernels.compiled_spike(u, fused_var, self.estimator,
@@ -250,7 +250,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         spikes = apply_function(
             BernoulliSpike, u, sigma.expand_as(u), eps, self.estimator, self.at_zero
         )
-        if self.collect_aux and variance is not None and torch.is_grad_enabled():
+        if variance is not None and self._aux_wanted():
             self._collect(self._z_squared(u, sigma), u)
         return mark_binary(attach_variance(spikes, None))
 
@@ -263,6 +263,13 @@ class IWSTSpike(SBNNModule, nn.Module):
         z = centre.to(dtype) / sigma.to(dtype).clamp_min(SIGMA_MIN)
         z2 = torch.where(sigma > 0, z * z, 0.0)
         return z2.sum()
+
+    def _aux_wanted(self) -> bool:
+        """Whether this call collects auxiliary terms: collection on, gradients on, and a
+        finite threshold (a neuron with an infinite threshold, e.g. a membrane readout,
+        never fires: its ``z`` is ``-inf`` and it has nothing to pull towards)."""
+        return (self.collect_aux and torch.is_grad_enabled()
+                and math.isfinite(self.threshold))
 
     def _aux_offset(self, threshold: float) -> float:
         """What the kernels add to the drive ``u = mu - threshold`` to centre ``z``:

@@ -372,7 +372,7 @@ def _linked_multi_step_forward(node: nn.Module, x_seq: Tensor, *args, **kwargs):
     var = compact_broadcast(spike._pending) if isinstance(spike._pending, Tensor) else None
     own = spike.noise_variance(x_seq.new_zeros(()))  # the spike's own noise only
     noisy = var is not None or spike._var_state is not None or own is not None
-    aux = spike.collect_aux and noisy and torch.is_grad_enabled()  # as the node's loop
+    aux = noisy and spike._aux_wanted()  # as the node's loop
     rate = node.w.sigmoid() if dyn.charge.startswith("plif") else None
     out = kernels.lif_sequence(
         x_seq, var, v0, spike._var_state, dyn, spike.estimator, rate=rate, own_var=own,

@@ -316,3 +316,29 @@ def test_spikingjelly_conv_flatten_linear_raises_at_conversion():
     functional.reset_net(model)
     model(torch.rand(3, 2, 2, 8, 8)).sum().backward()
     assert model[2].std_rho.grad is not None
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_infinite_threshold_readout_keeps_the_aux_loss_finite(step_mode):
+    """SpikingJelly's membrane readout (LIFNode(v_threshold=inf)) never fires: its z is
+    -inf, so it collects no auxiliary term; the loss and every gradient stay finite."""
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(4, 8, step_mode=step_mode),
+                        neuron.LIFNode(step_mode=step_mode),
+                        layer.Linear(8, 3, step_mode=step_mode),
+                        neuron.LIFNode(step_mode=step_mode, v_threshold=math.inf))
+    model = sbnn_sj.to_sbnn(net, aux_loss=True)
+    x = torch.rand(6, 5, 4) * 3
+    functional.reset_net(model)
+    if step_mode == "m":
+        model(x)
+        logits = model[3].v
+    else:
+        for t in range(6):
+            model(x[t])
+        logits = model[3].v
+    aux = sb.aux_loss(model)
+    assert torch.isfinite(aux) and aux > 0  # the hidden layer's terms
+    (logits.sum() + 0.1 * aux).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
