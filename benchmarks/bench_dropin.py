@@ -159,8 +159,8 @@ class SJTask:
         else:
             from sbnn_addons.spikingjelly import stub_torchvision
 
-            stub_torchvision()
-            from spikingjelly.activation_based.model import parametric_lif_net
+            with stub_torchvision():  # the zoo imports torchvision for pretrained weights
+                from spikingjelly.activation_based.model import parametric_lif_net
 
             net = parametric_lif_net.DVSGestureNet(
                 channels=self.channels, spiking_neuron=neuron.LIFNode,

@@ -2,7 +2,7 @@
 trained briefly on rate-coded digits (8x8 images upsampled to 16x16, 3 channels).
 
 SpikingJelly's ``model.sew_resnet`` imports torchvision only to download pretrained
-weights; ``sbnn_addons.spikingjelly.stub_torchvision()`` lets it import without it.
+weights; ``with sbnn_addons.spikingjelly.stub_torchvision():`` lets it import without it.
 ``norm_layer`` is an identity, so the SBNN has no normalisation at all (Method page, section 2).
 
     python examples/spikingjelly_sew_resnet.py --steps 20
@@ -15,15 +15,15 @@ import time
 
 import torch
 import torch.nn.functional as F
+from spikingjelly.activation_based import functional, neuron, surrogate
 from torch import nn
 
 import sbnn_addons
 from sbnn_addons import spikingjelly as sbnn_sj
 from sbnn_addons.data import load_digits_split, rate_code
 
-sbnn_sj.stub_torchvision()  # before the zoo import
-from spikingjelly.activation_based import functional, neuron, surrogate  # noqa: E402
-from spikingjelly.activation_based.model import sew_resnet  # noqa: E402
+with sbnn_sj.stub_torchvision():  # the zoo imports torchvision for pretrained weights only
+    from spikingjelly.activation_based.model import sew_resnet
 
 
 class NoNorm(nn.Identity):

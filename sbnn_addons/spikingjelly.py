@@ -48,9 +48,10 @@ built-in surrogates use its fused GPU kernels.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from spikingjelly.activation_based import base, functional, layer, neuron, surrogate
@@ -497,31 +498,46 @@ _SJ_BN = (layer.BatchNorm1d, layer.BatchNorm2d)
 _PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
-def stub_torchvision() -> bool:
+@contextlib.contextmanager
+def stub_torchvision() -> Iterator[bool]:
     """Let SpikingJelly's model zoo import on a machine without torchvision.
 
     ``spikingjelly.activation_based.model`` (``sew_resnet``, ``spiking_resnet``,
     ``spiking_vgg``) imports torchvision at import time, only to download pretrained
-    weights. Where torchvision is not installed, this registers a stub module in
+    weights. Where torchvision is not installed, this block registers a stub module in
     ``sys.modules`` whose one function, ``load_state_dict_from_url``, is
-    ``torch.hub.load_state_dict_from_url``; call it before importing the zoo. Nothing
-    changes where torchvision is installed or already imported.
+    ``torch.hub.load_state_dict_from_url``; import the zoo inside it::
 
-    Returns:
-        ``True`` if the stub was installed by this call.
+        with sbnn_addons.spikingjelly.stub_torchvision():
+            from spikingjelly.activation_based.model import sew_resnet
+
+    The stub is removed when the block ends: libraries that look for torchvision later
+    (torchmetrics, which :mod:`sbnn_addons.metrics` uses) would take it for the real
+    package and fail. The zoo modules imported inside keep working. Nothing changes where
+    torchvision is installed or already imported.
+
+    Yields:
+        ``True`` if the stub was installed by this block.
     """
     import importlib.util
     import sys
     import types
 
     if "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is not None:
-        return False
+        yield False
+        return
     stub = types.ModuleType("torchvision")
     utils = types.ModuleType("torchvision._internally_replaced_utils")
     utils.load_state_dict_from_url = torch.hub.load_state_dict_from_url
     stub._internally_replaced_utils = utils
-    sys.modules.update({"torchvision": stub, "torchvision._internally_replaced_utils": utils})
-    return True
+    modules = {"torchvision": stub, "torchvision._internally_replaced_utils": utils}
+    sys.modules.update(modules)
+    try:
+        yield True
+    finally:
+        for name, module in modules.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
 
 
 # --------------------------------------------------------------------------- surgery

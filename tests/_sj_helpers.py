@@ -5,12 +5,16 @@ from __future__ import annotations
 import torch
 
 
-def install_torchvision_stub() -> None:
-    """SpikingJelly's model zoo imports torchvision at import time only for pretrained
-    weights (host-libraries notes 2.6): the library's stub is enough without network."""
+def import_zoo(name: str):
+    """A SpingJelly model-zoo module (``spikingjelly.activation_based.model.<name>``).
+    The zoo imports torchvision at import time only for pretrained weights (host-libraries
+    notes 2.6): the library's stub is enough without network."""
+    import importlib
+
     from sbnn_addons.spikingjelly import stub_torchvision
 
-    stub_torchvision()
+    with stub_torchvision():
+        return importlib.import_module(f"spikingjelly.activation_based.model.{name}")
 
 
 def record_spikes(model: torch.nn.Module):

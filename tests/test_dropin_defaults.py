@@ -9,7 +9,7 @@ import pytest
 import snntorch as snn
 import torch
 import torch.nn.functional as F
-from _sj_helpers import install_torchvision_stub
+from _sj_helpers import import_zoo
 from snntorch import surrogate as snn_surrogate
 from snntorch import utils as snn_utils
 from spikingjelly.activation_based import functional, layer, neuron
@@ -277,8 +277,7 @@ def test_fresh_batchnorm_is_not_frozen(digits):
 def test_converted_dvsgesture_net_has_gradient_at_init():
     """SpikingJelly's zoo DVSGestureNet (fresh, BatchNorm, silent output) converted with
     the defaults passes a weight gradient to every layer at initialisation."""
-    install_torchvision_stub()
-    from spikingjelly.activation_based.model import parametric_lif_net
+    parametric_lif_net = import_zoo("parametric_lif_net")
 
     torch.manual_seed(0)
     net = parametric_lif_net.DVSGestureNet(channels=2, spiking_neuron=neuron.LIFNode,

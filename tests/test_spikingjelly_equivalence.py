@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _sj_helpers import install_torchvision_stub, record_spikes, run_sequence
+from _sj_helpers import import_zoo, record_spikes, run_sequence
 from torch import nn
 
 import sbnn_addons
@@ -154,8 +154,7 @@ def test_dvs_gesture_net_exact():
 
 @pytest.mark.parametrize("arch", ["sew_resnet18", "spiking_resnet18"])
 def test_resnet_zoo_exact(arch):
-    install_torchvision_stub()
-    from spikingjelly.activation_based.model import sew_resnet, spiking_resnet
+    sew_resnet, spiking_resnet = import_zoo("sew_resnet"), import_zoo("spiking_resnet")
 
     torch.manual_seed(0)
     kw = dict(spiking_neuron=neuron.IFNode, surrogate_function=surrogate.ATan(),

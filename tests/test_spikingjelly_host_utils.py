@@ -198,16 +198,40 @@ def test_conversion_does_not_touch_the_original_state():
 
 
 def test_stub_torchvision_lets_the_model_zoo_import():
-    """SpikingJelly's sew_resnet imports torchvision only for pretrained weights; the stub
-    is installed once (a second call changes nothing) and the zoo model builds."""
+    """SpikingJelly's sew_resnet imports torchvision only for pretrained weights: the zoo
+    imports inside the stub's block (a nested block changes nothing), the stub is gone
+    after it, and the zoo model builds."""
     import sys
 
     from sbnn_addons.spikingjelly import stub_torchvision
 
-    stub_torchvision()
-    assert "torchvision" in sys.modules
-    assert stub_torchvision() is False  # already there: nothing changes
-    from spikingjelly.activation_based.model import sew_resnet
+    with stub_torchvision() as installed:
+        assert "torchvision" in sys.modules
+        with stub_torchvision() as again:
+            assert again is False  # already there: nothing changes
+        assert "torchvision" in sys.modules
+        from spikingjelly.activation_based.model import sew_resnet
+    assert "torchvision" not in sys.modules or not installed
 
     net = sew_resnet.sew_resnet18(cnf="ADD", num_classes=3, spiking_neuron=neuron.IFNode)
     assert sum(p.numel() for p in net.parameters()) > 0
+
+
+def test_metrics_import_torchmetrics_after_the_stub():
+    """After the stub's block, torchmetrics (behind sbnn_addons.metrics) imports: a stub
+    left in sys.modules made its torchvision probe fail (fresh process: import order)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from sbnn_addons.spikingjelly import stub_torchvision\n"
+        "with stub_torchvision():\n"
+        "    from spikingjelly.activation_based.model import sew_resnet\n"
+        "from sbnn_addons import metrics\n"
+        "p = torch.tensor([[0.7, 0.3], [0.2, 0.8]])\n"
+        "print(float(metrics.expected_calibration_error(p, torch.tensor([0, 0]))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
