@@ -53,6 +53,7 @@ from .layers import (
 )
 from .losses import enable_aux_loss
 from .moments import (
+    VarianceFlowError,
     VarianceTensor,
     attach_variance,
     check_variance_flow,
@@ -81,7 +82,7 @@ __all__ = [
 SUPPORTED_NEURONS = ("Leaky", "RLeaky")
 
 _CACHE = "_sbnn_fire_cache"
-_STATE = "_sbnn_state"  # (membrane, its variance, whether it required grad) between calls
+_STATE = "_sbnn_state"  # (membrane, its variance, whether it required grad, its _version)
 _HOST_SPIKE = "_sbnn_host_spike_grad"  # HostObject: the neuron's original spike_grad
 _BN_KIND = "_sbnn_batchnorm_kind"
 
@@ -211,7 +212,8 @@ class _EmittedSpikeReset:
             cached = self.__dict__.get(_CACHE)
             if cached is not None and cached[0] is mem:  # either membrane may come back
                 self.__dict__[_CACHE] = (plain_mem, cached[1], mem)
-        self.__dict__[_STATE] = (plain_mem, var, plain_mem.requires_grad)
+        version = None if torch.compiler.is_compiling() else plain_mem._version
+        self.__dict__[_STATE] = (plain_mem, var, plain_mem.requires_grad, version)
 
     def _sbnn_state_update(self, input_: Tensor) -> Tensor:
         mem = self._buffers.get("mem")
@@ -268,16 +270,39 @@ class _EmittedSpikeReset:
         return super().reset_mem()
 
 
+def _aliases(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` view the same memory the same way (``b.detach()``)."""
+    return (a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+            and a.device == b.device and a.storage_offset() == b.storage_offset()
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+
+
 def _stored_variance(neuron: nn.Module, detached: bool = False):
     """The variance of a neuron's plain membrane buffer: the stored ``V`` while ``mem`` is
-    the membrane it belongs to, else ``None``. ``detached``: without its graph where
-    ``detach_hidden`` (truncated BPTT) detached the membrane since."""
+    the membrane it belongs to (that tensor, or a ``detach()`` of it: truncated BPTT in
+    an explicit loop), else ``None`` (a new membrane, e.g. ``init_leaky()``).
+    ``detached``: without its graph where the membrane was detached since.
+
+    Raises:
+        VarianceFlowError: the membrane was changed in place since the step that computed
+            it (its variance is unknown).
+    """
     mem = neuron._buffers.get("mem")
     state = neuron.__dict__.get(_STATE)
-    if state is None or mem is not state[0]:
+    if state is None or mem is None:
         return None
-    var = state[1]
-    if detached and state[2] and not mem.requires_grad and isinstance(var, Tensor):
+    stored, var, had_grad, version = state
+    if mem is not stored:
+        if version is None or torch.compiler.is_compiling() or not _aliases(mem, stored):
+            return None
+    if version is not None and not torch.compiler.is_compiling() and mem._version != version:
+        raise VarianceFlowError(
+            f"the membrane of this {type(neuron).__name__} was changed in place since its "
+            "last step, so its noise variance is unknown; start a new sequence with a new "
+            "membrane (mem = lif.init_leaky(), or snntorch.utils.reset(model)) instead of "
+            "changing it in place"
+        )
+    if detached and had_grad and not mem.requires_grad and isinstance(var, Tensor):
         var = var.detach()
     return var
 

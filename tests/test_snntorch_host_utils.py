@@ -215,3 +215,49 @@ def test_include_exclude_single_string_is_one_name():
     seq = _tutorial_seq()
     model = to_sbnn(seq, exclude="0")  # a container or a layer name, not its characters
     assert not sbnn_addons.is_bayesian(model[0]) and sbnn_addons.is_bayesian(model[2])
+
+
+class _TruncatedLoop(nn.Module):
+    """The snnTorch explicit-loop style with a truncation (``mem = mem.detach()``) or an
+    in-place reset (``mem.zero_()``) of the membrane after step ``cut``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(10, 16)
+        self.lif = snn.Leaky(beta=0.9)
+
+    def forward(self, x, how=None, cut=2):
+        mem = self.lif.init_leaky()
+        variances, out = [], 0
+        for t in range(x.shape[0]):
+            spk, mem = self.lif(self.fc(x[t]), mem)
+            variances.append(membrane_variance(self.lif).detach().clone())
+            out = out + spk
+            if t == cut and how == "detach":
+                mem = mem.detach()
+            if t == cut and how == "zero_":
+                mem.zero_()
+        return out, variances
+
+
+def test_explicit_loop_detach_keeps_the_noise_variance_without_its_graph():
+    """Truncated BPTT in an explicit loop: ``mem.detach()`` keeps the membrane's noise
+    variance (the same V_t as without it), detached like the membrane."""
+    torch.manual_seed(0)
+    model = to_sbnn(_TruncatedLoop())
+    x = torch.rand(6, 4, 10)
+    _, full = model(x)
+    _, cut = model(x, "detach")
+    for a, b in zip(full, cut):
+        torch.testing.assert_close(a, b)
+    out, _ = model(x, "detach", cut=4)
+    out.sum().backward()
+    assert model.fc.std_rho.grad is not None and torch.isfinite(model.fc.std_rho.grad).all()
+
+
+def test_membrane_changed_in_place_raises():
+    """An in-place change of the membrane between steps leaves its variance unknown: the
+    next step raises, naming the fix (a new membrane)."""
+    model = to_sbnn(_TruncatedLoop())
+    with pytest.raises(sbnn_addons.VarianceFlowError, match="changed in place.*init_leaky"):
+        model(torch.rand(6, 4, 10), "zero_")
