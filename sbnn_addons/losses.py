@@ -107,7 +107,8 @@ def sbnn_objective(
     1e-3 .. 1 is meaningful.
 
     Args:
-        nll: scalar batch-mean NLL (e.g. ``F.cross_entropy``).
+        nll: scalar batch-mean NLL (e.g. ``F.cross_entropy``, or snnTorch's
+            ``ce_rate_loss()``, whose shape ``(1,)`` is accepted).
         model: the SBNN model (its collected aux terms are consumed).
         num_data: training-set size ``N``; required when ``kl_weight > 0``.
         kl_weight: ``beta_kl >= 0``.
@@ -120,8 +121,9 @@ def sbnn_objective(
             raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     if aux_reduction not in AUX_REDUCTIONS:
         raise ValueError(f"aux_reduction must be one of {AUX_REDUCTIONS}, got {aux_reduction!r}")
-    if nll.dim() != 0:
+    if nll.numel() != 1:
         raise ValueError(f"nll must be a scalar (batch mean), got shape {tuple(nll.shape)}")
+    nll = nll.reshape(())  # snnTorch's losses (ce_rate_loss, ...) return shape (1,)
     loss = nll
     if aux_weight > 0:
         loss = loss + aux_weight * aux_loss(model, aux_reduction)

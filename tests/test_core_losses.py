@@ -109,6 +109,8 @@ def test_sbnn_objective_combines_terms():
     torch.testing.assert_close(loss.detach(), nll + 0.3 * kl / 1000 + 1e-2 * aux, rtol=1e-6,
                                atol=0)
     assert float(sbnn_objective(nll, net)) == pytest.approx(0.7)  # parity default: NLL only
+    # snnTorch's losses (snntorch.functional.ce_rate_loss()) return shape (1,)
+    assert sbnn_objective(nll.reshape(1), net).shape == ()
 
 
 @pytest.mark.parametrize(
