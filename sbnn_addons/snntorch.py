@@ -402,16 +402,24 @@ def _check_neuron(name: str, m: nn.Module) -> None:
             )
         return
     supported = ", ".join(f"snn.{n}" for n in SUPPORTED_NEURONS)
+    keep = (f"or keep it with its surrogate: exclude=['{name}', ...] with the layers "
+            "feeding it, which then stay deterministic")
+    if cls.__name__ == "RecurrentOneToOne":
+        raise TypeError(
+            f"module '{name}' is the one-to-one recurrence of snn.RLeaky(all_to_all=False), "
+            "which to_sbnn does not support; use all_to_all=True, or keep this recurrence "
+            f"deterministic with exclude='{name}'"
+        )
     if cls is snn.Synaptic:
         raise TypeError(
             f"module '{name}' is snn.Synaptic, which to_sbnn does not support: its two states "
             "(syn, mem) carry the same weight noise, so their noise is correlated and the "
             "independent-variance flow cannot track it exactly. Supported neurons: "
-            f"{supported}. Replace it with snn.Leaky before converting."
+            f"{supported}. Replace it with snn.Leaky before converting, {keep}."
         )
     raise TypeError(
         f"module '{name}' is {cls.__module__}.{cls.__name__}, which to_sbnn does not support. "
-        f"Supported neurons: {supported}."
+        f"Supported neurons: {supported}. Replace it, {keep}."
     )
 
 

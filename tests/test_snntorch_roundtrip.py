@@ -228,3 +228,19 @@ def test_rleaky_model_copies_and_exports_after_an_evaluation_pass():
     assert torch.equal(twin[1].spk, model[1].spk)
     plain = to_snntorch(model)
     assert isinstance(plain[1], snn.RLeaky)
+
+
+def test_unsupported_neuron_errors_name_the_exclude_escape():
+    """An unsupported neuron's error names exclude= (keep it with its layers
+    deterministic); RLeaky(all_to_all=False)'s one-to-one recurrence is named as such."""
+    net = nn.Sequential(nn.Linear(4, 4), snn.Alpha(alpha=0.9, beta=0.8, init_hidden=True))
+    with pytest.raises(TypeError, match=r"Alpha.*exclude=\['1'"):
+        to_sbnn(net)
+    net = nn.Sequential(nn.Linear(4, 4), snn.RLeaky(beta=0.9, all_to_all=False, V=0.5,
+                                                    init_hidden=True))
+    with pytest.raises(TypeError, match="all_to_all=False.*exclude='1.recurrent'"):
+        to_sbnn(net)
+    model = to_sbnn(net, exclude="1.recurrent")  # the escape the message names works
+    x = torch.rand(3, 4)
+    with sbnn_addons.mode(model, "mean"):
+        torch.testing.assert_close(model(x)[0], net(x)[0])
