@@ -659,18 +659,21 @@ class ChannelAffine(nn.Module):
     def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> ChannelAffine:
         """Fold a BatchNorm's running statistics and affine into a ChannelAffine."""
         affine = cls(bn.num_features)
+        ref = bn.weight if bn.affine else bn.running_var
+        if ref is not None:  # the BatchNorm's device and dtype (float64, bfloat16, ...)
+            affine = affine.to(device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
             if bn.track_running_stats and bn.running_var is not None:
                 scale = 1.0 / torch.sqrt(bn.running_var + bn.eps)
                 shift = -bn.running_mean * scale
             else:
-                scale = torch.ones(bn.num_features)
-                shift = torch.zeros(bn.num_features)
+                scale = torch.ones_like(affine.weight)
+                shift = torch.zeros_like(affine.bias)
             if bn.affine:
                 scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
             affine.weight.copy_(scale)
             affine.bias.copy_(shift)
-        return affine.to(bn.weight.device if bn.affine else "cpu")
+        return affine
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() <= self.channel_dim or x.shape[self.channel_dim] != self.num_features:

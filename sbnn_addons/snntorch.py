@@ -658,8 +658,9 @@ def to_sbnn(
             m.__class__ = _TO_SBNN[type(m)]
             fn = IWSTSpike(estimator, std=spike_std, learn_std=spike_learn, threshold=_thr(m))
             thr = m.threshold
-            if isinstance(thr, Tensor):
-                fn = fn.to(thr.device)
+            if isinstance(thr, Tensor):  # the neuron's device and float dtype
+                fn = fn.to(device=thr.device,
+                           dtype=thr.dtype if thr.is_floating_point() else None)
             m.__dict__.pop("spike_grad", None)
             m.spike_grad = fn
             m.__dict__[_HOST_SPIKE] = HostObject(host_fn)

@@ -481,12 +481,23 @@ class ChannelAffine(_layers.ChannelAffine, base.StepModule):
         return super().forward(x)
 
 
+def _float_like(*modules: nn.Module) -> dict:
+    """``device`` and ``dtype`` of the first floating-point parameter or buffer of the
+    first of ``modules`` that has one (a neuron's own, else the model's), for the
+    parameters a conversion adds; ``{}`` where there is none."""
+    for module in modules:
+        for t in (*module.parameters(), *module.buffers()):
+            if t.is_floating_point():
+                return {"device": t.device, "dtype": t.dtype}
+    return {}
+
+
 def _affine_from_bn(bn: nn.Module) -> nn.Module:
     plain = _layers.ChannelAffine.from_batchnorm(bn)
     if isinstance(bn, base.StepModule):
         affine = ChannelAffine(bn.num_features, bn.step_mode, type(bn).__name__)
         affine.load_state_dict(plain.state_dict())
-        affine = affine.to(plain.weight.device)
+        affine = affine.to(device=plain.weight.device, dtype=plain.weight.dtype)
     else:
         affine = plain
         affine.bn_class = type(bn).__name__
@@ -707,7 +718,7 @@ def to_sbnn(
                 m.register_forward_pre_hook(_refuse_variance)
             continue
         spike = SJSpike(estimator, std=spike_std, learn_std=spike_learn)
-        spike = spike.to(next(iter(m.parameters()), torch.empty(0)).device)
+        spike = spike.to(**_float_like(m, model))
         host = m.surrogate_function
         link_neuron(m, spike)
         m.__dict__[_HOST_SURROGATE] = HostObject(host)
@@ -829,7 +840,7 @@ def _bn_from_affine(affine: _layers.ChannelAffine) -> nn.Module:
         bn = cls(n, eps=0.0, step_mode=affine.step_mode)
     else:
         bn = (nn.BatchNorm2d if name.endswith("2d") else nn.BatchNorm1d)(n, eps=0.0)
-    bn = bn.to(affine.weight.device)
+    bn = bn.to(device=affine.weight.device, dtype=affine.weight.dtype)
     with torch.no_grad():
         bn.weight.copy_(affine.weight)
         bn.bias.copy_(affine.bias)

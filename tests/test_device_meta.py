@@ -100,3 +100,24 @@ def test_converted_spikingjelly_model_on_meta(step_mode):
 def test_kernels_never_serve_a_non_cpu_tensor():
     x = torch.rand(4, 3, device=META)
     assert not sb.kernels.can_fuse(x, torch.zeros((), device=META))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_conversion_keeps_the_model_dtype(dtype):
+    """Every parameter a conversion adds (noise scales, folded affines) takes the
+    model's float dtype: a float64 or bfloat16 model stays one model of one dtype."""
+    import snntorch as snn
+    from spikingjelly.activation_based import layer, neuron
+
+    from sbnn_addons import snntorch as sbnn_snn
+    from sbnn_addons import spikingjelly as sbnn_sj
+
+    net = nn.Sequential(nn.Linear(10, 16), snn.Leaky(beta=0.9, init_hidden=True)).to(dtype)
+    models = [sbnn_snn.to_sbnn(net)]
+    sj = nn.Sequential(layer.Conv2d(2, 4, 3, step_mode="m"), layer.BatchNorm2d(4, step_mode="m"),
+                       neuron.LIFNode(step_mode="m")).to(dtype)
+    models += [sbnn_sj.to_sbnn(sj), sbnn_sj.to_sbnn(sj, batchnorm="affine")]
+    for model in models:
+        assert {p.dtype for p in model.parameters()} == {dtype}
+    x = torch.rand(3, 2, 2, 6, 6, dtype=dtype)
+    assert models[2](x).dtype == dtype
