@@ -136,12 +136,19 @@ class SJSpike(IWSTSpike):
 
     # The per-step state below is written to __dict__ directly: it holds no parameters,
     # buffers or modules, and nn.Module.__setattr__ costs a few microseconds per call.
-    def _begin(self, node: nn.Module, var, multi: bool) -> None:
-        """Called by the neuron's pre-hook before each neuron call."""
+    def _begin(self, node: nn.Module, var, multi: bool, x: Tensor) -> None:
+        """Called by the neuron's pre-hook before each neuron call on input ``x``."""
         state = self.__dict__
         # the variance is the neuron's own state (register_memory): reset with it by
         # reset_net, detached by detach_net, copied and pickled with the neuron
-        state["_var_state"] = node._memories.get(VAR_MEMORY)
+        var_state = node._memories.get(VAR_MEMORY)
+        v = node._memories.get("v")
+        if (var_state is not None and isinstance(v, Tensor)
+                and v.shape != (x.shape[1:] if multi else x.shape)):
+            # SpikingJelly starts a new membrane when the input's shape changes (a new
+            # batch size without reset_net, materialize_states): so does the variance
+            var_state = None
+        state["_var_state"] = var_state
         coeffs = _dynamics(node)
         if isinstance(var, Tensor):
             var = var * (coeffs[1] * coeffs[1])  # c^2 var(X_t), for all steps at once
@@ -279,7 +286,7 @@ def _neuron_pre_hook(node: nn.Module, args):
             "layer and the neuron, or register a rule with "
             "sbnn_addons.moments.register_variance_rule."
         )
-    spike._begin(node, var, node.step_mode == "m")
+    spike._begin(node, var, node.step_mode == "m", x)
     if type(x) is not VarianceTensor:
         return None
     with no_variance_flow():

@@ -235,3 +235,28 @@ def test_metrics_import_torchmetrics_after_the_stub():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_new_batch_size_without_reset_starts_the_variance_afresh(step_mode):
+    """SpikingJelly starts a new membrane when the input's shape changes (no reset_net):
+    the noise variance starts afresh with it, so the second sequence equals a fresh run."""
+    from _sj_helpers import run_sequence
+
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(6, 8, step_mode=step_mode),
+                        neuron.IFNode(v_reset=None, step_mode=step_mode))  # soft reset
+    model = sbnn_sj.to_sbnn(net, std=1.0)
+    fresh = copy.deepcopy(model)
+
+    def run(x):  # no reset between sequences
+        return model(x) if step_mode == "m" else torch.stack([model(xt) for xt in x])
+
+    run(torch.rand(4, 1, 6) * 2)
+    x = torch.rand(4, 3, 6) * 2
+    torch.manual_seed(5)
+    got, var = run(x), getattr(model[1], sbnn_sj.VAR_MEMORY).clone()
+    torch.manual_seed(5)
+    want = run_sequence(fresh, x, step_mode)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(var, getattr(fresh[1], sbnn_sj.VAR_MEMORY))
