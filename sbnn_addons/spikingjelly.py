@@ -766,14 +766,17 @@ _WEIGHTS = (layer.Linear, layer.Conv2d, nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 def _safe_deepcopy(model: nn.Module) -> nn.Module:
-    """``deepcopy`` that also works while neuron memories hold an autograd graph (those
+    """``deepcopy`` that also works while module state holds an autograd graph (neuron
+    memories, ``v_seq`` of ``store_v_seq=True``, a ``NonSpikingLIFNode``'s ``v``: those
     are copied as detached clones; the copy is reset by the converter anyway)."""
     memo: dict[int, object] = {}
     for m in model.modules():
+        values = list(m.__dict__.values())
         if isinstance(m, base.MemoryModule):
-            for value in m._memories.values():
-                if isinstance(value, Tensor) and value.grad_fn is not None:
-                    memo[id(value)] = value.detach().clone()
+            values += list(m._memories.values())
+        for value in values:
+            if isinstance(value, Tensor) and value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
     return copy.deepcopy(model, memo)
 
 

@@ -197,6 +197,18 @@ def test_conversion_does_not_touch_the_original_state():
     assert all(torch.equal(a, n.v) for a, n in zip(v, _nodes(net)))
 
 
+def test_conversion_and_export_after_a_training_forward_with_v_seq():
+    """A model whose state holds a graph outside the neuron memories (store_v_seq=True
+    keeps v_seq) converts and exports after a forward with gradients."""
+    net = nn.Sequential(layer.Linear(6, 5, step_mode="m"),
+                        neuron.LIFNode(step_mode="m", store_v_seq=True))
+    net(torch.rand(4, 3, 6)).sum().backward()
+    model = sbnn_sj.to_sbnn(net)
+    model(torch.rand(4, 3, 6)).sum().backward()
+    plain = sbnn_sj.to_spikingjelly(model)
+    assert type(plain[1]) is neuron.LIFNode
+
+
 def test_stub_torchvision_lets_the_model_zoo_import():
     """SpikingJelly's sew_resnet imports torchvision only for pretrained weights: the zoo
     imports inside the stub's block (a nested block changes nothing), the stub is gone
