@@ -785,7 +785,8 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
 
     Bayesian layers go back to ``layer.Linear`` / ``layer.Conv2d`` (same ``step_mode``) or
     plain torch layers, each :class:`~sbnn_addons.ChannelAffine` to a BatchNorm equal to it
-    in eval mode (``running_mean=0``, ``running_var=1``, ``eps=0``), and every neuron gets
+    in eval mode (``running_mean=0``, ``running_var=1 - eps``, the default ``eps``; it
+    fine-tunes in training mode like any BatchNorm), and every neuron gets
     back the surrogate it had before :func:`to_sbnn` (e.g. ``surrogate.ATan(alpha=2)``, a
     copy per neuron), or ``surrogate_function`` where given. The result's forward in eval
     mode equals the SBNN in ``mean`` mode and does not reference ``sbnn_addons`` (it
@@ -847,13 +848,13 @@ def _bn_from_affine(affine: _layers.ChannelAffine) -> nn.Module:
     n = affine.num_features
     if isinstance(affine, ChannelAffine):
         cls = layer.BatchNorm2d if name.endswith("2d") else layer.BatchNorm1d
-        bn = cls(n, eps=0.0, step_mode=affine.step_mode)
+        bn = cls(n, step_mode=affine.step_mode)
     else:
-        bn = (nn.BatchNorm2d if name.endswith("2d") else nn.BatchNorm1d)(n, eps=0.0)
+        bn = (nn.BatchNorm2d if name.endswith("2d") else nn.BatchNorm1d)(n)
     bn = bn.to(device=affine.weight.device, dtype=affine.weight.dtype)
     with torch.no_grad():
         bn.weight.copy_(affine.weight)
         bn.bias.copy_(affine.bias)
         bn.running_mean.zero_()
-        bn.running_var.fill_(1.0)
+        bn.running_var.fill_(1.0 - bn.eps)  # var + eps = 1 (exactly, in float32)
     return bn.train(affine.training)

@@ -211,3 +211,20 @@ def test_trained_plif_model_deep_copies_and_exports(step_mode):
     with sbnn_addons.mode(best, "mean"):
         want = run_sequence(best, x, step_mode)
     torch.testing.assert_close(run_sequence(plain, x, step_mode), want)
+
+
+def test_exported_affine_batchnorm_fine_tunes():
+    """A batchnorm="affine" model exports to a BatchNorm equal to the affine in eval mode
+    that also runs (and learns) in training mode."""
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Conv2d(2, 4, 3, step_mode="m"), layer.BatchNorm2d(4, step_mode="m"),
+                        neuron.LIFNode(step_mode="m"))
+    model = sbnn_sj.to_sbnn(net, batchnorm="affine")
+    plain = sbnn_sj.to_spikingjelly(model).eval()
+    x = torch.rand(3, 2, 2, 6, 6) * 3
+    with sbnn_addons.mode(model, "mean"):
+        want = run_sequence(model, x, "m")
+    assert torch.equal(run_sequence(plain, x, "m"), want)
+    plain.train()
+    run_sequence(plain, x, "m").sum().backward()
+    assert plain[1].weight.grad is not None
