@@ -87,6 +87,15 @@ _HOST_SPIKE = "_sbnn_host_spike_grad"  # HostObject: the neuron's original spike
 _BN_KIND = "_sbnn_batchnorm_kind"
 
 
+def _host_spike_dtype(spikes: Tensor) -> Tensor:
+    """Spikes of a half-precision drive as float32, as snnTorch's surrogates return them
+    (``(mem > 0).float()``): under ``torch.autocast`` the membrane then accumulates in
+    float32, as in the host model. float32 and float64 spikes are returned as they are."""
+    if spikes.dtype in (torch.float16, torch.bfloat16):
+        return spikes.float()
+    return spikes
+
+
 class SnnTorchSpike(IWSTSpike):
     """:class:`~sbnn_addons.IWSTSpike` for a hand-built ``snn.Leaky(spike_grad=...)``:
     the reset reuses the emitted spike.
@@ -106,7 +115,7 @@ class SnnTorchSpike(IWSTSpike):
 
     def forward(self, u: Tensor) -> Tensor:
         if self.deterministic:
-            return super().forward(u)
+            return _host_spike_dtype(super().forward(u))
         recent = self.__dict__.setdefault("_sbnn_recent", [])
         key = u.detach()
         if torch.compiler.is_compiling():
@@ -116,7 +125,7 @@ class SnnTorchSpike(IWSTSpike):
                     and prev.device == key.device and torch.equal(prev, key)):
                 del recent[i]
                 return spikes
-        out = super().forward(u)
+        out = _host_spike_dtype(super().forward(u))
         recent.append((key, out.detach().clone()))
         if len(recent) > self.MEMORY:
             del recent[0]
@@ -126,7 +135,7 @@ class SnnTorchSpike(IWSTSpike):
         """The same rule in a compiled graph, without a data-dependent branch: a fresh draw,
         replaced by the spikes of the latest remembered call with equal values
         (``torch.where`` on a 0-dim condition)."""
-        out = super().forward(u)
+        out = _host_spike_dtype(super().forward(u))
         for prev, spikes in recent:  # oldest first: the latest match wins
             if prev.shape == key.shape and prev.dtype == key.dtype:
                 out = torch.where((prev == key).all(), spikes, out)
@@ -231,7 +240,7 @@ class _EmittedSpikeReset:
 
     def fire(self, mem: Tensor) -> Tensor:
         u = attach_variance(mem - self.threshold, get_variance(mem))
-        raw = self.spike_grad(u)
+        raw = _host_spike_dtype(self.spike_grad(u))
         # the reset's copy is taken now: the spikes returned below may be changed in place
         self.__dict__[_CACHE] = (mem, raw.detach().clone())
         if self._unit_spike_factor():
@@ -252,7 +261,7 @@ class _EmittedSpikeReset:
     def fire_inhibition(self, batch_size: int, mem: Tensor) -> Tensor:
         mem_shift = attach_variance(mem - self.threshold, get_variance(mem))
         index = torch.argmax(mem_shift, dim=1)
-        raw = self.spike_grad(mem_shift)
+        raw = _host_spike_dtype(self.spike_grad(mem_shift))
         # snnTorch's reset ignores the inhibition mask: keep that behaviour.
         self.__dict__[_CACHE] = (mem, raw.detach().clone())
         mask = torch.zeros_like(raw)
@@ -263,7 +272,7 @@ class _EmittedSpikeReset:
         cached = self.__dict__.get(_CACHE)
         if cached is not None and (cached[0] is mem or (len(cached) > 2 and cached[2] is mem)):
             return cached[1]
-        return (mem.detach() - self.threshold > 0).to(mem.dtype)
+        return _host_spike_dtype((mem.detach() - self.threshold > 0).to(mem.dtype))
 
     def reset_mem(self):
         self.__dict__.pop(_CACHE, None)

@@ -261,3 +261,29 @@ def test_membrane_changed_in_place_raises():
     model = to_sbnn(_TruncatedLoop())
     with pytest.raises(sbnn_addons.VarianceFlowError, match="changed in place.*init_leaky"):
         model(torch.rand(6, 4, 10), "zero_")
+
+
+def test_autocast_keeps_the_membrane_in_float32_as_snntorch_does():
+    """Under torch.autocast(bfloat16) snnTorch's surrogates return float32 spikes, so the
+    membrane accumulates in float32; the converted model's spikes do the same, and its
+    mean mode emits the original's spikes."""
+    def make():
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Linear(10, 16), snn.Leaky(beta=0.9, init_hidden=True),
+                             nn.Linear(16, 4),
+                             snn.Leaky(beta=0.8, init_hidden=True, output=True))
+
+    net, model = make(), to_sbnn(make())
+    x = torch.rand(8, 4, 10) * 2
+
+    def run(m):
+        sutils.reset(m)
+        return torch.stack([m(xt)[0] for xt in x])
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = run(net)
+        with sbnn_addons.mode(model, "mean"):
+            got = run(model)
+    assert got.dtype == want.dtype == torch.float32
+    assert torch.equal(got, want)
+    assert model[1].mem.dtype == torch.float32
