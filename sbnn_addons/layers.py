@@ -148,6 +148,12 @@ class _BayesMixin(SBNNModule):
             self.register_buffer("fixed_std", init * std)
         self.bias_noise = bias_std is not None
         if self.bias_noise:
+            if self.bias is None:
+                raise ValueError(
+                    "bias_std is the posterior std of the bias, but the layer has none "
+                    "(bias=False): build it with bias=True, or leave bias_std=None (noise at "
+                    "the spike itself is the spike function's own std, IWSTSpike(std=...))"
+                )
             bias_std = check_std("bias_std", bias_std, allow_zero=False)
             self.bias_std_rho = nn.Parameter(
                 torch.tensor(
@@ -308,7 +314,8 @@ class BayesLinear(_BayesMixin, nn.Linear):
         std_mode: ``"layer"`` (one scalar, the paper's), ``"channel"`` or ``"weight"``.
         learn_std: learn the std through ``softplus(rho)``; ``False`` keeps it fixed
             (and allows ``std=0``).
-        bias_std: initial std of additive bias noise ``s_b`` (``None``: no bias noise).
+        bias_std: initial std ``s_b`` of the bias posterior (``None``: no bias noise;
+            needs ``bias=True``).
         detach_input_variance: detach ``x`` in the variance path (reference default).
 
     Shapes:
@@ -413,8 +420,8 @@ class _BayesConv(_BayesMixin):
         field = self._receptive_field_sum(x2)
         if s2 is None:
             return field
-        if self.std_mode == "channel":
-            return field * s2.view(1, -1, *([1] * (x2.dim() - 2)))
+        if self.std_mode == "channel":  # [out] -> [out, 1, ...]: batched or unbatched
+            return field * s2.view(-1, *([1] * (self.weight.dim() - 2)))
         return field * s2
 
     def _window_padding(self) -> tuple[int, ...] | None:

@@ -545,7 +545,8 @@ def to_sbnn(
             :func:`~sbnn_addons.layers.converted_std`).
         std_mode: ``"layer"``, ``"channel"`` or ``"weight"``.
         learn_std: learn the posterior stds (``False`` keeps them fixed, allows 0).
-        bias_std: initial std of additive bias noise (``None``: none).
+        bias_std: initial posterior std of the biases (``None``: none; layers without a
+            bias get none).
         spike_std: the spike functions' own noise std, ``sigma^2 = V + spike_std^2``
             (default :data:`~sbnn_addons.spike.CONVERTED_SPIKE_STD` = 0.399, one per
             neuron layer; ``None`` or 0: none, then a neuron fed only by silent inputs has
@@ -641,6 +642,8 @@ def to_sbnn(
         new = None
         if type(child) in _LAYERS and selected(child):
             kw = dict(layer_kw)
+            if child.bias is None:  # bias noise only where there is a bias
+                kw["bias_std"] = None
             if std is None:
                 bn = folded.get(id(child))
                 kw["std"] = converted_std(

@@ -618,7 +618,8 @@ def to_sbnn(
             :func:`~sbnn_addons.layers.converted_std`).
         std_mode: ``"layer"``, ``"channel"`` or ``"weight"``.
         learn_std: learn the weight std (``False``: fixed, allows ``std=0``).
-        bias_std: additive bias noise std (``None``: none).
+        bias_std: initial posterior std of the biases (``None``: none; layers without a
+            bias get none).
         spike_std: each spike function's own noise std, ``sigma^2 = S + s_n^2``
             (default :data:`~sbnn_addons.spike.CONVERTED_SPIKE_STD` = 0.399, one per
             neuron; ``None`` or 0: none, then a neuron fed only by silent inputs has a
@@ -695,6 +696,8 @@ def to_sbnn(
         t = type(m)
         new = None
         kw = dict(posterior)
+        if getattr(m, "bias", None) is None:  # bias noise only where there is a bias
+            kw["bias_std"] = None
         if selected and t in _WEIGHTS and std is None:
             bn = folded.get(id(m))
             kw["std"] = _layers.converted_std(

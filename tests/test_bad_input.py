@@ -342,3 +342,19 @@ def test_infinite_threshold_readout_keeps_the_aux_loss_finite(step_mode):
     (logits.sum() + 0.1 * aux).backward()
     for name, p in model.named_parameters():
         assert p.grad is None or torch.isfinite(p.grad).all(), name
+
+
+def test_bias_std_needs_a_bias_and_converters_skip_bias_free_layers():
+    """bias_std without a bias would add noise no KL term covers: it raises; the
+    converters give bias noise only to layers that have a bias."""
+    with pytest.raises(ValueError, match="bias=False"):
+        sb.BayesLinear(3, 2, bias=False, bias_std=0.1)
+    with pytest.raises(ValueError, match="bias=False"):
+        sb.BayesConv2d(3, 2, 3, bias=False, bias_std=0.1)
+    net = nn.Sequential(nn.Linear(4, 5, bias=False), snn.Leaky(beta=0.9, init_hidden=True),
+                        nn.Linear(5, 3), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    model = sbnn_snn.to_sbnn(net, bias_std=0.1)
+    assert not model[0].bias_noise and model[2].bias_noise
+    sj = nn.Sequential(layer.Conv2d(2, 4, 3, bias=False, step_mode="m"),
+                       neuron.LIFNode(step_mode="m"))
+    assert not sbnn_sj.to_sbnn(sj, bias_std=0.1)[0].bias_noise

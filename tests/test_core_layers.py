@@ -414,3 +414,24 @@ def test_spikes_after_inference_mode_in_a_fresh_thread():
     thread.start()
     thread.join()
     assert not errors, errors
+
+
+@pytest.mark.parametrize("std_mode", ["layer", "channel", "weight"])
+@pytest.mark.parametrize("make, shape", [
+    (lambda m: BayesConv2d(3, 4, 3, std_mode=m, std=0.3), (3, 6, 4)),
+    (lambda m: BayesConv2d(3, 4, 3, std_mode=m, std=0.3), (3, 6, 6)),  # H_out = C_out
+    (lambda m: sb.BayesConv1d(3, 4, 3, std_mode=m, std=0.3), (3, 9)),
+])
+def test_unbatched_conv_variance_equals_the_batched_one(make, shape, std_mode):
+    """An unbatched input [C, *spatial] gets the variance of the batched call's row, per
+    output channel (a per-channel std must not broadcast over a spatial axis)."""
+    torch.manual_seed(0)
+    layer = make(std_mode)
+    if std_mode == "channel":
+        with torch.no_grad():
+            layer.std_rho.copy_(torch.linspace(-3.0, 1.0, 4))
+    x = torch.rand(*shape) * 2
+    one = sb.get_variance(layer(x))
+    want = sb.get_variance(layer(x.unsqueeze(0)))
+    out_shape = layer(x.unsqueeze(0)).shape[1:]
+    torch.testing.assert_close(one.expand(out_shape), want.expand(1, *out_shape)[0])
