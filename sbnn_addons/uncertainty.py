@@ -49,6 +49,7 @@ from .metrics import (
     expected_calibration_error,
     negative_log_likelihood,
 )
+from .moments import plain
 from .spike import seed_spikes
 
 __all__ = [
@@ -173,7 +174,7 @@ def time_as_samples(per_step_logits: Tensor) -> Prediction:
         raise ValueError(f"per_step_logits must be a tensor [T, B, C], got shape {shape}")
     if per_step_logits.shape[0] < 1:
         raise ValueError("per_step_logits needs T >= 1 time steps")
-    return from_sample_probs(torch.softmax(per_step_logits.float(), -1))
+    return from_sample_probs(torch.softmax(plain(per_step_logits).float(), -1))
 
 
 # --------------------------------------------------------------------------- predict
@@ -236,7 +237,7 @@ def _check_logits(logits, rows: int) -> Tensor:
             "lambda m, x: m(x).mean(0) for a SpikingJelly multi-step model returning "
             "[T, B, C])"
         )
-    return logits
+    return plain(logits)  # a readout's variance is not part of the prediction
 
 
 def _check_inputs(inputs, custom_forward: bool) -> None:

@@ -190,6 +190,9 @@ def test_mc_predict_on_a_multistep_spikingjelly_conv_network():
                                   forward=lambda m, x: m(x).mean(0), seed=0)
     assert pred.probs.shape == (2, 3) and pred.synops.shape == (2,)
     assert (pred.synops > 0).all()
+    # the readout (a Bayesian layer) carries a variance: the prediction is plain tensors
+    for value in (pred.probs, pred.sample_probs, pred.entropy, pred.mutual_information):
+        assert type(value) is torch.Tensor
 
 
 # --------------------------------------------------------------------------- predict
