@@ -353,6 +353,19 @@ def test_subset_missing_classes_raises(tmp_path):
         cli.run([*TINY, "--no-plots", "--max-samples", "5", "--out-dir", str(tmp_path)])
 
 
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(seeds=[0, 0]), "distinct"), (dict(batch_size=0), "batch_size"),
+    (dict(eval_batch_size=0), "eval_batch_size"), (dict(batch_size=2.5), "batch_size"),
+])
+def test_compare_names_bad_seeds_and_batch_sizes(kwargs, word):
+    """Repeated seeds would report a spread of zero; zero batch sizes crashed deep inside."""
+    from sbnn_addons.bench import compare
+
+    x, y = _spike_data(48, 0)
+    with pytest.raises(ValueError, match=word):
+        compare(_snntorch_net, (x, y), (x, y), epochs=1, **kwargs)
+
+
 def test_report_written(tmp_path):
     from sbnn_addons.bench import compare
 

@@ -538,6 +538,12 @@ def compare(
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds is empty")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {seeds}: a repeated seed repeats the "
+                         "same run and would understate the spread over seeds")
+    for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     meths = resolve_methods(methods, known_methods)
     device = torch.device(device)
     rank, world = _world()
