@@ -20,7 +20,8 @@ def check_probabilities(probs: Tensor, targets: Tensor, atol: float = 1e-4) -> N
 
     Raises:
         TypeError: non-float ``probs`` or non-integer ``targets``.
-        ValueError: shapes that do not match, or rows that do not sum to one.
+        ValueError: shapes that do not match, targets outside ``[0, C)``, or rows that do
+            not sum to one (within ``atol``, or the dtype's rounding over ``C`` terms).
     """
     if not probs.is_floating_point():
         raise TypeError(f"probs must be floating point, got {probs.dtype}")
@@ -31,7 +32,14 @@ def check_probabilities(probs: Tensor, targets: Tensor, atol: float = 1e-4) -> N
             f"probs must be [N, C] and targets [N]; got {tuple(probs.shape)} and "
             f"{tuple(targets.shape)}"
         )
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= probs.shape[1]):
+        raise ValueError(
+            f"targets must be class indices in [0, {probs.shape[1]}) for probs of "
+            f"{probs.shape[1]} classes, got values in [{int(targets.min())}, "
+            f"{int(targets.max())}]"
+        )
     sums = probs.sum(-1)
+    atol = max(atol, probs.shape[1] * torch.finfo(probs.dtype).eps)  # float16: rounding
     if probs.numel() and not torch.allclose(sums, torch.ones_like(sums), atol=atol):
         raise ValueError("probs rows must sum to one (pass softmax probabilities, not logits)")
 
@@ -39,13 +47,13 @@ def check_probabilities(probs: Tensor, targets: Tensor, atol: float = 1e-4) -> N
 def negative_log_likelihood(probs: Tensor, targets: Tensor, eps: float = 1e-12) -> Tensor:
     """``-mean log p(y_n | x_n)``."""
     check_probabilities(probs, targets)
-    return -probs.gather(1, targets[:, None]).clamp_min(eps).log().mean()
+    return -probs.gather(1, targets.long()[:, None]).clamp_min(eps).log().mean()
 
 
 def brier_score(probs: Tensor, targets: Tensor) -> Tensor:
     """``mean_n sum_c (p_nc - 1[y_n = c])^2``."""
     check_probabilities(probs, targets)
-    onehot = torch.nn.functional.one_hot(targets, probs.shape[1]).to(probs.dtype)
+    onehot = torch.nn.functional.one_hot(targets.long(), probs.shape[1]).to(probs.dtype)
     return ((probs - onehot) ** 2).sum(-1).mean()
 
 
@@ -54,7 +62,7 @@ def expected_calibration_error(probs: Tensor, targets: Tensor, n_bins: int = 15)
     check_probabilities(probs, targets)
     from torchmetrics.functional.classification import multiclass_calibration_error
 
-    return multiclass_calibration_error(probs, targets, num_classes=probs.shape[1],
+    return multiclass_calibration_error(probs, targets.long(), num_classes=probs.shape[1],
                                         n_bins=n_bins, norm="l1")
 
 

@@ -5,6 +5,8 @@ The reference networks (:mod:`sbnn_addons.models`) are built from :class:`LIF`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -123,6 +125,8 @@ class LIF(nn.Module):
             raise ValueError(f"beta must be in [0, 1], got {beta}")
         if reset not in LIF_RESETS:
             raise ValueError(f"reset must be one of {LIF_RESETS}, got {reset!r}")
+        if math.isnan(float(threshold)):
+            raise ValueError("threshold must be a number, got nan")
         self.beta = float(beta)
         self.threshold = float(threshold)
         self.reset = reset

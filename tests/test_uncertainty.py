@@ -315,3 +315,18 @@ def test_metrics_vs_samples_and_plots(tmp_path):
     ]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_targets_out_of_range_int32_and_half_probs():
+    """Out-of-range targets raise for every metric (ECE scored them silently); int32
+    targets and float16 softmax outputs (rows off by its rounding) are accepted."""
+    for fn in (metrics.expected_calibration_error, metrics.adaptive_calibration_error,
+               metrics.negative_log_likelihood, metrics.brier_score):
+        with pytest.raises(ValueError, match=r"\[0, 3\)"):
+            fn(PROBS, TARGETS + 3)
+        with pytest.raises(ValueError, match=r"\[0, 3\)"):
+            fn(PROBS, TARGETS - 1)
+    want = metrics.classification_metrics(PROBS, TARGETS)
+    assert metrics.classification_metrics(PROBS, TARGETS.int()) == want
+    half = torch.softmax(torch.randn(64, 10), -1).half()
+    metrics.classification_metrics(half, torch.randint(0, 10, (64,)))
