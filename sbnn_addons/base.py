@@ -129,7 +129,7 @@ def shared_square(owner: object, param: Tensor, std: Callable[[], Tensor]) -> Te
     computed from), so a changed parameter is recomputed.
     """
     cache = _SHARED[0]
-    if cache is None:
+    if cache is None or torch.compiler.is_compiling():  # a graph computes it once anyway
         value = std()
         return value * value
     key = (id(owner), torch.is_grad_enabled(), None if param.is_inference() else param._version)

@@ -264,9 +264,15 @@ class SpikeMonitor:
                 x = args[0] if args else None
                 if not isinstance(x, Tensor):
                     return
-                if self.spiking_inputs_only and not bool(((x == 0) | (x == 1)).all()):
+                if torch.compiler.is_compiling():  # no data-dependent branch in a graph
+                    ops = layer_synops(mod, x)
+                    if self.spiking_inputs_only:
+                        ops = torch.where(((x == 0) | (x == 1)).all(), ops, ops.new_zeros(()))
+                elif self.spiking_inputs_only and not bool(((x == 0) | (x == 1)).all()):
                     return
-                self.synops[_name] = self.synops[_name] + layer_synops(mod, x).cpu()
+                else:
+                    ops = layer_synops(mod, x)
+                self.synops[_name] = self.synops[_name] + ops.cpu()
 
             self._handles.append(m.register_forward_pre_hook(pre))
         return self

@@ -597,16 +597,18 @@ _NAMES: dict = {}
 
 
 def _name(func) -> str:
-    """``func.__name__`` (cached per function object)."""
+    """``func.__name__`` (cached per function object in eager mode; a graph reads the
+    name directly, so that it does not guard on the cache, which eager calls grow)."""
+    if torch.compiler.is_compiling():
+        return getattr(func, "__name__", str(func))
     try:
         return _NAMES[func]
     except (KeyError, TypeError):
         name = getattr(func, "__name__", str(func))
-        if not torch.compiler.is_compiling():  # no global side effect inside a graph
-            try:
-                _NAMES[func] = name
-            except TypeError:  # unhashable callable
-                pass
+        try:
+            _NAMES[func] = name
+        except TypeError:  # unhashable callable
+            pass
         return name
 
 
@@ -814,11 +816,14 @@ _C_LEVEL: dict = {}
 
 def _c_level(func):
     """The C method behind a Python-level ``Tensor`` method (``unflatten``, ``split``, ...,
-    which call ``super()``: Dynamo cannot trace that on a subclass); ``func`` otherwise."""
-    try:
-        return _C_LEVEL[func]
-    except (KeyError, TypeError):
-        pass
+    which call ``super()``: Dynamo cannot trace that on a subclass); ``func`` otherwise.
+    Cached in eager mode; a graph does not read the cache (it would guard on it)."""
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        try:
+            return _C_LEVEL[func]
+        except (KeyError, TypeError):
+            pass
     target = func
     if getattr(func, "__module__", None) == "torch._tensor":
         name = getattr(func, "__name__", "")
@@ -826,7 +831,7 @@ def _c_level(func):
             builtin = getattr(torch._C._VariableFunctions, name, None)
             if isinstance(builtin, types.BuiltinFunctionType):
                 target = builtin
-    if not torch.compiler.is_compiling():  # no global side effect inside a graph
+    if not compiling:  # no global side effect inside a graph
         try:
             _C_LEVEL[func] = target
         except TypeError:

@@ -339,6 +339,13 @@ class IWSTSpike(SBNNModule, nn.Module):
     def _generator_for(self, u: Tensor) -> torch.Generator | None:
         if self._seed is None or self.deterministic:
             return None
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "this spike function is seeded (sbnn_addons.seed_spikes, or mc_predict's "
+                "seed), and torch.compile cannot trace its private generator: call "
+                "sbnn_addons.seed_spikes(model, None) before the compiled call and seed the "
+                "global generator (torch.manual_seed) instead"
+            )
         if self._generator is None or self._generator.device != u.device:
             self._generator = torch.Generator(device=u.device).manual_seed(self._seed)
         return self._generator

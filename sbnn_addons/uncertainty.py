@@ -50,7 +50,7 @@ from .metrics import (
     negative_log_likelihood,
 )
 from .moments import plain
-from .spike import seed_spikes
+from .spike import IWSTSpike, seed_spikes
 
 __all__ = [
     "Prediction",
@@ -318,7 +318,8 @@ def mc_predict(
       ``reset_mem()`` for snnTorch neurons, ``functional.reset_net`` for SpikingJelly);
       a core-only model needs none.
     * **Exact replay**: with ``seed``, :func:`~sbnn_addons.seed_spikes` ``(model, seed)``
-      runs first, so two calls with the same seed give the same result.
+      runs first, so two calls with the same seed give the same result; afterwards the
+      spike functions draw from the stream they used before the call.
     * The model's ``train()`` / ``eval()`` flag is left as it is (call ``model.eval()``
       first, as for any evaluation); its SBNN mode is ``eval_mode`` during the passes and
       restored afterwards.
@@ -430,7 +431,10 @@ def _run(model: nn.Module, inputs, num_samples: int, *, seed, forward, reset, ch
         rows = inputs.shape[batch_dim]
     else:
         rows = None
+    seeded = []  # (spike function, its seed and generator before the call), restored after
     if seed is not None:
+        seeded = [(m, m._seed, m._generator) for m in model.modules()
+                  if isinstance(m, IWSTSpike)]
         seed_spikes(model, seed)
 
     monitor = SpikeMonitor(model, synops=synops) if count_spikes else None
@@ -476,6 +480,8 @@ def _run(model: nn.Module, inputs, num_samples: int, *, seed, forward, reset, ch
             if monitor is not None:
                 monitor.__exit__(None, None, None)
             reset(model)
+            for m, m_seed, generator in seeded:  # the model's own noise stream, as before
+                m._seed, m._generator = m_seed, generator
     pred = from_sample_probs(torch.cat(samples), keep_samples=return_samples)
     if monitor is not None:
         pred.layer_spike_counts = {n: torch.tensor(v, dtype=torch.float64)

@@ -286,3 +286,90 @@ def test_reference_networks_compile_like_eager(same_random_stream, name):
     assert torch.equal(eager[0], compiled[0])
     for a, b in zip(eager[1], compiled[1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------- compile usability (guards)
+def test_share_posterior_inside_a_compiled_step():
+    """share_posterior may sit inside the compiled function (the graph computes s^2 once
+    anyway)."""
+    torch.manual_seed(0)
+    layer, lif = sb.BayesLinear(6, 5, std=0.3), sb.LIF()
+
+    def loss_fn(x):
+        state, out = None, 0
+        with sb.share_posterior():
+            for t in range(x.shape[0]):
+                h, state = lif(layer(x[t]), state)
+                out = out + h
+        return out.sum()
+
+    torch._dynamo.reset()
+    torch.compile(loss_fn, fullgraph=True)(torch.rand(3, 4, 6)).backward()
+    assert layer.std_rho.grad is not None
+
+
+def test_eager_ops_on_noisy_tensors_do_not_recompile_a_converted_model():
+    """Eager operations on variance-carrying tensors between compiled steps (inspecting
+    an activation) do not grow anything a graph guards on: no recompiles."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    net = sbnn_snn.to_sbnn(nn.Sequential(
+        nn.Linear(10, 12), snn.Leaky(beta=0.9, init_hidden=True),
+        nn.Linear(12, 5), snn.Leaky(beta=0.9, init_hidden=True, output=True)))
+
+    def loss_fn(x, y):
+        sutils.reset(net)
+        out = 0
+        for t in range(x.shape[0]):
+            spk, _ = net(x[t])
+            out = out + spk
+        return F.cross_entropy(out, y)
+
+    sutils.reset(net)
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(loss_fn, fullgraph=True)
+    x, y = torch.rand(3, 4, 10) * 2, torch.randint(0, 5, (4,))
+    step(x, y).backward()
+    sutils.reset(net)
+    step(x, y).backward()
+    frames = counters["stats"]["unique_graphs"]
+    for op in (torch.sigmoid, torch.exp, torch.sin):
+        with torch.no_grad():
+            op(net[0](x[0]))  # an eager look at a noisy current, with a new operation
+        sutils.reset(net)  # each call from the same (reset) state, as the first
+        step(x, y).backward()
+    assert counters["stats"]["unique_graphs"] == frames
+
+
+def test_seeded_spikes_raise_a_named_error_under_compile_and_mc_predict_restores_seeds():
+    net = nn.Sequential(sb.BayesLinear(4, 3, std=0.3), sb.LIF())
+    x = torch.rand(2, 4)
+    sb.mc_predict(net, x[None].expand(2, 2, 4), 2, seed=3,
+                  forward=lambda m, s: torch.stack([m(t)[0] for t in s]).mean(0))
+    assert net[1].spike_fn._seed is None  # the model's own stream, as before the call
+    sb.seed_spikes(net, 1)
+    torch._dynamo.reset()
+    step = torch.compile(lambda v: net(v)[0].sum(), fullgraph=True)
+    with pytest.raises(Exception, match="seed_spikes\\(model, None\\)"):
+        step(x)
+    sb.seed_spikes(net, None)
+    step(x)
+
+
+def test_mc_predict_with_spike_counts_on_a_fullgraph_compiled_model():
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    torch.manual_seed(0)
+    host = nn.Sequential(layer.Linear(10, 12), neuron.LIFNode(), layer.Linear(12, 5),
+                         neuron.LIFNode())
+    functional.set_step_mode(host, "m")
+    net = sbnn_sj.to_sbnn(host).eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(net, fullgraph=True)
+    x = (torch.rand(3, 4, 10) < 0.5).float()
+    pred = sb.mc_predict(compiled, x, 2, forward=lambda m, v: m(v).mean(0))
+    eager = sb.mc_predict(net, x, 2, forward=lambda m, v: m(v).mean(0))
+    assert pred.probs.shape == (4, 5) and pred.synops.shape == (2,)
+    assert (pred.synops > 0).all() and (eager.synops > 0).all()
