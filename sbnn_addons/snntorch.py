@@ -216,6 +216,9 @@ class _EmittedSpikeReset:
             return
         var = get_variance(mem)  # a factored variance multiplied out: a tensor
         plain_mem = plain_in_place(mem)  # eager: this object (a caller's too); compiled: an alias
+        if torch.compiler.is_compiling():
+            # not a view: snnTorch's detach_hidden() detaches the buffer in place
+            plain_mem = plain_mem.clone()
         if plain_mem is not mem:
             self._buffers["mem"] = plain_mem
             cached = self.__dict__.get(_CACHE)
@@ -302,7 +305,9 @@ def _stored_variance(neuron: nn.Module, detached: bool = False):
         return None
     stored, var, had_grad, version = state
     if mem is not stored:
-        if version is None or torch.compiler.is_compiling() or not _aliases(mem, stored):
+        # a detach() of the stored membrane (checked in eager mode: a graph cannot compare
+        # storages), also of one that a compiled step stored
+        if torch.compiler.is_compiling() or not _aliases(mem, stored):
             return None
     if version is not None and not torch.compiler.is_compiling() and mem._version != version:
         raise VarianceFlowError(

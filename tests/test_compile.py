@@ -373,3 +373,33 @@ def test_mc_predict_with_spike_counts_on_a_fullgraph_compiled_model():
     eager = sb.mc_predict(net, x, 2, forward=lambda m, v: m(v).mean(0))
     assert pred.probs.shape == (4, 5) and pred.synops.shape == (2,)
     assert (pred.synops > 0).all() and (eager.synops > 0).all()
+
+
+def test_truncated_bptt_with_detach_hidden_after_compiled_steps():
+    """snnTorch's TBPTT idiom for init_hidden models (the neuron classes'
+    detach_hidden(), an in-place detach of the membrane buffers) works after a compiled
+    step, and the noise variance carries over, as in eager mode."""
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        net = sbnn_snn.to_sbnn(nn.Sequential(
+            nn.Linear(10, 6), snn.Leaky(beta=0.9, init_hidden=True, output=True)))
+        sutils.reset(net)
+
+        def run(x, net=net):
+            for t in range(x.shape[0]):
+                spk, _ = net(x[t])
+            return spk
+
+        step = torch.compile(run, fullgraph=True) if compiled else run
+        x = torch.rand(3, 4, 10) * 2
+        variances = []
+        with sb.kernels.use_kernels(False):
+            for _ in range(2):
+                step(x).sum().backward()
+                net[1].detach_hidden()  # in place
+                variances.append(sbnn_snn.membrane_variance(net[1]).detach().clone())
+        results.append(variances)
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager)
