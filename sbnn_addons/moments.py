@@ -888,44 +888,50 @@ def no_variance_flow() -> contextlib.AbstractContextManager:
     return torch._C.DisableTorchFunctionSubclass()
 
 
-class _FlowHooks:
-    """Forward hooks of a tracked model: input checks, one :func:`share_posterior` block per
-    call of the root module, and the ``mean``-mode probe (module doc)."""
+_FLOW_STATE = "_sbnn_flow"  # per tracked root: {"stack": [...], "check_inputs": bool}
 
-    def __init__(self, check_inputs: bool = False) -> None:
-        self.stack: list[contextlib.AbstractContextManager] = []
-        self.check_inputs = check_inputs
 
-    def enter(self, module, args):
-        if self.check_inputs and not self.stack:
-            check_model_input(module, args)
-        if torch.compiler.is_compiling():  # the cache is eager-only; a graph shares s^2 itself
-            return
-        # one forward of the root module is one share_posterior block: a time loop in the
-        # model's forward computes each layer's s^2 once
-        share = share_posterior()
-        share.__enter__()
-        self.stack.append(share)
+# Module-level functions, the same objects for every tracked model: a compiled step that
+# is reused across models guards on its hooks' identity and would recompile per model.
+def _flow_enter(module, args):
+    """Pre-hook of a tracked root module: input checks and one :func:`share_posterior`
+    block per call (module doc)."""
+    state = module.__dict__[_FLOW_STATE]
+    if state["check_inputs"]:
+        check_model_input(module, args)
+    if torch.compiler.is_compiling():  # the cache is eager-only; a graph shares s^2 itself
+        return
+    while state["stack"]:  # left open by a forward that raised (no hook ran after it)
+        state["stack"].pop().__exit__(None, None, None)
+    # one forward of the root module is one share_posterior block: a time loop in the
+    # model's forward computes each layer's s^2 once
+    share = share_posterior()
+    share.__enter__()
+    state["stack"].append(share)
 
-    def leave(self, module, args, output):
-        if torch.compiler.is_compiling() or not self.stack:
-            return
-        self.stack.pop().__exit__(None, None, None)
 
-    def probe_source(self, module, args, output):
-        """Forward hook of a Bayesian layer: in ``mean`` mode its output carries no
-        variance; mark it with the probe if the layer is noisy in ``sample`` mode."""
-        if (isinstance(output, Tensor) and module.deterministic
-                and type(output) is not VarianceTensor and _noisy_in_sample_mode(module)):
-            return _wrap(output, None, True)
-        return None
+def _flow_leave(module, args, output):
+    stack = module.__dict__[_FLOW_STATE]["stack"]
+    if torch.compiler.is_compiling() or not stack:
+        return
+    stack.pop().__exit__(None, None, None)
 
-    def probe_pass(self, module, args, output):
-        """Forward hook of a pass-through module: the probe of its input goes on."""
-        if (isinstance(output, Tensor) and args and type(args[0]) is VarianceTensor
-                and args[0].probe and type(output) is not VarianceTensor):
-            return _wrap(output, None, True)
-        return None
+
+def _probe_source(module, args, output):
+    """Forward hook of a Bayesian layer: in ``mean`` mode its output carries no variance;
+    mark it with the probe if the layer is noisy in ``sample`` mode."""
+    if (isinstance(output, Tensor) and module.deterministic
+            and type(output) is not VarianceTensor and _noisy_in_sample_mode(module)):
+        return _wrap(output, None, True)
+    return None
+
+
+def _probe_pass(module, args, output):
+    """Forward hook of a pass-through module: the probe of its input goes on."""
+    if (isinstance(output, Tensor) and args and type(args[0]) is VarianceTensor
+            and args[0].probe and type(output) is not VarianceTensor):
+        return _wrap(output, None, True)
+    return None
 
 
 def refuse_variance(module: nn.Module, args: tuple) -> None:
@@ -967,6 +973,9 @@ def check_model_input(model: nn.Module, args: tuple) -> None:
     check_input(x, where)
 
 
+_FLOW_HOOKS = (_flow_enter, _flow_leave, _probe_source, _probe_pass)
+
+
 def track_variance(model: nn.Module, opaque=(), *, check_inputs: bool = False) -> nn.Module:
     """Install the variance flow's forward hooks on ``model``.
 
@@ -988,16 +997,19 @@ def track_variance(model: nn.Module, opaque=(), *, check_inputs: bool = False) -
     """
     if getattr(model, "_sbnn_flow_handles", None):
         return model
-    hooks = _FlowHooks(check_inputs)
+    model.__dict__[_FLOW_STATE] = {"stack": [], "check_inputs": bool(check_inputs)}
     handles = [
-        model.register_forward_pre_hook(hooks.enter),
-        model.register_forward_hook(hooks.leave, always_call=True),
+        model.register_forward_pre_hook(_flow_enter),
+        # not always_call: that registry is keyed by global hook ids, which a compiled
+        # step would guard on (one recompile per model); _flow_enter closes a block left
+        # open by a forward that raised
+        model.register_forward_hook(_flow_leave),
     ]
     for m in model.modules():  # the mean-mode probe (see the module doc)
         if _is_bayesian_layer(m):
-            handles.append(m.register_forward_hook(hooks.probe_source))
+            handles.append(m.register_forward_hook(_probe_source))
         elif _is_passthrough(m):
-            handles.append(m.register_forward_hook(hooks.probe_pass))
+            handles.append(m.register_forward_hook(_probe_pass))
     model._sbnn_flow_handles = tuple(handles)
     return model
 
@@ -1006,10 +1018,10 @@ def untrack_variance(model: nn.Module) -> nn.Module:
     """Remove the hooks installed by :func:`track_variance` (from every submodule)."""
     for m in model.modules():
         for hooks in (m._forward_pre_hooks, m._forward_hooks):
-            for key in [k for k, h in hooks.items() if isinstance(getattr(h, "__self__", None),
-                                                                  _FlowHooks)]:
+            for key in [k for k, h in hooks.items() if h in _FLOW_HOOKS]:
                 del hooks[key]
                 m._forward_hooks_always_called.pop(key, None)
+        m.__dict__.pop(_FLOW_STATE, None)
     model.__dict__.pop("_sbnn_flow_handles", None)
     return model
 
