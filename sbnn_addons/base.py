@@ -125,14 +125,15 @@ def shared_square(owner: object, param: Tensor, std: Callable[[], Tensor]) -> Te
     """``std() ** 2``, computed once per :func:`share_posterior` block for ``owner``.
 
     Outside a block it is computed at every call. Inside, the value is kept under
-    ``owner``'s identity, the grad mode and ``param``'s version (the tensor ``std`` is
-    computed from), so a changed parameter is recomputed.
+    ``owner``'s identity, the grad mode and ``param``'s dtype, device and version (the
+    tensor ``std`` is computed from), so a changed or moved parameter is recomputed.
     """
     cache = _SHARED[0]
     if cache is None or torch.compiler.is_compiling():  # a graph computes it once anyway
         value = std()
         return value * value
-    key = (id(owner), torch.is_grad_enabled(), None if param.is_inference() else param._version)
+    key = (id(owner), torch.is_grad_enabled(), param.dtype, param.device,
+           None if param.is_inference() else param._version)
     squared = cache.get(key)
     if squared is None:
         value = std()
