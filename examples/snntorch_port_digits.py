@@ -105,6 +105,9 @@ def main():
     p.add_argument("--estimator", default="iwst(0.5)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    for name in ("epochs", "num_steps", "batch_size",):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
     x_tr, y_tr, x_te, y_te = load_digits_split(seed=args.seed)
     rows = []

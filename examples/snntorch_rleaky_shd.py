@@ -1,9 +1,10 @@
 """Recurrent snnTorch ``RLeaky`` network on SHD, original vs converted SBNN.
 
 Reads tonic-format SHD files from ``--data-dir`` (``<dir>/SHD/shd_{train,test}.h5`` plus
-``.h5.zip`` placeholders; nothing is downloaded). When they are absent it writes a small
-synthetic SHD-format dataset to a temporary folder (``make_synthetic_shd``) instead, so the
-script always runs; numbers on the synthetic data only show that the pipeline works.
+``.h5.zip`` placeholders; nothing is downloaded); a ``--data-dir`` without them is an
+error. Without ``--data-dir`` it writes a small synthetic SHD-format dataset to a
+temporary folder (``make_synthetic_shd``) instead, so the script runs anywhere; numbers on
+the synthetic data only show that the pipeline works.
 
     python examples/snntorch_rleaky_shd.py --data-dir /path/to/data --epochs 2
 """
@@ -80,14 +81,23 @@ def main():
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    for name in ("epochs", "num_bins", "max_samples", "hidden", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
     tmp = None
     root = args.data_dir
-    if root is None or not (root / "SHD" / "shd_train.h5").is_file():
+    if root is not None and root.name == "SHD" and (root / "shd_train.h5").is_file():
+        root = root.parent  # the SHD folder itself
+    if root is None:
         tmp = tempfile.TemporaryDirectory()
         root = Path(tmp.name)
         make_synthetic_shd(root, num_train=128, num_test=64, seed=args.seed)
-        print(f"SHD not found under --data-dir; using synthetic SHD-format data in {root}")
+        print(f"no --data-dir: synthetic SHD-format data in {root} (not SHD results)")
+    elif not (root / "SHD" / "shd_train.h5").is_file():
+        p.error(f"--data-dir {root} holds no SHD/shd_train.h5 (tonic's layout: "
+                "<dir>/SHD/shd_train.h5, shd_test.h5); leave --data-dir out to run on "
+                "synthetic data")
     kw = dict(num_bins=args.num_bins, bin_ms=args.bin_ms, max_samples=args.max_samples)
     x_tr, y_tr = load_shd(root, "train", **kw)
     x_te, y_te = load_shd(root, "test", **kw)

@@ -69,6 +69,9 @@ def main() -> None:
     p.add_argument("--estimator", default="st")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    for name in ("channels", "frame_stride", "steps", "batch_size", "test_samples",):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
     x_tr, y_tr = load_dvs_gesture_32(args.data_dir, "train", frame_stride=args.frame_stride)
     x_te, y_te = load_dvs_gesture_32(args.data_dir, "test", frame_stride=args.frame_stride)

@@ -1,5 +1,6 @@
-"""A SEW-ResNet-18 (SpikingJelly model zoo) without BatchNorm, converted to an SBNN and
-trained briefly on rate-coded digits (8x8 images upsampled to 16x16, 3 channels).
+"""A SEW-ResNet-18 (SpikingJelly model zoo) without BatchNorm, converted to an SBNN.
+
+Trained briefly on rate-coded digits (8x8 images upsampled to 16x16, 3 channels).
 
 SpikingJelly's ``model.sew_resnet`` imports torchvision only to download pretrained
 weights; ``with sbnn_addons.spikingjelly.stub_torchvision():`` lets it import without it.
@@ -70,6 +71,9 @@ def main() -> None:
     p.add_argument("--estimator", default="st")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    for name in ("steps", "T", "batch_size", "test_samples",):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
     x_tr, y_tr, x_te, y_te = load_digits_split(0.25, seed=args.seed)
     data = (x_tr, y_tr, x_te[: args.test_samples], y_te[: args.test_samples])

@@ -349,6 +349,10 @@ def test_paper_recipe_rejects_bad_arguments():
         paper_recipe(net, "shd", 0)
     opt, _ = paper_recipe(net, "shd")
     assert {g["name"]: g["lr"] for g in opt.param_groups} == {"weights": 5e-3, "noise": 5e-2}
+    with pytest.raises(ValueError, match="pass task='shd'"):  # another task's groups
+        paper_recipe(net, "dvs_gesture")
+    with pytest.raises(ValueError, match="pass task='dvs_gesture'"):
+        paper_recipe(tiny_dvs(), "shd")
 
 
 def test_bad_inputs_raise_value_error_with_expected_shape():

@@ -40,6 +40,17 @@ DEFAULT_METHODS = ["snntorch-atan", "sbnn-st", "sbnn-agr"]
 DEFAULT_MODEL_METHODS = ["original", "sbnn-st", "sbnn-agr"]
 
 
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (0 would silently mean "the default")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sbnn-bench", description=__doc__.split("\n")[0],
                                 epilog="Scale out: torchrun --nproc_per_node=N -m "
@@ -66,23 +77,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paper: reference recipe (Method page, section 8); cpu: dvs-gesture sized "
                    "for 2 CPU cores. Presets only set defaults; explicit flags win")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--epochs", type=int, default=None, help="default: per task (--model: 5)")
-    p.add_argument("--batch-size", type=int, default=None, help="per process (--model: 64)")
-    p.add_argument("--num-steps", type=int, default=None,
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="default: per task (--model: 5)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="per process (--model: 64)")
+    p.add_argument("--num-steps", type=positive_int, default=None,
                    help="time steps T / frames / SHD bins (default per task)")
-    p.add_argument("--width", type=int, default=None, help="hidden width / conv channels")
+    p.add_argument("--width", type=positive_int, default=None, help="hidden width / conv channels")
     p.add_argument("--lr", type=float, default=None, help="weights' learning rate (5e-3)")
     p.add_argument("--noise-lr", type=float, default=None, help="stds' learning rate (5e-2)")
     p.add_argument("--aux-weight", type=float, default=None,
                    help="lambda of the aux-loss methods (default 1e-4; paper preset: per task)")
-    p.add_argument("--mc-samples", type=int, default=None, help="K for mc(K) evaluation (10)")
+    p.add_argument("--mc-samples", type=positive_int, default=None,
+                   help="K for mc(K) evaluation (10)")
     p.add_argument("--data-dir", nargs="+", default=None, metavar="[TASK=]DIR",
                    help="dataset folder (dvs-gesture, shd, cifar10), never downloaded; "
                    "with several data tasks give TASK=DIR per task")
-    p.add_argument("--max-samples", type=int, default=None,
+    p.add_argument("--max-samples", type=positive_int, default=None,
                    help="a stratified, seeded subset of N samples of each split (every class "
                    "kept in proportion; a subset missing a class stops the run)")
-    p.add_argument("--max-test-samples", type=int, default=None,
+    p.add_argument("--max-test-samples", type=positive_int, default=None,
                    help="test subset size (default: --max-samples)")
     p.add_argument("--subset-seed", type=int, default=0, help="seed of the subsets (0)")
     p.add_argument("--sequential", action="store_true",
@@ -91,21 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reference", action="store_true",
                    help="--preset paper: keep the small benchmark networks instead of the "
                    "reference networks of sbnn_addons.models")
-    p.add_argument("--frame-stride", type=int, default=None,
+    p.add_argument("--frame-stride", type=positive_int, default=None,
                    help="dvs-gesture: keep every n-th of the 49 frames (default 3)")
     p.add_argument("--feedforward", action="store_true",
                    help="shd: snn.Leaky hidden layer instead of recurrent snn.RLeaky")
     g = p.add_argument_group("randman task")
-    g.add_argument("--randman-classes", type=int, default=None, help="default 10")
-    g.add_argument("--randman-units", type=int, default=None, help="input channels (100)")
-    g.add_argument("--randman-samples", type=int, default=None, help="per class (250)")
-    g.add_argument("--randman-dim", type=int, default=None, help="manifold dimension (1)")
+    g.add_argument("--randman-classes", type=positive_int, default=None, help="default 10")
+    g.add_argument("--randman-units", type=positive_int, default=None, help="input channels (100)")
+    g.add_argument("--randman-samples", type=positive_int, default=None, help="per class (250)")
+    g.add_argument("--randman-dim", type=positive_int, default=None, help="manifold dimension (1)")
     g.add_argument("--randman-alpha", type=float, default=None, help="smoothness (2.0)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
                    help="cpu (default), cuda, or auto (cuda when available)")
     p.add_argument("--find-unused-parameters", action="store_true",
                    help="DistributedDataParallel(find_unused_parameters=True)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--out-dir", default="runs/bench")
     p.add_argument("--no-plots", action="store_true", help="no PNG plots (report.md still)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -66,6 +66,14 @@ def paper_recipe(
     """
     if task not in PAPER_CONFIGS:
         raise ValueError(f"task must be one of {tuple(PAPER_CONFIGS)}, got {task!r}")
+    from .recurrent import SHDRecurrentNet
+    from .resnet import BinaryResNet, DVSResNet
+
+    for cls, own in ((SHDRecurrentNet, "shd"), (DVSResNet, "dvs_gesture"),
+                     (BinaryResNet, "cifar10")):
+        if isinstance(model, cls) and task != own:  # the groups and floor differ per task
+            raise ValueError(f"model is a {cls.__name__}, the {own!r} reference network, "
+                             f"but task is {task!r}: pass task={own!r}")
     config = PAPER_CONFIGS[task]
     epochs = int(config["epochs"]) if epochs is None else epochs
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
