@@ -355,6 +355,17 @@ def test_paper_recipe_rejects_bad_arguments():
         paper_recipe(tiny_dvs(), "shd")
 
 
+def test_input_dtype_other_than_the_parameters_is_named():
+    """The preprocessed DVS frames are float16: a float32 network names the conversion
+    (PyTorch's own error names neither); autocast passes the check."""
+    with pytest.raises(ValueError, match=r"x.to\(torch.float32\)"):
+        tiny_dvs()(dvs_input().half())
+    with pytest.raises(ValueError, match=r"x.to\(torch.float32\)"):
+        tiny_shd()(torch.rand(T, B, 40).double())
+    with torch.autocast("cpu", dtype=torch.bfloat16), sb.mode(tiny_dvs(), "mean") as net:
+        net(dvs_input().bfloat16())
+
+
 def test_bad_inputs_raise_value_error_with_expected_shape():
     with pytest.raises(ValueError, match=r"\[T, B, 2, H, W\]"):
         tiny_dvs()(torch.rand(B, 2, 16, 16))

@@ -259,6 +259,17 @@ class ReferenceNet(SBNNModule, nn.Module):
             norm == "affine" and layer_kwargs.get("affine_per_step", True))
         return LayerFactory(self.bayes, norm=norm, num_steps=num_steps, **layer_kwargs)
 
+    def _check_dtype(self, x: Tensor) -> None:
+        """The input's dtype must be the parameters' (outside ``torch.autocast``)."""
+        param = next(self.parameters(), None)
+        if (param is not None and x.dtype != param.dtype
+                and not torch.is_autocast_enabled(x.device.type)):
+            raise ValueError(
+                f"{type(self).__name__} has {param.dtype} parameters but its input is "
+                f"{x.dtype}: convert it with x.to({param.dtype}) (the preprocessed DVS "
+                "frames are stored as float16), or cast the network with .to(dtype)"
+            )
+
     def sample_readout(self, out: Tensor) -> Tensor:
         """Readout per step: the mean, plus ``sqrt(var) * eps`` when sampling.
 

@@ -190,6 +190,7 @@ class SHDRecurrentNet(ReferenceNet):
         self.readout = factory.linear(fin, num_classes, bias=bayes_readout, bayes=bayes_readout)
 
     def _check_input(self, x: Tensor) -> None:
+        self._check_dtype(x)
         if x.dim() != 3 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"SHDRecurrentNet expects input x of shape [T, B, {self.in_features}], "

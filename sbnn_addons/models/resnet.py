@@ -221,6 +221,7 @@ class SpikingResNet(ReferenceNet):
         self.checkpoint = bool(checkpoint)
 
     def _check_input(self, x: Tensor) -> None:
+        self._check_dtype(x)
         if x.dim() != 5 or x.shape[2] != self.in_channels:
             raise ValueError(
                 f"{type(self).__name__} expects input x of shape [T, B, {self.in_channels}, H, W]"
