@@ -36,3 +36,13 @@ def test_cli_refuses_zero_for_counts(tmp_path):
     for flag in ("--width", "--max-test-samples", "--num-steps", "--mc-samples"):
         with pytest.raises(SystemExit):
             cli.run(["--task", "digits", flag, "0", "--out-dir", str(tmp_path)])
+
+
+def test_cli_repeated_list_flags_add_up():
+    """`--seeds 0 --seeds 1` runs both seeds (argparse kept only the last flag)."""
+    from sbnn_addons.bench import cli
+
+    args = cli.build_parser().parse_args(["--seeds", "0", "--seeds", "1", "--task", "digits",
+                                          "--task", "randman"])
+    assert args.seeds == [0, 1] and args.task == ["digits", "randman"]
+    assert cli.build_parser().parse_args([]).seeds is None  # the run uses [0]

@@ -68,15 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the samples are in your tensors / batches: TB time-major "
                    "[T, N, ...] (default), BT batch-major [N, T, ...] (transposed per "
                    "batch), static [N, ...] (your encode adds time)")
-    p.add_argument("--task", nargs="+", default=None, choices=sorted(TASKS),
+    p.add_argument("--task", nargs="+", action="extend", default=None, choices=sorted(TASKS),
                    help="built-in task(s) (default: digits)")
-    p.add_argument("--methods", nargs="+", default=None,
+    p.add_argument("--methods", nargs="+", action="extend", default=None,
                    help=f"default: {' '.join(DEFAULT_METHODS)} (tasks; or the preset's), "
                    f"{' '.join(DEFAULT_MODEL_METHODS)} (--model); --list shows all")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="paper: reference recipe (Method page, section 8); cpu: dvs-gesture sized "
                    "for 2 CPU cores. Presets only set defaults; explicit flags win")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--seeds", nargs="+", action="extend", type=int, default=None,
+                   help="one run per seed (0); a repeated flag adds seeds")
     p.add_argument("--epochs", type=positive_int, default=None,
                    help="default: per task (--model: 5)")
     p.add_argument("--batch-size", type=positive_int, default=None,
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lambda of the aux-loss methods (default 1e-4; paper preset: per task)")
     p.add_argument("--mc-samples", type=positive_int, default=None,
                    help="K for mc(K) evaluation (10)")
-    p.add_argument("--data-dir", nargs="+", default=None, metavar="[TASK=]DIR",
+    p.add_argument("--data-dir", nargs="+", action="extend", default=None, metavar="[TASK=]DIR",
                    help="dataset folder (dvs-gesture, shd, cifar10), never downloaded; "
                    "with several data tasks give TASK=DIR per task")
     p.add_argument("--max-samples", type=positive_int, default=None,
@@ -240,7 +241,7 @@ def _run_model(args, command: str, device: torch.device) -> BenchResults:
     return compare(
         model, data["train"], data["test"],
         methods=args.methods or DEFAULT_MODEL_METHODS, epochs=args.epochs or 5,
-        seeds=args.seeds, batch_size=args.batch_size or 64, lr=args.lr or 5e-3,
+        seeds=args.seeds or [0], batch_size=args.batch_size or 64, lr=args.lr or 5e-3,
         noise_lr=args.noise_lr or 5e-2, layout=args.layout or data.get("layout", "TB"),
         encode=data.get("encode"), mc_samples=args.mc_samples or 10,
         max_train_samples=args.max_samples,
@@ -316,5 +317,5 @@ def _run_tasks(args, command: str, device: torch.device, rank: int) -> list[Benc
            "find_unused_parameters": args.find_unused_parameters or None,
            "use_reference": False if args.no_reference else None,
            "sequential": args.sequential or None}
-    return run_tasks(tasks, methods, args.seeds, cfg, _progress(args.quiet or rank != 0),
+    return run_tasks(tasks, methods, args.seeds or [0], cfg, _progress(args.quiet or rank != 0),
                      preset=args.preset, command=command)
