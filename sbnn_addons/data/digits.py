@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -27,6 +29,9 @@ def load_digits_split(test_fraction: float = 0.25, seed: int = 0):
     y = torch.tensor(data.target, dtype=torch.int64)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     n_test = int(round(test_fraction * len(y)))
+    if not 0 < n_test < len(y):
+        raise ValueError(f"test_fraction={test_fraction} leaves an empty split of the "
+                         f"{len(y)} digits; choose it so that both splits have examples")
     test, train = perm[:n_test], perm[n_test:]
     return x[train], y[train], x[test], y[test]
 
@@ -42,9 +47,14 @@ def rate_code(x: Tensor, num_steps: int, generator: torch.Generator | None = Non
     Returns:
         Spikes ``[T, B, *]`` with the dtype of ``x``.
     """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if x.numel() and (x.min() < 0 or x.max() > 1):
-        raise ValueError("rate_code expects intensities in [0, 1]")
+    if (isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral)
+            or num_steps < 1):
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError("rate_code expects a floating-point tensor of intensities in [0, 1] "
+                        f"(scale an image first, e.g. x.float() / 255), got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.numel() and not bool(((x >= 0) & (x <= 1)).all()):  # NaN fails too
+        raise ValueError("rate_code expects intensities in [0, 1] (no NaN)")
     u = torch.rand((num_steps, *x.shape), generator=generator, dtype=x.dtype, device=x.device)
     return (u < x).to(x.dtype)

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 __all__ = ["DVSGestureFrames", "load_dvs_gesture_32", "LAYOUT"]
 
 SPLITS = ("train", "validation", "test")
+NUM_CLASSES = 11  #: DVS128 Gesture: labels 0..10
 LAYOUT = (
     "expected a folder with train.npz, validation.npz and test.npz, each holding "
     "'frames' [N, 49, 2, 32, 32] and 'labels' [N] (the dvs_gesture_32 layout)"
@@ -36,15 +37,27 @@ def load_dvs_gesture_32(
         split: ``"train"``, ``"validation"`` or ``"test"``.
         frame_stride: keep every ``frame_stride``-th frame (e.g. 3 gives 17 frames).
         num_frames: keep at most this many frames after striding.
-        classes: keep only these labels (e.g. to hold classes out as OOD).
+        classes: keep only these labels (e.g. to hold classes out as OOD), any iterable
+            of ints in ``0..10``; the labels keep their values (not renumbered).
 
     Raises:
-        FileNotFoundError / ValueError: the folder does not have the layout above.
+        FileNotFoundError / ValueError: the folder does not have the layout above, or an
+            argument is out of range.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if frame_stride < 1:
-        raise ValueError(f"frame_stride must be >= 1, got {frame_stride}")
+    for name, value, allow_none in (("frame_stride", frame_stride, False),
+                                    ("num_frames", num_frames, True)):
+        if value is None and allow_none:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if classes is not None:
+        classes = list(classes)
+        if not classes or any(isinstance(c, bool) or not isinstance(c, (int, np.integer))
+                              or not 0 <= c < NUM_CLASSES for c in classes):
+            raise ValueError(f"classes must be a non-empty collection of labels in "
+                             f"0..{NUM_CLASSES - 1}, got {classes!r}")
     path = Path(data_dir) / f"{split}.npz"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {LAYOUT}")

@@ -1,0 +1,47 @@
+"""Data helpers name bad arguments instead of returning empty or truncated data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sbnn_addons.data import load_digits_split, load_dvs_gesture_32, rate_code
+
+DVS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dvs_gesture_32"
+
+
+@pytest.mark.skipif(not (DVS / "validation.npz").is_file(), reason="no DVS frames here")
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(num_frames=-1), "num_frames"), (dict(num_frames=0), "num_frames"),
+    (dict(frame_stride=1.5), "frame_stride"), (dict(classes=()), "classes"),
+    (dict(classes=(11,)), "classes"), (dict(classes=("3",)), "classes"),
+])
+def test_dvs_loader_names_bad_arguments(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        load_dvs_gesture_32(DVS, "validation", **kwargs)
+
+
+@pytest.mark.skipif(not (DVS / "validation.npz").is_file(), reason="no DVS frames here")
+def test_dvs_loader_accepts_any_collection_of_classes():
+    """A set works (np.asarray of a set matched nothing: an empty dataset)."""
+    _, y = load_dvs_gesture_32(DVS, "validation", classes={1, 2})
+    assert len(y) and set(y.tolist()) == {1, 2}
+
+
+def test_digits_split_refuses_an_empty_split():
+    with pytest.raises(ValueError, match="empty split"):
+        load_digits_split(0.0001)
+
+
+@pytest.mark.parametrize("x, steps, error", [
+    (torch.tensor([[float("nan"), 0.5]]), 3, ValueError),
+    (torch.tensor([[1.5, 0.5]]), 3, ValueError),
+    (torch.tensor([[1, 0]]), 3, TypeError),
+    (torch.rand(2, 3), 2.0, ValueError),
+    (torch.rand(2, 3), 0, ValueError),
+])
+def test_rate_code_names_bad_input(x, steps, error):
+    with pytest.raises(error):
+        rate_code(x, steps)
