@@ -46,3 +46,12 @@ def test_cli_repeated_list_flags_add_up():
                                           "--task", "randman"])
     assert args.seeds == [0, 1] and args.task == ["digits", "randman"]
     assert cli.build_parser().parse_args([]).seeds is None  # the run uses [0]
+
+
+@pytest.mark.parametrize("flag", ["--networks", "--batch", "--width", "--lif-width"])
+def test_diagnostics_cli_refuses_zero_counts(flag):
+    """0 networks gave an empty table with exit code 0; 0 units a ZeroDivisionError."""
+    from sbnn_addons import diagnostics
+
+    with pytest.raises(SystemExit):
+        diagnostics.main([flag, "0", "--no-plots"])
