@@ -45,3 +45,20 @@ def test_digits_split_refuses_an_empty_split():
 def test_rate_code_names_bad_input(x, steps, error):
     with pytest.raises(error):
         rate_code(x, steps)
+
+
+def test_synthetic_shd_with_equal_event_counts():
+    """Samples with equal event counts (np.array of them made a 2-D number array, and the
+    writer failed or wrote a 2-D dataset) load as one sample each."""
+    pytest.importorskip("h5py")
+    pytest.importorskip("tonic")
+    import tempfile
+
+    from sbnn_addons.data.shd import load_shd, make_synthetic_shd
+
+    with tempfile.TemporaryDirectory() as root:
+        make_synthetic_shd(root, num_train=2, num_test=1, events_per_sample=1, seed=1)
+        x, y = load_shd(root, "train", num_bins=5)
+        assert x.shape == (5, 2, 700) and len(y) == 2
+        with pytest.raises(ValueError, match="num_classes"):
+            make_synthetic_shd(root, num_classes=0)

@@ -114,6 +114,15 @@ def load_shd(root: str | os.PathLike, split: str = "train", num_bins: int = 100,
     return collate_time_major([ds[i] for i in range(n)])
 
 
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    """A 1-D object array of ``arrays`` (``np.array(..., dtype=object)`` of arrays of equal
+    length would build a 2-D array of numbers instead)."""
+    out = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):
+        out[i] = a
+    return out
+
+
 def make_synthetic_shd(root: str | os.PathLike, num_train: int = 64, num_test: int = 32,
                        seed: int = 0, num_classes: int = SHD_CLASSES,
                        duration_s: float = 1.0, events_per_sample: int = 400) -> Path:
@@ -125,6 +134,10 @@ def make_synthetic_shd(root: str | os.PathLike, num_train: int = 64, num_test: i
     """
     import h5py
 
+    for name, value in (("num_train", num_train), ("num_test", num_test),
+                        ("num_classes", num_classes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     folder = Path(root) / "SHD"
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -144,9 +157,9 @@ def make_synthetic_shd(root: str | os.PathLike, num_train: int = 64, num_test: i
             units.append(u)
         path = folder / f"shd_{split}.h5"
         with h5py.File(path, "w") as f:
-            f.create_dataset("spikes/times", data=np.array(times, dtype=object),
+            f.create_dataset("spikes/times", data=_ragged(times),
                              dtype=h5py.vlen_dtype(np.float16))
-            f.create_dataset("spikes/units", data=np.array(units, dtype=object),
+            f.create_dataset("spikes/units", data=_ragged(units),
                              dtype=h5py.vlen_dtype(np.uint16))
             f.create_dataset("labels", data=labels.astype(np.uint16))
             f.create_dataset("extra/speaker", data=rng.integers(0, 10, n).astype(np.uint16))
