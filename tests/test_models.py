@@ -462,3 +462,14 @@ def test_aux_std_grad_option_keeps_the_aux_loss_off_the_stds(make):
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-4, atol=1e-6)
     assert float(results[True][2].abs().sum()) > 0
     assert results[False][2] is None or float(results[False][2].abs().sum()) == 0.0
+
+
+def test_spatial_sizes_that_do_not_halve_evenly_and_cifar_steps_are_named():
+    """Odd sizes at a halving gave a raw shape error in a shortcut; BinaryResNet with
+    num_steps != 1 built but could not be called."""
+    net = tiny_dvs()
+    d = net.size_divisor
+    with pytest.raises(ValueError, match=f"multiples of {d}"):
+        net(dvs_input(hw=16 + d // 2))
+    with pytest.raises(ValueError, match="T = 1"):
+        cifar_resnet25(num_steps=4)

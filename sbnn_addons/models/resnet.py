@@ -211,14 +211,19 @@ class SpikingResNet(ReferenceNet):
                             first=True)
         layers = []
         cin = chans[0]
+        halvings = 1 if stem_pool else 0
         for stage, (cout, n) in enumerate(zip(chans, _blocks(blocks, len(chans)))):
             for i in range(n):
                 stride = 2 if (stage > 0 and i == 0) else 1
+                halvings += stride == 2
                 layers.append(BasicBlock(factory, cin, cout, stride))
                 cin = cout
         self.blocks = nn.ModuleList(layers)
         self.fc = factory.linear(cin, num_classes, bayes=self.bayes and self.readout_noise)
         self.checkpoint = bool(checkpoint)
+        # H and W must halve evenly at the stem's pool and at each strided block (the
+        # shortcut's average pool and the strided convolution round differently)
+        self.size_divisor = 2 ** halvings
 
     def _check_input(self, x: Tensor) -> None:
         self._check_dtype(x)
@@ -232,6 +237,12 @@ class SpikingResNet(ReferenceNet):
                 f"{type(self).__name__} has one affine (or BatchNorm) per time step and "
                 f"expects x of shape [T={self.num_steps}, B, {self.in_channels}, H, W], got "
                 f"{tuple(x.shape)}: build it with num_steps={x.shape[0]}"
+            )
+        d = self.size_divisor
+        if x.shape[-2] % d or x.shape[-1] % d:
+            raise ValueError(
+                f"{type(self).__name__} halves H and W {d.bit_length() - 1} times: they must "
+                f"be multiples of {d}, got {tuple(x.shape[-2:])} (crop or pad the frames)"
             )
 
     def forward_steps(self, x: Tensor) -> Tensor:
@@ -306,7 +317,9 @@ class BinaryResNet(SpikingResNet):
     def __init__(self, num_classes: int = 10, widths: Sequence[int] = (64, 128, 256, 512),
                  blocks: int | Sequence[int] = 3, **kwargs) -> None:
         kwargs.setdefault("in_channels", 3)
-        kwargs.setdefault("num_steps", 1)
+        if kwargs.setdefault("num_steps", 1) != 1:
+            raise ValueError(f"BinaryResNet has binary units run for one step (T = 1), got "
+                             f"num_steps={kwargs['num_steps']!r}; leave num_steps out")
         kwargs.setdefault("beta", 0.0)
         kwargs.setdefault("threshold", 0.0)
         super().__init__(num_classes=num_classes, widths=widths, blocks=blocks, **kwargs)
