@@ -473,3 +473,10 @@ def test_spatial_sizes_that_do_not_halve_evenly_and_cifar_steps_are_named():
         net(dvs_input(hw=16 + d // 2))
     with pytest.raises(ValueError, match="T = 1"):
         cifar_resnet25(num_steps=4)
+
+
+@pytest.mark.parametrize("hidden", [8, (0, 8), ()])
+def test_shd_hidden_sizes_are_checked(hidden):
+    """hidden=8 gave "'int' object is not iterable", (0, 8) an IndexError."""
+    with pytest.raises(ValueError, match="hidden"):
+        shd_recurrent(hidden=hidden)

@@ -161,6 +161,10 @@ class SHDRecurrentNet(ReferenceNet):
         super().__init__()
         if aux_form not in ("input", "membrane"):
             raise ValueError(f"aux_form must be 'input' or 'membrane', got {aux_form!r}")
+        if (not isinstance(hidden, (tuple, list)) or not hidden
+                or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in hidden)):
+            raise ValueError(f"hidden must be a non-empty sequence of layer sizes >= 1 (e.g. "
+                             f"(256, 256), or (8,) for one layer), got {hidden!r}")
         config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         config.pop("rec_std")
         factory = self._setup(
