@@ -61,6 +61,7 @@ __all__ = [
     "is_bayesian",
     "CONVERTED_STD_FRACTION",
     "converted_std",
+    "converted_layer_kwargs",
     "folded_batchnorm_scale",
     "batchnorm_after",
 ]
@@ -616,6 +617,24 @@ def converted_std(weight: Tensor, fraction: float | None = None,
     if not (rms > 0 and math.isfinite(rms)):
         return 0.5 / math.sqrt(max(weight[0].numel(), 1))
     return float(CONVERTED_STD_FRACTION if fraction is None else fraction) * rms
+
+
+def converted_layer_kwargs(module: nn.Module, posterior: dict,
+                           folded_bn: nn.modules.batchnorm._BatchNorm | None = None) -> dict:
+    """The posterior arguments a converter passes to ``from_module(module, ...)``.
+
+    ``posterior`` (``std``, ``std_mode``, ``learn_std``, ``bias_std``) as given, except:
+    bias noise only where ``module`` has a bias (``bias_std=None`` otherwise), and where
+    ``std`` is ``None`` the :func:`converted_std` of ``module.weight``, with the scale of
+    ``folded_bn`` (a BatchNorm folded after it) included.
+    """
+    kw = dict(posterior)
+    if module.bias is None:
+        kw["bias_std"] = None
+    if kw.get("std") is None:
+        kw["std"] = converted_std(
+            module.weight, scale=None if folded_bn is None else folded_batchnorm_scale(folded_bn))
+    return kw
 
 
 def batchnorm_after(model: nn.Module, weight_types: tuple) -> dict[int, nn.Module]:

@@ -47,8 +47,7 @@ from .layers import (
     BayesLinear,
     ChannelAffine,
     batchnorm_after,
-    converted_std,
-    folded_batchnorm_scale,
+    converted_layer_kwargs,
     is_bayesian,
 )
 from .losses import enable_aux_loss
@@ -646,13 +645,7 @@ def to_sbnn(
     def convert(_name: str, child: nn.Module) -> nn.Module | None:
         new = None
         if type(child) in _LAYERS and selected(child):
-            kw = dict(layer_kw)
-            if child.bias is None:  # bias noise only where there is a bias
-                kw["bias_std"] = None
-            if std is None:
-                bn = folded.get(id(child))
-                kw["std"] = converted_std(
-                    child.weight, scale=None if bn is None else folded_batchnorm_scale(bn))
+            kw = converted_layer_kwargs(child, layer_kw, folded.get(id(child)))
             new = _LAYERS[type(child)].from_module(child, **kw)
         elif type(child) in _BNS and batchnorm == "affine":
             new = ChannelAffine.from_batchnorm(child)

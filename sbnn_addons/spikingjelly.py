@@ -695,13 +695,8 @@ def to_sbnn(
         selected = (inc is None or match_name(name, inc)) and not match_name(name, exc)
         t = type(m)
         new = None
-        kw = dict(posterior)
-        if getattr(m, "bias", None) is None:  # bias noise only where there is a bias
-            kw["bias_std"] = None
-        if selected and t in _WEIGHTS and std is None:
-            bn = folded.get(id(m))
-            kw["std"] = _layers.converted_std(
-                m.weight, scale=None if bn is None else _layers.folded_batchnorm_scale(bn))
+        if selected and t in _WEIGHTS:
+            kw = _layers.converted_layer_kwargs(m, posterior, folded.get(id(m)))
         if selected and t is layer.Linear:
             new = BayesLinear.from_module(m, step_mode=m.step_mode, **kw)
         elif selected and t is layer.Conv2d:

@@ -435,3 +435,22 @@ def test_unbatched_conv_variance_equals_the_batched_one(make, shape, std_mode):
     want = sb.get_variance(layer(x.unsqueeze(0)))
     out_shape = layer(x.unsqueeze(0)).shape[1:]
     torch.testing.assert_close(one.expand(out_shape), want.expand(1, *out_shape)[0])
+
+
+def test_converted_layer_kwargs():
+    """The converters' per-layer arguments: bias noise only with a bias; the std from the
+    weights' RMS (a folded BatchNorm's scale included) where none is given."""
+    from sbnn_addons.layers import converted_layer_kwargs, converted_std, folded_batchnorm_scale
+
+    posterior = dict(std=None, std_mode="layer", learn_std=True, bias_std=0.1)
+    plain = nn.Linear(6, 4, bias=False)
+    kw = converted_layer_kwargs(plain, posterior)
+    assert kw["bias_std"] is None and kw["std"] == converted_std(plain.weight)
+    conv, bn = nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.running_var.fill_(0.25)
+    kw = converted_layer_kwargs(conv, posterior, bn)
+    assert kw["bias_std"] == 0.1
+    assert kw["std"] == converted_std(conv.weight, scale=folded_batchnorm_scale(bn))
+    assert converted_layer_kwargs(conv, {**posterior, "std": 0.3})["std"] == 0.3
+    assert posterior["bias_std"] == 0.1  # the caller's dict is not changed
