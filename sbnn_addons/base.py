@@ -141,6 +141,20 @@ def shared_square(owner: object, param: Tensor, std: Callable[[], Tensor]) -> Te
     return squared
 
 
+def positive_int(text: str) -> int:
+    """An ``argparse`` type for the command lines' counts: an integer >= 1 (a count of 0
+    would mean "the default", an empty run or a division by zero)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 _CHECK_FINITE = [True]
 #: Tensors found finite, with their ``_version`` then (weak keys: an entry goes with its
 #: tensor), so that a tensor fed to several layers is checked once.

@@ -71,6 +71,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .base import positive_int
 from .estimators import AGR, IWST, ST, BernoulliSpike, Estimator, get_estimator
 from .functional import apply_function
 
@@ -606,19 +607,6 @@ def plot_sweep(rows: list[dict], x_key: str, path, *, layer: str = "all",
 
 # --------------------------------------------------------------------------- CLI
 
-def _positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (0 networks or units ran to an empty table or a
-    division by zero)."""
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
 def build_parser(prog: str = "python -m sbnn_addons.diagnostics") -> argparse.ArgumentParser:
     """The argument parser of :func:`main`."""
     p = argparse.ArgumentParser(
@@ -626,19 +614,19 @@ def build_parser(prog: str = "python -m sbnn_addons.diagnostics") -> argparse.Ar
         description="Exact bias/variance of spike-gradient estimators by enumeration.")
     p.add_argument("--out-dir", default="runs/diagnostics", help="CSV and PNG folder")
     p.add_argument("--neuron", nargs="+", default=["binary", "lif"], choices=["binary", "lif"])
-    p.add_argument("--width", type=_positive_int, default=3, help="units per hidden layer")
-    p.add_argument("--depth", type=_positive_int, default=2,
+    p.add_argument("--width", type=positive_int, default=3, help="units per hidden layer")
+    p.add_argument("--depth", type=positive_int, default=2,
                    help="hidden layers in the noise sweep")
-    p.add_argument("--depths", type=_positive_int, nargs="+", default=[1, 2, 3, 4])
-    p.add_argument("--lif-width", type=_positive_int, default=2, help="units per layer for lif")
-    p.add_argument("--lif-depths", type=_positive_int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--steps", type=_positive_int, default=3, help="time steps for lif")
+    p.add_argument("--depths", type=positive_int, nargs="+", default=[1, 2, 3, 4])
+    p.add_argument("--lif-width", type=positive_int, default=2, help="units per layer for lif")
+    p.add_argument("--lif-depths", type=positive_int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--steps", type=positive_int, default=3, help="time steps for lif")
     p.add_argument("--scales", type=float, nargs="+", default=[0.25, 0.5, 1, 2, 4, 8],
                    help="weight scales of the noise sweep (sigma = 1)")
     p.add_argument("--depth-scale", type=float, default=1.0,
                    help="weight scale of the depth sweep")
-    p.add_argument("--networks", type=_positive_int, default=4, help="random networks per point")
-    p.add_argument("--batch", type=_positive_int, default=4, help="input examples per network")
+    p.add_argument("--networks", type=positive_int, default=4, help="random networks per point")
+    p.add_argument("--batch", type=positive_int, default=4, help="input examples per network")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-surrogates", action="store_true", help="IW-ST family only")
     p.add_argument("--no-plots", action="store_true")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ..base import positive_int
 from .compare import GENERIC_METHODS, compare, init_distributed
 from .harness import METHODS, PRESET_METHODS, PRESETS, TASKS, run_tasks
 from .results import COLUMNS, BenchResults, summarise, write_results
@@ -40,16 +41,6 @@ DEFAULT_METHODS = ["snntorch-atan", "sbnn-st", "sbnn-agr"]
 DEFAULT_MODEL_METHODS = ["original", "sbnn-st", "sbnn-agr"]
 
 
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (0 would silently mean "the default")."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sbnn-bench", description=__doc__.split("\n")[0],
