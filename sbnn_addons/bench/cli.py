@@ -41,7 +41,6 @@ DEFAULT_METHODS = ["snntorch-atan", "sbnn-st", "sbnn-agr"]
 DEFAULT_MODEL_METHODS = ["original", "sbnn-st", "sbnn-agr"]
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sbnn-bench", description=__doc__.split("\n")[0],
                                 epilog="Scale out: torchrun --nproc_per_node=N -m "
