@@ -63,6 +63,7 @@ from torch import Tensor, nn
 
 from .base import SBNNModule, cached_tensor_test, check_input, share_posterior
 from .functional import box_sum
+from .tensors import leaf_values
 
 __all__ = [
     "ScaledVariance",
@@ -175,12 +176,7 @@ class VarianceTensor(Tensor):
     def __deepcopy__(self, memo):
         if id(self) in memo:
             return memo[id(self)]
-        if not self.is_leaf:
-            raise RuntimeError(
-                "Only Tensors created explicitly by the user (graph leaves) support the "
-                "deepcopy protocol at the moment; detach() the VarianceTensor first")
-        with torch._C.DisableTorchFunctionSubclass():
-            mean = self.detach().clone()
+        mean = leaf_values(self, "the VarianceTensor")
         var = self.variance
         if isinstance(var, Tensor):
             var = copy.deepcopy(var, memo) if var.is_leaf else var.detach().clone()

@@ -43,17 +43,27 @@ class SpikeTensor(Tensor):
         function saves the copy); like a plain tensor, only a graph leaf copies."""
         if id(self) in memo:
             return memo[id(self)]
-        if not self.is_leaf:
-            raise RuntimeError(
-                "Only Tensors created explicitly by the user (graph leaves) support the "
-                "deepcopy protocol at the moment; detach() the spikes first")
-        with torch._C.DisableTorchFunctionSubclass():
-            new = self.detach().clone()
-        new.requires_grad_(self.requires_grad)
+        new = leaf_values(self, "the spikes").requires_grad_(self.requires_grad)
         if is_binary(self):
             mark_binary(new)
         memo[id(self)] = new
         return new
+
+
+def leaf_values(tensor: Tensor, what: str) -> Tensor:
+    """A plain copy of the values of ``tensor`` (a tensor subclass), for its
+    ``__deepcopy__``; like a plain tensor, only a graph leaf copies.
+
+    Raises:
+        RuntimeError: ``tensor`` is not a graph leaf (PyTorch's own message, naming
+            ``what`` to detach).
+    """
+    if not tensor.is_leaf:
+        raise RuntimeError(
+            "Only Tensors created explicitly by the user (graph leaves) support the "
+            f"deepcopy protocol at the moment; detach() {what} first")
+    with torch._C.DisableTorchFunctionSubclass():
+        return tensor.detach().clone()
 
 
 def mark_binary(tensor: Tensor, kept: bool = False) -> Tensor:
