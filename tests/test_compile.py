@@ -113,7 +113,13 @@ def test_snntorch_sequential_compiles_like_eager(same_random_stream):
         snn.Leaky(beta=0.9, init_hidden=True, output=True),
     )
     net = sbnn_snn.to_sbnn(host)
+    x, y = torch.rand(T, 6, 1, 8, 8) * 3, torch.randint(0, 5, (6,))
+    _check_like_eager(net, _sequential_rate_loss(net), x, y)
 
+
+def _sequential_rate_loss(net: nn.Module):
+    """The tutorial-6 step of an ``init_hidden`` Sequential: ``snntorch.utils.reset``,
+    then the spike count over the steps into a cross-entropy."""
     def loss_fn(x, y):
         sutils.reset(net)
         out = 0
@@ -122,8 +128,7 @@ def test_snntorch_sequential_compiles_like_eager(same_random_stream):
             out = out + spk
         return F.cross_entropy(out, y)
 
-    x, y = torch.rand(T, 6, 1, 8, 8) * 3, torch.randint(0, 5, (6,))
-    _check_like_eager(net, loss_fn, x, y)
+    return loss_fn
 
 
 class LoopNet(nn.Module):
@@ -322,19 +327,10 @@ def test_eager_ops_on_noisy_tensors_do_not_recompile_a_converted_model():
     net = sbnn_snn.to_sbnn(nn.Sequential(
         nn.Linear(10, 12), snn.Leaky(beta=0.9, init_hidden=True),
         nn.Linear(12, 5), snn.Leaky(beta=0.9, init_hidden=True, output=True)))
-
-    def loss_fn(x, y):
-        sutils.reset(net)
-        out = 0
-        for t in range(x.shape[0]):
-            spk, _ = net(x[t])
-            out = out + spk
-        return F.cross_entropy(out, y)
-
     sutils.reset(net)
     torch._dynamo.reset()
     counters.clear()
-    step = torch.compile(loss_fn, fullgraph=True)
+    step = torch.compile(_sequential_rate_loss(net), fullgraph=True)
     x, y = torch.rand(3, 4, 10) * 2, torch.randint(0, 5, (4,))
     step(x, y).backward()
     sutils.reset(net)
