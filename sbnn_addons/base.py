@@ -65,12 +65,16 @@ def inverse_softplus(value: float) -> float:
     return value + math.log(-math.expm1(-value))
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def check_std(name: str, value, *, allow_zero: bool) -> float:
     """Validate a standard deviation hyper-parameter and return it as a float.
 
     Raises:
         TypeError: not a real number.
-        ValueError: negative, non-finite, or zero where ``allow_zero`` is false.
+        ValueError: negative, non-finite, zero where ``allow_zero`` is false, or so large
+            that its square (a variance) overflows float32.
     """
     if isinstance(value, Tensor):
         value = float(value)
@@ -79,6 +83,12 @@ def check_std(name: str, value, *, allow_zero: bool) -> float:
     value = float(value)
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    if value * value > _FLOAT32_MAX:
+        raise ValueError(
+            f"{name}={value:g} is too large: its square, the noise variance, overflows "
+            f"float32 (std <= {math.sqrt(_FLOAT32_MAX):.3g}), and the spikes would be coin "
+            "flips with a zero gradient; use a std of the order of the weights"
+        )
     if value == 0 and not allow_zero:
         raise ValueError(
             f"{name} must be > 0 when it is learned (softplus parameter); "

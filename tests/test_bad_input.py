@@ -358,3 +358,16 @@ def test_bias_std_needs_a_bias_and_converters_skip_bias_free_layers():
     sj = nn.Sequential(layer.Conv2d(2, 4, 3, bias=False, step_mode="m"),
                        neuron.LIFNode(step_mode="m"))
     assert not sbnn_sj.to_sbnn(sj, bias_std=0.1)[0].bias_noise
+
+
+@pytest.mark.parametrize("make", [
+    lambda s: sb.BayesLinear(4, 3, std=s),
+    lambda s: sb.BayesConv2d(1, 2, 3, std=s),
+    lambda s: sb.BayesLinear(4, 3, bias_std=s),
+    lambda s: sb.IWSTSpike("st", std=s),
+])
+def test_a_std_whose_square_overflows_float32_is_named(make):
+    # std = 1e30: variance inf, every spike a coin flip, every gradient exactly 0
+    with pytest.raises(ValueError, match="too large.*overflows float32"):
+        make(1e30)
+    make(1e3)  # large but representable: accepted

@@ -167,6 +167,11 @@ def test_presets_only_set_defaults():
     assert apply_preset("shd", "paper", {})["epochs"] == 30
     with pytest.raises(ValueError, match="dvs-gesture"):
         apply_preset("digits", "cpu", {})
+    for task in ("digits", "randman"):  # no reference network, no released recipe
+        with pytest.raises(ValueError, match="'paper' is not defined.*cifar10"):
+            apply_preset(task, "paper", {})
+    with pytest.raises(SystemExit, match="--preset paper is not defined for task 'digits'"):
+        cli.run(["--preset", "paper", "--epochs", "1"])
 
 
 def test_gaussian_surrogate_picklable():

@@ -290,6 +290,11 @@ def run(argv: list[str] | None = None) -> list[dict]:
 
 def _run_tasks(args, command: str, device: torch.device, rank: int) -> list[BenchResults]:
     tasks = args.task or ["digits"]
+    for t in tasks:
+        if args.preset is not None and args.preset not in TASKS[t].presets:
+            offered = sorted(k for k, task in TASKS.items() if args.preset in task.presets)
+            raise SystemExit(f"sbnn-bench: --preset {args.preset} is not defined for task "
+                             f"{t!r}; it exists for {', '.join(offered)}")
     methods = args.methods or PRESET_METHODS.get(args.preset, DEFAULT_METHODS)
     for m in methods:
         if m not in METHODS:

@@ -350,15 +350,15 @@ def apply_preset(task_name: str, preset: str | None, cfg: dict) -> dict:
     Presets only set defaults; values given explicitly (not ``None``) win.
 
     Raises:
-        ValueError: unknown preset, or a preset the task does not offer (``cpu`` is
-            for ``dvs-gesture``).
+        ValueError: unknown preset, or a preset the task does not offer (``paper`` is
+            for the paper's tasks, ``cpu`` for ``dvs-gesture``).
     """
     if preset is None:
         return dict(cfg)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     task = TASKS[task_name]
-    if preset != "paper" and preset not in task.presets:
+    if preset not in task.presets:
         offered = sorted(t for t, tk in TASKS.items() if preset in tk.presets)
         raise ValueError(f"preset {preset!r} is not defined for task {task_name!r}; "
                          f"it exists for {offered}")
