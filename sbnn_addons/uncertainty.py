@@ -240,6 +240,43 @@ def _check_logits(logits, rows: int) -> Tensor:
     return plain(logits)  # a readout's variance is not part of the prediction
 
 
+#: What the forward pass of :func:`mc_predict` may return (its ``output`` argument).
+OUTPUTS = ("logits", "probs", "log_probs")
+
+
+def _to_probs(out: Tensor, output: str) -> Tensor:
+    """One pass's ``[B, C]`` output as probabilities (float32).
+
+    Raises:
+        ValueError: ``output="probs"`` / ``"log_probs"`` and the rows are not probability
+            vectors.
+
+    Warns:
+        UserWarning: ``output="logits"`` and every row is already a probability vector
+            (a model that ends in a softmax): a second softmax would flatten it.
+    """
+    out = out.float()
+    if output == "logits":
+        if out.shape[-1] > 1 and out.numel() and _is_distribution(out):
+            warnings.warn(
+                "mc_predict: every row the forward pass returned is already a probability "
+                "vector (entries in [0, 1] summing to 1), and it is treated as logits, so a "
+                "second softmax flattens it; pass output='probs' if the model ends in a "
+                "softmax", stacklevel=4)
+        return torch.softmax(out, -1)
+    probs = out.exp() if output == "log_probs" else out
+    if not _is_distribution(probs, tol=1e-3):
+        raise ValueError(
+            f"mc_predict(output={output!r}): the forward pass must return "
+            f"{'log-' if output == 'log_probs' else ''}probabilities (rows in [0, 1] summing "
+            "to 1); pass output='logits' for raw scores")
+    return probs
+
+
+def _is_distribution(p: Tensor, tol: float = 1e-4) -> bool:
+    return bool(((p >= 0) & (p <= 1 + tol)).all() and ((p.sum(-1) - 1).abs() <= tol).all())
+
+
 def _check_inputs(inputs, custom_forward: bool) -> None:
     """``inputs`` is a tensor (or, with a custom ``forward``, a tuple / list of tensors)
     without a zero-size dimension and, unless :class:`~sbnn_addons.check_finite` is off,
@@ -299,6 +336,7 @@ def mc_predict(
     return_samples: bool = True,
     count_spikes: bool = True,
     synops: bool = True,
+    output: str = "logits",
 ) -> Prediction:
     """Monte Carlo predictive distribution and uncertainty from ``K`` stochastic passes.
 
@@ -367,6 +405,9 @@ def mc_predict(
         return_samples: keep ``sample_probs [K, B, C]``.
         count_spikes: record per-pass spike counts of every ``IWSTSpike`` (and SynOps).
         synops: count SynOps at the weight layers (needs ``count_spikes``).
+        output: what ``forward`` returns: ``"logits"`` (default; a softmax gives the
+            probabilities), ``"probs"`` (a model that ends in a softmax: used as they are)
+            or ``"log_probs"`` (a log-softmax: exponentiated).
 
     Returns:
         :class:`Prediction` (``.probs [B, C]``, ``.entropy [B]``,
@@ -377,7 +418,8 @@ def mc_predict(
             forward pass does not return a tensor.
         ValueError: ``num_samples < 1`` or not an integer, an empty input (batch 0 or
             ``T = 0``), NaN / inf in the input, bad ``chunk_size`` / ``batch_dim`` /
-            ``eval_mode``, logits of the wrong shape.
+            ``eval_mode`` / ``output``, logits of the wrong shape, ``output="probs"`` whose
+            rows are not probability vectors.
 
     .. note::
         The earlier closure form ``mc_predict(forward_fn, model, K)`` still works for one
@@ -393,7 +435,8 @@ def mc_predict(
     _check_inputs(inputs, forward is not None)
     return _run(model, inputs, num_samples, seed=seed, forward=forward, reset=reset,
                 chunk_size=chunk_size, fold=fold, batch_dim=batch_dim, eval_mode=eval_mode,
-                return_samples=return_samples, count_spikes=count_spikes, synops=synops)
+                return_samples=return_samples, count_spikes=count_spikes, synops=synops,
+                output=output)
 
 
 @contextlib.contextmanager
@@ -411,10 +454,13 @@ def _mode(model: nn.Module, value: str) -> Iterator[None]:
 
 
 def _run(model: nn.Module, inputs, num_samples: int, *, seed, forward, reset, chunk_size,
-         fold, batch_dim, eval_mode, return_samples, count_spikes, synops) -> Prediction:
+         fold, batch_dim, eval_mode, return_samples, count_spikes, synops,
+         output="logits") -> Prediction:
     """The passes of :func:`mc_predict` (arguments checked by the caller)."""
     if eval_mode not in MODES:
         raise ValueError(f"eval_mode must be one of {MODES}, got {eval_mode!r}")
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     if chunk_size is None:
         chunk_size = num_samples if fold else 1
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -462,7 +508,7 @@ def _run(model: nn.Module, inputs, num_samples: int, *, seed, forward, reset, ch
                     reset(model)
                     x = torch.cat([inputs] * reps, dim=batch_dim) if reps > 1 else inputs
                     logits = _check_logits(forward(model, x), reps * rows)
-                    samples.append(torch.softmax(logits.float(), -1).unflatten(0, (reps, rows)))
+                    samples.append(_to_probs(logits, output).unflatten(0, (reps, rows)))
                     if monitor is not None:
                         record(monitor, reps)
                 else:
@@ -472,7 +518,7 @@ def _run(model: nn.Module, inputs, num_samples: int, *, seed, forward, reset, ch
                         if rows is None:
                             rows = logits.shape[0] if isinstance(logits, Tensor) else -1
                         logits = _check_logits(logits, rows)
-                        samples.append(torch.softmax(logits.float(), -1)[None])
+                        samples.append(_to_probs(logits, output)[None])
                         if monitor is not None:
                             record(monitor, 1)
                 done += reps

@@ -225,3 +225,27 @@ def test_other_bad_arguments():
     assert pred.probs.shape == (B, 4)
     with pytest.raises(ValueError, match="zero-size"):
         sb.mc_predict(model, (x, x[:0]), 2, forward=lambda m, xs: m(xs[0]))
+
+
+def test_output_probs_and_log_probs_are_not_softmaxed_again():
+    # a model that ends in a softmax: its probabilities are used as they are; as logits
+    # they get a second softmax (flattened), which warns
+    model = core_model()
+    x = torch.rand(B, 12)
+    with_softmax = nn.Sequential(model, nn.Softmax(-1))
+    with_log_softmax = nn.Sequential(model, nn.LogSoftmax(-1))
+    ref = sb.mc_predict(model, x, 4, seed=3)
+    probs = sb.mc_predict(with_softmax, x, 4, seed=3, output="probs")
+    logp = sb.mc_predict(with_log_softmax, x, 4, seed=3, output="log_probs")
+    torch.testing.assert_close(probs.probs, ref.probs)
+    torch.testing.assert_close(logp.probs, ref.probs)
+    with pytest.warns(UserWarning, match="already a probability vector.*output='probs'"):
+        twice = sb.mc_predict(with_softmax, x, 4, seed=3)
+    assert twice.entropy.mean() > ref.entropy.mean()  # flattened
+    with pytest.raises(ValueError, match="must return probabilities.*output='logits'"):
+        sb.mc_predict(model, x, 2, output="probs")  # logits given as probabilities
+    with pytest.raises(ValueError, match="output must be one of"):
+        sb.mc_predict(model, x, 2, output="softmax")
+    # fold=True goes the same way
+    folded = sb.mc_predict(with_softmax, x, 4, output="probs", fold=True)
+    assert torch.allclose(folded.probs.sum(-1), torch.ones(B))
