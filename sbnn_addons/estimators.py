@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from .functional import apply_function, check_float, estimator_jacobian, jacobian_and_z
+from .tensors import estimator_spec, parse_estimator_spec
 
 __all__ = ["Estimator", "ST", "IWST", "AGR", "get_estimator", "BernoulliSpike", "sample_spikes"]
 
@@ -43,6 +44,12 @@ class Estimator:
     p: float = 0.0
     tau: float = 0.0
     max_weight: float = 1e4
+    #: The four fields as one string, ``"kind p tau max_weight"`` (floats as
+    #: ``float.hex``, exact; read back by :func:`~sbnn_addons.tensors.parse_estimator_spec`).
+    #: A string is a constant to ``torch.compile``: a traced backward that reads the
+    #: estimator from it stays valid under dynamic shapes, where floats read from an
+    #: object become symbolic inputs.
+    spec: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -56,6 +63,14 @@ class Estimator:
             raise ValueError(f"tau must be a finite number >= 0, got {self.tau!r}")
         if not (self.max_weight >= 1.0 and math.isfinite(self.max_weight)):
             raise ValueError(f"max_weight must be a finite number >= 1, got {self.max_weight!r}")
+        object.__setattr__(self, "spec",
+                           estimator_spec(self.kind, self.p, self.tau, self.max_weight))
+
+    def __setstate__(self, state: dict) -> None:
+        # pickles of an Estimator without ``spec`` get it computed
+        self.__dict__.update(state)
+        if "spec" not in state:
+            self.__post_init__()
 
     def __str__(self) -> str:
         if self.kind == "st":
@@ -151,13 +166,12 @@ class BernoulliSpike(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         u, sigma, _eps, estimator, _at_zero = inputs
         ctx.save_for_backward(u, sigma, output.bool())  # 1 byte per spike for backward
-        ctx.estimator = estimator
+        ctx.estimator = estimator.spec  # constant under torch.compile (see Estimator.spec)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         u, sigma, h = ctx.saved_tensors
-        est = ctx.estimator
-        jac, z = jacobian_and_z(u, sigma, h, est.kind, est.p, est.tau, est.max_weight)
+        jac, z = jacobian_and_z(u, sigma, h, *parse_estimator_spec(ctx.estimator))
         g = grad.to(jac.dtype)
         grad_u = g * jac
         grad_sigma = -z * grad_u

@@ -50,8 +50,6 @@ __all__ = [
 #: Lower clamp of ``sigma`` inside divisions (Method page, section 1).
 SIGMA_MIN = 1e-6
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 
 
 def check_float(name: str, tensor: Tensor) -> None:
@@ -98,8 +96,8 @@ def normal_cdf_ratio(x: Tensor, scale: float) -> Tensor:
     underflows (``x`` below about -9 in float32), in log space with ``log_ndtr``.
     """
     # erfc form: torch's ndtr is 1 - ... in the lower tail (4 % off at x = -5 in float32)
-    den = 0.5 * torch.special.erfc(x * -_INV_SQRT_2)
-    num = 0.5 * torch.special.erfc(x * -scale * _INV_SQRT_2) if scale != 0.0 else (
+    den = 0.5 * torch.special.erfc(x * -0.7071067811865476)  # 1/sqrt(2), see below
+    num = 0.5 * torch.special.erfc(x * -scale * 0.7071067811865476) if scale != 0.0 else (
         torch.full_like(x, 0.5))
     ratio = num / den.clamp_min(torch.finfo(x.dtype).tiny)
     tiny = den < 1e-20
@@ -168,20 +166,24 @@ def jacobian_and_z(u: Tensor, sigma: Tensor, h: Tensor, kind: str, p: float = 1.
     if u.dtype != work:
         u, sigma = u.to(work), sigma.to(work)
     h = h.bool() if h.dtype != torch.bool else h
-    sig = sigma.clamp_min(SIGMA_MIN)
+    # Literal constants here and in normal_cdf_ratio (SIGMA_MIN, 1/sqrt(2 pi), 1/sqrt(2)),
+    # not the module's names: this runs in BernoulliSpike's backward, and under
+    # torch.compile(dynamic=True) a float read from a global there becomes a symbolic
+    # input that Dynamo cannot lift into the backward graph (PyTorch 2.13).
+    sig = sigma.clamp_min(1e-6)
     z = u / sig
     if kind == "st":
-        jac = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+        jac = torch.exp(-0.5 * z * z) * 0.3989422804014327
     elif kind == "iwst":
         sz = torch.where(h, z, -z)
         ratio = normal_cdf_ratio(sz, 0.0) if p > 0 else torch.zeros_like(z)  # no 0 * inf
         weight = (1.0 - p) + p * ratio
-        jac = weight.clamp_max(max_weight) * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+        jac = weight.clamp_max(max_weight) * torch.exp(-0.5 * z * z) * 0.3989422804014327
     elif kind == "agr":
         r = math.sqrt(1.0 + tau * tau)
         sz = torch.where(h, z, -z)
         ratio = normal_cdf_ratio(sz, tau / r).clamp_max(max_weight)
-        jac = ratio * torch.exp(-0.5 * (z / r) ** 2) * (_INV_SQRT_2PI / r)
+        jac = ratio * torch.exp(-0.5 * (z / r) ** 2) * (0.3989422804014327 / r)
     else:  # validated upstream; kept for direct callers
         raise ValueError(f"kind must be 'st', 'iwst' or 'agr', got {kind!r}")
     jac = jac / sig

@@ -60,7 +60,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .tensors import apply_function, broadcasts_to, check_windows, mark_binary
+from .tensors import (
+    apply_function,
+    broadcasts_to,
+    check_windows,
+    mark_binary,
+    parse_estimator_spec,
+)
 
 __all__ = [
     "available", "enabled", "use_kernels", "can_fuse", "fused_spike", "FusedSpike",
@@ -636,14 +642,15 @@ def _(u, variance, at_zero, aux_offset):
 
 @torch.library.custom_op("sbnn_addons::spike_backward", mutates_args=(), device_types="cpu")
 def _spike_backward_op(grad: Tensor, grad_aux: Tensor, u: Tensor, variance: Tensor,
-                       spikes: Tensor, kind: str, p: float, tau: float, max_weight: float,
-                       aux_offset: float, aux_var: bool) -> tuple[Tensor, Tensor]:
-    return spike_backward(grad, u, variance, spikes, _EstimatorArgs(kind, p, tau, max_weight),
-                          float(grad_aux), aux_offset, aux_var)
+                       spikes: Tensor, estimator: str, aux_offset: float,
+                       aux_var: bool) -> tuple[Tensor, Tensor]:
+    return spike_backward(grad, u, variance, spikes,
+                          _EstimatorArgs(*parse_estimator_spec(estimator)), float(grad_aux),
+                          aux_offset, aux_var)
 
 
 @_spike_backward_op.register_fake
-def _(grad, grad_aux, u, variance, spikes, kind, p, tau, max_weight, aux_offset, aux_var):
+def _(grad, grad_aux, u, variance, spikes, estimator, aux_offset, aux_var):
     return (torch.empty_like(u, memory_format=torch.contiguous_format),
             torch.empty_like(variance, memory_format=torch.contiguous_format))
 
@@ -666,18 +673,15 @@ class _CompiledSpike(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         u, variance, _at_zero, estimator, aux_offset, aux_var = inputs
         ctx.save_for_backward(u, variance, output[0])
-        ctx.estimator = estimator
-        ctx.aux_offset = 0.0 if aux_offset is None else float(aux_offset)
+        ctx.estimator = estimator  # Estimator.spec: a constant under torch.compile
+        ctx.aux_offset = 0.0 if aux_offset is None else aux_offset
         ctx.aux_var = aux_var
 
     @staticmethod
     def backward(ctx, grad, grad_aux):
         u, variance, spikes = ctx.saved_tensors
-        est = ctx.estimator
-        grad_u, grad_var = _spike_backward_op(grad, grad_aux, u, variance, spikes, est.kind,
-                                              float(est.p), float(est.tau),
-                                              float(est.max_weight), ctx.aux_offset,
-                                              ctx.aux_var)
+        grad_u, grad_var = _spike_backward_op(grad, grad_aux, u, variance, spikes,
+                                              ctx.estimator, ctx.aux_offset, ctx.aux_var)
         return grad_u, grad_var, None, None, None, None
 
 
@@ -691,7 +695,8 @@ def compiled_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False
     ``u``. Returns ``(spikes [*], sum_z2 [])`` (``sum_z2`` is 0 without ``aux_offset``).
     Check :func:`can_fuse_compiled` first; wrong dtypes or devices raise ``TypeError``.
     """
-    return _CompiledSpike.apply(u, variance, at_zero, estimator, aux_offset, bool(aux_var))
+    return _CompiledSpike.apply(u, variance, at_zero, estimator.spec, aux_offset,
+                                bool(aux_var))
 
 
 _STEP_RESETS = {"subtract": 0, "zero": 1, "none": 2}

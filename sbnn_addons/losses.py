@@ -17,7 +17,22 @@ REFERENCE_AUX_WEIGHT = {"cifar10": 1e-8, "dvs-gesture": 1e-10, "shd": 1e-6}
 
 
 def _spikes(model: nn.Module) -> list[IWSTSpike]:
-    return [m for m in model.modules() if isinstance(m, IWSTSpike)]
+    """The :class:`~sbnn_addons.IWSTSpike` modules of ``model`` (each once), in
+    ``model.modules()`` order. Walks ``_modules`` itself: under ``torch.compile`` a module
+    whose state the traced step has changed (a converted neuron) refuses method lookups
+    such as ``named_modules``."""
+    found: list[IWSTSpike] = []
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        if isinstance(m, IWSTSpike):
+            found.append(m)
+        stack.extend(c for c in reversed(list(m._modules.values())) if c is not None)
+    return found
 
 
 def enable_aux_loss(model: nn.Module, enabled: bool = True) -> nn.Module:

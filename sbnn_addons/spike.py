@@ -269,7 +269,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         finite threshold (a neuron with an infinite threshold, e.g. a membrane readout,
         never fires: its ``z`` is ``-inf`` and it has nothing to pull towards)."""
         return (self.collect_aux and torch.is_grad_enabled()
-                and math.isfinite(self.threshold))
+                and -math.inf < self.threshold < math.inf)  # traceable as a symbolic float
 
     def _aux_offset(self, threshold: float) -> float:
         """What the kernels add to the drive ``u = mu - threshold`` to centre ``z``:

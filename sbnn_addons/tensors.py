@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["SpikeTensor", "mark_binary", "is_binary", "is_kept", "broadcasts_to",
-           "apply_function", "check_windows"]
+           "apply_function", "check_windows", "estimator_spec", "parse_estimator_spec"]
 
 class SpikeTensor(Tensor):
     """A tensor of spikes (0 and 1 only), as a spike function returns it in eager mode.
@@ -146,3 +146,16 @@ def apply_function(fn: type[torch.autograd.Function], *args):
     if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
         return fn.apply(*args)
     return super(torch.autograd.Function, fn).apply(*args)
+
+
+def estimator_spec(kind: str, p: float, tau: float, max_weight: float) -> str:
+    """An estimator's fields as one string, ``"kind p tau max_weight"`` (floats as
+    ``float.hex``: exact). See :attr:`sbnn_addons.estimators.Estimator.spec`."""
+    return " ".join([kind, *(float(v).hex() for v in (p, tau, max_weight))])
+
+
+def parse_estimator_spec(spec: str) -> tuple[str, float, float, float]:
+    """``(kind, p, tau, max_weight)`` of an :func:`estimator_spec` string. On a constant
+    string ``torch.compile`` folds it to constants."""
+    kind, p, tau, max_weight = spec.split()
+    return kind, float.fromhex(p), float.fromhex(tau), float.fromhex(max_weight)

@@ -427,3 +427,58 @@ def test_one_compiled_step_serves_many_converted_models():
         functional.reset_net(net)
         step(net, x).sum().backward()
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("name,kernel", [("core", False), ("snntorch", True),
+                                         ("spikingjelly", True)])
+def test_dynamic_shapes_compile(name, kernel):
+    """``torch.compile(dynamic=True)``: neurons that step several times in one graph (the
+    spike's backward traced with symbolic shapes), the auxiliary loss inside the step, two
+    batch sizes, the kernel's custom ops and the PyTorch path; with the kernel, ``mean``
+    mode equals eager. (Linear layers: a plain ``nn.Conv2d`` model fails under
+    ``dynamic=True`` in PyTorch 2.13's CPU inductor itself.)"""
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    torch.manual_seed(0)
+    if name == "core":
+        net = sb.enable_aux_loss(CoreNet())
+    elif name == "snntorch":
+        net = sbnn_snn.to_sbnn(nn.Sequential(
+            nn.Linear(12, 16), snn.Leaky(beta=0.9, init_hidden=True),
+            nn.Linear(16, 5), snn.Leaky(beta=0.9, init_hidden=True, output=True)), aux_loss=True)
+        sutils.reset(net)  # snnTorch defines its module globals on a first eager call
+    else:
+        sj = nn.Sequential(layer.Linear(12, 16), neuron.LIFNode(tau=2.0),
+                           layer.Linear(16, 5), neuron.LIFNode(tau=2.0))
+        functional.set_step_mode(sj, "m")
+        net = sbnn_sj.to_sbnn(sj, aux_loss=True)
+
+    def loss_fn(x, y):
+        if name == "core":
+            out = net(x)
+        elif name == "spikingjelly":
+            functional.reset_net(net)
+            out = net(x).sum(0)
+        else:
+            sutils.reset(net)
+            out = sum(net(x[t])[0] for t in range(x.shape[0]))
+        return F.cross_entropy(out, y) + 0.1 * sb.aux_loss(net)
+
+    gc.collect()
+    torch._dynamo.reset()
+    step = torch.compile(loss_fn, fullgraph=True, dynamic=True)
+    with sb.kernels.use_kernels(kernel):
+        for batch in (6, 3):
+            x, y = torch.rand(T, batch, 12) * 3, torch.randint(0, 5, (batch,))
+            net.zero_grad()
+            loss = step(x, y)
+            loss.backward()
+            assert torch.isfinite(loss)
+            assert all(p.grad is not None and p.grad.abs().sum() > 0
+                       for n, p in net.named_parameters() if "fc1" in n or n.startswith("0."))
+        if kernel:
+            sb.set_mode(net, "mean")
+            with torch.no_grad():
+                assert torch.equal(step(x, y), loss_fn(x, y))
+            sb.set_mode(net, "sample")
+    torch._dynamo.reset()
