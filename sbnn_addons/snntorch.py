@@ -84,6 +84,10 @@ _CACHE = "_sbnn_fire_cache"
 _STATE = "_sbnn_state"  # (membrane, its variance, whether it required grad, its _version)
 _HOST_SPIKE = "_sbnn_host_spike_grad"  # HostObject: the neuron's original spike_grad
 _BN_KIND = "_sbnn_batchnorm_kind"
+# version entries of a pickled _STATE: the copy adopts its membrane's counter / the
+# membrane was changed in place before the copy (its variance is unknown)
+_ADOPT_VERSION = "adopt"
+_CHANGED_VERSION = -1
 
 
 def _host_spike_dtype(spikes: Tensor) -> Tensor:
@@ -234,10 +238,28 @@ class _EmittedSpikeReset:
                 self._buffers["mem"] = attach_variance(mem, var)
         return self._sbnn_host_state(input_)
 
+    def __getstate__(self):
+        # a copy's membrane starts a version counter of its own: record whether the
+        # membrane is still the one its variance belongs to, and let the copy adopt it
+        state = super().__getstate__()  # nn.Module's: a copy of __dict__
+        stored = state.get(_STATE)
+        if stored is not None and stored[3] is not None:
+            mem = self._buffers.get("mem")
+            current = mem is not None and (mem is stored[0] or _aliases(mem, stored[0]))
+            if current and mem._version == stored[3]:
+                state[_STATE] = (mem, stored[1], stored[2], _ADOPT_VERSION)
+            else:  # replaced (a new sequence) or changed in place: the copy behaves alike
+                state[_STATE] = (stored[0], stored[1], stored[2],
+                                 None if not current else _CHANGED_VERSION)
+        return state
+
     def __setstate__(self, state) -> None:
         # deepcopy / pickle / torch.load build the copy without __init__, so snnTorch's
         # class-level registry (read by snntorch.utils.reset) would not know it
         super().__setstate__(state)
+        stored = self.__dict__.get(_STATE)
+        if stored is not None and stored[3] == _ADOPT_VERSION:  # unpickled: equal, not identical
+            self.__dict__[_STATE] = (*stored[:3], stored[0]._version)
         _register(self)
 
     def fire(self, mem: Tensor) -> Tensor:

@@ -287,3 +287,43 @@ def test_autocast_keeps_the_membrane_in_float32_as_snntorch_does():
     assert got.dtype == want.dtype == torch.float32
     assert torch.equal(got, want)
     assert model[1].mem.dtype == torch.float32
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_copy_mid_sequence_continues_like_the_original(how):
+    """A copy made between two steps (a checkpoint) carries the membrane and its noise
+    variance: continued in ``mean`` mode it equals the uninterrupted run, and in
+    ``sample`` mode its membranes carry the same variance. A membrane changed in place
+    before the copy still raises in the copy."""
+    model = to_sbnn(_tutorial_seq())
+    x = _data()
+
+    def dup(m):
+        if how == "deepcopy":
+            return copy.deepcopy(m)
+        if how == "pickle":
+            return pickle.loads(pickle.dumps(m))
+        buf = io.BytesIO()
+        torch.save(m, buf)
+        buf.seek(0)
+        return torch.load(buf, weights_only=False)
+
+    with torch.no_grad():
+        with sbnn_addons.mode(model, "mean"):
+            full = forward_pass(model, x)[1]
+            sutils.reset(model)
+            head = [model(x[t])[1] for t in range(3)]
+            copied = dup(model)
+            tail = [copied(x[t])[1] for t in range(3, len(x))]
+        assert torch.equal(torch.stack(head + tail), full)
+        sutils.reset(model)
+        for t in range(3):
+            model(x[t])
+        copied = dup(model)
+        for a, b in zip(model.modules(), copied.modules()):
+            if isinstance(a, snn.Leaky):
+                torch.testing.assert_close(membrane_variance(b), membrane_variance(a))
+        copied(x[3])  # continues
+        model[1].mem.add_(1.0)  # changed in place: its variance is unknown, in a copy too
+        with pytest.raises(sbnn_addons.VarianceFlowError, match="changed in place"):
+            dup(model)(x[3])
