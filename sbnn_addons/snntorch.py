@@ -227,7 +227,7 @@ class _EmittedSpikeReset:
             cached = self.__dict__.get(_CACHE)
             if cached is not None and cached[0] is mem:  # either membrane may come back
                 self.__dict__[_CACHE] = (plain_mem, cached[1], mem)
-        version = None if torch.compiler.is_compiling() else plain_mem._version
+        version = _version_of(plain_mem)
         self.__dict__[_STATE] = (plain_mem, var, plain_mem.requires_grad, version)
 
     def _sbnn_state_update(self, input_: Tensor) -> Tensor:
@@ -246,7 +246,7 @@ class _EmittedSpikeReset:
         if stored is not None and stored[3] is not None:
             mem = self._buffers.get("mem")
             current = mem is not None and (mem is stored[0] or _aliases(mem, stored[0]))
-            if current and mem._version == stored[3]:
+            if current and _version_of(mem) == stored[3]:
                 state[_STATE] = (mem, stored[1], stored[2], _ADOPT_VERSION)
             else:  # replaced (a new sequence) or changed in place: the copy behaves alike
                 state[_STATE] = (stored[0], stored[1], stored[2],
@@ -259,7 +259,7 @@ class _EmittedSpikeReset:
         super().__setstate__(state)
         stored = self.__dict__.get(_STATE)
         if stored is not None and stored[3] == _ADOPT_VERSION:  # unpickled: equal, not identical
-            self.__dict__[_STATE] = (*stored[:3], stored[0]._version)
+            self.__dict__[_STATE] = (*stored[:3], _version_of(stored[0]))
         _register(self)
 
     def fire(self, mem: Tensor) -> Tensor:
@@ -303,6 +303,14 @@ class _EmittedSpikeReset:
         return super().reset_mem()
 
 
+def _version_of(t: Tensor) -> int | None:
+    """``t._version``; ``None`` in a compiled graph and for an inference tensor (created
+    under ``torch.inference_mode()``), which has no version counter."""
+    if torch.compiler.is_compiling() or t.is_inference():
+        return None
+    return t._version
+
+
 def _aliases(a: Tensor, b: Tensor) -> bool:
     """Whether ``a`` and ``b`` view the same memory the same way (``b.detach()``)."""
     return (a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
@@ -330,7 +338,7 @@ def _stored_variance(neuron: nn.Module, detached: bool = False):
         # storages), also of one that a compiled step stored
         if torch.compiler.is_compiling() or not _aliases(mem, stored):
             return None
-    if version is not None and not torch.compiler.is_compiling() and mem._version != version:
+    if version is not None and _version_of(mem) not in (None, version):
         raise VarianceFlowError(
             f"the membrane of this {type(neuron).__name__} was changed in place since its "
             "last step, so its noise variance is unknown; start a new sequence with a new "

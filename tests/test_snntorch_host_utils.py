@@ -327,3 +327,27 @@ def test_copy_mid_sequence_continues_like_the_original(how):
         model[1].mem.add_(1.0)  # changed in place: its variance is unknown, in a copy too
         with pytest.raises(sbnn_addons.VarianceFlowError, match="changed in place"):
             dup(model)(x[3])
+
+
+@pytest.mark.parametrize("style", ["sequential", "loop"])
+def test_inference_mode_gives_the_no_grad_result(style):
+    """``torch.inference_mode()`` (inference tensors have no version counter) runs both
+    snnTorch styles and gives what ``torch.no_grad()`` gives, in both modes."""
+    torch.manual_seed(0)
+    model = to_sbnn(_tutorial_seq() if style == "sequential" else LoopLeaky(num_inputs=16))
+    x = _data()
+
+    def run():
+        if style == "sequential":
+            return forward_pass(model, x)[1]
+        return model(x)[1]
+
+    for mode in ("mean", "sample"):
+        with sbnn_addons.mode(model, mode):
+            torch.manual_seed(3)
+            with torch.no_grad():
+                ref = run()
+            torch.manual_seed(3)
+            with torch.inference_mode():
+                got = run()
+        assert torch.equal(got, ref), mode
