@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 from collections.abc import Sequence
 
 import snntorch as snn
@@ -109,8 +110,15 @@ class SnnTorchSpike(IWSTSpike):
     remembers its recent calls: a call whose drive equals a remembered call's drive (same
     shape and values) returns that call's spikes, once, and draws nothing. So the reset
     is the emitted spike, and the next step's drive, which differs, gets a fresh draw.
-    Shared by several neurons (snnTorch tutorials pass one ``spike_grad`` to every
-    layer), it remembers the last :attr:`MEMORY` calls.
+    The reset call of a membrane it did not fire from, the zero initial state of a new
+    sequence, returns ``1[u > 0]`` (no spike for a positive threshold): that membrane
+    emitted none. Shared by several neurons (snnTorch tutorials pass one ``spike_grad`` to
+    every layer), it remembers the last :attr:`MEMORY` calls.
+
+    Under ``torch.compile`` the reset call is recognised by its values only, so the reset
+    of a sequence's initial membrane is a draw there (a neuron that never fired may lose
+    its threshold once, with probability ``Phi(-threshold / std)``); converted models
+    (:func:`to_sbnn`) do not have this limit.
     """
 
     #: How many recent calls are remembered.
@@ -128,6 +136,11 @@ class SnnTorchSpike(IWSTSpike):
                     and prev.device == key.device and torch.equal(prev, key)):
                 del recent[i]
                 return spikes
+        if _called_by_mem_reset():
+            # the reset of a membrane this function did not fire from: the initial state
+            # of a sequence (init_leaky, utils.reset), which emitted no spike. A draw here
+            # would subtract the threshold from neurons that never fired.
+            return _host_spike_dtype((key > 0).to(key.dtype))
         out = _host_spike_dtype(super().forward(u))
         recent.append((key, out.detach().clone()))
         if len(recent) > self.MEMORY:
@@ -151,6 +164,19 @@ class SnnTorchSpike(IWSTSpike):
         state = super().__getstate__()
         state.pop("_sbnn_recent", None)
         return state
+
+
+def _called_by_mem_reset() -> bool:
+    """Whether the spike function was called by snnTorch's ``mem_reset`` (the reset of the
+    previous step; eager mode: the calling frames)."""
+    frame = sys._getframe(2)
+    for _ in range(6):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "mem_reset" and "snntorch" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def spike_grad(

@@ -127,8 +127,31 @@ def test_snntorch_drop_in_reset_is_the_emitted_spike():
         spk2, mem2 = lif2(spk1, mem2)
         if prev1 is not None:
             assert torch.equal(lif1.reset, prev1) and torch.equal(lif2.reset, prev2)
+        else:  # the initial membranes emitted nothing: no reset (not a fresh draw)
+            assert not lif1.reset.any() and not lif2.reset.any()
         prev1, prev2 = spk1.detach(), spk2.detach()
     assert 0 < float(prev1.mean()) < 1
+
+
+@pytest.mark.parametrize("make", [
+    lambda sg: snn.Leaky(beta=0.9, threshold=0.5, spike_grad=sg),
+    lambda sg: snn.Synaptic(alpha=0.8, beta=0.9, threshold=0.5, spike_grad=sg),
+])
+def test_snntorch_drop_in_first_step_resets_nothing(make):
+    """The first step's reset is computed from the initial (zero) membrane, which never
+    fired: no neuron loses its threshold, after init and after snntorch.utils.reset (a draw
+    there would reset Phi(-0.5 / 0.4) = 11 % of them)."""
+    torch.manual_seed(0)
+    lif = make(sbnn_snn.spike_grad())
+    x = torch.zeros(1000, 8)
+    for _ in range(2):  # a fresh neuron, then after snnTorch's own reset
+        state = lif.init_synaptic() if isinstance(lif, snn.Synaptic) else (lif.init_leaky(),)
+        out = lif(x, *state)
+        assert not lif.reset.any()
+        assert torch.equal(out[-1], torch.zeros_like(out[-1]))  # the membrane stays 0
+        for _ in range(3):  # the sequence goes on
+            out = lif(torch.rand(1000, 8), *out[1:])
+        snn_utils.reset(lif)
 
 
 # --------------------------------------------------------------------------- SJ drop-in
