@@ -818,6 +818,8 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
 
     replace_modules(out, export)
     for m in out.modules():
+        for key in [k for k, h in m._forward_pre_hooks.items() if h is refuse_variance]:
+            del m._forward_pre_hooks[key]  # of an excluded neuron
         if type(m) in _TO_PLAIN:
             m.__class__ = _TO_PLAIN[type(m)]
             _unlink_state_update(m)

@@ -294,7 +294,21 @@ def _neuron_pre_hook(node: nn.Module, args):
     return (stripped, *args[1:])
 
 
+_NEURON_MODULE = "spikingjelly.activation_based.neuron"
+
+
 def _is_spiking_node(m: nn.Module) -> bool:
+    """A spiking neuron: a supported one; any class of SpikingJelly's ``neuron`` package
+    or derived from one (``PSN`` and ``ILCLIFNode`` are not ``MemoryModule`` s,
+    ``DSRIFNode`` has no ``surrogate_function``), except its non-spiking readouts
+    (``NonSpikingLIFNode``, ...); or a user's ``MemoryModule`` with a
+    ``surrogate_function``."""
+    cls = type(m)
+    if cls in SUPPORTED_NEURONS:
+        return True
+    mro = cls.__mro__
+    if any(c.__module__.startswith(_NEURON_MODULE) for c in mro):
+        return not any("NonSpiking" in c.__name__ for c in mro)
     return isinstance(m, base.MemoryModule) and hasattr(m, "surrogate_function")
 
 
@@ -416,7 +430,7 @@ def _mark_spikes(node: nn.Module, args, output):
 
 def _unlink(node: nn.Module) -> None:
     node.__dict__.pop("multi_step_forward", None)
-    if VAR_MEMORY in node._memories:
+    if VAR_MEMORY in getattr(node, "_memories", {}):
         delattr(node, VAR_MEMORY)  # MemoryModule.__delattr__: the memory and its reset value
     for hooks, fn in ((node._forward_pre_hooks, _neuron_pre_hook),
                       (node._forward_pre_hooks, _refuse_variance),
@@ -825,8 +839,10 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
 
     replace_modules(model, export)
     for m in model.modules():
-        if _is_spiking_node(m):
-            _unlink(m)
+        if not _is_spiking_node(m):
+            continue
+        _unlink(m)  # excluded neurons too (their hook refusing a variance)
+        if hasattr(m, "surrogate_function"):
             host = m.__dict__.pop(_HOST_SURROGATE, None)
             if surrogate_function is not None:
                 m.surrogate_function = copy.deepcopy(surrogate_function)

@@ -246,6 +246,9 @@ def test_exclude_keeps_a_neuron_and_its_surrogate():
     assert float(sbnn[3].mem.abs().sum()) == 0.0 and float(sbnn[1].mem.abs().sum()) == 0.0
     back = to_snntorch(sbnn)
     assert type(back[3]) is type(net[3]) and type(back[1]) is type(net[1])
+    hooks = [h for m in back.modules() for h in (*m._forward_pre_hooks.values(),
+                                                 *m._forward_hooks.values())]
+    assert not [h for h in hooks if h.__module__.startswith("sbnn_addons")]  # no hook left
 
 
 def test_excluded_neuron_fed_by_a_bayesian_layer_raises():
