@@ -162,6 +162,25 @@ class _BayesMixin(SBNNModule):
                 )
             )
         self.detach_input_variance = detach_input_variance
+        self._init_stds = (std, bias_std)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the weights and bias (as ``nn.Linear`` / ``nn.ConvNd`` do) and the
+        posterior stds (to the values the layer was built with), e.g. after building on the
+        ``meta`` device and ``to_empty()``."""
+        super().reset_parameters()
+        if "_init_stds" in self.__dict__:  # not while nn.Linear.__init__ calls it
+            self._reset_posterior()
+
+    def _reset_posterior(self) -> None:
+        std, bias_std = self._init_stds
+        with torch.no_grad():
+            if self.learn_std:
+                self.std_rho.fill_(inverse_softplus(std))
+            else:
+                self.fixed_std.fill_(std)
+            if self.bias_noise:
+                self.bias_std_rho.fill_(inverse_softplus(bias_std))
 
     def _std_squared(self) -> Tensor:
         """``s^2``, computed once per :func:`share_posterior` block (else at every call)."""

@@ -136,6 +136,7 @@ class IWSTSpike(SBNNModule, nn.Module):
             self.std_rho = nn.Parameter(torch.full(tuple(std_shape), inverse_softplus(std)))
         else:
             self.register_buffer("fixed_std", torch.full(tuple(std_shape), std))
+        self._init_std = std
         self.use_input_variance = use_input_variance
         self.at_zero = at_zero
         self.threshold = float(threshold)
@@ -147,6 +148,15 @@ class IWSTSpike(SBNNModule, nn.Module):
         self._aux_version: int | None = None
         self._seed: int | None = None
         self._generator: torch.Generator | None = None
+
+    def reset_parameters(self) -> None:
+        """Set the noise std back to its initial value (e.g. after building on the ``meta``
+        device and ``to_empty()``)."""
+        with torch.no_grad():
+            if self.learn_std:
+                self.std_rho.fill_(inverse_softplus(self._init_std))
+            else:
+                self.fixed_std.fill_(self._init_std)
 
     # ------------------------------------------------------------------ noise
     @property

@@ -454,3 +454,32 @@ def test_converted_layer_kwargs():
     assert kw["std"] == converted_std(conv.weight, scale=folded_batchnorm_scale(bn))
     assert converted_layer_kwargs(conv, {**posterior, "std": 0.3})["std"] == 0.3
     assert posterior["bias_std"] == 0.1  # the caller's dict is not changed
+
+
+@pytest.mark.parametrize("make", [
+    lambda: sb.BayesLinear(16, 8, bias_std=0.05),
+    lambda: sb.BayesConv2d(2, 4, 3, std=0.2, std_mode="channel"),
+    lambda: sb.BayesLinear(16, 8, std=0.1, learn_std=False),
+    lambda: sb.IWSTSpike("st", std=0.3, learn_std=True),
+    lambda: sb.IWSTSpike("st", std=0.2),
+])
+def test_reset_parameters_restores_the_initial_posterior(make):
+    """``reset_parameters()`` re-initialises the noise scales too: after a meta-device
+    build and ``to_empty()`` (uninitialised memory) and after training changed them."""
+    torch.manual_seed(0)
+    ref = make()
+    stds = {n: t.clone() for n, t in ref.named_parameters() if "std" in n}
+    stds.update({n: t.clone() for n, t in ref.named_buffers() if "std" in n})
+    assert stds
+    with torch.device("meta"):
+        built = make()
+    built.to_empty(device="cpu")
+    with torch.no_grad():  # what to_empty may leave, or what training did
+        for name, t in [*built.named_parameters(), *built.named_buffers()]:
+            t.fill_(7.0)
+    built.reset_parameters()
+    for name, t in [*built.named_parameters(), *built.named_buffers()]:
+        if name in stds:
+            torch.testing.assert_close(t, stds[name])
+        else:
+            assert not (t == 7.0).all()  # weights and bias re-drawn by the host's init
