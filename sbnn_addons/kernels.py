@@ -521,6 +521,23 @@ def _backward_raw(grad: Tensor, u: Tensor, var: Tensor, mid: int, inner: int, h:
     return grad_u, (grad_var.sum_to_size(var_shape) if var_shape != u.shape else grad_var)
 
 
+def _refuse_double_backward() -> None:
+    """Called first in the kernels' backward passes, which are not differentiable.
+
+    Raises:
+        RuntimeError: the backward runs with ``create_graph=True`` (a gradient penalty,
+            a Hessian-vector product, MAML): its result would treat the IW-ST Jacobian as
+            a constant and give wrong second-order gradients.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "the fused spike kernel's backward is not differentiable, so a second-order "
+            "gradient (backward with create_graph=True, torch.autograd.grad of a gradient) "
+            "would be wrong; run that code on the PyTorch path, which is twice "
+            "differentiable: with sbnn_addons.kernels.use_kernels(False): ..."
+        )
+
+
 class FusedSpike(torch.autograd.Function):
     """Sampled spike with an IW-ST backward, computed by the compiled kernel.
 
@@ -558,6 +575,7 @@ class FusedSpike(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor | None, *grad_aux: Tensor | None):
+        _refuse_double_backward()
         u, var, h = ctx.saved_tensors
         g_aux = float(grad_aux[0]) if grad_aux and grad_aux[0] is not None else 0.0
         if grad is None:
@@ -747,8 +765,8 @@ class LIFStep(torch.autograd.Function):
         return h, m_out, torch.tensor(aux, dtype=torch.float32)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g_h: Tensor | None, g_m: Tensor | None, *g_aux: Tensor | None):
+        _refuse_double_backward()
         u, var, h = ctx.saved_tensors
         estimator, beta, theta, reset, _, aux_offset, aux_var = ctx.config
         grad_aux = float(g_aux[0]) if g_aux and g_aux[0] is not None else 0.0
@@ -946,8 +964,8 @@ class LIFSequence(torch.autograd.Function):
         return spikes, v, state, torch.tensor(aux, dtype=torch.float32)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g_spikes, g_v, g_state, g_aux):
+        _refuse_double_backward()
         steps = len(ctx.meta)
         saved = ctx.saved_tensors
         us, hbs = saved[:steps], saved[steps:2 * steps]

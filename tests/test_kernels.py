@@ -682,3 +682,23 @@ def test_window_sum_bad_input_is_named():
         kernels.window_sum(x, (3, 3), (1, 1), (1, 1), channels=4)
     with pytest.raises(ValueError, match="1 or 2 window dimensions"):
         kernels.window_sum(torch.rand(2, 3, 4, 4, 4), (2, 2, 2), (1, 1, 1), (0, 0, 0))
+
+
+def test_second_order_gradients_raise_on_the_kernel_and_work_on_the_pytorch_path():
+    """A gradient penalty (``create_graph=True``): the kernels' backward is not
+    differentiable, so it raises and names the PyTorch path, which differentiates twice."""
+    torch.manual_seed(0)
+    fc = sb.BayesLinear(8, 6, std=0.2)
+    spk = sb.IWSTSpike("st", std=0.3)
+    lif = sb.LIF(spike_fn=sb.IWSTSpike("st", std=0.3))
+    x = torch.rand(4, 8, requires_grad=True)
+    for fire in (lambda c: spk(c - 0.3), lambda c: lif(c)[0]):
+        h = fire(fc(x))
+        with pytest.raises(RuntimeError, match="not differentiable.*use_kernels\\(False\\)"):
+            torch.autograd.grad(h.sum(), x, create_graph=True)
+        with kernels.use_kernels(False):
+            h = fire(fc(x))
+            g, = torch.autograd.grad(h.sum(), x, create_graph=True)
+            g.pow(2).sum().backward()
+        assert fc.std_rho.grad is not None and fc.weight.grad.abs().sum() > 0
+        fc.zero_grad()
