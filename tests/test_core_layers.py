@@ -475,7 +475,7 @@ def test_reset_parameters_restores_the_initial_posterior(make):
         built = make()
     built.to_empty(device="cpu")
     with torch.no_grad():  # what to_empty may leave, or what training did
-        for name, t in [*built.named_parameters(), *built.named_buffers()]:
+        for t in [*built.parameters(), *built.buffers()]:
             t.fill_(7.0)
     built.reset_parameters()
     for name, t in [*built.named_parameters(), *built.named_buffers()]:
