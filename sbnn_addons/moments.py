@@ -339,6 +339,9 @@ def _linear_combination():
         va, vb = var_of(a), var_of(b)
         if va is None and vb is None:
             return None
+        if a is b:  # one noise, not two independent ones: o + o = 2 o, o - o = 0
+            sign = -1.0 if "sub" in func.__name__ else 1.0
+            return va * (1.0 + sign * alpha) ** 2
         if vb is not None and alpha != 1:
             vb = vb * (alpha * alpha)
         total = vb if va is None else (va if vb is None else va + vb)

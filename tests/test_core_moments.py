@@ -591,3 +591,18 @@ def test_converters_check_the_variance_flow_with_example_input():
     assert all(n.v == 0.0 for n in model.modules() if isinstance(n, neuron.LIFNode))
     with pytest.raises(VarianceFlowError, match="'tanh'"):
         sbnn_sj.to_sbnn(sj_net(nn.Tanh()), example_input=xs)
+
+
+def test_an_operand_combined_with_itself_is_one_noise():
+    """``o + o`` is ``2 o`` (variance x4, as ``2 * o``), ``o - o`` is exactly 0 (variance
+    0), not two independent draws; the per-layer std's factored variance too."""
+    torch.manual_seed(0)
+    for std_mode in ("layer", "weight"):
+        layer = sb.BayesLinear(6, 4, std=0.3, std_mode=std_mode)
+        o = layer(torch.rand(3, 6))
+        var = get_variance(o)
+        torch.testing.assert_close(get_variance(o + o), 4 * var)
+        torch.testing.assert_close(get_variance(o.add(o, alpha=2.0)), 9 * var)
+        torch.testing.assert_close(get_variance(o - o), torch.zeros_like(var))
+        two = get_variance(o + o.clone())  # another tensor: the rules track no correlation
+        torch.testing.assert_close(two, (2 * var).expand_as(two))
