@@ -231,6 +231,9 @@ def check_input(x: Tensor, where: str) -> None:
         return
     if is_binary(x):  # spikes: 0 and 1 only
         return
+    while torch._C._functorch.is_functorch_wrapped_tensor(x):
+        # under torch.func (vmap, grad): the values it wraps (a vmap's whole batch)
+        x = torch._C._functorch.get_unwrapped(x)
     version = None if x.is_inference() else x._version  # inference tensors have none
     if version is not None and _CHECKED.get(x) == version:
         return

@@ -371,3 +371,23 @@ def test_a_std_whose_square_overflows_float32_is_named(make):
     with pytest.raises(ValueError, match="too large.*overflows float32"):
         make(1e30)
     make(1e3)  # large but representable: accepted
+
+
+def test_finite_check_works_under_torch_func_transforms():
+    """Per-sample gradients (vmap over grad of functional_call) run with the input check
+    on, and a NaN in one example of the vmapped batch is still named."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    net = nn.Sequential(sb.BayesLinear(16, 8), sb.IWSTSpike("st", std=0.3, learn_std=True))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def loss(p, xi):
+        return functional_call(net, p, (xi.unsqueeze(0),)).sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0), randomness="different")
+    x = torch.rand(5, 16)
+    assert per_sample(params, x)["0.weight"].shape == (5, 8, 16)
+    x[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        per_sample(params, x)
