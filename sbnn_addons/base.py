@@ -42,16 +42,19 @@ class SBNNModule:
 
 def cached_tensor_test(owner: object, name: str, tensor: Tensor,
                        test: Callable[[Tensor], bool], assume: bool = True) -> bool:
-    """``test(tensor)``, cached in ``owner.__dict__[name]`` until the tensor's storage or
-    version changes: a per-step check on a buffer without a device sync at every step.
+    """``test(tensor)`` of a small buffer (a std, a spike factor) at every step; on an
+    accelerator cached in ``owner.__dict__[name]`` until the tensor's storage or version
+    changes, so that a step does not wait for the device.
 
-    On the ``meta`` device and under ``torch.compile`` (no values, or no data-dependent
-    branch in a graph) it returns ``assume``: the caller passes the answer that takes its
-    general code path.
+    On a CPU the test runs every time (microseconds; an edit through ``.data``, which
+    bumps no version, is seen). On the ``meta`` device, under ``torch.compile`` and under
+    ``torch.func`` transforms (no values, or no data-dependent branch) it returns
+    ``assume``: the caller passes the answer that takes its general code path.
     """
-    if tensor.is_meta or torch.compiler.is_compiling():
+    if (tensor.is_meta or torch.compiler.is_compiling()
+            or torch._C._functorch.is_functorch_wrapped_tensor(tensor)):  # vmap: no values
         return assume
-    if tensor.is_inference():  # no version counter: test every time
+    if tensor.is_cpu or tensor.is_inference():  # inference tensors have no version
         return bool(test(tensor))
     key = (tensor.data_ptr(), tensor._version)
     cached = owner.__dict__.get(name)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from . import kernels
 from .base import (
     SBNNModule,
+    cached_tensor_test,
     check_input,
     check_std,
     inverse_softplus,
@@ -199,8 +200,9 @@ class _BayesMixin(SBNNModule):
 
     def _noise_free(self) -> bool:
         return self.deterministic or (
-            not self.learn_std and not self.bias_noise and not self.fixed_std.is_meta
-            and not bool(self.fixed_std.any())
+            not self.learn_std and not self.bias_noise
+            and not cached_tensor_test(self, "_sbnn_noisy", self.fixed_std,
+                                       lambda std: std.any(), assume=True)
         )
 
     def _compact_ok(self) -> bool:

@@ -483,3 +483,41 @@ def test_reset_parameters_restores_the_initial_posterior(make):
             torch.testing.assert_close(t, stds[name])
         else:
             assert not (t == 7.0).all()  # weights and bias re-drawn by the host's init
+
+
+def test_vmap_ensemble_with_fixed_stds():
+    """``torch.func`` ensembles (stack_module_state + functional_call under vmap) with a
+    fixed layer std and a fixed spike std: in ``mean`` mode each member equals its own
+    model, in ``sample`` mode each member draws its own spikes."""
+    import copy
+
+    from torch.func import functional_call, stack_module_state, vmap
+
+    torch.manual_seed(0)
+    models = [nn.Sequential(sb.BayesLinear(16, 8, std=0.1, learn_std=False),
+                            sb.IWSTSpike("st", std=0.2)) for _ in range(3)]
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    x = torch.rand(4, 16) * 0.2
+    run = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)), in_dims=(0, 0, None),
+               randomness="different")
+    out = run(params, buffers, x)
+    assert out.shape == (3, 4, 8) and 0 < float(out.detach().mean()) < 1
+    for m in (*models, base):
+        sb.set_mode(m, "mean")
+    with torch.no_grad():
+        torch.testing.assert_close(run(params, buffers, x), torch.stack([m(x) for m in models]))
+
+
+def test_edits_through_data_are_seen():
+    """A fixed std or a spike factor edited through ``.data`` (no version bump) takes
+    effect at the next call."""
+    spk = sb.IWSTSpike("st", std=0.0)
+    u = torch.zeros(20000)
+    assert float(spk(u).mean()) == 0.0  # no noise: u = 0 does not fire
+    spk.fixed_std.data.fill_(1.0)
+    assert 0.45 < float(spk(u).mean()) < 0.55  # Phi(0) = 1/2
+    layer = sb.BayesLinear(4, 3, std=0.0, learn_std=False)
+    assert sb.moments.get_variance(layer(torch.rand(2, 4))) is None
+    layer.fixed_std.data.fill_(0.3)
+    assert sb.moments.get_variance(layer(torch.rand(2, 4))) is not None
