@@ -11,7 +11,8 @@ SBNN, and back.
 
 What :func:`to_sbnn` does (Method page, sections 2-3):
 
-* ``layer.Linear`` / ``layer.Conv2d`` (SpikingJelly's stateless wrappers, both step modes)
+* ``layer.Linear`` / ``layer.Conv1d`` / ``layer.Conv2d`` (SpikingJelly's stateless
+  wrappers, both step modes)
   and plain ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (e.g. inside
   ``layer.SeqToANNContainer``) become Bayesian layers whose ``.weight`` is the old weight
   (the posterior mean). They return the mean and attach the local-reparameterisation
@@ -80,6 +81,7 @@ from .surgery import replace_modules
 __all__ = [
     "SJSpike",
     "BayesLinear",
+    "BayesConv1d",
     "BayesConv2d",
     "ChannelAffine",
     "SUPPORTED_NEURONS",
@@ -456,12 +458,12 @@ class BayesLinear(_layers.BayesLinear, base.StepModule):
         return f"{super().extra_repr()}, step_mode={self.step_mode}"
 
 
-class BayesConv2d(_layers.BayesConv2d, base.StepModule):
-    """:class:`~sbnn_addons.BayesConv2d` with SpikingJelly's ``step_mode``.
+class _StepConv:
+    """SpikingJelly's ``step_mode`` for the Bayesian convolutions: ``'s'``: ``[N, C, *]``;
+    ``'m'``: ``[T, N, C, *]``, flattened to ``[T*N, ...]`` for the convolution; the mean
+    and its variance are reshaped back to ``[T, N, ...]``."""
 
-    ``'s'``: ``[N, C, H, W]``; ``'m'``: ``[T, N, C, H, W]``, flattened to ``[T*N, ...]``
-    for the convolution; the mean and its variance are reshaped back to ``[T, N, ...]``.
-    """
+    _shape = ""  # the multi-step input, for the message
 
     def __init__(self, *args, step_mode: str = "s", **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -470,10 +472,10 @@ class BayesConv2d(_layers.BayesConv2d, base.StepModule):
     def forward(self, x: Tensor) -> Tensor:
         if self.step_mode == "s":
             return super().forward(x)
-        if x.dim() != 5:
+        if x.dim() != len(self.kernel_size) + 3:
             raise ValueError(
-                f"BayesConv2d in step_mode='m' expects x of shape [T, N, C, H, W], got "
-                f"{tuple(x.shape)}"
+                f"{type(self).__name__} in step_mode='m' expects x of shape {self._shape}, "
+                f"got {tuple(x.shape)}"
             )
         with no_variance_flow():
             y = super().forward(x.flatten(0, 1))
@@ -485,6 +487,20 @@ class BayesConv2d(_layers.BayesConv2d, base.StepModule):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, step_mode={self.step_mode}"
+
+
+class BayesConv1d(_StepConv, _layers.BayesConv1d, base.StepModule):
+    """:class:`~sbnn_addons.BayesConv1d` with SpikingJelly's ``step_mode`` (``'m'``:
+    ``[T, N, C, L]``)."""
+
+    _shape = "[T, N, C, L]"
+
+
+class BayesConv2d(_StepConv, _layers.BayesConv2d, base.StepModule):
+    """:class:`~sbnn_addons.BayesConv2d` with SpikingJelly's ``step_mode`` (``'m'``:
+    ``[T, N, C, H, W]``)."""
+
+    _shape = "[T, N, C, H, W]"
 
 
 class ChannelAffine(_layers.ChannelAffine, base.StepModule):
@@ -616,10 +632,12 @@ def to_sbnn(
     a gradient, and BatchNorm stays a BatchNorm (an untrained one keeps learning its
     statistics, and it scales the noise with the signal).
 
-    Converted: ``layer.Linear`` / ``layer.Conv2d`` (to :class:`BayesLinear` /
-    :class:`BayesConv2d`, same ``step_mode``) and plain ``nn.Linear`` / ``nn.Conv1d`` /
-    ``nn.Conv2d`` (to the core Bayesian layers; exact types only, so e.g.
-    ``layer.WSConv2d`` is left alone). Neurons: exactly ``neuron.IFNode``,
+    Converted: ``layer.Linear`` / ``layer.Conv1d`` / ``layer.Conv2d`` (to
+    :class:`BayesLinear` / :class:`BayesConv1d` / :class:`BayesConv2d`, same ``step_mode``)
+    and plain ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (to the core Bayesian layers;
+    exact types only: other weight layers, e.g. ``layer.WSConv2d`` or ``layer.Conv3d``,
+    stay deterministic, and a variance reaching one of them raises at the neuron it
+    feeds). Neurons: exactly ``neuron.IFNode``,
     ``neuron.LIFNode`` (both ``decay_input``, soft or hard reset) and
     ``neuron.ParametricLIFNode``.
 
@@ -715,6 +733,8 @@ def to_sbnn(
             new = BayesLinear.from_module(m, step_mode=m.step_mode, **kw)
         elif selected and t is layer.Conv2d:
             new = BayesConv2d.from_module(m, step_mode=m.step_mode, **kw)
+        elif selected and t is layer.Conv1d:
+            new = BayesConv1d.from_module(m, step_mode=m.step_mode, **kw)
         elif selected and t is nn.Linear:
             new = _layers.BayesLinear.from_module(m, **kw)
         elif selected and t is nn.Conv1d:
@@ -774,7 +794,7 @@ def _validate_arguments(model, estimator, posterior, spike_std, spike_learn, inc
             raise ValueError(f"exclude pattern {p!r} matches no module; modules are: {names}")
 
 
-_WEIGHTS = (layer.Linear, layer.Conv2d, nn.Linear, nn.Conv1d, nn.Conv2d)
+_WEIGHTS = (layer.Linear, layer.Conv1d, layer.Conv2d, nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 def _safe_deepcopy(model: nn.Module) -> nn.Module:
@@ -820,10 +840,11 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
         if isinstance(m, BayesLinear):
             new = layer.Linear(m.in_features, m.out_features, m.bias is not None,
                                step_mode=m.step_mode)
-        elif isinstance(m, BayesConv2d):
-            new = layer.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride,
-                               m.padding, m.dilation, m.groups, m.bias is not None,
-                               m.padding_mode, step_mode=m.step_mode)
+        elif isinstance(m, (BayesConv1d, BayesConv2d)):
+            kind = layer.Conv1d if isinstance(m, BayesConv1d) else layer.Conv2d
+            new = kind(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                       m.dilation, m.groups, m.bias is not None, m.padding_mode,
+                       step_mode=m.step_mode)
         elif _layers.is_bayesian(m):
             return m.to_module().train(m.training)
         elif isinstance(m, _layers.ChannelAffine):

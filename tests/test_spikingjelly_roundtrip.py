@@ -228,3 +228,29 @@ def test_exported_affine_batchnorm_fine_tunes():
     plain.train()
     run_sequence(plain, x, "m").sum().backward()
     assert plain[1].weight.grad is not None
+
+
+@pytest.mark.parametrize("sm", ["s", "m"])
+def test_layer_conv1d_converts_and_exports(sm):
+    """SpikingJelly's ``layer.Conv1d`` (an audio / event-channel net) becomes a Bayesian
+    layer like ``layer.Conv2d``: ``mean`` mode equals the original, the posterior std
+    trains, and the export is a ``layer.Conv1d`` again."""
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Conv1d(2, 4, 3, padding=1, step_mode=sm),
+                        neuron.LIFNode(step_mode=sm), layer.Flatten(step_mode=sm),
+                        layer.Linear(4 * 8, 3, step_mode=sm), neuron.LIFNode(step_mode=sm))
+    with torch.no_grad():
+        net[0].weight.mul_(4)
+    x = torch.rand(4, 5, 2, 8)
+    model = sbnn_sj.to_sbnn(net)
+    assert type(model[0]) is sbnn_sj.BayesConv1d and model[0].step_mode == sm
+    with torch.no_grad():
+        ref = run_sequence(net, x, sm)
+        with sbnn_addons.mode(model, "mean"):
+            assert torch.equal(run_sequence(model, x, sm), ref)
+    run_sequence(model, x, sm).sum().backward()
+    assert model[0].std_rho.grad is not None and model[0].std_rho.grad != 0
+    plain = sbnn_sj.to_spikingjelly(model)
+    assert type(plain[0]) is layer.Conv1d and plain[0].step_mode == sm
+    with torch.no_grad():
+        assert torch.equal(run_sequence(plain, x, sm), ref)
