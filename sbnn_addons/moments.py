@@ -209,6 +209,16 @@ def _wrap(out: Tensor, variance, probe: bool = False) -> Tensor:
     """
     if variance is None and not probe:
         return _plain(out, in_place=True)
+    if torch.compiler.is_exporting():  # torch.export: the deterministic network only
+        if variance is None:  # mean mode's probe: nothing to check in an exported graph
+            return _plain(out, in_place=True)
+        raise VarianceFlowError(
+            "torch.export captures the deterministic network only: export the posterior "
+            "mean network, `with sbnn_addons.mode(model, 'mean'): torch.export.export(model, "
+            "args)`, or export the plain host model (sbnn_addons.snntorch.to_snntorch / "
+            "sbnn_addons.spikingjelly.to_spikingjelly); sample mode draws spikes from the "
+            "posterior, which an exported graph does not carry"
+        )
     if torch.compiler.is_compiling():
         new = out.as_subclass(VarianceTensor) if type(out) is not VarianceTensor else out
     else:

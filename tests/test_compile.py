@@ -482,3 +482,29 @@ def test_dynamic_shapes_compile(name, kernel):
                 assert torch.equal(step(x, y), loss_fn(x, y))
             sb.set_mode(net, "sample")
     torch._dynamo.reset()
+
+
+def test_torch_export_captures_the_mean_network_and_names_sample_mode():
+    """``torch.export`` of the deterministic network (``mean`` mode) works and computes
+    it; in ``sample`` mode it raises a named error instead of an internal one."""
+    torch.manual_seed(0)
+    core = nn.Sequential(sb.BayesLinear(16, 8, std=0.3), sb.IWSTSpike("st", std=0.2),
+                         sb.BayesLinear(8, 4, std=0.3))
+    host = nn.Sequential(nn.Linear(16, 8), snn.Leaky(beta=0.9, init_hidden=True),
+                         nn.Linear(8, 4), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    converted = sbnn_snn.to_sbnn(host)
+    x = torch.rand(5, 16) * 2
+    for model in (core, converted):
+        with sb.mode(model, "mean"):
+            sutils.reset(model)
+            program = torch.export.export(model, (x,))
+            sutils.reset(model)
+            expected = model(x)
+        sutils.reset(model)
+        got = program.module()(x)
+        if isinstance(expected, tuple):
+            expected, got = expected[1], got[1]  # snnTorch: (spk, mem) of the output layer
+        torch.testing.assert_close(got, expected.detach())
+        with sb.mode(model, "sample"), pytest.raises(sb.VarianceFlowError,
+                                                     match="torch.export.*mean"):
+            torch.export.export(model, (x,))
