@@ -142,7 +142,10 @@ def shared_square(owner: object, param: Tensor, std: Callable[[], Tensor]) -> Te
     tensor ``std`` is computed from), so a changed or moved parameter is recomputed.
     """
     cache = _SHARED[0]
-    if cache is None or torch.compiler.is_compiling():  # a graph computes it once anyway
+    if (cache is None or torch.compiler.is_compiling()  # a graph computes it once anyway
+            # inside activation checkpointing (saved-tensor hooks): the recomputation runs
+            # outside the block, so the forward must record the same operations
+            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
         value = std()
         return value * value
     key = (id(owner), torch.is_grad_enabled(), param.dtype, param.device,

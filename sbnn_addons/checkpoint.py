@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
-from .spike import IWSTSpike, recomputing_forward
+from .spike import IWSTSpike, checkpointed_forward, recomputing_forward
 
 __all__ = ["checkpoint"]
 
@@ -83,7 +83,7 @@ def checkpoint(fn: Callable[..., Tensor], *args, modules: nn.Module) -> Tensor:
 
     def context_fn():
         snapshot = _generator_snapshot(spikes)
-        return contextlib.nullcontext(), _replay(spikes, snapshot)
+        return checkpointed_forward(), _replay(spikes, snapshot)
 
     return _torch_checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn,
                              preserve_rng_state=True)

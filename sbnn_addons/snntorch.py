@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import snntorch as snn
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .base import HostObject, cached_tensor_test
 from .base import match_name as _match
@@ -85,6 +86,7 @@ _CACHE = "_sbnn_fire_cache"
 _STATE = "_sbnn_state"  # (membrane, its variance, whether it required grad, its _version)
 _HOST_SPIKE = "_sbnn_host_spike_grad"  # HostObject: the neuron's original spike_grad
 _BN_KIND = "_sbnn_batchnorm_kind"
+_HISTORY = "_sbnn_history"  # WeakIdKeyDictionary: membrane -> its step's records
 # version entries of a pickled _STATE: the copy adopts its membrane's counter / the
 # membrane was changed in place before the copy (its variance is unknown)
 _ADOPT_VERSION = "adopt"
@@ -255,6 +257,8 @@ class _EmittedSpikeReset:
                 self.__dict__[_CACHE] = (plain_mem, cached[1], mem)
         version = _version_of(plain_mem)
         self.__dict__[_STATE] = (plain_mem, var, plain_mem.requires_grad, version)
+        if not torch.compiler.is_compiling():
+            _step_record(self, plain_mem)["state"] = (var, plain_mem.requires_grad, version)
 
     def _sbnn_state_update(self, input_: Tensor) -> Tensor:
         mem = self._buffers.get("mem")
@@ -268,6 +272,7 @@ class _EmittedSpikeReset:
         # a copy's membrane starts a version counter of its own: record whether the
         # membrane is still the one its variance belongs to, and let the copy adopt it
         state = super().__getstate__()  # nn.Module's: a copy of __dict__
+        state.pop(_HISTORY, None)  # earlier steps' records: a copy continues from the last
         stored = state.get(_STATE)
         if stored is not None and stored[3] is not None:
             mem = self._buffers.get("mem")
@@ -293,6 +298,8 @@ class _EmittedSpikeReset:
         raw = _host_spike_dtype(self.spike_grad(u))
         # the reset's copy is taken now: the spikes returned below may be changed in place
         self.__dict__[_CACHE] = (mem, raw.detach().clone())
+        if not torch.compiler.is_compiling():
+            _step_record(self, mem)["spikes"] = self.__dict__[_CACHE][1]
         if self._unit_spike_factor():
             return raw  # the same values, and the spikes keep their binary mark (cheaper layers)
         return raw * self.graded_spikes_factor
@@ -314,6 +321,8 @@ class _EmittedSpikeReset:
         raw = _host_spike_dtype(self.spike_grad(mem_shift))
         # snnTorch's reset ignores the inhibition mask: keep that behaviour.
         self.__dict__[_CACHE] = (mem, raw.detach().clone())
+        if not torch.compiler.is_compiling():
+            _step_record(self, mem)["spikes"] = self.__dict__[_CACHE][1]
         mask = torch.zeros_like(raw)
         mask[torch.arange(batch_size), index] = 1
         return raw * mask
@@ -322,11 +331,47 @@ class _EmittedSpikeReset:
         cached = self.__dict__.get(_CACHE)
         if cached is not None and (cached[0] is mem or (len(cached) > 2 and cached[2] is mem)):
             return cached[1]
+        if not torch.compiler.is_compiling():  # an earlier step's membrane (a recomputation)
+            spikes = _find_step_record(self, mem).get("spikes")
+            if spikes is not None:
+                return spikes
         return _host_spike_dtype((mem.detach() - self.threshold > 0).to(mem.dtype))
 
     def reset_mem(self):
         self.__dict__.pop(_CACHE, None)
         return super().reset_mem()
+
+
+def _step_records(neuron: nn.Module) -> WeakIdKeyDictionary:
+    """Per membrane this neuron computed and that is still alive: its variance state and
+    the spikes it emitted (its reset), so that a step replayed on an earlier membrane
+    (``torch.utils.checkpoint`` recomputing a step in the backward) sees what the original
+    step saw. Eager mode only; a copy of the neuron does not carry it."""
+    records = neuron.__dict__.get(_HISTORY)
+    if records is None:
+        records = neuron.__dict__[_HISTORY] = WeakIdKeyDictionary()
+    return records
+
+
+def _find_step_record(neuron: nn.Module, mem: Tensor) -> dict:
+    """The records of ``mem``'s step: ``mem`` itself, or an alias of it (what a
+    recomputation gets back from autograd's saved tensors); ``{}`` if none."""
+    records = _step_records(neuron)
+    record = records.get(mem)
+    if record is not None:
+        return record
+    for key, record in list(records.items()):
+        if _aliases(mem, key):
+            return record
+    return {}
+
+
+def _step_record(neuron: nn.Module, mem: Tensor) -> dict:
+    records = _step_records(neuron)
+    record = records.get(mem)
+    if record is None:
+        record = records[mem] = {}
+    return record
 
 
 def _version_of(t: Tensor) -> int | None:
@@ -362,8 +407,14 @@ def _stored_variance(neuron: nn.Module, detached: bool = False):
     if mem is not stored:
         # a detach() of the stored membrane (checked in eager mode: a graph cannot compare
         # storages), also of one that a compiled step stored
-        if torch.compiler.is_compiling() or not _aliases(mem, stored):
+        if torch.compiler.is_compiling():
             return None
+        if not _aliases(mem, stored):
+            # an earlier step's membrane: a recomputation (activation checkpointing)
+            record = _find_step_record(neuron, mem).get("state")
+            if record is None:
+                return None
+            var, had_grad, version = record
     if version is not None and _version_of(mem) not in (None, version):
         raise VarianceFlowError(
             f"the membrane of this {type(neuron).__name__} was changed in place since its "

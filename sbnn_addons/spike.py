@@ -63,6 +63,18 @@ DEFAULT_SPIKE_STD = 1.0 / math.sqrt(2.0 * math.pi)
 CONVERTED_SPIKE_STD = DEFAULT_SPIKE_STD
 
 _RECOMPUTING = [0]  # depth of recomputations (activation checkpointing) in progress
+_IN_CHECKPOINT = [0]  # depth of sbnn_addons.checkpoint forwards (which replay seeded draws)
+
+
+@contextlib.contextmanager
+def checkpointed_forward() -> Iterator[None]:
+    """Mark the first forward of an :func:`sbnn_addons.checkpoint.checkpoint` region: seeded
+    spike functions may draw there (the recomputation replays their generators)."""
+    _IN_CHECKPOINT[0] += 1
+    try:
+        yield
+    finally:
+        _IN_CHECKPOINT[0] -= 1
 
 
 @contextlib.contextmanager
@@ -356,15 +368,36 @@ class IWSTSpike(SBNNModule, nn.Module):
                 "sbnn_addons.seed_spikes(model, None) before the compiled call and seed the "
                 "global generator (torch.manual_seed) instead"
             )
+        if (not _RECOMPUTING[0] and not _IN_CHECKPOINT[0]
+                and torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
+            raise RuntimeError(
+                "this spike function is seeded (sbnn_addons.seed_spikes) and draws inside "
+                "saved-tensor hooks (torch.utils.checkpoint): the recomputation in the "
+                "backward would draw other spikes from the private generator (PyTorch "
+                "restores the global one only) and the gradients would be wrong; use "
+                "sbnn_addons.checkpoint.checkpoint(fn, *args, modules=model), which replays "
+                "them, or sbnn_addons.seed_spikes(model, None) and seed the global generator"
+            )
         if self._generator is None or self._generator.device != u.device:
             self._generator = torch.Generator(device=u.device).manual_seed(self._seed)
         return self._generator
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_generator"] = None  # re-created from the seed
+        generator = state.pop("_generator", None)  # a copy continues the stream
+        state["_generator"] = None
+        if generator is not None:
+            state["_generator_state"] = (generator.device.type, generator.get_state())
         state["_aux_terms"] = []
         return state
+
+    def __setstate__(self, state) -> None:
+        saved = state.pop("_generator_state", None)
+        super().__setstate__(state)
+        if saved is not None:
+            device, rng_state = saved
+            self._generator = torch.Generator(device=device)
+            self._generator.set_state(rng_state)
 
     def extra_repr(self) -> str:
         own = ("learned" if self.learn_std else "meta" if self.fixed_std.is_meta

@@ -62,3 +62,67 @@ def test_checkpoint_needs_the_module():
 
     with pytest.raises(TypeError, match="modules must be the nn.Module"):
         checkpoint(torch.sin, torch.ones(2), modules=None)
+
+
+def _snntorch_loop_grads(wrap, seed_private: bool = False):
+    """snnTorch tutorial-5 loop, each first-layer step wrapped by ``wrap`` (activation
+    checkpointing of one step: the membrane is its input); loss and gradients."""
+    import snntorch as snn
+    from torch import nn
+
+    from sbnn_addons.snntorch import to_sbnn
+
+    torch.manual_seed(0)
+    fc1, lif1, fc2, lif2 = nn.Linear(16, 32), snn.Leaky(beta=0.9), nn.Linear(32, 4), \
+        snn.Leaky(beta=0.9)
+    model = to_sbnn(nn.ModuleList([fc1, lif1, fc2, lif2]))
+    if seed_private:
+        sb.seed_spikes(model, 3)
+    x = torch.rand(6, 4, 16) * 2
+    torch.manual_seed(1)
+    mem1, mem2 = model[1].init_leaky(), model[3].init_leaky()
+    out = 0
+    for t in range(len(x)):
+        spk1, mem1 = wrap(lambda x_t, m: model[1](model[0](x_t), m), x[t], mem1, model)
+        spk2, mem2 = model[3](model[2](spk1), mem2)
+        out = out + mem2
+    loss = F.cross_entropy(out, torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def test_checkpointing_a_step_of_a_converted_snntorch_loop_gives_identical_gradients():
+    """``torch.utils.checkpoint`` (non-reentrant) around one step of a converted snnTorch
+    loop: the recomputation sees the membrane's variance and emitted spike of the
+    original step, and the posterior's s^2 is recorded alike, so the loss and every
+    gradient equal the plain run's; so does ``sbnn_addons.checkpoint``."""
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+    from sbnn_addons.checkpoint import checkpoint
+
+    plain = _snntorch_loop_grads(lambda fn, x, m, model: fn(x, m))
+    for wrap in (lambda fn, x, m, model: torch_checkpoint(fn, x, m, use_reentrant=False),
+                 lambda fn, x, m, model: checkpoint(fn, x, m, modules=model)):
+        ckpt = _snntorch_loop_grads(wrap)
+        assert torch.equal(plain[0], ckpt[0]) and len(plain[1]) == len(ckpt[1]) > 4
+        for a, b in zip(plain[1], ckpt[1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_seeded_spikes_in_torch_checkpoint_raise_and_the_library_checkpoint_replays_them():
+    """A seeded spike function (private generator) inside ``torch.utils.checkpoint`` would
+    draw other spikes in the recomputation (silently wrong gradients): it raises and names
+    ``sbnn_addons.checkpoint``, which gives the plain run's gradients."""
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+    from sbnn_addons.checkpoint import checkpoint
+
+    with pytest.raises(RuntimeError, match="seeded.*sbnn_addons.checkpoint.checkpoint"):
+        _snntorch_loop_grads(
+            lambda fn, x, m, model: torch_checkpoint(fn, x, m, use_reentrant=False), True)
+    plain = _snntorch_loop_grads(lambda fn, x, m, model: fn(x, m), True)
+    ckpt = _snntorch_loop_grads(lambda fn, x, m, model: checkpoint(fn, x, m, modules=model),
+                                True)
+    assert torch.equal(plain[0], ckpt[0])
+    for a, b in zip(plain[1], ckpt[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -258,3 +258,24 @@ def test_spikes_deep_copy_with_their_mark():
     assert sb.functional.is_binary(new["a"]) and not sb.functional.is_kept(new["a"])
     out.mul_(2)
     assert not sb.functional.is_binary(copy.deepcopy(out))
+
+
+def test_a_copy_of_a_seeded_spike_function_continues_its_stream():
+    """deepcopy / pickle / torch.save of a seeded spike function mid-stream: the copy
+    draws what the original draws next (not the stream from its seed again)."""
+    import copy
+    import io
+    import pickle
+
+    spk = sb.IWSTSpike("st", std=0.5)
+    sb.seed_spikes(spk, 7)
+    u = torch.zeros(64)
+    spk(u)  # the stream has moved on
+    buf = io.BytesIO()
+    torch.save(spk, buf)
+    buf.seek(0)
+    copies = [copy.deepcopy(spk), pickle.loads(pickle.dumps(spk)),
+              torch.load(buf, weights_only=False)]
+    expected = spk(u)
+    for dup in copies:
+        assert torch.equal(dup(u), expected)
