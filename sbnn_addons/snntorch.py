@@ -257,7 +257,7 @@ class _EmittedSpikeReset:
                 self.__dict__[_CACHE] = (plain_mem, cached[1], mem)
         version = _version_of(plain_mem)
         self.__dict__[_STATE] = (plain_mem, var, plain_mem.requires_grad, version)
-        if not torch.compiler.is_compiling():
+        if _recording_steps():
             _step_record(self, plain_mem)["state"] = (var, plain_mem.requires_grad, version)
 
     def _sbnn_state_update(self, input_: Tensor) -> Tensor:
@@ -298,7 +298,7 @@ class _EmittedSpikeReset:
         raw = _host_spike_dtype(self.spike_grad(u))
         # the reset's copy is taken now: the spikes returned below may be changed in place
         self.__dict__[_CACHE] = (mem, raw.detach().clone())
-        if not torch.compiler.is_compiling():
+        if _recording_steps():
             _step_record(self, mem)["spikes"] = self.__dict__[_CACHE][1]
         if self._unit_spike_factor():
             return raw  # the same values, and the spikes keep their binary mark (cheaper layers)
@@ -321,7 +321,7 @@ class _EmittedSpikeReset:
         raw = _host_spike_dtype(self.spike_grad(mem_shift))
         # snnTorch's reset ignores the inhibition mask: keep that behaviour.
         self.__dict__[_CACHE] = (mem, raw.detach().clone())
-        if not torch.compiler.is_compiling():
+        if _recording_steps():
             _step_record(self, mem)["spikes"] = self.__dict__[_CACHE][1]
         mask = torch.zeros_like(raw)
         mask[torch.arange(batch_size), index] = 1
@@ -342,11 +342,19 @@ class _EmittedSpikeReset:
         return super().reset_mem()
 
 
+def _recording_steps() -> bool:
+    """Whether steps are recorded for a recomputation: in eager mode inside saved-tensor
+    hooks (``torch.utils.checkpoint``, whose regions are recomputed in the backward)."""
+    return (not torch.compiler.is_compiling()
+            and torch._C._autograd._top_saved_tensors_default_hooks(False) is not None)
+
+
 def _step_records(neuron: nn.Module) -> WeakIdKeyDictionary:
-    """Per membrane this neuron computed and that is still alive: its variance state and
-    the spikes it emitted (its reset), so that a step replayed on an earlier membrane
-    (``torch.utils.checkpoint`` recomputing a step in the backward) sees what the original
-    step saw. Eager mode only; a copy of the neuron does not carry it."""
+    """Per membrane this neuron computed inside activation checkpointing and that is still
+    alive: its variance state and the spikes it emitted (its reset), so that a step
+    replayed on an earlier membrane (``torch.utils.checkpoint`` recomputing a step in the
+    backward) sees what the original step saw. Eager mode only; a copy of the neuron does
+    not carry it."""
     records = neuron.__dict__.get(_HISTORY)
     if records is None:
         records = neuron.__dict__[_HISTORY] = WeakIdKeyDictionary()
