@@ -40,12 +40,25 @@ def check_probabilities(probs: Tensor, targets: Tensor, atol: float = 1e-4) -> N
         )
     sums = probs.sum(-1)
     atol = max(atol, probs.shape[1] * torch.finfo(probs.dtype).eps)  # float16: rounding
+    if probs.numel() and not bool(torch.isfinite(probs).all()):
+        raise ValueError("probs contain NaN or inf (a diverged model's outputs?)")
     if probs.numel() and not torch.allclose(sums, torch.ones_like(sums), atol=atol):
         raise ValueError("probs rows must sum to one (pass softmax probabilities, not logits)")
+    if probs.numel() and (float(probs.min()) < 0 or float(probs.max()) > 1):
+        # torchmetrics would take such a tensor for logits and softmax it again
+        raise ValueError(
+            f"probs must lie in [0, 1], got values in [{float(probs.min()):.3g}, "
+            f"{float(probs.max()):.3g}]; clamp rounding errors (probs.clamp(0, 1)) or pass "
+            "softmax probabilities"
+        )
 
 
-def negative_log_likelihood(probs: Tensor, targets: Tensor, eps: float = 1e-12) -> Tensor:
-    """``-mean log p(y_n | x_n)``."""
+def negative_log_likelihood(probs: Tensor, targets: Tensor, eps: float | None = None) -> Tensor:
+    """``-mean log p(y_n | x_n)``; a probability of 0 counts as ``eps`` (default: the
+    smallest normal number of ``probs``' dtype, so a float32 softmax's 0 counts 87.3
+    nats, a float64 one's 708), not as an infinite loss."""
+    if eps is None:
+        eps = torch.finfo(probs.dtype).tiny
     check_probabilities(probs, targets)
     return -probs.gather(1, targets.long()[:, None]).clamp_min(eps).log().mean()
 
@@ -146,6 +159,10 @@ def ood_metrics(scores_in: Tensor, scores_out: Tensor) -> dict[str, float]:
 
     s_in, s_out = _check_scores("scores_in", scores_in), _check_scores("scores_out", scores_out)
     scores = torch.cat([s_in, s_out])
+    # ranks in [0, 1] (ties kept): both metrics depend on the order only, and torchmetrics
+    # puts scores outside [0, 1] through a sigmoid, which ties every score above ~37
+    _, rank = torch.unique(scores, sorted=True, return_inverse=True)
+    scores = rank.double() / max(int(rank.max()), 1)
     is_out = torch.cat([torch.zeros_like(s_in), torch.ones_like(s_out)]).long()
     auroc = binary_auroc(scores, is_out)
     # in-distribution positives, ranked by -score ("more in-distribution")
@@ -165,7 +182,9 @@ def layer_synops(layer: torch.nn.Module, x: Tensor) -> Tensor:
 
         Linear:  SynOps = nnz(x) * out_features
         Conv:    SynOps = sum over output positions of nnz(x in the receptive field)
-                          * out_channels / groups    (exact at the borders)
+                          * out_channels / groups    (exact at the borders; a
+                          circular / reflect / replicate padding counts the inputs it
+                          copies)
 
     For binary spike inputs this is ``sum over spikes of the spike's fan-out``.
 
@@ -192,6 +211,10 @@ def layer_synops(layer: torch.nn.Module, x: Tensor) -> Tensor:
     g = layer.groups
     nz = nz.unflatten(1, (g, nz.shape[1] // g)).sum(2)  # [N, groups, *spatial]
     padding = layer.padding if isinstance(layer.padding, str) else tuple(layer.padding)
+    if layer.padding_mode != "zeros":  # border inputs are read again by the padding
+        nz = torch.nn.functional.pad(nz, layer._reversed_padding_repeated_twice,
+                                     mode=layer.padding_mode)
+        padding = 0
     ones = nz.new_ones((g, 1, *layer.kernel_size))
     counts = conv(nz, ones, stride=layer.stride, padding=padding, dilation=layer.dilation,
                   groups=g)

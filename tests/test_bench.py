@@ -446,3 +446,111 @@ def test_cli_user_model_and_data(tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match="unknown method"):
         cli.run(["--model", "toy_bench_mod:net", "--data", "toy_bench_mod:loaders",
                  "--methods", "snntorch-atan", "--quiet", "--out-dir", str(out)])
+
+
+# --------------------------------------------------------------------------- own-model edge cases
+class _LoopHiddenNet(torch.nn.Module):
+    """init_hidden neurons, but the forward loops over time itself (takes [T, B, F])."""
+
+    def __init__(self):
+        import snntorch as snn
+
+        super().__init__()
+        self.fc1, self.lif1 = torch.nn.Linear(12, 16), snn.Leaky(beta=0.9, init_hidden=True)
+        self.fc2 = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        assert x.dim() == 3, "the whole sequence"
+        return torch.stack([self.fc2(self.lif1(self.fc1(x_t))) for x_t in x])
+
+
+def test_compare_asks_how_a_custom_init_hidden_model_is_called():
+    """A model of its own with init_hidden neurons may loop over time itself: compare asks
+    (it called such a model one step at a time, its loop running over the batch)."""
+    from sbnn_addons.bench import compare
+
+    data, test = _spike_data(24, 0), _spike_data(12, 1)
+    with pytest.raises(ValueError, match="step=True.*step=False"):
+        compare(_LoopHiddenNet, data, test, methods=["original"], epochs=1)
+    res = compare(_LoopHiddenNet, data, test, methods=["original"], epochs=1, step=False)
+    assert res.rows[0]["test_samples"] == 12
+
+
+def test_compare_names_data_mistakes():
+    """Loader layouts, labels and shuffling test loaders are named, not trained on."""
+    from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
+
+    from sbnn_addons.bench import compare
+
+    x, y = _spike_data(24, 0)
+    xte, yte = _spike_data(12, 1)
+    kw = dict(methods=["original"], epochs=1)
+    batch_major = TensorDataset(x.transpose(0, 1), y)
+    test = DataLoader(TensorDataset(xte.transpose(0, 1), yte), batch_size=12)
+    with pytest.raises(ValueError, match="batch-major.*layout='BT'"):
+        compare(_sj_net, DataLoader(batch_major, batch_size=6), test, **kw)
+    with pytest.raises(ValueError, match="shuffles.*shuffle=False"):
+        compare(_sj_net, DataLoader(batch_major, batch_size=6),
+                DataLoader(TensorDataset(xte.transpose(0, 1), yte), shuffle=True), layout="BT",
+                **kw)
+    with pytest.raises(ValueError, match="fractional"):
+        compare(_sj_net, (x, y.float() + 0.4), (xte, yte), **kw)
+    with pytest.raises(ValueError, match="one-hot"):
+        compare(_sj_net, (x, torch.nn.functional.one_hot(y)), (xte, yte), **kw)
+    with pytest.raises(ValueError, match="counted from 1"):
+        compare(_sj_net, (x, y + 1), (xte, yte + 1), num_classes=3, **kw)
+    res = compare(_sj_net, (x, y.float()), (xte, yte), **kw)  # integral floats are labels
+    assert res.rows[0]["train_samples"] == 24
+    half = DataLoader(batch_major, batch_size=6, sampler=SubsetRandomSampler(range(12)))
+    res = compare(_sj_net, half, test, layout="BT", **kw)
+    assert res.rows[0]["train_samples"] == 12  # what the sampler draws (KL / N uses it)
+
+
+def test_compare_names_a_diverged_run():
+    from sbnn_addons.bench import compare
+
+    def nan_net():
+        net = _sj_net()
+        with torch.no_grad():
+            net[2].weight.fill_(float("nan"))
+        return net
+
+    with pytest.raises(ValueError, match=r"original \(seed 0\).*NaN.*diverged"):
+        compare(nan_net, _spike_data(12, 0), _spike_data(6, 1), methods=["original"],
+                epochs=1)
+
+
+def test_surrogate_names_in_the_report():
+    import snntorch as snn
+    from snntorch import surrogate
+    from torch import nn
+
+    from sbnn_addons.bench.compare import describe_surrogate
+
+    for name in ("atan", "fast_sigmoid", "sigmoid", "triangular"):
+        net = nn.Sequential(nn.Linear(4, 4),
+                            snn.Leaky(beta=0.9, spike_grad=getattr(surrogate, name)()))
+        assert describe_surrogate(net) == name
+
+
+def test_cli_lr_zero_is_a_value_and_a_file_imports_its_neighbours(tmp_path, monkeypatch):
+    (tmp_path / "helpers.py").write_text(
+        "import torch\nfrom torch import nn\nimport snntorch as snn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Linear(12, 16), snn.Leaky(beta=0.9, init_hidden=True),"
+        " nn.Linear(16, 3))\n")
+    (tmp_path / "mine.py").write_text(
+        "import torch\nfrom helpers import make\n"
+        "def net():\n    return make()\n"
+        "def data():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    x = (torch.rand(4, 24, 12, generator=g) < 0.3).float()\n"
+        "    y = torch.arange(24) % 3\n"
+        "    return (x, y), (x[:, :12], y[:12])\n")
+    monkeypatch.chdir(tmp_path.parent)
+    args = ["--model", f"{tmp_path.name}/mine.py:net", "--data", f"{tmp_path.name}/mine.py:data",
+            "--methods", "original", "--epochs", "1", "--quiet", "--no-plots",
+            "--out-dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match="lr must be"):
+        cli.run(args + ["--lr", "0"])  # 0 is not replaced by the default
+    assert len(cli.run(args)) == 1

@@ -42,3 +42,20 @@ def test_counts_spikingjelly_nodes(step_mode):
         out = model(x) if step_mode == "m" else torch.stack([model(x[t]) for t in range(8)])
     assert float(out.sum()) > 0
     assert float(mon.counts["1.surrogate_function"]) == float(out.sum())
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "circular", "reflect", "replicate"])
+def test_layer_synops_counts_the_inputs_a_padding_copies(padding_mode):
+    """SynOps by brute force: each non-zero input times the output positions that read it
+    (a circular / reflect / replicate padding reads border inputs more than once)."""
+    from sbnn_addons.metrics import layer_synops
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode=padding_mode)
+    x = (torch.rand(2, 2, 5, 6) < 0.4).float()
+    # brute force: the padded input's non-zeros seen by every 3x3 window
+    mode = "constant" if padding_mode == "zeros" else padding_mode
+    padded = nn.functional.pad(x, (1, 1, 1, 1), mode=mode)
+    windows = padded.unfold(2, 3, 1).unfold(3, 3, 1)  # [N, C, H, W, 3, 3]
+    expected = float(windows.sum()) * conv.out_channels
+    assert float(layer_synops(conv, x)) == expected

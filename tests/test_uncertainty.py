@@ -330,3 +330,38 @@ def test_metrics_targets_out_of_range_int32_and_half_probs():
     assert metrics.classification_metrics(PROBS, TARGETS.int()) == want
     half = torch.softmax(torch.randn(64, 10), -1).half()
     metrics.classification_metrics(half, torch.randint(0, 10, (64,)))
+
+
+def test_ood_metrics_depend_on_the_order_of_any_scores():
+    """Scores of any range (energies, distances, negated scores): AUROC / FPR95 from their
+    order, as sklearn's; torchmetrics alone ties every score above ~37 through a sigmoid."""
+    from sklearn.metrics import roc_auc_score
+
+    s_in, s_out = torch.arange(40.0, 45.0), torch.arange(45.0, 50.0)
+    assert metrics.ood_metrics(s_in, s_out) == {"auroc": 1.0, "fpr95": 0.0}
+    assert metrics.ood_metrics(-s_out, -s_in) == {"auroc": 1.0, "fpr95": 0.0}
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(50, generator=g) * 100, torch.randn(40, generator=g) * 100 + 30
+    labels = [0] * 50 + [1] * 40
+    assert math.isclose(metrics.ood_metrics(a, b)["auroc"],
+                        roc_auc_score(labels, torch.cat([a, b]).numpy()), rel_tol=1e-6)
+
+
+def test_probabilities_outside_the_unit_interval_are_named():
+    """A row with a tiny negative entry sums to one, and torchmetrics would take the whole
+    tensor for logits (a softmax over it): the metrics refuse it."""
+    probs = torch.tensor([[0.9, 0.1 + 1e-7, -1e-7], [0.2, 0.5, 0.3]])
+    with pytest.raises(ValueError, match=r"\[0, 1\].*clamp"):
+        metrics.expected_calibration_error(probs, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.expected_calibration_error(torch.full((2, 3), float("nan")), torch.tensor([0, 1]))
+
+
+def test_nll_of_a_confident_error_in_float64():
+    """A probability that underflows counts as the dtype's smallest normal number: a
+    float64 softmax keeps the NLL of a confident error exact up to ~708 nats."""
+    from sbnn_addons.metrics import negative_log_likelihood
+
+    logits = torch.tensor([[0.0, -106.0]], dtype=torch.float64)
+    nll = negative_log_likelihood(torch.softmax(logits, -1), torch.tensor([1]))
+    torch.testing.assert_close(nll, torch.nn.functional.cross_entropy(logits, torch.tensor([1])))

@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the samples are in your tensors / batches: TB time-major "
                    "[T, N, ...] (default), BT batch-major [N, T, ...] (transposed per "
                    "batch), static [N, ...] (your encode adds time)")
+    g.add_argument("--step", dest="step", action="store_const", const=True, default=None,
+                   help="the model takes one time step per call (the harness loops over time)")
+    g.add_argument("--sequence", dest="step", action="store_const", const=False,
+                   help="the model takes the whole sequence [T, B, ...] per call")
     p.add_argument("--task", nargs="+", action="extend", default=None, choices=sorted(TASKS),
                    help="built-in task(s) (default: digits)")
     p.add_argument("--methods", nargs="+", action="extend", default=None,
@@ -120,12 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
 def load_object(spec: str):
     """The object named by ``package.module:name`` or ``path/to/file.py:name``.
 
-    The current folder is importable (as with ``python -m``).
+    The current folder is importable (as with ``python -m``), and so is a file's own
+    folder (as with ``python path/to/file.py``): helper modules next to it import.
     """
     mod_name, sep, attr = spec.rpartition(":")
     if not sep or not mod_name or not attr:
         raise SystemExit(f"sbnn-bench: {spec!r} must be package.module:name or "
                          "path/to/file.py:name")
+    for folder in (str(Path.cwd()),) + ((str(Path(mod_name).resolve().parent),)
+                                        if mod_name.endswith(".py") else ()):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
     if mod_name.endswith(".py") or "/" in mod_name:
         path = Path(mod_name)
         if not path.is_file():
@@ -136,8 +145,6 @@ def load_object(spec: str):
         sys.modules[name] = module
         spec_.loader.exec_module(module)
     else:
-        if "" not in sys.path and str(Path.cwd()) not in sys.path:
-            sys.path.insert(0, str(Path.cwd()))
         module = importlib.import_module(mod_name)
     try:
         obj = module
@@ -231,8 +238,10 @@ def _run_model(args, command: str, device: torch.device) -> BenchResults:
     return compare(
         model, data["train"], data["test"],
         methods=args.methods or DEFAULT_MODEL_METHODS, epochs=args.epochs or 5,
-        seeds=args.seeds or [0], batch_size=args.batch_size or 64, lr=args.lr or 5e-3,
-        noise_lr=args.noise_lr or 5e-2, layout=args.layout or data.get("layout", "TB"),
+        seeds=args.seeds or [0], batch_size=args.batch_size or 64,
+        lr=5e-3 if args.lr is None else args.lr,  # 0 is a value (frozen weights)
+        noise_lr=5e-2 if args.noise_lr is None else args.noise_lr,
+        layout=args.layout or data.get("layout", "TB"), step=args.step,
         encode=data.get("encode"), mc_samples=args.mc_samples or 10,
         max_train_samples=args.max_samples,
         max_test_samples=args.max_test_samples or args.max_samples,

@@ -143,10 +143,29 @@ def detect_host(model: nn.Module) -> str | None:
     return hosts.pop() if hosts else None
 
 
-def _step_style(model: nn.Module, host: str | None) -> bool:
-    """Whether the model runs one time step per call (time loop outside the model)."""
+def _step_style(model: nn.Module, host: str | None, step: bool | None = None) -> bool:
+    """Whether the model runs one time step per call (time loop outside the model).
+
+    ``step`` given: that. Else from the model: an ``nn.Sequential`` with snnTorch
+    ``init_hidden=True`` neurons, or a SpikingJelly model in single-step mode, steps once
+    per call.
+
+    Raises:
+        ValueError: snnTorch ``init_hidden=True`` neurons in a model with a ``forward`` of
+            its own, which may loop over time itself or not: ``step=`` must say.
+    """
+    if step is not None:
+        return bool(step)
     if host == "snntorch":
-        return any(getattr(m, "init_hidden", False) for m in model.modules())
+        hidden = any(getattr(m, "init_hidden", False) for m in model.modules())
+        if hidden and not isinstance(model, nn.Sequential):
+            raise ValueError(
+                f"{type(model).__name__} holds snnTorch init_hidden=True neurons and has a "
+                "forward of its own: say whether it takes one time step per call (step=True, "
+                "the harness loops over time) or the whole sequence [T, B, ...] (step=False; "
+                "sbnn-bench: --step / --sequence)"
+            )
+        return hidden
     if host == "spikingjelly":
         from spikingjelly.activation_based import base
 
@@ -185,10 +204,15 @@ def describe_surrogate(model: nn.Module) -> str:
         if isinstance(sg, IWSTSpike):
             names.append("IW-ST")
             continue
-        name = getattr(sg, "__name__", None) or type(sg).__name__
+        qualname = getattr(sg, "__qualname__", None) or getattr(
+            getattr(sg, "__func__", None), "__qualname__", None)
+        if qualname and ".<locals>." in qualname:  # a factory's closure: atan().<inner>
+            name = qualname.split(".<locals>.")[0]
+        else:
+            name = getattr(sg, "__name__", None) or type(sg).__name__
         if name == "function" or name.startswith("<"):
-            name = getattr(getattr(sg, "__func__", None), "__name__", "surrogate")
-        names.append(name.replace("inner", "surrogate"))
+            name = "surrogate"
+        names.append(name)
     uniq = sorted(set(names))
     return ", ".join(uniq) if uniq else "-"
 
@@ -209,6 +233,10 @@ class _Forward:
 
     def __call__(self, x: Tensor) -> Tensor:
         _reset(self.model, self.host, self.converted)
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()),
+                     x.dtype)
+        if x.is_floating_point() and x.dtype != dtype:  # a float64 model gets float64 input
+            x = x.to(dtype)
         if self.step:
             out = [self.caller(x[t]) for t in range(x.shape[0])]
             if self.readout is not None:
@@ -440,6 +468,7 @@ def compare(
     lr: float = 5e-3,
     noise_lr: float | None = 5e-2,
     layout: str = "TB",
+    step: bool | None = None,
     encode: Callable[[Tensor, torch.Generator], Tensor] | None = None,
     readout: Callable | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
@@ -486,6 +515,11 @@ def compare(
             the model as ``[T, B, ...]``), ``"BT"`` (batch-major ``[N, T, ...]``, transposed
             to ``[T, B, ...]`` per batch) or ``"static"`` (``[N, ...]``, no time axis;
             ``encode`` adds it).
+        step: whether the model takes one time step per call (``True``: the harness
+            loops over time and calls it with ``x[t]``) or the whole sequence (``False``).
+            Default: an ``nn.Sequential`` with snnTorch ``init_hidden=True`` neurons or a
+            single-step SpikingJelly model steps; a model with its own ``forward`` and
+            ``init_hidden`` neurons must say.
         encode: ``encode(x, generator) -> model input`` per batch, after the transposition
             (e.g. a rate code); ``generator`` is seeded identically for every method.
         readout: ``readout(output) -> logits [B, C]``; ``output`` is the model's return
@@ -549,6 +583,10 @@ def compare(
     rank, world = _world()
     train = DataSpec.from_any(train_data, layout, "train_data")
     test = DataSpec.from_any(test_data, layout, "test_data")
+    if not test.is_tensor and test.shuffles:
+        raise ValueError("test_data: the DataLoader shuffles (shuffle=True or a random "
+                         "sampler); the evaluation needs a fixed order (the per-sample "
+                         "predictions are matched across methods): use shuffle=False")
     train = train.subset(max_train_samples, subset_seed, "train subset", num_classes)
     test = test.subset(max_test_samples, subset_seed + 1, "test subset", num_classes)
     data_warnings = []
@@ -568,7 +606,7 @@ def compare(
     ctx = _Ctx(train, test, layout=train.layout, encode=encode, device=device,
                batch_size=batch_size, eval_batch_size=eval_batch_size, loss_fn=loss_fn,
                n_train=n_train, rank=rank, world=world, aux_weight=aux_weight,
-               aux_reduction=aux_reduction, aux_all=aux_all and bool(aux_weight))
+               aux_reduction=aux_reduction, aux_all=aux_all and bool(aux_weight), step=step)
     rows: list[dict] = []
     num_steps = None
     try:
@@ -633,11 +671,17 @@ class _Ctx:
     aux_weight: float | None
     aux_reduction: str = "mean"
     aux_all: bool = False
+    step: bool | None = None
 
 
 def _check_train_classes(ytr: Tensor, yte: Tensor, num_classes: int | None) -> str | None:
     """Raise for a single-class training set; a warning text when it lacks classes."""
     have = set(ytr.unique().tolist())
+    if num_classes and max(have | set(yte.unique().tolist())) >= num_classes:
+        raise ValueError(
+            f"labels must be class indices in [0, {num_classes}) for num_classes="
+            f"{num_classes}, got up to {max(have | set(yte.unique().tolist()))} (labels "
+            "counted from 1? subtract 1)")
     want = set(yte.unique().tolist()) | (set(range(num_classes)) if num_classes else set())
     if len(have) < 2:
         raise ValueError(
@@ -664,7 +708,7 @@ def _build_run(model, method: Method, seed: int, reinit: bool, readout, sbnn_kwa
     if method.is_sbnn:
         net = _convert(net, method, host, sbnn_kwargs, ctx.aux_all)
     net = net.to(ctx.device)
-    step = _step_style(net, host)
+    step = _step_style(net, host, ctx.step)
     if step and ctx.layout == "static" and ctx.encode is None:
         raise ValueError("this model runs one time step per call (snnTorch init_hidden=True "
                          "or SpikingJelly single-step): it needs time-major input, so give "
@@ -791,12 +835,17 @@ def _predict(run: _Run, ctx: _Ctx, eval_mode: str, k: int) -> tuple[Tensor, Tens
         if run.method.is_sbnn and eval_mode == "mc":
             p = mc_predict(run.model, x, k, forward=lambda m, xb: run.forward(xb),
                            count_spikes=False).probs
-        elif run.method.is_sbnn:
+        elif run.method.is_sbnn:  # float64: the NLL of a confident error stays finite
             with mode(run.model, eval_mode):
-                p = torch.softmax(run.forward(x), -1)
+                p = torch.softmax(run.forward(x).double(), -1)
         else:
-            p = torch.softmax(run.forward(x), -1)
-        probs.append(p.float().cpu())
+            p = torch.softmax(run.forward(x).double(), -1)
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError(
+                f"{run.method.name} (seed {run.seed}): the model's outputs are NaN or inf in "
+                f"{eval_mode} evaluation, so the run diverged; lower the learning rate (lr=, "
+                "noise_lr=) or clip the gradients in a recipe")
+        probs.append(p.double().cpu())
         ys.append(yb)
     _sync(ctx.device)
     secs = time.perf_counter() - t0

@@ -107,6 +107,27 @@ def fingerprint(labels: Tensor) -> str:
     return hashlib.sha1(labels.detach().cpu().to(torch.int64).numpy().tobytes()).hexdigest()[:12]
 
 
+def class_labels(y, name: str) -> Tensor:
+    """Labels as class indices ``[N]`` (int64).
+
+    Raises:
+        ValueError: one-hot or otherwise multi-dimensional labels, negative labels, or
+            float labels with a fractional part (they would be truncated).
+    """
+    y = torch.as_tensor(y)
+    if y.dim() > 1 and not (y.dim() == 2 and y.shape[1] == 1):
+        raise ValueError(f"{name}: labels must be class indices [N], got shape "
+                         f"{tuple(y.shape)} (one-hot labels: y.argmax(-1))")
+    y = y.reshape(-1)
+    if y.is_floating_point() and not bool((y == y.round()).all()):
+        raise ValueError(f"{name}: labels must be class indices; float labels with a "
+                         "fractional part would be truncated")
+    y = y.long()
+    if y.numel() and int(y.min()) < 0:
+        raise ValueError(f"{name}: labels must be class indices >= 0, got {int(y.min())}")
+    return y
+
+
 @dataclass
 class DataSpec:
     """One split: tensors ``(x, y)`` or a re-iterable loader of ``(x, y)`` batches."""
@@ -125,7 +146,7 @@ class DataSpec:
         if isinstance(data, (tuple, list)) and len(data) == 2 and all(
                 isinstance(t, Tensor) for t in data):
             x, y = data
-            y = torch.as_tensor(y).long().reshape(-1)
+            y = class_labels(y, name)
             n = x.shape[1] if layout == "TB" else x.shape[0]
             if n != len(y):
                 raise ValueError(
@@ -134,6 +155,13 @@ class DataSpec:
                     "time-major data is layout='TB' [T, N, ...], batch-major 'BT' [N, T, ...]")
             return cls(x=x, y=y, layout=layout)
         if hasattr(data, "__iter__") and not isinstance(data, (Tensor, dict, str)):
+            collate = getattr(data, "collate_fn", None)
+            if (layout == "TB" and getattr(data, "batch_size", None) is not None
+                    and collate is torch.utils.data.default_collate):
+                raise ValueError(
+                    f"{name}: a DataLoader stacks its samples along the first axis, so its "
+                    "batches are batch-major [B, T, ...]: pass layout='BT' (or 'static' for "
+                    "samples without a time axis); layout='TB' is for time-major tensors")
             return cls(loader=data, layout=layout)
         raise TypeError(f"{name} must be (x, y) tensors, a TensorDataset or a DataLoader, got "
                         f"{type(data).__name__}")
@@ -145,10 +173,25 @@ class DataSpec:
     def __len__(self) -> int:
         if self.is_tensor:
             return len(self.y)
-        try:
-            return len(self.loader.dataset)  # type: ignore[union-attr]
-        except (AttributeError, TypeError):
-            return 0
+        # the samples it draws: a sampler over part of the dataset draws that part
+        batch_sampler = getattr(self.loader, "batch_sampler", None)
+        for source in (getattr(batch_sampler, "sampler", None),
+                       getattr(self.loader, "sampler", None),
+                       getattr(self.loader, "dataset", None)):
+            try:
+                return len(source)  # type: ignore[arg-type]
+            except TypeError:
+                continue
+        return 0
+
+    @property
+    def shuffles(self) -> bool:
+        """Whether a loader draws its samples in a random order."""
+        sampler = getattr(getattr(self.loader, "batch_sampler", None), "sampler", None)
+        sampler = sampler or getattr(self.loader, "sampler", None)
+        return isinstance(sampler, (torch.utils.data.RandomSampler,
+                                    torch.utils.data.SubsetRandomSampler,
+                                    torch.utils.data.WeightedRandomSampler))
 
     def take(self, idx: Tensor) -> DataSpec:
         """The samples ``idx`` (tensors only)."""
@@ -202,7 +245,15 @@ class DataSpec:
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                 raise TypeError("a DataLoader must yield (x, y) batches, got "
                                 f"{type(batch).__name__}")
-            yield batch[0], torch.as_tensor(batch[1]).long().reshape(-1)
+            x, y = batch[0], class_labels(batch[1], "a DataLoader batch")
+            n = x.shape[1] if self.layout == "TB" else x.shape[0]
+            if n != len(y):
+                raise ValueError(
+                    f"a DataLoader batch has x of shape {tuple(x.shape)} and {len(y)} labels: "
+                    f"with layout {self.layout!r} the samples are on its "
+                    f"{'second' if self.layout == 'TB' else 'first'} axis; time-major "
+                    "batches are layout='TB' [T, B, ...], batch-major 'BT' [B, T, ...]")
+            yield x, y
 
 
 def prepare(x: Tensor, layout: str, encode: Callable | None, gen: torch.Generator,
