@@ -37,7 +37,8 @@ def _spikes(model: nn.Module) -> list[IWSTSpike]:
 
 def enable_aux_loss(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Collect ``z^2`` in every :class:`~sbnn_addons.IWSTSpike` of ``model`` during
-    forward passes with gradients enabled; read (and clear) it with :func:`aux_loss`."""
+    forward passes in training mode with gradients enabled; read (and clear) it with
+    :func:`aux_loss`."""
     for m in _spikes(model):
         m.collect_aux = enabled
         m._aux_terms = []

@@ -329,7 +329,9 @@ class _EmittedSpikeReset:
 
     def mem_reset(self, mem: Tensor) -> Tensor:
         cached = self.__dict__.get(_CACHE)
-        if cached is not None and (cached[0] is mem or (len(cached) > 2 and cached[2] is mem)):
+        if cached is not None and (cached[0] is mem or (len(cached) > 2 and cached[2] is mem)
+                                   or (not torch.compiler.is_compiling()
+                                       and _aliases(mem, cached[0]))):  # mem.detach() (TBPTT)
             return cached[1]
         if not torch.compiler.is_compiling():  # an earlier step's membrane (a recomputation)
             spikes = _find_step_record(self, mem).get("spikes")

@@ -287,10 +287,12 @@ class IWSTSpike(SBNNModule, nn.Module):
         return z2.sum()
 
     def _aux_wanted(self) -> bool:
-        """Whether this call collects auxiliary terms: collection on, gradients on, and a
-        finite threshold (a neuron with an infinite threshold, e.g. a membrane readout,
+        """Whether this call collects auxiliary terms: collection on, training mode
+        (``model.eval()`` passes, e.g. a validation forward with gradients on, collect
+        nothing that a training step would then consume), gradients on, and a finite
+        threshold (a neuron with an infinite threshold, e.g. a membrane readout,
         never fires: its ``z`` is ``-inf`` and it has nothing to pull towards)."""
-        return (self.collect_aux and torch.is_grad_enabled()
+        return (self.collect_aux and self.training and torch.is_grad_enabled()
                 and -math.inf < self.threshold < math.inf)  # traceable as a symbolic float
 
     def _aux_offset(self, threshold: float) -> float:

@@ -351,3 +351,43 @@ def test_inference_mode_gives_the_no_grad_result(style):
             with torch.inference_mode():
                 got = run()
         assert torch.equal(got, ref), mode
+
+
+def test_detached_membrane_keeps_the_emitted_reset():
+    """Truncated BPTT in an explicit loop (``mem = mem.detach()`` between chunks) cuts
+    gradients only: the next step's reset is still the spike the neuron emitted, so the
+    spikes equal an undetached run's."""
+    torch.manual_seed(0)
+    model = to_sbnn(LoopLeaky(num_inputs=16))
+    lif, fc = model.lif1, model.fc1
+    x = _data(steps=8) * 3
+
+    def run(detach_every):
+        torch.manual_seed(5)
+        mem, out = lif.init_leaky(), []
+        for t in range(len(x)):
+            if detach_every and t % detach_every == 0:
+                mem = mem.detach()
+            spk, mem = lif(fc(x[t]), mem)
+            out.append(spk.detach())
+        return torch.stack(out)
+
+    ref = run(0)
+    assert 0 < float(ref.mean()) < 1
+    assert torch.equal(run(2), ref)
+
+
+def test_a_validation_forward_with_gradients_adds_no_aux_terms():
+    """``model.eval()`` then a forward with gradients on (no ``no_grad``): nothing is
+    collected for the next training step's auxiliary loss."""
+    model = to_sbnn(_tutorial_seq(), aux_loss=True)
+    x = _data()
+    forward_pass(model, x)
+    reference = sbnn_addons.aux_loss(model)
+    model.eval()
+    forward_pass(model, x)  # validation, gradients on
+    model.train()
+    assert float(sbnn_addons.aux_loss(model)) == 0.0
+    torch.manual_seed(0)
+    forward_pass(model, x)
+    assert float(sbnn_addons.aux_loss(model)) > 0 and reference > 0
