@@ -143,6 +143,9 @@ def sbnn_objective(
     loss = nll
     if aux_weight > 0:
         loss = loss + aux_weight * aux_loss(model, aux_reduction)
+    else:  # weight 0 (e.g. the start of a warm-up): the collected terms are used up too
+        for m in _spikes(model):
+            m.pop_aux()
     if kl_weight > 0:
         if not num_data or num_data < 1:
             raise ValueError("num_data (the training-set size N) must be >= 1 when kl_weight > 0")

@@ -44,7 +44,8 @@ def param_groups(model: nn.Module, lr: float, noise_lr: float | None = None) -> 
     .. code-block:: text
 
         group "weights": every trainable parameter but the noise scales, lr = lr
-        group "noise":   parameters named *std_rho (s = softplus(rho)), lr = noise_lr
+        group "noise":   parameters named *std_rho (s = softplus(rho)), lr = noise_lr,
+                         weight_decay = 0
 
     Works on any model: a plain snnTorch / SpikingJelly model has no noise group.
 
@@ -58,6 +59,10 @@ def param_groups(model: nn.Module, lr: float, noise_lr: float | None = None) -> 
             the host tutorials (Adam 1e-2) that moves every std by about 10 % per step and
             a converted model learns slower (Benchmarks page, "Converted host models at
             defaults").
+
+    The noise group has ``weight_decay=0``, whatever the optimiser's: decay pulls ``rho``
+    towards 0, i.e. every std towards ``softplus(0) = 0.69``, which *inflates* small
+    stds (a prior on the stds is the KL term of :func:`~sbnn_addons.sbnn_objective`).
 
     Returns:
         A list for ``torch.optim.Adam(param_groups(model, lr=5e-3))``; each group has a
@@ -77,7 +82,8 @@ def param_groups(model: nn.Module, lr: float, noise_lr: float | None = None) -> 
     if weights:
         groups.append({"params": weights, "lr": float(lr), "name": "weights"})
     if noise:
-        groups.append({"params": noise, "lr": float(noise_lr), "name": "noise"})
+        groups.append({"params": noise, "lr": float(noise_lr), "weight_decay": 0.0,
+                       "name": "noise"})
     if not groups:
         raise ValueError("the model has no trainable parameters")
     return groups

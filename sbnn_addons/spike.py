@@ -64,6 +64,11 @@ CONVERTED_SPIKE_STD = DEFAULT_SPIKE_STD
 
 _RECOMPUTING = [0]  # depth of recomputations (activation checkpointing) in progress
 _IN_CHECKPOINT = [0]  # depth of sbnn_addons.checkpoint forwards (which replay seeded draws)
+_OPTIMIZER_STEPS: list = [0, None]  # torch.optim steps taken, the hook's handle
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
 
 
 @contextlib.contextmanager
@@ -319,7 +324,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         """
         if _RECOMPUTING[0]:
             return
-        version = self._std_version()
+        version = self._step_marker()
         if (self._aux_terms and version is not None
                 and version != getattr(self, "_aux_version", version)):
             self._aux_terms = []
@@ -332,6 +337,19 @@ class IWSTSpike(SBNNModule, nn.Module):
             self._aux_version = version
         batch = max(self._batch_size(step), 1)
         self._aux_terms.append((z2_sum / batch, step.numel() // batch * steps))
+
+    def _step_marker(self) -> tuple | None:
+        """What changes at an optimiser step: the count of ``torch.optim`` steps taken
+        (a global step hook, registered at the first collection) and the learned std's
+        version counter (other optimisers); ``None`` under ``torch.compile``."""
+        if torch.compiler.is_compiling():
+            return None
+        if _OPTIMIZER_STEPS[1] is None:
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+
+            _OPTIMIZER_STEPS[1] = register_optimizer_step_post_hook(
+                _count_optimizer_step)
+        return (_OPTIMIZER_STEPS[0], self._std_version())
 
     def _std_version(self) -> int | None:
         """Version counter of the learned std (changes at each optimiser step), or

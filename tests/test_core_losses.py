@@ -167,9 +167,8 @@ def test_aux_gradient_reaches_the_stds_only_with_aux_std_grad(path, kernel):
 
 def test_unused_aux_terms_raise_at_the_next_step():
     """Aux terms collected but never consumed would pile up with their graphs: after an
-    optimiser step changes the learned std, the next collection raises a named error.
-    Consuming them every step, or accumulating over several forwards before one step,
-    is fine; so is collecting with a fixed std (nothing to tell the steps apart)."""
+    optimiser step, the next collection raises a named error. Consuming them every step,
+    or accumulating over several forwards before one step, is fine."""
     torch.manual_seed(0)
     net = nn.Sequential(BayesLinear(8, 4), IWSTSpike("st", std=0.3, learn_std=True))
     enable_aux_loss(net)
@@ -192,3 +191,27 @@ def test_unused_aux_terms_raise_at_the_next_step():
         net(x)
     net(x)  # the stale terms were dropped with the error
     assert aux_loss(net) > 0
+
+
+@pytest.mark.parametrize("learn_std", [True, False])
+def test_unused_aux_terms_raise_with_fixed_stds_too_and_weight_zero_consumes(learn_std):
+    """Without a learned std the piling up is caught too (an optimiser step is what tells
+    the steps apart); ``sbnn_objective(aux_weight=0)``, the start of a warm-up, uses the
+    terms up."""
+    from sbnn_addons import sbnn_objective
+
+    torch.manual_seed(0)
+    net = nn.Sequential(BayesLinear(8, 4, std=0.1, learn_std=learn_std),
+                        IWSTSpike("st", std=0.3, learn_std=learn_std))
+    enable_aux_loss(net)
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    x = torch.rand(5, 8)
+    for weight in (0.0, 0.0, 0.1):  # a warm-up from 0
+        loss = sbnn_objective(net(x).sum().reshape(()), net, aux_weight=weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net(x).sum().backward()  # the aux term is not used
+    opt.step()
+    with pytest.raises(RuntimeError, match="never used"):
+        net(x)

@@ -48,3 +48,21 @@ def test_model_without_trainable_parameters_raises():
     net = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         sb.param_groups(net, lr=1e-3)
+
+
+def test_weight_decay_never_touches_the_noise_scales():
+    """AdamW / SGD weight decay would pull rho towards 0, i.e. every small std towards
+    softplus(0) = 0.69: the noise group has weight_decay 0 (the weights keep theirs)."""
+    import sbnn_addons as sb
+
+    model = torch.nn.Sequential(sb.BayesLinear(8, 4, std=0.01), sb.IWSTSpike("st", std=0.4,
+                                                                            learn_std=True))
+    stds = [float(model[0].std), float(model[1].std)]
+    weight = model[0].weight.detach().clone()
+    opt = torch.optim.AdamW(sb.param_groups(model, lr=1e-2), weight_decay=0.5)
+    for _ in range(50):  # no gradient: only the decay acts
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    assert [float(model[0].std), float(model[1].std)] == pytest.approx(stds)
+    assert model[0].weight.abs().sum() < weight.abs().sum()  # the weights did decay
