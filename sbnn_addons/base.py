@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -148,12 +149,16 @@ def shared_square(owner: object, param: Tensor, std: Callable[[], Tensor]) -> Te
             or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
         value = std()
         return value * value
-    key = (id(owner), torch.is_grad_enabled(), param.dtype, param.device,
+    key = (torch.is_grad_enabled(), param.dtype, param.device,
            None if param.is_inference() else param._version)
-    squared = cache.get(key)
-    if squared is None:
-        value = std()
-        squared = cache[key] = value * value
+    entry = cache.get(id(owner))
+    # the owner itself, not only its id: a block left open by a forward that raised may
+    # outlive a module whose id a new one reuses
+    if entry is not None and entry[0]() is owner and entry[1] == key:
+        return entry[2]
+    value = std()
+    squared = value * value
+    cache[id(owner)] = (weakref.ref(owner), key, squared)
     return squared
 
 

@@ -393,10 +393,15 @@ def _version_of(t: Tensor) -> int | None:
 
 
 def _aliases(a: Tensor, b: Tensor) -> bool:
-    """Whether ``a`` and ``b`` view the same memory the same way (``b.detach()``)."""
-    return (a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
-            and a.device == b.device and a.storage_offset() == b.storage_offset()
-            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+    """Whether ``a`` and ``b`` view the same memory the same way (``b.detach()``); never
+    for a tensor without storage (``torch.export`` traces with fake tensors)."""
+    if not (a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+            and a.device == b.device and a.storage_offset() == b.storage_offset()):
+        return False
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    except RuntimeError:  # "Cannot access data pointer of Tensor (e.g. FakeTensor, ...)"
+        return False
 
 
 def _stored_variance(neuron: nn.Module, detached: bool = False):

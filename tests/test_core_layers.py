@@ -521,3 +521,24 @@ def test_edits_through_data_are_seen():
     assert sb.moments.get_variance(layer(torch.rand(2, 4))) is None
     layer.fixed_std.data.fill_(0.3)
     assert sb.moments.get_variance(layer(torch.rand(2, 4))) is not None
+
+
+def test_shared_s2_is_never_taken_from_a_freed_layer_with_the_same_id():
+    """Inside a share_posterior block (also one left open by a forward that raised), the
+    cached s^2 belongs to its layer, not to its id: an entry left by a freed layer whose
+    id a new layer reuses (planted here under the new layer's id) is not used."""
+    import weakref
+
+    from sbnn_addons import base
+
+    x = torch.rand(3, 4)
+    with sb.share_posterior():
+        old = sb.BayesLinear(4, 2, std=0.5)
+        old(x)
+        stale = base._SHARED[0][id(old)]
+        new = sb.BayesLinear(4, 2, std=0.01)
+        dead = weakref.ref(sb.BayesLinear(1, 1))  # a freed module's reference
+        base._SHARED[0][id(new)] = (dead, *stale[1:])  # what an id reuse would leave
+        var = sb.moments.get_variance(new(x))
+    expected = 0.01 ** 2 * (x * x).sum(-1, keepdim=True)
+    torch.testing.assert_close(var.expand(3, 2), expected.expand(3, 2), rtol=1e-4, atol=0)
