@@ -265,7 +265,13 @@ class _EmittedSpikeReset:
         if type(mem) is not VarianceTensor:
             var = _stored_variance(self, detached=True)
             if var is not None:
-                self._buffers["mem"] = attach_variance(mem, var)
+                # an alias carries it (the same values and graph): the caller's membrane
+                # (an explicit loop's `mem`, a `mem_rec` entry) stays a plain tensor
+                if torch.compiler.is_compiling():
+                    self._buffers["mem"] = attach_variance(mem, var)
+                else:
+                    alias = mem.as_subclass(VarianceTensor)
+                    self._buffers["mem"] = attach_variance(alias, var)
         return self._sbnn_host_state(input_)
 
     def __getstate__(self):
@@ -331,7 +337,8 @@ class _EmittedSpikeReset:
         cached = self.__dict__.get(_CACHE)
         if cached is not None and (cached[0] is mem or (len(cached) > 2 and cached[2] is mem)
                                    or (not torch.compiler.is_compiling()
-                                       and _aliases(mem, cached[0]))):  # mem.detach() (TBPTT)
+                                       and (_aliases(mem, cached[0])  # mem.detach() (TBPTT)
+                                            or _copy_of(mem, cached[0])))):
             return cached[1]
         if not torch.compiler.is_compiling():  # an earlier step's membrane (a recomputation)
             spikes = _find_step_record(self, mem).get("spikes")
@@ -392,6 +399,19 @@ def _version_of(t: Tensor) -> int | None:
     return t._version
 
 
+def _copy_of(mem: Tensor, stored: Tensor) -> bool:
+    """Whether ``mem`` is a value copy of the stored, non-zero membrane (another tensor with
+    the same values: ``mem.clone()``, the membrane of a copied model). A zero membrane is
+    a new sequence's initial state, never taken for a copy."""
+    if (mem.shape != stored.shape or mem.dtype != stored.dtype or mem.device != stored.device
+            or _aliases(mem, stored)):
+        return False
+    try:
+        return bool(torch.equal(mem, stored)) and bool(mem.any())
+    except RuntimeError:  # fake tensors (torch.export)
+        return False
+
+
 def _aliases(a: Tensor, b: Tensor) -> bool:
     """Whether ``a`` and ``b`` view the same memory the same way (``b.detach()``); never
     for a tensor without storage (``torch.export`` traces with fake tensors)."""
@@ -424,6 +444,8 @@ def _stored_variance(neuron: nn.Module, detached: bool = False):
         # storages), also of one that a compiled step stored
         if torch.compiler.is_compiling():
             return None
+        if _copy_of(mem, stored):  # mem.clone(), mem + 0, a copy's own membrane
+            return var.detach() if detached and isinstance(var, Tensor) else var
         if not _aliases(mem, stored):
             # an earlier step's membrane: a recomputation (activation checkpointing)
             record = _find_step_record(neuron, mem).get("state")

@@ -391,3 +391,26 @@ def test_a_validation_forward_with_gradients_adds_no_aux_terms():
     torch.manual_seed(0)
     forward_pass(model, x)
     assert float(sbnn_addons.aux_loss(model)) > 0 and reference > 0
+
+
+def test_a_value_copy_of_the_membrane_continues_the_sequence():
+    """``mem.clone()`` (or the membrane of a copied model) passed back is the same
+    membrane by value: the next step equals the one with ``mem`` itself (variance and
+    emitted reset found), in sample mode with the same seed."""
+    torch.manual_seed(0)
+    model = to_sbnn(LoopLeaky(num_inputs=16))
+    lif, fc = model.lif1, model.fc1
+    x = _data(steps=4) * 3
+
+    def run(copy_fn):
+        torch.manual_seed(5)
+        mem, out = lif.init_leaky(), []
+        for t in range(len(x)):
+            mem = copy_fn(mem) if t else mem
+            spk, mem = lif(fc(x[t]), mem)
+            out.append(mem.detach())
+        return torch.stack(out)
+
+    ref = run(lambda m: m)
+    for copy_fn in (lambda m: m.clone(), lambda m: m + 0):
+        torch.testing.assert_close(run(copy_fn), ref, rtol=0, atol=0)
