@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -73,7 +74,14 @@ def aux_loss(model: nn.Module, reduction: str = "mean") -> Tensor:
     """
     if reduction not in AUX_REDUCTIONS:
         raise ValueError(f"reduction must be one of {AUX_REDUCTIONS}, got {reduction!r}")
-    parts = [t for t in (m.pop_aux() for m in _spikes(model)) if t is not None]
+    spikes = _spikes(model)
+    parts = [t for t in (m.pop_aux() for m in spikes) if t is not None]
+    if (not parts and not torch.compiler.is_compiling() and torch.is_grad_enabled()
+            and any(m.collect_aux and not m.training for m in spikes)):
+        warnings.warn(
+            "aux_loss: nothing was collected because the model is in eval mode (terms are "
+            "collected by training-mode forwards only); call model.train() before a "
+            "training step", stacklevel=2)
     if not parts:
         p = next(model.parameters(), None)
         return torch.zeros((), device=p.device if p is not None else None)

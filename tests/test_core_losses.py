@@ -215,3 +215,17 @@ def test_unused_aux_terms_raise_with_fixed_stds_too_and_weight_zero_consumes(lea
     opt.step()
     with pytest.raises(RuntimeError, match="never used"):
         net(x)
+
+
+def test_aux_loss_warns_when_an_eval_mode_model_collected_nothing():
+    """Terms are collected in training mode only: a training step run in eval mode by
+    mistake gets a warning instead of a silent zero auxiliary loss."""
+    net = nn.Sequential(BayesLinear(8, 4), IWSTSpike("st", std=0.3, learn_std=True))
+    enable_aux_loss(net)
+    net.eval()
+    net(torch.rand(5, 8))
+    with pytest.warns(UserWarning, match="eval mode.*model.train"):
+        assert float(aux_loss(net)) == 0.0
+    net.train()
+    net(torch.rand(5, 8))
+    assert float(aux_loss(net)) > 0

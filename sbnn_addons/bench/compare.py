@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..losses import aux_loss, sbnn_objective
+from ..losses import sbnn_objective
 from ..metrics import classification_metrics
 from ..modes import mc_predict, mode
 from ..optim import param_groups
@@ -172,6 +172,13 @@ def _step_style(model: nn.Module, host: str | None, step: bool | None = None) ->
         steps = {m.step_mode for m in model.modules() if isinstance(m, base.StepModule)}
         return steps == {"s"}
     return False
+
+
+def _drop_aux(model: nn.Module) -> None:
+    """Discard the auxiliary terms the spike functions of ``model`` collected."""
+    for m in model.modules():
+        if isinstance(m, IWSTSpike):
+            m.pop_aux()
 
 
 def _reset(model: nn.Module, host: str | None, converted: bool) -> None:
@@ -339,7 +346,7 @@ def _wrap_ddp(model: nn.Module, forward: _Forward, device: torch.device, probe: 
     if not find_unused:
         with torch.enable_grad():
             used = _forward_params(forward(probe))
-        aux_loss(model)  # drop aux terms the probe collected
+        _drop_aux(model)  # the aux terms the probe collected
         ignored = [(n, p) for n, p in model.named_parameters()
                    if p.requires_grad and id(p) not in used]
         DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, _ in ignored])
@@ -771,7 +778,7 @@ def _warmup(run: _Run, ctx: _Ctx, steps: int = 2) -> None:
         loss.backward()
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    aux_loss(run.model)  # drop collected aux terms
+    _drop_aux(run.model)  # the collected aux terms
     run.model.load_state_dict(saved)
     run.optimizer.load_state_dict(saved_opt)
     run.optimizer.state.clear()
