@@ -474,6 +474,11 @@ def test_compare_asks_how_a_custom_init_hidden_model_is_called():
         compare(_LoopHiddenNet, data, test, methods=["original"], epochs=1)
     res = compare(_LoopHiddenNet, data, test, methods=["original"], epochs=1, step=False)
     assert res.rows[0]["test_samples"] == 12
+    # where the model tells, a contradicting step= is named (it trained silently wrong)
+    with pytest.raises(ValueError, match="step=True contradicts.*whole sequence"):
+        compare(_sj_net, data, test, methods=["original"], epochs=1, step=True)
+    with pytest.raises(ValueError, match="step=False contradicts.*one time step"):
+        compare(_snntorch_net, data, test, methods=["original"], epochs=1, step=False)
 
 
 def test_compare_names_data_mistakes():

@@ -146,32 +146,39 @@ def detect_host(model: nn.Module) -> str | None:
 def _step_style(model: nn.Module, host: str | None, step: bool | None = None) -> bool:
     """Whether the model runs one time step per call (time loop outside the model).
 
-    ``step`` given: that. Else from the model: an ``nn.Sequential`` with snnTorch
-    ``init_hidden=True`` neurons, or a SpikingJelly model in single-step mode, steps once
-    per call.
+    From the model where it tells: an ``nn.Sequential`` with snnTorch ``init_hidden=True``
+    neurons or a single-step SpikingJelly model steps once per call, a multi-step
+    SpikingJelly model takes the sequence. ``step`` decides for a model with a ``forward``
+    of its own and ``init_hidden`` neurons, and must agree with the model elsewhere.
 
     Raises:
-        ValueError: snnTorch ``init_hidden=True`` neurons in a model with a ``forward`` of
-            its own, which may loop over time itself or not: ``step=`` must say.
+        ValueError: such a model without ``step``, or a ``step`` the model contradicts.
     """
-    if step is not None:
-        return bool(step)
+    detected: bool | None = False
     if host == "snntorch":
         hidden = any(getattr(m, "init_hidden", False) for m in model.modules())
-        if hidden and not isinstance(model, nn.Sequential):
+        detected = None if hidden and not isinstance(model, nn.Sequential) else hidden
+    elif host == "spikingjelly":
+        from spikingjelly.activation_based import base
+
+        modes = {m.step_mode for m in model.modules() if isinstance(m, base.StepModule)}
+        detected = modes == {"s"}
+    if detected is None:
+        if step is None:
             raise ValueError(
                 f"{type(model).__name__} holds snnTorch init_hidden=True neurons and has a "
                 "forward of its own: say whether it takes one time step per call (step=True, "
                 "the harness loops over time) or the whole sequence [T, B, ...] (step=False; "
                 "sbnn-bench: --step / --sequence)"
             )
-        return hidden
-    if host == "spikingjelly":
-        from spikingjelly.activation_based import base
-
-        steps = {m.step_mode for m in model.modules() if isinstance(m, base.StepModule)}
-        return steps == {"s"}
-    return False
+        return bool(step)
+    if step is not None and bool(step) != detected and host is not None:
+        what = ("takes one time step per call (an nn.Sequential with init_hidden=True "
+                "neurons, or SpikingJelly single-step)" if detected else
+                "takes the whole sequence (SpikingJelly multi-step, or no per-step state)")
+        raise ValueError(f"step={bool(step)} contradicts the model, which {what}; leave "
+                         "step unset (its calls are detected) or change the model")
+    return detected if step is None else bool(step)
 
 
 def _drop_aux(model: nn.Module) -> None:
