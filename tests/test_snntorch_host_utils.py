@@ -353,28 +353,29 @@ def test_inference_mode_gives_the_no_grad_result(style):
         assert torch.equal(got, ref), mode
 
 
+def _first_layer_run(pass_back, steps: int = 8, record=lambda spk, mem: spk):
+    """The first layer of a converted tutorial-5 loop, seeded, with ``pass_back(mem, t)``
+    applied to the membrane handed back at every step; the recorded values ``[T, ...]``."""
+    torch.manual_seed(0)
+    model = to_sbnn(LoopLeaky(num_inputs=16))
+    lif, fc = model.lif1, model.fc1
+    x = _data(steps=steps) * 3
+    torch.manual_seed(5)
+    mem, out = lif.init_leaky(), []
+    for t in range(len(x)):
+        spk, mem = lif(fc(x[t]), pass_back(mem, t))
+        out.append(record(spk, mem).detach())
+    return torch.stack(out)
+
+
 def test_detached_membrane_keeps_the_emitted_reset():
     """Truncated BPTT in an explicit loop (``mem = mem.detach()`` between chunks) cuts
     gradients only: the next step's reset is still the spike the neuron emitted, so the
     spikes equal an undetached run's."""
-    torch.manual_seed(0)
-    model = to_sbnn(LoopLeaky(num_inputs=16))
-    lif, fc = model.lif1, model.fc1
-    x = _data(steps=8) * 3
-
-    def run(detach_every):
-        torch.manual_seed(5)
-        mem, out = lif.init_leaky(), []
-        for t in range(len(x)):
-            if detach_every and t % detach_every == 0:
-                mem = mem.detach()
-            spk, mem = lif(fc(x[t]), mem)
-            out.append(spk.detach())
-        return torch.stack(out)
-
-    ref = run(0)
+    ref = _first_layer_run(lambda mem, t: mem)
     assert 0 < float(ref.mean()) < 1
-    assert torch.equal(run(2), ref)
+    assert torch.equal(_first_layer_run(lambda mem, t: mem.detach() if t % 2 == 0 else mem),
+                       ref)
 
 
 def test_a_validation_forward_with_gradients_adds_no_aux_terms():
@@ -397,20 +398,8 @@ def test_a_value_copy_of_the_membrane_continues_the_sequence():
     """``mem.clone()`` (or the membrane of a copied model) passed back is the same
     membrane by value: the next step equals the one with ``mem`` itself (variance and
     emitted reset found), in sample mode with the same seed."""
-    torch.manual_seed(0)
-    model = to_sbnn(LoopLeaky(num_inputs=16))
-    lif, fc = model.lif1, model.fc1
-    x = _data(steps=4) * 3
-
-    def run(copy_fn):
-        torch.manual_seed(5)
-        mem, out = lif.init_leaky(), []
-        for t in range(len(x)):
-            mem = copy_fn(mem) if t else mem
-            spk, mem = lif(fc(x[t]), mem)
-            out.append(mem.detach())
-        return torch.stack(out)
-
-    ref = run(lambda m: m)
+    membranes = lambda spk, mem: mem  # noqa: E731
+    ref = _first_layer_run(lambda mem, t: mem, 4, membranes)
     for copy_fn in (lambda m: m.clone(), lambda m: m + 0):
-        torch.testing.assert_close(run(copy_fn), ref, rtol=0, atol=0)
+        got = _first_layer_run(lambda mem, t, c=copy_fn: c(mem) if t else mem, 4, membranes)
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
