@@ -36,6 +36,12 @@ def _spikes(model: nn.Module) -> list[IWSTSpike]:
     return found
 
 
+def _discard_aux(model: nn.Module) -> None:
+    """Drop the auxiliary terms the spike functions of ``model`` collected, unused."""
+    for m in _spikes(model):
+        m.pop_aux()
+
+
 def enable_aux_loss(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Collect ``z^2`` in every :class:`~sbnn_addons.IWSTSpike` of ``model`` during
     forward passes in training mode with gradients enabled; read (and clear) it with
@@ -152,8 +158,7 @@ def sbnn_objective(
     if aux_weight > 0:
         loss = loss + aux_weight * aux_loss(model, aux_reduction)
     else:  # weight 0 (e.g. the start of a warm-up): the collected terms are used up too
-        for m in _spikes(model):
-            m.pop_aux()
+        _discard_aux(model)
     if kl_weight > 0:
         if not num_data or num_data < 1:
             raise ValueError("num_data (the training-set size N) must be >= 1 when kl_weight > 0")

@@ -302,13 +302,18 @@ class _EmittedSpikeReset:
     def fire(self, mem: Tensor) -> Tensor:
         u = attach_variance(mem - self.threshold, get_variance(mem))
         raw = _host_spike_dtype(self.spike_grad(u))
-        # the reset's copy is taken now: the spikes returned below may be changed in place
-        self.__dict__[_CACHE] = (mem, raw.detach().clone())
-        if _recording_steps():
-            _step_record(self, mem)["spikes"] = self.__dict__[_CACHE][1]
+        self._keep_reset(mem, raw)
         if self._unit_spike_factor():
             return raw  # the same values, and the spikes keep their binary mark (cheaper layers)
         return raw * self.graded_spikes_factor
+
+    def _keep_reset(self, mem: Tensor, raw: Tensor) -> None:
+        """Keep the spikes ``raw`` that membrane ``mem`` emitted as its reset (a copy taken
+        now: the spikes returned may be changed in place), also for a recomputation."""
+        spikes = raw.detach().clone()
+        self.__dict__[_CACHE] = (mem, spikes)
+        if _recording_steps():
+            _step_record(self, mem)["spikes"] = spikes
 
     def _unit_spike_factor(self) -> bool:
         """Whether ``graded_spikes_factor`` is a constant 1 (checked once per value of the
@@ -325,10 +330,7 @@ class _EmittedSpikeReset:
         mem_shift = attach_variance(mem - self.threshold, get_variance(mem))
         index = torch.argmax(mem_shift, dim=1)
         raw = _host_spike_dtype(self.spike_grad(mem_shift))
-        # snnTorch's reset ignores the inhibition mask: keep that behaviour.
-        self.__dict__[_CACHE] = (mem, raw.detach().clone())
-        if _recording_steps():
-            _step_record(self, mem)["spikes"] = self.__dict__[_CACHE][1]
+        self._keep_reset(mem, raw)  # snnTorch's reset ignores the inhibition mask: kept so
         mask = torch.zeros_like(raw)
         mask[torch.arange(batch_size), index] = 1
         return raw * mask
@@ -384,11 +386,7 @@ def _find_step_record(neuron: nn.Module, mem: Tensor) -> dict:
 
 
 def _step_record(neuron: nn.Module, mem: Tensor) -> dict:
-    records = _step_records(neuron)
-    record = records.get(mem)
-    if record is None:
-        record = records[mem] = {}
-    return record
+    return _step_records(neuron).setdefault(mem, {})
 
 
 def _version_of(t: Tensor) -> int | None:

@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..losses import sbnn_objective
+from ..losses import _discard_aux, sbnn_objective
 from ..metrics import classification_metrics
 from ..modes import mc_predict, mode
 from ..optim import param_groups
@@ -181,13 +181,6 @@ def _step_style(model: nn.Module, host: str | None, step: bool | None = None) ->
     return detected if step is None else bool(step)
 
 
-def _drop_aux(model: nn.Module) -> None:
-    """Discard the auxiliary terms the spike functions of ``model`` collected."""
-    for m in model.modules():
-        if isinstance(m, IWSTSpike):
-            m.pop_aux()
-
-
 def _reset(model: nn.Module, host: str | None, converted: bool) -> None:
     """Reset the neuron states with the host's utilities (and the SBNN caches)."""
     if host == "snntorch":
@@ -244,13 +237,14 @@ class _Forward:
         self.model, self.host, self.converted, self.step = model, host, converted, step
         self.readout = readout
         self.caller = caller if caller is not None else model
+        # the dtype of the model's floating-point parameters (None: none)
+        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                          None)
 
     def __call__(self, x: Tensor) -> Tensor:
         _reset(self.model, self.host, self.converted)
-        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()),
-                     x.dtype)
-        if x.is_floating_point() and x.dtype != dtype:  # a float64 model gets float64 input
-            x = x.to(dtype)
+        if self.dtype is not None and x.is_floating_point() and x.dtype != self.dtype:
+            x = x.to(self.dtype)  # a float64 model gets float64 input
         if self.step:
             out = [self.caller(x[t]) for t in range(x.shape[0])]
             if self.readout is not None:
@@ -353,7 +347,7 @@ def _wrap_ddp(model: nn.Module, forward: _Forward, device: torch.device, probe: 
     if not find_unused:
         with torch.enable_grad():
             used = _forward_params(forward(probe))
-        _drop_aux(model)  # the aux terms the probe collected
+        _discard_aux(model)  # the aux terms the probe collected
         ignored = [(n, p) for n, p in model.named_parameters()
                    if p.requires_grad and id(p) not in used]
         DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, _ in ignored])
@@ -690,13 +684,13 @@ class _Ctx:
 
 def _check_train_classes(ytr: Tensor, yte: Tensor, num_classes: int | None) -> str | None:
     """Raise for a single-class training set; a warning text when it lacks classes."""
-    have = set(ytr.unique().tolist())
-    if num_classes and max(have | set(yte.unique().tolist())) >= num_classes:
+    have, tested = set(ytr.unique().tolist()), set(yte.unique().tolist())
+    if num_classes and max(have | tested) >= num_classes:
         raise ValueError(
             f"labels must be class indices in [0, {num_classes}) for num_classes="
-            f"{num_classes}, got up to {max(have | set(yte.unique().tolist()))} (labels "
-            "counted from 1? subtract 1)")
-    want = set(yte.unique().tolist()) | (set(range(num_classes)) if num_classes else set())
+            f"{num_classes}, got up to {max(have | tested)} (labels counted from 1? "
+            "subtract 1)")
+    want = tested | (set(range(num_classes)) if num_classes else set())
     if len(have) < 2:
         raise ValueError(
             f"the training data has {len(have)} class ({sorted(have)}): a model trained on it "
@@ -785,7 +779,7 @@ def _warmup(run: _Run, ctx: _Ctx, steps: int = 2) -> None:
         loss.backward()
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    _drop_aux(run.model)  # the collected aux terms
+    _discard_aux(run.model)  # the collected aux terms
     run.model.load_state_dict(saved)
     run.optimizer.load_state_dict(saved_opt)
     run.optimizer.state.clear()

@@ -174,10 +174,7 @@ class DataSpec:
         if self.is_tensor:
             return len(self.y)
         # the samples it draws: a sampler over part of the dataset draws that part
-        batch_sampler = getattr(self.loader, "batch_sampler", None)
-        for source in (getattr(batch_sampler, "sampler", None),
-                       getattr(self.loader, "sampler", None),
-                       getattr(self.loader, "dataset", None)):
+        for source in (self._sampler, getattr(self.loader, "dataset", None)):
             try:
                 return len(source)  # type: ignore[arg-type]
             except TypeError:
@@ -185,10 +182,15 @@ class DataSpec:
         return 0
 
     @property
+    def _sampler(self):
+        """The loader's sampler of samples (its batch sampler's, else its own), or None."""
+        sampler = getattr(getattr(self.loader, "batch_sampler", None), "sampler", None)
+        return sampler if sampler is not None else getattr(self.loader, "sampler", None)
+
+    @property
     def shuffles(self) -> bool:
         """Whether a loader draws its samples in a random order."""
-        sampler = getattr(getattr(self.loader, "batch_sampler", None), "sampler", None)
-        sampler = sampler or getattr(self.loader, "sampler", None)
+        sampler = self._sampler
         return isinstance(sampler, (torch.utils.data.RandomSampler,
                                     torch.utils.data.SubsetRandomSampler,
                                     torch.utils.data.WeightedRandomSampler))
