@@ -5,13 +5,13 @@ validation before an inplace conversion changes anything. Real snnTorch models o
 from __future__ import annotations
 
 import copy
-import io
 import pickle
 
 import pytest
 import snntorch as snn
 import snntorch.utils as sutils
 import torch
+from _copies import HOW, copy_by
 from _snntorch_nets import LoopLeaky, make
 from snntorch import surrogate
 from torch import nn
@@ -79,18 +79,10 @@ def test_utils_reset_resets_converted_model_and_its_variance(inplace):
     assert torch.equal(first[1], second[1])
 
 
-@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+@pytest.mark.parametrize("how", HOW)
 def test_utils_reset_reaches_copies_of_converted_model(how):
     model = to_sbnn(_tutorial_seq())
-    if how == "deepcopy":
-        dup = copy.deepcopy(model)
-    elif how == "pickle":
-        dup = pickle.loads(pickle.dumps(model))
-    else:
-        buf = io.BytesIO()
-        torch.save(model, buf)
-        buf.seek(0)
-        dup = torch.load(buf, weights_only=False)
+    dup = copy_by(model, how)
     x = _data()
     for t in range(x.shape[0]):
         dup(x[t])
@@ -289,7 +281,7 @@ def test_autocast_keeps_the_membrane_in_float32_as_snntorch_does():
     assert model[1].mem.dtype == torch.float32
 
 
-@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+@pytest.mark.parametrize("how", HOW)
 def test_copy_mid_sequence_continues_like_the_original(how):
     """A copy made between two steps (a checkpoint) carries the membrane and its noise
     variance: continued in ``mean`` mode it equals the uninterrupted run, and in
@@ -299,14 +291,7 @@ def test_copy_mid_sequence_continues_like_the_original(how):
     x = _data()
 
     def dup(m):
-        if how == "deepcopy":
-            return copy.deepcopy(m)
-        if how == "pickle":
-            return pickle.loads(pickle.dumps(m))
-        buf = io.BytesIO()
-        torch.save(m, buf)
-        buf.seek(0)
-        return torch.load(buf, weights_only=False)
+        return copy_by(m, how)
 
     with torch.no_grad():
         with sbnn_addons.mode(model, "mean"):

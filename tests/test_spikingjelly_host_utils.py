@@ -6,11 +6,11 @@ surrogate back on export. Real SpikingJelly models only (parametric_lif_net zoo)
 from __future__ import annotations
 
 import copy
-import io
 import pickle
 
 import pytest
 import torch
+from _copies import HOW, copy_by
 from torch import nn
 
 import sbnn_addons
@@ -52,18 +52,7 @@ def _nodes(model):
     return [m for m in model.modules() if isinstance(m, neuron.LIFNode)]
 
 
-def _copy(model, how):
-    if how == "deepcopy":
-        return copy.deepcopy(model)
-    if how == "pickle":
-        return pickle.loads(pickle.dumps(model))
-    buf = io.BytesIO()
-    torch.save(model, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=False)
-
-
-@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+@pytest.mark.parametrize("how", HOW)
 @pytest.mark.parametrize("sm", ["s", "m"])
 def test_copy_mid_sequence_carries_the_variance(how, sm):
     model = sbnn_sj.to_sbnn(_mnist_net(sm))
@@ -72,7 +61,7 @@ def test_copy_mid_sequence_carries_the_variance(how, sm):
         functional.reset_net(model)
         _run(model, x[:T], sm)
         assert all(isinstance(n.sbnn_var, torch.Tensor) for n in _nodes(model))
-        dup = _copy(model, how)
+        dup = copy_by(model, how)
         sbnn_addons.seed_spikes(model, 11)
         sbnn_addons.seed_spikes(dup, 11)
         a = _run(model, x[T:], sm)
