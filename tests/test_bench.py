@@ -479,6 +479,8 @@ def test_compare_asks_how_a_custom_init_hidden_model_is_called():
         compare(_sj_net, data, test, methods=["original"], epochs=1, step=True)
     with pytest.raises(ValueError, match="step=False contradicts.*one time step"):
         compare(_snntorch_net, data, test, methods=["original"], epochs=1, step=False)
+    with pytest.raises(TypeError, match="step must be True, False or None"):
+        compare(_snntorch_net, data, test, methods=["original"], epochs=1, step="yes")
 
 
 def test_compare_names_data_mistakes():

@@ -583,6 +583,8 @@ def compare(
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct, got {seeds}: a repeated seed repeats the "
                          "same run and would understate the spread over seeds")
+    if step is not None and not isinstance(step, bool):
+        raise TypeError(f"step must be True, False or None (detected), got {step!r}")
     for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
