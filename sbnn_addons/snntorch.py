@@ -619,8 +619,11 @@ def _safe_deepcopy(model: nn.Module) -> nn.Module:
 
 
 def _thr(m: nn.Module) -> float:
+    """The neuron's threshold as a float (the mean of a per-neuron or learned one)."""
     t = m.threshold
-    return float(t) if not isinstance(t, Tensor) or t.numel() == 1 else float(t.mean())
+    if not isinstance(t, Tensor):
+        return float(t)
+    return float(t.detach().mean())
 
 
 _LAYERS = {nn.Linear: BayesLinear, nn.Conv1d: BayesConv1d, nn.Conv2d: BayesConv2d}

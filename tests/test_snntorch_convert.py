@@ -266,3 +266,52 @@ def test_excluded_neuron_fed_by_a_bayesian_layer_raises():
             sbnn(torch.rand(5, 8))
     with pytest.raises(sbnn_addons.VarianceFlowError, match="Synaptic was excluded"):
         to_sbnn(net, exclude="3", example_input=torch.rand(5, 8))
+
+
+_LEAKY_OPTIONS = {
+    "reset zero": dict(reset_mechanism="zero"),
+    "reset none": dict(reset_mechanism="none"),
+    "learn_beta": dict(learn_beta=True),
+    "learn_threshold": dict(learn_threshold=True),
+    "per-neuron beta": dict(beta=torch.linspace(0.5, 0.95, 32)),
+    "per-neuron threshold": dict(threshold=torch.linspace(0.5, 1.5, 32)),
+    "learned graded spikes": dict(graded_spikes_factor=2.0, learn_graded_spikes_factor=True),
+}
+
+
+@pytest.mark.parametrize("option", sorted(_LEAKY_OPTIONS))
+def test_leaky_options_convert_exactly_and_train(option, recwarn):
+    """The options of snnTorch's Leaky: `mean` mode equals the original over a sequence,
+    the conversion warns about nothing, and a `sample`-mode step has finite, non-zero
+    gradients for the weights and the neuron's own learned parameters."""
+    import snntorch as snn
+    from snntorch import utils
+
+    kw = {"beta": BETA, **_LEAKY_OPTIONS[option]}
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(64, 32), snn.Leaky(init_hidden=True, **kw),
+        torch.nn.Linear(32, 10), snn.Leaky(beta=BETA, init_hidden=True, output=True))
+    with torch.no_grad():
+        net[0].weight.mul_(3)
+    x = (torch.rand(T := 8, 4, 64) < 0.3).float()
+    sbnn = to_sbnn(net)
+    ours = [str(w.message) for w in recwarn if "sbnn_addons" in w.filename]
+    assert not ours, ours
+    utils.reset(net)
+    utils.reset(sbnn)
+    with sbnn_addons.mode(sbnn, "mean"):
+        for t in range(T):
+            ref, got = net(x[t]), sbnn(x[t])
+            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    utils.reset(sbnn)
+    loss = sum(sbnn(x[t])[1].sum() for t in range(T))
+    loss.backward()
+    learned = [p for n, p in sbnn.named_parameters() if n.startswith(("0.", "1."))]
+    for p in learned:
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+    assert sbnn[0].weight.grad.abs().sum() > 0
+    for name in ("beta", "threshold", "graded_spikes_factor"):
+        p = getattr(sbnn[1], name)
+        if isinstance(p, torch.nn.Parameter):
+            assert p.grad.abs().sum() > 0, name
