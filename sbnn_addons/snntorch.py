@@ -354,18 +354,18 @@ class _EmittedSpikeReset:
 
 
 def _recording_steps() -> bool:
-    """Whether steps are recorded for a recomputation: in eager mode inside saved-tensor
-    hooks (``torch.utils.checkpoint``, whose regions are recomputed in the backward)."""
-    return (not torch.compiler.is_compiling()
-            and torch._C._autograd._top_saved_tensors_default_hooks(False) is not None)
+    """Whether steps are recorded per membrane: in eager mode (a compiled graph keeps the
+    last step's state only)."""
+    return not torch.compiler.is_compiling()
 
 
 def _step_records(neuron: nn.Module) -> WeakIdKeyDictionary:
-    """Per membrane this neuron computed inside activation checkpointing and that is still
-    alive: its variance state and the spikes it emitted (its reset), so that a step
-    replayed on an earlier membrane (``torch.utils.checkpoint`` recomputing a step in the
-    backward) sees what the original step saw. Eager mode only; a copy of the neuron does
-    not carry it."""
+    """Per membrane this neuron computed and that is still alive: its variance state and
+    the spikes it emitted (its reset). The neuron's own state holds its last step; these
+    serve a step on another membrane: one neuron called on several membranes in turn
+    (one ``snn.Leaky`` shared by several layers of an explicit loop), and a step replayed
+    on an earlier membrane (``torch.utils.checkpoint`` recomputing a step in the
+    backward). Eager mode only; a copy of the neuron does not carry them."""
     records = neuron.__dict__.get(_HISTORY)
     if records is None:
         records = neuron.__dict__[_HISTORY] = WeakIdKeyDictionary()

@@ -315,3 +315,55 @@ def test_leaky_options_convert_exactly_and_train(option, recwarn):
         p = getattr(sbnn[1], name)
         if isinstance(p, torch.nn.Parameter):
             assert p.grad.abs().sum() > 0, name
+
+
+def test_one_leaky_shared_by_two_layers_keeps_each_membrane_state():
+    """One `snn.Leaky` called on two membranes in turn (a neuron shared by two layers of an
+    explicit loop, valid in snnTorch): each membrane keeps its own variance recurrence
+    and resets by the spike it emitted, as with two neurons."""
+    import snntorch as snn
+    from torch import nn
+
+    from sbnn_addons.snntorch import membrane_variance
+
+    class Net(nn.Module):
+        def __init__(self, shared: bool):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 6), nn.Linear(6, 6)
+            self.lif1 = snn.Leaky(beta=0.9)
+            self.lif2 = self.lif1 if shared else snn.Leaky(beta=0.9)
+
+        def forward(self, x):
+            m1, m2 = self.lif1.init_leaky(), self.lif2.init_leaky()
+            record = []
+            for t in range(x.shape[0]):
+                prev1, prev2 = m1, m2
+                s1, m1 = self.lif1(self.fc1(x[t]), m1)
+                v1 = membrane_variance(self.lif1)
+                s2, m2 = self.lif2(self.fc2(s1), m2)
+                v2 = membrane_variance(self.lif2)
+                record.append((prev1, s1, m1, v1, prev2, s2, m2, v2))
+            return record
+
+    torch.manual_seed(0)
+    separate = Net(shared=False)
+    with torch.no_grad():
+        separate.fc1.weight.mul_(4)
+        separate.fc2.weight.mul_(4)
+    shared = Net(shared=True)
+    shared.load_state_dict(separate.state_dict())
+    x = torch.rand(8, 16, 8)
+    runs = []
+    for net in (separate, shared):
+        model = to_sbnn(net, std=0.2, learn_std=False, spike_std=0.3)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            runs.append(model(x))
+    fired = 0
+    for a, b in zip(*runs):
+        # each layer's membrane variance, spikes and membrane (so its reset by the spike
+        # it emitted) as with two neurons: the same draws in the same order
+        for i in range(8):
+            torch.testing.assert_close(b[i], a[i])
+        fired += int(b[1].sum() + b[5].sum())
+    assert fired > 0
