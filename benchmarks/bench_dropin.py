@@ -5,11 +5,12 @@ tuning) start from the same weights and see the same mini-batches in the same or
 the learning rate and with the loss of the host library's own tutorial. Per epoch the
 script prints the mean training loss and the test accuracy (the original: its surrogate
 network; the converted model: ``sample`` mode, one stochastic pass, and ``mean`` mode).
-The converted model trains on the SBNN objective the docs give for converted models: the
-host's loss plus ``w`` times the scale-free auxiliary loss (``sbnn_addons.aux_loss``,
-sigma held constant), with ``w = --aux-fraction`` (default 0.05) times the host's loss
-of the first batch at initialisation, or ``--aux-weight`` if given (0: the host's loss
-alone). The loss printed is the host's loss in both columns.
+By default the converted model trains on the host's loss alone, in the host's own loop
+(the converters' default auxiliary pull acts in the backward). ``--aux-fraction f`` adds
+``w`` times the scale-free auxiliary loss (``sbnn_addons.aux_loss``, sigma held
+constant) with ``w = f`` times the host's loss of the first batch at initialisation, or
+``--aux-weight w`` an explicit weight; ``--convert-kw '{"aux_pull": 0}'`` turns the pull
+off. The loss printed is the host's loss in both columns.
 
 Models:
 
@@ -76,7 +77,7 @@ def dvs_frames(data_dir: str, n_train: int, n_test: int, num_frames: int, stride
 
 # --------------------------------------------------------------------------- models
 #: the converted model's aux weight: [fraction of the initial host loss, explicit weight]
-AUX = [0.05, None]
+AUX = [0.0, None]
 #: noise scales' learning rate over the weights' (--noise-lr-ratio)
 NOISE_LR_RATIO = [1.0]
 
@@ -328,7 +329,7 @@ def main(argv=None) -> int:
                    help="noise scales' learning rate / the weights' (param_groups default 1)")
     p.add_argument("--pretrain-epochs", type=int, default=0,
                    help="train the original this many epochs first, then convert it")
-    p.add_argument("--aux-fraction", type=float, default=AUX[0],
+    p.add_argument("--aux-fraction", type=float, default=0.0,
                    help="aux weight as a fraction of the host loss at initialisation")
     p.add_argument("--aux-weight", type=float, default=None,
                    help="explicit aux weight (overrides --aux-fraction; 0: none)")

@@ -748,7 +748,7 @@ class LIFStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, m: Tensor | None, variance: Tensor, seed: int, config):
-        estimator, beta, theta, reset, at_zero, aux_offset, _aux_var = config
+        estimator, beta, theta, reset, at_zero, aux_offset, _aux_var, _aux_pull = config
         var, mid, inner = _layout_of(x, variance)  # both checked by fused_lif_step
         u, h, m_out = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
         aux = _require().sbnn_lif_step_forward(
@@ -768,10 +768,12 @@ class LIFStep(torch.autograd.Function):
     def backward(ctx, g_h: Tensor | None, g_m: Tensor | None, *g_aux: Tensor | None):
         _refuse_double_backward()
         u, var, h = ctx.saved_tensors
-        estimator, beta, theta, reset, _, aux_offset, aux_var = ctx.config
+        estimator, beta, theta, reset, _, aux_offset, aux_var, aux_pull = ctx.config
         grad_aux = float(g_aux[0]) if g_aux and g_aux[0] is not None else 0.0
         if g_h is None and g_m is None and grad_aux == 0.0:
             return None, None, None, None, None
+        if aux_pull and u.numel():  # the auxiliary pull (IWSTSpike.aux_pull)
+            grad_aux += aux_pull * float(_step_spike_grad(g_h, g_m, u, theta, reset).abs().mean())
         mid, inner, var_shape = ctx.layout
         g_h = None if g_h is None else g_h.to(torch.float32).contiguous()
         g_m = None if g_m is None else g_m.to(torch.float32).contiguous()
@@ -794,10 +796,20 @@ class LIFStep(torch.autograd.Function):
         return g_x, g_mprev, g_var, None, None
 
 
+def _step_spike_grad(g_h: Tensor | None, g_m: Tensor | None, u: Tensor, theta: float,
+                     reset: str) -> Tensor:
+    """``dL/dh`` of one step, through the spikes and the reset ``m'(h)``."""
+    g = torch.zeros_like(u) if g_h is None else g_h
+    if g_m is None or reset == "none":
+        return g
+    return g - g_m * (theta if reset == "subtract" else u + theta)  # zero: m' = H (1 - h)
+
+
 def fused_lif_step(x: Tensor, membrane: Tensor | None, variance: Tensor, estimator,
                    beta: float, threshold: float = 1.0, reset: str = "subtract",
                    at_zero: bool = False, generator: torch.Generator | None = None,
-                   aux_offset: float | None = None, aux_var: bool = True) -> tuple[Tensor, ...]:
+                   aux_offset: float | None = None, aux_var: bool = True,
+                   aux_pull: float = 0.0) -> tuple[Tensor, ...]:
     """One fused step of the core LIF neuron (:class:`LIFStep`).
 
     Args:
@@ -815,6 +827,9 @@ def fused_lif_step(x: Tensor, membrane: Tensor | None, variance: Tensor, estimat
             (:func:`spike_forward`), differentiable.
         aux_var: whether the auxiliary sum's gradient reaches the variance too
             (``False``: ``sigma`` is held constant in ``z``, only the drive gets it).
+        aux_pull: with ``aux_offset``, the backward also gives the auxiliary sum the
+            gradient ``aux_pull * mean |dL/dh|`` (``dL/dh`` through the spikes and the
+            reset; :attr:`~sbnn_addons.IWSTSpike.aux_pull`).
 
     Returns:
         ``(spikes, membrane')`` (the spikes marked binary and kept), plus ``sum z^2`` with
@@ -838,14 +853,14 @@ def fused_lif_step(x: Tensor, membrane: Tensor | None, variance: Tensor, estimat
     if reset not in _STEP_RESETS:
         raise ValueError(f"reset must be one of {tuple(_STEP_RESETS)}, got {reset!r}")
     config = (estimator, float(beta), float(threshold), reset, bool(at_zero), aux_offset,
-              bool(aux_var))
+              bool(aux_var), float(aux_pull))
     return _fused_lif_step(x, membrane, variance, _seed(generator), config)
 
 
 def _fused_lif_step(x: Tensor, membrane: Tensor | None, variance: Tensor, seed: int,
                     config: tuple) -> tuple[Tensor, ...]:
     """:func:`fused_lif_step` for checked arguments (``config``: estimator, beta, theta,
-    reset, at_zero, aux_offset, aux_var)."""
+    reset, at_zero, aux_offset, aux_var, aux_pull)."""
     out = apply_function(LIFStep, x.contiguous(), None if membrane is None
                          else membrane.contiguous(), variance, seed, config)
     # kept (saved by the node just recorded): a layer fed by the spikes saves them as they are
@@ -903,20 +918,20 @@ class LIFSequence(torch.autograd.Function):
     :class:`~sbnn_addons.LIF` and a linked SpikingJelly node) and the same Philox keys,
     so spikes and membranes are equal bitwise. The backward runs the recurrences in
     reverse with each step's IW-ST Jacobian (through the reset's spike unless
-    ``detach_reset``), and passes the gradient of the auxiliary sum to every step. Use
+    ``detach_reset``), and passes each step's gradient of the auxiliary sums to it. Use
     :func:`lif_sequence`.
     """
 
     @staticmethod
     def forward(ctx, x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | None,
                 own_var: Tensor | None, rate: Tensor | None, config):
-        dyn, estimator, at_zero, seeds, aux_offset, aux_var = config
+        dyn, estimator, at_zero, seeds, aux_offset, aux_var, aux_pull = config
         plif = dyn.charge in _PLIF
         beta2 = (1.0 - rate) * (1.0 - rate) if plif else dyn.beta * dyn.beta
         spikes = torch.empty_like(x_seq)
         # per-step tensors, not [T, ...] buffers: blocks of a step's size are reused by the
         # allocator, while very large ones are mapped afresh (page faults) every time
-        us, hbs, variances, prevs, meta, aux = [], [], [], [], [], 0.0
+        us, hbs, variances, prevs, meta, aux = [], [], [], [], [], []
         v, state = v0, s0
         for t, x in enumerate(x_seq):
             h = _charge(dyn, v, x, rate)
@@ -941,7 +956,7 @@ class LIFSequence(torch.autograd.Function):
             var, mid, inner = _layout(u, total)
             _, _, aux_t = _forward_raw(u, var, mid, inner, seeds[t], at_zero, aux_offset,
                                        out=(spikes[t], hb))
-            aux += aux_t
+            aux.append(aux_t)
             us.append(u)
             hbs.append(hb)
             variances.append(var)
@@ -959,9 +974,9 @@ class LIFSequence(torch.autograd.Function):
                               *((x_seq, v0, rate) if plif else ()))
         ctx.meta, ctx.dyn, ctx.estimator = meta, dyn, estimator
         ctx.aux_offset = 0.0 if aux_offset is None else float(aux_offset)
-        ctx.aux_var = aux_var
+        ctx.aux_var, ctx.aux_pull = aux_var, aux_pull
         ctx.shapes = tuple(None if t is None else t.shape for t in (q_seq, v0, s0, own_var))
-        return spikes, v, state, torch.tensor(aux, dtype=torch.float32)
+        return spikes, v, state, torch.tensor(aux, dtype=torch.float32)  # per step
 
     @staticmethod
     def backward(ctx, g_spikes, g_v, g_state, g_aux):
@@ -972,7 +987,7 @@ class LIFSequence(torch.autograd.Function):
         variances, prevs = saved[2 * steps:3 * steps], saved[3 * steps:4 * steps]
         dyn = ctx.dyn
         q_shape, v_shape, s_shape, own_shape = ctx.shapes
-        g_aux = 0.0 if g_aux is None else float(g_aux)
+        g_aux = [0.0] * steps if g_aux is None else g_aux.tolist()  # per step
         grad_x = torch.empty((steps, *us[0].shape), dtype=us[0].dtype)
         grad_q, g_own, g_rate, rate, v_prev = [], None, None, None, None
         if len(saved) > 4 * steps:  # PLIF: dH_t/dq needs V_{t-1} (recomputed) and X_t
@@ -991,8 +1006,11 @@ class LIFSequence(torch.autograd.Function):
                 if d_spike is not None and not dyn.detach_reset:
                     g_spike = g_spike + d_spike
             mid, inner, total_shape, state_shape = ctx.meta[t]
+            g_aux_t = g_aux[t]
+            if ctx.aux_pull and g_spike.numel():  # the auxiliary pull (IWSTSpike.aux_pull)
+                g_aux_t += ctx.aux_pull * float(g_spike.abs().mean())
             g_u, g_total = _backward_raw(g_spike, us[t], variances[t], mid, inner, hbs[t],
-                                         ctx.estimator, g_aux, ctx.aux_offset, total_shape,
+                                         ctx.estimator, g_aux_t, ctx.aux_offset, total_shape,
                                          ctx.aux_var)
             g_h = g_u if g_h is None else g_h + g_u
             if own_shape is not None:
@@ -1103,7 +1121,7 @@ def lif_sequence(x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | N
                  dynamics: Dynamics, estimator, *, rate: Tensor | None = None,
                  own_var: Tensor | None = None,
                  at_zero: bool = False, aux_offset: float | None = None,
-                 aux_var: bool = True,
+                 aux_var: bool = True, aux_pull: float = 0.0,
                  generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
     """Run an LIF / IF neuron with moment-tracked noise over a sequence
     (:class:`LIFSequence`).
@@ -1122,16 +1140,19 @@ def lif_sequence(x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | N
         own_var: the spike function's own noise variance ``s_n^2``, added to ``S_t`` for
             the draw only (broadcastable, may require grad), or ``None``.
         at_zero: fire at ``H - theta = 0`` where the variance is 0 (SpikingJelly's ``>=``).
-        aux_offset: if not ``None``, also return the auxiliary ``sum z^2`` over all steps
+        aux_offset: if not ``None``, also return the auxiliary ``sum z^2`` of each step
             (:func:`spike_forward`), differentiable.
         aux_var: whether the auxiliary sum's gradient reaches the variance too
             (``False``: ``sigma`` is held constant in ``z``, only the drive gets it).
+        aux_pull: with ``aux_offset``, the backward also gives each step's auxiliary sum
+            the gradient ``aux_pull * mean |dL/dh_t|`` (``dL/dh_t`` through the spikes and,
+            unless ``detach_reset``, the reset; :attr:`~sbnn_addons.IWSTSpike.aux_pull`).
         generator: the generator the T per-step Philox keys are drawn from, in order (the
             same keys as T calls of :func:`fused_spike`).
 
     Returns:
-        ``(spikes [T, *S], V_T, S'_T)``, plus ``sum z^2`` with ``aux_offset``. The spikes
-        are marked binary.
+        ``(spikes [T, *S], V_T, S'_T)``, plus ``sum z^2`` per step ``[T]`` with
+        ``aux_offset``. The spikes are marked binary.
 
     Raises:
         TypeError: a tensor is not float32 on the CPU.
@@ -1164,7 +1185,8 @@ def lif_sequence(x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | N
                          f"got {None if rate is None else tuple(rate.shape)} for "
                          f"{dynamics.charge!r}")
     seeds = tuple(_seed(generator) for _ in range(x_seq.shape[0]))
-    config = (dynamics, estimator, bool(at_zero), seeds, aux_offset, bool(aux_var))
+    config = (dynamics, estimator, bool(at_zero), seeds, aux_offset, bool(aux_var),
+              float(aux_pull))
     spikes, v, state, aux = apply_function(
         LIFSequence, x_seq.contiguous(), q_seq, v0, s0, own_var, rate, config)
     mark_binary(spikes)

@@ -17,6 +17,7 @@ scalar, initialised to ``0.5 / sqrt(fan_in)``), per output channel, or per weigh
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,7 @@ __all__ = [
     "converted_layer_kwargs",
     "folded_batchnorm_scale",
     "batchnorm_after",
+    "affine_batchnorm_plan",
 ]
 
 STD_MODES = ("layer", "channel", "weight")
@@ -658,21 +660,56 @@ def converted_layer_kwargs(module: nn.Module, posterior: dict,
     return kw
 
 
-def batchnorm_after(model: nn.Module, weight_types: tuple) -> dict[int, nn.Module]:
-    """``{id(layer): bn}`` for each BatchNorm that directly follows a weight layer of
-    ``weight_types`` in the model's module order and normalises its outputs (as many
-    channels as the layer has outputs): the BatchNorm a converter folds into that layer's
-    noise."""
-    out: dict[int, nn.Module] = {}
+def batchnorm_after(model: nn.Module, weight_types: tuple) -> dict[str, str]:
+    """``{layer name: BatchNorm name}`` (qualified names) for each BatchNorm that directly
+    follows a weight layer of ``weight_types`` in the model's module order and normalises
+    its outputs (as many channels as the layer has outputs): the BatchNorm a converter
+    folds into that layer's noise."""
+    out: dict[str, str] = {}
     last = None
-    for m in model.modules():
+    for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            if last is not None and last.weight.shape[0] == m.num_features:
-                out[id(last)] = m
+            if last is not None and last[1].weight.shape[0] == m.num_features:
+                out[last[0]] = name
             last = None
         elif type(m) in weight_types:
-            last = m
+            last = (name, m)
     return out
+
+
+def affine_batchnorm_plan(model: nn.Module, weight_types: tuple, batchnorm_types: tuple,
+                          layer_selected: Callable[[str], bool],
+                          excluded: Callable[[str], bool],
+                          only_folded: bool) -> tuple[dict[str, str], set[str]]:
+    """What a converter's ``batchnorm="affine"`` does to ``model``: the folds
+    ``{layer name: BatchNorm name}`` (a BatchNorm directly after a converted layer, see
+    :func:`batchnorm_after`) and the names of the BatchNorms it replaces by a
+    :class:`ChannelAffine`: every BatchNorm not ``excluded`` (a name or a module
+    containing it matched by ``exclude``) of ``batchnorm_types``, only those folded into a
+    converted layer with ``only_folded`` (an ``include`` list: the BatchNorms of the
+    converted layers).
+
+    Raises:
+        ValueError: a BatchNorm to replace has no running statistics
+            (``track_running_stats=False``: it always normalises by the batch's own
+            statistics, which no fixed affine equals).
+    """
+    types = dict(model.named_modules())
+    folds = {layer: bn for layer, bn in batchnorm_after(model, weight_types).items()
+             if layer_selected(layer) and not excluded(bn) and type(types[bn]) in batchnorm_types}
+    replaced = set()
+    for name, m in model.named_modules():
+        if (type(m) not in batchnorm_types or excluded(name)
+                or (only_folded and name not in folds.values())):
+            continue
+        if not m.track_running_stats or m.running_var is None:
+            raise ValueError(
+                f"batchnorm='affine' needs running statistics, but BatchNorm {name!r} has "
+                "none (track_running_stats=False: it normalises every batch by its own "
+                "statistics, which no fixed affine equals); keep it with batchnorm='keep' "
+                "or leave it out with exclude=")
+        replaced.add(name)
+    return folds, replaced
 
 
 def is_bayesian(module: nn.Module) -> bool:

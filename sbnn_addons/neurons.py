@@ -213,9 +213,9 @@ class LIF(nn.Module):
         out = kernels._fused_lif_step(
             current, membrane, total, kernels._seed(spike._generator_for(current)),
             (spike.estimator, self.beta, self.threshold, self.reset, spike.at_zero, offset,
-             spike.aux_std_grad))
+             spike.aux_std_grad, spike.aux_pull if aux else 0.0))
         if aux:
-            spike._collect(out[2], current)
+            spike._use_aux(out[0], out[2], current, pulled=True)
         return attach_variance(out[0], None), out[1]
 
     def _fused(self, currents: Tensor, var_seq: Tensor, membrane: Tensor,
@@ -244,9 +244,10 @@ class LIF(nn.Module):
             currents, var_seq, membrane, variance, dyn, spike.estimator,
             own_var=own, at_zero=spike.at_zero,
             aux_offset=spike._aux_offset(self.threshold) if aux else None,
-            aux_var=spike.aux_std_grad, generator=spike._generator_for(currents))
+            aux_var=spike.aux_std_grad, aux_pull=spike.aux_pull if aux else 0.0,
+            generator=spike._generator_for(currents))
         if aux:
-            spike._collect(out[3], currents[0], len(currents))
+            spike._use_aux(out[0], out[3], currents[0], len(currents), pulled=True)
         return out[0], out[1], out[2]
 
     def run(self, currents: Tensor) -> Tensor:

@@ -48,7 +48,7 @@ from .layers import (
     BayesConv2d,
     BayesLinear,
     ChannelAffine,
-    batchnorm_after,
+    affine_batchnorm_plan,
     converted_layer_kwargs,
     is_bayesian,
 )
@@ -64,7 +64,13 @@ from .moments import (
     track_variance,
     untrack_variance,
 )
-from .spike import CONVERTED_SPIKE_STD, DEFAULT_SPIKE_STD, IWSTSpike
+from .spike import (
+    CONVERTED_SPIKE_STD,
+    DEFAULT_AUX_PULL,
+    DEFAULT_SPIKE_STD,
+    IWSTSpike,
+    check_aux_pull,
+)
 from .surgery import replace_modules
 
 __all__ = [
@@ -186,6 +192,7 @@ def spike_grad(
     *,
     std: float | None = DEFAULT_SPIKE_STD,
     learn_std: bool | None = None,
+    aux_pull: float = DEFAULT_AUX_PULL,
     **kw,
 ) -> IWSTSpike:
     """A stochastic spike function to pass as ``snn.Leaky(spike_grad=...)``.
@@ -207,6 +214,9 @@ def spike_grad(
             :data:`~sbnn_addons.spike.DEFAULT_SPIKE_STD`; ``None`` or 0: only the variance
             attached by Bayesian layers, and a zero gradient without them).
         learn_std: learn ``std`` through ``softplus(rho)`` (default: when ``std > 0``).
+        aux_pull: the auxiliary loss applied through the gradient
+            (:class:`~sbnn_addons.IWSTSpike`; 0: off), which lets a neuron pushed far
+            below its threshold recover.
         **kw: further :class:`~sbnn_addons.IWSTSpike` arguments.
 
     Returns:
@@ -215,7 +225,7 @@ def spike_grad(
     """
     if learn_std is None:
         learn_std = bool(std)
-    return SnnTorchSpike(estimator, std=std, learn_std=learn_std, **kw)
+    return SnnTorchSpike(estimator, std=std, learn_std=learn_std, aux_pull=aux_pull, **kw)
 
 
 # --------------------------------------------------------------------------- neurons
@@ -661,6 +671,7 @@ def to_sbnn(
     exclude: str | Sequence[str] | None = None,
     batchnorm: str = "keep",
     aux_loss: bool = False,
+    aux_pull: float = DEFAULT_AUX_PULL,
     inplace: bool = False,
     example_input=None,
 ) -> nn.Module:
@@ -716,7 +727,12 @@ def to_sbnn(
             the initial posterior std of the layer before it, which keeps the
             signal-to-noise ratio; it freezes the statistics, so use it on trained
             models).
-        aux_loss: collect the auxiliary bias loss (:func:`sbnn_addons.aux_loss`).
+        aux_loss: collect the auxiliary bias loss (:func:`sbnn_addons.aux_loss`), to be
+            added to the loss.
+        aux_pull: the auxiliary loss applied through the gradient instead, at this
+            fraction of the gradient reaching each neuron's spikes (see
+            :class:`~sbnn_addons.IWSTSpike`; 0: off): with it a neuron pushed far below
+            its threshold recovers in a training loop left as it was.
         inplace: convert ``model`` itself instead of a deep copy.
         example_input: if given, :func:`sbnn_addons.check_variance_flow` runs one
             no-grad ``mean``-mode forward ``model(example_input)`` on the converted model
@@ -753,6 +769,12 @@ def to_sbnn(
         raise ValueError(f"batchnorm must be 'affine' or 'keep', got {batchnorm!r}")
     inc, exc = _patterns("include", include), _patterns("exclude", exclude)
     if _already_converted(model):
+        if not any(is_bayesian(m) or type(m) in _TO_PLAIN for m in model.modules()):
+            raise ValueError(
+                "model's neurons use sbnn_addons spike functions (spike_grad()), so it "
+                "trains as it is; to_sbnn converts a model with snnTorch surrogates: build "
+                "the neurons with a snnTorch surrogate (e.g. spike_grad=surrogate.atan()), "
+                "load the trained weights, then convert")
         raise ValueError(
             "model is already converted (it contains a Bayesian layer, an IWSTSpike or an "
             "SBNN neuron); convert the original snnTorch model, or to_snntorch(model) first"
@@ -769,6 +791,13 @@ def to_sbnn(
     layer_kw = dict(std=std, std_mode=std_mode, learn_std=learn_std, bias_std=bias_std)
     spike_learn = bool(learn_std and spike_std)
     _validate_arguments(model, estimator, layer_kw, spike_std, spike_learn, inc, exc)
+    aux_pull = check_aux_pull(aux_pull)
+
+    def name_selected(name: str) -> bool:
+        return (inc is None or _match(name, inc)) and not _match(name, exc)
+
+    folds, affine_bns = ({}, set()) if batchnorm != "affine" else affine_batchnorm_plan(
+        model, tuple(_LAYERS), _BNS, name_selected, lambda n: _match(n, exc), inc is not None)
 
     out = model if inplace else _safe_deepcopy(model)
 
@@ -776,6 +805,7 @@ def to_sbnn(
     names: dict[int, list[str]] = {}
     for n, m in out.named_modules(remove_duplicate=False):
         names.setdefault(id(m), []).append(n)
+    modules = dict(out.named_modules())
 
     def excluded(m: nn.Module) -> bool:
         return bool(exc) and any(_match(n, exc) for n in names.get(id(m), []))
@@ -785,14 +815,13 @@ def to_sbnn(
             return False
         return not excluded(m)
 
-    folded = batchnorm_after(out, tuple(_LAYERS)) if batchnorm == "affine" else {}
-
     def convert(_name: str, child: nn.Module) -> nn.Module | None:
         new = None
         if type(child) in _LAYERS and selected(child):
-            kw = converted_layer_kwargs(child, layer_kw, folded.get(id(child)))
+            folded = next((folds[n] for n in names.get(id(child), []) if n in folds), None)
+            kw = converted_layer_kwargs(child, layer_kw, modules.get(folded))
             new = _LAYERS[type(child)].from_module(child, **kw)
-        elif type(child) in _BNS and batchnorm == "affine":
+        elif any(n in affine_bns for n in names.get(id(child), [])):
             new = ChannelAffine.from_batchnorm(child)
             new.__dict__[_BN_KIND] = type(child).__name__
         if new is not None:
@@ -811,7 +840,8 @@ def to_sbnn(
         if type(m) in _TO_SBNN:
             host_fn = m.spike_grad  # kept for to_snntorch (an instance attribute or a module)
             m.__class__ = _TO_SBNN[type(m)]
-            fn = IWSTSpike(estimator, std=spike_std, learn_std=spike_learn, threshold=_thr(m))
+            fn = IWSTSpike(estimator, std=spike_std, learn_std=spike_learn, threshold=_thr(m),
+                           aux_pull=aux_pull)
             thr = m.threshold
             if isinstance(thr, Tensor):  # the neuron's device and float dtype
                 fn = fn.to(device=thr.device,
@@ -926,8 +956,9 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
             _register(m)
         elif isinstance(m, IWSTSpike):
             raise ValueError(
-                "model contains an IWSTSpike outside a converted neuron; replace it before "
-                "exporting"
+                "model contains an IWSTSpike outside a converted neuron (a neuron built "
+                "with spike_grad()); to_snntorch exports models made by to_sbnn: give that "
+                "neuron a snnTorch surrogate (neuron.spike_grad = surrogate.atan()) instead"
             )
     reset(out)
     for m in out.modules():  # drop attached variances left on any state tensor

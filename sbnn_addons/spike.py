@@ -47,7 +47,7 @@ from .moments import (
 )
 
 __all__ = ["IWSTSpike", "seed_spikes", "recomputing_forward", "DEFAULT_SPIKE_STD",
-           "CONVERTED_SPIKE_STD"]
+           "CONVERTED_SPIKE_STD", "DEFAULT_AUX_PULL"]
 
 #: Default own noise std of a drop-in spike function, ``1 / sqrt(2 pi) = 0.3989...``.
 #: With own noise ``s`` and the ST estimator the expected gradient is
@@ -62,13 +62,58 @@ DEFAULT_SPIKE_STD = 1.0 / math.sqrt(2.0 * math.pi)
 #: passes a gradient and can recover, with at least the peak of the hosts' surrogates.
 CONVERTED_SPIKE_STD = DEFAULT_SPIKE_STD
 
+#: Default :attr:`IWSTSpike.aux_pull` of drop-in spike functions and converted models: the
+#: auxiliary loss's gradient at this fraction of the gradient reaching the spikes
+#: (measured on the hosts' tutorial models, see the training page).
+DEFAULT_AUX_PULL = 1e-3
+
 _RECOMPUTING = [0]  # depth of recomputations (activation checkpointing) in progress
 _IN_CHECKPOINT = [0]  # depth of sbnn_addons.checkpoint forwards (which replay seeded draws)
 _OPTIMIZER_STEPS: list = [0, None]  # torch.optim steps taken, the hook's handle
 
 
+def check_aux_pull(value) -> float:
+    """``value`` as a float ``>= 0``.
+
+    Raises:
+        TypeError: not a real number.
+        ValueError: negative or not finite.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"aux_pull must be a number >= 0, got {type(value).__name__}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"aux_pull must be a finite number >= 0, got {value}")
+    return float(value)
+
+
 def _count_optimizer_step(optimizer, args, kwargs) -> None:
     _OPTIMIZER_STEPS[0] += 1
+
+
+class _AuxPull(torch.autograd.Function):
+    """``spikes`` unchanged in the forward; in the backward the auxiliary term ``aux`` (a
+    0-dim ``w * sum z^2``, or one per step ``[T]`` of a sequence of spikes ``[T, ...]``)
+    gets the gradient ``mean |dL/dspikes|`` (of its step), as if ``mean|dL/dspikes| *
+    aux`` (that factor held constant) were part of the loss."""
+
+    @staticmethod
+    def forward(spikes: Tensor, aux: Tensor) -> Tensor:
+        # a copy, not a view (which a custom function's output could not be changed in
+        # place as), of the values only (the caller marks it binary again)
+        return torch.empty_like(spikes, memory_format=torch.preserve_format).copy_(spikes)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.steps = inputs[1].shape[0] if inputs[1].dim() else None
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        size = grad.abs()
+        if size.numel() == 0:  # an empty batch
+            return grad, size.new_zeros(() if ctx.steps is None else (ctx.steps,))
+        if ctx.steps is None:
+            return grad, size.mean()
+        return grad, size.reshape(ctx.steps, -1).mean(1)
 
 
 @contextlib.contextmanager
@@ -122,6 +167,22 @@ class IWSTSpike(SBNNModule, nn.Module):
             form lowers ``z^2`` mostly by inflating ``sigma`` until the noise drowns the
             signal.
         batch_dim: dimension of ``u`` that indexes examples (1 for ``[T, B, ...]`` input).
+        aux_pull: apply the auxiliary loss through the gradient, at this fraction of the
+            gradient that reaches the spikes (0: off). In training mode with gradients
+            on, the backward adds to the drive's gradient
+
+            .. code-block:: text
+
+                aux_pull * mean(|dL/dh|) * d(sum z^2)/du = aux_pull * mean(|dL/dh|) * 2 z / sigma
+
+            (the mean over this call's spikes; ``sigma`` held constant unless
+            ``aux_std_grad``), as if ``aux_pull * mean(|dL/dh|) * sum z^2`` were part of
+            the loss. A unit far below its threshold, where the estimator's gradient
+            ``phi(z) / sigma`` vanishes, is pulled back: a silent neuron recovers in a
+            training loop that does not add :func:`sbnn_addons.aux_loss` to its loss.
+            Scaled by the task's own gradient, it needs no tuning to the loss's scale;
+            the printed loss is the task's. Drop-in spike functions and converted models
+            use :data:`DEFAULT_AUX_PULL`.
 
     Shapes:
         ``u``: ``[*]``; output: ``[*]``, same dtype, values in {0, 1}.
@@ -140,6 +201,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         aux_center: str = "threshold",
         aux_std_grad: bool = False,
         batch_dim: int = 0,
+        aux_pull: float = 0.0,
     ) -> None:
         super().__init__()
         self.estimator = get_estimator(estimator)
@@ -148,6 +210,7 @@ class IWSTSpike(SBNNModule, nn.Module):
             raise ValueError(f"aux_center must be 'threshold' or 'zero', got {aux_center!r}")
         if not isinstance(aux_std_grad, bool):
             raise TypeError(f"aux_std_grad must be a bool, got {type(aux_std_grad).__name__}")
+        aux_pull = check_aux_pull(aux_pull)
         self.learn_std = bool(learn_std)
         if self.learn_std:
             self.std_rho = nn.Parameter(torch.full(tuple(std_shape), inverse_softplus(std)))
@@ -161,6 +224,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         self.aux_std_grad = aux_std_grad
         self.batch_dim = batch_dim
         self.collect_aux = False
+        self.aux_pull = aux_pull
         self._aux_terms: list[Tensor] = []
         self._aux_version: int | None = None
         self._seed: int | None = None
@@ -263,7 +327,7 @@ class IWSTSpike(SBNNModule, nn.Module):
                                               aux_var=self.aux_std_grad)
                     spikes, z2 = out if aux else (out, None)
                 if aux:
-                    self._collect(z2, u)
+                    spikes = self._use_aux(spikes, z2, u)
                 return mark_binary(attach_variance(spikes, None))
         if variance is None:
             sigma = torch.zeros((), dtype=u.dtype, device=u.device)
@@ -278,7 +342,7 @@ class IWSTSpike(SBNNModule, nn.Module):
             BernoulliSpike, u, sigma.expand_as(u), eps, self.estimator, self.at_zero
         )
         if variance is not None and self._aux_wanted():
-            self._collect(self._z_squared(u, sigma), u)
+            spikes = self._use_aux(spikes, self._z_squared(u, sigma), u)
         return mark_binary(attach_variance(spikes, None))
 
     def _z_squared(self, u: Tensor, sigma: Tensor) -> Tensor:
@@ -292,12 +356,13 @@ class IWSTSpike(SBNNModule, nn.Module):
         return z2.sum()
 
     def _aux_wanted(self) -> bool:
-        """Whether this call collects auxiliary terms: collection on, training mode
+        """Whether this call computes auxiliary terms: collection or the pull on, training mode
         (``model.eval()`` passes, e.g. a validation forward with gradients on, collect
         nothing that a training step would then consume), gradients on, and a finite
         threshold (a neuron with an infinite threshold, e.g. a membrane readout,
         never fires: its ``z`` is ``-inf`` and it has nothing to pull towards)."""
-        return (self.collect_aux and self.training and torch.is_grad_enabled()
+        return ((self.collect_aux or self.aux_pull > 0) and self.training
+                and torch.is_grad_enabled()
                 and -math.inf < self.threshold < math.inf)  # traceable as a symbolic float
 
     def _aux_offset(self, threshold: float) -> float:
@@ -309,6 +374,19 @@ class IWSTSpike(SBNNModule, nn.Module):
         """``sigma`` as the auxiliary loss's ``z`` sees it: held constant (detached)
         unless :attr:`aux_std_grad`."""
         return sigma if self.aux_std_grad else sigma.detach()
+
+    def _use_aux(self, spikes: Tensor, z2_sum: Tensor, step: Tensor, steps: int = 1,
+                 pulled: bool = False) -> Tensor:
+        """The auxiliary term ``z2_sum`` (0-dim, or per step ``[T]``) of the ``spikes`` just
+        drawn: kept for :func:`sbnn_addons.aux_loss` (:meth:`_collect`) when collecting,
+        and tied to the spikes' gradient (:attr:`aux_pull`) unless the kernel that drew
+        them applies the pull itself (``pulled``: a fused neuron, whose reset the spikes'
+        gradient also flows through). Returns the spikes to emit."""
+        if self.collect_aux:
+            self._collect(z2_sum.sum() if z2_sum.dim() else z2_sum, step, steps)
+        if self.aux_pull > 0 and not pulled:
+            spikes = _AuxPull.apply(spikes, self.aux_pull * z2_sum)
+        return spikes
 
     def _collect(self, z2_sum: Tensor, step: Tensor, steps: int = 1) -> None:
         """Keep an aux term: ``z2_sum`` (``z^2`` summed over batch, units and ``steps``

@@ -75,7 +75,13 @@ from .moments import (
     untrack_variance,
 )
 from .moments import refuse_variance as _refuse_variance
-from .spike import CONVERTED_SPIKE_STD, DEFAULT_SPIKE_STD, IWSTSpike
+from .spike import (
+    CONVERTED_SPIKE_STD,
+    DEFAULT_AUX_PULL,
+    DEFAULT_SPIKE_STD,
+    IWSTSpike,
+    check_aux_pull,
+)
 from .surgery import replace_modules
 
 __all__ = [
@@ -218,7 +224,7 @@ class SJSpike(IWSTSpike):
 
 def surrogate_function(
     estimator="st", *, std: float | None = DEFAULT_SPIKE_STD, learn_std: bool | None = None,
-    **kw
+    aux_pull: float = DEFAULT_AUX_PULL, **kw
 ) -> SJSpike:
     """Stochastic IW-ST spike usable as ``neuron.LIFNode(surrogate_function=...)``.
 
@@ -240,13 +246,16 @@ def surrogate_function(
             :data:`~sbnn_addons.spike.DEFAULT_SPIKE_STD`; ``None`` or 0: no own noise,
             and a zero gradient without a linked Bayesian layer).
         learn_std: learn it through ``softplus(rho)`` (default: when ``std > 0``).
+        aux_pull: the auxiliary loss applied through the gradient
+            (:class:`~sbnn_addons.IWSTSpike`; 0: off), which lets a neuron pushed far
+            below its threshold recover.
         **kw: further :class:`~sbnn_addons.IWSTSpike` arguments (``threshold``,
             ``aux_center``, ``std_shape``, ...); ``at_zero=True`` and ``batch_dim=0``
             are the defaults.
     """
     if learn_std is None:
         learn_std = bool(std)
-    return SJSpike(estimator, std=std, learn_std=learn_std, **kw)
+    return SJSpike(estimator, std=std, learn_std=learn_std, aux_pull=aux_pull, **kw)
 
 
 def _dynamics(node: nn.Module) -> tuple:
@@ -402,10 +411,11 @@ def _linked_multi_step_forward(node: nn.Module, x_seq: Tensor, *args, **kwargs):
         x_seq, var, v0, spike._var_state, dyn, spike.estimator, rate=rate, own_var=own,
         at_zero=spike.at_zero,
         aux_offset=spike._aux_offset(spike.threshold) if aux else None,
-        aux_var=spike.aux_std_grad, generator=spike._generator_for(x_seq))
+        aux_var=spike.aux_std_grad, aux_pull=spike.aux_pull if aux else 0.0,
+        generator=spike._generator_for(x_seq))
     spikes, v, state = out[:3]
     if aux:
-        spike._collect(out[3], x_seq[0], x_seq.shape[0])
+        spike._use_aux(spikes, out[3], x_seq[0], x_seq.shape[0], pulled=True)
     node._memories["v"] = v
     node.v_seq = None
     spike.__dict__.update(_var_state=state if var is not None or spike._var_state is not None
@@ -610,6 +620,7 @@ def to_sbnn(
     exclude: str | Iterable[str] | None = None,
     batchnorm: str = "keep",
     aux_loss: bool = False,
+    aux_pull: float = DEFAULT_AUX_PULL,
     inplace: bool = False,
     example_input=None,
 ) -> nn.Module:
@@ -671,7 +682,12 @@ def to_sbnn(
             folded into the initial posterior std of the layer before it, which keeps the
             signal-to-noise ratio; it freezes the statistics, so use it on trained
             models).
-        aux_loss: collect the auxiliary bias loss (:func:`sbnn_addons.aux_loss`).
+        aux_loss: collect the auxiliary bias loss (:func:`sbnn_addons.aux_loss`), to be
+            added to the loss.
+        aux_pull: the auxiliary loss applied through the gradient instead, at this
+            fraction of the gradient reaching each neuron's spikes (see
+            :class:`~sbnn_addons.IWSTSpike`; 0: off): with it a neuron pushed far below
+            its threshold recovers in a training loop left as it was.
         inplace: convert ``model`` itself instead of a deep copy.
         example_input: if given, :func:`sbnn_addons.check_variance_flow` runs one
             no-grad ``mean``-mode forward ``model(example_input)`` on the converted model
@@ -704,6 +720,14 @@ def to_sbnn(
     if batchnorm not in ("affine", "keep"):
         raise ValueError(f"batchnorm must be 'affine' or 'keep', got {batchnorm!r}")
     inc, exc = name_patterns("include", include), name_patterns("exclude", exclude)
+    if (not any(_layers.is_bayesian(m) for m in model.modules())
+            and any(isinstance(m, IWSTSpike) and not getattr(m, "_linked", False)
+                    for m in model.modules())):
+        raise ValueError(
+            "model's neurons use sbnn_addons spike functions (surrogate_function()), so "
+            "it trains as it is; to_sbnn converts a model with SpikingJelly surrogates: "
+            "build the neurons with a SpikingJelly surrogate (e.g. surrogate.ATan()), load "
+            "the trained weights, then convert")
     if any(_layers.is_bayesian(m) or isinstance(m, IWSTSpike) for m in model.modules()):
         raise ValueError(
             "model is already converted (it contains Bayesian layers or SBNN spike "
@@ -712,39 +736,45 @@ def to_sbnn(
     posterior = dict(std=std, std_mode=std_mode, learn_std=learn_std, bias_std=bias_std)
     spike_learn = bool(learn_std and spike_std)
     _validate_arguments(model, estimator, posterior, spike_std, spike_learn, inc, exc)
+    aux_pull = check_aux_pull(aux_pull)
     for name, m in model.named_modules():
         if _is_spiking_node(m) and type(m) not in SUPPORTED_NEURONS and not match_name(name,
                                                                                       exc):
             raise _unsupported(m, name)
 
+    def selected(name: str) -> bool:
+        return (inc is None or match_name(name, inc)) and not match_name(name, exc)
+
+    folds, affine_bns = ({}, set()) if batchnorm != "affine" else _layers.affine_batchnorm_plan(
+        model, _WEIGHTS, _SJ_BN + _PLAIN_BN, selected, lambda n: match_name(n, exc),
+        inc is not None)
+
     model = model if inplace else _safe_deepcopy(model)
     reset(model)  # (the copy's) neuron states: a fresh start
     counts = {"layers": 0, "neurons": 0}
-
-    folded = _layers.batchnorm_after(model, _WEIGHTS) if batchnorm == "affine" else {}
+    modules = dict(model.named_modules())
 
     def convert(name: str, m: nn.Module):
-        selected = (inc is None or match_name(name, inc)) and not match_name(name, exc)
         t = type(m)
         new = None
-        if selected and t in _WEIGHTS:
-            kw = _layers.converted_layer_kwargs(m, posterior, folded.get(id(m)))
-        if selected and t is layer.Linear:
-            new = BayesLinear.from_module(m, step_mode=m.step_mode, **kw)
-        elif selected and t is layer.Conv2d:
-            new = BayesConv2d.from_module(m, step_mode=m.step_mode, **kw)
-        elif selected and t is layer.Conv1d:
-            new = BayesConv1d.from_module(m, step_mode=m.step_mode, **kw)
-        elif selected and t is nn.Linear:
-            new = _layers.BayesLinear.from_module(m, **kw)
-        elif selected and t is nn.Conv1d:
-            new = _layers.BayesConv1d.from_module(m, **kw)
-        elif selected and t is nn.Conv2d:
-            new = _layers.BayesConv2d.from_module(m, **kw)
+        if t in _WEIGHTS and selected(name):
+            kw = _layers.converted_layer_kwargs(m, posterior, modules.get(folds.get(name)))
+            if t is layer.Linear:
+                new = BayesLinear.from_module(m, step_mode=m.step_mode, **kw)
+            elif t is layer.Conv2d:
+                new = BayesConv2d.from_module(m, step_mode=m.step_mode, **kw)
+            elif t is layer.Conv1d:
+                new = BayesConv1d.from_module(m, step_mode=m.step_mode, **kw)
+            elif t is nn.Linear:
+                new = _layers.BayesLinear.from_module(m, **kw)
+            elif t is nn.Conv1d:
+                new = _layers.BayesConv1d.from_module(m, **kw)
+            elif t is nn.Conv2d:
+                new = _layers.BayesConv2d.from_module(m, **kw)
         if new is not None:
             counts["layers"] += 1
             return new.train(m.training)
-        if batchnorm == "affine" and t in _SJ_BN + _PLAIN_BN:
+        if name in affine_bns:
             return _affine_from_bn(m)
         return None
 
@@ -756,7 +786,7 @@ def to_sbnn(
             if _refuse_variance not in m._forward_pre_hooks.values():
                 m.register_forward_pre_hook(_refuse_variance)
             continue
-        spike = SJSpike(estimator, std=spike_std, learn_std=spike_learn)
+        spike = SJSpike(estimator, std=spike_std, learn_std=spike_learn, aux_pull=aux_pull)
         spike = spike.to(**_float_like(m, model))
         host = m.surrogate_function
         link_neuron(m, spike)

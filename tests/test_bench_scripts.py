@@ -56,16 +56,17 @@ def test_std_scale_scales_every_posterior_std():
 
 def test_bench_dropin_runs_fresh_and_pretrained(capsys):
     """bench_dropin trains the host originals and their conversions side by side (tiny
-    sizes): fresh, and converted after the original was trained first; the converted
-    model's aux weight is the fraction of the host loss at the start."""
+    sizes): fresh, and converted after the original was trained first; with
+    `--aux-fraction` the converted model's aux weight is that fraction of the host loss
+    at the start (by default none: the host's loss alone)."""
     dropin = _script("bench_dropin")
     common = ["--models", "snntorch-csnn", "sj-csnn", "--epochs", "1", "--digits-train",
               "32", "--digits-test", "32", "--batch", "16", "--snntorch-lr", "1e-2",
               "--snntorch-steps", "2", "--sj-channels", "4"]
-    assert dropin.main(common) == 0
+    assert dropin.main([*common, "--aux-fraction", "0.05"]) == 0
     fresh = capsys.readouterr().out
     assert fresh.count("| 1 |") == 2 and "aux weight 0.115" in fresh  # 0.05 x ln(10)
-    assert dropin.main([*common, "--pretrain-epochs", "1", "--aux-weight", "0"]) == 0
+    assert dropin.main([*common, "--pretrain-epochs", "1"]) == 0
     pretrained = capsys.readouterr().out
     assert pretrained.count("trained 1 epochs first") == 2 and "aux weight 0)" in pretrained
 

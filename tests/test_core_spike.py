@@ -279,3 +279,86 @@ def test_a_copy_of_a_seeded_spike_function_continues_its_stream():
     expected = spk(u)
     for dup in copies:
         assert torch.equal(dup(u), expected)
+
+
+# --------------------------------------------------------------------------- aux pull
+@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.parametrize("estimator", ["st", "agr(0.5)"])
+def test_aux_pull_adds_the_auxiliary_gradient(kernels, estimator):
+    """With `aux_pull = w` the drive's gradient gains w * mean|dL/dh| * 2 z / sigma (sigma
+    held constant), the same draws otherwise: as if w * mean|dL/dh| * sum z^2 were in the
+    loss. Kernel and PyTorch paths, spikes unchanged."""
+    torch.manual_seed(0)
+    u0 = torch.randn(8, 16) * 2 - 1
+    var = torch.rand(8, 1) * 0.3
+    g = torch.randn(8, 16)
+    grads, outs = [], []
+    with sb.kernels.use_kernels(kernels):
+        for pull in (0.0, 0.05):
+            spike = IWSTSpike(estimator, std=0.4, learn_std=True, aux_pull=pull)
+            spike.manual_seed(7)
+            u = u0.clone().requires_grad_()
+            h = spike(attach_variance(u, var))
+            (h * g).sum().backward()
+            grads.append(u.grad)
+            outs.append(h.detach())
+    assert torch.equal(outs[0], outs[1])
+    sigma = (var + 0.16).sqrt()
+    pull = 0.05 * g.abs().mean() * 2 * (u0 / sigma) / sigma
+    torch.testing.assert_close(grads[1] - grads[0], pull, rtol=1e-4, atol=1e-6)
+
+
+def test_aux_pull_revives_a_silent_unit_and_only_in_training():
+    """A unit 8 sigma below its threshold: the estimator's gradient is ~0; the pull's
+    points towards the threshold. Nothing in eval mode or without gradients."""
+    spike = IWSTSpike(std=0.5, aux_pull=1e-3)
+    u = torch.full((4, 3), -4.0, requires_grad=True)
+    spike(u).sum().backward()
+    assert (u.grad < -1e-4).all()  # descent raises u
+    spike.eval()
+    u.grad = None
+    spike(u).sum().backward()
+    assert float(u.grad.abs().max()) < 1e-10
+    spike.train()
+    with torch.no_grad():
+        assert spike(u).grad_fn is None
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="aux_pull"):
+            IWSTSpike(aux_pull=bad)
+    with pytest.raises(TypeError, match="aux_pull"):
+        IWSTSpike(aux_pull=True)
+
+
+@pytest.mark.parametrize("reset", ["subtract", "zero", "none"])
+def test_aux_pull_of_fused_lif_equals_the_step_loop(reset):
+    """The core LIF with an aux pull: the fused sequence (`run`) and the fused steps give
+    the same spikes and gradients; in both the spikes' gradient that scales the pull
+    includes the path through the reset (as for a spike function called per step, whose
+    output the reset uses; checked against SpikingJelly's own loop in
+    test_spikingjelly_dynamics.py), and the pull changes the gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, 8) + 0.8
+    results = []
+    for how, pull in (("run", 0.02), ("fused step", 0.02), ("run", 0.0)):
+        lif = sb.LIF(beta=0.8, reset=reset, spike_fn=IWSTSpike(std=0.5, learn_std=True,
+                                                                aux_pull=pull))
+        lif.spike_fn.manual_seed(5)
+        xs = x.clone().requires_grad_()
+        currents = attach_variance(xs * 1.0, torch.full((6, 5, 1), 0.1))  # a layer's output
+        if how == "run":
+            spikes = lif.run(currents)
+            assert type(spikes.grad_fn).__name__ == "LIFSequenceBackward"
+        else:
+            mem, out = None, []
+            for t in range(len(xs)):
+                s, mem = lif(currents[t], mem)
+                assert type(s.grad_fn).__name__ == "LIFStepBackward"
+                out.append(s)
+            spikes = torch.stack(out)
+        (spikes * torch.linspace(-1, 2, 8)).sum().backward()
+        results.append((spikes.detach(), xs.grad, lif.spike_fn.std_rho.grad))
+    (run, step, no_pull) = results
+    assert torch.equal(step[0], run[0]) and torch.equal(no_pull[0], run[0])
+    torch.testing.assert_close(step[1], run[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(step[2], run[2], rtol=1e-5, atol=1e-6)
+    assert float((run[1] - no_pull[1]).abs().max()) > 1e-3

@@ -21,7 +21,7 @@ from sbnn_addons import snntorch as sbnn_snn
 from sbnn_addons import spikingjelly as sbnn_sj
 from sbnn_addons.data.digits import load_digits_split
 from sbnn_addons.layers import CONVERTED_STD_FRACTION, converted_std
-from sbnn_addons.spike import CONVERTED_SPIKE_STD, DEFAULT_SPIKE_STD
+from sbnn_addons.spike import CONVERTED_SPIKE_STD, DEFAULT_AUX_PULL, DEFAULT_SPIKE_STD
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,8 @@ def _surrogate_peak(fn) -> float:
 # --------------------------------------------------------------------------- identity
 def test_default_std_gives_the_hosts_surrogate_peak():
     """ST with own noise s: dh/du = phi(u/s)/s (the expectation over the noise, here
-    exact per draw); at the default s its peak is 1, as the hosts' default surrogates."""
+    exact per draw); at the default s its peak is 1, as the hosts' default surrogates.
+    The default auxiliary pull adds aux_pull * mean|dL/dh| * 2 z / s (here dL/dh = 1)."""
     assert DEFAULT_SPIKE_STD == pytest.approx(1 / math.sqrt(2 * math.pi))
     assert _surrogate_peak(snn_surrogate.atan()) == pytest.approx(1.0)
     assert _surrogate_peak(sj_surrogate.Sigmoid()) == pytest.approx(1.0)
@@ -50,7 +51,8 @@ def test_default_std_gives_the_hosts_surrogate_peak():
         fn(u).sum().backward()
         s = DEFAULT_SPIKE_STD
         expected = torch.exp(-0.5 * (u.detach() / s) ** 2) / math.sqrt(2 * math.pi) / s
-        torch.testing.assert_close(u.grad, expected)
+        pull = DEFAULT_AUX_PULL * 2 * u.detach() / s / s
+        torch.testing.assert_close(u.grad, expected + pull)
         assert float(u.grad[15]) == pytest.approx(1.0)
 
 

@@ -367,3 +367,38 @@ def test_one_leaky_shared_by_two_layers_keeps_each_membrane_state():
             torch.testing.assert_close(b[i], a[i])
         fired += int(b[1].sum() + b[5].sum())
     assert fired > 0
+
+
+def test_batchnorm_affine_respects_include_exclude_and_needs_running_statistics():
+    """`batchnorm="affine"` replaces only the BatchNorms the selection converts: an
+    excluded BatchNorm (or one inside an excluded module) stays a BatchNorm and is not
+    folded into its layer's std; with `include`, only the BatchNorms after converted
+    layers change. A BatchNorm without running statistics cannot become a fixed affine:
+    named error, and an `inplace=True` conversion leaves the model as it was."""
+    import snntorch as snn
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), snn.Leaky(beta=BETA, init_hidden=True),
+                        nn.Linear(6, 4), nn.BatchNorm1d(4),
+                        snn.Leaky(beta=BETA, init_hidden=True, output=True))
+    with torch.no_grad():
+        net[1].running_var.fill_(0.01)  # a folded scale of 10
+        net[4].running_var.fill_(0.04)
+    plain = to_sbnn(net, batchnorm="keep")
+    folded = to_sbnn(net, batchnorm="affine")
+    assert type(folded[1]).__name__ == "ChannelAffine" == type(folded[4]).__name__
+    assert float(folded[0].std.detach()) > 5 * float(plain[0].std.detach())  # the fold
+    kept = to_sbnn(net, batchnorm="affine", exclude="1")
+    assert isinstance(kept[1], nn.BatchNorm1d) and type(kept[4]).__name__ == "ChannelAffine"
+    torch.testing.assert_close(kept[0].std, plain[0].std)  # nothing folded
+    only = to_sbnn(net, batchnorm="affine", include="3")
+    assert isinstance(only[1], nn.BatchNorm1d) and type(only[4]).__name__ == "ChannelAffine"
+    assert isinstance(only[0], nn.Linear)
+    net[4] = nn.BatchNorm1d(4, track_running_stats=False)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=r"BatchNorm '4'.*track_running_stats=False"):
+        to_sbnn(net, batchnorm="affine", inplace=True)
+    assert all(type(m).__module__.startswith(("torch", "snntorch")) for m in net.modules())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    to_sbnn(net, batchnorm="affine", exclude="4")  # left out: fine

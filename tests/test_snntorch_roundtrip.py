@@ -196,8 +196,11 @@ def test_double_conversion_nothing_to_convert_and_bad_batchnorm():
     model = to_sbnn(net)
     with pytest.raises(ValueError, match="already converted"):
         to_sbnn(model)
-    with pytest.raises(ValueError, match="already converted"):
-        to_sbnn(nn.Sequential(nn.Linear(2, 2), snn.Leaky(beta=0.5, spike_grad=spike_grad())))
+    dropin = nn.Sequential(nn.Linear(2, 2), snn.Leaky(beta=0.5, spike_grad=spike_grad()))
+    with pytest.raises(ValueError, match=r"spike_grad\(\).*surrogate\.atan\(\)"):
+        to_sbnn(dropin)  # a drop-in model: build it with a snnTorch surrogate
+    with pytest.raises(ValueError, match=r"spike_grad\(\).*surrogate\.atan\(\)"):
+        to_snntorch(dropin)
     with pytest.raises(ValueError, match="nothing to convert"):
         to_sbnn(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
     with pytest.raises(ValueError, match="batchnorm"):

@@ -146,6 +146,10 @@ def test_double_conversion():
     model = sbnn_sj.to_sbnn(_net())
     with pytest.raises(ValueError, match="already converted"):
         sbnn_sj.to_sbnn(model)
+    dropin = nn.Sequential(layer.Linear(3, 4),
+                           neuron.LIFNode(surrogate_function=sbnn_sj.surrogate_function()))
+    with pytest.raises(ValueError, match=r"surrogate_function\(\).*surrogate\.ATan\(\)"):
+        sbnn_sj.to_sbnn(dropin)
 
 
 def test_nothing_to_convert():
@@ -254,3 +258,26 @@ def test_layer_conv1d_converts_and_exports(sm):
     assert type(plain[0]) is layer.Conv1d and plain[0].step_mode == sm
     with torch.no_grad():
         assert torch.equal(run_sequence(plain, x, sm), ref)
+
+
+def test_batchnorm_affine_respects_include_exclude_and_needs_running_statistics():
+    """`batchnorm="affine"` replaces only the BatchNorms the selection converts (not an
+    excluded one, nor, with `include`, one after a layer left out), folds only those; a
+    BatchNorm without running statistics gives a named error before anything changes."""
+    net = _net()
+    with torch.no_grad():
+        net[1].running_var.fill_(0.01)
+    plain = sbnn_sj.to_sbnn(net, batchnorm="keep")
+    folded = sbnn_sj.to_sbnn(net, batchnorm="affine")
+    assert isinstance(folded[1], sbnn_sj.ChannelAffine)
+    assert float(folded[0].std.detach()) > 5 * float(plain[0].std.detach())
+    for kw in (dict(exclude="1"), dict(include="4")):
+        model = sbnn_sj.to_sbnn(net, batchnorm="affine", **kw)
+        assert isinstance(model[1], layer.BatchNorm2d), kw
+        if "exclude" in kw:
+            torch.testing.assert_close(model[0].std, plain[0].std)
+    net[1] = layer.BatchNorm2d(4, track_running_stats=False, step_mode="m")
+    with pytest.raises(ValueError, match=r"BatchNorm '1'.*track_running_stats=False"):
+        sbnn_sj.to_sbnn(net, batchnorm="affine", inplace=True)
+    assert not any(sbnn_addons.layers.is_bayesian(m) for m in net.modules())
+    sbnn_sj.to_sbnn(net, batchnorm="affine", exclude="1")
