@@ -18,6 +18,9 @@ Models:
   Conv2d(12,64,5)-MaxPool-Leaky-Linear-Leaky, ``init_hidden`` Sequential, beta 0.5,
   ``fast_sigmoid(slope=25)``), ``SF.ce_rate_loss``, Adam; scikit-learn's digits
   upsampled to 28 x 28 and fed directly at every step.
+* ``snntorch-csnn-spike-grad``: the same network with snnTorch's surrogate against the
+  same weights with ``sbnn_addons.snntorch.spike_grad()`` in every ``Leaky`` (the
+  drop-in spike function alone, no Bayesian layer).
 * ``sj-csnn``: SpikingJelly's ``conv_fashion_mnist`` CSNN (Conv-BN-IF-pool twice, two
   Linear-IF, multi-step, ATan), MSE of the firing rate against one-hot, SGD 0.1 with
   momentum 0.9 as the example's command; the same digits.
@@ -127,6 +130,26 @@ class SnnTorchTask:
     def optimizer(self, net: nn.Module, sbnn: bool):
         params = sbnn_addons.param_groups(net, lr=self.lr, noise_lr=NOISE_LR_RATIO[0] * self.lr)
         return torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999))
+
+
+class SnnTorchSpikeGradTask(SnnTorchTask):
+    """snnTorch tutorial 7 with the drop-in spike function: the same network (same
+    weights), each ``Leaky``'s ``spike_grad`` replaced by its own
+    ``sbnn_addons.snntorch.spike_grad()`` (no Bayesian layer)."""
+
+    name = "snntorch-csnn-spike-grad"
+
+    def convert(self, net: nn.Module) -> nn.Module:
+        import snntorch as snn
+
+        from sbnn_addons.snntorch import spike_grad
+
+        out = self.build()  # built, not deep-copied: snntorch.utils.reset knows its neurons
+        out.load_state_dict(net.state_dict())
+        for m in out.modules():
+            if isinstance(m, snn.Leaky):
+                m.spike_grad = spike_grad(**self.convert_kw)
+        return out
 
 
 class SJTask:
@@ -309,8 +332,11 @@ def table(name: str, result: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["snntorch-csnn", "sj-csnn", "sj-dvsgesture"],
-                   choices=["snntorch-csnn", "sj-csnn", "sj-dvsgesture"])
+    p.add_argument("--models", nargs="+",
+                   default=["snntorch-csnn", "snntorch-csnn-spike-grad", "sj-csnn",
+                            "sj-dvsgesture"],
+                   choices=["snntorch-csnn", "snntorch-csnn-spike-grad", "sj-csnn",
+                            "sj-dvsgesture"])
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--snntorch-lr", type=float, nargs="+", default=[1e-2, 5e-4])
@@ -348,13 +374,15 @@ def main(argv=None) -> int:
           f"noise lr ratio {args.noise_lr_ratio:g}")
     out = []
     for name in args.models:
-        if name == "snntorch-csnn":
+        if name in ("snntorch-csnn", "snntorch-csnn-spike-grad"):
             data = digits_28(args.digits_train, args.digits_test, args.seed)
+            cls = SnnTorchTask if name == "snntorch-csnn" else SnnTorchSpikeGradTask
+            what = "" if name == "snntorch-csnn" else ", spike_grad() in every Leaky"
             for lr in args.snntorch_lr:
-                task = SnnTorchTask(args.snntorch_steps, lr, kw)
+                task = cls(args.snntorch_steps, lr, kw)
                 res = run_task(task, data, args.epochs, args.batch, args.seed,
                                args.pretrain_epochs)
-                out.append(table(f"snnTorch tutorial CSNN, Adam lr {lr:g}", res))
+                out.append(table(f"snnTorch tutorial CSNN{what}, Adam lr {lr:g}", res))
         elif name == "sj-csnn":
             data = digits_28(args.digits_train, args.digits_test, args.seed)
             task = SJTask(name, 0.1, 4, "sgd", args.sj_channels, kw)
