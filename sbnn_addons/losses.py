@@ -77,10 +77,19 @@ def aux_loss(model: nn.Module, reduction: str = "mean") -> Tensor:
 
     Returns:
         A scalar (0 if nothing was collected).
+
+    Raises:
+        ValueError: no spike function of ``model`` collects (:func:`enable_aux_loss` was
+            not called): the loss would be 0 whatever the weight.
     """
     if reduction not in AUX_REDUCTIONS:
         raise ValueError(f"reduction must be one of {AUX_REDUCTIONS}, got {reduction!r}")
     spikes = _spikes(model)
+    if not any(m.collect_aux for m in spikes):
+        raise ValueError(
+            "aux_loss: the model collects no auxiliary terms (no IWSTSpike with collection "
+            "on), so the loss would be 0: call sbnn_addons.enable_aux_loss(model) (or "
+            "convert with to_sbnn(..., aux_loss=True)) before the forward pass")
     parts = [t for t in (m.pop_aux() for m in spikes) if t is not None]
     if (not parts and not torch.compiler.is_compiling() and torch.is_grad_enabled()
             and any(m.collect_aux and not m.training for m in spikes)):

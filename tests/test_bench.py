@@ -278,6 +278,30 @@ def _sj_net():
                          layer.Linear(16, 3, step_mode="m"))
 
 
+def test_compare_refuses_a_model_that_is_an_sbnn_already():
+    """A framework-free SBNN (IWSTSpike inside) from a factory without `method=`, or as an
+    instance: the methods could not change it (every row would be the same model, the
+    "original" row scored noisily): named error."""
+    from torch import nn
+
+    import sbnn_addons as sb
+    from sbnn_addons.bench import compare
+
+    class Core(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.lif = sb.BayesLinear(12, 16), sb.LIF()
+            self.fc2 = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc2(self.lif.run(self.fc1(x)))
+
+    for model in (Core, Core()):
+        with pytest.raises(ValueError, match="already contains sbnn_addons spike functions"):
+            compare(model, _spike_data(12, 0), _spike_data(6, 1), layout="TB",
+                    methods=["original", "sbnn-st"], epochs=1, batch_size=6)
+
+
 def test_compare_snntorch_model(tmp_path):
     """A real snnTorch model (nn.Sequential, init_hidden) on time-major tensors."""
     from sbnn_addons.bench import COLUMNS, compare

@@ -71,7 +71,13 @@ def test_aux_loss_equals_hand_computation(center, reduction):
     assert float(got.detach()) > 0
     got.backward()
     assert net.fc1.std_rho.grad is not None  # the aux loss trains the noise scales
+    enable_aux_loss(net)
     assert float(aux_loss(net)) == 0.0  # cleared after reading
+    enable_aux_loss(net, False)
+    with pytest.raises(ValueError, match="collects no auxiliary terms.*enable_aux_loss"):
+        aux_loss(net)  # collection off: the loss would always be 0
+    with pytest.raises(ValueError, match="collects no auxiliary terms"):
+        sbnn_objective(torch.tensor(1.0), net, aux_weight=0.1)
 
 
 def test_aux_loss_rejects_unknown_reduction():
@@ -85,7 +91,8 @@ def test_aux_loss_not_collected_without_grad_or_flag():
     net = Net("threshold")
     x = torch.rand(B, 5)
     net.lif1(net.fc1(x))
-    assert float(aux_loss(net)) == 0.0
+    with pytest.raises(ValueError, match="collects no auxiliary terms"):
+        aux_loss(net)  # without the flag: named, not a silent 0
     enable_aux_loss(net)
     with torch.no_grad():
         net.lif1(net.fc1(x))

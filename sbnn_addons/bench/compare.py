@@ -411,6 +411,7 @@ def _mix(*xs: int) -> int:
 def _make_model(model, method: Method, seed: int, reinit: bool) -> nn.Module:
     torch.manual_seed(seed)
     if isinstance(model, nn.Module):
+        _refuse_prebuilt_sbnn(model)
         net = copy.deepcopy(model)
         if reinit:
             for m in net.modules():
@@ -427,7 +428,21 @@ def _make_model(model, method: Method, seed: int, reinit: bool) -> nn.Module:
     net = model(method=method) if accepts else model()
     if not isinstance(net, nn.Module):
         raise TypeError(f"the factory returned {type(net).__name__}, not an nn.Module")
+    if not accepts:
+        _refuse_prebuilt_sbnn(net)
     return net
+
+
+def _refuse_prebuilt_sbnn(net: nn.Module) -> None:
+    """A model that is an SBNN already (IWSTSpike spike functions), from a factory that does
+    not take ``method=``: every method would train and score that one model as it is (the
+    estimators, auxiliary losses and the surrogate baseline all ignored)."""
+    if any(isinstance(m, IWSTSpike) for m in net.modules()):
+        raise ValueError(
+            "the model already contains sbnn_addons spike functions (IWSTSpike), so the "
+            "methods cannot change it: give a snnTorch / SpikingJelly model with its own "
+            "surrogates (each SBNN method converts it), or a factory taking `method=` that "
+            "builds the model for `method.estimator` (see sbnn_addons.bench.Method)")
 
 
 def _convert(net: nn.Module, method: Method, host: str | None, sbnn_kwargs: dict,
