@@ -67,6 +67,7 @@ __all__ = [
     "folded_batchnorm_scale",
     "batchnorm_after",
     "affine_batchnorm_plan",
+    "keep_ties",
 ]
 
 STD_MODES = ("layer", "channel", "weight")
@@ -593,10 +594,30 @@ class BayesConv2d(_BayesConv, nn.Conv2d):
 
 
 def _copy_means(dst: nn.Module, src: nn.Module) -> None:
+    """Weight and bias values, and whether they are trained (a frozen layer stays frozen)."""
     with torch.no_grad():
         dst.weight.copy_(src.weight)
         if src.bias is not None:
             dst.bias.copy_(src.bias)
+    dst.weight.requires_grad_(src.weight.requires_grad)
+    if src.bias is not None:
+        dst.bias.requires_grad_(src.bias.requires_grad)
+
+
+def keep_ties(new: nn.Module, src: nn.Module, seen: dict[int, nn.Parameter]) -> nn.Module:
+    """Give ``new`` (built from ``src`` by a conversion or an export) the parameter object
+    already made for a weight or bias that ``src`` shares with a module converted before
+    (tied weights stay tied); ``seen`` maps ``id`` of a source parameter to its new one.
+    Returns ``new``."""
+    for name in ("weight", "bias"):
+        old, made = getattr(src, name, None), getattr(new, name, None)
+        if not isinstance(old, nn.Parameter) or not isinstance(made, nn.Parameter):
+            continue
+        if id(old) in seen:
+            setattr(new, name, seen[id(old)])
+        else:
+            seen[id(old)] = made
+    return new
 
 
 #: Default posterior std of a converted layer, as a fraction of the RMS of its weights.
@@ -757,6 +778,9 @@ class ChannelAffine(nn.Module):
                 scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
             affine.weight.copy_(scale)
             affine.bias.copy_(shift)
+        if bn.affine:  # a frozen BatchNorm's affine stays frozen
+            affine.weight.requires_grad_(bn.weight.requires_grad)
+            affine.bias.requires_grad_(bn.bias.requires_grad)
         return affine
 
     def forward(self, x: Tensor) -> Tensor:

@@ -51,6 +51,7 @@ from .layers import (
     affine_batchnorm_plan,
     converted_layer_kwargs,
     is_bayesian,
+    keep_ties,
 )
 from .losses import enable_aux_loss
 from .moments import (
@@ -820,7 +821,7 @@ def to_sbnn(
         if type(child) in _LAYERS and selected(child):
             folded = next((folds[n] for n in names.get(id(child), []) if n in folds), None)
             kw = converted_layer_kwargs(child, layer_kw, modules.get(folded))
-            new = _LAYERS[type(child)].from_module(child, **kw)
+            new = keep_ties(_LAYERS[type(child)].from_module(child, **kw), child, ties)
         elif any(n in affine_bns for n in names.get(id(child), [])):
             new = ChannelAffine.from_batchnorm(child)
             new.__dict__[_BN_KIND] = type(child).__name__
@@ -828,6 +829,7 @@ def to_sbnn(
             new.train(child.training)
         return new
 
+    ties: dict[int, nn.Parameter] = {}
     replace_modules(out, convert)
 
     for m in out.modules():
@@ -895,6 +897,9 @@ def _affine_to_batchnorm(a: ChannelAffine) -> nn.Module:
     with torch.no_grad():
         bn.weight.copy_(a.weight)
         bn.bias.copy_(a.bias)
+    bn.weight.requires_grad_(a.weight.requires_grad)
+    bn.bias.requires_grad_(a.bias.requires_grad)
+    with torch.no_grad():
         bn.running_mean.zero_()
         bn.running_var.fill_(1.0 - bn.eps)
     return bn.eval()
@@ -928,9 +933,11 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
     untrack_variance(out)
     out.__dict__.pop("_sbnn_flow_handles", None)
 
+    ties: dict[int, nn.Parameter] = {}
+
     def export(_name: str, child: nn.Module) -> nn.Module | None:
         if is_bayesian(child):
-            return child.to_module().train(child.training)
+            return keep_ties(child.to_module(), child, ties).train(child.training)
         if isinstance(child, ChannelAffine):
             return _affine_to_batchnorm(child)
         return None

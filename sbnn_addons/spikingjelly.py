@@ -545,6 +545,8 @@ def _affine_from_bn(bn: nn.Module) -> nn.Module:
         affine = ChannelAffine(bn.num_features, bn.step_mode, type(bn).__name__)
         affine.load_state_dict(plain.state_dict())
         affine = affine.to(device=plain.weight.device, dtype=plain.weight.dtype)
+        affine.weight.requires_grad_(plain.weight.requires_grad)  # a frozen one stays frozen
+        affine.bias.requires_grad_(plain.bias.requires_grad)
     else:
         affine = plain
         affine.bn_class = type(bn).__name__
@@ -773,11 +775,12 @@ def to_sbnn(
                 new = _layers.BayesConv2d.from_module(m, **kw)
         if new is not None:
             counts["layers"] += 1
-            return new.train(m.training)
+            return _layers.keep_ties(new, m, ties).train(m.training)
         if name in affine_bns:
             return _affine_from_bn(m)
         return None
 
+    ties: dict[int, nn.Parameter] = {}
     replace_modules(model, convert)
     for name, m in model.named_modules():
         if not _is_spiking_node(m):
@@ -876,18 +879,16 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
                        m.dilation, m.groups, m.bias is not None, m.padding_mode,
                        step_mode=m.step_mode)
         elif _layers.is_bayesian(m):
-            return m.to_module().train(m.training)
+            return _layers.keep_ties(m.to_module(), m, ties).train(m.training)
         elif isinstance(m, _layers.ChannelAffine):
             return _bn_from_affine(m)
         else:
             return None
         new = new.to(device=m.weight.device, dtype=m.weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(m.weight)
-            if m.bias is not None:
-                new.bias.copy_(m.bias)
-        return new.train(m.training)
+        _layers._copy_means(new, m)
+        return _layers.keep_ties(new, m, ties).train(m.training)
 
+    ties: dict[int, nn.Parameter] = {}
     replace_modules(model, export)
     for m in model.modules():
         if not _is_spiking_node(m):
@@ -922,4 +923,6 @@ def _bn_from_affine(affine: _layers.ChannelAffine) -> nn.Module:
         bn.bias.copy_(affine.bias)
         bn.running_mean.zero_()
         bn.running_var.fill_(1.0 - bn.eps)  # var + eps = 1 (exactly, in float32)
+    bn.weight.requires_grad_(affine.weight.requires_grad)
+    bn.bias.requires_grad_(affine.bias.requires_grad)
     return bn.train(affine.training)

@@ -247,3 +247,31 @@ def test_unsupported_neuron_errors_name_the_exclude_escape():
     x = torch.rand(3, 4)
     with sbnn_addons.mode(model, "mean"):
         torch.testing.assert_close(model(x)[0], net(x)[0])
+
+
+def test_frozen_and_tied_parameters_survive_conversion_and_export():
+    """A frozen layer (and a frozen BatchNorm folded to an affine) stays frozen, tied
+    weights stay one parameter, through to_sbnn and to_snntorch; a training step moves
+    neither the frozen weight nor the two tied copies apart."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), snn.Leaky(beta=0.9, init_hidden=True),
+                        nn.Linear(6, 6), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    net[3].weight = net[0].weight  # tied
+    net[0].bias.requires_grad_(False)
+    net[1].requires_grad_(False)
+    for batchnorm in ("keep", "affine"):
+        model = to_sbnn(net, batchnorm=batchnorm)
+        assert model[3].weight is model[0].weight
+        assert not model[0].bias.requires_grad and model[0].weight.requires_grad
+        assert not any(p.requires_grad for p in model[1].parameters())
+        frozen = model[0].bias.detach().clone()
+        opt = torch.optim.SGD(sbnn_addons.param_groups(model, lr=0.1), lr=0.1)
+        reset(model)
+        x = torch.rand(4, 5, 6)
+        sum(model(x[t])[0].sum() + model[0].weight.sum() for t in range(4)).backward()
+        opt.step()
+        assert torch.equal(model[0].bias, frozen)
+        plain = to_snntorch(model)
+        assert plain[3].weight is plain[0].weight
+        assert not plain[0].bias.requires_grad
+        assert not any(p.requires_grad for p in plain[1].parameters())

@@ -281,3 +281,25 @@ def test_batchnorm_affine_respects_include_exclude_and_needs_running_statistics(
         sbnn_sj.to_sbnn(net, batchnorm="affine", inplace=True)
     assert not any(sbnn_addons.layers.is_bayesian(m) for m in net.modules())
     sbnn_sj.to_sbnn(net, batchnorm="affine", exclude="1")
+
+
+def test_frozen_and_tied_parameters_survive_conversion_and_export():
+    """Frozen parameters stay frozen and tied weights stay one parameter, through to_sbnn
+    (both BatchNorm modes) and to_spikingjelly."""
+    net = _net()
+    net[4].weight.requires_grad_(False)
+    net[1].requires_grad_(False)
+    tied = nn.Sequential(layer.Linear(5, 5, step_mode="m"), neuron.IFNode(step_mode="m"),
+                         layer.Linear(5, 5, step_mode="m"), neuron.IFNode(step_mode="m"))
+    tied[2].weight = tied[0].weight
+    for batchnorm in ("keep", "affine"):
+        model = sbnn_sj.to_sbnn(net, batchnorm=batchnorm)
+        assert not model[4].weight.requires_grad and model[4].bias.requires_grad
+        assert not any(p.requires_grad for p in model[1].parameters())
+        back = sbnn_sj.to_spikingjelly(model)
+        assert not back[4].weight.requires_grad and back[4].bias.requires_grad
+        assert not any(p.requires_grad for p in back[1].parameters())
+    model = sbnn_sj.to_sbnn(tied)
+    assert model[2].weight is model[0].weight
+    back = sbnn_sj.to_spikingjelly(model)
+    assert back[2].weight is back[0].weight
