@@ -53,7 +53,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import sys
 import types
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -897,7 +899,7 @@ def no_variance_flow() -> contextlib.AbstractContextManager:
     return torch._C.DisableTorchFunctionSubclass()
 
 
-_FLOW_STATE = "_sbnn_flow"  # per tracked root: {"stack": [...], "check_inputs": bool}
+_FLOW_STATE = "_sbnn_flow"  # per tracked root: {"check_inputs": bool}
 
 
 # Module-level functions, the same objects for every tracked model: a compiled step that
@@ -910,20 +912,45 @@ def _flow_enter(module, args):
         check_model_input(module, args)
     if torch.compiler.is_compiling():  # the cache is eager-only; a graph shares s^2 itself
         return
-    while state["stack"]:  # left open by a forward that raised (no hook ran after it)
-        state["stack"].pop().__exit__(None, None, None)
+    if _OPEN_FLOWS:
+        _close_stale_flows(module)
     # one forward of the root module is one share_posterior block: a time loop in the
     # model's forward computes each layer's s^2 once
     share = share_posterior()
     share.__enter__()
-    state["stack"].append(share)
+    _OPEN_FLOWS.append((weakref.ref(module), share))
 
 
 def _flow_leave(module, args, output):
-    stack = module.__dict__[_FLOW_STATE]["stack"]
-    if torch.compiler.is_compiling() or not stack:
+    if torch.compiler.is_compiling() or not _OPEN_FLOWS:
         return
-    stack.pop().__exit__(None, None, None)
+    ref, share = _OPEN_FLOWS[-1]
+    if ref() is module:
+        _OPEN_FLOWS.pop()
+        share.__exit__(None, None, None)
+
+
+#: The open share_posterior blocks of tracked roots, innermost last: (root, block).
+_OPEN_FLOWS: list = []
+_CALL_CODES = (nn.Module._call_impl.__code__, nn.Module._wrapped_call_impl.__code__)
+
+
+def _close_stale_flows(entering: nn.Module) -> None:
+    """Close the blocks left open by forwards that raised (the hook after a forward does
+    not run then): those of ``entering`` (whose forward starts now) and of roots whose
+    forward is no longer on the call stack. Until closed, such a block would share its
+    ``s^2`` cache with every later forward of any model."""
+    running = set()
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code in _CALL_CODES:
+            running.add(id(frame.f_locals.get("self")))
+        frame = frame.f_back
+    while _OPEN_FLOWS:
+        root = _OPEN_FLOWS[-1][0]()
+        if root is not None and root is not entering and id(root) in running:
+            break
+        _OPEN_FLOWS.pop()[1].__exit__(None, None, None)
 
 
 def _probe_source(module, args, output):
@@ -1006,7 +1033,7 @@ def track_variance(model: nn.Module, opaque=(), *, check_inputs: bool = False) -
     """
     if getattr(model, "_sbnn_flow_handles", None):
         return model
-    model.__dict__[_FLOW_STATE] = {"stack": [], "check_inputs": bool(check_inputs)}
+    model.__dict__[_FLOW_STATE] = {"check_inputs": bool(check_inputs)}
     handles = [
         model.register_forward_pre_hook(_flow_enter),
         # not always_call: that registry is keyed by global hook ids, which a compiled

@@ -360,6 +360,7 @@ def test_share_posterior_reuses_s2_with_identical_gradients(std_mode):
     layer = sb.BayesLinear(7, 5, std=0.2, std_mode=std_mode)
     xs = torch.rand(6, 3, 7)
     results = []
+    before = sb.base._SHARED[0]
     for shared in (False, True):
         layer.zero_grad()
         block = sb.share_posterior() if shared else contextlib.nullcontext()
@@ -374,7 +375,38 @@ def test_share_posterior_reuses_s2_with_identical_gradients(std_mode):
         results.append((torch.stack(outs).detach(), layer.std_rho.grad.clone()))
     assert torch.equal(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-8)
-    assert sb.base._SHARED[0] is None
+    assert sb.base._SHARED[0] is before  # the block restored what it found
+
+
+def test_a_forward_that_raises_leaves_no_shared_block_open():
+    """A tracked model's forward opens a share_posterior block in a pre-hook and closes it
+    in a forward hook, which does not run when the forward raises: the next forward of
+    any tracked model closes the stale block, so no later forward shares its s^2 cache."""
+    from torch import nn
+
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = sb.BayesLinear(4, 3)
+
+        def forward(self, x):
+            self.fc(x)
+            raise RuntimeError("boom")
+
+    broken = sb.track_variance(Broken())
+    other = sb.track_variance(nn.Sequential(sb.BayesLinear(4, 3)))
+    with pytest.raises(RuntimeError, match="boom"):
+        broken(torch.rand(2, 4))
+    assert sb.base._SHARED[0] is not None  # left open by the raise
+    other(torch.rand(2, 4))
+    assert sb.base._SHARED[0] is None and not sb.moments._OPEN_FLOWS
+    with pytest.raises(RuntimeError, match="boom"):
+        broken(torch.rand(2, 4))
+    with pytest.raises(RuntimeError, match="boom"):
+        broken(torch.rand(2, 4))  # its own stale block closed at its next call
+    assert len(sb.moments._OPEN_FLOWS) == 1
+    other(torch.rand(2, 4))
+    assert sb.base._SHARED[0] is None and not sb.moments._OPEN_FLOWS
 
 
 
