@@ -139,8 +139,9 @@ def shared_square(owner: object, param: Tensor, std: Callable[[], Tensor]) -> Te
     """``std() ** 2``, computed once per :func:`share_posterior` block for ``owner``.
 
     Outside a block it is computed at every call. Inside, the value is kept under
-    ``owner``'s identity, the grad mode and ``param``'s dtype, device and version (the
-    tensor ``std`` is computed from), so a changed or moved parameter is recomputed.
+    ``owner``'s identity, the grad mode and ``param``'s identity, dtype, device and version
+    (the tensor ``std`` is computed from), so a changed, moved or swapped parameter is
+    recomputed.
     """
     cache = _SHARED[0]
     if (cache is None or torch.compiler.is_compiling()  # a graph computes it once anyway
@@ -152,13 +153,13 @@ def shared_square(owner: object, param: Tensor, std: Callable[[], Tensor]) -> Te
     key = (torch.is_grad_enabled(), param.dtype, param.device,
            None if param.is_inference() else param._version)
     entry = cache.get(id(owner))
-    # the owner itself, not only its id: a block left open by a forward that raised may
-    # outlive a module whose id a new one reuses
-    if entry is not None and entry[0]() is owner and entry[1] == key:
+    # the owner and the parameter themselves, not only their ids: a module whose id a new
+    # one reuses, another tensor passed in for the parameter (torch.func.functional_call)
+    if entry is not None and entry[0]() is owner and entry[1] == key and entry[3]() is param:
         return entry[2]
     value = std()
     squared = value * value
-    cache[id(owner)] = (weakref.ref(owner), key, squared)
+    cache[id(owner)] = (weakref.ref(owner), key, squared, weakref.ref(param))
     return squared
 
 

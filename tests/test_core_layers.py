@@ -574,3 +574,22 @@ def test_shared_s2_is_never_taken_from_a_freed_layer_with_the_same_id():
         var = sb.moments.get_variance(new(x))
     expected = 0.01 ** 2 * (x * x).sum(-1, keepdim=True)
     torch.testing.assert_close(var.expand(3, 2), expected.expand(3, 2), rtol=1e-4, atol=0)
+
+
+def test_share_posterior_recomputes_s2_for_a_swapped_parameter():
+    """torch.func.functional_call with another std_rho inside a share_posterior block: the
+    layer's cached s^2 is not reused for it (the variance and the gradient belong to
+    the tensor passed in)."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    fc = sb.BayesLinear(6, 4, std=0.2)
+    x = torch.rand(3, 6)
+    rho = torch.tensor(1.0, requires_grad=True)
+    want = sb.get_variance(functional_call(fc, {"std_rho": rho}, (x,)))
+    with sb.share_posterior():
+        fc(x)
+        got = sb.get_variance(functional_call(fc, {"std_rho": rho}, (x,)))
+    torch.testing.assert_close(got, want)
+    (grad,) = torch.autograd.grad(got.sum(), rho)
+    assert float(grad) > 0
