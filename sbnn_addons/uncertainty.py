@@ -223,20 +223,32 @@ def default_reset(model: nn.Module) -> Callable[[nn.Module], object]:
     return reset
 
 
-def _check_logits(logits, rows: int) -> Tensor:
+def _check_logits(logits, rows: int, folded: tuple[int, int] | None = None) -> Tensor:
+    """``logits`` checked as ``[rows, C]``; ``folded``: ``(passes, batch_dim)`` of a folded
+    call, whose rows are the passes times the examples along ``batch_dim``."""
     if not isinstance(logits, Tensor):
         raise TypeError(
             f"the forward pass returned {type(logits).__name__}, not a logits tensor [B, C]; "
             "pass forward=lambda model, x: ... that returns the logits (e.g. "
             "lambda m, x: m(x)[1].mean(0) for an snnTorch model returning (spk, mem))"
         )
-    if logits.dim() != 2 or logits.shape[0] != rows:
+    if logits.dim() != 2:
         raise ValueError(
-            f"the forward pass must return logits [B, C] with B = {rows}, got shape "
-            f"{tuple(logits.shape)}; pass forward= that reduces the time dimension (e.g. "
-            "lambda m, x: m(x).mean(0) for a SpikingJelly multi-step model returning "
-            "[T, B, C])"
+            f"the forward pass must return logits [B, C], got shape {tuple(logits.shape)}; "
+            "pass forward= that reduces the time dimension (e.g. lambda m, x: m(x).mean(0) "
+            "for a SpikingJelly multi-step model returning [T, B, C])"
         )
+    if logits.shape[0] != rows:
+        if folded is not None:
+            reps, batch_dim = folded
+            raise ValueError(
+                f"fold=True: {reps} passes folded along batch_dim={batch_dim} should give "
+                f"{rows} rows of logits, got shape {tuple(logits.shape)}; batch_dim must be "
+                "the dimension of inputs that indexes the examples (batch_dim=1 for "
+                "time-major [T, B, ...] inputs)")
+        raise ValueError(
+            f"the forward pass returned {logits.shape[0]} rows of logits, the first pass "
+            f"{rows}; every pass must return [B, C] for the same examples")
     return plain(logits)  # a readout's variance is not part of the prediction
 
 
@@ -507,7 +519,7 @@ def _run(model: nn.Module, inputs, num_samples: int, *, seed, forward, reset, ch
                 if fold:
                     reset(model)
                     x = torch.cat([inputs] * reps, dim=batch_dim) if reps > 1 else inputs
-                    logits = _check_logits(forward(model, x), reps * rows)
+                    logits = _check_logits(forward(model, x), reps * rows, (reps, batch_dim))
                     samples.append(_to_probs(logits, output).unflatten(0, (reps, rows)))
                     if monitor is not None:
                         record(monitor, reps)

@@ -249,3 +249,27 @@ def test_output_probs_and_log_probs_are_not_softmaxed_again():
     # fold=True goes the same way
     folded = sb.mc_predict(with_softmax, x, 4, output="probs", fold=True)
     assert torch.allclose(folded.probs.sum(-1), torch.ones(B))
+
+
+def test_time_major_input_errors_name_the_fix():
+    """A model on time-major input [T, B, ...]: fold=True with the default batch_dim=0
+    repeats the time axis, and the error names batch_dim=1; an output that keeps its time
+    axis [T, B, C] gets the time-reduction hint without a wrong batch size."""
+    from torch import nn
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.lif, self.out = sb.BayesLinear(12, 8), sb.LIF(), nn.Linear(8, 4)
+
+        def forward(self, x):  # [T, B, 12] -> [T, B, 4]
+            return self.out(self.lif.run(self.fc(x)))
+
+    model, x = Seq(), _rate((T, B, 12))
+    readout = lambda m, xs: m(xs).mean(0)  # noqa: E731
+    with pytest.raises(ValueError, match=r"fold=True.*batch_dim=1 for time-major"):
+        sb.mc_predict(model, x, 3, forward=readout, fold=True)
+    pred = sb.mc_predict(model, x, 3, forward=readout, fold=True, batch_dim=1)
+    assert pred.probs.shape == (B, 4)
+    with pytest.raises(ValueError, match=r"must return logits \[B, C\], got shape \(6, 5, 4\)"):
+        sb.mc_predict(model, x, 2)
