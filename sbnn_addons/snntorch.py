@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .base import HostObject, cached_tensor_test
+from .base import HostObject, cached_tensor_test, check_std
 from .base import match_name as _match
 from .base import name_patterns as _patterns
 from .estimators import Estimator
@@ -71,6 +71,7 @@ from .spike import (
     DEFAULT_SPIKE_STD,
     IWSTSpike,
     check_aux_pull,
+    relative_spike_std,
 )
 from .surgery import replace_modules
 
@@ -708,10 +709,13 @@ def to_sbnn(
         learn_std: learn the posterior stds (``False`` keeps them fixed, allows 0).
         bias_std: initial posterior std of the biases (``None``: none; layers without a
             bias get none).
-        spike_std: the spike functions' own noise std, ``sigma^2 = V + spike_std^2``
-            (default :data:`~sbnn_addons.spike.CONVERTED_SPIKE_STD` = 0.399, one per
-            neuron layer; ``None`` or 0: none, then a neuron fed only by silent inputs has
-            a zero gradient). Learned when ``learn_std`` is true and ``spike_std > 0``.
+        spike_std: the spike functions' own noise std in units of the neuron's threshold,
+            ``sigma^2 = V + (spike_std |theta|)^2`` (default
+            :data:`~sbnn_addons.spike.CONVERTED_SPIKE_STD` = 0.399, one per neuron layer;
+            a threshold of 0 counts as 1; ``None`` or 0: none, then a neuron fed only by
+            silent inputs has a zero gradient). Relative, so that a network whose weights
+            and thresholds are scaled together converts to the same noise level. Learned
+            when ``learn_std`` is true and ``spike_std > 0``.
         include: an ``fnmatch`` pattern (one string is one name) or a list of them, of
             qualified module names (``"fc*"``, ``"lif1.recurrent"``) of the weight layers
             to convert or of modules containing them; ``None``: all.
@@ -842,8 +846,8 @@ def to_sbnn(
         if type(m) in _TO_SBNN:
             host_fn = m.spike_grad  # kept for to_snntorch (an instance attribute or a module)
             m.__class__ = _TO_SBNN[type(m)]
-            fn = IWSTSpike(estimator, std=spike_std, learn_std=spike_learn, threshold=_thr(m),
-                           aux_pull=aux_pull)
+            fn = IWSTSpike(estimator, std=relative_spike_std(spike_std, _thr(m)),
+                           learn_std=spike_learn, threshold=_thr(m), aux_pull=aux_pull)
             thr = m.threshold
             if isinstance(thr, Tensor):  # the neuron's device and float dtype
                 fn = fn.to(device=thr.device,
@@ -864,6 +868,7 @@ def to_sbnn(
 
 def _validate_arguments(model, estimator, layer_kw, spike_std, spike_learn, inc, exc) -> None:
     """Raise for any bad argument of :func:`to_sbnn` before the model is touched."""
+    check_std("spike_std", 0.0 if spike_std is None else spike_std, allow_zero=True)
     IWSTSpike(estimator, std=spike_std, learn_std=spike_learn)  # the spike's own noise
     BayesLinear(1, 1, **layer_kw)  # std, std_mode, learn_std, bias_std
     names = [n for n, _ in model.named_modules(remove_duplicate=False)]

@@ -86,6 +86,15 @@ def check_aux_pull(value) -> float:
     return float(value)
 
 
+def relative_spike_std(spike_std: float | None, threshold: float) -> float | None:
+    """A converter's ``spike_std`` (in units of the neuron's threshold) as a std:
+    ``spike_std * |threshold|``, a threshold of 0 (or not finite) counting as 1."""
+    if not spike_std:
+        return spike_std
+    scale = abs(float(threshold))
+    return spike_std * (scale if 0.0 < scale < math.inf else 1.0)
+
+
 def _count_optimizer_step(optimizer, args, kwargs) -> None:
     _OPTIMIZER_STEPS[0] += 1
 

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from . import kernels
 from . import layers as _layers
-from .base import HostObject, SBNNModule, match_name, name_patterns
+from .base import HostObject, SBNNModule, check_std, match_name, name_patterns
 from .functional import compact_broadcast, mark_binary
 from .losses import enable_aux_loss
 from .moments import (
@@ -81,6 +81,7 @@ from .spike import (
     DEFAULT_SPIKE_STD,
     IWSTSpike,
     check_aux_pull,
+    relative_spike_std,
 )
 from .surgery import replace_modules
 
@@ -665,10 +666,13 @@ def to_sbnn(
         learn_std: learn the weight std (``False``: fixed, allows ``std=0``).
         bias_std: initial posterior std of the biases (``None``: none; layers without a
             bias get none).
-        spike_std: each spike function's own noise std, ``sigma^2 = S + s_n^2``
-            (default :data:`~sbnn_addons.spike.CONVERTED_SPIKE_STD` = 0.399, one per
-            neuron; ``None`` or 0: none, then a neuron fed only by silent inputs has a
-            zero gradient); learned when ``learn_std`` and ``spike_std > 0``.
+        spike_std: each spike function's own noise std in units of the neuron's
+            ``v_threshold``, ``sigma^2 = S + (spike_std |v_th|)^2`` (default
+            :data:`~sbnn_addons.spike.CONVERTED_SPIKE_STD` = 0.399, one per neuron; a
+            threshold of 0 counts as 1; ``None`` or 0: none, then a neuron fed only by
+            silent inputs has a zero gradient). Relative, so that a network whose weights
+            and thresholds are scaled together converts to the same noise level;
+            learned when ``learn_std`` and ``spike_std > 0``.
         include: an ``fnmatch`` pattern (one string is one name) or a list of them, of
             qualified module names of weight layers to convert, or of modules containing
             them (``None``: all).
@@ -789,7 +793,10 @@ def to_sbnn(
             if _refuse_variance not in m._forward_pre_hooks.values():
                 m.register_forward_pre_hook(_refuse_variance)
             continue
-        spike = SJSpike(estimator, std=spike_std, learn_std=spike_learn, aux_pull=aux_pull)
+        v_th = m.v_threshold
+        v_th = float(v_th.detach().mean()) if isinstance(v_th, Tensor) else float(v_th)
+        spike = SJSpike(estimator, std=relative_spike_std(spike_std, v_th),
+                        learn_std=spike_learn, aux_pull=aux_pull)
         spike = spike.to(**_float_like(m, model))
         host = m.surrogate_function
         link_neuron(m, spike)
@@ -811,6 +818,7 @@ def to_sbnn(
 
 def _validate_arguments(model, estimator, posterior, spike_std, spike_learn, inc, exc) -> None:
     """Raise for any bad argument of :func:`to_sbnn` before the model is touched."""
+    check_std("spike_std", 0.0 if spike_std is None else spike_std, allow_zero=True)
     SJSpike(estimator, std=spike_std, learn_std=spike_learn)  # estimator, spike noise
     _layers.BayesLinear(1, 1, **posterior)  # std, std_mode, learn_std, bias_std
     names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]

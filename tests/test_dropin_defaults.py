@@ -342,3 +342,45 @@ def test_converted_model_trains_with_aux_loss(digits):
         opt.step()
         losses.append(float(task.detach()))
     assert sum(losses[-4:]) / 4 < 0.95 * sum(losses[:4]) / 4
+
+
+@pytest.mark.parametrize("k", [0.1, 10.0])
+def test_converted_noise_is_relative_to_the_threshold(k):
+    """A network whose weights and thresholds are scaled together by k spikes alike; its
+    conversion too: the spike std is `spike_std` times the threshold (and the layer std
+    follows the weights), so `sample`-mode spikes under the same seed agree with those of
+    the unscaled network (an absolute spike std: 56 % agreement at k = 0.1). Both hosts
+    give the same std; a bad spike_std is named."""
+    torch.manual_seed(0)
+    x = (torch.rand(8, 16, 20) < 0.4).float()
+    base = nn.Sequential(nn.Linear(20, 32), snn.Leaky(beta=0.9, init_hidden=True),
+                         nn.Linear(32, 10), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    with torch.no_grad():
+        base[0].weight.mul_(3)
+        base[2].weight.mul_(4)
+    scaled = nn.Sequential(nn.Linear(20, 32), snn.Leaky(beta=0.9, threshold=k, init_hidden=True),
+                           nn.Linear(32, 10),
+                           snn.Leaky(beta=0.9, threshold=k, init_hidden=True, output=True))
+    scaled.load_state_dict({n: v * k if n.startswith(("0.", "2.")) or n.endswith("threshold")
+                            else v for n, v in base.state_dict().items()})
+    spikes = []
+    for net in (base, scaled):
+        model = sbnn_snn.to_sbnn(net)
+        assert float(model[1].spike_grad.std.detach()) == pytest.approx(
+            CONVERTED_SPIKE_STD * float(net[1].threshold), rel=1e-5)
+        sbnn_addons.seed_spikes(model, 3)
+        snn_utils.reset(model)
+        with torch.no_grad():
+            spikes.append(torch.stack([model(x[t])[0] for t in range(len(x))]))
+    assert spikes[0].mean() > 0.05
+    # the same draws on the same z: equal at the first step (later steps drift apart where
+    # a rounding difference flipped a spike), equal rates throughout
+    assert float((spikes[0][0] == spikes[1][0]).float().mean()) > 0.99
+    assert abs(float(spikes[0].mean() - spikes[1].mean())) < 0.02
+    sj_net = nn.Sequential(layer.Linear(4, 3), neuron.LIFNode(v_threshold=k))
+    sj = sbnn_sj.to_sbnn(sj_net)
+    assert float(sj[1].surrogate_function.std.detach()) == pytest.approx(CONVERTED_SPIKE_STD * k,
+                                                                         rel=1e-5)
+    for convert, net in ((sbnn_snn.to_sbnn, base), (sbnn_sj.to_sbnn, sj_net)):
+        with pytest.raises(ValueError, match="spike_std must be"):
+            convert(net, spike_std=-0.1)
