@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import math
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -160,7 +161,18 @@ def shared_square(owner: object, param: Tensor, std: Callable[[], Tensor]) -> Te
     value = std()
     squared = value * value
     cache[id(owner)] = (weakref.ref(owner), key, squared, weakref.ref(param))
+    if squared.requires_grad:
+        # a backward through it frees its graph: later calls compute it again (a block
+        # left open by a forward that raised would otherwise hand out a freed graph)
+        squared.register_hook(functools.partial(_forget, cache, id(owner), id(squared)))
     return squared
+
+
+def _forget(cache: dict, key: int, squared_id: int, grad: Tensor) -> None:
+    """Gradient hook of a cached ``s^2``: drop its cache entry (if still that one)."""
+    entry = cache.get(key)
+    if entry is not None and id(entry[2]) == squared_id:
+        del cache[key]
 
 
 def positive_int(text: str) -> int:

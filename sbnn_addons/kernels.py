@@ -62,6 +62,7 @@ from torch import Tensor
 
 from .tensors import (
     apply_function,
+    aux_pull_gradient,
     broadcasts_to,
     check_windows,
     mark_binary,
@@ -772,8 +773,6 @@ class LIFStep(torch.autograd.Function):
         grad_aux = float(g_aux[0]) if g_aux and g_aux[0] is not None else 0.0
         if g_h is None and g_m is None and grad_aux == 0.0:
             return None, None, None, None, None
-        if aux_pull and u.numel():  # the auxiliary pull (IWSTSpike.aux_pull)
-            grad_aux += aux_pull * float(_step_spike_grad(g_h, g_m, u, theta, reset).abs().mean())
         mid, inner, var_shape = ctx.layout
         g_h = None if g_h is None else g_h.to(torch.float32).contiguous()
         g_m = None if g_m is None else g_m.to(torch.float32).contiguous()
@@ -793,7 +792,18 @@ class LIFStep(torch.autograd.Function):
             g_var = g_var.view(var_shape)
         elif var_shape != u.shape:
             g_var = g_var.sum_to_size(var_shape)
+        if aux_pull:  # IWSTSpike.aux_pull, scaled by dL/dh through the spikes and the reset
+            pull = aux_pull_gradient(_step_spike_grad(g_h, g_m, u, theta, reset), u,
+                                     _std_of(var), aux_pull)
+            g_x = g_x + pull
+            if g_mprev is not None:
+                g_mprev = g_mprev + beta * pull
         return g_x, g_mprev, g_var, None, None
+
+
+def _std_of(variance: Tensor) -> Tensor:
+    """``sqrt(variance)`` (a saved variance, laid out broadcastable to the drive)."""
+    return variance.clamp_min(0).sqrt()
 
 
 def _step_spike_grad(g_h: Tensor | None, g_m: Tensor | None, u: Tensor, theta: float,
@@ -827,9 +837,9 @@ def fused_lif_step(x: Tensor, membrane: Tensor | None, variance: Tensor, estimat
             (:func:`spike_forward`), differentiable.
         aux_var: whether the auxiliary sum's gradient reaches the variance too
             (``False``: ``sigma`` is held constant in ``z``, only the drive gets it).
-        aux_pull: with ``aux_offset``, the backward also gives the auxiliary sum the
-            gradient ``aux_pull * mean |dL/dh|`` (``dL/dh`` through the spikes and the
-            reset; :attr:`~sbnn_addons.IWSTSpike.aux_pull`).
+        aux_pull: the backward also adds the auxiliary pull
+            (:func:`~sbnn_addons.tensors.aux_pull_gradient`, ``dL/dh`` through the spikes
+            and the reset; :attr:`~sbnn_addons.IWSTSpike.aux_pull`).
 
     Returns:
         ``(spikes, membrane')`` (the spikes marked binary and kept), plus ``sum z^2`` with
@@ -1006,12 +1016,12 @@ class LIFSequence(torch.autograd.Function):
                 if d_spike is not None and not dyn.detach_reset:
                     g_spike = g_spike + d_spike
             mid, inner, total_shape, state_shape = ctx.meta[t]
-            g_aux_t = g_aux[t]
-            if ctx.aux_pull and g_spike.numel():  # the auxiliary pull (IWSTSpike.aux_pull)
-                g_aux_t += ctx.aux_pull * float(g_spike.abs().mean())
             g_u, g_total = _backward_raw(g_spike, us[t], variances[t], mid, inner, hbs[t],
-                                         ctx.estimator, g_aux_t, ctx.aux_offset, total_shape,
+                                         ctx.estimator, g_aux[t], ctx.aux_offset, total_shape,
                                          ctx.aux_var)
+            if ctx.aux_pull:  # IWSTSpike.aux_pull, by dL/dh_t through the spikes and reset
+                g_u = g_u + aux_pull_gradient(g_spike, us[t], _std_of(variances[t]),
+                                              ctx.aux_pull)
             g_h = g_u if g_h is None else g_h + g_u
             if own_shape is not None:
                 g = _sum_to(g_total, own_shape)
@@ -1144,9 +1154,9 @@ def lif_sequence(x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | N
             (:func:`spike_forward`), differentiable.
         aux_var: whether the auxiliary sum's gradient reaches the variance too
             (``False``: ``sigma`` is held constant in ``z``, only the drive gets it).
-        aux_pull: with ``aux_offset``, the backward also gives each step's auxiliary sum
-            the gradient ``aux_pull * mean |dL/dh_t|`` (``dL/dh_t`` through the spikes and,
-            unless ``detach_reset``, the reset; :attr:`~sbnn_addons.IWSTSpike.aux_pull`).
+        aux_pull: the backward also adds each step's auxiliary pull
+            (:func:`~sbnn_addons.tensors.aux_pull_gradient`, ``dL/dh_t`` through the spikes
+            and, unless ``detach_reset``, the reset; :attr:`~sbnn_addons.IWSTSpike.aux_pull`).
         generator: the generator the T per-step Philox keys are drawn from, in order (the
             same keys as T calls of :func:`fused_spike`).
 

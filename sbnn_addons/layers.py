@@ -17,6 +17,7 @@ scalar, initialised to ``0.5 / sqrt(fan_in)``), per output channel, or per weigh
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -68,6 +69,7 @@ __all__ = [
     "batchnorm_after",
     "affine_batchnorm_plan",
     "keep_ties",
+    "warn_deterministic_layers",
 ]
 
 STD_MODES = ("layer", "channel", "weight")
@@ -602,6 +604,21 @@ def _copy_means(dst: nn.Module, src: nn.Module) -> None:
     dst.weight.requires_grad_(src.weight.requires_grad)
     if src.bias is not None:
         dst.bias.requires_grad_(src.bias.requires_grad)
+
+
+def warn_deterministic_layers(model: nn.Module, excluded: Callable[[str], bool],
+                              host: str) -> None:
+    """Warn about weight layers a converter leaves deterministic because it has no
+    Bayesian version of them (``nn.Conv3d``, ``nn.ConvTranspose2d``, ``nn.Embedding``,
+    ...): modules with a weight matrix that are neither Bayesian nor excluded."""
+    left = [f"'{name}' ({type(m).__name__})" for name, m in model.named_modules()
+            if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() >= 2
+            and not is_bayesian(m) and not excluded(name)]
+    if left:
+        warnings.warn(
+            f"{host} to_sbnn: {len(left)} weight layer(s) stay deterministic (no Bayesian "
+            f"version of them): {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}; "
+            "pass exclude= with their names to leave them out knowingly", stacklevel=3)
 
 
 def keep_ties(new: nn.Module, src: nn.Module, seen: dict[int, nn.Parameter]) -> nn.Module:

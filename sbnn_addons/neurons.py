@@ -210,12 +210,14 @@ class LIF(nn.Module):
         total = variance if own is None else variance + own.to(variance.dtype)
         aux = spike._aux_wanted()
         offset = spike._aux_offset(self.threshold) if aux else None
+        pull = spike._pull_wanted(current) or (
+            membrane is not None and spike._pull_wanted(membrane))
         out = kernels._fused_lif_step(
             current, membrane, total, kernels._seed(spike._generator_for(current)),
             (spike.estimator, self.beta, self.threshold, self.reset, spike.at_zero, offset,
-             spike.aux_std_grad, spike.aux_pull if aux else 0.0))
+             spike.aux_std_grad, spike.aux_pull if pull else 0.0))
         if aux:
-            spike._use_aux(out[0], out[2], current, pulled=True)
+            spike._collect(out[2], current)
         return attach_variance(out[0], None), out[1]
 
     def _fused(self, currents: Tensor, var_seq: Tensor, membrane: Tensor,
@@ -239,15 +241,16 @@ class LIF(nn.Module):
         own = spike.own_noise_variance()
         own = None if own is None else own.to(currents.dtype)
         aux = spike._aux_wanted()
+        pull = spike._pull_wanted(currents)
         dyn = kernels.Dynamics("leaky", self.beta, None, self.threshold, self.reset)
         out = kernels.lif_sequence(
             currents, var_seq, membrane, variance, dyn, spike.estimator,
             own_var=own, at_zero=spike.at_zero,
             aux_offset=spike._aux_offset(self.threshold) if aux else None,
-            aux_var=spike.aux_std_grad, aux_pull=spike.aux_pull if aux else 0.0,
+            aux_var=spike.aux_std_grad, aux_pull=spike.aux_pull if pull else 0.0,
             generator=spike._generator_for(currents))
         if aux:
-            spike._use_aux(out[0], out[3], currents[0], len(currents), pulled=True)
+            spike._collect(out[3], currents[0], len(currents))
         return out[0], out[1], out[2]
 
     def run(self, currents: Tensor) -> Tensor:

@@ -52,6 +52,7 @@ from .layers import (
     converted_layer_kwargs,
     is_bayesian,
     keep_ties,
+    warn_deterministic_layers,
 )
 from .losses import enable_aux_loss
 from .moments import (
@@ -712,10 +713,11 @@ def to_sbnn(
         spike_std: the spike functions' own noise std in units of the neuron's threshold,
             ``sigma^2 = V + (spike_std |theta|)^2`` (default
             :data:`~sbnn_addons.spike.CONVERTED_SPIKE_STD` = 0.399, one per neuron layer;
-            a threshold of 0 counts as 1; ``None`` or 0: none, then a neuron fed only by
-            silent inputs has a zero gradient). Relative, so that a network whose weights
-            and thresholds are scaled together converts to the same noise level. Learned
-            when ``learn_std`` is true and ``spike_std > 0``.
+            a per-neuron threshold counts by its mean, a threshold of 0 as 1; ``None`` or
+            0: none, then a neuron fed only by silent inputs has a zero gradient).
+            Relative, so that a network whose weights and thresholds are scaled together
+            converts to the same noise level. Learned when ``learn_std`` is true and
+            ``spike_std > 0``.
         include: an ``fnmatch`` pattern (one string is one name) or a list of them, of
             qualified module names (``"fc*"``, ``"lif1.recurrent"``) of the weight layers
             to convert or of modules containing them; ``None``: all.
@@ -857,6 +859,8 @@ def to_sbnn(
             m.__dict__[_HOST_SPIKE] = HostObject(host_fn)
             _link_state_update(m)
             _register(m)  # a copy is not in snnTorch's instance lists (utils.reset)
+    if inc is None:
+        warn_deterministic_layers(out, lambda n: _match(n, exc), "snnTorch")
     reset(out)
     track_variance(out, check_inputs=True)
     if aux_loss:

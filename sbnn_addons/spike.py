@@ -45,9 +45,10 @@ from .moments import (
     no_variance_flow,
     plain,
 )
+from .tensors import AUX_PULL_Z_MAX, aux_pull_gradient
 
 __all__ = ["IWSTSpike", "seed_spikes", "recomputing_forward", "DEFAULT_SPIKE_STD",
-           "CONVERTED_SPIKE_STD", "DEFAULT_AUX_PULL"]
+           "CONVERTED_SPIKE_STD", "DEFAULT_AUX_PULL", "AUX_PULL_Z_MAX", "aux_pull_gradient"]
 
 #: Default own noise std of a drop-in spike function, ``1 / sqrt(2 pi) = 0.3989...``.
 #: With own noise ``s`` and the ST estimator the expected gradient is
@@ -100,29 +101,25 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 
 
 class _AuxPull(torch.autograd.Function):
-    """``spikes`` unchanged in the forward; in the backward the auxiliary term ``aux`` (a
-    0-dim ``w * sum z^2``, or one per step ``[T]`` of a sequence of spikes ``[T, ...]``)
-    gets the gradient ``mean |dL/dspikes|`` (of its step), as if ``mean|dL/dspikes| *
-    aux`` (that factor held constant) were part of the loss."""
+    """``spikes`` unchanged in the forward; in the backward the drive ``u`` also gets
+    :func:`aux_pull_gradient` of the gradient reaching the spikes."""
 
     @staticmethod
-    def forward(spikes: Tensor, aux: Tensor) -> Tensor:
+    def forward(spikes: Tensor, u: Tensor, sigma: Tensor, weight: float) -> Tensor:
         # a copy, not a view (which a custom function's output could not be changed in
         # place as), of the values only (the caller marks it binary again)
         return torch.empty_like(spikes, memory_format=torch.preserve_format).copy_(spikes)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        ctx.steps = inputs[1].shape[0] if inputs[1].dim() else None
+        _, u, sigma, weight = inputs
+        ctx.save_for_backward(u, sigma)
+        ctx.weight = weight
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        size = grad.abs()
-        if size.numel() == 0:  # an empty batch
-            return grad, size.new_zeros(() if ctx.steps is None else (ctx.steps,))
-        if ctx.steps is None:
-            return grad, size.mean()
-        return grad, size.reshape(ctx.steps, -1).mean(1)
+        u, sigma = ctx.saved_tensors
+        return grad, aux_pull_gradient(grad, u, sigma, ctx.weight), None, None
 
 
 @contextlib.contextmanager
@@ -182,16 +179,19 @@ class IWSTSpike(SBNNModule, nn.Module):
 
             .. code-block:: text
 
-                aux_pull * mean(|dL/dh|) * d(sum z^2)/du = aux_pull * mean(|dL/dh|) * 2 z / sigma
+                aux_pull * mean(|dL/dh|) * 2 clamp(z, -3, 3) / sigma
 
-            (the mean over this call's spikes; ``sigma`` held constant unless
-            ``aux_std_grad``), as if ``aux_pull * mean(|dL/dh|) * sum z^2`` were part of
-            the loss. A unit far below its threshold, where the estimator's gradient
-            ``phi(z) / sigma`` vanishes, is pulled back: a silent neuron recovers in a
-            training loop that does not add :func:`sbnn_addons.aux_loss` to its loss.
-            Scaled by the task's own gradient, it needs no tuning to the loss's scale;
-            the printed loss is the task's. Drop-in spike functions and converted models
-            use :data:`DEFAULT_AUX_PULL`.
+            (the mean over this call's spikes, per step of a fused sequence; ``sigma``
+            held constant; :func:`aux_pull_gradient`): the gradient of
+            ``aux_pull * mean(|dL/dh|) * sum huber(z)`` (``z^2`` within 3, linear beyond)
+            with the mean held constant. A unit far below its threshold, where the
+            estimator's gradient ``phi(z) / sigma`` vanishes, is pulled back: a silent
+            neuron recovers in a training loop that does not add
+            :func:`sbnn_addons.aux_loss` to its loss. Scaled by the task's own gradient,
+            it needs no tuning to the loss's scale; the printed loss is the task's. The
+            clamp bounds how much of a later call's pull (through a reset or a deeper
+            layer, part of ``dL/dh``) one call passes on. Drop-in spike functions and
+            converted models use :data:`DEFAULT_AUX_PULL`.
 
     Shapes:
         ``u``: ``[*]``; output: ``[*]``, same dtype, values in {0, 1}.
@@ -233,11 +233,20 @@ class IWSTSpike(SBNNModule, nn.Module):
         self.aux_std_grad = aux_std_grad
         self.batch_dim = batch_dim
         self.collect_aux = False
-        self.aux_pull = aux_pull
+        self._aux_pull = aux_pull
         self._aux_terms: list[Tensor] = []
         self._aux_version: int | None = None
         self._seed: int | None = None
         self._generator: torch.Generator | None = None
+
+    @property
+    def aux_pull(self) -> float:
+        """The auxiliary pull's weight (class docstring; 0: off); assigning checks it."""
+        return self._aux_pull
+
+    @aux_pull.setter
+    def aux_pull(self, value: float) -> None:
+        self._aux_pull = check_aux_pull(value)
 
     def reset_parameters(self) -> None:
         """Set the noise std back to its initial value (e.g. after building on the ``meta``
@@ -336,7 +345,10 @@ class IWSTSpike(SBNNModule, nn.Module):
                                               aux_var=self.aux_std_grad)
                     spikes, z2 = out if aux else (out, None)
                 if aux:
-                    spikes = self._use_aux(spikes, z2, u)
+                    self._collect(z2, u)
+                if self._pull_wanted(u):
+                    spikes = _AuxPull.apply(spikes, u, safe_sqrt(fused_var.detach()),
+                                            self.aux_pull)
                 return mark_binary(attach_variance(spikes, None))
         if variance is None:
             sigma = torch.zeros((), dtype=u.dtype, device=u.device)
@@ -351,7 +363,9 @@ class IWSTSpike(SBNNModule, nn.Module):
             BernoulliSpike, u, sigma.expand_as(u), eps, self.estimator, self.at_zero
         )
         if variance is not None and self._aux_wanted():
-            spikes = self._use_aux(spikes, self._z_squared(u, sigma), u)
+            self._collect(self._z_squared(u, sigma), u)
+        if variance is not None and self._pull_wanted(u):
+            spikes = _AuxPull.apply(spikes, u, sigma.detach(), self.aux_pull)
         return mark_binary(attach_variance(spikes, None))
 
     def _z_squared(self, u: Tensor, sigma: Tensor) -> Tensor:
@@ -365,13 +379,12 @@ class IWSTSpike(SBNNModule, nn.Module):
         return z2.sum()
 
     def _aux_wanted(self) -> bool:
-        """Whether this call computes auxiliary terms: collection or the pull on, training mode
+        """Whether this call collects auxiliary terms: collection on, training mode
         (``model.eval()`` passes, e.g. a validation forward with gradients on, collect
         nothing that a training step would then consume), gradients on, and a finite
         threshold (a neuron with an infinite threshold, e.g. a membrane readout,
         never fires: its ``z`` is ``-inf`` and it has nothing to pull towards)."""
-        return ((self.collect_aux or self.aux_pull > 0) and self.training
-                and torch.is_grad_enabled()
+        return (self.collect_aux and self.training and torch.is_grad_enabled()
                 and -math.inf < self.threshold < math.inf)  # traceable as a symbolic float
 
     def _aux_offset(self, threshold: float) -> float:
@@ -384,18 +397,11 @@ class IWSTSpike(SBNNModule, nn.Module):
         unless :attr:`aux_std_grad`."""
         return sigma if self.aux_std_grad else sigma.detach()
 
-    def _use_aux(self, spikes: Tensor, z2_sum: Tensor, step: Tensor, steps: int = 1,
-                 pulled: bool = False) -> Tensor:
-        """The auxiliary term ``z2_sum`` (0-dim, or per step ``[T]``) of the ``spikes`` just
-        drawn: kept for :func:`sbnn_addons.aux_loss` (:meth:`_collect`) when collecting,
-        and tied to the spikes' gradient (:attr:`aux_pull`) unless the kernel that drew
-        them applies the pull itself (``pulled``: a fused neuron, whose reset the spikes'
-        gradient also flows through). Returns the spikes to emit."""
-        if self.collect_aux:
-            self._collect(z2_sum.sum() if z2_sum.dim() else z2_sum, step, steps)
-        if self.aux_pull > 0 and not pulled:
-            spikes = _AuxPull.apply(spikes, self.aux_pull * z2_sum)
-        return spikes
+    def _pull_wanted(self, u: Tensor) -> bool:
+        """Whether this call applies the auxiliary pull (:attr:`aux_pull`): on, training
+        mode, gradients on and reaching the drive ``u``, a finite threshold."""
+        return (self.aux_pull > 0 and self.training and torch.is_grad_enabled()
+                and u.requires_grad and -math.inf < self.threshold < math.inf)
 
     def _collect(self, z2_sum: Tensor, step: Tensor, steps: int = 1) -> None:
         """Keep an aux term: ``z2_sum`` (``z^2`` summed over batch, units and ``steps``
@@ -411,6 +417,8 @@ class IWSTSpike(SBNNModule, nn.Module):
         """
         if _RECOMPUTING[0]:
             return
+        if z2_sum.dim():  # one sum per step of a fused sequence
+            z2_sum = z2_sum.sum()
         version = self._step_marker()
         if (self._aux_terms and version is not None
                 and version != getattr(self, "_aux_version", version)):

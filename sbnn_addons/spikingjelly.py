@@ -407,16 +407,17 @@ def _linked_multi_step_forward(node: nn.Module, x_seq: Tensor, *args, **kwargs):
     own = spike.noise_variance(x_seq.new_zeros(()))  # the spike's own noise only
     noisy = var is not None or spike._var_state is not None or own is not None
     aux = noisy and spike._aux_wanted()  # as the node's loop
+    pull = noisy and (spike._pull_wanted(x_seq) or spike._pull_wanted(v0))
     rate = node.w.sigmoid() if dyn.charge.startswith("plif") else None
     out = kernels.lif_sequence(
         x_seq, var, v0, spike._var_state, dyn, spike.estimator, rate=rate, own_var=own,
         at_zero=spike.at_zero,
         aux_offset=spike._aux_offset(spike.threshold) if aux else None,
-        aux_var=spike.aux_std_grad, aux_pull=spike.aux_pull if aux else 0.0,
+        aux_var=spike.aux_std_grad, aux_pull=spike.aux_pull if pull else 0.0,
         generator=spike._generator_for(x_seq))
     spikes, v, state = out[:3]
     if aux:
-        spike._use_aux(spikes, out[3], x_seq[0], x_seq.shape[0], pulled=True)
+        spike._collect(out[3], x_seq[0], x_seq.shape[0])
     node._memories["v"] = v
     node.v_seq = None
     spike.__dict__.update(_var_state=state if var is not None or spike._var_state is not None
@@ -807,6 +808,8 @@ def to_sbnn(
             "nothing to convert: the model has no layer.Linear/layer.Conv2d/nn.Linear/"
             "nn.Conv1d/nn.Conv2d (check include/exclude) and no supported neuron"
         )
+    if inc is None:
+        _layers.warn_deterministic_layers(model, lambda n: match_name(n, exc), "SpikingJelly")
     reset(model)
     track_variance(model, check_inputs=True)
     if aux_loss:

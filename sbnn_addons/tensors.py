@@ -14,7 +14,9 @@ import torch
 from torch import Tensor
 
 __all__ = ["SpikeTensor", "mark_binary", "is_binary", "is_kept", "broadcasts_to",
-           "apply_function", "check_windows", "estimator_spec", "parse_estimator_spec"]
+           "apply_function", "check_windows", "estimator_spec", "parse_estimator_spec",
+           "AUX_PULL_Z_MAX", "aux_pull_gradient"]
+
 
 class SpikeTensor(Tensor):
     """A tensor of spikes (0 and 1 only), as a spike function returns it in eager mode.
@@ -159,3 +161,34 @@ def parse_estimator_spec(spec: str) -> tuple[str, float, float, float]:
     string ``torch.compile`` folds it to constants."""
     kind, p, tau, max_weight = spec.split()
     return kind, float.fromhex(p), float.fromhex(tau), float.fromhex(max_weight)
+
+
+#: ``|z|`` beyond which the auxiliary pull stops growing (:attr:`sbnn_addons.IWSTSpike.aux_pull`).
+AUX_PULL_Z_MAX = 3.0
+
+
+def aux_pull_gradient(grad_h: Tensor, u: Tensor, sigma: Tensor, weight: float) -> Tensor:
+    """The auxiliary pull's gradient for the drive ``u`` (:attr:`sbnn_addons.IWSTSpike.aux_pull`).
+
+    .. code-block:: text
+
+        dL/du += w * mean|dL/dh| * 2 clamp(z, -Z, Z) / sigma,   z = u / sigma,  Z = 3
+
+    the gradient of ``w * mean|dL/dh| * sum huber(z)`` (``z^2`` within ``Z``, linear
+    beyond) with the mean (over ``grad_h``, a constant) and ``sigma`` held constant; 0
+    where ``sigma`` is 0.
+
+    Args:
+        grad_h: the gradient reaching the spikes, ``[*]``.
+        u: the drive, ``[*]``.
+        sigma: the noise std, broadcastable to ``u``.
+        weight: ``w``.
+    """
+    size = grad_h.detach().abs()
+    if size.numel() == 0:
+        return torch.zeros_like(u)
+    s = sigma.detach().to(u.dtype)
+    safe = s.clamp_min(1e-6)  # SIGMA_MIN, as a literal (a traced backward's constant)
+    z = (u.detach() / safe).clamp(-3.0, 3.0)  # AUX_PULL_Z_MAX
+    pull = (2.0 * weight) * size.mean().to(u.dtype) * z / safe
+    return torch.where(s > 0, pull, torch.zeros_like(pull))

@@ -407,6 +407,14 @@ def test_a_forward_that_raises_leaves_no_shared_block_open():
     assert len(sb.moments._OPEN_FLOWS) == 1
     other(torch.rand(2, 4))
     assert sb.base._SHARED[0] is None and not sb.moments._OPEN_FLOWS
+    # while a stale block is open, a layer used outside any tracked forward may share
+    # its s^2, but never one whose graph a backward has freed (gradient accumulation)
+    with pytest.raises(RuntimeError, match="boom"):
+        broken(torch.rand(2, 4))
+    layer = sb.BayesLinear(4, 3, std=0.2, std_mode="weight")
+    for _ in range(2):
+        sb.get_variance(layer(torch.rand(2, 4))).sum().backward()
+    assert layer.std_rho.grad is not None
 
 
 

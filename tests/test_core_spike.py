@@ -285,9 +285,9 @@ def test_a_copy_of_a_seeded_spike_function_continues_its_stream():
 @pytest.mark.parametrize("kernels", [True, False])
 @pytest.mark.parametrize("estimator", ["st", "agr(0.5)"])
 def test_aux_pull_adds_the_auxiliary_gradient(kernels, estimator):
-    """With `aux_pull = w` the drive's gradient gains w * mean|dL/dh| * 2 z / sigma (sigma
-    held constant), the same draws otherwise: as if w * mean|dL/dh| * sum z^2 were in the
-    loss. Kernel and PyTorch paths, spikes unchanged."""
+    """With `aux_pull = w` the drive's gradient gains w * mean|dL/dh| * 2 clamp(z, -3, 3)
+    / sigma (sigma held constant), the same draws otherwise: as if w * mean|dL/dh| *
+    sum huber(z) were in the loss. Kernel and PyTorch paths, spikes unchanged."""
     torch.manual_seed(0)
     u0 = torch.randn(8, 16) * 2 - 1
     var = torch.rand(8, 1) * 0.3
@@ -304,7 +304,9 @@ def test_aux_pull_adds_the_auxiliary_gradient(kernels, estimator):
             outs.append(h.detach())
     assert torch.equal(outs[0], outs[1])
     sigma = (var + 0.16).sqrt()
-    pull = 0.05 * g.abs().mean() * 2 * (u0 / sigma) / sigma
+    z = u0 / sigma
+    assert float(z.abs().max()) > 3  # the clamp is exercised
+    pull = 0.05 * g.abs().mean() * 2 * z.clamp(-3, 3) / sigma
     torch.testing.assert_close(grads[1] - grads[0], pull, rtol=1e-4, atol=1e-6)
 
 
@@ -362,3 +364,39 @@ def test_aux_pull_of_fused_lif_equals_the_step_loop(reset):
     torch.testing.assert_close(step[1], run[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(step[2], run[2], rtol=1e-5, atol=1e-6)
     assert float((run[1] - no_pull[1]).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_aux_pull_does_not_build_up_over_steps(kernels):
+    """A call's spikes receive the pulls of later steps (through the reset), which scale
+    its own pull: with the clamp at |z| = 3 the build-up is a geometric series of ratio
+    at most 2 * 3 * w * theta / sigma, so even at a small std over 32 steps the pull on a
+    silent unit stays of the order of its one-step size (it grew to ~1e5 without it)."""
+    T, B, N, std = 32, 4, 8, 0.1
+    torch.manual_seed(0)
+    x0 = torch.full((T, B, N), -2.0) + 0.1 * torch.randn(T, B, N)  # silent, far below
+    x0[:, :, 0] = 3.0  # one unit fires: the task has a gradient
+    w_out = torch.randn(N)
+    grads = []
+    for pull in (0.0, 1e-3):
+        lif = sb.LIF(beta=0.9, spike_fn=IWSTSpike(std=std, aux_pull=pull))
+        lif.spike_fn.manual_seed(1)
+        x = x0.clone().requires_grad_()
+        with sb.kernels.use_kernels(kernels):
+            (lif.run(x).sum(0) * w_out).sum().backward()
+        grads.append(x.grad)
+    added = grads[1] - grads[0]
+    assert float(added[:, :, 1:].max()) < 0  # the silent units are pulled up
+    assert float(added.abs().max()) < 1.0
+
+
+def test_aux_pull_assignment_is_checked():
+    spike = IWSTSpike(std=0.3)
+    spike.aux_pull = 0.01
+    assert spike.aux_pull == 0.01
+    for bad, err in ((-1.0, ValueError), (math.nan, ValueError), ("0.1", TypeError)):
+        with pytest.raises(err, match="aux_pull"):
+            spike.aux_pull = bad
+    assert spike.aux_pull == 0.01
+    assert copy.deepcopy(spike).aux_pull == 0.01
+    assert pickle.loads(pickle.dumps(spike)).aux_pull == 0.01

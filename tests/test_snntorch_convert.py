@@ -402,3 +402,22 @@ def test_batchnorm_affine_respects_include_exclude_and_needs_running_statistics(
     assert all(type(m).__module__.startswith(("torch", "snntorch")) for m in net.modules())
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     to_sbnn(net, batchnorm="affine", exclude="4")  # left out: fine
+
+
+def test_weight_layers_without_a_bayesian_version_are_named():
+    """A weight layer the converter has no Bayesian version of (ConvTranspose2d, Conv3d,
+    Embedding) stays deterministic: a warning names it, unless it is excluded."""
+    import snntorch as snn
+    from torch import nn
+
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ConvTranspose2d(4, 4, 3),
+                        snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    with pytest.warns(UserWarning, match=r"1 weight layer\(s\) stay deterministic.*'1' "
+                                         r"\(ConvTranspose2d\)"):
+        to_sbnn(net, exclude=None)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        to_sbnn(net, exclude="1")
+        to_sbnn(net, include="0")

@@ -303,3 +303,17 @@ def test_frozen_and_tied_parameters_survive_conversion_and_export():
     assert model[2].weight is model[0].weight
     back = sbnn_sj.to_spikingjelly(model)
     assert back[2].weight is back[0].weight
+
+
+def test_weight_layers_without_a_bayesian_version_are_named():
+    """SpikingJelly's layer.Conv3d (no Bayesian version) stays deterministic with a
+    warning naming it; excluded, silently."""
+    import warnings
+
+    net = nn.Sequential(layer.Conv3d(1, 2, 3, step_mode="m"), layer.Flatten(step_mode="m"),
+                        layer.Linear(2, 3, step_mode="m"), neuron.LIFNode(step_mode="m"))
+    with pytest.warns(UserWarning, match=r"'0' \(Conv3d\)"):
+        sbnn_sj.to_sbnn(net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sbnn_sj.to_sbnn(net, exclude="0")
