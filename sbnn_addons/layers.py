@@ -275,8 +275,17 @@ class _BayesMixin(SBNNModule):
 
         Returns:
             Scalar tensor.
+
+        Raises:
+            ValueError: a posterior std is 0 (a deterministic weight has an infinite KL
+                to any Gaussian prior).
         """
         std = self.std
+        if not self.learn_std and not torch.compiler.is_compiling() and bool((std == 0).any()):
+            raise ValueError(
+                f"{type(self).__name__} has a zero posterior std (a deterministic weight), "
+                "whose KL to a Gaussian prior is infinite; give it a std > 0, or leave the "
+                "layer deterministic (a plain layer, exclude= at conversion) and out of the KL")
         if self.std_mode == "channel":  # [out] -> [out, 1, ...] to broadcast over the weight
             std = std.view(-1, *([1] * (self.weight.dim() - 1)))
         params = [(self.weight, std)]

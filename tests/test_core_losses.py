@@ -236,3 +236,12 @@ def test_aux_loss_warns_when_an_eval_mode_model_collected_nothing():
     net.train()
     net(torch.rand(5, 8))
     assert float(aux_loss(net)) > 0
+
+
+def test_kl_of_a_zero_std_layer_is_named():
+    """A layer with a fixed zero std has an infinite KL: named error, not an inf loss."""
+    layer = sb.BayesLinear(3, 2, std=0.0, learn_std=False)
+    with pytest.raises(ValueError, match="zero posterior std"):
+        layer.kl_divergence()
+    with pytest.raises(ValueError, match="zero posterior std"):
+        sbnn_objective(torch.tensor(1.0), nn.Sequential(layer), num_data=10, kl_weight=1.0)

@@ -480,3 +480,18 @@ def test_shd_hidden_sizes_are_checked(hidden):
     """hidden=8 gave "'int' object is not iterable", (0, 8) an IndexError."""
     with pytest.raises(ValueError, match="hidden"):
         shd_recurrent(hidden=hidden)
+
+
+def test_readout_noise_replays_with_the_spike_seed():
+    """readout_noise=True draws from the network's seeded stream: mc_predict(seed=)
+    replays exactly, whatever the global generator did in between."""
+    from sbnn_addons.models import dvs_resnet19
+
+    torch.manual_seed(0)
+    x = (torch.rand(3, 2, 2, 16, 16) < 0.3).float()
+    m = dvs_resnet19(widths=(4, 8, 8), blocks=1, num_steps=3, readout_noise=True)
+    p1 = sb.mc_predict(m, x, 3, seed=0).probs
+    torch.rand(7)  # an unrelated use of the global generator
+    p2 = sb.mc_predict(m, x, 3, seed=0).probs
+    assert torch.equal(p1, p2)
+    assert not torch.equal(p1, sb.mc_predict(m, x, 3, seed=1).probs)

@@ -284,8 +284,14 @@ class ReferenceNet(SBNNModule, nn.Module):
         var = known_variance(out)
         if var is None or not self.readout_noise or self.deterministic:
             return attach_variance(out, None) if var is not None else out
+        # the stream of the network's last spike function: seeded with the spikes
+        # (seed_spikes, mc_predict(seed=)), so that a seeded pass replays the readout too
+        spike = next((m for m in reversed(list(self.modules())) if isinstance(m, IWSTSpike)),
+                     None)
+        gen = None if spike is None else spike._generator_for(out)
         with no_variance_flow():
-            noise = safe_sqrt(var.expand_as(out).clamp_min(0)) * torch.randn_like(out)
+            eps = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
+            noise = safe_sqrt(var.expand_as(out).clamp_min(0)) * eps
             return out + noise
 
     def deterministic_twin(self, **overrides) -> ReferenceNet:
