@@ -239,6 +239,8 @@ class IWSTSpike(SBNNModule, nn.Module):
         self._seed: int | None = None
         self._generator: torch.Generator | None = None
 
+    _aux_pull = 0.0  # what a spike function pickled before the pull existed reads
+
     @property
     def aux_pull(self) -> float:
         """The auxiliary pull's weight (class docstring; 0: off); assigning checks it."""
