@@ -558,7 +558,7 @@ class FusedSpike(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u: Tensor, variance: Tensor, seed: int, estimator, at_zero: bool,
-                aux_offset: float | None, aux_var: bool):
+                aux_offset: float | None, aux_var: bool, aux_pull: float = 0.0):
         u = u.contiguous()
         var, mid, inner = _layout(u, variance)
         h = torch.empty_like(u)
@@ -569,7 +569,7 @@ class FusedSpike(torch.autograd.Function):
         ctx.layout = (mid, inner, variance.shape)
         ctx.estimator = estimator
         ctx.aux_offset = 0.0 if aux_offset is None else float(aux_offset)
-        ctx.aux_var = aux_var
+        ctx.aux_var, ctx.aux_pull = aux_var, aux_pull
         if aux_offset is None:
             return h
         return h, torch.tensor(aux, dtype=torch.float32)
@@ -581,18 +581,20 @@ class FusedSpike(torch.autograd.Function):
         g_aux = float(grad_aux[0]) if grad_aux and grad_aux[0] is not None else 0.0
         if grad is None:
             if g_aux == 0.0:
-                return None, None, None, None, None, None, None
+                return None, None, None, None, None, None, None, None
             grad = torch.zeros_like(u)
         mid, inner, var_shape = ctx.layout
         grad_u, grad_var = _backward_raw(grad, u, var, mid, inner, h, ctx.estimator, g_aux,
                                          ctx.aux_offset, var_shape, ctx.aux_var)
-        return grad_u, grad_var, None, None, None, None, None
+        if ctx.aux_pull:  # IWSTSpike.aux_pull
+            grad_u = grad_u + aux_pull_gradient(grad, u, _std_of(var), ctx.aux_pull)
+        return grad_u, grad_var, None, None, None, None, None, None
 
 
 def fused_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
                 generator: torch.Generator | None = None,
                 aux_offset: float | None = None,
-                aux_var: bool = True) -> Tensor | tuple[Tensor, Tensor]:
+                aux_var: bool = True, aux_pull: float = 0.0) -> Tensor | tuple[Tensor, Tensor]:
     """Spikes ``h = 1[U < Phi(u / sqrt(variance))]`` with the IW-ST backward of ``estimator``.
 
     Check :func:`can_fuse` first. Inputs of the wrong dtype or device raise ``TypeError``
@@ -612,13 +614,16 @@ def fused_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
             page, section 5), computed in the same pass.
         aux_var: whether the auxiliary sum's gradient reaches the variance too
             (``False``: ``sigma`` is held constant in ``z``, only the drive gets it).
+        aux_pull: the backward also adds the auxiliary pull
+            (:func:`~sbnn_addons.tensors.aux_pull_gradient`;
+            :attr:`~sbnn_addons.IWSTSpike.aux_pull`).
 
     Returns:
         Spikes ``[*]``, float32, values in {0, 1}; with ``aux_offset``, the pair
         ``(spikes, sum_z2)``.
     """
     out = apply_function(FusedSpike, u, variance, _seed(generator), estimator, at_zero,
-                         aux_offset, bool(aux_var))
+                         aux_offset, bool(aux_var), float(aux_pull))
     spikes = out if aux_offset is None else out[0]
     # kept (saved by the node just recorded): a layer fed by the spikes saves them as they are
     mark_binary(spikes, kept=spikes.requires_grad)

@@ -337,20 +337,22 @@ class IWSTSpike(SBNNModule, nn.Module):
             if compiled or (fused_var is not None and kernels.can_fuse(u, fused_var)):
                 aux = variance is not None and self._aux_wanted()
                 offset = self._aux_offset(self.threshold) if aux else None
+                pull = self._pull_wanted(u)
                 if compiled:
                     spikes, z2 = kernels.compiled_spike(u, fused_var, self.estimator,
                                                         self.at_zero, aux_offset=offset,
                                                         aux_var=self.aux_std_grad)
-                else:
+                    if pull:
+                        spikes = _AuxPull.apply(spikes, u, safe_sqrt(fused_var.detach()),
+                                                self.aux_pull)
+                else:  # the kernel's backward adds the pull itself
                     out = kernels.fused_spike(u, fused_var, self.estimator, self.at_zero,
                                               self._generator_for(u), aux_offset=offset,
-                                              aux_var=self.aux_std_grad)
+                                              aux_var=self.aux_std_grad,
+                                              aux_pull=self.aux_pull if pull else 0.0)
                     spikes, z2 = out if aux else (out, None)
                 if aux:
                     self._collect(z2, u)
-                if self._pull_wanted(u):
-                    spikes = _AuxPull.apply(spikes, u, safe_sqrt(fused_var.detach()),
-                                            self.aux_pull)
                 return mark_binary(attach_variance(spikes, None))
         if variance is None:
             sigma = torch.zeros((), dtype=u.dtype, device=u.device)

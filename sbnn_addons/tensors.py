@@ -184,11 +184,12 @@ def aux_pull_gradient(grad_h: Tensor, u: Tensor, sigma: Tensor, weight: float) -
         sigma: the noise std, broadcastable to ``u``.
         weight: ``w``.
     """
-    size = grad_h.detach().abs()
-    if size.numel() == 0:
+    if grad_h.numel() == 0:
         return torch.zeros_like(u)
+    size = grad_h.detach().abs().mean().to(u.dtype)
     s = sigma.detach().to(u.dtype)
-    safe = s.clamp_min(1e-6)  # SIGMA_MIN, as a literal (a traced backward's constant)
-    z = (u.detach() / safe).clamp(-3.0, 3.0)  # AUX_PULL_Z_MAX
-    pull = (2.0 * weight) * size.mean().to(u.dtype) * z / safe
-    return torch.where(s > 0, pull, torch.zeros_like(pull))
+    # 1 / sigma, 0 where sigma is 0 (no noise, no pull); 1e-6 is SIGMA_MIN as a literal (a
+    # traced backward's constant); kept in sigma's (compact) shape
+    inv = torch.where(s > 0, s.clamp_min(1e-6).reciprocal(), torch.zeros_like(s))
+    z = (u.detach() * inv).clamp_(-3.0, 3.0)  # AUX_PULL_Z_MAX
+    return z.mul_(inv * (2.0 * weight * size))
