@@ -10,9 +10,10 @@ Bernoulli(0.2) input):
   whose learned rate the fused sequence also differentiates), against
   ``sbnn_addons.spikingjelly.to_sbnn`` of the same model.
 
-Per-layer std (the paper's scalar) with ST and AGR estimators. Reports median step time
-(forward, cross-entropy, backward, state reset) and the bytes of tensors saved for
-backward, each as a ratio to the original model.
+Per-layer std (the paper's scalar) with ST and AGR estimators, at the converters'
+defaults (the auxiliary pull on), and ST with ``aux_pull=0`` (what the pull costs).
+Reports median step time (forward, cross-entropy, backward, state reset) and the bytes
+of tensors saved for backward, each as a ratio to the original model.
 
 Usage::
 
@@ -59,7 +60,8 @@ def snntorch_models():
     base = Net()
     return {"original": base,
             "sbnn ST": to_sbnn(base, estimator="st"),
-            "sbnn AGR": to_sbnn(base, estimator="agr")}, (lambda m: None)
+            "sbnn AGR": to_sbnn(base, estimator="agr"),
+            "sbnn ST, aux_pull=0": to_sbnn(base, estimator="st", aux_pull=0)}, (lambda m: None)
 
 
 def spikingjelly_models(node: str = "lif"):
@@ -87,7 +89,8 @@ def spikingjelly_models(node: str = "lif"):
     base = Net()
     return {"original": base,
             "sbnn ST": to_sbnn(base, estimator="st"),
-            "sbnn AGR": to_sbnn(base, estimator="agr")}, functional.reset_net
+            "sbnn AGR": to_sbnn(base, estimator="agr"),
+            "sbnn ST, aux_pull=0": to_sbnn(base, estimator="st", aux_pull=0)}, functional.reset_net
 
 
 def run(reps: int, threads: int, seed: int = 0, repeat: int = 1, sj_node: str = "lif",
