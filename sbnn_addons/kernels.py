@@ -62,7 +62,6 @@ from torch import Tensor
 
 from .tensors import (
     apply_function,
-    aux_pull_gradient,
     broadcasts_to,
     check_windows,
     mark_binary,
@@ -181,7 +180,7 @@ def _declare(lib: ctypes.CDLL) -> None:
                                        i32]
     lib.sbnn_spike_forward.restype = ctypes.c_double
     lib.sbnn_spike_backward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, i32, ptr, ptr, i64, i32,
-                                        f32, f32, f32, f32, f32, i32, i32]
+                                        f32, f32, f32, f32, f32, i32, f32, i32]
     lib.sbnn_spike_backward.restype = None
     lib.sbnn_spike_backward_compact.argtypes = lib.sbnn_spike_backward.argtypes
     lib.sbnn_spike_backward_compact.restype = None
@@ -190,7 +189,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sbnn_lif_step_forward.restype = ctypes.c_double
     lib.sbnn_lif_step_backward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ptr, f32, f32, i32,
                                            ptr, ptr, ptr, i32, i64, i32, f32, f32, f32, f32,
-                                           f32, i32, i32]
+                                           f32, i32, f32, i32]
     lib.sbnn_lif_step_backward.restype = None
     lib.sbnn_window_sum.argtypes = [ptr, ptr, *[i64] * 12, i32, f32, i32]
     lib.sbnn_window_sum.restype = ctypes.c_int
@@ -496,7 +495,8 @@ def spike_backward(grad: Tensor, u: Tensor, variance: Tensor, spikes: Tensor, es
 
 def _backward_raw(grad: Tensor, u: Tensor, var: Tensor, mid: int, inner: int, h: Tensor,
                   estimator, grad_aux: float, aux_offset: float,
-                  var_shape: torch.Size, aux_var: bool = True) -> tuple[Tensor, Tensor]:
+                  var_shape: torch.Size, aux_var: bool = True,
+                  pull: float = 0.0) -> tuple[Tensor, Tensor]:
     """:func:`spike_backward` in the kernel layout; ``grad_var`` has ``var_shape``. ``h``:
     the spikes, float32 or uint8.
 
@@ -516,7 +516,7 @@ def _backward_raw(grad: Tensor, u: Tensor, var: Tensor, mid: int, inner: int, h:
     fn(g.data_ptr(), u.data_ptr(), var.data_ptr(), mid, inner, h.data_ptr(),
        int(h.dtype == torch.float32), grad_u.data_ptr(), grad_var.data_ptr(), u.numel(), kind,
        p, estimator.tau, estimator.max_weight, float(grad_aux), float(aux_offset), int(aux_var),
-       threads)
+       float(pull), threads)
     if compact:
         return grad_u, grad_var.view(var_shape)
     return grad_u, (grad_var.sum_to_size(var_shape) if var_shape != u.shape else grad_var)
@@ -585,9 +585,8 @@ class FusedSpike(torch.autograd.Function):
             grad = torch.zeros_like(u)
         mid, inner, var_shape = ctx.layout
         grad_u, grad_var = _backward_raw(grad, u, var, mid, inner, h, ctx.estimator, g_aux,
-                                         ctx.aux_offset, var_shape, ctx.aux_var)
-        if ctx.aux_pull:  # IWSTSpike.aux_pull
-            grad_u = grad_u + aux_pull_gradient(grad, u, _std_of(var), ctx.aux_pull)
+                                         ctx.aux_offset, var_shape, ctx.aux_var,
+                                         _pull_coefficient(grad, ctx.aux_pull))
         return grad_u, grad_var, None, None, None, None, None, None
 
 
@@ -786,29 +785,30 @@ class LIFStep(torch.autograd.Function):
         compact = mid > 1 and u.numel() // (mid * inner) >= 2
         g_var = torch.empty_like(var) if compact else torch.empty_like(u)
         kind, p = _estimator_codes(estimator)
+        # IWSTSpike.aux_pull, scaled by dL/dh through the spikes and the reset
+        pull = _pull_coefficient(_step_spike_grad(g_h, g_m, u, theta, reset), aux_pull) \
+            if aux_pull else 0.0
         _require().sbnn_lif_step_backward(
             0 if g_h is None else g_h.data_ptr(), 0 if g_m is None else g_m.data_ptr(),
             u.data_ptr(), var.data_ptr(), mid, inner, h.data_ptr(), beta, theta,
             _STEP_RESETS[reset], g_x.data_ptr(), 0 if g_mprev is None else g_mprev.data_ptr(),
             g_var.data_ptr(), int(compact), u.numel(), kind, p, estimator.tau,
-            estimator.max_weight, grad_aux, float(aux_offset or 0.0), int(aux_var),
+            estimator.max_weight, grad_aux, float(aux_offset or 0.0), int(aux_var), pull,
             torch.get_num_threads())
         if compact:
             g_var = g_var.view(var_shape)
         elif var_shape != u.shape:
             g_var = g_var.sum_to_size(var_shape)
-        if aux_pull:  # IWSTSpike.aux_pull, scaled by dL/dh through the spikes and the reset
-            pull = aux_pull_gradient(_step_spike_grad(g_h, g_m, u, theta, reset), u,
-                                     _std_of(var), aux_pull)
-            g_x = g_x + pull
-            if g_mprev is not None:
-                g_mprev = g_mprev + beta * pull
         return g_x, g_mprev, g_var, None, None
 
 
-def _std_of(variance: Tensor) -> Tensor:
-    """``sqrt(variance)`` (a saved variance, laid out broadcastable to the drive)."""
-    return variance.clamp_min(0).sqrt()
+def _pull_coefficient(grad_h: Tensor, weight: float) -> float:
+    """``2 w mean|dL/dh|``, the kernels' factor of the auxiliary pull
+    (:func:`~sbnn_addons.tensors.aux_pull_gradient`, which the kernel's backward applies
+    per element as ``factor * clamp(z, -3, 3) / sigma``); 0 when ``w`` is 0."""
+    if not weight or grad_h.numel() == 0:
+        return 0.0
+    return 2.0 * weight * float(torch.linalg.vector_norm(grad_h, 1)) / grad_h.numel()
 
 
 def _step_spike_grad(g_h: Tensor | None, g_m: Tensor | None, u: Tensor, theta: float,
@@ -1021,12 +1021,10 @@ class LIFSequence(torch.autograd.Function):
                 if d_spike is not None and not dyn.detach_reset:
                     g_spike = g_spike + d_spike
             mid, inner, total_shape, state_shape = ctx.meta[t]
+            # IWSTSpike.aux_pull, by dL/dh_t through the spikes and the reset
             g_u, g_total = _backward_raw(g_spike, us[t], variances[t], mid, inner, hbs[t],
                                          ctx.estimator, g_aux[t], ctx.aux_offset, total_shape,
-                                         ctx.aux_var)
-            if ctx.aux_pull:  # IWSTSpike.aux_pull, by dL/dh_t through the spikes and reset
-                g_u = g_u + aux_pull_gradient(g_spike, us[t], _std_of(variances[t]),
-                                              ctx.aux_pull)
+                                         ctx.aux_var, _pull_coefficient(g_spike, ctx.aux_pull))
             g_h = g_u if g_h is None else g_h + g_u
             if own_shape is not None:
                 g = _sum_to(g_total, own_shape)

@@ -28,6 +28,7 @@
 #define INV_SQRT_2PI 0.39894228040143267794f
 #define SIGMA_MIN 1e-6f
 #define Z_MAX 40.0f
+#define AUX_PULL_Z 3.0f /* tensors.AUX_PULL_Z_MAX */
 #define V_STREAM (1ULL << 62) /* first Philox counter of the V stream */
 
 /* Philox4x32-10 (Salmon et al. 2011) of counters block0 .. block0 + nblocks - 1 into
@@ -399,8 +400,8 @@ static inline float jacobian(float zc, float h, int kind, float p, float tau,
 
 /* kind: 0 = ST, 1 = IW-ST(p), 2 = AGR(tau). */
 static inline void grad_one(float g, float x, float v, float h, int kind, int aux, float p,
-                            float tau, float max_weight, float g_aux, float offset, float *gu,
-                            float *gv) {
+                            float tau, float max_weight, float g_aux, float offset, float pull,
+                            float *gu, float *gv) {
     float sr = sqrtf(fmaxf(v, 0.0f));
     float s = fmaxf(sr, SIGMA_MIN);
     float inv_s = 1.0f / s;
@@ -408,7 +409,9 @@ static inline void grad_one(float g, float x, float v, float h, int kind, int au
     float zc = fminf(fmaxf(z, -Z_MAX), Z_MAX);
     float a = g * jacobian(zc, h, kind, p, tau, max_weight) * inv_s;
     int noisy = v > 0.0f;
-    float grad_u = noisy ? a : 0.0f;
+    /* the auxiliary pull (IWSTSpike.aux_pull): pull = 2 w mean|dL/dh|, times
+     * clamp(z, -AUX_PULL_Z, AUX_PULL_Z) / sigma; 0 without noise */
+    float grad_u = noisy ? a + pull * fminf(fmaxf(z, -AUX_PULL_Z), AUX_PULL_Z) * inv_s : 0.0f;
     float grad_v = noisy && sr > 0.0f ? -z * a * 0.5f / fmaxf(sr, 1e-30f) : 0.0f;
     /* auxiliary loss: d z^2/du = 2 z / s, d z^2/dvar = -z^2 / var (0 where s is clamped);
      * aux 1: both, aux 2: the membrane's only (sigma held constant in z) */
@@ -433,6 +436,7 @@ typedef struct {
     int kind, step, reset, h_float;
     float p, tau, max_weight, g_aux, offset, beta, theta;
     int aux_var; /* the aux loss's gradient reaches the variance (else the membrane only) */
+    float pull;  /* 2 w mean|dL/dh| of the auxiliary pull (0: none) */
 } bwd_args;
 
 /* grad_one over n elements (grad_u into gu, the per-element grad_var into gv; h: the
@@ -442,7 +446,7 @@ typedef struct {
 #define BACKWARD_LOOP(KIND, AUX)                                                             \
     for (int64_t i = 0; i < n; ++i)                                                          \
         grad_one(g[i], u[i], v[i], (float)h[i], KIND, AUX, a->p, a->tau, a->max_weight,      \
-                 a->g_aux, a->offset, gu + i, gv + i);
+                 a->g_aux, a->offset, a->pull, gu + i, gv + i);
 
 #define BACKWARD_KINDS(AUX)                                                                  \
     if (a->kind == 0) {                                                                      \
@@ -569,9 +573,9 @@ void sbnn_spike_backward(const float *restrict g, const float *restrict u,
                          const void *restrict h, int h_float, float *restrict gu,
                          float *restrict gv, int64_t total, int kind, float p, float tau,
                          float max_weight, float g_aux, float offset, int aux_var,
-                         int threads) {
+                         float pull, int threads) {
     bwd_args a = {g, u, var, NULL, h, gu, NULL, mid, inner, kind, 0, 0, h_float,
-                  p, tau, max_weight, g_aux, offset, 0.0f, 0.0f, aux_var};
+                  p, tau, max_weight, g_aux, offset, 0.0f, 0.0f, aux_var, pull};
     backward_full(&a, gv, total, threads);
 }
 
@@ -581,9 +585,9 @@ void sbnn_spike_backward_compact(const float *restrict g, const float *restrict 
                                  const void *restrict h, int h_float, float *restrict gu,
                                  float *restrict gvar, int64_t total, int kind, float p,
                                  float tau, float max_weight, float g_aux, float offset,
-                                 int aux_var, int threads) {
+                                 int aux_var, float pull, int threads) {
     bwd_args a = {g, u, var, NULL, h, gu, NULL, mid, inner, kind, 0, 0, h_float,
-                  p, tau, max_weight, g_aux, offset, 0.0f, 0.0f, aux_var};
+                  p, tau, max_weight, g_aux, offset, 0.0f, 0.0f, aux_var, pull};
     backward_compact(&a, gvar, total, threads);
 }
 
@@ -596,9 +600,9 @@ void sbnn_lif_step_backward(const float *restrict g_h, const float *restrict g_m
                             int reset, float *restrict g_x, float *restrict g_mprev,
                             float *restrict gv, int compact, int64_t total, int kind, float p,
                             float tau, float max_weight, float g_aux, float offset,
-                            int aux_var, int threads) {
+                            int aux_var, float pull, int threads) {
     bwd_args a = {g_h, u, var, g_m, h, g_x, g_mprev, mid, inner, kind, 1, reset, 1,
-                  p, tau, max_weight, g_aux, offset, beta, theta, aux_var};
+                  p, tau, max_weight, g_aux, offset, beta, theta, aux_var, pull};
     if (compact)
         backward_compact(&a, gv, total, threads);
     else
