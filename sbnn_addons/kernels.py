@@ -978,8 +978,8 @@ class LIFSequence(torch.autograd.Function):
             prevs.append(prev if plif else None)
             meta.append((mid, inner, total.shape, None if state is None else state.shape))
             v = _reset(dyn, h, spikes[t])
-            if dyn.reset_variance and state is not None:
-                state = state.masked_fill(hb.view(torch.bool), 0.0)
+            if dyn.reset_variance and state is not None:  # S (1 - h), one operation
+                state = state.addcmul(state, spikes[t], value=-1.0)
         if state is not None and state._is_view():  # e.g. Q_0 itself after one step
             state = state.clone()
         if state is None:
@@ -1013,7 +1013,7 @@ class LIFSequence(torch.autograd.Function):
             beta2, state_coef = beta * beta, -2.0 * beta  # dS_t/dq = -2 (1 - q) S'_{t-1}
             g_rate_x = g_rate_s = None  # sums over t of dL/dH_t dH_t/dq, dL/dS_t S'_{t-1}
         for t in range(steps - 1, -1, -1):
-            fired = hbs[t].view(torch.bool)
+            fired = hbs[t].to(us[t].dtype)  # 0 / 1: (1 - h) g as one addcmul, g - g h
             g_spike = torch.zeros_like(us[t]) if g_spikes is None else g_spikes[t]
             g_h = None
             if g_v is not None:  # V_t = reset(H_t, h_t)
@@ -1033,7 +1033,7 @@ class LIFSequence(torch.autograd.Function):
                 g_s = _sum_to(g_total, state_shape)
                 if g_state is not None:
                     if dyn.reset_variance:
-                        g_state = g_state.masked_fill(fired, 0.0)
+                        g_state = g_state.addcmul(g_state, fired, value=-1.0)
                     g_s = g_s + _sum_to(g_state, state_shape)
                 if q_shape is not None:
                     grad_q.append(_sum_to(g_s, q_shape[1:]))
@@ -1096,13 +1096,16 @@ def _charge_backward(dyn: Dynamics, g_h: Tensor,
 
 
 def _reset(dyn: Dynamics, h: Tensor, fired: Tensor) -> Tensor:
-    """``V_t`` from ``H_t`` and the spikes ``h_t`` (the step-by-step neurons' operations)."""
+    """``V_t`` from ``H_t`` and the spikes ``h_t`` (0 / 1): the step-by-step neurons'
+    values (``H - H h`` is ``H (1 - h)`` exactly for finite ``H``, in one operation)."""
     if dyn.reset == "hard":
+        if dyn.v_reset == 0.0:
+            return h.addcmul(h, fired, value=-1.0)
         return fired * dyn.v_reset + (1.0 - fired) * h
     if dyn.reset == "subtract":
         return h - fired * dyn.threshold
     if dyn.reset == "zero":
-        return h * (1.0 - fired)
+        return h.addcmul(h, fired, value=-1.0)
     return h
 
 
@@ -1120,13 +1123,15 @@ def _reset_by_mask(dyn: Dynamics, h: Tensor, fired: Tensor) -> Tensor:
 
 def _reset_backward(dyn: Dynamics, g_v: Tensor, fired: Tensor,
                     u: Tensor) -> tuple[Tensor, Tensor | None]:
-    """``(dL/dH_t, dL/dh_t)`` through ``V_t = reset(H_t, h_t)``; ``u = H_t - theta``."""
-    if dyn.reset == "hard":  # dV/dh = V_r - H
-        return g_v.masked_fill(fired, 0.0), g_v * (dyn.v_reset - (u + dyn.threshold))
+    """``(dL/dH_t, dL/dh_t)`` through ``V_t = reset(H_t, h_t)``; ``u = H_t - theta``,
+    ``fired``: the spikes ``h_t`` as 0 / 1 floats."""
+    if dyn.reset == "hard":  # dV/dH = 1 - h, dV/dh = V_r - H
+        return (g_v.addcmul(g_v, fired, value=-1.0),
+                g_v * (dyn.v_reset - (u + dyn.threshold)))
     if dyn.reset == "subtract":
         return g_v, g_v * -dyn.threshold
-    if dyn.reset == "zero":  # dV/dh = -H
-        return g_v.masked_fill(fired, 0.0), g_v * -(u + dyn.threshold)
+    if dyn.reset == "zero":  # dV/dH = 1 - h, dV/dh = -H
+        return g_v.addcmul(g_v, fired, value=-1.0), g_v * -(u + dyn.threshold)
     return g_v, None
 
 
