@@ -146,9 +146,9 @@ def shared_square(owner: object, param: Tensor, std: Callable[[], Tensor]) -> Te
     """
     cache = _SHARED[0]
     if (cache is None or torch.compiler.is_compiling()  # a graph computes it once anyway
-            # inside activation checkpointing (saved-tensor hooks): the recomputation runs
-            # outside the block, so the forward must record the same operations
-            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
+            # inside activation checkpointing: the recomputation runs outside the block,
+            # so the forward must record the same operations
+            or checkpoint_hooks_active()):
         value = std()
         return value * value
     key = (torch.is_grad_enabled(), param.dtype, param.device,
@@ -166,6 +166,17 @@ def shared_square(owner: object, param: Tensor, std: Callable[[], Tensor]) -> Te
         # left open by a forward that raised would otherwise hand out a freed graph)
         squared.register_hook(functools.partial(_forget, cache, id(owner), id(squared)))
     return squared
+
+
+def checkpoint_hooks_active() -> bool:
+    """Whether the innermost saved-tensor hooks are activation checkpointing's
+    (``torch.utils.checkpoint``, which :mod:`sbnn_addons.checkpoint` uses): a region whose
+    forward is recomputed in the backward and must then save the same tensors. Other
+    saved-tensor hooks (``torch.autograd.graph.save_on_cpu``, a memory probe) are not."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is None:
+        return False
+    return "checkpoint" in (getattr(hooks[0], "__module__", None) or "")
 
 
 def _forget(cache: dict, key: int, squared_id: int, grad: Tensor) -> None:

@@ -378,6 +378,32 @@ def test_share_posterior_reuses_s2_with_identical_gradients(std_mode):
     assert sb.base._SHARED[0] is before  # the block restored what it found
 
 
+def test_share_posterior_shares_under_other_saved_tensor_hooks_not_in_checkpoints():
+    """s^2 is shared under saved-tensor hooks that are not activation checkpointing's
+    (save_on_cpu, a memory probe: the probe measured one s^2 per step), and computed per
+    call inside torch.utils.checkpoint (whose recomputation runs outside the block)."""
+    import torch.utils.checkpoint as torch_checkpoint
+
+    layer = sb.BayesLinear(7, 5, std=0.2, std_mode="weight")
+    xs = torch.rand(4, 3, 7)
+    with sb.share_posterior():
+        with torch.autograd.graph.save_on_cpu():
+            assert layer._std_squared() is layer._std_squared()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            assert layer._std_squared() is layer._std_squared()
+        seen = []
+
+        def region(x):
+            seen.append(layer._std_squared())
+            seen.append(layer._std_squared())
+            return sb.get_variance(layer(x))
+
+        out = torch_checkpoint.checkpoint(region, xs[0], use_reentrant=False)
+        assert seen[0] is not seen[1]
+        out.sum().backward()
+    assert layer.std_rho.grad is not None
+
+
 def test_a_forward_that_raises_leaves_no_shared_block_open():
     """A tracked model's forward opens a share_posterior block in a pre-hook and closes it
     in a forward hook, which does not run when the forward raises: the next forward of
