@@ -1007,7 +1007,7 @@ class LIFSequence(torch.autograd.Function):
         grad_q, g_own, g_rate, rate, v_prev = [], None, None, None, None
         if len(saved) > 4 * steps:  # PLIF: dH_t/dq needs V_{t-1} (recomputed) and X_t
             x_seq, v0, rate = saved[4 * steps:]
-            v_prev = [v0] + [_reset_by_mask(dyn, us[t] + dyn.threshold, hbs[t].view(torch.bool))
+            v_prev = [v0] + [_reset(dyn, us[t] + dyn.threshold, hbs[t].to(us[t].dtype))
                              for t in range(steps - 1)]
             beta = 1.0 - rate
             beta2, state_coef = beta * beta, -2.0 * beta  # dS_t/dq = -2 (1 - q) S'_{t-1}
@@ -1106,18 +1106,6 @@ def _reset(dyn: Dynamics, h: Tensor, fired: Tensor) -> Tensor:
         return h - fired * dyn.threshold
     if dyn.reset == "zero":
         return h.addcmul(h, fired, value=-1.0)
-    return h
-
-
-def _reset_by_mask(dyn: Dynamics, h: Tensor, fired: Tensor) -> Tensor:
-    """:func:`_reset` with the spikes as a boolean mask: the same values (the resets pick
-    ``V_r``, ``h - theta`` or 0 where a unit fired, ``h`` elsewhere), one operation."""
-    if dyn.reset == "hard":
-        return h.masked_fill(fired, dyn.v_reset)
-    if dyn.reset == "subtract":
-        return torch.where(fired, h - dyn.threshold, h)
-    if dyn.reset == "zero":
-        return h.masked_fill(fired, 0.0)
     return h
 
 
