@@ -335,11 +335,12 @@ def compact_broadcast(t: Tensor) -> Tensor:
 
 
 class _SafeSqrt(torch.autograd.Function):
-    """``sqrt(v)`` with gradient 0 at ``v == 0`` instead of ``inf``."""
+    """``sqrt(max(v, 0))`` with gradient 0 where ``v <= 0`` (instead of ``inf`` at 0);
+    only the result is saved for the backward."""
 
     @staticmethod
     def forward(v: Tensor) -> Tensor:
-        return v.sqrt()
+        return v.clamp_min(0).sqrt_()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -354,10 +355,13 @@ class _SafeSqrt(torch.autograd.Function):
 
 
 def safe_sqrt(variance: Tensor) -> Tensor:
-    """Standard deviation from a non-negative variance, with a finite gradient at 0.
+    """Standard deviation from a variance, ``sqrt(max(v, 0))``, with a finite gradient at 0.
 
     ``d sqrt(v) / dv = 1 / (2 sqrt(v))`` is infinite at ``v = 0``; a deterministic unit
-    (``v = 0``) receives no gradient anyway (Method page, section 1), so the gradient is 0 there.
+    (``v = 0``) receives no gradient anyway (Method page, section 1), so the gradient is 0
+    there (and where rounding made a variance slightly negative). One operation for the
+    clamp and the root: only the std is kept for the backward (a separate ``clamp_min``
+    would keep the variance too).
     """
     return apply_function(_SafeSqrt, variance)
 

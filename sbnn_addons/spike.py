@@ -358,7 +358,7 @@ class IWSTSpike(SBNNModule, nn.Module):
             sigma = torch.zeros((), dtype=u.dtype, device=u.device)
         else:
             dtype = torch.promote_types(u.dtype, torch.float32)  # half -> float32
-            sigma = safe_sqrt(variance.to(dtype).clamp_min(0)).to(u.dtype)
+            sigma = safe_sqrt(variance.to(dtype)).to(u.dtype)
         if self.deterministic:
             eps = torch.zeros_like(u)
         else:

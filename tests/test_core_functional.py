@@ -150,6 +150,20 @@ def test_safe_sqrt_gradient_zero_at_zero():
     assert torch.equal(v.grad, torch.tensor([0.0, 0.25]))
 
 
+def test_safe_sqrt_clamps_a_rounding_negative_and_keeps_only_the_std():
+    """sqrt(max(v, 0)): a variance that rounding made slightly negative gives std 0 and
+    gradient 0 (not NaN), and only the std is kept for the backward (a clamp_min in front
+    would keep the variance as well: one more tensor of its size per spike call)."""
+    v = torch.tensor([-1e-9, 0.0, 4.0], requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = safe_sqrt(v * 1.0)
+    assert len(kept) == 1 and torch.equal(kept[0], out.detach())
+    out.sum().backward()
+    assert torch.equal(out.detach(), torch.tensor([0.0, 0.0, 2.0]))
+    assert torch.equal(v.grad, torch.tensor([0.0, 0.0, 0.25]))
+
+
 def test_mark_binary_is_voided_by_in_place_changes_and_skips_x_squared(monkeypatch):
     """Spikes are marked binary; an in-place change voids the mark; a Bayesian layer gives
     the same variance for a marked spike input (x^2 = x skipped) as for an unmarked copy,

@@ -291,7 +291,7 @@ class ReferenceNet(SBNNModule, nn.Module):
         gen = None if spike is None else spike._generator_for(out)
         with no_variance_flow():
             eps = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
-            noise = safe_sqrt(var.expand_as(out).clamp_min(0)) * eps
+            noise = safe_sqrt(var.expand_as(out)) * eps
             return out + noise
 
     def deterministic_twin(self, **overrides) -> ReferenceNet:
