@@ -118,13 +118,15 @@ class SnnTorchSpike(IWSTSpike):
     snnTorch computes a neuron's reset by calling ``spike_grad`` a second time, on the
     membrane of the previous step (``mem_reset``). A stochastic spike would draw again,
     and the reset would disagree with the spike the neuron emitted. This spike function
-    remembers its recent calls: a call whose drive equals a remembered call's drive (same
-    shape and values) returns that call's spikes, once, and draws nothing. So the reset
-    is the emitted spike, and the next step's drive, which differs, gets a fresh draw.
-    The reset call of a membrane it did not fire from, the zero initial state of a new
+    remembers its recent draws: the reset call (recognised by its caller, snnTorch's
+    ``mem_reset``) whose drive equals a remembered draw's drive (same shape and values)
+    returns that draw's spikes, once, and draws nothing. So the reset is the emitted
+    spike; every firing call draws afresh, also when its drive equals an earlier one
+    (another neuron sharing this function with the same drive gets its own draw). The
+    reset call of a membrane it did not fire from, the zero initial state of a new
     sequence, returns ``1[u > 0]`` (no spike for a positive threshold): that membrane
     emitted none. Shared by several neurons (snnTorch tutorials pass one ``spike_grad`` to
-    every layer), it remembers the last :attr:`MEMORY` calls.
+    every layer), it remembers the last :attr:`MEMORY` draws.
 
     Under ``torch.compile`` the reset call is recognised by its values only, so the reset
     of a sequence's initial membrane is a draw there (a neuron that never fired may lose
@@ -142,12 +144,12 @@ class SnnTorchSpike(IWSTSpike):
         key = u.detach()
         if torch.compiler.is_compiling():
             return self._compiled_forward(u, key, recent)
-        for i, (prev, spikes) in enumerate(recent):
-            if (prev.shape == key.shape and prev.dtype == key.dtype
-                    and prev.device == key.device and torch.equal(prev, key)):
-                del recent[i]
-                return spikes
         if _called_by_mem_reset():
+            for i, (prev, spikes) in enumerate(recent):  # oldest first
+                if (prev.shape == key.shape and prev.dtype == key.dtype
+                        and prev.device == key.device and torch.equal(prev, key)):
+                    del recent[i]
+                    return spikes
             # the reset of a membrane this function did not fire from: the initial state
             # of a sequence (init_leaky, utils.reset), which emitted no spike. A draw here
             # would subtract the threshold from neurons that never fired.

@@ -136,6 +136,26 @@ def test_snntorch_drop_in_reset_is_the_emitted_spike():
     assert 0 < float(prev1.mean()) < 1
 
 
+def test_snntorch_drop_in_shared_by_neurons_with_equal_drives_draws_for_each():
+    """One spike_grad() shared by two neurons whose drives are exactly equal in a step
+    (the same input, the same state): each firing call draws its own spikes (not the
+    other neuron's), and each neuron's reset is the spike it emitted."""
+    torch.manual_seed(0)
+    shared = sbnn_snn.spike_grad()
+    lif_a = snn.Leaky(beta=0.9, spike_grad=shared)
+    lif_b = snn.Leaky(beta=0.9, spike_grad=shared)
+    mem_a, mem_b = lif_a.init_leaky(), lif_b.init_leaky()
+    x = torch.full((4000, 4), 1.0)  # u = 0 at the first step: spikes with probability 1/2
+    spk_a, mem_a = lif_a(x, mem_a)
+    spk_b, mem_b = lif_b(x, mem_b)
+    assert not torch.equal(spk_a, spk_b)  # two draws
+    assert abs(float((spk_a == spk_b).float().mean()) - 0.5) < 0.05  # independent
+    prev_a, prev_b = spk_a.detach(), spk_b.detach()
+    lif_a(x, mem_a)
+    lif_b(x, mem_b)
+    assert torch.equal(lif_a.reset, prev_a) and torch.equal(lif_b.reset, prev_b)
+
+
 @pytest.mark.parametrize("make", [
     lambda sg: snn.Leaky(beta=0.9, threshold=0.5, spike_grad=sg),
     lambda sg: snn.Synaptic(alpha=0.8, beta=0.9, threshold=0.5, spike_grad=sg),
