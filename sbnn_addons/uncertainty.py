@@ -371,8 +371,9 @@ def mc_predict(
       runs first, so two calls with the same seed give the same result; afterwards the
       spike functions draw from the stream they used before the call.
     * The model's ``train()`` / ``eval()`` flag is left as it is (call ``model.eval()``
-      first, as for any evaluation); its SBNN mode is ``eval_mode`` during the passes and
-      restored afterwards.
+      first, as for any evaluation; a BatchNorm in training mode is refused, since the
+      passes would change its running statistics); its SBNN mode is ``eval_mode`` during
+      the passes and restored afterwards.
 
     **Inputs and the forward hook.** Spiking models take time-major inputs ``[T, B, ...]``
     (step ``t`` is ``inputs[t]``); a static core model takes ``[B, ...]``. By default one
@@ -428,10 +429,11 @@ def mc_predict(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, ``inputs`` is not a tensor, or the
             forward pass does not return a tensor.
-        ValueError: ``num_samples < 1`` or not an integer, an empty input (batch 0 or
-            ``T = 0``), NaN / inf in the input, bad ``chunk_size`` / ``batch_dim`` /
-            ``eval_mode`` / ``output``, logits of the wrong shape, ``output="probs"`` whose
-            rows are not probability vectors.
+        ValueError: a BatchNorm with running statistics in training mode (call
+            ``model.eval()`` first), ``num_samples < 1`` or not an integer, an empty
+            input (batch 0 or ``T = 0``), NaN / inf in the input, bad ``chunk_size`` /
+            ``batch_dim`` / ``eval_mode`` / ``output``, logits of the wrong shape,
+            ``output="probs"`` whose rows are not probability vectors.
 
     .. note::
         The earlier closure form ``mc_predict(forward_fn, model, K)`` still works for one
@@ -445,10 +447,29 @@ def mc_predict(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_inputs(inputs, forward is not None)
+    _refuse_training_batchnorm(model)
     return _run(model, inputs, num_samples, seed=seed, forward=forward, reset=reset,
                 chunk_size=chunk_size, fold=fold, batch_dim=batch_dim, eval_mode=eval_mode,
                 return_samples=return_samples, count_spikes=count_spikes, synops=synops,
                 output=output)
+
+
+def _refuse_training_batchnorm(model: nn.Module) -> None:
+    """Raise if a BatchNorm with running statistics is in training mode: every pass would
+    normalise by the evaluation batch's own statistics and write them into the model's
+    running averages (the model changed by a prediction, silently).
+
+    Raises:
+        ValueError: names the first such BatchNorm and the fix.
+    """
+    for name, m in model.named_modules():
+        if (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+                and m.track_running_stats and m.running_mean is not None):
+            raise ValueError(
+                f"BatchNorm {name or type(m).__name__!r} is in training mode: mc_predict's "
+                "passes would normalise by the evaluation batch's statistics and update its "
+                "running averages with the evaluation inputs. Call model.eval() first: the "
+                "spikes are still drawn (the passes run in eval_mode, 'mc' by default)")
 
 
 @contextlib.contextmanager

@@ -273,3 +273,30 @@ def test_time_major_input_errors_name_the_fix():
     assert pred.probs.shape == (B, 4)
     with pytest.raises(ValueError, match=r"must return logits \[B, C\], got shape \(6, 5, 4\)"):
         sb.mc_predict(model, x, 2)
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_a_batchnorm_in_training_mode_is_refused_and_left_unchanged(step_mode):
+    """A converted SpikingJelly CSNN with its BatchNorm kept (the converters' default),
+    still in training mode after training: mc_predict would normalise by the evaluation
+    batch and write its statistics into the running averages. It raises and names
+    model.eval(); the running statistics are untouched; after eval() it predicts."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        layer.Conv2d(1, 4, 3, padding=1), layer.BatchNorm2d(4), neuron.LIFNode(),
+        layer.Flatten(), layer.Linear(4 * 8 * 8, 3), neuron.LIFNode())
+    functional.set_step_mode(net, step_mode)
+    model = sbnn_sj.to_sbnn(net)
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    before = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
+    x = torch.rand(T, B, 1, 8, 8) * 3
+    forward = (lambda m, x: torch.stack([m(x_t) for x_t in x]).mean(0)) if step_mode == "s" \
+        else (lambda m, x: m(x).mean(0))
+    with pytest.raises(ValueError, match=r"training mode.*model\.eval\(\)"):
+        sb.mc_predict(model, x, 4, forward=forward)
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert int(bn.num_batches_tracked) == before[2]
+    model.eval()
+    pred = sb.mc_predict(model, x, 4, forward=forward)
+    assert pred.probs.shape == (B, 3)
+    assert torch.equal(bn.running_mean, before[0])
