@@ -83,7 +83,8 @@ def main() -> None:
         detach_reset=True, num_classes=10, cnf="ADD", norm_layer=NoNorm,
     )
     functional.set_step_mode(net, "m")
-    sbnn = sbnn_sj.to_sbnn(net, args.estimator, aux_loss=True)
+    # the readout `fc` feeds no neuron: deterministic, as in the released configuration
+    sbnn = sbnn_sj.to_sbnn(net, args.estimator, aux_loss=True, exclude="fc")
 
     acc, sec = train_eval(net, data, args, sbnn=False)
     print(f"SpikingJelly SEW-ResNet-18 : accuracy {acc:.3f}  time {sec:.1f} s")

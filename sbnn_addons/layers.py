@@ -49,6 +49,7 @@ from .moments import (
     VarianceFlowError,
     VarianceTensor,
     attach_variance,
+    new_draw,
     no_variance_flow,
     raw_variance,
 )
@@ -232,13 +233,13 @@ class _BayesMixin(SBNNModule):
         s2 = self._std_squared()
         if self._factored():  # s^2 F kept factored through the variance flow
             field = self._input_variance(x_in, binary, None)
-            return attach_variance(mean, ScaledVariance(field, s2))
+            return new_draw(attach_variance(mean, ScaledVariance(field, s2)), self)
         var = self._input_variance(x_in, binary, s2)
         if self.bias_noise:
             var = var + self.bias_std**2
         # broadcastable to the mean (e.g. [N, 1, H, W] with a per-layer std): consumers
         # broadcast it, and channel-independent ops (avg-pool) stay C times cheaper
-        return attach_variance(mean, var)
+        return new_draw(attach_variance(mean, var), self)
 
     def _factored(self) -> bool:
         """Whether the variance is ``s^2 F`` with one scalar ``s^2`` (per-layer std, no

@@ -37,7 +37,10 @@ operation (a residual sum) are multiplied out first.
 
 An operation without a rule does not guess: its output is marked with
 :class:`UnknownVariance`, and a spike function that receives such an input raises an
-error that names the operation.
+error that names the operation. The same holds for a sum whose operands share a layer's
+draw (``a + 0.5 * a``, ``a - a.mean(-1)``): the sum rule assumes independent operands, so
+the flow follows which draws each tensor is made of (:class:`NoiseSet`) and marks such a
+sum unknown.
 
 The check does not depend on the evaluation mode. In ``mean`` mode a Bayesian layer
 attaches no variance (its noise is off), but :func:`track_variance` marks its output as
@@ -52,9 +55,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import sys
 import types
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,6 +73,7 @@ from .functional import box_sum
 from .tensors import leaf_values
 
 __all__ = [
+    "NoiseSet",
     "ScaledVariance",
     "UnknownVariance",
     "VarianceFlowError",
@@ -140,6 +146,94 @@ class ScaledVariance:
         return f"ScaledVariance(base={tuple(self.base.shape)}, scale={float(self.scale):g})"
 
 
+class NoiseSet:
+    """Which layer draws a variance is made of: the noise *identity* behind the rules.
+
+    Every Bayesian layer output (every :func:`attach_variance` result, once an operation
+    reads it) is a draw of its own, a leaf with a fresh token; an operation on several
+    noisy tensors gets the union of their sets. The rules of the module doc assume that
+    two summed operands carry independent noise; two operands whose sets share a draw
+    (``a + 0.5 * a``, ``a - a.mean(-1)``, ``a + a.clone()``) are correlated, and their sum
+    gets an :class:`UnknownVariance` instead of a wrong variance.
+
+    A union node is built in O(1); :meth:`shares` descends only where the token intervals
+    of the two sets overlap (a membrane's set and the next step's input, whose tokens are
+    newer, are told apart by their intervals alone). Eager mode only: a compiled graph does
+    not track it.
+    """
+
+    __slots__ = ("lo", "hi", "parts")
+
+    def __init__(self, lo: int, hi: int, parts: tuple[NoiseSet, NoiseSet] | None) -> None:
+        self.lo, self.hi, self.parts = lo, hi, parts
+
+    @staticmethod
+    def leaf() -> NoiseSet:
+        token = next(_NOISE_TOKENS)
+        return NoiseSet(token, token, None)
+
+    def union(self, other: NoiseSet) -> NoiseSet:
+        if other is self:
+            return self
+        return NoiseSet(min(self.lo, other.lo), max(self.hi, other.hi), (self, other))
+
+    def shares(self, other: NoiseSet) -> bool:
+        """Whether the two sets have a draw in common."""
+        stack = [(self, other)]
+        while stack:
+            a, b = stack.pop()
+            if a is b:
+                return True
+            if a.hi < b.lo or b.hi < a.lo:
+                continue
+            if a.parts is None and b.parts is None:
+                if a.lo == b.lo:
+                    return True
+                continue
+            if a.parts is None or (b.parts is not None and b.hi - b.lo > a.hi - a.lo):
+                a, b = b, a  # split the wider one
+            stack.append((a.parts[0], b))
+            stack.append((a.parts[1], b))
+        return False
+
+
+_NOISE_TOKENS = itertools.count()
+
+
+def new_draw(out: Tensor, layer: nn.Module) -> Tensor:
+    """Give a Bayesian layer's output ``out`` a :class:`NoiseSet` leaf of its own and
+    remember its token on ``layer`` (so that a variance reaching a model's output can name
+    the layers it came from). Eager mode only; returns ``out``."""
+    if type(out) is VarianceTensor and not torch.compiler.is_compiling():
+        leaf = NoiseSet.leaf()
+        out.__dict__["noise"] = leaf
+        layer.__dict__["_sbnn_draw"] = leaf.lo
+    return out
+
+
+def _leaf_tokens(nset: NoiseSet) -> set[int]:
+    tokens, stack = set(), [nset]
+    while stack:
+        node = stack.pop()
+        if node.parts is None:
+            tokens.add(node.lo)
+        else:
+            stack.extend(node.parts)
+    return tokens
+
+
+def _noise_of(x) -> NoiseSet | None:
+    """The noise set of a carrier with a variance (a new leaf the first time it is read);
+    ``None`` for anything else and in a compiled graph."""
+    if (type(x) is not VarianceTensor or (x.variance is None and not x.probe)
+            or torch.compiler.is_compiling()):
+        return None
+    found = x.__dict__.get("noise")
+    if found is None:
+        found = x.__dict__["noise"] = NoiseSet.leaf()
+    return found
+
+
 class VarianceTensor(Tensor):
     """A mean tensor that carries its posterior variance: the variance flow's carrier.
 
@@ -201,12 +295,13 @@ class VarianceTensor(Tensor):
 _NONE_COMPARISONS = (Tensor.__eq__, Tensor.__ne__)
 
 
-def _wrap(out: Tensor, variance, probe: bool = False) -> Tensor:
+def _wrap(out: Tensor, variance, probe: bool = False, noise: NoiseSet | None = None) -> Tensor:
     """``out`` as a :class:`VarianceTensor` carrying ``variance`` (a plain tensor where it
     carries nothing).
 
     Eager: ``out`` itself becomes the carrier (its class is set, no alias and no autograd
-    node). Under ``torch.compile`` (which traces ``as_subclass``, not a class change): a
+    node) and gets the noise set ``noise`` (``None``: a draw of its own, a new leaf when
+    read). Under ``torch.compile`` (which traces ``as_subclass``, not a class change): a
     new carrier aliasing ``out``.
     """
     if variance is None and not probe:
@@ -226,6 +321,10 @@ def _wrap(out: Tensor, variance, probe: bool = False) -> Tensor:
     else:
         if type(out) is not VarianceTensor:
             out.__class__ = VarianceTensor
+        if noise is None:
+            out.__dict__.pop("noise", None)
+        else:
+            out.__dict__["noise"] = noise
         new = out
     new.variance = variance
     new.probe = probe
@@ -244,6 +343,7 @@ def _plain(t: Tensor, in_place: bool = False) -> Tensor:
         t.__class__ = Tensor
         t.__dict__.pop("variance", None)
         t.__dict__.pop("probe", None)
+        t.__dict__.pop("noise", None)
         return t
     return t.as_subclass(Tensor)
 
@@ -354,6 +454,8 @@ def _linear_combination():
         if a is b:  # one noise, not two independent ones: o + o = 2 o, o - o = 0
             sign = -1.0 if "sub" in func.__name__ else 1.0
             return va * (1.0 + sign * alpha) ** 2
+        if va is not None and vb is not None and _correlated(a, b):
+            return UnknownVariance(_correlated_reason(func.__name__))
         if vb is not None and alpha != 1:
             vb = vb * (alpha * alpha)
         total = vb if va is None else (va if vb is None else va + vb)
@@ -362,12 +464,26 @@ def _linear_combination():
     return rule
 
 
+_SUMS = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__",
+                   "sub", "sub_", "__sub__", "__rsub__", "__isub__"})
 _add_rule = register_variance_rule("add", "add_", "__add__", "__radd__", "__iadd__")(
     _linear_combination()
 )
 _sub_rule = register_variance_rule("sub", "sub_", "__sub__", "__rsub__", "__isub__")(
     _linear_combination()
 )
+
+
+def _correlated(a, b) -> bool:
+    """Whether two noisy operands share a layer draw (:class:`NoiseSet`)."""
+    na, nb = _noise_of(a), _noise_of(b)
+    return na is not None and nb is not None and na.shares(nb)
+
+
+def _correlated_reason(name: str) -> str:
+    return (f"{name} of two tensors that share one Bayesian layer's noise (correlated, e.g. "
+            "a + 0.5 * a or a - a.mean(); write the combination as one scaling of the "
+            "tensor, e.g. 1.5 * a, or apply it before the Bayesian layer)")
 
 
 @register_variance_rule("mul", "mul_", "__mul__", "__rmul__", "__imul__")
@@ -567,14 +683,16 @@ def _base_of(x):
 
 
 def _scan(args, kwargs):
-    """One pass over the (possibly nested) arguments: ``(noise, scale, probe)``.
+    """One pass over the (possibly nested) arguments: ``(noise, scale, probe, nset)``.
 
     ``noise`` is ``None`` if no argument carries a variance, else the first
     :class:`UnknownVariance` among them, else ``True``. ``scale`` is the scale tensor
     shared by all of them when every one is a :class:`ScaledVariance`, else ``None``.
     ``probe`` is ``True`` if an argument without a variance carries the ``mean``-mode probe.
+    ``nset`` is the union of the carriers' :class:`NoiseSet` (eager mode; else ``None``).
     """
-    noisy, scale, probe = None, None, False
+    noisy, scale, probe, nset = None, None, False, None
+    eager = not torch.compiler.is_compiling()
     for group in (args, kwargs.values()) if kwargs else (args,):
         for a in group:
             if isinstance(a, Tensor):
@@ -590,9 +708,15 @@ def _scan(args, kwargs):
                 if var is None:
                     if b.probe:
                         probe = True
+                        if eager:
+                            mine = _noise_of(b)
+                            nset = mine if nset is None else nset.union(mine)
                     continue
                 if isinstance(var, UnknownVariance):
-                    return var, None, False
+                    return var, None, False, None
+                if eager:
+                    mine = _noise_of(b)
+                    nset = mine if nset is None else nset.union(mine)
                 if isinstance(var, ScaledVariance):
                     if noisy is None:
                         scale = var.scale
@@ -601,7 +725,7 @@ def _scan(args, kwargs):
                 else:
                     scale = None
                 noisy = True
-    return noisy, scale, probe
+    return noisy, scale, probe, nset
 
 
 _NAMES: dict = {}
@@ -631,7 +755,7 @@ _SPLITS = frozenset(
 )
 
 
-def _attach_each(name, func, args, kwargs, out, noise, scale):
+def _attach_each(name, func, args, kwargs, out, noise, scale, nset=None):
     """The outputs of a multi-tensor result ``out``, each with its variance (a split gives
     each part its part of the variance; any other operation, e.g. ``nn.GRU`` / ``nn.LSTM``,
     marks every tensor output unknown, so that a neuron fed by it raises)."""
@@ -646,16 +770,18 @@ def _attach_each(name, func, args, kwargs, out, noise, scale):
     if scale is not None:  # split the base of a factored variance
         base = x.variance.base.expand_as(x)
         parts = _c_level(func)(base, *args[1:], **kwargs)
-        return _remake(out, [ScaledVariance(part, scale) for part in parts])
+        return _remake(out, [ScaledVariance(part, scale) for part in parts], noise=nset)
     var = _var_of(x)
     if var is None:  # the noise is in another argument (e.g. a split size): unknown
         return _remake(out, [UnknownVariance(name)] * len(out))
-    return _remake(out, list(_c_level(func)(var.expand_as(x), *args[1:], **kwargs)))
+    return _remake(out, list(_c_level(func)(var.expand_as(x), *args[1:], **kwargs)),
+                   noise=nset)
 
 
-def _remake(out, variances, probe: bool = False):
-    """``out`` (a tuple or list) with each tensor carrying its entry of ``variances``."""
-    items = [_wrap(t, v, probe) if isinstance(t, Tensor) else t
+def _remake(out, variances, probe: bool = False, noise: NoiseSet | None = None):
+    """``out`` (a tuple or list) with each tensor carrying its entry of ``variances`` (and
+    the noise set ``noise``)."""
+    items = [_wrap(t, v, probe, noise) if isinstance(t, Tensor) else t
              for t, v in zip(out, variances)]
     if isinstance(out, list):
         return items
@@ -680,12 +806,16 @@ class VarianceFlowReport:
         tracked: whether the model had the variance flow installed
             (:func:`track_variance`); the check installs it for its own forward if not.
         bayesian_layers: Bayesian layers found (whose noise was followed).
+        readouts: qualified names of the Bayesian layers whose noise reaches the output
+            without a spiking neuron (readouts: their noise would not act, leave them
+            deterministic with the converter's ``exclude=``).
     """
 
     ops: dict[str, int] = field(default_factory=dict)
     unknown: dict[str, int] = field(default_factory=dict)
     tracked: bool = True
     bayesian_layers: int = 0
+    readouts: list[str] = field(default_factory=list)
 
     def note(self, name: str, known: bool) -> None:
         table = self.ops if known else self.unknown
@@ -749,6 +879,11 @@ def _probe_unknown(name: str, args, kwargs) -> str | None:
         other = args[1] if len(args) > 1 else kwargs.get("other")
         if _probed(args[0]) and _probed(other):
             return "product of two noisy tensors"
+    elif name in _SUMS:
+        other = args[1] if len(args) > 1 else kwargs.get("other")
+        if (args[0] is not other and _probed(args[0]) and _probed(other)
+                and _correlated(args[0], other)):
+            return _correlated_reason(name)
     elif name in ("div", "div_", "__truediv__", "__itruediv__", "true_divide"):
         other = args[1] if len(args) > 1 else kwargs.get("other")
         if _probed(other) or kwargs.get("rounding_mode") is not None:
@@ -770,7 +905,7 @@ def _probe_unknown(name: str, args, kwargs) -> str | None:
     return None
 
 
-def _carry_probe(name: str, args, kwargs, out):
+def _carry_probe(name: str, args, kwargs, out, nset: NoiseSet | None = None):
     """The ``mean``-mode counterpart of the rules: an operation with a rule passes the probe
     on to its output(s); one without a rule marks them with an :class:`UnknownVariance`
     (as in ``sample`` mode), so that a neuron fed by it raises. Returns the output(s)."""
@@ -782,9 +917,11 @@ def _carry_probe(name: str, args, kwargs, out):
             _REPORTS[-1].note(name, why is None)
         if _in_place(args, out):
             _mark_in_place(args[0], None if why is None else UnknownVariance(why), name,
-                           probe=why is None)
+                           probe=why is None, noise=nset)
             return args[0]
-        return _wrap(out, None, True) if why is None else _wrap(out, UnknownVariance(why))
+        if why is None:
+            return _wrap(out, None, True, nset)
+        return _wrap(out, UnknownVariance(why))
     if isinstance(out, (tuple, list)):
         tensors = [t for t in out if isinstance(t, Tensor)]
         if not tensors:
@@ -794,7 +931,7 @@ def _carry_probe(name: str, args, kwargs, out):
         if _REPORTS:
             _REPORTS[-1].note(name, bool(split))
         if split:
-            return _remake(out, [None] * len(out), True)
+            return _remake(out, [None] * len(out), True, nset)
         return _remake(out, [UnknownVariance(name)] * len(out))
     if name in ("__setitem__", "index_put_") and args and isinstance(args[0], Tensor):
         if _REPORTS:
@@ -808,7 +945,8 @@ def _in_place(args, out) -> bool:
     return bool(args) and out is args[0] and type(out) is VarianceTensor
 
 
-def _mark_in_place(target, variance, name: str, probe: bool = False) -> None:
+def _mark_in_place(target, variance, name: str, probe: bool = False,
+                   noise: NoiseSet | None = None) -> None:
     """Give ``target``, changed in place by ``name``, the variance ``variance``.
 
     A plain tensor that receives noise in place (a metric's running count, a slice
@@ -818,8 +956,13 @@ def _mark_in_place(target, variance, name: str, probe: bool = False) -> None:
     if type(target) is VarianceTensor:
         target.variance = variance
         target.probe = probe
+        if not torch.compiler.is_compiling():
+            if noise is None:
+                target.__dict__.pop("noise", None)
+            else:
+                target.__dict__["noise"] = noise
     elif isinstance(target, Tensor) and not torch.compiler.is_compiling():
-        _wrap(target, variance, probe)
+        _wrap(target, variance, probe, noise)
 
 
 _C_LEVEL: dict = {}
@@ -855,10 +998,10 @@ def _flow(func, args, kwargs):
     means, then its variance rule (module doc)."""
     with torch._C.DisableTorchFunctionSubclass():
         out = _c_level(func)(*args, **kwargs)
-    noise, scale, probe = _scan(args, kwargs)
+    noise, scale, probe, nset = _scan(args, kwargs)
     if noise is None:
         if probe:
-            return _carry_probe(_name(func), args, kwargs, out)
+            return _carry_probe(_name(func), args, kwargs, out, nset)
         return out
     name = _name(func)
     if name in _NOISE_FREE:
@@ -867,7 +1010,7 @@ def _flow(func, args, kwargs):
         if name in ("__setitem__", "index_put_") and isinstance(args[0], Tensor):
             _mark_in_place(args[0], UnknownVariance(name), name)
         elif isinstance(out, (tuple, list)):
-            return _attach_each(name, func, args, kwargs, out, noise, scale)
+            return _attach_each(name, func, args, kwargs, out, noise, scale, nset)
         return out
     if noise is not True:  # an input's variance is already unknown
         var = noise
@@ -882,9 +1025,9 @@ def _flow(func, args, kwargs):
         else:
             var = rule(func, args, kwargs, out, _var_of)
     if out is args[0] if args else False:  # in place: the target carries the result
-        _mark_in_place(args[0], var, name)
+        _mark_in_place(args[0], var, name, noise=nset)
         return args[0]
-    return _wrap(out, var)
+    return _wrap(out, var, noise=nset)
 
 
 def variance_flow() -> contextlib.AbstractContextManager:
@@ -922,12 +1065,66 @@ def _flow_enter(module, args):
 
 
 def _flow_leave(module, args, output):
-    if torch.compiler.is_compiling() or not _OPEN_FLOWS:
+    if torch.compiler.is_compiling():
+        return
+    if module.training and torch.is_grad_enabled():
+        _check_unused_noise(module, output)
+    if not _OPEN_FLOWS:
         return
     ref, share = _OPEN_FLOWS[-1]
     if ref() is module:
         _OPEN_FLOWS.pop()
         share.__exit__(None, None, None)
+
+
+def noisy_output_layers(model: nn.Module, output) -> list[str]:
+    """Qualified names of ``model``'s Bayesian layers whose noise (a variance, or the
+    ``mean``-mode probe) the output of its last forward still carries: readouts, whose
+    noise reaches no spiking neuron. ``output``: a tensor, or a (nested) tuple / list /
+    dict of them. Eager mode (the layers remember their last draw)."""
+    tokens: set[int] = set()
+    stack = [output]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (tuple, list)):
+            stack.extend(item)
+        elif type(item) is VarianceTensor and (item.probe or isinstance(
+                item.variance, (Tensor, ScaledVariance))):
+            nset = item.__dict__.get("noise")
+            if nset is not None:
+                tokens |= _leaf_tokens(nset)
+    if not tokens:
+        return []
+    return [n for n, m in model.named_modules()
+            if _is_bayesian_layer(m) and m.__dict__.get("_sbnn_draw") in tokens]
+
+
+def _check_unused_noise(model: nn.Module, output) -> None:
+    """Warn (once per model) when a training forward's output still carries a Bayesian
+    layer's variance: that layer's noise reached no spiking neuron (a readout feeding the
+    loss directly), so it does not act and its std gets no gradient."""
+    state = model.__dict__.get(_FLOW_STATE)
+    if state is None or state.get("warned_readout"):
+        return
+    items = output if isinstance(output, (tuple, list)) else (output,)
+    noisy = [t for t in items if type(t) is VarianceTensor and isinstance(
+        t.variance, (Tensor, ScaledVariance))]
+    if not noisy:
+        return
+    state["warned_readout"] = True
+    names = noisy_output_layers(model, noisy)
+    which = f" ({', '.join(repr(n) for n in names)})" if names else ""
+    fix = repr(names) if names else "[...the readout's name...]"
+    warnings.warn(
+        f"the output of {type(model).__name__} carries the weight noise of Bayesian "
+        f"layers{which} past every spike (a readout: a layer feeding the loss without a "
+        "spiking neuron after it, or a neuron read through its membrane): there the noise "
+        "does not act (the output is its mean) and its std gets no gradient. Leave the "
+        f"readout deterministic, to_sbnn(model, exclude={fix}) (the released "
+        "configuration's readouts are deterministic)",
+        UserWarning, stacklevel=3)
 
 
 #: The open share_posterior blocks of tracked roots, innermost last: (root, block).
@@ -958,7 +1155,7 @@ def _probe_source(module, args, output):
     mark it with the probe if the layer is noisy in ``sample`` mode."""
     if (isinstance(output, Tensor) and module.deterministic
             and type(output) is not VarianceTensor and _noisy_in_sample_mode(module)):
-        return _wrap(output, None, True)
+        return new_draw(_wrap(output, None, True), module)
     return None
 
 
@@ -1142,7 +1339,8 @@ def check_variance_flow(
         model.eval()
         _REPORTS.append(report)
         with torch.no_grad():
-            call(model, example_input)
+            out = call(model, example_input)
+        report.readouts = noisy_output_layers(model, out)
     except VarianceFlowError as err:
         raise VarianceFlowError(
             f"{err} [found by sbnn_addons.check_variance_flow on {type(model).__name__}]"

@@ -604,5 +604,63 @@ def test_an_operand_combined_with_itself_is_one_noise():
         torch.testing.assert_close(get_variance(o + o), 4 * var)
         torch.testing.assert_close(get_variance(o.add(o, alpha=2.0)), 9 * var)
         torch.testing.assert_close(get_variance(o - o), torch.zeros_like(var))
-        two = get_variance(o + o.clone())  # another tensor: the rules track no correlation
-        torch.testing.assert_close(two, (2 * var).expand_as(two))
+        for combined in (o + o.clone(), o + 0.5 * o, o - o.mean(-1, keepdim=True)):
+            assert isinstance(get_variance(combined), UnknownVariance)
+
+
+def _correlated_cases():
+    return {
+        "a + 0.5 a": lambda a, b: a + 0.5 * a,
+        "a + a.clone()": lambda a, b: a + a.clone(),
+        "a - a.detach()": lambda a, b: a - a.detach(),
+        "a - a.mean(-1)": lambda a, b: a - a.mean(-1, keepdim=True),
+        "(a + b) - b": lambda a, b: (a + b) - b,
+        "a + chunk of a": lambda a, b: a[:, :2] + a.chunk(2, dim=1)[1],
+        "in place a2 += a": lambda a, b: (2 * a).add_(a),
+        "cat then add": lambda a, b: torch.cat([a, b], 1)[:, :4] + a,
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_correlated_cases()))
+@pytest.mark.parametrize("mode", ["sample", "mean"])
+def test_a_sum_of_correlated_tensors_is_unknown_and_raises_at_the_neuron(case, mode):
+    """Two summed tensors that share one layer's draw are correlated: the independent-sum
+    rule would give a wrong variance (``a + 0.5 a``: 1.25 var instead of 2.25 var). Their
+    sum carries an UnknownVariance, and the spike function it reaches raises, in ``sample``
+    mode and (through the probe of a tracked model) in ``mean`` mode."""
+    fn = _correlated_cases()[case]
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fa, self.fb = sb.BayesLinear(5, 4), sb.BayesLinear(5, 4)
+            self.spike = IWSTSpike("st")
+
+        def forward(self, x):
+            return self.spike(fn(self.fa(x), self.fb(x)))
+
+    net = track_variance(Net())
+    with sb.mode(net, mode), pytest.raises(VarianceFlowError, match="share one Bayesian"):
+        net(torch.rand(3, 5))
+
+
+def test_independent_draws_still_add_and_the_membrane_recurrence_is_exact():
+    """Sums of independent draws keep their rule; a recurrence ``v = beta v + I_t`` over
+    fresh layer outputs is exact (Monte Carlo over the weight posterior, fixed seed)."""
+    torch.manual_seed(0)
+    layer = sb.BayesLinear(4, 3, std=0.4, std_mode="weight").double()
+    x = torch.rand(6, 2, 4, dtype=F64)
+    v = torch.zeros(2, 3, dtype=F64)
+    for t in range(6):
+        v = 0.8 * v + layer(x[t])
+    # independent reference: per step a fresh weight sample, 200k draws
+    n = 200_000
+    with torch.no_grad():
+        w = layer.weight + layer.std * torch.randn(6, n, 3, 4, dtype=F64)
+        b = layer.bias
+    ref = torch.zeros(n, 2, 3, dtype=F64)
+    for t in range(6):
+        ref = 0.8 * ref + torch.einsum("nok,bk->nbo", w[t], x[t]) + b
+    torch.testing.assert_close(get_variance(v), ref.var(0), rtol=0.02, atol=1e-4)
+    torch.testing.assert_close(get_variance(layer(x[0]) + layer(x[0])),
+                               2 * get_variance(layer(x[0])))

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from ..losses import _discard_aux, sbnn_objective
 from ..metrics import classification_metrics
+from ..moments import check_variance_flow
 from ..modes import mc_predict, mode
 from ..optim import param_groups
 from ..spike import IWSTSpike, seed_spikes
@@ -557,7 +558,9 @@ def compare(
         num_classes: classes of the task; a training set (or subset) with fewer raises.
         recipe: ``recipe(model, epochs, steps_per_epoch) -> (optimizer, scheduler or None,
             "batch" | "epoch")``; default :func:`default_recipe` ``(lr, noise_lr)``.
-        sbnn_kwargs: extra arguments of ``to_sbnn`` (``std``, ``std_mode``, ...).
+        sbnn_kwargs: extra arguments of ``to_sbnn`` (``std``, ``std_mode``, ...); without
+            ``include`` / ``exclude`` here, the readouts (layers whose noise reaches the
+            output without a spiking neuron) are excluded, as in the released configuration.
         aux_weight: weight of the aux loss for methods that use it (default: the method's).
         aux_reduction: ``"mean"`` (scale-free, default) or ``"sum"`` (the paper's form,
             with its tiny weights), see :func:`sbnn_addons.aux_loss`.
@@ -731,6 +734,7 @@ def _build_run(model, method: Method, seed: int, reinit: bool, readout, sbnn_kwa
     host = detect_host(net)
     own = describe_surrogate(net)
     if method.is_sbnn:
+        sbnn_kwargs = _readouts_excluded(net, method, host, sbnn_kwargs, ctx, readout)
         net = _convert(net, method, host, sbnn_kwargs, ctx.aux_all)
     net = net.to(ctx.device)
     step = _step_style(net, host, ctx.step)
@@ -749,6 +753,23 @@ def _build_run(model, method: Method, seed: int, reinit: bool, readout, sbnn_kwa
         ddp, run.ignored = _wrap_ddp(net, fwd, ctx.device, probe, find_unused)
         run.forward = _Forward(net, host, method.is_sbnn, step, readout, caller=ddp)
     return run
+
+
+def _readouts_excluded(net: nn.Module, method: Method, host: str | None, sbnn_kwargs: dict,
+                       ctx: _Ctx, readout) -> dict:
+    """``sbnn_kwargs`` with ``exclude=`` the model's readouts: the layers whose noise
+    reaches the output without a spiking neuron (found by one ``mean``-mode probe forward
+    of a converted copy on the first batch, :func:`~sbnn_addons.check_variance_flow`), so
+    that they stay deterministic as in the released configuration (their noise would not
+    act). Unchanged when the caller passed ``include`` / ``exclude`` or built the SBNN
+    model itself."""
+    if ("include" in sbnn_kwargs or "exclude" in sbnn_kwargs
+            or any(isinstance(m, IWSTSpike) for m in net.modules())):
+        return sbnn_kwargs
+    probe = _convert(copy.deepcopy(net), method, host, sbnn_kwargs).to(ctx.device)
+    fwd = _Forward(probe, host, True, _step_style(probe, host, ctx.step), readout)
+    found = check_variance_flow(probe, _first_batch(ctx), forward=lambda m, x: fwd(x)).readouts
+    return {**sbnn_kwargs, "exclude": found} if found else sbnn_kwargs
 
 
 def _first_batch(ctx: _Ctx) -> Tensor:
