@@ -32,6 +32,7 @@ PNG files with the ``Agg`` backend.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 import warnings
@@ -223,20 +224,44 @@ def default_reset(model: nn.Module) -> Callable[[nn.Module], object]:
     return reset
 
 
-def _check_logits(logits, rows: int, folded: tuple[int, int] | None = None) -> Tensor:
+def forward_hint(model: nn.Module) -> str:
+    """The ``forward=`` that fits ``model``'s host and step style, for error messages: a
+    single-step model (SpikingJelly ``step_mode='s'``, snnTorch) needs the loop over the
+    steps, a multi-step one reduces its ``[T, B, C]`` output."""
+    snn, sj = _host_kind(model)
+    if sj:
+        modes = {getattr(m, "step_mode", None) for m in model.modules()} - {None}
+        if "s" in modes:
+            return ("forward=lambda m, x: torch.stack([m(x_t) for x_t in x]).mean(0) for this "
+                    "single-step SpikingJelly model (step_mode='s': one call is one step; "
+                    "m(x) on [T, B, ...] would take T for the batch), or "
+                    "functional.set_step_mode(model, 'm') and forward=lambda m, x: "
+                    "m(x).mean(0)")
+        return ("forward=lambda m, x: m(x).mean(0) for this multi-step SpikingJelly model "
+                "(its output is [T, B, C])")
+    if snn:
+        return ("forward=lambda m, x: m(x)[1].mean(0) for an snnTorch model whose forward "
+                "loops over time and returns (spk_rec, mem_rec) [T, B, C], or "
+                "forward=lambda m, x: torch.stack([m(x_t)[1] for x_t in x]).mean(0) for an "
+                "nn.Sequential of init_hidden=True neurons (one call is one step)")
+    return ("forward=lambda model, x: ... that returns the logits [B, C] (e.g. "
+            "lambda m, x: m(x).mean(0) for a model returning [T, B, C])")
+
+
+def _check_logits(logits, rows: int, folded: tuple[int, int] | None = None,
+                  hint: Callable[[], str] | None = None) -> Tensor:
     """``logits`` checked as ``[rows, C]``; ``folded``: ``(passes, batch_dim)`` of a folded
-    call, whose rows are the passes times the examples along ``batch_dim``."""
+    call, whose rows are the passes times the examples along ``batch_dim``; ``hint``: the
+    ``forward=`` to suggest (:func:`forward_hint`)."""
     if not isinstance(logits, Tensor):
         raise TypeError(
             f"the forward pass returned {type(logits).__name__}, not a logits tensor [B, C]; "
-            "pass forward=lambda model, x: ... that returns the logits (e.g. "
-            "lambda m, x: m(x)[1].mean(0) for an snnTorch model returning (spk, mem))"
+            f"pass {hint() if hint else forward_hint(nn.Module())}"
         )
     if logits.dim() != 2:
         raise ValueError(
             f"the forward pass must return logits [B, C], got shape {tuple(logits.shape)}; "
-            "pass forward= that reduces the time dimension (e.g. lambda m, x: m(x).mean(0) "
-            "for a SpikingJelly multi-step model returning [T, B, C])"
+            f"pass {hint() if hint else forward_hint(nn.Module())}"
         )
     if logits.shape[0] != rows:
         if folded is not None:
@@ -501,6 +526,7 @@ def _run(model: nn.Module, inputs, num_samples: int, *, seed, forward, reset, ch
     chunk_size = min(chunk_size, num_samples)
     forward = forward if forward is not None else (lambda m, x: m(x))
     reset = reset if reset is not None else default_reset(model)
+    hint = functools.partial(forward_hint, model)
     if fold:
         if not isinstance(inputs, Tensor):
             raise TypeError("fold=True needs inputs to be a tensor")
@@ -540,7 +566,8 @@ def _run(model: nn.Module, inputs, num_samples: int, *, seed, forward, reset, ch
                 if fold:
                     reset(model)
                     x = torch.cat([inputs] * reps, dim=batch_dim) if reps > 1 else inputs
-                    logits = _check_logits(forward(model, x), reps * rows, (reps, batch_dim))
+                    logits = _check_logits(forward(model, x), reps * rows, (reps, batch_dim),
+                                           hint)
                     samples.append(_to_probs(logits, output).unflatten(0, (reps, rows)))
                     if monitor is not None:
                         record(monitor, reps)
@@ -550,7 +577,7 @@ def _run(model: nn.Module, inputs, num_samples: int, *, seed, forward, reset, ch
                         logits = forward(model, inputs)
                         if rows is None:
                             rows = logits.shape[0] if isinstance(logits, Tensor) else -1
-                        logits = _check_logits(logits, rows)
+                        logits = _check_logits(logits, rows, hint=hint)
                         samples.append(_to_probs(logits, output)[None])
                         if monitor is not None:
                             record(monitor, 1)

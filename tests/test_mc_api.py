@@ -171,8 +171,24 @@ def test_spikingjelly_state_is_reset_between_passes():
 def test_default_forward_errors_name_the_forward_hook():
     with pytest.raises(TypeError, match="forward="):  # snnTorch Sequential: (spk, mem)
         sb.mc_predict(snntorch_seq(), _rate((T, B, 12)), 2)
-    with pytest.raises(ValueError, match=r"m\(x\)\.mean\(0\)"):  # SpikingJelly: [T, B, C]
-        sb.mc_predict(spikingjelly_multistep(), _rate((T, B, 12)), 2)
+    with pytest.raises(ValueError, match=r"m\(x\)\.mean\(0\) for this multi-step"):
+        sb.mc_predict(spikingjelly_multistep(), _rate((T, B, 12)), 2)  # [T, B, C]
+
+
+def test_a_single_step_model_is_told_to_loop_over_the_steps():
+    """A single-step SpikingJelly model returns [T, B, C] for a [T, B, F] input (it takes T
+    for the batch): the message shows the loop over the steps, not ``m(x).mean(0)``, which
+    would silently treat the whole sequence as one step; the loop it shows works."""
+    model = spikingjelly_multistep()
+    functional.set_step_mode(model, "s")
+    x = _rate((T, B, 12))
+    with pytest.raises(ValueError, match=r"x_t in x\]\)\.mean\(0\) for this single-step"):
+        sb.mc_predict(model, x, 2)
+    pred = sb.mc_predict(model, x, 2, seed=0,
+                         forward=lambda m, x: torch.stack([m(x_t) for x_t in x]).mean(0))
+    functional.set_step_mode(model, "m")
+    ref = sb.mc_predict(model, x, 2, seed=0, forward=sj_rate)
+    torch.testing.assert_close(pred.probs, ref.probs)
 
 
 # --------------------------------------------------------------------------- bad arguments
