@@ -267,6 +267,13 @@ class VarianceTensor(Tensor):
         if len(args) == 1 and _name(func) == "__get__":  # an attribute (x.shape): no noise
             with torch._C.DisableTorchFunctionSubclass():
                 return getattr(args[0], func.__self__.__name__)
+        if func in _AUTOGRAD_CALLS:
+            # the backward on the plain means, with the flow on: a recomputation inside it
+            # (torch.utils.checkpoint) runs its variance flow as the forward did
+            # (the outputs and their gradients as plain aliases; `inputs=` stay as given)
+            kwargs = {k: (_plain_args(v) if k in ("gradient", "grad_tensors") else v)
+                      for k, v in (kwargs or {}).items()}
+            return func(*_plain_args(args[:2]), *args[2:], **kwargs)
         return _flow(func, args, kwargs or {})
 
     def __deepcopy__(self, memo):
@@ -293,6 +300,19 @@ class VarianceTensor(Tensor):
 
 
 _NONE_COMPARISONS = (Tensor.__eq__, Tensor.__ne__)
+_AUTOGRAD_CALLS = (Tensor.backward, torch.autograd.backward)
+
+
+def _plain_args(value):
+    """``value`` with every :class:`VarianceTensor` (also inside lists, tuples and dict
+    values) replaced by a plain alias of its mean."""
+    if type(value) is VarianceTensor:
+        return value.as_subclass(Tensor)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain_args(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain_args(v) for k, v in value.items()}
+    return value
 
 
 def _wrap(out: Tensor, variance, probe: bool = False, noise: NoiseSet | None = None) -> Tensor:
@@ -661,7 +681,7 @@ _NOISE_FREE = frozenset(
      "eq", "ne", "__gt__", "__ge__", "__lt__", "__le__", "__eq__", "__ne__", "sign",
      "heaviside", "argmax", "argmin", "isfinite", "isnan", "any", "all", "item", "tolist",
      "__format__", "__repr__", "numpy", "data_ptr", "requires_grad_", "retain_grad",
-     "register_hook", "__hash__", "backward", "new_zeros", "new_ones", "new_empty",
+     "register_hook", "__hash__", "backward", "grad", "new_zeros", "new_ones", "new_empty",
      "new_full", "new_tensor"}
 )
 
@@ -1102,9 +1122,11 @@ def noisy_output_layers(model: nn.Module, output) -> list[str]:
 
 
 def _check_unused_noise(model: nn.Module, output) -> None:
-    """Warn (once per model) when a training forward's output still carries a Bayesian
-    layer's variance: that layer's noise reached no spiking neuron (a readout feeding the
-    loss directly), so it does not act and its std gets no gradient."""
+    """Warn (once per model) when a training forward's output still carries the variance
+    of a Bayesian layer's draw directly: that noise reached no spiking neuron (a readout
+    feeding the loss), so it does not act and its std gets no gradient. A membrane a
+    neuron returns carries a variance of its own (the neuron's state, whose noise its
+    spikes used): not warned about."""
     state = model.__dict__.get(_FLOW_STATE)
     if state is None or state.get("warned_readout"):
         return
@@ -1113,15 +1135,17 @@ def _check_unused_noise(model: nn.Module, output) -> None:
         t.variance, (Tensor, ScaledVariance))]
     if not noisy:
         return
-    state["warned_readout"] = True
     names = noisy_output_layers(model, noisy)
-    which = f" ({', '.join(repr(n) for n in names)})" if names else ""
-    fix = repr(names) if names else "[...the readout's name...]"
+    if not names:  # a neuron's state (a membrane record): its noise did meet a spike
+        return
+    state["warned_readout"] = True
+    which = f" ({', '.join(repr(n) for n in names)})"
+    fix = repr(names)
     warnings.warn(
         f"the output of {type(model).__name__} carries the weight noise of Bayesian "
-        f"layers{which} past every spike (a readout: a layer feeding the loss without a "
-        "spiking neuron after it, or a neuron read through its membrane): there the noise "
-        "does not act (the output is its mean) and its std gets no gradient. Leave the "
+        f"layers{which} that feed no spiking neuron (a readout whose output goes to the loss "
+        "as it is): there the noise does not act (the output is its mean) and its std gets "
+        "no gradient. Leave the "
         f"readout deterministic, to_sbnn(model, exclude={fix}) (the released "
         "configuration's readouts are deterministic)",
         UserWarning, stacklevel=3)
