@@ -631,17 +631,25 @@ def warn_deterministic_layers(model: nn.Module, excluded: Callable[[str], bool],
             "pass exclude= with their names to leave them out knowingly", stacklevel=3)
 
 
-def keep_ties(new: nn.Module, src: nn.Module, seen: dict[int, nn.Parameter]) -> nn.Module:
+def keep_ties(new: nn.Module, src: nn.Module, seen: dict[int, nn.Parameter],
+              adopt: bool = False) -> nn.Module:
     """Give ``new`` (built from ``src`` by a conversion or an export) the parameter object
     already made for a weight or bias that ``src`` shares with a module converted before
     (tied weights stay tied); ``seen`` maps ``id`` of a source parameter to its new one.
-    Returns ``new``."""
+
+    With ``adopt`` (a conversion), ``new`` takes ``src``'s own weight and bias objects as
+    its posterior means (same values, shape, dtype and device): an optimizer, a parameter
+    group, a hook or a weight-decay list that holds them keeps working on the converted
+    model. Returns ``new``."""
     for name in ("weight", "bias"):
         old, made = getattr(src, name, None), getattr(new, name, None)
         if not isinstance(old, nn.Parameter) or not isinstance(made, nn.Parameter):
             continue
         if id(old) in seen:
             setattr(new, name, seen[id(old)])
+        elif adopt and old.shape == made.shape and old.dtype == made.dtype:
+            setattr(new, name, old)
+            seen[id(old)] = old
         else:
             seen[id(old)] = made
     return new

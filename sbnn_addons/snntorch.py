@@ -56,12 +56,14 @@ from .layers import (
 )
 from .losses import enable_aux_loss
 from .moments import (
+    UnknownVariance,
     VarianceFlowError,
     VarianceTensor,
     attach_variance,
     check_variance_flow,
     get_variance,
     plain_in_place,
+    raw_variance,
     refuse_variance,
     track_variance,
     untrack_variance,
@@ -118,23 +120,30 @@ class SnnTorchSpike(IWSTSpike):
     snnTorch computes a neuron's reset by calling ``spike_grad`` a second time, on the
     membrane of the previous step (``mem_reset``). A stochastic spike would draw again,
     and the reset would disagree with the spike the neuron emitted. This spike function
-    remembers its recent draws: the reset call (recognised by its caller, snnTorch's
-    ``mem_reset``) whose drive equals a remembered draw's drive (same shape and values)
-    returns that draw's spikes, once, and draws nothing. So the reset is the emitted
-    spike; every firing call draws afresh, also when its drive equals an earlier one
-    (another neuron sharing this function with the same drive gets its own draw). The
-    reset call of a membrane it did not fire from, the zero initial state of a new
-    sequence, returns ``1[u > 0]`` (no spike for a positive threshold): that membrane
-    emitted none. Shared by several neurons (snnTorch tutorials pass one ``spike_grad`` to
-    every layer), it remembers the last :attr:`MEMORY` draws.
+    remembers each draw with the membrane it fired from (the calling neuron's ``mem``,
+    held weakly: the record lives as long as that membrane). The reset call (recognised
+    by its caller, snnTorch's ``mem_reset``) of that membrane, or of a ``detach()`` of it,
+    returns those spikes and draws nothing; failing that, a reset call whose drive equals
+    one of the last :attr:`MEMORY` draws (same shape and values: ``mem.clone()``) returns
+    that draw's spikes, once. So the reset is the emitted spike however many neurons
+    share the function (snnTorch tutorials pass one ``spike_grad`` to every layer): it
+    behaves as one function per neuron. Every firing call draws afresh, also when its
+    drive equals an earlier one (another neuron sharing this function with the same drive
+    gets its own draw). The reset call of a membrane it did not fire from, the zero
+    initial state of a new sequence (or a membrane changed since), returns ``1[u > 0]``
+    (no spike for a positive threshold): that membrane emitted none.
 
-    Under ``torch.compile`` the reset call is recognised by its values only, so the reset
-    of a sequence's initial membrane is a draw there (a neuron that never fired may lose
-    its threshold once, with probability ``Phi(-threshold / std)``); converted models
-    (:func:`to_sbnn`) do not have this limit.
+    Under ``torch.compile`` the reset call is recognised by its values only, among the
+    last :attr:`MEMORY` calls of the function (two per neuron and step), so the reset of
+    a sequence's initial membrane is a draw there (a neuron that never fired may lose its
+    threshold once, with probability ``Phi(-threshold / std)``), and a function shared by
+    more than ``MEMORY / 2`` neurons in one compiled step would lose draws: give each
+    neuron its own ``spike_grad()`` there. Converted models (:func:`to_sbnn`) do not have
+    these limits.
     """
 
-    #: How many recent calls are remembered.
+    #: How many recent calls are remembered by value (eager: for membranes that are value
+    #: copies of the one fired from; compiled: for every reset).
     MEMORY = 16
 
     def forward(self, u: Tensor) -> Tensor:
@@ -144,21 +153,53 @@ class SnnTorchSpike(IWSTSpike):
         key = u.detach()
         if torch.compiler.is_compiling():
             return self._compiled_forward(u, key, recent)
-        if _called_by_mem_reset():
-            for i, (prev, spikes) in enumerate(recent):  # oldest first
-                if (prev.shape == key.shape and prev.dtype == key.dtype
-                        and prev.device == key.device and torch.equal(prev, key)):
-                    del recent[i]
-                    return spikes
+        resetting, membrane = _snntorch_caller(key)
+        if resetting:
+            spikes = self._remembered(membrane, key, recent)
+            if spikes is not None:
+                return spikes
             # the reset of a membrane this function did not fire from: the initial state
             # of a sequence (init_leaky, utils.reset), which emitted no spike. A draw here
             # would subtract the threshold from neurons that never fired.
             return _host_spike_dtype((key > 0).to(key.dtype))
         out = _host_spike_dtype(super().forward(u))
-        recent.append((key, out.detach().clone()))
+        spikes = out.detach().clone()
+        recent.append((key, spikes))
         if len(recent) > self.MEMORY:
             del recent[0]
+        if membrane is not None:
+            draws = self.__dict__.get("_sbnn_draws")
+            if draws is None:
+                draws = self.__dict__["_sbnn_draws"] = WeakIdKeyDictionary()
+            draws[membrane] = (key, spikes, _version_of(membrane))
         return out
+
+    def _remembered(self, membrane: Tensor | None, key: Tensor, recent: list) -> Tensor | None:
+        """The spikes emitted from the membrane of a reset call (drive ``key``), or
+        ``None``: the draw recorded with that membrane (or one it is a ``detach()`` of),
+        unless the membrane was changed in place since; else the oldest of the last
+        :attr:`MEMORY` draws with the same drive values (consumed)."""
+        draws = self.__dict__.get("_sbnn_draws")
+        found = None
+        if membrane is not None and draws:
+            found = draws.get(membrane)
+            if found is None:
+                found = next((rec for m, rec in list(draws.items())
+                              if _aliases(membrane, m)), None)
+        if found is not None:
+            prev, spikes, version = found
+            unchanged = version is not None and _version_of(membrane) == version
+            if unchanged or _equal(prev, key):
+                for i, entry in enumerate(recent):
+                    if entry[1] is spikes:
+                        del recent[i]
+                        break
+                return spikes
+        for i, (prev, spikes) in enumerate(recent):  # oldest first
+            if _equal(prev, key):
+                del recent[i]
+                return spikes
+        return None
 
     def _compiled_forward(self, u: Tensor, key: Tensor, recent: list) -> Tensor:
         """The same rule in a compiled graph, without a data-dependent branch: a fresh draw,
@@ -176,20 +217,38 @@ class SnnTorchSpike(IWSTSpike):
     def __getstate__(self):
         state = super().__getstate__()
         state.pop("_sbnn_recent", None)
+        state.pop("_sbnn_draws", None)
         return state
 
 
-def _called_by_mem_reset() -> bool:
-    """Whether the spike function was called by snnTorch's ``mem_reset`` (the reset of the
-    previous step; eager mode: the calling frames)."""
+def _equal(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors have the same shape, dtype, device and values."""
+    return (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+            and bool(torch.equal(a, b)))
+
+
+def _snntorch_caller(drive: Tensor) -> tuple[bool, Tensor | None]:
+    """Who called the spike function (eager mode: the calling frames): whether it is
+    snnTorch's ``mem_reset`` (the reset of the previous step), and the membrane the call
+    is about (the reset's argument; for a firing call, the calling neuron's ``mem``), or
+    ``None`` where no snnTorch neuron called it or its membrane is not shaped like the
+    drive (a neuron that fires from a pooled membrane)."""
     frame = sys._getframe(2)
     for _ in range(6):
         if frame is None:
-            return False
-        if frame.f_code.co_name == "mem_reset" and "snntorch" in frame.f_code.co_filename:
-            return True
+            return False, None
+        if frame.f_globals.get("__name__", "").startswith("snntorch"):
+            local = frame.f_locals
+            neuron = local.get("self")
+            if not isinstance(neuron, nn.Module):
+                return False, None
+            resetting = frame.f_code.co_name == "mem_reset"
+            mem = local.get("mem") if resetting else neuron._buffers.get("mem")
+            if not isinstance(mem, Tensor) or mem.shape != drive.shape:
+                mem = None
+            return resetting, mem
         frame = frame.f_back
-    return False
+    return False, None
 
 
 def spike_grad(
@@ -247,6 +306,12 @@ class _EmittedSpikeReset:
     (a new zero membrane) resets ``V`` with it, ``detach_hidden`` (``mem.detach_()``)
     detaches it, and a membrane passed back by an explicit time loop
     (``spk, mem = lif(cur, mem)``) finds its own ``V``.
+
+    A neuron whose membrane is passed explicitly (``init_hidden=False``, eager mode)
+    returns it as an alias of the buffer that carries ``V`` (in ``mean`` mode: the
+    probe), so that the caller's edits go through the variance flow: a membrane passed
+    back that carries its own variance is used with it (``0.5 * mem`` carries
+    ``0.25 V``), and one whose variance became unknown (``mem.clamp(...)``) raises.
     """
 
     def forward(self, *args, **kwargs):
@@ -277,6 +342,8 @@ class _EmittedSpikeReset:
 
     def _sbnn_state_update(self, input_: Tensor) -> Tensor:
         mem = self._buffers.get("mem")
+        if type(mem) is VarianceTensor:  # a membrane passed with a variance of its own
+            _check_passed_membrane(self, mem)
         if type(mem) is not VarianceTensor:
             var = _stored_variance(self, detached=True)
             if var is not None:
@@ -366,6 +433,29 @@ class _EmittedSpikeReset:
     def reset_mem(self):
         self.__dict__.pop(_CACHE, None)
         return super().reset_mem()
+
+
+def _check_passed_membrane(neuron: nn.Module, mem: Tensor) -> None:
+    """Check a membrane passed to a converted neuron that carries a variance of its own
+    (a tensor computed from a Bayesian layer's output).
+
+    Raises:
+        VarianceFlowError: its variance is unknown (an operation without a variance rule
+            changed it).
+    """
+    var = raw_variance(mem)
+    name = type(neuron).__name__
+    if isinstance(var, UnknownVariance):
+        what = f"the membrane passed to this {name} went through"
+        raise VarianceFlowError(
+            f"{what} '{var.op}', which has no variance rule, so its noise variance is "
+            "unknown (the neuron would restart it silently). Edit the "
+            "membrane only with operations that have one (a scaling or a shift: "
+            "mem = 0.5 * mem, mem * c, mem + c), register a rule with "
+            "sbnn_addons.moments.register_variance_rule, or start a new sequence with a new "
+            "membrane (mem = lif.init_leaky()) instead of changing it"
+        )
+
 
 
 def _recording_steps() -> bool:
@@ -463,6 +553,8 @@ def _stored_variance(neuron: nn.Module, detached: bool = False):
             # an earlier step's membrane: a recomputation (activation checkpointing)
             record = _find_step_record(neuron, mem).get("state")
             if record is None:
+                if var is not None and _computed_from(mem, stored):
+                    raise _edited_membrane_error(neuron)
                 return None
             var, had_grad, version = record
     if version is not None and _version_of(mem) not in (None, version):
@@ -475,6 +567,36 @@ def _stored_variance(neuron: nn.Module, detached: bool = False):
     if detached and had_grad and not mem.requires_grad and isinstance(var, Tensor):
         var = var.detach()
     return var
+
+
+def _computed_from(mem: Tensor, stored: Tensor, depth: int = 4) -> bool:
+    """Whether ``mem`` was computed from ``stored`` by a few out-of-place operations
+    (``0.5 * mem``, ``mem.clamp(...)``): ``stored``'s autograd node is among the first
+    ``depth`` levels of ``mem``'s graph. Eager, with a graph only (else ``False``)."""
+    target = stored.grad_fn
+    if target is None or mem.grad_fn is None or torch.compiler.is_compiling():
+        return False
+    frontier = [mem.grad_fn]
+    for _ in range(depth):
+        nxt = []
+        for fn in frontier:
+            if fn is target:
+                return True
+            nxt.extend(f for f, _ in fn.next_functions if f is not None)
+        frontier = nxt
+    return any(fn is target for fn in frontier)
+
+
+def _edited_membrane_error(neuron: nn.Module) -> VarianceFlowError:
+    name = type(neuron).__name__
+    return VarianceFlowError(
+        f"the membrane passed to this {name} was computed from its last membrane out of "
+        "place (e.g. mem = 0.5 * mem, mem.clamp(...)): the neuron follows the noise "
+        "variance of the membranes its steps return, not of an edit of one, and would "
+        "restart it silently. Pass the membrane back as the step returned it (apply the "
+        "change to the input current instead), or start a new sequence with a new "
+        "membrane (mem = lif.init_leaky())"
+    )
 
 
 def membrane_variance(neuron: nn.Module) -> Tensor | None:
@@ -555,6 +677,42 @@ def _is_snn_neuron(m: nn.Module) -> bool:
     )
 
 
+def _refuse_host_variance(module: nn.Module, name: str, value) -> None:
+    """Global buffer hook (``torch.nn.modules.module.register_module_buffer_registration_hook``,
+    which ``nn.Module.__setattr__`` also calls when a buffer is assigned): an snnTorch
+    neuron that is not converted, and whose spike function is not a drop-in
+    :func:`spike_grad`, must not store a state (``mem``, ``syn``) that carries a Bayesian
+    layer's variance (or, in ``mean`` mode, the variance flow's probe): its surrogate would
+    drop the variance silently, and the layer's std would get no gradient. One check for
+    every host neuron, wherever it sits (added to a model after :func:`to_sbnn`, or in a
+    new model built around a converted layer); a neuron fed by a converted neuron's spikes
+    gets no variance and is not concerned.
+
+    Raises:
+        VarianceFlowError: naming the neuron and the two fixes.
+    """
+    if type(value) is not VarianceTensor:
+        return None
+    if isinstance(module, _EmittedSpikeReset) or not _is_snn_neuron(module):
+        return None
+    if isinstance(module.__dict__.get("spike_grad", module._modules.get("spike_grad")),
+                  IWSTSpike):
+        return None  # the drop-in spike function reads the variance itself
+    what = type(module).__name__
+    raise VarianceFlowError(
+        f"this snn.{what} is not converted, but its input carries the posterior variance of "
+        f"a Bayesian layer (its state '{name}' would carry it to a surrogate that drops it "
+        "silently: the layer's std would get no gradient). Convert the neuron, e.g. "
+        "model.lif = sbnn_addons.snntorch.to_sbnn(model.lif) (or add it before converting "
+        "the model), or give it a variance-aware spike function: "
+        f"snn.{what}(..., spike_grad=sbnn_addons.snntorch.spike_grad())"
+    )
+
+
+_HOST_HOOK = torch.nn.modules.module.register_module_buffer_registration_hook(
+    _refuse_host_variance)
+
+
 def _check_neuron(name: str, m: nn.Module) -> None:
     cls = type(m)
     if cls in _TO_SBNN:
@@ -569,6 +727,15 @@ def _check_neuron(name: str, m: nn.Module) -> None:
                 f"module '{name}' uses state_quant, which to_sbnn does not support (the effect "
                 "of quantising the membrane on its noise variance is not defined); remove "
                 "state_quant before converting"
+            )
+        if getattr(m, "surrogate_disable", False):
+            raise ValueError(
+                f"module '{name}' uses surrogate_disable=True (a plain Heaviside, no gradient "
+                "through its spikes), which to_sbnn would override: a converted neuron fires "
+                "stochastically and its spike function is the gradient estimator. Build the "
+                "neuron with surrogate_disable=False (e.g. "
+                f"snn.Leaky(..., spike_grad=surrogate.atan())) before converting, or keep it "
+                f"as it is with exclude=['{name}', ...] together with the layers feeding it"
             )
         return
     supported = ", ".join(f"snn.{n}" for n in SUPPORTED_NEURONS)
@@ -761,12 +928,29 @@ def to_sbnn(
     their noise variance; it checks its input at each call (no zero-size dimension; no
     NaN / inf unless :class:`sbnn_addons.check_finite` is off).
 
+    In an explicit time loop a converted neuron follows the noise variance ``V`` of the
+    membranes its steps return (passed back as returned, detached or cloned). A membrane
+    computed from the last one out of place (``mem = 0.5 * mem``, ``mem.clamp(...)``)
+    makes the next training step raise :class:`~sbnn_addons.moments.VarianceFlowError`
+    (eager mode, where the membrane has a graph) instead of restarting ``V`` silently;
+    ``mean`` mode, which carries no variance, runs such edits as snnTorch does.
+
+    ``surrogate_disable=True`` (snnTorch: a plain Heaviside without a surrogate gradient)
+    is refused rather than silently replaced by the stochastic spike function and its
+    gradient estimator: build the neuron without it, or ``exclude`` it. A snnTorch neuron
+    that is not converted (added after the conversion, or outside the converted model)
+    and whose input carries a Bayesian layer's variance raises
+    :class:`~sbnn_addons.moments.VarianceFlowError` at its call instead of dropping the
+    variance: convert it (``to_sbnn`` on the neuron, e.g. ``net.lif = to_sbnn(net.lif)``)
+    or give it ``spike_grad=sbnn_addons.snntorch.spike_grad()``.
+
     Raises:
         ValueError: the model is already converted (contains a Bayesian layer, an
             ``IWSTSpike`` or an SBNN neuron: ``"already converted"``); there is nothing to
             convert (no snnTorch neuron); an ``include`` pattern matches no layer or an
             ``exclude`` pattern no module; a bad ``estimator``, ``std``, ``std_mode``,
-            ``bias_std``, ``spike_std`` or ``batchnorm``.
+            ``bias_std``, ``spike_std`` or ``batchnorm``; a neuron to convert uses
+            ``reset_delay=False``, ``state_quant`` or ``surrogate_disable=True``.
         TypeError: an unsupported neuron (``snn.Synaptic``: its correlated two-state
             noise; anything other than ``Leaky`` / ``RLeaky``).
     """
@@ -829,7 +1013,8 @@ def to_sbnn(
         if type(child) in _LAYERS and selected(child):
             folded = next((folds[n] for n in names.get(id(child), []) if n in folds), None)
             kw = converted_layer_kwargs(child, layer_kw, modules.get(folded))
-            new = keep_ties(_LAYERS[type(child)].from_module(child, **kw), child, ties)
+            new = keep_ties(_LAYERS[type(child)].from_module(child, **kw), child, ties,
+                             adopt=True)
         elif any(n in affine_bns for n in names.get(id(child), [])):
             new = ChannelAffine.from_batchnorm(child)
             new.__dict__[_BN_KIND] = type(child).__name__

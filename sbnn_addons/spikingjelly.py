@@ -780,7 +780,7 @@ def to_sbnn(
                 new = _layers.BayesConv2d.from_module(m, **kw)
         if new is not None:
             counts["layers"] += 1
-            return _layers.keep_ties(new, m, ties).train(m.training)
+            return _layers.keep_ties(new, m, ties, adopt=True).train(m.training)
         if name in affine_bns:
             return _affine_from_bn(m)
         return None

@@ -1,0 +1,312 @@
+"""snnTorch adapter: four failures that used to be silent, each now exact or a named error.
+
+1. One drop-in ``spike_grad()`` shared by more neurons than it remembered draws: the reset
+   is still each neuron's emitted spike (as with one ``spike_grad()`` per neuron).
+2. A membrane edited out of place in an explicit loop (``mem = 0.5 * mem``) keeps its
+   (scaled) noise variance; an edit without a variance rule (``clamp``) raises.
+3. A plain ``snn.Leaky`` fed by a Bayesian layer after the conversion raises instead of
+   dropping the variance.
+4. ``surrogate_disable=True`` is refused at conversion (it would be ignored).
+
+Real snnTorch models and utilities only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import snntorch as snn
+import snntorch.utils as sutils
+import torch
+from _snntorch_nets import BETA, LoopLeaky
+from torch import nn
+
+import sbnn_addons
+from sbnn_addons.snntorch import spike_grad, to_sbnn, to_snntorch
+
+N_SHARED = 20  # more neurons than SnnTorchSpike.MEMORY = 16 remembered draws
+
+
+# --------------------------------------------------------------------------- 1. shared spike_grad
+def _leaky_stack(shared: bool, n: int = N_SHARED):
+    """``n`` Leaky neurons, one shared ``spike_grad()`` (the tutorials' pattern) or one
+    each; their drives come from a fixed random projection, so that they all spike."""
+    sg = spike_grad() if shared else None
+    return [snn.Leaky(beta=BETA, spike_grad=sg if shared else spike_grad()) for _ in range(n)]
+
+
+def _explicit_loop(layers, steps: int = 6):
+    """snnTorch tutorial-5 style: ``spk, mem = lif(cur, mem)`` for each neuron and step;
+    spikes, membranes and each step's reset, seeded."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(steps, 8, 12, generator=g) * 1.6
+    mems = [lif.init_leaky() for lif in layers]
+    torch.manual_seed(2)
+    spikes, membranes, resets = [], [], []
+    for t in range(steps):
+        for i, lif in enumerate(layers):
+            spk, mems[i] = lif(x[t], mems[i])
+            spikes.append(spk.detach().clone())
+            membranes.append(mems[i].detach().clone())
+            resets.append(lif.reset.clone())
+    return spikes, membranes, resets
+
+
+def test_one_spike_grad_shared_by_many_neurons_resets_with_each_emitted_spike():
+    """Twenty Leaky neurons share one spike_grad(): every reset is the spike that neuron
+    emitted at the step before (no fall-back to a deterministic 1[u > 0] once more than
+    MEMORY draws happened in between), and the run equals one with a spike_grad() each."""
+    torch.manual_seed(0)
+    shared = _explicit_loop(_leaky_stack(True))
+    torch.manual_seed(0)
+    own = _explicit_loop(_leaky_stack(False))
+    spikes, membranes, resets = shared
+    n = N_SHARED
+    for k in range(n, len(spikes)):  # step t's reset is step t-1's spike, per neuron
+        assert torch.equal(resets[k], spikes[k - n]), k
+    assert all(not r.any() for r in resets[:n])  # the initial membranes emitted nothing
+    assert 0.05 < float(torch.stack(spikes).mean()) < 0.95
+    for a, b in zip(shared[0] + shared[1], own[0] + own[1]):
+        assert torch.equal(a, b)
+
+
+def _sequential(shared: bool, n: int = N_SHARED) -> nn.Sequential:
+    """snnTorch tutorial-6 style: ``init_hidden`` neurons in a Sequential."""
+    torch.manual_seed(0)
+    sg = spike_grad()
+    layers = []
+    for i in range(n):
+        layers.append(nn.Linear(10, 10))
+        layers.append(snn.Leaky(beta=BETA, init_hidden=True, output=i == n - 1,
+                                spike_grad=sg if shared else spike_grad()))
+    net = nn.Sequential(*layers)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(3.0)
+                m.bias.fill_(0.3)
+    return net
+
+
+def _run_sequential(net: nn.Sequential, sequences: int = 2, steps: int = 5):
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(sequences, steps, 4, 10, generator=g)
+    torch.manual_seed(4)
+    out, resets = [], []
+    neurons = [m for m in net if isinstance(m, snn.Leaky)]
+    for seq in x:
+        sutils.reset(net)
+        for xt in seq:
+            spk, mem = net(xt)
+            out += [spk.detach().clone(), mem.detach().clone()]
+            resets.append([n.reset.clone() for n in neurons])
+    return out, resets
+
+
+def test_shared_spike_grad_in_a_deep_sequential_matches_one_per_neuron():
+    """Tutorial-6 Sequential of twenty layers sharing one spike_grad(), two sequences
+    with snntorch.utils.reset between them: the same spikes and membranes as with one
+    spike_grad() per layer, and no reset at the first step of a sequence."""
+    shared, resets = _run_sequential(_sequential(True))
+    own, _ = _run_sequential(_sequential(False))
+    for a, b in zip(shared, own):
+        assert torch.equal(a, b)
+    assert not any(r.any() for r in resets[0]) and not any(r.any() for r in resets[5])
+    assert any(r.any() for step in resets for r in step)
+
+
+# --------------------------------------------------------------------------- 2. edited membranes
+class _EditLoop(nn.Module):
+    """Tutorial-5 loop whose membrane is edited out of place before it is passed back."""
+
+    def __init__(self, edit=None):
+        super().__init__()
+        self.fc = nn.Linear(10, 16)
+        self.lif = snn.Leaky(beta=BETA)
+        self.edit = edit
+
+    def forward(self, x):
+        mem = self.lif.init_leaky()
+        spk_rec, mem_rec = [], []
+        for t in range(x.shape[0]):
+            if t and self.edit is not None:
+                mem = self.edit(mem)
+            spk, mem = self.lif(self.fc(x[t]), mem)
+            spk_rec.append(spk)
+            mem_rec.append(mem)
+        return torch.stack(spk_rec), torch.stack(mem_rec)
+
+
+def _x(steps=6, batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(steps, batch, 10, generator=g) * 2
+
+
+SCALE = torch.linspace(0.2, 1.4, 16)
+LINEAR_EDITS = {
+    "0.5 * mem": (lambda m: 0.5 * m, torch.tensor(0.25)),
+    "mem * c": (lambda m: m * SCALE, SCALE**2),
+    "mem + c": (lambda m: m + 0.3, torch.tensor(1.0)),
+    "mem / 2 - c": (lambda m: m / 2 - 0.1, torch.tensor(0.25)),
+}
+
+
+EDITS = {**{name: edit for name, (edit, _) in LINEAR_EDITS.items()},
+         "clamp": lambda m: m.clamp(-1.0, 1.0), "tanh": torch.tanh}
+
+
+@pytest.mark.parametrize("name", sorted(EDITS))
+def test_out_of_place_membrane_edit_raises_a_named_error(name):
+    """``mem = edit(mem)`` between two steps of a training loop: the neuron follows the
+    variance of the membranes its steps return, not of an edit of one; instead of
+    restarting the variance silently (the earlier steps' noise dropped), the next step
+    raises and names the fix."""
+    torch.manual_seed(0)
+    model = to_sbnn(_EditLoop(EDITS[name]))
+    with pytest.raises(sbnn_addons.VarianceFlowError,
+                       match=r"(?s)computed from its last membrane out of place.*init_leaky"):
+        model(_x())
+    model.edit = None  # the same loop without the edit runs
+    spk, _ = model(_x())
+    spk.sum().backward()
+    assert model.fc.std_rho.grad is not None
+
+
+@pytest.mark.parametrize("edit, linear", [(lambda m: 0.5 * m, True),
+                                          (lambda m: m * SCALE - 0.2, True),
+                                          (lambda m: m.clamp(-1.0, 1.0), False)])
+def test_mean_mode_with_edited_membranes_equals_the_host_model(edit, linear):
+    """Mean mode of the converted loop equals the host snnTorch model with the same
+    edits (linear ones; a zero-std conversion also for clamp, which then carries no
+    variance): the reset of an edited membrane is computed from it, as in snnTorch."""
+    torch.manual_seed(0)
+    host = _EditLoop(edit)
+    with torch.no_grad():
+        host.fc.weight.mul_(3.0)
+    x = _x()
+    with torch.no_grad():
+        want = host(x)
+    noisy = to_sbnn(host)
+    exported = to_snntorch(noisy)
+    quiet = to_sbnn(host, std=0.0, learn_std=False, spike_std=None)
+    models = [noisy, quiet] if linear else [quiet]
+    for model in models:
+        with torch.no_grad(), sbnn_addons.mode(model, "mean"):
+            got = model(x)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert 0 < float(want[0].mean()) < 1
+    assert all(torch.equal(a, b) for a, b in zip(exported(x), want))
+
+
+def test_returned_membrane_and_records_behave_as_before():
+    """The membrane a step returns, passed back as it is, detached, or cloned, and
+    recorded and stacked into a loss: the run equals the plain loop's (same spikes with
+    the same seed) and the loss trains the std."""
+    def run(pass_back):
+        torch.manual_seed(0)
+        model = to_sbnn(LoopLeaky(num_inputs=10))
+        x = _x()
+        torch.manual_seed(1)
+        mem, spk_rec, mem_rec = model.lif1.init_leaky(), [], []
+        for t in range(x.shape[0]):
+            spk, mem = model.lif1(model.fc1(x[t]), pass_back(mem))
+            spk_rec.append(spk)
+            mem_rec.append(mem)
+        loss = torch.stack(mem_rec).pow(2).mean() + torch.stack(spk_rec).mean()
+        loss.backward()
+        return torch.stack(spk_rec).detach(), model.fc1.std_rho.grad
+
+    ref = run(lambda m: m)
+    assert ref[1] is not None and ref[1].abs() > 0
+    for fn in (lambda m: m.detach(), lambda m: m.clone()):
+        assert torch.equal(run(fn)[0], ref[0])
+
+
+# --------------------------------------------------------------------------- 3. host neurons
+@pytest.mark.parametrize("mode", ["sample", "mean"])
+def test_plain_leaky_added_after_conversion_raises(mode):
+    """A fresh snn.Leaky in a new Sequential with a converted (Bayesian) layer: it would
+    drop the variance (the std would get no gradient) so it raises, naming both fixes."""
+    net = to_sbnn(nn.Sequential(nn.Linear(10, 16), snn.Leaky(beta=BETA, init_hidden=True)))
+    mixed = nn.Sequential(net[0], snn.Leaky(beta=BETA, init_hidden=True))
+    with sbnn_addons.mode(mixed, mode), pytest.raises(
+            sbnn_addons.VarianceFlowError, match="(?s)not converted.*to_sbnn.*spike_grad\\(\\)"):
+        mixed(_x()[0])
+
+
+class _Extended(nn.Module):
+    """A converted model extended afterwards: ``net.extra`` reuses its Bayesian layer
+    and adds a plain neuron (explicit loop, ``init_hidden=False``)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.extra = snn.Synaptic(alpha=0.8, beta=BETA)
+
+    def forward(self, x):
+        syn, mem = self.extra.init_synaptic()
+        for t in range(x.shape[0]):
+            spk, syn, mem = self.extra(self.net.fc(x[t]), syn, mem)
+        return spk
+
+
+def test_neuron_added_to_a_converted_model_raises_also_in_check_variance_flow():
+    net = to_sbnn(_EditLoop())
+    model = _Extended(net)
+    with pytest.raises(sbnn_addons.VarianceFlowError, match="snn.Synaptic is not converted"):
+        model(_x())
+    with pytest.raises(sbnn_addons.VarianceFlowError, match="check_variance_flow"):
+        sbnn_addons.check_variance_flow(model, _x(steps=2, batch=1))
+
+
+def test_host_neurons_that_get_no_variance_or_read_it_still_run():
+    """Not refused: a host neuron after a converted neuron's spikes (they carry no
+    variance), a neuron with the drop-in spike_grad() after a Bayesian layer, and a
+    neuron converted on its own with to_sbnn (the fix the error names); the latter two
+    pass a gradient to the layer's std."""
+    torch.manual_seed(0)
+    net = to_sbnn(nn.Sequential(nn.Linear(10, 16), snn.Leaky(beta=BETA, init_hidden=True)))
+    after_spikes = nn.Sequential(net, nn.Linear(16, 4), snn.Leaky(beta=BETA, init_hidden=True))
+    after_spikes(_x()[0])
+    for neuron in (snn.Leaky(beta=BETA, init_hidden=True, spike_grad=spike_grad()),
+                   to_sbnn(snn.Leaky(beta=BETA, init_hidden=True))):
+        net[0].std_rho.grad = None
+        model = nn.Sequential(net[0], neuron)
+        sutils.reset(model)
+        sum(model(xt).sum() for xt in _x() * 3).backward()
+        assert net[0].std_rho.grad is not None and net[0].std_rho.grad.abs() > 0
+
+
+def test_excluded_neuron_keeps_its_own_error():
+    """A neuron excluded at conversion and fed by a Bayesian layer still raises the
+    conversion's own message (exclude the layers feeding it)."""
+    model = to_sbnn(LoopLeaky(num_inputs=10), exclude="lif2")
+    with pytest.raises(sbnn_addons.VarianceFlowError, match="exclude the layers feeding it"):
+        model(_x())
+
+
+# --------------------------------------------------------------------------- 4. surrogate_disable
+@pytest.mark.parametrize("make", [
+    lambda: snn.Leaky(beta=BETA, surrogate_disable=True),
+    lambda: snn.RLeaky(beta=BETA, linear_features=16, surrogate_disable=True),
+])
+def test_surrogate_disable_is_refused_at_conversion(make):
+    """surrogate_disable=True (a plain Heaviside, no surrogate gradient) would be replaced
+    by the stochastic spike function silently: the conversion refuses it, naming the
+    flag and the fixes, and an inplace conversion leaves the model as it was."""
+    net = _EditLoop()
+    net.lif = make()
+    with pytest.raises(ValueError, match="(?s)'lif'.*surrogate_disable=True.*exclude"):
+        to_sbnn(net, inplace=True)
+    assert type(net.lif) in (snn.Leaky, snn.RLeaky) and not sbnn_addons.is_bayesian(net.fc)
+
+
+def test_surrogate_disable_neuron_can_be_kept_with_exclude():
+    """The documented alternative: exclude the neuron with the layers feeding it; it
+    keeps snnTorch's surrogate-free Heaviside (no gradient through its spikes)."""
+    torch.manual_seed(0)
+    net = LoopLeaky(num_inputs=10)
+    net.lif2 = snn.Leaky(beta=BETA, surrogate_disable=True)
+    model = to_sbnn(net, exclude=["lif2", "fc2"])
+    assert model.lif2.spike_grad == model.lif2._surrogate_bypass
+    spk, mem = model(_x() * 3)
+    assert not spk.requires_grad and mem.requires_grad  # as in snnTorch
