@@ -45,8 +45,8 @@ from torch import Tensor, nn
 
 from ..losses import _discard_aux, sbnn_objective
 from ..metrics import classification_metrics
-from ..moments import check_variance_flow
 from ..modes import mc_predict, mode
+from ..moments import check_variance_flow
 from ..optim import param_groups
 from ..spike import IWSTSpike, seed_spikes
 from .data import DataSpec, fingerprint, prepare
