@@ -51,6 +51,7 @@ from .moments import (
     attach_variance,
     new_draw,
     no_variance_flow,
+    noise_sources,
     raw_variance,
 )
 
@@ -250,7 +251,9 @@ class _BayesMixin(SBNNModule):
     def _input_variance(self, x: Tensor, binary: bool, s2: Tensor | None) -> Tensor:
         """LRT variance without bias noise (``s2=None``: the per-layer std's unscaled
         field ``F``); for spikes ``x^2 = x`` (no extra pass, and nothing extra saved for
-        the backward)."""
+        the backward). A float16 input is squared and summed in float32, whose range the
+        variance needs (``x^2`` overflows float16 above 256)."""
+        x, s2 = _variance_precision(x, binary, s2)
         x2 = x if binary else x * x  # a spike input is marked (x^2 = x, kept as it is)
         return self._output_variance(x2, s2)
 
@@ -316,22 +319,29 @@ def _kl(mean: Tensor, std: Tensor, prior, num_samples: int) -> Tensor:
         return (q.log_prob(w) - prior.log_prob(w)).mean(0).sum()
 
 
-def _refuse_noisy_input(x: Tensor, layer: str) -> None:
+def _refuse_noisy_input(x: Tensor, layer: str, module: nn.Module | None = None) -> None:
     """A Bayesian layer's input must not carry a posterior variance (or, in ``mean``
     mode, the variance flow's probe): the layer's output variance ``s^2 sum_i x_i^2``
-    would replace it, and the first layer's noise would vanish silently."""
+    would replace it, and the first layer's noise would vanish silently. The message
+    names both layers where a converted model's forward is running."""
     if type(x) is VarianceTensor:
+        this, earlier = noise_sources(x, module) if module is not None else (None, [])
+        where = f" ({this!r})" if this else ""
+        which = f"layer {', '.join(repr(n) for n in earlier)}" if earlier else "layer"
+        fix = repr(earlier) if earlier else "its name"
         raise VarianceFlowError(
-            f"the input of {layer} carries the posterior variance of an earlier Bayesian "
-            "layer (two weight layers with no spiking neuron between them), which this "
-            "layer would drop: put a neuron between them, or keep the earlier layer "
-            "deterministic (exclude its name in to_sbnn, or use a plain nn.Linear / nn.Conv)"
+            f"the input of {layer}{where} carries the posterior variance of an earlier "
+            f"Bayesian {which} (two weight layers with no spiking neuron between them), "
+            "which this layer would drop: put a neuron between them, or keep the earlier "
+            f"layer deterministic (exclude={fix} in to_sbnn, or use a plain nn.Linear / "
+            "nn.Conv)"
         )
 
 
-def _check_features(x: Tensor, expected: int, dim: int, layer: str) -> None:
+def _check_features(x: Tensor, expected: int, dim: int, layer: str,
+                    module: nn.Module | None = None) -> None:
     check_float("input", x)
-    _refuse_noisy_input(x, layer)
+    _refuse_noisy_input(x, layer, module)
     check_input(x, layer)
     if x.dim() == 0 or x.shape[dim] != expected:
         raise ValueError(
@@ -391,6 +401,7 @@ class BayesLinear(_BayesMixin, nn.Linear):
                 or type(self)._output_variance is not BayesLinear._output_variance):
             return super()._input_variance(x, binary, s2)
         # sum_i x_i^2 in one pass, without an x^2 temporary (as large as the input)
+        x, s2 = _variance_precision(x, binary, s2)
         field = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square()
         return field if s2 is None else field * s2
 
@@ -408,7 +419,7 @@ class BayesLinear(_BayesMixin, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         with no_variance_flow():
-            _check_features(x, self.in_features, -1, "BayesLinear")
+            _check_features(x, self.in_features, -1, "BayesLinear", self)
             return self._attach(self._mean(x), x)
 
     @classmethod
@@ -527,7 +538,7 @@ class _BayesConv(_BayesMixin):
     def _forward(self, x: Tensor) -> Tensor:
         n = self.weight.dim() - 2
         check_float("input", x)
-        _refuse_noisy_input(x, type(self).__name__)
+        _refuse_noisy_input(x, type(self).__name__, self)
         check_input(x, type(self).__name__)
         if x.dim() not in (n + 1, n + 2) or x.shape[-n - 1] != self.in_channels:
             raise ValueError(
@@ -603,6 +614,14 @@ class BayesConv2d(_BayesConv, nn.Conv2d):
 
     def __init__(self, *args, **kwargs) -> None:
         _conv_init(self, nn.Conv2d, args, kwargs)
+
+
+def _variance_precision(x: Tensor, binary: bool, s2: Tensor | None):
+    """``(x, s2)`` in float32 where ``x`` is a float16 input that is not spikes (its
+    ``x^2`` and receptive-field sums overflow float16's 65504); unchanged otherwise."""
+    if x.dtype is not torch.float16 or binary:
+        return x, s2
+    return x.float(), (s2.float() if isinstance(s2, Tensor) else s2)
 
 
 def _copy_means(dst: nn.Module, src: nn.Module) -> None:

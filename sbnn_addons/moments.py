@@ -1121,6 +1121,17 @@ def noisy_output_layers(model: nn.Module, output) -> list[str]:
             if _is_bayesian_layer(m) and m.__dict__.get("_sbnn_draw") in tokens]
 
 
+def noise_sources(x: Tensor, module: nn.Module) -> tuple[str | None, list[str]]:
+    """For error messages: the qualified name of ``module`` in the tracked model whose
+    forward is running, and the names of the Bayesian layers whose draws ``x`` carries
+    (eager mode; ``(None, [])`` where no tracked forward is running)."""
+    root = _OPEN_FLOWS[-1][0]() if _OPEN_FLOWS else None
+    if root is None:
+        return None, []
+    names = {id(m): n for n, m in root.named_modules()}
+    return names.get(id(module)), noisy_output_layers(root, x)
+
+
 def _check_unused_noise(model: nn.Module, output) -> None:
     """Warn (once per model) when a training forward's output still carries the variance
     of a Bayesian layer's draw directly: that noise reached no spiking neuron (a readout

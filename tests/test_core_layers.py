@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 
 import pytest
@@ -627,3 +628,19 @@ def test_share_posterior_recomputes_s2_for_a_swapped_parameter():
     torch.testing.assert_close(got, want)
     (grad,) = torch.autograd.grad(got.sum(), rho)
     assert float(grad) > 0
+
+
+@pytest.mark.parametrize("std_mode", ["layer", "channel", "weight"])
+def test_float16_layer_variance_does_not_overflow(std_mode):
+    """A float16 layer on raw, unnormalised input (event counts, pixel values): ``x^2`` and
+    its receptive-field sums exceed float16's 65504, so the variance is formed in float32
+    (it was ``inf``, and the spikes coin flips); it equals the float32 layer's."""
+    torch.manual_seed(0)
+    for layer, x in ((sb.BayesConv2d(3, 8, 3, padding=1, std_mode=std_mode),
+                      torch.rand(2, 3, 8, 8) * 255),
+                     (sb.BayesLinear(4096, 4, std_mode=std_mode), torch.randn(3, 4096) * 4)):
+        want = sb.get_variance(layer(x)).expand(layer(x).shape)
+        half = copy.deepcopy(layer).half()
+        got = sb.get_variance(half(x.half()))
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.float().expand_as(want), want, rtol=2e-2, atol=1e-3)
