@@ -603,6 +603,32 @@ def stub_torchvision() -> Iterator[bool]:
 
 
 # --------------------------------------------------------------------------- surgery
+def _modules_swapped(model: nn.Module) -> None:
+    """After a conversion or an export swapped modules of ``model``: drop SpingJelly's
+    cached module lists of *every* network, not only ``model``'s. A parent of ``model``
+    (``net.body = to_sbnn(net.body)``) would otherwise keep resetting the old neurons
+    with ``functional.reset_net(net)`` while the new ones carry their state from batch to
+    batch. Each network rebuilds its list once, at its next ``reset_net``."""
+    functional.invalidate_reset_cache(model)
+    from spikingjelly.activation_based.functional import net_config
+
+    cache = getattr(net_config, "_RESET_MODULE_CACHE", None)
+    if cache is not None:
+        cache.clear()
+
+
+def _clear_reset_caches_on_assignment(module: nn.Module, name: str, submodule):
+    """Global module-registration hook (``nn.Module.__setattr__`` calls it): a converted
+    model assigned into a parent (``net.body = to_sbnn(net.body)``, whenever the parent's
+    module list was cached) drops the cached lists, as :func:`_modules_swapped`."""
+    if isinstance(submodule, nn.Module) and submodule.__dict__.get("_sbnn_flow_handles"):
+        _modules_swapped(module)
+
+
+_ASSIGNMENT_HOOK = torch.nn.modules.module.register_module_module_registration_hook(
+    _clear_reset_caches_on_assignment)
+
+
 def reset(model: nn.Module) -> nn.Module:
     """Reset every neuron (and its tracked variance): ``invalidate_reset_cache`` +
     ``reset_net``. Call it between sequences. Returns ``model``."""
@@ -787,6 +813,7 @@ def to_sbnn(
 
     ties: dict[int, nn.Parameter] = {}
     replace_modules(model, convert)
+    _modules_swapped(model)
     for name, m in model.named_modules():
         if not _is_spiking_node(m):
             continue
@@ -916,7 +943,7 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
     for m in model.modules():
         if isinstance(m, SBNNModule):
             raise TypeError(f"cannot export {type(m).__name__} to a plain SpikingJelly model")
-    functional.invalidate_reset_cache(model)
+    _modules_swapped(model)
     return model
 
 

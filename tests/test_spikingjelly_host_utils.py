@@ -287,3 +287,63 @@ def test_new_batch_size_without_reset_starts_the_variance_afresh(step_mode):
     want = run_sequence(fresh, x, step_mode)
     assert torch.equal(got, want)
     torch.testing.assert_close(var, getattr(fresh[1], sbnn_sj.VAR_MEMORY))
+
+
+@pytest.mark.parametrize("order", ["assign", "reset_between"])
+def test_reset_net_of_a_parent_resets_a_converted_submodule(order):
+    """``net.body = to_sbnn(net.body)`` after ``functional.reset_net(net)`` cached the
+    parent's module list: the parent's next ``reset_net`` resets the new neurons (their
+    membranes and noise variances), also when the parent was reset between the
+    conversion and the assignment; two equal batches give equal outputs."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(layer.Linear(5, 8, step_mode="m"),
+                                      neuron.LIFNode(step_mode="m"))
+            self.head = nn.Sequential(layer.Linear(8, 3, step_mode="m"),
+                                      neuron.LIFNode(step_mode="m"))
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    torch.manual_seed(0)
+    net = Net()
+    with torch.no_grad():
+        net.body[0].weight.mul_(4.0)
+    x = torch.rand(T, 3, 5) * 3
+    functional.reset_net(net)
+    net(x)  # the host loop ran: the parent's list is cached
+    keep = net.body  # the original still referenced (a teacher, an EMA copy)
+    body = sbnn_sj.to_sbnn(net.body)
+    if order == "reset_between":
+        functional.reset_net(net)
+    net.body = body
+    outs = []
+    for _ in range(2):
+        functional.reset_net(net)
+        with sbnn_addons.mode(net, "sample"):
+            sbnn_addons.seed_spikes(net, 0)
+            outs.append(net(x))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    functional.reset_net(net)
+    assert float(torch.as_tensor(net.body[1].v).abs().sum()) == 0.0
+    assert keep is not net.body
+
+
+def test_two_weight_layers_without_a_neuron_name_both_layers():
+    """SpikingJelly's own ``LinearRecurrentContainer`` feeds a weight layer from another
+    with no neuron between them: the error names both layers and the ``exclude=`` that
+    fixes it, which then converts and runs."""
+    from spikingjelly.activation_based.layer import LinearRecurrentContainer
+
+    torch.manual_seed(0)
+    net = LinearRecurrentContainer(nn.Sequential(nn.Linear(4, 2), neuron.LIFNode()), 4, 2)
+    with pytest.raises(VarianceFlowError,
+                       match=r"\('sub_module\.0'\).*layer 'rc'.*exclude=\['rc'\]"):
+        sbnn_sj.to_sbnn(net, example_input=torch.rand(2, 4))
+    model = sbnn_sj.to_sbnn(net, exclude="rc")
+    functional.reset_net(model)
+    for _ in range(3):
+        out = model(torch.rand(2, 4))
+    assert out.shape == (2, 2)
