@@ -71,6 +71,7 @@ __all__ = [
     "batchnorm_after",
     "affine_batchnorm_plan",
     "keep_ties",
+    "fold_channel_std",
     "warn_deterministic_layers",
 ]
 
@@ -183,7 +184,13 @@ class _BayesMixin(SBNNModule):
     def _reset_posterior(self) -> None:
         std, bias_std = self._init_stds
         with torch.no_grad():
-            if self.learn_std:
+            if isinstance(std, Tensor):  # per output channel (a folded BatchNorm's scale)
+                target = self.std_rho if self.learn_std else self.fixed_std
+                per_out = std.to(target).view(-1, *([1] * (target.dim() - 1)))
+                value = per_out + torch.log(-torch.expm1(-per_out)) if self.learn_std \
+                    else per_out
+                target.copy_(value.expand_as(target))
+            elif self.learn_std:
                 self.std_rho.fill_(inverse_softplus(std))
             else:
                 self.fixed_std.fill_(std)
@@ -715,6 +722,32 @@ def converted_std(weight: Tensor, fraction: float | None = None,
     if not (rms > 0 and math.isfinite(rms)):
         return 0.5 / math.sqrt(max(weight[0].numel(), 1))
     return float(CONVERTED_STD_FRACTION if fraction is None else fraction) * rms
+
+
+def fold_channel_std(layer: nn.Module, folded_bn: nn.modules.batchnorm._BatchNorm | None,
+                     posterior: dict) -> nn.Module:
+    """Fold a BatchNorm's per-channel scale into a converted layer's initial std, channel
+    by channel, where the std has one value per output channel or weight
+    (``std_mode="channel"`` / ``"weight"``) and was not given:
+
+    .. code-block:: text
+
+        s_o = |scale_o| * fraction * RMS(W)
+
+    the noise a BatchNorm kept after the layer (``batchnorm="keep"``) would give channel
+    ``o`` in eval mode, since the mean-only :class:`ChannelAffine` that replaces it scales
+    the mean by ``scale_o`` but not the variance. A per-layer std keeps the layer-wide fold
+    of :func:`converted_std`. A channel whose scale is 0 (constant output) gets a std
+    ``1e-6`` times the layer's. Returns ``layer``."""
+    if (folded_bn is None or posterior.get("std") is not None
+            or getattr(layer, "std_mode", "layer") == "layer"):
+        return layer
+    scale = folded_batchnorm_scale(folded_bn).abs().to(layer.weight.device)
+    base = converted_std(layer.weight)
+    stds = (scale * base).clamp_min(1e-6 * base)
+    layer._init_stds = (stds, layer._init_stds[1])
+    layer._reset_posterior()
+    return layer
 
 
 def converted_layer_kwargs(module: nn.Module, posterior: dict,

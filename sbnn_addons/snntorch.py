@@ -50,6 +50,7 @@ from .layers import (
     ChannelAffine,
     affine_batchnorm_plan,
     converted_layer_kwargs,
+    fold_channel_std,
     is_bayesian,
     keep_ties,
     warn_deterministic_layers,
@@ -900,8 +901,9 @@ def to_sbnn(
             statistics keep learning, as in the original); ``"affine"`` replaces them by
             a mean-only :class:`~sbnn_addons.ChannelAffine` folded from the running
             statistics (the released configuration; the BatchNorm's scale is folded into
-            the initial posterior std of the layer before it, which keeps the
-            signal-to-noise ratio; it freezes the statistics, so use it on trained
+            the initial posterior std of the layer before it, channel by channel with
+            ``std_mode="channel"`` / ``"weight"`` (layer-wide with a per-layer std),
+            which keeps the signal-to-noise ratio; it freezes the statistics, so use it on trained
             models).
         aux_loss: collect the auxiliary bias loss (:func:`sbnn_addons.aux_loss`), to be
             added to the loss.
@@ -1013,8 +1015,9 @@ def to_sbnn(
         if type(child) in _LAYERS and selected(child):
             folded = next((folds[n] for n in names.get(id(child), []) if n in folds), None)
             kw = converted_layer_kwargs(child, layer_kw, modules.get(folded))
-            new = keep_ties(_LAYERS[type(child)].from_module(child, **kw), child, ties,
-                             adopt=True)
+            new = _LAYERS[type(child)].from_module(child, **kw)
+            fold_channel_std(new, modules.get(folded), layer_kw)
+            new = keep_ties(new, child, ties, adopt=True)
         elif any(n in affine_bns for n in names.get(id(child), [])):
             new = ChannelAffine.from_batchnorm(child)
             new.__dict__[_BN_KIND] = type(child).__name__

@@ -712,9 +712,10 @@ def to_sbnn(
             or ``"affine"`` (BatchNorm1d/2d -> mean-only
             :class:`~sbnn_addons.ChannelAffine` from the running statistics, equal to the
             BatchNorm in eval mode, the released configuration; the BatchNorm's scale is
-            folded into the initial posterior std of the layer before it, which keeps the
-            signal-to-noise ratio; it freezes the statistics, so use it on trained
-            models).
+            folded into the initial posterior std of the layer before it, channel by
+            channel with ``std_mode="channel"`` / ``"weight"`` (layer-wide with a
+            per-layer std), which keeps the signal-to-noise ratio; it freezes the
+            statistics, so use it on trained models).
         aux_loss: collect the auxiliary bias loss (:func:`sbnn_addons.aux_loss`), to be
             added to the loss.
         aux_pull: the auxiliary loss applied through the gradient instead, at this
@@ -806,6 +807,7 @@ def to_sbnn(
                 new = _layers.BayesConv2d.from_module(m, **kw)
         if new is not None:
             counts["layers"] += 1
+            _layers.fold_channel_std(new, modules.get(folds.get(name)), posterior)
             return _layers.keep_ties(new, m, ties, adopt=True).train(m.training)
         if name in affine_bns:
             return _affine_from_bn(m)

@@ -277,6 +277,50 @@ def test_affine_batchnorm_scale_is_folded_into_the_std():
     assert converted_std(torch.zeros(4, 9)) == pytest.approx(0.5 / 3)
 
 
+@pytest.mark.parametrize("std_mode", ["channel", "weight"])
+@pytest.mark.parametrize("host", ["spikingjelly", "snntorch"])
+def test_affine_batchnorm_folds_each_channels_scale(std_mode, host):
+    """With one std per channel (or weight), batchnorm='affine' folds each channel's
+    BatchNorm scale into that channel's std: the neuron sees, channel by channel, the
+    noise a kept BatchNorm gives in eval mode (the layer-wide fold gave channels with a
+    small scale relatively more noise). reset_parameters() restores these stds."""
+    torch.manual_seed(0)
+    if host == "spikingjelly":
+        net = nn.Sequential(layer.Conv2d(2, 4, 3, bias=False), layer.BatchNorm2d(4),
+                            neuron.LIFNode())
+        convert = sbnn_sj.to_sbnn
+    else:
+        import snntorch as snn
+
+        net = nn.Sequential(nn.Conv2d(2, 4, 3, bias=False), nn.BatchNorm2d(4),
+                            snn.Leaky(beta=0.9, init_hidden=True))
+        convert = sbnn_snn.to_sbnn
+    bn = net[1]
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 3.0, 0.5, -2.0]))
+        bn.running_var.copy_(torch.tensor([0.8, 1.3, 0.6, 2.0]))
+        bn.num_batches_tracked += 1
+    net.eval()
+    affine = convert(net, std_mode=std_mode, batchnorm="affine").eval()
+    kept = convert(net, std_mode=std_mode).eval()
+    x = torch.rand(3, 2, 6, 6)
+
+    def variance_at_neuron(model):
+        conv, norm = model[0], model[1]
+        with sbnn_addons.mode(model, "sample"):
+            return sbnn_addons.get_variance(norm(conv(x)))
+
+    torch.testing.assert_close(variance_at_neuron(affine), variance_at_neuron(kept))
+    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).abs().detach()
+    rms = float(net[0].weight.pow(2).mean().sqrt())
+    std = affine[0].std.detach().reshape(4, -1)
+    torch.testing.assert_close(std, (scale * CONVERTED_STD_FRACTION * rms)[:, None].expand_as(std))
+    with torch.no_grad():
+        affine[0].std_rho.zero_()
+    affine[0].reset_parameters()
+    torch.testing.assert_close(affine[0].std.detach().reshape(4, -1), std)
+
+
 def _sj_csnn(c=8):
     """SpikingJelly's conv_fashion_mnist CSNN (fresh BatchNorm), for 8x8 input."""
     net = nn.Sequential(
