@@ -15,6 +15,7 @@ operation                      variance of the output
 ``c * a``, ``a / c``           ``c^2 var(a)``, ``var(a) / c^2`` (``c`` noise-free)
 reshape / view / index / cat   the same operation applied to ``var``
 ``avg_pool`` over ``k``        ``sum(var) / k^2``
+``adaptive_avg_pool``          ``sum(var) / D^2`` over each window of size ``D``
 ``max_pool``                   ``var`` at the element the max selected
 ``mean`` / ``sum`` over ``n``  ``sum(var) / n^2`` / ``sum(var)``
 dropout (mask ``m``)           ``var * m^2 / (1 - p)^2``
@@ -603,6 +604,24 @@ def _avg_pool(func, args, kwargs, out, var_of):
         counts = pool(ones, kernel, stride, padding, ceil, True, 1)
     inv_divisor = func(ones, *args[1:], **kwargs) / counts.clamp_min(1)
     return func(var, *args[1:], **kwargs) * inv_divisor
+
+
+@register_variance_rule("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d")
+def _adaptive_avg_pool(func, args, kwargs, out, var_of):
+    # window j of each pooled dim (length L -> O) is [floor(jL/O), ceil((j+1)L/O)), of
+    # size D_j: out_j = sum_{i in W_j} x_i / D_j, var_out_j = avg_pool(var)_j / D_j
+    x, var = args[0], var_of(args[0])
+    if var.dim() != x.dim():
+        var = var.expand_as(x)
+    n = _spatial_dims(func)
+    sizes = torch.ones((1,) * n, dtype=var.dtype, device=var.device)
+    for d, (length, pooled) in enumerate(zip(x.shape[-n:], out.shape[-n:])):
+        j = torch.arange(pooled, device=var.device)
+        size = ((j + 1) * length + pooled - 1) // pooled - (j * length) // pooled
+        shape = [1] * n
+        shape[d] = pooled
+        sizes = sizes * size.to(var.dtype).view(shape)
+    return func(var, *args[1:], **kwargs) / sizes
 
 
 def _per_dim(value, n: int) -> tuple[int, ...]:

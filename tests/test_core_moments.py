@@ -664,3 +664,24 @@ def test_independent_draws_still_add_and_the_membrane_recurrence_is_exact():
     torch.testing.assert_close(get_variance(v), ref.var(0), rtol=0.02, atol=1e-4)
     torch.testing.assert_close(get_variance(layer(x[0]) + layer(x[0])),
                                2 * get_variance(layer(x[0])))
+
+
+@pytest.mark.parametrize("func, shape, size", [
+    (F.adaptive_avg_pool1d, (2, 3, 9), 4),
+    (F.adaptive_avg_pool2d, (2, 3, 7, 5), (3, 2)),
+    (F.adaptive_avg_pool2d, (2, 3, 8, 8), 1),
+    (F.adaptive_avg_pool2d, (2, 3, 6, 6), (None, 4)),
+    (F.adaptive_avg_pool3d, (1, 2, 5, 4, 3), (2, 3, 2)),
+])
+def test_adaptive_avg_pool_variance_is_exact(func, shape, size):
+    """Adaptive average pooling (windows of varying size where the lengths do not
+    divide): the variance equals the exact ``W^2 var`` of the pooling's weights, also
+    through nn.AdaptiveAvgPool2d in front of a spike function."""
+    x, var = _noisy(shape)
+    got = get_variance(func(x, size))
+    want = _pooling_weights_variance(lambda t, output_size: func(t, output_size),
+                                     (1, *shape[1:]), var[:1], output_size=size)
+    torch.testing.assert_close(got[:1], want)
+    if func is F.adaptive_avg_pool2d:
+        spike = IWSTSpike("st")
+        spike(nn.AdaptiveAvgPool2d(size)(x))  # a rule: no VarianceFlowError
