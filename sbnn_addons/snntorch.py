@@ -216,8 +216,13 @@ class SnnTorchSpike(IWSTSpike):
         return out
 
     def __getstate__(self):
+        # a copy keeps the recent draws (values: a copied model's membranes are value
+        # copies, so its next reset call finds the spikes they emitted); the per-membrane
+        # records hold the original's membranes, which the copy does not have
         state = super().__getstate__()
-        state.pop("_sbnn_recent", None)
+        recent = state.get("_sbnn_recent")
+        if recent is not None:
+            state["_sbnn_recent"] = list(recent)
         state.pop("_sbnn_draws", None)
         return state
 
@@ -275,9 +280,11 @@ def spike_grad(
 
     Args:
         estimator: ``"st"``, ``"iwst(p)"``, ``"agr(tau)"`` or an Estimator.
-        std: the spike function's own noise std (default
-            :data:`~sbnn_addons.spike.DEFAULT_SPIKE_STD`; ``None`` or 0: only the variance
-            attached by Bayesian layers, and a zero gradient without them).
+        std: the spike function's own noise std, in the membrane's units (default
+            :data:`~sbnn_addons.spike.DEFAULT_SPIKE_STD`, for snnTorch's default
+            ``threshold=1``; for another threshold scale it with it, e.g.
+            ``std=0.399 * threshold``, as :func:`to_sbnn` does; ``None`` or 0: only the
+            variance attached by Bayesian layers, and a zero gradient without them).
         learn_std: learn ``std`` through ``softplus(rho)`` (default: when ``std > 0``).
         aux_pull: the auxiliary loss applied through the gradient
             (:class:`~sbnn_addons.IWSTSpike`; 0: off), which lets a neuron pushed far

@@ -243,9 +243,11 @@ def surrogate_function(
 
     Args:
         estimator: ``"st"``, ``"iwst(p)"``, ``"agr(tau)"`` or an Estimator.
-        std: the spike's own noise std (default
-            :data:`~sbnn_addons.spike.DEFAULT_SPIKE_STD`; ``None`` or 0: no own noise,
-            and a zero gradient without a linked Bayesian layer).
+        std: the spike's own noise std, in the membrane's units (default
+            :data:`~sbnn_addons.spike.DEFAULT_SPIKE_STD`, for SpikingJelly's default
+            ``v_threshold=1``; for another threshold scale it with it, e.g.
+            ``std=0.399 * v_threshold``, as :func:`to_sbnn` does; ``None`` or 0: no own
+            noise, and a zero gradient without a linked Bayesian layer).
         learn_std: learn it through ``softplus(rho)`` (default: when ``std > 0``).
         aux_pull: the auxiliary loss applied through the gradient
             (:class:`~sbnn_addons.IWSTSpike`; 0: off), which lets a neuron pushed far

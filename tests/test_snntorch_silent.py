@@ -310,3 +310,25 @@ def test_surrogate_disable_neuron_can_be_kept_with_exclude():
     assert model.lif2.spike_grad == model.lif2._surrogate_bypass
     spk, mem = model(_x() * 3)
     assert not spk.requires_grad and mem.requires_grad  # as in snnTorch
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_drop_in_spike_grad_copied_mid_sequence_resets_with_the_emitted_spike(how):
+    """A model with the drop-in ``spike_grad()`` copied mid-sequence: the copy's next
+    step resets each neuron by the spike it emitted (the copy's membrane is a value copy;
+    the spike function's recent draws travel with it), as the original does."""
+    from _copies import copy_by
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 30),
+                        snn.Leaky(beta=BETA, spike_grad=spike_grad(), init_hidden=True))
+    x = torch.rand(6, 16, 10) * 0.5
+    with torch.no_grad():
+        sutils.reset(net)
+        for t in range(4):
+            emitted = net(x[t]).clone()
+        copy = copy_by(net, how)
+        net(x[4])
+        copy(x[4])
+    assert torch.equal(net[1].reset, emitted)
+    assert torch.equal(copy[1].reset, emitted)
