@@ -1040,9 +1040,14 @@ def _flow(func, args, kwargs):
     noise, scale, probe, nset = _scan(args, kwargs)
     if noise is None:
         if probe:
-            return _carry_probe(_name(func), args, kwargs, out, nset)
+            name = _name(func)
+            if name in _COMPARISONS or type(func) is torch._ops.OpOverload:
+                _refuse_host_neuron(func, name)
+            return _carry_probe(name, args, kwargs, out, nset)
         return out
     name = _name(func)
+    if name in _COMPARISONS or type(func) is torch._ops.OpOverload:
+        _refuse_host_neuron(func, name)
     if name in _NOISE_FREE:
         return out
     if not isinstance(out, Tensor):
@@ -1067,6 +1072,52 @@ def _flow(func, args, kwargs):
         _mark_in_place(args[0], var, name, noise=nset)
         return args[0]
     return _wrap(out, var, noise=nset)
+
+
+_COMPARISONS = frozenset({"gt", "ge", "__gt__", "__ge__", "heaviside", "sign", "lt", "le",
+                          "__lt__", "__le__"})
+#: Modules whose spike (surrogate) functions compare the membrane with the threshold.
+_HOST_SURROGATES = ("spikingjelly.activation_based.surrogate", "snntorch.surrogate",
+                    "snntorch._neurons")
+
+
+def _refuse_host_neuron(func, name: str) -> None:
+    """A host library's spike computation on a variance-carrying tensor: one of
+    SpikingJelly's neuron kernels (``torch.library`` ops ``sj_lif::forward``, ...), or a
+    comparison made by a SpikingJelly / snnTorch surrogate or neuron itself (eager mode:
+    the comparison's caller). Such a neuron is not converted: it fires from the mean of a
+    Bayesian layer's output and drops its variance (the layer's std would get no
+    gradient).
+
+    Raises:
+        VarianceFlowError: naming the fixes.
+    """
+    if torch.compiler.is_compiling():
+        return
+    if type(func) is torch._ops.OpOverload:
+        if not func.namespace.startswith("sj_"):
+            return
+        _host_neuron_error("SpikingJelly", f"{func.namespace}::{name}")
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame = frame.f_back
+    module = frame.f_globals.get("__name__", "") if frame is not None else ""
+    if module.startswith(_HOST_SURROGATES):  # the comparison's own caller
+        _host_neuron_error("SpikingJelly" if module.startswith("spikingjelly")
+                           else "snnTorch", f"{name} in {module}")
+
+
+def _host_neuron_error(host: str, where: str):
+    fix = ("sbnn_addons.spikingjelly.to_sbnn(model) (or surrogate_function="
+           "sbnn_addons.spikingjelly.surrogate_function())" if host == "SpikingJelly"
+           else "sbnn_addons.snntorch.to_sbnn(model) (or spike_grad="
+           "sbnn_addons.snntorch.spike_grad())")
+    raise VarianceFlowError(
+        f"a {host} neuron that is not converted fires from an input that carries a "
+        f"Bayesian layer's posterior variance ({where}): it would drop the variance "
+        "silently and the layer's std would get no gradient. Convert the neuron with "
+        f"{fix}, e.g. after adding it to a converted model; or keep the layers feeding it "
+        "deterministic (exclude= in to_sbnn)")
 
 
 def variance_flow() -> contextlib.AbstractContextManager:

@@ -347,3 +347,30 @@ def test_two_weight_layers_without_a_neuron_name_both_layers():
     for _ in range(3):
         out = model(torch.rand(2, 4))
     assert out.shape == (2, 2)
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+@pytest.mark.parametrize("mode", ["sample", "mean"])
+@pytest.mark.parametrize("make", [neuron.LIFNode, neuron.IFNode, neuron.ParametricLIFNode])
+def test_a_neuron_that_is_not_converted_refuses_a_bayesian_layers_variance(step_mode, mode,
+                                                                           make):
+    """A SpikingJelly neuron added after the conversion (or in a new model around a
+    converted layer) would fire from the mean and drop the layer's variance (its std got
+    no gradient): it raises and names the fix, in both step and evaluation modes. A host
+    neuron fed by a converted neuron's spikes runs as before."""
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(5, 8), neuron.LIFNode(), layer.Linear(8, 4))
+    functional.set_step_mode(net, step_mode)
+    model = sbnn_sj.to_sbnn(net, exclude="2")
+    x = torch.rand(T, 3, 5) * 3 if step_mode == "m" else torch.rand(3, 5) * 3
+    wrapped = nn.Sequential(model[0], make())
+    functional.set_step_mode(wrapped, step_mode)
+    with sbnn_addons.mode(wrapped, mode), pytest.raises(
+            VarianceFlowError, match="SpikingJelly neuron that is not converted.*to_sbnn"):
+        wrapped(x)
+    model.append(make())  # after the deterministic readout: fed by spikes, no variance
+    functional.set_step_mode(model, step_mode)
+    functional.reset_net(model)
+    with sbnn_addons.mode(model, mode):
+        model(x).sum().backward()
+    assert (model[0].std_rho.grad is not None) == (mode == "sample")
