@@ -332,3 +332,18 @@ def test_drop_in_spike_grad_copied_mid_sequence_resets_with_the_emitted_spike(ho
         copy(x[4])
     assert torch.equal(net[1].reset, emitted)
     assert torch.equal(copy[1].reset, emitted)
+
+
+def test_init_hidden_membrane_edited_out_of_place_raises():
+    """``lif.mem = 0.5 * lif.mem`` between two steps of an ``init_hidden=True`` model:
+    the next training step raises instead of restarting the noise variance."""
+    torch.manual_seed(0)
+    model = to_sbnn(nn.Sequential(nn.Linear(10, 16),
+                                  snn.Leaky(beta=BETA, init_hidden=True)))
+    sutils.reset(model)
+    x = _x()
+    model(x[0])
+    model(x[1])
+    model[1].mem = 0.5 * model[1].mem
+    with pytest.raises(sbnn_addons.VarianceFlowError, match="computed from its last membrane"):
+        model(x[2])
