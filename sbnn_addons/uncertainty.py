@@ -282,7 +282,8 @@ OUTPUTS = ("logits", "probs", "log_probs")
 
 
 def _to_probs(out: Tensor, output: str) -> Tensor:
-    """One pass's ``[B, C]`` output as probabilities (float32).
+    """One pass's ``[B, C]`` output as probabilities (float32; float64 for a float64
+    output, whose probabilities of confident errors do not underflow).
 
     Raises:
         ValueError: ``output="probs"`` / ``"log_probs"`` and the rows are not probability
@@ -292,7 +293,7 @@ def _to_probs(out: Tensor, output: str) -> Tensor:
         UserWarning: ``output="logits"`` and every row is already a probability vector
             (a model that ends in a softmax): a second softmax would flatten it.
     """
-    out = out.float()
+    out = out if out.dtype == torch.float64 else out.float()
     if output == "logits":
         if out.shape[-1] > 1 and out.numel() and _is_distribution(out):
             warnings.warn(

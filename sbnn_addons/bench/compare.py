@@ -409,7 +409,8 @@ def _mix(*xs: int) -> int:
     return h
 
 
-def _make_model(model, method: Method, seed: int, reinit: bool) -> nn.Module:
+def _make_model(model, method: Method, seed: int, reinit: bool,
+                made: list | None = None) -> nn.Module:
     torch.manual_seed(seed)
     if isinstance(model, nn.Module):
         _refuse_prebuilt_sbnn(model)
@@ -429,6 +430,14 @@ def _make_model(model, method: Method, seed: int, reinit: bool) -> nn.Module:
     net = model(method=method) if accepts else model()
     if not isinstance(net, nn.Module):
         raise TypeError(f"the factory returned {type(net).__name__}, not an nn.Module")
+    if made is not None:
+        if any(net is other for other in made):
+            raise ValueError(
+                "the factory returned a model it returned before: every method and seed "
+                "must train a model of its own (the methods would train, convert and score "
+                "one shared model); build a new model in each call, e.g. "
+                "lambda: copy.deepcopy(net), or pass the nn.Module itself as model=")
+        made.append(net)
     if not accepts:
         _refuse_prebuilt_sbnn(net)
     return net
@@ -615,6 +624,10 @@ def compare(
         raise ValueError("test_data: the DataLoader shuffles (shuffle=True or a random "
                          "sampler); the evaluation needs a fixed order (the per-sample "
                          "predictions are matched across methods): use shuffle=False")
+    if not test.is_tensor and getattr(test.loader, "drop_last", False):
+        raise ValueError("test_data: the DataLoader has drop_last=True, which leaves the "
+                         "last test samples out of every metric (and the reported test "
+                         "size); use drop_last=False for evaluation")
     train = train.subset(max_train_samples, subset_seed, "train subset", num_classes)
     test = test.subset(max_test_samples, subset_seed + 1, "test subset", num_classes)
     data_warnings = []
@@ -700,6 +713,7 @@ class _Ctx:
     aux_reduction: str = "mean"
     aux_all: bool = False
     step: bool | None = None
+    made: list = field(default_factory=list)  # the models a factory returned (kept alive)
 
 
 def _check_train_classes(ytr: Tensor, yte: Tensor, num_classes: int | None) -> str | None:
@@ -730,7 +744,7 @@ def _build_run(model, method: Method, seed: int, reinit: bool, readout, sbnn_kwa
                ctx: _Ctx, find_unused: bool) -> _Run:
     if method.kind == "ep":
         raise ValueError(f"method {method.name!r} runs through the built-in tasks only")
-    net = _make_model(model, method, seed, reinit)
+    net = _make_model(model, method, seed, reinit, ctx.made)
     host = detect_host(net)
     own = describe_surrogate(net)
     if method.is_sbnn:
@@ -879,7 +893,8 @@ def _predict(run: _Run, ctx: _Ctx, eval_mode: str, k: int) -> tuple[Tensor, Tens
     for xb, yb in ctx.test.batches(ctx.eval_batch_size, None, ctx.rank, ctx.world):
         x = prepare(xb, ctx.layout, ctx.encode, gen, ctx.device)
         if run.method.is_sbnn and eval_mode == "mc":
-            p = mc_predict(run.model, x, k, forward=lambda m, xb: run.forward(xb),
+            # float64 as below: the NLL of a confident error stays finite
+            p = mc_predict(run.model, x, k, forward=lambda m, xb: run.forward(xb).double(),
                            count_spikes=False).probs
         elif run.method.is_sbnn:  # float64: the NLL of a confident error stays finite
             with mode(run.model, eval_mode):

@@ -260,7 +260,15 @@ class DataSpec:
 
 def prepare(x: Tensor, layout: str, encode: Callable | None, gen: torch.Generator,
             device: torch.device) -> Tensor:
-    """A stored batch as the model's input: transposed (``"BT"``), encoded, float on device."""
+    """A stored batch as the model's input: transposed (``"BT"``), encoded, float on device.
+
+    Raises:
+        ValueError: the batch holds NaN or inf (checked for every method alike, before the
+            model: a host model would train on silently where a converted one raises).
+    """
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError("a data batch holds NaN or inf values; clean the data (e.g. "
+                         "torch.nan_to_num) or drop those samples")
     if layout == "BT":
         x = x.transpose(0, 1)
     if encode is not None:

@@ -1,0 +1,80 @@
+"""``bench.compare`` on a user's own model and data: what would make its numbers wrong
+without an error raises instead (a factory that returns one shared model, a test loader
+that drops samples, NaN batches seen only by the host model), and the Monte Carlo NLL of
+confident errors is computed in float64 like the mean-mode NLL."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import snntorch as snn
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from sbnn_addons.bench import compare
+
+
+def make_net():
+    return nn.Sequential(nn.Linear(12, 16), snn.Leaky(beta=0.9, init_hidden=True),
+                         nn.Linear(16, 3))
+
+
+def _data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    rate = torch.full((n, 12), 0.05)
+    for c in range(3):
+        rate[y == c, 4 * c:4 * c + 4] = 0.8
+    return (torch.rand(n, 6, 12, generator=g) < rate[:, None]).float(), y
+
+
+KW = dict(layout="BT", epochs=1, batch_size=12, mc_samples=2)
+
+
+def test_a_factory_returning_one_shared_model_raises():
+    shared = make_net()
+    with pytest.raises(ValueError, match="returned a model it returned before"):
+        compare(lambda: shared, _data(24, 0), _data(12, 1),
+                methods=["original", "sbnn-st"], **KW)
+
+
+def test_a_test_loader_that_drops_samples_raises():
+    test = DataLoader(TensorDataset(*_data(15, 1)), batch_size=10, drop_last=True)
+    with pytest.raises(ValueError, match="drop_last=True"):
+        compare(make_net, _data(24, 0), test, methods=["original"], **KW)
+
+
+@pytest.mark.parametrize("where", ["train", "test"])
+def test_nan_batches_raise_for_every_method(where):
+    train, test = _data(24, 0), _data(12, 1)
+    bad = train if where == "train" else test
+    bad[0][5, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        compare(make_net, train, test, methods=["original"], **KW)
+
+
+def test_mc_nll_of_confident_errors_is_computed_like_the_mean_nll():
+    """A model frozen with a huge readout makes confident errors: in float32 the mc
+    probability of the true class underflowed to 0 (-log p clamped at 708.4 for every
+    error), while the mean-mode NLL kept its finite float64 value. Both now agree."""
+
+    def confident():
+        torch.manual_seed(0)
+        net = make_net()
+        with torch.no_grad():
+            net[2].weight.mul_(4000.0)
+        return net
+
+    def frozen(model, epochs, steps):
+        return torch.optim.SGD(model.parameters(), lr=0.0), None, "epoch"
+
+    res = compare(confident, _data(24, 0), _data(12, 1), methods=["sbnn-st"],
+                  recipe=frozen, sbnn_kwargs={"std": 1e-6, "learn_std": False,
+                                              "spike_std": 1e-6},
+                  **{**KW, "mc_samples": 1})
+    row = res.rows[0]
+    assert math.isfinite(row["nll_mc"]) and math.isfinite(row["nll_mean"])
+    assert row["nll_mc"] == pytest.approx(row["nll_mean"], rel=0.05)
+    assert row["nll_mean"] > 50  # confident errors indeed
