@@ -78,3 +78,11 @@ def test_mc_nll_of_confident_errors_is_computed_like_the_mean_nll():
     assert math.isfinite(row["nll_mc"]) and math.isfinite(row["nll_mean"])
     assert row["nll_mc"] == pytest.approx(row["nll_mean"], rel=0.05)
     assert row["nll_mean"] > 50  # confident errors indeed
+
+
+def test_a_training_loader_reports_its_own_batch_size():
+    train = DataLoader(TensorDataset(*_data(32, 0)), batch_size=16, shuffle=True,
+                       generator=torch.Generator().manual_seed(0))
+    res = compare(make_net, train, _data(12, 1), methods=["original"],
+                  **{**KW, "batch_size": 64})
+    assert res.rows[0]["batch_size"] == 16 and res.meta["batch_size"] == 16

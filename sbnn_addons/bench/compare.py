@@ -643,6 +643,8 @@ def compare(
     n_train = len(train)
     steps_per_epoch = (math.ceil(math.ceil(n_train / world) / batch_size) if train.is_tensor
                        else max(len(train.loader), 1))
+    if not train.is_tensor and getattr(train.loader, "batch_size", None):
+        batch_size = int(train.loader.batch_size)  # what the model is trained on: reported
     bar = progress(epochs * len(meths) * len(seeds)) if progress else None
     ctx = _Ctx(train, test, layout=train.layout, encode=encode, device=device,
                batch_size=batch_size, eval_batch_size=eval_batch_size, loss_fn=loss_fn,
