@@ -86,3 +86,30 @@ def test_a_training_loader_reports_its_own_batch_size():
     res = compare(make_net, train, _data(12, 1), methods=["original"],
                   **{**KW, "batch_size": 64})
     assert res.rows[0]["batch_size"] == 16 and res.meta["batch_size"] == 16
+
+
+class _BalancedRandomSampler(torch.utils.data.Sampler):
+    """Cycles the classes 0, 1, 2 and picks a random sample of each (Python's own RNG,
+    which the benchmark does not seed per method): the label order is the same for every
+    method, the samples are not."""
+
+    def __init__(self, y):
+        import random
+
+        self.by_class = [torch.nonzero(y == c).flatten().tolist() for c in range(3)]
+        self.n, self.rng = len(y), random.Random()
+
+    def __iter__(self):
+        return iter([self.rng.choice(self.by_class[i % 3]) for i in range(self.n)])
+
+    def __len__(self):
+        return self.n
+
+
+def test_a_sampler_that_draws_other_samples_with_the_same_labels_is_caught():
+    """Identical label order but other samples per method: the order check compares the
+    inputs too (it compared labels only, and reported the order identical)."""
+    x, y = _data(30, 0)
+    train = DataLoader(TensorDataset(x, y), batch_size=10, sampler=_BalancedRandomSampler(y))
+    with pytest.raises(ValueError, match="different order"):
+        compare(make_net, train, _data(12, 1), methods=["original", "sbnn-st"], **KW)

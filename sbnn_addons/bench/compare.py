@@ -848,7 +848,7 @@ def _train_epoch(run: _Run, ctx: _Ctx, epoch: int) -> None:
     perm_gen = torch.Generator().manual_seed(_mix(run.seed, epoch, 1))
     enc_gen = torch.Generator().manual_seed(_mix(run.seed, epoch, 2, ctx.rank))
     total = torch.zeros(2, dtype=torch.float64)
-    labels = []
+    labels, sums = [], []
     _sync(ctx.device)
     t0 = time.perf_counter()
     for xb, yb in ctx.train.batches(ctx.batch_size, perm_gen, ctx.rank, ctx.world):
@@ -865,6 +865,7 @@ def _train_epoch(run: _Run, ctx: _Ctx, epoch: int) -> None:
         total[0] += float(loss.detach()) * len(y)
         total[1] += len(y)
         labels.append(yb)
+        sums.append(xb.detach().double().sum().reshape(1))
     _sync(ctx.device)
     elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
     if run.scheduler is not None and run.interval == "epoch":
@@ -873,7 +874,7 @@ def _train_epoch(run: _Run, ctx: _Ctx, epoch: int) -> None:
         dist.all_reduce(total)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
     ytr = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
-    run.orders.append(fingerprint(ytr))
+    run.orders.append(fingerprint(ytr, torch.cat(sums) if sums else None))
     if epoch == 0 and not ctx.train.is_tensor:
         _check_train_classes(ytr, ytr, None)  # a loader: at least two classes
     run.train_times.append(float(elapsed))

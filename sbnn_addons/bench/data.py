@@ -102,9 +102,14 @@ def check_subset_classes(full: Tensor, subset: Tensor, where: str,
             "class) or a stratified subset (sbnn_addons.bench.stratified_subset)")
 
 
-def fingerprint(labels: Tensor) -> str:
-    """Short hash of a label sequence (to prove that two methods saw the same order)."""
-    return hashlib.sha1(labels.detach().cpu().to(torch.int64).numpy().tobytes()).hexdigest()[:12]
+def fingerprint(labels: Tensor, inputs: Tensor | None = None) -> str:
+    """Short hash of a label sequence and, if given, of per-batch input sums ``[n]`` (to
+    prove that two methods saw the same samples in the same order: labels alone do not
+    tell two samples of one class apart)."""
+    h = hashlib.sha1(labels.detach().cpu().to(torch.int64).numpy().tobytes())
+    if inputs is not None:
+        h.update(inputs.detach().cpu().to(torch.float64).numpy().tobytes())
+    return h.hexdigest()[:12]
 
 
 def class_labels(y, name: str) -> Tensor:
