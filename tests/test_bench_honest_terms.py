@@ -113,3 +113,28 @@ def test_a_sampler_that_draws_other_samples_with_the_same_labels_is_caught():
     train = DataLoader(TensorDataset(x, y), batch_size=10, sampler=_BalancedRandomSampler(y))
     with pytest.raises(ValueError, match="different order"):
         compare(make_net, train, _data(12, 1), methods=["original", "sbnn-st"], **KW)
+
+
+@pytest.mark.parametrize("case, error, match", [
+    ("empty tensors", ValueError, "empty"),
+    ("empty loader", ValueError, "empty"),
+    ("three tensors", TypeError, "got 3 items"),
+    ("numpy", TypeError, "torch.as_tensor"),
+    ("iterable dataset", ValueError, "IterableDataset"),
+])
+def test_bad_test_data_is_named(case, error, match):
+    x, y = _data(12, 1)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(x, y))
+
+    test = {
+        "empty tensors": (x[:0], y[:0]),
+        "empty loader": DataLoader(TensorDataset(x[:0], y[:0]), batch_size=4),
+        "three tensors": (x, y, y),
+        "numpy": (x.numpy(), y.numpy()),
+        "iterable dataset": DataLoader(Stream(), batch_size=4),
+    }[case]
+    with pytest.raises(error, match=match):
+        compare(make_net, _data(24, 0), test, methods=["original"], **KW)

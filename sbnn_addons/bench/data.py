@@ -152,6 +152,8 @@ class DataSpec:
                 isinstance(t, Tensor) for t in data):
             x, y = data
             y = class_labels(y, name)
+            if len(y) == 0:
+                raise ValueError(f"{name} is empty (0 samples)")
             n = x.shape[1] if layout == "TB" else x.shape[0]
             if n != len(y):
                 raise ValueError(
@@ -159,6 +161,17 @@ class DataSpec:
                     f" axis (layout {layout!r}, shape {tuple(x.shape)}) but y has {len(y)}; "
                     "time-major data is layout='TB' [T, N, ...], batch-major 'BT' [N, T, ...]")
             return cls(x=x, y=y, layout=layout)
+        if isinstance(data, (tuple, list)):
+            kinds = ", ".join(type(t).__name__ for t in data)
+            raise TypeError(
+                f"{name} must be (x, y): two tensors, got {len(data)} items ({kinds}); "
+                "convert numpy arrays with torch.as_tensor, and pass extra per-sample data "
+                "through a DataLoader")
+        if isinstance(getattr(data, "dataset", None), torch.utils.data.IterableDataset):
+            raise ValueError(
+                f"{name}: a DataLoader over an IterableDataset has no length and no "
+                "reproducible order, which the comparison needs (same samples, same order "
+                "for every method); use a map-style Dataset (e.g. TensorDataset)")
         if hasattr(data, "__iter__") and not isinstance(data, (Tensor, dict, str)):
             collate = getattr(data, "collate_fn", None)
             if (layout == "TB" and getattr(data, "batch_size", None) is not None
@@ -167,7 +180,10 @@ class DataSpec:
                     f"{name}: a DataLoader stacks its samples along the first axis, so its "
                     "batches are batch-major [B, T, ...]: pass layout='BT' (or 'static' for "
                     "samples without a time axis); layout='TB' is for time-major tensors")
-            return cls(loader=data, layout=layout)
+            spec = cls(loader=data, layout=layout)
+            if len(spec) == 0:
+                raise ValueError(f"{name} is empty (its DataLoader draws 0 samples)")
+            return spec
         raise TypeError(f"{name} must be (x, y) tensors, a TensorDataset or a DataLoader, got "
                         f"{type(data).__name__}")
 
