@@ -116,8 +116,8 @@ def test_a_sampler_that_draws_other_samples_with_the_same_labels_is_caught():
 
 
 @pytest.mark.parametrize("case, error, match", [
-    ("empty tensors", ValueError, "empty"),
-    ("empty loader", ValueError, "empty"),
+    ("empty tensors", ValueError, "is empty"),
+    ("empty loader", ValueError, "is empty"),
     ("three tensors", TypeError, "got 3 items"),
     ("numpy", TypeError, "torch.as_tensor"),
     ("iterable dataset", ValueError, "IterableDataset"),
