@@ -65,8 +65,11 @@ def cached_tensor_test(owner: object, name: str, tensor: Tensor,
     return cached[1]
 
 
-def inverse_softplus(value: float) -> float:
-    """``rho`` such that ``softplus(rho) = value`` (``value > 0``)."""
+def inverse_softplus(value: float | Tensor) -> float | Tensor:
+    """``rho`` such that ``softplus(rho) = value`` (``value > 0``; a float, or a tensor
+    elementwise)."""
+    if isinstance(value, Tensor):
+        return value + torch.log(-torch.expm1(-value))
     return value + math.log(-math.expm1(-value))
 
 

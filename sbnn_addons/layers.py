@@ -187,8 +187,7 @@ class _BayesMixin(SBNNModule):
             if isinstance(std, Tensor):  # per output channel (a folded BatchNorm's scale)
                 target = self.std_rho if self.learn_std else self.fixed_std
                 per_out = std.to(target).view(-1, *([1] * (target.dim() - 1)))
-                value = per_out + torch.log(-torch.expm1(-per_out)) if self.learn_std \
-                    else per_out
+                value = inverse_softplus(per_out) if self.learn_std else per_out
                 target.copy_(value.expand_as(target))
             elif self.learn_std:
                 self.std_rho.fill_(inverse_softplus(std))

@@ -342,14 +342,20 @@ def _wrap(out: Tensor, variance, probe: bool = False, noise: NoiseSet | None = N
     else:
         if type(out) is not VarianceTensor:
             out.__class__ = VarianceTensor
-        if noise is None:
-            out.__dict__.pop("noise", None)
-        else:
-            out.__dict__["noise"] = noise
+        _set_noise(out, noise)
         new = out
     new.variance = variance
     new.probe = probe
     return new
+
+
+def _set_noise(t: Tensor, noise: NoiseSet | None) -> None:
+    """Eager: give carrier ``t`` the noise set ``noise`` (``None``: forget it, so that a
+    new leaf is made when it is read)."""
+    if noise is None:
+        t.__dict__.pop("noise", None)
+    else:
+        t.__dict__["noise"] = noise
 
 
 def _plain(t: Tensor, in_place: bool = False) -> Tensor:
@@ -485,14 +491,11 @@ def _linear_combination():
     return rule
 
 
-_SUMS = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__",
-                   "sub", "sub_", "__sub__", "__rsub__", "__isub__"})
-_add_rule = register_variance_rule("add", "add_", "__add__", "__radd__", "__iadd__")(
-    _linear_combination()
-)
-_sub_rule = register_variance_rule("sub", "sub_", "__sub__", "__rsub__", "__isub__")(
-    _linear_combination()
-)
+_ADDS = ("add", "add_", "__add__", "__radd__", "__iadd__")
+_SUBS = ("sub", "sub_", "__sub__", "__rsub__", "__isub__")
+_SUMS = frozenset(_ADDS + _SUBS)
+_add_rule = register_variance_rule(*_ADDS)(_linear_combination())
+_sub_rule = register_variance_rule(*_SUBS)(_linear_combination())
 
 
 def _correlated(a, b) -> bool:
@@ -996,10 +999,7 @@ def _mark_in_place(target, variance, name: str, probe: bool = False,
         target.variance = variance
         target.probe = probe
         if not torch.compiler.is_compiling():
-            if noise is None:
-                target.__dict__.pop("noise", None)
-            else:
-                target.__dict__["noise"] = noise
+            _set_noise(target, noise)
     elif isinstance(target, Tensor) and not torch.compiler.is_compiling():
         _wrap(target, variance, probe, noise)
 
@@ -1097,17 +1097,17 @@ def _refuse_host_neuron(func, name: str) -> None:
     if type(func) is torch._ops.OpOverload:
         if not func.namespace.startswith("sj_"):
             return
-        _host_neuron_error("SpikingJelly", f"{func.namespace}::{name}")
+        _raise_host_neuron_error("SpikingJelly", f"{func.namespace}::{name}")
     frame = sys._getframe(2)
     while frame is not None and frame.f_globals.get("__name__") == __name__:
         frame = frame.f_back
     module = frame.f_globals.get("__name__", "") if frame is not None else ""
     if module.startswith(_HOST_SURROGATES):  # the comparison's own caller
-        _host_neuron_error("SpikingJelly" if module.startswith("spikingjelly")
-                           else "snnTorch", f"{name} in {module}")
+        _raise_host_neuron_error("SpikingJelly" if module.startswith("spikingjelly")
+                                 else "snnTorch", f"{name} in {module}")
 
 
-def _host_neuron_error(host: str, where: str):
+def _raise_host_neuron_error(host: str, where: str):
     fix = ("sbnn_addons.spikingjelly.to_sbnn(model) (or surrogate_function="
            "sbnn_addons.spikingjelly.surrogate_function())" if host == "SpikingJelly"
            else "sbnn_addons.snntorch.to_sbnn(model) (or spike_grad="

@@ -220,9 +220,6 @@ class SnnTorchSpike(IWSTSpike):
         # copies, so its next reset call finds the spikes they emitted); the per-membrane
         # records hold the original's membranes, which the copy does not have
         state = super().__getstate__()
-        recent = state.get("_sbnn_recent")
-        if recent is not None:
-            state["_sbnn_recent"] = list(recent)
         state.pop("_sbnn_draws", None)
         return state
 
@@ -514,11 +511,10 @@ def _copy_of(mem: Tensor, stored: Tensor) -> bool:
     """Whether ``mem`` is a value copy of the stored, non-zero membrane (another tensor with
     the same values: ``mem.clone()``, the membrane of a copied model). A zero membrane is
     a new sequence's initial state, never taken for a copy."""
-    if (mem.shape != stored.shape or mem.dtype != stored.dtype or mem.device != stored.device
-            or _aliases(mem, stored)):
+    if _aliases(mem, stored):
         return False
     try:
-        return bool(torch.equal(mem, stored)) and bool(mem.any())
+        return _equal(mem, stored) and bool(mem.any())
     except RuntimeError:  # fake tensors (torch.export)
         return False
 

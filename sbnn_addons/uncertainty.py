@@ -32,7 +32,6 @@ PNG files with the ``Agg`` backend.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import sys
 import warnings
@@ -224,7 +223,7 @@ def default_reset(model: nn.Module) -> Callable[[nn.Module], object]:
     return reset
 
 
-def forward_hint(model: nn.Module) -> str:
+def _forward_hint(model: nn.Module) -> str:
     """The ``forward=`` that fits ``model``'s host and step style, for error messages: a
     single-step model (SpikingJelly ``step_mode='s'``, snnTorch) needs the loop over the
     steps, a multi-step one reduces its ``[T, B, C]`` output."""
@@ -248,20 +247,20 @@ def forward_hint(model: nn.Module) -> str:
             "lambda m, x: m(x).mean(0) for a model returning [T, B, C])")
 
 
-def _check_logits(logits, rows: int, folded: tuple[int, int] | None = None,
-                  hint: Callable[[], str] | None = None) -> Tensor:
+def _check_logits(logits, rows: int, model: nn.Module,
+                  folded: tuple[int, int] | None = None) -> Tensor:
     """``logits`` checked as ``[rows, C]``; ``folded``: ``(passes, batch_dim)`` of a folded
-    call, whose rows are the passes times the examples along ``batch_dim``; ``hint``: the
-    ``forward=`` to suggest (:func:`forward_hint`)."""
+    call, whose rows are the passes times the examples along ``batch_dim``; ``model``:
+    whose ``forward=`` an error suggests (:func:`_forward_hint`)."""
     if not isinstance(logits, Tensor):
         raise TypeError(
             f"the forward pass returned {type(logits).__name__}, not a logits tensor [B, C]; "
-            f"pass {hint() if hint else forward_hint(nn.Module())}"
+            f"pass {_forward_hint(model)}"
         )
     if logits.dim() != 2:
         raise ValueError(
             f"the forward pass must return logits [B, C], got shape {tuple(logits.shape)}; "
-            f"pass {hint() if hint else forward_hint(nn.Module())}"
+            f"pass {_forward_hint(model)}"
         )
     if logits.shape[0] != rows:
         if folded is not None:
@@ -527,7 +526,6 @@ def _run(model: nn.Module, inputs, num_samples: int, *, seed, forward, reset, ch
     chunk_size = min(chunk_size, num_samples)
     forward = forward if forward is not None else (lambda m, x: m(x))
     reset = reset if reset is not None else default_reset(model)
-    hint = functools.partial(forward_hint, model)
     if fold:
         if not isinstance(inputs, Tensor):
             raise TypeError("fold=True needs inputs to be a tensor")
@@ -567,8 +565,8 @@ def _run(model: nn.Module, inputs, num_samples: int, *, seed, forward, reset, ch
                 if fold:
                     reset(model)
                     x = torch.cat([inputs] * reps, dim=batch_dim) if reps > 1 else inputs
-                    logits = _check_logits(forward(model, x), reps * rows, (reps, batch_dim),
-                                           hint)
+                    logits = _check_logits(forward(model, x), reps * rows, model,
+                                           (reps, batch_dim))
                     samples.append(_to_probs(logits, output).unflatten(0, (reps, rows)))
                     if monitor is not None:
                         record(monitor, reps)
@@ -578,7 +576,7 @@ def _run(model: nn.Module, inputs, num_samples: int, *, seed, forward, reset, ch
                         logits = forward(model, inputs)
                         if rows is None:
                             rows = logits.shape[0] if isinstance(logits, Tensor) else -1
-                        logits = _check_logits(logits, rows, hint=hint)
+                        logits = _check_logits(logits, rows, model)
                         samples.append(_to_probs(logits, output)[None])
                         if monitor is not None:
                             record(monitor, 1)
