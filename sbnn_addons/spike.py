@@ -535,11 +535,28 @@ def _fused_variance(u: Tensor, variance: Tensor | None) -> Tensor | None:
 
 
 def seed_spikes(model: nn.Module, seed: int | None) -> nn.Module:
-    """Seed every :class:`IWSTSpike` in ``model`` (``seed + i`` for the i-th one).
+    """Seed every :class:`IWSTSpike` in ``model``, each with a stream of its own.
 
-    Calling it again with the same seed replays the same spike noise exactly.
-    ``None`` returns them to the global RNG. Returns ``model``.
+    The i-th spike function gets the seed :func:`spike_seed` ``(seed, i)``, a SplitMix64
+    mix of the pair: no two (seed, i) pairs share a stream, so ``seed_spikes(model, 1)``
+    is independent of ``seed_spikes(model, 0)`` in every layer (with ``seed + i``, the
+    first layer of seed 1 would replay the second layer of seed 0). Calling it again with
+    the same seed replays the same spike noise exactly. ``None`` returns them to the
+    global RNG. Returns ``model``.
     """
     for i, m in enumerate(m for m in model.modules() if isinstance(m, IWSTSpike)):
-        m.manual_seed(None if seed is None else seed + i)
+        m.manual_seed(None if seed is None else spike_seed(seed, i))
     return model
+
+
+def spike_seed(seed: int, index: int) -> int:
+    """The seed :func:`seed_spikes` gives the ``index``-th spike function: a 63-bit mix.
+
+    SplitMix64's finaliser applied to ``seed * 2^32 + index`` (a bijection of 64-bit
+    words), so distinct pairs with ``0 <= index < 2^32`` give distinct seeds.
+    """
+    mask = (1 << 64) - 1
+    z = ((int(seed) << 32) + int(index) + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return (z ^ (z >> 31)) >> 1

@@ -99,9 +99,22 @@ def test_seed_spikes_replays():
     seed_spikes(model, 5)
     b = [model[0](u), model[1](u)]
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert not torch.equal(a[0], a[1])  # seed + i: the two are different streams
+    assert not torch.equal(a[0], a[1])  # each spike function has a stream of its own
     seed_spikes(model, 6)
     assert not torch.equal(model[0](u), a[0])
+
+
+def test_seed_spikes_adjacent_seeds_share_no_stream():
+    # Monte Carlo passes seeded 0, 1, 2, ... must be independent in every layer: the
+    # first layer of seed 1 must not replay the second layer of seed 0.
+    model = torch.nn.Sequential(IWSTSpike(std=1.0), IWSTSpike(std=1.0), IWSTSpike(std=1.0))
+    u = torch.zeros(2000)
+    draws = set()
+    for seed in range(4):
+        seed_spikes(model, seed)
+        for layer in model:
+            draws.add(tuple(layer(u).tolist()))
+    assert len(draws) == 12
 
 
 def _roundtrip_pickle(m):
