@@ -831,25 +831,34 @@ class ChannelAffine(nn.Module):
 
         y = gamma[c] * x + beta[c],   var(y) = var(x)   (noise left unscaled)
 
+    A BatchNorm's state dict loads into it (``load_state_dict`` of a host checkpoint into a
+    converted model): when the entries hold ``running_mean`` / ``running_var``, they are
+    folded with the BatchNorm's ``weight`` / ``bias`` (1 / 0 where absent) and ``eps``
+    into ``gamma = weight / sqrt(running_var + eps)``, ``beta = bias - running_mean *
+    gamma``, as :meth:`from_batchnorm` does, never copied raw.
+
     Args:
         num_features: number of channels ``C``.
         channel_dim: dimension of ``C`` in the input (1 for ``[N, C, ...]``).
+        eps: the BatchNorm's ``eps``, used to fold a BatchNorm state dict on loading.
 
     Shapes:
         input ``[N, C, *]`` -> output of the same shape.
     """
 
-    def __init__(self, num_features: int, channel_dim: int = 1) -> None:
+    def __init__(self, num_features: int, channel_dim: int = 1, eps: float = 1e-5) -> None:
         super().__init__()
         self.num_features = num_features
         self.channel_dim = channel_dim
+        self.eps = float(eps)
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_load_state_dict_pre_hook(_fold_batchnorm_entries)
 
     @classmethod
     def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> ChannelAffine:
         """Fold a BatchNorm's running statistics and affine into a ChannelAffine."""
-        affine = cls(bn.num_features)
+        affine = cls(bn.num_features, eps=bn.eps)
         ref = bn.weight if bn.affine else bn.running_var
         if ref is not None:  # the BatchNorm's device and dtype (float64, bfloat16, ...)
             affine = affine.to(device=ref.device, dtype=ref.dtype)
@@ -884,3 +893,32 @@ class ChannelAffine(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, channel_dim={self.channel_dim}"
+
+
+def _fold_batchnorm_entries(module: ChannelAffine, state_dict: dict, prefix: str,
+                            *_: object) -> None:
+    """Load-state-dict pre-hook of :class:`ChannelAffine`: fold a BatchNorm's entries.
+
+    ``gamma = weight / sqrt(running_var + eps)``, ``beta = bias - running_mean * gamma``
+    (``weight`` 1 and ``bias`` 0 where the BatchNorm had no affine). The running entries
+    and ``num_batches_tracked`` are consumed, so a strict load reports only true
+    mismatches. A state dict of a ``ChannelAffine`` itself loads unchanged.
+    """
+    mean_key, var_key = prefix + "running_mean", prefix + "running_var"
+    if mean_key not in state_dict and var_key not in state_dict:
+        return
+    if mean_key not in state_dict or var_key not in state_dict:
+        raise ValueError(
+            f"ChannelAffine {prefix.rstrip('.')!r}: the state dict holds only one of "
+            f"{mean_key!r} and {var_key!r}; a BatchNorm's entries fold into the affine only "
+            "with both running statistics")
+    running_mean = state_dict.pop(mean_key).to(module.weight)
+    running_var = state_dict.pop(var_key).to(module.weight)
+    state_dict.pop(prefix + "num_batches_tracked", None)
+    weight = state_dict.get(prefix + "weight")
+    bias = state_dict.get(prefix + "bias")
+    weight = torch.ones_like(running_var) if weight is None else weight.to(module.weight)
+    bias = torch.zeros_like(running_mean) if bias is None else bias.to(module.bias)
+    gamma = weight / torch.sqrt(running_var + module.eps)
+    state_dict[prefix + "weight"] = gamma
+    state_dict[prefix + "bias"] = bias - running_mean * gamma

@@ -522,8 +522,9 @@ class ChannelAffine(_layers.ChannelAffine, base.StepModule):
     ``layer.BatchNorm1d/2d``: channels in dimension 1 (``'s'``) or 2 (``'m'``,
     ``[T, N, C, ...]``)."""
 
-    def __init__(self, num_features: int, step_mode: str = "s", bn_class: str = "") -> None:
-        super().__init__(num_features)
+    def __init__(self, num_features: int, step_mode: str = "s", bn_class: str = "",
+                 eps: float = 1e-5) -> None:
+        super().__init__(num_features, eps=eps)
         self.step_mode = step_mode
         self.bn_class = bn_class
 
@@ -546,7 +547,7 @@ def _float_like(*modules: nn.Module) -> dict:
 def _affine_from_bn(bn: nn.Module) -> nn.Module:
     plain = _layers.ChannelAffine.from_batchnorm(bn)
     if isinstance(bn, base.StepModule):
-        affine = ChannelAffine(bn.num_features, bn.step_mode, type(bn).__name__)
+        affine = ChannelAffine(bn.num_features, bn.step_mode, type(bn).__name__, eps=plain.eps)
         affine.load_state_dict(plain.state_dict())
         affine = affine.to(device=plain.weight.device, dtype=plain.weight.dtype)
         affine.weight.requires_grad_(plain.weight.requires_grad)  # a frozen one stays frozen

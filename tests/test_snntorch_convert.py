@@ -209,6 +209,41 @@ def test_batchnorm_affine_and_keep():
     torch.testing.assert_close(seen[0], kept[0].output_variance(x[0]) * scale)
 
 
+def test_batchnorm_affine_loads_a_host_checkpoint_folded():
+    """A host checkpoint loaded into a `batchnorm="affine"` model (the port tutorial's
+    `load_state_dict(..., strict=False)`) folds each BatchNorm's running statistics into
+    the affine: mean mode equals the trained host model, and the only missing keys are
+    the noise scales (the raw gamma / beta were copied before, silently)."""
+    import snntorch as snn
+    from torch import nn
+
+    def host():
+        return nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16),
+                             snn.Leaky(beta=BETA, init_hidden=True, output=True))
+
+    torch.manual_seed(0)
+    trained = host()
+    with torch.no_grad():
+        trained[1].running_mean.normal_()
+        trained[1].running_var.uniform_(0.05, 0.5)
+        trained[1].weight.uniform_(0.5, 2.0)
+        trained[1].bias.normal_()
+    trained.eval()
+    x = (torch.rand(5, 4, 64) < 0.5).float()
+    ref = run(trained, x)
+    model = to_sbnn(host(), batchnorm="affine").eval()
+    result = model.load_state_dict(trained.state_dict(), strict=False)
+    assert not result.unexpected_keys
+    assert all("std" in k or "rho" in k for k in result.missing_keys), result.missing_keys
+    with sbnn_addons.mode(model, "mean"):
+        out = run(model, x)
+    torch.testing.assert_close(out[1], ref[1], rtol=1e-5, atol=1e-5)
+    # the converted model's own checkpoint loads unchanged
+    again = to_sbnn(host(), batchnorm="affine")
+    again.load_state_dict(model.state_dict())
+    torch.testing.assert_close(again[1].weight, model[1].weight)
+
+
 def _synaptic_head_net():
     import snntorch as snn
     from torch import nn

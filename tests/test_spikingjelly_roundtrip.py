@@ -234,6 +234,25 @@ def test_exported_affine_batchnorm_fine_tunes():
     assert plain[1].weight.grad is not None
 
 
+def test_affine_model_loads_a_host_checkpoint_folded():
+    """A host checkpoint loaded into a `batchnorm="affine"` model folds the BatchNorm's
+    running statistics (eps included) into the affine: mean mode equals the host."""
+    trained = _net()
+    with torch.no_grad():
+        trained[1].running_mean.normal_()
+        trained[1].running_var.uniform_(0.05, 0.5)
+        trained[1].eps = 1e-3
+    fresh = _net()
+    fresh[1].eps = 1e-3
+    model = sbnn_sj.to_sbnn(fresh, batchnorm="affine")
+    result = model.load_state_dict(trained.state_dict(), strict=False)
+    assert not result.unexpected_keys
+    with torch.no_grad():
+        want = run_sequence(trained, X, "m")
+        with sbnn_addons.mode(model, "mean"):
+            torch.testing.assert_close(run_sequence(model, X, "m"), want)
+
+
 @pytest.mark.parametrize("sm", ["s", "m"])
 def test_layer_conv1d_converts_and_exports(sm):
     """SpikingJelly's ``layer.Conv1d`` (an audio / event-channel net) becomes a Bayesian
