@@ -323,13 +323,20 @@ class HostObject:
     keeps it where it pickles, else (a closure such as snnTorch's ``surrogate.atan()``)
     the recipe to rebuild it from its factory (:meth:`get` rebuilds it).
 
+    An object that neither pickles nor has a recipe (a user's own closure) is dropped by
+    pickling; ``lost`` then names it, so that whoever needs it can say so instead of
+    silently using something else.
+
     Args:
         obj: the object.
+        spec: the recipe ``(module, factory, kwargs)`` (found from ``obj`` if omitted).
+        lost: the description of an object pickling dropped (set by unpickling).
     """
 
-    def __init__(self, obj, spec: tuple | None = None) -> None:
+    def __init__(self, obj, spec: tuple | None = None, lost: str | None = None) -> None:
         self.obj = obj
         self.spec = spec if spec is not None or obj is None else _factory_spec(obj)
+        self.lost = lost
 
     def get(self):
         """The object, or one rebuilt from its factory after unpickling (``None`` if
@@ -344,7 +351,7 @@ class HostObject:
     def __deepcopy__(self, memo):
         import copy
 
-        return HostObject(copy.deepcopy(self.obj, memo), self.spec)
+        return HostObject(copy.deepcopy(self.obj, memo), self.spec, self.lost)
 
     def __reduce__(self):
         import pickle
@@ -352,10 +359,11 @@ class HostObject:
         try:
             pickle.dumps(self.obj)
         except Exception:  # e.g. a closure: keep the recipe only
-            if self.spec is None:
-                return HostObject, (None, None)
-            return HostObject, (None, self.spec)
-        return HostObject, (self.obj, self.spec)
+            if self.spec is None:  # nothing to rebuild it from: remember what was lost
+                name = getattr(self.obj, "__qualname__", None) or repr(self.obj)
+                return HostObject, (None, None, self.lost or name)
+            return HostObject, (None, self.spec, self.lost)
+        return HostObject, (self.obj, self.spec, self.lost)
 
     def __repr__(self) -> str:
         return f"HostObject({self.obj!r})"

@@ -1124,10 +1124,15 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
         spike_grad: the exported neurons' spike function. ``None`` (default): each
             neuron gets back the surrogate it had before :func:`to_sbnn` (the same
             function, e.g. ``surrogate.fast_sigmoid(slope=25)``; after a pickle round
-            trip a closure is rebuilt from its factory with the same arguments). Where
-            none is known, snnTorch's arctangent surrogate with ``alpha = 2`` as
+            trip a closure is rebuilt from its factory with the same arguments, and one
+            that cannot be rebuilt, such as a user's own closure, raises). Where none
+            was set, snnTorch's arctangent surrogate with ``alpha = 2`` as
             ``functools.partial(surrogate.ATan.apply, alpha=2.0)`` (it pickles, unlike
             the closure ``surrogate.atan()``).
+
+    Raises:
+        ValueError: a neuron's original surrogate was lost by pickling (a user's own
+            closure cannot be rebuilt) and no ``spike_grad`` was given.
     """
     from snntorch import surrogate
 
@@ -1156,6 +1161,13 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
                 m.__dict__.pop(key, None)
             m._modules.pop("spike_grad", None)
             fn = spike_grad
+            if fn is None and isinstance(host, HostObject) and host.lost:
+                raise ValueError(
+                    f"cannot restore the original spike_grad {host.lost!r} of a "
+                    f"{type(m).__name__}: it is a function that does not pickle (a "
+                    "closure or lambda) and this model went through pickle / torch.save "
+                    "since its conversion; pass the surrogate to use, e.g. "
+                    "to_snntorch(model, spike_grad=surrogate.atan())")
             if fn is None:
                 fn = host.get() if isinstance(host, HostObject) else None
                 fn = copy.deepcopy(fn) if isinstance(fn, nn.Module) else fn

@@ -904,7 +904,12 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
         model: a model returned by :func:`to_sbnn` (not modified).
         surrogate_function: SpikingJelly surrogate for every exported neuron (a fresh deep
             copy each); ``None``: each neuron's original surrogate (``surrogate.Sigmoid()``,
-            SpikingJelly's default, where none is known).
+            SpikingJelly's default, where none was set).
+
+    Raises:
+        ValueError: a neuron's original surrogate was lost by pickling (it does not
+            pickle, e.g. a class defined in a function) and no ``surrogate_function``
+            was given.
     """
     model = _safe_deepcopy(model)
     reset(model)
@@ -942,6 +947,13 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
             if surrogate_function is not None:
                 m.surrogate_function = copy.deepcopy(surrogate_function)
             elif isinstance(m.surrogate_function, IWSTSpike):
+                if isinstance(host, HostObject) and host.lost:
+                    raise ValueError(
+                        f"cannot restore the original surrogate_function {host.lost!r} of "
+                        f"a {type(m).__name__}: it does not pickle and this model went "
+                        "through pickle / torch.save since its conversion; pass the "
+                        "surrogate to use, e.g. to_spikingjelly(model, "
+                        "surrogate_function=surrogate.Sigmoid())")
                 original = host.get() if isinstance(host, HostObject) else None
                 m.surrogate_function = (surrogate.Sigmoid() if original is None
                                         else copy.deepcopy(original))

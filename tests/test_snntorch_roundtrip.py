@@ -149,6 +149,38 @@ def test_to_snntorch_partial_atan_pickles():
     torch.testing.assert_close(run(again, x)[1], run(plain, x)[1], rtol=0, atol=0)
 
 
+def test_to_snntorch_after_pickle_refuses_to_replace_a_lost_custom_surrogate():
+    """A user's own surrogate closure (snnTorch's `custom_surrogate`) cannot be pickled
+    or rebuilt: after `torch.save` / `torch.load` of the converted model, the export
+    raises and names `spike_grad=` instead of returning an ATan model silently; snnTorch's
+    own factories are rebuilt; an explicit `spike_grad` exports."""
+    from snntorch import surrogate
+
+    def my_grad(input_, grad_input, spikes):
+        return 0.5 * grad_input
+
+    def make_net(fn):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 4), snn.Leaky(beta=0.9, init_hidden=True,
+                                                        output=True, spike_grad=fn))
+
+    def saved_and_loaded(model):
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        return torch.load(buf, weights_only=False)
+
+    custom = surrogate.custom_surrogate(my_grad)
+    model = to_sbnn(make_net(custom))
+    assert to_snntorch(model)[1].spike_grad is custom  # no pickling: the same function
+    again = saved_and_loaded(model)
+    with pytest.raises(ValueError, match="spike_grad"):
+        to_snntorch(again)
+    assert to_snntorch(again, spike_grad=surrogate.atan())[1].spike_grad is not None
+    rebuilt = to_snntorch(saved_and_loaded(to_sbnn(make_net(surrogate.fast_sigmoid(25)))))
+    assert rebuilt[1].spike_grad.__qualname__.startswith("fast_sigmoid")
+
+
 def test_to_snntorch_batchnorm_export():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4),

@@ -234,6 +234,28 @@ def test_exported_affine_batchnorm_fine_tunes():
     assert plain[1].weight.grad is not None
 
 
+def test_export_after_pickle_refuses_to_replace_a_lost_surrogate():
+    """A surrogate that does not pickle (a class defined in a function) is lost by
+    `torch.save` of the converted model: the export names `surrogate_function=` instead
+    of returning a Sigmoid model silently."""
+
+    class LocalSigmoid(surrogate.Sigmoid):
+        pass
+
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(6, 3), neuron.LIFNode(surrogate_function=LocalSigmoid()))
+    model = sbnn_sj.to_sbnn(net)
+    assert type(sbnn_sj.to_spikingjelly(model)[1].surrogate_function) is LocalSigmoid
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    with pytest.raises(ValueError, match="surrogate_function="):
+        sbnn_sj.to_spikingjelly(again)
+    plain = sbnn_sj.to_spikingjelly(again, surrogate_function=surrogate.ATan())
+    assert type(plain[1].surrogate_function) is surrogate.ATan
+
+
 def test_affine_model_loads_a_host_checkpoint_folded():
     """A host checkpoint loaded into a `batchnorm="affine"` model folds the BatchNorm's
     running statistics (eps included) into the affine: mean mode equals the host."""
