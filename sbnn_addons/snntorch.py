@@ -119,19 +119,19 @@ class SnnTorchSpike(IWSTSpike):
     the reset reuses the emitted spike.
 
     snnTorch computes a neuron's reset by calling ``spike_grad`` a second time, on the
-    membrane of the previous step (``mem_reset``). A stochastic spike would draw again,
-    and the reset would disagree with the spike the neuron emitted. This spike function
-    remembers each draw with the membrane it fired from (the calling neuron's ``mem``,
-    held weakly: the record lives as long as that membrane). The reset call (recognised
-    by its caller, snnTorch's ``mem_reset``) of that membrane, or of a ``detach()`` of it,
-    returns those spikes and draws nothing; failing that, a reset call whose drive equals
-    one of the last :attr:`MEMORY` draws (same shape and values: ``mem.clone()``) returns
-    that draw's spikes, once. So the reset is the emitted spike however many neurons
-    share the function (snnTorch tutorials pass one ``spike_grad`` to every layer): it
-    behaves as one function per neuron. Every firing call draws afresh, also when its
-    drive equals an earlier one (another neuron sharing this function with the same drive
-    gets its own draw). The reset call of a membrane it did not fire from, the zero
-    initial state of a new sequence (or a membrane changed since), returns ``1[u > 0]``
+    membrane of the previous step (``mem_reset``). A stochastic spike would draw again, and
+    the reset would disagree with the spike the neuron emitted. This spike function
+    remembers each draw with the membrane it fired from (the calling neuron's ``mem``, held
+    weakly: the record lives as long as that membrane). The reset call (recognised by its
+    caller, snnTorch's ``mem_reset``) of that membrane, or of a ``detach()`` of it, returns
+    those spikes and draws nothing; failing that, a reset call of a non-zero membrane whose
+    drive equals one of the last :attr:`MEMORY` draws (same shape and values:
+    ``mem.clone()``) returns that draw's spikes, once. So the reset is the emitted spike
+    however many neurons share the function (snnTorch tutorials pass one ``spike_grad`` to
+    every layer): it behaves as one function per neuron. Every firing call draws afresh,
+    also when its drive equals an earlier one (another neuron sharing this function with the
+    same drive gets its own draw). The reset call of a membrane it did not fire from, the
+    zero initial state of a new sequence (or a membrane changed since), returns ``1[u > 0]``
     (no spike for a positive threshold): that membrane emitted none.
 
     Under ``torch.compile`` the reset call is recognised by its values only, among the
@@ -178,8 +178,8 @@ class SnnTorchSpike(IWSTSpike):
     def _remembered(self, membrane: Tensor | None, key: Tensor, recent: list) -> Tensor | None:
         """The spikes emitted from the membrane of a reset call (drive ``key``), or
         ``None``: the draw recorded with that membrane (or one it is a ``detach()`` of),
-        unless the membrane was changed in place since; else the oldest of the last
-        :attr:`MEMORY` draws with the same drive values (consumed)."""
+        unless the membrane was changed in place since; else, for a non-zero membrane, the
+        oldest of the last :attr:`MEMORY` draws with the same drive values (consumed)."""
         draws = self.__dict__.get("_sbnn_draws")
         found = None
         if membrane is not None and draws:
@@ -196,6 +196,10 @@ class SnnTorchSpike(IWSTSpike):
                         del recent[i]
                         break
                 return spikes
+        if membrane is not None and not bool(membrane.any()):
+            # a zero membrane not fired from: a new sequence's initial state, never a copy
+            # (a value match would hand it the spikes of a draw from an earlier zero one)
+            return None
         for i, (prev, spikes) in enumerate(recent):  # oldest first
             if _equal(prev, key):
                 del recent[i]
