@@ -813,7 +813,7 @@ def _thr(m: nn.Module) -> float:
     t = m.threshold
     if not isinstance(t, Tensor):
         return float(t)
-    return float(t.detach().mean())
+    return float(t.detach().double().mean())
 
 
 _LAYERS = {nn.Linear: BayesLinear, nn.Conv1d: BayesConv1d, nn.Conv2d: BayesConv2d}

@@ -244,6 +244,27 @@ def test_batchnorm_affine_loads_a_host_checkpoint_folded():
     torch.testing.assert_close(again[1].weight, model[1].weight)
 
 
+def test_integer_threshold_converts_like_a_float_one():
+    """`snn.Leaky(threshold=1)` keeps an int64 threshold buffer (the host runs on it):
+    conversion crashed in a `mean()` of it; now the model equals the float-threshold one."""
+    import snntorch as snn
+    from torch import nn
+
+    def net(threshold):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 8), snn.Leaky(beta=BETA, threshold=threshold,
+                                                         init_hidden=True, output=True))
+
+    x = torch.rand(4, 3, 16) * 4
+    outs = []
+    for threshold in (1, 1.0):
+        model = to_sbnn(net(threshold))
+        with sbnn_addons.mode(model, "mean"):
+            outs.append(run(model, x))
+    assert outs[0][0].any()
+    torch.testing.assert_close(outs[0], outs[1])
+
+
 def _synaptic_head_net():
     import snntorch as snn
     from torch import nn
