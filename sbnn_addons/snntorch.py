@@ -707,14 +707,23 @@ def _refuse_host_variance(module: nn.Module, name: str, value) -> None:
                   IWSTSpike):
         return None  # the drop-in spike function reads the variance itself
     what = type(module).__name__
-    raise VarianceFlowError(
+    problem = (
         f"this snn.{what} is not converted, but its input carries the posterior variance of "
         f"a Bayesian layer (its state '{name}' would carry it to a surrogate that drops it "
-        "silently: the layer's std would get no gradient). Convert the neuron, e.g. "
-        "model.lif = sbnn_addons.snntorch.to_sbnn(model.lif) (or add it before converting "
-        "the model), or give it a variance-aware spike function: "
-        f"snn.{what}(..., spike_grad=sbnn_addons.snntorch.spike_grad())"
-    )
+        "silently: the layer's std would get no gradient). ")
+    drop_in = ("give it a variance-aware spike function: "
+               f"snn.{what}(..., spike_grad=sbnn_addons.snntorch.spike_grad())")
+    if what in SUPPORTED_NEURONS:
+        fix = ("Convert the neuron, e.g. model.lif = sbnn_addons.snntorch.to_sbnn(model.lif) "
+               f"(or add it before converting the model), or {drop_in}")
+    elif hasattr(module, "syn") or hasattr(module, "syn_exc"):
+        fix = (f"snn.{what} cannot take a Bayesian layer's noise (its synaptic and membrane "
+               "states carry the same noise, correlated, which the variance flow does not "
+               "track): keep the layers that feed it deterministic (exclude= them from "
+               "to_sbnn), or use snn.Leaky / snn.RLeaky there")
+    else:
+        fix = f"to_sbnn does not convert snn.{what}; {drop_in}, or use snn.Leaky there"
+    raise VarianceFlowError(problem + fix)
 
 
 _HOST_HOOK = torch.nn.modules.module.register_module_buffer_registration_hook(

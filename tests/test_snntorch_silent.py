@@ -252,8 +252,12 @@ class _Extended(nn.Module):
 def test_neuron_added_to_a_converted_model_raises_also_in_check_variance_flow():
     net = to_sbnn(_EditLoop())
     model = _Extended(net)
-    with pytest.raises(sbnn_addons.VarianceFlowError, match="snn.Synaptic is not converted"):
+    # the fixes named are the ones that work for a Synaptic (neither converting it nor
+    # the drop-in spike function does: its two states carry correlated noise)
+    with pytest.raises(sbnn_addons.VarianceFlowError,
+                       match="snn.Synaptic is not converted.*exclude= them") as err:
         model(_x())
+    assert "spike_grad()" not in str(err.value) and "to_sbnn(model" not in str(err.value)
     with pytest.raises(sbnn_addons.VarianceFlowError, match="check_variance_flow"):
         sbnn_addons.check_variance_flow(model, _x(steps=2, batch=1))
 
