@@ -41,7 +41,9 @@ An operation without a rule does not guess: its output is marked with
 error that names the operation. The same holds for a sum whose operands share a layer's
 draw (``a + 0.5 * a``, ``a - a.mean(-1)``): the sum rule assumes independent operands, so
 the flow follows which draws each tensor is made of (:class:`NoiseSet`) and marks such a
-sum unknown.
+sum unknown. A sum, mean or average pool over a tensor that holds one draw's element
+several times (``expand`` / ``repeat``, ``cat`` of the same draw) is marked unknown too:
+its elements are not independent.
 
 The check does not depend on the evaluation mode. In ``mean`` mode a Bayesian layer
 attaches no variance (its noise is off), but :func:`track_variance` marks its output as
@@ -161,12 +163,20 @@ class NoiseSet:
     of the two sets overlap (a membrane's set and the next step's input, whose tokens are
     newer, are told apart by their intervals alone). Eager mode only: a compiled graph does
     not track it.
+
+    ``repeated`` marks a tensor that holds one draw's element several times (``expand``
+    or ``repeat`` to more elements, ``cat`` / ``stack`` of operands that share a draw):
+    its elements are not independent, so a sum or an average pool over them, whose rule
+    adds their variances, gets an :class:`UnknownVariance` (a neuron fed by it raises).
+    Elementwise operations keep the mark; a neuron reads one element per unit, so a
+    repeated tensor feeds neurons as it is (a static layer output repeated over time).
     """
 
-    __slots__ = ("lo", "hi", "parts")
+    __slots__ = ("lo", "hi", "parts", "repeated")
 
-    def __init__(self, lo: int, hi: int, parts: tuple[NoiseSet, NoiseSet] | None) -> None:
-        self.lo, self.hi, self.parts = lo, hi, parts
+    def __init__(self, lo: int, hi: int, parts: tuple[NoiseSet, NoiseSet] | None,
+                 repeated: bool = False) -> None:
+        self.lo, self.hi, self.parts, self.repeated = lo, hi, parts, repeated
 
     @staticmethod
     def leaf() -> NoiseSet:
@@ -176,7 +186,12 @@ class NoiseSet:
     def union(self, other: NoiseSet) -> NoiseSet:
         if other is self:
             return self
-        return NoiseSet(min(self.lo, other.lo), max(self.hi, other.hi), (self, other))
+        return NoiseSet(min(self.lo, other.lo), max(self.hi, other.hi), (self, other),
+                        self.repeated or other.repeated)
+
+    def as_repeated(self) -> NoiseSet:
+        """The same draws, marked as held several times in one tensor."""
+        return self if self.repeated else NoiseSet(self.lo, self.hi, self.parts, True)
 
     def shares(self, other: NoiseSet) -> bool:
         """Whether the two sets have a draw in common."""
@@ -955,6 +970,8 @@ def _carry_probe(name: str, args, kwargs, out, nset: NoiseSet | None = None):
         return out
     if isinstance(out, Tensor):
         why = _probe_unknown(name, args, kwargs) if name in _RULES else name
+        if why is None:
+            why, nset = _repeat_check(name, args, kwargs, out, nset)
         if _REPORTS:
             _REPORTS[-1].note(name, why is None)
         if _in_place(args, out):
@@ -1068,10 +1085,54 @@ def _flow(func, args, kwargs):
                 var = ScaledVariance(var, scale)
         else:
             var = rule(func, args, kwargs, out, _var_of)
+    why, nset = _repeat_check(name, args, kwargs, out, nset)
+    if why is not None and not isinstance(var, UnknownVariance):
+        var = UnknownVariance(why)
     if out is args[0] if args else False:  # in place: the target carries the result
         _mark_in_place(args[0], var, name, noise=nset)
         return args[0]
     return _wrap(out, var, noise=nset)
+
+
+#: Operations whose rule adds the variances of several elements of one tensor.
+_ADDS_UP = frozenset({"sum", "mean", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+                      "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d"})
+#: Operations that can put one element into several places of their result.
+_REPEATS = frozenset({"expand", "expand_as", "broadcast_to", "repeat", "cat", "concat",
+                      "concatenate", "stack"})
+
+
+def _repeat_check(name: str, args, kwargs, out: Tensor,
+                  nset: NoiseSet | None) -> tuple[str | None, NoiseSet | None]:
+    """``(reason, noise set)`` of an operation on noisy (or probed) arguments with the
+    union ``nset`` of their noise sets: the reason its rule's variance is wrong (a sum
+    over repeated elements; else ``None``), and the output's noise set (marked repeated
+    where the operation repeats an element). Eager mode only (``nset`` is ``None`` in a
+    compiled graph)."""
+    if nset is None:
+        return None, None
+    if nset.repeated and name in _ADDS_UP:
+        return _repeated_reason(name), nset
+    if name in _REPEATS and _repeats(name, args, kwargs, out):
+        return None, nset.as_repeated()
+    return None, nset
+
+
+def _repeats(name: str, args, kwargs, out: Tensor) -> bool:
+    """Whether ``out`` holds an element of a noisy input more than once: an ``expand`` or
+    ``repeat`` to more elements, or a ``cat`` / ``stack`` of operands sharing a draw."""
+    if name in ("cat", "concat", "concatenate", "stack"):
+        noisy = [t for t in (args[0] if args else kwargs.get("tensors", ()))
+                 if _noise_of(t) is not None]
+        return any(_correlated(a, b) for i, a in enumerate(noisy) for b in noisy[i + 1:])
+    return isinstance(args[0], Tensor) and out.numel() > args[0].numel()
+
+
+def _repeated_reason(name: str) -> str:
+    return (f"{name} over a tensor that holds one Bayesian layer draw several times (after "
+            "expand / repeat, or cat / stack of the same tensor): its elements are not "
+            "independent, so their variances do not add; reduce before repeating (e.g. "
+            "x.sum() * k instead of x.repeat(k).sum()), or repeat after the neuron")
 
 
 _COMPARISONS = frozenset({"gt", "ge", "__gt__", "__ge__", "heaviside", "sign", "lt", "le",

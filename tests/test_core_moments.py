@@ -621,6 +621,47 @@ def _correlated_cases():
     }
 
 
+def _repeated_cases():
+    return {
+        "cat([a, a]).sum": lambda a: torch.cat([a, a], 1).sum(1, keepdim=True).expand_as(a),
+        "stack([a, 2a]).sum": lambda a: torch.stack([a, 2 * a]).sum(0),
+        "repeat.mean": lambda a: a.repeat(1, 3).mean(1, keepdim=True) + 0 * a.detach(),
+        "expand over time.mean": lambda a: a.unsqueeze(0).expand(4, *a.shape).mean(0),
+        "repeat.avg_pool": lambda a: F.avg_pool1d(a.repeat(1, 2).unsqueeze(1), 2)
+                                                  .squeeze(1),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_repeated_cases()))
+@pytest.mark.parametrize("mode", ["sample", "mean"])
+def test_a_sum_over_repeated_elements_is_unknown_and_raises_at_the_neuron(case, mode):
+    """A tensor that holds one draw's element several times (cat / stack of the same
+    tensor, repeat, expand) has dependent elements: the sum / average rule would add their
+    variances (``cat([a, a]).sum()``: 2 var instead of 4 var). The neuron it reaches
+    raises, in ``sample`` and ``mean`` mode; a repeated tensor that feeds the neuron
+    element by element (a static output repeated over time) keeps its variance."""
+    fn = _repeated_cases()[case]
+
+    class Net(nn.Module):
+        def __init__(self, f):
+            super().__init__()
+            self.fa, self.f = sb.BayesLinear(5, 4), f
+            self.spike = IWSTSpike("st")
+
+        def forward(self, x):
+            return self.spike(self.f(self.fa(x)))
+
+    net = track_variance(Net(fn))
+    with sb.mode(net, mode), pytest.raises(VarianceFlowError, match="several times"):
+        net(torch.rand(3, 5))
+    ok = track_variance(Net(lambda a: a.unsqueeze(0).repeat(3, 1, 1) * 2))
+    with sb.mode(ok, mode):
+        ok(torch.rand(3, 5))
+    o = ok.fa(torch.rand(3, 5))
+    torch.testing.assert_close(get_variance(torch.cat([o, o], 1)),
+                               torch.cat([get_variance(o).expand_as(o)] * 2, 1))
+
+
 @pytest.mark.parametrize("case", sorted(_correlated_cases()))
 @pytest.mark.parametrize("mode", ["sample", "mean"])
 def test_a_sum_of_correlated_tensors_is_unknown_and_raises_at_the_neuron(case, mode):
