@@ -1166,6 +1166,23 @@ def _refuse_host_neuron(func, name: str) -> None:
     if module.startswith(_HOST_SURROGATES):  # the comparison's own caller
         _raise_host_neuron_error("SpikingJelly" if module.startswith("spikingjelly")
                                  else "snnTorch", f"{name} in {module}")
+    for _ in range(_NEURON_FRAMES):  # a surrogate of the user's own, in a host neuron
+        if frame is None:
+            break
+        owner = frame.f_locals.get("self")
+        kind = type(owner).__module__ if isinstance(owner, nn.Module) else ""
+        if kind.startswith(_HOST_NEURONS):
+            _raise_host_neuron_error(
+                "SpikingJelly" if kind.startswith("spikingjelly") else "snnTorch",
+                f"{name} in {module or 'a function'} called by {type(owner).__name__}")
+        frame = frame.f_back
+
+
+#: Where the host libraries' neuron classes live (a converted neuron's class does not).
+_HOST_NEURONS = ("spikingjelly.activation_based.neuron", "snntorch._neurons")
+#: How many calling frames are searched for a host neuron (its fire method, the surrogate
+#: module's call machinery, the user's surrogate).
+_NEURON_FRAMES = 12
 
 
 def _raise_host_neuron_error(host: str, where: str):

@@ -349,15 +349,29 @@ def test_two_weight_layers_without_a_neuron_name_both_layers():
     assert out.shape == (2, 2)
 
 
+class _OwnSurrogate(nn.Module):
+    """A user's own surrogate: a comparison in the user's code, no SpikingJelly function."""
+
+    def forward(self, x):
+        soft = torch.sigmoid(4 * x)
+        return (x >= 0).to(x) + soft - soft.detach()
+
+
+def _lif_with_own_surrogate():
+    return neuron.LIFNode(surrogate_function=_OwnSurrogate())
+
+
 @pytest.mark.parametrize("step_mode", ["s", "m"])
 @pytest.mark.parametrize("mode", ["sample", "mean"])
-@pytest.mark.parametrize("make", [neuron.LIFNode, neuron.IFNode, neuron.ParametricLIFNode])
+@pytest.mark.parametrize("make", [neuron.LIFNode, neuron.IFNode, neuron.ParametricLIFNode,
+                                  _lif_with_own_surrogate])
 def test_a_neuron_that_is_not_converted_refuses_a_bayesian_layers_variance(step_mode, mode,
                                                                            make):
     """A SpikingJelly neuron added after the conversion (or in a new model around a
     converted layer) would fire from the mean and drop the layer's variance (its std got
-    no gradient): it raises and names the fix, in both step and evaluation modes. A host
-    neuron fed by a converted neuron's spikes runs as before."""
+    no gradient): it raises and names the fix, in both step and evaluation modes, also
+    with a surrogate of the user's own. A host neuron fed by a converted neuron's spikes
+    runs as before."""
     torch.manual_seed(0)
     net = nn.Sequential(layer.Linear(5, 8), neuron.LIFNode(), layer.Linear(8, 4))
     functional.set_step_mode(net, step_mode)
