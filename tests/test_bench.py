@@ -67,7 +67,8 @@ def test_default_cli_tiny(tmp_path, capsys):
     assert len(data["runs"]) == 3 and len(rows) == 3
     for run in data["runs"]:
         assert len(run["curve"]) == 1 and 0.0 <= run["accuracy_mean"] <= 1.0
-        assert set(run["curve"][0]) == {"epoch", "train_loss", "test_accuracy"}
+        assert set(run["curve"][0]) == {"epoch", "train_loss", "train_objective",
+                                        "test_accuracy"}
         assert len(run["epoch_train_s"]) == 1 and run["eval_s"] > 0
     assert len({tuple(r["data_order"]) for r in data["runs"]}) == 1  # same batches
 

@@ -804,16 +804,23 @@ def _schedule(runs: list[_Run], epochs: int, interleave: bool) -> list[tuple[_Ru
     return out
 
 
-def _loss(run: _Run, ctx: _Ctx, out: Tensor, y: Tensor) -> Tensor:
-    loss = ctx.loss_fn(out, y)
+def _loss(run: _Run, ctx: _Ctx, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``(objective, task_loss)``: what is minimised, and ``loss_fn(out, y)`` alone.
+
+    For baselines and SBNN methods without extra terms the two are the same tensor; the
+    ``-kl`` / ``-aux`` methods (and ``aux_all``) add their KL / auxiliary terms to the
+    objective only, so that the reported ``train_loss`` is comparable across methods.
+    """
+    task_loss = ctx.loss_fn(out, y)
+    loss = task_loss
     m = run.method
     if m.is_sbnn:
         uses_aux = m.aux_weight > 0 or ctx.aux_all
         aux_w = (ctx.aux_weight if ctx.aux_weight is not None else m.aux_weight) \
             if uses_aux else 0.0
-        loss = sbnn_objective(loss, run.model, ctx.n_train, kl_weight=m.kl_weight,
+        loss = sbnn_objective(task_loss, run.model, ctx.n_train, kl_weight=m.kl_weight,
                               aux_weight=aux_w, aux_reduction=ctx.aux_reduction)
-    return loss
+    return loss, task_loss
 
 
 def _warmup(run: _Run, ctx: _Ctx, steps: int = 2) -> None:
@@ -828,7 +835,7 @@ def _warmup(run: _Run, ctx: _Ctx, steps: int = 2) -> None:
         if i >= steps:
             break
         x = prepare(xb, ctx.layout, ctx.encode, gen, ctx.device)
-        loss = _loss(run, ctx, run.forward(x), yb.to(ctx.device))
+        loss, _ = _loss(run, ctx, run.forward(x), yb.to(ctx.device))
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
@@ -847,14 +854,14 @@ def _train_epoch(run: _Run, ctx: _Ctx, epoch: int) -> None:
     run.model.train()
     perm_gen = torch.Generator().manual_seed(_mix(run.seed, epoch, 1))
     enc_gen = torch.Generator().manual_seed(_mix(run.seed, epoch, 2, ctx.rank))
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(3, dtype=torch.float64)  # task loss, objective, samples
     labels, sums = [], []
     _sync(ctx.device)
     t0 = time.perf_counter()
     for xb, yb in ctx.train.batches(ctx.batch_size, perm_gen, ctx.rank, ctx.world):
         x = prepare(xb, ctx.layout, ctx.encode, enc_gen, ctx.device)
         y = yb.to(ctx.device)
-        loss = _loss(run, ctx, run.forward(x), y)
+        loss, task_loss = _loss(run, ctx, run.forward(x), y)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if run.ignored:
@@ -862,8 +869,9 @@ def _train_epoch(run: _Run, ctx: _Ctx, epoch: int) -> None:
         run.optimizer.step()
         if run.scheduler is not None and run.interval == "batch":
             run.scheduler.step()
-        total[0] += float(loss.detach()) * len(y)
-        total[1] += len(y)
+        total[0] += float(task_loss.detach()) * len(y)
+        total[1] += float(loss.detach()) * len(y)
+        total[2] += len(y)
         labels.append(yb)
         sums.append(xb.detach().double().sum().reshape(1))
     _sync(ctx.device)
@@ -880,7 +888,9 @@ def _train_epoch(run: _Run, ctx: _Ctx, epoch: int) -> None:
     run.train_times.append(float(elapsed))
     probs, targets, secs = _predict(run, ctx, "mean", 1)
     run.eval_times.append(secs)
-    run.curve.append({"epoch": epoch + 1, "train_loss": float(total[0] / max(total[1], 1)),
+    n = max(float(total[2]), 1.0)
+    run.curve.append({"epoch": epoch + 1, "train_loss": float(total[0]) / n,
+                      "train_objective": float(total[1]) / n,
                       "test_accuracy": float((probs.argmax(-1) == targets).float().mean())})
     _save_rng(run, ctx.device)
 
