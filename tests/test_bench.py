@@ -586,3 +586,40 @@ def test_cli_lr_zero_is_a_value_and_a_file_imports_its_neighbours(tmp_path, monk
     with pytest.raises(ValueError, match="lr must be"):
         cli.run(args + ["--lr", "0"])  # 0 is not replaced by the default
     assert len(cli.run(args)) == 1
+
+
+class _StackNet(torch.nn.Module):
+    """A sequence model (explicit time loop over [T, B, F]) that stacks its per-step logits
+    on axis ``dim``: 0 gives time-major [T, B, C], 1 batch-first [B, T, C]."""
+
+    def __init__(self, dim: int):
+        import snntorch as snn
+
+        super().__init__()
+        self.dim = dim
+        self.fc1, self.lif = torch.nn.Linear(12, 16), snn.Leaky(beta=0.9)
+        self.fc2 = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        mem, out = self.lif.init_leaky(), []
+        for x_t in x:
+            spk, mem = self.lif(self.fc1(x_t), mem)
+            out.append(self.fc2(spk))
+        return torch.stack(out, self.dim)
+
+
+@pytest.mark.parametrize("layout", ["TB", "BT"])
+def test_compare_reads_a_3d_output_time_first_and_names_batch_first(layout):
+    """The model receives [T, B, ...] in every layout, and a 3-d output is [T, B, C]. A
+    batch-first [B, T, C] output with batch size B == T (6 here) was averaged over the batch
+    silently; it raises before training now, and time-major output still trains."""
+    from sbnn_addons.bench import compare
+
+    (x, y), test = _spike_data(24, 0), _spike_data(12, 1)
+    if layout == "BT":
+        x, test = x.transpose(0, 1), (test[0].transpose(0, 1), test[1])
+    kw = dict(layout=layout, methods=["original"], epochs=1, batch_size=6, eval_batch_size=6)
+    with pytest.raises(ValueError, match=r"batch first \[B, T, C\].*out\.mean\(1\)"):
+        compare(lambda: _StackNet(1), (x, y), test, **kw)
+    res = compare(lambda: _StackNet(0), (x, y), test, **kw)
+    assert res.rows[0]["num_steps"] == 6 and res.rows[0]["test_samples"] == 12

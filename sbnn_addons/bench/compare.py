@@ -29,6 +29,7 @@ separately, per epoch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
@@ -231,13 +232,23 @@ class _Forward:
     Step models (snnTorch ``init_hidden=True``, SpikingJelly single-step) are called once
     per step; sequence models once. Tuple outputs ``(spk, mem)`` keep the first item; a
     ``[T, B, C]`` output is averaged over time (the default ``readout``).
+
+    The model's input is time-major ``[T, B, ...]`` whatever the data layout (``"BT"``
+    batches are transposed before the call), or ``[B, ...]`` without a time axis
+    (``time_axis=False``: static data without an ``encode`` that adds one). A 3-d output
+    is read the same way, time first: ``[T, B, C]``, checked against the batch size (see
+    :func:`_to_logits`); ``last_shape`` keeps the shape of the last output before the
+    reduction (``None`` with a ``readout``).
     """
 
     def __init__(self, model: nn.Module, host: str | None, converted: bool, step: bool,
-                 readout: Callable | None, caller: nn.Module | None = None) -> None:
+                 readout: Callable | None, caller: nn.Module | None = None,
+                 time_axis: bool = True) -> None:
         self.model, self.host, self.converted, self.step = model, host, converted, step
         self.readout = readout
         self.caller = caller if caller is not None else model
+        self.time_axis = time_axis
+        self.last_shape: tuple[int, ...] | None = None
         # the dtype of the model's floating-point parameters (None: none)
         self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
                           None)
@@ -246,6 +257,8 @@ class _Forward:
         _reset(self.model, self.host, self.converted)
         if self.dtype is not None and x.is_floating_point() and x.dtype != self.dtype:
             x = x.to(self.dtype)  # a float64 model gets float64 input
+        batch = int(x.shape[1] if self.time_axis else x.shape[0])
+        self.last_shape = None
         if self.step:
             out = [self.caller(x[t]) for t in range(x.shape[0])]
             if self.readout is not None:
@@ -257,7 +270,40 @@ class _Forward:
                 return self.readout(out)
             if isinstance(out, (tuple, list)):
                 out = out[0]
-        return out.mean(0) if out.dim() == 3 else out
+        self.last_shape = tuple(out.shape)
+        return _to_logits(out, batch)
+
+
+def _to_logits(out: Tensor, batch: int) -> Tensor:
+    """Logits ``[B, C]`` from a model output ``[B, C]`` or time-major ``[T, B, C]``.
+
+    The time axis is the first, as in the model's input (the declared layout only says how
+    the data is stored; the model always receives ``[T, B, ...]``); the batch axis is
+    checked against ``batch``. With ``T == B`` the shape cannot tell, and the output is
+    read time-major; :func:`_probe_output` checks that once per run on a batch whose size
+    differs from ``T``.
+
+    Raises:
+        ValueError: a batch-first ``[B, T, C]`` output, or any other shape.
+    """
+    shape = tuple(out.shape)
+    if out.dim() == 3 and shape[1] == batch:
+        return out.mean(0)
+    if out.dim() == 2 and shape[0] == batch:
+        return out
+    if out.dim() == 3 and shape[0] == batch:
+        raise ValueError(
+            f"the model returned an output of shape {list(shape)} for a batch of {batch} "
+            f"samples: batch first [B, T, C]. The harness gives the model time-major input "
+            "[T, B, ...] (layout 'TB' as stored, 'BT' transposed per batch) and averages a "
+            "3-d output over its first axis, time; return time-major [T, B, C] (e.g. "
+            "torch.stack(outputs, dim=0)), logits [B, C], or pass readout=lambda out: "
+            "out.mean(1)")
+    raise ValueError(
+        f"the model returned an output of shape {list(shape)} for a batch of {batch} "
+        f"samples; expected logits [B, C] = [{batch}, C] or time-major [T, B, C] = "
+        f"[T, {batch}, C] (averaged over T). Return one of these, or pass readout= (a "
+        "function of the model's output that returns [B, C])")
 
 
 # --------------------------------------------------------------------------- recipe
@@ -557,7 +603,9 @@ def compare(
             (e.g. a rate code); ``generator`` is seeded identically for every method.
         readout: ``readout(output) -> logits [B, C]``; ``output`` is the model's return
             value (sequence models) or the list of per-step returns (step models). Default:
-            first item of a tuple, mean over time of a ``[T, B, C]`` output.
+            first item of a tuple, mean over time of a ``[T, B, C]`` output (time first,
+            as in the model's input, whatever ``layout``; a batch-first ``[B, T, C]``
+            output raises before training, also when ``B == T``).
         loss_fn: ``loss_fn(logits, y)`` (default cross-entropy); SBNN methods add their
             objective's terms (:func:`sbnn_addons.sbnn_objective`).
         mc_samples: ``K`` of the ``mc(K)`` evaluation.
@@ -649,7 +697,8 @@ def compare(
     ctx = _Ctx(train, test, layout=train.layout, encode=encode, device=device,
                batch_size=batch_size, eval_batch_size=eval_batch_size, loss_fn=loss_fn,
                n_train=n_train, rank=rank, world=world, aux_weight=aux_weight,
-               aux_reduction=aux_reduction, aux_all=aux_all and bool(aux_weight), step=step)
+               aux_reduction=aux_reduction, aux_all=aux_all and bool(aux_weight), step=step,
+               time_axis=_input_has_time_axis(train, encode))
     rows: list[dict] = []
     num_steps = None
     try:
@@ -716,6 +765,7 @@ class _Ctx:
     aux_all: bool = False
     step: bool | None = None
     made: list = field(default_factory=list)  # the models a factory returned (kept alive)
+    time_axis: bool = True  # the model's input is [T, B, ...] (else [B, ...])
 
 
 def _check_train_classes(ytr: Tensor, yte: Tensor, num_classes: int | None) -> str | None:
@@ -754,11 +804,13 @@ def _build_run(model, method: Method, seed: int, reinit: bool, readout, sbnn_kwa
         net = _convert(net, method, host, sbnn_kwargs, ctx.aux_all)
     net = net.to(ctx.device)
     step = _step_style(net, host, ctx.step)
-    if step and ctx.layout == "static" and ctx.encode is None:
+    if step and not ctx.time_axis:
         raise ValueError("this model runs one time step per call (snnTorch init_hidden=True "
                          "or SpikingJelly single-step): it needs time-major input, so give "
                          "layout='TB' / 'BT' or an encode hook that adds the time axis")
-    fwd = _Forward(net, host, method.is_sbnn, step, readout)
+    fwd = _Forward(net, host, method.is_sbnn, step, readout, time_axis=ctx.time_axis)
+    if readout is None:
+        _probe_output(fwd, net, method.is_sbnn, ctx)
     run = _Run(method, seed, net, fwd, host,
                surrogate=(f"SBNN {method.estimator}" if method.is_sbnn else own))
     if ctx.world > 1:
@@ -767,7 +819,8 @@ def _build_run(model, method: Method, seed: int, reinit: bool, readout, sbnn_kwa
                              "model's time loop calls DDP once per step)")
         probe = _first_batch(ctx)
         ddp, run.ignored = _wrap_ddp(net, fwd, ctx.device, probe, find_unused)
-        run.forward = _Forward(net, host, method.is_sbnn, step, readout, caller=ddp)
+        run.forward = _Forward(net, host, method.is_sbnn, step, readout, caller=ddp,
+                               time_axis=ctx.time_axis)
     return run
 
 
@@ -783,14 +836,55 @@ def _readouts_excluded(net: nn.Module, method: Method, host: str | None, sbnn_kw
             or any(isinstance(m, IWSTSpike) for m in net.modules())):
         return sbnn_kwargs
     probe = _convert(copy.deepcopy(net), method, host, sbnn_kwargs).to(ctx.device)
-    fwd = _Forward(probe, host, True, _step_style(probe, host, ctx.step), readout)
+    fwd = _Forward(probe, host, True, _step_style(probe, host, ctx.step), readout,
+                   time_axis=ctx.time_axis)
     found = check_variance_flow(probe, _first_batch(ctx), forward=lambda m, x: fwd(x)).readouts
     return {**sbnn_kwargs, "exclude": found} if found else sbnn_kwargs
 
 
-def _first_batch(ctx: _Ctx) -> Tensor:
-    xb, _ = next(iter(ctx.train.batches(min(ctx.batch_size, 2), None)))
+def _first_batch(ctx: _Ctx, n: int = 2) -> Tensor:
+    """The first ``n`` training samples (at most a batch) as the model's input."""
+    xb, _ = next(iter(ctx.train.batches(min(ctx.batch_size, n), None)))
+    xb = xb[:, :n] if ctx.layout == "TB" else xb[:n]  # a loader's batch: its first n
     return prepare(xb, ctx.layout, ctx.encode, torch.Generator().manual_seed(0), ctx.device)
+
+
+def _input_has_time_axis(train: DataSpec, encode: Callable | None) -> bool:
+    """Whether the model's input is time-major ``[T, B, ...]``: layouts ``"TB"`` /
+    ``"BT"``, or ``"static"`` data whose ``encode`` adds an axis (a rate code)."""
+    if train.layout != "static":
+        return True
+    if encode is None:
+        return False
+    xb, _ = next(iter(train.batches(1, None)))
+    xb = xb[:1]
+    x = prepare(xb, "static", encode, torch.Generator().manual_seed(0), torch.device("cpu"))
+    return x.dim() > xb.dim()
+
+
+def _probe_output(fwd: _Forward, net: nn.Module, is_sbnn: bool, ctx: _Ctx) -> Tensor:
+    """One forward (no gradient, eval, ``mean`` mode) on the first training samples,
+    before any training, so that an output the harness cannot read raises at once;
+    returns the logits.
+
+    A time-major ``[T, B, C]`` and a batch-first ``[B, T, C]`` output look the same when
+    the batch size equals ``T``: a second batch size is tried then, so that a batch-first
+    output raises even when the training batches happen to have ``B == T``.
+    """
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad(), (mode(net, "mean") if is_sbnn else contextlib.nullcontext()):
+            for n in (2, 3):
+                logits = fwd(_first_batch(ctx, n))
+                shape = fwd.last_shape
+                if shape is None or len(shape) != 3 or shape[0] != shape[1]:
+                    break
+    finally:
+        net.train(was_training)
+        _discard_aux(net)  # the aux terms the probe collected
+        _reset(net, fwd.host, fwd.converted)
+    return logits
 
 
 def _schedule(runs: list[_Run], epochs: int, interleave: bool) -> list[tuple[_Run, int]]:
@@ -965,7 +1059,7 @@ def _final_eval(run: _Run, ctx: _Ctx, k: int, task: str, epochs: int, batch_size
     x0, _ = next(iter(ctx.test.batches(1, None)))
     shape = prepare(x0, ctx.layout, ctx.encode, torch.Generator().manual_seed(0),
                     torch.device("cpu")).shape
-    num_steps = int(shape[0]) if ctx.layout != "static" or ctx.encode is not None else None
+    num_steps = int(shape[0]) if ctx.time_axis else None
     times = run.train_times
     row.update({
         "mc_samples": k if m.is_sbnn else None,
