@@ -538,6 +538,35 @@ def test_compare_names_data_mistakes():
     assert res.rows[0]["train_samples"] == 12  # what the sampler draws (KL / N uses it)
 
 
+@pytest.mark.parametrize("case, match", [
+    ("labels", r"3 outputs \(logits \[B, 3\]\) but the data needs 5 \(labels up to 4\)"),
+    ("num_classes", r"3 outputs .* needs 4 \(num_classes=4\)"),
+    ("loader", r"3 outputs .* needs 5 \(labels up to 4\)"),
+], ids=["labels", "num_classes", "loader"])
+def test_compare_names_too_few_outputs_for_the_classes(case, match):
+    """Labels >= the model's outputs (or num_classes above them) raise before training and
+    name both numbers (it was a raw IndexError of cross_entropy, a device-side assert on
+    CUDA; num_classes above the outputs trained on)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from sbnn_addons.bench import compare
+
+    (x, y), (xte, yte) = _spike_data(24, 0), _spike_data(12, 1)
+    kw = dict(methods=["original"], epochs=1, batch_size=12)
+    if case == "num_classes":
+        kw["num_classes"] = 4
+        with pytest.warns(UserWarning, match="lacks"):
+            with pytest.raises(ValueError, match=match):
+                compare(_sj_net, (x, y), (xte, yte), **kw)
+        return
+    y, yte = torch.where(y == 2, 4, y), torch.where(yte == 2, 4, yte)
+    train = (x, y) if case == "labels" else DataLoader(
+        TensorDataset(x.transpose(0, 1), y), batch_size=12)
+    with pytest.raises(ValueError, match=match):
+        compare(_sj_net, train, (xte.transpose(0, 1), yte) if case == "loader" else
+                (xte, yte), layout="BT" if case == "loader" else "TB", **kw)
+
+
 def test_compare_names_a_diverged_run():
     from sbnn_addons.bench import compare
 

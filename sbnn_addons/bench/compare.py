@@ -612,7 +612,9 @@ def compare(
         max_train_samples: a stratified, seeded subset of the training tensors.
         max_test_samples: the same for the test tensors.
         subset_seed: seed of those subsets (the same for every method and seed).
-        num_classes: classes of the task; a training set (or subset) with fewer raises.
+        num_classes: classes of the task; a training set (or subset) with fewer raises,
+            and so does a model with fewer outputs (checked, as are the labels, on one
+            forward before training; a loader's labels per batch).
         recipe: ``recipe(model, epochs, steps_per_epoch) -> (optimizer, scheduler or None,
             "batch" | "epoch")``; default :func:`default_recipe` ``(lr, noise_lr)``.
         sbnn_kwargs: extra arguments of ``to_sbnn`` (``std``, ``std_mode``, ...); without
@@ -698,7 +700,7 @@ def compare(
                batch_size=batch_size, eval_batch_size=eval_batch_size, loss_fn=loss_fn,
                n_train=n_train, rank=rank, world=world, aux_weight=aux_weight,
                aux_reduction=aux_reduction, aux_all=aux_all and bool(aux_weight), step=step,
-               time_axis=_input_has_time_axis(train, encode))
+               time_axis=_input_has_time_axis(train, encode), num_classes=num_classes)
     rows: list[dict] = []
     num_steps = None
     try:
@@ -766,6 +768,7 @@ class _Ctx:
     step: bool | None = None
     made: list = field(default_factory=list)  # the models a factory returned (kept alive)
     time_axis: bool = True  # the model's input is [T, B, ...] (else [B, ...])
+    num_classes: int | None = None
 
 
 def _check_train_classes(ytr: Tensor, yte: Tensor, num_classes: int | None) -> str | None:
@@ -809,8 +812,7 @@ def _build_run(model, method: Method, seed: int, reinit: bool, readout, sbnn_kwa
                          "or SpikingJelly single-step): it needs time-major input, so give "
                          "layout='TB' / 'BT' or an encode hook that adds the time axis")
     fwd = _Forward(net, host, method.is_sbnn, step, readout, time_axis=ctx.time_axis)
-    if readout is None:
-        _probe_output(fwd, net, method.is_sbnn, ctx)
+    _check_outputs(_probe_output(fwd, net, method.is_sbnn, ctx), ctx)
     run = _Run(method, seed, net, fwd, host,
                surrogate=(f"SBNN {method.estimator}" if method.is_sbnn else own))
     if ctx.world > 1:
@@ -847,6 +849,40 @@ def _first_batch(ctx: _Ctx, n: int = 2) -> Tensor:
     xb, _ = next(iter(ctx.train.batches(min(ctx.batch_size, n), None)))
     xb = xb[:, :n] if ctx.layout == "TB" else xb[:n]  # a loader's batch: its first n
     return prepare(xb, ctx.layout, ctx.encode, torch.Generator().manual_seed(0), ctx.device)
+
+
+def _check_outputs(logits: Tensor, ctx: _Ctx, labels: Tensor | None = None) -> None:
+    """Raise when the model has fewer outputs than the data has classes.
+
+    ``labels``: the labels of one batch (a loader's); default: every label of the tensor
+    data. ``ctx.num_classes`` counts too.
+
+    Raises:
+        ValueError: naming the model's number of outputs and the classes of the data.
+    """
+    if not isinstance(logits, Tensor) or logits.dim() < 1:
+        raise ValueError("the model's logits must be a tensor [B, C], got "
+                         f"{type(logits).__name__}"
+                         f"{list(logits.shape) if isinstance(logits, Tensor) else ''}")
+    outputs = int(logits.shape[-1])
+    if labels is not None:
+        tops = [int(labels.max())] if labels.numel() else []
+    else:
+        tops = [int(d.y.max()) for d in (ctx.train, ctx.test) if d.is_tensor]
+    top = max(tops, default=-1)
+    need = max(ctx.num_classes or 0, top + 1)
+    if outputs >= need:
+        return
+    why = []
+    if top >= outputs:
+        why.append(f"labels up to {top}")
+    if ctx.num_classes and ctx.num_classes > outputs:
+        why.append(f"num_classes={ctx.num_classes}")
+    raise ValueError(
+        f"the model has {outputs} outputs (logits [B, {outputs}]) but the data needs {need} "
+        f"({', '.join(why)}): every class index must be < the number of outputs. "
+        f"Give the model's last layer {need} outputs, or check the labels (class indices "
+        "counted from 0) and num_classes")
 
 
 def _input_has_time_axis(train: DataSpec, encode: Callable | None) -> bool:
@@ -929,7 +965,9 @@ def _warmup(run: _Run, ctx: _Ctx, steps: int = 2) -> None:
         if i >= steps:
             break
         x = prepare(xb, ctx.layout, ctx.encode, gen, ctx.device)
-        loss, _ = _loss(run, ctx, run.forward(x), yb.to(ctx.device))
+        out = run.forward(x)
+        _check_outputs(out, ctx, yb)
+        loss, _ = _loss(run, ctx, out, yb.to(ctx.device))
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
@@ -955,7 +993,9 @@ def _train_epoch(run: _Run, ctx: _Ctx, epoch: int) -> None:
     for xb, yb in ctx.train.batches(ctx.batch_size, perm_gen, ctx.rank, ctx.world):
         x = prepare(xb, ctx.layout, ctx.encode, enc_gen, ctx.device)
         y = yb.to(ctx.device)
-        loss, task_loss = _loss(run, ctx, run.forward(x), y)
+        out = run.forward(x)
+        _check_outputs(out, ctx, yb)
+        loss, task_loss = _loss(run, ctx, out, y)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if run.ignored:
@@ -1008,6 +1048,7 @@ def _predict(run: _Run, ctx: _Ctx, eval_mode: str, k: int) -> tuple[Tensor, Tens
                 p = torch.softmax(run.forward(x).double(), -1)
         else:
             p = torch.softmax(run.forward(x).double(), -1)
+        _check_outputs(p, ctx, yb)
         if not bool(torch.isfinite(p).all()):
             raise ValueError(
                 f"{run.method.name} (seed {run.seed}): the model's outputs are NaN or inf in "
