@@ -386,9 +386,13 @@ def test_subset_missing_classes_raises(tmp_path):
 @pytest.mark.parametrize("kwargs, word", [
     (dict(seeds=[0, 0]), "distinct"), (dict(batch_size=0), "batch_size"),
     (dict(eval_batch_size=0), "eval_batch_size"), (dict(batch_size=2.5), "batch_size"),
+    (dict(lr=0.0), r"lr must be a finite number > 0 \(the Adam learning rate of the weights"),
+    (dict(lr=-1e-3), r"lr must be a finite number > 0 .* default is 0.005"),
+    (dict(noise_lr=0), r"noise_lr must be a finite number > 0 \(.*noise scales"),
 ])
 def test_compare_names_bad_seeds_and_batch_sizes(kwargs, word):
-    """Repeated seeds would report a spread of zero; zero batch sizes crashed deep inside."""
+    """Repeated seeds would report a spread of zero; zero batch sizes crashed deep inside;
+    a learning rate <= 0 is named with what is allowed, before any data or model work."""
     from sbnn_addons.bench import compare
 
     x, y = _spike_data(48, 0)
@@ -594,7 +598,8 @@ def test_surrogate_names_in_the_report():
         assert describe_surrogate(net) == name
 
 
-def test_cli_lr_zero_is_a_value_and_a_file_imports_its_neighbours(tmp_path, monkeypatch):
+def test_cli_lr_zero_is_a_value_and_a_file_imports_its_neighbours(tmp_path, monkeypatch,
+                                                                  capsys):
     (tmp_path / "helpers.py").write_text(
         "import torch\nfrom torch import nn\nimport snntorch as snn\n"
         "def make():\n"
@@ -612,8 +617,11 @@ def test_cli_lr_zero_is_a_value_and_a_file_imports_its_neighbours(tmp_path, monk
     args = ["--model", f"{tmp_path.name}/mine.py:net", "--data", f"{tmp_path.name}/mine.py:data",
             "--methods", "original", "--epochs", "1", "--quiet", "--no-plots",
             "--out-dir", str(tmp_path / "out")]
-    with pytest.raises(ValueError, match="lr must be"):
-        cli.run(args + ["--lr", "0"])  # 0 is not replaced by the default
+    for bad in ("0", "-0.001"):  # refused by the parser, not replaced by the default
+        with pytest.raises(SystemExit):
+            cli.run(args + ["--lr", bad])
+        assert f"argument --lr: must be a finite number > 0 (a learning rate, e.g. 5e-3), " \
+            f"got {bad}" in capsys.readouterr().err
     assert len(cli.run(args)) == 1
 
 
@@ -652,3 +660,40 @@ def test_compare_reads_a_3d_output_time_first_and_names_batch_first(layout):
         compare(lambda: _StackNet(1), (x, y), test, **kw)
     res = compare(lambda: _StackNet(0), (x, y), test, **kw)
     assert res.rows[0]["num_steps"] == 6 and res.rows[0]["test_samples"] == 12
+
+
+class _OutputNet(torch.nn.Module):
+    """Time-major logits wrapped in the return value ``kind``."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.net = kind, _StackNet(0)
+
+    def forward(self, x):
+        out = self.net(x)  # [T, B, 3]
+        if self.kind == "dict":
+            return {"logits": out}
+        if self.kind == "triple":  # not snnTorch's (spk, mem): which item is the logits?
+            return out.mean(0), out, x
+        return out, out.clone()  # (spk, mem)-like pair: the first item is used
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("dict", r"returned a dict \(keys \['logits'\]\).*readout=lambda out: out\['logits'\]"),
+    ("triple", r"returned a tuple of 3 items \(Tensor\[2, 3\], Tensor\[6, 2, 3\], "
+               r"Tensor\[6, 2, 12\]\).*\(spk, mem\).*readout="),
+    ("pair", None),
+])
+def test_compare_names_outputs_it_cannot_read(kind, match):
+    """A dict (it failed with AttributeError deep inside) or a tuple that is not snnTorch's
+    (spk, mem) (its first item was used silently) raises before training and says what is
+    read; a (spk, mem) pair still trains."""
+    from sbnn_addons.bench import compare
+
+    kw = dict(methods=["original"], epochs=1, batch_size=6)
+    if match is None:
+        assert compare(lambda: _OutputNet(kind), _spike_data(12, 0), _spike_data(6, 1),
+                       **kw).rows[0]["test_samples"] == 6
+        return
+    with pytest.raises(TypeError, match=match):
+        compare(lambda: _OutputNet(kind), _spike_data(12, 0), _spike_data(6, 1), **kw)

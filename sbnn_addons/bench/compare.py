@@ -263,15 +263,55 @@ class _Forward:
             out = [self.caller(x[t]) for t in range(x.shape[0])]
             if self.readout is not None:
                 return self.readout(out)
-            out = torch.stack([o[0] if isinstance(o, (tuple, list)) else o for o in out])
+            out = torch.stack([_main_output(o) for o in out])
         else:
             out = self.caller(x)
             if self.readout is not None:
                 return self.readout(out)
-            if isinstance(out, (tuple, list)):
-                out = out[0]
+            out = _main_output(out)
         self.last_shape = tuple(out.shape)
         return _to_logits(out, batch)
+
+
+def _describe(value) -> str:
+    """``Tensor[2, 3]``, ``dict``, ...: a short description of an output item."""
+    if isinstance(value, Tensor):
+        return f"Tensor{list(value.shape)}"
+    return type(value).__name__
+
+
+def _main_output(out) -> Tensor:
+    """The tensor of a model's return value that holds the logits (or spikes).
+
+    A tensor as it is; a tuple / list of tensors read as snnTorch's ``(spk, mem)`` (or
+    ``(spk, syn, mem)`` and the like: every item of the first one's shape) gives its first
+    item.
+
+    Raises:
+        TypeError: a dict, or a tuple that is not of these forms (the harness cannot
+            tell which item holds the logits); the message names ``readout=``.
+    """
+    if isinstance(out, Tensor):
+        return out
+    fix = ("return the logits as a tensor ([B, C] or time-major [T, B, C]), or pass "
+           "compare(..., readout=fn) with fn(output) -> logits [B, C] (sbnn-bench: wrap "
+           "the model so that it returns the logits)")
+    if isinstance(out, dict):
+        key = next(iter(out), "logits")
+        raise TypeError(
+            f"the model returned a dict (keys {list(out)[:6]}); the harness needs a tensor "
+            f"of logits or snnTorch's (spk, mem) tuple: {fix}, e.g. readout=lambda out: "
+            f"out[{key!r}] (add .mean(0) for [T, B, C])")
+    if isinstance(out, (tuple, list)):
+        tensors = len(out) >= 2 and all(isinstance(o, Tensor) for o in out)
+        if tensors and (len(out) == 2 or all(o.shape == out[0].shape for o in out[1:])):
+            return out[0]
+        items = ", ".join(_describe(o) for o in out[:6])
+        raise TypeError(
+            f"the model returned a {type(out).__name__} of {len(out)} items ({items}); a "
+            "tuple is read as snnTorch's (spk, mem) (two tensors, or more of one shape, "
+            f"such as (spk, syn, mem)) and its first item used: {fix}")
+    raise TypeError(f"the model returned {type(out).__name__}; {fix}")
 
 
 def _to_logits(out: Tensor, batch: int) -> Tensor:
@@ -665,6 +705,18 @@ def compare(
     for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if recipe is None:  # the default recipe's learning rates (a recipe of yours sets its own)
+        for name, value, what in (("lr", lr, "weights"), ("noise_lr", noise_lr,
+                                                            "SBNN noise scales")):
+            if name == "noise_lr" and value is None:
+                continue  # noise_lr = lr
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    0 < value < math.inf):
+                raise ValueError(
+                    f"{name} must be a finite number > 0 (the Adam learning rate of the "
+                    f"{what}), got {value!r}; the default is "
+                    f"{5e-3 if name == 'lr' else 5e-2}. To keep parameters fixed, pass "
+                    "recipe= with an optimiser of your own")
     meths = resolve_methods(methods, known_methods)
     device = torch.device(device)
     rank, world = _world()
