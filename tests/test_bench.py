@@ -697,3 +697,27 @@ def test_compare_names_outputs_it_cannot_read(kind, match):
         return
     with pytest.raises(TypeError, match=match):
         compare(lambda: _OutputNet(kind), _spike_data(12, 0), _spike_data(6, 1), **kw)
+
+
+def test_probes_run_once_per_model_not_per_seed(monkeypatch):
+    """The readout probe (which layers stay deterministic) ran for every (method, seed),
+    though the seeds of a method convert the same layers: it runs once per method now,
+    and every seed still excludes the readout."""
+    import sbnn_addons as sb
+    from sbnn_addons.bench import compare
+
+    compare_mod = sys.modules["sbnn_addons.bench.compare"]  # the module, not the function
+    calls = []
+    real = compare_mod.check_variance_flow
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compare_mod, "check_variance_flow", counted)
+    res = compare(_snntorch_net, _spike_data(12, 0), _spike_data(6, 1), methods=["sbnn-st"],
+                  seeds=[0, 1, 2], epochs=1, batch_size=6, mc_samples=1, keep_models=True)
+    assert len(calls) == 1
+    for row in res.rows:
+        model = row["_model"]
+        assert sb.layers.is_bayesian(model[0]) and not sb.layers.is_bayesian(model[2])

@@ -821,6 +821,8 @@ class _Ctx:
     made: list = field(default_factory=list)  # the models a factory returned (kept alive)
     time_axis: bool = True  # the model's input is [T, B, ...] (else [B, ...])
     num_classes: int | None = None
+    #: results of the probes, per model structure (they cannot differ between seeds)
+    probes: dict = field(default_factory=dict)
 
 
 def _check_train_classes(ytr: Tensor, yte: Tensor, num_classes: int | None) -> str | None:
@@ -854,8 +856,10 @@ def _build_run(model, method: Method, seed: int, reinit: bool, readout, sbnn_kwa
     net = _make_model(model, method, seed, reinit, ctx.made)
     host = detect_host(net)
     own = describe_surrogate(net)
+    structure = _structure(net)
     if method.is_sbnn:
-        sbnn_kwargs = _readouts_excluded(net, method, host, sbnn_kwargs, ctx, readout)
+        sbnn_kwargs = _readouts_excluded(net, method, host, sbnn_kwargs, ctx, readout,
+                                         structure)
         net = _convert(net, method, host, sbnn_kwargs, ctx.aux_all)
     net = net.to(ctx.device)
     step = _step_style(net, host, ctx.step)
@@ -864,7 +868,10 @@ def _build_run(model, method: Method, seed: int, reinit: bool, readout, sbnn_kwa
                          "or SpikingJelly single-step): it needs time-major input, so give "
                          "layout='TB' / 'BT' or an encode hook that adds the time axis")
     fwd = _Forward(net, host, method.is_sbnn, step, readout, time_axis=ctx.time_axis)
-    _check_outputs(_probe_output(fwd, net, method.is_sbnn, ctx), ctx)
+    key = ("output", structure, step)  # the output's shape: the same for every method
+    if key not in ctx.probes:
+        ctx.probes[key] = _probe_output(fwd, net, method.is_sbnn, ctx)
+    _check_outputs(ctx.probes[key], ctx)
     run = _Run(method, seed, net, fwd, host,
                surrogate=(f"SBNN {method.estimator}" if method.is_sbnn else own))
     if ctx.world > 1:
@@ -878,22 +885,41 @@ def _build_run(model, method: Method, seed: int, reinit: bool, readout, sbnn_kwa
     return run
 
 
+def _structure(net: nn.Module) -> tuple:
+    """What the probes' results depend on: the module tree (names and classes) and the
+    names and shapes of the parameters and buffers; not the values, which differ between
+    seeds."""
+    return (tuple((n, type(m).__module__, type(m).__qualname__)
+                  for n, m in net.named_modules()),
+            tuple((n, tuple(p.shape), p.requires_grad) for n, p in net.named_parameters()),
+            tuple((n, tuple(b.shape)) for n, b in net.named_buffers()))
+
+
 def _readouts_excluded(net: nn.Module, method: Method, host: str | None, sbnn_kwargs: dict,
-                       ctx: _Ctx, readout) -> dict:
+                       ctx: _Ctx, readout, structure: tuple | None = None) -> dict:
     """``sbnn_kwargs`` with ``exclude=`` the model's readouts: the layers whose noise
     reaches the output without a spiking neuron (found by one ``mean``-mode probe forward
     of a converted copy on the first batch, :func:`~sbnn_addons.check_variance_flow`), so
     that they stay deterministic as in the released configuration (their noise would not
     act). Unchanged when the caller passed ``include`` / ``exclude`` or built the SBNN
-    model itself."""
+    model itself.
+
+    The probe runs once per model ``structure`` (:func:`_structure`) and conversion
+    (estimator, ``learn_std``, aux loss): the seeds of a method convert the same layers,
+    so they reuse its result."""
     if ("include" in sbnn_kwargs or "exclude" in sbnn_kwargs
             or any(isinstance(m, IWSTSpike) for m in net.modules())):
         return sbnn_kwargs
-    probe = _convert(copy.deepcopy(net), method, host, sbnn_kwargs).to(ctx.device)
-    fwd = _Forward(probe, host, True, _step_style(probe, host, ctx.step), readout,
-                   time_axis=ctx.time_axis)
-    found = check_variance_flow(probe, _first_batch(ctx), forward=lambda m, x: fwd(x)).readouts
-    return {**sbnn_kwargs, "exclude": found} if found else sbnn_kwargs
+    key = ("readouts", structure or _structure(net), method.estimator, method.learn_std,
+           method.aux_weight > 0)
+    if key not in ctx.probes:
+        probe = _convert(copy.deepcopy(net), method, host, sbnn_kwargs).to(ctx.device)
+        fwd = _Forward(probe, host, True, _step_style(probe, host, ctx.step), readout,
+                       time_axis=ctx.time_axis)
+        ctx.probes[key] = check_variance_flow(probe, _first_batch(ctx),
+                                              forward=lambda m, x: fwd(x)).readouts
+    found = ctx.probes[key]
+    return {**sbnn_kwargs, "exclude": list(found)} if found else sbnn_kwargs
 
 
 def _first_batch(ctx: _Ctx, n: int = 2) -> Tensor:
