@@ -640,7 +640,8 @@ def compare(
             single-step SpikingJelly model steps; a model with its own ``forward`` and
             ``init_hidden`` neurons must say.
         encode: ``encode(x, generator) -> model input`` per batch, after the transposition
-            (e.g. a rate code); ``generator`` is seeded identically for every method.
+            (e.g. a rate code), time-major ``[T, B, ...]``; ``generator`` is seeded
+            identically for every method.
         readout: ``readout(output) -> logits [B, C]``; ``output`` is the model's return
             value (sequence models) or the list of per-step returns (step models). Default:
             first item of a tuple, mean over time of a ``[T, B, C]`` output (time first,
@@ -965,15 +966,9 @@ def _check_outputs(logits: Tensor, ctx: _Ctx, labels: Tensor | None = None) -> N
 
 def _input_has_time_axis(train: DataSpec, encode: Callable | None) -> bool:
     """Whether the model's input is time-major ``[T, B, ...]``: layouts ``"TB"`` /
-    ``"BT"``, or ``"static"`` data whose ``encode`` adds an axis (a rate code)."""
-    if train.layout != "static":
-        return True
-    if encode is None:
-        return False
-    xb, _ = next(iter(train.batches(1, None)))
-    xb = xb[:1]
-    x = prepare(xb, "static", encode, torch.Generator().manual_seed(0), torch.device("cpu"))
-    return x.dim() > xb.dim()
+    ``"BT"``, or ``"static"`` data with an ``encode`` (which returns ``[T, B, ...]``, e.g.
+    a rate code, or a transposition of batch-major samples)."""
+    return train.layout != "static" or encode is not None
 
 
 def _probe_output(fwd: _Forward, net: nn.Module, is_sbnn: bool, ctx: _Ctx) -> Tensor:
