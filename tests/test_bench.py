@@ -67,7 +67,8 @@ def test_default_cli_tiny(tmp_path, capsys):
     assert len(data["runs"]) == 3 and len(rows) == 3
     for run in data["runs"]:
         assert len(run["curve"]) == 1 and 0.0 <= run["accuracy_mean"] <= 1.0
-        assert set(run["curve"][0]) == {"epoch", "train_loss", "test_accuracy"}
+        assert set(run["curve"][0]) == {"epoch", "train_loss", "train_objective",
+                                        "test_accuracy"}
         assert len(run["epoch_train_s"]) == 1 and run["eval_s"] > 0
     assert len({tuple(r["data_order"]) for r in data["runs"]}) == 1  # same batches
 
@@ -385,9 +386,13 @@ def test_subset_missing_classes_raises(tmp_path):
 @pytest.mark.parametrize("kwargs, word", [
     (dict(seeds=[0, 0]), "distinct"), (dict(batch_size=0), "batch_size"),
     (dict(eval_batch_size=0), "eval_batch_size"), (dict(batch_size=2.5), "batch_size"),
+    (dict(lr=0.0), r"lr must be a finite number > 0 \(the Adam learning rate of the weights"),
+    (dict(lr=-1e-3), r"lr must be a finite number > 0 .* default is 0.005"),
+    (dict(noise_lr=0), r"noise_lr must be a finite number > 0 \(.*noise scales"),
 ])
 def test_compare_names_bad_seeds_and_batch_sizes(kwargs, word):
-    """Repeated seeds would report a spread of zero; zero batch sizes crashed deep inside."""
+    """Repeated seeds would report a spread of zero; zero batch sizes crashed deep inside;
+    a learning rate <= 0 is named with what is allowed, before any data or model work."""
     from sbnn_addons.bench import compare
 
     x, y = _spike_data(48, 0)
@@ -537,6 +542,35 @@ def test_compare_names_data_mistakes():
     assert res.rows[0]["train_samples"] == 12  # what the sampler draws (KL / N uses it)
 
 
+@pytest.mark.parametrize("case, match", [
+    ("labels", r"3 outputs \(logits \[B, 3\]\) but the data needs 5 \(labels up to 4\)"),
+    ("num_classes", r"3 outputs .* needs 4 \(num_classes=4\)"),
+    ("loader", r"3 outputs .* needs 5 \(labels up to 4\)"),
+], ids=["labels", "num_classes", "loader"])
+def test_compare_names_too_few_outputs_for_the_classes(case, match):
+    """Labels >= the model's outputs (or num_classes above them) raise before training and
+    name both numbers (it was a raw IndexError of cross_entropy, a device-side assert on
+    CUDA; num_classes above the outputs trained on)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from sbnn_addons.bench import compare
+
+    (x, y), (xte, yte) = _spike_data(24, 0), _spike_data(12, 1)
+    kw = dict(methods=["original"], epochs=1, batch_size=12)
+    if case == "num_classes":
+        kw["num_classes"] = 4
+        with pytest.warns(UserWarning, match="lacks"):
+            with pytest.raises(ValueError, match=match):
+                compare(_sj_net, (x, y), (xte, yte), **kw)
+        return
+    y, yte = torch.where(y == 2, 4, y), torch.where(yte == 2, 4, yte)
+    train = (x, y) if case == "labels" else DataLoader(
+        TensorDataset(x.transpose(0, 1), y), batch_size=12)
+    with pytest.raises(ValueError, match=match):
+        compare(_sj_net, train, (xte.transpose(0, 1), yte) if case == "loader" else
+                (xte, yte), layout="BT" if case == "loader" else "TB", **kw)
+
+
 def test_compare_names_a_diverged_run():
     from sbnn_addons.bench import compare
 
@@ -564,7 +598,8 @@ def test_surrogate_names_in_the_report():
         assert describe_surrogate(net) == name
 
 
-def test_cli_lr_zero_is_a_value_and_a_file_imports_its_neighbours(tmp_path, monkeypatch):
+def test_cli_lr_zero_is_a_value_and_a_file_imports_its_neighbours(tmp_path, monkeypatch,
+                                                                  capsys):
     (tmp_path / "helpers.py").write_text(
         "import torch\nfrom torch import nn\nimport snntorch as snn\n"
         "def make():\n"
@@ -582,6 +617,107 @@ def test_cli_lr_zero_is_a_value_and_a_file_imports_its_neighbours(tmp_path, monk
     args = ["--model", f"{tmp_path.name}/mine.py:net", "--data", f"{tmp_path.name}/mine.py:data",
             "--methods", "original", "--epochs", "1", "--quiet", "--no-plots",
             "--out-dir", str(tmp_path / "out")]
-    with pytest.raises(ValueError, match="lr must be"):
-        cli.run(args + ["--lr", "0"])  # 0 is not replaced by the default
+    for bad in ("0", "-0.001"):  # refused by the parser, not replaced by the default
+        with pytest.raises(SystemExit):
+            cli.run(args + ["--lr", bad])
+        assert f"argument --lr: must be a finite number > 0 (a learning rate, e.g. 5e-3), " \
+            f"got {bad}" in capsys.readouterr().err
     assert len(cli.run(args)) == 1
+
+
+class _StackNet(torch.nn.Module):
+    """A sequence model (explicit time loop over [T, B, F]) that stacks its per-step logits
+    on axis ``dim``: 0 gives time-major [T, B, C], 1 batch-first [B, T, C]."""
+
+    def __init__(self, dim: int):
+        import snntorch as snn
+
+        super().__init__()
+        self.dim = dim
+        self.fc1, self.lif = torch.nn.Linear(12, 16), snn.Leaky(beta=0.9)
+        self.fc2 = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        mem, out = self.lif.init_leaky(), []
+        for x_t in x:
+            spk, mem = self.lif(self.fc1(x_t), mem)
+            out.append(self.fc2(spk))
+        return torch.stack(out, self.dim)
+
+
+@pytest.mark.parametrize("layout", ["TB", "BT"])
+def test_compare_reads_a_3d_output_time_first_and_names_batch_first(layout):
+    """The model receives [T, B, ...] in every layout, and a 3-d output is [T, B, C]. A
+    batch-first [B, T, C] output with batch size B == T (6 here) was averaged over the batch
+    silently; it raises before training now, and time-major output still trains."""
+    from sbnn_addons.bench import compare
+
+    (x, y), test = _spike_data(24, 0), _spike_data(12, 1)
+    if layout == "BT":
+        x, test = x.transpose(0, 1), (test[0].transpose(0, 1), test[1])
+    kw = dict(layout=layout, methods=["original"], epochs=1, batch_size=6, eval_batch_size=6)
+    with pytest.raises(ValueError, match=r"batch first \[B, T, C\].*out\.mean\(1\)"):
+        compare(lambda: _StackNet(1), (x, y), test, **kw)
+    res = compare(lambda: _StackNet(0), (x, y), test, **kw)
+    assert res.rows[0]["num_steps"] == 6 and res.rows[0]["test_samples"] == 12
+
+
+class _OutputNet(torch.nn.Module):
+    """Time-major logits wrapped in the return value ``kind``."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.net = kind, _StackNet(0)
+
+    def forward(self, x):
+        out = self.net(x)  # [T, B, 3]
+        if self.kind == "dict":
+            return {"logits": out}
+        if self.kind == "triple":  # not snnTorch's (spk, mem): which item is the logits?
+            return out.mean(0), out, x
+        return out, out.clone()  # (spk, mem)-like pair: the first item is used
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("dict", r"returned a dict \(keys \['logits'\]\).*readout=lambda out: out\['logits'\]"),
+    ("triple", r"returned a tuple of 3 items \(Tensor\[2, 3\], Tensor\[6, 2, 3\], "
+               r"Tensor\[6, 2, 12\]\).*\(spk, mem\).*readout="),
+    ("pair", None),
+])
+def test_compare_names_outputs_it_cannot_read(kind, match):
+    """A dict (it failed with AttributeError deep inside) or a tuple that is not snnTorch's
+    (spk, mem) (its first item was used silently) raises before training and says what is
+    read; a (spk, mem) pair still trains."""
+    from sbnn_addons.bench import compare
+
+    kw = dict(methods=["original"], epochs=1, batch_size=6)
+    if match is None:
+        assert compare(lambda: _OutputNet(kind), _spike_data(12, 0), _spike_data(6, 1),
+                       **kw).rows[0]["test_samples"] == 6
+        return
+    with pytest.raises(TypeError, match=match):
+        compare(lambda: _OutputNet(kind), _spike_data(12, 0), _spike_data(6, 1), **kw)
+
+
+def test_probes_run_once_per_model_not_per_seed(monkeypatch):
+    """The readout probe (which layers stay deterministic) ran for every (method, seed),
+    though the seeds of a method convert the same layers: it runs once per method now,
+    and every seed still excludes the readout."""
+    import sbnn_addons as sb
+    from sbnn_addons.bench import compare
+
+    compare_mod = sys.modules["sbnn_addons.bench.compare"]  # the module, not the function
+    calls = []
+    real = compare_mod.check_variance_flow
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compare_mod, "check_variance_flow", counted)
+    res = compare(_snntorch_net, _spike_data(12, 0), _spike_data(6, 1), methods=["sbnn-st"],
+                  seeds=[0, 1, 2], epochs=1, batch_size=6, mc_samples=1, keep_models=True)
+    assert len(calls) == 1
+    for row in res.rows:
+        model = row["_model"]
+        assert sb.layers.is_bayesian(model[0]) and not sb.layers.is_bayesian(model[2])

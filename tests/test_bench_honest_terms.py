@@ -138,3 +138,25 @@ def test_bad_test_data_is_named(case, error, match):
     }[case]
     with pytest.raises(error, match=match):
         compare(make_net, _data(24, 0), test, methods=["original"], **KW)
+
+
+@pytest.mark.parametrize("method", ["sbnn-agr-kl", "sbnn-agr-aux"])
+def test_train_loss_is_the_task_loss_for_methods_with_extra_terms(method):
+    """``train_loss`` of the ``-kl`` / ``-aux`` methods is the task loss like every other
+    method's (it was the full objective, KL / N included: not comparable); the objective
+    is ``train_objective``."""
+    seen = []
+
+    def task_loss(out, y):
+        loss = nn.functional.cross_entropy(out, y)
+        seen.append(float(loss.detach()))
+        return loss
+
+    res = compare(make_net, _data(24, 0), _data(12, 1), methods=[method], loss_fn=task_loss,
+                  warmup=False, **KW)
+    (point,) = res.rows[0]["curve"]
+    assert len(seen) == 2  # two training batches of 12, nothing else calls loss_fn
+    assert point["train_loss"] == pytest.approx(sum(seen) / 2, rel=1e-6)
+    assert point["train_objective"] >= point["train_loss"]
+    if method.endswith("-kl"):
+        assert point["train_objective"] > point["train_loss"] + 1.0  # KL / N is large

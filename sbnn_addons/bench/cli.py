@@ -41,6 +41,19 @@ DEFAULT_METHODS = ["snntorch-atan", "sbnn-st", "sbnn-agr"]
 DEFAULT_MODEL_METHODS = ["original", "sbnn-st", "sbnn-agr"]
 
 
+def positive_float(text: str) -> float:
+    """An ``argparse`` type for the learning rates: a finite number > 0 (a rate of 0 does
+    not train, a negative one ascends the loss)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number > 0 (a learning rate, e.g. 5e-3), got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sbnn-bench", description=__doc__.split("\n")[0],
                                 epilog="Scale out: torchrun --nproc_per_node=N -m "
@@ -79,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-steps", type=positive_int, default=None,
                    help="time steps T / frames / SHD bins (default per task)")
     p.add_argument("--width", type=positive_int, default=None, help="hidden width / conv channels")
-    p.add_argument("--lr", type=float, default=None, help="weights' learning rate (5e-3)")
-    p.add_argument("--noise-lr", type=float, default=None, help="stds' learning rate (5e-2)")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="weights' learning rate, > 0 (5e-3)")
+    p.add_argument("--noise-lr", type=positive_float, default=None,
+                   help="stds' learning rate, > 0 (5e-2)")
     p.add_argument("--aux-weight", type=float, default=None,
                    help="lambda of the aux-loss methods (default 1e-4; paper preset: per task)")
     p.add_argument("--mc-samples", type=positive_int, default=None,
@@ -239,7 +254,7 @@ def _run_model(args, command: str, device: torch.device) -> BenchResults:
         model, data["train"], data["test"],
         methods=args.methods or DEFAULT_MODEL_METHODS, epochs=args.epochs or 5,
         seeds=args.seeds or [0], batch_size=args.batch_size or 64,
-        lr=5e-3 if args.lr is None else args.lr,  # 0 is a value (frozen weights)
+        lr=5e-3 if args.lr is None else args.lr,
         noise_lr=5e-2 if args.noise_lr is None else args.noise_lr,
         layout=args.layout or data.get("layout", "TB"), step=args.step,
         encode=data.get("encode"), mc_samples=args.mc_samples or 10,

@@ -29,6 +29,7 @@ separately, per epoch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
@@ -231,13 +232,23 @@ class _Forward:
     Step models (snnTorch ``init_hidden=True``, SpikingJelly single-step) are called once
     per step; sequence models once. Tuple outputs ``(spk, mem)`` keep the first item; a
     ``[T, B, C]`` output is averaged over time (the default ``readout``).
+
+    The model's input is time-major ``[T, B, ...]`` whatever the data layout (``"BT"``
+    batches are transposed before the call), or ``[B, ...]`` without a time axis
+    (``time_axis=False``: static data without an ``encode`` that adds one). A 3-d output
+    is read the same way, time first: ``[T, B, C]``, checked against the batch size (see
+    :func:`_to_logits`); ``last_shape`` keeps the shape of the last output before the
+    reduction (``None`` with a ``readout``).
     """
 
     def __init__(self, model: nn.Module, host: str | None, converted: bool, step: bool,
-                 readout: Callable | None, caller: nn.Module | None = None) -> None:
+                 readout: Callable | None, caller: nn.Module | None = None,
+                 time_axis: bool = True) -> None:
         self.model, self.host, self.converted, self.step = model, host, converted, step
         self.readout = readout
         self.caller = caller if caller is not None else model
+        self.time_axis = time_axis
+        self.last_shape: tuple[int, ...] | None = None
         # the dtype of the model's floating-point parameters (None: none)
         self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
                           None)
@@ -246,18 +257,93 @@ class _Forward:
         _reset(self.model, self.host, self.converted)
         if self.dtype is not None and x.is_floating_point() and x.dtype != self.dtype:
             x = x.to(self.dtype)  # a float64 model gets float64 input
+        batch = int(x.shape[1] if self.time_axis else x.shape[0])
+        self.last_shape = None
         if self.step:
             out = [self.caller(x[t]) for t in range(x.shape[0])]
             if self.readout is not None:
                 return self.readout(out)
-            out = torch.stack([o[0] if isinstance(o, (tuple, list)) else o for o in out])
+            out = torch.stack([_main_output(o) for o in out])
         else:
             out = self.caller(x)
             if self.readout is not None:
                 return self.readout(out)
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-        return out.mean(0) if out.dim() == 3 else out
+            out = _main_output(out)
+        self.last_shape = tuple(out.shape)
+        return _to_logits(out, batch)
+
+
+def _describe(value) -> str:
+    """``Tensor[2, 3]``, ``dict``, ...: a short description of an output item."""
+    if isinstance(value, Tensor):
+        return f"Tensor{list(value.shape)}"
+    return type(value).__name__
+
+
+def _main_output(out) -> Tensor:
+    """The tensor of a model's return value that holds the logits (or spikes).
+
+    A tensor as it is; a tuple / list of tensors read as snnTorch's ``(spk, mem)`` (or
+    ``(spk, syn, mem)`` and the like: every item of the first one's shape) gives its first
+    item.
+
+    Raises:
+        TypeError: a dict, or a tuple that is not of these forms (the harness cannot
+            tell which item holds the logits); the message names ``readout=``.
+    """
+    if isinstance(out, Tensor):
+        return out
+    fix = ("return the logits as a tensor ([B, C] or time-major [T, B, C]), or pass "
+           "compare(..., readout=fn) with fn(output) -> logits [B, C] (sbnn-bench: wrap "
+           "the model so that it returns the logits)")
+    if isinstance(out, dict):
+        key = next(iter(out), "logits")
+        raise TypeError(
+            f"the model returned a dict (keys {list(out)[:6]}); the harness needs a tensor "
+            f"of logits or snnTorch's (spk, mem) tuple: {fix}, e.g. readout=lambda out: "
+            f"out[{key!r}] (add .mean(0) for [T, B, C])")
+    if isinstance(out, (tuple, list)):
+        tensors = len(out) >= 2 and all(isinstance(o, Tensor) for o in out)
+        if tensors and (len(out) == 2 or all(o.shape == out[0].shape for o in out[1:])):
+            return out[0]
+        items = ", ".join(_describe(o) for o in out[:6])
+        raise TypeError(
+            f"the model returned a {type(out).__name__} of {len(out)} items ({items}); a "
+            "tuple is read as snnTorch's (spk, mem) (two tensors, or more of one shape, "
+            f"such as (spk, syn, mem)) and its first item used: {fix}")
+    raise TypeError(f"the model returned {type(out).__name__}; {fix}")
+
+
+def _to_logits(out: Tensor, batch: int) -> Tensor:
+    """Logits ``[B, C]`` from a model output ``[B, C]`` or time-major ``[T, B, C]``.
+
+    The time axis is the first, as in the model's input (the declared layout only says how
+    the data is stored; the model always receives ``[T, B, ...]``); the batch axis is
+    checked against ``batch``. With ``T == B`` the shape cannot tell, and the output is
+    read time-major; :func:`_probe_output` checks that once per run on a batch whose size
+    differs from ``T``.
+
+    Raises:
+        ValueError: a batch-first ``[B, T, C]`` output, or any other shape.
+    """
+    shape = tuple(out.shape)
+    if out.dim() == 3 and shape[1] == batch:
+        return out.mean(0)
+    if out.dim() == 2 and shape[0] == batch:
+        return out
+    if out.dim() == 3 and shape[0] == batch:
+        raise ValueError(
+            f"the model returned an output of shape {list(shape)} for a batch of {batch} "
+            f"samples: batch first [B, T, C]. The harness gives the model time-major input "
+            "[T, B, ...] (layout 'TB' as stored, 'BT' transposed per batch) and averages a "
+            "3-d output over its first axis, time; return time-major [T, B, C] (e.g. "
+            "torch.stack(outputs, dim=0)), logits [B, C], or pass readout=lambda out: "
+            "out.mean(1)")
+    raise ValueError(
+        f"the model returned an output of shape {list(shape)} for a batch of {batch} "
+        f"samples; expected logits [B, C] = [{batch}, C] or time-major [T, B, C] = "
+        f"[T, {batch}, C] (averaged over T). Return one of these, or pass readout= (a "
+        "function of the model's output that returns [B, C])")
 
 
 # --------------------------------------------------------------------------- recipe
@@ -554,17 +640,22 @@ def compare(
             single-step SpikingJelly model steps; a model with its own ``forward`` and
             ``init_hidden`` neurons must say.
         encode: ``encode(x, generator) -> model input`` per batch, after the transposition
-            (e.g. a rate code); ``generator`` is seeded identically for every method.
+            (e.g. a rate code), time-major ``[T, B, ...]``; ``generator`` is seeded
+            identically for every method.
         readout: ``readout(output) -> logits [B, C]``; ``output`` is the model's return
             value (sequence models) or the list of per-step returns (step models). Default:
-            first item of a tuple, mean over time of a ``[T, B, C]`` output.
+            first item of a tuple, mean over time of a ``[T, B, C]`` output (time first,
+            as in the model's input, whatever ``layout``; a batch-first ``[B, T, C]``
+            output raises before training, also when ``B == T``).
         loss_fn: ``loss_fn(logits, y)`` (default cross-entropy); SBNN methods add their
             objective's terms (:func:`sbnn_addons.sbnn_objective`).
         mc_samples: ``K`` of the ``mc(K)`` evaluation.
         max_train_samples: a stratified, seeded subset of the training tensors.
         max_test_samples: the same for the test tensors.
         subset_seed: seed of those subsets (the same for every method and seed).
-        num_classes: classes of the task; a training set (or subset) with fewer raises.
+        num_classes: classes of the task; a training set (or subset) with fewer raises,
+            and so does a model with fewer outputs (checked, as are the labels, on one
+            forward before training; a loader's labels per batch).
         recipe: ``recipe(model, epochs, steps_per_epoch) -> (optimizer, scheduler or None,
             "batch" | "epoch")``; default :func:`default_recipe` ``(lr, noise_lr)``.
         sbnn_kwargs: extra arguments of ``to_sbnn`` (``std``, ``std_mode``, ...); without
@@ -615,6 +706,18 @@ def compare(
     for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if recipe is None:  # the default recipe's learning rates (a recipe of yours sets its own)
+        for name, value, what in (("lr", lr, "weights"), ("noise_lr", noise_lr,
+                                                            "SBNN noise scales")):
+            if name == "noise_lr" and value is None:
+                continue  # noise_lr = lr
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    0 < value < math.inf):
+                raise ValueError(
+                    f"{name} must be a finite number > 0 (the Adam learning rate of the "
+                    f"{what}), got {value!r}; the default is "
+                    f"{5e-3 if name == 'lr' else 5e-2}. To keep parameters fixed, pass "
+                    "recipe= with an optimiser of your own")
     meths = resolve_methods(methods, known_methods)
     device = torch.device(device)
     rank, world = _world()
@@ -649,7 +752,8 @@ def compare(
     ctx = _Ctx(train, test, layout=train.layout, encode=encode, device=device,
                batch_size=batch_size, eval_batch_size=eval_batch_size, loss_fn=loss_fn,
                n_train=n_train, rank=rank, world=world, aux_weight=aux_weight,
-               aux_reduction=aux_reduction, aux_all=aux_all and bool(aux_weight), step=step)
+               aux_reduction=aux_reduction, aux_all=aux_all and bool(aux_weight), step=step,
+               time_axis=_input_has_time_axis(train, encode), num_classes=num_classes)
     rows: list[dict] = []
     num_steps = None
     try:
@@ -716,6 +820,10 @@ class _Ctx:
     aux_all: bool = False
     step: bool | None = None
     made: list = field(default_factory=list)  # the models a factory returned (kept alive)
+    time_axis: bool = True  # the model's input is [T, B, ...] (else [B, ...])
+    num_classes: int | None = None
+    #: results of the probes, per model structure (they cannot differ between seeds)
+    probes: dict = field(default_factory=dict)
 
 
 def _check_train_classes(ytr: Tensor, yte: Tensor, num_classes: int | None) -> str | None:
@@ -749,16 +857,22 @@ def _build_run(model, method: Method, seed: int, reinit: bool, readout, sbnn_kwa
     net = _make_model(model, method, seed, reinit, ctx.made)
     host = detect_host(net)
     own = describe_surrogate(net)
+    structure = _structure(net)
     if method.is_sbnn:
-        sbnn_kwargs = _readouts_excluded(net, method, host, sbnn_kwargs, ctx, readout)
+        sbnn_kwargs = _readouts_excluded(net, method, host, sbnn_kwargs, ctx, readout,
+                                         structure)
         net = _convert(net, method, host, sbnn_kwargs, ctx.aux_all)
     net = net.to(ctx.device)
     step = _step_style(net, host, ctx.step)
-    if step and ctx.layout == "static" and ctx.encode is None:
+    if step and not ctx.time_axis:
         raise ValueError("this model runs one time step per call (snnTorch init_hidden=True "
                          "or SpikingJelly single-step): it needs time-major input, so give "
                          "layout='TB' / 'BT' or an encode hook that adds the time axis")
-    fwd = _Forward(net, host, method.is_sbnn, step, readout)
+    fwd = _Forward(net, host, method.is_sbnn, step, readout, time_axis=ctx.time_axis)
+    key = ("output", structure, step)  # the output's shape: the same for every method
+    if key not in ctx.probes:
+        ctx.probes[key] = _probe_output(fwd, net, method.is_sbnn, ctx)
+    _check_outputs(ctx.probes[key], ctx)
     run = _Run(method, seed, net, fwd, host,
                surrogate=(f"SBNN {method.estimator}" if method.is_sbnn else own))
     if ctx.world > 1:
@@ -767,30 +881,119 @@ def _build_run(model, method: Method, seed: int, reinit: bool, readout, sbnn_kwa
                              "model's time loop calls DDP once per step)")
         probe = _first_batch(ctx)
         ddp, run.ignored = _wrap_ddp(net, fwd, ctx.device, probe, find_unused)
-        run.forward = _Forward(net, host, method.is_sbnn, step, readout, caller=ddp)
+        run.forward = _Forward(net, host, method.is_sbnn, step, readout, caller=ddp,
+                               time_axis=ctx.time_axis)
     return run
 
 
+def _structure(net: nn.Module) -> tuple:
+    """What the probes' results depend on: the module tree (names and classes) and the
+    names and shapes of the parameters and buffers; not the values, which differ between
+    seeds."""
+    return (tuple((n, type(m).__module__, type(m).__qualname__)
+                  for n, m in net.named_modules()),
+            tuple((n, tuple(p.shape), p.requires_grad) for n, p in net.named_parameters()),
+            tuple((n, tuple(b.shape)) for n, b in net.named_buffers()))
+
+
 def _readouts_excluded(net: nn.Module, method: Method, host: str | None, sbnn_kwargs: dict,
-                       ctx: _Ctx, readout) -> dict:
+                       ctx: _Ctx, readout, structure: tuple | None = None) -> dict:
     """``sbnn_kwargs`` with ``exclude=`` the model's readouts: the layers whose noise
     reaches the output without a spiking neuron (found by one ``mean``-mode probe forward
     of a converted copy on the first batch, :func:`~sbnn_addons.check_variance_flow`), so
     that they stay deterministic as in the released configuration (their noise would not
     act). Unchanged when the caller passed ``include`` / ``exclude`` or built the SBNN
-    model itself."""
+    model itself.
+
+    The probe runs once per model ``structure`` (:func:`_structure`) and conversion
+    (estimator, ``learn_std``, aux loss): the seeds of a method convert the same layers,
+    so they reuse its result."""
     if ("include" in sbnn_kwargs or "exclude" in sbnn_kwargs
             or any(isinstance(m, IWSTSpike) for m in net.modules())):
         return sbnn_kwargs
-    probe = _convert(copy.deepcopy(net), method, host, sbnn_kwargs).to(ctx.device)
-    fwd = _Forward(probe, host, True, _step_style(probe, host, ctx.step), readout)
-    found = check_variance_flow(probe, _first_batch(ctx), forward=lambda m, x: fwd(x)).readouts
-    return {**sbnn_kwargs, "exclude": found} if found else sbnn_kwargs
+    key = ("readouts", structure or _structure(net), method.estimator, method.learn_std,
+           method.aux_weight > 0)
+    if key not in ctx.probes:
+        probe = _convert(copy.deepcopy(net), method, host, sbnn_kwargs).to(ctx.device)
+        fwd = _Forward(probe, host, True, _step_style(probe, host, ctx.step), readout,
+                       time_axis=ctx.time_axis)
+        ctx.probes[key] = check_variance_flow(probe, _first_batch(ctx),
+                                              forward=lambda m, x: fwd(x)).readouts
+    found = ctx.probes[key]
+    return {**sbnn_kwargs, "exclude": list(found)} if found else sbnn_kwargs
 
 
-def _first_batch(ctx: _Ctx) -> Tensor:
-    xb, _ = next(iter(ctx.train.batches(min(ctx.batch_size, 2), None)))
+def _first_batch(ctx: _Ctx, n: int = 2) -> Tensor:
+    """The first ``n`` training samples (at most a batch) as the model's input."""
+    xb, _ = next(iter(ctx.train.batches(min(ctx.batch_size, n), None)))
+    xb = xb[:, :n] if ctx.layout == "TB" else xb[:n]  # a loader's batch: its first n
     return prepare(xb, ctx.layout, ctx.encode, torch.Generator().manual_seed(0), ctx.device)
+
+
+def _check_outputs(logits: Tensor, ctx: _Ctx, labels: Tensor | None = None) -> None:
+    """Raise when the model has fewer outputs than the data has classes.
+
+    ``labels``: the labels of one batch (a loader's); default: every label of the tensor
+    data. ``ctx.num_classes`` counts too.
+
+    Raises:
+        ValueError: naming the model's number of outputs and the classes of the data.
+    """
+    if not isinstance(logits, Tensor) or logits.dim() < 1:
+        raise ValueError("the model's logits must be a tensor [B, C], got "
+                         f"{type(logits).__name__}"
+                         f"{list(logits.shape) if isinstance(logits, Tensor) else ''}")
+    outputs = int(logits.shape[-1])
+    if labels is not None:
+        tops = [int(labels.max())] if labels.numel() else []
+    else:
+        tops = [int(d.y.max()) for d in (ctx.train, ctx.test) if d.is_tensor]
+    top = max(tops, default=-1)
+    need = max(ctx.num_classes or 0, top + 1)
+    if outputs >= need:
+        return
+    why = []
+    if top >= outputs:
+        why.append(f"labels up to {top}")
+    if ctx.num_classes and ctx.num_classes > outputs:
+        why.append(f"num_classes={ctx.num_classes}")
+    raise ValueError(
+        f"the model has {outputs} outputs (logits [B, {outputs}]) but the data needs {need} "
+        f"({', '.join(why)}): every class index must be < the number of outputs. "
+        f"Give the model's last layer {need} outputs, or check the labels (class indices "
+        "counted from 0) and num_classes")
+
+
+def _input_has_time_axis(train: DataSpec, encode: Callable | None) -> bool:
+    """Whether the model's input is time-major ``[T, B, ...]``: layouts ``"TB"`` /
+    ``"BT"``, or ``"static"`` data with an ``encode`` (which returns ``[T, B, ...]``, e.g.
+    a rate code, or a transposition of batch-major samples)."""
+    return train.layout != "static" or encode is not None
+
+
+def _probe_output(fwd: _Forward, net: nn.Module, is_sbnn: bool, ctx: _Ctx) -> Tensor:
+    """One forward (no gradient, eval, ``mean`` mode) on the first training samples,
+    before any training, so that an output the harness cannot read raises at once;
+    returns the logits.
+
+    A time-major ``[T, B, C]`` and a batch-first ``[B, T, C]`` output look the same when
+    the batch size equals ``T``: a second batch size is tried then, so that a batch-first
+    output raises even when the training batches happen to have ``B == T``.
+    """
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad(), (mode(net, "mean") if is_sbnn else contextlib.nullcontext()):
+            for n in (2, 3):
+                logits = fwd(_first_batch(ctx, n))
+                shape = fwd.last_shape
+                if shape is None or len(shape) != 3 or shape[0] != shape[1]:
+                    break
+    finally:
+        net.train(was_training)
+        _discard_aux(net)  # the aux terms the probe collected
+        _reset(net, fwd.host, fwd.converted)
+    return logits
 
 
 def _schedule(runs: list[_Run], epochs: int, interleave: bool) -> list[tuple[_Run, int]]:
@@ -804,16 +1007,23 @@ def _schedule(runs: list[_Run], epochs: int, interleave: bool) -> list[tuple[_Ru
     return out
 
 
-def _loss(run: _Run, ctx: _Ctx, out: Tensor, y: Tensor) -> Tensor:
-    loss = ctx.loss_fn(out, y)
+def _loss(run: _Run, ctx: _Ctx, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``(objective, task_loss)``: what is minimised, and ``loss_fn(out, y)`` alone.
+
+    For baselines and SBNN methods without extra terms the two are the same tensor; the
+    ``-kl`` / ``-aux`` methods (and ``aux_all``) add their KL / auxiliary terms to the
+    objective only, so that the reported ``train_loss`` is comparable across methods.
+    """
+    task_loss = ctx.loss_fn(out, y)
+    loss = task_loss
     m = run.method
     if m.is_sbnn:
         uses_aux = m.aux_weight > 0 or ctx.aux_all
         aux_w = (ctx.aux_weight if ctx.aux_weight is not None else m.aux_weight) \
             if uses_aux else 0.0
-        loss = sbnn_objective(loss, run.model, ctx.n_train, kl_weight=m.kl_weight,
+        loss = sbnn_objective(task_loss, run.model, ctx.n_train, kl_weight=m.kl_weight,
                               aux_weight=aux_w, aux_reduction=ctx.aux_reduction)
-    return loss
+    return loss, task_loss
 
 
 def _warmup(run: _Run, ctx: _Ctx, steps: int = 2) -> None:
@@ -828,7 +1038,9 @@ def _warmup(run: _Run, ctx: _Ctx, steps: int = 2) -> None:
         if i >= steps:
             break
         x = prepare(xb, ctx.layout, ctx.encode, gen, ctx.device)
-        loss = _loss(run, ctx, run.forward(x), yb.to(ctx.device))
+        out = run.forward(x)
+        _check_outputs(out, ctx, yb)
+        loss, _ = _loss(run, ctx, out, yb.to(ctx.device))
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
@@ -847,14 +1059,16 @@ def _train_epoch(run: _Run, ctx: _Ctx, epoch: int) -> None:
     run.model.train()
     perm_gen = torch.Generator().manual_seed(_mix(run.seed, epoch, 1))
     enc_gen = torch.Generator().manual_seed(_mix(run.seed, epoch, 2, ctx.rank))
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(3, dtype=torch.float64)  # task loss, objective, samples
     labels, sums = [], []
     _sync(ctx.device)
     t0 = time.perf_counter()
     for xb, yb in ctx.train.batches(ctx.batch_size, perm_gen, ctx.rank, ctx.world):
         x = prepare(xb, ctx.layout, ctx.encode, enc_gen, ctx.device)
         y = yb.to(ctx.device)
-        loss = _loss(run, ctx, run.forward(x), y)
+        out = run.forward(x)
+        _check_outputs(out, ctx, yb)
+        loss, task_loss = _loss(run, ctx, out, y)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if run.ignored:
@@ -862,8 +1076,9 @@ def _train_epoch(run: _Run, ctx: _Ctx, epoch: int) -> None:
         run.optimizer.step()
         if run.scheduler is not None and run.interval == "batch":
             run.scheduler.step()
-        total[0] += float(loss.detach()) * len(y)
-        total[1] += len(y)
+        total[0] += float(task_loss.detach()) * len(y)
+        total[1] += float(loss.detach()) * len(y)
+        total[2] += len(y)
         labels.append(yb)
         sums.append(xb.detach().double().sum().reshape(1))
     _sync(ctx.device)
@@ -880,7 +1095,9 @@ def _train_epoch(run: _Run, ctx: _Ctx, epoch: int) -> None:
     run.train_times.append(float(elapsed))
     probs, targets, secs = _predict(run, ctx, "mean", 1)
     run.eval_times.append(secs)
-    run.curve.append({"epoch": epoch + 1, "train_loss": float(total[0] / max(total[1], 1)),
+    n = max(float(total[2]), 1.0)
+    run.curve.append({"epoch": epoch + 1, "train_loss": float(total[0]) / n,
+                      "train_objective": float(total[1]) / n,
                       "test_accuracy": float((probs.argmax(-1) == targets).float().mean())})
     _save_rng(run, ctx.device)
 
@@ -904,6 +1121,7 @@ def _predict(run: _Run, ctx: _Ctx, eval_mode: str, k: int) -> tuple[Tensor, Tens
                 p = torch.softmax(run.forward(x).double(), -1)
         else:
             p = torch.softmax(run.forward(x).double(), -1)
+        _check_outputs(p, ctx, yb)
         if not bool(torch.isfinite(p).all()):
             raise ValueError(
                 f"{run.method.name} (seed {run.seed}): the model's outputs are NaN or inf in "
@@ -955,7 +1173,7 @@ def _final_eval(run: _Run, ctx: _Ctx, k: int, task: str, epochs: int, batch_size
     x0, _ = next(iter(ctx.test.batches(1, None)))
     shape = prepare(x0, ctx.layout, ctx.encode, torch.Generator().manual_seed(0),
                     torch.device("cpu")).shape
-    num_steps = int(shape[0]) if ctx.layout != "static" or ctx.encode is not None else None
+    num_steps = int(shape[0]) if ctx.time_axis else None
     times = run.train_times
     row.update({
         "mc_samples": k if m.is_sbnn else None,

@@ -76,7 +76,7 @@ def save_plots(results, out_dir: Path) -> list[Path]:
                 if len(curves) > 1:
                     ax.fill_between(ep, vals.min(0).values.tolist(), vals.max(0).values.tolist(),
                                     color=colors[m], alpha=0.15)
-        axes[0].set(xlabel="epoch", ylabel="training loss",
+        axes[0].set(xlabel="epoch", ylabel="training loss (task loss)",
                     title=f"{task}: training loss ({seed_txt})")
         axes[1].set(xlabel="epoch", ylabel="test accuracy (%)",
                     title=f"{task}: test accuracy, mean mode ({seed_txt})")

@@ -60,7 +60,10 @@ class BenchResults:
 
     Attributes:
         rows: one dict per (task, method, seed) with :data:`COLUMNS`, ``curve`` (per
-            epoch: ``epoch``, ``train_loss``, ``test_accuracy`` in ``mean`` mode),
+            epoch: ``epoch``, ``train_loss`` (the task loss ``loss_fn``, the same for
+            every method), ``train_objective`` (what the method minimises: the task loss
+            plus the KL / auxiliary terms of the ``-kl`` / ``-aux`` methods),
+            ``test_accuracy`` in ``mean`` mode),
             ``epoch_train_s`` / ``epoch_eval_s`` (seconds per epoch), ``_probs`` (``{"mean":
             [N, C], "sample": ..., "mc": ...}``) and ``_targets`` ``[N]``.
         meta: the run's settings (task, epochs, seeds, subset sizes, device, command, ...).
@@ -166,7 +169,8 @@ class BenchResults:
 
     def curves(self) -> dict[tuple[str, str, int], list[dict]]:
         """``{(task, method, seed): curve}``; each curve entry has ``epoch``,
-        ``train_loss``, ``test_accuracy`` (``mean`` mode)."""
+        ``train_loss`` (task loss), ``train_objective`` (task loss plus the method's KL /
+        auxiliary terms) and ``test_accuracy`` (``mean`` mode)."""
         return {(r["task"], r["method"], r["seed"]): r["curve"] for r in self.rows}
 
     def predictions(self, method: str, seed: int | None = None, mode: str = "mean",
@@ -267,6 +271,9 @@ PROTOCOL = """\
   {order}; `train_s_per_epoch` is the mean ± std over epochs (and seeds), `eval_s` one
   `mean`-mode pass over the test set, `eval_mc_s` the `mc(K)` pass; the learning curves'
   evaluations are not in the training time.
+- Training loss: `train_loss` (curves) is the task loss for every method; the KL and
+  auxiliary terms that the `-kl` / `-aux` methods add to their objective are in
+  `train_objective` (`results.json`), not in `train_loss`.
 """
 
 
