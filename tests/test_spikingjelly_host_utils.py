@@ -220,6 +220,22 @@ def test_batchnorm_that_cannot_fold_fails_before_an_inplace_conversion_changes_a
     assert not any(n._forward_pre_hooks for n in net.modules())
 
 
+def test_spikingjelly_monitor_records_a_converted_models_spikes():
+    """SpikingJelly's monitor (which imports tensorboard, listed in the spikingjelly
+    extra) records a converted neuron's spikes."""
+    monitor = pytest.importorskip("spikingjelly.activation_based.monitor",
+                                  exc_type=ImportError)
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(6, 5, step_mode="m"), neuron.IFNode(step_mode="m"))
+    sbnn = sbnn_sj.to_sbnn(net)
+    mon = monitor.OutputMonitor(sbnn, neuron.IFNode)
+    try:
+        out = sbnn(torch.rand(T, 3, 6) * 2)
+        assert mon.monitored_layers == ["1"] and torch.equal(mon.records[0], out)
+    finally:
+        mon.remove_hooks()
+
+
 def test_conversion_does_not_touch_the_original_state():
     net = _mnist_net()
     with torch.no_grad():
