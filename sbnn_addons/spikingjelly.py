@@ -240,12 +240,14 @@ def _per_step_variance(var: Tensor, x_seq: Tensor) -> Tensor:
     """
     shape, steps = tuple(var.shape), x_seq.shape[0] if x_seq.dim() else 1
     try:
-        torch.broadcast_shapes(shape, tuple(x_seq.shape))
+        fits = torch.broadcast_shapes(shape, tuple(x_seq.shape)) == x_seq.shape
     except RuntimeError:
+        fits = False
+    if not fits:
         raise ValueError(
             f"the variance of shape {shape} attached to a multi-step neuron's input of shape "
             f"{tuple(x_seq.shape)} does not broadcast to it; attach a variance of the "
-            "input's shape (or one broadcastable to it)") from None
+            "input's shape (or one broadcastable to it)")
     if x_seq.dim() == 0 or (var.dim() == x_seq.dim() and shape[0] == steps):
         return var
     var = var.reshape((1,) * (x_seq.dim() - var.dim()) + shape)
