@@ -692,7 +692,7 @@ def folded_batchnorm_scale(bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
             scale = 1.0 / torch.sqrt(bn.running_var.float() + bn.eps)
         else:
             scale = torch.ones(bn.num_features)
-        if bn.affine:
+        if bn.affine and bn.weight is not None:  # a removed weight (None) is 1
             scale = scale.to(bn.weight.device) * bn.weight.float()
     return scale
 
@@ -857,9 +857,18 @@ class ChannelAffine(nn.Module):
 
     @classmethod
     def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> ChannelAffine:
-        """Fold a BatchNorm's running statistics and affine into a ChannelAffine."""
+        """Fold a BatchNorm's running statistics and affine into a ChannelAffine.
+
+        A BatchNorm whose ``weight`` or ``bias`` is ``None`` (``affine=True`` with the
+        parameter removed, e.g. the per-step BatchNorms of SpikingJelly's
+        ``layer.BatchNormThroughTime2d``, which have no bias) is folded with a weight of
+        1 and a bias of 0; the ChannelAffine's parameter for it is frozen, as the
+        BatchNorm did not learn one. A frozen BatchNorm's affine stays frozen.
+        """
         affine = cls(bn.num_features, eps=bn.eps)
-        ref = bn.weight if bn.affine else bn.running_var
+        weight = bn.weight if bn.affine else None
+        bias = bn.bias if bn.affine else None
+        ref = next((t for t in (weight, bias, bn.running_var) if t is not None), None)
         if ref is not None:  # the BatchNorm's device and dtype (float64, bfloat16, ...)
             affine = affine.to(device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
@@ -869,13 +878,15 @@ class ChannelAffine(nn.Module):
             else:
                 scale = torch.ones_like(affine.weight)
                 shift = torch.zeros_like(affine.bias)
-            if bn.affine:
-                scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+            if weight is not None:
+                scale, shift = scale * weight, shift * weight
+            if bias is not None:
+                shift = shift + bias
             affine.weight.copy_(scale)
             affine.bias.copy_(shift)
-        if bn.affine:  # a frozen BatchNorm's affine stays frozen
-            affine.weight.requires_grad_(bn.weight.requires_grad)
-            affine.bias.requires_grad_(bn.bias.requires_grad)
+        if bn.affine:  # a frozen BatchNorm's affine stays frozen; a missing one is frozen
+            affine.weight.requires_grad_(weight is not None and weight.requires_grad)
+            affine.bias.requires_grad_(bias is not None and bias.requires_grad)
         return affine
 
     def forward(self, x: Tensor) -> Tensor:

@@ -685,7 +685,9 @@ def _batch_norm(func, args, kwargs, out, var_of):
     shape = [1, -1] + [1] * (x.dim() - 2)
     if bound.get("training", False) or bound.get("running_var") is None:
         dims = [d for d in range(x.dim()) if d != 1]
-        stat = x.detach().var(dim=dims, unbiased=False)
+        # the batch statistic of the mean alone: on the carrier, `var` (no rule) would
+        # build a carrier with an unknown variance, which the result then carried itself
+        stat = plain(x).detach().var(dim=dims, unbiased=False)
     else:
         stat = bound["running_var"]
     scale = 1.0 / (stat + bound.get("eps", 1e-5))

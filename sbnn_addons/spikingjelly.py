@@ -161,6 +161,8 @@ class SJSpike(IWSTSpike):
         coeffs = _dynamics(node)
         if isinstance(var, Tensor):
             var = var * (coeffs[1] * coeffs[1])  # c^2 var(X_t), for all steps at once
+            if multi:  # the time dimension first (a view)
+                var = _per_step_variance(var, x)
         state.update(_pending=var, _steps=None, _multi=multi, _step=0, _coeffs=coeffs)
 
     def _end(self) -> None:
@@ -221,6 +223,35 @@ class SJSpike(IWSTSpike):
         for key in ("_var_state", "_pending", "_steps"):
             state[key] = None
         return state
+
+
+def _per_step_variance(var: Tensor, x_seq: Tensor) -> Tensor:
+    """The variance of a multi-step input ``x_seq`` ``[T, N, *]`` with its time dimension
+    first: ``var`` broadcast over the leading dimensions it lacks and over ``T`` (an
+    expanded view, no copy), its other dimensions kept as compact as they are.
+
+    A variance only broadcasts to its mean: a static Bayesian layer output ``[N, C]``
+    repeated over time by a broadcasting sum (``y + zeros(T, N, C)``,
+    ``y.unsqueeze(0) + zeros(T, 1, 1)``) carries a variance ``[N, 1]`` or ``[1, N, C]``,
+    whose first dimension is not the time dimension.
+
+    Raises:
+        ValueError: ``var`` does not broadcast to ``x_seq``.
+    """
+    shape, steps = tuple(var.shape), x_seq.shape[0] if x_seq.dim() else 1
+    try:
+        fits = torch.broadcast_shapes(shape, tuple(x_seq.shape)) == x_seq.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"the variance of shape {shape} attached to a multi-step neuron's input of shape "
+            f"{tuple(x_seq.shape)} does not broadcast to it; attach a variance of the "
+            "input's shape (or one broadcastable to it)")
+    if x_seq.dim() == 0 or (var.dim() == x_seq.dim() and shape[0] == steps):
+        return var
+    var = var.reshape((1,) * (x_seq.dim() - var.dim()) + shape)
+    return var.expand(steps, *var.shape[1:])
 
 
 def surrogate_function(
@@ -405,7 +436,11 @@ def _linked_multi_step_forward(node: nn.Module, x_seq: Tensor, *args, **kwargs):
     if dyn is None:
         return type(node).multi_step_forward(node, x_seq, *args, **kwargs)
     (v0,) = node.materialize_states((x_seq,), tuple(node._memories.values()), "m")[:1]
-    var = compact_broadcast(spike._pending) if isinstance(spike._pending, Tensor) else None
+    var = None
+    if isinstance(spike._pending, Tensor):
+        var = compact_broadcast(spike._pending)
+        if var.shape[0] != x_seq.shape[0]:  # constant over time: lif_sequence takes T terms
+            var = var.expand(x_seq.shape[0], *var.shape[1:])
     own = spike.noise_variance(x_seq.new_zeros(()))  # the spike's own noise only
     noisy = var is not None or spike._var_state is not None or own is not None
     aux = noisy and spike._aux_wanted()  # as the node's loop
@@ -785,6 +820,7 @@ def to_sbnn(
     folds, affine_bns = ({}, set()) if batchnorm != "affine" else _layers.affine_batchnorm_plan(
         model, _WEIGHTS, _SJ_BN + _PLAIN_BN, selected, lambda n: match_name(n, exc),
         inc is not None)
+    _check_batchnorm_plan(model, folds, affine_bns, posterior)
 
     model = model if inplace else _safe_deepcopy(model)
     reset(model)  # (the copy's) neuron states: a fresh start
@@ -868,6 +904,31 @@ def _validate_arguments(model, estimator, posterior, spike_std, spike_learn, inc
     for p in exc or ():
         if not any(match_name(n, (p,)) for n in names):
             raise ValueError(f"exclude pattern {p!r} matches no module; modules are: {names}")
+
+
+def _check_batchnorm_plan(model: nn.Module, folds: dict[str, str], affine_bns: set[str],
+                          posterior: dict) -> None:
+    """Fold, on the unchanged model, every BatchNorm that ``batchnorm="affine"`` replaces
+    and the scale of every BatchNorm folded into a layer's initial std, so that a
+    BatchNorm that cannot be folded raises before the model changes (a failed
+    ``inplace=True`` conversion leaves the model as it was).
+
+    Raises:
+        ValueError: naming the BatchNorm that cannot be folded, and why.
+    """
+    modules = dict(model.named_modules())
+    checks = [(bn, lambda bn=bn: _affine_from_bn(modules[bn])) for bn in sorted(affine_bns)]
+    checks += [(bn, lambda lay=lay, bn=bn: _layers.converted_layer_kwargs(
+        modules[lay], posterior, modules[bn])) for lay, bn in folds.items()]
+    for name, check in checks:
+        try:
+            check()
+        except (RuntimeError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"batchnorm='affine' cannot fold BatchNorm {name!r} "
+                f"({type(modules[name]).__name__}): {err}. Check its "
+                f"weight, bias and running statistics (one value per channel), keep it with "
+                f"batchnorm='keep', or leave it out with exclude=[{name!r}]") from err
 
 
 _WEIGHTS = (layer.Linear, layer.Conv1d, layer.Conv2d, nn.Linear, nn.Conv1d, nn.Conv2d)

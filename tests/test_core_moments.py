@@ -157,6 +157,28 @@ def test_batch_norm_eval_scales_variance():
     torch.testing.assert_close(get_variance(y), v * scale**2, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("factored", [False, True])
+def test_batch_norm_training_variance_is_a_plain_tensor(factored):
+    """Training-mode batch_norm: var / (batch var of the mean + eps) * gamma^2, the
+    batch statistic taken from the mean alone, so that the output's variance is a plain
+    tensor (it was itself a carrier with an unknown variance, from `var` on the input)."""
+    x, v = _noisy((4, 3, 2, 2))
+    if factored:
+        x = attach_variance(moments.plain(x), ScaledVariance(v, torch.tensor(0.3,
+                                                                    dtype=v.dtype)))
+    bn = nn.BatchNorm2d(3).double().train()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.5, -0.5, 2.0]))
+    y = bn(x)
+    raw = raw_variance(y)
+    stored = raw.base if factored else raw
+    assert type(stored) is torch.Tensor
+    stat = moments.plain(x).var(dim=(0, 2, 3), unbiased=False)
+    scale = (bn.weight.detach() ** 2 / (stat + bn.eps)).view(1, 3, 1, 1)
+    want = v * scale * (0.3 if factored else 1.0)
+    torch.testing.assert_close(get_variance(y), want, rtol=1e-12, atol=0)
+
+
 def test_dropout_and_pad():
     x, v = _noisy((4, 8))
     torch.manual_seed(0)

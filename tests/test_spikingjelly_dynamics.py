@@ -348,3 +348,75 @@ def test_fused_sequence_aux_loss_with_own_noise_only():
         assert aux[-1] is not None, "no auxiliary loss collected"
         assert 0 < float(out.detach().mean()) < 1
     torch.testing.assert_close(aux[0], aux[1], rtol=1e-5, atol=0)
+
+
+class _StaticInput(nn.Module):
+    """A Bayesian layer on a static input ``[N, in]``, its output repeated over ``T``
+    steps by ``how`` and fed to a multi-step neuron (or, in single-step mode, step by
+    step: the reference)."""
+
+    def __init__(self, how: str, steps: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 6)
+        self.lif = neuron.LIFNode(tau=2.0, v_reset=None, step_mode="m")
+        self.how, self.steps = how, steps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        t = self.steps
+        if self.how == "unsqueeze_add":  # variance [1, N, C]
+            z = y.unsqueeze(0) + torch.zeros(t, 1, 1)
+        elif self.how == "broadcast_add":  # variance [N, 1] (per-layer std)
+            z = y + torch.zeros(t, *y.shape)
+        elif self.how == "repeat":
+            z = y.unsqueeze(0).repeat(t, 1, 1)
+        else:
+            z = y.unsqueeze(0).expand(t, -1, -1)
+        if self.lif.step_mode == "m":
+            return self.lif(z)
+        return torch.stack([self.lif(z_t) for z_t in z])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("how", ["unsqueeze_add", "broadcast_add", "repeat", "expand"])
+def test_static_input_broadcast_over_time_keeps_per_step_variance(how, fused):
+    """A static Bayesian layer output broadcast over time carries a variance without the
+    time dimension (``[N, 1]``, ``[1, N, C]``): the multi-step neuron broadcasts it over
+    time, not along the batch. Its membrane variance is the analytic
+    ``sum_t beta^(2(T-1-t)) c^2 s^2 sum x^2`` (soft reset), and its spikes and the std's
+    gradient equal the single-step loop's under one seed. N = T: the batch dimension
+    split as the time dimension raised no error."""
+    steps = batch = 4
+    torch.manual_seed(0)
+    sbnn = sbnn_sj.to_sbnn(_StaticInput(how, steps), std=0.5, spike_std=None)
+    if not fused:
+        sbnn = _own_loop(sbnn)
+    x = torch.randn(batch, 5) * 2
+    results = {}
+    for sm in ("m", "s"):
+        functional.set_step_mode(sbnn, sm)
+        functional.reset_net(sbnn)
+        sbnn.zero_grad()
+        torch.manual_seed(1)
+        out = sbnn(x)
+        out.sum().backward()
+        results[sm] = (out, getattr(sbnn.lif, sbnn_sj.VAR_MEMORY).detach(),
+                       sbnn.fc.std_rho.grad.clone())
+    var = 0.25 * x.pow(2).sum(1, keepdim=True)  # s^2 sum x^2, [N, 1]
+    beta, c = 0.5, 0.5
+    want = sum(beta ** (2 * (steps - 1 - t)) * c * c * var for t in range(steps))
+    for sm, (_, state, _) in results.items():
+        torch.testing.assert_close(state.expand(batch, 6), want.expand(batch, 6),
+                                   rtol=1e-5, atol=0, msg=sm)
+    assert torch.equal(results["m"][0], results["s"][0])
+    assert 0 < float(results["m"][0].detach().mean()) < 1
+    torch.testing.assert_close(results["m"][2], results["s"][2], rtol=1e-5, atol=1e-7)
+
+
+def test_multi_step_variance_that_does_not_broadcast_is_named():
+    """A variance attached by hand that does not broadcast to the multi-step input gives
+    an error naming both shapes (not a wrong split or a step-count error)."""
+    node = sbnn_sj.to_sbnn(nn.Sequential(neuron.IFNode(step_mode="m")))[0]
+    x = sbnn_addons.attach_variance(torch.rand(4, 3, 6), torch.ones(5, 1))
+    with pytest.raises(ValueError, match=r"\(5, 1\).*\(4, 3, 6\)"):
+        node(x)

@@ -203,6 +203,39 @@ def test_failed_inplace_conversion_leaves_model_untouched(kwargs, match):
     assert not any(n._forward_pre_hooks for n in _nodes(net))
 
 
+def test_batchnorm_that_cannot_fold_fails_before_an_inplace_conversion_changes_anything():
+    """batchnorm="affine" folds every BatchNorm before the model changes: one that cannot
+    be folded (a weight of the wrong size) gives an error that names it, and the layers
+    before it stay unconverted (they were converted before the raw error)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Conv2d(2, 4, 3, padding=1), neuron.IFNode(),
+                        layer.Conv2d(4, 4, 3, padding=1), layer.BatchNorm2d(4), neuron.IFNode())
+    net[3].weight = nn.Parameter(torch.ones(3))
+    before = ({k: v.clone() for k, v in net.state_dict().items()},
+              [type(m) for m in net.modules()])
+    with pytest.raises(ValueError, match=r"cannot fold BatchNorm '3'.*exclude=\['3'\]"):
+        sbnn_sj.to_sbnn(net, batchnorm="affine", inplace=True)
+    assert [type(m) for m in net.modules()] == before[1]
+    assert all(torch.equal(v, before[0][k]) for k, v in net.state_dict().items())
+    assert not any(n._forward_pre_hooks for n in net.modules())
+
+
+def test_spikingjelly_monitor_records_a_converted_models_spikes():
+    """SpikingJelly's monitor (which imports tensorboard, listed in the spikingjelly
+    extra) records a converted neuron's spikes."""
+    monitor = pytest.importorskip("spikingjelly.activation_based.monitor",
+                                  exc_type=ImportError)
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(6, 5, step_mode="m"), neuron.IFNode(step_mode="m"))
+    sbnn = sbnn_sj.to_sbnn(net)
+    mon = monitor.OutputMonitor(sbnn, neuron.IFNode)
+    try:
+        out = sbnn(torch.rand(T, 3, 6) * 2)
+        assert mon.monitored_layers == ["1"] and torch.equal(mon.records[0], out)
+    finally:
+        mon.remove_hooks()
+
+
 def test_conversion_does_not_touch_the_original_state():
     net = _mnist_net()
     with torch.no_grad():

@@ -324,6 +324,43 @@ def test_batchnorm_affine_respects_include_exclude_and_needs_running_statistics(
     sbnn_sj.to_sbnn(net, batchnorm="affine", exclude="1")
 
 
+@pytest.mark.parametrize("missing", ["bntt_bias", "weight", "bias"])
+def test_batchnorm_affine_folds_a_batchnorm_without_weight_or_bias(missing):
+    """A BatchNorm whose weight or bias is None (SpikingJelly's BatchNormThroughTime2d
+    removes the bias of its per-step BatchNorms) folds into a ChannelAffine with weight 1 /
+    bias 0 (it raised a TypeError half-way through an inplace conversion): the converted
+    model in mean mode equals the original in eval mode, and the missing parameter is not
+    learned."""
+    torch.manual_seed(0)
+    steps = X.shape[0]
+    bn = (layer.BatchNormThroughTime2d(steps, 4, step_mode="m") if missing == "bntt_bias"
+          else layer.BatchNorm2d(4, step_mode="m"))
+    if missing != "bntt_bias":
+        setattr(bn, missing, None)
+    net = nn.Sequential(layer.Conv2d(2, 4, 3, padding=1, step_mode="m"), bn,
+                        neuron.IFNode(step_mode="m"))
+    with torch.no_grad():
+        for m in bn.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                for p in m.parameters():
+                    p.uniform_(0.5, 1.5)
+    net.eval()
+    functional.reset_net(net)
+    with torch.no_grad():
+        want = net[:2](X)
+    sbnn_sj.to_sbnn(net, batchnorm="affine", inplace=True)
+    affines = [m for m in net.modules() if isinstance(m, sbnn_addons.ChannelAffine)]
+    assert len(affines) == (steps if missing == "bntt_bias" else 1)
+    attr = "weight" if missing == "weight" else "bias"
+    assert all(not getattr(a, attr).requires_grad for a in affines)
+    functional.reset_net(net)
+    with sbnn_addons.mode(net, "mean"), torch.no_grad():
+        got = net[:2](X)
+    torch.testing.assert_close(sbnn_addons.moments.plain(got), want, rtol=1e-5, atol=1e-5)
+
+
 def test_frozen_and_tied_parameters_survive_conversion_and_export():
     """Frozen parameters stay frozen and tied weights stay one parameter, through to_sbnn
     (both BatchNorm modes) and to_spikingjelly."""
