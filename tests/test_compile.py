@@ -158,6 +158,43 @@ def test_snntorch_explicit_loop_compiles_like_eager(same_random_stream):
     _check_like_eager(net, lambda x, y: F.cross_entropy(net(x).sum(0), y), x, y)
 
 
+class ChunkNet(LoopNet):
+    """The explicit loop run in chunks (truncated BPTT): the membranes come in and go out."""
+
+    def chunk(self, x, mem1, mem2):
+        out = []
+        for t in range(x.shape[0]):
+            spk1, mem1 = self.lif1(self.fc1(x[t]), mem1)
+            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+            out.append(spk1)
+        return torch.stack(out), mem1, mem2
+
+
+def test_snntorch_explicit_loop_tbptt_chunks_compile_like_eager(same_random_stream):
+    """Compiled chunks of an explicit loop, each given back the last membranes detached
+    (``mem = mem.detach()``): a chunk's first reset is the spikes the membrane emitted, as
+    in eager mode, not ``1[mem > threshold]``."""
+    x = torch.rand(T, 32, 12) * 3
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        net = sbnn_snn.to_sbnn(ChunkNet())
+        step = torch.compile(net.chunk, fullgraph=True) if compiled else net.chunk
+        mem1, mem2 = net.lif1.init_leaky(), net.lif2.init_leaky()
+        torch.manual_seed(1)
+        spikes = []
+        for part in x.split(T // 2):
+            spk, mem1, mem2 = step(part, mem1, mem2)
+            spk.sum().backward()
+            spikes.append(spk.detach())
+            mem1, mem2 = mem1.detach(), mem2.detach()
+        results.append((torch.cat(spikes), mem1.as_subclass(torch.Tensor)))
+    (eager_spk, eager_mem), (comp_spk, comp_mem) = results
+    assert torch.equal(comp_spk, eager_spk)
+    torch.testing.assert_close(comp_mem, eager_mem)
+
+
 @pytest.mark.parametrize("step_mode", ["s", "m"])
 def test_spikingjelly_compiles_like_eager(same_random_stream, step_mode):
     from spikingjelly.activation_based import functional, layer, neuron, surrogate
