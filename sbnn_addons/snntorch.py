@@ -325,7 +325,9 @@ class _EmittedSpikeReset:
         return out
 
     def _sbnn_store(self) -> None:
-        """After a step: the membrane buffer as a plain tensor, its variance as state."""
+        """After a step: the membrane buffer as a plain tensor, its variance as state; the
+        spike buffer (``RLeaky``) as a plain tensor too."""
+        self._sbnn_store_plain_spikes()
         mem = self._buffers.get("mem")
         if type(mem) is not VarianceTensor:
             self.__dict__.pop(_STATE, None)
@@ -344,6 +346,18 @@ class _EmittedSpikeReset:
         self.__dict__[_STATE] = (plain_mem, var, plain_mem.requires_grad, version)
         if _recording_steps():
             _step_record(self, plain_mem)["state"] = (var, plain_mem.requires_grad, version)
+
+    def _sbnn_store_plain_spikes(self) -> None:
+        """An ``RLeaky``'s ``spk`` buffer as a plain tensor: in eager mode the spikes are
+        a marked :class:`~sbnn_addons.tensors.SpikeTensor`, which a compiled step would
+        take as a graph input (AOTAutograd rejects a tensor subclass there). A plain copy
+        (not an alias: ``detach_hidden()`` detaches the buffer in place); the spikes
+        returned keep their mark."""
+        spk = self._buffers.get("spk")
+        if (spk is not None and type(spk) not in (Tensor, VarianceTensor)
+                and not torch.compiler.is_compiling()):
+            with torch._C.DisableTorchFunctionSubclass():
+                self._buffers["spk"] = spk.clone()
 
     def _sbnn_state_update(self, input_: Tensor) -> Tensor:
         mem = self._buffers.get("mem")

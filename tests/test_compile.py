@@ -195,6 +195,27 @@ def test_snntorch_explicit_loop_tbptt_chunks_compile_like_eager(same_random_stre
     torch.testing.assert_close(comp_mem, eager_mem)
 
 
+def test_snntorch_rleaky_compiled_step_after_an_eager_step(same_random_stream):
+    """An init_hidden RLeaky's spike buffer after an eager step is a plain tensor (a graph
+    input: AOTAutograd rejects the eager spikes' subclass), and the compiled step that
+    follows matches an eager one."""
+    x = torch.rand(2, 4, 6) * 2
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        net = sbnn_snn.to_sbnn(nn.Sequential(
+            nn.Linear(6, 5), snn.RLeaky(beta=0.9, linear_features=5, init_hidden=True)))
+        sutils.reset(net)
+        assert type(net(x[0])) is not torch.Tensor  # eager: marked spikes
+        step = torch.compile(net, fullgraph=True) if compiled else net
+        spk = step(x[1])
+        spk.sum().backward()
+        results.append((spk.detach(), net[1].mem.detach().clone()))
+    assert torch.equal(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])
+
+
 @pytest.mark.parametrize("step_mode", ["s", "m"])
 def test_spikingjelly_compiles_like_eager(same_random_stream, step_mode):
     from spikingjelly.activation_based import functional, layer, neuron, surrogate
