@@ -417,6 +417,32 @@ def test_seeded_spikes_raise_a_named_error_under_compile_and_mc_predict_restores
     step(x)
 
 
+def test_unused_aux_terms_raise_under_compile_as_in_eager():
+    """Auxiliary terms never consumed by aux_loss and held across an optimiser step raise
+    the same named error in a compiled step as in eager mode (they piled up, with their
+    graphs, at every compiled call), and are dropped; used, they raise nothing."""
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        net = sb.enable_aux_loss(nn.Sequential(sb.BayesLinear(4, 3, std=0.3), sb.LIF()))
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+
+        def loss_fn(x, use_aux, net=net):
+            loss = net(x)[0].sum()
+            return loss + sb.aux_loss(net) if use_aux else loss
+
+        step = torch.compile(loss_fn, fullgraph=True) if compiled else loss_fn
+        x = torch.rand(5, 4) * 2
+        for use_aux in (True, True, False):
+            opt.zero_grad()
+            step(x, use_aux).backward()
+            opt.step()
+        with pytest.raises(RuntimeError, match=r"never used: add sbnn_addons\.aux_loss\(model\)"):
+            step(x, False)
+        assert not net[1].spike_fn._aux_terms, compiled
+        step(x, True).backward()
+
+
 def test_mc_predict_with_spike_counts_on_a_fullgraph_compiled_model():
     from spikingjelly.activation_based import functional, layer, neuron
 
