@@ -520,7 +520,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         if self._seed is None or self.deterministic:
             return None
         if torch.compiler.is_compiling():
-            raise RuntimeError(
+            raise_error(
                 "this spike function is seeded (sbnn_addons.seed_spikes, or mc_predict's "
                 "seed), and torch.compile cannot trace its private generator: call "
                 "sbnn_addons.seed_spikes(model, None) before the compiled call and seed the "

@@ -411,8 +411,9 @@ def test_seeded_spikes_raise_a_named_error_under_compile_and_mc_predict_restores
     sb.seed_spikes(net, 1)
     torch._dynamo.reset()
     step = torch.compile(lambda v: net(v)[0].sum(), fullgraph=True)
-    with pytest.raises(Exception, match="seed_spikes\\(model, None\\)"):
+    with pytest.raises(RuntimeError, match="seed_spikes\\(model, None\\)") as err:
         step(x)
+    assert str(err.value).startswith("this spike function is seeded")  # not Dynamo's
     sb.seed_spikes(net, None)
     step(x)
 
