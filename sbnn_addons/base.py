@@ -8,6 +8,7 @@ import functools
 import math
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from typing import NoReturn
 
 import torch
 from torch import Tensor
@@ -74,6 +75,36 @@ def inverse_softplus(value: float | Tensor) -> float | Tensor:
 
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def raise_error(message: str, error: type[Exception] = RuntimeError) -> NoReturn:
+    """Raise ``error(message)``, also from a step that ``torch.compile`` traces.
+
+    Dynamo reports an exception raised in traced code as ``Unsupported: Observed
+    exception`` (under ``fullgraph=True``), with the message in its debug context only.
+    While compiling, the message is raised as a Dynamo ``UserError`` (a
+    ``RuntimeError``), which reaches the caller with the message first.
+
+    Args:
+        message: what went wrong and the fix.
+        error: the exception class raised in eager mode.
+
+    Raises:
+        Exception: ``error(message)`` in eager mode, ``torch._dynamo.exc.UserError``
+            while compiling.
+    """
+    if torch.compiler.is_compiling():
+        _raise_user_error(message)
+    raise error(message)
+
+
+@torch.compiler.assume_constant_result
+def _raise_user_error(message: str) -> None:
+    """Raise ``message`` as a Dynamo ``UserError``: run in Python while tracing (a
+    constant-result function), so Dynamo passes the error on as it is."""
+    from torch._dynamo.exc import UserError, UserErrorType
+
+    raise UserError(UserErrorType.INVALID_INPUT, message)
 
 
 def check_std(name: str, value, *, allow_zero: bool) -> float:

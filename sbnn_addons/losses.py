@@ -49,6 +49,7 @@ def enable_aux_loss(model: nn.Module, enabled: bool = True) -> nn.Module:
     for m in _spikes(model):
         m.collect_aux = enabled
         m._aux_terms = []
+        m._aux_stale = False
     return model
 
 

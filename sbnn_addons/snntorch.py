@@ -329,7 +329,9 @@ class _EmittedSpikeReset:
         return out
 
     def _sbnn_store(self) -> None:
-        """After a step: the membrane buffer as a plain tensor, its variance as state."""
+        """After a step: the membrane buffer as a plain tensor, its variance as state; the
+        spike buffer (``RLeaky``) as a plain tensor too."""
+        self._sbnn_store_plain_spikes()
         mem = self._buffers.get("mem")
         if type(mem) is not VarianceTensor:
             self.__dict__.pop(_STATE, None)
@@ -348,6 +350,18 @@ class _EmittedSpikeReset:
         self.__dict__[_STATE] = (plain_mem, var, plain_mem.requires_grad, version)
         if _recording_steps():
             _step_record(self, plain_mem)["state"] = (var, plain_mem.requires_grad, version)
+
+    def _sbnn_store_plain_spikes(self) -> None:
+        """An ``RLeaky``'s ``spk`` buffer as a plain tensor: in eager mode the spikes are
+        a marked :class:`~sbnn_addons.tensors.SpikeTensor`, which a compiled step would
+        take as a graph input (AOTAutograd rejects a tensor subclass there). A plain copy
+        (not an alias: ``detach_hidden()`` detaches the buffer in place); the spikes
+        returned keep their mark."""
+        spk = self._buffers.get("spk")
+        if (spk is not None and type(spk) not in (Tensor, VarianceTensor)
+                and not torch.compiler.is_compiling()):
+            with torch._C.DisableTorchFunctionSubclass():
+                self._buffers["spk"] = spk.clone()
 
     def _sbnn_state_update(self, input_: Tensor) -> Tensor:
         mem = self._buffers.get("mem")
@@ -428,20 +442,51 @@ class _EmittedSpikeReset:
 
     def mem_reset(self, mem: Tensor) -> Tensor:
         cached = self.__dict__.get(_CACHE)
-        if cached is not None and (cached[0] is mem or (len(cached) > 2 and cached[2] is mem)
-                                   or (not torch.compiler.is_compiling()
-                                       and (_aliases(mem, cached[0])  # mem.detach() (TBPTT)
-                                            or _copy_of(mem, cached[0])))):
+        if cached is not None and (cached[0] is mem or (len(cached) > 2 and cached[2] is mem)):
             return cached[1]
-        if not torch.compiler.is_compiling():  # an earlier step's membrane (a recomputation)
+        compiling = torch.compiler.is_compiling()
+        if cached is not None and not compiling and (_aliases(mem, cached[0])  # mem.detach()
+                                                     or _copy_of(mem, cached[0])):
+            return cached[1]
+        if not compiling:  # an earlier step's membrane (a recomputation)
             spikes = _find_step_record(self, mem).get("spikes")
             if spikes is not None:
                 return spikes
-        return _host_spike_dtype((mem.detach() - self.threshold > 0).to(mem.dtype))
+        fresh = _host_spike_dtype((mem.detach() - self.threshold > 0).to(mem.dtype))
+        if compiling and cached is not None:
+            # a compiled step cannot compare storages: the first step of a compiled call
+            # given back the last membrane detached (truncated BPTT) or copied
+            return _compiled_copy_reset(mem, cached[0], cached[1], fresh)
+        return fresh
 
     def reset_mem(self):
         self.__dict__.pop(_CACHE, None)
         return super().reset_mem()
+
+
+def _compiled_copy_reset(mem: Tensor, stored: Tensor, spikes: Tensor,
+                         fresh: Tensor) -> Tensor:
+    """The reset of membrane ``mem`` in a compiled graph: the ``spikes`` that the stored
+    membrane emitted where ``mem`` is a value copy of it (:func:`_copy_of`, which eager
+    mode uses, here without a data-dependent branch: ``torch.where`` on a 0-dim
+    condition), else ``fresh`` (``1[mem > threshold]``: a new membrane emitted no spike).
+
+    Args:
+        mem: the membrane of the reset call (a graph input, e.g. ``mem.detach()`` passed
+            back by an explicit time loop between compiled chunks).
+        stored: the membrane the neuron fired from at its last step.
+        spikes: the spikes it emitted then.
+        fresh: the reset of a membrane that emitted no spike.
+
+    Returns:
+        ``spikes`` or ``fresh``, chosen in the graph.
+    """
+    if (mem.shape != stored.shape or mem.dtype != stored.dtype or mem.device != stored.device
+            or spikes.shape != fresh.shape):
+        return fresh
+    values = mem.detach()
+    same = (values == stored.detach()).all() & (values != 0).any()  # zeros: a new sequence
+    return torch.where(same, spikes.to(fresh.dtype), fresh)
 
 
 def _check_passed_membrane(neuron: nn.Module, mem: Tensor) -> None:

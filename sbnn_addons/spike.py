@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -25,6 +26,7 @@ from .base import (
     cached_tensor_test,
     check_std,
     inverse_softplus,
+    raise_error,
     shared_square,
     softplus,
 )
@@ -71,6 +73,13 @@ DEFAULT_AUX_PULL = 1e-3
 _RECOMPUTING = [0]  # depth of recomputations (activation checkpointing) in progress
 _IN_CHECKPOINT = [0]  # depth of sbnn_addons.checkpoint forwards (which replay seeded draws)
 _OPTIMIZER_STEPS: list = [0, None]  # torch.optim steps taken, the hook's handle
+_SPIKE_FUNCTIONS: weakref.WeakSet = weakref.WeakSet()  # every IWSTSpike (the hook's view)
+
+_STALE_AUX_MESSAGE = (
+    "auxiliary loss terms collected before the last optimiser step were never "
+    "used: add sbnn_addons.aux_loss(model) to the loss (or pass aux_weight to "
+    "sbnn_objective), or stop collecting them with "
+    "sbnn_addons.enable_aux_loss(model, False) (to_sbnn(..., aux_loss=False))")
 
 
 def check_aux_pull(value) -> float:
@@ -97,7 +106,32 @@ def relative_spike_std(spike_std: float | None, threshold: float) -> float | Non
 
 
 def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    """``torch.optim`` step post-hook: count the step, and mark the auxiliary terms still
+    held by a spike function as stale (a compiled step reads the mark: it cannot read the
+    count without recompiling at every step)."""
     _OPTIMIZER_STEPS[0] += 1
+    for spike in list(_SPIKE_FUNCTIONS):
+        if spike.__dict__.get("_aux_terms"):
+            spike._aux_stale = True
+
+
+def _watch_optimizer_steps() -> None:
+    """Register :func:`_count_optimizer_step` (once)."""
+    if _OPTIMIZER_STEPS[1] is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _OPTIMIZER_STEPS[1] = register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+@torch.compiler.assume_constant_result
+def _drop_stale_aux_terms() -> bool:
+    """Drop the terms of every spike function marked stale (run in Python also while
+    tracing: the compiled step raises next, so it would not apply them)."""
+    for spike in list(_SPIKE_FUNCTIONS):
+        if spike.__dict__.get("_aux_stale"):
+            spike._aux_terms = []
+            spike._aux_stale = False
+    return True
 
 
 class _AuxPull(torch.autograd.Function):
@@ -236,10 +270,14 @@ class IWSTSpike(SBNNModule, nn.Module):
         self._aux_pull = aux_pull
         self._aux_terms: list[Tensor] = []
         self._aux_version: int | None = None
+        self._aux_stale = False  # terms held at an optimiser step (set by its hook)
         self._seed: int | None = None
         self._generator: torch.Generator | None = None
+        _SPIKE_FUNCTIONS.add(self)
+        _watch_optimizer_steps()
 
     _aux_pull = 0.0  # what a spike function pickled before the pull existed reads
+    _aux_stale = False  # and before the stale mark existed
 
     @property
     def aux_pull(self) -> float:
@@ -417,7 +455,9 @@ class IWSTSpike(SBNNModule, nn.Module):
         Raises:
             RuntimeError: terms collected before the last optimiser step (the learned
                 std changed since) were never consumed by :func:`sbnn_addons.aux_loss`:
-                they would pile up with their graphs every step.
+                they would pile up with their graphs every step. Under ``torch.compile``
+                (a ``torch._dynamo.exc.UserError``, a ``RuntimeError``): terms held at the
+                last ``torch.optim`` step.
         """
         if _RECOMPUTING[0]:
             return
@@ -427,13 +467,15 @@ class IWSTSpike(SBNNModule, nn.Module):
         if (self._aux_terms and version is not None
                 and version != getattr(self, "_aux_version", version)):
             self._aux_terms = []
-            raise RuntimeError(
-                "auxiliary loss terms collected before the last optimiser step were never "
-                "used: add sbnn_addons.aux_loss(model) to the loss (or pass aux_weight to "
-                "sbnn_objective), or stop collecting them with "
-                "sbnn_addons.enable_aux_loss(model, False) (to_sbnn(..., aux_loss=False))")
+            self._aux_stale = False
+            raise RuntimeError(_STALE_AUX_MESSAGE)
+        if self._aux_terms and torch.compiler.is_compiling() and self._aux_stale:
+            # held at a torch.optim step (the hook's mark; a change recompiles the step)
+            _drop_stale_aux_terms()
+            raise_error(_STALE_AUX_MESSAGE)
         if not self._aux_terms:
             self._aux_version = version
+            self._aux_stale = False
         batch = max(self._batch_size(step), 1)
         self._aux_terms.append((z2_sum / batch, step.numel() // batch * steps))
 
@@ -443,11 +485,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         version counter (other optimisers); ``None`` under ``torch.compile``."""
         if torch.compiler.is_compiling():
             return None
-        if _OPTIMIZER_STEPS[1] is None:
-            from torch.optim.optimizer import register_optimizer_step_post_hook
-
-            _OPTIMIZER_STEPS[1] = register_optimizer_step_post_hook(
-                _count_optimizer_step)
+        _watch_optimizer_steps()
         return (_OPTIMIZER_STEPS[0], self._std_version())
 
     def _std_version(self) -> int | None:
@@ -469,6 +507,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         total = torch.stack([term for term, _ in self._aux_terms]).sum()
         units = sum(n for _, n in self._aux_terms)
         self._aux_terms = []
+        self._aux_stale = False
         return total, units
 
     # ------------------------------------------------------------------ seeding
@@ -481,7 +520,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         if self._seed is None or self.deterministic:
             return None
         if torch.compiler.is_compiling():
-            raise RuntimeError(
+            raise_error(
                 "this spike function is seeded (sbnn_addons.seed_spikes, or mc_predict's "
                 "seed), and torch.compile cannot trace its private generator: call "
                 "sbnn_addons.seed_spikes(model, None) before the compiled call and seed the "
@@ -508,11 +547,13 @@ class IWSTSpike(SBNNModule, nn.Module):
         if generator is not None:
             state["_generator_state"] = (generator.device.type, generator.get_state())
         state["_aux_terms"] = []
+        state["_aux_stale"] = False
         return state
 
     def __setstate__(self, state) -> None:
         saved = state.pop("_generator_state", None)
         super().__setstate__(state)
+        _SPIKE_FUNCTIONS.add(self)
         if saved is not None:
             device, rng_state = saved
             self._generator = torch.Generator(device=device)

@@ -158,6 +158,64 @@ def test_snntorch_explicit_loop_compiles_like_eager(same_random_stream):
     _check_like_eager(net, lambda x, y: F.cross_entropy(net(x).sum(0), y), x, y)
 
 
+class ChunkNet(LoopNet):
+    """The explicit loop run in chunks (truncated BPTT): the membranes come in and go out."""
+
+    def chunk(self, x, mem1, mem2):
+        out = []
+        for t in range(x.shape[0]):
+            spk1, mem1 = self.lif1(self.fc1(x[t]), mem1)
+            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+            out.append(spk1)
+        return torch.stack(out), mem1, mem2
+
+
+def test_snntorch_explicit_loop_tbptt_chunks_compile_like_eager(same_random_stream):
+    """Compiled chunks of an explicit loop, each given back the last membranes detached
+    (``mem = mem.detach()``): a chunk's first reset is the spikes the membrane emitted, as
+    in eager mode, not ``1[mem > threshold]``."""
+    x = torch.rand(T, 32, 12) * 3
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        net = sbnn_snn.to_sbnn(ChunkNet())
+        step = torch.compile(net.chunk, fullgraph=True) if compiled else net.chunk
+        mem1, mem2 = net.lif1.init_leaky(), net.lif2.init_leaky()
+        torch.manual_seed(1)
+        spikes = []
+        for part in x.split(T // 2):
+            spk, mem1, mem2 = step(part, mem1, mem2)
+            spk.sum().backward()
+            spikes.append(spk.detach())
+            mem1, mem2 = mem1.detach(), mem2.detach()
+        results.append((torch.cat(spikes), mem1.as_subclass(torch.Tensor)))
+    (eager_spk, eager_mem), (comp_spk, comp_mem) = results
+    assert torch.equal(comp_spk, eager_spk)
+    torch.testing.assert_close(comp_mem, eager_mem)
+
+
+def test_snntorch_rleaky_compiled_step_after_an_eager_step(same_random_stream):
+    """An init_hidden RLeaky's spike buffer after an eager step is a plain tensor (a graph
+    input: AOTAutograd rejects the eager spikes' subclass), and the compiled step that
+    follows matches an eager one."""
+    x = torch.rand(2, 4, 6) * 2
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        net = sbnn_snn.to_sbnn(nn.Sequential(
+            nn.Linear(6, 5), snn.RLeaky(beta=0.9, linear_features=5, init_hidden=True)))
+        sutils.reset(net)
+        assert type(net(x[0])) is not torch.Tensor  # eager: marked spikes
+        step = torch.compile(net, fullgraph=True) if compiled else net
+        spk = step(x[1])
+        spk.sum().backward()
+        results.append((spk.detach(), net[1].mem.detach().clone()))
+    assert torch.equal(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])
+
+
 @pytest.mark.parametrize("step_mode", ["s", "m"])
 def test_spikingjelly_compiles_like_eager(same_random_stream, step_mode):
     from spikingjelly.activation_based import functional, layer, neuron, surrogate
@@ -353,10 +411,37 @@ def test_seeded_spikes_raise_a_named_error_under_compile_and_mc_predict_restores
     sb.seed_spikes(net, 1)
     torch._dynamo.reset()
     step = torch.compile(lambda v: net(v)[0].sum(), fullgraph=True)
-    with pytest.raises(Exception, match="seed_spikes\\(model, None\\)"):
+    with pytest.raises(RuntimeError, match="seed_spikes\\(model, None\\)") as err:
         step(x)
+    assert str(err.value).startswith("this spike function is seeded")  # not Dynamo's
     sb.seed_spikes(net, None)
     step(x)
+
+
+def test_unused_aux_terms_raise_under_compile_as_in_eager():
+    """Auxiliary terms never consumed by aux_loss and held across an optimiser step raise
+    the same named error in a compiled step as in eager mode (they piled up, with their
+    graphs, at every compiled call), and are dropped; used, they raise nothing."""
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        net = sb.enable_aux_loss(nn.Sequential(sb.BayesLinear(4, 3, std=0.3), sb.LIF()))
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+
+        def loss_fn(x, use_aux, net=net):
+            loss = net(x)[0].sum()
+            return loss + sb.aux_loss(net) if use_aux else loss
+
+        step = torch.compile(loss_fn, fullgraph=True) if compiled else loss_fn
+        x = torch.rand(5, 4) * 2
+        for use_aux in (True, True, False):
+            opt.zero_grad()
+            step(x, use_aux).backward()
+            opt.step()
+        with pytest.raises(RuntimeError, match=r"never used: add sbnn_addons\.aux_loss\(model\)"):
+            step(x, False)
+        assert not net[1].spike_fn._aux_terms, compiled
+        step(x, True).backward()
 
 
 def test_mc_predict_with_spike_counts_on_a_fullgraph_compiled_model():
