@@ -22,6 +22,7 @@ import sbnn_addons as sb
 from sbnn_addons import kernels
 from sbnn_addons.losses import aux_loss, enable_aux_loss
 from sbnn_addons.models import dvs_resnet19, paper_recipe, shd_recurrent
+from sbnn_addons.spike import spike_seed
 
 F64 = torch.float64
 BETA = math.exp(-1.0 / math.log1p(math.exp(10.0)))  # exp(-1 / softplus(10))
@@ -94,7 +95,8 @@ def shortcut(x_seq, cout, stride):
 
 
 def dvs_reference(x, p, widths, blocks, rec, aux):
-    gens = iter([torch.Generator().manual_seed(SEED + i) for i in range(1 + 2 * 3 * blocks)])
+    gens = iter([torch.Generator().manual_seed(spike_seed(SEED, i))
+            for i in range(1 + 2 * 3 * blocks)])
     h = conv_lif(x, p, "stem", next(gens), rec, aux, first=True)
     i = 0
     for stage, cout in enumerate(widths):
@@ -198,7 +200,7 @@ def test_dvs_resnet_matches_released_recurrences():
 def shd_reference(x, p, hidden, rec, aux):
     h_in = x
     for layer, n in enumerate(hidden):
-        gen = torch.Generator().manual_seed(SEED + layer)
+        gen = torch.Generator().manual_seed(spike_seed(SEED, layer))
         W, R = p[f"ff.{layer}.weight"], p[f"rec.{layer}.weight"]
         M = 1.0 - torch.eye(n, dtype=W.dtype)
         s2 = softplus(p[f"ff.{layer}.std_rho"]) ** 2
