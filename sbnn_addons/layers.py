@@ -70,6 +70,7 @@ __all__ = [
     "folded_batchnorm_scale",
     "batchnorm_after",
     "affine_batchnorm_plan",
+    "fold_batchnorms",
     "keep_ties",
     "fold_channel_std",
     "warn_deterministic_layers",
@@ -817,6 +818,53 @@ def affine_batchnorm_plan(model: nn.Module, weight_types: tuple, batchnorm_types
                 "or leave it out with exclude=")
         replaced.add(name)
     return folds, replaced
+
+
+def fold_batchnorms(model: nn.Module, folds: dict[str, str], affine_bns: set[str],
+                    posterior: dict,
+                    make_affine: Callable[[nn.Module], nn.Module] | None = None,
+                    ) -> dict[str, nn.Module]:
+    """Fold, on the unchanged ``model``, what a converter's plan
+    (:func:`affine_batchnorm_plan`) folds: every BatchNorm of ``affine_bns`` into its
+    affine, and the scale of every BatchNorm of ``folds`` into its layer's initial std,
+    so that a BatchNorm that cannot be folded raises before a converter changes anything
+    (a failed ``inplace=True`` conversion leaves the model as it was).
+
+    Args:
+        model: the model before conversion.
+        folds: ``{layer name: BatchNorm name}``.
+        affine_bns: names of the BatchNorms replaced by an affine.
+        posterior: the layers' posterior keywords (``std``, ``std_mode``, ...).
+        make_affine: builds the affine of a BatchNorm (default
+            :meth:`ChannelAffine.from_batchnorm`; a host adapter passes its own).
+
+    Returns:
+        ``{BatchNorm name: its affine}`` for ``affine_bns``: new modules with their own
+        parameters, for the converted model (also when it is a copy of ``model``).
+
+    Raises:
+        ValueError: naming the BatchNorm that cannot be folded, and why.
+    """
+    make_affine = make_affine or ChannelAffine.from_batchnorm
+    modules = dict(model.named_modules())
+    affines: dict[str, nn.Module] = {}
+
+    def fold(name: str, fn: Callable[[], object]):
+        try:
+            return fn()
+        except (RuntimeError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"batchnorm='affine' cannot fold BatchNorm {name!r} "
+                f"({type(modules[name]).__name__}): {err}. Check its weight, bias and "
+                "running statistics (one value per channel), keep it with "
+                f"batchnorm='keep', or leave it out with exclude=[{name!r}]") from err
+
+    for name in sorted(affine_bns):
+        affines[name] = fold(name, lambda bn=modules[name]: make_affine(bn))
+    for lay, bn in folds.items():
+        fold(bn, lambda lay=modules[lay], bn=modules[bn]: converted_layer_kwargs(
+            lay, posterior, bn))
+    return affines
 
 
 def is_bayesian(module: nn.Module) -> bool:

@@ -50,6 +50,7 @@ from .layers import (
     ChannelAffine,
     affine_batchnorm_plan,
     converted_layer_kwargs,
+    fold_batchnorms,
     fold_channel_std,
     is_bayesian,
     keep_ties,
@@ -228,10 +229,14 @@ class SnnTorchSpike(IWSTSpike):
         return state
 
 
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors have the same shape, dtype and device (static in a graph)."""
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+
+
 def _equal(a: Tensor, b: Tensor) -> bool:
     """Whether two tensors have the same shape, dtype, device and values."""
-    return (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
-            and bool(torch.equal(a, b)))
+    return _same_layout(a, b) and bool(torch.equal(a, b))
 
 
 def _snntorch_caller(drive: Tensor) -> tuple[bool, Tensor | None]:
@@ -481,8 +486,7 @@ def _compiled_copy_reset(mem: Tensor, stored: Tensor, spikes: Tensor,
     Returns:
         ``spikes`` or ``fresh``, chosen in the graph.
     """
-    if (mem.shape != stored.shape or mem.dtype != stored.dtype or mem.device != stored.device
-            or spikes.shape != fresh.shape):
+    if not _same_layout(mem, stored) or spikes.shape != fresh.shape:
         return fresh
     values = mem.detach()
     same = (values == stored.detach()).all() & (values != 0).any()  # zeros: a new sequence
@@ -1054,6 +1058,7 @@ def to_sbnn(
 
     folds, affine_bns = ({}, set()) if batchnorm != "affine" else affine_batchnorm_plan(
         model, tuple(_LAYERS), _BNS, name_selected, lambda n: _match(n, exc), inc is not None)
+    affines = fold_batchnorms(model, folds, affine_bns, layer_kw)
 
     out = model if inplace else _safe_deepcopy(model)
 
@@ -1079,8 +1084,8 @@ def to_sbnn(
             new = _LAYERS[type(child)].from_module(child, **kw)
             fold_channel_std(new, modules.get(folded), layer_kw)
             new = keep_ties(new, child, ties, adopt=True)
-        elif any(n in affine_bns for n in names.get(id(child), [])):
-            new = ChannelAffine.from_batchnorm(child)
+        elif any(n in affines for n in names.get(id(child), [])):
+            new = next(affines[n] for n in names[id(child)] if n in affines)
             new.__dict__[_BN_KIND] = type(child).__name__
         if new is not None:
             new.train(child.training)

@@ -820,7 +820,7 @@ def to_sbnn(
     folds, affine_bns = ({}, set()) if batchnorm != "affine" else _layers.affine_batchnorm_plan(
         model, _WEIGHTS, _SJ_BN + _PLAIN_BN, selected, lambda n: match_name(n, exc),
         inc is not None)
-    _check_batchnorm_plan(model, folds, affine_bns, posterior)
+    affines = _layers.fold_batchnorms(model, folds, affine_bns, posterior, _affine_from_bn)
 
     model = model if inplace else _safe_deepcopy(model)
     reset(model)  # (the copy's) neuron states: a fresh start
@@ -848,8 +848,8 @@ def to_sbnn(
             counts["layers"] += 1
             _layers.fold_channel_std(new, modules.get(folds.get(name)), posterior)
             return _layers.keep_ties(new, m, ties, adopt=True).train(m.training)
-        if name in affine_bns:
-            return _affine_from_bn(m)
+        if name in affines:
+            return affines[name]
         return None
 
     ties: dict[int, nn.Parameter] = {}
@@ -904,31 +904,6 @@ def _validate_arguments(model, estimator, posterior, spike_std, spike_learn, inc
     for p in exc or ():
         if not any(match_name(n, (p,)) for n in names):
             raise ValueError(f"exclude pattern {p!r} matches no module; modules are: {names}")
-
-
-def _check_batchnorm_plan(model: nn.Module, folds: dict[str, str], affine_bns: set[str],
-                          posterior: dict) -> None:
-    """Fold, on the unchanged model, every BatchNorm that ``batchnorm="affine"`` replaces
-    and the scale of every BatchNorm folded into a layer's initial std, so that a
-    BatchNorm that cannot be folded raises before the model changes (a failed
-    ``inplace=True`` conversion leaves the model as it was).
-
-    Raises:
-        ValueError: naming the BatchNorm that cannot be folded, and why.
-    """
-    modules = dict(model.named_modules())
-    checks = [(bn, lambda bn=bn: _affine_from_bn(modules[bn])) for bn in sorted(affine_bns)]
-    checks += [(bn, lambda lay=lay, bn=bn: _layers.converted_layer_kwargs(
-        modules[lay], posterior, modules[bn])) for lay, bn in folds.items()]
-    for name, check in checks:
-        try:
-            check()
-        except (RuntimeError, TypeError, ValueError) as err:
-            raise ValueError(
-                f"batchnorm='affine' cannot fold BatchNorm {name!r} "
-                f"({type(modules[name]).__name__}): {err}. Check its "
-                f"weight, bias and running statistics (one value per channel), keep it with "
-                f"batchnorm='keep', or leave it out with exclude=[{name!r}]") from err
 
 
 _WEIGHTS = (layer.Linear, layer.Conv1d, layer.Conv2d, nn.Linear, nn.Conv1d, nn.Conv2d)

@@ -429,8 +429,9 @@ def test_batchnorm_affine_respects_include_exclude_and_needs_running_statistics(
     """`batchnorm="affine"` replaces only the BatchNorms the selection converts: an
     excluded BatchNorm (or one inside an excluded module) stays a BatchNorm and is not
     folded into its layer's std; with `include`, only the BatchNorms after converted
-    layers change. A BatchNorm without running statistics cannot become a fixed affine:
-    named error, and an `inplace=True` conversion leaves the model as it was."""
+    layers change. A BatchNorm without running statistics, or one that cannot be folded,
+    cannot become a fixed affine: named error, and an `inplace=True` conversion leaves the
+    model as it was."""
     import snntorch as snn
     from torch import nn
 
@@ -458,6 +459,14 @@ def test_batchnorm_affine_respects_include_exclude_and_needs_running_statistics(
     assert all(type(m).__module__.startswith(("torch", "snntorch")) for m in net.modules())
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     to_sbnn(net, batchnorm="affine", exclude="4")  # left out: fine
+    # one that cannot be folded (a weight of the wrong size): named before anything changes
+    net[4] = nn.BatchNorm1d(4)
+    net[4].weight = nn.Parameter(torch.ones(3))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=r"cannot fold BatchNorm '4'.*exclude=\['4'\]"):
+        to_sbnn(net, batchnorm="affine", inplace=True)
+    assert all(type(m).__module__.startswith(("torch", "snntorch")) for m in net.modules())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
 
 
 def test_weight_layers_without_a_bayesian_version_are_named():
