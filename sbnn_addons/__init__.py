@@ -31,7 +31,7 @@ from .moments import (
 )
 from .neurons import LIF, LIFState
 from .optim import noise_parameters, param_groups
-from .spike import IWSTSpike, seed_spikes
+from .spike import IWSTSpike, seed_spikes, spike_seed
 from .uncertainty import Prediction, mc_predict
 
 __version__ = "0.1.0"
@@ -44,6 +44,6 @@ __all__ = [
     "set_mode", "get_mode", "mode", "mc_predict", "Prediction",
     "attach_variance", "get_variance", "track_variance", "variance_flow",
     "check_variance_flow", "VarianceFlowError",
-    "LIF", "LIFState", "IWSTSpike", "seed_spikes", "kernels", "param_groups",
+    "LIF", "LIFState", "IWSTSpike", "seed_spikes", "spike_seed", "kernels", "param_groups",
     "noise_parameters", "check_finite",
 ]
