@@ -64,6 +64,7 @@ from .moments import (
     attach_variance,
     check_variance_flow,
     get_variance,
+    plain,
     plain_in_place,
     raw_variance,
     refuse_variance,
@@ -150,6 +151,11 @@ class SnnTorchSpike(IWSTSpike):
 
     def forward(self, u: Tensor) -> Tensor:
         if self.deterministic:
+            if not torch.compiler.is_compiling() and _snntorch_caller(u)[0]:
+                # the reset call: the spike that membrane emitted in this mode, computed
+                # without firing (a second fire per step would count as spikes emitted
+                # for SpikeMonitor / mc_predict, doubling the spike counts)
+                return self._noiseless_spikes(u.detach())
             return _host_spike_dtype(super().forward(u))
         recent = self.__dict__.setdefault("_sbnn_recent", [])
         key = u.detach()
@@ -163,7 +169,7 @@ class SnnTorchSpike(IWSTSpike):
             # the reset of a membrane this function did not fire from: the initial state
             # of a sequence (init_leaky, utils.reset), which emitted no spike. A draw here
             # would subtract the threshold from neurons that never fired.
-            return _host_spike_dtype((key > 0).to(key.dtype))
+            return self._noiseless_spikes(key)
         out = _host_spike_dtype(super().forward(u))
         spikes = out.detach().clone()
         recent.append((key, spikes))
@@ -175,6 +181,13 @@ class SnnTorchSpike(IWSTSpike):
                 draws = self.__dict__["_sbnn_draws"] = WeakIdKeyDictionary()
             draws[membrane] = (key, spikes, _version_of(membrane))
         return out
+
+    def _noiseless_spikes(self, key: Tensor) -> Tensor:
+        """``1[u > 0]`` (``1[u >= 0]`` with ``at_zero``) of a detached drive, as snnTorch's
+        surrogates return it: what the deterministic spike function emits for ``u``."""
+        key = plain(key)  # a membrane's noise variance (or mean mode's probe) is not read
+        fired = key >= 0 if self.at_zero else key > 0
+        return _host_spike_dtype(fired.to(key.dtype))
 
     def _remembered(self, membrane: Tensor | None, key: Tensor, recent: list) -> Tensor | None:
         """The spikes emitted from the membrane of a reset call (drive ``key``), or

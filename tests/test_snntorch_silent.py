@@ -351,3 +351,46 @@ def test_init_hidden_membrane_edited_out_of_place_raises():
     model[1].mem = 0.5 * model[1].mem
     with pytest.raises(sbnn_addons.VarianceFlowError, match="computed from its last membrane"):
         model(x[2])
+
+
+@pytest.mark.parametrize("mode", ["sample", "mean"])
+def test_drop_in_spike_grad_counts_each_emitted_spike_once(mode):
+    """snnTorch calls ``spike_grad`` a second time for the reset: in ``mean`` mode that
+    call used to fire again, so ``SpikeMonitor`` / ``mc_predict(eval_mode="mean")``
+    counted every spike twice (the step's and the previous step's). The counts are the
+    spikes the neurons emit, in both modes; ``mean`` mode still equals the host model."""
+    from sbnn_addons.metrics import SpikeMonitor
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(20, 16), snn.Leaky(beta=BETA, init_hidden=True, spike_grad=spike_grad()),
+        nn.Linear(16, 5),
+        snn.Leaky(beta=BETA, init_hidden=True, output=True, spike_grad=spike_grad()))
+    with torch.no_grad():
+        net[0].weight.mul_(4)
+        net[2].weight.mul_(4)
+    host = nn.Sequential(nn.Linear(20, 16), snn.Leaky(beta=BETA, init_hidden=True),
+                         nn.Linear(16, 5), snn.Leaky(beta=BETA, init_hidden=True, output=True))
+    host.load_state_dict(net.state_dict(), strict=False)
+    x = (torch.rand(8, 6, 20) < 0.4).float()
+    emitted = {"1.spike_grad": 0.0, "3.spike_grad": 0.0}
+    net[1].register_forward_hook(
+        lambda m, a, out: emitted.__setitem__("1.spike_grad", emitted["1.spike_grad"]
+                                              + float(out.sum())))
+    sutils.reset(net)
+    sutils.reset(host)
+    with torch.no_grad(), sbnn_addons.mode(net, mode), SpikeMonitor(net) as mon:
+        for t in range(8):
+            spk, mem = net(x[t])
+            emitted["3.spike_grad"] += float(spk.sum())
+            if mode == "mean":
+                ref = host(x[t])
+                assert torch.equal(spk, ref[0]) and torch.equal(mem, ref[1])
+    assert emitted["1.spike_grad"] > 0 and emitted["3.spike_grad"] > 0
+    assert {n: float(c) for n, c in mon.counts.items()} == emitted
+    assert mon.units == {"1.spike_grad": 8 * 6 * 16, "3.spike_grad": 8 * 6 * 5}
+    total = sum(emitted.values())
+    forward = lambda m, x: torch.stack([m(x_t)[1] for x_t in x]).mean(0)  # noqa: E731
+    pred = sbnn_addons.mc_predict(net, x, 2, forward=forward, eval_mode=mode, seed=0)
+    if mode == "mean":  # two identical passes, each emitting what the loop above did
+        assert pred.spike_counts.tolist() == [total] * 2
