@@ -1162,6 +1162,36 @@ def _validate_arguments(model, estimator, layer_kw, spike_std, spike_learn, inc,
 
 
 # --------------------------------------------------------------------------- to_snntorch
+def _check_host_spike_grad(fn, model: nn.Module) -> None:
+    """Check a ``spike_grad`` given to :func:`to_snntorch`: a function that maps a
+    membrane shift to spikes of its shape, as snnTorch calls it (checked on two values,
+    without a graph), so that a wrong one fails here, not at the exported model's first
+    step with an unrelated error (``'function' object has no attribute 'clone'``).
+
+    Raises:
+        TypeError: naming what was passed and the usual fix.
+    """
+    hint = ("pass a snnTorch surrogate, called: spike_grad=surrogate.atan() (not the "
+            "factory surrogate.atan), or a function u -> spikes")
+    if not callable(fn):
+        raise TypeError(f"spike_grad must be a spike function, got {type(fn).__name__} "
+                        f"{fn!r}; {hint}")
+    ref = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()),
+               None)  # the model's device and float dtype
+    probe = torch.tensor([-1.0, 1.0], device=None if ref is None else ref.device,
+                         dtype=None if ref is None else ref.dtype)
+    try:
+        with torch.no_grad():
+            out = fn(probe)
+    except Exception as e:  # noqa: BLE001 - reported with the fix
+        raise TypeError(f"spike_grad {fn!r} failed on a membrane shift tensor "
+                        f"({type(e).__name__}: {e}); {hint}") from e
+    if not isinstance(out, Tensor) or out.shape != probe.shape:
+        what = type(out).__name__ if not isinstance(out, Tensor) else f"shape {tuple(out.shape)}"
+        raise TypeError(f"spike_grad {fn!r} returned {what} for a membrane shift of shape "
+                        f"{tuple(probe.shape)}, not spikes of that shape; {hint}")
+
+
 def _affine_to_batchnorm(a: ChannelAffine) -> nn.Module:
     if a.channel_dim != 1:
         raise ValueError(
@@ -1209,9 +1239,13 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
     Raises:
         ValueError: a neuron's original surrogate was lost by pickling (a user's own
             closure cannot be rebuilt) and no ``spike_grad`` was given.
+        TypeError: ``spike_grad`` is not a spike function (``surrogate.atan``, the
+            factory, instead of ``surrogate.atan()``; a name; a number).
     """
     from snntorch import surrogate
 
+    if spike_grad is not None:
+        _check_host_spike_grad(spike_grad, model)
     out = _safe_deepcopy(model)
     untrack_variance(out)
     out.__dict__.pop("_sbnn_flow_handles", None)

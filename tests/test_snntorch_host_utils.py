@@ -150,6 +150,17 @@ def test_export_default_atan_and_explicit_override():
     assert to_snntorch(model, spike_grad=ste)[1].spike_grad is ste
 
 
+@pytest.mark.parametrize("wrong", [surrogate.atan, surrogate.ATan, "atan", 2.0])
+def test_export_refuses_a_spike_grad_that_is_not_a_spike_function(wrong):
+    """``to_snntorch(model, spike_grad=surrogate.atan)`` (the factory, not called) used
+    to export, and the exported model failed at its first step with an unrelated error
+    (``'function' object has no attribute 'clone'``): it raises at the export, naming
+    the fix."""
+    model = to_sbnn(_tutorial_seq())
+    with pytest.raises(TypeError, match=r"surrogate\.atan\(\)"):
+        to_snntorch(model, spike_grad=wrong)
+
+
 def test_export_restores_module_surrogate():
     class Steep(nn.Module):
         def __init__(self):
