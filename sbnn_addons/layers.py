@@ -238,6 +238,9 @@ class _BayesMixin(SBNNModule):
         x_in = x.detach() if self.detach_input_variance else x
         if binary and x_in is not x:  # the detached view holds the same spikes
             mark_binary(x_in, is_kept(x))
+        # x^2 = x holds for the values of spikes, not for their gradient (2x): spikes whose
+        # gradient flows through the variance path (detach_input_variance=False) are squared
+        binary = binary and not (x_in.requires_grad and torch.is_grad_enabled())
         s2 = self._std_squared()
         if self._factored():  # s^2 F kept factored through the variance flow
             field = self._input_variance(x_in, binary, None)

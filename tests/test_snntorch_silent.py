@@ -394,3 +394,50 @@ def test_drop_in_spike_grad_counts_each_emitted_spike_once(mode):
     pred = sbnn_addons.mc_predict(net, x, 2, forward=forward, eval_mode=mode, seed=0)
     if mode == "mean":  # two identical passes, each emitting what the loop above did
         assert pred.spike_counts.tolist() == [total] * 2
+
+
+
+class _Unmark(nn.Module):
+    """``s * 1``: the same spikes as a plain tensor (any operation drops the binary mark)."""
+
+    def forward(self, s):
+        return s * 1.0
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_spikes_into_a_layer_without_detached_input_variance_get_the_gradient_of_x_squared(
+        conv):
+    """A converted model whose Bayesian layers are switched to
+    ``detach_input_variance=False`` (the gradient also reaches the layer's input through
+    the variance ``s^2 sum x^2``): the spikes of a converted neuron get ``2 s^2 x`` there.
+    They used to get ``s^2`` at every unit, since they come marked binary (``x^2 = x``
+    holds for the values, not the derivative), so the same network trained differently
+    with a ``* 1`` after the neuron."""
+    def build(unmark: bool):
+        torch.manual_seed(0)
+        first = nn.Conv2d(1, 4, 3, padding=1) if conv else nn.Linear(12, 16)
+        second = nn.Conv2d(4, 4, 3, padding=1) if conv else nn.Linear(16, 8)
+        with torch.no_grad():
+            first.weight.mul_(3)
+        net = nn.Sequential(first, snn.Leaky(beta=BETA, init_hidden=True),
+                            *([_Unmark()] if unmark else []), second,
+                            snn.Leaky(beta=BETA, init_hidden=True, output=True))
+        model = to_sbnn(net, std=0.3)
+        for m in model.modules():
+            if hasattr(m, "detach_input_variance"):
+                m.detach_input_variance = False
+        return model
+
+    x = torch.rand(4, 6, 1, 6, 6) if conv else torch.rand(4, 6, 12)
+    grads = []
+    for unmark in (False, True):
+        model = build(unmark)
+        sbnn_addons.seed_spikes(model, 3)
+        sutils.reset(model)
+        outs = [model(x[t]) for t in range(x.shape[0])]
+        loss = sum(3 * spk.sum() + mem.square().sum() for spk, mem in outs)
+        loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert float(grads[0][0].abs().sum()) > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
