@@ -399,3 +399,44 @@ def test_a_value_copy_of_the_membrane_continues_the_sequence():
     for copy_fn in (lambda m: m.clone(), lambda m: m + 0):
         got = _first_layer_run(lambda mem, t, c=copy_fn: c(mem) if t else mem, 4, membranes)
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_time_loop_outside_the_model_over_its_submodules():
+    """A time loop written outside the converted model, calling its layers and neurons
+    directly (``model.lif1(model.fc1(x[t]), mem1)``), carries the noise variance as the
+    model's own loop does (same draws, same membranes) and checks its inputs; in ``mean``
+    mode it equals the host model."""
+    torch.manual_seed(0)
+    net = LoopLeaky()
+    with torch.no_grad():
+        net.fc1.weight.mul_(3)
+        net.fc2.weight.mul_(3)
+    model = to_sbnn(net)
+    x = (torch.rand(6, 4, 64) < 0.4).float()
+
+    def outside(m, x):
+        mem1, mem2 = m.lif1.init_leaky(), m.lif2.init_leaky()
+        spk_rec, mem_rec = [], []
+        for t in range(x.shape[0]):
+            spk1, mem1 = m.lif1(m.fc1(x[t]), mem1)
+            spk2, mem2 = m.lif2(m.fc2(spk1), mem2)
+            spk_rec.append(spk2)
+            mem_rec.append(mem2)
+        return torch.stack(spk_rec), torch.stack(mem_rec)
+
+    sbnn_addons.seed_spikes(model, 1)
+    inside = model(x)
+    sbnn_addons.seed_spikes(model, 1)
+    out = outside(model, x)
+    assert inside[0].sum() > 0
+    assert torch.equal(inside[0], out[0]) and torch.equal(inside[1], out[1])
+    out[1].square().sum().backward()
+    assert model.fc1.std_rho.grad.abs() > 0 and model.lif1.spike_grad.std_rho.grad.abs() > 0
+    with sbnn_addons.mode(model, "mean"):
+        mean = outside(model, x)
+    host = outside(net, x)
+    assert torch.equal(mean[0], host[0]) and torch.equal(mean[1], host[1])
+    bad = x.clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        outside(model, bad)
