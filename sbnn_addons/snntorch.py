@@ -671,11 +671,30 @@ def _edited_membrane_error(neuron: nn.Module) -> VarianceFlowError:
 
 def membrane_variance(neuron: nn.Module) -> Tensor | None:
     """The noise variance ``V`` of a converted neuron's current membrane, or ``None``
-    (no noise yet, or reset with the membrane).
+    (no noise yet, or reset with the membrane; always for a neuron ``exclude``\ d from
+    the conversion).
 
     Args:
-        neuron: a neuron of a model converted by :func:`to_sbnn`.
+        neuron: a neuron of a model converted by :func:`to_sbnn` (or one built with
+            ``spike_grad=spike_grad()``).
+
+    Raises:
+        TypeError: ``neuron`` is not an snnTorch neuron, or one that was not converted
+            (e.g. of the original model: :func:`to_sbnn` converts a copy).
     """
+    if not isinstance(neuron, nn.Module) or not _is_snn_neuron(neuron):
+        raise TypeError(f"membrane_variance takes an snnTorch neuron (e.g. model.lif1) of a "
+                        f"converted model, got {type(neuron).__name__}")
+    converted = (isinstance(neuron, _EmittedSpikeReset)
+                 or isinstance(neuron.__dict__.get("spike_grad",
+                                                   neuron._modules.get("spike_grad")),
+                               IWSTSpike)
+                 or refuse_variance in neuron._forward_pre_hooks.values())  # excluded
+    if not converted:
+        raise TypeError(
+            f"this snn.{type(neuron).__name__} is not converted, so it carries no noise "
+            "variance: pass a neuron of the model to_sbnn returned (to_sbnn converts a "
+            "copy unless inplace=True: model = to_sbnn(net))")
     mem = neuron._buffers.get("mem")
     if type(mem) is VarianceTensor:
         return get_variance(mem)

@@ -440,3 +440,20 @@ def test_time_loop_outside_the_model_over_its_submodules():
     bad[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         outside(model, bad)
+
+
+def test_membrane_variance_of_a_neuron_that_is_not_converted_raises():
+    """``membrane_variance`` on the original model's neuron (``to_sbnn`` converts a copy)
+    used to return ``None``, read as "no noise yet": it raises, naming the copy. A
+    converted, drop-in or excluded neuron answers as before."""
+    net = _tutorial_seq()
+    model = to_sbnn(net, exclude=["2", "3"])
+    model(torch.rand(5, 16))
+    assert membrane_variance(model[1]) is not None
+    assert membrane_variance(model[3]) is None  # excluded: no noise
+    with pytest.raises(TypeError, match="to_sbnn converts a copy"):
+        membrane_variance(net[1])
+    with pytest.raises(TypeError, match="takes an snnTorch neuron"):
+        membrane_variance(model)
+    drop_in = snn.Leaky(beta=0.9, init_hidden=True, spike_grad=sbnn_addons.snntorch.spike_grad())
+    assert membrane_variance(drop_in) is None
