@@ -671,7 +671,7 @@ def _edited_membrane_error(neuron: nn.Module) -> VarianceFlowError:
 
 def membrane_variance(neuron: nn.Module) -> Tensor | None:
     """The noise variance ``V`` of a converted neuron's current membrane, or ``None``
-    (no noise yet, or reset with the membrane; always for a neuron ``exclude``\ d from
+    (no noise yet, or reset with the membrane; always for a neuron left out by ``exclude`` from
     the conversion).
 
     Args:
