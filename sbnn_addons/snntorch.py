@@ -252,17 +252,24 @@ def _equal(a: Tensor, b: Tensor) -> bool:
     return _same_layout(a, b) and bool(torch.equal(a, b))
 
 
+#: How many frames above the spike function :func:`_snntorch_caller` looks for snnTorch's.
+_CALLER_DEPTH = 24
+
+
 def _snntorch_caller(drive: Tensor) -> tuple[bool, Tensor | None]:
     """Who called the spike function (eager mode: the calling frames): whether it is
     snnTorch's ``mem_reset`` (the reset of the previous step), and the membrane the call
     is about (the reset's argument; for a firing call, the calling neuron's ``mem``), or
     ``None`` where no snnTorch neuron called it or its membrane is not shaped like the
-    drive (a neuron that fires from a pooled membrane)."""
+    drive (a neuron that fires from a pooled membrane). The first snnTorch frame within
+    :data:`_CALLER_DEPTH` frames decides: the spike function may sit in a user's wrapper
+    module, each call of which (with hooks) adds up to four frames of torch's own."""
     frame = sys._getframe(2)
-    for _ in range(6):
+    for _ in range(_CALLER_DEPTH):
         if frame is None:
             return False, None
-        if frame.f_globals.get("__name__", "").startswith("snntorch"):
+        module = frame.f_globals.get("__name__", "")
+        if module == "snntorch" or module.startswith("snntorch."):  # not "snntorch_*"
             local = frame.f_locals
             neuron = local.get("self")
             if not isinstance(neuron, nn.Module):

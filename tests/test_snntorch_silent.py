@@ -441,3 +441,45 @@ def test_spikes_into_a_layer_without_detached_input_variance_get_the_gradient_of
     assert float(grads[0][0].abs().sum()) > 0
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+class _Logged(nn.Module):
+    """A user's wrapper around the drop-in spike function, with forward hooks on both
+    (each hooked call adds frames of torch's own between snnTorch and the function)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fn = spike_grad()
+        self.calls = 0
+        for m in (self, self.fn):
+            m.register_forward_hook(self._count)
+
+    def _count(self, module, args, out):
+        self.calls += module is self
+
+    def forward(self, u):
+        return self.fn(u)
+
+
+def test_drop_in_spike_grad_in_a_hooked_wrapper_still_resets_with_the_emitted_spike():
+    """``snn.Leaky(spike_grad=Wrapper(spike_grad()))`` with forward hooks: snnTorch's reset
+    call sat too many frames above the spike function to be recognised, so it drew anew
+    (the reset was not the emitted spike) and counted as emitted spikes. The reset is
+    each step's emitted spike and the counts are the spikes emitted."""
+    from sbnn_addons.metrics import SpikeMonitor
+
+    torch.manual_seed(0)
+    wrapper = _Logged()
+    lif = snn.Leaky(beta=BETA, spike_grad=wrapper, init_hidden=True)
+    x = torch.rand(8, 8, 12) * 1.5
+    sutils.reset(lif)
+    emitted, prev = 0.0, None
+    with torch.no_grad(), SpikeMonitor(lif) as mon:
+        for t in range(x.shape[0]):
+            spk = lif(x[t])
+            if prev is not None:
+                assert torch.equal(lif.reset, prev), t
+            prev = spk.clone()
+            emitted += float(spk.sum())
+    assert emitted > 0 and wrapper.calls == 2 * x.shape[0]  # snnTorch's two calls a step
+    assert mon.total_spikes() == emitted
