@@ -220,6 +220,19 @@ def test_include_exclude_single_string_is_one_name():
     assert not sbnn_addons.is_bayesian(model[0]) and sbnn_addons.is_bayesian(model[2])
 
 
+def test_empty_include_raises_instead_of_converting_no_layer():
+    """``include=[]`` (e.g. a filtered list of names that came out empty) used to select no
+    weight layer, silently: a "converted" model without a Bayesian layer, and without the
+    warning ``include=None`` gives for layers left deterministic. It raises, naming
+    ``include=None``; an empty ``exclude`` still excludes nothing."""
+    net, _ = make("loop_leaky")
+    for empty in ([], ()):
+        with pytest.raises(ValueError, match="include=None"):
+            to_sbnn(net, include=empty)
+    model = to_sbnn(net, exclude=[])
+    assert sbnn_addons.is_bayesian(model.fc1) and sbnn_addons.is_bayesian(model.fc2)
+
+
 class _TruncatedLoop(nn.Module):
     """The snnTorch explicit-loop style with a truncation (``mem = mem.detach()``) or an
     in-place reset (``mem.zero_()``) of the membrane after step ``cut``."""
