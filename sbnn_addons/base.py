@@ -407,6 +407,8 @@ def name_patterns(name: str, value) -> tuple[str, ...] | None:
 
     Raises:
         TypeError: neither a string nor an iterable of strings.
+        ValueError: an empty ``include`` (it would select no layer: the model would get
+            no Bayesian layer, silently; ``None`` selects all).
     """
     if value is None:
         return None
@@ -415,6 +417,11 @@ def name_patterns(name: str, value) -> tuple[str, ...] | None:
     if isinstance(value, Iterable) and not isinstance(value, (bytes, Tensor)):
         value = tuple(value)
         if all(isinstance(p, str) for p in value):
+            if name == "include" and not value:
+                raise ValueError(
+                    "include is empty: it selects no weight layer, so the converted model "
+                    "would have no Bayesian layer; pass include=None to convert every "
+                    "layer, or exclude= the layers to keep deterministic")
             return value
     raise TypeError(f"{name} must be a pattern string or a list of them, got {value!r}")
 

@@ -238,6 +238,9 @@ class _BayesMixin(SBNNModule):
         x_in = x.detach() if self.detach_input_variance else x
         if binary and x_in is not x:  # the detached view holds the same spikes
             mark_binary(x_in, is_kept(x))
+        # x^2 = x holds for the values of spikes, not for their gradient (2x): spikes whose
+        # gradient flows through the variance path (detach_input_variance=False) are squared
+        binary = binary and not (x_in.requires_grad and torch.is_grad_enabled())
         s2 = self._std_squared()
         if self._factored():  # s^2 F kept factored through the variance flow
             field = self._input_variance(x_in, binary, None)
@@ -646,15 +649,30 @@ def warn_deterministic_layers(model: nn.Module, excluded: Callable[[str], bool],
                               host: str) -> None:
     """Warn about weight layers a converter leaves deterministic because it has no
     Bayesian version of them (``nn.Conv3d``, ``nn.ConvTranspose2d``, ``nn.Embedding``,
-    ...): modules with a weight matrix that are neither Bayesian nor excluded."""
-    left = [f"'{name}' ({type(m).__name__})" for name, m in model.named_modules()
-            if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() >= 2
-            and not is_bayesian(m) and not excluded(name)]
+    ...) or because their weight is parametrized (``weight_norm``, ``spectral_norm``):
+    modules with a weight matrix that are neither Bayesian nor excluded."""
+    from torch.nn.utils import parametrize
+
+    left, parametrized = [], False
+    for name, m in model.named_modules():
+        if is_bayesian(m) or excluded(name):
+            continue
+        if parametrize.is_parametrized(m, "weight"):
+            # a parametrized Linear / Conv is another class (ParametrizedLinear) whose
+            # weight is computed: no converter takes it
+            cls = type(m).__bases__[0] if type(m).__bases__ else type(m)
+            left.append(f"'{name}' ({cls.__name__} with a parametrized weight)")
+            parametrized = True
+        elif isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() >= 2:
+            left.append(f"'{name}' ({type(m).__name__})")
     if left:
+        fix = ("; to convert a parametrized layer, bake its weight in first: "
+               "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')"
+               if parametrized else "")
         warnings.warn(
             f"{host} to_sbnn: {len(left)} weight layer(s) stay deterministic (no Bayesian "
             f"version of them): {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}; "
-            "pass exclude= with their names to leave them out knowingly", stacklevel=3)
+            f"pass exclude= with their names to leave them out knowingly{fix}", stacklevel=3)
 
 
 def keep_ties(new: nn.Module, src: nn.Module, seen: dict[int, nn.Parameter],

@@ -64,6 +64,7 @@ from .moments import (
     attach_variance,
     check_variance_flow,
     get_variance,
+    plain,
     plain_in_place,
     raw_variance,
     refuse_variance,
@@ -150,6 +151,11 @@ class SnnTorchSpike(IWSTSpike):
 
     def forward(self, u: Tensor) -> Tensor:
         if self.deterministic:
+            if not torch.compiler.is_compiling() and _snntorch_caller(u)[0]:
+                # the reset call: the spike that membrane emitted in this mode, computed
+                # without firing (a second fire per step would count as spikes emitted
+                # for SpikeMonitor / mc_predict, doubling the spike counts)
+                return self._noiseless_spikes(u.detach())
             return _host_spike_dtype(super().forward(u))
         recent = self.__dict__.setdefault("_sbnn_recent", [])
         key = u.detach()
@@ -163,7 +169,7 @@ class SnnTorchSpike(IWSTSpike):
             # the reset of a membrane this function did not fire from: the initial state
             # of a sequence (init_leaky, utils.reset), which emitted no spike. A draw here
             # would subtract the threshold from neurons that never fired.
-            return _host_spike_dtype((key > 0).to(key.dtype))
+            return self._noiseless_spikes(key)
         out = _host_spike_dtype(super().forward(u))
         spikes = out.detach().clone()
         recent.append((key, spikes))
@@ -175,6 +181,13 @@ class SnnTorchSpike(IWSTSpike):
                 draws = self.__dict__["_sbnn_draws"] = WeakIdKeyDictionary()
             draws[membrane] = (key, spikes, _version_of(membrane))
         return out
+
+    def _noiseless_spikes(self, key: Tensor) -> Tensor:
+        """``1[u > 0]`` (``1[u >= 0]`` with ``at_zero``) of a detached drive, as snnTorch's
+        surrogates return it: what the deterministic spike function emits for ``u``."""
+        key = plain(key)  # a membrane's noise variance (or mean mode's probe) is not read
+        fired = key >= 0 if self.at_zero else key > 0
+        return _host_spike_dtype(fired.to(key.dtype))
 
     def _remembered(self, membrane: Tensor | None, key: Tensor, recent: list) -> Tensor | None:
         """The spikes emitted from the membrane of a reset call (drive ``key``), or
@@ -239,17 +252,24 @@ def _equal(a: Tensor, b: Tensor) -> bool:
     return _same_layout(a, b) and bool(torch.equal(a, b))
 
 
+#: How many frames above the spike function :func:`_snntorch_caller` looks for snnTorch's.
+_CALLER_DEPTH = 24
+
+
 def _snntorch_caller(drive: Tensor) -> tuple[bool, Tensor | None]:
     """Who called the spike function (eager mode: the calling frames): whether it is
     snnTorch's ``mem_reset`` (the reset of the previous step), and the membrane the call
     is about (the reset's argument; for a firing call, the calling neuron's ``mem``), or
     ``None`` where no snnTorch neuron called it or its membrane is not shaped like the
-    drive (a neuron that fires from a pooled membrane)."""
+    drive (a neuron that fires from a pooled membrane). The first snnTorch frame within
+    :data:`_CALLER_DEPTH` frames decides: the spike function may sit in a user's wrapper
+    module, each call of which (with hooks) adds up to four frames of torch's own."""
     frame = sys._getframe(2)
-    for _ in range(6):
+    for _ in range(_CALLER_DEPTH):
         if frame is None:
             return False, None
-        if frame.f_globals.get("__name__", "").startswith("snntorch"):
+        module = frame.f_globals.get("__name__", "")
+        if module == "snntorch" or module.startswith("snntorch."):  # not "snntorch_*"
             local = frame.f_locals
             neuron = local.get("self")
             if not isinstance(neuron, nn.Module):
@@ -658,11 +678,30 @@ def _edited_membrane_error(neuron: nn.Module) -> VarianceFlowError:
 
 def membrane_variance(neuron: nn.Module) -> Tensor | None:
     """The noise variance ``V`` of a converted neuron's current membrane, or ``None``
-    (no noise yet, or reset with the membrane).
+    (no noise yet, or reset with the membrane; always for a neuron left out by ``exclude`` from
+    the conversion).
 
     Args:
-        neuron: a neuron of a model converted by :func:`to_sbnn`.
+        neuron: a neuron of a model converted by :func:`to_sbnn` (or one built with
+            ``spike_grad=spike_grad()``).
+
+    Raises:
+        TypeError: ``neuron`` is not an snnTorch neuron, or one that was not converted
+            (e.g. of the original model: :func:`to_sbnn` converts a copy).
     """
+    if not isinstance(neuron, nn.Module) or not _is_snn_neuron(neuron):
+        raise TypeError(f"membrane_variance takes an snnTorch neuron (e.g. model.lif1) of a "
+                        f"converted model, got {type(neuron).__name__}")
+    converted = (isinstance(neuron, _EmittedSpikeReset)
+                 or isinstance(neuron.__dict__.get("spike_grad",
+                                                   neuron._modules.get("spike_grad")),
+                               IWSTSpike)
+                 or refuse_variance in neuron._forward_pre_hooks.values())  # excluded
+    if not converted:
+        raise TypeError(
+            f"this snn.{type(neuron).__name__} is not converted, so it carries no noise "
+            "variance: pass a neuron of the model to_sbnn returned (to_sbnn converts a "
+            "copy unless inplace=True: model = to_sbnn(net))")
     mem = neuron._buffers.get("mem")
     if type(mem) is VarianceTensor:
         return get_variance(mem)
@@ -1149,6 +1188,36 @@ def _validate_arguments(model, estimator, layer_kw, spike_std, spike_learn, inc,
 
 
 # --------------------------------------------------------------------------- to_snntorch
+def _check_host_spike_grad(fn, model: nn.Module) -> None:
+    """Check a ``spike_grad`` given to :func:`to_snntorch`: a function that maps a
+    membrane shift to spikes of its shape, as snnTorch calls it (checked on two values,
+    without a graph), so that a wrong one fails here, not at the exported model's first
+    step with an unrelated error (``'function' object has no attribute 'clone'``).
+
+    Raises:
+        TypeError: naming what was passed and the usual fix.
+    """
+    hint = ("pass a snnTorch surrogate, called: spike_grad=surrogate.atan() (not the "
+            "factory surrogate.atan), or a function u -> spikes")
+    if not callable(fn):
+        raise TypeError(f"spike_grad must be a spike function, got {type(fn).__name__} "
+                        f"{fn!r}; {hint}")
+    ref = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()),
+               None)  # the model's device and float dtype
+    probe = torch.tensor([-1.0, 1.0], device=None if ref is None else ref.device,
+                         dtype=None if ref is None else ref.dtype)
+    try:
+        with torch.no_grad():
+            out = fn(probe)
+    except Exception as e:  # noqa: BLE001 - reported with the fix
+        raise TypeError(f"spike_grad {fn!r} failed on a membrane shift tensor "
+                        f"({type(e).__name__}: {e}); {hint}") from e
+    if not isinstance(out, Tensor) or out.shape != probe.shape:
+        what = type(out).__name__ if not isinstance(out, Tensor) else f"shape {tuple(out.shape)}"
+        raise TypeError(f"spike_grad {fn!r} returned {what} for a membrane shift of shape "
+                        f"{tuple(probe.shape)}, not spikes of that shape; {hint}")
+
+
 def _affine_to_batchnorm(a: ChannelAffine) -> nn.Module:
     if a.channel_dim != 1:
         raise ValueError(
@@ -1196,9 +1265,13 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
     Raises:
         ValueError: a neuron's original surrogate was lost by pickling (a user's own
             closure cannot be rebuilt) and no ``spike_grad`` was given.
+        TypeError: ``spike_grad`` is not a spike function (``surrogate.atan``, the
+            factory, instead of ``surrogate.atan()``; a name; a number).
     """
     from snntorch import surrogate
 
+    if spike_grad is not None:
+        _check_host_spike_grad(spike_grad, model)
     out = _safe_deepcopy(model)
     untrack_variance(out)
     out.__dict__.pop("_sbnn_flow_handles", None)

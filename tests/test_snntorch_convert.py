@@ -486,3 +486,31 @@ def test_weight_layers_without_a_bayesian_version_are_named():
         warnings.simplefilter("error")
         to_sbnn(net, exclude="1")
         to_sbnn(net, include="0")
+
+
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_parametrized_weight_layer_left_deterministic_is_named(norm):
+    """A Linear under ``torch.nn.utils.parametrizations.weight_norm`` / ``spectral_norm``
+    (another class, ``ParametrizedLinear``, whose weight is computed) is not converted:
+    it used to stay deterministic without a word. The warning names it and the fix
+    (``remove_parametrizations``), after which it converts."""
+    import warnings
+
+    import snntorch as snn
+    from torch import nn
+    from torch.nn.utils import parametrizations, parametrize
+
+    from sbnn_addons import BayesLinear
+
+    torch.manual_seed(0)
+    net = nn.Sequential(getattr(parametrizations, norm)(nn.Linear(8, 6)),
+                        snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    with pytest.warns(UserWarning, match=r"'0' \(Linear with a parametrized weight\).*"
+                                         r"remove_parametrizations"):
+        model = to_sbnn(net)
+    assert not isinstance(model[0], BayesLinear)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        to_sbnn(net, exclude="0")
+    parametrize.remove_parametrizations(net[0], "weight")
+    assert isinstance(to_sbnn(net)[0], BayesLinear)

@@ -150,6 +150,17 @@ def test_export_default_atan_and_explicit_override():
     assert to_snntorch(model, spike_grad=ste)[1].spike_grad is ste
 
 
+@pytest.mark.parametrize("wrong", [surrogate.atan, surrogate.ATan, "atan", 2.0])
+def test_export_refuses_a_spike_grad_that_is_not_a_spike_function(wrong):
+    """``to_snntorch(model, spike_grad=surrogate.atan)`` (the factory, not called) used
+    to export, and the exported model failed at its first step with an unrelated error
+    (``'function' object has no attribute 'clone'``): it raises at the export, naming
+    the fix."""
+    model = to_sbnn(_tutorial_seq())
+    with pytest.raises(TypeError, match=r"surrogate\.atan\(\)"):
+        to_snntorch(model, spike_grad=wrong)
+
+
 def test_export_restores_module_surrogate():
     class Steep(nn.Module):
         def __init__(self):
@@ -207,6 +218,19 @@ def test_include_exclude_single_string_is_one_name():
     seq = _tutorial_seq()
     model = to_sbnn(seq, exclude="0")  # a container or a layer name, not its characters
     assert not sbnn_addons.is_bayesian(model[0]) and sbnn_addons.is_bayesian(model[2])
+
+
+def test_empty_include_raises_instead_of_converting_no_layer():
+    """``include=[]`` (e.g. a filtered list of names that came out empty) used to select no
+    weight layer, silently: a "converted" model without a Bayesian layer, and without the
+    warning ``include=None`` gives for layers left deterministic. It raises, naming
+    ``include=None``; an empty ``exclude`` still excludes nothing."""
+    net, _ = make("loop_leaky")
+    for empty in ([], ()):
+        with pytest.raises(ValueError, match="include=None"):
+            to_sbnn(net, include=empty)
+    model = to_sbnn(net, exclude=[])
+    assert sbnn_addons.is_bayesian(model.fc1) and sbnn_addons.is_bayesian(model.fc2)
 
 
 class _TruncatedLoop(nn.Module):
@@ -388,3 +412,61 @@ def test_a_value_copy_of_the_membrane_continues_the_sequence():
     for copy_fn in (lambda m: m.clone(), lambda m: m + 0):
         got = _first_layer_run(lambda mem, t, c=copy_fn: c(mem) if t else mem, 4, membranes)
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_time_loop_outside_the_model_over_its_submodules():
+    """A time loop written outside the converted model, calling its layers and neurons
+    directly (``model.lif1(model.fc1(x[t]), mem1)``), carries the noise variance as the
+    model's own loop does (same draws, same membranes) and checks its inputs; in ``mean``
+    mode it equals the host model."""
+    torch.manual_seed(0)
+    net = LoopLeaky()
+    with torch.no_grad():
+        net.fc1.weight.mul_(3)
+        net.fc2.weight.mul_(3)
+    model = to_sbnn(net)
+    x = (torch.rand(6, 4, 64) < 0.4).float()
+
+    def outside(m, x):
+        mem1, mem2 = m.lif1.init_leaky(), m.lif2.init_leaky()
+        spk_rec, mem_rec = [], []
+        for t in range(x.shape[0]):
+            spk1, mem1 = m.lif1(m.fc1(x[t]), mem1)
+            spk2, mem2 = m.lif2(m.fc2(spk1), mem2)
+            spk_rec.append(spk2)
+            mem_rec.append(mem2)
+        return torch.stack(spk_rec), torch.stack(mem_rec)
+
+    sbnn_addons.seed_spikes(model, 1)
+    inside = model(x)
+    sbnn_addons.seed_spikes(model, 1)
+    out = outside(model, x)
+    assert inside[0].sum() > 0
+    assert torch.equal(inside[0], out[0]) and torch.equal(inside[1], out[1])
+    out[1].square().sum().backward()
+    assert model.fc1.std_rho.grad.abs() > 0 and model.lif1.spike_grad.std_rho.grad.abs() > 0
+    with sbnn_addons.mode(model, "mean"):
+        mean = outside(model, x)
+    host = outside(net, x)
+    assert torch.equal(mean[0], host[0]) and torch.equal(mean[1], host[1])
+    bad = x.clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        outside(model, bad)
+
+
+def test_membrane_variance_of_a_neuron_that_is_not_converted_raises():
+    """``membrane_variance`` on the original model's neuron (``to_sbnn`` converts a copy)
+    used to return ``None``, read as "no noise yet": it raises, naming the copy. A
+    converted, drop-in or excluded neuron answers as before."""
+    net = _tutorial_seq()
+    model = to_sbnn(net, exclude=["2", "3"])
+    model(torch.rand(5, 16))
+    assert membrane_variance(model[1]) is not None
+    assert membrane_variance(model[3]) is None  # excluded: no noise
+    with pytest.raises(TypeError, match="to_sbnn converts a copy"):
+        membrane_variance(net[1])
+    with pytest.raises(TypeError, match="takes an snnTorch neuron"):
+        membrane_variance(model)
+    drop_in = snn.Leaky(beta=0.9, init_hidden=True, spike_grad=sbnn_addons.snntorch.spike_grad())
+    assert membrane_variance(drop_in) is None
