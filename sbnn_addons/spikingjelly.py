@@ -67,7 +67,6 @@ from .moments import (
     UnknownVariance,
     VarianceFlowError,
     VarianceTensor,
-    attach_variance,
     check_variance_flow,
     get_variance,
     no_variance_flow,
@@ -526,13 +525,13 @@ class _StepConv:
                 f"{type(self).__name__} in step_mode='m' expects x of shape {self._shape}, "
                 f"got {tuple(x.shape)}"
             )
-        with no_variance_flow():
-            y = super().forward(x.flatten(0, 1))
-            var = get_variance(y)
-            out = y.unflatten(0, x.shape[:2])
-            if isinstance(var, Tensor):
-                var = var.unflatten(0, x.shape[:2])
-        return attach_variance(out, var)
+        # both reshapes go through the variance flow: a noisy input (an earlier Bayesian
+        # layer with no neuron between) stays noisy, so the layer refuses it and names
+        # the earlier layer, instead of the earlier layer's variance vanishing silently;
+        # the output keeps its draw (the layer's name in messages), a factored variance
+        # and mean mode's probe
+        y = super().forward(x.flatten(0, 1))
+        return y.unflatten(0, x.shape[:2])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, step_mode={self.step_mode}"

@@ -382,6 +382,32 @@ def test_two_weight_layers_without_a_neuron_name_both_layers():
     assert out.shape == (2, 2)
 
 
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_two_convolutions_without_a_neuron_are_refused_in_both_step_modes(step_mode):
+    """Two ``layer.Conv2d`` with no neuron between them: in multi-step mode too the second
+    refuses the first's variance and names it (the multi-step convolution flattened its
+    input without the variance flow, and the first layer's noise vanished silently). The
+    multi-step output keeps its draw and the variance of each step's single-step call."""
+    from sbnn_addons.moments import get_variance, noisy_output_layers
+
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Conv2d(2, 3, 3, padding=1), layer.Conv2d(3, 3, 3, padding=1),
+                        neuron.LIFNode())
+    functional.set_step_mode(net, step_mode)
+    model = sbnn_sj.to_sbnn(net)
+    x = torch.rand(3, 2, 2, 5, 5)
+    with pytest.raises(VarianceFlowError, match=r"\('1'\).*layer '0'.*exclude=\['0'\]"):
+        model(x if step_mode == "m" else x[0])
+    if step_mode == "m":
+        conv = model[0]
+        out = conv(x)
+        assert noisy_output_layers(model, out) == ["0"]
+        conv.step_mode = "s"
+        per_step = torch.stack([get_variance(conv(xt)).expand(2, 3, 5, 5) for xt in x])
+        torch.testing.assert_close(get_variance(out).expand_as(out), per_step)
+
+
 class _OwnSurrogate(nn.Module):
     """A user's own surrogate: a comparison in the user's code, no SpikingJelly function."""
 
