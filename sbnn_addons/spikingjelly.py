@@ -945,7 +945,18 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
         ValueError: a neuron's original surrogate was lost by pickling (it does not
             pickle, e.g. a class defined in a function) and no ``surrogate_function``
             was given.
+        TypeError: ``surrogate_function`` is a class (``surrogate.ATan`` instead of
+            ``surrogate.ATan()``) or not callable.
     """
+    if isinstance(surrogate_function, type):
+        raise TypeError(
+            "surrogate_function must be a surrogate instance, e.g. surrogate_function="
+            f"surrogate.{surrogate_function.__name__}(), got the class "
+            f"{surrogate_function.__name__} itself")
+    if surrogate_function is not None and not callable(surrogate_function):
+        raise TypeError(
+            "surrogate_function must be a SpikingJelly surrogate such as surrogate.ATan() "
+            f"(or None: each neuron's original one), got {type(surrogate_function).__name__}")
     model = _safe_deepcopy(model)
     reset(model)
     untrack_variance(model)
@@ -980,7 +991,7 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
         if hasattr(m, "surrogate_function"):
             host = m.__dict__.pop(_HOST_SURROGATE, None)
             if surrogate_function is not None:
-                m.surrogate_function = copy.deepcopy(surrogate_function)
+                _set_surrogate(m, copy.deepcopy(surrogate_function))
             elif isinstance(m.surrogate_function, IWSTSpike):
                 if isinstance(host, HostObject) and host.lost:
                     raise ValueError(
@@ -990,13 +1001,22 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
                         "surrogate to use, e.g. to_spikingjelly(model, "
                         "surrogate_function=surrogate.Sigmoid())")
                 original = host.get() if isinstance(host, HostObject) else None
-                m.surrogate_function = (surrogate.Sigmoid() if original is None
-                                        else copy.deepcopy(original))
+                _set_surrogate(m, surrogate.Sigmoid() if original is None
+                               else copy.deepcopy(original))
     for m in model.modules():
         if isinstance(m, SBNNModule):
             raise TypeError(f"cannot export {type(m).__name__} to a plain SpikingJelly model")
     _modules_swapped(model)
     return model
+
+
+def _set_surrogate(node: nn.Module, fn) -> None:
+    """``node.surrogate_function = fn``; a plain function (SpikingJelly neurons accept one
+    and keep it as a plain attribute) first removes the child module it replaces, which
+    ``nn.Module`` would refuse to overwrite with a non-module."""
+    if not isinstance(fn, nn.Module) and "surrogate_function" in node._modules:
+        del node.surrogate_function
+    node.surrogate_function = fn
 
 
 def _bn_from_affine(affine: _layers.ChannelAffine) -> nn.Module:

@@ -114,6 +114,34 @@ def test_export_restores_the_original_surrogate():
     assert all(type(n.surrogate_function) is surrogate.Sigmoid for n in _nodes(plain))
 
 
+
+def _atan_function(x):
+    """A surrogate given as a plain function (SpikingJelly keeps it as a plain attribute)."""
+    return surrogate.ATan(alpha=3.0)(x)
+
+
+def test_export_restores_or_sets_a_plain_function_surrogate_and_names_a_class():
+    """A neuron built with a plain function as its surrogate (SpikingJelly accepts one)
+    exports with it (it raised torch's 'cannot assign ... as child module'), so does a
+    function given to to_spikingjelly; a surrogate class instead of an instance, or a
+    non-callable, is named before anything is copied."""
+    host = _mnist_net("m", surrogate_function=_atan_function)
+    x = _x()
+    functional.reset_net(host)
+    want = host(x)
+    model = sbnn_sj.to_sbnn(host)
+    for given in (None, _atan_function):
+        plain = sbnn_sj.to_spikingjelly(model, surrogate_function=given)
+        assert all(n.surrogate_function is _atan_function for n in _nodes(plain))
+        assert all("surrogate_function" not in n._modules for n in _nodes(plain))
+        functional.reset_net(plain)
+        assert torch.equal(plain(x), want)
+    with pytest.raises(TypeError, match=r"surrogate\.ATan\(\), got the class ATan"):
+        sbnn_sj.to_spikingjelly(model, surrogate_function=surrogate.ATan)
+    with pytest.raises(TypeError, match="got str"):
+        sbnn_sj.to_spikingjelly(model, surrogate_function="atan")
+
+
 # --------------------------------------------------------------------------- include / exclude
 def test_single_string_include_exclude_is_one_name():
     net = _mnist_net()
