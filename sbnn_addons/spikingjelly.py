@@ -60,7 +60,14 @@ from torch import Tensor, nn
 
 from . import kernels
 from . import layers as _layers
-from .base import HostObject, SBNNModule, check_std, match_name, name_patterns
+from .base import (
+    HostObject,
+    SBNNModule,
+    check_std,
+    checkpoint_hooks_active,
+    match_name,
+    name_patterns,
+)
 from .functional import compact_broadcast, mark_binary
 from .losses import enable_aux_loss
 from .moments import (
@@ -75,6 +82,8 @@ from .moments import (
 )
 from .moments import refuse_variance as _refuse_variance
 from .spike import (
+    _IN_CHECKPOINT,
+    _RECOMPUTING,
     CONVERTED_SPIKE_STD,
     DEFAULT_AUX_PULL,
     DEFAULT_SPIKE_STD,
@@ -322,6 +331,15 @@ def _neuron_pre_hook(node: nn.Module, args):
     if not isinstance(spike, SJSpike) or not args or not isinstance(args[0], Tensor):
         return None
     x = args[0]
+    if checkpoint_hooks_active() and not (_IN_CHECKPOINT[0] or _RECOMPUTING[0]):
+        raise RuntimeError(
+            f"a converted SpikingJelly {type(node).__name__} runs inside "
+            "torch.utils.checkpoint: the recomputation in the backward would start from "
+            "the neuron's state (membrane, noise variance) at the end of the sequence, not "
+            "at the region's entry, and the gradients would be wrong; use "
+            "sbnn_addons.checkpoint.checkpoint(fn, *args, modules=block), which puts the "
+            "state back for the recomputation"
+        )
     var = get_variance(x)
     if isinstance(var, UnknownVariance):
         raise VarianceFlowError(

@@ -139,7 +139,8 @@ def test_checkpointed_spikingjelly_block_recomputes_from_its_entry_state(step_mo
     state at the end of the sequence (gradients 5-30 % off, no error, once the state is a
     tensor; a CheckpointError on the first call), and leaves the state as the forward
     left it. Loss, gradients and final state equal the plain run's. ``first``: the first
-    checkpointed call (1: the state is already a tensor when checkpointing starts)."""
+    checkpointed call (1: the state is already a tensor when checkpointing starts). Plain
+    ``torch.utils.checkpoint`` around a converted neuron raises and names the helper."""
     pytest.importorskip("spikingjelly")
     from spikingjelly.activation_based import functional, layer, neuron
     from torch import nn
@@ -185,6 +186,12 @@ def test_checkpointed_spikingjelly_block_recomputes_from_its_entry_state(step_mo
         after = list(model.block[2]._memories.values())
         assert all(torch.equal(a, b) for a, b in zip(state, after))  # untouched by backward
         results.append((out.detach(), [p.grad.clone() for p in model.parameters()], state))
+        if ck:  # plain torch.utils.checkpoint would recompute from the state at the end
+            from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+            with pytest.raises(RuntimeError, match="LIFNode runs inside torch.utils.check.*"
+                                                   "sbnn_addons.checkpoint.checkpoint"):
+                torch_checkpoint(model.block, x[0, 0], use_reentrant=False)
     (out_p, grad_p, state_p), (out_c, grad_c, state_c) = results
     assert torch.equal(out_p, out_c) and 0.05 < float(out_p.mean()) < 0.95
     for a, b in zip(grad_p, grad_c):
