@@ -331,7 +331,7 @@ def _neuron_pre_hook(node: nn.Module, args):
     if not isinstance(spike, SJSpike) or not args or not isinstance(args[0], Tensor):
         return None
     x = args[0]
-    if checkpoint_hooks_active() and not (_IN_CHECKPOINT[0] or _RECOMPUTING[0]):
+    if _in_torch_checkpoint():
         raise RuntimeError(
             f"a converted SpikingJelly {type(node).__name__} runs inside "
             "torch.utils.checkpoint: the recomputation in the backward would start from "
@@ -354,6 +354,20 @@ def _neuron_pre_hook(node: nn.Module, args):
     with no_variance_flow():
         stripped = x.view_as(x)  # same values and graph, no variance: the spike tracks it
     return (stripped, *args[1:])
+
+
+def _in_torch_checkpoint() -> bool:
+    """Whether this call runs in a region of ``torch.utils.checkpoint`` other than
+    :func:`sbnn_addons.checkpoint.checkpoint`'s: the forward or recomputation of a
+    non-reentrant one (its saved-tensor hooks), or the recomputation of a reentrant one
+    (``use_reentrant=True``, the default, whose forward runs without gradients and cannot
+    be told from an evaluation), which runs inside its backward node."""
+    if _IN_CHECKPOINT[0] or _RECOMPUTING[0]:
+        return False
+    if checkpoint_hooks_active():
+        return True
+    current = torch._C._current_autograd_node()
+    return current is not None and current.name() == "CheckpointFunctionBackward"
 
 
 _NEURON_MODULE = "spikingjelly.activation_based.neuron"

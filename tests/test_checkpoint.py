@@ -140,7 +140,8 @@ def test_checkpointed_spikingjelly_block_recomputes_from_its_entry_state(step_mo
     tensor; a CheckpointError on the first call), and leaves the state as the forward
     left it. Loss, gradients and final state equal the plain run's. ``first``: the first
     checkpointed call (1: the state is already a tensor when checkpointing starts). Plain
-    ``torch.utils.checkpoint`` around a converted neuron raises and names the helper."""
+    ``torch.utils.checkpoint`` around a converted neuron raises and names the helper
+    (reentrant: at its recomputation in the backward)."""
     pytest.importorskip("spikingjelly")
     from spikingjelly.activation_based import functional, layer, neuron
     from torch import nn
@@ -192,6 +193,11 @@ def test_checkpointed_spikingjelly_block_recomputes_from_its_entry_state(step_mo
             with pytest.raises(RuntimeError, match="LIFNode runs inside torch.utils.check.*"
                                                    "sbnn_addons.checkpoint.checkpoint"):
                 torch_checkpoint(model.block, x[0, 0], use_reentrant=False)
+            # reentrant (torch's default): its forward runs without gradients; the
+            # recomputation in its backward raises
+            out = torch_checkpoint(model.block, x[0, 0].requires_grad_(), use_reentrant=True)
+            with pytest.raises(RuntimeError, match="LIFNode runs inside torch.utils.check"):
+                out.sum().backward()
     (out_p, grad_p, state_p), (out_c, grad_c, state_c) = results
     assert torch.equal(out_p, out_c) and 0.05 < float(out_p.mean()) < 0.95
     for a, b in zip(grad_p, grad_c):
