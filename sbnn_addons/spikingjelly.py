@@ -361,8 +361,8 @@ def _in_torch_checkpoint() -> bool:
     :func:`sbnn_addons.checkpoint.checkpoint`'s: the forward or recomputation of a
     non-reentrant one (its saved-tensor hooks), or the recomputation of a reentrant one
     (``use_reentrant=True``, the default, whose forward runs without gradients and cannot
-    be told from an evaluation), which runs inside its backward node."""
-    if _IN_CHECKPOINT[0] or _RECOMPUTING[0]:
+    be told from an evaluation), which runs inside its backward node. Eager mode only."""
+    if _IN_CHECKPOINT[0] or _RECOMPUTING[0] or torch.compiler.is_compiling():
         return False
     if checkpoint_hooks_active():
         return True
