@@ -12,7 +12,13 @@ first. :func:`checkpoint` makes it so:
   :func:`~sbnn_addons.seed_spikes` are snapshotted when the region runs forward, used
   from the snapshot during the recomputation, and left untouched by it;
 * the auxiliary ``z^2`` terms (Method page, section 5) are collected by the first forward only,
-  not again by the recomputation.
+  not again by the recomputation;
+* the state that modules keep between calls in a ``_memories`` dict (SpikingJelly's
+  ``MemoryModule`` s: a neuron's membrane and noise variance, a ``layer.Dropout`` mask) is
+  put back to what it was when the region ran forward for the recomputation, and back to
+  what it is after it: the recomputation of a region holding a SpikingJelly neuron
+  starts from the neuron's state at the region's entry, not from its state at the end of
+  the sequence (silently wrong gradients), and leaves that state as it was.
 
 The gradients are then exactly those of the plain forward (tested), at the cost of one
 more forward of the region.
@@ -46,9 +52,23 @@ def _generator_snapshot(spikes: list[IWSTSpike]) -> list:
     return snap
 
 
+def _memories_snapshot(stateful: list[nn.Module]) -> list[dict]:
+    """Per module with a ``_memories`` dict (SpikingJelly's ``MemoryModule``): a shallow
+    copy of it (the state tensors are replaced, not changed in place, by a call)."""
+    return [dict(m._memories) for m in stateful]
+
+
+def _set_memories(stateful: list[nn.Module], snapshot: list[dict]) -> None:
+    for m, memories in zip(stateful, snapshot):
+        for key, value in memories.items():
+            m._memories[key] = value
+
+
 @contextlib.contextmanager
-def _replay(spikes: list[IWSTSpike], snapshot: list) -> Iterator[None]:
+def _replay(spikes: list[IWSTSpike], snapshot: list, stateful: list[nn.Module],
+            memories: list[dict]) -> Iterator[None]:
     current = [m._generator for m in spikes]
+    after = _memories_snapshot(stateful)  # the state the forward left: restored at the end
     try:
         for m, state in zip(spikes, snapshot):
             if state == "fresh":
@@ -56,11 +76,13 @@ def _replay(spikes: list[IWSTSpike], snapshot: list) -> Iterator[None]:
             elif state is not None:
                 m._generator = torch.Generator(device=m._generator.device)
                 m._generator.set_state(state)
+        _set_memories(stateful, memories)  # the recomputation starts where the forward did
         with recomputing_forward():
             yield
     finally:
         for m, gen in zip(spikes, current):
             m._generator = gen
+        _set_memories(stateful, after)
 
 
 def checkpoint(fn: Callable[..., Tensor], *args, modules: nn.Module) -> Tensor:
@@ -69,7 +91,8 @@ def checkpoint(fn: Callable[..., Tensor], *args, modules: nn.Module) -> Tensor:
     Args:
         fn: the region, e.g. a residual block's forward.
         *args: its inputs (tensors are kept for the backward, nothing else of the region).
-        modules: the module(s) ``fn`` runs, searched for :class:`~sbnn_addons.IWSTSpike`.
+        modules: the module(s) ``fn`` runs, searched for :class:`~sbnn_addons.IWSTSpike`
+            and for modules keeping state between calls (SpikingJelly's neurons).
 
     Returns:
         ``fn(*args)``.
@@ -80,10 +103,12 @@ def checkpoint(fn: Callable[..., Tensor], *args, modules: nn.Module) -> Tensor:
             f"{type(modules).__name__}"
         )
     spikes = [m for m in modules.modules() if isinstance(m, IWSTSpike)]
+    stateful = [m for m in modules.modules() if isinstance(getattr(m, "_memories", None), dict)]
 
-    def context_fn():
+    def context_fn():  # called as the region starts its forward
         snapshot = _generator_snapshot(spikes)
-        return checkpointed_forward(), _replay(spikes, snapshot)
+        memories = _memories_snapshot(stateful)
+        return checkpointed_forward(), _replay(spikes, snapshot, stateful, memories)
 
     return _torch_checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn,
                              preserve_rng_state=True)

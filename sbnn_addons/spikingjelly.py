@@ -60,14 +60,20 @@ from torch import Tensor, nn
 
 from . import kernels
 from . import layers as _layers
-from .base import HostObject, SBNNModule, check_std, match_name, name_patterns
+from .base import (
+    HostObject,
+    SBNNModule,
+    check_std,
+    checkpoint_hooks_active,
+    match_name,
+    name_patterns,
+)
 from .functional import compact_broadcast, mark_binary
 from .losses import enable_aux_loss
 from .moments import (
     UnknownVariance,
     VarianceFlowError,
     VarianceTensor,
-    attach_variance,
     check_variance_flow,
     get_variance,
     no_variance_flow,
@@ -76,6 +82,8 @@ from .moments import (
 )
 from .moments import refuse_variance as _refuse_variance
 from .spike import (
+    _IN_CHECKPOINT,
+    _RECOMPUTING,
     CONVERTED_SPIKE_STD,
     DEFAULT_AUX_PULL,
     DEFAULT_SPIKE_STD,
@@ -323,6 +331,15 @@ def _neuron_pre_hook(node: nn.Module, args):
     if not isinstance(spike, SJSpike) or not args or not isinstance(args[0], Tensor):
         return None
     x = args[0]
+    if _in_torch_checkpoint():
+        raise RuntimeError(
+            f"a converted SpikingJelly {type(node).__name__} runs inside "
+            "torch.utils.checkpoint: the recomputation in the backward would start from "
+            "the neuron's state (membrane, noise variance) at the end of the sequence, not "
+            "at the region's entry, and the gradients would be wrong; use "
+            "sbnn_addons.checkpoint.checkpoint(fn, *args, modules=block), which puts the "
+            "state back for the recomputation"
+        )
     var = get_variance(x)
     if isinstance(var, UnknownVariance):
         raise VarianceFlowError(
@@ -337,6 +354,20 @@ def _neuron_pre_hook(node: nn.Module, args):
     with no_variance_flow():
         stripped = x.view_as(x)  # same values and graph, no variance: the spike tracks it
     return (stripped, *args[1:])
+
+
+def _in_torch_checkpoint() -> bool:
+    """Whether this call runs in a region of ``torch.utils.checkpoint`` other than
+    :func:`sbnn_addons.checkpoint.checkpoint`'s: the forward or recomputation of a
+    non-reentrant one (its saved-tensor hooks), or the recomputation of a reentrant one
+    (``use_reentrant=True``, the default, whose forward runs without gradients and cannot
+    be told from an evaluation), which runs inside its backward node. Eager mode only."""
+    if _IN_CHECKPOINT[0] or _RECOMPUTING[0] or torch.compiler.is_compiling():
+        return False
+    if checkpoint_hooks_active():
+        return True
+    current = torch._C._current_autograd_node()
+    return current is not None and current.name() == "CheckpointFunctionBackward"
 
 
 _NEURON_MODULE = "spikingjelly.activation_based.neuron"
@@ -526,13 +557,13 @@ class _StepConv:
                 f"{type(self).__name__} in step_mode='m' expects x of shape {self._shape}, "
                 f"got {tuple(x.shape)}"
             )
-        with no_variance_flow():
-            y = super().forward(x.flatten(0, 1))
-            var = get_variance(y)
-            out = y.unflatten(0, x.shape[:2])
-            if isinstance(var, Tensor):
-                var = var.unflatten(0, x.shape[:2])
-        return attach_variance(out, var)
+        # both reshapes go through the variance flow: a noisy input (an earlier Bayesian
+        # layer with no neuron between) stays noisy, so the layer refuses it and names
+        # the earlier layer, instead of the earlier layer's variance vanishing silently;
+        # the output keeps its draw (the layer's name in messages), a factored variance
+        # and mean mode's probe
+        y = super().forward(x.flatten(0, 1))
+        return y.unflatten(0, x.shape[:2])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, step_mode={self.step_mode}"
@@ -946,7 +977,18 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
         ValueError: a neuron's original surrogate was lost by pickling (it does not
             pickle, e.g. a class defined in a function) and no ``surrogate_function``
             was given.
+        TypeError: ``surrogate_function`` is a class (``surrogate.ATan`` instead of
+            ``surrogate.ATan()``) or not callable.
     """
+    if isinstance(surrogate_function, type):
+        raise TypeError(
+            "surrogate_function must be a surrogate instance, e.g. surrogate_function="
+            f"surrogate.{surrogate_function.__name__}(), got the class "
+            f"{surrogate_function.__name__} itself")
+    if surrogate_function is not None and not callable(surrogate_function):
+        raise TypeError(
+            "surrogate_function must be a SpikingJelly surrogate such as surrogate.ATan() "
+            f"(or None: each neuron's original one), got {type(surrogate_function).__name__}")
     model = _safe_deepcopy(model)
     reset(model)
     untrack_variance(model)
@@ -981,7 +1023,7 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
         if hasattr(m, "surrogate_function"):
             host = m.__dict__.pop(_HOST_SURROGATE, None)
             if surrogate_function is not None:
-                m.surrogate_function = copy.deepcopy(surrogate_function)
+                _set_surrogate(m, copy.deepcopy(surrogate_function))
             elif isinstance(m.surrogate_function, IWSTSpike):
                 if isinstance(host, HostObject) and host.lost:
                     raise ValueError(
@@ -991,13 +1033,22 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
                         "surrogate to use, e.g. to_spikingjelly(model, "
                         "surrogate_function=surrogate.Sigmoid())")
                 original = host.get() if isinstance(host, HostObject) else None
-                m.surrogate_function = (surrogate.Sigmoid() if original is None
-                                        else copy.deepcopy(original))
+                _set_surrogate(m, surrogate.Sigmoid() if original is None
+                               else copy.deepcopy(original))
     for m in model.modules():
         if isinstance(m, SBNNModule):
             raise TypeError(f"cannot export {type(m).__name__} to a plain SpikingJelly model")
     _modules_swapped(model)
     return model
+
+
+def _set_surrogate(node: nn.Module, fn) -> None:
+    """``node.surrogate_function = fn``; a plain function (SpikingJelly neurons accept one
+    and keep it as a plain attribute) first removes the child module it replaces, which
+    ``nn.Module`` would refuse to overwrite with a non-module."""
+    if not isinstance(fn, nn.Module) and "surrogate_function" in node._modules:
+        del node.surrogate_function
+    node.surrogate_function = fn
 
 
 def _bn_from_affine(affine: _layers.ChannelAffine) -> nn.Module:

@@ -114,6 +114,34 @@ def test_export_restores_the_original_surrogate():
     assert all(type(n.surrogate_function) is surrogate.Sigmoid for n in _nodes(plain))
 
 
+
+def _atan_function(x):
+    """A surrogate given as a plain function (SpikingJelly keeps it as a plain attribute)."""
+    return surrogate.ATan(alpha=3.0)(x)
+
+
+def test_export_restores_or_sets_a_plain_function_surrogate_and_names_a_class():
+    """A neuron built with a plain function as its surrogate (SpikingJelly accepts one)
+    exports with it (it raised torch's 'cannot assign ... as child module'), so does a
+    function given to to_spikingjelly; a surrogate class instead of an instance, or a
+    non-callable, is named before anything is copied."""
+    host = _mnist_net("m", surrogate_function=_atan_function)
+    x = _x()
+    functional.reset_net(host)
+    want = host(x)
+    model = sbnn_sj.to_sbnn(host)
+    for given in (None, _atan_function):
+        plain = sbnn_sj.to_spikingjelly(model, surrogate_function=given)
+        assert all(n.surrogate_function is _atan_function for n in _nodes(plain))
+        assert all("surrogate_function" not in n._modules for n in _nodes(plain))
+        functional.reset_net(plain)
+        assert torch.equal(plain(x), want)
+    with pytest.raises(TypeError, match=r"surrogate\.ATan\(\), got the class ATan"):
+        sbnn_sj.to_spikingjelly(model, surrogate_function=surrogate.ATan)
+    with pytest.raises(TypeError, match="got str"):
+        sbnn_sj.to_spikingjelly(model, surrogate_function="atan")
+
+
 # --------------------------------------------------------------------------- include / exclude
 def test_single_string_include_exclude_is_one_name():
     net = _mnist_net()
@@ -380,6 +408,32 @@ def test_two_weight_layers_without_a_neuron_name_both_layers():
     for _ in range(3):
         out = model(torch.rand(2, 4))
     assert out.shape == (2, 2)
+
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_two_convolutions_without_a_neuron_are_refused_in_both_step_modes(step_mode):
+    """Two ``layer.Conv2d`` with no neuron between them: in multi-step mode too the second
+    refuses the first's variance and names it (the multi-step convolution flattened its
+    input without the variance flow, and the first layer's noise vanished silently). The
+    multi-step output keeps its draw and the variance of each step's single-step call."""
+    from sbnn_addons.moments import get_variance, noisy_output_layers
+
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Conv2d(2, 3, 3, padding=1), layer.Conv2d(3, 3, 3, padding=1),
+                        neuron.LIFNode())
+    functional.set_step_mode(net, step_mode)
+    model = sbnn_sj.to_sbnn(net)
+    x = torch.rand(3, 2, 2, 5, 5)
+    with pytest.raises(VarianceFlowError, match=r"\('1'\).*layer '0'.*exclude=\['0'\]"):
+        model(x if step_mode == "m" else x[0])
+    if step_mode == "m":
+        conv = model[0]
+        out = conv(x)
+        assert noisy_output_layers(model, out) == ["0"]
+        conv.step_mode = "s"
+        per_step = torch.stack([get_variance(conv(xt)).expand(2, 3, 5, 5) for xt in x])
+        torch.testing.assert_close(get_variance(out).expand_as(out), per_step)
 
 
 class _OwnSurrogate(nn.Module):
