@@ -237,7 +237,9 @@ class SpikeMonitor:
     function goes through (``forward``, snnTorch / SpikingJelly neurons, and the
     framework-free :class:`~sbnn_addons.LIF`, which calls ``fire`` directly and would
     escape a forward hook); the monitor wraps that method on the instances and restores
-    it on exit. Weight layers are observed with forward pre-hooks.
+    it on exit. Weight layers are observed with forward pre-hooks. Monitors nest (an
+    outer one, e.g. around :func:`~sbnn_addons.mc_predict`, which runs its own, keeps
+    counting after the inner one exits); one monitor cannot be entered twice at once.
 
     Args:
         model: any module containing ``IWSTSpike`` modules and/or weight layers.
@@ -261,6 +263,8 @@ class SpikeMonitor:
         self._layers = [(n, m) for n, m in model.named_modules()
                         if synops and isinstance(m, _WEIGHT_LAYERS)]
         self._handles: list = []
+        self._saved_fire: list = []  # (module, the instance's "fire" entry before entering)
+        self._active = False
         self.reset()
 
     def reset(self) -> None:
@@ -272,8 +276,15 @@ class SpikeMonitor:
                                           for n, _ in self._layers}
 
     def __enter__(self) -> SpikeMonitor:
+        if self._active:
+            raise RuntimeError(
+                "this SpikeMonitor is already active (a nested `with mon:` on the same "
+                "monitor would count every spike twice); keep one `with` block, or use a "
+                "second SpikeMonitor(model)")
+        self._active = True
+        self._saved_fire = [(m, m.__dict__.get("fire")) for _, m in self._spikes]
         for name, m in self._spikes:
-            original = m.fire  # bound method
+            original = m.fire  # bound method, or the wrapper of an enclosing monitor
 
             def fire(u, variance, _orig=original, _name=name):
                 out = _orig(u, variance)
@@ -301,8 +312,15 @@ class SpikeMonitor:
         return self
 
     def __exit__(self, *exc) -> None:
-        for _, m in self._spikes:
-            m.__dict__.pop("fire", None)
+        # put back what was there (an enclosing monitor's wrapper keeps counting after an
+        # inner one, e.g. mc_predict's, exits), in reverse order: a module seen twice
+        for m, previous in reversed(self._saved_fire):
+            if previous is None:
+                m.__dict__.pop("fire", None)
+            else:
+                m.__dict__["fire"] = previous
+        self._saved_fire = []
+        self._active = False
         for h in self._handles:
             h.remove()
         self._handles = []
