@@ -19,10 +19,16 @@ def check_probabilities(probs: Tensor, targets: Tensor, atol: float = 1e-4) -> N
     """Validate ``probs [N, C]`` (rows sum to one) against integer ``targets [N]``.
 
     Raises:
-        TypeError: non-float ``probs`` or non-integer ``targets``.
-        ValueError: shapes that do not match, targets outside ``[0, C)``, or rows that do
-            not sum to one (within ``atol``, or the dtype's rounding over ``C`` terms).
+        TypeError: ``probs`` / ``targets`` not tensors, non-float ``probs`` or non-integer
+            ``targets``.
+        ValueError: shapes that do not match, no examples (``N = 0``: every metric would
+            be NaN), targets outside ``[0, C)``, or rows that do not sum to one (within
+            ``atol``, or the dtype's rounding over ``C`` terms).
     """
+    for name, value in (("probs", probs), ("targets", targets)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}; "
+                            "convert it with torch.as_tensor")
     if not probs.is_floating_point():
         raise TypeError(f"probs must be floating point, got {probs.dtype}")
     if targets.is_floating_point() or targets.dtype == torch.bool:
@@ -32,12 +38,17 @@ def check_probabilities(probs: Tensor, targets: Tensor, atol: float = 1e-4) -> N
             f"probs must be [N, C] and targets [N]; got {tuple(probs.shape)} and "
             f"{tuple(targets.shape)}"
         )
+    if probs.shape[0] == 0:
+        raise ValueError(
+            f"probs of shape {tuple(probs.shape)} hold no examples (N = 0): the metric "
+            "would be NaN; skip empty evaluation sets")
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= probs.shape[1]):
         raise ValueError(
             f"targets must be class indices in [0, {probs.shape[1]}) for probs of "
             f"{probs.shape[1]} classes, got values in [{int(targets.min())}, "
             f"{int(targets.max())}]"
         )
+    probs = probs.detach()  # the checks read values only (no warning for a graph tensor)
     sums = probs.sum(-1)
     atol = max(atol, probs.shape[1] * torch.finfo(probs.dtype).eps)  # float16: rounding
     if probs.numel() and not bool(torch.isfinite(probs).all()):
@@ -57,9 +68,9 @@ def negative_log_likelihood(probs: Tensor, targets: Tensor, eps: float | None = 
     """``-mean log p(y_n | x_n)``; a probability of 0 counts as ``eps`` (default: the
     smallest normal number of ``probs``' dtype, so a float32 softmax's 0 counts 87.3
     nats, a float64 one's 708), not as an infinite loss."""
+    check_probabilities(probs, targets)
     if eps is None:
         eps = torch.finfo(probs.dtype).tiny
-    check_probabilities(probs, targets)
     return -probs.gather(1, targets.long()[:, None]).clamp_min(eps).log().mean()
 
 
@@ -73,6 +84,8 @@ def brier_score(probs: Tensor, targets: Tensor) -> Tensor:
 def expected_calibration_error(probs: Tensor, targets: Tensor, n_bins: int = 15) -> Tensor:
     """ECE with ``n_bins`` equal-width confidence bins (torchmetrics, L1 norm)."""
     check_probabilities(probs, targets)
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
     from torchmetrics.functional.classification import multiclass_calibration_error
 
     return multiclass_calibration_error(probs, targets.long(), num_classes=probs.shape[1],
@@ -82,6 +95,7 @@ def expected_calibration_error(probs: Tensor, targets: Tensor, n_bins: int = 15)
 def classification_metrics(probs: Tensor, targets: Tensor) -> dict[str, float]:
     """``accuracy``, ``nll``, ``brier`` and ``ece`` (15 bins) as Python floats."""
     check_probabilities(probs, targets)
+    probs = probs.detach()  # Python floats: no graph
     return {
         "accuracy": float((probs.argmax(-1) == targets).float().mean()),
         "nll": float(negative_log_likelihood(probs, targets)),
@@ -109,11 +123,9 @@ def adaptive_calibration_error(probs: Tensor, targets: Tensor, n_bins: int = 15)
         Scalar tensor.
     """
     check_probabilities(probs, targets)
-    if not isinstance(n_bins, int) or n_bins < 1:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
         raise ValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
     n = probs.shape[0]
-    if n == 0:
-        return probs.new_zeros(())
     conf, pred = probs.max(-1)
     correct = (pred == targets).to(probs.dtype)
     order = torch.argsort(conf, stable=True)
@@ -195,15 +207,31 @@ def layer_synops(layer: torch.nn.Module, x: Tensor) -> Tensor:
 
     Returns:
         Scalar float64 tensor.
+
+    Raises:
+        TypeError: ``x`` is not a tensor, or ``layer`` is not a Linear / Conv1d / Conv2d.
+        ValueError: ``x`` does not fit the layer (its features or channels).
     """
-    nz = (x.detach() != 0).to(torch.float32)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor (the layer's input), got "
+                        f"{type(x).__name__}")
     if isinstance(layer, torch.nn.Linear):
-        return nz.sum().double() * layer.out_features
+        if x.dim() == 0 or x.shape[-1] != layer.in_features:
+            raise ValueError(
+                f"x of shape {tuple(x.shape)} is not an input of {type(layer).__name__} "
+                f"with in_features={layer.in_features} (its last dimension)")
+        return (x.detach() != 0).sum().double() * layer.out_features
     if not isinstance(layer, (torch.nn.Conv1d, torch.nn.Conv2d)):
         raise TypeError(f"layer must be Linear/Conv1d/Conv2d, got {type(layer).__name__}")
+    spatial = 1 if isinstance(layer, torch.nn.Conv1d) else 2
+    if x.dim() < spatial + 1 or x.shape[-spatial - 1] != layer.in_channels:
+        raise ValueError(
+            f"x of shape {tuple(x.shape)} is not an input of {type(layer).__name__} with "
+            f"in_channels={layer.in_channels}: expected [*, {layer.in_channels}, "
+            f"{'L' if spatial == 1 else 'H, W'}]")
+    nz = (x.detach() != 0).to(torch.float32)
     conv = torch.nn.functional.conv1d if isinstance(layer, torch.nn.Conv1d) else (
         torch.nn.functional.conv2d)
-    spatial = 1 if isinstance(layer, torch.nn.Conv1d) else 2
     if nz.dim() == spatial + 1:  # unbatched
         nz = nz.unsqueeze(0)
     elif nz.dim() > spatial + 2:  # leading step dimensions (SpikingJelly multi-step)

@@ -123,15 +123,36 @@ class Prediction:
 
 # --------------------------------------------------------------------------- maths
 def entropy(probs: Tensor, dim: int = -1) -> Tensor:
-    """Shannon entropy ``-sum p log p`` in nats along ``dim`` (``0 log 0 = 0``)."""
+    """Shannon entropy ``-sum p log p`` in nats along ``dim`` (``0 log 0 = 0``).
+
+    Raises:
+        TypeError: ``probs`` is not a floating-point tensor.
+        ValueError: entries outside ``[0, 1]`` or NaN (logits give a meaningless,
+            possibly negative, "entropy": pass ``softmax(logits)``).
+    """
+    _check_unit_interval(probs, "entropy: probs")
     return -(probs * probs.clamp_min(_TINY).log()).sum(dim)
+
+
+def _check_unit_interval(p: Tensor, what: str) -> None:
+    """``p`` a floating-point tensor with every entry in ``[0, 1]`` (a rounding of 1e-4
+    above 1 accepted), no NaN."""
+    if not isinstance(p, Tensor) or not p.is_floating_point():
+        kind = p.dtype if isinstance(p, Tensor) else type(p).__name__
+        raise TypeError(f"{what} must be a floating-point tensor of probabilities, got {kind}")
+    if p.numel() and not bool(((p >= 0) & (p <= 1 + 1e-4)).all()):
+        raise ValueError(
+            f"{what} must be probabilities in [0, 1] (no NaN), got values in "
+            f"[{float(p.min()):.3g}, {float(p.max()):.3g}]; pass softmax(logits), not logits")
 
 
 def from_sample_probs(sample_probs: Tensor, *, keep_samples: bool = True) -> Prediction:
     """Build a :class:`Prediction` from per-sample probabilities ``[K, B, C]``.
 
     Raises:
-        ValueError: not 3-D, ``K < 1``, or rows that do not sum to one.
+        TypeError: not a floating-point tensor.
+        ValueError: not 3-D, ``K < 1``, entries outside ``[0, 1]`` or NaN, or rows that
+            do not sum to one.
     """
     if not isinstance(sample_probs, Tensor) or not sample_probs.is_floating_point():
         raise TypeError("sample_probs must be a floating-point tensor [K, B, C]")
@@ -140,6 +161,7 @@ def from_sample_probs(sample_probs: Tensor, *, keep_samples: bool = True) -> Pre
             f"sample_probs must be [K, B, C], got shape {tuple(sample_probs.shape)}")
     if sample_probs.shape[0] < 1:
         raise ValueError("sample_probs needs K >= 1 samples (dimension 0 is empty)")
+    _check_unit_interval(sample_probs, "sample_probs")
     sums = sample_probs.sum(-1)
     if sample_probs.numel() and not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
         raise ValueError("sample_probs rows must sum to one (pass softmax probabilities)")
@@ -626,15 +648,27 @@ def metrics_vs_samples(
 
     Returns:
         ``{"k": [...], "accuracy": [...], "nll": [...], "ece": [...]}``.
+
+    Raises:
+        TypeError: ``sample_probs`` is neither a :class:`Prediction` nor a tensor.
+        ValueError: no samples, an empty ``ks``, a ``k`` outside ``[1, K]``, or targets /
+            probabilities that :func:`~sbnn_addons.metrics.check_probabilities` refuses.
     """
     if isinstance(sample_probs, Prediction):
         if sample_probs.sample_probs is None:
             raise ValueError("the Prediction has no sample_probs; call predict(..., "
                              "return_samples=True)")
         sample_probs = sample_probs.sample_probs
-    if sample_probs.dim() != 3:
-        raise ValueError(f"sample_probs must be [K, B, C], got {tuple(sample_probs.shape)}")
+    if not isinstance(sample_probs, Tensor):
+        raise TypeError("sample_probs must be a Prediction or a tensor [K, B, C], got "
+                        f"{type(sample_probs).__name__}")
+    if sample_probs.dim() != 3 or sample_probs.shape[0] < 1:
+        raise ValueError(f"sample_probs must be [K, B, C] with K >= 1, got "
+                         f"{tuple(sample_probs.shape)}")
     big_k = sample_probs.shape[0]
+    if ks is not None and not (ks := list(ks)):
+        raise ValueError("ks is empty: nothing to compute; pass sample counts such as "
+                         "[1, 2, 4] (or ks=None for 1, 2, 4, ... up to K)")
     if ks is None:
         ks = sorted({2 ** i for i in range(int(math.log2(big_k)) + 1)} | {big_k})
     out: dict[str, list[float]] = {"k": [], "accuracy": [], "nll": [], "ece": []}
@@ -685,6 +719,8 @@ def plot_reliability(probs: Tensor, targets: Tensor, path, n_bins: int = 15,
         The written path.
     """
     check_probabilities(probs, targets)
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
     plt = _pyplot()
     conf, pred = probs.max(-1)
     correct = (pred == targets).float()
@@ -721,6 +757,8 @@ def plot_entropy_histograms(scores_in: Tensor, scores_out: Tensor, path,
     AUROC and FPR@95%TPR (:func:`sbnn_addons.metrics.ood_metrics`) in the title."""
     from .metrics import ood_metrics
 
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"bins must be an integer >= 1, got {bins!r}")
     plt = _pyplot()
     m = ood_metrics(scores_in, scores_out)
     a, b = scores_in.detach().double().cpu(), scores_out.detach().double().cpu()

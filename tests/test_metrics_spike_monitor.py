@@ -89,3 +89,19 @@ def test_monitors_nest_and_one_monitor_is_not_entered_twice():
     with mon:  # usable again after the error
         model(x)
     assert mon.units["1"] == 150
+
+
+def test_layer_synops_refuses_an_input_of_another_layer():
+    """An input with the wrong number of features / channels was counted silently."""
+    from sbnn_addons.metrics import layer_synops
+
+    with pytest.raises(ValueError, match="in_features=3"):
+        layer_synops(nn.Linear(3, 2), torch.ones(4, 5))
+    with pytest.raises(ValueError, match=r"in_channels=3: expected \[\*, 3, H, W\]"):
+        layer_synops(nn.Conv2d(3, 2, 3), torch.ones(1, 4, 5, 5))
+    with pytest.raises(ValueError, match=r"in_channels=2: expected \[\*, 2, L\]"):
+        layer_synops(nn.Conv1d(2, 2, 3), torch.ones(7))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        layer_synops(nn.Linear(3, 2), [1.0, 0.0, 1.0])
+    assert float(layer_synops(nn.Conv1d(2, 4, 3), torch.ones(2, 6))) == 2 * 3 * 4 * 4
+    assert float(layer_synops(nn.Linear(3, 2), torch.tensor([[1.0, 0.0, 1.0]]))) == 4
