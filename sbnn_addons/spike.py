@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import weakref
 from collections.abc import Iterator, Sequence
 
@@ -512,8 +513,13 @@ class IWSTSpike(SBNNModule, nn.Module):
 
     # ------------------------------------------------------------------ seeding
     def manual_seed(self, seed: int | None) -> None:
-        """Use a private generator seeded with ``seed`` (``None``: the global RNG)."""
-        self._seed = None if seed is None else int(seed)
+        """Use a private generator seeded with ``seed`` (``None``: the global RNG).
+
+        Raises:
+            TypeError: ``seed`` is not an integer or ``None`` (a float such as 1.5 was
+                truncated, silently giving the stream of another seed).
+        """
+        self._seed = check_seed(seed)
         self._generator = None
 
     def _generator_for(self, u: Tensor) -> torch.Generator | None:
@@ -575,6 +581,24 @@ def _fused_variance(u: Tensor, variance: Tensor | None) -> Tensor | None:
     return variance.to(u.dtype)
 
 
+def check_seed(seed, name: str = "seed") -> int | None:
+    """``seed`` as a Python int (``None`` kept).
+
+    Raises:
+        TypeError: ``seed`` is a bool, a float, a string or anything else that is not an
+            integer (``int``, a numpy integer, a 0-d integer tensor).
+    """
+    if seed is None:
+        return None
+    if not isinstance(seed, bool):
+        try:
+            return operator.index(seed)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an integer or None, got {seed!r} "
+                    f"({type(seed).__name__}); pass an int such as {name}=0")
+
+
 def seed_spikes(model: nn.Module, seed: int | None) -> nn.Module:
     """Seed every :class:`IWSTSpike` in ``model``, each with a stream of its own.
 
@@ -584,7 +608,14 @@ def seed_spikes(model: nn.Module, seed: int | None) -> nn.Module:
     first layer of seed 1 would replay the second layer of seed 0). Calling it again with
     the same seed replays the same spike noise exactly. ``None`` returns them to the
     global RNG. Returns ``model``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or ``seed`` is neither an integer nor
+            ``None``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    seed = check_seed(seed)
     for i, m in enumerate(m for m in model.modules() if isinstance(m, IWSTSpike)):
         m.manual_seed(None if seed is None else spike_seed(seed, i))
     return model

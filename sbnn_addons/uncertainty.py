@@ -50,7 +50,7 @@ from .metrics import (
     negative_log_likelihood,
 )
 from .moments import plain
-from .spike import IWSTSpike, seed_spikes
+from .spike import IWSTSpike, check_seed, seed_spikes
 
 __all__ = [
     "Prediction",
@@ -284,6 +284,13 @@ def _check_logits(logits, rows: int, model: nn.Module,
             f"the forward pass must return logits [B, C], got shape {tuple(logits.shape)}; "
             f"pass {_forward_hint(model)}"
         )
+    if logits.shape[1] < 2:
+        raise ValueError(
+            f"the forward pass returned {logits.shape[1]} class(es) per example (shape "
+            f"{tuple(logits.shape)}): a softmax over one class is 1 for every example, so "
+            "the prediction and its uncertainty would say nothing; for a binary classifier "
+            "with one logit z return both classes' logits, "
+            "forward=lambda m, x: torch.cat([torch.zeros_like(z := m(x)), z], -1)")
     if logits.shape[0] != rows:
         if folded is not None:
             reps, batch_dim = folded
@@ -474,12 +481,14 @@ def mc_predict(
         ``.mutual_information [B]``, ``.sample_probs [K, B, C]``, ...).
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, ``inputs`` is not a tensor, or the
+        TypeError: ``model`` is not an ``nn.Module``, ``inputs`` is not a tensor,
+            ``forward`` / ``reset`` is not callable, ``seed`` is not an integer, or the
             forward pass does not return a tensor.
         ValueError: a BatchNorm with running statistics in training mode (call
             ``model.eval()`` first), ``num_samples < 1`` or not an integer, an empty
             input (batch 0 or ``T = 0``), NaN / inf in the input, bad ``chunk_size`` /
-            ``batch_dim`` / ``eval_mode`` / ``output``, logits of the wrong shape,
+            ``batch_dim`` / ``eval_mode`` / ``output``, logits of the wrong shape or of
+            a single class,
             ``output="probs"`` whose rows are not probability vectors.
 
     .. note::
@@ -493,6 +502,13 @@ def mc_predict(
     _check_num_samples(num_samples)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    for name, fn in (("forward", forward), ("reset", reset)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be a callable ({name}=lambda m, ...: ...) or None, "
+                            f"got {type(fn).__name__}")
+    seed = check_seed(seed)
+    if isinstance(batch_dim, bool) or not isinstance(batch_dim, int):
+        raise TypeError(f"batch_dim must be an int, got {batch_dim!r}")
     _check_inputs(inputs, forward is not None)
     _refuse_training_batchnorm(model)
     return _run(model, inputs, num_samples, seed=seed, forward=forward, reset=reset,

@@ -316,3 +316,50 @@ def test_a_batchnorm_in_training_mode_is_refused_and_left_unchanged(step_mode):
     pred = sb.mc_predict(model, x, 4, forward=forward)
     assert pred.probs.shape == (B, 3)
     assert torch.equal(bn.running_mean, before[0])
+
+
+def test_one_class_output_is_refused_and_the_binary_fix_works():
+    """One logit per example: the softmax is 1 everywhere, entropy and MI 0, silently.
+    It raises; the two-logit form the message shows gives sigmoid(z)."""
+    torch.manual_seed(0)
+    model = sb.track_variance(nn.Sequential(
+        sb.BayesLinear(12, 16, std=0.4), sb.IWSTSpike("st", std=0.2), nn.Linear(16, 1)))
+    x = _rate((B, 12))
+    for kw in ({}, {"fold": True}, {"output": "probs", "forward": lambda m, x: m(x) * 0 + 1}):
+        with pytest.raises(ValueError, match=r"1 class\(es\).*binary classifier"):
+            sb.mc_predict(model, x, 2, **kw)
+    pred = sb.mc_predict(model, x, 3, seed=0,
+                         forward=lambda m, x: torch.cat([torch.zeros_like(z := m(x)), z], -1))
+    assert pred.probs.shape == (B, 2) and (pred.entropy > 0).all()
+    with torch.no_grad(), sb.mode(model, "mean"):
+        want = torch.sigmoid(model(x))[:, 0]
+    mean = sb.mc_predict(model, x, 1, eval_mode="mean",
+                         forward=lambda m, x: torch.cat([torch.zeros_like(z := m(x)), z], -1))
+    torch.testing.assert_close(mean.probs[:, 1], want)
+
+
+@pytest.mark.parametrize("seed", [1.5, "0", True])
+def test_a_seed_that_is_not_an_integer_is_named(seed):
+    """seed=1.5 was truncated to 1: the stream of another seed, silently."""
+    model, x = core_model(), _rate((B, 12))
+    with pytest.raises(TypeError, match="seed must be an integer or None"):
+        sb.mc_predict(model, x, 2, seed=seed)
+    with pytest.raises(TypeError, match="seed must be an integer or None"):
+        sb.seed_spikes(model, seed)
+    with pytest.raises(TypeError, match="seed must be an integer or None"):
+        sb.IWSTSpike("st").manual_seed(seed)
+    a = sb.mc_predict(model, x, 2, seed=np.int64(3))  # numpy integers are integers
+    b = sb.mc_predict(model, x, 2, seed=3)
+    torch.testing.assert_close(a.sample_probs, b.sample_probs, rtol=0, atol=0)
+
+
+def test_forward_reset_and_batch_dim_of_the_wrong_type_are_named():
+    model, x = core_model(), _rate((B, 12))
+    with pytest.raises(TypeError, match="forward must be a callable"):
+        sb.mc_predict(model, x, 2, forward=3)
+    with pytest.raises(TypeError, match="reset must be a callable"):
+        sb.mc_predict(model, x, 2, reset="snntorch")
+    with pytest.raises(TypeError, match="batch_dim must be an int"):
+        sb.mc_predict(model, x, 2, fold=True, batch_dim="1")
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        sb.seed_spikes(object(), 0)
