@@ -323,6 +323,16 @@ def check_input(x: Tensor, where: str) -> None:
         _CHECKED[x] = version
 
 
+def mark_checked(x: Tensor) -> None:
+    """Record ``x`` as checked by :func:`check_input` at its current version (a part of
+    an input checked as a whole, e.g. one step of a checked sequence), so that the check
+    of a callee skips it. A no-op while compiling, under ``torch.func`` and for inference
+    tensors (no version)."""
+    if (isinstance(x, Tensor) and not torch.compiler.is_compiling() and not x.is_inference()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x)):
+        _CHECKED[x] = x._version
+
+
 def _factory_spec(fn) -> tuple | None:
     """``(module, factory, kwargs)`` when ``fn`` is a closure returned by a module-level
     factory whose free variables are the factory's arguments (e.g. snnTorch's

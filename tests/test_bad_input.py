@@ -98,6 +98,27 @@ def test_lif_run_empty_sequence_or_batch(shape, bayes):
     assert out.shape == shape
 
 
+@pytest.mark.parametrize("value", NONFINITE)
+@pytest.mark.parametrize("call", ["step", "run", "run_bayes", "run_unfused"])
+def test_lif_names_nonfinite_input(call, value):
+    """A NaN / inf current gave no spikes (and NaN gradients) silently; the core LIF
+    checks its input as the layers do, a sequence once (its steps are not checked again)."""
+    lif = sb.LIF()
+    if call == "run_unfused":  # a wrapped fire: the step-by-step path
+        lif.spike_fn.__dict__["fire"] = lif.spike_fn.fire
+    currents = _poison(torch.rand(3, 2, 5), value)
+    where = "LIF" if call == "step" else "LIF.run"
+    with pytest.raises(ValueError, match=rf"input of {where} contains.*check_finite\(False\)"):
+        if call == "step":
+            lif(currents[0])
+        elif call == "run_bayes":
+            lif.run(sb.BayesLinear(5, 5)(torch.rand(3, 2, 5)) * currents)
+        else:
+            lif.run(currents)
+    with check_finite(False):
+        lif.run(currents)  # the documented switch
+
+
 # --------------------------------------------------------------------------- snnTorch
 def _snn_seq():
     torch.manual_seed(0)
