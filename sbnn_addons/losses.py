@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
 from torch import Tensor, nn
 
-from .layers import is_bayesian
+from .layers import check_kl_samples, is_bayesian
 from .spike import IWSTSpike
 
 __all__ = ["enable_aux_loss", "aux_loss", "kl_divergence", "sbnn_objective", "REFERENCE_AUX_WEIGHT"]
@@ -116,6 +117,7 @@ def kl_divergence(model: nn.Module, prior=None, num_samples: int = 16) -> Tensor
         prior: see :meth:`sbnn_addons.BayesLinear.kl_divergence`.
         num_samples: Monte Carlo samples for priors without a closed-form KL.
     """
+    check_kl_samples(num_samples)
     layers = [m for m in model.modules() if is_bayesian(m)]
     if not layers:
         raise ValueError("model contains no Bayesian layer; convert it first")
@@ -155,12 +157,22 @@ def sbnn_objective(
         aux_weight: ``lambda >= 0``.
         aux_reduction: ``"mean"`` or ``"sum"`` (see :func:`aux_loss`).
         prior: prior passed to :func:`kl_divergence`.
+
+    Raises:
+        TypeError: ``nll`` is not a tensor.
+        ValueError: ``nll`` is not a scalar, a weight that is not a finite number
+            ``>= 0``, an unknown ``aux_reduction``, or ``kl_weight > 0`` without an
+            integer ``num_data >= 1``.
     """
     for name, value in (("kl_weight", kl_weight), ("aux_weight", aux_weight)):
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if not isinstance(value, (numbers.Real, Tensor)) or not (
+                math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     if aux_reduction not in AUX_REDUCTIONS:
         raise ValueError(f"aux_reduction must be one of {AUX_REDUCTIONS}, got {aux_reduction!r}")
+    if not isinstance(nll, torch.Tensor):
+        raise TypeError(f"nll must be a scalar tensor (the batch-mean loss, e.g. "
+                        f"F.cross_entropy(logits, y)), got {type(nll).__name__}")
     if nll.numel() != 1:
         raise ValueError(f"nll must be a scalar (batch mean), got shape {tuple(nll.shape)}")
     nll = nll.reshape(())  # snnTorch's losses (ce_rate_loss, ...) return shape (1,)
@@ -170,7 +182,9 @@ def sbnn_objective(
     else:  # weight 0 (e.g. the start of a warm-up): the collected terms are used up too
         _discard_aux(model)
     if kl_weight > 0:
-        if not num_data or num_data < 1:
-            raise ValueError("num_data (the training-set size N) must be >= 1 when kl_weight > 0")
+        if (isinstance(num_data, bool) or not isinstance(num_data, numbers.Integral)
+                or num_data < 1):
+            raise ValueError("num_data (the training-set size N) must be an integer >= 1 "
+                             f"when kl_weight > 0, got {num_data!r}")
         loss = loss + kl_weight * kl_divergence(model, prior) / num_data
     return loss

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import operator
 import weakref
 from collections.abc import Iterator, Sequence
@@ -255,6 +256,10 @@ class IWSTSpike(SBNNModule, nn.Module):
         if not isinstance(aux_std_grad, bool):
             raise TypeError(f"aux_std_grad must be a bool, got {type(aux_std_grad).__name__}")
         aux_pull = check_aux_pull(aux_pull)
+        if (isinstance(threshold, bool) or not isinstance(threshold, (numbers.Real, Tensor))
+                or (isinstance(threshold, Tensor) and threshold.numel() != 1)
+                or math.isnan(float(threshold))):
+            raise ValueError(f"threshold must be a number (not NaN), got {threshold!r}")
         self.learn_std = bool(learn_std)
         if self.learn_std:
             self.std_rho = nn.Parameter(torch.full(tuple(std_shape), inverse_softplus(std)))

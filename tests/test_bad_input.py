@@ -412,3 +412,45 @@ def test_finite_check_works_under_torch_func_transforms():
     x[2, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         per_sample(params, x)
+
+
+# ------------------------------------------------------- constructor and objective arguments
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("make, match", [
+    (lambda: sb.BayesLinear(0, 3), "no synapses"),  # a ZeroDivisionError
+    (lambda: sb.BayesLinear(3, 0), "no synapses"),  # an IndexError
+    (lambda: sb.BayesConv2d(2, 0, 3), "no synapses"),
+    (lambda: sb.ChannelAffine(0), "num_features must be an integer >= 1"),  # accepted
+    (lambda: sb.ChannelAffine(3, eps=-1e-5), "eps must be a finite number >= 0"),  # accepted
+    (lambda: sb.ChannelAffine(3, channel_dim=1.0), "channel_dim must be an integer"),
+    (lambda: sb.IWSTSpike("st", threshold=math.nan), r"threshold must be a number \(not NaN"),
+    (lambda: sb.IWSTSpike("st", threshold="1"), "threshold must be a number"),
+])
+def test_bad_constructor_arguments_are_named(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, True])
+def test_kl_monte_carlo_samples_are_checked(k):
+    """num_samples=0 gave a reshape error (a float, a torch.Size error) from the prior's
+    Monte Carlo KL; it is named on the model and on the layer."""
+    fc = sb.BayesLinear(4, 3)
+    with pytest.raises(ValueError, match="num_samples .* must be an integer >= 1"):
+        sb.kl_divergence(fc, sb.scale_mixture_prior(), num_samples=k)
+    with pytest.raises(ValueError, match="num_samples"):
+        fc.kl_divergence(sb.scale_mixture_prior(), num_samples=k)
+
+
+def test_sbnn_objective_arguments_are_named():
+    import numpy as np
+
+    fc, nll = sb.BayesLinear(4, 3), torch.tensor(1.0)
+    with pytest.raises(TypeError, match=r"nll must be a scalar tensor.*F.cross_entropy"):
+        sb.sbnn_objective(1.0, fc)  # an AttributeError
+    with pytest.raises(ValueError, match="num_data .* must be an integer >= 1.*10.5"):
+        sb.sbnn_objective(nll, fc, 10.5, kl_weight=1.0)  # divided by 10.5 silently
+    with pytest.raises(ValueError, match=r"kl_weight must be a finite number >= 0, got '1'"):
+        sb.sbnn_objective(nll, fc, 10, kl_weight="1")
+    loss = sb.sbnn_objective(nll, fc, np.int64(10), kl_weight=1.0)  # numpy ints count
+    torch.testing.assert_close(loss, nll + sb.kl_divergence(fc) / 10)
