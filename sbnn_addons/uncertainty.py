@@ -108,16 +108,34 @@ class Prediction:
         return self.probs.shape[0]
 
     def spike_rates(self) -> dict[str, float]:
-        """Per layer: mean spikes per unit and time step over the K passes."""
+        """Per layer: mean spikes per unit and time step over the K passes.
+
+        Raises:
+            ValueError: the spikes were not counted (``mc_predict(count_spikes=False)``,
+                or a prediction built from probabilities).
+        """
+        if self.spike_counts is None:
+            raise ValueError(
+                "this prediction has no spike counts (mc_predict(..., count_spikes=False), "
+                "or built from probabilities); call mc_predict with count_spikes=True")
         return {n: float(c.sum()) / (self.layer_units[n] * self.num_samples)
                 if self.layer_units.get(n) else 0.0
                 for n, c in self.layer_spike_counts.items()}
 
     def synops_per_example(self) -> float:
         """SynOps of the whole ``mc(K)`` prediction per input example: ``sum_k SynOps_k / B``
-        (K times the cost of one pass)."""
+        (K times the cost of one pass).
+
+        Raises:
+            ValueError: the SynOps were not counted (``mc_predict(count_spikes=False)`` or
+                ``synops=False``, or a prediction built from probabilities): a NaN would
+                pass for a cost.
+        """
         if self.synops is None:
-            return float("nan")
+            raise ValueError(
+                "this prediction has no SynOps counts (mc_predict(..., count_spikes=False) "
+                "or synops=False, or built from probabilities); call mc_predict with "
+                "count_spikes=True, synops=True")
         return float(self.synops.sum()) / max(self.batch_size, 1)
 
 
