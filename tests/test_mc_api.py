@@ -363,3 +363,20 @@ def test_forward_reset_and_batch_dim_of_the_wrong_type_are_named():
         sb.mc_predict(model, x, 2, fold=True, batch_dim="1")
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         sb.seed_spikes(object(), 0)
+
+
+def test_uncounted_spikes_and_synops_are_named_not_nan():
+    """synops_per_example() of a prediction without SynOps counts returned NaN, and
+    spike_rates() an empty dict, as if the model had no spiking layer."""
+    model, x = core_model(), _rate((B, 12))
+    counted = sb.mc_predict(model, x, 2)
+    assert counted.synops_per_example() > 0 and counted.spike_rates()
+    bare = sb.mc_predict(model, x, 2, count_spikes=False)
+    with pytest.raises(ValueError, match="no SynOps counts.*count_spikes=True"):
+        bare.synops_per_example()
+    with pytest.raises(ValueError, match="no spike counts.*count_spikes=True"):
+        bare.spike_rates()
+    with pytest.raises(ValueError, match="synops=True"):
+        sb.mc_predict(model, x, 2, synops=False).synops_per_example()
+    no_spikes = sb.mc_predict(nn.Sequential(nn.Linear(12, 4)), x * 0.5, 1)  # counted: none
+    assert no_spikes.spike_rates() == {} and no_spikes.synops_per_example() == 0.0
