@@ -66,6 +66,13 @@ def cached_tensor_test(owner: object, name: str, tensor: Tensor,
     return cached[1]
 
 
+def check_module(model, who: str) -> None:
+    """Raise ``TypeError`` unless ``model`` is an ``nn.Module`` (a function, a state dict,
+    an optimiser passed by mistake failed with an ``AttributeError``)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{who}: model must be an nn.Module, got {type(model).__name__}")
+
+
 def inverse_softplus(value: float | Tensor) -> float | Tensor:
     """``rho`` such that ``softplus(rho) = value`` (``value > 0``; a float, or a tensor
     elementwise)."""

@@ -9,6 +9,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from .base import check_module
 from .layers import check_kl_samples, is_bayesian
 from .spike import IWSTSpike
 
@@ -23,6 +24,7 @@ def _spikes(model: nn.Module) -> list[IWSTSpike]:
     ``model.modules()`` order. Walks ``_modules`` itself: under ``torch.compile`` a module
     whose state the traced step has changed (a converted neuron) refuses method lookups
     such as ``named_modules``."""
+    check_module(model, "the auxiliary loss")
     found: list[IWSTSpike] = []
     seen: set[int] = set()
     stack = [model]
@@ -117,6 +119,7 @@ def kl_divergence(model: nn.Module, prior=None, num_samples: int = 16) -> Tensor
         prior: see :meth:`sbnn_addons.BayesLinear.kl_divergence`.
         num_samples: Monte Carlo samples for priors without a closed-form KL.
     """
+    check_module(model, "kl_divergence")
     check_kl_samples(num_samples)
     layers = [m for m in model.modules() if is_bayesian(m)]
     if not layers:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .base import MODES, SBNNModule
+from .base import MODES, SBNNModule, check_module
 
 __all__ = ["set_mode", "get_mode", "mode"]
 
@@ -28,6 +28,7 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
     Returns:
         ``model``.
     """
+    check_module(model, "set_mode")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     for m in model.modules():
@@ -38,6 +39,7 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
 
 def get_mode(model: nn.Module) -> str | None:
     """The mode of the first SBNN module in ``model`` (``None`` if it has none)."""
+    check_module(model, "get_mode")
     for m in model.modules():
         if isinstance(m, SBNNModule):
             return m.sbnn_mode
@@ -47,6 +49,7 @@ def get_mode(model: nn.Module) -> str | None:
 @contextlib.contextmanager
 def mode(model: nn.Module, value: str) -> Iterator[nn.Module]:
     """Context manager: run ``model`` in mode ``value``, then restore each module's mode."""
+    check_module(model, "mode")
     saved = [(m, m.sbnn_mode) for m in model.modules() if isinstance(m, SBNNModule)]
     set_mode(model, value)
     try:

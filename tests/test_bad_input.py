@@ -454,3 +454,18 @@ def test_sbnn_objective_arguments_are_named():
         sb.sbnn_objective(nll, fc, 10, kl_weight="1")
     loss = sb.sbnn_objective(nll, fc, np.int64(10), kl_weight=1.0)  # numpy ints count
     torch.testing.assert_close(loss, nll + sb.kl_divergence(fc) / 10)
+
+
+@pytest.mark.parametrize("call, who", [
+    (lambda m: sb.set_mode(m, "mc"), "set_mode"), (sb.get_mode, "get_mode"),
+    (lambda m: sb.mode(m, "mean").__enter__(), "mode"),
+    (lambda m: sb.param_groups(m, 1e-3), "param_groups"),
+    (sb.enable_aux_loss, "auxiliary loss"), (sb.aux_loss, "auxiliary loss"),
+    (sb.kl_divergence, "kl_divergence"),
+    (lambda m: sb.sbnn_objective(torch.tensor(1.0), m), "auxiliary loss"),
+])
+def test_model_functions_name_a_model_that_is_not_a_module(call, who):
+    """model.parameters() (or a state dict) in place of the model: an AttributeError."""
+    params = sb.BayesLinear(3, 2).parameters()
+    with pytest.raises(TypeError, match=f"{who}.*must be an nn.Module, got generator"):
+        call(params)
