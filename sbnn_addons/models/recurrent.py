@@ -201,6 +201,7 @@ class SHDRecurrentNet(ReferenceNet):
                 f"SHDRecurrentNet expects input x of shape [T, B, {self.in_features}], "
                 f"got {tuple(x.shape)}"
             )
+        self._check_steps(x)
         if self.per_step_norm and x.shape[0] != self.num_steps:
             raise ValueError(
                 f"SHDRecurrentNet has one affine (or BatchNorm) per time step and expects x "

@@ -111,6 +111,11 @@ class BasicBlock(nn.Module):
 
 
 def _widths(widths: Sequence[int], width_mult: float) -> list[int]:
+    widths = list(widths)
+    if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1
+                         for w in widths):
+        raise ValueError(f"widths must be a non-empty sequence of channel counts >= 1 (one "
+                         f"per stage, e.g. (32, 64, 128)), got {widths!r}")
     if width_mult <= 0:
         raise ValueError(f"width_mult must be > 0, got {width_mult}")
     return [max(1, round(w * width_mult)) for w in widths]
@@ -232,6 +237,7 @@ class SpikingResNet(ReferenceNet):
                 f"{type(self).__name__} expects input x of shape [T, B, {self.in_channels}, H, W]"
                 f", got {tuple(x.shape)}"
             )
+        self._check_steps(x)
         if self.per_step_norm and x.shape[0] != self.num_steps:
             raise ValueError(
                 f"{type(self).__name__} has one affine (or BatchNorm) per time step and "
