@@ -214,7 +214,19 @@ def time_as_samples(per_step_logits: Tensor) -> Prediction:
         raise ValueError(f"per_step_logits must be a tensor [T, B, C], got shape {shape}")
     if per_step_logits.shape[0] < 1:
         raise ValueError("per_step_logits needs T >= 1 time steps")
-    return from_sample_probs(torch.softmax(plain(per_step_logits).float(), -1))
+    probs = torch.softmax(plain(per_step_logits).float(), -1)
+    _check_no_nan(probs, "per_step_logits", "logits")
+    return from_sample_probs(probs)
+
+
+def _check_no_nan(probs: Tensor, where: str, kind: str) -> None:
+    """Probabilities computed from ``kind`` values are NaN only where those held a NaN or
+    a +inf (or a row of -inf): name that, not the probabilities."""
+    if probs.numel() and bool(torch.isnan(probs).any()):
+        raise ValueError(
+            f"{where} holds NaN or inf {kind} (NaN or +inf entries, or a row of -inf), "
+            "which give NaN probabilities: a diverged model, or NaN input with "
+            "check_finite(False)?")
 
 
 # --------------------------------------------------------------------------- predict
@@ -347,8 +359,11 @@ def _to_probs(out: Tensor, output: str) -> Tensor:
                 "vector (entries in [0, 1] summing to 1), and it is treated as logits, so a "
                 "second softmax flattens it; pass output='probs' if the model ends in a "
                 "softmax", stacklevel=4)
-        return torch.softmax(out, -1)
+        probs = torch.softmax(out, -1)
+        _check_no_nan(probs, "the forward pass's output", "logits")
+        return probs
     probs = out.exp() if output == "log_probs" else out
+    _check_no_nan(probs, "the forward pass's output", output.replace("_", "-"))
     if not _is_distribution(probs, tol=1e-3):
         raise ValueError(
             f"mc_predict(output={output!r}): the forward pass must return "

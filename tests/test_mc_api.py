@@ -380,3 +380,18 @@ def test_uncounted_spikes_and_synops_are_named_not_nan():
         sb.mc_predict(model, x, 2, synops=False).synops_per_example()
     no_spikes = sb.mc_predict(nn.Sequential(nn.Linear(12, 4)), x * 0.5, 1)  # counted: none
     assert no_spikes.spike_rates() == {} and no_spikes.synops_per_example() == 0.0
+
+
+@pytest.mark.parametrize("output", ["logits", "probs", "log_probs"])
+def test_nan_outputs_are_named_as_the_models(output):
+    """A diverged model's NaN logits were reported as "pass softmax(logits), not logits":
+    the message names the output; -inf logits (masked classes) stay accepted."""
+    model, x = core_model(), _rate((B, 12))
+    with pytest.raises(ValueError, match=r"forward pass's output holds NaN or inf.*diverged"):
+        sb.mc_predict(model, x, 2, output=output,
+                      forward=lambda m, x: torch.full((B, 4), math.nan))
+    with pytest.raises(ValueError, match=r"per_step_logits holds NaN or inf logits"):
+        uncertainty.time_as_samples(torch.full((T, B, 4), math.nan))
+    masked = torch.tensor([[0.0, -math.inf, 1.0]]).expand(B, -1)
+    pred = sb.mc_predict(model, x, 1, forward=lambda m, x: masked)
+    assert float(pred.probs[0, 1]) == 0.0
