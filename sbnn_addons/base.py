@@ -66,6 +66,21 @@ def cached_tensor_test(owner: object, name: str, tensor: Tensor,
     return cached[1]
 
 
+def check_flag(name: str, value) -> bool:
+    """``value`` as a bool: ``True`` / ``False`` (or a 0-d numpy / torch bool).
+
+    Raises:
+        TypeError: anything else: a string such as ``"no"`` or ``"False"`` (from a config
+            file or the command line) is truthy and would turn the option on, silently.
+    """
+    if isinstance(value, bool):
+        return value
+    if getattr(value, "shape", None) == () and str(getattr(value, "dtype", "")) in (
+            "bool", "torch.bool"):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
 def check_module(model, who: str) -> None:
     """Raise ``TypeError`` unless ``model`` is an ``nn.Module`` (a function, a state dict,
     an optimiser passed by mistake failed with an ``AttributeError``)."""

@@ -29,6 +29,7 @@ from . import kernels
 from .base import (
     SBNNModule,
     cached_tensor_test,
+    check_flag,
     check_input,
     check_std,
     inverse_softplus,
@@ -152,12 +153,13 @@ class _BayesMixin(SBNNModule):
                 f"{type(self).__name__} has a weight of shape {tuple(self.weight.shape)}: "
                 "no synapses (0 input or output features / channels); give every size >= 1")
         fan_in = self.weight[0].numel()
+        learn_std = check_flag("learn_std", learn_std)
         std = 0.5 / math.sqrt(fan_in) if std is None else std
         std = check_std("std", std, allow_zero=not learn_std)
         shape = {"layer": (), "channel": (self.weight.shape[0],), "weight": self.weight.shape}
         init = torch.full(shape[std_mode], 1.0, device=self.weight.device, dtype=self.weight.dtype)
         self.std_mode = std_mode
-        self.learn_std = bool(learn_std)
+        self.learn_std = check_flag("learn_std", learn_std)
         if self.learn_std:
             self.std_rho = nn.Parameter(init * inverse_softplus(std))
         else:

@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .base import check_module
+from .base import check_flag, check_module
 from .layers import check_kl_samples, is_bayesian
 from .spike import IWSTSpike
 
@@ -49,6 +49,7 @@ def enable_aux_loss(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Collect ``z^2`` in every :class:`~sbnn_addons.IWSTSpike` of ``model`` during
     forward passes in training mode with gradients enabled; read (and clear) it with
     :func:`aux_loss`."""
+    enabled = check_flag("enabled", enabled)
     for m in _spikes(model):
         m.collect_aux = enabled
         m._aux_terms = []

@@ -26,6 +26,7 @@ from . import kernels
 from .base import (
     SBNNModule,
     cached_tensor_test,
+    check_flag,
     check_std,
     inverse_softplus,
     raise_error,
@@ -250,6 +251,9 @@ class IWSTSpike(SBNNModule, nn.Module):
     ) -> None:
         super().__init__()
         self.estimator = get_estimator(estimator)
+        learn_std = check_flag("learn_std", learn_std)
+        use_input_variance = check_flag("use_input_variance", use_input_variance)
+        at_zero = check_flag("at_zero", at_zero)
         std = check_std("std", 0.0 if std is None else std, allow_zero=not learn_std)
         if aux_center not in ("threshold", "zero"):
             raise ValueError(f"aux_center must be 'threshold' or 'zero', got {aux_center!r}")

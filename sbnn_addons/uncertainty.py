@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .base import MODES, SBNNModule, check_input
+from .base import MODES, SBNNModule, check_flag, check_input
 from .metrics import (
     SpikeMonitor,
     check_probabilities,
@@ -540,6 +540,10 @@ def mc_predict(
             raise TypeError(f"{name} must be a callable ({name}=lambda m, ...: ...) or None, "
                             f"got {type(fn).__name__}")
     seed = check_seed(seed)
+    fold, return_samples, count_spikes, synops = (
+        check_flag(name, value) for name, value in (
+            ("fold", fold), ("return_samples", return_samples),
+            ("count_spikes", count_spikes), ("synops", synops)))
     if isinstance(batch_dim, bool) or not isinstance(batch_dim, int):
         raise TypeError(f"batch_dim must be an int, got {batch_dim!r}")
     _check_inputs(inputs, forward is not None)

@@ -469,3 +469,30 @@ def test_model_functions_name_a_model_that_is_not_a_module(call, who):
     params = sb.BayesLinear(3, 2).parameters()
     with pytest.raises(TypeError, match=f"{who}.*must be an nn.Module, got generator"):
         call(params)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda v: sb.BayesLinear(3, 2, learn_std=v), "learn_std"),
+    (lambda v: sb.BayesConv2d(1, 2, 3, learn_std=v), "learn_std"),
+    (lambda v: sb.IWSTSpike("st", std=0.1, learn_std=v), "learn_std"),
+    (lambda v: sb.IWSTSpike("st", at_zero=v), "at_zero"),
+    (lambda v: sb.IWSTSpike("st", use_input_variance=v), "use_input_variance"),
+    (lambda v: sb.enable_aux_loss(sb.IWSTSpike("st"), v), "enabled"),
+    (lambda v: sb.kernels.use_kernels(v).__enter__(), r"use_kernels\(flag\)"),
+    (lambda v: sb.mc_predict(nn.Linear(4, 3), torch.rand(2, 4), 2, count_spikes=v),
+     "count_spikes"),
+    (lambda v: sb.mc_predict(nn.Linear(4, 3), torch.rand(2, 4), 2, fold=v), "fold"),
+])
+@pytest.mark.parametrize("value", ["no", "False", 0])
+def test_a_flag_that_is_not_a_bool_is_named(call, name, value):
+    """learn_std="no" (a string from a config file) was truthy: the std was learned."""
+    with pytest.raises(TypeError, match=f"{name} must be True or False"):
+        call(value)
+    assert sb.kernels.enabled()  # left as it was
+
+
+def test_numpy_and_torch_bools_are_flags():
+    import numpy as np
+
+    assert sb.BayesLinear(3, 2, learn_std=np.bool_(False)).learn_std is False
+    assert sb.IWSTSpike("st", at_zero=torch.tensor(True)).at_zero is True
