@@ -27,13 +27,23 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
 
     Returns:
         ``model``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: an unknown mode, or a model without SBNN modules (an unconverted host
+            model: the mode would change nothing).
     """
     check_module(model, "set_mode")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    for m in model.modules():
-        if isinstance(m, SBNNModule):
-            m.sbnn_mode = mode
+    modules = [m for m in model.modules() if isinstance(m, SBNNModule)]
+    if not modules:
+        raise ValueError(
+            f"{type(model).__name__} has no SBNN module (no Bayesian layer or spike "
+            f"function), so mode {mode!r} would change nothing: convert the model first "
+            "(sbnn_addons.snntorch.to_sbnn / sbnn_addons.spikingjelly.to_sbnn)")
+    for m in modules:
+        m.sbnn_mode = mode
     return model
 
 
@@ -48,7 +58,8 @@ def get_mode(model: nn.Module) -> str | None:
 
 @contextlib.contextmanager
 def mode(model: nn.Module, value: str) -> Iterator[nn.Module]:
-    """Context manager: run ``model`` in mode ``value``, then restore each module's mode."""
+    """Context manager: run ``model`` in mode ``value``, then restore each module's mode
+    (also when the block raises). Raises as :func:`set_mode`."""
     check_module(model, "mode")
     saved = [(m, m.sbnn_mode) for m in model.modules() if isinstance(m, SBNNModule)]
     set_mode(model, value)
