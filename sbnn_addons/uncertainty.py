@@ -513,6 +513,10 @@ def mc_predict(
         :class:`Prediction` (``.probs [B, C]``, ``.entropy [B]``,
         ``.mutual_information [B]``, ``.sample_probs [K, B, C]``, ...).
 
+    Warns:
+        UserWarning: ``model`` has no SBNN module (an unconverted model: the passes are
+            identical unless it draws noise of its own).
+
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, ``inputs`` is not a tensor,
             ``forward`` / ``reset`` is not callable, ``seed`` is not an integer, or the
@@ -548,6 +552,13 @@ def mc_predict(
         raise TypeError(f"batch_dim must be an int, got {batch_dim!r}")
     _check_inputs(inputs, forward is not None)
     _refuse_training_batchnorm(model)
+    if not any(isinstance(m, SBNNModule) for m in model.modules()):
+        warnings.warn(
+            f"mc_predict: {type(model).__name__} has no SBNN module (no Bayesian layer or "
+            "spike function): unless it draws noise of its own (e.g. dropout in training "
+            "mode), the passes are identical and the mutual information is 0; convert the "
+            "model first (sbnn_addons.snntorch.to_sbnn / sbnn_addons.spikingjelly.to_sbnn)",
+            stacklevel=2)
     return _run(model, inputs, num_samples, seed=seed, forward=forward, reset=reset,
                 chunk_size=chunk_size, fold=fold, batch_dim=batch_dim, eval_mode=eval_mode,
                 return_samples=return_samples, count_spikes=count_spikes, synops=synops,

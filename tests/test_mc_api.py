@@ -378,7 +378,7 @@ def test_uncounted_spikes_and_synops_are_named_not_nan():
         bare.spike_rates()
     with pytest.raises(ValueError, match="synops=True"):
         sb.mc_predict(model, x, 2, synops=False).synops_per_example()
-    no_spikes = sb.mc_predict(nn.Sequential(nn.Linear(12, 4)), x * 0.5, 1)  # counted: none
+    no_spikes = sb.mc_predict(nn.Sequential(sb.BayesLinear(12, 4)), x * 0.5, 1)
     assert no_spikes.spike_rates() == {} and no_spikes.synops_per_example() == 0.0
 
 
@@ -395,3 +395,16 @@ def test_nan_outputs_are_named_as_the_models(output):
     masked = torch.tensor([[0.0, -math.inf, 1.0]]).expand(B, -1)
     pred = sb.mc_predict(model, x, 1, forward=lambda m, x: masked)
     assert float(pred.probs[0, 1]) == 0.0
+
+
+def test_an_unconverted_model_is_warned_about():
+    """K identical passes of a host model gave MI 0 with no word of why."""
+    plain, x = nn.Sequential(nn.Linear(12, 4)), _rate((B, 12))
+    with pytest.warns(UserWarning, match=r"no SBNN module.*convert the model first"):
+        pred = sb.mc_predict(plain, x, 3)
+    assert float(pred.mutual_information.max()) == 0.0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sb.mc_predict(core_model(), x, 2)  # a converted / core model: no warning
