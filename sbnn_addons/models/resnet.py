@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..base import mark_checked
 from ..checkpoint import checkpoint
 from ..functional import is_binary, is_kept, mark_binary
 from ._common import (
@@ -90,6 +91,7 @@ class ConvLIF(nn.Module):
     def forward(self, x: Tensor, num_steps: int) -> Tensor:
         y = self.current(x)
         seq = reshape_with_variance(y, num_steps, -1, *y.shape[1:])
+        mark_checked(seq)  # from the checked input: no finite check (a sync) per layer
         spikes = self.lif.run(seq)
         flat = spikes.flatten(0, 1)
         # x^2 = x downstream; a view of kept spikes is kept too (same storage)
