@@ -71,6 +71,10 @@ def negative_log_likelihood(probs: Tensor, targets: Tensor, eps: float | None = 
     check_probabilities(probs, targets)
     if eps is None:
         eps = torch.finfo(probs.dtype).tiny
+    elif isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        # eps <= 0 clamped nothing: a probability of 0 gave an infinite NLL
+        raise ValueError(f"eps must be a number in (0, 1) (what a probability of 0 counts "
+                         f"as) or None, got {eps!r}")
     return -probs.gather(1, targets.long()[:, None]).clamp_min(eps).log().mean()
 
 

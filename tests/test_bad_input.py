@@ -496,3 +496,20 @@ def test_numpy_and_torch_bools_are_flags():
 
     assert sb.BayesLinear(3, 2, learn_std=np.bool_(False)).learn_std is False
     assert sb.IWSTSpike("st", at_zero=torch.tensor(True)).at_zero is True
+
+
+def test_std_shape_and_nll_eps_are_checked():
+    """std_shape=5 failed with "'int' object is not iterable"; an eps <= 0 in the NLL
+    clamped nothing (a probability of 0 gave an infinite loss)."""
+    from sbnn_addons.metrics import negative_log_likelihood
+
+    with pytest.raises(TypeError, match=r"std_shape must be a sequence.*\(C,\)"):
+        sb.IWSTSpike("st", std=0.1, std_shape=5)
+    with pytest.raises(TypeError, match="std_shape"):
+        sb.IWSTSpike("st", std=0.1, std_shape=(0,))
+    assert sb.IWSTSpike("st", std=0.1, std_shape=torch.Size([3])).std.shape == (3,)
+    probs, y = torch.tensor([[1.0, 0.0]]), torch.tensor([1])
+    for eps in (-1.0, 0, 1.5, "1e-8"):
+        with pytest.raises(ValueError, match=r"eps must be a number in \(0, 1\)"):
+            negative_log_likelihood(probs, y, eps=eps)
+    assert torch.isfinite(negative_log_likelihood(probs, y, eps=1e-8))
