@@ -69,10 +69,16 @@ def checkpoint(fn: Callable[..., Tensor], *args, modules: nn.Module) -> Tensor:
     Args:
         fn: the region, e.g. a residual block's forward.
         *args: its inputs (tensors are kept for the backward, nothing else of the region).
-        modules: the module(s) ``fn`` runs, searched for :class:`~sbnn_addons.IWSTSpike`.
+        modules: the module(s) ``fn`` runs, searched for :class:`~sbnn_addons.IWSTSpike`
+            (an ``nn.ModuleList`` for several).
 
     Returns:
         ``fn(*args)``.
+
+    Raises:
+        TypeError: ``modules`` is not an ``nn.Module``.
+        RuntimeError: a seeded spike function that is not in ``modules`` draws in the
+            region (its spikes could not be replayed: wrong gradients).
     """
     if not isinstance(modules, nn.Module):
         raise TypeError(
@@ -83,7 +89,7 @@ def checkpoint(fn: Callable[..., Tensor], *args, modules: nn.Module) -> Tensor:
 
     def context_fn():
         snapshot = _generator_snapshot(spikes)
-        return checkpointed_forward(), _replay(spikes, snapshot)
+        return checkpointed_forward(spikes), _replay(spikes, snapshot)
 
     return _torch_checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn,
                              preserve_rng_state=True)

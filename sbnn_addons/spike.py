@@ -75,6 +75,7 @@ DEFAULT_AUX_PULL = 1e-3
 
 _RECOMPUTING = [0]  # depth of recomputations (activation checkpointing) in progress
 _IN_CHECKPOINT = [0]  # depth of sbnn_addons.checkpoint forwards (which replay seeded draws)
+_CHECKPOINT_SPIKES: list[set[int]] = []  # per such forward: ids of the spikes it replays
 _OPTIMIZER_STEPS: list = [0, None]  # torch.optim steps taken, the hook's handle
 _SPIKE_FUNCTIONS: weakref.WeakSet = weakref.WeakSet()  # every IWSTSpike (the hook's view)
 
@@ -160,13 +161,16 @@ class _AuxPull(torch.autograd.Function):
 
 
 @contextlib.contextmanager
-def checkpointed_forward() -> Iterator[None]:
-    """Mark the first forward of an :func:`sbnn_addons.checkpoint.checkpoint` region: seeded
-    spike functions may draw there (the recomputation replays their generators)."""
+def checkpointed_forward(spikes: Sequence[IWSTSpike] = ()) -> Iterator[None]:
+    """Mark the first forward of an :func:`sbnn_addons.checkpoint.checkpoint` region: the
+    seeded ``spikes`` (the region's ``modules=``) may draw there, since the recomputation
+    replays their generators; another seeded spike function raises."""
     _IN_CHECKPOINT[0] += 1
+    _CHECKPOINT_SPIKES.append({id(m) for m in spikes})
     try:
         yield
     finally:
+        _CHECKPOINT_SPIKES.pop()
         _IN_CHECKPOINT[0] -= 1
 
 
@@ -546,8 +550,18 @@ class IWSTSpike(SBNNModule, nn.Module):
                 "sbnn_addons.seed_spikes(model, None) before the compiled call and seed the "
                 "global generator (torch.manual_seed) instead"
             )
-        if (not _RECOMPUTING[0] and not _IN_CHECKPOINT[0]
-                and torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
+        hooks = (not _RECOMPUTING[0]
+                 and torch._C._autograd._top_saved_tensors_default_hooks(False) is not None)
+        if hooks and _IN_CHECKPOINT[0] and not any(id(self) in ids
+                                                   for ids in _CHECKPOINT_SPIKES):
+            raise RuntimeError(
+                "this spike function is seeded (sbnn_addons.seed_spikes) and draws inside "
+                "sbnn_addons.checkpoint.checkpoint, but is not part of its modules=: its "
+                "generator is not replayed, so the recomputation in the backward would draw "
+                "other spikes and the gradients would be wrong; pass modules= the module "
+                "(or an nn.ModuleList of the modules) that fn runs, every spike function "
+                "included")
+        if hooks and not _IN_CHECKPOINT[0]:
             raise RuntimeError(
                 "this spike function is seeded (sbnn_addons.seed_spikes) and draws inside "
                 "saved-tensor hooks (torch.utils.checkpoint): the recomputation in the "

@@ -128,3 +128,31 @@ def test_seeded_spikes_in_torch_checkpoint_raise_and_the_library_checkpoint_repl
     assert torch.equal(plain[0], ckpt[0])
     for a, b in zip(plain[1], ckpt[1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_seeded_spike_function_outside_modules_is_named():
+    """modules= that misses a seeded spike function the region runs: its generator was not
+    replayed, the recomputation drew other spikes and the gradients were wrong, silently."""
+    from torch import nn
+
+    from sbnn_addons.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    fc, spk, out = sb.BayesLinear(6, 8, std=0.5), sb.IWSTSpike("st", std=0.5), nn.Linear(8, 2)
+    x = torch.rand(4, 6)
+
+    def region(x):
+        return out(spk(fc(x)))
+
+    sb.seed_spikes(spk, 3)
+    region(x).sum().backward()
+    ref = out.weight.grad.clone()
+    out.zero_grad()
+    sb.seed_spikes(spk, 3)
+    with pytest.raises(RuntimeError, match="not part of its modules="):
+        checkpoint(region, x, modules=out)
+    sb.seed_spikes(spk, 3)
+    checkpoint(region, x, modules=nn.ModuleList([fc, spk, out])).sum().backward()
+    torch.testing.assert_close(out.weight.grad, ref, rtol=0, atol=0)
+    sb.seed_spikes(spk, None)  # unseeded: the global generator is restored, any modules=
+    checkpoint(region, x, modules=out).sum().backward()
