@@ -513,3 +513,47 @@ def test_std_shape_and_nll_eps_are_checked():
         with pytest.raises(ValueError, match=r"eps must be a number in \(0, 1\)"):
             negative_log_likelihood(probs, y, eps=eps)
     assert torch.isfinite(negative_log_likelihood(probs, y, eps=1e-8))
+
+
+class _Boom(nn.Module):
+    fail = False
+
+    def forward(self, x):
+        if self.fail:
+            raise KeyError("boom")
+        return x
+
+
+@pytest.mark.parametrize("host", ["core", "snntorch"])
+def test_a_forward_that_raised_leaves_no_aux_terms_behind(host):
+    """The spike functions' aux terms of a forward that raised (caught, the batch skipped)
+    were added to the next step's aux_loss, silently: they are dropped."""
+    torch.manual_seed(0)
+    boom = _Boom()
+    if host == "core":
+        net = sb.track_variance(nn.Sequential(sb.BayesLinear(4, 8, std=0.3),
+                                              sb.IWSTSpike("st", std=0.2), nn.Linear(8, 3),
+                                              boom))
+    else:
+        net = sbnn_snn.to_sbnn(nn.Sequential(nn.Linear(4, 8),
+                                             snn.Leaky(beta=0.9, init_hidden=True), boom),
+                               aux_loss=True)
+        boom = net[-1]  # the converted copy's
+    sb.enable_aux_loss(net)
+    x = torch.rand(5, 4) * 3
+
+    def step(inputs):
+        if host == "snntorch":
+            sbnn_snn.reset(net)
+        net(inputs)
+
+    sb.seed_spikes(net, 0)
+    step(x)
+    clean = float(sb.aux_loss(net, "sum"))
+    boom.fail = True
+    with pytest.raises(KeyError):
+        step(x * 10)  # collects its terms, then raises
+    boom.fail = False
+    sb.seed_spikes(net, 0)
+    step(x)
+    assert float(sb.aux_loss(net, "sum")) == pytest.approx(clean)
