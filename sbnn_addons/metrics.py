@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .base import check_flag
+
 __all__ = ["check_probabilities", "negative_log_likelihood", "brier_score",
            "expected_calibration_error", "classification_metrics",
            "adaptive_calibration_error", "ood_metrics", "layer_synops", "SpikeMonitor"]
@@ -288,9 +290,10 @@ class SpikeMonitor:
 
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        synops = check_flag("synops", synops)
         self.model = model
         self.count_synops = synops
-        self.spiking_inputs_only = spiking_inputs_only
+        self.spiking_inputs_only = check_flag("spiking_inputs_only", spiking_inputs_only)
         self._spikes = [(n, m) for n, m in model.named_modules() if isinstance(m, IWSTSpike)]
         self._layers = [(n, m) for n, m in model.named_modules()
                         if synops and isinstance(m, _WEIGHT_LAYERS)]

@@ -180,6 +180,7 @@ def from_sample_probs(sample_probs: Tensor, *, keep_samples: bool = True) -> Pre
     if sample_probs.shape[0] < 1:
         raise ValueError("sample_probs needs K >= 1 samples (dimension 0 is empty)")
     _check_unit_interval(sample_probs, "sample_probs")
+    keep_samples = check_flag("keep_samples", keep_samples)
     sums = sample_probs.sum(-1)
     if sample_probs.numel() and not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
         raise ValueError("sample_probs rows must sum to one (pass softmax probabilities)")

@@ -482,6 +482,9 @@ def test_model_functions_name_a_model_that_is_not_a_module(call, who):
     (lambda v: sb.mc_predict(nn.Linear(4, 3), torch.rand(2, 4), 2, count_spikes=v),
      "count_spikes"),
     (lambda v: sb.mc_predict(nn.Linear(4, 3), torch.rand(2, 4), 2, fold=v), "fold"),
+    (lambda v: sb.metrics.SpikeMonitor(nn.Linear(4, 3), synops=v), "synops"),
+    (lambda v: sb.uncertainty.from_sample_probs(torch.full((1, 2, 2), 0.5), keep_samples=v),
+     "keep_samples"),
 ])
 @pytest.mark.parametrize("value", ["no", "False", 0])
 def test_a_flag_that_is_not_a_bool_is_named(call, name, value):
