@@ -20,7 +20,7 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
     """Set the evaluation mode of every SBNN module in ``model``.
 
     Args:
-        model: any module.
+        model: a module containing SBNN modules (a converted or core model).
         mode: ``"sample"`` (one stochastic pass), ``"mean"`` (deterministic
             ``1[mu > theta]``, posterior-mean weights: the deployable network) or
             ``"mc"`` (stochastic passes of :func:`sbnn_addons.mc_predict`).
