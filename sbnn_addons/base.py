@@ -66,6 +66,28 @@ def cached_tensor_test(owner: object, name: str, tensor: Tensor,
     return cached[1]
 
 
+def check_flag(name: str, value) -> bool:
+    """``value`` as a bool: ``True`` / ``False`` (or a 0-d numpy / torch bool).
+
+    Raises:
+        TypeError: anything else: a string such as ``"no"`` or ``"False"`` (from a config
+            file or the command line) is truthy and would turn the option on, silently.
+    """
+    if isinstance(value, bool):
+        return value
+    if getattr(value, "shape", None) == () and str(getattr(value, "dtype", "")) in (
+            "bool", "torch.bool"):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
+def check_module(model, who: str) -> None:
+    """Raise ``TypeError`` unless ``model`` is an ``nn.Module`` (a function, a state dict,
+    an optimiser passed by mistake failed with an ``AttributeError``)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{who}: model must be an nn.Module, got {type(model).__name__}")
+
+
 def inverse_softplus(value: float | Tensor) -> float | Tensor:
     """``rho`` such that ``softplus(rho) = value`` (``value > 0``; a float, or a tensor
     elementwise)."""
@@ -321,6 +343,16 @@ def check_input(x: Tensor, where: str) -> None:
         )
     if version is not None:
         _CHECKED[x] = version
+
+
+def mark_checked(x: Tensor) -> None:
+    """Record ``x`` as checked by :func:`check_input` at its current version (a part of
+    an input checked as a whole, e.g. one step of a checked sequence), so that the check
+    of a callee skips it. A no-op while compiling, under ``torch.func`` and for inference
+    tensors (no version)."""
+    if (isinstance(x, Tensor) and not torch.compiler.is_compiling() and not x.is_inference()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x)):
+        _CHECKED[x] = x._version
 
 
 def _factory_spec(fn) -> tuple | None:

@@ -92,10 +92,16 @@ def checkpoint(fn: Callable[..., Tensor], *args, modules: nn.Module) -> Tensor:
         fn: the region, e.g. a residual block's forward.
         *args: its inputs (tensors are kept for the backward, nothing else of the region).
         modules: the module(s) ``fn`` runs, searched for :class:`~sbnn_addons.IWSTSpike`
-            and for modules keeping state between calls (SpikingJelly's neurons).
+            and for modules keeping state between calls (SpikingJelly's neurons); an
+            ``nn.ModuleList`` for several.
 
     Returns:
         ``fn(*args)``.
+
+    Raises:
+        TypeError: ``modules`` is not an ``nn.Module``.
+        RuntimeError: a seeded spike function that is not in ``modules`` draws in the
+            region (its spikes could not be replayed: wrong gradients).
     """
     if not isinstance(modules, nn.Module):
         raise TypeError(
@@ -108,7 +114,7 @@ def checkpoint(fn: Callable[..., Tensor], *args, modules: nn.Module) -> Tensor:
     def context_fn():  # called as the region starts its forward
         snapshot = _generator_snapshot(spikes)
         memories = _memories_snapshot(stateful)
-        return checkpointed_forward(), _replay(spikes, snapshot, stateful, memories)
+        return checkpointed_forward(spikes), _replay(spikes, snapshot, stateful, memories)
 
     return _torch_checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn,
                              preserve_rng_state=True)

@@ -226,13 +226,15 @@ def make_network(
     sets the typical ``|z| = |u| / sigma``.
 
     Raises:
-        ValueError: bad ``neuron``, fewer than one hidden layer, or more than
+        ValueError: bad ``neuron``, fewer than one hidden layer, a size < 1, or more than
             :data:`MAX_UNITS` unit-steps.
     """
     if neuron not in ("binary", "lif"):
         raise ValueError(f"neuron must be 'binary' or 'lif', got {neuron!r}")
     if len(sizes) < 3:
         raise ValueError("sizes must be (n_in, n_1, ..., n_L, C) with at least one hidden layer")
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+        raise ValueError(f"every size must be an integer >= 1, got {tuple(sizes)}")
     spiking = neuron == "lif"
     steps = (3 if spiking else 1) if steps is None else int(steps)
     if steps < 1 or (not spiking and steps != 1):
@@ -358,6 +360,7 @@ def _expand(x: Tensor, y: Tensor, m: int) -> tuple[Tensor, Tensor]:
 
 def expected_loss(net: ToyNetwork, x: Tensor, y: Tensor, max_items: int = 1 << 16) -> Tensor:
     """``E[L] = 1/B sum_b sum_s P_b(s) L_b(s)`` by enumeration (differentiable)."""
+    _check_xy(net, x, y)
     total = x.new_zeros(())
     params = net.parameters()
     for start, stop in _chunks(net, x.shape[0], max_items):
@@ -441,6 +444,8 @@ def sample_gradients(net: ToyNetwork, x: Tensor, y: Tensor, estimator: str | Est
     Function), so this checks the library's backward, not the enumeration formulas.
     """
     _check_xy(net, x, y)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     est = get_estimator(estimator)
     batch = x.shape[0]
     items = num_samples * batch
@@ -460,11 +465,28 @@ def sample_gradients(net: ToyNetwork, x: Tensor, y: Tensor, estimator: str | Est
 
 
 def _check_xy(net: ToyNetwork, x: Tensor, y: Tensor) -> None:
+    """``x [B, T, n_in]`` finite, of the network's dtype, ``B >= 1``; ``y [B]`` integer
+    labels in ``[0, C)``."""
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise TypeError(f"x and y must be torch.Tensors, got {type(x).__name__} and "
+                        f"{type(y).__name__}")
     if x.dim() != 3 or x.shape[1] != net.steps or x.shape[2] != net.weights[0].shape[1]:
         raise ValueError(f"x must be [B, T={net.steps}, n_in={net.weights[0].shape[1]}], "
                          f"got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("x holds no examples (B = 0): there is no gradient to estimate")
+    if x.dtype != net.dtype:
+        raise TypeError(f"x must have the network's dtype {net.dtype}, got {x.dtype}; "
+                        f"convert it with x.to({net.dtype})")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or inf values: every gradient would be NaN")
     if y.shape != x.shape[:1]:
         raise ValueError(f"y must be [B] = [{x.shape[0]}], got {tuple(y.shape)}")
+    classes = net.weights[-1].shape[0]
+    if y.is_floating_point() or y.dtype == torch.bool or (
+            net.loss == "ce" and (int(y.min()) < 0 or int(y.max()) >= classes)):
+        raise ValueError(f"y must be integer class labels in [0, {classes}), got "
+                         f"{y.tolist() if y.numel() <= 8 else y.dtype}")
     if net.num_units > MAX_UNITS:
         raise ValueError(f"{net.num_units} unit-steps is too many to enumerate "
                          f"(max {MAX_UNITS})")

@@ -772,8 +772,8 @@ def train(
         damping: ``d`` in (0, 1], see :class:`EPTrainer`.
         var_floor: smallest allowed posterior variance.
         seed: seed of the per-pass shuffling.
-        x_test: optional test inputs for the per-epoch curve.
-        y_test: optional test labels.
+        x_test: optional test inputs for the per-epoch curve (with ``y_test``).
+        y_test: test class labels ``[N_test]`` (integers in ``[0, K)``).
         **network_kwargs: :class:`EPNetwork` arguments when ``network`` is not one.
 
     Returns:
@@ -783,6 +783,9 @@ def train(
         (moment-propagated predictive).
     """
     _check_data("x", x)
+    if (x_test is None) != (y_test is None):  # one of them was dropped silently
+        raise ValueError("pass both x_test and y_test (the per-epoch test curve needs both), "
+                         "or neither")
     if x_test is not None:
         _check_data("x_test", x_test)
     if not isinstance(network, EPNetwork):
@@ -794,6 +797,8 @@ def train(
                         batch_size=batch_size, seed=seed)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
+    if y_test is not None:
+        _check_test_labels(y_test, network._input(x_test).shape[0], network.sizes[-1])
     curve = []
     for e in range(epochs):
         t0 = time.perf_counter()
@@ -806,6 +811,20 @@ def train(
             row["test_accuracy_ep"] = float((network.predict(x_test) == y_test).float().mean())
         curve.append(row)
     return network, curve
+
+
+def _check_test_labels(y: Tensor, n: int, num_classes: int) -> None:
+    """``y_test`` as integer class labels ``[n]`` in ``[0, num_classes)``: the accuracy
+    compares them with the predicted classes (sign targets ``[n, K]`` would broadcast
+    into a meaningless number)."""
+    if not isinstance(y, Tensor):
+        raise TypeError(f"y_test must be a torch.Tensor, got {type(y).__name__}")
+    if y.is_floating_point() or y.dtype == torch.bool or y.shape != (n,):
+        raise ValueError(f"y_test must be integer class labels of shape [{n}] (one per "
+                         f"x_test example), got {y.dtype} of shape {tuple(y.shape)}")
+    if n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"y_test labels must be in [0, {num_classes}), got range "
+                         f"[{int(y.min())}, {int(y.max())}]")
 
 
 #: tasks of :func:`bench_task` (and of the ``ep`` method of ``sbnn-bench``)

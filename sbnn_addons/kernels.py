@@ -218,7 +218,9 @@ def enabled() -> bool:
 def use_kernels(flag: bool) -> Iterator[None]:
     """Turn the fused kernel on or off inside a ``with`` block (``False``: PyTorch path)."""
     global _enabled
-    previous, _enabled = _enabled, bool(flag)
+    from .base import check_flag
+
+    previous, _enabled = _enabled, check_flag("use_kernels(flag)", flag)
     try:
         yield
     finally:

@@ -17,6 +17,7 @@ scalar, initialised to ``0.5 / sqrt(fan_in)``), per output channel, or per weigh
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 
@@ -28,6 +29,7 @@ from . import kernels
 from .base import (
     SBNNModule,
     cached_tensor_test,
+    check_flag,
     check_input,
     check_std,
     inverse_softplus,
@@ -146,13 +148,18 @@ class _BayesMixin(SBNNModule):
     ) -> None:
         if std_mode not in STD_MODES:
             raise ValueError(f"std_mode must be one of {STD_MODES}, got {std_mode!r}")
+        if self.weight.numel() == 0:
+            raise ValueError(
+                f"{type(self).__name__} has a weight of shape {tuple(self.weight.shape)}: "
+                "no synapses (0 input or output features / channels); give every size >= 1")
         fan_in = self.weight[0].numel()
+        learn_std = check_flag("learn_std", learn_std)
         std = 0.5 / math.sqrt(fan_in) if std is None else std
         std = check_std("std", std, allow_zero=not learn_std)
         shape = {"layer": (), "channel": (self.weight.shape[0],), "weight": self.weight.shape}
         init = torch.full(shape[std_mode], 1.0, device=self.weight.device, dtype=self.weight.dtype)
         self.std_mode = std_mode
-        self.learn_std = bool(learn_std)
+        self.learn_std = check_flag("learn_std", learn_std)
         if self.learn_std:
             self.std_rho = nn.Parameter(init * inverse_softplus(std))
         else:
@@ -292,8 +299,9 @@ class _BayesMixin(SBNNModule):
 
         Raises:
             ValueError: a posterior std is 0 (a deterministic weight has an infinite KL
-                to any Gaussian prior).
+                to any Gaussian prior), or ``num_samples`` is not an integer >= 1.
         """
+        check_kl_samples(num_samples)
         std = self.std
         if not self.learn_std and not torch.compiler.is_compiling() and bool((std == 0).any()):
             raise ValueError(
@@ -309,6 +317,14 @@ class _BayesMixin(SBNNModule):
         for mean, std in params:
             total = total + _kl(mean, std, prior, num_samples)
         return total
+
+
+def check_kl_samples(num_samples) -> None:
+    """``num_samples`` of a Monte Carlo KL: an integer >= 1 (0 samples gave a reshape
+    error, a float a ``torch.Size`` error)."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples (Monte Carlo samples of the KL) must be an integer "
+                         f">= 1, got {num_samples!r}")
 
 
 def _kl(mean: Tensor, std: Tensor, prior, num_samples: int) -> Tensor:
@@ -914,6 +930,16 @@ class ChannelAffine(nn.Module):
 
     def __init__(self, num_features: int, channel_dim: int = 1, eps: float = 1e-5) -> None:
         super().__init__()
+        for name, value, low in (("num_features", num_features, 1), ("channel_dim",
+                                                                      channel_dim, None)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (
+                    low is not None and value < low):
+                raise ValueError(f"{name} must be an integer{' >= 1' if low else ''}, got "
+                                 f"{value!r}")
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (
+                0 <= eps < math.inf):
+            raise ValueError(f"eps must be a finite number >= 0 (a BatchNorm's eps), got "
+                             f"{eps!r}")
         self.num_features = num_features
         self.channel_dim = channel_dim
         self.eps = float(eps)

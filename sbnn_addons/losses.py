@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
 from torch import Tensor, nn
 
-from .layers import is_bayesian
+from .base import check_flag, check_module
+from .layers import check_kl_samples, is_bayesian
 from .spike import IWSTSpike
 
 __all__ = ["enable_aux_loss", "aux_loss", "kl_divergence", "sbnn_objective", "REFERENCE_AUX_WEIGHT"]
@@ -22,6 +24,7 @@ def _spikes(model: nn.Module) -> list[IWSTSpike]:
     ``model.modules()`` order. Walks ``_modules`` itself: under ``torch.compile`` a module
     whose state the traced step has changed (a converted neuron) refuses method lookups
     such as ``named_modules``."""
+    check_module(model, "the auxiliary loss")
     found: list[IWSTSpike] = []
     seen: set[int] = set()
     stack = [model]
@@ -46,6 +49,7 @@ def enable_aux_loss(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Collect ``z^2`` in every :class:`~sbnn_addons.IWSTSpike` of ``model`` during
     forward passes in training mode with gradients enabled; read (and clear) it with
     :func:`aux_loss`."""
+    enabled = check_flag("enabled", enabled)
     for m in _spikes(model):
         m.collect_aux = enabled
         m._aux_terms = []
@@ -116,6 +120,8 @@ def kl_divergence(model: nn.Module, prior=None, num_samples: int = 16) -> Tensor
         prior: see :meth:`sbnn_addons.BayesLinear.kl_divergence`.
         num_samples: Monte Carlo samples for priors without a closed-form KL.
     """
+    check_module(model, "kl_divergence")
+    check_kl_samples(num_samples)
     layers = [m for m in model.modules() if is_bayesian(m)]
     if not layers:
         raise ValueError("model contains no Bayesian layer; convert it first")
@@ -155,12 +161,22 @@ def sbnn_objective(
         aux_weight: ``lambda >= 0``.
         aux_reduction: ``"mean"`` or ``"sum"`` (see :func:`aux_loss`).
         prior: prior passed to :func:`kl_divergence`.
+
+    Raises:
+        TypeError: ``nll`` is not a tensor.
+        ValueError: ``nll`` is not a scalar, a weight that is not a finite number
+            ``>= 0``, an unknown ``aux_reduction``, or ``kl_weight > 0`` without an
+            integer ``num_data >= 1``.
     """
     for name, value in (("kl_weight", kl_weight), ("aux_weight", aux_weight)):
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if not isinstance(value, (numbers.Real, Tensor)) or not (
+                math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     if aux_reduction not in AUX_REDUCTIONS:
         raise ValueError(f"aux_reduction must be one of {AUX_REDUCTIONS}, got {aux_reduction!r}")
+    if not isinstance(nll, torch.Tensor):
+        raise TypeError(f"nll must be a scalar tensor (the batch-mean loss, e.g. "
+                        f"F.cross_entropy(logits, y)), got {type(nll).__name__}")
     if nll.numel() != 1:
         raise ValueError(f"nll must be a scalar (batch mean), got shape {tuple(nll.shape)}")
     nll = nll.reshape(())  # snnTorch's losses (ce_rate_loss, ...) return shape (1,)
@@ -170,7 +186,9 @@ def sbnn_objective(
     else:  # weight 0 (e.g. the start of a warm-up): the collected terms are used up too
         _discard_aux(model)
     if kl_weight > 0:
-        if not num_data or num_data < 1:
-            raise ValueError("num_data (the training-set size N) must be >= 1 when kl_weight > 0")
+        if (isinstance(num_data, bool) or not isinstance(num_data, numbers.Integral)
+                or num_data < 1):
+            raise ValueError("num_data (the training-set size N) must be an integer >= 1 "
+                             f"when kl_weight > 0, got {num_data!r}")
         loss = loss + kl_weight * kl_divergence(model, prior) / num_data
     return loss

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .base import check_flag
+
 __all__ = ["check_probabilities", "negative_log_likelihood", "brier_score",
            "expected_calibration_error", "classification_metrics",
            "adaptive_calibration_error", "ood_metrics", "layer_synops", "SpikeMonitor"]
@@ -19,10 +21,16 @@ def check_probabilities(probs: Tensor, targets: Tensor, atol: float = 1e-4) -> N
     """Validate ``probs [N, C]`` (rows sum to one) against integer ``targets [N]``.
 
     Raises:
-        TypeError: non-float ``probs`` or non-integer ``targets``.
-        ValueError: shapes that do not match, targets outside ``[0, C)``, or rows that do
-            not sum to one (within ``atol``, or the dtype's rounding over ``C`` terms).
+        TypeError: ``probs`` / ``targets`` not tensors, non-float ``probs`` or non-integer
+            ``targets``.
+        ValueError: shapes that do not match, no examples (``N = 0``: every metric would
+            be NaN), targets outside ``[0, C)``, or rows that do not sum to one (within
+            ``atol``, or the dtype's rounding over ``C`` terms).
     """
+    for name, value in (("probs", probs), ("targets", targets)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}; "
+                            "convert it with torch.as_tensor")
     if not probs.is_floating_point():
         raise TypeError(f"probs must be floating point, got {probs.dtype}")
     if targets.is_floating_point() or targets.dtype == torch.bool:
@@ -32,12 +40,17 @@ def check_probabilities(probs: Tensor, targets: Tensor, atol: float = 1e-4) -> N
             f"probs must be [N, C] and targets [N]; got {tuple(probs.shape)} and "
             f"{tuple(targets.shape)}"
         )
+    if probs.shape[0] == 0:
+        raise ValueError(
+            f"probs of shape {tuple(probs.shape)} hold no examples (N = 0): the metric "
+            "would be NaN; skip empty evaluation sets")
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= probs.shape[1]):
         raise ValueError(
             f"targets must be class indices in [0, {probs.shape[1]}) for probs of "
             f"{probs.shape[1]} classes, got values in [{int(targets.min())}, "
             f"{int(targets.max())}]"
         )
+    probs = probs.detach()  # the checks read values only (no warning for a graph tensor)
     sums = probs.sum(-1)
     atol = max(atol, probs.shape[1] * torch.finfo(probs.dtype).eps)  # float16: rounding
     if probs.numel() and not bool(torch.isfinite(probs).all()):
@@ -57,9 +70,13 @@ def negative_log_likelihood(probs: Tensor, targets: Tensor, eps: float | None = 
     """``-mean log p(y_n | x_n)``; a probability of 0 counts as ``eps`` (default: the
     smallest normal number of ``probs``' dtype, so a float32 softmax's 0 counts 87.3
     nats, a float64 one's 708), not as an infinite loss."""
+    check_probabilities(probs, targets)
     if eps is None:
         eps = torch.finfo(probs.dtype).tiny
-    check_probabilities(probs, targets)
+    elif isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        # eps <= 0 clamped nothing: a probability of 0 gave an infinite NLL
+        raise ValueError(f"eps must be a number in (0, 1) (what a probability of 0 counts "
+                         f"as) or None, got {eps!r}")
     return -probs.gather(1, targets.long()[:, None]).clamp_min(eps).log().mean()
 
 
@@ -73,6 +90,8 @@ def brier_score(probs: Tensor, targets: Tensor) -> Tensor:
 def expected_calibration_error(probs: Tensor, targets: Tensor, n_bins: int = 15) -> Tensor:
     """ECE with ``n_bins`` equal-width confidence bins (torchmetrics, L1 norm)."""
     check_probabilities(probs, targets)
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
     from torchmetrics.functional.classification import multiclass_calibration_error
 
     return multiclass_calibration_error(probs, targets.long(), num_classes=probs.shape[1],
@@ -82,6 +101,7 @@ def expected_calibration_error(probs: Tensor, targets: Tensor, n_bins: int = 15)
 def classification_metrics(probs: Tensor, targets: Tensor) -> dict[str, float]:
     """``accuracy``, ``nll``, ``brier`` and ``ece`` (15 bins) as Python floats."""
     check_probabilities(probs, targets)
+    probs = probs.detach()  # Python floats: no graph
     return {
         "accuracy": float((probs.argmax(-1) == targets).float().mean()),
         "nll": float(negative_log_likelihood(probs, targets)),
@@ -109,11 +129,9 @@ def adaptive_calibration_error(probs: Tensor, targets: Tensor, n_bins: int = 15)
         Scalar tensor.
     """
     check_probabilities(probs, targets)
-    if not isinstance(n_bins, int) or n_bins < 1:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
         raise ValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
     n = probs.shape[0]
-    if n == 0:
-        return probs.new_zeros(())
     conf, pred = probs.max(-1)
     correct = (pred == targets).to(probs.dtype)
     order = torch.argsort(conf, stable=True)
@@ -195,15 +213,31 @@ def layer_synops(layer: torch.nn.Module, x: Tensor) -> Tensor:
 
     Returns:
         Scalar float64 tensor.
+
+    Raises:
+        TypeError: ``x`` is not a tensor, or ``layer`` is not a Linear / Conv1d / Conv2d.
+        ValueError: ``x`` does not fit the layer (its features or channels).
     """
-    nz = (x.detach() != 0).to(torch.float32)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor (the layer's input), got "
+                        f"{type(x).__name__}")
     if isinstance(layer, torch.nn.Linear):
-        return nz.sum().double() * layer.out_features
+        if x.dim() == 0 or x.shape[-1] != layer.in_features:
+            raise ValueError(
+                f"x of shape {tuple(x.shape)} is not an input of {type(layer).__name__} "
+                f"with in_features={layer.in_features} (its last dimension)")
+        return (x.detach() != 0).sum().double() * layer.out_features
     if not isinstance(layer, (torch.nn.Conv1d, torch.nn.Conv2d)):
         raise TypeError(f"layer must be Linear/Conv1d/Conv2d, got {type(layer).__name__}")
+    spatial = 1 if isinstance(layer, torch.nn.Conv1d) else 2
+    if x.dim() < spatial + 1 or x.shape[-spatial - 1] != layer.in_channels:
+        raise ValueError(
+            f"x of shape {tuple(x.shape)} is not an input of {type(layer).__name__} with "
+            f"in_channels={layer.in_channels}: expected [*, {layer.in_channels}, "
+            f"{'L' if spatial == 1 else 'H, W'}]")
+    nz = (x.detach() != 0).to(torch.float32)
     conv = torch.nn.functional.conv1d if isinstance(layer, torch.nn.Conv1d) else (
         torch.nn.functional.conv2d)
-    spatial = 1 if isinstance(layer, torch.nn.Conv1d) else 2
     if nz.dim() == spatial + 1:  # unbatched
         nz = nz.unsqueeze(0)
     elif nz.dim() > spatial + 2:  # leading step dimensions (SpikingJelly multi-step)
@@ -237,7 +271,9 @@ class SpikeMonitor:
     function goes through (``forward``, snnTorch / SpikingJelly neurons, and the
     framework-free :class:`~sbnn_addons.LIF`, which calls ``fire`` directly and would
     escape a forward hook); the monitor wraps that method on the instances and restores
-    it on exit. Weight layers are observed with forward pre-hooks.
+    it on exit. Weight layers are observed with forward pre-hooks. Monitors nest (an
+    outer one, e.g. around :func:`~sbnn_addons.mc_predict`, which runs its own, keeps
+    counting after the inner one exits); one monitor cannot be entered twice at once.
 
     Args:
         model: any module containing ``IWSTSpike`` modules and/or weight layers.
@@ -254,13 +290,16 @@ class SpikeMonitor:
 
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        synops = check_flag("synops", synops)
         self.model = model
         self.count_synops = synops
-        self.spiking_inputs_only = spiking_inputs_only
+        self.spiking_inputs_only = check_flag("spiking_inputs_only", spiking_inputs_only)
         self._spikes = [(n, m) for n, m in model.named_modules() if isinstance(m, IWSTSpike)]
         self._layers = [(n, m) for n, m in model.named_modules()
                         if synops and isinstance(m, _WEIGHT_LAYERS)]
         self._handles: list = []
+        self._saved_fire: list = []  # (module, the instance's "fire" entry before entering)
+        self._active = False
         self.reset()
 
     def reset(self) -> None:
@@ -272,8 +311,15 @@ class SpikeMonitor:
                                           for n, _ in self._layers}
 
     def __enter__(self) -> SpikeMonitor:
+        if self._active:
+            raise RuntimeError(
+                "this SpikeMonitor is already active (a nested `with mon:` on the same "
+                "monitor would count every spike twice); keep one `with` block, or use a "
+                "second SpikeMonitor(model)")
+        self._active = True
+        self._saved_fire = [(m, m.__dict__.get("fire")) for _, m in self._spikes]
         for name, m in self._spikes:
-            original = m.fire  # bound method
+            original = m.fire  # bound method, or the wrapper of an enclosing monitor
 
             def fire(u, variance, _orig=original, _name=name):
                 out = _orig(u, variance)
@@ -301,8 +347,15 @@ class SpikeMonitor:
         return self
 
     def __exit__(self, *exc) -> None:
-        for _, m in self._spikes:
-            m.__dict__.pop("fire", None)
+        # put back what was there (an enclosing monitor's wrapper keeps counting after an
+        # inner one, e.g. mc_predict's, exits), in reverse order: a module seen twice
+        for m, previous in reversed(self._saved_fire):
+            if previous is None:
+                m.__dict__.pop("fire", None)
+            else:
+                m.__dict__["fire"] = previous
+        self._saved_fire = []
+        self._active = False
         for h in self._handles:
             h.remove()
         self._handles = []

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .base import MODES, SBNNModule
+from .base import MODES, SBNNModule, check_module
 
 __all__ = ["set_mode", "get_mode", "mode"]
 
@@ -20,24 +20,36 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
     """Set the evaluation mode of every SBNN module in ``model``.
 
     Args:
-        model: any module.
+        model: a module containing SBNN modules (a converted or core model).
         mode: ``"sample"`` (one stochastic pass), ``"mean"`` (deterministic
             ``1[mu > theta]``, posterior-mean weights: the deployable network) or
             ``"mc"`` (stochastic passes of :func:`sbnn_addons.mc_predict`).
 
     Returns:
         ``model``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: an unknown mode, or a model without SBNN modules (an unconverted host
+            model: the mode would change nothing).
     """
+    check_module(model, "set_mode")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    for m in model.modules():
-        if isinstance(m, SBNNModule):
-            m.sbnn_mode = mode
+    modules = [m for m in model.modules() if isinstance(m, SBNNModule)]
+    if not modules:
+        raise ValueError(
+            f"{type(model).__name__} has no SBNN module (no Bayesian layer or spike "
+            f"function), so mode {mode!r} would change nothing: convert the model first "
+            "(sbnn_addons.snntorch.to_sbnn / sbnn_addons.spikingjelly.to_sbnn)")
+    for m in modules:
+        m.sbnn_mode = mode
     return model
 
 
 def get_mode(model: nn.Module) -> str | None:
     """The mode of the first SBNN module in ``model`` (``None`` if it has none)."""
+    check_module(model, "get_mode")
     for m in model.modules():
         if isinstance(m, SBNNModule):
             return m.sbnn_mode
@@ -46,7 +58,9 @@ def get_mode(model: nn.Module) -> str | None:
 
 @contextlib.contextmanager
 def mode(model: nn.Module, value: str) -> Iterator[nn.Module]:
-    """Context manager: run ``model`` in mode ``value``, then restore each module's mode."""
+    """Context manager: run ``model`` in mode ``value``, then restore each module's mode
+    (also when the block raises). Raises as :func:`set_mode`."""
+    check_module(model, "mode")
     saved = [(m, m.sbnn_mode) for m in model.modules() if isinstance(m, SBNNModule)]
     set_mode(model, value)
     try:

@@ -1321,7 +1321,8 @@ def _close_stale_flows(entering: nn.Module) -> None:
     """Close the blocks left open by forwards that raised (the hook after a forward does
     not run then): those of ``entering`` (whose forward starts now) and of roots whose
     forward is no longer on the call stack. Until closed, such a block would share its
-    ``s^2`` cache with every later forward of any model."""
+    ``s^2`` cache with every later forward of any model. The auxiliary terms such a root
+    collected are dropped too (:func:`_drop_aborted_aux_terms`)."""
     running = set()
     frame = sys._getframe(1)
     while frame is not None:
@@ -1333,6 +1334,18 @@ def _close_stale_flows(entering: nn.Module) -> None:
         if root is not None and root is not entering and id(root) in running:
             break
         _OPEN_FLOWS.pop()[1].__exit__(None, None, None)
+        if root is not None:
+            _drop_aborted_aux_terms(root)
+
+
+def _drop_aborted_aux_terms(root: nn.Module) -> None:
+    """Drop the auxiliary terms the spike functions of ``root`` hold after one of its
+    forwards raised: they belong to the aborted step (its inputs, its graph) and would
+    be added to the next step's :func:`~sbnn_addons.aux_loss`, silently."""
+    for m in root.modules():
+        if m.__dict__.get("_aux_terms"):
+            m._aux_terms = []
+            m._aux_stale = False
 
 
 def _probe_source(module, args, output):

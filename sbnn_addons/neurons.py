@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
+from .base import check_input, mark_checked
 from .functional import (
     LIF_RESETS,
     _variance_update,
@@ -167,7 +168,16 @@ class LIF(nn.Module):
         return self.spike_fn.fire(drive, variance if own is None else variance + own)
 
     def forward(self, current: Tensor, state: LIFState | None = None) -> tuple[Tensor, LIFState]:
+        """One step: ``(spikes, new state)`` for input current ``current [B, *]``.
+
+        Raises:
+            TypeError: ``current`` is not a floating-point tensor.
+            ValueError: ``current`` holds NaN / inf (unless
+                :class:`~sbnn_addons.check_finite` is off: they would give no spikes and
+                NaN gradients), or ``state`` does not match its shape.
+        """
         check_float("current", current)
+        check_input(current, "LIF")
         var_in = _known(raw_variance(current), "input current")
         current = plain(current)  # the kernels' autograd functions see a plain tensor
         if state is None:  # a zero membrane, left out of the first update
@@ -258,8 +268,14 @@ class LIF(nn.Module):
 
         An empty sequence (``T = 0``) or batch (``B = 0``) gives empty spikes of the same
         shape.
+
+        Raises:
+            TypeError: ``currents`` is not a floating-point tensor.
+            ValueError: ``currents`` holds NaN / inf (unless
+                :class:`~sbnn_addons.check_finite` is off).
         """
         check_float("currents", currents)
+        check_input(currents, "LIF.run")
         var_seq = _known(get_variance(currents), "input currents")
         currents = plain(currents)
         if currents.numel() == 0:  # T = 0 or B = 0: nothing to run
@@ -281,6 +297,7 @@ class LIF(nn.Module):
         for t, current in enumerate(steps):
             if var_steps is not None:
                 current = attach_variance(current, var_steps[t])
+            mark_checked(current)  # checked as part of currents
             spikes, state = self(current, state)
             out.append(spikes)
         spikes = torch.stack(out)

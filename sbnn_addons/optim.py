@@ -71,6 +71,9 @@ def param_groups(model: nn.Module, lr: float, noise_lr: float | None = None) -> 
     Raises:
         ValueError: a learning rate that is not a finite positive number.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"param_groups: model must be an nn.Module, got {type(model).__name__}"
+                        " (pass the model, not model.parameters())")
     _check_lr("lr", lr)
     noise_lr = lr if noise_lr is None else noise_lr
     _check_lr("noise_lr", noise_lr)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
+import operator
 import weakref
 from collections.abc import Iterator, Sequence
 
@@ -24,6 +26,7 @@ from . import kernels
 from .base import (
     SBNNModule,
     cached_tensor_test,
+    check_flag,
     check_std,
     inverse_softplus,
     raise_error,
@@ -72,6 +75,7 @@ DEFAULT_AUX_PULL = 1e-3
 
 _RECOMPUTING = [0]  # depth of recomputations (activation checkpointing) in progress
 _IN_CHECKPOINT = [0]  # depth of sbnn_addons.checkpoint forwards (which replay seeded draws)
+_CHECKPOINT_SPIKES: list[set[int]] = []  # per such forward: ids of the spikes it replays
 _OPTIMIZER_STEPS: list = [0, None]  # torch.optim steps taken, the hook's handle
 _SPIKE_FUNCTIONS: weakref.WeakSet = weakref.WeakSet()  # every IWSTSpike (the hook's view)
 
@@ -157,13 +161,16 @@ class _AuxPull(torch.autograd.Function):
 
 
 @contextlib.contextmanager
-def checkpointed_forward() -> Iterator[None]:
-    """Mark the first forward of an :func:`sbnn_addons.checkpoint.checkpoint` region: seeded
-    spike functions may draw there (the recomputation replays their generators)."""
+def checkpointed_forward(spikes: Sequence[IWSTSpike] = ()) -> Iterator[None]:
+    """Mark the first forward of an :func:`sbnn_addons.checkpoint.checkpoint` region: the
+    seeded ``spikes`` (the region's ``modules=``) may draw there, since the recomputation
+    replays their generators; another seeded spike function raises."""
     _IN_CHECKPOINT[0] += 1
+    _CHECKPOINT_SPIKES.append({id(m) for m in spikes})
     try:
         yield
     finally:
+        _CHECKPOINT_SPIKES.pop()
         _IN_CHECKPOINT[0] -= 1
 
 
@@ -248,12 +255,24 @@ class IWSTSpike(SBNNModule, nn.Module):
     ) -> None:
         super().__init__()
         self.estimator = get_estimator(estimator)
+        learn_std = check_flag("learn_std", learn_std)
+        if not isinstance(std_shape, Sequence) or isinstance(std_shape, str) or not all(
+                isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
+                for n in std_shape):
+            raise TypeError(f"std_shape must be a sequence of sizes >= 1 (e.g. (C,) for one "
+                            f"std per channel, () for one std), got {std_shape!r}")
+        use_input_variance = check_flag("use_input_variance", use_input_variance)
+        at_zero = check_flag("at_zero", at_zero)
         std = check_std("std", 0.0 if std is None else std, allow_zero=not learn_std)
         if aux_center not in ("threshold", "zero"):
             raise ValueError(f"aux_center must be 'threshold' or 'zero', got {aux_center!r}")
         if not isinstance(aux_std_grad, bool):
             raise TypeError(f"aux_std_grad must be a bool, got {type(aux_std_grad).__name__}")
         aux_pull = check_aux_pull(aux_pull)
+        if (isinstance(threshold, bool) or not isinstance(threshold, (numbers.Real, Tensor))
+                or (isinstance(threshold, Tensor) and threshold.numel() != 1)
+                or math.isnan(float(threshold))):
+            raise ValueError(f"threshold must be a number (not NaN), got {threshold!r}")
         self.learn_std = bool(learn_std)
         if self.learn_std:
             self.std_rho = nn.Parameter(torch.full(tuple(std_shape), inverse_softplus(std)))
@@ -512,8 +531,13 @@ class IWSTSpike(SBNNModule, nn.Module):
 
     # ------------------------------------------------------------------ seeding
     def manual_seed(self, seed: int | None) -> None:
-        """Use a private generator seeded with ``seed`` (``None``: the global RNG)."""
-        self._seed = None if seed is None else int(seed)
+        """Use a private generator seeded with ``seed`` (``None``: the global RNG).
+
+        Raises:
+            TypeError: ``seed`` is not an integer or ``None`` (a float such as 1.5 was
+                truncated, silently giving the stream of another seed).
+        """
+        self._seed = check_seed(seed)
         self._generator = None
 
     def _generator_for(self, u: Tensor) -> torch.Generator | None:
@@ -526,8 +550,18 @@ class IWSTSpike(SBNNModule, nn.Module):
                 "sbnn_addons.seed_spikes(model, None) before the compiled call and seed the "
                 "global generator (torch.manual_seed) instead"
             )
-        if (not _RECOMPUTING[0] and not _IN_CHECKPOINT[0]
-                and torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
+        hooks = (not _RECOMPUTING[0]
+                 and torch._C._autograd._top_saved_tensors_default_hooks(False) is not None)
+        if hooks and _IN_CHECKPOINT[0] and not any(id(self) in ids
+                                                   for ids in _CHECKPOINT_SPIKES):
+            raise RuntimeError(
+                "this spike function is seeded (sbnn_addons.seed_spikes) and draws inside "
+                "sbnn_addons.checkpoint.checkpoint, but is not part of its modules=: its "
+                "generator is not replayed, so the recomputation in the backward would draw "
+                "other spikes and the gradients would be wrong; pass modules= the module "
+                "(or an nn.ModuleList of the modules) that fn runs, every spike function "
+                "included")
+        if hooks and not _IN_CHECKPOINT[0]:
             raise RuntimeError(
                 "this spike function is seeded (sbnn_addons.seed_spikes) and draws inside "
                 "saved-tensor hooks (torch.utils.checkpoint): the recomputation in the "
@@ -575,6 +609,24 @@ def _fused_variance(u: Tensor, variance: Tensor | None) -> Tensor | None:
     return variance.to(u.dtype)
 
 
+def check_seed(seed, name: str = "seed") -> int | None:
+    """``seed`` as a Python int (``None`` kept).
+
+    Raises:
+        TypeError: ``seed`` is a bool, a float, a string or anything else that is not an
+            integer (``int``, a numpy integer, a 0-d integer tensor).
+    """
+    if seed is None:
+        return None
+    if not isinstance(seed, bool):
+        try:
+            return operator.index(seed)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an integer or None, got {seed!r} "
+                    f"({type(seed).__name__}); pass an int such as {name}=0")
+
+
 def seed_spikes(model: nn.Module, seed: int | None) -> nn.Module:
     """Seed every :class:`IWSTSpike` in ``model``, each with a stream of its own.
 
@@ -584,7 +636,14 @@ def seed_spikes(model: nn.Module, seed: int | None) -> nn.Module:
     first layer of seed 1 would replay the second layer of seed 0). Calling it again with
     the same seed replays the same spike noise exactly. ``None`` returns them to the
     global RNG. Returns ``model``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or ``seed`` is neither an integer nor
+            ``None``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    seed = check_seed(seed)
     for i, m in enumerate(m for m in model.modules() if isinstance(m, IWSTSpike)):
         m.manual_seed(None if seed is None else spike_seed(seed, i))
     return model

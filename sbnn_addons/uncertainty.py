@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .base import MODES, SBNNModule, check_input
+from .base import MODES, SBNNModule, check_flag, check_input
 from .metrics import (
     SpikeMonitor,
     check_probabilities,
@@ -50,7 +50,7 @@ from .metrics import (
     negative_log_likelihood,
 )
 from .moments import plain
-from .spike import IWSTSpike, seed_spikes
+from .spike import IWSTSpike, check_seed, seed_spikes
 
 __all__ = [
     "Prediction",
@@ -108,30 +108,69 @@ class Prediction:
         return self.probs.shape[0]
 
     def spike_rates(self) -> dict[str, float]:
-        """Per layer: mean spikes per unit and time step over the K passes."""
+        """Per layer: mean spikes per unit and time step over the K passes.
+
+        Raises:
+            ValueError: the spikes were not counted (``mc_predict(count_spikes=False)``,
+                or a prediction built from probabilities).
+        """
+        if self.spike_counts is None:
+            raise ValueError(
+                "this prediction has no spike counts (mc_predict(..., count_spikes=False), "
+                "or built from probabilities); call mc_predict with count_spikes=True")
         return {n: float(c.sum()) / (self.layer_units[n] * self.num_samples)
                 if self.layer_units.get(n) else 0.0
                 for n, c in self.layer_spike_counts.items()}
 
     def synops_per_example(self) -> float:
         """SynOps of the whole ``mc(K)`` prediction per input example: ``sum_k SynOps_k / B``
-        (K times the cost of one pass)."""
+        (K times the cost of one pass).
+
+        Raises:
+            ValueError: the SynOps were not counted (``mc_predict(count_spikes=False)`` or
+                ``synops=False``, or a prediction built from probabilities): a NaN would
+                pass for a cost.
+        """
         if self.synops is None:
-            return float("nan")
+            raise ValueError(
+                "this prediction has no SynOps counts (mc_predict(..., count_spikes=False) "
+                "or synops=False, or built from probabilities); call mc_predict with "
+                "count_spikes=True, synops=True")
         return float(self.synops.sum()) / max(self.batch_size, 1)
 
 
 # --------------------------------------------------------------------------- maths
 def entropy(probs: Tensor, dim: int = -1) -> Tensor:
-    """Shannon entropy ``-sum p log p`` in nats along ``dim`` (``0 log 0 = 0``)."""
+    """Shannon entropy ``-sum p log p`` in nats along ``dim`` (``0 log 0 = 0``).
+
+    Raises:
+        TypeError: ``probs`` is not a floating-point tensor.
+        ValueError: entries outside ``[0, 1]`` or NaN (logits give a meaningless,
+            possibly negative, "entropy": pass ``softmax(logits)``).
+    """
+    _check_unit_interval(probs, "entropy: probs")
     return -(probs * probs.clamp_min(_TINY).log()).sum(dim)
+
+
+def _check_unit_interval(p: Tensor, what: str) -> None:
+    """``p`` a floating-point tensor with every entry in ``[0, 1]`` (a rounding of 1e-4
+    above 1 accepted), no NaN."""
+    if not isinstance(p, Tensor) or not p.is_floating_point():
+        kind = p.dtype if isinstance(p, Tensor) else type(p).__name__
+        raise TypeError(f"{what} must be a floating-point tensor of probabilities, got {kind}")
+    if p.numel() and not bool(((p >= 0) & (p <= 1 + 1e-4)).all()):
+        raise ValueError(
+            f"{what} must be probabilities in [0, 1] (no NaN), got values in "
+            f"[{float(p.min()):.3g}, {float(p.max()):.3g}]; pass softmax(logits), not logits")
 
 
 def from_sample_probs(sample_probs: Tensor, *, keep_samples: bool = True) -> Prediction:
     """Build a :class:`Prediction` from per-sample probabilities ``[K, B, C]``.
 
     Raises:
-        ValueError: not 3-D, ``K < 1``, or rows that do not sum to one.
+        TypeError: not a floating-point tensor.
+        ValueError: not 3-D, ``K < 1``, entries outside ``[0, 1]`` or NaN, or rows that
+            do not sum to one.
     """
     if not isinstance(sample_probs, Tensor) or not sample_probs.is_floating_point():
         raise TypeError("sample_probs must be a floating-point tensor [K, B, C]")
@@ -140,6 +179,8 @@ def from_sample_probs(sample_probs: Tensor, *, keep_samples: bool = True) -> Pre
             f"sample_probs must be [K, B, C], got shape {tuple(sample_probs.shape)}")
     if sample_probs.shape[0] < 1:
         raise ValueError("sample_probs needs K >= 1 samples (dimension 0 is empty)")
+    _check_unit_interval(sample_probs, "sample_probs")
+    keep_samples = check_flag("keep_samples", keep_samples)
     sums = sample_probs.sum(-1)
     if sample_probs.numel() and not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
         raise ValueError("sample_probs rows must sum to one (pass softmax probabilities)")
@@ -174,7 +215,19 @@ def time_as_samples(per_step_logits: Tensor) -> Prediction:
         raise ValueError(f"per_step_logits must be a tensor [T, B, C], got shape {shape}")
     if per_step_logits.shape[0] < 1:
         raise ValueError("per_step_logits needs T >= 1 time steps")
-    return from_sample_probs(torch.softmax(plain(per_step_logits).float(), -1))
+    probs = torch.softmax(plain(per_step_logits).float(), -1)
+    _check_no_nan(probs, "per_step_logits", "logits")
+    return from_sample_probs(probs)
+
+
+def _check_no_nan(probs: Tensor, where: str, kind: str) -> None:
+    """Probabilities computed from ``kind`` values are NaN only where those held a NaN or
+    a +inf (or a row of -inf): name that, not the probabilities."""
+    if probs.numel() and bool(torch.isnan(probs).any()):
+        raise ValueError(
+            f"{where} holds NaN or inf {kind} (NaN or +inf entries, or a row of -inf), "
+            "which give NaN probabilities: a diverged model, or NaN input with "
+            "check_finite(False)?")
 
 
 # --------------------------------------------------------------------------- predict
@@ -262,6 +315,13 @@ def _check_logits(logits, rows: int, model: nn.Module,
             f"the forward pass must return logits [B, C], got shape {tuple(logits.shape)}; "
             f"pass {_forward_hint(model)}"
         )
+    if logits.shape[1] < 2:
+        raise ValueError(
+            f"the forward pass returned {logits.shape[1]} class(es) per example (shape "
+            f"{tuple(logits.shape)}): a softmax over one class is 1 for every example, so "
+            "the prediction and its uncertainty would say nothing; for a binary classifier "
+            "with one logit z return both classes' logits, "
+            "forward=lambda m, x: torch.cat([torch.zeros_like(z := m(x)), z], -1)")
     if logits.shape[0] != rows:
         if folded is not None:
             reps, batch_dim = folded
@@ -300,8 +360,11 @@ def _to_probs(out: Tensor, output: str) -> Tensor:
                 "vector (entries in [0, 1] summing to 1), and it is treated as logits, so a "
                 "second softmax flattens it; pass output='probs' if the model ends in a "
                 "softmax", stacklevel=4)
-        return torch.softmax(out, -1)
+        probs = torch.softmax(out, -1)
+        _check_no_nan(probs, "the forward pass's output", "logits")
+        return probs
     probs = out.exp() if output == "log_probs" else out
+    _check_no_nan(probs, "the forward pass's output", output.replace("_", "-"))
     if not _is_distribution(probs, tol=1e-3):
         raise ValueError(
             f"mc_predict(output={output!r}): the forward pass must return "
@@ -451,13 +514,19 @@ def mc_predict(
         :class:`Prediction` (``.probs [B, C]``, ``.entropy [B]``,
         ``.mutual_information [B]``, ``.sample_probs [K, B, C]``, ...).
 
+    Warns:
+        UserWarning: ``model`` has no SBNN module (an unconverted model: the passes are
+            identical unless it draws noise of its own).
+
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, ``inputs`` is not a tensor, or the
+        TypeError: ``model`` is not an ``nn.Module``, ``inputs`` is not a tensor,
+            ``forward`` / ``reset`` is not callable, ``seed`` is not an integer, or the
             forward pass does not return a tensor.
         ValueError: a BatchNorm with running statistics in training mode (call
             ``model.eval()`` first), ``num_samples < 1`` or not an integer, an empty
             input (batch 0 or ``T = 0``), NaN / inf in the input, bad ``chunk_size`` /
-            ``batch_dim`` / ``eval_mode`` / ``output``, logits of the wrong shape,
+            ``batch_dim`` / ``eval_mode`` / ``output``, logits of the wrong shape or of
+            a single class,
             ``output="probs"`` whose rows are not probability vectors.
 
     .. note::
@@ -471,8 +540,26 @@ def mc_predict(
     _check_num_samples(num_samples)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    for name, fn in (("forward", forward), ("reset", reset)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be a callable ({name}=lambda m, ...: ...) or None, "
+                            f"got {type(fn).__name__}")
+    seed = check_seed(seed)
+    fold, return_samples, count_spikes, synops = (
+        check_flag(name, value) for name, value in (
+            ("fold", fold), ("return_samples", return_samples),
+            ("count_spikes", count_spikes), ("synops", synops)))
+    if isinstance(batch_dim, bool) or not isinstance(batch_dim, int):
+        raise TypeError(f"batch_dim must be an int, got {batch_dim!r}")
     _check_inputs(inputs, forward is not None)
     _refuse_training_batchnorm(model)
+    if not any(isinstance(m, SBNNModule) for m in model.modules()):
+        warnings.warn(
+            f"mc_predict: {type(model).__name__} has no SBNN module (no Bayesian layer or "
+            "spike function): unless it draws noise of its own (e.g. dropout in training "
+            "mode), the passes are identical and the mutual information is 0; convert the "
+            "model first (sbnn_addons.snntorch.to_sbnn / sbnn_addons.spikingjelly.to_sbnn)",
+            stacklevel=2)
     return _run(model, inputs, num_samples, seed=seed, forward=forward, reset=reset,
                 chunk_size=chunk_size, fold=fold, batch_dim=batch_dim, eval_mode=eval_mode,
                 return_samples=return_samples, count_spikes=count_spikes, synops=synops,
@@ -626,15 +713,27 @@ def metrics_vs_samples(
 
     Returns:
         ``{"k": [...], "accuracy": [...], "nll": [...], "ece": [...]}``.
+
+    Raises:
+        TypeError: ``sample_probs`` is neither a :class:`Prediction` nor a tensor.
+        ValueError: no samples, an empty ``ks``, a ``k`` outside ``[1, K]``, or targets /
+            probabilities that :func:`~sbnn_addons.metrics.check_probabilities` refuses.
     """
     if isinstance(sample_probs, Prediction):
         if sample_probs.sample_probs is None:
             raise ValueError("the Prediction has no sample_probs; call predict(..., "
                              "return_samples=True)")
         sample_probs = sample_probs.sample_probs
-    if sample_probs.dim() != 3:
-        raise ValueError(f"sample_probs must be [K, B, C], got {tuple(sample_probs.shape)}")
+    if not isinstance(sample_probs, Tensor):
+        raise TypeError("sample_probs must be a Prediction or a tensor [K, B, C], got "
+                        f"{type(sample_probs).__name__}")
+    if sample_probs.dim() != 3 or sample_probs.shape[0] < 1:
+        raise ValueError(f"sample_probs must be [K, B, C] with K >= 1, got "
+                         f"{tuple(sample_probs.shape)}")
     big_k = sample_probs.shape[0]
+    if ks is not None and not (ks := list(ks)):
+        raise ValueError("ks is empty: nothing to compute; pass sample counts such as "
+                         "[1, 2, 4] (or ks=None for 1, 2, 4, ... up to K)")
     if ks is None:
         ks = sorted({2 ** i for i in range(int(math.log2(big_k)) + 1)} | {big_k})
     out: dict[str, list[float]] = {"k": [], "accuracy": [], "nll": [], "ece": []}
@@ -685,6 +784,8 @@ def plot_reliability(probs: Tensor, targets: Tensor, path, n_bins: int = 15,
         The written path.
     """
     check_probabilities(probs, targets)
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
     plt = _pyplot()
     conf, pred = probs.max(-1)
     correct = (pred == targets).float()
@@ -721,6 +822,8 @@ def plot_entropy_histograms(scores_in: Tensor, scores_out: Tensor, path,
     AUROC and FPR@95%TPR (:func:`sbnn_addons.metrics.ood_metrics`) in the title."""
     from .metrics import ood_metrics
 
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"bins must be an integer >= 1, got {bins!r}")
     plt = _pyplot()
     m = ood_metrics(scores_in, scores_out)
     a, b = scores_in.detach().double().cpu(), scores_out.detach().double().cpu()

@@ -98,6 +98,27 @@ def test_lif_run_empty_sequence_or_batch(shape, bayes):
     assert out.shape == shape
 
 
+@pytest.mark.parametrize("value", NONFINITE)
+@pytest.mark.parametrize("call", ["step", "run", "run_bayes", "run_unfused"])
+def test_lif_names_nonfinite_input(call, value):
+    """A NaN / inf current gave no spikes (and NaN gradients) silently; the core LIF
+    checks its input as the layers do, a sequence once (its steps are not checked again)."""
+    lif = sb.LIF()
+    if call == "run_unfused":  # a wrapped fire: the step-by-step path
+        lif.spike_fn.__dict__["fire"] = lif.spike_fn.fire
+    currents = _poison(torch.rand(3, 2, 5), value)
+    where = "LIF" if call == "step" else "LIF.run"
+    with pytest.raises(ValueError, match=rf"input of {where} contains.*check_finite\(False\)"):
+        if call == "step":
+            lif(currents[0])
+        elif call == "run_bayes":
+            lif.run(sb.BayesLinear(5, 5)(torch.rand(3, 2, 5)) * currents)
+        else:
+            lif.run(currents)
+    with check_finite(False):
+        lif.run(currents)  # the documented switch
+
+
 # --------------------------------------------------------------------------- snnTorch
 def _snn_seq():
     torch.manual_seed(0)
@@ -391,3 +412,151 @@ def test_finite_check_works_under_torch_func_transforms():
     x[2, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         per_sample(params, x)
+
+
+# ------------------------------------------------------- constructor and objective arguments
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("make, match", [
+    (lambda: sb.BayesLinear(0, 3), "no synapses"),  # a ZeroDivisionError
+    (lambda: sb.BayesLinear(3, 0), "no synapses"),  # an IndexError
+    (lambda: sb.BayesConv2d(2, 0, 3), "no synapses"),
+    (lambda: sb.ChannelAffine(0), "num_features must be an integer >= 1"),  # accepted
+    (lambda: sb.ChannelAffine(3, eps=-1e-5), "eps must be a finite number >= 0"),  # accepted
+    (lambda: sb.ChannelAffine(3, channel_dim=1.0), "channel_dim must be an integer"),
+    (lambda: sb.IWSTSpike("st", threshold=math.nan), r"threshold must be a number \(not NaN"),
+    (lambda: sb.IWSTSpike("st", threshold="1"), "threshold must be a number"),
+])
+def test_bad_constructor_arguments_are_named(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, True])
+def test_kl_monte_carlo_samples_are_checked(k):
+    """num_samples=0 gave a reshape error (a float, a torch.Size error) from the prior's
+    Monte Carlo KL; it is named on the model and on the layer."""
+    fc = sb.BayesLinear(4, 3)
+    with pytest.raises(ValueError, match="num_samples .* must be an integer >= 1"):
+        sb.kl_divergence(fc, sb.scale_mixture_prior(), num_samples=k)
+    with pytest.raises(ValueError, match="num_samples"):
+        fc.kl_divergence(sb.scale_mixture_prior(), num_samples=k)
+
+
+def test_sbnn_objective_arguments_are_named():
+    import numpy as np
+
+    fc, nll = sb.BayesLinear(4, 3), torch.tensor(1.0)
+    with pytest.raises(TypeError, match=r"nll must be a scalar tensor.*F.cross_entropy"):
+        sb.sbnn_objective(1.0, fc)  # an AttributeError
+    with pytest.raises(ValueError, match="num_data .* must be an integer >= 1.*10.5"):
+        sb.sbnn_objective(nll, fc, 10.5, kl_weight=1.0)  # divided by 10.5 silently
+    with pytest.raises(ValueError, match=r"kl_weight must be a finite number >= 0, got '1'"):
+        sb.sbnn_objective(nll, fc, 10, kl_weight="1")
+    loss = sb.sbnn_objective(nll, fc, np.int64(10), kl_weight=1.0)  # numpy ints count
+    torch.testing.assert_close(loss, nll + sb.kl_divergence(fc) / 10)
+
+
+@pytest.mark.parametrize("call, who", [
+    (lambda m: sb.set_mode(m, "mc"), "set_mode"), (sb.get_mode, "get_mode"),
+    (lambda m: sb.mode(m, "mean").__enter__(), "mode"),
+    (lambda m: sb.param_groups(m, 1e-3), "param_groups"),
+    (sb.enable_aux_loss, "auxiliary loss"), (sb.aux_loss, "auxiliary loss"),
+    (sb.kl_divergence, "kl_divergence"),
+    (lambda m: sb.sbnn_objective(torch.tensor(1.0), m), "auxiliary loss"),
+])
+def test_model_functions_name_a_model_that_is_not_a_module(call, who):
+    """model.parameters() (or a state dict) in place of the model: an AttributeError."""
+    params = sb.BayesLinear(3, 2).parameters()
+    with pytest.raises(TypeError, match=f"{who}.*must be an nn.Module, got generator"):
+        call(params)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda v: sb.BayesLinear(3, 2, learn_std=v), "learn_std"),
+    (lambda v: sb.BayesConv2d(1, 2, 3, learn_std=v), "learn_std"),
+    (lambda v: sb.IWSTSpike("st", std=0.1, learn_std=v), "learn_std"),
+    (lambda v: sb.IWSTSpike("st", at_zero=v), "at_zero"),
+    (lambda v: sb.IWSTSpike("st", use_input_variance=v), "use_input_variance"),
+    (lambda v: sb.enable_aux_loss(sb.IWSTSpike("st"), v), "enabled"),
+    (lambda v: sb.kernels.use_kernels(v).__enter__(), r"use_kernels\(flag\)"),
+    (lambda v: sb.mc_predict(nn.Linear(4, 3), torch.rand(2, 4), 2, count_spikes=v),
+     "count_spikes"),
+    (lambda v: sb.mc_predict(nn.Linear(4, 3), torch.rand(2, 4), 2, fold=v), "fold"),
+    (lambda v: sb.metrics.SpikeMonitor(nn.Linear(4, 3), synops=v), "synops"),
+    (lambda v: sb.uncertainty.from_sample_probs(torch.full((1, 2, 2), 0.5), keep_samples=v),
+     "keep_samples"),
+])
+@pytest.mark.parametrize("value", ["no", "False", 0])
+def test_a_flag_that_is_not_a_bool_is_named(call, name, value):
+    """learn_std="no" (a string from a config file) was truthy: the std was learned."""
+    with pytest.raises(TypeError, match=f"{name} must be True or False"):
+        call(value)
+    assert sb.kernels.enabled()  # left as it was
+
+
+def test_numpy_and_torch_bools_are_flags():
+    import numpy as np
+
+    assert sb.BayesLinear(3, 2, learn_std=np.bool_(False)).learn_std is False
+    assert sb.IWSTSpike("st", at_zero=torch.tensor(True)).at_zero is True
+
+
+def test_std_shape_and_nll_eps_are_checked():
+    """std_shape=5 failed with "'int' object is not iterable"; an eps <= 0 in the NLL
+    clamped nothing (a probability of 0 gave an infinite loss)."""
+    from sbnn_addons.metrics import negative_log_likelihood
+
+    with pytest.raises(TypeError, match=r"std_shape must be a sequence.*\(C,\)"):
+        sb.IWSTSpike("st", std=0.1, std_shape=5)
+    with pytest.raises(TypeError, match="std_shape"):
+        sb.IWSTSpike("st", std=0.1, std_shape=(0,))
+    assert sb.IWSTSpike("st", std=0.1, std_shape=torch.Size([3])).std.shape == (3,)
+    probs, y = torch.tensor([[1.0, 0.0]]), torch.tensor([1])
+    for eps in (-1.0, 0, 1.5, "1e-8"):
+        with pytest.raises(ValueError, match=r"eps must be a number in \(0, 1\)"):
+            negative_log_likelihood(probs, y, eps=eps)
+    assert torch.isfinite(negative_log_likelihood(probs, y, eps=1e-8))
+
+
+class _Boom(nn.Module):
+    fail = False
+
+    def forward(self, x):
+        if self.fail:
+            raise KeyError("boom")
+        return x
+
+
+@pytest.mark.parametrize("host", ["core", "snntorch"])
+def test_a_forward_that_raised_leaves_no_aux_terms_behind(host):
+    """The spike functions' aux terms of a forward that raised (caught, the batch skipped)
+    were added to the next step's aux_loss, silently: they are dropped."""
+    torch.manual_seed(0)
+    boom = _Boom()
+    if host == "core":
+        net = sb.track_variance(nn.Sequential(sb.BayesLinear(4, 8, std=0.3),
+                                              sb.IWSTSpike("st", std=0.2), nn.Linear(8, 3),
+                                              boom))
+    else:
+        net = sbnn_snn.to_sbnn(nn.Sequential(nn.Linear(4, 8),
+                                             snn.Leaky(beta=0.9, init_hidden=True), boom),
+                               aux_loss=True)
+        boom = net[-1]  # the converted copy's
+    sb.enable_aux_loss(net)
+    x = torch.rand(5, 4) * 3
+
+    def step(inputs):
+        if host == "snntorch":
+            sbnn_snn.reset(net)
+        net(inputs)
+
+    sb.seed_spikes(net, 0)
+    step(x)
+    clean = float(sb.aux_loss(net, "sum"))
+    boom.fail = True
+    with pytest.raises(KeyError):
+        step(x * 10)  # collects its terms, then raises
+    boom.fail = False
+    sb.seed_spikes(net, 0)
+    step(x)
+    assert float(sb.aux_loss(net, "sum")) == pytest.approx(clean)

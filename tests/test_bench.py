@@ -389,6 +389,10 @@ def test_subset_missing_classes_raises(tmp_path):
     (dict(lr=0.0), r"lr must be a finite number > 0 \(the Adam learning rate of the weights"),
     (dict(lr=-1e-3), r"lr must be a finite number > 0 .* default is 0.005"),
     (dict(noise_lr=0), r"noise_lr must be a finite number > 0 \(.*noise scales"),
+    (dict(seeds=[0.5, 1.5]), "every seed must be an integer"),  # truncated to 0, 1
+    (dict(seeds=["0"]), "every seed must be an integer"),
+    (dict(seeds=[None]), "every seed must be an integer"),
+    (dict(seeds=3), r"seeds must be a sequence of integers \(e.g. seeds=\(0, 1, 2\)\)"),
 ])
 def test_compare_names_bad_seeds_and_batch_sizes(kwargs, word):
     """Repeated seeds would report a spread of zero; zero batch sizes crashed deep inside;
@@ -396,7 +400,7 @@ def test_compare_names_bad_seeds_and_batch_sizes(kwargs, word):
     from sbnn_addons.bench import compare
 
     x, y = _spike_data(48, 0)
-    with pytest.raises(ValueError, match=word):
+    with pytest.raises((ValueError, TypeError), match=word):
         compare(_snntorch_net, (x, y), (x, y), epochs=1, **kwargs)
 
 

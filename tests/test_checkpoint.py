@@ -203,3 +203,31 @@ def test_checkpointed_spikingjelly_block_recomputes_from_its_entry_state(step_mo
     for a, b in zip(grad_p, grad_c):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert all(torch.equal(a, b) for a, b in zip(state_p, state_c))
+
+
+def test_a_seeded_spike_function_outside_modules_is_named():
+    """modules= that misses a seeded spike function the region runs: its generator was not
+    replayed, the recomputation drew other spikes and the gradients were wrong, silently."""
+    from torch import nn
+
+    from sbnn_addons.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    fc, spk, out = sb.BayesLinear(6, 8, std=0.5), sb.IWSTSpike("st", std=0.5), nn.Linear(8, 2)
+    x = torch.rand(4, 6)
+
+    def region(x):
+        return out(spk(fc(x)))
+
+    sb.seed_spikes(spk, 3)
+    region(x).sum().backward()
+    ref = out.weight.grad.clone()
+    out.zero_grad()
+    sb.seed_spikes(spk, 3)
+    with pytest.raises(RuntimeError, match="not part of its modules="):
+        checkpoint(region, x, modules=out)
+    sb.seed_spikes(spk, 3)
+    checkpoint(region, x, modules=nn.ModuleList([fc, spk, out])).sum().backward()
+    torch.testing.assert_close(out.weight.grad, ref, rtol=0, atol=0)
+    sb.seed_spikes(spk, None)  # unseeded: the global generator is restored, any modules=
+    checkpoint(region, x, modules=out).sum().backward()

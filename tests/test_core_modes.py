@@ -82,3 +82,14 @@ def test_bad_mode_name():
         set_mode(_model(), "deploy")
     with pytest.raises(ValueError, match=r"\bmode\b"), mode(_model(), "deploy"):
         pass
+
+
+def test_a_model_without_sbnn_modules_is_named():
+    """sb.mode(unconverted_model, "mean") ran the host model unchanged, silently."""
+    plain = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+    with pytest.raises(ValueError, match=r"no SBNN module.*convert the model first"):
+        sb.set_mode(plain, "mean")
+    with pytest.raises(ValueError, match="no SBNN module"):
+        with sb.mode(plain, "mean"):
+            pass
+    assert sb.get_mode(plain) is None

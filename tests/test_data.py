@@ -62,3 +62,22 @@ def test_synthetic_shd_with_equal_event_counts():
         assert x.shape == (5, 2, 700) and len(y) == 2
         with pytest.raises(ValueError, match="num_classes"):
             make_synthetic_shd(root, num_classes=0)
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(bin_ms=float("nan")), "bin_ms"),  # every event dropped: all-zero frames
+    (dict(bin_ms=float("inf")), "bin_ms"),  # every event in bin 0
+    (dict(bin_ms=0), "bin_ms"), (dict(num_bins=2.5), "num_bins"),  # truncated to 2
+    (dict(num_bins="10"), "num_bins"), (dict(max_samples=0), "max_samples"),
+    (dict(max_samples=-1), "max_samples"), (dict(max_samples=2.7), "max_samples"),
+])
+def test_shd_loader_names_bad_arguments(tmp_path, kwargs, word):
+    pytest.importorskip("h5py")
+    pytest.importorskip("tonic")
+    from sbnn_addons.data.shd import collate_time_major, load_shd, make_synthetic_shd
+
+    make_synthetic_shd(tmp_path, num_train=2, num_test=2, events_per_sample=5)
+    with pytest.raises(ValueError, match=f"{word} must be"):
+        load_shd(tmp_path, "test", **kwargs)
+    with pytest.raises(ValueError, match="batch is empty"):
+        collate_time_major([])  # a torch.stack error

@@ -182,3 +182,32 @@ def test_cli_writes_csv_and_figures(tmp_path, capsys):
                  "lif_bias_variance_vs_z.png", "lif_bias_variance_vs_depth.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert "AGR(0)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fn", [D.expected_loss, D.exact_gradient,
+                                lambda n, x, y: D.sample_gradients(n, x, y, "st", 2)],
+                         ids=["expected_loss", "exact_gradient", "sample_gradients"])
+@pytest.mark.parametrize("case, error, match", [
+    ("nan", ValueError, "NaN or inf"),  # a NaN gradient, silently
+    ("empty", ValueError, r"B = 0"),  # a ZeroDivisionError
+    ("float32", TypeError, "network's dtype torch.float64"),  # a matmul dtype error
+    ("labels", ValueError, r"labels in \[0, 2\)"),  # an IndexError of cross_entropy
+    ("float_labels", ValueError, "integer class labels"),
+])
+def test_diagnostics_name_bad_data(fn, case, error, match):
+    net = D.make_network()
+    x, y = D.make_inputs(net, batch=2)
+    x, y = {"nan": (x * math.nan, y), "empty": (x[:0], y[:0]), "float32": (x.float(), y),
+            "labels": (x, y + 2), "float_labels": (x, y.double())}[case]
+    with pytest.raises(error, match=match):
+        fn(net, x, y)
+
+
+def test_diagnostics_name_bad_sizes_and_sample_counts():
+    with pytest.raises(ValueError, match="every size must be an integer >= 1"):
+        D.make_network((4, 0, 2))  # a network with an empty layer was built
+    net = D.make_network()
+    x, y = D.make_inputs(net, batch=2)
+    for k in (0, -1, 2.5):  # a reshape / negative-dimension / repeat() error
+        with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
+            D.sample_gradients(net, x, y, "st", k)

@@ -461,3 +461,20 @@ def test_bench_task_row_modes():
     assert row["method"] == "ep" and row["num_steps"] == 1
     for key in ("accuracy_mean", "accuracy_sample", "accuracy_mc", "accuracy_ep"):
         assert 0.5 < row[key] <= 1.0, (key, row[key])
+
+
+def test_train_names_a_test_set_it_cannot_score():
+    """x_test without y_test (or the reverse) gave no test curve, silently; sign targets
+    or out-of-range labels as y_test gave a meaningless accuracy."""
+    x, y = torch.rand(8, 4), torch.randint(0, 2, (8,))
+    with pytest.raises(ValueError, match="both x_test and y_test"):
+        ep.train([4, 3, 2], x, y, epochs=1, x_test=x)
+    with pytest.raises(ValueError, match="both x_test and y_test"):
+        ep.train([4, 3, 2], x, y, epochs=1, y_test=y)
+    signs = torch.where(torch.nn.functional.one_hot(y, 2) > 0, 1.0, -1.0)
+    with pytest.raises(ValueError, match=r"y_test must be integer class labels of shape \[8\]"):
+        ep.train([4, 3, 2], x, y, epochs=1, x_test=x, y_test=signs)
+    with pytest.raises(ValueError, match=r"y_test labels must be in \[0, 2\)"):
+        ep.train([4, 3, 2], x, y, epochs=1, x_test=x, y_test=y + 2)
+    _, curve = ep.train([4, 3, 2], x, y, epochs=1, x_test=x, y_test=y)
+    assert 0 <= curve[0]["test_accuracy"] <= 1

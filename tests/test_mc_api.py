@@ -316,3 +316,95 @@ def test_a_batchnorm_in_training_mode_is_refused_and_left_unchanged(step_mode):
     pred = sb.mc_predict(model, x, 4, forward=forward)
     assert pred.probs.shape == (B, 3)
     assert torch.equal(bn.running_mean, before[0])
+
+
+def test_one_class_output_is_refused_and_the_binary_fix_works():
+    """One logit per example: the softmax is 1 everywhere, entropy and MI 0, silently.
+    It raises; the two-logit form the message shows gives sigmoid(z)."""
+    torch.manual_seed(0)
+    model = sb.track_variance(nn.Sequential(
+        sb.BayesLinear(12, 16, std=0.4), sb.IWSTSpike("st", std=0.2), nn.Linear(16, 1)))
+    x = _rate((B, 12))
+    for kw in ({}, {"fold": True}, {"output": "probs", "forward": lambda m, x: m(x) * 0 + 1}):
+        with pytest.raises(ValueError, match=r"1 class\(es\).*binary classifier"):
+            sb.mc_predict(model, x, 2, **kw)
+    pred = sb.mc_predict(model, x, 3, seed=0,
+                         forward=lambda m, x: torch.cat([torch.zeros_like(z := m(x)), z], -1))
+    assert pred.probs.shape == (B, 2) and (pred.entropy > 0).all()
+    with torch.no_grad(), sb.mode(model, "mean"):
+        want = torch.sigmoid(model(x))[:, 0]
+    mean = sb.mc_predict(model, x, 1, eval_mode="mean",
+                         forward=lambda m, x: torch.cat([torch.zeros_like(z := m(x)), z], -1))
+    torch.testing.assert_close(mean.probs[:, 1], want)
+
+
+@pytest.mark.parametrize("seed", [1.5, "0", True])
+def test_a_seed_that_is_not_an_integer_is_named(seed):
+    """seed=1.5 was truncated to 1: the stream of another seed, silently."""
+    model, x = core_model(), _rate((B, 12))
+    with pytest.raises(TypeError, match="seed must be an integer or None"):
+        sb.mc_predict(model, x, 2, seed=seed)
+    with pytest.raises(TypeError, match="seed must be an integer or None"):
+        sb.seed_spikes(model, seed)
+    with pytest.raises(TypeError, match="seed must be an integer or None"):
+        sb.IWSTSpike("st").manual_seed(seed)
+    a = sb.mc_predict(model, x, 2, seed=np.int64(3))  # numpy integers are integers
+    b = sb.mc_predict(model, x, 2, seed=3)
+    torch.testing.assert_close(a.sample_probs, b.sample_probs, rtol=0, atol=0)
+
+
+def test_forward_reset_and_batch_dim_of_the_wrong_type_are_named():
+    model, x = core_model(), _rate((B, 12))
+    with pytest.raises(TypeError, match="forward must be a callable"):
+        sb.mc_predict(model, x, 2, forward=3)
+    with pytest.raises(TypeError, match="reset must be a callable"):
+        sb.mc_predict(model, x, 2, reset="snntorch")
+    with pytest.raises(TypeError, match="batch_dim must be an int"):
+        sb.mc_predict(model, x, 2, fold=True, batch_dim="1")
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        sb.seed_spikes(object(), 0)
+
+
+def test_uncounted_spikes_and_synops_are_named_not_nan():
+    """synops_per_example() of a prediction without SynOps counts returned NaN, and
+    spike_rates() an empty dict, as if the model had no spiking layer."""
+    model, x = core_model(), _rate((B, 12))
+    counted = sb.mc_predict(model, x, 2)
+    assert counted.synops_per_example() > 0 and counted.spike_rates()
+    bare = sb.mc_predict(model, x, 2, count_spikes=False)
+    with pytest.raises(ValueError, match="no SynOps counts.*count_spikes=True"):
+        bare.synops_per_example()
+    with pytest.raises(ValueError, match="no spike counts.*count_spikes=True"):
+        bare.spike_rates()
+    with pytest.raises(ValueError, match="synops=True"):
+        sb.mc_predict(model, x, 2, synops=False).synops_per_example()
+    no_spikes = sb.mc_predict(nn.Sequential(sb.BayesLinear(12, 4)), x * 0.5, 1)
+    assert no_spikes.spike_rates() == {} and no_spikes.synops_per_example() == 0.0
+
+
+@pytest.mark.parametrize("output", ["logits", "probs", "log_probs"])
+def test_nan_outputs_are_named_as_the_models(output):
+    """A diverged model's NaN logits were reported as "pass softmax(logits), not logits":
+    the message names the output; -inf logits (masked classes) stay accepted."""
+    model, x = core_model(), _rate((B, 12))
+    with pytest.raises(ValueError, match=r"forward pass's output holds NaN or inf.*diverged"):
+        sb.mc_predict(model, x, 2, output=output,
+                      forward=lambda m, x: torch.full((B, 4), math.nan))
+    with pytest.raises(ValueError, match=r"per_step_logits holds NaN or inf logits"):
+        uncertainty.time_as_samples(torch.full((T, B, 4), math.nan))
+    masked = torch.tensor([[0.0, -math.inf, 1.0]]).expand(B, -1)
+    pred = sb.mc_predict(model, x, 1, forward=lambda m, x: masked)
+    assert float(pred.probs[0, 1]) == 0.0
+
+
+def test_an_unconverted_model_is_warned_about():
+    """K identical passes of a host model gave MI 0 with no word of why."""
+    plain, x = nn.Sequential(nn.Linear(12, 4)), _rate((B, 12))
+    with pytest.warns(UserWarning, match=r"no SBNN module.*convert the model first"):
+        pred = sb.mc_predict(plain, x, 3)
+    assert float(pred.mutual_information.max()) == 0.0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sb.mc_predict(core_model(), x, 2)  # a converted / core model: no warning

@@ -59,3 +59,49 @@ def test_layer_synops_counts_the_inputs_a_padding_copies(padding_mode):
     windows = padded.unfold(2, 3, 1).unfold(3, 3, 1)  # [N, C, H, W, 3, 3]
     expected = float(windows.sum()) * conv.out_channels
     assert float(layer_synops(conv, x)) == expected
+
+
+def test_monitors_nest_and_one_monitor_is_not_entered_twice():
+    """An outer monitor keeps counting after an inner one (mc_predict runs its own) exits;
+    it lost its wrapper, and counted nothing more, silently. Entering one monitor twice
+    would count each spike twice: it raises."""
+    torch.manual_seed(0)
+    model = sb.track_variance(nn.Sequential(sb.BayesLinear(6, 30, std=0.4),
+                                            sb.IWSTSpike("st", std=0.2), nn.Linear(30, 4)))
+    x = torch.rand(5, 6) * 3
+    with torch.no_grad(), SpikeMonitor(model) as outer:
+        model(x)
+        first = outer.total_spikes()
+        with SpikeMonitor(model) as inner:
+            model(x)
+        assert inner.total_spikes() > 0
+        sb.mc_predict(model, x, 2)  # its own monitor inside
+        before = outer.total_spikes()
+        model(x)
+        assert outer.total_spikes() > before  # still counting
+        assert outer.units["1"] == 5 * 30 * 5  # 1 + 1 + 2 + 1 forwards of 5 x 30 units
+    assert first > 0 and "fire" not in model[1].__dict__
+    mon = SpikeMonitor(model)
+    with mon, pytest.raises(RuntimeError, match="already active"):
+        with mon:
+            pass
+    assert "fire" not in model[1].__dict__
+    with mon:  # usable again after the error
+        model(x)
+    assert mon.units["1"] == 150
+
+
+def test_layer_synops_refuses_an_input_of_another_layer():
+    """An input with the wrong number of features / channels was counted silently."""
+    from sbnn_addons.metrics import layer_synops
+
+    with pytest.raises(ValueError, match="in_features=3"):
+        layer_synops(nn.Linear(3, 2), torch.ones(4, 5))
+    with pytest.raises(ValueError, match=r"in_channels=3: expected \[\*, 3, H, W\]"):
+        layer_synops(nn.Conv2d(3, 2, 3), torch.ones(1, 4, 5, 5))
+    with pytest.raises(ValueError, match=r"in_channels=2: expected \[\*, 2, L\]"):
+        layer_synops(nn.Conv1d(2, 2, 3), torch.ones(7))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        layer_synops(nn.Linear(3, 2), [1.0, 0.0, 1.0])
+    assert float(layer_synops(nn.Conv1d(2, 4, 3), torch.ones(2, 6))) == 2 * 3 * 4 * 4
+    assert float(layer_synops(nn.Linear(3, 2), torch.tensor([[1.0, 0.0, 1.0]]))) == 4

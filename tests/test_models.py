@@ -497,3 +497,27 @@ def test_readout_noise_replays_with_the_spike_seed():
     p2 = sb.mc_predict(m, x, 3, seed=0).probs
     assert torch.equal(p1, p2)
     assert not torch.equal(p1, sb.mc_predict(m, x, 3, seed=1).probs)
+
+
+@pytest.mark.parametrize("make, x", [
+    (tiny_dvs, torch.rand(0, B, 2, 16, 16)),  # per-step norm: it named num_steps=0
+    (lambda: tiny_dvs(norm="none"), torch.rand(0, B, 2, 16, 16)),  # a reshape error
+    (tiny_shd, torch.rand(0, B, 40)),
+    (lambda: tiny_shd(norm="none"), torch.rand(0, B, 40)),  # a torch.stack error
+])
+def test_an_empty_sequence_is_named(make, x):
+    with pytest.raises(ValueError, match=r"T = 0 time steps.*skip empty sequences"):
+        make()(x)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("make, match", [
+    (lambda: tiny_shd(num_classes=0), "num_classes must be an integer >= 1"),  # built
+    (lambda: tiny_dvs(num_classes=0), "num_classes must be an integer >= 1"),
+    (lambda: tiny_shd(in_features=0), "in_features must be an integer >= 1"),
+    (lambda: tiny_dvs(widths=()), "widths must be a non-empty sequence"),  # an IndexError
+    (lambda: tiny_cifar(widths=(64, 0, 256, 512)), "widths must be"),
+])
+def test_bad_sizes_are_named(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()

@@ -365,3 +365,72 @@ def test_nll_of_a_confident_error_in_float64():
     logits = torch.tensor([[0.0, -106.0]], dtype=torch.float64)
     nll = negative_log_likelihood(torch.softmax(logits, -1), torch.tensor([1]))
     torch.testing.assert_close(nll, torch.nn.functional.cross_entropy(logits, torch.tensor([1])))
+
+
+METRIC_FNS = [metrics.expected_calibration_error, metrics.adaptive_calibration_error,
+              metrics.negative_log_likelihood, metrics.brier_score,
+              metrics.classification_metrics]
+
+
+@pytest.mark.parametrize("fn", METRIC_FNS, ids=lambda f: f.__name__)
+def test_metrics_refuse_an_empty_set_and_non_tensors(fn):
+    """N = 0 examples gave NaN (ACE 0) silently; numpy arrays / lists an AttributeError."""
+    with pytest.raises(ValueError, match=r"no examples \(N = 0\)"):
+        fn(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(TypeError, match="probs must be a torch.Tensor.*torch.as_tensor"):
+        fn(PROBS.numpy(), TARGETS)
+    with pytest.raises(TypeError, match="targets must be a torch.Tensor"):
+        fn(PROBS, [0, 2])
+
+
+@pytest.mark.parametrize("fn", [metrics.expected_calibration_error,
+                                metrics.adaptive_calibration_error], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("n_bins", [0, 2.5, True])
+def test_calibration_n_bins_is_checked(fn, n_bins):
+    with pytest.raises(ValueError, match="n_bins must be an integer >= 1"):
+        fn(PROBS, TARGETS, n_bins=n_bins)
+
+
+def test_metrics_on_a_graph_tensor_do_not_warn():
+    probs = torch.softmax(torch.randn(4, 3, requires_grad=True), -1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics.classification_metrics(probs, torch.tensor([0, 1, 2, 0]))
+    metrics.negative_log_likelihood(probs, torch.tensor([0, 1, 2, 0])).backward()  # graph kept
+
+
+def test_entropy_and_from_sample_probs_refuse_logits():
+    """Logits passed as probabilities: entropy() returned negative "entropies", and
+    from_sample_probs accepted rows with negative entries that sum to one."""
+    from sbnn_addons.uncertainty import entropy
+
+    with pytest.raises(ValueError, match=r"\[0, 1\].*softmax\(logits\)"):
+        entropy(torch.tensor([[2.0, -1.0, 0.5]]))
+    with pytest.raises(TypeError, match="floating-point"):
+        entropy(torch.tensor([[1, 0]]))
+    with pytest.raises(ValueError, match=r"sample_probs must be probabilities in \[0, 1\]"):
+        from_sample_probs(torch.tensor([[[1.2, -0.2], [0.5, 0.5]]]))
+    with pytest.raises(ValueError, match="no NaN"):
+        from_sample_probs(torch.full((1, 2, 2), math.nan))
+    assert float(entropy(torch.tensor([0.5, 0.5]))) == pytest.approx(math.log(2))
+
+
+def test_metrics_vs_samples_and_plots_bad_arguments(tmp_path):
+    sp = torch.softmax(torch.randn(4, 5, 3), -1)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    with pytest.raises(ValueError, match="ks is empty"):
+        metrics_vs_samples(sp, y, ks=[])  # returned empty lists
+    with pytest.raises(ValueError, match=r"K >= 1"):
+        metrics_vs_samples(sp[:0], y)  # a math domain error
+    with pytest.raises(TypeError, match="Prediction or a tensor"):
+        metrics_vs_samples(sp.numpy(), y)
+    with pytest.raises(ValueError, match="n_bins"):
+        metrics_vs_samples(sp, y, n_bins=0)
+    assert metrics_vs_samples(sp, y, ks=iter([1, 4]))["k"] == [1, 4]
+    with pytest.raises(ValueError, match="n_bins"):
+        plot_reliability(sp[0], y, tmp_path / "r.png", n_bins=0)  # a bincount error
+    with pytest.raises(ValueError, match="bins must be"):  # an empty plot
+        plot_entropy_histograms(torch.rand(5), torch.rand(5), tmp_path / "e.png", bins=0)
+    assert not list(tmp_path.iterdir())

@@ -36,7 +36,7 @@ import math
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -49,7 +49,7 @@ from ..metrics import classification_metrics
 from ..modes import mc_predict, mode
 from ..moments import check_variance_flow
 from ..optim import param_groups
-from ..spike import IWSTSpike, seed_spikes
+from ..spike import IWSTSpike, check_seed, seed_spikes
 from .data import DataSpec, fingerprint, prepare
 
 __all__ = ["Method", "GENERIC_METHODS", "DEFAULT_METHODS", "compare", "resolve_methods",
@@ -695,7 +695,12 @@ def compare(
         raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
     if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}")
-    seeds = [int(s) for s in seeds]
+    if isinstance(seeds, (int, str)) or not isinstance(seeds, Iterable):
+        raise TypeError(f"seeds must be a sequence of integers (e.g. seeds=(0, 1, 2)), got "
+                        f"{seeds!r}")
+    seeds = [check_seed(s, "every seed") for s in seeds]  # 1.5 was truncated to 1
+    if None in seeds:
+        raise TypeError(f"every seed must be an integer, got {seeds!r}")
     if not seeds:
         raise ValueError("seeds is empty")
     if len(set(seeds)) != len(seeds):

@@ -11,6 +11,8 @@ and bins each sample's events into ``num_bins`` bins of ``bin_ms`` milliseconds 
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from pathlib import Path
 
@@ -74,13 +76,18 @@ class SHDBinned(torch.utils.data.Dataset):
 
     Raises:
         FileNotFoundError / ValueError: missing or malformed files (the message names the
-            expected layout).
+            expected layout), ``num_bins`` not an integer >= 1, ``bin_ms`` not a finite
+            number > 0.
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "train", num_bins: int = 100,
                  bin_ms: float = 14.0) -> None:
-        if num_bins < 1 or bin_ms <= 0:
-            raise ValueError(f"num_bins must be >= 1 and bin_ms > 0, got {num_bins}, {bin_ms}")
+        _check_positive_int("num_bins", num_bins)
+        if (isinstance(bin_ms, bool) or not isinstance(bin_ms, numbers.Real)
+                or not 0 < bin_ms < math.inf):
+            # NaN dropped every event (all-zero frames), inf put them all in bin 0
+            raise ValueError(f"bin_ms must be a finite number > 0 (the bin width in "
+                             f"milliseconds, reference 14), got {bin_ms!r}")
         _check_layout(root, split)
         import tonic
 
@@ -96,8 +103,19 @@ class SHDBinned(torch.utils.data.Dataset):
         return _bin_events(events, self.num_bins, self.bin_us), int(label)
 
 
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 def collate_time_major(batch) -> tuple[Tensor, Tensor]:
-    """DataLoader collate: ``[(frames [T, 700], label)] -> ([T, B, 700], labels [B])``."""
+    """DataLoader collate: ``[(frames [T, 700], label)] -> ([T, B, 700], labels [B])``.
+
+    Raises:
+        ValueError: an empty batch.
+    """
+    if len(batch) == 0:
+        raise ValueError("collate_time_major: the batch is empty (no (frames, label) pairs)")
     frames = torch.stack([b[0] for b in batch], dim=1)
     return frames, torch.tensor([b[1] for b in batch], dtype=torch.int64)
 
@@ -108,7 +126,13 @@ def load_shd(root: str | os.PathLike, split: str = "train", num_bins: int = 100,
 
     The full training set is large (``8156 x 100 x 700`` floats); use ``max_samples``
     or :class:`SHDBinned` with a ``DataLoader`` (``collate_fn=collate_time_major``).
+
+    Raises:
+        FileNotFoundError / ValueError: see :class:`SHDBinned`; ``max_samples`` not an
+            integer >= 1.
     """
+    if max_samples is not None:
+        _check_positive_int("max_samples", max_samples)
     ds = SHDBinned(root, split, num_bins, bin_ms)
     n = len(ds) if max_samples is None else min(int(max_samples), len(ds))
     return collate_time_major([ds[i] for i in range(n)])

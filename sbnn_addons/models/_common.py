@@ -250,6 +250,11 @@ class ReferenceNet(SBNNModule, nn.Module):
         ``layer_kwargs`` are the other :class:`LayerFactory` arguments (estimator, stds,
         LIF constants, surrogate).
         """
+        for name in ("in_features", "in_channels", "num_classes"):
+            value = config.get(name)
+            if name in config and (isinstance(value, bool) or not isinstance(value, int)
+                                   or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self._config = config
         self.bayes = bool(bayes)
         self.readout_noise = bool(readout_noise)
@@ -258,6 +263,14 @@ class ReferenceNet(SBNNModule, nn.Module):
         self.per_step_norm = norm == "bn" or (
             norm == "affine" and layer_kwargs.get("affine_per_step", True))
         return LayerFactory(self.bayes, norm=norm, num_steps=num_steps, **layer_kwargs)
+
+    def _check_steps(self, x: Tensor) -> None:
+        """A sequence of ``T = 0`` steps has no output to average (it failed in a stack
+        or a reshape, or the per-step check named ``num_steps=0`` as the fix)."""
+        if x.shape[0] == 0:
+            raise ValueError(
+                f"{type(self).__name__} got an input of shape {tuple(x.shape)}: T = 0 time "
+                "steps, nothing to average over; skip empty sequences")
 
     def _check_dtype(self, x: Tensor) -> None:
         """The input's dtype must be the parameters' (outside ``torch.autocast``)."""

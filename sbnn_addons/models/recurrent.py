@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..base import mark_checked
 from ..layers import BayesLinear
 from ..moments import attach_variance, get_variance, no_variance_flow
 from ._common import (
@@ -200,6 +201,7 @@ class SHDRecurrentNet(ReferenceNet):
                 f"SHDRecurrentNet expects input x of shape [T, B, {self.in_features}], "
                 f"got {tuple(x.shape)}"
             )
+        self._check_steps(x)
         if self.per_step_norm and x.shape[0] != self.num_steps:
             raise ValueError(
                 f"SHDRecurrentNet has one affine (or BatchNorm) per time step and expects x "
@@ -237,6 +239,7 @@ class SHDRecurrentNet(ReferenceNet):
             with no_variance_flow():
                 current = self._norm_step(norm, attach_variance(cur_t + r, None), t)
             current = attach_variance(current, var)
+            mark_checked(current)  # from the checked input: no per-step check (a sync)
             if input_aux:
                 self._collect_input_aux(spike, current, var)
                 spike.collect_aux = False  # the membrane form is not collected here

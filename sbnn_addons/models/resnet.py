@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..base import mark_checked
 from ..checkpoint import checkpoint
 from ..functional import is_binary, is_kept, mark_binary
 from ._common import (
@@ -90,6 +91,7 @@ class ConvLIF(nn.Module):
     def forward(self, x: Tensor, num_steps: int) -> Tensor:
         y = self.current(x)
         seq = reshape_with_variance(y, num_steps, -1, *y.shape[1:])
+        mark_checked(seq)  # from the checked input: no finite check (a sync) per layer
         spikes = self.lif.run(seq)
         flat = spikes.flatten(0, 1)
         # x^2 = x downstream; a view of kept spikes is kept too (same storage)
@@ -111,6 +113,11 @@ class BasicBlock(nn.Module):
 
 
 def _widths(widths: Sequence[int], width_mult: float) -> list[int]:
+    widths = list(widths)
+    if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1
+                         for w in widths):
+        raise ValueError(f"widths must be a non-empty sequence of channel counts >= 1 (one "
+                         f"per stage, e.g. (32, 64, 128)), got {widths!r}")
     if width_mult <= 0:
         raise ValueError(f"width_mult must be > 0, got {width_mult}")
     return [max(1, round(w * width_mult)) for w in widths]
@@ -232,6 +239,7 @@ class SpikingResNet(ReferenceNet):
                 f"{type(self).__name__} expects input x of shape [T, B, {self.in_channels}, H, W]"
                 f", got {tuple(x.shape)}"
             )
+        self._check_steps(x)
         if self.per_step_norm and x.shape[0] != self.num_steps:
             raise ValueError(
                 f"{type(self).__name__} has one affine (or BatchNorm) per time step and "
