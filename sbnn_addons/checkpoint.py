@@ -102,12 +102,25 @@ def checkpoint(fn: Callable[..., Tensor], *args, modules: nn.Module) -> Tensor:
         TypeError: ``modules`` is not an ``nn.Module``.
         RuntimeError: a seeded spike function that is not in ``modules`` draws in the
             region (its spikes could not be replayed: wrong gradients).
+        ValueError: ``modules`` holds an snnTorch neuron with ``init_hidden=True`` (its
+            membrane is module state that the recomputation would start from the end of
+            the sequence: wrong gradients); pass its membrane explicitly instead.
     """
     if not isinstance(modules, nn.Module):
         raise TypeError(
             f"modules must be the nn.Module that fn runs (searched for spike functions), got "
             f"{type(modules).__name__}"
         )
+    for name, m in modules.named_modules():
+        if getattr(m, "init_hidden", False) is True and any(
+                c.__module__.startswith("snntorch") for c in type(m).__mro__):
+            raise ValueError(
+                f"checkpoint cannot recompute the snnTorch neuron {name or '(modules)'!r} "
+                f"({type(m).__name__}) with init_hidden=True: it keeps its membrane as "
+                "module state, so the recomputation in the backward would start from the "
+                "state at the end of the sequence (wrong gradients). Pass the membrane "
+                "explicitly in the region (init_hidden=False: spk, mem = lif(cur, mem)), "
+                "or leave the neuron outside the checkpointed region")
     spikes = [m for m in modules.modules() if isinstance(m, IWSTSpike)]
     stateful = [m for m in modules.modules() if isinstance(getattr(m, "_memories", None), dict)]
 
