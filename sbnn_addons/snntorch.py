@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .base import HostObject, cached_tensor_test, check_std
+from .base import HostObject, cached_tensor_test, check_flag, check_std
 from .base import match_name as _match
 from .base import name_patterns as _patterns
 from .estimators import Estimator
@@ -1064,6 +1064,8 @@ def to_sbnn(
     # conversion leaves the model as it was
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    learn_std, aux_loss, inplace = (check_flag(n, v) for n, v in (
+        ("learn_std", learn_std), ("aux_loss", aux_loss), ("inplace", inplace)))
     if batchnorm not in ("affine", "keep"):
         raise ValueError(f"batchnorm must be 'affine' or 'keep', got {batchnorm!r}")
     inc, exc = _patterns("include", include), _patterns("exclude", exclude)

@@ -63,6 +63,7 @@ from . import layers as _layers
 from .base import (
     HostObject,
     SBNNModule,
+    check_flag,
     check_std,
     checkpoint_hooks_active,
     match_name,
@@ -820,6 +821,8 @@ def to_sbnn(
     # conversion leaves the model as it was
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    learn_std, aux_loss, inplace = (check_flag(n, v) for n, v in (
+        ("learn_std", learn_std), ("aux_loss", aux_loss), ("inplace", inplace)))
     if batchnorm not in ("affine", "keep"):
         raise ValueError(f"batchnorm must be 'affine' or 'keep', got {batchnorm!r}")
     inc, exc = name_patterns("include", include), name_patterns("exclude", exclude)

@@ -471,6 +471,22 @@ def test_model_functions_name_a_model_that_is_not_a_module(call, who):
         call(params)
 
 
+def _convert_snntorch(**kw):
+    import snntorch as snn
+
+    from sbnn_addons.snntorch import to_sbnn
+
+    return to_sbnn(nn.Sequential(nn.Linear(4, 3), snn.Leaky(beta=0.9, init_hidden=True)), **kw)
+
+
+def _convert_spikingjelly(**kw):
+    from spikingjelly.activation_based import layer, neuron
+
+    from sbnn_addons.spikingjelly import to_sbnn
+
+    return to_sbnn(nn.Sequential(layer.Linear(4, 3), neuron.IFNode()), **kw)
+
+
 @pytest.mark.parametrize("call, name", [
     (lambda v: sb.BayesLinear(3, 2, learn_std=v), "learn_std"),
     (lambda v: sb.BayesConv2d(1, 2, 3, learn_std=v), "learn_std"),
@@ -485,6 +501,10 @@ def test_model_functions_name_a_model_that_is_not_a_module(call, who):
     (lambda v: sb.metrics.SpikeMonitor(nn.Linear(4, 3), synops=v), "synops"),
     (lambda v: sb.uncertainty.from_sample_probs(torch.full((1, 2, 2), 0.5), keep_samples=v),
      "keep_samples"),
+    (lambda v: _convert_snntorch(learn_std=v), "learn_std"),
+    (lambda v: _convert_snntorch(inplace=v), "inplace"),
+    (lambda v: _convert_spikingjelly(learn_std=v), "learn_std"),
+    (lambda v: _convert_spikingjelly(aux_loss=v), "aux_loss"),
 ])
 @pytest.mark.parametrize("value", ["no", "False", 0])
 def test_a_flag_that_is_not_a_bool_is_named(call, name, value):
