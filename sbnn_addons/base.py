@@ -85,7 +85,8 @@ def check_module(model, who: str) -> None:
     """Raise ``TypeError`` unless ``model`` is an ``nn.Module`` (a function, a state dict,
     an optimiser passed by mistake failed with an ``AttributeError``)."""
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"{who}: model must be an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"{who}: model must be an nn.Module, got {type(model).__name__} "
+                        "(pass the model itself, not model.parameters() or a state dict)")
 
 
 def inverse_softplus(value: float | Tensor) -> float | Tensor:

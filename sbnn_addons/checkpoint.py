@@ -60,8 +60,7 @@ def _memories_snapshot(stateful: list[nn.Module]) -> list[dict]:
 
 def _set_memories(stateful: list[nn.Module], snapshot: list[dict]) -> None:
     for m, memories in zip(stateful, snapshot):
-        for key, value in memories.items():
-            m._memories[key] = value
+        m._memories.update(memories)
 
 
 @contextlib.contextmanager

@@ -159,7 +159,7 @@ class _BayesMixin(SBNNModule):
         shape = {"layer": (), "channel": (self.weight.shape[0],), "weight": self.weight.shape}
         init = torch.full(shape[std_mode], 1.0, device=self.weight.device, dtype=self.weight.dtype)
         self.std_mode = std_mode
-        self.learn_std = check_flag("learn_std", learn_std)
+        self.learn_std = learn_std
         if self.learn_std:
             self.std_rho = nn.Parameter(init * inverse_softplus(std))
         else:

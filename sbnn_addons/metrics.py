@@ -66,6 +66,13 @@ def check_probabilities(probs: Tensor, targets: Tensor, atol: float = 1e-4) -> N
         )
 
 
+def _check_bins(name: str, value) -> None:
+    """Raise ``ValueError`` unless ``value`` (a number of histogram or calibration bins)
+    is an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 def negative_log_likelihood(probs: Tensor, targets: Tensor, eps: float | None = None) -> Tensor:
     """``-mean log p(y_n | x_n)``; a probability of 0 counts as ``eps`` (default: the
     smallest normal number of ``probs``' dtype, so a float32 softmax's 0 counts 87.3
@@ -90,8 +97,7 @@ def brier_score(probs: Tensor, targets: Tensor) -> Tensor:
 def expected_calibration_error(probs: Tensor, targets: Tensor, n_bins: int = 15) -> Tensor:
     """ECE with ``n_bins`` equal-width confidence bins (torchmetrics, L1 norm)."""
     check_probabilities(probs, targets)
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
+    _check_bins("n_bins", n_bins)
     from torchmetrics.functional.classification import multiclass_calibration_error
 
     return multiclass_calibration_error(probs, targets.long(), num_classes=probs.shape[1],
@@ -129,8 +135,7 @@ def adaptive_calibration_error(probs: Tensor, targets: Tensor, n_bins: int = 15)
         Scalar tensor.
     """
     check_probabilities(probs, targets)
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
+    _check_bins("n_bins", n_bins)
     n = probs.shape[0]
     conf, pred = probs.max(-1)
     correct = (pred == targets).to(probs.dtype)

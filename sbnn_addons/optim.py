@@ -13,6 +13,8 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from .base import check_module
+
 __all__ = ["NOISE_SUFFIX", "is_noise_parameter", "noise_parameters", "param_groups"]
 
 #: Name suffix of every noise-scale parameter in the library (``softplus(rho) = std``).
@@ -71,9 +73,7 @@ def param_groups(model: nn.Module, lr: float, noise_lr: float | None = None) -> 
     Raises:
         ValueError: a learning rate that is not a finite positive number.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"param_groups: model must be an nn.Module, got {type(model).__name__}"
-                        " (pass the model, not model.parameters())")
+    check_module(model, "param_groups")
     _check_lr("lr", lr)
     noise_lr = lr if noise_lr is None else noise_lr
     _check_lr("noise_lr", noise_lr)

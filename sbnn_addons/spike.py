@@ -27,6 +27,7 @@ from .base import (
     SBNNModule,
     cached_tensor_test,
     check_flag,
+    check_module,
     check_std,
     inverse_softplus,
     raise_error,
@@ -641,8 +642,7 @@ def seed_spikes(model: nn.Module, seed: int | None) -> nn.Module:
         TypeError: ``model`` is not an ``nn.Module``, or ``seed`` is neither an integer nor
             ``None``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model, "seed_spikes")
     seed = check_seed(seed)
     for i, m in enumerate(m for m in model.modules() if isinstance(m, IWSTSpike)):
         m.manual_seed(None if seed is None else spike_seed(seed, i))

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from .base import MODES, SBNNModule, check_flag, check_input
 from .metrics import (
     SpikeMonitor,
+    _check_bins,
     check_probabilities,
     expected_calibration_error,
     negative_log_likelihood,
@@ -784,8 +785,7 @@ def plot_reliability(probs: Tensor, targets: Tensor, path, n_bins: int = 15,
         The written path.
     """
     check_probabilities(probs, targets)
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
+    _check_bins("n_bins", n_bins)
     plt = _pyplot()
     conf, pred = probs.max(-1)
     correct = (pred == targets).float()
@@ -822,8 +822,7 @@ def plot_entropy_histograms(scores_in: Tensor, scores_out: Tensor, path,
     AUROC and FPR@95%TPR (:func:`sbnn_addons.metrics.ood_metrics`) in the title."""
     from .metrics import ood_metrics
 
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-        raise ValueError(f"bins must be an integer >= 1, got {bins!r}")
+    _check_bins("bins", bins)
     plt = _pyplot()
     m = ood_metrics(scores_in, scores_out)
     a, b = scores_in.detach().double().cpu(), scores_out.detach().double().cpu()
