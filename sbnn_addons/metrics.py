@@ -276,9 +276,12 @@ class SpikeMonitor:
     function goes through (``forward``, snnTorch / SpikingJelly neurons, and the
     framework-free :class:`~sbnn_addons.LIF`, which calls ``fire`` directly and would
     escape a forward hook); the monitor wraps that method on the instances and restores
-    it on exit. Weight layers are observed with forward pre-hooks. Monitors nest (an
-    outer one, e.g. around :func:`~sbnn_addons.mc_predict`, which runs its own, keeps
-    counting after the inner one exits); one monitor cannot be entered twice at once.
+    it on exit. A snnTorch neuron built with ``inhibition=True`` keeps only the spike of
+    its largest membrane after its spike function fired: its spikes are counted at its
+    ``fire_inhibition``, which returns the spikes it emits. Weight layers are observed
+    with forward pre-hooks. Monitors nest (an outer one, e.g. around
+    :func:`~sbnn_addons.mc_predict`, which runs its own, keeps counting after the inner
+    one exits); one monitor cannot be entered twice at once.
 
     Args:
         model: any module containing ``IWSTSpike`` modules and/or weight layers.
@@ -300,10 +303,13 @@ class SpikeMonitor:
         self.count_synops = synops
         self.spiking_inputs_only = check_flag("spiking_inputs_only", spiking_inputs_only)
         self._spikes = [(n, m) for n, m in model.named_modules() if isinstance(m, IWSTSpike)]
+        self._inhibitors = _inhibition_neurons(model, self._spikes)
+        self._quiet: dict[str, int] = {}  # per spike function: inside an inhibition neuron
         self._layers = [(n, m) for n, m in model.named_modules()
                         if synops and isinstance(m, _WEIGHT_LAYERS)]
         self._handles: list = []
-        self._saved_fire: list = []  # (module, the instance's "fire" entry before entering)
+        # (module, method name, the instance's entry before entering)
+        self._saved_fire: list = []
         self._active = False
         self.reset()
 
@@ -322,17 +328,33 @@ class SpikeMonitor:
                 "monitor would count every spike twice); keep one `with` block, or use a "
                 "second SpikeMonitor(model)")
         self._active = True
-        self._saved_fire = [(m, m.__dict__.get("fire")) for _, m in self._spikes]
+        self._saved_fire = [(m, "fire", m.__dict__.get("fire")) for _, m in self._spikes]
+        self._saved_fire += [(h, "fire_inhibition", h.__dict__.get("fire_inhibition"))
+                             for _, h in self._inhibitors]
+        self._quiet = {name: 0 for name, _ in self._inhibitors}
         for name, m in self._spikes:
             original = m.fire  # bound method, or the wrapper of an enclosing monitor
 
             def fire(u, variance, _orig=original, _name=name):
                 out = _orig(u, variance)
-                self.counts[_name] = self.counts[_name] + out.detach().sum().double().cpu()
-                self.units[_name] += out.numel()
+                if not self._quiet.get(_name):  # an inhibition neuron counts what it emits
+                    self._count(_name, out)
                 return out
 
             m.__dict__["fire"] = fire  # instance attribute shadows the method
+        for name, h in self._inhibitors:
+            original = h.fire_inhibition
+
+            def fire_inhibition(batch_size, mem, _orig=original, _name=name):
+                self._quiet[_name] += 1  # the spike function's draws before the inhibition
+                try:
+                    out = _orig(batch_size, mem)
+                finally:
+                    self._quiet[_name] -= 1
+                self._count(_name, out != 0)  # the spikes the neuron emits
+                return out
+
+            h.__dict__["fire_inhibition"] = fire_inhibition
         for name, m in self._layers:
             def pre(mod, args, _name=name):
                 x = args[0] if args else None
@@ -354,16 +376,21 @@ class SpikeMonitor:
     def __exit__(self, *exc) -> None:
         # put back what was there (an enclosing monitor's wrapper keeps counting after an
         # inner one, e.g. mc_predict's, exits), in reverse order: a module seen twice
-        for m, previous in reversed(self._saved_fire):
+        for m, attr, previous in reversed(self._saved_fire):
             if previous is None:
-                m.__dict__.pop("fire", None)
+                m.__dict__.pop(attr, None)
             else:
-                m.__dict__["fire"] = previous
+                m.__dict__[attr] = previous
         self._saved_fire = []
         self._active = False
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    def _count(self, name: str, out: Tensor) -> None:
+        """Add the spikes ``out`` (0/1 per unit-step) to layer ``name``'s counters."""
+        self.counts[name] = self.counts[name] + out.detach().sum().double().cpu()
+        self.units[name] += out.numel()
 
     def total_spikes(self) -> float:
         """Spikes of all layers."""
@@ -377,3 +404,20 @@ class SpikeMonitor:
         """Per layer: spikes / unit-steps (the firing probability per unit and step)."""
         return {n: float(self.counts[n]) / self.units[n] if self.units[n] else 0.0
                 for n in self.counts}
+
+
+def _inhibition_neurons(model: torch.nn.Module, spikes: list) -> list:
+    """``(name of the spike function, neuron)`` for every snnTorch neuron of ``model``
+    built with ``inhibition=True`` whose ``spike_grad`` is one of ``spikes``: its spike
+    function fires every unit above threshold, and the neuron's ``fire_inhibition`` then
+    keeps the largest membrane's spike only."""
+    names = {id(m): n for n, m in spikes}
+    found = []
+    for h in model.modules():
+        if not getattr(h, "inhibition", False) or not callable(
+                getattr(h, "fire_inhibition", None)):
+            continue
+        fn = h._modules.get("spike_grad", h.__dict__.get("spike_grad"))
+        if id(fn) in names:
+            found.append((names[id(fn)], h))
+    return found

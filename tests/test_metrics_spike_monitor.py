@@ -105,3 +105,38 @@ def test_layer_synops_refuses_an_input_of_another_layer():
         layer_synops(nn.Linear(3, 2), [1.0, 0.0, 1.0])
     assert float(layer_synops(nn.Conv1d(2, 4, 3), torch.ones(2, 6))) == 2 * 3 * 4 * 4
     assert float(layer_synops(nn.Linear(3, 2), torch.tensor([[1.0, 0.0, 1.0]]))) == 4
+
+
+@pytest.mark.parametrize("kind", ["converted", "drop-in"])
+def test_counts_the_spikes_an_inhibition_neuron_emits(kind):
+    """A snnTorch neuron with ``inhibition=True`` keeps only its largest membrane's spike
+    after the spike function fired; the monitor counted every unit above threshold (the
+    suppressed spikes too), silently. Nested monitors count the same."""
+    import warnings
+
+    import snntorch as snn
+
+    from sbnn_addons.snntorch import spike_grad, to_sbnn
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # snnTorch: inhibition is an unstable feature
+        if kind == "converted":
+            net = to_sbnn(nn.Sequential(
+                nn.Linear(8, 6), snn.Leaky(beta=0.9, init_hidden=True, inhibition=True)))
+        else:
+            net = nn.Sequential(nn.Linear(8, 6), snn.Leaky(
+                beta=0.9, init_hidden=True, inhibition=True, spike_grad=spike_grad()))
+    with torch.no_grad():
+        net[0].bias.fill_(5.0)  # every unit above threshold: the inhibition keeps one per row
+    x = torch.ones(4, 8) * 3
+    emitted = 0.0
+    with torch.no_grad(), SpikeMonitor(net) as outer:
+        with SpikeMonitor(net) as inner:
+            for _ in range(3):
+                emitted += float(net(x).sum())
+    assert emitted == 4 * 3  # one spike per example and step
+    for mon in (outer, inner):
+        assert float(mon.counts["1.spike_grad"]) == emitted
+        assert mon.units["1.spike_grad"] == 4 * 6 * 3
+    assert "fire_inhibition" not in net[1].__dict__ and "fire" not in net[1].spike_grad.__dict__
