@@ -238,7 +238,45 @@ class _BayesMixin(SBNNModule):
             return apply_function(_BinaryInputOp, x, weight, bias, self)
         return self._plain_op(x, weight, bias)
 
+    def _check_std_trained(self) -> None:
+        """Warn (once per layer) when an optimiser steps the weight but not the noise
+        scale ``std_rho``: one built before ``to_sbnn(model, inplace=True)`` holds the
+        weight (kept by the conversion) and not the new ``std_rho``, which then never
+        trains, silently.
+
+        A training forward (grad enabled) records both tensors' version counters; the
+        next one finds the weight changed in place (a step) while ``std_rho``, with a
+        gradient to step on, did not change. A few integer comparisons; nothing under
+        ``torch.compile``. Not warned: a frozen std (``requires_grad=False``), gradient
+        accumulation (no step, no weight change), a std in a group with ``lr=0`` (Adam and
+        SGD still update it in place).
+        """
+        if (not self.learn_std or not self.training or not torch.is_grad_enabled()
+                or torch.compiler.is_compiling() or "_sbnn_std_warned" in self.__dict__):
+            return
+        weight, rho = self.weight, self.std_rho
+        if not rho.requires_grad or rho.is_inference() or weight.is_inference():
+            return
+        now = (id(weight), weight._version, id(rho), rho._version)
+        last = self.__dict__.get("_sbnn_versions")
+        self.__dict__["_sbnn_versions"] = now
+        if (last is None or last[0] != now[0] or last[2] != now[2]  # other tensors
+                or last[1] == now[1] or last[3] != now[3] or rho.grad is None):
+            return
+        self.__dict__["_sbnn_std_warned"] = True
+        name = noise_sources(weight, self)[0]
+        which = f"{type(self).__name__} {name!r}" if name else type(self).__name__
+        warnings.warn(
+            f"{which}: an optimiser stepped its weight but not its noise scale std_rho, "
+            "which has a gradient: the optimiser does not contain it (built before "
+            "to_sbnn(model, inplace=True), which adds the noise scales as new parameters), "
+            "so the std never trains. Build the optimiser after the conversion, or add the "
+            "noise scales to it: optimizer.add_param_group({'params': "
+            "list(sbnn_addons.noise_parameters(model))})",
+            UserWarning, stacklevel=4)
+
     def _attach(self, mean: Tensor, x: Tensor) -> Tensor:
+        self._check_std_trained()
         if self._noise_free():
             return attach_variance(mean, None)
         binary = is_binary(x)

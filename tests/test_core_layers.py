@@ -644,3 +644,119 @@ def test_float16_layer_variance_does_not_overflow(std_mode):
         got = sb.get_variance(half(x.half()))
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got.float().expand_as(want), want, rtol=2e-2, atol=1e-3)
+
+
+def _train_steps(model, opt, x, steps=3, forward=None):
+    """``steps`` optimiser steps on ``model(x).sum()``; the warnings they raised."""
+    import warnings
+
+    forward = forward or (lambda: model(x))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            opt.zero_grad()
+            out = forward()
+            (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+            opt.step()
+    return [str(w.message) for w in caught if "noise scale std_rho" in str(w.message)]
+
+
+@pytest.mark.parametrize("host", ["snntorch", "spikingjelly"])
+def test_warns_when_the_optimiser_was_built_before_an_inplace_conversion(host):
+    """An optimiser built before ``to_sbnn(model, inplace=True)`` holds the weights but not
+    the new noise scales ``std_rho``, which never trained, silently. Built after: quiet."""
+    if host == "snntorch":
+        import snntorch as snn
+
+        from sbnn_addons.snntorch import reset, to_sbnn
+
+        def build():
+            return nn.Sequential(nn.Linear(8, 6), snn.Leaky(beta=0.9, init_hidden=True))
+    else:
+        from spikingjelly.activation_based import functional, layer, neuron
+
+        from sbnn_addons.spikingjelly import to_sbnn
+
+        def build():
+            net = nn.Sequential(layer.Linear(8, 6), neuron.LIFNode())
+            functional.set_step_mode(net, "m")
+            return net
+
+        def reset(net):
+            functional.reset_net(net)
+
+    x = torch.rand(3, 4, 8) * 3
+    found = {}
+    for when in ("before", "after"):
+        torch.manual_seed(0)
+        net = build()
+        if when == "before":
+            opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        to_sbnn(net, inplace=True)
+        if when == "after":
+            opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+
+        def forward(net=net):
+            reset(net)
+            return net(x) if host == "spikingjelly" else torch.stack([net(xt) for xt in x])
+
+        found[when] = _train_steps(net, opt, x, forward=forward)
+    assert len(found["before"]) == 1  # once per layer
+    assert "BayesLinear '0'" in found["before"][0]
+    assert "Build the optimiser after the conversion" in found["before"][0]
+    assert found["after"] == []
+
+
+def test_std_check_raises_no_false_alarm():
+    """No warning for a frozen std, a std in a group with lr=0, gradient accumulation
+    over several forwards, evaluation forwards between steps, or zero_grad(set_to_none);
+    an optimiser without the std warns once."""
+    torch.manual_seed(0)
+    x = torch.rand(5, 4) * 3
+
+    def fresh():
+        return sb.track_variance(nn.Sequential(BayesLinear(4, 3, std=0.3),
+                                               sb.IWSTSpike("st", std=0.2)))
+
+    def weights(net):
+        return [net[0].weight, net[0].bias]
+
+    net = fresh()
+    net[0].std_rho.requires_grad_(False)
+    assert _train_steps(net, torch.optim.SGD(weights(net), lr=0.1), x) == []
+    net = fresh()
+    opt = torch.optim.Adam([{"params": weights(net)},
+                            {"params": [net[0].std_rho], "lr": 0.0}], lr=0.1)
+    assert _train_steps(net, opt, x) == []
+    net = fresh()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+
+    def accumulate_and_evaluate():
+        net(x).sum().backward()  # accumulated: no step in between
+        with torch.no_grad():
+            net(x)
+        net.eval()
+        net(x)
+        net.train()
+        return net(x)
+
+    assert _train_steps(net, opt, x, forward=accumulate_and_evaluate) == []
+    assert net[0].std_rho.grad is not None  # the std does get a gradient here
+    # without the std: gradients accumulated over forwards (no step) are not warned about,
+    # the steps are, once
+    net = fresh()
+    opt = torch.optim.SGD(weights(net), lr=0.1)
+    with warnings_recorded() as caught:
+        for _ in range(3):
+            net(x).sum().backward()
+    assert caught == []
+    assert len(_train_steps(net, opt, x, steps=3)) == 1
+
+
+@contextlib.contextmanager
+def warnings_recorded():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
