@@ -30,6 +30,24 @@ def test_dvs_loader_accepts_any_collection_of_classes():
     assert len(y) and set(y.tolist()) == {1, 2}
 
 
+@pytest.mark.parametrize("labels, word", [
+    ([0, 11, 3], r"labels must lie in 0\.\.10.*\[0, 11\]"),
+    ([-1, 2, 3], r"labels must lie in 0\.\.10"),
+    ([0.0, 2.5, 3.0], "labels must be integer class indices"),
+])
+def test_dvs_loader_refuses_labels_outside_the_gestures(tmp_path, labels, word):
+    """Labels outside 0..10, or not integers (2.5 became 2), loaded silently."""
+    import numpy as np
+
+    frames = np.zeros((3, 2, 2, 32, 32), dtype=np.float16)
+    np.savez(tmp_path / "test.npz", frames=frames, labels=np.asarray(labels))
+    with pytest.raises(ValueError, match=word) as err:
+        load_dvs_gesture_32(tmp_path, "test")
+    assert "test.npz" in str(err.value)
+    np.savez(tmp_path / "test.npz", frames=frames, labels=np.asarray([0, 10, 3]))
+    assert load_dvs_gesture_32(tmp_path, "test")[1].tolist() == [0, 10, 3]
+
+
 def test_digits_split_refuses_an_empty_split():
     with pytest.raises(ValueError, match="empty split"):
         load_digits_split(0.0001)

@@ -41,8 +41,8 @@ def load_dvs_gesture_32(
             of ints in ``0..10``; the labels keep their values (not renumbered).
 
     Raises:
-        FileNotFoundError / ValueError: the folder does not have the layout above, or an
-            argument is out of range.
+        FileNotFoundError / ValueError: the folder does not have the layout above (labels
+            that are not integers in ``0..10`` included), or an argument is out of range.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -67,6 +67,13 @@ def load_dvs_gesture_32(
         frames, labels = data["frames"], data["labels"]
     if frames.ndim != 5 or frames.shape[2:] != (2, 32, 32) or len(frames) != len(labels):
         raise ValueError(f"{path}: frames of shape {frames.shape}: {LAYOUT}")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{path}: labels must be integer class indices [N], got dtype "
+                         f"{labels.dtype} and shape {labels.shape}: {LAYOUT}")
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise ValueError(f"{path}: labels must lie in 0..{NUM_CLASSES - 1} (the "
+                         f"{NUM_CLASSES} gestures), got values in [{labels.min()}, "
+                         f"{labels.max()}]; is this a dvs_gesture_32 file?")
     frames = frames[:, ::frame_stride]
     if num_frames is not None:
         frames = frames[:, :num_frames]
