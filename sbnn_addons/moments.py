@@ -412,13 +412,31 @@ def attach_variance(mean: Tensor,
 
     Raises:
         TypeError: ``mean`` is not a tensor, or ``variance`` is none of the above.
+        ValueError: a tensor variance (or a :class:`ScaledVariance`'s base) that does not
+            broadcast to ``mean``'s shape (found at the spike, far from its cause, before).
     """
     if not isinstance(mean, Tensor):
         raise TypeError(f"mean must be a torch.Tensor, got {type(mean).__name__}")
     if not (variance is None or isinstance(variance, (Tensor, ScaledVariance, UnknownVariance))):
         raise TypeError("variance must be a torch.Tensor, a ScaledVariance, an UnknownVariance "
                         f"or None, got {type(variance).__name__}")
+    shaped = variance.base if isinstance(variance, ScaledVariance) else variance
+    if isinstance(shaped, Tensor) and not _broadcasts_to(shaped.shape, mean.shape):
+        what = "ScaledVariance base" if shaped is not variance else "variance"
+        raise ValueError(
+            f"the {what} of shape {tuple(shaped.shape)} does not broadcast to the mean of "
+            f"shape {tuple(mean.shape)}: give it the mean's shape, or one with size-1 "
+            "dimensions where it is the same for every entry (e.g. [N, 1] for a per-example "
+            "variance of an [N, C] mean)")
     return _wrap(mean, variance)
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to exactly ``target`` (shapes only: fine
+    under ``torch.compile``)."""
+    if len(shape) > len(target):
+        return False
+    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
 
 
 def get_variance(tensor: Tensor) -> Tensor | UnknownVariance | None:

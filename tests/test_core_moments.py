@@ -316,6 +316,24 @@ def test_scaled_variance_value_follows_the_grad_mode_and_checks_its_scale():
         ScaledVariance(torch.ones(3), 0.5)
 
 
+def test_attach_variance_refuses_a_variance_that_does_not_broadcast_to_the_mean():
+    """A variance of another shape was attached silently and failed only at the spike,
+    far from its cause; broadcastable ones ([N, 1], a scalar) are kept."""
+    mean = torch.zeros(4, 3)
+    with no_variance_flow():
+        with pytest.raises(ValueError, match=r"variance of shape \(4, 2\).*mean of shape "
+                                             r"\(4, 3\)"):
+            attach_variance(mean.clone(), torch.ones(4, 2))
+        with pytest.raises(ValueError, match=r"\(2, 4, 3\) does not broadcast"):
+            attach_variance(mean.clone(), torch.ones(2, 4, 3))
+        with pytest.raises(ValueError, match=r"ScaledVariance base of shape \(3, 4\)"):
+            attach_variance(mean.clone(), ScaledVariance(torch.ones(3, 4), torch.tensor(0.5)))
+        for var in (torch.ones(4, 1), torch.ones(()), torch.ones(3), torch.ones(4, 3),
+                    ScaledVariance(torch.ones(4, 1), torch.tensor(0.5)),
+                    UnknownVariance("op"), None):
+            attach_variance(mean.clone(), var)
+
+
 def test_a_registered_rule_gets_the_variance_multiplied_out():
     """Only the built-in rules are known to be linear; a rule registered over one of
     them receives the product s^2 F."""

@@ -415,8 +415,7 @@ def test_static_input_broadcast_over_time_keeps_per_step_variance(how, fused):
 
 def test_multi_step_variance_that_does_not_broadcast_is_named():
     """A variance attached by hand that does not broadcast to the multi-step input gives
-    an error naming both shapes (not a wrong split or a step-count error)."""
-    node = sbnn_sj.to_sbnn(nn.Sequential(neuron.IFNode(step_mode="m")))[0]
-    x = sbnn_addons.attach_variance(torch.rand(4, 3, 6), torch.ones(5, 1))
+    an error naming both shapes (not a wrong split or a step-count error), as it is
+    attached (before: at the neuron)."""
     with pytest.raises(ValueError, match=r"\(5, 1\).*\(4, 3, 6\)"):
-        node(x)
+        sbnn_addons.attach_variance(torch.rand(4, 3, 6), torch.ones(5, 1))
