@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import check_flag
+from .base import check_flag, check_module
 
 __all__ = ["check_probabilities", "negative_log_likelihood", "brier_score",
            "expected_calibration_error", "classification_metrics",
@@ -296,8 +296,7 @@ class SpikeMonitor:
                  spiking_inputs_only: bool = True) -> None:
         from .spike import IWSTSpike
 
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        check_module(model, "SpikeMonitor")
         synops = check_flag("synops", synops)
         self.model = model
         self.count_synops = synops

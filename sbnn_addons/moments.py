@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import SBNNModule, cached_tensor_test, check_input, share_posterior
+from .base import SBNNModule, cached_tensor_test, check_input, check_module, share_posterior
 from .functional import box_sum
 from .tensors import leaf_values
 
@@ -1538,8 +1538,7 @@ def check_variance_flow(
             message names it.
         TypeError: ``model`` is not an ``nn.Module``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model, "check_variance_flow")
     call = forward if forward is not None else (lambda m, x: m(x))
     tracked = bool(getattr(model, "_sbnn_flow_handles", None))
     report = VarianceFlowReport(

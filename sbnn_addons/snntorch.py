@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .base import HostObject, cached_tensor_test, check_flag, check_std
+from .base import HostObject, cached_tensor_test, check_flag, check_module, check_std
 from .base import match_name as _match
 from .base import name_patterns as _patterns
 from .estimators import Estimator
@@ -1062,8 +1062,7 @@ def to_sbnn(
     """
     # every argument is validated before anything changes: a failed inplace=True
     # conversion leaves the model as it was
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model, "snntorch.to_sbnn")
     learn_std, aux_loss, inplace = (check_flag(n, v) for n, v in (
         ("learn_std", learn_std), ("aux_loss", aux_loss), ("inplace", inplace)))
     if batchnorm not in ("affine", "keep"):

@@ -64,6 +64,7 @@ from .base import (
     HostObject,
     SBNNModule,
     check_flag,
+    check_module,
     check_std,
     checkpoint_hooks_active,
     match_name,
@@ -819,8 +820,7 @@ def to_sbnn(
     """
     # every argument is validated before anything changes: a failed inplace=True
     # conversion leaves the model as it was
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model, "spikingjelly.to_sbnn")
     learn_std, aux_loss, inplace = (check_flag(n, v) for n, v in (
         ("learn_std", learn_std), ("aux_loss", aux_loss), ("inplace", inplace)))
     if batchnorm not in ("affine", "keep"):

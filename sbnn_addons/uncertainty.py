@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .base import MODES, SBNNModule, check_flag, check_input
+from .base import MODES, SBNNModule, check_flag, check_input, check_module
 from .metrics import (
     SpikeMonitor,
     _check_bins,
@@ -539,8 +539,7 @@ def mc_predict(
             and isinstance(inputs, nn.Module)):
         return _legacy_call(model, inputs, num_samples)
     _check_num_samples(num_samples)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model, "mc_predict")
     for name, fn in (("forward", forward), ("reset", reset)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be a callable ({name}=lambda m, ...: ...) or None, "

@@ -463,6 +463,10 @@ def test_sbnn_objective_arguments_are_named():
     (sb.enable_aux_loss, "auxiliary loss"), (sb.aux_loss, "auxiliary loss"),
     (sb.kl_divergence, "kl_divergence"),
     (lambda m: sb.sbnn_objective(torch.tensor(1.0), m), "auxiliary loss"),
+    (sb.metrics.SpikeMonitor, "SpikeMonitor"),
+    (lambda m: sb.mc_predict(m, torch.zeros(2, 3), 2), "mc_predict"),
+    (lambda m: sb.moments.check_variance_flow(m, torch.zeros(2, 3)), "check_variance_flow"),
+    (sbnn_snn.to_sbnn, "snntorch.to_sbnn"), (sbnn_sj.to_sbnn, "spikingjelly.to_sbnn"),
 ])
 def test_model_functions_name_a_model_that_is_not_a_module(call, who):
     """model.parameters() (or a state dict) in place of the model: an AttributeError."""
