@@ -19,13 +19,12 @@ __all__ = ["enable_aux_loss", "aux_loss", "kl_divergence", "sbnn_objective", "RE
 REFERENCE_AUX_WEIGHT = {"cifar10": 1e-8, "dvs-gesture": 1e-10, "shd": 1e-6}
 
 
-def _spikes(model: nn.Module) -> list[IWSTSpike]:
-    """The :class:`~sbnn_addons.IWSTSpike` modules of ``model`` (each once), in
-    ``model.modules()`` order. Walks ``_modules`` itself: under ``torch.compile`` a module
-    whose state the traced step has changed (a converted neuron) refuses method lookups
-    such as ``named_modules``."""
-    check_module(model, "the auxiliary loss")
-    found: list[IWSTSpike] = []
+def _modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` (each once), in ``model.modules()`` order. Walks
+    ``_modules`` itself: under ``torch.compile`` a module whose state the traced step has
+    changed (a converted neuron, a host neuron) refuses method lookups such as
+    ``named_modules`` (a graph break inside the loss)."""
+    found: list[nn.Module] = []
     seen: set[int] = set()
     stack = [model]
     while stack:
@@ -33,10 +32,16 @@ def _spikes(model: nn.Module) -> list[IWSTSpike]:
         if id(m) in seen:
             continue
         seen.add(id(m))
-        if isinstance(m, IWSTSpike):
-            found.append(m)
+        found.append(m)
         stack.extend(c for c in reversed(list(m._modules.values())) if c is not None)
     return found
+
+
+def _spikes(model: nn.Module) -> list[IWSTSpike]:
+    """The :class:`~sbnn_addons.IWSTSpike` modules of ``model`` (each once), in
+    ``model.modules()`` order (:func:`_modules`: also inside a compiled step)."""
+    check_module(model, "the auxiliary loss")
+    return [m for m in _modules(model) if isinstance(m, IWSTSpike)]
 
 
 def _discard_aux(model: nn.Module) -> None:
@@ -122,7 +127,7 @@ def kl_divergence(model: nn.Module, prior=None, num_samples: int = 16) -> Tensor
     """
     check_module(model, "kl_divergence")
     check_kl_samples(num_samples)
-    layers = [m for m in model.modules() if is_bayesian(m)]
+    layers = [m for m in _modules(model) if is_bayesian(m)]  # also after a compiled forward
     if not layers:
         raise ValueError("model contains no Bayesian layer; convert it first")
     return torch.stack([m.kl_divergence(prior, num_samples) for m in layers]).sum()

@@ -593,3 +593,29 @@ def test_torch_export_captures_the_mean_network_and_names_sample_mode():
         with sb.mode(model, "sample"), pytest.raises(sb.VarianceFlowError,
                                                      match="torch.export.*mean"):
             torch.export.export(model, (x,))
+
+
+def test_kl_objective_inside_a_compiled_step_after_the_forward():
+    """``sbnn_objective`` with ``kl_weight > 0`` after the forward, inside a fullgraph
+    step: the KL's walk over the layers does not ask a neuron that the step changed for
+    ``modules()`` (Dynamo refuses that lookup: a graph break inside the library), and the
+    loss and gradients are eager's (``mean`` mode)."""
+    torch.manual_seed(0)
+    net = sbnn_snn.to_sbnn(nn.Sequential(
+        nn.Linear(6, 5), snn.Leaky(beta=0.9, init_hidden=True, output=True)))
+    sutils.reset(net)
+    x, y = torch.rand(3, 4, 6) * 2, torch.randint(0, 5, (4,))
+
+    def loss_fn(x, y):
+        sutils.reset(net)
+        out = sum(net(x[t])[0] for t in range(x.shape[0]))
+        return sb.sbnn_objective(F.cross_entropy(out, y), net, num_data=10, kl_weight=1.0)
+
+    torch._dynamo.reset()
+    with sb.mode(net, "mean"):
+        eager = _step(net, loss_fn, x, y)
+        compiled = _step(net, torch.compile(loss_fn, fullgraph=True), x, y)
+    torch.testing.assert_close(compiled[0], eager[0])
+    assert net[0].std_rho.grad.abs().sum() > 0  # the KL's gradient
+    for a, b in zip(eager[1], compiled[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
