@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .base import check_flag, check_module
+from .base import check_flag, check_module, raise_error
 from .layers import check_kl_samples, is_bayesian
 from .spike import IWSTSpike
 
@@ -90,16 +90,17 @@ def aux_loss(model: nn.Module, reduction: str = "mean") -> Tensor:
 
     Raises:
         ValueError: no spike function of ``model`` collects (:func:`enable_aux_loss` was
-            not called): the loss would be 0 whatever the weight.
+            not called): the loss would be 0 whatever the weight (inside a compiled
+            step: a ``RuntimeError`` with the same message, see ``base.raise_error``).
     """
     if reduction not in AUX_REDUCTIONS:
         raise ValueError(f"reduction must be one of {AUX_REDUCTIONS}, got {reduction!r}")
     spikes = _spikes(model)
     if not any(m.collect_aux for m in spikes):
-        raise ValueError(
+        raise_error(  # also from a compiled step (not Dynamo's "Observed exception")
             "aux_loss: the model collects no auxiliary terms (no IWSTSpike with collection "
             "on), so the loss would be 0: call sbnn_addons.enable_aux_loss(model) (or "
-            "convert with to_sbnn(..., aux_loss=True)) before the forward pass")
+            "convert with to_sbnn(..., aux_loss=True)) before the forward pass", ValueError)
     parts = [t for t in (m.pop_aux() for m in spikes) if t is not None]
     if (not parts and not torch.compiler.is_compiling() and torch.is_grad_enabled()
             and any(m.collect_aux and not m.training for m in spikes)):
@@ -171,7 +172,8 @@ def sbnn_objective(
         TypeError: ``nll`` is not a tensor.
         ValueError: ``nll`` is not a scalar, a weight that is not a finite number
             ``>= 0``, an unknown ``aux_reduction``, or ``kl_weight > 0`` without an
-            integer ``num_data >= 1``.
+            integer ``num_data >= 1`` (the last three inside a compiled step: a
+            ``RuntimeError`` with the same message).
     """
     for name, value in (("kl_weight", kl_weight), ("aux_weight", aux_weight)):
         if not isinstance(value, (numbers.Real, Tensor)) or not (
@@ -183,7 +185,8 @@ def sbnn_objective(
         raise TypeError(f"nll must be a scalar tensor (the batch-mean loss, e.g. "
                         f"F.cross_entropy(logits, y)), got {type(nll).__name__}")
     if nll.numel() != 1:
-        raise ValueError(f"nll must be a scalar (batch mean), got shape {tuple(nll.shape)}")
+        raise_error(f"nll must be a scalar (batch mean), got shape {tuple(nll.shape)}",
+                    ValueError)
     nll = nll.reshape(())  # snnTorch's losses (ce_rate_loss, ...) return shape (1,)
     loss = nll
     if aux_weight > 0:
@@ -193,7 +196,7 @@ def sbnn_objective(
     if kl_weight > 0:
         if (isinstance(num_data, bool) or not isinstance(num_data, numbers.Integral)
                 or num_data < 1):
-            raise ValueError("num_data (the training-set size N) must be an integer >= 1 "
-                             f"when kl_weight > 0, got {num_data!r}")
+            raise_error("num_data (the training-set size N) must be an integer >= 1 "
+                        f"when kl_weight > 0, got {num_data!r}", ValueError)
         loss = loss + kl_weight * kl_divergence(model, prior) / num_data
     return loss

@@ -619,3 +619,22 @@ def test_kl_objective_inside_a_compiled_step_after_the_forward():
     assert net[0].std_rho.grad.abs().sum() > 0  # the KL's gradient
     for a, b in zip(eager[1], compiled[1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_objective_errors_are_named_inside_a_compiled_step():
+    """The objective's own errors (aux_loss without enable_aux_loss, kl_weight without
+    num_data, an unreduced NLL) reach a fullgraph step's caller with the library's message,
+    not Dynamo's "Observed exception"."""
+    net = nn.Sequential(sb.BayesLinear(4, 3, std=0.3), sb.LIF())
+    x = torch.rand(2, 4)
+    cases = [(dict(aux_weight=0.1), False, "enable_aux_loss"),
+             (dict(kl_weight=1.0), False, "num_data"), ({}, True, "nll must be a scalar")]
+    for kwargs, unreduced, message in cases:
+        def loss_fn(x, kwargs=kwargs, unreduced=unreduced):
+            out = net(x)[0]
+            return sb.sbnn_objective(out.sum(1) if unreduced else out.sum(), net, **kwargs)
+
+        torch._dynamo.reset()
+        with pytest.raises(RuntimeError, match=message) as err:
+            torch.compile(loss_fn, fullgraph=True)(x)
+        assert not str(err.value).startswith("Observed exception")
