@@ -638,3 +638,29 @@ def test_objective_errors_are_named_inside_a_compiled_step():
         with pytest.raises(RuntimeError, match=message) as err:
             torch.compile(loss_fn, fullgraph=True)(x)
         assert not str(err.value).startswith("Observed exception")
+
+
+def test_training_step_compiles_after_mc_predict_on_the_compiled_model():
+    """mc_predict on ``torch.compile(net)`` resets the model it wraps: SpikingJelly's table
+    of reset networks then does not hold the wrapper too, and a training step traced
+    afterwards with ``reset_net(net)`` inside compiles (Dynamo failed on the model reached
+    twice: "already tracked for mutation")."""
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    torch.manual_seed(0)
+    host = nn.Sequential(layer.Linear(6, 5), neuron.LIFNode())
+    functional.set_step_mode(host, "m")
+    net = sbnn_sj.to_sbnn(host)
+    gc.collect()
+    torch._dynamo.reset()
+    x = torch.rand(3, 4, 6) * 3
+    net.eval()
+    sb.mc_predict(torch.compile(net, fullgraph=True), x, 2, forward=lambda m, v: m(v).mean(0))
+    net.train()
+
+    def loss_fn(x):
+        functional.reset_net(net)
+        return net(x).sum()
+
+    torch.compile(loss_fn, fullgraph=True)(x).backward()
+    assert net[0].std_rho.grad is not None
