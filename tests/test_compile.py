@@ -664,3 +664,29 @@ def test_training_step_compiles_after_mc_predict_on_the_compiled_model():
 
     torch.compile(loss_fn, fullgraph=True)(x).backward()
     assert net[0].std_rho.grad is not None
+
+
+def test_checkpointed_region_inside_a_compiled_step(same_random_stream):
+    """``sbnn_addons.checkpoint.checkpoint`` inside a fullgraph step (Dynamo cannot trace
+    its ``context_fn``: an internal error) runs the region plainly, with eager's
+    checkpointed loss and gradients."""
+    from sbnn_addons.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    fc, lif = sb.BayesLinear(6, 5, std=0.3), sb.LIF(spike_fn=sb.IWSTSpike("st"))
+    net = nn.ModuleList([fc, lif])
+    x, y = torch.rand(3, 4, 6) * 3, torch.randint(0, 5, (4,))
+
+    def loss_fn(x, y):
+        state, out = None, 0
+        for t in range(x.shape[0]):
+            h, state = checkpoint(lambda v, s: lif(fc(v), s), x[t], state, modules=net)
+            out = out + h
+        return F.cross_entropy(out, y)
+
+    eager = _step(net, loss_fn, x, y)
+    compiled = _step(net, torch.compile(loss_fn, fullgraph=True), x, y)
+    torch.testing.assert_close(compiled[0], eager[0])
+    assert fc.weight.grad.abs().sum() > 0
+    for a, b in zip(eager[1], compiled[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
