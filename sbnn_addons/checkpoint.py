@@ -95,7 +95,9 @@ def checkpoint(fn: Callable[..., Tensor], *args, modules: nn.Module) -> Tensor:
             ``nn.ModuleList`` for several.
 
     Returns:
-        ``fn(*args)``.
+        ``fn(*args)``. Inside a step that ``torch.compile`` traces, the region runs
+        without ``torch.utils.checkpoint`` (whose ``context_fn`` Dynamo cannot trace):
+        the compiled graph's partitioner decides what to recompute.
 
     Raises:
         TypeError: ``modules`` is not an ``nn.Module``.
@@ -120,6 +122,11 @@ def checkpoint(fn: Callable[..., Tensor], *args, modules: nn.Module) -> Tensor:
                 "state at the end of the sequence (wrong gradients). Pass the membrane "
                 "explicitly in the region (init_hidden=False: spk, mem = lif(cur, mem)), "
                 "or leave the neuron outside the checkpointed region")
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace checkpoint's context_fn (an internal error): inside a compiled
+        # step the region runs as it is, and the compiler's partitioner chooses what the
+        # backward recomputes (never a random draw, so never a different spike)
+        return fn(*args)
     spikes = [m for m in modules.modules() if isinstance(m, IWSTSpike)]
     stateful = [m for m in modules.modules() if isinstance(getattr(m, "_memories", None), dict)]
 

@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .base import check_flag, check_module
+from .base import check_flag, check_module, raise_error
 from .layers import check_kl_samples, is_bayesian
 from .spike import IWSTSpike
 
@@ -19,13 +19,12 @@ __all__ = ["enable_aux_loss", "aux_loss", "kl_divergence", "sbnn_objective", "RE
 REFERENCE_AUX_WEIGHT = {"cifar10": 1e-8, "dvs-gesture": 1e-10, "shd": 1e-6}
 
 
-def _spikes(model: nn.Module) -> list[IWSTSpike]:
-    """The :class:`~sbnn_addons.IWSTSpike` modules of ``model`` (each once), in
-    ``model.modules()`` order. Walks ``_modules`` itself: under ``torch.compile`` a module
-    whose state the traced step has changed (a converted neuron) refuses method lookups
-    such as ``named_modules``."""
-    check_module(model, "the auxiliary loss")
-    found: list[IWSTSpike] = []
+def _modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` (each once), in ``model.modules()`` order. Walks
+    ``_modules`` itself: under ``torch.compile`` a module whose state the traced step has
+    changed (a converted neuron, a host neuron) refuses method lookups such as
+    ``named_modules`` (a graph break inside the loss)."""
+    found: list[nn.Module] = []
     seen: set[int] = set()
     stack = [model]
     while stack:
@@ -33,10 +32,16 @@ def _spikes(model: nn.Module) -> list[IWSTSpike]:
         if id(m) in seen:
             continue
         seen.add(id(m))
-        if isinstance(m, IWSTSpike):
-            found.append(m)
+        found.append(m)
         stack.extend(c for c in reversed(list(m._modules.values())) if c is not None)
     return found
+
+
+def _spikes(model: nn.Module) -> list[IWSTSpike]:
+    """The :class:`~sbnn_addons.IWSTSpike` modules of ``model`` (each once), in
+    ``model.modules()`` order (:func:`_modules`: also inside a compiled step)."""
+    check_module(model, "the auxiliary loss")
+    return [m for m in _modules(model) if isinstance(m, IWSTSpike)]
 
 
 def _discard_aux(model: nn.Module) -> None:
@@ -85,16 +90,17 @@ def aux_loss(model: nn.Module, reduction: str = "mean") -> Tensor:
 
     Raises:
         ValueError: no spike function of ``model`` collects (:func:`enable_aux_loss` was
-            not called): the loss would be 0 whatever the weight.
+            not called): the loss would be 0 whatever the weight (inside a compiled
+            step: a ``RuntimeError`` with the same message, see ``base.raise_error``).
     """
     if reduction not in AUX_REDUCTIONS:
         raise ValueError(f"reduction must be one of {AUX_REDUCTIONS}, got {reduction!r}")
     spikes = _spikes(model)
     if not any(m.collect_aux for m in spikes):
-        raise ValueError(
+        raise_error(  # also from a compiled step (not Dynamo's "Observed exception")
             "aux_loss: the model collects no auxiliary terms (no IWSTSpike with collection "
             "on), so the loss would be 0: call sbnn_addons.enable_aux_loss(model) (or "
-            "convert with to_sbnn(..., aux_loss=True)) before the forward pass")
+            "convert with to_sbnn(..., aux_loss=True)) before the forward pass", ValueError)
     parts = [t for t in (m.pop_aux() for m in spikes) if t is not None]
     if (not parts and not torch.compiler.is_compiling() and torch.is_grad_enabled()
             and any(m.collect_aux and not m.training for m in spikes)):
@@ -122,7 +128,7 @@ def kl_divergence(model: nn.Module, prior=None, num_samples: int = 16) -> Tensor
     """
     check_module(model, "kl_divergence")
     check_kl_samples(num_samples)
-    layers = [m for m in model.modules() if is_bayesian(m)]
+    layers = [m for m in _modules(model) if is_bayesian(m)]  # also after a compiled forward
     if not layers:
         raise ValueError("model contains no Bayesian layer; convert it first")
     return torch.stack([m.kl_divergence(prior, num_samples) for m in layers]).sum()
@@ -166,7 +172,8 @@ def sbnn_objective(
         TypeError: ``nll`` is not a tensor.
         ValueError: ``nll`` is not a scalar, a weight that is not a finite number
             ``>= 0``, an unknown ``aux_reduction``, or ``kl_weight > 0`` without an
-            integer ``num_data >= 1``.
+            integer ``num_data >= 1`` (the last three inside a compiled step: a
+            ``RuntimeError`` with the same message).
     """
     for name, value in (("kl_weight", kl_weight), ("aux_weight", aux_weight)):
         if not isinstance(value, (numbers.Real, Tensor)) or not (
@@ -178,7 +185,8 @@ def sbnn_objective(
         raise TypeError(f"nll must be a scalar tensor (the batch-mean loss, e.g. "
                         f"F.cross_entropy(logits, y)), got {type(nll).__name__}")
     if nll.numel() != 1:
-        raise ValueError(f"nll must be a scalar (batch mean), got shape {tuple(nll.shape)}")
+        raise_error(f"nll must be a scalar (batch mean), got shape {tuple(nll.shape)}",
+                    ValueError)
     nll = nll.reshape(())  # snnTorch's losses (ce_rate_loss, ...) return shape (1,)
     loss = nll
     if aux_weight > 0:
@@ -188,7 +196,7 @@ def sbnn_objective(
     if kl_weight > 0:
         if (isinstance(num_data, bool) or not isinstance(num_data, numbers.Integral)
                 or num_data < 1):
-            raise ValueError("num_data (the training-set size N) must be an integer >= 1 "
-                             f"when kl_weight > 0, got {num_data!r}")
+            raise_error("num_data (the training-set size N) must be an integer >= 1 "
+                        f"when kl_weight > 0, got {num_data!r}", ValueError)
         loss = loss + kl_weight * kl_divergence(model, prior) / num_data
     return loss

@@ -702,9 +702,15 @@ _ASSIGNMENT_HOOK = torch.nn.modules.module.register_module_module_registration_h
 
 def reset(model: nn.Module) -> nn.Module:
     """Reset every neuron (and its tracked variance): ``invalidate_reset_cache`` +
-    ``reset_net``. Call it between sequences. Returns ``model``."""
-    functional.invalidate_reset_cache(model)
-    functional.reset_net(model)
+    ``reset_net``. Call it between sequences. Returns ``model``.
+
+    A compiled model (``torch.compile(net)``) resets the model it wraps: SpikingJelly's
+    table of reset networks would otherwise hold both, and a step that Dynamo traces with
+    ``reset_net(net)`` inside fails on the module reached twice (an ``AssertionError``,
+    "already tracked for mutation"; see the Performance page)."""
+    net = getattr(model, "_orig_mod", model)
+    functional.invalidate_reset_cache(net)
+    functional.reset_net(net)
     return model
 
 

@@ -593,3 +593,100 @@ def test_torch_export_captures_the_mean_network_and_names_sample_mode():
         with sb.mode(model, "sample"), pytest.raises(sb.VarianceFlowError,
                                                      match="torch.export.*mean"):
             torch.export.export(model, (x,))
+
+
+def test_kl_objective_inside_a_compiled_step_after_the_forward():
+    """``sbnn_objective`` with ``kl_weight > 0`` after the forward, inside a fullgraph
+    step: the KL's walk over the layers does not ask a neuron that the step changed for
+    ``modules()`` (Dynamo refuses that lookup: a graph break inside the library), and the
+    loss and gradients are eager's (``mean`` mode)."""
+    torch.manual_seed(0)
+    net = sbnn_snn.to_sbnn(nn.Sequential(
+        nn.Linear(6, 5), snn.Leaky(beta=0.9, init_hidden=True, output=True)))
+    sutils.reset(net)
+    x, y = torch.rand(3, 4, 6) * 2, torch.randint(0, 5, (4,))
+
+    def loss_fn(x, y):
+        sutils.reset(net)
+        out = sum(net(x[t])[0] for t in range(x.shape[0]))
+        return sb.sbnn_objective(F.cross_entropy(out, y), net, num_data=10, kl_weight=1.0)
+
+    torch._dynamo.reset()
+    with sb.mode(net, "mean"):
+        eager = _step(net, loss_fn, x, y)
+        compiled = _step(net, torch.compile(loss_fn, fullgraph=True), x, y)
+    torch.testing.assert_close(compiled[0], eager[0])
+    assert net[0].std_rho.grad.abs().sum() > 0  # the KL's gradient
+    for a, b in zip(eager[1], compiled[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_objective_errors_are_named_inside_a_compiled_step():
+    """The objective's own errors (aux_loss without enable_aux_loss, kl_weight without
+    num_data, an unreduced NLL) reach a fullgraph step's caller with the library's message,
+    not Dynamo's "Observed exception"."""
+    net = nn.Sequential(sb.BayesLinear(4, 3, std=0.3), sb.LIF())
+    x = torch.rand(2, 4)
+    cases = [(dict(aux_weight=0.1), False, "enable_aux_loss"),
+             (dict(kl_weight=1.0), False, "num_data"), ({}, True, "nll must be a scalar")]
+    for kwargs, unreduced, message in cases:
+        def loss_fn(x, kwargs=kwargs, unreduced=unreduced):
+            out = net(x)[0]
+            return sb.sbnn_objective(out.sum(1) if unreduced else out.sum(), net, **kwargs)
+
+        torch._dynamo.reset()
+        with pytest.raises(RuntimeError, match=message) as err:
+            torch.compile(loss_fn, fullgraph=True)(x)
+        assert not str(err.value).startswith("Observed exception")
+
+
+def test_training_step_compiles_after_mc_predict_on_the_compiled_model():
+    """mc_predict on ``torch.compile(net)`` resets the model it wraps: SpikingJelly's table
+    of reset networks then does not hold the wrapper too, and a training step traced
+    afterwards with ``reset_net(net)`` inside compiles (Dynamo failed on the model reached
+    twice: "already tracked for mutation")."""
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    torch.manual_seed(0)
+    host = nn.Sequential(layer.Linear(6, 5), neuron.LIFNode())
+    functional.set_step_mode(host, "m")
+    net = sbnn_sj.to_sbnn(host)
+    gc.collect()
+    torch._dynamo.reset()
+    x = torch.rand(3, 4, 6) * 3
+    net.eval()
+    sb.mc_predict(torch.compile(net, fullgraph=True), x, 2, forward=lambda m, v: m(v).mean(0))
+    net.train()
+
+    def loss_fn(x):
+        functional.reset_net(net)
+        return net(x).sum()
+
+    torch.compile(loss_fn, fullgraph=True)(x).backward()
+    assert net[0].std_rho.grad is not None
+
+
+def test_checkpointed_region_inside_a_compiled_step(same_random_stream):
+    """``sbnn_addons.checkpoint.checkpoint`` inside a fullgraph step (Dynamo cannot trace
+    its ``context_fn``: an internal error) runs the region plainly, with eager's
+    checkpointed loss and gradients."""
+    from sbnn_addons.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    fc, lif = sb.BayesLinear(6, 5, std=0.3), sb.LIF(spike_fn=sb.IWSTSpike("st"))
+    net = nn.ModuleList([fc, lif])
+    x, y = torch.rand(3, 4, 6) * 3, torch.randint(0, 5, (4,))
+
+    def loss_fn(x, y):
+        state, out = None, 0
+        for t in range(x.shape[0]):
+            h, state = checkpoint(lambda v, s: lif(fc(v), s), x[t], state, modules=net)
+            out = out + h
+        return F.cross_entropy(out, y)
+
+    eager = _step(net, loss_fn, x, y)
+    compiled = _step(net, torch.compile(loss_fn, fullgraph=True), x, y)
+    torch.testing.assert_close(compiled[0], eager[0])
+    assert fc.weight.grad.abs().sum() > 0
+    for a, b in zip(eager[1], compiled[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
