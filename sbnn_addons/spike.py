@@ -547,9 +547,10 @@ class IWSTSpike(SBNNModule, nn.Module):
         if torch.compiler.is_compiling():
             raise_error(
                 "this spike function is seeded (sbnn_addons.seed_spikes, or mc_predict's "
-                "seed), and torch.compile cannot trace its private generator: call "
-                "sbnn_addons.seed_spikes(model, None) before the compiled call and seed the "
-                "global generator (torch.manual_seed) instead"
+                "seed=), and torch.compile cannot trace its private generator: for "
+                "mc_predict on a compiled model, drop seed= and call torch.manual_seed(seed) "
+                "just before it; otherwise call sbnn_addons.seed_spikes(model, None) before "
+                "the compiled call and seed the global generator (torch.manual_seed) instead"
             )
         hooks = (not _RECOMPUTING[0]
                  and torch._C._autograd._top_saved_tensors_default_hooks(False) is not None)
