@@ -175,6 +175,26 @@ def test_presets_only_set_defaults():
         cli.run(["--preset", "paper", "--epochs", "1"])
 
 
+def test_paper_preset_trains_the_released_surrogate_baseline_of_each_task(monkeypatch):
+    """SPEC 8.1: the released surrogate baseline has per-step BatchNorm on CIFAR-10 and SHD,
+    none on DVS Gesture; the paper preset's default methods follow it per task."""
+    from sbnn_addons.bench import harness
+
+    seen = {}
+    monkeypatch.setattr(harness, "run_task",
+                        lambda task, methods, *a, **k: seen.setdefault(task, methods))
+    harness.run_tasks(["shd", "dvs-gesture", "cifar10"], None, [0], {}, preset="paper")
+    assert seen == {"shd": ["snntorch-gaussian-bn", "sbnn-st", "sbnn-agr"],
+                    "dvs-gesture": ["snntorch-gaussian", "sbnn-st", "sbnn-agr"],
+                    "cifar10": ["snntorch-gaussian-bn", "sbnn-st", "sbnn-agr"]}
+    seen.clear()  # explicit methods win, for every task
+    harness.run_tasks(["shd", "dvs-gesture"], ["sbnn-st"], [0], {}, preset="paper")
+    assert seen == {"shd": ["sbnn-st"], "dvs-gesture": ["sbnn-st"]}
+    with pytest.raises(ValueError, match="give a preset or the methods"):
+        harness.run_tasks(["shd"], None, [0], {})
+    assert "snntorch-gaussian-bn on cifar10, shd" in cli.list_choices()
+
+
 def test_gaussian_surrogate_picklable():
     sg = GaussianSurrogate(0.4)
     u = torch.tensor([-0.4, 0.0, 0.4], requires_grad=True)

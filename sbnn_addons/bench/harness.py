@@ -42,7 +42,7 @@ from .nets import (
 )
 
 __all__ = ["Method", "Task", "METHODS", "TASKS", "PRESETS", "run_one", "run_grid",
-           "run_task", "run_tasks", "task_setup", "apply_preset", "dist_info",
+           "run_task", "run_tasks", "task_setup", "apply_preset", "preset_methods", "dist_info",
            "init_distributed"]
 
 
@@ -332,11 +332,29 @@ TASKS: dict[str, Task] = {
     ),
 }
 
-#: default methods of each preset (explicit --methods override)
+#: default methods of each preset (explicit --methods override); see :func:`preset_methods`
 PRESET_METHODS = {
     "paper": ["snntorch-gaussian", "sbnn-st", "sbnn-agr"],
     "cpu": ["snntorch-atan", "sbnn-agr"],
 }
+#: tasks whose released surrogate baseline has per-step BatchNorm (SPEC 8.1; DVS has none)
+PAPER_BN_BASELINE = frozenset({"cifar10", "shd"})
+
+
+def preset_methods(task_name: str, preset: str) -> list[str]:
+    """The default methods of ``preset`` for one task: under ``paper`` the surrogate
+    baseline is the released one of the task, ``snntorch-gaussian-bn`` (per-step
+    BatchNorm) on ``cifar10`` and ``shd``, ``snntorch-gaussian`` (none) on ``dvs-gesture``.
+
+    Raises:
+        ValueError: unknown preset.
+    """
+    if preset not in PRESET_METHODS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESET_METHODS)}")
+    methods = list(PRESET_METHODS[preset])
+    if preset == "paper" and task_name in PAPER_BN_BASELINE:
+        methods = ["snntorch-gaussian-bn" if m == "snntorch-gaussian" else m for m in methods]
+    return methods
 #: recipe shared by every task under a preset (task presets add to it)
 #: the paper preset: every SBNN method uses the summed aux loss with the task's lambda
 PRESETS = {"paper": {"lr": 5e-3, "noise_lr": 5e-2, "use_reference": True,
@@ -602,12 +620,20 @@ def run_tasks(tasks, methods, seeds, cfg: dict, progress_factory=None,
     """One :class:`BenchResults` per task; ``progress_factory(total)`` makes a bar.
 
     ``preset`` (``"paper"``, ``"cpu"``) fills in defaults per task (see
-    :func:`apply_preset`); explicit values in ``cfg`` win.
+    :func:`apply_preset`); explicit values in ``cfg`` win. ``methods=None`` with a preset:
+    the preset's methods for each task (:func:`preset_methods`).
     """
     for t in tasks:
         if t not in TASKS:
             raise ValueError(f"unknown task {t!r}; choose from {sorted(TASKS)}")
-    for m in methods:
+    if methods is None:
+        if preset is None:
+            raise ValueError("methods=None takes the preset's methods: give a preset or "
+                             "the methods")
+        per_task = {t: preset_methods(t, preset) for t in tasks}
+    else:
+        per_task = {t: list(methods) for t in tasks}
+    for m in {m for ms in per_task.values() for m in ms}:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {sorted(METHODS)}")
     cfgs = {t: apply_preset(t, preset, cfg) for t in tasks}
@@ -616,10 +642,10 @@ def run_tasks(tasks, methods, seeds, cfg: dict, progress_factory=None,
             cfgs[t]["data_dir"] = cfgs[t]["data_dir"].get(t)
     out = []
     for t in tasks:
-        total = _task_cfg(TASKS[t], cfgs[t])["epochs"] * len(methods) * len(seeds)
+        total = _task_cfg(TASKS[t], cfgs[t])["epochs"] * len(per_task[t]) * len(seeds)
         bar = progress_factory(total) if progress_factory else None
         try:
-            out.append(run_task(t, list(methods), list(seeds), copy.deepcopy(cfgs[t]),
+            out.append(run_task(t, per_task[t], list(seeds), copy.deepcopy(cfgs[t]),
                                 progress=(lambda n, bar=bar: bar) if bar else None,
                                 command=command))
         finally:
