@@ -100,7 +100,9 @@ class LIF(nn.Module):
     (a per-layer std, see :class:`~sbnn_addons.moments.ScaledVariance`), the recurrence
     runs on ``F``, outside autograd, and ``V_t = s^2 G_t`` with
     ``G_t = beta^2 G_{t-1} + F_t``: one autograd node per step instead of two.
-    Defaults are the reference ``beta = exp(-1/10) ~= 0.905``, ``theta = 1``, soft reset.
+    Defaults are the reference values rounded: ``beta = 0.905`` (the released decay is
+    ``exp(-1 / softplus(10)) = 0.9048378``, ``sbnn_addons.models.PAPER_BETA``),
+    ``theta = 1``, soft reset.
     A binary (non-spiking) unit is ``LIF(beta=0, threshold=0)`` run for one step.
 
     Args:

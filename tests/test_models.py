@@ -399,6 +399,21 @@ def test_aux_loss_collected_per_lif_and_step():
     assert torch.isfinite(net.stem.conv.std_rho.grad)
 
 
+@pytest.mark.parametrize("make", ["dvs", "shd"])
+def test_aux_loss_not_collected_in_eval_mode(make):
+    """A forward in ``eval()`` mode with gradients on (a validation pass) collects no
+    auxiliary terms in either form (SHD's input form included): they would be added to
+    the next training step's loss."""
+    net, x = (tiny_dvs(), dvs_input()) if make == "dvs" else (tiny_shd(), shd_input())
+    sb.enable_aux_loss(net)
+    net.eval()
+    net(x)
+    assert float(sb.aux_loss(net, "sum")) == 0.0
+    net.train()
+    net(x)
+    assert float(sb.aux_loss(net, "sum")) > 0
+
+
 def test_deep_reference_network_learns_on_real_frames(dvs_data_dir):
     """A few steps of the full-depth ResNet-19 (19 convs, narrow) on real DVS frames lower
     the training loss clearly below ln(11) (the deep network trains without normalisation)."""

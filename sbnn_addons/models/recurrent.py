@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ..base import mark_checked
 from ..layers import BayesLinear
 from ..moments import attach_variance, get_variance, no_variance_flow
+from ..spike import IWSTSpike
 from ._common import (
     PAPER_BETA,
     ReferenceNet,
@@ -227,8 +228,9 @@ class SHDRecurrentNet(ReferenceNet):
         # unbind rather than cur[t]: one stack in backward instead of T zero-filled grads
         var_ff = None if var_ff is None else var_ff.expand_as(cur).unbind(0)
         spike = lif.spike_fn
-        input_aux = (self.aux_form == "input" and getattr(spike, "collect_aux", False)
-                     and torch.is_grad_enabled())
+        # collected where the spike function would collect (training mode, grads on)
+        input_aux = (self.aux_form == "input" and isinstance(spike, IWSTSpike)
+                     and spike._aux_wanted())
         h = cur.new_zeros(cur.shape[1:])
         state = None
         out = []

@@ -287,7 +287,8 @@ class DVSResNet(SpikingResNet):
         num_classes: 11 for DVS128 Gesture.
         widths: channels per stage.
         blocks: blocks per stage.
-        num_steps: ``T`` (49 frames in the reference); fixed only with ``norm="bn"``.
+        num_steps: ``T`` (49 frames in the reference); the input must have exactly ``T``
+            steps with the per-step affines (the default) or ``norm="bn"``.
         bias_std: bias-noise init (``softplus(-1)``).
         **kwargs: the other arguments of :class:`SpikingResNet`.
 
