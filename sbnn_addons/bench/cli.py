@@ -200,9 +200,9 @@ def list_choices() -> str:
         lines.append(f"  {name:<22} {m.help}")
     lines.append("presets:")
     for name, methods in PRESET_METHODS.items():
-        lines.append(f"  {name:<22} default methods: {' '.join(methods)}")
-    lines.append(f"  {'':<22} (paper: snntorch-gaussian-bn on "
-                 f"{', '.join(sorted(PAPER_BN_BASELINE))}, the released baselines)")
+        extra = (f" (snntorch-gaussian-bn on {', '.join(sorted(PAPER_BN_BASELINE))}: "
+                 "the released baselines)") if name == "paper" else ""
+        lines.append(f"  {name:<22} default methods: {' '.join(methods)}{extra}")
     return "\n".join(lines)
 
 
