@@ -142,7 +142,8 @@ class Prediction:
 
 # --------------------------------------------------------------------------- maths
 def entropy(probs: Tensor, dim: int = -1) -> Tensor:
-    """Shannon entropy ``-sum p log p`` in nats along ``dim`` (``0 log 0 = 0``).
+    """Shannon entropy ``-sum p log p`` in nats along ``dim`` (``0 log 0 = 0``, in every
+    floating dtype: the clamp below 0 is never rounded to 0, so float16 gives no NaN).
 
     Raises:
         TypeError: ``probs`` is not a floating-point tensor.
@@ -150,7 +151,8 @@ def entropy(probs: Tensor, dim: int = -1) -> Tensor:
             possibly negative, "entropy": pass ``softmax(logits)``).
     """
     _check_unit_interval(probs, "entropy: probs")
-    return -(probs * probs.clamp_min(_TINY).log()).sum(dim)
+    tiny = max(_TINY, torch.finfo(probs.dtype).tiny)  # 1e-12 is 0 in float16: 0 * log 0
+    return -(probs * probs.clamp_min(tiny).log()).sum(dim)
 
 
 def _check_unit_interval(p: Tensor, what: str) -> None:

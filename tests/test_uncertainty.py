@@ -434,3 +434,13 @@ def test_metrics_vs_samples_and_plots_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="bins must be"):  # an empty plot
         plot_entropy_histograms(torch.rand(5), torch.rand(5), tmp_path / "e.png", bins=0)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_entropy_of_a_zero_probability_is_finite_in_every_dtype(dtype):
+    # 1e-12 rounds to 0 in float16: the clamp let 0 * log 0 through as NaN
+    probs = torch.tensor([[1.0, 0.0], [0.5, 0.5]], dtype=dtype)
+    h = sbnn_addons.uncertainty.entropy(probs)
+    assert torch.allclose(h.float(), torch.tensor([0.0, math.log(2)]), atol=1e-2)
+    pred = from_sample_probs(probs[None])
+    assert torch.isfinite(pred.entropy).all() and torch.isfinite(pred.mutual_information).all()
