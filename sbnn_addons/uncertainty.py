@@ -211,14 +211,17 @@ def time_as_samples(per_step_logits: Tensor) -> Prediction:
         per_step_logits: ``[T, B, C]`` logits (or membrane potentials) of each time step.
 
     Returns:
-        :class:`Prediction` with ``num_samples = T`` and ``sample_probs [T, B, C]``.
+        :class:`Prediction` with ``num_samples = T`` and ``sample_probs [T, B, C]``
+        (float32; float64 for float64 logits).
     """
     if not isinstance(per_step_logits, Tensor) or per_step_logits.dim() != 3:
         shape = getattr(per_step_logits, "shape", None)
         raise ValueError(f"per_step_logits must be a tensor [T, B, C], got shape {shape}")
     if per_step_logits.shape[0] < 1:
         raise ValueError("per_step_logits needs T >= 1 time steps")
-    probs = torch.softmax(plain(per_step_logits).float(), -1)
+    logits = plain(per_step_logits)
+    # float64 kept, as in mc_predict: a confident error's probability does not underflow
+    probs = torch.softmax(logits if logits.dtype == torch.float64 else logits.float(), -1)
     _check_no_nan(probs, "per_step_logits", "logits")
     return from_sample_probs(probs)
 

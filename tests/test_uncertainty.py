@@ -444,3 +444,12 @@ def test_entropy_of_a_zero_probability_is_finite_in_every_dtype(dtype):
     assert torch.allclose(h.float(), torch.tensor([0.0, math.log(2)]), atol=1e-2)
     pred = from_sample_probs(probs[None])
     assert torch.isfinite(pred.entropy).all() and torch.isfinite(pred.mutual_information).all()
+
+
+def test_time_as_samples_keeps_float64_like_mc_predict():
+    # float64 logits were softmaxed in float32: a confident error's NLL read 87.3, not 106
+    logits = torch.tensor([[[0.0, -106.0]]], dtype=torch.float64).repeat(3, 1, 1)
+    pred = time_as_samples(logits)
+    assert pred.probs.dtype == torch.float64
+    nll = metrics.negative_log_likelihood(pred.probs, torch.tensor([1]))
+    torch.testing.assert_close(nll, torch.tensor(106.0, dtype=torch.float64))
