@@ -95,9 +95,12 @@ def brier_score(probs: Tensor, targets: Tensor) -> Tensor:
 
 
 def expected_calibration_error(probs: Tensor, targets: Tensor, n_bins: int = 15) -> Tensor:
-    """ECE with ``n_bins`` equal-width confidence bins (torchmetrics, L1 norm)."""
+    """ECE with ``n_bins`` equal-width confidence bins (torchmetrics, L1 norm); 0 for one
+    class (every prediction right with confidence 1)."""
     check_probabilities(probs, targets)
     _check_bins("n_bins", n_bins)
+    if probs.shape[1] == 1:  # confidence 1, always right (torchmetrics refuses one class)
+        return torch.zeros((), dtype=torch.float32, device=probs.device)
     from torchmetrics.functional.classification import multiclass_calibration_error
 
     return multiclass_calibration_error(probs, targets.long(), num_classes=probs.shape[1],

@@ -462,3 +462,12 @@ def test_from_sample_probs_takes_a_float16_softmax():
     pred = from_sample_probs(probs.half())
     metrics.check_probabilities(pred.probs, torch.zeros(64, dtype=torch.long))
     torch.testing.assert_close(pred.probs.float(), probs.mean(0), atol=2e-3, rtol=0)
+
+
+def test_metrics_of_a_single_class():
+    # ECE failed inside torchmetrics ("num_classes ... larger than 1"), naming an argument
+    # the caller never passed; one class is always predicted right with confidence 1
+    probs, targets = torch.ones(5, 1), torch.zeros(5, dtype=torch.long)
+    out = metrics.classification_metrics(probs, targets)
+    assert out == {"accuracy": 1.0, "nll": 0.0, "brier": 0.0, "ece": 0.0}
+    assert float(metrics.adaptive_calibration_error(probs, targets)) == 0.0
