@@ -778,6 +778,20 @@ def _save(fig, path) -> Path:
     return path
 
 
+def _reliability_bins(probs: Tensor, targets: Tensor, n_bins: int):
+    """``(edges, count, accuracy, mean confidence)`` of ``n_bins`` equal-width confidence
+    bins, binned as the ECE (torchmetrics: ``[lo, hi)``, a confidence of 1 in the last)."""
+    conf, pred = probs.detach().max(-1)
+    conf = conf.float()
+    correct = (pred == targets).float()
+    edges = torch.linspace(0, 1, n_bins + 1, device=conf.device)
+    idx = (torch.bucketize(conf, edges, right=True) - 1).clamp(0, n_bins - 1)
+    count = torch.bincount(idx, minlength=n_bins).float()
+    acc = torch.bincount(idx, weights=correct, minlength=n_bins) / count.clamp_min(1)
+    mean_conf = torch.bincount(idx, weights=conf, minlength=n_bins) / count.clamp_min(1)
+    return edges.cpu(), count.cpu(), acc.cpu(), mean_conf.cpu()
+
+
 def plot_reliability(probs: Tensor, targets: Tensor, path, n_bins: int = 15,
                      title: str = "Reliability diagram") -> Path:
     """Reliability diagram (accuracy per equal-width confidence bin against the diagonal)
@@ -793,14 +807,7 @@ def plot_reliability(probs: Tensor, targets: Tensor, path, n_bins: int = 15,
     check_probabilities(probs, targets)
     _check_bins("n_bins", n_bins)
     plt = _pyplot()
-    conf, pred = probs.max(-1)
-    correct = (pred == targets).float()
-    edges = torch.linspace(0, 1, n_bins + 1)
-    idx = torch.bucketize(conf.float().clamp(1e-7, 1), edges, right=False) - 1
-    idx = idx.clamp(0, n_bins - 1)
-    count = torch.bincount(idx, minlength=n_bins).float()
-    acc = torch.bincount(idx, weights=correct, minlength=n_bins) / count.clamp_min(1)
-    mean_conf = torch.bincount(idx, weights=conf.float(), minlength=n_bins) / count.clamp_min(1)
+    edges, count, acc, mean_conf = _reliability_bins(probs, targets, n_bins)
     ece = float(expected_calibration_error(probs, targets, n_bins))
     centers = ((edges[:-1] + edges[1:]) / 2).numpy()
     have = (count > 0).numpy()
@@ -815,7 +822,7 @@ def plot_reliability(probs: Tensor, targets: Tensor, path, n_bins: int = 15,
     ax.set_ylim(0, 1)
     ax.set_title(f"{title} (ECE {ece:.3f})")
     ax.legend(loc="upper left", fontsize=8)
-    axh.bar(centers, count / max(len(conf), 1), width=1 / n_bins, edgecolor="k")
+    axh.bar(centers, count / probs.shape[0], width=1 / n_bins, edgecolor="k")
     axh.set_xlabel("confidence")
     axh.set_ylabel("fraction")
     axh.set_xlim(0, 1)

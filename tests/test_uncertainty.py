@@ -471,3 +471,21 @@ def test_metrics_of_a_single_class():
     out = metrics.classification_metrics(probs, targets)
     assert out == {"accuracy": 1.0, "nll": 0.0, "brier": 0.0, "ece": 0.0}
     assert float(metrics.adaptive_calibration_error(probs, targets)) == 0.0
+
+
+def test_reliability_bars_bin_confidences_as_the_ece(tmp_path, monkeypatch):
+    # a confidence on a bin edge (0.5: a tie; 0.75) was drawn in the bin below it, so the
+    # bars disagreed with the ECE in the title (torchmetrics bins [lo, hi))
+    import sbnn_addons.uncertainty as unc
+
+    figs = []
+    monkeypatch.setattr(unc, "_save", lambda fig, path: figs.append(fig) or path)
+    probs = torch.tensor([[0.5, 0.5], [0.75, 0.25]])
+    targets = torch.tensor([0, 1])
+    plot_reliability(probs, targets, tmp_path / "r.png", n_bins=4)
+    bars = figs[0].axes[0].containers[0]  # accuracy bars
+    centers = sorted(b.get_x() + b.get_width() / 2 for b in bars)
+    assert centers == pytest.approx([0.625, 0.875])
+    heights = {round(b.get_x() + b.get_width() / 2, 3): b.get_height() for b in bars}
+    gap = sum(abs(h - c) * 0.5 for c, h in zip((0.5, 0.75), (heights[0.625], heights[0.875])))
+    assert gap == pytest.approx(float(metrics.expected_calibration_error(probs, targets, 4)))
