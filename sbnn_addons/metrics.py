@@ -76,8 +76,12 @@ def _check_bins(name: str, value) -> None:
 def negative_log_likelihood(probs: Tensor, targets: Tensor, eps: float | None = None) -> Tensor:
     """``-mean log p(y_n | x_n)``; a probability of 0 counts as ``eps`` (default: the
     smallest normal number of ``probs``' dtype, so a float32 softmax's 0 counts 87.3
-    nats, a float64 one's 708), not as an infinite loss."""
+    nats, a float64 one's 708), not as an infinite loss. Half-precision probabilities
+    are read in float32 (as float32 ones: a float16 probability below 6.1e-5 is kept,
+    not counted as 6.1e-5)."""
     check_probabilities(probs, targets)
+    if probs.dtype in (torch.float16, torch.bfloat16):
+        probs = probs.float()
     if eps is None:
         eps = torch.finfo(probs.dtype).tiny
     elif isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:

@@ -489,3 +489,13 @@ def test_reliability_bars_bin_confidences_as_the_ece(tmp_path, monkeypatch):
     heights = {round(b.get_x() + b.get_width() / 2, 3): b.get_height() for b in bars}
     gap = sum(abs(h - c) * 0.5 for c, h in zip((0.5, 0.75), (heights[0.625], heights[0.875])))
     assert gap == pytest.approx(float(metrics.expected_calibration_error(probs, targets, 4)))
+
+
+def test_nll_of_a_small_float16_probability():
+    # 6e-6 is a float16 subnormal: the default eps (float16's smallest normal, 6.1e-5)
+    # clamped it, and the NLL read 9.7 nats instead of 12
+    logits = torch.tensor([[0.0, -12.0]])
+    probs = torch.softmax(logits, -1).half()
+    assert 0 < float(probs[0, 1]) < torch.finfo(torch.float16).tiny
+    nll = metrics.negative_log_likelihood(probs, torch.tensor([1]))
+    assert float(nll) == pytest.approx(12.0, abs=0.01)
