@@ -499,3 +499,25 @@ def test_nll_of_a_small_float16_probability():
     assert 0 < float(probs[0, 1]) < torch.finfo(torch.float16).tiny
     nll = metrics.negative_log_likelihood(probs, torch.tensor([1]))
     assert float(nll) == pytest.approx(12.0, abs=0.01)
+
+
+def _brier64(p, y):
+    return ((p - torch.nn.functional.one_hot(y, p.shape[1])) ** 2).sum(-1).mean()
+
+
+def _ace64(p, y, n_bins=15):
+    conf, pred = p.max(-1)
+    correct = (pred == y).double()
+    bins = torch.tensor_split(torch.argsort(conf, stable=True), n_bins)
+    return sum((correct[b].sum() - conf[b].sum()).abs() for b in bins) / len(y)
+
+
+@pytest.mark.parametrize("fn,ref", [(metrics.adaptive_calibration_error, _ace64),
+                                    (metrics.brier_score, _brier64)], ids=["ace", "brier"])
+def test_half_precision_metrics_are_computed_in_float32(fn, ref):
+    # bfloat16 bin sums of hundreds of examples lost the metric's third decimal
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(3000, 10, generator=g), -1).bfloat16()
+    targets = torch.randint(0, 10, (3000,), generator=g)
+    assert float(fn(probs, targets)) == pytest.approx(float(ref(probs.double(), targets)),
+                                                      abs=1e-5)
