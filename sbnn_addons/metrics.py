@@ -73,11 +73,21 @@ def _check_bins(name: str, value) -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
+def _at_least_float32(probs: Tensor) -> Tensor:
+    """Half-precision probabilities as float32 (as torchmetrics reads them for the ECE):
+    a bfloat16 sum over a bin of hundreds of examples, or a float16 log, loses the
+    metric's third decimal."""
+    return probs.float() if probs.dtype in (torch.float16, torch.bfloat16) else probs
+
+
 def negative_log_likelihood(probs: Tensor, targets: Tensor, eps: float | None = None) -> Tensor:
     """``-mean log p(y_n | x_n)``; a probability of 0 counts as ``eps`` (default: the
     smallest normal number of ``probs``' dtype, so a float32 softmax's 0 counts 87.3
-    nats, a float64 one's 708), not as an infinite loss."""
+    nats, a float64 one's 708), not as an infinite loss. Half-precision probabilities
+    are read in float32 (as float32 ones: a float16 probability below 6.1e-5 is kept,
+    not counted as 6.1e-5)."""
     check_probabilities(probs, targets)
+    probs = _at_least_float32(probs)
     if eps is None:
         eps = torch.finfo(probs.dtype).tiny
     elif isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
@@ -88,16 +98,20 @@ def negative_log_likelihood(probs: Tensor, targets: Tensor, eps: float | None = 
 
 
 def brier_score(probs: Tensor, targets: Tensor) -> Tensor:
-    """``mean_n sum_c (p_nc - 1[y_n = c])^2``."""
+    """``mean_n sum_c (p_nc - 1[y_n = c])^2`` (half precision computed in float32)."""
     check_probabilities(probs, targets)
+    probs = _at_least_float32(probs)
     onehot = torch.nn.functional.one_hot(targets.long(), probs.shape[1]).to(probs.dtype)
     return ((probs - onehot) ** 2).sum(-1).mean()
 
 
 def expected_calibration_error(probs: Tensor, targets: Tensor, n_bins: int = 15) -> Tensor:
-    """ECE with ``n_bins`` equal-width confidence bins (torchmetrics, L1 norm)."""
+    """ECE with ``n_bins`` equal-width confidence bins (torchmetrics, L1 norm); 0 for one
+    class (every prediction right with confidence 1)."""
     check_probabilities(probs, targets)
     _check_bins("n_bins", n_bins)
+    if probs.shape[1] == 1:  # confidence 1, always right (torchmetrics refuses one class)
+        return torch.zeros((), dtype=torch.float32, device=probs.device)
     from torchmetrics.functional.classification import multiclass_calibration_error
 
     return multiclass_calibration_error(probs, targets.long(), num_classes=probs.shape[1],
@@ -132,10 +146,11 @@ def adaptive_calibration_error(probs: Tensor, targets: Tensor, n_bins: int = 15)
         n_bins: number of bins ``>= 1`` (bins are never empty: at most ``N`` are used).
 
     Returns:
-        Scalar tensor.
+        Scalar tensor (float32 for half-precision ``probs``).
     """
     check_probabilities(probs, targets)
     _check_bins("n_bins", n_bins)
+    probs = _at_least_float32(probs)
     n = probs.shape[0]
     conf, pred = probs.max(-1)
     correct = (pred == targets).to(probs.dtype)

@@ -142,7 +142,8 @@ class Prediction:
 
 # --------------------------------------------------------------------------- maths
 def entropy(probs: Tensor, dim: int = -1) -> Tensor:
-    """Shannon entropy ``-sum p log p`` in nats along ``dim`` (``0 log 0 = 0``).
+    """Shannon entropy ``-sum p log p`` in nats along ``dim`` (``0 log 0 = 0``, in every
+    floating dtype: the clamp below 0 is never rounded to 0, so float16 gives no NaN).
 
     Raises:
         TypeError: ``probs`` is not a floating-point tensor.
@@ -150,7 +151,8 @@ def entropy(probs: Tensor, dim: int = -1) -> Tensor:
             possibly negative, "entropy": pass ``softmax(logits)``).
     """
     _check_unit_interval(probs, "entropy: probs")
-    return -(probs * probs.clamp_min(_TINY).log()).sum(dim)
+    tiny = max(_TINY, torch.finfo(probs.dtype).tiny)  # 1e-12 is 0 in float16: 0 * log 0
+    return -(probs * probs.clamp_min(tiny).log()).sum(dim)
 
 
 def _check_unit_interval(p: Tensor, what: str) -> None:
@@ -183,7 +185,9 @@ def from_sample_probs(sample_probs: Tensor, *, keep_samples: bool = True) -> Pre
     _check_unit_interval(sample_probs, "sample_probs")
     keep_samples = check_flag("keep_samples", keep_samples)
     sums = sample_probs.sum(-1)
-    if sample_probs.numel() and not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
+    # as check_probabilities: a float16 softmax's rows miss 1 by its rounding over C terms
+    atol = max(1e-4, sample_probs.shape[-1] * torch.finfo(sample_probs.dtype).eps)
+    if sample_probs.numel() and not torch.allclose(sums, torch.ones_like(sums), atol=atol):
         raise ValueError("sample_probs rows must sum to one (pass softmax probabilities)")
     probs = sample_probs.mean(0)
     h = entropy(probs)
@@ -209,14 +213,17 @@ def time_as_samples(per_step_logits: Tensor) -> Prediction:
         per_step_logits: ``[T, B, C]`` logits (or membrane potentials) of each time step.
 
     Returns:
-        :class:`Prediction` with ``num_samples = T`` and ``sample_probs [T, B, C]``.
+        :class:`Prediction` with ``num_samples = T`` and ``sample_probs [T, B, C]``
+        (float32; float64 for float64 logits).
     """
     if not isinstance(per_step_logits, Tensor) or per_step_logits.dim() != 3:
         shape = getattr(per_step_logits, "shape", None)
         raise ValueError(f"per_step_logits must be a tensor [T, B, C], got shape {shape}")
     if per_step_logits.shape[0] < 1:
         raise ValueError("per_step_logits needs T >= 1 time steps")
-    probs = torch.softmax(plain(per_step_logits).float(), -1)
+    logits = plain(per_step_logits)
+    # float64 kept, as in mc_predict: a confident error's probability does not underflow
+    probs = torch.softmax(logits if logits.dtype == torch.float64 else logits.float(), -1)
     _check_no_nan(probs, "per_step_logits", "logits")
     return from_sample_probs(probs)
 
@@ -771,6 +778,20 @@ def _save(fig, path) -> Path:
     return path
 
 
+def _reliability_bins(probs: Tensor, targets: Tensor, n_bins: int):
+    """``(edges, count, accuracy, mean confidence)`` of ``n_bins`` equal-width confidence
+    bins, binned as the ECE (torchmetrics: ``[lo, hi)``, a confidence of 1 in the last)."""
+    conf, pred = probs.detach().max(-1)
+    conf = conf.float()
+    correct = (pred == targets).float()
+    edges = torch.linspace(0, 1, n_bins + 1, device=conf.device)
+    idx = (torch.bucketize(conf, edges, right=True) - 1).clamp(0, n_bins - 1)
+    count = torch.bincount(idx, minlength=n_bins).float()
+    acc = torch.bincount(idx, weights=correct, minlength=n_bins) / count.clamp_min(1)
+    mean_conf = torch.bincount(idx, weights=conf, minlength=n_bins) / count.clamp_min(1)
+    return edges.cpu(), count.cpu(), acc.cpu(), mean_conf.cpu()
+
+
 def plot_reliability(probs: Tensor, targets: Tensor, path, n_bins: int = 15,
                      title: str = "Reliability diagram") -> Path:
     """Reliability diagram (accuracy per equal-width confidence bin against the diagonal)
@@ -786,14 +807,7 @@ def plot_reliability(probs: Tensor, targets: Tensor, path, n_bins: int = 15,
     check_probabilities(probs, targets)
     _check_bins("n_bins", n_bins)
     plt = _pyplot()
-    conf, pred = probs.max(-1)
-    correct = (pred == targets).float()
-    edges = torch.linspace(0, 1, n_bins + 1)
-    idx = torch.bucketize(conf.float().clamp(1e-7, 1), edges, right=False) - 1
-    idx = idx.clamp(0, n_bins - 1)
-    count = torch.bincount(idx, minlength=n_bins).float()
-    acc = torch.bincount(idx, weights=correct, minlength=n_bins) / count.clamp_min(1)
-    mean_conf = torch.bincount(idx, weights=conf.float(), minlength=n_bins) / count.clamp_min(1)
+    edges, count, acc, mean_conf = _reliability_bins(probs, targets, n_bins)
     ece = float(expected_calibration_error(probs, targets, n_bins))
     centers = ((edges[:-1] + edges[1:]) / 2).numpy()
     have = (count > 0).numpy()
@@ -808,7 +822,7 @@ def plot_reliability(probs: Tensor, targets: Tensor, path, n_bins: int = 15,
     ax.set_ylim(0, 1)
     ax.set_title(f"{title} (ECE {ece:.3f})")
     ax.legend(loc="upper left", fontsize=8)
-    axh.bar(centers, count / max(len(conf), 1), width=1 / n_bins, edgecolor="k")
+    axh.bar(centers, count / probs.shape[0], width=1 / n_bins, edgecolor="k")
     axh.set_xlabel("confidence")
     axh.set_ylabel("fraction")
     axh.set_xlim(0, 1)

@@ -434,3 +434,90 @@ def test_metrics_vs_samples_and_plots_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="bins must be"):  # an empty plot
         plot_entropy_histograms(torch.rand(5), torch.rand(5), tmp_path / "e.png", bins=0)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_entropy_of_a_zero_probability_is_finite_in_every_dtype(dtype):
+    # 1e-12 rounds to 0 in float16: the clamp let 0 * log 0 through as NaN
+    probs = torch.tensor([[1.0, 0.0], [0.5, 0.5]], dtype=dtype)
+    h = sbnn_addons.uncertainty.entropy(probs)
+    assert torch.allclose(h.float(), torch.tensor([0.0, math.log(2)]), atol=1e-2)
+    pred = from_sample_probs(probs[None])
+    assert torch.isfinite(pred.entropy).all() and torch.isfinite(pred.mutual_information).all()
+
+
+def test_time_as_samples_keeps_float64_like_mc_predict():
+    # float64 logits were softmaxed in float32: a confident error's NLL read 87.3, not 106
+    logits = torch.tensor([[[0.0, -106.0]]], dtype=torch.float64).repeat(3, 1, 1)
+    pred = time_as_samples(logits)
+    assert pred.probs.dtype == torch.float64
+    nll = metrics.negative_log_likelihood(pred.probs, torch.tensor([1]))
+    torch.testing.assert_close(nll, torch.tensor(106.0, dtype=torch.float64))
+
+
+def test_from_sample_probs_takes_a_float16_softmax():
+    # its rows miss 1 by ~3e-4 (float16 rounding over 10 terms): they were refused as
+    # "not softmax probabilities", though check_probabilities takes the same tensor
+    probs = torch.randn(4, 64, 10, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    pred = from_sample_probs(probs.half())
+    metrics.check_probabilities(pred.probs, torch.zeros(64, dtype=torch.long))
+    torch.testing.assert_close(pred.probs.float(), probs.mean(0), atol=2e-3, rtol=0)
+
+
+def test_metrics_of_a_single_class():
+    # ECE failed inside torchmetrics ("num_classes ... larger than 1"), naming an argument
+    # the caller never passed; one class is always predicted right with confidence 1
+    probs, targets = torch.ones(5, 1), torch.zeros(5, dtype=torch.long)
+    out = metrics.classification_metrics(probs, targets)
+    assert out == {"accuracy": 1.0, "nll": 0.0, "brier": 0.0, "ece": 0.0}
+    assert float(metrics.adaptive_calibration_error(probs, targets)) == 0.0
+
+
+def test_reliability_bars_bin_confidences_as_the_ece(tmp_path, monkeypatch):
+    # a confidence on a bin edge (0.5: a tie; 0.75) was drawn in the bin below it, so the
+    # bars disagreed with the ECE in the title (torchmetrics bins [lo, hi))
+    import sbnn_addons.uncertainty as unc
+
+    figs = []
+    monkeypatch.setattr(unc, "_save", lambda fig, path: figs.append(fig) or path)
+    probs = torch.tensor([[0.5, 0.5], [0.75, 0.25]])
+    targets = torch.tensor([0, 1])
+    plot_reliability(probs, targets, tmp_path / "r.png", n_bins=4)
+    bars = figs[0].axes[0].containers[0]  # accuracy bars
+    centers = sorted(b.get_x() + b.get_width() / 2 for b in bars)
+    assert centers == pytest.approx([0.625, 0.875])
+    heights = {round(b.get_x() + b.get_width() / 2, 3): b.get_height() for b in bars}
+    gap = sum(abs(h - c) * 0.5 for c, h in zip((0.5, 0.75), (heights[0.625], heights[0.875])))
+    assert gap == pytest.approx(float(metrics.expected_calibration_error(probs, targets, 4)))
+
+
+def test_nll_of_a_small_float16_probability():
+    # 6e-6 is a float16 subnormal: the default eps (float16's smallest normal, 6.1e-5)
+    # clamped it, and the NLL read 9.7 nats instead of 12
+    logits = torch.tensor([[0.0, -12.0]])
+    probs = torch.softmax(logits, -1).half()
+    assert 0 < float(probs[0, 1]) < torch.finfo(torch.float16).tiny
+    nll = metrics.negative_log_likelihood(probs, torch.tensor([1]))
+    assert float(nll) == pytest.approx(12.0, abs=0.01)
+
+
+def _brier64(p, y):
+    return ((p - torch.nn.functional.one_hot(y, p.shape[1])) ** 2).sum(-1).mean()
+
+
+def _ace64(p, y, n_bins=15):
+    conf, pred = p.max(-1)
+    correct = (pred == y).double()
+    bins = torch.tensor_split(torch.argsort(conf, stable=True), n_bins)
+    return sum((correct[b].sum() - conf[b].sum()).abs() for b in bins) / len(y)
+
+
+@pytest.mark.parametrize("fn,ref", [(metrics.adaptive_calibration_error, _ace64),
+                                    (metrics.brier_score, _brier64)], ids=["ace", "brier"])
+def test_half_precision_metrics_are_computed_in_float32(fn, ref):
+    # bfloat16 bin sums of hundreds of examples lost the metric's third decimal
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(3000, 10, generator=g), -1).bfloat16()
+    targets = torch.randint(0, 10, (3000,), generator=g)
+    assert float(fn(probs, targets)) == pytest.approx(float(ref(probs.double(), targets)),
+                                                      abs=1e-5)
