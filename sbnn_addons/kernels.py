@@ -647,10 +647,20 @@ class _EstimatorArgs(NamedTuple):
     max_weight: float
 
 
-@torch.library.custom_op("sbnn_addons::spike_forward", mutates_args=(), device_types="cpu",
-                         tags=(torch.Tag.nondeterministic_seeded,))
-def _spike_forward_op(u: Tensor, variance: Tensor, at_zero: bool,
-                      aux_offset: float | None) -> tuple[Tensor, Tensor]:
+# The two operators are defined with ``torch.library.Library`` rather than the
+# ``torch.library.custom_op`` decorator: the same dispatcher entries and fake kernels for
+# the compiler, without the decorator's per-call Python wrapper (14 us against 4.6 us per
+# call, measured; a converted network calls them twice per neuron and step). Their
+# autograd is :class:`_CompiledSpike`.
+_LIB = torch.library.Library("sbnn_addons", "DEF")
+_LIB.define("spike_forward(Tensor u, Tensor variance, bool at_zero, float? aux_offset) "
+            "-> (Tensor, Tensor)", tags=(torch.Tag.nondeterministic_seeded,))
+_LIB.define("spike_backward(Tensor grad, Tensor grad_aux, Tensor u, Tensor variance, "
+            "Tensor spikes, str estimator, float aux_offset, bool aux_var) -> (Tensor, Tensor)")
+
+
+def _spike_forward_impl(u: Tensor, variance: Tensor, at_zero: bool,
+                        aux_offset: float | None) -> tuple[Tensor, Tensor]:
     u = u.contiguous()
     var, mid, inner = _layout(u, variance)
     h = torch.empty_like(u)
@@ -659,25 +669,32 @@ def _spike_forward_op(u: Tensor, variance: Tensor, at_zero: bool,
     return h, torch.tensor(aux, dtype=torch.float32)
 
 
-@_spike_forward_op.register_fake
-def _(u, variance, at_zero, aux_offset):
-    return (torch.empty_like(u, memory_format=torch.contiguous_format),
-            u.new_empty((), dtype=torch.float32))
-
-
-@torch.library.custom_op("sbnn_addons::spike_backward", mutates_args=(), device_types="cpu")
-def _spike_backward_op(grad: Tensor, grad_aux: Tensor, u: Tensor, variance: Tensor,
-                       spikes: Tensor, estimator: str, aux_offset: float,
-                       aux_var: bool) -> tuple[Tensor, Tensor]:
+def _spike_backward_impl(grad: Tensor, grad_aux: Tensor, u: Tensor, variance: Tensor,
+                         spikes: Tensor, estimator: str, aux_offset: float,
+                         aux_var: bool) -> tuple[Tensor, Tensor]:
     return spike_backward(grad, u, variance, spikes,
                           _EstimatorArgs(*parse_estimator_spec(estimator)), float(grad_aux),
                           aux_offset, aux_var)
 
 
-@_spike_backward_op.register_fake
+_LIB.impl("spike_forward", _spike_forward_impl, "CPU")
+_LIB.impl("spike_backward", _spike_backward_impl, "CPU")
+
+
+@torch.library.register_fake("sbnn_addons::spike_forward", lib=_LIB)
+def _(u, variance, at_zero, aux_offset):
+    return (torch.empty_like(u, memory_format=torch.contiguous_format),
+            u.new_empty((), dtype=torch.float32))
+
+
+@torch.library.register_fake("sbnn_addons::spike_backward", lib=_LIB)
 def _(grad, grad_aux, u, variance, spikes, estimator, aux_offset, aux_var):
     return (torch.empty_like(u, memory_format=torch.contiguous_format),
             torch.empty_like(variance, memory_format=torch.contiguous_format))
+
+
+_spike_forward_op = torch.ops.sbnn_addons.spike_forward.default
+_spike_backward_op = torch.ops.sbnn_addons.spike_backward.default
 
 
 def can_fuse_compiled(u: Tensor, variance: Tensor) -> bool:
