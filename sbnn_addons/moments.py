@@ -73,7 +73,7 @@ from torch import Tensor, nn
 
 from .base import SBNNModule, cached_tensor_test, check_input, check_module, share_posterior
 from .functional import box_sum
-from .tensors import leaf_values
+from .tensors import broadcasts_to, leaf_values
 
 __all__ = [
     "NoiseSet",
@@ -421,7 +421,7 @@ def attach_variance(mean: Tensor,
         raise TypeError("variance must be a torch.Tensor, a ScaledVariance, an UnknownVariance "
                         f"or None, got {type(variance).__name__}")
     shaped = variance.base if isinstance(variance, ScaledVariance) else variance
-    if isinstance(shaped, Tensor) and not _broadcasts_to(shaped.shape, mean.shape):
+    if isinstance(shaped, Tensor) and not broadcasts_to(shaped.shape, mean.shape):
         what = "ScaledVariance base" if shaped is not variance else "variance"
         raise ValueError(
             f"the {what} of shape {tuple(shaped.shape)} does not broadcast to the mean of "
@@ -429,14 +429,6 @@ def attach_variance(mean: Tensor,
             "dimensions where it is the same for every entry (e.g. [N, 1] for a per-example "
             "variance of an [N, C] mean)")
     return _wrap(mean, variance)
-
-
-def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
-    """Whether a tensor of ``shape`` broadcasts to exactly ``target`` (shapes only: fine
-    under ``torch.compile``)."""
-    if len(shape) > len(target):
-        return False
-    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
 
 
 def get_variance(tensor: Tensor) -> Tensor | UnknownVariance | None:

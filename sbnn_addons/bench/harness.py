@@ -355,6 +355,8 @@ def preset_methods(task_name: str, preset: str) -> list[str]:
     if preset == "paper" and task_name in PAPER_BN_BASELINE:
         methods = ["snntorch-gaussian-bn" if m == "snntorch-gaussian" else m for m in methods]
     return methods
+
+
 #: recipe shared by every task under a preset (task presets add to it)
 #: the paper preset: every SBNN method uses the summed aux loss with the task's lambda
 PRESETS = {"paper": {"lr": 5e-3, "noise_lr": 5e-2, "use_reference": True,
