@@ -193,6 +193,10 @@ def test_paper_preset_trains_the_released_surrogate_baseline_of_each_task(monkey
     with pytest.raises(ValueError, match="give a preset or the methods"):
         harness.run_tasks(["shd"], None, [0], {})
     assert "snntorch-gaussian-bn on cifar10, shd" in cli.list_choices()
+    with pytest.raises(ValueError, match="unknown preset 'papr'"):
+        harness.preset_methods("shd", "papr")
+    with pytest.raises(ValueError, match="unknown task 'sdh'"):
+        harness.preset_methods("sdh", "paper")
 
 
 def test_gaussian_surrogate_picklable():

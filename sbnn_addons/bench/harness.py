@@ -347,8 +347,10 @@ def preset_methods(task_name: str, preset: str) -> list[str]:
     BatchNorm) on ``cifar10`` and ``shd``, ``snntorch-gaussian`` (none) on ``dvs-gesture``.
 
     Raises:
-        ValueError: unknown preset.
+        ValueError: unknown task or preset.
     """
+    if task_name not in TASKS:
+        raise ValueError(f"unknown task {task_name!r}; choose from {sorted(TASKS)}")
     if preset not in PRESET_METHODS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESET_METHODS)}")
     methods = list(PRESET_METHODS[preset])
