@@ -23,10 +23,16 @@ and, so that no time is quoted for a network that does not learn, the loss befor
 ``--train-steps`` Adam steps on one fixed batch for every variant (the mean of the last
 three must be below the mean of the first three).
 
+On CUDA each step ends with a device synchronisation (the time of the kernels, not of their
+launch), the C-kernel variants are left out (the kernel serves CPU tensors only: ``sbnn
+eager`` is the PyTorch path) and the peak memory allocated in one step is reported as a
+ratio to the host's eager step. ``--batch`` changes the batch (128: the reference shape).
+
 Usage::
 
     python benchmarks/bench_compile.py --reps 20 --repeat 3
     python benchmarks/bench_compile.py --device cuda --reps 50 --repeat 3   # GPU (see docs)
+    python benchmarks/bench_compile.py --device cuda --reps 50 --repeat 3 --batch 2048
 """
 
 from __future__ import annotations
@@ -44,10 +50,18 @@ from bench_core import _saved_bytes, print_rows, repeated
 import sbnn_addons as sb
 
 
-def _variants(host: str):
+def _variants(host: str, device: str):
     factory = snntorch_models if host == "snntorch" else spikingjelly_models
     models, reset = factory()
     original, sbnn = models["original"], models["sbnn ST"]
+    if torch.device(device).type != "cpu":  # the C kernel serves CPU tensors only
+        return {
+            "host eager": (original, reset, False, True),
+            "host compiled": (copy.deepcopy(original), reset, True, True),
+            "sbnn eager": (sbnn, reset, False, True),
+            "sbnn compiled": (copy.deepcopy(sbnn), reset, True, True),
+            "sbnn compiled, aux_pull=0": (models["sbnn ST, aux_pull=0"], reset, True, True),
+        }
     return {
         "host eager": (original, reset, False, True),
         "host compiled": (copy.deepcopy(original), reset, True, True),
@@ -73,6 +87,8 @@ def _make_step(model, reset, compiled: bool, kernels: bool, x, y):
         with contextlib.nullcontext() if kernels else sb.kernels.use_kernels(False):
             loss = fn(x, y)
             loss.backward()
+        if x.is_cuda:  # the step's kernels have run when the timer stops
+            torch.cuda.synchronize(x.device)
         return loss
 
     return step
@@ -92,23 +108,34 @@ def _learns(model, step, steps: int, window: int = 3) -> tuple[float, float]:
     return sum(losses[:window]) / window, sum(losses[-window:]) / window
 
 
+def _peak_bytes(step, device: torch.device) -> float:
+    """Peak CUDA memory allocated during one (warm) step, in bytes (NaN off CUDA)."""
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    return float(torch.cuda.max_memory_allocated(device))
+
+
 def run(reps: int, repeat: int, threads: int, device: str, train_steps: int,
-        hosts: tuple[str, ...], seed: int = 0) -> list[dict]:
+        hosts: tuple[str, ...], seed: int = 0, batch: int = B) -> list[dict]:
     torch.set_num_threads(threads)
     # the compiled variants share one code object (loss_fn), one cache entry per model
     torch._dynamo.config.recompile_limit = 64
     rows = []
     for host in hosts:
         torch.manual_seed(seed)
-        x = (torch.rand(T, B, 784) < 0.2).float().to(device)
-        y = torch.randint(0, 10, (B,)).to(device)
-        variants = _variants(host)
+        x = (torch.rand(T, batch, 784) < 0.2).float().to(device)
+        y = torch.randint(0, 10, (batch,)).to(device)
+        variants = _variants(host, device)
         steps = {}
         for name, (model, reset, compiled, kernels) in variants.items():
             model.to(device)
             steps[name] = _make_step(model, reset, compiled, kernels, x, y)
         times, ratios = repeated(steps, reps, repeat)
         saved = {k: _saved_bytes(f) for k, f in steps.items() if "compiled" not in k}
+        peak = {k: _peak_bytes(f, torch.device(device)) for k, f in steps.items()}
         for name, (model, *_rest) in variants.items():
             first, last = _learns(model, steps[name], train_steps)
             ratio, low, high = ratios[name]
@@ -118,6 +145,7 @@ def run(reps: int, repeat: int, threads: int, device: str, train_steps: int,
                 "vs_host_compiled": times[name] / times["host compiled"],
                 "saved_bytes_ratio": (saved[name] / saved["host eager"]) if name in saved
                 else float("nan"),
+                "peak_memory_ratio": peak[name] / peak["host eager"],
                 "loss_first": first, "loss_last": last, "learns": last < first,
             })
     return rows
@@ -130,12 +158,13 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--train-steps", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=B)
     parser.add_argument("--hosts", nargs="+", choices=("snntorch", "spikingjelly"),
                         default=["snntorch", "spikingjelly"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     rows = run(args.reps, args.repeat, args.threads, args.device, args.train_steps,
-               tuple(args.hosts))
+               tuple(args.hosts), batch=args.batch)
     if "spikingjelly" in args.hosts:  # on CUDA the host uses its own CUDA / Triton neuron
         from spikingjelly.activation_based import functional
 
@@ -143,9 +172,10 @@ def main(argv=None) -> None:
         print(f"SpikingJelly LIF implementation on {args.device}: {impl}")
     print(f"torch {torch.__version__}, {platform.machine()}, device {args.device}, "
           f"{args.threads} threads, {args.repeat} round(s) of {args.reps} interleaved "
-          f"repetitions (medians); MLP 784-256-10, T={T}, batch {B}\n")
-    print_rows(rows, ("host", "variant", "ms", "vs_host_eager", "range", "vs_host_compiled",
-                      "saved_bytes_ratio", "loss_first", "loss_last", "learns"), args.json)
+          f"repetitions (medians); MLP 784-256-10, T={T}, batch {args.batch}\n")
+    columns = ("host", "variant", "ms", "vs_host_eager", "range", "vs_host_compiled",
+               "saved_bytes_ratio") + (("peak_memory_ratio",) if args.device != "cpu" else ())
+    print_rows(rows, columns + ("loss_first", "loss_last", "learns"), args.json)
     if not all(r["learns"] for r in rows):
         raise SystemExit("a variant's loss did not fall: its time is not meaningful")
 
