@@ -24,7 +24,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-{
+(
   nvidia-smi -L
   "$PY" -c "import torch, snntorch, spikingjelly; print('torch', torch.__version__, \
 torch.cuda.get_device_name(), '| snntorch', snntorch.__version__)"
@@ -35,7 +35,7 @@ torch.cuda.get_device_name(), '| snntorch', snntorch.__version__)"
   timeout $((end - SECONDS > 1 ? end - SECONDS : 1)) "$PY" bench_compile.py --device cuda \
     --reps 30 --repeat 3 --threads 8 --batch 2048 --json "$OUT/bench_b2048.json" \
     || echo "bench_compile batch 2048: exit $?"
-} > "$OUT/bench.log" 2>&1
+) > "$OUT/bench.log" 2>&1
 
 for method in sbnn twin twin-bn; do
   timeout "$DEEP_SECONDS" "$PY" benchmarks/dvs_deep_protocol.py --data-dir "$DATA" \
