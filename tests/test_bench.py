@@ -749,3 +749,19 @@ def test_probes_run_once_per_model_not_per_seed(monkeypatch):
     for row in res.rows:
         model = row["_model"]
         assert sb.layers.is_bayesian(model[0]) and not sb.layers.is_bayesian(model[2])
+
+
+def test_reliability_curve_bins_as_the_ece_in_the_title():
+    """The bench's reliability figure bins confidences as its ECE: 0.6 (float32
+    0.59999996, the 10th bin's edge of 15) in bin 9, where ``floor(conf * 15)`` put it in
+    bin 8; the bars then recompute the ECE exactly."""
+    from sbnn_addons.bench.plots import reliability_curve
+    from sbnn_addons.metrics import expected_calibration_error
+
+    edge = float(torch.linspace(0, 1, 16)[9])  # 0.59999996: a confidence on the edge
+    probs = torch.tensor([[edge, 1 - edge], [edge, 1 - edge], [0.9, 0.1], [0.2, 0.8]])
+    targets = torch.tensor([0, 1, 0, 1])
+    conf, acc, count = reliability_curve(probs, targets)
+    assert count.tolist()[8:10] == [0.0, 2.0]
+    ece = float((count / count.sum() * (acc - conf).abs()).sum())
+    assert ece == pytest.approx(float(expected_calibration_error(probs, targets, 15)), abs=1e-6)

@@ -26,13 +26,13 @@ def _plt():
 
 
 def reliability_curve(probs: torch.Tensor, targets: torch.Tensor, n_bins: int = 15):
-    """Per-bin (confidence, accuracy, count) over ``n_bins`` equal-width bins."""
-    conf, pred = probs.max(-1)
-    correct = (pred == targets).float()
-    bins = torch.clamp((conf * n_bins).long(), max=n_bins - 1)
-    count = torch.bincount(bins, minlength=n_bins).float()
-    acc = torch.bincount(bins, correct, minlength=n_bins) / count.clamp_min(1)
-    mean_conf = torch.bincount(bins, conf, minlength=n_bins) / count.clamp_min(1)
+    """Per-bin ``(mean confidence, accuracy, count)``, each ``[n_bins]``, over ``n_bins``
+    equal-width confidence bins, binned as the ECE in the figure's title
+    (:func:`sbnn_addons.uncertainty.plot_reliability`'s bins: ``[lo, hi)``, a confidence of
+    1 in the last bin)."""
+    from ..uncertainty import _reliability_bins
+
+    _edges, count, acc, mean_conf = _reliability_bins(probs, targets, n_bins)
     return mean_conf, acc, count
 
 
