@@ -140,6 +140,11 @@ def adaptive_calibration_error(probs: Tensor, targets: Tensor, n_bins: int = 15)
         (nearly) equal size (sizes differ by at most one),
         ACE = sum_b |B_b| / N * | acc(B_b) - mean conf(B_b) |
 
+    Examples of equal confidence cannot be ordered, so a group of ties that a bin edge
+    splits counts in each of its bins with the group's accuracy (each example's
+    correctness replaced by its tie group's mean): the ACE does not depend on the order of
+    the examples (``mc(K)`` and spike-count outputs take few distinct confidences).
+
     Args:
         probs: predictive probabilities ``[N, C]`` (rows sum to one).
         targets: integer labels ``[N]``.
@@ -155,6 +160,11 @@ def adaptive_calibration_error(probs: Tensor, targets: Tensor, n_bins: int = 15)
     conf, pred = probs.max(-1)
     correct = (pred == targets).to(probs.dtype)
     order = torch.argsort(conf, stable=True)
+    # ties: every example of a tie group gets the group's accuracy (order-independent)
+    _, group, size = torch.unique_consecutive(conf[order], return_inverse=True,
+                                              return_counts=True)
+    hits = correct.new_zeros(size.shape).index_add_(0, group, correct[order])
+    correct = torch.empty_like(correct).index_copy_(0, order, (hits / size)[group])
     total = probs.new_zeros(())
     for idx in torch.tensor_split(order, min(n_bins, n)):
         total = total + (correct[idx].sum() - conf[idx].sum()).abs()

@@ -127,6 +127,23 @@ def test_adaptive_ece_hand_value():
     assert ace == pytest.approx(expected, abs=1e-12)
 
 
+def test_adaptive_ece_does_not_depend_on_the_order_of_tied_examples():
+    # four examples of confidence 0.5, two correct, two bins: the tie group was split by
+    # input order (ACE 0.5 in one order, 0 in another); each bin gets the group's accuracy
+    probs, targets = _two_class([0.5] * 4 + [0.9] * 2, [1, 1, 0, 0, 1, 1])
+    for perm in ([0, 1, 2, 3, 4, 5], [0, 2, 1, 3, 5, 4], [3, 2, 1, 0, 4, 5]):
+        ace = float(metrics.adaptive_calibration_error(probs[perm], targets[perm], n_bins=3))
+        assert ace == pytest.approx(2 * 0.1 / 6, abs=1e-7)  # only the 0.9 bin is off
+    g = torch.Generator().manual_seed(1)
+    probs = torch.softmax(torch.randint(0, 3, (500, 4), generator=g).float(), -1)  # ties
+    targets = torch.randint(0, 4, (500,), generator=g)
+    ref = float(_ace64(probs.double(), targets, 7))
+    for _ in range(3):
+        perm = torch.randperm(500, generator=g)
+        assert float(metrics.adaptive_calibration_error(probs[perm], targets[perm], 7)) == (
+            pytest.approx(ref, abs=1e-6))
+
+
 def test_ood_metrics_toy_scores():
     s_in = torch.tensor([0.1, 0.2, 0.3, 0.4])
     s_out = torch.tensor([0.35, 0.5, 0.6, 0.7])
@@ -506,10 +523,22 @@ def _brier64(p, y):
 
 
 def _ace64(p, y, n_bins=15):
+    """Equal-mass bins over the sorted confidences; a tie group that a bin edge splits
+    puts its share of examples in each bin at the group's accuracy (plain loops)."""
     conf, pred = p.max(-1)
-    correct = (pred == y).double()
-    bins = torch.tensor_split(torch.argsort(conf, stable=True), n_bins)
-    return sum((correct[b].sum() - conf[b].sum()).abs() for b in bins) / len(y)
+    pairs = sorted(zip(conf.tolist(), (pred == y).tolist()))
+    acc = {}
+    for c, ok in pairs:
+        acc.setdefault(c, []).append(ok)
+    acc = {c: sum(v) / len(v) for c, v in acc.items()}
+    n = len(pairs)
+    sizes = [n // n_bins + (1 if b < n % n_bins else 0) for b in range(min(n_bins, n))]
+    total, start = 0.0, 0
+    for size in sizes:
+        part = pairs[start:start + size]
+        total += abs(sum(acc[c] for c, _ in part) - sum(c for c, _ in part))
+        start += size
+    return torch.tensor(total / n)
 
 
 @pytest.mark.parametrize("fn,ref", [(metrics.adaptive_calibration_error, _ace64),
