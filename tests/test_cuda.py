@@ -273,10 +273,25 @@ def test_drop_in_spikingjelly_surrogate_on_the_device():
 # --- compiled, autocast, seeds --------------------------------------------------------
 
 
+def _snntorch_compiles_whole() -> bool:
+    """Whether snnTorch's own ``Leaky`` compiles with ``fullgraph=True`` on this PyTorch
+    (PyTorch 2.11 stops at its ``mem == None``: the host's limit, not the library's)."""
+    lif = snn.Leaky(beta=0.9)
+    try:
+        torch.compile(lambda x, m: lif(x, m), fullgraph=True)(torch.rand(2, 3), torch.zeros(3))
+    except Exception:  # noqa: BLE001 - any Dynamo error means "not whole"
+        return False
+    finally:
+        torch._dynamo.reset()
+    return True
+
+
 @pytest.mark.parametrize("host", ["snntorch", "spikingjelly"])
 def test_compiled_training_step_on_the_device(host):
     torch._dynamo.reset()
     torch.manual_seed(0)
+    if host == "snntorch" and not _snntorch_compiles_whole():
+        pytest.skip(f"snnTorch's own Leaky does not compile whole on torch {torch.__version__}")
     if host == "snntorch":
         model, run, x = sbnn_snn.to_sbnn(seq_leaky()), _snntorch_run, inputs("mlp")
     else:
