@@ -287,6 +287,12 @@ class _BayesMixin(SBNNModule):
         # gradient flows through the variance path (detach_input_variance=False) are squared
         binary = binary and not (x_in.requires_grad and torch.is_grad_enabled())
         s2 = self._std_squared()
+        mask = self._pruning_mask()
+        if mask is not None:  # torch.nn.utils.prune: a removed weight has no noise either
+            var = self._masked_variance(x_in, binary, s2, mask)
+            if self.bias_noise:
+                var = var + self.bias_std**2
+            return new_draw(attach_variance(mean, var), self)
         if self._factored():  # s^2 F kept factored through the variance flow
             field = self._input_variance(x_in, binary, None)
             return new_draw(attach_variance(mean, ScaledVariance(field, s2)), self)
@@ -296,6 +302,25 @@ class _BayesMixin(SBNNModule):
         # broadcastable to the mean (e.g. [N, 1, H, W] with a per-layer std): consumers
         # broadcast it, and channel-independent ops (avg-pool) stay C times cheaper
         return new_draw(attach_variance(mean, var), self)
+
+    def _pruning_mask(self) -> Tensor | None:
+        """The mask ``torch.nn.utils.prune`` applies to the weight (its ``weight_mask``
+        buffer, next to the parameter ``weight_orig``), or ``None`` when not pruned."""
+        mask = self._buffers.get("weight_mask")
+        if mask is None or "weight_orig" not in self._parameters:
+            return None
+        return mask
+
+    def _masked_variance(self, x: Tensor, binary: bool, s2: Tensor, mask: Tensor) -> Tensor:
+        """LRT variance of a pruned layer, ``sum_i m_i^2 s_i^2 x_i^2`` (no bias noise): the
+        weight is ``m * w`` with ``w ~ N(mu, s^2)``, so a pruned synapse (``m = 0``) adds no
+        noise, as it adds no mean."""
+        x, s2 = _variance_precision(x, binary, s2)
+        x2 = x if binary else x * x
+        if self.std_mode == "channel":
+            s2 = s2.view(-1, *([1] * (self.weight.dim() - 1)))
+        per_weight = s2.expand(self.weight.shape) * mask.to(s2.dtype).square()
+        return self._op(x2, per_weight, None)
 
     def _factored(self) -> bool:
         """Whether the variance is ``s^2 F`` with one scalar ``s^2`` (per-layer std, no
@@ -316,7 +341,9 @@ class _BayesMixin(SBNNModule):
         """LRT variance ``var(a) = sum_i s_i^2 x_i^2 (+ s_b^2)`` of the output, full shape."""
         with no_variance_flow():
             mean = self._mean(x)
-            var = self._output_variance(x * x, self._std_squared())
+            mask = self._pruning_mask()
+            var = (self._output_variance(x * x, self._std_squared()) if mask is None
+                   else self._masked_variance(x, False, self._std_squared(), mask))
             if self.bias_noise:
                 var = var + self.bias_std**2
             return var.expand_as(mean)
