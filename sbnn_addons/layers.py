@@ -765,9 +765,19 @@ def keep_ties(new: nn.Module, src: nn.Module, seen: dict[int, nn.Parameter],
     With ``adopt`` (a conversion), ``new`` takes ``src``'s own weight and bias objects as
     its posterior means (same values, shape, dtype and device): an optimizer, a parameter
     group, a hook or a weight-decay list that holds them keeps working on the converted
-    model. Returns ``new``."""
+    model.
+
+    A ``src`` pruned with ``torch.nn.utils.prune`` (``weight_orig`` and ``weight_mask``)
+    gives ``new`` the same pruning (``prune.custom_from_mask``): its ``weight_orig`` is
+    ``src``'s (adopted or tied as above), so the removed weights stay removed in the
+    converted or exported model instead of training again from 0. Returns ``new``."""
+    mask = src._buffers.get("weight_mask")
+    orig = src._parameters.get("weight_orig")
+    pruned = mask is not None and isinstance(orig, nn.Parameter)
     for name in ("weight", "bias"):
         old, made = getattr(src, name, None), getattr(new, name, None)
+        if name == "weight" and pruned:
+            old = orig
         if not isinstance(old, nn.Parameter) or not isinstance(made, nn.Parameter):
             continue
         if id(old) in seen:
@@ -777,6 +787,11 @@ def keep_ties(new: nn.Module, src: nn.Module, seen: dict[int, nn.Parameter],
             seen[id(old)] = old
         else:
             seen[id(old)] = made
+    if pruned and "weight_orig" not in new._parameters and isinstance(
+            getattr(new, "weight", None), nn.Parameter) and new.weight.shape == mask.shape:
+        from torch.nn.utils import prune
+
+        prune.custom_from_mask(new, "weight", mask.detach().clone())
     return new
 
 
