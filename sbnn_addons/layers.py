@@ -47,9 +47,11 @@ from .functional import (
     mark_binary,
 )
 from .moments import (
+    _REPORTS,
     ScaledVariance,
     VarianceFlowError,
     VarianceTensor,
+    _noisy_in_sample_mode,
     attach_variance,
     new_draw,
     no_variance_flow,
@@ -275,8 +277,26 @@ class _BayesMixin(SBNNModule):
             "list(sbnn_addons.noise_parameters(model))})",
             UserWarning, stacklevel=4)
 
+    def _guard_forward_hooks(self) -> None:
+        """Where the layer has forward hooks of its user (not the variance flow's own),
+        make :func:`_variance_kept` the last of them, so that it sees the output every
+        hook left. Run in the forward: the hooks run after it (eager mode only)."""
+        hooks = self._forward_hooks
+        if not hooks or torch.compiler.is_compiling():
+            return
+        key = self.__dict__.get("_variance_guard_key")
+        if key is not None and key in hooks:
+            if next(reversed(hooks)) != key:
+                hooks.move_to_end(key)
+            return
+        if all(getattr(h, "__module__", None) == "sbnn_addons.moments"
+               for h in hooks.values()):
+            return
+        self.__dict__["_variance_guard_key"] = self.register_forward_hook(_variance_kept).id
+
     def _attach(self, mean: Tensor, x: Tensor) -> Tensor:
         self._check_std_trained()
+        self._guard_forward_hooks()
         if self._noise_free():
             return attach_variance(mean, None)
         binary = is_binary(x)
@@ -382,6 +402,27 @@ class _BayesMixin(SBNNModule):
         for mean, std in params:
             total = total + _kl(mean, std, prior, num_samples)
         return total
+
+
+def _variance_kept(module: _BayesMixin, args, output) -> None:
+    """The last forward hook of a Bayesian layer that has hooks of its user: a hook that
+    replaced the output by a tensor without its variance (``output.data``,
+    ``output.as_subclass(torch.Tensor)``, ``torch.tensor(...)``) would make the layer's
+    noise vanish silently, with no gradient for its std."""
+    if type(output) is VarianceTensor or not isinstance(output, Tensor):
+        return
+    # mean mode: the layer's noise is off, but check_variance_flow follows it as a probe
+    if module._noise_free() and not (module.deterministic and _REPORTS
+                                     and _noisy_in_sample_mode(module)):
+        return
+    name = noise_sources(output, module)[0]
+    which = f"{type(module).__name__}{f' {name!r}' if name else ''}"
+    raise VarianceFlowError(
+        f"a forward hook of {which} returned a tensor without the posterior variance the "
+        "layer attached to its output (a new tensor, .data, .as_subclass(torch.Tensor)), "
+        "so the layer's noise would vanish silently and its std get no gradient; return "
+        "an expression of the output instead (output * mask, output.clone(), None to keep "
+        "it), or register the hook on the module after the layer")
 
 
 def check_kl_samples(num_samples) -> None:

@@ -584,3 +584,35 @@ def test_a_forward_that_raised_leaves_no_aux_terms_behind(host):
     sb.seed_spikes(net, 0)
     step(x)
     assert float(sb.aux_loss(net, "sum")) == pytest.approx(clean)
+
+
+def test_forward_hook_that_drops_the_variance_raises():
+    """A forward hook of a Bayesian layer that returns a tensor without the layer's
+    variance (``.data``, ``as_subclass``, a new tensor) made the layer's noise vanish
+    silently; it raises, naming the hook and the fix, also for a hook added after the
+    first forward, and in check_variance_flow (mean mode). A hook that returns an
+    expression of the output keeps the variance (scaled by its rule)."""
+    torch.manual_seed(0)
+    fc, x = sb.BayesLinear(4, 3), torch.rand(2, 4)
+    ref = sb.get_variance(fc(x))
+    handle = fc.register_forward_hook(lambda m, i, o: o * 2.0)
+    torch.testing.assert_close(sb.get_variance(fc(x)), 4 * ref)
+    fc.register_forward_hook(lambda m, i, o: None)
+    assert len(fc._forward_hooks) == 3  # the two hooks and the check, once
+    late = fc.register_forward_hook(lambda m, i, o: o.as_subclass(torch.Tensor))
+    with pytest.raises(VarianceFlowError, match=r"forward hook of BayesLinear.*"
+                       r"noise would vanish.*expression of the output"):
+        fc(x)
+    with sb.mode(fc, "mean"):
+        assert type(fc(x)) is torch.Tensor  # no noise to lose
+    late.remove()
+    handle.remove()
+    assert sb.get_variance(fc(x)) is not None
+    net = nn.Sequential(nn.Linear(4, 5), snn.Leaky(beta=0.9, init_hidden=True),
+                        nn.Linear(5, 2), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    model = sbnn_snn.to_sbnn(net)
+    model[2].register_forward_hook(lambda m, i, o: o.data)
+    for _ in range(2):  # the check does not pile up guards
+        with pytest.raises(VarianceFlowError, match=r"BayesLinear '2'.*check_variance_flow"):
+            sb.check_variance_flow(model, x)
+    assert len(model[2]._forward_hooks) == 3  # the flow's probe, the hook, the check
