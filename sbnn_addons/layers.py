@@ -33,9 +33,9 @@ from .base import (
     check_input,
     check_std,
     inverse_softplus,
+    noise_scale,
     share_posterior,
     shared_square,
-    softplus,
 )
 from .functional import (
     apply_function,
@@ -214,12 +214,12 @@ class _BayesMixin(SBNNModule):
     @property
     def std(self) -> Tensor:
         """Posterior std ``s``: shape ``()``, ``[out]`` or the weight shape."""
-        return softplus(self.std_rho) if self.learn_std else self.fixed_std
+        return noise_scale(self, "std_rho") if self.learn_std else self.fixed_std
 
     @property
     def bias_std(self) -> Tensor | None:
         """Std ``s_b`` of the bias noise, or ``None``."""
-        return softplus(self.bias_std_rho) if self.bias_noise else None
+        return noise_scale(self, "bias_std_rho") if self.bias_noise else None
 
     def _noise_free(self) -> bool:
         return self.deterministic or (

@@ -616,3 +616,37 @@ def test_forward_hook_that_drops_the_variance_raises():
         with pytest.raises(VarianceFlowError, match=r"BayesLinear '2'.*check_variance_flow"):
             sb.check_variance_flow(model, x)
     assert len(model[2]._forward_hooks) == 3  # the flow's probe, the hook, the check
+
+
+def test_pruned_noise_scale_raises():
+    """A global pruning over every parameter (``prune.global_unstructured``) also prunes
+    the noise scales ``rho``: a pruned ``rho = 0`` is a std of ``softplus(0) = 0.69``,
+    more noise, silently. It raises, naming the parameter and the fix; pruning only the
+    weights (noise scales left out by name) runs."""
+    from torch.nn.utils import prune
+
+    from sbnn_addons.optim import is_noise_parameter
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(sb.BayesLinear(4, 3, std_mode="weight", bias_std=0.1),
+                             sb.LIF(spike_fn=sb.IWSTSpike(std=0.2, learn_std=True)))
+
+    x = torch.rand(2, 4)
+    for skip in ("std_rho", "bias_std_rho"):  # each noise scale raises on its own
+        model = net()
+        params = [(m, n) for m in model.modules() for n, _ in m.named_parameters(recurse=False)
+                  if n == skip or not is_noise_parameter(n)]
+        prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=0.3)
+        with pytest.raises(ValueError, match=rf"\.{skip} is pruned.*softplus\(rho\).*"
+                                             r"prune only the weights"):
+            model(x)
+    spike = sb.IWSTSpike(std=0.2, learn_std=True, std_shape=(3,))
+    prune.l1_unstructured(spike, "std_rho", amount=1)
+    with pytest.raises(ValueError, match=r"IWSTSpike\.std_rho is pruned"):
+        spike(torch.rand(2, 3))
+    model = net()
+    params = [(m, n) for m in model.modules() for n, _ in m.named_parameters(recurse=False)
+              if not is_noise_parameter(n)]
+    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=0.3)
+    model(x)
