@@ -278,19 +278,23 @@ class _BayesMixin(SBNNModule):
             UserWarning, stacklevel=4)
 
     def _guard_forward_hooks(self) -> None:
-        """Where the layer has forward hooks of its user (not the variance flow's own),
-        make :func:`_variance_kept` the last of them, so that it sees the output every
-        hook left. Run in the forward: the hooks run after it (eager mode only)."""
+        """Where the layer has forward hooks of its user (not the variance flow's own, a
+        global one of ``register_module_forward_hook`` included), make
+        :func:`_variance_kept` the last of them, so that it sees the output every hook
+        left. Run in the forward: the hooks run after it (eager mode only)."""
+        if torch.compiler.is_compiling():
+            return
         hooks = self._forward_hooks
-        if not hooks or torch.compiler.is_compiling():
+        global_hooks = torch.nn.modules.module._global_forward_hooks
+        if not hooks and not global_hooks:
             return
         key = self.__dict__.get("_variance_guard_key")
         if key is not None and key in hooks:
             if next(reversed(hooks)) != key:
                 hooks.move_to_end(key)
             return
-        if all(getattr(h, "__module__", None) == "sbnn_addons.moments"
-               for h in hooks.values()):
+        if not global_hooks and all(getattr(h, "__module__", None) == "sbnn_addons.moments"
+                                    for h in hooks.values()):
             return
         self.__dict__["_variance_guard_key"] = self.register_forward_hook(_variance_kept).id
 

@@ -608,6 +608,15 @@ def test_forward_hook_that_drops_the_variance_raises():
     late.remove()
     handle.remove()
     assert sb.get_variance(fc(x)) is not None
+    other = sb.BayesLinear(4, 3)
+    glob = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: o.as_subclass(torch.Tensor) if isinstance(m, sb.BayesLinear) else None)
+    try:
+        with pytest.raises(VarianceFlowError, match="forward hook of BayesLinear"):
+            other(x)
+    finally:
+        glob.remove()
+    assert sb.get_variance(other(x)) is not None
     net = nn.Sequential(nn.Linear(4, 5), snn.Leaky(beta=0.9, init_hidden=True),
                         nn.Linear(5, 2), snn.Leaky(beta=0.9, init_hidden=True, output=True))
     model = sbnn_snn.to_sbnn(net)
