@@ -123,11 +123,20 @@ class _BinaryInputOp(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, weight, bias, layer = inputs
         ctx.layer, ctx.x_dtype, ctx.has_bias = layer, x.dtype, bias is not None
+        ctx.x_graph = x.requires_grad
         ctx.save_for_backward(x.to(torch.uint8), weight)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
+        # differentiable in grad and weight (create_graph=True), not in the saved bytes
+        if torch.is_grad_enabled() and ctx.x_graph:
+            raise RuntimeError(
+                f"a second-order gradient (create_graph=True) through "
+                f"{type(ctx.layer).__name__}: its 0/1 spike input (>= COMPACT_INPUT_MIN = "
+                f"{COMPACT_INPUT_MIN} elements) was kept as uint8 for the backward, without "
+                "the spikes' graph, so the second-order terms through them would be lost. "
+                "Keep such inputs as they are before the forward: "
+                "sbnn_addons.layers.COMPACT_INPUT_MIN = math.inf (4x the memory for them)")
         x_bytes, weight = ctx.saved_tensors
         needs = (*ctx.needs_input_grad[:2], ctx.has_bias and ctx.needs_input_grad[2])
         gx, gw, gb = ctx.layer._op_backward(grad, x_bytes.to(ctx.x_dtype), weight, needs)

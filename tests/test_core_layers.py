@@ -809,3 +809,44 @@ def test_pruned_weights_carry_no_noise(kind, std_mode, bias_noise):
         var.sum().backward()
         grad = (op(x * x, mask).sum() * 2 * layer.std * torch.sigmoid(layer.std_rho)).detach()
         torch.testing.assert_close(layer.std_rho.grad, grad, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_second_order_gradient_through_compact_spike_input(kind, monkeypatch):
+    """A Bayesian layer keeps a large 0/1 spike input as uint8 for the backward. A
+    second-order gradient (create_graph=True, a gradient penalty) through it lost the
+    terms through the spikes silently (None / 0 for the layer before); it raises, naming
+    the switch, and with the switch it equals the plain path. Spikes without a graph
+    (data) give exact second-order gradients in the weights."""
+    import sbnn_addons.layers as layers_mod
+
+    def penalty(fc0, fc, x):
+        h = sb.IWSTSpike()(fc0(x))
+        g = torch.autograd.grad(fc(h).pow(2).sum(), fc.weight, create_graph=True)[0]
+        return g.pow(2).sum()
+
+    torch.manual_seed(0)
+    if kind == "linear":
+        fc0, fc, x = BayesLinear(8, 64), BayesLinear(64, 3), torch.rand(1100, 8)
+    else:
+        fc0, fc = BayesConv2d(1, 16, 3, padding=1), BayesConv2d(16, 2, 3, padding=1)
+        x = torch.rand(16, 1, 16, 16)
+    with pytest.raises(RuntimeError, match=r"second-order gradient.*COMPACT_INPUT_MIN = "
+                                           r"math\.inf"):
+        torch.manual_seed(1)
+        penalty(fc0, fc, x)
+    monkeypatch.setattr(layers_mod, "COMPACT_INPUT_MIN", math.inf)
+    torch.manual_seed(1)
+    ref = torch.autograd.grad(penalty(fc0, fc, x), fc0.weight)[0]
+    assert ref.abs().sum() > 0
+    monkeypatch.undo()
+    spikes = sb.IWSTSpike()(torch.randn((1100, 64) if kind == "linear" else (16, 16, 16, 16)))
+    assert "BinaryInputOp" in type(fc(spikes).grad_fn).__name__  # the compact path
+
+    def data_penalty():
+        g = torch.autograd.grad(fc(spikes).pow(2).sum(), fc.weight, create_graph=True)[0]
+        return torch.autograd.grad(g.pow(2).sum(), fc.weight)[0]
+
+    compact = data_penalty()
+    monkeypatch.setattr(layers_mod, "COMPACT_INPUT_MIN", math.inf)
+    torch.testing.assert_close(compact, data_penalty(), rtol=1e-5, atol=1e-3)
