@@ -164,6 +164,26 @@ def softplus(rho: Tensor) -> Tensor:
     return torch.nn.functional.softplus(rho)
 
 
+def noise_scale(module: torch.nn.Module, name: str) -> Tensor:
+    """``softplus(module.<name>)``, the std of a noise-scale parameter (``std_rho``,
+    ``bias_std_rho``).
+
+    Raises:
+        ValueError: the parameter is pruned with ``torch.nn.utils.prune`` (a
+            ``<name>_mask`` buffer, e.g. from a global pruning over every parameter): a
+            pruned ``rho = 0`` is a std of ``softplus(0) = 0.69``, more noise, not less.
+    """
+    if name + "_mask" in module._buffers and name + "_orig" in module._parameters:
+        raise ValueError(
+            f"{type(module).__name__}.{name} is pruned (torch.nn.utils.prune), but it is a "
+            f"noise scale rho with std = softplus(rho): a pruned rho = 0 is a std of 0.69, "
+            f"more noise, not less. Remove it with prune.remove(module, {name!r}) and "
+            "restore its values, and prune only the weights (a pruned weight of a Bayesian "
+            "layer carries no noise); leave the noise scales out of a global pruning "
+            "(sbnn_addons.optim.is_noise_parameter(name))")
+    return softplus(getattr(module, name))
+
+
 _SHARED: list[dict | None] = [None]
 
 

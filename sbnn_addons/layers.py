@@ -33,9 +33,9 @@ from .base import (
     check_input,
     check_std,
     inverse_softplus,
+    noise_scale,
     share_posterior,
     shared_square,
-    softplus,
 )
 from .functional import (
     apply_function,
@@ -47,9 +47,11 @@ from .functional import (
     mark_binary,
 )
 from .moments import (
+    _REPORTS,
     ScaledVariance,
     VarianceFlowError,
     VarianceTensor,
+    _noisy_in_sample_mode,
     attach_variance,
     new_draw,
     no_variance_flow,
@@ -121,11 +123,20 @@ class _BinaryInputOp(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, weight, bias, layer = inputs
         ctx.layer, ctx.x_dtype, ctx.has_bias = layer, x.dtype, bias is not None
+        ctx.x_graph = x.requires_grad
         ctx.save_for_backward(x.to(torch.uint8), weight)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
+        # differentiable in grad and weight (create_graph=True), not in the saved bytes
+        if torch.is_grad_enabled() and ctx.x_graph:
+            raise RuntimeError(
+                f"a second-order gradient (create_graph=True) through "
+                f"{type(ctx.layer).__name__}: its 0/1 spike input (>= COMPACT_INPUT_MIN = "
+                f"{COMPACT_INPUT_MIN} elements) was kept as uint8 for the backward, without "
+                "the spikes' graph, so the second-order terms through them would be lost. "
+                "Keep such inputs as they are before the forward: "
+                "sbnn_addons.layers.COMPACT_INPUT_MIN = math.inf (4x the memory for them)")
         x_bytes, weight = ctx.saved_tensors
         needs = (*ctx.needs_input_grad[:2], ctx.has_bias and ctx.needs_input_grad[2])
         gx, gw, gb = ctx.layer._op_backward(grad, x_bytes.to(ctx.x_dtype), weight, needs)
@@ -212,12 +223,12 @@ class _BayesMixin(SBNNModule):
     @property
     def std(self) -> Tensor:
         """Posterior std ``s``: shape ``()``, ``[out]`` or the weight shape."""
-        return softplus(self.std_rho) if self.learn_std else self.fixed_std
+        return noise_scale(self, "std_rho") if self.learn_std else self.fixed_std
 
     @property
     def bias_std(self) -> Tensor | None:
         """Std ``s_b`` of the bias noise, or ``None``."""
-        return softplus(self.bias_std_rho) if self.bias_noise else None
+        return noise_scale(self, "bias_std_rho") if self.bias_noise else None
 
     def _noise_free(self) -> bool:
         return self.deterministic or (
@@ -275,8 +286,30 @@ class _BayesMixin(SBNNModule):
             "list(sbnn_addons.noise_parameters(model))})",
             UserWarning, stacklevel=4)
 
+    def _guard_forward_hooks(self) -> None:
+        """Where the layer has forward hooks of its user (not the variance flow's own, a
+        global one of ``register_module_forward_hook`` included), make
+        :func:`_variance_kept` the last of them, so that it sees the output every hook
+        left. Run in the forward: the hooks run after it (eager mode only)."""
+        if torch.compiler.is_compiling():
+            return
+        hooks = self._forward_hooks
+        global_hooks = torch.nn.modules.module._global_forward_hooks
+        if not hooks and not global_hooks:
+            return
+        key = self.__dict__.get("_variance_guard_key")
+        if key is not None and key in hooks:
+            if next(reversed(hooks)) != key:
+                hooks.move_to_end(key)
+            return
+        if not global_hooks and all(getattr(h, "__module__", None) == "sbnn_addons.moments"
+                                    for h in hooks.values()):
+            return
+        self.__dict__["_variance_guard_key"] = self.register_forward_hook(_variance_kept).id
+
     def _attach(self, mean: Tensor, x: Tensor) -> Tensor:
         self._check_std_trained()
+        self._guard_forward_hooks()
         if self._noise_free():
             return attach_variance(mean, None)
         binary = is_binary(x)
@@ -287,6 +320,12 @@ class _BayesMixin(SBNNModule):
         # gradient flows through the variance path (detach_input_variance=False) are squared
         binary = binary and not (x_in.requires_grad and torch.is_grad_enabled())
         s2 = self._std_squared()
+        mask = self._pruning_mask()
+        if mask is not None:  # torch.nn.utils.prune: a removed weight has no noise either
+            var = self._masked_variance(x_in, binary, s2, mask)
+            if self.bias_noise:
+                var = var + self.bias_std**2
+            return new_draw(attach_variance(mean, var), self)
         if self._factored():  # s^2 F kept factored through the variance flow
             field = self._input_variance(x_in, binary, None)
             return new_draw(attach_variance(mean, ScaledVariance(field, s2)), self)
@@ -296,6 +335,25 @@ class _BayesMixin(SBNNModule):
         # broadcastable to the mean (e.g. [N, 1, H, W] with a per-layer std): consumers
         # broadcast it, and channel-independent ops (avg-pool) stay C times cheaper
         return new_draw(attach_variance(mean, var), self)
+
+    def _pruning_mask(self) -> Tensor | None:
+        """The mask ``torch.nn.utils.prune`` applies to the weight (its ``weight_mask``
+        buffer, next to the parameter ``weight_orig``), or ``None`` when not pruned."""
+        mask = self._buffers.get("weight_mask")
+        if mask is None or "weight_orig" not in self._parameters:
+            return None
+        return mask
+
+    def _masked_variance(self, x: Tensor, binary: bool, s2: Tensor, mask: Tensor) -> Tensor:
+        """LRT variance of a pruned layer, ``sum_i m_i^2 s_i^2 x_i^2`` (no bias noise): the
+        weight is ``m * w`` with ``w ~ N(mu, s^2)``, so a pruned synapse (``m = 0``) adds no
+        noise, as it adds no mean."""
+        x, s2 = _variance_precision(x, binary, s2)
+        x2 = x if binary else x * x
+        if self.std_mode == "channel":
+            s2 = s2.view(-1, *([1] * (self.weight.dim() - 1)))
+        per_weight = s2.expand(self.weight.shape) * mask.to(s2.dtype).square()
+        return self._op(x2, per_weight, None)
 
     def _factored(self) -> bool:
         """Whether the variance is ``s^2 F`` with one scalar ``s^2`` (per-layer std, no
@@ -316,7 +374,9 @@ class _BayesMixin(SBNNModule):
         """LRT variance ``var(a) = sum_i s_i^2 x_i^2 (+ s_b^2)`` of the output, full shape."""
         with no_variance_flow():
             mean = self._mean(x)
-            var = self._output_variance(x * x, self._std_squared())
+            mask = self._pruning_mask()
+            var = (self._output_variance(x * x, self._std_squared()) if mask is None
+                   else self._masked_variance(x, False, self._std_squared(), mask))
             if self.bias_noise:
                 var = var + self.bias_std**2
             return var.expand_as(mean)
@@ -355,6 +415,27 @@ class _BayesMixin(SBNNModule):
         for mean, std in params:
             total = total + _kl(mean, std, prior, num_samples)
         return total
+
+
+def _variance_kept(module: _BayesMixin, args, output) -> None:
+    """The last forward hook of a Bayesian layer that has hooks of its user: a hook that
+    replaced the output by a tensor without its variance (``output.data``,
+    ``output.as_subclass(torch.Tensor)``, ``torch.tensor(...)``) would make the layer's
+    noise vanish silently, with no gradient for its std."""
+    if type(output) is VarianceTensor or not isinstance(output, Tensor):
+        return
+    # mean mode: the layer's noise is off, but check_variance_flow follows it as a probe
+    if module._noise_free() and not (module.deterministic and _REPORTS
+                                     and _noisy_in_sample_mode(module)):
+        return
+    name = noise_sources(output, module)[0]
+    which = f"{type(module).__name__}{f' {name!r}' if name else ''}"
+    raise VarianceFlowError(
+        f"a forward hook of {which} returned a tensor without the posterior variance the "
+        "layer attached to its output (a new tensor, .data, .as_subclass(torch.Tensor)), "
+        "so the layer's noise would vanish silently and its std get no gradient; return "
+        "an expression of the output instead (output * mask, output.clone(), None to keep "
+        "it), or register the hook on the module after the layer")
 
 
 def check_kl_samples(num_samples) -> None:
@@ -738,9 +819,19 @@ def keep_ties(new: nn.Module, src: nn.Module, seen: dict[int, nn.Parameter],
     With ``adopt`` (a conversion), ``new`` takes ``src``'s own weight and bias objects as
     its posterior means (same values, shape, dtype and device): an optimizer, a parameter
     group, a hook or a weight-decay list that holds them keeps working on the converted
-    model. Returns ``new``."""
+    model.
+
+    A ``src`` pruned with ``torch.nn.utils.prune`` (``weight_orig`` and ``weight_mask``)
+    gives ``new`` the same pruning (``prune.custom_from_mask``): its ``weight_orig`` is
+    ``src``'s (adopted or tied as above), so the removed weights stay removed in the
+    converted or exported model instead of training again from 0. Returns ``new``."""
+    mask = src._buffers.get("weight_mask")
+    orig = src._parameters.get("weight_orig")
+    pruned = mask is not None and isinstance(orig, nn.Parameter)
     for name in ("weight", "bias"):
         old, made = getattr(src, name, None), getattr(new, name, None)
+        if name == "weight" and pruned:
+            old = orig
         if not isinstance(old, nn.Parameter) or not isinstance(made, nn.Parameter):
             continue
         if id(old) in seen:
@@ -750,6 +841,11 @@ def keep_ties(new: nn.Module, src: nn.Module, seen: dict[int, nn.Parameter],
             seen[id(old)] = old
         else:
             seen[id(old)] = made
+    if pruned and "weight_orig" not in new._parameters and isinstance(
+            getattr(new, "weight", None), nn.Parameter) and new.weight.shape == mask.shape:
+        from torch.nn.utils import prune
+
+        prune.custom_from_mask(new, "weight", mask.detach().clone())
     return new
 
 

@@ -146,7 +146,8 @@ class ScaledVariance:
         return self._value[1]
 
     def __repr__(self) -> str:
-        return f"ScaledVariance(base={tuple(self.base.shape)}, scale={float(self.scale):g})"
+        return (f"ScaledVariance(base={tuple(self.base.shape)}, "
+                f"scale={float(self.scale.detach()):g})")
 
 
 class NoiseSet:

@@ -9,6 +9,7 @@ released configuration trains them at 10x).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 from torch import nn
@@ -23,8 +24,14 @@ NOISE_SUFFIX = "std_rho"
 
 def is_noise_parameter(name: str) -> bool:
     """Whether the parameter called ``name`` (as in ``named_parameters``) is a noise scale
-    (``std_rho``, ``bias_std_rho``, ...: its last component ends in ``std_rho``)."""
-    return name.rsplit(".", 1)[-1].endswith(NOISE_SUFFIX)
+    (``std_rho``, ``bias_std_rho``, ...: its last component ends in ``std_rho``), also
+    under ``torch.nn.utils.parametrize``, which stores a parametrized ``std_rho`` as
+    ``parametrizations.std_rho.original`` (``original0``, ... for several)."""
+    parts = name.split(".")
+    if (len(parts) >= 3 and parts[-3] == "parametrizations"
+            and re.fullmatch(r"original\d*", parts[-1])):
+        return parts[-2].endswith(NOISE_SUFFIX)
+    return parts[-1].endswith(NOISE_SUFFIX)
 
 
 def noise_parameters(model: nn.Module) -> Iterator[nn.Parameter]:

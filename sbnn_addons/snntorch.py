@@ -887,11 +887,15 @@ def _state_tensors(m: nn.Module) -> list[Tensor]:
 def _safe_deepcopy(model: nn.Module) -> nn.Module:
     """``deepcopy`` that also works while neuron states still hold an autograd graph.
 
-    Non-leaf state tensors are copied as detached clones (with their attached variance).
+    Non-leaf state tensors are copied as detached clones (with their attached variance),
+    and so is a weight pruned with ``torch.nn.utils.prune`` (its hook recomputes it).
     """
     memo: dict[int, object] = {}
     keep = []
     for m in model.modules():
+        for value in m.__dict__.values():  # a pruned weight (torch.nn.utils.prune)
+            if isinstance(value, Tensor) and value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
         if not _is_snn_neuron(m):
             continue
         for t in _state_tensors(m):

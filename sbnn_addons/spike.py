@@ -30,9 +30,9 @@ from .base import (
     check_module,
     check_std,
     inverse_softplus,
+    noise_scale,
     raise_error,
     shared_square,
-    softplus,
 )
 from .estimators import BernoulliSpike, Estimator, _standard_normal, get_estimator
 from .functional import (
@@ -321,7 +321,7 @@ class IWSTSpike(SBNNModule, nn.Module):
     @property
     def std(self) -> Tensor:
         """The spike function's own noise std ``s_n`` (shape ``std_shape``)."""
-        return softplus(self.std_rho) if self.learn_std else self.fixed_std
+        return noise_scale(self, "std_rho") if self.learn_std else self.fixed_std
 
     def noise_variance(self, u: Tensor) -> Tensor | None:
         """Total noise variance ``V(u) + s_n^2`` for drive ``u`` (``None`` if zero).

@@ -584,3 +584,78 @@ def test_a_forward_that_raised_leaves_no_aux_terms_behind(host):
     sb.seed_spikes(net, 0)
     step(x)
     assert float(sb.aux_loss(net, "sum")) == pytest.approx(clean)
+
+
+def test_forward_hook_that_drops_the_variance_raises():
+    """A forward hook of a Bayesian layer that returns a tensor without the layer's
+    variance (``.data``, ``as_subclass``, a new tensor) made the layer's noise vanish
+    silently; it raises, naming the hook and the fix, also for a hook added after the
+    first forward, and in check_variance_flow (mean mode). A hook that returns an
+    expression of the output keeps the variance (scaled by its rule)."""
+    torch.manual_seed(0)
+    fc, x = sb.BayesLinear(4, 3), torch.rand(2, 4)
+    ref = sb.get_variance(fc(x))
+    handle = fc.register_forward_hook(lambda m, i, o: o * 2.0)
+    torch.testing.assert_close(sb.get_variance(fc(x)), 4 * ref)
+    fc.register_forward_hook(lambda m, i, o: None)
+    assert len(fc._forward_hooks) == 3  # the two hooks and the check, once
+    late = fc.register_forward_hook(lambda m, i, o: o.as_subclass(torch.Tensor))
+    with pytest.raises(VarianceFlowError, match=r"forward hook of BayesLinear.*"
+                       r"noise would vanish.*expression of the output"):
+        fc(x)
+    with sb.mode(fc, "mean"):
+        assert type(fc(x)) is torch.Tensor  # no noise to lose
+    late.remove()
+    handle.remove()
+    assert sb.get_variance(fc(x)) is not None
+    other = sb.BayesLinear(4, 3)
+    glob = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: o.as_subclass(torch.Tensor) if isinstance(m, sb.BayesLinear) else None)
+    try:
+        with pytest.raises(VarianceFlowError, match="forward hook of BayesLinear"):
+            other(x)
+    finally:
+        glob.remove()
+    assert sb.get_variance(other(x)) is not None
+    net = nn.Sequential(nn.Linear(4, 5), snn.Leaky(beta=0.9, init_hidden=True),
+                        nn.Linear(5, 2), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    model = sbnn_snn.to_sbnn(net)
+    model[2].register_forward_hook(lambda m, i, o: o.data)
+    for _ in range(2):  # the check does not pile up guards
+        with pytest.raises(VarianceFlowError, match=r"BayesLinear '2'.*check_variance_flow"):
+            sb.check_variance_flow(model, x)
+    assert len(model[2]._forward_hooks) == 3  # the flow's probe, the hook, the check
+
+
+def test_pruned_noise_scale_raises():
+    """A global pruning over every parameter (``prune.global_unstructured``) also prunes
+    the noise scales ``rho``: a pruned ``rho = 0`` is a std of ``softplus(0) = 0.69``,
+    more noise, silently. It raises, naming the parameter and the fix; pruning only the
+    weights (noise scales left out by name) runs."""
+    from torch.nn.utils import prune
+
+    from sbnn_addons.optim import is_noise_parameter
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(sb.BayesLinear(4, 3, std_mode="weight", bias_std=0.1),
+                             sb.LIF(spike_fn=sb.IWSTSpike(std=0.2, learn_std=True)))
+
+    x = torch.rand(2, 4)
+    for skip in ("std_rho", "bias_std_rho"):  # each noise scale raises on its own
+        model = net()
+        params = [(m, n) for m in model.modules() for n, _ in m.named_parameters(recurse=False)
+                  if n == skip or not is_noise_parameter(n)]
+        prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=0.3)
+        with pytest.raises(ValueError, match=rf"\.{skip} is pruned.*softplus\(rho\).*"
+                                             r"prune only the weights"):
+            model(x)
+    spike = sb.IWSTSpike(std=0.2, learn_std=True, std_shape=(3,))
+    prune.l1_unstructured(spike, "std_rho", amount=1)
+    with pytest.raises(ValueError, match=r"IWSTSpike\.std_rho is pruned"):
+        spike(torch.rand(2, 3))
+    model = net()
+    params = [(m, n) for m in model.modules() for n, _ in m.named_parameters(recurse=False)
+              if not is_noise_parameter(n)]
+    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=0.3)
+    model(x)

@@ -760,3 +760,93 @@ def warnings_recorded():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield caught
+
+
+@pytest.mark.parametrize("kind, std_mode, bias_noise", [
+    ("linear", "layer", False), ("linear", "channel", True), ("linear", "weight", False),
+    ("conv2d", "layer", False), ("conv2d", "weight", True)])
+def test_pruned_weights_carry_no_noise(kind, std_mode, bias_noise):
+    """``torch.nn.utils.prune`` on ``weight``: the pruned weight is ``m * w`` with
+    ``w ~ N(mu, s^2)``, so a removed synapse adds neither mean nor noise. The attached
+    variance is ``sum_i m_i s_i^2 x_i^2`` exactly (it kept every removed synapse's
+    noise), and matches weight sampling (4000 samples, float64, 5 standard errors); a
+    fully pruned output unit is noise-free and the std's gradient comes from the kept
+    synapses only."""
+    from torch.nn.utils import prune
+
+    gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(0)
+    layer, x = _make(kind, std_mode, bias_noise, 1, 1)
+    _randomise_std(layer, gen)
+    prune.random_unstructured(layer, "weight", amount=0.5)
+    with torch.no_grad():
+        layer.weight_mask[0] = 0  # output unit 0 has no synapse left
+    mask = layer.weight_mask
+    std = layer.std.detach()
+    std = (std.view(-1, *([1] * (mask.dim() - 1))) if std_mode == "channel" else std)
+    s2 = std.expand(mask.shape) ** 2 * mask
+    op = ((lambda v, w: F.linear(v, w)) if kind == "linear"
+          else (lambda v, w: F.conv2d(v, w, padding=1)))
+    expected = op(x * x, s2) + (layer.bias_std.detach() ** 2 if bias_noise else 0)
+    mean = layer(x)
+    var = get_variance(mean).expand_as(mean)
+    torch.testing.assert_close(var, expected, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(layer.output_variance(x), expected, rtol=1e-12, atol=1e-15)
+    if not bias_noise:
+        assert torch.all(var[:, 0] == 0)
+    w = mask * (layer.weight_orig.detach() + std.expand(mask.shape) * torch.randn(
+        (S, *mask.shape), generator=gen, dtype=F64))
+    b = layer.bias.detach().expand(S, -1)
+    if bias_noise:
+        b = b + layer.bias_std.detach() * torch.randn(b.shape, generator=gen, dtype=F64)
+    if kind == "linear":
+        outs = torch.einsum("bi,soi->sbo", x, w) + b[:, None, :]
+    else:
+        outs = torch.func.vmap(lambda wi, bi: F.conv2d(x, wi, bi, padding=1))(w, b)
+    v = var.detach()
+    assert torch.all((outs.var(0) - v).abs() <= 5 * v * math.sqrt(2 / (S - 1)) + 1e-15)
+    if std_mode == "layer":
+        var.sum().backward()
+        grad = (op(x * x, mask).sum() * 2 * layer.std * torch.sigmoid(layer.std_rho)).detach()
+        torch.testing.assert_close(layer.std_rho.grad, grad, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_second_order_gradient_through_compact_spike_input(kind, monkeypatch):
+    """A Bayesian layer keeps a large 0/1 spike input as uint8 for the backward. A
+    second-order gradient (create_graph=True, a gradient penalty) through it lost the
+    terms through the spikes silently (None / 0 for the layer before); it raises, naming
+    the switch, and with the switch it equals the plain path. Spikes without a graph
+    (data) give exact second-order gradients in the weights."""
+    import sbnn_addons.layers as layers_mod
+
+    def penalty(fc0, fc, x):
+        h = sb.IWSTSpike()(fc0(x))
+        g = torch.autograd.grad(fc(h).pow(2).sum(), fc.weight, create_graph=True)[0]
+        return g.pow(2).sum()
+
+    torch.manual_seed(0)
+    if kind == "linear":
+        fc0, fc, x = BayesLinear(8, 64), BayesLinear(64, 3), torch.rand(1100, 8)
+    else:
+        fc0, fc = BayesConv2d(1, 16, 3, padding=1), BayesConv2d(16, 2, 3, padding=1)
+        x = torch.rand(16, 1, 16, 16)
+    with pytest.raises(RuntimeError, match=r"second-order gradient.*COMPACT_INPUT_MIN = "
+                                           r"math\.inf"):
+        torch.manual_seed(1)
+        penalty(fc0, fc, x)
+    monkeypatch.setattr(layers_mod, "COMPACT_INPUT_MIN", math.inf)
+    torch.manual_seed(1)
+    ref = torch.autograd.grad(penalty(fc0, fc, x), fc0.weight)[0]
+    assert ref.abs().sum() > 0
+    monkeypatch.undo()
+    spikes = sb.IWSTSpike()(torch.randn((1100, 64) if kind == "linear" else (16, 16, 16, 16)))
+    assert "BinaryInputOp" in type(fc(spikes).grad_fn).__name__  # the compact path
+
+    def data_penalty():
+        g = torch.autograd.grad(fc(spikes).pow(2).sum(), fc.weight, create_graph=True)[0]
+        return torch.autograd.grad(g.pow(2).sum(), fc.weight)[0]
+
+    compact = data_penalty()
+    monkeypatch.setattr(layers_mod, "COMPACT_INPUT_MIN", math.inf)
+    torch.testing.assert_close(compact, data_penalty(), rtol=1e-5, atol=1e-3)

@@ -766,3 +766,14 @@ def test_adaptive_avg_pool_variance_is_exact(func, shape, size):
     if func is F.adaptive_avg_pool2d:
         spike = IWSTSpike("st")
         spike(nn.AdaptiveAvgPool2d(size)(x))  # a rule: no VarianceFlowError
+
+
+def test_scaled_variance_repr_does_not_warn():
+    """The repr of a layer's factored variance (its scale requires grad) printed a
+    PyTorch warning about converting a tensor that requires grad to a scalar."""
+    import warnings
+
+    var = sb.moments.raw_variance(sb.BayesLinear(4, 3, std=0.5)(torch.rand(2, 4)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert repr(var) == f"ScaledVariance(base=(2, 1), scale={0.25:g})"

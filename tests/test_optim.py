@@ -66,3 +66,25 @@ def test_weight_decay_never_touches_the_noise_scales():
         opt.step()
     assert [float(model[0].std), float(model[1].std)] == pytest.approx(stds)
     assert model[0].weight.abs().sum() < weight.abs().sum()  # the weights did decay
+
+
+def test_parametrized_noise_scale_stays_in_the_noise_group():
+    """``torch.nn.utils.parametrize`` on ``std_rho`` renames the parameter
+    ``parametrizations.std_rho.original``: it is still a noise scale (it went to the
+    weights' group at the weights' learning rate, and ``noise_parameters`` missed it)."""
+    from torch.nn.utils import parametrize
+
+    class Same(nn.Module):
+        def forward(self, rho):
+            return rho
+
+    net = _net()
+    parametrize.register_parametrization(net[0], "std_rho", Same())
+    parametrize.register_parametrization(net[0], "weight", Same())
+    names = {id(p): n for n, p in net.named_parameters()}
+    groups = sb.param_groups(net, lr=1e-3, noise_lr=1e-2)
+    noise = {names[id(p)] for p in groups[1]["params"]}
+    assert noise == {"0.parametrizations.std_rho.original", "0.bias_std_rho",
+                     "1.spike_fn.std_rho"}
+    assert "0.parametrizations.weight.original" in {names[id(p)] for p in groups[0]["params"]}
+    assert noise == {names[id(p)] for p in sb.noise_parameters(net)}

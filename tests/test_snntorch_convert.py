@@ -514,3 +514,37 @@ def test_parametrized_weight_layer_left_deterministic_is_named(norm):
         to_sbnn(net, exclude="0")
     parametrize.remove_parametrizations(net[0], "weight")
     assert isinstance(to_sbnn(net)[0], BayesLinear)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_pruned_host_layer_stays_pruned(inplace):
+    """A host layer pruned with ``torch.nn.utils.prune`` converts (the copy raised
+    PyTorch's deepcopy error about non-leaf tensors) into a Bayesian layer with the same
+    mask: the removed weights stay 0 through an optimiser step (they trained again from
+    0) and add no noise; ``inplace=True`` adopts ``weight_orig`` itself; the export keeps
+    the pruning."""
+    import snntorch as snn
+    from torch import nn
+    from torch.nn.utils import prune
+
+    from sbnn_addons.snntorch import to_snntorch
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), snn.Leaky(beta=0.9, init_hidden=True),
+                        nn.Linear(5, 3), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    prune.l1_unstructured(net[0], "weight", amount=0.5)
+    mask, orig, x = net[0].weight_mask.clone(), net[0].weight_orig, torch.rand(4, 6)
+    sb = to_sbnn(net, inplace=inplace)
+    layer = sb[0]
+    assert torch.equal(layer.weight_mask, mask) and torch.equal(layer.weight, orig * mask)
+    assert (layer.weight_orig is orig) == inplace
+    var = get_variance(layer(x))
+    torch.testing.assert_close(var, (x * x) @ mask.t() * layer.std ** 2)
+    opt = torch.optim.SGD(sb.parameters(), lr=0.5)
+    reset(sb)
+    sum(o.sum() for o in sb(x)).backward()
+    opt.step()
+    assert torch.all(layer.weight[mask == 0] == 0)
+    plain = to_snntorch(sb)
+    assert torch.equal(plain[0].weight_mask, mask) and torch.equal(plain[0].weight,
+                                                                   layer.weight)

@@ -475,3 +475,24 @@ def test_a_neuron_that_is_not_converted_refuses_a_bayesian_layers_variance(step_
     with sbnn_addons.mode(model, mode):
         model(x).sum().backward()
     assert (model[0].std_rho.grad is not None) == (mode == "sample")
+
+
+def test_pruned_layer_converts_with_its_mask_multi_step():
+    """A SpikingJelly layer pruned with ``torch.nn.utils.prune`` converts (multi-step)
+    with the same mask: mean mode equals the host exactly, and the export keeps it."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Conv2d(2, 4, 3, padding=1), neuron.LIFNode(), layer.Flatten(),
+                        layer.Linear(100, 3), neuron.LIFNode())
+    functional.set_step_mode(net, "m")
+    prune.l1_unstructured(net[0], "weight", 0.5)
+    x = torch.rand(3, 2, 2, 5, 5) * 4
+    model = sbnn_sj.to_sbnn(net, example_input=x)
+    assert torch.equal(model[0].weight_mask, net[0].weight_mask)
+    with sbnn_addons.mode(model, "mean"):
+        functional.reset_net(model)
+        functional.reset_net(net)
+        assert torch.equal(model(x), net(x))
+    plain = sbnn_sj.to_spikingjelly(model)
+    assert torch.equal(plain[0].weight_mask, net[0].weight_mask)
