@@ -79,6 +79,10 @@ __all__ = [
 ]
 
 STD_MODES = ("layer", "channel", "weight")
+
+#: The missing-keys list of the last load_state_dict call that warned of a checkpoint
+#: without noise scales (one warning per call, not one per layer).
+_LOAD_WARNED: list = [None]
 #: Spike inputs with at least this many elements are kept as uint8 for the backward;
 #: below it the memory saved is small and the extra autograd node costs more time.
 COMPACT_INPUT_MIN = 1 << 16
@@ -203,6 +207,53 @@ class _BayesMixin(SBNNModule):
                 self.fixed_std.fill_(std)
             if self.bias_noise:
                 self.bias_std_rho.fill_(inverse_softplus(bias_std))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        """PyTorch's load, with the two ways a checkpoint's noise scales can fail to match
+        named: a std of another ``std_mode`` (an error that names both modes, instead of a
+        bare size mismatch) and a checkpoint with the weight but no std (a host model's:
+        a warning, since a non-strict load would leave the std at its current value)."""
+        own = "std_rho" if self.learn_std else "fixed_std"
+        key = prefix + own
+        saved = state_dict.get(key)
+        target = getattr(self, own)
+        mismatch = None
+        if isinstance(saved, Tensor) and not target.is_meta and saved.shape != target.shape:
+            shapes = {(): "layer", (self.weight.shape[0],): "channel",
+                      tuple(self.weight.shape): "weight"}
+            mode = shapes.get(tuple(saved.shape))
+            if mode is not None and mode != self.std_mode:
+                mismatch = (
+                    f"size mismatch for {key}: the checkpoint's noise scale has shape "
+                    f"{tuple(saved.shape)}, that of a layer built with std_mode={mode!r}, but "
+                    f"this {type(self).__name__} has std_mode={self.std_mode!r} (shape "
+                    f"{tuple(target.shape)}): build the model with std_mode={mode!r} "
+                    f"(to_sbnn(..., std_mode={mode!r}) for a converted model) to load it")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+        if mismatch is not None:
+            bare = f"size mismatch for {key}:"
+            error_msgs[:] = [m for m in error_msgs if not m.startswith(bare)]
+            error_msgs.append(mismatch)
+        if (saved is None and prefix + "weight" in state_dict
+                and _LOAD_WARNED[0] is not missing_keys):
+            _LOAD_WARNED[0] = missing_keys  # the list this load_state_dict call shares
+            other = "fixed_std" if self.learn_std else "std_rho"
+            name = prefix.rstrip(".") or type(self).__name__
+            form = (f" (it holds {prefix + other}: a layer built with learn_std="
+                    f"{not self.learn_std})" if prefix + other in state_dict else
+                    " (a checkpoint of the host model, or of a model without noise scales)")
+            warnings.warn(
+                f"load_state_dict: the state dict holds the weight of the Bayesian layer "
+                f"{name!r} but not its noise scale {key!r}{form}, and the same may hold "
+                "for other layers (the missing keys are in load_state_dict's result): "
+                "loaded with strict=False, their stds keep the values they had (in a "
+                "converted model: sized from the weights it had at conversion, not from "
+                "these). Load a host "
+                "checkpoint into the host model before converting it (to_sbnn), or load a "
+                "checkpoint of the converted model", UserWarning,
+                stacklevel=4 + prefix.count("."))  # the caller of load_state_dict
 
     def _std_squared(self) -> Tensor:
         """``s^2``, computed once per :func:`share_posterior` block (else at every call)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -760,3 +761,36 @@ def warnings_recorded():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield caught
+
+
+@pytest.mark.parametrize("saved, loaded", [("channel", "layer"), ("layer", "channel"),
+                                           ("weight", "channel")])
+def test_state_dict_of_another_std_mode_names_it(saved, loaded):
+    """A checkpoint of a layer with another ``std_mode`` raised PyTorch's bare size
+    mismatch of ``std_rho``; the error now names both std modes and the fix."""
+    torch.manual_seed(0)
+    src = nn.Sequential(BayesConv2d(2, 4, 3, std_mode=saved))
+    dst = nn.Sequential(BayesConv2d(2, 4, 3, std_mode=loaded))
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=rf"0\.std_rho.*std_mode='{saved}'.*"
+                                               rf"std_mode='{loaded}'.*std_mode='{saved}'"):
+            dst.load_state_dict(src.state_dict(), strict=strict)
+
+
+def test_loading_weights_without_noise_scales_warns():
+    """A state dict with a Bayesian layer's weight but not its noise scale (a host
+    model's checkpoint, loaded with strict=False) left the std at its initial value
+    silently; it now warns, once per load, naming the layer and the key."""
+    model = nn.Sequential(BayesLinear(4, 3), nn.ReLU(), BayesLinear(3, 2))
+    host = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.warns(UserWarning, match=r"'0'.*std_rho.*before") as record:
+        result = model.load_state_dict(host.state_dict(), strict=False)
+    assert len([w for w in record if "std_rho" in str(w.message)]) == 1
+    assert result.missing_keys == ["0.std_rho", "2.std_rho"]
+    assert torch.equal(model[0].weight, host[0].weight)
+    with warnings.catch_warnings():  # a full checkpoint loads silently
+        warnings.simplefilter("error")
+        model.load_state_dict(nn.Sequential(BayesLinear(4, 3), nn.ReLU(),
+                                            BayesLinear(3, 2)).state_dict())
+        # a state dict without the layer at all (another sub-model's) is not this case
+        model.load_state_dict({}, strict=False)
