@@ -301,6 +301,10 @@ class _BayesMixin(SBNNModule):
         ``torch.compile``. Not warned: a frozen std (``requires_grad=False``), gradient
         accumulation (no step, no weight change), a std in a group with ``lr=0`` (Adam and
         SGD still update it in place).
+
+        In ``mean`` mode (no noise, so no gradient for ``std_rho``) the same step warns
+        that the network trains as a deterministic one: the mode is pickled with the
+        model, so a model saved in ``mean`` mode resumes training in it.
         """
         if (not self.learn_std or not self.training or not torch.is_grad_enabled()
                 or torch.compiler.is_compiling() or "_sbnn_std_warned" in self.__dict__):
@@ -312,11 +316,23 @@ class _BayesMixin(SBNNModule):
         last = self.__dict__.get("_sbnn_versions")
         self.__dict__["_sbnn_versions"] = now
         if (last is None or last[0] != now[0] or last[2] != now[2]  # other tensors
-                or last[1] == now[1] or last[3] != now[3] or rho.grad is None):
+                or last[1] == now[1] or last[3] != now[3]):
+            return
+        if not self.deterministic and rho.grad is None:
             return
         self.__dict__["_sbnn_std_warned"] = True
         name = noise_sources(weight, self)[0]
         which = f"{type(self).__name__} {name!r}" if name else type(self).__name__
+        if self.deterministic:  # mean mode: no noise, so no gradient for std_rho
+            warnings.warn(
+                f"{which}: an optimiser stepped its weight between two training forwards "
+                "in 'mean' mode, where the noise is off and its noise scale std_rho gets "
+                "no gradient: the network trains as a deterministic one. The mode is kept "
+                "by torch.save / copy.deepcopy, so a model saved in 'mean' mode resumes in "
+                "it; call sbnn_addons.set_mode(model, 'sample') before training (and "
+                "evaluate with the context manager sbnn_addons.mode(model, 'mean'), which "
+                "restores the mode)", UserWarning, stacklevel=4)
+            return
         warnings.warn(
             f"{which}: an optimiser stepped its weight but not its noise scale std_rho, "
             "which has a gradient: the optimiser does not contain it (built before "
