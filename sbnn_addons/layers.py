@@ -219,7 +219,7 @@ class _BayesMixin(SBNNModule):
         saved = state_dict.get(key)
         target = getattr(self, own)
         mismatch = None
-        if isinstance(saved, Tensor) and not target.is_meta and saved.shape != target.shape:
+        if isinstance(saved, Tensor) and saved.shape != target.shape:
             shapes = {(): "layer", (self.weight.shape[0],): "channel",
                       tuple(self.weight.shape): "weight"}
             mode = shapes.get(tuple(saved.shape))

@@ -775,6 +775,10 @@ def test_state_dict_of_another_std_mode_names_it(saved, loaded):
         with pytest.raises(RuntimeError, match=rf"0\.std_rho.*std_mode='{saved}'.*"
                                                rf"std_mode='{loaded}'.*std_mode='{saved}'"):
             dst.load_state_dict(src.state_dict(), strict=strict)
+    with torch.device("meta"):  # built on the meta device, loaded with assign=True
+        empty = nn.Sequential(BayesConv2d(2, 4, 3, std_mode=loaded))
+    with pytest.raises(RuntimeError, match=rf"std_mode='{saved}'"):
+        empty.load_state_dict(src.state_dict(), assign=True)
 
 
 def test_loading_weights_without_noise_scales_warns():
