@@ -590,6 +590,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         saved = state.pop("_generator_state", None)
         super().__setstate__(state)
         _SPIKE_FUNCTIONS.add(self)
+        _watch_optimizer_steps()  # as __init__: a model loaded in a fresh process too
         if saved is not None:
             device, rng_state = saved
             self._generator = torch.Generator(device=device)

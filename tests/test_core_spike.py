@@ -140,6 +140,27 @@ def test_pickle_deepcopy_to_float64():
     assert out.dtype == torch.float64 and u.grad.dtype == torch.float64
 
 
+def test_unpickled_spike_function_watches_optimiser_steps():
+    """A spike function loaded (torch.load) in a process that built none did not register
+    the optimiser-step hook, which marks auxiliary terms never consumed as stale: a
+    compiled step (which cannot register it) then let them pile up with their graphs."""
+    from sbnn_addons import spike as spike_module
+
+    data = pickle.dumps(IWSTSpike("st", std=0.5, learn_std=True))
+    steps = spike_module._OPTIMIZER_STEPS
+    if steps[1] is not None:  # as in a fresh process: no hook yet
+        steps[1].remove()
+        steps[1] = None
+    try:
+        spike = pickle.loads(data)
+        assert steps[1] is not None
+        spike._aux_terms = [(torch.ones(()), 1)]  # a term held across the step below
+        torch.optim.SGD(spike.parameters(), lr=0.1).step()
+        assert spike._aux_stale
+    finally:
+        spike_module._watch_optimizer_steps()  # registered for the other tests
+
+
 @pytest.mark.parametrize("std_shape", [(), (2, 3)])
 def test_state_dict_roundtrip(std_shape):
     a = IWSTSpike(std=0.5, learn_std=True, std_shape=std_shape)
