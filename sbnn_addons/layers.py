@@ -1120,13 +1120,18 @@ def _fold_batchnorm_entries(module: ChannelAffine, state_dict: dict, prefix: str
             f"ChannelAffine {prefix.rstrip('.')!r}: the state dict holds only one of "
             f"{mean_key!r} and {var_key!r}; a BatchNorm's entries fold into the affine only "
             "with both running statistics")
-    running_mean = state_dict.pop(mean_key).to(module.weight)
-    running_var = state_dict.pop(var_key).to(module.weight)
+    def like_module(t: Tensor) -> Tensor:
+        # a module on the meta device (loaded with assign=True) takes the checkpoint's
+        # values: folded onto the meta device, they would be lost
+        return t if module.weight.is_meta else t.to(module.weight)
+
+    running_mean = like_module(state_dict.pop(mean_key))
+    running_var = like_module(state_dict.pop(var_key))
     state_dict.pop(prefix + "num_batches_tracked", None)
     weight = state_dict.get(prefix + "weight")
     bias = state_dict.get(prefix + "bias")
-    weight = torch.ones_like(running_var) if weight is None else weight.to(module.weight)
-    bias = torch.zeros_like(running_mean) if bias is None else bias.to(module.bias)
+    weight = torch.ones_like(running_var) if weight is None else like_module(weight)
+    bias = torch.zeros_like(running_mean) if bias is None else like_module(bias)
     gamma = weight / torch.sqrt(running_var + module.eps)
     state_dict[prefix + "weight"] = gamma
     state_dict[prefix + "bias"] = bias - running_mean * gamma

@@ -798,3 +798,22 @@ def test_loading_weights_without_noise_scales_warns():
                                             BayesLinear(3, 2)).state_dict())
         # a state dict without the layer at all (another sub-model's) is not this case
         model.load_state_dict({}, strict=False)
+
+
+def test_channel_affine_on_meta_loads_a_batchnorm_checkpoint_with_assign():
+    """A ChannelAffine built on the meta device and given a BatchNorm's state dict with
+    ``assign=True`` folded the entries onto the meta device: its parameters stayed meta
+    ("All keys matched successfully"); they now hold the folded values."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(3)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 2.0)
+    with torch.device("meta"):
+        affine = nn.Sequential(ChannelAffine(3))
+    affine.load_state_dict(nn.Sequential(bn).state_dict(), assign=True)
+    ref = ChannelAffine.from_batchnorm(bn)
+    assert not affine[0].weight.is_meta and not affine[0].bias.is_meta
+    torch.testing.assert_close(affine[0].weight, ref.weight)
+    torch.testing.assert_close(affine[0].bias, ref.bias)
