@@ -548,3 +548,26 @@ def test_twin_that_cannot_take_every_parameter_raises():
         net.deterministic_twin(norm="bn")
     twin = net.deterministic_twin(surrogate="atan")  # the same layout: copied whole
     assert torch.equal(twin.fc.weight, net.fc.weight)
+
+
+def test_paper_recipe_pickles_and_resumes():
+    """``torch.save({"model": net, "optimizer": opt, "scheduler": sched})`` failed: the
+    scheduler held a local lambda ("Can't pickle local object"). The loaded scheduler
+    continues the cosine where it was."""
+    import io
+
+    net = tiny_shd()
+    opt, sched = paper_recipe(net, "shd", epochs=6)
+    for _ in range(2):
+        opt.step()
+        sched.step()
+    buf = io.BytesIO()
+    torch.save({"model": net, "optimizer": opt, "scheduler": sched}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=False)
+    sched.step()
+    ck["scheduler"].optimizer.step()
+    ck["scheduler"].step()
+    assert [g["lr"] for g in ck["optimizer"].param_groups] == [
+        g["lr"] for g in opt.param_groups]
+    assert ck["scheduler"].optimizer is ck["optimizer"]
