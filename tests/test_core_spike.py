@@ -434,3 +434,30 @@ def test_aux_pull_assignment_is_checked():
     assert spike.aux_pull == 0.01
     assert copy.deepcopy(spike).aux_pull == 0.01
     assert pickle.loads(pickle.dumps(spike)).aux_pull == 0.01
+
+
+def test_state_dict_of_another_std_form_is_named():
+    """A spike function's checkpoint with a learned std (``std_rho``) loaded into one with
+    a fixed std (``fixed_std``, e.g. converted with ``spike_std=None``) dropped the learned
+    std with ``strict=False``, silently; it now warns. A std of another ``std_shape``
+    names both shapes instead of a bare size mismatch."""
+    import warnings
+
+    learned = torch.nn.Sequential(IWSTSpike("st", std=0.3, learn_std=True))
+    fixed = torch.nn.Sequential(IWSTSpike("st"))
+    with pytest.warns(UserWarning, match=r"'0\.std_rho'.*learn_std=True") as record:
+        fixed.load_state_dict(learned.state_dict(), strict=False)
+    both = torch.nn.Sequential(IWSTSpike("st", std=0.3, learn_std=True),
+                               IWSTSpike("st", std=0.3, learn_std=True))
+    with pytest.warns(UserWarning, match="learn_std=True") as record:  # once per load
+        torch.nn.Sequential(IWSTSpike("st"), IWSTSpike("st")).load_state_dict(
+            both.state_dict(), strict=False)
+    assert len(record) == 1
+    with pytest.warns(UserWarning, match=r"'0\.fixed_std'.*learn_std=False"):
+        learned.load_state_dict(fixed.state_dict(), strict=False)
+    wide = torch.nn.Sequential(IWSTSpike("st", std=0.3, learn_std=True, std_shape=(4,)))
+    with pytest.raises(RuntimeError, match=r"0\.std_rho.*std_shape=\(4,\).*std_shape=\(\)"):
+        learned.load_state_dict(wide.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        learned.load_state_dict(learned.state_dict())
