@@ -83,6 +83,7 @@ STD_MODES = ("layer", "channel", "weight")
 #: The missing-keys list of the last load_state_dict call that warned of a checkpoint
 #: without noise scales (one warning per call, not one per layer).
 _LOAD_WARNED: list = [None]
+
 #: Spike inputs with at least this many elements are kept as uint8 for the backward;
 #: below it the memory saved is small and the extra autograd node costs more time.
 COMPACT_INPUT_MIN = 1 << 16
@@ -250,9 +251,8 @@ class _BayesMixin(SBNNModule):
                 "for other layers (the missing keys are in load_state_dict's result): "
                 "loaded with strict=False, their stds keep the values they had (in a "
                 "converted model: sized from the weights it had at conversion, not from "
-                "these). Load a host "
-                "checkpoint into the host model before converting it (to_sbnn), or load a "
-                "checkpoint of the converted model", UserWarning,
+                "these). Load a host checkpoint into the host model before converting it "
+                "(to_sbnn), or load a checkpoint of the converted model", UserWarning,
                 stacklevel=4 + prefix.count("."))  # the caller of load_state_dict
 
     def _std_squared(self) -> Tensor:
