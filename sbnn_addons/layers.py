@@ -81,6 +81,11 @@ __all__ = [
 ]
 
 STD_MODES = ("layer", "channel", "weight")
+
+#: The missing-keys list of the last load_state_dict call that warned of a checkpoint
+#: without noise scales (one warning per call, not one per layer).
+_LOAD_WARNED: list = [None]
+
 #: Spike inputs with at least this many elements are kept as uint8 for the backward;
 #: below it the memory saved is small and the extra autograd node costs more time.
 COMPACT_INPUT_MIN = 1 << 16
@@ -215,6 +220,52 @@ class _BayesMixin(SBNNModule):
             if self.bias_noise:
                 self.bias_std_rho.fill_(inverse_softplus(bias_std))
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        """PyTorch's load, with the two ways a checkpoint's noise scales can fail to match
+        named: a std of another ``std_mode`` (an error that names both modes, instead of a
+        bare size mismatch) and a checkpoint with the weight but no std (a host model's:
+        a warning, since a non-strict load would leave the std at its current value)."""
+        own = "std_rho" if self.learn_std else "fixed_std"
+        key = prefix + own
+        saved = state_dict.get(key)
+        target = getattr(self, own)
+        mismatch = None
+        if isinstance(saved, Tensor) and saved.shape != target.shape:
+            shapes = {(): "layer", (self.weight.shape[0],): "channel",
+                      tuple(self.weight.shape): "weight"}
+            mode = shapes.get(tuple(saved.shape))
+            if mode is not None and mode != self.std_mode:
+                mismatch = (
+                    f"size mismatch for {key}: the checkpoint's noise scale has shape "
+                    f"{tuple(saved.shape)}, that of a layer built with std_mode={mode!r}, but "
+                    f"this {type(self).__name__} has std_mode={self.std_mode!r} (shape "
+                    f"{tuple(target.shape)}): build the model with std_mode={mode!r} "
+                    f"(to_sbnn(..., std_mode={mode!r}) for a converted model) to load it")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+        if mismatch is not None:
+            bare = f"size mismatch for {key}:"
+            error_msgs[:] = [m for m in error_msgs if not m.startswith(bare)]
+            error_msgs.append(mismatch)
+        if (saved is None and prefix + "weight" in state_dict
+                and _LOAD_WARNED[0] is not missing_keys):
+            _LOAD_WARNED[0] = missing_keys  # the list this load_state_dict call shares
+            other = "fixed_std" if self.learn_std else "std_rho"
+            name = prefix.rstrip(".") or type(self).__name__
+            form = (f" (it holds {prefix + other}: a layer built with learn_std="
+                    f"{not self.learn_std})" if prefix + other in state_dict else
+                    " (a checkpoint of the host model, or of a model without noise scales)")
+            warnings.warn(
+                f"load_state_dict: the state dict holds the weight of the Bayesian layer "
+                f"{name!r} but not its noise scale {key!r}{form}, and the same may hold "
+                "for other layers (the missing keys are in load_state_dict's result): "
+                "loaded with strict=False, their stds keep the values they had (in a "
+                "converted model: sized from the weights it had at conversion, not from "
+                "these). Load a host checkpoint into the host model before converting it "
+                "(to_sbnn), or load a checkpoint of the converted model", UserWarning,
+                stacklevel=4 + prefix.count("."))  # the caller of load_state_dict
+
     def _std_squared(self) -> Tensor:
         """``s^2``, computed once per :func:`share_posterior` block (else at every call)."""
         param = self.std_rho if self.learn_std else self.fixed_std
@@ -261,6 +312,10 @@ class _BayesMixin(SBNNModule):
         ``torch.compile``. Not warned: a frozen std (``requires_grad=False``), gradient
         accumulation (no step, no weight change), a std in a group with ``lr=0`` (Adam and
         SGD still update it in place).
+
+        In ``mean`` mode (no noise, so no gradient for ``std_rho``) the same step warns
+        that the network trains as a deterministic one: the mode is pickled with the
+        model, so a model saved in ``mean`` mode resumes training in it.
         """
         if (not self.learn_std or not self.training or not torch.is_grad_enabled()
                 or torch.compiler.is_compiling() or "_sbnn_std_warned" in self.__dict__):
@@ -272,11 +327,23 @@ class _BayesMixin(SBNNModule):
         last = self.__dict__.get("_sbnn_versions")
         self.__dict__["_sbnn_versions"] = now
         if (last is None or last[0] != now[0] or last[2] != now[2]  # other tensors
-                or last[1] == now[1] or last[3] != now[3] or rho.grad is None):
+                or last[1] == now[1] or last[3] != now[3]):
+            return
+        if not self.deterministic and rho.grad is None:
             return
         self.__dict__["_sbnn_std_warned"] = True
         name = noise_sources(weight, self)[0]
         which = f"{type(self).__name__} {name!r}" if name else type(self).__name__
+        if self.deterministic:  # mean mode: no noise, so no gradient for std_rho
+            warnings.warn(
+                f"{which}: an optimiser stepped its weight between two training forwards "
+                "in 'mean' mode, where the noise is off and its noise scale std_rho gets "
+                "no gradient: the network trains as a deterministic one. The mode is kept "
+                "by torch.save / copy.deepcopy, so a model saved in 'mean' mode resumes in "
+                "it; call sbnn_addons.set_mode(model, 'sample') before training (and "
+                "evaluate with the context manager sbnn_addons.mode(model, 'mean'), which "
+                "restores the mode)", UserWarning, stacklevel=4)
+            return
         warnings.warn(
             f"{which}: an optimiser stepped its weight but not its noise scale std_rho, "
             "which has a gradient: the optimiser does not contain it (built before "
@@ -1149,13 +1216,18 @@ def _fold_batchnorm_entries(module: ChannelAffine, state_dict: dict, prefix: str
             f"ChannelAffine {prefix.rstrip('.')!r}: the state dict holds only one of "
             f"{mean_key!r} and {var_key!r}; a BatchNorm's entries fold into the affine only "
             "with both running statistics")
-    running_mean = state_dict.pop(mean_key).to(module.weight)
-    running_var = state_dict.pop(var_key).to(module.weight)
+    def like_module(t: Tensor) -> Tensor:
+        # a module on the meta device (loaded with assign=True) takes the checkpoint's
+        # values: folded onto the meta device, they would be lost
+        return t if module.weight.is_meta else t.to(module.weight)
+
+    running_mean = like_module(state_dict.pop(mean_key))
+    running_var = like_module(state_dict.pop(var_key))
     state_dict.pop(prefix + "num_batches_tracked", None)
     weight = state_dict.get(prefix + "weight")
     bias = state_dict.get(prefix + "bias")
-    weight = torch.ones_like(running_var) if weight is None else weight.to(module.weight)
-    bias = torch.zeros_like(running_mean) if bias is None else bias.to(module.bias)
+    weight = torch.ones_like(running_var) if weight is None else like_module(weight)
+    bias = torch.zeros_like(running_mean) if bias is None else like_module(bias)
     gamma = weight / torch.sqrt(running_var + module.eps)
     state_dict[prefix + "weight"] = gamma
     state_dict[prefix + "bias"] = bias - running_mean * gamma

@@ -16,6 +16,7 @@ import contextlib
 import math
 import numbers
 import operator
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 
@@ -77,6 +78,9 @@ DEFAULT_AUX_PULL = 1e-3
 _RECOMPUTING = [0]  # depth of recomputations (activation checkpointing) in progress
 _IN_CHECKPOINT = [0]  # depth of sbnn_addons.checkpoint forwards (which replay seeded draws)
 _CHECKPOINT_SPIKES: list[set[int]] = []  # per such forward: ids of the spikes it replays
+#: The missing-keys list of the last load_state_dict call that warned of a spike noise
+#: std of another form (one warning per call).
+_LOAD_WARNED: list = [None]
 _OPTIMIZER_STEPS: list = [0, None]  # torch.optim steps taken, the hook's handle
 _SPIKE_FUNCTIONS: weakref.WeakSet = weakref.WeakSet()  # every IWSTSpike (the hook's view)
 
@@ -307,6 +311,43 @@ class IWSTSpike(SBNNModule, nn.Module):
     @aux_pull.setter
     def aux_pull(self, value: float) -> None:
         self._aux_pull = check_aux_pull(value)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        """PyTorch's load, naming a checkpoint's own std of another form: a learned std
+        (``std_rho``) where this one is fixed (``fixed_std``) or the reverse warns (with
+        ``strict=False`` it would be dropped), and one of another ``std_shape`` raises an
+        error that names both shapes."""
+        own, other = ("std_rho", "fixed_std") if self.learn_std else ("fixed_std", "std_rho")
+        key = prefix + own
+        saved = state_dict.get(key)
+        target = getattr(self, own)
+        mismatch = None
+        if isinstance(saved, Tensor) and saved.shape != target.shape:
+            mismatch = (
+                f"size mismatch for {key}: the checkpoint's spike noise std has shape "
+                f"{tuple(saved.shape)}, that of a spike function built with std_shape="
+                f"{tuple(saved.shape)}, but this {type(self).__name__} has std_shape="
+                f"{tuple(target.shape)}: build it with std_shape={tuple(saved.shape)} to "
+                "load it")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+        if mismatch is not None:
+            bare = f"size mismatch for {key}:"
+            error_msgs[:] = [m for m in error_msgs if not m.startswith(bare)]
+            error_msgs.append(mismatch)
+        if (saved is None and prefix + other in state_dict
+                and _LOAD_WARNED[0] is not missing_keys):
+            _LOAD_WARNED[0] = missing_keys  # one warning per load_state_dict call
+            warnings.warn(
+                f"load_state_dict: the state dict holds the spike noise std "
+                f"{prefix + other!r} of a spike function built with learn_std="
+                f"{not self.learn_std}, but this {type(self).__name__} has learn_std="
+                f"{self.learn_std} ({key!r}), and the same may hold for other spike "
+                "functions: loaded with strict=False, those stds are dropped and these keep "
+                "their values. Build the model as the saved one (a "
+                "converter's spike_std=None gives a fixed std of 0)", UserWarning,
+                stacklevel=4 + prefix.count("."))
 
     def reset_parameters(self) -> None:
         """Set the noise std back to its initial value (e.g. after building on the ``meta``
@@ -590,6 +631,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         saved = state.pop("_generator_state", None)
         super().__setstate__(state)
         _SPIKE_FUNCTIONS.add(self)
+        _watch_optimizer_steps()  # as __init__: a model loaded in a fresh process too
         if saved is not None:
             device, rng_state = saved
             self._generator = torch.Generator(device=device)

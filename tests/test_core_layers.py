@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -850,3 +851,59 @@ def test_second_order_gradient_through_compact_spike_input(kind, monkeypatch):
     compact = data_penalty()
     monkeypatch.setattr(layers_mod, "COMPACT_INPUT_MIN", math.inf)
     torch.testing.assert_close(compact, data_penalty(), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("saved, loaded", [("channel", "layer"), ("layer", "channel"),
+                                           ("weight", "channel")])
+def test_state_dict_of_another_std_mode_names_it(saved, loaded):
+    """A checkpoint of a layer with another ``std_mode`` raised PyTorch's bare size
+    mismatch of ``std_rho``; the error now names both std modes and the fix."""
+    torch.manual_seed(0)
+    src = nn.Sequential(BayesConv2d(2, 4, 3, std_mode=saved))
+    dst = nn.Sequential(BayesConv2d(2, 4, 3, std_mode=loaded))
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=rf"0\.std_rho.*std_mode='{saved}'.*"
+                                               rf"std_mode='{loaded}'.*std_mode='{saved}'"):
+            dst.load_state_dict(src.state_dict(), strict=strict)
+    with torch.device("meta"):  # built on the meta device, loaded with assign=True
+        empty = nn.Sequential(BayesConv2d(2, 4, 3, std_mode=loaded))
+    with pytest.raises(RuntimeError, match=rf"std_mode='{saved}'"):
+        empty.load_state_dict(src.state_dict(), assign=True)
+
+
+def test_loading_weights_without_noise_scales_warns():
+    """A state dict with a Bayesian layer's weight but not its noise scale (a host
+    model's checkpoint, loaded with strict=False) left the std at its initial value
+    silently; it now warns, once per load, naming the layer and the key."""
+    model = nn.Sequential(BayesLinear(4, 3), nn.ReLU(), BayesLinear(3, 2))
+    host = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.warns(UserWarning, match=r"'0'.*std_rho.*before") as record:
+        result = model.load_state_dict(host.state_dict(), strict=False)
+    assert len([w for w in record if "std_rho" in str(w.message)]) == 1
+    assert result.missing_keys == ["0.std_rho", "2.std_rho"]
+    assert torch.equal(model[0].weight, host[0].weight)
+    with warnings.catch_warnings():  # a full checkpoint loads silently
+        warnings.simplefilter("error")
+        model.load_state_dict(nn.Sequential(BayesLinear(4, 3), nn.ReLU(),
+                                            BayesLinear(3, 2)).state_dict())
+        # a state dict without the layer at all (another sub-model's) is not this case
+        model.load_state_dict({}, strict=False)
+
+
+def test_channel_affine_on_meta_loads_a_batchnorm_checkpoint_with_assign():
+    """A ChannelAffine built on the meta device and given a BatchNorm's state dict with
+    ``assign=True`` folded the entries onto the meta device: its parameters stayed meta
+    ("All keys matched successfully"); they now hold the folded values."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(3)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 2.0)
+    with torch.device("meta"):
+        affine = nn.Sequential(ChannelAffine(3))
+    affine.load_state_dict(nn.Sequential(bn).state_dict(), assign=True)
+    ref = ChannelAffine.from_batchnorm(bn)
+    assert not affine[0].weight.is_meta and not affine[0].bias.is_meta
+    torch.testing.assert_close(affine[0].weight, ref.weight)
+    torch.testing.assert_close(affine[0].bias, ref.bias)

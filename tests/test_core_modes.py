@@ -93,3 +93,37 @@ def test_a_model_without_sbnn_modules_is_named():
         with sb.mode(plain, "mean"):
             pass
     assert sb.get_mode(plain) is None
+
+
+def test_training_steps_in_mean_mode_warn(tmp_path):
+    """A model saved in ``mean`` mode (the mode is pickled with it) and trained again
+    trained its weights but never its noise scales (no gradient in ``mean`` mode),
+    silently; an optimiser step between two training forwards in ``mean`` mode now
+    warns, naming the mode and set_mode. Evaluation in ``mean`` mode does not warn."""
+    import warnings
+
+    model = _model()
+    x, y = torch.rand(6, 5), torch.randint(0, 3, (6,))
+    set_mode(model, "mean")
+    torch.save(model, tmp_path / "m.pt")
+    model = torch.load(tmp_path / "m.pt", weights_only=False)
+    opt = torch.optim.Adam(sb.param_groups(model, lr=1e-2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x), model(x)  # evaluation, no step between: silent
+    with pytest.warns(UserWarning, match=r"'mean' mode.*set_mode\(model, 'sample'\)"):
+        for _ in range(3):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    set_mode(model, "sample")  # trained in sample mode: silent
+    fresh = _model()
+    opt = torch.optim.Adam(sb.param_groups(fresh, lr=1e-2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            loss = nn.functional.cross_entropy(fresh(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()

@@ -140,6 +140,27 @@ def test_pickle_deepcopy_to_float64():
     assert out.dtype == torch.float64 and u.grad.dtype == torch.float64
 
 
+def test_unpickled_spike_function_watches_optimiser_steps():
+    """A spike function loaded (torch.load) in a process that built none did not register
+    the optimiser-step hook, which marks auxiliary terms never consumed as stale: a
+    compiled step (which cannot register it) then let them pile up with their graphs."""
+    from sbnn_addons import spike as spike_module
+
+    data = pickle.dumps(IWSTSpike("st", std=0.5, learn_std=True))
+    steps = spike_module._OPTIMIZER_STEPS
+    if steps[1] is not None:  # as in a fresh process: no hook yet
+        steps[1].remove()
+        steps[1] = None
+    try:
+        spike = pickle.loads(data)
+        assert steps[1] is not None
+        spike._aux_terms = [(torch.ones(()), 1)]  # a term held across the step below
+        torch.optim.SGD(spike.parameters(), lr=0.1).step()
+        assert spike._aux_stale
+    finally:
+        spike_module._watch_optimizer_steps()  # registered for the other tests
+
+
 @pytest.mark.parametrize("std_shape", [(), (2, 3)])
 def test_state_dict_roundtrip(std_shape):
     a = IWSTSpike(std=0.5, learn_std=True, std_shape=std_shape)
@@ -413,3 +434,30 @@ def test_aux_pull_assignment_is_checked():
     assert spike.aux_pull == 0.01
     assert copy.deepcopy(spike).aux_pull == 0.01
     assert pickle.loads(pickle.dumps(spike)).aux_pull == 0.01
+
+
+def test_state_dict_of_another_std_form_is_named():
+    """A spike function's checkpoint with a learned std (``std_rho``) loaded into one with
+    a fixed std (``fixed_std``, e.g. converted with ``spike_std=None``) dropped the learned
+    std with ``strict=False``, silently; it now warns. A std of another ``std_shape``
+    names both shapes instead of a bare size mismatch."""
+    import warnings
+
+    learned = torch.nn.Sequential(IWSTSpike("st", std=0.3, learn_std=True))
+    fixed = torch.nn.Sequential(IWSTSpike("st"))
+    with pytest.warns(UserWarning, match=r"'0\.std_rho'.*learn_std=True") as record:
+        fixed.load_state_dict(learned.state_dict(), strict=False)
+    both = torch.nn.Sequential(IWSTSpike("st", std=0.3, learn_std=True),
+                               IWSTSpike("st", std=0.3, learn_std=True))
+    with pytest.warns(UserWarning, match="learn_std=True") as record:  # once per load
+        torch.nn.Sequential(IWSTSpike("st"), IWSTSpike("st")).load_state_dict(
+            both.state_dict(), strict=False)
+    assert len(record) == 1
+    with pytest.warns(UserWarning, match=r"'0\.fixed_std'.*learn_std=False"):
+        learned.load_state_dict(fixed.state_dict(), strict=False)
+    wide = torch.nn.Sequential(IWSTSpike("st", std=0.3, learn_std=True, std_shape=(4,)))
+    with pytest.raises(RuntimeError, match=r"0\.std_rho.*std_shape=\(4,\).*std_shape=\(\)"):
+        learned.load_state_dict(wide.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        learned.load_state_dict(learned.state_dict())

@@ -270,6 +270,7 @@ def _perturb_affines(net, seed=0):
         (lambda: tiny_dvs(), dvs_input),
         (lambda: tiny_shd(norm="affine"), shd_input),
         (lambda: tiny_shd(), shd_input),
+        (lambda: tiny_shd(readout_noise=True), shd_input),  # its readout has a bias
         (lambda: tiny_cifar(), cifar_input),
     ],
 )
@@ -536,3 +537,37 @@ def test_an_empty_sequence_is_named(make, x):
 def test_bad_sizes_are_named(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_twin_that_cannot_take_every_parameter_raises():
+    """``deterministic_twin(norm="bn")`` of an affine network (its BatchNorms have no
+    counterpart) loaded the rest and left the BatchNorms at their initial values,
+    silently: not the twin of the docs; it now raises, naming the keys."""
+    net = tiny_dvs()
+    with pytest.raises(ValueError, match=r"norm='bn'.*stem\.norm\.norms\.0\.weight"):
+        net.deterministic_twin(norm="bn")
+    twin = net.deterministic_twin(surrogate="atan")  # the same layout: copied whole
+    assert torch.equal(twin.fc.weight, net.fc.weight)
+
+
+def test_paper_recipe_pickles_and_resumes():
+    """``torch.save({"model": net, "optimizer": opt, "scheduler": sched})`` failed: the
+    scheduler held a local lambda ("Can't pickle local object"). The loaded scheduler
+    continues the cosine where it was."""
+    import io
+
+    net = tiny_shd()
+    opt, sched = paper_recipe(net, "shd", epochs=6)
+    for _ in range(2):
+        opt.step()
+        sched.step()
+    buf = io.BytesIO()
+    torch.save({"model": net, "optimizer": opt, "scheduler": sched}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=False)
+    sched.step()
+    ck["scheduler"].optimizer.step()
+    ck["scheduler"].step()
+    assert [g["lr"] for g in ck["optimizer"].param_groups] == [
+        g["lr"] for g in opt.param_groups]
+    assert ck["scheduler"].optimizer is ck["optimizer"]

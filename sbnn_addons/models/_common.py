@@ -19,6 +19,7 @@ from ..moments import (
     raw_variance,
 )
 from ..neurons import LIF
+from ..optim import is_noise_parameter
 from ..spike import IWSTSpike
 from .surrogate import SurrogateSpike
 
@@ -316,14 +317,32 @@ class ReferenceNet(SBNNModule, nn.Module):
 
         Args:
             **overrides: constructor arguments to change (e.g. ``surrogate="atan"``).
+
+        Raises:
+            ValueError: ``overrides`` change the layout (``norm="bn"`` of an affine
+                network): a parameter or buffer of the twin has no counterpart here and
+                would keep its initial value, or one of this network's (not a noise
+                scale) would be dropped.
         """
         config = {**self._config, "bayes": False, **overrides}
         config.pop("estimator", None)
         config.pop("bias_std", None)
         config.pop("std", None)
-        config.pop("readout_noise", None)
+        # readout_noise stays: a readout with noise has a bias, and so has its twin's
         twin = type(self)(**config)
-        twin.load_state_dict(self.state_dict(), strict=False)
+        result = twin.load_state_dict(self.state_dict(), strict=False)
+        dropped = [k for k in result.unexpected_keys  # noise: learned or fixed stds
+                   if not (is_noise_parameter(k) or k.endswith("fixed_std"))]
+        if result.missing_keys or dropped:
+            changed = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+            what = (f"its {', '.join(map(repr, result.missing_keys[:4]))} would keep their "
+                    "initial values" if result.missing_keys else
+                    f"this network's {', '.join(map(repr, dropped[:4]))} would be dropped")
+            raise ValueError(
+                f"deterministic_twin({changed}) builds a twin with another layout: {what} "
+                "(not the twin of this network's mean mode). Build that network directly, "
+                f"{type(self).__name__}(bayes=False, ...), and load what it shares with "
+                "load_state_dict(net.state_dict(), strict=False)")
         return twin.to(next(self.parameters()).device)
 
 

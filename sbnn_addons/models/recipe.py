@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -91,6 +92,7 @@ def paper_recipe(
         groups.append({"params": noise, "lr": noise_lr, "name": "noise"})
     optimizer = torch.optim.Adam(groups)
     floor = float(config["lr_floor"])
+    # a partial, not a lambda: the scheduler pickles (torch.save of the whole object)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda e: paper_lr_factor(e, epochs, floor))
+        optimizer, functools.partial(paper_lr_factor, epochs=epochs, floor=floor))
     return optimizer, scheduler

@@ -121,7 +121,8 @@ class SHDRecurrentNet(ReferenceNet):
         beta: LIF decay.
         threshold: firing threshold ``theta``.
         readout_noise: a Bayesian readout (with a bias) sampled in sample mode (default
-            ``False``: the released deterministic readout without bias).
+            ``False``: the released deterministic readout without bias); with
+            ``bayes=False`` (the twin) a plain readout with a bias.
         surrogate: surrogate of the twin (``"gaussian"``, ``"atan"``, ``"sigmoid"``).
         surrogate_width: width of the Gaussian surrogate.
         affine_per_step: one affine per channel and time step (released); ``False``: one
@@ -193,7 +194,9 @@ class SHDRecurrentNet(ReferenceNet):
             self.lifs.append(factory.lif())
             fin = n
         bayes_readout = self.bayes and self.readout_noise
-        self.readout = factory.linear(fin, num_classes, bias=bayes_readout, bayes=bayes_readout)
+        # a readout with noise has a bias, in the twin too (bayes=False, the same means)
+        self.readout = factory.linear(fin, num_classes, bias=self.readout_noise,
+                                      bayes=bayes_readout)
 
     def _check_input(self, x: Tensor) -> None:
         self._check_dtype(x)
