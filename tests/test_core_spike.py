@@ -413,3 +413,22 @@ def test_aux_pull_assignment_is_checked():
     assert spike.aux_pull == 0.01
     assert copy.deepcopy(spike).aux_pull == 0.01
     assert pickle.loads(pickle.dumps(spike)).aux_pull == 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seeded", [False, True])
+def test_half_precision_fires_with_phi(dtype, seeded):
+    """A half-precision drive fires with Phi(u / sigma): u = -1/4 and sigma = 1/4 are
+    exact in every dtype, so P = Phi(-1). The noise is drawn in float32; drawn in
+    bfloat16, eps was rounded to 8 bits and eps == 1 (a whole bin of mass ~ phi(1) 2^-8)
+    never fired: the rate was ~0.1577 for 0.1587 (z ~ -6 at this size). Tolerance:
+    4 standard errors of a proportion."""
+    n = 4_000_000
+    spike = IWSTSpike(std=0.25).to(dtype)
+    if seeded:
+        spike.manual_seed(0)
+    else:
+        torch.manual_seed(0)
+    rate = float(spike(torch.full((n,), -0.25, dtype=dtype)).double().mean())
+    p = 0.5 * math.erfc(1 / math.sqrt(2))
+    assert abs(rate - p) < 4 * math.sqrt(p * (1 - p) / n), (rate, p)
