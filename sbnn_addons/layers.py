@@ -36,6 +36,7 @@ from .base import (
     share_posterior,
     shared_square,
     softplus,
+    square,
 )
 from .functional import (
     apply_function,
@@ -292,7 +293,7 @@ class _BayesMixin(SBNNModule):
             return new_draw(attach_variance(mean, ScaledVariance(field, s2)), self)
         var = self._input_variance(x_in, binary, s2)
         if self.bias_noise:
-            var = var + self.bias_std**2
+            var = var + square(self.bias_std)
         # broadcastable to the mean (e.g. [N, 1, H, W] with a per-layer std): consumers
         # broadcast it, and channel-independent ops (avg-pool) stay C times cheaper
         return new_draw(attach_variance(mean, var), self)
@@ -308,7 +309,7 @@ class _BayesMixin(SBNNModule):
         field ``F``); for spikes ``x^2 = x`` (no extra pass, and nothing extra saved for
         the backward). A float16 input is squared and summed in float32, whose range the
         variance needs (``x^2`` overflows float16 above 256)."""
-        x, s2 = _variance_precision(x, binary, s2)
+        x, s2 = _variance_precision(x, s2)
         x2 = x if binary else x * x  # a spike input is marked (x^2 = x, kept as it is)
         return self._output_variance(x2, s2)
 
@@ -316,9 +317,10 @@ class _BayesMixin(SBNNModule):
         """LRT variance ``var(a) = sum_i s_i^2 x_i^2 (+ s_b^2)`` of the output, full shape."""
         with no_variance_flow():
             mean = self._mean(x)
-            var = self._output_variance(x * x, self._std_squared())
+            x, s2 = _variance_precision(x, self._std_squared())
+            var = self._output_variance(x * x, s2)
             if self.bias_noise:
-                var = var + self.bias_std**2
+                var = var + square(self.bias_std)
             return var.expand_as(mean)
 
     def kl_divergence(self, prior=None, num_samples: int = 16) -> Tensor:
@@ -465,7 +467,7 @@ class BayesLinear(_BayesMixin, nn.Linear):
                 or type(self)._output_variance is not BayesLinear._output_variance):
             return super()._input_variance(x, binary, s2)
         # sum_i x_i^2 in one pass, without an x^2 temporary (as large as the input)
-        x, s2 = _variance_precision(x, binary, s2)
+        x, s2 = _variance_precision(x, s2)
         field = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square()
         return field if s2 is None else field * s2
 
@@ -680,10 +682,11 @@ class BayesConv2d(_BayesConv, nn.Conv2d):
         _conv_init(self, nn.Conv2d, args, kwargs)
 
 
-def _variance_precision(x: Tensor, binary: bool, s2: Tensor | None):
-    """``(x, s2)`` in float32 where ``x`` is a float16 input that is not spikes (its
-    ``x^2`` and receptive-field sums overflow float16's 65504); unchanged otherwise."""
-    if x.dtype is not torch.float16 or binary:
+def _variance_precision(x: Tensor, s2: Tensor | None):
+    """``(x, s2)`` in float32 where ``x`` is a float16 input (its ``x^2`` and
+    receptive-field sums overflow float16's 65504, and ``s^2``, already float32, would
+    underflow there), spikes too; unchanged otherwise."""
+    if x.dtype is not torch.float16:
         return x, s2
     return x.float(), (s2.float() if isinstance(s2, Tensor) else s2)
 

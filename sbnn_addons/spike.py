@@ -33,6 +33,7 @@ from .base import (
     raise_error,
     shared_square,
     softplus,
+    variance_dtype,
 )
 from .estimators import BernoulliSpike, Estimator, _standard_normal, get_estimator
 from .functional import (
@@ -340,7 +341,7 @@ class IWSTSpike(SBNNModule, nn.Module):
             )
         own_var = self.own_noise_variance()
         if own_var is not None:
-            own_var = own_var.to(u.dtype)
+            own_var = own_var.to(variance_dtype(u.dtype))  # float16: float32
             var = own_var if var is None else var + own_var
         return var
 

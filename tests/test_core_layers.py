@@ -646,6 +646,30 @@ def test_float16_layer_variance_does_not_overflow(std_mode):
         torch.testing.assert_close(got.float().expand_as(want), want, rtol=2e-2, atol=1e-3)
 
 
+@pytest.mark.parametrize("std_mode", ["layer", "channel", "weight"])
+@pytest.mark.parametrize("spikes", [False, True])
+def test_float16_small_std_variance_does_not_underflow(std_mode, spikes):
+    """A float16 layer with a small posterior std (a wide layer's 0.5 / sqrt(fan_in), or a
+    learned std that shrank): ``s^2`` is squared in float32 (in float16 it was subnormal
+    below s = 7.8e-3 and 0 below 2.4e-4, so the noise vanished), bias noise and
+    ``output_variance`` included; the variance equals the float64 layer's."""
+    torch.manual_seed(0)
+    for layer, x in ((sb.BayesConv2d(3, 4, 3, padding=1, std=1e-4, std_mode=std_mode,
+                                     bias_std=1e-4), torch.rand(2, 3, 6, 6)),
+                     (sb.BayesLinear(16, 4, std=1e-4, std_mode=std_mode, bias_std=2e-4),
+                      torch.rand(3, 16))):
+        if spikes:
+            x = (x > 0.5).float()
+        want = sb.get_variance(copy.deepcopy(layer).double()(x.double()))
+        half = copy.deepcopy(layer).half()
+        y = half(x.half())
+        got = sb.get_variance(y)
+        torch.testing.assert_close(got.double().expand_as(y), want.expand_as(y),
+                                   rtol=2e-3, atol=0)
+        torch.testing.assert_close(half.output_variance(x.half()).double(),
+                                   want.expand_as(y), rtol=2e-3, atol=0)
+
+
 def _train_steps(model, opt, x, steps=3, forward=None):
     """``steps`` optimiser steps on ``model(x).sum()``; the warnings they raised."""
     import warnings

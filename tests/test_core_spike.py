@@ -432,3 +432,17 @@ def test_half_precision_fires_with_phi(dtype, seeded):
     rate = float(spike(torch.full((n,), -0.25, dtype=dtype)).double().mean())
     p = 0.5 * math.erfc(1 / math.sqrt(2))
     assert abs(rate - p) < 4 * math.sqrt(p * (1 - p) / n), (rate, p)
+
+
+def test_float16_small_own_std_keeps_its_noise():
+    """A float16 spike function's own std of 1e-4 (learned, shrunk): ``s_n^2 = 1e-8`` is
+    below float16's smallest subnormal; it is squared in float32 (it was 0: no noise, no
+    gradient to the std)."""
+    spike = IWSTSpike(std=1e-4, learn_std=True).half()
+    u = torch.full((4,), 1e-4, dtype=torch.float16)
+    var = spike.noise_variance(u)
+    torch.testing.assert_close(var.double().expand(4), torch.full((4,), 1e-8, dtype=torch.float64),
+                               rtol=2e-3, atol=0)
+    u.requires_grad_(True)
+    spike(u).sum().backward()
+    assert float(spike.std_rho.grad) != 0
