@@ -335,7 +335,8 @@ class _BayesMixin(SBNNModule):
             num_samples: Monte Carlo samples for priors without a closed form.
 
         Returns:
-            Scalar tensor.
+            Scalar tensor (float32 for a float16 or bfloat16 layer, whose terms are
+            summed in float32).
 
         Raises:
             ValueError: a posterior std is 0 (a deterministic weight has an infinite KL
@@ -353,9 +354,12 @@ class _BayesMixin(SBNNModule):
         params = [(self.weight, std)]
         if self.bias_noise and self.bias is not None:
             params.append((self.bias, self.bias_std))
-        total = self.weight.new_zeros(())
+        # half precision in float32: a float16 sum overflows at 65504, and a bfloat16 one
+        # keeps three digits
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        total = self.weight.new_zeros((), dtype=dtype)
         for mean, std in params:
-            total = total + _kl(mean, std, prior, num_samples)
+            total = total + _kl(mean.to(dtype), std.to(dtype), prior, num_samples)
         return total
 
 

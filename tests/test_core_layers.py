@@ -670,6 +670,26 @@ def test_float16_small_std_variance_does_not_underflow(std_mode, spikes):
                                    want.expand_as(y), rtol=2e-3, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("prior", [None, 0.1, torch.distributions.Normal(0.0, 0.5)])
+def test_half_precision_kl_is_float32(dtype, prior):
+    """The KL of a half-precision layer is summed in float32: in float16 the sum of a
+    2048 x 64 layer's terms (~5e5) overflowed to inf (inf loss, -inf std gradient); in
+    bfloat16 it was off in the third digit. It equals the float64 KL of the same values,
+    and so do the gradients of KL / N (to the dtype's rounding)."""
+    torch.manual_seed(0)
+    half = sb.BayesLinear(2048, 64, bias_std=0.1).to(dtype)
+    ref = copy.deepcopy(half).double()
+    kl = half.kl_divergence(prior)
+    want = ref.kl_divergence(prior)
+    assert kl.dtype == torch.float32
+    torch.testing.assert_close(kl.double(), want, rtol=1e-4, atol=0)
+    (kl / 1000).backward()  # per example, as sbnn_objective divides it (N = 1000)
+    (want / 1000).backward()
+    for p, q in zip(half.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad.double(), q.grad, rtol=1e-2, atol=1e-2)
+
+
 def _train_steps(model, opt, x, steps=3, forward=None):
     """``steps`` optimiser steps on ``model(x).sum()``; the warnings they raised."""
     import warnings
