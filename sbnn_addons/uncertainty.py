@@ -350,7 +350,9 @@ OUTPUTS = ("logits", "probs", "log_probs")
 
 def _to_probs(out: Tensor, output: str) -> Tensor:
     """One pass's ``[B, C]`` output as probabilities (float32; float64 for a float64
-    output, whose probabilities of confident errors do not underflow).
+    output, whose probabilities of confident errors do not underflow). Half-precision
+    probabilities (``output="probs"`` / ``"log_probs"``) are accepted within their
+    rounding over ``C`` terms and renormalised in float32.
 
     Raises:
         ValueError: ``output="probs"`` / ``"log_probs"`` and the rows are not probability
@@ -360,6 +362,9 @@ def _to_probs(out: Tensor, output: str) -> Tensor:
         UserWarning: ``output="logits"`` and every row is already a probability vector
             (a model that ends in a softmax): a second softmax would flatten it.
     """
+    # half-precision probabilities miss 1 by the dtype's rounding over C terms
+    half = out.dtype in (torch.float16, torch.bfloat16)
+    tol = max(1e-3, out.shape[-1] * torch.finfo(out.dtype).eps) if half else 1e-3
     out = out if out.dtype == torch.float64 else out.float()
     if output == "logits":
         if out.shape[-1] > 1 and out.numel() and _is_distribution(out):
@@ -373,11 +378,15 @@ def _to_probs(out: Tensor, output: str) -> Tensor:
         return probs
     probs = out.exp() if output == "log_probs" else out
     _check_no_nan(probs, "the forward pass's output", output.replace("_", "-"))
-    if not _is_distribution(probs, tol=1e-3):
+    if not _is_distribution(probs, tol=tol):
         raise ValueError(
             f"mc_predict(output={output!r}): the forward pass must return "
             f"{'log-' if output == 'log_probs' else ''}probabilities (rows in [0, 1] summing "
             "to 1); pass output='logits' for raw scores")
+    # renormalised in float32: the rounding would bias the mean and the entropies
+    if half:
+        probs = probs.clamp(0, 1)
+        probs = probs / probs.sum(-1, keepdim=True)
     return probs
 
 
