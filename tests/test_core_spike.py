@@ -446,3 +446,21 @@ def test_float16_small_own_std_keeps_its_noise():
     u.requires_grad_(True)
     spike(u).sum().backward()
     assert float(spike.std_rho.grad) != 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_aux_pull_is_finite(dtype):
+    """The auxiliary pull of a float16 drive with a small noise (sigma = 1e-5, a float32
+    variance of 1e-10): ``1 / sigma`` is formed in float32 (in float16 it overflowed, and
+    the drive's gradient was NaN / inf); it equals the float32 gradient to the dtype's
+    rounding."""
+    grads = {}
+    for dt in (dtype, torch.float32):
+        spike = IWSTSpike(aux_pull=1e-3)
+        spike.manual_seed(0)
+        u = torch.tensor([0.0, 1e-5, -1e-5, 0.5, -0.5], dtype=dt, requires_grad=True)
+        h = spike(attach_variance(u, torch.full((5,), 1e-10)))
+        (h * torch.arange(5, dtype=dt)).sum().backward()
+        grads[dt] = u.grad
+    assert grads[dtype].dtype == dtype
+    torch.testing.assert_close(grads[dtype].float(), grads[torch.float32], rtol=1e-2, atol=0)
