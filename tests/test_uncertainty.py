@@ -542,3 +542,18 @@ def test_half_precision_sample_probs_give_float32_uncertainty(dtype):
     assert h.dtype == torch.float32
     torch.testing.assert_close(h.double(), sbnn_addons.uncertainty.entropy(probs.double()),
                                rtol=0, atol=1e-5)
+
+
+def test_metrics_vs_samples_averages_half_precision_samples_in_float32():
+    """bfloat16 samples are averaged in float32 (rows renormalised, as from_sample_probs
+    reads them): the NLL of mc(k) equals the float64 one of the same numbers (the bfloat16
+    mean was off in the fourth digit)."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(8, 300, 10, generator=g), -1).bfloat16()
+    targets = torch.randint(0, 10, (300,), generator=g)
+    ref = probs.double() / probs.double().sum(-1, keepdim=True)
+    got, want = metrics_vs_samples(probs, targets), metrics_vs_samples(ref, targets)
+    for k, a, b in zip(want["k"], got["nll"], want["nll"]):
+        assert abs(a - b) < 2e-5, (k, a, b)
+    with pytest.raises(ValueError, match="sum to one"):  # not renormalised into probs
+        metrics_vs_samples(probs * 2, targets)
