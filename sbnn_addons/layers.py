@@ -16,6 +16,7 @@ scalar, initialised to ``0.5 / sqrt(fan_in)``), per output channel, or per weigh
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -309,16 +310,18 @@ class _BayesMixin(SBNNModule):
         field ``F``); for spikes ``x^2 = x`` (no extra pass, and nothing extra saved for
         the backward). A float16 input is squared and summed in float32, whose range the
         variance needs (``x^2`` overflows float16 above 256)."""
-        x, s2 = _variance_precision(x, s2)
-        x2 = x if binary else x * x  # a spike input is marked (x^2 = x, kept as it is)
-        return self._output_variance(x2, s2)
+        with _no_half_autocast(x):
+            x, s2 = _variance_precision(x, s2)
+            x2 = x if binary else x * x  # a spike input is marked (x^2 = x, kept as it is)
+            return self._output_variance(x2, s2)
 
     def output_variance(self, x: Tensor) -> Tensor:
         """LRT variance ``var(a) = sum_i s_i^2 x_i^2 (+ s_b^2)`` of the output, full shape."""
         with no_variance_flow():
             mean = self._mean(x)
-            x, s2 = _variance_precision(x, self._std_squared())
-            var = self._output_variance(x * x, s2)
+            with _no_half_autocast(x):
+                x, s2 = _variance_precision(x, self._std_squared())
+                var = self._output_variance(x * x, s2)
             if self.bias_noise:
                 var = var + square(self.bias_std)
             return var.expand_as(mean)
@@ -684,6 +687,22 @@ class BayesConv2d(_BayesConv, nn.Conv2d):
 
     def __init__(self, *args, **kwargs) -> None:
         _conv_init(self, nn.Conv2d, args, kwargs)
+
+
+def _half_autocast(x: Tensor) -> bool:
+    """Whether ``torch.autocast`` with float16 (CUDA's default AMP dtype) is on for ``x``'s
+    device: it would run the variance's linear maps and convolutions in float16."""
+    device = x.device.type
+    return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+
+
+def _no_half_autocast(x: Tensor):
+    """A context with float16 autocast off for the variance path (a float16 ``s^2`` is 0
+    below a std of 2.4e-4, and ``x^2`` sums overflow at 65504: the noise vanished or
+    became inf under AMP); a no-op otherwise (bfloat16 has float32's range)."""
+    if _half_autocast(x):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _variance_precision(x: Tensor, s2: Tensor | None):

@@ -690,6 +690,31 @@ def test_half_precision_kl_is_float32(dtype, prior):
         torch.testing.assert_close(p.grad.double(), q.grad, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("std_mode", ["layer", "channel", "weight"])
+def test_float16_autocast_variance_is_float32(std_mode):
+    """Under ``torch.autocast`` with float16 (CUDA's AMP default), the variance's linear
+    maps and convolutions ran in float16: a per-weight ``s^2`` of 1e-8 was 0 (no noise),
+    and raw pixel values' ``x^2`` sums overflowed to inf. The variance is formed in
+    float32 and equals the float64 layer's; the mean is float16 as autocast makes it."""
+    torch.manual_seed(0)
+    layers = ((sb.BayesConv2d(3, 4, 3, padding=2, dilation=2, std=1e-4, std_mode=std_mode),
+               torch.rand(2, 3, 8, 8) * 255),
+              (sb.BayesConv2d(4, 4, 3, padding=1, groups=2, std=1e-4, std_mode=std_mode),
+               torch.rand(2, 4, 6, 6) * 255),
+              (sb.BayesLinear(64, 4, std=1e-4, std_mode=std_mode), torch.rand(3, 64) * 255))
+    for layer, x in layers:
+        want = sb.get_variance(copy.deepcopy(layer).double()(x.double()))
+        for inp in (x, x.half()):
+            with torch.autocast("cpu", dtype=torch.float16):
+                y = layer(inp)
+                direct = layer.output_variance(inp)
+            got = sb.get_variance(y)
+            assert y.dtype == torch.float16 and got.dtype == torch.float32
+            torch.testing.assert_close(got.double().expand_as(y), want.expand_as(y),
+                                       rtol=2e-3, atol=0)
+            torch.testing.assert_close(direct.double(), want.expand_as(y), rtol=2e-3, atol=0)
+
+
 def _train_steps(model, opt, x, steps=3, forward=None):
     """``steps`` optimiser steps on ``model(x).sum()``; the warnings they raised."""
     import warnings
