@@ -213,8 +213,23 @@ def share_posterior() -> Iterator[None]:
         _SHARED[0] = previous
 
 
+def variance_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a variance of ``dtype`` values is formed in: float32 for float16, whose
+    range a variance needs (the square of a std below 7.8e-3 is subnormal there, below
+    2.4e-4 it is 0: the noise vanishes), ``dtype`` otherwise (bfloat16 has float32's
+    range)."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def square(std: Tensor) -> Tensor:
+    """``std ** 2`` as a variance, in :func:`variance_dtype` (float32 for float16)."""
+    std = std.to(variance_dtype(std.dtype))
+    return std * std
+
+
 def shared_square(owner: object, param: Tensor, std: Callable[[], Tensor]) -> Tensor:
-    """``std() ** 2``, computed once per :func:`share_posterior` block for ``owner``.
+    """``std() ** 2`` (:func:`square`: float32 for a float16 std), computed once per
+    :func:`share_posterior` block for ``owner``.
 
     Outside a block it is computed at every call. Inside, the value is kept under
     ``owner``'s identity, the grad mode and ``param``'s identity, dtype, device and version
@@ -226,8 +241,7 @@ def shared_square(owner: object, param: Tensor, std: Callable[[], Tensor]) -> Te
             # inside activation checkpointing: the recomputation runs outside the block,
             # so the forward must record the same operations
             or checkpoint_hooks_active()):
-        value = std()
-        return value * value
+        return square(std())
     key = (torch.is_grad_enabled(), param.dtype, param.device,
            None if param.is_inference() else param._version)
     entry = cache.get(id(owner))
@@ -235,8 +249,7 @@ def shared_square(owner: object, param: Tensor, std: Callable[[], Tensor]) -> Te
     # one reuses, another tensor passed in for the parameter (torch.func.functional_call)
     if entry is not None and entry[0]() is owner and entry[1] == key and entry[3]() is param:
         return entry[2]
-    value = std()
-    squared = value * value
+    squared = square(std())
     cache[id(owner)] = (weakref.ref(owner), key, squared, weakref.ref(param))
     if squared.requires_grad:
         # a backward through it frees its graph: later calls compute it again (a block

@@ -16,6 +16,7 @@ scalar, initialised to ``0.5 / sqrt(fan_in)``), per output channel, or per weigh
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -36,6 +37,7 @@ from .base import (
     noise_scale,
     share_posterior,
     shared_square,
+    square,
 )
 from .functional import (
     apply_function,
@@ -389,16 +391,17 @@ class _BayesMixin(SBNNModule):
         s2 = self._std_squared()
         mask = self._pruning_mask()
         if mask is not None:  # torch.nn.utils.prune: a removed weight has no noise either
-            var = self._masked_variance(x_in, binary, s2, mask)
+            with _no_half_autocast(x_in):
+                var = self._masked_variance(x_in, binary, s2, mask)
             if self.bias_noise:
-                var = var + self.bias_std**2
+                var = var + square(self.bias_std)
             return new_draw(attach_variance(mean, var), self)
         if self._factored():  # s^2 F kept factored through the variance flow
             field = self._input_variance(x_in, binary, None)
             return new_draw(attach_variance(mean, ScaledVariance(field, s2)), self)
         var = self._input_variance(x_in, binary, s2)
         if self.bias_noise:
-            var = var + self.bias_std**2
+            var = var + square(self.bias_std)
         # broadcastable to the mean (e.g. [N, 1, H, W] with a per-layer std): consumers
         # broadcast it, and channel-independent ops (avg-pool) stay C times cheaper
         return new_draw(attach_variance(mean, var), self)
@@ -415,7 +418,7 @@ class _BayesMixin(SBNNModule):
         """LRT variance of a pruned layer, ``sum_i m_i^2 s_i^2 x_i^2`` (no bias noise): the
         weight is ``m * w`` with ``w ~ N(mu, s^2)``, so a pruned synapse (``m = 0``) adds no
         noise, as it adds no mean."""
-        x, s2 = _variance_precision(x, binary, s2)
+        x, s2 = _variance_precision(x, s2)
         x2 = x if binary else x * x
         if self.std_mode == "channel":
             s2 = s2.view(-1, *([1] * (self.weight.dim() - 1)))
@@ -433,19 +436,22 @@ class _BayesMixin(SBNNModule):
         field ``F``); for spikes ``x^2 = x`` (no extra pass, and nothing extra saved for
         the backward). A float16 input is squared and summed in float32, whose range the
         variance needs (``x^2`` overflows float16 above 256)."""
-        x, s2 = _variance_precision(x, binary, s2)
-        x2 = x if binary else x * x  # a spike input is marked (x^2 = x, kept as it is)
-        return self._output_variance(x2, s2)
+        with _no_half_autocast(x):
+            x, s2 = _variance_precision(x, s2)
+            x2 = x if binary else x * x  # a spike input is marked (x^2 = x, kept as it is)
+            return self._output_variance(x2, s2)
 
     def output_variance(self, x: Tensor) -> Tensor:
         """LRT variance ``var(a) = sum_i s_i^2 x_i^2 (+ s_b^2)`` of the output, full shape."""
         with no_variance_flow():
             mean = self._mean(x)
-            mask = self._pruning_mask()
-            var = (self._output_variance(x * x, self._std_squared()) if mask is None
-                   else self._masked_variance(x, False, self._std_squared(), mask))
+            with _no_half_autocast(x):
+                x, s2 = _variance_precision(x, self._std_squared())
+                mask = self._pruning_mask()
+                var = (self._output_variance(x * x, s2) if mask is None
+                       else self._masked_variance(x, False, s2, mask))
             if self.bias_noise:
-                var = var + self.bias_std**2
+                var = var + square(self.bias_std)
             return var.expand_as(mean)
 
     def kl_divergence(self, prior=None, num_samples: int = 16) -> Tensor:
@@ -460,7 +466,8 @@ class _BayesMixin(SBNNModule):
             num_samples: Monte Carlo samples for priors without a closed form.
 
         Returns:
-            Scalar tensor.
+            Scalar tensor (float32 for a float16 or bfloat16 layer, whose terms are
+            summed in float32).
 
         Raises:
             ValueError: a posterior std is 0 (a deterministic weight has an infinite KL
@@ -478,9 +485,12 @@ class _BayesMixin(SBNNModule):
         params = [(self.weight, std)]
         if self.bias_noise and self.bias is not None:
             params.append((self.bias, self.bias_std))
-        total = self.weight.new_zeros(())
+        # half precision in float32: a float16 sum overflows at 65504, and a bfloat16 one
+        # keeps three digits
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        total = self.weight.new_zeros((), dtype=dtype)
         for mean, std in params:
-            total = total + _kl(mean, std, prior, num_samples)
+            total = total + _kl(mean.to(dtype), std.to(dtype), prior, num_samples)
         return total
 
 
@@ -613,7 +623,7 @@ class BayesLinear(_BayesMixin, nn.Linear):
                 or type(self)._output_variance is not BayesLinear._output_variance):
             return super()._input_variance(x, binary, s2)
         # sum_i x_i^2 in one pass, without an x^2 temporary (as large as the input)
-        x, s2 = _variance_precision(x, binary, s2)
+        x, s2 = _variance_precision(x, s2)
         field = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square()
         return field if s2 is None else field * s2
 
@@ -828,10 +838,27 @@ class BayesConv2d(_BayesConv, nn.Conv2d):
         _conv_init(self, nn.Conv2d, args, kwargs)
 
 
-def _variance_precision(x: Tensor, binary: bool, s2: Tensor | None):
-    """``(x, s2)`` in float32 where ``x`` is a float16 input that is not spikes (its
-    ``x^2`` and receptive-field sums overflow float16's 65504); unchanged otherwise."""
-    if x.dtype is not torch.float16 or binary:
+def _half_autocast(x: Tensor) -> bool:
+    """Whether ``torch.autocast`` with float16 (CUDA's default AMP dtype) is on for ``x``'s
+    device: it would run the variance's linear maps and convolutions in float16."""
+    device = x.device.type
+    return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+
+
+def _no_half_autocast(x: Tensor):
+    """A context with float16 autocast off for the variance path (a float16 ``s^2`` is 0
+    below a std of 2.4e-4, and ``x^2`` sums overflow at 65504: the noise vanished or
+    became inf under AMP); a no-op otherwise (bfloat16 has float32's range)."""
+    if _half_autocast(x):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _variance_precision(x: Tensor, s2: Tensor | None):
+    """``(x, s2)`` in float32 where ``x`` is a float16 input (its ``x^2`` and
+    receptive-field sums overflow float16's 65504, and ``s^2``, already float32, would
+    underflow there), spikes too; unchanged otherwise."""
+    if x.dtype is not torch.float16:
         return x, s2
     return x.float(), (s2.float() if isinstance(s2, Tensor) else s2)
 

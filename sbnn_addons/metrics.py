@@ -282,7 +282,7 @@ def layer_synops(layer: torch.nn.Module, x: Tensor) -> Tensor:
     ones = nz.new_ones((g, 1, *layer.kernel_size))
     counts = conv(nz, ones, stride=layer.stride, padding=padding, dilation=layer.dilation,
                   groups=g)
-    return counts.sum().double() * (layer.out_channels // g)
+    return counts.sum(dtype=torch.float64) * (layer.out_channels // g)
 
 
 class SpikeMonitor:
@@ -413,7 +413,8 @@ class SpikeMonitor:
 
     def _count(self, name: str, out: Tensor) -> None:
         """Add the spikes ``out`` (0/1 per unit-step) to layer ``name``'s counters."""
-        self.counts[name] = self.counts[name] + out.detach().sum().double().cpu()
+        # summed in float64: a bfloat16 sum is exact up to 256 only, a float32 one 2^24
+        self.counts[name] = self.counts[name] + out.detach().sum(dtype=torch.float64).cpu()
         self.units[name] += out.numel()
 
     def total_spikes(self) -> float:

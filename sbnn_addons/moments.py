@@ -71,7 +71,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import SBNNModule, cached_tensor_test, check_input, check_module, share_posterior
+from .base import (
+    SBNNModule,
+    cached_tensor_test,
+    check_input,
+    check_module,
+    share_posterior,
+    variance_dtype,
+)
 from .functional import box_sum
 from .tensors import broadcasts_to, leaf_values
 
@@ -488,7 +495,8 @@ def _same_op(func, args, kwargs, out, var_of):
         var = var.expand_as(args[0])
     name = func.__name__
     if name in ("to", "type_as", "float", "double", "half", "bfloat16"):
-        return var.to(dtype=out.dtype, device=out.device)
+        # to float16: float32, as a float16 layer forms it (a small variance underflows)
+        return var.to(dtype=variance_dtype(out.dtype), device=out.device)
     if name in ("detach", "detach_"):
         return var.detach()
     if name in ("view_as", "reshape_as", "expand_as"):

@@ -108,10 +108,13 @@ _CHANGED_VERSION = -1
 
 
 def _host_spike_dtype(spikes: Tensor) -> Tensor:
-    """Spikes of a half-precision drive as float32, as snnTorch's surrogates return them
-    (``(mem > 0).float()``): under ``torch.autocast`` the membrane then accumulates in
-    float32, as in the host model. float32 and float64 spikes are returned as they are."""
-    if spikes.dtype in (torch.float16, torch.bfloat16):
+    """Spikes of a half-precision drive under ``torch.autocast`` as float32, as snnTorch's
+    surrogates return them (``(mem > 0).float()``): the membrane then accumulates in
+    float32, as in the host model. Otherwise (a model cast to bfloat16 / float16, or
+    float32 and float64 spikes) they keep their dtype, so the next layer, of the model's
+    dtype, takes them."""
+    if (spikes.dtype in (torch.float16, torch.bfloat16)
+            and torch.is_autocast_enabled(spikes.device.type)):
         return spikes.float()
     return spikes
 

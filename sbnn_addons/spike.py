@@ -34,6 +34,7 @@ from .base import (
     noise_scale,
     raise_error,
     shared_square,
+    variance_dtype,
 )
 from .estimators import BernoulliSpike, Estimator, _standard_normal, get_estimator
 from .functional import (
@@ -381,7 +382,7 @@ class IWSTSpike(SBNNModule, nn.Module):
             )
         own_var = self.own_noise_variance()
         if own_var is not None:
-            own_var = own_var.to(u.dtype)
+            own_var = own_var.to(variance_dtype(u.dtype))  # float16: float32
             var = own_var if var is None else var + own_var
         return var
 

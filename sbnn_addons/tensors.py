@@ -186,10 +186,16 @@ def aux_pull_gradient(grad_h: Tensor, u: Tensor, sigma: Tensor, weight: float) -
     """
     if grad_h.numel() == 0:
         return torch.zeros_like(u)
-    size = grad_h.detach().abs().mean().to(u.dtype)
-    s = sigma.detach().to(u.dtype)
+    # half precision in float32: 1 / sigma overflows float16 below sigma = 1.5e-5
+    dtype = torch.promote_types(u.dtype, torch.float32)
+    size = grad_h.detach().abs().mean().to(dtype)
+    s = sigma.detach().to(dtype)
     # 1 / sigma, 0 where sigma is 0 (no noise, no pull); 1e-6 is SIGMA_MIN as a literal (a
     # traced backward's constant); kept in sigma's (compact) shape
     inv = torch.where(s > 0, s.clamp_min(1e-6).reciprocal(), torch.zeros_like(s))
-    z = (u.detach() * inv).clamp_(-3.0, 3.0)  # AUX_PULL_Z_MAX
-    return z.mul_(inv * (2.0 * weight * size))
+    z = (u.detach().to(dtype) * inv).clamp_(-3.0, 3.0)  # AUX_PULL_Z_MAX
+    pull = z.mul_(inv * (2.0 * weight * size))
+    if dtype != u.dtype:  # back to the drive's dtype, within its finite range
+        big = torch.finfo(u.dtype).max
+        pull = pull.clamp_(-big, big).to(u.dtype)
+    return pull

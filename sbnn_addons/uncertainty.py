@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from .base import MODES, SBNNModule, check_flag, check_input, check_module
 from .metrics import (
     SpikeMonitor,
+    _at_least_float32,
     _check_bins,
     check_probabilities,
     expected_calibration_error,
@@ -143,7 +144,8 @@ class Prediction:
 # --------------------------------------------------------------------------- maths
 def entropy(probs: Tensor, dim: int = -1) -> Tensor:
     """Shannon entropy ``-sum p log p`` in nats along ``dim`` (``0 log 0 = 0``, in every
-    floating dtype: the clamp below 0 is never rounded to 0, so float16 gives no NaN).
+    floating dtype). Half-precision probabilities are read in float32 (the entropy is
+    float32): a bfloat16 sum is off in the third digit.
 
     Raises:
         TypeError: ``probs`` is not a floating-point tensor.
@@ -151,7 +153,8 @@ def entropy(probs: Tensor, dim: int = -1) -> Tensor:
             possibly negative, "entropy": pass ``softmax(logits)``).
     """
     _check_unit_interval(probs, "entropy: probs")
-    tiny = max(_TINY, torch.finfo(probs.dtype).tiny)  # 1e-12 is 0 in float16: 0 * log 0
+    probs = _at_least_float32(probs)  # a bfloat16 sum keeps three digits
+    tiny = max(_TINY, torch.finfo(probs.dtype).tiny)
     return -(probs * probs.clamp_min(tiny).log()).sum(dim)
 
 
@@ -167,8 +170,29 @@ def _check_unit_interval(p: Tensor, what: str) -> None:
             f"[{float(p.min()):.3g}, {float(p.max()):.3g}]; pass softmax(logits), not logits")
 
 
+def _float32_rows(probs: Tensor) -> Tensor:
+    """Half-precision probabilities in float32, each row renormalised (it misses 1 by the
+    dtype's rounding over its terms); other dtypes unchanged.
+
+    Raises:
+        ValueError: half-precision rows that miss 1 by more than that rounding (they are
+            not renormalised into probabilities).
+    """
+    if probs.dtype not in (torch.float16, torch.bfloat16):
+        return probs
+    sums = probs.float().sum(-1)
+    atol = max(1e-4, probs.shape[-1] * torch.finfo(probs.dtype).eps)
+    if probs.numel() and not torch.allclose(sums, torch.ones_like(sums), atol=atol):
+        raise ValueError("sample_probs rows must sum to one (pass softmax probabilities)")
+    probs = probs.float()
+    return probs / probs.sum(-1, keepdim=True)
+
+
 def from_sample_probs(sample_probs: Tensor, *, keep_samples: bool = True) -> Prediction:
     """Build a :class:`Prediction` from per-sample probabilities ``[K, B, C]``.
+
+    Half-precision samples are read in float32, each row renormalised (its rounding):
+    the prediction's tensors are float32.
 
     Raises:
         TypeError: not a floating-point tensor.
@@ -189,6 +213,9 @@ def from_sample_probs(sample_probs: Tensor, *, keep_samples: bool = True) -> Pre
     atol = max(1e-4, sample_probs.shape[-1] * torch.finfo(sample_probs.dtype).eps)
     if sample_probs.numel() and not torch.allclose(sums, torch.ones_like(sums), atol=atol):
         raise ValueError("sample_probs rows must sum to one (pass softmax probabilities)")
+    # the mutual information, a small difference of two entropies, was off by up to 0.01
+    # (of 0.02) in bfloat16
+    sample_probs = _float32_rows(sample_probs)
     probs = sample_probs.mean(0)
     h = entropy(probs)
     eh = entropy(sample_probs).mean(0)
@@ -350,7 +377,9 @@ OUTPUTS = ("logits", "probs", "log_probs")
 
 def _to_probs(out: Tensor, output: str) -> Tensor:
     """One pass's ``[B, C]`` output as probabilities (float32; float64 for a float64
-    output, whose probabilities of confident errors do not underflow).
+    output, whose probabilities of confident errors do not underflow). Half-precision
+    probabilities (``output="probs"`` / ``"log_probs"``) are accepted within their
+    rounding over ``C`` terms and renormalised in float32.
 
     Raises:
         ValueError: ``output="probs"`` / ``"log_probs"`` and the rows are not probability
@@ -360,6 +389,9 @@ def _to_probs(out: Tensor, output: str) -> Tensor:
         UserWarning: ``output="logits"`` and every row is already a probability vector
             (a model that ends in a softmax): a second softmax would flatten it.
     """
+    # half-precision probabilities miss 1 by the dtype's rounding over C terms
+    half = out.dtype in (torch.float16, torch.bfloat16)
+    tol = max(1e-3, out.shape[-1] * torch.finfo(out.dtype).eps) if half else 1e-3
     out = out if out.dtype == torch.float64 else out.float()
     if output == "logits":
         if out.shape[-1] > 1 and out.numel() and _is_distribution(out):
@@ -373,11 +405,15 @@ def _to_probs(out: Tensor, output: str) -> Tensor:
         return probs
     probs = out.exp() if output == "log_probs" else out
     _check_no_nan(probs, "the forward pass's output", output.replace("_", "-"))
-    if not _is_distribution(probs, tol=1e-3):
+    if not _is_distribution(probs, tol=tol):
         raise ValueError(
             f"mc_predict(output={output!r}): the forward pass must return "
             f"{'log-' if output == 'log_probs' else ''}probabilities (rows in [0, 1] summing "
             "to 1); pass output='logits' for raw scores")
+    # renormalised in float32: the rounding would bias the mean and the entropies
+    if half:
+        probs = probs.clamp(0, 1)
+        probs = probs / probs.sum(-1, keepdim=True)
     return probs
 
 
@@ -707,7 +743,8 @@ def metrics_vs_samples(
     ks: Sequence[int] | None = None,
     n_bins: int = 15,
 ) -> dict[str, list[float]]:
-    """Accuracy, NLL and ECE of ``mc(k)`` for each ``k`` in ``ks``, from one set of samples.
+    """Accuracy, NLL and ECE of ``mc(k)`` for each ``k`` in ``ks``, from one set of samples
+    (half-precision samples averaged in float32, rows renormalised).
 
     Uses the first ``k`` of the ``K`` stored samples, so one :func:`predict` call with
     ``K = max(ks)`` serves the whole sweep.
@@ -738,6 +775,7 @@ def metrics_vs_samples(
         raise ValueError(f"sample_probs must be [K, B, C] with K >= 1, got "
                          f"{tuple(sample_probs.shape)}")
     big_k = sample_probs.shape[0]
+    sample_probs = _float32_rows(sample_probs)
     if ks is not None and not (ks := list(ks)):
         raise ValueError("ks is empty: nothing to compute; pass sample counts such as "
                          "[1, 2, 4] (or ks=None for 1, 2, 4, ... up to K)")

@@ -647,6 +647,75 @@ def test_float16_layer_variance_does_not_overflow(std_mode):
         torch.testing.assert_close(got.float().expand_as(want), want, rtol=2e-2, atol=1e-3)
 
 
+@pytest.mark.parametrize("std_mode", ["layer", "channel", "weight"])
+@pytest.mark.parametrize("spikes", [False, True])
+def test_float16_small_std_variance_does_not_underflow(std_mode, spikes):
+    """A float16 layer with a small posterior std (a wide layer's 0.5 / sqrt(fan_in), or a
+    learned std that shrank): ``s^2`` is squared in float32 (in float16 it was subnormal
+    below s = 7.8e-3 and 0 below 2.4e-4, so the noise vanished), bias noise and
+    ``output_variance`` included; the variance equals the float64 layer's."""
+    torch.manual_seed(0)
+    for layer, x in ((sb.BayesConv2d(3, 4, 3, padding=1, std=1e-4, std_mode=std_mode,
+                                     bias_std=1e-4), torch.rand(2, 3, 6, 6)),
+                     (sb.BayesLinear(16, 4, std=1e-4, std_mode=std_mode, bias_std=2e-4),
+                      torch.rand(3, 16))):
+        if spikes:
+            x = (x > 0.5).float()
+        want = sb.get_variance(copy.deepcopy(layer).double()(x.double()))
+        half = copy.deepcopy(layer).half()
+        y = half(x.half())
+        got = sb.get_variance(y)
+        torch.testing.assert_close(got.double().expand_as(y), want.expand_as(y),
+                                   rtol=2e-3, atol=0)
+        torch.testing.assert_close(half.output_variance(x.half()).double(),
+                                   want.expand_as(y), rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("prior", [None, 0.1, torch.distributions.Normal(0.0, 0.5)])
+def test_half_precision_kl_is_float32(dtype, prior):
+    """The KL of a half-precision layer is summed in float32: in float16 the sum of a
+    2048 x 64 layer's terms (~5e5) overflowed to inf (inf loss, -inf std gradient); in
+    bfloat16 it was off in the third digit. It equals the float64 KL of the same values,
+    and so do the gradients of KL / N (to the dtype's rounding)."""
+    torch.manual_seed(0)
+    half = sb.BayesLinear(2048, 64, bias_std=0.1).to(dtype)
+    ref = copy.deepcopy(half).double()
+    kl = half.kl_divergence(prior)
+    want = ref.kl_divergence(prior)
+    assert kl.dtype == torch.float32
+    torch.testing.assert_close(kl.double(), want, rtol=1e-4, atol=0)
+    (kl / 1000).backward()  # per example, as sbnn_objective divides it (N = 1000)
+    (want / 1000).backward()
+    for p, q in zip(half.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad.double(), q.grad, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("std_mode", ["layer", "channel", "weight"])
+def test_float16_autocast_variance_is_float32(std_mode):
+    """Under ``torch.autocast`` with float16 (CUDA's AMP default), the variance's linear
+    maps and convolutions ran in float16: a per-weight ``s^2`` of 1e-8 was 0 (no noise),
+    and raw pixel values' ``x^2`` sums overflowed to inf. The variance is formed in
+    float32 and equals the float64 layer's; the mean is float16 as autocast makes it."""
+    torch.manual_seed(0)
+    layers = ((sb.BayesConv2d(3, 4, 3, padding=2, dilation=2, std=1e-4, std_mode=std_mode),
+               torch.rand(2, 3, 8, 8) * 255),
+              (sb.BayesConv2d(4, 4, 3, padding=1, groups=2, std=1e-4, std_mode=std_mode),
+               torch.rand(2, 4, 6, 6) * 255),
+              (sb.BayesLinear(64, 4, std=1e-4, std_mode=std_mode), torch.rand(3, 64) * 255))
+    for layer, x in layers:
+        want = sb.get_variance(copy.deepcopy(layer).double()(x.double()))
+        for inp in (x, x.half()):
+            with torch.autocast("cpu", dtype=torch.float16):
+                y = layer(inp)
+                direct = layer.output_variance(inp)
+            got = sb.get_variance(y)
+            assert y.dtype == torch.float16 and got.dtype == torch.float32
+            torch.testing.assert_close(got.double().expand_as(y), want.expand_as(y),
+                                       rtol=2e-3, atol=0)
+            torch.testing.assert_close(direct.double(), want.expand_as(y), rtol=2e-3, atol=0)
+
+
 def _train_steps(model, opt, x, steps=3, forward=None):
     """``steps`` optimiser steps on ``model(x).sum()``; the warnings they raised."""
     import warnings

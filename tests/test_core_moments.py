@@ -777,3 +777,19 @@ def test_scaled_variance_repr_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert repr(var) == f"ScaledVariance(base=(2, 1), scale={0.25:g})"
+
+
+def test_cast_to_float16_keeps_a_small_variance():
+    """A Bayesian layer's output cast to float16 (``.half()``, ``.to(torch.float16)``):
+    its variance goes to float32, as a float16 layer forms it (cast to float16, a
+    variance below 6e-8 was 0 and the noise vanished); other casts follow the mean."""
+    torch.manual_seed(0)
+    fc = sb.BayesLinear(4, 3, std=1e-4)
+    y = fc(torch.ones(2, 4))
+    want = sb.get_variance(y).expand_as(y)
+    for cast in (lambda t: t.half(), lambda t: t.to(torch.float16)):
+        var = sb.get_variance(cast(y))
+        assert var.dtype == torch.float32
+        torch.testing.assert_close(var.expand_as(y), want)
+    assert sb.get_variance(y.bfloat16()).dtype == torch.bfloat16
+    assert sb.get_variance(y.double()).dtype == torch.float64

@@ -461,3 +461,54 @@ def test_state_dict_of_another_std_form_is_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         learned.load_state_dict(learned.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seeded", [False, True])
+def test_half_precision_fires_with_phi(dtype, seeded):
+    """A half-precision drive fires with Phi(u / sigma): u = -1/4 and sigma = 1/4 are
+    exact in every dtype, so P = Phi(-1). The noise is drawn in float32; drawn in
+    bfloat16, eps was rounded to 8 bits and eps == 1 (a whole bin of mass ~ phi(1) 2^-8)
+    never fired: the rate was ~0.1577 for 0.1587 (z ~ -6 at this size). Tolerance:
+    4 standard errors of a proportion."""
+    n = 4_000_000
+    spike = IWSTSpike(std=0.25).to(dtype)
+    if seeded:
+        spike.manual_seed(0)
+    else:
+        torch.manual_seed(0)
+    rate = float(spike(torch.full((n,), -0.25, dtype=dtype)).double().mean())
+    p = 0.5 * math.erfc(1 / math.sqrt(2))
+    assert abs(rate - p) < 4 * math.sqrt(p * (1 - p) / n), (rate, p)
+
+
+def test_float16_small_own_std_keeps_its_noise():
+    """A float16 spike function's own std of 1e-4 (learned, shrunk): ``s_n^2 = 1e-8`` is
+    below float16's smallest subnormal; it is squared in float32 (it was 0: no noise, no
+    gradient to the std)."""
+    spike = IWSTSpike(std=1e-4, learn_std=True).half()
+    u = torch.full((4,), 1e-4, dtype=torch.float16)
+    var = spike.noise_variance(u)
+    torch.testing.assert_close(var.double().expand(4), torch.full((4,), 1e-8, dtype=torch.float64),
+                               rtol=2e-3, atol=0)
+    u.requires_grad_(True)
+    spike(u).sum().backward()
+    assert float(spike.std_rho.grad) != 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_aux_pull_is_finite(dtype):
+    """The auxiliary pull of a float16 drive with a small noise (sigma = 1e-5, a float32
+    variance of 1e-10): ``1 / sigma`` is formed in float32 (in float16 it overflowed, and
+    the drive's gradient was NaN / inf); it equals the float32 gradient to the dtype's
+    rounding."""
+    grads = {}
+    for dt in (dtype, torch.float32):
+        spike = IWSTSpike(aux_pull=1e-3)
+        spike.manual_seed(0)
+        u = torch.tensor([0.0, 1e-5, -1e-5, 0.5, -0.5], dtype=dt, requires_grad=True)
+        h = spike(attach_variance(u, torch.full((5,), 1e-10)))
+        (h * torch.arange(5, dtype=dt)).sum().backward()
+        grads[dt] = u.grad
+    assert grads[dtype].dtype == dtype
+    torch.testing.assert_close(grads[dtype].float(), grads[torch.float32], rtol=1e-2, atol=0)

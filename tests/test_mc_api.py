@@ -267,6 +267,22 @@ def test_output_probs_and_log_probs_are_not_softmaxed_again():
     assert torch.allclose(folded.probs.sum(-1), torch.ones(B))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_probs_and_log_probs_outputs(dtype):
+    """A bfloat16 / float16 model ending in a softmax: its rows miss 1 by the dtype's
+    rounding over C terms (a few 1e-3 in bfloat16), which output="probs" / "log_probs"
+    refused as "not probabilities"; they are accepted within that rounding and
+    renormalised in float32, and equal the prediction from the same model's logits."""
+    model = core_model().to(dtype)
+    x = (torch.rand(64, 12) * 4).to(dtype)
+    ref = sb.mc_predict(model, x, 4, seed=3)
+    for head, output in ((nn.Softmax(-1), "probs"), (nn.LogSoftmax(-1), "log_probs")):
+        pred = sb.mc_predict(nn.Sequential(model, head), x, 4, seed=3, output=output)
+        assert pred.probs.dtype == torch.float32
+        torch.testing.assert_close(pred.sample_probs.sum(-1), torch.ones(4, 64))
+        torch.testing.assert_close(pred.probs, ref.probs, rtol=0, atol=2e-2)
+
+
 def test_time_major_input_errors_name_the_fix():
     """A model on time-major input [T, B, ...]: fold=True with the default batch_dim=0
     repeats the time axis, and the error names batch_dim=1; an output that keeps its time

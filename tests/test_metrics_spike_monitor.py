@@ -140,3 +140,21 @@ def test_counts_the_spikes_an_inhibition_neuron_emits(kind):
         assert float(mon.counts["1.spike_grad"]) == emitted
         assert mon.units["1.spike_grad"] == 4 * 6 * 3
     assert "fire_inhibition" not in net[1].__dict__ and "fire" not in net[1].spike_grad.__dict__
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_spikes_are_counted_exactly(dtype):
+    """A bfloat16 / float16 model's spikes are counted exactly: the sum of ~9400 spikes was
+    formed in the spikes' dtype (bfloat16 integers are exact up to 256 only: 9408 for
+    9387), and so mc_predict's spike counts."""
+    torch.manual_seed(0)
+    model = nn.Sequential(sb.BayesLinear(20, 300), sb.IWSTSpike(std=0.5)).to(dtype)
+    x = torch.rand(64, 20, dtype=dtype)
+    with torch.no_grad(), SpikeMonitor(model) as mon:
+        out = model(x)
+    assert float(mon.counts["1"]) == float(out.double().sum()) > 1000
+    pred = sb.mc_predict(nn.Sequential(model, sb.BayesLinear(300, 3).to(dtype)), x, 2, seed=0)
+    with torch.no_grad(), sb.mode(model, "mc"):
+        sb.seed_spikes(model, 0)
+        want = float(model(x).double().sum())
+    assert float(pred.layer_spike_counts["0.1"][0]) == want

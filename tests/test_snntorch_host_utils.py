@@ -17,7 +17,7 @@ from snntorch import surrogate
 from torch import nn
 
 import sbnn_addons
-from sbnn_addons.snntorch import membrane_variance, to_sbnn, to_snntorch
+from sbnn_addons.snntorch import membrane_variance, spike_grad, to_sbnn, to_snntorch
 
 
 def _tutorial_seq(spike_grad=None):
@@ -303,6 +303,37 @@ def test_autocast_keeps_the_membrane_in_float32_as_snntorch_does():
     assert got.dtype == want.dtype == torch.float32
     assert torch.equal(got, want)
     assert model[1].mem.dtype == torch.float32
+
+
+@pytest.mark.parametrize("style", ["converted", "spike_grad"])
+def test_bfloat16_model_outside_autocast_keeps_bfloat16_spikes(style):
+    """A model cast to bfloat16 (no autocast): the spikes stay bfloat16, so the next
+    bfloat16 layer takes them, as a float64 model's stay float64 (they were float32, the
+    dtype snnTorch's surrogates return under autocast: "mat1 and mat2 must have the same
+    dtype"). Mean mode equals the float64 model's but for drives that round across the
+    threshold."""
+    def make():
+        torch.manual_seed(3)
+        kw = {"spike_grad": spike_grad()} if style == "spike_grad" else {}
+        net = nn.Sequential(nn.Linear(10, 16), snn.Leaky(beta=0.9, init_hidden=True, **kw),
+                            nn.Linear(16, 4),
+                            snn.Leaky(beta=0.8, init_hidden=True, output=True, **kw))
+        return net if style == "spike_grad" else to_sbnn(net)
+
+    x = torch.rand(8, 64, 10) * 2
+
+    def run(m, dtype):
+        sutils.reset(m)
+        return torch.stack([m(xt.to(dtype))[0] for xt in x])
+
+    ref, model = make().double(), make().to(torch.bfloat16)
+    with torch.no_grad(), sbnn_addons.mode(ref, "mean"), sbnn_addons.mode(model, "mean"):
+        want, got = run(ref, torch.float64), run(model, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and model[1].mem.dtype == torch.bfloat16
+    assert float((got.double() != want).double().mean()) < 0.02
+    run(model, torch.bfloat16).float().sum().backward()
+    assert all(p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all()
+               for p in model.parameters())
 
 
 @pytest.mark.parametrize("how", HOW)
