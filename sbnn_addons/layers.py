@@ -842,6 +842,8 @@ def _half_autocast(x: Tensor) -> bool:
     """Whether ``torch.autocast`` with float16 (CUDA's default AMP dtype) is on for ``x``'s
     device: it would run the variance's linear maps and convolutions in float16."""
     device = x.device.type
+    if device == "meta":  # autocast knows no meta device (and a meta tensor has no values)
+        return False
     return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
 
 
