@@ -232,7 +232,29 @@ def new_draw(out: Tensor, layer: nn.Module) -> Tensor:
         leaf = NoiseSet.leaf()
         out.__dict__["noise"] = leaf
         layer.__dict__["_sbnn_draw"] = leaf.lo
+        if _OPEN_FLOWS and out.variance is not None and torch.is_grad_enabled():
+            _DRAWN.append((layer, leaf.lo, out.grad_fn))  # for _check_dropped_noise
     return out
+
+
+#: Within the tracked forwards now running (eager, grad mode): the draws of the Bayesian
+#: layers ``(layer, token, grad_fn of the mean)``, the noise sets whose variance was read
+#: (a spike function, a neuron: :func:`get_variance`, :func:`raw_variance`, or dropped on
+#: purpose with :func:`plain`), and those taken out of the flow (``.data``, ``.tolist()``,
+#: ``.numpy()``, DLPack). :func:`_check_dropped_noise` reads them; cleared per forward.
+_DRAWN: list = []
+_CONSUMED: list = []
+_ESCAPED: list = []
+#: Operations that take a tensor's values out of the variance flow.
+_ESCAPES = frozenset({"tolist", "numpy", "__array__", "__dlpack__"})
+
+
+def _note_read(tensor, into: list) -> None:
+    """Remember the noise set of carrier ``tensor`` in ``into`` (a tracked eager forward)."""
+    if _OPEN_FLOWS and not torch.compiler.is_compiling() and type(tensor) is VarianceTensor:
+        nset = tensor.__dict__.get("noise")
+        if nset is not None:
+            into.append(nset)
 
 
 def _leaf_tokens(nset: NoiseSet) -> set[int]:
@@ -289,6 +311,8 @@ class VarianceTensor(Tensor):
         if len(args) == 2 and args[1] is None and func in _NONE_COMPARISONS:
             return func is Tensor.__ne__  # `mem == None` (snnTorch): Python's answer
         if len(args) == 1 and _name(func) == "__get__":  # an attribute (x.shape): no noise
+            if _OPEN_FLOWS and func.__self__.__name__ == "data":
+                _note_read(args[0], _ESCAPED)  # x.data: the values without the variance
             with torch._C.DisableTorchFunctionSubclass():
                 return getattr(args[0], func.__self__.__name__)
         if func in _AUTOGRAD_CALLS:
@@ -401,12 +425,16 @@ def _plain(t: Tensor, in_place: bool = False) -> Tensor:
 def plain_in_place(t: Tensor) -> Tensor:
     """``t`` as a plain tensor: ``t`` itself in eager mode (it drops its variance), an
     alias under ``torch.compile``."""
+    if _OPEN_FLOWS:  # dropped on purpose (a readout): not reported
+        _note_read(t, _CONSUMED)
     return _plain(t, in_place=True)
 
 
 def plain(t: Tensor) -> Tensor:
     """The mean of ``t`` as a plain tensor (``t`` itself if it carries no variance; else an
     alias, ``t`` keeps its variance)."""
+    if _OPEN_FLOWS:  # dropped on purpose (a readout): not reported
+        _note_read(t, _CONSUMED)
     return _plain(t)
 
 
@@ -444,14 +472,22 @@ def get_variance(tensor: Tensor) -> Tensor | UnknownVariance | None:
 
     A factored variance (:class:`ScaledVariance`) is returned as its product, a tensor.
     """
-    var = tensor.variance if type(tensor) is VarianceTensor else None
+    if type(tensor) is not VarianceTensor:
+        return None
+    if _OPEN_FLOWS:
+        _note_read(tensor, _CONSUMED)
+    var = tensor.variance
     return var.value() if isinstance(var, ScaledVariance) else var
 
 
 def raw_variance(tensor: Tensor) -> Tensor | ScaledVariance | UnknownVariance | None:
     """The variance carried by ``tensor`` as stored: a factored one stays a
     :class:`ScaledVariance` (for code that passes it on, or keeps it factored)."""
-    return tensor.variance if type(tensor) is VarianceTensor else None
+    if type(tensor) is not VarianceTensor:
+        return None
+    if _OPEN_FLOWS:
+        _note_read(tensor, _CONSUMED)
+    return tensor.variance
 
 
 # --------------------------------------------------------------------------- rules
@@ -1087,6 +1123,8 @@ def _flow(func, args, kwargs):
     if name in _COMPARISONS or type(func) is torch._ops.OpOverload:
         _refuse_host_neuron(func, name)
     if name in _NOISE_FREE:
+        if name in _ESCAPES and _OPEN_FLOWS:
+            _note_read(args[0], _ESCAPED)
         return out
     if not isinstance(out, Tensor):
         if name in ("__setitem__", "index_put_") and isinstance(args[0], Tensor):
@@ -1246,6 +1284,9 @@ def _flow_enter(module, args):
         return
     if _OPEN_FLOWS:
         _close_stale_flows(module)
+    if not _OPEN_FLOWS:  # an outermost forward: what earlier ones recorded is done with
+        _clear_draw_records()
+    state["marks"] = (len(_DRAWN), len(_CONSUMED), len(_ESCAPED))
     # one forward of the root module is one share_posterior block: a time loop in the
     # model's forward computes each layer's s^2 once
     share = share_posterior()
@@ -1257,6 +1298,7 @@ def _flow_leave(module, args, output):
     if torch.compiler.is_compiling():
         return
     if module.training and torch.is_grad_enabled():
+        _check_dropped_noise(module, output)
         _check_unused_noise(module, output)
     if not _OPEN_FLOWS:
         return
@@ -1264,6 +1306,113 @@ def _flow_leave(module, args, output):
     if ref() is module:
         _OPEN_FLOWS.pop()
         share.__exit__(None, None, None)
+        if not _OPEN_FLOWS:
+            _clear_draw_records()
+
+
+def _clear_draw_records() -> None:
+    _DRAWN.clear()
+    _CONSUMED.clear()
+    _ESCAPED.clear()
+
+
+def _tensors_in(output) -> list[Tensor]:
+    """The tensors of a forward's output (a tensor, or nested tuples / lists / dicts)."""
+    found, stack = [], [output]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (tuple, list)):
+            stack.extend(item)
+        elif isinstance(item, Tensor):
+            found.append(item)
+    return found
+
+
+def _drop_found(pending: dict, nsets) -> None:
+    """Remove from ``pending`` (token -> record) the tokens the noise sets ``nsets`` hold
+    (a walk pruned by the tokens' interval)."""
+    for nset in nsets:
+        if not pending:
+            return
+        lo, hi = min(pending), max(pending)
+        stack = [nset]
+        while stack:
+            node = stack.pop()
+            if node.hi < lo or node.lo > hi:
+                continue
+            if node.parts is None:
+                pending.pop(node.lo, None)
+            else:
+                stack.extend(node.parts)
+
+
+def _reaches(outputs: list[Tensor], targets: set) -> set:
+    """The autograd nodes among ``targets`` that the graphs of ``outputs`` contain."""
+    seen, hit = set(), set()
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    while stack and len(hit) < len(targets):
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in targets:
+            hit.add(node)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return hit
+
+
+def _check_dropped_noise(model: nn.Module, output) -> None:
+    """After a tracked training forward: raise where a Bayesian layer drew noise in it
+    whose variance no spike function (nor any reader of the variance) received and the
+    output does not carry, while the layer's values went on: its mean reached the output
+    without the variance (``x.as_subclass(torch.Tensor)``, ``torch.Tensor(x)``, a forward
+    pre-hook of the neuron returning such a tensor), or they left the flow by ``.data``,
+    ``.tolist()``, ``.numpy()`` or DLPack. A layer whose output nothing used (an unused
+    branch) is not reported. The layer's last draw in the forward is checked.
+
+    Raises:
+        VarianceFlowError: naming the layers and the fix.
+    """
+    marks = model.__dict__.get(_FLOW_STATE, {}).get("marks")
+    if marks is None or len(_DRAWN) <= marks[0]:
+        return
+    pending = {}
+    for layer, token, grad_fn in _DRAWN[marks[0]:]:
+        pending[id(layer)] = (token, layer, grad_fn)  # the layer's last draw
+    pending = {token: (layer, grad_fn) for token, layer, grad_fn in pending.values()}
+    _drop_found(pending, reversed(_CONSUMED[marks[1]:]))
+    if not pending:
+        return
+    outputs = _tensors_in(output)
+    _drop_found(pending, [t.__dict__["noise"] for t in outputs
+                          if type(t) is VarianceTensor and "noise" in t.__dict__])
+    if not pending:
+        return
+    escaped = dict(pending)
+    _drop_found(escaped, _ESCAPED[marks[2]:])  # what is left did not escape
+    hit = _reaches(outputs, {g for _, g in pending.values() if g is not None})
+    dropped = [(layer, token not in escaped) for token, (layer, grad_fn) in pending.items()
+               if token not in escaped or grad_fn in hit]
+    if not dropped:
+        return
+    names = {id(m): n for n, m in model.named_modules()}
+    which = ", ".join(
+        f"{names.get(id(layer), type(layer).__name__)!r} ("
+        + ("its values left the variance flow by .data, .tolist(), .numpy() or DLPack"
+           if escaped_ else "its mean reached the output without its variance")
+        + ")" for layer, escaped_ in dropped)
+    raise VarianceFlowError(
+        f"in this training forward of {type(model).__name__}, the weight noise of the "
+        f"Bayesian layer(s) {which} reached no spiking neuron: something between the layer "
+        "and the neuron made a plain tensor of its output (x.as_subclass(torch.Tensor), "
+        "torch.Tensor(x), x.data, torch.tensor(x.tolist()), a numpy round trip, e.g. in a "
+        "forward pre-hook of the neuron), so the neuron fired without the noise and the "
+        "layer's std_rho would get no gradient. Pass the layer's output on as a tensor "
+        "(torch operations on it keep its variance: x.detach() too); to leave a layer's "
+        "noise out on purpose, make it deterministic (exclude= in to_sbnn) or drop it with "
+        "sbnn_addons.moments.plain(x)")
 
 
 def noisy_output_layers(model: nn.Module, output) -> list[str]:
@@ -1355,6 +1504,8 @@ def _close_stale_flows(entering: nn.Module) -> None:
         _OPEN_FLOWS.pop()[1].__exit__(None, None, None)
         if root is not None:
             _drop_aborted_aux_terms(root)
+    if not _OPEN_FLOWS:
+        _clear_draw_records()
 
 
 def _drop_aborted_aux_terms(root: nn.Module) -> None:

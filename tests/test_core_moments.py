@@ -793,3 +793,69 @@ def test_cast_to_float16_keeps_a_small_variance():
         torch.testing.assert_close(var.expand_as(y), want)
     assert sb.get_variance(y.bfloat16()).dtype == torch.bfloat16
     assert sb.get_variance(y.double()).dtype == torch.float64
+
+
+class _CoreNet(nn.Module):
+    """A Bayesian layer feeding a core LIF over a short time loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = sb.BayesLinear(8, 6)
+        self.lif = sb.LIF(beta=0.9, spike_fn=sb.IWSTSpike("st"))
+        self.head = sb.BayesLinear(6, 6)
+
+    def forward(self, x, use_head=True):
+        state, out = None, []
+        for t in range(x.shape[0]):
+            spk, state = self.lif(self.fc(x[t]), state)
+            out.append(spk)
+        if not use_head:
+            self.head(torch.stack(out))  # a branch whose output nothing uses
+        return torch.stack(out)
+
+
+_STRIPS = {
+    "as_subclass": lambda x: (x.as_subclass(torch.Tensor),),
+    "data": lambda x: (x.data,),
+    "tolist": lambda x: (torch.tensor(x.tolist()),),
+    "Tensor()": lambda x: (torch.Tensor(x),),
+}
+
+
+@pytest.mark.parametrize("how", list(_STRIPS))
+def test_a_neuron_pre_hook_that_strips_the_variance_raises_naming_the_layer(how):
+    net = sb.track_variance(_CoreNet()).train()
+    net.lif.register_forward_pre_hook(lambda mod, args: _STRIPS[how](args[0]) + args[1:])
+    with pytest.raises(VarianceFlowError, match=r"'fc'.*reached no spiking neuron"):
+        net(torch.rand(3, 4, 8))
+
+
+def test_dropped_noise_check_raises_no_false_alarm():
+    net = sb.track_variance(_CoreNet()).train()
+    x = torch.rand(3, 4, 8)
+    net(x, use_head=False).sum().backward()  # an unused branch
+    assert net.fc.std_rho.grad.abs().sum() > 0
+    net.lif.register_forward_pre_hook(lambda mod, args: (args[0].detach(), *args[1:]))
+    net(x)  # detach keeps the variance (the noise acts, the gradient is stopped)
+    net.lif.register_forward_pre_hook(
+        lambda mod, args: (args[0].as_subclass(torch.Tensor), *args[1:]))
+    with torch.no_grad():
+        net(x)
+    net.eval()
+    net(x)
+    with sb.mode(net, "mean"):
+        net.train()
+        net(x)
+
+
+def test_a_readout_dropped_with_plain_is_not_reported():
+    class Readout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = sb.BayesLinear(8, 3)
+
+        def forward(self, x):
+            return sb.moments.plain(self.fc(x))
+
+    net = sb.track_variance(Readout()).train()
+    net(torch.rand(4, 8)).sum().backward()

@@ -501,3 +501,14 @@ def test_membrane_variance_of_a_neuron_that_is_not_converted_raises():
         membrane_variance(model)
     drop_in = snn.Leaky(beta=0.9, init_hidden=True, spike_grad=sbnn_addons.snntorch.spike_grad())
     assert membrane_variance(drop_in) is None
+
+
+@pytest.mark.parametrize("strip", [lambda x: x.as_subclass(torch.Tensor), lambda x: x.data,
+                                   lambda x: torch.tensor(x.tolist())])
+def test_a_leaky_pre_hook_that_strips_the_variance_raises(strip):
+    net = to_sbnn(nn.Sequential(nn.Linear(8, 6), snn.Leaky(beta=0.9, init_hidden=True)))
+    net.train()
+    net[1].register_forward_pre_hook(lambda mod, args: (strip(args[0]), *args[1:]))
+    sbnn_addons.snntorch.reset(net)
+    with pytest.raises(sbnn_addons.VarianceFlowError, match=r"'0'.*reached no spiking neuron"):
+        net(torch.rand(4, 8))

@@ -496,3 +496,25 @@ def test_pruned_layer_converts_with_its_mask_multi_step():
         assert torch.equal(model(x), net(x))
     plain = sbnn_sj.to_spikingjelly(model)
     assert torch.equal(plain[0].weight_mask, net[0].weight_mask)
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+@pytest.mark.parametrize("prepend", [True, False])
+def test_a_lif_node_pre_hook_that_strips_the_variance_raises(step_mode, prepend):
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    from sbnn_addons.spikingjelly import to_sbnn
+
+    net = to_sbnn(nn.Sequential(layer.Linear(8, 6), neuron.LIFNode()))
+    functional.set_step_mode(net, step_mode)
+    net.train()
+    net[1].register_forward_pre_hook(
+        lambda mod, args: (args[0].as_subclass(torch.Tensor), *args[1:]), prepend=prepend)
+    functional.reset_net(net)
+    x = torch.rand(4, 8) if step_mode == "s" else torch.rand(3, 4, 8)
+    if not prepend:  # after the converted neuron's own pre-hook: the variance is taken
+        net(x).sum().backward()
+        assert net[0].std_rho.grad.abs().sum() > 0
+        return
+    with pytest.raises(sbnn_addons.VarianceFlowError, match=r"'0'.*reached no spiking neuron"):
+        net(x)
