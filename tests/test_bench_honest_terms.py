@@ -160,3 +160,45 @@ def test_train_loss_is_the_task_loss_for_methods_with_extra_terms(method):
     assert point["train_objective"] >= point["train_loss"]
     if method.endswith("-kl"):
         assert point["train_objective"] > point["train_loss"] + 1.0  # KL / N is large
+
+
+def test_a_training_loader_that_yields_no_batch_raises_naming_drop_last():
+    """drop_last=True with a batch larger than the data yields no batch: a bare
+    StopIteration came out of the first probe forward."""
+    train = DataLoader(TensorDataset(*_data(10, 0)), batch_size=16, drop_last=True)
+    with pytest.raises(ValueError, match="yields no batch.*drop_last"):
+        compare(make_net, train, _data(12, 1), methods=["original"], **KW)
+
+
+def test_a_recipe_over_another_models_parameters_raises():
+    """An optimiser built over a network captured by the recipe (not the model it is
+    given) trains nothing: the loss stayed flat and its times were reported."""
+    outside = make_net()
+
+    def recipe(model, epochs, steps):
+        return torch.optim.Adam(outside.parameters(), lr=1e-2), None, "epoch"
+
+    with pytest.raises(ValueError, match="not the model's"):
+        compare(make_net, _data(24, 0), _data(12, 1), methods=["original"], recipe=recipe,
+                **KW)
+
+
+def test_a_recipe_returning_a_bare_optimiser_names_the_form():
+    with pytest.raises(TypeError, match=r"\(optimizer, scheduler or None, 'batch' \| 'epoch'\)"):
+        compare(make_net, _data(24, 0), _data(12, 1), methods=["original"],
+                recipe=lambda m, e, s: torch.optim.Adam(m.parameters()), **KW)
+
+
+def test_a_loader_of_dicts_names_the_keys_and_the_fix():
+    x, y = _data(12, 0)
+
+    class Dicts(torch.utils.data.Dataset):
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return {"frames": x[i], "label": y[i]}
+
+    with pytest.raises(TypeError, match=r"dict with keys \['frames', 'label'\].*collate_fn"):
+        compare(make_net, DataLoader(Dicts(), batch_size=6), _data(12, 1),
+                methods=["original"], **KW)

@@ -368,6 +368,42 @@ def default_recipe(lr: float = 5e-3, noise_lr: float | None = 5e-2) -> Recipe:
     return recipe
 
 
+def _check_recipe(out, run: _Run) -> tuple:
+    """``(optimizer, scheduler, interval)`` from what a recipe returned, checked.
+
+    Raises:
+        TypeError: not a 3-tuple with an optimiser first.
+        ValueError: an interval other than ``"batch"`` / ``"epoch"``, or an optimiser over
+            parameters that are not the run's model's (one captured from outside the
+            recipe: the run's model would not train, its flat loss and times reported).
+    """
+    form = "(optimizer, scheduler or None, 'batch' | 'epoch')"
+    if not isinstance(out, (tuple, list)) or len(out) != 3:
+        got = (f"a {type(out).__name__} of {len(out)} items"
+               if isinstance(out, (tuple, list)) else type(out).__name__)
+        raise TypeError(f"recipe(model, epochs, steps_per_epoch) must return {form}, got "
+                        f"{got}")
+    opt, sched, interval = out
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(f"recipe must return {form}; its first item is "
+                        f"{type(opt).__name__}, not a torch.optim.Optimizer")
+    if interval not in ("batch", "epoch"):
+        raise ValueError(f"recipe must return 'batch' or 'epoch' as third item, "
+                         f"got {interval!r}")
+    own = {id(p) for p in run.model.parameters()}
+    params = [p for g in opt.param_groups for p in g["params"]]
+    foreign = sum(id(p) not in own for p in params)
+    if foreign or not params:
+        raise ValueError(
+            f"{run.method.name}: the recipe's optimiser holds {foreign} of {len(params)} "
+            "parameters that are not the model's it was given (e.g. the parameters of a "
+            "network captured outside the recipe), so this model would not train: build "
+            "the optimiser from the recipe's model argument, e.g. "
+            "torch.optim.Adam(model.parameters()); every method converts and trains a "
+            "model of its own")
+    return opt, sched, interval
+
+
 # --------------------------------------------------------------------------- distributed
 def dist_info() -> tuple[int, int, int]:
     """``(rank, world_size, local_rank)`` from torchrun's environment (``1`` process if unset)."""
@@ -767,11 +803,8 @@ def compare(
             for m in meths:
                 run = _build_run(model, m, seed, reinit, readout, sbnn_kwargs, ctx,
                                  find_unused_parameters)
-                run.optimizer, run.scheduler, run.interval = recipe(
-                    run.model, epochs, steps_per_epoch)
-                if run.interval not in ("batch", "epoch"):
-                    raise ValueError(f"recipe must return 'batch' or 'epoch' as third item, "
-                                     f"got {run.interval!r}")
+                run.optimizer, run.scheduler, run.interval = _check_recipe(
+                    recipe(run.model, epochs, steps_per_epoch), run)
                 # every run gets the same random-number stream of its own
                 torch.manual_seed(_mix(seed, 99, rank))
                 _save_rng(run, device)
@@ -930,7 +963,12 @@ def _readouts_excluded(net: nn.Module, method: Method, host: str | None, sbnn_kw
 
 def _first_batch(ctx: _Ctx, n: int = 2) -> Tensor:
     """The first ``n`` training samples (at most a batch) as the model's input."""
-    xb, _ = next(iter(ctx.train.batches(min(ctx.batch_size, n), None)))
+    first = next(iter(ctx.train.batches(min(ctx.batch_size, n), None)), None)
+    if first is None:  # a loader whose length promised batches
+        raise ValueError("train_data yields no batch (a DataLoader with drop_last=True and "
+                         "fewer samples than batch_size, or an exhausted iterator); pass "
+                         "tensors or a re-iterable DataLoader that yields batches")
+    xb, _ = first
     xb = xb[:, :n] if ctx.layout == "TB" else xb[:n]  # a loader's batch: its first n
     return prepare(xb, ctx.layout, ctx.encode, torch.Generator().manual_seed(0), ctx.device)
 

@@ -183,6 +183,16 @@ class DataSpec:
             spec = cls(loader=data, layout=layout)
             if len(spec) == 0:
                 raise ValueError(f"{name} is empty (its DataLoader draws 0 samples)")
+            try:
+                batches = len(data)
+            except TypeError:
+                batches = None
+            if batches == 0:
+                raise ValueError(
+                    f"{name}: the DataLoader yields no batch: its {len(spec)} samples are "
+                    f"fewer than batch_size={getattr(data, 'batch_size', None)} and "
+                    "drop_last=True keeps only full batches; lower batch_size or pass "
+                    "drop_last=False")
             return spec
         raise TypeError(f"{name} must be (x, y) tensors, a TensorDataset or a DataLoader, got "
                         f"{type(data).__name__}")
@@ -265,9 +275,15 @@ class DataSpec:
         if first is None:
             return
         for batch in itertools.chain([first], it):
+            if isinstance(batch, dict):
+                raise TypeError(
+                    f"a DataLoader must yield (x, y) batches, got a dict with keys "
+                    f"{list(batch)[:6]}: give the DataLoader a collate_fn that returns "
+                    "(x, y), e.g. collate_fn=lambda items: (torch.stack([d['x'] for d in "
+                    "items]), torch.stack([d['y'] for d in items])) with your key names")
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                raise TypeError("a DataLoader must yield (x, y) batches, got "
-                                f"{type(batch).__name__}")
+                raise TypeError("a DataLoader must yield (x, y) batches (further items "
+                                f"are ignored), got {type(batch).__name__}")
             x, y = batch[0], class_labels(batch[1], "a DataLoader batch")
             n = x.shape[1] if self.layout == "TB" else x.shape[0]
             if n != len(y):
