@@ -202,3 +202,26 @@ def test_a_loader_of_dicts_names_the_keys_and_the_fix():
     with pytest.raises(TypeError, match=r"dict with keys \['frames', 'label'\].*collate_fn"):
         compare(make_net, DataLoader(Dicts(), batch_size=6), _data(12, 1),
                 methods=["original"], **KW)
+
+
+def test_a_loader_with_a_batch_sampler_reports_its_batch_size():
+    """A DataLoader built with batch_sampler= has batch_size None: the reported batch size
+    was compare's default 64, not the 7 the model was trained on."""
+    sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(range(21)),
+                                            batch_size=7, drop_last=False)
+    train = DataLoader(TensorDataset(*_data(21, 0)), batch_sampler=sampler)
+    res = compare(make_net, train, _data(12, 1), methods=["original"],
+                  **{**KW, "batch_size": 64})
+    assert res.rows[0]["batch_size"] == 7 and res.meta["batch_size"] == 7
+
+    class Own(torch.utils.data.Sampler):  # no batch_size of its own: reported as unknown
+        def __iter__(self):
+            return iter([list(range(0, 10)), list(range(10, 21))])
+
+        def __len__(self):
+            return 2
+
+    train = DataLoader(TensorDataset(*_data(21, 0)), batch_sampler=Own())
+    res = compare(make_net, train, _data(12, 1), methods=["original"],
+                  **{**KW, "batch_size": 64})
+    assert res.rows[0]["batch_size"] is None and res.meta["batch_size"] is None

@@ -787,8 +787,12 @@ def compare(
     n_train = len(train)
     steps_per_epoch = (math.ceil(math.ceil(n_train / world) / batch_size) if train.is_tensor
                        else max(len(train.loader), 1))
-    if not train.is_tensor and getattr(train.loader, "batch_size", None):
-        batch_size = int(train.loader.batch_size)  # what the model is trained on: reported
+    reported_batch_size: int | None = batch_size
+    if not train.is_tensor:  # what the model is trained on: the loader's (None: unknown)
+        own = getattr(train.loader, "batch_size", None) or getattr(
+            getattr(train.loader, "batch_sampler", None), "batch_size", None)
+        reported_batch_size = int(own) if isinstance(own, int) and own > 0 else None
+        batch_size = reported_batch_size or batch_size
     bar = progress(epochs * len(meths) * len(seeds)) if progress else None
     ctx = _Ctx(train, test, layout=train.layout, encode=encode, device=device,
                batch_size=batch_size, eval_batch_size=eval_batch_size, loss_fn=loss_fn,
@@ -821,7 +825,8 @@ def compare(
             for run in runs:
                 if world > 1:
                     _check_in_sync(run.model)
-                row, num_steps = _final_eval(run, ctx, mc_samples, task, epochs, batch_size)
+                row, num_steps = _final_eval(run, ctx, mc_samples, task, epochs,
+                                             reported_batch_size)
                 if keep_models:
                     row["_model"] = run.model
                 rows.append(row)
@@ -830,7 +835,7 @@ def compare(
         if bar is not None:
             bar.close()
     meta = {"task": task, "epochs": epochs, "seeds": seeds, "methods": [m.name for m in meths],
-            "mc_samples": mc_samples, "batch_size": batch_size, "layout": train.layout,
+            "mc_samples": mc_samples, "batch_size": reported_batch_size, "layout": train.layout,
             "num_steps": num_steps, "train_samples": n_train, "test_samples": len(test),
             "max_train_samples": max_train_samples, "max_test_samples": max_test_samples,
             "subset_seed": subset_seed, "interleaved": interleave, "warmup": warmup,
@@ -1193,7 +1198,8 @@ def _metrics(probs: Tensor, targets: Tensor, suffix: str) -> dict:
     return {f"{k}_{suffix}": v for k, v in m.items()}
 
 
-def _final_eval(run: _Run, ctx: _Ctx, k: int, task: str, epochs: int, batch_size: int):
+def _final_eval(run: _Run, ctx: _Ctx, k: int, task: str, epochs: int,
+                batch_size: int | None):
     m = run.method
     probs, targets, eval_s = _predict(run, ctx, "mean", 1)
     out_probs = {"mean": probs}

@@ -291,8 +291,8 @@ def write_report(res: BenchResults, out_dir: Path, figures: list[Path]) -> Path:
                   f"{m.get('max_test_samples')}, subset seed {m.get('subset_seed', 0)})")
     lines += [
         f"- epochs: {m.get('epochs')}, seeds: {m.get('seeds')}, batch size: "
-        f"{m.get('batch_size')}, time steps T: {m.get('num_steps')}, mc(K): "
-        f"K = {m.get('mc_samples')}",
+        f"{m.get('batch_size') or 'set by the DataLoader'}, time steps T: "
+        f"{m.get('num_steps')}, mc(K): K = {m.get('mc_samples')}",
         f"- samples: train {m.get('train_samples')}, test {m.get('test_samples')}{subset}",
         f"- device: {m.get('device')}, processes: {m.get('world_size', 1)}, torch "
         f"{env['torch']}, {env['threads']} CPU threads, {env['machine']}",
