@@ -225,3 +225,19 @@ def test_a_loader_with_a_batch_sampler_reports_its_batch_size():
     res = compare(make_net, train, _data(12, 1), methods=["original"],
                   **{**KW, "batch_size": 64})
     assert res.rows[0]["batch_size"] is None and res.meta["batch_size"] is None
+
+
+def test_an_encode_returning_batch_first_raises_even_when_the_batch_equals_t():
+    """A rate code written batch-first, [B, T, F]: with batch_size == T it trained with
+    the samples as time steps and reported num_steps 1, without an error."""
+    y = torch.arange(36) % 3
+    x = torch.full((36, 12), 0.05)
+    for c in range(3):
+        x[y == c, 4 * c:4 * c + 4] = 0.8
+
+    def batch_first(xb, gen):
+        return (torch.rand(xb.shape[0], 6, xb.shape[1], generator=gen) < xb[:, None]).float()
+
+    with pytest.raises(ValueError, match=r"encode returned shape \[2, 6, 12\].*transpose"):
+        compare(make_net, (x, y), (x[:12], y[:12]), layout="static", encode=batch_first,
+                methods=["original"], epochs=1, batch_size=6, eval_batch_size=6)

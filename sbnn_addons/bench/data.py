@@ -309,5 +309,14 @@ def prepare(x: Tensor, layout: str, encode: Callable | None, gen: torch.Generato
     if layout == "BT":
         x = x.transpose(0, 1)
     if encode is not None:
+        n = int(x.shape[0] if layout == "static" else x.shape[1])  # samples in the batch
+        shape = list(x.shape)
         x = encode(x, gen)
+        if not isinstance(x, Tensor) or x.dim() < 2 or int(x.shape[1]) != n:
+            got = f"shape {list(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"encode returned {got} for a batch of {n} samples (its input {shape}): "
+                f"it must return the model's time-major input [T, B, ...] = [T, {n}, ...]. "
+                "A batch-first result [B, T, ...] would be read with the samples as time "
+                "steps: return it with .transpose(0, 1)")
     return x.to(device, torch.float32)
