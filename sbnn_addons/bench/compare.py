@@ -639,7 +639,7 @@ def compare(
     aux_all: bool = False,
     interleave: bool = True,
     warmup: bool = True,
-    reinit: bool | None = None,
+    reinit: bool = False,
     device: str | torch.device = "cpu",
     task: str = "custom",
     eval_batch_size: int = 256,
@@ -706,7 +706,10 @@ def compare(
             other, each after its own warm-up).
         warmup: two untimed training steps per method before timing (state restored).
         reinit: re-initialise a module instance per seed (``reset_parameters`` under
-            ``torch.manual_seed(seed)``); default: only with several seeds.
+            ``torch.manual_seed(seed)``; parameters of modules without one keep their
+            values). Default ``False``: every seed starts from the module's own weights
+            (the seeds then vary the data order and the noise, not the initialisation;
+            pass a factory to vary that too).
         device: ``"cpu"``, ``"cuda"``, ... .
         task: name of the task in the outputs.
         eval_batch_size: batch size of the evaluation passes (tensor data).
@@ -783,7 +786,7 @@ def compare(
     loss_fn = loss_fn or F.cross_entropy
     recipe = recipe or default_recipe(lr, noise_lr)
     sbnn_kwargs = dict(sbnn_kwargs or {})
-    reinit = len(seeds) > 1 if reinit is None else reinit
+    reinit = bool(reinit)  # never from len(seeds): a seed's run must not depend on the others
     n_train = len(train)
     steps_per_epoch = (math.ceil(math.ceil(n_train / world) / batch_size) if train.is_tensor
                        else max(len(train.loader), 1))
@@ -841,6 +844,9 @@ def compare(
             "subset_seed": subset_seed, "interleaved": interleave, "warmup": warmup,
             "device": str(device), "world_size": world, "command": command,
             "data_order": "identical for every method (checked)",
+            "init": ("factory under torch.manual_seed(seed)" if not isinstance(model, nn.Module)
+                     else "reset_parameters under torch.manual_seed(seed)" if reinit
+                     else "the weights of the module passed, for every seed"),
             "data_warnings": [w for w in data_warnings if w]}
     return BenchResults(rows, meta)
 

@@ -131,6 +131,10 @@ class BenchResults:
             by_task.setdefault(s["task"], []).append(s)
         for task, ss in by_task.items():
             seeds = min(s["seeds"] for s in ss)
+            if seeds > 1 and self.meta.get("init", "").startswith("the weights of"):
+                out.append(f"{task}: every seed starts from the weights of the module you "
+                           "passed, so the spread over seeds leaves out the initialisation; "
+                           "pass a factory (or reinit=True) to vary it.")
             if seeds < 2:
                 out.append(f"{task}: one seed per method, so the spread over seeds is unknown "
                            "and accuracy differences cannot be told from seed noise; run "
