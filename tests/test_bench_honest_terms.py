@@ -263,3 +263,24 @@ def test_a_seed_of_a_module_instance_gives_the_same_run_in_any_seed_list():
                     reinit=True, **KW)
     assert next(r for r in mixed.rows if r["seed"] == 1)["curve"] == again.rows[0]["curve"]
     assert not any("module you passed" in n for n in mixed.notes())
+
+
+def test_a_run_that_did_not_train_is_named_in_the_notes():
+    """A method whose parameters never change (a learning rate of 0, gradients that do not
+    reach them) or whose loss does not fall had its times and accuracies reported like any
+    other, without a word."""
+
+    def frozen(model, epochs, steps):
+        return torch.optim.SGD(model.parameters(), lr=0.0), None, "epoch"
+
+    res = compare(make_net, _data(24, 0), _data(12, 1), methods=["original"], recipe=frozen,
+                  **{**KW, "epochs": 2})
+    assert res.rows[0]["params_changed"] is False
+    notes = " ".join(res.notes())
+    assert "original (seed 0): no parameter changed in training" in notes
+    assert "original (seed 0): train_loss did not fall" in notes
+    res = compare(make_net, _data(24, 0), _data(12, 1), methods=["original"],
+                  **{**KW, "epochs": 2, "lr": 2e-2})
+    assert res.rows[0]["params_changed"] is True
+    assert "did not fall" not in " ".join(res.notes())
+    assert "no parameter changed" not in " ".join(res.notes())

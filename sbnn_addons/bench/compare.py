@@ -521,6 +521,15 @@ class _Run:
     train_times: list = field(default_factory=list)
     eval_times: list = field(default_factory=list)
     orders: list = field(default_factory=list)
+    init_sig: Tensor | None = None  # _param_signature before training
+
+
+def _param_signature(model: nn.Module) -> Tensor:
+    """Per-parameter sum and sum of squares (float64, CPU): whether training changed any."""
+    with torch.no_grad():
+        parts = [torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                 for p in model.parameters()]
+    return torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.float64)
 
 
 def _mix(*xs: int) -> int:
@@ -812,6 +821,7 @@ def compare(
                                  find_unused_parameters)
                 run.optimizer, run.scheduler, run.interval = _check_recipe(
                     recipe(run.model, epochs, steps_per_epoch), run)
+                run.init_sig = _param_signature(run.model)
                 # every run gets the same random-number stream of its own
                 torch.manual_seed(_mix(seed, 99, rank))
                 _save_rng(run, device)
@@ -1247,6 +1257,8 @@ def _final_eval(run: _Run, ctx: _Ctx, k: int, task: str, epochs: int,
         "epoch_train_s": list(times),
         "epoch_eval_s": list(run.eval_times),
         "data_order": list(run.orders),
+        "params_changed": (None if run.init_sig is None else
+                           not torch.equal(_param_signature(run.model), run.init_sig)),
         "_probs": out_probs,
         "_targets": targets,
     })

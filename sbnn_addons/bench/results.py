@@ -159,6 +159,21 @@ class BenchResults:
                                f"differs by {diff:.3f} s, within the spread over epochs "
                                f"(± {spread:.3f} s).")
             rows = [r for r in self.rows if r["task"] == task]
+            for r in rows:
+                who = f"{task}: {r['method']} (seed {r['seed']})"
+                curve = r.get("curve") or []
+                if r.get("params_changed") is False:
+                    out.append(f"{who}: no parameter changed in training (a learning rate "
+                               "of 0, or gradients that never reach the parameters): its "
+                               "accuracies are those of the initial network and its times "
+                               "are not those of training.")
+                if len(curve) >= 2:
+                    first, last = curve[0]["train_loss"], curve[-1]["train_loss"]
+                    if not last < first - 1e-3 * abs(first):
+                        out.append(f"{who}: train_loss did not fall over the epochs "
+                                   f"({first:.4f} -> {last:.4f}): it has not trained (check "
+                                   "the learning rate and that the gradients reach the "
+                                   "parameters); read its accuracies and times with care.")
             targets = rows[0]["_targets"] if rows and "_targets" in rows[0] else None
             if targets is not None and len(targets):
                 share = float(torch.bincount(targets).max()) / len(targets)
