@@ -284,3 +284,19 @@ def test_a_run_that_did_not_train_is_named_in_the_notes():
     assert res.rows[0]["params_changed"] is True
     assert "did not fall" not in " ".join(res.notes())
     assert "no parameter changed" not in " ".join(res.notes())
+
+
+def test_bad_loss_readout_methods_and_num_classes_name_the_problem():
+    """Each of these failed deep inside PyTorch (or iterated a string letter by letter)."""
+    import torch.nn.functional as F
+
+    args = (make_net, _data(24, 0), _data(12, 1))
+    with pytest.raises(ValueError, match="loss_fn returned a tensor of shape \\[12\\].*scalar"):
+        compare(*args, methods=["original"],
+                loss_fn=lambda o, t: F.cross_entropy(o, t, reduction="none"), **KW)
+    with pytest.raises(ValueError, match=r"readout returned shape \[6, 2, 3\].*\[B, C\]"):
+        compare(*args, methods=["original"], readout=lambda out: torch.stack(out), **KW)
+    res = compare(*args, methods="original", **KW)  # one name, not its letters
+    assert [r["method"] for r in res.rows] == ["original"]
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
+        compare(*args, methods=["original"], num_classes=0, **KW)

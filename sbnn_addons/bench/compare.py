@@ -111,6 +111,8 @@ def resolve_methods(methods: Sequence[str | Method],
                     known: dict[str, Method] | None = None) -> list[Method]:
     """:class:`Method` objects for names (``GENERIC_METHODS`` and ``known``) or objects."""
     table = {**GENERIC_METHODS, **(known or {})}
+    if isinstance(methods, (str, Method)):  # one method (a string is not a list of names)
+        methods = [methods]
     out = []
     for m in methods:
         if isinstance(m, Method):
@@ -262,15 +264,27 @@ class _Forward:
         if self.step:
             out = [self.caller(x[t]) for t in range(x.shape[0])]
             if self.readout is not None:
-                return self.readout(out)
+                return _check_readout(self.readout(out), batch)
             out = torch.stack([_main_output(o) for o in out])
         else:
             out = self.caller(x)
             if self.readout is not None:
-                return self.readout(out)
+                return _check_readout(self.readout(out), batch)
             out = _main_output(out)
         self.last_shape = tuple(out.shape)
         return _to_logits(out, batch)
+
+
+def _check_readout(logits, batch: int) -> Tensor:
+    """The ``readout``'s result, checked to be logits ``[B, C]`` for ``batch`` samples."""
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or int(logits.shape[0]) != batch:
+        got = (f"shape {list(logits.shape)}" if isinstance(logits, Tensor)
+               else type(logits).__name__)
+        raise ValueError(
+            f"readout returned {got} for a batch of {batch} samples; it must return logits "
+            f"[B, C] = [{batch}, C] (a step model's readout gets the list of its per-step "
+            "outputs: e.g. readout=lambda outs: torch.stack(outs).mean(0))")
+    return logits
 
 
 def _describe(value) -> str:
@@ -771,6 +785,10 @@ def compare(
                     f"{what}), got {value!r}; the default is "
                     f"{5e-3 if name == 'lr' else 5e-2}. To keep parameters fixed, pass "
                     "recipe= with an optimiser of your own")
+    if num_classes is not None and (isinstance(num_classes, bool)
+                                    or not isinstance(num_classes, int) or num_classes < 2):
+        raise ValueError(f"num_classes must be an integer >= 2 (the task's classes) or None "
+                         f"(from the labels), got {num_classes!r}")
     meths = resolve_methods(methods, known_methods)
     device = torch.device(device)
     rank, world = _world()
@@ -1079,7 +1097,12 @@ def _loss(run: _Run, ctx: _Ctx, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]
     objective only, so that the reported ``train_loss`` is comparable across methods.
     """
     task_loss = ctx.loss_fn(out, y)
-    loss = task_loss
+    if not isinstance(task_loss, Tensor) or task_loss.numel() != 1:
+        got = (f"a tensor of shape {list(task_loss.shape)}" if isinstance(task_loss, Tensor)
+               else type(task_loss).__name__)
+        raise ValueError(f"loss_fn returned {got}; it must return a scalar tensor (the "
+                         "batch's mean loss): reduce it, e.g. reduction='mean' or .mean()")
+    loss = task_loss = task_loss.reshape(())
     m = run.method
     if m.is_sbnn:
         uses_aux = m.aux_weight > 0 or ctx.aux_all
