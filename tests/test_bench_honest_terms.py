@@ -300,3 +300,14 @@ def test_bad_loss_readout_methods_and_num_classes_name_the_problem():
     assert [r["method"] for r in res.rows] == ["original"]
     with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
         compare(*args, methods=["original"], num_classes=0, **KW)
+
+
+def test_an_nn_sequential_with_snntorch_neurons_without_init_hidden_raises():
+    """Without init_hidden=True an snnTorch neuron in an nn.Sequential keeps no state
+    between calls: the harness passed the whole sequence through it as one time step (a
+    last-layer Leaky trained without membrane dynamics, silently)."""
+    def last_leaky():
+        return nn.Sequential(nn.Linear(12, 3), snn.Leaky(beta=0.9))
+
+    with pytest.raises(ValueError, match=r"init_hidden=True.*\['1'\]"):
+        compare(last_leaky, _data(24, 0), _data(12, 1), methods=["original"], **KW)

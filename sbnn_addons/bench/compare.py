@@ -156,10 +156,22 @@ def _step_style(model: nn.Module, host: str | None, step: bool | None = None) ->
     of its own and ``init_hidden`` neurons, and must agree with the model elsewhere.
 
     Raises:
-        ValueError: such a model without ``step``, or a ``step`` the model contradicts.
+        ValueError: such a model without ``step``, or a ``step`` the model contradicts;
+            an ``nn.Sequential`` with snnTorch neurons without ``init_hidden=True``.
     """
     detected: bool | None = False
-    if host == "snntorch":
+    if host == "snntorch" and isinstance(model, nn.Sequential):
+        stateless = [n for n, m in model.named_modules()
+                     if type(m).__module__.startswith("snntorch")
+                     and getattr(m, "init_hidden", None) is False]
+        if stateless:
+            raise ValueError(
+                f"the nn.Sequential holds snnTorch neurons without init_hidden=True "
+                f"({stateless[:6]}): such a neuron keeps no state between calls and returns "
+                "(spk, mem), so a Sequential cannot run it over time (it would take the "
+                "whole sequence as one step). Build them with init_hidden=True (the "
+                "harness then calls the model once per time step), or write a forward "
+                "that loops over time")
         hidden = any(getattr(m, "init_hidden", False) for m in model.modules())
         detected = None if hidden and not isinstance(model, nn.Sequential) else hidden
     elif host == "spikingjelly":
