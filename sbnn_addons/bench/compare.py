@@ -160,11 +160,11 @@ def _step_style(model: nn.Module, host: str | None, step: bool | None = None) ->
             an ``nn.Sequential`` with snnTorch neurons without ``init_hidden=True``.
     """
     detected: bool | None = False
-    if host == "snntorch" and isinstance(model, nn.Sequential):
+    if host == "snntorch":
         stateless = [n for n, m in model.named_modules()
                      if type(m).__module__.startswith("snntorch")
                      and getattr(m, "init_hidden", None) is False]
-        if stateless:
+        if stateless and isinstance(model, nn.Sequential):
             raise ValueError(
                 f"the nn.Sequential holds snnTorch neurons without init_hidden=True "
                 f"({stateless[:6]}): such a neuron keeps no state between calls and returns "
