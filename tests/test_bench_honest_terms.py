@@ -311,3 +311,18 @@ def test_an_nn_sequential_with_snntorch_neurons_without_init_hidden_raises():
 
     with pytest.raises(ValueError, match=r"init_hidden=True.*\['1'\]"):
         compare(last_leaky, _data(24, 0), _data(12, 1), methods=["original"], **KW)
+
+
+def test_a_sampler_with_a_generator_of_its_own_gives_every_method_the_same_order():
+    """RandomSampler(ds, generator=g), the usual way to make a loader repeatable: the
+    harness reseeded the loader's generator only, so the methods drew different orders and
+    the run failed after all the training."""
+    ds = TensorDataset(*_data(24, 0))
+    for sampler in (torch.utils.data.RandomSampler(ds, generator=torch.Generator()),
+                    torch.utils.data.SubsetRandomSampler(range(24),
+                                                         generator=torch.Generator())):
+        train = DataLoader(ds, batch_size=8, sampler=sampler)
+        res = compare(make_net, train, _data(12, 1), methods=["original", "sbnn-st"],
+                      **{**KW, "epochs": 2})
+        assert res.rows[0]["data_order"] == res.rows[1]["data_order"]
+        assert res.rows[0]["data_order"][0] != res.rows[0]["data_order"][1]  # reshuffled

@@ -1305,6 +1305,7 @@ def _check_same_order(runs: list[_Run]) -> None:
     if len(orders) > 1:
         names = ", ".join(r.method.name for r in runs)
         raise ValueError(f"the training data came in a different order for the methods "
-                         f"({names}): a DataLoader whose sampler does not follow its "
-                         "generator or the global seed; pass tensors or a loader with "
-                         "generator=torch.Generator()")
+                         f"({names}): a DataLoader whose sampler draws its order from "
+                         "neither a torch.Generator (the loader's or its own) nor the "
+                         "global seed (e.g. Python's random); pass tensors or a loader "
+                         "with generator=torch.Generator()")

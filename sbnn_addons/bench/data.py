@@ -260,8 +260,10 @@ class DataSpec:
                 yield (self.x[:, idx] if self.layout == "TB" else self.x[idx]), self.y[idx]
             return
         seed = int(torch.randint(0, 2**62, (1,), generator=perm_gen)) if perm_gen else 0
-        own = getattr(self.loader, "generator", None)
-        if own is not None:
+        # the loader's generator, and a sampler's own (RandomSampler(ds, generator=g))
+        for own in {id(g): g for g in (getattr(self.loader, "generator", None),
+                                       getattr(self._sampler, "generator", None))
+                    if isinstance(g, torch.Generator)}.values():
             own.manual_seed(seed)
         state = torch.get_rng_state()
         # a RandomSampler without generator draws its seed from the global RNG when the
