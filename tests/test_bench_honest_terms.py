@@ -326,3 +326,29 @@ def test_a_sampler_with_a_generator_of_its_own_gives_every_method_the_same_order
                       **{**KW, "epochs": 2})
         assert res.rows[0]["data_order"] == res.rows[1]["data_order"]
         assert res.rows[0]["data_order"][0] != res.rows[0]["data_order"][1]  # reshuffled
+
+
+def test_spikingjelly_containers_run_and_a_forgotten_single_step_neuron_raises():
+    """SeqToANNContainer / MultiStepContainer nets (the SEW-ResNet style) crashed with an
+    AttributeError (the container has no step_mode); a single-step neuron left in a
+    multi-step net took the whole sequence as one step, silently."""
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    def contained():
+        return nn.Sequential(layer.SeqToANNContainer(nn.Linear(12, 16)),
+                             layer.MultiStepContainer(neuron.LIFNode(tau=2.0)),
+                             layer.SeqToANNContainer(nn.Linear(16, 3)))
+
+    res = compare(contained, _data(24, 0), _data(12, 1), methods=["original", "sbnn-st"],
+                  **KW)
+    assert len(res.rows) == 2
+
+    def forgot():
+        net = nn.Sequential(layer.Linear(12, 16), neuron.LIFNode(tau=2.0),
+                            layer.Linear(16, 3))
+        functional.set_step_mode(net, "m")
+        net.append(neuron.LIFNode(tau=2.0))  # added after set_step_mode: single-step
+        return net
+
+    with pytest.raises(ValueError, match=r"neurons \['3'\] are single-step.*set_step_mode"):
+        compare(forgot, _data(24, 0), _data(12, 1), methods=["original"], **KW)

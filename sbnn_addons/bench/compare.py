@@ -175,10 +175,8 @@ def _step_style(model: nn.Module, host: str | None, step: bool | None = None) ->
         hidden = any(getattr(m, "init_hidden", False) for m in model.modules())
         detected = None if hidden and not isinstance(model, nn.Sequential) else hidden
     elif host == "spikingjelly":
-        from spikingjelly.activation_based import base
-
-        modes = {m.step_mode for m in model.modules() if isinstance(m, base.StepModule)}
-        detected = modes == {"s"}
+        modes = _sj_step_modes(model)
+        detected = set(modes.values()) == {"s"}
     if detected is None:
         if step is None:
             raise ValueError(
@@ -195,6 +193,39 @@ def _step_style(model: nn.Module, host: str | None, step: bool | None = None) ->
         raise ValueError(f"step={bool(step)} contradicts the model, which {what}; leave "
                          "step unset (its calls are detected) or change the model")
     return detected if step is None else bool(step)
+
+
+def _sj_step_modes(model: nn.Module) -> dict[str, str]:
+    """``{name: "s" | "m"}`` of a SpikingJelly model's step modules, as they are called.
+
+    The modules inside a container that runs them over time (``SeqToANNContainer``,
+    ``MultiStepContainer``, ...) count as the container, which is multi-step (and has no
+    ``step_mode``); a ``StepModeContainer`` counts with its own mode.
+
+    Raises:
+        ValueError: a single-step neuron in a multi-step network (one left out of
+            ``set_step_mode``): it would take the whole sequence as one step.
+    """
+    from spikingjelly.activation_based import base
+
+    modes: dict[str, str] = {}
+    inside: set[int] = set()
+    for name, m in model.named_modules():
+        if id(m) in inside or not isinstance(m, base.StepModule):
+            continue
+        mode_ = getattr(m, "step_mode", "m")  # the sequence containers: always multi-step
+        modes[name] = mode_
+        if type(m).__module__.startswith("spikingjelly") and "Container" in type(m).__name__:
+            inside |= {id(sub) for sub in m.modules() if sub is not m}
+    single = [n for n, m in model.named_modules()
+              if n in modes and modes[n] == "s" and isinstance(m, base.MemoryModule)]
+    if single and "m" in modes.values():
+        raise ValueError(
+            f"the SpikingJelly network is multi-step but its neurons {single[:6]} are "
+            "single-step: they would take the whole [T, B, ...] sequence as one step. Call "
+            "functional.set_step_mode(net, 'm') after the network is complete (or build "
+            "every module with step_mode='m')")
+    return modes
 
 
 def _reset(model: nn.Module, host: str | None, converted: bool) -> None:
