@@ -519,6 +519,22 @@ def test_cli_user_model_refuses_the_built_in_tasks_options(tmp_path, monkeypatch
                  *flag, "--quiet", "--no-plots", "--out-dir", str(tmp_path / "out")])
 
 
+
+def test_cli_batch_size_with_a_data_loader_is_refused(tmp_path, monkeypatch):
+    """A DataLoader keeps its own batch size: --batch-size was ignored without a word."""
+    (tmp_path / "toy_bench_loader.py").write_text(USER_MODULE + """
+
+def dl():
+    from torch.utils.data import DataLoader, TensorDataset
+    return {"train": DataLoader(TensorDataset(*_data(36, 0)), batch_size=12),
+            "test": _data(18, 1), "layout": "BT"}
+""")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit, match="--batch-size.*DataLoader"):
+        cli.run(["--model", "toy_bench_loader:net", "--data", "toy_bench_loader:dl",
+                 "--batch-size", "4", "--quiet", "--no-plots", "--out-dir", str(tmp_path)])
+
+
 # --------------------------------------------------------------------------- own-model edge cases
 class _LoopHiddenNet(torch.nn.Module):
     """init_hidden neurons, but the forward loops over time itself (takes [T, B, F])."""

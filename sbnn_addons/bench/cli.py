@@ -267,6 +267,10 @@ def _run_model(args, command: str, device: torch.device) -> BenchResults:
     unknown = set(data) - {"train", "test", "layout", "encode", "num_classes", "name"}
     if unknown:
         raise SystemExit(f"sbnn-bench: --data returned unknown keys {sorted(unknown)}")
+    if args.batch_size is not None and isinstance(data["train"], torch.utils.data.DataLoader):
+        raise SystemExit("sbnn-bench: --batch-size sets the batches of tensor data; your "
+                         "training DataLoader has its own batch size (reported in the "
+                         "results): drop --batch-size, or set it in the DataLoader")
     make_bar = _progress(args.quiet)
     return compare(
         model, data["train"], data["test"],
