@@ -352,3 +352,22 @@ def test_spikingjelly_containers_run_and_a_forgotten_single_step_neuron_raises()
 
     with pytest.raises(ValueError, match=r"neurons \['3'\] are single-step.*set_step_mode"):
         compare(forgot, _data(24, 0), _data(12, 1), methods=["original"], **KW)
+
+
+def test_a_training_order_that_differs_between_methods_stops_after_the_first_epoch():
+    """The order check ran after every epoch of every method had trained."""
+    x, y = _data(30, 0)
+    train = DataLoader(TensorDataset(x, y), batch_size=10, sampler=_BalancedRandomSampler(y))
+    done = []
+
+    class Bar:
+        def update(self, n):
+            done.append(n)
+
+        def close(self):
+            pass
+
+    with pytest.raises(ValueError, match="different order"):
+        compare(make_net, train, _data(12, 1), methods=["original", "sbnn-st"],
+                progress=lambda total: Bar(), **{**KW, "epochs": 4})
+    assert len(done) <= 2  # stopped in the first epoch's round, not after 8 epochs

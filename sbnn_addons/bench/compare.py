@@ -896,6 +896,10 @@ def compare(
                 _train_epoch(run, ctx, epoch)
                 if bar is not None:
                     bar.update(1)
+                # the same order as a method that trained this epoch already: stop at once
+                ref = next((r for r in runs if r is not run and len(r.orders) > epoch), None)
+                if ref is not None and ref.orders[epoch] != run.orders[epoch]:
+                    _check_same_order([ref, run])
             for run in runs:
                 if world > 1:
                     _check_in_sync(run.model)
