@@ -371,3 +371,43 @@ def test_a_training_order_that_differs_between_methods_stops_after_the_first_epo
         compare(make_net, train, _data(12, 1), methods=["original", "sbnn-st"],
                 progress=lambda total: Bar(), **{**KW, "epochs": 4})
     assert len(done) <= 2  # stopped in the first epoch's round, not after 8 epochs
+
+
+def test_sequence_data_declared_static_names_the_layout():
+    """A multi-step network given [B, T, F] data as layout='static' returned [B, T, C];
+    the error blamed the model's output (batch-first) instead of the declared layout."""
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    def sj():
+        net = nn.Sequential(layer.Linear(12, 16), neuron.LIFNode(), layer.Linear(16, 3))
+        functional.set_step_mode(net, "m")
+        return net
+
+    with pytest.raises(ValueError, match="layout='static'.*pass layout='BT'"):
+        compare(sj, _data(24, 0), _data(12, 1), methods=["original"],
+                **{**KW, "layout": "static"})
+
+
+class _StaticImageLoop(nn.Module):
+    """snnTorch tutorial style: static images [B, 1, 4, 4], a time loop inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.lif = nn.Conv2d(1, 2, 3, padding=1), snn.Leaky(beta=0.9)
+        self.fc, self.out = nn.Linear(32, 3), snn.Leaky(beta=0.9)
+
+    def forward(self, x):
+        m1, m2, spk = self.lif.init_leaky(), self.out.init_leaky(), []
+        for _ in range(4):
+            s1, m1 = self.lif(self.conv(x), m1)
+            s2, m2 = self.out(self.fc(s1.flatten(1)), m2)
+            spk.append(s2)
+        return torch.stack(spk), m2
+
+
+def test_static_images_with_a_time_loop_inside_the_model_still_run():
+    y = torch.arange(24) % 3
+    x = torch.rand(24, 1, 4, 4) + y.view(-1, 1, 1, 1)
+    res = compare(_StaticImageLoop, (x, y), (x[:12], y[:12]), methods=["original"],
+                  **{**KW, "layout": "static"})
+    assert res.rows[0]["num_steps"] is None

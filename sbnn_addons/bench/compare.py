@@ -315,6 +315,16 @@ class _Forward:
                 return _check_readout(self.readout(out), batch)
             out = _main_output(out)
         self.last_shape = tuple(out.shape)
+        if (not self.time_axis and out.dim() == 3 and x.dim() >= 3
+                and tuple(out.shape[:2]) == tuple(x.shape[:2]) and out.shape[1] != batch):
+            # [B, T, C] out of a stored [B, T, ...]: a time axis the layout did not declare
+            raise ValueError(
+                f"the model returned {list(out.shape)} for the input {list(x.shape)}, which "
+                "it received as stored ([B, ...], layout='static' without an encode hook): "
+                "a sequence output from data without a time axis. If the samples have a "
+                "time axis, pass layout='BT' (batch-major [N, T, ...], e.g. a DataLoader's) "
+                "or 'TB' (time-major [T, N, ...]); otherwise return logits [B, C] or pass "
+                "readout=")
         return _to_logits(out, batch)
 
 
