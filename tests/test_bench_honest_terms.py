@@ -411,3 +411,11 @@ def test_static_images_with_a_time_loop_inside_the_model_still_run():
     res = compare(_StaticImageLoop, (x, y), (x[:12], y[:12]), methods=["original"],
                   **{**KW, "layout": "static"})
     assert res.rows[0]["num_steps"] is None
+
+
+def test_aux_all_without_an_aux_weight_raises():
+    """aux_all=True without aux_weight= was dropped without a word (no method used the
+    auxiliary loss)."""
+    with pytest.raises(ValueError, match="aux_all=True needs aux_weight"):
+        compare(make_net, _data(24, 0), _data(12, 1), methods=["sbnn-st"], aux_all=True,
+                **KW)

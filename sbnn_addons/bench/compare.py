@@ -842,6 +842,10 @@ def compare(
                                     or not isinstance(num_classes, int) or num_classes < 2):
         raise ValueError(f"num_classes must be an integer >= 2 (the task's classes) or None "
                          f"(from the labels), got {num_classes!r}")
+    if aux_all and aux_weight is None:
+        raise ValueError("aux_all=True needs aux_weight= (the weight of the auxiliary loss "
+                         "every SBNN method then adds, e.g. 1e-4); without it no method "
+                         "would use the auxiliary loss")
     meths = resolve_methods(methods, known_methods)
     device = torch.device(device)
     rank, world = _world()
