@@ -419,3 +419,27 @@ def test_aux_all_without_an_aux_weight_raises():
     with pytest.raises(ValueError, match="aux_all=True needs aux_weight"):
         compare(make_net, _data(24, 0), _data(12, 1), methods=["sbnn-st"], aux_all=True,
                 **KW)
+
+
+class _SJLoop(nn.Module):
+    """Single-step SpikingJelly neurons and a forward that loops over time itself."""
+
+    def __init__(self):
+        from spikingjelly.activation_based import layer, neuron
+
+        super().__init__()
+        self.fc1, self.lif = layer.Linear(12, 16), neuron.LIFNode()
+        self.fc2 = layer.Linear(16, 3)
+
+    def forward(self, x):  # [T, B, F]
+        return torch.stack([self.fc2(self.lif(self.fc1(x_t))) for x_t in x])
+
+
+def test_a_single_step_spikingjelly_model_with_its_own_forward_asks_for_step():
+    """It was called once per time step, so its own loop ran over the samples of x[t]
+    (the neuron state carried from sample to sample), silently."""
+    with pytest.raises(ValueError, match="single-step SpikingJelly neurons.*step=True"):
+        compare(_SJLoop, _data(24, 0), _data(12, 1), methods=["original"], **KW)
+    res = compare(_SJLoop, _data(24, 0), _data(12, 1), methods=["original", "sbnn-st"],
+                  step=False, **KW)
+    assert len(res.rows) == 2

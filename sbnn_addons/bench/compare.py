@@ -153,7 +153,8 @@ def _step_style(model: nn.Module, host: str | None, step: bool | None = None) ->
     From the model where it tells: an ``nn.Sequential`` with snnTorch ``init_hidden=True``
     neurons or a single-step SpikingJelly model steps once per call, a multi-step
     SpikingJelly model takes the sequence. ``step`` decides for a model with a ``forward``
-    of its own and ``init_hidden`` neurons, and must agree with the model elsewhere.
+    of its own and ``init_hidden`` (snnTorch) or single-step (SpikingJelly) neurons, and
+    must agree with the model elsewhere.
 
     Raises:
         ValueError: such a model without ``step``, or a ``step`` the model contradicts;
@@ -176,11 +177,17 @@ def _step_style(model: nn.Module, host: str | None, step: bool | None = None) ->
         detected = None if hidden and not isinstance(model, nn.Sequential) else hidden
     elif host == "spikingjelly":
         modes = _sj_step_modes(model)
-        detected = set(modes.values()) == {"s"}
+        single = set(modes.values()) == {"s"}
+        # a forward of its own may loop over time itself, with single-step neurons
+        own = (not isinstance(model, nn.Sequential)
+               and not type(model).__module__.startswith("spikingjelly"))
+        detected = None if single and own else single
     if detected is None:
         if step is None:
+            what = ("snnTorch init_hidden=True neurons" if host == "snntorch" else
+                    "single-step SpikingJelly neurons")
             raise ValueError(
-                f"{type(model).__name__} holds snnTorch init_hidden=True neurons and has a "
+                f"{type(model).__name__} holds {what} and has a "
                 "forward of its own: say whether it takes one time step per call (step=True, "
                 "the harness loops over time) or the whole sequence [T, B, ...] (step=False; "
                 "sbnn-bench: --step / --sequence)"
