@@ -505,6 +505,36 @@ def test_cli_user_model_and_data(tmp_path, monkeypatch, capsys):
                  "--methods", "snntorch-atan", "--quiet", "--out-dir", str(out)])
 
 
+
+@pytest.mark.parametrize("flag", [["--num-steps", "3"], ["--width", "8"],
+                                  ["--preset", "cpu"], ["--frame-stride", "2"],
+                                  ["--feedforward"], ["--randman-classes", "4"]])
+def test_cli_user_model_refuses_the_built_in_tasks_options(tmp_path, monkeypatch, flag):
+    """--num-steps, --width, --preset ... shape the built-in tasks only: with --model they
+    were ignored without a word (the report said nothing; T stayed the data's)."""
+    (tmp_path / "toy_bench_opts.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit, match=f"{flag[0]}.*built-in tasks"):
+        cli.run(["--model", "toy_bench_opts:net", "--data", "toy_bench_opts:loaders",
+                 *flag, "--quiet", "--no-plots", "--out-dir", str(tmp_path / "out")])
+
+
+
+def test_cli_batch_size_with_a_data_loader_is_refused(tmp_path, monkeypatch):
+    """A DataLoader keeps its own batch size: --batch-size was ignored without a word."""
+    (tmp_path / "toy_bench_loader.py").write_text(USER_MODULE + """
+
+def dl():
+    from torch.utils.data import DataLoader, TensorDataset
+    return {"train": DataLoader(TensorDataset(*_data(36, 0)), batch_size=12),
+            "test": _data(18, 1), "layout": "BT"}
+""")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit, match="--batch-size.*DataLoader"):
+        cli.run(["--model", "toy_bench_loader:net", "--data", "toy_bench_loader:dl",
+                 "--batch-size", "4", "--quiet", "--no-plots", "--out-dir", str(tmp_path)])
+
+
 # --------------------------------------------------------------------------- own-model edge cases
 class _LoopHiddenNet(torch.nn.Module):
     """init_hidden neurons, but the forward loops over time itself (takes [T, B, F])."""

@@ -243,14 +243,34 @@ def _user_data(spec: str) -> dict:
                      f"'train' and 'test', got {type(out).__name__}")
 
 
+#: options that shape the built-in tasks' networks and data (ignored by --model)
+TASK_ONLY_OPTIONS = {"num_steps": "--num-steps", "width": "--width", "preset": "--preset",
+                     "data_dir": "--data-dir", "frame_stride": "--frame-stride",
+                     "feedforward": "--feedforward", "no_reference": "--no-reference",
+                     "randman_classes": "--randman-classes", "randman_units": "--randman-units",
+                     "randman_samples": "--randman-samples", "randman_dim": "--randman-dim",
+                     "randman_alpha": "--randman-alpha"}
+
+
 def _run_model(args, command: str, device: torch.device) -> BenchResults:
     if not args.data:
         raise SystemExit("sbnn-bench: --model needs --data (and --data needs --model)")
+    given = [flag for dest, flag in TASK_ONLY_OPTIONS.items()
+             if getattr(args, dest) not in (None, False)]
+    if given:
+        raise SystemExit(
+            f"sbnn-bench: {', '.join(given)} shape the built-in tasks (--task) only; with "
+            "--model your factory and --data set the network, the time steps and the data. "
+            "Drop the option, or build it into your factory / data function")
     model = load_object(args.model)
     data = _user_data(args.data)
     unknown = set(data) - {"train", "test", "layout", "encode", "num_classes", "name"}
     if unknown:
         raise SystemExit(f"sbnn-bench: --data returned unknown keys {sorted(unknown)}")
+    if args.batch_size is not None and isinstance(data["train"], torch.utils.data.DataLoader):
+        raise SystemExit("sbnn-bench: --batch-size sets the batches of tensor data; your "
+                         "training DataLoader has its own batch size (reported in the "
+                         "results): drop --batch-size, or set it in the DataLoader")
     make_bar = _progress(args.quiet)
     return compare(
         model, data["train"], data["test"],

@@ -111,6 +111,8 @@ def resolve_methods(methods: Sequence[str | Method],
                     known: dict[str, Method] | None = None) -> list[Method]:
     """:class:`Method` objects for names (``GENERIC_METHODS`` and ``known``) or objects."""
     table = {**GENERIC_METHODS, **(known or {})}
+    if isinstance(methods, (str, Method)):  # one method (a string is not a list of names)
+        methods = [methods]
     out = []
     for m in methods:
         if isinstance(m, Method):
@@ -151,24 +153,41 @@ def _step_style(model: nn.Module, host: str | None, step: bool | None = None) ->
     From the model where it tells: an ``nn.Sequential`` with snnTorch ``init_hidden=True``
     neurons or a single-step SpikingJelly model steps once per call, a multi-step
     SpikingJelly model takes the sequence. ``step`` decides for a model with a ``forward``
-    of its own and ``init_hidden`` neurons, and must agree with the model elsewhere.
+    of its own and ``init_hidden`` (snnTorch) or single-step (SpikingJelly) neurons, and
+    must agree with the model elsewhere.
 
     Raises:
-        ValueError: such a model without ``step``, or a ``step`` the model contradicts.
+        ValueError: such a model without ``step``, or a ``step`` the model contradicts;
+            an ``nn.Sequential`` with snnTorch neurons without ``init_hidden=True``.
     """
     detected: bool | None = False
     if host == "snntorch":
+        stateless = [n for n, m in model.named_modules()
+                     if type(m).__module__.startswith("snntorch")
+                     and getattr(m, "init_hidden", None) is False]
+        if stateless and isinstance(model, nn.Sequential):
+            raise ValueError(
+                f"the nn.Sequential holds snnTorch neurons without init_hidden=True "
+                f"({stateless[:6]}): such a neuron keeps no state between calls and returns "
+                "(spk, mem), so a Sequential cannot run it over time (it would take the "
+                "whole sequence as one step). Build them with init_hidden=True (the "
+                "harness then calls the model once per time step), or write a forward "
+                "that loops over time")
         hidden = any(getattr(m, "init_hidden", False) for m in model.modules())
         detected = None if hidden and not isinstance(model, nn.Sequential) else hidden
     elif host == "spikingjelly":
-        from spikingjelly.activation_based import base
-
-        modes = {m.step_mode for m in model.modules() if isinstance(m, base.StepModule)}
-        detected = modes == {"s"}
+        modes = _sj_step_modes(model)
+        single = set(modes.values()) == {"s"}
+        # a forward of its own may loop over time itself, with single-step neurons
+        own = (not isinstance(model, nn.Sequential)
+               and not type(model).__module__.startswith("spikingjelly"))
+        detected = None if single and own else single
     if detected is None:
         if step is None:
+            what = ("snnTorch init_hidden=True neurons" if host == "snntorch" else
+                    "single-step SpikingJelly neurons")
             raise ValueError(
-                f"{type(model).__name__} holds snnTorch init_hidden=True neurons and has a "
+                f"{type(model).__name__} holds {what} and has a "
                 "forward of its own: say whether it takes one time step per call (step=True, "
                 "the harness loops over time) or the whole sequence [T, B, ...] (step=False; "
                 "sbnn-bench: --step / --sequence)"
@@ -181,6 +200,39 @@ def _step_style(model: nn.Module, host: str | None, step: bool | None = None) ->
         raise ValueError(f"step={bool(step)} contradicts the model, which {what}; leave "
                          "step unset (its calls are detected) or change the model")
     return detected if step is None else bool(step)
+
+
+def _sj_step_modes(model: nn.Module) -> dict[str, str]:
+    """``{name: "s" | "m"}`` of a SpikingJelly model's step modules, as they are called.
+
+    The modules inside a container that runs them over time (``SeqToANNContainer``,
+    ``MultiStepContainer``, ...) count as the container, which is multi-step (and has no
+    ``step_mode``); a ``StepModeContainer`` counts with its own mode.
+
+    Raises:
+        ValueError: a single-step neuron in a multi-step network (one left out of
+            ``set_step_mode``): it would take the whole sequence as one step.
+    """
+    from spikingjelly.activation_based import base
+
+    modes: dict[str, str] = {}
+    inside: set[int] = set()
+    for name, m in model.named_modules():
+        if id(m) in inside or not isinstance(m, base.StepModule):
+            continue
+        mode_ = getattr(m, "step_mode", "m")  # the sequence containers: always multi-step
+        modes[name] = mode_
+        if type(m).__module__.startswith("spikingjelly") and "Container" in type(m).__name__:
+            inside |= {id(sub) for sub in m.modules() if sub is not m}
+    single = [n for n, m in model.named_modules()
+              if n in modes and modes[n] == "s" and isinstance(m, base.MemoryModule)]
+    if single and "m" in modes.values():
+        raise ValueError(
+            f"the SpikingJelly network is multi-step but its neurons {single[:6]} are "
+            "single-step: they would take the whole [T, B, ...] sequence as one step. Call "
+            "functional.set_step_mode(net, 'm') after the network is complete (or build "
+            "every module with step_mode='m')")
+    return modes
 
 
 def _reset(model: nn.Module, host: str | None, converted: bool) -> None:
@@ -262,15 +314,37 @@ class _Forward:
         if self.step:
             out = [self.caller(x[t]) for t in range(x.shape[0])]
             if self.readout is not None:
-                return self.readout(out)
+                return _check_readout(self.readout(out), batch)
             out = torch.stack([_main_output(o) for o in out])
         else:
             out = self.caller(x)
             if self.readout is not None:
-                return self.readout(out)
+                return _check_readout(self.readout(out), batch)
             out = _main_output(out)
         self.last_shape = tuple(out.shape)
+        if (not self.time_axis and out.dim() == 3 and x.dim() >= 3
+                and tuple(out.shape[:2]) == tuple(x.shape[:2]) and out.shape[1] != batch):
+            # [B, T, C] out of a stored [B, T, ...]: a time axis the layout did not declare
+            raise ValueError(
+                f"the model returned {list(out.shape)} for the input {list(x.shape)}, which "
+                "it received as stored ([B, ...], layout='static' without an encode hook): "
+                "a sequence output from data without a time axis. If the samples have a "
+                "time axis, pass layout='BT' (batch-major [N, T, ...], e.g. a DataLoader's) "
+                "or 'TB' (time-major [T, N, ...]); otherwise return logits [B, C] or pass "
+                "readout=")
         return _to_logits(out, batch)
+
+
+def _check_readout(logits, batch: int) -> Tensor:
+    """The ``readout``'s result, checked to be logits ``[B, C]`` for ``batch`` samples."""
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or int(logits.shape[0]) != batch:
+        got = (f"shape {list(logits.shape)}" if isinstance(logits, Tensor)
+               else type(logits).__name__)
+        raise ValueError(
+            f"readout returned {got} for a batch of {batch} samples; it must return logits "
+            f"[B, C] = [{batch}, C] (a step model's readout gets the list of its per-step "
+            "outputs: e.g. readout=lambda outs: torch.stack(outs).mean(0))")
+    return logits
 
 
 def _describe(value) -> str:
@@ -366,6 +440,42 @@ def default_recipe(lr: float = 5e-3, noise_lr: float | None = 5e-2) -> Recipe:
         return opt, sched, "batch"
 
     return recipe
+
+
+def _check_recipe(out, run: _Run) -> tuple:
+    """``(optimizer, scheduler, interval)`` from what a recipe returned, checked.
+
+    Raises:
+        TypeError: not a 3-tuple with an optimiser first.
+        ValueError: an interval other than ``"batch"`` / ``"epoch"``, or an optimiser over
+            parameters that are not the run's model's (one captured from outside the
+            recipe: the run's model would not train, its flat loss and times reported).
+    """
+    form = "(optimizer, scheduler or None, 'batch' | 'epoch')"
+    if not isinstance(out, (tuple, list)) or len(out) != 3:
+        got = (f"a {type(out).__name__} of {len(out)} items"
+               if isinstance(out, (tuple, list)) else type(out).__name__)
+        raise TypeError(f"recipe(model, epochs, steps_per_epoch) must return {form}, got "
+                        f"{got}")
+    opt, sched, interval = out
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(f"recipe must return {form}; its first item is "
+                        f"{type(opt).__name__}, not a torch.optim.Optimizer")
+    if interval not in ("batch", "epoch"):
+        raise ValueError(f"recipe must return 'batch' or 'epoch' as third item, "
+                         f"got {interval!r}")
+    own = {id(p) for p in run.model.parameters()}
+    params = [p for g in opt.param_groups for p in g["params"]]
+    foreign = sum(id(p) not in own for p in params)
+    if foreign or not params:
+        raise ValueError(
+            f"{run.method.name}: the recipe's optimiser holds {foreign} of {len(params)} "
+            "parameters that are not the model's it was given (e.g. the parameters of a "
+            "network captured outside the recipe), so this model would not train: build "
+            "the optimiser from the recipe's model argument, e.g. "
+            "torch.optim.Adam(model.parameters()); every method converts and trains a "
+            "model of its own")
+    return opt, sched, interval
 
 
 # --------------------------------------------------------------------------- distributed
@@ -485,6 +595,15 @@ class _Run:
     train_times: list = field(default_factory=list)
     eval_times: list = field(default_factory=list)
     orders: list = field(default_factory=list)
+    init_sig: Tensor | None = None  # _param_signature before training
+
+
+def _param_signature(model: nn.Module) -> Tensor:
+    """Per-parameter sum and sum of squares (float64, CPU): whether training changed any."""
+    with torch.no_grad():
+        parts = [torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                 for p in model.parameters()]
+    return torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.float64)
 
 
 def _mix(*xs: int) -> int:
@@ -603,7 +722,7 @@ def compare(
     aux_all: bool = False,
     interleave: bool = True,
     warmup: bool = True,
-    reinit: bool | None = None,
+    reinit: bool = False,
     device: str | torch.device = "cpu",
     task: str = "custom",
     eval_batch_size: int = 256,
@@ -670,7 +789,10 @@ def compare(
             other, each after its own warm-up).
         warmup: two untimed training steps per method before timing (state restored).
         reinit: re-initialise a module instance per seed (``reset_parameters`` under
-            ``torch.manual_seed(seed)``); default: only with several seeds.
+            ``torch.manual_seed(seed)``; parameters of modules without one keep their
+            values). Default ``False``: every seed starts from the module's own weights
+            (the seeds then vary the data order and the noise, not the initialisation;
+            pass a factory to vary that too).
         device: ``"cpu"``, ``"cuda"``, ... .
         task: name of the task in the outputs.
         eval_batch_size: batch size of the evaluation passes (tensor data).
@@ -723,6 +845,14 @@ def compare(
                     f"{what}), got {value!r}; the default is "
                     f"{5e-3 if name == 'lr' else 5e-2}. To keep parameters fixed, pass "
                     "recipe= with an optimiser of your own")
+    if num_classes is not None and (isinstance(num_classes, bool)
+                                    or not isinstance(num_classes, int) or num_classes < 2):
+        raise ValueError(f"num_classes must be an integer >= 2 (the task's classes) or None "
+                         f"(from the labels), got {num_classes!r}")
+    if aux_all and aux_weight is None:
+        raise ValueError("aux_all=True needs aux_weight= (the weight of the auxiliary loss "
+                         "every SBNN method then adds, e.g. 1e-4); without it no method "
+                         "would use the auxiliary loss")
     meths = resolve_methods(methods, known_methods)
     device = torch.device(device)
     rank, world = _world()
@@ -747,12 +877,16 @@ def compare(
     loss_fn = loss_fn or F.cross_entropy
     recipe = recipe or default_recipe(lr, noise_lr)
     sbnn_kwargs = dict(sbnn_kwargs or {})
-    reinit = len(seeds) > 1 if reinit is None else reinit
+    reinit = bool(reinit)  # never from len(seeds): a seed's run must not depend on the others
     n_train = len(train)
     steps_per_epoch = (math.ceil(math.ceil(n_train / world) / batch_size) if train.is_tensor
                        else max(len(train.loader), 1))
-    if not train.is_tensor and getattr(train.loader, "batch_size", None):
-        batch_size = int(train.loader.batch_size)  # what the model is trained on: reported
+    reported_batch_size: int | None = batch_size
+    if not train.is_tensor:  # what the model is trained on: the loader's (None: unknown)
+        own = getattr(train.loader, "batch_size", None) or getattr(
+            getattr(train.loader, "batch_sampler", None), "batch_size", None)
+        reported_batch_size = int(own) if isinstance(own, int) and own > 0 else None
+        batch_size = reported_batch_size or batch_size
     bar = progress(epochs * len(meths) * len(seeds)) if progress else None
     ctx = _Ctx(train, test, layout=train.layout, encode=encode, device=device,
                batch_size=batch_size, eval_batch_size=eval_batch_size, loss_fn=loss_fn,
@@ -767,11 +901,9 @@ def compare(
             for m in meths:
                 run = _build_run(model, m, seed, reinit, readout, sbnn_kwargs, ctx,
                                  find_unused_parameters)
-                run.optimizer, run.scheduler, run.interval = recipe(
-                    run.model, epochs, steps_per_epoch)
-                if run.interval not in ("batch", "epoch"):
-                    raise ValueError(f"recipe must return 'batch' or 'epoch' as third item, "
-                                     f"got {run.interval!r}")
+                run.optimizer, run.scheduler, run.interval = _check_recipe(
+                    recipe(run.model, epochs, steps_per_epoch), run)
+                run.init_sig = _param_signature(run.model)
                 # every run gets the same random-number stream of its own
                 torch.manual_seed(_mix(seed, 99, rank))
                 _save_rng(run, device)
@@ -785,10 +917,15 @@ def compare(
                 _train_epoch(run, ctx, epoch)
                 if bar is not None:
                     bar.update(1)
+                # the same order as a method that trained this epoch already: stop at once
+                ref = next((r for r in runs if r is not run and len(r.orders) > epoch), None)
+                if ref is not None and ref.orders[epoch] != run.orders[epoch]:
+                    _check_same_order([ref, run])
             for run in runs:
                 if world > 1:
                     _check_in_sync(run.model)
-                row, num_steps = _final_eval(run, ctx, mc_samples, task, epochs, batch_size)
+                row, num_steps = _final_eval(run, ctx, mc_samples, task, epochs,
+                                             reported_batch_size)
                 if keep_models:
                     row["_model"] = run.model
                 rows.append(row)
@@ -797,12 +934,15 @@ def compare(
         if bar is not None:
             bar.close()
     meta = {"task": task, "epochs": epochs, "seeds": seeds, "methods": [m.name for m in meths],
-            "mc_samples": mc_samples, "batch_size": batch_size, "layout": train.layout,
+            "mc_samples": mc_samples, "batch_size": reported_batch_size, "layout": train.layout,
             "num_steps": num_steps, "train_samples": n_train, "test_samples": len(test),
             "max_train_samples": max_train_samples, "max_test_samples": max_test_samples,
             "subset_seed": subset_seed, "interleaved": interleave, "warmup": warmup,
             "device": str(device), "world_size": world, "command": command,
             "data_order": "identical for every method (checked)",
+            "init": ("factory under torch.manual_seed(seed)" if not isinstance(model, nn.Module)
+                     else "reset_parameters under torch.manual_seed(seed)" if reinit
+                     else "the weights of the module passed, for every seed"),
             "data_warnings": [w for w in data_warnings if w]}
     return BenchResults(rows, meta)
 
@@ -930,7 +1070,12 @@ def _readouts_excluded(net: nn.Module, method: Method, host: str | None, sbnn_kw
 
 def _first_batch(ctx: _Ctx, n: int = 2) -> Tensor:
     """The first ``n`` training samples (at most a batch) as the model's input."""
-    xb, _ = next(iter(ctx.train.batches(min(ctx.batch_size, n), None)))
+    first = next(iter(ctx.train.batches(min(ctx.batch_size, n), None)), None)
+    if first is None:  # a loader whose length promised batches
+        raise ValueError("train_data yields no batch (a DataLoader with drop_last=True and "
+                         "fewer samples than batch_size, or an exhausted iterator); pass "
+                         "tensors or a re-iterable DataLoader that yields batches")
+    xb, _ = first
     xb = xb[:, :n] if ctx.layout == "TB" else xb[:n]  # a loader's batch: its first n
     return prepare(xb, ctx.layout, ctx.encode, torch.Generator().manual_seed(0), ctx.device)
 
@@ -1020,7 +1165,12 @@ def _loss(run: _Run, ctx: _Ctx, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]
     objective only, so that the reported ``train_loss`` is comparable across methods.
     """
     task_loss = ctx.loss_fn(out, y)
-    loss = task_loss
+    if not isinstance(task_loss, Tensor) or task_loss.numel() != 1:
+        got = (f"a tensor of shape {list(task_loss.shape)}" if isinstance(task_loss, Tensor)
+               else type(task_loss).__name__)
+        raise ValueError(f"loss_fn returned {got}; it must return a scalar tensor (the "
+                         "batch's mean loss): reduce it, e.g. reduction='mean' or .mean()")
+    loss = task_loss = task_loss.reshape(())
     m = run.method
     if m.is_sbnn:
         uses_aux = m.aux_weight > 0 or ctx.aux_all
@@ -1155,7 +1305,8 @@ def _metrics(probs: Tensor, targets: Tensor, suffix: str) -> dict:
     return {f"{k}_{suffix}": v for k, v in m.items()}
 
 
-def _final_eval(run: _Run, ctx: _Ctx, k: int, task: str, epochs: int, batch_size: int):
+def _final_eval(run: _Run, ctx: _Ctx, k: int, task: str, epochs: int,
+                batch_size: int | None):
     m = run.method
     probs, targets, eval_s = _predict(run, ctx, "mean", 1)
     out_probs = {"mean": probs}
@@ -1197,6 +1348,8 @@ def _final_eval(run: _Run, ctx: _Ctx, k: int, task: str, epochs: int, batch_size
         "epoch_train_s": list(times),
         "epoch_eval_s": list(run.eval_times),
         "data_order": list(run.orders),
+        "params_changed": (None if run.init_sig is None else
+                           not torch.equal(_param_signature(run.model), run.init_sig)),
         "_probs": out_probs,
         "_targets": targets,
     })
@@ -1208,6 +1361,7 @@ def _check_same_order(runs: list[_Run]) -> None:
     if len(orders) > 1:
         names = ", ".join(r.method.name for r in runs)
         raise ValueError(f"the training data came in a different order for the methods "
-                         f"({names}): a DataLoader whose sampler does not follow its "
-                         "generator or the global seed; pass tensors or a loader with "
-                         "generator=torch.Generator()")
+                         f"({names}): a DataLoader whose sampler draws its order from "
+                         "neither a torch.Generator (the loader's or its own) nor the "
+                         "global seed (e.g. Python's random); pass tensors or a loader "
+                         "with generator=torch.Generator()")

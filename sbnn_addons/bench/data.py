@@ -183,6 +183,16 @@ class DataSpec:
             spec = cls(loader=data, layout=layout)
             if len(spec) == 0:
                 raise ValueError(f"{name} is empty (its DataLoader draws 0 samples)")
+            try:
+                batches = len(data)
+            except TypeError:
+                batches = None
+            if batches == 0:
+                raise ValueError(
+                    f"{name}: the DataLoader yields no batch: its {len(spec)} samples are "
+                    f"fewer than batch_size={getattr(data, 'batch_size', None)} and "
+                    "drop_last=True keeps only full batches; lower batch_size or pass "
+                    "drop_last=False")
             return spec
         raise TypeError(f"{name} must be (x, y) tensors, a TensorDataset or a DataLoader, got "
                         f"{type(data).__name__}")
@@ -250,8 +260,10 @@ class DataSpec:
                 yield (self.x[:, idx] if self.layout == "TB" else self.x[idx]), self.y[idx]
             return
         seed = int(torch.randint(0, 2**62, (1,), generator=perm_gen)) if perm_gen else 0
-        own = getattr(self.loader, "generator", None)
-        if own is not None:
+        # the loader's generator, and a sampler's own (RandomSampler(ds, generator=g))
+        for own in {id(g): g for g in (getattr(self.loader, "generator", None),
+                                       getattr(self._sampler, "generator", None))
+                    if isinstance(g, torch.Generator)}.values():
             own.manual_seed(seed)
         state = torch.get_rng_state()
         # a RandomSampler without generator draws its seed from the global RNG when the
@@ -265,9 +277,15 @@ class DataSpec:
         if first is None:
             return
         for batch in itertools.chain([first], it):
+            if isinstance(batch, dict):
+                raise TypeError(
+                    f"a DataLoader must yield (x, y) batches, got a dict with keys "
+                    f"{list(batch)[:6]}: give the DataLoader a collate_fn that returns "
+                    "(x, y), e.g. collate_fn=lambda items: (torch.stack([d['x'] for d in "
+                    "items]), torch.stack([d['y'] for d in items])) with your key names")
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                raise TypeError("a DataLoader must yield (x, y) batches, got "
-                                f"{type(batch).__name__}")
+                raise TypeError("a DataLoader must yield (x, y) batches (further items "
+                                f"are ignored), got {type(batch).__name__}")
             x, y = batch[0], class_labels(batch[1], "a DataLoader batch")
             n = x.shape[1] if self.layout == "TB" else x.shape[0]
             if n != len(y):
@@ -293,5 +311,14 @@ def prepare(x: Tensor, layout: str, encode: Callable | None, gen: torch.Generato
     if layout == "BT":
         x = x.transpose(0, 1)
     if encode is not None:
+        n = int(x.shape[0] if layout == "static" else x.shape[1])  # samples in the batch
+        shape = list(x.shape)
         x = encode(x, gen)
+        if not isinstance(x, Tensor) or x.dim() < 2 or int(x.shape[1]) != n:
+            got = f"shape {list(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"encode returned {got} for a batch of {n} samples (its input {shape}): "
+                f"it must return the model's time-major input [T, B, ...] = [T, {n}, ...]. "
+                "A batch-first result [B, T, ...] would be read with the samples as time "
+                "steps: return it with .transpose(0, 1)")
     return x.to(device, torch.float32)

@@ -131,6 +131,10 @@ class BenchResults:
             by_task.setdefault(s["task"], []).append(s)
         for task, ss in by_task.items():
             seeds = min(s["seeds"] for s in ss)
+            if seeds > 1 and self.meta.get("init", "").startswith("the weights of"):
+                out.append(f"{task}: every seed starts from the weights of the module you "
+                           "passed, so the spread over seeds leaves out the initialisation; "
+                           "pass a factory (or reinit=True) to vary it.")
             if seeds < 2:
                 out.append(f"{task}: one seed per method, so the spread over seeds is unknown "
                            "and accuracy differences cannot be told from seed noise; run "
@@ -155,6 +159,21 @@ class BenchResults:
                                f"differs by {diff:.3f} s, within the spread over epochs "
                                f"(± {spread:.3f} s).")
             rows = [r for r in self.rows if r["task"] == task]
+            for r in rows:
+                who = f"{task}: {r['method']} (seed {r['seed']})"
+                curve = r.get("curve") or []
+                if r.get("params_changed") is False:
+                    out.append(f"{who}: no parameter changed in training (a learning rate "
+                               "of 0, or gradients that never reach the parameters): its "
+                               "accuracies are those of the initial network and its times "
+                               "are not those of training.")
+                if len(curve) >= 2:
+                    first, last = curve[0]["train_loss"], curve[-1]["train_loss"]
+                    if not last < first - 1e-3 * abs(first):
+                        out.append(f"{who}: train_loss did not fall over the epochs "
+                                   f"({first:.4f} -> {last:.4f}): it has not trained (check "
+                                   "the learning rate and that the gradients reach the "
+                                   "parameters); read its accuracies and times with care.")
             targets = rows[0]["_targets"] if rows and "_targets" in rows[0] else None
             if targets is not None and len(targets):
                 share = float(torch.bincount(targets).max()) / len(targets)
@@ -291,8 +310,8 @@ def write_report(res: BenchResults, out_dir: Path, figures: list[Path]) -> Path:
                   f"{m.get('max_test_samples')}, subset seed {m.get('subset_seed', 0)})")
     lines += [
         f"- epochs: {m.get('epochs')}, seeds: {m.get('seeds')}, batch size: "
-        f"{m.get('batch_size')}, time steps T: {m.get('num_steps')}, mc(K): "
-        f"K = {m.get('mc_samples')}",
+        f"{m.get('batch_size') or 'set by the DataLoader'}, time steps T: "
+        f"{m.get('num_steps')}, mc(K): K = {m.get('mc_samples')}",
         f"- samples: train {m.get('train_samples')}, test {m.get('test_samples')}{subset}",
         f"- device: {m.get('device')}, processes: {m.get('world_size', 1)}, torch "
         f"{env['torch']}, {env['threads']} CPU threads, {env['machine']}",
