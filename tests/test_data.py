@@ -99,3 +99,52 @@ def test_shd_loader_names_bad_arguments(tmp_path, kwargs, word):
         load_shd(tmp_path, "test", **kwargs)
     with pytest.raises(ValueError, match="batch is empty"):
         collate_time_major([])  # a torch.stack error
+
+
+def _cifar_batches(root, data=None, labels=None, n=4):
+    """CIFAR-10 python batches: dict of bytes keys, uint8 data [n, 3072], int labels."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        d = rng.integers(0, 256, (n, 3072), dtype=np.uint8) if data is None else data
+        lab = [(j + i) % 10 for j in range(n)] if labels is None else labels
+        with open(root / name, "wb") as fh:
+            pickle.dump({b"data": d, b"labels": lab}, fh)
+
+
+@pytest.mark.parametrize("max_samples", [0, -1, 2.5, True, "3"])
+def test_cifar10_names_a_bad_max_samples(tmp_path, max_samples):
+    """-1 silently dropped the last image, 0 returned an empty set, 2.5 a slice error."""
+    from sbnn_addons.data import load_cifar10
+
+    _cifar_batches(tmp_path)
+    with pytest.raises(ValueError, match="max_samples must be an integer >= 1"):
+        load_cifar10(tmp_path, "train", max_samples=max_samples)
+    assert len(load_cifar10(tmp_path, "train", max_samples=5)[1]) == 5
+
+
+@pytest.mark.parametrize("data, labels, match", [
+    ("float", None, "uint8"),  # pixels in [0, 1] cast to uint8: an all-black image
+    ("300", None, "uint8"),  # 300 wrapped round to 44
+    (None, [0, 10, 3, -1], r"labels must lie in 0\.\.9"),
+    (None, [0.0, 2.5, 3.0, 1.0], "integer class indices"),  # 2.5 became 2
+    (None, [[0], [1], [2], [3]], "integer class indices"),  # labels [N, 1]
+    ("empty", [], "no images"),
+])
+def test_cifar10_refuses_malformed_batches(tmp_path, data, labels, match):
+    import numpy as np
+
+    from sbnn_addons.data import load_cifar10
+
+    data = {None: None, "float": np.random.rand(4, 3072), "300": np.full((4, 3072), 300),
+            "empty": np.zeros((0, 3072), np.uint8)}[data]
+    _cifar_batches(tmp_path, data, labels)
+    with pytest.raises(ValueError, match=match) as err:
+        load_cifar10(tmp_path, "test", normalize=False)
+    assert "test_batch" in str(err.value)
+    # integer pixels in 0..255 of another integer dtype load exactly
+    _cifar_batches(tmp_path, np.full((4, 3072), 255, dtype=np.int64))
+    assert float(load_cifar10(tmp_path, "test", normalize=False)[0].min()) == 1.0
