@@ -148,3 +148,52 @@ def test_cifar10_refuses_malformed_batches(tmp_path, data, labels, match):
     # integer pixels in 0..255 of another integer dtype load exactly
     _cifar_batches(tmp_path, np.full((4, 3072), 255, dtype=np.int64))
     assert float(load_cifar10(tmp_path, "test", normalize=False)[0].min()) == 1.0
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"", "not a readable .npz"),  # EOFError: No data left in file
+    (b"PK\x03\x04 truncated zip", "not a readable .npz"),  # BadZipFile
+    ("npy", "not a readable .npz"),  # a .npy under the .npz name: a TypeError
+])
+def test_dvs_loader_names_unreadable_files(tmp_path, content, match):
+    import numpy as np
+
+    if content == "npy":
+        with open(tmp_path / "test.npz", "wb") as fh:
+            np.save(fh, np.zeros(3))
+    else:
+        (tmp_path / "test.npz").write_bytes(content)
+    with pytest.raises(ValueError, match=match) as err:
+        load_dvs_gesture_32(tmp_path, "test")
+    assert "test.npz" in str(err.value) and "dvs_gesture_32 layout" in str(err.value)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("nan", "non-negative finite event counts"), ("inf", "non-negative finite event counts"),
+    ("negative", "non-negative finite event counts"), ("empty", "holds no samples"),
+])
+def test_dvs_loader_refuses_bad_frames_and_empty_splits(tmp_path, bad, match):
+    """NaN, inf or negative frames and empty splits loaded silently."""
+    import numpy as np
+
+    frames = np.zeros((3, 4, 2, 32, 32), dtype=np.float16)
+    labels = np.array([0, 1, 2])
+    if bad == "empty":
+        frames, labels = frames[:0], labels[:0]
+    else:
+        frames[1, 2, 0, 5, 5] = {"nan": np.nan, "inf": np.inf, "negative": -0.25}[bad]
+    np.savez(tmp_path / "test.npz", frames=frames, labels=labels)
+    with pytest.raises(ValueError, match=match):
+        load_dvs_gesture_32(tmp_path, "test")
+
+
+def test_dvs_loader_names_requested_classes_without_samples(tmp_path):
+    """classes=(5,) on a split without class 5 returned an empty dataset."""
+    import numpy as np
+
+    np.savez(tmp_path / "test.npz", frames=np.ones((3, 4, 2, 32, 32), np.float16),
+             labels=np.array([0, 1, 1]))
+    with pytest.raises(ValueError, match=r"classes \[5\] have no samples.*\[0, 1\]"):
+        load_dvs_gesture_32(tmp_path, "test", classes=(1, 5))
+    x, y = load_dvs_gesture_32(tmp_path, "test", classes=(1,))
+    assert y.tolist() == [1, 1] and x.shape == (2, 4, 2, 32, 32)
