@@ -197,3 +197,48 @@ def test_dvs_loader_names_requested_classes_without_samples(tmp_path):
         load_dvs_gesture_32(tmp_path, "test", classes=(1, 5))
     x, y = load_dvs_gesture_32(tmp_path, "test", classes=(1,))
     assert y.tolist() == [1, 1] and x.shape == (2, 4, 2, 32, 32)
+
+
+def _write_shd(root, times, units, labels, extra=True):
+    """One tonic-layout SHD test split with the given events and labels."""
+    import h5py
+    import numpy as np
+
+    from sbnn_addons.data.shd import _ragged
+
+    folder = root / "SHD"
+    folder.mkdir(parents=True, exist_ok=True)
+    with h5py.File(folder / "shd_test.h5", "w") as f:
+        f.create_dataset("spikes/times", dtype=h5py.vlen_dtype(np.float32),
+                         data=_ragged([np.asarray(t, np.float32) for t in times]))
+        f.create_dataset("spikes/units", dtype=h5py.vlen_dtype(np.int32),
+                         data=_ragged([np.asarray(u, np.int32) for u in units]))
+        f.create_dataset("labels", data=np.asarray(labels))
+        if extra:
+            f.create_dataset("extra/speaker", data=np.zeros(len(labels), np.uint16))
+            f.create_dataset("extra/keys", data=np.array([b"zero"]))
+    (folder / "shd_test.h5.zip").touch()
+
+
+@pytest.mark.parametrize("times, units, labels, extra, match", [
+    ([[0.0, 0.01]], [[1, 5]], [25], True, r"labels must lie in 0\.\.19"),
+    ([[0.0, 0.01]], [[1, 5]], [-1], True, r"labels must lie in 0\.\.19"),
+    ([[0.0, 0.01]], [[1, 5]], [2.7], True, "integer class indices"),  # became 2
+    ([[0.0], [0.1]], [[1], [2]], [1], True, "samples"),  # 2 event lists, 1 label
+    ([], [], [], True, "no samples"),  # "the batch is empty" of collate_time_major
+    ([[0.0, 0.01]], [[1, 5]], [1], False, "extra/keys"),  # a KeyError inside tonic
+    ([[0.0, 0.01]], [[700, 5]], [1], True, r"units .* 0\.\.699"),  # event dropped
+    ([[-0.01, 0.01]], [[1, 5]], [1], True, "negative"),  # event dropped
+])
+def test_shd_loader_refuses_malformed_files(tmp_path, times, units, labels, extra, match):
+    pytest.importorskip("h5py")
+    pytest.importorskip("tonic")
+    from sbnn_addons.data.shd import load_shd
+
+    _write_shd(tmp_path, times, units, labels, extra)
+    with pytest.raises(ValueError, match=match) as err:
+        load_shd(tmp_path, "test", num_bins=10)
+    assert "shd_test.h5" in str(err.value)
+    _write_shd(tmp_path, [[0.0, 0.013, 0.014]], [[0, 699, 3]], [19])
+    x, y = load_shd(tmp_path, "test", num_bins=10)
+    assert y.tolist() == [19] and float(x.sum()) == 3 and float(x[1, 0, 3]) == 1
