@@ -139,7 +139,8 @@ def test_cifar10_refuses_malformed_batches(tmp_path, data, labels, match):
 
     from sbnn_addons.data import load_cifar10
 
-    data = {None: None, "float": np.random.rand(4, 3072), "300": np.full((4, 3072), 300),
+    data = {None: None, "float": np.random.default_rng(0).random((4, 3072)),
+            "300": np.full((4, 3072), 300),
             "empty": np.zeros((0, 3072), np.uint8)}[data]
     _cifar_batches(tmp_path, data, labels)
     with pytest.raises(ValueError, match=match) as err:

@@ -211,3 +211,45 @@ def test_diagnostics_name_bad_sizes_and_sample_counts():
     for k in (0, -1, 2.5):  # a reshape / negative-dimension / repeat() error
         with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
             D.sample_gradients(net, x, y, "st", k)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(neuron="lif", steps=2.5), "steps must be an integer"),  # ran 2 steps
+    (dict(neuron="lif", steps=True), "steps must be an integer"),  # ran 1 step
+    (dict(weight_scale=math.nan), "weight_scale must be a finite number"),  # NaN network
+    (dict(weight_scale=math.inf), "weight_scale must be a finite number"),
+    (dict(sigma=math.inf), "sigma must be a finite number > 0"),  # every P = 1/2, g = 0
+])
+def test_make_network_names_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        D.make_network((2, 2, 2), **kwargs)
+
+
+def test_toy_network_names_mismatched_shapes():
+    """A readout of the wrong width or a loss_weights of the wrong length failed inside a
+    matmul (or broadcast silently) only when a gradient was computed."""
+    net = D.make_network((3, 2, 2))
+    w, b = net.weights, net.biases
+    with pytest.raises(ValueError, match=r"weights\[1\] must be \[C, 2\]"):
+        D.ToyNetwork([w[0], torch.zeros(2, 5, dtype=w[0].dtype)], b)
+    with pytest.raises(ValueError, match=r"biases\[0\] must be \[2\]"):
+        D.ToyNetwork(w, [torch.zeros(3, dtype=w[0].dtype), b[1]])
+    with pytest.raises(ValueError, match=r"loss_weights must be \[2\]"):
+        D.ToyNetwork(w, b, loss="linear", loss_weights=torch.ones(5, dtype=w[0].dtype))
+    with pytest.raises(ValueError, match="batch must be an integer >= 1"):
+        D.make_inputs(net, -1)
+
+
+def test_sweeps_and_plot_refuse_empty_selections(tmp_path):
+    """networks=0 returned no rows, and a misspelt layer drew an empty figure."""
+    rules = {"ST": D.estimator_rule("st")}
+    with pytest.raises(ValueError, match="networks must be an integer >= 1"):
+        D.sweep_noise((1,), networks=0, rules=rules)
+    with pytest.raises(ValueError, match="networks must be an integer >= 1"):
+        D.sweep_depth((1,), networks=0, rules=rules)
+    rows = D.sweep_noise((1,), networks=1, batch=2, rules=rules)
+    with pytest.raises(ValueError, match=r"no rows for layer 'hiden'.*'hidden'"):
+        D.plot_sweep(rows, "mean_abs_z", tmp_path / "a.png", layer="hiden")
+    with pytest.raises(ValueError, match="x_key 'abs_z'"):
+        D.plot_sweep(rows, "abs_z", tmp_path / "a.png", layer="hidden")
+    assert not (tmp_path / "a.png").exists()
