@@ -243,3 +243,23 @@ def test_shd_loader_refuses_malformed_files(tmp_path, times, units, labels, extr
     _write_shd(tmp_path, [[0.0, 0.013, 0.014]], [[0, 699, 3]], [19])
     x, y = load_shd(tmp_path, "test", num_bins=10)
     assert y.tolist() == [19] and float(x.sum()) == 3 and float(x[1, 0, 3]) == 1
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(alpha=float("inf")), "alpha must be a finite number > 0"),  # all spikes at t = 0
+    (dict(alpha="2"), "alpha must be a finite number > 0"),  # a TypeError of '>'
+    (dict(seed=1.2), "seed must be an integer"),  # the dataset of seed 1, silently
+    (dict(seed=None), "seed must be an integer"),
+])
+def test_randman_names_bad_alpha_and_seed(kwargs, match):
+    from sbnn_addons.data import make_randman
+
+    with pytest.raises(ValueError, match=match):
+        make_randman(2, 3, 5, 4, **kwargs)
+
+
+@pytest.mark.parametrize("seed", [1.5, None, "0"])
+def test_digits_split_names_a_bad_seed(seed):
+    """A RuntimeError of manual_seed before."""
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        load_digits_split(0.25, seed=seed)
