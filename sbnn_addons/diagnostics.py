@@ -177,6 +177,14 @@ class ToyNetwork:
             raise ValueError("weights and biases need one entry per hidden layer + readout")
         if not 0 < self.sigma < math.inf:  # inf: every P = 1/2 and every gradient 0
             raise ValueError(f"sigma must be a finite number > 0, got {self.sigma}")
+        tensors = [*self.weights, *self.biases]
+        if self.loss_weights is not None:
+            tensors.append(self.loss_weights)
+        dtypes = {t.dtype for t in tensors}
+        if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+            raise TypeError(f"weights, biases and loss_weights must share one floating-point "
+                            f"dtype, got {sorted(map(str, dtypes))}; convert them with "
+                            f".to(torch.float64)")
         fan_in = self.weights[0].shape[-1] if self.weights[0].dim() == 2 else None
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             if w.dim() != 2 or w.shape[1] != fan_in:
@@ -314,8 +322,8 @@ def _run(net: ToyNetwork, params: list[Tensor], x: Tensor, y: Tensor, spike) -> 
             if net.spiking:
                 mems[layer] = mems[layer] - net.threshold * h
         logits = logits + _linear(params[-2], params[-1], h) / net.steps
-    if net.loss == "ce":
-        return torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    if net.loss == "ce":  # int32 / uint8 labels too (cross_entropy takes int64)
+        return torch.nn.functional.cross_entropy(logits, y.long(), reduction="none")
     return logits @ net.loss_weights
 
 

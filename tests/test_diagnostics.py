@@ -253,3 +253,18 @@ def test_sweeps_and_plot_refuse_empty_selections(tmp_path):
     with pytest.raises(ValueError, match="x_key 'abs_z'"):
         D.plot_sweep(rows, "abs_z", tmp_path / "a.png", layer="hidden")
     assert not (tmp_path / "a.png").exists()
+
+
+def test_int32_labels_and_mixed_dtypes():
+    """int32 labels (integer class labels) failed in cross_entropy; parameters of mixed
+    dtypes failed in a matmul, not when the network was built."""
+    net = D.make_network((3, 2, 2))
+    x, y = D.make_inputs(net, 2)
+    torch.testing.assert_close(D.expected_loss(net, x, y.int()), D.expected_loss(net, x, y))
+    torch.testing.assert_close(D.exact_gradient(net, x, y.int())[0],
+                               D.exact_gradient(net, x, y)[0])
+    assert D.sample_gradients(net, x, y.int(), "st", 2).shape[0] == 2
+    with pytest.raises(TypeError, match="one floating-point dtype"):
+        D.ToyNetwork([net.weights[0], net.weights[1].float()], net.biases)
+    with pytest.raises(TypeError, match="one floating-point dtype"):
+        D.ToyNetwork(net.weights, net.biases, loss="linear", loss_weights=torch.ones(2))
