@@ -172,6 +172,7 @@ def test_dvs_loader_names_unreadable_files(tmp_path, content, match):
 @pytest.mark.parametrize("bad, match", [
     ("nan", "non-negative finite event counts"), ("inf", "non-negative finite event counts"),
     ("negative", "non-negative finite event counts"), ("empty", "holds no samples"),
+    ("no_steps", r"frames of shape \(3, 0, 2, 32, 32\)"),
 ])
 def test_dvs_loader_refuses_bad_frames_and_empty_splits(tmp_path, bad, match):
     """NaN, inf or negative frames and empty splits loaded silently."""
@@ -181,6 +182,8 @@ def test_dvs_loader_refuses_bad_frames_and_empty_splits(tmp_path, bad, match):
     labels = np.array([0, 1, 2])
     if bad == "empty":
         frames, labels = frames[:0], labels[:0]
+    elif bad == "no_steps":
+        frames = frames[:, :0]
     else:
         frames[1, 2, 0, 5, 5] = {"nan": np.nan, "inf": np.inf, "negative": -0.25}[bad]
     np.savez(tmp_path / "test.npz", frames=frames, labels=labels)

@@ -80,7 +80,8 @@ def load_dvs_gesture_32(
         raise ValueError(f"{path} is not a readable .npz file ({err}): {LAYOUT}") from None
     if len(labels) == 0:
         raise ValueError(f"{path} holds no samples (labels of shape {labels.shape}): {LAYOUT}")
-    if frames.ndim != 5 or frames.shape[2:] != (2, 32, 32) or len(frames) != len(labels):
+    if (frames.ndim != 5 or frames.shape[2:] != (2, 32, 32) or len(frames) != len(labels)
+            or frames.shape[1] == 0):  # no time steps: [N, 0, ...] loaded silently
         raise ValueError(f"{path}: frames of shape {frames.shape}: {LAYOUT}")
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"{path}: labels must be integer class indices [N], got dtype "
