@@ -457,7 +457,9 @@ def estimator_moments(net: ToyNetwork, x: Tensor, y: Tensor, rule: Rule,
         for n, sl in slices.items():
             sq_b[n] += (w[:, 0] * flat[:, sl].pow(2).sum(1)).view(m, batch).sum(0)
     mean = mean_b.mean(0)
-    var = {n: float((sq_b[n] - mean_b[:, sl].pow(2).sum(1)).sum()) / batch ** 2
+    # E_b||g||^2 - ||E_b g||^2 cancels to a rounding error (e.g. -5.6e-17) when an
+    # estimator's gradient does not vary: clamp each example's variance at 0
+    var = {n: float((sq_b[n] - mean_b[:, sl].pow(2).sum(1)).clamp_min(0).sum()) / batch ** 2
            for n, sl in slices.items()}
     return mean, var
 

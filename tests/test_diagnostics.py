@@ -268,3 +268,16 @@ def test_int32_labels_and_mixed_dtypes():
         D.ToyNetwork([net.weights[0], net.weights[1].float()], net.biases)
     with pytest.raises(TypeError, match="one floating-point dtype"):
         D.ToyNetwork(net.weights, net.biases, loss="linear", loss_weights=torch.ones(2))
+
+
+def test_zero_variance_estimator_reports_zero_not_negative():
+    """ST on one hidden layer with a linear loss has a constant gradient: E[g^2] - E[g]^2
+    rounded to -5.6e-17, estimator_moments reported a negative variance and compare
+    raised a math domain error in sqrt(bias^2 + variance)."""
+    net = D.make_network((3, 2, 2), loss="linear", seed=1)
+    x, y = D.make_inputs(net, 2)
+    _, var = D.estimator_moments(net, x, y, D.estimator_rule(ST()))
+    assert 0 <= var["layer1"] < 1e-12 and var["hidden"] == var["layer1"]
+    rows = D.compare(net, x, y, {"ST": D.estimator_rule(ST())})
+    hidden = next(r for r in rows if r["layer"] == "hidden")
+    assert hidden["variance"] >= 0 and math.isfinite(hidden["rel_error"])
