@@ -281,3 +281,15 @@ def test_zero_variance_estimator_reports_zero_not_negative():
     rows = D.compare(net, x, y, {"ST": D.estimator_rule(ST())})
     hidden = next(r for r in rows if r["layer"] == "hidden")
     assert hidden["variance"] >= 0 and math.isfinite(hidden["rel_error"])
+
+
+@pytest.mark.parametrize("sizes, neuron", [((3, 2, 2, 2), "binary"), ((3, 2, 2), "lif")])
+def test_linear_loss_exactness_needs_one_binary_layer(sizes, neuron):
+    """The docs' scope of 'exact for a linear loss': a second layer or LIF steps make the
+    loss nonlinear in the first spikes, and ST is biased there."""
+    net = D.make_network(sizes, neuron=neuron, loss="linear", seed=1,
+                         steps=2 if neuron == "lif" else None)
+    x, y = D.make_inputs(net, 2)
+    row = next(r for r in D.compare(net, x, y, {"ST": D.estimator_rule(ST())})
+               if r["layer"] == "hidden")
+    assert row["rel_bias"] > 1e-3
