@@ -175,13 +175,34 @@ class ToyNetwork:
     def __post_init__(self) -> None:
         if len(self.weights) != len(self.biases) or len(self.weights) < 2:
             raise ValueError("weights and biases need one entry per hidden layer + readout")
-        if not self.sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {self.sigma}")
+        if not 0 < self.sigma < math.inf:  # inf: every P = 1/2 and every gradient 0
+            raise ValueError(f"sigma must be a finite number > 0, got {self.sigma}")
+        tensors = [*self.weights, *self.biases]
+        if self.loss_weights is not None:
+            tensors.append(self.loss_weights)
+        dtypes = {t.dtype for t in tensors}
+        if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+            raise TypeError(f"weights, biases and loss_weights must share one floating-point "
+                            f"dtype, got {sorted(map(str, dtypes))}; convert them with "
+                            f".to(torch.float64)")
+        fan_in = self.weights[0].shape[-1] if self.weights[0].dim() == 2 else None
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            if w.dim() != 2 or w.shape[1] != fan_in:
+                rows = "C" if i == len(self.weights) - 1 else "n_out"
+                raise ValueError(f"weights[{i}] must be [{rows}, {fan_in}] (its input is the "
+                                 f"previous layer's {fan_in} units), got {tuple(w.shape)}")
+            if tuple(b.shape) != (w.shape[0],):
+                raise ValueError(f"biases[{i}] must be [{w.shape[0]}] (the rows of "
+                                 f"weights[{i}]), got {tuple(b.shape)}")
+            fan_in = w.shape[0]
         if self.loss not in ("ce", "linear"):
             raise ValueError(f"loss must be 'ce' or 'linear', got {self.loss!r}")
         self.hidden = [w.shape[0] for w in self.weights[:-1]]
         if self.loss == "linear" and self.loss_weights is None:
             self.loss_weights = torch.ones(self.weights[-1].shape[0], dtype=self.dtype)
+        if self.loss == "linear" and tuple(self.loss_weights.shape) != (fan_in,):
+            raise ValueError(f"loss_weights must be [{fan_in}] (one weight per class), got "
+                             f"{tuple(self.loss_weights.shape)}")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -236,9 +257,13 @@ def make_network(
     if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
         raise ValueError(f"every size must be an integer >= 1, got {tuple(sizes)}")
     spiking = neuron == "lif"
-    steps = (3 if spiking else 1) if steps is None else int(steps)
-    if steps < 1 or (not spiking and steps != 1):
-        raise ValueError(f"steps must be >= 1 (and 1 for binary units), got {steps}")
+    steps = (3 if spiking else 1) if steps is None else steps
+    if (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
+            or (not spiking and steps != 1)):  # 2.5 ran 2 steps, True 1
+        raise ValueError(f"steps must be an integer >= 1 (and 1 for binary units), got "
+                         f"{steps!r}")
+    if not -math.inf < weight_scale < math.inf:
+        raise ValueError(f"weight_scale must be a finite number, got {weight_scale}")
     units = steps * sum(sizes[1:-1])
     if units > MAX_UNITS:
         raise ValueError(f"{units} unit-steps give 2^{units} configurations; keep it <= "
@@ -263,6 +288,8 @@ def make_network(
 
 def make_inputs(net: ToyNetwork, batch: int = 4, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Inputs ``x [B, T, n_in] ~ N(0, 1)`` (constant over time) and labels ``y [B]``."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
     g = torch.Generator().manual_seed(seed + 10_000)
     n_in, classes = net.weights[0].shape[1], net.weights[-1].shape[0]
     x = torch.randn(batch, 1, n_in, generator=g, dtype=net.dtype).expand(-1, net.steps, -1)
@@ -295,8 +322,8 @@ def _run(net: ToyNetwork, params: list[Tensor], x: Tensor, y: Tensor, spike) -> 
             if net.spiking:
                 mems[layer] = mems[layer] - net.threshold * h
         logits = logits + _linear(params[-2], params[-1], h) / net.steps
-    if net.loss == "ce":
-        return torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    if net.loss == "ce":  # int32 / uint8 labels too (cross_entropy takes int64)
+        return torch.nn.functional.cross_entropy(logits, y.long(), reduction="none")
     return logits @ net.loss_weights
 
 
@@ -430,7 +457,9 @@ def estimator_moments(net: ToyNetwork, x: Tensor, y: Tensor, rule: Rule,
         for n, sl in slices.items():
             sq_b[n] += (w[:, 0] * flat[:, sl].pow(2).sum(1)).view(m, batch).sum(0)
     mean = mean_b.mean(0)
-    var = {n: float((sq_b[n] - mean_b[:, sl].pow(2).sum(1)).sum()) / batch ** 2
+    # E_b||g||^2 - ||E_b g||^2 cancels to a rounding error (e.g. -5.6e-17) when an
+    # estimator's gradient does not vary: clamp each example's variance at 0
+    var = {n: float((sq_b[n] - mean_b[:, sl].pow(2).sum(1)).clamp_min(0).sum()) / batch ** 2
            for n, sl in slices.items()}
     return mean, var
 
@@ -543,6 +572,12 @@ def compare(net: ToyNetwork, x: Tensor, y: Tensor,
 _METRICS = ("bias", "variance", "cosine", "rel_bias", "rel_error", "grad_norm", "mean_abs_z")
 
 
+def _check_networks(networks) -> None:
+    if isinstance(networks, bool) or not isinstance(networks, int) or networks < 1:
+        raise ValueError(f"networks must be an integer >= 1 (random networks per point), "
+                         f"got {networks!r}")
+
+
 def _averaged(configs, rules, batch, seed) -> list[dict]:
     """Mean of :func:`compare` rows over several random networks."""
     acc: dict[tuple, dict] = {}
@@ -571,6 +606,7 @@ def sweep_noise(scales: Sequence[float] = (0.25, 0.5, 1, 2, 4, 8), *, neuron: st
 
     Each row is averaged over ``networks`` random networks; ``mean_abs_z`` is exact.
     """
+    _check_networks(networks)
     configs = []
     for s in scales:
         for k in range(networks):
@@ -586,6 +622,7 @@ def sweep_depth(depths: Sequence[int] = (1, 2, 3, 4), *, neuron: str = "binary",
                 networks: int = 4, batch: int = 4, seed: int = 0,
                 rules: dict[str, Rule] | None = None) -> list[dict]:
     """Metrics against the number of hidden layers at a fixed weight scale."""
+    _check_networks(networks)
     configs = []
     for d in depths:
         for k in range(networks):
@@ -601,11 +638,21 @@ def sweep_depth(depths: Sequence[int] = (1, 2, 3, 4), *, neuron: str = "binary",
 def plot_sweep(rows: list[dict], x_key: str, path, *, layer: str = "all",
                title: str = "") -> Path:
     """Two panels, relative bias and variance (log scale) of each estimator against
-    ``x_key`` (``"mean_abs_z"`` or ``"depth"``), for one ``layer``; PNG."""
+    ``x_key`` (``"mean_abs_z"`` or ``"depth"``), for one ``layer``; PNG.
+
+    Raises:
+        ValueError: no row has that ``layer``, or ``x_key`` is not a column of the rows.
+    """
     from .uncertainty import _pyplot, _save
 
-    plt = _pyplot()
     sel = [r for r in rows if r["layer"] == layer]
+    if not sel:  # an empty figure, silently
+        raise ValueError(f"no rows for layer {layer!r}; the rows have layers "
+                         f"{sorted({r['layer'] for r in rows})}")
+    if any(x_key not in r for r in sel):  # a KeyError
+        raise ValueError(f"x_key {x_key!r} is not a column of the rows; use 'mean_abs_z', "
+                         f"'depth' or another of {sorted(sel[0])}")
+    plt = _pyplot()
     names = list(dict.fromkeys(r["estimator"] for r in sel))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for name in names:

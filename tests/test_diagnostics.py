@@ -211,3 +211,85 @@ def test_diagnostics_name_bad_sizes_and_sample_counts():
     for k in (0, -1, 2.5):  # a reshape / negative-dimension / repeat() error
         with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
             D.sample_gradients(net, x, y, "st", k)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(neuron="lif", steps=2.5), "steps must be an integer"),  # ran 2 steps
+    (dict(neuron="lif", steps=True), "steps must be an integer"),  # ran 1 step
+    (dict(weight_scale=math.nan), "weight_scale must be a finite number"),  # NaN network
+    (dict(weight_scale=math.inf), "weight_scale must be a finite number"),
+    (dict(sigma=math.inf), "sigma must be a finite number > 0"),  # every P = 1/2, g = 0
+])
+def test_make_network_names_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        D.make_network((2, 2, 2), **kwargs)
+
+
+def test_toy_network_names_mismatched_shapes():
+    """A readout of the wrong width or a loss_weights of the wrong length failed inside a
+    matmul (or broadcast silently) only when a gradient was computed."""
+    net = D.make_network((3, 2, 2))
+    w, b = net.weights, net.biases
+    with pytest.raises(ValueError, match=r"weights\[1\] must be \[C, 2\]"):
+        D.ToyNetwork([w[0], torch.zeros(2, 5, dtype=w[0].dtype)], b)
+    with pytest.raises(ValueError, match=r"biases\[0\] must be \[2\]"):
+        D.ToyNetwork(w, [torch.zeros(3, dtype=w[0].dtype), b[1]])
+    with pytest.raises(ValueError, match=r"loss_weights must be \[2\]"):
+        D.ToyNetwork(w, b, loss="linear", loss_weights=torch.ones(5, dtype=w[0].dtype))
+    with pytest.raises(ValueError, match="batch must be an integer >= 1"):
+        D.make_inputs(net, -1)
+
+
+def test_sweeps_and_plot_refuse_empty_selections(tmp_path):
+    """networks=0 returned no rows, and a misspelt layer drew an empty figure."""
+    rules = {"ST": D.estimator_rule("st")}
+    with pytest.raises(ValueError, match="networks must be an integer >= 1"):
+        D.sweep_noise((1,), networks=0, rules=rules)
+    with pytest.raises(ValueError, match="networks must be an integer >= 1"):
+        D.sweep_depth((1,), networks=0, rules=rules)
+    rows = D.sweep_noise((1,), networks=1, batch=2, rules=rules)
+    with pytest.raises(ValueError, match=r"no rows for layer 'hiden'.*'hidden'"):
+        D.plot_sweep(rows, "mean_abs_z", tmp_path / "a.png", layer="hiden")
+    with pytest.raises(ValueError, match="x_key 'abs_z'"):
+        D.plot_sweep(rows, "abs_z", tmp_path / "a.png", layer="hidden")
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_int32_labels_and_mixed_dtypes():
+    """int32 labels (integer class labels) failed in cross_entropy; parameters of mixed
+    dtypes failed in a matmul, not when the network was built."""
+    net = D.make_network((3, 2, 2))
+    x, y = D.make_inputs(net, 2)
+    torch.testing.assert_close(D.expected_loss(net, x, y.int()), D.expected_loss(net, x, y))
+    torch.testing.assert_close(D.exact_gradient(net, x, y.int())[0],
+                               D.exact_gradient(net, x, y)[0])
+    assert D.sample_gradients(net, x, y.int(), "st", 2).shape[0] == 2
+    with pytest.raises(TypeError, match="one floating-point dtype"):
+        D.ToyNetwork([net.weights[0], net.weights[1].float()], net.biases)
+    with pytest.raises(TypeError, match="one floating-point dtype"):
+        D.ToyNetwork(net.weights, net.biases, loss="linear", loss_weights=torch.ones(2))
+
+
+def test_zero_variance_estimator_reports_zero_not_negative():
+    """ST on one hidden layer with a linear loss has a constant gradient: E[g^2] - E[g]^2
+    rounded to -5.6e-17, estimator_moments reported a negative variance and compare
+    raised a math domain error in sqrt(bias^2 + variance)."""
+    net = D.make_network((3, 2, 2), loss="linear", seed=1)
+    x, y = D.make_inputs(net, 2)
+    _, var = D.estimator_moments(net, x, y, D.estimator_rule(ST()))
+    assert 0 <= var["layer1"] < 1e-12 and var["hidden"] == var["layer1"]
+    rows = D.compare(net, x, y, {"ST": D.estimator_rule(ST())})
+    hidden = next(r for r in rows if r["layer"] == "hidden")
+    assert hidden["variance"] >= 0 and math.isfinite(hidden["rel_error"])
+
+
+@pytest.mark.parametrize("sizes, neuron", [((3, 2, 2, 2), "binary"), ((3, 2, 2), "lif")])
+def test_linear_loss_exactness_needs_one_binary_layer(sizes, neuron):
+    """The docs' scope of 'exact for a linear loss': a second layer or LIF steps make the
+    loss nonlinear in the first spikes, and ST is biased there."""
+    net = D.make_network(sizes, neuron=neuron, loss="linear", seed=1,
+                         steps=2 if neuron == "lif" else None)
+    x, y = D.make_inputs(net, 2)
+    row = next(r for r in D.compare(net, x, y, {"ST": D.estimator_rule(ST())})
+               if r["layer"] == "hidden")
+    assert row["rel_bias"] > 1e-3

@@ -11,6 +11,7 @@ R, G, B planes of 32x32) and ``b"labels"`` (``n`` ints in ``[0, 10)``).
 
 from __future__ import annotations
 
+import numbers
 import os
 import pickle
 from pathlib import Path
@@ -56,10 +57,23 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     labels = d.get(b"labels", d.get("labels"))
     if data is None or labels is None:
         raise ValueError(f"{path} has keys {sorted(map(str, d))}, no data/labels; {LAYOUT}")
-    data, labels = np.asarray(data), np.asarray(labels, dtype=np.int64)
+    data, labels = np.asarray(data), np.asarray(labels)
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise ValueError(f"{path}: data of shape {data.shape} (want [n, 3072]); {LAYOUT}")
-    return data.astype(np.uint8, copy=False), labels
+    if len(data) == 0:
+        raise ValueError(f"{path} holds no images (data of shape {data.shape}); {LAYOUT}")
+    # a float or out-of-range array was cast to uint8 silently (0.7 -> 0, 300 -> 44)
+    if (not np.issubdtype(data.dtype, np.integer) or data.dtype == np.bool_
+            or data.min() < 0 or data.max() > 255):
+        raise ValueError(f"{path}: data must be uint8 pixels 0..255, got dtype {data.dtype} "
+                         f"with values in [{data.min()}, {data.max()}]; {LAYOUT}")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{path}: labels must be integer class indices [n], got dtype "
+                         f"{labels.dtype} and shape {labels.shape}; {LAYOUT}")
+    if labels.min() < 0 or labels.max() >= 10:
+        raise ValueError(f"{path}: labels must lie in 0..9 (the 10 CIFAR-10 classes), got "
+                         f"values in [{labels.min()}, {labels.max()}]; {LAYOUT}")
+    return data.astype(np.uint8, copy=False), labels.astype(np.int64)
 
 
 def load_cifar10(
@@ -75,14 +89,19 @@ def load_cifar10(
         split: ``"train"`` (the five data batches) or ``"test"``.
         normalize: ``(x / 255 - mean) / std`` per channel (:data:`CIFAR10_MEAN`,
             :data:`CIFAR10_STD`); otherwise ``x / 255`` in ``[0, 1]``.
-        max_samples: keep only the first ``max_samples`` images.
+        max_samples: keep only the first ``max_samples`` images (an integer >= 1).
 
     Raises:
         FileNotFoundError / ValueError: missing or malformed batches (the message names
-            the expected layout).
+            the expected layout: uint8 pixels, integer labels in ``0..9``), or
+            ``max_samples`` not an integer >= 1.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(
+            max_samples, numbers.Integral) or max_samples < 1):
+        raise ValueError(f"max_samples must be an integer >= 1 (or None for the whole "
+                         f"split), got {max_samples!r}")
     folder = find_cifar10(data_dir)
     names = TRAIN_BATCHES if split == "train" else ("test_batch",)
     xs, ys = [], []

@@ -18,6 +18,8 @@ def load_digits_split(test_fraction: float = 0.25, seed: int = 0):
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be an integer (the split's permutation), got {seed!r}")
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - depends on the install

@@ -7,6 +7,7 @@ The folder holds ``train.npz``, ``validation.npz`` and ``test.npz``, each with
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +39,14 @@ def load_dvs_gesture_32(
         frame_stride: keep every ``frame_stride``-th frame (e.g. 3 gives 17 frames).
         num_frames: keep at most this many frames after striding.
         classes: keep only these labels (e.g. to hold classes out as OOD), any iterable
-            of ints in ``0..10``; the labels keep their values (not renumbered).
+            of ints in ``0..10``, each present in the split; the labels keep their values
+            (not renumbered).
 
     Raises:
-        FileNotFoundError / ValueError: the folder does not have the layout above (labels
-            that are not integers in ``0..10`` included), or an argument is out of range.
+        FileNotFoundError / ValueError: the folder does not have the layout above (an
+            unreadable or empty file, labels that are not integers in ``0..10``, frames
+            that are not non-negative finite counts included), an argument is out of
+            range, or a requested class has no samples in the split.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -61,11 +65,23 @@ def load_dvs_gesture_32(
     path = Path(data_dir) / f"{split}.npz"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {LAYOUT}")
-    with np.load(path, allow_pickle=False) as data:
-        if "frames" not in data or "labels" not in data:
-            raise ValueError(f"{path} has keys {sorted(data.keys())}: {LAYOUT}")
-        frames, labels = data["frames"], data["labels"]
-    if frames.ndim != 5 or frames.shape[2:] != (2, 32, 32) or len(frames) != len(labels):
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a .npy under the .npz name
+            raise ValueError(f"it holds one {type(data).__name__}, not named arrays")
+        with data:
+            if "frames" not in data or "labels" not in data:
+                raise KeyError(sorted(data.keys()))
+            frames, labels = data["frames"], data["labels"]
+    except KeyError as err:
+        raise ValueError(f"{path} has keys {err.args[0]}: {LAYOUT}") from None
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
+        # empty, truncated or not an .npz: EOFError / BadZipFile / TypeError before
+        raise ValueError(f"{path} is not a readable .npz file ({err}): {LAYOUT}") from None
+    if len(labels) == 0:
+        raise ValueError(f"{path} holds no samples (labels of shape {labels.shape}): {LAYOUT}")
+    if (frames.ndim != 5 or frames.shape[2:] != (2, 32, 32) or len(frames) != len(labels)
+            or frames.shape[1] == 0):  # no time steps: [N, 0, ...] loaded silently
         raise ValueError(f"{path}: frames of shape {frames.shape}: {LAYOUT}")
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"{path}: labels must be integer class indices [N], got dtype "
@@ -78,9 +94,18 @@ def load_dvs_gesture_32(
     if num_frames is not None:
         frames = frames[:, :num_frames]
     if classes is not None:
+        missing = sorted(set(int(c) for c in classes) - set(labels.tolist()))
+        if missing:  # an empty (or class-less) dataset, silently
+            raise ValueError(f"classes {missing} have no samples in {path} (its labels: "
+                             f"{sorted(set(labels.tolist()))})")
         keep = np.isin(labels, np.asarray(classes))
         frames, labels = frames[keep], labels[keep]
-    return torch.from_numpy(frames.astype(np.float32)), torch.from_numpy(labels.astype(np.int64))
+    out = frames.astype(np.float32)
+    lo, hi = (out.min(), out.max()) if out.size else (0.0, 0.0)
+    if not (lo >= 0 and np.isfinite(hi)):  # NaN fails too
+        raise ValueError(f"{path}: frames must be non-negative finite event counts, got "
+                         f"values in [{lo}, {hi}]: {LAYOUT}")
+    return torch.from_numpy(out), torch.from_numpy(labels.astype(np.int64))
 
 
 class DVSGestureFrames(Dataset):

@@ -22,6 +22,7 @@ with a seeded :class:`torch.Generator`, so the same seed always gives the same d
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -63,10 +64,11 @@ def make_randman(
         num_steps: time steps ``T`` of the raster.
         samples_per_class: points sampled per manifold.
         manifold_dim: intrinsic dimension ``D`` of each manifold.
-        alpha: spectral decay ``1/(k+1)^alpha`` (smoothness), ``> 0``.
+        alpha: spectral decay ``1/(k+1)^alpha`` (smoothness), finite and ``> 0``.
         step_frac: fraction of the ``T`` steps the spike times spread over, in ``(0, 1]``.
         prec: precision that sets the number of frequencies ``ceil(prec^(-1/alpha))``.
-        seed: seed of the :class:`torch.Generator` (the dataset is a function of it).
+        seed: integer seed of the :class:`torch.Generator` (the dataset is a function
+            of it).
         shuffle: shuffle the samples (otherwise ordered by class).
 
     Returns:
@@ -75,8 +77,11 @@ def make_randman(
     """
     _check_positive(num_classes=num_classes, num_units=num_units, num_steps=num_steps,
                     samples_per_class=samples_per_class, manifold_dim=manifold_dim)
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
+    if (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+            or not 0 < alpha < math.inf):  # inf left one (zero) frequency: all spikes at t = 0
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # 1.2 gave seed 1
+        raise ValueError(f"seed must be an integer, got {seed!r}")
     if not 0 < step_frac <= 1:
         raise ValueError(f"step_frac must be in (0, 1], got {step_frac}")
     if not 0 < prec < 1:

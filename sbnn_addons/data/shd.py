@@ -25,7 +25,7 @@ __all__ = ["SHD_CHANNELS", "SHD_CLASSES", "SHDBinned", "load_shd", "make_synthet
 
 SHD_CHANNELS = 700
 SHD_CLASSES = 20
-_KEYS = ("spikes/times", "spikes/units", "labels")
+_KEYS = ("spikes/times", "spikes/units", "labels", "extra/keys", "extra/speaker")  # tonic reads all
 
 
 def _check_layout(root: str | os.PathLike, split: str) -> Path:
@@ -47,10 +47,23 @@ def _check_layout(root: str | os.PathLike, split: str) -> Path:
     try:
         with h5py.File(h5, "r") as f:
             missing = [k for k in _KEYS if k not in f]
+            if missing:
+                raise ValueError(f"{h5} is malformed: missing datasets {missing}; {layout}")
+            lengths = {k: len(f[k]) for k in _KEYS[:3]}
+            labels = np.asarray(f["labels"][()])
     except OSError as err:
         raise ValueError(f"{h5} is not a readable HDF5 file ({err}); {layout}") from None
-    if missing:
-        raise ValueError(f"{h5} is malformed: missing datasets {missing}; {layout}")
+    if len(set(lengths.values())) != 1:  # tonic indexes all three by sample
+        raise ValueError(f"{h5} is malformed: the datasets hold different numbers of "
+                         f"samples {lengths}; {layout}")
+    if len(labels) == 0:
+        raise ValueError(f"{h5} holds no samples; {layout}")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{h5}: labels must be integer class indices [N], got dtype "
+                         f"{labels.dtype} and shape {labels.shape}; {layout}")
+    if labels.min() < 0 or labels.max() >= SHD_CLASSES:
+        raise ValueError(f"{h5}: labels must lie in 0..{SHD_CLASSES - 1} (the SHD digits), "
+                         f"got values in [{labels.min()}, {labels.max()}]; {layout}")
     return folder
 
 
@@ -76,8 +89,9 @@ class SHDBinned(torch.utils.data.Dataset):
 
     Raises:
         FileNotFoundError / ValueError: missing or malformed files (the message names the
-            expected layout), ``num_bins`` not an integer >= 1, ``bin_ms`` not a finite
-            number > 0.
+            expected layout; labels must be integers in ``0..19``, spike units in
+            ``0..699``, times non-negative), ``num_bins`` not an integer >= 1, ``bin_ms``
+            not a finite number > 0.
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "train", num_bins: int = 100,
@@ -88,7 +102,7 @@ class SHDBinned(torch.utils.data.Dataset):
             # NaN dropped every event (all-zero frames), inf put them all in bin 0
             raise ValueError(f"bin_ms must be a finite number > 0 (the bin width in "
                              f"milliseconds, reference 14), got {bin_ms!r}")
-        _check_layout(root, split)
+        self.path = _check_layout(root, split) / f"shd_{split}.h5"
         import tonic
 
         self.dataset = tonic.datasets.SHD(save_to=str(root), train=split == "train")
@@ -100,6 +114,13 @@ class SHDBinned(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         events, label = self.dataset[index]
+        units, times = np.asarray(events["x"]), np.asarray(events["t"])
+        if units.size and (units.min() < 0 or units.max() >= SHD_CHANNELS):  # were dropped
+            raise ValueError(f"{self.path}, sample {index}: spike units must lie in "
+                             f"0..{SHD_CHANNELS - 1}, got [{units.min()}, {units.max()}]")
+        if times.size and times.min() < 0:
+            raise ValueError(f"{self.path}, sample {index}: negative spike times "
+                             f"({times.min() / 1e6} s); SHD times are seconds from the start")
         return _bin_events(events, self.num_bins, self.bin_us), int(label)
 
 
