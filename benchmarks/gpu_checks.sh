@@ -40,7 +40,7 @@ torch.cuda.get_device_name(), '| snntorch', snntorch.__version__)"
 for method in sbnn twin twin-bn; do
   timeout "$DEEP_SECONDS" "$PY" benchmarks/dvs_deep_protocol.py --data-dir "$DATA" \
     --device cuda --width 32 --frame-stride 1 --frames 49 --epochs 70 --seeds 0 \
-    --methods "$method" --threads 4 --out "/tmp/deep_$method.jsonl" \
+    --methods "$method" --threads 4 --out "$OUT/deep_$method.jsonl" \
     > "$OUT/deep_$method.log" 2>&1 &
 done
 timeout "$TEST_SECONDS" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
