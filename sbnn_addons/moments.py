@@ -363,6 +363,17 @@ def _plain_args(value):
     return value
 
 
+def _exporting() -> bool:
+    """Whether ``torch.export`` is tracing.
+
+    Reads the flag that export sets: Dynamo before PyTorch 2.13 folds
+    ``torch.compiler.is_exporting()`` to ``True`` under every ``torch.compile`` (so a
+    compiled ``sample``-mode step would be refused as an export).
+    """
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
 def _wrap(out: Tensor, variance, probe: bool = False, noise: NoiseSet | None = None) -> Tensor:
     """``out`` as a :class:`VarianceTensor` carrying ``variance`` (a plain tensor where it
     carries nothing).
@@ -374,7 +385,7 @@ def _wrap(out: Tensor, variance, probe: bool = False, noise: NoiseSet | None = N
     """
     if variance is None and not probe:
         return _plain(out, in_place=True)
-    if torch.compiler.is_exporting():  # torch.export: the deterministic network only
+    if _exporting():  # torch.export: the deterministic network only
         if variance is None:  # mean mode's probe: nothing to check in an exported graph
             return _plain(out, in_place=True)
         raise VarianceFlowError(

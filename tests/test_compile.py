@@ -690,3 +690,32 @@ def test_checkpointed_region_inside_a_compiled_step(same_random_stream):
     assert fc.weight.grad.abs().sum() > 0
     for a, b in zip(eager[1], compiled[1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_sample_mode_compiles_where_dynamo_reports_every_compile_as_an_export(monkeypatch):
+    """Dynamo before PyTorch 2.13 answers ``torch.compiler.is_exporting()`` with ``True``
+    under every ``torch.compile`` (seen on torch 2.11 with CUDA: every compiled
+    ``sample``-mode step raised the export error). Emulated here: the library reads the
+    flag that export sets, so a compiled ``sample`` step runs and an export is still
+    named."""
+    def is_exporting_before_2_13() -> bool:
+        return torch.compiler.is_compiling()
+
+    monkeypatch.setattr(torch.compiler, "is_exporting", is_exporting_before_2_13)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = nn.Sequential(sb.BayesLinear(16, 8, std=0.3), sb.IWSTSpike("st", std=0.2),
+                        sb.BayesLinear(8, 4, std=0.3))
+    x, y = torch.rand(5, 16) * 2, torch.randint(0, 4, (5,))
+
+    @torch.compile(fullgraph=True)
+    def loss_fn(x, y):
+        return F.cross_entropy(net(x), y)
+
+    loss = loss_fn(x, y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert net[0].std_rho.grad is not None and torch.isfinite(net[0].std_rho.grad).all()
+    with sb.mode(net, "sample"), pytest.raises(sb.VarianceFlowError, match="torch.export"):
+        torch.export.export(net, (x,))
+    torch._dynamo.reset()
