@@ -23,7 +23,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 from bench_adapters import T
-from bench_compile import _variants
+from bench_compile import _variants, graphs_compiled, own_code
 
 import sbnn_addons as sb
 
@@ -32,6 +32,7 @@ _SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSync
 
 
 def _step_fn(model, reset, compiled: bool, mode: str | None, fullgraph: bool, x, y):
+    @own_code  # a Dynamo cache of its own (bench_compile.own_code)
     def loss_fn(x, y):
         return F.cross_entropy(model(x), y)
 
@@ -48,8 +49,11 @@ def _step_fn(model, reset, compiled: bool, mode: str | None, fullgraph: bool, x,
 
 
 def profile(name: str, step, device: torch.device, steps: int, top: int) -> dict:
+    graphs = graphs_compiled()
     for _ in range(3):  # warm-up: compilation, caches, CUDA graph recording
         step()
+    if "compiled" in name and graphs_compiled() == graphs:
+        raise RuntimeError("Dynamo compiled no graph: the step ran eagerly")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -113,17 +117,15 @@ def main(argv=None) -> None:
                 todo.append((f"{name}, reduce-overhead",
                              _step_fn(model, reset, True, "reduce-overhead", full, x, y)))
         for name, step in todo:
-            torch._dynamo.utils.counters.clear()
             try:
                 profile(f"{host} / {name}", step, device, args.steps, args.top)
             except Exception as exc:  # noqa: BLE001 - a variant that fails is named
                 print(f"\n## {host} / {name}: FAILED: {type(exc).__name__}: "
                       f"{str(exc).splitlines()[0] if str(exc) else ''}")
                 continue
-            stats = torch._dynamo.utils.counters
+            breaks = dict(torch._dynamo.utils.counters["graph_break"])
             if "compiled" in name:
-                breaks = dict(stats["graph_break"])
-                print(f"graphs compiled {stats['stats'].get('unique_graphs', 0)}, graph breaks "
+                print(f"graphs compiled so far {graphs_compiled()}, graph breaks so far "
                       f"{sum(breaks.values())} {list(breaks)[:3]}")
     _ = sb  # the variants import the library; kept for a reader of the imports
 

@@ -43,6 +43,33 @@ class SBNNModule:
         return self.sbnn_mode == "mean"
 
 
+def set_state(obj: object, **values) -> None:
+    """Write the plain attributes ``values`` (no parameters, buffers or modules) straight
+    into ``obj.__dict__``, one item at a time.
+
+    ``nn.Module.__setattr__`` costs microseconds per call on a per-step path; and Dynamo
+    before PyTorch 2.13 traces the item assignment of a module's ``__dict__`` but not its
+    ``update``, ``pop`` or ``setdefault`` (a graph break; seen on torch 2.11).
+    """
+    state = obj.__dict__
+    for key, value in values.items():
+        state[key] = value
+
+
+def drop_state(obj: object, *keys: str) -> None:
+    """Forget the plain attributes ``keys`` of ``obj`` (readers use ``__dict__.get``).
+
+    Eager: removed. Under ``torch.compile``: set to ``None`` (see :func:`set_state`).
+    """
+    state = obj.__dict__
+    if torch.compiler.is_compiling():
+        for key in keys:
+            state[key] = None
+    else:
+        for key in keys:
+            state.pop(key, None)
+
+
 def cached_tensor_test(owner: object, name: str, tensor: Tensor,
                        test: Callable[[Tensor], bool], assume: bool = True) -> bool:
     """``test(tensor)`` of a small buffer (a std, a spike factor) at every step; on an
@@ -338,8 +365,10 @@ def check_input(x: Tensor, where: str) -> None:
     """Raise ``ValueError`` if ``x`` holds a NaN or inf (unless :class:`check_finite` is off).
 
     0/1 spike tensors (marked by the spike functions) and tensors already checked at the
-    same version are skipped. The test is one sum (a NaN or inf makes it non-finite), then
-    an exact count only when that sum is not finite.
+    same version are skipped; a view is skipped where its base was found finite at the
+    same version (the base is tested once, not each step ``x[t]`` of a sequence: on a GPU
+    each test waits for the device). The test is one sum (a NaN or inf makes it
+    non-finite), then an exact count only when that sum is not finite.
 
     Args:
         x: the input tensor.
@@ -362,6 +391,17 @@ def check_input(x: Tensor, where: str) -> None:
     version = None if x.is_inference() else x._version  # inference tensors have none
     if version is not None and _CHECKED.get(x) == version:
         return
+    base = x._base
+    if version is not None and base is not None and base.is_floating_point():
+        # a view (one step x[t] of a sequence, a batch of a dataset tensor): its base is
+        # tested once per version (views share it), not each view, whose test is a
+        # device sync each on a GPU; only a base that is not finite tests the view itself
+        if _CHECKED.get(base) == version:
+            return
+        with torch._C.DisableTorchFunction():
+            if base.numel() and bool(torch.isfinite(base.detach().sum())):
+                _CHECKED[base] = version
+                return
     with torch._C.DisableTorchFunction():  # no variance flow: a plain reduction
         if x.numel() and not bool(torch.isfinite(x.detach().sum())):
             bad = x.detach()

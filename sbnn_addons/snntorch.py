@@ -39,7 +39,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .base import HostObject, cached_tensor_test, check_flag, check_module, check_std
+from .base import (
+    HostObject,
+    cached_tensor_test,
+    check_flag,
+    check_module,
+    check_std,
+    drop_state,
+    set_state,
+)
 from .base import match_name as _match
 from .base import name_patterns as _patterns
 from .estimators import Estimator
@@ -160,7 +168,10 @@ class SnnTorchSpike(IWSTSpike):
                 # for SpikeMonitor / mc_predict, doubling the spike counts)
                 return self._noiseless_spikes(u.detach())
             return _host_spike_dtype(super().forward(u))
-        recent = self.__dict__.setdefault("_sbnn_recent", [])
+        recent = self.__dict__.get("_sbnn_recent")
+        if recent is None:
+            recent = []
+            set_state(self, _sbnn_recent=recent)
         key = u.detach()
         if torch.compiler.is_compiling():
             return self._compiled_forward(u, key, recent)
@@ -362,7 +373,7 @@ class _EmittedSpikeReset:
         self._sbnn_store_plain_spikes()
         mem = self._buffers.get("mem")
         if type(mem) is not VarianceTensor:
-            self.__dict__.pop(_STATE, None)
+            drop_state(self, _STATE)
             return
         var = get_variance(mem)  # a factored variance multiplied out: a tensor
         plain_mem = plain_in_place(mem)  # eager: this object (a caller's too); compiled: an alias
@@ -488,7 +499,7 @@ class _EmittedSpikeReset:
         return fresh
 
     def reset_mem(self):
-        self.__dict__.pop(_CACHE, None)
+        drop_state(self, _CACHE)
         return super().reset_mem()
 
 
@@ -933,8 +944,8 @@ def reset(model: nn.Module) -> nn.Module:
     ``model``.
     """
     for m in model.modules():
-        m.__dict__.pop(_CACHE, None)
-        m.__dict__.pop(_STATE, None)
+        if m.__dict__.get(_CACHE) is not None or m.__dict__.get(_STATE) is not None:
+            drop_state(m, _CACHE, _STATE)
         fn = getattr(m, "reset_mem", None)
         if callable(fn):
             fn()

@@ -69,6 +69,7 @@ from .base import (
     checkpoint_hooks_active,
     match_name,
     name_patterns,
+    set_state,
 )
 from .functional import compact_broadcast, mark_binary
 from .losses import enable_aux_loss
@@ -173,15 +174,15 @@ class SJSpike(IWSTSpike):
             var = var * (coeffs[1] * coeffs[1])  # c^2 var(X_t), for all steps at once
             if multi:  # the time dimension first (a view)
                 var = _per_step_variance(var, x)
-        state.update(_pending=var, _steps=None, _multi=multi, _step=0, _coeffs=coeffs)
+        set_state(self, _pending=var, _steps=None, _multi=multi, _step=0, _coeffs=coeffs)
 
     def _end(self) -> None:
         """Called by the neuron's forward hook after each neuron call: the per-call state
         (input variances, the dynamics' coefficients, which hold a graph for a learned
         decay) is dropped, so that a trained model deep-copies; the membrane variance
         lives on as the neuron's memory."""
-        self.__dict__.update(_var_state=None, _pending=None, _steps=None,
-                             _coeffs=(1.0, 1.0, False))
+        set_state(self, _var_state=None, _pending=None, _steps=None,
+                  _coeffs=(1.0, 1.0, False))
 
     def _next_input_variance(self, u: Tensor) -> Tensor | None:
         var = self._pending
@@ -490,8 +491,8 @@ def _linked_multi_step_forward(node: nn.Module, x_seq: Tensor, *args, **kwargs):
         spike._collect(out[3], x_seq[0], x_seq.shape[0])
     node._memories["v"] = v
     node.v_seq = None
-    spike.__dict__.update(_var_state=state if var is not None or spike._var_state is not None
-                          else None, _step=x_seq.shape[0])
+    set_state(spike, _var_state=state if var is not None or spike._var_state is not None
+              else None, _step=x_seq.shape[0])
     return spikes
 
 

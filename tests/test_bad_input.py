@@ -71,6 +71,31 @@ def test_finite_input_is_checked_once_per_version():
         fc(x)
 
 
+def test_steps_of_a_sequence_are_checked_through_their_base(monkeypatch):
+    """A snnTorch loop feeds ``x[t]``, a view of the sequence: the sequence is tested
+    once (one sum, one device sync on a GPU) instead of each step; a non-finite value in
+    a step the model does not read raises nothing, one in a step it reads is named, and
+    an in-place change of the sequence is seen."""
+    from sbnn_addons import base
+
+    sums = []
+    real_isfinite = torch.isfinite
+    monkeypatch.setattr(base.torch, "isfinite", lambda t: sums.append(t.shape) or
+                        real_isfinite(t))
+    model = sbnn_snn.to_sbnn(_snn_seq())
+    x = torch.rand(6, 3, 16)
+    sbnn_snn.reset(model)
+    for step in x:
+        model(step)
+    assert len(sums) == 1  # the whole sequence, once
+    x[4, 1, 2] = math.nan  # in place: the mark is void, the base no longer finite
+    sbnn_snn.reset(model)
+    for step in x[:4]:
+        model(step)  # the steps read are finite (each tested exactly)
+    with pytest.raises(ValueError, match="1 NaN"):
+        model(x[4])
+
+
 def test_check_input_accepts_inference_tensors():
     from sbnn_addons.base import check_input
 
