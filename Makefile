@@ -27,9 +27,17 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict --site-dir site
 
+# The second pytest run turns the C kernel off: the host-model, reference-network and
+# bad-input tests then take the PyTorch path, the one CUDA tensors take.
+PYTORCH_PATH_TESTS := tests/test_bad_input.py tests/test_snntorch_convert.py \
+	tests/test_snntorch_host_utils.py tests/test_spikingjelly_equivalence.py \
+	tests/test_spikingjelly_host_utils.py tests/test_dropin_defaults.py \
+	tests/test_readout_noise.py tests/test_models.py
+
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n 2
+	SBNN_ADDONS_KERNELS=0 $(PY) -m pytest -q -n 2 $(PYTORCH_PATH_TESTS)
 	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 clean:

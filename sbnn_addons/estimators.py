@@ -174,7 +174,10 @@ class BernoulliSpike(torch.autograd.Function):
         jac, z = jacobian_and_z(u, sigma, h, *parse_estimator_spec(ctx.estimator))
         g = grad.to(jac.dtype)
         grad_u = g * jac
-        grad_sigma = -z * grad_u
+        # z is infinite for an infinite drive (SpikingJelly's v_threshold=inf readout),
+        # where J = 0: -z * 0 would be NaN, the limit is 0 (a literal bound: see
+        # jacobian_and_z on constants under torch.compile)
+        grad_sigma = -z.clamp(-1e30, 1e30) * grad_u
         return _finite(grad_u, u.dtype), _finite(grad_sigma, sigma.dtype), None, None, None
 
 

@@ -4,6 +4,7 @@ no variance rule between a Bayesian layer and a host neuron."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -364,10 +365,17 @@ def test_spikingjelly_conv_flatten_linear_raises_at_conversion():
     assert model[2].std_rho.grad is not None
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "pytorch-path"])
 @pytest.mark.parametrize("step_mode", ["s", "m"])
-def test_infinite_threshold_readout_keeps_the_aux_loss_finite(step_mode):
+def test_infinite_threshold_readout_keeps_the_aux_loss_finite(step_mode, kernel):
     """SpikingJelly's membrane readout (LIFNode(v_threshold=inf)) never fires: its z is
-    -inf, so it collects no auxiliary term; the loss and every gradient stay finite."""
+    -inf, so it collects no auxiliary term; the loss and every gradient stay finite, also
+    on the PyTorch path (CUDA tensors), where the noise gradient -z J was -inf * 0 = NaN."""
+    with contextlib.nullcontext() if kernel else sb.kernels.use_kernels(False):
+        _infinite_threshold_readout(step_mode)
+
+
+def _infinite_threshold_readout(step_mode):
     torch.manual_seed(0)
     net = nn.Sequential(layer.Linear(4, 8, step_mode=step_mode),
                         neuron.LIFNode(step_mode=step_mode),
@@ -538,9 +546,10 @@ def _convert_spikingjelly(**kw):
 @pytest.mark.parametrize("value", ["no", "False", 0])
 def test_a_flag_that_is_not_a_bool_is_named(call, name, value):
     """learn_std="no" (a string from a config file) was truthy: the std was learned."""
+    kernels_on = sb.kernels.enabled()
     with pytest.raises(TypeError, match=f"{name} must be True or False"):
         call(value)
-    assert sb.kernels.enabled()  # left as it was
+    assert sb.kernels.enabled() == kernels_on  # left as it was
 
 
 def test_numpy_and_torch_bools_are_flags():

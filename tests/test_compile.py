@@ -20,6 +20,7 @@ import snntorch as snn
 import snntorch.utils as sutils
 import torch
 import torch.nn.functional as F
+from _kernel import needs_kernel
 from torch import nn
 
 import sbnn_addons as sb
@@ -270,6 +271,7 @@ def test_variance_survives_copies():
         assert torch.equal(dup, x) and torch.equal(dup.variance, x.variance)
 
 
+@needs_kernel
 def test_kernel_op_in_a_compiled_graph_matches_the_eager_kernel():
     """With the kernel on, a compiled graph calls it as a custom op
     (``sbnn_addons::spike_forward`` / ``spike_backward``): one spike call gives the eager

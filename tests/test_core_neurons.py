@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from _kernel import needs_kernel
 
 import sbnn_addons as sb
 from sbnn_addons import LIF, BayesLinear, IWSTSpike, LIFState, attach_variance, get_variance
@@ -164,7 +165,7 @@ def test_bad_input(call, exc, word):
         call()
 
 
-@pytest.mark.skipif(not sb.kernels.available(), reason="no C compiler on this machine")
+@needs_kernel
 @pytest.mark.parametrize("reset", ["subtract", "zero", "none"])
 @pytest.mark.parametrize("extra", [None, "own noise", "aux loss"])
 def test_fused_lif_run_equals_the_step_loop(reset, extra, monkeypatch):
@@ -213,7 +214,7 @@ def test_fused_lif_run_equals_the_step_loop(reset, extra, monkeypatch):
             torch.testing.assert_close(g_f[name], g_l[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.skipif(not sb.kernels.available(), reason="no C compiler on this machine")
+@needs_kernel
 def test_fused_lif_run_saves_its_tensors_through_autograd():
     """Everything the fused sequence keeps for its backward goes through
     save_for_backward (so saved-tensor hooks, and activation checkpointing, see it): per
@@ -286,7 +287,7 @@ def test_factored_variance_runs_the_recurrence_on_f(modify_state):
         assert outs["layer"][3] <= 5 < 2 * T <= outs["channel"][3]
 
 
-@pytest.mark.skipif(not sb.kernels.available(), reason="no C compiler on this machine")
+@needs_kernel
 def test_a_step_is_one_kernel_node_and_falls_back_where_it_must():
     """A float32 CPU step runs as one LIFStep node (spikes and membrane); float64, the
     mean mode and a broadcast membrane take the PyTorch operations, with the same

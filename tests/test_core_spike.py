@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from _kernel import needs_kernel
 
 import sbnn_addons as sb
 from sbnn_addons import BayesLinear, IWSTSpike, attach_variance, seed_spikes
@@ -365,6 +366,7 @@ def test_aux_pull_revives_a_silent_unit_and_only_in_training():
         IWSTSpike(aux_pull=True)
 
 
+@needs_kernel
 @pytest.mark.parametrize("reset", ["subtract", "zero", "none"])
 def test_aux_pull_of_fused_lif_equals_the_step_loop(reset):
     """The core LIF with an aux pull: the fused sequence (`run`) and the fused steps give

@@ -12,6 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from _kernel import needs_kernel
 
 import sbnn_addons as sb
 from sbnn_addons import IWSTSpike, kernels, seed_spikes
@@ -214,6 +215,7 @@ def test_gradients_do_not_depend_on_the_thread_count(var_shape):
         assert torch.equal(a, b)
 
 
+@needs_kernel
 def test_iwst_spike_uses_kernel_and_seed_spikes_replays():
     """IWSTSpike takes the kernel for float32 CPU input (and seed_spikes replays it), and
     the PyTorch path for float64 and under use_kernels(False); both fire at Phi(z)."""
@@ -684,6 +686,7 @@ def test_window_sum_bad_input_is_named():
         kernels.window_sum(torch.rand(2, 3, 4, 4, 4), (2, 2, 2), (1, 1, 1), (0, 0, 0))
 
 
+@needs_kernel
 def test_second_order_gradients_raise_on_the_kernel_and_work_on_the_pytorch_path():
     """A gradient penalty (``create_graph=True``): the kernels' backward is not
     differentiable, so it raises and names the PyTorch path, which differentiates twice."""

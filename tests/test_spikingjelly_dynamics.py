@@ -18,6 +18,7 @@ from sbnn_addons import spikingjelly as sbnn_sj
 from sbnn_addons.data import load_digits_split, load_dvs_gesture_32, rate_code
 
 pytest.importorskip("spikingjelly")
+from _kernel import needs_kernel
 from spikingjelly.activation_based import functional, layer, neuron  # noqa: E402
 
 DVS_DIR = Path("/work/shared/data/dvs_gesture_32")
@@ -114,6 +115,7 @@ SEQUENCE_NEURONS = {
 }
 
 
+@needs_kernel
 @pytest.mark.parametrize("estimator, extra", [("st", None), ("agr(0.5)", None),
                                               ("st", "own noise"), ("agr(0.5)", "aux loss")])
 @pytest.mark.parametrize("kind", list(SEQUENCE_NEURONS))
