@@ -130,6 +130,11 @@ class LIF(nn.Module):
             raise ValueError(f"reset must be one of {LIF_RESETS}, got {reset!r}")
         if math.isnan(float(threshold)):
             raise ValueError("threshold must be a number, got nan")
+        if math.isinf(float(threshold)) and reset == "subtract":
+            raise ValueError(
+                f"threshold={threshold} with reset='subtract' makes the membrane NaN "
+                "(V - theta * h = V - inf * 0); for a membrane readout that never fires use "
+                "reset='none' (or 'zero')")
         self.beta = float(beta)
         self.threshold = float(threshold)
         self.reset = reset
@@ -213,6 +218,7 @@ class LIF(nn.Module):
         spike = self.spike_fn
         if (not isinstance(spike, IWSTSpike) or spike.fire_overridden()
                 or spike.deterministic
+                or not math.isfinite(self.threshold)  # the backward needs H = u + theta
                 or not kernels.can_fuse(current, variance)
                 or (membrane is not None and (membrane.shape != current.shape
                                               or membrane.dtype != torch.float32))
@@ -244,6 +250,7 @@ class LIF(nn.Module):
         step = currents.shape[1:]
         if (not isinstance(spike, IWSTSpike) or spike.fire_overridden()
                 or spike.deterministic
+                or not math.isfinite(self.threshold)  # the backward needs H = u + theta
                 or not kernels.can_fuse(currents, var_seq)
                 or not broadcasts_to(var_seq.shape[1:], step)
                 or not broadcasts_to(membrane.shape, step)

@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import math
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -426,7 +427,8 @@ def link_neuron(node: nn.Module, spike: SJSpike | None = None) -> nn.Module:
 def _sequence_dynamics(node: nn.Module, spike: SJSpike, x_seq: Tensor):
     """The :class:`~sbnn_addons.kernels.Dynamics` of this multi-step call of a linked
     node, or ``None`` where the fused sequence does not serve it (then the node runs its
-    own loop): float32 on the CPU, a stochastic mode, no ``store_v_seq``."""
+    own loop): float32 on the CPU, a stochastic mode, no ``store_v_seq``, a finite
+    threshold."""
     var = spike._pending
     kind = type(node)
     if (
@@ -438,6 +440,9 @@ def _sequence_dynamics(node: nn.Module, spike: SJSpike, x_seq: Tensor):
         or node.store_v_seq
         or node._neuron_precision is not None
         or x_seq.dim() < 2
+        # the fused backward recomputes H = u + theta: lost at theta = inf (the membrane
+        # readout LIFNode(v_threshold=inf)), where the node's own loop is exact
+        or not math.isfinite(node.v_threshold)
         or (isinstance(var, Tensor) and (var.dim() != x_seq.dim()
                                          or var.shape[0] != x_seq.shape[0]))
         or not kernels.can_fuse(x_seq, var if isinstance(var, Tensor) else x_seq)

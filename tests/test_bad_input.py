@@ -365,23 +365,26 @@ def test_spikingjelly_conv_flatten_linear_raises_at_conversion():
     assert model[2].std_rho.grad is not None
 
 
+@pytest.mark.parametrize("estimator", ["st", "iwst(0.5)", "agr"])
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "pytorch-path"])
 @pytest.mark.parametrize("step_mode", ["s", "m"])
-def test_infinite_threshold_readout_keeps_the_aux_loss_finite(step_mode, kernel):
+def test_infinite_threshold_readout_keeps_the_aux_loss_finite(step_mode, kernel, estimator):
     """SpikingJelly's membrane readout (LIFNode(v_threshold=inf)) never fires: its z is
-    -inf, so it collects no auxiliary term; the loss and every gradient stay finite, also
-    on the PyTorch path (CUDA tensors), where the noise gradient -z J was -inf * 0 = NaN."""
+    -inf, so it collects no auxiliary term; the loss and every gradient stay finite, for
+    every estimator, with the kernel and on the PyTorch path (CUDA tensors). Seen NaN: the
+    noise gradient -z J = -inf * 0 (PyTorch path), and the fused sequence's backward,
+    which recomputed H = u + theta = -inf + inf (kernel, multi-step, IW-ST and AGR)."""
     with contextlib.nullcontext() if kernel else sb.kernels.use_kernels(False):
-        _infinite_threshold_readout(step_mode)
+        _infinite_threshold_readout(step_mode, estimator)
 
 
-def _infinite_threshold_readout(step_mode):
+def _infinite_threshold_readout(step_mode, estimator):
     torch.manual_seed(0)
     net = nn.Sequential(layer.Linear(4, 8, step_mode=step_mode),
                         neuron.LIFNode(step_mode=step_mode),
                         layer.Linear(8, 3, step_mode=step_mode),
                         neuron.LIFNode(step_mode=step_mode, v_threshold=math.inf))
-    model = sbnn_sj.to_sbnn(net, aux_loss=True)
+    model = sbnn_sj.to_sbnn(net, aux_loss=True, estimator=estimator)
     x = torch.rand(6, 5, 4) * 3
     functional.reset_net(model)
     if step_mode == "m":
@@ -396,6 +399,30 @@ def _infinite_threshold_readout(step_mode):
     (logits.sum() + 0.1 * aux).backward()
     for name, p in model.named_parameters():
         assert p.grad is None or torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("estimator", ["st", "iwst(0.5)", "agr"])
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "pytorch-path"])
+@pytest.mark.parametrize("reset", ["zero", "none"])
+def test_core_lif_membrane_readout_with_an_infinite_threshold(reset, kernel, estimator):
+    """A core LIF that never fires (threshold=inf, reset 'none' or 'zero'): finite
+    membranes and gradients step by step and in run(); with the subtract reset the
+    membrane would be V - inf * 0 = NaN: refused, naming the readout resets."""
+    with pytest.raises(ValueError, match="reset='none'"):
+        sb.LIF(threshold=math.inf)
+    torch.manual_seed(0)
+    fc = sb.BayesLinear(4, 3)
+    lif = sb.LIF(threshold=math.inf, reset=reset, spike_fn=sb.IWSTSpike(estimator))
+    x = torch.rand(6, 5, 4)
+    with contextlib.nullcontext() if kernel else sb.kernels.use_kernels(False):
+        spikes = lif.run(fc(x))
+        s1, state = lif(fc(x[0]))
+        s2, state = lif(fc(x[1]), state)
+        assert torch.isfinite(state.membrane).all() and state.membrane.abs().sum() > 0
+        (spikes.sum() + s2.sum() + state.membrane.sum()).backward()
+    assert spikes.sum() == 0 and s2.sum() == 0
+    for name, p in fc.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
 def test_bias_std_needs_a_bias_and_converters_skip_bias_free_layers():
