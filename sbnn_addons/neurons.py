@@ -103,7 +103,8 @@ class LIF(nn.Module):
     Defaults are the reference values rounded: ``beta = 0.905`` (the released decay is
     ``exp(-1 / softplus(10)) = 0.9048378``, ``sbnn_addons.models.PAPER_BETA``),
     ``theta = 1``, soft reset.
-    A binary (non-spiking) unit is ``LIF(beta=0, threshold=0)`` run for one step.
+    A binary (non-spiking) unit is ``LIF(beta=0, threshold=0)`` run for one step; a
+    membrane readout that never fires is ``LIF(threshold=math.inf, reset="none")``.
 
     Args:
         beta: membrane decay in [0, 1].
