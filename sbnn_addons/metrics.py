@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .base import check_flag, check_module
+from .tensors import is_binary
 
 __all__ = ["check_probabilities", "negative_log_likelihood", "brier_score",
            "expected_calibration_error", "classification_metrics",
@@ -293,7 +294,8 @@ class SpikeMonitor:
 
         with SpikeMonitor(model) as mon:
             model(x)
-        mon.counts     # {layer name: spikes emitted}       (float64 scalars)
+        mon.counts     # {layer name: spikes emitted}       (float64 scalars, on the
+                       #  model's device: read them once, e.g. spike_rates())
         mon.units      # {layer name: unit-steps evaluated} (ints, batch included)
         mon.synops     # {weight-layer name: SynOps}
 
@@ -384,15 +386,17 @@ class SpikeMonitor:
                 x = args[0] if args else None
                 if not isinstance(x, Tensor):
                     return
-                if torch.compiler.is_compiling():  # no data-dependent branch in a graph
+                if not self.spiking_inputs_only or is_binary(x):  # marked spikes: binary
                     ops = layer_synops(mod, x)
-                    if self.spiking_inputs_only:
-                        ops = torch.where(((x == 0) | (x == 1)).all(), ops, ops.new_zeros(()))
-                elif self.spiking_inputs_only and not bool(((x == 0) | (x == 1)).all()):
-                    return
-                else:
+                elif x.is_cpu and not torch.compiler.is_compiling():
+                    if not bool(((x == 0) | (x == 1)).all()):
+                        return  # analogue input: MACs, not SynOps (and none computed)
                     ops = layer_synops(mod, x)
-                self.synops[_name] = self.synops[_name] + ops.cpu()
+                else:  # a graph, or an accelerator: no data-dependent branch, no sync
+                    ops = layer_synops(mod, x)
+                    ops = torch.where(((x == 0) | (x == 1)).all(), ops, ops.new_zeros(()))
+                # a CPU scalar plus a device one stays on the device: no sync per call
+                self.synops[_name] = self.synops[_name] + ops
 
             self._handles.append(m.register_forward_pre_hook(pre))
         return self
@@ -414,7 +418,8 @@ class SpikeMonitor:
     def _count(self, name: str, out: Tensor) -> None:
         """Add the spikes ``out`` (0/1 per unit-step) to layer ``name``'s counters."""
         # summed in float64: a bfloat16 sum is exact up to 256 only, a float32 one 2^24
-        self.counts[name] = self.counts[name] + out.detach().sum(dtype=torch.float64).cpu()
+        # on the device of the spikes (a CPU scalar plus a device one): no sync per call
+        self.counts[name] = self.counts[name] + out.detach().sum(dtype=torch.float64)
         self.units[name] += out.numel()
 
     def total_spikes(self) -> float:

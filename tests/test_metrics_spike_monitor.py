@@ -158,3 +158,29 @@ def test_half_precision_spikes_are_counted_exactly(dtype):
         sb.seed_spikes(model, 0)
         want = float(model(x).double().sum())
     assert float(pred.layer_spike_counts["0.1"][0]) == want
+
+
+@pytest.mark.parametrize("spiking_inputs_only", [True, False])
+def test_the_monitor_waits_for_no_device(spiking_inputs_only):
+    """On an accelerator the counters stay on the device: no host sync per spike call or
+    per weight-layer call (each was one on a GPU, in every mc_predict pass). The meta
+    device, which has no values, stands in for the GPU: any host read of a count raises
+    there. On the CPU the counts are the exact ones."""
+    torch.manual_seed(0)
+    net = nn.Sequential(sb.BayesLinear(6, 5), sb.IWSTSpike("st"), sb.BayesLinear(5, 4),
+                        sb.IWSTSpike("st"))
+    x = (torch.rand(3, 6) > 0.5).float()
+    hidden = []
+    net[1].register_forward_hook(lambda m, a, out: hidden.append(out.detach()))
+    with SpikeMonitor(net, spiking_inputs_only=spiking_inputs_only) as mon:
+        out = net(x)
+    assert float(mon.counts["1"]) == float(hidden[0].sum())
+    assert float(mon.counts["3"]) == float(out.sum())
+    assert float(mon.synops["0"]) > 0 and float(mon.synops["2"]) >= 0
+    meta = nn.Sequential(sb.BayesLinear(6, 5), sb.IWSTSpike("st"), sb.BayesLinear(5, 4),
+                         sb.IWSTSpike("st")).to("meta")
+    with SpikeMonitor(meta, spiking_inputs_only=spiking_inputs_only) as mon:
+        meta(torch.empty(3, 6, device="meta"))
+    assert all(c.device.type == "meta" for c in mon.counts.values())
+    assert all(c.device.type == "meta" for c in mon.synops.values())
+    assert mon.units["1"] == 15 and mon.units["3"] == 12
