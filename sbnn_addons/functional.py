@@ -101,8 +101,10 @@ def normal_cdf_ratio(x: Tensor, scale: float) -> Tensor:
         torch.full_like(x, 0.5))
     ratio = num / den.clamp_min(torch.finfo(x.dtype).tiny)
     tiny = den < 1e-20
-    if (torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x)
-            or x.is_meta):  # no data-dependent branch
+    if (not x.is_cpu or torch.compiler.is_compiling()
+            or torch._C._functorch.is_functorch_wrapped_tensor(x)):
+        # no data-dependent branch: in a graph, under torch.func, and on an accelerator,
+        # where reading tiny.any() would wait for the device at every backward step
         log_ratio = torch.special.log_ndtr(x * scale) - torch.special.log_ndtr(x)
         return torch.where(tiny, torch.exp(log_ratio), ratio)
     if bool(tiny.any()):

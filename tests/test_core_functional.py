@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -104,8 +105,11 @@ def test_normal_cdf_ratio_far_tail(dtype):
     true ratio is representable in the dtype (beyond that it overflows to inf, and the
     estimators clamp it at max_weight)."""
     x = torch.tensor([-40.0, -30.0, -15.0, -10.0, -5.0, 0.0, 3.0], dtype=dtype)
-    for scale in (0.0, 0.3, 0.9):
-        got = normal_cdf_ratio(x, scale)
+    for scale, branchless in itertools.product((0.0, 0.3, 0.9), (False, True)):
+        # branchless: the form without a data-dependent branch that accelerators (no
+        # device sync per backward), graphs and torch.func take; vmap reaches it on a CPU
+        got = (torch.func.vmap(lambda v, s=scale: normal_cdf_ratio(v, s))(x.unsqueeze(1))
+               .squeeze(1) if branchless else normal_cdf_ratio(x, scale))
         x64 = x.double()
         log_num = torch.special.log_ndtr(x64 * scale)
         want = torch.exp(log_num - torch.special.log_ndtr(x64))
