@@ -219,8 +219,9 @@ class LIF(nn.Module):
         spike = self.spike_fn
         if (not isinstance(spike, IWSTSpike) or spike.fire_overridden()
                 or spike.deterministic
-                or not math.isfinite(self.threshold)  # the backward needs H = u + theta
                 or not kernels.can_fuse(current, variance)
+                # (after can_fuse: False in a graph, where the threshold may be symbolic)
+                or not math.isfinite(self.threshold)  # the backward needs H = u + theta
                 or (membrane is not None and (membrane.shape != current.shape
                                               or membrane.dtype != torch.float32))
                 or not broadcasts_to(variance.shape, current.shape)):
@@ -251,8 +252,9 @@ class LIF(nn.Module):
         step = currents.shape[1:]
         if (not isinstance(spike, IWSTSpike) or spike.fire_overridden()
                 or spike.deterministic
-                or not math.isfinite(self.threshold)  # the backward needs H = u + theta
                 or not kernels.can_fuse(currents, var_seq)
+                # (after can_fuse: False in a graph, where the threshold may be symbolic)
+                or not math.isfinite(self.threshold)  # the backward needs H = u + theta
                 or not broadcasts_to(var_seq.shape[1:], step)
                 or not broadcasts_to(membrane.shape, step)
                 or not broadcasts_to(variance.shape, step)

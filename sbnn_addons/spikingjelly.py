@@ -440,12 +440,13 @@ def _sequence_dynamics(node: nn.Module, spike: SJSpike, x_seq: Tensor):
         or node.store_v_seq
         or node._neuron_precision is not None
         or x_seq.dim() < 2
-        # the fused backward recomputes H = u + theta: lost at theta = inf (the membrane
-        # readout LIFNode(v_threshold=inf)), where the node's own loop is exact
-        or not math.isfinite(node.v_threshold)
         or (isinstance(var, Tensor) and (var.dim() != x_seq.dim()
                                          or var.shape[0] != x_seq.shape[0]))
         or not kernels.can_fuse(x_seq, var if isinstance(var, Tensor) else x_seq)
+        # (after can_fuse, which is False in a graph, where the threshold may be symbolic)
+        # the fused backward recomputes H = u + theta: lost at theta = inf (the membrane
+        # readout LIFNode(v_threshold=inf)), where the node's own loop is exact
+        or not math.isfinite(node.v_threshold)
     ):
         return None
     beta, _c, hard = spike._coeffs  # _dynamics(node), taken by the pre-hook for this call

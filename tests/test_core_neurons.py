@@ -312,9 +312,10 @@ def test_a_step_is_one_kernel_node_and_falls_back_where_it_must():
 
 
 def test_lif_refuses_nan_threshold_and_beta_outside_the_unit_interval():
-    """A NaN threshold never fires (silently); an infinite one is a membrane readout."""
+    """A NaN threshold never fires (silently); an infinite one is a membrane readout, with
+    a reset that keeps the membrane finite (test_bad_input has its values)."""
     with pytest.raises(ValueError, match="threshold"):
         sb.LIF(threshold=float("nan"))
     with pytest.raises(ValueError, match="beta"):
         sb.LIF(beta=1.5)
-    assert sb.LIF(threshold=float("inf")).threshold == float("inf")
+    assert sb.LIF(threshold=float("inf"), reset="none").threshold == float("inf")
