@@ -432,6 +432,15 @@ class _EmittedSpikeReset:
             else:  # replaced (a new sequence) or changed in place: the copy behaves alike
                 state[_STATE] = (stored[0], stored[1], stored[2],
                                  None if not current else _CHANGED_VERSION)
+        mem = self._buffers.get("mem")
+        if mem is None or mem.grad_fn is None:
+            # the membrane holds no graph (snntorch.utils.reset, detach_hidden): neither
+            # does the copy's state, which keeps the last step's variance and spikes with
+            # their graph (copy.deepcopy, AveragedModel refuse a tensor inside a graph)
+            for key in (_STATE, _CACHE):
+                kept = state.get(key)
+                if kept is not None:
+                    state[key] = tuple(_without_graph(t) for t in kept)
         return state
 
     def __setstate__(self, state) -> None:
@@ -584,6 +593,11 @@ def _find_step_record(neuron: nn.Module, mem: Tensor) -> dict:
 
 def _step_record(neuron: nn.Module, mem: Tensor) -> dict:
     return _step_records(neuron).setdefault(mem, {})
+
+
+def _without_graph(t):
+    """``t`` detached where it is a tensor inside an autograd graph, else ``t``."""
+    return t.detach() if isinstance(t, Tensor) and t.grad_fn is not None else t
 
 
 def _version_of(t: Tensor) -> int | None:
