@@ -507,6 +507,14 @@ class IWSTSpike(SBNNModule, nn.Module):
         return (self.aux_pull > 0 and self.training and torch.is_grad_enabled()
                 and u.requires_grad and -math.inf < self.threshold < math.inf)
 
+    def _sequence_pull_wanted(self, *inputs: Tensor | None) -> bool:
+        """Whether a fused sequence applies the auxiliary pull: as :meth:`_pull_wanted`,
+        where any of its ``inputs`` (currents, initial membrane, variances, own noise)
+        needs a gradient. A later step's drive needs one through the reset's spike, whose
+        gradient reaches the variances, even where the currents need none (a frozen layer
+        in front): the steps one by one apply the pull there."""
+        return any(isinstance(t, Tensor) and self._pull_wanted(t) for t in inputs)
+
     def _collect(self, z2_sum: Tensor, step: Tensor, steps: int = 1) -> None:
         """Keep an aux term: ``z2_sum`` (``z^2`` summed over batch, units and ``steps``
         steps shaped like ``step``, whose batch dimension is ``batch_dim``) averaged over
