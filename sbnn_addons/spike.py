@@ -30,6 +30,7 @@ from .base import (
     check_flag,
     check_module,
     check_std,
+    in_reentrant_recomputation,
     inverse_softplus,
     noise_scale,
     raise_error,
@@ -592,7 +593,20 @@ class IWSTSpike(SBNNModule, nn.Module):
         self._generator = None
 
     def _generator_for(self, u: Tensor) -> torch.Generator | None:
-        if self._seed is None or self.deterministic:
+        if self.deterministic:
+            return None
+        if in_reentrant_recomputation():
+            raise RuntimeError(
+                "a spike function draws in the recomputation of torch.utils.checkpoint with "
+                "use_reentrant=True, whose forward ran without gradients: a seeded spike "
+                "function would draw other spikes, the auxiliary loss terms of the region "
+                "would miss the loss, and a neuron's noise variance carried between calls "
+                "would get no gradient (wrong gradients, without an error); pass "
+                "use_reentrant=False (spike functions on the global generator), or use "
+                "sbnn_addons.checkpoint.checkpoint(fn, *args, modules=block), which also "
+                "replays seeded spikes"
+            )
+        if self._seed is None:
             return None
         if torch.compiler.is_compiling():
             raise_error(
