@@ -202,7 +202,9 @@ class _BayesMixin(SBNNModule):
     def reset_parameters(self) -> None:
         """Re-initialise the weights and bias (as ``nn.Linear`` / ``nn.ConvNd`` do) and the
         posterior stds (to the values the layer was built with), e.g. after building on the
-        ``meta`` device and ``to_empty()``."""
+        ``meta`` device and ``to_empty()``. A converted layer whose std was sized from its
+        weights (:func:`converted_std`, :func:`fold_channel_std`) sizes it from the new
+        weights by the same rule."""
         super().reset_parameters()
         if "_init_stds" in self.__dict__:  # not while nn.Linear.__init__ calls it
             rule = self.__dict__.get(_CONVERTED_STD)
