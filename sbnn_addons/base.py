@@ -296,6 +296,15 @@ def checkpoint_hooks_active() -> bool:
     return "checkpoint" in (getattr(hooks[0], "__module__", None) or "")
 
 
+def in_reentrant_recomputation() -> bool:
+    """Whether this call runs in the recomputation of a reentrant ``torch.utils.checkpoint``
+    region (``use_reentrant=True``), which runs inside its backward node. Eager mode only."""
+    if torch.compiler.is_compiling():
+        return False
+    current = torch._C._current_autograd_node()
+    return current is not None and current.name() == "CheckpointFunctionBackward"
+
+
 def _forget(cache: dict, key: int, squared_id: int, grad: Tensor) -> None:
     """Gradient hook of a cached ``s^2``: drop its cache entry (if still that one)."""
     entry = cache.get(key)

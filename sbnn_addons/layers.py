@@ -202,9 +202,15 @@ class _BayesMixin(SBNNModule):
     def reset_parameters(self) -> None:
         """Re-initialise the weights and bias (as ``nn.Linear`` / ``nn.ConvNd`` do) and the
         posterior stds (to the values the layer was built with), e.g. after building on the
-        ``meta`` device and ``to_empty()``."""
+        ``meta`` device and ``to_empty()``. A converted layer whose std was sized from its
+        weights (:func:`converted_std`, :func:`fold_channel_std`) sizes it from the new
+        weights by the same rule."""
         super().reset_parameters()
         if "_init_stds" in self.__dict__:  # not while nn.Linear.__init__ calls it
+            rule = self.__dict__.get(_CONVERTED_STD)
+            if rule is not None:  # a converted layer's std is sized from its weights
+                self._init_stds = (_converted_init_std(self.weight, *rule),
+                                   self._init_stds[1])
             self._reset_posterior()
 
     def _reset_posterior(self) -> None:
@@ -1002,16 +1008,33 @@ def fold_channel_std(layer: nn.Module, folded_bn: nn.modules.batchnorm._BatchNor
     ``o`` in eval mode, since the mean-only :class:`ChannelAffine` that replaces it scales
     the mean by ``scale_o`` but not the variance. A per-layer std keeps the layer-wide fold
     of :func:`converted_std`. A channel whose scale is 0 (constant output) gets a std
-    ``1e-6`` times the layer's. Returns ``layer``."""
-    if (folded_bn is None or posterior.get("std") is not None
-            or getattr(layer, "std_mode", "layer") == "layer"):
+    ``1e-6`` times the layer's. Where the std was not given, the layer's
+    ``reset_parameters()`` then sizes it from the weights it draws by the same rule (a
+    converted std is relative to the weights). Returns ``layer``."""
+    if posterior.get("std") is not None or not is_bayesian(layer):
         return layer
-    scale = folded_batchnorm_scale(folded_bn).abs().to(layer.weight.device)
-    base = converted_std(layer.weight)
-    stds = (scale * base).clamp_min(1e-6 * base)
-    layer._init_stds = (stds, layer._init_stds[1])
+    scale = None if folded_bn is None else folded_batchnorm_scale(folded_bn).detach()
+    per_channel = scale is not None and getattr(layer, "std_mode", "layer") != "layer"
+    # reset_parameters() sizes the std from the weights it draws, by the same rule
+    layer.__dict__[_CONVERTED_STD] = (scale, per_channel)
+    if not per_channel:
+        return layer
+    layer._init_stds = (_converted_init_std(layer.weight, scale, True), layer._init_stds[1])
     layer._reset_posterior()
     return layer
+
+
+_CONVERTED_STD = "_sbnn_converted_std"  # (BatchNorm scale or None, per channel): the rule
+
+
+def _converted_init_std(weight: Tensor, scale: Tensor | None, per_channel: bool):
+    """A converted layer's initial std from its weights: :func:`converted_std` (with a
+    folded BatchNorm's scale), or per channel ``|scale_o| * converted_std(W)``
+    (:func:`fold_channel_std`)."""
+    if not per_channel:
+        return converted_std(weight, scale=scale)
+    base = converted_std(weight)
+    return (scale.abs().to(weight.device) * base).clamp_min(1e-6 * base)
 
 
 def converted_layer_kwargs(module: nn.Module, posterior: dict,

@@ -263,7 +263,7 @@ class LIF(nn.Module):
         own = spike.own_noise_variance()
         own = None if own is None else own.to(currents.dtype)
         aux = spike._aux_wanted()
-        pull = spike._pull_wanted(currents)
+        pull = spike._sequence_pull_wanted(currents, var_seq, membrane, variance, own)
         dyn = kernels.Dynamics("leaky", self.beta, None, self.threshold, self.reset)
         out = kernels.lif_sequence(
             currents, var_seq, membrane, variance, dyn, spike.estimator,

@@ -109,6 +109,7 @@ _STATE = "_sbnn_state"  # (membrane, its variance, whether it required grad, its
 _HOST_SPIKE = "_sbnn_host_spike_grad"  # HostObject: the neuron's original spike_grad
 _BN_KIND = "_sbnn_batchnorm_kind"
 _HISTORY = "_sbnn_history"  # WeakIdKeyDictionary: membrane -> its step's records
+_DDP_SYNC = "_sbnn_ddp_sync"  # DDP's buffer list at the neuron's last step (a sync marker)
 # version entries of a pickled _STATE: the copy adopts its membrane's counter / the
 # membrane was changed in place before the copy (its variance is unknown)
 _ADOPT_VERSION = "adopt"
@@ -363,6 +364,8 @@ class _EmittedSpikeReset:
     """
 
     def forward(self, *args, **kwargs):
+        if not torch.compiler.is_compiling():
+            _check_ddp_buffer_sync(self)
         out = super().forward(*args, **kwargs)
         self._sbnn_store()
         return out
@@ -423,6 +426,7 @@ class _EmittedSpikeReset:
         # membrane is still the one its variance belongs to, and let the copy adopt it
         state = super().__getstate__()  # nn.Module's: a copy of __dict__
         state.pop(_HISTORY, None)  # earlier steps' records: a copy continues from the last
+        state.pop(_DDP_SYNC, None)
         stored = state.get(_STATE)
         if stored is not None and stored[3] is not None:
             mem = self._buffers.get("mem")
@@ -432,6 +436,15 @@ class _EmittedSpikeReset:
             else:  # replaced (a new sequence) or changed in place: the copy behaves alike
                 state[_STATE] = (stored[0], stored[1], stored[2],
                                  None if not current else _CHANGED_VERSION)
+        mem = self._buffers.get("mem")
+        if mem is None or mem.grad_fn is None:
+            # the membrane holds no graph (snntorch.utils.reset, detach_hidden): neither
+            # does the copy's state, which keeps the last step's variance and spikes with
+            # their graph (copy.deepcopy, AveragedModel refuse a tensor inside a graph)
+            for key in (_STATE, _CACHE):
+                kept = state.get(key)
+                if kept is not None:
+                    state[key] = tuple(_without_graph(t) for t in kept)
         return state
 
     def __setstate__(self, state) -> None:
@@ -584,6 +597,69 @@ def _find_step_record(neuron: nn.Module, mem: Tensor) -> dict:
 
 def _step_record(neuron: nn.Module, mem: Tensor) -> dict:
     return _step_records(neuron).setdefault(mem, {})
+
+
+def _check_ddp_buffer_sync(neuron: nn.Module) -> None:
+    """Refuse a step that continues a membrane which ``DistributedDataParallel`` overwrote
+    since the neuron's last step: with buffer synchronisation on (its default), DDP
+    copies every buffer from rank 0 at the start of each forward call, the membrane
+    included, and keeps its version counter, so the other ranks would continue rank 0's
+    membrane with their own inputs and noise variance (wrong results and gradients,
+    without an error). A model converted by :func:`to_sbnn` and wrapped directly is
+    spared (it names its neuron states to DDP as buffers to leave alone)."""
+    ddp_type = _ddp_type()
+    ddp = None if ddp_type is None else ddp_type._get_active_ddp_module()
+    synced = None
+    mem = neuron._buffers.get("mem")
+    if (ddp is not None and mem is not None and ddp.will_sync_module_buffers()
+            and any(b is mem for b in ddp.modules_buffers)):
+        synced = ddp.modules_buffers  # a new list at every forward call's synchronisation
+    stored = neuron.__dict__.get(_STATE)
+    continuing = stored is not None and mem is not None and mem is stored[0] and bool(mem.numel())
+    if synced is not None and continuing and neuron.__dict__.get(_DDP_SYNC) is not synced:
+        raise RuntimeError(
+            f"this converted snnTorch {type(neuron).__name__} continues its membrane in a new "
+            "forward call of DistributedDataParallel, which has just overwritten it with "
+            "rank 0's (DDP synchronises every buffer at the start of a forward call, the "
+            "neuron states included): the other ranks would continue rank 0's membrane "
+            "(wrong results and gradients). Wrap the converted model itself in DDP (to_sbnn "
+            "names its neuron states to DDP as buffers to leave alone), or pass "
+            "broadcast_buffers=False (forward_sync_buffers=False) to "
+            "DistributedDataParallel"
+        )
+    neuron.__dict__[_DDP_SYNC] = synced
+
+
+def _ddp_type():
+    """``DistributedDataParallel`` where ``torch.distributed`` is available, else ``None``
+    (looked up once)."""
+    if not _DDP_TYPE:
+        found = None
+        if torch.distributed.is_available():
+            from torch.nn.parallel import DistributedDataParallel as found
+        _DDP_TYPE.append(found)
+    return _DDP_TYPE[0]
+
+
+_DDP_TYPE: list = []
+
+
+def _state_buffer_names(model: nn.Module) -> list[str]:
+    """The names (as in ``model.named_buffers()``) of the converted neurons' states:
+    the membranes (and an ``RLeaky``'s spikes), which are per process, not model
+    parameters to synchronise."""
+    names = []
+    for prefix, m in model.named_modules():
+        if isinstance(m, _EmittedSpikeReset):
+            for b in ("mem", "spk"):
+                if b in m._buffers:
+                    names.append(f"{prefix}.{b}" if prefix else b)
+    return names
+
+
+def _without_graph(t):
+    """``t`` detached where it is a tensor inside an autograd graph, else ``t``."""
+    return t.detach() if isinstance(t, Tensor) and t.grad_fn is not None else t
 
 
 def _version_of(t: Tensor) -> int | None:
@@ -1176,6 +1252,10 @@ def to_sbnn(
     if inc is None:
         warn_deterministic_layers(out, lambda n: _match(n, exc), "snnTorch")
     reset(out)
+    # DistributedDataParallel(out) leaves the neuron states per process
+    ignored = list(getattr(out, "_ddp_params_and_buffers_to_ignore", ()))
+    out._ddp_params_and_buffers_to_ignore = ignored + [
+        n for n in _state_buffer_names(out) if n not in ignored]
     track_variance(out, check_inputs=True)
     if aux_loss:
         enable_aux_loss(out)

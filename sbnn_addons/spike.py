@@ -30,6 +30,7 @@ from .base import (
     check_flag,
     check_module,
     check_std,
+    in_reentrant_recomputation,
     inverse_softplus,
     noise_scale,
     raise_error,
@@ -507,6 +508,14 @@ class IWSTSpike(SBNNModule, nn.Module):
         return (self.aux_pull > 0 and self.training and torch.is_grad_enabled()
                 and u.requires_grad and -math.inf < self.threshold < math.inf)
 
+    def _sequence_pull_wanted(self, *inputs: Tensor | None) -> bool:
+        """Whether a fused sequence applies the auxiliary pull: as :meth:`_pull_wanted`,
+        where any of its ``inputs`` (currents, initial membrane, variances, own noise)
+        needs a gradient. A later step's drive needs one through the reset's spike, whose
+        gradient reaches the variances, even where the currents need none (a frozen layer
+        in front): the steps one by one apply the pull there."""
+        return any(isinstance(t, Tensor) and self._pull_wanted(t) for t in inputs)
+
     def _collect(self, z2_sum: Tensor, step: Tensor, steps: int = 1) -> None:
         """Keep an aux term: ``z2_sum`` (``z^2`` summed over batch, units and ``steps``
         steps shaped like ``step``, whose batch dimension is ``batch_dim``) averaged over
@@ -584,7 +593,20 @@ class IWSTSpike(SBNNModule, nn.Module):
         self._generator = None
 
     def _generator_for(self, u: Tensor) -> torch.Generator | None:
-        if self._seed is None or self.deterministic:
+        if self.deterministic:
+            return None
+        if in_reentrant_recomputation():
+            raise RuntimeError(
+                "a spike function draws in the recomputation of torch.utils.checkpoint with "
+                "use_reentrant=True, whose forward ran without gradients: a seeded spike "
+                "function would draw other spikes, the auxiliary loss terms of the region "
+                "would miss the loss, and a neuron's noise variance carried between calls "
+                "would get no gradient (wrong gradients, without an error); pass "
+                "use_reentrant=False (spike functions on the global generator), or use "
+                "sbnn_addons.checkpoint.checkpoint(fn, *args, modules=block), which also "
+                "replays seeded spikes"
+            )
+        if self._seed is None:
             return None
         if torch.compiler.is_compiling():
             raise_error(

@@ -484,8 +484,8 @@ def _linked_multi_step_forward(node: nn.Module, x_seq: Tensor, *args, **kwargs):
     own = spike.noise_variance(x_seq.new_zeros(()))  # the spike's own noise only
     noisy = var is not None or spike._var_state is not None or own is not None
     aux = noisy and spike._aux_wanted()  # as the node's loop
-    pull = noisy and (spike._pull_wanted(x_seq) or spike._pull_wanted(v0))
     rate = node.w.sigmoid() if dyn.charge.startswith("plif") else None
+    pull = noisy and spike._sequence_pull_wanted(x_seq, v0, var, spike._var_state, own, rate)
     out = kernels.lif_sequence(
         x_seq, var, v0, spike._var_state, dyn, spike.estimator, rate=rate, own_var=own,
         at_zero=spike.at_zero,

@@ -145,6 +145,35 @@ def test_seeded_spikes_in_torch_checkpoint_raise_and_the_library_checkpoint_repl
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("seeded", [False, True])
+def test_reentrant_torch_checkpoint_raises_at_the_recomputation(seeded):
+    """``torch.utils.checkpoint(use_reentrant=True)`` runs its region's forward without
+    gradients: a converted snnTorch loop's membrane variance, carried by the neuron
+    between steps, then got no gradient (``fc1.std_rho`` 7 % off), a seeded spike drew
+    other spikes in the recomputation, and a core block's auxiliary terms missed the
+    loss (50.7 became 9.4), all without an error. The recomputation raises, naming both
+    fixes; the core model is refused likewise."""
+    from torch import nn
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+    def reentrant(fn, x, m, model):
+        return torch_checkpoint(fn, x.requires_grad_(), m, use_reentrant=True)
+
+    with pytest.raises(RuntimeError, match="use_reentrant=True.*use_reentrant=False.*"
+                                           "sbnn_addons.checkpoint.checkpoint"):
+        _snntorch_loop_grads(reentrant, seeded)
+    torch.manual_seed(0)
+    fc, lif = sb.BayesLinear(8, 16), sb.LIF(spike_fn=sb.IWSTSpike("st"))
+    block = nn.Sequential(fc)
+    if seeded:
+        sb.seed_spikes(lif, 0)
+    sb.enable_aux_loss(lif)
+    x = torch.rand(5, 3, 8, requires_grad=True) * 3
+    out = torch_checkpoint(lambda v: lif.run(block(v)), x, use_reentrant=True)
+    with pytest.raises(RuntimeError, match="use_reentrant=True"):
+        out.sum().backward()
+
+
 @pytest.mark.parametrize("first", [0, 1], ids=["from-reset", "state-a-tensor"])
 @pytest.mark.parametrize("step_mode", ["s", "m"])
 def test_checkpointed_spikingjelly_block_recomputes_from_its_entry_state(step_mode, first):

@@ -319,3 +319,28 @@ def test_lif_refuses_nan_threshold_and_beta_outside_the_unit_interval():
     with pytest.raises(ValueError, match="beta"):
         sb.LIF(beta=1.5)
     assert sb.LIF(threshold=float("inf"), reset="none").threshold == float("inf")
+
+
+def test_run_with_a_frozen_layer_in_front_pulls_as_the_steps_do():
+    """``LIF.run`` with the auxiliary pull and currents that need no gradient (the layer in
+    front frozen, only noise scales trained): the pull still acts where the steps one by
+    one apply it (later membranes need a gradient through the reset's spike), so the
+    std's gradient is the unfrozen model's, seeded."""
+    torch.manual_seed(0)
+    fc = BayesLinear(8, 16)
+    with torch.no_grad():
+        fc.weight.mul_(3.0)
+    lif = LIF(spike_fn=IWSTSpike("st", std=0.2, learn_std=True, aux_pull=1e-2))
+    x = torch.rand(6, 5, 8)
+    grads = []
+    for frozen in (False, True):
+        fc.weight.requires_grad_(not frozen)
+        fc.bias.requires_grad_(not frozen)
+        fc.zero_grad(set_to_none=True)
+        lif.zero_grad(set_to_none=True)
+        sb.seed_spikes(lif, 0)
+        (lif.run(fc(x)).sum(0) - 2).pow(2).mean().backward()
+        grads.append((fc.std_rho.grad, lif.spike_fn.std_rho.grad))
+    for a, b in zip(*grads):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-9)

@@ -300,7 +300,8 @@ def test_affine_batchnorm_folds_each_channels_scale(std_mode, host):
     """With one std per channel (or weight), batchnorm='affine' folds each channel's
     BatchNorm scale into that channel's std: the neuron sees, channel by channel, the
     noise a kept BatchNorm gives in eval mode (the layer-wide fold gave channels with a
-    small scale relatively more noise). reset_parameters() restores these stds."""
+    small scale relatively more noise). reset_parameters() draws new weights and sizes
+    these stds from them by the same rule."""
     torch.manual_seed(0)
     if host == "spikingjelly":
         net = nn.Sequential(layer.Conv2d(2, 4, 3, bias=False), layer.BatchNorm2d(4),
@@ -334,8 +335,10 @@ def test_affine_batchnorm_folds_each_channels_scale(std_mode, host):
     torch.testing.assert_close(std, (scale * CONVERTED_STD_FRACTION * rms)[:, None].expand_as(std))
     with torch.no_grad():
         affine[0].std_rho.zero_()
-    affine[0].reset_parameters()
-    torch.testing.assert_close(affine[0].std.detach().reshape(4, -1), std)
+    affine[0].reset_parameters()  # new weights: the stds follow them by the same rule
+    rms = float(affine[0].weight.detach().pow(2).mean().sqrt())
+    torch.testing.assert_close(affine[0].std.detach().reshape(4, -1),
+                               (scale * CONVERTED_STD_FRACTION * rms)[:, None].expand_as(std))
 
 
 def _sj_csnn(c=8):

@@ -549,3 +549,44 @@ def test_pruned_host_layer_stays_pruned(inplace):
     plain = to_snntorch(sb)
     assert torch.equal(plain[0].weight_mask, mask) and torch.equal(plain[0].weight,
                                                                    layer.weight)
+
+
+@pytest.mark.parametrize("std_mode", ["layer", "channel"])
+def test_reset_parameters_of_a_converted_layer_sizes_the_std_from_the_new_weights(std_mode):
+    """A converted layer's std is 0.1 of its weights' RMS (with a folded BatchNorm's
+    scale). ``reset_parameters()`` (e.g. ``model.apply(init_fn)``) draws new weights:
+    the std kept the value sized from the ported weights, 10x the new weights' RMS
+    noise ratio for weights scaled by 10, without an error. It now follows the rule."""
+    import snntorch as snn
+    from torch import nn
+
+    from sbnn_addons.layers import CONVERTED_STD_FRACTION, folded_batchnorm_scale
+
+    torch.manual_seed(0)
+    host = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4),
+                         snn.Leaky(beta=BETA, init_hidden=True))
+    with torch.no_grad():
+        host[0].weight.mul_(10.0)
+        host[1].weight.uniform_(0.5, 2.0)
+        host[1].running_var.uniform_(0.5, 2.0)
+    for batchnorm in ("keep", "affine"):
+        model = to_sbnn(host, std_mode=std_mode, batchnorm=batchnorm)
+        conv = model[0]
+        conv.reset_parameters()
+        w = conv.weight.detach()
+        rms = float(w.pow(2).mean().sqrt())
+        if batchnorm == "keep":
+            expected = torch.full((4,), CONVERTED_STD_FRACTION * rms)
+        else:
+            scale = folded_batchnorm_scale(host[1]).detach()
+            if std_mode == "layer":
+                folded = float((scale.view(-1, 1, 1, 1) * w).pow(2).mean().sqrt())
+                expected = torch.full((4,), CONVERTED_STD_FRACTION * folded)
+            else:
+                expected = scale.abs() * CONVERTED_STD_FRACTION * rms
+        torch.testing.assert_close(conv.std.detach().flatten().expand(4), expected)
+        # an explicit std is what the layer was built with, and stays
+        given = to_sbnn(host, std=0.05, std_mode=std_mode, batchnorm=batchnorm)[0]
+        given.reset_parameters()
+        torch.testing.assert_close(given.std.detach().flatten(),
+                                   torch.full_like(given.std.detach().flatten(), 0.05))

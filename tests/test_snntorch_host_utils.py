@@ -512,3 +512,28 @@ def test_a_leaky_pre_hook_that_strips_the_variance_raises(strip):
     sbnn_addons.snntorch.reset(net)
     with pytest.raises(sbnn_addons.VarianceFlowError, match=r"'0'.*reached no spiking neuron"):
         net(torch.rand(4, 8))
+
+
+@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("free", ["utils.reset", "detach_hidden"])
+def test_copy_after_a_training_step_and_the_hosts_reset_or_detach(how, free):
+    """After a training forward, snnTorch's ``utils.reset`` (or ``detach_hidden``) leaves
+    the plain model copyable (``AveragedModel``, ``deepcopy``): the converted model's kept
+    variance and spikes then hold no graph either, and a detached copy continues in
+    ``sample`` mode with the same spikes as the original, under the same seed."""
+    model = to_sbnn(_tutorial_seq())
+    x = _data()
+    sutils.reset(model)
+    loss = sum(sum(o.sum() for o in model(x[t])) for t in range(3))
+    loss.backward()
+    if free == "utils.reset":
+        sutils.reset(model)
+    else:
+        snn.Leaky.detach_hidden()
+    copied = copy_by(model, how)
+    averaged = torch.optim.swa_utils.AveragedModel(model)
+    for m in (model, copied, averaged):
+        sbnn_addons.seed_spikes(m, 1)
+    for t in range(3, len(x)):
+        for a, b, c in zip(model(x[t]), copied(x[t]), averaged(x[t])):
+            assert torch.equal(a, b) and torch.equal(a, c)

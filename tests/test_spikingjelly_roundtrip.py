@@ -396,3 +396,22 @@ def test_weight_layers_without_a_bayesian_version_are_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sbnn_sj.to_sbnn(net, exclude="0")
+
+
+def test_reset_parameters_of_a_converted_layer_sizes_the_std_from_the_new_weights():
+    """A converted ``layer.Linear``'s std is 0.1 of its ported weights' RMS;
+    ``reset_parameters()`` draws new weights and sizes the std from them (it kept the
+    ported weights' std, 10x too large relative to the new ones here), and survives a
+    copy of the model."""
+    from spikingjelly.activation_based import layer, neuron
+
+    from sbnn_addons.layers import CONVERTED_STD_FRACTION
+
+    torch.manual_seed(0)
+    host = nn.Sequential(layer.Linear(16, 8), neuron.LIFNode())
+    with torch.no_grad():
+        host[0].weight.mul_(10.0)
+    model = copy.deepcopy(sbnn_sj.to_sbnn(host))
+    model[0].reset_parameters()
+    rms = float(model[0].weight.detach().pow(2).mean().sqrt())
+    torch.testing.assert_close(float(model[0].std), CONVERTED_STD_FRACTION * rms)
