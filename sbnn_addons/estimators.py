@@ -145,7 +145,9 @@ class BernoulliSpike(torch.autograd.Function):
     """Sampled spike with an IW-ST backward (Method page, sections 1 and 4).
 
     Forward: ``h = 1[u + sigma * eps > 0]`` (``>= 0`` when ``at_zero``), returned in the
-    dtype of ``u``. Backward: ``dL/du = g J(h)``, ``dL/dsigma = -z g J(h)``.
+    dtype of ``u``. Backward: ``dL/du = g J(h)``, ``dL/dsigma = -z g J(h)``; with
+    ``pull = w > 0`` (the auxiliary pull of :class:`~sbnn_addons.IWSTSpike`) ``dL/du`` also
+    gets ``2 w mean|g| clamp(z, -3, 3) / sigma`` (``sigma`` held constant).
 
     Inputs ``u``, ``sigma`` and ``eps`` have one shape; the noise ``eps`` is drawn outside
     (so that generators and vmap compose), ``eps = 0`` gives the deterministic mean mode.
@@ -154,7 +156,8 @@ class BernoulliSpike(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(u: Tensor, sigma: Tensor, eps: Tensor, estimator: Estimator, at_zero: bool):
+    def forward(u: Tensor, sigma: Tensor, eps: Tensor, estimator: Estimator, at_zero: bool,
+                pull: float = 0.0):
         out_dtype = u.dtype
         if u.dtype in (torch.float16, torch.bfloat16):
             u, sigma, eps = u.float(), sigma.float(), eps.float()
@@ -164,9 +167,10 @@ class BernoulliSpike(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        u, sigma, _eps, estimator, _at_zero = inputs
+        u, sigma, _eps, estimator, _at_zero = inputs[:5]
         ctx.save_for_backward(u, sigma, output.bool())  # 1 byte per spike for backward
         ctx.estimator = estimator.spec  # constant under torch.compile (see Estimator.spec)
+        ctx.pull = float(inputs[5]) if len(inputs) > 5 else 0.0
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -178,7 +182,16 @@ class BernoulliSpike(torch.autograd.Function):
         # where J = 0: -z * 0 would be NaN, the limit is 0 (a literal bound: see
         # jacobian_and_z on constants under torch.compile)
         grad_sigma = -z.clamp(-1e30, 1e30) * grad_u
-        return _finite(grad_u, u.dtype), _finite(grad_sigma, sigma.dtype), None, None, None
+        if ctx.pull and g.numel():
+            # the auxiliary pull (IWSTSpike.aux_pull, tensors.aux_pull_gradient) in the same
+            # node: 2 w mean|g| clamp(z, -3, 3) / sigma on u only (sigma held constant), 0
+            # where sigma is 0; 1e-6 is SIGMA_MIN as a literal (see jacobian_and_z)
+            sig = sigma.to(jac.dtype).clamp_min(1e-6)
+            scale = g.abs().mean() * (2.0 * ctx.pull)
+            pull = z.clamp(-3.0, 3.0).mul_(scale).div_(sig)
+            grad_u = grad_u + torch.where(sigma > 0, pull, 0.0)
+        return (_finite(grad_u, u.dtype), _finite(grad_sigma, sigma.dtype), None, None, None,
+                None)
 
 
 def _finite(t: Tensor, dtype: torch.dtype) -> Tensor:

@@ -464,12 +464,18 @@ class IWSTSpike(SBNNModule, nn.Module):
             eps = torch.zeros_like(u)
         else:
             eps = _standard_normal(u, self._generator_for(u))
+        pull = variance is not None and self._pull_wanted(u)
+        # the pull inside the spike's own node (one node and a few operations per step
+        # fewer: what a GPU step launches); under torch.func, where a vmapped backward's
+        # mean|dL/dh| would be per sample, as its own node
+        own_node = pull and torch._C._are_functorch_transforms_active()
         spikes = apply_function(
-            BernoulliSpike, u, sigma.expand_as(u), eps, self.estimator, self.at_zero
+            BernoulliSpike, u, sigma.expand_as(u), eps, self.estimator, self.at_zero,
+            self.aux_pull if pull and not own_node else 0.0
         )
         if variance is not None and self._aux_wanted():
             self._collect(self._z_squared(u, sigma), u)
-        if variance is not None and self._pull_wanted(u):
+        if own_node:
             spikes = _AuxPull.apply(spikes, u, sigma.detach(), self.aux_pull)
         return mark_binary(attach_variance(spikes, None))
 

@@ -393,3 +393,29 @@ def test_get_estimator_parsing():
 def test_bad_input_raises_naming_argument(call, exc, word):
     with pytest.raises(exc, match=rf"\b{word}\b"):
         call()
+
+
+@pytest.mark.parametrize("kind", ["st", "iwst", "agr"])
+def test_the_pull_inside_the_spike_node_is_the_aux_pull_gradient(kind):
+    """``BernoulliSpike(..., pull=w)`` adds :func:`aux_pull_gradient` of the incoming
+    gradient to ``dL/du`` in its own backward (one node, what the PyTorch path runs),
+    and leaves ``dL/dsigma`` to the estimator alone (sigma held constant in the pull);
+    float64, exact to rounding, with a unit whose sigma is 0 (no pull there)."""
+    from sbnn_addons.tensors import aux_pull_gradient
+
+    est = {"st": ST(), "iwst": IWST(0.5), "agr": AGR(0.5)}[kind]
+    torch.manual_seed(0)
+    u = (torch.randn(32, 8, dtype=F64) * 2).requires_grad_()
+    sig = (torch.rand(1, 8, dtype=F64) * 0.5)
+    sig[0, 3] = 0.0
+    sig.requires_grad_()
+    eps = torch.randn(32, 8, dtype=F64)
+    g = torch.randn(32, 8, dtype=F64)
+    plain = torch.autograd.grad(BernoulliSpike.apply(u, sig.expand_as(u), eps, est, False),
+                                (u, sig), g)
+    pulled = torch.autograd.grad(
+        BernoulliSpike.apply(u, sig.expand_as(u), eps, est, False, 0.3), (u, sig), g)
+    want = plain[0] + aux_pull_gradient(g, u.detach(), sig.detach(), 0.3)
+    torch.testing.assert_close(pulled[0], want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(pulled[1], plain[1], rtol=0, atol=0)
+    assert torch.equal(pulled[0][:, 3], plain[0][:, 3])  # sigma 0: no pull
