@@ -1,6 +1,7 @@
 # Two entry points (see README): `make demo` runs the main job, `make test` runs the checks.
 # Both create or reuse the virtual environment in $(VENV). An already installed torch is kept;
-# otherwise the CPU wheel torch==$(TORCH_VERSION) is installed (no CUDA build is ever pulled).
+# otherwise `pip install torch==$(TORCH_VERSION)` runs; which wheel (CPU or CUDA) it gets depends
+# on the pip configuration (docs/installation.md: the CPU wheel).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0

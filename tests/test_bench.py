@@ -795,3 +795,31 @@ def test_reliability_curve_bins_as_the_ece_in_the_title():
     assert count.tolist()[8:10] == [0.0, 2.0]
     ece = float((count / count.sum() * (acc - conf).abs()).sum())
     assert ece == pytest.approx(float(expected_calibration_error(probs, targets, 15)), abs=1e-6)
+
+
+def test_paper_preset_converts_without_the_aux_pull(monkeypatch):
+    """--preset paper trains the paper's objective: a model that compare converts (the
+    small networks under --no-reference, SpikingJelly methods) gets aux_pull=0, not the
+    converters' default; without a preset the converters' default stays."""
+    from types import SimpleNamespace
+
+    from sbnn_addons.bench import harness
+
+    seen = {}
+
+    def fake_setup(task, cfg):
+        return {"cfg": {"mc_samples": 2, **cfg}, "recipe": None}
+
+    def fake_compare(**kw):
+        seen.update(kw)
+        return SimpleNamespace(rows=[], meta={})
+
+    monkeypatch.setattr(harness, "task_setup", fake_setup)
+    monkeypatch.setattr(harness, "compare", fake_compare)
+    cfg = apply_preset("shd", "paper", {"use_reference": False})
+    harness.run_task("shd", ["sbnn-st"], [0], cfg)
+    assert seen["sbnn_kwargs"] == {"aux_pull": 0.0}
+    seen.clear()
+    harness.run_task("shd", ["sbnn-st"], [0], {"epochs": 1, "batch_size": 2, "lr": 1e-3,
+                                               "noise_lr": 1e-2})
+    assert not seen.get("sbnn_kwargs")

@@ -360,9 +360,10 @@ def preset_methods(task_name: str, preset: str) -> list[str]:
 
 
 #: recipe shared by every task under a preset (task presets add to it)
-#: the paper preset: every SBNN method uses the summed aux loss with the task's lambda
+#: the paper preset: every SBNN method uses the summed aux loss with the task's lambda,
+#: and a converted model no auxiliary pull (the paper's objective, as the reference networks)
 PRESETS = {"paper": {"lr": 5e-3, "noise_lr": 5e-2, "use_reference": True,
-                     "aux_reduction": "sum", "aux_all": True},
+                     "aux_reduction": "sum", "aux_all": True, "aux_pull": 0.0},
            "cpu": {}}
 
 
@@ -524,7 +525,9 @@ def run_task(task_name: str, methods: list[str], seeds: list[int], cfg: dict,
             interleave=not cfg.get("sequential", False), device=cfg.get("device") or "cpu",
             task=task_name, find_unused_parameters=bool(cfg.get("find_unused_parameters")),
             progress=progress, command=command, keep_models=keep_models,
-            subset_seed=cfg.get("subset_seed", 0))
+            subset_seed=cfg.get("subset_seed", 0),
+            sbnn_kwargs=({"aux_pull": cfg["aux_pull"]} if cfg.get("aux_pull") is not None
+                         else None))
         rows, meta = res.rows, res.meta
     for m in methods:
         if METHODS[m].framework == "ep":
