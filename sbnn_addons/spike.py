@@ -725,7 +725,9 @@ def spike_seed(seed: int, index: int) -> int:
     """The seed :func:`seed_spikes` gives the ``index``-th spike function: a 63-bit mix.
 
     SplitMix64's finaliser applied to ``seed * 2^32 + index`` (a bijection of 64-bit
-    words), so distinct pairs with ``0 <= index < 2^32`` give distinct seeds.
+    words), keeping its top 63 bits: distinct pairs with ``0 <= seed < 2^32`` and
+    ``0 <= index < 2^32`` give distinct 64-bit mixes, so two of them share a seed only
+    where their mixes differ in the lowest bit alone (a chance of ``2^-63`` per pair).
     """
     mask = (1 << 64) - 1
     z = ((int(seed) << 32) + int(index) + 0x9E3779B97F4A7C15) & mask
