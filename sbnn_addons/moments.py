@@ -1432,14 +1432,8 @@ def noisy_output_layers(model: nn.Module, output) -> list[str]:
     noise reaches no spiking neuron. ``output``: a tensor, or a (nested) tuple / list /
     dict of them. Eager mode (the layers remember their last draw)."""
     tokens: set[int] = set()
-    stack = [output]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (tuple, list)):
-            stack.extend(item)
-        elif type(item) is VarianceTensor and (item.probe or isinstance(
+    for item in _tensors_in(output):
+        if type(item) is VarianceTensor and (item.probe or isinstance(
                 item.variance, (Tensor, ScaledVariance))):
             nset = item.__dict__.get("noise")
             if nset is not None:
