@@ -407,25 +407,29 @@ def check_input(x: Tensor, where: str) -> None:
         # device sync each on a GPU; only a base that is not finite tests the view itself
         if _CHECKED.get(base) == version:
             return
-        with torch._C.DisableTorchFunction():
-            if base.numel() and bool(torch.isfinite(base.detach().sum())):
-                _CHECKED[base] = version
-                return
-    with torch._C.DisableTorchFunction():  # no variance flow: a plain reduction
-        if x.numel() and not bool(torch.isfinite(x.detach().sum())):
+        if _sum_is_finite(base):
+            _CHECKED[base] = version
+            return
+    if not _sum_is_finite(x):
+        with torch._C.DisableTorchFunction():  # no variance flow: plain reductions
             bad = x.detach()
             nan, inf = int(torch.isnan(bad).sum()), int(torch.isinf(bad).sum())
-        else:
-            nan = inf = 0
-    if nan or inf:
-        raise ValueError(
-            f"the input of {where} contains {nan} NaN and {inf} inf values (shape "
-            f"{tuple(x.shape)}); they would train into NaN gradients while the spikes stay "
-            "finite. Clean or normalise the data; to skip this check for speed use "
-            "sbnn_addons.check_finite(False)"
-        )
+        if nan or inf:
+            raise ValueError(
+                f"the input of {where} contains {nan} NaN and {inf} inf values (shape "
+                f"{tuple(x.shape)}); they would train into NaN gradients while the spikes "
+                "stay finite. Clean or normalise the data; to skip this check for speed use "
+                "sbnn_addons.check_finite(False)"
+            )
     if version is not None:
         _CHECKED[x] = version
+
+
+def _sum_is_finite(t: Tensor) -> bool:
+    """Whether one sum of ``t`` is finite (a NaN or inf anywhere makes it not); an empty
+    ``t`` is."""
+    with torch._C.DisableTorchFunction():  # no variance flow: a plain reduction
+        return not t.numel() or bool(torch.isfinite(t.detach().sum()))
 
 
 def mark_checked(x: Tensor) -> None:
