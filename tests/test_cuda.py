@@ -274,30 +274,29 @@ def test_drop_in_spikingjelly_surrogate_on_the_device():
 # --- compiled, autocast, seeds --------------------------------------------------------
 
 
-def _snntorch_compiles_whole() -> bool:
-    """Whether snnTorch's own ``Leaky`` compiles with ``fullgraph=True`` on this PyTorch
-    (PyTorch 2.11 stops at its ``mem == None``: the host's limit, not the library's)."""
-    lif = snn.Leaky(beta=0.9)
+def _compiles_whole(fn, *args) -> bool:
+    """Whether ``fn(*args)`` compiles with ``fullgraph=True`` on this PyTorch."""
     try:
-        torch.compile(lambda x, m: lif(x, m), fullgraph=True)(torch.rand(2, 3), torch.zeros(3))
+        torch.compile(fn, fullgraph=True)(*args)
     except Exception:  # noqa: BLE001 - any Dynamo error means "not whole"
         return False
     finally:
         torch._dynamo.reset()
     return True
+
+
+def _snntorch_compiles_whole() -> bool:
+    """Whether snnTorch's own ``Leaky`` compiles whole (PyTorch 2.11 stops at its
+    ``mem == None``: the host's limit, not the library's)."""
+    lif = snn.Leaky(beta=0.9)
+    return _compiles_whole(lambda x, m: lif(x, m), torch.rand(2, 3), torch.zeros(3))
 
 
 def _spikingjelly_reset_compiles_whole() -> bool:
-    """Whether SpikingJelly's own ``functional.reset_net`` compiles with ``fullgraph=True``
-    on this PyTorch: its ``MemoryModule.reset`` deep-copies each reset value, which
-    PyTorch 2.11's Dynamo does not trace (the host's limit, not the library's)."""
-    try:
-        torch.compile(lambda x: x + copy.deepcopy(0.0), fullgraph=True)(torch.rand(2))
-    except Exception:  # noqa: BLE001 - any Dynamo error means "not whole"
-        return False
-    finally:
-        torch._dynamo.reset()
-    return True
+    """Whether SpikingJelly's own ``functional.reset_net`` compiles whole: its
+    ``MemoryModule.reset`` deep-copies each reset value, which PyTorch 2.11's Dynamo does
+    not trace (the host's limit, not the library's)."""
+    return _compiles_whole(lambda x: x + copy.deepcopy(0.0), torch.rand(2))
 
 
 @pytest.mark.parametrize("host", ["snntorch", "spikingjelly"])
