@@ -8,15 +8,23 @@ the operators with the most host time; for the compiled variants, the graphs Dyn
 compiled and its graph breaks. ``--cudagraphs`` adds the compiled variants with
 ``mode="reduce-overhead"`` (CUDA graphs), where a step's launches are replayed as one.
 
+``--counts`` prints, for the eager variants, two machine-independent counts per training
+step that explain an eager step's host time: the ATen operators dispatched (each one a
+kernel launch on a GPU) and the Python function calls (builtins excluded), counted over
+one step after warm-up.
+
 Usage::
 
     python benchmarks/profile_step.py --device cuda --hosts snntorch spikingjelly
     python benchmarks/profile_step.py --device cpu --hosts spikingjelly --steps 2
+    python benchmarks/profile_step.py --device cpu --counts
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 import time
 from collections import Counter
 
@@ -24,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from bench_adapters import T
 from bench_compile import _variants, graphs_compiled, own_code
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sbnn_addons as sb
 
@@ -87,6 +96,40 @@ def profile(name: str, step, device: torch.device, steps: int, top: int) -> dict
     return {"name": name, "ms": 1e3 * wall, "launches": launches / steps}
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen operators dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_counts(step, warmup: int = 2) -> dict:
+    """``{"aten_ops": ..., "python_calls": ...}`` of one call of ``step`` (after
+    ``warmup`` calls): the ATen operators it dispatches and the Python functions it calls
+    (``sys.setprofile`` "call" events; builtins are not counted)."""
+    for _ in range(warmup):
+        step()
+    with _OpCounter() as ops:
+        step()
+    calls = [0]
+
+    def count(_frame, event, _arg):
+        if event == "call":
+            calls[0] += 1
+
+    sys.setprofile(count)
+    try:
+        step()
+    finally:
+        sys.setprofile(None)
+    return {"aten_ops": ops.count, "python_calls": calls[0]}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -97,6 +140,8 @@ def main(argv=None) -> None:
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--cudagraphs", action="store_true",
                         help="also the compiled variants with mode='reduce-overhead'")
+    parser.add_argument("--counts", action="store_true",
+                        help="only count ATen operators and Python calls per eager step")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch._dynamo.config.recompile_limit = 64
@@ -106,6 +151,9 @@ def main(argv=None) -> None:
         x = (torch.rand(T, args.batch, 784) < 0.2).float().to(device)
         y = torch.randint(0, 10, (args.batch,)).to(device)
         variants = _variants(host, args.device)
+        if args.counts:
+            _print_counts(host, variants, device, x, y)
+            continue
         todo = []
         for name, (model, reset, compiled, kernels) in variants.items():
             if kernels is False or "C kernel" in name or "aux_pull" in name:
@@ -127,7 +175,20 @@ def main(argv=None) -> None:
             if "compiled" in name:
                 print(f"graphs compiled so far {graphs_compiled()}, graph breaks so far "
                       f"{sum(breaks.values())} {list(breaks)[:3]}")
-    _ = sb  # the variants import the library; kept for a reader of the imports
+
+
+def _print_counts(host: str, variants: dict, device: torch.device, x, y) -> None:
+    print(f"\n## {host}: per eager training step (T={T})")
+    print("| variant | ATen operators | per neuron and step | Python calls |")
+    print("|---|---|---|---|")
+    for name, (model, reset, compiled, kernels) in variants.items():
+        if compiled or "aux_pull" in name:
+            continue
+        model.to(device)
+        with contextlib.nullcontext() if kernels is not False else sb.kernels.use_kernels(False):
+            counts = step_counts(_step_fn(model, reset, False, None, False, x, y))
+        print(f"| {name} | {counts['aten_ops']} | {counts['aten_ops'] / (2 * T):.1f} | "
+              f"{counts['python_calls']} |")
 
 
 if __name__ == "__main__":

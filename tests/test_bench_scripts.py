@@ -85,3 +85,20 @@ def test_bench_scripts_name_bad_arguments(script, args, word, capsys):
     with pytest.raises(SystemExit):
         _script(script).main(args)
     assert word in capsys.readouterr().err
+
+
+def test_profile_step_counts_operators_and_python_calls(monkeypatch):
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports its sibling scripts
+    profile = _script("profile_step")
+
+    x = torch.ones(3)
+
+    def helper(t):
+        return t * 2
+
+    def step():
+        return helper(x + 1).sum()  # add, mul, sum; two Python calls (step, helper)
+
+    assert profile.step_counts(step) == {"aten_ops": 3, "python_calls": 2}
