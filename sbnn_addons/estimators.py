@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .functional import apply_function, check_float, estimator_jacobian, jacobian_and_z
 from .tensors import estimator_spec, parse_estimator_spec
+from .tensors import standard_normal as _standard_normal
 
 __all__ = ["Estimator", "ST", "IWST", "AGR", "get_estimator", "BernoulliSpike", "sample_spikes"]
 
@@ -200,18 +201,6 @@ def _finite(t: Tensor, dtype: torch.dtype) -> Tensor:
         return t
     big = torch.finfo(dtype).max
     return t.clamp(-big, big).to(dtype)
-
-
-def _standard_normal(u: Tensor, generator: torch.Generator | None) -> Tensor:
-    """``N(0, 1)`` noise shaped like ``u`` (without a ``generator`` argument when there is
-    none: ``randn_like``, the same numbers, traces with symbolic shapes), in float32 for a
-    half-precision ``u`` (:class:`BernoulliSpike` compares in float32): drawn in bfloat16,
-    ``eps`` is rounded to 8 bits and a whole bin at the threshold never fires (``Phi(-1)``
-    read 0.1577 for 0.1587)."""
-    dtype = torch.promote_types(u.dtype, torch.float32)
-    if generator is None:
-        return torch.randn_like(u, dtype=dtype, memory_format=torch.contiguous_format)
-    return torch.randn(u.shape, generator=generator, dtype=dtype, device=u.device)
 
 
 def sample_spikes(

@@ -22,7 +22,9 @@ from .tensors import (
     check_windows,
     is_binary,
     is_kept,
+    jacobian_and_z,
     mark_binary,
+    normal_cdf_ratio,
 )
 
 __all__ = [
@@ -89,31 +91,6 @@ def standard_normal_log_pdf(z: Tensor) -> Tensor:
     return -0.5 * z * z - _LOG_SQRT_2PI
 
 
-def normal_cdf_ratio(x: Tensor, scale: float) -> Tensor:
-    """``Phi(scale * x) / Phi(x)`` for ``0 <= scale <= 1``, without 0/0.
-
-    Formed with ``ndtr`` where ``Phi(x)`` is representable and, for the elements where it
-    underflows (``x`` below about -9 in float32), in log space with ``log_ndtr``.
-    """
-    # erfc form: torch's ndtr is 1 - ... in the lower tail (4 % off at x = -5 in float32)
-    den = 0.5 * torch.special.erfc(x * -0.7071067811865476)  # 1/sqrt(2), see below
-    num = 0.5 * torch.special.erfc(x * -scale * 0.7071067811865476) if scale != 0.0 else (
-        torch.full_like(x, 0.5))
-    ratio = num / den.clamp_min(torch.finfo(x.dtype).tiny)
-    tiny = den < 1e-20
-    if (not x.is_cpu or torch.compiler.is_compiling()
-            or torch._C._functorch.is_functorch_wrapped_tensor(x)):
-        # no data-dependent branch: in a graph, under torch.func, and on an accelerator,
-        # where reading tiny.any() would wait for the device at every backward step
-        log_ratio = torch.special.log_ndtr(x * scale) - torch.special.log_ndtr(x)
-        return torch.where(tiny, torch.exp(log_ratio), ratio)
-    if bool(tiny.any()):
-        xt = x[tiny]
-        log_num = torch.special.log_ndtr(xt * scale)
-        ratio = ratio.masked_scatter(tiny, torch.exp(log_num - torch.special.log_ndtr(xt)))
-    return ratio
-
-
 def estimator_jacobian(
     u: Tensor,
     sigma: Tensor,
@@ -158,38 +135,6 @@ def estimator_jacobian(
         ``J(h)`` with the shape of ``u``.
     """
     return jacobian_and_z(u, sigma, h, kind, p, tau, max_weight)[0]
-
-
-def jacobian_and_z(u: Tensor, sigma: Tensor, h: Tensor, kind: str, p: float = 1.0,
-                   tau: float = 0.0, max_weight: float = 1e4) -> tuple[Tensor, Tensor]:
-    """:func:`estimator_jacobian` and the ``z = u / sigma`` it computed (for the backward
-    of :class:`~sbnn_addons.BernoulliSpike`, which needs both)."""
-    work = torch.float64 if u.dtype == torch.float64 else torch.float32
-    if u.dtype != work:
-        u, sigma = u.to(work), sigma.to(work)
-    h = h.bool() if h.dtype != torch.bool else h
-    # Literal constants here and in normal_cdf_ratio (SIGMA_MIN, 1/sqrt(2 pi), 1/sqrt(2)),
-    # not the module's names: this runs in BernoulliSpike's backward, and under
-    # torch.compile(dynamic=True) a float read from a global there becomes a symbolic
-    # input that Dynamo cannot lift into the backward graph (PyTorch 2.13).
-    sig = sigma.clamp_min(1e-6)
-    z = u / sig
-    if kind == "st":
-        jac = torch.exp(-0.5 * z * z) * 0.3989422804014327
-    elif kind == "iwst":
-        sz = torch.where(h, z, -z)
-        ratio = normal_cdf_ratio(sz, 0.0) if p > 0 else torch.zeros_like(z)  # no 0 * inf
-        weight = (1.0 - p) + p * ratio
-        jac = weight.clamp_max(max_weight) * torch.exp(-0.5 * z * z) * 0.3989422804014327
-    elif kind == "agr":
-        r = math.sqrt(1.0 + tau * tau)
-        sz = torch.where(h, z, -z)
-        ratio = normal_cdf_ratio(sz, tau / r).clamp_max(max_weight)
-        jac = ratio * torch.exp(-0.5 * (z / r) ** 2) * (0.3989422804014327 / r)
-    else:  # validated upstream; kept for direct callers
-        raise ValueError(f"kind must be 'st', 'iwst' or 'agr', got {kind!r}")
-    jac = jac / sig
-    return torch.where(sigma > 0, jac, 0.0), z
 
 
 def exact_unit_gradient(u: Tensor, sigma: Tensor, f0: Tensor, f1: Tensor) -> tuple[Tensor, Tensor]:

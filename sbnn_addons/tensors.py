@@ -3,19 +3,22 @@
 The lowest layer of the framework-free core: it imports nothing from the package, so
 :mod:`sbnn_addons.functional` and :mod:`sbnn_addons.kernels` both build on it without
 importing each other in a cycle. :mod:`sbnn_addons.functional` re-exports the public
-names (``mark_binary``, ``is_binary``, ``is_kept``, ``apply_function``).
+names (``mark_binary``, ``is_binary``, ``is_kept``, ``apply_function``,
+``normal_cdf_ratio``).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor
 
 __all__ = ["SpikeTensor", "mark_binary", "is_binary", "is_kept", "broadcasts_to",
            "apply_function", "check_windows", "estimator_spec", "parse_estimator_spec",
-           "AUX_PULL_Z_MAX", "aux_pull_gradient"]
+           "AUX_PULL_Z_MAX", "aux_pull_gradient", "normal_cdf_ratio", "jacobian_and_z",
+           "standard_normal"]
 
 
 class SpikeTensor(Tensor):
@@ -199,3 +202,72 @@ def aux_pull_gradient(grad_h: Tensor, u: Tensor, sigma: Tensor, weight: float) -
         big = torch.finfo(u.dtype).max
         pull = pull.clamp_(-big, big).to(u.dtype)
     return pull
+
+
+def normal_cdf_ratio(x: Tensor, scale: float) -> Tensor:
+    """``Phi(scale * x) / Phi(x)`` for ``0 <= scale <= 1``, without 0/0.
+
+    Formed with ``ndtr`` where ``Phi(x)`` is representable and, for the elements where it
+    underflows (``x`` below about -9 in float32), in log space with ``log_ndtr``.
+    """
+    # erfc form: torch's ndtr is 1 - ... in the lower tail (4 % off at x = -5 in float32)
+    den = 0.5 * torch.special.erfc(x * -0.7071067811865476)  # 1/sqrt(2), see below
+    num = 0.5 * torch.special.erfc(x * -scale * 0.7071067811865476) if scale != 0.0 else (
+        torch.full_like(x, 0.5))
+    ratio = num / den.clamp_min(torch.finfo(x.dtype).tiny)
+    tiny = den < 1e-20
+    if (not x.is_cpu or torch.compiler.is_compiling()
+            or torch._C._functorch.is_functorch_wrapped_tensor(x)):
+        # no data-dependent branch: in a graph, under torch.func, and on an accelerator,
+        # where reading tiny.any() would wait for the device at every backward step
+        log_ratio = torch.special.log_ndtr(x * scale) - torch.special.log_ndtr(x)
+        return torch.where(tiny, torch.exp(log_ratio), ratio)
+    if bool(tiny.any()):
+        xt = x[tiny]
+        log_num = torch.special.log_ndtr(xt * scale)
+        ratio = ratio.masked_scatter(tiny, torch.exp(log_num - torch.special.log_ndtr(xt)))
+    return ratio
+
+
+def jacobian_and_z(u: Tensor, sigma: Tensor, h: Tensor, kind: str, p: float = 1.0,
+                   tau: float = 0.0, max_weight: float = 1e4) -> tuple[Tensor, Tensor]:
+    """:func:`estimator_jacobian` and the ``z = u / sigma`` it computed (for the backward
+    of :class:`~sbnn_addons.BernoulliSpike`, which needs both)."""
+    work = torch.float64 if u.dtype == torch.float64 else torch.float32
+    if u.dtype != work:
+        u, sigma = u.to(work), sigma.to(work)
+    h = h.bool() if h.dtype != torch.bool else h
+    # Literal constants here and in normal_cdf_ratio (SIGMA_MIN, 1/sqrt(2 pi), 1/sqrt(2)),
+    # not the module's names: this runs in BernoulliSpike's backward, and under
+    # torch.compile(dynamic=True) a float read from a global there becomes a symbolic
+    # input that Dynamo cannot lift into the backward graph (PyTorch 2.13).
+    sig = sigma.clamp_min(1e-6)
+    z = u / sig
+    if kind == "st":
+        jac = torch.exp(-0.5 * z * z) * 0.3989422804014327
+    elif kind == "iwst":
+        sz = torch.where(h, z, -z)
+        ratio = normal_cdf_ratio(sz, 0.0) if p > 0 else torch.zeros_like(z)  # no 0 * inf
+        weight = (1.0 - p) + p * ratio
+        jac = weight.clamp_max(max_weight) * torch.exp(-0.5 * z * z) * 0.3989422804014327
+    elif kind == "agr":
+        r = math.sqrt(1.0 + tau * tau)
+        sz = torch.where(h, z, -z)
+        ratio = normal_cdf_ratio(sz, tau / r).clamp_max(max_weight)
+        jac = ratio * torch.exp(-0.5 * (z / r) ** 2) * (0.3989422804014327 / r)
+    else:  # validated upstream; kept for direct callers
+        raise ValueError(f"kind must be 'st', 'iwst' or 'agr', got {kind!r}")
+    jac = jac / sig
+    return torch.where(sigma > 0, jac, 0.0), z
+
+
+def standard_normal(u: Tensor, generator: torch.Generator | None) -> Tensor:
+    """``N(0, 1)`` noise shaped like ``u`` (without a ``generator`` argument when there is
+    none: ``randn_like``, the same numbers, traces with symbolic shapes), in float32 for a
+    half-precision ``u`` (:class:`~sbnn_addons.BernoulliSpike` compares in float32): drawn
+    in bfloat16, ``eps`` is rounded to 8 bits and a whole bin at the threshold never fires
+    (``Phi(-1)`` read 0.1577 for 0.1587)."""
+    dtype = torch.promote_types(u.dtype, torch.float32)
+    if generator is None:
+        return torch.randn_like(u, dtype=dtype, memory_format=torch.contiguous_format)
+    return torch.randn(u.shape, generator=generator, dtype=dtype, device=u.device)
