@@ -64,12 +64,15 @@ from .tensors import (
     apply_function,
     broadcasts_to,
     check_windows,
+    jacobian_and_z,
     mark_binary,
     parse_estimator_spec,
+    standard_normal,
 )
 
 __all__ = [
-    "available", "enabled", "use_kernels", "can_fuse", "fused_spike", "FusedSpike",
+    "available", "enabled", "use_kernels", "can_fuse", "sequence_backend", "fused_spike",
+    "FusedSpike",
     "can_fuse_compiled", "compiled_spike",
     "spike_forward", "spike_backward", "broadcast_layout", "Dynamics", "LIFSequence",
     "lif_sequence", "LIFStep", "fused_lif_step", "window_sum", "can_window_sum",
@@ -240,6 +243,27 @@ def can_fuse(u: Tensor, variance: Tensor) -> bool:
         and not torch.compiler.is_compiling()
         and (_lib is not None or _load() is not None)
     )
+
+
+def sequence_backend(x_seq: Tensor, variance: Tensor | None) -> str | None:
+    """How :func:`lif_sequence` runs this sequence: ``"kernel"`` (the C kernel: float32
+    on the CPU, kernel enabled), ``"torch"`` (PyTorch operations on any device, float32 or
+    float64, the same law and estimators: what a CUDA tensor takes), or ``None`` where
+    neither serves it (half precision, a graph being compiled, ``torch.func``
+    transforms): then the caller steps through its own loop.
+
+    Args:
+        x_seq: the mean input ``[T, *]``.
+        variance: the input's variance term (or ``None``), of the same dtype and device.
+    """
+    var = x_seq if variance is None else variance
+    if can_fuse(x_seq, var):
+        return "kernel"
+    if (x_seq.dtype not in (torch.float32, torch.float64) or var.dtype != x_seq.dtype
+            or var.device != x_seq.device or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()):
+        return None
+    return "torch"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -871,7 +895,8 @@ def fused_lif_step(x: Tensor, membrane: Tensor | None, variance: Tensor, estimat
         ``aux_offset``.
 
     Raises:
-        TypeError: a tensor is not float32 on the CPU.
+        TypeError: a tensor of another dtype or device than ``x_seq``, or a sequence no
+            backend serves (half precision, under ``torch.compile`` or ``torch.func``).
         ValueError: a membrane of another shape than ``x``, a variance that does not
             broadcast to ``x``, or an unknown reset.
     """
@@ -960,7 +985,7 @@ class LIFSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | None,
                 own_var: Tensor | None, rate: Tensor | None, config):
-        dyn, estimator, at_zero, seeds, aux_offset, aux_var, aux_pull = config
+        dyn, estimator, at_zero, noise, aux_offset, aux_var, aux_pull, backend = config
         plif = dyn.charge in _PLIF
         beta2 = (1.0 - rate) * (1.0 - rate) if plif else dyn.beta * dyn.beta
         spikes = torch.empty_like(x_seq)
@@ -985,12 +1010,17 @@ class LIFSequence(torch.autograd.Function):
             total = state if own_var is None else (own_var if state is None
                                                    else state + own_var)
             if total is None:  # no noise at all: the deterministic spike 1[u > 0]
-                total = torch.zeros((), dtype=x_seq.dtype)
+                total = torch.zeros((), dtype=x_seq.dtype, device=x_seq.device)
             u = h - dyn.threshold
-            hb = torch.empty_like(u, dtype=torch.uint8)
-            var, mid, inner = _layout(u, total)
-            _, _, aux_t = _forward_raw(u, var, mid, inner, seeds[t], at_zero, aux_offset,
-                                       out=(spikes[t], hb))
+            if backend == "kernel":
+                hb = torch.empty_like(u, dtype=torch.uint8)
+                var, mid, inner = _layout(u, total)
+                _, _, aux_t = _forward_raw(u, var, mid, inner, noise[t], at_zero, aux_offset,
+                                           out=(spikes[t], hb))
+            else:
+                hb, aux_t = _torch_spike_forward(u, total, noise, at_zero, aux_offset)
+                spikes[t].copy_(hb)
+                var, mid, inner = total, 1, 1
             aux.append(aux_t)
             us.append(u)
             hbs.append(hb)
@@ -1003,15 +1033,20 @@ class LIFSequence(torch.autograd.Function):
         if state is not None and state._is_view():  # e.g. Q_0 itself after one step
             state = state.clone()
         if state is None:
-            state = torch.zeros((), dtype=x_seq.dtype)
+            state = torch.zeros((), dtype=x_seq.dtype, device=x_seq.device)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*us, *hbs, *variances, *prevs,
                               *((x_seq, v0, rate) if plif else ()))
         ctx.meta, ctx.dyn, ctx.estimator = meta, dyn, estimator
         ctx.aux_offset = 0.0 if aux_offset is None else float(aux_offset)
-        ctx.aux_var, ctx.aux_pull = aux_var, aux_pull
+        ctx.aux_var, ctx.aux_pull, ctx.backend = aux_var, aux_pull, backend
+        ctx.want_aux = aux_offset is not None
         ctx.shapes = tuple(None if t is None else t.shape for t in (q_seq, v0, s0, own_var))
-        return spikes, v, state, torch.tensor(aux, dtype=torch.float32)  # per step
+        if backend == "kernel":
+            return spikes, v, state, torch.tensor(aux, dtype=torch.float32)  # per step
+        sums = (torch.stack(aux) if aux_offset is not None
+                else x_seq.new_zeros(len(aux), dtype=torch.float32))
+        return spikes, v, state, sums
 
     @staticmethod
     def backward(ctx, g_spikes, g_v, g_state, g_aux):
@@ -1022,8 +1057,10 @@ class LIFSequence(torch.autograd.Function):
         variances, prevs = saved[2 * steps:3 * steps], saved[3 * steps:4 * steps]
         dyn = ctx.dyn
         q_shape, v_shape, s_shape, own_shape = ctx.shapes
-        g_aux = [0.0] * steps if g_aux is None else g_aux.tolist()  # per step
-        grad_x = torch.empty((steps, *us[0].shape), dtype=us[0].dtype)
+        kernel = ctx.backend == "kernel"
+        if kernel:
+            g_aux = [0.0] * steps if g_aux is None else g_aux.tolist()  # per step
+        grad_x = torch.empty((steps, *us[0].shape), dtype=us[0].dtype, device=us[0].device)
         grad_q, g_own, g_rate, rate, v_prev = [], None, None, None, None
         if len(saved) > 4 * steps:  # PLIF: dH_t/dq needs V_{t-1} (recomputed) and X_t
             x_seq, v0, rate = saved[4 * steps:]
@@ -1042,9 +1079,17 @@ class LIFSequence(torch.autograd.Function):
                     g_spike = g_spike + d_spike
             mid, inner, total_shape, state_shape = ctx.meta[t]
             # IWSTSpike.aux_pull, by dL/dh_t through the spikes and the reset
-            g_u, g_total = _backward_raw(g_spike, us[t], variances[t], mid, inner, hbs[t],
-                                         ctx.estimator, g_aux[t], ctx.aux_offset, total_shape,
-                                         ctx.aux_var, _pull_coefficient(g_spike, ctx.aux_pull))
+            if kernel:
+                g_u, g_total = _backward_raw(
+                    g_spike, us[t], variances[t], mid, inner, hbs[t], ctx.estimator, g_aux[t],
+                    ctx.aux_offset, total_shape, ctx.aux_var,
+                    _pull_coefficient(g_spike, ctx.aux_pull))
+            else:
+                g_u, g_total = _torch_spike_backward(
+                    g_spike, us[t], variances[t], hbs[t], ctx.estimator,
+                    None if g_aux is None or not ctx.want_aux else g_aux[t], ctx.aux_offset,
+                    ctx.aux_var,
+                    ctx.aux_pull)
             g_h = g_u if g_h is None else g_h + g_u
             if own_shape is not None:
                 g = _sum_to(g_total, own_shape)
@@ -1081,6 +1126,55 @@ class LIFSequence(torch.autograd.Function):
             g_rate = sum(terms[1:], terms[0]).reshape(rate.shape) if terms else None
         return (grad_x, None if q_shape is None else torch.stack(grad_q), g_v0, g_s0, g_own,
                 g_rate, None)
+
+
+def _torch_spike_forward(u: Tensor, total: Tensor, generator: torch.Generator | None,
+                         at_zero: bool, aux_offset: float | None) -> tuple[Tensor, Tensor]:
+    """One step's spikes on the ``"torch"`` backend of :class:`LIFSequence`: the operations
+    and draws of a spike function's PyTorch path (``h = 1[u + sigma eps > 0]``,
+    ``sigma = sqrt(max(total, 0))``, ``eps`` from ``generator``), so the same spikes as
+    the neuron's own loop. Returns the spikes as bool and the auxiliary ``sum z^2`` over
+    the noisy units (``z = (u + aux_offset) / max(sigma, SIGMA_MIN)``; 0 without
+    ``aux_offset``)."""
+    sigma = total.clamp_min(0).sqrt().expand_as(u)
+    fired = u + sigma * standard_normal(u, generator)
+    fired = fired >= 0 if at_zero else fired > 0
+    if aux_offset is None:
+        return fired, u.new_zeros((), dtype=torch.float32)
+    z = (u + aux_offset if aux_offset else u) / sigma.clamp_min(1e-6)  # SIGMA_MIN
+    return fired, torch.where(sigma > 0, z * z, 0.0).sum()
+
+
+def _torch_spike_backward(g: Tensor, u: Tensor, total: Tensor, fired: Tensor, estimator,
+                          g_aux: Tensor | None, aux_offset: float, aux_var: bool,
+                          aux_pull: float) -> tuple[Tensor, Tensor]:
+    """One step's ``(dL/du, dL/dtotal)`` on the ``"torch"`` backend of
+    :class:`LIFSequence`, the kernel's formulas (:func:`spike_backward`) in PyTorch
+    operations::
+
+        dL/du     = g J(h) + pull clamp(z, -3, 3) / sigma + g_aux 2 z_a / sigma
+        dL/dtotal = -z g J(h) / (2 sigma) - g_aux z_a^2 / total   (with aux_var)
+
+    (``pull = 2 w mean|g|``; every term 0 where ``total = 0``; ``z_a`` the auxiliary
+    ``z``; ``sigma`` clamped at ``SIGMA_MIN`` in the divisions). ``dL/dtotal`` has the
+    shape of ``total``; no value is read back to the host."""
+    sigma = total.clamp_min(0).sqrt()
+    jac, z = jacobian_and_z(u, sigma, fired, estimator.kind, estimator.p, estimator.tau,
+                            estimator.max_weight)
+    grad_u = g.to(jac.dtype) * jac
+    grad_sigma = -z.clamp(-1e30, 1e30) * grad_u  # z = -inf where J = 0: the limit 0
+    grad_var = torch.where(sigma > 0, grad_sigma / (2.0 * sigma.clamp_min(1e-30)), 0.0)
+    sig = sigma.clamp_min(1e-6)  # SIGMA_MIN
+    if aux_pull and g.numel():
+        pull = g.abs().mean() * (2.0 * aux_pull)
+        grad_u = grad_u + torch.where(sigma > 0, z.clamp(-3.0, 3.0) * pull / sig, 0.0)
+    if g_aux is not None:
+        z_aux = (u + aux_offset if aux_offset else u) / sig
+        grad_u = grad_u + torch.where(sigma > 0, z_aux * (2.0 * g_aux) / sig, 0.0)
+        if aux_var:
+            grad_var = grad_var + torch.where(
+                sigma >= 1e-6, -g_aux * z_aux * z_aux / total.clamp_min(1e-30), 0.0)
+    return grad_u, _sum_to(grad_var, total.shape)
 
 
 def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
@@ -1152,10 +1246,15 @@ def lif_sequence(x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | N
     """Run an LIF / IF neuron with moment-tracked noise over a sequence
     (:class:`LIFSequence`).
 
+    Float32 CPU tensors run on the C kernel; other float32 and float64 tensors (a CUDA
+    device, the kernel switched off) on PyTorch operations with the same law, estimators
+    and auxiliary terms, drawing their noise as the neuron's own loop does
+    (:func:`sequence_backend`).
+
     Args:
-        x_seq: mean input ``X`` ``[T, *S]``, float32 CPU.
+        x_seq: mean input ``X`` ``[T, *S]``.
         q_seq: the input's variance term ``Q_t`` ``[T, *]``, broadcastable to each step,
-            float32, or ``None`` (no input variance).
+            of ``x_seq``'s dtype and device, or ``None`` (no input variance).
         v0: membrane before the first step, broadcastable to ``S``.
         s0: variance state ``S'`` before the first step, or ``None``.
         dynamics: the charge, reset and variance reset (:class:`Dynamics`).
@@ -1173,22 +1272,35 @@ def lif_sequence(x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | N
         aux_pull: the backward also adds each step's auxiliary pull
             (:func:`~sbnn_addons.tensors.aux_pull_gradient`, ``dL/dh_t`` through the spikes
             and, unless ``detach_reset``, the reset; :attr:`~sbnn_addons.IWSTSpike.aux_pull`).
-        generator: the generator the T per-step Philox keys are drawn from, in order (the
-            same keys as T calls of :func:`fused_spike`).
+        generator: the generator the noise comes from (``None``: the global one): the T
+            per-step Philox keys of the kernel, in order (the same keys as T calls of
+            :func:`fused_spike`), or the per-step Gaussian draws of the PyTorch operations.
 
     Returns:
         ``(spikes [T, *S], V_T, S'_T)``, plus ``sum z^2`` per step ``[T]`` with
         ``aux_offset``. The spikes are marked binary.
 
     Raises:
-        TypeError: a tensor is not float32 on the CPU.
+        TypeError: a tensor of another dtype or device than ``x_seq``, or a sequence no
+            backend serves (half precision, under ``torch.compile`` or ``torch.func``).
         ValueError: an empty sequence, shapes that do not broadcast to the membrane, or an
             unknown charge or reset.
     """
-    for name, t in (("x_seq", x_seq), ("q_seq", q_seq), ("v0", v0), ("s0", s0),
-                    ("own_var", own_var)):
-        if t is not None:
+    given = [(name, t) for name, t in (("x_seq", x_seq), ("q_seq", q_seq), ("v0", v0),
+                                        ("s0", s0), ("own_var", own_var)) if t is not None]
+    backend = None
+    if all(isinstance(t, Tensor) for _, t in given):
+        backend = sequence_backend(x_seq, q_seq)
+    if backend == "kernel":
+        for name, t in given:
             _check(name, t)
+    elif backend is None or any(t.dtype != x_seq.dtype or t.device != x_seq.device
+                                for _, t in given):
+        got = ", ".join(f"{name} {t.dtype} on {t.device}" if isinstance(t, Tensor)
+                        else f"{name} {type(t).__name__}" for name, t in given)
+        raise TypeError(
+            "lif_sequence takes float32 or float64 tensors of one dtype on one device "
+            f"(eager: not while torch.compile traces, not under torch.func), got {got}")
     if x_seq.dim() < 1 or x_seq.shape[0] == 0:
         raise ValueError(f"x_seq must be [T, *] with T >= 1, got shape {tuple(x_seq.shape)}")
     step = x_seq.shape[1:]
@@ -1206,13 +1318,17 @@ def lif_sequence(x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | N
     if dynamics.charge in ("lif", "lif_nodecay") and not (dynamics.tau or 0.0) >= 1.0:
         raise ValueError(f"tau must be >= 1 for charge {dynamics.charge!r}, got {dynamics.tau}")
     if (dynamics.charge in _PLIF) != (rate is not None) or (
-            rate is not None and (rate.dim() != 0 or rate.dtype != torch.float32)):
-        raise ValueError(f"rate must be a float32 0-dim tensor exactly for the charges {_PLIF}, "
+            rate is not None and (rate.dim() != 0 or rate.dtype != x_seq.dtype)):
+        raise ValueError(f"rate must be a 0-dim tensor of x_seq's dtype exactly for the "
+                         f"charges {_PLIF}, "
                          f"got {None if rate is None else tuple(rate.shape)} for "
                          f"{dynamics.charge!r}")
-    seeds = tuple(_seed(generator) for _ in range(x_seq.shape[0]))
-    config = (dynamics, estimator, bool(at_zero), seeds, aux_offset, bool(aux_var),
-              float(aux_pull))
+    # the kernel: T Philox keys from the generator; PyTorch operations: the generator's
+    # Gaussian draws, step by step (as the neuron's own loop draws them)
+    noise = (tuple(_seed(generator) for _ in range(x_seq.shape[0])) if backend == "kernel"
+             else generator)
+    config = (dynamics, estimator, bool(at_zero), noise, aux_offset, bool(aux_var),
+              float(aux_pull), backend)
     spikes, v, state, aux = apply_function(
         LIFSequence, x_seq.contiguous(), q_seq, v0, s0, own_var, rate, config)
     mark_binary(spikes)

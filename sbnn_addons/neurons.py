@@ -252,13 +252,15 @@ class LIF(nn.Module):
         step = currents.shape[1:]
         if (not isinstance(spike, IWSTSpike) or spike.fire_overridden()
                 or spike.deterministic
-                or not kernels.can_fuse(currents, var_seq)
-                # (after can_fuse: False in a graph, where the threshold may be symbolic)
+                or kernels.sequence_backend(currents, var_seq) is None
+                # (after sequence_backend: None in a graph, where the threshold may be
+                # symbolic)
                 or not math.isfinite(self.threshold)  # the backward needs H = u + theta
                 or not broadcasts_to(var_seq.shape[1:], step)
                 or not broadcasts_to(membrane.shape, step)
                 or not broadcasts_to(variance.shape, step)
-                or membrane.dtype != torch.float32 or variance.dtype != torch.float32):
+                or membrane.dtype != currents.dtype or variance.dtype != currents.dtype
+                or membrane.device != currents.device or variance.device != currents.device):
             return None
         own = spike.own_noise_variance()
         own = None if own is None else own.to(currents.dtype)

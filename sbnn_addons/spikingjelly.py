@@ -427,8 +427,9 @@ def link_neuron(node: nn.Module, spike: SJSpike | None = None) -> nn.Module:
 def _sequence_dynamics(node: nn.Module, spike: SJSpike, x_seq: Tensor):
     """The :class:`~sbnn_addons.kernels.Dynamics` of this multi-step call of a linked
     node, or ``None`` where the fused sequence does not serve it (then the node runs its
-    own loop): float32 on the CPU, a stochastic mode, no ``store_v_seq``, a finite
-    threshold."""
+    own loop): float32 or float64 (on the C kernel for float32 on the CPU, else on
+    PyTorch operations: :func:`~sbnn_addons.kernels.sequence_backend`), eager, a
+    stochastic mode, no ``store_v_seq``, a finite threshold."""
     var = spike._pending
     kind = type(node)
     if (
@@ -442,8 +443,8 @@ def _sequence_dynamics(node: nn.Module, spike: SJSpike, x_seq: Tensor):
         or x_seq.dim() < 2
         or (isinstance(var, Tensor) and (var.dim() != x_seq.dim()
                                          or var.shape[0] != x_seq.shape[0]))
-        or not kernels.can_fuse(x_seq, var if isinstance(var, Tensor) else x_seq)
-        # (after can_fuse, which is False in a graph, where the threshold may be symbolic)
+        or kernels.sequence_backend(x_seq, var if isinstance(var, Tensor) else None) is None
+        # (after sequence_backend, None in a graph, where the threshold may be symbolic)
         # the fused backward recomputes H = u + theta: lost at theta = inf (the membrane
         # readout LIFNode(v_threshold=inf)), where the node's own loop is exact
         or not math.isfinite(node.v_threshold)

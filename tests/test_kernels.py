@@ -433,9 +433,12 @@ def test_bad_input_to_the_kernel_functions_is_named():
         kernels.spike_backward(torch.ones(4, 4), u, torch.ones(()), torch.ones(4, 5), sb.ST())
 
 
-def _loop_reference(x, q, v0, s0, tau, decay_input, v_reset, detach, estimator):
+def _loop_reference(x, q, v0, s0, tau, decay_input, v_reset, detach, estimator,
+                    backend="kernel"):
     """The recurrence of kernels.LIFSequence step by step with autograd: SpikingJelly's
-    charge and reset operations, one fused_spike per step (the same Philox keys)."""
+    charge and reset operations, one spike per step: fused_spike (the same Philox keys)
+    for the kernel, the PyTorch path's sample_spikes (the same Gaussian draws) for the
+    "torch" backend."""
     v, state, out = v0, s0, []
     beta2 = 1.0 if tau is None else (1 - 1 / tau) ** 2
     for t in range(x.shape[0]):
@@ -446,7 +449,11 @@ def _loop_reference(x, q, v0, s0, tau, decay_input, v_reset, detach, estimator):
         else:
             h = v - (v - (v_reset or 0.0)) / tau + x[t]
         state = q[t] if state is None else q[t].add(state, alpha=beta2)
-        spike = kernels.fused_spike(h - 1.0, state, estimator, at_zero=True)
+        if backend == "kernel":
+            spike = kernels.fused_spike(h - 1.0, state, estimator, at_zero=True)
+        else:
+            spike = sb.sample_spikes(h - 1.0, sb.functional.safe_sqrt(state).expand_as(h),
+                                     estimator, at_zero=True)
         s_reset = spike.detach() if detach else spike
         if v_reset is None:
             v = h - s_reset * 1.0
@@ -457,39 +464,50 @@ def _loop_reference(x, q, v0, s0, tau, decay_input, v_reset, detach, estimator):
     return torch.stack(out), v, state
 
 
-@pytest.mark.parametrize("tau, decay_input, v_reset, detach, q_shape", [
+_SEQUENCE_CASES = [
     (None, True, 0.0, False, (6, 3, 1)),
     (None, True, None, True, (6, 3, 5)),
     (2.0, True, 0.0, False, (6, 3, 1)),
     (2.0, True, -0.3, True, (6, 1, 5)),
     (3.0, False, None, False, (6, 3, 1)),
     (1.5, True, None, False, (6, 3, 5)),
-])
-def test_lif_sequence_equals_the_step_loop(tau, decay_input, v_reset, detach, q_shape):
-    """LIFSequence: the same spikes, final membrane and variance state as the per-step
-    loop (bitwise, same keys), and the same gradients for x, Q, V_0 and S'_0 (rtol 1e-5),
-    with a loss on the spikes and on the final states."""
+]
+
+
+@pytest.mark.parametrize("backend, dtype", [
+    pytest.param("kernel", torch.float32, marks=needs_kernel),
+    ("torch", torch.float32), ("torch", torch.float64)])
+@pytest.mark.parametrize("tau, decay_input, v_reset, detach, q_shape", _SEQUENCE_CASES)
+def test_lif_sequence_equals_the_step_loop(tau, decay_input, v_reset, detach, q_shape,
+                                           backend, dtype):
+    """LIFSequence on either backend: the same spikes, final membrane and variance state as
+    the per-step loop (bitwise: the same Philox keys for the kernel, the same Gaussian
+    draws for PyTorch operations), and the same gradients for x, Q, V_0 and S'_0 (rtol
+    1e-5), with a loss on the spikes and on the final states."""
     torch.manual_seed(0)
-    x = (torch.rand(6, 3, 5) * 1.5).requires_grad_()
-    q = (torch.rand(q_shape) * 0.4).requires_grad_()
-    v0 = (torch.rand(3, 5) * 0.5).requires_grad_()
-    s0 = (torch.rand(3, 1) * 0.2).requires_grad_()
-    weights = torch.randn(6, 3, 5)
+    x = (torch.rand(6, 3, 5, dtype=dtype) * 1.5).requires_grad_()
+    q = (torch.rand(q_shape, dtype=dtype) * 0.4).requires_grad_()
+    v0 = (torch.rand(3, 5, dtype=dtype) * 0.5).requires_grad_()
+    s0 = (torch.rand(3, 1, dtype=dtype) * 0.2).requires_grad_()
+    weights = torch.randn(6, 3, 5, dtype=dtype)
     est = sb.AGR(0.5)
     results = []
     for run in ("loop", "fused"):
         for t in (x, q, v0, s0):
             t.grad = None
         torch.manual_seed(7)
-        if run == "loop":
-            spikes, v, state = _loop_reference(x, q, v0, s0, tau, decay_input, v_reset,
-                                               detach, est)
-        else:
-            charge = "if" if tau is None else ("lif" if decay_input else "lif_nodecay")
-            dyn = kernels.Dynamics(charge, 1.0 if tau is None else 1 - 1 / tau, tau, 1.0,
-                                   "subtract" if v_reset is None else "hard", v_reset or 0.0,
-                                   reset_variance=v_reset is not None, detach_reset=detach)
-            spikes, v, state = kernels.lif_sequence(x, q, v0, s0, dyn, est, at_zero=True)
+        with kernels.use_kernels(backend == "kernel"):
+            if run == "loop":
+                spikes, v, state = _loop_reference(x, q, v0, s0, tau, decay_input, v_reset,
+                                                   detach, est, backend)
+            else:
+                charge = "if" if tau is None else ("lif" if decay_input else "lif_nodecay")
+                dyn = kernels.Dynamics(charge, 1.0 if tau is None else 1 - 1 / tau, tau, 1.0,
+                                       "subtract" if v_reset is None else "hard",
+                                       v_reset or 0.0, reset_variance=v_reset is not None,
+                                       detach_reset=detach)
+                assert kernels.sequence_backend(x, q) == backend
+                spikes, v, state = kernels.lif_sequence(x, q, v0, s0, dyn, est, at_zero=True)
         ((spikes * weights).sum() + (v * v).sum() + 2 * state.sum()).backward()
         results.append((spikes.detach(), v.detach(), state.detach(),
                         [t.grad.clone() for t in (x, q, v0, s0)]))
@@ -504,7 +522,7 @@ def test_lif_sequence_equals_the_step_loop(tau, decay_input, v_reset, detach, q_
 def test_lif_sequence_bad_input_is_named():
     x, q, v0 = torch.rand(4, 2, 3), torch.rand(4, 2, 1), torch.zeros(2, 3)
     dyn = kernels.Dynamics("lif", 0.5, 2.0, 1.0, "hard")
-    with pytest.raises(TypeError, match="x_seq must be a torch.float32"):
+    with pytest.raises(TypeError, match="float32 or float64 tensors of one dtype"):
         kernels.lif_sequence(x.double(), q, v0, None, dyn, sb.ST())
     with pytest.raises(ValueError, match="T steps"):
         kernels.lif_sequence(x, q[:3], v0, None, dyn, sb.ST())

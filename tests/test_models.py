@@ -160,9 +160,11 @@ def test_shortcut_avgpool_then_zero_pad():
 
 # ----------------------------------------------------------------------- variance flow
 def _capture_lif_inputs(lif):
-    """Record the input variance of each step a LIF runs. Run the model inside
-    ``kernels.use_kernels(False)``: with the kernel, ``LIF.run`` does the whole sequence in
-    one fused call (tested against the step loop in test_core_neurons.py)."""
+    """Record the input variance of each step a LIF runs. Its spike function's ``fire``
+    is set on the instance (as SpikeMonitor does), so that ``LIF.run`` steps one by one
+    instead of running the whole sequence in one fused call (tested against the step loop
+    in test_core_neurons.py)."""
+    lif.spike_fn.fire = lif.spike_fn.fire
     got = []
 
     def hook(module, args):

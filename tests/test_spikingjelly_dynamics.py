@@ -14,6 +14,7 @@ from _sj_helpers import record_spikes, run_sequence
 from torch import nn
 
 import sbnn_addons
+from sbnn_addons import kernels
 from sbnn_addons import spikingjelly as sbnn_sj
 from sbnn_addons.data import load_digits_split, load_dvs_gesture_32, rate_code
 
@@ -115,16 +116,24 @@ SEQUENCE_NEURONS = {
 }
 
 
-@needs_kernel
+@pytest.mark.parametrize("backend", [pytest.param("kernel", marks=needs_kernel), "torch"])
 @pytest.mark.parametrize("estimator, extra", [("st", None), ("agr(0.5)", None),
                                               ("st", "own noise"), ("agr(0.5)", "aux loss")])
 @pytest.mark.parametrize("kind", list(SEQUENCE_NEURONS))
-def test_fused_sequence_equals_the_nodes_own_loop(kind, estimator, extra, monkeypatch):
-    """Multi-step LIFNode / IFNode run as one fused sequence (kernels.lif_sequence): the
-    spikes, outputs, membranes and variance states equal the node's own loop bitwise, and
-    all gradients (weights, posterior std, the spike's own learned std, the auxiliary
-    loss, ParametricLIFNode's learned time constant, through two sequences chained
-    without a reset) agree to rtol 1e-5."""
+def test_fused_sequence_equals_the_nodes_own_loop(kind, estimator, extra, backend,
+                                                  monkeypatch):
+    """Multi-step LIFNode / IFNode run as one fused sequence (kernels.lif_sequence, on the
+    C kernel or on PyTorch operations, the path of CUDA tensors): the spikes, outputs,
+    membranes and variance states equal the node's own loop bitwise, and all gradients
+    (weights, posterior std, the spike's own learned std, the auxiliary loss,
+    ParametricLIFNode's learned time constant, through two sequences chained without a
+    reset) agree to rtol 1e-5."""
+    with kernels.use_kernels(backend == "kernel"):
+        _fused_sequence_equals_the_nodes_own_loop(kind, estimator, extra, backend,
+                                                  monkeypatch)
+
+
+def _fused_sequence_equals_the_nodes_own_loop(kind, estimator, extra, backend, monkeypatch):
     torch.manual_seed(3)
     make, _ = SEQUENCE_NEURONS[kind]
     net = nn.Sequential(layer.Linear(12, 9, step_mode="m"), make("m"),
@@ -142,6 +151,11 @@ def test_fused_sequence_equals_the_nodes_own_loop(kind, estimator, extra, monkey
     monkeypatch.setattr(sbnn_addons.IWSTSpike, "fire",  # a class-level spy: fusion stays on
                         lambda self, *a, **k: calls.append(1) or fire(self, *a, **k))
     fired, _ = record_spikes(fused)
+    sequences = []
+    monkeypatch.setattr(sbnn_sj.kernels, "lif_sequence",  # a spy: which backend ran
+                        lambda x_seq, q_seq, *a, _run=sbnn_sj.kernels.lif_sequence, **k:
+                        sequences.append(kernels.sequence_backend(x_seq, q_seq))
+                        or _run(x_seq, q_seq, *a, **k))
     x = torch.rand(2, 6, 4, 12) * 2.0
     results = []
     for model in (fused, own):
@@ -159,6 +173,7 @@ def test_fused_sequence_equals_the_nodes_own_loop(kind, estimator, extra, monkey
         results.append((outs, grads, states))
         if model is fused:
             assert not calls  # the fused path ran (no per-step fire calls)
+            assert sequences and set(sequences) == {backend}
     (out_f, grad_f, state_f), (out_o, grad_o, state_o) = results
     for a, b in zip(out_f, out_o):
         assert torch.equal(a, b)
