@@ -1200,6 +1200,14 @@ class ChannelAffine(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_load_state_dict_pre_hook(_fold_batchnorm_entries)
 
+    def reset_parameters(self) -> None:
+        """Set the affine back to the identity (``gamma = 1``, ``beta = 0``), as built and
+        as a BatchNorm's ``reset_parameters()`` does, e.g. after building on the ``meta``
+        device and ``to_empty()`` (uninitialised memory)."""
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+            self.bias.fill_(0.0)
+
     @classmethod
     def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> ChannelAffine:
         """Fold a BatchNorm's running statistics and affine into a ChannelAffine.
