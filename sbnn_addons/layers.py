@@ -983,8 +983,12 @@ def converted_std(weight: Tensor, fraction: float | None = None,
     ported weights. A mean-only :class:`ChannelAffine` folded from a BatchNorm multiplies
     the mean by ``scale`` but not the variance, so the scale is folded into ``s`` to keep
     the same signal-to-noise ratio. Weights that are all zero give ``0.5 / sqrt(fan_in)``,
-    the layers' own default.
+    the layers' own default, and so do weights on the ``meta`` device (a model built
+    there has no values: after ``to_empty()``, a converted layer's ``reset_parameters()``
+    sizes its std from the weights it draws, and a loaded checkpoint brings its own).
     """
+    if weight.is_meta:
+        return 0.5 / math.sqrt(max(weight[0].numel(), 1))
     w = weight.detach().float()
     if scale is not None:
         w = w * scale.detach().float().to(w.device).view(-1, *([1] * (w.dim() - 1)))
@@ -1010,10 +1014,14 @@ def fold_channel_std(layer: nn.Module, folded_bn: nn.modules.batchnorm._BatchNor
     of :func:`converted_std`. A channel whose scale is 0 (constant output) gets a std
     ``1e-6`` times the layer's. Where the std was not given, the layer's
     ``reset_parameters()`` then sizes it from the weights it draws by the same rule (a
-    converted std is relative to the weights). Returns ``layer``."""
+    converted std is relative to the weights). A BatchNorm on the ``meta`` device has no
+    statistics to fold: its layer keeps the layer-wide rule, the scale of a BatchNorm as
+    ``reset_parameters()`` leaves it (1). Returns ``layer``."""
     if posterior.get("std") is not None or not is_bayesian(layer):
         return layer
     scale = None if folded_bn is None else folded_batchnorm_scale(folded_bn).detach()
+    if scale is not None and scale.is_meta:
+        scale = None
     per_channel = scale is not None and getattr(layer, "std_mode", "layer") != "layer"
     # reset_parameters() sizes the std from the weights it draws, by the same rule
     layer.__dict__[_CONVERTED_STD] = (scale, per_channel)

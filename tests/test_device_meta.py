@@ -156,3 +156,42 @@ def test_reset_parameters_after_to_empty_leaves_no_uninitialised_tensor():
                 assert torch.equal(t, want[name]), (type(model).__name__, name)
             if name.endswith("weight") and hasattr(model, "diag_mask"):
                 assert not t.diagonal().any()
+
+
+@pytest.mark.parametrize("std_mode", ["layer", "channel"])
+def test_spikingjelly_model_built_on_meta_converts_and_loads_a_checkpoint(std_mode):
+    """A SpikingJelly model built on the ``meta`` device (as the host allows) converts:
+    the converted stds, sized from the weights' RMS, raised "Tensor.item() cannot be
+    called on meta tensors" (with a folded BatchNorm, as a BatchNorm that "cannot fold").
+    After ``to_empty()`` a converted checkpoint loads and runs as the saved model, and
+    ``reset_parameters()`` sizes each std from the drawn weights."""
+    pytest.importorskip("spikingjelly")
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    from sbnn_addons.layers import converted_std
+    from sbnn_addons.spikingjelly import to_sbnn
+
+    def host():
+        net = nn.Sequential(layer.Conv2d(1, 4, 3, padding=1), layer.BatchNorm2d(4),
+                            neuron.LIFNode(), layer.Flatten(), layer.Linear(4 * 36, 3),
+                            neuron.LIFNode())
+        return functional.set_step_mode(net, "m") or net
+
+    torch.manual_seed(0)
+    saved = to_sbnn(host(), batchnorm="affine", std_mode=std_mode)
+    with torch.device(META):
+        model = to_sbnn(host(), batchnorm="affine", std_mode=std_mode)
+    model.to_empty(device="cpu")
+    model.load_state_dict(saved.state_dict())
+    x = (torch.rand(4, 2, 1, 6, 6) < 0.5).float()
+    with torch.no_grad():
+        for m in (saved, model):
+            sb.seed_spikes(m, 1)
+            functional.reset_net(m)
+        assert torch.equal(model(x), saved(x))
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    for name in ("0", "4"):
+        fc = model.get_submodule(name)
+        torch.testing.assert_close(fc.std, torch.full_like(fc.std, converted_std(fc.weight)))
