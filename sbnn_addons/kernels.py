@@ -986,7 +986,9 @@ class LIFSequence(torch.autograd.Function):
                                                    else state + own_var)
             if total is None:  # no noise at all: the deterministic spike 1[u > 0]
                 total = torch.zeros((), dtype=x_seq.dtype)
-            u = h - dyn.threshold
+            # the kernel reads u in memory order: a membrane of another layout (a
+            # channels_last v0) would pair it with the wrong variances and spike slots
+            u = (h - dyn.threshold).contiguous()
             hb = torch.empty_like(u, dtype=torch.uint8)
             var, mid, inner = _layout(u, total)
             _, _, aux_t = _forward_raw(u, var, mid, inner, seeds[t], at_zero, aux_offset,
@@ -1213,8 +1215,8 @@ def lif_sequence(x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | N
     seeds = tuple(_seed(generator) for _ in range(x_seq.shape[0]))
     config = (dynamics, estimator, bool(at_zero), seeds, aux_offset, bool(aux_var),
               float(aux_pull))
-    spikes, v, state, aux = apply_function(
-        LIFSequence, x_seq.contiguous(), q_seq, v0, s0, own_var, rate, config)
+    spikes, v, state, aux = apply_function(  # all in one layout: no copy at each step
+        LIFSequence, x_seq.contiguous(), q_seq, v0.contiguous(), s0, own_var, rate, config)
     mark_binary(spikes)
     return (spikes, v, state) if aux_offset is None else (spikes, v, state, aux)
 
