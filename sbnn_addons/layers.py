@@ -87,6 +87,11 @@ STD_MODES = ("layer", "channel", "weight")
 #: The missing-keys list of the last load_state_dict call that warned of a checkpoint
 #: without noise scales (one warning per call, not one per layer).
 _LOAD_WARNED: list = [None]
+#: The missing-keys list of the last load_state_dict call that loaded a Bayesian layer's
+#: noise scale (a checkpoint of a converted model), and of the last that warned of a
+#: ``batchnorm="keep"`` checkpoint loaded into a ChannelAffine.
+_LOADED_NOISE: list = [None]
+_LOAD_WARNED_KEEP: list = [None]
 
 #: Spike inputs with at least this many elements are kept as uint8 for the backward;
 #: below it the memory saved is small and the extra autograd node costs more time.
@@ -239,6 +244,8 @@ class _BayesMixin(SBNNModule):
         saved = state_dict.get(key)
         target = getattr(self, own)
         mismatch = None
+        if saved is not None:  # a converted model's checkpoint (see _fold_batchnorm_entries)
+            _LOADED_NOISE[0] = missing_keys
         if isinstance(saved, Tensor) and saved.shape != target.shape:
             shapes = {(): "layer", (self.weight.shape[0],): "channel",
                       tuple(self.weight.shape): "weight"}
@@ -1268,17 +1275,34 @@ class ChannelAffine(nn.Module):
 
 
 def _fold_batchnorm_entries(module: ChannelAffine, state_dict: dict, prefix: str,
-                            *_: object) -> None:
+                            local_metadata, strict, missing_keys, *_: object) -> None:
     """Load-state-dict pre-hook of :class:`ChannelAffine`: fold a BatchNorm's entries.
 
     ``gamma = weight / sqrt(running_var + eps)``, ``beta = bias - running_mean * gamma``
     (``weight`` 1 and ``bias`` 0 where the BatchNorm had no affine). The running entries
     and ``num_batches_tracked`` are consumed, so a strict load reports only true
     mismatches. A state dict of a ``ChannelAffine`` itself loads unchanged.
+
+    A state dict that also holds the noise scale of a Bayesian layer (loaded before this
+    affine, as the layer a BatchNorm follows is) is that of a converted model that kept its
+    BatchNorms (``batchnorm="keep"``): they scaled the noise by ``gamma`` per channel,
+    which the mean-only affine does not, so the noise its stds were trained for changes by
+    ``1 / |gamma|`` per channel. That load warns (once per ``load_state_dict`` call).
     """
     mean_key, var_key = prefix + "running_mean", prefix + "running_var"
     if mean_key not in state_dict and var_key not in state_dict:
         return
+    if _LOADED_NOISE[0] is missing_keys and _LOAD_WARNED_KEEP[0] is not missing_keys:
+        _LOAD_WARNED_KEEP[0] = missing_keys  # the list this load_state_dict call shares
+        warnings.warn(
+            f"load_state_dict: the state dict holds noise scales and the BatchNorm entries "
+            f"of {prefix.rstrip('.')!r}: a checkpoint of a converted model that kept its "
+            "BatchNorms (batchnorm='keep'), which scale the noise per channel by "
+            "weight / sqrt(running_var + eps). A ChannelAffine (batchnorm='affine') folds "
+            "them into the mean only, so the noise the loaded stds were trained for changes "
+            "by 1 / |that scale| per channel. Load it into the model converted with "
+            "batchnorm='keep' to run it as trained", UserWarning,
+            stacklevel=6 + prefix.count("."))  # load_state_dict's caller (hook wrapped)
     if mean_key not in state_dict or var_key not in state_dict:
         raise ValueError(
             f"ChannelAffine {prefix.rstrip('.')!r}: the state dict holds only one of "
