@@ -1013,6 +1013,9 @@ class LIFSequence(torch.autograd.Function):
                 total = torch.zeros((), dtype=x_seq.dtype, device=x_seq.device)
             u = h - dyn.threshold
             if backend == "kernel":
+                # the kernel reads u in memory order: a membrane of another layout (a
+                # channels_last v0) would pair it with the wrong variances and spike slots
+                u = u.contiguous()
                 hb = torch.empty_like(u, dtype=torch.uint8)
                 var, mid, inner = _layout(u, total)
                 _, _, aux_t = _forward_raw(u, var, mid, inner, noise[t], at_zero, aux_offset,
@@ -1329,8 +1332,8 @@ def lif_sequence(x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | N
              else generator)
     config = (dynamics, estimator, bool(at_zero), noise, aux_offset, bool(aux_var),
               float(aux_pull), backend)
-    spikes, v, state, aux = apply_function(
-        LIFSequence, x_seq.contiguous(), q_seq, v0, s0, own_var, rate, config)
+    spikes, v, state, aux = apply_function(  # all in one layout: no copy at each step
+        LIFSequence, x_seq.contiguous(), q_seq, v0.contiguous(), s0, own_var, rate, config)
     mark_binary(spikes)
     return (spikes, v, state) if aux_offset is None else (spikes, v, state, aux)
 

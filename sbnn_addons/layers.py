@@ -87,6 +87,11 @@ STD_MODES = ("layer", "channel", "weight")
 #: The missing-keys list of the last load_state_dict call that warned of a checkpoint
 #: without noise scales (one warning per call, not one per layer).
 _LOAD_WARNED: list = [None]
+#: The missing-keys list of the last load_state_dict call that loaded a Bayesian layer's
+#: noise scale (a checkpoint of a converted model), and of the last that warned of a
+#: ``batchnorm="keep"`` checkpoint loaded into a ChannelAffine.
+_LOADED_NOISE: list = [None]
+_LOAD_WARNED_KEEP: list = [None]
 
 #: Spike inputs with at least this many elements are kept as uint8 for the backward;
 #: below it the memory saved is small and the extra autograd node costs more time.
@@ -239,6 +244,8 @@ class _BayesMixin(SBNNModule):
         saved = state_dict.get(key)
         target = getattr(self, own)
         mismatch = None
+        if saved is not None:  # a converted model's checkpoint (see _fold_batchnorm_entries)
+            _LOADED_NOISE[0] = missing_keys
         if isinstance(saved, Tensor) and saved.shape != target.shape:
             shapes = {(): "layer", (self.weight.shape[0],): "channel",
                       tuple(self.weight.shape): "weight"}
@@ -983,8 +990,12 @@ def converted_std(weight: Tensor, fraction: float | None = None,
     ported weights. A mean-only :class:`ChannelAffine` folded from a BatchNorm multiplies
     the mean by ``scale`` but not the variance, so the scale is folded into ``s`` to keep
     the same signal-to-noise ratio. Weights that are all zero give ``0.5 / sqrt(fan_in)``,
-    the layers' own default.
+    the layers' own default, and so do weights on the ``meta`` device (a model built
+    there has no values: after ``to_empty()``, a converted layer's ``reset_parameters()``
+    sizes its std from the weights it draws, and a loaded checkpoint brings its own).
     """
+    if weight.is_meta:
+        return 0.5 / math.sqrt(max(weight[0].numel(), 1))
     w = weight.detach().float()
     if scale is not None:
         w = w * scale.detach().float().to(w.device).view(-1, *([1] * (w.dim() - 1)))
@@ -1010,10 +1021,14 @@ def fold_channel_std(layer: nn.Module, folded_bn: nn.modules.batchnorm._BatchNor
     of :func:`converted_std`. A channel whose scale is 0 (constant output) gets a std
     ``1e-6`` times the layer's. Where the std was not given, the layer's
     ``reset_parameters()`` then sizes it from the weights it draws by the same rule (a
-    converted std is relative to the weights). Returns ``layer``."""
+    converted std is relative to the weights). A BatchNorm on the ``meta`` device has no
+    statistics to fold: its layer keeps the layer-wide rule, the scale of a BatchNorm as
+    ``reset_parameters()`` leaves it (1). Returns ``layer``."""
     if posterior.get("std") is not None or not is_bayesian(layer):
         return layer
     scale = None if folded_bn is None else folded_batchnorm_scale(folded_bn).detach()
+    if scale is not None and scale.is_meta:
+        scale = None
     per_channel = scale is not None and getattr(layer, "std_mode", "layer") != "layer"
     # reset_parameters() sizes the std from the weights it draws, by the same rule
     layer.__dict__[_CONVERTED_STD] = (scale, per_channel)
@@ -1200,6 +1215,14 @@ class ChannelAffine(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_load_state_dict_pre_hook(_fold_batchnorm_entries)
 
+    def reset_parameters(self) -> None:
+        """Set the affine back to the identity (``gamma = 1``, ``beta = 0``), as built and
+        as a BatchNorm's ``reset_parameters()`` does, e.g. after building on the ``meta``
+        device and ``to_empty()`` (uninitialised memory)."""
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+            self.bias.fill_(0.0)
+
     @classmethod
     def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> ChannelAffine:
         """Fold a BatchNorm's running statistics and affine into a ChannelAffine.
@@ -1252,17 +1275,34 @@ class ChannelAffine(nn.Module):
 
 
 def _fold_batchnorm_entries(module: ChannelAffine, state_dict: dict, prefix: str,
-                            *_: object) -> None:
+                            local_metadata, strict, missing_keys, *_: object) -> None:
     """Load-state-dict pre-hook of :class:`ChannelAffine`: fold a BatchNorm's entries.
 
     ``gamma = weight / sqrt(running_var + eps)``, ``beta = bias - running_mean * gamma``
     (``weight`` 1 and ``bias`` 0 where the BatchNorm had no affine). The running entries
     and ``num_batches_tracked`` are consumed, so a strict load reports only true
     mismatches. A state dict of a ``ChannelAffine`` itself loads unchanged.
+
+    A state dict that also holds the noise scale of a Bayesian layer (loaded before this
+    affine, as the layer a BatchNorm follows is) is that of a converted model that kept its
+    BatchNorms (``batchnorm="keep"``): they scaled the noise by ``gamma`` per channel,
+    which the mean-only affine does not, so the noise its stds were trained for changes by
+    ``1 / |gamma|`` per channel. That load warns (once per ``load_state_dict`` call).
     """
     mean_key, var_key = prefix + "running_mean", prefix + "running_var"
     if mean_key not in state_dict and var_key not in state_dict:
         return
+    if _LOADED_NOISE[0] is missing_keys and _LOAD_WARNED_KEEP[0] is not missing_keys:
+        _LOAD_WARNED_KEEP[0] = missing_keys  # the list this load_state_dict call shares
+        warnings.warn(
+            f"load_state_dict: the state dict holds noise scales and the BatchNorm entries "
+            f"of {prefix.rstrip('.')!r}: a checkpoint of a converted model that kept its "
+            "BatchNorms (batchnorm='keep'), which scale the noise per channel by "
+            "weight / sqrt(running_var + eps). A ChannelAffine (batchnorm='affine') folds "
+            "them into the mean only, so the noise the loaded stds were trained for changes "
+            "by 1 / |that scale| per channel. Load it into the model converted with "
+            "batchnorm='keep' to run it as trained", UserWarning,
+            stacklevel=6 + prefix.count("."))  # load_state_dict's caller (hook wrapped)
     if mean_key not in state_dict or var_key not in state_dict:
         raise ValueError(
             f"ChannelAffine {prefix.rstrip('.')!r}: the state dict holds only one of "

@@ -344,3 +344,26 @@ def test_run_with_a_frozen_layer_in_front_pulls_as_the_steps_do():
     for a, b in zip(*grads):
         assert a.abs().sum() > 0
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-9)
+
+
+def test_run_on_channels_last_currents_equals_contiguous():
+    """``LIF.run`` of a channels_last conv output (time folded in the batch): its zero
+    membrane is made like the input, and the fused sequence paired the drive (memory
+    order) with the variances (logical order) wrongly. Same seed: the same spikes and
+    gradients as the contiguous currents."""
+    torch.manual_seed(0)
+    conv = sb.BayesConv2d(3, 6, 3, padding=1, std=0.3, std_mode="channel")
+    lif = sb.LIF(spike_fn=sb.IWSTSpike(std=0.1))
+    x = (torch.rand(5 * 4, 3, 8, 8) < 0.5).float()
+    runs = []
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        sb.seed_spikes(lif, 0)
+        conv.zero_grad()
+        currents = conv(inp).reshape(5, 4, 6, 8, 8)
+        spikes = lif.run(currents)
+        (spikes * torch.linspace(-1, 1, 6).view(6, 1, 1)).sum().backward()
+        runs.append((spikes, conv.weight.grad.clone(), conv.std_rho.grad.clone()))
+    assert runs[0][0].sum() > 0
+    assert torch.equal(runs[0][0], runs[1][0])
+    for want, got in zip(runs[0][1:], runs[1][1:]):
+        torch.testing.assert_close(got, want)

@@ -121,3 +121,77 @@ def test_conversion_keeps_the_model_dtype(dtype):
         assert {p.dtype for p in model.parameters()} == {dtype}
     x = torch.rand(3, 2, 2, 6, 6, dtype=dtype)
     assert models[2](x).dtype == dtype
+
+
+def test_reset_parameters_after_to_empty_leaves_no_uninitialised_tensor():
+    """The meta-device recipe ``to_empty()`` then ``reset_parameters()`` on every module
+    that has it (as for a BatchNorm) re-initialises the mean-only affines (identity) and
+    the recurrent layers' diagonal masks: they had no ``reset_parameters`` and kept the
+    uninitialised memory (here 7.0), a silently wrong affine or mask."""
+    from sbnn_addons.models import StepAffine, ZeroDiagBayesLinear, ZeroDiagLinear
+    from sbnn_addons.spikingjelly import ChannelAffine as SJChannelAffine
+
+    makers = [lambda: sb.ChannelAffine(4), lambda: SJChannelAffine(4, step_mode="m"),
+              lambda: StepAffine(4, num_steps=3), lambda: ZeroDiagLinear(5),
+              lambda: ZeroDiagBayesLinear(5, std=0.1),
+              lambda: shd_recurrent(in_features=6, hidden=(5,), num_classes=3, num_steps=3),
+              lambda: dvs_resnet19(widths=(4, 4, 4), blocks=1, num_steps=2)]
+    for make in makers:
+        torch.manual_seed(0)
+        fresh = make()
+        with torch.device(META):
+            model = make()
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                t.fill_(7.0)
+        for m in model.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        want = dict([*fresh.named_parameters(), *fresh.named_buffers()])
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            assert not (t == 7.0).all(), (type(model).__name__, name)
+            if name.endswith("diag_mask") or "norm" in name or isinstance(
+                    model, (sb.ChannelAffine, StepAffine)):
+                assert torch.equal(t, want[name]), (type(model).__name__, name)
+            if name.endswith("weight") and hasattr(model, "diag_mask"):
+                assert not t.diagonal().any()
+
+
+@pytest.mark.parametrize("std_mode", ["layer", "channel"])
+def test_spikingjelly_model_built_on_meta_converts_and_loads_a_checkpoint(std_mode):
+    """A SpikingJelly model built on the ``meta`` device (as the host allows) converts:
+    the converted stds, sized from the weights' RMS, raised "Tensor.item() cannot be
+    called on meta tensors" (with a folded BatchNorm, as a BatchNorm that "cannot fold").
+    After ``to_empty()`` a converted checkpoint loads and runs as the saved model, and
+    ``reset_parameters()`` sizes each std from the drawn weights."""
+    pytest.importorskip("spikingjelly")
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    from sbnn_addons.layers import converted_std
+    from sbnn_addons.spikingjelly import to_sbnn
+
+    def host():
+        net = nn.Sequential(layer.Conv2d(1, 4, 3, padding=1), layer.BatchNorm2d(4),
+                            neuron.LIFNode(), layer.Flatten(), layer.Linear(4 * 36, 3),
+                            neuron.LIFNode())
+        return functional.set_step_mode(net, "m") or net
+
+    torch.manual_seed(0)
+    saved = to_sbnn(host(), batchnorm="affine", std_mode=std_mode)
+    with torch.device(META):
+        model = to_sbnn(host(), batchnorm="affine", std_mode=std_mode)
+    model.to_empty(device="cpu")
+    model.load_state_dict(saved.state_dict())
+    x = (torch.rand(4, 2, 1, 6, 6) < 0.5).float()
+    with torch.no_grad():
+        for m in (saved, model):
+            sb.seed_spikes(m, 1)
+            functional.reset_net(m)
+        assert torch.equal(model(x), saved(x))
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    for name in ("0", "4"):
+        fc = model.get_submodule(name)
+        torch.testing.assert_close(fc.std, torch.full_like(fc.std, converted_std(fc.weight)))

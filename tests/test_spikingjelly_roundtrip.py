@@ -276,6 +276,32 @@ def test_affine_model_loads_a_host_checkpoint_folded():
             torch.testing.assert_close(run_sequence(model, X, "m"), want)
 
 
+def test_keep_checkpoint_loaded_into_an_affine_model_warns():
+    """A checkpoint of a converted model that kept its BatchNorm (``batchnorm="keep"``,
+    which scales the noise by ``gamma / sqrt(var + eps)`` per channel) loaded into a
+    ``batchnorm="affine"`` model (mean-only affine) changes every channel's noise by
+    ``1 / |scale|`` (in a probe, channels with noise 0.022 and 0.014 got 0.021 each), with
+    "All keys matched". The load warns, once; a host checkpoint and an affine model's own
+    do not give that warning."""
+    import warnings
+
+    trained = _net()
+    with torch.no_grad():
+        trained[1].running_var.uniform_(0.05, 0.5)
+    keep = sbnn_sj.to_sbnn(trained, std_mode="channel")
+    model = sbnn_sj.to_sbnn(_net(), std_mode="channel", batchnorm="affine")
+    with pytest.warns(UserWarning, match="batchnorm='keep'") as record:
+        model.load_state_dict(keep.state_dict())
+    assert len([w for w in record if "BatchNorm entries" in str(w.message)]) == 1
+    assert record[0].filename == __file__
+    own = sbnn_sj.to_sbnn(trained, std_mode="channel", batchnorm="affine").state_dict()
+    for state, strict in ((own, True), (trained.state_dict(), False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.load_state_dict(state, strict=strict)
+        assert not [w for w in caught if "BatchNorm entries" in str(w.message)]
+
+
 @pytest.mark.parametrize("sm", ["s", "m"])
 def test_layer_conv1d_converts_and_exports(sm):
     """SpikingJelly's ``layer.Conv1d`` (an audio / event-channel net) becomes a Bayesian

@@ -113,6 +113,13 @@ class StepAffine(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_steps, num_features))
         self.bias = nn.Parameter(torch.zeros(num_steps, num_features))
 
+    def reset_parameters(self) -> None:
+        """Set every step's affine back to the identity (scale 1, shift 0), as built, e.g.
+        after building on the ``meta`` device and ``to_empty()``."""
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+            self.bias.fill_(0.0)
+
     def _check(self, x: Tensor, folded: bool) -> None:
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(

@@ -24,6 +24,15 @@ from ._common import (
 __all__ = ["ZeroDiagLinear", "ZeroDiagBayesLinear", "SHDRecurrentNet", "shd_recurrent"]
 
 
+def _zero_diagonal(layer: nn.Linear) -> None:
+    """(Re)build ``layer.diag_mask = 1 - I`` and zero the weight's diagonal with it."""
+    with torch.no_grad():
+        eye = torch.eye(layer.weight.shape[0], device=layer.weight.device,
+                        dtype=layer.weight.dtype)
+        layer.diag_mask.copy_(1.0 - eye)
+        layer.weight.mul_(layer.diag_mask)
+
+
 class ZeroDiagLinear(nn.Linear):
     """Square ``nn.Linear`` without self-connections: ``y = (W * (1 - I)) x``.
 
@@ -33,10 +42,15 @@ class ZeroDiagLinear(nn.Linear):
 
     def __init__(self, features: int, bias: bool = False, device=None, dtype=None) -> None:
         super().__init__(features, features, bias, device=device, dtype=dtype)
-        eye = torch.eye(features, device=device, dtype=self.weight.dtype)
-        self.register_buffer("diag_mask", 1.0 - eye)
-        with torch.no_grad():
-            self.weight.mul_(self.diag_mask)
+        self.register_buffer("diag_mask", torch.empty_like(self.weight))
+        _zero_diagonal(self)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise as ``nn.Linear`` does, then rebuild the diagonal mask (a buffer
+        that ``to_empty()`` after a ``meta``-device build leaves uninitialised)."""
+        super().reset_parameters()
+        if "diag_mask" in self._buffers:  # not while nn.Linear.__init__ calls it
+            _zero_diagonal(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight * self.diag_mask, self.bias)
@@ -66,11 +80,17 @@ class ZeroDiagBayesLinear(BayesLinear):
     def __init__(self, features: int, bias: bool = False, *, mask_variance: bool = False,
                  **kwargs) -> None:
         super().__init__(features, features, bias, **kwargs)
-        eye = torch.eye(features, device=self.weight.device, dtype=self.weight.dtype)
-        self.register_buffer("diag_mask", 1.0 - eye)
+        self.register_buffer("diag_mask", torch.empty_like(self.weight))
         self.mask_variance = bool(mask_variance)
-        with torch.no_grad():
-            self.weight.mul_(self.diag_mask)
+        _zero_diagonal(self)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the weights and noise scales as :class:`~sbnn_addons.BayesLinear`
+        does, then rebuild the diagonal mask (a buffer that ``to_empty()`` after a
+        ``meta``-device build leaves uninitialised)."""
+        super().reset_parameters()
+        if "diag_mask" in self._buffers:  # not while nn.Linear.__init__ calls it
+            _zero_diagonal(self)
 
     def _mean(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight * self.diag_mask, self.bias)
