@@ -104,7 +104,7 @@ __all__ = [
 #: Names of the snnTorch neurons :func:`to_sbnn` converts.
 SUPPORTED_NEURONS = ("Leaky", "RLeaky")
 
-_CACHE = "_sbnn_fire_cache"
+_CACHE = "_sbnn_fire_cache"  # (membrane fired from, its spikes, its _version[, original])
 _STATE = "_sbnn_state"  # (membrane, its variance, whether it required grad, its _version)
 _HOST_SPIKE = "_sbnn_host_spike_grad"  # HostObject: the neuron's original spike_grad
 _BN_KIND = "_sbnn_batchnorm_kind"
@@ -387,7 +387,7 @@ class _EmittedSpikeReset:
             self._buffers["mem"] = plain_mem
             cached = self.__dict__.get(_CACHE)
             if cached is not None and cached[0] is mem:  # either membrane may come back
-                self.__dict__[_CACHE] = (plain_mem, cached[1], mem)
+                self.__dict__[_CACHE] = (plain_mem, *cached[1:3], mem)
         version = _version_of(plain_mem)
         self.__dict__[_STATE] = (plain_mem, var, plain_mem.requires_grad, version)
         if _recording_steps():
@@ -436,6 +436,10 @@ class _EmittedSpikeReset:
             else:  # replaced (a new sequence) or changed in place: the copy behaves alike
                 state[_STATE] = (stored[0], stored[1], stored[2],
                                  None if not current else _CHANGED_VERSION)
+        cached = state.get(_CACHE)
+        if cached is not None and cached[2] is not None:  # the copy's membrane adopts it
+            version = _ADOPT_VERSION if _unchanged(cached[0], cached[2]) else _CHANGED_VERSION
+            state[_CACHE] = (*cached[:2], version, *cached[3:])
         mem = self._buffers.get("mem")
         if mem is None or mem.grad_fn is None:
             # the membrane holds no graph (snntorch.utils.reset, detach_hidden): neither
@@ -454,6 +458,9 @@ class _EmittedSpikeReset:
         stored = self.__dict__.get(_STATE)
         if stored is not None and stored[3] == _ADOPT_VERSION:  # unpickled: equal, not identical
             self.__dict__[_STATE] = (*stored[:3], _version_of(stored[0]))
+        cached = self.__dict__.get(_CACHE)
+        if cached is not None and cached[2] == _ADOPT_VERSION:
+            self.__dict__[_CACHE] = (*cached[:2], _version_of(cached[0]), *cached[3:])
         _register(self)
 
     def fire(self, mem: Tensor) -> Tensor:
@@ -466,11 +473,14 @@ class _EmittedSpikeReset:
 
     def _keep_reset(self, mem: Tensor, raw: Tensor) -> None:
         """Keep the spikes ``raw`` that membrane ``mem`` emitted as its reset (a copy taken
-        now: the spikes returned may be changed in place), also for a recomputation."""
+        now: the spikes returned may be changed in place), also for a recomputation, with
+        the membrane's version: once it is changed in place (``mem.mul_(mask)``), they are
+        not its reset any more."""
         spikes = raw.detach().clone()
-        self.__dict__[_CACHE] = (mem, spikes)
+        version = _version_of(mem)
+        self.__dict__[_CACHE] = (mem, spikes, version)
         if _recording_steps():
-            _step_record(self, mem)["spikes"] = spikes
+            _step_record(self, mem)["spikes"] = (spikes, version)
 
     def _unit_spike_factor(self) -> bool:
         """Whether ``graded_spikes_factor`` is a constant 1 (checked once per value of the
@@ -494,16 +504,20 @@ class _EmittedSpikeReset:
 
     def mem_reset(self, mem: Tensor) -> Tensor:
         cached = self.__dict__.get(_CACHE)
-        if cached is not None and (cached[0] is mem or (len(cached) > 2 and cached[2] is mem)):
+        if cached is not None and not _unchanged(cached[0], cached[2]):
+            # changed in place since it fired (mem.mul_(mask)): the reset is computed from
+            # its new values, as snnTorch computes it, not the spikes of the old ones
+            cached = None
+        if cached is not None and (cached[0] is mem or (len(cached) > 3 and cached[3] is mem)):
             return cached[1]
         compiling = torch.compiler.is_compiling()
         if cached is not None and not compiling and (_aliases(mem, cached[0])  # mem.detach()
                                                      or _copy_of(mem, cached[0])):
             return cached[1]
         if not compiling:  # an earlier step's membrane (a recomputation)
-            spikes = _find_step_record(self, mem).get("spikes")
-            if spikes is not None:
-                return spikes
+            record = _find_step_record(self, mem).get("spikes")
+            if record is not None and _unchanged(mem, record[1]):
+                return record[0]
         fresh = _host_spike_dtype((mem.detach() - self.threshold > 0).to(mem.dtype))
         if compiling and cached is not None:
             # a compiled step cannot compare storages: the first step of a compiled call
@@ -668,6 +682,12 @@ def _version_of(t: Tensor) -> int | None:
     if torch.compiler.is_compiling() or t.is_inference():
         return None
     return t._version
+
+
+def _unchanged(t: Tensor, version: int | None) -> bool:
+    """Whether ``t`` is unchanged in place since its ``_version`` was ``version``
+    (``None``, or a tensor without a version counter: taken as unchanged)."""
+    return version is None or _version_of(t) in (None, version)
 
 
 def _copy_of(mem: Tensor, stored: Tensor) -> bool:
