@@ -104,7 +104,7 @@ __all__ = [
 #: Names of the snnTorch neurons :func:`to_sbnn` converts.
 SUPPORTED_NEURONS = ("Leaky", "RLeaky")
 
-_CACHE = "_sbnn_fire_cache"  # (membrane fired from, its spikes, its _version[, original])
+_CACHE = "_sbnn_fire_cache"  # (membrane fired from, its spikes, _fire_mark[, original])
 _STATE = "_sbnn_state"  # (membrane, its variance, whether it required grad, its _version)
 _HOST_SPIKE = "_sbnn_host_spike_grad"  # HostObject: the neuron's original spike_grad
 _BN_KIND = "_sbnn_batchnorm_kind"
@@ -437,7 +437,7 @@ class _EmittedSpikeReset:
                 state[_STATE] = (stored[0], stored[1], stored[2],
                                  None if not current else _CHANGED_VERSION)
         cached = state.get(_CACHE)
-        if cached is not None and cached[2] is not None:  # the copy's membrane adopts it
+        if cached is not None and isinstance(cached[2], int):  # the copy's membrane adopts it
             version = _ADOPT_VERSION if _unchanged(cached[0], cached[2]) else _CHANGED_VERSION
             state[_CACHE] = (*cached[:2], version, *cached[3:])
         mem = self._buffers.get("mem")
@@ -459,7 +459,7 @@ class _EmittedSpikeReset:
         if stored is not None and stored[3] == _ADOPT_VERSION:  # unpickled: equal, not identical
             self.__dict__[_STATE] = (*stored[:3], _version_of(stored[0]))
         cached = self.__dict__.get(_CACHE)
-        if cached is not None and cached[2] == _ADOPT_VERSION:
+        if cached is not None and isinstance(cached[2], str):  # _ADOPT_VERSION
             self.__dict__[_CACHE] = (*cached[:2], _version_of(cached[0]), *cached[3:])
         _register(self)
 
@@ -474,13 +474,13 @@ class _EmittedSpikeReset:
     def _keep_reset(self, mem: Tensor, raw: Tensor) -> None:
         """Keep the spikes ``raw`` that membrane ``mem`` emitted as its reset (a copy taken
         now: the spikes returned may be changed in place), also for a recomputation, with
-        the membrane's version: once it is changed in place (``mem.mul_(mask)``), they are
-        not its reset any more."""
+        the membrane's :func:`_fire_mark`: once it is changed in place
+        (``mem.mul_(mask)``), they are not its reset any more."""
         spikes = raw.detach().clone()
-        version = _version_of(mem)
-        self.__dict__[_CACHE] = (mem, spikes, version)
+        mark = _fire_mark(mem)
+        self.__dict__[_CACHE] = (mem, spikes, mark)
         if _recording_steps():
-            _step_record(self, mem)["spikes"] = (spikes, version)
+            _step_record(self, mem)["spikes"] = (spikes, mark)
 
     def _unit_spike_factor(self) -> bool:
         """Whether ``graded_spikes_factor`` is a constant 1 (checked once per value of the
@@ -508,17 +508,23 @@ class _EmittedSpikeReset:
             # changed in place since it fired (mem.mul_(mask)): the reset is computed from
             # its new values, as snnTorch computes it, not the spikes of the old ones
             cached = None
-        if cached is not None and (cached[0] is mem or (len(cached) > 3 and cached[3] is mem)):
-            return cached[1]
         compiling = torch.compiler.is_compiling()
-        if cached is not None and not compiling and (_aliases(mem, cached[0])  # mem.detach()
-                                                     or _copy_of(mem, cached[0])):
-            return cached[1]
-        if not compiling:  # an earlier step's membrane (a recomputation)
+        found = None
+        if cached is not None and (cached[0] is mem or (len(cached) > 3 and cached[3] is mem)
+                                   or (not compiling and (_aliases(mem, cached[0])  # detach()
+                                                          or _copy_of(mem, cached[0])))):
+            found = cached[1:3]
+        elif not compiling:  # an earlier step's membrane (a recomputation)
             record = _find_step_record(self, mem).get("spikes")
             if record is not None and _unchanged(mem, record[1]):
-                return record[0]
+                found = record
+        if found is not None and not isinstance(found[1], Tensor):
+            return found[0]
         fresh = _host_spike_dtype((mem.detach() - self.threshold > 0).to(mem.dtype))
+        if found is not None:
+            # an inference tensor (no version counter): its values when it fired decide,
+            # in the graph (no wait for the device)
+            return torch.where((mem.detach() == found[1]).all(), found[0], fresh)
         if compiling and cached is not None:
             # a compiled step cannot compare storages: the first step of a compiled call
             # given back the last membrane detached (truncated BPTT) or copied
@@ -684,10 +690,21 @@ def _version_of(t: Tensor) -> int | None:
     return t._version
 
 
-def _unchanged(t: Tensor, version: int | None) -> bool:
-    """Whether ``t`` is unchanged in place since its ``_version`` was ``version``
-    (``None``, or a tensor without a version counter: taken as unchanged)."""
-    return version is None or _version_of(t) in (None, version)
+def _fire_mark(mem: Tensor) -> int | Tensor | None:
+    """What tells whether a membrane is changed in place after it fired: its ``_version``;
+    for an inference tensor (``torch.inference_mode()``, no version counter) a copy of its
+    values; ``None`` in a compiled graph."""
+    if torch.compiler.is_compiling():
+        return None
+    if mem.is_inference():
+        return mem.detach().clone()
+    return mem._version
+
+
+def _unchanged(t: Tensor, mark: int | Tensor | None) -> bool:
+    """Whether ``t`` is unchanged in place since it had the :func:`_fire_mark` ``mark``
+    (``None``, or values to compare: taken as unchanged here)."""
+    return not isinstance(mark, int) or _version_of(t) in (None, mark)
 
 
 def _copy_of(mem: Tensor, stored: Tensor) -> bool:

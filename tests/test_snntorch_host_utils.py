@@ -304,7 +304,8 @@ def test_membrane_changed_in_place_without_variance_resets_from_its_new_values(h
     """A membrane that carries no noise variance (a zero-std conversion, or a neuron fed
     by an excluded layer), changed in place between steps: its reset is computed from the
     new values, as in snnTorch (a zeroed membrane that had fired loses no threshold), not
-    taken from the spikes it emitted before the change; in both styles."""
+    taken from the spikes it emitted before the change; in both styles, and under
+    ``torch.inference_mode()`` also for a membrane with noise."""
     torch.manual_seed(0)
     host = _MaskedLoop()
     with torch.no_grad():
@@ -320,6 +321,11 @@ def test_membrane_changed_in_place_without_variance_resets_from_its_new_values(h
     with torch.no_grad(), sbnn_addons.mode(model, "mean"):
         got = model(x, mask)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # inference tensors have no version counter: the values tell (also with noise)
+    for m in (model, to_sbnn(host)):
+        with torch.inference_mode(), sbnn_addons.mode(m, "mean"):
+            got = m(x, mask)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
     seq = nn.Sequential(host.fc, snn.Leaky(beta=0.9, init_hidden=True))
 
