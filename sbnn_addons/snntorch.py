@@ -761,7 +761,9 @@ def _stored_variance(neuron: nn.Module, detached: bool = False):
                     raise _edited_membrane_error(neuron)
                 return None
             var, had_grad, version = record
-    if version is not None and _version_of(mem) not in (None, version):
+    if var is not None and version is not None and _version_of(mem) not in (None, version):
+        # (without a variance, mean mode's included, there is none to lose: the step goes
+        # on from the changed values, as in snnTorch)
         raise VarianceFlowError(
             f"the membrane of this {type(neuron).__name__} was changed in place since its "
             "last step, so its noise variance is unknown; start a new sequence with a new "
@@ -1169,8 +1171,10 @@ def to_sbnn(
     membranes its steps return (passed back as returned, detached or cloned). A membrane
     computed from the last one out of place (``mem = 0.5 * mem``, ``mem.clamp(...)``)
     makes the next training step raise :class:`~sbnn_addons.moments.VarianceFlowError`
-    (eager mode, where the membrane has a graph) instead of restarting ``V`` silently;
-    ``mean`` mode, which carries no variance, runs such edits as snnTorch does.
+    (eager mode, where the membrane has a graph) instead of restarting ``V`` silently, and
+    so does a membrane changed in place (``mem.mul_(mask)``, with or without a graph);
+    ``mean`` mode, which carries no variance, runs such edits as snnTorch does (the reset
+    is computed from the edited membrane).
 
     ``surrogate_disable=True`` (snnTorch: a plain Heaviside without a surrogate gradient)
     is refused rather than silently replaced by the stochastic spike function and its

@@ -304,8 +304,9 @@ def test_membrane_changed_in_place_without_variance_resets_from_its_new_values(h
     """A membrane that carries no noise variance (a zero-std conversion, or a neuron fed
     by an excluded layer), changed in place between steps: its reset is computed from the
     new values, as in snnTorch (a zeroed membrane that had fired loses no threshold), not
-    taken from the spikes it emitted before the change; in both styles, and under
-    ``torch.inference_mode()`` also for a membrane with noise."""
+    taken from the spikes it emitted before the change; in both styles. In ``mean`` mode
+    (no variance) a noisy model runs the edit as well, also under
+    ``torch.inference_mode()``."""
     torch.manual_seed(0)
     host = _MaskedLoop()
     with torch.no_grad():
@@ -321,11 +322,16 @@ def test_membrane_changed_in_place_without_variance_resets_from_its_new_values(h
     with torch.no_grad(), sbnn_addons.mode(model, "mean"):
         got = model(x, mask)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    # inference tensors have no version counter: the values tell (also with noise)
-    for m in (model, to_sbnn(host)):
-        with torch.inference_mode(), sbnn_addons.mode(m, "mean"):
+    # mean mode carries no variance, so a noisy model runs the edit too; inference
+    # tensors have no version counter: the values tell
+    noisy = to_sbnn(host)
+    for m, context in ((noisy, torch.no_grad), (noisy, torch.enable_grad),
+                       (model, torch.inference_mode), (noisy, torch.inference_mode)):
+        with context(), sbnn_addons.mode(m, "mean"):
             got = m(x, mask)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(sbnn_addons.VarianceFlowError, match="changed in place"):
+        noisy(x, mask)  # sample mode: the noise variance of an edited membrane is unknown
 
     seq = nn.Sequential(host.fc, snn.Leaky(beta=0.9, init_hidden=True))
 
