@@ -356,11 +356,12 @@ class _EmittedSpikeReset:
     detaches it, and a membrane passed back by an explicit time loop
     (``spk, mem = lif(cur, mem)``) finds its own ``V``.
 
-    A neuron whose membrane is passed explicitly (``init_hidden=False``, eager mode)
-    returns it as an alias of the buffer that carries ``V`` (in ``mean`` mode: the
-    probe), so that the caller's edits go through the variance flow: a membrane passed
-    back that carries its own variance is used with it (``0.5 * mem`` carries
-    ``0.25 V``), and one whose variance became unknown (``mem.clamp(...)``) raises.
+    A membrane passed back as a step returned it (detached or cloned too) finds its ``V``.
+    An edit of it has no known ``V``: one computed out of place (``0.5 * mem``) raises
+    where it has a graph, one changed in place (``mem.mul_(mask)``) where a ``V`` is
+    stored (``sample`` mode). Without a variance (``mean`` mode, a neuron without a
+    Bayesian input) an edited membrane goes on as in snnTorch: its reset is computed from
+    its values, not taken from the spikes it emitted before the edit.
     """
 
     def forward(self, *args, **kwargs):
