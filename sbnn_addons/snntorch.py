@@ -104,7 +104,7 @@ __all__ = [
 #: Names of the snnTorch neurons :func:`to_sbnn` converts.
 SUPPORTED_NEURONS = ("Leaky", "RLeaky")
 
-_CACHE = "_sbnn_fire_cache"
+_CACHE = "_sbnn_fire_cache"  # (membrane fired from, its spikes, _fire_mark[, original])
 _STATE = "_sbnn_state"  # (membrane, its variance, whether it required grad, its _version)
 _HOST_SPIKE = "_sbnn_host_spike_grad"  # HostObject: the neuron's original spike_grad
 _BN_KIND = "_sbnn_batchnorm_kind"
@@ -356,11 +356,12 @@ class _EmittedSpikeReset:
     detaches it, and a membrane passed back by an explicit time loop
     (``spk, mem = lif(cur, mem)``) finds its own ``V``.
 
-    A neuron whose membrane is passed explicitly (``init_hidden=False``, eager mode)
-    returns it as an alias of the buffer that carries ``V`` (in ``mean`` mode: the
-    probe), so that the caller's edits go through the variance flow: a membrane passed
-    back that carries its own variance is used with it (``0.5 * mem`` carries
-    ``0.25 V``), and one whose variance became unknown (``mem.clamp(...)``) raises.
+    A membrane passed back as a step returned it (detached or cloned too) finds its ``V``.
+    An edit of it has no known ``V``: one computed out of place (``0.5 * mem``) raises
+    where it has a graph, one changed in place (``mem.mul_(mask)``) where a ``V`` is
+    stored (``sample`` mode). Without a variance (``mean`` mode, a neuron without a
+    Bayesian input) an edited membrane goes on as in snnTorch: its reset is computed from
+    its values, not taken from the spikes it emitted before the edit.
     """
 
     def forward(self, *args, **kwargs):
@@ -387,7 +388,7 @@ class _EmittedSpikeReset:
             self._buffers["mem"] = plain_mem
             cached = self.__dict__.get(_CACHE)
             if cached is not None and cached[0] is mem:  # either membrane may come back
-                self.__dict__[_CACHE] = (plain_mem, cached[1], mem)
+                self.__dict__[_CACHE] = (plain_mem, *cached[1:3], mem)
         version = _version_of(plain_mem)
         self.__dict__[_STATE] = (plain_mem, var, plain_mem.requires_grad, version)
         if _recording_steps():
@@ -436,6 +437,10 @@ class _EmittedSpikeReset:
             else:  # replaced (a new sequence) or changed in place: the copy behaves alike
                 state[_STATE] = (stored[0], stored[1], stored[2],
                                  None if not current else _CHANGED_VERSION)
+        cached = state.get(_CACHE)
+        if cached is not None and isinstance(cached[2], int):  # the copy's membrane adopts it
+            version = _ADOPT_VERSION if _unchanged(cached[0], cached[2]) else _CHANGED_VERSION
+            state[_CACHE] = (*cached[:2], version, *cached[3:])
         mem = self._buffers.get("mem")
         if mem is None or mem.grad_fn is None:
             # the membrane holds no graph (snntorch.utils.reset, detach_hidden): neither
@@ -454,6 +459,9 @@ class _EmittedSpikeReset:
         stored = self.__dict__.get(_STATE)
         if stored is not None and stored[3] == _ADOPT_VERSION:  # unpickled: equal, not identical
             self.__dict__[_STATE] = (*stored[:3], _version_of(stored[0]))
+        cached = self.__dict__.get(_CACHE)
+        if cached is not None and isinstance(cached[2], str):  # _ADOPT_VERSION
+            self.__dict__[_CACHE] = (*cached[:2], _version_of(cached[0]), *cached[3:])
         _register(self)
 
     def fire(self, mem: Tensor) -> Tensor:
@@ -466,11 +474,14 @@ class _EmittedSpikeReset:
 
     def _keep_reset(self, mem: Tensor, raw: Tensor) -> None:
         """Keep the spikes ``raw`` that membrane ``mem`` emitted as its reset (a copy taken
-        now: the spikes returned may be changed in place), also for a recomputation."""
+        now: the spikes returned may be changed in place), also for a recomputation, with
+        the membrane's :func:`_fire_mark`: once it is changed in place
+        (``mem.mul_(mask)``), they are not its reset any more."""
         spikes = raw.detach().clone()
-        self.__dict__[_CACHE] = (mem, spikes)
+        mark = _fire_mark(mem)
+        self.__dict__[_CACHE] = (mem, spikes, mark)
         if _recording_steps():
-            _step_record(self, mem)["spikes"] = spikes
+            _step_record(self, mem)["spikes"] = (spikes, mark)
 
     def _unit_spike_factor(self) -> bool:
         """Whether ``graded_spikes_factor`` is a constant 1 (checked once per value of the
@@ -494,17 +505,27 @@ class _EmittedSpikeReset:
 
     def mem_reset(self, mem: Tensor) -> Tensor:
         cached = self.__dict__.get(_CACHE)
-        if cached is not None and (cached[0] is mem or (len(cached) > 2 and cached[2] is mem)):
-            return cached[1]
+        if cached is not None and not _unchanged(cached[0], cached[2]):
+            # changed in place since it fired (mem.mul_(mask)): the reset is computed from
+            # its new values, as snnTorch computes it, not the spikes of the old ones
+            cached = None
         compiling = torch.compiler.is_compiling()
-        if cached is not None and not compiling and (_aliases(mem, cached[0])  # mem.detach()
-                                                     or _copy_of(mem, cached[0])):
-            return cached[1]
-        if not compiling:  # an earlier step's membrane (a recomputation)
-            spikes = _find_step_record(self, mem).get("spikes")
-            if spikes is not None:
-                return spikes
+        found = None
+        if cached is not None and (cached[0] is mem or (len(cached) > 3 and cached[3] is mem)
+                                   or (not compiling and (_aliases(mem, cached[0])  # detach()
+                                                          or _copy_of(mem, cached[0])))):
+            found = cached[1:3]
+        elif not compiling:  # an earlier step's membrane (a recomputation)
+            record = _find_step_record(self, mem).get("spikes")
+            if record is not None and _unchanged(mem, record[1]):
+                found = record
+        if found is not None and not isinstance(found[1], Tensor):
+            return found[0]
         fresh = _host_spike_dtype((mem.detach() - self.threshold > 0).to(mem.dtype))
+        if found is not None:
+            # an inference tensor (no version counter): its values when it fired decide,
+            # in the graph (no wait for the device)
+            return torch.where((mem.detach() == found[1]).all(), found[0], fresh)
         if compiling and cached is not None:
             # a compiled step cannot compare storages: the first step of a compiled call
             # given back the last membrane detached (truncated BPTT) or copied
@@ -670,6 +691,23 @@ def _version_of(t: Tensor) -> int | None:
     return t._version
 
 
+def _fire_mark(mem: Tensor) -> int | Tensor | None:
+    """What tells whether a membrane is changed in place after it fired: its ``_version``;
+    for an inference tensor (``torch.inference_mode()``, no version counter) a copy of its
+    values; ``None`` in a compiled graph."""
+    if torch.compiler.is_compiling():
+        return None
+    if mem.is_inference():
+        return mem.detach().clone()
+    return mem._version
+
+
+def _unchanged(t: Tensor, mark: int | Tensor | None) -> bool:
+    """Whether ``t`` is unchanged in place since it had the :func:`_fire_mark` ``mark``
+    (``None``, or values to compare: taken as unchanged here)."""
+    return not isinstance(mark, int) or _version_of(t) in (None, mark)
+
+
 def _copy_of(mem: Tensor, stored: Tensor) -> bool:
     """Whether ``mem`` is a value copy of the stored, non-zero membrane (another tensor with
     the same values: ``mem.clone()``, the membrane of a copied model). A zero membrane is
@@ -724,7 +762,9 @@ def _stored_variance(neuron: nn.Module, detached: bool = False):
                     raise _edited_membrane_error(neuron)
                 return None
             var, had_grad, version = record
-    if version is not None and _version_of(mem) not in (None, version):
+    if var is not None and version is not None and _version_of(mem) not in (None, version):
+        # (without a variance, mean mode's included, there is none to lose: the step goes
+        # on from the changed values, as in snnTorch)
         raise VarianceFlowError(
             f"the membrane of this {type(neuron).__name__} was changed in place since its "
             "last step, so its noise variance is unknown; start a new sequence with a new "
@@ -1132,8 +1172,10 @@ def to_sbnn(
     membranes its steps return (passed back as returned, detached or cloned). A membrane
     computed from the last one out of place (``mem = 0.5 * mem``, ``mem.clamp(...)``)
     makes the next training step raise :class:`~sbnn_addons.moments.VarianceFlowError`
-    (eager mode, where the membrane has a graph) instead of restarting ``V`` silently;
-    ``mean`` mode, which carries no variance, runs such edits as snnTorch does.
+    (eager mode, where the membrane has a graph) instead of restarting ``V`` silently, and
+    so does a membrane changed in place (``mem.mul_(mask)``, with or without a graph);
+    ``mean`` mode, which carries no variance, runs such edits as snnTorch does (the reset
+    is computed from the edited membrane).
 
     ``surrogate_disable=True`` (snnTorch: a plain Heaviside without a surrogate gradient)
     is refused rather than silently replaced by the stochastic spike function and its

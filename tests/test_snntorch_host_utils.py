@@ -279,6 +279,76 @@ def test_membrane_changed_in_place_raises():
         model(torch.rand(6, 4, 10), "zero_")
 
 
+class _MaskedLoop(nn.Module):
+    """Variable-length sequences in the explicit-loop style: the membrane of the finished
+    samples is zeroed in place after each step (``mem.mul_(mask[t])``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(10, 16)
+        self.lif = snn.Leaky(beta=0.9)
+
+    def forward(self, x, mask):
+        mem = self.lif.init_leaky()
+        spk_rec, mem_rec = [], []
+        for t in range(x.shape[0]):
+            spk, mem = self.lif(self.fc(x[t]), mem)
+            mem.mul_(mask[t])
+            spk_rec.append(spk)
+            mem_rec.append(mem.clone())
+        return torch.stack(spk_rec), torch.stack(mem_rec)
+
+
+@pytest.mark.parametrize("how", ["zero std", "deterministic layer"])
+def test_membrane_changed_in_place_without_variance_resets_from_its_new_values(how):
+    """A membrane that carries no noise variance (a zero-std conversion, or a neuron fed
+    by an excluded layer), changed in place between steps: its reset is computed from the
+    new values, as in snnTorch (a zeroed membrane that had fired loses no threshold), not
+    taken from the spikes it emitted before the change; in both styles. In ``mean`` mode
+    (no variance) a noisy model runs the edit as well, also under
+    ``torch.inference_mode()``."""
+    torch.manual_seed(0)
+    host = _MaskedLoop()
+    with torch.no_grad():
+        host.fc.weight.mul_(3.0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, 4, 10, generator=g) * 2
+    mask = (torch.rand(6, 4, 1, generator=g) > 0.4).float()
+    want = host(x, mask)
+    assert 0 < float(want[0].mean()) < 1 and 0 < float(mask.mean()) < 1
+    kw = (dict(std=0.0, learn_std=False, spike_std=None) if how == "zero std"
+          else dict(exclude="fc"))
+    model = to_sbnn(host, **kw)
+    with torch.no_grad(), sbnn_addons.mode(model, "mean"):
+        got = model(x, mask)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # mean mode carries no variance, so a noisy model runs the edit too; inference
+    # tensors have no version counter: the values tell
+    noisy = to_sbnn(host)
+    for m, context in ((noisy, torch.no_grad), (noisy, torch.enable_grad),
+                       (model, torch.inference_mode), (noisy, torch.inference_mode)):
+        with context(), sbnn_addons.mode(m, "mean"):
+            got = m(x, mask)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(sbnn_addons.VarianceFlowError, match="changed in place"):
+        noisy(x, mask)  # sample mode: the noise variance of an edited membrane is unknown
+
+    seq = nn.Sequential(host.fc, snn.Leaky(beta=0.9, init_hidden=True))
+
+    def run(net):
+        sutils.reset(net)
+        out = []
+        for t in range(x.shape[0]):
+            out.append(net(x[t]))
+            with torch.no_grad():
+                net[1].mem.mul_(mask[t])
+        return torch.stack(out)
+
+    model = to_sbnn(seq, **dict(kw, exclude="0") if how != "zero std" else kw)
+    with torch.no_grad(), sbnn_addons.mode(model, "mean"):
+        assert torch.equal(run(model), run(seq))
+
+
 def test_autocast_keeps_the_membrane_in_float32_as_snntorch_does():
     """Under torch.autocast(bfloat16) snnTorch's surrogates return float32 spikes, so the
     membrane accumulates in float32; the converted model's spikes do the same, and its
