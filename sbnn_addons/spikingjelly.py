@@ -37,6 +37,9 @@ What :func:`to_sbnn` does (Method page, sections 2-3):
   independent, cannot follow it; the link does it exactly.) ``S`` is the neuron's own
   memory ``sbnn_var`` (``register_memory``): ``functional.reset_net`` resets it with the
   membrane, ``detach_net`` detaches it, and copies of the model carry it.
+* A ``layer.TLastSeqToANNContainer`` holding a Bayesian layer runs its layers on the
+  ``T * N`` slices at once (``seq_to_ann_forward``) instead of under ``torch.vmap``,
+  whose output would drop the variance.
 * BatchNorm becomes a mean-only :class:`~sbnn_addons.ChannelAffine` (``batchnorm="affine"``,
   equal to the BatchNorm in eval mode) or is kept (``"keep"``).
 
@@ -502,6 +505,20 @@ def _linked_multi_step_forward(node: nn.Module, x_seq: Tensor, *args, **kwargs):
     return spikes
 
 
+def _t_last_seq_to_ann_forward(container: nn.Module, x_seq: Tensor):
+    """The forward of a ``layer.TLastSeqToANNContainer`` holding a Bayesian layer, in a
+    converted model. SpikingJelly's own runs the modules under ``torch.vmap`` over the last
+    (time) dimension of ``[N, *, T]``, whose output is a plain tensor: the variance of a
+    Bayesian layer inside would vanish. This one moves time first and runs the modules
+    once on the ``T * N`` examples (``functional.seq_to_ann_forward``): the same values
+    for the stateless modules the container is meant for, and the variance goes on."""
+    y = functional.seq_to_ann_forward(x_seq.movedim(-1, 0),
+                                      functools.partial(nn.Sequential.forward, container))
+    if isinstance(y, tuple):
+        return tuple(item.movedim(0, -1) for item in y)
+    return y.movedim(0, -1)
+
+
 def _mark_spikes(node: nn.Module, args, output):
     """After a linked node's call: store the spike function's membrane variance as the
     node's memory ``sbnn_var``, and mark the output as spikes (0/1), so that a Bayesian
@@ -918,6 +935,10 @@ def to_sbnn(
         link_neuron(m, spike)
         m.__dict__[_HOST_SURROGATE] = HostObject(host)
         counts["neurons"] += 1
+    for m in model.modules():  # (vmap would drop the variance of the layers inside)
+        if type(m) is layer.TLastSeqToANNContainer and any(
+                _layers.is_bayesian(c) for c in m.modules()):
+            m.__dict__["forward"] = functools.partial(_t_last_seq_to_ann_forward, m)
     if counts["layers"] == 0 and counts["neurons"] == 0:
         raise ValueError(
             "nothing to convert: the model has no layer.Linear/layer.Conv2d/nn.Linear/"
@@ -1033,6 +1054,9 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
     ties: dict[int, nn.Parameter] = {}
     replace_modules(model, export)
     for m in model.modules():
+        forward = m.__dict__.get("forward")
+        if isinstance(forward, functools.partial) and forward.func is _t_last_seq_to_ann_forward:
+            del m.__dict__["forward"]  # SpikingJelly's own (vmap) again
         if not _is_spiking_node(m):
             continue
         _unlink(m)  # excluded neurons too (their hook refusing a variance)
