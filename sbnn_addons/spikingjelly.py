@@ -979,16 +979,20 @@ _WEIGHTS = (layer.Linear, layer.Conv1d, layer.Conv2d, nn.Linear, nn.Conv1d, nn.C
 
 def _safe_deepcopy(model: nn.Module) -> nn.Module:
     """``deepcopy`` that also works while module state holds an autograd graph (neuron
-    memories, ``v_seq`` of ``store_v_seq=True``, a ``NonSpikingLIFNode``'s ``v``: those
-    are copied as detached clones; the copy is reset by the converter anyway)."""
+    memories, ``v_seq`` of ``store_v_seq=True``, a ``NonSpikingLIFNode``'s ``v``, the
+    list of ``layer.Delay``'s queue: those are copied as detached clones; the copy is
+    reset by the converter anyway)."""
     memo: dict[int, object] = {}
     for m in model.modules():
         values = list(m.__dict__.values())
         if isinstance(m, base.MemoryModule):
             values += list(m._memories.values())
-        for value in values:
+        while values:
+            value = values.pop()
             if isinstance(value, Tensor) and value.grad_fn is not None:
                 memo[id(value)] = value.detach().clone()
+            elif isinstance(value, (list, tuple)):  # a memory holding a list of tensors
+                values.extend(value)
     return copy.deepcopy(model, memo)
 
 
