@@ -37,9 +37,9 @@ What :func:`to_sbnn` does (Method page, sections 2-3):
   independent, cannot follow it; the link does it exactly.) ``S`` is the neuron's own
   memory ``sbnn_var`` (``register_memory``): ``functional.reset_net`` resets it with the
   membrane, ``detach_net`` detaches it, and copies of the model carry it.
-* A ``layer.TLastSeqToANNContainer`` holding a Bayesian layer runs its layers on the
-  ``T * N`` slices at once (``seq_to_ann_forward``) instead of under ``torch.vmap``,
-  whose output would drop the variance.
+* A ``layer.TLastSeqToANNContainer`` runs its layers on the ``T * N`` slices at once
+  (``seq_to_ann_forward``) instead of under ``torch.vmap``, whose output would drop the
+  variance.
 * BatchNorm becomes a mean-only :class:`~sbnn_addons.ChannelAffine` (``batchnorm="affine"``,
   equal to the BatchNorm in eval mode) or is kept (``"keep"``).
 
@@ -506,12 +506,13 @@ def _linked_multi_step_forward(node: nn.Module, x_seq: Tensor, *args, **kwargs):
 
 
 def _t_last_seq_to_ann_forward(container: nn.Module, x_seq: Tensor):
-    """The forward of a ``layer.TLastSeqToANNContainer`` holding a Bayesian layer, in a
-    converted model. SpikingJelly's own runs the modules under ``torch.vmap`` over the last
-    (time) dimension of ``[N, *, T]``, whose output is a plain tensor: the variance of a
-    Bayesian layer inside would vanish. This one moves time first and runs the modules
-    once on the ``T * N`` examples (``functional.seq_to_ann_forward``): the same values
-    for the stateless modules the container is meant for, and the variance goes on."""
+    """The forward of a ``layer.TLastSeqToANNContainer`` in a converted model.
+    SpikingJelly's own runs the modules under ``torch.vmap`` over the last (time)
+    dimension of ``[N, *, T]``, whose output is a plain tensor: the variance of a Bayesian
+    layer inside, or of a noisy input, would vanish. This one moves time first and runs
+    the modules once on the ``T * N`` examples (``functional.seq_to_ann_forward``): the
+    same values for the stateless modules the container is meant for, and the variance
+    goes on."""
     y = functional.seq_to_ann_forward(x_seq.movedim(-1, 0),
                                       functools.partial(nn.Sequential.forward, container))
     if isinstance(y, tuple):
@@ -935,9 +936,8 @@ def to_sbnn(
         link_neuron(m, spike)
         m.__dict__[_HOST_SURROGATE] = HostObject(host)
         counts["neurons"] += 1
-    for m in model.modules():  # (vmap would drop the variance of the layers inside)
-        if type(m) is layer.TLastSeqToANNContainer and any(
-                _layers.is_bayesian(c) for c in m.modules()):
+    for m in model.modules():  # (vmap would drop the variance passing through)
+        if type(m) is layer.TLastSeqToANNContainer:
             m.__dict__["forward"] = functools.partial(_t_last_seq_to_ann_forward, m)
     if counts["layers"] == 0 and counts["neurons"] == 0:
         raise ValueError(

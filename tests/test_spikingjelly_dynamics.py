@@ -235,20 +235,22 @@ def test_variance_through_seq_to_ann_container():
 
 def test_variance_through_t_last_seq_to_ann_container():
     """SpikingJelly's time-last containers (``[N, *, T]``): TLastSeqToANNContainer runs its
-    layers under torch.vmap, whose plain output dropped the Bayesian layer's variance
-    silently (the neuron fired without the weight noise, std_rho got no gradient). The
-    converted container passes it on: the neuron receives the layer's variance at every
-    step, mean mode equals the original, and the export runs SpikingJelly's forward."""
+    layers under torch.vmap, whose plain output dropped the variance of a Bayesian layer
+    inside, or of a noisy input, silently (the neuron fired without the weight noise,
+    std_rho got no gradient). The converted containers pass it on: the neuron receives the
+    layer's variance at every step, mean mode equals the original, and the export runs
+    SpikingJelly's forward."""
     torch.manual_seed(1)
     net = nn.Sequential(
         layer.TLastSeqToANNContainer(nn.Linear(6, 5)),
+        layer.TLastSeqToANNContainer(nn.Unflatten(1, (5, 1)), nn.Flatten(1)),  # no weights
         layer.TLastMultiStepContainer(neuron.LIFNode(tau=2.0, v_reset=None)),
     )
     with torch.no_grad():
         net[0][0].weight.mul_(4.0)
     x = torch.rand(3, 6, 4) * 2  # [N, C, T]
     sbnn = sbnn_sj.to_sbnn(net, std=0.2, spike_std=None)
-    fc, node = sbnn[0][0], sbnn[1][0]
+    fc, node = sbnn[0][0], sbnn[2][0]
     seen = _record_fire(node.surrogate_function)
     functional.reset_net(sbnn)
     out = sbnn(x)
@@ -266,7 +268,8 @@ def test_variance_through_t_last_seq_to_ann_container():
         back = sbnn_sj.to_spikingjelly(sbnn)
         functional.reset_net(back)
         functional.reset_net(net)
-        assert "forward" not in back[0].__dict__ and torch.equal(back(x), net(x))
+        assert not {"forward"} & (back[0].__dict__.keys() | back[1].__dict__.keys())
+        assert torch.equal(back(x), net(x))
 
 
 @pytest.mark.parametrize("kind", ["lif_decay_soft", "lif_nodecay_soft", "if_soft"])
