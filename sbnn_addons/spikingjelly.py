@@ -422,9 +422,30 @@ def link_neuron(node: nn.Module, spike: SJSpike | None = None) -> nn.Module:
         node.register_forward_pre_hook(_neuron_pre_hook)
     if _mark_spikes not in node._forward_hooks.values():
         node.register_forward_hook(_mark_spikes)
-    # an instance attribute shadows the class method (removed again by _unlink)
+    # instance attributes shadow the class methods (removed again by _unlink)
     node.__dict__["multi_step_forward"] = functools.partial(_linked_multi_step_forward, node)
+    node.__dict__["functional_forward"] = functools.partial(_linked_functional_forward, node)
     return node
+
+
+def _linked_functional_forward(node: nn.Module, inputs, states, **kwargs):
+    """A linked node's ``functional_forward``, SpikingJelly's explicit-state call that
+    ``base.to_functional_forward`` (and so ``memopt.checkpoint_module`` and
+    ``memopt.optimize_memory``) use: refused. It runs the node without its hooks, so the
+    noise variance of its input and membrane would be lost (and the states it returns
+    lack the variance memory, which SpikingJelly then refuses with a "Memory length
+    mismatch").
+
+    Raises:
+        RuntimeError: always, naming the way out.
+    """
+    raise RuntimeError(
+        f"SpikingJelly's functional forward of a converted {type(node).__name__} (used by "
+        "memopt.checkpoint_module, memopt.optimize_memory and base.to_functional_forward) "
+        "is not supported: it runs the neuron without the hooks that carry the noise "
+        "variance of its input and membrane. To checkpoint a region of a converted model, "
+        "use sbnn_addons.checkpoint.checkpoint(fn, *args, modules=block), which puts the "
+        "neurons' state back for the recomputation")
 
 
 def _sequence_dynamics(node: nn.Module, spike: SJSpike, x_seq: Tensor):
@@ -539,6 +560,7 @@ def _mark_spikes(node: nn.Module, args, output):
 
 def _unlink(node: nn.Module) -> None:
     node.__dict__.pop("multi_step_forward", None)
+    node.__dict__.pop("functional_forward", None)
     if VAR_MEMORY in getattr(node, "_memories", {}):
         delattr(node, VAR_MEMORY)  # MemoryModule.__delattr__: the memory and its reset value
     for hooks, fn in ((node._forward_pre_hooks, _neuron_pre_hook),
