@@ -958,14 +958,14 @@ def to_sbnn(
         link_neuron(m, spike)
         m.__dict__[_HOST_SURROGATE] = HostObject(host)
         counts["neurons"] += 1
-    for m in model.modules():  # (vmap would drop the variance passing through)
-        if type(m) is layer.TLastSeqToANNContainer:
-            m.__dict__["forward"] = functools.partial(_t_last_seq_to_ann_forward, m)
     if counts["layers"] == 0 and counts["neurons"] == 0:
         raise ValueError(
             "nothing to convert: the model has no layer.Linear/layer.Conv2d/nn.Linear/"
             "nn.Conv1d/nn.Conv2d (check include/exclude) and no supported neuron"
         )
+    for m in model.modules():  # (vmap would drop the variance passing through)
+        if type(m) is layer.TLastSeqToANNContainer:
+            m.__dict__["forward"] = functools.partial(_t_last_seq_to_ann_forward, m)
     if inc is None:
         _layers.warn_deterministic_layers(model, lambda n: match_name(n, exc), "SpikingJelly")
     reset(model)
