@@ -208,8 +208,10 @@ class SJSpike(IWSTSpike):
             if isinstance(var, Tensor):
                 raise ValueError(
                     "this SpikingJelly surrogate received an input carrying a posterior "
-                    "variance but is not linked to its neuron; convert the model with "
-                    "sbnn_addons.spikingjelly.to_sbnn or call link_neuron(node)"
+                    "variance but is not linked to its neuron (e.g. one put in as "
+                    "node.surrogate_function after the conversion); call "
+                    "sbnn_addons.spikingjelly.link_neuron(node), or convert the model with "
+                    "sbnn_addons.spikingjelly.to_sbnn"
                 )
             return super().forward(u)
         with no_variance_flow():
@@ -335,7 +337,10 @@ def _unsupported(node: nn.Module, name: str = "") -> TypeError:
 
 def _neuron_pre_hook(node: nn.Module, args):
     spike = node.surrogate_function
-    if not isinstance(spike, SJSpike) or not args or not isinstance(args[0], Tensor):
+    if (not isinstance(spike, SJSpike) or not spike._linked or not args
+            or not isinstance(args[0], Tensor)):
+        # (an SJSpike put in after the conversion, not linked: the input keeps its
+        # variance, which the spike function then refuses, naming link_neuron)
         return None
     x = args[0]
     if _in_torch_checkpoint():
