@@ -233,7 +233,8 @@ def new_draw(out: Tensor, layer: nn.Module) -> Tensor:
         out.__dict__["noise"] = leaf
         layer.__dict__["_sbnn_draw"] = leaf.lo
         if _OPEN_FLOWS and out.variance is not None and torch.is_grad_enabled():
-            _DRAWN.append((layer, leaf.lo, out.grad_fn))  # for _check_dropped_noise
+            # for _check_dropped_noise (with the torch.func level the layer ran at)
+            _DRAWN.append((layer, leaf.lo, out.grad_fn, _functorch_level()))
     return out
 
 
@@ -247,6 +248,14 @@ _CONSUMED: list = []
 _ESCAPED: list = []
 #: Operations that take a tensor's values out of the variance flow.
 _ESCAPES = frozenset({"tolist", "numpy", "__array__", "__dlpack__"})
+
+
+def _functorch_level() -> int:
+    """The nesting depth of the ``torch.func`` transforms (``vmap``, ``grad``) running now
+    (0: none)."""
+    if not torch._C._are_functorch_transforms_active():
+        return 0
+    return torch._C._functorch.maybe_current_level() or 0
 
 
 def _note_read(tensor, into: list) -> None:
@@ -1297,7 +1306,7 @@ def _flow_enter(module, args):
         _close_stale_flows(module)
     if not _OPEN_FLOWS:  # an outermost forward: what earlier ones recorded is done with
         _clear_draw_records()
-    state["marks"] = (len(_DRAWN), len(_CONSUMED), len(_ESCAPED))
+    state["marks"] = (len(_DRAWN), len(_CONSUMED), len(_ESCAPED), _functorch_level())
     # one forward of the root module is one share_posterior block: a time loop in the
     # model's forward computes each layer's s^2 once
     share = share_posterior()
@@ -1380,8 +1389,10 @@ def _check_dropped_noise(model: nn.Module, output) -> None:
     output does not carry, while the layer's values went on: its mean reached the output
     without the variance (``x.as_subclass(torch.Tensor)``, ``torch.Tensor(x)``, a forward
     pre-hook of the neuron returning such a tensor), or they left the flow by ``.data``,
-    ``.tolist()``, ``.numpy()`` or DLPack. A layer whose output nothing used (an unused
-    branch) is not reported. The layer's last draw in the forward is checked.
+    ``.tolist()``, ``.numpy()`` or DLPack, or through the end of a ``torch.vmap`` (or other
+    ``torch.func`` transform) run inside the forward, whose output is a plain tensor
+    (SpikingJelly's ``t_last_seq_to_ann_forward``). A layer whose output nothing used (an
+    unused branch) is not reported. The layer's last draw in the forward is checked.
 
     Raises:
         VarianceFlowError: naming the layers and the fix.
@@ -1390,9 +1401,10 @@ def _check_dropped_noise(model: nn.Module, output) -> None:
     if marks is None or len(_DRAWN) <= marks[0]:
         return
     pending = {}
-    for layer, token, grad_fn in _DRAWN[marks[0]:]:
-        pending[id(layer)] = (token, layer, grad_fn)  # the layer's last draw
-    pending = {token: (layer, grad_fn) for token, layer, grad_fn in pending.values()}
+    for layer, token, grad_fn, level in _DRAWN[marks[0]:]:
+        pending[id(layer)] = (token, layer, grad_fn, level)  # the layer's last draw
+    pending = {token: (layer, grad_fn, level)
+               for token, layer, grad_fn, level in pending.values()}
     _drop_found(pending, reversed(_CONSUMED[marks[1]:]))
     if not pending:
         return
@@ -1403,25 +1415,35 @@ def _check_dropped_noise(model: nn.Module, output) -> None:
         return
     escaped = dict(pending)
     _drop_found(escaped, _ESCAPED[marks[2]:])  # what is left did not escape
-    hit = _reaches(outputs, {g for _, g in pending.values() if g is not None})
-    dropped = [(layer, token not in escaped) for token, (layer, grad_fn) in pending.items()
-               if token not in escaped or grad_fn in hit]
+    hit = _reaches(outputs, {g for _, g, _ in pending.values() if g is not None})
+    why = {
+        "escaped": "its values left the variance flow by .data, .tolist(), .numpy() or DLPack",
+        "transform": "it ran inside a torch.vmap / torch.func transform, whose output is a "
+                     "plain tensor (e.g. SpikingJelly's t_last_seq_to_ann_forward)",
+        "plain": "its mean reached the output without its variance",
+    }
+    dropped = []
+    for token, (layer, grad_fn, level) in pending.items():
+        if token not in escaped:
+            dropped.append((layer, "escaped"))
+        elif level > marks[3]:  # a transform inside the forward ended: its values go on
+            dropped.append((layer, "transform"))
+        elif grad_fn in hit:
+            dropped.append((layer, "plain"))
     if not dropped:
         return
     names = {id(m): n for n, m in model.named_modules()}
-    which = ", ".join(
-        f"{names.get(id(layer), type(layer).__name__)!r} ("
-        + ("its values left the variance flow by .data, .tolist(), .numpy() or DLPack"
-           if escaped_ else "its mean reached the output without its variance")
-        + ")" for layer, escaped_ in dropped)
+    which = ", ".join(f"{names.get(id(layer), type(layer).__name__)!r} ({why[reason]})"
+                      for layer, reason in dropped)
     raise VarianceFlowError(
         f"in this training forward of {type(model).__name__}, the weight noise of the "
         f"Bayesian layer(s) {which} reached no spiking neuron: something between the layer "
         "and the neuron made a plain tensor of its output (x.as_subclass(torch.Tensor), "
         "torch.Tensor(x), x.data, torch.tensor(x.tolist()), a numpy round trip, e.g. in a "
-        "forward pre-hook of the neuron), so the neuron fired without the noise and the "
-        "layer's std_rho would get no gradient. Pass the layer's output on as a tensor "
-        "(torch operations on it keep its variance: x.detach() too); to leave a layer's "
+        "forward pre-hook of the neuron; torch.vmap), so the neuron fired without the noise "
+        "and the layer's std_rho would get no gradient. Pass the layer's output on as a "
+        "tensor (torch operations on it keep its variance: x.detach() too; run the layer "
+        "outside torch.vmap, or the vmap over the neuron too); to leave a layer's "
         "noise out on purpose, make it deterministic (exclude= in to_sbnn) or drop it with "
         "sbnn_addons.moments.plain(x)")
 

@@ -37,6 +37,9 @@ What :func:`to_sbnn` does (Method page, sections 2-3):
   independent, cannot follow it; the link does it exactly.) ``S`` is the neuron's own
   memory ``sbnn_var`` (``register_memory``): ``functional.reset_net`` resets it with the
   membrane, ``detach_net`` detaches it, and copies of the model carry it.
+* A ``layer.TLastSeqToANNContainer`` runs its layers on the ``T * N`` slices at once
+  (``seq_to_ann_forward``) instead of under ``torch.vmap``, whose output would drop the
+  variance.
 * BatchNorm becomes a mean-only :class:`~sbnn_addons.ChannelAffine` (``batchnorm="affine"``,
   equal to the BatchNorm in eval mode) or is kept (``"keep"``).
 
@@ -205,8 +208,10 @@ class SJSpike(IWSTSpike):
             if isinstance(var, Tensor):
                 raise ValueError(
                     "this SpikingJelly surrogate received an input carrying a posterior "
-                    "variance but is not linked to its neuron; convert the model with "
-                    "sbnn_addons.spikingjelly.to_sbnn or call link_neuron(node)"
+                    "variance but is not linked to its neuron (e.g. one put in as "
+                    "node.surrogate_function after the conversion); call "
+                    "sbnn_addons.spikingjelly.link_neuron(node), or convert the model with "
+                    "sbnn_addons.spikingjelly.to_sbnn"
                 )
             return super().forward(u)
         with no_variance_flow():
@@ -332,7 +337,10 @@ def _unsupported(node: nn.Module, name: str = "") -> TypeError:
 
 def _neuron_pre_hook(node: nn.Module, args):
     spike = node.surrogate_function
-    if not isinstance(spike, SJSpike) or not args or not isinstance(args[0], Tensor):
+    if (not isinstance(spike, SJSpike) or not spike._linked or not args
+            or not isinstance(args[0], Tensor)):
+        # (an SJSpike put in after the conversion, not linked: the input keeps its
+        # variance, which the spike function then refuses, naming link_neuron)
         return None
     x = args[0]
     if _in_torch_checkpoint():
@@ -419,9 +427,30 @@ def link_neuron(node: nn.Module, spike: SJSpike | None = None) -> nn.Module:
         node.register_forward_pre_hook(_neuron_pre_hook)
     if _mark_spikes not in node._forward_hooks.values():
         node.register_forward_hook(_mark_spikes)
-    # an instance attribute shadows the class method (removed again by _unlink)
+    # instance attributes shadow the class methods (removed again by _unlink)
     node.__dict__["multi_step_forward"] = functools.partial(_linked_multi_step_forward, node)
+    node.__dict__["functional_forward"] = functools.partial(_linked_functional_forward, node)
     return node
+
+
+def _linked_functional_forward(node: nn.Module, inputs, states, **kwargs):
+    """A linked node's ``functional_forward``, SpikingJelly's explicit-state call that
+    ``base.to_functional_forward`` (and so ``memopt.checkpoint_module`` and
+    ``memopt.optimize_memory``) use: refused. It runs the node without its hooks, so the
+    noise variance of its input and membrane would be lost (and the states it returns
+    lack the variance memory, which SpikingJelly then refuses with a "Memory length
+    mismatch").
+
+    Raises:
+        RuntimeError: always, naming the way out.
+    """
+    raise RuntimeError(
+        f"SpikingJelly's functional forward of a converted {type(node).__name__} (used by "
+        "memopt.checkpoint_module, memopt.optimize_memory and base.to_functional_forward) "
+        "is not supported: it runs the neuron without the hooks that carry the noise "
+        "variance of its input and membrane. To checkpoint a region of a converted model, "
+        "use sbnn_addons.checkpoint.checkpoint(fn, *args, modules=block), which puts the "
+        "neurons' state back for the recomputation")
 
 
 def _sequence_dynamics(node: nn.Module, spike: SJSpike, x_seq: Tensor):
@@ -503,6 +532,21 @@ def _linked_multi_step_forward(node: nn.Module, x_seq: Tensor, *args, **kwargs):
     return spikes
 
 
+def _t_last_seq_to_ann_forward(container: nn.Module, x_seq: Tensor):
+    """The forward of a ``layer.TLastSeqToANNContainer`` in a converted model.
+    SpikingJelly's own runs the modules under ``torch.vmap`` over the last (time)
+    dimension of ``[N, *, T]``, whose output is a plain tensor: the variance of a Bayesian
+    layer inside, or of a noisy input, would vanish. This one moves time first and runs
+    the modules once on the ``T * N`` examples (``functional.seq_to_ann_forward``): the
+    same values for the stateless modules the container is meant for, and the variance
+    goes on."""
+    y = functional.seq_to_ann_forward(x_seq.movedim(-1, 0),
+                                      functools.partial(nn.Sequential.forward, container))
+    if isinstance(y, tuple):
+        return tuple(item.movedim(0, -1) for item in y)
+    return y.movedim(0, -1)
+
+
 def _mark_spikes(node: nn.Module, args, output):
     """After a linked node's call: store the spike function's membrane variance as the
     node's memory ``sbnn_var``, and mark the output as spikes (0/1), so that a Bayesian
@@ -522,6 +566,7 @@ def _mark_spikes(node: nn.Module, args, output):
 
 def _unlink(node: nn.Module) -> None:
     node.__dict__.pop("multi_step_forward", None)
+    node.__dict__.pop("functional_forward", None)
     if VAR_MEMORY in getattr(node, "_memories", {}):
         delattr(node, VAR_MEMORY)  # MemoryModule.__delattr__: the memory and its reset value
     for hooks, fn in ((node._forward_pre_hooks, _neuron_pre_hook),
@@ -924,6 +969,9 @@ def to_sbnn(
             "nothing to convert: the model has no layer.Linear/layer.Conv2d/nn.Linear/"
             "nn.Conv1d/nn.Conv2d (check include/exclude) and no supported neuron"
         )
+    for m in model.modules():  # (vmap would drop the variance passing through)
+        if type(m) is layer.TLastSeqToANNContainer:
+            m.__dict__["forward"] = functools.partial(_t_last_seq_to_ann_forward, m)
     if inc is None:
         _layers.warn_deterministic_layers(model, lambda n: match_name(n, exc), "SpikingJelly")
     reset(model)
@@ -959,16 +1007,20 @@ _WEIGHTS = (layer.Linear, layer.Conv1d, layer.Conv2d, nn.Linear, nn.Conv1d, nn.C
 
 def _safe_deepcopy(model: nn.Module) -> nn.Module:
     """``deepcopy`` that also works while module state holds an autograd graph (neuron
-    memories, ``v_seq`` of ``store_v_seq=True``, a ``NonSpikingLIFNode``'s ``v``: those
-    are copied as detached clones; the copy is reset by the converter anyway)."""
+    memories, ``v_seq`` of ``store_v_seq=True``, a ``NonSpikingLIFNode``'s ``v``, the
+    list of ``layer.Delay``'s queue: those are copied as detached clones; the copy is
+    reset by the converter anyway)."""
     memo: dict[int, object] = {}
     for m in model.modules():
         values = list(m.__dict__.values())
         if isinstance(m, base.MemoryModule):
             values += list(m._memories.values())
-        for value in values:
+        while values:
+            value = values.pop()
             if isinstance(value, Tensor) and value.grad_fn is not None:
                 memo[id(value)] = value.detach().clone()
+            elif isinstance(value, (list, tuple)):  # a memory holding a list of tensors
+                values.extend(value)
     return copy.deepcopy(model, memo)
 
 
@@ -1034,6 +1086,9 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
     ties: dict[int, nn.Parameter] = {}
     replace_modules(model, export)
     for m in model.modules():
+        forward = m.__dict__.get("forward")
+        if isinstance(forward, functools.partial) and forward.func is _t_last_seq_to_ann_forward:
+            del m.__dict__["forward"]  # SpikingJelly's own (vmap) again
         if not _is_spiking_node(m):
             continue
         _unlink(m)  # excluded neurons too (their hook refusing a variance)

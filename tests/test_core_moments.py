@@ -830,6 +830,33 @@ def test_a_neuron_pre_hook_that_strips_the_variance_raises_naming_the_layer(how)
         net(torch.rand(3, 4, 8))
 
 
+def test_a_bayesian_layer_run_inside_vmap_raises_naming_the_transform():
+    """torch.vmap returns plain tensors: the variance of a Bayesian layer run inside one
+    (SpikingJelly's t_last_seq_to_ann_forward) vanished silently, the spikes after it
+    fired without the weight noise and std_rho got no gradient. A model whose whole
+    forward runs inside the transform keeps its variance and is not reported."""
+
+    class TimeLast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = sb.BayesLinear(8, 6)
+            self.spike = sb.IWSTSpike("st")
+
+        def forward(self, x):  # [N, 8, T]: the layer mapped over the last dimension
+            return self.spike(torch.vmap(self.fc, in_dims=-1, out_dims=-1)(x))
+
+    torch.manual_seed(0)
+    net = sb.track_variance(TimeLast()).train()
+    x = torch.rand(4, 8, 3)
+    with pytest.raises(VarianceFlowError, match=r"'fc' \(it ran inside a torch.vmap"):
+        net(x)
+    with torch.no_grad():
+        net(x)  # no gradient, nothing to lose
+    inner = sb.track_variance(nn.Sequential(sb.BayesLinear(8, 6), sb.IWSTSpike("st"))).train()
+    out = torch.vmap(inner, in_dims=-1, out_dims=-1, randomness="different")(x)
+    assert out.shape == (4, 6, 3)
+
+
 def test_dropped_noise_check_raises_no_false_alarm():
     net = sb.track_variance(_CoreNet()).train()
     x = torch.rand(3, 4, 8)

@@ -248,6 +248,45 @@ def test_variance_through_seq_to_ann_container():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
+def test_variance_through_t_last_seq_to_ann_container():
+    """SpikingJelly's time-last containers (``[N, *, T]``): TLastSeqToANNContainer runs its
+    layers under torch.vmap, whose plain output dropped the variance of a Bayesian layer
+    inside, or of a noisy input, silently (the neuron fired without the weight noise,
+    std_rho got no gradient). The converted containers pass it on: the neuron receives the
+    layer's variance at every step, mean mode equals the original, and the export runs
+    SpikingJelly's forward."""
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        layer.TLastSeqToANNContainer(nn.Linear(6, 5)),
+        layer.TLastSeqToANNContainer(nn.Unflatten(1, (5, 1)), nn.Flatten(1)),  # no weights
+        layer.TLastMultiStepContainer(neuron.LIFNode(tau=2.0, v_reset=None)),
+    )
+    with torch.no_grad():
+        net[0][0].weight.mul_(4.0)
+    x = torch.rand(3, 6, 4) * 2  # [N, C, T]
+    sbnn = sbnn_sj.to_sbnn(net, std=0.2, spike_std=None)
+    fc, node = sbnn[0][0], sbnn[2][0]
+    seen = _record_fire(node.surrogate_function)
+    functional.reset_net(sbnn)
+    out = sbnn(x)
+    var_in = [fc.output_variance(x[..., t]) for t in range(x.shape[-1])]
+    expected = _expected(var_in, [s for _, s in seen], 0.5, 0.5, False)
+    assert len(seen) == x.shape[-1]
+    for (got, _), want in zip(seen, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    out.sum().backward()
+    assert fc.std_rho.grad.abs().sum() > 0
+    with torch.no_grad(), sbnn_addons.mode(sbnn, "mean"):
+        functional.reset_net(sbnn)
+        functional.reset_net(net)
+        assert torch.equal(sbnn(x), net(x))
+        back = sbnn_sj.to_spikingjelly(sbnn)
+        functional.reset_net(back)
+        functional.reset_net(net)
+        assert not {"forward"} & (back[0].__dict__.keys() | back[1].__dict__.keys())
+        assert torch.equal(back(x), net(x))
+
+
 @pytest.mark.parametrize("kind", ["lif_decay_soft", "lif_nodecay_soft", "if_soft"])
 def test_stochastic_soft_reset_uses_emitted_spike(kind):
     """With noise, v_after = H - v_th * spike at every step, for the emitted spike."""

@@ -285,6 +285,54 @@ def test_conversion_and_export_after_a_training_forward_with_v_seq():
     assert type(plain[1]) is neuron.LIFNode
 
 
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_conversion_after_a_training_forward_with_a_delay_queue(step_mode):
+    """layer.Delay keeps its last inputs as a list memory: after a forward with gradients
+    (the last training batch) the list holds graph tensors, and to_sbnn failed in its
+    deepcopy ("Only Tensors created explicitly by the user ... support the deepcopy
+    protocol"); it converts, and the copy starts from an empty queue."""
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(6, 5), layer.Delay(2), neuron.LIFNode())
+    functional.set_step_mode(net, step_mode)
+    x = torch.rand(4, 3, 6)
+    _run(net, x, step_mode).sum().backward()
+    assert any(t.grad_fn is not None for t in net[1].queue)
+    model = sbnn_sj.to_sbnn(net)
+    assert model[1].queue == [] and len(net[1].queue) == 2
+    _run(model, x, step_mode).sum().backward()
+    assert model[0].std_rho.grad is not None
+
+
+@pytest.mark.parametrize("exclude", [None, "0.0"])
+@pytest.mark.parametrize("wrap", ["block", "neuron"])
+def test_spikingjelly_memopt_checkpoint_is_refused_naming_the_way_out(wrap, exclude):
+    """SpikingJelly's memopt.checkpoint_module runs a neuron through its functional
+    forward, past the hooks that carry the noise variance: it failed with a misleading
+    VarianceFlowError ("sub of two tensors that share one Bayesian layer's noise") or,
+    without a Bayesian layer in front, with SpikingJelly's "Memory length mismatch". It is
+    refused naming sbnn_addons.checkpoint.checkpoint; the exported model checkpoints."""
+    from spikingjelly.activation_based import memopt
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Sequential(layer.Linear(6, 8), neuron.LIFNode()),
+                        layer.Linear(8, 4), neuron.LIFNode())
+    functional.set_step_mode(net, "m")
+    model = sbnn_sj.to_sbnn(net, exclude=exclude)
+    if wrap == "block":
+        model[0] = memopt.checkpoint_module(model[0])
+    else:
+        model[0][1] = memopt.checkpoint_module(model[0][1])
+    functional.reset_net(model)
+    with pytest.raises(RuntimeError,
+                       match=r"functional forward of a converted LIFNode.*memopt.*"
+                             r"sbnn_addons\.checkpoint\.checkpoint"):
+        model(torch.rand(3, 2, 6))
+    plain = sbnn_sj.to_spikingjelly(sbnn_sj.to_sbnn(net, exclude=exclude))
+    plain[0] = memopt.checkpoint_module(plain[0])
+    functional.reset_net(plain)
+    plain(torch.rand(3, 2, 6)).sum().backward()
+
+
 def test_stub_torchvision_lets_the_model_zoo_import():
     """SpikingJelly's sew_resnet imports torchvision only for pretrained weights: the zoo
     imports inside the stub's block (a nested block changes nothing), the stub is gone

@@ -198,6 +198,36 @@ def test_link_neuron_on_hand_built_model():
 
 
 @pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_a_spike_function_put_in_after_the_conversion_is_named_until_linked(step_mode):
+    """A converted neuron given a new surrogate_function() (another estimator) after the
+    conversion: the link's hook stripped the Bayesian layer's variance from the input and
+    the new, unlinked spike function fired without it (std_rho got no gradient, no word).
+    The spike function now sees the variance and names link_neuron, after which the
+    variance reaches it again."""
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(6, 8), neuron.LIFNode(), layer.Linear(8, 3),
+                        neuron.LIFNode())
+    functional.set_step_mode(net, step_mode)
+    with torch.no_grad():
+        net[0].weight.mul_(4.0)  # drives near the threshold: a gradient for the std
+    model = sbnn_sj.to_sbnn(net, spike_std=None).train()
+    model[1].surrogate_function = sbnn_sj.surrogate_function("iwst(0.5)", std=None)
+    x = torch.rand(4, 2, 6)
+
+    def run():
+        functional.reset_net(model)
+        out = model(x) if step_mode == "m" else torch.stack([model(xt) for xt in x])
+        out.sum().backward()
+
+    with pytest.raises(ValueError, match=r"not linked to its neuron.*link_neuron\(node\)"):
+        run()
+    sbnn_sj.link_neuron(model[1])
+    model.zero_grad()
+    run()
+    assert model[0].std_rho.grad is not None and model[0].std_rho.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
 def test_trained_plif_model_deep_copies_and_exports(step_mode):
     """After a training forward and backward, a converted ParametricLIFNode model (whose
     spike function used the learned decay, a tensor with a graph) deep-copies and
