@@ -173,6 +173,11 @@ class SJSpike(IWSTSpike):
             # batch size without reset_net, materialize_states): so does the variance
             var_state = None
         state["_var_state"] = var_state
+        threshold = node.v_threshold
+        if isinstance(threshold, (int, float)) and float(threshold) != self.threshold:
+            # v_threshold changed after the conversion (e.g. set to inf for a membrane
+            # readout): the auxiliary terms' centre and their finite-threshold test read it
+            self.threshold = float(threshold)
         coeffs = _dynamics(node)
         if isinstance(var, Tensor):
             var = var * (coeffs[1] * coeffs[1])  # c^2 var(X_t), for all steps at once

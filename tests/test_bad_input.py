@@ -365,26 +365,34 @@ def test_spikingjelly_conv_flatten_linear_raises_at_conversion():
     assert model[2].std_rho.grad is not None
 
 
+@pytest.mark.parametrize("when", ["built", "set after the conversion"])
 @pytest.mark.parametrize("estimator", ["st", "iwst(0.5)", "agr"])
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "pytorch-path"])
 @pytest.mark.parametrize("step_mode", ["s", "m"])
-def test_infinite_threshold_readout_keeps_the_aux_loss_finite(step_mode, kernel, estimator):
+def test_infinite_threshold_readout_keeps_the_aux_loss_finite(step_mode, kernel, estimator,
+                                                              when):
     """SpikingJelly's membrane readout (LIFNode(v_threshold=inf)) never fires: its z is
     -inf, so it collects no auxiliary term; the loss and every gradient stay finite, for
-    every estimator, with the kernel and on the PyTorch path (CUDA tensors). Seen NaN: the
-    noise gradient -z J = -inf * 0 (PyTorch path), and the fused sequence's backward,
-    which recomputed H = u + theta = -inf + inf (kernel, multi-step, IW-ST and AGR)."""
+    every estimator, with the kernel and on the PyTorch path (CUDA tensors), also where
+    the threshold is set after the conversion. Seen NaN: the noise gradient
+    -z J = -inf * 0 (PyTorch path), and the fused sequence's backward, which recomputed
+    H = u + theta = -inf + inf (kernel, multi-step, IW-ST and AGR); a threshold set after
+    the conversion left the spike function's copy at 1.0 (aux loss inf, the std's
+    gradient NaN on the PyTorch path)."""
     with contextlib.nullcontext() if kernel else sb.kernels.use_kernels(False):
-        _infinite_threshold_readout(step_mode, estimator)
+        _infinite_threshold_readout(step_mode, estimator, when == "built")
 
 
-def _infinite_threshold_readout(step_mode, estimator):
+def _infinite_threshold_readout(step_mode, estimator, built=True):
     torch.manual_seed(0)
     net = nn.Sequential(layer.Linear(4, 8, step_mode=step_mode),
                         neuron.LIFNode(step_mode=step_mode),
                         layer.Linear(8, 3, step_mode=step_mode),
-                        neuron.LIFNode(step_mode=step_mode, v_threshold=math.inf))
+                        neuron.LIFNode(step_mode=step_mode,
+                                       v_threshold=math.inf if built else 1.0))
     model = sbnn_sj.to_sbnn(net, aux_loss=True, estimator=estimator)
+    if not built:
+        model[3].v_threshold = math.inf
     x = torch.rand(6, 5, 4) * 3
     functional.reset_net(model)
     if step_mode == "m":
