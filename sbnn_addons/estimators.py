@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .functional import apply_function, check_float, estimator_jacobian, jacobian_and_z
-from .tensors import estimator_spec, parse_estimator_spec
+from .tensors import estimator_spec, parse_estimator_spec, pull_term
 from .tensors import standard_normal as _standard_normal
 
 __all__ = ["Estimator", "ST", "IWST", "AGR", "get_estimator", "BernoulliSpike", "sample_spikes"]
@@ -184,13 +184,9 @@ class BernoulliSpike(torch.autograd.Function):
         # jacobian_and_z on constants under torch.compile)
         grad_sigma = -z.clamp(-1e30, 1e30) * grad_u
         if ctx.pull and g.numel():
-            # the auxiliary pull (IWSTSpike.aux_pull, tensors.aux_pull_gradient) in the same
-            # node: 2 w mean|g| clamp(z, -3, 3) / sigma on u only (sigma held constant), 0
-            # where sigma is 0; 1e-6 is SIGMA_MIN as a literal (see jacobian_and_z)
-            sig = sigma.to(jac.dtype).clamp_min(1e-6)
-            scale = g.abs().mean() * (2.0 * ctx.pull)
-            pull = z.clamp(-3.0, 3.0).mul_(scale).div_(sig)
-            grad_u = grad_u + torch.where(sigma > 0, pull, 0.0)
+            # the auxiliary pull (IWSTSpike.aux_pull) in the same node, on u only (sigma
+            # held constant)
+            grad_u = grad_u + pull_term(g, z, sigma, ctx.pull)
         return (_finite(grad_u, u.dtype), _finite(grad_sigma, sigma.dtype), None, None, None,
                 None)
 

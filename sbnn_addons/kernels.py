@@ -67,6 +67,7 @@ from .tensors import (
     jacobian_and_z,
     mark_binary,
     parse_estimator_spec,
+    pull_term,
     standard_normal,
 )
 
@@ -1167,11 +1168,10 @@ def _torch_spike_backward(g: Tensor, u: Tensor, total: Tensor, fired: Tensor, es
     grad_u = g.to(jac.dtype) * jac
     grad_sigma = -z.clamp(-1e30, 1e30) * grad_u  # z = -inf where J = 0: the limit 0
     grad_var = torch.where(sigma > 0, grad_sigma / (2.0 * sigma.clamp_min(1e-30)), 0.0)
-    sig = sigma.clamp_min(1e-6)  # SIGMA_MIN
     if aux_pull and g.numel():
-        pull = g.abs().mean() * (2.0 * aux_pull)
-        grad_u = grad_u + torch.where(sigma > 0, z.clamp(-3.0, 3.0) * pull / sig, 0.0)
+        grad_u = grad_u + pull_term(g.to(z.dtype), z, sigma, aux_pull)
     if g_aux is not None:
+        sig = sigma.clamp_min(1e-6)  # SIGMA_MIN
         z_aux = (u + aux_offset if aux_offset else u) / sig
         grad_u = grad_u + torch.where(sigma > 0, z_aux * (2.0 * g_aux) / sig, 0.0)
         if aux_var:

@@ -17,7 +17,8 @@ from torch import Tensor
 
 __all__ = ["SpikeTensor", "mark_binary", "is_binary", "is_kept", "broadcasts_to",
            "apply_function", "check_windows", "estimator_spec", "parse_estimator_spec",
-           "AUX_PULL_Z_MAX", "aux_pull_gradient", "normal_cdf_ratio", "jacobian_and_z",
+           "AUX_PULL_Z_MAX", "aux_pull_gradient", "pull_term", "normal_cdf_ratio",
+           "jacobian_and_z",
            "standard_normal"]
 
 
@@ -168,6 +169,23 @@ def parse_estimator_spec(spec: str) -> tuple[str, float, float, float]:
 
 #: ``|z|`` beyond which the auxiliary pull stops growing (:attr:`sbnn_addons.IWSTSpike.aux_pull`).
 AUX_PULL_Z_MAX = 3.0
+
+
+def pull_term(grad_h: Tensor, z: Tensor, sigma: Tensor, weight: float) -> Tensor:
+    """The auxiliary pull's term of ``dL/du`` inside a spike's own backward, from the
+    ``z = u / max(sigma, SIGMA_MIN)`` it computed (:func:`aux_pull_gradient`, which is the
+    same term as a node of its own)::
+
+        2 w mean|dL/dh| clamp(z, -Z, Z) / max(sigma, SIGMA_MIN),   0 where sigma = 0
+
+    ``sigma`` broadcastable to ``z``; the result has their broadcast shape. Nothing is
+    read back to the host.
+    """
+    # literal constants (SIGMA_MIN, AUX_PULL_Z_MAX): see jacobian_and_z on constants in a
+    # traced backward
+    scale = grad_h.abs().mean() * (2.0 * weight)
+    pull = z.clamp(-3.0, 3.0).mul_(scale).div_(sigma.to(z.dtype).clamp_min(1e-6))
+    return torch.where(sigma > 0, pull, 0.0)
 
 
 def aux_pull_gradient(grad_h: Tensor, u: Tensor, sigma: Tensor, weight: float) -> Tensor:
