@@ -986,6 +986,14 @@ class LIFSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | None,
                 own_var: Tensor | None, rate: Tensor | None, config):
+        # plain operations: an input that is a variance carrier (a variance computed by a
+        # rule, e.g. after a pooling) must not run them through the variance flow
+        with torch._C.DisableTorchFunctionSubclass():
+            return LIFSequence._forward(ctx, x_seq, q_seq, v0, s0, own_var, rate, config)
+
+    @staticmethod
+    def _forward(ctx, x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | None,
+                 own_var: Tensor | None, rate: Tensor | None, config):
         dyn, estimator, at_zero, noise, aux_offset, aux_var, aux_pull, backend = config
         plif = dyn.charge in _PLIF
         beta2 = (1.0 - rate) * (1.0 - rate) if plif else dyn.beta * dyn.beta
@@ -1055,6 +1063,11 @@ class LIFSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_spikes, g_v, g_state, g_aux):
         _refuse_double_backward()
+        with torch._C.DisableTorchFunctionSubclass():
+            return LIFSequence._backward(ctx, g_spikes, g_v, g_state, g_aux)
+
+    @staticmethod
+    def _backward(ctx, g_spikes, g_v, g_state, g_aux):
         steps = len(ctx.meta)
         saved = ctx.saved_tensors
         us, hbs = saved[:steps], saved[steps:2 * steps]

@@ -535,3 +535,31 @@ def test_channels_last_frames_give_the_spikes_and_gradients_of_contiguous_ones()
     assert torch.equal(runs[0][0], runs[1][0])
     for want, got in zip(runs[0][1], runs[1][1]):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("kernel", marks=needs_kernel), "torch"])
+def test_fused_sequence_after_a_pooling_equals_the_nodes_own_loop(backend):
+    """A pooling between the Bayesian convolution and the node: the input variance the
+    sequence receives is itself computed by a variance rule (a carrier); the sequence runs
+    plain operations on it (the PyTorch-operations backend ran them through the variance
+    flow and raised, naming a host neuron)."""
+    torch.manual_seed(0)
+    host = nn.Sequential(layer.Conv2d(1, 4, 3, padding=1, step_mode="m"),
+                         layer.MaxPool2d(2, step_mode="m"),
+                         neuron.LIFNode(tau=2.0, step_mode="m"))
+    model = sbnn_sj.to_sbnn(host, std=0.3)
+    x = torch.rand(4, 3, 1, 8, 8) * 3
+    results = []
+    with kernels.use_kernels(backend == "kernel"):
+        for own_loop in (False, True):
+            if own_loop:
+                model[2].surrogate_function.fire = model[2].surrogate_function.fire
+            model.zero_grad()
+            functional.reset_net(model)
+            torch.manual_seed(5)
+            out = model(x)
+            out.sum().backward()
+            results.append((out.detach(), model[0].std_rho.grad.clone()))
+    (out_f, g_f), (out_o, g_o) = results
+    assert torch.equal(out_f, out_o) and 0 < float(out_f.mean()) < 1
+    torch.testing.assert_close(g_f, g_o, rtol=1e-5, atol=1e-7)
