@@ -55,7 +55,7 @@ from sbnn_addons.base import inverse_softplus
 from sbnn_addons.data.dvs_gesture import load_dvs_gesture_32
 from sbnn_addons.metrics import classification_metrics, ood_metrics
 from sbnn_addons.models import PAPER_CONFIGS, dvs_resnet19, paper_recipe
-from sbnn_addons.uncertainty import entropy
+from sbnn_addons.uncertainty import entropy, from_sample_probs
 
 METHODS = ("sbnn", "twin", "twin-bn")
 NUM_CLASSES = 11
@@ -185,10 +185,12 @@ def run(method: str, seed: int, args, data) -> dict:
         if bayes:
             s_in = samples
             s_out = probabilities(net, xood, "sample", k_max, args.eval_batch, device)
-            p_in, p_out = s_in.mean(0), s_out.mean(0)
-            mi_in = entropy(p_in) - entropy(s_in).mean(0)
-            mi_out = entropy(p_out) - entropy(s_out).mean(0)
-            result["ood_mi"] = ood_metrics(mi_in, mi_out)
+            pred_in, pred_out = from_sample_probs(s_in), from_sample_probs(s_out)
+            p_in, p_out = pred_in.probs, pred_out.probs
+            # accumulated in float64: a float32 difference of the two entropies was
+            # off by more than a confident example's MI
+            result["ood_mi"] = ood_metrics(pred_in.mutual_information,
+                                           pred_out.mutual_information)
         else:
             p_in = mean_p
             p_out = probabilities(net, xood, "mean", 1, args.eval_batch, device)[0]

@@ -316,7 +316,8 @@ class SpikeMonitor:
             (Bayesian layers included).
         spiking_inputs_only: count SynOps only for calls whose input is binary (spikes);
             a layer fed with analogue values (e.g. the encoder layer) performs MACs, not
-            SynOps, and is skipped.
+            SynOps, and is skipped (so is one fed with the graded spikes of an snnTorch
+            neuron whose ``graded_spikes_factor`` is not 1: their values are not 0/1).
     """
 
     def __init__(self, model: torch.nn.Module, *, synops: bool = True,
