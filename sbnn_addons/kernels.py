@@ -1337,8 +1337,12 @@ def lif_sequence(x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | N
              else generator)
     config = (dynamics, estimator, bool(at_zero), noise, aux_offset, bool(aux_var),
               float(aux_pull), backend)
-    spikes, v, state, aux = apply_function(  # all in one layout: no copy at each step
-        LIFSequence, x_seq.contiguous(), q_seq, v0.contiguous(), s0, own_var, rate, config)
+    if backend == "kernel":  # all in one layout: no copy at each step
+        x_seq, v0 = x_seq.contiguous(), v0.contiguous()
+    # (PyTorch operations keep the input's layout: channels_last spikes and membranes, as
+    # the neuron's own loop returns them, for the layers after it)
+    spikes, v, state, aux = apply_function(
+        LIFSequence, x_seq, q_seq, v0, s0, own_var, rate, config)
     mark_binary(spikes)
     return (spikes, v, state) if aux_offset is None else (spikes, v, state, aux)
 
