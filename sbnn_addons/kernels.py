@@ -1000,7 +1000,10 @@ class LIFSequence(torch.autograd.Function):
         spikes = torch.empty_like(x_seq)
         # per-step tensors, not [T, ...] buffers: blocks of a step's size are reused by the
         # allocator, while very large ones are mapped afresh (page faults) every time
-        us, hbs, variances, prevs, meta, aux = [], [], [], [], [], []
+        # the charged membranes H_t are saved, not the drives u_t = H_t - theta: the
+        # backward recomputes u_t exactly (the same operation), while H_t = u_t + theta
+        # would lose H_t's low bits to a threshold far larger than the membrane
+        hs, hbs, variances, prevs, meta, aux = [], [], [], [], [], []
         v, state = v0, s0
         for t, x in enumerate(x_seq):
             h = _charge(dyn, v, x, rate)
@@ -1034,7 +1037,7 @@ class LIFSequence(torch.autograd.Function):
                 spikes[t].copy_(hb)
                 var, mid, inner = total, 1, 1
             aux.append(aux_t)
-            us.append(u)
+            hs.append(h)
             hbs.append(hb)
             variances.append(var)
             prevs.append(prev if plif else None)
@@ -1047,7 +1050,7 @@ class LIFSequence(torch.autograd.Function):
         if state is None:
             state = torch.zeros((), dtype=x_seq.dtype, device=x_seq.device)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*us, *hbs, *variances, *prevs,
+        ctx.save_for_backward(*hs, *hbs, *variances, *prevs,
                               *((x_seq, v0, rate) if plif else ()))
         ctx.meta, ctx.dyn, ctx.estimator = meta, dyn, estimator
         ctx.aux_offset = 0.0 if aux_offset is None else float(aux_offset)
@@ -1070,40 +1073,43 @@ class LIFSequence(torch.autograd.Function):
     def _backward(ctx, g_spikes, g_v, g_state, g_aux):
         steps = len(ctx.meta)
         saved = ctx.saved_tensors
-        us, hbs = saved[:steps], saved[steps:2 * steps]
+        hs, hbs = saved[:steps], saved[steps:2 * steps]
         variances, prevs = saved[2 * steps:3 * steps], saved[3 * steps:4 * steps]
         dyn = ctx.dyn
         q_shape, v_shape, s_shape, own_shape = ctx.shapes
         kernel = ctx.backend == "kernel"
         if kernel:
             g_aux = [0.0] * steps if g_aux is None else g_aux.tolist()  # per step
-        grad_x = torch.empty((steps, *us[0].shape), dtype=us[0].dtype, device=us[0].device)
+        grad_x = torch.empty((steps, *hs[0].shape), dtype=hs[0].dtype, device=hs[0].device)
         grad_q, g_own, g_rate, rate, v_prev = [], None, None, None, None
         if len(saved) > 4 * steps:  # PLIF: dH_t/dq needs V_{t-1} (recomputed) and X_t
             x_seq, v0, rate = saved[4 * steps:]
-            v_prev = [v0] + [_reset(dyn, us[t] + dyn.threshold, hbs[t].to(us[t].dtype))
+            v_prev = [v0] + [_reset(dyn, hs[t], hbs[t].to(hs[t].dtype))
                              for t in range(steps - 1)]
             beta = 1.0 - rate
             beta2, state_coef = beta * beta, -2.0 * beta  # dS_t/dq = -2 (1 - q) S'_{t-1}
             g_rate_x = g_rate_s = None  # sums over t of dL/dH_t dH_t/dq, dL/dS_t S'_{t-1}
         for t in range(steps - 1, -1, -1):
-            fired = hbs[t].to(us[t].dtype)  # 0 / 1: (1 - h) g as one addcmul, g - g h
-            g_spike = torch.zeros_like(us[t]) if g_spikes is None else g_spikes[t]
+            u = hs[t] - dyn.threshold  # the forward's drive, bitwise
+            if kernel:
+                u = u.contiguous()
+            fired = hbs[t].to(u.dtype)  # 0 / 1: (1 - h) g as one addcmul, g - g h
+            g_spike = torch.zeros_like(u) if g_spikes is None else g_spikes[t]
             g_h = None
             if g_v is not None:  # V_t = reset(H_t, h_t)
-                g_h, d_spike = _reset_backward(dyn, g_v, fired, us[t])
+                g_h, d_spike = _reset_backward(dyn, g_v, fired, hs[t])
                 if d_spike is not None and not dyn.detach_reset:
                     g_spike = g_spike + d_spike
             mid, inner, total_shape, state_shape = ctx.meta[t]
             # IWSTSpike.aux_pull, by dL/dh_t through the spikes and the reset
             if kernel:
                 g_u, g_total = _backward_raw(
-                    g_spike, us[t], variances[t], mid, inner, hbs[t], ctx.estimator, g_aux[t],
+                    g_spike, u, variances[t], mid, inner, hbs[t], ctx.estimator, g_aux[t],
                     ctx.aux_offset, total_shape, ctx.aux_var,
                     _pull_coefficient(g_spike, ctx.aux_pull))
             else:
                 g_u, g_total = _torch_spike_backward(
-                    g_spike, us[t], variances[t], hbs[t], ctx.estimator,
+                    g_spike, u, variances[t], hbs[t], ctx.estimator,
                     None if g_aux is None or not ctx.want_aux else g_aux[t], ctx.aux_offset,
                     ctx.aux_var,
                     ctx.aux_pull)
@@ -1240,16 +1246,15 @@ def _reset(dyn: Dynamics, h: Tensor, fired: Tensor) -> Tensor:
 
 
 def _reset_backward(dyn: Dynamics, g_v: Tensor, fired: Tensor,
-                    u: Tensor) -> tuple[Tensor, Tensor | None]:
-    """``(dL/dH_t, dL/dh_t)`` through ``V_t = reset(H_t, h_t)``; ``u = H_t - theta``,
-    ``fired``: the spikes ``h_t`` as 0 / 1 floats."""
+                    h: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(dL/dH_t, dL/dh_t)`` through ``V_t = reset(H_t, h_t)``; ``h = H_t``, ``fired``:
+    the spikes ``h_t`` as 0 / 1 floats."""
     if dyn.reset == "hard":  # dV/dH = 1 - h, dV/dh = V_r - H
-        return (g_v.addcmul(g_v, fired, value=-1.0),
-                g_v * (dyn.v_reset - (u + dyn.threshold)))
+        return (g_v.addcmul(g_v, fired, value=-1.0), g_v * (dyn.v_reset - h))
     if dyn.reset == "subtract":
         return g_v, g_v * -dyn.threshold
     if dyn.reset == "zero":  # dV/dH = 1 - h, dV/dh = -H
-        return g_v.addcmul(g_v, fired, value=-1.0), g_v * -(u + dyn.threshold)
+        return g_v.addcmul(g_v, fired, value=-1.0), g_v * -h
     return g_v, None
 
 
@@ -1345,8 +1350,12 @@ def lif_sequence(x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | N
              else generator)
     config = (dynamics, estimator, bool(at_zero), noise, aux_offset, bool(aux_var),
               float(aux_pull), backend)
-    spikes, v, state, aux = apply_function(  # all in one layout: no copy at each step
-        LIFSequence, x_seq.contiguous(), q_seq, v0.contiguous(), s0, own_var, rate, config)
+    if backend == "kernel":  # all in one layout: no copy at each step
+        x_seq, v0 = x_seq.contiguous(), v0.contiguous()
+    # (PyTorch operations keep the input's layout: channels_last spikes and membranes, as
+    # the neuron's own loop returns them, for the layers after it)
+    spikes, v, state, aux = apply_function(
+        LIFSequence, x_seq, q_seq, v0, s0, own_var, rate, config)
     mark_binary(spikes)
     return (spikes, v, state) if aux_offset is None else (spikes, v, state, aux)
 

@@ -255,7 +255,7 @@ class LIF(nn.Module):
                 or kernels.sequence_backend(currents, var_seq) is None
                 # (after sequence_backend: None in a graph, where the threshold may be
                 # symbolic)
-                or not math.isfinite(self.threshold)  # the backward needs H = u + theta
+                or not math.isfinite(self.threshold)  # a readout: the steps are exact
                 or not broadcasts_to(var_seq.shape[1:], step)
                 or not broadcasts_to(membrane.shape, step)
                 or not broadcasts_to(variance.shape, step)

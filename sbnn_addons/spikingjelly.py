@@ -479,8 +479,8 @@ def _sequence_dynamics(node: nn.Module, spike: SJSpike, x_seq: Tensor):
                                          or var.shape[0] != x_seq.shape[0]))
         or kernels.sequence_backend(x_seq, var if isinstance(var, Tensor) else None) is None
         # (after sequence_backend, None in a graph, where the threshold may be symbolic)
-        # the fused backward recomputes H = u + theta: lost at theta = inf (the membrane
-        # readout LIFNode(v_threshold=inf)), where the node's own loop is exact
+        # an infinite threshold (the membrane readout LIFNode(v_threshold=inf)) runs the
+        # node's own loop, which is exact there (u = H - theta is -inf)
         or not math.isfinite(node.v_threshold)
     ):
         return None

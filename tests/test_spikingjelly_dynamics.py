@@ -190,6 +190,59 @@ def _fused_sequence_equals_the_nodes_own_loop(kind, estimator, extra, backend, m
                for name in grad_f)
 
 
+
+@pytest.mark.parametrize("backend", [pytest.param("kernel", marks=needs_kernel), "torch"])
+def test_fused_sequence_gradient_is_exact_under_a_threshold_far_above_the_membrane(backend):
+    """ParametricLIFNode(v_threshold=1e6) as one fused sequence: the backward takes the
+    membranes H_t themselves (dH_t/dq needs V_{t-1}), not u_t + theta, which in float32
+    loses their low bits: the gradients equal the node's own loop (w's was 3 % off)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(4, 3, step_mode="m"),
+                        neuron.ParametricLIFNode(v_threshold=1e6, step_mode="m"))
+    fused = sbnn_sj.to_sbnn(net, std=0.1, spike_std=None)  # (relative: 4e5 at 1e6)
+    own = copy.deepcopy(fused)
+    own[1].surrogate_function.fire = own[1].surrogate_function.fire  # the steps one by one
+    x = torch.rand(4, 2, 4)
+    grads = []
+    for model in (fused, own):
+        torch.manual_seed(1)
+        functional.reset_net(model)
+        with kernels.use_kernels(backend == "kernel"):
+            out = model(x)
+        (out * torch.arange(24.0).reshape(out.shape)).sum().backward()
+        grads.append(model[1].w.grad)
+    assert bool(grads[1].abs() > 1.0)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=0)
+
+
+def test_fused_sequence_keeps_a_channels_last_layout():
+    """A channels_last multi-step input on the PyTorch backend (what a CUDA tensor takes):
+    the fused nodes return their spikes and membranes in that layout, as their own loop
+    does, so the layers after them see the same tensors. (A contiguous copy changed the
+    next convolution's layout, its results in the last bits, and on a GPU cost a layout
+    conversion per layer.)"""
+    torch.manual_seed(3)
+    net = nn.Sequential(layer.Conv2d(2, 4, 3, padding=1, step_mode="m"),
+                        neuron.LIFNode(tau=2.0, step_mode="m"),
+                        layer.Conv2d(4, 3, 3, padding=1, step_mode="m"),
+                        neuron.IFNode(v_reset=None, step_mode="m")).double()
+    fused = sbnn_sj.to_sbnn(net, std=0.4)
+    own = _own_loop(fused)
+    x = torch.rand(6, 2, 2, 5, 5, dtype=torch.float64) * 2
+    x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (6, 2))
+    results = []
+    for model in (fused, own):
+        torch.manual_seed(1)
+        functional.reset_net(model)
+        with kernels.use_kernels(False):
+            hidden = model[1](model[0](x))
+            out = model[3](model[2](hidden))
+        results.append((hidden, out, model[1].v, model[3].v))
+    for a, b in zip(*results):
+        assert a.stride() == b.stride()
+        assert torch.equal(a, b)
+    assert results[0][2].is_contiguous(memory_format=torch.channels_last)
+
 def test_fused_sequence_falls_back_where_it_does_not_apply():
     """store_v_seq and mean mode run the node's own loop (the spike function is called
     once per step)."""
