@@ -986,14 +986,6 @@ class LIFSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | None,
                 own_var: Tensor | None, rate: Tensor | None, config):
-        # plain operations: an input that is a variance carrier (a variance computed by a
-        # rule, e.g. after a pooling) must not run them through the variance flow
-        with torch._C.DisableTorchFunctionSubclass():
-            return LIFSequence._forward(ctx, x_seq, q_seq, v0, s0, own_var, rate, config)
-
-    @staticmethod
-    def _forward(ctx, x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | None,
-                 own_var: Tensor | None, rate: Tensor | None, config):
         dyn, estimator, at_zero, noise, aux_offset, aux_var, aux_pull, backend = config
         plif = dyn.charge in _PLIF
         beta2 = (1.0 - rate) * (1.0 - rate) if plif else dyn.beta * dyn.beta
@@ -1066,11 +1058,6 @@ class LIFSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_spikes, g_v, g_state, g_aux):
         _refuse_double_backward()
-        with torch._C.DisableTorchFunctionSubclass():
-            return LIFSequence._backward(ctx, g_spikes, g_v, g_state, g_aux)
-
-    @staticmethod
-    def _backward(ctx, g_spikes, g_v, g_state, g_aux):
         steps = len(ctx.meta)
         saved = ctx.saved_tensors
         hs, hbs = saved[:steps], saved[steps:2 * steps]
@@ -1159,13 +1146,16 @@ def _torch_spike_forward(u: Tensor, total: Tensor, generator: torch.Generator | 
     the neuron's own loop. Returns the spikes as bool and the auxiliary ``sum z^2`` over
     the noisy units (``z = (u + aux_offset) / max(sigma, SIGMA_MIN)``; 0 without
     ``aux_offset``)."""
-    sigma = total.clamp_min(0).sqrt().expand_as(u)
-    fired = u + sigma * standard_normal(u, generator)
-    fired = fired >= 0 if at_zero else fired > 0
-    if aux_offset is None:
-        return fired, u.new_zeros((), dtype=torch.float32)
-    z = (u + aux_offset if aux_offset else u) / sigma.clamp_min(1e-6)  # SIGMA_MIN
-    return fired, torch.where(sigma > 0, z * z, 0.0).sum()
+    # plain operations: a variance computed by a rule (e.g. after a pooling) can be a
+    # variance carrier, whose comparisons the variance flow would refuse
+    with torch._C.DisableTorchFunctionSubclass():
+        sigma = total.clamp_min(0).sqrt().expand_as(u)
+        fired = u + sigma * standard_normal(u, generator)
+        fired = fired >= 0 if at_zero else fired > 0
+        if aux_offset is None:
+            return fired, u.new_zeros((), dtype=torch.float32)
+        z = (u + aux_offset if aux_offset else u) / sigma.clamp_min(1e-6)  # SIGMA_MIN
+        return fired, torch.where(sigma > 0, z * z, 0.0).sum()
 
 
 def _torch_spike_backward(g: Tensor, u: Tensor, total: Tensor, fired: Tensor, estimator,
@@ -1181,22 +1171,23 @@ def _torch_spike_backward(g: Tensor, u: Tensor, total: Tensor, fired: Tensor, es
     (``pull = 2 w mean|g|``; every term 0 where ``total = 0``; ``z_a`` the auxiliary
     ``z``; ``sigma`` clamped at ``SIGMA_MIN`` in the divisions). ``dL/dtotal`` has the
     shape of ``total``; no value is read back to the host."""
-    sigma = total.clamp_min(0).sqrt()
-    jac, z = jacobian_and_z(u, sigma, fired, estimator.kind, estimator.p, estimator.tau,
-                            estimator.max_weight)
-    grad_u = g.to(jac.dtype) * jac
-    grad_sigma = -z.clamp(-1e30, 1e30) * grad_u  # z = -inf where J = 0: the limit 0
-    grad_var = torch.where(sigma > 0, grad_sigma / (2.0 * sigma.clamp_min(1e-30)), 0.0)
-    if aux_pull and g.numel():
-        grad_u = grad_u + pull_term(g.to(z.dtype), z, sigma, aux_pull)
-    if g_aux is not None:
-        sig = sigma.clamp_min(1e-6)  # SIGMA_MIN
-        z_aux = (u + aux_offset if aux_offset else u) / sig
-        grad_u = grad_u + torch.where(sigma > 0, z_aux * (2.0 * g_aux) / sig, 0.0)
-        if aux_var:
-            grad_var = grad_var + torch.where(
-                sigma >= 1e-6, -g_aux * z_aux * z_aux / total.clamp_min(1e-30), 0.0)
-    return grad_u, _sum_to(grad_var, total.shape)
+    with torch._C.DisableTorchFunctionSubclass():  # plain operations (_torch_spike_forward)
+        sigma = total.clamp_min(0).sqrt()
+        jac, z = jacobian_and_z(u, sigma, fired, estimator.kind, estimator.p, estimator.tau,
+                                estimator.max_weight)
+        grad_u = g.to(jac.dtype) * jac
+        grad_sigma = -z.clamp(-1e30, 1e30) * grad_u  # z = -inf where J = 0: the limit 0
+        grad_var = torch.where(sigma > 0, grad_sigma / (2.0 * sigma.clamp_min(1e-30)), 0.0)
+        if aux_pull and g.numel():
+            grad_u = grad_u + pull_term(g.to(z.dtype), z, sigma, aux_pull)
+        if g_aux is not None:
+            sig = sigma.clamp_min(1e-6)  # SIGMA_MIN
+            z_aux = (u + aux_offset if aux_offset else u) / sig
+            grad_u = grad_u + torch.where(sigma > 0, z_aux * (2.0 * g_aux) / sig, 0.0)
+            if aux_var:
+                grad_var = grad_var + torch.where(
+                    sigma >= 1e-6, -g_aux * z_aux * z_aux / total.clamp_min(1e-30), 0.0)
+        return grad_u, _sum_to(grad_var, total.shape)
 
 
 def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
