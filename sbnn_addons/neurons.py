@@ -171,6 +171,15 @@ class LIF(nn.Module):
             var_in = var_in.value()
         return _variance_update(variance, var_in, self.beta), None
 
+    def _sync_threshold(self) -> None:
+        """Give the spike function this neuron's threshold, which its auxiliary terms read
+        (their centre, and the finite-threshold test that leaves a readout out): one
+        assigned after construction (``lif.threshold = math.inf`` for a membrane readout)
+        was left out, and the auxiliary loss of such a readout was ``inf``."""
+        spike = self.spike_fn
+        if isinstance(spike, IWSTSpike) and spike.threshold != self.threshold:
+            spike.threshold = float(self.threshold)
+
     def _fire(self, drive: Tensor, variance: Tensor) -> Tensor:
         own = self.spike_fn.noise_variance(drive.detach())  # own std only: drive is clean
         return self.spike_fn.fire(drive, variance if own is None else variance + own)
@@ -186,6 +195,7 @@ class LIF(nn.Module):
         """
         check_float("current", current)
         check_input(current, "LIF")
+        self._sync_threshold()
         var_in = _known(raw_variance(current), "input current")
         current = plain(current)  # the kernels' autograd functions see a plain tensor
         if state is None:  # a zero membrane, left out of the first update
@@ -290,6 +300,7 @@ class LIF(nn.Module):
         """
         check_float("currents", currents)
         check_input(currents, "LIF.run")
+        self._sync_threshold()
         var_seq = _known(get_variance(currents), "input currents")
         currents = plain(currents)
         if currents.numel() == 0:  # T = 0 or B = 0: nothing to run

@@ -153,8 +153,10 @@ class SnnTorchSpike(IWSTSpike):
     a sequence's initial membrane is a draw there (a neuron that never fired may lose its
     threshold once, with probability ``Phi(-threshold / std)``), and a function shared by
     more than ``MEMORY / 2`` neurons in one compiled step would lose draws: give each
-    neuron its own ``spike_grad()`` there. Converted models (:func:`to_sbnn`) do not have
-    these limits.
+    neuron its own ``spike_grad()`` there. The reset call fires there too, so a
+    :class:`~sbnn_addons.metrics.SpikeMonitor` (and :func:`~sbnn_addons.mc_predict`'s
+    spike counts) counts its spikes as emitted: up to twice eager mode's counts.
+    Converted models (:func:`to_sbnn`) do not have these limits.
     """
 
     #: How many recent calls are remembered by value (eager: for membranes that are value

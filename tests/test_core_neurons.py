@@ -367,3 +367,30 @@ def test_run_on_channels_last_currents_equals_contiguous():
     assert torch.equal(runs[0][0], runs[1][0])
     for want, got in zip(runs[0][1:], runs[1][1:]):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_threshold_assigned_after_construction_reaches_the_aux_terms(kernel):
+    """``lif.threshold = inf`` set after construction (a membrane readout) leaves the
+    readout out of the auxiliary loss, as one built with it: the spike function kept the
+    old threshold, and the loss was ``inf``; an assigned finite threshold centres ``z``
+    (``aux_center="zero"``) as one built with it."""
+    torch.manual_seed(0)
+    fc = BayesLinear(6, 3, std=0.3)
+    x = torch.rand(3, 4, 6) * 2
+    for threshold, centre in ((math.inf, "threshold"), (0.5, "zero")):
+        losses = []
+        for assign in (False, True):
+            lif = LIF(threshold=1.0 if assign else threshold, reset="none",
+                      spike_fn=IWSTSpike("st", std=0.2, aux_center=centre))
+            if assign:
+                lif.threshold = threshold
+            sb.enable_aux_loss(lif)
+            torch.manual_seed(1)
+            with sb.kernels.use_kernels(kernel):
+                state = None
+                for t in range(len(x)):
+                    _, state = lif(fc(x[t]), state)
+            losses.append(sb.aux_loss(lif))
+        assert torch.isfinite(losses[1])
+        torch.testing.assert_close(losses[1], losses[0])
