@@ -733,7 +733,7 @@ def stub_torchvision() -> Iterator[bool]:
 
 # --------------------------------------------------------------------------- surgery
 def _modules_swapped(model: nn.Module) -> None:
-    """After a conversion or an export swapped modules of ``model``: drop SpingJelly's
+    """After a conversion or an export swapped modules of ``model``: drop SpikingJelly's
     cached module lists of *every* network, not only ``model``'s. A parent of ``model``
     (``net.body = to_sbnn(net.body)``) would otherwise keep resetting the old neurons
     with ``functional.reset_net(net)`` while the new ones carry their state from batch to
