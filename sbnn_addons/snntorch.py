@@ -467,6 +467,7 @@ class _EmittedSpikeReset:
         _register(self)
 
     def fire(self, mem: Tensor) -> Tensor:
+        self._sync_spike_threshold()
         u = attach_variance(mem - self.threshold, get_variance(mem))
         raw = _host_spike_dtype(self.spike_grad(u))
         self._keep_reset(mem, raw)
@@ -496,7 +497,36 @@ class _EmittedSpikeReset:
         return cached_tensor_test(self, "_sbnn_unit", factor, lambda f: (f == 1).all(),
                                   assume=False)
 
+    def _sync_spike_threshold(self) -> None:
+        """Give the spike function the neuron's threshold (the mean of a per-neuron or
+        learned one), which centres its auxiliary terms and decides whether it collects
+        any (an infinite threshold, a membrane readout, collects none), where the
+        threshold was changed since the conversion (e.g. ``lif.threshold.fill_(inf)``, a
+        new tensor, an optimiser's step of a learned one). Read once per change of the
+        buffer (its storage and version counter: an edit through ``.data`` is not seen);
+        not inside a compiled graph (a value read), where the threshold of the last eager
+        step holds."""
+        spike = self.spike_grad
+        if not isinstance(spike, IWSTSpike) or torch.compiler.is_compiling():
+            return
+        thr = self.threshold
+        if not isinstance(thr, Tensor):
+            value = float(thr)
+        elif thr.is_meta:
+            return
+        elif thr.is_inference():  # no version counter
+            value = _thr(self)
+        else:
+            key = (thr.data_ptr(), thr._version)
+            cached = self.__dict__.get("_sbnn_threshold")
+            if cached is None or cached[0] != key:
+                cached = self.__dict__["_sbnn_threshold"] = (key, _thr(self))
+            value = cached[1]
+        if value != spike.threshold:
+            spike.threshold = value
+
     def fire_inhibition(self, batch_size: int, mem: Tensor) -> Tensor:
+        self._sync_spike_threshold()
         mem_shift = attach_variance(mem - self.threshold, get_variance(mem))
         index = torch.argmax(mem_shift, dim=1)
         raw = _host_spike_dtype(self.spike_grad(mem_shift))

@@ -728,3 +728,34 @@ def test_pruned_noise_scale_raises():
               if not is_noise_parameter(n)]
     prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=0.3)
     model(x)
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "pytorch-path"])
+def test_snntorch_threshold_changed_after_the_conversion_reaches_the_aux_terms(kernel):
+    """A converted snnTorch readout whose threshold is set to inf after the conversion
+    (reset 'none': a membrane readout) collects no auxiliary term, as one built with it:
+    its spike function had kept the threshold of the conversion (aux loss inf)."""
+    from snntorch import utils
+
+    def aux_after(built_inf: bool):
+        torch.manual_seed(0)
+        net = nn.Sequential(
+            nn.Linear(8, 6), snn.Leaky(beta=0.9, init_hidden=True),
+            nn.Linear(6, 3), snn.Leaky(beta=0.9, init_hidden=True, output=True,
+                                       reset_mechanism="none",
+                                       threshold=math.inf if built_inf else 1.0))
+        model = sbnn_snn.to_sbnn(net, aux_loss=True)
+        if not built_inf:
+            model[3].threshold.fill_(math.inf)
+        utils.reset(model)
+        x = torch.rand(5, 4, 8) * 2
+        mems = [model(x[t])[1] for t in range(5)]
+        aux = sb.aux_loss(model)
+        (torch.stack(mems).sum() + 0.1 * aux).backward()
+        for name, p in model.named_parameters():
+            assert p.grad is None or torch.isfinite(p.grad).all(), name
+        return aux.detach()
+
+    with contextlib.nullcontext() if kernel else sb.kernels.use_kernels(False):
+        built, changed = aux_after(True), aux_after(False)
+    assert torch.isfinite(changed) and torch.equal(changed, built)
