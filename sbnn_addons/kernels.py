@@ -896,8 +896,7 @@ def fused_lif_step(x: Tensor, membrane: Tensor | None, variance: Tensor, estimat
         ``aux_offset``.
 
     Raises:
-        TypeError: a tensor of another dtype or device than ``x_seq``, or a sequence no
-            backend serves (half precision, under ``torch.compile`` or ``torch.func``).
+        TypeError: a tensor is not float32 on the CPU.
         ValueError: a membrane of another shape than ``x``, a variance that does not
             broadcast to ``x``, or an unknown reset.
     """
