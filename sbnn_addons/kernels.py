@@ -1153,8 +1153,14 @@ def _torch_spike_forward(u: Tensor, total: Tensor, generator: torch.Generator | 
         fired = fired >= 0 if at_zero else fired > 0
         if aux_offset is None:
             return fired, u.new_zeros((), dtype=torch.float32)
-        z = (u + aux_offset if aux_offset else u) / sigma.clamp_min(1e-6)  # SIGMA_MIN
+        z = _aux_z(u, sigma.clamp_min(1e-6), aux_offset)  # SIGMA_MIN
         return fired, torch.where(sigma > 0, z * z, 0.0).sum()
+
+
+def _aux_z(u: Tensor, clamped_sigma: Tensor, aux_offset: float) -> Tensor:
+    """The auxiliary loss's ``z = (u + aux_offset) / clamped_sigma`` (``clamped_sigma =
+    max(sigma, SIGMA_MIN)``)."""
+    return (u + aux_offset if aux_offset else u) / clamped_sigma
 
 
 def _torch_spike_backward(g: Tensor, u: Tensor, total: Tensor, fired: Tensor, estimator,
@@ -1181,7 +1187,7 @@ def _torch_spike_backward(g: Tensor, u: Tensor, total: Tensor, fired: Tensor, es
             grad_u = grad_u + pull_term(g.to(z.dtype), z, sigma, aux_pull)
         if g_aux is not None:
             sig = sigma.clamp_min(1e-6)  # SIGMA_MIN
-            z_aux = (u + aux_offset if aux_offset else u) / sig
+            z_aux = _aux_z(u, sig, aux_offset)
             grad_u = grad_u + torch.where(sigma > 0, z_aux * (2.0 * g_aux) / sig, 0.0)
             if aux_var:
                 grad_var = grad_var + torch.where(
