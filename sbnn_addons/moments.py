@@ -487,6 +487,24 @@ def attach_variance(mean: Tensor,
     return _wrap(mean, variance)
 
 
+def attach_derived_variance(mean: Tensor, variance: Tensor | ScaledVariance,
+                            source: Tensor) -> Tensor:
+    """``mean`` carrying ``variance``, computed from carrier ``source`` by code that writes
+    an operation's variance out itself (a neuron's moment update) instead of leaving it to
+    the rules: the result keeps ``source``'s noise identity (:class:`NoiseSet`, the draws
+    it is made of), as the rules' result would.
+
+    Args:
+        mean: the operation's output mean (a plain tensor; eager: it becomes the carrier).
+        variance: its variance, broadcastable to ``mean``.
+        source: the :class:`VarianceTensor` it was computed from.
+
+    Returns:
+        The carrier (``mean`` itself in eager mode, an alias under ``torch.compile``).
+    """
+    return _wrap(mean, variance, noise=_noise_of(source))
+
+
 def get_variance(tensor: Tensor) -> Tensor | UnknownVariance | None:
     """The variance carried by ``tensor``, an :class:`UnknownVariance`, or ``None``.
 
@@ -607,11 +625,25 @@ def _mul(func, args, kwargs, out, var_of):
     if va is not None and vb is not None:
         return UnknownVariance("product of two noisy tensors")
     var, coef = (va, b) if va is not None else (vb, a)
+    return scale_variance(var, coef)
+
+
+def scale_variance(var: Tensor, coef: Tensor | float) -> Tensor:
+    """The variance of ``coef * x`` for a noise-free ``coef``: ``var(x) * coef^2``.
+
+    Args:
+        var: ``var(x)``, a tensor broadcastable to ``x``.
+        coef: a number or a tensor broadcastable to ``x`` (e.g. snnTorch's ``beta``).
+
+    Returns:
+        ``var * coef^2``; a constant CPU scalar ``coef`` is read as a number (one
+        operation, no device sync).
+    """
     if isinstance(coef, Tensor):
         if (torch.compiler.is_compiling() or coef.dim() or coef.requires_grad
                 or coef.device.type != "cpu"):
             return var * (coef * coef)
-        coef = coef.item()  # a constant CPU scalar (e.g. snnTorch's beta): one op, no sync
+        coef = coef.item()
     return var * float(coef) ** 2
 
 

@@ -82,6 +82,76 @@ def test_variance_follows_leaky_recurrence(name):
     assert float(expected.min()) > 0
 
 
+_MOMENT_OPTIONS = {
+    "reset subtract": dict(),
+    "reset zero": dict(reset_mechanism="zero"),
+    "reset none": dict(reset_mechanism="none"),
+    "learn_beta": dict(learn_beta=True),
+    "per-neuron beta": dict(beta=torch.linspace(0.5, 0.95, 32)),
+}
+
+
+def _leaky_step_trace(option: str, monkeypatch=None):
+    """Spikes, membranes, the variances at the spike function and the gradients of a
+    converted Sequential(Linear, Leaky(**option), Linear, Leaky) over 8 seeded steps;
+    with ``monkeypatch``, the neuron's variance update left to the variance rules."""
+    import snntorch as snn
+    from snntorch import utils
+
+    from sbnn_addons import snntorch as adapter
+
+    if monkeypatch is not None:
+        monkeypatch.setattr(adapter, "_MOMENT_FORMS", {})
+    kw = {"beta": BETA, **_MOMENT_OPTIONS[option]}
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(64, 32), snn.Leaky(init_hidden=True, **kw),
+        torch.nn.Linear(32, 10), snn.Leaky(beta=BETA, init_hidden=True, output=True))
+    with torch.no_grad():
+        net[0].weight.mul_(3)
+    sbnn = sbnn_addons.seed_spikes(to_sbnn(net), 3)
+    seen, spikes = _record_variance(sbnn[1]), _record_spikes(sbnn[1])
+    x = (torch.rand(8, 4, 64) < 0.3).float()
+    utils.reset(sbnn)
+    mems, loss = [], 0.0
+    for t in range(x.shape[0]):
+        _, mem = sbnn(x[t])
+        mems.append(sbnn[1].mem.detach().clone())
+        loss = loss + mem.sum()
+    loss.backward()
+    grads = [p.grad.clone() for p in sbnn.parameters() if p.grad is not None]
+    return sbnn, x, (seen, spikes, mems), grads
+
+
+@pytest.mark.parametrize("option", sorted(_MOMENT_OPTIONS))
+def test_leaky_variance_recurrence_written_out_equals_the_rules(option, monkeypatch):
+    """A converted snn.Leaky writes its variance update out (V_t = beta^2 (1 - r)^2
+    V_{t-1} + var(I_t), r = 0 unless it resets to zero) instead of tracing snnTorch's
+    operations through the variance rules: the variances equal an independent loop, and
+    spikes, membranes and variances equal the rules' own path bitwise, the gradients to
+    rounding."""
+    sbnn, x, trace, grads = _leaky_step_trace(option)
+    seen, spikes, _ = trace
+    fc, lif = sbnn[0], sbnn[1]
+    beta = lif.beta.detach().clamp(0, 1)
+    zero = _MOMENT_OPTIONS[option].get("reset_mechanism") == "zero"
+    expected = torch.zeros(())
+    for t in range(x.shape[0]):
+        if zero and t:  # reset to zero by the spike the last step emitted
+            expected = expected * (1 - spikes[t - 1]) ** 2
+        expected = beta**2 * expected + fc.output_variance(x[t])
+        torch.testing.assert_close(seen[t].expand_as(expected), expected,
+                                   rtol=1e-5, atol=1e-7)
+    assert 0 < float(torch.cat(spikes).mean()) < 1
+    _, _, trace_rules, grads_rules = _leaky_step_trace(option, monkeypatch)
+    for a, b in zip(trace, trace_rules):
+        for x_a, x_b in zip(a, b):
+            assert torch.equal(x_a.expand_as(x_b), x_b.expand_as(x_a))
+    assert len(grads) == len(grads_rules) > 0
+    for a, b in zip(grads, grads_rules):  # a learned beta: its two uses summed in turn
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("name", ["seq_conv", "tutorial_conv"])
 def test_conv_maxpool_variance_is_gathered_at_argmax(name):
     net, x = make(name)
