@@ -91,25 +91,31 @@ _MOMENT_OPTIONS = {
 }
 
 
+def _leaky_net(**options) -> torch.nn.Sequential:
+    """Sequential(Linear(64, 32), Leaky(**options), Linear(32, 10), Leaky(output=True)) with
+    init_hidden, seeded, the first layer scaled so that the first neuron fires often."""
+    import snntorch as snn
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(64, 32), snn.Leaky(init_hidden=True, **{"beta": BETA, **options}),
+        torch.nn.Linear(32, 10), snn.Leaky(beta=BETA, init_hidden=True, output=True))
+    with torch.no_grad():
+        net[0].weight.mul_(3)
+    return net
+
+
 def _leaky_step_trace(option: str, monkeypatch=None):
     """Spikes, membranes, the variances at the spike function and the gradients of a
     converted Sequential(Linear, Leaky(**option), Linear, Leaky) over 8 seeded steps;
     with ``monkeypatch``, the neuron's variance update left to the variance rules."""
-    import snntorch as snn
     from snntorch import utils
 
     from sbnn_addons import snntorch as adapter
 
     if monkeypatch is not None:
         monkeypatch.setattr(adapter, "_MOMENT_FORMS", {})
-    kw = {"beta": BETA, **_MOMENT_OPTIONS[option]}
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Linear(64, 32), snn.Leaky(init_hidden=True, **kw),
-        torch.nn.Linear(32, 10), snn.Leaky(beta=BETA, init_hidden=True, output=True))
-    with torch.no_grad():
-        net[0].weight.mul_(3)
-    sbnn = sbnn_addons.seed_spikes(to_sbnn(net), 3)
+    sbnn = sbnn_addons.seed_spikes(to_sbnn(_leaky_net(**_MOMENT_OPTIONS[option])), 3)
     seen, spikes = _record_variance(sbnn[1]), _record_spikes(sbnn[1])
     x = (torch.rand(8, 4, 64) < 0.3).float()
     utils.reset(sbnn)
@@ -411,16 +417,9 @@ def test_leaky_options_convert_exactly_and_train(option, recwarn):
     """The options of snnTorch's Leaky: `mean` mode equals the original over a sequence,
     the conversion warns about nothing, and a `sample`-mode step has finite, non-zero
     gradients for the weights and the neuron's own learned parameters."""
-    import snntorch as snn
     from snntorch import utils
 
-    kw = {"beta": BETA, **_LEAKY_OPTIONS[option]}
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Linear(64, 32), snn.Leaky(init_hidden=True, **kw),
-        torch.nn.Linear(32, 10), snn.Leaky(beta=BETA, init_hidden=True, output=True))
-    with torch.no_grad():
-        net[0].weight.mul_(3)
+    net = _leaky_net(**_LEAKY_OPTIONS[option])
     x = (torch.rand(T := 8, 4, 64) < 0.3).float()
     sbnn = to_sbnn(net)
     ours = [str(w.message) for w in recwarn if "sbnn_addons" in w.filename]
