@@ -232,8 +232,9 @@ def new_draw(out: Tensor, layer: nn.Module) -> Tensor:
         leaf = NoiseSet.leaf()
         out.__dict__["noise"] = leaf
         layer.__dict__["_sbnn_draw"] = leaf.lo
-        if _OPEN_FLOWS and out.variance is not None and torch.is_grad_enabled():
-            # for _check_dropped_noise (with the torch.func level the layer ran at)
+        if _OPEN_FLOWS and out.variance is not None:
+            # for _check_dropped_noise (with the torch.func level the layer ran at; the
+            # mean's autograd node, None without gradients)
             _DRAWN.append((layer, leaf.lo, out.grad_fn, _functorch_level()))
     return out
 
@@ -1352,6 +1353,8 @@ def _flow_leave(module, args, output):
     if module.training and torch.is_grad_enabled():
         _check_dropped_noise(module, output)
         _check_unused_noise(module, output)
+    else:  # spikes drawn without a layer's noise are wrong with or without gradients
+        _check_dropped_noise(module, output)
     if not _OPEN_FLOWS:
         return
     ref, share = _OPEN_FLOWS[-1]
@@ -1416,7 +1419,7 @@ def _reaches(outputs: list[Tensor], targets: set) -> set:
 
 
 def _check_dropped_noise(model: nn.Module, output) -> None:
-    """After a tracked training forward: raise where a Bayesian layer drew noise in it
+    """After a tracked forward: raise where a Bayesian layer drew noise in it
     whose variance no spike function (nor any reader of the variance) received and the
     output does not carry, while the layer's values went on: its mean reached the output
     without the variance (``x.as_subclass(torch.Tensor)``, ``torch.Tensor(x)``, a forward
@@ -1425,6 +1428,8 @@ def _check_dropped_noise(model: nn.Module, output) -> None:
     ``torch.func`` transform) run inside the forward, whose output is a plain tensor
     (SpikingJelly's ``t_last_seq_to_ann_forward``). A layer whose output nothing used (an
     unused branch) is not reported. The layer's last draw in the forward is checked.
+    Without gradients (a ``sample``-mode evaluation) the escapes and transforms are found,
+    a mean that reached the output as a plain tensor is not (no graph to follow).
 
     Raises:
         VarianceFlowError: naming the layers and the fix.
@@ -1468,7 +1473,7 @@ def _check_dropped_noise(model: nn.Module, output) -> None:
     which = ", ".join(f"{names.get(id(layer), type(layer).__name__)!r} ({why[reason]})"
                       for layer, reason in dropped)
     raise VarianceFlowError(
-        f"in this training forward of {type(model).__name__}, the weight noise of the "
+        f"in this forward of {type(model).__name__}, the weight noise of the "
         f"Bayesian layer(s) {which} reached no spiking neuron: something between the layer "
         "and the neuron made a plain tensor of its output (x.as_subclass(torch.Tensor), "
         "torch.Tensor(x), x.data, torch.tensor(x.tolist()), a numpy round trip, e.g. in a "

@@ -830,11 +830,25 @@ def test_a_neuron_pre_hook_that_strips_the_variance_raises_naming_the_layer(how)
         net(torch.rand(3, 4, 8))
 
 
+@pytest.mark.parametrize("how", ["data", "tolist"])
+def test_an_evaluation_whose_layer_output_escaped_the_flow_raises(how):
+    """Without gradients (a sample-mode evaluation, as the Monte Carlo predictions run)
+    a layer output taken out of the flow by .data or .tolist() reaches the neuron without
+    its variance: the spikes would be drawn without the weight noise."""
+    net = sb.track_variance(_CoreNet()).eval()
+    net.lif.register_forward_pre_hook(lambda mod, args: _STRIPS[how](args[0]) + args[1:])
+    with torch.no_grad(), pytest.raises(VarianceFlowError, match=r"'fc'.*left the variance"):
+        net(torch.rand(3, 4, 8))
+    with torch.no_grad(), sb.mode(net, "mean"):
+        net(torch.rand(3, 4, 8))  # no noise to lose
+
+
 def test_a_bayesian_layer_run_inside_vmap_raises_naming_the_transform():
     """torch.vmap returns plain tensors: the variance of a Bayesian layer run inside one
     (SpikingJelly's t_last_seq_to_ann_forward) vanished silently, the spikes after it
-    fired without the weight noise and std_rho got no gradient. A model whose whole
-    forward runs inside the transform keeps its variance and is not reported."""
+    fired without the weight noise and std_rho got no gradient, in an evaluation without
+    gradients too. A model whose whole forward runs inside the transform keeps its
+    variance and is not reported."""
 
     class TimeLast(nn.Module):
         def __init__(self):
@@ -850,8 +864,10 @@ def test_a_bayesian_layer_run_inside_vmap_raises_naming_the_transform():
     x = torch.rand(4, 8, 3)
     with pytest.raises(VarianceFlowError, match=r"'fc' \(it ran inside a torch.vmap"):
         net(x)
-    with torch.no_grad():
-        net(x)  # no gradient, nothing to lose
+    with torch.no_grad(), pytest.raises(VarianceFlowError, match="torch.vmap"):
+        net(x)  # an evaluation: the spikes would be drawn without the weight noise
+    with torch.no_grad(), sb.mode(net, "mean"):
+        net(x)  # no noise to lose
     inner = sb.track_variance(nn.Sequential(sb.BayesLinear(8, 6), sb.IWSTSpike("st"))).train()
     out = torch.vmap(inner, in_dims=-1, out_dims=-1, randomness="different")(x)
     assert out.shape == (4, 6, 3)
