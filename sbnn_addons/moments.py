@@ -20,6 +20,12 @@ reshape / view / index / cat   the same operation applied to ``var``
 ``mean`` / ``sum`` over ``n``  ``sum(var) / n^2`` / ``sum(var)``
 dropout (mask ``m``)           ``var * m^2 / (1 - p)^2``
 batch norm (scale ``g/s``)     ``var * (g / s)^2``
+group / layer / instance /     ``var * (g / s)^2``, ``s`` the statistic of the
+RMS norm                       mean signal (held fixed, as for batch norm)
+interpolate (weights ``A``)    ``A^2 var`` (nearest: moved; linear, bilinear,
+                               bicubic, trilinear, area: squared weights)
+pixel (un)shuffle, ``pad``     moved; a constant padding has variance 0
+conv_transpose (weights ``w``) ``conv_transpose(var, w^2)`` (noise-free ``w``)
 ============================  ===============================================
 
 Because the neuron's own update is made of these operations, the variance follows the
@@ -559,7 +565,7 @@ def _zero_if_none(var, like: Tensor) -> Tensor:
     "transpose", "t", "contiguous", "clone", "expand", "expand_as", "__getitem__",
     "narrow", "select", "flip", "roll", "movedim", "view_as", "reshape_as",
     "repeat", "float", "double", "half", "bfloat16", "to", "type_as", "detach",
-    "squeeze_", "unsqueeze_", "detach_",
+    "squeeze_", "unsqueeze_", "detach_", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
 )
 def _same_op(func, args, kwargs, out, var_of):
     var = var_of(args[0])
@@ -814,6 +820,121 @@ def _pad(func, args, kwargs, out, var_of):
         k: v for k, v in rest.items() if k not in ("pad", "mode")})
 
 
+def _norm_scale(stat: Tensor, eps: float, weight: Tensor | None, weight_shape) -> Tensor:
+    """``(weight / sqrt(stat + eps))^2``: the square of a normalisation's scale, with its
+    statistic ``stat`` (of the mean signal) treated as a constant."""
+    scale = 1.0 / (stat + eps)
+    if weight is not None:
+        scale = scale * (weight * weight).view(weight_shape)
+    return scale
+
+
+@register_variance_rule("group_norm")
+def _group_norm(func, args, kwargs, out, var_of):
+    # y = (x - mu_g) / sqrt(s_g^2 + eps) * w_c + b_c over each group g of channels. As in
+    # batch_norm, the statistics are those of the mean signal, treated as constants (the
+    # noise does not move them): var(y) = var(x) * (w_c / sqrt(s_g^2 + eps))^2.
+    names = ("input", "num_groups", "weight", "bias", "eps")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    x, groups = bound["input"], bound["num_groups"]
+    n, c, extra = x.shape[0], x.shape[1], x.dim() - 2
+    stat = _plain(x).detach().reshape(n, groups, -1).var(-1, unbiased=False)
+    stat = stat.repeat_interleave(c // groups, dim=1).view(n, c, *(1,) * extra)
+    return var_of(x) * _norm_scale(stat, bound.get("eps", 1e-5), bound.get("weight"),
+                                   (c,) + (1,) * extra)
+
+
+@register_variance_rule("instance_norm")
+def _instance_norm(func, args, kwargs, out, var_of):
+    # batch_norm per example: the statistics of each (example, channel) of the mean signal
+    # (use_input_stats, the default), or the running ones, treated as constants
+    names = ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats",
+             "momentum", "eps")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    x = bound["input"]
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    if bound.get("use_input_stats", True) or bound.get("running_var") is None:
+        dims = tuple(range(2, x.dim()))
+        stat = _plain(x).detach().var(dim=dims, unbiased=False, keepdim=True)
+    else:
+        stat = bound["running_var"].view(shape)
+    return var_of(x) * _norm_scale(stat, bound.get("eps", 1e-5), bound.get("weight"), shape)
+
+
+@register_variance_rule("layer_norm", "rms_norm")
+def _layer_norm(func, args, kwargs, out, var_of):
+    # y = (x - mu) / sqrt(s^2 + eps) * w + b over the trailing `normalized_shape` dims
+    # (rms_norm: x / sqrt(mean(x^2) + eps) * w), the statistics of the mean signal treated
+    # as constants, as in batch_norm: var(y) = var(x) * (w / sqrt(s^2 + eps))^2
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    if func.__name__ == "rms_norm":
+        names = ("input", "normalized_shape", "weight", "eps")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    x, shape = bound["input"], bound["normalized_shape"]
+    k = 1 if isinstance(shape, int) else len(shape)
+    dims = tuple(range(x.dim() - k, x.dim()))
+    mean = _plain(x).detach()
+    if func.__name__ == "rms_norm":
+        stat = (mean * mean).mean(dim=dims, keepdim=True)
+        eps = bound.get("eps")
+        eps = torch.finfo(x.dtype).eps if eps is None else eps
+    else:
+        stat = mean.var(dim=dims, unbiased=False, keepdim=True)
+        eps = bound.get("eps", 1e-5)
+    weight = bound.get("weight")
+    return var_of(x) * _norm_scale(stat, eps, weight,
+                                   None if weight is None else weight.shape)
+
+
+_NEAREST = ("nearest", "nearest-exact")
+
+
+@register_variance_rule("interpolate")
+def _interpolate(func, args, kwargs, out, var_of):
+    # every mode is a separable linear map, out = (A_1 x A_2 x ...) x along the spatial
+    # dims, so var(out) = (A_1^2 x A_2^2 x ...) var: nearest moves the variance (0/1
+    # weights); linear, bilinear, bicubic, trilinear, area and antialias get the squared
+    # weights A_d^2, read from the interpolation of the basis vectors of each dim
+    x, var = args[0], var_of(args[0])
+    if var.dim() != x.dim() or var.shape[2:] != x.shape[2:]:
+        var = var.expand_as(x)
+    rest = {k: v for k, v in kwargs.items() if k != "input"}
+    if _pool_arg(args, kwargs, 3, "mode", "nearest") in _NEAREST:
+        return _c_level(func)(var, *args[1:], **rest)
+    spatial = tuple(x.shape[2:])
+    for d, length in enumerate(spatial):
+        basis = torch.eye(length, dtype=var.dtype, device=var.device)
+        view = [length, 1] + [1] * len(spatial)
+        view[2 + d] = length
+        basis = basis.view(view).expand(length, 1, *spatial[:d], length, *spatial[d + 1:])
+        weights = _c_level(func)(basis, *args[1:], **rest)  # [L, 1, *out]: A_d^T
+        index = [slice(None), 0] + [0] * len(spatial)
+        index[2 + d] = slice(None)
+        squared = weights[tuple(index)] ** 2  # [L_d, O_d]
+        var = (var.movedim(2 + d, -1) @ squared).movedim(-1, 2 + d)
+    return var
+
+
+@register_variance_rule("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+def _conv_transpose(func, args, kwargs, out, var_of):
+    # a noise-free (deterministic) transposed convolution after a Bayesian layer:
+    # out_o = sum_i w_oi x_i + b, so var(out_o) = sum_i w_oi^2 var(x_i): the same
+    # transposed convolution of var with the squared weights, without bias
+    names = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups",
+             "dilation")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    x, weight = bound.pop("input"), bound.pop("weight")
+    if var_of(weight) is not None:
+        return UnknownVariance(f"{func.__name__} with noisy weights")
+    bound.pop("bias", None)
+    var = var_of(x).expand_as(x)
+    return _c_level(func)(var, _plain(weight) * _plain(weight), None, **bound)
+
+
 # Every built-in rule is linear in the variance, so it may act on the base of a
 # ScaledVariance; conversions of dtype and device, and detach, multiply it out first.
 _FACTORED.update(set(_RULES) - {"to", "type_as", "float", "double", "half", "bfloat16",
@@ -1014,6 +1135,39 @@ def _is_passthrough(m: nn.Module) -> bool:
     return any(f"{c.__module__}.{c.__qualname__}" in _PASSTHROUGH for c in type(m).__mro__)
 
 
+#: Host modules whose effect on the variance the flow cannot follow, by qualified class
+#: name, with the reason (and the fix) that names them where a neuron they feed raises
+#: (:func:`track_variance` marks their output with it); their own operations would give
+#: an error about a correlated sum inside them instead.
+_OPAQUE: dict[str, str] = {
+    "spikingjelly.activation_based.layer.misc.SynapseFilter": (
+        "spikingjelly layer.SynapseFilter (its current I_t = I_{t-1} - (1 - x_t) I_{t-1} / "
+        "tau + x_t multiplies the input by the filter's own state and carries the noise of "
+        "every earlier step, which the neuron's membrane carries too: the noise of "
+        "successive steps is correlated, which the variance flow of independent draws "
+        "cannot follow; put the SynapseFilter after the neuron, on spikes, or keep the layer "
+        "feeding it deterministic with exclude= in to_sbnn)"),
+}
+
+
+def _opaque_reason(m: nn.Module) -> str | None:
+    for c in type(m).__mro__:
+        reason = _OPAQUE.get(f"{c.__module__}.{c.__qualname__}")
+        if reason is not None:
+            return reason
+    return None
+
+
+def _opaque_output(module, args, output):
+    """Forward hook of a module in ``_OPAQUE``: an output computed from a noisy (or
+    probed) input gets an :class:`UnknownVariance` naming the module."""
+    x = args[0] if args else None
+    if (isinstance(output, Tensor) and type(x) is VarianceTensor
+            and (x.variance is not None or x.probe)):
+        return _wrap(output, UnknownVariance(_opaque_reason(module)))
+    return None
+
+
 def _is_bayesian_layer(m: nn.Module) -> bool:
     """A Bayesian layer (the source of a variance), recognised without importing
     :mod:`sbnn_addons.layers` (which imports this module)."""
@@ -1068,6 +1222,9 @@ def _probe_unknown(name: str, args, kwargs) -> str | None:
         mode = _pool_arg(args, kwargs, 2, "mode", "constant")
         if mode != "constant":
             return f"pad with mode={mode!r}"
+    elif name.startswith("conv_transpose"):
+        if _probed(args[1] if len(args) > 1 else kwargs.get("weight")):
+            return f"{name} with noisy weights"
     return None
 
 
@@ -1210,7 +1367,8 @@ _ADDS_UP = frozenset({"sum", "mean", "avg_pool1d", "avg_pool2d", "avg_pool3d",
                       "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d"})
 #: Operations that can put one element into several places of their result.
 _REPEATS = frozenset({"expand", "expand_as", "broadcast_to", "repeat", "cat", "concat",
-                      "concatenate", "stack"})
+                      "concatenate", "stack", "interpolate", "conv_transpose1d",
+                      "conv_transpose2d", "conv_transpose3d"})
 
 
 def _repeat_check(name: str, args, kwargs, out: Tensor,
@@ -1222,7 +1380,9 @@ def _repeat_check(name: str, args, kwargs, out: Tensor,
     compiled graph)."""
     if nset is None:
         return None, None
-    if nset.repeated and name in _ADDS_UP:
+    if nset.repeated and (name in _ADDS_UP or name.startswith("conv_transpose") or (
+            name == "interpolate"
+            and _pool_arg(args, kwargs, 3, "mode", "nearest") not in _NEAREST)):
         return _repeated_reason(name), nset
     if name in _REPEATS and _repeats(name, args, kwargs, out):
         return None, nset.as_repeated()
@@ -1231,7 +1391,14 @@ def _repeat_check(name: str, args, kwargs, out: Tensor,
 
 def _repeats(name: str, args, kwargs, out: Tensor) -> bool:
     """Whether ``out`` holds an element of a noisy input more than once: an ``expand`` or
-    ``repeat`` to more elements, or a ``cat`` / ``stack`` of operands sharing a draw."""
+    ``repeat`` to more elements, a ``cat`` / ``stack`` of operands sharing a draw, a
+    nearest interpolation that enlarges a dim; or whether its elements share inputs
+    otherwise: any other interpolation (its windows may overlap), a transposed convolution."""
+    if name == "interpolate":
+        return (_pool_arg(args, kwargs, 3, "mode", "nearest") not in _NEAREST
+                or any(o > i for o, i in zip(out.shape[2:], args[0].shape[2:])))
+    if name.startswith("conv_transpose"):
+        return True
     if name in ("cat", "concat", "concatenate", "stack"):
         noisy = [t for t in (args[0] if args else kwargs.get("tensors", ()))
                  if _noise_of(t) is not None]
@@ -1241,7 +1408,8 @@ def _repeats(name: str, args, kwargs, out: Tensor) -> bool:
 
 def _repeated_reason(name: str) -> str:
     return (f"{name} over a tensor that holds one Bayesian layer draw several times (after "
-            "expand / repeat, or cat / stack of the same tensor): its elements are not "
+            "expand / repeat, cat / stack of the same tensor, an interpolation or a "
+            "transposed convolution): its elements are not "
             "independent, so their variances do not add; reduce before repeating (e.g. "
             "x.sum() * k instead of x.repeat(k).sum()), or repeat after the neuron")
 
@@ -1633,7 +1801,7 @@ def check_model_input(model: nn.Module, args: tuple) -> None:
     check_input(x, where)
 
 
-_FLOW_HOOKS = (_flow_enter, _flow_leave, _probe_source, _probe_pass)
+_FLOW_HOOKS = (_flow_enter, _flow_leave, _probe_source, _probe_pass, _opaque_output)
 
 
 def track_variance(model: nn.Module, opaque=(), *, check_inputs: bool = False) -> nn.Module:
@@ -1670,6 +1838,8 @@ def track_variance(model: nn.Module, opaque=(), *, check_inputs: bool = False) -
             handles.append(m.register_forward_hook(_probe_source))
         elif _is_passthrough(m):
             handles.append(m.register_forward_hook(_probe_pass))
+        elif _opaque_reason(m) is not None:
+            handles.append(m.register_forward_hook(_opaque_output))
     model._sbnn_flow_handles = tuple(handles)
     return model
 
