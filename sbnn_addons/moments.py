@@ -700,7 +700,8 @@ def _pool_arg(args, kwargs, index, name, default=None):
 
 
 def _spatial_dims(func) -> int:
-    return int(func.__name__[-2])
+    """The number of spatial dims of a pooling, from its name (or the name itself)."""
+    return int((func if isinstance(func, str) else func.__name__)[-2])
 
 
 @register_variance_rule("avg_pool1d", "avg_pool2d", "avg_pool3d")
@@ -767,7 +768,8 @@ def _max_pool(func, args, kwargs, out, var_of):
     params.update(kwargs)
     if params.pop("return_indices", False):
         return UnknownVariance(f"{func.__name__} with return_indices")
-    _, idx = func(x.detach(), return_indices=True, **params)
+    with torch._C.DisableTorchFunctionSubclass():  # the indices of the mean: a plain tensor
+        _, idx = func(x.detach(), return_indices=True, **params)
     d = _spatial_dims(func)
     picked = var.flatten(start_dim=-d).gather(-1, idx.flatten(start_dim=-d))
     return picked.view_as(idx)
@@ -1369,6 +1371,10 @@ _ADDS_UP = frozenset({"sum", "mean", "avg_pool1d", "avg_pool2d", "avg_pool3d",
 _REPEATS = frozenset({"expand", "expand_as", "broadcast_to", "repeat", "cat", "concat",
                       "concatenate", "stack", "interpolate", "conv_transpose1d",
                       "conv_transpose2d", "conv_transpose3d"})
+#: Poolings whose windows may overlap (an element in several windows).
+_POOLS = frozenset({"avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d",
+                    "max_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+                    "adaptive_avg_pool3d"})
 
 
 def _repeat_check(name: str, args, kwargs, out: Tensor,
@@ -1386,7 +1392,24 @@ def _repeat_check(name: str, args, kwargs, out: Tensor,
         return _repeated_reason(name), nset
     if name in _REPEATS and _repeats(name, args, kwargs, out):
         return None, nset.as_repeated()
+    if name in _POOLS and _windows_overlap(name, args, kwargs, out):
+        return None, nset.as_repeated()
     return None, nset
+
+
+def _windows_overlap(name: str, args, kwargs, out: Tensor) -> bool:
+    """Whether the windows of a pooling overlap, so that its outputs share elements: a
+    stride below the window's extent, or an adaptive pooling whose output length does not
+    divide the input length."""
+    n = _spatial_dims(name)
+    x = args[0]
+    if name.startswith("adaptive"):
+        return any(length % pooled for length, pooled in zip(x.shape[-n:], out.shape[-n:]))
+    kernel = _per_dim(_pool_arg(args, kwargs, 1, "kernel_size"), n)
+    stride = _per_dim(_pool_arg(args, kwargs, 2, "stride") or kernel, n)
+    dilation = (_per_dim(_pool_arg(args, kwargs, 4, "dilation", 1), n)
+                if name.startswith("max") else (1,) * n)
+    return any(s < d * (k - 1) + 1 for k, s, d in zip(kernel, stride, dilation))
 
 
 def _repeats(name: str, args, kwargs, out: Tensor) -> bool:
@@ -1408,9 +1431,9 @@ def _repeats(name: str, args, kwargs, out: Tensor) -> bool:
 
 def _repeated_reason(name: str) -> str:
     return (f"{name} over a tensor that holds one Bayesian layer draw several times (after "
-            "expand / repeat, cat / stack of the same tensor, an interpolation or a "
-            "transposed convolution): its elements are not "
-            "independent, so their variances do not add; reduce before repeating (e.g. "
+            "expand / repeat, cat / stack of the same tensor, an interpolation, a "
+            "transposed convolution or a pooling with overlapping windows): its elements are "
+            "not independent, so their variances do not add; reduce before repeating (e.g. "
             "x.sum() * k instead of x.repeat(k).sum()), or repeat after the neuron")
 
 

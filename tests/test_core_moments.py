@@ -99,6 +99,8 @@ def test_max_pool_takes_variance_at_argmax():
     _, idx = F.max_pool2d(x, 2, return_indices=True)
     want = v.flatten(2).gather(2, idx.flatten(2)).view_as(idx)
     assert torch.equal(get_variance(y), want)
+    # a plain tensor (it was a carrier marked unknown, from the indices taken on the carrier)
+    assert type(get_variance(y)) is torch.Tensor and type(get_variance(y_f)) is torch.Tensor
     assert torch.equal(get_variance(y_f), want)
     assert not torch.equal(want, F.max_pool2d(v, 2))  # the test distinguishes argmax of var
 
@@ -684,6 +686,12 @@ def _repeated_cases():
             F.interpolate(a[:, None], size=6, mode="linear"), size=4, mode="linear")[:, 0],
         "conv_transpose.mean": lambda a: F.conv_transpose1d(a[:, None], torch.ones(1, 1, 2))
                                          .mean(-1) + 0 * a.detach(),
+        "overlapping avg_pool.avg_pool": lambda a: F.avg_pool1d(
+            F.avg_pool1d(a[:, None], 3, 1, 1), 2)[:, 0],
+        "overlapping max_pool.mean": lambda a: F.max_pool1d(a[:, None], 3, 1).mean(-1)
+                                               + 0 * a.detach(),
+        "adaptive 4 -> 3.sum": lambda a: F.adaptive_avg_pool1d(a[:, None], 3).sum(-1)
+                                         + 0 * a.detach(),
     }
 
 
@@ -1042,3 +1050,25 @@ def test_normalisation_scales_the_variance_by_its_scale_from_the_mean_signal(nam
     _assert_within_5_se(got, get_variance(y).expand_as(y))
     IWSTSpike("st")(y - 0.5).sum().backward()
     assert fc.std_rho.grad.abs().sum() > 0
+
+
+def test_a_sum_after_overlapping_pooling_windows_raises_and_disjoint_ones_still_add():
+    """Pooling windows that overlap (stride below the window, an adaptive pooling whose
+    output length does not divide the input) give outputs that share elements: a second
+    pooling or a mean over them added their variances as if independent (avg_pool(3, 1, 1)
+    then mean over 6x6: 0.0013 instead of the Monte Carlo 0.0096), silently. Now the neuron
+    raises; disjoint windows keep their exact variance, and overlapping ones still feed a
+    neuron element by element."""
+    x, v = _noisy((2, 3, 6, 6))
+    spike = IWSTSpike("st")
+    for op in (lambda a: F.avg_pool2d(a, 3, 1, 1).mean((2, 3)),
+               lambda a: F.avg_pool2d(nn.MaxPool2d(3, 2, 1)(a), 2),
+               lambda a: F.adaptive_avg_pool2d(F.adaptive_avg_pool2d(a, 4), 1)):
+        with pytest.raises(VarianceFlowError, match="overlapping windows"):
+            spike(op(x))
+    y = F.avg_pool2d(F.avg_pool2d(x, 2), 3)  # disjoint windows: 1/4 then 1/9 of a sum
+    torch.testing.assert_close(get_variance(y), F.avg_pool2d(v, 6) / 36, rtol=1e-12, atol=0)
+    z = F.adaptive_avg_pool2d(x, 3).mean((2, 3))
+    torch.testing.assert_close(get_variance(z), v.mean((2, 3)) / 36, rtol=1e-12, atol=0)
+    spike(F.avg_pool2d(x, 3, 1, 1) - 1.0)
+    spike(F.max_pool2d(x, 3, 2, 1) - 1.0)
