@@ -802,7 +802,7 @@ def _batch_norm(func, args, kwargs, out, var_of):
         dims = [d for d in range(x.dim()) if d != 1]
         # the batch statistic of the mean alone: on the carrier, `var` (no rule) would
         # build a carrier with an unknown variance, which the result then carried itself
-        stat = plain(x).detach().var(dim=dims, unbiased=False)
+        stat = _plain(x).detach().var(dim=dims, unbiased=False)
     else:
         stat = bound["running_var"]
     scale = 1.0 / (stat + bound.get("eps", 1e-5))

@@ -912,10 +912,11 @@ def test_a_readout_dropped_with_plain_is_not_reported():
 
 
 # ------------------------------------ normalisations, interpolation, shuffles, conv_transpose
-def _frozen_norm(kind, mean, weight, bias, eps=1e-5):
+def _frozen_norm(kind, mean, weight, bias):
     """The normalisation ``kind`` with the statistics of ``mean`` (the noise-free signal)
     held fixed: the affine map the rules assume, ``(a - mu) * w / sqrt(s^2 + eps) + b``."""
     n, c = mean.shape[:2]
+    eps = torch.finfo(mean.dtype).eps if kind == "rms_norm" else 1e-5
     if kind == "group_norm":  # 2 groups
         g = mean.reshape(n, 2, -1)
         mu = g.mean(-1).repeat_interleave(c // 2, 1).view(n, c, 1, 1)
@@ -924,6 +925,9 @@ def _frozen_norm(kind, mean, weight, bias, eps=1e-5):
     elif kind == "instance_norm":
         mu, s2 = mean.mean((2, 3), keepdim=True), mean.var((2, 3), unbiased=False, keepdim=True)
         w, b = weight.view(1, c, 1, 1), bias.view(1, c, 1, 1)
+    elif kind == "rms_norm":  # over [C, H, W]
+        mu, s2 = 0.0, (mean * mean).mean((1, 2, 3), keepdim=True)
+        w, b = weight, bias
     else:  # layer_norm over [C, H, W]
         mu = mean.mean((1, 2, 3), keepdim=True)
         s2 = mean.var((1, 2, 3), unbiased=False, keepdim=True)
@@ -1028,12 +1032,18 @@ def _norm_case(name):
         return (lambda a: F.layer_norm(a, (4, 3, 3), _GAMMA_CHW, bias)), name, _GAMMA_CHW, bias
     if name == "group_norm":
         return (lambda a: F.group_norm(a, 2, _GAMMA, _BETA)), name, _GAMMA, _BETA
+    if name == "nn.RMSNorm":
+        rms = nn.RMSNorm((4, 3, 3)).double()
+        with torch.no_grad():
+            rms.weight.copy_(_GAMMA_CHW)
+        return rms, "rms_norm", _GAMMA_CHW, torch.zeros_like(_GAMMA_CHW)
     return (lambda a: F.instance_norm(a, weight=_GAMMA, bias=_BETA)), name, _GAMMA, _BETA
 
 
-@pytest.mark.parametrize("name", ["group_norm", "nn.GroupNorm", "layer_norm", "instance_norm"])
+@pytest.mark.parametrize("name", ["group_norm", "nn.GroupNorm", "layer_norm", "instance_norm",
+                                  "nn.RMSNorm"])
 def test_normalisation_scales_the_variance_by_its_scale_from_the_mean_signal(name):
-    """GroupNorm / LayerNorm / InstanceNorm, like BatchNorm in ``batchnorm="keep"`` mode:
+    """GroupNorm / LayerNorm / InstanceNorm / RMSNorm, like BatchNorm in ``"keep"`` mode:
     the statistics are those of the mean signal, held fixed, so the variance is scaled by
     ``(w / sqrt(s^2 + eps))^2``: exactly (rtol 1e-12), and equal to the Monte Carlo
     variance of that fixed-statistics map (whose value at the mean is PyTorch's own
@@ -1072,3 +1082,21 @@ def test_a_sum_after_overlapping_pooling_windows_raises_and_disjoint_ones_still_
     torch.testing.assert_close(get_variance(z), v.mean((2, 3)) / 36, rtol=1e-12, atol=0)
     spike(F.avg_pool2d(x, 3, 1, 1) - 1.0)
     spike(F.max_pool2d(x, 3, 2, 1) - 1.0)
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm2d(4), nn.GroupNorm(2, 4), nn.LayerNorm([4, 5, 5])])
+def test_a_variance_stripped_after_a_normalisation_raises_naming_the_layer(norm):
+    """A Bayesian conv -> normalisation -> something that makes a plain tensor of its
+    output -> spike: the layer's noise reaches no neuron. After a training-mode BatchNorm
+    this went unreported (its rule read the batch statistic with ``plain``, which records
+    the draw as dropped on purpose), so the neuron fired without the noise, silently."""
+    class Strip(nn.Module):
+        def forward(self, x):
+            return x.as_subclass(torch.Tensor)
+
+    torch.manual_seed(0)
+    model = track_variance(nn.Sequential(BayesConv2d(2, 4, 3, padding=1), norm, Strip(),
+                                         IWSTSpike("st")))
+    model.train()
+    with pytest.raises(VarianceFlowError, match="reached no spiking neuron"):
+        model(torch.rand(2, 2, 5, 5))
