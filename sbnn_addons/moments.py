@@ -16,7 +16,7 @@ operation                      variance of the output
 reshape / view / index / cat   the same operation applied to ``var``
 ``avg_pool`` over ``k``        ``sum(var) / k^2``
 ``adaptive_avg_pool``          ``sum(var) / D^2`` over each window of size ``D``
-``max_pool``                   ``var`` at the element the max selected
+``max_pool``, adaptive too     ``var`` at the element the max selected
 ``mean`` / ``sum`` over ``n``  ``sum(var) / n^2`` / ``sum(var)``
 dropout (mask ``m``)           ``var * m^2 / (1 - p)^2``
 batch norm (scale ``g/s``)     ``var * (g / s)^2``
@@ -775,6 +775,20 @@ def _max_pool(func, args, kwargs, out, var_of):
     return picked.view_as(idx)
 
 
+@register_variance_rule("adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d")
+def _adaptive_max_pool(func, args, kwargs, out, var_of):
+    # as max_pool: the variance of the element the max selected in each window
+    x, var = args[0], var_of(args[0]).expand_as(args[0])
+    if _pool_arg(args, kwargs, 2, "return_indices", False):
+        return UnknownVariance(f"{func.__name__} with return_indices")
+    size = _pool_arg(args, kwargs, 1, "output_size")
+    with torch._C.DisableTorchFunctionSubclass():  # the indices of the mean: a plain tensor
+        _, idx = func(x.detach(), size, return_indices=True)
+    d = _spatial_dims(func)
+    picked = var.flatten(start_dim=-d).gather(-1, idx.flatten(start_dim=-d))
+    return picked.view_as(idx)
+
+
 @register_variance_rule("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout")
 def _dropout(func, args, kwargs, out, var_of):
     x, var = args[0], var_of(args[0])
@@ -1216,6 +1230,9 @@ def _probe_unknown(name: str, args, kwargs) -> str | None:
     elif name in ("max_pool1d", "max_pool2d", "max_pool3d"):
         if (args[6] if len(args) > 6 else kwargs.get("return_indices", False)):
             return f"{name} with return_indices"
+    elif name.startswith("adaptive_max_pool"):
+        if _pool_arg(args, kwargs, 2, "return_indices", False):
+            return f"{name} with return_indices"
     elif name == "alpha_dropout":
         p = _pool_arg(args, kwargs, 1, "p", 0.5)
         if _pool_arg(args, kwargs, 2, "training", True) and p != 0:
@@ -1374,7 +1391,8 @@ _REPEATS = frozenset({"expand", "expand_as", "broadcast_to", "repeat", "cat", "c
 #: Poolings whose windows may overlap (an element in several windows).
 _POOLS = frozenset({"avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d",
                     "max_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
-                    "adaptive_avg_pool3d"})
+                    "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+                    "adaptive_max_pool3d"})
 
 
 def _repeat_check(name: str, args, kwargs, out: Tensor,

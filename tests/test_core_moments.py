@@ -101,6 +101,13 @@ def test_max_pool_takes_variance_at_argmax():
     assert torch.equal(get_variance(y), want)
     # a plain tensor (it was a carrier marked unknown, from the indices taken on the carrier)
     assert type(get_variance(y)) is torch.Tensor and type(get_variance(y_f)) is torch.Tensor
+    # adaptive max pooling (no rule before): the same, also with windows of varying size
+    assert torch.equal(get_variance(nn.AdaptiveMaxPool2d(2)(x)), want)
+    x5, v5 = _noisy((2, 3, 5, 5))
+    y5 = F.adaptive_max_pool2d(x5, (3, 2))
+    _, idx5 = F.adaptive_max_pool2d(moments.plain(x5), (3, 2), return_indices=True)
+    assert torch.equal(get_variance(y5), v5.flatten(2).gather(2, idx5.flatten(2)).view_as(idx5))
+    assert type(get_variance(y5)) is torch.Tensor
     assert torch.equal(get_variance(y_f), want)
     assert not torch.equal(want, F.max_pool2d(v, 2))  # the test distinguishes argmax of var
 
@@ -456,6 +463,7 @@ RULED = [
     ("chunk + cat", lambda v: torch.cat(v.chunk(2, -1), -1)),
     ("avg_pool", lambda v: F.avg_pool1d(v[:, None], 1)[:, 0]),
     ("max_pool", lambda v: F.max_pool1d(v[:, None], 1)[:, 0]),
+    ("adaptive_max_pool", lambda v: F.adaptive_max_pool1d(v[:, None], 6)[:, 0]),
     ("dropout", lambda v: F.dropout(v, 0.5, training=True)),
     ("batch_norm", lambda v: F.batch_norm(v, None, None, training=True)),
     ("affine", lambda v: 2.0 * v - 1.0),
