@@ -827,13 +827,14 @@ def _batch_norm(func, args, kwargs, out, var_of):
 
 @register_variance_rule("pad")
 def _pad(func, args, kwargs, out, var_of):
+    # a constant padding has no variance; reflect / replicate / circular copy elements of
+    # the input, with their variance (the copies are marked repeated: see _repeats)
     var = var_of(args[0]).expand_as(args[0])
     mode = _pool_arg(args, kwargs, 2, "mode", "constant")
+    pad = _pool_arg(args, kwargs, 1, "pad")
     if mode != "constant":
-        return UnknownVariance(f"pad with mode={mode!r}")
-    rest = {k: v for k, v in kwargs.items() if k != "value"}
-    return F.pad(var, _pool_arg(args, kwargs, 1, "pad"), mode="constant", value=0.0, **{
-        k: v for k, v in rest.items() if k not in ("pad", "mode")})
+        return F.pad(var, pad, mode=mode)
+    return F.pad(var, pad, mode="constant", value=0.0)
 
 
 def _norm_scale(stat: Tensor, eps: float, weight: Tensor | None, weight_shape) -> Tensor:
@@ -1209,8 +1210,8 @@ def _probe_unknown(name: str, args, kwargs) -> str | None:
     """For an operation with a rule: the reason its rule would return an
     :class:`UnknownVariance` for these (probed) arguments, or ``None``. Mirrors the
     conditions of the built-in rules (a product of two noisy tensors, a division by one,
-    ``where`` on a noisy condition, ``return_indices``, ``alpha_dropout``, a padding mode
-    other than ``constant``), without computing any variance."""
+    ``where`` on a noisy condition, ``return_indices``, ``alpha_dropout``, a transposed
+    convolution with noisy weights), without computing any variance."""
     if name in ("mul", "mul_", "__mul__", "__rmul__", "__imul__"):
         other = args[1] if len(args) > 1 else kwargs.get("other")
         if _probed(args[0]) and _probed(other):
@@ -1237,10 +1238,6 @@ def _probe_unknown(name: str, args, kwargs) -> str | None:
         p = _pool_arg(args, kwargs, 1, "p", 0.5)
         if _pool_arg(args, kwargs, 2, "training", True) and p != 0:
             return "alpha_dropout"
-    elif name == "pad":
-        mode = _pool_arg(args, kwargs, 2, "mode", "constant")
-        if mode != "constant":
-            return f"pad with mode={mode!r}"
     elif name.startswith("conv_transpose"):
         if _probed(args[1] if len(args) > 1 else kwargs.get("weight")):
             return f"{name} with noisy weights"
@@ -1386,7 +1383,7 @@ _ADDS_UP = frozenset({"sum", "mean", "avg_pool1d", "avg_pool2d", "avg_pool3d",
                       "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d"})
 #: Operations that can put one element into several places of their result.
 _REPEATS = frozenset({"expand", "expand_as", "broadcast_to", "repeat", "cat", "concat",
-                      "concatenate", "stack", "interpolate", "conv_transpose1d",
+                      "concatenate", "stack", "interpolate", "pad", "conv_transpose1d",
                       "conv_transpose2d", "conv_transpose3d"})
 #: Poolings whose windows may overlap (an element in several windows).
 _POOLS = frozenset({"avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d",
@@ -1440,6 +1437,8 @@ def _repeats(name: str, args, kwargs, out: Tensor) -> bool:
                 or any(o > i for o, i in zip(out.shape[2:], args[0].shape[2:])))
     if name.startswith("conv_transpose"):
         return True
+    if name == "pad":  # reflect, replicate, circular: copies of border elements
+        return _pool_arg(args, kwargs, 2, "mode", "constant") != "constant"
     if name in ("cat", "concat", "concatenate", "stack"):
         noisy = [t for t in (args[0] if args else kwargs.get("tensors", ()))
                  if _noise_of(t) is not None]

@@ -443,7 +443,7 @@ UNRULED = [
     ("div", lambda v: v / v),
     ("max_pool1d_with_indices",
      lambda v: F.max_pool1d(v[:, None], 2, return_indices=True)[0].repeat(1, 1, 2)[:, 0]),
-    ("pad with mode='reflect'", lambda v: F.pad(v[:, None], (1, 1), mode="reflect")[:, 0, 1:-1]),
+    ("lp_pool1d", lambda v: F.lp_pool1d(v[:, None], 2, 1)[:, 0]),
     ("gru", lambda v: nn.GRU(6, 6, batch_first=True)(v[:, None])[0][:, 0]),
 ]
 
@@ -468,6 +468,7 @@ RULED = [
     ("batch_norm", lambda v: F.batch_norm(v, None, None, training=True)),
     ("affine", lambda v: 2.0 * v - 1.0),
     ("pad", lambda v: F.pad(v, (1, 1))[:, 1:-1]),
+    ("reflect pad", lambda v: F.pad(v[:, None], (1, 1), mode="reflect")[:, 0, 1:-1]),
     ("group_norm", lambda v: F.group_norm(v, 2)),
     ("layer_norm", lambda v: F.layer_norm(v, (6,))),
     ("instance_norm", lambda v: F.instance_norm(v[:, None])[:, 0]),
@@ -700,6 +701,8 @@ def _repeated_cases():
                                                + 0 * a.detach(),
         "adaptive 4 -> 3.sum": lambda a: F.adaptive_avg_pool1d(a[:, None], 3).sum(-1)
                                          + 0 * a.detach(),
+        "reflect pad.sum": lambda a: F.pad(a[:, None], (1, 1), mode="reflect").sum(-1)
+                                     + 0 * a.detach(),
     }
 
 
@@ -964,6 +967,9 @@ _NEW_OPS = {
     "pixel_shuffle": nn.PixelShuffle(2),
     "pixel_unshuffle": lambda v: F.pixel_unshuffle(F.pad(v, (0, 1, 0, 1)), 2),
     "ConstantPad2d(0.5)": nn.ConstantPad2d((1, 0, 2, 1), 0.5),
+    "ReflectionPad2d": nn.ReflectionPad2d((1, 0, 2, 1)),
+    "ReplicationPad2d": nn.ReplicationPad2d(1),
+    "circular pad": lambda v: F.pad(v, (2, 1, 1, 0), mode="circular"),
     "conv_transpose2d": lambda v: F.conv_transpose2d(v, _W_T, torch.ones(3, dtype=F64),
                                                       stride=(2, 1), padding=(0, 1)),
     "conv_transpose1d grouped": lambda v: F.conv_transpose1d(
