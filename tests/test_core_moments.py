@@ -1114,3 +1114,15 @@ def test_a_variance_stripped_after_a_normalisation_raises_naming_the_layer(norm)
     model.train()
     with pytest.raises(VarianceFlowError, match="reached no spiking neuron"):
         model(torch.rand(2, 2, 5, 5))
+
+
+def test_instance_norm_with_running_statistics_in_eval_scales_by_them():
+    """nn.InstanceNorm2d(track_running_stats=True) in eval mode normalises by its running
+    variance: the variance is scaled by (w / sqrt(running_var + eps))^2, as batch_norm's."""
+    x, v = _noisy((2, 3, 4, 4))
+    norm = nn.InstanceNorm2d(3, affine=True, track_running_stats=True).double().eval()
+    norm.running_var.copy_(torch.tensor([0.5, 2.0, 4.0]))
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.5, -0.5, 2.0]))
+    scale = (norm.weight / torch.sqrt(norm.running_var + norm.eps)).detach().view(1, 3, 1, 1)
+    torch.testing.assert_close(get_variance(norm(x)), v * scale**2, rtol=1e-12, atol=0)
