@@ -848,9 +848,15 @@ def _norm_scale(stat: Tensor, eps: float, weight: Tensor | None, weight_shape) -
 
 @register_variance_rule("group_norm")
 def _group_norm(func, args, kwargs, out, var_of):
-    # y = (x - mu_g) / sqrt(s_g^2 + eps) * w_c + b_c over each group g of channels. As in
-    # batch_norm, the statistics are those of the mean signal, treated as constants (the
-    # noise does not move them): var(y) = var(x) * (w_c / sqrt(s_g^2 + eps))^2.
+    """``y = (x - mu_g) / sqrt(s_g^2 + eps) * w_c + b_c`` over each group ``g`` of channels.
+
+    As in the ``batch_norm`` rule (BatchNorm kept by the converters), the statistics are
+    those of the mean signal, held fixed: the mean network is normalised as in the host
+    model and its noise is scaled by the same factor,
+    ``var(y) = var(x) * (w_c / sqrt(s_g^2 + eps))^2``. (Statistics recomputed on each
+    noisy draw would absorb part of the noise: a smaller variance where a group holds few
+    elements or the noise is large next to the spread of the signal.)
+    """
     names = ("input", "num_groups", "weight", "bias", "eps")
     bound = dict(zip(names, args))
     bound.update(kwargs)
@@ -864,8 +870,9 @@ def _group_norm(func, args, kwargs, out, var_of):
 
 @register_variance_rule("instance_norm")
 def _instance_norm(func, args, kwargs, out, var_of):
-    # batch_norm per example: the statistics of each (example, channel) of the mean signal
-    # (use_input_stats, the default), or the running ones, treated as constants
+    """``batch_norm`` per example: the statistics of each (example, channel) of the mean
+    signal (``use_input_stats``, the default) or the running ones, held fixed as in
+    :func:`_group_norm`: ``var(y) = var(x) * (w_c / sqrt(s^2 + eps))^2``."""
     names = ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats",
              "momentum", "eps")
     bound = dict(zip(names, args))
@@ -882,9 +889,9 @@ def _instance_norm(func, args, kwargs, out, var_of):
 
 @register_variance_rule("layer_norm", "rms_norm")
 def _layer_norm(func, args, kwargs, out, var_of):
-    # y = (x - mu) / sqrt(s^2 + eps) * w + b over the trailing `normalized_shape` dims
-    # (rms_norm: x / sqrt(mean(x^2) + eps) * w), the statistics of the mean signal treated
-    # as constants, as in batch_norm: var(y) = var(x) * (w / sqrt(s^2 + eps))^2
+    """``y = (x - mu) / sqrt(s^2 + eps) * w + b`` over the trailing ``normalized_shape``
+    dims (``rms_norm``: ``x / sqrt(mean(x^2) + eps) * w``), the statistics of the mean
+    signal held fixed as in :func:`_group_norm`: ``var(y) = var(x) * w^2 / (s^2 + eps)``."""
     names = ("input", "normalized_shape", "weight", "bias", "eps")
     if func.__name__ == "rms_norm":
         names = ("input", "normalized_shape", "weight", "eps")
@@ -911,10 +918,12 @@ _NEAREST = ("nearest", "nearest-exact")
 
 @register_variance_rule("interpolate")
 def _interpolate(func, args, kwargs, out, var_of):
-    # every mode is a separable linear map, out = (A_1 x A_2 x ...) x along the spatial
-    # dims, so var(out) = (A_1^2 x A_2^2 x ...) var: nearest moves the variance (0/1
-    # weights); linear, bilinear, bicubic, trilinear, area and antialias get the squared
-    # weights A_d^2, read from the interpolation of the basis vectors of each dim
+    """Every mode is a separable linear map, ``out = (A_1 x A_2 x ...) x`` along the
+    spatial dims, so ``var(out) = (A_1^2 x A_2^2 x ...) var`` for independent inputs:
+    nearest moves the variance (0/1 weights); linear, bilinear, bicubic, trilinear, area
+    and antialias get the squared weights ``A_d^2``, read from the interpolation of the
+    basis vectors of each dim (constant along the others, which the weights, summing to 1
+    there, leave unchanged)."""
     x, var = args[0], var_of(args[0])
     if var.dim() != x.dim() or var.shape[2:] != x.shape[2:]:
         var = var.expand_as(x)
@@ -937,9 +946,9 @@ def _interpolate(func, args, kwargs, out, var_of):
 
 @register_variance_rule("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 def _conv_transpose(func, args, kwargs, out, var_of):
-    # a noise-free (deterministic) transposed convolution after a Bayesian layer:
-    # out_o = sum_i w_oi x_i + b, so var(out_o) = sum_i w_oi^2 var(x_i): the same
-    # transposed convolution of var with the squared weights, without bias
+    """A noise-free (deterministic) transposed convolution after a Bayesian layer:
+    ``out_o = sum_i w_oi x_i + b``, so ``var(out_o) = sum_i w_oi^2 var(x_i)``, the same
+    transposed convolution of ``var`` with the squared weights, without bias."""
     names = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups",
              "dilation")
     bound = dict(zip(names, args))
