@@ -659,3 +659,47 @@ def test_reset_parameters_of_a_converted_layer_sizes_the_std_from_the_new_weight
         given.reset_parameters()
         torch.testing.assert_close(given.std.detach().flatten(),
                                    torch.full_like(given.std.detach().flatten(), 0.05))
+
+
+def _bilinear_x2_squared(length: int) -> torch.Tensor:
+    """The squared weights ``W^2`` [(2L)^2, L^2] of a bilinear x2 upsampling of an L x L
+    image, from the upsampling of each basis image (independent of the variance rule)."""
+    n = length * length
+    basis = torch.eye(n).view(n, 1, length, length)
+    return F.interpolate(basis, scale_factor=2, mode="bilinear").view(n, -1).t() ** 2
+
+
+def test_groupnorm_pixelshuffle_upsample_pad_before_leaky_give_the_exact_variance():
+    """Conv2d -> GroupNorm -> PixelShuffle -> Upsample(bilinear) -> ZeroPad2d -> Leaky (an
+    nn.Sequential with init_hidden) raised at the first step ('group_norm' had no variance
+    rule). Converted, the neuron receives at every step the exact variance: the conv's LRT
+    variance scaled by the GroupNorm's (w / sqrt(s^2 + eps))^2 (statistics of the mean
+    signal), moved by the shuffle, mapped by the squared bilinear weights, zero in the
+    padding, accumulated V_t = beta^2 V_{t-1} + var_t; the conv's std gets a gradient."""
+    snn = pytest.importorskip("snntorch")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.GroupNorm(4, 8), torch.nn.PixelShuffle(2),
+        torch.nn.Upsample(scale_factor=2, mode="bilinear"), torch.nn.ZeroPad2d(1),
+        snn.Leaky(beta=BETA, init_hidden=True), torch.nn.Flatten(),
+        torch.nn.Linear(2 * 18 * 18, 3), snn.Leaky(beta=BETA, init_hidden=True, output=True))
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 2.0)
+    x = torch.rand(3, 2, 1, 4, 4)
+    sbnn = to_sbnn(net, std=0.3, example_input=x[0])
+    conv, gn, lif = sbnn[0], sbnn[1], sbnn[5]
+    seen = _record_variance(lif)
+    spk, mem = run(sbnn, x)
+    squared = _bilinear_x2_squared(8)
+    expected = None
+    for t in range(x.shape[0]):
+        with sbnn_addons.moments.no_variance_flow():
+            mean = F.conv2d(x[t], conv.weight, conv.bias, padding=1)
+        s2 = mean.view(2, 4, -1).var(-1, unbiased=False).repeat_interleave(2, 1)
+        scale = (gn.weight / torch.sqrt(s2 + gn.eps)) ** 2
+        var = F.pixel_shuffle(conv.output_variance(x[t]) * scale.view(2, 8, 1, 1), 2)
+        var = F.pad((var.reshape(2, 2, 64) @ squared.t()).view(2, 2, 16, 16), (1, 1, 1, 1))
+        expected = var if expected is None else BETA**2 * expected + var
+        torch.testing.assert_close(seen[t].expand_as(expected), expected, rtol=1e-5, atol=1e-7)
+    (spk.sum() + mem.sum()).backward()
+    assert conv.std_rho.grad is not None and conv.std_rho.grad.abs() > 0
