@@ -16,9 +16,10 @@ What the conversion does (Method page, sections 2-3):
   the original weight (posterior mean). They attach the local-reparameterisation variance
   ``var(a) = s^2 sum_i x_i^2`` to their output.
 * Every ``snn.Leaky`` / ``snn.RLeaky`` gets an :class:`~sbnn_addons.IWSTSpike` as
-  ``spike_grad``. The neuron's own update ``U_t = beta U_{t-1} + I_t - S_{t-1} theta`` acts
-  on a :class:`~sbnn_addons.moments.VarianceTensor` current, so the spike function sees
-  ``V_t = beta^2 V_{t-1} + var_t`` (``+ var`` of the recurrent current for ``RLeaky``).
+  ``spike_grad``. The neuron's own update ``U_t = beta U_{t-1} + I_t - S_{t-1} theta``
+  takes a :class:`~sbnn_addons.moments.VarianceTensor` current, and the spike function
+  sees ``V_t = beta^2 V_{t-1} + var_t`` (``+ var`` of the recurrent current for
+  ``RLeaky``).
 * The reset uses **the emitted spike**: snnTorch computes the reset by calling
   ``spike_grad`` a second time, which for a stochastic spike would be an independent
   draw. The neurons are switched to :class:`SBNNLeaky` / :class:`SBNNRLeaky`, which cache
@@ -350,9 +351,12 @@ def spike_grad(
 class _EmittedSpikeReset:
     """Mixin of the converted neurons: reset = emitted spike.
 
-    The input current is a :class:`~sbnn_addons.moments.VarianceTensor`, so snnTorch's own
-    state update carries the variance: the membrane it computes holds
-    ``V_t = beta^2 V_{t-1} + var(I_t)`` (``+ var`` of the recurrent current for ``RLeaky``).
+    The input current is a :class:`~sbnn_addons.moments.VarianceTensor`; the membrane the
+    step computes holds ``V_t = beta^2 V_{t-1} + var(I_t)`` (``+ var`` of the recurrent
+    current for ``RLeaky``): for ``snn.Leaky`` written out beside snnTorch's own state
+    function on the plain values (:meth:`_sbnn_moments`), for ``RLeaky`` (whose state
+    function also runs its recurrent layer) by the variance rules through snnTorch's
+    operations.
 
     Between calls the membrane buffer is a plain tensor (what ``torch.compile`` takes as a
     graph input) and its variance is the neuron's state ``_sbnn_state = (membrane, V,
