@@ -252,6 +252,33 @@ def test_zero_diagonal_recurrent_mean_and_variance(mask_variance):
     assert torch.all(fresh.weight.diagonal() == 0) and torch.all(fresh.weight.grad.diagonal() == 0)
 
 
+@pytest.mark.parametrize("std_mode", ["layer", "channel", "weight"])
+def test_pruned_zero_diagonal_keeps_its_masked_variance(std_mode):
+    """``torch.nn.utils.prune`` on a ``ZeroDiagBayesLinear(mask_variance=True)``: the
+    pruned layer's variance path left the diagonal out of the mask, so an all-ones prune
+    mask (nothing removed) brought the self-connection noise back (+40 % variance)."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    n = 6
+    rec = ZeroDiagBayesLinear(n, mask_variance=True, std_mode=std_mode)
+    h = torch.rand(3, n)
+    want = get_variance(rec(h)).expand(3, n)
+    prune.custom_from_mask(rec, "weight", torch.ones(n, n))
+    torch.testing.assert_close(get_variance(rec(h)), want)
+    torch.testing.assert_close(rec.output_variance(h), want)
+    # a pruned input column removes its noise on top of the diagonal: as if unit 0 were
+    # silent in the unpruned layer
+    mask = torch.ones(n, n)
+    mask[:, 0] = 0
+    prune.remove(rec, "weight")
+    prune.custom_from_mask(rec, "weight", mask)
+    pruned = get_variance(rec(h)).expand(3, n)
+    prune.remove(rec, "weight")
+    h[:, 0] = 0
+    torch.testing.assert_close(pruned, get_variance(rec(h)).expand(3, n))
+
+
 # ----------------------------------------------------------------------- mean mode / twin
 def _perturb_affines(net, seed=0):
     """Random affines and 3x weights, so that every layer of the tiny nets spikes."""

@@ -104,6 +104,14 @@ class ZeroDiagBayesLinear(BayesLinear):
             s2 = s2.view(-1, 1)
         return F.linear(x2, s2.expand_as(self.weight) * self.diag_mask)
 
+    def _masked_variance(self, x: Tensor, binary: bool, s2: Tensor, mask: Tensor) -> Tensor:
+        """The pruned layer's variance (``torch.nn.utils.prune``), which does not go
+        through :meth:`_output_variance`: with ``mask_variance`` the diagonal is masked
+        as one more pruned weight."""
+        if self.mask_variance:
+            mask = mask * self.diag_mask
+        return super()._masked_variance(x, binary, s2, mask)
+
 
 class SHDRecurrentNet(ReferenceNet):
     """Recurrent LIF network 700-256-256-20 for the Spiking Heidelberg Digits.
