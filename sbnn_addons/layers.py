@@ -361,11 +361,13 @@ class _BayesMixin(SBNNModule):
             return
         warnings.warn(
             f"{which}: an optimiser stepped its weight but not its noise scale std_rho, "
-            "which has a gradient: the optimiser does not contain it (built before "
+            "which has a gradient: the optimiser does not contain it (e.g. built before "
             "to_sbnn(model, inplace=True), which adds the noise scales as new parameters), "
             "so the std never trains. Build the optimiser after the conversion, or add the "
             "noise scales to it: optimizer.add_param_group({'params': "
-            "list(sbnn_addons.noise_parameters(model))})",
+            "list(sbnn_addons.noise_parameters(model))}); to train the weights with the "
+            "stds fixed on purpose, freeze them instead: std_rho.requires_grad_(False) "
+            "(for p in sbnn_addons.noise_parameters(model): p.requires_grad_(False))",
             UserWarning, stacklevel=4)
 
     def _guard_forward_hooks(self) -> None:

@@ -820,7 +820,10 @@ def test_std_check_raises_no_false_alarm():
         for _ in range(3):
             net(x).sum().backward()
     assert caught == []
-    assert len(_train_steps(net, opt, x, steps=3)) == 1
+    found = _train_steps(net, opt, x, steps=3)
+    assert len(found) == 1
+    # a std left out on purpose (fine-tuning the means): the message names the freeze
+    assert "requires_grad_(False)" in found[0]
 
 
 @contextlib.contextmanager
