@@ -409,17 +409,28 @@ class _BayesMixin(SBNNModule):
             with _no_half_autocast(x_in):
                 var = self._masked_variance(x_in, binary, s2, mask)
             if self.bias_noise:
-                var = var + square(self.bias_std)
+                var = var + self._bias_variance()
             return new_draw(attach_variance(mean, var), self)
         if self._factored():  # s^2 F kept factored through the variance flow
             field = self._input_variance(x_in, binary, None)
             return new_draw(attach_variance(mean, ScaledVariance(field, s2)), self)
         var = self._input_variance(x_in, binary, s2)
         if self.bias_noise:
-            var = var + square(self.bias_std)
+            var = var + self._bias_variance()
         # broadcastable to the mean (e.g. [N, 1, H, W] with a per-layer std): consumers
         # broadcast it, and channel-independent ops (avg-pool) stay C times cheaper
         return new_draw(attach_variance(mean, var), self)
+
+    def _bias_variance(self) -> Tensor:
+        """``s_b^2`` of the bias noise, per output where ``torch.nn.utils.prune`` prunes
+        the bias (a ``bias_mask`` buffer): the bias is then ``m * b`` with
+        ``b ~ N(mu_b, s_b^2)``, so a pruned bias adds no noise, as it adds no mean."""
+        var = square(self.bias_std)
+        mask = self._buffers.get("bias_mask")
+        if mask is None or "bias_orig" not in self._parameters:
+            return var
+        per_out = mask.to(var.dtype).square().view(-1, *([1] * (self.weight.dim() - 2)))
+        return var * per_out
 
     def _pruning_mask(self) -> Tensor | None:
         """The mask ``torch.nn.utils.prune`` applies to the weight (its ``weight_mask``
@@ -466,7 +477,7 @@ class _BayesMixin(SBNNModule):
                 var = (self._output_variance(x * x, s2) if mask is None
                        else self._masked_variance(x, False, s2, mask))
             if self.bias_noise:
-                var = var + square(self.bias_std)
+                var = var + self._bias_variance()
             return var.expand_as(mean)
 
     def kl_divergence(self, prior=None, num_samples: int = 16) -> Tensor:

@@ -884,6 +884,30 @@ def test_pruned_weights_carry_no_noise(kind, std_mode, bias_noise):
         torch.testing.assert_close(layer.std_rho.grad, grad, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("kind, std_mode", [("linear", "layer"), ("linear", "weight"),
+                                             ("conv2d", "layer"), ("conv2d", "channel")])
+def test_pruned_bias_carries_no_noise(kind, std_mode):
+    """``torch.nn.utils.prune`` on ``bias`` (a global pruning over weights and biases):
+    the bias is ``m * b`` with ``b ~ N(mu_b, s_b^2)``, so a removed bias adds no noise,
+    as a removed weight: its ``s_b^2`` (0.04 here) was added to every output all the
+    same. The variance is the unpruned one minus ``s_b^2`` on the pruned outputs, in the
+    forward and in ``output_variance``, with a pruned weight too."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    layer, x = _make(kind, std_mode, True, 1, 1)
+    full = layer.output_variance(x)
+    keep = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0][:layer.bias.shape[0]], dtype=F64)
+    prune.custom_from_mask(layer, "bias", keep)
+    per_out = keep.view(-1, *([1] * (full.dim() - 2))) if kind == "conv2d" else keep
+    want = full - (1 - per_out) * layer.bias_std.detach() ** 2
+    mean = layer(x)
+    torch.testing.assert_close(get_variance(mean).expand_as(mean), want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(layer.output_variance(x), want, rtol=1e-12, atol=0)
+    prune.custom_from_mask(layer, "weight", torch.ones_like(layer.weight))  # both pruned
+    torch.testing.assert_close(layer.output_variance(x), want, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
 def test_second_order_gradient_through_compact_spike_input(kind, monkeypatch):
     """A Bayesian layer keeps a large 0/1 spike input as uint8 for the backward. A
