@@ -134,7 +134,9 @@ class _BinaryInputOp(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, layer = inputs
-        ctx.layer, ctx.x_dtype, ctx.has_bias = layer, x.dtype, bias is not None
+        ctx.layer, ctx.has_bias = layer, bias is not None
+        # the dtype the op ran in: autocast's (x and weight cast to it), else theirs
+        ctx.dtype = output.dtype
         ctx.x_graph = x.requires_grad
         ctx.save_for_backward(x.to(torch.uint8), weight)
 
@@ -151,7 +153,11 @@ class _BinaryInputOp(torch.autograd.Function):
                 "sbnn_addons.layers.COMPACT_INPUT_MIN = math.inf (4x the memory for them)")
         x_bytes, weight = ctx.saved_tensors
         needs = (*ctx.needs_input_grad[:2], ctx.has_bias and ctx.needs_input_grad[2])
-        gx, gw, gb = ctx.layer._op_backward(grad, x_bytes.to(ctx.x_dtype), weight, needs)
+        # the backward in the forward's dtype, as autocast's own op (a bfloat16 gradient
+        # against the float32 weight failed); autograd casts each gradient to its input's
+        dtype = ctx.dtype
+        gx, gw, gb = ctx.layer._op_backward(grad.to(dtype), x_bytes.to(dtype),
+                                            weight.to(dtype), needs)
         return gx, gw, gb, None
 
 

@@ -297,6 +297,36 @@ def test_empty_batch_and_bf16():
     assert y.dtype == torch.bfloat16 and torch.isfinite(get_variance(y)).all()
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_spike_input_kept_as_bytes_under_bfloat16_autocast(kind, monkeypatch):
+    """Under ``torch.autocast`` (bfloat16), a large spike input kept as uint8 for the
+    backward: the backward ran the bfloat16 gradient against the float32 weight, and a
+    BayesLinear failed ("expected m1 and m2 to have the same dtype"). It runs in the
+    forward's dtype, as autocast's own op: every gradient equals the unmarked path's."""
+    import sbnn_addons.layers as layers_mod
+
+    grads = []
+    for limit in (1, math.inf):  # kept as bytes, then as it is
+        monkeypatch.setattr(layers_mod, "COMPACT_INPUT_MIN", limit)
+        torch.manual_seed(0)
+        if kind == "linear":
+            first, layer, x = BayesLinear(6, 16), BayesLinear(16, 3, bias_std=0.1), torch.rand(8, 6)
+        else:
+            first, layer = BayesConv2d(2, 4, 3, padding=1), BayesConv2d(4, 3, 3, padding=1)
+            x = torch.rand(2, 2, 6, 6)
+        spike = sb.IWSTSpike("st", std=0.3, learn_std=True)
+        spike.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(spike(first(x) * 3))
+        assert out.dtype == torch.bfloat16
+        (out.float().square().sum() + get_variance(out).sum()).backward()
+        params = [*first.parameters(), *layer.parameters(), spike.std_rho]
+        grads.append([p.grad for p in params])
+        assert all(p.grad.dtype == torch.float32 for p in params)
+    for kept, plain_grad in zip(*grads):
+        torch.testing.assert_close(kept, plain_grad, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("make", [
     lambda: sb.BayesLinear(12, 5, std=0.2),
     lambda: sb.BayesLinear(12, 5, std=0.2, std_mode="weight", bias=False),
