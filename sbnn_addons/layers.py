@@ -80,6 +80,7 @@ __all__ = [
     "keep_ties",
     "fold_channel_std",
     "warn_deterministic_layers",
+    "legacy_weight_norm",
 ]
 
 STD_MODES = ("layer", "channel", "weight")
@@ -908,19 +909,40 @@ def _copy_means(dst: nn.Module, src: nn.Module) -> None:
         dst.bias.requires_grad_(src.bias.requires_grad)
 
 
+def legacy_weight_norm(module: nn.Module) -> str | None:
+    """``"weight_norm"`` or ``"spectral_norm"`` where ``module``'s weight is computed by
+    the legacy ``torch.nn.utils.weight_norm`` / ``torch.nn.utils.spectral_norm`` (a
+    forward pre-hook, from ``weight_g`` and ``weight_v`` or ``weight_orig``), else
+    ``None``. A converter leaves such a layer deterministic: a Bayesian layer built from
+    it would train the weight it had at conversion, the normalisation dropped silently."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, (WeightNorm, SpectralNorm)) and hook.name == "weight":
+            return "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
+    return None
+
+
 def warn_deterministic_layers(model: nn.Module, excluded: Callable[[str], bool],
                               host: str) -> None:
     """Warn about weight layers a converter leaves deterministic because it has no
     Bayesian version of them (``nn.Conv3d``, ``nn.ConvTranspose2d``, ``nn.Embedding``,
-    ...) or because their weight is parametrized (``weight_norm``, ``spectral_norm``):
-    modules with a weight matrix that are neither Bayesian nor excluded."""
+    ...) or because their weight is parametrized (``weight_norm``, ``spectral_norm``, by
+    ``torch.nn.utils.parametrizations`` or the legacy hooks of
+    :func:`legacy_weight_norm`): modules with a weight matrix that are neither Bayesian
+    nor excluded."""
     from torch.nn.utils import parametrize
 
-    left, parametrized = [], False
+    left, parametrized, legacy = [], False, set()
     for name, m in model.named_modules():
         if is_bayesian(m) or excluded(name):
             continue
-        if parametrize.is_parametrized(m, "weight"):
+        kind = legacy_weight_norm(m)
+        if kind is not None:
+            left.append(f"'{name}' ({type(m).__name__} with torch.nn.utils.{kind})")
+            legacy.add(kind)
+        elif parametrize.is_parametrized(m, "weight"):
             # a parametrized Linear / Conv is another class (ParametrizedLinear) whose
             # weight is computed: no converter takes it
             cls = type(m).__bases__[0] if type(m).__bases__ else type(m)
@@ -932,6 +954,8 @@ def warn_deterministic_layers(model: nn.Module, excluded: Callable[[str], bool],
         fix = ("; to convert a parametrized layer, bake its weight in first: "
                "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')"
                if parametrized else "")
+        fix += "".join(f"; to convert a layer with torch.nn.utils.{k}, bake its weight in "
+                       f"first: torch.nn.utils.remove_{k}(layer)" for k in sorted(legacy))
         warnings.warn(
             f"{host} to_sbnn: {len(left)} weight layer(s) stay deterministic (no Bayesian "
             f"version of them): {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}; "

@@ -62,6 +62,7 @@ from .layers import (
     fold_channel_std,
     is_bayesian,
     keep_ties,
+    legacy_weight_norm,
     warn_deterministic_layers,
 )
 from .losses import enable_aux_loss
@@ -1345,7 +1346,7 @@ def to_sbnn(
 
     def convert(_name: str, child: nn.Module) -> nn.Module | None:
         new = None
-        if type(child) in _LAYERS and selected(child):
+        if type(child) in _LAYERS and selected(child) and not legacy_weight_norm(child):
             folded = next((folds[n] for n in names.get(id(child), []) if n in folds), None)
             kw = converted_layer_kwargs(child, layer_kw, modules.get(folded))
             new = _LAYERS[type(child)].from_module(child, **kw)

@@ -928,7 +928,7 @@ def to_sbnn(
     def convert(name: str, m: nn.Module):
         t = type(m)
         new = None
-        if t in _WEIGHTS and selected(name):
+        if t in _WEIGHTS and selected(name) and not _layers.legacy_weight_norm(m):
             kw = _layers.converted_layer_kwargs(m, posterior, modules.get(folds.get(name)))
             if t is layer.Linear:
                 new = BayesLinear.from_module(m, step_mode=m.step_mode, **kw)

@@ -586,6 +586,41 @@ def test_parametrized_weight_layer_left_deterministic_is_named(norm):
     assert isinstance(to_sbnn(net)[0], BayesLinear)
 
 
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_legacy_weight_norm_layer_left_deterministic_is_named(norm):
+    """A Linear under the legacy ``torch.nn.utils.weight_norm`` / ``spectral_norm`` (a
+    forward pre-hook computing ``weight`` from ``weight_g``, ``weight_v`` or
+    ``weight_orig``) was converted into a BayesLinear whose mean was the weight at
+    conversion, trained directly: the normalisation was dropped without a word. It stays
+    deterministic with its hook, as a parametrized layer, and the warning names the fix
+    (``remove_weight_norm``), after which it converts."""
+    import warnings
+
+    import snntorch as snn
+    from torch import nn
+
+    from sbnn_addons import BayesLinear
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 6), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # weight_norm is deprecated
+        getattr(torch.nn.utils, norm)(net[0])
+    x = torch.rand(3, 8)
+    with pytest.warns(UserWarning, match=rf"'0' \(Linear with torch.nn.utils.{norm}\).*"
+                                         rf"remove_{norm}"):
+        model = to_sbnn(net)
+    assert not isinstance(model[0], BayesLinear)
+    assert sbnn_addons.layers.legacy_weight_norm(model[0]) == norm
+    model(x)[0].sum().backward()  # the normalised layer still trains through its hook
+    assert all(p.grad is not None for p in model[0].parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        to_sbnn(net, exclude="0")
+    getattr(torch.nn.utils, f"remove_{norm}")(net[0])
+    assert isinstance(to_sbnn(net)[0], BayesLinear)
+
+
 @pytest.mark.parametrize("inplace", [False, True])
 def test_pruned_host_layer_stays_pruned(inplace):
     """A host layer pruned with ``torch.nn.utils.prune`` converts (the copy raised
