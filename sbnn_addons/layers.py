@@ -433,19 +433,23 @@ class _BayesMixin(SBNNModule):
         the bias (a ``bias_mask`` buffer): the bias is then ``m * b`` with
         ``b ~ N(mu_b, s_b^2)``, so a pruned bias adds no noise, as it adds no mean."""
         var = square(self.bias_std)
-        mask = self._buffers.get("bias_mask")
-        if mask is None or "bias_orig" not in self._parameters:
+        mask = self._bias_mask()
+        if mask is None:
             return var
         per_out = mask.to(var.dtype).square().view(-1, *([1] * (self.weight.dim() - 2)))
         return var * per_out
 
-    def _pruning_mask(self) -> Tensor | None:
+    def _pruning_mask(self, name: str = "weight") -> Tensor | None:
         """The mask ``torch.nn.utils.prune`` applies to the weight (its ``weight_mask``
         buffer, next to the parameter ``weight_orig``), or ``None`` when not pruned."""
-        mask = self._buffers.get("weight_mask")
-        if mask is None or "weight_orig" not in self._parameters:
+        mask = self._buffers.get(name + "_mask")
+        if mask is None or name + "_orig" not in self._parameters:
             return None
         return mask
+
+    def _bias_mask(self) -> Tensor | None:
+        """The pruning mask of the bias (``bias_mask``), or ``None`` when not pruned."""
+        return self._pruning_mask("bias")
 
     def _masked_variance(self, x: Tensor, binary: bool, s2: Tensor, mask: Tensor) -> Tensor:
         """LRT variance of a pruned layer, ``sum_i m_i^2 s_i^2 x_i^2`` (no bias noise): the
@@ -490,6 +494,9 @@ class _BayesMixin(SBNNModule):
     def kl_divergence(self, prior=None, num_samples: int = 16) -> Tensor:
         """``KL(q(W) || p(W))`` summed over every weight (and the bias if it is noisy).
 
+        A weight or bias removed by ``torch.nn.utils.prune`` is no random variable (it
+        adds neither mean nor noise): the sum runs over the kept ones.
+
         Args:
             prior: ``None`` (``N(0, 1)``), a float std, a :class:`GaussianPrior`, or any
                 ``torch.distributions.Distribution`` broadcastable to the weights.
@@ -515,15 +522,16 @@ class _BayesMixin(SBNNModule):
                 "layer deterministic (a plain layer, exclude= at conversion) and out of the KL")
         if self.std_mode == "channel":  # [out] -> [out, 1, ...] to broadcast over the weight
             std = std.view(-1, *([1] * (self.weight.dim() - 1)))
-        params = [(self.weight, std)]
+        # a weight or bias removed by torch.nn.utils.prune is no random variable: no KL
+        params = [(self.weight, std, self._pruning_mask())]
         if self.bias_noise and self.bias is not None:
-            params.append((self.bias, self.bias_std))
+            params.append((self.bias, self.bias_std, self._bias_mask()))
         # half precision in float32: a float16 sum overflows at 65504, and a bfloat16 one
         # keeps three digits
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
         total = self.weight.new_zeros((), dtype=dtype)
-        for mean, std in params:
-            total = total + _kl(mean.to(dtype), std.to(dtype), prior, num_samples)
+        for mean, std, mask in params:
+            total = total + _kl(mean.to(dtype), std.to(dtype), prior, num_samples, mask)
         return total
 
 
@@ -556,10 +564,16 @@ def check_kl_samples(num_samples) -> None:
                          f">= 1, got {num_samples!r}")
 
 
-def _kl(mean: Tensor, std: Tensor, prior, num_samples: int) -> Tensor:
+def _kl(mean: Tensor, std: Tensor, prior, num_samples: int,
+        mask: Tensor | None = None) -> Tensor:
+    """``KL(N(mean, std^2) || prior)`` summed over the elements; with a pruning ``mask``
+    (``torch.nn.utils.prune``) over the kept ones only."""
+    keep = None if mask is None else mask != 0
     if prior is None or isinstance(prior, (int, float, GaussianPrior)):
         prior_std = 1.0 if prior is None else getattr(prior, "std", prior)
         prior_std = check_std("prior std", prior_std, allow_zero=False)
+        if keep is not None:
+            mean, std = mean[keep], std.expand_as(mean)[keep]
         return gaussian_kl(mean, std, prior_std)
     if not isinstance(prior, torch.distributions.Distribution):
         raise TypeError(
@@ -568,10 +582,11 @@ def _kl(mean: Tensor, std: Tensor, prior, num_samples: int) -> Tensor:
         )
     q = torch.distributions.Normal(mean, std.expand_as(mean))
     try:
-        return torch.distributions.kl_divergence(q, prior).sum()
+        terms = torch.distributions.kl_divergence(q, prior)
     except NotImplementedError:
         w = q.rsample((num_samples,))
-        return (q.log_prob(w) - prior.log_prob(w)).mean(0).sum()
+        terms = (q.log_prob(w) - prior.log_prob(w)).mean(0)
+    return terms.sum() if keep is None else torch.where(keep, terms, 0.0).sum()
 
 
 def _refuse_noisy_input(x: Tensor, layer: str, module: nn.Module | None = None) -> None:

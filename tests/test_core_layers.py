@@ -213,6 +213,49 @@ def test_kl_includes_noisy_bias_and_model_sum():
         sb.kl_divergence(nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("std_mode", ["layer", "weight"])
+def test_kl_of_a_pruned_layer_sums_the_kept_weights(std_mode):
+    """``torch.nn.utils.prune`` removes a weight (and a bias) from the network: it is no
+    random variable, so it has no KL. The KL counted each removed one as ``N(0, s^2)``
+    against the prior (the sum of the whole layer's terms); it equals the KL of the kept
+    weights and biases, for the closed form, a Gaussian distribution prior and a Monte
+    Carlo prior, and the pruned weights get no gradient from it."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    layer = BayesLinear(6, 4, std_mode=std_mode, bias_std=0.1, dtype=F64)
+    _randomise_std(layer, torch.Generator().manual_seed(1))
+    mask = (torch.rand(4, 6, generator=torch.Generator().manual_seed(2)) < 0.5).to(F64)
+    bias_mask = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=F64)
+    keep, keep_b = mask.bool(), bias_mask.bool()
+    std = layer.std.detach().expand(4, 6)
+    q_w = torch.distributions.Normal(layer.weight.detach()[keep], std[keep])
+    q_b = torch.distributions.Normal(layer.bias.detach()[keep_b],
+                                     layer.bias_std.detach().expand(4)[keep_b])
+    prune.custom_from_mask(layer, "weight", mask)
+    prune.custom_from_mask(layer, "bias", bias_mask)
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=F64), torch.tensor(0.5, dtype=F64))
+    want = (torch.distributions.kl_divergence(q_w, normal).sum()
+            + torch.distributions.kl_divergence(q_b, normal).sum())
+    for prior in (0.5, normal):
+        torch.testing.assert_close(layer.kl_divergence(prior), want, rtol=1e-12, atol=0)
+    mixture = scale_mixture_prior(0.5, 1.0, 0.1)
+    torch.manual_seed(3)
+    got = layer.kl_divergence(mixture, num_samples=2)
+    torch.manual_seed(3)  # the same draws, kept terms only
+    w = torch.distributions.Normal(layer.weight, std).rsample((2,))
+    terms = (torch.distributions.Normal(layer.weight, std).log_prob(w)
+             - mixture.log_prob(w)).mean(0)
+    b = torch.distributions.Normal(layer.bias, layer.bias_std.expand(4)).rsample((2,))
+    terms_b = (torch.distributions.Normal(layer.bias, layer.bias_std.expand(4)).log_prob(b)
+               - mixture.log_prob(b)).mean(0)
+    torch.testing.assert_close(got, terms[keep].sum() + terms_b[keep_b].sum(), rtol=1e-12, atol=0)
+    layer.kl_divergence(0.5).backward()
+    assert torch.all(layer.weight_orig.grad[~keep] == 0)
+    if std_mode == "weight":
+        assert torch.all(layer.std_rho.grad[~keep] == 0)
+
+
 def test_kl_scale_mixture_monte_carlo():
     """MC KL to a scale-mixture prior (4000 samples) matches an independent 200k-sample
     estimate of E_q[log q(w) - log p(w)]. Tolerance: 5 standard errors of the 4000-sample
