@@ -572,8 +572,9 @@ def _kl(mean: Tensor, std: Tensor, prior, num_samples: int,
     if prior is None or isinstance(prior, (int, float, GaussianPrior)):
         prior_std = 1.0 if prior is None else getattr(prior, "std", prior)
         prior_std = check_std("prior std", prior_std, allow_zero=False)
-        if keep is not None:
-            mean, std = mean[keep], std.expand_as(mean)[keep]
+        if keep is not None:  # N(0, s0^2) in place of a removed weight: a KL of exactly 0
+            std = torch.where(keep, std.expand_as(mean), prior_std)
+            mean = torch.where(keep, mean, 0.0)
         return gaussian_kl(mean, std, prior_std)
     if not isinstance(prior, torch.distributions.Distribution):
         raise TypeError(
