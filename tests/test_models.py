@@ -330,6 +330,28 @@ def test_mean_mode_deterministic_and_equals_twin(build, data):
         assert not torch.equal(net(x), net(x))  # sample mode is stochastic
 
 
+def test_twin_of_a_pruned_network_is_pruned_alike():
+    """``deterministic_twin()`` of a network pruned with ``torch.nn.utils.prune``: its
+    pruned weights' state-dict keys (``weight_orig``, ``weight_mask``) matched nothing in
+    the twin, which raised "another layout". The twin is pruned alike (the same
+    ``weight_orig`` and masks) and equals the network's mean mode."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    net = tiny_shd()
+    _perturb_affines(net)
+    prune.l1_unstructured(net.ff[0], "weight", amount=0.5)
+    prune.random_unstructured(net.rec[1], "weight", amount=0.3)
+    twin = net.deterministic_twin()
+    for name in ("ff.0", "rec.1"):
+        mine, its = net.get_submodule(name), twin.get_submodule(name)
+        assert torch.equal(its.weight_mask, mine.weight_mask)
+        assert torch.equal(its.weight_orig, mine.weight_orig)
+    x = shd_input()
+    with torch.no_grad(), sb.mode(net, "mean"):
+        torch.testing.assert_close(twin(x), net(x), rtol=1e-6, atol=1e-6)
+
+
 # ----------------------------------------------------------------------- training
 @pytest.mark.parametrize("bayes", [True, False])
 @pytest.mark.parametrize(
