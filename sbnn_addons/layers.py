@@ -989,17 +989,20 @@ def keep_ties(new: nn.Module, src: nn.Module, seen: dict[int, nn.Parameter],
     group, a hook or a weight-decay list that holds them keeps working on the converted
     model.
 
-    A ``src`` pruned with ``torch.nn.utils.prune`` (``weight_orig`` and ``weight_mask``)
-    gives ``new`` the same pruning (``prune.custom_from_mask``): its ``weight_orig`` is
-    ``src``'s (adopted or tied as above), so the removed weights stay removed in the
-    converted or exported model instead of training again from 0. Returns ``new``."""
-    mask = src._buffers.get("weight_mask")
-    orig = src._parameters.get("weight_orig")
-    pruned = mask is not None and isinstance(orig, nn.Parameter)
+    A ``src`` pruned with ``torch.nn.utils.prune`` (``weight_orig`` and ``weight_mask``,
+    and likewise for the bias) gives ``new`` the same pruning
+    (``prune.custom_from_mask``): its ``weight_orig`` is ``src``'s (adopted or tied as
+    above), so the removed weights and biases stay removed in the converted or exported
+    model instead of training again from 0. Returns ``new``."""
+    masks = {}  # {name: (mask, <name>_orig)} of each pruned tensor
+    for name in ("weight", "bias"):
+        mask, orig = src._buffers.get(name + "_mask"), src._parameters.get(name + "_orig")
+        if mask is not None and isinstance(orig, nn.Parameter):
+            masks[name] = (mask, orig)
     for name in ("weight", "bias"):
         old, made = getattr(src, name, None), getattr(new, name, None)
-        if name == "weight" and pruned:
-            old = orig
+        if name in masks:
+            old = masks[name][1]
         if not isinstance(old, nn.Parameter) or not isinstance(made, nn.Parameter):
             continue
         if id(old) in seen:
@@ -1009,11 +1012,13 @@ def keep_ties(new: nn.Module, src: nn.Module, seen: dict[int, nn.Parameter],
             seen[id(old)] = old
         else:
             seen[id(old)] = made
-    if pruned and "weight_orig" not in new._parameters and isinstance(
-            getattr(new, "weight", None), nn.Parameter) and new.weight.shape == mask.shape:
-        from torch.nn.utils import prune
+    for name, (mask, _) in masks.items():
+        made = getattr(new, name, None)
+        if (name + "_orig" not in new._parameters and isinstance(made, nn.Parameter)
+                and made.shape == mask.shape):
+            from torch.nn.utils import prune
 
-        prune.custom_from_mask(new, "weight", mask.detach().clone())
+            prune.custom_from_mask(new, name, mask.detach().clone())
     return new
 
 

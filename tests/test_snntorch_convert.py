@@ -655,6 +655,39 @@ def test_pruned_host_layer_stays_pruned(inplace):
                                                                    layer.weight)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_pruned_host_bias_stays_pruned(inplace):
+    """A host layer whose bias is pruned (``torch.nn.utils.prune``, e.g. a global pruning
+    over weights and biases) lost the bias mask on conversion: the removed biases trained
+    again from 0, silently. The converted layer has the same ``bias_mask`` (its
+    ``bias_orig`` adopted with ``inplace=True``), the removed biases stay 0 through an
+    optimiser step and carry no bias noise, and the export keeps the pruning."""
+    import snntorch as snn
+    from torch import nn
+    from torch.nn.utils import prune
+
+    from sbnn_addons.snntorch import to_snntorch
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), snn.Leaky(beta=0.9, init_hidden=True),
+                        nn.Linear(5, 3), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    prune.l1_unstructured(net[0], "bias", amount=0.4)
+    mask, orig, x = net[0].bias_mask.clone(), net[0].bias_orig, torch.rand(4, 6)
+    sb = to_sbnn(net, inplace=inplace, bias_std=0.3)
+    layer = sb[0]
+    assert torch.equal(layer.bias_mask, mask) and torch.equal(layer.bias, orig * mask)
+    assert (layer.bias_orig is orig) == inplace
+    var = get_variance(layer(x)).expand(4, 5)
+    assert torch.all(var[:, mask == 0] < var[:, mask == 1].min() - 0.08)  # no s_b^2 = 0.09
+    opt = torch.optim.SGD(sb.parameters(), lr=0.5)
+    reset(sb)
+    sum(o.sum() for o in sb(x)).backward()
+    opt.step()
+    assert torch.all(layer.bias[mask == 0] == 0) and torch.any(layer.bias_orig.grad != 0)
+    plain = to_snntorch(sb)
+    assert torch.equal(plain[0].bias_mask, mask) and torch.equal(plain[0].bias, layer.bias)
+
+
 @pytest.mark.parametrize("std_mode", ["layer", "channel"])
 def test_reset_parameters_of_a_converted_layer_sizes_the_std_from_the_new_weights(std_mode):
     """A converted layer's std is 0.1 of its weights' RMS (with a folded BatchNorm's
