@@ -342,7 +342,9 @@ class _BayesMixin(SBNNModule):
         if (not self.learn_std or not self.training or not torch.is_grad_enabled()
                 or torch.compiler.is_compiling() or "_sbnn_std_warned" in self.__dict__):
             return
-        weight, rho = self.weight, self.std_rho
+        # the stepped tensor: a pruned weight (torch.nn.utils.prune) is recomputed from
+        # weight_orig at every forward, a new tensor each time
+        weight, rho = self._parameters.get("weight_orig", self.weight), self.std_rho
         if not rho.requires_grad or rho.is_inference() or weight.is_inference():
             return
         now = (id(weight), weight._version, id(rho), rho._version)

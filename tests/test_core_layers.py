@@ -850,6 +850,37 @@ def test_warns_when_the_optimiser_was_built_before_an_inplace_conversion(host):
     assert found["after"] == []
 
 
+def test_warns_for_a_pruned_layer_whose_std_the_optimiser_misses():
+    """A pruned host layer (``torch.nn.utils.prune``) converted in place after its
+    optimiser was built: the check compared the weight tensor of two forwards, and a
+    pruned weight is a new tensor at every forward, so it never warned. It follows the
+    stepped ``weight_orig``; an optimiser built after the conversion stays quiet."""
+    import snntorch as snn
+    from torch.nn.utils import prune
+
+    from sbnn_addons.snntorch import reset, to_sbnn
+
+    x = torch.rand(3, 4, 8) * 3
+    found = {}
+    for when in ("before", "after"):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 6), snn.Leaky(beta=0.9, init_hidden=True))
+        prune.l1_unstructured(net[0], "weight", amount=0.3)
+        if when == "before":
+            opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        to_sbnn(net, inplace=True)
+        if when == "after":
+            opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+
+        def forward(net=net):
+            reset(net)
+            return torch.stack([net(xt) for xt in x])
+
+        found[when] = _train_steps(net, opt, x, forward=forward)
+    assert len(found["before"]) == 1 and "BayesLinear '0'" in found["before"][0]
+    assert found["after"] == []
+
+
 def test_std_check_raises_no_false_alarm():
     """No warning for a frozen std, a std in a group with lr=0, gradient accumulation
     over several forwards, evaluation forwards between steps, or zero_grad(set_to_none);
