@@ -1405,7 +1405,7 @@ def _validate_arguments(model, estimator, layer_kw, spike_std, spike_learn, inc,
     BayesLinear(1, 1, **layer_kw)  # std, std_mode, learn_std, bias_std
     names = [n for n, _ in model.named_modules(remove_duplicate=False)]
     layer_names = [n for n, m in model.named_modules(remove_duplicate=False)
-                   if type(m) in _LAYERS]
+                   if type(m) in _LAYERS and not legacy_weight_norm(m)]
     for p in inc or ():
         if not any(_match(n, (p,)) for n in layer_names):
             raise ValueError(

@@ -994,7 +994,8 @@ def _validate_arguments(model, estimator, posterior, spike_std, spike_learn, inc
     SJSpike(estimator, std=spike_std, learn_std=spike_learn)  # estimator, spike noise
     _layers.BayesLinear(1, 1, **posterior)  # std, std_mode, learn_std, bias_std
     names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
-    layers = [n for n, m in model.named_modules(remove_duplicate=False) if type(m) in _WEIGHTS]
+    layers = [n for n, m in model.named_modules(remove_duplicate=False)
+              if type(m) in _WEIGHTS and not _layers.legacy_weight_norm(m)]
     for p in inc or ():
         if not any(match_name(n, (p,)) for n in layers):
             raise ValueError(

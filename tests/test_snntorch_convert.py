@@ -617,6 +617,8 @@ def test_legacy_weight_norm_layer_left_deterministic_is_named(norm):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         to_sbnn(net, exclude="0")
+    with pytest.raises(ValueError, match=r"include pattern '0' matches no"):
+        to_sbnn(net, include="0")  # named, not left deterministic silently
     getattr(torch.nn.utils, f"remove_{norm}")(net[0])
     assert isinstance(to_sbnn(net)[0], BayesLinear)
 

@@ -162,6 +162,8 @@ def test_legacy_weight_norm_layer_stays_deterministic_and_is_named(norm):
     assert sbnn_addons.layers.legacy_weight_norm(model[0]) == norm
     model(torch.rand(3, 8)).sum().backward()
     assert all(p.grad is not None for p in model[0].parameters())
+    with pytest.raises(ValueError, match=r"include pattern '0' matches no .*\['2'\]"):
+        sbnn_sj.to_sbnn(net, include=["0", "2"])  # named, not left deterministic silently
 
 
 def test_single_string_include_exclude_is_one_name():
