@@ -221,7 +221,8 @@ class _BayesMixin(SBNNModule):
         if "_init_stds" in self.__dict__:  # not while nn.Linear.__init__ calls it
             rule = self.__dict__.get(_CONVERTED_STD)
             if rule is not None:  # a converted layer's std is sized from its weights
-                self._init_stds = (_converted_init_std(self.weight, *rule),
+                self._init_stds = (_converted_init_std(self.weight, *rule,
+                                                       mask=self._pruning_mask()),
                                    self._init_stds[1])
             self._reset_posterior()
 
@@ -1042,7 +1043,7 @@ def folded_batchnorm_scale(bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
 
 
 def converted_std(weight: Tensor, fraction: float | None = None,
-                  scale: Tensor | None = None) -> float:
+                  scale: Tensor | None = None, mask: Tensor | None = None) -> float:
     """Initial posterior std of a converted layer: a fraction (default
     :data:`CONVERTED_STD_FRACTION`) of its weights' RMS.
 
@@ -1055,7 +1056,10 @@ def converted_std(weight: Tensor, fraction: float | None = None,
     ``var(a) = s^2 sum x^2`` against ``RMS(W)^2 sum x^2``, whatever the scale of the
     ported weights. A mean-only :class:`ChannelAffine` folded from a BatchNorm multiplies
     the mean by ``scale`` but not the variance, so the scale is folded into ``s`` to keep
-    the same signal-to-noise ratio. Weights that are all zero give ``0.5 / sqrt(fan_in)``,
+    the same signal-to-noise ratio. With a pruning ``mask`` (``torch.nn.utils.prune``) the
+    RMS is that of the kept weights: a pruned weight adds neither signal nor noise, so
+    counting its zero would shrink the noise of the kept synapses (by ``sqrt(kept
+    fraction)``). Weights that are all zero give ``0.5 / sqrt(fan_in)``,
     the layers' own default, and so do weights on the ``meta`` device (a model built
     there has no values: after ``to_empty()``, a converted layer's ``reset_parameters()``
     sizes its std from the weights it draws, and a loaded checkpoint brings its own).
@@ -1065,6 +1069,8 @@ def converted_std(weight: Tensor, fraction: float | None = None,
     w = weight.detach().float()
     if scale is not None:
         w = w * scale.detach().float().to(w.device).view(-1, *([1] * (w.dim() - 1)))
+    if mask is not None:
+        w = w[mask.detach().to(w.device) != 0]
     rms = float(w.pow(2).mean().sqrt()) if w.numel() else 0.0
     if not (rms > 0 and math.isfinite(rms)):
         return 0.5 / math.sqrt(max(weight[0].numel(), 1))
@@ -1100,7 +1106,8 @@ def fold_channel_std(layer: nn.Module, folded_bn: nn.modules.batchnorm._BatchNor
     layer.__dict__[_CONVERTED_STD] = (scale, per_channel)
     if not per_channel:
         return layer
-    layer._init_stds = (_converted_init_std(layer.weight, scale, True), layer._init_stds[1])
+    layer._init_stds = (_converted_init_std(layer.weight, scale, True, layer._pruning_mask()),
+                        layer._init_stds[1])
     layer._reset_posterior()
     return layer
 
@@ -1108,13 +1115,14 @@ def fold_channel_std(layer: nn.Module, folded_bn: nn.modules.batchnorm._BatchNor
 _CONVERTED_STD = "_sbnn_converted_std"  # (BatchNorm scale or None, per channel): the rule
 
 
-def _converted_init_std(weight: Tensor, scale: Tensor | None, per_channel: bool):
-    """A converted layer's initial std from its weights: :func:`converted_std` (with a
-    folded BatchNorm's scale), or per channel ``|scale_o| * converted_std(W)``
-    (:func:`fold_channel_std`)."""
+def _converted_init_std(weight: Tensor, scale: Tensor | None, per_channel: bool,
+                        mask: Tensor | None = None):
+    """A converted layer's initial std from its weights (the kept ones of a pruned layer):
+    :func:`converted_std` (with a folded BatchNorm's scale), or per channel
+    ``|scale_o| * converted_std(W)`` (:func:`fold_channel_std`)."""
     if not per_channel:
-        return converted_std(weight, scale=scale)
-    base = converted_std(weight)
+        return converted_std(weight, scale=scale, mask=mask)
+    base = converted_std(weight, mask=mask)
     return (scale.abs().to(weight.device) * base).clamp_min(1e-6 * base)
 
 
@@ -1124,15 +1132,19 @@ def converted_layer_kwargs(module: nn.Module, posterior: dict,
 
     ``posterior`` (``std``, ``std_mode``, ``learn_std``, ``bias_std``) as given, except:
     bias noise only where ``module`` has a bias (``bias_std=None`` otherwise), and where
-    ``std`` is ``None`` the :func:`converted_std` of ``module.weight``, with the scale of
-    ``folded_bn`` (a BatchNorm folded after it) included.
+    ``std`` is ``None`` the :func:`converted_std` of ``module.weight`` (its kept weights
+    where it is pruned), with the scale of ``folded_bn`` (a BatchNorm folded after it)
+    included.
     """
     kw = dict(posterior)
     if module.bias is None:
         kw["bias_std"] = None
     if kw.get("std") is None:
+        mask = (module._buffers.get("weight_mask") if "weight_orig" in module._parameters
+                else None)  # torch.nn.utils.prune
         kw["std"] = converted_std(
-            module.weight, scale=None if folded_bn is None else folded_batchnorm_scale(folded_bn))
+            module.weight, scale=None if folded_bn is None else folded_batchnorm_scale(folded_bn),
+            mask=mask)
     return kw
 
 

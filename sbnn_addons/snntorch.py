@@ -1350,8 +1350,8 @@ def to_sbnn(
             folded = next((folds[n] for n in names.get(id(child), []) if n in folds), None)
             kw = converted_layer_kwargs(child, layer_kw, modules.get(folded))
             new = _LAYERS[type(child)].from_module(child, **kw)
+            new = keep_ties(new, child, ties, adopt=True)  # (a pruned layer's mask first)
             fold_channel_std(new, modules.get(folded), layer_kw)
-            new = keep_ties(new, child, ties, adopt=True)
         elif any(n in affines for n in names.get(id(child), [])):
             new = next(affines[n] for n in names[id(child)] if n in affines)
             new.__dict__[_BN_KIND] = type(child).__name__

@@ -944,8 +944,9 @@ def to_sbnn(
                 new = _layers.BayesConv2d.from_module(m, **kw)
         if new is not None:
             counts["layers"] += 1
+            new = _layers.keep_ties(new, m, ties, adopt=True)  # (a pruned layer's mask first)
             _layers.fold_channel_std(new, modules.get(folds.get(name)), posterior)
-            return _layers.keep_ties(new, m, ties, adopt=True).train(m.training)
+            return new.train(m.training)
         if name in affines:
             return affines[name]
         return None

@@ -657,6 +657,39 @@ def test_pruned_host_layer_stays_pruned(inplace):
                                                                    layer.weight)
 
 
+@pytest.mark.parametrize("std_mode", ["layer", "channel"])
+def test_converted_std_of_a_pruned_layer_is_sized_from_its_kept_weights(std_mode):
+    """The converted std is 0.1 of the weights' RMS, so that the noise is 0.1 of the
+    signal's spread. A pruned host layer's zeros counted in that RMS, though a pruned
+    weight carries neither signal nor noise: with 75 % pruned the kept synapses got half
+    the noise the rule gives. The RMS is that of the kept weights (with a folded
+    BatchNorm's scale, per channel too)."""
+    import snntorch as snn
+    from torch import nn
+    from torch.nn.utils import prune
+
+    from sbnn_addons.layers import folded_batchnorm_scale
+
+    torch.manual_seed(0)
+    host = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4),
+                         snn.Leaky(beta=BETA, init_hidden=True))
+    with torch.no_grad():
+        host[1].weight.uniform_(0.5, 2.0)
+        host[1].running_var.uniform_(0.5, 2.0)
+    host.eval()
+    prune.l1_unstructured(host[0], "weight", amount=0.75)
+    keep = host[0].weight_mask.bool()
+    scale = folded_batchnorm_scale(host[1])
+    model = to_sbnn(host, std_mode=std_mode, batchnorm="affine")
+    w = host[0].weight_orig.detach()
+    if std_mode == "layer":
+        want = 0.1 * (w * scale.view(-1, 1, 1, 1))[keep].pow(2).mean().sqrt()
+    else:
+        want = scale.abs() * 0.1 * w[keep].pow(2).mean().sqrt()
+    torch.testing.assert_close(model[0].std.detach(), want, rtol=1e-5, atol=0)
+    assert torch.equal(model[0].weight_mask, keep.float())
+
+
 @pytest.mark.parametrize("inplace", [False, True])
 def test_pruned_host_bias_stays_pruned(inplace):
     """A host layer whose bias is pruned (``torch.nn.utils.prune``, e.g. a global pruning
