@@ -221,7 +221,10 @@ class _BayesMixin(SBNNModule):
         if "_init_stds" in self.__dict__:  # not while nn.Linear.__init__ calls it
             rule = self.__dict__.get(_CONVERTED_STD)
             if rule is not None:  # a converted layer's std is sized from its weights
-                self._init_stds = (_converted_init_std(self.weight, *rule,
+                # those of the next forward: a pruned layer's weight_orig (PyTorch's reset
+                # draws into the computed weight, which the next forward recomputes)
+                weight = self._parameters.get("weight_orig", self.weight)
+                self._init_stds = (_converted_init_std(weight, *rule,
                                                        mask=self._pruning_mask()),
                                    self._init_stds[1])
             self._reset_posterior()

@@ -688,6 +688,11 @@ def test_converted_std_of_a_pruned_layer_is_sized_from_its_kept_weights(std_mode
         want = scale.abs() * 0.1 * w[keep].pow(2).mean().sqrt()
     torch.testing.assert_close(model[0].std.detach(), want, rtol=1e-5, atol=0)
     assert torch.equal(model[0].weight_mask, keep.float())
+    # reset_parameters() of a pruned layer draws into the computed weight, which the next
+    # forward recomputes from weight_orig (PyTorch's pruning): the std follows the weights
+    # the layer computes with, not the discarded draw
+    model[0].reset_parameters()
+    torch.testing.assert_close(model[0].std.detach(), want, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("inplace", [False, True])
