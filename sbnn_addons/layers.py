@@ -453,6 +453,11 @@ class _BayesMixin(SBNNModule):
             return None
         return mask
 
+    def _kl_mask(self) -> Tensor | None:
+        """The weights the KL sums over (nonzero), ``None`` for all: the kept ones of a
+        pruned layer (a removed weight is no random variable)."""
+        return self._pruning_mask()
+
     def _bias_mask(self) -> Tensor | None:
         """The pruning mask of the bias (``bias_mask``), or ``None`` when not pruned."""
         return self._pruning_mask("bias")
@@ -529,7 +534,7 @@ class _BayesMixin(SBNNModule):
         if self.std_mode == "channel":  # [out] -> [out, 1, ...] to broadcast over the weight
             std = std.view(-1, *([1] * (self.weight.dim() - 1)))
         # a weight or bias removed by torch.nn.utils.prune is no random variable: no KL
-        params = [(self.weight, std, self._pruning_mask())]
+        params = [(self.weight, std, self._kl_mask())]
         if self.bias_noise and self.bias is not None:
             params.append((self.bias, self.bias_std, self._bias_mask()))
         # half precision in float32: a float16 sum overflows at 65504, and a bfloat16 one

@@ -330,6 +330,21 @@ def test_mean_mode_deterministic_and_equals_twin(build, data):
         assert not torch.equal(net(x), net(x))  # sample mode is stochastic
 
 
+@pytest.mark.parametrize("mask_variance", [False, True])
+def test_zero_diagonal_kl_leaves_out_a_diagonal_without_noise(mask_variance):
+    """The KL of a ``ZeroDiagBayesLinear``: with ``mask_variance`` the diagonal is in
+    neither the mean nor the variance, no random variable, and is left out of the KL (it
+    counted ``n`` terms ``N(0, s^2)``), as a pruned weight; without it, the diagonal
+    carries noise and counts."""
+    n = 5
+    rec = ZeroDiagBayesLinear(n, std=0.3, mask_variance=mask_variance, dtype=torch.float64)
+    q = torch.distributions.Normal(rec.weight.detach(), rec.std.detach().expand(n, n))
+    terms = torch.distributions.kl_divergence(q, torch.distributions.Normal(
+        torch.tensor(0.0, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)))
+    keep = ~torch.eye(n, dtype=torch.bool) if mask_variance else torch.ones(n, n, dtype=torch.bool)
+    torch.testing.assert_close(rec.kl_divergence(0.5), terms[keep].sum(), rtol=1e-12, atol=0)
+
+
 def test_twin_of_a_pruned_network_is_pruned_alike():
     """``deterministic_twin()`` of a network pruned with ``torch.nn.utils.prune``: its
     pruned weights' state-dict keys (``weight_orig``, ``weight_mask``) matched nothing in
