@@ -80,6 +80,7 @@ __all__ = [
     "keep_ties",
     "fold_channel_std",
     "warn_deterministic_layers",
+    "legacy_weight_norm",
 ]
 
 STD_MODES = ("layer", "channel", "weight")
@@ -134,7 +135,9 @@ class _BinaryInputOp(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, layer = inputs
-        ctx.layer, ctx.x_dtype, ctx.has_bias = layer, x.dtype, bias is not None
+        ctx.layer, ctx.has_bias = layer, bias is not None
+        # the dtype the op ran in: autocast's (x and weight cast to it), else theirs
+        ctx.dtype = output.dtype
         ctx.x_graph = x.requires_grad
         ctx.save_for_backward(x.to(torch.uint8), weight)
 
@@ -151,7 +154,11 @@ class _BinaryInputOp(torch.autograd.Function):
                 "sbnn_addons.layers.COMPACT_INPUT_MIN = math.inf (4x the memory for them)")
         x_bytes, weight = ctx.saved_tensors
         needs = (*ctx.needs_input_grad[:2], ctx.has_bias and ctx.needs_input_grad[2])
-        gx, gw, gb = ctx.layer._op_backward(grad, x_bytes.to(ctx.x_dtype), weight, needs)
+        # the backward in the forward's dtype, as autocast's own op (a bfloat16 gradient
+        # against the float32 weight failed); autograd casts each gradient to its input's
+        dtype = ctx.dtype
+        gx, gw, gb = ctx.layer._op_backward(grad.to(dtype), x_bytes.to(dtype),
+                                            weight.to(dtype), needs)
         return gx, gw, gb, None
 
 
@@ -214,7 +221,11 @@ class _BayesMixin(SBNNModule):
         if "_init_stds" in self.__dict__:  # not while nn.Linear.__init__ calls it
             rule = self.__dict__.get(_CONVERTED_STD)
             if rule is not None:  # a converted layer's std is sized from its weights
-                self._init_stds = (_converted_init_std(self.weight, *rule),
+                # those of the next forward: a pruned layer's weight_orig (PyTorch's reset
+                # draws into the computed weight, which the next forward recomputes)
+                weight = self._parameters.get("weight_orig", self.weight)
+                self._init_stds = (_converted_init_std(weight, *rule,
+                                                       mask=self._pruning_mask()),
                                    self._init_stds[1])
             self._reset_posterior()
 
@@ -335,7 +346,9 @@ class _BayesMixin(SBNNModule):
         if (not self.learn_std or not self.training or not torch.is_grad_enabled()
                 or torch.compiler.is_compiling() or "_sbnn_std_warned" in self.__dict__):
             return
-        weight, rho = self.weight, self.std_rho
+        # the stepped tensor: a pruned weight (torch.nn.utils.prune) is recomputed from
+        # weight_orig at every forward, a new tensor each time
+        weight, rho = self._parameters.get("weight_orig", self.weight), self.std_rho
         if not rho.requires_grad or rho.is_inference() or weight.is_inference():
             return
         now = (id(weight), weight._version, id(rho), rho._version)
@@ -361,11 +374,13 @@ class _BayesMixin(SBNNModule):
             return
         warnings.warn(
             f"{which}: an optimiser stepped its weight but not its noise scale std_rho, "
-            "which has a gradient: the optimiser does not contain it (built before "
+            "which has a gradient: the optimiser does not contain it (e.g. built before "
             "to_sbnn(model, inplace=True), which adds the noise scales as new parameters), "
             "so the std never trains. Build the optimiser after the conversion, or add the "
             "noise scales to it: optimizer.add_param_group({'params': "
-            "list(sbnn_addons.noise_parameters(model))})",
+            "list(sbnn_addons.noise_parameters(model))}); to train the weights with the "
+            "stds fixed on purpose, freeze them instead: std_rho.requires_grad_(False) "
+            "(for p in sbnn_addons.noise_parameters(model): p.requires_grad_(False))",
             UserWarning, stacklevel=4)
 
     def _guard_forward_hooks(self) -> None:
@@ -407,25 +422,45 @@ class _BayesMixin(SBNNModule):
             with _no_half_autocast(x_in):
                 var = self._masked_variance(x_in, binary, s2, mask)
             if self.bias_noise:
-                var = var + square(self.bias_std)
+                var = var + self._bias_variance()
             return new_draw(attach_variance(mean, var), self)
         if self._factored():  # s^2 F kept factored through the variance flow
             field = self._input_variance(x_in, binary, None)
             return new_draw(attach_variance(mean, ScaledVariance(field, s2)), self)
         var = self._input_variance(x_in, binary, s2)
         if self.bias_noise:
-            var = var + square(self.bias_std)
+            var = var + self._bias_variance()
         # broadcastable to the mean (e.g. [N, 1, H, W] with a per-layer std): consumers
         # broadcast it, and channel-independent ops (avg-pool) stay C times cheaper
         return new_draw(attach_variance(mean, var), self)
 
-    def _pruning_mask(self) -> Tensor | None:
+    def _bias_variance(self) -> Tensor:
+        """``s_b^2`` of the bias noise, per output where ``torch.nn.utils.prune`` prunes
+        the bias (a ``bias_mask`` buffer): the bias is then ``m * b`` with
+        ``b ~ N(mu_b, s_b^2)``, so a pruned bias adds no noise, as it adds no mean."""
+        var = square(self.bias_std)
+        mask = self._bias_mask()
+        if mask is None:
+            return var
+        per_out = mask.to(var.dtype).square().view(-1, *([1] * (self.weight.dim() - 2)))
+        return var * per_out
+
+    def _pruning_mask(self, name: str = "weight") -> Tensor | None:
         """The mask ``torch.nn.utils.prune`` applies to the weight (its ``weight_mask``
         buffer, next to the parameter ``weight_orig``), or ``None`` when not pruned."""
-        mask = self._buffers.get("weight_mask")
-        if mask is None or "weight_orig" not in self._parameters:
+        mask = self._buffers.get(name + "_mask")
+        if mask is None or name + "_orig" not in self._parameters:
             return None
         return mask
+
+    def _kl_mask(self) -> Tensor | None:
+        """The weights the KL sums over (nonzero), ``None`` for all: the kept ones of a
+        pruned layer (a removed weight is no random variable)."""
+        return self._pruning_mask()
+
+    def _bias_mask(self) -> Tensor | None:
+        """The pruning mask of the bias (``bias_mask``), or ``None`` when not pruned."""
+        return self._pruning_mask("bias")
 
     def _masked_variance(self, x: Tensor, binary: bool, s2: Tensor, mask: Tensor) -> Tensor:
         """LRT variance of a pruned layer, ``sum_i m_i^2 s_i^2 x_i^2`` (no bias noise): the
@@ -464,11 +499,14 @@ class _BayesMixin(SBNNModule):
                 var = (self._output_variance(x * x, s2) if mask is None
                        else self._masked_variance(x, False, s2, mask))
             if self.bias_noise:
-                var = var + square(self.bias_std)
+                var = var + self._bias_variance()
             return var.expand_as(mean)
 
     def kl_divergence(self, prior=None, num_samples: int = 16) -> Tensor:
         """``KL(q(W) || p(W))`` summed over every weight (and the bias if it is noisy).
+
+        A weight or bias removed by ``torch.nn.utils.prune`` is no random variable (it
+        adds neither mean nor noise): the sum runs over the kept ones.
 
         Args:
             prior: ``None`` (``N(0, 1)``), a float std, a :class:`GaussianPrior`, or any
@@ -495,15 +533,16 @@ class _BayesMixin(SBNNModule):
                 "layer deterministic (a plain layer, exclude= at conversion) and out of the KL")
         if self.std_mode == "channel":  # [out] -> [out, 1, ...] to broadcast over the weight
             std = std.view(-1, *([1] * (self.weight.dim() - 1)))
-        params = [(self.weight, std)]
+        # a weight or bias removed by torch.nn.utils.prune is no random variable: no KL
+        params = [(self.weight, std, self._kl_mask())]
         if self.bias_noise and self.bias is not None:
-            params.append((self.bias, self.bias_std))
+            params.append((self.bias, self.bias_std, self._bias_mask()))
         # half precision in float32: a float16 sum overflows at 65504, and a bfloat16 one
         # keeps three digits
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
         total = self.weight.new_zeros((), dtype=dtype)
-        for mean, std in params:
-            total = total + _kl(mean.to(dtype), std.to(dtype), prior, num_samples)
+        for mean, std, mask in params:
+            total = total + _kl(mean.to(dtype), std.to(dtype), prior, num_samples, mask)
         return total
 
 
@@ -536,10 +575,17 @@ def check_kl_samples(num_samples) -> None:
                          f">= 1, got {num_samples!r}")
 
 
-def _kl(mean: Tensor, std: Tensor, prior, num_samples: int) -> Tensor:
+def _kl(mean: Tensor, std: Tensor, prior, num_samples: int,
+        mask: Tensor | None = None) -> Tensor:
+    """``KL(N(mean, std^2) || prior)`` summed over the elements; with a pruning ``mask``
+    (``torch.nn.utils.prune``) over the kept ones only."""
+    keep = None if mask is None else mask != 0
     if prior is None or isinstance(prior, (int, float, GaussianPrior)):
         prior_std = 1.0 if prior is None else getattr(prior, "std", prior)
         prior_std = check_std("prior std", prior_std, allow_zero=False)
+        if keep is not None:  # N(0, s0^2) in place of a removed weight: a KL of exactly 0
+            std = torch.where(keep, std.expand_as(mean), prior_std)
+            mean = torch.where(keep, mean, 0.0)
         return gaussian_kl(mean, std, prior_std)
     if not isinstance(prior, torch.distributions.Distribution):
         raise TypeError(
@@ -548,10 +594,11 @@ def _kl(mean: Tensor, std: Tensor, prior, num_samples: int) -> Tensor:
         )
     q = torch.distributions.Normal(mean, std.expand_as(mean))
     try:
-        return torch.distributions.kl_divergence(q, prior).sum()
+        terms = torch.distributions.kl_divergence(q, prior)
     except NotImplementedError:
         w = q.rsample((num_samples,))
-        return (q.log_prob(w) - prior.log_prob(w)).mean(0).sum()
+        terms = (q.log_prob(w) - prior.log_prob(w)).mean(0)
+    return terms.sum() if keep is None else torch.where(keep, terms, 0.0).sum()
 
 
 def _refuse_noisy_input(x: Tensor, layer: str, module: nn.Module | None = None) -> None:
@@ -889,19 +936,40 @@ def _copy_means(dst: nn.Module, src: nn.Module) -> None:
         dst.bias.requires_grad_(src.bias.requires_grad)
 
 
+def legacy_weight_norm(module: nn.Module) -> str | None:
+    """``"weight_norm"`` or ``"spectral_norm"`` where ``module``'s weight is computed by
+    the legacy ``torch.nn.utils.weight_norm`` / ``torch.nn.utils.spectral_norm`` (a
+    forward pre-hook, from ``weight_g`` and ``weight_v`` or ``weight_orig``), else
+    ``None``. A converter leaves such a layer deterministic: a Bayesian layer built from
+    it would train the weight it had at conversion, the normalisation dropped silently."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, (WeightNorm, SpectralNorm)) and hook.name == "weight":
+            return "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
+    return None
+
+
 def warn_deterministic_layers(model: nn.Module, excluded: Callable[[str], bool],
                               host: str) -> None:
     """Warn about weight layers a converter leaves deterministic because it has no
     Bayesian version of them (``nn.Conv3d``, ``nn.ConvTranspose2d``, ``nn.Embedding``,
-    ...) or because their weight is parametrized (``weight_norm``, ``spectral_norm``):
-    modules with a weight matrix that are neither Bayesian nor excluded."""
+    ...) or because their weight is parametrized (``weight_norm``, ``spectral_norm``, by
+    ``torch.nn.utils.parametrizations`` or the legacy hooks of
+    :func:`legacy_weight_norm`): modules with a weight matrix that are neither Bayesian
+    nor excluded."""
     from torch.nn.utils import parametrize
 
-    left, parametrized = [], False
+    left, parametrized, legacy = [], False, set()
     for name, m in model.named_modules():
         if is_bayesian(m) or excluded(name):
             continue
-        if parametrize.is_parametrized(m, "weight"):
+        kind = legacy_weight_norm(m)
+        if kind is not None:
+            left.append(f"'{name}' ({type(m).__name__} with torch.nn.utils.{kind})")
+            legacy.add(kind)
+        elif parametrize.is_parametrized(m, "weight"):
             # a parametrized Linear / Conv is another class (ParametrizedLinear) whose
             # weight is computed: no converter takes it
             cls = type(m).__bases__[0] if type(m).__bases__ else type(m)
@@ -913,6 +981,8 @@ def warn_deterministic_layers(model: nn.Module, excluded: Callable[[str], bool],
         fix = ("; to convert a parametrized layer, bake its weight in first: "
                "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')"
                if parametrized else "")
+        fix += "".join(f"; to convert a layer with torch.nn.utils.{k}, bake its weight in "
+                       f"first: torch.nn.utils.remove_{k}(layer)" for k in sorted(legacy))
         warnings.warn(
             f"{host} to_sbnn: {len(left)} weight layer(s) stay deterministic (no Bayesian "
             f"version of them): {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}; "
@@ -930,17 +1000,20 @@ def keep_ties(new: nn.Module, src: nn.Module, seen: dict[int, nn.Parameter],
     group, a hook or a weight-decay list that holds them keeps working on the converted
     model.
 
-    A ``src`` pruned with ``torch.nn.utils.prune`` (``weight_orig`` and ``weight_mask``)
-    gives ``new`` the same pruning (``prune.custom_from_mask``): its ``weight_orig`` is
-    ``src``'s (adopted or tied as above), so the removed weights stay removed in the
-    converted or exported model instead of training again from 0. Returns ``new``."""
-    mask = src._buffers.get("weight_mask")
-    orig = src._parameters.get("weight_orig")
-    pruned = mask is not None and isinstance(orig, nn.Parameter)
+    A ``src`` pruned with ``torch.nn.utils.prune`` (``weight_orig`` and ``weight_mask``,
+    and likewise for the bias) gives ``new`` the same pruning
+    (``prune.custom_from_mask``): its ``weight_orig`` is ``src``'s (adopted or tied as
+    above), so the removed weights and biases stay removed in the converted or exported
+    model instead of training again from 0. Returns ``new``."""
+    masks = {}  # {name: (mask, <name>_orig)} of each pruned tensor
+    for name in ("weight", "bias"):
+        mask, orig = src._buffers.get(name + "_mask"), src._parameters.get(name + "_orig")
+        if mask is not None and isinstance(orig, nn.Parameter):
+            masks[name] = (mask, orig)
     for name in ("weight", "bias"):
         old, made = getattr(src, name, None), getattr(new, name, None)
-        if name == "weight" and pruned:
-            old = orig
+        if name in masks:
+            old = masks[name][1]
         if not isinstance(old, nn.Parameter) or not isinstance(made, nn.Parameter):
             continue
         if id(old) in seen:
@@ -950,11 +1023,13 @@ def keep_ties(new: nn.Module, src: nn.Module, seen: dict[int, nn.Parameter],
             seen[id(old)] = old
         else:
             seen[id(old)] = made
-    if pruned and "weight_orig" not in new._parameters and isinstance(
-            getattr(new, "weight", None), nn.Parameter) and new.weight.shape == mask.shape:
-        from torch.nn.utils import prune
+    for name, (mask, _) in masks.items():
+        made = getattr(new, name, None)
+        if (name + "_orig" not in new._parameters and isinstance(made, nn.Parameter)
+                and made.shape == mask.shape):
+            from torch.nn.utils import prune
 
-        prune.custom_from_mask(new, "weight", mask.detach().clone())
+            prune.custom_from_mask(new, name, mask.detach().clone())
     return new
 
 
@@ -976,7 +1051,7 @@ def folded_batchnorm_scale(bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
 
 
 def converted_std(weight: Tensor, fraction: float | None = None,
-                  scale: Tensor | None = None) -> float:
+                  scale: Tensor | None = None, mask: Tensor | None = None) -> float:
     """Initial posterior std of a converted layer: a fraction (default
     :data:`CONVERTED_STD_FRACTION`) of its weights' RMS.
 
@@ -989,7 +1064,10 @@ def converted_std(weight: Tensor, fraction: float | None = None,
     ``var(a) = s^2 sum x^2`` against ``RMS(W)^2 sum x^2``, whatever the scale of the
     ported weights. A mean-only :class:`ChannelAffine` folded from a BatchNorm multiplies
     the mean by ``scale`` but not the variance, so the scale is folded into ``s`` to keep
-    the same signal-to-noise ratio. Weights that are all zero give ``0.5 / sqrt(fan_in)``,
+    the same signal-to-noise ratio. With a pruning ``mask`` (``torch.nn.utils.prune``) the
+    RMS is that of the kept weights: a pruned weight adds neither signal nor noise, so
+    counting its zero would shrink the noise of the kept synapses (by ``sqrt(kept
+    fraction)``). Weights that are all zero give ``0.5 / sqrt(fan_in)``,
     the layers' own default, and so do weights on the ``meta`` device (a model built
     there has no values: after ``to_empty()``, a converted layer's ``reset_parameters()``
     sizes its std from the weights it draws, and a loaded checkpoint brings its own).
@@ -999,6 +1077,8 @@ def converted_std(weight: Tensor, fraction: float | None = None,
     w = weight.detach().float()
     if scale is not None:
         w = w * scale.detach().float().to(w.device).view(-1, *([1] * (w.dim() - 1)))
+    if mask is not None:
+        w = w[mask.detach().to(w.device) != 0]
     rms = float(w.pow(2).mean().sqrt()) if w.numel() else 0.0
     if not (rms > 0 and math.isfinite(rms)):
         return 0.5 / math.sqrt(max(weight[0].numel(), 1))
@@ -1034,7 +1114,8 @@ def fold_channel_std(layer: nn.Module, folded_bn: nn.modules.batchnorm._BatchNor
     layer.__dict__[_CONVERTED_STD] = (scale, per_channel)
     if not per_channel:
         return layer
-    layer._init_stds = (_converted_init_std(layer.weight, scale, True), layer._init_stds[1])
+    layer._init_stds = (_converted_init_std(layer.weight, scale, True, layer._pruning_mask()),
+                        layer._init_stds[1])
     layer._reset_posterior()
     return layer
 
@@ -1042,13 +1123,14 @@ def fold_channel_std(layer: nn.Module, folded_bn: nn.modules.batchnorm._BatchNor
 _CONVERTED_STD = "_sbnn_converted_std"  # (BatchNorm scale or None, per channel): the rule
 
 
-def _converted_init_std(weight: Tensor, scale: Tensor | None, per_channel: bool):
-    """A converted layer's initial std from its weights: :func:`converted_std` (with a
-    folded BatchNorm's scale), or per channel ``|scale_o| * converted_std(W)``
-    (:func:`fold_channel_std`)."""
+def _converted_init_std(weight: Tensor, scale: Tensor | None, per_channel: bool,
+                        mask: Tensor | None = None):
+    """A converted layer's initial std from its weights (the kept ones of a pruned layer):
+    :func:`converted_std` (with a folded BatchNorm's scale), or per channel
+    ``|scale_o| * converted_std(W)`` (:func:`fold_channel_std`)."""
     if not per_channel:
-        return converted_std(weight, scale=scale)
-    base = converted_std(weight)
+        return converted_std(weight, scale=scale, mask=mask)
+    base = converted_std(weight, mask=mask)
     return (scale.abs().to(weight.device) * base).clamp_min(1e-6 * base)
 
 
@@ -1058,15 +1140,19 @@ def converted_layer_kwargs(module: nn.Module, posterior: dict,
 
     ``posterior`` (``std``, ``std_mode``, ``learn_std``, ``bias_std``) as given, except:
     bias noise only where ``module`` has a bias (``bias_std=None`` otherwise), and where
-    ``std`` is ``None`` the :func:`converted_std` of ``module.weight``, with the scale of
-    ``folded_bn`` (a BatchNorm folded after it) included.
+    ``std`` is ``None`` the :func:`converted_std` of ``module.weight`` (its kept weights
+    where it is pruned), with the scale of ``folded_bn`` (a BatchNorm folded after it)
+    included.
     """
     kw = dict(posterior)
     if module.bias is None:
         kw["bias_std"] = None
     if kw.get("std") is None:
+        mask = (module._buffers.get("weight_mask") if "weight_orig" in module._parameters
+                else None)  # torch.nn.utils.prune
         kw["std"] = converted_std(
-            module.weight, scale=None if folded_bn is None else folded_batchnorm_scale(folded_bn))
+            module.weight, scale=None if folded_bn is None else folded_batchnorm_scale(folded_bn),
+            mask=mask)
     return kw
 
 

@@ -63,6 +63,7 @@ from .layers import (
     fold_channel_std,
     is_bayesian,
     keep_ties,
+    legacy_weight_norm,
     warn_deterministic_layers,
 )
 from .losses import enable_aux_loss
@@ -1349,12 +1350,12 @@ def to_sbnn(
 
     def convert(_name: str, child: nn.Module) -> nn.Module | None:
         new = None
-        if type(child) in _LAYERS and selected(child):
+        if type(child) in _LAYERS and selected(child) and not legacy_weight_norm(child):
             folded = next((folds[n] for n in names.get(id(child), []) if n in folds), None)
             kw = converted_layer_kwargs(child, layer_kw, modules.get(folded))
             new = _LAYERS[type(child)].from_module(child, **kw)
+            new = keep_ties(new, child, ties, adopt=True)  # (a pruned layer's mask first)
             fold_channel_std(new, modules.get(folded), layer_kw)
-            new = keep_ties(new, child, ties, adopt=True)
         elif any(n in affines for n in names.get(id(child), [])):
             new = next(affines[n] for n in names[id(child)] if n in affines)
             new.__dict__[_BN_KIND] = type(child).__name__
@@ -1408,7 +1409,7 @@ def _validate_arguments(model, estimator, layer_kw, spike_std, spike_learn, inc,
     BayesLinear(1, 1, **layer_kw)  # std, std_mode, learn_std, bias_std
     names = [n for n, _ in model.named_modules(remove_duplicate=False)]
     layer_names = [n for n, m in model.named_modules(remove_duplicate=False)
-                   if type(m) in _LAYERS]
+                   if type(m) in _LAYERS and not legacy_weight_norm(m)]
     for p in inc or ():
         if not any(_match(n, (p,)) for n in layer_names):
             raise ValueError(

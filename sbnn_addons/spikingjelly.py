@@ -928,7 +928,7 @@ def to_sbnn(
     def convert(name: str, m: nn.Module):
         t = type(m)
         new = None
-        if t in _WEIGHTS and selected(name):
+        if t in _WEIGHTS and selected(name) and not _layers.legacy_weight_norm(m):
             kw = _layers.converted_layer_kwargs(m, posterior, modules.get(folds.get(name)))
             if t is layer.Linear:
                 new = BayesLinear.from_module(m, step_mode=m.step_mode, **kw)
@@ -944,8 +944,9 @@ def to_sbnn(
                 new = _layers.BayesConv2d.from_module(m, **kw)
         if new is not None:
             counts["layers"] += 1
+            new = _layers.keep_ties(new, m, ties, adopt=True)  # (a pruned layer's mask first)
             _layers.fold_channel_std(new, modules.get(folds.get(name)), posterior)
-            return _layers.keep_ties(new, m, ties, adopt=True).train(m.training)
+            return new.train(m.training)
         if name in affines:
             return affines[name]
         return None
@@ -994,7 +995,8 @@ def _validate_arguments(model, estimator, posterior, spike_std, spike_learn, inc
     SJSpike(estimator, std=spike_std, learn_std=spike_learn)  # estimator, spike noise
     _layers.BayesLinear(1, 1, **posterior)  # std, std_mode, learn_std, bias_std
     names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
-    layers = [n for n, m in model.named_modules(remove_duplicate=False) if type(m) in _WEIGHTS]
+    layers = [n for n, m in model.named_modules(remove_duplicate=False)
+              if type(m) in _WEIGHTS and not _layers.legacy_weight_norm(m)]
     for p in inc or ():
         if not any(match_name(n, (p,)) for n in layers):
             raise ValueError(

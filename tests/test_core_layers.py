@@ -213,6 +213,49 @@ def test_kl_includes_noisy_bias_and_model_sum():
         sb.kl_divergence(nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("std_mode", ["layer", "weight"])
+def test_kl_of_a_pruned_layer_sums_the_kept_weights(std_mode):
+    """``torch.nn.utils.prune`` removes a weight (and a bias) from the network: it is no
+    random variable, so it has no KL. The KL counted each removed one as ``N(0, s^2)``
+    against the prior (the sum of the whole layer's terms); it equals the KL of the kept
+    weights and biases, for the closed form, a Gaussian distribution prior and a Monte
+    Carlo prior, and the pruned weights get no gradient from it."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    layer = BayesLinear(6, 4, std_mode=std_mode, bias_std=0.1, dtype=F64)
+    _randomise_std(layer, torch.Generator().manual_seed(1))
+    mask = (torch.rand(4, 6, generator=torch.Generator().manual_seed(2)) < 0.5).to(F64)
+    bias_mask = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=F64)
+    keep, keep_b = mask.bool(), bias_mask.bool()
+    std = layer.std.detach().expand(4, 6)
+    q_w = torch.distributions.Normal(layer.weight.detach()[keep], std[keep])
+    q_b = torch.distributions.Normal(layer.bias.detach()[keep_b],
+                                     layer.bias_std.detach().expand(4)[keep_b])
+    prune.custom_from_mask(layer, "weight", mask)
+    prune.custom_from_mask(layer, "bias", bias_mask)
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=F64), torch.tensor(0.5, dtype=F64))
+    want = (torch.distributions.kl_divergence(q_w, normal).sum()
+            + torch.distributions.kl_divergence(q_b, normal).sum())
+    for prior in (0.5, normal):
+        torch.testing.assert_close(layer.kl_divergence(prior), want, rtol=1e-12, atol=0)
+    mixture = scale_mixture_prior(0.5, 1.0, 0.1)
+    torch.manual_seed(3)
+    got = layer.kl_divergence(mixture, num_samples=2)
+    torch.manual_seed(3)  # the same draws, kept terms only
+    w = torch.distributions.Normal(layer.weight, std).rsample((2,))
+    terms = (torch.distributions.Normal(layer.weight, std).log_prob(w)
+             - mixture.log_prob(w)).mean(0)
+    b = torch.distributions.Normal(layer.bias, layer.bias_std.expand(4)).rsample((2,))
+    terms_b = (torch.distributions.Normal(layer.bias, layer.bias_std.expand(4)).log_prob(b)
+               - mixture.log_prob(b)).mean(0)
+    torch.testing.assert_close(got, terms[keep].sum() + terms_b[keep_b].sum(), rtol=1e-12, atol=0)
+    layer.kl_divergence(0.5).backward()
+    assert torch.all(layer.weight_orig.grad[~keep] == 0)
+    if std_mode == "weight":
+        assert torch.all(layer.std_rho.grad[~keep] == 0)
+
+
 def test_kl_scale_mixture_monte_carlo():
     """MC KL to a scale-mixture prior (4000 samples) matches an independent 200k-sample
     estimate of E_q[log q(w) - log p(w)]. Tolerance: 5 standard errors of the 4000-sample
@@ -295,6 +338,36 @@ def test_empty_batch_and_bf16():
     layer16 = BayesLinear(5, 3).to(torch.bfloat16)
     y = layer16(torch.rand(4, 5, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and torch.isfinite(get_variance(y)).all()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_spike_input_kept_as_bytes_under_bfloat16_autocast(kind, monkeypatch):
+    """Under ``torch.autocast`` (bfloat16), a large spike input kept as uint8 for the
+    backward: the backward ran the bfloat16 gradient against the float32 weight, and a
+    BayesLinear failed ("expected m1 and m2 to have the same dtype"). It runs in the
+    forward's dtype, as autocast's own op: every gradient equals the unmarked path's."""
+    import sbnn_addons.layers as layers_mod
+
+    grads = []
+    for limit in (1, math.inf):  # kept as bytes, then as it is
+        monkeypatch.setattr(layers_mod, "COMPACT_INPUT_MIN", limit)
+        torch.manual_seed(0)
+        if kind == "linear":
+            first, layer, x = BayesLinear(6, 16), BayesLinear(16, 3, bias_std=0.1), torch.rand(8, 6)
+        else:
+            first, layer = BayesConv2d(2, 4, 3, padding=1), BayesConv2d(4, 3, 3, padding=1)
+            x = torch.rand(2, 2, 6, 6)
+        spike = sb.IWSTSpike("st", std=0.3, learn_std=True)
+        spike.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(spike(first(x) * 3))
+        assert out.dtype == torch.bfloat16
+        (out.float().square().sum() + get_variance(out).sum()).backward()
+        params = [*first.parameters(), *layer.parameters(), spike.std_rho]
+        grads.append([p.grad for p in params])
+        assert all(p.grad.dtype == torch.float32 for p in params)
+    for kept, plain_grad in zip(*grads):
+        torch.testing.assert_close(kept, plain_grad, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("make", [
@@ -777,6 +850,37 @@ def test_warns_when_the_optimiser_was_built_before_an_inplace_conversion(host):
     assert found["after"] == []
 
 
+def test_warns_for_a_pruned_layer_whose_std_the_optimiser_misses():
+    """A pruned host layer (``torch.nn.utils.prune``) converted in place after its
+    optimiser was built: the check compared the weight tensor of two forwards, and a
+    pruned weight is a new tensor at every forward, so it never warned. It follows the
+    stepped ``weight_orig``; an optimiser built after the conversion stays quiet."""
+    import snntorch as snn
+    from torch.nn.utils import prune
+
+    from sbnn_addons.snntorch import reset, to_sbnn
+
+    x = torch.rand(3, 4, 8) * 3
+    found = {}
+    for when in ("before", "after"):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 6), snn.Leaky(beta=0.9, init_hidden=True))
+        prune.l1_unstructured(net[0], "weight", amount=0.3)
+        if when == "before":
+            opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        to_sbnn(net, inplace=True)
+        if when == "after":
+            opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+
+        def forward(net=net):
+            reset(net)
+            return torch.stack([net(xt) for xt in x])
+
+        found[when] = _train_steps(net, opt, x, forward=forward)
+    assert len(found["before"]) == 1 and "BayesLinear '0'" in found["before"][0]
+    assert found["after"] == []
+
+
 def test_std_check_raises_no_false_alarm():
     """No warning for a frozen std, a std in a group with lr=0, gradient accumulation
     over several forwards, evaluation forwards between steps, or zero_grad(set_to_none);
@@ -820,7 +924,10 @@ def test_std_check_raises_no_false_alarm():
         for _ in range(3):
             net(x).sum().backward()
     assert caught == []
-    assert len(_train_steps(net, opt, x, steps=3)) == 1
+    found = _train_steps(net, opt, x, steps=3)
+    assert len(found) == 1
+    # a std left out on purpose (fine-tuning the means): the message names the freeze
+    assert "requires_grad_(False)" in found[0]
 
 
 @contextlib.contextmanager
@@ -879,6 +986,30 @@ def test_pruned_weights_carry_no_noise(kind, std_mode, bias_noise):
         var.sum().backward()
         grad = (op(x * x, mask).sum() * 2 * layer.std * torch.sigmoid(layer.std_rho)).detach()
         torch.testing.assert_close(layer.std_rho.grad, grad, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kind, std_mode", [("linear", "layer"), ("linear", "weight"),
+                                             ("conv2d", "layer"), ("conv2d", "channel")])
+def test_pruned_bias_carries_no_noise(kind, std_mode):
+    """``torch.nn.utils.prune`` on ``bias`` (a global pruning over weights and biases):
+    the bias is ``m * b`` with ``b ~ N(mu_b, s_b^2)``, so a removed bias adds no noise,
+    as a removed weight: its ``s_b^2`` (0.04 here) was added to every output all the
+    same. The variance is the unpruned one minus ``s_b^2`` on the pruned outputs, in the
+    forward and in ``output_variance``, with a pruned weight too."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    layer, x = _make(kind, std_mode, True, 1, 1)
+    full = layer.output_variance(x)
+    keep = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0][:layer.bias.shape[0]], dtype=F64)
+    prune.custom_from_mask(layer, "bias", keep)
+    per_out = keep.view(-1, *([1] * (full.dim() - 2))) if kind == "conv2d" else keep
+    want = full - (1 - per_out) * layer.bias_std.detach() ** 2
+    mean = layer(x)
+    torch.testing.assert_close(get_variance(mean).expand_as(mean), want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(layer.output_variance(x), want, rtol=1e-12, atol=0)
+    prune.custom_from_mask(layer, "weight", torch.ones_like(layer.weight))  # both pruned
+    torch.testing.assert_close(layer.output_variance(x), want, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])

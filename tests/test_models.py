@@ -252,6 +252,33 @@ def test_zero_diagonal_recurrent_mean_and_variance(mask_variance):
     assert torch.all(fresh.weight.diagonal() == 0) and torch.all(fresh.weight.grad.diagonal() == 0)
 
 
+@pytest.mark.parametrize("std_mode", ["layer", "channel", "weight"])
+def test_pruned_zero_diagonal_keeps_its_masked_variance(std_mode):
+    """``torch.nn.utils.prune`` on a ``ZeroDiagBayesLinear(mask_variance=True)``: the
+    pruned layer's variance path left the diagonal out of the mask, so an all-ones prune
+    mask (nothing removed) brought the self-connection noise back (+40 % variance)."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    n = 6
+    rec = ZeroDiagBayesLinear(n, mask_variance=True, std_mode=std_mode)
+    h = torch.rand(3, n)
+    want = get_variance(rec(h)).expand(3, n)
+    prune.custom_from_mask(rec, "weight", torch.ones(n, n))
+    torch.testing.assert_close(get_variance(rec(h)), want)
+    torch.testing.assert_close(rec.output_variance(h), want)
+    # a pruned input column removes its noise on top of the diagonal: as if unit 0 were
+    # silent in the unpruned layer
+    mask = torch.ones(n, n)
+    mask[:, 0] = 0
+    prune.remove(rec, "weight")
+    prune.custom_from_mask(rec, "weight", mask)
+    pruned = get_variance(rec(h)).expand(3, n)
+    prune.remove(rec, "weight")
+    h[:, 0] = 0
+    torch.testing.assert_close(pruned, get_variance(rec(h)).expand(3, n))
+
+
 # ----------------------------------------------------------------------- mean mode / twin
 def _perturb_affines(net, seed=0):
     """Random affines and 3x weights, so that every layer of the tiny nets spikes."""
@@ -301,6 +328,43 @@ def test_mean_mode_deterministic_and_equals_twin(build, data):
     sb.set_mode(net, "sample")
     with torch.no_grad():
         assert not torch.equal(net(x), net(x))  # sample mode is stochastic
+
+
+@pytest.mark.parametrize("mask_variance", [False, True])
+def test_zero_diagonal_kl_leaves_out_a_diagonal_without_noise(mask_variance):
+    """The KL of a ``ZeroDiagBayesLinear``: with ``mask_variance`` the diagonal is in
+    neither the mean nor the variance, no random variable, and is left out of the KL (it
+    counted ``n`` terms ``N(0, s^2)``), as a pruned weight; without it, the diagonal
+    carries noise and counts."""
+    n = 5
+    rec = ZeroDiagBayesLinear(n, std=0.3, mask_variance=mask_variance, dtype=torch.float64)
+    q = torch.distributions.Normal(rec.weight.detach(), rec.std.detach().expand(n, n))
+    terms = torch.distributions.kl_divergence(q, torch.distributions.Normal(
+        torch.tensor(0.0, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)))
+    keep = ~torch.eye(n, dtype=torch.bool) if mask_variance else torch.ones(n, n, dtype=torch.bool)
+    torch.testing.assert_close(rec.kl_divergence(0.5), terms[keep].sum(), rtol=1e-12, atol=0)
+
+
+def test_twin_of_a_pruned_network_is_pruned_alike():
+    """``deterministic_twin()`` of a network pruned with ``torch.nn.utils.prune``: its
+    pruned weights' state-dict keys (``weight_orig``, ``weight_mask``) matched nothing in
+    the twin, which raised "another layout". The twin is pruned alike (the same
+    ``weight_orig`` and masks) and equals the network's mean mode."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    net = tiny_shd()
+    _perturb_affines(net)
+    prune.l1_unstructured(net.ff[0], "weight", amount=0.5)
+    prune.random_unstructured(net.rec[1], "weight", amount=0.3)
+    twin = net.deterministic_twin()
+    for name in ("ff.0", "rec.1"):
+        mine, its = net.get_submodule(name), twin.get_submodule(name)
+        assert torch.equal(its.weight_mask, mine.weight_mask)
+        assert torch.equal(its.weight_orig, mine.weight_orig)
+    x = shd_input()
+    with torch.no_grad(), sb.mode(net, "mean"):
+        torch.testing.assert_close(twin(x), net(x), rtol=1e-6, atol=1e-6)
 
 
 # ----------------------------------------------------------------------- training

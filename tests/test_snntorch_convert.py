@@ -586,6 +586,43 @@ def test_parametrized_weight_layer_left_deterministic_is_named(norm):
     assert isinstance(to_sbnn(net)[0], BayesLinear)
 
 
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_legacy_weight_norm_layer_left_deterministic_is_named(norm):
+    """A Linear under the legacy ``torch.nn.utils.weight_norm`` / ``spectral_norm`` (a
+    forward pre-hook computing ``weight`` from ``weight_g``, ``weight_v`` or
+    ``weight_orig``) was converted into a BayesLinear whose mean was the weight at
+    conversion, trained directly: the normalisation was dropped without a word. It stays
+    deterministic with its hook, as a parametrized layer, and the warning names the fix
+    (``remove_weight_norm``), after which it converts."""
+    import warnings
+
+    import snntorch as snn
+    from torch import nn
+
+    from sbnn_addons import BayesLinear
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 6), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # weight_norm is deprecated
+        getattr(torch.nn.utils, norm)(net[0])
+    x = torch.rand(3, 8)
+    with pytest.warns(UserWarning, match=rf"'0' \(Linear with torch.nn.utils.{norm}\).*"
+                                         rf"remove_{norm}"):
+        model = to_sbnn(net)
+    assert not isinstance(model[0], BayesLinear)
+    assert sbnn_addons.layers.legacy_weight_norm(model[0]) == norm
+    model(x)[0].sum().backward()  # the normalised layer still trains through its hook
+    assert all(p.grad is not None for p in model[0].parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        to_sbnn(net, exclude="0")
+    with pytest.raises(ValueError, match=r"include pattern '0' matches no"):
+        to_sbnn(net, include="0")  # named, not left deterministic silently
+    getattr(torch.nn.utils, f"remove_{norm}")(net[0])
+    assert isinstance(to_sbnn(net)[0], BayesLinear)
+
+
 @pytest.mark.parametrize("inplace", [False, True])
 def test_pruned_host_layer_stays_pruned(inplace):
     """A host layer pruned with ``torch.nn.utils.prune`` converts (the copy raised
@@ -618,6 +655,77 @@ def test_pruned_host_layer_stays_pruned(inplace):
     plain = to_snntorch(sb)
     assert torch.equal(plain[0].weight_mask, mask) and torch.equal(plain[0].weight,
                                                                    layer.weight)
+
+
+@pytest.mark.parametrize("std_mode", ["layer", "channel"])
+def test_converted_std_of_a_pruned_layer_is_sized_from_its_kept_weights(std_mode):
+    """The converted std is 0.1 of the weights' RMS, so that the noise is 0.1 of the
+    signal's spread. A pruned host layer's zeros counted in that RMS, though a pruned
+    weight carries neither signal nor noise: with 75 % pruned the kept synapses got half
+    the noise the rule gives. The RMS is that of the kept weights (with a folded
+    BatchNorm's scale, per channel too)."""
+    import snntorch as snn
+    from torch import nn
+    from torch.nn.utils import prune
+
+    from sbnn_addons.layers import folded_batchnorm_scale
+
+    torch.manual_seed(0)
+    host = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4),
+                         snn.Leaky(beta=BETA, init_hidden=True))
+    with torch.no_grad():
+        host[1].weight.uniform_(0.5, 2.0)
+        host[1].running_var.uniform_(0.5, 2.0)
+    host.eval()
+    prune.l1_unstructured(host[0], "weight", amount=0.75)
+    keep = host[0].weight_mask.bool()
+    scale = folded_batchnorm_scale(host[1])
+    model = to_sbnn(host, std_mode=std_mode, batchnorm="affine")
+    w = host[0].weight_orig.detach()
+    if std_mode == "layer":
+        want = 0.1 * (w * scale.view(-1, 1, 1, 1))[keep].pow(2).mean().sqrt()
+    else:
+        want = scale.abs() * 0.1 * w[keep].pow(2).mean().sqrt()
+    torch.testing.assert_close(model[0].std.detach(), want, rtol=1e-5, atol=0)
+    assert torch.equal(model[0].weight_mask, keep.float())
+    # reset_parameters() of a pruned layer draws into the computed weight, which the next
+    # forward recomputes from weight_orig (PyTorch's pruning): the std follows the weights
+    # the layer computes with, not the discarded draw
+    model[0].reset_parameters()
+    torch.testing.assert_close(model[0].std.detach(), want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_pruned_host_bias_stays_pruned(inplace):
+    """A host layer whose bias is pruned (``torch.nn.utils.prune``, e.g. a global pruning
+    over weights and biases) lost the bias mask on conversion: the removed biases trained
+    again from 0, silently. The converted layer has the same ``bias_mask`` (its
+    ``bias_orig`` adopted with ``inplace=True``), the removed biases stay 0 through an
+    optimiser step and carry no bias noise, and the export keeps the pruning."""
+    import snntorch as snn
+    from torch import nn
+    from torch.nn.utils import prune
+
+    from sbnn_addons.snntorch import to_snntorch
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), snn.Leaky(beta=0.9, init_hidden=True),
+                        nn.Linear(5, 3), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    prune.l1_unstructured(net[0], "bias", amount=0.4)
+    mask, orig, x = net[0].bias_mask.clone(), net[0].bias_orig, torch.rand(4, 6)
+    sb = to_sbnn(net, inplace=inplace, bias_std=0.3)
+    layer = sb[0]
+    assert torch.equal(layer.bias_mask, mask) and torch.equal(layer.bias, orig * mask)
+    assert (layer.bias_orig is orig) == inplace
+    var = get_variance(layer(x)).expand(4, 5)
+    assert torch.all(var[:, mask == 0] < var[:, mask == 1].min() - 0.08)  # no s_b^2 = 0.09
+    opt = torch.optim.SGD(sb.parameters(), lr=0.5)
+    reset(sb)
+    sum(o.sum() for o in sb(x)).backward()
+    opt.step()
+    assert torch.all(layer.bias[mask == 0] == 0) and torch.any(layer.bias_orig.grad != 0)
+    plain = to_snntorch(sb)
+    assert torch.equal(plain[0].bias_mask, mask) and torch.equal(plain[0].bias, layer.bias)
 
 
 @pytest.mark.parametrize("std_mode", ["layer", "channel"])

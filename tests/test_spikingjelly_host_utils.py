@@ -143,6 +143,29 @@ def test_export_restores_or_sets_a_plain_function_surrogate_and_names_a_class():
 
 
 # --------------------------------------------------------------------------- include / exclude
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_legacy_weight_norm_layer_stays_deterministic_and_is_named(norm):
+    """A ``layer.Linear`` under the legacy ``torch.nn.utils.weight_norm`` /
+    ``spectral_norm`` was converted with the weight it had, its normalisation dropped
+    silently: it stays as it is (hook and all) and the warning names the fix."""
+    import warnings
+
+    net = nn.Sequential(layer.Linear(8, 4), neuron.LIFNode(), layer.Linear(4, 2),
+                        neuron.LIFNode())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # weight_norm is deprecated
+        getattr(torch.nn.utils, norm)(net[0])
+    with pytest.warns(UserWarning, match=rf"'0' \(Linear with torch.nn.utils.{norm}\).*"
+                                         rf"remove_{norm}"):
+        model = sbnn_sj.to_sbnn(net)
+    assert type(model[0]) is layer.Linear and sbnn_addons.is_bayesian(model[2])
+    assert sbnn_addons.layers.legacy_weight_norm(model[0]) == norm
+    model(torch.rand(3, 8)).sum().backward()
+    assert all(p.grad is not None for p in model[0].parameters())
+    with pytest.raises(ValueError, match=r"include pattern '0' matches no .*\['2'\]"):
+        sbnn_sj.to_sbnn(net, include=["0", "2"])  # named, not left deterministic silently
+
+
 def test_single_string_include_exclude_is_one_name():
     net = _mnist_net()
     model = sbnn_sj.to_sbnn(net, exclude="conv_fc.0")

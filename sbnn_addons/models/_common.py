@@ -319,8 +319,9 @@ class ReferenceNet(SBNNModule, nn.Module):
         """The surrogate-gradient twin (``bayes=False``) with this network's posterior means.
 
         Weights, biases and affine parameters are copied; noise parameters are dropped.
-        With the same weights, the twin's Heaviside forward equals this network's
-        ``mean`` mode.
+        A weight pruned with ``torch.nn.utils.prune`` is pruned alike in the twin (its
+        ``weight_orig`` and mask). With the same weights, the twin's Heaviside forward
+        equals this network's ``mean`` mode.
 
         Args:
             **overrides: constructor arguments to change (e.g. ``surrogate="atan"``).
@@ -337,6 +338,7 @@ class ReferenceNet(SBNNModule, nn.Module):
         config.pop("std", None)
         # readout_noise stays: a readout with noise has a bias, and so has its twin's
         twin = type(self)(**config)
+        _prune_alike(twin, self)
         result = twin.load_state_dict(self.state_dict(), strict=False)
         dropped = [k for k in result.unexpected_keys  # noise: learned or fixed stds
                    if not (is_noise_parameter(k) or k.endswith("fixed_std"))]
@@ -351,6 +353,23 @@ class ReferenceNet(SBNNModule, nn.Module):
                 f"{type(self).__name__}(bayes=False, ...), and load what it shares with "
                 "load_state_dict(net.state_dict(), strict=False)")
         return twin.to(next(self.parameters()).device)
+
+
+def _prune_alike(twin: nn.Module, net: nn.Module) -> None:
+    """Give each module of ``twin`` the ``torch.nn.utils.prune`` reparametrisation
+    (``<name>_orig`` and ``<name>_mask``, identity until loaded) of the module of the same
+    name in ``net``, so that ``net``'s state dict loads into it, masks included (the
+    pruned weights' keys matched nothing: a pruned network had no twin)."""
+    from torch.nn.utils import prune
+
+    modules = dict(twin.named_modules())
+    for name, module in net.named_modules():
+        target = modules.get(name)
+        for hook in module._forward_pre_hooks.values():
+            tensor = getattr(hook, "_tensor_name", None)
+            if (isinstance(hook, prune.BasePruningMethod) and target is not None
+                    and isinstance(getattr(target, tensor, None), nn.Parameter)):
+                prune.identity(target, tensor)
 
 
 def channel_pad(x: Tensor, out_channels: int) -> Tensor:

@@ -65,7 +65,8 @@ class ZeroDiagBayesLinear(BayesLinear):
         var_i  = sum_j s_ij^2 h_j^2                 (s_ij = s_rec for the per-layer std)
 
     The released SHD network masks the mean only: the variance sums over all units, the
-    unit's own spike included (Method page, section 8.1). ``mask_variance=True`` masks it too.
+    unit's own spike included (Method page, section 8.1). ``mask_variance=True`` masks it too,
+    and leaves the diagonal out of :meth:`kl_divergence` (no random variable then).
 
     Args:
         features: number of units ``n``.
@@ -103,6 +104,22 @@ class ZeroDiagBayesLinear(BayesLinear):
         elif self.std_mode == "channel":
             s2 = s2.view(-1, 1)
         return F.linear(x2, s2.expand_as(self.weight) * self.diag_mask)
+
+    def _kl_mask(self) -> Tensor | None:
+        """With ``mask_variance`` the diagonal is absent from the mean and the variance:
+        no random variable, so out of the KL (as a pruned weight)."""
+        mask = super()._kl_mask()
+        if not self.mask_variance:
+            return mask
+        return self.diag_mask if mask is None else mask * self.diag_mask
+
+    def _masked_variance(self, x: Tensor, binary: bool, s2: Tensor, mask: Tensor) -> Tensor:
+        """The pruned layer's variance (``torch.nn.utils.prune``), which does not go
+        through :meth:`_output_variance`: with ``mask_variance`` the diagonal is masked
+        as one more pruned weight."""
+        if self.mask_variance:
+            mask = mask * self.diag_mask
+        return super()._masked_variance(x, binary, s2, mask)
 
 
 class SHDRecurrentNet(ReferenceNet):
