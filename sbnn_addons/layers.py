@@ -619,7 +619,9 @@ class BayesLinear(_BayesMixin, nn.Linear):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        # nn.Linear's own (as the convolutions): a host's Linear subclass may follow in the
+        # MRO of a subclass (SpikingJelly's layer.Linear), whose __init__ takes no device
+        nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
         self._init_posterior(std, std_mode, learn_std, bias_std, detach_input_variance)
 
     def _mean(self, x: Tensor) -> Tensor:

@@ -583,11 +583,14 @@ def _unlink(node: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------- layers
-class BayesLinear(_layers.BayesLinear, base.StepModule):
+class BayesLinear(_layers.BayesLinear, layer.Linear):
     """:class:`~sbnn_addons.BayesLinear` with SpikingJelly's ``step_mode``.
 
     Input ``[N, in]`` (``'s'``) or ``[T, N, in]`` (``'m'``): the linear map acts on the
-    last dimension either way. Output: the mean, with its variance attached.
+    last dimension either way. Output: the mean, with its variance attached. An instance
+    of ``layer.Linear`` too, as the layer it replaces: SpikingJelly's monitors
+    (``monitor.OutputMonitor(net, layer.Linear)``) and a user's ``isinstance`` checks
+    find it.
     """
 
     def __init__(self, *args, step_mode: str = "s", **kwargs) -> None:
@@ -625,20 +628,17 @@ class _StepConv:
         y = super().forward(x.flatten(0, 1))
         return y.unflatten(0, x.shape[:2])
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, step_mode={self.step_mode}"
 
-
-class BayesConv1d(_StepConv, _layers.BayesConv1d, base.StepModule):
+class BayesConv1d(_StepConv, _layers.BayesConv1d, layer.Conv1d):
     """:class:`~sbnn_addons.BayesConv1d` with SpikingJelly's ``step_mode`` (``'m'``:
-    ``[T, N, C, L]``)."""
+    ``[T, N, C, L]``); an instance of ``layer.Conv1d`` too (as :class:`BayesLinear`)."""
 
     _shape = "[T, N, C, L]"
 
 
-class BayesConv2d(_StepConv, _layers.BayesConv2d, base.StepModule):
+class BayesConv2d(_StepConv, _layers.BayesConv2d, layer.Conv2d):
     """:class:`~sbnn_addons.BayesConv2d` with SpikingJelly's ``step_mode`` (``'m'``:
-    ``[T, N, C, H, W]``)."""
+    ``[T, N, C, H, W]``); an instance of ``layer.Conv2d`` too (as :class:`BayesLinear`)."""
 
     _shape = "[T, N, C, H, W]"
 

@@ -566,3 +566,32 @@ def test_a_lif_node_pre_hook_that_strips_the_variance_raises(step_mode, prepend)
         return
     with pytest.raises(sbnn_addons.VarianceFlowError, match=r"'0'.*reached no spiking neuron"):
         net(x)
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_spikingjelly_monitors_find_the_converted_weight_layers(step_mode):
+    """A monitor of SpikingJelly's weight layers (``OutputMonitor(net, layer.Conv2d)``)
+    records the converted layers as it does the host's (they were no ``layer.Conv2d`` /
+    ``layer.Linear`` instances: the monitor watched nothing, silently), with the host's
+    values in ``mean`` mode; ``isinstance`` checks of user code find them too."""
+    monitor = pytest.importorskip("spikingjelly.activation_based.monitor",
+                                  exc_type=ImportError)
+    host = _mnist_net(step_mode)
+    model = sbnn_sj.to_sbnn(host)
+    kinds = (layer.Conv2d, layer.Linear)
+    names = [n for n, m in host.named_modules() if isinstance(m, kinds)]
+    assert names and names == [n for n, m in model.named_modules() if isinstance(m, kinds)]
+    records = []
+    for net in (host, model):
+        mon = monitor.OutputMonitor(net, kinds)
+        try:
+            with torch.no_grad(), sbnn_addons.mode(model, "mean"):
+                functional.reset_net(net)
+                _run(net, _x(), step_mode)
+            assert mon.monitored_layers == names
+            records.append(mon.records)
+        finally:
+            mon.remove_hooks()
+    assert len(records[0]) == len(records[1]) > 0
+    for a, b in zip(*records):
+        torch.testing.assert_close(b, a)
