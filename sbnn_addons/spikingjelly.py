@@ -878,7 +878,8 @@ def to_sbnn(
     Raises:
         ValueError: ``model`` is already converted, contains nothing to convert, an
             ``include`` / ``exclude`` pattern matches nothing, a bad ``estimator``,
-            ``std``, ``std_mode``, ``bias_std``, ``spike_std`` or ``batchnorm``.
+            ``std``, ``std_mode``, ``bias_std``, ``spike_std`` or ``batchnorm``; a
+            neuron to convert has a surrogate in the non-spiking mode (``spiking=False``).
         TypeError: ``model`` contains a spiking neuron other than the supported ones
             (and not excluded).
     """
@@ -908,9 +909,11 @@ def to_sbnn(
     _validate_arguments(model, estimator, posterior, spike_std, spike_learn, inc, exc)
     aux_pull = check_aux_pull(aux_pull)
     for name, m in model.named_modules():
-        if _is_spiking_node(m) and type(m) not in SUPPORTED_NEURONS and not match_name(name,
-                                                                                      exc):
+        if not _is_spiking_node(m) or match_name(name, exc):
+            continue
+        if type(m) not in SUPPORTED_NEURONS:
             raise _unsupported(m, name)
+        _check_spiking_surrogate(name, m)
 
     def selected(name: str) -> bool:
         return (inc is None or match_name(name, inc)) and not match_name(name, exc)
@@ -986,6 +989,25 @@ def to_sbnn(
     if example_input is not None:
         check_variance_flow(model, example_input)
     return model
+
+
+def _check_spiking_surrogate(name: str, node: nn.Module) -> None:
+    """Refuse a neuron whose surrogate is in SpikingJelly's non-spiking mode
+    (``surrogate.ATan(spiking=False)``: the neuron outputs the surrogate's smooth primitive
+    function, graded values): the stochastic spike function would replace it with binary
+    spikes, silently changing what the neuron emits.
+
+    Raises:
+        ValueError: naming the neuron and the two ways out.
+    """
+    if getattr(node.surrogate_function, "spiking", True) is False:
+        raise ValueError(
+            f"module '{name}' has a surrogate in SpikingJelly's non-spiking mode "
+            f"({node.surrogate_function!r}: the neuron outputs its smooth primitive "
+            "function, not spikes), which to_sbnn would replace with binary stochastic "
+            "spikes. Build the neuron with spiking=True (the default) before converting, or "
+            f"keep it as it is with exclude=['{name}', ...] together with the layers "
+            "feeding it")
 
 
 def _validate_arguments(model, estimator, posterior, spike_std, spike_learn, inc, exc) -> None:

@@ -595,3 +595,27 @@ def test_spikingjelly_monitors_find_the_converted_weight_layers(step_mode):
     assert len(records[0]) == len(records[1]) > 0
     for a, b in zip(*records):
         torch.testing.assert_close(b, a)
+
+
+def test_a_surrogate_in_non_spiking_mode_is_refused_at_conversion():
+    """``surrogate.ATan(spiking=False)``: the host neuron outputs the surrogate's smooth
+    primitive function (graded values). The stochastic spike function would replace it
+    with binary spikes (mean mode gave 0 where the host gave 0.06, silently): the
+    conversion refuses it, naming the neuron and the ways out, and an inplace conversion
+    leaves the model as it was; excluded with the layer feeding it, it runs as the host."""
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(6, 5, step_mode="m"), neuron.IFNode(step_mode="m"),
+                        layer.Linear(5, 4, step_mode="m"),
+                        neuron.LIFNode(surrogate_function=surrogate.ATan(spiking=False),
+                                       step_mode="m"))
+    x = torch.rand(T, 3, 6) * 2
+    with pytest.raises(ValueError, match=r"(?s)'3'.*spiking=False.*spiking=True.*exclude"):
+        sbnn_sj.to_sbnn(net, inplace=True)
+    assert not any(sbnn_addons.is_bayesian(m) for m in net.modules())
+    model = sbnn_sj.to_sbnn(net, exclude=["2", "3"])
+    with torch.no_grad(), sbnn_addons.mode(model, "mean"):
+        functional.reset_net(net)
+        sbnn_sj.reset(model)
+        ref, got = net(x), model(x)
+    assert not torch.equal(ref, (ref > 0).to(ref.dtype))  # graded, not spikes
+    torch.testing.assert_close(got, ref)
