@@ -935,10 +935,16 @@ def keep_ties(new: nn.Module, src: nn.Module, seen: dict[int, nn.Parameter],
     A ``src`` pruned with ``torch.nn.utils.prune`` (``weight_orig`` and ``weight_mask``)
     gives ``new`` the same pruning (``prune.custom_from_mask``): its ``weight_orig`` is
     ``src``'s (adopted or tied as above), so the removed weights stay removed in the
-    converted or exported model instead of training again from 0. Returns ``new``."""
+    converted or exported model instead of training again from 0.
+
+    With ``adopt``, ``new`` also takes ``src``'s forward and backward hooks (see
+    :func:`_adopt_hooks`): a monitor registered on the layer before an ``inplace``
+    conversion keeps recording it. Returns ``new``."""
     mask = src._buffers.get("weight_mask")
     orig = src._parameters.get("weight_orig")
     pruned = mask is not None and isinstance(orig, nn.Parameter)
+    if adopt:
+        _adopt_hooks(new, src)
     for name in ("weight", "bias"):
         old, made = getattr(src, name, None), getattr(new, name, None)
         if name == "weight" and pruned:
@@ -958,6 +964,28 @@ def keep_ties(new: nn.Module, src: nn.Module, seen: dict[int, nn.Parameter],
 
         prune.custom_from_mask(new, "weight", mask.detach().clone())
     return new
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_backward_pre_hooks", "_backward_hooks")
+
+
+def _adopt_hooks(new: nn.Module, src: nn.Module) -> None:
+    """Give ``new``, which replaces ``src`` in a model, ``src``'s forward and backward hooks
+    (a SpikingJelly / snnTorch monitor's, a user's ``register_forward_hook``): the same
+    dictionaries, so that the hooks' handles still remove them. A pruning hook
+    (``torch.nn.utils.prune``) is left out: :func:`keep_ties` prunes ``new`` itself."""
+    from torch.nn.utils.prune import BasePruningMethod
+
+    pre = src._forward_pre_hooks
+    for key in [k for k, hook in pre.items() if isinstance(hook, BasePruningMethod)]:
+        del pre[key]
+    for attr in _HOOK_DICTS:
+        hooks = src.__dict__.get(attr)
+        if hooks is not None:
+            new.__dict__[attr] = hooks
+    new._is_full_backward_hook = src._is_full_backward_hook
 
 
 #: Default posterior std of a converted layer, as a fraction of the RMS of its weights.

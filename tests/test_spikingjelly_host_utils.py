@@ -619,3 +619,44 @@ def test_a_surrogate_in_non_spiking_mode_is_refused_at_conversion():
         ref, got = net(x), model(x)
     assert not torch.equal(ref, (ref > 0).to(ref.dtype))  # graded, not spikes
     torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_a_monitor_registered_before_the_conversion_keeps_recording_the_layers(inplace):
+    """Monitors built on the host model before ``to_sbnn(..., inplace=True)``: the
+    converted layers keep the replaced layers' forward and backward hooks (the neurons,
+    converted in place, always kept theirs; the layers lost them, so the monitor went on
+    recording the neurons only, silently), the hooks' handles still remove them, and a
+    pruned layer keeps exactly one pruning hook. A copy (``inplace=False``) carries the
+    copied hooks on its layers as on its neurons (``deepcopy`` copies a module's hooks;
+    the monitor's handles then remove those of the original only)."""
+    monitor = pytest.importorskip("spikingjelly.activation_based.monitor",
+                                  exc_type=ImportError)
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(6, 5, step_mode="m"), neuron.IFNode(step_mode="m"),
+                        layer.Linear(5, 4, step_mode="m"), neuron.IFNode(step_mode="m"))
+    prune.l1_unstructured(net[2], "weight", amount=0.5)
+    out_mon = monitor.OutputMonitor(net, (layer.Linear, neuron.IFNode))
+    grad_mon = monitor.GradInputMonitor(net, layer.Linear)
+    model = sbnn_sj.to_sbnn(net, inplace=inplace)
+    try:
+        x = (torch.rand(T, 3, 6) * 2).requires_grad_()
+        model(x).sum().backward()
+        assert [type(r).__name__ for r in out_mon.records] == [
+            "VarianceTensor", "SpikeTensor", "VarianceTensor", "SpikeTensor"]
+        assert len(grad_mon.records) == 2
+        pruning = [h for h in model[2]._forward_pre_hooks.values()
+                   if isinstance(h, prune.BasePruningMethod)]
+        assert len(pruning) == 1
+    finally:
+        out_mon.remove_hooks()
+        grad_mon.remove_hooks()
+    if inplace:  # removed from the converted layers too
+        sbnn_sj.reset(model)
+        model(x)
+        assert len(out_mon.records) == 4
+        assert not model[0]._backward_hooks
+        assert all(h.__module__.startswith("sbnn_addons")
+                   for h in model[0]._forward_hooks.values())
