@@ -974,17 +974,25 @@ _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward
 def _adopt_hooks(new: nn.Module, src: nn.Module) -> None:
     """Give ``new``, which replaces ``src`` in a model, ``src``'s forward and backward hooks
     (a SpikingJelly / snnTorch monitor's, a user's ``register_forward_hook``): the same
-    dictionaries, so that the hooks' handles still remove them. A pruning hook
-    (``torch.nn.utils.prune``) is left out: :func:`keep_ties` prunes ``new`` itself."""
+    dictionaries, so that the hooks' handles still remove them. The hooks of PyTorch's
+    weight reparametrisations (``torch.nn.utils.prune``, whose pruning :func:`keep_ties`
+    gives ``new`` itself, and the hook-based ``weight_norm`` / ``spectral_norm``, which
+    read parameters ``new`` does not have) are left out; a layer with one gets the other
+    forward pre-hooks in a dictionary of its own (``src`` is left as it is)."""
     from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
 
-    pre = src._forward_pre_hooks
-    for key in [k for k, hook in pre.items() if isinstance(hook, BasePruningMethod)]:
-        del pre[key]
+    reparametrisations = (BasePruningMethod, WeightNorm, SpectralNorm)
     for attr in _HOOK_DICTS:
         hooks = src.__dict__.get(attr)
-        if hooks is not None:
-            new.__dict__[attr] = hooks
+        if hooks is None:
+            continue
+        if attr == "_forward_pre_hooks" and any(
+                isinstance(h, reparametrisations) for h in hooks.values()):
+            hooks = type(hooks)((k, h) for k, h in hooks.items()
+                                if not isinstance(h, reparametrisations))
+        new.__dict__[attr] = hooks
     new._is_full_backward_hook = src._is_full_backward_hook
 
 

@@ -660,3 +660,10 @@ def test_a_monitor_registered_before_the_conversion_keeps_recording_the_layers(i
         assert not model[0]._backward_hooks
         assert all(h.__module__.startswith("sbnn_addons")
                    for h in model[0]._forward_hooks.values())
+    # the hook of a hook-based reparametrisation (it reads weight_orig) is not taken over
+    net = nn.Sequential(nn.utils.spectral_norm(layer.Linear(6, 5, step_mode="m")),
+                        neuron.IFNode(step_mode="m"))
+    seen = []
+    net[0].register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    sbnn_sj.to_sbnn(net, inplace=inplace)(x)
+    assert seen == [(T, 3, 5)]
