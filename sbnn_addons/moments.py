@@ -16,10 +16,16 @@ operation                      variance of the output
 reshape / view / index / cat   the same operation applied to ``var``
 ``avg_pool`` over ``k``        ``sum(var) / k^2``
 ``adaptive_avg_pool``          ``sum(var) / D^2`` over each window of size ``D``
-``max_pool``                   ``var`` at the element the max selected
+``max_pool``, adaptive too     ``var`` at the element the max selected
 ``mean`` / ``sum`` over ``n``  ``sum(var) / n^2`` / ``sum(var)``
 dropout (mask ``m``)           ``var * m^2 / (1 - p)^2``
 batch norm (scale ``g/s``)     ``var * (g / s)^2``
+group / layer / instance /     ``var * (g / s)^2``, ``s`` the statistic of the
+RMS norm                       mean signal (held fixed, as for batch norm)
+interpolate (weights ``A``)    ``A^2 var`` (nearest: moved; linear, bilinear,
+                               bicubic, trilinear, area: squared weights)
+pixel (un)shuffle, ``pad``     moved; a constant padding has variance 0
+conv_transpose (weights ``w``) ``conv_transpose(var, w^2)`` (noise-free ``w``)
 ============================  ===============================================
 
 Because the neuron's own update is made of these operations, the variance follows the
@@ -232,8 +238,9 @@ def new_draw(out: Tensor, layer: nn.Module) -> Tensor:
         leaf = NoiseSet.leaf()
         out.__dict__["noise"] = leaf
         layer.__dict__["_sbnn_draw"] = leaf.lo
-        if _OPEN_FLOWS and out.variance is not None and torch.is_grad_enabled():
-            # for _check_dropped_noise (with the torch.func level the layer ran at)
+        if _OPEN_FLOWS and out.variance is not None:
+            # for _check_dropped_noise (with the torch.func level the layer ran at; the
+            # mean's autograd node, None without gradients)
             _DRAWN.append((layer, leaf.lo, out.grad_fn, _functorch_level()))
     return out
 
@@ -487,6 +494,24 @@ def attach_variance(mean: Tensor,
     return _wrap(mean, variance)
 
 
+def attach_derived_variance(mean: Tensor, variance: Tensor | ScaledVariance,
+                            source: Tensor) -> Tensor:
+    """``mean`` carrying ``variance``, computed from carrier ``source`` by code that writes
+    an operation's variance out itself (a neuron's moment update) instead of leaving it to
+    the rules: the result keeps ``source``'s noise identity (:class:`NoiseSet`, the draws
+    it is made of), as the rules' result would.
+
+    Args:
+        mean: the operation's output mean (a plain tensor; eager: it becomes the carrier).
+        variance: its variance, broadcastable to ``mean``.
+        source: the :class:`VarianceTensor` it was computed from.
+
+    Returns:
+        The carrier (``mean`` itself in eager mode, an alias under ``torch.compile``).
+    """
+    return _wrap(mean, variance, noise=_noise_of(source))
+
+
 def get_variance(tensor: Tensor) -> Tensor | UnknownVariance | None:
     """The variance carried by ``tensor``, an :class:`UnknownVariance`, or ``None``.
 
@@ -541,7 +566,7 @@ def _zero_if_none(var, like: Tensor) -> Tensor:
     "transpose", "t", "contiguous", "clone", "expand", "expand_as", "__getitem__",
     "narrow", "select", "flip", "roll", "movedim", "view_as", "reshape_as",
     "repeat", "float", "double", "half", "bfloat16", "to", "type_as", "detach",
-    "squeeze_", "unsqueeze_", "detach_",
+    "squeeze_", "unsqueeze_", "detach_", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
 )
 def _same_op(func, args, kwargs, out, var_of):
     var = var_of(args[0])
@@ -607,11 +632,25 @@ def _mul(func, args, kwargs, out, var_of):
     if va is not None and vb is not None:
         return UnknownVariance("product of two noisy tensors")
     var, coef = (va, b) if va is not None else (vb, a)
+    return scale_variance(var, coef)
+
+
+def scale_variance(var: Tensor, coef: Tensor | float) -> Tensor:
+    """The variance of ``coef * x`` for a noise-free ``coef``: ``var(x) * coef^2``.
+
+    Args:
+        var: ``var(x)``, a tensor broadcastable to ``x``.
+        coef: a number or a tensor broadcastable to ``x`` (e.g. snnTorch's ``beta``).
+
+    Returns:
+        ``var * coef^2``; a constant CPU scalar ``coef`` is read as a number (one
+        operation, no device sync).
+    """
     if isinstance(coef, Tensor):
         if (torch.compiler.is_compiling() or coef.dim() or coef.requires_grad
                 or coef.device.type != "cpu"):
             return var * (coef * coef)
-        coef = coef.item()  # a constant CPU scalar (e.g. snnTorch's beta): one op, no sync
+        coef = coef.item()
     return var * float(coef) ** 2
 
 
@@ -662,7 +701,8 @@ def _pool_arg(args, kwargs, index, name, default=None):
 
 
 def _spatial_dims(func) -> int:
-    return int(func.__name__[-2])
+    """The number of spatial dims of a pooling, from its name (or the name itself)."""
+    return int((func if isinstance(func, str) else func.__name__)[-2])
 
 
 @register_variance_rule("avg_pool1d", "avg_pool2d", "avg_pool3d")
@@ -729,7 +769,22 @@ def _max_pool(func, args, kwargs, out, var_of):
     params.update(kwargs)
     if params.pop("return_indices", False):
         return UnknownVariance(f"{func.__name__} with return_indices")
-    _, idx = func(x.detach(), return_indices=True, **params)
+    with torch._C.DisableTorchFunctionSubclass():  # the indices of the mean: a plain tensor
+        _, idx = func(x.detach(), return_indices=True, **params)
+    d = _spatial_dims(func)
+    picked = var.flatten(start_dim=-d).gather(-1, idx.flatten(start_dim=-d))
+    return picked.view_as(idx)
+
+
+@register_variance_rule("adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d")
+def _adaptive_max_pool(func, args, kwargs, out, var_of):
+    # as max_pool: the variance of the element the max selected in each window
+    x, var = args[0], var_of(args[0]).expand_as(args[0])
+    if _pool_arg(args, kwargs, 2, "return_indices", False):
+        return UnknownVariance(f"{func.__name__} with return_indices")
+    size = _pool_arg(args, kwargs, 1, "output_size")
+    with torch._C.DisableTorchFunctionSubclass():  # the indices of the mean: a plain tensor
+        _, idx = func(x.detach(), size, return_indices=True)
     d = _spatial_dims(func)
     picked = var.flatten(start_dim=-d).gather(-1, idx.flatten(start_dim=-d))
     return picked.view_as(idx)
@@ -762,7 +817,7 @@ def _batch_norm(func, args, kwargs, out, var_of):
         dims = [d for d in range(x.dim()) if d != 1]
         # the batch statistic of the mean alone: on the carrier, `var` (no rule) would
         # build a carrier with an unknown variance, which the result then carried itself
-        stat = plain(x).detach().var(dim=dims, unbiased=False)
+        stat = _plain(x).detach().var(dim=dims, unbiased=False)
     else:
         stat = bound["running_var"]
     scale = 1.0 / (stat + bound.get("eps", 1e-5))
@@ -773,13 +828,138 @@ def _batch_norm(func, args, kwargs, out, var_of):
 
 @register_variance_rule("pad")
 def _pad(func, args, kwargs, out, var_of):
+    # a constant padding has no variance; reflect / replicate / circular copy elements of
+    # the input, with their variance (the copies are marked repeated: see _repeats)
     var = var_of(args[0]).expand_as(args[0])
     mode = _pool_arg(args, kwargs, 2, "mode", "constant")
+    pad = _pool_arg(args, kwargs, 1, "pad")
     if mode != "constant":
-        return UnknownVariance(f"pad with mode={mode!r}")
-    rest = {k: v for k, v in kwargs.items() if k != "value"}
-    return F.pad(var, _pool_arg(args, kwargs, 1, "pad"), mode="constant", value=0.0, **{
-        k: v for k, v in rest.items() if k not in ("pad", "mode")})
+        return F.pad(var, pad, mode=mode)
+    return F.pad(var, pad, mode="constant", value=0.0)
+
+
+def _norm_scale(stat: Tensor, eps: float, weight: Tensor | None, weight_shape) -> Tensor:
+    """``(weight / sqrt(stat + eps))^2``: the square of a normalisation's scale, with its
+    statistic ``stat`` (of the mean signal) treated as a constant."""
+    scale = 1.0 / (stat + eps)
+    if weight is not None:
+        scale = scale * (weight * weight).view(weight_shape)
+    return scale
+
+
+@register_variance_rule("group_norm")
+def _group_norm(func, args, kwargs, out, var_of):
+    """``y = (x - mu_g) / sqrt(s_g^2 + eps) * w_c + b_c`` over each group ``g`` of channels.
+
+    As in the ``batch_norm`` rule (BatchNorm kept by the converters), the statistics are
+    those of the mean signal, held fixed: the mean network is normalised as in the host
+    model and its noise is scaled by the same factor,
+    ``var(y) = var(x) * (w_c / sqrt(s_g^2 + eps))^2``. (Statistics recomputed on each
+    noisy draw would absorb part of the noise: a smaller variance where a group holds few
+    elements or the noise is large next to the spread of the signal.)
+    """
+    names = ("input", "num_groups", "weight", "bias", "eps")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    x, groups = bound["input"], bound["num_groups"]
+    n, c, extra = x.shape[0], x.shape[1], x.dim() - 2
+    stat = _plain(x).detach().reshape(n, groups, -1).var(-1, unbiased=False)
+    stat = stat.repeat_interleave(c // groups, dim=1).view(n, c, *(1,) * extra)
+    return var_of(x) * _norm_scale(stat, bound.get("eps", 1e-5), bound.get("weight"),
+                                   (c,) + (1,) * extra)
+
+
+@register_variance_rule("instance_norm")
+def _instance_norm(func, args, kwargs, out, var_of):
+    """``batch_norm`` per example: the statistics of each (example, channel) of the mean
+    signal (``use_input_stats``, the default) or the running ones, held fixed as in
+    :func:`_group_norm`: ``var(y) = var(x) * (w_c / sqrt(s^2 + eps))^2``."""
+    names = ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats",
+             "momentum", "eps")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    x = bound["input"]
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    if bound.get("use_input_stats", True) or bound.get("running_var") is None:
+        dims = tuple(range(2, x.dim()))
+        stat = _plain(x).detach().var(dim=dims, unbiased=False, keepdim=True)
+    else:
+        stat = bound["running_var"].view(shape)
+    return var_of(x) * _norm_scale(stat, bound.get("eps", 1e-5), bound.get("weight"), shape)
+
+
+@register_variance_rule("layer_norm", "rms_norm")
+def _layer_norm(func, args, kwargs, out, var_of):
+    """``y = (x - mu) / sqrt(s^2 + eps) * w + b`` over the trailing ``normalized_shape``
+    dims (``rms_norm``: ``x / sqrt(mean(x^2) + eps) * w``), the statistics of the mean
+    signal held fixed as in :func:`_group_norm`: ``var(y) = var(x) * w^2 / (s^2 + eps)``."""
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    if func.__name__ == "rms_norm":
+        names = ("input", "normalized_shape", "weight", "eps")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    x, shape = bound["input"], bound["normalized_shape"]
+    k = 1 if isinstance(shape, int) else len(shape)
+    dims = tuple(range(x.dim() - k, x.dim()))
+    mean = _plain(x).detach()
+    if func.__name__ == "rms_norm":
+        stat = (mean * mean).mean(dim=dims, keepdim=True)
+        eps = bound.get("eps")
+        eps = torch.finfo(x.dtype).eps if eps is None else eps
+    else:
+        stat = mean.var(dim=dims, unbiased=False, keepdim=True)
+        eps = bound.get("eps", 1e-5)
+    weight = bound.get("weight")
+    return var_of(x) * _norm_scale(stat, eps, weight,
+                                   None if weight is None else weight.shape)
+
+
+_NEAREST = ("nearest", "nearest-exact")
+
+
+@register_variance_rule("interpolate")
+def _interpolate(func, args, kwargs, out, var_of):
+    """Every mode is a separable linear map, ``out = (A_1 x A_2 x ...) x`` along the
+    spatial dims, so ``var(out) = (A_1^2 x A_2^2 x ...) var`` for independent inputs:
+    nearest moves the variance (0/1 weights); linear, bilinear, bicubic, trilinear, area
+    and antialias get the squared weights ``A_d^2``, read from the interpolation of the
+    basis vectors of each dim (constant along the others, which the weights, summing to 1
+    there, leave unchanged)."""
+    x, var = args[0], var_of(args[0])
+    if var.dim() != x.dim() or var.shape[2:] != x.shape[2:]:
+        var = var.expand_as(x)
+    rest = {k: v for k, v in kwargs.items() if k != "input"}
+    if _pool_arg(args, kwargs, 3, "mode", "nearest") in _NEAREST:
+        return _c_level(func)(var, *args[1:], **rest)
+    spatial = tuple(x.shape[2:])
+    for d, length in enumerate(spatial):
+        basis = torch.eye(length, dtype=var.dtype, device=var.device)
+        view = [length, 1] + [1] * len(spatial)
+        view[2 + d] = length
+        basis = basis.view(view).expand(length, 1, *spatial[:d], length, *spatial[d + 1:])
+        weights = _c_level(func)(basis, *args[1:], **rest)  # [L, 1, *out]: A_d^T
+        index = [slice(None), 0] + [0] * len(spatial)
+        index[2 + d] = slice(None)
+        squared = weights[tuple(index)] ** 2  # [L_d, O_d]
+        var = (var.movedim(2 + d, -1) @ squared).movedim(-1, 2 + d)
+    return var
+
+
+@register_variance_rule("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+def _conv_transpose(func, args, kwargs, out, var_of):
+    """A noise-free (deterministic) transposed convolution after a Bayesian layer:
+    ``out_o = sum_i w_oi x_i + b``, so ``var(out_o) = sum_i w_oi^2 var(x_i)``, the same
+    transposed convolution of ``var`` with the squared weights, without bias."""
+    names = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups",
+             "dilation")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    x, weight = bound.pop("input"), bound.pop("weight")
+    if var_of(weight) is not None:
+        return UnknownVariance(f"{func.__name__} with noisy weights")
+    bound.pop("bias", None)
+    var = var_of(x).expand_as(x)
+    return _c_level(func)(var, _plain(weight) * _plain(weight), None, **bound)
 
 
 # Every built-in rule is linear in the variance, so it may act on the base of a
@@ -982,6 +1162,39 @@ def _is_passthrough(m: nn.Module) -> bool:
     return any(f"{c.__module__}.{c.__qualname__}" in _PASSTHROUGH for c in type(m).__mro__)
 
 
+#: Host modules whose effect on the variance the flow cannot follow, by qualified class
+#: name, with the reason (and the fix) that names them where a neuron they feed raises
+#: (:func:`track_variance` marks their output with it); their own operations would give
+#: an error about a correlated sum inside them instead.
+_OPAQUE: dict[str, str] = {
+    "spikingjelly.activation_based.layer.misc.SynapseFilter": (
+        "spikingjelly layer.SynapseFilter (its current I_t = I_{t-1} - (1 - x_t) I_{t-1} / "
+        "tau + x_t multiplies the input by the filter's own state and carries the noise of "
+        "every earlier step, which the neuron's membrane carries too: the noise of "
+        "successive steps is correlated, which the variance flow of independent draws "
+        "cannot follow; put the SynapseFilter after the neuron, on spikes, or keep the layer "
+        "feeding it deterministic with exclude= in to_sbnn)"),
+}
+
+
+def _opaque_reason(m: nn.Module) -> str | None:
+    for c in type(m).__mro__:
+        reason = _OPAQUE.get(f"{c.__module__}.{c.__qualname__}")
+        if reason is not None:
+            return reason
+    return None
+
+
+def _opaque_output(module, args, output):
+    """Forward hook of a module in ``_OPAQUE``: an output computed from a noisy (or
+    probed) input gets an :class:`UnknownVariance` naming the module."""
+    x = args[0] if args else None
+    if (isinstance(output, Tensor) and type(x) is VarianceTensor
+            and (x.variance is not None or x.probe)):
+        return _wrap(output, UnknownVariance(_opaque_reason(module)))
+    return None
+
+
 def _is_bayesian_layer(m: nn.Module) -> bool:
     """A Bayesian layer (the source of a variance), recognised without importing
     :mod:`sbnn_addons.layers` (which imports this module)."""
@@ -1007,8 +1220,8 @@ def _probe_unknown(name: str, args, kwargs) -> str | None:
     """For an operation with a rule: the reason its rule would return an
     :class:`UnknownVariance` for these (probed) arguments, or ``None``. Mirrors the
     conditions of the built-in rules (a product of two noisy tensors, a division by one,
-    ``where`` on a noisy condition, ``return_indices``, ``alpha_dropout``, a padding mode
-    other than ``constant``), without computing any variance."""
+    ``where`` on a noisy condition, ``return_indices``, ``alpha_dropout``, a transposed
+    convolution with noisy weights), without computing any variance."""
     if name in ("mul", "mul_", "__mul__", "__rmul__", "__imul__"):
         other = args[1] if len(args) > 1 else kwargs.get("other")
         if _probed(args[0]) and _probed(other):
@@ -1028,14 +1241,16 @@ def _probe_unknown(name: str, args, kwargs) -> str | None:
     elif name in ("max_pool1d", "max_pool2d", "max_pool3d"):
         if (args[6] if len(args) > 6 else kwargs.get("return_indices", False)):
             return f"{name} with return_indices"
+    elif name.startswith("adaptive_max_pool"):
+        if _pool_arg(args, kwargs, 2, "return_indices", False):
+            return f"{name} with return_indices"
     elif name == "alpha_dropout":
         p = _pool_arg(args, kwargs, 1, "p", 0.5)
         if _pool_arg(args, kwargs, 2, "training", True) and p != 0:
             return "alpha_dropout"
-    elif name == "pad":
-        mode = _pool_arg(args, kwargs, 2, "mode", "constant")
-        if mode != "constant":
-            return f"pad with mode={mode!r}"
+    elif name.startswith("conv_transpose"):
+        if _probed(args[1] if len(args) > 1 else kwargs.get("weight")):
+            return f"{name} with noisy weights"
     return None
 
 
@@ -1178,7 +1393,13 @@ _ADDS_UP = frozenset({"sum", "mean", "avg_pool1d", "avg_pool2d", "avg_pool3d",
                       "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d"})
 #: Operations that can put one element into several places of their result.
 _REPEATS = frozenset({"expand", "expand_as", "broadcast_to", "repeat", "cat", "concat",
-                      "concatenate", "stack"})
+                      "concatenate", "stack", "interpolate", "pad", "conv_transpose1d",
+                      "conv_transpose2d", "conv_transpose3d"})
+#: Poolings whose windows may overlap (an element in several windows).
+_POOLS = frozenset({"avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d",
+                    "max_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+                    "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+                    "adaptive_max_pool3d"})
 
 
 def _repeat_check(name: str, args, kwargs, out: Tensor,
@@ -1190,16 +1411,44 @@ def _repeat_check(name: str, args, kwargs, out: Tensor,
     compiled graph)."""
     if nset is None:
         return None, None
-    if nset.repeated and name in _ADDS_UP:
+    if nset.repeated and (name in _ADDS_UP or name.startswith("conv_transpose") or (
+            name == "interpolate"
+            and _pool_arg(args, kwargs, 3, "mode", "nearest") not in _NEAREST)):
         return _repeated_reason(name), nset
     if name in _REPEATS and _repeats(name, args, kwargs, out):
+        return None, nset.as_repeated()
+    if name in _POOLS and _windows_overlap(name, args, kwargs, out):
         return None, nset.as_repeated()
     return None, nset
 
 
+def _windows_overlap(name: str, args, kwargs, out: Tensor) -> bool:
+    """Whether the windows of a pooling overlap, so that its outputs share elements: a
+    stride below the window's extent, or an adaptive pooling whose output length does not
+    divide the input length."""
+    n = _spatial_dims(name)
+    x = args[0]
+    if name.startswith("adaptive"):
+        return any(length % pooled for length, pooled in zip(x.shape[-n:], out.shape[-n:]))
+    kernel = _per_dim(_pool_arg(args, kwargs, 1, "kernel_size"), n)
+    stride = _per_dim(_pool_arg(args, kwargs, 2, "stride") or kernel, n)
+    dilation = (_per_dim(_pool_arg(args, kwargs, 4, "dilation", 1), n)
+                if name.startswith("max") else (1,) * n)
+    return any(s < d * (k - 1) + 1 for k, s, d in zip(kernel, stride, dilation))
+
+
 def _repeats(name: str, args, kwargs, out: Tensor) -> bool:
     """Whether ``out`` holds an element of a noisy input more than once: an ``expand`` or
-    ``repeat`` to more elements, or a ``cat`` / ``stack`` of operands sharing a draw."""
+    ``repeat`` to more elements, a ``cat`` / ``stack`` of operands sharing a draw, a
+    nearest interpolation that enlarges a dim; or whether its elements share inputs
+    otherwise: any other interpolation (its windows may overlap), a transposed convolution."""
+    if name == "interpolate":
+        return (_pool_arg(args, kwargs, 3, "mode", "nearest") not in _NEAREST
+                or any(o > i for o, i in zip(out.shape[2:], args[0].shape[2:])))
+    if name.startswith("conv_transpose"):
+        return True
+    if name == "pad":  # reflect, replicate, circular: copies of border elements
+        return _pool_arg(args, kwargs, 2, "mode", "constant") != "constant"
     if name in ("cat", "concat", "concatenate", "stack"):
         noisy = [t for t in (args[0] if args else kwargs.get("tensors", ()))
                  if _noise_of(t) is not None]
@@ -1209,8 +1458,9 @@ def _repeats(name: str, args, kwargs, out: Tensor) -> bool:
 
 def _repeated_reason(name: str) -> str:
     return (f"{name} over a tensor that holds one Bayesian layer draw several times (after "
-            "expand / repeat, or cat / stack of the same tensor): its elements are not "
-            "independent, so their variances do not add; reduce before repeating (e.g. "
+            "expand / repeat, cat / stack of the same tensor, an interpolation, a "
+            "transposed convolution or a pooling with overlapping windows): its elements are "
+            "not independent, so their variances do not add; reduce before repeating (e.g. "
             "x.sum() * k instead of x.repeat(k).sum()), or repeat after the neuron")
 
 
@@ -1320,6 +1570,8 @@ def _flow_leave(module, args, output):
     if module.training and torch.is_grad_enabled():
         _check_dropped_noise(module, output)
         _check_unused_noise(module, output)
+    else:  # spikes drawn without a layer's noise are wrong with or without gradients
+        _check_dropped_noise(module, output)
     if not _OPEN_FLOWS:
         return
     ref, share = _OPEN_FLOWS[-1]
@@ -1384,7 +1636,7 @@ def _reaches(outputs: list[Tensor], targets: set) -> set:
 
 
 def _check_dropped_noise(model: nn.Module, output) -> None:
-    """After a tracked training forward: raise where a Bayesian layer drew noise in it
+    """After a tracked forward: raise where a Bayesian layer drew noise in it
     whose variance no spike function (nor any reader of the variance) received and the
     output does not carry, while the layer's values went on: its mean reached the output
     without the variance (``x.as_subclass(torch.Tensor)``, ``torch.Tensor(x)``, a forward
@@ -1393,6 +1645,8 @@ def _check_dropped_noise(model: nn.Module, output) -> None:
     ``torch.func`` transform) run inside the forward, whose output is a plain tensor
     (SpikingJelly's ``t_last_seq_to_ann_forward``). A layer whose output nothing used (an
     unused branch) is not reported. The layer's last draw in the forward is checked.
+    Without gradients (a ``sample``-mode evaluation) the escapes and transforms are found,
+    a mean that reached the output as a plain tensor is not (no graph to follow).
 
     Raises:
         VarianceFlowError: naming the layers and the fix.
@@ -1436,7 +1690,7 @@ def _check_dropped_noise(model: nn.Module, output) -> None:
     which = ", ".join(f"{names.get(id(layer), type(layer).__name__)!r} ({why[reason]})"
                       for layer, reason in dropped)
     raise VarianceFlowError(
-        f"in this training forward of {type(model).__name__}, the weight noise of the "
+        f"in this forward of {type(model).__name__}, the weight noise of the "
         f"Bayesian layer(s) {which} reached no spiking neuron: something between the layer "
         "and the neuron made a plain tensor of its output (x.as_subclass(torch.Tensor), "
         "torch.Tensor(x), x.data, torch.tensor(x.tolist()), a numpy round trip, e.g. in a "
@@ -1601,7 +1855,7 @@ def check_model_input(model: nn.Module, args: tuple) -> None:
     check_input(x, where)
 
 
-_FLOW_HOOKS = (_flow_enter, _flow_leave, _probe_source, _probe_pass)
+_FLOW_HOOKS = (_flow_enter, _flow_leave, _probe_source, _probe_pass, _opaque_output)
 
 
 def track_variance(model: nn.Module, opaque=(), *, check_inputs: bool = False) -> nn.Module:
@@ -1638,6 +1892,8 @@ def track_variance(model: nn.Module, opaque=(), *, check_inputs: bool = False) -
             handles.append(m.register_forward_hook(_probe_source))
         elif _is_passthrough(m):
             handles.append(m.register_forward_hook(_probe_pass))
+        elif _opaque_reason(m) is not None:
+            handles.append(m.register_forward_hook(_opaque_output))
     model._sbnn_flow_handles = tuple(handles)
     return model
 

@@ -16,9 +16,10 @@ What the conversion does (Method page, sections 2-3):
   the original weight (posterior mean). They attach the local-reparameterisation variance
   ``var(a) = s^2 sum_i x_i^2`` to their output.
 * Every ``snn.Leaky`` / ``snn.RLeaky`` gets an :class:`~sbnn_addons.IWSTSpike` as
-  ``spike_grad``. The neuron's own update ``U_t = beta U_{t-1} + I_t - S_{t-1} theta`` acts
-  on a :class:`~sbnn_addons.moments.VarianceTensor` current, so the spike function sees
-  ``V_t = beta^2 V_{t-1} + var_t`` (``+ var`` of the recurrent current for ``RLeaky``).
+  ``spike_grad``. The neuron's own update ``U_t = beta U_{t-1} + I_t - S_{t-1} theta``
+  takes a :class:`~sbnn_addons.moments.VarianceTensor` current, and the spike function
+  sees ``V_t = beta^2 V_{t-1} + var_t`` (``+ var`` of the recurrent current for
+  ``RLeaky``).
 * The reset uses **the emitted spike**: snnTorch computes the reset by calling
   ``spike_grad`` a second time, which for a stochastic spike would be an independent
   draw. The neurons are switched to :class:`SBNNLeaky` / :class:`SBNNRLeaky`, which cache
@@ -66,9 +67,11 @@ from .layers import (
 )
 from .losses import enable_aux_loss
 from .moments import (
+    ScaledVariance,
     UnknownVariance,
     VarianceFlowError,
     VarianceTensor,
+    attach_derived_variance,
     attach_variance,
     check_variance_flow,
     get_variance,
@@ -76,6 +79,7 @@ from .moments import (
     plain_in_place,
     raw_variance,
     refuse_variance,
+    scale_variance,
     track_variance,
     untrack_variance,
 )
@@ -347,9 +351,12 @@ def spike_grad(
 class _EmittedSpikeReset:
     """Mixin of the converted neurons: reset = emitted spike.
 
-    The input current is a :class:`~sbnn_addons.moments.VarianceTensor`, so snnTorch's own
-    state update carries the variance: the membrane it computes holds
-    ``V_t = beta^2 V_{t-1} + var(I_t)`` (``+ var`` of the recurrent current for ``RLeaky``).
+    The input current is a :class:`~sbnn_addons.moments.VarianceTensor`; the membrane the
+    step computes holds ``V_t = beta^2 V_{t-1} + var(I_t)`` (``+ var`` of the recurrent
+    current for ``RLeaky``): for ``snn.Leaky`` written out beside snnTorch's own state
+    function on the plain values (:meth:`_sbnn_moments`), for ``RLeaky`` (whose state
+    function also runs its recurrent layer) by the variance rules through snnTorch's
+    operations.
 
     Between calls the membrane buffer is a plain tensor (what ``torch.compile`` takes as a
     graph input) and its variance is the neuron's state ``_sbnn_state = (membrane, V,
@@ -414,6 +421,11 @@ class _EmittedSpikeReset:
             _check_passed_membrane(self, mem)
         if type(mem) is not VarianceTensor:
             var = _stored_variance(self, detached=True)
+            current_var = input_.variance if type(input_) is VarianceTensor else None
+            zero_reset = _MOMENT_FORMS.get(getattr(self._sbnn_host_state, "__func__", None))
+            if (zero_reset is not None and isinstance(current_var, (Tensor, ScaledVariance))
+                    and (var is None or isinstance(var, Tensor))):
+                return self._sbnn_moments(input_, var, current_var, zero_reset)
             if var is not None:
                 # an alias carries it (the same values and graph): the caller's membrane
                 # (an explicit loop's `mem`, a `mem_rec` entry) stays a plain tensor
@@ -423,6 +435,39 @@ class _EmittedSpikeReset:
                     alias = mem.as_subclass(VarianceTensor)
                     self._buffers["mem"] = attach_variance(alias, var)
         return self._sbnn_host_state(input_)
+
+    def _sbnn_moments(self, input_: VarianceTensor, var: Tensor | None,
+                      current_var: Tensor | ScaledVariance, zero_reset: bool) -> Tensor:
+        """The step's membrane mean by the host's own state function (on the plain
+        values), its variance written out (SPEC section 3):
+
+        .. code-block:: text
+
+            V_t = beta^2 V_{t-1} + var(I_t)                  (reset by subtraction, none)
+            V_t = beta^2 (1 - r_t)^2 V_{t-1} + var(I_t)      (reset to zero, r_t the reset)
+
+        the values the variance rules give for snnTorch's operations (``V_{t-1} = None``:
+        a new membrane, no variance yet), in a handful of operations.
+
+        Args:
+            input_: the input current ``I_t``, a carrier of ``var(I_t)``.
+            var: ``V_{t-1}`` of the membrane in the buffer, or ``None``.
+            current_var: ``var(I_t)`` as the input carries it.
+            zero_reset: whether the state function is snnTorch's reset to zero.
+
+        Returns:
+            The membrane ``u_t`` carrying ``V_t`` and the input's noise set.
+        """
+        if var is not None:
+            if zero_reset:  # _base_zero scales the membrane by 1 - reset first
+                var = scale_variance(var, 1 - self.reset)
+            var = scale_variance(var, self.beta.clamp(0, 1))
+            if isinstance(current_var, ScaledVariance):
+                current_var = current_var.value()
+            current_var = var + current_var
+        with torch._C.DisableTorchFunctionSubclass():
+            mean = self._sbnn_host_state(input_)
+        return attach_derived_variance(mean, current_var, input_)
 
     def __getstate__(self):
         # a copy's membrane starts a version counter of its own: record whether the
@@ -468,7 +513,7 @@ class _EmittedSpikeReset:
 
     def fire(self, mem: Tensor) -> Tensor:
         self._sync_spike_threshold()
-        u = attach_variance(mem - self.threshold, get_variance(mem))
+        u = _drive(mem, self.threshold)
         raw = _host_spike_dtype(self.spike_grad(u))
         self._keep_reset(mem, raw)
         if self._unit_spike_factor():
@@ -527,7 +572,7 @@ class _EmittedSpikeReset:
 
     def fire_inhibition(self, batch_size: int, mem: Tensor) -> Tensor:
         self._sync_spike_threshold()
-        mem_shift = attach_variance(mem - self.threshold, get_variance(mem))
+        mem_shift = _drive(mem, self.threshold)
         index = torch.argmax(mem_shift, dim=1)
         raw = _host_spike_dtype(self.spike_grad(mem_shift))
         self._keep_reset(mem, raw)  # snnTorch's reset ignores the inhibition mask: kept so
@@ -567,6 +612,17 @@ class _EmittedSpikeReset:
     def reset_mem(self):
         drop_state(self, _CACHE)
         return super().reset_mem()
+
+
+def _drive(mem: Tensor, threshold: Tensor | float) -> Tensor:
+    """The spike function's input ``mem - threshold``, carrying the membrane's variance
+    (a factored one multiplied out)."""
+    var = get_variance(mem)
+    if not isinstance(var, Tensor):  # none, mean mode's probe, or unknown: the rules' way
+        return attach_variance(mem - threshold, var)
+    with torch._C.DisableTorchFunctionSubclass():
+        u = mem - threshold
+    return attach_derived_variance(u, var, mem)
 
 
 def _compiled_copy_reset(mem: Tensor, stored: Tensor, spikes: Tensor,
@@ -908,6 +964,13 @@ def _unlink_state_update(m: nn.Module) -> None:
 
 class SBNNLeaky(_EmittedSpikeReset, snn.Leaky):
     """``snn.Leaky`` whose reset is the emitted spike (set by :func:`to_sbnn`)."""
+
+
+#: The host state functions whose variance :meth:`_EmittedSpikeReset._sbnn_moments`
+#: writes out (``snn.Leaky``'s own; ``RLeaky``'s also runs its recurrent layer, a
+#: subclass's own override is left to the rules), with whether each resets to zero.
+_MOMENT_FORMS = {snn.Leaky._base_sub: False, snn.Leaky._base_int: False,
+                 snn.Leaky._base_zero: True}
 
 
 class SBNNRLeaky(_EmittedSpikeReset, snn.RLeaky):

@@ -99,6 +99,15 @@ def test_max_pool_takes_variance_at_argmax():
     _, idx = F.max_pool2d(x, 2, return_indices=True)
     want = v.flatten(2).gather(2, idx.flatten(2)).view_as(idx)
     assert torch.equal(get_variance(y), want)
+    # a plain tensor (it was a carrier marked unknown, from the indices taken on the carrier)
+    assert type(get_variance(y)) is torch.Tensor and type(get_variance(y_f)) is torch.Tensor
+    # adaptive max pooling (no rule before): the same, also with windows of varying size
+    assert torch.equal(get_variance(nn.AdaptiveMaxPool2d(2)(x)), want)
+    x5, v5 = _noisy((2, 3, 5, 5))
+    y5 = F.adaptive_max_pool2d(x5, (3, 2))
+    _, idx5 = F.adaptive_max_pool2d(moments.plain(x5), (3, 2), return_indices=True)
+    assert torch.equal(get_variance(y5), v5.flatten(2).gather(2, idx5.flatten(2)).view_as(idx5))
+    assert type(get_variance(y5)) is torch.Tensor
     assert torch.equal(get_variance(y_f), want)
     assert not torch.equal(want, F.max_pool2d(v, 2))  # the test distinguishes argmax of var
 
@@ -434,7 +443,7 @@ UNRULED = [
     ("div", lambda v: v / v),
     ("max_pool1d_with_indices",
      lambda v: F.max_pool1d(v[:, None], 2, return_indices=True)[0].repeat(1, 1, 2)[:, 0]),
-    ("pad with mode='reflect'", lambda v: F.pad(v[:, None], (1, 1), mode="reflect")[:, 0, 1:-1]),
+    ("lp_pool1d", lambda v: F.lp_pool1d(v[:, None], 2, 1)[:, 0]),
     ("gru", lambda v: nn.GRU(6, 6, batch_first=True)(v[:, None])[0][:, 0]),
 ]
 
@@ -454,10 +463,19 @@ RULED = [
     ("chunk + cat", lambda v: torch.cat(v.chunk(2, -1), -1)),
     ("avg_pool", lambda v: F.avg_pool1d(v[:, None], 1)[:, 0]),
     ("max_pool", lambda v: F.max_pool1d(v[:, None], 1)[:, 0]),
+    ("adaptive_max_pool", lambda v: F.adaptive_max_pool1d(v[:, None], 6)[:, 0]),
     ("dropout", lambda v: F.dropout(v, 0.5, training=True)),
     ("batch_norm", lambda v: F.batch_norm(v, None, None, training=True)),
     ("affine", lambda v: 2.0 * v - 1.0),
     ("pad", lambda v: F.pad(v, (1, 1))[:, 1:-1]),
+    ("reflect pad", lambda v: F.pad(v[:, None], (1, 1), mode="reflect")[:, 0, 1:-1]),
+    ("group_norm", lambda v: F.group_norm(v, 2)),
+    ("layer_norm", lambda v: F.layer_norm(v, (6,))),
+    ("instance_norm", lambda v: F.instance_norm(v[:, None])[:, 0]),
+    ("interpolate", lambda v: F.interpolate(v[:, None], size=3, mode="linear")[:, 0]),
+    ("pixel_shuffle", lambda v: torch.cat([F.pixel_shuffle(v[:, :4, None, None], 2).flatten(1),
+                                           v[:, 4:]], 1)),
+    ("conv_transpose", lambda v: F.conv_transpose1d(v[:, None], torch.ones(1, 1, 2))[:, 0]),
 ]
 
 
@@ -669,6 +687,22 @@ def _repeated_cases():
         "expand over time.mean": lambda a: a.unsqueeze(0).expand(4, *a.shape).mean(0),
         "repeat.avg_pool": lambda a: F.avg_pool1d(a.repeat(1, 2).unsqueeze(1), 2)
                                                   .squeeze(1),
+        "nearest upsample.sum": lambda a: F.interpolate(a[:, None], scale_factor=2).sum(-1)
+                                          + 0 * a.detach(),
+        "linear upsample.avg_pool": lambda a: F.avg_pool1d(
+            F.interpolate(a[:, None], scale_factor=2, mode="linear"), 2)[:, 0],
+        "linear interpolation twice": lambda a: F.interpolate(
+            F.interpolate(a[:, None], size=6, mode="linear"), size=4, mode="linear")[:, 0],
+        "conv_transpose.mean": lambda a: F.conv_transpose1d(a[:, None], torch.ones(1, 1, 2))
+                                         .mean(-1) + 0 * a.detach(),
+        "overlapping avg_pool.avg_pool": lambda a: F.avg_pool1d(
+            F.avg_pool1d(a[:, None], 3, 1, 1), 2)[:, 0],
+        "overlapping max_pool.mean": lambda a: F.max_pool1d(a[:, None], 3, 1).mean(-1)
+                                               + 0 * a.detach(),
+        "adaptive 4 -> 3.sum": lambda a: F.adaptive_avg_pool1d(a[:, None], 3).sum(-1)
+                                         + 0 * a.detach(),
+        "reflect pad.sum": lambda a: F.pad(a[:, None], (1, 1), mode="reflect").sum(-1)
+                                     + 0 * a.detach(),
     }
 
 
@@ -830,11 +864,25 @@ def test_a_neuron_pre_hook_that_strips_the_variance_raises_naming_the_layer(how)
         net(torch.rand(3, 4, 8))
 
 
+@pytest.mark.parametrize("how", ["data", "tolist"])
+def test_an_evaluation_whose_layer_output_escaped_the_flow_raises(how):
+    """Without gradients (a sample-mode evaluation, as the Monte Carlo predictions run)
+    a layer output taken out of the flow by .data or .tolist() reaches the neuron without
+    its variance: the spikes would be drawn without the weight noise."""
+    net = sb.track_variance(_CoreNet()).eval()
+    net.lif.register_forward_pre_hook(lambda mod, args: _STRIPS[how](args[0]) + args[1:])
+    with torch.no_grad(), pytest.raises(VarianceFlowError, match=r"'fc'.*left the variance"):
+        net(torch.rand(3, 4, 8))
+    with torch.no_grad(), sb.mode(net, "mean"):
+        net(torch.rand(3, 4, 8))  # no noise to lose
+
+
 def test_a_bayesian_layer_run_inside_vmap_raises_naming_the_transform():
     """torch.vmap returns plain tensors: the variance of a Bayesian layer run inside one
     (SpikingJelly's t_last_seq_to_ann_forward) vanished silently, the spikes after it
-    fired without the weight noise and std_rho got no gradient. A model whose whole
-    forward runs inside the transform keeps its variance and is not reported."""
+    fired without the weight noise and std_rho got no gradient, in an evaluation without
+    gradients too. A model whose whole forward runs inside the transform keeps its
+    variance and is not reported."""
 
     class TimeLast(nn.Module):
         def __init__(self):
@@ -850,8 +898,10 @@ def test_a_bayesian_layer_run_inside_vmap_raises_naming_the_transform():
     x = torch.rand(4, 8, 3)
     with pytest.raises(VarianceFlowError, match=r"'fc' \(it ran inside a torch.vmap"):
         net(x)
-    with torch.no_grad():
-        net(x)  # no gradient, nothing to lose
+    with torch.no_grad(), pytest.raises(VarianceFlowError, match="torch.vmap"):
+        net(x)  # an evaluation: the spikes would be drawn without the weight noise
+    with torch.no_grad(), sb.mode(net, "mean"):
+        net(x)  # no noise to lose
     inner = sb.track_variance(nn.Sequential(sb.BayesLinear(8, 6), sb.IWSTSpike("st"))).train()
     out = torch.vmap(inner, in_dims=-1, out_dims=-1, randomness="different")(x)
     assert out.shape == (4, 6, 3)
@@ -886,3 +936,209 @@ def test_a_readout_dropped_with_plain_is_not_reported():
 
     net = sb.track_variance(Readout()).train()
     net(torch.rand(4, 8)).sum().backward()
+
+
+# ------------------------------------ normalisations, interpolation, shuffles, conv_transpose
+def _frozen_norm(kind, mean, weight, bias):
+    """The normalisation ``kind`` with the statistics of ``mean`` (the noise-free signal)
+    held fixed: the affine map the rules assume, ``(a - mu) * w / sqrt(s^2 + eps) + b``."""
+    n, c = mean.shape[:2]
+    eps = torch.finfo(mean.dtype).eps if kind == "rms_norm" else 1e-5
+    if kind == "group_norm":  # 2 groups
+        g = mean.reshape(n, 2, -1)
+        mu = g.mean(-1).repeat_interleave(c // 2, 1).view(n, c, 1, 1)
+        s2 = g.var(-1, unbiased=False).repeat_interleave(c // 2, 1).view(n, c, 1, 1)
+        w, b = weight.view(1, c, 1, 1), bias.view(1, c, 1, 1)
+    elif kind == "instance_norm":
+        mu, s2 = mean.mean((2, 3), keepdim=True), mean.var((2, 3), unbiased=False, keepdim=True)
+        w, b = weight.view(1, c, 1, 1), bias.view(1, c, 1, 1)
+    elif kind == "rms_norm":  # over [C, H, W]
+        mu, s2 = 0.0, (mean * mean).mean((1, 2, 3), keepdim=True)
+        w, b = weight, bias
+    else:  # layer_norm over [C, H, W]
+        mu = mean.mean((1, 2, 3), keepdim=True)
+        s2 = mean.var((1, 2, 3), unbiased=False, keepdim=True)
+        w, b = weight, bias
+    k = w / torch.sqrt(s2 + eps)  # a batch of draws [S * N, ...] is S copies of [N, ...]
+    return lambda a: ((a.view(-1, *mean.shape) - mu) * k + b).view(a.shape)
+
+
+_AFFINE = torch.Generator().manual_seed(7)
+_W_T = torch.randn(4, 3, 2, 3, generator=_AFFINE, dtype=F64)  # conv_transpose2d weight
+_GAMMA = torch.randn(4, generator=_AFFINE, dtype=F64)
+_BETA = torch.randn(4, generator=_AFFINE, dtype=F64)
+_GAMMA_CHW = torch.randn(4, 3, 3, generator=_AFFINE, dtype=F64)
+_NEW_OPS = {
+    "nearest x2": lambda v: F.interpolate(v, scale_factor=2),
+    "nearest-exact to 5x4": lambda v: F.interpolate(v, size=(5, 4), mode="nearest-exact"),
+    "bilinear x2": lambda v: F.interpolate(v, scale_factor=2, mode="bilinear"),
+    "bilinear aligned to 5x7": lambda v: F.interpolate(v, size=(5, 7), mode="bilinear",
+                                                       align_corners=True),
+    "bicubic x1.5": lambda v: F.interpolate(v, scale_factor=1.5, mode="bicubic"),
+    "bilinear antialias down": lambda v: F.interpolate(v, size=(2, 2), mode="bilinear",
+                                                       antialias=True),
+    "area to 2x2": lambda v: F.interpolate(v, size=(2, 2), mode="area"),
+    "nn.Upsample bilinear": nn.Upsample(scale_factor=2, mode="bilinear"),
+    "linear (1-d)": lambda v: F.interpolate(v.flatten(2), scale_factor=2, mode="linear"),
+    "pixel_shuffle": nn.PixelShuffle(2),
+    "pixel_unshuffle": lambda v: F.pixel_unshuffle(F.pad(v, (0, 1, 0, 1)), 2),
+    "ConstantPad2d(0.5)": nn.ConstantPad2d((1, 0, 2, 1), 0.5),
+    "ReflectionPad2d": nn.ReflectionPad2d((1, 0, 2, 1)),
+    "ReplicationPad2d": nn.ReplicationPad2d(1),
+    "circular pad": lambda v: F.pad(v, (2, 1, 1, 0), mode="circular"),
+    "conv_transpose2d": lambda v: F.conv_transpose2d(v, _W_T, torch.ones(3, dtype=F64),
+                                                      stride=(2, 1), padding=(0, 1)),
+    "conv_transpose1d grouped": lambda v: F.conv_transpose1d(
+        v.flatten(2), _W_T[:, :1, 0], stride=2, groups=2, output_padding=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_NEW_OPS))
+def test_linear_op_variance_is_the_op_with_squared_coefficients(name):
+    """Interpolation (every mode), pixel (un)shuffle, constant padding and a noise-free
+    transposed convolution are linear maps ``y = W x + b`` of the layer output: their
+    rule gives ``var(y) = W^2 var(x)`` exactly (W read from the op applied to the basis
+    vectors, rtol 1e-12); and on the factored variance of a per-layer std too."""
+    op = _NEW_OPS[name]
+    shape = (1, 4, 3, 3)
+    x, v = _noisy(shape)
+    y = op(x)
+    n = math.prod(shape)
+    basis = torch.eye(n, dtype=F64).view(n, *shape[1:])
+    weights = (op(basis) - op(torch.zeros(shape, dtype=F64))).reshape(n, -1).t()
+    want = ((weights**2) @ v.reshape(-1)).view(y.shape)
+    torch.testing.assert_close(get_variance(y), want, rtol=1e-12, atol=1e-14)
+    scale = torch.tensor(0.3, dtype=F64)
+    xs = attach_variance(moments.plain(x).clone(), ScaledVariance(v, scale))
+    ys = op(xs)
+    assert isinstance(raw_variance(ys), ScaledVariance)
+    torch.testing.assert_close(get_variance(ys), 0.3 * want, rtol=1e-12, atol=1e-14)
+
+
+def _monte_carlo(op, sample_op, S=20_000, seed=0):
+    """BayesLinear(6, 36) viewed as [3, 4, 3, 3] -> op: the layer, the op's output and the
+    empirical variance of ``sample_op(mean)`` (a function of the layer's mean output) over
+    S explicit draws of the weights. Each output unit has a weight row of its own, so the
+    layer outputs of one example are exactly the independent Gaussians the rules assume."""
+    torch.manual_seed(seed)
+    fc = sb.BayesLinear(6, 36, std=0.3, std_mode="weight").double()
+    x = torch.rand(3, 6, dtype=F64)
+    a = fc(x).view(3, 4, 3, 3)
+    y = op(a)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        w = fc.weight + fc.std * torch.randn((S, 36, 6), generator=gen, dtype=F64)
+        draws = (torch.einsum("bi,soi->sbo", x, w) + fc.bias).reshape(S * 3, 4, 3, 3)
+        got = sample_op(moments.plain(a).detach())(draws).reshape(S, *y.shape).var(0)
+    return fc, y, got
+
+
+def _assert_within_5_se(got, want, S=20_000):
+    want = want.detach()
+    assert torch.all((got - want).abs() <= 5 * want * math.sqrt(2 / (S - 1)) + 1e-12)
+
+
+@pytest.mark.parametrize("name", ["bilinear x2", "bicubic x1.5", "pixel_shuffle",
+                                  "conv_transpose2d", "ConstantPad2d(0.5)", "area to 2x2"])
+def test_linear_op_variance_matches_monte_carlo_over_the_weights(name):
+    """The propagated variance at the neuron input equals the variance of the op applied
+    to explicit weight draws (20k, fixed seed; tolerance 5 standard errors of a Gaussian
+    variance, var sqrt(2 / (S - 1)))."""
+    op = _NEW_OPS[name]
+    _, y, got = _monte_carlo(op, lambda mean: op)
+    _assert_within_5_se(got, get_variance(y).expand_as(y))
+
+
+def _norm_case(name):
+    """``(op, kind, weight, bias)`` of a normalisation test case."""
+    if name == "nn.GroupNorm":
+        gn = nn.GroupNorm(2, 4).double()
+        with torch.no_grad():
+            gn.weight.copy_(_GAMMA)
+            gn.bias.copy_(_BETA)
+        return gn, "group_norm", _GAMMA, _BETA
+    if name == "layer_norm":
+        bias = _BETA.mean() * _GAMMA_CHW
+        return (lambda a: F.layer_norm(a, (4, 3, 3), _GAMMA_CHW, bias)), name, _GAMMA_CHW, bias
+    if name == "group_norm":
+        return (lambda a: F.group_norm(a, 2, _GAMMA, _BETA)), name, _GAMMA, _BETA
+    if name == "nn.RMSNorm":
+        rms = nn.RMSNorm((4, 3, 3)).double()
+        with torch.no_grad():
+            rms.weight.copy_(_GAMMA_CHW)
+        return rms, "rms_norm", _GAMMA_CHW, torch.zeros_like(_GAMMA_CHW)
+    return (lambda a: F.instance_norm(a, weight=_GAMMA, bias=_BETA)), name, _GAMMA, _BETA
+
+
+@pytest.mark.parametrize("name", ["group_norm", "nn.GroupNorm", "layer_norm", "instance_norm",
+                                  "nn.RMSNorm"])
+def test_normalisation_scales_the_variance_by_its_scale_from_the_mean_signal(name):
+    """GroupNorm / LayerNorm / InstanceNorm / RMSNorm, like BatchNorm in ``"keep"`` mode:
+    the statistics are those of the mean signal, held fixed, so the variance is scaled by
+    ``(w / sqrt(s^2 + eps))^2``: exactly (rtol 1e-12), and equal to the Monte Carlo
+    variance of that fixed-statistics map (whose value at the mean is PyTorch's own
+    normalisation) over explicit weight draws; the layer's std gets a gradient."""
+    op, kind, weight, bias = _norm_case(name)
+    x, v = _noisy((3, 4, 3, 3))
+    mean = moments.plain(x)
+    frozen = _frozen_norm(kind, mean, weight.detach(), bias.detach())
+    torch.testing.assert_close(frozen(mean), op(mean).detach(), rtol=1e-10, atol=1e-12)
+    scale = (frozen(mean + 1.0) - frozen(mean)) ** 2  # (w / sqrt(s^2 + eps))^2
+    torch.testing.assert_close(get_variance(op(x)), v * scale, rtol=1e-12, atol=0)
+    fc, y, got = _monte_carlo(
+        op, lambda m: _frozen_norm(kind, m, weight.detach(), bias.detach()))
+    _assert_within_5_se(got, get_variance(y).expand_as(y))
+    IWSTSpike("st")(y - 0.5).sum().backward()
+    assert fc.std_rho.grad.abs().sum() > 0
+
+
+def test_a_sum_after_overlapping_pooling_windows_raises_and_disjoint_ones_still_add():
+    """Pooling windows that overlap (stride below the window, an adaptive pooling whose
+    output length does not divide the input) give outputs that share elements: a second
+    pooling or a mean over them added their variances as if independent (avg_pool(3, 1, 1)
+    then mean over 6x6: 0.0013 instead of the Monte Carlo 0.0096), silently. Now the neuron
+    raises; disjoint windows keep their exact variance, and overlapping ones still feed a
+    neuron element by element."""
+    x, v = _noisy((2, 3, 6, 6))
+    spike = IWSTSpike("st")
+    for op in (lambda a: F.avg_pool2d(a, 3, 1, 1).mean((2, 3)),
+               lambda a: F.avg_pool2d(nn.MaxPool2d(3, 2, 1)(a), 2),
+               lambda a: F.adaptive_avg_pool2d(F.adaptive_avg_pool2d(a, 4), 1)):
+        with pytest.raises(VarianceFlowError, match="overlapping windows"):
+            spike(op(x))
+    y = F.avg_pool2d(F.avg_pool2d(x, 2), 3)  # disjoint windows: 1/4 then 1/9 of a sum
+    torch.testing.assert_close(get_variance(y), F.avg_pool2d(v, 6) / 36, rtol=1e-12, atol=0)
+    z = F.adaptive_avg_pool2d(x, 3).mean((2, 3))
+    torch.testing.assert_close(get_variance(z), v.mean((2, 3)) / 36, rtol=1e-12, atol=0)
+    spike(F.avg_pool2d(x, 3, 1, 1) - 1.0)
+    spike(F.max_pool2d(x, 3, 2, 1) - 1.0)
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm2d(4), nn.GroupNorm(2, 4), nn.LayerNorm([4, 5, 5])])
+def test_a_variance_stripped_after_a_normalisation_raises_naming_the_layer(norm):
+    """A Bayesian conv -> normalisation -> something that makes a plain tensor of its
+    output -> spike: the layer's noise reaches no neuron. After a training-mode BatchNorm
+    this went unreported (its rule read the batch statistic with ``plain``, which records
+    the draw as dropped on purpose), so the neuron fired without the noise, silently."""
+    class Strip(nn.Module):
+        def forward(self, x):
+            return x.as_subclass(torch.Tensor)
+
+    torch.manual_seed(0)
+    model = track_variance(nn.Sequential(BayesConv2d(2, 4, 3, padding=1), norm, Strip(),
+                                         IWSTSpike("st")))
+    model.train()
+    with pytest.raises(VarianceFlowError, match="reached no spiking neuron"):
+        model(torch.rand(2, 2, 5, 5))
+
+
+def test_instance_norm_with_running_statistics_in_eval_scales_by_them():
+    """nn.InstanceNorm2d(track_running_stats=True) in eval mode normalises by its running
+    variance: the variance is scaled by (w / sqrt(running_var + eps))^2, as batch_norm's."""
+    x, v = _noisy((2, 3, 4, 4))
+    norm = nn.InstanceNorm2d(3, affine=True, track_running_stats=True).double().eval()
+    norm.running_var.copy_(torch.tensor([0.5, 2.0, 4.0]))
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.5, -0.5, 2.0]))
+    scale = (norm.weight / torch.sqrt(norm.running_var + norm.eps)).detach().view(1, 3, 1, 1)
+    torch.testing.assert_close(get_variance(norm(x)), v * scale**2, rtol=1e-12, atol=0)

@@ -82,6 +82,82 @@ def test_variance_follows_leaky_recurrence(name):
     assert float(expected.min()) > 0
 
 
+_MOMENT_OPTIONS = {
+    "reset subtract": dict(),
+    "reset zero": dict(reset_mechanism="zero"),
+    "reset none": dict(reset_mechanism="none"),
+    "learn_beta": dict(learn_beta=True),
+    "per-neuron beta": dict(beta=torch.linspace(0.5, 0.95, 32)),
+}
+
+
+def _leaky_net(**options) -> torch.nn.Sequential:
+    """Sequential(Linear(64, 32), Leaky(**options), Linear(32, 10), Leaky(output=True)) with
+    init_hidden, seeded, the first layer scaled so that the first neuron fires often."""
+    import snntorch as snn
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(64, 32), snn.Leaky(init_hidden=True, **{"beta": BETA, **options}),
+        torch.nn.Linear(32, 10), snn.Leaky(beta=BETA, init_hidden=True, output=True))
+    with torch.no_grad():
+        net[0].weight.mul_(3)
+    return net
+
+
+def _leaky_step_trace(option: str, monkeypatch=None):
+    """Spikes, membranes, the variances at the spike function and the gradients of a
+    converted Sequential(Linear, Leaky(**option), Linear, Leaky) over 8 seeded steps;
+    with ``monkeypatch``, the neuron's variance update left to the variance rules."""
+    from snntorch import utils
+
+    from sbnn_addons import snntorch as adapter
+
+    if monkeypatch is not None:
+        monkeypatch.setattr(adapter, "_MOMENT_FORMS", {})
+    sbnn = sbnn_addons.seed_spikes(to_sbnn(_leaky_net(**_MOMENT_OPTIONS[option])), 3)
+    seen, spikes = _record_variance(sbnn[1]), _record_spikes(sbnn[1])
+    x = (torch.rand(8, 4, 64) < 0.3).float()
+    utils.reset(sbnn)
+    mems, loss = [], 0.0
+    for t in range(x.shape[0]):
+        _, mem = sbnn(x[t])
+        mems.append(sbnn[1].mem.detach().clone())
+        loss = loss + mem.sum()
+    loss.backward()
+    grads = [p.grad.clone() for p in sbnn.parameters() if p.grad is not None]
+    return sbnn, x, (seen, spikes, mems), grads
+
+
+@pytest.mark.parametrize("option", sorted(_MOMENT_OPTIONS))
+def test_leaky_variance_recurrence_written_out_equals_the_rules(option, monkeypatch):
+    """A converted snn.Leaky writes its variance update out (V_t = beta^2 (1 - r)^2
+    V_{t-1} + var(I_t), r = 0 unless it resets to zero) instead of tracing snnTorch's
+    operations through the variance rules: the variances equal an independent loop, and
+    spikes, membranes and variances equal the rules' own path bitwise, the gradients to
+    rounding."""
+    sbnn, x, trace, grads = _leaky_step_trace(option)
+    seen, spikes, _ = trace
+    fc, lif = sbnn[0], sbnn[1]
+    beta = lif.beta.detach().clamp(0, 1)
+    zero = _MOMENT_OPTIONS[option].get("reset_mechanism") == "zero"
+    expected = torch.zeros(())
+    for t in range(x.shape[0]):
+        if zero and t:  # reset to zero by the spike the last step emitted
+            expected = expected * (1 - spikes[t - 1]) ** 2
+        expected = beta**2 * expected + fc.output_variance(x[t])
+        torch.testing.assert_close(seen[t].expand_as(expected), expected,
+                                   rtol=1e-5, atol=1e-7)
+    assert 0 < float(torch.cat(spikes).mean()) < 1
+    _, _, trace_rules, grads_rules = _leaky_step_trace(option, monkeypatch)
+    for a, b in zip(trace, trace_rules):
+        for x_a, x_b in zip(a, b):
+            assert torch.equal(x_a.expand_as(x_b), x_b.expand_as(x_a))
+    assert len(grads) == len(grads_rules) > 0
+    for a, b in zip(grads, grads_rules):  # a learned beta: its two uses summed in turn
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("name", ["seq_conv", "tutorial_conv"])
 def test_conv_maxpool_variance_is_gathered_at_argmax(name):
     net, x = make(name)
@@ -341,16 +417,9 @@ def test_leaky_options_convert_exactly_and_train(option, recwarn):
     """The options of snnTorch's Leaky: `mean` mode equals the original over a sequence,
     the conversion warns about nothing, and a `sample`-mode step has finite, non-zero
     gradients for the weights and the neuron's own learned parameters."""
-    import snntorch as snn
     from snntorch import utils
 
-    kw = {"beta": BETA, **_LEAKY_OPTIONS[option]}
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Linear(64, 32), snn.Leaky(init_hidden=True, **kw),
-        torch.nn.Linear(32, 10), snn.Leaky(beta=BETA, init_hidden=True, output=True))
-    with torch.no_grad():
-        net[0].weight.mul_(3)
+    net = _leaky_net(**_LEAKY_OPTIONS[option])
     x = (torch.rand(T := 8, 4, 64) < 0.3).float()
     sbnn = to_sbnn(net)
     ours = [str(w.message) for w in recwarn if "sbnn_addons" in w.filename]
@@ -590,3 +659,47 @@ def test_reset_parameters_of_a_converted_layer_sizes_the_std_from_the_new_weight
         given.reset_parameters()
         torch.testing.assert_close(given.std.detach().flatten(),
                                    torch.full_like(given.std.detach().flatten(), 0.05))
+
+
+def _bilinear_x2_squared(length: int) -> torch.Tensor:
+    """The squared weights ``W^2`` [(2L)^2, L^2] of a bilinear x2 upsampling of an L x L
+    image, from the upsampling of each basis image (independent of the variance rule)."""
+    n = length * length
+    basis = torch.eye(n).view(n, 1, length, length)
+    return F.interpolate(basis, scale_factor=2, mode="bilinear").view(n, -1).t() ** 2
+
+
+def test_groupnorm_pixelshuffle_upsample_pad_before_leaky_give_the_exact_variance():
+    """Conv2d -> GroupNorm -> PixelShuffle -> Upsample(bilinear) -> ZeroPad2d -> Leaky (an
+    nn.Sequential with init_hidden) raised at the first step ('group_norm' had no variance
+    rule). Converted, the neuron receives at every step the exact variance: the conv's LRT
+    variance scaled by the GroupNorm's (w / sqrt(s^2 + eps))^2 (statistics of the mean
+    signal), moved by the shuffle, mapped by the squared bilinear weights, zero in the
+    padding, accumulated V_t = beta^2 V_{t-1} + var_t; the conv's std gets a gradient."""
+    snn = pytest.importorskip("snntorch")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.GroupNorm(4, 8), torch.nn.PixelShuffle(2),
+        torch.nn.Upsample(scale_factor=2, mode="bilinear"), torch.nn.ZeroPad2d(1),
+        snn.Leaky(beta=BETA, init_hidden=True), torch.nn.Flatten(),
+        torch.nn.Linear(2 * 18 * 18, 3), snn.Leaky(beta=BETA, init_hidden=True, output=True))
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 2.0)
+    x = torch.rand(3, 2, 1, 4, 4)
+    sbnn = to_sbnn(net, std=0.3, example_input=x[0])
+    conv, gn, lif = sbnn[0], sbnn[1], sbnn[5]
+    seen = _record_variance(lif)
+    spk, mem = run(sbnn, x)
+    squared = _bilinear_x2_squared(8)
+    expected = None
+    for t in range(x.shape[0]):
+        with sbnn_addons.moments.no_variance_flow():
+            mean = F.conv2d(x[t], conv.weight, conv.bias, padding=1)
+        s2 = mean.view(2, 4, -1).var(-1, unbiased=False).repeat_interleave(2, 1)
+        scale = (gn.weight / torch.sqrt(s2 + gn.eps)) ** 2
+        var = F.pixel_shuffle(conv.output_variance(x[t]) * scale.view(2, 8, 1, 1), 2)
+        var = F.pad((var.reshape(2, 2, 64) @ squared.t()).view(2, 2, 16, 16), (1, 1, 1, 1))
+        expected = var if expected is None else BETA**2 * expected + var
+        torch.testing.assert_close(seen[t].expand_as(expected), expected, rtol=1e-5, atol=1e-7)
+    (spk.sum() + mem.sum()).backward()
+    assert conv.std_rho.grad is not None and conv.std_rho.grad.abs() > 0

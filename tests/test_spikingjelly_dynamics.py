@@ -616,3 +616,73 @@ def test_fused_sequence_after_a_pooling_equals_the_nodes_own_loop(backend):
     (out_f, g_f), (out_o, g_o) = results
     assert torch.equal(out_f, out_o) and 0 < float(out_f.mean()) < 1
     torch.testing.assert_close(g_f, g_o, rtol=1e-5, atol=1e-7)
+
+
+def test_groupnorm_pixelshuffle_upsample_before_lif_give_the_exact_variance():
+    """Multi-step layer.Conv2d -> layer.GroupNorm -> SeqToANNContainer(PixelShuffle,
+    Upsample(bilinear), ConstantPad2d) -> LIFNode raised ('group_norm' had no variance
+    rule). Converted, the node receives at every step the conv's LRT variance scaled by the
+    GroupNorm's (w / sqrt(s^2 + eps))^2 (statistics of the mean signal of that step),
+    moved by the shuffle, mapped by the squared bilinear weights, zero in the padding,
+    through the node's dynamics; the conv's std gets a gradient."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        layer.Conv2d(1, 8, 3, padding=1, step_mode="m"),
+        layer.GroupNorm(4, 8, step_mode="m"),
+        layer.SeqToANNContainer(nn.PixelShuffle(2), nn.Upsample(scale_factor=2, mode="bilinear"),
+                                nn.ConstantPad2d(1, 0.25)),
+        neuron.LIFNode(tau=2.0, v_reset=None, step_mode="m"),
+    )
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 2.0)
+    x = torch.rand(3, 2, 1, 4, 4) * 2
+    sbnn = _own_loop(sbnn_sj.to_sbnn(net, std=0.3, spike_std=None, example_input=x))
+    conv, gn, node = sbnn[0], sbnn[1], sbnn[3]
+    seen = _record_fire(node.surrogate_function)
+    functional.reset_net(sbnn)
+    out = sbnn(x)
+    n = 64
+    basis = torch.eye(n).view(n, 1, 8, 8)
+    squared = F.interpolate(basis, scale_factor=2, mode="bilinear").view(n, -1).t() ** 2
+    var_in = []
+    for xt in x:
+        with sbnn_addons.moments.no_variance_flow():
+            mean = F.conv2d(xt, conv.weight, conv.bias, padding=1)
+        s2 = mean.view(2, 4, -1).var(-1, unbiased=False).repeat_interleave(2, 1)
+        scale = (gn.weight / torch.sqrt(s2 + gn.eps)) ** 2
+        var = F.pixel_shuffle(conv.output_variance(xt) * scale.view(2, 8, 1, 1), 2)
+        var_in.append(F.pad((var.reshape(2, 2, n) @ squared.t()).view(2, 2, 16, 16),
+                            (1, 1, 1, 1)))
+    expected = _expected(var_in, [s for _, s in seen], 0.5, 0.5, False)
+    assert len(seen) == x.shape[0]
+    for (got, _), want in zip(seen, expected):
+        torch.testing.assert_close(got.expand_as(want), want, rtol=1e-5, atol=1e-7)
+    out.sum().backward()
+    assert conv.std_rho.grad.abs() > 0
+
+
+def test_synapse_filter_fed_by_a_bayesian_layer_raises_naming_it():
+    """layer.SynapseFilter between a Bayesian layer and a neuron: its current multiplies
+    the input by its own state and carries every earlier step's noise, which the neuron's
+    membrane carries too (correlated across steps); the conversion check raises naming the
+    SynapseFilter and the fix (before: an error about a correlated 'add' inside it), in
+    sample and mean mode. After the neuron, on spikes, it runs."""
+    def net(after):
+        filt = layer.SynapseFilter(tau=5.0, step_mode="m")
+        mods = [layer.Linear(8, 6, step_mode="m"), neuron.LIFNode(step_mode="m")]
+        mods.insert(2 if after else 1, filt)
+        return nn.Sequential(*mods)
+
+    x = torch.rand(4, 2, 8)
+    with pytest.raises(sbnn_addons.VarianceFlowError, match="SynapseFilter.*after the neuron"):
+        sbnn_sj.to_sbnn(net(False), example_input=x)
+    model = sbnn_sj.to_sbnn(net(False))
+    for mode in ("sample", "mean"):
+        functional.reset_net(model)
+        with sbnn_addons.mode(model, mode), pytest.raises(
+                sbnn_addons.VarianceFlowError, match="SynapseFilter.*exclude="):
+            model(x)
+    ok = sbnn_sj.to_sbnn(net(True), example_input=x)
+    functional.reset_net(ok)
+    ok(x).sum().backward()
+    assert ok[0].std_rho.grad.abs() > 0
