@@ -566,6 +566,28 @@ def _refuse_double_backward() -> None:
         )
 
 
+def _saved_tensors(ctx, node: str) -> tuple[Tensor, ...]:
+    """``ctx.saved_tensors`` of a kernel node that saves the spikes it returns (shared with
+    the layer they feed, :func:`~sbnn_addons.functional.mark_binary` ``kept``).
+
+    Raises:
+        RuntimeError: those spikes were changed in place after the node returned them
+            (PyTorch's version check), with a message naming the cause and the fix.
+    """
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as e:
+        if f"output 0 of {node}" not in str(e):
+            raise
+        raise RuntimeError(
+            f"the spikes returned by the fused spike kernel ({node}) were changed in place "
+            "after it returned them (e.g. nn.Dropout(inplace=True) or spk.mul_(mask) after "
+            "the neuron, or an in-place edit of a spike record): the kernel keeps that very "
+            "tensor for its backward (shared with the layer it feeds, which saves memory), "
+            "so its gradient cannot be computed. Change a copy instead: nn.Dropout() "
+            "without inplace=True, spk = spk * mask") from e
+
+
 class FusedSpike(torch.autograd.Function):
     """Sampled spike with an IW-ST backward, computed by the compiled kernel.
 
@@ -604,7 +626,7 @@ class FusedSpike(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor | None, *grad_aux: Tensor | None):
         _refuse_double_backward()
-        u, var, h = ctx.saved_tensors
+        u, var, h = _saved_tensors(ctx, "FusedSpike")
         g_aux = float(grad_aux[0]) if grad_aux and grad_aux[0] is not None else 0.0
         if grad is None:
             if g_aux == 0.0:
@@ -816,7 +838,7 @@ class LIFStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_h: Tensor | None, g_m: Tensor | None, *g_aux: Tensor | None):
         _refuse_double_backward()
-        u, var, h = ctx.saved_tensors
+        u, var, h = _saved_tensors(ctx, "LIFStep")
         estimator, beta, theta, reset, _, aux_offset, aux_var, aux_pull = ctx.config
         grad_aux = float(g_aux[0]) if g_aux and g_aux[0] is not None else 0.0
         if g_h is None and g_m is None and grad_aux == 0.0:

@@ -666,7 +666,9 @@ class BayesLinear(_BayesMixin, nn.Linear):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        # nn.Linear's own (as the convolutions): a host's Linear subclass may follow in the
+        # MRO of a subclass (SpikingJelly's layer.Linear), whose __init__ takes no device
+        nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
         self._init_posterior(std, std_mode, learn_std, bias_std, detach_input_variance)
 
     def _mean(self, x: Tensor) -> Tensor:
@@ -1004,12 +1006,18 @@ def keep_ties(new: nn.Module, src: nn.Module, seen: dict[int, nn.Parameter],
     and likewise for the bias) gives ``new`` the same pruning
     (``prune.custom_from_mask``): its ``weight_orig`` is ``src``'s (adopted or tied as
     above), so the removed weights and biases stay removed in the converted or exported
-    model instead of training again from 0. Returns ``new``."""
+    model instead of training again from 0.
+
+    With ``adopt``, ``new`` also takes ``src``'s forward and backward hooks (see
+    :func:`_adopt_hooks`): a monitor registered on the layer before an ``inplace``
+    conversion keeps recording it. Returns ``new``."""
     masks = {}  # {name: (mask, <name>_orig)} of each pruned tensor
     for name in ("weight", "bias"):
         mask, orig = src._buffers.get(name + "_mask"), src._parameters.get(name + "_orig")
         if mask is not None and isinstance(orig, nn.Parameter):
             masks[name] = (mask, orig)
+    if adopt:
+        _adopt_hooks(new, src)
     for name in ("weight", "bias"):
         old, made = getattr(src, name, None), getattr(new, name, None)
         if name in masks:
@@ -1031,6 +1039,36 @@ def keep_ties(new: nn.Module, src: nn.Module, seen: dict[int, nn.Parameter],
 
             prune.custom_from_mask(new, name, mask.detach().clone())
     return new
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_backward_pre_hooks", "_backward_hooks")
+
+
+def _adopt_hooks(new: nn.Module, src: nn.Module) -> None:
+    """Give ``new``, which replaces ``src`` in a model, ``src``'s forward and backward hooks
+    (a SpikingJelly / snnTorch monitor's, a user's ``register_forward_hook``): the same
+    dictionaries, so that the hooks' handles still remove them. The hooks of PyTorch's
+    weight reparametrisations (``torch.nn.utils.prune``, whose pruning :func:`keep_ties`
+    gives ``new`` itself, and the hook-based ``weight_norm`` / ``spectral_norm``, which
+    read parameters ``new`` does not have) are left out; a layer with one gets the other
+    forward pre-hooks in a dictionary of its own (``src`` is left as it is)."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    reparametrisations = (BasePruningMethod, WeightNorm, SpectralNorm)
+    for attr in _HOOK_DICTS:
+        hooks = src.__dict__.get(attr)
+        if hooks is None:
+            continue
+        if attr == "_forward_pre_hooks" and any(
+                isinstance(h, reparametrisations) for h in hooks.values()):
+            hooks = type(hooks)((k, h) for k, h in hooks.items()
+                                if not isinstance(h, reparametrisations))
+        new.__dict__[attr] = hooks
+    new._is_full_backward_hook = src._is_full_backward_hook
 
 
 #: Default posterior std of a converted layer, as a fraction of the RMS of its weights.

@@ -1010,31 +1010,45 @@ def _refuse_host_variance(module: nn.Module, name: str, value) -> None:
     new model built around a converted layer); a neuron fed by a converted neuron's spikes
     gets no variance and is not concerned.
 
+    A neuron with a synaptic state (``snn.Synaptic``, ``snn.RSynaptic``, ``snn.Alpha``) is
+    refused also with the drop-in spike function: its two states carry the same noise,
+    correlated, which neither the variance flow nor the spike function can track.
+
     Raises:
-        VarianceFlowError: naming the neuron and the two fixes.
+        VarianceFlowError: naming the neuron and the fixes that work for it.
     """
     if type(value) is not VarianceTensor:
         return None
     if isinstance(module, _EmittedSpikeReset) or not _is_snn_neuron(module):
         return None
-    if isinstance(module.__dict__.get("spike_grad", module._modules.get("spike_grad")),
-                  IWSTSpike):
+    two_states = hasattr(module, "syn") or hasattr(module, "syn_exc")
+    drop_in_fn = isinstance(module.__dict__.get("spike_grad", module._modules.get("spike_grad")),
+                            IWSTSpike)
+    if drop_in_fn and not two_states:
         return None  # the drop-in spike function reads the variance itself
     what = type(module).__name__
-    problem = (
-        f"this snn.{what} is not converted, but its input carries the posterior variance of "
-        f"a Bayesian layer (its state '{name}' would carry it to a surrogate that drops it "
-        "silently: the layer's std would get no gradient). ")
+    if drop_in_fn:
+        problem = (
+            f"this snn.{what} has a variance-aware spike function, but its input carries "
+            f"the posterior variance of a Bayesian layer (in its state '{name}'), which "
+            "its synaptic and membrane states would both carry: their noise is correlated, "
+            "and the variance reaching the spike function would be wrong. ")
+    else:
+        problem = (
+            f"this snn.{what} is not converted, but its input carries the posterior variance "
+            f"of a Bayesian layer (its state '{name}' would carry it to a surrogate that "
+            "drops it silently: the layer's std would get no gradient). ")
     drop_in = ("give it a variance-aware spike function: "
                f"snn.{what}(..., spike_grad=sbnn_addons.snntorch.spike_grad())")
     if what in SUPPORTED_NEURONS:
         fix = ("Convert the neuron, e.g. model.lif = sbnn_addons.snntorch.to_sbnn(model.lif) "
                f"(or add it before converting the model), or {drop_in}")
-    elif hasattr(module, "syn") or hasattr(module, "syn_exc"):
+    elif two_states:
         fix = (f"snn.{what} cannot take a Bayesian layer's noise (its synaptic and membrane "
                "states carry the same noise, correlated, which the variance flow does not "
                "track): keep the layers that feed it deterministic (exclude= them from "
-               "to_sbnn), or use snn.Leaky / snn.RLeaky there")
+               "to_sbnn, or plain nn.Linear / nn.Conv2d layers in a model built by hand), "
+               "or use snn.Leaky / snn.RLeaky there")
     else:
         fix = f"to_sbnn does not convert snn.{what}; {drop_in}, or use snn.Leaky there"
     raise VarianceFlowError(problem + fix)

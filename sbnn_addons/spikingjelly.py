@@ -583,11 +583,14 @@ def _unlink(node: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------- layers
-class BayesLinear(_layers.BayesLinear, base.StepModule):
+class BayesLinear(_layers.BayesLinear, layer.Linear):
     """:class:`~sbnn_addons.BayesLinear` with SpikingJelly's ``step_mode``.
 
     Input ``[N, in]`` (``'s'``) or ``[T, N, in]`` (``'m'``): the linear map acts on the
-    last dimension either way. Output: the mean, with its variance attached.
+    last dimension either way. Output: the mean, with its variance attached. An instance
+    of ``layer.Linear`` too, as the layer it replaces: SpikingJelly's monitors
+    (``monitor.OutputMonitor(net, layer.Linear)``) and a user's ``isinstance`` checks
+    find it.
     """
 
     def __init__(self, *args, step_mode: str = "s", **kwargs) -> None:
@@ -625,20 +628,17 @@ class _StepConv:
         y = super().forward(x.flatten(0, 1))
         return y.unflatten(0, x.shape[:2])
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, step_mode={self.step_mode}"
 
-
-class BayesConv1d(_StepConv, _layers.BayesConv1d, base.StepModule):
+class BayesConv1d(_StepConv, _layers.BayesConv1d, layer.Conv1d):
     """:class:`~sbnn_addons.BayesConv1d` with SpikingJelly's ``step_mode`` (``'m'``:
-    ``[T, N, C, L]``)."""
+    ``[T, N, C, L]``); an instance of ``layer.Conv1d`` too (as :class:`BayesLinear`)."""
 
     _shape = "[T, N, C, L]"
 
 
-class BayesConv2d(_StepConv, _layers.BayesConv2d, base.StepModule):
+class BayesConv2d(_StepConv, _layers.BayesConv2d, layer.Conv2d):
     """:class:`~sbnn_addons.BayesConv2d` with SpikingJelly's ``step_mode`` (``'m'``:
-    ``[T, N, C, H, W]``)."""
+    ``[T, N, C, H, W]``); an instance of ``layer.Conv2d`` too (as :class:`BayesLinear`)."""
 
     _shape = "[T, N, C, H, W]"
 
@@ -878,7 +878,8 @@ def to_sbnn(
     Raises:
         ValueError: ``model`` is already converted, contains nothing to convert, an
             ``include`` / ``exclude`` pattern matches nothing, a bad ``estimator``,
-            ``std``, ``std_mode``, ``bias_std``, ``spike_std`` or ``batchnorm``.
+            ``std``, ``std_mode``, ``bias_std``, ``spike_std`` or ``batchnorm``; a
+            neuron to convert has a surrogate in the non-spiking mode (``spiking=False``).
         TypeError: ``model`` contains a spiking neuron other than the supported ones
             (and not excluded).
     """
@@ -908,9 +909,11 @@ def to_sbnn(
     _validate_arguments(model, estimator, posterior, spike_std, spike_learn, inc, exc)
     aux_pull = check_aux_pull(aux_pull)
     for name, m in model.named_modules():
-        if _is_spiking_node(m) and type(m) not in SUPPORTED_NEURONS and not match_name(name,
-                                                                                      exc):
+        if not _is_spiking_node(m) or match_name(name, exc):
+            continue
+        if type(m) not in SUPPORTED_NEURONS:
             raise _unsupported(m, name)
+        _check_spiking_surrogate(name, m)
 
     def selected(name: str) -> bool:
         return (inc is None or match_name(name, inc)) and not match_name(name, exc)
@@ -987,6 +990,25 @@ def to_sbnn(
     if example_input is not None:
         check_variance_flow(model, example_input)
     return model
+
+
+def _check_spiking_surrogate(name: str, node: nn.Module) -> None:
+    """Refuse a neuron whose surrogate is in SpikingJelly's non-spiking mode
+    (``surrogate.ATan(spiking=False)``: the neuron outputs the surrogate's smooth primitive
+    function, graded values): the stochastic spike function would replace it with binary
+    spikes, silently changing what the neuron emits.
+
+    Raises:
+        ValueError: naming the neuron and the two ways out.
+    """
+    if getattr(node.surrogate_function, "spiking", True) is False:
+        raise ValueError(
+            f"module '{name}' has a surrogate in SpikingJelly's non-spiking mode "
+            f"({node.surrogate_function!r}: the neuron outputs its smooth primitive "
+            "function, not spikes), which to_sbnn would replace with binary stochastic "
+            "spikes. Build the neuron with spiking=True (the default) before converting, or "
+            f"keep it as it is with exclude=['{name}', ...] together with the layers "
+            "feeding it")
 
 
 def _validate_arguments(model, estimator, posterior, spike_std, spike_learn, inc, exc) -> None:

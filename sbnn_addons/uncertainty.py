@@ -524,8 +524,10 @@ def mc_predict(
       ``reset_mem()`` for snnTorch neurons, ``functional.reset_net`` for SpikingJelly);
       a core-only model needs none.
     * **Exact replay**: with ``seed``, :func:`~sbnn_addons.seed_spikes` ``(model, seed)``
-      runs first, so two calls with the same seed give the same result; afterwards the
-      spike functions draw from the stream they used before the call.
+      runs first, and PyTorch's global generators (which a dropout layer in training
+      mode draws from) are seeded for the passes, so two calls with the same seed give
+      the same result; afterwards the spike functions draw from the stream they used
+      before the call, and the global generators are as they were.
     * The model's ``train()`` / ``eval()`` flag is left as it is (call ``model.eval()``
       first, as for any evaluation; a BatchNorm in training mode is refused, since the
       passes would change its running statistics); its SBNN mode is ``eval_mode`` during
@@ -665,6 +667,25 @@ def _mode(model: nn.Module, value: str) -> Iterator[None]:
             m.sbnn_mode = old
 
 
+@contextlib.contextmanager
+def _seeded_global_rng(seed: int | None) -> Iterator[None]:
+    """With a ``seed``: PyTorch's global generators (the CPU one, and those of the CUDA
+    devices in use), which noise outside the spike functions draws from (a dropout layer
+    in training mode, SpikingJelly's ``layer.Dropout`` mask), seeded with it for the
+    passes and restored afterwards; nothing without one."""
+    if seed is None:
+        yield
+        return
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    devices = list(range(torch.cuda.device_count())) if cuda else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        for d in devices:
+            with torch.cuda.device(d):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
 def _run(model: nn.Module, inputs, num_samples: int, *, seed, forward, reset, chunk_size,
          fold, batch_dim, eval_mode, return_samples, count_spikes, synops,
          output="logits") -> Prediction:
@@ -709,7 +730,7 @@ def _run(model: nn.Module, inputs, num_samples: int, *, seed, forward, reset, ch
             ops.setdefault(n, []).extend([float(c) / reps] * reps)
         mon.reset()
 
-    with torch.no_grad(), _mode(model, eval_mode):
+    with torch.no_grad(), _mode(model, eval_mode), _seeded_global_rng(seed):
         if monitor is not None:
             monitor.__enter__()
         try:

@@ -58,7 +58,6 @@ def spikingjelly_multistep() -> nn.Module:
                         layer.Linear(20, 4), neuron.LIFNode(tau=2.0))
     functional.set_step_mode(net, "m")
     with torch.no_grad():
-        net[0].weight.mul_(8)
         net[2].weight.mul_(4)
     return sbnn_sj.to_sbnn(net)
 
@@ -166,6 +165,41 @@ def test_spikingjelly_state_is_reset_between_passes():
             manual.append(torch.softmax(sj_rate(model, x), -1))
     pred = sb.mc_predict(model, x, 2, seed=5, forward=sj_rate)
     torch.testing.assert_close(pred.sample_probs, torch.stack(manual), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("host", ["snntorch", "spikingjelly"])
+def test_a_seed_replays_dropout_in_training_mode(host):
+    """Monte Carlo dropout on top of the weight noise: a dropout layer left in training
+    mode (snnTorch: ``nn.Dropout``; SpikingJelly: ``layer.Dropout``, one mask per sequence)
+    draws from PyTorch's global generator, which the seed now covers too: two calls with
+    the same seed give the same result (they differed), another seed differs, and the
+    global generator is left as it was."""
+    torch.manual_seed(0)
+    if host == "snntorch":
+        net = nn.Sequential(nn.Linear(12, 20), snn.Leaky(beta=0.9, init_hidden=True),
+                            nn.Dropout(0.5), nn.Linear(20, 4),
+                            snn.Leaky(beta=0.9, init_hidden=True, output=True))
+        model, fwd = sbnn_snn.to_sbnn(net, std=0.3), snn_loop
+    else:
+        net = nn.Sequential(layer.Linear(12, 20), neuron.LIFNode(tau=2.0),
+                            layer.Dropout(0.5), layer.Linear(20, 4), neuron.LIFNode(tau=2.0))
+        functional.set_step_mode(net, "m")
+        model, fwd = sbnn_sj.to_sbnn(net), sj_rate
+    with torch.no_grad():
+        model[0].weight.mul_(8)
+        model[3].weight.mul_(4)
+    model.train()
+    x = _rate((T, B, 12))
+    state = torch.get_rng_state()
+    a = sb.mc_predict(model, x, 4, seed=3, forward=fwd)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = sb.mc_predict(model, x, 4, seed=3, forward=fwd)
+    other = sb.mc_predict(model, x, 4, seed=4, forward=fwd)
+    assert torch.equal(a.sample_probs, b.sample_probs)
+    assert not torch.equal(a.sample_probs, other.sample_probs)
+    with sb.mode(model, "mean"):  # the dropout alone makes the passes differ
+        assert sb.mc_predict(model, x, 4, seed=3, forward=fwd,
+                             eval_mode="mean").mutual_information.sum() > 0
 
 
 def test_default_forward_errors_name_the_forward_hook():

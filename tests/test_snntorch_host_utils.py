@@ -12,11 +12,13 @@ import snntorch as snn
 import snntorch.utils as sutils
 import torch
 from _copies import HOW, copy_by
+from _kernel import needs_kernel
 from _snntorch_nets import LoopLeaky, make
 from snntorch import surrogate
 from torch import nn
 
 import sbnn_addons
+from sbnn_addons import kernels
 from sbnn_addons.snntorch import membrane_variance, spike_grad, to_sbnn, to_snntorch
 
 
@@ -607,3 +609,35 @@ def test_copy_after_a_training_step_and_the_hosts_reset_or_detach(how, free):
     for t in range(3, len(x)):
         for a, b, c in zip(model(x[t]), copied(x[t]), averaged(x[t])):
             assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def _dropout_net(inplace: bool) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(16, 24), snn.Leaky(beta=0.9, init_hidden=True), nn.Dropout(0.3, inplace),
+        nn.Linear(24, 4), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    with torch.no_grad():
+        net[0].weight.mul_(3.0)
+    return net.train()
+
+
+@pytest.mark.parametrize("backend", [pytest.param("kernel", marks=needs_kernel), "torch"])
+def test_spikes_changed_in_place_after_a_converted_neuron(backend):
+    """``nn.Dropout(inplace=True)`` after a neuron changes its spikes in place, which the
+    host model allows. The fused spike kernel keeps the spikes it returns for its backward
+    (shared with the layer they feed), so there the backward raises, naming the cause and
+    the fix (PyTorch's own message named only 'output 0 of FusedSpike'); the PyTorch path
+    (CUDA tensors) saves a byte copy and trains; ``nn.Dropout()`` trains on both."""
+    x = _data()
+    with kernels.use_kernels(backend == "kernel"):
+        for inplace in (True, False):
+            for net in (_dropout_net(inplace), to_sbnn(_dropout_net(inplace))):
+                sutils.reset(net)
+                loss = sum(sum(o.sum() for o in net(xt)) for xt in x)
+                if inplace and backend == "kernel" and sbnn_addons.is_bayesian(net[0]):
+                    with pytest.raises(RuntimeError,
+                                       match=r"(?s)changed in place.*inplace=True"):
+                        loss.backward()
+                    continue
+                loss.backward()
+                assert net[0].weight.grad.abs().sum() > 0

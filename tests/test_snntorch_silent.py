@@ -288,6 +288,31 @@ def test_excluded_neuron_keeps_its_own_error():
         model(_x())
 
 
+@pytest.mark.parametrize("make", [
+    lambda: snn.Synaptic(alpha=0.8, beta=BETA, init_hidden=True, spike_grad=spike_grad()),
+    lambda: snn.RSynaptic(alpha=0.8, beta=BETA, linear_features=16, init_hidden=True,
+                          spike_grad=spike_grad()),
+    lambda: snn.Alpha(alpha=0.8, beta=0.7, init_hidden=True, spike_grad=spike_grad()),
+])
+@pytest.mark.parametrize("mode", ["sample", "mean"])
+def test_two_state_neuron_with_the_drop_in_spike_grad_names_its_correlated_noise(make, mode):
+    """A neuron with a synaptic state built with the drop-in ``spike_grad()`` behind a
+    Bayesian layer (a model built by hand): its two states carry the same weight noise,
+    correlated, which no spike function can track. The error names the neuron and the
+    fixes that work for it, not an ``add`` the user did not write."""
+    torch.manual_seed(0)
+    model = nn.Sequential(sbnn_addons.BayesLinear(10, 16, std=0.2), make())
+    sbnn_addons.track_variance(model)
+    sbnn_addons.set_mode(model, mode)
+    sutils.reset(model)
+    with pytest.raises(sbnn_addons.VarianceFlowError,
+                       match=f"(?s)snn.{type(model[1]).__name__} has a variance-aware spike "
+                             "function.*correlated.*deterministic.*snn.Leaky") as err:
+        for xt in _x():
+            model(xt)
+    assert "add of two tensors" not in str(err.value)
+
+
 # --------------------------------------------------------------------------- 4. surrogate_disable
 @pytest.mark.parametrize("make", [
     lambda: snn.Leaky(beta=BETA, surrogate_disable=True),

@@ -589,3 +589,104 @@ def test_a_lif_node_pre_hook_that_strips_the_variance_raises(step_mode, prepend)
         return
     with pytest.raises(sbnn_addons.VarianceFlowError, match=r"'0'.*reached no spiking neuron"):
         net(x)
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_spikingjelly_monitors_find_the_converted_weight_layers(step_mode):
+    """A monitor of SpikingJelly's weight layers (``OutputMonitor(net, layer.Conv2d)``)
+    records the converted layers as it does the host's (they were no ``layer.Conv2d`` /
+    ``layer.Linear`` instances: the monitor watched nothing, silently), with the host's
+    values in ``mean`` mode; ``isinstance`` checks of user code find them too."""
+    monitor = pytest.importorskip("spikingjelly.activation_based.monitor",
+                                  exc_type=ImportError)
+    host = _mnist_net(step_mode)
+    model = sbnn_sj.to_sbnn(host)
+    kinds = (layer.Conv2d, layer.Linear)
+    names = [n for n, m in host.named_modules() if isinstance(m, kinds)]
+    assert names and names == [n for n, m in model.named_modules() if isinstance(m, kinds)]
+    records = []
+    for net in (host, model):
+        mon = monitor.OutputMonitor(net, kinds)
+        try:
+            with torch.no_grad(), sbnn_addons.mode(model, "mean"):
+                functional.reset_net(net)
+                _run(net, _x(), step_mode)
+            assert mon.monitored_layers == names
+            records.append(mon.records)
+        finally:
+            mon.remove_hooks()
+    assert len(records[0]) == len(records[1]) > 0
+    for a, b in zip(*records):
+        torch.testing.assert_close(b, a)
+
+
+def test_a_surrogate_in_non_spiking_mode_is_refused_at_conversion():
+    """``surrogate.ATan(spiking=False)``: the host neuron outputs the surrogate's smooth
+    primitive function (graded values). The stochastic spike function would replace it
+    with binary spikes (mean mode gave 0 where the host gave 0.06, silently): the
+    conversion refuses it, naming the neuron and the ways out, and an inplace conversion
+    leaves the model as it was; excluded with the layer feeding it, it runs as the host."""
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(6, 5, step_mode="m"), neuron.IFNode(step_mode="m"),
+                        layer.Linear(5, 4, step_mode="m"),
+                        neuron.LIFNode(surrogate_function=surrogate.ATan(spiking=False),
+                                       step_mode="m"))
+    x = torch.rand(T, 3, 6) * 2
+    with pytest.raises(ValueError, match=r"(?s)'3'.*spiking=False.*spiking=True.*exclude"):
+        sbnn_sj.to_sbnn(net, inplace=True)
+    assert not any(sbnn_addons.is_bayesian(m) for m in net.modules())
+    model = sbnn_sj.to_sbnn(net, exclude=["2", "3"])
+    with torch.no_grad(), sbnn_addons.mode(model, "mean"):
+        functional.reset_net(net)
+        sbnn_sj.reset(model)
+        ref, got = net(x), model(x)
+    assert not torch.equal(ref, (ref > 0).to(ref.dtype))  # graded, not spikes
+    torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_a_monitor_registered_before_the_conversion_keeps_recording_the_layers(inplace):
+    """Monitors built on the host model before ``to_sbnn(..., inplace=True)``: the
+    converted layers keep the replaced layers' forward and backward hooks (the neurons,
+    converted in place, always kept theirs; the layers lost them, so the monitor went on
+    recording the neurons only, silently), the hooks' handles still remove them, and a
+    pruned layer keeps exactly one pruning hook. A copy (``inplace=False``) carries the
+    copied hooks on its layers as on its neurons (``deepcopy`` copies a module's hooks;
+    the monitor's handles then remove those of the original only)."""
+    monitor = pytest.importorskip("spikingjelly.activation_based.monitor",
+                                  exc_type=ImportError)
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(6, 5, step_mode="m"), neuron.IFNode(step_mode="m"),
+                        layer.Linear(5, 4, step_mode="m"), neuron.IFNode(step_mode="m"))
+    prune.l1_unstructured(net[2], "weight", amount=0.5)
+    out_mon = monitor.OutputMonitor(net, (layer.Linear, neuron.IFNode))
+    grad_mon = monitor.GradInputMonitor(net, layer.Linear)
+    model = sbnn_sj.to_sbnn(net, inplace=inplace)
+    try:
+        x = (torch.rand(T, 3, 6) * 2).requires_grad_()
+        model(x).sum().backward()
+        assert [type(r).__name__ for r in out_mon.records] == [
+            "VarianceTensor", "SpikeTensor", "VarianceTensor", "SpikeTensor"]
+        assert len(grad_mon.records) == 2
+        pruning = [h for h in model[2]._forward_pre_hooks.values()
+                   if isinstance(h, prune.BasePruningMethod)]
+        assert len(pruning) == 1
+    finally:
+        out_mon.remove_hooks()
+        grad_mon.remove_hooks()
+    if inplace:  # removed from the converted layers too
+        sbnn_sj.reset(model)
+        model(x)
+        assert len(out_mon.records) == 4
+        assert not model[0]._backward_hooks
+        assert all(h.__module__.startswith("sbnn_addons")
+                   for h in model[0]._forward_hooks.values())
+    # the hook of a hook-based reparametrisation (it reads weight_orig) is not taken over
+    net = nn.Sequential(nn.utils.spectral_norm(layer.Linear(6, 5, step_mode="m")),
+                        neuron.IFNode(step_mode="m"))
+    seen = []
+    net[0].register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    sbnn_sj.to_sbnn(net, inplace=inplace)(x)
+    assert seen == [(T, 3, 5)]
