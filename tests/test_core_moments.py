@@ -1142,3 +1142,32 @@ def test_instance_norm_with_running_statistics_in_eval_scales_by_them():
         norm.weight.copy_(torch.tensor([1.5, -0.5, 2.0]))
     scale = (norm.weight / torch.sqrt(norm.running_var + norm.eps)).detach().view(1, 3, 1, 1)
     torch.testing.assert_close(get_variance(norm(x)), v * scale**2, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("op", ["mul", "add", "cat", "where"])
+def test_spikes_first_keep_the_variance_of_a_noisy_operand(op):
+    """An operation whose first tensor operand is a spike function's output (a marked
+    SpikeTensor) and a later one carries a variance: the variance rule runs as with the
+    operands swapped. SpikeTensor's own __torch_function__ used to run the call first and
+    return a plain tensor: ``spikes * k`` or ``spikes + skip`` dropped the variance
+    silently (no error; the layer's std lost that path's gradient)."""
+    from sbnn_addons.functional import mark_binary
+
+    x, v = _noisy((3, 4))
+    spikes = lambda: mark_binary((torch.arange(12, dtype=F64).reshape(3, 4) % 3 == 0).to(F64))  # noqa: E731
+    first, swapped = {
+        "mul": (lambda s: s * x, lambda s: x * s),
+        "add": (lambda s: s + x, lambda s: x + s),
+        "cat": (lambda s: torch.cat([s, x]), lambda s: torch.cat([x, s])),
+        "where": (lambda s: torch.where(s > 0, s, x), lambda s: torch.where(s <= 0, x, s)),
+    }[op]
+    out, ref = first(spikes()), swapped(spikes())
+    var, ref_var = get_variance(out), get_variance(ref)
+    assert isinstance(ref_var, torch.Tensor)
+    assert isinstance(var, torch.Tensor), f"{op}: the variance was dropped"
+    if op == "cat":  # the blocks in the other order
+        ref_var = torch.cat([ref_var[3:], ref_var[:3]])
+    assert torch.equal(out, ref if op != "cat" else torch.cat([ref[3:], ref[:3]]))
+    assert torch.equal(torch.broadcast_to(var, out.shape),
+                       torch.broadcast_to(ref_var, out.shape))
+    assert var.sum() > 0 and v.sum() > 0

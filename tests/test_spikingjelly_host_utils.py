@@ -690,3 +690,36 @@ def test_a_monitor_registered_before_the_conversion_keeps_recording_the_layers(i
     net[0].register_forward_hook(lambda m, args, out: seen.append(out.shape))
     sbnn_sj.to_sbnn(net, inplace=inplace)(x)
     assert seen == [(T, 3, 5)]
+
+
+class _SpikeSkip(nn.Module):
+    """A SEW-style skip written spikes first: ``sn2(sn1(fc1(x)) + fc2(x))``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = layer.Linear(4, 6, step_mode="m")
+        self.sn1 = neuron.LIFNode(tau=2.0, step_mode="m")
+        self.fc2 = layer.Linear(4, 6, step_mode="m")
+        self.sn2 = neuron.LIFNode(tau=2.0, step_mode="m")
+
+    def forward(self, x):
+        return self.sn2(self.sn1(self.fc1(x)) + self.fc2(x))
+
+
+def test_spikes_plus_a_bayesian_layer_output_keeps_its_noise():
+    """A neuron's spikes first in a sum with a Bayesian layer's output: the sum carries
+    that layer's variance to the next neuron and its std gets a gradient. The spikes'
+    own tensor type used to take the call and drop the variance silently (fc2's std got
+    a zero gradient in sample mode, and sn2 fired with sn1's noise only)."""
+    torch.manual_seed(0)
+    net = _SpikeSkip()
+    with torch.no_grad():
+        for m in (net.fc1, net.fc2):
+            m.weight.mul_(3.0)
+    sbnn = sbnn_sj.to_sbnn(net, spike_std=None)
+    x = torch.rand(T, 3, 4)
+    functional.reset_net(sbnn)
+    sbnn(x).sum().backward()
+    assert sbnn.fc2.std_rho.grad is not None and sbnn.fc2.std_rho.grad.abs().sum() > 0
+    # the spikes after a sum that reached sn2: its variance memory holds fc2's noise
+    assert isinstance(sbnn.sn2.sbnn_var, torch.Tensor) and sbnn.sn2.sbnn_var.sum() > 0
