@@ -28,7 +28,9 @@ class SpikeTensor(Tensor):
     A declared tensor subclass, so the mark is state PyTorch can see (it survives
     ``deepcopy`` and ``pickle``). Any operation on it returns a plain tensor, so the mark
     never spreads to values that may not be 0/1; an in-place operation on it, or on an
-    alias sharing its version counter, voids it.
+    alias sharing its version counter, voids it. An operation that also takes a tensor of
+    another subclass (a :class:`~sbnn_addons.moments.VarianceTensor`) is left to that
+    subclass, whichever operand comes first.
 
     Attributes:
         kept: the spike function saves this very tensor for its own backward (the kernel
