@@ -1003,9 +1003,10 @@ def _scan(args, kwargs):
     :class:`UnknownVariance` among them, else ``True``. ``scale`` is the scale tensor
     shared by all of them when every one is a :class:`ScaledVariance`, else ``None``.
     ``probe`` is ``True`` if an argument without a variance carries the ``mean``-mode probe.
-    ``nset`` is the union of the carriers' :class:`NoiseSet` (eager mode; else ``None``).
+    ``nset`` is the union of the carriers' :class:`NoiseSet` (eager mode; else ``None``),
+    also past an unknown variance (its draws name the layers in a neuron's error).
     """
-    noisy, scale, probe, nset = None, None, False, None
+    noisy, scale, probe, nset, unknown = None, None, False, None, None
     eager = not torch.compiler.is_compiling()
     for group in (args, kwargs.values()) if kwargs else (args,):
         for a in group:
@@ -1026,11 +1027,12 @@ def _scan(args, kwargs):
                             mine = _noise_of(b)
                             nset = mine if nset is None else nset.union(mine)
                     continue
-                if isinstance(var, UnknownVariance):
-                    return var, None, False, None
                 if eager:
                     mine = _noise_of(b)
                     nset = mine if nset is None else nset.union(mine)
+                if isinstance(var, UnknownVariance):
+                    unknown = var if unknown is None else unknown
+                    continue
                 if isinstance(var, ScaledVariance):
                     if noisy is None:
                         scale = var.scale
@@ -1039,6 +1041,8 @@ def _scan(args, kwargs):
                 else:
                     scale = None
                 noisy = True
+    if unknown is not None:
+        return unknown, None, False, nset
     return noisy, scale, probe, nset
 
 
@@ -1272,7 +1276,7 @@ def _carry_probe(name: str, args, kwargs, out, nset: NoiseSet | None = None):
             return args[0]
         if why is None:
             return _wrap(out, None, True, nset)
-        return _wrap(out, UnknownVariance(why))
+        return _wrap(out, UnknownVariance(why), noise=nset)  # (the draws, for messages)
     if isinstance(out, (tuple, list)):
         tensors = [t for t in out if isinstance(t, Tensor)]
         if not tensors:
@@ -1702,15 +1706,16 @@ def _check_dropped_noise(model: nn.Module, output) -> None:
         "sbnn_addons.moments.plain(x)")
 
 
-def noisy_output_layers(model: nn.Module, output) -> list[str]:
+def noisy_output_layers(model: nn.Module, output, *, unknown: bool = False) -> list[str]:
     """Qualified names of ``model``'s Bayesian layers whose noise (a variance, or the
     ``mean``-mode probe) the output of its last forward still carries: readouts, whose
     noise reaches no spiking neuron. ``output``: a tensor, or a (nested) tuple / list /
-    dict of them. Eager mode (the layers remember their last draw)."""
+    dict of them; ``unknown``: count an :class:`UnknownVariance` too. Eager mode (the
+    layers remember their last draw)."""
+    kinds = (Tensor, ScaledVariance, UnknownVariance) if unknown else (Tensor, ScaledVariance)
     tokens: set[int] = set()
     for item in _tensors_in(output):
-        if type(item) is VarianceTensor and (item.probe or isinstance(
-                item.variance, (Tensor, ScaledVariance))):
+        if type(item) is VarianceTensor and (item.probe or isinstance(item.variance, kinds)):
             nset = item.__dict__.get("noise")
             if nset is not None:
                 tokens |= _leaf_tokens(nset)
@@ -1723,12 +1728,13 @@ def noisy_output_layers(model: nn.Module, output) -> list[str]:
 def noise_sources(x: Tensor, module: nn.Module) -> tuple[str | None, list[str]]:
     """For error messages: the qualified name of ``module`` in the tracked model whose
     forward is running, and the names of the Bayesian layers whose draws ``x`` carries
-    (eager mode; ``(None, [])`` where no tracked forward is running)."""
+    (eager mode; ``(None, [])`` where no tracked forward is running), also where that
+    variance became unknown on the way."""
     root = _OPEN_FLOWS[-1][0]() if _OPEN_FLOWS else None
     if root is None:
         return None, []
     names = {id(m): n for n, m in root.named_modules()}
-    return names.get(id(module)), noisy_output_layers(root, x)
+    return names.get(id(module)), noisy_output_layers(root, x, unknown=True)
 
 
 def _check_unused_noise(model: nn.Module, output) -> None:

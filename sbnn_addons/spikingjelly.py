@@ -84,6 +84,7 @@ from .moments import (
     check_variance_flow,
     get_variance,
     no_variance_flow,
+    noise_sources,
     track_variance,
     untrack_variance,
 )
@@ -359,18 +360,31 @@ def _neuron_pre_hook(node: nn.Module, args):
         )
     var = get_variance(x)
     if isinstance(var, UnknownVariance):
-        raise VarianceFlowError(
-            f"the input of {type(node).__name__} went through '{var.op}', whose effect on the "
-            "posterior variance is unknown. Use a supported operation between the Bayesian "
-            "layer and the neuron, or register a rule with "
-            "sbnn_addons.moments.register_variance_rule."
-        )
+        raise _unknown_variance_error(node, x, var)
     spike._begin(node, var, node.step_mode == "m", x)
     if type(x) is not VarianceTensor:
         return None
     with no_variance_flow():
         stripped = x.view_as(x)  # same values and graph, no variance: the spike tracks it
     return (stripped, *args[1:])
+
+
+def _unknown_variance_error(node: nn.Module, x: Tensor, var: UnknownVariance):
+    """The error for a linked neuron whose input ``x`` carries a variance that an
+    operation without a rule made unknown: it names the neuron and the Bayesian layers
+    whose noise ``x`` carries (eager mode, in a tracked forward), and the ways out."""
+    name, layers = noise_sources(x, node)
+    where = f"{type(node).__name__} {name!r}" if name else type(node).__name__
+    which, fix = "a Bayesian layer", "exclude=[<the layers feeding it>]"
+    if layers:
+        which = f"the Bayesian layer(s) {', '.join(repr(n) for n in layers)}"
+        fix = f"exclude={layers}"
+    return VarianceFlowError(
+        f"the input of {where} carries the noise of {which} through '{var.op}', whose "
+        "effect on the posterior variance is unknown. Use a supported operation between "
+        f"the Bayesian layer and the neuron, keep those layers deterministic ({fix} in "
+        "to_sbnn), or register a rule with sbnn_addons.moments.register_variance_rule."
+    )
 
 
 def _in_torch_checkpoint() -> bool:

@@ -723,3 +723,31 @@ def test_spikes_plus_a_bayesian_layer_output_keeps_its_noise():
     assert sbnn.fc2.std_rho.grad is not None and sbnn.fc2.std_rho.grad.abs().sum() > 0
     # the spikes after a sum that reached sn2: its variance memory holds fc2's noise
     assert isinstance(sbnn.sn2.sbnn_var, torch.Tensor) and sbnn.sn2.sbnn_var.sum() > 0
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["example_input", "sample"])
+def test_zoo_unknown_variance_error_names_the_neuron_and_the_layers(check):
+    """SpikingJelly's MS-ResNet adds its blocks to a membrane shortcut, a stream of
+    BatchNorm outputs that its downsampling 1x1 convolutions read. Left deterministic
+    (exclude=), such a convolution of the noisy stream has no variance rule, and the
+    neuron it feeds raises. The error used to say only "the input of LIFNode went
+    through 'conv2d'": it names the neuron and the Bayesian layers whose noise the
+    stream carries (the exclude= that makes it run), in the conversion's check as in a
+    sample-mode forward."""
+    from _sj_helpers import import_zoo
+
+    ms_resnet = import_zoo("ms_resnet")
+    torch.manual_seed(0)
+    net = ms_resnet.MSResNet(T=2, layers=(1, 1, 1), base_channels=4, num_classes=5,
+                             stem_kernel_size=3, stem_stride=1)
+    x = torch.rand(2, 2, 3, 8, 8) * 4
+    with pytest.raises(VarianceFlowError) as info:
+        if check:
+            sbnn_sj.to_sbnn(net, exclude="*downsample*", example_input=x)
+        else:
+            sbnn = sbnn_sj.to_sbnn(net, exclude="*downsample*")
+            functional.reset_net(sbnn)
+            sbnn(x)
+    msg = str(info.value)
+    assert "LIFNode 'layer2.0.spike1'" in msg and "'conv2d'" in msg
+    assert "exclude=['stem.0', 'layer1.0.conv2']" in msg
