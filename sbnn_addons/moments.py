@@ -1220,6 +1220,11 @@ def _probed(x) -> bool:
     return type(x) is VarianceTensor
 
 
+_ADAPTIVE_MAX_POOLS = frozenset({"adaptive_max_pool1d", "adaptive_max_pool2d",
+                                 "adaptive_max_pool3d"})
+_CONV_TRANSPOSES = frozenset({"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"})
+
+
 def _probe_unknown(name: str, args, kwargs) -> str | None:
     """For an operation with a rule: the reason its rule would return an
     :class:`UnknownVariance` for these (probed) arguments, or ``None``. Mirrors the
@@ -1245,14 +1250,14 @@ def _probe_unknown(name: str, args, kwargs) -> str | None:
     elif name in ("max_pool1d", "max_pool2d", "max_pool3d"):
         if (args[6] if len(args) > 6 else kwargs.get("return_indices", False)):
             return f"{name} with return_indices"
-    elif name.startswith("adaptive_max_pool"):
+    elif name in _ADAPTIVE_MAX_POOLS:  # (membership: Dynamo traces no str.startswith here)
         if _pool_arg(args, kwargs, 2, "return_indices", False):
             return f"{name} with return_indices"
     elif name == "alpha_dropout":
         p = _pool_arg(args, kwargs, 1, "p", 0.5)
         if _pool_arg(args, kwargs, 2, "training", True) and p != 0:
             return "alpha_dropout"
-    elif name.startswith("conv_transpose"):
+    elif name in _CONV_TRANSPOSES:
         if _probed(args[1] if len(args) > 1 else kwargs.get("weight")):
             return f"{name} with noisy weights"
     return None
