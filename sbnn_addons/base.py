@@ -149,6 +149,30 @@ def raise_error(message: str, error: type[Exception] = RuntimeError) -> NoReturn
 
 
 @torch.compiler.assume_constant_result
+def graph_breaks_allowed() -> bool:
+    """Whether the ``torch.compile`` tracing now may break the graph (not under
+    ``fullgraph=True``, ``torch.export`` or ``error_on_graph_break``): read in Python while
+    tracing (a constant-result function); ``False`` where Dynamo does not say.
+
+    Returns:
+        ``True`` where a graph break runs the rest of the call eagerly.
+    """
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator, _get_error_on_graph_break
+
+        tx = InstructionTranslator.current_tx()
+        return not (tx.one_graph or tx.export or _get_error_on_graph_break())
+    except Exception:  # another PyTorch: the named error rather than a graph break
+        return False
+
+
+@torch.compiler.disable
+def call_eagerly(fn, *args):
+    """``fn(*args)`` outside the graph that ``torch.compile`` traces (a graph break)."""
+    return fn(*args)
+
+
+@torch.compiler.assume_constant_result
 def _raise_user_error(message: str) -> None:
     """Raise ``message`` as a Dynamo ``UserError``: run in Python while tracing (a
     constant-result function), so Dynamo passes the error on as it is."""

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .base import check_input, mark_checked
+from .base import call_eagerly, check_input, mark_checked
 from .functional import (
     LIF_RESETS,
     _variance_update,
@@ -193,6 +193,8 @@ class LIF(nn.Module):
                 :class:`~sbnn_addons.check_finite` is off: they would give no spikes and
                 NaN gradients), or ``state`` does not match its shape.
         """
+        if isinstance(self.spike_fn, IWSTSpike) and self.spike_fn._seeded_in_graph():
+            return call_eagerly(self.forward, current, state)  # see _seeded_in_graph
         check_float("current", current)
         check_input(current, "LIF")
         self._sync_threshold()

@@ -27,9 +27,11 @@ from . import kernels
 from .base import (
     SBNNModule,
     cached_tensor_test,
+    call_eagerly,
     check_flag,
     check_module,
     check_std,
+    graph_breaks_allowed,
     in_reentrant_recomputation,
     inverse_softplus,
     noise_scale,
@@ -410,6 +412,8 @@ class IWSTSpike(SBNNModule, nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, u: Tensor) -> Tensor:
         """Sample spikes for drive ``u = membrane - threshold``."""
+        if self._seeded_in_graph():
+            return call_eagerly(self.forward, u)
         check_float("u", u)
         variance = self.noise_variance(u)
         with no_variance_flow():
@@ -424,6 +428,8 @@ class IWSTSpike(SBNNModule, nn.Module):
             u: drive ``mu - theta``, shape ``[*]``.
             variance: noise variance broadcastable to ``u``, or ``None`` for zero noise.
         """
+        if self._seeded_in_graph():
+            return call_eagerly(self.fire, u, variance)
         if (variance is not None and variance.shape != u.shape
                 and not broadcasts_to(variance.shape, u.shape)):
             raise ValueError(
@@ -598,6 +604,21 @@ class IWSTSpike(SBNNModule, nn.Module):
         self._seed = check_seed(seed)
         self._generator = None
 
+    def _seeded_in_graph(self) -> bool:
+        """Whether this seeded spike function is about to draw while ``torch.compile``
+        traces: the draw then runs eagerly, from the private generator as in eager mode
+        (a graph break, taken before the drive becomes a graph output that aliases the
+        carrier it came from, which AOTAutograd's first run cannot replay).
+
+        Raises:
+            RuntimeError: the tracing may not break the graph (``fullgraph=True``).
+        """
+        if self._seed is None or self.deterministic or not torch.compiler.is_compiling():
+            return False
+        if not graph_breaks_allowed():
+            raise_error(_SEEDED_UNDER_COMPILE)
+        return True
+
     def _generator_for(self, u: Tensor) -> torch.Generator | None:
         if self.deterministic:
             return None
@@ -615,13 +636,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         if self._seed is None:
             return None
         if torch.compiler.is_compiling():
-            raise_error(
-                "this spike function is seeded (sbnn_addons.seed_spikes, or mc_predict's "
-                "seed=), and torch.compile cannot trace its private generator: for "
-                "mc_predict on a compiled model, drop seed= and call torch.manual_seed(seed) "
-                "just before it; otherwise call sbnn_addons.seed_spikes(model, None) before "
-                "the compiled call and seed the global generator (torch.manual_seed) instead"
-            )
+            raise_error(_SEEDED_UNDER_COMPILE)
         hooks = (not _RECOMPUTING[0]
                  and torch._C._autograd._top_saved_tensors_default_hooks(False) is not None)
         if hooks and _IN_CHECKPOINT[0] and not any(id(self) in ids
@@ -670,6 +685,16 @@ class IWSTSpike(SBNNModule, nn.Module):
         own = ("learned" if self.learn_std else "meta" if self.fixed_std.is_meta
                else f"{float(self.fixed_std.max()):g}")
         return f"estimator={self.estimator}, std={own}, mode={self.sbnn_mode}"
+
+
+_SEEDED_UNDER_COMPILE = (
+    "this spike function is seeded (sbnn_addons.seed_spikes, or mc_predict's seed=), and "
+    "torch.compile(fullgraph=True) cannot trace its private generator: for mc_predict on a "
+    "compiled model, drop seed= and call torch.manual_seed(seed) just before it; otherwise "
+    "call sbnn_addons.seed_spikes(model, None) before the compiled call and seed the global "
+    "generator (torch.manual_seed) instead, or compile without fullgraph=True (the seeded "
+    "draws then run eagerly, between graphs)"
+)
 
 
 def _fused_variance(u: Tensor, variance: Tensor | None) -> Tensor | None:

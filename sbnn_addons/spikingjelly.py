@@ -67,6 +67,7 @@ from . import layers as _layers
 from .base import (
     HostObject,
     SBNNModule,
+    call_eagerly,
     check_flag,
     check_module,
     check_std,
@@ -209,6 +210,8 @@ class SJSpike(IWSTSpike):
 
     def forward(self, u: Tensor) -> Tensor:
         """Sample spikes for ``u = H_t - v_threshold`` (shape ``[N, *]``)."""
+        if self._seeded_in_graph():
+            return call_eagerly(self.forward, u)  # see IWSTSpike._seeded_in_graph
         if not self._linked:
             var = get_variance(u)
             if isinstance(var, Tensor):
@@ -365,7 +368,12 @@ def _neuron_pre_hook(node: nn.Module, args):
     if type(x) is not VarianceTensor:
         return None
     with no_variance_flow():
-        stripped = x.view_as(x)  # same values and graph, no variance: the spike tracks it
+        # same values and graph, no variance: the spike tracks it. A graph that Dynamo
+        # makes of this hook alone (a graph break elsewhere in the model) must not return
+        # an alias of its carrier input: AOTAutograd's first run of that graph detaches
+        # the input under a dispatch mode that refuses the subclass (a TypeError,
+        # "Multiple dispatch failed for aten.detach"); a copy, which a larger graph fuses
+        stripped = x.clone() if torch.compiler.is_compiling() else x.view_as(x)
     return (stripped, *args[1:])
 
 

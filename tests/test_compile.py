@@ -420,6 +420,76 @@ def test_seeded_spikes_raise_a_named_error_under_compile_and_mc_predict_restores
     step(x)
 
 
+def test_seeded_spikes_draw_eagerly_under_a_compile_that_may_break_the_graph():
+    """Without ``fullgraph=True`` a seeded spike function draws between graphs, from its
+    private generator: the compiled model (a converted snnTorch Conv2d -> Leaky, a core
+    LIF, which calls ``fire`` directly) gives eager's spikes and gradients for each seed.
+    (Its graph break came after the drive was made a plain alias of the carrier: the
+    first compiled call failed in AOTAutograd with "Multiple dispatch failed for
+    aten.detach".)"""
+    torch.manual_seed(0)
+    snn_net = sbnn_snn.to_sbnn(nn.Sequential(
+        nn.Conv2d(1, 2, 3), snn.Leaky(beta=0.9, init_hidden=True, output=True)))
+    core = nn.Sequential(sb.BayesLinear(36, 4, std=0.3), sb.LIF())
+    x = torch.rand(2, 1, 6, 6) * 2
+    for net, run in ((snn_net, lambda m: m(x)[0]), (core, lambda m: m(x.flatten(1))[0])):
+        torch._dynamo.reset()
+        compiled = torch.compile(net)
+        for seed in (1, 2):
+            results = []
+            for model in (net, compiled):
+                sb.seed_spikes(net, seed)
+                sutils.reset(net)
+                net.zero_grad()
+                out = run(model)
+                out.sum().backward()
+                results.append((out.detach(), net[0].weight.grad.clone()))
+            (eager, eager_grad), (comp, comp_grad) = results
+            assert torch.equal(comp, eager), seed
+            torch.testing.assert_close(comp_grad, eager_grad)
+    sb.seed_spikes(core, 1)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="without fullgraph=True"):
+        torch.compile(core, fullgraph=True)(x.flatten(1))
+
+
+def test_spikingjelly_model_with_a_graph_break_compiles_and_seeded_spikes_draw_eagerly():
+    """A converted SpikingJelly model that Dynamo splits into several graphs (a graph break
+    in a user module of the Sequential; seeded spikes) runs as in eager mode: the
+    neuron's pre-hook, then compiled on its own, returned an alias of its carrier input
+    and the first call failed with "Multiple dispatch failed for aten.detach"."""
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            torch._dynamo.graph_break()  # e.g. a print() of an activation
+            return x
+
+    torch.manual_seed(0)
+    host = nn.Sequential(layer.Linear(6, 4), Probe(), neuron.LIFNode())
+    host[0].weight.data.abs_()
+    net = sbnn_sj.to_sbnn(host)
+    seeded = nn.Sequential(layer.Linear(6, 4), neuron.LIFNode())
+    functional.set_step_mode(seeded, "m")
+    seeded = sbnn_sj.to_sbnn(seeded)
+    x = torch.rand(3, 2, 6) * 8
+    gc.collect()
+    torch._dynamo.reset()
+    with sb.mode(net, "mean"):
+        functional.reset_net(net)
+        eager = net(x[0])
+        functional.reset_net(net)
+        assert torch.equal(torch.compile(net)(x[0]), eager) and eager.sum() > 0
+    compiled = torch.compile(seeded)
+    for seed in (1, 2):
+        results = []
+        for model in (seeded, compiled):
+            sb.seed_spikes(seeded, seed)
+            functional.reset_net(seeded)
+            results.append(model(x).detach())
+        assert torch.equal(results[1], results[0]), seed
+
+
 def test_unused_aux_terms_raise_under_compile_as_in_eager():
     """Auxiliary terms never consumed by aux_loss and held across an optimiser step raise
     the same named error in a compiled step as in eager mode (they piled up, with their
