@@ -588,6 +588,12 @@ def _mark_spikes(node: nn.Module, args, output):
     if isinstance(spike, SJSpike):
         spike._end()
     if isinstance(output, Tensor):
+        if torch.compiler.is_compiling():
+            # a copy (fused away inside a graph): where the graph ends here (a graph break
+            # after the node), inductor's backward may reuse the buffer of a tensor the
+            # forward saved (the spikes, for the reset) in place, and the caller's spikes
+            # would change in the backward
+            return output.clone()
         mark_binary(output)  # a kept mark (the spike function's) stays
 
 

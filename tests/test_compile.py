@@ -791,3 +791,31 @@ def test_sample_mode_compiles_where_dynamo_reports_every_compile_as_an_export(mo
     with sb.mode(net, "sample"), pytest.raises(sb.VarianceFlowError, match="torch.export"):
         torch.export.export(net, (x,))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_spikes_returned_at_a_graph_break_do_not_change_in_the_backward(step_mode):
+    """A converted SpikingJelly model compiled with a graph break after a neuron (a user
+    module Dynamo cannot trace): the graph ends at the neuron's spikes, which the forward
+    also saves (the reset's backward). Inductor's backward reused that saved buffer in
+    place, and the spikes the caller holds turned into gradient values."""
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    import sbnn_addons.spikingjelly as sj
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            torch._dynamo.graph_break()
+            return x
+
+    torch.manual_seed(0)
+    net = sj.to_sbnn(torch.nn.Sequential(layer.Linear(6, 4), Probe(), neuron.LIFNode()))
+    functional.set_step_mode(net, step_mode)
+    x = torch.rand(2, 6) * 2 if step_mode == "s" else torch.rand(3, 2, 6) * 2
+    compiled = torch.compile(net)
+    functional.reset_net(net)
+    out = compiled(x)
+    before = out.detach().clone()
+    out.sum().backward()
+    assert torch.equal(out.detach(), before)
+    assert set(before.unique().tolist()) <= {0.0, 1.0}
