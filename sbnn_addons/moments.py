@@ -771,7 +771,12 @@ def _max_pool(func, args, kwargs, out, var_of):
         return UnknownVariance(f"{func.__name__} with return_indices")
     with torch._C.DisableTorchFunctionSubclass():  # the indices of the mean: a plain tensor
         _, idx = func(x.detach(), return_indices=True, **params)
-    d = _spatial_dims(func)
+    return _variance_at(var, idx, _spatial_dims(func))
+
+
+def _variance_at(var: Tensor, idx: Tensor, d: int) -> Tensor:
+    """The variance at the elements a max pooling over ``d`` spatial dims selected
+    (``idx``: its flat indices per channel, as ``return_indices`` gives them)."""
     picked = var.flatten(start_dim=-d).gather(-1, idx.flatten(start_dim=-d))
     return picked.view_as(idx)
 
@@ -785,9 +790,7 @@ def _adaptive_max_pool(func, args, kwargs, out, var_of):
     size = _pool_arg(args, kwargs, 1, "output_size")
     with torch._C.DisableTorchFunctionSubclass():  # the indices of the mean: a plain tensor
         _, idx = func(x.detach(), size, return_indices=True)
-    d = _spatial_dims(func)
-    picked = var.flatten(start_dim=-d).gather(-1, idx.flatten(start_dim=-d))
-    return picked.view_as(idx)
+    return _variance_at(var, idx, _spatial_dims(func))
 
 
 @register_variance_rule("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout")
@@ -820,10 +823,8 @@ def _batch_norm(func, args, kwargs, out, var_of):
         stat = _plain(x).detach().var(dim=dims, unbiased=False)
     else:
         stat = bound["running_var"]
-    scale = 1.0 / (stat + bound.get("eps", 1e-5))
-    if bound.get("weight") is not None:
-        scale = scale * bound["weight"] ** 2
-    return var * scale.view(shape)
+    return var * _norm_scale(stat, bound.get("eps", 1e-5), bound.get("weight"),
+                             (-1,)).view(shape)
 
 
 @register_variance_rule("pad")
@@ -1576,11 +1577,10 @@ def _flow_enter(module, args):
 def _flow_leave(module, args, output):
     if torch.compiler.is_compiling():
         return
+    # spikes drawn without a layer's noise are wrong with or without gradients
+    _check_dropped_noise(module, output)
     if module.training and torch.is_grad_enabled():
-        _check_dropped_noise(module, output)
         _check_unused_noise(module, output)
-    else:  # spikes drawn without a layer's noise are wrong with or without gradients
-        _check_dropped_noise(module, output)
     if not _OPEN_FLOWS:
         return
     ref, share = _OPEN_FLOWS[-1]

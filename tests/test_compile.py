@@ -453,6 +453,14 @@ def test_seeded_spikes_draw_eagerly_under_a_compile_that_may_break_the_graph():
         torch.compile(core, fullgraph=True)(x.flatten(1))
 
 
+class _GraphBreak(nn.Module):
+    """A user module Dynamo does not trace through (e.g. a print() of an activation)."""
+
+    def forward(self, x):
+        torch._dynamo.graph_break()
+        return x
+
+
 def test_spikingjelly_model_with_a_graph_break_compiles_and_seeded_spikes_draw_eagerly():
     """A converted SpikingJelly model that Dynamo splits into several graphs (a graph break
     in a user module of the Sequential; seeded spikes) runs as in eager mode: the
@@ -460,13 +468,8 @@ def test_spikingjelly_model_with_a_graph_break_compiles_and_seeded_spikes_draw_e
     and the first call failed with "Multiple dispatch failed for aten.detach"."""
     from spikingjelly.activation_based import functional, layer, neuron
 
-    class Probe(nn.Module):
-        def forward(self, x):
-            torch._dynamo.graph_break()  # e.g. a print() of an activation
-            return x
-
     torch.manual_seed(0)
-    host = nn.Sequential(layer.Linear(6, 4), Probe(), neuron.LIFNode())
+    host = nn.Sequential(layer.Linear(6, 4), _GraphBreak(), neuron.LIFNode())
     host[0].weight.data.abs_()
     net = sbnn_sj.to_sbnn(host)
     seeded = nn.Sequential(layer.Linear(6, 4), neuron.LIFNode())
@@ -801,15 +804,8 @@ def test_spikes_returned_at_a_graph_break_do_not_change_in_the_backward(step_mod
     place, and the spikes the caller holds turned into gradient values."""
     from spikingjelly.activation_based import functional, layer, neuron
 
-    import sbnn_addons.spikingjelly as sj
-
-    class Probe(torch.nn.Module):
-        def forward(self, x):
-            torch._dynamo.graph_break()
-            return x
-
     torch.manual_seed(0)
-    net = sj.to_sbnn(torch.nn.Sequential(layer.Linear(6, 4), Probe(), neuron.LIFNode()))
+    net = sbnn_sj.to_sbnn(nn.Sequential(layer.Linear(6, 4), _GraphBreak(), neuron.LIFNode()))
     functional.set_step_mode(net, step_mode)
     x = torch.rand(2, 6) * 2 if step_mode == "s" else torch.rand(3, 2, 6) * 2
     compiled = torch.compile(net)

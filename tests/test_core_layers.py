@@ -804,6 +804,29 @@ def _train_steps(model, opt, x, steps=3, forward=None):
     return [str(w.message) for w in caught if "noise scale std_rho" in str(w.message)]
 
 
+def _warnings_by_optimiser_order(build, to_sbnn, reset, x, step_wise: bool) -> dict:
+    """The std-not-stepped warnings of a few training steps of ``build()`` converted by
+    ``to_sbnn(net, inplace=True)``, with the Adam optimiser built ``"before"`` and
+    ``"after"`` the conversion; ``reset`` before each sequence ``x [T, B, ...]``, fed step
+    by step (``step_wise``) or whole."""
+    found = {}
+    for when in ("before", "after"):
+        torch.manual_seed(0)
+        net = build()
+        if when == "before":
+            opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        to_sbnn(net, inplace=True)
+        if when == "after":
+            opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+
+        def forward(net=net):
+            reset(net)
+            return torch.stack([net(xt) for xt in x]) if step_wise else net(x)
+
+        found[when] = _train_steps(net, opt, x, forward=forward)
+    return found
+
+
 @pytest.mark.parametrize("host", ["snntorch", "spikingjelly"])
 def test_warns_when_the_optimiser_was_built_before_an_inplace_conversion(host):
     """An optimiser built before ``to_sbnn(model, inplace=True)`` holds the weights but not
@@ -829,21 +852,8 @@ def test_warns_when_the_optimiser_was_built_before_an_inplace_conversion(host):
             functional.reset_net(net)
 
     x = torch.rand(3, 4, 8) * 3
-    found = {}
-    for when in ("before", "after"):
-        torch.manual_seed(0)
-        net = build()
-        if when == "before":
-            opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-        to_sbnn(net, inplace=True)
-        if when == "after":
-            opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-
-        def forward(net=net):
-            reset(net)
-            return net(x) if host == "spikingjelly" else torch.stack([net(xt) for xt in x])
-
-        found[when] = _train_steps(net, opt, x, forward=forward)
+    step_wise = host == "snntorch"
+    found = _warnings_by_optimiser_order(build, to_sbnn, reset, x, step_wise)
     assert len(found["before"]) == 1  # once per layer
     assert "BayesLinear '0'" in found["before"][0]
     assert "Build the optimiser after the conversion" in found["before"][0]
@@ -860,23 +870,13 @@ def test_warns_for_a_pruned_layer_whose_std_the_optimiser_misses():
 
     from sbnn_addons.snntorch import reset, to_sbnn
 
-    x = torch.rand(3, 4, 8) * 3
-    found = {}
-    for when in ("before", "after"):
-        torch.manual_seed(0)
+    def build():
         net = nn.Sequential(nn.Linear(8, 6), snn.Leaky(beta=0.9, init_hidden=True))
         prune.l1_unstructured(net[0], "weight", amount=0.3)
-        if when == "before":
-            opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-        to_sbnn(net, inplace=True)
-        if when == "after":
-            opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        return net
 
-        def forward(net=net):
-            reset(net)
-            return torch.stack([net(xt) for xt in x])
-
-        found[when] = _train_steps(net, opt, x, forward=forward)
+    found = _warnings_by_optimiser_order(build, to_sbnn, reset, torch.rand(3, 4, 8) * 3,
+                                         step_wise=True)
     assert len(found["before"]) == 1 and "BayesLinear '0'" in found["before"][0]
     assert found["after"] == []
 
