@@ -82,6 +82,7 @@ from .base import (
     cached_tensor_test,
     check_input,
     check_module,
+    raise_error,
     share_posterior,
     variance_dtype,
 )
@@ -1492,12 +1493,12 @@ def _refuse_host_neuron(func, name: str) -> None:
     Raises:
         VarianceFlowError: naming the fixes.
     """
-    if torch.compiler.is_compiling():
-        return
     if type(func) is torch._ops.OpOverload:
-        if not func.namespace.startswith("sj_"):
+        if func.namespace[:3] != "sj_":  # (Dynamo traces no startswith on an op's namespace)
             return
         _raise_host_neuron_error("SpikingJelly", f"{func.namespace}::{name}")
+    if torch.compiler.is_compiling():  # no frames to walk in a graph being traced
+        return
     frame = sys._getframe(2)
     while frame is not None and frame.f_globals.get("__name__") == __name__:
         frame = frame.f_back
@@ -1529,12 +1530,12 @@ def _raise_host_neuron_error(host: str, where: str):
            "sbnn_addons.spikingjelly.surrogate_function())" if host == "SpikingJelly"
            else "sbnn_addons.snntorch.to_sbnn(model) (or spike_grad="
            "sbnn_addons.snntorch.spike_grad())")
-    raise VarianceFlowError(
+    raise_error(
         f"a {host} neuron that is not converted fires from an input that carries a "
         f"Bayesian layer's posterior variance ({where}): it would drop the variance "
         "silently and the layer's std would get no gradient. Convert the neuron with "
         f"{fix}, e.g. after adding it to a converted model; or keep the layers feeding it "
-        "deterministic (exclude= in to_sbnn)")
+        "deterministic (exclude= in to_sbnn)", VarianceFlowError)
 
 
 def variance_flow() -> contextlib.AbstractContextManager:

@@ -815,3 +815,19 @@ def test_spikes_returned_at_a_graph_break_do_not_change_in_the_backward(step_mod
     out.sum().backward()
     assert torch.equal(out.detach(), before)
     assert set(before.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_unconverted_spikingjelly_neuron_after_a_bayesian_layer_raises_under_compile():
+    """An unconverted SpikingJelly neuron fed by a Bayesian layer raises in a fullgraph
+    step as in eager mode, naming the fix: compiled, it fired from the mean and the
+    layer's std got no gradient, without an error."""
+    from spikingjelly.activation_based import neuron
+
+    torch.manual_seed(0)
+    for node in (neuron.LIFNode(), neuron.ParametricLIFNode()):
+        net = nn.Sequential(sb.BayesLinear(4, 5, std=0.3), node)
+        torch._dynamo.reset()
+        step = torch.compile(lambda x, net=net: net(x).sum(), fullgraph=True)
+        with pytest.raises(RuntimeError, match="not converted.*spikingjelly.to_sbnn") as err:
+            step(torch.rand(3, 4))
+        assert str(err.value).startswith("a SpikingJelly neuron that is not converted")
