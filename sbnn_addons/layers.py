@@ -35,6 +35,7 @@ from .base import (
     check_std,
     inverse_softplus,
     noise_scale,
+    raise_error,
     share_posterior,
     shared_square,
     square,
@@ -383,11 +384,21 @@ class _BayesMixin(SBNNModule):
             "(for p in sbnn_addons.noise_parameters(model): p.requires_grad_(False))",
             UserWarning, stacklevel=4)
 
+    def register_forward_hook(self, hook, *args, **kwargs):
+        """``nn.Module.register_forward_hook``; then :func:`_variance_kept` is made the
+        last hook again (:meth:`_guard_forward_hooks`), here rather than at the next
+        forward, which a compiled model cannot register a hook in."""
+        handle = super().register_forward_hook(hook, *args, **kwargs)
+        if hook is not _variance_kept:
+            self._guard_forward_hooks()
+        return handle
+
     def _guard_forward_hooks(self) -> None:
         """Where the layer has forward hooks of its user (not the variance flow's own, a
         global one of ``register_module_forward_hook`` included), make
         :func:`_variance_kept` the last of them, so that it sees the output every hook
-        left. Run in the forward: the hooks run after it (eager mode only)."""
+        left. Run where a hook is registered, and in the forward: the hooks run after it
+        (eager mode only)."""
         if torch.compiler.is_compiling():
             return
         hooks = self._forward_hooks
@@ -559,12 +570,12 @@ def _variance_kept(module: _BayesMixin, args, output) -> None:
         return
     name = noise_sources(output, module)[0]
     which = f"{type(module).__name__}{f' {name!r}' if name else ''}"
-    raise VarianceFlowError(
+    raise_error(
         f"a forward hook of {which} returned a tensor without the posterior variance the "
         "layer attached to its output (a new tensor, .data, .as_subclass(torch.Tensor)), "
         "so the layer's noise would vanish silently and its std get no gradient; return "
         "an expression of the output instead (output * mask, output.clone(), None to keep "
-        "it), or register the hook on the module after the layer")
+        "it), or register the hook on the module after the layer", VarianceFlowError)
 
 
 def check_kl_samples(num_samples) -> None:
@@ -1069,6 +1080,8 @@ def _adopt_hooks(new: nn.Module, src: nn.Module) -> None:
                                 if not isinstance(h, reparametrisations))
         new.__dict__[attr] = hooks
     new._is_full_backward_hook = src._is_full_backward_hook
+    if isinstance(new, _BayesMixin):
+        new._guard_forward_hooks()
 
 
 #: Default posterior std of a converted layer, as a fraction of the RMS of its weights.

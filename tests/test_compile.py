@@ -831,3 +831,27 @@ def test_unconverted_spikingjelly_neuron_after_a_bayesian_layer_raises_under_com
         with pytest.raises(RuntimeError, match="not converted.*spikingjelly.to_sbnn") as err:
             step(torch.rand(3, 4))
         assert str(err.value).startswith("a SpikingJelly neuron that is not converted")
+
+
+def test_forward_hook_that_drops_the_variance_raises_in_a_first_compiled_call():
+    """A user's forward hook on a converted layer that returns ``output.data`` raises the
+    named error in a fullgraph step that runs before any eager forward (the layer's check
+    was added at the first eager forward: compiled first, that layer's noise vanished and
+    its std got no gradient, without an error); a hook that keeps the variance compiles."""
+    torch.manual_seed(0)
+    host = nn.Sequential(nn.Linear(4, 5), snn.Leaky(beta=0.9, init_hidden=True),
+                         nn.Linear(5, 2), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    host[0].weight.data.abs_().mul_(3)  # spikes into the hooked layer
+    host[2].register_forward_hook(lambda m, i, o: o * 2.0)  # adopted by the conversion
+    net = sbnn_snn.to_sbnn(host)
+    sutils.reset(net)
+    step = torch.compile(lambda x: net(x)[0].sum(), fullgraph=True)
+    x = torch.rand(3, 4) * 3
+    torch._dynamo.reset()
+    step(x).backward()
+    assert net[2].std_rho.grad.abs().sum() > 0
+    net[2].register_forward_hook(lambda m, i, o: o.data)
+    sutils.reset(net)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="forward hook of BayesLinear.*expression of the"):
+        step(x)
