@@ -622,13 +622,12 @@ def _refuse_noisy_input(x: Tensor, layer: str, module: nn.Module | None = None) 
         where = f" ({this!r})" if this else ""
         which = f"layer {', '.join(repr(n) for n in earlier)}" if earlier else "layer"
         fix = repr(earlier) if earlier else "its name"
-        raise VarianceFlowError(
+        raise_error(
             f"the input of {layer}{where} carries the posterior variance of an earlier "
             f"Bayesian {which} (two weight layers with no spiking neuron between them), "
             "which this layer would drop: put a neuron between them, or keep the earlier "
             f"layer deterministic (exclude={fix} in to_sbnn, or use a plain nn.Linear / "
-            "nn.Conv)"
-        )
+            "nn.Conv)", VarianceFlowError)
 
 
 def _check_features(x: Tensor, expected: int, dim: int, layer: str,

@@ -1839,11 +1839,10 @@ def refuse_variance(module: nn.Module, args: tuple) -> None:
     """
     x = args[0] if args else None
     if type(x) is VarianceTensor:
-        raise VarianceFlowError(
+        raise_error(
             f"{type(module).__name__} was excluded from the conversion but its input comes "
             "from a Bayesian layer (it carries a posterior variance that this neuron would "
-            "drop); exclude the layers feeding it as well"
-        )
+            "drop); exclude the layers feeding it as well", VarianceFlowError)
 
 
 def check_model_input(model: nn.Module, args: tuple) -> None:
@@ -1859,11 +1858,10 @@ def check_model_input(model: nn.Module, args: tuple) -> None:
         return
     where = f"the converted model ({type(model).__name__})"
     if x.dim() and 0 in x.shape:
-        raise ValueError(
+        raise_error(
             f"the input of {where} has shape {tuple(x.shape)}, with a zero-size dimension "
             "(a sequence of T = 0 steps or a batch of 0 examples); there is nothing to run: "
-            "skip empty inputs before calling the model"
-        )
+            "skip empty inputs before calling the model", ValueError)
     check_input(x, where)
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .base import call_eagerly, check_input, mark_checked
+from .base import call_eagerly, check_input, mark_checked, raise_error
 from .functional import (
     LIF_RESETS,
     _variance_update,
@@ -39,10 +39,8 @@ __all__ = ["LIF", "LIFState"]
 def _known(variance, what: str):
     """``variance`` itself, unless the input went through an operation without a rule."""
     if isinstance(variance, UnknownVariance):
-        raise VarianceFlowError(
-            f"the {what} went through '{variance.op}', whose effect on the variance is "
-            "unknown"
-        )
+        raise_error(f"the {what} went through '{variance.op}', whose effect on the "
+                    "variance is unknown", VarianceFlowError)
     return variance
 
 

@@ -47,6 +47,7 @@ from .base import (
     check_module,
     check_std,
     drop_state,
+    raise_error,
     set_state,
 )
 from .base import match_name as _match
@@ -662,14 +663,13 @@ def _check_passed_membrane(neuron: nn.Module, mem: Tensor) -> None:
     name = type(neuron).__name__
     if isinstance(var, UnknownVariance):
         what = f"the membrane passed to this {name} went through"
-        raise VarianceFlowError(
+        raise_error(
             f"{what} '{var.op}', which has no variance rule, so its noise variance is "
             "unknown (the neuron would restart it silently). Edit the "
             "membrane only with operations that have one (a scaling or a shift: "
             "mem = 0.5 * mem, mem * c, mem + c), register a rule with "
             "sbnn_addons.moments.register_variance_rule, or start a new sequence with a new "
-            "membrane (mem = lif.init_leaky()) instead of changing it"
-        )
+            "membrane (mem = lif.init_leaky()) instead of changing it", VarianceFlowError)
 
 
 
@@ -1051,7 +1051,7 @@ def _refuse_host_variance(module: nn.Module, name: str, value) -> None:
                "or use snn.Leaky / snn.RLeaky there")
     else:
         fix = f"to_sbnn does not convert snn.{what}; {drop_in}, or use snn.Leaky there"
-    raise VarianceFlowError(problem + fix)
+    raise_error(problem + fix, VarianceFlowError)
 
 
 _HOST_HOOK = torch.nn.modules.module.register_module_buffer_registration_hook(

@@ -377,12 +377,12 @@ class IWSTSpike(SBNNModule, nn.Module):
         """
         var = get_variance(u) if self.use_input_variance else None
         if isinstance(var, UnknownVariance):
-            raise VarianceFlowError(
+            raise_error(
                 f"the input of this spike function went through '{var.op}', whose effect on "
                 "the posterior variance is unknown. Use a supported operation between the "
                 "Bayesian layer and the neuron (see sbnn_addons.moments), register a rule "
-                "with sbnn_addons.moments.register_variance_rule, or exclude the layer."
-            )
+                "with sbnn_addons.moments.register_variance_rule, or exclude the layer.",
+                VarianceFlowError)
         own_var = self.own_noise_variance()
         if own_var is not None:
             own_var = own_var.to(variance_dtype(u.dtype))  # float16: float32

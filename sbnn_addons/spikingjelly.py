@@ -74,6 +74,7 @@ from .base import (
     checkpoint_hooks_active,
     match_name,
     name_patterns,
+    raise_error,
     set_state,
 )
 from .functional import compact_broadcast, mark_binary
@@ -363,7 +364,7 @@ def _neuron_pre_hook(node: nn.Module, args):
         )
     var = get_variance(x)
     if isinstance(var, UnknownVariance):
-        raise _unknown_variance_error(node, x, var)
+        raise_error(_unknown_variance_message(node, x, var), VarianceFlowError)
     spike._begin(node, var, node.step_mode == "m", x)
     if type(x) is not VarianceTensor:
         return None
@@ -377,8 +378,8 @@ def _neuron_pre_hook(node: nn.Module, args):
     return (stripped, *args[1:])
 
 
-def _unknown_variance_error(node: nn.Module, x: Tensor, var: UnknownVariance):
-    """The error for a linked neuron whose input ``x`` carries a variance that an
+def _unknown_variance_message(node: nn.Module, x: Tensor, var: UnknownVariance) -> str:
+    """The error message for a linked neuron whose input ``x`` carries a variance that an
     operation without a rule made unknown: it names the neuron and the Bayesian layers
     whose noise ``x`` carries (eager mode, in a tracked forward), and the ways out."""
     name, layers = noise_sources(x, node)
@@ -387,7 +388,7 @@ def _unknown_variance_error(node: nn.Module, x: Tensor, var: UnknownVariance):
     if layers:
         which = f"the Bayesian layer(s) {', '.join(repr(n) for n in layers)}"
         fix = f"exclude={layers}"
-    return VarianceFlowError(
+    return (
         f"the input of {where} carries the noise of {which} through '{var.op}', whose "
         "effect on the posterior variance is unknown. Use a supported operation between "
         f"the Bayesian layer and the neuron, keep those layers deterministic ({fix} in "

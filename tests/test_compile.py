@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import gc
 import pickle
+import re
 import shutil
 
 import pytest
@@ -855,3 +856,56 @@ def test_forward_hook_that_drops_the_variance_raises_in_a_first_compiled_call():
     torch._dynamo.reset()
     with pytest.raises(RuntimeError, match="forward hook of BayesLinear.*expression of the"):
         step(x)
+
+
+def _bad_models():
+    """Misuses that eager mode names, each as (model, input, start of the message)."""
+    from spikingjelly.activation_based import layer, neuron
+
+    class TanhLeaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.lif = nn.Linear(4, 3), snn.Leaky(beta=0.9, init_hidden=True)
+
+        def forward(self, x):
+            return self.lif(torch.tanh(self.fc(x)))
+
+    snn_pair = nn.Sequential(nn.Linear(4, 5), snn.Leaky(beta=0.9, init_hidden=True),
+                             nn.Linear(5, 2), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    x = torch.rand(2, 4)
+    return {
+        "unconverted snnTorch neuron": (
+            nn.Sequential(sb.BayesLinear(4, 3, std=0.3), snn.Leaky(beta=0.9, init_hidden=True)),
+            x, "this snn.Leaky is not converted"),
+        "op without a rule, snnTorch": (sbnn_snn.to_sbnn(TanhLeaky()), x,
+                                        "the input of this spike function went through 'tanh'"),
+        "op without a rule, SpikingJelly": (
+            sbnn_sj.to_sbnn(nn.Sequential(layer.Linear(4, 3), nn.Tanh(), neuron.LIFNode())),
+            x, "the input of LIFNode"),  # (eager mode names the layers too)
+        "op without a rule, core LIF": (
+            nn.Sequential(sb.BayesLinear(4, 3, std=0.3), nn.Tanh(), sb.LIF()), x,
+            "the input current went through 'tanh'"),
+        "stacked Bayesian layers": (
+            nn.Sequential(sb.BayesLinear(4, 3, std=0.3), sb.BayesLinear(3, 2)), x,
+            "the input of BayesLinear carries the posterior variance of an earlier"),
+        "excluded neuron": (sbnn_snn.to_sbnn(snn_pair, exclude="3"), x,
+                            "Leaky was excluded from the conversion"),
+        "empty input": (sbnn_snn.to_sbnn(snn_pair), torch.rand(0, 4),
+                        "the input of the converted model (Sequential) has shape (0, 4)"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_models()))
+def test_misuses_are_named_in_a_fullgraph_step(case):
+    """What eager mode refuses with a named error is refused with the same message in a
+    fullgraph step (a ``RuntimeError``), not with Dynamo's "Observed exception" that
+    hides it in a debug context."""
+    torch.manual_seed(0)
+    model, x, message = _bad_models()[case]
+    with pytest.raises(Exception, match=re.escape(message)):
+        model(x)  # eager mode's error
+    model, x, message = _bad_models()[case]  # anew: the failed step left its state
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError) as err:
+        torch.compile(model, fullgraph=True)(x)
+    assert str(err.value).startswith(message)
