@@ -1394,9 +1394,33 @@ def _flow(func, args, kwargs):
     if why is not None and not isinstance(var, UnknownVariance):
         var = UnknownVariance(why)
     if out is args[0] if args else False:  # in place: the target carries the result
+        if torch.compiler.is_compiling() and name in _SUMS and _noisy_operand(args[1:]):
+            _refuse_compiled_in_place_sum(name)
         _mark_in_place(args[0], var, name, noise=nset)
         return args[0]
     return _wrap(out, var, noise=nset)
+
+
+def _noisy_operand(args) -> bool:
+    """Whether one of ``args`` carries a Bayesian layer's variance."""
+    return any(type(a) is VarianceTensor and a.variance is not None for a in args)
+
+
+def _refuse_compiled_in_place_sum(name: str) -> None:
+    """An in-place sum whose other operand carries a variance, in a graph that
+    ``torch.compile`` traces (``h += g``, ``h.add_(g)``): PyTorch 2.13's Dynamo replaces
+    the target by a plain tensor, so the variance of both operands would be lost
+    silently (the layers' stds would get no gradient).
+
+    Raises:
+        RuntimeError: naming the out-of-place form that works.
+    """
+    raise_error(
+        f"an in-place sum ('{name}': h += g, h.add_(g)) of two tensors that carry a "
+        "Bayesian layer's posterior variance, inside torch.compile: the compiled graph "
+        "would drop the variance of both (the layers' stds would get no gradient). Write "
+        "it out of place, h = h + g (e.g. out = out + identity in a residual block)",
+        VarianceFlowError)
 
 
 #: Operations whose rule adds the variances of several elements of one tensor.

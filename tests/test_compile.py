@@ -909,3 +909,32 @@ def test_misuses_are_named_in_a_fullgraph_step(case):
     with pytest.raises(RuntimeError) as err:
         torch.compile(model, fullgraph=True)(x)
     assert str(err.value).startswith(message)
+
+
+def test_in_place_sum_of_two_noisy_tensors_raises_in_a_compiled_step():
+    """``h += g`` with both operands carrying a Bayesian layer's variance (a residual
+    block's ``out += identity`` after a downsampling layer): a compiled graph made the
+    target a plain tensor, so both layers' noise vanished (no std gradient) without an
+    error. It raises, naming the out-of-place sum, which compiles as in eager mode."""
+    torch.manual_seed(0)
+    fc, fc2 = sb.BayesLinear(4, 6, std=0.5), sb.BayesLinear(4, 6, std=0.5)
+    spike = sb.IWSTSpike("st")
+    x = torch.rand(8, 4) * 2
+
+    def in_place(x):
+        h = fc(x)
+        h += fc2(x)
+        return spike(h - 1.0).sum()
+
+    def out_of_place(x):
+        return spike(fc(x) + fc2(x) - 1.0).sum()
+
+    torch._dynamo.reset()
+    in_place(x).backward()  # eager mode: fine
+    assert fc.std_rho.grad is not None
+    with pytest.raises(RuntimeError, match=r"in-place sum .*h = h \+ g") as err:
+        torch.compile(in_place, fullgraph=True)(x)
+    assert str(err.value).startswith("an in-place sum")
+    fc.zero_grad()
+    torch.compile(out_of_place, fullgraph=True)(x).backward()
+    assert fc.std_rho.grad.abs() > 0 and fc2.std_rho.grad.abs() > 0
