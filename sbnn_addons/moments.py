@@ -1407,19 +1407,19 @@ def _noisy_operand(args) -> bool:
 
 
 def _refuse_compiled_in_place_sum(name: str) -> None:
-    """An in-place sum whose other operand carries a variance, in a graph that
-    ``torch.compile`` traces (``h += g``, ``h.add_(g)``): PyTorch 2.13's Dynamo replaces
-    the target by a plain tensor, so the variance of both operands would be lost
-    silently (the layers' stds would get no gradient).
+    """An in-place sum whose added operand carries a variance, in a graph that
+    ``torch.compile`` traces (``h += g``, ``h.add_(g)``): PyTorch 2.13's Dynamo leaves the
+    target a plain tensor (a carrier target is replaced by one), so the variance would be
+    lost silently (the layers' stds would get no gradient).
 
     Raises:
         RuntimeError: naming the out-of-place form that works.
     """
     raise_error(
-        f"an in-place sum ('{name}': h += g, h.add_(g)) of two tensors that carry a "
-        "Bayesian layer's posterior variance, inside torch.compile: the compiled graph "
-        "would drop the variance of both (the layers' stds would get no gradient). Write "
-        "it out of place, h = h + g (e.g. out = out + identity in a residual block)",
+        f"an in-place sum ('{name}': h += g, h.add_(g)) where g carries a Bayesian "
+        "layer's posterior variance, inside torch.compile: the compiled graph would drop "
+        "the variance (the layers' stds would get no gradient). Write it out of place, "
+        "h = h + g (e.g. out = out + identity in a residual block)",
         VarianceFlowError)
 
 
