@@ -184,6 +184,7 @@ class _BayesMixin(SBNNModule):
                 "no synapses (0 input or output features / channels); give every size >= 1")
         fan_in = self.weight[0].numel()
         learn_std = check_flag("learn_std", learn_std)
+        detach_input_variance = check_flag("detach_input_variance", detach_input_variance)
         std = 0.5 / math.sqrt(fan_in) if std is None else std
         std = check_std("std", std, allow_zero=not learn_std)
         shape = {"layer": (), "channel": (self.weight.shape[0],), "weight": self.weight.shape}
@@ -620,9 +621,30 @@ def _refuse_noisy_input(x: Tensor, layer: str, module: nn.Module | None = None) 
         )
 
 
+def _check_like_weight(x: Tensor, module: nn.Module, layer: str) -> None:
+    """The input must be on the weights' device and (outside ``torch.autocast``) of their
+    dtype: torch's own errors ("mat1 and mat2 must have the same dtype", "Tensor on device
+    cpu is not on the expected device meta!") name neither the layer nor the fix. A
+    parametrized weight is not computed here (torch's error remains)."""
+    weight = module._parameters.get("weight")
+    if weight is None:
+        return
+    if x.device != weight.device:
+        raise ValueError(
+            f"{layer} has its weights on {weight.device} but its input is on {x.device}: "
+            f"move the input (x.to({str(weight.device)!r})) or the model (model.to(device))")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{layer} has {weight.dtype} weights but its input is {x.dtype}: convert the "
+            f"input (x.to({weight.dtype})), cast the model (model.to(dtype)), or run under "
+            "torch.autocast")
+
+
 def _check_features(x: Tensor, expected: int, dim: int, layer: str,
                     module: nn.Module | None = None) -> None:
     check_float("input", x)
+    if module is not None:
+        _check_like_weight(x, module, layer)
     _refuse_noisy_input(x, layer, module)
     check_input(x, layer)
     if x.dim() == 0 or x.shape[dim] != expected:
@@ -822,6 +844,7 @@ class _BayesConv(_BayesMixin):
     def _forward(self, x: Tensor) -> Tensor:
         n = self.weight.dim() - 2
         check_float("input", x)
+        _check_like_weight(x, self, type(self).__name__)
         _refuse_noisy_input(x, type(self).__name__, self)
         check_input(x, type(self).__name__)
         if x.dim() not in (n + 1, n + 2) or x.shape[-n - 1] != self.in_channels:

@@ -1169,6 +1169,7 @@ def reset(model: nn.Module) -> nn.Module:
     only this model's neurons (works on ``deepcopy`` / ``torch.load`` copies). Returns
     ``model``.
     """
+    check_module(model, "snntorch.reset")
     for m in model.modules():
         if m.__dict__.get(_CACHE) is not None or m.__dict__.get(_STATE) is not None:
             drop_state(m, _CACHE, _STATE)
@@ -1521,6 +1522,7 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
     """
     from snntorch import surrogate
 
+    check_module(model, "to_snntorch")
     if spike_grad is not None:
         _check_host_spike_grad(spike_grad, model)
     out = _safe_deepcopy(model)

@@ -282,6 +282,9 @@ class IWSTSpike(SBNNModule, nn.Module):
                 or (isinstance(threshold, Tensor) and threshold.numel() != 1)
                 or math.isnan(float(threshold))):
             raise ValueError(f"threshold must be a number (not NaN), got {threshold!r}")
+        if isinstance(batch_dim, bool) or not isinstance(batch_dim, numbers.Integral):
+            raise TypeError(f"batch_dim must be an int (the dimension of u that indexes "
+                            f"examples, 1 for [T, B, ...]), got {batch_dim!r}")
         self.learn_std = bool(learn_std)
         if self.learn_std:
             self.std_rho = nn.Parameter(torch.full(tuple(std_shape), inverse_softplus(std)))
@@ -293,7 +296,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         self.threshold = float(threshold)
         self.aux_center = aux_center
         self.aux_std_grad = aux_std_grad
-        self.batch_dim = batch_dim
+        self.batch_dim = int(batch_dim)
         self.collect_aux = False
         self._aux_pull = aux_pull
         self._aux_terms: list[Tensor] = []

@@ -794,6 +794,7 @@ def reset(model: nn.Module) -> nn.Module:
     table of reset networks would otherwise hold both, and a step that Dynamo traces with
     ``reset_net(net)`` inside fails on the module reached twice (an ``AssertionError``,
     "already tracked for mutation"; see the Performance page)."""
+    check_module(model, "spikingjelly.reset")
     net = getattr(model, "_orig_mod", model)
     functional.invalidate_reset_cache(net)
     functional.reset_net(net)
@@ -1106,6 +1107,7 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
         TypeError: ``surrogate_function`` is a class (``surrogate.ATan`` instead of
             ``surrogate.ATan()``) or not callable.
     """
+    check_module(model, "to_spikingjelly")
     if isinstance(surrogate_function, type):
         raise TypeError(
             "surrogate_function must be a surrogate instance, e.g. surrogate_function="

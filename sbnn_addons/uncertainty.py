@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -804,7 +805,8 @@ def metrics_vs_samples(
         ``{"k": [...], "accuracy": [...], "nll": [...], "ece": [...]}``.
 
     Raises:
-        TypeError: ``sample_probs`` is neither a :class:`Prediction` nor a tensor.
+        TypeError: ``sample_probs`` is neither a :class:`Prediction` nor a tensor, or
+            ``ks`` is a single number instead of a sequence.
         ValueError: no samples, an empty ``ks``, a ``k`` outside ``[1, K]``, or targets /
             probabilities that :func:`~sbnn_addons.metrics.check_probabilities` refuses.
     """
@@ -821,6 +823,9 @@ def metrics_vs_samples(
                          f"{tuple(sample_probs.shape)}")
     big_k = sample_probs.shape[0]
     sample_probs = _float32_rows(sample_probs)
+    if isinstance(ks, (numbers.Number, str, Tensor)):
+        raise TypeError(f"ks must be a sequence of sample counts such as [1, 2, 4] (or None), "
+                        f"got {ks!r}; for one count pass [{ks!r}]")
     if ks is not None and not (ks := list(ks)):
         raise ValueError("ks is empty: nothing to compute; pass sample counts such as "
                          "[1, 2, 4] (or ks=None for 1, 2, 4, ... up to K)")

@@ -524,6 +524,12 @@ def test_sbnn_objective_arguments_are_named():
     torch.testing.assert_close(loss, nll + sb.kl_divergence(fc) / 10)
 
 
+def _paper_recipe(*args, **kwargs):
+    from sbnn_addons.models import paper_recipe
+
+    return paper_recipe(*args, **kwargs)
+
+
 @pytest.mark.parametrize("call, who", [
     (lambda m: sb.set_mode(m, "mc"), "set_mode"), (sb.get_mode, "get_mode"),
     (lambda m: sb.mode(m, "mean").__enter__(), "mode"),
@@ -535,6 +541,10 @@ def test_sbnn_objective_arguments_are_named():
     (lambda m: sb.mc_predict(m, torch.zeros(2, 3), 2), "mc_predict"),
     (lambda m: sb.moments.check_variance_flow(m, torch.zeros(2, 3)), "check_variance_flow"),
     (sbnn_snn.to_sbnn, "snntorch.to_sbnn"), (sbnn_sj.to_sbnn, "spikingjelly.to_sbnn"),
+    (sbnn_snn.to_snntorch, "to_snntorch"), (sbnn_sj.to_spikingjelly, "to_spikingjelly"),
+    (sbnn_snn.reset, "snntorch.reset"), (sbnn_sj.reset, "spikingjelly.reset"),
+    (lambda m: list(sb.noise_parameters(m)), "noise_parameters"),
+    (lambda m: _paper_recipe(m, "shd", 5), "paper_recipe"),
 ])
 def test_model_functions_name_a_model_that_is_not_a_module(call, who):
     """model.parameters() (or a state dict) in place of the model: an AttributeError."""
@@ -562,6 +572,8 @@ def _convert_spikingjelly(**kw):
 @pytest.mark.parametrize("call, name", [
     (lambda v: sb.BayesLinear(3, 2, learn_std=v), "learn_std"),
     (lambda v: sb.BayesConv2d(1, 2, 3, learn_std=v), "learn_std"),
+    (lambda v: sb.BayesLinear(3, 2, detach_input_variance=v), "detach_input_variance"),
+    (lambda v: sb.BayesConv1d(1, 2, 3, detach_input_variance=v), "detach_input_variance"),
     (lambda v: sb.IWSTSpike("st", std=0.1, learn_std=v), "learn_std"),
     (lambda v: sb.IWSTSpike("st", at_zero=v), "at_zero"),
     (lambda v: sb.IWSTSpike("st", use_input_variance=v), "use_input_variance"),
@@ -759,3 +771,99 @@ def test_snntorch_threshold_changed_after_the_conversion_reaches_the_aux_terms(k
     with contextlib.nullcontext() if kernel else sb.kernels.use_kernels(False):
         built, changed = aux_after(True), aux_after(False)
     assert torch.isfinite(changed) and torch.equal(changed, built)
+
+
+# ------------------------------------------- a wrong dtype / device, a number or a list
+@pytest.mark.parametrize("make, shape", [
+    (lambda: sb.BayesLinear(6, 3), (4, 6)),
+    (lambda: sb.BayesConv1d(2, 3, 3), (4, 2, 8)),
+    (lambda: sb.BayesConv2d(2, 3, 3), (4, 2, 6, 6)),
+])
+def test_core_layer_names_an_input_of_another_dtype_or_device(make, shape):
+    """A float64 / float16 input of a float32 layer failed inside torch ("mat1 and mat2
+    must have the same dtype", "Input type (double) and bias type (float)"), an input on
+    another device with "Tensor on device cpu is not on the expected device meta!"."""
+    torch.manual_seed(0)
+    layer_, x = make(), torch.rand(shape)
+    name = type(layer_).__name__
+    for dtype in (torch.float64, torch.float16):
+        with pytest.raises(TypeError, match=rf"{name} has torch.float32 weights but its "
+                                            rf"input is {dtype}.*x.to\(torch.float32\)"):
+            layer_(x.to(dtype))
+    with pytest.raises(ValueError, match=rf"{name} has its weights on cpu but its input is "
+                                         r"on meta.*model.to\(device\)"):
+        layer_(x.to("meta"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts: no error
+        assert layer_(x.bfloat16()).dtype == torch.bfloat16
+    assert make().to(torch.float64)(x.double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: sb.LIF(beta="0.9"), "beta must be a real number"),  # taken as 0.9
+    (lambda: sb.LIF(beta=[0.9, 0.8]), "beta must be a real number"),  # float() error
+    (lambda: sb.LIF(beta=torch.tensor([0.9, 0.8])), "beta must be a real number"),
+    (lambda: sb.LIF(threshold="1"), "threshold must be a real number"),
+    (lambda: sb.LIF(spike_fn="st"), "spike_fn must be an IWSTSpike"),  # AttributeError
+    (lambda: sb.LIF(spike_fn=nn.ReLU()), "spike_fn must be an IWSTSpike"),  # at forward
+    (lambda: sb.IWSTSpike(batch_dim="1"), "batch_dim must be an int"),  # at aux_loss
+    (lambda: sb.IWSTSpike(batch_dim=1.0), "batch_dim must be an int"),
+    (lambda: sb.IWSTSpike(batch_dim=True), "batch_dim must be an int"),
+])
+def test_neuron_and_spike_arguments_of_a_wrong_type_are_named(make, match):
+    with pytest.raises(TypeError, match=match):
+        make()
+
+
+def test_neuron_and_spike_accept_scalar_tensors_and_numpy_numbers():
+    import numpy as np
+
+    from sbnn_addons.models import SurrogateSpike
+
+    lif = sb.LIF(beta=torch.tensor(0.5), threshold=np.float32(2.0), spike_fn=SurrogateSpike())
+    assert (lif.beta, lif.threshold) == (0.5, 2.0)
+    assert sb.IWSTSpike(batch_dim=np.int64(1)).batch_dim == 1
+
+
+def test_paper_recipe_rates_and_cosine_are_checked():
+    """paper_recipe(lr=-1e-3) trained by gradient ascent (Adam checks only its default
+    rate, not a group's), noise_lr=nan made every noise scale NaN; paper_lr_factor with
+    floor 2 raised the rate, with epochs=0 divided by zero."""
+    from sbnn_addons.models import paper_lr_factor, paper_recipe, shd_recurrent
+
+    net = shd_recurrent(in_features=8, hidden=(4,), num_classes=3, num_steps=5)
+    for kw, name in [({"lr": -1e-3}, "lr"), ({"lr": 0}, "lr"), ({"noise_lr": math.nan},
+                     "noise_lr"), ({"noise_lr": "5e-2"}, "noise_lr")]:
+        with pytest.raises(ValueError, match=f"^{name} must be a finite number > 0"):
+            paper_recipe(net, "shd", 5, **kw)
+    with pytest.raises(ValueError, match="epochs must be a positive int"):
+        paper_lr_factor(0, 0, 0.1)
+    for floor in (-0.1, 2.0, "0.1"):
+        with pytest.raises(ValueError, match=r"floor must be a number in \[0, 1\]"):
+            paper_lr_factor(1, 10, floor)
+    assert paper_lr_factor(10, 10, 0.1) == pytest.approx(0.1)
+    opt, _ = paper_recipe(net, "shd", 5, lr=1e-3, noise_lr=1e-2)
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-2]
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"num_steps": 0}, "num_steps must be a positive int"),  # ZeroDivisionError at forward
+    ({"num_steps": 2.0}, "num_steps must be a positive int"),
+    ({"dims": 3}, "dims must be 1"),  # built BatchNorm1d silently
+])
+def test_step_batch_norm_arguments_are_checked(kw, match):
+    from sbnn_addons.models import StepBatchNorm
+
+    with pytest.raises(ValueError, match=match):
+        StepBatchNorm(3, **{"num_steps": 2, **kw})
+
+
+def test_a_single_number_where_a_collection_belongs_is_named():
+    """ks=4 / classes=3 failed with "'int' object is not iterable"."""
+    from sbnn_addons.data import load_dvs_gesture_32
+
+    probs = torch.full((4, 2, 2), 0.5)
+    with pytest.raises(TypeError, match=r"ks must be a sequence.*for one count pass \[4\]"):
+        sb.uncertainty.metrics_vs_samples(probs, torch.tensor([0, 1]), ks=4)
+    assert sb.uncertainty.metrics_vs_samples(probs, torch.tensor([0, 1]), ks=[4])["k"] == [4]
+    with pytest.raises(TypeError, match=r"classes must be a collection.*pass \(3,\)"):
+        load_dvs_gesture_32("/nonexistent", classes=3)

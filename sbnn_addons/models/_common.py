@@ -63,10 +63,18 @@ class StepBatchNorm(nn.Module):
 
     Shapes:
         input ``[T*B, C, *]`` (time-major fold) -> same shape.
+
+    Raises:
+        ValueError: ``num_steps`` not an integer >= 1 (no norm: a division by zero in the
+            forward), or ``dims`` not 1 or 2 (any other value built ``BatchNorm1d``).
     """
 
     def __init__(self, num_features: int, num_steps: int, dims: int = 2) -> None:
         super().__init__()
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        if dims not in (1, 2) or isinstance(dims, bool):
+            raise ValueError(f"dims must be 1 (BatchNorm1d) or 2 (BatchNorm2d), got {dims!r}")
         bn = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
         self.num_steps = num_steps
         self.norms = nn.ModuleList(bn(num_features) for _ in range(num_steps))
