@@ -80,6 +80,7 @@ from torch import Tensor, nn
 from .base import (
     SBNNModule,
     cached_tensor_test,
+    check_flag,
     check_input,
     check_module,
     share_posterior,
@@ -1887,10 +1888,16 @@ def track_variance(model: nn.Module, opaque=(), *, check_inputs: bool = False) -
             :class:`~sbnn_addons.check_finite` is off); the adapters turn it on.
 
     Idempotent; the adapters call it on the converted model. Returns ``model``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or ``check_inputs`` is not a bool (a
+            string such as ``"no"`` turned the checks on).
     """
+    check_module(model, "track_variance")
+    check_inputs = check_flag("check_inputs", check_inputs)
     if getattr(model, "_sbnn_flow_handles", None):
         return model
-    model.__dict__[_FLOW_STATE] = {"check_inputs": bool(check_inputs)}
+    model.__dict__[_FLOW_STATE] = {"check_inputs": check_inputs}
     handles = [
         model.register_forward_pre_hook(_flow_enter),
         # not always_call: that registry is keyed by global hook ids, which a compiled

@@ -716,14 +716,22 @@ def check_seed(seed, name: str = "seed") -> int | None:
     Raises:
         TypeError: ``seed`` is a bool, a float, a string or anything else that is not an
             integer (``int``, a numpy integer, a 0-d integer tensor).
+        ValueError: an integer outside the range a ``torch.Generator`` takes,
+            ``[-2**63, 2**64)`` (it failed at the first draw, "Overflow when unpacking
+            long long").
     """
     if seed is None:
         return None
     if not isinstance(seed, bool):
         try:
-            return operator.index(seed)
+            value = operator.index(seed)
         except TypeError:
             pass
+        else:
+            if not -(1 << 63) <= value < 1 << 64:
+                raise ValueError(f"{name} must be in [-2**63, 2**64) (the range of a "
+                                 f"torch.Generator seed), got {value}")
+            return value
     raise TypeError(f"{name} must be an integer or None, got {seed!r} "
                     f"({type(seed).__name__}); pass an int such as {name}=0")
 

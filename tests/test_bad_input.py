@@ -545,6 +545,7 @@ def _paper_recipe(*args, **kwargs):
     (sbnn_snn.reset, "snntorch.reset"), (sbnn_sj.reset, "spikingjelly.reset"),
     (lambda m: list(sb.noise_parameters(m)), "noise_parameters"),
     (lambda m: _paper_recipe(m, "shd", 5), "paper_recipe"),
+    (sb.track_variance, "track_variance"),
 ])
 def test_model_functions_name_a_model_that_is_not_a_module(call, who):
     """model.parameters() (or a state dict) in place of the model: an AttributeError."""
@@ -589,6 +590,8 @@ def _convert_spikingjelly(**kw):
     (lambda v: _convert_snntorch(inplace=v), "inplace"),
     (lambda v: _convert_spikingjelly(learn_std=v), "learn_std"),
     (lambda v: _convert_spikingjelly(aux_loss=v), "aux_loss"),
+    (lambda v: sb.track_variance(nn.Sequential(sb.BayesLinear(3, 2)), check_inputs=v),
+     "check_inputs"),
 ])
 @pytest.mark.parametrize("value", ["no", "False", 0])
 def test_a_flag_that_is_not_a_bool_is_named(call, name, value):
@@ -867,3 +870,24 @@ def test_a_single_number_where_a_collection_belongs_is_named():
     assert sb.uncertainty.metrics_vs_samples(probs, torch.tensor([0, 1]), ks=[4])["k"] == [4]
     with pytest.raises(TypeError, match=r"classes must be a collection.*pass \(3,\)"):
         load_dvs_gesture_32("/nonexistent", classes=3)
+
+
+@pytest.mark.parametrize("call", [
+    lambda seed: sb.IWSTSpike(std=0.5).manual_seed(seed),
+    lambda seed: sb.seed_spikes(nn.Sequential(sb.IWSTSpike(std=0.5)), seed),
+    lambda seed: sb.mc_predict(nn.Sequential(sb.BayesLinear(4, 3)), torch.rand(2, 4), 2,
+                               seed=seed),
+])
+@pytest.mark.parametrize("seed", [2**64, -2**63 - 1, 2**70])
+def test_a_seed_out_of_the_generator_range_is_named(call, seed):
+    """A seed a torch.Generator cannot take failed at the first draw ("Overflow when
+    unpacking long long") or in mc_predict's torch.manual_seed."""
+    with pytest.raises(ValueError, match=r"seed must be in \[-2\*\*63, 2\*\*64\)"):
+        call(seed)
+
+
+def test_seeds_at_the_ends_of_the_generator_range_draw():
+    spike = sb.IWSTSpike(std=0.5)
+    for seed in (2**64 - 1, -2**63):
+        spike.manual_seed(seed)
+        assert spike(torch.zeros(8)).shape == (8,)
