@@ -524,6 +524,18 @@ def test_sbnn_objective_arguments_are_named():
     torch.testing.assert_close(loss, nll + sb.kl_divergence(fc) / 10)
 
 
+def _models():
+    import sbnn_addons.models
+
+    return sbnn_addons.models
+
+
+def _data():
+    import sbnn_addons.data
+
+    return sbnn_addons.data
+
+
 def _paper_recipe(*args, **kwargs):
     from sbnn_addons.models import paper_recipe
 
@@ -592,6 +604,14 @@ def _convert_spikingjelly(**kw):
     (lambda v: _convert_spikingjelly(aux_loss=v), "aux_loss"),
     (lambda v: sb.track_variance(nn.Sequential(sb.BayesLinear(3, 2)), check_inputs=v),
      "check_inputs"),
+    (lambda v: _models().shd_recurrent(in_features=4, hidden=(3,), num_classes=2,
+                                       num_steps=2, bayes=v), "bayes"),
+    (lambda v: _models().SpikingResNet(2, 3, widths=(4,), bayes=v), "bayes"),
+    (lambda v: _models().SpikingResNet(2, 3, widths=(4,), readout_noise=v), "readout_noise"),
+    (lambda v: _models().ZeroDiagBayesLinear(3, mask_variance=v), "mask_variance"),
+    (lambda v: _data().make_randman(num_classes=2, num_units=3, num_steps=4,
+                                    samples_per_class=2, shuffle=v), "shuffle"),
+    (lambda v: _data().load_cifar10("/nonexistent", normalize=v), "normalize"),
 ])
 @pytest.mark.parametrize("value", ["no", "False", 0])
 def test_a_flag_that_is_not_a_bool_is_named(call, name, value):
@@ -891,3 +911,15 @@ def test_seeds_at_the_ends_of_the_generator_range_draw():
     for seed in (2**64 - 1, -2**63):
         spike.manual_seed(seed)
         assert spike(torch.zeros(8)).shape == (8,)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"duration_s": math.nan}, "duration_s must be a finite number > 0"),  # numpy Overflow
+    ({"duration_s": 0}, "duration_s must be a finite number > 0"),  # every event at t = 0
+    ({"events_per_sample": 0}, "events_per_sample must be an integer >= 1"),
+])
+def test_synthetic_shd_arguments_are_checked(tmp_path, kw, match):
+    from sbnn_addons.data import make_synthetic_shd
+
+    with pytest.raises(ValueError, match=match):
+        make_synthetic_shd(tmp_path, num_train=2, num_test=2, **kw)

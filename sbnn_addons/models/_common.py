@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..base import SBNNModule
+from ..base import SBNNModule, check_flag
 from ..functional import compact_broadcast, safe_sqrt
 from ..layers import BayesConv2d, BayesLinear, ChannelAffine
 from ..moments import (
@@ -189,6 +189,8 @@ class LayerFactory:
     ) -> None:
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        bayes = check_flag("bayes", bayes)
+        affine_per_step = check_flag("affine_per_step", affine_per_step)
         if not isinstance(aux_std_grad, bool):
             raise TypeError(f"aux_std_grad must be a bool, got {type(aux_std_grad).__name__}")
         if bayes and norm == "bn":
@@ -272,8 +274,8 @@ class ReferenceNet(SBNNModule, nn.Module):
                                    or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self._config = config
-        self.bayes = bool(bayes)
-        self.readout_noise = bool(readout_noise)
+        self.bayes = check_flag("bayes", bayes)  # bayes="no" built the Bayesian network
+        self.readout_noise = check_flag("readout_noise", readout_noise)
         self.num_steps = num_steps
         # one norm per step: the input must have exactly num_steps steps
         self.per_step_norm = norm == "bn" or (
