@@ -536,6 +536,12 @@ def _data():
     return sbnn_addons.data
 
 
+def _ep():
+    import sbnn_addons.ep
+
+    return sbnn_addons.ep
+
+
 def _paper_recipe(*args, **kwargs):
     from sbnn_addons.models import paper_recipe
 
@@ -612,6 +618,8 @@ def _convert_spikingjelly(**kw):
     (lambda v: _data().make_randman(num_classes=2, num_units=3, num_steps=4,
                                     samples_per_class=2, shuffle=v), "shuffle"),
     (lambda v: _data().load_cifar10("/nonexistent", normalize=v), "normalize"),
+    (lambda v: _models().SpikingResNet(2, 3, widths=(4,), checkpoint=v), "checkpoint"),
+    (lambda v: _ep().EPNetwork([4, 3], bias=v), "bias"),
 ])
 @pytest.mark.parametrize("value", ["no", "False", 0])
 def test_a_flag_that_is_not_a_bool_is_named(call, name, value):

@@ -833,3 +833,12 @@ def test_aux_weight_flag_is_checked_by_the_parser(bad, capsys):
         cli.build_parser().parse_args(["--aux-weight", bad])
     assert "argument --aux-weight:" in capsys.readouterr().err
     assert cli.build_parser().parse_args(["--aux-weight", "0"]).aux_weight == 0.0
+
+
+def test_compare_refuses_a_reinit_that_is_not_a_bool():
+    """reinit="no" (a truthy string) re-initialised every seed's module."""
+    from sbnn_addons.bench import compare
+
+    with pytest.raises(TypeError, match="reinit must be True or False"):
+        compare(_snntorch_net(), _spike_data(12, 0), _spike_data(6, 1), layout="TB",
+                methods=["original"], epochs=1, batch_size=6, reinit="no")

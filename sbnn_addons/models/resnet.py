@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..base import mark_checked
+from ..base import check_flag, mark_checked
 from ..checkpoint import checkpoint
 from ..functional import is_binary, is_kept, mark_binary
 from ._common import (
@@ -227,7 +227,7 @@ class SpikingResNet(ReferenceNet):
                 cin = cout
         self.blocks = nn.ModuleList(layers)
         self.fc = factory.linear(cin, num_classes, bayes=self.bayes and self.readout_noise)
-        self.checkpoint = bool(checkpoint)
+        self.checkpoint = check_flag("checkpoint", checkpoint)
         # H and W must halve evenly at the stem's pool and at each strided block (the
         # shortcut's average pool and the strided convolution round differently)
         self.size_divisor = 2 ** halvings
