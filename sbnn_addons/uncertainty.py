@@ -318,6 +318,7 @@ def default_reset(model: nn.Module) -> Callable[[nn.Module], object]:
     Detection reads the classes' module names, so neither host library is imported unless
     the model already uses it.
     """
+    check_module(model, "default_reset")
     snn, sj = _host_kind(model)
     fns = []
     if snn:
@@ -940,7 +941,18 @@ def plot_entropy_histograms(scores_in: Tensor, scores_out: Tensor, path,
 
 
 def plot_metrics_vs_samples(sweep: dict[str, list[float]], path) -> Path:
-    """Accuracy and ECE against K (the output of :func:`metrics_vs_samples`)."""
+    """Accuracy and ECE against K (the output of :func:`metrics_vs_samples`).
+
+    Raises:
+        TypeError: ``sweep`` is not a dict with the lists ``"k"``, ``"accuracy"`` and
+            ``"ece"`` of equal, non-zero length (a ``KeyError`` or an empty plot).
+    """
+    keys = ("k", "accuracy", "ece")
+    if not (isinstance(sweep, dict)
+            and all(isinstance(sweep.get(key), (list, tuple)) and sweep[key] for key in keys)
+            and len({len(sweep[key]) for key in keys}) == 1):
+        raise TypeError("sweep must be the dict metrics_vs_samples returns (lists 'k', "
+                        f"'accuracy' and 'ece' of one non-zero length), got {sweep!r}")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(sweep["k"], sweep["accuracy"], "o-", color="tab:blue", label="accuracy")

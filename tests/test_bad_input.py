@@ -564,6 +564,7 @@ def _paper_recipe(*args, **kwargs):
     (lambda m: list(sb.noise_parameters(m)), "noise_parameters"),
     (lambda m: _paper_recipe(m, "shd", 5), "paper_recipe"),
     (sb.track_variance, "track_variance"),
+    (sb.uncertainty.default_reset, "default_reset"),
 ])
 def test_model_functions_name_a_model_that_is_not_a_module(call, who):
     """model.parameters() (or a state dict) in place of the model: an AttributeError."""
@@ -931,3 +932,19 @@ def test_synthetic_shd_arguments_are_checked(tmp_path, kw, match):
 
     with pytest.raises(ValueError, match=match):
         make_synthetic_shd(tmp_path, num_train=2, num_test=2, **kw)
+
+
+def test_metric_tolerance_and_sweep_plot_arguments_are_checked(tmp_path):
+    """check_probabilities(atol=nan) failed in torch.allclose, atol="1e-4" with "'>' not
+    supported"; plot_metrics_vs_samples({}) with a KeyError 'k'."""
+    from sbnn_addons.metrics import check_probabilities
+    from sbnn_addons.uncertainty import plot_metrics_vs_samples
+
+    probs, y = torch.tensor([[0.7, 0.3], [0.2, 0.8]]), torch.tensor([0, 1])
+    for atol in (math.nan, math.inf, -1.0, "1e-4"):
+        with pytest.raises(ValueError, match="atol must be a finite number >= 0"):
+            check_probabilities(probs, y, atol=atol)
+    check_probabilities(probs, y, atol=0)
+    for sweep in ({}, {"k": [1, 2], "accuracy": [0.5], "ece": [0.1, 0.1]}, [1, 2]):
+        with pytest.raises(TypeError, match="sweep must be the dict metrics_vs_samples"):
+            plot_metrics_vs_samples(sweep, tmp_path / "sweep.png")
