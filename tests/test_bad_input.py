@@ -948,3 +948,22 @@ def test_metric_tolerance_and_sweep_plot_arguments_are_checked(tmp_path):
     for sweep in ({}, {"k": [1, 2], "accuracy": [0.5], "ece": [0.1, 0.1]}, [1, 2]):
         with pytest.raises(TypeError, match="sweep must be the dict metrics_vs_samples"):
             plot_metrics_vs_samples(sweep, tmp_path / "sweep.png")
+
+
+def test_empty_input_is_an_exact_no_op_for_the_core_parts():
+    """The documented behaviour (Training page, "Catching problems early"): empty outputs
+    of the right shape and no auxiliary term; the reference models give empty logits for
+    a batch of 0."""
+    from sbnn_addons.models import shd_recurrent
+
+    torch.manual_seed(0)
+    net = nn.Sequential(sb.BayesConv2d(2, 3, 3), sb.ChannelAffine(3), sb.IWSTSpike(std=0.3))
+    sb.enable_aux_loss(sb.track_variance(net))
+    assert net(torch.rand(0, 2, 6, 6)).shape == (0, 3, 4, 4)
+    assert float(sb.aux_loss(net)) == 0.0
+    spikes, state = sb.LIF()(torch.rand(0, 5))
+    assert spikes.shape == state.membrane.shape == (0, 5)
+    model = shd_recurrent(in_features=8, hidden=(4,), num_classes=3, num_steps=5)
+    assert model(torch.rand(5, 0, 8)).shape == (0, 3)
+    with pytest.raises(ValueError, match="T = 0"):
+        model(torch.rand(0, 2, 8))
