@@ -569,6 +569,28 @@ def name_patterns(name: str, value) -> tuple[str, ...] | None:
     raise TypeError(f"{name} must be a pattern string or a list of them, got {value!r}")
 
 
+def check_include_overlap(inc, exc, layers: list[str]) -> None:
+    """Raise where an ``include`` pattern selects only layers that ``exclude`` also names:
+    those layers stay deterministic, the opposite of what ``include`` asks (with a single
+    include pattern the model got no Bayesian layer, silently).
+
+    Args:
+        inc: the ``include`` patterns (or ``None``).
+        exc: the ``exclude`` patterns (or ``None``).
+        layers: qualified names of the model's convertible weight layers.
+
+    Raises:
+        ValueError: such an ``include`` pattern, with the layers it selects.
+    """
+    for p in inc or ():
+        chosen = [n for n in layers if match_name(n, (p,))]
+        if chosen and all(match_name(n, exc) for n in chosen):
+            raise ValueError(
+                f"include pattern {p!r} selects only layers that exclude also names "
+                f"({chosen}), so none of them would become Bayesian: name each layer in "
+                "one of include / exclude")
+
+
 def match_name(name: str, patterns) -> bool:
     """Whether the qualified module ``name`` or a module containing it matches one of
     ``patterns`` (so ``exclude="encoder"`` covers ``encoder.0``)."""

@@ -44,6 +44,7 @@ from .base import (
     HostObject,
     cached_tensor_test,
     check_flag,
+    check_include_overlap,
     check_module,
     check_std,
     drop_state,
@@ -1437,6 +1438,14 @@ def _validate_arguments(model, estimator, layer_kw, spike_std, spike_learn, inc,
                 f"exclude pattern {p!r} matches no module of the model; modules are: "
                 f"{[n for n in names if n]}"
             )
+    check_include_overlap(inc, exc, layer_names)
+    neurons = [n for n, m in model.named_modules() if _is_snn_neuron(m)]
+    if all(_match(n, exc) for n in neurons) and not any(
+            (inc is None or _match(n, inc)) and not _match(n, exc) for n in layer_names):
+        raise ValueError(
+            "nothing to convert: exclude names every neuron and leaves no Linear/Conv1d/"
+            f"Conv2d layer (include={inc!r}, exclude={exc!r}); the model would stay as it "
+            "was")
 
 
 # --------------------------------------------------------------------------- to_snntorch

@@ -69,6 +69,7 @@ from .base import (
     SBNNModule,
     call_eagerly,
     check_flag,
+    check_include_overlap,
     check_module,
     check_std,
     checkpoint_hooks_active,
@@ -1058,6 +1059,7 @@ def _validate_arguments(model, estimator, posterior, spike_std, spike_learn, inc
     for p in exc or ():
         if not any(match_name(n, (p,)) for n in names):
             raise ValueError(f"exclude pattern {p!r} matches no module; modules are: {names}")
+    check_include_overlap(inc, exc, layers)
 
 
 _WEIGHTS = (layer.Linear, layer.Conv1d, layer.Conv2d, nn.Linear, nn.Conv1d, nn.Conv2d)

@@ -967,3 +967,30 @@ def test_empty_input_is_an_exact_no_op_for_the_core_parts():
     assert model(torch.rand(5, 0, 8)).shape == (0, 3)
     with pytest.raises(ValueError, match="T = 0"):
         model(torch.rand(0, 2, 8))
+
+
+@pytest.mark.parametrize("convert, make", [
+    (sbnn_snn.to_sbnn, _snn_seq),
+    (sbnn_sj.to_sbnn, lambda: _sj_net("s")),
+])
+def test_include_and_exclude_that_cancel_are_named(convert, make):
+    """include="0", exclude="0": no layer became Bayesian (the neurons alone were
+    converted), silently, as an empty include does."""
+    with pytest.raises(ValueError, match=r"include pattern '0' selects only layers that "
+                                         r"exclude also names \(\['0'\]\)"):
+        convert(make(), include="0", exclude="0")
+    with pytest.raises(ValueError, match="include pattern '\\*' selects only"):
+        convert(make(), include="*", exclude=["0", "2"])
+    model = convert(make(), include="*", exclude="0")  # a partial overlap: layer 2 converts
+    assert sb.is_bayesian(model[2]) and not sb.is_bayesian(model[0])
+
+
+def test_snntorch_exclude_of_everything_is_named():
+    """Every neuron and layer excluded: the copy came back unconverted, silently (the
+    SpikingJelly converter raised "nothing to convert")."""
+    with pytest.raises(ValueError, match="nothing to convert: exclude names every neuron"):
+        sbnn_snn.to_sbnn(_snn_seq(), exclude=["0", "1", "2", "3"])
+    with pytest.raises(ValueError, match="nothing to convert"):
+        sbnn_sj.to_sbnn(_sj_net("s"), exclude=["0", "1", "2", "3"])
+    model = sbnn_snn.to_sbnn(_snn_seq(), exclude=["0", "2"])  # neurons only: converted
+    assert isinstance(model[1].spike_grad, sb.IWSTSpike)
