@@ -994,3 +994,17 @@ def test_snntorch_exclude_of_everything_is_named():
         sbnn_sj.to_sbnn(_sj_net("s"), exclude=["0", "1", "2", "3"])
     model = sbnn_snn.to_sbnn(_snn_seq(), exclude=["0", "2"])  # neurons only: converted
     assert isinstance(model[1].spike_grad, sb.IWSTSpike)
+
+
+@pytest.mark.parametrize("kw", [
+    {"widths": 4},  # "'int' object is not iterable"
+    {"blocks": "3"},  # "'<' not supported between instances of 'str' and 'int'"
+    {"width_mult": math.nan},  # "cannot convert float NaN to integer"
+    {"width_mult": "2"},
+])
+def test_resnet_stage_arguments_are_named(kw):
+    from sbnn_addons.models import SpikingResNet
+
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=f"{name} must be"):
+        SpikingResNet(2, 3, **{"widths": (4,), **kw})

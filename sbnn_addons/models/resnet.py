@@ -16,6 +16,8 @@ over ``T``; the LRT variance of each Bayesian conv is carried across the fold.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -113,22 +115,27 @@ class BasicBlock(nn.Module):
 
 
 def _widths(widths: Sequence[int], width_mult: float) -> list[int]:
-    widths = list(widths)
+    given = widths
+    widths = list(widths) if isinstance(widths, Sequence) and not isinstance(widths, str) else []
     if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1
                          for w in widths):
         raise ValueError(f"widths must be a non-empty sequence of channel counts >= 1 (one "
-                         f"per stage, e.g. (32, 64, 128)), got {widths!r}")
-    if width_mult <= 0:
-        raise ValueError(f"width_mult must be > 0, got {width_mult}")
+                         f"per stage, e.g. (32, 64, 128)), got {given!r}")
+    if (isinstance(width_mult, bool) or not isinstance(width_mult, (int, float))
+            or not 0 < width_mult < math.inf):  # NaN failed in round(), a string in a comparison
+        raise ValueError(f"width_mult must be a finite number > 0, got {width_mult!r}")
     return [max(1, round(w * width_mult)) for w in widths]
 
 
 def _blocks(blocks: int | Sequence[int], stages: int) -> list[int]:
-    blocks = [blocks] * stages if isinstance(blocks, int) else list(blocks)
-    if len(blocks) != stages or any(b < 1 for b in blocks):
+    given = blocks
+    blocks = [blocks] * stages if isinstance(blocks, int) else (
+        list(blocks) if isinstance(blocks, Sequence) and not isinstance(blocks, str) else [])
+    if len(blocks) != stages or any(isinstance(b, bool) or not isinstance(b, numbers.Integral)
+                                    or b < 1 for b in blocks):
         raise ValueError(
             f"blocks must be a positive int or {stages} positive ints (one per stage), "
-            f"got {blocks}"
+            f"got {given!r}"
         )
     return blocks
 
