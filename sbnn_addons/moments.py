@@ -517,8 +517,18 @@ def get_variance(tensor: Tensor) -> Tensor | UnknownVariance | None:
     """The variance carried by ``tensor``, an :class:`UnknownVariance`, or ``None``.
 
     A factored variance (:class:`ScaledVariance`) is returned as its product, a tensor.
+
+    Raises:
+        TypeError: ``tensor`` is not a tensor: ``None`` read as "no variance" for the
+            ``(spk, mem)`` tuple of an snnTorch neuron built with ``output=True``, or a
+            list of per-step outputs.
     """
     if type(tensor) is not VarianceTensor:
+        if not isinstance(tensor, Tensor):
+            raise TypeError(
+                f"get_variance reads one tensor, got {type(tensor).__name__}: pass a single "
+                "tensor (a converted snnTorch neuron's membrane variance is "
+                "sbnn_addons.snntorch.membrane_variance(neuron))")
         return None
     if _OPEN_FLOWS:
         _note_read(tensor, _CONSUMED)

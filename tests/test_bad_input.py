@@ -1008,3 +1008,14 @@ def test_resnet_stage_arguments_are_named(kw):
     name = next(iter(kw))
     with pytest.raises(ValueError, match=f"{name} must be"):
         SpikingResNet(2, 3, **{"widths": (4,), **kw})
+
+
+def test_get_variance_names_a_value_that_is_not_a_tensor():
+    """get_variance of an snnTorch neuron's (spk, mem) tuple returned None, read as "no
+    variance flows"."""
+    model = sbnn_snn.to_sbnn(_snn_seq())
+    out = model(torch.rand(3, 16))
+    assert isinstance(out, tuple)
+    with pytest.raises(TypeError, match="get_variance reads one tensor, got tuple"):
+        sb.get_variance(out)
+    assert sb.get_variance(torch.ones(2)) is None  # a plain tensor: no variance
