@@ -17,6 +17,7 @@ scalar, initialised to ``0.5 / sqrt(fan_in)``), per output channel, or per weigh
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import numbers
 import warnings
@@ -688,6 +689,7 @@ class BayesLinear(_BayesMixin, nn.Linear):
         device=None,
         dtype=None,
     ) -> None:
+        _check_sizes(type(self).__name__, in_features=in_features, out_features=out_features)
         # nn.Linear's own (as the convolutions): a host's Linear subclass may follow in the
         # MRO of a subclass (SpikingJelly's layer.Linear), whose __init__ takes no device
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
@@ -889,9 +891,30 @@ class _BayesConv(_BayesMixin):
 _SCALAR_STD_FORMULAS = (BayesLinear._output_variance, _BayesConv._output_variance)
 
 
+def _check_sizes(layer: str, *, positive: tuple[str, ...] = (), **sizes) -> None:
+    """Raise ``ValueError`` for a size that is not a non-negative integer (or a tuple of
+    them), or not >= 1 for the names in ``positive``: torch failed with "Trying to create
+    tensor with negative dimension" or "empty(): argument 'size' failed to unpack", naming
+    neither the layer nor the argument (a size of 0 is named as "no synapses")."""
+    for name, value in sizes.items():
+        low = 1 if name in positive else 0
+        values = value if isinstance(value, tuple) else (value,)
+        if not values or any(isinstance(v, bool) or not isinstance(v, numbers.Integral)
+                             or v < low for v in values):
+            tuples = " (or a tuple of them)" if name in ("kernel_size", "stride") else ""
+            raise ValueError(f"{layer}: {name} must be an integer >= 1{tuples}, got {value!r}")
+
+
 def _conv_init(self, plain, args, kwargs):
     post = {k: kwargs.pop(k) for k in
             ("std", "std_mode", "learn_std", "bias_std", "detach_input_variance") if k in kwargs}
+    try:
+        bound = inspect.signature(plain.__init__).bind(self, *args, **kwargs).arguments
+    except TypeError:
+        bound = {}  # a missing or unknown argument: the host's own error below
+    _check_sizes(type(self).__name__, positive=("stride",), **{
+        k: bound[k] for k in ("in_channels", "out_channels", "kernel_size", "stride")
+        if k in bound})
     plain.__init__(self, *args, **kwargs)
     self._init_posterior(
         post.get("std"), post.get("std_mode", "layer"), post.get("learn_std", True),

@@ -488,6 +488,13 @@ def test_finite_check_works_under_torch_func_transforms():
     (lambda: sb.BayesLinear(0, 3), "no synapses"),  # a ZeroDivisionError
     (lambda: sb.BayesLinear(3, 0), "no synapses"),  # an IndexError
     (lambda: sb.BayesConv2d(2, 0, 3), "no synapses"),
+    (lambda: sb.BayesLinear(6, -1), "BayesLinear: out_features must be an integer >= 1"),
+    (lambda: sb.BayesLinear(6.0, 3), "BayesLinear: in_features must be an integer >= 1"),
+    (lambda: sb.BayesLinear(True, 3), "in_features must be an integer"),  # taken as 1
+    (lambda: sb.BayesConv2d(2, -1, 3), "BayesConv2d: out_channels must be an integer"),
+    (lambda: sb.BayesConv2d("2", 3, 3), "in_channels must be an integer"),
+    (lambda: sb.BayesConv1d(2, 3, 3.0), r"kernel_size must be an integer >= 1 \(or a tuple"),
+    (lambda: sb.BayesConv2d(2, 3, 3, stride=0), "stride must be an integer >= 1"),  # forward
     (lambda: sb.ChannelAffine(0), "num_features must be an integer >= 1"),  # accepted
     (lambda: sb.ChannelAffine(3, eps=-1e-5), "eps must be a finite number >= 0"),  # accepted
     (lambda: sb.ChannelAffine(3, channel_dim=1.0), "channel_dim must be an integer"),
