@@ -569,6 +569,34 @@ def name_patterns(name: str, value) -> tuple[str, ...] | None:
     raise TypeError(f"{name} must be a pattern string or a list of them, got {value!r}")
 
 
+def check_neuron_constants(name: str, neuron: torch.nn.Module, attrs: tuple[str, ...]) -> None:
+    """Refuse a host neuron with a NaN constant (decay, threshold, reset value): its
+    membrane is NaN or it never fires, so the spikes are 0 and the gradients NaN, without
+    an error, from an input the converted model's NaN check passes.
+
+    Args:
+        name: the neuron's qualified name (for the message).
+        neuron: the host neuron.
+        attrs: the attributes to read (floats or tensors; missing or ``None`` skipped).
+
+    Raises:
+        ValueError: naming the neuron and the constant.
+    """
+    for attr in attrs:
+        value = getattr(neuron, attr, None)
+        if isinstance(value, Tensor):
+            if value.device.type == "meta" or not value.is_floating_point():
+                continue
+            bad = bool(torch.isnan(value.detach()).any())
+        else:
+            bad = isinstance(value, float) and math.isnan(value)
+        if bad:
+            raise ValueError(
+                f"module '{name}' ({type(neuron).__name__}) has {attr} = NaN: its membrane "
+                "would be NaN or it would never fire (spikes 0, gradients NaN) without an "
+                f"error; give {attr} a number before converting")
+
+
 def check_include_overlap(inc, exc, layers: list[str]) -> None:
     """Raise where an ``include`` pattern selects only layers that ``exclude`` also names:
     those layers stay deterministic, the opposite of what ``include`` asks (with a single

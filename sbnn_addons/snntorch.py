@@ -46,6 +46,7 @@ from .base import (
     check_flag,
     check_include_overlap,
     check_module,
+    check_neuron_constants,
     check_std,
     drop_state,
     set_state,
@@ -1062,6 +1063,7 @@ _HOST_HOOK = torch.nn.modules.module.register_module_buffer_registration_hook(
 def _check_neuron(name: str, m: nn.Module) -> None:
     cls = type(m)
     if cls in _TO_SBNN:
+        check_neuron_constants(name, m, ("beta", "threshold"))
         if not m.reset_delay:
             raise ValueError(
                 f"module '{name}' uses reset_delay=False, which to_sbnn does not support (its "

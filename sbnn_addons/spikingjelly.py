@@ -71,6 +71,7 @@ from .base import (
     check_flag,
     check_include_overlap,
     check_module,
+    check_neuron_constants,
     check_std,
     checkpoint_hooks_active,
     match_name,
@@ -944,6 +945,7 @@ def to_sbnn(
         if type(m) not in SUPPORTED_NEURONS:
             raise _unsupported(m, name)
         _check_spiking_surrogate(name, m)
+        check_neuron_constants(name, m, ("tau", "v_threshold", "v_reset"))
 
     def selected(name: str) -> bool:
         return (inc is None or match_name(name, inc)) and not match_name(name, exc)

@@ -1026,3 +1026,20 @@ def test_get_variance_names_a_value_that_is_not_a_tensor():
     with pytest.raises(TypeError, match="get_variance reads one tensor, got tuple"):
         sb.get_variance(out)
     assert sb.get_variance(torch.ones(2)) is None  # a plain tensor: no variance
+
+
+@pytest.mark.parametrize("convert, make, attr", [
+    (sbnn_snn.to_sbnn, lambda: snn.Leaky(beta=math.nan, init_hidden=True), "beta"),
+    (sbnn_snn.to_sbnn, lambda: snn.Leaky(beta=torch.tensor([0.9, math.nan, 0.9]),
+                                         init_hidden=True), "beta"),
+    (sbnn_snn.to_sbnn, lambda: snn.Leaky(beta=0.9, threshold=math.nan, init_hidden=True),
+     "threshold"),
+    (sbnn_sj.to_sbnn, lambda: neuron.IFNode(v_threshold=math.nan), "v_threshold"),
+    (sbnn_sj.to_sbnn, lambda: neuron.LIFNode(v_reset=math.nan), "v_reset"),
+])
+def test_a_neuron_with_a_nan_constant_is_named_at_conversion(convert, make, attr):
+    """snn.Leaky(beta=nan) converted ran with a NaN membrane and no spikes, IFNode with a
+    NaN threshold never fired: the input check passes, nothing named it."""
+    linear = nn.Linear if convert is sbnn_snn.to_sbnn else layer.Linear
+    with pytest.raises(ValueError, match=rf"module '1' .* has {attr} = NaN"):
+        convert(nn.Sequential(linear(4, 3), make()))
