@@ -569,6 +569,31 @@ def name_patterns(name: str, value) -> tuple[str, ...] | None:
     raise TypeError(f"{name} must be a pattern string or a list of them, got {value!r}")
 
 
+def check_device(x: Tensor, ref: Tensor | None, who: str, what: str = "its parameters") -> None:
+    """Raise where the input ``x`` is on another device than ``ref`` (a module's parameter
+    or state): torch's own error ("Tensor on device cpu is not on the expected device
+    meta!") names neither the module nor the fix.
+
+    Args:
+        x: the input.
+        ref: the tensor it must share a device with (``None``: nothing to check).
+        who: the module, for the message.
+        what: what ``ref`` is, for the message.
+
+    A 0-d CPU ``ref`` (a one-element std) is allowed with an input on any real device, as
+    torch allows it.
+
+    Raises:
+        ValueError: the two devices differ.
+    """
+    if ref is None or x.device == ref.device:
+        return
+    if not (ref.dim() == 0 and ref.device.type == "cpu" and x.device.type != "meta"):
+        raise ValueError(
+            f"{who} has {what} on {ref.device} but its input is on {x.device}: move the "
+            f"input (x.to({str(ref.device)!r})) or the model (model.to(device))")
+
+
 def check_neuron_constants(name: str, neuron: torch.nn.Module, attrs: tuple[str, ...]) -> None:
     """Refuse a host neuron with a NaN constant (decay, threshold, reset value): its
     membrane is NaN or it never fires, so the spikes are 0 and the gradients NaN, without

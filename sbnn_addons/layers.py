@@ -31,6 +31,7 @@ from . import kernels
 from .base import (
     SBNNModule,
     cached_tensor_test,
+    check_device,
     check_flag,
     check_input,
     check_std,
@@ -630,10 +631,7 @@ def _check_like_weight(x: Tensor, module: nn.Module, layer: str) -> None:
     weight = module._parameters.get("weight")
     if weight is None:
         return
-    if x.device != weight.device:
-        raise ValueError(
-            f"{layer} has its weights on {weight.device} but its input is on {x.device}: "
-            f"move the input (x.to({str(weight.device)!r})) or the model (model.to(device))")
+    check_device(x, weight, layer, "its weights")
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(
             f"{layer} has {weight.dtype} weights but its input is {x.dtype}: convert the "
@@ -1433,6 +1431,7 @@ class ChannelAffine(nn.Module):
                 f"ChannelAffine expects {self.num_features} channels in dimension "
                 f"{self.channel_dim}, got shape {tuple(x.shape)}"
             )
+        check_device(x, self._parameters.get("weight"), "ChannelAffine")
         var = raw_variance(x)  # passed on as stored (a factored one stays factored)
         with no_variance_flow():
             shape = [1] * x.dim()

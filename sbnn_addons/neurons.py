@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .base import call_eagerly, check_input, mark_checked
+from .base import call_eagerly, check_device, check_input, mark_checked
 from .functional import (
     LIF_RESETS,
     _variance_update,
@@ -241,6 +241,8 @@ class LIF(nn.Module):
                 f"state of shape {tuple(membrane.shape)} does not match the input current "
                 f"of shape {tuple(current.shape)}; pass state=None at the start of a sequence"
             )
+        if membrane is not None:
+            check_device(current, membrane, "LIF", "its state (the membrane passed in)")
         with no_variance_flow():  # V is tracked explicitly; the flow would count it twice
             variance, factors = self._variance_step(variance, var_in, factors)
             fused = self._fused_step(current, membrane, variance)

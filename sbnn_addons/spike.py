@@ -28,6 +28,7 @@ from .base import (
     SBNNModule,
     cached_tensor_test,
     call_eagerly,
+    check_device,
     check_flag,
     check_module,
     check_std,
@@ -386,6 +387,8 @@ class IWSTSpike(SBNNModule, nn.Module):
                 "Bayesian layer and the neuron (see sbnn_addons.moments), register a rule "
                 "with sbnn_addons.moments.register_variance_rule, or exclude the layer."
             )
+        check_device(u, self._parameters.get("std_rho", self._buffers.get("fixed_std")),
+                     type(self).__name__, "its noise std")
         own_var = self.own_noise_variance()
         if own_var is not None:
             own_var = own_var.to(variance_dtype(u.dtype))  # float16: float32

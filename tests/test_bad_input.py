@@ -1043,3 +1043,19 @@ def test_a_neuron_with_a_nan_constant_is_named_at_conversion(convert, make, attr
     linear = nn.Linear if convert is sbnn_snn.to_sbnn else layer.Linear
     with pytest.raises(ValueError, match=rf"module '1' .* has {attr} = NaN"):
         convert(nn.Sequential(linear(4, 3), make()))
+
+
+@pytest.mark.parametrize("call, who", [
+    (lambda: sb.IWSTSpike(std=0.3, learn_std=True)(torch.rand(2, 3, device="meta")),
+     "IWSTSpike has its noise std on cpu"),
+    (lambda: sb.ChannelAffine(3)(torch.rand(2, 3, device="meta")),
+     "ChannelAffine has its parameters on cpu"),
+    (lambda: sb.LIF()(torch.rand(2, 3), sb.LIFState(torch.zeros(2, 3, device="meta"),
+                                                    torch.zeros(1, device="meta"))),
+     r"LIF has its state \(the membrane passed in\) on meta"),
+])
+def test_an_input_on_another_device_is_named(call, who):
+    """torch's "Tensor on device cpu is not on the expected device meta!" named neither
+    the module nor the fix."""
+    with pytest.raises(ValueError, match=rf"{who} but its input is on .*model.to\(device\)"):
+        call()
