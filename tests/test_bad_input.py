@@ -1059,3 +1059,22 @@ def test_an_input_on_another_device_is_named(call, who):
     the module nor the fix."""
     with pytest.raises(ValueError, match=rf"{who} but its input is on .*model.to\(device\)"):
         call()
+
+
+def test_sample_spikes_and_estimator_arguments_are_named():
+    """sample_spikes(deterministic="no") drew no noise (a truthy string), generator=0
+    failed inside torch.randn; Estimator(p=True) was taken as p = 1, max_weight="1e4"
+    failed in a comparison."""
+    u, sigma = torch.zeros(4), torch.ones(4)
+    for flag in ("deterministic", "at_zero"):
+        with pytest.raises(TypeError, match=f"{flag} must be True or False"):
+            sb.sample_spikes(u, sigma, **{flag: "no"})
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        sb.sample_spikes(u, sigma, generator=0)
+    with pytest.raises(ValueError, match=r"p must be a number in \[0, 1\], got True"):
+        sb.Estimator("iwst", p=True)
+    with pytest.raises(ValueError, match="max_weight must be a finite number >= 1"):
+        sb.Estimator("iwst", p=0.5, max_weight="1e4")
+    import numpy as np
+
+    assert sb.Estimator("iwst", p=np.float32(0.5)).spec == sb.IWST(0.5).spec
