@@ -269,8 +269,9 @@ class IWSTSpike(SBNNModule, nn.Module):
         if not isinstance(std_shape, Sequence) or isinstance(std_shape, str) or not all(
                 isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
                 for n in std_shape):
-            raise TypeError(f"std_shape must be a sequence of sizes >= 1 (e.g. (C,) for one "
-                            f"std per channel, () for one std), got {std_shape!r}")
+            raise TypeError(f"std_shape must be a sequence of sizes >= 1: the neuron shape "
+                            f"without the batch dimension ((C,) for [B, C] input, (C, H, W) "
+                            f"for [B, C, H, W]), or () for one std; got {std_shape!r}")
         use_input_variance = check_flag("use_input_variance", use_input_variance)
         at_zero = check_flag("at_zero", at_zero)
         std = check_std("std", 0.0 if std is None else std, allow_zero=not learn_std)
