@@ -569,6 +569,81 @@ def name_patterns(name: str, value) -> tuple[str, ...] | None:
     raise TypeError(f"{name} must be a pattern string or a list of them, got {value!r}")
 
 
+def check_device(x: Tensor, ref: Tensor | None, who: str, what: str = "its parameters") -> None:
+    """Raise where the input ``x`` is on another device than ``ref`` (a module's parameter
+    or state): torch's own error ("Tensor on device cpu is not on the expected device
+    meta!") names neither the module nor the fix.
+
+    Args:
+        x: the input.
+        ref: the tensor it must share a device with (``None``: nothing to check).
+        who: the module, for the message.
+        what: what ``ref`` is, for the message.
+
+    A 0-d CPU ``ref`` (a one-element std) is allowed with an input on any real device, as
+    torch allows it.
+
+    Raises:
+        ValueError: the two devices differ.
+    """
+    if ref is None or x.device == ref.device:
+        return
+    if not (ref.dim() == 0 and ref.device.type == "cpu" and x.device.type != "meta"):
+        raise ValueError(
+            f"{who} has {what} on {ref.device} but its input is on {x.device}: move the "
+            f"input (x.to({str(ref.device)!r})) or the model (model.to(device))")
+
+
+def check_neuron_constants(name: str, neuron: torch.nn.Module, attrs: tuple[str, ...]) -> None:
+    """Refuse a host neuron with a NaN constant (decay, threshold, reset value): its
+    membrane is NaN or it never fires, so the spikes are 0 and the gradients NaN, without
+    an error, from an input the converted model's NaN check passes.
+
+    Args:
+        name: the neuron's qualified name (for the message).
+        neuron: the host neuron.
+        attrs: the attributes to read (floats or tensors; missing or ``None`` skipped).
+
+    Raises:
+        ValueError: naming the neuron and the constant.
+    """
+    for attr in attrs:
+        value = getattr(neuron, attr, None)
+        if isinstance(value, Tensor):
+            if value.device.type == "meta" or not value.is_floating_point():
+                continue
+            bad = bool(torch.isnan(value.detach()).any())
+        else:
+            bad = isinstance(value, float) and math.isnan(value)
+        if bad:
+            raise ValueError(
+                f"module '{name}' ({type(neuron).__name__}) has {attr} = NaN: its membrane "
+                "would be NaN or it would never fire (spikes 0, gradients NaN) without an "
+                f"error; give {attr} a number before converting")
+
+
+def check_include_overlap(inc, exc, layers: list[str]) -> None:
+    """Raise where an ``include`` pattern selects only layers that ``exclude`` also names:
+    those layers stay deterministic, the opposite of what ``include`` asks (with a single
+    include pattern the model got no Bayesian layer, silently).
+
+    Args:
+        inc: the ``include`` patterns (or ``None``).
+        exc: the ``exclude`` patterns (or ``None``).
+        layers: qualified names of the model's convertible weight layers.
+
+    Raises:
+        ValueError: such an ``include`` pattern, with the layers it selects.
+    """
+    for p in inc or ():
+        chosen = [n for n in layers if match_name(n, (p,))]
+        if chosen and all(match_name(n, exc) for n in chosen):
+            raise ValueError(
+                f"include pattern {p!r} selects only layers that exclude also names "
+                f"({chosen}), so none of them would become Bayesian: name each layer in "
+                "one of include / exclude")
+
+
 def match_name(name: str, patterns) -> bool:
     """Whether the qualified module ``name`` or a module containing it matches one of
     ``patterns`` (so ``exclude="encoder"`` covers ``encoder.0``)."""

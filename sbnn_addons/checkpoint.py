@@ -100,13 +100,16 @@ def checkpoint(fn: Callable[..., Tensor], *args, modules: nn.Module) -> Tensor:
         the compiled graph's partitioner decides what to recompute.
 
     Raises:
-        TypeError: ``modules`` is not an ``nn.Module``.
+        TypeError: ``fn`` is not callable, or ``modules`` is not an ``nn.Module``.
         RuntimeError: a seeded spike function that is not in ``modules`` draws in the
             region (its spikes could not be replayed: wrong gradients).
         ValueError: ``modules`` holds an snnTorch neuron with ``init_hidden=True`` (its
             membrane is module state that the recomputation would start from the end of
             the sequence: wrong gradients); pass its membrane explicitly instead.
     """
+    if not callable(fn):  # torch.utils.checkpoint failed in its backward-setup internals
+        raise TypeError(f"fn must be the region to run (a callable such as block.forward), "
+                        f"got {type(fn).__name__}; call checkpoint(fn, *args, modules=...)")
     if not isinstance(modules, nn.Module):
         raise TypeError(
             f"modules must be the nn.Module that fn runs (searched for spike functions), got "

@@ -46,6 +46,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .base import check_flag
 from .data.randman import TASK_DEFAULTS as RANDMAN_DEFAULTS
 from .layers import BayesLinear
 from .neurons import LIF
@@ -330,7 +331,7 @@ class EPNetwork(nn.Module):
                                                 allow_zero=True)
         init_std = self.prior_std if init_std is None else _check_positive("init_std", init_std,
                                                                           allow_zero=True)
-        self.bias = bool(bias)
+        self.bias = check_flag("bias", bias)
         loaded = None
         if isinstance(layers, nn.Module) or (
             isinstance(layers, Sequence) and any(isinstance(m, nn.Module) for m in layers)

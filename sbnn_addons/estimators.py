@@ -15,12 +15,14 @@ so it composes with ``torch.func.grad`` and ``torch.func.vmap``.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from .base import check_flag
 from .functional import apply_function, check_float, estimator_jacobian, jacobian_and_z
 from .tensors import estimator_spec, parse_estimator_spec, pull_term
 from .tensors import standard_normal as _standard_normal
@@ -58,11 +60,12 @@ class Estimator:
                 f"estimator kind must be one of {_KINDS}, got {self.kind!r}; "
                 "use ST(), IWST(p) or AGR(tau)"
             )
-        if not (isinstance(self.p, (int, float)) and 0.0 <= self.p <= 1.0):
+        if not (_real(self.p) and 0.0 <= self.p <= 1.0):
             raise ValueError(f"p must be a number in [0, 1], got {self.p!r}")
-        if not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau) and self.tau >= 0):
+        if not (_real(self.tau) and math.isfinite(self.tau) and self.tau >= 0):
             raise ValueError(f"tau must be a finite number >= 0, got {self.tau!r}")
-        if not (self.max_weight >= 1.0 and math.isfinite(self.max_weight)):
+        if not (_real(self.max_weight) and self.max_weight >= 1.0
+                and math.isfinite(self.max_weight)):
             raise ValueError(f"max_weight must be a finite number >= 1, got {self.max_weight!r}")
         object.__setattr__(self, "spec",
                            estimator_spec(self.kind, self.p, self.tau, self.max_weight))
@@ -83,6 +86,11 @@ class Estimator:
     def jacobian(self, u: Tensor, sigma: Tensor, h: Tensor) -> Tensor:
         """Replacement Jacobian ``dh/du``; see :func:`sbnn_addons.functional.estimator_jacobian`."""
         return estimator_jacobian(u, sigma, h, self.kind, self.p, self.tau, self.max_weight)
+
+
+def _real(value) -> bool:
+    """A real number that is not a bool (``p=True`` was taken as 1)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def ST() -> Estimator:
@@ -222,11 +230,19 @@ def sample_spikes(
         Spikes of the shape and dtype of ``u``.
 
     Raises:
-        TypeError: integer inputs.
+        TypeError: integer inputs, a ``deterministic`` / ``at_zero`` that is not a bool (a
+            string such as ``"no"`` turned it on), or a ``generator`` that is not a
+            ``torch.Generator``.
         ValueError: negative or non-finite ``sigma``, or a shape that does not broadcast.
     """
     check_float("u", u)
     check_float("sigma", sigma)
+    deterministic, at_zero = check_flag("deterministic", deterministic), check_flag(
+        "at_zero", at_zero)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got "
+                        f"{type(generator).__name__} (for a seed: "
+                        "torch.Generator().manual_seed(seed))")
     if sigma.shape != u.shape:
         try:
             sigma = sigma.expand_as(u)

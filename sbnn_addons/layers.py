@@ -17,6 +17,7 @@ scalar, initialised to ``0.5 / sqrt(fan_in)``), per output channel, or per weigh
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import numbers
 import warnings
@@ -30,6 +31,7 @@ from . import kernels
 from .base import (
     SBNNModule,
     cached_tensor_test,
+    check_device,
     check_flag,
     check_input,
     check_std,
@@ -185,6 +187,7 @@ class _BayesMixin(SBNNModule):
                 "no synapses (0 input or output features / channels); give every size >= 1")
         fan_in = self.weight[0].numel()
         learn_std = check_flag("learn_std", learn_std)
+        detach_input_variance = check_flag("detach_input_variance", detach_input_variance)
         std = 0.5 / math.sqrt(fan_in) if std is None else std
         std = check_std("std", std, allow_zero=not learn_std)
         shape = {"layer": (), "channel": (self.weight.shape[0],), "weight": self.weight.shape}
@@ -630,9 +633,27 @@ def _refuse_noisy_input(x: Tensor, layer: str, module: nn.Module | None = None) 
             "nn.Conv)", VarianceFlowError)
 
 
+def _check_like_weight(x: Tensor, module: nn.Module, layer: str) -> None:
+    """The input must be on the weights' device and (outside ``torch.autocast``) of their
+    dtype: torch's own errors ("mat1 and mat2 must have the same dtype", "Tensor on device
+    cpu is not on the expected device meta!") name neither the layer nor the fix. A
+    parametrized weight is not computed here (torch's error remains)."""
+    weight = module._parameters.get("weight")
+    if weight is None:
+        return
+    check_device(x, weight, layer, "its weights")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{layer} has {weight.dtype} weights but its input is {x.dtype}: convert the "
+            f"input (x.to({weight.dtype})), cast the model (model.to(dtype)), or run under "
+            "torch.autocast")
+
+
 def _check_features(x: Tensor, expected: int, dim: int, layer: str,
                     module: nn.Module | None = None) -> None:
     check_float("input", x)
+    if module is not None:
+        _check_like_weight(x, module, layer)
     _refuse_noisy_input(x, layer, module)
     check_input(x, layer)
     if x.dim() == 0 or x.shape[dim] != expected:
@@ -676,6 +697,7 @@ class BayesLinear(_BayesMixin, nn.Linear):
         device=None,
         dtype=None,
     ) -> None:
+        _check_sizes(type(self).__name__, in_features=in_features, out_features=out_features)
         # nn.Linear's own (as the convolutions): a host's Linear subclass may follow in the
         # MRO of a subclass (SpikingJelly's layer.Linear), whose __init__ takes no device
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
@@ -832,6 +854,7 @@ class _BayesConv(_BayesMixin):
     def _forward(self, x: Tensor) -> Tensor:
         n = self.weight.dim() - 2
         check_float("input", x)
+        _check_like_weight(x, self, type(self).__name__)
         _refuse_noisy_input(x, type(self).__name__, self)
         check_input(x, type(self).__name__)
         if x.dim() not in (n + 1, n + 2) or x.shape[-n - 1] != self.in_channels:
@@ -876,9 +899,30 @@ class _BayesConv(_BayesMixin):
 _SCALAR_STD_FORMULAS = (BayesLinear._output_variance, _BayesConv._output_variance)
 
 
+def _check_sizes(layer: str, *, positive: tuple[str, ...] = (), **sizes) -> None:
+    """Raise ``ValueError`` for a size that is not a non-negative integer (or a tuple of
+    them), or not >= 1 for the names in ``positive``: torch failed with "Trying to create
+    tensor with negative dimension" or "empty(): argument 'size' failed to unpack", naming
+    neither the layer nor the argument (a size of 0 is named as "no synapses")."""
+    for name, value in sizes.items():
+        low = 1 if name in positive else 0
+        values = value if isinstance(value, tuple) else (value,)
+        if not values or any(isinstance(v, bool) or not isinstance(v, numbers.Integral)
+                             or v < low for v in values):
+            tuples = " (or a tuple of them)" if name in ("kernel_size", "stride") else ""
+            raise ValueError(f"{layer}: {name} must be an integer >= 1{tuples}, got {value!r}")
+
+
 def _conv_init(self, plain, args, kwargs):
     post = {k: kwargs.pop(k) for k in
             ("std", "std_mode", "learn_std", "bias_std", "detach_input_variance") if k in kwargs}
+    try:
+        bound = inspect.signature(plain.__init__).bind(self, *args, **kwargs).arguments
+    except TypeError:
+        bound = {}  # a missing or unknown argument: the host's own error below
+    _check_sizes(type(self).__name__, positive=("stride",), **{
+        k: bound[k] for k in ("in_channels", "out_channels", "kernel_size", "stride")
+        if k in bound})
     plain.__init__(self, *args, **kwargs)
     self._init_posterior(
         post.get("std"), post.get("std_mode", "layer"), post.get("learn_std", True),
@@ -1399,6 +1443,7 @@ class ChannelAffine(nn.Module):
                 f"ChannelAffine expects {self.num_features} channels in dimension "
                 f"{self.channel_dim}, got shape {tuple(x.shape)}"
             )
+        check_device(x, self._parameters.get("weight"), "ChannelAffine")
         var = raw_variance(x)  # passed on as stored (a factored one stays factored)
         with no_variance_flow():
             shape = [1] * x.dim()

@@ -7,6 +7,8 @@ SynOps counting (:class:`SpikeMonitor`) serve :mod:`sbnn_addons.uncertainty`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -26,8 +28,11 @@ def check_probabilities(probs: Tensor, targets: Tensor, atol: float = 1e-4) -> N
             ``targets``.
         ValueError: shapes that do not match, no examples (``N = 0``: every metric would
             be NaN), targets outside ``[0, C)``, or rows that do not sum to one (within
-            ``atol``, or the dtype's rounding over ``C`` terms).
+            ``atol``, or the dtype's rounding over ``C`` terms), or an ``atol`` that is not
+            a finite number >= 0.
     """
+    if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not 0 <= atol < math.inf:
+        raise ValueError(f"atol must be a finite number >= 0, got {atol!r}")
     for name, value in (("probs", probs), ("targets", targets)):
         if not isinstance(value, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}; "

@@ -80,6 +80,7 @@ from torch import Tensor, nn
 from .base import (
     SBNNModule,
     cached_tensor_test,
+    check_flag,
     check_input,
     check_module,
     raise_error,
@@ -517,8 +518,18 @@ def get_variance(tensor: Tensor) -> Tensor | UnknownVariance | None:
     """The variance carried by ``tensor``, an :class:`UnknownVariance`, or ``None``.
 
     A factored variance (:class:`ScaledVariance`) is returned as its product, a tensor.
+
+    Raises:
+        TypeError: ``tensor`` is not a tensor: ``None`` read as "no variance" for the
+            ``(spk, mem)`` tuple of an snnTorch neuron built with ``output=True``, or a
+            list of per-step outputs.
     """
     if type(tensor) is not VarianceTensor:
+        if not isinstance(tensor, Tensor):
+            raise TypeError(
+                f"get_variance reads one tensor, got {type(tensor).__name__}: pass a single "
+                "tensor (a converted snnTorch neuron's membrane variance is "
+                "sbnn_addons.snntorch.membrane_variance(neuron))")
         return None
     if _OPEN_FLOWS:
         _note_read(tensor, _CONSUMED)
@@ -1910,10 +1921,16 @@ def track_variance(model: nn.Module, opaque=(), *, check_inputs: bool = False) -
             :class:`~sbnn_addons.check_finite` is off); the adapters turn it on.
 
     Idempotent; the adapters call it on the converted model. Returns ``model``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or ``check_inputs`` is not a bool (a
+            string such as ``"no"`` turned the checks on).
     """
+    check_module(model, "track_variance")
+    check_inputs = check_flag("check_inputs", check_inputs)
     if getattr(model, "_sbnn_flow_handles", None):
         return model
-    model.__dict__[_FLOW_STATE] = {"check_inputs": bool(check_inputs)}
+    model.__dict__[_FLOW_STATE] = {"check_inputs": check_inputs}
     handles = [
         model.register_forward_pre_hook(_flow_enter),
         # not always_call: that registry is keyed by global hook ids, which a compiled

@@ -6,12 +6,17 @@ The reference networks (:mod:`sbnn_addons.models`) are built from :class:`LIF`.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor, nn
 
 from . import kernels
+<<<<<<< HEAD
 from .base import call_eagerly, check_input, mark_checked, raise_error
+=======
+from .base import call_eagerly, check_device, check_input, mark_checked
+>>>>>>> hunt-badinput3
 from .functional import (
     LIF_RESETS,
     _variance_update,
@@ -82,6 +87,20 @@ class LIFState(tuple):
         return self[1]
 
 
+def _scalar(name: str, value) -> float:
+    """``value`` (a real number or a one-element tensor) as a float.
+
+    Raises:
+        TypeError: a string, a bool, a sequence or a tensor of several elements (the core
+            LIF has one decay and one threshold per layer).
+    """
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number (one per layer), got {value!r}")
+    return float(value)
+
+
 class LIF(nn.Module):
     """Leaky integrate-and-fire neuron whose spikes are Bernoulli draws.
 
@@ -110,6 +129,12 @@ class LIF(nn.Module):
         spike_fn: an :class:`~sbnn_addons.IWSTSpike` (default ``IWSTSpike("st")``).
         reset: ``"subtract"``, ``"zero"`` or ``"none"``.
 
+    Raises:
+        TypeError: ``beta`` / ``threshold`` not a real number (a string, a list, a tensor
+            of several elements), or a ``spike_fn`` without the spike-function interface.
+        ValueError: ``beta`` outside ``[0, 1]``, an unknown ``reset``, a NaN threshold, or
+            an infinite one with the subtract reset.
+
     Shapes:
         ``forward(I [B, *], state) -> (spikes [B, *], LIFState)``;
         ``run(I [T, B, *]) -> spikes [T, B, *]``.
@@ -123,12 +148,19 @@ class LIF(nn.Module):
         reset: str = "subtract",
     ) -> None:
         super().__init__()
-        if not 0.0 <= float(beta) <= 1.0:
+        beta, threshold = _scalar("beta", beta), _scalar("threshold", threshold)
+        if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
         if reset not in LIF_RESETS:
             raise ValueError(f"reset must be one of {LIF_RESETS}, got {reset!r}")
-        if math.isnan(float(threshold)):
+        if math.isnan(threshold):
             raise ValueError("threshold must be a number, got nan")
+        if spike_fn is not None and not (isinstance(spike_fn, nn.Module) and all(
+                callable(getattr(spike_fn, name, None)) for name in ("fire", "noise_variance"))):
+            raise TypeError(
+                "spike_fn must be an IWSTSpike (or a module with its interface, fire(drive, "
+                "variance) and noise_variance(u), such as sbnn_addons.models.SurrogateSpike), "
+                f"got {type(spike_fn).__name__}")
         if math.isinf(float(threshold)) and reset == "subtract":
             raise ValueError(
                 f"threshold={threshold} with reset='subtract' makes the membrane NaN "
@@ -211,6 +243,8 @@ class LIF(nn.Module):
                 f"state of shape {tuple(membrane.shape)} does not match the input current "
                 f"of shape {tuple(current.shape)}; pass state=None at the start of a sequence"
             )
+        if membrane is not None:
+            check_device(current, membrane, "LIF", "its state (the membrane passed in)")
         with no_variance_flow():  # V is tracked explicitly; the flow would count it twice
             variance, factors = self._variance_step(variance, var_in, factors)
             fused = self._fused_step(current, membrane, variance)

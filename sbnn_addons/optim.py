@@ -36,6 +36,7 @@ def is_noise_parameter(name: str) -> bool:
 
 def noise_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     """The trainable noise scales of ``model`` (parameters named ``*std_rho``)."""
+    check_module(model, "noise_parameters")
     for name, p in model.named_parameters():
         if p.requires_grad and is_noise_parameter(name):
             yield p

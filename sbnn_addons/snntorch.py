@@ -44,7 +44,9 @@ from .base import (
     HostObject,
     cached_tensor_test,
     check_flag,
+    check_include_overlap,
     check_module,
+    check_neuron_constants,
     check_std,
     drop_state,
     raise_error,
@@ -1061,6 +1063,7 @@ _HOST_HOOK = torch.nn.modules.module.register_module_buffer_registration_hook(
 def _check_neuron(name: str, m: nn.Module) -> None:
     cls = type(m)
     if cls in _TO_SBNN:
+        check_neuron_constants(name, m, ("beta", "threshold"))
         if not m.reset_delay:
             raise ValueError(
                 f"module '{name}' uses reset_delay=False, which to_sbnn does not support (its "
@@ -1169,6 +1172,7 @@ def reset(model: nn.Module) -> nn.Module:
     only this model's neurons (works on ``deepcopy`` / ``torch.load`` copies). Returns
     ``model``.
     """
+    check_module(model, "snntorch.reset")
     for m in model.modules():
         if m.__dict__.get(_CACHE) is not None or m.__dict__.get(_STATE) is not None:
             drop_state(m, _CACHE, _STATE)
@@ -1436,6 +1440,14 @@ def _validate_arguments(model, estimator, layer_kw, spike_std, spike_learn, inc,
                 f"exclude pattern {p!r} matches no module of the model; modules are: "
                 f"{[n for n in names if n]}"
             )
+    check_include_overlap(inc, exc, layer_names)
+    neurons = [n for n, m in model.named_modules() if _is_snn_neuron(m)]
+    if all(_match(n, exc) for n in neurons) and not any(
+            (inc is None or _match(n, inc)) and not _match(n, exc) for n in layer_names):
+        raise ValueError(
+            "nothing to convert: exclude names every neuron and leaves no Linear/Conv1d/"
+            f"Conv2d layer (include={inc!r}, exclude={exc!r}); the model would stay as it "
+            "was")
 
 
 # --------------------------------------------------------------------------- to_snntorch
@@ -1521,6 +1533,7 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
     """
     from snntorch import surrogate
 
+    check_module(model, "to_snntorch")
     if spike_grad is not None:
         _check_host_spike_grad(spike_grad, model)
     out = _safe_deepcopy(model)

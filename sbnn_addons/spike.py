@@ -28,6 +28,7 @@ from .base import (
     SBNNModule,
     cached_tensor_test,
     call_eagerly,
+    check_device,
     check_flag,
     check_module,
     check_std,
@@ -268,8 +269,9 @@ class IWSTSpike(SBNNModule, nn.Module):
         if not isinstance(std_shape, Sequence) or isinstance(std_shape, str) or not all(
                 isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
                 for n in std_shape):
-            raise TypeError(f"std_shape must be a sequence of sizes >= 1 (e.g. (C,) for one "
-                            f"std per channel, () for one std), got {std_shape!r}")
+            raise TypeError(f"std_shape must be a sequence of sizes >= 1: the neuron shape "
+                            f"without the batch dimension ((C,) for [B, C] input, (C, H, W) "
+                            f"for [B, C, H, W]), or () for one std; got {std_shape!r}")
         use_input_variance = check_flag("use_input_variance", use_input_variance)
         at_zero = check_flag("at_zero", at_zero)
         std = check_std("std", 0.0 if std is None else std, allow_zero=not learn_std)
@@ -282,6 +284,9 @@ class IWSTSpike(SBNNModule, nn.Module):
                 or (isinstance(threshold, Tensor) and threshold.numel() != 1)
                 or math.isnan(float(threshold))):
             raise ValueError(f"threshold must be a number (not NaN), got {threshold!r}")
+        if isinstance(batch_dim, bool) or not isinstance(batch_dim, numbers.Integral):
+            raise TypeError(f"batch_dim must be an int (the dimension of u that indexes "
+                            f"examples, 1 for [T, B, ...]), got {batch_dim!r}")
         self.learn_std = bool(learn_std)
         if self.learn_std:
             self.std_rho = nn.Parameter(torch.full(tuple(std_shape), inverse_softplus(std)))
@@ -293,7 +298,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         self.threshold = float(threshold)
         self.aux_center = aux_center
         self.aux_std_grad = aux_std_grad
-        self.batch_dim = batch_dim
+        self.batch_dim = int(batch_dim)
         self.collect_aux = False
         self._aux_pull = aux_pull
         self._aux_terms: list[Tensor] = []
@@ -383,6 +388,8 @@ class IWSTSpike(SBNNModule, nn.Module):
                 "Bayesian layer and the neuron (see sbnn_addons.moments), register a rule "
                 "with sbnn_addons.moments.register_variance_rule, or exclude the layer.",
                 VarianceFlowError)
+        check_device(u, self._parameters.get("std_rho", self._buffers.get("fixed_std")),
+                     type(self).__name__, "its noise std")
         own_var = self.own_noise_variance()
         if own_var is not None:
             own_var = own_var.to(variance_dtype(u.dtype))  # float16: float32
@@ -713,14 +720,22 @@ def check_seed(seed, name: str = "seed") -> int | None:
     Raises:
         TypeError: ``seed`` is a bool, a float, a string or anything else that is not an
             integer (``int``, a numpy integer, a 0-d integer tensor).
+        ValueError: an integer outside the range a ``torch.Generator`` takes,
+            ``[-2**63, 2**64)`` (it failed at the first draw, "Overflow when unpacking
+            long long").
     """
     if seed is None:
         return None
     if not isinstance(seed, bool):
         try:
-            return operator.index(seed)
+            value = operator.index(seed)
         except TypeError:
             pass
+        else:
+            if not -(1 << 63) <= value < 1 << 64:
+                raise ValueError(f"{name} must be in [-2**63, 2**64) (the range of a "
+                                 f"torch.Generator seed), got {value}")
+            return value
     raise TypeError(f"{name} must be an integer or None, got {seed!r} "
                     f"({type(seed).__name__}); pass an int such as {name}=0")
 

@@ -69,7 +69,9 @@ from .base import (
     SBNNModule,
     call_eagerly,
     check_flag,
+    check_include_overlap,
     check_module,
+    check_neuron_constants,
     check_std,
     checkpoint_hooks_active,
     match_name,
@@ -795,6 +797,7 @@ def reset(model: nn.Module) -> nn.Module:
     table of reset networks would otherwise hold both, and a step that Dynamo traces with
     ``reset_net(net)`` inside fails on the module reached twice (an ``AssertionError``,
     "already tracked for mutation"; see the Performance page)."""
+    check_module(model, "spikingjelly.reset")
     net = getattr(model, "_orig_mod", model)
     functional.invalidate_reset_cache(net)
     functional.reset_net(net)
@@ -943,6 +946,7 @@ def to_sbnn(
         if type(m) not in SUPPORTED_NEURONS:
             raise _unsupported(m, name)
         _check_spiking_surrogate(name, m)
+        check_neuron_constants(name, m, ("tau", "v_threshold", "v_reset"))
 
     def selected(name: str) -> bool:
         return (inc is None or match_name(name, inc)) and not match_name(name, exc)
@@ -1058,6 +1062,7 @@ def _validate_arguments(model, estimator, posterior, spike_std, spike_learn, inc
     for p in exc or ():
         if not any(match_name(n, (p,)) for n in names):
             raise ValueError(f"exclude pattern {p!r} matches no module; modules are: {names}")
+    check_include_overlap(inc, exc, layers)
 
 
 _WEIGHTS = (layer.Linear, layer.Conv1d, layer.Conv2d, nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -1107,6 +1112,7 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
         TypeError: ``surrogate_function`` is a class (``surrogate.ATan`` instead of
             ``surrogate.ATan()``) or not callable.
     """
+    check_module(model, "to_spikingjelly")
     if isinstance(surrogate_function, type):
         raise TypeError(
             "surrogate_function must be a surrogate instance, e.g. surrogate_function="

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -317,6 +318,7 @@ def default_reset(model: nn.Module) -> Callable[[nn.Module], object]:
     Detection reads the classes' module names, so neither host library is imported unless
     the model already uses it.
     """
+    check_module(model, "default_reset")
     snn, sj = _host_kind(model)
     fns = []
     if snn:
@@ -804,7 +806,8 @@ def metrics_vs_samples(
         ``{"k": [...], "accuracy": [...], "nll": [...], "ece": [...]}``.
 
     Raises:
-        TypeError: ``sample_probs`` is neither a :class:`Prediction` nor a tensor.
+        TypeError: ``sample_probs`` is neither a :class:`Prediction` nor a tensor, or
+            ``ks`` is a single number instead of a sequence.
         ValueError: no samples, an empty ``ks``, a ``k`` outside ``[1, K]``, or targets /
             probabilities that :func:`~sbnn_addons.metrics.check_probabilities` refuses.
     """
@@ -821,6 +824,9 @@ def metrics_vs_samples(
                          f"{tuple(sample_probs.shape)}")
     big_k = sample_probs.shape[0]
     sample_probs = _float32_rows(sample_probs)
+    if isinstance(ks, (numbers.Number, str, Tensor)):
+        raise TypeError(f"ks must be a sequence of sample counts such as [1, 2, 4] (or None), "
+                        f"got {ks!r}; for one count pass [{ks!r}]")
     if ks is not None and not (ks := list(ks)):
         raise ValueError("ks is empty: nothing to compute; pass sample counts such as "
                          "[1, 2, 4] (or ks=None for 1, 2, 4, ... up to K)")
@@ -935,7 +941,18 @@ def plot_entropy_histograms(scores_in: Tensor, scores_out: Tensor, path,
 
 
 def plot_metrics_vs_samples(sweep: dict[str, list[float]], path) -> Path:
-    """Accuracy and ECE against K (the output of :func:`metrics_vs_samples`)."""
+    """Accuracy and ECE against K (the output of :func:`metrics_vs_samples`).
+
+    Raises:
+        TypeError: ``sweep`` is not a dict with the lists ``"k"``, ``"accuracy"`` and
+            ``"ece"`` of equal, non-zero length (a ``KeyError`` or an empty plot).
+    """
+    keys = ("k", "accuracy", "ece")
+    if not (isinstance(sweep, dict)
+            and all(isinstance(sweep.get(key), (list, tuple)) and sweep[key] for key in keys)
+            and len({len(sweep[key]) for key in keys}) == 1):
+        raise TypeError("sweep must be the dict metrics_vs_samples returns (lists 'k', "
+                        f"'accuracy' and 'ece' of one non-zero length), got {sweep!r}")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(sweep["k"], sweep["accuracy"], "o-", color="tab:blue", label="accuracy")

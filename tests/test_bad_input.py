@@ -488,6 +488,13 @@ def test_finite_check_works_under_torch_func_transforms():
     (lambda: sb.BayesLinear(0, 3), "no synapses"),  # a ZeroDivisionError
     (lambda: sb.BayesLinear(3, 0), "no synapses"),  # an IndexError
     (lambda: sb.BayesConv2d(2, 0, 3), "no synapses"),
+    (lambda: sb.BayesLinear(6, -1), "BayesLinear: out_features must be an integer >= 1"),
+    (lambda: sb.BayesLinear(6.0, 3), "BayesLinear: in_features must be an integer >= 1"),
+    (lambda: sb.BayesLinear(True, 3), "in_features must be an integer"),  # taken as 1
+    (lambda: sb.BayesConv2d(2, -1, 3), "BayesConv2d: out_channels must be an integer"),
+    (lambda: sb.BayesConv2d("2", 3, 3), "in_channels must be an integer"),
+    (lambda: sb.BayesConv1d(2, 3, 3.0), r"kernel_size must be an integer >= 1 \(or a tuple"),
+    (lambda: sb.BayesConv2d(2, 3, 3, stride=0), "stride must be an integer >= 1"),  # forward
     (lambda: sb.ChannelAffine(0), "num_features must be an integer >= 1"),  # accepted
     (lambda: sb.ChannelAffine(3, eps=-1e-5), "eps must be a finite number >= 0"),  # accepted
     (lambda: sb.ChannelAffine(3, channel_dim=1.0), "channel_dim must be an integer"),
@@ -524,6 +531,30 @@ def test_sbnn_objective_arguments_are_named():
     torch.testing.assert_close(loss, nll + sb.kl_divergence(fc) / 10)
 
 
+def _models():
+    import sbnn_addons.models
+
+    return sbnn_addons.models
+
+
+def _data():
+    import sbnn_addons.data
+
+    return sbnn_addons.data
+
+
+def _ep():
+    import sbnn_addons.ep
+
+    return sbnn_addons.ep
+
+
+def _paper_recipe(*args, **kwargs):
+    from sbnn_addons.models import paper_recipe
+
+    return paper_recipe(*args, **kwargs)
+
+
 @pytest.mark.parametrize("call, who", [
     (lambda m: sb.set_mode(m, "mc"), "set_mode"), (sb.get_mode, "get_mode"),
     (lambda m: sb.mode(m, "mean").__enter__(), "mode"),
@@ -535,6 +566,12 @@ def test_sbnn_objective_arguments_are_named():
     (lambda m: sb.mc_predict(m, torch.zeros(2, 3), 2), "mc_predict"),
     (lambda m: sb.moments.check_variance_flow(m, torch.zeros(2, 3)), "check_variance_flow"),
     (sbnn_snn.to_sbnn, "snntorch.to_sbnn"), (sbnn_sj.to_sbnn, "spikingjelly.to_sbnn"),
+    (sbnn_snn.to_snntorch, "to_snntorch"), (sbnn_sj.to_spikingjelly, "to_spikingjelly"),
+    (sbnn_snn.reset, "snntorch.reset"), (sbnn_sj.reset, "spikingjelly.reset"),
+    (lambda m: list(sb.noise_parameters(m)), "noise_parameters"),
+    (lambda m: _paper_recipe(m, "shd", 5), "paper_recipe"),
+    (sb.track_variance, "track_variance"),
+    (sb.uncertainty.default_reset, "default_reset"),
 ])
 def test_model_functions_name_a_model_that_is_not_a_module(call, who):
     """model.parameters() (or a state dict) in place of the model: an AttributeError."""
@@ -562,6 +599,8 @@ def _convert_spikingjelly(**kw):
 @pytest.mark.parametrize("call, name", [
     (lambda v: sb.BayesLinear(3, 2, learn_std=v), "learn_std"),
     (lambda v: sb.BayesConv2d(1, 2, 3, learn_std=v), "learn_std"),
+    (lambda v: sb.BayesLinear(3, 2, detach_input_variance=v), "detach_input_variance"),
+    (lambda v: sb.BayesConv1d(1, 2, 3, detach_input_variance=v), "detach_input_variance"),
     (lambda v: sb.IWSTSpike("st", std=0.1, learn_std=v), "learn_std"),
     (lambda v: sb.IWSTSpike("st", at_zero=v), "at_zero"),
     (lambda v: sb.IWSTSpike("st", use_input_variance=v), "use_input_variance"),
@@ -577,6 +616,18 @@ def _convert_spikingjelly(**kw):
     (lambda v: _convert_snntorch(inplace=v), "inplace"),
     (lambda v: _convert_spikingjelly(learn_std=v), "learn_std"),
     (lambda v: _convert_spikingjelly(aux_loss=v), "aux_loss"),
+    (lambda v: sb.track_variance(nn.Sequential(sb.BayesLinear(3, 2)), check_inputs=v),
+     "check_inputs"),
+    (lambda v: _models().shd_recurrent(in_features=4, hidden=(3,), num_classes=2,
+                                       num_steps=2, bayes=v), "bayes"),
+    (lambda v: _models().SpikingResNet(2, 3, widths=(4,), bayes=v), "bayes"),
+    (lambda v: _models().SpikingResNet(2, 3, widths=(4,), readout_noise=v), "readout_noise"),
+    (lambda v: _models().ZeroDiagBayesLinear(3, mask_variance=v), "mask_variance"),
+    (lambda v: _data().make_randman(num_classes=2, num_units=3, num_steps=4,
+                                    samples_per_class=2, shuffle=v), "shuffle"),
+    (lambda v: _data().load_cifar10("/nonexistent", normalize=v), "normalize"),
+    (lambda v: _models().SpikingResNet(2, 3, widths=(4,), checkpoint=v), "checkpoint"),
+    (lambda v: _ep().EPNetwork([4, 3], bias=v), "bias"),
 ])
 @pytest.mark.parametrize("value", ["no", "False", 0])
 def test_a_flag_that_is_not_a_bool_is_named(call, name, value):
@@ -759,3 +810,271 @@ def test_snntorch_threshold_changed_after_the_conversion_reaches_the_aux_terms(k
     with contextlib.nullcontext() if kernel else sb.kernels.use_kernels(False):
         built, changed = aux_after(True), aux_after(False)
     assert torch.isfinite(changed) and torch.equal(changed, built)
+
+
+# ------------------------------------------- a wrong dtype / device, a number or a list
+@pytest.mark.parametrize("make, shape", [
+    (lambda: sb.BayesLinear(6, 3), (4, 6)),
+    (lambda: sb.BayesConv1d(2, 3, 3), (4, 2, 8)),
+    (lambda: sb.BayesConv2d(2, 3, 3), (4, 2, 6, 6)),
+])
+def test_core_layer_names_an_input_of_another_dtype_or_device(make, shape):
+    """A float64 / float16 input of a float32 layer failed inside torch ("mat1 and mat2
+    must have the same dtype", "Input type (double) and bias type (float)"), an input on
+    another device with "Tensor on device cpu is not on the expected device meta!"."""
+    torch.manual_seed(0)
+    layer_, x = make(), torch.rand(shape)
+    name = type(layer_).__name__
+    for dtype in (torch.float64, torch.float16):
+        with pytest.raises(TypeError, match=rf"{name} has torch.float32 weights but its "
+                                            rf"input is {dtype}.*x.to\(torch.float32\)"):
+            layer_(x.to(dtype))
+    with pytest.raises(ValueError, match=rf"{name} has its weights on cpu but its input is "
+                                         r"on meta.*model.to\(device\)"):
+        layer_(x.to("meta"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts: no error
+        assert layer_(x.bfloat16()).dtype == torch.bfloat16
+    assert make().to(torch.float64)(x.double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: sb.LIF(beta="0.9"), "beta must be a real number"),  # taken as 0.9
+    (lambda: sb.LIF(beta=[0.9, 0.8]), "beta must be a real number"),  # float() error
+    (lambda: sb.LIF(beta=torch.tensor([0.9, 0.8])), "beta must be a real number"),
+    (lambda: sb.LIF(threshold="1"), "threshold must be a real number"),
+    (lambda: sb.LIF(spike_fn="st"), "spike_fn must be an IWSTSpike"),  # AttributeError
+    (lambda: sb.LIF(spike_fn=nn.ReLU()), "spike_fn must be an IWSTSpike"),  # at forward
+    (lambda: sb.IWSTSpike(batch_dim="1"), "batch_dim must be an int"),  # at aux_loss
+    (lambda: sb.IWSTSpike(batch_dim=1.0), "batch_dim must be an int"),
+    (lambda: sb.IWSTSpike(batch_dim=True), "batch_dim must be an int"),
+])
+def test_neuron_and_spike_arguments_of_a_wrong_type_are_named(make, match):
+    with pytest.raises(TypeError, match=match):
+        make()
+
+
+def test_neuron_and_spike_accept_scalar_tensors_and_numpy_numbers():
+    import numpy as np
+
+    from sbnn_addons.models import SurrogateSpike
+
+    lif = sb.LIF(beta=torch.tensor(0.5), threshold=np.float32(2.0), spike_fn=SurrogateSpike())
+    assert (lif.beta, lif.threshold) == (0.5, 2.0)
+    assert sb.IWSTSpike(batch_dim=np.int64(1)).batch_dim == 1
+
+
+def test_paper_recipe_rates_and_cosine_are_checked():
+    """paper_recipe(lr=-1e-3) trained by gradient ascent (Adam checks only its default
+    rate, not a group's), noise_lr=nan made every noise scale NaN; paper_lr_factor with
+    floor 2 raised the rate, with epochs=0 divided by zero."""
+    from sbnn_addons.models import paper_lr_factor, paper_recipe, shd_recurrent
+
+    net = shd_recurrent(in_features=8, hidden=(4,), num_classes=3, num_steps=5)
+    for kw, name in [({"lr": -1e-3}, "lr"), ({"lr": 0}, "lr"), ({"noise_lr": math.nan},
+                     "noise_lr"), ({"noise_lr": "5e-2"}, "noise_lr")]:
+        with pytest.raises(ValueError, match=f"^{name} must be a finite number > 0"):
+            paper_recipe(net, "shd", 5, **kw)
+    with pytest.raises(ValueError, match="epochs must be a positive int"):
+        paper_lr_factor(0, 0, 0.1)
+    for floor in (-0.1, 2.0, "0.1"):
+        with pytest.raises(ValueError, match=r"floor must be a number in \[0, 1\]"):
+            paper_lr_factor(1, 10, floor)
+    assert paper_lr_factor(10, 10, 0.1) == pytest.approx(0.1)
+    opt, _ = paper_recipe(net, "shd", 5, lr=1e-3, noise_lr=1e-2)
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-2]
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"num_steps": 0}, "num_steps must be a positive int"),  # ZeroDivisionError at forward
+    ({"num_steps": 2.0}, "num_steps must be a positive int"),
+    ({"dims": 3}, "dims must be 1"),  # built BatchNorm1d silently
+])
+def test_step_batch_norm_arguments_are_checked(kw, match):
+    from sbnn_addons.models import StepBatchNorm
+
+    with pytest.raises(ValueError, match=match):
+        StepBatchNorm(3, **{"num_steps": 2, **kw})
+
+
+def test_a_single_number_where_a_collection_belongs_is_named():
+    """ks=4 / classes=3 failed with "'int' object is not iterable"."""
+    from sbnn_addons.data import load_dvs_gesture_32
+
+    probs = torch.full((4, 2, 2), 0.5)
+    with pytest.raises(TypeError, match=r"ks must be a sequence.*for one count pass \[4\]"):
+        sb.uncertainty.metrics_vs_samples(probs, torch.tensor([0, 1]), ks=4)
+    assert sb.uncertainty.metrics_vs_samples(probs, torch.tensor([0, 1]), ks=[4])["k"] == [4]
+    with pytest.raises(TypeError, match=r"classes must be a collection.*pass \(3,\)"):
+        load_dvs_gesture_32("/nonexistent", classes=3)
+
+
+@pytest.mark.parametrize("call", [
+    lambda seed: sb.IWSTSpike(std=0.5).manual_seed(seed),
+    lambda seed: sb.seed_spikes(nn.Sequential(sb.IWSTSpike(std=0.5)), seed),
+    lambda seed: sb.mc_predict(nn.Sequential(sb.BayesLinear(4, 3)), torch.rand(2, 4), 2,
+                               seed=seed),
+])
+@pytest.mark.parametrize("seed", [2**64, -2**63 - 1, 2**70])
+def test_a_seed_out_of_the_generator_range_is_named(call, seed):
+    """A seed a torch.Generator cannot take failed at the first draw ("Overflow when
+    unpacking long long") or in mc_predict's torch.manual_seed."""
+    with pytest.raises(ValueError, match=r"seed must be in \[-2\*\*63, 2\*\*64\)"):
+        call(seed)
+
+
+def test_seeds_at_the_ends_of_the_generator_range_draw():
+    spike = sb.IWSTSpike(std=0.5)
+    for seed in (2**64 - 1, -2**63):
+        spike.manual_seed(seed)
+        assert spike(torch.zeros(8)).shape == (8,)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"duration_s": math.nan}, "duration_s must be a finite number > 0"),  # numpy Overflow
+    ({"duration_s": 0}, "duration_s must be a finite number > 0"),  # every event at t = 0
+    ({"events_per_sample": 0}, "events_per_sample must be an integer >= 1"),
+])
+def test_synthetic_shd_arguments_are_checked(tmp_path, kw, match):
+    from sbnn_addons.data import make_synthetic_shd
+
+    with pytest.raises(ValueError, match=match):
+        make_synthetic_shd(tmp_path, num_train=2, num_test=2, **kw)
+
+
+def test_metric_tolerance_and_sweep_plot_arguments_are_checked(tmp_path):
+    """check_probabilities(atol=nan) failed in torch.allclose, atol="1e-4" with "'>' not
+    supported"; plot_metrics_vs_samples({}) with a KeyError 'k'."""
+    from sbnn_addons.metrics import check_probabilities
+    from sbnn_addons.uncertainty import plot_metrics_vs_samples
+
+    probs, y = torch.tensor([[0.7, 0.3], [0.2, 0.8]]), torch.tensor([0, 1])
+    for atol in (math.nan, math.inf, -1.0, "1e-4"):
+        with pytest.raises(ValueError, match="atol must be a finite number >= 0"):
+            check_probabilities(probs, y, atol=atol)
+    check_probabilities(probs, y, atol=0)
+    for sweep in ({}, {"k": [1, 2], "accuracy": [0.5], "ece": [0.1, 0.1]}, [1, 2]):
+        with pytest.raises(TypeError, match="sweep must be the dict metrics_vs_samples"):
+            plot_metrics_vs_samples(sweep, tmp_path / "sweep.png")
+
+
+def test_empty_input_is_an_exact_no_op_for_the_core_parts():
+    """The documented behaviour (Training page, "Catching problems early"): empty outputs
+    of the right shape and no auxiliary term; the reference models give empty logits for
+    a batch of 0."""
+    from sbnn_addons.models import shd_recurrent
+
+    torch.manual_seed(0)
+    net = nn.Sequential(sb.BayesConv2d(2, 3, 3), sb.ChannelAffine(3), sb.IWSTSpike(std=0.3))
+    sb.enable_aux_loss(sb.track_variance(net))
+    assert net(torch.rand(0, 2, 6, 6)).shape == (0, 3, 4, 4)
+    assert float(sb.aux_loss(net)) == 0.0
+    spikes, state = sb.LIF()(torch.rand(0, 5))
+    assert spikes.shape == state.membrane.shape == (0, 5)
+    model = shd_recurrent(in_features=8, hidden=(4,), num_classes=3, num_steps=5)
+    assert model(torch.rand(5, 0, 8)).shape == (0, 3)
+    with pytest.raises(ValueError, match="T = 0"):
+        model(torch.rand(0, 2, 8))
+
+
+@pytest.mark.parametrize("convert, make", [
+    (sbnn_snn.to_sbnn, _snn_seq),
+    (sbnn_sj.to_sbnn, lambda: _sj_net("s")),
+])
+def test_include_and_exclude_that_cancel_are_named(convert, make):
+    """include="0", exclude="0": no layer became Bayesian (the neurons alone were
+    converted), silently, as an empty include does."""
+    with pytest.raises(ValueError, match=r"include pattern '0' selects only layers that "
+                                         r"exclude also names \(\['0'\]\)"):
+        convert(make(), include="0", exclude="0")
+    with pytest.raises(ValueError, match="include pattern '\\*' selects only"):
+        convert(make(), include="*", exclude=["0", "2"])
+    model = convert(make(), include="*", exclude="0")  # a partial overlap: layer 2 converts
+    assert sb.is_bayesian(model[2]) and not sb.is_bayesian(model[0])
+
+
+def test_snntorch_exclude_of_everything_is_named():
+    """Every neuron and layer excluded: the copy came back unconverted, silently (the
+    SpikingJelly converter raised "nothing to convert")."""
+    with pytest.raises(ValueError, match="nothing to convert: exclude names every neuron"):
+        sbnn_snn.to_sbnn(_snn_seq(), exclude=["0", "1", "2", "3"])
+    with pytest.raises(ValueError, match="nothing to convert"):
+        sbnn_sj.to_sbnn(_sj_net("s"), exclude=["0", "1", "2", "3"])
+    model = sbnn_snn.to_sbnn(_snn_seq(), exclude=["0", "2"])  # neurons only: converted
+    assert isinstance(model[1].spike_grad, sb.IWSTSpike)
+
+
+@pytest.mark.parametrize("kw", [
+    {"widths": 4},  # "'int' object is not iterable"
+    {"blocks": "3"},  # "'<' not supported between instances of 'str' and 'int'"
+    {"width_mult": math.nan},  # "cannot convert float NaN to integer"
+    {"width_mult": "2"},
+])
+def test_resnet_stage_arguments_are_named(kw):
+    from sbnn_addons.models import SpikingResNet
+
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=f"{name} must be"):
+        SpikingResNet(2, 3, **{"widths": (4,), **kw})
+
+
+def test_get_variance_names_a_value_that_is_not_a_tensor():
+    """get_variance of an snnTorch neuron's (spk, mem) tuple returned None, read as "no
+    variance flows"."""
+    model = sbnn_snn.to_sbnn(_snn_seq())
+    out = model(torch.rand(3, 16))
+    assert isinstance(out, tuple)
+    with pytest.raises(TypeError, match="get_variance reads one tensor, got tuple"):
+        sb.get_variance(out)
+    assert sb.get_variance(torch.ones(2)) is None  # a plain tensor: no variance
+
+
+@pytest.mark.parametrize("convert, make, attr", [
+    (sbnn_snn.to_sbnn, lambda: snn.Leaky(beta=math.nan, init_hidden=True), "beta"),
+    (sbnn_snn.to_sbnn, lambda: snn.Leaky(beta=torch.tensor([0.9, math.nan, 0.9]),
+                                         init_hidden=True), "beta"),
+    (sbnn_snn.to_sbnn, lambda: snn.Leaky(beta=0.9, threshold=math.nan, init_hidden=True),
+     "threshold"),
+    (sbnn_sj.to_sbnn, lambda: neuron.IFNode(v_threshold=math.nan), "v_threshold"),
+    (sbnn_sj.to_sbnn, lambda: neuron.LIFNode(v_reset=math.nan), "v_reset"),
+])
+def test_a_neuron_with_a_nan_constant_is_named_at_conversion(convert, make, attr):
+    """snn.Leaky(beta=nan) converted ran with a NaN membrane and no spikes, IFNode with a
+    NaN threshold never fired: the input check passes, nothing named it."""
+    linear = nn.Linear if convert is sbnn_snn.to_sbnn else layer.Linear
+    with pytest.raises(ValueError, match=rf"module '1' .* has {attr} = NaN"):
+        convert(nn.Sequential(linear(4, 3), make()))
+
+
+@pytest.mark.parametrize("call, who", [
+    (lambda: sb.IWSTSpike(std=0.3, learn_std=True)(torch.rand(2, 3, device="meta")),
+     "IWSTSpike has its noise std on cpu"),
+    (lambda: sb.ChannelAffine(3)(torch.rand(2, 3, device="meta")),
+     "ChannelAffine has its parameters on cpu"),
+    (lambda: sb.LIF()(torch.rand(2, 3), sb.LIFState(torch.zeros(2, 3, device="meta"),
+                                                    torch.zeros(1, device="meta"))),
+     r"LIF has its state \(the membrane passed in\) on meta"),
+])
+def test_an_input_on_another_device_is_named(call, who):
+    """torch's "Tensor on device cpu is not on the expected device meta!" named neither
+    the module nor the fix."""
+    with pytest.raises(ValueError, match=rf"{who} but its input is on .*model.to\(device\)"):
+        call()
+
+
+def test_sample_spikes_and_estimator_arguments_are_named():
+    """sample_spikes(deterministic="no") drew no noise (a truthy string), generator=0
+    failed inside torch.randn; Estimator(p=True) was taken as p = 1, max_weight="1e4"
+    failed in a comparison."""
+    u, sigma = torch.zeros(4), torch.ones(4)
+    for flag in ("deterministic", "at_zero"):
+        with pytest.raises(TypeError, match=f"{flag} must be True or False"):
+            sb.sample_spikes(u, sigma, **{flag: "no"})
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        sb.sample_spikes(u, sigma, generator=0)
+    with pytest.raises(ValueError, match=r"p must be a number in \[0, 1\], got True"):
+        sb.Estimator("iwst", p=True)
+    with pytest.raises(ValueError, match="max_weight must be a finite number >= 1"):
+        sb.Estimator("iwst", p=0.5, max_weight="1e4")
+    import numpy as np
+
+    assert sb.Estimator("iwst", p=np.float32(0.5)).spec == sb.IWST(0.5).spec

@@ -823,3 +823,22 @@ def test_paper_preset_converts_without_the_aux_pull(monkeypatch):
     harness.run_task("shd", ["sbnn-st"], [0], {"epochs": 1, "batch_size": 2, "lr": 1e-3,
                                                "noise_lr": 1e-2})
     assert not seen.get("sbnn_kwargs")
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan", "inf", "x"])
+def test_aux_weight_flag_is_checked_by_the_parser(bad, capsys):
+    """--aux-weight -1 / nan was taken and refused only at the first training step, after
+    the data had loaded (sbnn_objective); the parser names it."""
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--aux-weight", bad])
+    assert "argument --aux-weight:" in capsys.readouterr().err
+    assert cli.build_parser().parse_args(["--aux-weight", "0"]).aux_weight == 0.0
+
+
+def test_compare_refuses_a_reinit_that_is_not_a_bool():
+    """reinit="no" (a truthy string) re-initialised every seed's module."""
+    from sbnn_addons.bench import compare
+
+    with pytest.raises(TypeError, match="reinit must be True or False"):
+        compare(_snntorch_net(), _spike_data(12, 0), _spike_data(6, 1), layout="TB",
+                methods=["original"], epochs=1, batch_size=6, reinit="no")

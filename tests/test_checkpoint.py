@@ -62,6 +62,9 @@ def test_checkpoint_needs_the_module():
 
     with pytest.raises(TypeError, match="modules must be the nn.Module"):
         checkpoint(torch.sin, torch.ones(2), modules=None)
+    block = torch.nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="fn must be the region to run.*got Tensor"):
+        checkpoint(block(torch.ones(2)), modules=block)  # the output in place of the block
 
 
 def test_checkpoint_refuses_an_snntorch_neuron_with_hidden_state():

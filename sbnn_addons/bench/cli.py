@@ -54,6 +54,19 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonnegative_float(text: str) -> float:
+    """An ``argparse`` type for the auxiliary-loss weight: a finite number >= 0 (a negative
+    or NaN weight was refused only at the first training step, after the data loaded)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number >= 0 (a loss weight, e.g. 1e-4), got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sbnn-bench", description=__doc__.split("\n")[0],
                                 epilog="Scale out: torchrun --nproc_per_node=N -m "
@@ -96,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights' learning rate, > 0 (5e-3)")
     p.add_argument("--noise-lr", type=positive_float, default=None,
                    help="stds' learning rate, > 0 (5e-2)")
-    p.add_argument("--aux-weight", type=float, default=None,
+    p.add_argument("--aux-weight", type=nonnegative_float, default=None,
                    help="lambda of the aux-loss methods (default 1e-4; paper preset: per task)")
     p.add_argument("--mc-samples", type=positive_int, default=None,
                    help="K for mc(K) evaluation (10)")

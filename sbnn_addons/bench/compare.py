@@ -44,6 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..base import check_flag
 from ..losses import _discard_aux, sbnn_objective
 from ..metrics import classification_metrics
 from ..modes import mc_predict, mode
@@ -877,7 +878,8 @@ def compare(
     loss_fn = loss_fn or F.cross_entropy
     recipe = recipe or default_recipe(lr, noise_lr)
     sbnn_kwargs = dict(sbnn_kwargs or {})
-    reinit = bool(reinit)  # never from len(seeds): a seed's run must not depend on the others
+    # never from len(seeds): a seed's run must not depend on the others
+    reinit = check_flag("reinit", reinit)
     n_train = len(train)
     steps_per_epoch = (math.ceil(math.ceil(n_train / world) / batch_size) if train.is_tensor
                        else max(len(train.loader), 1))

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..base import check_flag
+
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "LAYOUT", "find_cifar10", "load_cifar10"]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -98,6 +100,7 @@ def load_cifar10(
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    normalize = check_flag("normalize", normalize)  # normalize="no" normalised
     if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(
             max_samples, numbers.Integral) or max_samples < 1):
         raise ValueError(f"max_samples must be an integer >= 1 (or None for the whole "

@@ -47,6 +47,7 @@ def load_dvs_gesture_32(
             unreadable or empty file, labels that are not integers in ``0..10``, frames
             that are not non-negative finite counts included), an argument is out of
             range, or a requested class has no samples in the split.
+        TypeError: ``classes`` is a single label instead of a collection.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -57,6 +58,9 @@ def load_dvs_gesture_32(
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if classes is not None:
+        if isinstance(classes, (int, np.integer, str)):
+            raise TypeError(f"classes must be a collection of labels such as (0, 3), got "
+                            f"{classes!r}; for one class pass ({classes!r},)")
         classes = list(classes)
         if not classes or any(isinstance(c, bool) or not isinstance(c, (int, np.integer))
                               or not 0 <= c < NUM_CLASSES for c in classes):

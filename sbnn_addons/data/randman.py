@@ -27,6 +27,8 @@ import numbers
 import torch
 from torch import Tensor
 
+from ..base import check_flag
+
 __all__ = ["make_randman", "randman_split", "TASK_DEFAULTS"]
 
 #: Defaults of the ``randman`` benchmark task, in the keys of its config (``sbnn-bench
@@ -82,6 +84,7 @@ def make_randman(
         raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # 1.2 gave seed 1
         raise ValueError(f"seed must be an integer, got {seed!r}")
+    shuffle = check_flag("shuffle", shuffle)  # shuffle="no" shuffled
     if not 0 < step_frac <= 1:
         raise ValueError(f"step_frac must be in (0, 1], got {step_frac}")
     if not 0 < prec < 1:

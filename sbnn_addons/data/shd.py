@@ -183,6 +183,12 @@ def make_synthetic_shd(root: str | os.PathLike, num_train: int = 64, num_test: i
                         ("num_classes", num_classes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if (isinstance(duration_s, bool) or not isinstance(duration_s, numbers.Real)
+            or not 0 < duration_s < math.inf):  # NaN failed inside numpy, 0 put every event at 0
+        raise ValueError(f"duration_s must be a finite number > 0, got {duration_s!r}")
+    if (isinstance(events_per_sample, bool) or not isinstance(events_per_sample, int)
+            or events_per_sample < 1):
+        raise ValueError(f"events_per_sample must be an integer >= 1, got {events_per_sample!r}")
     folder = Path(root) / "SHD"
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

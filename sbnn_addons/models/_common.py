@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..base import SBNNModule
+from ..base import SBNNModule, check_flag
 from ..functional import compact_broadcast, safe_sqrt
 from ..layers import BayesConv2d, BayesLinear, ChannelAffine
 from ..moments import (
@@ -63,10 +63,18 @@ class StepBatchNorm(nn.Module):
 
     Shapes:
         input ``[T*B, C, *]`` (time-major fold) -> same shape.
+
+    Raises:
+        ValueError: ``num_steps`` not an integer >= 1 (no norm: a division by zero in the
+            forward), or ``dims`` not 1 or 2 (any other value built ``BatchNorm1d``).
     """
 
     def __init__(self, num_features: int, num_steps: int, dims: int = 2) -> None:
         super().__init__()
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        if dims not in (1, 2) or isinstance(dims, bool):
+            raise ValueError(f"dims must be 1 (BatchNorm1d) or 2 (BatchNorm2d), got {dims!r}")
         bn = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
         self.num_steps = num_steps
         self.norms = nn.ModuleList(bn(num_features) for _ in range(num_steps))
@@ -181,6 +189,8 @@ class LayerFactory:
     ) -> None:
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        bayes = check_flag("bayes", bayes)
+        affine_per_step = check_flag("affine_per_step", affine_per_step)
         if not isinstance(aux_std_grad, bool):
             raise TypeError(f"aux_std_grad must be a bool, got {type(aux_std_grad).__name__}")
         if bayes and norm == "bn":
@@ -264,8 +274,8 @@ class ReferenceNet(SBNNModule, nn.Module):
                                    or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self._config = config
-        self.bayes = bool(bayes)
-        self.readout_noise = bool(readout_noise)
+        self.bayes = check_flag("bayes", bayes)  # bayes="no" built the Bayesian network
+        self.readout_noise = check_flag("readout_noise", readout_noise)
         self.num_steps = num_steps
         # one norm per step: the input must have exactly num_steps steps
         self.per_step_norm = norm == "bn" or (

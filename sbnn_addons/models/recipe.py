@@ -8,8 +8,9 @@ import math
 import torch
 from torch import nn
 
+from ..base import check_module
 from ..layers import ChannelAffine
-from ..optim import is_noise_parameter
+from ..optim import _check_lr, is_noise_parameter
 from ._common import StepAffine
 
 __all__ = ["PAPER_CONFIGS", "paper_recipe", "paper_lr_factor"]
@@ -29,7 +30,17 @@ def paper_lr_factor(epoch: int, epochs: int, floor: float) -> float:
     .. code-block:: text
 
         lr_e / lr_0 = floor + (1 - floor) * (1 + cos(pi * e / E)) / 2
+
+    Raises:
+        ValueError: ``epochs`` not an integer >= 1 (a division by zero), or ``floor`` not
+            in ``[0, 1]`` (a factor above 1 or below 0: a learning rate that grows or
+            turns negative, silently).
     """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
+        raise ValueError(f"floor must be a number in [0, 1] (a fraction of the initial "
+                         f"learning rate), got {floor!r}")
     e = min(max(int(epoch), 0), int(epochs))
     return floor + (1.0 - floor) * (1.0 + math.cos(math.pi * e / epochs)) / 2.0
 
@@ -64,7 +75,17 @@ def paper_recipe(
     Returns:
         ``(optimizer, scheduler)``; call ``scheduler.step()`` once at the end of every
         **epoch** (not every batch).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: an unknown ``task``, a reference network of another task, ``epochs``
+            not an integer >= 1, or ``lr`` / ``noise_lr`` not a finite number > 0 (Adam
+            does not check a group's rate: a negative one ascends the loss, NaN makes
+            every parameter NaN).
     """
+    check_module(model, "paper_recipe")
+    _check_lr("lr", lr)
+    _check_lr("noise_lr", noise_lr)
     if task not in PAPER_CONFIGS:
         raise ValueError(f"task must be one of {tuple(PAPER_CONFIGS)}, got {task!r}")
     from .recurrent import SHDRecurrentNet

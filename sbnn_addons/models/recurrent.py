@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..base import mark_checked
+from ..base import check_flag, mark_checked
 from ..layers import BayesLinear
 from ..moments import attach_variance, get_variance, no_variance_flow
 from ..spike import IWSTSpike
@@ -82,7 +82,7 @@ class ZeroDiagBayesLinear(BayesLinear):
                  **kwargs) -> None:
         super().__init__(features, features, bias, **kwargs)
         self.register_buffer("diag_mask", torch.empty_like(self.weight))
-        self.mask_variance = bool(mask_variance)
+        self.mask_variance = check_flag("mask_variance", mask_variance)
         _zero_diagonal(self)
 
     def reset_parameters(self) -> None:

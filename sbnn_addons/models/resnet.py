@@ -16,13 +16,15 @@ over ``T``; the LRT variance of each Bayesian conv is carried across the fold.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..base import mark_checked
+from ..base import check_flag, mark_checked
 from ..checkpoint import checkpoint
 from ..functional import is_binary, is_kept, mark_binary
 from ._common import (
@@ -113,22 +115,27 @@ class BasicBlock(nn.Module):
 
 
 def _widths(widths: Sequence[int], width_mult: float) -> list[int]:
-    widths = list(widths)
+    given = widths
+    widths = list(widths) if isinstance(widths, Sequence) and not isinstance(widths, str) else []
     if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1
                          for w in widths):
         raise ValueError(f"widths must be a non-empty sequence of channel counts >= 1 (one "
-                         f"per stage, e.g. (32, 64, 128)), got {widths!r}")
-    if width_mult <= 0:
-        raise ValueError(f"width_mult must be > 0, got {width_mult}")
+                         f"per stage, e.g. (32, 64, 128)), got {given!r}")
+    if (isinstance(width_mult, bool) or not isinstance(width_mult, (int, float))
+            or not 0 < width_mult < math.inf):  # NaN failed in round(), a string in a comparison
+        raise ValueError(f"width_mult must be a finite number > 0, got {width_mult!r}")
     return [max(1, round(w * width_mult)) for w in widths]
 
 
 def _blocks(blocks: int | Sequence[int], stages: int) -> list[int]:
-    blocks = [blocks] * stages if isinstance(blocks, int) else list(blocks)
-    if len(blocks) != stages or any(b < 1 for b in blocks):
+    given = blocks
+    blocks = [blocks] * stages if isinstance(blocks, int) else (
+        list(blocks) if isinstance(blocks, Sequence) and not isinstance(blocks, str) else [])
+    if len(blocks) != stages or any(isinstance(b, bool) or not isinstance(b, numbers.Integral)
+                                    or b < 1 for b in blocks):
         raise ValueError(
             f"blocks must be a positive int or {stages} positive ints (one per stage), "
-            f"got {blocks}"
+            f"got {given!r}"
         )
     return blocks
 
@@ -227,7 +234,7 @@ class SpikingResNet(ReferenceNet):
                 cin = cout
         self.blocks = nn.ModuleList(layers)
         self.fc = factory.linear(cin, num_classes, bayes=self.bayes and self.readout_noise)
-        self.checkpoint = bool(checkpoint)
+        self.checkpoint = check_flag("checkpoint", checkpoint)
         # H and W must halve evenly at the stem's pool and at each strided block (the
         # shortcut's average pool and the strided convolution round differently)
         self.size_divisor = 2 ** halvings
