@@ -12,11 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-<<<<<<< HEAD
-from .base import call_eagerly, check_input, mark_checked, raise_error
-=======
-from .base import call_eagerly, check_device, check_input, mark_checked
->>>>>>> hunt-badinput3
+from .base import call_eagerly, check_device, check_input, mark_checked, raise_error
 from .functional import (
     LIF_RESETS,
     _variance_update,
