@@ -753,10 +753,21 @@ def seed_spikes(model: nn.Module, seed: int | None) -> nn.Module:
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or ``seed`` is neither an integer nor
             ``None``.
+        ValueError: ``model`` contains no :class:`IWSTSpike` (an unconverted model, or
+            one with Bayesian layers only): there would be nothing to seed, and its
+            noise would stay on the global RNG, silently.
     """
     check_module(model, "seed_spikes")
     seed = check_seed(seed)
-    for i, m in enumerate(m for m in model.modules() if isinstance(m, IWSTSpike)):
+    spikes = [m for m in model.modules() if isinstance(m, IWSTSpike)]
+    if not spikes:
+        raise ValueError(
+            f"seed_spikes: {type(model).__name__} contains no SBNN spike function "
+            "(IWSTSpike), so there is nothing to seed and its noise would stay on the "
+            "global RNG; convert the model first (sbnn_addons.snntorch.to_sbnn or "
+            "sbnn_addons.spikingjelly.to_sbnn), or seed the global RNG with "
+            "torch.manual_seed(seed) for the noise of Bayesian layers alone")
+    for i, m in enumerate(spikes):
         m.manual_seed(None if seed is None else spike_seed(seed, i))
     return model
 

@@ -716,7 +716,8 @@ def _run(model: nn.Module, inputs, num_samples: int, *, seed, forward, reset, ch
     if seed is not None:
         seeded = [(m, m._seed, m._generator) for m in model.modules()
                   if isinstance(m, IWSTSpike)]
-        seed_spikes(model, seed)
+        if seeded:  # (Bayesian layers alone draw from the global RNG, seeded below)
+            seed_spikes(model, seed)
 
     monitor = SpikeMonitor(model, synops=synops) if count_spikes else None
     samples: list[Tensor] = []

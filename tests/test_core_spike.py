@@ -118,6 +118,20 @@ def test_seed_spikes_adjacent_seeds_share_no_stream():
     assert len(draws) == 12
 
 
+@pytest.mark.parametrize("seed", [0, None])
+def test_seed_spikes_on_a_model_without_spike_functions_is_named(seed):
+    """An unconverted snnTorch model (or a model with Bayesian layers only) has nothing to
+    seed: seed_spikes did nothing, silently, and its spikes stayed on the global RNG."""
+    import snntorch as snn
+
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 3), snn.Leaky(beta=0.9, init_hidden=True))
+    with pytest.raises(ValueError, match=r"Sequential contains no SBNN spike function.*"
+                                         r"sbnn_addons\.snntorch\.to_sbnn"):
+        seed_spikes(plain, seed)
+    with pytest.raises(ValueError, match="no SBNN spike function"):
+        seed_spikes(torch.nn.Sequential(BayesLinear(4, 3)), seed)
+
+
 def _roundtrip_pickle(m):
     return pickle.loads(pickle.dumps(m))
 

@@ -615,6 +615,13 @@ def _mix(*xs: int) -> int:
     return h
 
 
+def _seed_spikes(model: nn.Module, seed: int) -> None:
+    """:func:`~sbnn_addons.seed_spikes` where ``model`` has spike functions to seed (a
+    baseline's surrogate spikes draw nothing)."""
+    if any(isinstance(m, IWSTSpike) for m in model.modules()):
+        seed_spikes(model, seed)
+
+
 def _make_model(model, method: Method, seed: int, reinit: bool,
                 made: list | None = None) -> nn.Module:
     torch.manual_seed(seed)
@@ -915,7 +922,7 @@ def compare(
                 if epoch == 0:
                     if warmup:
                         _warmup(run, ctx)
-                    seed_spikes(run.model, _mix(seed, 7919, rank))
+                    _seed_spikes(run.model, _mix(seed, 7919, rank))
                 _train_epoch(run, ctx, epoch)
                 if bar is not None:
                     bar.update(1)
@@ -1318,7 +1325,7 @@ def _final_eval(run: _Run, ctx: _Ctx, k: int, task: str, epochs: int,
     eval_mc_s = None
     if m.is_sbnn:
         torch.manual_seed(_mix(run.seed, 424242))
-        seed_spikes(run.model, _mix(run.seed, 31337))
+        _seed_spikes(run.model, _mix(run.seed, 31337))
         sp, _, _ = _predict(run, ctx, "sample", 1)
         out_probs["sample"] = sp
         row["accuracy_sample"] = float((sp.argmax(-1) == targets).float().mean())
