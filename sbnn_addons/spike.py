@@ -607,6 +607,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         Raises:
             TypeError: ``seed`` is not an integer or ``None`` (a float such as 1.5 was
                 truncated, silently giving the stream of another seed).
+            ValueError: ``seed`` outside ``[0, 2**32)`` (see :func:`check_seed`).
         """
         self._seed = check_seed(seed)
         self._generator = None
@@ -714,15 +715,20 @@ def _fused_variance(u: Tensor, variance: Tensor | None) -> Tensor | None:
     return variance.to(u.dtype)
 
 
+#: Seeds are honoured in ``[0, SEED_LIMIT)``: PyTorch's CPU generator (a Mersenne
+#: Twister) keeps the low 32 bits of the seed it is given.
+SEED_LIMIT = 1 << 32
+
+
 def check_seed(seed, name: str = "seed") -> int | None:
     """``seed`` as a Python int (``None`` kept).
 
     Raises:
         TypeError: ``seed`` is a bool, a float, a string or anything else that is not an
             integer (``int``, a numpy integer, a 0-d integer tensor).
-        ValueError: an integer outside the range a ``torch.Generator`` takes,
-            ``[-2**63, 2**64)`` (it failed at the first draw, "Overflow when unpacking
-            long long").
+        ValueError: an integer outside ``[0, 2**32)``: PyTorch's CPU generator keeps the
+            low 32 bits of a seed, so seeds that differ by a multiple of ``2**32`` (and a
+            negative seed, taken modulo ``2**64``) drew the same noise, silently.
     """
     if seed is None:
         return None
@@ -732,9 +738,12 @@ def check_seed(seed, name: str = "seed") -> int | None:
         except TypeError:
             pass
         else:
-            if not -(1 << 63) <= value < 1 << 64:
-                raise ValueError(f"{name} must be in [-2**63, 2**64) (the range of a "
-                                 f"torch.Generator seed), got {value}")
+            if not 0 <= value < SEED_LIMIT:
+                raise ValueError(
+                    f"{name} must be in [0, 2**32), got {value}: PyTorch's CPU generator "
+                    "keeps the low 32 bits of a seed, so seeds that differ by a multiple of "
+                    "2**32 (or a negative one and its value modulo 2**64) would draw the "
+                    "same noise; pass a seed in that range (e.g. the seed modulo 2**32)")
             return value
     raise TypeError(f"{name} must be an integer or None, got {seed!r} "
                     f"({type(seed).__name__}); pass an int such as {name}=0")
@@ -744,18 +753,19 @@ def seed_spikes(model: nn.Module, seed: int | None) -> nn.Module:
     """Seed every :class:`IWSTSpike` in ``model``, each with a stream of its own.
 
     The i-th spike function gets the seed :func:`spike_seed` ``(seed, i)``, a SplitMix64
-    mix of the pair: no two (seed, i) pairs share a stream, so ``seed_spikes(model, 1)``
-    is independent of ``seed_spikes(model, 0)`` in every layer (with ``seed + i``, the
-    first layer of seed 1 would replay the second layer of seed 0). Calling it again with
-    the same seed replays the same spike noise exactly. ``None`` returns them to the
-    global RNG. Returns ``model``.
+    mix of the pair: no two (seed, i) pairs share a stream (but by a ``2^-32`` chance), so
+    ``seed_spikes(model, 1)`` is independent of ``seed_spikes(model, 0)`` in every layer
+    (with ``seed + i``, the first layer of seed 1 would replay the second layer of seed
+    0). Calling it again with the same seed replays the same spike noise exactly.
+    ``None`` returns them to the global RNG. Returns ``model``.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or ``seed`` is neither an integer nor
             ``None``.
-        ValueError: ``model`` contains no :class:`IWSTSpike` (an unconverted model, or
-            one with Bayesian layers only): there would be nothing to seed, and its
-            noise would stay on the global RNG, silently.
+        ValueError: ``seed`` outside ``[0, 2**32)`` (see :func:`check_seed`); ``model``
+            contains no :class:`IWSTSpike` (an unconverted model, or one with Bayesian
+            layers only): there would be nothing to seed, and its noise would stay on
+            the global RNG, silently.
     """
     check_module(model, "seed_spikes")
     seed = check_seed(seed)
@@ -773,15 +783,24 @@ def seed_spikes(model: nn.Module, seed: int | None) -> nn.Module:
 
 
 def spike_seed(seed: int, index: int) -> int:
-    """The seed :func:`seed_spikes` gives the ``index``-th spike function: a 63-bit mix.
+    """The seed :func:`seed_spikes` gives the ``index``-th spike function: a 32-bit mix.
 
     SplitMix64's finaliser applied to ``seed * 2^32 + index`` (a bijection of 64-bit
-    words), keeping its top 63 bits: distinct pairs with ``0 <= seed < 2^32`` and
-    ``0 <= index < 2^32`` give distinct 64-bit mixes, so two of them share a seed only
-    where their mixes differ in the lowest bit alone (a chance of ``2^-63`` per pair).
+    words: distinct pairs with ``0 <= seed < 2^32`` and ``0 <= index < 2^32`` give
+    distinct mixes), keeping bits 1 to 32 of it, the part of a seed that PyTorch's CPU
+    generator honours: two pairs share a stream with a chance of ``2^-32`` per pair.
+
+    Raises:
+        TypeError: ``seed`` is not an integer.
+        ValueError: ``seed`` outside ``[0, 2**32)``, or ``index`` not an integer in it.
     """
+    seed = check_seed(seed)
+    if seed is None:
+        raise TypeError("spike_seed(seed, index) needs an integer seed, got None")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < SEED_LIMIT:
+        raise ValueError(f"index must be an integer in [0, 2**32), got {index!r}")
     mask = (1 << 64) - 1
-    z = ((int(seed) << 32) + int(index) + 0x9E3779B97F4A7C15) & mask
+    z = ((seed << 32) + index + 0x9E3779B97F4A7C15) & mask
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-    return (z ^ (z >> 31)) >> 1
+    return ((z ^ (z >> 31)) >> 1) & (SEED_LIMIT - 1)

@@ -132,6 +132,35 @@ def test_seed_spikes_on_a_model_without_spike_functions_is_named(seed):
         seed_spikes(torch.nn.Sequential(BayesLinear(4, 3)), seed)
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernel-or-fallback", "pytorch"])
+@pytest.mark.parametrize("seed", [3 + 2**32, -1, 2**63])
+def test_a_seed_the_generator_would_truncate_is_named(kernels, seed):
+    """PyTorch's CPU generator keeps the low 32 bits of a seed: seeds 2**32 apart (and -1
+    and 2**32 - 1) drew the same spikes, on the kernel and the PyTorch path alike."""
+    call = (lambda s: seed_spikes(torch.nn.Sequential(IWSTSpike(std=1.0)), s),
+            lambda s: IWSTSpike(std=1.0).manual_seed(s),
+            lambda s: sb.mc_predict(torch.nn.Sequential(BayesLinear(4, 3)), torch.rand(2, 4), 2,
+                                    seed=s))
+    with sb.kernels.use_kernels(kernels):
+        for fn in call:
+            with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*32\).*low 32 "
+                                                 r"bits.*modulo 2\*\*32"):
+                fn(seed)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernel-or-fallback", "pytorch"])
+def test_seeds_of_the_honoured_range_draw_streams_of_their_own(kernels):
+    u = torch.zeros(2000)
+    with sb.kernels.use_kernels(kernels):
+        draws = set()
+        for seed in (0, 1, 2**31, 2**32 - 1):
+            model = torch.nn.Sequential(IWSTSpike(std=1.0), IWSTSpike(std=1.0))
+            seed_spikes(model, seed)
+            draws.update(tuple(layer(u).tolist()) for layer in model)
+        assert len(draws) == 8
+    assert all(0 <= sb.spike_seed(s, i) < 2**32 for s in (0, 2**32 - 1) for i in range(3))
+
+
 def _roundtrip_pickle(m):
     return pickle.loads(pickle.dumps(m))
 

@@ -50,7 +50,7 @@ from ..metrics import classification_metrics
 from ..modes import mc_predict, mode
 from ..moments import check_variance_flow
 from ..optim import param_groups
-from ..spike import IWSTSpike, check_seed, seed_spikes
+from ..spike import SEED_LIMIT, IWSTSpike, check_seed, seed_spikes
 from .data import DataSpec, fingerprint, prepare
 
 __all__ = ["Method", "GENERIC_METHODS", "DEFAULT_METHODS", "compare", "resolve_methods",
@@ -617,9 +617,10 @@ def _mix(*xs: int) -> int:
 
 def _seed_spikes(model: nn.Module, seed: int) -> None:
     """:func:`~sbnn_addons.seed_spikes` where ``model`` has spike functions to seed (a
-    baseline's surrogate spikes draw nothing)."""
+    baseline's surrogate spikes draw nothing), with the low 32 bits of ``seed`` (those
+    it honours)."""
     if any(isinstance(m, IWSTSpike) for m in model.modules()):
-        seed_spikes(model, seed)
+        seed_spikes(model, seed & (SEED_LIMIT - 1))
 
 
 def _make_model(model, method: Method, seed: int, reinit: bool,
