@@ -362,9 +362,11 @@ class check_finite:  # noqa: N801 (used as a function and as a context manager)
     Converted models (:func:`sbnn_addons.snntorch.to_sbnn`,
     :func:`sbnn_addons.spikingjelly.to_sbnn`) and the Bayesian layers check their input:
     a NaN or inf would otherwise train silently into NaN gradients while the spikes stay
-    finite. The check is one reduction over each non-spike input (spikes are skipped);
-    on a GPU it also reads the result back, a device synchronisation per checked input.
-    Turn it off for speed once the data pipeline is known to be clean.
+    finite. :func:`~sbnn_addons.attach_variance` checks the variance it is given the
+    same way (finite and >= 0). The check is one reduction over each non-spike input
+    (spikes are skipped); on a GPU it also reads the result back, a device
+    synchronisation per checked input. Turn it off for speed once the data pipeline is
+    known to be clean.
 
     Use it as a function (global switch) or as a context manager (restored on exit)::
 
@@ -447,6 +449,38 @@ def check_input(x: Tensor, where: str) -> None:
             )
     if version is not None:
         _CHECKED[x] = version
+
+
+def check_variance(variance: Tensor, where: str) -> None:
+    """Raise ``ValueError`` if ``variance`` holds a negative value, a NaN or an inf (unless
+    :class:`check_finite` is off), as :func:`check_input` tests an input: one sum and one
+    minimum (a runtime assert, no device sync, while ``torch.compile`` traces), then an
+    exact count only when that test fails.
+
+    Args:
+        variance: the variance tensor.
+        where: what it was given to, for the message (e.g. ``"attach_variance"``).
+    """
+    if (not _CHECK_FINITE[0] or not isinstance(variance, Tensor) or variance.is_meta
+            or not variance.is_floating_point() or not variance.numel()):
+        return
+    message = (f"the variance given to {where} must be finite and >= 0 (a noise variance; "
+               "a negative or NaN one gave a zero or NaN noise std, silently)")
+    fix = ("compute it as a sum of squares or clamp it (v.clamp(min=0)), or skip this check "
+           "for speed with sbnn_addons.check_finite(False)")
+    with torch._C.DisableTorchFunction():  # no variance flow: plain reductions
+        v = variance.detach()
+        ok = torch.isfinite(v.sum()) & (v.amin() >= 0)
+        if torch.compiler.is_compiling():  # no data-dependent branch in a graph
+            torch._assert_async(ok, f"{message}; {fix}")
+            return
+        if bool(ok):
+            return
+        nan, inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
+        negative = int((v < 0).sum())
+    if nan or inf or negative:
+        raise ValueError(f"{message}: it has {negative} negative, {nan} NaN and {inf} inf "
+                         f"values (shape {tuple(v.shape)}); {fix}")
 
 
 def _sum_is_finite(t: Tensor) -> bool:

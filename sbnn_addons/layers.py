@@ -57,7 +57,7 @@ from .moments import (
     VarianceFlowError,
     VarianceTensor,
     _noisy_in_sample_mode,
-    attach_variance,
+    attach_computed_variance,
     new_draw,
     no_variance_flow,
     noise_sources,
@@ -422,7 +422,7 @@ class _BayesMixin(SBNNModule):
         self._check_std_trained()
         self._guard_forward_hooks()
         if self._noise_free():
-            return attach_variance(mean, None)
+            return attach_computed_variance(mean, None)
         binary = is_binary(x)
         x_in = x.detach() if self.detach_input_variance else x
         if binary and x_in is not x:  # the detached view holds the same spikes
@@ -437,16 +437,16 @@ class _BayesMixin(SBNNModule):
                 var = self._masked_variance(x_in, binary, s2, mask)
             if self.bias_noise:
                 var = var + self._bias_variance()
-            return new_draw(attach_variance(mean, var), self)
+            return new_draw(attach_computed_variance(mean, var), self)
         if self._factored():  # s^2 F kept factored through the variance flow
             field = self._input_variance(x_in, binary, None)
-            return new_draw(attach_variance(mean, ScaledVariance(field, s2)), self)
+            return new_draw(attach_computed_variance(mean, ScaledVariance(field, s2)), self)
         var = self._input_variance(x_in, binary, s2)
         if self.bias_noise:
             var = var + self._bias_variance()
         # broadcastable to the mean (e.g. [N, 1, H, W] with a per-layer std): consumers
         # broadcast it, and channel-independent ops (avg-pool) stay C times cheaper
-        return new_draw(attach_variance(mean, var), self)
+        return new_draw(attach_computed_variance(mean, var), self)
 
     def _bias_variance(self) -> Tensor:
         """``s_b^2`` of the bias noise, per output where ``torch.nn.utils.prune`` prunes
@@ -1449,7 +1449,7 @@ class ChannelAffine(nn.Module):
             shape = [1] * x.dim()
             shape[self.channel_dim] = -1
             out = x * self.weight.view(shape) + self.bias.view(shape)
-        return attach_variance(out, var)
+        return attach_computed_variance(out, var)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, channel_dim={self.channel_dim}"

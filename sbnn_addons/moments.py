@@ -83,6 +83,7 @@ from .base import (
     check_flag,
     check_input,
     check_module,
+    check_variance,
     raise_error,
     share_posterior,
     variance_dtype,
@@ -470,6 +471,34 @@ def plain(t: Tensor) -> Tensor:
 def attach_variance(mean: Tensor,
                     variance: Tensor | ScaledVariance | UnknownVariance | None) -> Tensor:
     """``mean`` carrying ``variance`` (broadcastable to ``mean``): a :class:`VarianceTensor`.
+
+    In eager mode ``mean`` itself becomes the carrier (``None`` turns it back into a plain
+    tensor) and is returned; under ``torch.compile`` the result is a new tensor that aliases
+    ``mean``. Use the returned tensor, which is right in both.
+
+    The variance's values are checked (finite and >= 0; both factors of a
+    :class:`ScaledVariance`) unless :class:`~sbnn_addons.check_finite` is off: one
+    reduction, a device synchronisation on a GPU in eager mode, a runtime assert under
+    ``torch.compile``.
+
+    Raises:
+        TypeError: ``mean`` is not a tensor, or ``variance`` is none of the above.
+        ValueError: a tensor variance (or a :class:`ScaledVariance`'s base) that does not
+            broadcast to ``mean``'s shape (found at the spike, far from its cause, before);
+            a negative, NaN or inf variance (the spike's noise std ``sqrt(max(v, 0))``
+            became 0 or NaN, silently).
+    """
+    factors = ((variance.base, variance.scale) if isinstance(variance, ScaledVariance)
+               else (variance,))
+    for factor in factors:  # (before mean becomes a carrier)
+        check_variance(factor, "attach_variance")
+    return attach_computed_variance(mean, variance)
+
+
+def attach_computed_variance(
+        mean: Tensor, variance: Tensor | ScaledVariance | UnknownVariance | None) -> Tensor:
+    """:func:`attach_variance` without the test of the variance's values, for variances
+    the library computes (non-negative by construction), every layer and step.
 
     In eager mode ``mean`` itself becomes the carrier (``None`` turns it back into a plain
     tensor) and is returned; under ``torch.compile`` the result is a new tensor that aliases

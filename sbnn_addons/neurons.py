@@ -27,7 +27,7 @@ from .moments import (
     ScaledVariance,
     UnknownVariance,
     VarianceFlowError,
-    attach_variance,
+    attach_computed_variance,
     get_variance,
     no_variance_flow,
     plain,
@@ -278,7 +278,7 @@ class LIF(nn.Module):
              spike.aux_std_grad, spike.aux_pull if pull else 0.0))
         if aux:
             spike._collect(out[2], current)
-        return attach_variance(out[0], None), out[1]
+        return attach_computed_variance(out[0], None), out[1]
 
     def _fused(self, currents: Tensor, var_seq: Tensor, membrane: Tensor,
                variance: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -351,7 +351,7 @@ class LIF(nn.Module):
         var_steps = var_seq.expand_as(currents).unbind(0) if isinstance(var_seq, Tensor) else None
         for t, current in enumerate(steps):
             if var_steps is not None:
-                current = attach_variance(current, var_steps[t])
+                current = attach_computed_variance(current, var_steps[t])
             mark_checked(current)  # checked as part of currents
             spikes, state = self(current, state)
             out.append(spikes)

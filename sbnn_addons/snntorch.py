@@ -75,8 +75,8 @@ from .moments import (
     UnknownVariance,
     VarianceFlowError,
     VarianceTensor,
+    attach_computed_variance,
     attach_derived_variance,
-    attach_variance,
     check_variance_flow,
     get_variance,
     plain,
@@ -434,10 +434,10 @@ class _EmittedSpikeReset:
                 # an alias carries it (the same values and graph): the caller's membrane
                 # (an explicit loop's `mem`, a `mem_rec` entry) stays a plain tensor
                 if torch.compiler.is_compiling():
-                    self._buffers["mem"] = attach_variance(mem, var)
+                    self._buffers["mem"] = attach_computed_variance(mem, var)
                 else:
                     alias = mem.as_subclass(VarianceTensor)
-                    self._buffers["mem"] = attach_variance(alias, var)
+                    self._buffers["mem"] = attach_computed_variance(alias, var)
         return self._sbnn_host_state(input_)
 
     def _sbnn_moments(self, input_: VarianceTensor, var: Tensor | None,
@@ -623,7 +623,7 @@ def _drive(mem: Tensor, threshold: Tensor | float) -> Tensor:
     (a factored one multiplied out)."""
     var = get_variance(mem)
     if not isinstance(var, Tensor):  # none, mean mode's probe, or unknown: the rules' way
-        return attach_variance(mem - threshold, var)
+        return attach_computed_variance(mem - threshold, var)
     with torch._C.DisableTorchFunctionSubclass():
         u = mem - threshold
     return attach_derived_variance(u, var, mem)
@@ -1146,7 +1146,7 @@ def _safe_deepcopy(model: nn.Module) -> nn.Module:
                 new = t.detach().clone()
                 var = get_variance(t)
                 if isinstance(var, Tensor):
-                    attach_variance(new, var.detach().clone())
+                    attach_computed_variance(new, var.detach().clone())
                 memo[id(t)] = new
                 keep.append(t)
     return copy.deepcopy(model, memo)
@@ -1584,5 +1584,5 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
     reset(out)
     for m in out.modules():  # drop attached variances left on any state tensor
         for t in _state_tensors(m):
-            attach_variance(t, None)
+            attach_computed_variance(t, None)
     return out

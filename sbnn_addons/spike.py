@@ -52,7 +52,7 @@ from .functional import (
 from .moments import (
     UnknownVariance,
     VarianceFlowError,
-    attach_variance,
+    attach_computed_variance,
     get_variance,
     no_variance_flow,
     plain,
@@ -467,7 +467,7 @@ class IWSTSpike(SBNNModule, nn.Module):
                     spikes, z2 = out if aux else (out, None)
                 if aux:
                     self._collect(z2, u)
-                return mark_binary(attach_variance(spikes, None))
+                return mark_binary(attach_computed_variance(spikes, None))
         if variance is None:
             sigma = torch.zeros((), dtype=u.dtype, device=u.device)
         else:
@@ -490,7 +490,7 @@ class IWSTSpike(SBNNModule, nn.Module):
             self._collect(self._z_squared(u, sigma), u)
         if own_node:
             spikes = _AuxPull.apply(spikes, u, sigma.detach(), self.aux_pull)
-        return mark_binary(attach_variance(spikes, None))
+        return mark_binary(attach_computed_variance(spikes, None))
 
     def _z_squared(self, u: Tensor, sigma: Tensor) -> Tensor:
         """``sum of z^2`` over the batch and the units (Method page, section 5); ``sigma``

@@ -325,6 +325,27 @@ def test_scaled_variance_value_follows_the_grad_mode_and_checks_its_scale():
         ScaledVariance(torch.ones(3), 0.5)
 
 
+@pytest.mark.parametrize("bad, what", [(-1.0, "1 negative"), (math.nan, "1 NaN"),
+                                       (math.inf, "1 inf")])
+def test_attach_variance_refuses_a_negative_or_non_finite_variance(bad, what):
+    """A negative or NaN variance was attached silently: the spike's noise std
+    sqrt(max(v, 0)) made it 0 (or NaN), with no error."""
+    mean = torch.zeros(4, 3)
+    var = torch.ones(4, 3)
+    var[1, 2] = bad
+    with no_variance_flow():
+        with pytest.raises(ValueError, match=rf"variance must be finite and >= 0.*{what}.*"
+                                             r"check_finite\(False\)"):
+            attach_variance(mean.clone(), var)
+        with pytest.raises(ValueError, match="variance must be finite and >= 0"):
+            attach_variance(mean.clone(), ScaledVariance(var, torch.tensor(0.5)))
+        with pytest.raises(ValueError, match="variance must be finite and >= 0"):
+            attach_variance(mean.clone(), ScaledVariance(torch.ones(3), torch.tensor(bad)))
+        with sb.check_finite(False):  # the finite-input check's switch turns it off
+            attach_variance(mean.clone(), var)
+        attach_variance(mean.clone(), torch.zeros(4, 3))  # 0 is a variance
+
+
 def test_attach_variance_refuses_a_variance_that_does_not_broadcast_to_the_mean():
     """A variance of another shape was attached silently and failed only at the spike,
     far from its cause; broadcastable ones ([N, 1], a scalar) are kept."""

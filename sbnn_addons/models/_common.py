@@ -13,7 +13,7 @@ from ..functional import compact_broadcast, safe_sqrt
 from ..layers import BayesConv2d, BayesLinear, ChannelAffine
 from ..moments import (
     UnknownVariance,
-    attach_variance,
+    attach_computed_variance,
     get_variance,
     no_variance_flow,
     raw_variance,
@@ -49,7 +49,7 @@ def reshape_with_variance(x: Tensor, *shape: int) -> Tensor:
         out = x.reshape(*shape)
     if var is not None:  # expanded dimensions stay broadcast (size 1) after the reshape
         var = compact_broadcast(var.expand_as(x).reshape(*shape))
-    return attach_variance(out, var)
+    return attach_computed_variance(out, var)
 
 
 class StepBatchNorm(nn.Module):
@@ -161,7 +161,7 @@ class StepAffine(nn.Module):
         shape = gamma.shape[:-1] + (1, gamma.shape[-1]) + (1,) * (x.dim() - 2)
         with no_variance_flow():
             out = view * gamma.view(shape) + beta.view(shape)
-        return attach_variance(out.reshape(x.shape), raw_variance(x))
+        return attach_computed_variance(out.reshape(x.shape), raw_variance(x))
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, num_steps={self.num_steps}"
@@ -314,7 +314,7 @@ class ReferenceNet(SBNNModule, nn.Module):
         """
         var = known_variance(out)
         if var is None or not self.readout_noise or self.deterministic:
-            return attach_variance(out, None) if var is not None else out
+            return attach_computed_variance(out, None) if var is not None else out
         # the stream of the network's last spike function: seeded with the spikes
         # (seed_spikes, mc_predict(seed=)), so that a seeded pass replays the readout too
         spike = next((m for m in reversed(list(self.modules())) if isinstance(m, IWSTSpike)),

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..base import check_flag, mark_checked
 from ..layers import BayesLinear
-from ..moments import attach_variance, get_variance, no_variance_flow
+from ..moments import attach_computed_variance, get_variance, no_variance_flow
 from ..spike import IWSTSpike
 from ._common import (
     PAPER_BETA,
@@ -279,8 +279,8 @@ class SHDRecurrentNet(ReferenceNet):
             var_r = get_variance(r)
             var = var_r if var_ff is None else (var_ff[t] if var_r is None else var_ff[t] + var_r)
             with no_variance_flow():
-                current = self._norm_step(norm, attach_variance(cur_t + r, None), t)
-            current = attach_variance(current, var)
+                current = self._norm_step(norm, attach_computed_variance(cur_t + r, None), t)
+            current = attach_computed_variance(current, var)
             mark_checked(current)  # from the checked input: no per-step check (a sync)
             if input_aux:
                 self._collect_input_aux(spike, current, var)
