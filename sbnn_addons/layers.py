@@ -564,8 +564,11 @@ def _variance_kept(module: _BayesMixin, args, output) -> None:
     """The last forward hook of a Bayesian layer that has hooks of its user: a hook that
     replaced the output by a tensor without its variance (``output.data``,
     ``output.as_subclass(torch.Tensor)``, ``torch.tensor(...)``) would make the layer's
-    noise vanish silently, with no gradient for its std."""
-    if type(output) is VarianceTensor or not isinstance(output, Tensor):
+    noise vanish silently, with no gradient for its std. A layer that a conversion with
+    ``inplace=True`` replaced shares the converted one's hooks (:func:`_adopt_hooks`):
+    it is a plain layer, for which this does nothing."""
+    if (type(output) is VarianceTensor or not isinstance(output, Tensor)
+            or not isinstance(module, _BayesMixin)):
         return
     # mean mode: the layer's noise is off, but check_variance_flow follows it as a probe
     if module._noise_free() and not (module.deterministic and _REPORTS

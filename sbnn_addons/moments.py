@@ -1877,8 +1877,11 @@ def _drop_aborted_aux_terms(root: nn.Module) -> None:
 
 def _probe_source(module, args, output):
     """Forward hook of a Bayesian layer: in ``mean`` mode its output carries no variance;
-    mark it with the probe if the layer is noisy in ``sample`` mode."""
-    if (isinstance(output, Tensor) and module.deterministic
+    mark it with the probe if the layer is noisy in ``sample`` mode. A layer that a
+    conversion with ``inplace=True`` replaced shares the converted one's hooks (see
+    ``sbnn_addons.layers._adopt_hooks``): it is a plain layer, for which this does
+    nothing."""
+    if (isinstance(output, Tensor) and _is_bayesian_layer(module) and module.deterministic
             and type(output) is not VarianceTensor and _noisy_in_sample_mode(module)):
         return new_draw(_wrap(output, None, True), module)
     return None

@@ -811,3 +811,26 @@ def test_groupnorm_pixelshuffle_upsample_pad_before_leaky_give_the_exact_varianc
         torch.testing.assert_close(seen[t].expand_as(expected), expected, rtol=1e-5, atol=1e-7)
     (spk.sum() + mem.sum()).backward()
     assert conv.std_rho.grad is not None and conv.std_rho.grad.abs() > 0
+
+
+def test_a_layer_replaced_by_an_inplace_conversion_still_runs_as_a_plain_layer():
+    """The converted layer shares the replaced layer's hook dictionaries (a user's hook
+    handles still remove its hooks), so the variance flow's hooks added to it ran on the
+    replaced layer too, which the user may still hold: AttributeError ('Linear' object
+    has no attribute 'deterministic'). It runs as the plain layer it is."""
+    import snntorch as snn
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), snn.Leaky(beta=BETA, init_hidden=True))
+    old = net[0]
+    seen = []
+    old.register_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
+    x = torch.rand(2, 4)
+    ref = old(x)
+    to_sbnn(net, inplace=True)
+    assert net[0] is not old and sbnn_addons.is_bayesian(net[0])
+    out = old(x)
+    assert type(out) is torch.Tensor
+    torch.testing.assert_close(out, ref)
+    net(x)
+    assert seen == ["Linear", "Linear", "BayesLinear"]  # the user's hook runs on both

@@ -751,3 +751,19 @@ def test_zoo_unknown_variance_error_names_the_neuron_and_the_layers(check):
     msg = str(info.value)
     assert "LIFNode 'layer2.0.spike1'" in msg and "'conv2d'" in msg
     assert "exclude=['stem.0', 'layer1.0.conv2']" in msg
+
+
+def test_a_layer_replaced_by_an_inplace_conversion_still_runs_as_a_plain_layer():
+    """As for snnTorch: the variance flow's hooks, added to the hook dictionaries the
+    converted layer shares with the replaced one, raised AttributeError on the replaced
+    layer the user still held."""
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(6, 5, step_mode="m"), neuron.IFNode(step_mode="m"))
+    old = net[0]
+    x = torch.rand(T, 3, 6)
+    ref = old(x)
+    sbnn_sj.to_sbnn(net, inplace=True)
+    assert net[0] is not old and sbnn_addons.is_bayesian(net[0])
+    out = old(x)
+    assert type(out) is torch.Tensor
+    torch.testing.assert_close(out, ref)
