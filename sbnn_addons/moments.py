@@ -79,6 +79,7 @@ from torch import Tensor, nn
 
 from .base import (
     SBNNModule,
+    _raise_user_error,
     cached_tensor_test,
     check_flag,
     check_input,
@@ -1452,15 +1453,61 @@ def _refuse_compiled_in_place_sum(name: str) -> None:
     target a plain tensor (a carrier target is replaced by one), so the variance would be
     lost silently (the layers' stds would get no gradient).
 
+    Where the sum runs in a host library's code (the state update of a snnTorch neuron
+    that is not converted), an adapter's :data:`IN_PLACE_CAUSES` entry names the misuse
+    instead, with the message eager mode raises for it.
+
     Raises:
-        RuntimeError: naming the out-of-place form that works.
+        RuntimeError: naming the out-of-place form that works, or the misuse.
     """
-    raise_error(
+    message = (
         f"an in-place sum ('{name}': h += g, h.add_(g)) where g carries a Bayesian "
         "layer's posterior variance, inside torch.compile: the compiled graph would drop "
         "the variance (the layers' stds would get no gradient). Write it out of place, "
-        "h = h + g (e.g. out = out + identity in a residual block)",
-        VarianceFlowError)
+        "h = h + g (e.g. out = out + identity in a residual block)")
+    if torch.compiler.is_compiling():
+        _raise_compiled_in_place_error(message)
+    raise VarianceFlowError(message)
+
+
+#: Functions that name the misuse behind an in-place sum refused under ``torch.compile``
+#: where the sum runs in a host library's code: each takes a module whose method the sum
+#: runs in (innermost first) and returns the message eager mode raises for that misuse,
+#: or ``None``. The adapters register theirs (a snnTorch neuron that is not converted).
+IN_PLACE_CAUSES: list[Callable[[nn.Module], str | None]] = []
+
+
+def _traced_modules() -> list[nn.Module]:
+    """While ``torch.compile`` traces: the modules whose methods are being traced,
+    innermost first, read from Dynamo's instruction translators (empty where a PyTorch
+    version keeps them elsewhere: the caller then keeps its own message)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx().output.current_tx
+        found: list[nn.Module] = []
+        while tx is not None:
+            value = getattr(tx.symbolic_locals.get("self"), "value", None)
+            if isinstance(value, nn.Module) and not any(value is m for m in found):
+                found.append(value)
+            tx = getattr(tx, "parent", None)
+        return found
+    except (AttributeError, ImportError, RuntimeError, TypeError):
+        return []
+
+
+@torch.compiler.assume_constant_result
+def _raise_compiled_in_place_error(message: str) -> None:
+    """Run in Python while tracing (a constant-result function, as
+    :func:`~sbnn_addons.base.raise_error`'s): raise the message of the misuse an
+    :data:`IN_PLACE_CAUSES` entry names for a traced module, else ``message``, as a
+    Dynamo ``UserError``."""
+    for module in _traced_modules():
+        for cause in IN_PLACE_CAUSES:
+            named = cause(module)
+            if named is not None:
+                _raise_user_error(named)
+    _raise_user_error(message)
 
 
 #: Operations whose rule adds the variances of several elements of one tensor.

@@ -71,6 +71,7 @@ from .layers import (
 )
 from .losses import enable_aux_loss
 from .moments import (
+    IN_PLACE_CAUSES,
     ScaledVariance,
     UnknownVariance,
     VarianceFlowError,
@@ -1021,6 +1022,16 @@ def _refuse_host_variance(module: nn.Module, name: str, value) -> None:
     """
     if type(value) is not VarianceTensor:
         return None
+    message = _host_variance_message(module, name)
+    if message is not None:
+        raise_error(message, VarianceFlowError)
+    return None
+
+
+def _host_variance_message(module: nn.Module, name: str) -> str | None:
+    """The error of :func:`_refuse_host_variance` for ``module`` storing a Bayesian
+    layer's variance in its state ``name``, or ``None`` where the neuron takes it (a
+    converted one, or a one-state neuron with the drop-in spike function)."""
     if isinstance(module, _EmittedSpikeReset) or not _is_snn_neuron(module):
         return None
     two_states = hasattr(module, "syn") or hasattr(module, "syn_exc")
@@ -1053,7 +1064,20 @@ def _refuse_host_variance(module: nn.Module, name: str, value) -> None:
                "or use snn.Leaky / snn.RLeaky there")
     else:
         fix = f"to_sbnn does not convert snn.{what}; {drop_in}, or use snn.Leaky there"
-    raise_error(problem + fix, VarianceFlowError)
+    return problem + fix
+
+
+def _in_place_cause(module: nn.Module) -> str | None:
+    """:data:`~sbnn_addons.moments.IN_PLACE_CAUSES` entry: an in-place sum refused under
+    ``torch.compile`` in a snnTorch neuron's state update (``syn -= ...`` of
+    ``snn.Synaptic`` / ``snn.Alpha``) means that the neuron's input carries a Bayesian
+    layer's variance; eager mode refuses it where the first state is stored, after the
+    sum: the same message, naming that state."""
+    state = next((b for b in ("syn_exc", "syn", "mem") if b in module._buffers), "mem")
+    return _host_variance_message(module, state)
+
+
+IN_PLACE_CAUSES.append(_in_place_cause)
 
 
 _HOST_HOOK = torch.nn.modules.module.register_module_buffer_registration_hook(

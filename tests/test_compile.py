@@ -877,6 +877,17 @@ def _bad_models():
         "unconverted snnTorch neuron": (
             nn.Sequential(sb.BayesLinear(4, 3, std=0.3), snn.Leaky(beta=0.9, init_hidden=True)),
             x, "this snn.Leaky is not converted"),
+        "unconverted snnTorch neuron with a synaptic state": (  # (an in-place sum inside)
+            nn.Sequential(sb.BayesLinear(4, 3, std=0.3),
+                          snn.Alpha(alpha=0.9, beta=0.8, init_hidden=True)),
+            x, "this snn.Alpha is not converted, but its input carries the posterior variance "
+               "of a Bayesian layer (its state 'syn_exc' would carry it"),
+        "snnTorch neuron with a synaptic state and the drop-in spike_grad": (
+            nn.Sequential(sb.BayesLinear(4, 3, std=0.3),
+                          snn.Synaptic(alpha=0.8, beta=0.9, init_hidden=True,
+                                       spike_grad=sbnn_snn.spike_grad())),
+            x, "this snn.Synaptic has a variance-aware spike function, but its input carries "
+               "the posterior variance of a Bayesian layer (in its state 'syn')"),
         "op without a rule, snnTorch": (sbnn_snn.to_sbnn(TanhLeaky()), x,
                                         "the input of this spike function went through 'tanh'"),
         "op without a rule, SpikingJelly": (
