@@ -363,10 +363,11 @@ class check_finite:  # noqa: N801 (used as a function and as a context manager)
     :func:`sbnn_addons.spikingjelly.to_sbnn`) and the Bayesian layers check their input:
     a NaN or inf would otherwise train silently into NaN gradients while the spikes stay
     finite. :func:`~sbnn_addons.attach_variance` checks the variance it is given the
-    same way (finite and >= 0). The check is one reduction over each non-spike input
-    (spikes are skipped); on a GPU it also reads the result back, a device
-    synchronisation per checked input. Turn it off for speed once the data pipeline is
-    known to be clean.
+    same way (finite and >= 0), and a spike function outside a converted model (the
+    drop-ins in a host model) checks its drive for NaN. The check is one reduction over
+    each non-spike input (spikes are skipped); on a GPU it also reads the result back, a
+    device synchronisation per checked input. Turn it off for speed once the data
+    pipeline is known to be clean.
 
     Use it as a function (global switch) or as a context manager (restored on exit)::
 
@@ -396,7 +397,7 @@ class check_finite:  # noqa: N801 (used as a function and as a context manager)
         return _CHECK_FINITE[0]
 
 
-def check_input(x: Tensor, where: str) -> None:
+def check_input(x: Tensor, where: str, *, nan_only: bool = False) -> None:
     """Raise ``ValueError`` if ``x`` holds a NaN or inf (unless :class:`check_finite` is off).
 
     0/1 spike tensors (marked by the spike functions) and tensors already checked at the
@@ -408,21 +409,34 @@ def check_input(x: Tensor, where: str) -> None:
     Args:
         x: the input tensor.
         where: who received it, for the message (e.g. ``"BayesLinear"``).
+        nan_only: refuse NaN only, one ``isnan(x).any()`` (a spike function's drive, which
+            is ``-inf`` in a readout that never fires, ``threshold=inf``).
     """
     if (not _CHECK_FINITE[0] or not isinstance(x, Tensor) or not x.is_floating_point()
             or x.is_meta):  # a meta tensor has no values to check
         return
     if torch.compiler.is_compiling():  # no data-dependent branch in a graph: a runtime assert
         with torch._C.DisableTorchFunctionSubclass():
-            torch._assert_async(torch.isfinite(x.detach().sum()),
-                                f"the input of {where} contains NaN or inf values; clean or "
-                                "normalise the data, or use sbnn_addons.check_finite(False)")
+            if nan_only:
+                torch._assert_async(~torch.isnan(x.detach()).any(), _nan_message(where))
+            else:
+                torch._assert_async(
+                    torch.isfinite(x.detach().sum()),
+                    f"the input of {where} contains NaN or inf values; clean or normalise "
+                    "the data, or use sbnn_addons.check_finite(False)")
         return
     if is_binary(x):  # spikes: 0 and 1 only
         return
     while torch._C._functorch.is_functorch_wrapped_tensor(x):
         # under torch.func (vmap, grad): the values it wraps (a vmap's whole batch)
         x = torch._C._functorch.get_unwrapped(x)
+    if nan_only:  # (not recorded as checked: an inf passes)
+        with torch._C.DisableTorchFunction():  # no variance flow: plain reductions
+            if bool(torch.isnan(x.detach()).any()):
+                count = int(torch.isnan(x.detach()).sum())
+                raise ValueError(f"{_nan_message(where)} ({count} of them, shape "
+                                 f"{tuple(x.shape)})")
+        return
     version = None if x.is_inference() else x._version  # inference tensors have none
     if version is not None and _CHECKED.get(x) == version:
         return
@@ -481,6 +495,12 @@ def check_variance(variance: Tensor, where: str) -> None:
     if nan or inf or negative:
         raise ValueError(f"{message}: it has {negative} negative, {nan} NaN and {inf} inf "
                          f"values (shape {tuple(v.shape)}); {fix}")
+
+
+def _nan_message(where: str) -> str:
+    return (f"the input of {where} contains NaN values; a NaN fires no spike and trains "
+            "into NaN gradients, silently. Clean or normalise the data, or use "
+            "sbnn_addons.check_finite(False) to skip this check for speed")
 
 
 def _sum_is_finite(t: Tensor) -> bool:

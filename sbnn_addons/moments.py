@@ -1959,6 +1959,27 @@ def refuse_variance(module: nn.Module, args: tuple) -> None:
             "drop); exclude the layers feeding it as well", VarianceFlowError)
 
 
+def in_checked_model() -> bool:
+    """Whether the caller runs inside a call of a model whose input is checked at its entry
+    (:func:`track_variance` with ``check_inputs=True``: a converted model), so that a
+    module inside it need not check its own input again. Eager mode: an open variance
+    flow; while ``torch.compile`` traces: a traced module (read at trace time)."""
+    if torch.compiler.is_compiling():
+        return _traced_in_checked_model()
+    for ref, _share in _OPEN_FLOWS:
+        root = ref()
+        if root is not None and root.__dict__.get(_FLOW_STATE, {}).get("check_inputs"):
+            return True
+    return False
+
+
+@torch.compiler.assume_constant_result
+def _traced_in_checked_model() -> bool:
+    """:func:`in_checked_model` while tracing (run in Python, a constant of the graph)."""
+    return any(m.__dict__.get(_FLOW_STATE, {}).get("check_inputs")
+               for m in _traced_modules())
+
+
 def check_model_input(model: nn.Module, args: tuple) -> None:
     """Check the first tensor argument of a converted model's call: no zero-size
     dimension (``T = 0`` or a batch of 0) and, unless :class:`~sbnn_addons.check_finite`

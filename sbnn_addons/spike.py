@@ -29,7 +29,9 @@ from .base import (
     cached_tensor_test,
     call_eagerly,
     check_device,
+    check_finite,
     check_flag,
+    check_input,
     check_module,
     check_std,
     graph_breaks_allowed,
@@ -54,6 +56,7 @@ from .moments import (
     VarianceFlowError,
     attach_computed_variance,
     get_variance,
+    in_checked_model,
     no_variance_flow,
     plain,
 )
@@ -418,10 +421,19 @@ class IWSTSpike(SBNNModule, nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, u: Tensor) -> Tensor:
-        """Sample spikes for drive ``u = membrane - threshold``."""
+        """Sample spikes for drive ``u = membrane - threshold``.
+
+        Raises:
+            ValueError: ``u`` holds a NaN (it fires no spike, silently), unless
+                :class:`~sbnn_addons.check_finite` is off; not checked again inside a
+                converted model, whose input is checked. (An infinite drive is a
+                readout's, ``threshold=inf``.)
+        """
         if self._seeded_in_graph():
             return call_eagerly(self.forward, u)
         check_float("u", u)
+        if check_finite.enabled() and not in_checked_model():
+            check_input(u, f"the spike function ({type(self).__name__})", nan_only=True)
         variance = self.noise_variance(u)
         with no_variance_flow():
             # the drive as a plain tensor: the kernel's autograd function runs its own

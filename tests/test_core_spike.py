@@ -161,6 +161,20 @@ def test_seeds_of_the_honoured_range_draw_streams_of_their_own(kernels):
     assert all(0 <= sb.spike_seed(s, i) < 2**32 for s in (0, 2**32 - 1) for i in range(3))
 
 
+def test_a_spike_function_alone_checks_its_drive():
+    """A NaN drive fired nothing, silently: the spike function alone now applies the
+    library's finite-input check, with its switch; an infinite drive is a readout's
+    (threshold=inf) and fires as its sign says."""
+    u = torch.tensor([math.nan, 0.5, -0.5])
+    spike = IWSTSpike(std=0.5)
+    with pytest.raises(ValueError, match=r"the input of the spike function \(IWSTSpike\) "
+                                         r"contains NaN.*check_finite\(False\).*1 of them"):
+        spike(u)
+    with sb.check_finite(False):
+        assert spike(u).shape == (3,)
+    assert torch.equal(spike(torch.tensor([-math.inf, math.inf])), torch.tensor([0.0, 1.0]))
+
+
 def _roundtrip_pickle(m):
     return pickle.loads(pickle.dumps(m))
 

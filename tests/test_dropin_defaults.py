@@ -469,3 +469,18 @@ def test_converted_noise_is_relative_to_the_threshold(k):
     for convert, net in ((sbnn_snn.to_sbnn, base), (sbnn_sj.to_sbnn, sj_net)):
         with pytest.raises(ValueError, match="spike_std must be"):
             convert(net, spike_std=-0.1)
+
+
+def test_the_drop_in_spike_functions_check_their_drive():
+    """The drop-ins in host models that are not converted (no input check at a model's
+    entry): a NaN membrane fired nothing, silently."""
+    x = torch.tensor([[math.nan, 1.0, 0.2]])
+    lif = snn.Leaky(beta=0.9, spike_grad=sbnn_snn.spike_grad(), init_hidden=True)
+    with pytest.raises(ValueError, match=r"the input of the spike function \(SnnTorchSpike"):
+        lif(x)
+    node = neuron.LIFNode(surrogate_function=sbnn_sj.surrogate_function())
+    with pytest.raises(ValueError, match=r"the input of the spike function \(SJSpike"):
+        node(x)
+    functional.reset_net(node)
+    with sbnn_addons.check_finite(False):
+        assert node(x).shape == (1, 3)
