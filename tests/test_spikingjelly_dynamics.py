@@ -686,3 +686,42 @@ def test_synapse_filter_fed_by_a_bayesian_layer_raises_naming_it():
     functional.reset_net(ok)
     ok(x).sum().backward()
     assert ok[0].std_rho.grad.abs() > 0
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "pytorch-path"])
+def test_both_step_modes_draw_every_step_independently_at_phi_z(kernel):
+    """Single-step and multi-step mode, each a valid independent draw per step (fixed
+    seed, 20k neurons, 4 standard errors). An IFNode (hard reset to 0) driven by 1.25 each
+    step, own noise std 0.5, no weight noise: the first step fires with Phi(0.5); a neuron
+    that fired is back at 0, so its second step fires with Phi(0.5) again, independently
+    of the first (a draw reused across steps would fire it again for sure); one that did
+    not holds 1.25 and fires with Phi(3). With the spike functions seeded
+    (``seed_spikes``) the two modes draw the same spikes; from the global generator they
+    draw in another order (docs: port-spikingjelly, step modes)."""
+    import contextlib
+    import math
+
+    n = 20_000
+    p, q = (0.5 * math.erfc(-z / math.sqrt(2.0)) for z in (0.5, 3.0))
+    model = sbnn_sj.to_sbnn(nn.Sequential(neuron.IFNode()), spike_std=0.5, learn_std=False)
+    x = torch.full((2, n), 1.25)
+
+    def near(got: torch.Tensor, prob: float) -> None:
+        rate, m = float(got.float().mean()), got.numel()
+        assert abs(rate - prob) <= 4 * math.sqrt(prob * (1 - prob) / m), (rate, prob, m)
+
+    spikes = {}
+    for mode in ("s", "m"):
+        functional.reset_net(model)
+        functional.set_step_mode(model, mode)
+        sbnn_addons.seed_spikes(model, 0)
+        with torch.no_grad(), (contextlib.nullcontext() if kernel
+                               else kernels.use_kernels(False)):
+            out = model(x) if mode == "m" else torch.stack([model(x[t]) for t in range(2)])
+        first, second = out[0].bool(), out[1].bool()
+        near(first, p)
+        near(second[first], p)  # independent of the first step's draw
+        near(second[~first], q)
+        near(first & second, p * p)
+        spikes[mode] = out
+    assert torch.equal(spikes["s"], spikes["m"])
