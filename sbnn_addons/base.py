@@ -479,7 +479,7 @@ def check_variance(variance: Tensor, where: str) -> None:
             or not variance.is_floating_point() or not variance.numel()):
         return
     message = (f"the variance given to {where} must be finite and >= 0 (a noise variance; "
-               "a negative or NaN one gave a zero or NaN noise std, silently)")
+               "a negative or NaN one would give a zero or NaN noise std, silently)")
     fix = ("compute it as a sum of squares or clamp it (v.clamp(min=0)), or skip this check "
            "for speed with sbnn_addons.check_finite(False)")
     with torch._C.DisableTorchFunction():  # no variance flow: plain reductions

@@ -487,7 +487,7 @@ def attach_variance(mean: Tensor,
         ValueError: a tensor variance (or a :class:`ScaledVariance`'s base) that does not
             broadcast to ``mean``'s shape (found at the spike, far from its cause, before);
             a negative, NaN or inf variance (the spike's noise std ``sqrt(max(v, 0))``
-            became 0 or NaN, silently).
+            would be 0 or NaN, silently).
     """
     factors = ((variance.base, variance.scale) if isinstance(variance, ScaledVariance)
                else (variance,))

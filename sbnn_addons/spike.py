@@ -740,7 +740,7 @@ def check_seed(seed, name: str = "seed") -> int | None:
             integer (``int``, a numpy integer, a 0-d integer tensor).
         ValueError: an integer outside ``[0, 2**32)``: PyTorch's CPU generator keeps the
             low 32 bits of a seed, so seeds that differ by a multiple of ``2**32`` (and a
-            negative seed, taken modulo ``2**64``) drew the same noise, silently.
+            negative seed, taken modulo ``2**64``) would draw the same noise, silently.
     """
     if seed is None:
         return None
