@@ -981,12 +981,39 @@ def _variance_precision(x: Tensor, s2: Tensor | None):
     return x.float(), (s2.float() if isinstance(s2, Tensor) else s2)
 
 
-def _copy_means(dst: nn.Module, src: nn.Module) -> None:
-    """Weight and bias values, and whether they are trained (a frozen layer stays frozen)."""
+def current_tensor(module: nn.Module, name: str = "weight") -> Tensor:
+    """The ``weight`` (or ``bias``) that ``module``'s next forward computes with.
+
+    ``torch.nn.utils.prune`` and the hook-based ``torch.nn.utils.weight_norm`` /
+    ``spectral_norm`` recompute the attribute in a forward pre-hook (from ``<name>_orig``
+    and ``<name>_mask``, or ``<name>_g`` and ``<name>_v``): between an optimiser step and
+    the next forward the attribute still holds the value from before the step. This
+    computes it from the trained tensors instead (a spectral norm without a power
+    iteration, as in eval mode)."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
     with torch.no_grad():
-        dst.weight.copy_(src.weight)
+        for hook in module._forward_pre_hooks.values():
+            if getattr(hook, "name", None) != name:
+                continue
+            if isinstance(hook, WeightNorm):
+                return hook.compute_weight(module)
+            if isinstance(hook, SpectralNorm):
+                return hook.compute_weight(module, do_power_iteration=False)
+        mask, orig = module._buffers.get(name + "_mask"), module._parameters.get(name + "_orig")
+        if mask is not None and orig is not None:
+            return orig * mask
+    return getattr(module, name)
+
+
+def _copy_means(dst: nn.Module, src: nn.Module) -> None:
+    """Weight and bias values (those of ``src``'s next forward: :func:`current_tensor`),
+    and whether they are trained (a frozen layer stays frozen)."""
+    with torch.no_grad():
+        dst.weight.copy_(current_tensor(src, "weight"))
         if src.bias is not None:
-            dst.bias.copy_(src.bias)
+            dst.bias.copy_(current_tensor(src, "bias"))
     dst.weight.requires_grad_(src.weight.requires_grad)
     if src.bias is not None:
         dst.bias.requires_grad_(src.bias.requires_grad)
@@ -1084,6 +1111,9 @@ def keep_ties(new: nn.Module, src: nn.Module, seen: dict[int, nn.Parameter],
             setattr(new, name, old)
             seen[id(old)] = old
         else:
+            if name in masks and made.shape == old.shape:
+                with torch.no_grad():  # the pruned weights' values too, as <name>_orig
+                    made.copy_(old)
             seen[id(old)] = made
     for name, (mask, _) in masks.items():
         made = getattr(new, name, None)
@@ -1244,9 +1274,8 @@ def converted_layer_kwargs(module: nn.Module, posterior: dict,
     if kw.get("std") is None:
         mask = (module._buffers.get("weight_mask") if "weight_orig" in module._parameters
                 else None)  # torch.nn.utils.prune
-        kw["std"] = converted_std(
-            module.weight, scale=None if folded_bn is None else folded_batchnorm_scale(folded_bn),
-            mask=mask)
+        scale = None if folded_bn is None else folded_batchnorm_scale(folded_bn)
+        kw["std"] = converted_std(current_tensor(module), scale=scale, mask=mask)
     return kw
 
 

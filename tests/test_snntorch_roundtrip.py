@@ -307,3 +307,34 @@ def test_frozen_and_tied_parameters_survive_conversion_and_export():
         assert plain[3].weight is plain[0].weight
         assert not plain[0].bias.requires_grad
         assert not any(p.requires_grad for p in plain[1].parameters())
+
+
+@pytest.mark.parametrize("reparam", ["prune", "weight_norm", "spectral_norm"])
+def test_export_after_a_step_of_a_layer_whose_weight_is_recomputed(reparam):
+    """``torch.nn.utils.prune`` and the hook-based ``weight_norm`` / ``spectral_norm``
+    recompute ``.weight`` in a forward pre-hook, so between an optimiser step and the next
+    forward ``.weight`` still holds the weights from before the step. The export read that
+    attribute: exported after the last training step it dropped that step (and a pruned
+    layer's ``weight_orig`` was the masked old weight), so it no longer equalled the
+    ``mean`` mode, silently."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model, x = make("seq_leaky")
+    model = to_sbnn(model)
+    if reparam == "prune":
+        prune.l1_unstructured(model[0], "weight", amount=0.5)
+    else:
+        getattr(torch.nn.utils, reparam)(model[0])
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    run(model, x)[1].sum().backward()
+    opt.step()  # the last step: no forward after it
+    plain = to_snntorch(model).eval()
+    if reparam == "prune":
+        assert torch.equal(plain[0].weight_orig, model[0].weight_orig)
+    model.eval()
+    with torch.no_grad(), sbnn_addons.mode(model, "mean"):
+        ref = run(model, x)
+        out = run(plain, x)
+    assert torch.equal(plain[0].weight, model[0].weight)  # both recomputed by the run
+    assert torch.equal(out[1], ref[1])

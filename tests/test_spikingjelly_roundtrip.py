@@ -471,3 +471,29 @@ def test_reset_parameters_of_a_converted_layer_sizes_the_std_from_the_new_weight
     model[0].reset_parameters()
     rms = float(model[0].weight.detach().pow(2).mean().sqrt())
     torch.testing.assert_close(float(model[0].std), CONVERTED_STD_FRACTION * rms)
+
+
+@pytest.mark.parametrize("reparam", ["prune", "weight_norm"])
+def test_export_after_a_step_of_a_layer_whose_weight_is_recomputed(reparam):
+    """A layer whose ``.weight`` PyTorch recomputes in a forward pre-hook
+    (``torch.nn.utils.prune``, the hook-based ``weight_norm``) exported after an optimiser
+    step equals the ``mean`` mode: the export read the ``.weight`` of the last forward,
+    from before the step."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = sbnn_sj.to_sbnn(_net("m"), spike_std=0.1)
+    if reparam == "prune":
+        prune.l1_unstructured(model[4], "weight", amount=0.5)
+    else:
+        torch.nn.utils.weight_norm(model[4])
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    run_sequence(model, X, "m").sum().backward()
+    opt.step()
+    plain = sbnn_sj.to_spikingjelly(model, surrogate.ATan()).eval()
+    model.eval()
+    with sbnn_addons.mode(model, "mean"), torch.no_grad():
+        ref = run_sequence(model, X, "m")
+        out = run_sequence(plain, X, "m")
+    assert torch.equal(plain[4].weight, model[4].weight)  # both recomputed by the run
+    assert torch.equal(out, ref)
