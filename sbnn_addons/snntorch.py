@@ -49,6 +49,7 @@ from .base import (
     check_neuron_constants,
     check_std,
     drop_state,
+    host_neurons,
     raise_error,
     set_state,
 )
@@ -1334,9 +1335,13 @@ def to_sbnn(
         if not (exc and _match(name, exc)):  # an excluded neuron is left as it is
             _check_neuron(name or type(m).__name__, m)
     if not neurons:
+        sj = host_neurons(model, "spikingjelly")
+        hint = (f"; module '{sj[0][0]}' ({type(sj[0][1]).__name__}) is a SpikingJelly "
+                "neuron: convert a SpikingJelly model with sbnn_addons.spikingjelly.to_sbnn"
+                if sj else "")
         raise ValueError(
             "nothing to convert: model contains no snnTorch neuron "
-            f"({', '.join('snn.' + n for n in SUPPORTED_NEURONS)})"
+            f"({', '.join('snn.' + n for n in SUPPORTED_NEURONS)}){hint}"
         )
     layer_kw = dict(std=std, std_mode=std_mode, learn_std=learn_std, bias_std=bias_std)
     spike_learn = bool(learn_std and spike_std)
@@ -1534,6 +1539,13 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
     from snntorch import surrogate
 
     check_module(model, "to_snntorch")
+    sj_converted = [n for n, m in host_neurons(model, "spikingjelly")
+                    if isinstance(getattr(m, "surrogate_function", None), IWSTSpike)]
+    if sj_converted:
+        raise TypeError(
+            f"module '{sj_converted[0]}' is a SpikingJelly neuron converted by "
+            "sbnn_addons.spikingjelly.to_sbnn: export the model with "
+            "sbnn_addons.spikingjelly.to_spikingjelly")
     if spike_grad is not None:
         _check_host_spike_grad(spike_grad, model)
     out = _safe_deepcopy(model)

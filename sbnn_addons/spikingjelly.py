@@ -74,6 +74,7 @@ from .base import (
     check_neuron_constants,
     check_std,
     checkpoint_hooks_active,
+    host_neurons,
     match_name,
     name_patterns,
     raise_error,
@@ -940,6 +941,12 @@ def to_sbnn(
     spike_learn = bool(learn_std and spike_std)
     _validate_arguments(model, estimator, posterior, spike_std, spike_learn, inc, exc)
     aux_pull = check_aux_pull(aux_pull)
+    for name, m in host_neurons(model, "snntorch"):
+        if not match_name(name, exc):
+            raise TypeError(
+                f"module '{name}' ({type(m).__name__}) is an snnTorch neuron, which "
+                "sbnn_addons.spikingjelly.to_sbnn does not convert: convert an snnTorch "
+                "model with sbnn_addons.snntorch.to_sbnn")
     for name, m in model.named_modules():
         if not _is_spiking_node(m) or match_name(name, exc):
             continue
@@ -1113,6 +1120,13 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
             ``surrogate.ATan()``) or not callable.
     """
     check_module(model, "to_spikingjelly")
+    snn_converted = [n for n, m in host_neurons(model, "snntorch")
+                     if isinstance(getattr(m, "spike_grad", None), IWSTSpike)]
+    if snn_converted:
+        raise TypeError(
+            f"module '{snn_converted[0]}' is an snnTorch neuron converted by "
+            "sbnn_addons.snntorch.to_sbnn: export the model with "
+            "sbnn_addons.snntorch.to_snntorch")
     if isinstance(surrogate_function, type):
         raise TypeError(
             "surrogate_function must be a surrogate instance, e.g. surrogate_function="

@@ -338,3 +338,21 @@ def test_export_after_a_step_of_a_layer_whose_weight_is_recomputed(reparam):
         out = run(plain, x)
     assert torch.equal(plain[0].weight, model[0].weight)  # both recomputed by the run
     assert torch.equal(out[1], ref[1])
+
+
+def test_the_other_hosts_models_name_the_spikingjelly_adapter():
+    """A SpikingJelly model given to the snnTorch adapter raised "nothing to convert", and
+    a SpikingJelly-converted model given to ``to_snntorch`` an error about a neuron built
+    with ``spike_grad()``: both now name the SpikingJelly adapter."""
+    from spikingjelly.activation_based import layer, neuron
+
+    from sbnn_addons import spikingjelly as sbnn_sj
+
+    net = nn.Sequential(layer.Linear(8, 6), neuron.LIFNode(), layer.Linear(6, 3),
+                        neuron.LIFNode())
+    with pytest.raises(ValueError, match=r"SpikingJelly neuron.*"
+                                         r"sbnn_addons\.spikingjelly\.to_sbnn"):
+        to_sbnn(net)
+    with pytest.raises(TypeError, match=r"SpikingJelly.*"
+                                        r"sbnn_addons\.spikingjelly\.to_spikingjelly"):
+        to_snntorch(sbnn_sj.to_sbnn(net))

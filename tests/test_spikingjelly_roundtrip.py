@@ -497,3 +497,22 @@ def test_export_after_a_step_of_a_layer_whose_weight_is_recomputed(reparam):
         out = run_sequence(plain, X, "m")
     assert torch.equal(plain[4].weight, model[4].weight)  # both recomputed by the run
     assert torch.equal(out, ref)
+
+
+def test_the_other_hosts_models_name_the_snntorch_adapter():
+    """An snnTorch model given to the SpikingJelly adapter converted its layers and left
+    its neurons alone, without a word (the first step then raised about an unconverted
+    neuron); an snnTorch-converted model given to ``to_spikingjelly`` raised "cannot
+    export IWSTSpike". Both now name the adapter to use, before anything changes."""
+    import snntorch as snn
+
+    net = nn.Sequential(nn.Linear(8, 6), snn.Leaky(beta=0.9, init_hidden=True),
+                        nn.Linear(6, 3), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    with pytest.raises(TypeError, match=r"module '1' \(Leaky\) is an snnTorch neuron.*"
+                                        r"sbnn_addons\.snntorch\.to_sbnn"):
+        sbnn_sj.to_sbnn(net, inplace=True)
+    assert type(net[0]) is nn.Linear  # left as it was
+    from sbnn_addons.snntorch import to_sbnn as snn_to_sbnn
+
+    with pytest.raises(TypeError, match=r"snnTorch.*sbnn_addons\.snntorch\.to_snntorch"):
+        sbnn_sj.to_spikingjelly(snn_to_sbnn(net))
