@@ -63,6 +63,7 @@ from .moments import (
     noise_sources,
     raw_variance,
 )
+from .optim import register_noise_owner
 
 __all__ = [
     "share_posterior",  # re-exported from .base
@@ -214,6 +215,11 @@ class _BayesMixin(SBNNModule):
             )
         self.detach_input_variance = detach_input_variance
         self._init_stds = (std, bias_std)
+        register_noise_owner(self)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        register_noise_owner(self)  # a copy's or a loaded model's noise scales too
 
     def reset_parameters(self) -> None:
         """Re-initialise the weights and bias (as ``nn.Linear`` / ``nn.ConvNd`` do) and the
