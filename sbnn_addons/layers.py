@@ -1334,7 +1334,28 @@ def affine_batchnorm_plan(model: nn.Module, weight_types: tuple, batchnorm_types
                 "statistics, which no fixed affine equals); keep it with batchnorm='keep' "
                 "or leave it out with exclude=")
         replaced.add(name)
+    untrained = [name for name in sorted(replaced) if _initial_statistics(types[name])]
+    if untrained:
+        warnings.warn(
+            f"batchnorm='affine' folds the running statistics of BatchNorm "
+            f"{', '.join(repr(n) for n in untrained[:8])}{' ...' if len(untrained) > 8 else ''}"
+            ", which never ran in training mode (num_batches_tracked = 0, the initial mean 0 "
+            "and var 1): the folded affine does not normalise, and the converted network "
+            "trains without it. Convert an untrained model with batchnorm='keep' (the "
+            "default), or load the trained weights and statistics before converting",
+            UserWarning, stacklevel=3)
     return folds, replaced
+
+
+def _initial_statistics(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    """Whether ``bn`` holds the statistics it was built with: it never ran in training
+    mode (``num_batches_tracked = 0``) and nothing set them (mean 0, var 1)."""
+    count = getattr(bn, "num_batches_tracked", None)
+    if count is None or count.is_meta or bn.running_mean is None or bn.running_var.is_meta:
+        return False
+    with torch.no_grad():
+        return (int(count) == 0 and not bool(bn.running_mean.any())
+                and bool((bn.running_var == 1).all()))
 
 
 def fold_batchnorms(model: nn.Module, folds: dict[str, str], affine_bns: set[str],

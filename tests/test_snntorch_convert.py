@@ -813,3 +813,27 @@ def test_groupnorm_pixelshuffle_upsample_pad_before_leaky_give_the_exact_varianc
         torch.testing.assert_close(seen[t].expand_as(expected), expected, rtol=1e-5, atol=1e-7)
     (spk.sum() + mem.sum()).backward()
     assert conv.std_rho.grad is not None and conv.std_rho.grad.abs() > 0
+
+
+def test_affine_batchnorm_of_an_untrained_model_warns():
+    """``batchnorm="affine"`` freezes a BatchNorm's running statistics into a fixed
+    affine. On a model that never ran in training mode those are the initial mean 0 /
+    var 1: the folded network does not normalise at all, and it trained so without a
+    word. It warns, naming the BatchNorm and ``batchnorm='keep'``; a BatchNorm with
+    statistics (a training-mode pass, a loaded checkpoint) does not."""
+    import warnings
+
+    import snntorch as snn
+    from torch import nn
+
+    torch.manual_seed(0)
+    host = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4),
+                         snn.Leaky(beta=BETA, init_hidden=True))
+    with pytest.warns(UserWarning, match=r"BatchNorm '1'.*never.*training mode.*"
+                                         r"batchnorm='keep'"):
+        to_sbnn(host, batchnorm="affine")
+    host[1](torch.rand(8, 4, 5, 5))  # one training-mode pass: statistics
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        to_sbnn(host, batchnorm="affine")
+        to_sbnn(host.eval())

@@ -516,3 +516,20 @@ def test_the_other_hosts_models_name_the_snntorch_adapter():
 
     with pytest.raises(TypeError, match=r"snnTorch.*sbnn_addons\.snntorch\.to_snntorch"):
         sbnn_sj.to_spikingjelly(snn_to_sbnn(net))
+
+
+def test_affine_batchnorm_of_an_untrained_model_warns():
+    """``batchnorm="affine"`` on a BatchNorm that never ran in training mode folds the
+    initial statistics (mean 0, var 1): the converted network does not normalise. It
+    warns, naming ``batchnorm='keep'``."""
+    import warnings
+
+    host = nn.Sequential(layer.Conv2d(2, 4, 3), layer.BatchNorm2d(4), neuron.LIFNode())
+    with pytest.warns(UserWarning, match=r"BatchNorm '1'.*never.*batchnorm='keep'"):
+        sbnn_sj.to_sbnn(host, batchnorm="affine")
+    net = _net()
+    with torch.no_grad():
+        net[1].running_var.uniform_(0.5, 2.0)  # statistics (set by hand, or loaded)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sbnn_sj.to_sbnn(net, batchnorm="affine")
