@@ -68,7 +68,8 @@ def check_noise_decay(optimizer) -> None:
     noise = {id(p) for owner in list(_NOISE_OWNERS)
              for name, p in owner.named_parameters() if is_noise_parameter(name)}
     for i, g in decayed:
-        hits = sum(id(p) in noise for p in g.get("params", ()))
+        # (a parameter without a gradient, e.g. a frozen std, is not decayed either)
+        hits = sum(id(p) in noise and p.grad is not None for p in g.get("params", ()))
         if hits:
             warnings.warn(
                 f"{type(optimizer).__name__} group {i} applies weight_decay="
@@ -77,7 +78,7 @@ def check_noise_decay(optimizer) -> None:
                 "0.69 and the noise grows over training. Build the optimiser from "
                 "sbnn_addons.param_groups(model, lr=...), whose noise group has "
                 "weight_decay=0, or leave sbnn_addons.noise_parameters(model) out of the "
-                "decayed group", UserWarning, stacklevel=3)
+                "decayed group", UserWarning, stacklevel=4)  # at the step call
             return
 
 

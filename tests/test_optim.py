@@ -116,7 +116,8 @@ def test_weight_decay_on_the_noise_scales_warns_once():
         opt.step()
         opt.zero_grad()
 
-    with pytest.warns(UserWarning, match=r"AdamW group 0 applies weight_decay=0\.01 to 4 "
+    # (2: the readout's std and the output neuron's get no gradient, so no decay, here)
+    with pytest.warns(UserWarning, match=r"AdamW group 0 applies weight_decay=0\.01 to 2 "
                                          r"noise scale.*softplus\(0\).*param_groups"):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         step(opt)
@@ -125,6 +126,11 @@ def test_weight_decay_on_the_noise_scales_warns_once():
         step(opt)  # once per optimiser
         step(torch.optim.AdamW(sb.param_groups(model, lr=1e-3), weight_decay=0.1))
         step(torch.optim.Adam(model.parameters(), lr=1e-3))
+        reset(model)
+        frozen = copy.deepcopy(model)
+        for p in sb.noise_parameters(frozen):
+            p.requires_grad_(False)  # frozen stds get no gradient and no decay
+        step(torch.optim.AdamW(frozen.parameters(), lr=1e-3), frozen)
     with pytest.warns(UserWarning, match=r"SGD group 0 applies weight_decay"):
         reset(model)
         dup = copy.deepcopy(model)  # a copy's noise scales too
