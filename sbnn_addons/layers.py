@@ -1013,16 +1013,36 @@ def current_tensor(module: nn.Module, name: str = "weight") -> Tensor:
     return getattr(module, name)
 
 
+def trained(module: nn.Module, name: str = "weight") -> bool:
+    """Whether ``module``'s ``weight`` (or ``bias``) is trained: the parameters it is
+    computed from require a gradient (``<name>_orig`` of ``torch.nn.utils.prune`` or the
+    hook-based ``spectral_norm``, ``<name>_g`` / ``<name>_v`` of the hook-based
+    ``weight_norm``, the originals of a ``torch.nn.utils.parametrize`` parametrization),
+    not the computed tensor, which a forward under ``torch.no_grad()`` leaves without a
+    gradient."""
+    from torch.nn.utils import parametrize
+
+    params = module._parameters
+    if params.get(name + "_orig") is not None:
+        return params[name + "_orig"].requires_grad
+    parts = [params.get(name + "_g"), params.get(name + "_v")]
+    if any(p is not None for p in parts):
+        return any(p is not None and p.requires_grad for p in parts)
+    if parametrize.is_parametrized(module, name):
+        return any(p.requires_grad for p in module.parametrizations[name].parameters())
+    return getattr(module, name).requires_grad
+
+
 def _copy_means(dst: nn.Module, src: nn.Module) -> None:
     """Weight and bias values (those of ``src``'s next forward: :func:`current_tensor`),
-    and whether they are trained (a frozen layer stays frozen)."""
+    and whether they are trained (:func:`trained`: a frozen layer stays frozen)."""
     with torch.no_grad():
         dst.weight.copy_(current_tensor(src, "weight"))
         if src.bias is not None:
             dst.bias.copy_(current_tensor(src, "bias"))
-    dst.weight.requires_grad_(src.weight.requires_grad)
+    dst.weight.requires_grad_(trained(src, "weight"))
     if src.bias is not None:
-        dst.bias.requires_grad_(src.bias.requires_grad)
+        dst.bias.requires_grad_(trained(src, "bias"))
 
 
 def legacy_weight_norm(module: nn.Module) -> str | None:

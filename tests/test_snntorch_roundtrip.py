@@ -356,3 +356,38 @@ def test_the_other_hosts_models_name_the_spikingjelly_adapter():
     with pytest.raises(TypeError, match=r"SpikingJelly.*"
                                         r"sbnn_addons\.spikingjelly\.to_spikingjelly"):
         to_snntorch(sbnn_sj.to_sbnn(net))
+
+
+@pytest.mark.parametrize("reparam", ["prune", "weight_norm", "parametrize"])
+def test_export_after_a_no_grad_pass_keeps_a_recomputed_weight_trainable(reparam):
+    """The export took "is the weight trained" from ``.weight``; for a layer whose weight
+    is recomputed (``torch.nn.utils.prune``, the hook-based ``weight_norm``) that is the
+    tensor of the last forward, which an evaluation under ``torch.no_grad()`` computes
+    without a gradient: the exported layer came out frozen (``weight_orig``
+    ``requires_grad=False``) and fine-tuning it in snnTorch left it as it was, silently.
+    A parametrized weight exported under ``torch.no_grad()`` did the same. A frozen
+    weight stays frozen."""
+    from torch.nn.utils import parametrize, prune
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model, x = make("seq_leaky")
+    model = to_sbnn(model)
+    if reparam == "prune":
+        prune.l1_unstructured(model[0], "weight", amount=0.5)
+        prune.l1_unstructured(model[0], "bias", amount=0.3)
+    elif reparam == "weight_norm":
+        torch.nn.utils.weight_norm(model[0])
+    else:
+        parametrize.register_parametrization(model[0], "weight", Double())
+    with torch.no_grad():
+        run(model, x)  # an evaluation
+        plain = to_snntorch(model)
+    assert len(list(plain[0].parameters())) == 2  # weight(_orig), bias(_orig)
+    assert all(p.requires_grad for p in plain[0].parameters())
+    model[0].requires_grad_(False)
+    with torch.no_grad():
+        run(model, x)
+    assert not any(p.requires_grad for p in to_snntorch(model)[0].parameters())
