@@ -356,9 +356,9 @@ class _BayesMixin(SBNNModule):
         if (not self.learn_std or not self.training or not torch.is_grad_enabled()
                 or torch.compiler.is_compiling() or "_sbnn_std_warned" in self.__dict__):
             return
-        # the stepped tensor: a pruned weight (torch.nn.utils.prune) is recomputed from
-        # weight_orig at every forward, a new tensor each time
-        weight, rho = self._parameters.get("weight_orig", self.weight), self.std_rho
+        # the stepped tensor: a pruned or weight-normed weight is recomputed at every
+        # forward, a new tensor each time
+        weight, rho = _stepped_weight(self), self.std_rho
         if not rho.requires_grad or rho.is_inference() or weight.is_inference():
             return
         now = (id(weight), weight._version, id(rho), rho._version)
@@ -1011,6 +1011,21 @@ def current_tensor(module: nn.Module, name: str = "weight") -> Tensor:
         if mask is not None and orig is not None:
             return orig * mask
     return getattr(module, name)
+
+
+def _stepped_weight(module: nn.Module) -> Tensor:
+    """The parameter an optimiser steps for ``module.weight``: ``weight_orig``
+    (``torch.nn.utils.prune``, the hook-based ``spectral_norm``), ``weight_v`` (the
+    hook-based ``weight_norm``), a parametrization's first original, else the weight."""
+    params = module._parameters
+    for key in ("weight_orig", "weight_v"):
+        if params.get(key) is not None:
+            return params[key]
+    plists = module.__dict__.get("_modules", {}).get("parametrizations")
+    if plists is not None and "weight" in plists:
+        plist = plists["weight"]
+        return plist.original if hasattr(plist, "original") else plist.original0
+    return module.weight
 
 
 def trained(module: nn.Module, name: str = "weight") -> bool:
