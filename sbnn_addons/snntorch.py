@@ -1304,9 +1304,10 @@ def to_sbnn(
     Raises:
         ValueError: the model is already converted (contains a Bayesian layer, an
             ``IWSTSpike`` or an SBNN neuron: ``"already converted"``); there is nothing to
-            convert (no snnTorch neuron); an ``include`` pattern matches no layer or an
-            ``exclude`` pattern no module; a bad ``estimator``, ``std``, ``std_mode``,
-            ``bias_std``, ``spike_std`` or ``batchnorm``; a neuron to convert uses
+            convert (no snnTorch neuron; a SpikingJelly model is named); an
+            ``include`` pattern matches no layer or an ``exclude`` pattern no module; a
+            bad ``estimator``, ``std``, ``std_mode``, ``bias_std``, ``spike_std`` or
+            ``batchnorm``; a neuron to convert uses
             ``reset_delay=False``, ``state_quant`` or ``surrogate_disable=True``.
         TypeError: an unsupported neuron (``snn.Synaptic``: its correlated two-state
             noise; anything other than ``Leaky`` / ``RLeaky``).
@@ -1534,7 +1535,9 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
         ValueError: a neuron's original surrogate was lost by pickling (a user's own
             closure cannot be rebuilt) and no ``spike_grad`` was given.
         TypeError: ``spike_grad`` is not a spike function (``surrogate.atan``, the
-            factory, instead of ``surrogate.atan()``; a name; a number).
+            factory, instead of ``surrogate.atan()``; a name; a number); ``model`` was
+            converted by ``sbnn_addons.spikingjelly.to_sbnn`` (exported by
+            ``to_spikingjelly``).
     """
     from snntorch import surrogate
 

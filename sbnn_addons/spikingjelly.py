@@ -913,8 +913,9 @@ def to_sbnn(
             ``include`` / ``exclude`` pattern matches nothing, a bad ``estimator``,
             ``std``, ``std_mode``, ``bias_std``, ``spike_std`` or ``batchnorm``; a
             neuron to convert has a surrogate in the non-spiking mode (``spiking=False``).
-        TypeError: ``model`` contains a spiking neuron other than the supported ones
-            (and not excluded).
+        TypeError: ``model`` contains a spiking neuron other than the supported ones,
+            or an snnTorch neuron (``sbnn_addons.snntorch.to_sbnn`` converts those), and
+            not excluded.
     """
     # every argument is validated before anything changes: a failed inplace=True
     # conversion leaves the model as it was
@@ -946,7 +947,8 @@ def to_sbnn(
             raise TypeError(
                 f"module '{name}' ({type(m).__name__}) is an snnTorch neuron, which "
                 "sbnn_addons.spikingjelly.to_sbnn does not convert: convert an snnTorch "
-                "model with sbnn_addons.snntorch.to_sbnn")
+                "model with sbnn_addons.snntorch.to_sbnn (or keep this neuron as it is "
+                f"with exclude=['{name}', <the layers feeding it>])")
     for name, m in model.named_modules():
         if not _is_spiking_node(m) or match_name(name, exc):
             continue
@@ -1117,7 +1119,8 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
             pickle, e.g. a class defined in a function) and no ``surrogate_function``
             was given.
         TypeError: ``surrogate_function`` is a class (``surrogate.ATan`` instead of
-            ``surrogate.ATan()``) or not callable.
+            ``surrogate.ATan()``) or not callable; ``model`` was converted by
+            ``sbnn_addons.snntorch.to_sbnn`` (exported by ``to_snntorch``).
     """
     check_module(model, "to_spikingjelly")
     snn_converted = [n for n, m in host_neurons(model, "snntorch")
