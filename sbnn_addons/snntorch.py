@@ -1310,7 +1310,8 @@ def to_sbnn(
             ``batchnorm``; a neuron to convert uses
             ``reset_delay=False``, ``state_quant`` or ``surrogate_disable=True``.
         TypeError: an unsupported neuron (``snn.Synaptic``: its correlated two-state
-            noise; anything other than ``Leaky`` / ``RLeaky``).
+            noise; anything other than ``Leaky`` / ``RLeaky``; a SpikingJelly neuron),
+            not excluded.
     """
     # every argument is validated before anything changes: a failed inplace=True
     # conversion leaves the model as it was
@@ -1344,6 +1345,14 @@ def to_sbnn(
             "nothing to convert: model contains no snnTorch neuron "
             f"({', '.join('snn.' + n for n in SUPPORTED_NEURONS)}){hint}"
         )
+    for name, m in host_neurons(model, "spikingjelly"):
+        if not (exc and _match(name, exc)):
+            raise TypeError(
+                f"module '{name}' ({type(m).__name__}) is a SpikingJelly neuron, which "
+                "sbnn_addons.snntorch.to_sbnn does not convert (it would drop the noise of "
+                "the layers feeding it): convert a SpikingJelly model with "
+                "sbnn_addons.spikingjelly.to_sbnn, or keep this neuron as it is with "
+                f"exclude=['{name}', <the layers feeding it>]")
     layer_kw = dict(std=std, std_mode=std_mode, learn_std=learn_std, bias_std=bias_std)
     spike_learn = bool(learn_std and spike_std)
     _validate_arguments(model, estimator, layer_kw, spike_std, spike_learn, inc, exc)

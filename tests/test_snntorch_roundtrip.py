@@ -356,6 +356,12 @@ def test_the_other_hosts_models_name_the_spikingjelly_adapter():
     with pytest.raises(TypeError, match=r"SpikingJelly.*"
                                         r"sbnn_addons\.spikingjelly\.to_spikingjelly"):
         to_snntorch(sbnn_sj.to_sbnn(net))
+    mixed = nn.Sequential(nn.Linear(8, 6), neuron.LIFNode(), nn.Linear(6, 3),
+                          snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    with pytest.raises(TypeError, match=r"module '1' \(LIFNode\) is a SpikingJelly neuron.*"
+                                        r"exclude=\['1'"):
+        to_sbnn(mixed)  # it converted fc1 and left the LIFNode to drop its noise
+    to_sbnn(mixed, exclude=["0", "1"])
 
 
 @pytest.mark.parametrize("reparam", ["prune", "weight_norm", "parametrize"])
