@@ -1531,7 +1531,8 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
 
     Args:
         model: a model returned by :func:`to_sbnn` (not modified).
-        spike_grad: the exported neurons' spike function. ``None`` (default): each
+        spike_grad: the exported neurons' spike function (an ``nn.Module``: a copy
+            per neuron). ``None`` (default): each
             neuron gets back the surrogate it had before :func:`to_sbnn` (the same
             function, e.g. ``surrogate.fast_sigmoid(slope=25)``; after a pickle round
             trip a closure is rebuilt from its factory with the same arguments, and one
@@ -1584,7 +1585,9 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
             for key in (_CACHE, _STATE, "_sbnn_unit"):
                 m.__dict__.pop(key, None)
             m._modules.pop("spike_grad", None)
-            fn = spike_grad
+            # a module surrogate: a copy per neuron, as the original ones (one object
+            # would tie its parameters across the exported neurons)
+            fn = copy.deepcopy(spike_grad) if isinstance(spike_grad, nn.Module) else spike_grad
             if fn is None and isinstance(host, HostObject) and host.lost:
                 raise ValueError(
                     f"cannot restore the original spike_grad {host.lost!r} of a "

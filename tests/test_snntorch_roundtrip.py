@@ -397,3 +397,26 @@ def test_export_after_a_no_grad_pass_keeps_a_recomputed_weight_trainable(reparam
     with torch.no_grad():
         run(model, x)
     assert not any(p.requires_grad for p in to_snntorch(model)[0].parameters())
+
+
+def test_to_snntorch_gives_each_neuron_its_own_copy_of_a_module_spike_grad():
+    """``to_snntorch(model, spike_grad=module)``: a surrogate that is an ``nn.Module`` (a
+    registered submodule, e.g. one with a learned slope) was one object in every exported
+    neuron, so its parameters were tied across layers; the original surrogates, and
+    SpikingJelly's ``to_spikingjelly(model, surrogate)``, give each neuron a copy."""
+    from snntorch import surrogate
+
+    class LearnedATan(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.alpha = nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, u):
+            return surrogate.ATan.apply(u, float(self.alpha))
+
+    model = to_sbnn(make("seq_leaky")[0])
+    fn = LearnedATan()
+    plain = to_snntorch(model, spike_grad=fn)
+    assert isinstance(plain[1].spike_grad, LearnedATan)
+    assert plain[1].spike_grad is not plain[3].spike_grad and plain[1].spike_grad is not fn
+    assert len(list(plain.parameters())) == len({id(p) for p in plain.parameters()}) == 6
