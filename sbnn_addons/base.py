@@ -676,6 +676,19 @@ def check_neuron_constants(name: str, neuron: torch.nn.Module, attrs: tuple[str,
                 f"error; give {attr} a number before converting")
 
 
+def host_neurons(model: torch.nn.Module, host: str) -> list[tuple[str, torch.nn.Module]]:
+    """``(name, module)`` of the spiking neurons of host library ``host`` (``"snntorch"``
+    or ``"spikingjelly"``) in ``model``, recognised by the modules their classes come
+    from, without importing the library: an snnTorch ``SpikingNeuron`` (a class with a
+    ``spike_grad``), a SpikingJelly neuron (a class with a ``surrogate_function``);
+    converted neurons included. Used to name the adapter to use for a model of the other
+    host."""
+    attr = {"snntorch": "spike_grad", "spikingjelly": "surrogate_function"}[host]
+    return [(name, m) for name, m in model.named_modules()
+            if hasattr(m, attr)
+            and any(c.__module__.split(".")[0] == host for c in type(m).__mro__)]
+
+
 def check_include_overlap(inc, exc, layers: list[str]) -> None:
     """Raise where an ``include`` pattern selects only layers that ``exclude`` also names:
     those layers stay deterministic, the opposite of what ``include`` asks (with a single

@@ -63,6 +63,7 @@ from .moments import (
     noise_sources,
     raw_variance,
 )
+from .optim import register_noise_owner
 
 __all__ = [
     "share_posterior",  # re-exported from .base
@@ -214,6 +215,11 @@ class _BayesMixin(SBNNModule):
             )
         self.detach_input_variance = detach_input_variance
         self._init_stds = (std, bias_std)
+        register_noise_owner(self)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        register_noise_owner(self)  # a copy's or a loaded model's noise scales too
 
     def reset_parameters(self) -> None:
         """Re-initialise the weights and bias (as ``nn.Linear`` / ``nn.ConvNd`` do) and the
@@ -350,9 +356,9 @@ class _BayesMixin(SBNNModule):
         if (not self.learn_std or not self.training or not torch.is_grad_enabled()
                 or torch.compiler.is_compiling() or "_sbnn_std_warned" in self.__dict__):
             return
-        # the stepped tensor: a pruned weight (torch.nn.utils.prune) is recomputed from
-        # weight_orig at every forward, a new tensor each time
-        weight, rho = self._parameters.get("weight_orig", self.weight), self.std_rho
+        # the stepped tensor: a pruned or weight-normed weight is recomputed at every
+        # forward, a new tensor each time
+        weight, rho = _stepped_weight(self), self.std_rho
         if not rho.requires_grad or rho.is_inference() or weight.is_inference():
             return
         now = (id(weight), weight._version, id(rho), rho._version)
@@ -984,15 +990,77 @@ def _variance_precision(x: Tensor, s2: Tensor | None):
     return x.float(), (s2.float() if isinstance(s2, Tensor) else s2)
 
 
-def _copy_means(dst: nn.Module, src: nn.Module) -> None:
-    """Weight and bias values, and whether they are trained (a frozen layer stays frozen)."""
+def current_tensor(module: nn.Module, name: str = "weight") -> Tensor:
+    """The ``weight`` (or ``bias``) that ``module``'s next forward computes with.
+
+    ``torch.nn.utils.prune`` and the hook-based ``torch.nn.utils.weight_norm`` /
+    ``spectral_norm`` recompute the attribute in a forward pre-hook (from ``<name>_orig``
+    and ``<name>_mask``, or ``<name>_g`` and ``<name>_v``): between an optimiser step and
+    the next forward the attribute still holds the value from before the step. This
+    computes it from the trained tensors instead (a spectral norm without a power
+    iteration, as in eval mode)."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
     with torch.no_grad():
-        dst.weight.copy_(src.weight)
+        for hook in module._forward_pre_hooks.values():
+            if getattr(hook, "name", None) != name:
+                continue
+            if isinstance(hook, WeightNorm):
+                return hook.compute_weight(module)
+            if isinstance(hook, SpectralNorm):
+                return hook.compute_weight(module, do_power_iteration=False)
+        mask, orig = module._buffers.get(name + "_mask"), module._parameters.get(name + "_orig")
+        if mask is not None and orig is not None:
+            return orig * mask
+    return getattr(module, name)
+
+
+def _stepped_weight(module: nn.Module) -> Tensor:
+    """The parameter an optimiser steps for ``module.weight``: ``weight_orig``
+    (``torch.nn.utils.prune``, the hook-based ``spectral_norm``), ``weight_v`` (the
+    hook-based ``weight_norm``), a parametrization's first original, else the weight."""
+    params = module._parameters
+    for key in ("weight_orig", "weight_v"):
+        if params.get(key) is not None:
+            return params[key]
+    plists = module.__dict__.get("_modules", {}).get("parametrizations")
+    if plists is not None and "weight" in plists:
+        plist = plists["weight"]
+        return plist.original if hasattr(plist, "original") else plist.original0
+    return module.weight
+
+
+def trained(module: nn.Module, name: str = "weight") -> bool:
+    """Whether ``module``'s ``weight`` (or ``bias``) is trained: the parameters it is
+    computed from require a gradient (``<name>_orig`` of ``torch.nn.utils.prune`` or the
+    hook-based ``spectral_norm``, ``<name>_g`` / ``<name>_v`` of the hook-based
+    ``weight_norm``, the originals of a ``torch.nn.utils.parametrize`` parametrization),
+    not the computed tensor, which a forward under ``torch.no_grad()`` leaves without a
+    gradient."""
+    from torch.nn.utils import parametrize
+
+    params = module._parameters
+    if params.get(name + "_orig") is not None:
+        return params[name + "_orig"].requires_grad
+    parts = [params.get(name + "_g"), params.get(name + "_v")]
+    if any(p is not None for p in parts):
+        return any(p is not None and p.requires_grad for p in parts)
+    if parametrize.is_parametrized(module, name):
+        return any(p.requires_grad for p in module.parametrizations[name].parameters())
+    return getattr(module, name).requires_grad
+
+
+def _copy_means(dst: nn.Module, src: nn.Module) -> None:
+    """Weight and bias values (those of ``src``'s next forward: :func:`current_tensor`),
+    and whether they are trained (:func:`trained`: a frozen layer stays frozen)."""
+    with torch.no_grad():
+        dst.weight.copy_(current_tensor(src, "weight"))
         if src.bias is not None:
-            dst.bias.copy_(src.bias)
-    dst.weight.requires_grad_(src.weight.requires_grad)
+            dst.bias.copy_(current_tensor(src, "bias"))
+    dst.weight.requires_grad_(trained(src, "weight"))
     if src.bias is not None:
-        dst.bias.requires_grad_(src.bias.requires_grad)
+        dst.bias.requires_grad_(trained(src, "bias"))
 
 
 def legacy_weight_norm(module: nn.Module) -> str | None:
@@ -1087,6 +1155,9 @@ def keep_ties(new: nn.Module, src: nn.Module, seen: dict[int, nn.Parameter],
             setattr(new, name, old)
             seen[id(old)] = old
         else:
+            if name in masks and made.shape == old.shape:
+                with torch.no_grad():  # the pruned weights' values too, as <name>_orig
+                    made.copy_(old)
             seen[id(old)] = made
     for name, (mask, _) in masks.items():
         made = getattr(new, name, None)
@@ -1247,9 +1318,8 @@ def converted_layer_kwargs(module: nn.Module, posterior: dict,
     if kw.get("std") is None:
         mask = (module._buffers.get("weight_mask") if "weight_orig" in module._parameters
                 else None)  # torch.nn.utils.prune
-        kw["std"] = converted_std(
-            module.weight, scale=None if folded_bn is None else folded_batchnorm_scale(folded_bn),
-            mask=mask)
+        scale = None if folded_bn is None else folded_batchnorm_scale(folded_bn)
+        kw["std"] = converted_std(current_tensor(module), scale=scale, mask=mask)
     return kw
 
 
@@ -1302,7 +1372,28 @@ def affine_batchnorm_plan(model: nn.Module, weight_types: tuple, batchnorm_types
                 "statistics, which no fixed affine equals); keep it with batchnorm='keep' "
                 "or leave it out with exclude=")
         replaced.add(name)
+    untrained = [name for name in sorted(replaced) if _initial_statistics(types[name])]
+    if untrained:
+        warnings.warn(
+            f"batchnorm='affine' folds the running statistics of BatchNorm "
+            f"{', '.join(repr(n) for n in untrained[:8])}{' ...' if len(untrained) > 8 else ''}"
+            ", which never ran in training mode (num_batches_tracked = 0, the initial mean 0 "
+            "and var 1): the folded affine does not normalise, and the converted network "
+            "trains without it. Convert an untrained model with batchnorm='keep' (the "
+            "default), or load the trained weights and statistics before converting",
+            UserWarning, stacklevel=3)
     return folds, replaced
+
+
+def _initial_statistics(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    """Whether ``bn`` holds the statistics it was built with: it never ran in training
+    mode (``num_batches_tracked = 0``) and nothing set them (mean 0, var 1)."""
+    count = getattr(bn, "num_batches_tracked", None)
+    if count is None or count.is_meta or bn.running_mean is None or bn.running_var.is_meta:
+        return False
+    with torch.no_grad():
+        return (int(count) == 0 and not bool(bn.running_mean.any())
+                and bool((bn.running_var == 1).all()))
 
 
 def fold_batchnorms(model: nn.Module, folds: dict[str, str], affine_bns: set[str],

@@ -10,6 +10,8 @@ released configuration trains them at 10x).
 from __future__ import annotations
 
 import re
+import warnings
+import weakref
 from collections.abc import Iterator
 
 from torch import nn
@@ -20,6 +22,64 @@ __all__ = ["NOISE_SUFFIX", "is_noise_parameter", "noise_parameters", "param_grou
 
 #: Name suffix of every noise-scale parameter in the library (``softplus(rho) = std``).
 NOISE_SUFFIX = "std_rho"
+
+#: Every module that owns noise scales (Bayesian layers, spike functions), for
+#: :func:`check_noise_decay`; registered when built, copied or unpickled.
+_NOISE_OWNERS: weakref.WeakSet = weakref.WeakSet()
+#: Per optimiser, the decayed groups (index, size, decay) :func:`check_noise_decay` saw.
+_DECAY_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_DECAY_HOOK: list = [None]  # the handle of the optimiser step hook, once registered
+
+
+def register_noise_owner(module: nn.Module) -> None:
+    """Record ``module`` as an owner of noise scales, and run :func:`check_noise_decay`
+    after every ``torch.optim`` step from then on (one global hook)."""
+    _NOISE_OWNERS.add(module)
+    if _DECAY_HOOK[0] is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _DECAY_HOOK[0] = register_optimizer_step_post_hook(
+            lambda optimizer, args, kwargs: check_noise_decay(optimizer))
+
+
+def check_noise_decay(optimizer) -> None:
+    """Warn (once per optimiser) where a group with weight decay holds noise scales.
+
+    Decay pulls each ``rho`` towards 0, so each std ``softplus(rho)`` drifts up towards
+    ``softplus(0) = 0.69``: the noise grows over training whatever the loss.
+    ``AdamW(model.parameters())`` does it by default (``weight_decay=0.01``). Run after
+    every ``torch.optim`` step; it looks at the parameters again only when the decayed
+    groups change (their number, sizes or decay).
+    """
+    groups = getattr(optimizer, "param_groups", None)
+    if not isinstance(groups, list):
+        return
+    decayed = [(i, g) for i, g in enumerate(groups)
+               if isinstance(g, dict) and g.get("weight_decay")]
+    key = tuple((i, len(g.get("params", ())), g["weight_decay"]) for i, g in decayed)
+    try:
+        if _DECAY_CHECKED.get(optimizer) == key:
+            return
+        _DECAY_CHECKED[optimizer] = key
+    except TypeError:  # an optimiser that takes no weak reference: checked every step
+        pass
+    if not decayed:
+        return
+    noise = {id(p) for owner in list(_NOISE_OWNERS)
+             for name, p in owner.named_parameters() if is_noise_parameter(name)}
+    for i, g in decayed:
+        # (a parameter without a gradient, e.g. a frozen std, is not decayed either)
+        hits = sum(id(p) in noise and p.grad is not None for p in g.get("params", ()))
+        if hits:
+            warnings.warn(
+                f"{type(optimizer).__name__} group {i} applies weight_decay="
+                f"{g['weight_decay']} to {hits} noise scale(s) (*std_rho): decay pulls each "
+                "rho towards 0, so each std = softplus(rho) drifts up towards softplus(0) = "
+                "0.69 and the noise grows over training. Build the optimiser from "
+                "sbnn_addons.param_groups(model, lr=...), whose noise group has "
+                "weight_decay=0, or leave sbnn_addons.noise_parameters(model) out of the "
+                "decayed group", UserWarning, stacklevel=4)  # at the step call
+            return
 
 
 def is_noise_parameter(name: str) -> bool:

@@ -49,6 +49,7 @@ from .base import (
     check_neuron_constants,
     check_std,
     drop_state,
+    host_neurons,
     raise_error,
     set_state,
 )
@@ -1327,12 +1328,14 @@ def to_sbnn(
     Raises:
         ValueError: the model is already converted (contains a Bayesian layer, an
             ``IWSTSpike`` or an SBNN neuron: ``"already converted"``); there is nothing to
-            convert (no snnTorch neuron); an ``include`` pattern matches no layer or an
-            ``exclude`` pattern no module; a bad ``estimator``, ``std``, ``std_mode``,
-            ``bias_std``, ``spike_std`` or ``batchnorm``; a neuron to convert uses
+            convert (no snnTorch neuron; a SpikingJelly model is named); an
+            ``include`` pattern matches no layer or an ``exclude`` pattern no module; a
+            bad ``estimator``, ``std``, ``std_mode``, ``bias_std``, ``spike_std`` or
+            ``batchnorm``; a neuron to convert uses
             ``reset_delay=False``, ``state_quant`` or ``surrogate_disable=True``.
         TypeError: an unsupported neuron (``snn.Synaptic``: its correlated two-state
-            noise; anything other than ``Leaky`` / ``RLeaky``).
+            noise; anything other than ``Leaky`` / ``RLeaky``; a SpikingJelly neuron),
+            not excluded.
     """
     # every argument is validated before anything changes: a failed inplace=True
     # conversion leaves the model as it was
@@ -1358,10 +1361,22 @@ def to_sbnn(
         if not (exc and _match(name, exc)):  # an excluded neuron is left as it is
             _check_neuron(name or type(m).__name__, m)
     if not neurons:
+        sj = host_neurons(model, "spikingjelly")
+        hint = (f"; module '{sj[0][0]}' ({type(sj[0][1]).__name__}) is a SpikingJelly "
+                "neuron: convert a SpikingJelly model with sbnn_addons.spikingjelly.to_sbnn"
+                if sj else "")
         raise ValueError(
             "nothing to convert: model contains no snnTorch neuron "
-            f"({', '.join('snn.' + n for n in SUPPORTED_NEURONS)})"
+            f"({', '.join('snn.' + n for n in SUPPORTED_NEURONS)}){hint}"
         )
+    for name, m in host_neurons(model, "spikingjelly"):
+        if not (exc and _match(name, exc)):
+            raise TypeError(
+                f"module '{name}' ({type(m).__name__}) is a SpikingJelly neuron, which "
+                "sbnn_addons.snntorch.to_sbnn does not convert (it would drop the noise of "
+                "the layers feeding it): convert a SpikingJelly model with "
+                "sbnn_addons.spikingjelly.to_sbnn, or keep this neuron as it is with "
+                f"exclude=['{name}', <the layers feeding it>]")
     layer_kw = dict(std=std, std_mode=std_mode, learn_std=learn_std, bias_std=bias_std)
     spike_learn = bool(learn_std and spike_std)
     _validate_arguments(model, estimator, layer_kw, spike_std, spike_learn, inc, exc)
@@ -1540,7 +1555,8 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
 
     Args:
         model: a model returned by :func:`to_sbnn` (not modified).
-        spike_grad: the exported neurons' spike function. ``None`` (default): each
+        spike_grad: the exported neurons' spike function (an ``nn.Module``: a copy
+            per neuron). ``None`` (default): each
             neuron gets back the surrogate it had before :func:`to_sbnn` (the same
             function, e.g. ``surrogate.fast_sigmoid(slope=25)``; after a pickle round
             trip a closure is rebuilt from its factory with the same arguments, and one
@@ -1553,11 +1569,20 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
         ValueError: a neuron's original surrogate was lost by pickling (a user's own
             closure cannot be rebuilt) and no ``spike_grad`` was given.
         TypeError: ``spike_grad`` is not a spike function (``surrogate.atan``, the
-            factory, instead of ``surrogate.atan()``; a name; a number).
+            factory, instead of ``surrogate.atan()``; a name; a number); ``model`` was
+            converted by ``sbnn_addons.spikingjelly.to_sbnn`` (exported by
+            ``to_spikingjelly``).
     """
     from snntorch import surrogate
 
     check_module(model, "to_snntorch")
+    sj_converted = [n for n, m in host_neurons(model, "spikingjelly")
+                    if isinstance(getattr(m, "surrogate_function", None), IWSTSpike)]
+    if sj_converted:
+        raise TypeError(
+            f"module '{sj_converted[0]}' is a SpikingJelly neuron converted by "
+            "sbnn_addons.spikingjelly.to_sbnn: export the model with "
+            "sbnn_addons.spikingjelly.to_spikingjelly")
     if spike_grad is not None:
         _check_host_spike_grad(spike_grad, model)
     out = _safe_deepcopy(model)
@@ -1584,7 +1609,9 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
             for key in (_CACHE, _STATE, "_sbnn_unit"):
                 m.__dict__.pop(key, None)
             m._modules.pop("spike_grad", None)
-            fn = spike_grad
+            # a module surrogate: a copy per neuron, as the original ones (one object
+            # would tie its parameters across the exported neurons)
+            fn = copy.deepcopy(spike_grad) if isinstance(spike_grad, nn.Module) else spike_grad
             if fn is None and isinstance(host, HostObject) and host.lost:
                 raise ValueError(
                     f"cannot restore the original spike_grad {host.lost!r} of a "

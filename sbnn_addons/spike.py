@@ -60,6 +60,7 @@ from .moments import (
     no_variance_flow,
     plain,
 )
+from .optim import register_noise_owner
 from .tensors import AUX_PULL_Z_MAX, aux_pull_gradient
 
 __all__ = ["IWSTSpike", "seed_spikes", "recomputing_forward", "DEFAULT_SPIKE_STD",
@@ -310,6 +311,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         self._seed: int | None = None
         self._generator: torch.Generator | None = None
         _SPIKE_FUNCTIONS.add(self)
+        register_noise_owner(self)
         _watch_optimizer_steps()
 
     _aux_pull = 0.0  # what a spike function pickled before the pull existed reads
@@ -695,6 +697,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         saved = state.pop("_generator_state", None)
         super().__setstate__(state)
         _SPIKE_FUNCTIONS.add(self)
+        register_noise_owner(self)
         _watch_optimizer_steps()  # as __init__: a model loaded in a fresh process too
         if saved is not None:
             device, rng_state = saved

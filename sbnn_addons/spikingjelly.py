@@ -74,6 +74,7 @@ from .base import (
     check_neuron_constants,
     check_std,
     checkpoint_hooks_active,
+    host_neurons,
     match_name,
     name_patterns,
     raise_error,
@@ -912,8 +913,9 @@ def to_sbnn(
             ``include`` / ``exclude`` pattern matches nothing, a bad ``estimator``,
             ``std``, ``std_mode``, ``bias_std``, ``spike_std`` or ``batchnorm``; a
             neuron to convert has a surrogate in the non-spiking mode (``spiking=False``).
-        TypeError: ``model`` contains a spiking neuron other than the supported ones
-            (and not excluded).
+        TypeError: ``model`` contains a spiking neuron other than the supported ones,
+            or an snnTorch neuron (``sbnn_addons.snntorch.to_sbnn`` converts those), and
+            not excluded.
     """
     # every argument is validated before anything changes: a failed inplace=True
     # conversion leaves the model as it was
@@ -940,6 +942,13 @@ def to_sbnn(
     spike_learn = bool(learn_std and spike_std)
     _validate_arguments(model, estimator, posterior, spike_std, spike_learn, inc, exc)
     aux_pull = check_aux_pull(aux_pull)
+    for name, m in host_neurons(model, "snntorch"):
+        if not match_name(name, exc):
+            raise TypeError(
+                f"module '{name}' ({type(m).__name__}) is an snnTorch neuron, which "
+                "sbnn_addons.spikingjelly.to_sbnn does not convert: convert an snnTorch "
+                "model with sbnn_addons.snntorch.to_sbnn (or keep this neuron as it is "
+                f"with exclude=['{name}', <the layers feeding it>])")
     for name, m in model.named_modules():
         if not _is_spiking_node(m) or match_name(name, exc):
             continue
@@ -1110,9 +1119,17 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
             pickle, e.g. a class defined in a function) and no ``surrogate_function``
             was given.
         TypeError: ``surrogate_function`` is a class (``surrogate.ATan`` instead of
-            ``surrogate.ATan()``) or not callable.
+            ``surrogate.ATan()``) or not callable; ``model`` was converted by
+            ``sbnn_addons.snntorch.to_sbnn`` (exported by ``to_snntorch``).
     """
     check_module(model, "to_spikingjelly")
+    snn_converted = [n for n, m in host_neurons(model, "snntorch")
+                     if isinstance(getattr(m, "spike_grad", None), IWSTSpike)]
+    if snn_converted:
+        raise TypeError(
+            f"module '{snn_converted[0]}' is an snnTorch neuron converted by "
+            "sbnn_addons.snntorch.to_sbnn: export the model with "
+            "sbnn_addons.snntorch.to_snntorch")
     if isinstance(surrogate_function, type):
         raise TypeError(
             "surrogate_function must be a surrogate instance, e.g. surrogate_function="

@@ -881,6 +881,34 @@ def test_warns_for_a_pruned_layer_whose_std_the_optimiser_misses():
     assert found["after"] == []
 
 
+@pytest.mark.parametrize("norm", ["parametrizations", "hook"])
+def test_warns_for_a_weight_normed_layer_whose_std_the_optimiser_misses(norm):
+    """``weight_norm`` on a converted layer computes ``.weight`` at every forward (a
+    parametrization or the hook-based one), a new tensor each time, so the check never
+    warned about an optimiser that misses the layer's std. It follows the stepped
+    parameters; an optimiser with the std stays quiet."""
+    import snntorch as snn
+
+    from sbnn_addons.snntorch import reset, to_sbnn
+
+    x = torch.rand(3, 4, 8) * 3
+    for with_std in (False, True):
+        torch.manual_seed(0)
+        net = to_sbnn(nn.Sequential(nn.Linear(8, 6), snn.Leaky(beta=0.9, init_hidden=True)))
+        if norm == "hook":
+            torch.nn.utils.weight_norm(net[0])
+        else:
+            torch.nn.utils.parametrizations.weight_norm(net[0])
+        params = [p for n, p in net.named_parameters() if with_std or "std_rho" not in n]
+
+        def forward(net=net):
+            reset(net)
+            return torch.stack([net(x_t) for x_t in x])
+
+        found = _train_steps(net, torch.optim.Adam(params, lr=1e-2), x, forward=forward)
+        assert len(found) == (0 if with_std else 1), found
+
+
 def test_std_check_raises_no_false_alarm():
     """No warning for a frozen std, a std in a group with lr=0, gradient accumulation
     over several forwards, evaluation forwards between steps, or zero_grad(set_to_none);

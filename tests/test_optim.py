@@ -88,3 +88,50 @@ def test_parametrized_noise_scale_stays_in_the_noise_group():
                      "1.spike_fn.std_rho"}
     assert "0.parametrizations.weight.original" in {names[id(p)] for p in groups[0]["params"]}
     assert noise == {names[id(p)] for p in sb.noise_parameters(net)}
+
+
+def test_weight_decay_on_the_noise_scales_warns_once():
+    """``AdamW(model.parameters())`` (``weight_decay=0.01`` by default) or SGD with weight
+    decay puts the noise scales in a decayed group: every ``rho`` was pulled towards 0,
+    every small std up towards ``softplus(0) = 0.69``, without a word. The first step of
+    such an optimiser warns (once), naming ``param_groups``; the groups of
+    ``param_groups``, a decay-free optimiser and a model's deep copy behave as they
+    should."""
+    import copy
+    import warnings
+
+    import snntorch as snn
+
+    from sbnn_addons.snntorch import reset, to_sbnn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), snn.Leaky(beta=0.9, init_hidden=True),
+                        nn.Linear(5, 3), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    model = to_sbnn(net)
+    x = torch.rand(4, 6)
+
+    def step(opt, m=model):
+        reset(m)
+        m(x)[1].sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    # (2: the readout's std and the output neuron's get no gradient, so no decay, here)
+    with pytest.warns(UserWarning, match=r"AdamW group 0 applies weight_decay=0\.01 to 2 "
+                                         r"noise scale.*softplus\(0\).*param_groups"):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        step(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step(opt)  # once per optimiser
+        step(torch.optim.AdamW(sb.param_groups(model, lr=1e-3), weight_decay=0.1))
+        step(torch.optim.Adam(model.parameters(), lr=1e-3))
+        reset(model)
+        frozen = copy.deepcopy(model)
+        for p in sb.noise_parameters(frozen):
+            p.requires_grad_(False)  # frozen stds get no gradient and no decay
+        step(torch.optim.AdamW(frozen.parameters(), lr=1e-3), frozen)
+    with pytest.warns(UserWarning, match=r"SGD group 0 applies weight_decay"):
+        reset(model)
+        dup = copy.deepcopy(model)  # a copy's noise scales too
+        step(torch.optim.SGD(dup.parameters(), lr=1e-3, weight_decay=1e-4), dup)

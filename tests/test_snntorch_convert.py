@@ -652,9 +652,10 @@ def test_pruned_host_layer_stays_pruned(inplace):
     sum(o.sum() for o in sb(x)).backward()
     opt.step()
     assert torch.all(layer.weight[mask == 0] == 0)
-    plain = to_snntorch(sb)
-    assert torch.equal(plain[0].weight_mask, mask) and torch.equal(plain[0].weight,
-                                                                   layer.weight)
+    plain = to_snntorch(sb)  # the weights after the step, not those of the last forward
+    assert torch.equal(plain[0].weight_mask, mask)
+    assert torch.equal(plain[0].weight_orig, layer.weight_orig)
+    assert torch.equal(plain[0].weight, layer.weight_orig * mask)
 
 
 @pytest.mark.parametrize("std_mode", ["layer", "channel"])
@@ -724,8 +725,9 @@ def test_pruned_host_bias_stays_pruned(inplace):
     sum(o.sum() for o in sb(x)).backward()
     opt.step()
     assert torch.all(layer.bias[mask == 0] == 0) and torch.any(layer.bias_orig.grad != 0)
-    plain = to_snntorch(sb)
-    assert torch.equal(plain[0].bias_mask, mask) and torch.equal(plain[0].bias, layer.bias)
+    plain = to_snntorch(sb)  # the biases after the step, not those of the last forward
+    assert torch.equal(plain[0].bias_mask, mask)
+    assert torch.equal(plain[0].bias, layer.bias_orig * mask)
 
 
 @pytest.mark.parametrize("std_mode", ["layer", "channel"])
@@ -834,3 +836,27 @@ def test_a_layer_replaced_by_an_inplace_conversion_still_runs_as_a_plain_layer()
     torch.testing.assert_close(out, ref)
     net(x)
     assert seen == ["Linear", "Linear", "BayesLinear"]  # the user's hook runs on both
+
+
+def test_affine_batchnorm_of_an_untrained_model_warns():
+    """``batchnorm="affine"`` freezes a BatchNorm's running statistics into a fixed
+    affine. On a model that never ran in training mode those are the initial mean 0 /
+    var 1: the folded network does not normalise at all, and it trained so without a
+    word. It warns, naming the BatchNorm and ``batchnorm='keep'``; a BatchNorm with
+    statistics (a training-mode pass, a loaded checkpoint) does not."""
+    import warnings
+
+    import snntorch as snn
+    from torch import nn
+
+    torch.manual_seed(0)
+    host = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4),
+                         snn.Leaky(beta=BETA, init_hidden=True))
+    with pytest.warns(UserWarning, match=r"BatchNorm '1'.*never.*training mode.*"
+                                         r"batchnorm='keep'"):
+        to_sbnn(host, batchnorm="affine")
+    host[1](torch.rand(8, 4, 5, 5))  # one training-mode pass: statistics
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        to_sbnn(host, batchnorm="affine")
+        to_sbnn(host.eval())

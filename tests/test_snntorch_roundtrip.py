@@ -307,3 +307,116 @@ def test_frozen_and_tied_parameters_survive_conversion_and_export():
         assert plain[3].weight is plain[0].weight
         assert not plain[0].bias.requires_grad
         assert not any(p.requires_grad for p in plain[1].parameters())
+
+
+@pytest.mark.parametrize("reparam", ["prune", "weight_norm", "spectral_norm"])
+def test_export_after_a_step_of_a_layer_whose_weight_is_recomputed(reparam):
+    """``torch.nn.utils.prune`` and the hook-based ``weight_norm`` / ``spectral_norm``
+    recompute ``.weight`` in a forward pre-hook, so between an optimiser step and the next
+    forward ``.weight`` still holds the weights from before the step. The export read that
+    attribute: exported after the last training step it dropped that step (and a pruned
+    layer's ``weight_orig`` was the masked old weight), so it no longer equalled the
+    ``mean`` mode, silently."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model, x = make("seq_leaky")
+    model = to_sbnn(model)
+    if reparam == "prune":
+        prune.l1_unstructured(model[0], "weight", amount=0.5)
+    else:
+        getattr(torch.nn.utils, reparam)(model[0])
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    run(model, x)[1].sum().backward()
+    opt.step()  # the last step: no forward after it
+    plain = to_snntorch(model).eval()
+    if reparam == "prune":
+        assert torch.equal(plain[0].weight_orig, model[0].weight_orig)
+    model.eval()
+    with torch.no_grad(), sbnn_addons.mode(model, "mean"):
+        ref = run(model, x)
+        out = run(plain, x)
+    assert torch.equal(plain[0].weight, model[0].weight)  # both recomputed by the run
+    assert torch.equal(out[1], ref[1])
+
+
+def test_the_other_hosts_models_name_the_spikingjelly_adapter():
+    """A SpikingJelly model given to the snnTorch adapter raised "nothing to convert", and
+    a SpikingJelly-converted model given to ``to_snntorch`` an error about a neuron built
+    with ``spike_grad()``: both now name the SpikingJelly adapter."""
+    from spikingjelly.activation_based import layer, neuron
+
+    from sbnn_addons import spikingjelly as sbnn_sj
+
+    net = nn.Sequential(layer.Linear(8, 6), neuron.LIFNode(), layer.Linear(6, 3),
+                        neuron.LIFNode())
+    with pytest.raises(ValueError, match=r"SpikingJelly neuron.*"
+                                         r"sbnn_addons\.spikingjelly\.to_sbnn"):
+        to_sbnn(net)
+    with pytest.raises(TypeError, match=r"SpikingJelly.*"
+                                        r"sbnn_addons\.spikingjelly\.to_spikingjelly"):
+        to_snntorch(sbnn_sj.to_sbnn(net))
+    mixed = nn.Sequential(nn.Linear(8, 6), neuron.LIFNode(), nn.Linear(6, 3),
+                          snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    with pytest.raises(TypeError, match=r"module '1' \(LIFNode\) is a SpikingJelly neuron.*"
+                                        r"exclude=\['1'"):
+        to_sbnn(mixed)  # it converted fc1 and left the LIFNode to drop its noise
+    to_sbnn(mixed, exclude=["0", "1"])
+
+
+@pytest.mark.parametrize("reparam", ["prune", "weight_norm", "parametrize"])
+def test_export_after_a_no_grad_pass_keeps_a_recomputed_weight_trainable(reparam):
+    """The export took "is the weight trained" from ``.weight``; for a layer whose weight
+    is recomputed (``torch.nn.utils.prune``, the hook-based ``weight_norm``) that is the
+    tensor of the last forward, which an evaluation under ``torch.no_grad()`` computes
+    without a gradient: the exported layer came out frozen (``weight_orig``
+    ``requires_grad=False``) and fine-tuning it in snnTorch left it as it was, silently.
+    A parametrized weight exported under ``torch.no_grad()`` did the same. A frozen
+    weight stays frozen."""
+    from torch.nn.utils import parametrize, prune
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model, x = make("seq_leaky")
+    model = to_sbnn(model)
+    if reparam == "prune":
+        prune.l1_unstructured(model[0], "weight", amount=0.5)
+        prune.l1_unstructured(model[0], "bias", amount=0.3)
+    elif reparam == "weight_norm":
+        torch.nn.utils.weight_norm(model[0])
+    else:
+        parametrize.register_parametrization(model[0], "weight", Double())
+    with torch.no_grad():
+        run(model, x)  # an evaluation
+        plain = to_snntorch(model)
+    assert len(list(plain[0].parameters())) == 2  # weight(_orig), bias(_orig)
+    assert all(p.requires_grad for p in plain[0].parameters())
+    model[0].requires_grad_(False)
+    with torch.no_grad():
+        run(model, x)
+    assert not any(p.requires_grad for p in to_snntorch(model)[0].parameters())
+
+
+def test_to_snntorch_gives_each_neuron_its_own_copy_of_a_module_spike_grad():
+    """``to_snntorch(model, spike_grad=module)``: a surrogate that is an ``nn.Module`` (a
+    registered submodule, e.g. one with a learned slope) was one object in every exported
+    neuron, so its parameters were tied across layers; the original surrogates, and
+    SpikingJelly's ``to_spikingjelly(model, surrogate)``, give each neuron a copy."""
+    from snntorch import surrogate
+
+    class LearnedATan(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.alpha = nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, u):
+            return surrogate.ATan.apply(u, float(self.alpha))
+
+    model = to_sbnn(make("seq_leaky")[0])
+    fn = LearnedATan()
+    plain = to_snntorch(model, spike_grad=fn)
+    assert isinstance(plain[1].spike_grad, LearnedATan)
+    assert plain[1].spike_grad is not plain[3].spike_grad and plain[1].spike_grad is not fn
+    assert len(list(plain.parameters())) == len({id(p) for p in plain.parameters()}) == 6

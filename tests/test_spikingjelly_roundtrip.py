@@ -471,3 +471,65 @@ def test_reset_parameters_of_a_converted_layer_sizes_the_std_from_the_new_weight
     model[0].reset_parameters()
     rms = float(model[0].weight.detach().pow(2).mean().sqrt())
     torch.testing.assert_close(float(model[0].std), CONVERTED_STD_FRACTION * rms)
+
+
+@pytest.mark.parametrize("reparam", ["prune", "weight_norm"])
+def test_export_after_a_step_of_a_layer_whose_weight_is_recomputed(reparam):
+    """A layer whose ``.weight`` PyTorch recomputes in a forward pre-hook
+    (``torch.nn.utils.prune``, the hook-based ``weight_norm``) exported after an optimiser
+    step equals the ``mean`` mode: the export read the ``.weight`` of the last forward,
+    from before the step."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = sbnn_sj.to_sbnn(_net("m"), spike_std=0.1)
+    if reparam == "prune":
+        prune.l1_unstructured(model[4], "weight", amount=0.5)
+    else:
+        torch.nn.utils.weight_norm(model[4])
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    run_sequence(model, X, "m").sum().backward()
+    opt.step()
+    plain = sbnn_sj.to_spikingjelly(model, surrogate.ATan()).eval()
+    model.eval()
+    with sbnn_addons.mode(model, "mean"), torch.no_grad():
+        ref = run_sequence(model, X, "m")
+        out = run_sequence(plain, X, "m")
+    assert torch.equal(plain[4].weight, model[4].weight)  # both recomputed by the run
+    assert torch.equal(out, ref)
+
+
+def test_the_other_hosts_models_name_the_snntorch_adapter():
+    """An snnTorch model given to the SpikingJelly adapter converted its layers and left
+    its neurons alone, without a word (the first step then raised about an unconverted
+    neuron); an snnTorch-converted model given to ``to_spikingjelly`` raised "cannot
+    export IWSTSpike". Both now name the adapter to use, before anything changes."""
+    import snntorch as snn
+
+    net = nn.Sequential(nn.Linear(8, 6), snn.Leaky(beta=0.9, init_hidden=True),
+                        nn.Linear(6, 3), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    with pytest.raises(TypeError, match=r"module '1' \(Leaky\) is an snnTorch neuron.*"
+                                        r"sbnn_addons\.snntorch\.to_sbnn"):
+        sbnn_sj.to_sbnn(net, inplace=True)
+    assert type(net[0]) is nn.Linear  # left as it was
+    from sbnn_addons.snntorch import to_sbnn as snn_to_sbnn
+
+    with pytest.raises(TypeError, match=r"snnTorch.*sbnn_addons\.snntorch\.to_snntorch"):
+        sbnn_sj.to_spikingjelly(snn_to_sbnn(net))
+
+
+def test_affine_batchnorm_of_an_untrained_model_warns():
+    """``batchnorm="affine"`` on a BatchNorm that never ran in training mode folds the
+    initial statistics (mean 0, var 1): the converted network does not normalise. It
+    warns, naming ``batchnorm='keep'``."""
+    import warnings
+
+    host = nn.Sequential(layer.Conv2d(2, 4, 3), layer.BatchNorm2d(4), neuron.LIFNode())
+    with pytest.warns(UserWarning, match=r"BatchNorm '1'.*never.*batchnorm='keep'"):
+        sbnn_sj.to_sbnn(host, batchnorm="affine")
+    net = _net()
+    with torch.no_grad():
+        net[1].running_var.uniform_(0.5, 2.0)  # statistics (set by hand, or loaded)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sbnn_sj.to_sbnn(net, batchnorm="affine")
