@@ -269,7 +269,7 @@ def _functorch_level() -> int:
 
 def _note_read(tensor, into: list) -> None:
     """Remember the noise set of carrier ``tensor`` in ``into`` (a tracked eager forward)."""
-    if _OPEN_FLOWS and not torch.compiler.is_compiling() and type(tensor) is VarianceTensor:
+    if _OPEN_FLOWS and type(tensor) is VarianceTensor and not torch.compiler.is_compiling():
         nset = tensor.__dict__.get("noise")
         if nset is not None:
             into.append(nset)
@@ -286,11 +286,13 @@ def _leaf_tokens(nset: NoiseSet) -> set[int]:
     return tokens
 
 
-def _noise_of(x) -> NoiseSet | None:
+def _noise_of(x, compiling: bool | None = None) -> NoiseSet | None:
     """The noise set of a carrier with a variance (a new leaf the first time it is read);
-    ``None`` for anything else and in a compiled graph."""
-    if (type(x) is not VarianceTensor or (x.variance is None and not x.probe)
-            or torch.compiler.is_compiling()):
+    ``None`` for anything else and in a compiled graph (``compiling``: whether one is
+    traced, where the caller knows it)."""
+    if type(x) is not VarianceTensor or (x.variance is None and not x.probe):
+        return None
+    if torch.compiler.is_compiling() if compiling is None else compiling:
         return None
     found = x.__dict__.get("noise")
     if found is None:
@@ -328,7 +330,9 @@ class VarianceTensor(Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         if len(args) == 2 and args[1] is None and func in _NONE_COMPARISONS:
             return func is Tensor.__ne__  # `mem == None` (snnTorch): Python's answer
-        if len(args) == 1 and _name(func) == "__get__":  # an attribute (x.shape): no noise
+        compiling = torch.compiler.is_compiling()  # once per call: the helpers take it
+        if len(args) == 1 and _name(func, compiling) == "__get__":
+            # an attribute (x.shape): no noise
             if _OPEN_FLOWS and func.__self__.__name__ == "data":
                 _note_read(args[0], _ESCAPED)  # x.data: the values without the variance
             with torch._C.DisableTorchFunctionSubclass():
@@ -340,7 +344,7 @@ class VarianceTensor(Tensor):
             kwargs = {k: (_plain_args(v) if k in ("gradient", "grad_tensors") else v)
                       for k, v in (kwargs or {}).items()}
             return func(*_plain_args(args[:2]), *args[2:], **kwargs)
-        return _flow(func, args, kwargs or {})
+        return _flow(func, args, kwargs or {}, compiling)
 
     def __deepcopy__(self, memo):
         if id(self) in memo:
@@ -392,20 +396,24 @@ def _exporting() -> bool:
     return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
-def _wrap(out: Tensor, variance, probe: bool = False, noise: NoiseSet | None = None) -> Tensor:
+def _wrap(out: Tensor, variance, probe: bool = False, noise: NoiseSet | None = None,
+          compiling: bool | None = None) -> Tensor:
     """``out`` as a :class:`VarianceTensor` carrying ``variance`` (a plain tensor where it
     carries nothing).
 
     Eager: ``out`` itself becomes the carrier (its class is set, no alias and no autograd
     node) and gets the noise set ``noise`` (``None``: a draw of its own, a new leaf when
     read). Under ``torch.compile`` (which traces ``as_subclass``, not a class change): a
-    new carrier aliasing ``out``.
+    new carrier aliasing ``out``. ``compiling``: whether a graph is traced, where the
+    caller knows it.
     """
     if variance is None and not probe:
-        return _plain(out, in_place=True)
-    if _exporting():  # torch.export: the deterministic network only
+        return _plain(out, in_place=True, compiling=compiling)
+    # torch.export (_exporting(), inline): the deterministic network only
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if torch.compiler.is_exporting() if flag is None else flag:
         if variance is None:  # mean mode's probe: nothing to check in an exported graph
-            return _plain(out, in_place=True)
+            return _plain(out, in_place=True, compiling=compiling)
         raise VarianceFlowError(
             "torch.export captures the deterministic network only: export the posterior "
             "mean network, `with sbnn_addons.mode(model, 'mean'): torch.export.export(model, "
@@ -413,7 +421,7 @@ def _wrap(out: Tensor, variance, probe: bool = False, noise: NoiseSet | None = N
             "sbnn_addons.spikingjelly.to_spikingjelly); sample mode draws spikes from the "
             "posterior, which an exported graph does not carry"
         )
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() if compiling is None else compiling:
         new = out.as_subclass(VarianceTensor) if type(out) is not VarianceTensor else out
     else:
         if type(out) is not VarianceTensor:
@@ -434,12 +442,12 @@ def _set_noise(t: Tensor, noise: NoiseSet | None) -> None:
         t.__dict__["noise"] = noise
 
 
-def _plain(t: Tensor, in_place: bool = False) -> Tensor:
+def _plain(t: Tensor, in_place: bool = False, compiling: bool | None = None) -> Tensor:
     """``t`` without its variance: a plain tensor (``t`` itself when ``in_place``, eager;
-    else an alias)."""
+    else an alias). ``compiling``: whether a graph is traced, where the caller knows it."""
     if type(t) is not VarianceTensor:
         return t
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() if compiling is None else compiling:
         with torch._C.DisableTorchFunctionSubclass():
             return t.view_as(t)
     if in_place:
@@ -451,12 +459,13 @@ def _plain(t: Tensor, in_place: bool = False) -> Tensor:
     return t.as_subclass(Tensor)
 
 
-def plain_in_place(t: Tensor) -> Tensor:
+def plain_in_place(t: Tensor, compiling: bool | None = None) -> Tensor:
     """``t`` as a plain tensor: ``t`` itself in eager mode (it drops its variance), an
-    alias under ``torch.compile``."""
+    alias under ``torch.compile`` (``compiling``: whether a graph is traced, where the
+    caller knows it)."""
     if _OPEN_FLOWS:  # dropped on purpose (a readout): not reported
         _note_read(t, _CONSUMED)
-    return _plain(t, in_place=True)
+    return _plain(t, in_place=True, compiling=compiling)
 
 
 def plain(t: Tensor) -> Tensor:
@@ -1009,7 +1018,7 @@ def _base_of(x):
     return None
 
 
-def _scan(args, kwargs):
+def _scan(args, kwargs, compiling: bool | None = None):
     """One pass over the (possibly nested) arguments: ``(noise, scale, probe, nset)``.
 
     ``noise`` is ``None`` if no argument carries a variance, else the first
@@ -1018,9 +1027,10 @@ def _scan(args, kwargs):
     ``probe`` is ``True`` if an argument without a variance carries the ``mean``-mode probe.
     ``nset`` is the union of the carriers' :class:`NoiseSet` (eager mode; else ``None``),
     also past an unknown variance (its draws name the layers in a neuron's error).
+    ``compiling``: whether a graph is traced, where the caller knows it.
     """
     noisy, scale, probe, nset, unknown = None, None, False, None, None
-    eager = not torch.compiler.is_compiling()
+    eager = not (torch.compiler.is_compiling() if compiling is None else compiling)
     for group in (args, kwargs.values()) if kwargs else (args,):
         for a in group:
             if isinstance(a, Tensor):
@@ -1037,11 +1047,11 @@ def _scan(args, kwargs):
                     if b.probe:
                         probe = True
                         if eager:
-                            mine = _noise_of(b)
+                            mine = _noise_of(b, False)
                             nset = mine if nset is None else nset.union(mine)
                     continue
                 if eager:
-                    mine = _noise_of(b)
+                    mine = _noise_of(b, False)
                     nset = mine if nset is None else nset.union(mine)
                 if isinstance(var, UnknownVariance):
                     unknown = var if unknown is None else unknown
@@ -1062,10 +1072,11 @@ def _scan(args, kwargs):
 _NAMES: dict = {}
 
 
-def _name(func) -> str:
+def _name(func, compiling: bool | None = None) -> str:
     """``func.__name__`` (cached per function object in eager mode; a graph reads the
-    name directly, so that it does not guard on the cache, which eager calls grow)."""
-    if torch.compiler.is_compiling():
+    name directly, so that it does not guard on the cache, which eager calls grow).
+    ``compiling``: whether a graph is traced, where the caller knows it."""
+    if torch.compiler.is_compiling() if compiling is None else compiling:
         return getattr(func, "__name__", str(func))
     try:
         return _NAMES[func]
@@ -1338,11 +1349,13 @@ def _mark_in_place(target, variance, name: str, probe: bool = False,
 _C_LEVEL: dict = {}
 
 
-def _c_level(func):
+def _c_level(func, compiling: bool | None = None):
     """The C method behind a Python-level ``Tensor`` method (``unflatten``, ``split``, ...,
     which call ``super()``: Dynamo cannot trace that on a subclass); ``func`` otherwise.
-    Cached in eager mode; a graph does not read the cache (it would guard on it)."""
-    compiling = torch.compiler.is_compiling()
+    Cached in eager mode; a graph does not read the cache (it would guard on it).
+    ``compiling``: whether a graph is traced, where the caller knows it."""
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
     if not compiling:
         try:
             return _C_LEVEL[func]
@@ -1363,20 +1376,23 @@ def _c_level(func):
     return target
 
 
-def _flow(func, args, kwargs):
+def _flow(func, args, kwargs, compiling: bool | None = None):
     """The body of :meth:`VarianceTensor.__torch_function__`: the operation on the plain
-    means, then its variance rule (module doc)."""
+    means, then its variance rule (module doc). ``compiling``: whether a graph is traced,
+    where the caller knows it."""
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
     with torch._C.DisableTorchFunctionSubclass():
-        out = _c_level(func)(*args, **kwargs)
-    noise, scale, probe, nset = _scan(args, kwargs)
+        out = _c_level(func, compiling)(*args, **kwargs)
+    noise, scale, probe, nset = _scan(args, kwargs, compiling)
     if noise is None:
         if probe:
-            name = _name(func)
+            name = _name(func, compiling)
             if name in _COMPARISONS or type(func) is torch._ops.OpOverload:
                 _refuse_host_neuron(func, name)
             return _carry_probe(name, args, kwargs, out, nset)
         return out
-    name = _name(func)
+    name = _name(func, compiling)
     if name in _COMPARISONS or type(func) is torch._ops.OpOverload:
         _refuse_host_neuron(func, name)
     if name in _NOISE_FREE:
@@ -1405,11 +1421,11 @@ def _flow(func, args, kwargs):
     if why is not None and not isinstance(var, UnknownVariance):
         var = UnknownVariance(why)
     if out is args[0] if args else False:  # in place: the target carries the result
-        if torch.compiler.is_compiling() and name in _SUMS and _noisy_operand(args[1:]):
+        if compiling and name in _SUMS and _noisy_operand(args[1:]):
             _refuse_compiled_in_place_sum(name)
         _mark_in_place(args[0], var, name, noise=nset)
         return args[0]
-    return _wrap(out, var, noise=nset)
+    return _wrap(out, var, noise=nset, compiling=compiling)
 
 
 def _noisy_operand(args) -> bool:
