@@ -378,23 +378,28 @@ class _EmittedSpikeReset:
     """
 
     def forward(self, *args, **kwargs):
-        if not torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
             _check_ddp_buffer_sync(self)
         out = super().forward(*args, **kwargs)
-        self._sbnn_store()
+        self._sbnn_store(compiling)
         return out
 
-    def _sbnn_store(self) -> None:
+    def _sbnn_store(self, compiling: bool | None = None) -> None:
         """After a step: the membrane buffer as a plain tensor, its variance as state; the
-        spike buffer (``RLeaky``) as a plain tensor too."""
-        self._sbnn_store_plain_spikes()
+        spike buffer (``RLeaky``) as a plain tensor too. ``compiling``: whether a graph
+        is traced, where the caller knows it."""
+        if compiling is None:
+            compiling = torch.compiler.is_compiling()
+        self._sbnn_store_plain_spikes(compiling)
         mem = self._buffers.get("mem")
         if type(mem) is not VarianceTensor:
             drop_state(self, _STATE)
             return
         var = get_variance(mem)  # a factored variance multiplied out: a tensor
-        plain_mem = plain_in_place(mem)  # eager: this object (a caller's too); compiled: an alias
-        if torch.compiler.is_compiling():
+        # eager: this object (a caller's too); compiled: an alias
+        plain_mem = plain_in_place(mem, compiling)
+        if compiling:
             # not a view: snnTorch's detach_hidden() detaches the buffer in place
             plain_mem = plain_mem.clone()
         if plain_mem is not mem:
@@ -402,20 +407,21 @@ class _EmittedSpikeReset:
             cached = self.__dict__.get(_CACHE)
             if cached is not None and cached[0] is mem:  # either membrane may come back
                 self.__dict__[_CACHE] = (plain_mem, *cached[1:3], mem)
-        version = _version_of(plain_mem)
+        version = _version_of(plain_mem, compiling)
         self.__dict__[_STATE] = (plain_mem, var, plain_mem.requires_grad, version)
-        if _recording_steps():
+        if not compiling:  # _recording_steps()
             _step_record(self, plain_mem)["state"] = (var, plain_mem.requires_grad, version)
 
-    def _sbnn_store_plain_spikes(self) -> None:
+    def _sbnn_store_plain_spikes(self, compiling: bool | None = None) -> None:
         """An ``RLeaky``'s ``spk`` buffer as a plain tensor: in eager mode the spikes are
         a marked :class:`~sbnn_addons.tensors.SpikeTensor`, which a compiled step would
         take as a graph input (AOTAutograd rejects a tensor subclass there). A plain copy
         (not an alias: ``detach_hidden()`` detaches the buffer in place); the spikes
-        returned keep their mark."""
+        returned keep their mark. ``compiling``: whether a graph is traced, where the
+        caller knows it."""
         spk = self._buffers.get("spk")
         if (spk is not None and type(spk) not in (Tensor, VarianceTensor)
-                and not torch.compiler.is_compiling()):
+                and not (torch.compiler.is_compiling() if compiling is None else compiling)):
             with torch._C.DisableTorchFunctionSubclass():
                 self._buffers["spk"] = spk.clone()
 
@@ -530,9 +536,10 @@ class _EmittedSpikeReset:
         the membrane's :func:`_fire_mark`: once it is changed in place
         (``mem.mul_(mask)``), they are not its reset any more."""
         spikes = raw.detach().clone()
-        mark = _fire_mark(mem)
+        compiling = torch.compiler.is_compiling()
+        mark = _fire_mark(mem, compiling)
         self.__dict__[_CACHE] = (mem, spikes, mark)
-        if _recording_steps():
+        if not compiling:  # _recording_steps()
             _step_record(self, mem)["spikes"] = (spikes, mark)
 
     def _unit_spike_factor(self) -> bool:
@@ -585,12 +592,12 @@ class _EmittedSpikeReset:
         return raw * mask
 
     def mem_reset(self, mem: Tensor) -> Tensor:
+        compiling = torch.compiler.is_compiling()
         cached = self.__dict__.get(_CACHE)
-        if cached is not None and not _unchanged(cached[0], cached[2]):
+        if cached is not None and not _unchanged(cached[0], cached[2], compiling):
             # changed in place since it fired (mem.mul_(mask)): the reset is computed from
             # its new values, as snnTorch computes it, not the spikes of the old ones
             cached = None
-        compiling = torch.compiler.is_compiling()
         found = None
         if cached is not None and (cached[0] is mem or (len(cached) > 3 and cached[3] is mem)
                                    or (not compiling and (_aliases(mem, cached[0])  # detach()
@@ -598,7 +605,7 @@ class _EmittedSpikeReset:
             found = cached[1:3]
         elif not compiling:  # an earlier step's membrane (a recomputation)
             record = _find_step_record(self, mem).get("spikes")
-            if record is not None and _unchanged(mem, record[1]):
+            if record is not None and _unchanged(mem, record[1], False):
                 found = record
         if found is not None and not isinstance(found[1], Tensor):
             return found[0]
@@ -774,29 +781,34 @@ def _without_graph(t):
     return t.detach() if isinstance(t, Tensor) and t.grad_fn is not None else t
 
 
-def _version_of(t: Tensor) -> int | None:
+def _version_of(t: Tensor, compiling: bool | None = None) -> int | None:
     """``t._version``; ``None`` in a compiled graph and for an inference tensor (created
-    under ``torch.inference_mode()``), which has no version counter."""
-    if torch.compiler.is_compiling() or t.is_inference():
+    under ``torch.inference_mode()``), which has no version counter. ``compiling``:
+    whether a graph is traced, where the caller knows it."""
+    if (torch.compiler.is_compiling() if compiling is None else compiling) or t.is_inference():
         return None
     return t._version
 
 
-def _fire_mark(mem: Tensor) -> int | Tensor | None:
+def _fire_mark(mem: Tensor, compiling: bool | None = None) -> int | Tensor | None:
     """What tells whether a membrane is changed in place after it fired: its ``_version``;
     for an inference tensor (``torch.inference_mode()``, no version counter) a copy of its
-    values; ``None`` in a compiled graph."""
-    if torch.compiler.is_compiling():
+    values; ``None`` in a compiled graph. ``compiling``: whether a graph is traced, where
+    the caller knows it."""
+    if torch.compiler.is_compiling() if compiling is None else compiling:
         return None
-    if mem.is_inference():
-        return mem.detach().clone()
-    return mem._version
+    with torch._C.DisableTorchFunctionSubclass():  # two attribute reads: no variance flow
+        inference = mem.is_inference()
+        if not inference:
+            return mem._version
+    return mem.detach().clone()
 
 
-def _unchanged(t: Tensor, mark: int | Tensor | None) -> bool:
+def _unchanged(t: Tensor, mark: int | Tensor | None, compiling: bool | None = None) -> bool:
     """Whether ``t`` is unchanged in place since it had the :func:`_fire_mark` ``mark``
-    (``None``, or values to compare: taken as unchanged here)."""
-    return not isinstance(mark, int) or _version_of(t) in (None, mark)
+    (``None``, or values to compare: taken as unchanged here). ``compiling``: whether a
+    graph is traced, where the caller knows it."""
+    return not isinstance(mark, int) or _version_of(t, compiling) in (None, mark)
 
 
 def _copy_of(mem: Tensor, stored: Tensor) -> bool:
