@@ -278,17 +278,20 @@ def square(std: Tensor) -> Tensor:
     return std * std
 
 
-def shared_square(owner: object, param: Tensor, std: Callable[[], Tensor]) -> Tensor:
+def shared_square(owner: object, param: Tensor, std: Callable[[], Tensor],
+                  compiling: bool | None = None) -> Tensor:
     """``std() ** 2`` (:func:`square`: float32 for a float16 std), computed once per
     :func:`share_posterior` block for ``owner``.
 
     Outside a block it is computed at every call. Inside, the value is kept under
     ``owner``'s identity, the grad mode and ``param``'s identity, dtype, device and version
     (the tensor ``std`` is computed from), so a changed, moved or swapped parameter is
-    recomputed.
+    recomputed. ``compiling``: whether a graph is traced, where the caller knows it.
     """
     cache = _SHARED[0]
-    if (cache is None or torch.compiler.is_compiling()  # a graph computes it once anyway
+    if (cache is None
+            # a graph computes it once anyway
+            or (torch.compiler.is_compiling() if compiling is None else compiling)
             # inside activation checkpointing: the recomputation runs outside the block,
             # so the forward must record the same operations
             or checkpoint_hooks_active()):
@@ -320,10 +323,11 @@ def checkpoint_hooks_active() -> bool:
     return "checkpoint" in (getattr(hooks[0], "__module__", None) or "")
 
 
-def in_reentrant_recomputation() -> bool:
+def in_reentrant_recomputation(compiling: bool | None = None) -> bool:
     """Whether this call runs in the recomputation of a reentrant ``torch.utils.checkpoint``
-    region (``use_reentrant=True``), which runs inside its backward node. Eager mode only."""
-    if torch.compiler.is_compiling():
+    region (``use_reentrant=True``), which runs inside its backward node. Eager mode only.
+    ``compiling``: whether a graph is traced, where the caller knows it."""
+    if torch.compiler.is_compiling() if compiling is None else compiling:
         return False
     current = torch._C._current_autograd_node()
     return current is not None and current.name() == "CheckpointFunctionBackward"

@@ -231,9 +231,9 @@ def use_kernels(flag: bool) -> Iterator[None]:
         _enabled = previous
 
 
-def can_fuse(u: Tensor, variance: Tensor) -> bool:
+def can_fuse(u: Tensor, variance: Tensor, compiling: bool | None = None) -> bool:
     """Whether :func:`fused_spike` serves this drive and variance (``variance`` must
-    broadcast to ``u``)."""
+    broadcast to ``u``). ``compiling``: whether a graph is traced, where the caller knows it."""
     return (
         _enabled
         and u.dtype == torch.float32
@@ -241,7 +241,7 @@ def can_fuse(u: Tensor, variance: Tensor) -> bool:
         and u.is_cpu
         and variance.is_cpu
         and not torch._C._are_functorch_transforms_active()
-        and not torch.compiler.is_compiling()
+        and not (torch.compiler.is_compiling() if compiling is None else compiling)
         and (_lib is not None or _load() is not None)
     )
 

@@ -388,11 +388,13 @@ class IWSTSpike(SBNNModule, nn.Module):
                 "Bayesian layer and the neuron (see sbnn_addons.moments), register a rule "
                 "with sbnn_addons.moments.register_variance_rule, or exclude the layer.",
                 VarianceFlowError)
-        check_device(u, self._parameters.get("std_rho", self._buffers.get("fixed_std")),
-                     type(self).__name__, "its noise std")
+        with torch._C.DisableTorchFunctionSubclass():  # reads of u's device and dtype
+            check_device(u, self._parameters.get("std_rho", self._buffers.get("fixed_std")),
+                         type(self).__name__, "its noise std")
+            dtype = u.dtype
         own_var = self.own_noise_variance()
         if own_var is not None:
-            own_var = own_var.to(variance_dtype(u.dtype))  # float16: float32
+            own_var = own_var.to(variance_dtype(dtype))  # float16: float32
             var = own_var if var is None else var + own_var
         return var
 
@@ -421,7 +423,8 @@ class IWSTSpike(SBNNModule, nn.Module):
         """Sample spikes for drive ``u = membrane - threshold``."""
         if self._seeded_in_graph():
             return call_eagerly(self.forward, u)
-        check_float("u", u)
+        with no_variance_flow():  # a dtype check: no variance flow
+            check_float("u", u)
         variance = self.noise_variance(u)
         with no_variance_flow():
             # the drive as a plain tensor: the kernel's autograd function runs its own
@@ -437,8 +440,9 @@ class IWSTSpike(SBNNModule, nn.Module):
         """
         if self._seeded_in_graph():
             return call_eagerly(self.fire, u, variance)
+        compiling = torch.compiler.is_compiling()
         if (variance is not None and variance.shape != u.shape
-                and not broadcasts_to(variance.shape, u.shape)):
+                and not broadcasts_to(variance.shape, u.shape, compiling)):
             raise ValueError(
                 f"the variance of shape {tuple(variance.shape)} does not broadcast "
                 f"to the drive u of shape {tuple(u.shape)}"
@@ -446,9 +450,10 @@ class IWSTSpike(SBNNModule, nn.Module):
         if not self.deterministic:
             fused_var = _fused_variance(u, variance)
             # in a compiled graph the kernel runs as custom ops (the global RNG)
-            compiled = (torch.compiler.is_compiling() and fused_var is not None
+            compiled = (compiling and fused_var is not None
                         and self._seed is None and kernels.can_fuse_compiled(u, fused_var))
-            if compiled or (fused_var is not None and kernels.can_fuse(u, fused_var)):
+            if compiled or (fused_var is not None
+                            and kernels.can_fuse(u, fused_var, compiling)):
                 aux = variance is not None and self._aux_wanted()
                 offset = self._aux_offset(self.threshold) if aux else None
                 pull = self._pull_wanted(u)
@@ -461,13 +466,14 @@ class IWSTSpike(SBNNModule, nn.Module):
                                                 self.aux_pull)
                 else:  # the kernel's backward adds the pull itself
                     out = kernels.fused_spike(u, fused_var, self.estimator, self.at_zero,
-                                              self._generator_for(u), aux_offset=offset,
+                                              self._generator_for(u, compiling),
+                                              aux_offset=offset,
                                               aux_var=self.aux_std_grad,
                                               aux_pull=self.aux_pull if pull else 0.0)
                     spikes, z2 = out if aux else (out, None)
                 if aux:
                     self._collect(z2, u)
-                return mark_binary(attach_variance(spikes, None))
+                return mark_binary(attach_variance(spikes, None), compiling=compiling)
         if variance is None:
             sigma = torch.zeros((), dtype=u.dtype, device=u.device)
         else:
@@ -476,7 +482,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         if self.deterministic:
             eps = torch.zeros_like(u)
         else:
-            eps = _standard_normal(u, self._generator_for(u))
+            eps = _standard_normal(u, self._generator_for(u, compiling))
         pull = variance is not None and self._pull_wanted(u)
         # the pull inside the spike's own node (one node and a few operations per step
         # fewer: what a GPU step launches); under torch.func, where a vmapped backward's
@@ -626,10 +632,11 @@ class IWSTSpike(SBNNModule, nn.Module):
             raise_error(_SEEDED_UNDER_COMPILE)
         return True
 
-    def _generator_for(self, u: Tensor) -> torch.Generator | None:
+    def _generator_for(self, u: Tensor,
+                       compiling: bool | None = None) -> torch.Generator | None:
         if self.deterministic:
             return None
-        if in_reentrant_recomputation():
+        if in_reentrant_recomputation(compiling):
             raise RuntimeError(
                 "a spike function draws in the recomputation of torch.utils.checkpoint with "
                 "use_reentrant=True, whose forward ran without gradients: a seeded spike "
