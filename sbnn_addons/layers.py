@@ -296,10 +296,11 @@ class _BayesMixin(SBNNModule):
                 "(to_sbnn), or load a checkpoint of the converted model", UserWarning,
                 stacklevel=4 + prefix.count("."))  # the caller of load_state_dict
 
-    def _std_squared(self) -> Tensor:
-        """``s^2``, computed once per :func:`share_posterior` block (else at every call)."""
+    def _std_squared(self, compiling: bool | None = None) -> Tensor:
+        """``s^2``, computed once per :func:`share_posterior` block (else at every call).
+        ``compiling``: whether a graph is traced, where the caller knows it."""
         param = self.std_rho if self.learn_std else self.fixed_std
-        return shared_square(self, param, lambda: self.std)
+        return shared_square(self, param, lambda: self.std, compiling)
 
     @property
     def std(self) -> Tensor:
@@ -330,7 +331,7 @@ class _BayesMixin(SBNNModule):
             return apply_function(_BinaryInputOp, x, weight, bias, self)
         return self._plain_op(x, weight, bias)
 
-    def _check_std_trained(self) -> None:
+    def _check_std_trained(self, compiling: bool | None = None) -> None:
         """Warn (once per layer) when an optimiser steps the weight but not the noise
         scale ``std_rho``: one built before ``to_sbnn(model, inplace=True)`` holds the
         weight (kept by the conversion) and not the new ``std_rho``, which then never
@@ -346,13 +347,20 @@ class _BayesMixin(SBNNModule):
         In ``mean`` mode (no noise, so no gradient for ``std_rho``) the same step warns
         that the network trains as a deterministic one: the mode is pickled with the
         model, so a model saved in ``mean`` mode resumes training in it.
+        ``compiling``: whether a graph is traced, where the caller knows it.
         """
         if (not self.learn_std or not self.training or not torch.is_grad_enabled()
-                or torch.compiler.is_compiling() or "_sbnn_std_warned" in self.__dict__):
+                or (torch.compiler.is_compiling() if compiling is None else compiling)
+                or "_sbnn_std_warned" in self.__dict__):
             return
         # the stepped tensor: a pruned weight (torch.nn.utils.prune) is recomputed from
-        # weight_orig at every forward, a new tensor each time
-        weight, rho = self._parameters.get("weight_orig", self.weight), self.std_rho
+        # weight_orig at every forward, a new tensor each time (parameters read from
+        # _parameters, without nn.Module.__getattr__, where they are there)
+        params = self._parameters
+        weight = params.get("weight_orig")
+        if weight is None:
+            weight = params["weight"] if "weight" in params else self.weight
+        rho = params["std_rho"] if "std_rho" in params else self.std_rho
         if not rho.requires_grad or rho.is_inference() or weight.is_inference():
             return
         now = (id(weight), weight._version, id(rho), rho._version)
@@ -396,13 +404,13 @@ class _BayesMixin(SBNNModule):
             self._guard_forward_hooks()
         return handle
 
-    def _guard_forward_hooks(self) -> None:
+    def _guard_forward_hooks(self, compiling: bool | None = None) -> None:
         """Where the layer has forward hooks of its user (not the variance flow's own, a
         global one of ``register_module_forward_hook`` included), make
         :func:`_variance_kept` the last of them, so that it sees the output every hook
         left. Run where a hook is registered, and in the forward: the hooks run after it
-        (eager mode only)."""
-        if torch.compiler.is_compiling():
+        (eager mode only). ``compiling``: whether a graph is traced, where the caller knows it."""
+        if torch.compiler.is_compiling() if compiling is None else compiling:
             return
         hooks = self._forward_hooks
         global_hooks = torch.nn.modules.module._global_forward_hooks
@@ -413,40 +421,45 @@ class _BayesMixin(SBNNModule):
             if next(reversed(hooks)) != key:
                 hooks.move_to_end(key)
             return
-        if not global_hooks and all(getattr(h, "__module__", None) == "sbnn_addons.moments"
-                                    for h in hooks.values()):
-            return
+        if not global_hooks:
+            for h in hooks.values():  # a loop, not all(...): no generator per forward
+                if getattr(h, "__module__", None) != "sbnn_addons.moments":
+                    break
+            else:  # only the variance flow's own hooks
+                return
         self.__dict__["_variance_guard_key"] = self.register_forward_hook(_variance_kept).id
 
     def _attach(self, mean: Tensor, x: Tensor) -> Tensor:
-        self._check_std_trained()
-        self._guard_forward_hooks()
+        compiling = torch.compiler.is_compiling()  # once: the helpers take it
+        self._check_std_trained(compiling)
+        self._guard_forward_hooks(compiling)
         if self._noise_free():
-            return attach_variance(mean, None)
-        binary = is_binary(x)
+            return attach_variance(mean, None, compiling=compiling)
+        binary = is_binary(x, compiling)
         x_in = x.detach() if self.detach_input_variance else x
         if binary and x_in is not x:  # the detached view holds the same spikes
             mark_binary(x_in, is_kept(x))
         # x^2 = x holds for the values of spikes, not for their gradient (2x): spikes whose
         # gradient flows through the variance path (detach_input_variance=False) are squared
         binary = binary and not (x_in.requires_grad and torch.is_grad_enabled())
-        s2 = self._std_squared()
+        s2 = self._std_squared(compiling)
         mask = self._pruning_mask()
         if mask is not None:  # torch.nn.utils.prune: a removed weight has no noise either
             with _no_half_autocast(x_in):
                 var = self._masked_variance(x_in, binary, s2, mask)
             if self.bias_noise:
                 var = var + self._bias_variance()
-            return new_draw(attach_variance(mean, var), self)
+            return new_draw(attach_variance(mean, var, compiling=compiling), self, compiling)
         if self._factored():  # s^2 F kept factored through the variance flow
             field = self._input_variance(x_in, binary, None)
-            return new_draw(attach_variance(mean, ScaledVariance(field, s2)), self)
+            return new_draw(attach_variance(mean, ScaledVariance(field, s2),
+                                            compiling=compiling), self, compiling)
         var = self._input_variance(x_in, binary, s2)
         if self.bias_noise:
             var = var + self._bias_variance()
         # broadcastable to the mean (e.g. [N, 1, H, W] with a per-layer std): consumers
         # broadcast it, and channel-independent ops (avg-pool) stay C times cheaper
-        return new_draw(attach_variance(mean, var), self)
+        return new_draw(attach_variance(mean, var, compiling=compiling), self, compiling)
 
     def _bias_variance(self) -> Tensor:
         """``s_b^2`` of the bias noise, per output where ``torch.nn.utils.prune`` prunes

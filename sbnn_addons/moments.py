@@ -232,11 +232,13 @@ class NoiseSet:
 _NOISE_TOKENS = itertools.count()
 
 
-def new_draw(out: Tensor, layer: nn.Module) -> Tensor:
+def new_draw(out: Tensor, layer: nn.Module, compiling: bool | None = None) -> Tensor:
     """Give a Bayesian layer's output ``out`` a :class:`NoiseSet` leaf of its own and
     remember its token on ``layer`` (so that a variance reaching a model's output can name
-    the layers it came from). Eager mode only; returns ``out``."""
-    if type(out) is VarianceTensor and not torch.compiler.is_compiling():
+    the layers it came from). Eager mode only; returns ``out``. ``compiling``: whether a
+    graph is traced, where the caller knows it."""
+    if type(out) is VarianceTensor and not (
+            torch.compiler.is_compiling() if compiling is None else compiling):
         leaf = NoiseSet.leaf()
         out.__dict__["noise"] = leaf
         layer.__dict__["_sbnn_draw"] = leaf.lo
@@ -477,12 +479,14 @@ def plain(t: Tensor) -> Tensor:
 
 
 def attach_variance(mean: Tensor,
-                    variance: Tensor | ScaledVariance | UnknownVariance | None) -> Tensor:
+                    variance: Tensor | ScaledVariance | UnknownVariance | None,
+                    *, compiling: bool | None = None) -> Tensor:
     """``mean`` carrying ``variance`` (broadcastable to ``mean``): a :class:`VarianceTensor`.
 
     In eager mode ``mean`` itself becomes the carrier (``None`` turns it back into a plain
     tensor) and is returned; under ``torch.compile`` the result is a new tensor that aliases
-    ``mean``. Use the returned tensor, which is right in both.
+    ``mean``. Use the returned tensor, which is right in both. ``compiling`` (optional):
+    whether a graph is traced, where the caller knows it (else asked).
 
     Raises:
         TypeError: ``mean`` is not a tensor, or ``variance`` is none of the above.
@@ -495,14 +499,14 @@ def attach_variance(mean: Tensor,
         raise TypeError("variance must be a torch.Tensor, a ScaledVariance, an UnknownVariance "
                         f"or None, got {type(variance).__name__}")
     shaped = variance.base if isinstance(variance, ScaledVariance) else variance
-    if isinstance(shaped, Tensor) and not broadcasts_to(shaped.shape, mean.shape):
+    if isinstance(shaped, Tensor) and not broadcasts_to(shaped.shape, mean.shape, compiling):
         what = "ScaledVariance base" if shaped is not variance else "variance"
         raise ValueError(
             f"the {what} of shape {tuple(shaped.shape)} does not broadcast to the mean of "
             f"shape {tuple(mean.shape)}: give it the mean's shape, or one with size-1 "
             "dimensions where it is the same for every entry (e.g. [N, 1] for a per-example "
             "variance of an [N, C] mean)")
-    return _wrap(mean, variance)
+    return _wrap(mean, variance, compiling=compiling)
 
 
 def attach_derived_variance(mean: Tensor, variance: Tensor | ScaledVariance,

@@ -101,9 +101,11 @@ def mark_binary(tensor: Tensor, kept: bool = False, compiling: bool | None = Non
     return tensor
 
 
-def is_binary(tensor: Tensor) -> bool:
-    """Whether ``tensor`` was marked by :func:`mark_binary` and not changed in place since."""
-    return (type(tensor) is SpikeTensor and not torch.compiler.is_compiling()
+def is_binary(tensor: Tensor, compiling: bool | None = None) -> bool:
+    """Whether ``tensor`` was marked by :func:`mark_binary` and not changed in place since.
+    ``compiling``: whether a graph is traced, where the caller knows it."""
+    return (type(tensor) is SpikeTensor
+            and not (torch.compiler.is_compiling() if compiling is None else compiling)
             and tensor.marked_version == tensor._version)
 
 
