@@ -414,13 +414,14 @@ def check_input(x: Tensor, where: str) -> None:
     if (not _CHECK_FINITE[0] or not isinstance(x, Tensor) or not x.is_floating_point()
             or x.is_meta):  # a meta tensor has no values to check
         return
-    if torch.compiler.is_compiling():  # no data-dependent branch in a graph: a runtime assert
+    compiling = torch.compiler.is_compiling()
+    if compiling:  # no data-dependent branch in a graph: a runtime assert
         with torch._C.DisableTorchFunctionSubclass():
             torch._assert_async(torch.isfinite(x.detach().sum()),
                                 f"the input of {where} contains NaN or inf values; clean or "
                                 "normalise the data, or use sbnn_addons.check_finite(False)")
         return
-    if is_binary(x):  # spikes: 0 and 1 only
+    if is_binary(x, compiling):  # spikes: 0 and 1 only
         return
     while torch._C._functorch.is_functorch_wrapped_tensor(x):
         # under torch.func (vmap, grad): the values it wraps (a vmap's whole batch)

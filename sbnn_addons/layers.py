@@ -299,7 +299,11 @@ class _BayesMixin(SBNNModule):
     def _std_squared(self, compiling: bool | None = None) -> Tensor:
         """``s^2``, computed once per :func:`share_posterior` block (else at every call).
         ``compiling``: whether a graph is traced, where the caller knows it."""
-        param = self.std_rho if self.learn_std else self.fixed_std
+        if self.learn_std:  # read from _parameters, without nn.Module.__getattr__
+            params = self._parameters
+            param = params["std_rho"] if "std_rho" in params else self.std_rho
+        else:
+            param = self.fixed_std
         return shared_square(self, param, lambda: self.std, compiling)
 
     @property
@@ -717,7 +721,10 @@ class BayesLinear(_BayesMixin, nn.Linear):
         self._init_posterior(std, std_mode, learn_std, bias_std, detach_input_variance)
 
     def _mean(self, x: Tensor) -> Tensor:
-        return self._op(x, self.weight, self.bias)
+        params = self._parameters  # without nn.Module.__getattr__ where they are there
+        weight = params["weight"] if "weight" in params else self.weight
+        bias = params["bias"] if "bias" in params else self.bias
+        return self._op(x, weight, bias)
 
     def _output_variance(self, x2: Tensor, s2: Tensor | None) -> Tensor:
         if self.std_mode == "weight":
@@ -784,7 +791,10 @@ class _BayesConv(_BayesMixin):
     _plain: type[nn.modules.conv._ConvNd]
 
     def _mean(self, x: Tensor) -> Tensor:
-        return self._op(x, self.weight, self.bias)
+        params = self._parameters  # without nn.Module.__getattr__ where they are there
+        weight = params["weight"] if "weight" in params else self.weight
+        bias = params["bias"] if "bias" in params else self.bias
+        return self._op(x, weight, bias)
 
     def _output_variance(self, x2: Tensor, s2: Tensor | None) -> Tensor:
         if self.std_mode == "weight":

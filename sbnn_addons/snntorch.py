@@ -471,7 +471,9 @@ class _EmittedSpikeReset:
         if var is not None:
             if zero_reset:  # _base_zero scales the membrane by 1 - reset first
                 var = scale_variance(var, 1 - self.reset)
-            var = scale_variance(var, self.beta.clamp(0, 1))
+            p, b = self._parameters, self._buffers  # without nn.Module.__getattr__
+            beta = p["beta"] if "beta" in p else b["beta"] if "beta" in b else self.beta
+            var = scale_variance(var, beta.clamp(0, 1))
             if isinstance(current_var, ScaledVariance):
                 current_var = current_var.value()
             current_var = var + current_var
@@ -523,8 +525,13 @@ class _EmittedSpikeReset:
 
     def fire(self, mem: Tensor) -> Tensor:
         self._sync_spike_threshold()
-        u = _drive(mem, self.threshold)
-        raw = _host_spike_dtype(self.spike_grad(u))
+        # threshold and spike function read from the module's dicts, without
+        # nn.Module.__getattr__, where they are there
+        p, b, m = self._parameters, self._buffers, self._modules
+        thr = (p["threshold"] if "threshold" in p
+               else b["threshold"] if "threshold" in b else self.threshold)
+        u = _drive(mem, thr)
+        raw = _host_spike_dtype((m["spike_grad"] if "spike_grad" in m else self.spike_grad)(u))
         self._keep_reset(mem, raw)
         if self._unit_spike_factor():
             return raw  # the same values, and the spikes keep their binary mark (cheaper layers)
@@ -545,7 +552,10 @@ class _EmittedSpikeReset:
     def _unit_spike_factor(self) -> bool:
         """Whether ``graded_spikes_factor`` is a constant 1 (checked once per value of the
         buffer, not at every step)."""
-        factor = self.graded_spikes_factor
+        p, b = self._parameters, self._buffers  # without nn.Module.__getattr__
+        factor = (p["graded_spikes_factor"] if "graded_spikes_factor" in p
+                  else b["graded_spikes_factor"] if "graded_spikes_factor" in b
+                  else self.graded_spikes_factor)
         if not isinstance(factor, Tensor):
             return factor == 1.0
         if factor.requires_grad:
@@ -562,10 +572,13 @@ class _EmittedSpikeReset:
         buffer (its storage and version counter: an edit through ``.data`` is not seen);
         not inside a compiled graph (a value read), where the threshold of the last eager
         step holds."""
-        spike = self.spike_grad
+        modules = self._modules  # without nn.Module.__getattr__ where it is there
+        spike = modules["spike_grad"] if "spike_grad" in modules else self.spike_grad
         if not isinstance(spike, IWSTSpike) or torch.compiler.is_compiling():
             return
-        thr = self.threshold
+        p, b = self._parameters, self._buffers
+        thr = (p["threshold"] if "threshold" in p
+               else b["threshold"] if "threshold" in b else self.threshold)
         if not isinstance(thr, Tensor):
             value = float(thr)
         elif thr.is_meta:

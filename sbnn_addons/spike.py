@@ -401,8 +401,10 @@ class IWSTSpike(SBNNModule, nn.Module):
     def own_noise_variance(self) -> Tensor | None:
         """The spike function's own noise variance ``s_n^2`` (``None`` if it is zero),
         computed once per :func:`~sbnn_addons.share_posterior` block."""
-        if self.learn_std:
-            return shared_square(self, self.std_rho, lambda: self.std)
+        if self.learn_std:  # read from _parameters, without nn.Module.__getattr__
+            params = self._parameters
+            rho = params["std_rho"] if "std_rho" in params else self.std_rho
+            return shared_square(self, rho, lambda: self.std)
         if self._fixed_std_nonzero():
             return shared_square(self, self.fixed_std, lambda: self.std)
         return None
