@@ -71,7 +71,8 @@ def drop_state(obj: object, *keys: str) -> None:
 
 
 def cached_tensor_test(owner: object, name: str, tensor: Tensor,
-                       test: Callable[[Tensor], bool], assume: bool = True) -> bool:
+                       test: Callable[[Tensor], bool], assume: bool = True,
+                       compiling: bool | None = None) -> bool:
     """``test(tensor)`` of a small buffer (a std, a spike factor) at every step; on an
     accelerator cached in ``owner.__dict__[name]`` until the tensor's storage or version
     changes, so that a step does not wait for the device.
@@ -80,8 +81,9 @@ def cached_tensor_test(owner: object, name: str, tensor: Tensor,
     bumps no version, is seen). On the ``meta`` device, under ``torch.compile`` and under
     ``torch.func`` transforms (no values, or no data-dependent branch) it returns
     ``assume``: the caller passes the answer that takes its general code path.
+    ``compiling``: whether a graph is traced, where the caller knows it.
     """
-    if (tensor.is_meta or torch.compiler.is_compiling()
+    if (tensor.is_meta or (torch.compiler.is_compiling() if compiling is None else compiling)
             or torch._C._functorch.is_functorch_wrapped_tensor(tensor)):  # vmap: no values
         return assume
     if tensor.is_cpu or tensor.is_inference():  # inference tensors have no version

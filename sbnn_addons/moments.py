@@ -269,9 +269,11 @@ def _functorch_level() -> int:
     return torch._C._functorch.maybe_current_level() or 0
 
 
-def _note_read(tensor, into: list) -> None:
-    """Remember the noise set of carrier ``tensor`` in ``into`` (a tracked eager forward)."""
-    if _OPEN_FLOWS and type(tensor) is VarianceTensor and not torch.compiler.is_compiling():
+def _note_read(tensor, into: list, compiling: bool | None = None) -> None:
+    """Remember the noise set of carrier ``tensor`` in ``into`` (a tracked eager forward).
+    ``compiling``: whether a graph is traced, where the caller knows it."""
+    if _OPEN_FLOWS and type(tensor) is VarianceTensor and not (
+            torch.compiler.is_compiling() if compiling is None else compiling):
         nset = tensor.__dict__.get("noise")
         if nset is not None:
             into.append(nset)
@@ -466,7 +468,7 @@ def plain_in_place(t: Tensor, compiling: bool | None = None) -> Tensor:
     alias under ``torch.compile`` (``compiling``: whether a graph is traced, where the
     caller knows it)."""
     if _OPEN_FLOWS:  # dropped on purpose (a readout): not reported
-        _note_read(t, _CONSUMED)
+        _note_read(t, _CONSUMED, compiling)
     return _plain(t, in_place=True, compiling=compiling)
 
 
@@ -510,7 +512,7 @@ def attach_variance(mean: Tensor,
 
 
 def attach_derived_variance(mean: Tensor, variance: Tensor | ScaledVariance,
-                            source: Tensor) -> Tensor:
+                            source: Tensor, compiling: bool | None = None) -> Tensor:
     """``mean`` carrying ``variance``, computed from carrier ``source`` by code that writes
     an operation's variance out itself (a neuron's moment update) instead of leaving it to
     the rules: the result keeps ``source``'s noise identity (:class:`NoiseSet`, the draws
@@ -520,17 +522,23 @@ def attach_derived_variance(mean: Tensor, variance: Tensor | ScaledVariance,
         mean: the operation's output mean (a plain tensor; eager: it becomes the carrier).
         variance: its variance, broadcastable to ``mean``.
         source: the :class:`VarianceTensor` it was computed from.
+        compiling: whether a graph is traced, where the caller knows it.
 
     Returns:
         The carrier (``mean`` itself in eager mode, an alias under ``torch.compile``).
     """
-    return _wrap(mean, variance, noise=_noise_of(source))
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
+    return _wrap(mean, variance, noise=_noise_of(source, compiling), compiling=compiling)
 
 
-def get_variance(tensor: Tensor) -> Tensor | UnknownVariance | None:
+def get_variance(tensor: Tensor, *,
+                 compiling: bool | None = None) -> Tensor | UnknownVariance | None:
     """The variance carried by ``tensor``, an :class:`UnknownVariance`, or ``None``.
 
     A factored variance (:class:`ScaledVariance`) is returned as its product, a tensor.
+    ``compiling`` (optional): whether a graph is traced, where the caller knows it (else
+    asked).
 
     Raises:
         TypeError: ``tensor`` is not a tensor: ``None`` read as "no variance" for the
@@ -545,7 +553,7 @@ def get_variance(tensor: Tensor) -> Tensor | UnknownVariance | None:
                 "sbnn_addons.snntorch.membrane_variance(neuron))")
         return None
     if _OPEN_FLOWS:
-        _note_read(tensor, _CONSUMED)
+        _note_read(tensor, _CONSUMED, compiling)
     var = tensor.variance
     return var.value() if isinstance(var, ScaledVariance) else var
 
@@ -660,19 +668,22 @@ def _mul(func, args, kwargs, out, var_of):
     return scale_variance(var, coef)
 
 
-def scale_variance(var: Tensor, coef: Tensor | float) -> Tensor:
+def scale_variance(var: Tensor, coef: Tensor | float,
+                   compiling: bool | None = None) -> Tensor:
     """The variance of ``coef * x`` for a noise-free ``coef``: ``var(x) * coef^2``.
 
     Args:
         var: ``var(x)``, a tensor broadcastable to ``x``.
         coef: a number or a tensor broadcastable to ``x`` (e.g. snnTorch's ``beta``).
+        compiling: whether a graph is traced, where the caller knows it.
 
     Returns:
         ``var * coef^2``; a constant CPU scalar ``coef`` is read as a number (one
         operation, no device sync).
     """
     if isinstance(coef, Tensor):
-        if (torch.compiler.is_compiling() or coef.dim() or coef.requires_grad
+        if ((torch.compiler.is_compiling() if compiling is None else compiling)
+                or coef.dim() or coef.requires_grad
                 or coef.device.type != "cpu"):
             return var * (coef * coef)
         coef = coef.item()

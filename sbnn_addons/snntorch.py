@@ -396,7 +396,7 @@ class _EmittedSpikeReset:
         if type(mem) is not VarianceTensor:
             drop_state(self, _STATE)
             return
-        var = get_variance(mem)  # a factored variance multiplied out: a tensor
+        var = get_variance(mem, compiling=compiling)  # a factored one multiplied out
         # eager: this object (a caller's too); compiled: an alias
         plain_mem = plain_in_place(mem, compiling)
         if compiling:
@@ -430,16 +430,17 @@ class _EmittedSpikeReset:
         if type(mem) is VarianceTensor:  # a membrane passed with a variance of its own
             _check_passed_membrane(self, mem)
         if type(mem) is not VarianceTensor:
-            var = _stored_variance(self, detached=True)
+            compiling = torch.compiler.is_compiling()
+            var = _stored_variance(self, detached=True, compiling=compiling)
             current_var = input_.variance if type(input_) is VarianceTensor else None
             zero_reset = _MOMENT_FORMS.get(getattr(self._sbnn_host_state, "__func__", None))
             if (zero_reset is not None and isinstance(current_var, (Tensor, ScaledVariance))
                     and (var is None or isinstance(var, Tensor))):
-                return self._sbnn_moments(input_, var, current_var, zero_reset)
+                return self._sbnn_moments(input_, var, current_var, zero_reset, compiling)
             if var is not None:
                 # an alias carries it (the same values and graph): the caller's membrane
                 # (an explicit loop's `mem`, a `mem_rec` entry) stays a plain tensor
-                if torch.compiler.is_compiling():
+                if compiling:
                     self._buffers["mem"] = attach_variance(mem, var)
                 else:
                     alias = mem.as_subclass(VarianceTensor)
@@ -447,7 +448,8 @@ class _EmittedSpikeReset:
         return self._sbnn_host_state(input_)
 
     def _sbnn_moments(self, input_: VarianceTensor, var: Tensor | None,
-                      current_var: Tensor | ScaledVariance, zero_reset: bool) -> Tensor:
+                      current_var: Tensor | ScaledVariance, zero_reset: bool,
+                      compiling: bool | None = None) -> Tensor:
         """The step's membrane mean by the host's own state function (on the plain
         values), its variance written out (SPEC section 3):
 
@@ -464,22 +466,25 @@ class _EmittedSpikeReset:
             var: ``V_{t-1}`` of the membrane in the buffer, or ``None``.
             current_var: ``var(I_t)`` as the input carries it.
             zero_reset: whether the state function is snnTorch's reset to zero.
+            compiling: whether a graph is traced, where the caller knows it.
 
         Returns:
             The membrane ``u_t`` carrying ``V_t`` and the input's noise set.
         """
+        if compiling is None:
+            compiling = torch.compiler.is_compiling()
         if var is not None:
             if zero_reset:  # _base_zero scales the membrane by 1 - reset first
-                var = scale_variance(var, 1 - self.reset)
+                var = scale_variance(var, 1 - self.reset, compiling)
             p, b = self._parameters, self._buffers  # without nn.Module.__getattr__
             beta = p["beta"] if "beta" in p else b["beta"] if "beta" in b else self.beta
-            var = scale_variance(var, beta.clamp(0, 1))
+            var = scale_variance(var, beta.clamp(0, 1), compiling)
             if isinstance(current_var, ScaledVariance):
                 current_var = current_var.value()
             current_var = var + current_var
         with torch._C.DisableTorchFunctionSubclass():
             mean = self._sbnn_host_state(input_)
-        return attach_derived_variance(mean, current_var, input_)
+        return attach_derived_variance(mean, current_var, input_, compiling)
 
     def __getstate__(self):
         # a copy's membrane starts a version counter of its own: record whether the
@@ -524,34 +529,38 @@ class _EmittedSpikeReset:
         _register(self)
 
     def fire(self, mem: Tensor) -> Tensor:
-        self._sync_spike_threshold()
+        compiling = torch.compiler.is_compiling()  # once: the helpers take it
+        self._sync_spike_threshold(compiling)
         # threshold and spike function read from the module's dicts, without
         # nn.Module.__getattr__, where they are there
         p, b, m = self._parameters, self._buffers, self._modules
         thr = (p["threshold"] if "threshold" in p
                else b["threshold"] if "threshold" in b else self.threshold)
-        u = _drive(mem, thr)
+        u = _drive(mem, thr, compiling)
         raw = _host_spike_dtype((m["spike_grad"] if "spike_grad" in m else self.spike_grad)(u))
-        self._keep_reset(mem, raw)
-        if self._unit_spike_factor():
+        self._keep_reset(mem, raw, compiling)
+        if self._unit_spike_factor(compiling):
             return raw  # the same values, and the spikes keep their binary mark (cheaper layers)
         return raw * self.graded_spikes_factor
 
-    def _keep_reset(self, mem: Tensor, raw: Tensor) -> None:
+    def _keep_reset(self, mem: Tensor, raw: Tensor, compiling: bool | None = None) -> None:
         """Keep the spikes ``raw`` that membrane ``mem`` emitted as its reset (a copy taken
         now: the spikes returned may be changed in place), also for a recomputation, with
         the membrane's :func:`_fire_mark`: once it is changed in place
-        (``mem.mul_(mask)``), they are not its reset any more."""
+        (``mem.mul_(mask)``), they are not its reset any more. ``compiling``: whether a
+        graph is traced, where the caller knows it."""
         spikes = raw.detach().clone()
-        compiling = torch.compiler.is_compiling()
+        if compiling is None:
+            compiling = torch.compiler.is_compiling()
         mark = _fire_mark(mem, compiling)
         self.__dict__[_CACHE] = (mem, spikes, mark)
         if not compiling:  # _recording_steps()
             _step_record(self, mem)["spikes"] = (spikes, mark)
 
-    def _unit_spike_factor(self) -> bool:
+    def _unit_spike_factor(self, compiling: bool | None = None) -> bool:
         """Whether ``graded_spikes_factor`` is a constant 1 (checked once per value of the
-        buffer, not at every step)."""
+        buffer, not at every step). ``compiling``: whether a graph is traced, where the
+        caller knows it."""
         p, b = self._parameters, self._buffers  # without nn.Module.__getattr__
         factor = (p["graded_spikes_factor"] if "graded_spikes_factor" in p
                   else b["graded_spikes_factor"] if "graded_spikes_factor" in b
@@ -561,9 +570,9 @@ class _EmittedSpikeReset:
         if factor.requires_grad:
             return False
         return cached_tensor_test(self, "_sbnn_unit", factor, lambda f: (f == 1).all(),
-                                  assume=False)
+                                  assume=False, compiling=compiling)
 
-    def _sync_spike_threshold(self) -> None:
+    def _sync_spike_threshold(self, compiling: bool | None = None) -> None:
         """Give the spike function the neuron's threshold (the mean of a per-neuron or
         learned one), which centres its auxiliary terms and decides whether it collects
         any (an infinite threshold, a membrane readout, collects none), where the
@@ -571,10 +580,11 @@ class _EmittedSpikeReset:
         new tensor, an optimiser's step of a learned one). Read once per change of the
         buffer (its storage and version counter: an edit through ``.data`` is not seen);
         not inside a compiled graph (a value read), where the threshold of the last eager
-        step holds."""
+        step holds. ``compiling``: whether a graph is traced, where the caller knows it."""
         modules = self._modules  # without nn.Module.__getattr__ where it is there
         spike = modules["spike_grad"] if "spike_grad" in modules else self.spike_grad
-        if not isinstance(spike, IWSTSpike) or torch.compiler.is_compiling():
+        if not isinstance(spike, IWSTSpike) or (
+                torch.compiler.is_compiling() if compiling is None else compiling):
             return
         p, b = self._parameters, self._buffers
         thr = (p["threshold"] if "threshold" in p
@@ -638,15 +648,16 @@ class _EmittedSpikeReset:
         return super().reset_mem()
 
 
-def _drive(mem: Tensor, threshold: Tensor | float) -> Tensor:
+def _drive(mem: Tensor, threshold: Tensor | float, compiling: bool | None = None) -> Tensor:
     """The spike function's input ``mem - threshold``, carrying the membrane's variance
-    (a factored one multiplied out)."""
-    var = get_variance(mem)
+    (a factored one multiplied out). ``compiling``: whether a graph is traced, where the
+    caller knows it."""
+    var = get_variance(mem, compiling=compiling)
     if not isinstance(var, Tensor):  # none, mean mode's probe, or unknown: the rules' way
-        return attach_variance(mem - threshold, var)
+        return attach_variance(mem - threshold, var, compiling=compiling)
     with torch._C.DisableTorchFunctionSubclass():
         u = mem - threshold
-    return attach_derived_variance(u, var, mem)
+    return attach_derived_variance(u, var, mem, compiling)
 
 
 def _compiled_copy_reset(mem: Tensor, stored: Tensor, spikes: Tensor,
@@ -848,11 +859,13 @@ def _aliases(a: Tensor, b: Tensor) -> bool:
         return False
 
 
-def _stored_variance(neuron: nn.Module, detached: bool = False):
+def _stored_variance(neuron: nn.Module, detached: bool = False,
+                     compiling: bool | None = None):
     """The variance of a neuron's plain membrane buffer: the stored ``V`` while ``mem`` is
     the membrane it belongs to (that tensor, or a ``detach()`` of it: truncated BPTT in
     an explicit loop), else ``None`` (a new membrane, e.g. ``init_leaky()``).
     ``detached``: without its graph where the membrane was detached since.
+    ``compiling``: whether a graph is traced, where the caller knows it.
 
     Raises:
         VarianceFlowError: the membrane was changed in place since the step that computed
@@ -863,10 +876,12 @@ def _stored_variance(neuron: nn.Module, detached: bool = False):
     if state is None or mem is None:
         return None
     stored, var, had_grad, version = state
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
     if mem is not stored:
         # a detach() of the stored membrane (checked in eager mode: a graph cannot compare
         # storages), also of one that a compiled step stored
-        if torch.compiler.is_compiling():
+        if compiling:
             return None
         if _copy_of(mem, stored):  # mem.clone(), mem + 0, a copy's own membrane
             return var.detach() if detached and isinstance(var, Tensor) else var
@@ -878,7 +893,8 @@ def _stored_variance(neuron: nn.Module, detached: bool = False):
                     raise _edited_membrane_error(neuron)
                 return None
             var, had_grad, version = record
-    if var is not None and version is not None and _version_of(mem) not in (None, version):
+    if (var is not None and version is not None
+            and _version_of(mem, compiling) not in (None, version)):
         # (without a variance, mean mode's included, there is none to lose: the step goes
         # on from the changed values, as in snnTorch)
         raise VarianceFlowError(

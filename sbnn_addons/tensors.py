@@ -43,10 +43,12 @@ class SpikeTensor(Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if any(not issubclass(cls, t) for t in types):
-            # another subclass takes part (a VarianceTensor: spikes + a Bayesian layer's
-            # output): it handles the call, else its state would be dropped silently
-            return NotImplemented
+        for t in types:  # a loop, not any(...): no generator per call
+            if not issubclass(cls, t):
+                # another subclass takes part (a VarianceTensor: spikes + a Bayesian
+                # layer's output): it handles the call, else its state would be dropped
+                # silently
+                return NotImplemented
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
 
