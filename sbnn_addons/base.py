@@ -360,6 +360,9 @@ _CHECK_FINITE = [True]
 #: Tensors found finite, with their ``_version`` then (weak keys: an entry goes with its
 #: tensor), so that a tensor fed to several layers is checked once.
 _CHECKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+#: The base last found finite (``(weakref to it, its _version)``): what ``_CHECKED`` holds
+#: for it, read without a weak-dictionary lookup for each step ``x[t]`` of a sequence.
+_LAST_BASE: list = [None]
 
 
 class check_finite:  # noqa: N801 (used as a function and as a context manager)
@@ -429,17 +432,23 @@ def check_input(x: Tensor, where: str) -> None:
         # under torch.func (vmap, grad): the values it wraps (a vmap's whole batch)
         x = torch._C._functorch.get_unwrapped(x)
     version = None if x.is_inference() else x._version  # inference tensors have none
+    base = x._base
+    if version is not None and base is not None:
+        last = _LAST_BASE[0]  # the base of the last view, found finite at this version
+        if last is not None and last[0]() is base and last[1] == version:
+            return
     if version is not None and _CHECKED.get(x) == version:
         return
-    base = x._base
     if version is not None and base is not None and base.is_floating_point():
         # a view (one step x[t] of a sequence, a batch of a dataset tensor): its base is
         # tested once per version (views share it), not each view, whose test is a
         # device sync each on a GPU; only a base that is not finite tests the view itself
         if _CHECKED.get(base) == version:
+            _LAST_BASE[0] = (weakref.ref(base), version)
             return
         if _sum_is_finite(base):
             _CHECKED[base] = version
+            _LAST_BASE[0] = (weakref.ref(base), version)
             return
     if not _sum_is_finite(x):
         with torch._C.DisableTorchFunction():  # no variance flow: plain reductions

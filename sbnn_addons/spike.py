@@ -54,7 +54,6 @@ from .moments import (
     VarianceFlowError,
     attach_variance,
     get_variance,
-    no_variance_flow,
     plain,
 )
 from .tensors import AUX_PULL_Z_MAX, aux_pull_gradient
@@ -425,10 +424,10 @@ class IWSTSpike(SBNNModule, nn.Module):
         """Sample spikes for drive ``u = membrane - threshold``."""
         if self._seeded_in_graph():
             return call_eagerly(self.forward, u)
-        with no_variance_flow():  # a dtype check: no variance flow
+        with torch._C.DisableTorchFunctionSubclass():  # a dtype check: no variance flow
             check_float("u", u)
         variance = self.noise_variance(u)
-        with no_variance_flow():
+        with torch._C.DisableTorchFunctionSubclass():  # no_variance_flow(), inline
             # the drive as a plain tensor: the kernel's autograd function runs its own
             # operations with torch functions enabled (no carrier overhead in them)
             return self.fire(plain(u), variance)
