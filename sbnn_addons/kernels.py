@@ -642,7 +642,8 @@ class FusedSpike(torch.autograd.Function):
 def fused_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
                 generator: torch.Generator | None = None,
                 aux_offset: float | None = None,
-                aux_var: bool = True, aux_pull: float = 0.0) -> Tensor | tuple[Tensor, Tensor]:
+                aux_var: bool = True, aux_pull: float = 0.0,
+                compiling: bool | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Spikes ``h = 1[U < Phi(u / sqrt(variance))]`` with the IW-ST backward of ``estimator``.
 
     Check :func:`can_fuse` first. Inputs of the wrong dtype or device raise ``TypeError``
@@ -665,16 +666,19 @@ def fused_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
         aux_pull: the backward also adds the auxiliary pull
             (:func:`~sbnn_addons.tensors.aux_pull_gradient`;
             :attr:`~sbnn_addons.IWSTSpike.aux_pull`).
+        compiling: whether a graph is traced, where the caller knows it.
 
     Returns:
         Spikes ``[*]``, float32, values in {0, 1}; with ``aux_offset``, the pair
         ``(spikes, sum_z2)``.
     """
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
     out = apply_function(FusedSpike, u, variance, _seed(generator), estimator, at_zero,
-                         aux_offset, bool(aux_var), float(aux_pull))
+                         aux_offset, bool(aux_var), float(aux_pull), compiling=compiling)
     spikes = out if aux_offset is None else out[0]
     # kept (saved by the node just recorded): a layer fed by the spikes saves them as they are
-    mark_binary(spikes, kept=spikes.requires_grad)
+    mark_binary(spikes, kept=spikes.requires_grad, compiling=compiling)
     return spikes if aux_offset is None else (spikes, out[1])
 
 

@@ -391,7 +391,8 @@ class _EmittedSpikeReset:
         is traced, where the caller knows it."""
         if compiling is None:
             compiling = torch.compiler.is_compiling()
-        self._sbnn_store_plain_spikes(compiling)
+        if self._buffers.get("spk") is not None:  # an RLeaky's spikes
+            self._sbnn_store_plain_spikes(compiling)
         mem = self._buffers.get("mem")
         if type(mem) is not VarianceTensor:
             drop_state(self, _STATE)
@@ -739,7 +740,10 @@ def _find_step_record(neuron: nn.Module, mem: Tensor) -> dict:
 
 
 def _step_record(neuron: nn.Module, mem: Tensor) -> dict:
-    return _step_records(neuron).setdefault(mem, {})
+    records = neuron.__dict__.get(_HISTORY)  # _step_records(neuron), inline
+    if records is None:
+        records = neuron.__dict__[_HISTORY] = WeakIdKeyDictionary()
+    return records.setdefault(mem, {})
 
 
 def _check_ddp_buffer_sync(neuron: nn.Module) -> None:
@@ -750,7 +754,7 @@ def _check_ddp_buffer_sync(neuron: nn.Module) -> None:
     membrane with their own inputs and noise variance (wrong results and gradients,
     without an error). A model converted by :func:`to_sbnn` and wrapped directly is
     spared (it names its neuron states to DDP as buffers to leave alone)."""
-    ddp_type = _ddp_type()
+    ddp_type = _DDP_TYPE[0] if _DDP_TYPE else _ddp_type()
     ddp = None if ddp_type is None else ddp_type._get_active_ddp_module()
     synced = None
     mem = neuron._buffers.get("mem")

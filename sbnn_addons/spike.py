@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
+from . import moments as _moments
 from .base import (
     SBNNModule,
     cached_tensor_test,
@@ -54,7 +55,6 @@ from .moments import (
     VarianceFlowError,
     attach_variance,
     get_variance,
-    plain,
 )
 from .tensors import AUX_PULL_Z_MAX, aux_pull_gradient
 
@@ -427,10 +427,13 @@ class IWSTSpike(SBNNModule, nn.Module):
         with torch._C.DisableTorchFunctionSubclass():  # a dtype check: no variance flow
             check_float("u", u)
         variance = self.noise_variance(u)
+        compiling = torch.compiler.is_compiling()
+        if _moments._OPEN_FLOWS:  # plain(u), inline: read on purpose (not reported)
+            _moments._note_read(u, _moments._CONSUMED, compiling)
         with torch._C.DisableTorchFunctionSubclass():  # no_variance_flow(), inline
             # the drive as a plain tensor: the kernel's autograd function runs its own
             # operations with torch functions enabled (no carrier overhead in them)
-            return self.fire(plain(u), variance)
+            return self.fire(_moments._plain(u, compiling=compiling), variance)
 
     def fire(self, u: Tensor, variance: Tensor | None) -> Tensor:
         """Sample spikes for drive ``u`` with an explicit noise ``variance`` (or ``None``).
@@ -470,7 +473,8 @@ class IWSTSpike(SBNNModule, nn.Module):
                                               self._generator_for(u, compiling),
                                               aux_offset=offset,
                                               aux_var=self.aux_std_grad,
-                                              aux_pull=self.aux_pull if pull else 0.0)
+                                              aux_pull=self.aux_pull if pull else 0.0,
+                                              compiling=compiling)
                     spikes, z2 = out if aux else (out, None)
                 if aux:
                     self._collect(z2, u)
