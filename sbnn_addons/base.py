@@ -295,8 +295,11 @@ def shared_square(owner: object, param: Tensor, std: Callable[[], Tensor],
             # a graph computes it once anyway
             or (torch.compiler.is_compiling() if compiling is None else compiling)
             # inside activation checkpointing: the recomputation runs outside the block,
-            # so the forward must record the same operations
-            or checkpoint_hooks_active()):
+            # so the forward must record the same operations (checkpoint_hooks_active(),
+            # inline)
+            or ((hooks := torch._C._autograd._top_saved_tensors_default_hooks(False))
+                is not None
+                and "checkpoint" in (getattr(hooks[0], "__module__", None) or ""))):
         return square(std())
     key = (torch.is_grad_enabled(), param.dtype, param.device,
            None if param.is_inference() else param._version)

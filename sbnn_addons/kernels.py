@@ -439,8 +439,11 @@ def _check(name: str, t: Tensor) -> None:
 
 
 def _layout(u: Tensor, variance: Tensor) -> tuple[Tensor, int, int]:
-    _check("u", u)
-    _check("variance", variance)
+    # _check of both, called where one fails (its message)
+    if not isinstance(u, Tensor) or u.dtype != torch.float32 or not u.is_cpu:
+        _check("u", u)
+    if not isinstance(variance, Tensor) or variance.dtype != torch.float32 or not variance.is_cpu:
+        _check("variance", variance)
     return _layout_of(u, variance)
 
 
@@ -493,7 +496,7 @@ def _forward_raw(u: Tensor, var: Tensor, mid: int, inner: int, seed: int, at_zer
         h, hb = torch.empty_like(u), torch.empty_like(u, dtype=torch.uint8)
     else:
         h, hb = out
-    aux = _require().sbnn_spike_forward(
+    aux = (_lib if _lib is not None else _require()).sbnn_spike_forward(
         u.data_ptr(), var.data_ptr(), mid, inner, h.data_ptr(),
         0 if hb is None else hb.data_ptr(), u.numel(), seed,
         int(at_zero), int(aux_offset is not None), float(aux_offset or 0.0),

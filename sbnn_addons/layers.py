@@ -658,7 +658,8 @@ def _check_like_weight(x: Tensor, module: nn.Module, layer: str) -> None:
     weight = module._parameters.get("weight")
     if weight is None:
         return
-    check_device(x, weight, layer, "its weights")
+    if x.device != weight.device:  # check_device's own test first: no call where equal
+        check_device(x, weight, layer, "its weights")
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(
             f"{layer} has {weight.dtype} weights but its input is {x.dtype}: convert the "
@@ -671,7 +672,8 @@ def _check_features(x: Tensor, expected: int, dim: int, layer: str,
     check_float("input", x)
     if module is not None:
         _check_like_weight(x, module, layer)
-    _refuse_noisy_input(x, layer, module)
+    if type(x) is VarianceTensor:  # _refuse_noisy_input's own test first
+        _refuse_noisy_input(x, layer, module)
     check_input(x, layer)
     if x.dim() == 0 or x.shape[dim] != expected:
         raise ValueError(

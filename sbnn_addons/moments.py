@@ -430,7 +430,10 @@ def _wrap(out: Tensor, variance, probe: bool = False, noise: NoiseSet | None = N
     else:
         if type(out) is not VarianceTensor:
             out.__class__ = VarianceTensor
-        _set_noise(out, noise)
+        if noise is None:  # _set_noise(out, noise), inline
+            out.__dict__.pop("noise", None)
+        else:
+            out.__dict__["noise"] = noise
         new = out
     new.variance = variance
     new.probe = probe

@@ -388,8 +388,9 @@ class IWSTSpike(SBNNModule, nn.Module):
                 "with sbnn_addons.moments.register_variance_rule, or exclude the layer.",
                 VarianceFlowError)
         with torch._C.DisableTorchFunctionSubclass():  # reads of u's device and dtype
-            check_device(u, self._parameters.get("std_rho", self._buffers.get("fixed_std")),
-                         type(self).__name__, "its noise std")
+            ref = self._parameters.get("std_rho", self._buffers.get("fixed_std"))
+            if ref is not None and u.device != ref.device:  # check_device's test first
+                check_device(u, ref, type(self).__name__, "its noise std")
             dtype = u.dtype
         own_var = self.own_noise_variance()
         if own_var is not None:
