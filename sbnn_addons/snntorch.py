@@ -117,6 +117,9 @@ _STATE = "_sbnn_state"  # (membrane, its variance, whether it required grad, its
 _HOST_SPIKE = "_sbnn_host_spike_grad"  # HostObject: the neuron's original spike_grad
 _BN_KIND = "_sbnn_batchnorm_kind"
 _HISTORY = "_sbnn_history"  # WeakIdKeyDictionary: membrane -> its step's records
+# (membrane, its records in _HISTORY) from the step's fire to its store (eager): the
+# store finds them without a second weak-dictionary lookup
+_LAST_RECORD = "_sbnn_last_record"
 _DDP_SYNC = "_sbnn_ddp_sync"  # DDP's buffer list at the neuron's last step (a sync marker)
 # version entries of a pickled _STATE: the copy adopts its membrane's counter / the
 # membrane was changed in place before the copy (its variance is unknown)
@@ -408,10 +411,14 @@ class _EmittedSpikeReset:
             cached = self.__dict__.get(_CACHE)
             if cached is not None and cached[0] is mem:  # either membrane may come back
                 self.__dict__[_CACHE] = (plain_mem, *cached[1:3], mem)
-        version = _version_of(plain_mem, compiling)
+        # _version_of(plain_mem, compiling), inline
+        version = None if compiling or plain_mem.is_inference() else plain_mem._version
         self.__dict__[_STATE] = (plain_mem, var, plain_mem.requires_grad, version)
         if not compiling:  # _recording_steps()
-            _step_record(self, plain_mem)["state"] = (var, plain_mem.requires_grad, version)
+            last = self.__dict__.pop(_LAST_RECORD, None)  # the records the fire found
+            record = (last[1] if last is not None and last[0] is plain_mem
+                      else _step_record(self, plain_mem))
+            record["state"] = (var, plain_mem.requires_grad, version)
 
     def _sbnn_store_plain_spikes(self, compiling: bool | None = None) -> None:
         """An ``RLeaky``'s ``spk`` buffer as a plain tensor: in eager mode the spikes are
@@ -492,6 +499,7 @@ class _EmittedSpikeReset:
         # membrane is still the one its variance belongs to, and let the copy adopt it
         state = super().__getstate__()  # nn.Module's: a copy of __dict__
         state.pop(_HISTORY, None)  # earlier steps' records: a copy continues from the last
+        state.pop(_LAST_RECORD, None)
         state.pop(_DDP_SYNC, None)
         stored = state.get(_STATE)
         if stored is not None and stored[3] is not None:
@@ -556,7 +564,9 @@ class _EmittedSpikeReset:
         mark = _fire_mark(mem, compiling)
         self.__dict__[_CACHE] = (mem, spikes, mark)
         if not compiling:  # _recording_steps()
-            _step_record(self, mem)["spikes"] = (spikes, mark)
+            record = _step_record(self, mem)
+            record["spikes"] = (spikes, mark)
+            self.__dict__[_LAST_RECORD] = (mem, record)  # for the step's _sbnn_store
 
     def _unit_spike_factor(self, compiling: bool | None = None) -> bool:
         """Whether ``graded_spikes_factor`` is a constant 1 (checked once per value of the
@@ -836,7 +846,12 @@ def _unchanged(t: Tensor, mark: int | Tensor | None, compiling: bool | None = No
     """Whether ``t`` is unchanged in place since it had the :func:`_fire_mark` ``mark``
     (``None``, or values to compare: taken as unchanged here). ``compiling``: whether a
     graph is traced, where the caller knows it."""
-    return not isinstance(mark, int) or _version_of(t, compiling) in (None, mark)
+    if not isinstance(mark, int):
+        return True
+    # _version_of(t, compiling), inline
+    if (torch.compiler.is_compiling() if compiling is None else compiling) or t.is_inference():
+        return True
+    return t._version == mark
 
 
 def _copy_of(mem: Tensor, stored: Tensor) -> bool:

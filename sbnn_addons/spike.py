@@ -423,7 +423,7 @@ class IWSTSpike(SBNNModule, nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, u: Tensor) -> Tensor:
         """Sample spikes for drive ``u = membrane - threshold``."""
-        if self._seeded_in_graph():
+        if self._seed is not None and self._seeded_in_graph():  # (False without a seed)
             return call_eagerly(self.forward, u)
         with torch._C.DisableTorchFunctionSubclass():  # a dtype check: no variance flow
             check_float("u", u)
@@ -443,7 +443,7 @@ class IWSTSpike(SBNNModule, nn.Module):
             u: drive ``mu - theta``, shape ``[*]``.
             variance: noise variance broadcastable to ``u``, or ``None`` for zero noise.
         """
-        if self._seeded_in_graph():
+        if self._seed is not None and self._seeded_in_graph():  # (False without a seed)
             return call_eagerly(self.fire, u, variance)
         compiling = torch.compiler.is_compiling()
         if (variance is not None and variance.shape != u.shape
