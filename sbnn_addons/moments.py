@@ -470,7 +470,7 @@ def plain_in_place(t: Tensor, compiling: bool | None = None) -> Tensor:
     """``t`` as a plain tensor: ``t`` itself in eager mode (it drops its variance), an
     alias under ``torch.compile`` (``compiling``: whether a graph is traced, where the
     caller knows it)."""
-    if _OPEN_FLOWS:  # dropped on purpose (a readout): not reported
+    if _OPEN_FLOWS and type(t) is VarianceTensor:  # dropped on purpose: not reported
         _note_read(t, _CONSUMED, compiling)
     return _plain(t, in_place=True, compiling=compiling)
 
@@ -532,7 +532,13 @@ def attach_derived_variance(mean: Tensor, variance: Tensor | ScaledVariance,
     """
     if compiling is None:
         compiling = torch.compiler.is_compiling()
-    return _wrap(mean, variance, noise=_noise_of(source, compiling), compiling=compiling)
+    noise = None  # _noise_of(source, compiling), inline
+    if (type(source) is VarianceTensor and (source.variance is not None or source.probe)
+            and not compiling):
+        noise = source.__dict__.get("noise")
+        if noise is None:
+            noise = source.__dict__["noise"] = NoiseSet.leaf()
+    return _wrap(mean, variance, noise=noise, compiling=compiling)
 
 
 def get_variance(tensor: Tensor, *,
@@ -555,8 +561,10 @@ def get_variance(tensor: Tensor, *,
                 "tensor (a converted snnTorch neuron's membrane variance is "
                 "sbnn_addons.snntorch.membrane_variance(neuron))")
         return None
-    if _OPEN_FLOWS:
-        _note_read(tensor, _CONSUMED, compiling)
+    if _OPEN_FLOWS and not (torch.compiler.is_compiling() if compiling is None else compiling):
+        nset = tensor.__dict__.get("noise")  # _note_read(tensor, _CONSUMED), inline
+        if nset is not None:
+            _CONSUMED.append(nset)
     var = tensor.variance
     return var.value() if isinstance(var, ScaledVariance) else var
 

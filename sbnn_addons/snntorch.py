@@ -96,6 +96,7 @@ from .spike import (
     relative_spike_std,
 )
 from .surgery import replace_modules
+from .tensors import SpikeTensor
 
 __all__ = [
     "membrane_variance",
@@ -133,7 +134,9 @@ def _host_spike_dtype(spikes: Tensor) -> Tensor:
     float32, as in the host model. Otherwise (a model cast to bfloat16 / float16, or
     float32 and float64 spikes) they keep their dtype, so the next layer, of the model's
     dtype, takes them."""
-    if (spikes.dtype in (torch.float16, torch.bfloat16)
+    with torch._C.DisableTorchFunctionSubclass():  # an attribute read: no subclass call
+        dtype = spikes.dtype
+    if (dtype in (torch.float16, torch.bfloat16)
             and torch.is_autocast_enabled(spikes.device.type)):
         return spikes.float()
     return spikes
@@ -383,7 +386,11 @@ class _EmittedSpikeReset:
     def forward(self, *args, **kwargs):
         compiling = torch.compiler.is_compiling()
         if not compiling:
-            _check_ddp_buffer_sync(self)
+            ddp_type = _DDP_TYPE[0] if _DDP_TYPE else _ddp_type()
+            if ddp_type is None or ddp_type._get_active_ddp_module() is None:
+                self.__dict__[_DDP_SYNC] = None  # _check_ddp_buffer_sync without DDP
+            else:
+                _check_ddp_buffer_sync(self)
         out = super().forward(*args, **kwargs)
         self._sbnn_store(compiling)
         return out
@@ -558,7 +565,11 @@ class _EmittedSpikeReset:
         the membrane's :func:`_fire_mark`: once it is changed in place
         (``mem.mul_(mask)``), they are not its reset any more. ``compiling``: whether a
         graph is traced, where the caller knows it."""
-        spikes = raw.detach().clone()
+        if type(raw) is SpikeTensor:  # its __torch_function__ runs this, without the call
+            with torch._C.DisableTorchFunctionSubclass():
+                spikes = raw.detach().clone()
+        else:
+            spikes = raw.detach().clone()
         if compiling is None:
             compiling = torch.compiler.is_compiling()
         mark = _fire_mark(mem, compiling)
