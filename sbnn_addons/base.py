@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .tensors import is_binary
+from .tensors import SpikeTensor
 
 __all__ = [
     "SBNNModule", "MODES", "inverse_softplus", "check_std", "share_posterior", "check_finite",
@@ -429,7 +429,8 @@ def check_input(x: Tensor, where: str) -> None:
                                 f"the input of {where} contains NaN or inf values; clean or "
                                 "normalise the data, or use sbnn_addons.check_finite(False)")
         return
-    if is_binary(x, compiling):  # spikes: 0 and 1 only
+    # is_binary(x), inline (eager): spikes, 0 and 1 only
+    if type(x) is SpikeTensor and x.marked_version == x._version:
         return
     while torch._C._functorch.is_functorch_wrapped_tensor(x):
         # under torch.func (vmap, grad): the values it wraps (a vmap's whole batch)

@@ -63,6 +63,7 @@ from .moments import (
     noise_sources,
     raw_variance,
 )
+from .tensors import SpikeTensor
 
 __all__ = [
     "share_posterior",  # re-exported from .base
@@ -439,7 +440,8 @@ class _BayesMixin(SBNNModule):
         self._guard_forward_hooks(compiling)
         if self._noise_free():
             return attach_variance(mean, None, compiling=compiling)
-        binary = is_binary(x, compiling)
+        # is_binary(x, compiling), inline
+        binary = type(x) is SpikeTensor and not compiling and x.marked_version == x._version
         x_in = x.detach() if self.detach_input_variance else x
         if binary and x_in is not x:  # the detached view holds the same spikes
             mark_binary(x_in, is_kept(x))

@@ -239,13 +239,16 @@ def new_draw(out: Tensor, layer: nn.Module, compiling: bool | None = None) -> Te
     graph is traced, where the caller knows it."""
     if type(out) is VarianceTensor and not (
             torch.compiler.is_compiling() if compiling is None else compiling):
-        leaf = NoiseSet.leaf()
+        token = next(_NOISE_TOKENS)  # NoiseSet.leaf(), inline
+        leaf = NoiseSet(token, token, None)
         out.__dict__["noise"] = leaf
-        layer.__dict__["_sbnn_draw"] = leaf.lo
+        layer.__dict__["_sbnn_draw"] = token
         if _OPEN_FLOWS and out.variance is not None:
             # for _check_dropped_noise (with the torch.func level the layer ran at; the
-            # mean's autograd node, None without gradients)
-            _DRAWN.append((layer, leaf.lo, out.grad_fn, _functorch_level()))
+            # mean's autograd node, None without gradients; _functorch_level(), inline)
+            level = (0 if not torch._C._are_functorch_transforms_active()
+                     else torch._C._functorch.maybe_current_level() or 0)
+            _DRAWN.append((layer, token, out.grad_fn, level))
     return out
 
 

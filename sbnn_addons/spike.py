@@ -39,7 +39,6 @@ from .base import (
     noise_scale,
     raise_error,
     shared_square,
-    variance_dtype,
 )
 from .estimators import BernoulliSpike, Estimator, _standard_normal, get_estimator
 from .functional import (
@@ -394,7 +393,8 @@ class IWSTSpike(SBNNModule, nn.Module):
             dtype = u.dtype
         own_var = self.own_noise_variance()
         if own_var is not None:
-            own_var = own_var.to(variance_dtype(dtype))  # float16: float32
+            # variance_dtype(dtype), inline: float16 -> float32
+            own_var = own_var.to(torch.float32 if dtype == torch.float16 else dtype)
             var = own_var if var is None else var + own_var
         return var
 
@@ -453,7 +453,13 @@ class IWSTSpike(SBNNModule, nn.Module):
                 f"to the drive u of shape {tuple(u.shape)}"
             )
         if not self.deterministic:
-            fused_var = _fused_variance(u, variance)
+            # _fused_variance(u, variance), inline
+            if u.dtype != torch.float32 or not u.is_cpu:
+                fused_var = None
+            elif variance is None:
+                fused_var = torch.zeros((), dtype=u.dtype)
+            else:
+                fused_var = variance.to(u.dtype)
             # in a compiled graph the kernel runs as custom ops (the global RNG)
             compiled = (compiling and fused_var is not None
                         and self._seed is None and kernels.can_fuse_compiled(u, fused_var))
