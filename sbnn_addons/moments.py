@@ -1894,8 +1894,8 @@ def _drop_aborted_aux_terms(root: nn.Module) -> None:
 def _probe_source(module, args, output):
     """Forward hook of a Bayesian layer: in ``mean`` mode its output carries no variance;
     mark it with the probe if the layer is noisy in ``sample`` mode."""
-    if (isinstance(output, Tensor) and module.deterministic
-            and type(output) is not VarianceTensor and _noisy_in_sample_mode(module)):
+    if (isinstance(output, Tensor) and type(output) is not VarianceTensor
+            and module.deterministic and _noisy_in_sample_mode(module)):
         return new_draw(_wrap(output, None, True), module)
     return None
 

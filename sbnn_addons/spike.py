@@ -44,7 +44,6 @@ from .estimators import BernoulliSpike, Estimator, _standard_normal, get_estimat
 from .functional import (
     SIGMA_MIN,
     apply_function,
-    broadcasts_to,
     check_float,
     mark_binary,
     safe_sqrt,
@@ -55,7 +54,7 @@ from .moments import (
     attach_variance,
     get_variance,
 )
-from .tensors import AUX_PULL_Z_MAX, aux_pull_gradient
+from .tensors import AUX_PULL_Z_MAX, _broadcasts, _broadcasts_cached, aux_pull_gradient
 
 __all__ = ["IWSTSpike", "seed_spikes", "recomputing_forward", "DEFAULT_SPIKE_STD",
            "CONVERTED_SPIKE_STD", "DEFAULT_AUX_PULL", "AUX_PULL_Z_MAX", "aux_pull_gradient"]
@@ -447,7 +446,9 @@ class IWSTSpike(SBNNModule, nn.Module):
             return call_eagerly(self.fire, u, variance)
         compiling = torch.compiler.is_compiling()
         if (variance is not None and variance.shape != u.shape
-                and not broadcasts_to(variance.shape, u.shape, compiling)):
+                # broadcasts_to(variance.shape, u.shape, compiling), inline
+                and not (_broadcasts(tuple(variance.shape), tuple(u.shape)) if compiling
+                         else _broadcasts_cached(variance.shape, u.shape))):
             raise ValueError(
                 f"the variance of shape {tuple(variance.shape)} does not broadcast "
                 f"to the drive u of shape {tuple(u.shape)}"
