@@ -1628,7 +1628,7 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
             m.__class__ = _TO_PLAIN[type(m)]
             _unlink_state_update(m)
             host = m.__dict__.pop(_HOST_SPIKE, None)
-            for key in (_CACHE, _STATE, "_sbnn_unit"):
+            for key in (_CACHE, _STATE, "_sbnn_unit", _LAST_RECORD):
                 m.__dict__.pop(key, None)
             m._modules.pop("spike_grad", None)
             fn = spike_grad
