@@ -392,17 +392,6 @@ def _plain_args(value):
     return value
 
 
-def _exporting() -> bool:
-    """Whether ``torch.export`` is tracing.
-
-    Reads the flag that export sets: Dynamo before PyTorch 2.13 folds
-    ``torch.compiler.is_exporting()`` to ``True`` under every ``torch.compile`` (so a
-    compiled ``sample``-mode step would be refused as an export).
-    """
-    flag = getattr(torch.compiler, "_is_exporting_flag", None)
-    return torch.compiler.is_exporting() if flag is None else bool(flag)
-
-
 def _wrap(out: Tensor, variance, probe: bool = False, noise: NoiseSet | None = None,
           compiling: bool | None = None) -> Tensor:
     """``out`` as a :class:`VarianceTensor` carrying ``variance`` (a plain tensor where it
@@ -416,7 +405,9 @@ def _wrap(out: Tensor, variance, probe: bool = False, noise: NoiseSet | None = N
     """
     if variance is None and not probe:
         return _plain(out, in_place=True, compiling=compiling)
-    # torch.export (_exporting(), inline): the deterministic network only
+    # torch.export: the deterministic network only. The flag that export sets is read:
+    # Dynamo before PyTorch 2.13 folds torch.compiler.is_exporting() to True under every
+    # torch.compile (a compiled sample-mode step would be refused as an export)
     flag = getattr(torch.compiler, "_is_exporting_flag", None)
     if torch.compiler.is_exporting() if flag is None else flag:
         if variance is None:  # mean mode's probe: nothing to check in an exported graph

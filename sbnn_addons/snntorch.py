@@ -421,7 +421,7 @@ class _EmittedSpikeReset:
         # _version_of(plain_mem, compiling), inline
         version = None if compiling or plain_mem.is_inference() else plain_mem._version
         self.__dict__[_STATE] = (plain_mem, var, plain_mem.requires_grad, version)
-        if not compiling:  # _recording_steps()
+        if not compiling:  # steps are recorded per membrane in eager mode only
             last = self.__dict__.pop(_LAST_RECORD, None)  # the records the fire found
             record = (last[1] if last is not None and last[0] is plain_mem
                       else _step_record(self, plain_mem))
@@ -574,7 +574,7 @@ class _EmittedSpikeReset:
             compiling = torch.compiler.is_compiling()
         mark = _fire_mark(mem, compiling)
         self.__dict__[_CACHE] = (mem, spikes, mark)
-        if not compiling:  # _recording_steps()
+        if not compiling:  # steps are recorded per membrane in eager mode only
             record = _step_record(self, mem)
             record["spikes"] = (spikes, mark)
             self.__dict__[_LAST_RECORD] = (mem, record)  # for the step's _sbnn_store
@@ -726,12 +726,6 @@ def _check_passed_membrane(neuron: nn.Module, mem: Tensor) -> None:
             "sbnn_addons.moments.register_variance_rule, or start a new sequence with a new "
             "membrane (mem = lif.init_leaky()) instead of changing it", VarianceFlowError)
 
-
-
-def _recording_steps() -> bool:
-    """Whether steps are recorded per membrane: in eager mode (a compiled graph keeps the
-    last step's state only)."""
-    return not torch.compiler.is_compiling()
 
 
 def _step_records(neuron: nn.Module) -> WeakIdKeyDictionary:

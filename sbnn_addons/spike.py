@@ -454,7 +454,8 @@ class IWSTSpike(SBNNModule, nn.Module):
                 f"to the drive u of shape {tuple(u.shape)}"
             )
         if not self.deterministic:
-            # _fused_variance(u, variance), inline
+            # the variance as the fused kernel takes it (float32, broadcastable to u), or
+            # None where the kernel cannot serve u
             if u.dtype != torch.float32 or not u.is_cpu:
                 fused_var = None
             elif variance is None:
@@ -722,16 +723,6 @@ _SEEDED_UNDER_COMPILE = (
     "generator (torch.manual_seed) instead, or compile without fullgraph=True (the seeded "
     "draws then run eagerly, between graphs)"
 )
-
-
-def _fused_variance(u: Tensor, variance: Tensor | None) -> Tensor | None:
-    """The variance as the fused kernel takes it (float32, broadcastable to ``u``), or
-    ``None`` where the kernel cannot serve ``u``."""
-    if u.dtype != torch.float32 or not u.is_cpu:
-        return None
-    if variance is None:
-        return torch.zeros((), dtype=u.dtype)
-    return variance.to(u.dtype)
 
 
 def check_seed(seed, name: str = "seed") -> int | None:
