@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .tensors import is_binary
+from .tensors import SpikeTensor
 
 __all__ = [
     "SBNNModule", "MODES", "inverse_softplus", "check_std", "share_posterior", "check_finite",
@@ -71,7 +71,8 @@ def drop_state(obj: object, *keys: str) -> None:
 
 
 def cached_tensor_test(owner: object, name: str, tensor: Tensor,
-                       test: Callable[[Tensor], bool], assume: bool = True) -> bool:
+                       test: Callable[[Tensor], bool], assume: bool = True,
+                       compiling: bool | None = None) -> bool:
     """``test(tensor)`` of a small buffer (a std, a spike factor) at every step; on an
     accelerator cached in ``owner.__dict__[name]`` until the tensor's storage or version
     changes, so that a step does not wait for the device.
@@ -80,8 +81,9 @@ def cached_tensor_test(owner: object, name: str, tensor: Tensor,
     bumps no version, is seen). On the ``meta`` device, under ``torch.compile`` and under
     ``torch.func`` transforms (no values, or no data-dependent branch) it returns
     ``assume``: the caller passes the answer that takes its general code path.
+    ``compiling``: whether a graph is traced, where the caller knows it.
     """
-    if (tensor.is_meta or torch.compiler.is_compiling()
+    if (tensor.is_meta or (torch.compiler.is_compiling() if compiling is None else compiling)
             or torch._C._functorch.is_functorch_wrapped_tensor(tensor)):  # vmap: no values
         return assume
     if tensor.is_cpu or tensor.is_inference():  # inference tensors have no version
@@ -278,20 +280,26 @@ def square(std: Tensor) -> Tensor:
     return std * std
 
 
-def shared_square(owner: object, param: Tensor, std: Callable[[], Tensor]) -> Tensor:
+def shared_square(owner: object, param: Tensor, std: Callable[[], Tensor],
+                  compiling: bool | None = None) -> Tensor:
     """``std() ** 2`` (:func:`square`: float32 for a float16 std), computed once per
     :func:`share_posterior` block for ``owner``.
 
     Outside a block it is computed at every call. Inside, the value is kept under
     ``owner``'s identity, the grad mode and ``param``'s identity, dtype, device and version
     (the tensor ``std`` is computed from), so a changed, moved or swapped parameter is
-    recomputed.
+    recomputed. ``compiling``: whether a graph is traced, where the caller knows it.
     """
     cache = _SHARED[0]
-    if (cache is None or torch.compiler.is_compiling()  # a graph computes it once anyway
+    if (cache is None
+            # a graph computes it once anyway
+            or (torch.compiler.is_compiling() if compiling is None else compiling)
             # inside activation checkpointing: the recomputation runs outside the block,
-            # so the forward must record the same operations
-            or checkpoint_hooks_active()):
+            # so the forward must record the same operations (checkpoint_hooks_active(),
+            # inline)
+            or ((hooks := torch._C._autograd._top_saved_tensors_default_hooks(False))
+                is not None
+                and "checkpoint" in (getattr(hooks[0], "__module__", None) or ""))):
         return square(std())
     key = (torch.is_grad_enabled(), param.dtype, param.device,
            None if param.is_inference() else param._version)
@@ -320,10 +328,11 @@ def checkpoint_hooks_active() -> bool:
     return "checkpoint" in (getattr(hooks[0], "__module__", None) or "")
 
 
-def in_reentrant_recomputation() -> bool:
+def in_reentrant_recomputation(compiling: bool | None = None) -> bool:
     """Whether this call runs in the recomputation of a reentrant ``torch.utils.checkpoint``
-    region (``use_reentrant=True``), which runs inside its backward node. Eager mode only."""
-    if torch.compiler.is_compiling():
+    region (``use_reentrant=True``), which runs inside its backward node. Eager mode only.
+    ``compiling``: whether a graph is traced, where the caller knows it."""
+    if torch.compiler.is_compiling() if compiling is None else compiling:
         return False
     current = torch._C._current_autograd_node()
     return current is not None and current.name() == "CheckpointFunctionBackward"
@@ -354,6 +363,9 @@ _CHECK_FINITE = [True]
 #: Tensors found finite, with their ``_version`` then (weak keys: an entry goes with its
 #: tensor), so that a tensor fed to several layers is checked once.
 _CHECKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+#: The base last found finite (``(weakref to it, its _version)``): what ``_CHECKED`` holds
+#: for it, read without a weak-dictionary lookup for each step ``x[t]`` of a sequence.
+_LAST_BASE: list = [None]
 
 
 class check_finite:  # noqa: N801 (used as a function and as a context manager)
@@ -415,7 +427,8 @@ def check_input(x: Tensor, where: str, *, nan_only: bool = False) -> None:
     if (not _CHECK_FINITE[0] or not isinstance(x, Tensor) or not x.is_floating_point()
             or x.is_meta):  # a meta tensor has no values to check
         return
-    if torch.compiler.is_compiling():  # no data-dependent branch in a graph: a runtime assert
+    compiling = torch.compiler.is_compiling()
+    if compiling:  # no data-dependent branch in a graph: a runtime assert
         with torch._C.DisableTorchFunctionSubclass():
             if nan_only:
                 torch._assert_async(~torch.isnan(x.detach()).any(), _nan_message(where))
@@ -425,7 +438,8 @@ def check_input(x: Tensor, where: str, *, nan_only: bool = False) -> None:
                     f"the input of {where} contains NaN or inf values; clean or normalise "
                     "the data, or use sbnn_addons.check_finite(False)")
         return
-    if is_binary(x):  # spikes: 0 and 1 only
+    # is_binary(x), inline (eager): spikes, 0 and 1 only
+    if type(x) is SpikeTensor and x.marked_version == x._version:
         return
     while torch._C._functorch.is_functorch_wrapped_tensor(x):
         # under torch.func (vmap, grad): the values it wraps (a vmap's whole batch)
@@ -438,17 +452,23 @@ def check_input(x: Tensor, where: str, *, nan_only: bool = False) -> None:
                                  f"{tuple(x.shape)})")
         return
     version = None if x.is_inference() else x._version  # inference tensors have none
+    base = x._base
+    if version is not None and base is not None:
+        last = _LAST_BASE[0]  # the base of the last view, found finite at this version
+        if last is not None and last[0]() is base and last[1] == version:
+            return
     if version is not None and _CHECKED.get(x) == version:
         return
-    base = x._base
     if version is not None and base is not None and base.is_floating_point():
         # a view (one step x[t] of a sequence, a batch of a dataset tensor): its base is
         # tested once per version (views share it), not each view, whose test is a
         # device sync each on a GPU; only a base that is not finite tests the view itself
         if _CHECKED.get(base) == version:
+            _LAST_BASE[0] = (weakref.ref(base), version)
             return
         if _sum_is_finite(base):
             _CHECKED[base] = version
+            _LAST_BASE[0] = (weakref.ref(base), version)
             return
     if not _sum_is_finite(x):
         with torch._C.DisableTorchFunction():  # no variance flow: plain reductions

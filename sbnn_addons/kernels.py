@@ -231,9 +231,9 @@ def use_kernels(flag: bool) -> Iterator[None]:
         _enabled = previous
 
 
-def can_fuse(u: Tensor, variance: Tensor) -> bool:
+def can_fuse(u: Tensor, variance: Tensor, compiling: bool | None = None) -> bool:
     """Whether :func:`fused_spike` serves this drive and variance (``variance`` must
-    broadcast to ``u``)."""
+    broadcast to ``u``). ``compiling``: whether a graph is traced, where the caller knows it."""
     return (
         _enabled
         and u.dtype == torch.float32
@@ -241,7 +241,7 @@ def can_fuse(u: Tensor, variance: Tensor) -> bool:
         and u.is_cpu
         and variance.is_cpu
         and not torch._C._are_functorch_transforms_active()
-        and not torch.compiler.is_compiling()
+        and not (torch.compiler.is_compiling() if compiling is None else compiling)
         and (_lib is not None or _load() is not None)
     )
 
@@ -439,8 +439,11 @@ def _check(name: str, t: Tensor) -> None:
 
 
 def _layout(u: Tensor, variance: Tensor) -> tuple[Tensor, int, int]:
-    _check("u", u)
-    _check("variance", variance)
+    # _check of both, called where one fails (its message)
+    if not isinstance(u, Tensor) or u.dtype != torch.float32 or not u.is_cpu:
+        _check("u", u)
+    if not isinstance(variance, Tensor) or variance.dtype != torch.float32 or not variance.is_cpu:
+        _check("variance", variance)
     return _layout_of(u, variance)
 
 
@@ -493,7 +496,7 @@ def _forward_raw(u: Tensor, var: Tensor, mid: int, inner: int, seed: int, at_zer
         h, hb = torch.empty_like(u), torch.empty_like(u, dtype=torch.uint8)
     else:
         h, hb = out
-    aux = _require().sbnn_spike_forward(
+    aux = (_lib if _lib is not None else _require()).sbnn_spike_forward(
         u.data_ptr(), var.data_ptr(), mid, inner, h.data_ptr(),
         0 if hb is None else hb.data_ptr(), u.numel(), seed,
         int(at_zero), int(aux_offset is not None), float(aux_offset or 0.0),
@@ -642,7 +645,8 @@ class FusedSpike(torch.autograd.Function):
 def fused_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
                 generator: torch.Generator | None = None,
                 aux_offset: float | None = None,
-                aux_var: bool = True, aux_pull: float = 0.0) -> Tensor | tuple[Tensor, Tensor]:
+                aux_var: bool = True, aux_pull: float = 0.0,
+                compiling: bool | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Spikes ``h = 1[U < Phi(u / sqrt(variance))]`` with the IW-ST backward of ``estimator``.
 
     Check :func:`can_fuse` first. Inputs of the wrong dtype or device raise ``TypeError``
@@ -665,16 +669,19 @@ def fused_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
         aux_pull: the backward also adds the auxiliary pull
             (:func:`~sbnn_addons.tensors.aux_pull_gradient`;
             :attr:`~sbnn_addons.IWSTSpike.aux_pull`).
+        compiling: whether a graph is traced, where the caller knows it.
 
     Returns:
         Spikes ``[*]``, float32, values in {0, 1}; with ``aux_offset``, the pair
         ``(spikes, sum_z2)``.
     """
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
     out = apply_function(FusedSpike, u, variance, _seed(generator), estimator, at_zero,
-                         aux_offset, bool(aux_var), float(aux_pull))
+                         aux_offset, bool(aux_var), float(aux_pull), compiling=compiling)
     spikes = out if aux_offset is None else out[0]
     # kept (saved by the node just recorded): a layer fed by the spikes saves them as they are
-    mark_binary(spikes, kept=spikes.requires_grad)
+    mark_binary(spikes, kept=spikes.requires_grad, compiling=compiling)
     return spikes if aux_offset is None else (spikes, out[1])
 
 

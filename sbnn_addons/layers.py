@@ -64,6 +64,7 @@ from .moments import (
     raw_variance,
 )
 from .optim import register_noise_owner
+from .tensors import SpikeTensor
 
 __all__ = [
     "share_posterior",  # re-exported from .base
@@ -302,10 +303,15 @@ class _BayesMixin(SBNNModule):
                 "(to_sbnn), or load a checkpoint of the converted model", UserWarning,
                 stacklevel=4 + prefix.count("."))  # the caller of load_state_dict
 
-    def _std_squared(self) -> Tensor:
-        """``s^2``, computed once per :func:`share_posterior` block (else at every call)."""
-        param = self.std_rho if self.learn_std else self.fixed_std
-        return shared_square(self, param, lambda: self.std)
+    def _std_squared(self, compiling: bool | None = None) -> Tensor:
+        """``s^2``, computed once per :func:`share_posterior` block (else at every call).
+        ``compiling``: whether a graph is traced, where the caller knows it."""
+        if self.learn_std:  # read from _parameters, without nn.Module.__getattr__
+            params = self._parameters
+            param = params["std_rho"] if "std_rho" in params else self.std_rho
+        else:
+            param = self.fixed_std
+        return shared_square(self, param, lambda: self.std, compiling)
 
     @property
     def std(self) -> Tensor:
@@ -336,7 +342,7 @@ class _BayesMixin(SBNNModule):
             return apply_function(_BinaryInputOp, x, weight, bias, self)
         return self._plain_op(x, weight, bias)
 
-    def _check_std_trained(self) -> None:
+    def _check_std_trained(self, compiling: bool | None = None) -> None:
         """Warn (once per layer) when an optimiser steps the weight but not the noise
         scale ``std_rho``: one built before ``to_sbnn(model, inplace=True)`` holds the
         weight (kept by the conversion) and not the new ``std_rho``, which then never
@@ -352,13 +358,18 @@ class _BayesMixin(SBNNModule):
         In ``mean`` mode (no noise, so no gradient for ``std_rho``) the same step warns
         that the network trains as a deterministic one: the mode is pickled with the
         model, so a model saved in ``mean`` mode resumes training in it.
+        ``compiling``: whether a graph is traced, where the caller knows it.
         """
         if (not self.learn_std or not self.training or not torch.is_grad_enabled()
-                or torch.compiler.is_compiling() or "_sbnn_std_warned" in self.__dict__):
+                or (torch.compiler.is_compiling() if compiling is None else compiling)
+                or "_sbnn_std_warned" in self.__dict__):
             return
         # the stepped tensor: a pruned or weight-normed weight is recomputed at every
-        # forward, a new tensor each time
-        weight, rho = _stepped_weight(self), self.std_rho
+        # forward, a new tensor each time (parameters read from _parameters, without
+        # nn.Module.__getattr__, where they are there)
+        weight = _stepped_weight(self)
+        params = self._parameters
+        rho = params["std_rho"] if "std_rho" in params else self.std_rho
         if not rho.requires_grad or rho.is_inference() or weight.is_inference():
             return
         now = (id(weight), weight._version, id(rho), rho._version)
@@ -402,13 +413,13 @@ class _BayesMixin(SBNNModule):
             self._guard_forward_hooks()
         return handle
 
-    def _guard_forward_hooks(self) -> None:
+    def _guard_forward_hooks(self, compiling: bool | None = None) -> None:
         """Where the layer has forward hooks of its user (not the variance flow's own, a
         global one of ``register_module_forward_hook`` included), make
         :func:`_variance_kept` the last of them, so that it sees the output every hook
         left. Run where a hook is registered, and in the forward: the hooks run after it
-        (eager mode only)."""
-        if torch.compiler.is_compiling():
+        (eager mode only). ``compiling``: whether a graph is traced, where the caller knows it."""
+        if torch.compiler.is_compiling() if compiling is None else compiling:
             return
         hooks = self._forward_hooks
         global_hooks = torch.nn.modules.module._global_forward_hooks
@@ -419,40 +430,47 @@ class _BayesMixin(SBNNModule):
             if next(reversed(hooks)) != key:
                 hooks.move_to_end(key)
             return
-        if not global_hooks and all(getattr(h, "__module__", None) == "sbnn_addons.moments"
-                                    for h in hooks.values()):
-            return
+        if not global_hooks:
+            for h in hooks.values():  # a loop, not all(...): no generator per forward
+                if getattr(h, "__module__", None) != "sbnn_addons.moments":
+                    break
+            else:  # only the variance flow's own hooks
+                return
         self.__dict__["_variance_guard_key"] = self.register_forward_hook(_variance_kept).id
 
     def _attach(self, mean: Tensor, x: Tensor) -> Tensor:
-        self._check_std_trained()
-        self._guard_forward_hooks()
+        compiling = torch.compiler.is_compiling()  # once: the helpers take it
+        self._check_std_trained(compiling)
+        self._guard_forward_hooks(compiling)
         if self._noise_free():
-            return attach_computed_variance(mean, None)
-        binary = is_binary(x)
+            return attach_computed_variance(mean, None, compiling=compiling)
+        # is_binary(x, compiling), inline
+        binary = type(x) is SpikeTensor and not compiling and x.marked_version == x._version
         x_in = x.detach() if self.detach_input_variance else x
         if binary and x_in is not x:  # the detached view holds the same spikes
             mark_binary(x_in, is_kept(x))
         # x^2 = x holds for the values of spikes, not for their gradient (2x): spikes whose
         # gradient flows through the variance path (detach_input_variance=False) are squared
         binary = binary and not (x_in.requires_grad and torch.is_grad_enabled())
-        s2 = self._std_squared()
+        s2 = self._std_squared(compiling)
         mask = self._pruning_mask()
         if mask is not None:  # torch.nn.utils.prune: a removed weight has no noise either
             with _no_half_autocast(x_in):
                 var = self._masked_variance(x_in, binary, s2, mask)
             if self.bias_noise:
                 var = var + self._bias_variance()
-            return new_draw(attach_computed_variance(mean, var), self)
+            return new_draw(attach_computed_variance(mean, var, compiling=compiling), self,
+                            compiling)
         if self._factored():  # s^2 F kept factored through the variance flow
             field = self._input_variance(x_in, binary, None)
-            return new_draw(attach_computed_variance(mean, ScaledVariance(field, s2)), self)
+            return new_draw(attach_computed_variance(mean, ScaledVariance(field, s2),
+                                                     compiling=compiling), self, compiling)
         var = self._input_variance(x_in, binary, s2)
         if self.bias_noise:
             var = var + self._bias_variance()
         # broadcastable to the mean (e.g. [N, 1, H, W] with a per-layer std): consumers
         # broadcast it, and channel-independent ops (avg-pool) stay C times cheaper
-        return new_draw(attach_computed_variance(mean, var), self)
+        return new_draw(attach_computed_variance(mean, var, compiling=compiling), self, compiling)
 
     def _bias_variance(self) -> Tensor:
         """``s_b^2`` of the bias noise, per output where ``torch.nn.utils.prune`` prunes
@@ -650,7 +668,8 @@ def _check_like_weight(x: Tensor, module: nn.Module, layer: str) -> None:
     weight = module._parameters.get("weight")
     if weight is None:
         return
-    check_device(x, weight, layer, "its weights")
+    if x.device != weight.device:  # check_device's own test first: no call where equal
+        check_device(x, weight, layer, "its weights")
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(
             f"{layer} has {weight.dtype} weights but its input is {x.dtype}: convert the "
@@ -663,7 +682,8 @@ def _check_features(x: Tensor, expected: int, dim: int, layer: str,
     check_float("input", x)
     if module is not None:
         _check_like_weight(x, module, layer)
-    _refuse_noisy_input(x, layer, module)
+    if type(x) is VarianceTensor:  # _refuse_noisy_input's own test first
+        _refuse_noisy_input(x, layer, module)
     check_input(x, layer)
     if x.dim() == 0 or x.shape[dim] != expected:
         raise ValueError(
@@ -713,7 +733,10 @@ class BayesLinear(_BayesMixin, nn.Linear):
         self._init_posterior(std, std_mode, learn_std, bias_std, detach_input_variance)
 
     def _mean(self, x: Tensor) -> Tensor:
-        return self._op(x, self.weight, self.bias)
+        params = self._parameters  # without nn.Module.__getattr__ where they are there
+        weight = params["weight"] if "weight" in params else self.weight
+        bias = params["bias"] if "bias" in params else self.bias
+        return self._op(x, weight, bias)
 
     def _output_variance(self, x2: Tensor, s2: Tensor | None) -> Tensor:
         if self.std_mode == "weight":
@@ -743,7 +766,7 @@ class BayesLinear(_BayesMixin, nn.Linear):
         return gx, gw, gb
 
     def forward(self, x: Tensor) -> Tensor:
-        with no_variance_flow():
+        with torch._C.DisableTorchFunctionSubclass():  # no_variance_flow(), inline
             _check_features(x, self.in_features, -1, "BayesLinear", self)
             return self._attach(self._mean(x), x)
 
@@ -780,7 +803,10 @@ class _BayesConv(_BayesMixin):
     _plain: type[nn.modules.conv._ConvNd]
 
     def _mean(self, x: Tensor) -> Tensor:
-        return self._op(x, self.weight, self.bias)
+        params = self._parameters  # without nn.Module.__getattr__ where they are there
+        weight = params["weight"] if "weight" in params else self.weight
+        bias = params["bias"] if "bias" in params else self.bias
+        return self._op(x, weight, bias)
 
     def _output_variance(self, x2: Tensor, s2: Tensor | None) -> Tensor:
         if self.std_mode == "weight":

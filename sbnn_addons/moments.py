@@ -234,18 +234,23 @@ class NoiseSet:
 _NOISE_TOKENS = itertools.count()
 
 
-def new_draw(out: Tensor, layer: nn.Module) -> Tensor:
+def new_draw(out: Tensor, layer: nn.Module, compiling: bool | None = None) -> Tensor:
     """Give a Bayesian layer's output ``out`` a :class:`NoiseSet` leaf of its own and
     remember its token on ``layer`` (so that a variance reaching a model's output can name
-    the layers it came from). Eager mode only; returns ``out``."""
-    if type(out) is VarianceTensor and not torch.compiler.is_compiling():
-        leaf = NoiseSet.leaf()
+    the layers it came from). Eager mode only; returns ``out``. ``compiling``: whether a
+    graph is traced, where the caller knows it."""
+    if type(out) is VarianceTensor and not (
+            torch.compiler.is_compiling() if compiling is None else compiling):
+        token = next(_NOISE_TOKENS)  # NoiseSet.leaf(), inline
+        leaf = NoiseSet(token, token, None)
         out.__dict__["noise"] = leaf
-        layer.__dict__["_sbnn_draw"] = leaf.lo
+        layer.__dict__["_sbnn_draw"] = token
         if _OPEN_FLOWS and out.variance is not None:
             # for _check_dropped_noise (with the torch.func level the layer ran at; the
-            # mean's autograd node, None without gradients)
-            _DRAWN.append((layer, leaf.lo, out.grad_fn, _functorch_level()))
+            # mean's autograd node, None without gradients; _functorch_level(), inline)
+            level = (0 if not torch._C._are_functorch_transforms_active()
+                     else torch._C._functorch.maybe_current_level() or 0)
+            _DRAWN.append((layer, token, out.grad_fn, level))
     return out
 
 
@@ -269,9 +274,11 @@ def _functorch_level() -> int:
     return torch._C._functorch.maybe_current_level() or 0
 
 
-def _note_read(tensor, into: list) -> None:
-    """Remember the noise set of carrier ``tensor`` in ``into`` (a tracked eager forward)."""
-    if _OPEN_FLOWS and not torch.compiler.is_compiling() and type(tensor) is VarianceTensor:
+def _note_read(tensor, into: list, compiling: bool | None = None) -> None:
+    """Remember the noise set of carrier ``tensor`` in ``into`` (a tracked eager forward).
+    ``compiling``: whether a graph is traced, where the caller knows it."""
+    if _OPEN_FLOWS and type(tensor) is VarianceTensor and not (
+            torch.compiler.is_compiling() if compiling is None else compiling):
         nset = tensor.__dict__.get("noise")
         if nset is not None:
             into.append(nset)
@@ -288,11 +295,13 @@ def _leaf_tokens(nset: NoiseSet) -> set[int]:
     return tokens
 
 
-def _noise_of(x) -> NoiseSet | None:
+def _noise_of(x, compiling: bool | None = None) -> NoiseSet | None:
     """The noise set of a carrier with a variance (a new leaf the first time it is read);
-    ``None`` for anything else and in a compiled graph."""
-    if (type(x) is not VarianceTensor or (x.variance is None and not x.probe)
-            or torch.compiler.is_compiling()):
+    ``None`` for anything else and in a compiled graph (``compiling``: whether one is
+    traced, where the caller knows it)."""
+    if type(x) is not VarianceTensor or (x.variance is None and not x.probe):
+        return None
+    if torch.compiler.is_compiling() if compiling is None else compiling:
         return None
     found = x.__dict__.get("noise")
     if found is None:
@@ -330,7 +339,9 @@ class VarianceTensor(Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         if len(args) == 2 and args[1] is None and func in _NONE_COMPARISONS:
             return func is Tensor.__ne__  # `mem == None` (snnTorch): Python's answer
-        if len(args) == 1 and _name(func) == "__get__":  # an attribute (x.shape): no noise
+        compiling = torch.compiler.is_compiling()  # once per call: the helpers take it
+        if len(args) == 1 and _name(func, compiling) == "__get__":
+            # an attribute (x.shape): no noise
             if _OPEN_FLOWS and func.__self__.__name__ == "data":
                 _note_read(args[0], _ESCAPED)  # x.data: the values without the variance
             with torch._C.DisableTorchFunctionSubclass():
@@ -342,7 +353,7 @@ class VarianceTensor(Tensor):
             kwargs = {k: (_plain_args(v) if k in ("gradient", "grad_tensors") else v)
                       for k, v in (kwargs or {}).items()}
             return func(*_plain_args(args[:2]), *args[2:], **kwargs)
-        return _flow(func, args, kwargs or {})
+        return _flow(func, args, kwargs or {}, compiling)
 
     def __deepcopy__(self, memo):
         if id(self) in memo:
@@ -383,31 +394,26 @@ def _plain_args(value):
     return value
 
 
-def _exporting() -> bool:
-    """Whether ``torch.export`` is tracing.
-
-    Reads the flag that export sets: Dynamo before PyTorch 2.13 folds
-    ``torch.compiler.is_exporting()`` to ``True`` under every ``torch.compile`` (so a
-    compiled ``sample``-mode step would be refused as an export).
-    """
-    flag = getattr(torch.compiler, "_is_exporting_flag", None)
-    return torch.compiler.is_exporting() if flag is None else bool(flag)
-
-
-def _wrap(out: Tensor, variance, probe: bool = False, noise: NoiseSet | None = None) -> Tensor:
+def _wrap(out: Tensor, variance, probe: bool = False, noise: NoiseSet | None = None,
+          compiling: bool | None = None) -> Tensor:
     """``out`` as a :class:`VarianceTensor` carrying ``variance`` (a plain tensor where it
     carries nothing).
 
     Eager: ``out`` itself becomes the carrier (its class is set, no alias and no autograd
     node) and gets the noise set ``noise`` (``None``: a draw of its own, a new leaf when
     read). Under ``torch.compile`` (which traces ``as_subclass``, not a class change): a
-    new carrier aliasing ``out``.
+    new carrier aliasing ``out``. ``compiling``: whether a graph is traced, where the
+    caller knows it.
     """
     if variance is None and not probe:
-        return _plain(out, in_place=True)
-    if _exporting():  # torch.export: the deterministic network only
+        return _plain(out, in_place=True, compiling=compiling)
+    # torch.export: the deterministic network only. The flag that export sets is read:
+    # Dynamo before PyTorch 2.13 folds torch.compiler.is_exporting() to True under every
+    # torch.compile (a compiled sample-mode step would be refused as an export)
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if torch.compiler.is_exporting() if flag is None else flag:
         if variance is None:  # mean mode's probe: nothing to check in an exported graph
-            return _plain(out, in_place=True)
+            return _plain(out, in_place=True, compiling=compiling)
         raise VarianceFlowError(
             "torch.export captures the deterministic network only: export the posterior "
             "mean network, `with sbnn_addons.mode(model, 'mean'): torch.export.export(model, "
@@ -415,12 +421,15 @@ def _wrap(out: Tensor, variance, probe: bool = False, noise: NoiseSet | None = N
             "sbnn_addons.spikingjelly.to_spikingjelly); sample mode draws spikes from the "
             "posterior, which an exported graph does not carry"
         )
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() if compiling is None else compiling:
         new = out.as_subclass(VarianceTensor) if type(out) is not VarianceTensor else out
     else:
         if type(out) is not VarianceTensor:
             out.__class__ = VarianceTensor
-        _set_noise(out, noise)
+        if noise is None:  # _set_noise(out, noise), inline
+            out.__dict__.pop("noise", None)
+        else:
+            out.__dict__["noise"] = noise
         new = out
     new.variance = variance
     new.probe = probe
@@ -436,12 +445,12 @@ def _set_noise(t: Tensor, noise: NoiseSet | None) -> None:
         t.__dict__["noise"] = noise
 
 
-def _plain(t: Tensor, in_place: bool = False) -> Tensor:
+def _plain(t: Tensor, in_place: bool = False, compiling: bool | None = None) -> Tensor:
     """``t`` without its variance: a plain tensor (``t`` itself when ``in_place``, eager;
-    else an alias)."""
+    else an alias). ``compiling``: whether a graph is traced, where the caller knows it."""
     if type(t) is not VarianceTensor:
         return t
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() if compiling is None else compiling:
         with torch._C.DisableTorchFunctionSubclass():
             return t.view_as(t)
     if in_place:
@@ -453,12 +462,13 @@ def _plain(t: Tensor, in_place: bool = False) -> Tensor:
     return t.as_subclass(Tensor)
 
 
-def plain_in_place(t: Tensor) -> Tensor:
+def plain_in_place(t: Tensor, compiling: bool | None = None) -> Tensor:
     """``t`` as a plain tensor: ``t`` itself in eager mode (it drops its variance), an
-    alias under ``torch.compile``."""
-    if _OPEN_FLOWS:  # dropped on purpose (a readout): not reported
-        _note_read(t, _CONSUMED)
-    return _plain(t, in_place=True)
+    alias under ``torch.compile`` (``compiling``: whether a graph is traced, where the
+    caller knows it)."""
+    if _OPEN_FLOWS and type(t) is VarianceTensor:  # dropped on purpose: not reported
+        _note_read(t, _CONSUMED, compiling)
+    return _plain(t, in_place=True, compiling=compiling)
 
 
 def plain(t: Tensor) -> Tensor:
@@ -470,12 +480,14 @@ def plain(t: Tensor) -> Tensor:
 
 
 def attach_variance(mean: Tensor,
-                    variance: Tensor | ScaledVariance | UnknownVariance | None) -> Tensor:
+                    variance: Tensor | ScaledVariance | UnknownVariance | None,
+                    *, compiling: bool | None = None) -> Tensor:
     """``mean`` carrying ``variance`` (broadcastable to ``mean``): a :class:`VarianceTensor`.
 
     In eager mode ``mean`` itself becomes the carrier (``None`` turns it back into a plain
     tensor) and is returned; under ``torch.compile`` the result is a new tensor that aliases
-    ``mean``. Use the returned tensor, which is right in both.
+    ``mean``. Use the returned tensor, which is right in both. ``compiling`` (optional):
+    whether a graph is traced, where the caller knows it (else asked).
 
     The variance's values are checked (finite and >= 0; both factors of a
     :class:`ScaledVariance`) unless :class:`~sbnn_addons.check_finite` is off: one
@@ -493,17 +505,19 @@ def attach_variance(mean: Tensor,
                else (variance,))
     for factor in factors:  # (before mean becomes a carrier)
         check_variance(factor, "attach_variance")
-    return attach_computed_variance(mean, variance)
+    return attach_computed_variance(mean, variance, compiling=compiling)
 
 
 def attach_computed_variance(
-        mean: Tensor, variance: Tensor | ScaledVariance | UnknownVariance | None) -> Tensor:
+        mean: Tensor, variance: Tensor | ScaledVariance | UnknownVariance | None,
+        *, compiling: bool | None = None) -> Tensor:
     """:func:`attach_variance` without the test of the variance's values, for variances
     the library computes (non-negative by construction), every layer and step.
 
     In eager mode ``mean`` itself becomes the carrier (``None`` turns it back into a plain
     tensor) and is returned; under ``torch.compile`` the result is a new tensor that aliases
-    ``mean``. Use the returned tensor, which is right in both.
+    ``mean``. Use the returned tensor, which is right in both. ``compiling`` (optional):
+    whether a graph is traced, where the caller knows it (else asked).
 
     Raises:
         TypeError: ``mean`` is not a tensor, or ``variance`` is none of the above.
@@ -516,18 +530,18 @@ def attach_computed_variance(
         raise TypeError("variance must be a torch.Tensor, a ScaledVariance, an UnknownVariance "
                         f"or None, got {type(variance).__name__}")
     shaped = variance.base if isinstance(variance, ScaledVariance) else variance
-    if isinstance(shaped, Tensor) and not broadcasts_to(shaped.shape, mean.shape):
+    if isinstance(shaped, Tensor) and not broadcasts_to(shaped.shape, mean.shape, compiling):
         what = "ScaledVariance base" if shaped is not variance else "variance"
         raise ValueError(
             f"the {what} of shape {tuple(shaped.shape)} does not broadcast to the mean of "
             f"shape {tuple(mean.shape)}: give it the mean's shape, or one with size-1 "
             "dimensions where it is the same for every entry (e.g. [N, 1] for a per-example "
             "variance of an [N, C] mean)")
-    return _wrap(mean, variance)
+    return _wrap(mean, variance, compiling=compiling)
 
 
 def attach_derived_variance(mean: Tensor, variance: Tensor | ScaledVariance,
-                            source: Tensor) -> Tensor:
+                            source: Tensor, compiling: bool | None = None) -> Tensor:
     """``mean`` carrying ``variance``, computed from carrier ``source`` by code that writes
     an operation's variance out itself (a neuron's moment update) instead of leaving it to
     the rules: the result keeps ``source``'s noise identity (:class:`NoiseSet`, the draws
@@ -537,17 +551,29 @@ def attach_derived_variance(mean: Tensor, variance: Tensor | ScaledVariance,
         mean: the operation's output mean (a plain tensor; eager: it becomes the carrier).
         variance: its variance, broadcastable to ``mean``.
         source: the :class:`VarianceTensor` it was computed from.
+        compiling: whether a graph is traced, where the caller knows it.
 
     Returns:
         The carrier (``mean`` itself in eager mode, an alias under ``torch.compile``).
     """
-    return _wrap(mean, variance, noise=_noise_of(source))
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
+    noise = None  # _noise_of(source, compiling), inline
+    if (type(source) is VarianceTensor and (source.variance is not None or source.probe)
+            and not compiling):
+        noise = source.__dict__.get("noise")
+        if noise is None:
+            noise = source.__dict__["noise"] = NoiseSet.leaf()
+    return _wrap(mean, variance, noise=noise, compiling=compiling)
 
 
-def get_variance(tensor: Tensor) -> Tensor | UnknownVariance | None:
+def get_variance(tensor: Tensor, *,
+                 compiling: bool | None = None) -> Tensor | UnknownVariance | None:
     """The variance carried by ``tensor``, an :class:`UnknownVariance`, or ``None``.
 
     A factored variance (:class:`ScaledVariance`) is returned as its product, a tensor.
+    ``compiling`` (optional): whether a graph is traced, where the caller knows it (else
+    asked).
 
     Raises:
         TypeError: ``tensor`` is not a tensor: ``None`` read as "no variance" for the
@@ -561,8 +587,10 @@ def get_variance(tensor: Tensor) -> Tensor | UnknownVariance | None:
                 "tensor (a converted snnTorch neuron's membrane variance is "
                 "sbnn_addons.snntorch.membrane_variance(neuron))")
         return None
-    if _OPEN_FLOWS:
-        _note_read(tensor, _CONSUMED)
+    if _OPEN_FLOWS and not (torch.compiler.is_compiling() if compiling is None else compiling):
+        nset = tensor.__dict__.get("noise")  # _note_read(tensor, _CONSUMED), inline
+        if nset is not None:
+            _CONSUMED.append(nset)
     var = tensor.variance
     return var.value() if isinstance(var, ScaledVariance) else var
 
@@ -677,19 +705,22 @@ def _mul(func, args, kwargs, out, var_of):
     return scale_variance(var, coef)
 
 
-def scale_variance(var: Tensor, coef: Tensor | float) -> Tensor:
+def scale_variance(var: Tensor, coef: Tensor | float,
+                   compiling: bool | None = None) -> Tensor:
     """The variance of ``coef * x`` for a noise-free ``coef``: ``var(x) * coef^2``.
 
     Args:
         var: ``var(x)``, a tensor broadcastable to ``x``.
         coef: a number or a tensor broadcastable to ``x`` (e.g. snnTorch's ``beta``).
+        compiling: whether a graph is traced, where the caller knows it.
 
     Returns:
         ``var * coef^2``; a constant CPU scalar ``coef`` is read as a number (one
         operation, no device sync).
     """
     if isinstance(coef, Tensor):
-        if (torch.compiler.is_compiling() or coef.dim() or coef.requires_grad
+        if ((torch.compiler.is_compiling() if compiling is None else compiling)
+                or coef.dim() or coef.requires_grad
                 or coef.device.type != "cpu"):
             return var * (coef * coef)
         coef = coef.item()
@@ -1039,7 +1070,7 @@ def _base_of(x):
     return None
 
 
-def _scan(args, kwargs):
+def _scan(args, kwargs, compiling: bool | None = None):
     """One pass over the (possibly nested) arguments: ``(noise, scale, probe, nset)``.
 
     ``noise`` is ``None`` if no argument carries a variance, else the first
@@ -1048,9 +1079,10 @@ def _scan(args, kwargs):
     ``probe`` is ``True`` if an argument without a variance carries the ``mean``-mode probe.
     ``nset`` is the union of the carriers' :class:`NoiseSet` (eager mode; else ``None``),
     also past an unknown variance (its draws name the layers in a neuron's error).
+    ``compiling``: whether a graph is traced, where the caller knows it.
     """
     noisy, scale, probe, nset, unknown = None, None, False, None, None
-    eager = not torch.compiler.is_compiling()
+    eager = not (torch.compiler.is_compiling() if compiling is None else compiling)
     for group in (args, kwargs.values()) if kwargs else (args,):
         for a in group:
             if isinstance(a, Tensor):
@@ -1067,11 +1099,11 @@ def _scan(args, kwargs):
                     if b.probe:
                         probe = True
                         if eager:
-                            mine = _noise_of(b)
+                            mine = _noise_of(b, False)
                             nset = mine if nset is None else nset.union(mine)
                     continue
                 if eager:
-                    mine = _noise_of(b)
+                    mine = _noise_of(b, False)
                     nset = mine if nset is None else nset.union(mine)
                 if isinstance(var, UnknownVariance):
                     unknown = var if unknown is None else unknown
@@ -1092,10 +1124,11 @@ def _scan(args, kwargs):
 _NAMES: dict = {}
 
 
-def _name(func) -> str:
+def _name(func, compiling: bool | None = None) -> str:
     """``func.__name__`` (cached per function object in eager mode; a graph reads the
-    name directly, so that it does not guard on the cache, which eager calls grow)."""
-    if torch.compiler.is_compiling():
+    name directly, so that it does not guard on the cache, which eager calls grow).
+    ``compiling``: whether a graph is traced, where the caller knows it."""
+    if torch.compiler.is_compiling() if compiling is None else compiling:
         return getattr(func, "__name__", str(func))
     try:
         return _NAMES[func]
@@ -1368,11 +1401,13 @@ def _mark_in_place(target, variance, name: str, probe: bool = False,
 _C_LEVEL: dict = {}
 
 
-def _c_level(func):
+def _c_level(func, compiling: bool | None = None):
     """The C method behind a Python-level ``Tensor`` method (``unflatten``, ``split``, ...,
     which call ``super()``: Dynamo cannot trace that on a subclass); ``func`` otherwise.
-    Cached in eager mode; a graph does not read the cache (it would guard on it)."""
-    compiling = torch.compiler.is_compiling()
+    Cached in eager mode; a graph does not read the cache (it would guard on it).
+    ``compiling``: whether a graph is traced, where the caller knows it."""
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
     if not compiling:
         try:
             return _C_LEVEL[func]
@@ -1393,20 +1428,23 @@ def _c_level(func):
     return target
 
 
-def _flow(func, args, kwargs):
+def _flow(func, args, kwargs, compiling: bool | None = None):
     """The body of :meth:`VarianceTensor.__torch_function__`: the operation on the plain
-    means, then its variance rule (module doc)."""
+    means, then its variance rule (module doc). ``compiling``: whether a graph is traced,
+    where the caller knows it."""
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
     with torch._C.DisableTorchFunctionSubclass():
-        out = _c_level(func)(*args, **kwargs)
-    noise, scale, probe, nset = _scan(args, kwargs)
+        out = _c_level(func, compiling)(*args, **kwargs)
+    noise, scale, probe, nset = _scan(args, kwargs, compiling)
     if noise is None:
         if probe:
-            name = _name(func)
+            name = _name(func, compiling)
             if name in _COMPARISONS or type(func) is torch._ops.OpOverload:
                 _refuse_host_neuron(func, name)
             return _carry_probe(name, args, kwargs, out, nset)
         return out
-    name = _name(func)
+    name = _name(func, compiling)
     if name in _COMPARISONS or type(func) is torch._ops.OpOverload:
         _refuse_host_neuron(func, name)
     if name in _NOISE_FREE:
@@ -1435,11 +1473,11 @@ def _flow(func, args, kwargs):
     if why is not None and not isinstance(var, UnknownVariance):
         var = UnknownVariance(why)
     if out is args[0] if args else False:  # in place: the target carries the result
-        if torch.compiler.is_compiling() and name in _SUMS and _noisy_operand(args[1:]):
+        if compiling and name in _SUMS and _noisy_operand(args[1:]):
             _refuse_compiled_in_place_sum(name)
         _mark_in_place(args[0], var, name, noise=nset)
         return args[0]
-    return _wrap(out, var, noise=nset)
+    return _wrap(out, var, noise=nset, compiling=compiling)
 
 
 def _noisy_operand(args) -> bool:
@@ -1928,8 +1966,9 @@ def _probe_source(module, args, output):
     conversion with ``inplace=True`` replaced shares the converted one's hooks (see
     ``sbnn_addons.layers._adopt_hooks``): it is a plain layer, for which this does
     nothing."""
-    if (isinstance(output, Tensor) and _is_bayesian_layer(module) and module.deterministic
-            and type(output) is not VarianceTensor and _noisy_in_sample_mode(module)):
+    if (isinstance(output, Tensor) and type(output) is not VarianceTensor
+            and _is_bayesian_layer(module) and module.deterministic
+            and _noisy_in_sample_mode(module)):
         return new_draw(_wrap(output, None, True), module)
     return None
 

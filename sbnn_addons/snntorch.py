@@ -98,6 +98,7 @@ from .spike import (
     relative_spike_std,
 )
 from .surgery import replace_modules
+from .tensors import SpikeTensor
 
 __all__ = [
     "membrane_variance",
@@ -119,6 +120,9 @@ _STATE = "_sbnn_state"  # (membrane, its variance, whether it required grad, its
 _HOST_SPIKE = "_sbnn_host_spike_grad"  # HostObject: the neuron's original spike_grad
 _BN_KIND = "_sbnn_batchnorm_kind"
 _HISTORY = "_sbnn_history"  # WeakIdKeyDictionary: membrane -> its step's records
+# (membrane, its records in _HISTORY) from the step's fire to its store (eager): the
+# store finds them without a second weak-dictionary lookup
+_LAST_RECORD = "_sbnn_last_record"
 _DDP_SYNC = "_sbnn_ddp_sync"  # DDP's buffer list at the neuron's last step (a sync marker)
 # version entries of a pickled _STATE: the copy adopts its membrane's counter / the
 # membrane was changed in place before the copy (its variance is unknown)
@@ -132,7 +136,9 @@ def _host_spike_dtype(spikes: Tensor) -> Tensor:
     float32, as in the host model. Otherwise (a model cast to bfloat16 / float16, or
     float32 and float64 spikes) they keep their dtype, so the next layer, of the model's
     dtype, takes them."""
-    if (spikes.dtype in (torch.float16, torch.bfloat16)
+    with torch._C.DisableTorchFunctionSubclass():  # an attribute read: no subclass call
+        dtype = spikes.dtype
+    if (dtype in (torch.float16, torch.bfloat16)
             and torch.is_autocast_enabled(spikes.device.type)):
         return spikes.float()
     return spikes
@@ -380,23 +386,33 @@ class _EmittedSpikeReset:
     """
 
     def forward(self, *args, **kwargs):
-        if not torch.compiler.is_compiling():
-            _check_ddp_buffer_sync(self)
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            ddp_type = _DDP_TYPE[0] if _DDP_TYPE else _ddp_type()
+            if ddp_type is None or ddp_type._get_active_ddp_module() is None:
+                self.__dict__[_DDP_SYNC] = None  # _check_ddp_buffer_sync without DDP
+            else:
+                _check_ddp_buffer_sync(self)
         out = super().forward(*args, **kwargs)
-        self._sbnn_store()
+        self._sbnn_store(compiling)
         return out
 
-    def _sbnn_store(self) -> None:
+    def _sbnn_store(self, compiling: bool | None = None) -> None:
         """After a step: the membrane buffer as a plain tensor, its variance as state; the
-        spike buffer (``RLeaky``) as a plain tensor too."""
-        self._sbnn_store_plain_spikes()
+        spike buffer (``RLeaky``) as a plain tensor too. ``compiling``: whether a graph
+        is traced, where the caller knows it."""
+        if compiling is None:
+            compiling = torch.compiler.is_compiling()
+        if self._buffers.get("spk") is not None:  # an RLeaky's spikes
+            self._sbnn_store_plain_spikes(compiling)
         mem = self._buffers.get("mem")
         if type(mem) is not VarianceTensor:
             drop_state(self, _STATE)
             return
-        var = get_variance(mem)  # a factored variance multiplied out: a tensor
-        plain_mem = plain_in_place(mem)  # eager: this object (a caller's too); compiled: an alias
-        if torch.compiler.is_compiling():
+        var = get_variance(mem, compiling=compiling)  # a factored one multiplied out
+        # eager: this object (a caller's too); compiled: an alias
+        plain_mem = plain_in_place(mem, compiling)
+        if compiling:
             # not a view: snnTorch's detach_hidden() detaches the buffer in place
             plain_mem = plain_mem.clone()
         if plain_mem is not mem:
@@ -404,20 +420,25 @@ class _EmittedSpikeReset:
             cached = self.__dict__.get(_CACHE)
             if cached is not None and cached[0] is mem:  # either membrane may come back
                 self.__dict__[_CACHE] = (plain_mem, *cached[1:3], mem)
-        version = _version_of(plain_mem)
+        # _version_of(plain_mem, compiling), inline
+        version = None if compiling or plain_mem.is_inference() else plain_mem._version
         self.__dict__[_STATE] = (plain_mem, var, plain_mem.requires_grad, version)
-        if _recording_steps():
-            _step_record(self, plain_mem)["state"] = (var, plain_mem.requires_grad, version)
+        if not compiling:  # steps are recorded per membrane in eager mode only
+            last = self.__dict__.pop(_LAST_RECORD, None)  # the records the fire found
+            record = (last[1] if last is not None and last[0] is plain_mem
+                      else _step_record(self, plain_mem))
+            record["state"] = (var, plain_mem.requires_grad, version)
 
-    def _sbnn_store_plain_spikes(self) -> None:
+    def _sbnn_store_plain_spikes(self, compiling: bool | None = None) -> None:
         """An ``RLeaky``'s ``spk`` buffer as a plain tensor: in eager mode the spikes are
         a marked :class:`~sbnn_addons.tensors.SpikeTensor`, which a compiled step would
         take as a graph input (AOTAutograd rejects a tensor subclass there). A plain copy
         (not an alias: ``detach_hidden()`` detaches the buffer in place); the spikes
-        returned keep their mark."""
+        returned keep their mark. ``compiling``: whether a graph is traced, where the
+        caller knows it."""
         spk = self._buffers.get("spk")
         if (spk is not None and type(spk) not in (Tensor, VarianceTensor)
-                and not torch.compiler.is_compiling()):
+                and not (torch.compiler.is_compiling() if compiling is None else compiling)):
             with torch._C.DisableTorchFunctionSubclass():
                 self._buffers["spk"] = spk.clone()
 
@@ -426,16 +447,17 @@ class _EmittedSpikeReset:
         if type(mem) is VarianceTensor:  # a membrane passed with a variance of its own
             _check_passed_membrane(self, mem)
         if type(mem) is not VarianceTensor:
-            var = _stored_variance(self, detached=True)
+            compiling = torch.compiler.is_compiling()
+            var = _stored_variance(self, detached=True, compiling=compiling)
             current_var = input_.variance if type(input_) is VarianceTensor else None
             zero_reset = _MOMENT_FORMS.get(getattr(self._sbnn_host_state, "__func__", None))
             if (zero_reset is not None and isinstance(current_var, (Tensor, ScaledVariance))
                     and (var is None or isinstance(var, Tensor))):
-                return self._sbnn_moments(input_, var, current_var, zero_reset)
+                return self._sbnn_moments(input_, var, current_var, zero_reset, compiling)
             if var is not None:
                 # an alias carries it (the same values and graph): the caller's membrane
                 # (an explicit loop's `mem`, a `mem_rec` entry) stays a plain tensor
-                if torch.compiler.is_compiling():
+                if compiling:
                     self._buffers["mem"] = attach_computed_variance(mem, var)
                 else:
                     alias = mem.as_subclass(VarianceTensor)
@@ -443,7 +465,8 @@ class _EmittedSpikeReset:
         return self._sbnn_host_state(input_)
 
     def _sbnn_moments(self, input_: VarianceTensor, var: Tensor | None,
-                      current_var: Tensor | ScaledVariance, zero_reset: bool) -> Tensor:
+                      current_var: Tensor | ScaledVariance, zero_reset: bool,
+                      compiling: bool | None = None) -> Tensor:
         """The step's membrane mean by the host's own state function (on the plain
         values), its variance written out (SPEC section 3):
 
@@ -460,26 +483,32 @@ class _EmittedSpikeReset:
             var: ``V_{t-1}`` of the membrane in the buffer, or ``None``.
             current_var: ``var(I_t)`` as the input carries it.
             zero_reset: whether the state function is snnTorch's reset to zero.
+            compiling: whether a graph is traced, where the caller knows it.
 
         Returns:
             The membrane ``u_t`` carrying ``V_t`` and the input's noise set.
         """
+        if compiling is None:
+            compiling = torch.compiler.is_compiling()
         if var is not None:
             if zero_reset:  # _base_zero scales the membrane by 1 - reset first
-                var = scale_variance(var, 1 - self.reset)
-            var = scale_variance(var, self.beta.clamp(0, 1))
+                var = scale_variance(var, 1 - self.reset, compiling)
+            p, b = self._parameters, self._buffers  # without nn.Module.__getattr__
+            beta = p["beta"] if "beta" in p else b["beta"] if "beta" in b else self.beta
+            var = scale_variance(var, beta.clamp(0, 1), compiling)
             if isinstance(current_var, ScaledVariance):
                 current_var = current_var.value()
             current_var = var + current_var
         with torch._C.DisableTorchFunctionSubclass():
             mean = self._sbnn_host_state(input_)
-        return attach_derived_variance(mean, current_var, input_)
+        return attach_derived_variance(mean, current_var, input_, compiling)
 
     def __getstate__(self):
         # a copy's membrane starts a version counter of its own: record whether the
         # membrane is still the one its variance belongs to, and let the copy adopt it
         state = super().__getstate__()  # nn.Module's: a copy of __dict__
         state.pop(_HISTORY, None)  # earlier steps' records: a copy continues from the last
+        state.pop(_LAST_RECORD, None)
         state.pop(_DDP_SYNC, None)
         stored = state.get(_STATE)
         if stored is not None and stored[3] is not None:
@@ -518,37 +547,56 @@ class _EmittedSpikeReset:
         _register(self)
 
     def fire(self, mem: Tensor) -> Tensor:
-        self._sync_spike_threshold()
-        u = _drive(mem, self.threshold)
-        raw = _host_spike_dtype(self.spike_grad(u))
-        self._keep_reset(mem, raw)
-        if self._unit_spike_factor():
+        compiling = torch.compiler.is_compiling()  # once: the helpers take it
+        self._sync_spike_threshold(compiling)
+        # threshold and spike function read from the module's dicts, without
+        # nn.Module.__getattr__, where they are there
+        p, b, m = self._parameters, self._buffers, self._modules
+        thr = (p["threshold"] if "threshold" in p
+               else b["threshold"] if "threshold" in b else self.threshold)
+        u = _drive(mem, thr, compiling)
+        raw = _host_spike_dtype((m["spike_grad"] if "spike_grad" in m else self.spike_grad)(u))
+        self._keep_reset(mem, raw, compiling)
+        if self._unit_spike_factor(compiling):
             return raw  # the same values, and the spikes keep their binary mark (cheaper layers)
         return raw * self.graded_spikes_factor
 
-    def _keep_reset(self, mem: Tensor, raw: Tensor) -> None:
+    def _keep_reset(self, mem: Tensor, raw: Tensor, compiling: bool | None = None) -> None:
         """Keep the spikes ``raw`` that membrane ``mem`` emitted as its reset (a copy taken
         now: the spikes returned may be changed in place), also for a recomputation, with
         the membrane's :func:`_fire_mark`: once it is changed in place
-        (``mem.mul_(mask)``), they are not its reset any more."""
-        spikes = raw.detach().clone()
-        mark = _fire_mark(mem)
+        (``mem.mul_(mask)``), they are not its reset any more. ``compiling``: whether a
+        graph is traced, where the caller knows it."""
+        if type(raw) is SpikeTensor:  # its __torch_function__ runs this, without the call
+            with torch._C.DisableTorchFunctionSubclass():
+                spikes = raw.detach().clone()
+        else:
+            spikes = raw.detach().clone()
+        if compiling is None:
+            compiling = torch.compiler.is_compiling()
+        mark = _fire_mark(mem, compiling)
         self.__dict__[_CACHE] = (mem, spikes, mark)
-        if _recording_steps():
-            _step_record(self, mem)["spikes"] = (spikes, mark)
+        if not compiling:  # steps are recorded per membrane in eager mode only
+            record = _step_record(self, mem)
+            record["spikes"] = (spikes, mark)
+            self.__dict__[_LAST_RECORD] = (mem, record)  # for the step's _sbnn_store
 
-    def _unit_spike_factor(self) -> bool:
+    def _unit_spike_factor(self, compiling: bool | None = None) -> bool:
         """Whether ``graded_spikes_factor`` is a constant 1 (checked once per value of the
-        buffer, not at every step)."""
-        factor = self.graded_spikes_factor
+        buffer, not at every step). ``compiling``: whether a graph is traced, where the
+        caller knows it."""
+        p, b = self._parameters, self._buffers  # without nn.Module.__getattr__
+        factor = (p["graded_spikes_factor"] if "graded_spikes_factor" in p
+                  else b["graded_spikes_factor"] if "graded_spikes_factor" in b
+                  else self.graded_spikes_factor)
         if not isinstance(factor, Tensor):
             return factor == 1.0
         if factor.requires_grad:
             return False
         return cached_tensor_test(self, "_sbnn_unit", factor, lambda f: (f == 1).all(),
-                                  assume=False)
+                                  assume=False, compiling=compiling)
 
-    def _sync_spike_threshold(self) -> None:
+    def _sync_spike_threshold(self, compiling: bool | None = None) -> None:
         """Give the spike function the neuron's threshold (the mean of a per-neuron or
         learned one), which centres its auxiliary terms and decides whether it collects
         any (an infinite threshold, a membrane readout, collects none), where the
@@ -556,11 +604,15 @@ class _EmittedSpikeReset:
         new tensor, an optimiser's step of a learned one). Read once per change of the
         buffer (its storage and version counter: an edit through ``.data`` is not seen);
         not inside a compiled graph (a value read), where the threshold of the last eager
-        step holds."""
-        spike = self.spike_grad
-        if not isinstance(spike, IWSTSpike) or torch.compiler.is_compiling():
+        step holds. ``compiling``: whether a graph is traced, where the caller knows it."""
+        modules = self._modules  # without nn.Module.__getattr__ where it is there
+        spike = modules["spike_grad"] if "spike_grad" in modules else self.spike_grad
+        if not isinstance(spike, IWSTSpike) or (
+                torch.compiler.is_compiling() if compiling is None else compiling):
             return
-        thr = self.threshold
+        p, b = self._parameters, self._buffers
+        thr = (p["threshold"] if "threshold" in p
+               else b["threshold"] if "threshold" in b else self.threshold)
         if not isinstance(thr, Tensor):
             value = float(thr)
         elif thr.is_meta:
@@ -587,12 +639,12 @@ class _EmittedSpikeReset:
         return raw * mask
 
     def mem_reset(self, mem: Tensor) -> Tensor:
+        compiling = torch.compiler.is_compiling()
         cached = self.__dict__.get(_CACHE)
-        if cached is not None and not _unchanged(cached[0], cached[2]):
+        if cached is not None and not _unchanged(cached[0], cached[2], compiling):
             # changed in place since it fired (mem.mul_(mask)): the reset is computed from
             # its new values, as snnTorch computes it, not the spikes of the old ones
             cached = None
-        compiling = torch.compiler.is_compiling()
         found = None
         if cached is not None and (cached[0] is mem or (len(cached) > 3 and cached[3] is mem)
                                    or (not compiling and (_aliases(mem, cached[0])  # detach()
@@ -600,7 +652,7 @@ class _EmittedSpikeReset:
             found = cached[1:3]
         elif not compiling:  # an earlier step's membrane (a recomputation)
             record = _find_step_record(self, mem).get("spikes")
-            if record is not None and _unchanged(mem, record[1]):
+            if record is not None and _unchanged(mem, record[1], False):
                 found = record
         if found is not None and not isinstance(found[1], Tensor):
             return found[0]
@@ -620,15 +672,16 @@ class _EmittedSpikeReset:
         return super().reset_mem()
 
 
-def _drive(mem: Tensor, threshold: Tensor | float) -> Tensor:
+def _drive(mem: Tensor, threshold: Tensor | float, compiling: bool | None = None) -> Tensor:
     """The spike function's input ``mem - threshold``, carrying the membrane's variance
-    (a factored one multiplied out)."""
-    var = get_variance(mem)
+    (a factored one multiplied out). ``compiling``: whether a graph is traced, where the
+    caller knows it."""
+    var = get_variance(mem, compiling=compiling)
     if not isinstance(var, Tensor):  # none, mean mode's probe, or unknown: the rules' way
-        return attach_computed_variance(mem - threshold, var)
+        return attach_computed_variance(mem - threshold, var, compiling=compiling)
     with torch._C.DisableTorchFunctionSubclass():
         u = mem - threshold
-    return attach_derived_variance(u, var, mem)
+    return attach_derived_variance(u, var, mem, compiling)
 
 
 def _compiled_copy_reset(mem: Tensor, stored: Tensor, spikes: Tensor,
@@ -677,12 +730,6 @@ def _check_passed_membrane(neuron: nn.Module, mem: Tensor) -> None:
 
 
 
-def _recording_steps() -> bool:
-    """Whether steps are recorded per membrane: in eager mode (a compiled graph keeps the
-    last step's state only)."""
-    return not torch.compiler.is_compiling()
-
-
 def _step_records(neuron: nn.Module) -> WeakIdKeyDictionary:
     """Per membrane this neuron computed and that is still alive: its variance state and
     the spikes it emitted (its reset). The neuron's own state holds its last step; these
@@ -710,7 +757,10 @@ def _find_step_record(neuron: nn.Module, mem: Tensor) -> dict:
 
 
 def _step_record(neuron: nn.Module, mem: Tensor) -> dict:
-    return _step_records(neuron).setdefault(mem, {})
+    records = neuron.__dict__.get(_HISTORY)  # _step_records(neuron), inline
+    if records is None:
+        records = neuron.__dict__[_HISTORY] = WeakIdKeyDictionary()
+    return records.setdefault(mem, {})
 
 
 def _check_ddp_buffer_sync(neuron: nn.Module) -> None:
@@ -721,7 +771,7 @@ def _check_ddp_buffer_sync(neuron: nn.Module) -> None:
     membrane with their own inputs and noise variance (wrong results and gradients,
     without an error). A model converted by :func:`to_sbnn` and wrapped directly is
     spared (it names its neuron states to DDP as buffers to leave alone)."""
-    ddp_type = _ddp_type()
+    ddp_type = _DDP_TYPE[0] if _DDP_TYPE else _ddp_type()
     ddp = None if ddp_type is None else ddp_type._get_active_ddp_module()
     synced = None
     mem = neuron._buffers.get("mem")
@@ -776,29 +826,39 @@ def _without_graph(t):
     return t.detach() if isinstance(t, Tensor) and t.grad_fn is not None else t
 
 
-def _version_of(t: Tensor) -> int | None:
+def _version_of(t: Tensor, compiling: bool | None = None) -> int | None:
     """``t._version``; ``None`` in a compiled graph and for an inference tensor (created
-    under ``torch.inference_mode()``), which has no version counter."""
-    if torch.compiler.is_compiling() or t.is_inference():
+    under ``torch.inference_mode()``), which has no version counter. ``compiling``:
+    whether a graph is traced, where the caller knows it."""
+    if (torch.compiler.is_compiling() if compiling is None else compiling) or t.is_inference():
         return None
     return t._version
 
 
-def _fire_mark(mem: Tensor) -> int | Tensor | None:
+def _fire_mark(mem: Tensor, compiling: bool | None = None) -> int | Tensor | None:
     """What tells whether a membrane is changed in place after it fired: its ``_version``;
     for an inference tensor (``torch.inference_mode()``, no version counter) a copy of its
-    values; ``None`` in a compiled graph."""
-    if torch.compiler.is_compiling():
+    values; ``None`` in a compiled graph. ``compiling``: whether a graph is traced, where
+    the caller knows it."""
+    if torch.compiler.is_compiling() if compiling is None else compiling:
         return None
-    if mem.is_inference():
-        return mem.detach().clone()
-    return mem._version
+    with torch._C.DisableTorchFunctionSubclass():  # two attribute reads: no variance flow
+        inference = mem.is_inference()
+        if not inference:
+            return mem._version
+    return mem.detach().clone()
 
 
-def _unchanged(t: Tensor, mark: int | Tensor | None) -> bool:
+def _unchanged(t: Tensor, mark: int | Tensor | None, compiling: bool | None = None) -> bool:
     """Whether ``t`` is unchanged in place since it had the :func:`_fire_mark` ``mark``
-    (``None``, or values to compare: taken as unchanged here)."""
-    return not isinstance(mark, int) or _version_of(t) in (None, mark)
+    (``None``, or values to compare: taken as unchanged here). ``compiling``: whether a
+    graph is traced, where the caller knows it."""
+    if not isinstance(mark, int):
+        return True
+    # _version_of(t, compiling), inline
+    if (torch.compiler.is_compiling() if compiling is None else compiling) or t.is_inference():
+        return True
+    return t._version == mark
 
 
 def _copy_of(mem: Tensor, stored: Tensor) -> bool:
@@ -825,11 +885,13 @@ def _aliases(a: Tensor, b: Tensor) -> bool:
         return False
 
 
-def _stored_variance(neuron: nn.Module, detached: bool = False):
+def _stored_variance(neuron: nn.Module, detached: bool = False,
+                     compiling: bool | None = None):
     """The variance of a neuron's plain membrane buffer: the stored ``V`` while ``mem`` is
     the membrane it belongs to (that tensor, or a ``detach()`` of it: truncated BPTT in
     an explicit loop), else ``None`` (a new membrane, e.g. ``init_leaky()``).
     ``detached``: without its graph where the membrane was detached since.
+    ``compiling``: whether a graph is traced, where the caller knows it.
 
     Raises:
         VarianceFlowError: the membrane was changed in place since the step that computed
@@ -840,10 +902,12 @@ def _stored_variance(neuron: nn.Module, detached: bool = False):
     if state is None or mem is None:
         return None
     stored, var, had_grad, version = state
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
     if mem is not stored:
         # a detach() of the stored membrane (checked in eager mode: a graph cannot compare
         # storages), also of one that a compiled step stored
-        if torch.compiler.is_compiling():
+        if compiling:
             return None
         if _copy_of(mem, stored):  # mem.clone(), mem + 0, a copy's own membrane
             return var.detach() if detached and isinstance(var, Tensor) else var
@@ -855,7 +919,8 @@ def _stored_variance(neuron: nn.Module, detached: bool = False):
                     raise _edited_membrane_error(neuron)
                 return None
             var, had_grad, version = record
-    if var is not None and version is not None and _version_of(mem) not in (None, version):
+    if (var is not None and version is not None
+            and _version_of(mem, compiling) not in (None, version)):
         # (without a variance, mean mode's included, there is none to lose: the step goes
         # on from the changed values, as in snnTorch)
         raise VarianceFlowError(
@@ -1606,7 +1671,7 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
             m.__class__ = _TO_PLAIN[type(m)]
             _unlink_state_update(m)
             host = m.__dict__.pop(_HOST_SPIKE, None)
-            for key in (_CACHE, _STATE, "_sbnn_unit"):
+            for key in (_CACHE, _STATE, "_sbnn_unit", _LAST_RECORD):
                 m.__dict__.pop(key, None)
             m._modules.pop("spike_grad", None)
             # a module surrogate: a copy per neuron, as the original ones (one object

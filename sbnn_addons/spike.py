@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
+from . import moments as _moments
 from .base import (
     SBNNModule,
     cached_tensor_test,
@@ -40,13 +41,11 @@ from .base import (
     noise_scale,
     raise_error,
     shared_square,
-    variance_dtype,
 )
 from .estimators import BernoulliSpike, Estimator, _standard_normal, get_estimator
 from .functional import (
     SIGMA_MIN,
     apply_function,
-    broadcasts_to,
     check_float,
     mark_binary,
     safe_sqrt,
@@ -57,11 +56,9 @@ from .moments import (
     attach_computed_variance,
     get_variance,
     in_checked_model,
-    no_variance_flow,
-    plain,
 )
 from .optim import register_noise_owner
-from .tensors import AUX_PULL_Z_MAX, aux_pull_gradient
+from .tensors import AUX_PULL_Z_MAX, _broadcasts, _broadcasts_cached, aux_pull_gradient
 
 __all__ = ["IWSTSpike", "seed_spikes", "recomputing_forward", "DEFAULT_SPIKE_STD",
            "CONVERTED_SPIKE_STD", "DEFAULT_AUX_PULL", "AUX_PULL_Z_MAX", "aux_pull_gradient"]
@@ -393,19 +390,25 @@ class IWSTSpike(SBNNModule, nn.Module):
                 "Bayesian layer and the neuron (see sbnn_addons.moments), register a rule "
                 "with sbnn_addons.moments.register_variance_rule, or exclude the layer.",
                 VarianceFlowError)
-        check_device(u, self._parameters.get("std_rho", self._buffers.get("fixed_std")),
-                     type(self).__name__, "its noise std")
+        with torch._C.DisableTorchFunctionSubclass():  # reads of u's device and dtype
+            ref = self._parameters.get("std_rho", self._buffers.get("fixed_std"))
+            if ref is not None and u.device != ref.device:  # check_device's test first
+                check_device(u, ref, type(self).__name__, "its noise std")
+            dtype = u.dtype
         own_var = self.own_noise_variance()
         if own_var is not None:
-            own_var = own_var.to(variance_dtype(u.dtype))  # float16: float32
+            # variance_dtype(dtype), inline: float16 -> float32
+            own_var = own_var.to(torch.float32 if dtype == torch.float16 else dtype)
             var = own_var if var is None else var + own_var
         return var
 
     def own_noise_variance(self) -> Tensor | None:
         """The spike function's own noise variance ``s_n^2`` (``None`` if it is zero),
         computed once per :func:`~sbnn_addons.share_posterior` block."""
-        if self.learn_std:
-            return shared_square(self, self.std_rho, lambda: self.std)
+        if self.learn_std:  # read from _parameters, without nn.Module.__getattr__
+            params = self._parameters
+            rho = params["std_rho"] if "std_rho" in params else self.std_rho
+            return shared_square(self, rho, lambda: self.std)
         if self._fixed_std_nonzero():
             return shared_square(self, self.fixed_std, lambda: self.std)
         return None
@@ -431,16 +434,20 @@ class IWSTSpike(SBNNModule, nn.Module):
                 converted model, whose input is checked. (An infinite drive is a
                 readout's, ``threshold=inf``.)
         """
-        if self._seeded_in_graph():
+        if self._seed is not None and self._seeded_in_graph():  # (False without a seed)
             return call_eagerly(self.forward, u)
-        check_float("u", u)
+        with torch._C.DisableTorchFunctionSubclass():  # a dtype check: no variance flow
+            check_float("u", u)
         if check_finite.enabled() and not in_checked_model():
             check_input(u, f"the spike function ({type(self).__name__})", nan_only=True)
         variance = self.noise_variance(u)
-        with no_variance_flow():
+        compiling = torch.compiler.is_compiling()
+        if _moments._OPEN_FLOWS:  # plain(u), inline: read on purpose (not reported)
+            _moments._note_read(u, _moments._CONSUMED, compiling)
+        with torch._C.DisableTorchFunctionSubclass():  # no_variance_flow(), inline
             # the drive as a plain tensor: the kernel's autograd function runs its own
             # operations with torch functions enabled (no carrier overhead in them)
-            return self.fire(plain(u), variance)
+            return self.fire(_moments._plain(u, compiling=compiling), variance)
 
     def fire(self, u: Tensor, variance: Tensor | None) -> Tensor:
         """Sample spikes for drive ``u`` with an explicit noise ``variance`` (or ``None``).
@@ -449,20 +456,31 @@ class IWSTSpike(SBNNModule, nn.Module):
             u: drive ``mu - theta``, shape ``[*]``.
             variance: noise variance broadcastable to ``u``, or ``None`` for zero noise.
         """
-        if self._seeded_in_graph():
+        if self._seed is not None and self._seeded_in_graph():  # (False without a seed)
             return call_eagerly(self.fire, u, variance)
+        compiling = torch.compiler.is_compiling()
         if (variance is not None and variance.shape != u.shape
-                and not broadcasts_to(variance.shape, u.shape)):
+                # broadcasts_to(variance.shape, u.shape, compiling), inline
+                and not (_broadcasts(tuple(variance.shape), tuple(u.shape)) if compiling
+                         else _broadcasts_cached(variance.shape, u.shape))):
             raise ValueError(
                 f"the variance of shape {tuple(variance.shape)} does not broadcast "
                 f"to the drive u of shape {tuple(u.shape)}"
             )
         if not self.deterministic:
-            fused_var = _fused_variance(u, variance)
+            # the variance as the fused kernel takes it (float32, broadcastable to u), or
+            # None where the kernel cannot serve u
+            if u.dtype != torch.float32 or not u.is_cpu:
+                fused_var = None
+            elif variance is None:
+                fused_var = torch.zeros((), dtype=u.dtype)
+            else:
+                fused_var = variance.to(u.dtype)
             # in a compiled graph the kernel runs as custom ops (the global RNG)
-            compiled = (torch.compiler.is_compiling() and fused_var is not None
+            compiled = (compiling and fused_var is not None
                         and self._seed is None and kernels.can_fuse_compiled(u, fused_var))
-            if compiled or (fused_var is not None and kernels.can_fuse(u, fused_var)):
+            if compiled or (fused_var is not None
+                            and kernels.can_fuse(u, fused_var, compiling)):
                 aux = variance is not None and self._aux_wanted()
                 offset = self._aux_offset(self.threshold) if aux else None
                 pull = self._pull_wanted(u)
@@ -475,13 +493,15 @@ class IWSTSpike(SBNNModule, nn.Module):
                                                 self.aux_pull)
                 else:  # the kernel's backward adds the pull itself
                     out = kernels.fused_spike(u, fused_var, self.estimator, self.at_zero,
-                                              self._generator_for(u), aux_offset=offset,
+                                              self._generator_for(u, compiling),
+                                              aux_offset=offset,
                                               aux_var=self.aux_std_grad,
-                                              aux_pull=self.aux_pull if pull else 0.0)
+                                              aux_pull=self.aux_pull if pull else 0.0,
+                                              compiling=compiling)
                     spikes, z2 = out if aux else (out, None)
                 if aux:
                     self._collect(z2, u)
-                return mark_binary(attach_computed_variance(spikes, None))
+                return mark_binary(attach_computed_variance(spikes, None), compiling=compiling)
         if variance is None:
             sigma = torch.zeros((), dtype=u.dtype, device=u.device)
         else:
@@ -490,7 +510,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         if self.deterministic:
             eps = torch.zeros_like(u)
         else:
-            eps = _standard_normal(u, self._generator_for(u))
+            eps = _standard_normal(u, self._generator_for(u, compiling))
         pull = variance is not None and self._pull_wanted(u)
         # the pull inside the spike's own node (one node and a few operations per step
         # fewer: what a GPU step launches); under torch.func, where a vmapped backward's
@@ -641,10 +661,11 @@ class IWSTSpike(SBNNModule, nn.Module):
             raise_error(_SEEDED_UNDER_COMPILE)
         return True
 
-    def _generator_for(self, u: Tensor) -> torch.Generator | None:
+    def _generator_for(self, u: Tensor,
+                       compiling: bool | None = None) -> torch.Generator | None:
         if self.deterministic:
             return None
-        if in_reentrant_recomputation():
+        if in_reentrant_recomputation(compiling):
             raise RuntimeError(
                 "a spike function draws in the recomputation of torch.utils.checkpoint with "
                 "use_reentrant=True, whose forward ran without gradients: a seeded spike "
@@ -718,16 +739,6 @@ _SEEDED_UNDER_COMPILE = (
     "generator (torch.manual_seed) instead, or compile without fullgraph=True (the seeded "
     "draws then run eagerly, between graphs)"
 )
-
-
-def _fused_variance(u: Tensor, variance: Tensor | None) -> Tensor | None:
-    """The variance as the fused kernel takes it (float32, broadcastable to ``u``), or
-    ``None`` where the kernel cannot serve ``u``."""
-    if u.dtype != torch.float32 or not u.is_cpu:
-        return None
-    if variance is None:
-        return torch.zeros((), dtype=u.dtype)
-    return variance.to(u.dtype)
 
 
 #: Seeds are honoured in ``[0, SEED_LIMIT)``: PyTorch's CPU generator (a Mersenne

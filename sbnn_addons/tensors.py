@@ -43,10 +43,12 @@ class SpikeTensor(Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if any(not issubclass(cls, t) for t in types):
-            # another subclass takes part (a VarianceTensor: spikes + a Bayesian layer's
-            # output): it handles the call, else its state would be dropped silently
-            return NotImplemented
+        for t in types:  # a loop, not any(...): no generator per call
+            if not issubclass(cls, t):
+                # another subclass takes part (a VarianceTensor: spikes + a Bayesian
+                # layer's output): it handles the call, else its state would be dropped
+                # silently
+                return NotImplemented
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
 
@@ -78,7 +80,7 @@ def leaf_values(tensor: Tensor, what: str) -> Tensor:
         return tensor.detach().clone()
 
 
-def mark_binary(tensor: Tensor, kept: bool = False) -> Tensor:
+def mark_binary(tensor: Tensor, kept: bool = False, compiling: bool | None = None) -> Tensor:
     """Record that ``tensor`` holds only 0 and 1 (spikes); returns ``tensor``.
 
     The tensor becomes a :class:`SpikeTensor` (a class change, in place: no copy, no
@@ -88,9 +90,11 @@ def mark_binary(tensor: Tensor, kept: bool = False) -> Tensor:
     the producer saves this very tensor for its own backward (the spike kernel does), so a
     layer saves it too at no memory cost and without a conversion. Eager only: under
     ``torch.compile``, inference mode, or for a tensor of another subclass, the tensor is
-    returned unmarked (always safe).
+    returned unmarked (always safe). ``compiling``: whether a graph is traced, where the
+    caller knows it.
     """
-    if (torch.compiler.is_compiling() or tensor.is_inference()
+    if ((torch.compiler.is_compiling() if compiling is None else compiling)
+            or tensor.is_inference()
             or type(tensor) not in (Tensor, SpikeTensor)):
         return tensor
     tensor.__class__ = SpikeTensor
@@ -99,9 +103,11 @@ def mark_binary(tensor: Tensor, kept: bool = False) -> Tensor:
     return tensor
 
 
-def is_binary(tensor: Tensor) -> bool:
-    """Whether ``tensor`` was marked by :func:`mark_binary` and not changed in place since."""
-    return (type(tensor) is SpikeTensor and not torch.compiler.is_compiling()
+def is_binary(tensor: Tensor, compiling: bool | None = None) -> bool:
+    """Whether ``tensor`` was marked by :func:`mark_binary` and not changed in place since.
+    ``compiling``: whether a graph is traced, where the caller knows it."""
+    return (type(tensor) is SpikeTensor
+            and not (torch.compiler.is_compiling() if compiling is None else compiling)
             and tensor.marked_version == tensor._version)
 
 
@@ -137,25 +143,29 @@ def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
 _broadcasts_cached = functools.lru_cache(maxsize=4096)(_broadcasts)
 
 
-def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...],
+                  compiling: bool | None = None) -> bool:
     """Whether a tensor of ``shape`` broadcasts to ``target`` without enlarging it.
 
     A cached pure-Python test, used per spike where ``torch.broadcast_shapes`` would
     dominate the call's fixed cost (traced uncached under ``torch.compile``).
+    ``compiling``: whether a graph is traced, where the caller knows it.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() if compiling is None else compiling:
         return _broadcasts(tuple(shape), tuple(target))
     return _broadcasts_cached(shape, target)
 
 
-def apply_function(fn: type[torch.autograd.Function], *args):
+def apply_function(fn: type[torch.autograd.Function], *args, compiling: bool | None = None):
     """``fn.apply(*args)`` without the per-call ``inspect.signature`` binding.
 
     ``Function.apply`` binds default arguments with ``inspect.signature`` on every call
     (about 20 us); outside ``torch.func`` transforms the C entry point is called directly.
     Under ``vmap`` / ``grad`` the full ``apply`` (and the vmap rule) is used.
+    ``compiling``: whether a graph is traced, where the caller knows it.
     """
-    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+    if torch._C._are_functorch_transforms_active() or (
+            torch.compiler.is_compiling() if compiling is None else compiling):
         return fn.apply(*args)
     return super(torch.autograd.Function, fn).apply(*args)
 

@@ -97,6 +97,21 @@ def test_steps_of_a_sequence_are_checked_through_their_base(monkeypatch):
         model(x[4])
 
 
+def test_interleaved_sequences_each_keep_their_finite_check():
+    """The base last found finite is remembered for the next step: steps of two
+    sequences interleaved, one changed in place, still name the NaN of the changed one."""
+    model = sbnn_snn.to_sbnn(_snn_seq())
+    a, b = torch.rand(4, 3, 16), torch.rand(4, 3, 16)
+    sbnn_snn.reset(model)
+    for t in range(2):
+        model(a[t])
+        model(b[t])
+    b[2, 0, 0] = math.nan
+    model(a[2])
+    with pytest.raises(ValueError, match="1 NaN"):
+        model(b[2])
+
+
 def test_check_input_accepts_inference_tensors():
     from sbnn_addons.base import check_input
 

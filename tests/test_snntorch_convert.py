@@ -860,3 +860,28 @@ def test_affine_batchnorm_of_an_untrained_model_warns():
         warnings.simplefilter("error")
         to_sbnn(host, batchnorm="affine")
         to_sbnn(host.eval())
+
+
+def test_step_record_handover_is_dropped_by_the_step_and_by_copies():
+    """A step's fire hands its records to the step's store (one lookup, not two): after a
+    forward nothing is left of it; after a direct fire() call (no store) a copy of the
+    neuron does not carry it, and the next forward still records its own membrane."""
+    import copy
+
+    import snntorch as snn
+
+    torch.manual_seed(0)
+    model = to_sbnn(torch.nn.Sequential(torch.nn.Linear(4, 3),
+                                        snn.Leaky(beta=0.9, init_hidden=True)))
+    lif = model[1]
+    x = torch.rand(2, 4)
+    reset(model)
+    with torch.no_grad():  # no graph: the neuron can be deep-copied
+        model(x)
+        assert "_sbnn_last_record" not in lif.__dict__
+        lif.fire(lif.mem)  # a fire outside a forward: the handover stays until a store
+    assert "_sbnn_last_record" in lif.__dict__
+    assert "_sbnn_last_record" not in copy.deepcopy(lif).__dict__
+    model(x).sum().backward()
+    assert "_sbnn_last_record" not in lif.__dict__
+    assert lif._sbnn_history[lif.mem].keys() == {"spikes", "state"}
