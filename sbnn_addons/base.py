@@ -709,6 +709,27 @@ def host_neurons(model: torch.nn.Module, host: str) -> list[tuple[str, torch.nn.
             and any(c.__module__.split(".")[0] == host for c in type(m).__mro__)]
 
 
+
+def refuse_other_host_export(model: torch.nn.Module, host: str, spike_type: type) -> None:
+    """Raise where ``model`` holds a neuron of host library ``host`` converted by that
+    host's adapter (its ``spike_grad`` / ``surrogate_function`` is a ``spike_type``,
+    :class:`~sbnn_addons.IWSTSpike`): the other adapter's exporter would leave it
+    converted. Used by both exporters.
+
+    Raises:
+        TypeError: such a neuron, named, with the exporter to use instead.
+    """
+    attr = {"snntorch": "spike_grad", "spikingjelly": "surrogate_function"}[host]
+    names = [n for n, m in host_neurons(model, host)
+             if isinstance(getattr(m, attr, None), spike_type)]
+    if names:
+        label, exporter = {"snntorch": ("an snnTorch", "to_snntorch"),
+                           "spikingjelly": ("a SpikingJelly", "to_spikingjelly")}[host]
+        raise TypeError(
+            f"module '{names[0]}' is {label} neuron converted by "
+            f"sbnn_addons.{host}.to_sbnn: export the model with "
+            f"sbnn_addons.{host}.{exporter}")
+
 def check_include_overlap(inc, exc, layers: list[str]) -> None:
     """Raise where an ``include`` pattern selects only layers that ``exclude`` also names:
     those layers stay deterministic, the opposite of what ``include`` asks (with a single

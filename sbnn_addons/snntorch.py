@@ -51,6 +51,7 @@ from .base import (
     drop_state,
     host_neurons,
     raise_error,
+    refuse_other_host_export,
     set_state,
 )
 from .base import match_name as _match
@@ -1641,13 +1642,7 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
     from snntorch import surrogate
 
     check_module(model, "to_snntorch")
-    sj_converted = [n for n, m in host_neurons(model, "spikingjelly")
-                    if isinstance(getattr(m, "surrogate_function", None), IWSTSpike)]
-    if sj_converted:
-        raise TypeError(
-            f"module '{sj_converted[0]}' is a SpikingJelly neuron converted by "
-            "sbnn_addons.spikingjelly.to_sbnn: export the model with "
-            "sbnn_addons.spikingjelly.to_spikingjelly")
+    refuse_other_host_export(model, "spikingjelly", IWSTSpike)
     if spike_grad is not None:
         _check_host_spike_grad(spike_grad, model)
     out = _safe_deepcopy(model)

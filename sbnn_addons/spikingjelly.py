@@ -78,6 +78,7 @@ from .base import (
     match_name,
     name_patterns,
     raise_error,
+    refuse_other_host_export,
     set_state,
 )
 from .functional import compact_broadcast, mark_binary
@@ -1123,13 +1124,7 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
             ``sbnn_addons.snntorch.to_sbnn`` (exported by ``to_snntorch``).
     """
     check_module(model, "to_spikingjelly")
-    snn_converted = [n for n, m in host_neurons(model, "snntorch")
-                     if isinstance(getattr(m, "spike_grad", None), IWSTSpike)]
-    if snn_converted:
-        raise TypeError(
-            f"module '{snn_converted[0]}' is an snnTorch neuron converted by "
-            "sbnn_addons.snntorch.to_sbnn: export the model with "
-            "sbnn_addons.snntorch.to_snntorch")
+    refuse_other_host_export(model, "snntorch", IWSTSpike)
     if isinstance(surrogate_function, type):
         raise TypeError(
             "surrogate_function must be a surrogate instance, e.g. surrogate_function="
