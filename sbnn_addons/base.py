@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .tensors import SpikeTensor
+from .tensors import is_binary
 
 __all__ = [
     "SBNNModule", "MODES", "inverse_softplus", "check_std", "share_posterior", "check_finite",
@@ -295,11 +295,8 @@ def shared_square(owner: object, param: Tensor, std: Callable[[], Tensor],
             # a graph computes it once anyway
             or (torch.compiler.is_compiling() if compiling is None else compiling)
             # inside activation checkpointing: the recomputation runs outside the block,
-            # so the forward must record the same operations (checkpoint_hooks_active(),
-            # inline)
-            or ((hooks := torch._C._autograd._top_saved_tensors_default_hooks(False))
-                is not None
-                and "checkpoint" in (getattr(hooks[0], "__module__", None) or ""))):
+            # so the forward must record the same operations
+            or checkpoint_hooks_active()):
         return square(std())
     key = (torch.is_grad_enabled(), param.dtype, param.device,
            None if param.is_inference() else param._version)
@@ -438,8 +435,7 @@ def check_input(x: Tensor, where: str, *, nan_only: bool = False) -> None:
                     f"the input of {where} contains NaN or inf values; clean or normalise "
                     "the data, or use sbnn_addons.check_finite(False)")
         return
-    # is_binary(x), inline (eager): spikes, 0 and 1 only
-    if type(x) is SpikeTensor and x.marked_version == x._version:
+    if is_binary(x, False):  # spikes: 0 and 1 only
         return
     while torch._C._functorch.is_functorch_wrapped_tensor(x):
         # under torch.func (vmap, grad): the values it wraps (a vmap's whole batch)
@@ -696,6 +692,10 @@ def check_neuron_constants(name: str, neuron: torch.nn.Module, attrs: tuple[str,
                 f"error; give {attr} a number before converting")
 
 
+#: The attribute that holds a host neuron's spike function.
+_HOST_SPIKE_ATTR = {"snntorch": "spike_grad", "spikingjelly": "surrogate_function"}
+
+
 def host_neurons(model: torch.nn.Module, host: str) -> list[tuple[str, torch.nn.Module]]:
     """``(name, module)`` of the spiking neurons of host library ``host`` (``"snntorch"``
     or ``"spikingjelly"``) in ``model``, recognised by the modules their classes come
@@ -703,11 +703,10 @@ def host_neurons(model: torch.nn.Module, host: str) -> list[tuple[str, torch.nn.
     ``spike_grad``), a SpikingJelly neuron (a class with a ``surrogate_function``);
     converted neurons included. Used to name the adapter to use for a model of the other
     host."""
-    attr = {"snntorch": "spike_grad", "spikingjelly": "surrogate_function"}[host]
+    attr = _HOST_SPIKE_ATTR[host]
     return [(name, m) for name, m in model.named_modules()
             if hasattr(m, attr)
             and any(c.__module__.split(".")[0] == host for c in type(m).__mro__)]
-
 
 
 def refuse_other_host_export(model: torch.nn.Module, host: str, spike_type: type) -> None:
@@ -719,7 +718,7 @@ def refuse_other_host_export(model: torch.nn.Module, host: str, spike_type: type
     Raises:
         TypeError: such a neuron, named, with the exporter to use instead.
     """
-    attr = {"snntorch": "spike_grad", "spikingjelly": "surrogate_function"}[host]
+    attr = _HOST_SPIKE_ATTR[host]
     names = [n for n, m in host_neurons(model, host)
              if isinstance(getattr(m, attr, None), spike_type)]
     if names:

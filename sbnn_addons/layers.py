@@ -64,7 +64,6 @@ from .moments import (
     raw_variance,
 )
 from .optim import register_noise_owner
-from .tensors import SpikeTensor
 
 __all__ = [
     "share_posterior",  # re-exported from .base
@@ -444,8 +443,7 @@ class _BayesMixin(SBNNModule):
         self._guard_forward_hooks(compiling)
         if self._noise_free():
             return attach_computed_variance(mean, None, compiling=compiling)
-        # is_binary(x, compiling), inline
-        binary = type(x) is SpikeTensor and not compiling and x.marked_version == x._version
+        binary = is_binary(x, compiling)
         x_in = x.detach() if self.detach_input_variance else x
         if binary and x_in is not x:  # the detached view holds the same spikes
             mark_binary(x_in, is_kept(x))

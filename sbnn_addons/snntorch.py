@@ -421,8 +421,7 @@ class _EmittedSpikeReset:
             cached = self.__dict__.get(_CACHE)
             if cached is not None and cached[0] is mem:  # either membrane may come back
                 self.__dict__[_CACHE] = (plain_mem, *cached[1:3], mem)
-        # _version_of(plain_mem, compiling), inline
-        version = None if compiling or plain_mem.is_inference() else plain_mem._version
+        version = _version_of(plain_mem, compiling)
         self.__dict__[_STATE] = (plain_mem, var, plain_mem.requires_grad, version)
         if not compiling:  # steps are recorded per membrane in eager mode only
             last = self.__dict__.pop(_LAST_RECORD, None)  # the records the fire found
@@ -854,12 +853,7 @@ def _unchanged(t: Tensor, mark: int | Tensor | None, compiling: bool | None = No
     """Whether ``t`` is unchanged in place since it had the :func:`_fire_mark` ``mark``
     (``None``, or values to compare: taken as unchanged here). ``compiling``: whether a
     graph is traced, where the caller knows it."""
-    if not isinstance(mark, int):
-        return True
-    # _version_of(t, compiling), inline
-    if (torch.compiler.is_compiling() if compiling is None else compiling) or t.is_inference():
-        return True
-    return t._version == mark
+    return not isinstance(mark, int) or _version_of(t, compiling) in (None, mark)
 
 
 def _copy_of(mem: Tensor, stored: Tensor) -> bool:

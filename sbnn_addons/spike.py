@@ -41,6 +41,7 @@ from .base import (
     noise_scale,
     raise_error,
     shared_square,
+    variance_dtype,
 )
 from .estimators import BernoulliSpike, Estimator, _standard_normal, get_estimator
 from .functional import (
@@ -58,7 +59,7 @@ from .moments import (
     in_checked_model,
 )
 from .optim import register_noise_owner
-from .tensors import AUX_PULL_Z_MAX, _broadcasts, _broadcasts_cached, aux_pull_gradient
+from .tensors import AUX_PULL_Z_MAX, aux_pull_gradient, broadcasts_to
 
 __all__ = ["IWSTSpike", "seed_spikes", "recomputing_forward", "DEFAULT_SPIKE_STD",
            "CONVERTED_SPIKE_STD", "DEFAULT_AUX_PULL", "AUX_PULL_Z_MAX", "aux_pull_gradient"]
@@ -397,8 +398,7 @@ class IWSTSpike(SBNNModule, nn.Module):
             dtype = u.dtype
         own_var = self.own_noise_variance()
         if own_var is not None:
-            # variance_dtype(dtype), inline: float16 -> float32
-            own_var = own_var.to(torch.float32 if dtype == torch.float16 else dtype)
+            own_var = own_var.to(variance_dtype(dtype))
             var = own_var if var is None else var + own_var
         return var
 
@@ -460,9 +460,7 @@ class IWSTSpike(SBNNModule, nn.Module):
             return call_eagerly(self.fire, u, variance)
         compiling = torch.compiler.is_compiling()
         if (variance is not None and variance.shape != u.shape
-                # broadcasts_to(variance.shape, u.shape, compiling), inline
-                and not (_broadcasts(tuple(variance.shape), tuple(u.shape)) if compiling
-                         else _broadcasts_cached(variance.shape, u.shape))):
+                and not broadcasts_to(variance.shape, u.shape, compiling)):
             raise ValueError(
                 f"the variance of shape {tuple(variance.shape)} does not broadcast "
                 f"to the drive u of shape {tuple(u.shape)}"
