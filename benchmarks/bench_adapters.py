@@ -28,7 +28,7 @@ import platform
 
 import torch
 import torch.nn.functional as F
-from bench_core import _saved_bytes, print_rows, repeated
+from bench_core import _saved_bytes, peak_bytes, print_rows, repeated
 from torch import nn
 
 T, B = 25, 128
@@ -115,6 +115,7 @@ def run(reps: int, threads: int, seed: int = 0, repeat: int = 1, sj_node: str = 
         steps = {k: make_step(m) for k, m in models.items()}
         times, ratios = repeated(steps, reps, repeat)
         mem = {k: _saved_bytes(f) for k, f in steps.items()}
+        peak = {k: peak_bytes(f) for k, f in steps.items()}
         for k in models:
             if k == "original":
                 continue
@@ -123,7 +124,8 @@ def run(reps: int, threads: int, seed: int = 0, repeat: int = 1, sj_node: str = 
             rows.append({"host": name, "config": f"{k}, per-layer std",
                          "original_ms": 1e3 * times["original"], "sbnn_ms": 1e3 * times[k],
                          "time_ratio": ratio, "ratio_range": f"{low:.2f}-{high:.2f}",
-                         "memory_ratio": mem[k] / mem["original"]})
+                         "memory_ratio": mem[k] / mem["original"],
+                         "peak_memory_ratio": peak[k] / peak["original"]})
     return rows
 
 
@@ -146,7 +148,7 @@ def main(argv=None) -> None:
           f"{args.repeat} round(s) of {args.reps} interleaved repetitions (medians); "
           f"MLP 784-256-10, T={T}, batch {B}\n")
     print_rows(rows, ("host", "config", "original_ms", "sbnn_ms", "time_ratio", "ratio_range",
-                      "memory_ratio"), args.json)
+                      "memory_ratio", "peak_memory_ratio"), args.json)
 
 if __name__ == "__main__":
     main()

@@ -46,7 +46,7 @@ import types
 import torch
 import torch.nn.functional as F
 from bench_adapters import B, T, snntorch_models, spikingjelly_models
-from bench_core import _saved_bytes, print_rows, repeated
+from bench_core import _saved_bytes, peak_bytes, print_rows, repeated
 
 import sbnn_addons as sb
 
@@ -127,16 +127,6 @@ def _learns(model, step, steps: int, window: int = 3) -> tuple[float, float]:
     return sum(losses[:window]) / window, sum(losses[-window:]) / window
 
 
-def _peak_bytes(step, device: torch.device) -> float:
-    """Peak CUDA memory allocated during one (warm) step, in bytes (NaN off CUDA)."""
-    if device.type != "cuda":
-        return float("nan")
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    return float(torch.cuda.max_memory_allocated(device))
-
-
 def run(reps: int, repeat: int, threads: int, device: str, train_steps: int,
         hosts: tuple[str, ...], seed: int = 0, batch: int = B) -> list[dict]:
     torch.set_num_threads(threads)
@@ -167,7 +157,7 @@ def run(reps: int, repeat: int, threads: int, device: str, train_steps: int,
                 del steps[name], variants[name]
         times, ratios = repeated(steps, reps, repeat)
         saved = {k: _saved_bytes(f) for k, f in steps.items() if "compiled" not in k}
-        peak = {k: _peak_bytes(f, torch.device(device)) for k, f in steps.items()}
+        peak = {k: peak_bytes(f, device) for k, f in steps.items()}
         for name, (model, *_rest) in variants.items():
             first, last = _learns(model, steps[name], train_steps)
             ratio, low, high = ratios[name]
@@ -206,7 +196,7 @@ def main(argv=None) -> None:
           f"{args.threads} threads, {args.repeat} round(s) of {args.reps} interleaved "
           f"repetitions (medians); MLP 784-256-10, T={T}, batch {args.batch}\n")
     columns = ("host", "variant", "ms", "vs_host_eager", "range", "vs_host_compiled",
-               "saved_bytes_ratio") + (("peak_memory_ratio",) if args.device != "cpu" else ())
+               "saved_bytes_ratio", "peak_memory_ratio")
     print_rows(rows, columns + ("loss_first", "loss_last", "learns"), args.json)
     if not all(r["learns"] for r in rows):
         raise SystemExit("a variant's loss did not fall: its time is not meaningful")

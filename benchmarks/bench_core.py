@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import math
 import multiprocessing
@@ -41,6 +42,7 @@ import platform
 import resource
 import statistics
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -182,19 +184,66 @@ def _step_fn(net, x, y):
     return step
 
 
+def _live_storages() -> set[int]:
+    """Addresses of the storages of every tensor alive now (parameters, inputs, state)."""
+    found = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and not obj.is_meta and obj.layout == torch.strided:
+                found.add(obj.untyped_storage().data_ptr())
+    return found
+
+
 def _saved_bytes(step) -> int:
-    seen, total = set(), [0]
+    """Bytes of the tensors one call of ``step`` saves for its backward and allocates
+    itself: the storages that ``torch.autograd.graph.saved_tensors_hooks`` sees, each
+    counted once, without those that existed before the step (parameters, the input
+    batch, state carried over). The storages are held until the count is made, so no
+    address is reused by another one within the step."""
+    gc.collect()
+    before, saved = _live_storages(), {}
 
     def pack(t):
-        key = (t.untyped_storage().data_ptr(), t.dtype)
-        if key not in seen:
-            seen.add(key)
-            total[0] += t.untyped_storage().nbytes()
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in before:
+            saved.setdefault(storage.data_ptr(), storage)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step()
-    return total[0]
+    return sum(s.nbytes() for s in saved.values())
+
+
+def peak_bytes(step, device: torch.device | str = "cpu") -> float:
+    """Peak memory one call of ``step`` allocates above what was allocated when it started
+    (its forward's graph, the backward's temporaries, the gradients), in bytes.
+
+    On CUDA, ``torch.cuda.max_memory_allocated``; on the CPU, the allocator's events in
+    ``torch.profiler`` (``profile_memory=True``): every allocation and release in the
+    step, in order, summed, in the second of two profiled calls (the profiler knows the
+    size of a block it saw allocated: the first call's releases of earlier blocks, such as
+    the last step's gradients, would be left out). Compiled steps are measured alike."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return float(torch.cuda.max_memory_allocated(device) - start)
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):  # the second: its frees of blocks the first allocated have sizes
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return float(peak)
 
 
 def _spike_alone(kind: str):

@@ -102,3 +102,24 @@ def test_profile_step_counts_operators_and_python_calls(monkeypatch):
         return helper(x + 1).sum()  # add, mul, sum; two Python calls (step, helper)
 
     assert profile.step_counts(step) == {"aten_ops": 3, "python_calls": 2}
+
+
+def test_memory_measures_count_what_a_step_allocates():
+    import torch
+
+    bench = _script("bench_core")
+    weight = torch.randn(256, 256, requires_grad=True)  # exists before: not counted
+    x = torch.randn(64, 256)
+
+    def step():
+        weight.grad = None
+        h = x @ weight  # saves x (there before) and nothing of its own
+        y = h.exp()  # saves its output: 64 * 256 float32 = 64 KiB
+        y.sum().backward()
+
+    assert bench._saved_bytes(step) == 64 * 256 * 4
+    peak = bench.peak_bytes(step)
+    # the step frees the last gradient of the weight (256 KiB) first; the new one takes its
+    # place while h, y (the step's variables) and the gradient of h (64 KiB each) are
+    # alive: 3 x 64 KiB above the start, plus scalars
+    assert 3 * 64 * 256 * 4 <= peak <= 3 * 64 * 256 * 4 + 64
