@@ -12,8 +12,9 @@ Bernoulli(0.2) input):
 
 Per-layer std (the paper's scalar) with ST and AGR estimators, at the converters'
 defaults (the auxiliary pull on), and ST with ``aux_pull=0`` (what the pull costs).
-Reports median step time (forward, cross-entropy, backward, state reset) and the bytes
-of tensors saved for backward, each as a ratio to the original model.
+Reports median step time (forward, cross-entropy, backward, state reset), the bytes of
+the tensors a step saves for backward (``bench_core._saved_bytes``) and the peak memory a
+step allocates (``bench_core.peak_bytes``), each as a ratio to the original model.
 
 Usage::
 

@@ -18,15 +18,17 @@ surrogate) and SpikingJelly (multi-step ``LIFNode``, ``ATan``):
 
 A step is state reset, forward, cross-entropy and backward (the compiled variants compile
 the forward and the loss). Reports the median step time as a ratio to ``host eager`` and to
-``host compiled``, the bytes saved for backward as a ratio to the host's (eager variants),
-and, so that no time is quoted for a network that does not learn, the loss before and after
-``--train-steps`` Adam steps on one fixed batch for every variant (the mean of the last
-three must be below the mean of the first three).
+``host compiled``, the bytes saved for backward as a ratio to the host's (eager variants;
+:func:`bench_core._saved_bytes`), the peak memory a step allocates as a ratio to the host's
+eager step (every variant; :func:`bench_core.peak_bytes`: the allocator's events on the CPU,
+``torch.cuda.max_memory_allocated`` on CUDA), and, so that no time is quoted for a
+network that does not learn, the loss before and after ``--train-steps`` Adam steps on one
+fixed batch for every variant (the mean of the last three must be below the mean of the
+first three).
 
 On CUDA each step ends with a device synchronisation (the time of the kernels, not of their
 launch), the C-kernel variants are left out (the kernel serves CPU tensors only: ``sbnn
-eager`` is the PyTorch path) and the peak memory allocated in one step is reported as a
-ratio to the host's eager step. ``--batch`` changes the batch (128: the reference shape).
+eager`` is the PyTorch path). ``--batch`` changes the batch (128: the reference shape).
 
 Usage::
 

@@ -3,7 +3,7 @@
 Measures, in one run, the median training-step time (forward, loss, backward) of each
 configuration interleaved with its baseline (a pairwise A/B), and the bytes of tensors
 saved for backward (the activation memory that dominates training memory on CPU,
-measured with ``saved_tensors_hooks``) of:
+measured with ``saved_tensors_hooks``: the storages the step allocates, each once) of:
 
 * an MLP spiking net (784-256-10, T=25, batch 128) and
 * a small conv spiking net (2x32x32 -> conv16 -> avgpool -> conv32 -> avgpool -> fc10,
