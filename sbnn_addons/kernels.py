@@ -701,16 +701,14 @@ class _EstimatorArgs(NamedTuple):
     max_weight: float
 
 
-# The two operators are defined with ``torch.library.Library`` rather than the
-# ``torch.library.custom_op`` decorator: the same dispatcher entries and fake kernels for
-# the compiler, without the decorator's per-call Python wrapper (14 us against 4.6 us per
-# call, measured; a converted network calls them twice per neuron and step). Their
-# autograd is :class:`_CompiledSpike`.
+# The operator is defined with ``torch.library.Library`` rather than the
+# ``torch.library.custom_op`` decorator: the same dispatcher entry and fake kernel for the
+# compiler, without the decorator's per-call Python wrapper (14 us against 4.6 us per call,
+# measured; a converted network calls it once per neuron and step). Its autograd is
+# :class:`_CompiledSpike`, whose backward is PyTorch operations that inductor fuses.
 _LIB = torch.library.Library("sbnn_addons", "DEF")
 _LIB.define("spike_forward(Tensor u, Tensor variance, bool at_zero, float? aux_offset) "
             "-> (Tensor, Tensor)", tags=(torch.Tag.nondeterministic_seeded,))
-_LIB.define("spike_backward(Tensor grad, Tensor grad_aux, Tensor u, Tensor variance, "
-            "Tensor spikes, str estimator, float aux_offset, bool aux_var) -> (Tensor, Tensor)")
 
 
 def _spike_forward_impl(u: Tensor, variance: Tensor, at_zero: bool,
@@ -723,16 +721,7 @@ def _spike_forward_impl(u: Tensor, variance: Tensor, at_zero: bool,
     return h, torch.tensor(aux, dtype=torch.float32)
 
 
-def _spike_backward_impl(grad: Tensor, grad_aux: Tensor, u: Tensor, variance: Tensor,
-                         spikes: Tensor, estimator: str, aux_offset: float,
-                         aux_var: bool) -> tuple[Tensor, Tensor]:
-    return spike_backward(grad, u, variance, spikes,
-                          _EstimatorArgs(*parse_estimator_spec(estimator)), float(grad_aux),
-                          aux_offset, aux_var)
-
-
 _LIB.impl("spike_forward", _spike_forward_impl, "CPU")
-_LIB.impl("spike_backward", _spike_backward_impl, "CPU")
 
 
 @torch.library.register_fake("sbnn_addons::spike_forward", lib=_LIB)
@@ -741,14 +730,13 @@ def _(u, variance, at_zero, aux_offset):
             u.new_empty((), dtype=torch.float32))
 
 
-@torch.library.register_fake("sbnn_addons::spike_backward", lib=_LIB)
-def _(grad, grad_aux, u, variance, spikes, estimator, aux_offset, aux_var):
-    return (torch.empty_like(u, memory_format=torch.contiguous_format),
-            torch.empty_like(variance, memory_format=torch.contiguous_format))
-
-
 _spike_forward_op = torch.ops.sbnn_addons.spike_forward.default
-_spike_backward_op = torch.ops.sbnn_addons.spike_backward.default
+
+
+@functools.lru_cache(maxsize=64)
+def _estimator_args(spec: str) -> _EstimatorArgs:
+    """The :class:`_EstimatorArgs` of an :attr:`~sbnn_addons.estimators.Estimator.spec`."""
+    return _EstimatorArgs(*parse_estimator_spec(spec))
 
 
 def can_fuse_compiled(u: Tensor, variance: Tensor) -> bool:
@@ -771,20 +759,27 @@ class _CompiledSpike(torch.autograd.Function):
         ctx.save_for_backward(u, variance, output[0])
         ctx.estimator = estimator  # Estimator.spec: a constant under torch.compile
         ctx.aux_offset = 0.0 if aux_offset is None else aux_offset
+        ctx.want_aux = aux_offset is not None
         ctx.aux_var = aux_var
 
     @staticmethod
     def backward(ctx, grad, grad_aux):
+        # the kernel's formulas as PyTorch operations (spike_backward's): in a compiled
+        # graph inductor fuses them with the rest of the backward, which costs less
+        # than a call of the kernel as an opaque operator (bench_compile.py)
         u, variance, spikes = ctx.saved_tensors
-        grad_u, grad_var = _spike_backward_op(grad, grad_aux, u, variance, spikes,
-                                              ctx.estimator, ctx.aux_offset, ctx.aux_var)
+        grad_u, grad_var = _torch_spike_backward(
+            grad, u, variance, spikes, _estimator_args(ctx.estimator),
+            grad_aux if ctx.want_aux else None, ctx.aux_offset, ctx.aux_var, 0.0)
         return grad_u, grad_var, None, None, None, None
 
 
 def compiled_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
                    aux_offset: float | None = None,
                    aux_var: bool = True) -> tuple[Tensor, Tensor]:
-    """:func:`fused_spike` as custom ops, for compiled graphs (global RNG).
+    """:func:`fused_spike` for compiled graphs (global RNG): the forward is the kernel as
+    the custom operator ``sbnn_addons::spike_forward``, the backward the same formulas in
+    PyTorch operations, which inductor fuses.
 
     Spikes ``h = 1[U < Phi(u / sqrt(variance))]`` with the IW-ST backward of ``estimator``,
     as :func:`fused_spike`: ``u`` float32 CPU ``[*]``, ``variance`` float32 broadcastable to

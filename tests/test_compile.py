@@ -275,8 +275,9 @@ def test_variance_survives_copies():
 @needs_kernel
 def test_kernel_op_in_a_compiled_graph_matches_the_eager_kernel():
     """With the kernel on, a compiled graph calls it as a custom op
-    (``sbnn_addons::spike_forward`` / ``spike_backward``): one spike call gives the eager
-    kernel's spikes (same Philox key from the global RNG) and gradients."""
+    (``sbnn_addons::spike_forward``; the backward is its formulas in PyTorch operations):
+    one spike call gives the eager kernel's spikes (same Philox key from the global RNG)
+    and gradients."""
     if not sb.kernels.available():
         pytest.skip("no C compiler on this machine")
     torch._dynamo.reset()
