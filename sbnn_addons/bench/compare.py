@@ -818,7 +818,9 @@ def compare(
 
     Raises:
         ValueError: unknown methods, bad layout, a subset or training set that lacks
-            classes, a shuffling test loader, data order that differs between methods.
+            classes, a shuffling test loader, data order that differs between methods, a
+            diverged run (a NaN / inf training loss or parameters, or NaN outputs in
+            evaluation), named with its method and seed (and epoch).
     """
     from .results import BenchResults
 
@@ -1226,9 +1228,11 @@ def _train_epoch(run: _Run, ctx: _Ctx, epoch: int) -> None:
     enc_gen = torch.Generator().manual_seed(_mix(run.seed, epoch, 2, ctx.rank))
     total = torch.zeros(3, dtype=torch.float64)  # task loss, objective, samples
     labels, sums = [], []
+    first_bad: int | None = None  # the first batch whose objective was NaN or inf
     _sync(ctx.device)
     t0 = time.perf_counter()
-    for xb, yb in ctx.train.batches(ctx.batch_size, perm_gen, ctx.rank, ctx.world):
+    for i, (xb, yb) in enumerate(ctx.train.batches(ctx.batch_size, perm_gen, ctx.rank,
+                                                   ctx.world)):
         x = prepare(xb, ctx.layout, ctx.encode, enc_gen, ctx.device)
         y = yb.to(ctx.device)
         out = run.forward(x)
@@ -1241,8 +1245,11 @@ def _train_epoch(run: _Run, ctx: _Ctx, epoch: int) -> None:
         run.optimizer.step()
         if run.scheduler is not None and run.interval == "batch":
             run.scheduler.step()
-        total[0] += float(task_loss.detach()) * len(y)
-        total[1] += float(loss.detach()) * len(y)
+        task_value, value = float(task_loss.detach()), float(loss.detach())
+        if first_bad is None and not (math.isfinite(task_value) and math.isfinite(value)):
+            first_bad = i + 1
+        total[0] += task_value * len(y)
+        total[1] += value * len(y)
         total[2] += len(y)
         labels.append(yb)
         sums.append(xb.detach().double().sum().reshape(1))
@@ -1253,6 +1260,7 @@ def _train_epoch(run: _Run, ctx: _Ctx, epoch: int) -> None:
     if ctx.world > 1:
         dist.all_reduce(total)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    _check_diverged(run, epoch, total, first_bad)
     ytr = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
     run.orders.append(fingerprint(ytr, torch.cat(sums) if sums else None))
     if epoch == 0 and not ctx.train.is_tensor:
@@ -1265,6 +1273,38 @@ def _train_epoch(run: _Run, ctx: _Ctx, epoch: int) -> None:
                       "train_objective": float(total[1]) / n,
                       "test_accuracy": float((probs.argmax(-1) == targets).float().mean())})
     _save_rng(run, ctx.device)
+
+
+def _check_diverged(run: _Run, epoch: int, total: Tensor, first_bad: int | None) -> None:
+    """Raise when training diverged in ``epoch``: a NaN / inf loss (``total``: the summed
+    task loss and objective, over every process), or NaN / inf parameters.
+
+    Either must stop the run: Adam writes a NaN gradient into the weights, and a model
+    whose output layer spikes then emits no spike (``NaN > threshold`` is false), so its
+    evaluation is finite (uniform predictions, an accuracy of one class's share) and the
+    run would be reported as trained. The same check on every process (the totals are
+    all-reduced, the parameters kept in sync), so that all of them stop.
+
+    Raises:
+        ValueError: naming the method, the seed, the epoch (and the first such batch, or
+            the first non-finite parameters) and the fix.
+    """
+    fix = ("lower the learning rate (lr=, noise_lr=), clip the gradients in a recipe, or "
+           "check loss_fn and the data")
+    where = f"{run.method.name} (seed {run.seed})"
+    if not bool(torch.isfinite(total[:2]).all()):
+        batch = f" (batch {first_bad} on this process)" if first_bad is not None else ""
+        raise ValueError(
+            f"{where}: the training loss became NaN or inf in epoch {epoch + 1}{batch}, so "
+            f"the run diverged (the optimiser wrote NaN into the weights); {fix}")
+    params = [(n, p) for n, p in run.model.named_parameters() if p.is_floating_point()]
+    if params and not bool(torch.stack([p.detach().isfinite().all() for _, p in params]).all()):
+        bad = [n for n, p in params if not bool(p.detach().isfinite().all())]
+        raise ValueError(
+            f"{where}: after epoch {epoch + 1} the parameters {bad[:6]} hold NaN or inf "
+            "values, so the run diverged (or started from such weights); a spiking output "
+            "layer emits no spike then, and its finite loss and predictions would pass for "
+            f"a trained model's; {fix}")
 
 
 @torch.no_grad()
