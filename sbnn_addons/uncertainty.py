@@ -153,10 +153,24 @@ def entropy(probs: Tensor, dim: int = -1) -> Tensor:
     Raises:
         TypeError: ``probs`` is not a floating-point tensor.
         ValueError: entries outside ``[0, 1]`` or NaN (logits give a meaningless,
-            possibly negative, "entropy": pass ``softmax(logits)``).
+            possibly negative, "entropy": pass ``softmax(logits)``), or values that do not
+            sum to 1 along ``dim`` (within 1e-2, or the dtype's rounding over its terms,
+            whichever is larger): another
+            axis than the classes' (``entropy(sample_probs, dim=0)`` sums over the
+            samples), or per-class sigmoid outputs.
     """
     _check_unit_interval(probs, "entropy: probs")
+    terms = probs.shape[dim] if probs.dim() else 1
+    # loose: half-precision probabilities read in float64 miss 1 by a few 1e-3; a wrong
+    # axis or sigmoid outputs miss it by far more
+    atol = max(1e-2, terms * torch.finfo(probs.dtype).eps)
     probs = _at_least_float32(probs)  # a bfloat16 sum keeps three digits
+    if probs.numel() and not bool(((probs.sum(dim) - 1).abs() <= atol).all()):
+        raise ValueError(
+            f"entropy: probs must sum to 1 along dim={dim} (the classes' axis, of size "
+            f"{terms}), got sums in [{float(probs.sum(dim).min()):.3g}, "
+            f"{float(probs.sum(dim).max()):.3g}]; pass dim= the classes' axis (e.g. -1 for "
+            "[K, B, C] samples), and probabilities from a softmax, not per-class sigmoids")
     tiny = max(_TINY, torch.finfo(probs.dtype).tiny)
     return -(probs * probs.clamp_min(tiny).log()).sum(dim)
 
