@@ -281,6 +281,11 @@ def time_as_samples(per_step_logits: Tensor) -> Prediction:
     Returns:
         :class:`Prediction` with ``num_samples = T`` and ``sample_probs [T, B, C]``
         (float32; float64 for float64 logits).
+
+    Warns:
+        UserWarning: every row is already a probability vector (per-step softmax
+            outputs): the softmax applied here flattens it (as :func:`mc_predict` warns);
+            pass the logits.
     """
     if not isinstance(per_step_logits, Tensor) or per_step_logits.dim() != 3:
         shape = getattr(per_step_logits, "shape", None)
@@ -288,6 +293,12 @@ def time_as_samples(per_step_logits: Tensor) -> Prediction:
     if per_step_logits.shape[0] < 1:
         raise ValueError("per_step_logits needs T >= 1 time steps")
     logits = plain(per_step_logits)
+    if logits.shape[-1] > 1 and logits.numel() and _is_distribution(logits.float()):
+        warnings.warn(
+            "time_as_samples: every row of per_step_logits is already a probability vector "
+            "(entries in [0, 1] summing to 1), and it is treated as logits, so a second "
+            "softmax flattens it; pass the logits (or membrane potentials) of each step, "
+            "or use from_sample_probs for per-step probabilities", stacklevel=2)
     # float64 kept, as in mc_predict: a confident error's probability does not underflow
     probs = torch.softmax(logits if logits.dtype == torch.float64 else logits.float(), -1)
     _check_no_nan(probs, "per_step_logits", "logits")

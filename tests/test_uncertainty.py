@@ -623,3 +623,18 @@ def test_entropy_refuses_values_that_are_not_distributions_along_dim():
     # a bfloat16 softmax misses 1 by its rounding over C terms: accepted
     probs = torch.softmax(3 * torch.randn(64, 10), -1).to(torch.bfloat16)
     entropy(probs)
+
+
+def test_time_as_samples_warns_for_probabilities_as_mc_predict_does():
+    """Per-step softmax outputs passed to time_as_samples got a second softmax (a flattened
+    distribution, inflated entropy) without a word, where mc_predict warns for the same
+    mistake."""
+    logits = 3 * torch.randn(6, 4, 5)
+    with pytest.warns(UserWarning, match=r"already a probability vector.*softmax"):
+        twice = time_as_samples(torch.softmax(logits, -1))
+    assert twice.entropy.mean() > time_as_samples(logits).entropy.mean()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        time_as_samples(logits)
