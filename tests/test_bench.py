@@ -892,3 +892,23 @@ def test_compare_names_non_finite_parameters_with_a_finite_loss():
     with pytest.raises(ValueError, match=r"original \(seed 0\).*parameters.*0\.weight.*NaN"):
         compare(nan_net, _spike_data(12, 0), _spike_data(6, 1), methods=["original"],
                 epochs=1, batch_size=6)
+
+
+def test_compare_names_an_encode_that_ignores_its_generator():
+    """encode=lambda x, gen: rate_code(x, T) (the generator forgotten) drew from the
+    global RNG, whose state at the final evaluation differs between the methods: each
+    method was scored on another random coding of the test set, silently (the training
+    inputs matched, and only the stored batches were checked). It raises before training;
+    an encode that uses its generator runs."""
+    from sbnn_addons.bench import compare
+    from sbnn_addons.data import rate_code
+
+    x, y = _spike_data(24, 0)
+    xte, yte = _spike_data(12, 1)
+    static = (x.mean(0), y), (xte.mean(0), yte)  # intensities [N, F] in [0, 1]
+    kw = dict(layout="static", methods=["original", "sbnn-st"], epochs=1, batch_size=12,
+              mc_samples=2, warmup=False)
+    with pytest.raises(ValueError, match=r"encode.*generator.*rate_code\(x, T, gen\)"):
+        compare(_snntorch_net, *static, encode=lambda xb, gen: rate_code(xb, 4), **kw)
+    res = compare(_snntorch_net, *static, encode=lambda xb, gen: rate_code(xb, 4, gen), **kw)
+    assert len(res.rows) == 2

@@ -769,7 +769,8 @@ def compare(
             ``init_hidden`` neurons must say.
         encode: ``encode(x, generator) -> model input`` per batch, after the transposition
             (e.g. a rate code), time-major ``[T, B, ...]``; ``generator`` is seeded
-            identically for every method.
+            identically for every method, and the hook must draw from it only (one that
+            draws from the global RNG raises: the methods would see other inputs).
         readout: ``readout(output) -> logits [B, C]``; ``output`` is the model's return
             value (sequence models) or the list of per-step returns (step models). Default:
             first item of a tuple, mean over time of a ``[T, B, C]`` output (time first,
@@ -905,6 +906,7 @@ def compare(
                n_train=n_train, rank=rank, world=world, aux_weight=aux_weight,
                aux_reduction=aux_reduction, aux_all=aux_all and bool(aux_weight), step=step,
                time_axis=_input_has_time_axis(train, encode), num_classes=num_classes)
+    _check_encode_replays(ctx)
     rows: list[dict] = []
     num_steps = None
     try:
@@ -1090,6 +1092,39 @@ def _first_batch(ctx: _Ctx, n: int = 2) -> Tensor:
     xb, _ = first
     xb = xb[:, :n] if ctx.layout == "TB" else xb[:n]  # a loader's batch: its first n
     return prepare(xb, ctx.layout, ctx.encode, torch.Generator().manual_seed(0), ctx.device)
+
+
+def _check_encode_replays(ctx: _Ctx) -> None:
+    """Raise when ``encode`` draws from anything but its ``generator``: the first batch,
+    encoded twice with identically seeded generators under two states of the global RNG,
+    must come out the same.
+
+    An encode that ignores its generator (``rate_code(x, T)``) draws from the global RNG,
+    whose state at the final evaluation differs between the methods (each evaluates after
+    the others' draws): every method would be scored on another random coding of the test
+    set, silently (the fingerprint of the data order reads the stored batches).
+
+    Raises:
+        ValueError: naming the fix (draw from the generator the hook receives).
+    """
+    if ctx.encode is None:
+        return
+    state = torch.get_rng_state()
+    outs = []
+    try:
+        for global_seed in (1, 2):
+            torch.manual_seed(global_seed)
+            outs.append(_first_batch(ctx))
+    finally:
+        torch.set_rng_state(state)
+    if outs[0].shape != outs[1].shape or not torch.equal(outs[0], outs[1]):
+        raise ValueError(
+            "encode(x, generator) gave two different results for the same batch and "
+            "identically seeded generators: it draws its randomness from elsewhere (the "
+            "global RNG, numpy or Python's random), so the methods would be trained and "
+            "scored on different random codings (the test inputs differ between methods). "
+            "Draw from the generator it receives, e.g. encode=lambda x, gen: "
+            "rate_code(x, T, gen) or torch.rand(..., generator=gen)")
 
 
 def _check_outputs(logits: Tensor, ctx: _Ctx, labels: Tensor | None = None) -> None:
