@@ -1312,7 +1312,7 @@ def _train_epoch(run: _Run, ctx: _Ctx, epoch: int) -> None:
 
 def _check_diverged(run: _Run, epoch: int, total: Tensor, first_bad: int | None) -> None:
     """Raise when training diverged in ``epoch``: a NaN / inf loss (``total``: the summed
-    task loss and objective, over every process), or NaN / inf parameters.
+    task loss and objective, over every process), or NaN / inf trained parameters.
 
     Either must stop the run: Adam writes a NaN gradient into the weights, and a model
     whose output layer spikes then emits no spike (``NaN > threshold`` is false), so its
@@ -1332,7 +1332,9 @@ def _check_diverged(run: _Run, epoch: int, total: Tensor, first_bad: int | None)
         raise ValueError(
             f"{where}: the training loss became NaN or inf in epoch {epoch + 1}{batch}, so "
             f"the run diverged (the optimiser wrote NaN into the weights); {fix}")
-    params = [(n, p) for n, p in run.model.named_parameters() if p.is_floating_point()]
+    # the trained ones: a frozen parameter may hold an inf on purpose (a mask, a bound)
+    params = [(n, p) for n, p in run.model.named_parameters()
+              if p.requires_grad and p.is_floating_point()]
     if params and not bool(torch.stack([p.detach().isfinite().all() for _, p in params]).all()):
         bad = [n for n, p in params if not bool(p.detach().isfinite().all())]
         raise ValueError(
