@@ -417,6 +417,8 @@ def test_subset_missing_classes_raises(tmp_path):
     (dict(seeds=["0"]), "every seed must be an integer"),
     (dict(seeds=[None]), "every seed must be an integer"),
     (dict(seeds=3), r"seeds must be a sequence of integers \(e.g. seeds=\(0, 1, 2\)\)"),
+    (dict(max_train_samples=0), "max_train_samples must be an integer >= 1 or None"),
+    (dict(max_test_samples=2.5), "max_test_samples must be an integer >= 1 or None"),
 ])
 def test_compare_names_bad_seeds_and_batch_sizes(kwargs, word):
     """Repeated seeds would report a spread of zero; zero batch sizes crashed deep inside;

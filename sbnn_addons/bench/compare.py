@@ -845,6 +845,12 @@ def compare(
     for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    for name, value in (("max_train_samples", max_train_samples),
+                        ("max_test_samples", max_test_samples)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1 or None (all samples), got "
+                             f"{value!r}")
     if recipe is None:  # the default recipe's learning rates (a recipe of yours sets its own)
         for name, value, what in (("lr", lr, "weights"), ("noise_lr", noise_lr,
                                                             "SBNN noise scales")):
