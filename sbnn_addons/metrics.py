@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -234,7 +235,8 @@ _WEIGHT_LAYERS = (torch.nn.Linear, *_CONVS)
 _UNCOUNTED_LAYERS = (torch.nn.RNNBase, torch.nn.RNNCellBase, torch.nn.Bilinear)
 
 
-def layer_synops(layer: torch.nn.Module, x: Tensor) -> Tensor:
+def layer_synops(layer: torch.nn.Module, x: Tensor, *,
+                 output_size: Sequence[int] | None = None) -> Tensor:
     """Synaptic operations of one weight-layer call: one per (non-zero input, synapse).
 
     .. code-block:: text
@@ -255,6 +257,8 @@ def layer_synops(layer: torch.nn.Module, x: Tensor) -> Tensor:
             ``layer.Conv3d``).
         x: the layer's input (``[*, in_features]``, or ``[*, N, C, *spatial]`` with any
             leading dimensions, e.g. the steps of a SpikingJelly multi-step layer).
+        output_size: a transposed convolution's ``output_size`` argument, where the call
+            passed one (it sets the output padding); ignored by the other layers.
 
     Returns:
         Scalar float64 tensor.
@@ -291,8 +295,11 @@ def layer_synops(layer: torch.nn.Module, x: Tensor) -> Tensor:
     ones = nz.new_ones((g, 1, *layer.kernel_size))
     if layer.transposed:  # each output position: the non-zero inputs that reach it
         conv_t = getattr(torch.nn.functional, f"conv_transpose{spatial}d")
+        output_padding = layer._output_padding(
+            nz, None if output_size is None else list(output_size), list(layer.stride),
+            list(layer.padding), list(layer.kernel_size), spatial, list(layer.dilation))
         counts = conv_t(nz, ones, stride=layer.stride, padding=layer.padding,
-                        output_padding=layer.output_padding, groups=g,
+                        output_padding=tuple(output_padding), groups=g,
                         dilation=layer.dilation)
         return counts.sum(dtype=torch.float64) * (layer.out_channels // g)
     conv = getattr(torch.nn.functional, f"conv{spatial}d")
@@ -417,23 +424,25 @@ class SpikeMonitor:
 
             h.__dict__["fire_inhibition"] = fire_inhibition
         for name, m in self._layers:
-            def pre(mod, args, _name=name):
-                x = args[0] if args else None
+            def pre(mod, args, kwargs, _name=name):
+                x = args[0] if args else kwargs.get("input")
                 if not isinstance(x, Tensor):
                     return
+                # a transposed convolution's output_size (its output padding)
+                size = args[1] if len(args) > 1 else kwargs.get("output_size")
                 if not self.spiking_inputs_only or is_binary(x):  # marked spikes: binary
-                    ops = layer_synops(mod, x)
+                    ops = layer_synops(mod, x, output_size=size)
                 elif x.is_cpu and not torch.compiler.is_compiling():
                     if not bool(((x == 0) | (x == 1)).all()):
                         return  # analogue input: MACs, not SynOps (and none computed)
-                    ops = layer_synops(mod, x)
+                    ops = layer_synops(mod, x, output_size=size)
                 else:  # a graph, or an accelerator: no data-dependent branch, no sync
-                    ops = layer_synops(mod, x)
+                    ops = layer_synops(mod, x, output_size=size)
                     ops = torch.where(((x == 0) | (x == 1)).all(), ops, ops.new_zeros(()))
                 # a CPU scalar plus a device one stays on the device: no sync per call
                 self.synops[_name] = self.synops[_name] + ops
 
-            self._handles.append(m.register_forward_pre_hook(pre))
+            self._handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -186,7 +186,7 @@ def test_the_monitor_waits_for_no_device(spiking_inputs_only):
     assert mon.units["1"] == 15 and mon.units["3"] == 12
 
 
-def _synops_by_jacobian(layer: nn.Module, x: torch.Tensor) -> float:
+def _synops_by_jacobian(layer: nn.Module, x: torch.Tensor, **kwargs) -> float:
     """SynOps by brute force: for every non-zero input, the outputs that read it through a
     weight (non-zero entries of its Jacobian column, with every weight 1), summed."""
     ones = layer
@@ -194,7 +194,8 @@ def _synops_by_jacobian(layer: nn.Module, x: torch.Tensor) -> float:
     with torch.no_grad():
         ones.weight.fill_(1.0)
     try:
-        jac = torch.autograd.functional.jacobian(lambda v: ones(v), torch.ones_like(x))
+        jac = torch.autograd.functional.jacobian(lambda v: ones(v, **kwargs),
+                                                 torch.ones_like(x))
     finally:
         with torch.no_grad():
             ones.weight.copy_(saved)
@@ -243,3 +244,31 @@ def test_spike_monitor_warns_for_weight_layers_it_cannot_count():
         warnings.simplefilter("error")
         SpikeMonitor(model, synops=False)
         SpikeMonitor(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
+
+
+def test_synops_of_a_transposed_convolution_called_with_output_size():
+    """ConvTranspose2d(x, output_size=...) (a U-Net decoder matching its skip's size) adds
+    output rows that the layer's own output_padding does not: counted as called, by the
+    monitor (positional or keyword) and by layer_synops(output_size=)."""
+    from sbnn_addons.metrics import layer_synops
+
+    torch.manual_seed(0)
+    layer = nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1)
+    x = (torch.rand(2, 2, 5, 5) < 0.5).float()
+    size = [10, 10]  # output_padding 1 in both dimensions (the layer's is 0)
+    expected = _synops_by_jacobian(layer, x, output_size=size)
+    assert expected != _synops_by_jacobian(layer, x)
+    assert float(layer_synops(layer, x, output_size=size)) == expected
+
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = layer
+
+        def forward(self, v):
+            return self.up(v, size) + self.up(v, output_size=size)
+
+    model = Up()
+    with SpikeMonitor(model) as mon, torch.no_grad():
+        model(x)
+    assert float(mon.synops["up"]) == 2 * expected
