@@ -155,9 +155,9 @@ def entropy(probs: Tensor, dim: int = -1) -> Tensor:
         ValueError: entries outside ``[0, 1]`` or NaN (logits give a meaningless,
             possibly negative, "entropy": pass ``softmax(logits)``), or values that do not
             sum to 1 along ``dim`` (within 1e-2, or the dtype's rounding over its terms,
-            whichever is larger): another
-            axis than the classes' (``entropy(sample_probs, dim=0)`` sums over the
-            samples), or per-class sigmoid outputs.
+            whichever is larger): another axis than the classes'
+            (``entropy(sample_probs, dim=0)`` sums over the samples), or per-class
+            sigmoid outputs.
     """
     _check_unit_interval(probs, "entropy: probs")
     terms = probs.shape[dim] if probs.dim() else 1
