@@ -8,6 +8,8 @@ SynOps counting (:class:`SpikeMonitor`) serve :mod:`sbnn_addons.uncertainty`.
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -226,10 +228,15 @@ def ood_metrics(scores_in: Tensor, scores_out: Tensor) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- spikes, SynOps
-_WEIGHT_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+_CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d,
+          torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+_WEIGHT_LAYERS = (torch.nn.Linear, *_CONVS)
+#: layers with synapses whose operations :func:`layer_synops` does not count
+_UNCOUNTED_LAYERS = (torch.nn.RNNBase, torch.nn.RNNCellBase, torch.nn.Bilinear)
 
 
-def layer_synops(layer: torch.nn.Module, x: Tensor) -> Tensor:
+def layer_synops(layer: torch.nn.Module, x: Tensor, *,
+                 output_size: Sequence[int] | None = None) -> Tensor:
     """Synaptic operations of one weight-layer call: one per (non-zero input, synapse).
 
     .. code-block:: text
@@ -239,19 +246,25 @@ def layer_synops(layer: torch.nn.Module, x: Tensor) -> Tensor:
                           * out_channels / groups    (exact at the borders; a
                           circular / reflect / replicate padding counts the inputs it
                           copies)
+        ConvTranspose: the same sum over the output positions each input reaches (those
+                          that the padding crops are not counted)
 
     For binary spike inputs this is ``sum over spikes of the spike's fan-out``.
 
     Args:
-        layer: ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d`` (or a subclass).
-        x: the layer's input (``[*, in_features]``, or ``[*, N, C, (H,) W]`` with any
+        layer: ``nn.Linear``, ``nn.Conv1d`` / ``Conv2d`` / ``Conv3d`` or
+            ``nn.ConvTranspose1d`` / ``2d`` / ``3d`` (or a subclass, e.g. SpikingJelly's
+            ``layer.Conv3d``).
+        x: the layer's input (``[*, in_features]``, or ``[*, N, C, *spatial]`` with any
             leading dimensions, e.g. the steps of a SpikingJelly multi-step layer).
+        output_size: a transposed convolution's ``output_size`` argument, where the call
+            passed one (it sets the output padding); ignored by the other layers.
 
     Returns:
         Scalar float64 tensor.
 
     Raises:
-        TypeError: ``x`` is not a tensor, or ``layer`` is not a Linear / Conv1d / Conv2d.
+        TypeError: ``x`` is not a tensor, or ``layer`` is none of these layers.
         ValueError: ``x`` does not fit the layer (its features or channels).
     """
     if not isinstance(x, Tensor):
@@ -263,29 +276,38 @@ def layer_synops(layer: torch.nn.Module, x: Tensor) -> Tensor:
                 f"x of shape {tuple(x.shape)} is not an input of {type(layer).__name__} "
                 f"with in_features={layer.in_features} (its last dimension)")
         return (x.detach() != 0).sum().double() * layer.out_features
-    if not isinstance(layer, (torch.nn.Conv1d, torch.nn.Conv2d)):
-        raise TypeError(f"layer must be Linear/Conv1d/Conv2d, got {type(layer).__name__}")
-    spatial = 1 if isinstance(layer, torch.nn.Conv1d) else 2
+    if not isinstance(layer, _CONVS):
+        raise TypeError("layer must be Linear, Conv1d/2d/3d or ConvTranspose1d/2d/3d, got "
+                        f"{type(layer).__name__}")
+    spatial = len(layer.kernel_size)
     if x.dim() < spatial + 1 or x.shape[-spatial - 1] != layer.in_channels:
         raise ValueError(
             f"x of shape {tuple(x.shape)} is not an input of {type(layer).__name__} with "
             f"in_channels={layer.in_channels}: expected [*, {layer.in_channels}, "
-            f"{'L' if spatial == 1 else 'H, W'}]")
+            f"{', '.join('DHW'[3 - spatial:]) if spatial > 1 else 'L'}]")
     nz = (x.detach() != 0).to(torch.float32)
-    conv = torch.nn.functional.conv1d if isinstance(layer, torch.nn.Conv1d) else (
-        torch.nn.functional.conv2d)
     if nz.dim() == spatial + 1:  # unbatched
         nz = nz.unsqueeze(0)
     elif nz.dim() > spatial + 2:  # leading step dimensions (SpikingJelly multi-step)
         nz = nz.flatten(0, nz.dim() - spatial - 2)
     g = layer.groups
     nz = nz.unflatten(1, (g, nz.shape[1] // g)).sum(2)  # [N, groups, *spatial]
+    ones = nz.new_ones((g, 1, *layer.kernel_size))
+    if layer.transposed:  # each output position: the non-zero inputs that reach it
+        conv_t = getattr(torch.nn.functional, f"conv_transpose{spatial}d")
+        output_padding = layer._output_padding(
+            nz, None if output_size is None else list(output_size), list(layer.stride),
+            list(layer.padding), list(layer.kernel_size), spatial, list(layer.dilation))
+        counts = conv_t(nz, ones, stride=layer.stride, padding=layer.padding,
+                        output_padding=tuple(output_padding), groups=g,
+                        dilation=layer.dilation)
+        return counts.sum(dtype=torch.float64) * (layer.out_channels // g)
+    conv = getattr(torch.nn.functional, f"conv{spatial}d")
     padding = layer.padding if isinstance(layer.padding, str) else tuple(layer.padding)
     if layer.padding_mode != "zeros":  # border inputs are read again by the padding
         nz = torch.nn.functional.pad(nz, layer._reversed_padding_repeated_twice,
                                      mode=layer.padding_mode)
         padding = 0
-    ones = nz.new_ones((g, 1, *layer.kernel_size))
     counts = conv(nz, ones, stride=layer.stride, padding=padding, dilation=layer.dilation,
                   groups=g)
     return counts.sum(dtype=torch.float64) * (layer.out_channels // g)
@@ -317,12 +339,18 @@ class SpikeMonitor:
 
     Args:
         model: any module containing ``IWSTSpike`` modules and/or weight layers.
-        synops: count SynOps at ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` layers
-            (Bayesian layers included).
+        synops: count SynOps at ``nn.Linear``, ``nn.Conv1d/2d/3d`` and
+            ``nn.ConvTranspose1d/2d/3d`` layers (Bayesian layers included).
         spiking_inputs_only: count SynOps only for calls whose input is binary (spikes);
             a layer fed with analogue values (e.g. the encoder layer) performs MACs, not
             SynOps, and is skipped (so is one fed with the graded spikes of an snnTorch
             neuron whose ``graded_spikes_factor`` is not 1: their values are not 0/1).
+
+    Warns:
+        UserWarning: with ``synops``, the model holds layers with synapses whose
+            operations are not counted (recurrent ``nn.RNN`` / ``LSTM`` / ``GRU`` layers
+            and cells, ``nn.Bilinear``, e.g. inside snnTorch's ``SLSTM``): the SynOps
+            total leaves them out.
     """
 
     def __init__(self, model: torch.nn.Module, *, synops: bool = True,
@@ -339,6 +367,14 @@ class SpikeMonitor:
         self._quiet: dict[str, int] = {}  # per spike function: inside an inhibition neuron
         self._layers = [(n, m) for n, m in model.named_modules()
                         if synops and isinstance(m, _WEIGHT_LAYERS)]
+        uncounted = [n for n, m in model.named_modules()
+                     if synops and isinstance(m, _UNCOUNTED_LAYERS)]
+        if uncounted:
+            warnings.warn(
+                f"SpikeMonitor: the SynOps of the layers {uncounted[:6]} (recurrent or "
+                "bilinear) are not counted: the library cannot count their synaptic "
+                "operations, so the SynOps total leaves them out; pass synops=False "
+                "(mc_predict(..., synops=False)) if you do not read SynOps", stacklevel=2)
         self._handles: list = []
         # (module, method name, the instance's entry before entering)
         self._saved_fire: list = []
@@ -388,23 +424,25 @@ class SpikeMonitor:
 
             h.__dict__["fire_inhibition"] = fire_inhibition
         for name, m in self._layers:
-            def pre(mod, args, _name=name):
-                x = args[0] if args else None
+            def pre(mod, args, kwargs, _name=name):
+                x = args[0] if args else kwargs.get("input")
                 if not isinstance(x, Tensor):
                     return
+                # a transposed convolution's output_size (its output padding)
+                size = args[1] if len(args) > 1 else kwargs.get("output_size")
                 if not self.spiking_inputs_only or is_binary(x):  # marked spikes: binary
-                    ops = layer_synops(mod, x)
+                    ops = layer_synops(mod, x, output_size=size)
                 elif x.is_cpu and not torch.compiler.is_compiling():
                     if not bool(((x == 0) | (x == 1)).all()):
                         return  # analogue input: MACs, not SynOps (and none computed)
-                    ops = layer_synops(mod, x)
+                    ops = layer_synops(mod, x, output_size=size)
                 else:  # a graph, or an accelerator: no data-dependent branch, no sync
-                    ops = layer_synops(mod, x)
+                    ops = layer_synops(mod, x, output_size=size)
                     ops = torch.where(((x == 0) | (x == 1)).all(), ops, ops.new_zeros(()))
                 # a CPU scalar plus a device one stays on the device: no sync per call
                 self.synops[_name] = self.synops[_name] + ops
 
-            self._handles.append(m.register_forward_pre_hook(pre))
+            self._handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -153,10 +153,24 @@ def entropy(probs: Tensor, dim: int = -1) -> Tensor:
     Raises:
         TypeError: ``probs`` is not a floating-point tensor.
         ValueError: entries outside ``[0, 1]`` or NaN (logits give a meaningless,
-            possibly negative, "entropy": pass ``softmax(logits)``).
+            possibly negative, "entropy": pass ``softmax(logits)``), or values that do not
+            sum to 1 along ``dim`` (within 1e-2, or the dtype's rounding over its terms,
+            whichever is larger): another axis than the classes'
+            (``entropy(sample_probs, dim=0)`` sums over the samples), or per-class
+            sigmoid outputs.
     """
     _check_unit_interval(probs, "entropy: probs")
+    terms = probs.shape[dim] if probs.dim() else 1
+    # loose: half-precision probabilities read in float64 miss 1 by a few 1e-3; a wrong
+    # axis or sigmoid outputs miss it by far more
+    atol = max(1e-2, terms * torch.finfo(probs.dtype).eps)
     probs = _at_least_float32(probs)  # a bfloat16 sum keeps three digits
+    if probs.numel() and not bool(((probs.sum(dim) - 1).abs() <= atol).all()):
+        raise ValueError(
+            f"entropy: probs must sum to 1 along dim={dim} (the classes' axis, of size "
+            f"{terms}), got sums in [{float(probs.sum(dim).min()):.3g}, "
+            f"{float(probs.sum(dim).max()):.3g}]; pass dim= the classes' axis (e.g. -1 for "
+            "[K, B, C] samples), and probabilities from a softmax, not per-class sigmoids")
     tiny = max(_TINY, torch.finfo(probs.dtype).tiny)
     return -(probs * probs.clamp_min(tiny).log()).sum(dim)
 
@@ -267,6 +281,11 @@ def time_as_samples(per_step_logits: Tensor) -> Prediction:
     Returns:
         :class:`Prediction` with ``num_samples = T`` and ``sample_probs [T, B, C]``
         (float32; float64 for float64 logits).
+
+    Warns:
+        UserWarning: every row is already a probability vector (per-step softmax
+            outputs): the softmax applied here flattens it (as :func:`mc_predict` warns);
+            pass the logits.
     """
     if not isinstance(per_step_logits, Tensor) or per_step_logits.dim() != 3:
         shape = getattr(per_step_logits, "shape", None)
@@ -274,6 +293,12 @@ def time_as_samples(per_step_logits: Tensor) -> Prediction:
     if per_step_logits.shape[0] < 1:
         raise ValueError("per_step_logits needs T >= 1 time steps")
     logits = plain(per_step_logits)
+    if logits.shape[-1] > 1 and logits.numel() and _is_distribution(logits.float()):
+        warnings.warn(
+            "time_as_samples: every row of per_step_logits is already a probability vector "
+            "(entries in [0, 1] summing to 1), and it is treated as logits, so a second "
+            "softmax flattens it; pass the logits (or membrane potentials) of each step, "
+            "or use from_sample_probs for per-step probabilities", stacklevel=2)
     # float64 kept, as in mc_predict: a confident error's probability does not underflow
     probs = torch.softmax(logits if logits.dtype == torch.float64 else logits.float(), -1)
     _check_no_nan(probs, "per_step_logits", "logits")

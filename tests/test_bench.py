@@ -417,6 +417,8 @@ def test_subset_missing_classes_raises(tmp_path):
     (dict(seeds=["0"]), "every seed must be an integer"),
     (dict(seeds=[None]), "every seed must be an integer"),
     (dict(seeds=3), r"seeds must be a sequence of integers \(e.g. seeds=\(0, 1, 2\)\)"),
+    (dict(max_train_samples=0), "max_train_samples must be an integer >= 1 or None"),
+    (dict(max_test_samples=2.5), "max_test_samples must be an integer >= 1 or None"),
 ])
 def test_compare_names_bad_seeds_and_batch_sizes(kwargs, word):
     """Repeated seeds would report a spread of zero; zero batch sizes crashed deep inside;
@@ -842,3 +844,73 @@ def test_compare_refuses_a_reinit_that_is_not_a_bool():
     with pytest.raises(TypeError, match="reinit must be True or False"):
         compare(_snntorch_net(), _spike_data(12, 0), _spike_data(6, 1), layout="TB",
                 methods=["original"], epochs=1, batch_size=6, reinit="no")
+
+
+def _spiking_output_net():
+    """snnTorch tutorial style: the output layer is a spiking neuron, so NaN parameters
+    give no spikes (NaN > threshold is False), i.e. zero logits and a finite loss, not NaN
+    outputs."""
+    import snntorch as snn
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(12, 16), snn.Leaky(beta=0.9, init_hidden=True),
+                         nn.Linear(16, 3), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+
+
+@pytest.mark.parametrize("method", ["original", "sbnn-st"])
+def test_compare_names_a_nan_training_loss(method):
+    """A loss that becomes NaN in training made the optimiser write NaN into the weights;
+    a model whose output layer spikes then emits no spike (uniform predictions, a finite
+    eval), and the run was reported as an accuracy of 1/C with a NaN train_loss in its
+    curve: it must raise, naming the method, the seed and the epoch."""
+    import torch.nn.functional as F
+
+    from sbnn_addons.bench import compare
+
+    calls = [0]
+
+    def loss_fn(out, y):
+        calls[0] += 1
+        loss = F.cross_entropy(out, y)
+        return loss * float("nan") if calls[0] == 2 else loss
+
+    with pytest.raises(ValueError, match=rf"{method} \(seed 0\).*NaN.*epoch 1 \(batch 2.*diverged"):
+        compare(_spiking_output_net, _spike_data(24, 0), _spike_data(6, 1),
+                methods=[method], epochs=1, batch_size=6, loss_fn=loss_fn, warmup=False)
+
+
+def test_compare_names_non_finite_parameters_with_a_finite_loss():
+    """NaN weights in a model with a spiking output layer: the loss stays finite (no
+    spikes: zero logits), the evaluation too; the run was reported as trained (1/C
+    accuracy, "params_changed" True since NaN != NaN)."""
+    from sbnn_addons.bench import compare
+
+    def nan_net():
+        net = _spiking_output_net()
+        with torch.no_grad():
+            net[0].weight.fill_(float("nan"))
+        return net
+
+    with pytest.raises(ValueError, match=r"original \(seed 0\).*parameters.*0\.weight.*NaN"):
+        compare(nan_net, _spike_data(12, 0), _spike_data(6, 1), methods=["original"],
+                epochs=1, batch_size=6)
+
+
+def test_compare_names_an_encode_that_ignores_its_generator():
+    """encode=lambda x, gen: rate_code(x, T) (the generator forgotten) drew from the
+    global RNG, whose state at the final evaluation differs between the methods: each
+    method was scored on another random coding of the test set, silently (the training
+    inputs matched, and only the stored batches were checked). It raises before training;
+    an encode that uses its generator runs."""
+    from sbnn_addons.bench import compare
+    from sbnn_addons.data import rate_code
+
+    x, y = _spike_data(24, 0)
+    xte, yte = _spike_data(12, 1)
+    static = (x.mean(0), y), (xte.mean(0), yte)  # intensities [N, F] in [0, 1]
+    kw = dict(layout="static", methods=["original", "sbnn-st"], epochs=1, batch_size=12,
+              mc_samples=2, warmup=False)
+    with pytest.raises(ValueError, match=r"encode.*generator.*rate_code\(x, T, gen\)"):
+        compare(_snntorch_net, *static, encode=lambda xb, gen: rate_code(xb, 4), **kw)
+    res = compare(_snntorch_net, *static, encode=lambda xb, gen: rate_code(xb, 4, gen), **kw)
+    assert len(res.rows) == 2

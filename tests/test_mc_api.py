@@ -93,6 +93,27 @@ def test_both_entry_points_give_the_same_result_with_the_same_seed(host):
 
 
 @pytest.mark.parametrize("host", list(CASES))
+def test_equals_a_hand_written_reference_loop_with_the_same_seed(host):
+    """mc_predict against the loop a user writes: seed_spikes, then per pass the host's
+    reset and one forward in "mc" mode; bitwise, also after a forward that left state of
+    another batch size behind, and with fold=False chunks."""
+    make, fwd, shape = CASES[host]
+    fwd = fwd or (lambda m, x: m(x))
+    model, x = make(), _rate(shape)
+    with torch.no_grad():
+        fwd(model, _rate((*shape[:-2], 2, shape[-1]), seed=7))  # state of batch 2 left
+    pred = sb.mc_predict(model, x, 4, seed=5, forward=fwd, chunk_size=3)
+    reset = uncertainty.default_reset(model)
+    sb.seed_spikes(model, 5)
+    with torch.no_grad(), sb.mode(model, "mc"):
+        ref = []
+        for _ in range(4):
+            reset(model)
+            ref.append(torch.softmax(fwd(model, x).float(), -1))
+    torch.testing.assert_close(pred.sample_probs, torch.stack(ref), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("host", list(CASES))
 def test_no_graph_is_built(host):
     make, fwd, shape = CASES[host]
     model, x = make(), _rate(shape)

@@ -606,3 +606,35 @@ def test_mutual_information_of_confident_float32_samples_keeps_its_digits():
         torch.testing.assert_close(pred.mutual_information.double(), mi, rtol=1e-6, atol=0)
         torch.testing.assert_close(pred.entropy.double(), h, rtol=1e-6, atol=0)
         torch.testing.assert_close(pred.probs.double(), mean, rtol=1e-6, atol=0)
+
+
+def test_entropy_refuses_values_that_are_not_distributions_along_dim():
+    """entropy(sample_probs, dim=0) (the samples' axis, not the classes') or per-class
+    sigmoid outputs: entries in [0, 1] whose sums along ``dim`` are not 1 gave a number
+    that is no entropy, silently; the error names the dim and the fix."""
+    from sbnn_addons.uncertainty import entropy
+
+    sp = torch.softmax(torch.randn(5, 3, 4), -1)  # [K, B, C]
+    with pytest.raises(ValueError, match=r"sum to 1 along dim=0"):
+        entropy(sp, dim=0)
+    with pytest.raises(ValueError, match=r"sum to 1 along dim=-1.*softmax"):
+        entropy(torch.sigmoid(torch.randn(3, 4)))
+    torch.testing.assert_close(entropy(sp.transpose(0, 2), dim=0), entropy(sp).T)
+    # a bfloat16 softmax misses 1 by its rounding over C terms: accepted
+    probs = torch.softmax(3 * torch.randn(64, 10), -1).to(torch.bfloat16)
+    entropy(probs)
+
+
+def test_time_as_samples_warns_for_probabilities_as_mc_predict_does():
+    """Per-step softmax outputs passed to time_as_samples got a second softmax (a flattened
+    distribution, inflated entropy) without a word, where mc_predict warns for the same
+    mistake."""
+    logits = 3 * torch.randn(6, 4, 5)
+    with pytest.warns(UserWarning, match=r"already a probability vector.*softmax"):
+        twice = time_as_samples(torch.softmax(logits, -1))
+    assert twice.entropy.mean() > time_as_samples(logits).entropy.mean()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        time_as_samples(logits)

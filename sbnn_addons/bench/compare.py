@@ -769,7 +769,8 @@ def compare(
             ``init_hidden`` neurons must say.
         encode: ``encode(x, generator) -> model input`` per batch, after the transposition
             (e.g. a rate code), time-major ``[T, B, ...]``; ``generator`` is seeded
-            identically for every method.
+            identically for every method, and the hook must draw from it only (one that
+            draws from the global RNG raises: the methods would see other inputs).
         readout: ``readout(output) -> logits [B, C]``; ``output`` is the model's return
             value (sequence models) or the list of per-step returns (step models). Default:
             first item of a tuple, mean over time of a ``[T, B, C]`` output (time first,
@@ -818,7 +819,9 @@ def compare(
 
     Raises:
         ValueError: unknown methods, bad layout, a subset or training set that lacks
-            classes, a shuffling test loader, data order that differs between methods.
+            classes, a shuffling test loader, data order that differs between methods, a
+            diverged run (a NaN / inf training loss or parameters, or NaN outputs in
+            evaluation), named with its method and seed (and epoch).
     """
     from .results import BenchResults
 
@@ -842,6 +845,12 @@ def compare(
     for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    for name, value in (("max_train_samples", max_train_samples),
+                        ("max_test_samples", max_test_samples)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1 or None (all samples), got "
+                             f"{value!r}")
     if recipe is None:  # the default recipe's learning rates (a recipe of yours sets its own)
         for name, value, what in (("lr", lr, "weights"), ("noise_lr", noise_lr,
                                                             "SBNN noise scales")):
@@ -903,6 +912,7 @@ def compare(
                n_train=n_train, rank=rank, world=world, aux_weight=aux_weight,
                aux_reduction=aux_reduction, aux_all=aux_all and bool(aux_weight), step=step,
                time_axis=_input_has_time_axis(train, encode), num_classes=num_classes)
+    _check_encode_replays(ctx)
     rows: list[dict] = []
     num_steps = None
     try:
@@ -1090,6 +1100,39 @@ def _first_batch(ctx: _Ctx, n: int = 2) -> Tensor:
     return prepare(xb, ctx.layout, ctx.encode, torch.Generator().manual_seed(0), ctx.device)
 
 
+def _check_encode_replays(ctx: _Ctx) -> None:
+    """Raise when ``encode`` draws from anything but its ``generator``: the first batch,
+    encoded twice with identically seeded generators under two states of the global RNG,
+    must come out the same.
+
+    An encode that ignores its generator (``rate_code(x, T)``) draws from the global RNG,
+    whose state at the final evaluation differs between the methods (each evaluates after
+    the others' draws): every method would be scored on another random coding of the test
+    set, silently (the fingerprint of the data order reads the stored batches).
+
+    Raises:
+        ValueError: naming the fix (draw from the generator the hook receives).
+    """
+    if ctx.encode is None:
+        return
+    state = torch.get_rng_state()
+    outs = []
+    try:
+        for global_seed in (1, 2):
+            torch.manual_seed(global_seed)
+            outs.append(_first_batch(ctx))
+    finally:
+        torch.set_rng_state(state)
+    if outs[0].shape != outs[1].shape or not torch.equal(outs[0], outs[1]):
+        raise ValueError(
+            "encode(x, generator) gave two different results for the same batch and "
+            "identically seeded generators: it draws its randomness from elsewhere (the "
+            "global RNG, numpy or Python's random), so the methods would be trained and "
+            "scored on different random codings (the test inputs differ between methods). "
+            "Draw from the generator it receives, e.g. encode=lambda x, gen: "
+            "rate_code(x, T, gen) or torch.rand(..., generator=gen)")
+
+
 def _check_outputs(logits: Tensor, ctx: _Ctx, labels: Tensor | None = None) -> None:
     """Raise when the model has fewer outputs than the data has classes.
 
@@ -1226,9 +1269,11 @@ def _train_epoch(run: _Run, ctx: _Ctx, epoch: int) -> None:
     enc_gen = torch.Generator().manual_seed(_mix(run.seed, epoch, 2, ctx.rank))
     total = torch.zeros(3, dtype=torch.float64)  # task loss, objective, samples
     labels, sums = [], []
+    first_bad: int | None = None  # the first batch whose objective was NaN or inf
     _sync(ctx.device)
     t0 = time.perf_counter()
-    for xb, yb in ctx.train.batches(ctx.batch_size, perm_gen, ctx.rank, ctx.world):
+    for i, (xb, yb) in enumerate(ctx.train.batches(ctx.batch_size, perm_gen, ctx.rank,
+                                                   ctx.world)):
         x = prepare(xb, ctx.layout, ctx.encode, enc_gen, ctx.device)
         y = yb.to(ctx.device)
         out = run.forward(x)
@@ -1241,8 +1286,11 @@ def _train_epoch(run: _Run, ctx: _Ctx, epoch: int) -> None:
         run.optimizer.step()
         if run.scheduler is not None and run.interval == "batch":
             run.scheduler.step()
-        total[0] += float(task_loss.detach()) * len(y)
-        total[1] += float(loss.detach()) * len(y)
+        task_value, value = float(task_loss.detach()), float(loss.detach())
+        if first_bad is None and not (math.isfinite(task_value) and math.isfinite(value)):
+            first_bad = i + 1
+        total[0] += task_value * len(y)
+        total[1] += value * len(y)
         total[2] += len(y)
         labels.append(yb)
         sums.append(xb.detach().double().sum().reshape(1))
@@ -1253,6 +1301,7 @@ def _train_epoch(run: _Run, ctx: _Ctx, epoch: int) -> None:
     if ctx.world > 1:
         dist.all_reduce(total)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    _check_diverged(run, epoch, total, first_bad)
     ytr = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
     run.orders.append(fingerprint(ytr, torch.cat(sums) if sums else None))
     if epoch == 0 and not ctx.train.is_tensor:
@@ -1265,6 +1314,40 @@ def _train_epoch(run: _Run, ctx: _Ctx, epoch: int) -> None:
                       "train_objective": float(total[1]) / n,
                       "test_accuracy": float((probs.argmax(-1) == targets).float().mean())})
     _save_rng(run, ctx.device)
+
+
+def _check_diverged(run: _Run, epoch: int, total: Tensor, first_bad: int | None) -> None:
+    """Raise when training diverged in ``epoch``: a NaN / inf loss (``total``: the summed
+    task loss and objective, over every process), or NaN / inf trained parameters.
+
+    Either must stop the run: Adam writes a NaN gradient into the weights, and a model
+    whose output layer spikes then emits no spike (``NaN > threshold`` is false), so its
+    evaluation is finite (uniform predictions, an accuracy of one class's share) and the
+    run would be reported as trained. The same check on every process (the totals are
+    all-reduced, the parameters kept in sync), so that all of them stop.
+
+    Raises:
+        ValueError: naming the method, the seed, the epoch (and the first such batch, or
+            the first non-finite parameters) and the fix.
+    """
+    fix = ("lower the learning rate (lr=, noise_lr=), clip the gradients in a recipe, or "
+           "check loss_fn and the data")
+    where = f"{run.method.name} (seed {run.seed})"
+    if not bool(torch.isfinite(total[:2]).all()):
+        batch = f" (batch {first_bad} on this process)" if first_bad is not None else ""
+        raise ValueError(
+            f"{where}: the training loss became NaN or inf in epoch {epoch + 1}{batch}, so "
+            f"the run diverged (the optimiser wrote NaN into the weights); {fix}")
+    # the trained ones: a frozen parameter may hold an inf on purpose (a mask, a bound)
+    params = [(n, p) for n, p in run.model.named_parameters()
+              if p.requires_grad and p.is_floating_point()]
+    if params and not bool(torch.stack([p.detach().isfinite().all() for _, p in params]).all()):
+        bad = [n for n, p in params if not bool(p.detach().isfinite().all())]
+        raise ValueError(
+            f"{where}: after epoch {epoch + 1} the parameters {bad[:6]} hold NaN or inf "
+            "values, so the run diverged (or started from such weights); a spiking output "
+            "layer emits no spike then, and its finite loss and predictions would pass for "
+            f"a trained model's; {fix}")
 
 
 @torch.no_grad()
