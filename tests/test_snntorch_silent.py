@@ -8,6 +8,10 @@
    dropping the variance.
 4. ``surrogate_disable=True`` is refused at conversion (it would be ignored).
 
+Also: a one-state neuron with the drop-in ``spike_grad()`` whose own update makes a
+Bayesian layer's noise variance unknown (reset to zero in ``RLeaky`` / ``Lapicque``,
+``reset_delay=False``, ``state_quant``) names the option and its fix.
+
 Real snnTorch models and utilities only.
 """
 
@@ -311,6 +315,53 @@ def test_two_state_neuron_with_the_drop_in_spike_grad_names_its_correlated_noise
         for xt in _x():
             model(xt)
     assert "add of two tensors" not in str(err.value)
+
+
+_ONE_STATE_OPTIONS = {
+    "RLeaky reset to zero": (
+        lambda: snn.RLeaky(beta=BETA, linear_features=16, reset_mechanism="zero",
+                           init_hidden=True, spike_grad=spike_grad()),
+        r"(?s)snn.RLeaky.*reset_mechanism='zero'.*reset_mechanism='subtract'.*to_sbnn"),
+    "Lapicque reset to zero": (
+        lambda: snn.Lapicque(beta=BETA, reset_mechanism="zero", init_hidden=True,
+                             spike_grad=spike_grad()),
+        r"(?s)snn.Lapicque.*reset_mechanism='zero'.*reset_mechanism='subtract'"),
+    "Leaky reset to zero without reset delay": (
+        lambda: snn.Leaky(beta=BETA, reset_mechanism="zero", reset_delay=False,
+                          init_hidden=True, spike_grad=spike_grad()),
+        r"(?s)snn.Leaky.*reset_delay=False.*reset_mechanism='zero'.*reset_delay=True"),
+    "Leaky state_quant": (
+        lambda: snn.Leaky(beta=BETA, init_hidden=True, spike_grad=spike_grad(),
+                          state_quant=_state_quant()),
+        r"(?s)snn.Leaky.*state_quant.*remove state_quant"),
+}
+
+
+def _state_quant():
+    from snntorch.functional import quant
+
+    return quant.state_quant(num_bits=4, uniform=True)
+
+
+@pytest.mark.parametrize("option", sorted(_ONE_STATE_OPTIONS))
+@pytest.mark.parametrize("mode", ["sample", "mean"])
+def test_drop_in_spike_grad_behind_a_bayesian_layer_names_the_neuron_option(option, mode):
+    """A one-state snnTorch neuron with the drop-in ``spike_grad()`` behind a Bayesian
+    layer (a model built by hand), whose own state update combines the noisy membrane
+    with itself (``base - reset * base`` of RLeaky / Lapicque resetting to zero, the
+    same-step reset ``mem - do_reset * mem``) or quantises it (``state_quant``): the
+    noise variance is unknown. The error names the neuron, the option and the fix, not
+    a ``sub`` or ``abs`` the user did not write."""
+    make, match = _ONE_STATE_OPTIONS[option]
+    torch.manual_seed(0)
+    model = nn.Sequential(sbnn_addons.BayesLinear(10, 16, std=0.2), make())
+    sbnn_addons.track_variance(model)
+    sbnn_addons.set_mode(model, mode)
+    sutils.reset(model)
+    with pytest.raises(sbnn_addons.VarianceFlowError, match=match) as err:
+        for xt in _x() * 3:
+            model(xt)
+    assert "of two tensors" not in str(err.value) and "'abs'" not in str(err.value)
 
 
 # --------------------------------------------------------------------------- 4. surrogate_disable
