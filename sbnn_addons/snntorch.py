@@ -44,6 +44,7 @@ from .base import (
     HostObject,
     cached_tensor_test,
     check_flag,
+    check_heaviside_forward,
     check_include_overlap,
     check_module,
     check_neuron_constants,
@@ -1220,6 +1221,8 @@ def _check_neuron(name: str, m: nn.Module) -> None:
                 f"snn.Leaky(..., spike_grad=surrogate.atan())) before converting, or keep it "
                 f"as it is with exclude=['{name}', ...] together with the layers feeding it"
             )
+        check_heaviside_forward(name, m, m.spike_grad, at_zero=False, host="snnTorch",
+                                attr="spike_grad", example="surrogate.atan()")
         return
     supported = ", ".join(f"snn.{n}" for n in SUPPORTED_NEURONS)
     keep = (f"or keep it with its surrogate: exclude=['{name}', ...] with the layers "
@@ -1442,7 +1445,8 @@ def to_sbnn(
             ``include`` pattern matches no layer or an ``exclude`` pattern no module; a
             bad ``estimator``, ``std``, ``std_mode``, ``bias_std``, ``spike_std`` or
             ``batchnorm``; a neuron to convert uses
-            ``reset_delay=False``, ``state_quant`` or ``surrogate_disable=True``.
+            ``reset_delay=False``, ``state_quant`` or ``surrogate_disable=True``, or a
+            ``spike_grad`` whose forward is not snnTorch's Heaviside ``1[u > 0]``.
         TypeError: an unsupported neuron (``snn.Synaptic``: its correlated two-state
             noise; anything other than ``Leaky`` / ``RLeaky``; a SpikingJelly neuron),
             not excluded.

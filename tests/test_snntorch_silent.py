@@ -392,6 +392,64 @@ def test_surrogate_disable_neuron_can_be_kept_with_exclude():
     assert not spk.requires_grad and mem.requires_grad  # as in snnTorch
 
 
+class _SoftSpike(torch.autograd.Function):
+    """A user's spike function whose forward is a sigmoid (graded), not a Heaviside."""
+
+    @staticmethod
+    def forward(ctx, u):
+        return torch.sigmoid(4 * u)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _at_or_above(u):
+    """A Heaviside that fires at ``u >= 0`` (SpikingJelly's), where snnTorch's fire at
+    ``u > 0``."""
+    return (u >= 0).to(u.dtype)
+
+
+@pytest.mark.parametrize("fn", [_SoftSpike.apply, _at_or_above])
+def test_a_spike_grad_whose_forward_is_not_heaviside_is_refused_at_conversion(fn):
+    """A neuron whose ``spike_grad`` forward is not snnTorch's Heaviside ``1[u > 0]`` (a
+    user's graded sigmoid, a step at ``u >= 0``): the stochastic spike function would
+    replace it with binary spikes, and mean mode would differ from the host model,
+    silently. The conversion refuses it, naming the neuron and the ways out, and an
+    inplace conversion leaves the model as it was; kept with ``exclude``, together with
+    the layer feeding it, the model runs as the host's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 16), snn.Leaky(beta=BETA, init_hidden=True),
+                        nn.Linear(16, 4),
+                        snn.Leaky(beta=BETA, init_hidden=True, output=True, spike_grad=fn))
+    with pytest.raises(ValueError, match=r"(?s)'3'.*spike_grad.*not snnTorch's Heaviside"
+                                         r".*surrogate.atan\(\).*exclude"):
+        to_sbnn(net, inplace=True)
+    assert type(net[3]) is snn.Leaky and not sbnn_addons.is_bayesian(net[2])
+    model = to_sbnn(net, exclude=["2", "3"])
+    x = _x() * 3
+    sutils.reset(net)
+    sutils.reset(model)
+    with torch.no_grad(), sbnn_addons.mode(model, "mean"):
+        for xt in x:
+            ref, got = net(xt), model(xt)
+            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize("factory", ["atan", "fast_sigmoid", "sigmoid", "triangular",
+                                     "spike_rate_escape", "straight_through_estimator",
+                                     "heaviside", "SSO", "SFS"])
+def test_every_snntorch_surrogate_converts(factory):
+    """snnTorch's own surrogates (all a Heaviside ``1[u > 0]`` forward) are not refused."""
+    from snntorch import surrogate
+
+    net = nn.Sequential(nn.Linear(10, 16),
+                        snn.Leaky(beta=BETA, init_hidden=True,
+                                  spike_grad=getattr(surrogate, factory)()))
+    model = to_sbnn(net)
+    assert isinstance(model[1].spike_grad, sbnn_addons.IWSTSpike)
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
 def test_drop_in_spike_grad_copied_mid_sequence_resets_with_the_emitted_spike(how):
     """A model with the drop-in ``spike_grad()`` copied mid-sequence: the copy's next
