@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
 import functools
 import math
@@ -705,8 +706,9 @@ def check_heaviside_forward(name: str, neuron: torch.nn.Module, fn, *, at_zero: 
     something else than the host model, without an error.
 
     The function is called once, without gradients, on a few drives around 0 in the
-    neuron's float dtype and device; a function that cannot be called on them (one that
-    takes a drive of a particular shape) is not judged.
+    neuron's float dtype and device (a module's ``forward`` on a copy of it: no hook
+    records the call, and a stateful surrogate is left as it was); a function that cannot
+    be called on them (one that takes a drive of a particular shape) is not judged.
 
     Args:
         name: the neuron's qualified name (for the message).
@@ -727,8 +729,9 @@ def check_heaviside_forward(name: str, neuron: torch.nn.Module, fn, *, at_zero: 
     probe = torch.tensor(_HEAVISIDE_PROBE, dtype=None if ref is None else ref.dtype,
                          device=None if ref is None else ref.device)
     try:
+        call = copy.deepcopy(fn).forward if isinstance(fn, torch.nn.Module) else fn
         with torch.no_grad():
-            out = fn(probe.clone())
+            out = call(probe.clone())
     except Exception:  # noqa: BLE001 - cannot be probed this way: not judged
         return
     if not isinstance(out, Tensor) or out.shape != probe.shape:

@@ -690,11 +690,15 @@ def test_a_surrogate_whose_forward_is_not_heaviside_is_refused_at_conversion(mak
                                   "FakeNumericalGradient"])
 def test_every_spiking_surrogate_converts(name):
     """SpikingJelly's own surrogates in spiking mode (a Heaviside ``1[x >= 0]`` forward)
-    are not refused."""
+    are not refused, and the probe of the host's surrogate leaves no trace on the host
+    model (a hook on it records no call)."""
     net = nn.Sequential(layer.Linear(6, 5),
                         neuron.LIFNode(surrogate_function=getattr(surrogate, name)()))
+    calls = []
+    net[1].surrogate_function.register_forward_hook(lambda *args: calls.append(args))
     model = sbnn_sj.to_sbnn(net)
     assert isinstance(model[1].surrogate_function, sbnn_sj.SJSpike)
+    assert not calls
 
 
 @pytest.mark.parametrize("inplace", [True, False])
