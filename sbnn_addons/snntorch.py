@@ -1160,7 +1160,7 @@ def _unknown_state_message(module: nn.Module, name: str, var) -> str | None:
         causes.append(f"snn.{what}(reset_mechanism='zero') resets as base - reset * base, "
                       "two terms that carry the same noise")
         fixes.append("use reset_mechanism='subtract' (or 'none')")
-        if isinstance(module, snn.RLeaky):
+        if isinstance(module, snn.RLeaky) and getattr(module, "all_to_all", False):
             fixes.append("build the model with snnTorch surrogates and plain nn.Linear / "
                          "nn.Conv2d layers and convert it with sbnn_addons.snntorch.to_sbnn, "
                          "whose converted RLeaky resets to zero with the variance tracked")

@@ -322,6 +322,11 @@ _ONE_STATE_OPTIONS = {
         lambda: snn.RLeaky(beta=BETA, linear_features=16, reset_mechanism="zero",
                            init_hidden=True, spike_grad=spike_grad()),
         r"(?s)snn.RLeaky.*reset_mechanism='zero'.*reset_mechanism='subtract'.*to_sbnn"),
+    "RLeaky one-to-one reset to zero": (  # to_sbnn refuses all_to_all=False: not offered
+        lambda: snn.RLeaky(beta=BETA, all_to_all=False, reset_mechanism="zero",
+                           init_hidden=True, spike_grad=spike_grad()),
+        r"(?s)snn.RLeaky.*reset_mechanism='zero'.*reset_mechanism='subtract'"
+        r"(?!.*convert it with)"),
     "Lapicque reset to zero": (
         lambda: snn.Lapicque(beta=BETA, reset_mechanism="zero", init_hidden=True,
                              spike_grad=spike_grad()),
