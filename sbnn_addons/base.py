@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
 import functools
 import math
@@ -690,6 +691,63 @@ def check_neuron_constants(name: str, neuron: torch.nn.Module, attrs: tuple[str,
                 f"module '{name}' ({type(neuron).__name__}) has {attr} = NaN: its membrane "
                 "would be NaN or it would never fire (spikes 0, gradients NaN) without an "
                 f"error; give {attr} a number before converting")
+
+
+#: The drives at which :func:`check_heaviside_forward` probes a host spike function.
+_HEAVISIDE_PROBE = (-2.0, -0.5, -1e-3, 0.0, 1e-3, 0.5, 2.0)
+
+
+def check_heaviside_forward(name: str, neuron: torch.nn.Module, fn, *, at_zero: bool,
+                            host: str, attr: str, example: str) -> None:
+    """Refuse a host neuron whose spike function's forward is not the host's Heaviside
+    (``1[u >= 0]`` with ``at_zero``, SpikingJelly's; else ``1[u > 0]``, snnTorch's): a
+    user's graded or shifted spike. The converter replaces it with binary stochastic
+    spikes, whose ``mean`` mode is that Heaviside, so the converted model would emit
+    something else than the host model, without an error.
+
+    The function is called once, without gradients, on a few drives around 0 in the
+    neuron's float dtype and device (a module's ``forward`` on a copy of it: no hook
+    records the call, and a stateful surrogate is left as it was); a function that cannot
+    be called on them (one that takes a drive of a particular shape) is not judged.
+
+    Args:
+        name: the neuron's qualified name (for the message).
+        neuron: the host neuron (its threshold gives the probe's dtype and device).
+        fn: its spike function.
+        at_zero: whether the host fires at ``u = 0``.
+        host: the host library's name, for the message.
+        attr: the neuron's attribute that holds the spike function.
+        example: a host surrogate with a Heaviside forward, for the message.
+
+    Raises:
+        ValueError: naming the neuron, what its function returned and the ways out.
+    """
+    ref = next((t for t in (*neuron.parameters(), *neuron.buffers())
+                if t.is_floating_point()), None)
+    if ref is not None and ref.is_meta:
+        return
+    probe = torch.tensor(_HEAVISIDE_PROBE, dtype=None if ref is None else ref.dtype,
+                         device=None if ref is None else ref.device)
+    try:
+        call = copy.deepcopy(fn).forward if isinstance(fn, torch.nn.Module) else fn
+        with torch.no_grad():
+            out = call(probe.clone())
+    except Exception:  # noqa: BLE001 - cannot be probed this way: not judged
+        return
+    if not isinstance(out, Tensor) or out.shape != probe.shape:
+        return
+    expected = (probe >= 0) if at_zero else (probe > 0)
+    if torch.equal(out.detach().to(probe.dtype), expected.to(probe.dtype)):
+        return
+    step = "1[u >= 0]" if at_zero else "1[u > 0]"
+    got = [round(float(v), 4) for v in out.detach().flatten().cpu()]
+    raise ValueError(
+        f"module '{name}' ({type(neuron).__name__}) has a {attr} whose forward is not "
+        f"{host}'s Heaviside {step} (for u = {list(_HEAVISIDE_PROBE)} it returned {got}): "
+        f"the conversion would replace it with binary stochastic spikes (mean mode {step}), "
+        "silently changing what the neuron emits. Give the neuron a surrogate with a "
+        f"Heaviside forward before converting ({attr}={example}), or keep it as it is "
+        f"with exclude=['{name}', <the layers feeding it>]")
 
 
 #: The attribute that holds a host neuron's spike function.

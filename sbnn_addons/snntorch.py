@@ -44,6 +44,7 @@ from .base import (
     HostObject,
     cached_tensor_test,
     check_flag,
+    check_heaviside_forward,
     check_include_overlap,
     check_module,
     check_neuron_constants,
@@ -1083,23 +1084,28 @@ def _refuse_host_variance(module: nn.Module, name: str, value) -> None:
     """
     if type(value) is not VarianceTensor:
         return None
-    message = _host_variance_message(module, name)
+    message = _host_variance_message(module, name, value)
     if message is not None:
         raise_error(message, VarianceFlowError)
     return None
 
 
-def _host_variance_message(module: nn.Module, name: str) -> str | None:
+def _host_variance_message(module: nn.Module, name: str,
+                           value: Tensor | None = None) -> str | None:
     """The error of :func:`_refuse_host_variance` for ``module`` storing a Bayesian
-    layer's variance in its state ``name``, or ``None`` where the neuron takes it (a
-    converted one, or a one-state neuron with the drop-in spike function)."""
+    layer's variance in its state ``name`` (``value``, where known), or ``None`` where the
+    neuron takes it (a converted one, or a one-state neuron with the drop-in spike
+    function whose state update keeps the variance known)."""
     if isinstance(module, _EmittedSpikeReset) or not _is_snn_neuron(module):
         return None
     two_states = hasattr(module, "syn") or hasattr(module, "syn_exc")
-    drop_in_fn = isinstance(module.__dict__.get("spike_grad", module._modules.get("spike_grad")),
-                            IWSTSpike)
+    spike = module.__dict__.get("spike_grad", module._modules.get("spike_grad"))
+    drop_in_fn = isinstance(spike, IWSTSpike)
     if drop_in_fn and not two_states:
-        return None  # the drop-in spike function reads the variance itself
+        # the drop-in spike function reads the variance itself, where it is known
+        if value is None or not spike.use_input_variance:
+            return None
+        return _unknown_state_message(module, name, raw_variance(value))
     what = type(module).__name__
     if drop_in_fn:
         problem = (
@@ -1126,6 +1132,51 @@ def _host_variance_message(module: nn.Module, name: str) -> str | None:
     else:
         fix = f"to_sbnn does not convert snn.{what}; {drop_in}, or use snn.Leaky there"
     return problem + fix
+
+
+def _unknown_state_message(module: nn.Module, name: str, var) -> str | None:
+    """The error for a one-state snnTorch neuron with the drop-in spike function whose own
+    state update made the variance of a Bayesian layer's noise in its state ``name``
+    unknown (``var``, an :class:`~sbnn_addons.moments.UnknownVariance`; else ``None``):
+    the neuron options that do so, named with their fixes, instead of the operation
+    inside snnTorch that the spike function would name.
+
+    * reset to zero computed as ``base - reset * base`` (``snn.RLeaky``,
+      ``snn.Lapicque``), or as the same-step reset ``mem - do_reset * mem``
+      (``reset_delay=False``): two terms that carry the same noise;
+    * ``state_quant``: a rounding of the membrane.
+    """
+    if not isinstance(var, UnknownVariance):
+        return None
+    what = type(module).__name__
+    mechanism = module._buffers.get("reset_mechanism_val")
+    zero = isinstance(mechanism, Tensor) and mechanism.numel() == 1 and int(mechanism) == 1
+    causes, fixes = [], []
+    if zero and not getattr(module, "reset_delay", True):
+        causes.append("reset_delay=False with reset_mechanism='zero' applies its same-step "
+                      "reset as mem - do_reset * mem, two terms that carry the same noise")
+        fixes.append("use reset_delay=True (the default) or reset_mechanism='subtract'")
+    if zero and isinstance(module, (snn.RLeaky, snn.Lapicque)):
+        causes.append(f"snn.{what}(reset_mechanism='zero') resets as base - reset * base, "
+                      "two terms that carry the same noise")
+        fixes.append("use reset_mechanism='subtract' (or 'none')")
+        if isinstance(module, snn.RLeaky) and getattr(module, "all_to_all", False):
+            fixes.append("build the model with snnTorch surrogates and plain nn.Linear / "
+                         "nn.Conv2d layers and convert it with sbnn_addons.snntorch.to_sbnn, "
+                         "whose converted RLeaky resets to zero with the variance tracked")
+    if getattr(module, "state_quant", False):
+        causes.append("its state_quant quantises the membrane, a rounding whose effect on "
+                      "the noise variance is not defined")
+        fixes.append("remove state_quant (quantise the trained model instead)")
+    if not causes:
+        causes.append(f"its state update passes it through '{var.op}', whose effect on the "
+                      "noise variance is unknown")
+        fixes.append("use snn.Leaky there")
+    return (
+        f"this snn.{what} has a variance-aware spike function, but the posterior variance "
+        f"of a Bayesian layer in its state '{name}' is unknown: {'; '.join(causes)}. "
+        f"Fix: {'; or '.join(fixes)}; or keep the layers that feed it deterministic "
+        "(plain nn.Linear / nn.Conv2d layers, or exclude= them from to_sbnn)")
 
 
 def _in_place_cause(module: nn.Module) -> str | None:
@@ -1170,6 +1221,8 @@ def _check_neuron(name: str, m: nn.Module) -> None:
                 f"snn.Leaky(..., spike_grad=surrogate.atan())) before converting, or keep it "
                 f"as it is with exclude=['{name}', ...] together with the layers feeding it"
             )
+        check_heaviside_forward(name, m, m.spike_grad, at_zero=False, host="snnTorch",
+                                attr="spike_grad", example="surrogate.atan()")
         return
     supported = ", ".join(f"snn.{n}" for n in SUPPORTED_NEURONS)
     keep = (f"or keep it with its surrogate: exclude=['{name}', ...] with the layers "
@@ -1392,7 +1445,8 @@ def to_sbnn(
             ``include`` pattern matches no layer or an ``exclude`` pattern no module; a
             bad ``estimator``, ``std``, ``std_mode``, ``bias_std``, ``spike_std`` or
             ``batchnorm``; a neuron to convert uses
-            ``reset_delay=False``, ``state_quant`` or ``surrogate_disable=True``.
+            ``reset_delay=False``, ``state_quant`` or ``surrogate_disable=True``, or a
+            ``spike_grad`` whose forward is not snnTorch's Heaviside ``1[u > 0]``.
         TypeError: an unsupported neuron (``snn.Synaptic``: its correlated two-state
             noise; anything other than ``Leaky`` / ``RLeaky``; a SpikingJelly neuron),
             not excluded.

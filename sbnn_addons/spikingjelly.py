@@ -69,6 +69,7 @@ from .base import (
     SBNNModule,
     call_eagerly,
     check_flag,
+    check_heaviside_forward,
     check_include_overlap,
     check_module,
     check_neuron_constants,
@@ -913,7 +914,8 @@ def to_sbnn(
         ValueError: ``model`` is already converted, contains nothing to convert, an
             ``include`` / ``exclude`` pattern matches nothing, a bad ``estimator``,
             ``std``, ``std_mode``, ``bias_std``, ``spike_std`` or ``batchnorm``; a
-            neuron to convert has a surrogate in the non-spiking mode (``spiking=False``).
+            neuron to convert has a surrogate in the non-spiking mode (``spiking=False``)
+            or one whose forward is not SpikingJelly's Heaviside ``1[x >= 0]``.
         TypeError: ``model`` contains a spiking neuron other than the supported ones,
             or an snnTorch neuron (``sbnn_addons.snntorch.to_sbnn`` converts those), and
             not excluded.
@@ -956,6 +958,9 @@ def to_sbnn(
         if type(m) not in SUPPORTED_NEURONS:
             raise _unsupported(m, name)
         _check_spiking_surrogate(name, m)
+        check_heaviside_forward(name, m, m.surrogate_function, at_zero=True,
+                                host="SpikingJelly", attr="surrogate_function",
+                                example="surrogate.ATan()")
         check_neuron_constants(name, m, ("tau", "v_threshold", "v_reset"))
 
     def selected(name: str) -> bool:

@@ -8,6 +8,10 @@
    dropping the variance.
 4. ``surrogate_disable=True`` is refused at conversion (it would be ignored).
 
+Also: a one-state neuron with the drop-in ``spike_grad()`` whose own update makes a
+Bayesian layer's noise variance unknown (reset to zero in ``RLeaky`` / ``Lapicque``,
+``reset_delay=False``, ``state_quant``) names the option and its fix.
+
 Real snnTorch models and utilities only.
 """
 
@@ -313,6 +317,58 @@ def test_two_state_neuron_with_the_drop_in_spike_grad_names_its_correlated_noise
     assert "add of two tensors" not in str(err.value)
 
 
+_ONE_STATE_OPTIONS = {
+    "RLeaky reset to zero": (
+        lambda: snn.RLeaky(beta=BETA, linear_features=16, reset_mechanism="zero",
+                           init_hidden=True, spike_grad=spike_grad()),
+        r"(?s)snn.RLeaky.*reset_mechanism='zero'.*reset_mechanism='subtract'.*to_sbnn"),
+    "RLeaky one-to-one reset to zero": (  # to_sbnn refuses all_to_all=False: not offered
+        lambda: snn.RLeaky(beta=BETA, all_to_all=False, reset_mechanism="zero",
+                           init_hidden=True, spike_grad=spike_grad()),
+        r"(?s)snn.RLeaky.*reset_mechanism='zero'.*reset_mechanism='subtract'"
+        r"(?!.*convert it with)"),
+    "Lapicque reset to zero": (
+        lambda: snn.Lapicque(beta=BETA, reset_mechanism="zero", init_hidden=True,
+                             spike_grad=spike_grad()),
+        r"(?s)snn.Lapicque.*reset_mechanism='zero'.*reset_mechanism='subtract'"),
+    "Leaky reset to zero without reset delay": (
+        lambda: snn.Leaky(beta=BETA, reset_mechanism="zero", reset_delay=False,
+                          init_hidden=True, spike_grad=spike_grad()),
+        r"(?s)snn.Leaky.*reset_delay=False.*reset_mechanism='zero'.*reset_delay=True"),
+    "Leaky state_quant": (
+        lambda: snn.Leaky(beta=BETA, init_hidden=True, spike_grad=spike_grad(),
+                          state_quant=_state_quant()),
+        r"(?s)snn.Leaky.*state_quant.*remove state_quant"),
+}
+
+
+def _state_quant():
+    from snntorch.functional import quant
+
+    return quant.state_quant(num_bits=4, uniform=True)
+
+
+@pytest.mark.parametrize("option", sorted(_ONE_STATE_OPTIONS))
+@pytest.mark.parametrize("mode", ["sample", "mean"])
+def test_drop_in_spike_grad_behind_a_bayesian_layer_names_the_neuron_option(option, mode):
+    """A one-state snnTorch neuron with the drop-in ``spike_grad()`` behind a Bayesian
+    layer (a model built by hand), whose own state update combines the noisy membrane
+    with itself (``base - reset * base`` of RLeaky / Lapicque resetting to zero, the
+    same-step reset ``mem - do_reset * mem``) or quantises it (``state_quant``): the
+    noise variance is unknown. The error names the neuron, the option and the fix, not
+    a ``sub`` or ``abs`` the user did not write."""
+    make, match = _ONE_STATE_OPTIONS[option]
+    torch.manual_seed(0)
+    model = nn.Sequential(sbnn_addons.BayesLinear(10, 16, std=0.2), make())
+    sbnn_addons.track_variance(model)
+    sbnn_addons.set_mode(model, mode)
+    sutils.reset(model)
+    with pytest.raises(sbnn_addons.VarianceFlowError, match=match) as err:
+        for xt in _x() * 3:
+            model(xt)
+    assert "of two tensors" not in str(err.value) and "'abs'" not in str(err.value)
+
+
 # --------------------------------------------------------------------------- 4. surrogate_disable
 @pytest.mark.parametrize("make", [
     lambda: snn.Leaky(beta=BETA, surrogate_disable=True),
@@ -339,6 +395,64 @@ def test_surrogate_disable_neuron_can_be_kept_with_exclude():
     assert model.lif2.spike_grad == model.lif2._surrogate_bypass
     spk, mem = model(_x() * 3)
     assert not spk.requires_grad and mem.requires_grad  # as in snnTorch
+
+
+class _SoftSpike(torch.autograd.Function):
+    """A user's spike function whose forward is a sigmoid (graded), not a Heaviside."""
+
+    @staticmethod
+    def forward(ctx, u):
+        return torch.sigmoid(4 * u)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _at_or_above(u):
+    """A Heaviside that fires at ``u >= 0`` (SpikingJelly's), where snnTorch's fire at
+    ``u > 0``."""
+    return (u >= 0).to(u.dtype)
+
+
+@pytest.mark.parametrize("fn", [_SoftSpike.apply, _at_or_above])
+def test_a_spike_grad_whose_forward_is_not_heaviside_is_refused_at_conversion(fn):
+    """A neuron whose ``spike_grad`` forward is not snnTorch's Heaviside ``1[u > 0]`` (a
+    user's graded sigmoid, a step at ``u >= 0``): the stochastic spike function would
+    replace it with binary spikes, and mean mode would differ from the host model,
+    silently. The conversion refuses it, naming the neuron and the ways out, and an
+    inplace conversion leaves the model as it was; kept with ``exclude``, together with
+    the layer feeding it, the model runs as the host's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 16), snn.Leaky(beta=BETA, init_hidden=True),
+                        nn.Linear(16, 4),
+                        snn.Leaky(beta=BETA, init_hidden=True, output=True, spike_grad=fn))
+    with pytest.raises(ValueError, match=r"(?s)'3'.*spike_grad.*not snnTorch's Heaviside"
+                                         r".*surrogate.atan\(\).*exclude"):
+        to_sbnn(net, inplace=True)
+    assert type(net[3]) is snn.Leaky and not sbnn_addons.is_bayesian(net[2])
+    model = to_sbnn(net, exclude=["2", "3"])
+    x = _x() * 3
+    sutils.reset(net)
+    sutils.reset(model)
+    with torch.no_grad(), sbnn_addons.mode(model, "mean"):
+        for xt in x:
+            ref, got = net(xt), model(xt)
+            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize("factory", ["atan", "fast_sigmoid", "sigmoid", "triangular",
+                                     "spike_rate_escape", "straight_through_estimator",
+                                     "heaviside", "SSO", "SFS"])
+def test_every_snntorch_surrogate_converts(factory):
+    """snnTorch's own surrogates (all a Heaviside ``1[u > 0]`` forward) are not refused."""
+    from snntorch import surrogate
+
+    net = nn.Sequential(nn.Linear(10, 16),
+                        snn.Leaky(beta=BETA, init_hidden=True,
+                                  spike_grad=getattr(surrogate, factory)()))
+    model = to_sbnn(net)
+    assert isinstance(model[1].spike_grad, sbnn_addons.IWSTSpike)
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])

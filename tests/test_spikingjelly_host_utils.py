@@ -644,6 +644,63 @@ def test_a_surrogate_in_non_spiking_mode_is_refused_at_conversion():
     torch.testing.assert_close(got, ref)
 
 
+class _SoftSurrogate(nn.Module):
+    """A user's surrogate whose forward is a sigmoid (graded), not a Heaviside."""
+
+    def forward(self, x):
+        return torch.sigmoid(4 * x)
+
+
+def _above(x):
+    """A Heaviside that fires at ``x > 0`` (snnTorch's), where SpikingJelly's fire at
+    ``x >= 0``."""
+    return (x > 0).to(x.dtype)
+
+
+@pytest.mark.parametrize("make", [_SoftSurrogate, lambda: _above])
+def test_a_surrogate_whose_forward_is_not_heaviside_is_refused_at_conversion(make):
+    """A neuron whose surrogate's forward is not SpikingJelly's Heaviside ``1[x >= 0]`` (a
+    user's graded sigmoid, a step at ``x > 0``) and that has no ``spiking`` flag: the
+    stochastic spike function would replace it with binary spikes (mean mode differed from
+    the host, silently). The conversion refuses it, naming the neuron and the ways out,
+    and an inplace conversion leaves the model as it was; excluded with the layer
+    feeding it, it runs as the host."""
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(6, 5, step_mode="m"), neuron.IFNode(step_mode="m"),
+                        layer.Linear(5, 4, step_mode="m"),
+                        neuron.IFNode(surrogate_function=make(), step_mode="m"))
+    x = torch.rand(T, 3, 6) * 2
+    with pytest.raises(ValueError, match=r"(?s)'3'.*not SpikingJelly's Heaviside"
+                                         r".*surrogate.ATan\(\).*exclude"):
+        sbnn_sj.to_sbnn(net, inplace=True)
+    assert not any(sbnn_addons.is_bayesian(m) for m in net.modules())
+    model = sbnn_sj.to_sbnn(net, exclude=["2", "3"])
+    with torch.no_grad(), sbnn_addons.mode(model, "mean"):
+        functional.reset_net(net)
+        sbnn_sj.reset(model)
+        ref, got = net(x), model(x)
+    torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("name", ["ATan", "Sigmoid", "Erf", "PiecewiseQuadratic",
+                                  "PiecewiseExp", "SoftSign", "SuperSpike", "Rect",
+                                  "QPseudoSpike", "LeakyKReLU", "PiecewiseLeakyReLU",
+                                  "S2NN", "LogTailedReLU", "SquarewaveFourierSeries",
+                                  "NonzeroSignLogAbs", "DeterministicPass",
+                                  "FakeNumericalGradient"])
+def test_every_spiking_surrogate_converts(name):
+    """SpikingJelly's own surrogates in spiking mode (a Heaviside ``1[x >= 0]`` forward)
+    are not refused, and the probe of the host's surrogate leaves no trace on the host
+    model (a hook on it records no call)."""
+    net = nn.Sequential(layer.Linear(6, 5),
+                        neuron.LIFNode(surrogate_function=getattr(surrogate, name)()))
+    calls = []
+    net[1].surrogate_function.register_forward_hook(lambda *args: calls.append(args))
+    model = sbnn_sj.to_sbnn(net)
+    assert isinstance(model[1].surrogate_function, sbnn_sj.SJSpike)
+    assert not calls
+
+
 @pytest.mark.parametrize("inplace", [True, False])
 def test_a_monitor_registered_before_the_conversion_keeps_recording_the_layers(inplace):
     """Monitors built on the host model before ``to_sbnn(..., inplace=True)``: the
