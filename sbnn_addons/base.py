@@ -423,8 +423,17 @@ def check_input(x: Tensor, where: str, *, nan_only: bool = False) -> None:
             readout that never fires, ``threshold=inf``): one sum, then ``isnan(x)`` only
             where that sum is NaN.
     """
-    if (not _CHECK_FINITE[0] or not isinstance(x, Tensor) or not x.is_floating_point()
-            or x.is_meta):  # a meta tensor has no values to check
+    if not _CHECK_FINITE[0] or not isinstance(x, Tensor):
+        return
+    # the reads of a carrier's metadata (dtype, version, base) without its
+    # __torch_function__: no variance flow in a check
+    with torch._C.DisableTorchFunctionSubclass():
+        _check_input(x, where, nan_only)
+
+
+def _check_input(x: Tensor, where: str, nan_only: bool) -> None:
+    """:func:`check_input` with the switch on and ``torch.Tensor``'s own methods."""
+    if not x.is_floating_point() or x.is_meta:  # a meta tensor has no values to check
         return
     compiling = torch.compiler.is_compiling()
     if compiling:  # no data-dependent branch in a graph: a runtime assert
@@ -528,7 +537,8 @@ def _sum_is_finite(t: Tensor) -> bool:
     """Whether one sum of ``t`` is finite (a NaN or inf anywhere makes it not); an empty
     ``t`` is."""
     with torch._C.DisableTorchFunction():  # no variance flow: a plain reduction
-        return not t.numel() or bool(torch.isfinite(t.detach().sum()))
+        # the sum read as a number: torch.isfinite of it would be four more operators
+        return not t.numel() or math.isfinite(float(t.detach().sum()))
 
 
 def mark_checked(x: Tensor) -> None:
