@@ -191,7 +191,10 @@ def _live_storages() -> set[int]:
         warnings.simplefilter("ignore")
         for obj in gc.get_objects():
             if isinstance(obj, torch.Tensor) and not obj.is_meta and obj.layout == torch.strided:
-                found.add(obj.untyped_storage().data_ptr())
+                try:
+                    found.add(obj.untyped_storage().data_ptr())
+                except RuntimeError:  # no data (a compiler's fake tensor)
+                    continue
     return found
 
 

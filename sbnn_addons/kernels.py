@@ -733,12 +733,6 @@ def _(u, variance, at_zero, aux_offset):
 _spike_forward_op = torch.ops.sbnn_addons.spike_forward.default
 
 
-@functools.lru_cache(maxsize=64)
-def _estimator_args(spec: str) -> _EstimatorArgs:
-    """The :class:`_EstimatorArgs` of an :attr:`~sbnn_addons.estimators.Estimator.spec`."""
-    return _EstimatorArgs(*parse_estimator_spec(spec))
-
-
 def can_fuse_compiled(u: Tensor, variance: Tensor) -> bool:
     """Under ``torch.compile``: whether the spike op (:func:`compiled_spike`) serves this
     drive and variance (float32 CPU, kernel enabled and not known to be unbuildable)."""
@@ -769,7 +763,7 @@ class _CompiledSpike(torch.autograd.Function):
         # than a call of the kernel as an opaque operator (bench_compile.py)
         u, variance, spikes = ctx.saved_tensors
         grad_u, grad_var = _torch_spike_backward(
-            grad, u, variance, spikes, _estimator_args(ctx.estimator),
+            grad, u, variance, spikes, _EstimatorArgs(*parse_estimator_spec(ctx.estimator)),
             grad_aux if ctx.want_aux else None, ctx.aux_offset, ctx.aux_var, 0.0)
         return grad_u, grad_var, None, None, None, None
 
