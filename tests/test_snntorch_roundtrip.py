@@ -420,3 +420,20 @@ def test_to_snntorch_gives_each_neuron_its_own_copy_of_a_module_spike_grad():
     assert isinstance(plain[1].spike_grad, LearnedATan)
     assert plain[1].spike_grad is not plain[3].spike_grad and plain[1].spike_grad is not fn
     assert len(list(plain.parameters())) == len({id(p) for p in plain.parameters()}) == 6
+
+
+@pytest.mark.parametrize("name", ["seq_rleaky", "loop_leaky"])
+def test_export_then_convert_again_needs_the_state_dict_for_the_noise_scales(name):
+    """``to_sbnn(to_snntorch(model))``: the export holds the posterior means only, so the
+    model converted again has new noise scales (sized from the weights, as any
+    conversion), not the learned ones (documented); loading the SBNN's state dict into
+    it restores them: its stochastic passes equal the original's."""
+    model, x = _trained_like(name)
+    again = to_sbnn(to_snntorch(model), std=0.2, spike_std=0.1)
+    learned = dict(model.named_parameters())
+    new = dict(again.named_parameters())
+    assert learned.keys() == new.keys()
+    assert not all(torch.equal(learned[k], new[k]) for k in learned if "std_rho" in k)
+    again.load_state_dict(model.state_dict())
+    a, b = _seeded(model, x), _seeded(again, x)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
