@@ -102,3 +102,63 @@ def test_converted_model_names_its_neuron_states_for_ddp():
     """``to_sbnn`` lists the membranes in DDP's ignore list, keeping names already there."""
     model = _snntorch_model()
     assert model._ddp_params_and_buffers_to_ignore == ["1.mem", "3.mem"]
+
+
+def test_averaged_model_of_a_converted_spikingjelly_model():
+    """``torch.optim.swa_utils.AveragedModel`` (EMA) of a converted SpikingJelly model
+    (both step modes, a kept BatchNorm): the averaged parameters, noise scales included,
+    are the EMA of the trained ones, and the average runs as a fresh conversion loaded
+    with its state dict, in mean mode and in seeded sample mode (Training page)."""
+    import pytest
+
+    pytest.importorskip("spikingjelly")
+    import torch.nn.functional as F
+    from spikingjelly.activation_based import layer, neuron
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from sbnn_addons import spikingjelly as sbnn_sj
+
+    def host(sm):
+        torch.manual_seed(0)
+        net = nn.Sequential(layer.Linear(8, 16, step_mode=sm), layer.BatchNorm1d(16, step_mode=sm),
+                            neuron.LIFNode(step_mode=sm), layer.Linear(16, 4, step_mode=sm),
+                            neuron.ParametricLIFNode(step_mode=sm))
+        with torch.no_grad():
+            net[0].weight.mul_(3)
+        return net
+
+    def run(m, sm):
+        sbnn_sj.reset(m)
+        return m(x) if sm == "m" else torch.stack([m(xt) for xt in x])
+
+    x = torch.rand(5, 6, 8, generator=torch.Generator().manual_seed(1))
+    for sm in ("s", "m"):
+        model = sbnn_sj.to_sbnn(host(sm))
+        opt = torch.optim.Adam(sb.param_groups(model, lr=1e-2, noise_lr=5e-2))
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True)
+        expected = None
+        for step in range(3):
+            sb.seed_spikes(model, step)
+            loss = F.mse_loss(run(model, sm).mean(0), torch.full((6, 4), 0.5))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            ema.update_parameters(model)
+            now = [p.detach().clone() for p in model.parameters()]
+            expected = now if expected is None else [0.5 * e + 0.5 * p
+                                                     for e, p in zip(expected, now)]
+        names = [n for n, _ in model.named_parameters()]
+        assert any(n.endswith("std_rho") for n in names)
+        for e, p in zip(expected, ema.module.parameters()):
+            torch.testing.assert_close(p, e, rtol=1e-6, atol=1e-7)
+        fresh = sbnn_sj.to_sbnn(host(sm))
+        fresh.load_state_dict(ema.module.state_dict())
+        ema.eval()
+        fresh.eval()
+        with torch.no_grad(), sb.mode(ema, "mean"), sb.mode(fresh, "mean"):
+            assert torch.equal(run(ema, sm), run(fresh, sm))
+        sb.seed_spikes(ema, 7)
+        sb.seed_spikes(fresh, 7)
+        with torch.no_grad():
+            out = run(ema, sm)
+            assert torch.equal(out, run(fresh, sm)) and 0 < float(out.mean()) < 1
