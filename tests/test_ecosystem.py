@@ -1,5 +1,6 @@
 """The PyTorch training ecosystem around SBNN models: DistributedDataParallel (gloo, two
-CPU processes) on converted host models, with the host libraries' own models."""
+CPU processes) and AveragedModel on converted host models, with the host libraries' own
+models."""
 
 from __future__ import annotations
 
