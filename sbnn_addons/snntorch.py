@@ -1665,7 +1665,15 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
     ``snn.RLeaky``, and the variance-flow hooks are removed. The result references no
     ``sbnn_addons`` code, so it loads without this package. In eval mode its spikes equal
     the SBNN's ``mean`` mode. Its neurons are registered with snnTorch, so
-    ``snntorch.utils.reset`` resets them.
+    ``snntorch.utils.reset`` resets them. Its neuron states start reset, whatever state
+    ``model`` was in (an export in the middle of a sequence leaves ``model``'s own
+    state as it was).
+
+    The noise scales (``*std_rho``) are not exported: ``to_sbnn`` of the export starts
+    new ones, sized from the weights as for any host model. To go on with the learned
+    ones, load the SBNN's state dict into it
+    (``again = to_sbnn(plain); again.load_state_dict(model.state_dict())``, with the
+    conversion's arguments of ``model``).
 
     Args:
         model: a model returned by :func:`to_sbnn` (not modified).

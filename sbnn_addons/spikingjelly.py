@@ -1112,7 +1112,14 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
     back the surrogate it had before :func:`to_sbnn` (e.g. ``surrogate.ATan(alpha=2)``, a
     copy per neuron), or ``surrogate_function`` where given. The result's forward in eval
     mode equals the SBNN in ``mean`` mode and does not reference ``sbnn_addons`` (it
-    pickles without it).
+    pickles without it). Its neurons start reset, whatever state ``model`` was in (an
+    export in the middle of a sequence leaves ``model``'s own state as it was).
+
+    The noise scales (``*std_rho``) are not exported: ``to_sbnn`` of the export starts
+    new ones, sized from the weights as for any host model. To go on with the learned
+    ones, load the SBNN's state dict into it
+    (``again = to_sbnn(plain); again.load_state_dict(model.state_dict())``, with the
+    conversion's arguments of ``model``).
 
     Args:
         model: a model returned by :func:`to_sbnn` (not modified).

@@ -26,7 +26,9 @@ class SpikeTensor(Tensor):
     """A tensor of spikes (0 and 1 only), as a spike function returns it in eager mode.
 
     A declared tensor subclass, so the mark is state PyTorch can see (it survives
-    ``deepcopy`` and ``pickle``). Any operation on it returns a plain tensor, so the mark
+    ``deepcopy``). Pickled (``torch.save``, ``pickle``) it is a plain tensor of the same
+    values: saved spikes load with ``torch.load``'s default ``weights_only=True`` and
+    without ``sbnn_addons``. Any operation on it returns a plain tensor, so the mark
     never spreads to values that may not be 0/1; an in-place operation on it, or on an
     alias sharing its version counter, voids it. An operation that also takes a tensor of
     another subclass (a :class:`~sbnn_addons.moments.VarianceTensor`) is left to that
@@ -51,6 +53,15 @@ class SpikeTensor(Tensor):
                 return NotImplemented
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
+
+    def __reduce_ex__(self, protocol):
+        """Pickle the spikes as a plain tensor (an alias of the same storage, so that
+        tensors sharing it stay shared in the file): the mark is a hint for the layers
+        in memory, not data, and the class would make ``torch.load(weights_only=True)``
+        refuse the file."""
+        with torch._C.DisableTorchFunctionSubclass():
+            values = self.as_subclass(Tensor)
+        return values.__reduce_ex__(protocol)
 
     def __deepcopy__(self, memo):
         """A copy of the spikes, marked binary if they still are (not ``kept``: no spike

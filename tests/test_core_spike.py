@@ -352,6 +352,29 @@ def test_spikes_deep_copy_with_their_mark():
     assert not sb.functional.is_binary(copy.deepcopy(out))
 
 
+
+def test_saved_spikes_load_with_torch_load_defaults():
+    """Spikes a model returns under no_grad (a converted SpikingJelly multi-step model's
+    whole output, a step of an snnTorch one) are a SpikeTensor: ``torch.save(out)`` wrote
+    the library's class, which ``torch.load``'s default ``weights_only=True`` refused
+    (UnpicklingError naming sbnn_addons.tensors.SpikeTensor), and which a process without
+    ``sbnn_addons`` could not load at all. They are saved as a plain tensor of the same
+    values; the mark (a hint for the layers) stays with the spikes in memory."""
+    import io
+
+    spike = IWSTSpike("st", std=0.3)
+    with torch.no_grad():
+        out = spike(torch.randn(4, 5))
+    assert sb.functional.is_binary(out)
+    buf = io.BytesIO()
+    torch.save({"spikes": out, "again": out}, buf)
+    buf.seek(0)
+    back = torch.load(buf)  # weights_only=True, the default
+    assert type(back["spikes"]) is torch.Tensor and back["spikes"] is back["again"]
+    assert torch.equal(back["spikes"], out.as_subclass(torch.Tensor))
+    assert b"sbnn_addons" not in pickle.dumps(out)
+    assert sb.functional.is_binary(out)  # the spikes in memory keep their mark
+
 def test_a_copy_of_a_seeded_spike_function_continues_its_stream():
     """deepcopy / pickle / torch.save of a seeded spike function mid-stream: the copy
     draws what the original draws next (not the stream from its seed again)."""

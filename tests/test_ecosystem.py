@@ -1,5 +1,6 @@
 """The PyTorch training ecosystem around SBNN models: DistributedDataParallel (gloo, two
-CPU processes) on converted host models, with the host libraries' own models."""
+CPU processes) and AveragedModel on converted host models, with the host libraries' own
+models."""
 
 from __future__ import annotations
 
@@ -102,3 +103,152 @@ def test_converted_model_names_its_neuron_states_for_ddp():
     """``to_sbnn`` lists the membranes in DDP's ignore list, keeping names already there."""
     model = _snntorch_model()
     assert model._ddp_params_and_buffers_to_ignore == ["1.mem", "3.mem"]
+
+
+def test_averaged_model_of_a_converted_spikingjelly_model():
+    """``torch.optim.swa_utils.AveragedModel`` (EMA) of a converted SpikingJelly model
+    (both step modes, a kept BatchNorm): the averaged parameters, noise scales included,
+    are the EMA of the trained ones, and the average runs as a fresh conversion loaded
+    with its state dict, in mean mode and in seeded sample mode (Training page)."""
+    import pytest
+
+    pytest.importorskip("spikingjelly")
+    import torch.nn.functional as F
+    from spikingjelly.activation_based import layer, neuron
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from sbnn_addons import spikingjelly as sbnn_sj
+
+    def host(sm):
+        torch.manual_seed(0)
+        net = nn.Sequential(layer.Linear(8, 16, step_mode=sm), layer.BatchNorm1d(16, step_mode=sm),
+                            neuron.LIFNode(step_mode=sm), layer.Linear(16, 4, step_mode=sm),
+                            neuron.ParametricLIFNode(step_mode=sm))
+        with torch.no_grad():
+            net[0].weight.mul_(3)
+        return net
+
+    def run(m, sm):
+        sbnn_sj.reset(m)
+        return m(x) if sm == "m" else torch.stack([m(xt) for xt in x])
+
+    x = torch.rand(5, 6, 8, generator=torch.Generator().manual_seed(1))
+    for sm in ("s", "m"):
+        model = sbnn_sj.to_sbnn(host(sm))
+        opt = torch.optim.Adam(sb.param_groups(model, lr=1e-2, noise_lr=5e-2))
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True)
+        expected = None
+        for step in range(3):
+            sb.seed_spikes(model, step)
+            loss = F.mse_loss(run(model, sm).mean(0), torch.full((6, 4), 0.5))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            ema.update_parameters(model)
+            now = [p.detach().clone() for p in model.parameters()]
+            expected = now if expected is None else [0.5 * e + 0.5 * p
+                                                     for e, p in zip(expected, now)]
+        names = [n for n, _ in model.named_parameters()]
+        assert any(n.endswith("std_rho") for n in names)
+        for e, p in zip(expected, ema.module.parameters()):
+            torch.testing.assert_close(p, e, rtol=1e-6, atol=1e-7)
+        fresh = sbnn_sj.to_sbnn(host(sm))
+        fresh.load_state_dict(ema.module.state_dict())
+        ema.eval()
+        fresh.eval()
+        with torch.no_grad(), sb.mode(ema, "mean"), sb.mode(fresh, "mean"):
+            assert torch.equal(run(ema, sm), run(fresh, sm))
+        sb.seed_spikes(ema, 7)
+        sb.seed_spikes(fresh, 7)
+        with torch.no_grad():
+            out = run(ema, sm)
+            assert torch.equal(out, run(fresh, sm)) and 0 < float(out.mean()) < 1
+
+
+def _spikingjelly_model(step_mode: str) -> nn.Module:
+    from spikingjelly.activation_based import layer, neuron
+
+    from sbnn_addons import spikingjelly as sbnn_sj
+
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(8, 16, step_mode=step_mode),
+                        layer.BatchNorm1d(16, step_mode=step_mode),
+                        neuron.LIFNode(step_mode=step_mode),
+                        layer.Linear(16, 4, step_mode=step_mode),
+                        neuron.ParametricLIFNode(step_mode=step_mode))
+    with torch.no_grad():
+        net[3].weight.mul_(4.0)
+        net[3].bias.fill_(1.0)
+    return sbnn_sj.to_sbnn(net)
+
+
+def _ddp_steps_worker(rank: int, port: int, queue) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from sbnn_addons import spikingjelly as sbnn_sj
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        x = torch.rand(5, 4, 8, generator=torch.Generator().manual_seed(10 + rank))
+        results = {}
+        for kind in ("snntorch", "s", "m"):
+            model = _snntorch_model() if kind == "snntorch" else _spikingjelly_model(kind)
+            ddp = DDP(model)
+            sb.seed_spikes(ddp, 100 + rank)  # each rank its own noise
+            opt = torch.optim.Adam(sb.param_groups(ddp, lr=1e-2, noise_lr=5e-2))
+            noise_grads = []
+            for _ in range(2):
+                if kind == "snntorch":
+                    loss = _loss(ddp, x)
+                else:
+                    sbnn_sj.reset(ddp)
+                    out = ddp(x) if kind == "m" else torch.stack([ddp(xt) for xt in x])
+                    loss = ((out.mean(0) - 0.5) ** 2).mean()
+                opt.zero_grad()
+                loss.backward()
+                noise_grads.append([p.grad.clone() for n, p in model.named_parameters()
+                                    if n.endswith("std_rho")])
+                opt.step()
+            both = [None, None]
+            dist.all_gather_object(both, ([p.detach() for p in model.parameters()],
+                                          noise_grads, float(loss)))
+            params = max(float((a - b).abs().max()) for a, b in zip(both[0][0], both[1][0]))
+            grads = max(float((a - b).abs().max())
+                        for s0, s1 in zip(both[0][1], both[1][1]) for a, b in zip(s0, s1))
+            nonzero = all(float(g.abs().sum()) > 0 for g in noise_grads[0])
+            results[kind] = (params, grads, nonzero, len(noise_grads[0]),
+                             both[0][2] != both[1][2])
+        queue.put((rank, results))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_training_steps_keep_the_ranks_identical():
+    """Two optimiser steps under ``DistributedDataParallel`` (gloo, 2 processes, each rank
+    its own data and spike noise) of a converted snnTorch model and of a converted
+    SpikingJelly model in both step modes (with a BatchNorm): the noise scales' gradients
+    (``std_rho`` of the layers and spike functions) are synchronised, and every
+    parameter is identical on both ranks after the steps."""
+    import pytest
+
+    pytest.importorskip("spikingjelly")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_ddp_steps_worker, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        results = sorted(queue.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    for _rank, per_kind in results:
+        assert set(per_kind) == {"snntorch", "s", "m"}
+        for params, grads, nonzero, count, losses_differ in per_kind.values():
+            assert params == 0 and grads == 0 and nonzero and count == 4
+            assert losses_differ  # the ranks ran their own data and noise

@@ -420,3 +420,38 @@ def test_to_snntorch_gives_each_neuron_its_own_copy_of_a_module_spike_grad():
     assert isinstance(plain[1].spike_grad, LearnedATan)
     assert plain[1].spike_grad is not plain[3].spike_grad and plain[1].spike_grad is not fn
     assert len(list(plain.parameters())) == len({id(p) for p in plain.parameters()}) == 6
+
+
+@pytest.mark.parametrize("name", ["seq_rleaky", "loop_leaky"])
+def test_export_then_convert_again_needs_the_state_dict_for_the_noise_scales(name):
+    """``to_sbnn(to_snntorch(model))``: the export holds the posterior means only, so the
+    model converted again has new noise scales (sized from the weights, as any
+    conversion), not the learned ones (documented); loading the SBNN's state dict into
+    it restores them: its stochastic passes equal the original's."""
+    model, x = _trained_like(name)
+    again = to_sbnn(to_snntorch(model), std=0.2, spike_std=0.1)
+    learned = dict(model.named_parameters())
+    new = dict(again.named_parameters())
+    assert learned.keys() == new.keys()
+    assert not all(torch.equal(learned[k], new[k]) for k in learned if "std_rho" in k)
+    again.load_state_dict(model.state_dict())
+    a, b = _seeded(model, x), _seeded(again, x)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_converted_checkpoint_in_the_host_model():
+    """A converted model's state dict loaded into the host model (Training page): strict
+    raises on the noise scales; ``strict=False`` loads the posterior means, and the host
+    model then runs the mean mode exactly (as ``to_snntorch``'s export)."""
+    model, x = _trained_like("seq_rleaky")
+    host, _ = make("seq_rleaky", seed=5)
+    with pytest.raises(RuntimeError, match="Unexpected key.*std_rho"):
+        host.load_state_dict(model.state_dict())
+    result = host.load_state_dict(model.state_dict(), strict=False)
+    assert not result.missing_keys
+    assert result.unexpected_keys and all(k.endswith("std_rho") for k in result.unexpected_keys)
+    with torch.no_grad(), sbnn_addons.mode(model, "mean"):
+        ref = run(model, x)
+    with torch.no_grad():
+        out = run(host, x)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])

@@ -533,3 +533,31 @@ def test_affine_batchnorm_of_an_untrained_model_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sbnn_sj.to_sbnn(net, batchnorm="affine")
+
+
+def test_export_then_convert_again_needs_the_state_dict_for_the_noise_scales(sbnn):
+    """``to_sbnn(to_spikingjelly(model))`` has new noise scales, not the learned ones
+    (the export holds the means only; documented); the SBNN's state dict restores them."""
+    ref = _sample(sbnn)
+    again = sbnn_sj.to_sbnn(sbnn_sj.to_spikingjelly(sbnn), spike_std=0.1).eval()
+    assert not all(torch.equal(p, q) for (n, p), (_, q) in
+                   zip(sbnn.named_parameters(), again.named_parameters()) if "std_rho" in n)
+    again.load_state_dict(sbnn.state_dict())
+    assert torch.equal(_sample(again), ref)
+
+
+def test_converted_checkpoint_in_the_host_model(sbnn):
+    """A converted model's state dict in the host model (Training page): strict raises on
+    the noise scales; ``strict=False`` loads the means, and the host model (its BatchNorm
+    kept) runs the mean mode exactly."""
+    host = _net()
+    with pytest.raises(RuntimeError, match="Unexpected key.*std_rho"):
+        host.load_state_dict(sbnn.state_dict())
+    result = host.load_state_dict(sbnn.state_dict(), strict=False)
+    assert not result.missing_keys
+    assert all(k.endswith("std_rho") for k in result.unexpected_keys)
+    with sbnn_addons.mode(sbnn, "mean"), torch.no_grad():
+        ref = run_sequence(sbnn, X, "m")
+    with torch.no_grad():
+        assert torch.equal(run_sequence(host.eval(), X, "m"), ref)
+    assert ref.sum() > 0
