@@ -742,13 +742,15 @@ def check_heaviside_forward(name: str, neuron: torch.nn.Module, fn, *, at_zero: 
         return
     probe = torch.tensor(_HEAVISIDE_PROBE, dtype=None if ref is None else ref.dtype,
                          device=None if ref is None else ref.device)
+    if probe.is_meta:  # built under torch.device("meta"): no values to judge
+        return
     try:
         call = copy.deepcopy(fn).forward if isinstance(fn, torch.nn.Module) else fn
         with torch.no_grad():
             out = call(probe.clone())
     except Exception:  # noqa: BLE001 - cannot be probed this way: not judged
         return
-    if not isinstance(out, Tensor) or out.shape != probe.shape:
+    if not isinstance(out, Tensor) or out.shape != probe.shape or out.is_meta:
         return
     expected = (probe >= 0) if at_zero else (probe > 0)
     if torch.equal(out.detach().to(probe.dtype), expected.to(probe.dtype)):
