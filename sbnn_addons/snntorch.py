@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import sys
 from collections.abc import Sequence
 
@@ -603,17 +604,22 @@ class _EmittedSpikeReset:
         any (an infinite threshold, a membrane readout, collects none), where the
         threshold was changed since the conversion (e.g. ``lif.threshold.fill_(inf)``, a
         new tensor, an optimiser's step of a learned one). Read once per change of the
-        buffer (its storage and version counter: an edit through ``.data`` is not seen);
-        not inside a compiled graph (a value read), where the threshold of the last eager
-        step holds. ``compiling``: whether a graph is traced, where the caller knows it."""
+        buffer (its storage and version counter: an edit through ``.data`` is not seen).
+        Eager mode, at each step and at ``reset_mem()``
+        (:func:`sbnn_addons.snntorch.reset`); a compiled graph cannot read the value, so
+        it checks it: see
+        :meth:`_check_compiled_threshold`. ``compiling``: whether a graph is traced,
+        where the caller knows it."""
         modules = self._modules  # without nn.Module.__getattr__ where it is there
         spike = modules["spike_grad"] if "spike_grad" in modules else self.spike_grad
-        if not isinstance(spike, IWSTSpike) or (
-                torch.compiler.is_compiling() if compiling is None else compiling):
+        if not isinstance(spike, IWSTSpike):
             return
         p, b = self._parameters, self._buffers
         thr = (p["threshold"] if "threshold" in p
                else b["threshold"] if "threshold" in b else self.threshold)
+        if torch.compiler.is_compiling() if compiling is None else compiling:
+            self._check_compiled_threshold(spike, thr)
+            return
         if not isinstance(thr, Tensor):
             value = float(thr)
         elif thr.is_meta:
@@ -628,6 +634,38 @@ class _EmittedSpikeReset:
             value = cached[1]
         if value != spike.threshold:
             spike.threshold = value
+
+    def _check_compiled_threshold(self, spike: IWSTSpike, thr: Tensor | float) -> None:
+        """In a compiled graph: check that the threshold ``thr`` is the one the spike
+        function was given in eager mode (the graph was traced with it), as far as the
+        spike function reads it: finite or not (a membrane readout collects no auxiliary
+        term and gets no pull), and its value where the auxiliary terms are centred on it
+        (``aux_center="zero"``, a threshold that is not learned). A threshold changed in
+        place since (``lif.threshold.fill_(inf)`` after the conversion) would otherwise
+        give an infinite auxiliary loss and NaN gradients, silently. One check of a
+        small buffer per step, in the graph (no wait for the device).
+
+        Raises:
+            RuntimeError: the threshold changed (when the graph runs), naming the fix.
+        """
+        if not isinstance(thr, Tensor) or thr.is_meta:
+            return  # a number: a constant of the graph, guarded by Dynamo
+        known = spike.threshold
+        value = thr.detach().float().mean()
+        if not -math.inf < known < math.inf:  # (traceable as a symbolic float)
+            ok = value == known
+        else:
+            ok = torch.isfinite(value)
+            if spike.aux_center == "zero" and spike.collect_aux and not thr.requires_grad:
+                ok = ok & ((value - known).abs() <= 1e-6 * max(1.0, abs(known)))
+        torch._assert_async(
+            ok, f"the threshold of this converted snnTorch {type(self).__name__} was changed "
+            "in place (e.g. lif.threshold.fill_(inf)) since its spike function last read it, "
+            "and a compiled step cannot read it: its auxiliary loss and pull would use the "
+            "old threshold (an infinite one's terms are inf, NaN gradients). After changing "
+            "a threshold, call sbnn_addons.snntorch.reset(model) once outside the compiled "
+            "step (snntorch.utils.reset does not call the neurons' reset_mem()), or run one "
+            "step eagerly: the compiled step then recompiles for the new threshold")
 
     def fire_inhibition(self, batch_size: int, mem: Tensor) -> Tensor:
         self._sync_spike_threshold()
@@ -670,6 +708,9 @@ class _EmittedSpikeReset:
 
     def reset_mem(self):
         drop_state(self, _CACHE)
+        # a threshold changed in place since the last step reaches the spike function
+        # here too: a compiled step that follows reads it (see _check_compiled_threshold)
+        self._sync_spike_threshold()
         return super().reset_mem()
 
 
