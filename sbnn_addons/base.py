@@ -437,14 +437,13 @@ def _check_input(x: Tensor, where: str, nan_only: bool) -> None:
         return
     compiling = torch.compiler.is_compiling()
     if compiling:  # no data-dependent branch in a graph: a runtime assert
-        with torch._C.DisableTorchFunctionSubclass():
-            if nan_only:
-                torch._assert_async(~torch.isnan(x.detach()).any(), _nan_message(where))
-            else:
-                torch._assert_async(
-                    torch.isfinite(x.detach().sum()),
-                    f"the input of {where} contains NaN or inf values; clean or normalise "
-                    "the data, or use sbnn_addons.check_finite(False)")
+        if nan_only:
+            torch._assert_async(~torch.isnan(x.detach()).any(), _nan_message(where))
+        else:
+            torch._assert_async(
+                torch.isfinite(x.detach().sum()),
+                f"the input of {where} contains NaN or inf values; clean or normalise "
+                "the data, or use sbnn_addons.check_finite(False)")
         return
     if is_binary(x, False):  # spikes: 0 and 1 only
         return
@@ -454,10 +453,10 @@ def _check_input(x: Tensor, where: str, nan_only: bool) -> None:
     if nan_only:  # (not recorded as checked: an inf passes)
         with torch._C.DisableTorchFunction():  # no variance flow: plain reductions
             # one sum first, NaN where x holds a NaN (or both infinities): a fraction of
-            # isnan(x).any()'s time on the CPU (measured), then the exact test
-            if (math.isnan(float(x.detach().sum()))
-                    and bool(torch.isnan(x.detach()).any())):
-                count = int(torch.isnan(x.detach()).sum())
+            # isnan(x).any()'s time on the CPU (measured), then the exact count
+            count = (int(torch.isnan(x.detach()).sum())
+                     if math.isnan(float(x.detach().sum())) else 0)
+            if count:
                 raise ValueError(f"{_nan_message(where)} ({count} of them, shape "
                                  f"{tuple(x.shape)})")
         return
@@ -738,11 +737,9 @@ def check_heaviside_forward(name: str, neuron: torch.nn.Module, fn, *, at_zero: 
     """
     ref = next((t for t in (*neuron.parameters(), *neuron.buffers())
                 if t.is_floating_point()), None)
-    if ref is not None and ref.is_meta:
-        return
     probe = torch.tensor(_HEAVISIDE_PROBE, dtype=None if ref is None else ref.dtype,
                          device=None if ref is None else ref.device)
-    if probe.is_meta:  # built under torch.device("meta"): no values to judge
+    if probe.is_meta:  # a neuron on the meta device (or built under it): no values
         return
     try:
         call = copy.deepcopy(fn).forward if isinstance(fn, torch.nn.Module) else fn

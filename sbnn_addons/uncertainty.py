@@ -165,11 +165,12 @@ def entropy(probs: Tensor, dim: int = -1) -> Tensor:
     # axis or sigmoid outputs miss it by far more
     atol = max(1e-2, terms * torch.finfo(probs.dtype).eps)
     probs = _at_least_float32(probs)  # a bfloat16 sum keeps three digits
-    if probs.numel() and not bool(((probs.sum(dim) - 1).abs() <= atol).all()):
+    sums = probs.sum(dim) if probs.numel() else None
+    if sums is not None and not bool(((sums - 1).abs() <= atol).all()):
         raise ValueError(
             f"entropy: probs must sum to 1 along dim={dim} (the classes' axis, of size "
-            f"{terms}), got sums in [{float(probs.sum(dim).min()):.3g}, "
-            f"{float(probs.sum(dim).max()):.3g}]; pass dim= the classes' axis (e.g. -1 for "
+            f"{terms}), got sums in [{float(sums.min()):.3g}, "
+            f"{float(sums.max()):.3g}]; pass dim= the classes' axis (e.g. -1 for "
             "[K, B, C] samples), and probabilities from a softmax, not per-class sigmoids")
     tiny = max(_TINY, torch.finfo(probs.dtype).tiny)
     return -(probs * probs.clamp_min(tiny).log()).sum(dim)
@@ -293,12 +294,10 @@ def time_as_samples(per_step_logits: Tensor) -> Prediction:
     if per_step_logits.shape[0] < 1:
         raise ValueError("per_step_logits needs T >= 1 time steps")
     logits = plain(per_step_logits)
-    if logits.shape[-1] > 1 and logits.numel() and _is_distribution(logits.float()):
-        warnings.warn(
-            "time_as_samples: every row of per_step_logits is already a probability vector "
-            "(entries in [0, 1] summing to 1), and it is treated as logits, so a second "
-            "softmax flattens it; pass the logits (or membrane potentials) of each step, "
-            "or use from_sample_probs for per-step probabilities", stacklevel=2)
+    _warn_if_probabilities(
+        logits.float(), "time_as_samples: every row of per_step_logits",
+        "pass the logits (or membrane potentials) of each step, or use from_sample_probs "
+        "for per-step probabilities", stacklevel=3)
     # float64 kept, as in mc_predict: a confident error's probability does not underflow
     probs = torch.softmax(logits if logits.dtype == torch.float64 else logits.float(), -1)
     _check_no_nan(probs, "per_step_logits", "logits")
@@ -445,12 +444,9 @@ def _to_probs(out: Tensor, output: str) -> Tensor:
     tol = max(1e-3, out.shape[-1] * torch.finfo(out.dtype).eps) if half else 1e-3
     out = out if out.dtype == torch.float64 else out.float()
     if output == "logits":
-        if out.shape[-1] > 1 and out.numel() and _is_distribution(out):
-            warnings.warn(
-                "mc_predict: every row the forward pass returned is already a probability "
-                "vector (entries in [0, 1] summing to 1), and it is treated as logits, so a "
-                "second softmax flattens it; pass output='probs' if the model ends in a "
-                "softmax", stacklevel=4)
+        _warn_if_probabilities(out, "mc_predict: every row the forward pass returned",
+                               "pass output='probs' if the model ends in a softmax",
+                               stacklevel=5)
         probs = torch.softmax(out, -1)
         _check_no_nan(probs, "the forward pass's output", "logits")
         return probs
@@ -466,6 +462,17 @@ def _to_probs(out: Tensor, output: str) -> Tensor:
         probs = probs.clamp(0, 1)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
+
+
+def _warn_if_probabilities(x: Tensor, what: str, fix: str, stacklevel: int) -> None:
+    """Warn where values about to be read as logits (``x [..., C]``) are already
+    probability vectors, every row of them: a second softmax would flatten them.
+    ``what`` starts the message, ``fix`` ends it."""
+    if x.shape[-1] > 1 and x.numel() and _is_distribution(x):
+        warnings.warn(
+            f"{what} is already a probability vector (entries in [0, 1] summing to 1), and "
+            f"it is treated as logits, so a second softmax flattens it; {fix}",
+            stacklevel=stacklevel)
 
 
 def _is_distribution(p: Tensor, tol: float = 1e-4) -> bool:

@@ -21,6 +21,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_two_ranks(worker, timeout: float) -> list:
+    """Run ``worker(rank, port, queue)`` in two spawned processes (a gloo group of 2) and
+    return what each put on the queue, sorted (by rank first)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=worker, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        return sorted(queue.get(timeout=timeout) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+
+
 def _snntorch_model() -> nn.Module:
     import snntorch as snn
 
@@ -81,19 +99,7 @@ def test_ddp_on_a_converted_snntorch_model_averages_each_ranks_gradients():
     The converted model names its neuron states to DDP as buffers to leave alone, so the
     gradients are exactly the ranks' own (seeded noise per rank) averaged; a wrapper that
     hides them raises and names ``broadcast_buffers=False``."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = sorted(queue.get(timeout=60) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    results = _run_two_ranks(_ddp_worker, timeout=60)
     for _rank, err, refused in results:
         assert err < 1e-6
         assert "DistributedDataParallel" in refused and "broadcast_buffers=False" in refused
@@ -234,19 +240,7 @@ def test_ddp_training_steps_keep_the_ranks_identical():
     import pytest
 
     pytest.importorskip("spikingjelly")
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_ddp_steps_worker, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = sorted(queue.get(timeout=120) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    results = _run_two_ranks(_ddp_steps_worker, timeout=120)
     for _rank, per_kind in results:
         assert set(per_kind) == {"snntorch", "s", "m"}
         for params, grads, nonzero, count, losses_differ in per_kind.values():

@@ -635,13 +635,19 @@ def test_a_surrogate_in_non_spiking_mode_is_refused_at_conversion():
     with pytest.raises(ValueError, match=r"(?s)'3'.*spiking=False.*spiking=True.*exclude"):
         sbnn_sj.to_sbnn(net, inplace=True)
     assert not any(sbnn_addons.is_bayesian(m) for m in net.modules())
+    ref, got = _host_and_excluded_conversion(net, x)
+    assert not torch.equal(ref, (ref > 0).to(ref.dtype))  # graded, not spikes
+    torch.testing.assert_close(got, ref)
+
+
+def _host_and_excluded_conversion(net: nn.Module, x: torch.Tensor) -> tuple:
+    """``net(x)`` and the ``mean``-mode output of ``net`` converted with its last layer
+    and neuron (``'2'``, ``'3'``) excluded, each from a reset state."""
     model = sbnn_sj.to_sbnn(net, exclude=["2", "3"])
     with torch.no_grad(), sbnn_addons.mode(model, "mean"):
         functional.reset_net(net)
         sbnn_sj.reset(model)
-        ref, got = net(x), model(x)
-    assert not torch.equal(ref, (ref > 0).to(ref.dtype))  # graded, not spikes
-    torch.testing.assert_close(got, ref)
+        return net(x), model(x)
 
 
 class _SoftSurrogate(nn.Module):
@@ -674,11 +680,7 @@ def test_a_surrogate_whose_forward_is_not_heaviside_is_refused_at_conversion(mak
                                          r".*surrogate.ATan\(\).*exclude"):
         sbnn_sj.to_sbnn(net, inplace=True)
     assert not any(sbnn_addons.is_bayesian(m) for m in net.modules())
-    model = sbnn_sj.to_sbnn(net, exclude=["2", "3"])
-    with torch.no_grad(), sbnn_addons.mode(model, "mean"):
-        functional.reset_net(net)
-        sbnn_sj.reset(model)
-        ref, got = net(x), model(x)
+    ref, got = _host_and_excluded_conversion(net, x)
     torch.testing.assert_close(got, ref)
 
 
