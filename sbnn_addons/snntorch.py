@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import sys
 from collections.abc import Sequence
 
@@ -652,7 +651,7 @@ class _EmittedSpikeReset:
             return  # a number: a constant of the graph, guarded by Dynamo
         known = spike.threshold
         value = thr.detach().float().mean()
-        if not -math.inf < known < math.inf:  # (traceable as a symbolic float)
+        if not spike.threshold_finite:  # a bool: guarded by Dynamo
             ok = value == known
         else:
             ok = torch.isfinite(value)

@@ -316,6 +316,31 @@ class IWSTSpike(SBNNModule, nn.Module):
     _aux_stale = False  # and before the stale mark existed
 
     @property
+    def threshold(self) -> float:
+        """The host neuron's threshold (a float; assigning checks it and sets
+        :attr:`threshold_finite`)."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        value = float(value)
+        if math.isnan(value):
+            raise ValueError("threshold must be a number (not NaN), got nan")
+        self._threshold = value
+        # A bool next to the float: what decides whether auxiliary terms and the pull
+        # apply. A compiled graph guards a bool attribute as a constant, where a
+        # comparison of a float that Dynamo made symbolic (after it changed between
+        # calls) is not guarded, and a graph traced for a finite threshold would run
+        # for an infinite one.
+        self._threshold_finite = math.isfinite(value)
+
+    @property
+    def threshold_finite(self) -> bool:
+        """Whether :attr:`threshold` is finite (an infinite one: a membrane readout that
+        never fires, which collects no auxiliary terms and gets no pull)."""
+        return self._threshold_finite
+
+    @property
     def aux_pull(self) -> float:
         """The auxiliary pull's weight (class docstring; 0: off); assigning checks it."""
         return self._aux_pull
@@ -541,7 +566,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         threshold (a neuron with an infinite threshold, e.g. a membrane readout,
         never fires: its ``z`` is ``-inf`` and it has nothing to pull towards)."""
         return (self.collect_aux and self.training and torch.is_grad_enabled()
-                and -math.inf < self.threshold < math.inf)  # traceable as a symbolic float
+                and self._threshold_finite)
 
     def _aux_offset(self, threshold: float) -> float:
         """What the kernels add to the drive ``u = mu - threshold`` to centre ``z``:
@@ -557,7 +582,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         """Whether this call applies the auxiliary pull (:attr:`aux_pull`): on, training
         mode, gradients on and reaching the drive ``u``, a finite threshold."""
         return (self.aux_pull > 0 and self.training and torch.is_grad_enabled()
-                and u.requires_grad and -math.inf < self.threshold < math.inf)
+                and u.requires_grad and self._threshold_finite)
 
     def _sequence_pull_wanted(self, *inputs: Tensor | None) -> bool:
         """Whether a fused sequence applies the auxiliary pull: as :meth:`_pull_wanted`,
@@ -714,6 +739,10 @@ class IWSTSpike(SBNNModule, nn.Module):
 
     def __setstate__(self, state) -> None:
         saved = state.pop("_generator_state", None)
+        if "threshold" in state:  # pickled when the threshold was a plain attribute
+            threshold = state.pop("threshold")
+            state["_threshold"] = threshold
+            state["_threshold_finite"] = math.isfinite(threshold)
         super().__setstate__(state)
         _SPIKE_FUNCTIONS.add(self)
         register_noise_owner(self)

@@ -983,8 +983,6 @@ def test_threshold_changed_in_place_reaches_a_compiled_step(same_random_stream):
     x = torch.rand(5, 4, 8) * 2
     built, model = make(False), make(True)
     expected = _step(built, torch.compile(loss_of(built), fullgraph=True), x, None)
-    # (another model's graph of the same code would make the float threshold a symbolic
-    # input of the next one, whose test against inf Dynamo does not guard: not here)
     torch._dynamo.reset()
     step = torch.compile(loss_of(model), fullgraph=True)
     fix = r"threshold .*sbnn_addons\.snntorch\.reset\(model\)"
@@ -999,3 +997,38 @@ def test_threshold_changed_in_place_reaches_a_compiled_step(same_random_stream):
     model[3].threshold.fill_(1.0)  # between compiled steps: the graph cannot read it
     with pytest.raises(RuntimeError, match=fix):
         step(x)
+
+
+def test_threshold_made_symbolic_then_infinite_recompiles(same_random_stream):
+    """Thresholds that change between compiled steps (each after
+    ``sbnn_addons.snntorch.reset``) make Dynamo trace the float as a symbolic input; a
+    later infinite threshold then reused the graph traced for a finite one (Dynamo
+    guards no comparison of a symbolic float with inf): auxiliary terms and the pull for
+    a readout that never fires. The finite test is a bool attribute, which Dynamo guards:
+    every compiled step equals the eager step for its threshold. (``aot_eager``: the
+    guards are Dynamo's; inductor may draw the readout's noise, which feeds nothing in
+    the forward pass, after a later step's: the same law, other draws.)"""
+    torch.manual_seed(0)
+    model = sbnn_snn.to_sbnn(nn.Sequential(
+        nn.Linear(8, 6), snn.Leaky(beta=0.9, init_hidden=True),
+        nn.Linear(6, 3), snn.Leaky(beta=0.9, init_hidden=True, output=True,
+                                   reset_mechanism="none")), aux_loss=True)
+    sutils.reset(model)
+
+    def loss_fn(x, y=None):
+        sutils.reset(model)
+        mems = torch.stack([model(x[t])[1] for t in range(x.shape[0])])
+        return mems.sum() + 0.1 * sb.aux_loss(model)
+
+    x = torch.rand(4, 3, 8) * 2
+    torch._dynamo.reset()
+    step = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    for threshold in (1.0, 2.0, 3.0, math.inf, 0.5, math.inf):
+        model[3].threshold.fill_(threshold)
+        sbnn_snn.reset(model)
+        eager = _step(model, loss_fn, x, None)
+        compiled = _step(model, step, x, None)
+        assert torch.isfinite(compiled[0])
+        torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(eager[1], compiled[1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

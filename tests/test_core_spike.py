@@ -594,3 +594,23 @@ def test_half_precision_aux_pull_is_finite(dtype):
         grads[dt] = u.grad
     assert grads[dtype].dtype == dtype
     torch.testing.assert_close(grads[dtype].float(), grads[torch.float32], rtol=1e-2, atol=0)
+
+
+def test_threshold_is_checked_and_keeps_its_finite_flag():
+    """The threshold is a float whose finiteness a bool mirrors (what a compiled graph
+    guards); a NaN is refused on assignment too, and a spike function pickled when the
+    threshold was a plain attribute loads with both."""
+    spike = IWSTSpike("st", threshold=2.0)
+    assert spike.threshold == 2.0 and spike.threshold_finite
+    spike.threshold = math.inf
+    assert not spike.threshold_finite
+    with pytest.raises(ValueError, match="threshold must be a number"):
+        spike.threshold = math.nan
+    assert spike.threshold == math.inf
+    state = spike.__getstate__()
+    state["threshold"] = -math.inf  # the old form
+    del state["_threshold"], state["_threshold_finite"]
+    old = IWSTSpike.__new__(IWSTSpike)
+    old.__setstate__(state)
+    assert old.threshold == -math.inf and not old.threshold_finite
+    assert "threshold" not in old.__dict__
