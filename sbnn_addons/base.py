@@ -553,7 +553,12 @@ def mark_checked(x: Tensor) -> None:
 def _factory_spec(fn) -> tuple | None:
     """``(module, factory, kwargs)`` when ``fn`` is a closure returned by a module-level
     factory whose free variables are the factory's arguments (e.g. snnTorch's
-    ``surrogate.fast_sigmoid(slope=25)``), else ``None``."""
+    ``surrogate.fast_sigmoid(slope=25)``), else ``None``.
+
+    Checked by calling the factory with those values: the closure it returns must be
+    ``fn``'s function holding the same values. A factory that changes an argument before
+    the closure captures it (``alpha = 2 * alpha``) would otherwise be rebuilt with the
+    changed value as its argument, a different surrogate, silently."""
     import importlib
     import inspect
 
@@ -572,7 +577,15 @@ def _factory_spec(fn) -> tuple | None:
     if not set(kwargs) <= set(params) or not all(
             isinstance(v, (bool, int, float, str, type(None))) for v in kwargs.values()):
         return None
-    return fn.__module__, parts[0], kwargs
+    try:
+        rebuilt = factory(**kwargs)
+        same = getattr(rebuilt, "__code__", None) is code and all(
+            type(cell.cell_contents) is type(kwargs[name])
+            and cell.cell_contents == kwargs[name]
+            for name, cell in zip(code.co_freevars, rebuilt.__closure__ or ()))
+    except Exception:  # noqa: BLE001 - a factory that cannot be called so: no recipe
+        return None
+    return (fn.__module__, parts[0], kwargs) if same else None
 
 
 class HostObject:

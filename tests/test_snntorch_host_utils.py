@@ -143,6 +143,34 @@ def test_export_after_pickle_rebuilds_the_closure_with_its_arguments():
     assert torch.equal(u.grad, u_ref.grad)
 
 
+def steep_atan(alpha=2.0):
+    """A user's surrogate factory (module level) that rebinds its argument: the closure
+    holds ``2 * alpha``, not the ``alpha`` it was called with."""
+    alpha = 2 * alpha
+
+    def inner(x):
+        return surrogate.ATan.apply(x, alpha)
+
+    return inner
+
+
+def test_export_after_pickle_does_not_rebuild_a_closure_from_changed_arguments():
+    """A closure is rebuilt after pickling by calling its factory with the values its
+    free variables hold. A factory that changes an argument before the closure captures
+    it (``alpha = 2 * alpha``) was rebuilt with the changed value as the argument: the
+    exported surrogate had ``alpha = 12`` instead of 6, silently. Such a closure is not
+    taken for rebuildable: the export after pickling names it and asks for the
+    surrogate; before pickling it gets the original back."""
+    fn = steep_atan(alpha=3.0)
+    model = to_sbnn(_tutorial_seq(spike_grad=fn))
+    assert to_snntorch(model)[1].spike_grad is fn
+    again = pickle.loads(pickle.dumps(model))
+    with pytest.raises(ValueError, match=r"steep_atan.*spike_grad=surrogate\.atan\(\)"):
+        to_snntorch(again)
+    given = steep_atan(alpha=3.0)
+    assert to_snntorch(again, spike_grad=given)[1].spike_grad is given
+
+
 def test_export_default_atan_and_explicit_override():
     net = _tutorial_seq()
     original = net[1].spike_grad
