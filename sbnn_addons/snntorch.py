@@ -556,7 +556,10 @@ class _EmittedSpikeReset:
         thr = (p["threshold"] if "threshold" in p
                else b["threshold"] if "threshold" in b else self.threshold)
         u = _drive(mem, thr, compiling)
-        raw = _host_spike_dtype((m["spike_grad"] if "spike_grad" in m else self.spike_grad)(u))
+        spike = m["spike_grad"] if "spike_grad" in m else self.spike_grad
+        raw = _host_spike_dtype(spike(u))
+        if not compiling:
+            _refuse_noiseless_gradient(self, spike, u, raw)
         self._keep_reset(mem, raw, compiling)
         if self._unit_spike_factor(compiling):
             return raw  # the same values, and the spikes keep their binary mark (cheaper layers)
@@ -671,6 +674,8 @@ class _EmittedSpikeReset:
         mem_shift = _drive(mem, self.threshold)
         index = torch.argmax(mem_shift, dim=1)
         raw = _host_spike_dtype(self.spike_grad(mem_shift))
+        if not torch.compiler.is_compiling():
+            _refuse_noiseless_gradient(self, self.spike_grad, mem_shift, raw)
         self._keep_reset(mem, raw)  # snnTorch's reset ignores the inhibition mask: kept so
         mask = torch.zeros_like(raw)
         mask[torch.arange(batch_size), index] = 1
@@ -711,6 +716,47 @@ class _EmittedSpikeReset:
         # here too: a compiled step that follows reads it (see _check_compiled_threshold)
         self._sync_spike_threshold()
         return super().reset_mem()
+
+
+def _refuse_noiseless_gradient(neuron: nn.Module, spike: nn.Module, u: Tensor,
+                               spikes: Tensor) -> None:
+    """Make a gradient that reaches the ``spikes`` of a converted neuron without any noise
+    raise (eager mode; a test of a few attributes per step where the neuron has noise).
+
+    Without noise (a drive ``u`` that carries no posterior variance, from a layer left
+    deterministic by ``include`` / ``exclude`` or with a fixed zero std, and a spike
+    function without noise of its own: ``to_sbnn(spike_std=None)`` or 0) the stochastic
+    spike fires deterministically and its gradient is 0: a loss on those spikes would
+    train nothing before the neuron, without an error. Spikes that the loss does not
+    reach (a membrane readout) are not concerned: the check runs in the backward.
+    """
+    if (not isinstance(spike, IWSTSpike) or spike.learn_std or spike.deterministic
+            or not torch.is_grad_enabled() or spike._fixed_std_nonzero()):
+        return
+    if spike.use_input_variance and get_variance(u) is not None:
+        return
+    with torch._C.DisableTorchFunctionSubclass():  # attribute reads, no variance flow
+        if not spikes.requires_grad:
+            return
+        spikes.register_hook(functools.partial(_noiseless_gradient_error,
+                                               type(neuron).__name__.removeprefix("SBNN")))
+
+
+def _noiseless_gradient_error(name: str, _grad: Tensor) -> None:
+    """Backward hook of :func:`_refuse_noiseless_gradient`.
+
+    Raises:
+        VarianceFlowError: naming the neuron type and the fixes.
+    """
+    raise VarianceFlowError(
+        f"a gradient reached the spikes of a converted snn.{name} that has no noise: its "
+        "input carries no posterior variance (the layer feeding it is deterministic: left "
+        "out by include / exclude, or a fixed zero std) and its spike function has no "
+        "noise of its own (to_sbnn(..., spike_std=None or 0)), so it fires "
+        "deterministically and passes a zero gradient: nothing before it would train. "
+        "Convert with spike_std > 0 (the default), convert the layer feeding it, or keep "
+        "the neuron with its snnTorch surrogate: exclude=[<the neuron>, <the layer "
+        "feeding it>]")
 
 
 def _drive(mem: Tensor, threshold: Tensor | float, compiling: bool | None = None) -> Tensor:
@@ -1414,7 +1460,9 @@ def to_sbnn(
             ``sigma^2 = V + (spike_std |theta|)^2`` (default
             :data:`~sbnn_addons.spike.CONVERTED_SPIKE_STD` = 0.399, one per neuron layer;
             a per-neuron threshold counts by its mean, a threshold of 0 as 1; ``None`` or
-            0: none, then a neuron fed only by silent inputs has a zero gradient).
+            0: none, then a neuron fed only by silent inputs has a zero gradient, and a
+            gradient reaching the spikes of a neuron without any noise, fed by a layer
+            left deterministic, raises :class:`~sbnn_addons.moments.VarianceFlowError`).
             Relative, so that a network whose weights and thresholds are scaled together
             converts to the same noise level. Learned when ``learn_std`` is true and
             ``spike_std > 0``.

@@ -622,3 +622,56 @@ def test_drop_in_spike_grad_in_a_hooked_wrapper_still_resets_with_the_emitted_sp
             emitted += float(spk.sum())
     assert emitted > 0 and wrapper.calls == 2 * x.shape[0]  # snnTorch's two calls a step
     assert mon.total_spikes() == emitted
+
+
+# --------------------------------------------------------------------------- noiseless neurons
+def _two_layer_net(**options) -> nn.Sequential:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), snn.Leaky(beta=BETA, init_hidden=True, **options),
+                        nn.Linear(8, 4), snn.Leaky(beta=BETA, init_hidden=True, output=True))
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(3.0)
+    return net
+
+
+@pytest.mark.parametrize("kw", [dict(include="0", spike_std=None),
+                                dict(exclude="2", spike_std=0.0),
+                                dict(std=0.0, learn_std=False, spike_std=None)])
+def test_a_converted_neuron_without_noise_refuses_a_gradient_through_its_spikes(kw):
+    """A converted neuron whose drive carries no variance (the layer feeding it left
+    deterministic by include / exclude, or a fixed zero std) and whose spike function has
+    no noise of its own (``spike_std=None`` or 0) fires deterministically, and the
+    stochastic spike's gradient is then 0: a loss on its spikes trained nothing before it
+    (every weight gradient was 0, without an error). The backward names the neuron and
+    the fixes; a membrane readout, which takes no gradient through those spikes, trains;
+    ``mean`` mode and no-grad passes run."""
+    x = torch.rand(5, 3, 6) * 2
+    model = to_sbnn(_two_layer_net(), **kw)
+    sutils.reset(model)
+    loss = sum(model(x[t])[0].sum() for t in range(len(x)))
+    with pytest.raises(sbnn_addons.VarianceFlowError,
+                       match=r"(?s)Leaky.*no noise.*spike_std.*exclude"):
+        loss.backward()
+    if kw.get("std") is None:  # the first neuron has its layer's noise
+        sutils.reset(model)
+        model.zero_grad()
+        sum(model(x[t])[1].sum() for t in range(len(x))).backward()  # membrane readout
+        assert model[0].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        sutils.reset(model)
+        model(x[0])
+    with sbnn_addons.mode(model, "mean"):
+        sutils.reset(model)
+        model(x[0])[0].sum().backward()
+
+
+def test_a_converted_neuron_with_noise_of_its_own_passes_the_gradient():
+    """With the default ``spike_std`` a neuron fed by a deterministic layer has its own
+    noise: the gradient of a loss on its spikes reaches every layer before it."""
+    x = torch.rand(5, 3, 6) * 2
+    model = to_sbnn(_two_layer_net(), include="0")
+    sutils.reset(model)
+    sum(model(x[t])[0].sum() for t in range(len(x))).backward()
+    assert model[0].weight.grad.abs().sum() > 0 and model[2].weight.grad.abs().sum() > 0
