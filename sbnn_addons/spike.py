@@ -35,6 +35,7 @@ from .base import (
     check_input,
     check_module,
     check_std,
+    checkpoint_without_rng_replay,
     graph_breaks_allowed,
     in_reentrant_recomputation,
     inverse_softplus,
@@ -696,6 +697,17 @@ class IWSTSpike(SBNNModule, nn.Module):
                 "would miss the loss, and a neuron's noise variance carried between calls "
                 "would get no gradient (wrong gradients, without an error); pass "
                 "use_reentrant=False (spike functions on the global generator), or use "
+                "sbnn_addons.checkpoint.checkpoint(fn, *args, modules=block), which also "
+                "replays seeded spikes"
+            )
+        if (not _RECOMPUTING[0] and not torch.compiler.is_compiling()
+                and checkpoint_without_rng_replay()):
+            raise RuntimeError(
+                "a spike function draws inside torch.utils.checkpoint with "
+                "preserve_rng_state=False: the recomputation in the backward would draw "
+                "other spikes than the forward (the global generator is not restored), so "
+                "the gradients would be those of other spikes, without an error; pass "
+                "preserve_rng_state=True (the default), or use "
                 "sbnn_addons.checkpoint.checkpoint(fn, *args, modules=block), which also "
                 "replays seeded spikes"
             )

@@ -278,3 +278,50 @@ def test_a_seeded_spike_function_outside_modules_is_named():
     torch.testing.assert_close(out.weight.grad, ref, rtol=0, atol=0)
     sb.seed_spikes(spk, None)  # unseeded: the global generator is restored, any modules=
     checkpoint(region, x, modules=out).sum().backward()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "pytorch"])
+def test_torch_checkpoint_without_rng_state_is_refused_naming_the_flag(fused):
+    """``torch.utils.checkpoint(..., preserve_rng_state=False)`` (a documented speed-up)
+    around a Bayesian layer and a spike function: the recomputation in the backward drew
+    other spikes from the global generator, so the gradients were those of other spikes
+    (``std_rho``'s 1.86 became -0.95, no error). The forward raises, naming the flag;
+    the default (``True``) gives the plain run's gradients, and a region without draws
+    (``mean`` mode) runs with the flag off."""
+    from torch import nn
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+    torch.manual_seed(0)
+    fc, spk, head = sb.BayesLinear(8, 64, std=0.5), sb.IWSTSpike("agr"), nn.Linear(64, 3)
+    x = torch.rand(50, 8)
+
+    def region(v):
+        return spk(fc(v))
+
+    def grads(wrap):
+        fc.zero_grad()
+        torch.manual_seed(1)
+        with kernels.use_kernels(fused):
+            head(wrap(region, x)).pow(2).sum().backward()
+        return fc.std_rho.grad.clone(), fc.weight.grad.clone()
+
+    plain = grads(lambda f, v: f(v))
+    ckpt = grads(lambda f, v: torch_checkpoint(f, v, use_reentrant=False))
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"preserve_rng_state=False.*other spikes.*"
+                                           r"preserve_rng_state=True"):
+        grads(lambda f, v: torch_checkpoint(f, v, use_reentrant=False,
+                                            preserve_rng_state=False))
+    with sb.mode(nn.ModuleList([fc, spk]), "mean"):  # no draw: nothing to replay
+        torch_checkpoint(region, x, use_reentrant=False, preserve_rng_state=False)
+
+
+def test_torch_checkpoint_without_rng_state_in_a_converted_snntorch_loop_is_refused():
+    """The same flag around one step of a converted snnTorch loop (the fused LIF step
+    draws there)."""
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+    with pytest.raises(RuntimeError, match="preserve_rng_state=False"):
+        _snntorch_loop_grads(lambda fn, x, m, model: torch_checkpoint(
+            fn, x, m, use_reentrant=False, preserve_rng_state=False))
