@@ -35,6 +35,7 @@ from .base import (
     check_input,
     check_module,
     check_std,
+    checkpoint_hooks_active,
     checkpoint_without_rng_replay,
     graph_breaks_allowed,
     in_reentrant_recomputation,
@@ -196,6 +197,17 @@ def recomputing_forward() -> Iterator[None]:
         yield
     finally:
         _RECOMPUTING[0] -= 1
+
+
+def in_torch_checkpoint() -> bool:
+    """Whether this call runs in a region of ``torch.utils.checkpoint`` other than
+    :func:`sbnn_addons.checkpoint.checkpoint`'s: the forward or recomputation of a
+    non-reentrant one (its saved-tensor hooks), or the recomputation of a reentrant one
+    (``use_reentrant=True``, the default, whose forward runs without gradients and cannot
+    be told from an evaluation), which runs inside its backward node. Eager mode only."""
+    if _IN_CHECKPOINT[0] or _RECOMPUTING[0] or torch.compiler.is_compiling():
+        return False
+    return checkpoint_hooks_active() or in_reentrant_recomputation(False)
 
 
 class IWSTSpike(SBNNModule, nn.Module):
