@@ -649,6 +649,17 @@ class _EmittedSpikeReset:
             return
         elif thr.is_inference():  # no version counter
             value = _thr(self)
+        elif torch._C._functorch.is_functorch_wrapped_tensor(thr):  # no storage to key on
+            if torch._C._functorch.is_batchedtensor(thr):
+                raise RuntimeError(
+                    f"the threshold of this converted snnTorch {type(self).__name__} is "
+                    "mapped by a torch.func transform (torch.vmap over stacked buffers, "
+                    "e.g. functional_call(model, (params, buffers), ...) with the "
+                    "buffers of stack_module_state): its spike function reads the "
+                    "threshold as one number, which a mapped tensor is not; map the "
+                    "parameters only (functional_call(model, params, ...), in_dims=None "
+                    "for the buffers), so that the members share the model's thresholds")
+            value = _thr(self)
         else:
             key = (thr.data_ptr(), thr._version)
             cached = self.__dict__.get("_sbnn_threshold")
