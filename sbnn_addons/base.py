@@ -326,6 +326,28 @@ def checkpoint_hooks_active() -> bool:
     return "checkpoint" in (getattr(hooks[0], "__module__", None) or "")
 
 
+def checkpoint_without_rng_replay() -> bool:
+    """Whether the innermost saved-tensor hooks are those of the forward of a
+    non-reentrant ``torch.utils.checkpoint`` region run with ``preserve_rng_state=False``:
+    its recomputation in the backward does not restore the random generators, so a draw
+    there gives other values than the forward's. Read from the region's recomputation
+    closure (PyTorch's own flag); ``False`` where that cannot be read (another PyTorch
+    layout, other hooks). Eager mode only (under ``torch.compile`` the flag has no
+    effect: the generator state is always preserved)."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is None or "checkpoint" not in (getattr(hooks[0], "__module__", None) or ""):
+        return False
+    try:
+        pack = hooks[0]
+        frame = pack.__closure__[pack.__code__.co_freevars.index("frame")].cell_contents
+        recompute = frame.recompute_fn
+        names = recompute.__code__.co_freevars
+        preserve = recompute.__closure__[names.index("preserve_rng_state")].cell_contents
+    except (AttributeError, TypeError, ValueError, IndexError):  # another layout
+        return False
+    return preserve is False
+
+
 def in_reentrant_recomputation(compiling: bool | None = None) -> bool:
     """Whether this call runs in the recomputation of a reentrant ``torch.utils.checkpoint``
     region (``use_reentrant=True``), which runs inside its backward node. Eager mode only.

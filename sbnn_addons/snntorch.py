@@ -83,6 +83,7 @@ from .moments import (
     attach_derived_variance,
     check_variance_flow,
     get_variance,
+    noise_sources,
     plain,
     plain_in_place,
     raw_variance,
@@ -97,6 +98,7 @@ from .spike import (
     DEFAULT_SPIKE_STD,
     IWSTSpike,
     check_aux_pull,
+    in_torch_checkpoint,
     relative_spike_std,
 )
 from .surgery import replace_modules
@@ -395,9 +397,31 @@ class _EmittedSpikeReset:
                 self.__dict__[_DDP_SYNC] = None  # _check_ddp_buffer_sync without DDP
             else:
                 _check_ddp_buffer_sync(self)
+            if self.init_hidden and in_torch_checkpoint():
+                raise RuntimeError(self._hidden_state_checkpoint_message(args))
         out = super().forward(*args, **kwargs)
         self._sbnn_store(compiling)
         return out
+
+    def _hidden_state_checkpoint_message(self, args: tuple) -> str:
+        """The error for a step with ``init_hidden=True`` inside ``torch.utils.checkpoint``:
+        its membrane is module state, so the recomputation in the backward would start
+        from the membrane the module holds then (the one at the end of the sequence), not
+        from the step's own: gradients 40-120 % off, without an error."""
+        x = args[0] if args and isinstance(args[0], Tensor) else torch.empty(0)
+        name = noise_sources(x, self)[0]
+        host = next((c.__name__ for c in type(self).__mro__
+                     if c.__module__.startswith("snntorch")), type(self).__name__)
+        which = f"{host}{f' {name!r}' if name else ''}"
+        return (
+            f"the converted snnTorch {which} has init_hidden=True and runs inside "
+            "torch.utils.checkpoint: its membrane is module state, so the recomputation in "
+            "the backward would start from the membrane the module holds then (the one at "
+            "the end of the sequence), not from this step's, and the gradients would be "
+            "wrong, without an error. Pass the membrane explicitly in the region "
+            "(init_hidden=False: spk, mem = lif(cur, mem)), which torch.utils.checkpoint "
+            "(use_reentrant=False) and sbnn_addons.checkpoint.checkpoint recompute "
+            "exactly, or leave the neuron outside the checkpointed region")
 
     def _sbnn_store(self, compiling: bool | None = None) -> None:
         """After a step: the membrane buffer as a plain tensor, its variance as state; the
@@ -627,6 +651,17 @@ class _EmittedSpikeReset:
         elif thr.is_meta:
             return
         elif thr.is_inference():  # no version counter
+            value = _thr(self)
+        elif torch._C._functorch.is_functorch_wrapped_tensor(thr):  # no storage to key on
+            if torch._C._functorch.is_batchedtensor(thr):
+                raise RuntimeError(
+                    f"the threshold of this converted snnTorch {type(self).__name__} is "
+                    "mapped by a torch.func transform (torch.vmap over stacked buffers, "
+                    "e.g. functional_call(model, (params, buffers), ...) with the "
+                    "buffers of stack_module_state): its spike function reads the "
+                    "threshold as one number, which a mapped tensor is not; map the "
+                    "parameters only (functional_call(model, params, ...), in_dims=None "
+                    "for the buffers), so that the members share the model's thresholds")
             value = _thr(self)
         else:
             key = (thr.data_ptr(), thr._version)

@@ -35,6 +35,8 @@ from .base import (
     check_input,
     check_module,
     check_std,
+    checkpoint_hooks_active,
+    checkpoint_without_rng_replay,
     graph_breaks_allowed,
     in_reentrant_recomputation,
     inverse_softplus,
@@ -195,6 +197,17 @@ def recomputing_forward() -> Iterator[None]:
         yield
     finally:
         _RECOMPUTING[0] -= 1
+
+
+def in_torch_checkpoint() -> bool:
+    """Whether this call runs in a region of ``torch.utils.checkpoint`` other than
+    :func:`sbnn_addons.checkpoint.checkpoint`'s: the forward or recomputation of a
+    non-reentrant one (its saved-tensor hooks), or the recomputation of a reentrant one
+    (``use_reentrant=True``, the default, whose forward runs without gradients and cannot
+    be told from an evaluation), which runs inside its backward node. Eager mode only."""
+    if _IN_CHECKPOINT[0] or _RECOMPUTING[0] or torch.compiler.is_compiling():
+        return False
+    return checkpoint_hooks_active() or in_reentrant_recomputation(False)
 
 
 class IWSTSpike(SBNNModule, nn.Module):
@@ -696,6 +709,17 @@ class IWSTSpike(SBNNModule, nn.Module):
                 "would miss the loss, and a neuron's noise variance carried between calls "
                 "would get no gradient (wrong gradients, without an error); pass "
                 "use_reentrant=False (spike functions on the global generator), or use "
+                "sbnn_addons.checkpoint.checkpoint(fn, *args, modules=block), which also "
+                "replays seeded spikes"
+            )
+        if (not _RECOMPUTING[0] and not torch.compiler.is_compiling()
+                and checkpoint_without_rng_replay()):
+            raise RuntimeError(
+                "a spike function draws inside torch.utils.checkpoint with "
+                "preserve_rng_state=False: the recomputation in the backward would draw "
+                "other spikes than the forward (the global generator is not restored), so "
+                "the gradients would be those of other spikes, without an error; pass "
+                "preserve_rng_state=True (the default), or use "
                 "sbnn_addons.checkpoint.checkpoint(fn, *args, modules=block), which also "
                 "replays seeded spikes"
             )

@@ -74,7 +74,6 @@ from .base import (
     check_module,
     check_neuron_constants,
     check_std,
-    checkpoint_hooks_active,
     host_neurons,
     match_name,
     name_patterns,
@@ -97,13 +96,12 @@ from .moments import (
 )
 from .moments import refuse_variance as _refuse_variance
 from .spike import (
-    _IN_CHECKPOINT,
-    _RECOMPUTING,
     CONVERTED_SPIKE_STD,
     DEFAULT_AUX_PULL,
     DEFAULT_SPIKE_STD,
     IWSTSpike,
     check_aux_pull,
+    in_torch_checkpoint,
     relative_spike_std,
 )
 from .surgery import replace_modules
@@ -358,7 +356,7 @@ def _neuron_pre_hook(node: nn.Module, args):
         # variance, which the spike function then refuses, naming link_neuron)
         return None
     x = args[0]
-    if _in_torch_checkpoint():
+    if in_torch_checkpoint():
         raise RuntimeError(
             f"a converted SpikingJelly {type(node).__name__} runs inside "
             "torch.utils.checkpoint: the recomputation in the backward would start from "
@@ -399,20 +397,6 @@ def _unknown_variance_message(node: nn.Module, x: Tensor, var: UnknownVariance) 
         f"the Bayesian layer and the neuron, keep those layers deterministic ({fix} in "
         "to_sbnn), or register a rule with sbnn_addons.moments.register_variance_rule."
     )
-
-
-def _in_torch_checkpoint() -> bool:
-    """Whether this call runs in a region of ``torch.utils.checkpoint`` other than
-    :func:`sbnn_addons.checkpoint.checkpoint`'s: the forward or recomputation of a
-    non-reentrant one (its saved-tensor hooks), or the recomputation of a reentrant one
-    (``use_reentrant=True``, the default, whose forward runs without gradients and cannot
-    be told from an evaluation), which runs inside its backward node. Eager mode only."""
-    if _IN_CHECKPOINT[0] or _RECOMPUTING[0] or torch.compiler.is_compiling():
-        return False
-    if checkpoint_hooks_active():
-        return True
-    current = torch._C._current_autograd_node()
-    return current is not None and current.name() == "CheckpointFunctionBackward"
 
 
 _NEURON_MODULE = "spikingjelly.activation_based.neuron"

@@ -278,3 +278,89 @@ def test_a_seeded_spike_function_outside_modules_is_named():
     torch.testing.assert_close(out.weight.grad, ref, rtol=0, atol=0)
     sb.seed_spikes(spk, None)  # unseeded: the global generator is restored, any modules=
     checkpoint(region, x, modules=out).sum().backward()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "pytorch"])
+def test_torch_checkpoint_without_rng_state_is_refused_naming_the_flag(fused):
+    """``torch.utils.checkpoint(..., preserve_rng_state=False)`` (a documented speed-up)
+    around a Bayesian layer and a spike function: the recomputation in the backward drew
+    other spikes from the global generator, so the gradients were those of other spikes
+    (``std_rho``'s 1.86 became -0.95, no error). The forward raises, naming the flag;
+    the default (``True``) gives the plain run's gradients, and a region without draws
+    (``mean`` mode) runs with the flag off."""
+    from torch import nn
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+    torch.manual_seed(0)
+    fc, spk, head = sb.BayesLinear(8, 64, std=0.5), sb.IWSTSpike("agr"), nn.Linear(64, 3)
+    x = torch.rand(50, 8)
+
+    def region(v):
+        return spk(fc(v))
+
+    def grads(wrap):
+        fc.zero_grad()
+        torch.manual_seed(1)
+        with kernels.use_kernels(fused):
+            head(wrap(region, x)).pow(2).sum().backward()
+        return fc.std_rho.grad.clone(), fc.weight.grad.clone()
+
+    plain = grads(lambda f, v: f(v))
+    ckpt = grads(lambda f, v: torch_checkpoint(f, v, use_reentrant=False))
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"preserve_rng_state=False.*other spikes.*"
+                                           r"preserve_rng_state=True"):
+        grads(lambda f, v: torch_checkpoint(f, v, use_reentrant=False,
+                                            preserve_rng_state=False))
+    with sb.mode(nn.ModuleList([fc, spk]), "mean"):  # no draw: nothing to replay
+        torch_checkpoint(region, x, use_reentrant=False, preserve_rng_state=False)
+
+
+def test_torch_checkpoint_without_rng_state_in_a_converted_snntorch_loop_is_refused():
+    """The same flag around one step of a converted snnTorch loop (the fused LIF step
+    draws there)."""
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+    with pytest.raises(RuntimeError, match="preserve_rng_state=False"):
+        _snntorch_loop_grads(lambda fn, x, m, model: torch_checkpoint(
+            fn, x, m, use_reentrant=False, preserve_rng_state=False))
+
+
+@pytest.mark.parametrize("std_mode", ["layer", "channel", "weight"])
+@pytest.mark.parametrize("wrap", ["region", "sequential", "reentrant"])
+def test_torch_checkpoint_around_an_snntorch_neuron_with_hidden_state_is_refused(wrap,
+                                                                                 std_mode):
+    """Plain ``torch.utils.checkpoint`` (or ``checkpoint_sequential``) around a step of a
+    converted snnTorch ``Sequential`` with ``init_hidden=True`` (the quick start's model):
+    the recomputation in the backward started from the membrane kept in the module at the
+    end of the sequence, not from the step's own, so the gradients were 40-120 % off
+    (``std_rho``'s too) without an error for ``std_mode="channel"`` / ``"weight"``, and
+    an unnamed ``CheckpointError`` for ``"layer"``. It raises, naming the neuron and the
+    explicit-membrane fix, as ``sbnn_addons.checkpoint.checkpoint`` does."""
+    import snntorch as snn
+    from torch import nn
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
+    from torch.utils.checkpoint import checkpoint_sequential
+
+    from sbnn_addons.snntorch import reset, to_sbnn
+
+    torch.manual_seed(0)
+    model = to_sbnn(nn.Sequential(nn.Linear(16, 32), snn.Leaky(beta=0.9, init_hidden=True),
+                                  nn.Linear(32, 4),
+                                  snn.Leaky(beta=0.9, init_hidden=True, output=True)),
+                    std_mode=std_mode)
+    x = torch.rand(3, 5, 16) * 2
+    step = {
+        "region": lambda xt: torch_checkpoint(model, xt, use_reentrant=False),
+        "sequential": lambda xt: checkpoint_sequential(model, 2, xt, use_reentrant=False),
+        "reentrant": lambda xt: torch_checkpoint(model, xt.requires_grad_(),
+                                                 use_reentrant=True),
+    }[wrap]
+    reset(model)
+    model(x[0])  # the membrane is a tensor when the checkpointed steps start
+    with pytest.raises(RuntimeError, match=r"snnTorch Leaky( '1')? has init_hidden=True.*"
+                                           r"torch.utils.checkpoint.*end of the sequence"
+                                           r".*init_hidden=False"):
+        loss = sum(step(xt)[1].sum() for xt in x[1:])
+        loss.backward()  # (reentrant: raised at the recomputation)

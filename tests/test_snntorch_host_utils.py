@@ -669,3 +669,45 @@ def test_spikes_changed_in_place_after_a_converted_neuron(backend):
                     continue
                 loss.backward()
                 assert net[0].weight.grad.abs().sum() > 0
+
+
+def test_vmap_ensemble_maps_the_parameters_and_names_mapped_thresholds():
+    """``torch.func`` ensembles of a converted ``Sequential`` (``stack_module_state``,
+    ``functional_call`` under ``vmap``): mapping the parameters gives, in ``mean`` mode,
+    each member's own result; mapping the buffers too (the neurons' thresholds, which the
+    spike function reads as one number) failed with "Cannot access data pointer of Tensor
+    that doesn't have storage", naming neither the threshold nor the fix: it is named."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    from sbnn_addons.snntorch import reset
+
+    def make(seed):
+        torch.manual_seed(seed)
+        return to_sbnn(nn.Sequential(nn.Linear(16, 32), snn.Leaky(beta=0.9, init_hidden=True),
+                                     nn.Linear(32, 4),
+                                     snn.Leaky(beta=0.9, init_hidden=True, output=True)))
+
+    models = [make(s) for s in range(3)]
+    base = copy.deepcopy(models[0])
+    params, buffers = stack_module_state(models)
+    x = torch.rand(4, 5, 16) * 4
+    for m in (*models, base):
+        sbnn_addons.set_mode(m, "mean")
+
+    def member(p, xs, b=None):
+        reset(base)  # a new membrane for each member's sequence
+        return torch.stack([functional_call(base, p if b is None else (p, b), (xt,))[1]
+                            for xt in xs])
+
+    with torch.no_grad():
+        got = vmap(member, in_dims=(0, None), randomness="different")(params, x)
+        want = []
+        for m in models:
+            reset(m)
+            want.append(torch.stack([m(xt)[1] for xt in x]))
+        torch.testing.assert_close(got, torch.stack(want), rtol=1e-6, atol=1e-6)
+        with pytest.raises(RuntimeError, match=r"threshold.*torch.func.*vmap.*buffers"):
+            vmap(member, in_dims=(0, None, 0), randomness="different")(params, x, buffers)
+    for m in base.modules():  # the membranes the transform left (snnTorch's instances
+        if isinstance(m, snn.Leaky):  # lists keep the neuron for other tests' resets)
+            m.mem = torch.zeros(1)
