@@ -520,7 +520,13 @@ class _EmittedSpikeReset:
                 var = scale_variance(var, 1 - self.reset, compiling)
             p, b = self._parameters, self._buffers  # without nn.Module.__getattr__
             beta = p["beta"] if "beta" in p else b["beta"] if "beta" in b else self.beta
-            var = scale_variance(var, beta.clamp(0, 1), compiling)
+            if (not compiling and isinstance(beta, Tensor) and beta.is_cpu
+                    and not beta.dim() and not beta.requires_grad):
+                # a constant CPU scalar (the default): clamped as a number, one read and
+                # one operation (scale_variance reads a clamped tensor the same way)
+                var = scale_variance(var, min(max(beta.item(), 0.0), 1.0), compiling)
+            else:
+                var = scale_variance(var, beta.clamp(0, 1), compiling)
             if isinstance(current_var, ScaledVariance):
                 current_var = current_var.value()
             current_var = var + current_var
@@ -595,13 +601,22 @@ class _EmittedSpikeReset:
         the membrane's :func:`_fire_mark`: once it is changed in place
         (``mem.mul_(mask)``), they are not its reset any more. ``compiling``: whether a
         graph is traced, where the caller knows it."""
-        if type(raw) is SpikeTensor:  # its __torch_function__ runs this, without the call
-            with torch._C.DisableTorchFunctionSubclass():
-                spikes = raw.detach().clone()
-        else:
-            spikes = raw.detach().clone()
         if compiling is None:
             compiling = torch.compiler.is_compiling()
+        kind = type(raw)
+        if kind is SpikeTensor or (kind is Tensor and not compiling):
+            with torch._C.DisableTorchFunctionSubclass():  # a SpikeTensor's: without the call
+                if compiling:
+                    spikes = raw.detach().clone()
+                else:  # the copy taken without gradients: one operation, no detach() first
+                    grad = torch.is_grad_enabled()
+                    torch._C._set_grad_enabled(False)
+                    try:
+                        spikes = raw.clone()
+                    finally:
+                        torch._C._set_grad_enabled(grad)
+        else:
+            spikes = raw.detach().clone()
         mark = _fire_mark(mem, compiling)
         self.__dict__[_CACHE] = (mem, spikes, mark)
         if not compiling:  # steps are recorded per membrane in eager mode only
@@ -621,6 +636,12 @@ class _EmittedSpikeReset:
             return factor == 1.0
         if factor.requires_grad:
             return False
+        if (factor.is_cpu and factor.dim() == 0
+                and not (torch.compiler.is_compiling() if compiling is None else compiling)
+                and not torch._C._functorch.is_functorch_wrapped_tensor(factor)):
+            # snnTorch's scalar buffer on the CPU, read at every step (an edit through
+            # .data is seen): one read instead of cached_tensor_test's (f == 1).all()
+            return factor.item() == 1
         return cached_tensor_test(self, "_sbnn_unit", factor, lambda f: (f == 1).all(),
                                   assume=False, compiling=compiling)
 

@@ -231,6 +231,38 @@ def test_spikes_are_marked_binary_and_the_reset_is_a_private_copy():
     assert torch.equal(lif.reset, emitted)
 
 
+def test_edits_of_spike_factor_and_beta_through_data_are_seen_at_the_next_step():
+    """The neuron reads its scalar graded_spikes_factor and beta at every step (no cache
+    keyed on the version counter, which an edit through .data does not bump): the next
+    step emits spikes times the new factor and scales the membrane variance by the new
+    beta^2."""
+    import snntorch as snn
+    from torch import nn
+
+    from sbnn_addons.snntorch import membrane_variance
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 8)
+            self.lif = snn.Leaky(beta=0.9)
+
+    torch.manual_seed(0)
+    sbnn = to_sbnn(Net(), std=0.3)
+    lif = sbnn.lif
+    x = torch.rand(4, 6) * 3
+    spk, mem = lif(sbnn.fc(x), lif.init_leaky())
+    assert torch.equal(spk.unique().sort().values[-1:], torch.ones(1))
+    v_prev = membrane_variance(lif).detach().clone()
+    lif.graded_spikes_factor.data.fill_(2.0)
+    lif.beta.data.fill_(0.5)
+    cur = sbnn.fc(x)
+    v_in = get_variance(cur).detach().clone()
+    spk, mem = lif(cur, mem)
+    assert spk.any() and set(spk.unique().tolist()) <= {0.0, 2.0}
+    torch.testing.assert_close(membrane_variance(lif), 0.25 * v_prev + v_in)
+
+
 def test_reset_clears_nested_and_copied_states():
     import copy
 
