@@ -224,6 +224,59 @@ def test_every_spikingjelly_neuron_class_is_checked(make):
     assert not [h for h in hooks if h.__module__.startswith("sbnn_addons")]
 
 
+class _RNNNet(nn.Module):
+    """A SpikingJelly spiking RNN (``rnn.SpikingLSTM`` / ``SpikingGRU`` /
+    ``SpikingVanillaRNN``, or one of its cells stepped by hand) read out by a converted
+    layer and neuron."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        from spikingjelly.activation_based import rnn
+
+        self.cell = kind.endswith("Cell")
+        self.rnn = getattr(rnn, kind)(8, 6) if self.cell else getattr(rnn, kind)(8, 6, 1)
+        self.fc = layer.Linear(6, 3, step_mode="m")
+        self.sn = neuron.LIFNode(step_mode="m")
+
+    def forward(self, x):
+        if self.cell:
+            state, hs = None, []
+            for xt in x:
+                state = self.rnn(xt, state)
+                hs.append(state[0] if isinstance(state, tuple) else state)
+            y = torch.stack(hs)
+        else:
+            y = self.rnn(x)[0]
+        return self.sn(self.fc(y))
+
+
+@pytest.mark.parametrize("kind", ["SpikingLSTM", "SpikingGRU", "SpikingVanillaRNN",
+                                  "SpikingLSTMCell"])
+def test_a_spiking_rnn_is_named_at_conversion_with_the_exclude_that_keeps_it(kind):
+    """SpikingJelly's spiking RNNs apply its surrogates to their nn.Linear outputs
+    directly, without a neuron: to_sbnn made those layers Bayesian and the first forward
+    raised a VarianceFlowError asking to convert "the neuron" (there is none, and the
+    model was converted). The conversion names the RNN and the exclude that keeps it
+    deterministic, before an inplace conversion changes anything; with that exclude the
+    model converts, runs and trains the rest."""
+    torch.manual_seed(0)
+    net = _RNNNet(kind)
+    before = _snapshot(net)
+    with pytest.raises(TypeError, match=rf"'rnn' \({kind}\).*exclude=\['rnn'"):
+        sbnn_sj.to_sbnn(net, inplace=True)
+    after = _snapshot(net)
+    assert before[1:] == after[1:]
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    model = sbnn_sj.to_sbnn(net, exclude="rnn")
+    assert sbnn_addons.is_bayesian(model.fc)
+    assert not any(sbnn_addons.is_bayesian(m) for m in model.rnn.modules())
+    sbnn_sj.reset(model)
+    model(torch.rand(4, 2, 8) * 2).sum().backward()
+    assert model.fc.weight.grad is not None and model.fc.std_rho.grad is not None
+    # an include that leaves the RNN's layers out converts too
+    assert sbnn_addons.is_bayesian(sbnn_sj.to_sbnn(net, include="fc").fc)
+
+
 # --------------------------------------------------------------------------- validation
 def _snapshot(model):
     return ({k: v.clone() for k, v in model.state_dict().items()},
