@@ -1156,10 +1156,12 @@ def _attach_each(name, func, args, kwargs, out, noise, scale, nset=None):
     tensors = [t for t in out if isinstance(t, Tensor)]
     if not tensors:
         return out
+    # (an unknown variance keeps the draws it carries: a neuron's error names their
+    # layers, and a readout's output still shows whose noise reached no spike)
     if noise is not True:  # an input's variance is already unknown
-        return _remake(out, [noise] * len(out))
+        return _remake(out, [noise] * len(out), noise=nset)
     if name not in _SPLITS or not isinstance(args[0], Tensor) or len(tensors) != len(out):
-        return _remake(out, [UnknownVariance(name)] * len(out))
+        return _remake(out, [UnknownVariance(name)] * len(out), noise=nset)
     x = args[0]
     if scale is not None:  # split the base of a factored variance
         base = x.variance.base.expand_as(x)
@@ -1167,7 +1169,7 @@ def _attach_each(name, func, args, kwargs, out, noise, scale, nset=None):
         return _remake(out, [ScaledVariance(part, scale) for part in parts], noise=nset)
     var = _var_of(x)
     if var is None:  # the noise is in another argument (e.g. a split size): unknown
-        return _remake(out, [UnknownVariance(name)] * len(out))
+        return _remake(out, [UnknownVariance(name)] * len(out), noise=nset)
     return _remake(out, list(_c_level(func)(var.expand_as(x), *args[1:], **kwargs)),
                    noise=nset)
 
@@ -1660,6 +1662,9 @@ def _refuse_host_neuron(func, name: str) -> None:
             break
         owner = frame.f_locals.get("self")
         kind = type(owner).__module__ if isinstance(owner, nn.Module) else ""
+        if kind.startswith(_HOST_NEURONS) and any(
+                "NonSpiking" in c.__name__ for c in type(owner).__mro__):
+            break  # a membrane readout (NonSpikingLIFNode's decoding): it fires nothing
         if kind.startswith(_HOST_NEURONS):
             _raise_host_neuron_error(
                 "SpikingJelly" if kind.startswith("spikingjelly") else "snnTorch",
@@ -1902,11 +1907,13 @@ def _check_unused_noise(model: nn.Module, output) -> None:
     if state is None or state.get("warned_readout"):
         return
     items = output if isinstance(output, (tuple, list)) else (output,)
+    # an unknown variance too: a membrane readout sums a multi-step layer's one draw over
+    # the steps (NonSpikingLIFNode), which the flow cannot follow
     noisy = [t for t in items if type(t) is VarianceTensor and isinstance(
-        t.variance, (Tensor, ScaledVariance))]
+        t.variance, (Tensor, ScaledVariance, UnknownVariance))]
     if not noisy:
         return
-    names = noisy_output_layers(model, noisy)
+    names = noisy_output_layers(model, noisy, unknown=True)
     if not names:  # a neuron's state (a membrane record): its noise did meet a spike
         return
     state["warned_readout"] = True

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -249,6 +250,30 @@ class _RNNNet(nn.Module):
             y = self.rnn(x)[0]
         return self.sn(self.fc(y))
 
+
+@pytest.mark.parametrize("decode", ["last_mem", "mean-mem", "max-mem", "max-abs-mem"])
+def test_a_membrane_readout_of_a_bayesian_layer_is_named(decode):
+    """SpikingJelly's membrane readout NonSpikingLIFNode fed by a converted layer: its
+    noise reaches no spike (the layer's std gets no gradient). The membrane sums the
+    layer's draws of all steps, which the flow cannot tell apart (an unknown variance):
+    the forward warned for none of the decodings, or (max-mem, whose max lost the draws)
+    raised a VarianceFlowError blaming a `.data`. Every decoding warns, naming the layer
+    and the exclude; with that exclude the model runs without a word."""
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(8, 6, step_mode="m"), neuron.LIFNode(step_mode="m"),
+                        layer.Linear(6, 4, step_mode="m"),
+                        neuron.NonSpikingLIFNode(tau=2.0, decode=decode))
+    x = torch.rand(T, 3, 8) * 3
+    model = sbnn_sj.to_sbnn(net)
+    with pytest.warns(UserWarning, match=r"feed no spiking neuron.*exclude=\['2'\]"):
+        out = model(x)
+    assert out.shape == (3, 4)
+    model = sbnn_sj.to_sbnn(net, exclude="2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sbnn_sj.reset(model)
+        model(x).sum().backward()
+    assert model[0].std_rho.grad is not None
 
 @pytest.mark.parametrize("kind", ["SpikingLSTM", "SpikingGRU", "SpikingVanillaRNN",
                                   "SpikingLSTMCell"])
