@@ -1655,8 +1655,11 @@ def _refuse_host_neuron(func, name: str) -> None:
         frame = frame.f_back
     module = frame.f_globals.get("__name__", "") if frame is not None else ""
     if module.startswith(_HOST_SURROGATES):  # the comparison's own caller
-        _raise_host_neuron_error("SpikingJelly" if module.startswith("spikingjelly")
-                                 else "snnTorch", f"{name} in {module}")
+        host = "SpikingJelly" if module.startswith("spikingjelly") else "snnTorch"
+        owner = _surrogate_owner(frame) if host == "SpikingJelly" else None
+        if owner is not None:
+            _raise_surrogate_outside_neuron_error(owner, f"{name} in {module}")
+        _raise_host_neuron_error(host, f"{name} in {module}")
     for _ in range(_NEURON_FRAMES):  # a surrogate of the user's own, in a host neuron
         if frame is None:
             break
@@ -1677,6 +1680,34 @@ _HOST_NEURONS = ("spikingjelly.activation_based.neuron", "snntorch._neurons")
 #: How many calling frames are searched for a host neuron (its fire method, the surrogate
 #: module's call machinery, the user's surrogate).
 _NEURON_FRAMES = 12
+
+
+def _surrogate_owner(frame) -> nn.Module | None:
+    """The module that called a SpikingJelly surrogate, from the surrogate's frame
+    ``frame`` up: ``None`` for a SpikingJelly neuron (or where no calling module is
+    found within :data:`_NEURON_FRAMES` frames), else that module (a user's module or a
+    SpikingJelly one that is not a neuron, e.g. a spiking RNN cell)."""
+    for _ in range(_NEURON_FRAMES):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module):
+            kind = type(owner).__module__
+            if not kind.startswith(_HOST_SURROGATES):  # (not the surrogate itself)
+                return None if kind.startswith(_HOST_NEURONS) else owner
+        frame = frame.f_back
+    return None
+
+
+def _raise_surrogate_outside_neuron_error(owner: nn.Module, where: str):
+    raise_error(
+        f"a SpikingJelly surrogate called by {type(owner).__name__} ({where}), which is "
+        "not a SpikingJelly neuron, fires from an input that carries a Bayesian layer's "
+        "posterior variance: it would drop the variance silently and the layer's std "
+        "would get no gradient. sbnn_addons.spikingjelly converts only the surrogates of "
+        "IFNode, LIFNode and ParametricLIFNode: keep the layers feeding this module "
+        "deterministic (exclude= in to_sbnn), or fire through a neuron",
+        VarianceFlowError)
 
 
 def _raise_host_neuron_error(host: str, where: str):

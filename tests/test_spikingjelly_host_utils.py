@@ -626,6 +626,35 @@ def test_a_neuron_that_is_not_converted_refuses_a_bayesian_layers_variance(step_
     assert (model[0].std_rho.grad is not None) == (mode == "sample")
 
 
+class _DirectSpike(nn.Module):
+    """A user's module that fires through a SpikingJelly surrogate directly, no neuron."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sg = surrogate.ATan()
+
+    def forward(self, x):
+        return self.sg(x - 1.0)
+
+
+def test_a_surrogate_called_by_a_module_that_is_not_a_neuron_is_named():
+    """A SpikingJelly surrogate that a module of the user's calls on a Bayesian layer's
+    output (no neuron) raised asking to convert "the neuron" with to_sbnn, the call that
+    made the model (or to put in sbnn_addons' surrogate, which refuses an unlinked
+    variance): the error names the module and the exclude that keeps the layer feeding
+    it deterministic, with which the model runs."""
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(5, 8), _DirectSpike(), layer.Linear(8, 4),
+                        neuron.LIFNode())
+    model = sbnn_sj.to_sbnn(net)
+    with pytest.raises(VarianceFlowError,
+                       match=r"called by _DirectSpike.*not a SpikingJelly neuron.*exclude="):
+        model(torch.rand(3, 5))
+    model = sbnn_sj.to_sbnn(net, exclude="0")
+    model(torch.rand(3, 5)).sum().backward()
+    assert model[2].std_rho.grad is not None
+
+
 def test_pruned_layer_converts_with_its_mask_multi_step():
     """A SpikingJelly layer pruned with ``torch.nn.utils.prune`` converts (multi-step)
     with the same mask: mean mode equals the host exactly, and the export keeps it."""
