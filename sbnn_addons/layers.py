@@ -1382,8 +1382,11 @@ def affine_batchnorm_plan(model: nn.Module, weight_types: tuple, batchnorm_types
             statistics, which no fixed affine equals).
     """
     types = dict(model.named_modules())
-    folds = {layer: bn for layer, bn in batchnorm_after(model, weight_types).items()
-             if layer_selected(layer) and not excluded(bn) and type(types[bn]) in batchnorm_types}
+    after = {layer: bn for layer, bn in batchnorm_after(model, weight_types).items()
+             if layer_selected(layer) and not excluded(bn)}
+    folds = {layer: bn for layer, bn in after.items() if type(types[bn]) in batchnorm_types}
+    _warn_batchnorms_kept(types, batchnorm_types, excluded,
+                          set(after.values()) if only_folded else None)
     replaced = set()
     for name, m in model.named_modules():
         if (type(m) not in batchnorm_types or excluded(name)
@@ -1407,6 +1410,28 @@ def affine_batchnorm_plan(model: nn.Module, weight_types: tuple, batchnorm_types
             "default), or load the trained weights and statistics before converting",
             UserWarning, stacklevel=3)
     return folds, replaced
+
+
+def _warn_batchnorms_kept(modules: dict[str, nn.Module], batchnorm_types: tuple,
+                          excluded: Callable[[str], bool], only: set[str] | None) -> None:
+    """Warn about the BatchNorms that ``batchnorm="affine"`` leaves as they are: those of
+    another class than ``batchnorm_types`` (``nn.BatchNorm3d``, ``nn.SyncBatchNorm``,
+    SpikingJelly's ``ThresholdDependentBatchNorm2d`` / ``TemporalEffectiveBatchNorm2d``,
+    ...), not ``excluded``; with ``only`` (an ``include`` list), only those among these
+    names. They keep normalising by batch statistics in training mode, as with
+    ``batchnorm="keep"``."""
+    left = [f"'{name}' ({type(m).__name__})" for name, m in modules.items()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and type(m) not in batchnorm_types and not excluded(name)
+            and (only is None or name in only)]
+    if left:
+        kinds = ", ".join(dict.fromkeys(t.__name__ for t in batchnorm_types))
+        warnings.warn(
+            f"batchnorm='affine' replaces {kinds} only: {len(left)} BatchNorm(s) stay as "
+            f"they are, {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}, and keep "
+            "normalising by batch statistics in training mode (as with batchnorm='keep'); "
+            "pass exclude= with their names to keep them knowingly", UserWarning,
+            stacklevel=4)
 
 
 def _initial_statistics(bn: nn.modules.batchnorm._BatchNorm) -> bool:

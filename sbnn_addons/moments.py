@@ -1156,10 +1156,12 @@ def _attach_each(name, func, args, kwargs, out, noise, scale, nset=None):
     tensors = [t for t in out if isinstance(t, Tensor)]
     if not tensors:
         return out
+    # (an unknown variance keeps the draws it carries: a neuron's error names their
+    # layers, and a readout's output still shows whose noise reached no spike)
     if noise is not True:  # an input's variance is already unknown
-        return _remake(out, [noise] * len(out))
+        return _remake(out, [noise] * len(out), noise=nset)
     if name not in _SPLITS or not isinstance(args[0], Tensor) or len(tensors) != len(out):
-        return _remake(out, [UnknownVariance(name)] * len(out))
+        return _remake(out, [UnknownVariance(name)] * len(out), noise=nset)
     x = args[0]
     if scale is not None:  # split the base of a factored variance
         base = x.variance.base.expand_as(x)
@@ -1167,7 +1169,7 @@ def _attach_each(name, func, args, kwargs, out, noise, scale, nset=None):
         return _remake(out, [ScaledVariance(part, scale) for part in parts], noise=nset)
     var = _var_of(x)
     if var is None:  # the noise is in another argument (e.g. a split size): unknown
-        return _remake(out, [UnknownVariance(name)] * len(out))
+        return _remake(out, [UnknownVariance(name)] * len(out), noise=nset)
     return _remake(out, list(_c_level(func)(var.expand_as(x), *args[1:], **kwargs)),
                    noise=nset)
 
@@ -1653,13 +1655,19 @@ def _refuse_host_neuron(func, name: str) -> None:
         frame = frame.f_back
     module = frame.f_globals.get("__name__", "") if frame is not None else ""
     if module.startswith(_HOST_SURROGATES):  # the comparison's own caller
-        _raise_host_neuron_error("SpikingJelly" if module.startswith("spikingjelly")
-                                 else "snnTorch", f"{name} in {module}")
+        host = "SpikingJelly" if module.startswith("spikingjelly") else "snnTorch"
+        owner = _surrogate_owner(frame) if host == "SpikingJelly" else None
+        if owner is not None:
+            _raise_surrogate_outside_neuron_error(owner, f"{name} in {module}")
+        _raise_host_neuron_error(host, f"{name} in {module}")
     for _ in range(_NEURON_FRAMES):  # a surrogate of the user's own, in a host neuron
         if frame is None:
             break
         owner = frame.f_locals.get("self")
         kind = type(owner).__module__ if isinstance(owner, nn.Module) else ""
+        if kind.startswith(_HOST_NEURONS) and any(
+                "NonSpiking" in c.__name__ for c in type(owner).__mro__):
+            break  # a membrane readout (NonSpikingLIFNode's decoding): it fires nothing
         if kind.startswith(_HOST_NEURONS):
             _raise_host_neuron_error(
                 "SpikingJelly" if kind.startswith("spikingjelly") else "snnTorch",
@@ -1672,6 +1680,34 @@ _HOST_NEURONS = ("spikingjelly.activation_based.neuron", "snntorch._neurons")
 #: How many calling frames are searched for a host neuron (its fire method, the surrogate
 #: module's call machinery, the user's surrogate).
 _NEURON_FRAMES = 12
+
+
+def _surrogate_owner(frame) -> nn.Module | None:
+    """The module that called a SpikingJelly surrogate, from the surrogate's frame
+    ``frame`` up: ``None`` for a SpikingJelly neuron (or where no calling module is
+    found within :data:`_NEURON_FRAMES` frames), else that module (a user's module or a
+    SpikingJelly one that is not a neuron, e.g. a spiking RNN cell)."""
+    for _ in range(_NEURON_FRAMES):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module):
+            kind = type(owner).__module__
+            if not kind.startswith(_HOST_SURROGATES):  # (not the surrogate itself)
+                return None if kind.startswith(_HOST_NEURONS) else owner
+        frame = frame.f_back
+    return None
+
+
+def _raise_surrogate_outside_neuron_error(owner: nn.Module, where: str):
+    raise_error(
+        f"a SpikingJelly surrogate called by {type(owner).__name__} ({where}), which is "
+        "not a SpikingJelly neuron, fires from an input that carries a Bayesian layer's "
+        "posterior variance: it would drop the variance silently and the layer's std "
+        "would get no gradient. sbnn_addons.spikingjelly converts only the surrogates of "
+        "IFNode, LIFNode and ParametricLIFNode: keep the layers feeding this module "
+        "deterministic (exclude= in to_sbnn), or fire through a neuron",
+        VarianceFlowError)
 
 
 def _raise_host_neuron_error(host: str, where: str):
@@ -1902,11 +1938,13 @@ def _check_unused_noise(model: nn.Module, output) -> None:
     if state is None or state.get("warned_readout"):
         return
     items = output if isinstance(output, (tuple, list)) else (output,)
+    # an unknown variance too: a membrane readout sums a multi-step layer's one draw over
+    # the steps (NonSpikingLIFNode), which the flow cannot follow
     noisy = [t for t in items if type(t) is VarianceTensor and isinstance(
-        t.variance, (Tensor, ScaledVariance))]
+        t.variance, (Tensor, ScaledVariance, UnknownVariance))]
     if not noisy:
         return
-    names = noisy_output_layers(model, noisy)
+    names = noisy_output_layers(model, noisy, unknown=True)
     if not names:  # a neuron's state (a membrane record): its noise did meet a spike
         return
     state["warned_readout"] = True

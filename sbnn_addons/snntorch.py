@@ -1538,7 +1538,8 @@ def to_sbnn(
             the initial posterior std of the layer before it, channel by channel with
             ``std_mode="channel"`` / ``"weight"`` (layer-wide with a per-layer std),
             which keeps the signal-to-noise ratio; it freezes the statistics, so use it on trained
-            models).
+            models; another BatchNorm, e.g. ``nn.BatchNorm3d``, stays as it is, with a
+            warning naming it).
         aux_loss: collect the auxiliary bias loss (:func:`sbnn_addons.aux_loss`), to be
             added to the loss.
         aux_pull: the auxiliary loss applied through the gradient instead, at this

@@ -56,6 +56,7 @@ import contextlib
 import copy
 import functools
 import math
+import sys
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -869,7 +870,9 @@ def to_sbnn(
             folded into the initial posterior std of the layer before it, channel by
             channel with ``std_mode="channel"`` / ``"weight"`` (layer-wide with a
             per-layer std), which keeps the signal-to-noise ratio; it freezes the
-            statistics, so use it on trained models).
+            statistics, so use it on trained models; another BatchNorm, e.g.
+            ``layer.ThresholdDependentBatchNorm2d``, stays as it is, with a warning
+            naming it).
         aux_loss: collect the auxiliary bias loss (:func:`sbnn_addons.aux_loss`), to be
             added to the loss.
         aux_pull: the auxiliary loss applied through the gradient instead, at this
@@ -902,7 +905,8 @@ def to_sbnn(
             or one whose forward is not SpikingJelly's Heaviside ``1[x >= 0]``.
         TypeError: ``model`` contains a spiking neuron other than the supported ones,
             or an snnTorch neuron (``sbnn_addons.snntorch.to_sbnn`` converts those), and
-            not excluded.
+            not excluded; or a SpikingJelly spiking RNN (``rnn.SpikingLSTM``, ...) whose
+            weight layers would be converted.
     """
     # every argument is validated before anything changes: a failed inplace=True
     # conversion leaves the model as it was
@@ -950,6 +954,7 @@ def to_sbnn(
     def selected(name: str) -> bool:
         return (inc is None or match_name(name, inc)) and not match_name(name, exc)
 
+    _check_spiking_rnns(model, selected, lambda n: match_name(n, exc))
     folds, affine_bns = ({}, set()) if batchnorm != "affine" else _layers.affine_batchnorm_plan(
         model, _WEIGHTS, _SJ_BN + _PLAIN_BN, selected, lambda n: match_name(n, exc),
         inc is not None)
@@ -1022,6 +1027,47 @@ def to_sbnn(
     if example_input is not None:
         check_variance_flow(model, example_input)
     return model
+
+
+def _check_spiking_rnns(model: nn.Module, selected, excluded) -> None:
+    """Refuse a SpikingJelly spiking RNN (``rnn.SpikingLSTM``, ``SpikingGRU``,
+    ``SpikingVanillaRNN`` or one of their cells) whose weight layers would be converted:
+    its cells apply SpikingJelly surrogates to those layers' outputs directly, without a
+    neuron, so the layers' noise would reach no spike function (the first forward raised
+    a :class:`~sbnn_addons.moments.VarianceFlowError` asking to convert a neuron that
+    does not exist).
+
+    Args:
+        model: the model to convert (unchanged).
+        selected: whether the weight layer of a qualified name is to be converted.
+        excluded: whether a qualified module name is matched by ``exclude``.
+
+    Raises:
+        TypeError: naming the RNN, its layers and the ``exclude`` that keeps it
+            deterministic.
+    """
+    rnn = sys.modules.get("spikingjelly.activation_based.rnn")
+    if rnn is None:  # not imported: the model holds none of its classes
+        return
+    kinds = (rnn.SpikingRNNBase, rnn.SpikingRNNCellBase)
+    for name, m in model.named_modules():
+        if not isinstance(m, kinds) or excluded(name):
+            continue
+        prefix = f"{name}." if name else ""
+        layers = [prefix + n for n, sub in m.named_modules()
+                  if n and type(sub) in _WEIGHTS and not _layers.legacy_weight_norm(sub)
+                  and selected(prefix + n)]
+        if layers:
+            where = name or "<the model itself>"
+            raise TypeError(
+                f"module '{where}' ({type(m).__name__}) is a SpikingJelly spiking RNN: its "
+                "cells apply SpikingJelly surrogates to the outputs of their weight layers "
+                f"({', '.join(repr(n) for n in layers[:4])}"
+                f"{' ...' if len(layers) > 4 else ''}) directly, without a neuron, so "
+                "Bayesian versions of those layers would pass their noise to no spike "
+                "function. sbnn_addons.spikingjelly does not convert it: keep it "
+                f"deterministic with exclude=['{where}'] (or leave its layers out of "
+                "include=)")
 
 
 def _check_spiking_surrogate(name: str, node: nn.Module) -> None:

@@ -570,6 +570,27 @@ def test_batchnorm_affine_respects_include_exclude_and_needs_running_statistics(
     assert all(type(m).__module__.startswith(("torch", "snntorch")) for m in net.modules())
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
 
+def test_batchnorm_affine_names_the_batchnorms_it_leaves_as_they_are():
+    """`batchnorm="affine"` replaces BatchNorm1d/2d only: an `nn.SyncBatchNorm` (or
+    `BatchNorm3d`) stayed as it was, normalising by batch statistics in training mode,
+    without a word. The conversion warns, naming it; its exclude is knowing and silent,
+    and with `include` only the BatchNorms after the converted layers are named."""
+    import warnings
+
+    import snntorch as snn
+    from torch import nn
+
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.SyncBatchNorm(4),
+                        snn.Leaky(beta=BETA, init_hidden=True), nn.Flatten(),
+                        nn.Linear(4 * 16, 3), snn.Leaky(beta=BETA, init_hidden=True, output=True))
+    with pytest.warns(UserWarning, match=r"batchnorm='affine'.*'1' \(SyncBatchNorm\).*exclude="):
+        model = to_sbnn(net, batchnorm="affine")
+    assert type(model[1]) is nn.SyncBatchNorm
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        to_sbnn(net, batchnorm="affine", exclude="1")
+        to_sbnn(net, batchnorm="affine", include="4")
+
 
 def test_weight_layers_without_a_bayesian_version_are_named():
     """A weight layer the converter has no Bayesian version of (ConvTranspose2d, Conv3d,

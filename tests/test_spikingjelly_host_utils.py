@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -222,6 +223,83 @@ def test_every_spikingjelly_neuron_class_is_checked(make):
     hooks = [h for m in back.modules() for h in (*m._forward_pre_hooks.values(),
                                                  *m._forward_hooks.values())]
     assert not [h for h in hooks if h.__module__.startswith("sbnn_addons")]
+
+
+class _RNNNet(nn.Module):
+    """A SpikingJelly spiking RNN (``rnn.SpikingLSTM`` / ``SpikingGRU`` /
+    ``SpikingVanillaRNN``, or one of its cells stepped by hand) read out by a converted
+    layer and neuron."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        from spikingjelly.activation_based import rnn
+
+        self.cell = kind.endswith("Cell")
+        self.rnn = getattr(rnn, kind)(8, 6) if self.cell else getattr(rnn, kind)(8, 6, 1)
+        self.fc = layer.Linear(6, 3, step_mode="m")
+        self.sn = neuron.LIFNode(step_mode="m")
+
+    def forward(self, x):
+        if self.cell:
+            state, hs = None, []
+            for xt in x:
+                state = self.rnn(xt, state)
+                hs.append(state[0] if isinstance(state, tuple) else state)
+            y = torch.stack(hs)
+        else:
+            y = self.rnn(x)[0]
+        return self.sn(self.fc(y))
+
+
+@pytest.mark.parametrize("decode", ["last_mem", "mean-mem", "max-mem", "max-abs-mem"])
+def test_a_membrane_readout_of_a_bayesian_layer_is_named(decode):
+    """SpikingJelly's membrane readout NonSpikingLIFNode fed by a converted layer: its
+    noise reaches no spike (the layer's std gets no gradient). The membrane sums the
+    layer's draws of all steps, which the flow cannot tell apart (an unknown variance):
+    the forward warned for none of the decodings, or (max-mem, whose max lost the draws)
+    raised a VarianceFlowError blaming a `.data`. Every decoding warns, naming the layer
+    and the exclude; with that exclude the model runs without a word."""
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(8, 6, step_mode="m"), neuron.LIFNode(step_mode="m"),
+                        layer.Linear(6, 4, step_mode="m"),
+                        neuron.NonSpikingLIFNode(tau=2.0, decode=decode))
+    x = torch.rand(T, 3, 8) * 3
+    model = sbnn_sj.to_sbnn(net)
+    with pytest.warns(UserWarning, match=r"feed no spiking neuron.*exclude=\['2'\]"):
+        out = model(x)
+    assert out.shape == (3, 4)
+    model = sbnn_sj.to_sbnn(net, exclude="2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sbnn_sj.reset(model)
+        model(x).sum().backward()
+    assert model[0].std_rho.grad is not None
+
+@pytest.mark.parametrize("kind", ["SpikingLSTM", "SpikingGRU", "SpikingVanillaRNN",
+                                  "SpikingLSTMCell"])
+def test_a_spiking_rnn_is_named_at_conversion_with_the_exclude_that_keeps_it(kind):
+    """SpikingJelly's spiking RNNs apply its surrogates to their nn.Linear outputs
+    directly, without a neuron: to_sbnn made those layers Bayesian and the first forward
+    raised a VarianceFlowError asking to convert "the neuron" (there is none, and the
+    model was converted). The conversion names the RNN and the exclude that keeps it
+    deterministic, before an inplace conversion changes anything; with that exclude the
+    model converts, runs and trains the rest."""
+    torch.manual_seed(0)
+    net = _RNNNet(kind)
+    before = _snapshot(net)
+    with pytest.raises(TypeError, match=rf"'rnn' \({kind}\).*exclude=\['rnn'"):
+        sbnn_sj.to_sbnn(net, inplace=True)
+    after = _snapshot(net)
+    assert before[1:] == after[1:]
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    model = sbnn_sj.to_sbnn(net, exclude="rnn")
+    assert sbnn_addons.is_bayesian(model.fc)
+    assert not any(sbnn_addons.is_bayesian(m) for m in model.rnn.modules())
+    sbnn_sj.reset(model)
+    model(torch.rand(4, 2, 8) * 2).sum().backward()
+    assert model.fc.weight.grad is not None and model.fc.std_rho.grad is not None
+    # an include that leaves the RNN's layers out converts too
+    assert sbnn_addons.is_bayesian(sbnn_sj.to_sbnn(net, include="fc").fc)
 
 
 # --------------------------------------------------------------------------- validation
@@ -546,6 +624,35 @@ def test_a_neuron_that_is_not_converted_refuses_a_bayesian_layers_variance(step_
     with sbnn_addons.mode(model, mode):
         model(x).sum().backward()
     assert (model[0].std_rho.grad is not None) == (mode == "sample")
+
+
+class _DirectSpike(nn.Module):
+    """A user's module that fires through a SpikingJelly surrogate directly, no neuron."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sg = surrogate.ATan()
+
+    def forward(self, x):
+        return self.sg(x - 1.0)
+
+
+def test_a_surrogate_called_by_a_module_that_is_not_a_neuron_is_named():
+    """A SpikingJelly surrogate that a module of the user's calls on a Bayesian layer's
+    output (no neuron) raised asking to convert "the neuron" with to_sbnn, the call that
+    made the model (or to put in sbnn_addons' surrogate, which refuses an unlinked
+    variance): the error names the module and the exclude that keeps the layer feeding
+    it deterministic, with which the model runs."""
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(5, 8), _DirectSpike(), layer.Linear(8, 4),
+                        neuron.LIFNode())
+    model = sbnn_sj.to_sbnn(net)
+    with pytest.raises(VarianceFlowError,
+                       match=r"called by _DirectSpike.*not a SpikingJelly neuron.*exclude="):
+        model(torch.rand(3, 5))
+    model = sbnn_sj.to_sbnn(net, exclude="0")
+    model(torch.rand(3, 5)).sum().backward()
+    assert model[2].std_rho.grad is not None
 
 
 def test_pruned_layer_converts_with_its_mask_multi_step():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -379,6 +380,29 @@ def test_batchnorm_affine_respects_include_exclude_and_needs_running_statistics(
         sbnn_sj.to_sbnn(net, batchnorm="affine", inplace=True)
     assert not any(sbnn_addons.layers.is_bayesian(m) for m in net.modules())
     sbnn_sj.to_sbnn(net, batchnorm="affine", exclude="1")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: layer.ThresholdDependentBatchNorm2d(alpha=1.0, v_th=1.0, num_features=4),
+    lambda: layer.TemporalEffectiveBatchNorm2d(T=3, num_features=4),
+    lambda: layer.SeqToANNContainer(nn.SyncBatchNorm(4)),
+])
+def test_batchnorm_affine_names_the_batchnorms_it_leaves_as_they_are(make):
+    """`batchnorm="affine"` replaces BatchNorm1d/2d only: another BatchNorm (SpikingJelly's
+    tdBN and TEBN, torch's SyncBatchNorm) stayed as it was, normalising by batch statistics
+    in training mode as with "keep", without a word. The conversion warns, naming it; an
+    exclude of it is knowing, and silent."""
+    net = nn.Sequential(layer.Conv2d(2, 4, 3, padding=1, step_mode="m"), make(),
+                        neuron.IFNode(step_mode="m"))
+    bn = "1.0" if isinstance(net[1], layer.SeqToANNContainer) else "1"
+    kind = type(dict(net.named_modules())[bn]).__name__
+    with pytest.warns(UserWarning, match=rf"batchnorm='affine'.*'{bn}' \({kind}\).*exclude="):
+        model = sbnn_sj.to_sbnn(net, batchnorm="affine")
+    assert type(dict(model.named_modules())[bn]).__name__ == kind
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sbnn_sj.to_sbnn(net, batchnorm="affine", exclude=bn)
+        sbnn_sj.to_sbnn(net)  # "keep": nothing to say
 
 
 @pytest.mark.parametrize("missing", ["bntt_bias", "weight", "bias"])
