@@ -342,21 +342,17 @@ class _BayesMixin(SBNNModule):
         return self._plain_op(x, weight, bias)
 
     def _check_std_trained(self, compiling: bool | None = None) -> None:
-        """Warn (once per layer) when an optimiser steps the weight but not the noise
-        scale ``std_rho``: one built before ``to_sbnn(model, inplace=True)`` holds the
-        weight (kept by the conversion) and not the new ``std_rho``, which then never
-        trains, silently.
+        """Warn (once per layer) when an optimiser steps the weight in ``mean`` mode: there
+        is no noise, so ``std_rho`` gets no gradient, and the network trains as a
+        deterministic one; the mode is pickled with the model, so a model saved in
+        ``mean`` mode resumes training in it.
 
-        A training forward (grad enabled) records both tensors' version counters; the
-        next one finds the weight changed in place (a step) while ``std_rho``, with a
-        gradient to step on, did not change. A few integer comparisons; nothing under
-        ``torch.compile``. Not warned: a frozen std (``requires_grad=False``), gradient
-        accumulation (no step, no weight change), a std in a group with ``lr=0`` (Adam and
-        SGD still update it in place).
-
-        In ``mean`` mode (no noise, so no gradient for ``std_rho``) the same step warns
-        that the network trains as a deterministic one: the mode is pickled with the
-        model, so a model saved in ``mean`` mode resumes training in it.
+        A training forward (grad enabled) records the weight's and ``std_rho``'s version
+        counters; the next one finds the weight changed in place (a step) while
+        ``std_rho`` did not. A few integer comparisons; nothing under ``torch.compile``.
+        (An optimiser that steps the weight but not ``std_rho``, which has a gradient in
+        ``sample`` mode, is warned about by the optimiser step hook,
+        :func:`~sbnn_addons.optim.check_noise_trained`, for every noise scale at once.)
         ``compiling``: whether a graph is traced, where the caller knows it.
         """
         if (not self.learn_std or not self.training or not torch.is_grad_enabled()
@@ -377,31 +373,19 @@ class _BayesMixin(SBNNModule):
         if (last is None or last[0] != now[0] or last[2] != now[2]  # other tensors
                 or last[1] == now[1] or last[3] != now[3]):
             return
-        if not self.deterministic and rho.grad is None:
+        if not self.deterministic:  # a std the optimiser misses: check_noise_trained
             return
         self.__dict__["_sbnn_std_warned"] = True
         name = noise_sources(weight, self)[0]
         which = f"{type(self).__name__} {name!r}" if name else type(self).__name__
-        if self.deterministic:  # mean mode: no noise, so no gradient for std_rho
-            warnings.warn(
-                f"{which}: an optimiser stepped its weight between two training forwards "
-                "in 'mean' mode, where the noise is off and its noise scale std_rho gets "
-                "no gradient: the network trains as a deterministic one. The mode is kept "
-                "by torch.save / copy.deepcopy, so a model saved in 'mean' mode resumes in "
-                "it; call sbnn_addons.set_mode(model, 'sample') before training (and "
-                "evaluate with the context manager sbnn_addons.mode(model, 'mean'), which "
-                "restores the mode)", UserWarning, stacklevel=4)
-            return
         warnings.warn(
-            f"{which}: an optimiser stepped its weight but not its noise scale std_rho, "
-            "which has a gradient: the optimiser does not contain it (e.g. built before "
-            "to_sbnn(model, inplace=True), which adds the noise scales as new parameters), "
-            "so the std never trains. Build the optimiser after the conversion, or add the "
-            "noise scales to it: optimizer.add_param_group({'params': "
-            "list(sbnn_addons.noise_parameters(model))}); to train the weights with the "
-            "stds fixed on purpose, freeze them instead: std_rho.requires_grad_(False) "
-            "(for p in sbnn_addons.noise_parameters(model): p.requires_grad_(False))",
-            UserWarning, stacklevel=4)
+            f"{which}: an optimiser stepped its weight between two training forwards "
+            "in 'mean' mode, where the noise is off and its noise scale std_rho gets "
+            "no gradient: the network trains as a deterministic one. The mode is kept "
+            "by torch.save / copy.deepcopy, so a model saved in 'mean' mode resumes in "
+            "it; call sbnn_addons.set_mode(model, 'sample') before training (and "
+            "evaluate with the context manager sbnn_addons.mode(model, 'mean'), which "
+            "restores the mode)", UserWarning, stacklevel=4)
 
     def register_forward_hook(self, hook, *args, **kwargs):
         """``nn.Module.register_forward_hook``; then :func:`_variance_kept` is made the

@@ -29,17 +29,33 @@ _NOISE_OWNERS: weakref.WeakSet = weakref.WeakSet()
 #: Per optimiser, the decayed groups (index, size, decay) :func:`check_noise_decay` saw.
 _DECAY_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _DECAY_HOOK: list = [None]  # the handle of the optimiser step hook, once registered
+#: Bumped at each registration of a noise owner: :func:`check_noise_trained` looks again.
+_OWNERS_VERSION: list = [0]
+#: Every optimiser the step hook has seen: a noise scale any of them holds is trained.
+_OPTIMIZERS: weakref.WeakSet = weakref.WeakSet()
+#: Per optimiser, the groups (sizes) and owners (version) :func:`check_noise_trained` saw.
+_TRAINED_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: Per optimiser, the noise scales found left out at a step (id -> version then).
+_TRAINED_PENDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TRAINED_WARNED: weakref.WeakSet = weakref.WeakSet()
 
 
 def register_noise_owner(module: nn.Module) -> None:
     """Record ``module`` as an owner of noise scales, and run :func:`check_noise_decay`
-    after every ``torch.optim`` step from then on (one global hook)."""
+    and :func:`check_noise_trained` after every ``torch.optim`` step from then on (one
+    global hook)."""
     _NOISE_OWNERS.add(module)
+    _OWNERS_VERSION[0] += 1
     if _DECAY_HOOK[0] is None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
-        _DECAY_HOOK[0] = register_optimizer_step_post_hook(
-            lambda optimizer, args, kwargs: check_noise_decay(optimizer))
+        _DECAY_HOOK[0] = register_optimizer_step_post_hook(_after_step)
+
+
+def _after_step(optimizer, args, kwargs) -> None:
+    """The global optimiser step post-hook (warnings at ``stacklevel=4``: the step call)."""
+    check_noise_decay(optimizer)
+    check_noise_trained(optimizer)
 
 
 def check_noise_decay(optimizer) -> None:
@@ -80,6 +96,95 @@ def check_noise_decay(optimizer) -> None:
                 "weight_decay=0, or leave sbnn_addons.noise_parameters(model) out of the "
                 "decayed group", UserWarning, stacklevel=4)  # at the step call
             return
+
+
+def _left_out(optimizer, groups: list) -> dict:
+    """The noise scales (``id -> (parameter, owner, name)``) with a gradient that no
+    optimiser seen holds, of the noise owners ``optimizer`` trains: a Bayesian layer
+    whose weight (or any other parameter) it holds; a spike function (no parameter but
+    its std) where it holds a parameter of any noise owner."""
+    held = {id(p) for g in groups if isinstance(g, dict) for p in g.get("params", ())}
+    anyone = set(held)
+    for other in list(_OPTIMIZERS):
+        if other is not optimizer:
+            for g in getattr(other, "param_groups", ()):
+                anyone.update(id(p) for p in g.get("params", ()))
+    trains_owner, loose, left = False, {}, {}
+    for owner in list(_NOISE_OWNERS):
+        params = list(owner.named_parameters())
+        own = [p for name, p in params if not is_noise_parameter(name)]
+        if any(id(p) in held for _, p in params):
+            trains_owner = True
+        if own and not any(id(p) in held for p in own):
+            continue
+        found = {id(p): (p, owner, name) for name, p in params
+                 if is_noise_parameter(name) and p.requires_grad and p.grad is not None
+                 and id(p) not in anyone}
+        (left if own else loose).update(found)
+    if trains_owner:
+        left.update(loose)
+    return left
+
+
+def _trace(p: nn.Parameter) -> tuple:
+    """The version of ``p``, its gradient (a weak reference) and the gradient's version:
+    whether it was changed in place (a step), and whether a backward reached it, since."""
+    return p._version, weakref.ref(p.grad), p.grad._version
+
+
+def check_noise_trained(optimizer) -> None:
+    """Warn (once per optimiser) where an optimiser steps a Bayesian model but not some
+    of its noise scales, which have a gradient and so never train, silently.
+
+    An optimiser built before ``to_sbnn(model, inplace=True)`` holds the weights (the
+    same parameters after the conversion) but not the new noise scales; so does one of a
+    filter of ``named_parameters()``. Run after every ``torch.optim`` step; it looks at
+    the parameters only when the groups (their sizes) or the noise owners change. A
+    noise scale left out at a step is warned about at the optimiser's next step, where
+    no optimiser seen by then (a second one for the noise scales, stepped after the
+    first) holds it, it did not change in between (nothing else stepped it) and its
+    gradient did (the loop trains through it: not a stale gradient of another model).
+    Not warned: a frozen std (``requires_grad=False``) or one without a gradient.
+    """
+    groups = getattr(optimizer, "param_groups", None)
+    if not isinstance(groups, list):
+        return
+    try:
+        if optimizer in _TRAINED_WARNED:
+            return
+        _OPTIMIZERS.add(optimizer)
+        pending = _TRAINED_PENDING.pop(optimizer, None)
+        key = (_OWNERS_VERSION[0],
+               tuple(len(g.get("params", ())) if isinstance(g, dict) else -1 for g in groups))
+        if pending is None and _TRAINED_CHECKED.get(optimizer) == key:
+            return
+        _TRAINED_CHECKED[optimizer] = key
+    except TypeError:  # an optimiser that takes no weak reference: not checked
+        return
+    left = _left_out(optimizer, groups)
+    if pending is None:
+        if left:  # another optimiser, stepped after this one, may still hold them
+            _TRAINED_PENDING[optimizer] = {i: _trace(v[0]) for i, v in left.items()}
+        return
+    # still left out, unchanged (no other update), with a new gradient (trained along)
+    left = {i: (p, *rest) for i, (p, *rest) in left.items() if i in pending
+            and pending[i][0] == p._version
+            and (pending[i][1]() is not p.grad or pending[i][2] != p.grad._version)}
+    if not left:
+        return
+    _TRAINED_WARNED.add(optimizer)
+    names = sorted({f"{type(owner).__name__}.{name}" for _, owner, name in left.values()})
+    warnings.warn(
+        f"{type(optimizer).__name__} steps the weights of a Bayesian model but not "
+        f"{len(left)} of its noise scale(s) ({', '.join(names)}), which have a gradient "
+        "and so never train (e.g. an optimiser built before to_sbnn(model, inplace=True), "
+        "which adds the noise scales as new parameters, or one built from a filter of "
+        "named_parameters()). Build the optimiser after the conversion from "
+        "sbnn_addons.param_groups(model, lr=..., noise_lr=...), or add them: "
+        "optimizer.add_param_group({'params': list(sbnn_addons.noise_parameters(model)), "
+        "'lr': ...}); to keep the stds fixed on purpose, freeze them instead: "
+        "for p in sbnn_addons.noise_parameters(model): p.requires_grad_(False)",
+        UserWarning, stacklevel=4)  # at the step call
 
 
 def is_noise_parameter(name: str) -> bool:

@@ -801,7 +801,7 @@ def _train_steps(model, opt, x, steps=3, forward=None):
             out = forward()
             (out[0] if isinstance(out, tuple) else out).float().sum().backward()
             opt.step()
-    return [str(w.message) for w in caught if "noise scale std_rho" in str(w.message)]
+    return [str(w.message) for w in caught if "noise scale" in str(w.message)]
 
 
 def _warnings_by_optimiser_order(build, to_sbnn, reset, x, step_wise: bool) -> dict:
@@ -854,8 +854,8 @@ def test_warns_when_the_optimiser_was_built_before_an_inplace_conversion(host):
     x = torch.rand(3, 4, 8) * 3
     step_wise = host == "snntorch"
     found = _warnings_by_optimiser_order(build, to_sbnn, reset, x, step_wise)
-    assert len(found["before"]) == 1  # once per layer
-    assert "BayesLinear '0'" in found["before"][0]
+    assert len(found["before"]) == 1  # once per optimiser (sbnn_addons.optim's step hook)
+    assert "BayesLinear.std_rho" in found["before"][0]
     assert "Build the optimiser after the conversion" in found["before"][0]
     assert found["after"] == []
 
@@ -877,7 +877,7 @@ def test_warns_for_a_pruned_layer_whose_std_the_optimiser_misses():
 
     found = _warnings_by_optimiser_order(build, to_sbnn, reset, torch.rand(3, 4, 8) * 3,
                                          step_wise=True)
-    assert len(found["before"]) == 1 and "BayesLinear '0'" in found["before"][0]
+    assert len(found["before"]) == 1 and "BayesLinear.std_rho" in found["before"][0]
     assert found["after"] == []
 
 

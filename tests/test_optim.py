@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import sbnn_addons as sb
+from sbnn_addons.optim import is_noise_parameter
 
 
 def _net() -> nn.Module:
@@ -135,3 +136,164 @@ def test_weight_decay_on_the_noise_scales_warns_once():
         reset(model)
         dup = copy.deepcopy(model)  # a copy's noise scales too
         step(torch.optim.SGD(dup.parameters(), lr=1e-3, weight_decay=1e-4), dup)
+
+
+def _steps(model, opt, x, forward, steps=3, extra=None) -> list[str]:
+    """``steps`` training steps (``extra()`` after each ``opt.step()``); the messages of
+    the left-out-noise warnings they raised."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            opt.zero_grad()
+            forward(model, x).sum().backward()
+            opt.step()
+            if extra is not None:
+                extra()
+    return [str(w.message) for w in caught if "never train" in str(w.message)]
+
+
+def _host(host: str):
+    """``(build, forward, to_sbnn)`` of a small host network of ``host``."""
+    if host == "snntorch":
+        import snntorch as snn
+        from snntorch import utils
+
+        from sbnn_addons.snntorch import to_sbnn
+
+        def build():
+            return nn.Sequential(nn.Linear(8, 6), snn.Leaky(beta=0.9, init_hidden=True),
+                                 nn.Linear(6, 4), snn.Leaky(beta=0.9, init_hidden=True))
+
+        def forward(net, x):
+            utils.reset(net)
+            return torch.stack([net(x_t) for x_t in x])
+    else:
+        from spikingjelly.activation_based import functional, layer, neuron
+
+        from sbnn_addons.spikingjelly import to_sbnn
+
+        def build():
+            net = nn.Sequential(layer.Linear(8, 6), neuron.LIFNode(), layer.Linear(6, 4),
+                                neuron.LIFNode())
+            functional.set_step_mode(net, "m")
+            return net
+
+        def forward(net, x):
+            functional.reset_net(net)
+            return net(x)
+    return build, forward, to_sbnn
+
+
+@pytest.mark.parametrize("host", ["snntorch", "spikingjelly"])
+def test_optimiser_built_before_an_inplace_conversion_warns(host):
+    """``opt = Adam(net.parameters()); to_sbnn(net, inplace=True)``: the converted weights
+    are the same parameters, so training ran, but the new noise scales (the layers'
+    ``std_rho`` and the neurons' spike stds) were in no optimiser: they got gradients
+    and never moved, silently. The optimiser warns once, with the number left out and
+    the fix; built after the conversion (or from ``param_groups``), it is quiet."""
+    build, forward, to_sbnn = _host(host)
+    x = torch.rand(3, 4, 8) * 3
+    torch.manual_seed(0)
+    net = build()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    to_sbnn(net, inplace=True)
+    stds = {n: p.detach().clone() for n, p in net.named_parameters()
+            if is_noise_parameter(n)}
+    found = _steps(net, opt, x, forward, steps=4)
+    with_grad = [n for n, p in net.named_parameters() if n in stds and p.grad is not None]
+    assert len(found) == 1, found  # once per optimiser
+    assert f"Adam steps the weights of a Bayesian model but not {len(with_grad)} " in found[0]
+    assert len(with_grad) >= 2 and any("spike" in n or "surrogate" in n for n in with_grad)
+    assert "param_groups(model, lr=..., noise_lr=...)" in found[0]
+    assert "add_param_group" in found[0] and "requires_grad_(False)" in found[0]
+    assert all(torch.equal(p, stds[n]) for n, p in net.named_parameters() if n in stds)
+    for make in (lambda m: m.parameters(), lambda m: sb.param_groups(m, lr=1e-2)):
+        torch.manual_seed(0)
+        net = to_sbnn(build())
+        assert _steps(net, torch.optim.Adam(make(net), lr=1e-2), x, forward) == []
+
+
+def test_optimiser_of_a_weights_filter_warns_for_core_layers():
+    """``Adam([p for n, p in model.named_parameters() if 'weight' in n])`` on a core
+    model: the layer's ``std_rho`` and ``bias_std_rho`` and the spike function's std
+    are left out; the warning counts all three."""
+    torch.manual_seed(0)
+    model = sb.track_variance(nn.Sequential(
+        sb.BayesLinear(4, 3, std=0.3, bias_std=0.1), sb.IWSTSpike("st", std=0.3,
+                                                                   learn_std=True)))
+    opt = torch.optim.Adam([p for n, p in model.named_parameters() if "weight" in n])
+    found = _steps(model, opt, torch.rand(5, 4) * 3, lambda m, x: m(x))
+    assert len(found) == 1 and "not 3 of its noise scale" in found[0], found
+    assert "BayesLinear.bias_std_rho" in found[0] and "IWSTSpike.std_rho" in found[0]
+
+
+def test_left_out_noise_check_raises_no_false_alarm():
+    """Quiet: the noise scales in a second optimiser (stepped before or after the
+    first, or made later than the first); frozen stds; a group with ``lr=0``; stds
+    stepped by hand; a parametrized std in ``param_groups``; the stale gradient of
+    another model; gradient accumulation (no step)."""
+    import copy
+
+    from torch.nn.utils import parametrize
+
+    from sbnn_addons.snntorch import to_sbnn
+
+    build, forward, _ = _host("snntorch")
+    x = torch.rand(3, 4, 8) * 3
+
+    def fresh():
+        torch.manual_seed(0)
+        return to_sbnn(build())
+
+    def weights(m):
+        return [p for n, p in m.named_parameters() if not is_noise_parameter(n)]
+
+    for first in (True, False):  # the noise optimiser stepped after / before the other
+        net = fresh()
+        opts = [torch.optim.Adam(weights(net)),
+                torch.optim.Adam(sb.noise_parameters(net), lr=1e-2)]
+        opt, other = opts if first else opts[::-1]
+        assert _steps(net, opt, x, forward, extra=other.step) == []
+        assert opts[1].state  # the noise scales did train
+    net = fresh()
+    later = []  # the noise optimiser made after the first step of the other
+    assert _steps(net, torch.optim.Adam(weights(net)), x, forward, extra=lambda: (
+        later or later.append(torch.optim.SGD(sb.noise_parameters(net), lr=1e-2)),
+        later[0].step())) == []
+    net = fresh()
+    for p in sb.noise_parameters(net):
+        p.requires_grad_(False)
+    assert _steps(net, torch.optim.Adam(weights(net)), x, forward) == []
+    net = fresh()
+    opt = torch.optim.SGD([{"params": weights(net)},
+                           {"params": list(sb.noise_parameters(net)), "lr": 0.0}], lr=0.1)
+    assert _steps(net, opt, x, forward) == []
+
+    def by_hand(m):
+        with torch.no_grad():
+            for p in sb.noise_parameters(m):
+                if p.grad is not None:
+                    p -= 1e-3 * p.grad
+
+    net = fresh()
+    assert _steps(net, torch.optim.Adam(weights(net)), x, forward,
+                  extra=lambda: by_hand(net)) == []
+
+    class Same(nn.Module):
+        def forward(self, rho):
+            return rho
+
+    net = fresh()
+    parametrize.register_parametrization(net[0], "std_rho", Same())
+    assert _steps(net, torch.optim.Adam(sb.param_groups(net, lr=1e-3)), x, forward) == []
+    net = fresh()
+    stale = copy.deepcopy(net)  # a gradient once, then never again: not trained along
+    forward(stale, x).sum().backward()
+    assert _steps(net, torch.optim.Adam(net.parameters()), x, forward) == []
+    net = fresh()
+    opt = torch.optim.Adam(net.parameters())
+    for _ in range(3):  # accumulation: no step of any optimiser, nothing to check
+        forward(net, x).sum().backward()
+    assert _steps(net, opt, x, forward) == []
