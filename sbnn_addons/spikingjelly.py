@@ -871,8 +871,9 @@ def to_sbnn(
             threshold of 0 counts as 1; ``None`` or 0: none, then a neuron fed only by
             silent inputs has a zero gradient, and a gradient reaching the spikes of a
             neuron without any noise, fed by a layer left deterministic, raises
-            :class:`~sbnn_addons.moments.VarianceFlowError`). Relative, so that a network whose weights
-            and thresholds are scaled together converts to the same noise level;
+            :class:`~sbnn_addons.moments.VarianceFlowError`). Relative, so that a
+            network whose weights and thresholds are scaled together converts to the
+            same noise level;
             learned when ``learn_std`` and ``spike_std > 0``.
         include: an ``fnmatch`` pattern (one string is one name) or a list of them, of
             qualified module names of weight layers to convert, or of modules containing
