@@ -695,7 +695,7 @@ def _correlated_reason(name: str) -> str:
             "tensor, e.g. 1.5 * a, or apply it before the Bayesian layer)")
 
 
-@register_variance_rule("mul", "mul_", "__mul__", "__rmul__", "__imul__")
+@register_variance_rule("mul", "mul_", "__mul__", "__rmul__", "__imul__", "mul_.Tensor")
 def _mul(func, args, kwargs, out, var_of):
     a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
     va, vb = var_of(a), var_of(b)
@@ -868,15 +868,44 @@ def _adaptive_max_pool(func, args, kwargs, out, var_of):
 
 @register_variance_rule("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout")
 def _dropout(func, args, kwargs, out, var_of):
-    x, var = args[0], var_of(args[0])
-    p = _pool_arg(args, kwargs, 1, "p", 0.5)
-    training = _pool_arg(args, kwargs, 2, "training", True)
-    if not training or p == 0:
+    # a dropout that drops runs as the product with its mask (_dropout_mask): here, one
+    # that drops nothing, alpha dropout, or a dropout function the flow does not know
+    var = var_of(args[0])
+    if not _dropout_drops(args, kwargs):
         return var
-    if func.__name__ == "alpha_dropout":
-        return UnknownVariance("alpha_dropout")
-    kept = ((out != 0) | (x == 0)).to(var.dtype)
-    return var * kept / (1.0 - p) ** 2
+    return UnknownVariance(func.__name__)
+
+
+#: The dropout functions the variance flow runs as ``x * mask`` (:func:`_dropout_mask`).
+_DROPOUTS = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout})
+#: The in-place product an in-place dropout runs as (rule: ``mul``).
+_IN_PLACE_PRODUCT = torch.ops.aten.mul_.Tensor
+
+
+def _dropout_drops(args, kwargs) -> bool:
+    """Whether a dropout call (``F.dropout(input, p, training)``, ``torch.dropout(input,
+    p, train)``) drops elements: in training, with ``p > 0``."""
+    training = _pool_arg(args, kwargs, 2, "training", kwargs.get("train", True))
+    return bool(training) and _pool_arg(args, kwargs, 1, "p", 0.5) != 0
+
+
+def _dropout_mask(args, kwargs, func) -> Tensor | None:
+    """The mask of a dropout ``func`` of :data:`_DROPOUTS` that drops elements, ``None``
+    for one that does not (evaluation mode, ``p = 0``).
+
+    The dropout of a ones tensor like the input, ``m``: 0 at the dropped elements,
+    ``1 / (1 - p)`` at the kept ones (a feature dropout's per channel), from the same
+    draws as ``func(input)``, and ``input * m`` equals ``func(input)`` (PyTorch's kernels
+    multiply by the mask). The flow runs the dropout as that product: its rule,
+    ``var * m^2``, knows the dropped elements also where the mean is 0 (the output
+    cannot tell them), in place as well, and in a compiled graph.
+    """
+    if not _dropout_drops(args, kwargs):
+        return None
+    x = _pool_arg(args, kwargs, 0, "input")
+    rest = {k: v for k, v in kwargs.items() if k not in ("input", "inplace")}
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(torch.ones_like(x), *args[1:3], **rest)
 
 
 @register_variance_rule("batch_norm")
@@ -1436,6 +1465,18 @@ def _flow(func, args, kwargs, compiling: bool | None = None):
     where the caller knows it."""
     if compiling is None:
         compiling = torch.compiler.is_compiling()
+    try:
+        dropout = func in _DROPOUTS
+    except TypeError:  # an unhashable callable
+        dropout = False
+    if dropout:
+        mask = _dropout_mask(args, kwargs, func)
+        if mask is not None:  # the product with the mask, whose rule knows the dropped ones
+            # (in place: aten's product, after which a compiled graph keeps the target a
+            # carrier, which it does not after Tensor.mul_)
+            product = (_IN_PLACE_PRODUCT if _pool_arg(args, kwargs, 3, "inplace", False)
+                       else torch.mul)
+            return _flow(product, (_pool_arg(args, kwargs, 0, "input"), mask), {}, compiling)
     with torch._C.DisableTorchFunctionSubclass():
         out = _c_level(func, compiling)(*args, **kwargs)
     noise, scale, probe, nset = _scan(args, kwargs, compiling)

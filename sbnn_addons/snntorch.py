@@ -99,6 +99,7 @@ from .spike import (
     IWSTSpike,
     check_aux_pull,
     in_torch_checkpoint,
+    refuse_gradient_without_noise,
     relative_spike_std,
 )
 from .surgery import replace_modules
@@ -777,42 +778,16 @@ class _EmittedSpikeReset:
 def _refuse_noiseless_gradient(neuron: nn.Module, spike: nn.Module, u: Tensor,
                                spikes: Tensor) -> None:
     """Make a gradient that reaches the ``spikes`` of a converted neuron without any noise
-    raise (eager mode; a test of a few attributes per step where the neuron has noise).
-
-    Without noise (a drive ``u`` that carries no posterior variance, from a layer left
-    deterministic by ``include`` / ``exclude`` or with a fixed zero std, and a spike
-    function without noise of its own: ``to_sbnn(spike_std=None)`` or 0) the stochastic
-    spike fires deterministically and its gradient is 0: a loss on those spikes would
-    train nothing before the neuron, without an error. Spikes that the loss does not
-    reach (a membrane readout) are not concerned: the check runs in the backward.
-    """
-    if (not isinstance(spike, IWSTSpike) or spike.learn_std or spike.deterministic
-            or not torch.is_grad_enabled() or spike._fixed_std_nonzero()):
+    raise (:func:`~sbnn_addons.spike.refuse_gradient_without_noise`; eager mode, a test
+    of a few attributes per step where the neuron has noise): a drive ``u`` that carries
+    no posterior variance and a spike function without noise of its own."""
+    if (not isinstance(spike, IWSTSpike) or spike.learn_std or not torch.is_grad_enabled()
+            or spike._fixed_std_nonzero()):
         return
     if spike.use_input_variance and get_variance(u) is not None:
         return
-    with torch._C.DisableTorchFunctionSubclass():  # attribute reads, no variance flow
-        if not spikes.requires_grad:
-            return
-        spikes.register_hook(functools.partial(_noiseless_gradient_error,
-                                               type(neuron).__name__.removeprefix("SBNN")))
-
-
-def _noiseless_gradient_error(name: str, _grad: Tensor) -> None:
-    """Backward hook of :func:`_refuse_noiseless_gradient`.
-
-    Raises:
-        VarianceFlowError: naming the neuron type and the fixes.
-    """
-    raise VarianceFlowError(
-        f"a gradient reached the spikes of a converted snn.{name} that has no noise: its "
-        "input carries no posterior variance (the layer feeding it is deterministic: left "
-        "out by include / exclude, or a fixed zero std) and its spike function has no "
-        "noise of its own (to_sbnn(..., spike_std=None or 0)), so it fires "
-        "deterministically and passes a zero gradient: nothing before it would train. "
-        "Convert with spike_std > 0 (the default), convert the layer feeding it, or keep "
-        "the neuron with its snnTorch surrogate: exclude=[<the neuron>, <the layer "
-        "feeding it>]")
+    name = type(neuron).__name__.removeprefix("SBNN")
+    refuse_gradient_without_noise(spike, spikes, f"snn.{name}", "snnTorch")
 
 
 def _drive(mem: Tensor, threshold: Tensor | float, compiling: bool | None = None) -> Tensor:

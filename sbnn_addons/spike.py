@@ -13,6 +13,7 @@ Its noise variance is the sum of
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import operator
@@ -795,6 +796,52 @@ _SEEDED_UNDER_COMPILE = (
 #: Seeds are honoured in ``[0, SEED_LIMIT)``: PyTorch's CPU generator (a Mersenne
 #: Twister) keeps the low 32 bits of the seed it is given.
 SEED_LIMIT = 1 << 32
+
+
+def refuse_gradient_without_noise(spike: IWSTSpike, spikes: Tensor, neuron: str, host: str,
+                                  note: str = "") -> None:
+    """Make a gradient that reaches the ``spikes`` a converted neuron's ``spike`` function
+    drew without any noise raise (eager mode; the caller has found that neither the
+    drive nor the spike function carries any noise).
+
+    Without noise (a drive that carries no posterior variance, from a layer left
+    deterministic by ``include`` / ``exclude`` or with a fixed zero std, and a spike
+    function without noise of its own: ``to_sbnn(spike_std=None)`` or 0) the stochastic
+    spike fires deterministically and its gradient is 0: a loss on those spikes would
+    train nothing before the neuron, without an error. Not concerned: spikes that no
+    gradient reaches (a membrane readout; the check runs in the backward), ``mean`` mode,
+    an infinite threshold (a readout that never fires), a pass without gradient.
+
+    Args:
+        spike: the spike function that drew ``spikes``.
+        spikes: its output.
+        neuron: the converted neuron, for the message (``"snn.Leaky"``).
+        host: the host library, whose surrogate the neuron can keep (``"snnTorch"``).
+        note: a further sentence of the message (where a gradient comes from).
+    """
+    if spike.deterministic or not spike.threshold_finite or not torch.is_grad_enabled():
+        return
+    with torch._C.DisableTorchFunctionSubclass():  # attribute reads, no variance flow
+        if not spikes.requires_grad:
+            return
+        spikes.register_hook(functools.partial(_noiseless_gradient_error, neuron, host, note))
+
+
+def _noiseless_gradient_error(neuron: str, host: str, note: str, _grad: Tensor) -> None:
+    """Backward hook of :func:`refuse_gradient_without_noise`.
+
+    Raises:
+        VarianceFlowError: naming the neuron and the fixes.
+    """
+    raise VarianceFlowError(
+        f"a gradient reached the spikes of a converted {neuron} that has no noise: its "
+        "input carries no posterior variance (the layer feeding it is deterministic: left "
+        "out by include / exclude, or a fixed zero std) and its spike function has no "
+        "noise of its own (to_sbnn(..., spike_std=None or 0)), so it fires "
+        "deterministically and passes a zero gradient: nothing before it would train "
+        f"through its spikes{note}. Convert with spike_std > 0 (the default), convert the "
+        f"layer feeding it, or keep the neuron with its {host} surrogate: "
+        "exclude=[<the neuron>, <the layer feeding it>]")
 
 
 def check_seed(seed, name: str = "seed") -> int | None:

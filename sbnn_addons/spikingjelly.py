@@ -103,6 +103,7 @@ from .spike import (
     IWSTSpike,
     check_aux_pull,
     in_torch_checkpoint,
+    refuse_gradient_without_noise,
     relative_spike_std,
 )
 from .surgery import replace_modules
@@ -243,6 +244,12 @@ class SJSpike(IWSTSpike):
             if state is not None:
                 total = state if total is None else state + total
             spikes = self.fire(u, total)
+            if total is None and not torch.compiler.is_compiling():
+                # no noise at all: a gradient reaching these spikes (a loss on them, or on
+                # the membrane through the reset) would be 0
+                refuse_gradient_without_noise(
+                    self, spikes, f"SpikingJelly {self.__dict__.get('_node_type', 'neuron')}",
+                    "SpikingJelly", _RESET_NOTE)
             if state is not None and hard:  # S_t (1 - spike)
                 state = state.masked_fill(spikes.detach() > 0, 0.0)
             if state is not None:
@@ -254,6 +261,10 @@ class SJSpike(IWSTSpike):
         for key in ("_var_state", "_pending", "_steps"):
             state[key] = None
         return state
+
+
+_RESET_NOTE = (" (a gradient reaches them from a loss on them, and from one on the "
+               "membrane through the reset unless the neuron has detach_reset=True)")
 
 
 def _per_step_variance(var: Tensor, x_seq: Tensor) -> Tensor:
@@ -439,6 +450,7 @@ def link_neuron(node: nn.Module, spike: SJSpike | None = None) -> nn.Module:
         )
     node.surrogate_function.threshold = float(node.v_threshold)
     node.surrogate_function._linked = True
+    node.surrogate_function._node_type = type(node).__name__  # for messages
     if VAR_MEMORY not in node._memories:
         node.register_memory(VAR_MEMORY, None)
     if _neuron_pre_hook not in node._forward_pre_hooks.values():
@@ -476,7 +488,8 @@ def _sequence_dynamics(node: nn.Module, spike: SJSpike, x_seq: Tensor):
     node, or ``None`` where the fused sequence does not serve it (then the node runs its
     own loop): float32 or float64 (on the C kernel for float32 on the CPU, else on
     PyTorch operations: :func:`~sbnn_addons.kernels.sequence_backend`), eager, a
-    stochastic mode, no ``store_v_seq``, a finite threshold."""
+    stochastic mode, no ``store_v_seq``, a finite threshold, some noise where a gradient
+    may follow."""
     var = spike._pending
     kind = type(node)
     if (
@@ -487,6 +500,10 @@ def _sequence_dynamics(node: nn.Module, spike: SJSpike, x_seq: Tensor):
         or spike.fire_overridden()
         or node.store_v_seq
         or node._neuron_precision is not None
+        # without any noise, where a gradient may follow: the node's loop, whose spike
+        # function refuses a gradient reaching its spikes (their gradient would be 0)
+        or (var is None and spike._var_state is None and not spike.learn_std
+            and torch.is_grad_enabled() and not spike._fixed_std_nonzero())
         or x_seq.dim() < 2
         or (isinstance(var, Tensor) and (var.dim() != x_seq.dim()
                                          or var.shape[0] != x_seq.shape[0]))
@@ -852,8 +869,11 @@ def to_sbnn(
             ``v_threshold``, ``sigma^2 = S + (spike_std |v_th|)^2`` (default
             :data:`~sbnn_addons.spike.CONVERTED_SPIKE_STD` = 0.399, one per neuron; a
             threshold of 0 counts as 1; ``None`` or 0: none, then a neuron fed only by
-            silent inputs has a zero gradient). Relative, so that a network whose weights
-            and thresholds are scaled together converts to the same noise level;
+            silent inputs has a zero gradient, and a gradient reaching the spikes of a
+            neuron without any noise, fed by a layer left deterministic, raises
+            :class:`~sbnn_addons.moments.VarianceFlowError`). Relative, so that a
+            network whose weights and thresholds are scaled together converts to the
+            same noise level;
             learned when ``learn_std`` and ``spike_std > 0``.
         include: an ``fnmatch`` pattern (one string is one name) or a list of them, of
             qualified module names of weight layers to convert, or of modules containing

@@ -1032,3 +1032,28 @@ def test_threshold_made_symbolic_then_infinite_recompiles(same_random_stream):
         torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-5)
         for a, b in zip(eager[1], compiled[1]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_compiled_dropout_drops_the_variance_of_the_dropped_elements(same_random_stream,
+                                                                     inplace):
+    """As in eager (test_core_moments): a dropout in a compiled graph drops the variance
+    of exactly the elements it drops, also where the mean is 0 (the rule read them from
+    the output, and an in-place dropout kept the variance of every element)."""
+    gen = torch.Generator().manual_seed(0)
+    x, v = torch.randn(4, 6, 3, generator=gen), torch.rand(4, 6, 3, generator=gen) + 0.1
+    x[:, ::2] = 0.0
+    drop = nn.Dropout(0.5, inplace=inplace)
+
+    def step(t):
+        y = drop(t * 1.0)
+        return sb.moments.plain(y) * 1.0, sb.get_variance(y)
+
+    torch.manual_seed(0)
+    mask = F.dropout(torch.ones_like(x), 0.5)
+    with sb.moments.variance_flow():
+        torch.manual_seed(0)
+        out, var = torch.compile(step, fullgraph=True)(sb.attach_variance(x.clone(), v))
+    assert ((mask == 0) & (x == 0)).any()
+    assert torch.equal(out, x * mask)
+    torch.testing.assert_close(var, v * mask**2)

@@ -201,6 +201,49 @@ def test_dropout_and_pad():
     assert torch.equal(get_variance(pd), F.pad(v, (1, 2)))
 
 
+@pytest.mark.parametrize("drop", ["dropout", "dropout2d", "inplace", "torch.dropout"])
+def test_dropout_drops_the_variance_of_a_dropped_element_whose_mean_is_zero(drop):
+    """The dropout rule read the dropped elements from the output (``out == 0``) and kept
+    the variance wherever the mean was exactly 0 (a Bayesian layer fed zeros, whose
+    noise is its bias std): a dropped element kept its noise, which the spike function
+    then drew. The flow runs a dropout as the product with its mask (the same draws and
+    values): the variance of every dropped element is 0, of every kept one ``v / (1-p)^2``."""
+    x, v = _noisy((4, 6, 3))
+    x = moments.plain(x)
+    x[:, ::2] = 0.0  # means exactly 0, with a variance
+    x = attach_variance(x, v)
+    calls = {"dropout": lambda t: F.dropout(t, 0.5, training=True),
+             "dropout2d": lambda t: F.dropout2d(t, 0.5, training=True),
+             "inplace": lambda t: nn.Dropout(0.5, inplace=True)(t.clone()),
+             "torch.dropout": lambda t: torch.dropout(t, 0.5, True)}
+    like = "dropout2d" if drop == "dropout2d" else "dropout"
+    torch.manual_seed(0)
+    mask = getattr(F, like)(torch.ones_like(moments.plain(x)), 0.5, training=True)
+    torch.manual_seed(0)
+    with variance_flow():
+        y = calls[drop](x)
+    assert ((mask == 0) & (x == 0)).any() and ((mask != 0) & (x == 0)).any()
+    assert torch.equal(moments.plain(y), moments.plain(x) * mask)
+    torch.testing.assert_close(get_variance(y), v * mask**2, rtol=1e-12, atol=0)
+
+
+def test_dropout_after_a_bayesian_layer_fed_zeros_drops_the_bias_noise():
+    """nn.Dropout between a Bayesian layer with a bias std and a neuron, on zero inputs
+    (the means are exactly the bias, here 0): the dropped elements kept the bias's
+    variance, and the neuron drew noise for inputs the dropout had set to 0."""
+    fc = sb.BayesLinear(4, 64, bias_std=0.5)
+    with torch.no_grad():
+        fc.bias.zero_()
+    drop = nn.Dropout(0.5).train()
+    torch.manual_seed(3)
+    with variance_flow():
+        y = drop(fc(torch.zeros(8, 4)))
+    var = get_variance(y)
+    dropped = var == 0
+    assert dropped.any() and (~dropped).any()
+    torch.testing.assert_close(var[~dropped], torch.full_like(var[~dropped], 4 * 0.25))
+
+
 def test_channel_affine_leaves_variance_inside_flow():
     x, v = _noisy((2, 3, 4))
     aff = ChannelAffine(3).double()

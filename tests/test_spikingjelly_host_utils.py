@@ -933,3 +933,62 @@ def test_a_layer_replaced_by_an_inplace_conversion_still_runs_as_a_plain_layer()
     out = old(x)
     assert type(out) is torch.Tensor
     torch.testing.assert_close(out, ref)
+
+
+# --------------------------------------------------------------------------- noiseless neurons
+def _noiseless_net(step_mode: str, path: str = "", **last) -> nn.Sequential:
+    """Two linear layers and two LIF nodes; ``path="loop"``: the multi-step nodes run
+    SpikingJelly's own loop (``store_v_seq``) instead of the fused sequence."""
+    torch.manual_seed(0)
+    loop = dict(store_v_seq=True) if path == "loop" else {}
+    net = nn.Sequential(layer.Linear(8, 16), neuron.LIFNode(**loop), layer.Linear(16, 4),
+                        neuron.LIFNode(**loop, **last))
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(3.0)
+    functional.set_step_mode(net, step_mode)
+    return net
+
+
+@pytest.mark.parametrize("kw", [dict(include="0", spike_std=None),
+                                dict(exclude="2", spike_std=0.0)])
+@pytest.mark.parametrize("sm,path", [("s", ""), ("m", ""), ("m", "loop")])
+def test_a_converted_neuron_without_noise_refuses_a_gradient_through_its_spikes(sm, path, kw):
+    """A converted neuron whose drive carries no variance (the layer feeding it left
+    deterministic by include / exclude) and whose spike function has no noise of its own
+    (``spike_std=None`` or 0) fires deterministically, and the stochastic spike's gradient
+    is then 0: a loss on its spikes trained nothing before it (every weight gradient was
+    0, without an error), in both step modes and on the fused sequence. The backward
+    names the neuron and the fixes; a membrane readout that sends no gradient through its
+    spikes trains; ``mean`` mode and no-grad passes run."""
+    x = torch.rand(T, 3, 8) * 2
+    model = sbnn_sj.to_sbnn(_noiseless_net(sm, path), **kw)
+    sbnn_sj.reset(model)
+    loss = _run(model, x, sm).sum()
+    with pytest.raises(VarianceFlowError,
+                       match=r"(?s)LIFNode.*no noise.*spike_std.*exclude"):
+        loss.backward()
+    with torch.no_grad():
+        sbnn_sj.reset(model)
+        _run(model, x, sm)
+    with sbnn_addons.mode(model, "mean"):
+        sbnn_sj.reset(model)
+        _run(model, x, sm).sum().backward()
+    for last in (dict(detach_reset=True), dict(v_threshold=float("inf"))):
+        model = sbnn_sj.to_sbnn(_noiseless_net(sm, path, **last), **kw)
+        sbnn_sj.reset(model)
+        _run(model, x, sm)
+        model[3].v.sum().backward()  # membrane readout: the first neuron has noise
+        assert model[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("sm", ["s", "m"])
+def test_a_converted_neuron_with_noise_of_its_own_passes_the_gradient(sm):
+    """With the default ``spike_std`` a neuron fed by a deterministic layer has its own
+    noise: the gradient of a loss on its spikes reaches every layer before it."""
+    x = torch.rand(T, 3, 8) * 2
+    model = sbnn_sj.to_sbnn(_noiseless_net(sm), include="0")
+    sbnn_sj.reset(model)
+    _run(model, x, sm).sum().backward()
+    assert model[0].weight.grad.abs().sum() > 0 and model[2].weight.grad.abs().sum() > 0
