@@ -1370,10 +1370,13 @@ def _probe_unknown(name: str, args, kwargs) -> str | None:
     return None
 
 
-def _carry_probe(name: str, args, kwargs, out, nset: NoiseSet | None = None):
+def _carry_probe(name: str, args, kwargs, out, nset: NoiseSet | None = None,
+                 in_place: bool = False):
     """The ``mean``-mode counterpart of the rules: an operation with a rule passes the probe
     on to its output(s); one without a rule marks them with an :class:`UnknownVariance`
-    (as in ``sample`` mode), so that a neuron fed by it raises. Returns the output(s)."""
+    (as in ``sample`` mode), so that a neuron fed by it raises. Returns the output(s).
+    ``in_place``: a compiled in-place operation on the carrier ``args[0]``, run on an
+    alias of it (:func:`_compiled_in_place`)."""
     if name in _NOISE_FREE:
         return out
     if isinstance(out, Tensor):
@@ -1382,7 +1385,7 @@ def _carry_probe(name: str, args, kwargs, out, nset: NoiseSet | None = None):
             why, nset = _repeat_check(name, args, kwargs, out, nset)
         if _REPORTS:
             _REPORTS[-1].note(name, why is None)
-        if _in_place(args, out):
+        if in_place or _in_place(args, out):
             _mark_in_place(args[0], None if why is None else UnknownVariance(why), name,
                            probe=why is None, noise=nset)
             return args[0]
@@ -1410,6 +1413,50 @@ def _carry_probe(name: str, args, kwargs, out, nset: NoiseSet | None = None):
 def _in_place(args, out) -> bool:
     """Whether ``out`` is the (noisy) first argument itself: an in-place operation."""
     return bool(args) and out is args[0] and type(out) is VarianceTensor
+
+
+#: In-place operations that change a tensor's metadata (shape, strides, autograd state),
+#: not its values: on an alias, the alias would take the change instead of the tensor.
+_IN_PLACE_METADATA = frozenset({
+    "squeeze_", "unsqueeze_", "transpose_", "t_", "swapdims_", "swapaxes_", "as_strided_",
+    "resize_", "resize_as_", "set_", "detach_", "requires_grad_", "share_memory_",
+})
+#: Python's in-place operators on a tensor, and the item assignment.
+_IN_PLACE_DUNDERS = frozenset({
+    "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
+    "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
+    "__irshift__", "__setitem__",
+})
+
+
+def _compiled_in_place(func, args) -> bool:
+    """Under ``torch.compile``: whether ``func`` writes the values of the carrier
+    ``args[0]`` in place (``t.mul_(m)``, ``t.copy_(s)``, ``t.masked_fill_(mask, 0)``,
+    ``t.clamp_(...)``, ``t *= c``, ``t[idx] = v``: a name with a trailing ``_``, or an
+    in-place operator).
+
+    PyTorch 2.13's Dynamo re-reads the type of a tensor that an in-place Tensor method
+    with a tensor argument mutated from its fake value (a plain tensor: the carrier
+    target became one), and gives the method's result a variable of its own
+    (``out is args[0]`` is false): the rule's variance reached neither the target nor,
+    for a statement ``t.mul_(m)``, anything the code reads, and the variance was lost
+    silently. The flow runs such an operation on a plain alias of the target (a view:
+    the graph writes the target's values through it, as eager mode writes the target),
+    so that the target stays a carrier and takes the rule's variance, as in eager mode.
+    Aten's in-place operators (``torch.ops.aten.mul_.Tensor``, run by an in-place
+    dropout) and the metadata changes (``unsqueeze_``, ``detach_``: an alias would take
+    them instead of the target) run on the target itself.
+    """
+    if (not args or type(args[0]) is not VarianceTensor
+            or type(func) is torch._ops.OpOverload):
+        return False
+    name = getattr(func, "__name__", None)
+    if not isinstance(name, str):
+        return False
+    if name in _IN_PLACE_DUNDERS:
+        return True
+    return (name[-1:] == "_" and name[:1] != "_" and name not in _IN_PLACE_METADATA
+            and name not in _NOISE_FREE)
 
 
 def _mark_in_place(target, variance, name: str, probe: bool = False,
@@ -1477,15 +1524,23 @@ def _flow(func, args, kwargs, compiling: bool | None = None):
             product = (_IN_PLACE_PRODUCT if _pool_arg(args, kwargs, 3, "inplace", False)
                        else torch.mul)
             return _flow(product, (_pool_arg(args, kwargs, 0, "input"), mask), {}, compiling)
+    # under torch.compile, an in-place method on a carrier runs on a plain alias of it
+    # (_compiled_in_place): Dynamo then keeps the target a carrier, which the rule updates
+    in_place = compiling and _compiled_in_place(func, args)
+    if compiling and _name(func, compiling) == "detach_" and _noisy_operand(args[:1]):
+        _refuse_compiled_detach()
     with torch._C.DisableTorchFunctionSubclass():
-        out = _c_level(func, compiling)(*args, **kwargs)
+        if in_place:
+            out = _c_level(func, compiling)(args[0].view_as(args[0]), *args[1:], **kwargs)
+        else:
+            out = _c_level(func, compiling)(*args, **kwargs)
     noise, scale, probe, nset = _scan(args, kwargs, compiling)
     if noise is None:
         if probe:
             name = _name(func, compiling)
             if name in _COMPARISONS or type(func) is torch._ops.OpOverload:
                 _refuse_host_neuron(func, name)
-            return _carry_probe(name, args, kwargs, out, nset)
+            return _carry_probe(name, args, kwargs, out, nset, in_place)
         return out
     name = _name(func, compiling)
     if name in _COMPARISONS or type(func) is torch._ops.OpOverload:
@@ -1515,7 +1570,7 @@ def _flow(func, args, kwargs, compiling: bool | None = None):
     why, nset = _repeat_check(name, args, kwargs, out, nset)
     if why is not None and not isinstance(var, UnknownVariance):
         var = UnknownVariance(why)
-    if out is args[0] if args else False:  # in place: the target carries the result
+    if in_place or (out is args[0] if args else False):  # the target carries the result
         if compiling and name in _SUMS and _noisy_operand(args[1:]):
             _refuse_compiled_in_place_sum(name)
         _mark_in_place(args[0], var, name, noise=nset)
@@ -1549,6 +1604,22 @@ def _refuse_compiled_in_place_sum(name: str) -> None:
     if torch.compiler.is_compiling():
         _raise_compiled_in_place_error(message)
     raise VarianceFlowError(message)
+
+
+def _refuse_compiled_detach() -> None:
+    """``h.detach_()`` on a tensor that carries a Bayesian layer's variance, in a graph that
+    ``torch.compile`` traces: PyTorch 2.13's Dynamo makes the target a plain tensor (a
+    metadata change, which an alias of the target cannot take for it), so its variance
+    would be lost silently, where eager mode keeps it (detached).
+
+    Raises:
+        RuntimeError: naming the out-of-place form, which keeps the variance.
+    """
+    _raise_compiled_in_place_error(
+        "an in-place detach ('detach_': h.detach_()) of a tensor that carries a Bayesian "
+        "layer's posterior variance, inside torch.compile: the compiled graph would drop "
+        "the variance (the neurons it feeds would draw no weight noise). Write it out of "
+        "place, h = h.detach(), or detach between compiled steps")
 
 
 #: Functions that name the misuse behind an in-place sum refused under ``torch.compile``

@@ -953,6 +953,181 @@ def test_in_place_sum_of_two_noisy_tensors_raises_in_a_compiled_step():
     assert fc.std_rho.grad.abs() > 0 and fc2.std_rho.grad.abs() > 0
 
 
+# In-place methods on a Bayesian layer's output ``h`` (``m``: a plain tensor > 0 of one
+# row's shape), each returning the target. Those of the first table have a variance rule
+# (eager mode updates the target's variance by it); those of the second have none (eager
+# mode marks the target unknown, and the neuron it reaches raises, naming the operation).
+def _mul_(h, m):
+    h.mul_(m)
+    return h
+
+
+def _mul_number(h, m):
+    h.mul_(2.0)
+    return h
+
+
+def _div_(h, m):
+    h.div_(m)
+    return h
+
+
+def _add_(h, m):
+    h.add_(m)
+    return h
+
+
+def _sub_(h, m):
+    h.sub_(m, alpha=0.5)
+    return h
+
+
+def _imul(h, m):
+    h *= m
+    return h
+
+
+def _itruediv(h, m):
+    h /= m
+    return h
+
+
+def _iadd(h, m):
+    h += m
+    return h
+
+
+def _copy_(h, m):
+    h.copy_(m.expand_as(h))
+    return h
+
+
+def _masked_fill_(h, m):
+    h.masked_fill_(m > 1.0, 0.0)
+    return h
+
+
+def _clamp_(h, m):
+    h.clamp_(min=-1.0, max=1.0)
+    return h
+
+
+def _clamp_tensor(h, m):
+    h.clamp_(max=m)
+    return h
+
+
+def _setitem(h, m):
+    h[:, 0] = 0.0
+    return h
+
+
+def _setitem_tensor(h, m):
+    h[:, 1:] = m[1:]
+    return h
+
+
+def _zero_(h, m):
+    h.zero_()
+    return h
+
+
+_IN_PLACE_RULED = {"mul_": _mul_, "mul_ by a number": _mul_number, "div_": _div_,
+                   "add_": _add_, "sub_": _sub_, "*=": _imul, "/=": _itruediv, "+=": _iadd}
+_IN_PLACE_UNRULED = {"copy_": _copy_, "masked_fill_": _masked_fill_, "clamp_": _clamp_,
+                     "clamp_ by a tensor": _clamp_tensor, "__setitem__": _setitem,
+                     "__setitem__ of a tensor": _setitem_tensor, "zero_": _zero_}
+
+
+def _in_place_net(change):
+    """A Bayesian layer, ``change`` in place on its output, a core LIF: the net (for the
+    parameters) and the loss of a run over ``x`` [T, 8, 4]."""
+    torch.manual_seed(0)
+    fc = sb.BayesLinear(4, 6, std=0.5)
+    lif = sb.LIF(spike_fn=sb.IWSTSpike("st"))
+
+    def loss_fn(x, m):
+        state, out = None, 0
+        for t in range(x.shape[0]):
+            spk, state = lif(change(fc(x[t]), m), state)
+            out = out + spk.sum()
+        return out
+
+    return nn.ModuleList([fc, lif]), loss_fn
+
+
+@pytest.mark.parametrize("op", list(_IN_PLACE_RULED))
+def test_in_place_method_on_a_carrier_keeps_its_variance_in_a_compiled_step(
+        same_random_stream, op):
+    """``h.mul_(m)``, ``h.div_(m)``, ``h.add_(c)``, ``h *= m``, ... on a Bayesian layer's
+    output inside ``torch.compile(fullgraph=True)``: the compiled graph turned the target
+    into a plain tensor, so the neuron after it drew no weight noise and the layer's std
+    got no gradient, without an error. The target keeps the variance of the operation's
+    rule, as in eager mode: the same variance reaches the neuron, and the same loss and
+    gradients in sample and mean mode."""
+    change = _IN_PLACE_RULED[op]
+    net, loss_fn = _in_place_net(change)
+    fc = net[0]
+    x, m = torch.rand(T, 8, 4) * 2, torch.rand(6) + 0.5
+
+    def reaching(x, m):
+        return sb.get_variance(change(fc(x), m))
+
+    torch._dynamo.reset()
+    eager = reaching(x[0], m)
+    assert isinstance(eager, torch.Tensor)
+    torch.testing.assert_close(torch.compile(reaching, fullgraph=True)(x[0], m), eager)
+    _check_like_eager(net, loss_fn, x, m)
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    _step(net, compiled, x, m)
+    assert fc.std_rho.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("op", list(_IN_PLACE_UNRULED))
+def test_in_place_method_without_a_rule_on_a_carrier_raises_in_a_compiled_step(
+        same_random_stream, op):
+    """``h.copy_(s)``, ``h.masked_fill_(mask, 0)``, ``h.clamp_(...)``, ``h[idx] = v``
+    on a Bayesian layer's output: eager mode marks the target's variance unknown and the
+    neuron it reaches raises, naming the operation; a compiled step dropped the variance
+    and ran without an error. It raises the same message (a ``RuntimeError``); mean mode
+    (no variance) runs as in eager mode."""
+    net, loss_fn = _in_place_net(_IN_PLACE_UNRULED[op])
+    x, m = torch.rand(T, 8, 4) * 2, torch.rand(6) + 0.5
+    name = op.split(" ")[0]
+    with pytest.raises(sb.VarianceFlowError, match=re.escape(f"'{name}'")) as eager:
+        loss_fn(x, m)
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    with pytest.raises(RuntimeError) as err:
+        compiled(x, m)
+    assert str(err.value).startswith(str(eager.value)[:80])
+    sb.set_mode(net, "mean")
+    assert torch.equal(compiled(x, m), loss_fn(x, m))
+
+
+def test_in_place_detach_of_a_carrier_raises_in_a_compiled_step():
+    """``h.detach_()`` on a Bayesian layer's output inside a compiled step: the graph made
+    the target a plain tensor, so its variance vanished, where eager mode keeps it
+    (detached). It raises, naming ``h = h.detach()``, which compiles as in eager mode."""
+    torch.manual_seed(0)
+    fc = sb.BayesLinear(4, 6, std=0.5)
+
+    def in_place(x):
+        h = fc(x)
+        h.detach_()
+        return sb.get_variance(h)
+
+    def out_of_place(x):
+        return sb.get_variance(fc(x).detach())
+
+    x = torch.rand(8, 4) * 2
+    assert isinstance(in_place(x), torch.Tensor)  # eager mode: kept
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=r"in-place detach .*h = h\.detach\(\)"):
+        torch.compile(in_place, fullgraph=True)(x)
+    torch.testing.assert_close(torch.compile(out_of_place, fullgraph=True)(x), in_place(x))
+
+
 def test_threshold_changed_in_place_reaches_a_compiled_step(same_random_stream):
     """A converted snnTorch readout whose threshold is set to inf after the conversion
     (reset 'none': a membrane readout): a compiled step traced with the threshold of the
