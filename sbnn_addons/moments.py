@@ -633,8 +633,8 @@ def _zero_if_none(var, like: Tensor) -> Tensor:
 
 @register_variance_rule(
     "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "permute",
-    "transpose", "t", "contiguous", "clone", "expand", "expand_as", "__getitem__",
-    "narrow", "select", "flip", "roll", "movedim", "view_as", "reshape_as",
+    "transpose", "t", "swapdims", "swapaxes", "contiguous", "clone", "expand", "expand_as",
+    "__getitem__", "narrow", "select", "flip", "roll", "movedim", "view_as", "reshape_as",
     "repeat", "float", "double", "half", "bfloat16", "to", "type_as", "detach",
     "squeeze_", "unsqueeze_", "detach_", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
 )
@@ -1524,6 +1524,10 @@ def _flow(func, args, kwargs, compiling: bool | None = None):
             product = (_IN_PLACE_PRODUCT if _pool_arg(args, kwargs, 3, "inplace", False)
                        else torch.mul)
             return _flow(product, (_pool_arg(args, kwargs, 0, "input"), mask), {}, compiling)
+    if args and type(args[0]) is VarianceTensor:
+        reshape = _IN_PLACE_RESHAPES.get(getattr(func, "__name__", None))
+        if reshape is not None:
+            return _reshape_in_place(reshape, func, args, kwargs, compiling)
     # under torch.compile, an in-place method on a carrier runs on a plain alias of it
     # (_compiled_in_place): Dynamo then keeps the target a carrier, which the rule updates
     in_place = compiling and _compiled_in_place(func, args)
@@ -1576,6 +1580,28 @@ def _flow(func, args, kwargs, compiling: bool | None = None):
         _mark_in_place(args[0], var, name, noise=nset)
         return args[0]
     return _wrap(out, var, noise=nset, compiling=compiling)
+
+
+#: In-place reshapes of a tensor's metadata, with their out-of-place forms.
+_IN_PLACE_RESHAPES = {"squeeze_": Tensor.squeeze, "unsqueeze_": Tensor.unsqueeze,
+                      "t_": Tensor.t, "transpose_": Tensor.transpose,
+                      "swapdims_": Tensor.swapdims, "swapaxes_": Tensor.swapaxes}
+
+
+def _reshape_in_place(reshape, func, args, kwargs, compiling: bool) -> Tensor:
+    """An in-place reshape of carrier ``args[0]`` (``h.unsqueeze_(0)``, ``h.t_()``): the
+    variance is the out-of-place ``reshape``'s (its rule sees the target's shape before
+    the change, which a compact variance needs: after it, ``unsqueeze_`` was applied to
+    the variance twice and ``t_`` had no rule), then ``func`` reshapes the mean in place."""
+    result = _flow(reshape, args, kwargs, compiling)
+    with torch._C.DisableTorchFunctionSubclass():
+        _c_level(func, compiling)(*args, **kwargs)
+    if type(result) is VarianceTensor:
+        _mark_in_place(args[0], result.variance, func.__name__, probe=result.probe,
+                       noise=None if compiling else result.__dict__.get("noise"))
+    else:  # the operation left no noise
+        _mark_in_place(args[0], None, func.__name__)
+    return args[0]
 
 
 def _noisy_operand(args) -> bool:

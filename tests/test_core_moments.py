@@ -1235,3 +1235,34 @@ def test_spikes_first_keep_the_variance_of_a_noisy_operand(op):
     assert torch.equal(torch.broadcast_to(var, out.shape),
                        torch.broadcast_to(ref_var, out.shape))
     assert var.sum() > 0 and v.sum() > 0
+
+
+@pytest.mark.parametrize("std_mode", ["layer", "weight"])
+@pytest.mark.parametrize("ops", [("unsqueeze_", (0,)), ("squeeze_", ()), ("t_", ()),
+                                 ("transpose_", (0, 1)), ("swapdims_", (1, 0)),
+                                 ("swapaxes_", (0, 1))])
+def test_in_place_reshape_of_a_carrier_reshapes_its_variance_once(std_mode, ops):
+    """``h.unsqueeze_(0)`` on a Bayesian layer's output gave the variance two new
+    dimensions (the rule saw the target already reshaped, expanded the compact variance
+    to it, then reshaped again: ``h.squeeze_(0)`` then failed inside expand), and
+    ``h.t_()`` had no rule (an unknown variance, a neuron raised). The variance of each
+    in-place reshape equals that of its out-of-place form, and so does the mean."""
+    name, extra = ops
+    torch.manual_seed(0)
+    fc = sb.BayesLinear(4, 3, std_mode=std_mode, std=0.3)
+    x = torch.randn(2, 4) if name != "squeeze_" else torch.randn(1, 4)
+    expected = getattr(fc(x), name[:-1])(*extra)
+    h = fc(x)
+    assert getattr(h, name)(*extra) is h
+    assert h.shape == expected.shape and torch.equal(h.as_subclass(torch.Tensor),
+                                                     expected.as_subclass(torch.Tensor))
+    var, want = sb.get_variance(h), sb.get_variance(expected)
+    assert torch.equal(var.expand(h.shape), want.expand(h.shape))
+    if name == "unsqueeze_":
+        h.squeeze_(0)
+        assert torch.equal(sb.get_variance(h).expand(h.shape),
+                           sb.get_variance(fc(x)).expand(h.shape))
+    with sb.mode(fc, "mean"):
+        h = fc(x)
+        getattr(h, name)(*extra)
+        assert sb.get_variance(h) is None and h.shape == expected.shape
