@@ -341,7 +341,7 @@ class _BayesMixin(SBNNModule):
             return apply_function(_BinaryInputOp, x, weight, bias, self)
         return self._plain_op(x, weight, bias)
 
-    def _check_std_trained(self, compiling: bool | None = None) -> None:
+    def _check_mean_mode_training(self, compiling: bool | None = None) -> None:
         """Warn (once per layer) when an optimiser steps the weight in ``mean`` mode: there
         is no noise, so ``std_rho`` gets no gradient, and the network trains as a
         deterministic one; the mode is pickled with the model, so a model saved in
@@ -423,7 +423,7 @@ class _BayesMixin(SBNNModule):
 
     def _attach(self, mean: Tensor, x: Tensor) -> Tensor:
         compiling = torch.compiler.is_compiling()  # once: the helpers take it
-        self._check_std_trained(compiling)
+        self._check_mean_mode_training(compiling)
         self._guard_forward_hooks(compiling)
         if self._noise_free():
             return attach_computed_variance(mean, None, compiling=compiling)

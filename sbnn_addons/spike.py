@@ -709,24 +709,22 @@ class IWSTSpike(SBNNModule, nn.Module):
                 "function would draw other spikes, the auxiliary loss terms of the region "
                 "would miss the loss, and a neuron's noise variance carried between calls "
                 "would get no gradient (wrong gradients, without an error); pass "
-                "use_reentrant=False (spike functions on the global generator), or use "
-                "sbnn_addons.checkpoint.checkpoint(fn, *args, modules=block), which also "
-                "replays seeded spikes"
+                "use_reentrant=False (spike functions on the global generator), or "
+                + _CHECKPOINT_FIX
             )
-        if (not _RECOMPUTING[0] and not torch.compiler.is_compiling()
-                and checkpoint_without_rng_replay()):
+        if compiling is None:
+            compiling = torch.compiler.is_compiling()
+        if not _RECOMPUTING[0] and not compiling and checkpoint_without_rng_replay():
             raise RuntimeError(
                 "a spike function draws inside torch.utils.checkpoint with "
                 "preserve_rng_state=False: the recomputation in the backward would draw "
                 "other spikes than the forward (the global generator is not restored), so "
                 "the gradients would be those of other spikes, without an error; pass "
-                "preserve_rng_state=True (the default), or use "
-                "sbnn_addons.checkpoint.checkpoint(fn, *args, modules=block), which also "
-                "replays seeded spikes"
+                "preserve_rng_state=True (the default), or " + _CHECKPOINT_FIX
             )
         if self._seed is None:
             return None
-        if torch.compiler.is_compiling():
+        if compiling:
             raise_error(_SEEDED_UNDER_COMPILE)
         hooks = (not _RECOMPUTING[0]
                  and torch._C._autograd._top_saved_tensors_default_hooks(False) is not None)
@@ -796,6 +794,9 @@ _SEEDED_UNDER_COMPILE = (
 #: Seeds are honoured in ``[0, SEED_LIMIT)``: PyTorch's CPU generator (a Mersenne
 #: Twister) keeps the low 32 bits of the seed it is given.
 SEED_LIMIT = 1 << 32
+#: The end of the errors for a spike drawn where torch.utils.checkpoint cannot replay it.
+_CHECKPOINT_FIX = ("use sbnn_addons.checkpoint.checkpoint(fn, *args, modules=block), which "
+                   "also replays seeded spikes")
 
 
 def refuse_gradient_without_noise(spike: IWSTSpike, spikes: Tensor, neuron: str, host: str,

@@ -204,14 +204,11 @@ def test_reset_equals_emitted_spike(name):
             assert torch.equal(rec[t][1], rec[t - 1][0]), f"step {t}"
 
 
-def test_spikes_are_marked_binary_and_the_reset_is_a_private_copy():
-    """With graded_spikes_factor 1 the neuron returns the spike tensor itself, marked 0/1
-    (a Bayesian layer fed by it skips x * x); changing it in place afterwards does not
-    change the next step's reset, which is the emitted spike."""
+def _converted_fc_leaky():
+    """``fc`` (Linear 6 -> 8) and ``lif`` (snn.Leaky, beta 0.9, explicit state) as
+    attributes of a module, converted with std 0.3 under seed 0."""
     import snntorch as snn
     from torch import nn
-
-    from sbnn_addons.functional import is_binary
 
     class Net(nn.Module):
         def __init__(self):
@@ -220,7 +217,16 @@ def test_spikes_are_marked_binary_and_the_reset_is_a_private_copy():
             self.lif = snn.Leaky(beta=0.9)
 
     torch.manual_seed(0)
-    sbnn = to_sbnn(Net(), std=0.3)
+    return to_sbnn(Net(), std=0.3)
+
+
+def test_spikes_are_marked_binary_and_the_reset_is_a_private_copy():
+    """With graded_spikes_factor 1 the neuron returns the spike tensor itself, marked 0/1
+    (a Bayesian layer fed by it skips x * x); changing it in place afterwards does not
+    change the next step's reset, which is the emitted spike."""
+    from sbnn_addons.functional import is_binary
+
+    sbnn = _converted_fc_leaky()
     lif = sbnn.lif
     cur = sbnn.fc(torch.rand(4, 6) * 3)
     spk, mem = lif(cur, lif.init_leaky())
@@ -236,19 +242,9 @@ def test_edits_of_spike_factor_and_beta_through_data_are_seen_at_the_next_step()
     keyed on the version counter, which an edit through .data does not bump): the next
     step emits spikes times the new factor and scales the membrane variance by the new
     beta^2."""
-    import snntorch as snn
-    from torch import nn
-
     from sbnn_addons.snntorch import membrane_variance
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(6, 8)
-            self.lif = snn.Leaky(beta=0.9)
-
-    torch.manual_seed(0)
-    sbnn = to_sbnn(Net(), std=0.3)
+    sbnn = _converted_fc_leaky()
     lif = sbnn.lif
     x = torch.rand(4, 6) * 3
     spk, mem = lif(sbnn.fc(x), lif.init_leaky())
