@@ -188,8 +188,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sbnn_spike_backward.restype = None
     lib.sbnn_spike_backward_compact.argtypes = lib.sbnn_spike_backward.argtypes
     lib.sbnn_spike_backward_compact.restype = None
-    lib.sbnn_lif_step_forward.argtypes = [ptr, ptr, ptr, i64, i64, f32, f32, i32, ptr, ptr,
-                                          ptr, ptr, i64, u64, i32, i32, f32, i32]
+    lib.sbnn_lif_step_forward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, f32, f32, i32, ptr,
+                                          ptr, ptr, ptr, i64, u64, i32, i32, f32, i32]
     lib.sbnn_lif_step_forward.restype = ctypes.c_double
     lib.sbnn_lif_step_backward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ptr, f32, f32, i32,
                                            ptr, ptr, ptr, i32, i64, i32, f32, f32, f32, f32,
@@ -802,6 +802,9 @@ class LIFStep(torch.autograd.Function):
         H = beta m + x,   u = H - theta,   h = 1[U < Phi(u / sqrt(var))],
         m' = H - theta h  ("subtract"),  H (1 - h)  ("zero"),  H  ("none")
 
+    With ``r`` (snnTorch's order, where the reset ``r`` is the previous step's spikes,
+    subtracted at the charge, and ``reset="none"``): ``H = (beta m + x) - r theta``.
+
     The same values as the PyTorch operations of
     :func:`~sbnn_addons.functional.lif_fire` followed by :func:`fused_spike` (bitwise:
     same Philox key, no fused multiply-add), in one autograd node whose backward is one
@@ -809,17 +812,19 @@ class LIFStep(torch.autograd.Function):
     ``dL/dm = beta dL/dx``. Inputs: ``x``, ``m`` (``None``: the zero state), the variance
     (broadcastable to ``x``), the Philox seed and a config tuple. Outputs: spikes, ``m'``
     and, with an auxiliary offset, ``sum z^2``. The spikes are saved as they are
-    (float32), shared with a layer they feed (as :class:`FusedSpike`'s). Use
-    :func:`fused_lif_step`.
+    (float32), shared with a layer they feed (as :class:`FusedSpike`'s). ``r`` (or
+    ``None``) gets no gradient. Use :func:`fused_lif_step`.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, m: Tensor | None, variance: Tensor, seed: int, config):
+    def forward(ctx, x: Tensor, m: Tensor | None, r: Tensor | None, variance: Tensor,
+                seed: int, config):
         estimator, beta, theta, reset, at_zero, aux_offset, _aux_var, _aux_pull = config
         var, mid, inner = _layout_of(x, variance)  # both checked by fused_lif_step
         u, h, m_out = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
         aux = _require().sbnn_lif_step_forward(
-            x.data_ptr(), 0 if m is None else m.data_ptr(), var.data_ptr(), mid, inner, beta,
+            x.data_ptr(), 0 if m is None else m.data_ptr(), 0 if r is None else r.data_ptr(),
+            var.data_ptr(), mid, inner, beta,
             theta, _STEP_RESETS[reset], u.data_ptr(), h.data_ptr(), 0,
             m_out.data_ptr(), x.numel(), seed, int(at_zero), int(aux_offset is not None),
             float(aux_offset or 0.0), torch.get_num_threads())
@@ -838,7 +843,10 @@ class LIFStep(torch.autograd.Function):
         estimator, beta, theta, reset, _, aux_offset, aux_var, aux_pull = ctx.config
         grad_aux = float(g_aux[0]) if g_aux and g_aux[0] is not None else 0.0
         if g_h is None and g_m is None and grad_aux == 0.0:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
+        if g_h is None and grad_aux == 0.0 and reset == "none":
+            # no gradient reaches the spikes (a membrane readout): m' = H = beta m + x
+            return g_m, beta * g_m if ctx.needs_input_grad[1] else None, None, None, None, None
         mid, inner, var_shape = ctx.layout
         g_h = None if g_h is None else g_h.to(torch.float32).contiguous()
         g_m = None if g_m is None else g_m.to(torch.float32).contiguous()
@@ -861,7 +869,7 @@ class LIFStep(torch.autograd.Function):
             g_var = g_var.view(var_shape)
         elif var_shape != u.shape:
             g_var = g_var.sum_to_size(var_shape)
-        return g_x, g_mprev, g_var, None, None
+        return g_x, g_mprev, None, g_var, None, None
 
 
 def _pull_coefficient(grad_h: Tensor, weight: float) -> float:
@@ -936,11 +944,15 @@ def fused_lif_step(x: Tensor, membrane: Tensor | None, variance: Tensor, estimat
 
 
 def _fused_lif_step(x: Tensor, membrane: Tensor | None, variance: Tensor, seed: int,
-                    config: tuple) -> tuple[Tensor, ...]:
+                    config: tuple, subtracted: Tensor | None = None) -> tuple[Tensor, ...]:
     """:func:`fused_lif_step` for checked arguments (``config``: estimator, beta, theta,
-    reset, at_zero, aux_offset, aux_var, aux_pull)."""
+    reset, at_zero, aux_offset, aux_var, aux_pull); ``subtracted``: snnTorch's reset
+    ``r``, the previous step's spikes (float32, the shape of ``x``, no gradient), with
+    ``reset="none"`` (:class:`LIFStep`)."""
     out = apply_function(LIFStep, x.contiguous(), None if membrane is None
-                         else membrane.contiguous(), variance, seed, config)
+                         else membrane.contiguous(),
+                         None if subtracted is None else subtracted.contiguous(), variance,
+                         seed, config)
     # kept (saved by the node just recorded): a layer fed by the spikes saves them as they are
     mark_binary(out[0], kept=out[0].requires_grad)
     return out

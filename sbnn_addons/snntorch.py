@@ -40,9 +40,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import kernels
+from . import moments as _moments
 from .base import (
     HostObject,
     cached_tensor_test,
+    check_finite,
     check_flag,
     check_heaviside_forward,
     check_include_overlap,
@@ -54,6 +57,7 @@ from .base import (
     raise_error,
     refuse_other_host_export,
     set_state,
+    variance_dtype,
 )
 from .base import match_name as _match
 from .base import name_patterns as _patterns
@@ -83,6 +87,7 @@ from .moments import (
     attach_derived_variance,
     check_variance_flow,
     get_variance,
+    in_checked_model,
     noise_sources,
     plain,
     plain_in_place,
@@ -93,6 +98,7 @@ from .moments import (
     untrack_variance,
 )
 from .spike import (
+    _RECOMPUTING,
     CONVERTED_SPIKE_STD,
     DEFAULT_AUX_PULL,
     DEFAULT_SPIKE_STD,
@@ -128,6 +134,9 @@ _HISTORY = "_sbnn_history"  # WeakIdKeyDictionary: membrane -> its step's record
 # (membrane, its records in _HISTORY) from the step's fire to its store (eager): the
 # store finds them without a second weak-dictionary lookup
 _LAST_RECORD = "_sbnn_last_record"
+#: Whether a converted ``snn.Leaky`` step may run as one kernel call
+#: (:meth:`SBNNLeaky._fused_step`); off only to compare it with snnTorch's own steps.
+_FUSED_STEP = [True]
 _DDP_SYNC = "_sbnn_ddp_sync"  # DDP's buffer list at the neuron's last step (a sync marker)
 # version entries of a pickled _STATE: the copy adopts its membrane's counter / the
 # membrane was changed in place before the copy (its variance is unknown)
@@ -400,6 +409,11 @@ class _EmittedSpikeReset:
                 _check_ddp_buffer_sync(self)
             if self.init_hidden and in_torch_checkpoint():
                 raise RuntimeError(self._hidden_state_checkpoint_message(args))
+            if (type(self) is SBNNLeaky and _FUSED_STEP[0] and args
+                    and type(args[0]) is VarianceTensor):
+                out = self._fused_step(*args, **kwargs)
+                if out is not None:
+                    return out
         out = super().forward(*args, **kwargs)
         self._sbnn_store(compiling)
         return out
@@ -1146,8 +1160,124 @@ def _unlink_state_update(m: nn.Module) -> None:
 
 
 class SBNNLeaky(_EmittedSpikeReset, snn.Leaky):
-    """``snn.Leaky`` whose reset is the emitted spike (set by :func:`to_sbnn`)."""
+    """``snn.Leaky`` whose reset is the emitted spike (set by :func:`to_sbnn`).
 
+    A step that continues its membrane in ``sample`` mode (eager, float32 on the CPU with
+    the fused kernel, reset by subtraction or none) runs as one kernel call
+    (:func:`~sbnn_addons.kernels.LIFStep`): the same membrane, spikes (same draws),
+    variance, auxiliary terms and gradients as snnTorch's own steps through the methods
+    below, without their dozen operations. Any other step takes those methods.
+    """
+
+    def _fused_step(self, input_: VarianceTensor, mem: Tensor | None = None,
+                    *extra, **kwargs) -> Tensor | tuple[Tensor, Tensor] | None:
+        """One step of snnTorch's ``Leaky.forward`` with reset by subtraction as one
+        kernel call, where it applies; else ``None`` (nothing changed: the caller takes
+        snnTorch's steps).
+
+        .. code-block:: text
+
+            r_t = h_{t-1}                          (the spikes emitted, kept)
+            m_t = (beta m_{t-1} + I_t) - r_t theta  ("subtract"; "none": no r_t term)
+            V_t = beta^2 V_{t-1} + var(I_t)
+            h_t = 1[U < Phi((m_t - theta) / sqrt(V_t + s_n^2))]
+
+        It applies where the membrane (passed, or the buffer with ``init_hidden``) is the
+        one this neuron's last step returned, unchanged, with its variance and spikes,
+        the input carries a variance tensor, and nothing observes the spike function
+        (hooks, :class:`~sbnn_addons.metrics.SpikeMonitor`, an own-input check).
+
+        Args:
+            input_: the input current ``I_t`` (a carrier of ``var(I_t)``), ``[B, *]``.
+            mem: the membrane ``m_{t-1}`` of an explicit loop, or ``None``.
+
+        Returns:
+            What ``snn.Leaky.forward`` returns (``spk`` or ``(spk, mem)``), or ``None``.
+        """
+        d, buffers = self.__dict__, self._buffers
+        if (extra or kwargs or self.state_quant or self.inhibition or not self.reset_delay
+                or "fire" in d or "mem_reset" in d or "threshold" in self._parameters
+                or "beta" in self._parameters or "reset" in buffers
+                or (mem is not None and self.init_hidden)):
+            return None
+        host = d.get("_sbnn_host_state")
+        state_fn = d.get("state_function")
+        host = getattr(host, "__func__", None)
+        if (host not in _FUSED_STATE_FUNCTIONS or getattr(state_fn, "__func__", None)
+                is not _EmittedSpikeReset._sbnn_state_update):
+            return None
+        spike = self._modules.get("spike_grad")
+        if (type(spike) is not IWSTSpike or spike.deterministic or not spike.use_input_variance
+                or not spike._threshold_finite or "fire" in spike.__dict__
+                or spike._forward_hooks or spike._forward_pre_hooks
+                or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks or _RECOMPUTING[0]):
+            return None
+        membrane = buffers.get("mem") if mem is None else mem
+        state, cached = d.get(_STATE), d.get(_CACHE)
+        if (type(membrane) is not Tensor or state is None or state[0] is not membrane
+                or cached is None or cached[0] is not membrane
+                or membrane.shape != input_.shape or membrane.dtype != torch.float32):
+            return None
+        var_prev, had_grad, version = state[1], state[2], state[3]
+        if (type(var_prev) is not Tensor or not isinstance(version, int)
+                or membrane._version != version or cached[2] != version):
+            return None
+        current_var = input_.variance
+        if type(current_var) is ScaledVariance:
+            current_var = current_var.value()
+        elif type(current_var) is not Tensor:
+            return None
+        beta, thr = buffers.get("beta"), buffers.get("threshold")
+        if (type(beta) is not Tensor or beta.dim() or not beta.is_cpu or beta.requires_grad
+                or type(thr) is not Tensor or thr.dim() or thr.requires_grad
+                or not self._unit_spike_factor(False)
+                or (check_finite.enabled() and not in_checked_model())):
+            return None
+        with torch._C.DisableTorchFunctionSubclass():
+            x = input_.as_subclass(Tensor)  # an alias: input_ keeps its variance
+        if not kernels.can_fuse(x, current_var, False):
+            return None
+        self._sync_spike_threshold(False)
+        # the variance as _sbnn_moments and IWSTSpike.noise_variance compute it
+        if had_grad and not membrane.requires_grad and var_prev.requires_grad:
+            var_prev = var_prev.detach()  # detach_hidden() since the last step
+        var = scale_variance(var_prev, min(max(beta.item(), 0.0), 1.0), False) + current_var
+        own_var = spike.own_noise_variance()
+        total = var if own_var is None else var + own_var.to(variance_dtype(torch.float32))
+        generator = spike._generator_for(x, False)
+        aux = spike._aux_wanted()
+        pull = (spike.aux_pull > 0 and spike.training and torch.is_grad_enabled()
+                and (x.requires_grad or membrane.requires_grad))
+        config = (spike.estimator, min(max(beta.item(), 0.0), 1.0), spike.threshold, "none",
+                  spike.at_zero, spike._aux_offset(spike.threshold) if aux else None,
+                  bool(spike.aux_std_grad), spike.aux_pull if pull else 0.0)
+        reset = cached[1]
+        out = kernels._fused_lif_step(x, membrane, total, kernels._seed(generator), config,
+                                      subtracted=reset if host is snn.Leaky._base_sub
+                                      else None)
+        spikes, new_mem = out[0], out[1]
+        if _moments._OPEN_FLOWS:  # the input's draws consumed here (the flow's check)
+            nset = _moments._noise_of(input_, False)
+            if nset is not None:
+                _moments._CONSUMED.append(nset)
+        if aux:
+            spike._collect(out[2], new_mem)
+        buffers["mem"] = new_mem
+        d["reset"] = reset
+        self._keep_reset(new_mem, spikes, False)
+        version = new_mem._version
+        d[_STATE] = (new_mem, var, new_mem.requires_grad, version)
+        last = d.pop(_LAST_RECORD, None)
+        record = last[1] if last is not None and last[0] is new_mem else _step_record(self, new_mem)
+        record["state"] = (var, new_mem.requires_grad, version)
+        if self.output or not self.init_hidden:
+            return spikes, new_mem
+        return spikes
+
+
+#: The host state functions :meth:`SBNNLeaky._fused_step` runs as one kernel call.
+_FUSED_STATE_FUNCTIONS = (snn.Leaky._base_sub, snn.Leaky._base_int)
 
 #: The host state functions whose variance :meth:`_EmittedSpikeReset._sbnn_moments`
 #: writes out (``snn.Leaky``'s own; ``RLeaky``'s also runs its recurrent layer, a

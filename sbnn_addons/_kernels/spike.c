@@ -241,10 +241,10 @@ static double spike_chunk(const float *restrict uc, const float *restrict vc, fl
 }
 
 static double forward_chunks(const float *restrict x, const float *restrict m,
-                             const float *restrict var, int64_t mid, int64_t inner, int step,
-                             float beta, float theta, int reset, float *restrict u,
-                             float *restrict h, uint8_t *restrict hb, float *restrict m_out,
-                             int64_t total, uint64_t seed, int at_zero, int want_aux,
+                             const float *restrict r, const float *restrict var, int64_t mid,
+                             int64_t inner, int step, float beta, float theta, int reset,
+                             float *restrict u, float *restrict h, uint8_t *restrict hb,
+                             float *restrict m_out, int64_t total, uint64_t seed, int at_zero, int want_aux,
                              float offset, int threads);
 
 /* Spikes for the n elements. `h` receives them as float and, when `hb` is not NULL, as
@@ -253,13 +253,15 @@ double sbnn_spike_forward(const float *restrict u, const float *restrict var, in
                           int64_t inner, float *restrict h, uint8_t *restrict hb, int64_t total,
                           uint64_t seed, int at_zero, int want_aux, float offset,
                           int threads) {
-    return forward_chunks(u, NULL, var, mid, inner, 0, 0.0f, 0.0f, 2, NULL, h, hb, NULL, total,
-                          seed, at_zero, want_aux, offset, threads);
+    return forward_chunks(u, NULL, NULL, var, mid, inner, 0, 0.0f, 0.0f, 2, NULL, h, hb, NULL,
+                          total, seed, at_zero, want_aux, offset, threads);
 }
 
 /* ---------------------------------------------------------------- one LIF step
  * The core LIF's step fused into one pass (reset: 0 "subtract", 1 "zero", 2 "none"):
  *   H = beta m + x  (m == NULL: the zero initial state, H = x),  u = H - theta,
+ *   and with r (snnTorch's order: the previous step's spikes subtracted at the charge)
+ *   H = (beta m + x) - r theta,
  *   h = the spike of sbnn_spike_forward for (u, var) (same draws for the same seed),
  *   m' = H - theta h,  H (1 - h),  or H.
  * The arithmetic is that of the step-by-step PyTorch operations (no contraction into a
@@ -272,8 +274,9 @@ double sbnn_spike_forward(const float *restrict u, const float *restrict var, in
 #define NO_CONTRACT
 #endif
 
-NO_CONTRACT static void lif_charge(const float *restrict x, const float *restrict m, float beta,
-                                   float theta, float *restrict H, float *restrict u, int64_t n) {
+NO_CONTRACT static void lif_charge(const float *restrict x, const float *restrict m,
+                                   const float *restrict r, float beta, float theta,
+                                   float *restrict H, float *restrict u, int64_t n) {
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #endif
@@ -284,6 +287,11 @@ NO_CONTRACT static void lif_charge(const float *restrict x, const float *restric
         }
     else
         for (int64_t i = 0; i < n; ++i) H[i] = x[i];
+    if (r)
+        for (int64_t i = 0; i < n; ++i) {
+            float subtracted = r[i] * theta;
+            H[i] = H[i] - subtracted;
+        }
     for (int64_t i = 0; i < n; ++i) u[i] = H[i] - theta;
 }
 
@@ -302,10 +310,10 @@ NO_CONTRACT static void lif_reset(float *restrict H, const float *restrict h, fl
  * charge (x, m -> H in m_out, u) first and the reset of m_out after; otherwise the drive
  * is x itself (u, m and m_out unused). hb may be NULL (no bytes). */
 static double forward_chunks(const float *restrict x, const float *restrict m,
-                             const float *restrict var, int64_t mid, int64_t inner, int step,
-                             float beta, float theta, int reset, float *restrict u,
-                             float *restrict h, uint8_t *restrict hb, float *restrict m_out,
-                             int64_t total, uint64_t seed, int at_zero, int want_aux,
+                             const float *restrict r, const float *restrict var, int64_t mid,
+                             int64_t inner, int step, float beta, float theta, int reset,
+                             float *restrict u, float *restrict h, uint8_t *restrict hb,
+                             float *restrict m_out, int64_t total, uint64_t seed, int at_zero, int want_aux,
                              float offset, int threads) {
     double aux = 0.0;
     int64_t chunks = (total + CHUNK - 1) / CHUNK;
@@ -315,7 +323,9 @@ static double forward_chunks(const float *restrict x, const float *restrict m,
         float VB[CHUNK];
         int64_t c0 = c * CHUNK;
         int64_t n = total - c0 < CHUNK ? total - c0 : CHUNK;
-        if (step) lif_charge(x + c0, m ? m + c0 : NULL, beta, theta, m_out + c0, u + c0, n);
+        if (step)
+            lif_charge(x + c0, m ? m + c0 : NULL, r ? r + c0 : NULL, beta, theta, m_out + c0,
+                       u + c0, n);
         const float *vc = variance_run(var, mid, inner, c0, n, VB);
         aux += spike_chunk(step ? u + c0 : x + c0, vc, h + c0, hb ? hb + c0 : NULL, c0, n,
                            seed, at_zero, want_aux, offset);
@@ -324,16 +334,16 @@ static double forward_chunks(const float *restrict x, const float *restrict m,
     return aux;
 }
 
-/* Writes u (kept for the backward), h, hb (unless NULL) and the new membrane m_out; m may
- * be NULL. */
+/* Writes u (kept for the backward), h, hb (unless NULL) and the new membrane m_out; m and r
+ * may be NULL. */
 double sbnn_lif_step_forward(const float *restrict x, const float *restrict m,
-                             const float *restrict var, int64_t mid, int64_t inner,
-                             float beta, float theta, int reset, float *restrict u,
+                             const float *restrict r, const float *restrict var, int64_t mid,
+                             int64_t inner, float beta, float theta, int reset, float *restrict u,
                              float *restrict h, uint8_t *restrict hb, float *restrict m_out,
                              int64_t total, uint64_t seed, int at_zero, int want_aux,
                              float offset, int threads) {
-    return forward_chunks(x, m, var, mid, inner, 1, beta, theta, reset, u, h, hb, m_out, total,
-                          seed, at_zero, want_aux, offset, threads);
+    return forward_chunks(x, m, r, var, mid, inner, 1, beta, theta, reset, u, h, hb, m_out,
+                          total, seed, at_zero, want_aux, offset, threads);
 }
 
 /* The vector math of libmvec leaves its fast path for exp arguments below -87, so the
