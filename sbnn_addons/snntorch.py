@@ -409,7 +409,8 @@ class _EmittedSpikeReset:
                 _check_ddp_buffer_sync(self)
             if self.init_hidden and in_torch_checkpoint():
                 raise RuntimeError(self._hidden_state_checkpoint_message(args))
-            if (type(self) is SBNNLeaky and _FUSED_STEP[0] and args
+            # (kernel off: the PyTorch path, which CUDA tensors take, runs snnTorch's steps)
+            if (type(self) is SBNNLeaky and _FUSED_STEP[0] and kernels._enabled and args
                     and type(args[0]) is VarianceTensor):
                 out = self._fused_step(*args, **kwargs)
                 if out is not None:
@@ -1217,7 +1218,8 @@ class SBNNLeaky(_EmittedSpikeReset, snn.Leaky):
         state, cached = d.get(_STATE), d.get(_CACHE)
         if (type(membrane) is not Tensor or state is None or state[0] is not membrane
                 or cached is None or cached[0] is not membrane
-                or membrane.shape != input_.shape or membrane.dtype != torch.float32):
+                or membrane.shape != input_.shape or membrane.dtype != torch.float32
+                or not membrane.is_cpu):
             return None
         var_prev, had_grad, version = state[1], state[2], state[3]
         if (type(var_prev) is not Tensor or not isinstance(version, int)
