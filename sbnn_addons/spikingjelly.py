@@ -182,9 +182,12 @@ class SJSpike(IWSTSpike):
             var_state = None
         state["_var_state"] = var_state
         threshold = node.v_threshold
+        if isinstance(threshold, Tensor):  # a learned one (nn.Parameter): its value now
+            threshold = _threshold_value(threshold)
         if isinstance(threshold, (int, float)) and float(threshold) != self.threshold:
             # v_threshold changed after the conversion (e.g. set to inf for a membrane
-            # readout): the auxiliary terms' centre and their finite-threshold test read it
+            # readout, an optimiser's step of a learned one): the auxiliary terms' centre
+            # and their finite-threshold test read it
             self.threshold = float(threshold)
         coeffs = _dynamics(node)
         if isinstance(var, Tensor):
@@ -448,7 +451,7 @@ def link_neuron(node: nn.Module, spike: SJSpike | None = None) -> nn.Module:
             "node.surrogate_function must be an SJSpike (sbnn_addons.spikingjelly."
             f"surrogate_function(...)), got {type(node.surrogate_function).__name__}"
         )
-    node.surrogate_function.threshold = float(node.v_threshold)
+    node.surrogate_function.threshold = _threshold_value(node.v_threshold)
     node.surrogate_function._linked = True
     node.surrogate_function._node_type = type(node).__name__  # for messages
     if VAR_MEMORY not in node._memories:
@@ -483,6 +486,17 @@ def _linked_functional_forward(node: nn.Module, inputs, states, **kwargs):
         "neurons' state back for the recomputation")
 
 
+#: The constants of a SpikingJelly node the fused sequence reads as numbers.
+_NODE_CONSTANTS = ("v_threshold", "v_reset", "tau")
+
+
+def _threshold_value(threshold) -> float:
+    """A node's ``v_threshold`` as one number (a tensor's mean, without its graph)."""
+    if isinstance(threshold, Tensor):
+        return float(threshold.detach().float().mean())
+    return float(threshold)
+
+
 def _sequence_dynamics(node: nn.Module, spike: SJSpike, x_seq: Tensor):
     """The :class:`~sbnn_addons.kernels.Dynamics` of this multi-step call of a linked
     node, or ``None`` where the fused sequence does not serve it (then the node runs its
@@ -505,6 +519,9 @@ def _sequence_dynamics(node: nn.Module, spike: SJSpike, x_seq: Tensor):
         or (var is None and spike._var_state is None and not spike.learn_std
             and torch.is_grad_enabled() and not spike._fixed_std_nonzero())
         or x_seq.dim() < 2
+        # a learned threshold, reset potential or time constant (an nn.Parameter): the
+        # sequence reads them as numbers, the node's loop differentiates them
+        or any(isinstance(getattr(node, a, None), Tensor) for a in _NODE_CONSTANTS)
         or (isinstance(var, Tensor) and (var.dim() != x_seq.dim()
                                          or var.shape[0] != x_seq.shape[0]))
         or kernels.sequence_backend(x_seq, var if isinstance(var, Tensor) else None) is None

@@ -725,3 +725,36 @@ def test_both_step_modes_draw_every_step_independently_at_phi_z(kernel):
         near(first & second, p * p)
         spikes[mode] = out
     assert torch.equal(spikes["s"], spikes["m"])
+
+
+@pytest.mark.parametrize("kind", ["lif", "plif", "if"])
+def test_learned_threshold_and_reset_get_their_gradient_in_multi_step_mode(kind):
+    """A ``v_threshold`` / ``v_reset`` made an ``nn.Parameter`` (a learned threshold): the
+    fused sequence reads the node's constants as numbers, so such a node runs its own loop
+    in multi-step mode, and both get the gradient single-step mode gives them (one layer,
+    so both modes draw in the same order)."""
+    make = {"lif": lambda sm: neuron.LIFNode(tau=2.0, step_mode=sm),
+            "plif": lambda sm: neuron.ParametricLIFNode(init_tau=2.0, step_mode=sm),
+            "if": lambda sm: neuron.IFNode(step_mode=sm)}[kind]
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(12, 9, step_mode="m"), make("m"))
+    net[1].v_threshold = nn.Parameter(torch.tensor(1.0))
+    net[1].v_reset = nn.Parameter(torch.tensor(0.1))
+    with torch.no_grad():
+        net[0].weight.mul_(3.0)
+    sbnn = sbnn_sj.to_sbnn(net, std=0.4)
+    x = (torch.rand(8, 5, 12) < 0.5).float()
+    grads = {}
+    for sm in ("m", "s"):
+        functional.set_step_mode(sbnn, sm)
+        functional.reset_net(sbnn)
+        sbnn.zero_grad()
+        torch.manual_seed(1)
+        out = sbnn(x) if sm == "m" else torch.stack([sbnn(xt) for xt in x])
+        (out * torch.linspace(0.5, 1.5, 9)).sum().backward()
+        grads[sm] = {n: p.grad for n, p in sbnn[1].named_parameters()
+                     if n in ("v_threshold", "v_reset")}
+    assert set(grads["m"]) == {"v_threshold", "v_reset"}
+    for name, g in grads["m"].items():
+        assert g is not None and g.abs() > 0, name
+        torch.testing.assert_close(g, grads["s"][name], rtol=1e-5, atol=1e-6, msg=name)
