@@ -49,6 +49,7 @@ from .base import (
     check_flag,
     check_heaviside_forward,
     check_include_overlap,
+    check_input,
     check_module,
     check_neuron_constants,
     check_std,
@@ -1208,7 +1209,10 @@ class SBNNLeaky(_EmittedSpikeReset, snn.Leaky):
                 is not _EmittedSpikeReset._sbnn_state_update):
             return None
         spike = self._modules.get("spike_grad")
-        if (type(spike) is not IWSTSpike or spike.deterministic or not spike.use_input_variance
+        if type(spike) is not IWSTSpike or torch.is_inference_mode_enabled():
+            return None
+        self._sync_spike_threshold(False)  # a threshold changed in place since: read now
+        if (spike.deterministic or not spike.use_input_variance
                 or not spike._threshold_finite or "fire" in spike.__dict__
                 or spike._forward_hooks or spike._forward_pre_hooks
                 or nn.modules.module._global_forward_hooks
@@ -1233,14 +1237,12 @@ class SBNNLeaky(_EmittedSpikeReset, snn.Leaky):
         beta, thr = buffers.get("beta"), buffers.get("threshold")
         if (type(beta) is not Tensor or beta.dim() or not beta.is_cpu or beta.requires_grad
                 or type(thr) is not Tensor or thr.dim() or thr.requires_grad
-                or not self._unit_spike_factor(False)
-                or (check_finite.enabled() and not in_checked_model())):
+                or not self._unit_spike_factor(False)):
             return None
         with torch._C.DisableTorchFunctionSubclass():
             x = input_.as_subclass(Tensor)  # an alias: input_ keeps its variance
         if not kernels.can_fuse(x, current_var, False):
             return None
-        self._sync_spike_threshold(False)
         # the variance as _sbnn_moments and IWSTSpike.noise_variance compute it
         if had_grad and not membrane.requires_grad and var_prev.requires_grad:
             var_prev = var_prev.detach()  # detach_hidden() since the last step
@@ -1259,6 +1261,11 @@ class SBNNLeaky(_EmittedSpikeReset, snn.Leaky):
                                       subtracted=reset if host is snn.Leaky._base_sub
                                       else None)
         spikes, new_mem = out[0], out[1]
+        if check_finite.enabled() and not in_checked_model():
+            # the spike function's own check of its drive (a converted model checks its
+            # input instead): a NaN in H_t is one in u_t = H_t - theta (theta finite)
+            check_input(new_mem, f"the spike function ({type(spike).__name__})",
+                        nan_only=True)
         if _moments._OPEN_FLOWS:  # the input's draws consumed here (the flow's check)
             nset = _moments._noise_of(input_, False)
             if nset is not None:

@@ -201,3 +201,102 @@ def test_an_observed_spike_function_steps_through_snntorch(fused_calls):
         model(x)
     assert fused_calls["fused"] == 0
     assert sum(float(c) for c in monitor.counts.values()) > 0  # it counted
+
+
+def _explicit_run(model, x, seed, edit=None):
+    """The tutorial loop, step by step from outside: ``edit(t, model)`` before step t."""
+    torch.manual_seed(seed)
+    mem1, mem2 = model.lif1.init_leaky(), model.lif2.init_leaky()
+    outs = []
+    for t in range(x.shape[0]):
+        if edit is not None:
+            edit(t, model)
+        spk1, mem1 = model.lif1(model.fc1(x[t]), mem1)
+        spk2, mem2 = model.lif2(model.fc2(spk1), mem2)
+        outs.append((spk1, mem1, spk2, mem2))
+    return outs
+
+
+def _loop_model():
+    net, x = make("loop_leaky")
+    with torch.no_grad():
+        net.fc2.weight.mul_(3)
+    return sst.to_sbnn(net), x
+
+
+@pytest.mark.parametrize("context", ["inference_mode", "no_grad"])
+def test_fused_step_in_evaluation_contexts(context, fused_calls):
+    """Steps under ``torch.inference_mode()`` (whose tensors have no version counter) and
+    ``no_grad`` give what snnTorch's steps give."""
+    model, x = _loop_model()
+    runs = []
+    for fused in (True, False):
+        sst._FUSED_STEP[0] = fused
+        with torch.inference_mode() if context == "inference_mode" else torch.no_grad():
+            runs.append(_explicit_run(model, x, seed=5))
+    for a, b in zip(*runs, strict=True):
+        for u, v in zip(a, b, strict=True):
+            assert torch.equal(u, v)
+
+
+def test_fused_step_reads_a_threshold_changed_in_place(fused_calls):
+    """``lif.threshold.fill_(...)`` mid-sequence: the next step uses it, with its
+    auxiliary terms and pull, as snnTorch's steps do."""
+    model, x = _loop_model()
+    sb.enable_aux_loss(model)
+
+    def edit(t, m):
+        if t == 4:
+            m.lif2.threshold.fill_(1.6)
+        if t == 7:
+            m.lif1.threshold.fill_(0.7)
+
+    grads = []
+    for fused in (True, False):
+        sst._FUSED_STEP[0] = fused
+        m = copy.deepcopy(model)
+        outs = _explicit_run(m, x, seed=9, edit=edit)
+        loss = sum(o[3].sum() + o[0].sum() for o in outs) + 0.01 * sb.aux_loss(m)
+        loss.backward()
+        grads.append((outs, {n: p.grad for n, p in m.named_parameters()}))
+    assert fused_calls["fused"] > 0
+    (outs_f, g_f), (outs_s, g_s) = grads
+    for a, b in zip(outs_f, outs_s, strict=True):
+        for u, v in zip(a, b, strict=True):
+            assert torch.equal(u, v)
+    for name in g_f:
+        assert torch.equal(g_f[name], g_s[name]), name
+
+
+def test_a_copy_taken_mid_sequence_continues_as_the_original(fused_calls):
+    """``copy.deepcopy`` of a converted Sequential between two steps (run without a graph,
+    which deepcopy refuses): both continue from the same membrane, variance and reset, so
+    under the same seed they step alike."""
+    net, x = make("seq_leaky")
+    model = sst.to_sbnn(net)
+    utils.reset(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for t in range(4):
+            model(x[t])
+    twin = copy.deepcopy(model)
+    outs = []
+    for m in (model, twin):
+        torch.manual_seed(21)
+        outs.append([m(x[t]) for t in range(4, x.shape[0])])
+    assert fused_calls["fused"] > 0
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_fused_step_refuses_a_nan_drive_outside_a_converted_model(fused_calls):
+    """A neuron called outside its converted model's forward (no input check at the
+    model's entry) checks its drive, as the spike function does in snnTorch's steps."""
+    model, x = _loop_model()
+    mem = model.lif1.init_leaky()
+    _, mem = model.lif1(model.fc1(x[0]), mem)
+    cur = model.fc1(x[1])
+    cur = cur + torch.where(torch.arange(cur.shape[-1]) == 3, float("nan"), 0.0)
+    with pytest.raises(ValueError, match="contains NaN") as raised:
+        model.lif1(cur, mem)
+    assert any(entry.name == "_fused_step" for entry in raised.traceback)
