@@ -526,9 +526,11 @@ def spike_backward(grad: Tensor, u: Tensor, variance: Tensor, spikes: Tensor, es
 def _backward_raw(grad: Tensor, u: Tensor, var: Tensor, mid: int, inner: int, h: Tensor,
                   estimator, grad_aux: float, aux_offset: float,
                   var_shape: torch.Size, aux_var: bool = True,
-                  pull: float = 0.0) -> tuple[Tensor, Tensor]:
+                  pull_weight: float = 0.0) -> tuple[Tensor, Tensor]:
     """:func:`spike_backward` in the kernel layout; ``grad_var`` has ``var_shape``. ``h``:
-    the spikes, float32 or uint8.
+    the spikes, float32 or uint8. ``pull_weight``: ``w`` of the auxiliary pull
+    (:attr:`~sbnn_addons.IWSTSpike.aux_pull`), whose factor ``2 w mean|grad|`` the kernel
+    computes first.
 
     A variance broadcast over a block (``mid > 1``) gets its gradient summed in the
     kernel, each thread owning whole outer blocks, when there are at least two of them
@@ -546,7 +548,7 @@ def _backward_raw(grad: Tensor, u: Tensor, var: Tensor, mid: int, inner: int, h:
     fn(g.data_ptr(), u.data_ptr(), var.data_ptr(), mid, inner, h.data_ptr(),
        int(h.dtype == torch.float32), grad_u.data_ptr(), grad_var.data_ptr(), u.numel(), kind,
        p, estimator.tau, estimator.max_weight, float(grad_aux), float(aux_offset), int(aux_var),
-       float(pull), threads)
+       float(pull_weight), threads)
     if compact:
         return grad_u, grad_var.view(var_shape)
     return grad_u, (grad_var.sum_to_size(var_shape) if var_shape != u.shape else grad_var)
@@ -637,8 +639,7 @@ class FusedSpike(torch.autograd.Function):
             grad = torch.zeros_like(u)
         mid, inner, var_shape = ctx.layout
         grad_u, grad_var = _backward_raw(grad, u, var, mid, inner, h, ctx.estimator, g_aux,
-                                         ctx.aux_offset, var_shape, ctx.aux_var,
-                                         _pull_coefficient(grad, ctx.aux_pull))
+                                         ctx.aux_offset, var_shape, ctx.aux_var, ctx.aux_pull)
         return grad_u, grad_var, None, None, None, None, None, None
 
 
@@ -855,40 +856,20 @@ class LIFStep(torch.autograd.Function):
         compact = mid > 1 and u.numel() // (mid * inner) >= 2
         g_var = torch.empty_like(var) if compact else torch.empty_like(u)
         kind, p = _estimator_codes(estimator)
-        # IWSTSpike.aux_pull, scaled by dL/dh through the spikes and the reset
-        pull = _pull_coefficient(_step_spike_grad(g_h, g_m, u, theta, reset), aux_pull) \
-            if aux_pull else 0.0
+        # IWSTSpike.aux_pull: the kernel scales it by mean|dL/dh| through the spikes and
+        # the reset
         _require().sbnn_lif_step_backward(
             0 if g_h is None else g_h.data_ptr(), 0 if g_m is None else g_m.data_ptr(),
             u.data_ptr(), var.data_ptr(), mid, inner, h.data_ptr(), beta, theta,
             _STEP_RESETS[reset], g_x.data_ptr(), 0 if g_mprev is None else g_mprev.data_ptr(),
             g_var.data_ptr(), int(compact), u.numel(), kind, p, estimator.tau,
-            estimator.max_weight, grad_aux, float(aux_offset or 0.0), int(aux_var), pull,
+            estimator.max_weight, grad_aux, float(aux_offset or 0.0), int(aux_var), float(aux_pull),
             torch.get_num_threads())
         if compact:
             g_var = g_var.view(var_shape)
         elif var_shape != u.shape:
             g_var = g_var.sum_to_size(var_shape)
         return g_x, g_mprev, None, g_var, None, None
-
-
-def _pull_coefficient(grad_h: Tensor, weight: float) -> float:
-    """``2 w mean|dL/dh|``, the kernels' factor of the auxiliary pull
-    (:func:`~sbnn_addons.tensors.aux_pull_gradient`, which the kernel's backward applies
-    per element as ``factor * clamp(z, -3, 3) / sigma``); 0 when ``w`` is 0."""
-    if not weight or grad_h.numel() == 0:
-        return 0.0
-    # abs().sum(): a quarter of linalg.vector_norm(ord=1)'s time on the CPU (measured)
-    return 2.0 * weight * float(grad_h.abs().sum()) / grad_h.numel()
-
-
-def _step_spike_grad(g_h: Tensor | None, g_m: Tensor | None, u: Tensor, theta: float,
-                     reset: str) -> Tensor:
-    """``dL/dh`` of one step, through the spikes and the reset ``m'(h)``."""
-    g = torch.zeros_like(u) if g_h is None else g_h
-    if g_m is None or reset == "none":
-        return g
-    return g - g_m * (theta if reset == "subtract" else u + theta)  # zero: m' = H (1 - h)
 
 
 def fused_lif_step(x: Tensor, membrane: Tensor | None, variance: Tensor, estimator,
@@ -1121,8 +1102,7 @@ class LIFSequence(torch.autograd.Function):
             if kernel:
                 g_u, g_total = _backward_raw(
                     g_spike, u, variances[t], mid, inner, hbs[t], ctx.estimator, g_aux[t],
-                    ctx.aux_offset, total_shape, ctx.aux_var,
-                    _pull_coefficient(g_spike, ctx.aux_pull))
+                    ctx.aux_offset, total_shape, ctx.aux_var, ctx.aux_pull)
             else:
                 g_u, g_total = _torch_spike_backward(
                     g_spike, u, variances[t], hbs[t], ctx.estimator,

@@ -509,6 +509,31 @@ static void step_input_grad(const bwd_args *restrict a, int64_t c0, int64_t n,
         for (int64_t i = 0; i < n; ++i) a->g_mprev[c0 + i] = a->beta * gx[i];
 }
 
+/* The auxiliary pull's factor 2 w mean|G| (IWSTSpike.aux_pull) over all elements of
+ * G = dL/dh (a LIF step's through its reset), 0 where w or the size is 0: per chunk a
+ * float sum, summed over the chunks in double. */
+static float pull_factor(const bwd_args *a, float w, int64_t total, int threads) {
+    if (w == 0.0f || total == 0 || (!a->step && !a->g)) return 0.0f;
+    double acc = 0.0;
+    int64_t chunks = (total + CHUNK - 1) / CHUNK;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : acc) \
+    if (threads > 1 && total >= PARALLEL_MIN * threads)
+    for (int64_t c = 0; c < chunks; ++c) {
+        float G[CHUNK];
+        int64_t c0 = c * CHUNK;
+        int64_t n = total - c0 < CHUNK ? total - c0 : CHUNK;
+        const float *gc = a->g + c0;
+        if (a->step) {
+            step_spike_grad(a, c0, n, G);
+            gc = G;
+        }
+        float sum = 0.0f;
+        for (int64_t i = 0; i < n; ++i) sum += fabsf(gc[i]);
+        acc += sum;
+    }
+    return (float)(2.0 * (double)w * acc / (double)total);
+}
+
 static void backward_chunk(const bwd_args *restrict a, int64_t c0, int64_t n,
                            float *restrict gv) {
     float VB[CHUNK], G[CHUNK];
@@ -577,15 +602,17 @@ static void backward_compact(const bwd_args *a, float *restrict gvar, int64_t to
 /* g_aux: gradient of the loss with respect to the forward's sum of z^2 (0: no aux loss);
  * aux_var: whether that gradient also reaches the variance (else sigma is held constant in
  * z and only u receives it). h: the spikes, float with h_float, else uint8. grad_var is
- * written in full (shape of u); the caller sums it over a broadcast. */
+ * written in full (shape of u); the caller sums it over a broadcast. pull_weight: w of the
+ * auxiliary pull, whose factor 2 w mean|g| the backward computes first (pull_factor). */
 void sbnn_spike_backward(const float *restrict g, const float *restrict u,
                          const float *restrict var, int64_t mid, int64_t inner,
                          const void *restrict h, int h_float, float *restrict gu,
                          float *restrict gv, int64_t total, int kind, float p, float tau,
                          float max_weight, float g_aux, float offset, int aux_var,
-                         float pull, int threads) {
+                         float pull_weight, int threads) {
     bwd_args a = {g, u, var, NULL, h, gu, NULL, mid, inner, kind, 0, 0, h_float,
-                  p, tau, max_weight, g_aux, offset, 0.0f, 0.0f, aux_var, pull};
+                  p, tau, max_weight, g_aux, offset, 0.0f, 0.0f, aux_var, 0.0f};
+    a.pull = pull_factor(&a, pull_weight, total, threads);
     backward_full(&a, gv, total, threads);
 }
 
@@ -595,9 +622,10 @@ void sbnn_spike_backward_compact(const float *restrict g, const float *restrict 
                                  const void *restrict h, int h_float, float *restrict gu,
                                  float *restrict gvar, int64_t total, int kind, float p,
                                  float tau, float max_weight, float g_aux, float offset,
-                                 int aux_var, float pull, int threads) {
+                                 int aux_var, float pull_weight, int threads) {
     bwd_args a = {g, u, var, NULL, h, gu, NULL, mid, inner, kind, 0, 0, h_float,
-                  p, tau, max_weight, g_aux, offset, 0.0f, 0.0f, aux_var, pull};
+                  p, tau, max_weight, g_aux, offset, 0.0f, 0.0f, aux_var, 0.0f};
+    a.pull = pull_factor(&a, pull_weight, total, threads);
     backward_compact(&a, gvar, total, threads);
 }
 
@@ -610,9 +638,10 @@ void sbnn_lif_step_backward(const float *restrict g_h, const float *restrict g_m
                             int reset, float *restrict g_x, float *restrict g_mprev,
                             float *restrict gv, int compact, int64_t total, int kind, float p,
                             float tau, float max_weight, float g_aux, float offset,
-                            int aux_var, float pull, int threads) {
+                            int aux_var, float pull_weight, int threads) {
     bwd_args a = {g_h, u, var, g_m, h, g_x, g_mprev, mid, inner, kind, 1, reset, 1,
-                  p, tau, max_weight, g_aux, offset, beta, theta, aux_var, pull};
+                  p, tau, max_weight, g_aux, offset, beta, theta, aux_var, 0.0f};
+    a.pull = pull_factor(&a, pull_weight, total, threads);
     if (compact)
         backward_compact(&a, gv, total, threads);
     else
