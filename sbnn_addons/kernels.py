@@ -1094,9 +1094,7 @@ class LIFSequence(torch.autograd.Function):
             g_spike = torch.zeros_like(u) if g_spikes is None else g_spikes[t]
             g_h = None
             if g_v is not None:  # V_t = reset(H_t, h_t)
-                g_h, d_spike = _reset_backward(dyn, g_v, fired, hs[t])
-                if d_spike is not None and not dyn.detach_reset:
-                    g_spike = g_spike + d_spike
+                g_h, g_spike = _reset_backward(dyn, g_v, fired, hs[t], g_spike)
             mid, inner, total_shape, state_shape = ctx.meta[t]
             # IWSTSpike.aux_pull, by dL/dh_t through the spikes and the reset
             if kernel:
@@ -1214,13 +1212,15 @@ def _charge(dyn: Dynamics, v: Tensor, x: Tensor, rate: Tensor | None) -> Tensor:
         return dyn.beta * v + x
     if dyn.charge == "if":
         return v + x
+    # V - V_r: V itself for V_r = 0 (v - 0.0 is v, bitwise: one operation fewer per step)
+    rest = v if dyn.v_reset == 0.0 else v - dyn.v_reset
     if dyn.charge == "lif":
-        return v + (x - (v - dyn.v_reset)) / dyn.tau
+        return v + (x - rest) / dyn.tau
     if dyn.charge == "lif_nodecay":
-        return v - (v - dyn.v_reset) / dyn.tau + x
+        return v - rest / dyn.tau + x
     if dyn.charge == "plif":
-        return v + (x - (v - dyn.v_reset)) * rate
-    return v - (v - dyn.v_reset) * rate + x
+        return v + (x - rest) * rate
+    return v - rest * rate + x
 
 
 def _charge_backward(dyn: Dynamics, g_h: Tensor,
@@ -1233,8 +1233,8 @@ def _charge_backward(dyn: Dynamics, g_h: Tensor,
     if rate is not None:
         scaled = g_h * rate
         return (scaled if dyn.charge == "plif" else g_h), g_h - scaled
-    decayed = g_h - g_h / dyn.tau
-    return (g_h / dyn.tau if dyn.charge == "lif" else g_h), decayed
+    scaled = g_h / dyn.tau
+    return (scaled if dyn.charge == "lif" else g_h), g_h - scaled
 
 
 def _reset(dyn: Dynamics, h: Tensor, fired: Tensor) -> Tensor:
@@ -1251,17 +1251,25 @@ def _reset(dyn: Dynamics, h: Tensor, fired: Tensor) -> Tensor:
     return h
 
 
-def _reset_backward(dyn: Dynamics, g_v: Tensor, fired: Tensor,
-                    h: Tensor) -> tuple[Tensor, Tensor | None]:
+def _reset_backward(dyn: Dynamics, g_v: Tensor, fired: Tensor, h: Tensor,
+                    g_spike: Tensor) -> tuple[Tensor, Tensor]:
     """``(dL/dH_t, dL/dh_t)`` through ``V_t = reset(H_t, h_t)``; ``h = H_t``, ``fired``:
-    the spikes ``h_t`` as 0 / 1 floats."""
-    if dyn.reset == "hard":  # dV/dH = 1 - h, dV/dh = V_r - H
-        return (g_v.addcmul(g_v, fired, value=-1.0), g_v * (dyn.v_reset - h))
+    the spikes ``h_t`` as 0 / 1 floats, ``g_spike``: ``dL/dh_t`` through the spikes
+    (the reset's term is added unless ``detach_reset``; one operation each)."""
+    if dyn.reset == "none":
+        return g_v, g_spike
     if dyn.reset == "subtract":
-        return g_v, g_v * -dyn.threshold
-    if dyn.reset == "zero":  # dV/dH = 1 - h, dV/dh = -H
-        return g_v.addcmul(g_v, fired, value=-1.0), g_v * -h
-    return g_v, None
+        g_h = g_v
+        if not dyn.detach_reset:  # dV/dh = -theta
+            g_spike = g_spike.add(g_v, alpha=-dyn.threshold)
+        return g_h, g_spike
+    g_h = g_v.addcmul(g_v, fired, value=-1.0)  # dV/dH = 1 - h ("hard", "zero")
+    if not dyn.detach_reset:  # dV/dh = V_r - H ("hard"), -H ("zero")
+        if dyn.reset == "hard" and dyn.v_reset != 0.0:
+            g_spike = g_spike.addcmul(g_v, dyn.v_reset - h)
+        else:
+            g_spike = g_spike.addcmul(g_v, h, value=-1.0)
+    return g_h, g_spike
 
 
 def lif_sequence(x_seq: Tensor, q_seq: Tensor | None, v0: Tensor, s0: Tensor | None,
