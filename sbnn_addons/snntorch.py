@@ -1237,7 +1237,10 @@ class SBNNLeaky(_EmittedSpikeReset, snn.Leaky):
         beta, thr = buffers.get("beta"), buffers.get("threshold")
         if (type(beta) is not Tensor or beta.dim() or not beta.is_cpu or beta.requires_grad
                 or type(thr) is not Tensor or thr.dim() or thr.requires_grad
+                or not thr.is_cpu or thr.item() != spike.threshold
                 or not self._unit_spike_factor(False)):
+            # (a threshold edited through .data since the spike function read it: snnTorch's
+            # steps drive and reset with the new value, its auxiliary terms with the old)
             return None
         with torch._C.DisableTorchFunctionSubclass():
             x = input_.as_subclass(Tensor)  # an alias: input_ keeps its variance

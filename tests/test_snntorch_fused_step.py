@@ -239,17 +239,20 @@ def test_fused_step_in_evaluation_contexts(context, fused_calls):
             assert torch.equal(u, v)
 
 
-def test_fused_step_reads_a_threshold_changed_in_place(fused_calls):
+@pytest.mark.parametrize("through_data", [False, True])
+def test_fused_step_reads_a_threshold_changed_in_place(through_data, fused_calls):
     """``lif.threshold.fill_(...)`` mid-sequence: the next step uses it, with its
-    auxiliary terms and pull, as snnTorch's steps do."""
+    auxiliary terms and pull, as snnTorch's steps do. An edit through ``.data`` (which
+    the version counter does not see): the drive and the reset use the new threshold, as
+    in snnTorch's steps."""
     model, x = _loop_model()
     sb.enable_aux_loss(model)
 
     def edit(t, m):
         if t == 4:
-            m.lif2.threshold.fill_(1.6)
+            (m.lif2.threshold.data if through_data else m.lif2.threshold).fill_(1.6)
         if t == 7:
-            m.lif1.threshold.fill_(0.7)
+            (m.lif1.threshold.data if through_data else m.lif1.threshold).fill_(0.7)
 
     grads = []
     for fused in (True, False):
