@@ -1216,7 +1216,11 @@ class SBNNLeaky(_EmittedSpikeReset, snn.Leaky):
                 or not spike._threshold_finite or "fire" in spike.__dict__
                 or spike._forward_hooks or spike._forward_pre_hooks
                 or nn.modules.module._global_forward_hooks
-                or nn.modules.module._global_forward_pre_hooks or _RECOMPUTING[0]):
+                or nn.modules.module._global_forward_pre_hooks or _RECOMPUTING[0]
+                or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
+            # (saved-tensor hooks: an activation checkpointing region, whose recomputation
+            # in the backward, of other membranes, takes snnTorch's steps and must save
+            # the tensors the forward saved)
             return None
         membrane = buffers.get("mem") if mem is None else mem
         state, cached = d.get(_STATE), d.get(_CACHE)

@@ -303,3 +303,45 @@ def test_fused_step_refuses_a_nan_drive_outside_a_converted_model(fused_calls):
     with pytest.raises(ValueError, match="contains NaN") as raised:
         model.lif1(cur, mem)
     assert any(entry.name == "_fused_step" for entry in raised.traceback)
+
+
+@pytest.mark.parametrize("region", ["sbnn_addons", "torch"])
+def test_checkpointed_steps_equal_snntorch_steps(region, fused_calls):
+    """Steps of an explicit loop inside ``sbnn_addons.checkpoint.checkpoint`` or
+    ``torch.utils.checkpoint(use_reentrant=False)``: the recomputation in the backward
+    saves the tensors the forward saved (no ``CheckpointError``), and the gradients are
+    snnTorch's steps'."""
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+    from sbnn_addons.checkpoint import checkpoint
+
+    model, x = _loop_model()
+    sb.enable_aux_loss(model)
+    runs = []
+    for fused in (True, False):
+        sst._FUSED_STEP[0] = fused
+        m = copy.deepcopy(model)
+
+        def step(xt, mem1, mem2, m=m):
+            spk1, mem1 = m.lif1(m.fc1(xt), mem1)
+            spk2, mem2 = m.lif2(m.fc2(spk1), mem2)
+            return spk2, mem1, mem2
+
+        torch.manual_seed(13)
+        mem1, mem2 = m.lif1.init_leaky(), m.lif2.init_leaky()
+        outs = []
+        for t in range(x.shape[0]):
+            if region == "torch":
+                spk2, mem1, mem2 = torch_checkpoint(step, x[t], mem1, mem2, use_reentrant=False)
+            else:
+                spk2, mem1, mem2 = checkpoint(step, x[t], mem1, mem2, modules=m)
+            outs.append((spk2, mem2))
+        loss = sum(s.sum() + v.sum() for s, v in outs) + 0.01 * sb.aux_loss(m)
+        loss.backward()
+        runs.append(([(s.detach(), v.detach()) for s, v in outs],
+                     {n: p.grad for n, p in m.named_parameters()}))
+    (outs_f, g_f), (outs_s, g_s) = runs
+    for a, b in zip(outs_f, outs_s, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for name in g_f:
+        assert torch.equal(g_f[name], g_s[name]), name
