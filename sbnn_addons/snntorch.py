@@ -1186,8 +1186,11 @@ class SBNNLeaky(_EmittedSpikeReset, snn.Leaky):
 
         It applies where the membrane (passed, or the buffer with ``init_hidden``) is the
         one this neuron's last step returned, unchanged, with its variance and spikes,
-        the input carries a variance tensor, and nothing observes the spike function
-        (hooks, :class:`~sbnn_addons.metrics.SpikeMonitor`, an own-input check).
+        the input carries a variance tensor, the spike function holds the neuron's
+        threshold, nothing observes the spike function (hooks,
+        :class:`~sbnn_addons.metrics.SpikeMonitor`, an own-input check), and no
+        saved-tensor hooks are active (activation checkpointing: its recomputation must
+        save what the forward saved).
 
         Args:
             input_: the input current ``I_t`` (a carrier of ``var(I_t)``), ``[B, *]``.
