@@ -1187,7 +1187,7 @@ class SBNNLeaky(_EmittedSpikeReset, snn.Leaky):
         It applies where the membrane (passed, or the buffer with ``init_hidden``) is the
         one this neuron's last step returned, unchanged, with its variance and spikes,
         the input carries a variance tensor, the spike function holds the neuron's
-        threshold, nothing observes the spike function (hooks,
+        threshold, nothing observes the spike function (forward or backward hooks,
         :class:`~sbnn_addons.metrics.SpikeMonitor`, an own-input check), and no
         saved-tensor hooks are active (activation checkpointing: its recomputation must
         save what the forward saved).
@@ -1218,8 +1218,11 @@ class SBNNLeaky(_EmittedSpikeReset, snn.Leaky):
         if (spike.deterministic or not spike.use_input_variance
                 or not spike._threshold_finite or "fire" in spike.__dict__
                 or spike._forward_hooks or spike._forward_pre_hooks
+                or spike._backward_hooks or spike._backward_pre_hooks
                 or nn.modules.module._global_forward_hooks
-                or nn.modules.module._global_forward_pre_hooks or _RECOMPUTING[0]
+                or nn.modules.module._global_forward_pre_hooks
+                or nn.modules.module._global_backward_hooks
+                or nn.modules.module._global_backward_pre_hooks or _RECOMPUTING[0]
                 or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
             # (saved-tensor hooks: an activation checkpointing region, whose recomputation
             # in the backward, of other membranes, takes snnTorch's steps and must save

@@ -203,6 +203,30 @@ def test_an_observed_spike_function_steps_through_snntorch(fused_calls):
     assert sum(float(c) for c in monitor.counts.values()) > 0  # it counted
 
 
+@pytest.mark.parametrize("hook", ["full_backward", "full_backward_pre"])
+def test_a_spike_function_with_backward_hooks_steps_through_snntorch(hook, fused_calls):
+    """A backward hook on the spike function watches its gradients: the steps call it,
+    as snnTorch's steps do (the fused step, which does not call it, would skip it)."""
+    net, x = make("loop_leaky")
+    model = sst.to_sbnn(net)
+    spike = model.lif2.spike_grad
+    getattr(spike, f"register_{hook}_hook")(lambda *args: None)
+    runs = []
+    for fused in (True, False):
+        sst._FUSED_STEP[0] = fused
+        m = copy.deepcopy(model)
+        torch.manual_seed(2)
+        spk, mem = m(x)
+        (spk.sum() + mem.sum()).backward()
+        runs.append((spk, mem, {n: p.grad for n, p in m.named_parameters()}))
+    assert fused_calls["fused"] == x.shape[0] - 1  # the first neuron's
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert runs[0][2].keys() == runs[1][2].keys()
+    for name, grad in runs[0][2].items():
+        assert (grad is None) == (runs[1][2][name] is None), name
+        assert grad is None or torch.equal(grad, runs[1][2][name]), name
+
+
 def _explicit_run(model, x, seed, edit=None):
     """The tutorial loop, step by step from outside: ``edit(t, model)`` before step t."""
     torch.manual_seed(seed)
