@@ -326,6 +326,16 @@ def checkpoint_hooks_active() -> bool:
     return "checkpoint" in (getattr(hooks[0], "__module__", None) or "")
 
 
+def checkpoint_recomputing() -> bool:
+    """Whether the innermost saved-tensor hooks are those of the recomputation of a
+    non-reentrant ``torch.utils.checkpoint`` region in the backward (PyTorch's
+    ``_recomputation_hook``), which runs the region's forward a second time."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is None:
+        return False
+    return (getattr(hooks[0], "__qualname__", None) or "").startswith("_recomputation_hook")
+
+
 def checkpoint_without_rng_replay() -> bool:
     """Whether the innermost saved-tensor hooks are those of the forward of a
     non-reentrant ``torch.utils.checkpoint`` region run with ``preserve_rng_state=False``:

@@ -1186,8 +1186,11 @@ class SBNNLeaky(_EmittedSpikeReset, snn.Leaky):
 
         It applies where the membrane (passed, or the buffer with ``init_hidden``) is the
         one this neuron's last step returned, unchanged, with its variance and spikes,
-        the input carries a variance tensor, and nothing observes the spike function
-        (hooks, :class:`~sbnn_addons.metrics.SpikeMonitor`, an own-input check).
+        the input carries a variance tensor, the spike function holds the neuron's
+        threshold, nothing observes the spike function (forward or backward hooks,
+        :class:`~sbnn_addons.metrics.SpikeMonitor`, an own-input check), and no
+        saved-tensor hooks are active (activation checkpointing: its recomputation must
+        save what the forward saved).
 
         Args:
             input_: the input current ``I_t`` (a carrier of ``var(I_t)``), ``[B, *]``.
@@ -1215,8 +1218,15 @@ class SBNNLeaky(_EmittedSpikeReset, snn.Leaky):
         if (spike.deterministic or not spike.use_input_variance
                 or not spike._threshold_finite or "fire" in spike.__dict__
                 or spike._forward_hooks or spike._forward_pre_hooks
+                or spike._backward_hooks or spike._backward_pre_hooks
                 or nn.modules.module._global_forward_hooks
-                or nn.modules.module._global_forward_pre_hooks or _RECOMPUTING[0]):
+                or nn.modules.module._global_forward_pre_hooks
+                or nn.modules.module._global_backward_hooks
+                or nn.modules.module._global_backward_pre_hooks or _RECOMPUTING[0]
+                or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
+            # (saved-tensor hooks: an activation checkpointing region, whose recomputation
+            # in the backward, of other membranes, takes snnTorch's steps and must save
+            # the tensors the forward saved)
             return None
         membrane = buffers.get("mem") if mem is None else mem
         state, cached = d.get(_STATE), d.get(_CACHE)
@@ -1237,7 +1247,10 @@ class SBNNLeaky(_EmittedSpikeReset, snn.Leaky):
         beta, thr = buffers.get("beta"), buffers.get("threshold")
         if (type(beta) is not Tensor or beta.dim() or not beta.is_cpu or beta.requires_grad
                 or type(thr) is not Tensor or thr.dim() or thr.requires_grad
+                or not thr.is_cpu or thr.item() != spike.threshold
                 or not self._unit_spike_factor(False)):
+            # (a threshold edited through .data since the spike function read it: snnTorch's
+            # steps drive and reset with the new value, its auxiliary terms with the old)
             return None
         with torch._C.DisableTorchFunctionSubclass():
             x = input_.as_subclass(Tensor)  # an alias: input_ keeps its variance

@@ -37,6 +37,7 @@ from .base import (
     check_module,
     check_std,
     checkpoint_hooks_active,
+    checkpoint_recomputing,
     checkpoint_without_rng_replay,
     graph_breaks_allowed,
     in_reentrant_recomputation,
@@ -620,7 +621,7 @@ class IWSTSpike(SBNNModule, nn.Module):
                 (a ``torch._dynamo.exc.UserError``, a ``RuntimeError``): terms held at the
                 last ``torch.optim`` step.
         """
-        if _RECOMPUTING[0]:
+        if _RECOMPUTING[0] or checkpoint_recomputing():  # torch.utils.checkpoint's too
             return
         if z2_sum.dim():  # one sum per step of a fused sequence
             z2_sum = z2_sum.sum()

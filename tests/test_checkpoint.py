@@ -364,3 +364,39 @@ def test_torch_checkpoint_around_an_snntorch_neuron_with_hidden_state_is_refused
                                            r".*init_hidden=False"):
         loss = sum(step(xt)[1].sum() for xt in x[1:])
         loss.backward()  # (reentrant: raised at the recomputation)
+
+
+def test_torch_checkpoint_recomputation_collects_no_auxiliary_terms():
+    """The recomputation of a non-reentrant ``torch.utils.checkpoint`` region in the
+    backward collects no auxiliary terms a second time: they would be left over after the
+    step, and the next training step raised that its terms were never used."""
+    import snntorch as snn
+    from torch import nn
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+    from sbnn_addons.snntorch import to_sbnn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 8), snn.Leaky(beta=0.9), nn.Linear(8, 4),
+                        snn.Leaky(beta=0.9))
+    with torch.no_grad():
+        net[0].weight.mul_(3)
+    model = to_sbnn(net, aux_loss=True)
+
+    def step(x_t, mem1, mem2):  # the first neuron's spikes feed the second layer
+        spk1, mem1 = model[1](model[0](x_t), mem1)
+        spk2, mem2 = model[3](model[2](spk1), mem2)
+        return spk2, mem1, mem2
+
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = (torch.rand(3, 4, 16) < 0.4).float()
+    for _ in range(2):  # the second step raised
+        opt.zero_grad()
+        mem1, mem2 = model[1].init_leaky(), model[3].init_leaky()
+        loss = 0
+        for t in range(len(x)):
+            spk2, mem1, mem2 = torch_checkpoint(step, x[t], mem1, mem2, use_reentrant=False)
+            loss = loss + mem2.sum() + spk2.sum()
+        (loss + 1e-3 * sb.aux_loss(model)).backward()
+        assert not model[1].spike_grad._aux_terms
+        opt.step()

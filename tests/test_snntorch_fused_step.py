@@ -203,6 +203,30 @@ def test_an_observed_spike_function_steps_through_snntorch(fused_calls):
     assert sum(float(c) for c in monitor.counts.values()) > 0  # it counted
 
 
+@pytest.mark.parametrize("hook", ["full_backward", "full_backward_pre"])
+def test_a_spike_function_with_backward_hooks_steps_through_snntorch(hook, fused_calls):
+    """A backward hook on the spike function watches its gradients: the steps call it,
+    as snnTorch's steps do (the fused step, which does not call it, would skip it)."""
+    net, x = make("loop_leaky")
+    model = sst.to_sbnn(net)
+    spike = model.lif2.spike_grad
+    getattr(spike, f"register_{hook}_hook")(lambda *args: None)
+    runs = []
+    for fused in (True, False):
+        sst._FUSED_STEP[0] = fused
+        m = copy.deepcopy(model)
+        torch.manual_seed(2)
+        spk, mem = m(x)
+        (spk.sum() + mem.sum()).backward()
+        runs.append((spk, mem, {n: p.grad for n, p in m.named_parameters()}))
+    assert fused_calls["fused"] == x.shape[0] - 1  # the first neuron's
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert runs[0][2].keys() == runs[1][2].keys()
+    for name, grad in runs[0][2].items():
+        assert (grad is None) == (runs[1][2][name] is None), name
+        assert grad is None or torch.equal(grad, runs[1][2][name]), name
+
+
 def _explicit_run(model, x, seed, edit=None):
     """The tutorial loop, step by step from outside: ``edit(t, model)`` before step t."""
     torch.manual_seed(seed)
@@ -239,17 +263,20 @@ def test_fused_step_in_evaluation_contexts(context, fused_calls):
             assert torch.equal(u, v)
 
 
-def test_fused_step_reads_a_threshold_changed_in_place(fused_calls):
+@pytest.mark.parametrize("through_data", [False, True])
+def test_fused_step_reads_a_threshold_changed_in_place(through_data, fused_calls):
     """``lif.threshold.fill_(...)`` mid-sequence: the next step uses it, with its
-    auxiliary terms and pull, as snnTorch's steps do."""
+    auxiliary terms and pull, as snnTorch's steps do. An edit through ``.data`` (which
+    the version counter does not see): the drive and the reset use the new threshold, as
+    in snnTorch's steps."""
     model, x = _loop_model()
     sb.enable_aux_loss(model)
 
     def edit(t, m):
         if t == 4:
-            m.lif2.threshold.fill_(1.6)
+            (m.lif2.threshold.data if through_data else m.lif2.threshold).fill_(1.6)
         if t == 7:
-            m.lif1.threshold.fill_(0.7)
+            (m.lif1.threshold.data if through_data else m.lif1.threshold).fill_(0.7)
 
     grads = []
     for fused in (True, False):
@@ -300,3 +327,45 @@ def test_fused_step_refuses_a_nan_drive_outside_a_converted_model(fused_calls):
     with pytest.raises(ValueError, match="contains NaN") as raised:
         model.lif1(cur, mem)
     assert any(entry.name == "_fused_step" for entry in raised.traceback)
+
+
+@pytest.mark.parametrize("region", ["sbnn_addons", "torch"])
+def test_checkpointed_steps_equal_snntorch_steps(region, fused_calls):
+    """Steps of an explicit loop inside ``sbnn_addons.checkpoint.checkpoint`` or
+    ``torch.utils.checkpoint(use_reentrant=False)``: the recomputation in the backward
+    saves the tensors the forward saved (no ``CheckpointError``), and the gradients are
+    snnTorch's steps'."""
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+    from sbnn_addons.checkpoint import checkpoint
+
+    model, x = _loop_model()
+    sb.enable_aux_loss(model)
+    runs = []
+    for fused in (True, False):
+        sst._FUSED_STEP[0] = fused
+        m = copy.deepcopy(model)
+
+        def step(xt, mem1, mem2, m=m):
+            spk1, mem1 = m.lif1(m.fc1(xt), mem1)
+            spk2, mem2 = m.lif2(m.fc2(spk1), mem2)
+            return spk2, mem1, mem2
+
+        torch.manual_seed(13)
+        mem1, mem2 = m.lif1.init_leaky(), m.lif2.init_leaky()
+        outs = []
+        for t in range(x.shape[0]):
+            if region == "torch":
+                spk2, mem1, mem2 = torch_checkpoint(step, x[t], mem1, mem2, use_reentrant=False)
+            else:
+                spk2, mem1, mem2 = checkpoint(step, x[t], mem1, mem2, modules=m)
+            outs.append((spk2, mem2))
+        loss = sum(s.sum() + v.sum() for s, v in outs) + 0.01 * sb.aux_loss(m)
+        loss.backward()
+        runs.append(([(s.detach(), v.detach()) for s, v in outs],
+                     {n: p.grad for n, p in m.named_parameters()}))
+    (outs_f, g_f), (outs_s, g_s) = runs
+    for a, b in zip(outs_f, outs_s, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for name in g_f:
+        assert torch.equal(g_f[name], g_s[name]), name
