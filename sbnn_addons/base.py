@@ -329,7 +329,10 @@ def checkpoint_hooks_active() -> bool:
 def checkpoint_recomputing() -> bool:
     """Whether the innermost saved-tensor hooks are those of the recomputation of a
     non-reentrant ``torch.utils.checkpoint`` region in the backward (PyTorch's
-    ``_recomputation_hook``), which runs the region's forward a second time."""
+    ``_recomputation_hook``), which runs the region's forward a second time. Eager
+    mode only (``False`` while ``torch.compile`` traces, which cannot read the hooks)."""
+    if torch.compiler.is_compiling():
+        return False
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
     if hooks is None:
         return False
