@@ -604,9 +604,8 @@ class _EmittedSpikeReset:
                else b["threshold"] if "threshold" in b else self.threshold)
         u = _drive(mem, thr, compiling)
         spike = m["spike_grad"] if "spike_grad" in m else self.spike_grad
-        raw = _host_spike_dtype(spike(u))
-        if not compiling:
-            _refuse_noiseless_gradient(self, spike, u, raw)
+        raw = _refuse_noiseless_gradient(self, spike, u, _host_spike_dtype(spike(u)),
+                                         compiling)
         self._keep_reset(mem, raw, compiling)
         if self._unit_spike_factor(compiling):
             return raw  # the same values, and the spikes keep their binary mark (cheaper layers)
@@ -746,9 +745,8 @@ class _EmittedSpikeReset:
         self._sync_spike_threshold()
         mem_shift = _drive(mem, self.threshold)
         index = torch.argmax(mem_shift, dim=1)
-        raw = _host_spike_dtype(self.spike_grad(mem_shift))
-        if not torch.compiler.is_compiling():
-            _refuse_noiseless_gradient(self, self.spike_grad, mem_shift, raw)
+        raw = _refuse_noiseless_gradient(self, self.spike_grad, mem_shift,
+                                         _host_spike_dtype(self.spike_grad(mem_shift)))
         self._keep_reset(mem, raw)  # snnTorch's reset ignores the inhibition mask: kept so
         mask = torch.zeros_like(raw)
         mask[torch.arange(batch_size), index] = 1
@@ -792,18 +790,22 @@ class _EmittedSpikeReset:
 
 
 def _refuse_noiseless_gradient(neuron: nn.Module, spike: nn.Module, u: Tensor,
-                               spikes: Tensor) -> None:
+                               spikes: Tensor, compiling: bool | None = None) -> Tensor:
     """Make a gradient that reaches the ``spikes`` of a converted neuron without any noise
-    raise (:func:`~sbnn_addons.spike.refuse_gradient_without_noise`; eager mode, a test
-    of a few attributes per step where the neuron has noise): a drive ``u`` that carries
-    no posterior variance and a spike function without noise of its own."""
+    raise (:func:`~sbnn_addons.spike.refuse_gradient_without_noise`, a test of a few
+    attributes per step where the neuron has noise): a drive ``u`` that carries no
+    posterior variance and a spike function without noise of its own. Returns the spikes
+    (under ``torch.compile`` through the check of the compiled backward). ``compiling``:
+    whether a graph is traced, where the caller knows it."""
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
     if (not isinstance(spike, IWSTSpike) or spike.learn_std or not torch.is_grad_enabled()
-            or spike._fixed_std_nonzero()):
-        return
-    if spike.use_input_variance and get_variance(u) is not None:
-        return
+            or (not compiling and spike._fixed_std_nonzero())):  # compiled: in the graph
+        return spikes
+    if spike.use_input_variance and get_variance(u, compiling=compiling) is not None:
+        return spikes
     name = type(neuron).__name__.removeprefix("SBNN")
-    refuse_gradient_without_noise(spike, spikes, f"snn.{name}", "snnTorch")
+    return refuse_gradient_without_noise(spike, spikes, f"snn.{name}", "snnTorch")
 
 
 def _drive(mem: Tensor, threshold: Tensor | float, compiling: bool | None = None) -> Tensor:

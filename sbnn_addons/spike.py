@@ -801,7 +801,7 @@ _CHECKPOINT_FIX = ("use sbnn_addons.checkpoint.checkpoint(fn, *args, modules=blo
 
 
 def refuse_gradient_without_noise(spike: IWSTSpike, spikes: Tensor, neuron: str, host: str,
-                                  note: str = "") -> None:
+                                  note: str = "") -> Tensor:
     """Make a gradient that reaches the ``spikes`` a converted neuron's ``spike`` function
     drew without any noise raise (eager mode; the caller has found that neither the
     drive nor the spike function carries any noise).
@@ -820,13 +820,44 @@ def refuse_gradient_without_noise(spike: IWSTSpike, spikes: Tensor, neuron: str,
         neuron: the converted neuron, for the message (``"snn.Leaky"``).
         host: the host library, whose surrogate the neuron can keep (``"snnTorch"``).
         note: a further sentence of the message (where a gradient comes from).
+
+    Returns:
+        ``spikes`` (eager: with a hook that raises); under ``torch.compile``, where a
+        tensor hook cannot be registered and the std's value cannot be read, the spikes
+        through :class:`_NoiselessGradientCheck`, whose backward fails in the graph
+        where the spike function's fixed std is 0 and a non-zero gradient arrives.
     """
     if spike.deterministic or not spike.threshold_finite or not torch.is_grad_enabled():
-        return
+        return spikes
     with torch._C.DisableTorchFunctionSubclass():  # attribute reads, no variance flow
         if not spikes.requires_grad:
-            return
+            return spikes
+        if torch.compiler.is_compiling():
+            if spike.learn_std:
+                return spikes
+            return _NoiselessGradientCheck.apply(spikes, spike.fixed_std,
+                                                 _noiseless_message(neuron, host, note))
         spikes.register_hook(functools.partial(_noiseless_gradient_error, neuron, host, note))
+    return spikes
+
+
+class _NoiselessGradientCheck(torch.autograd.Function):
+    """The identity on spikes drawn without input variance, whose backward fails (an
+    assertion in the compiled graph) where the spike function's own fixed ``std`` is 0
+    and a non-zero gradient reaches them: :func:`refuse_gradient_without_noise` under
+    ``torch.compile``."""
+
+    @staticmethod
+    def forward(ctx, spikes: Tensor, std: Tensor, message: str) -> Tensor:
+        ctx.save_for_backward(std)
+        ctx.message = message
+        return spikes.view_as(spikes)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (std,) = ctx.saved_tensors
+        torch._assert_async((std != 0).any() | (grad == 0).all(), ctx.message)
+        return grad, None, None
 
 
 def _noiseless_gradient_error(neuron: str, host: str, note: str, _grad: Tensor) -> None:
@@ -835,7 +866,12 @@ def _noiseless_gradient_error(neuron: str, host: str, note: str, _grad: Tensor) 
     Raises:
         VarianceFlowError: naming the neuron and the fixes.
     """
-    raise VarianceFlowError(
+    raise VarianceFlowError(_noiseless_message(neuron, host, note))
+
+
+def _noiseless_message(neuron: str, host: str, note: str) -> str:
+    """The error of :func:`refuse_gradient_without_noise`."""
+    return (
         f"a gradient reached the spikes of a converted {neuron} that has no noise: its "
         "input carries no posterior variance (the layer feeding it is deterministic: left "
         "out by include / exclude, or a fixed zero std) and its spike function has no "

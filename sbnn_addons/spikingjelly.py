@@ -247,10 +247,12 @@ class SJSpike(IWSTSpike):
             if state is not None:
                 total = state if total is None else state + total
             spikes = self.fire(u, total)
-            if total is None and not torch.compiler.is_compiling():
-                # no noise at all: a gradient reaching these spikes (a loss on them, or on
-                # the membrane through the reset) would be 0
-                refuse_gradient_without_noise(
+            # no noise at all: a gradient reaching these spikes (a loss on them, or on the
+            # membrane through the reset) would be 0 (compiled: no input variance, and the
+            # graph tests the fixed std, whose value a trace cannot read)
+            if (total is None if not torch.compiler.is_compiling()
+                    else state is None and not self.learn_std):
+                spikes = refuse_gradient_without_noise(
                     self, spikes, f"SpikingJelly {self.__dict__.get('_node_type', 'neuron')}",
                     "SpikingJelly", _RESET_NOTE)
             if state is not None and hard:  # S_t (1 - spike)

@@ -1232,3 +1232,48 @@ def test_compiled_dropout_drops_the_variance_of_the_dropped_elements(same_random
     assert ((mask == 0) & (x == 0)).any()
     assert torch.equal(out, x * mask)
     torch.testing.assert_close(var, v * mask**2)
+
+
+def _noiseless_models():
+    """A two-layer snnTorch Sequential and a SpikingJelly twin, converted with the first
+    layer only and no own spike noise: the second neuron's drive has no noise at all."""
+    from spikingjelly.activation_based import layer, neuron
+
+    torch.manual_seed(0)
+    nets = {
+        "snntorch": nn.Sequential(nn.Linear(6, 8), snn.Leaky(beta=0.9, init_hidden=True),
+                                  nn.Linear(8, 4),
+                                  snn.Leaky(beta=0.9, init_hidden=True, output=True)),
+        "spikingjelly": nn.Sequential(layer.Linear(6, 8), neuron.LIFNode(),
+                                      layer.Linear(8, 4), neuron.LIFNode()),
+    }
+    for net in nets.values():
+        with torch.no_grad():
+            for m in net.modules():
+                if isinstance(m, nn.Linear):
+                    m.weight.mul_(3.0)
+    return {"snntorch": sbnn_snn.to_sbnn(nets["snntorch"], include="0", spike_std=None),
+            "spikingjelly": sbnn_sj.to_sbnn(nets["spikingjelly"], include="0",
+                                            spike_std=None)}
+
+
+@pytest.mark.parametrize("host", ["snntorch", "spikingjelly"])
+def test_a_compiled_step_refuses_a_gradient_through_noiseless_spikes(host):
+    """As in eager mode, a gradient reaching the spikes of a converted neuron without any
+    noise (every weight gradient before it would be 0, silently) fails in the compiled
+    backward, naming the fix; a membrane readout, which sends no gradient through them,
+    trains."""
+    model = _noiseless_models()[host]
+    reset = sutils.reset if host == "snntorch" else sbnn_sj.reset
+    spikes_of = (lambda out: out[0]) if host == "snntorch" else (lambda out: out)
+    step = torch.compile(lambda xt: model(xt), fullgraph=True)
+    x = torch.rand(T, 3, 6) * 2
+    reset(model)
+    loss = sum(spikes_of(step(x[t])).sum() for t in range(T))
+    with pytest.raises(RuntimeError, match=r"(?s)no noise.*spike_std"):
+        loss.backward()
+    if host == "snntorch":  # the readout: the membrane of the last neuron
+        reset(model)
+        model.zero_grad()
+        sum(step(x[t])[1].sum() for t in range(T)).backward()
+        assert model[0].weight.grad.abs().sum() > 0
