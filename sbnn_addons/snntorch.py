@@ -1175,7 +1175,7 @@ class SBNNLeaky(_EmittedSpikeReset, snn.Leaky):
 
     def _fused_step(self, input_: VarianceTensor, mem: Tensor | None = None,
                     *extra, **kwargs) -> Tensor | tuple[Tensor, Tensor] | None:
-        """One step of snnTorch's ``Leaky.forward`` with reset by subtraction as one
+        """One step of snnTorch's ``Leaky.forward`` (reset by subtraction or none) as one
         kernel call, where it applies; else ``None`` (nothing changed: the caller takes
         snnTorch's steps).
 
@@ -1190,7 +1190,7 @@ class SBNNLeaky(_EmittedSpikeReset, snn.Leaky):
         one this neuron's last step returned, unchanged, with its variance and spikes,
         the input carries a variance tensor, the spike function holds the neuron's
         threshold, nothing observes the spike function (forward or backward hooks,
-        :class:`~sbnn_addons.metrics.SpikeMonitor`, an own-input check), and no
+        :class:`~sbnn_addons.metrics.SpikeMonitor`), and no
         saved-tensor hooks are active (activation checkpointing: its recomputation must
         save what the forward saved).
 
@@ -1207,10 +1207,9 @@ class SBNNLeaky(_EmittedSpikeReset, snn.Leaky):
                 or "beta" in self._parameters or "reset" in buffers
                 or (mem is not None and self.init_hidden)):
             return None
-        host = d.get("_sbnn_host_state")
-        state_fn = d.get("state_function")
-        host = getattr(host, "__func__", None)
-        if (host not in _FUSED_STATE_FUNCTIONS or getattr(state_fn, "__func__", None)
+        host = getattr(d.get("_sbnn_host_state"), "__func__", None)
+        if (host not in _FUSED_STATE_FUNCTIONS
+                or getattr(d.get("state_function"), "__func__", None)
                 is not _EmittedSpikeReset._sbnn_state_update):
             return None
         spike = self._modules.get("spike_grad")
@@ -1261,14 +1260,15 @@ class SBNNLeaky(_EmittedSpikeReset, snn.Leaky):
         # the variance as _sbnn_moments and IWSTSpike.noise_variance compute it
         if had_grad and not membrane.requires_grad and var_prev.requires_grad:
             var_prev = var_prev.detach()  # detach_hidden() since the last step
-        var = scale_variance(var_prev, min(max(beta.item(), 0.0), 1.0), False) + current_var
+        decay = min(max(beta.item(), 0.0), 1.0)  # snnTorch's beta.clamp(0, 1)
+        var = scale_variance(var_prev, decay, False) + current_var
         own_var = spike.own_noise_variance()
         total = var if own_var is None else var + own_var.to(variance_dtype(torch.float32))
         generator = spike._generator_for(x, False)
         aux = spike._aux_wanted()
         pull = (spike.aux_pull > 0 and spike.training and torch.is_grad_enabled()
                 and (x.requires_grad or membrane.requires_grad))
-        config = (spike.estimator, min(max(beta.item(), 0.0), 1.0), spike.threshold, "none",
+        config = (spike.estimator, decay, spike.threshold, "none",
                   spike.at_zero, spike._aux_offset(spike.threshold) if aux else None,
                   bool(spike.aux_std_grad), spike.aux_pull if pull else 0.0)
         reset = cached[1]
