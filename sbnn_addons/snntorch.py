@@ -463,13 +463,18 @@ class _EmittedSpikeReset:
             cached = self.__dict__.get(_CACHE)
             if cached is not None and cached[0] is mem:  # either membrane may come back
                 self.__dict__[_CACHE] = (plain_mem, *cached[1:3], mem)
-        version = _version_of(plain_mem, compiling)
-        self.__dict__[_STATE] = (plain_mem, var, plain_mem.requires_grad, version)
+        self._store_state(plain_mem, var, compiling)
+
+    def _store_state(self, mem: Tensor, var, compiling: bool) -> None:
+        """Keep the plain membrane ``mem`` a step returned with its variance ``var`` as
+        the neuron's state, and (eager mode) in the records of ``mem``'s step."""
+        version = _version_of(mem, compiling)
+        self.__dict__[_STATE] = (mem, var, mem.requires_grad, version)
         if not compiling:  # steps are recorded per membrane in eager mode only
             last = self.__dict__.pop(_LAST_RECORD, None)  # the records the fire found
-            record = (last[1] if last is not None and last[0] is plain_mem
-                      else _step_record(self, plain_mem))
-            record["state"] = (var, plain_mem.requires_grad, version)
+            record = (last[1] if last is not None and last[0] is mem
+                      else _step_record(self, mem))
+            record["state"] = (var, mem.requires_grad, version)
 
     def _sbnn_store_plain_spikes(self, compiling: bool | None = None) -> None:
         """An ``RLeaky``'s ``spk`` buffer as a plain tensor: in eager mode the spikes are
@@ -1290,11 +1295,7 @@ class SBNNLeaky(_EmittedSpikeReset, snn.Leaky):
         buffers["mem"] = new_mem
         d["reset"] = reset
         self._keep_reset(new_mem, spikes, False)
-        version = new_mem._version
-        d[_STATE] = (new_mem, var, new_mem.requires_grad, version)
-        last = d.pop(_LAST_RECORD, None)
-        record = last[1] if last is not None and last[0] is new_mem else _step_record(self, new_mem)
-        record["state"] = (var, new_mem.requires_grad, version)
+        self._store_state(new_mem, var, False)
         if self.output or not self.init_hidden:
             return spikes, new_mem
         return spikes
