@@ -326,6 +326,14 @@ def checkpoint_hooks_active() -> bool:
     return "checkpoint" in (getattr(hooks[0], "__module__", None) or "")
 
 
+def threshold_value(threshold) -> float:
+    """A host neuron's threshold as one number: a float as it is, a tensor's mean (in
+    double, without its graph: a per-neuron or learned one)."""
+    if isinstance(threshold, Tensor):
+        return float(threshold.detach().double().mean())
+    return float(threshold)
+
+
 def checkpoint_recomputing() -> bool:
     """Whether the innermost saved-tensor hooks are those of the recomputation of a
     non-reentrant ``torch.utils.checkpoint`` region in the backward (PyTorch's

@@ -58,6 +58,7 @@ from .base import (
     raise_error,
     refuse_other_host_export,
     set_state,
+    threshold_value,
     variance_dtype,
 )
 from .base import match_name as _match
@@ -1564,10 +1565,7 @@ def _safe_deepcopy(model: nn.Module) -> nn.Module:
 
 def _thr(m: nn.Module) -> float:
     """The neuron's threshold as a float (the mean of a per-neuron or learned one)."""
-    t = m.threshold
-    if not isinstance(t, Tensor):
-        return float(t)
-    return float(t.detach().double().mean())
+    return threshold_value(m.threshold)
 
 
 _LAYERS = {nn.Linear: BayesLinear, nn.Conv1d: BayesConv1d, nn.Conv2d: BayesConv2d}

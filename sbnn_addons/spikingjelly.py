@@ -81,6 +81,7 @@ from .base import (
     raise_error,
     refuse_other_host_export,
     set_state,
+    threshold_value,
 )
 from .functional import compact_broadcast, mark_binary
 from .losses import enable_aux_loss
@@ -183,7 +184,7 @@ class SJSpike(IWSTSpike):
         state["_var_state"] = var_state
         threshold = node.v_threshold
         if isinstance(threshold, Tensor):  # a learned one (nn.Parameter): its value now
-            threshold = _threshold_value(threshold)
+            threshold = threshold_value(threshold)
         if isinstance(threshold, (int, float)) and float(threshold) != self.threshold:
             # v_threshold changed after the conversion (e.g. set to inf for a membrane
             # readout, an optimiser's step of a learned one): the auxiliary terms' centre
@@ -453,7 +454,7 @@ def link_neuron(node: nn.Module, spike: SJSpike | None = None) -> nn.Module:
             "node.surrogate_function must be an SJSpike (sbnn_addons.spikingjelly."
             f"surrogate_function(...)), got {type(node.surrogate_function).__name__}"
         )
-    node.surrogate_function.threshold = _threshold_value(node.v_threshold)
+    node.surrogate_function.threshold = threshold_value(node.v_threshold)
     node.surrogate_function._linked = True
     node.surrogate_function._node_type = type(node).__name__  # for messages
     if VAR_MEMORY not in node._memories:
@@ -490,13 +491,6 @@ def _linked_functional_forward(node: nn.Module, inputs, states, **kwargs):
 
 #: The constants of a SpikingJelly node the fused sequence reads as numbers.
 _NODE_CONSTANTS = ("v_threshold", "v_reset", "tau")
-
-
-def _threshold_value(threshold) -> float:
-    """A node's ``v_threshold`` as one number (a tensor's mean, without its graph)."""
-    if isinstance(threshold, Tensor):
-        return float(threshold.detach().float().mean())
-    return float(threshold)
 
 
 def _sequence_dynamics(node: nn.Module, spike: SJSpike, x_seq: Tensor):
