@@ -244,8 +244,8 @@ static double forward_chunks(const float *restrict x, const float *restrict m,
                              const float *restrict r, const float *restrict var, int64_t mid,
                              int64_t inner, int step, float beta, float theta, int reset,
                              float *restrict u, float *restrict h, uint8_t *restrict hb,
-                             float *restrict m_out, int64_t total, uint64_t seed, int at_zero, int want_aux,
-                             float offset, int threads);
+                             float *restrict m_out, int64_t total, uint64_t seed, int at_zero,
+                             int want_aux, float offset, int threads);
 
 /* Spikes for the n elements. `h` receives them as float and, when `hb` is not NULL, as
  * bytes. Returns the sum of z^2 over the noisy units when `want_aux`, else 0. */
@@ -313,8 +313,8 @@ static double forward_chunks(const float *restrict x, const float *restrict m,
                              const float *restrict r, const float *restrict var, int64_t mid,
                              int64_t inner, int step, float beta, float theta, int reset,
                              float *restrict u, float *restrict h, uint8_t *restrict hb,
-                             float *restrict m_out, int64_t total, uint64_t seed, int at_zero, int want_aux,
-                             float offset, int threads) {
+                             float *restrict m_out, int64_t total, uint64_t seed, int at_zero,
+                             int want_aux, float offset, int threads) {
     double aux = 0.0;
     int64_t chunks = (total + CHUNK - 1) / CHUNK;
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : aux) \
