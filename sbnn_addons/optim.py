@@ -14,6 +14,7 @@ import warnings
 import weakref
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from .base import check_module
@@ -38,6 +39,8 @@ _TRAINED_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: Per optimiser, the noise scales found left out at a step (id -> version then).
 _TRAINED_PENDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _TRAINED_WARNED: weakref.WeakSet = weakref.WeakSet()
+#: Per optimiser, the groups (sizes, learning rates) :func:`check_noise_step` saw.
+_STEP_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def register_noise_owner(module: nn.Module) -> None:
@@ -56,6 +59,7 @@ def _after_step(optimizer, args, kwargs) -> None:
     """The global optimiser step post-hook (warnings at ``stacklevel=4``: the step call)."""
     check_noise_decay(optimizer)
     check_noise_trained(optimizer)
+    check_noise_step(optimizer)
 
 
 def check_noise_decay(optimizer) -> None:
@@ -95,6 +99,59 @@ def check_noise_decay(optimizer) -> None:
                 "sbnn_addons.param_groups(model, lr=...), whose noise group has "
                 "weight_decay=0, or leave sbnn_addons.noise_parameters(model) out of the "
                 "decayed group", UserWarning, stacklevel=4)  # at the step call
+            return
+
+
+def check_noise_step(optimizer) -> None:
+    """Warn (once per optimiser) where SGD trains noise scales in one group with weights.
+
+    A noise scale is shared by every unit of its layer (a per-layer std) or channel, so
+    its gradient is a sum over all of them, while a weight's gradient is not::
+
+        dL/drho = sum_units dL/dsigma_unit * dsigma/drho    (N terms, N = units sharing it)
+
+    Adam's step does not grow with the gradient; SGD's does, so at the weights' learning
+    rate it moves a noise scale about N times further per step than a weight: the stds of
+    a deep or wide network drift (a SEW-ResNet-18 at SpikingJelly's ``SGD(lr=0.1,
+    momentum=0.9)`` recipe diverged), without a word. Run after every ``torch.optim``
+    step for ``SGD`` and ``ASGD``; it looks at the parameters again only when the groups
+    (their sizes or learning rates) change. Not warned: noise scales in a group of their
+    own (:func:`param_groups`: a learning rate chosen for them), frozen or without a
+    gradient, or a group with ``lr=0``.
+    """
+    if not isinstance(optimizer, (torch.optim.SGD, torch.optim.ASGD)):
+        return
+    groups = getattr(optimizer, "param_groups", None)
+    if not isinstance(groups, list):
+        return
+    key = tuple((len(g.get("params", ())), g.get("lr")) if isinstance(g, dict) else None
+                for g in groups)
+    try:
+        if _STEP_CHECKED.get(optimizer) == key:
+            return
+        _STEP_CHECKED[optimizer] = key
+    except TypeError:  # an optimiser that takes no weak reference: checked every step
+        pass
+    noise = {id(p) for owner in list(_NOISE_OWNERS)
+             for name, p in owner.named_parameters() if is_noise_parameter(name)}
+    for i, g in enumerate(groups):
+        if not isinstance(g, dict) or not g.get("lr"):
+            continue
+        params = list(g.get("params", ()))
+        hits = sum(id(p) in noise and p.grad is not None for p in params)
+        if hits and any(id(p) not in noise for p in params):
+            warnings.warn(
+                f"{type(optimizer).__name__} group {i} trains {hits} noise scale(s) "
+                f"(*std_rho) with the weights at lr={g['lr']}: a noise scale is shared "
+                "by every unit of its layer (or channel), so its gradient is a sum over "
+                "all of them, and SGD, whose step grows with the gradient, moves it about "
+                "that many times further per step than a weight: in a deep or wide "
+                "network the stds drift and training can diverge. Give them a group of "
+                "their own with a smaller learning rate, e.g. torch.optim.SGD("
+                "sbnn_addons.param_groups(model, lr=0.1, noise_lr=1e-4), momentum=0.9), "
+                "use Adam (its step does not grow with the gradient), or freeze them: "
+                "for p in sbnn_addons.noise_parameters(model): p.requires_grad_(False)",
+                UserWarning, stacklevel=4)  # at the step call
             return
 
 

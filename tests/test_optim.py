@@ -138,6 +138,43 @@ def test_weight_decay_on_the_noise_scales_warns_once():
         step(torch.optim.SGD(dup.parameters(), lr=1e-3, weight_decay=1e-4), dup)
 
 
+@pytest.mark.parametrize("host", ["snntorch", "spikingjelly"])
+def test_sgd_training_noise_scales_with_the_weights_warns_once(host):
+    """``SGD(model.parameters(), lr=0.1, momentum=0.9)`` (SpikingJelly's ImageNet recipe)
+    on a converted model trains each shared noise scale at the weights' learning rate,
+    though its gradient sums over every unit of its layer: a SEW-ResNet-18's stds drifted
+    and training diverged, without a word. The first step warns (once per optimiser),
+    naming ``param_groups``; noise scales in a group of their own, Adam, ``lr=0`` and
+    frozen stds do not warn."""
+    import warnings
+
+    build, forward, to_sbnn = _host(host)
+    torch.manual_seed(0)
+    model = to_sbnn(build())
+    x = torch.rand(3, 4, 8)
+
+    def step(opt, m=model):
+        opt.zero_grad()
+        forward(m, x).sum().backward()
+        opt.step()
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.warns(UserWarning, match=r"SGD group 0 trains \d+ noise scale\(s\) .*"
+                                         r"lr=0\.1.*sum over.*param_groups\(model"):
+        step(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step(opt)  # once per optimiser
+        step(torch.optim.SGD(sb.param_groups(model, lr=0.1, noise_lr=1e-4), lr=0.1,
+                             momentum=0.9))
+        step(torch.optim.Adam(model.parameters(), lr=1e-3))
+        step(torch.optim.SGD(model.parameters(), lr=0.0))
+        for p in sb.noise_parameters(model):
+            p.requires_grad_(False)
+            p.grad = None
+        step(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
 def _steps(model, opt, x, forward, steps=3, extra=None) -> list[str]:
     """``steps`` training steps (``extra()`` after each ``opt.step()``); the messages of
     the left-out-noise warnings they raised."""
