@@ -8,6 +8,11 @@ the operators with the most host time; for the compiled variants, the graphs Dyn
 compiled and its graph breaks. ``--cudagraphs`` adds the compiled variants with
 ``mode="reduce-overhead"`` (CUDA graphs), where a step's launches are replayed as one.
 
+``--kernel-profile`` names each kernel inductor generated in the operator table (the
+C++ kernels of the compiled CPU graphs, as ``graph_<n>_cpp_fused_...``), so that a
+compiled step's time splits into its fused kernels, the custom spike operator and the
+matrix products; ``--threads`` sets torch's intra-op threads (default: torch's).
+
 ``--counts`` prints, for the eager variants, two machine-independent counts per training
 step that explain an eager step's host time: the ATen operators dispatched (each one a
 kernel launch on a GPU) and the Python function calls (builtins excluded), counted over
@@ -18,6 +23,7 @@ Usage::
     python benchmarks/profile_step.py --device cuda --hosts snntorch spikingjelly
     python benchmarks/profile_step.py --device cpu --hosts spikingjelly --steps 2
     python benchmarks/profile_step.py --device cpu --counts
+    python benchmarks/profile_step.py --device cpu --hosts snntorch --threads 1 --kernel-profile
 """
 
 from __future__ import annotations
@@ -140,12 +146,23 @@ def main(argv=None) -> None:
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--cudagraphs", action="store_true",
                         help="also the compiled variants with mode='reduce-overhead'")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch's intra-op threads (default: torch's own)")
+    parser.add_argument("--kernel-profile", action="store_true",
+                        help="name inductor's generated CPU kernels in the operator table")
     parser.add_argument("--counts", action="store_true",
                         help="only count ATen operators and Python calls per eager step")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch._dynamo.config.recompile_limit = 64
-    print(f"torch {torch.__version__}, device {device}, batch {args.batch}, T={T}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.kernel_profile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True
+    print(f"torch {torch.__version__}, device {device}, batch {args.batch}, T={T}, "
+          f"threads {torch.get_num_threads()}")
     for host in args.hosts:
         torch.manual_seed(0)
         x = (torch.rand(T, args.batch, 784) < 0.2).float().to(device)
