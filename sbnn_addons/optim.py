@@ -41,6 +41,7 @@ _TRAINED_PENDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _TRAINED_WARNED: weakref.WeakSet = weakref.WeakSet()
 #: Per optimiser, the groups (sizes, learning rates) :func:`check_noise_step` saw.
 _STEP_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_STEP_WARNED: weakref.WeakSet = weakref.WeakSet()
 
 
 def register_noise_owner(module: nn.Module) -> None:
@@ -127,7 +128,7 @@ def check_noise_step(optimizer) -> None:
     key = tuple((len(g.get("params", ())), g.get("lr")) if isinstance(g, dict) else None
                 for g in groups)
     try:
-        if _STEP_CHECKED.get(optimizer) == key:
+        if optimizer in _STEP_WARNED or _STEP_CHECKED.get(optimizer) == key:
             return
         _STEP_CHECKED[optimizer] = key
     except TypeError:  # an optimiser that takes no weak reference: checked every step
@@ -152,6 +153,10 @@ def check_noise_step(optimizer) -> None:
                 "use Adam (its step does not grow with the gradient), or freeze them: "
                 "for p in sbnn_addons.noise_parameters(model): p.requires_grad_(False)",
                 UserWarning, stacklevel=4)  # at the step call
+            try:
+                _STEP_WARNED.add(optimizer)  # once, whatever a scheduler does to lr
+            except TypeError:
+                pass
             return
 
 

@@ -165,6 +165,10 @@ def test_sgd_training_noise_scales_with_the_weights_warns_once(host):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         step(opt)  # once per optimiser
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        step(opt)
+        scheduler.step()
+        step(opt)  # also after a scheduler changed its learning rate
         step(torch.optim.SGD(sb.param_groups(model, lr=0.1, noise_lr=1e-4), lr=0.1,
                              momentum=0.9))
         step(torch.optim.Adam(model.parameters(), lr=1e-3))
