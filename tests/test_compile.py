@@ -905,6 +905,24 @@ def _bad_models():
                             "Leaky was excluded from the conversion"),
         "empty input": (sbnn_snn.to_sbnn(snn_pair), torch.rand(0, 4),
                         "the input of the converted model (Sequential) has shape (0, 4)"),
+        # a wrong dtype or shape (eager mode: TypeError / ValueError; compiled, these were
+        # Dynamo's "Observed exception", the library's message in its debug context only)
+        "float64 input, snnTorch": (sbnn_snn.to_sbnn(snn_pair), x.double(),
+                                    "BayesLinear has torch.float32 weights but its input is "
+                                    "torch.float64: convert the input"),
+        "float16 input, SpikingJelly": (
+            sbnn_sj.to_sbnn(nn.Sequential(layer.Linear(4, 3), neuron.LIFNode())), x.half(),
+            "BayesLinear has torch.float32 weights but its input is torch.float16"),
+        "integer input, core": (nn.Sequential(sb.BayesLinear(4, 3, std=0.3), sb.LIF()),
+                                (x > 0.5).long(), "input must be a floating-point tensor"),
+        "wrong number of features": (
+            sbnn_sj.to_sbnn(nn.Sequential(layer.Linear(4, 3), neuron.LIFNode())),
+            torch.rand(2, 5), "BayesLinear expects 4 input features in dimension -1"),
+        "wrong number of channels": (
+            nn.Sequential(sb.BayesConv2d(2, 3, 3, std=0.3), sb.IWSTSpike("st")),
+            torch.rand(2, 1, 6, 6), "BayesConv2d expects input [N, 2, ...] with 4 dimensions"),
+        "integer current, core LIF": (sb.LIF(), torch.ones(2, 4, dtype=torch.long),
+                                      "current must be a floating-point tensor"),
     }
 
 
