@@ -1295,3 +1295,29 @@ def test_a_compiled_step_refuses_a_gradient_through_noiseless_spikes(host):
         model.zero_grad()
         sum(step(x[t])[1].sum() for t in range(T)).backward()
         assert model[0].weight.grad.abs().sum() > 0
+
+
+def test_settings_changed_after_compiling_reach_the_compiled_step(same_random_stream):
+    """What a user changes between compiled steps (the estimator, assigned as a string as
+    the constructor takes it, the auxiliary pull, a fixed spike std, a layer's std, the
+    mode) is what the next compiled step computes: eager's loss and gradients each time,
+    not the constants of the first trace."""
+    torch.manual_seed(0)
+    fc = sb.BayesLinear(6, 5, std=0.3)
+    spike = sb.IWSTSpike("st", std=0.2, aux_pull=0.1)
+    net = nn.ModuleList([fc, spike])
+    x, y = torch.rand(8, 6) * 2, torch.randint(0, 5, (8,))
+
+    def loss_fn(x, y):
+        return F.cross_entropy(spike(fc(x) - 0.5) * 3.0, y)
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    changes = [lambda: None, lambda: setattr(spike, "estimator", "agr(0.5)"),
+               lambda: setattr(spike, "aux_pull", 0.0), lambda: spike.fixed_std.fill_(0.6),
+               lambda: fc.std_rho.data.fill_(-3.0), lambda: sb.set_mode(net, "mean")]
+    for i, change in enumerate(changes):
+        change()
+        eager, comp = _step(net, loss_fn, x, y), _step(net, compiled, x, y)
+        torch.testing.assert_close(comp[0], eager[0], msg=f"change {i}")
+        for a, b in zip(eager[1], comp[1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
