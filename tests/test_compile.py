@@ -198,6 +198,26 @@ def test_snntorch_explicit_loop_tbptt_chunks_compile_like_eager(same_random_stre
     torch.testing.assert_close(comp_mem, eager_mem)
 
 
+def test_nan_membrane_passed_to_a_compiled_method_of_a_converted_model_is_named():
+    """A NaN membrane passed back into a compiled chunk (``torch.compile(net.chunk)``, a
+    method of the converted model other than its call): eager mode's spike function
+    refuses it; compiled, the spike function took the chunk's ``self`` (the converted
+    model) for a checked model call and skipped its check, and the chunk ran on, with no
+    spikes and NaN membranes, silently. Only a call of the model checks its input."""
+    torch.manual_seed(0)
+    net = sbnn_snn.to_sbnn(ChunkNet())
+    x = torch.rand(2, 4, 12) * 3
+    mem1, mem2 = torch.full((4, 16), math.nan), net.lif2.init_leaky()
+    with pytest.raises(ValueError, match="contains NaN values"):
+        net.chunk(x, mem1, mem2)
+    torch._dynamo.reset()
+    step = torch.compile(net.chunk, fullgraph=True)
+    with pytest.raises(RuntimeError, match="contains NaN values"):
+        step(x, mem1, mem2)
+    spk, mem1, _ = step(x, net.lif1.init_leaky(), mem2)  # a finite membrane runs
+    assert torch.isfinite(mem1).all()
+
+
 def test_snntorch_rleaky_compiled_step_after_an_eager_step(same_random_stream):
     """An init_hidden RLeaky's spike buffer after an eager step is a plain tensor (a graph
     input: AOTAutograd rejects the eager spikes' subclass), and the compiled step that
