@@ -729,9 +729,9 @@ def check_device(x: Tensor, ref: Tensor | None, who: str, what: str = "its param
     if ref is None or x.device == ref.device:
         return
     if not (ref.dim() == 0 and ref.device.type == "cpu" and x.device.type != "meta"):
-        raise ValueError(
+        raise_error(
             f"{who} has {what} on {ref.device} but its input is on {x.device}: move the "
-            f"input (x.to({str(ref.device)!r})) or the model (model.to(device))")
+            f"input (x.to({str(ref.device)!r})) or the model (model.to(device))", ValueError)
 
 
 def check_neuron_constants(name: str, neuron: torch.nn.Module, attrs: tuple[str, ...]) -> None:

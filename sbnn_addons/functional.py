@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import kernels
+from .base import raise_error
 from .tensors import (
     apply_function,
     broadcasts_to,
@@ -62,12 +63,10 @@ def check_float(name: str, tensor: Tensor) -> None:
         tensor: the value to check.
     """
     if not isinstance(tensor, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        raise_error(f"{name} must be a torch.Tensor, got {type(tensor).__name__}", TypeError)
     if not tensor.is_floating_point():
-        raise TypeError(
-            f"{name} must be a floating-point tensor, got dtype {tensor.dtype}; "
-            f"convert it with {name}.float()"
-        )
+        raise_error(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}; "
+                    f"convert it with {name}.float()", TypeError)
 
 
 def spike_probability(u: Tensor, sigma: Tensor) -> Tensor:

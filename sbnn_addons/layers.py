@@ -653,10 +653,10 @@ def _check_like_weight(x: Tensor, module: nn.Module, layer: str) -> None:
     if x.device != weight.device:  # check_device's own test first: no call where equal
         check_device(x, weight, layer, "its weights")
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-        raise TypeError(
+        raise_error(
             f"{layer} has {weight.dtype} weights but its input is {x.dtype}: convert the "
             f"input (x.to({weight.dtype})), cast the model (model.to(dtype)), or run under "
-            "torch.autocast")
+            "torch.autocast", TypeError)
 
 
 def _check_features(x: Tensor, expected: int, dim: int, layer: str,
@@ -668,10 +668,9 @@ def _check_features(x: Tensor, expected: int, dim: int, layer: str,
         _refuse_noisy_input(x, layer, module)
     check_input(x, layer)
     if x.dim() == 0 or x.shape[dim] != expected:
-        raise ValueError(
+        raise_error(
             f"{layer} expects {expected} input features in dimension {dim}, got input of "
-            f"shape {tuple(x.shape)}"
-        )
+            f"shape {tuple(x.shape)}", ValueError)
 
 
 class BayesLinear(_BayesMixin, nn.Linear):
@@ -875,10 +874,10 @@ class _BayesConv(_BayesMixin):
         _refuse_noisy_input(x, type(self).__name__, self)
         check_input(x, type(self).__name__)
         if x.dim() not in (n + 1, n + 2) or x.shape[-n - 1] != self.in_channels:
-            raise ValueError(
+            raise_error(
                 f"{type(self).__name__} expects input [N, {self.in_channels}, ...] with "
-                f"{n + 2} dimensions (or {n + 1} unbatched), got shape {tuple(x.shape)}"
-            )
+                f"{n + 2} dimensions (or {n + 1} unbatched), got shape {tuple(x.shape)}",
+                ValueError)
         return self._attach(self._mean(x), x)
 
     @classmethod

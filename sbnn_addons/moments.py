@@ -1655,10 +1655,20 @@ def _refuse_compiled_detach() -> None:
 IN_PLACE_CAUSES: list[Callable[[nn.Module], str | None]] = []
 
 
-def _traced_modules() -> list[nn.Module]:
+# The frames of nn.Module's call machinery, which runs a module's forward hooks (a
+# tracked root's input check among them); any other method of the module runs none.
+_MODULE_CALL_FRAMES = frozenset({"_wrapped_call_impl", "_call_impl"})
+
+
+def _traced_modules(calls_only: bool = False) -> list[nn.Module]:
     """While ``torch.compile`` traces: the modules whose methods are being traced,
     innermost first, read from Dynamo's instruction translators (empty where a PyTorch
-    version keeps them elsewhere: the caller then keeps its own message)."""
+    version keeps them elsewhere: the caller then keeps its own message).
+
+    Args:
+        calls_only: only the modules being called (``module(x)``, which runs its hooks),
+            not those of which another method is traced (``module.chunk(x)``).
+    """
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
@@ -1666,7 +1676,8 @@ def _traced_modules() -> list[nn.Module]:
         found: list[nn.Module] = []
         while tx is not None:
             value = getattr(tx.symbolic_locals.get("self"), "value", None)
-            if isinstance(value, nn.Module) and not any(value is m for m in found):
+            if (isinstance(value, nn.Module) and not any(value is m for m in found)
+                    and (not calls_only or tx.f_code.co_name in _MODULE_CALL_FRAMES)):
                 found.append(value)
             tx = getattr(tx, "parent", None)
         return found
@@ -2190,9 +2201,12 @@ def in_checked_model() -> bool:
 
 @torch.compiler.assume_constant_result
 def _traced_in_checked_model() -> bool:
-    """:func:`in_checked_model` while tracing (run in Python, a constant of the graph)."""
+    """:func:`in_checked_model` while tracing (run in Python, a constant of the graph): a
+    converted model is being called, whose pre-hook checked its input (another of its
+    methods, e.g. a compiled ``net.chunk``, checks nothing: the callee checks, as in
+    eager mode)."""
     return any(m.__dict__.get(_FLOW_STATE, {}).get("check_inputs")
-               for m in _traced_modules())
+               for m in _traced_modules(calls_only=True))
 
 
 def check_model_input(model: nn.Module, args: tuple) -> None:

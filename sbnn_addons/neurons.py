@@ -235,10 +235,10 @@ class LIF(nn.Module):
             factors = getattr(state, "factors", None)
         if (membrane is not None and membrane.shape != current.shape
                 and membrane.numel() != 1):
-            raise ValueError(
+            raise_error(
                 f"state of shape {tuple(membrane.shape)} does not match the input current "
-                f"of shape {tuple(current.shape)}; pass state=None at the start of a sequence"
-            )
+                f"of shape {tuple(current.shape)}; pass state=None at the start of a "
+                "sequence", ValueError)
         if membrane is not None:
             check_device(current, membrane, "LIF", "its state (the membrane passed in)")
         with no_variance_flow():  # V is tracked explicitly; the flow would count it twice

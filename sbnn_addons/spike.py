@@ -356,6 +356,17 @@ class IWSTSpike(SBNNModule, nn.Module):
         return self._threshold_finite
 
     @property
+    def estimator(self) -> Estimator:
+        """The gradient estimator (an :class:`~sbnn_addons.estimators.Estimator`);
+        assigning takes what the constructor takes (``"st"``, ``"iwst(p)"``,
+        ``"agr(tau)"`` or an ``Estimator``) and checks it."""
+        return self._estimator
+
+    @estimator.setter
+    def estimator(self, value: str | Estimator) -> None:
+        self._estimator = get_estimator(value)
+
+    @property
     def aux_pull(self) -> float:
         """The auxiliary pull's weight (class docstring; 0: off); assigning checks it."""
         return self._aux_pull
@@ -767,6 +778,8 @@ class IWSTSpike(SBNNModule, nn.Module):
             threshold = state.pop("threshold")
             state["_threshold"] = threshold
             state["_threshold_finite"] = math.isfinite(threshold)
+        if "estimator" in state:  # pickled when the estimator was a plain attribute
+            state["_estimator"] = state.pop("estimator")
         super().__setstate__(state)
         _SPIKE_FUNCTIONS.add(self)
         register_noise_owner(self)

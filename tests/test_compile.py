@@ -198,6 +198,26 @@ def test_snntorch_explicit_loop_tbptt_chunks_compile_like_eager(same_random_stre
     torch.testing.assert_close(comp_mem, eager_mem)
 
 
+def test_nan_membrane_passed_to_a_compiled_method_of_a_converted_model_is_named():
+    """A NaN membrane passed back into a compiled chunk (``torch.compile(net.chunk)``, a
+    method of the converted model other than its call): eager mode's spike function
+    refuses it; compiled, the spike function took the chunk's ``self`` (the converted
+    model) for a checked model call and skipped its check, and the chunk ran on, with no
+    spikes and NaN membranes, silently. Only a call of the model checks its input."""
+    torch.manual_seed(0)
+    net = sbnn_snn.to_sbnn(ChunkNet())
+    x = torch.rand(2, 4, 12) * 3
+    mem1, mem2 = torch.full((4, 16), math.nan), net.lif2.init_leaky()
+    with pytest.raises(ValueError, match="contains NaN values"):
+        net.chunk(x, mem1, mem2)
+    torch._dynamo.reset()
+    step = torch.compile(net.chunk, fullgraph=True)
+    with pytest.raises(RuntimeError, match="contains NaN values"):
+        step(x, mem1, mem2)
+    spk, mem1, _ = step(x, net.lif1.init_leaky(), mem2)  # a finite membrane runs
+    assert torch.isfinite(mem1).all()
+
+
 def test_snntorch_rleaky_compiled_step_after_an_eager_step(same_random_stream):
     """An init_hidden RLeaky's spike buffer after an eager step is a plain tensor (a graph
     input: AOTAutograd rejects the eager spikes' subclass), and the compiled step that
@@ -905,6 +925,24 @@ def _bad_models():
                             "Leaky was excluded from the conversion"),
         "empty input": (sbnn_snn.to_sbnn(snn_pair), torch.rand(0, 4),
                         "the input of the converted model (Sequential) has shape (0, 4)"),
+        # a wrong dtype or shape (eager mode: TypeError / ValueError; compiled, these were
+        # Dynamo's "Observed exception", the library's message in its debug context only)
+        "float64 input, snnTorch": (sbnn_snn.to_sbnn(snn_pair), x.double(),
+                                    "BayesLinear has torch.float32 weights but its input is "
+                                    "torch.float64: convert the input"),
+        "float16 input, SpikingJelly": (
+            sbnn_sj.to_sbnn(nn.Sequential(layer.Linear(4, 3), neuron.LIFNode())), x.half(),
+            "BayesLinear has torch.float32 weights but its input is torch.float16"),
+        "integer input, core": (nn.Sequential(sb.BayesLinear(4, 3, std=0.3), sb.LIF()),
+                                (x > 0.5).long(), "input must be a floating-point tensor"),
+        "wrong number of features": (
+            sbnn_sj.to_sbnn(nn.Sequential(layer.Linear(4, 3), neuron.LIFNode())),
+            torch.rand(2, 5), "BayesLinear expects 4 input features in dimension -1"),
+        "wrong number of channels": (
+            nn.Sequential(sb.BayesConv2d(2, 3, 3, std=0.3), sb.IWSTSpike("st")),
+            torch.rand(2, 1, 6, 6), "BayesConv2d expects input [N, 2, ...] with 4 dimensions"),
+        "integer current, core LIF": (sb.LIF(), torch.ones(2, 4, dtype=torch.long),
+                                      "current must be a floating-point tensor"),
     }
 
 
@@ -1277,3 +1315,29 @@ def test_a_compiled_step_refuses_a_gradient_through_noiseless_spikes(host):
         model.zero_grad()
         sum(step(x[t])[1].sum() for t in range(T)).backward()
         assert model[0].weight.grad.abs().sum() > 0
+
+
+def test_settings_changed_after_compiling_reach_the_compiled_step(same_random_stream):
+    """What a user changes between compiled steps (the estimator, assigned as a string as
+    the constructor takes it, the auxiliary pull, a fixed spike std, a layer's std, the
+    mode) is what the next compiled step computes: eager's loss and gradients each time,
+    not the constants of the first trace."""
+    torch.manual_seed(0)
+    fc = sb.BayesLinear(6, 5, std=0.3)
+    spike = sb.IWSTSpike("st", std=0.2, aux_pull=0.1)
+    net = nn.ModuleList([fc, spike])
+    x, y = torch.rand(8, 6) * 2, torch.randint(0, 5, (8,))
+
+    def loss_fn(x, y):
+        return F.cross_entropy(spike(fc(x) - 0.5) * 3.0, y)
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    changes = [lambda: None, lambda: setattr(spike, "estimator", "agr(0.5)"),
+               lambda: setattr(spike, "aux_pull", 0.0), lambda: spike.fixed_std.fill_(0.6),
+               lambda: fc.std_rho.data.fill_(-3.0), lambda: sb.set_mode(net, "mean")]
+    for i, change in enumerate(changes):
+        change()
+        eager, comp = _step(net, loss_fn, x, y), _step(net, compiled, x, y)
+        torch.testing.assert_close(comp[0], eager[0], msg=f"change {i}")
+        for a, b in zip(eager[1], comp[1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -179,6 +179,28 @@ def _roundtrip_pickle(m):
     return pickle.loads(pickle.dumps(m))
 
 
+@pytest.mark.parametrize("kernels", [True, False])
+def test_estimator_assignment_is_parsed_and_checked(kernels):
+    """``spike.estimator = "agr(0.5)"`` (what the constructor takes) failed at the next
+    forward with "'str' object has no attribute 'kind'"; it is parsed, and a bad one is
+    named at the assignment. A spike function pickled with the plain attribute loads."""
+    spike = IWSTSpike("st", std=0.5)
+    u = torch.randn(64, requires_grad=True)
+    spike.estimator = "agr(0.5)"
+    assert spike.estimator == sb.get_estimator("agr(0.5)")
+    with sb.kernels.use_kernels(kernels):
+        spike(u).sum().backward()
+    assert u.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="unknown estimator 'bogus'"):
+        spike.estimator = "bogus"
+    assert spike.estimator == sb.get_estimator("agr(0.5)")
+    old = spike.__getstate__()
+    old["estimator"] = old.pop("_estimator")  # the state of an earlier release
+    clone = IWSTSpike.__new__(IWSTSpike)
+    clone.__setstate__(old)
+    assert clone.estimator == spike.estimator and "estimator" not in clone.__dict__
+
+
 def test_pickle_deepcopy_to_float64():
     spike = IWSTSpike("agr(0.3)", std=0.5, learn_std=True, std_shape=(3,))
     spike.manual_seed(4)
