@@ -642,9 +642,16 @@ def _same_op(func, args, kwargs, out, var_of):
     var = var_of(args[0])
     if var is None:
         return None
+    name = func.__name__
+    if (name in ("view_as", "reshape_as", "expand_as") and isinstance(args[1], Tensor)
+            and args[1].shape == args[0].shape):
+        # an alias of the same shape: the variance as it is. Autograd makes one of each
+        # input an identity Function returns (PyTorch's BackwardHookFunction, behind every
+        # full backward hook) with grad mode off, where a new variance would lose its graph
+        # (the layer's std got no gradient)
+        return var
     if isinstance(out, Tensor) and var.shape != args[0].shape:
         var = var.expand_as(args[0])
-    name = func.__name__
     if name in ("to", "type_as", "float", "double", "half", "bfloat16"):
         # to float16: float32, as a float16 layer forms it (a small variance underflows)
         return var.to(dtype=variance_dtype(out.dtype), device=out.device)

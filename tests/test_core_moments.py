@@ -1266,3 +1266,47 @@ def test_in_place_reshape_of_a_carrier_reshapes_its_variance_once(std_mode, ops)
         h = fc(x)
         getattr(h, name)(*extra)
         assert sb.get_variance(h) is None and h.shape == expected.shape
+
+
+@pytest.mark.parametrize("where", ["spike function", "all modules"])
+def test_full_backward_hooks_keep_the_variance_graph(where):
+    """A full backward hook on the spike function (or a global one, as gradient monitors
+    register, ``register_module_full_backward_hook``) passes the drive through PyTorch's
+    ``BackwardHookFunction``, inside whose forward autograd is off: the variance reached
+    the spike function cut from its graph, and the Bayesian layer's std got no gradient,
+    silently. With the hook, every gradient equals the one without it."""
+    import snntorch as snn
+
+    from sbnn_addons.snntorch import reset, to_sbnn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), snn.Leaky(beta=0.9, init_hidden=True),
+                        nn.Linear(5, 3), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    model = to_sbnn(net)
+    x = torch.rand(4, 6) * 2
+
+    def grads():
+        reset(model)
+        model.zero_grad()
+        torch.manual_seed(1)
+        for _ in range(3):
+            spk, mem = model(x)
+        (mem.sum() + spk.sum()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    seen = []
+    if where == "spike function":
+        handle = model[1].spike_grad.register_full_backward_hook(
+            lambda mod, gi, go: seen.append(type(mod)))
+    else:
+        handle = torch.nn.modules.module.register_module_full_backward_hook(
+            lambda mod, gi, go: seen.append(type(mod)))
+    try:
+        hooked = grads()
+    finally:
+        handle.remove()
+    assert seen  # the hook ran
+    assert "0.std_rho" in plain and plain.keys() == hooked.keys()
+    for name in plain:
+        torch.testing.assert_close(hooked[name], plain[name], msg=name)
