@@ -42,7 +42,7 @@ _TRAINED_WARNED: weakref.WeakSet = weakref.WeakSet()
 #: Per optimiser, the groups (sizes, learning rates) :func:`check_noise_step` saw.
 _STEP_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _STEP_WARNED: weakref.WeakSet = weakref.WeakSet()
-#: Per optimiser, the groups holding noise scales and weights it looks at each step.
+#: Per optimiser, the (group, noise scales, weights, their group) pairs it looks at.
 _STEP_PENDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -142,10 +142,12 @@ def check_noise_step(optimizer) -> None:
     step for ``SGD`` and ``ASGD``; it looks at the parameters again only when the groups
     (their sizes, or whether their learning rate is 0) change, and else at the groups
     that hold noise scales and weights of which one kind had no gradient (frozen, e.g.
-    noise scales unfrozen later) until both have one. Not warned: noise scales in a
-    group of their own (:func:`param_groups`: a learning rate chosen for them) or with
-    weights that do not train (no gradient), frozen or without a gradient, per-weight
-    stds (``std_mode="weight"``: not shared), or a group with ``lr=0``.
+    noise scales unfrozen later) until both have one. A group of their own at a rate
+    not below that of a group of trained weights (:func:`param_groups`, whose
+    ``noise_lr`` defaults to ``lr``) is warned about alike. Not warned: noise scales in
+    a group of their own at a smaller rate, or with weights that do not train (no
+    gradient), frozen or without a gradient, per-weight stds (``std_mode="weight"``:
+    not shared), or a group with ``lr=0``.
     """
     if not isinstance(optimizer, (torch.optim.SGD, torch.optim.ASGD)):
         return
@@ -166,27 +168,34 @@ def check_noise_step(optimizer) -> None:
         mixed = None
     if mixed is None:
         noise = _shared_noise()
-        mixed = []
+        live = []  # (index, lr, noise scales, weights) of each group that trains
         for i, g in enumerate(groups):
             if not isinstance(g, dict) or not g.get("lr"):
                 continue
             params = list(g.get("params", ()))
-            scales = [p for p in params if id(p) in noise]
-            weights = [p for p in params if id(p) not in noise]
+            live.append((i, float(g["lr"]), [p for p in params if id(p) in noise],
+                         [p for p in params if id(p) not in noise]))
+        mixed = []  # (index, noise scales, weights, the weights' group where another)
+        for i, lr, scales, weights in live:
             if scales and weights:
-                mixed.append((i, scales, weights))
+                mixed.append((i, scales, weights, None))
+            if scales:  # a group of their own, but as fast as some weights
+                mixed.extend((i, scales, other, j) for j, lr_j, _, other in live
+                             if j != i and other and not lr < lr_j)
         try:
             _STEP_PENDING[optimizer] = mixed
         except TypeError:
             pass
-    for i, scales, weights in mixed:
+    for i, scales, weights, j in mixed:
         hits = sum(p.grad is not None for p in scales)
         if hits and any(p.grad is not None for p in weights):
-            lr = groups[i]["lr"]
-            lr = float(lr) if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
+            lr = float(groups[i]["lr"])
+            where = (f"with the weights at lr={lr}" if j is None else
+                     f"at lr={lr}, not below the weights' (group {j}, "
+                     f"lr={float(groups[j]['lr'])})")
             warnings.warn(
                 f"{type(optimizer).__name__} group {i} trains {hits} noise scale(s) "
-                f"(*std_rho) with the weights at lr={lr}: a noise scale is shared "
+                f"(*std_rho) {where}: a noise scale is shared "
                 "by every unit of its layer (or channel), so its gradient is a sum over "
                 "all of them, and SGD, whose step grows with the gradient, moves it about "
                 "that many times further per step than a weight: in a deep or wide "
@@ -339,7 +348,9 @@ def param_groups(model: nn.Module, lr: float, noise_lr: float | None = None) -> 
             configuration uses ``10 * lr`` at ``lr = 5e-3``; at the higher learning rates of
             the host tutorials (Adam 1e-2) that moves every std by about 10 % per step and
             a converted model learns slower (Benchmarks page, "Converted host models at
-            defaults").
+            defaults"). SGD's step grows with the gradient, which for a shared std sums
+            over every unit sharing it: give SGD a ``noise_lr`` well below ``lr`` (at the
+            default its first step warns, :func:`check_noise_step`).
 
     The noise group has ``weight_decay=0``, whatever the optimiser's: decay pulls ``rho``
     towards 0, i.e. every std towards ``softplus(0) = 0.69``, which *inflates* small

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -353,7 +355,8 @@ def _sgd_warnings(model, opt, x, forward, steps=1, before=None) -> list[str]:
             opt.zero_grad()
             forward(model, x).sum().backward()
             opt.step()
-    return [str(w.message) for w in caught if "with the weights at lr" in str(w.message)]
+    return [str(w.message) for w in caught if "noise scale(s) (*std_rho)" in str(w.message)
+            and "trains" in str(w.message) and "SGD" in str(w.message)]
 
 
 @pytest.mark.parametrize("host", ["snntorch", "spikingjelly"])
@@ -449,3 +452,22 @@ def test_sgd_noise_check_does_not_rescan_at_every_scheduler_step(monkeypatch):
 
     assert _sgd_warnings(model, opt, x, forward, steps=5, before=before) == []
     assert len(set(seen[1:] + [len(scans)])) == 1  # the first step's scans, then none
+
+
+@pytest.mark.parametrize("host", ["snntorch", "spikingjelly"])
+def test_sgd_noise_group_as_fast_as_the_weights_warns(host):
+    """``SGD(sb.param_groups(model, lr=0.1), momentum=0.9)``: the noise scales have a
+    group of their own, but ``noise_lr`` defaults to ``lr``, so they train at the
+    weights' rate, as in one group, and drift the same way: not a word before. A rate
+    below the weights' is no warning."""
+    build, forward, to_sbnn = _host(host)
+    torch.manual_seed(0)
+    model = to_sbnn(build())
+    x = torch.rand(3, 4, 8)
+    opt = torch.optim.SGD(sb.param_groups(model, lr=0.1), momentum=0.9)
+    found = _sgd_warnings(model, opt, x, forward, steps=2)
+    assert len(found) == 1 and re.search(
+        r"SGD group 1 trains \d+ noise scale\(s\) .*at lr=0\.1, not below the weights' "
+        r"\(group 0, lr=0\.1\).*noise_lr=1e-4", found[0])
+    opt = torch.optim.SGD(sb.param_groups(model, lr=0.1, noise_lr=1e-3), momentum=0.9)
+    assert _sgd_warnings(model, opt, x, forward, steps=2) == []
