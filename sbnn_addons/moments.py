@@ -1667,6 +1667,21 @@ IN_PLACE_CAUSES: list[Callable[[nn.Module], str | None]] = []
 _MODULE_CALL_FRAMES = frozenset({"_wrapped_call_impl", "_call_impl"})
 
 
+def _called_eagerly(module: nn.Module) -> bool:
+    """Whether Python's own stack holds a call of ``module`` (its ``_call_impl``, which
+    ran its hooks) below the frame that ``torch.compile`` traces: ``torch.compile(net)``
+    traces ``net.forward`` as its first frame, called by ``net``'s call machinery, which
+    Dynamo leaves to Python; ``torch.compile(net.forward)`` or ``net.chunk`` has no
+    such caller."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if (frame.f_code.co_name in _MODULE_CALL_FRAMES
+                and frame.f_locals.get("self") is module):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _traced_modules(calls_only: bool = False) -> list[nn.Module]:
     """While ``torch.compile`` traces: the modules whose methods are being traced,
     innermost first, read from Dynamo's instruction translators (empty where a PyTorch
@@ -1683,10 +1698,12 @@ def _traced_modules(calls_only: bool = False) -> list[nn.Module]:
         found: list[nn.Module] = []
         while tx is not None:
             value = getattr(tx.symbolic_locals.get("self"), "value", None)
+            parent = getattr(tx, "parent", None)
             if (isinstance(value, nn.Module) and not any(value is m for m in found)
-                    and (not calls_only or tx.f_code.co_name in _MODULE_CALL_FRAMES)):
+                    and (not calls_only or tx.f_code.co_name in _MODULE_CALL_FRAMES
+                         or (parent is None and _called_eagerly(value)))):
                 found.append(value)
-            tx = getattr(tx, "parent", None)
+            tx = parent
         return found
     except (AttributeError, ImportError, RuntimeError, TypeError):
         return []
@@ -2217,23 +2234,28 @@ def _traced_in_checked_model() -> bool:
 
 
 def check_model_input(model: nn.Module, args: tuple) -> None:
-    """Check the first tensor argument of a converted model's call: no zero-size
-    dimension (``T = 0`` or a batch of 0) and, unless :class:`~sbnn_addons.check_finite`
-    is off, no NaN / inf.
+    """Check the positional arguments of a converted model's call: the first tensor has no
+    zero-size dimension (``T = 0`` or a batch of 0) and, unless
+    :class:`~sbnn_addons.check_finite` is off, no NaN / inf; every other tensor (a
+    membrane passed in, ``net(x, mem1, mem2)``) no NaN, since the spike functions inside
+    the model skip their own check.
 
     Raises:
         ValueError: naming the problem.
     """
-    x = next((a for a in args if isinstance(a, Tensor)), None)
-    if x is None:
+    tensors = [(i, a) for i, a in enumerate(args) if isinstance(a, Tensor)]
+    if not tensors:
         return
     where = f"the converted model ({type(model).__name__})"
+    x = tensors[0][1]
     if x.dim() and 0 in x.shape:
         raise_error(
             f"the input of {where} has shape {tuple(x.shape)}, with a zero-size dimension "
             "(a sequence of T = 0 steps or a batch of 0 examples); there is nothing to run: "
             "skip empty inputs before calling the model", ValueError)
     check_input(x, where)
+    for i, a in tensors[1:]:
+        check_input(a, f"{where}, its argument {i},", nan_only=True)
 
 
 _FLOW_HOOKS = (_flow_enter, _flow_leave, _probe_source, _probe_pass, _opaque_output)

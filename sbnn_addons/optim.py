@@ -42,6 +42,8 @@ _TRAINED_WARNED: weakref.WeakSet = weakref.WeakSet()
 #: Per optimiser, the groups (sizes, learning rates) :func:`check_noise_step` saw.
 _STEP_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _STEP_WARNED: weakref.WeakSet = weakref.WeakSet()
+#: Per optimiser, the (group, noise scales, weights, their group) pairs it looks at.
+_STEP_PENDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def register_noise_owner(module: nn.Module) -> None:
@@ -103,6 +105,28 @@ def check_noise_decay(optimizer) -> None:
             return
 
 
+def _shared_noise() -> set[int]:
+    """The ids of the noise scales that several units share: every ``*std_rho`` of a
+    noise owner but a per-weight std (``std_mode="weight"``), whose gradient is a
+    weight's."""
+    shared = set()
+    for owner in list(_NOISE_OWNERS):
+        weight = getattr(owner, "weight", None)
+        per_weight = (getattr(owner, "std_mode", None) == "weight"
+                      and isinstance(weight, torch.Tensor))
+        for name, p in owner.named_parameters():
+            if is_noise_parameter(name) and not (per_weight and p.shape == weight.shape):
+                shared.add(id(p))
+    return shared
+
+
+def _step_key(lr) -> object:
+    """A group's learning rate as :func:`check_noise_step` keys it: whether it trains
+    (a number), or the tensor itself (a scheduler changes it in place; reading its value
+    would wait for the GPU at every step)."""
+    return lr if isinstance(lr, torch.Tensor) else bool(lr)
+
+
 def check_noise_step(optimizer) -> None:
     """Warn (once per optimiser) where SGD trains noise scales in one group with weights.
 
@@ -116,34 +140,62 @@ def check_noise_step(optimizer) -> None:
     a deep or wide network drift (a SEW-ResNet-18 at SpikingJelly's ``SGD(lr=0.1,
     momentum=0.9)`` recipe diverged), without a word. Run after every ``torch.optim``
     step for ``SGD`` and ``ASGD``; it looks at the parameters again only when the groups
-    (their sizes or learning rates) change. Not warned: noise scales in a group of their
-    own (:func:`param_groups`: a learning rate chosen for them), frozen or without a
-    gradient, or a group with ``lr=0``.
+    (their sizes, or whether their learning rate is 0) change, and else at the groups
+    that hold noise scales and weights of which one kind had no gradient (frozen, e.g.
+    noise scales unfrozen later) until both have one. A group of their own at a rate
+    not below that of a group of trained weights (:func:`param_groups`, whose
+    ``noise_lr`` defaults to ``lr``) is warned about alike. Not warned: noise scales in
+    a group of their own at a smaller rate, or with weights that do not train (no
+    gradient), frozen or without a gradient, per-weight stds (``std_mode="weight"``:
+    not shared), or a group with ``lr=0``.
     """
     if not isinstance(optimizer, (torch.optim.SGD, torch.optim.ASGD)):
         return
     groups = getattr(optimizer, "param_groups", None)
     if not isinstance(groups, list):
         return
-    key = tuple((len(g.get("params", ())), g.get("lr")) if isinstance(g, dict) else None
-                for g in groups)
+    key = tuple((len(g.get("params", ())), _step_key(g.get("lr")))
+                if isinstance(g, dict) else None for g in groups)
     try:
-        if optimizer in _STEP_WARNED or _STEP_CHECKED.get(optimizer) == key:
+        if optimizer in _STEP_WARNED:
             return
-        _STEP_CHECKED[optimizer] = key
+        if _STEP_CHECKED.get(optimizer) == key:
+            mixed = _STEP_PENDING.get(optimizer, [])  # only the groups still undecided
+        else:
+            _STEP_CHECKED[optimizer] = key
+            mixed = None
     except TypeError:  # an optimiser that takes no weak reference: checked every step
-        pass
-    noise = {id(p) for owner in list(_NOISE_OWNERS)
-             for name, p in owner.named_parameters() if is_noise_parameter(name)}
-    for i, g in enumerate(groups):
-        if not isinstance(g, dict) or not g.get("lr"):
-            continue
-        params = list(g.get("params", ()))
-        hits = sum(id(p) in noise and p.grad is not None for p in params)
-        if hits and any(id(p) not in noise for p in params):
+        mixed = None
+    if mixed is None:
+        noise = _shared_noise()
+        live = []  # (index, lr, noise scales, weights) of each group that trains
+        for i, g in enumerate(groups):
+            if not isinstance(g, dict) or not g.get("lr"):
+                continue
+            params = list(g.get("params", ()))
+            live.append((i, float(g["lr"]), [p for p in params if id(p) in noise],
+                         [p for p in params if id(p) not in noise]))
+        mixed = []  # (index, noise scales, weights, the weights' group where another)
+        for i, lr, scales, weights in live:
+            if scales and weights:
+                mixed.append((i, scales, weights, None))
+            if scales:  # a group of their own, but as fast as some weights
+                mixed.extend((i, scales, other, j) for j, lr_j, _, other in live
+                             if j != i and other and not lr < lr_j)
+        try:
+            _STEP_PENDING[optimizer] = mixed
+        except TypeError:
+            pass
+    for i, scales, weights, j in mixed:
+        hits = sum(p.grad is not None for p in scales)
+        if hits and any(p.grad is not None for p in weights):
+            lr = float(groups[i]["lr"])
+            where = (f"with the weights at lr={lr}" if j is None else
+                     f"at lr={lr}, not below the weights' (group {j}, "
+                     f"lr={float(groups[j]['lr'])})")
             warnings.warn(
                 f"{type(optimizer).__name__} group {i} trains {hits} noise scale(s) "
-                f"(*std_rho) with the weights at lr={g['lr']}: a noise scale is shared "
+                f"(*std_rho) {where}: a noise scale is shared "
                 "by every unit of its layer (or channel), so its gradient is a sum over "
                 "all of them, and SGD, whose step grows with the gradient, moves it about "
                 "that many times further per step than a weight: in a deep or wide "
@@ -155,6 +207,7 @@ def check_noise_step(optimizer) -> None:
                 UserWarning, stacklevel=4)  # at the step call
             try:
                 _STEP_WARNED.add(optimizer)  # once, whatever a scheduler does to lr
+                _STEP_PENDING.pop(optimizer, None)
             except TypeError:
                 pass
             return
@@ -295,7 +348,9 @@ def param_groups(model: nn.Module, lr: float, noise_lr: float | None = None) -> 
             configuration uses ``10 * lr`` at ``lr = 5e-3``; at the higher learning rates of
             the host tutorials (Adam 1e-2) that moves every std by about 10 % per step and
             a converted model learns slower (Benchmarks page, "Converted host models at
-            defaults").
+            defaults"). SGD's step grows with the gradient, which for a shared std sums
+            over every unit sharing it: give SGD a ``noise_lr`` well below ``lr`` (at the
+            default its first step warns, :func:`check_noise_step`).
 
     The noise group has ``weight_decay=0``, whatever the optimiser's: decay pulls ``rho``
     towards 0, i.e. every std towards ``softplus(0) = 0.69``, which *inflates* small

@@ -1093,3 +1093,37 @@ def test_sample_spikes_and_estimator_arguments_are_named():
     import numpy as np
 
     assert sb.Estimator("iwst", p=np.float32(0.5)).spec == sb.IWST(0.5).spec
+
+
+class _StateNet(nn.Module):
+    """A truncated-BPTT style snnTorch loop: the membranes come in with the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.lif1 = nn.Linear(12, 16), snn.Leaky(beta=0.9)
+        self.fc2, self.lif2 = nn.Linear(16, 4), snn.Leaky(beta=0.9)
+
+    def forward(self, x, mem1, mem2):
+        out = []
+        for x_t in x:
+            spk1, mem1 = self.lif1(self.fc1(x_t), mem1)
+            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+            out.append(spk2)
+        return torch.stack(out), mem1, mem2
+
+
+def test_a_nan_membrane_passed_to_a_converted_model_is_named():
+    """``net(x, mem1, mem2)`` with a NaN membrane (e.g. carried over from a chunk that
+    diverged): the model's entry checked its first argument only, and the spike
+    functions inside it skip their own check, so it ran on silently with no spikes and
+    NaN membranes (a compiled ``net.chunk`` and the spike function alone raise)."""
+    torch.manual_seed(0)
+    net = sbnn_snn.to_sbnn(_StateNet())
+    x = torch.rand(3, 4, 12)
+    nan = torch.full((4, 16), math.nan)
+    with pytest.raises(ValueError, match=r"converted model \(_StateNet\).*argument 1.*NaN"):
+        net(x, nan, net.lif2.init_leaky())
+    spk, mem1, mem2 = net(x, net.lif1.init_leaky(), net.lif2.init_leaky())
+    assert torch.isfinite(mem1).all()
+    with check_finite(False):
+        net(x, nan, mem2)  # the documented switch: no check

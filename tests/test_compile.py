@@ -218,6 +218,37 @@ def test_nan_membrane_passed_to_a_compiled_method_of_a_converted_model_is_named(
     assert torch.isfinite(mem1).all()
 
 
+def _spike_checks_in_graph(step, *args) -> int:
+    """The NaN checks of spike functions (``_assert_async`` naming one) in the graphs
+    ``torch.compile`` builds for ``step(*args)``."""
+    found = []
+
+    def backend(gm, example_inputs):
+        found.extend(node for node in gm.graph.nodes
+                     if node.target is torch._assert_async and len(node.args) > 1
+                     and "input of the spike function" in str(node.args[1]))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(step, backend=backend)(*args)
+    return len(found)
+
+
+def test_compiled_converted_model_checks_its_input_once():
+    """``torch.compile(net)`` traces ``net.forward`` first, its call (whose pre-hook checks
+    the input) left to Python: the spike functions took it for a method call of the
+    model (``net.chunk``) and added a NaN check of their drive at every step, each a
+    reduction in the graph, on top of the model's own. ``torch.compile(net.forward)``
+    runs no hook: there the spike functions check."""
+    net = sbnn_snn.to_sbnn(ChunkNet())
+    x = torch.rand(T, 4, 12)
+    assert _spike_checks_in_graph(net, x) == 0
+    assert _spike_checks_in_graph(lambda a: net(a), x) == 0
+    assert _spike_checks_in_graph(net.forward, x) > 0
+    mems = (net.lif1.init_leaky(), net.lif2.init_leaky())
+    assert _spike_checks_in_graph(net.chunk, x, *mems) > 0
+
+
 def test_snntorch_rleaky_compiled_step_after_an_eager_step(same_random_stream):
     """An init_hidden RLeaky's spike buffer after an eager step is a plain tensor (a graph
     input: AOTAutograd rejects the eager spikes' subclass), and the compiled step that

@@ -931,7 +931,7 @@ def test_std_check_raises_no_false_alarm():
                             {"params": [net[0].std_rho], "lr": 0.0}], lr=0.1)
     assert _train_steps(net, opt, x) == []
     net = fresh()
-    opt = torch.optim.SGD(sb.param_groups(net, lr=0.1), lr=0.1)
+    opt = torch.optim.SGD(sb.param_groups(net, lr=0.1, noise_lr=1e-3), lr=0.1)
 
     def accumulate_and_evaluate():
         net(x).sum().backward()  # accumulated: no step in between

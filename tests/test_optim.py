@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -338,3 +340,134 @@ def test_left_out_noise_check_raises_no_false_alarm():
     for _ in range(3):  # accumulation: no step of any optimiser, nothing to check
         forward(net, x).sum().backward()
     assert _steps(net, opt, x, forward) == []
+
+
+def _sgd_warnings(model, opt, x, forward, steps=1, before=None) -> list[str]:
+    """``steps`` SGD steps (``before(i)`` ahead of step ``i``); the messages of the
+    noise-scale step warnings they raised."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(steps):
+            if before is not None:
+                before(i)
+            opt.zero_grad()
+            forward(model, x).sum().backward()
+            opt.step()
+    return [str(w.message) for w in caught if "noise scale(s) (*std_rho)" in str(w.message)
+            and "trains" in str(w.message) and "SGD" in str(w.message)]
+
+
+@pytest.mark.parametrize("host", ["snntorch", "spikingjelly"])
+def test_sgd_noise_warning_only_where_weights_and_noise_train_together(host):
+    """Only the noise scales train (the weights frozen): the group's learning rate is
+    theirs alone, no warning (a false alarm before). Noise scales frozen at first and
+    unfrozen later (the group unchanged) warn at the first step they train with the
+    weights (missed before: the groups were looked at once)."""
+    build, forward, to_sbnn = _host(host)
+    torch.manual_seed(0)
+    x = torch.rand(3, 4, 8)
+    model = to_sbnn(build())
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_noise_parameter(name))
+    assert _sgd_warnings(model, torch.optim.SGD(model.parameters(), lr=1e-3), x, forward,
+                         steps=2) == []
+    model = to_sbnn(build())
+    noise = list(sb.noise_parameters(model))
+    for p in noise:
+        p.requires_grad_(False)
+
+    def unfreeze(i):
+        if i == 2:
+            for p in noise:
+                p.requires_grad_(True)
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    found = _sgd_warnings(model, opt, x, forward, steps=4, before=unfreeze)
+    assert len(found) == 1 and f"trains {len(noise)} noise scale(s)" in found[0]
+
+
+def test_sgd_noise_warning_not_for_per_weight_stds():
+    """A mean-field layer (``std_mode="weight"``, a std per weight) shares no std, its
+    gradient is a weight's: SGD at the weights' rate is no warning (a false alarm before);
+    its ``bias_std`` (one for the whole bias) still is."""
+    class Net(nn.Module):
+        def __init__(self, **kwargs):
+            super().__init__()
+            self.fc = sb.BayesLinear(8, 6, std_mode="weight", **kwargs)
+            self.lif = sb.LIF(spike_fn=sb.IWSTSpike(std=0.3))
+            self.out = nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.out(self.lif(self.fc(x))[0])
+
+    def forward(net, x):
+        return net(x)
+
+    x = torch.rand(4, 8)
+    net = Net()
+    assert net.fc.std_rho.shape == net.fc.weight.shape
+    assert _sgd_warnings(net, torch.optim.SGD(net.parameters(), lr=0.1), x, forward) == []
+    net = Net(bias_std=0.1)
+    found = _sgd_warnings(net, torch.optim.SGD(net.parameters(), lr=0.1), x, forward)
+    assert len(found) == 1 and "trains 1 noise scale(s)" in found[0]
+
+
+def test_sgd_noise_check_does_not_rescan_at_every_scheduler_step(monkeypatch):
+    """The recommended setup (noise scales in a group of their own) with a learning rate
+    changed at every step (a cosine or one-cycle schedule): the check looked at every
+    parameter again at every step, as the learning rate was part of its key."""
+    import sbnn_addons.optim as optim
+
+    build, forward, to_sbnn = _host("spikingjelly")
+    model = to_sbnn(build())
+    opt = torch.optim.SGD(sb.param_groups(model, lr=0.1, noise_lr=1e-4), lr=0.1,
+                          momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100)
+    x = torch.rand(3, 4, 8)
+    scans, inside = [], []
+    real, check = optim.is_noise_parameter, optim.check_noise_step
+
+    def counted(name):
+        if inside:
+            scans.append(name)
+        return real(name)
+
+    def checked(optimizer):
+        inside.append(True)
+        try:
+            check(optimizer)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(optim, "is_noise_parameter", counted)
+    monkeypatch.setattr(optim, "check_noise_step", checked)
+    seen = []
+
+    def before(i):
+        if i:
+            scheduler.step()
+        seen.append(len(scans))
+
+    assert _sgd_warnings(model, opt, x, forward, steps=5, before=before) == []
+    assert len(set(seen[1:] + [len(scans)])) == 1  # the first step's scans, then none
+
+
+@pytest.mark.parametrize("host", ["snntorch", "spikingjelly"])
+def test_sgd_noise_group_as_fast_as_the_weights_warns(host):
+    """``SGD(sb.param_groups(model, lr=0.1), momentum=0.9)``: the noise scales have a
+    group of their own, but ``noise_lr`` defaults to ``lr``, so they train at the
+    weights' rate, as in one group, and drift the same way: not a word before. A rate
+    below the weights' is no warning."""
+    build, forward, to_sbnn = _host(host)
+    torch.manual_seed(0)
+    model = to_sbnn(build())
+    x = torch.rand(3, 4, 8)
+    opt = torch.optim.SGD(sb.param_groups(model, lr=0.1), momentum=0.9)
+    found = _sgd_warnings(model, opt, x, forward, steps=2)
+    assert len(found) == 1 and re.search(
+        r"SGD group 1 trains \d+ noise scale\(s\) .*at lr=0\.1, not below the weights' "
+        r"\(group 0, lr=0\.1\).*noise_lr=1e-4", found[0])
+    opt = torch.optim.SGD(sb.param_groups(model, lr=0.1, noise_lr=1e-3), momentum=0.9)
+    assert _sgd_warnings(model, opt, x, forward, steps=2) == []
