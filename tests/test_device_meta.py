@@ -195,3 +195,26 @@ def test_spikingjelly_model_built_on_meta_converts_and_loads_a_checkpoint(std_mo
     for name in ("0", "4"):
         fc = model.get_submodule(name)
         torch.testing.assert_close(fc.std, torch.full_like(fc.std, converted_std(fc.weight)))
+
+
+@pytest.mark.parametrize("learn_std", [True, False])
+def test_kl_to_a_scale_mixture_prior_follows_the_weights_device(learn_std):
+    """``scale_mixture_prior()`` is built without knowing the weights' device (on the
+    CPU): its Monte Carlo KL against weights on another device raised "Tensor on device
+    cpu is not on the expected device meta!" (on CUDA: "Expected all tensors to be on the
+    same device"), and a fixed std's zero check read it on the host."""
+    prior = sb.scale_mixture_prior(0.5, 1.0, 1e-3)
+    model = nn.Sequential(
+        sb.BayesLinear(4, 3, std_mode="weight", bias_std=0.1, learn_std=learn_std,
+                       device=META),
+        sb.BayesConv2d(2, 3, 3, std_mode="channel", learn_std=learn_std, device=META))
+    kl = sb.kl_divergence(model, prior, num_samples=2)
+    assert kl.device.type == "meta" and kl.shape == ()
+    kl.backward()
+    assert all(p.grad.device.type == "meta" for p in model.parameters()
+               if p.grad is not None)
+    assert prior.on(torch.device("cpu")) is prior  # a CPU model: the prior as built
+    # a user's distribution with parameters on another device: an error naming the fix
+    laplace = torch.distributions.Laplace(torch.zeros(3, 4), torch.ones(3, 4))
+    with pytest.raises(ValueError, match="build the prior's tensors on the weights' device"):
+        model[0].kl_divergence(laplace)
