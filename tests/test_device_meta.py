@@ -218,3 +218,183 @@ def test_kl_to_a_scale_mixture_prior_follows_the_weights_device(learn_std):
     laplace = torch.distributions.Laplace(torch.zeros(3, 4), torch.ones(3, 4))
     with pytest.raises(ValueError, match="build the prior's tensors on the weights' device"):
         model[0].kl_divergence(laplace)
+
+
+@pytest.mark.parametrize("estimator", ["st", "iwst(0.5)", "agr"])
+def test_spike_functions_and_sampler_on_meta(estimator):
+    """The spike functions on their own (fixed, learned and zero std, an attached
+    variance), :func:`sample_spikes` and the reference networks' surrogate spikes."""
+    from sbnn_addons.models import SURROGATES, SurrogateSpike
+
+    spikes = [sb.IWSTSpike(estimator), sb.IWSTSpike(estimator, std=0.3, learn_std=True),
+              sb.IWSTSpike(estimator, std=0.0), *(SurrogateSpike(s) for s in SURROGATES)]
+    for spike in spikes:
+        spike = spike.to(META)
+        u = torch.randn(4, 5, device=META, requires_grad=True)
+        out = spike(u)
+        assert out.device.type == "meta"
+        out.sum().backward()
+        assert u.grad.device.type == "meta"
+    u = torch.randn(4, 5, device=META, requires_grad=True)
+    noisy = sb.attach_variance(u * 1.0, torch.full((4, 5), 0.1, device=META))
+    sb.IWSTSpike(estimator).to(META)(noisy).sum().backward()
+    sigma = torch.full((4, 5), 0.3, device=META, requires_grad=True)
+    sb.sample_spikes(u, sigma, sb.get_estimator(estimator)).sum().backward()
+    assert sigma.grad.device.type == "meta"
+
+
+@pytest.mark.parametrize("reset", ["subtract", "zero"])
+def test_lif_resets_modes_checkpoint_and_optimiser_on_meta(reset):
+    """The LIF's resets, the evaluation modes, :func:`sbnn_addons.checkpoint.checkpoint`,
+    the KL to a Gaussian prior and an optimiser step on the noise groups."""
+    from sbnn_addons.checkpoint import checkpoint
+
+    fc = sb.BayesLinear(4, 3, std_mode="weight", bias_std=0.1, device=META)
+    lif = sb.LIF(reset=reset, spike_fn=sb.IWSTSpike("iwst(0.5)", std=0.2, learn_std=True)).to(META)
+    net = nn.ModuleList([fc, lif])
+    for m in ("mean", "mc", "sample"):
+        sb.set_mode(net, m)
+        assert lif.run(fc(torch.rand(3, 2, 4, device=META))).device.type == "meta"
+    with sb.mode(net, "mean"):
+        lif.run(fc(torch.rand(3, 2, 4, device=META)))
+    x = torch.rand(3, 2, 4, device=META, requires_grad=True)
+    out = checkpoint(lambda v: lif.run(fc(v)), x, modules=net)
+    loss = out.sum() + sb.kl_divergence(net, sb.GaussianPrior(0.5))
+    opt = torch.optim.Adam(sb.param_groups(net, 1e-3))
+    _backward_reaches(net, loss)
+    opt.step()
+    assert all(p.device.type == "meta" for p in sb.noise_parameters(net))
+
+
+def test_metrics_spike_monitor_and_synops_on_meta():
+    """:class:`SpikeMonitor` counts on the device of the spikes, and
+    :func:`~sbnn_addons.metrics.layer_synops` of every weight layer stays there."""
+    from sbnn_addons.metrics import SpikeMonitor, layer_synops
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = sb.BayesConv2d(2, 3, 3, padding=1)
+            self.fc = sb.BayesLinear(3 * 6 * 6, 4)
+            self.lif1, self.lif2 = sb.LIF(), sb.LIF()
+
+        def forward(self, x):
+            h = self.lif1.run(self.conv(x.flatten(0, 1)).unflatten(0, x.shape[:2]))
+            return self.lif2.run(self.fc(h.flatten(2))).sum(0)
+
+    net = Net().to(META)
+    with SpikeMonitor(net) as mon:
+        net((torch.rand(3, 2, 2, 6, 6, device=META) < 0.5).float())
+    assert {t.device.type for t in [*mon.counts.values(), *mon.synops.values()]} == {"meta"}
+    for layer, x in [(net.fc, torch.rand(2, 108, device=META)),
+                     (net.conv, torch.rand(2, 2, 6, 6, device=META)),
+                     (nn.Conv1d(2, 3, 3).to(META), torch.rand(2, 2, 6, device=META))]:
+        assert layer_synops(layer, x).device.type == "meta"
+
+
+@pytest.mark.parametrize("batchnorm", ["affine", "keep"])
+@pytest.mark.filterwarnings("ignore:batchnorm=.affine. folds")
+@pytest.mark.filterwarnings("ignore:Inhibition is an unstable feature")
+def test_converted_snntorch_neurons_and_round_trip_on_meta(batchnorm):
+    """Every supported snnTorch neuron (``Leaky``, ``RLeaky``, with ``inhibition``,
+    without ``init_hidden``) after ``to_sbnn``, and ``to_snntorch`` back."""
+    snn = pytest.importorskip("snntorch")
+    from sbnn_addons.snntorch import membrane_variance, reset, to_sbnn, to_snntorch
+
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)
+            self.lif1 = snn.Leaky(beta=0.9, reset_mechanism="zero")
+            self.fc = nn.Linear(4 * 16, 5)
+            self.lif2 = snn.RLeaky(beta=0.9, linear_features=5)
+            self.fc2 = nn.Linear(5, 3)
+            self.lif3 = snn.Leaky(beta=0.9, inhibition=True)
+
+        def forward(self, x):
+            mem1, (spk2, mem2), mem3 = (self.lif1.init_leaky(), self.lif2.init_rleaky(),
+                                        self.lif3.init_leaky())
+            out = []
+            for t in range(x.shape[0]):
+                spk1, mem1 = self.lif1(self.bn(self.conv(x[t])), mem1)
+                spk2, mem2 = self.lif2(self.fc(spk1.flatten(1)), spk2, mem2)
+                spk3, mem3 = self.lif3(self.fc2(spk2), mem3)
+                out.append(spk3)
+            return torch.stack(out)
+
+    hidden = nn.Sequential(nn.Linear(6, 5),
+                           snn.RLeaky(beta=0.9, linear_features=5, init_hidden=True),
+                           nn.Linear(5, 3),
+                           snn.Leaky(beta=0.9, init_hidden=True, inhibition=True, output=True))
+    model = to_sbnn(hidden, batchnorm=batchnorm).to(META)
+    reset(model)
+    out = sum(model(torch.rand(2, 6, device=META))[0] for _ in range(3))
+    assert membrane_variance(model[1]).device.type == "meta"
+    _backward_reaches(model, out)
+    model = to_sbnn(Loop(), batchnorm=batchnorm).to(META)
+    _backward_reaches(model, model(torch.rand(3, 2, 1, 6, 6, device=META)))
+    back = to_snntorch(model)
+    assert {p.device.type for p in back.parameters()} == {"meta"}
+
+
+@pytest.mark.filterwarnings("ignore:batchnorm=.affine. folds")
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+@pytest.mark.parametrize("batchnorm", ["affine", "keep"])
+def test_converted_spikingjelly_neurons_and_round_trip_on_meta(step_mode, batchnorm):
+    """Every supported SpikingJelly neuron (``IFNode``, ``LIFNode``,
+    ``ParametricLIFNode``) with a convolution and a BatchNorm after ``to_sbnn``, and
+    ``to_spikingjelly`` back."""
+    pytest.importorskip("spikingjelly")
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    from sbnn_addons.spikingjelly import to_sbnn, to_spikingjelly
+
+    for node in (neuron.IFNode(), neuron.ParametricLIFNode()):
+        net = nn.Sequential(layer.Conv2d(1, 4, 3), layer.BatchNorm2d(4), node,
+                            layer.Flatten(), layer.Linear(4 * 16, 3), neuron.LIFNode())
+        functional.set_step_mode(net, step_mode)
+        model = to_sbnn(net, batchnorm=batchnorm).to(META)
+        functional.reset_net(model)
+        x = torch.rand(3, 2, 1, 6, 6, device=META)
+        out = model(x) if step_mode == "m" else torch.stack([model(x[t]) for t in range(3)])
+        _backward_reaches(model, out)
+        back = to_spikingjelly(model)
+        assert {p.device.type for p in back.parameters()} == {"meta"}
+
+
+def test_spikingjelly_drop_in_parts_on_meta():
+    """The drop-in surrogate (with :func:`link_neuron`) and the step-mode layers."""
+    pytest.importorskip("spikingjelly")
+    from spikingjelly.activation_based import neuron
+
+    from sbnn_addons import spikingjelly as sj
+
+    layers = nn.ModuleList([sj.BayesLinear(6, 5, step_mode="m"),
+                            sj.BayesConv1d(2, 3, 3, padding=1, step_mode="m"),
+                            sj.BayesConv2d(2, 3, 3, padding=1, step_mode="m"),
+                            sj.ChannelAffine(3, step_mode="m")]).to(META)
+    node = sj.link_neuron(neuron.LIFNode(surrogate_function=sj.surrogate_function("iwst(0.5)"),
+                                         step_mode="m").to(META))
+    outs = [node(layers[0](torch.rand(3, 2, 6, device=META))),
+            layers[3](layers[1](torch.rand(3, 2, 2, 7, device=META))),
+            layers[3](layers[2](torch.rand(3, 2, 2, 5, 5, device=META)))]
+    _backward_reaches(layers, sum(o.sum() for o in outs))
+
+
+@pytest.mark.parametrize("bayes", [True, False])
+def test_reference_network_variants_on_meta(bayes):
+    """The reference networks with their other options: deterministic (surrogate
+    spikes), BatchNorm per step, readout noise, checkpointed blocks."""
+    from sbnn_addons.models import SpikingResNet
+
+    nets = [
+        (SpikingResNet(2, 3, (4, 4), blocks=1, bayes=bayes, num_steps=2,
+                       norm="affine" if bayes else "bn", readout_noise=bayes,
+                       checkpoint=True, stem_pool=True),
+         torch.rand(2, 2, 2, 8, 8)),
+        (shd_recurrent(in_features=6, hidden=(5, 4), num_classes=3, num_steps=3,
+                       bayes=bayes), torch.rand(3, 2, 6)),
+    ]
+    for net, x in nets:
+        net = net.to(META)
+        _backward_reaches(net, net(x.to(META)))
