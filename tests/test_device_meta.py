@@ -398,3 +398,45 @@ def test_reference_network_variants_on_meta(bayes):
     for net, x in nets:
         net = net.to(META)
         _backward_reaches(net, net(x.to(META)))
+
+
+def test_metrics_and_uncertainty_on_meta():
+    """The tensor metrics and the Monte Carlo uncertainty run on the device of their
+    input: their value checks (rows summing to one, targets in range, NaN) read the
+    values on the host, and on the ``meta`` device, which has none, they raised "Tensor.item()
+    cannot be called on meta tensors" instead of being skipped (as ``check_finite``
+    skips them). Python-float results (``classification_metrics``, ``ood_metrics``,
+    ``mc_predict``'s spike counts) need values; the ACE's ``unique_consecutive`` has no
+    meta kernel."""
+    from sbnn_addons import metrics, uncertainty
+
+    probs = torch.rand(8, 4, device=META)
+    targets = torch.randint(0, 4, (8,), device=META)
+    metrics.check_probabilities(probs, targets)
+    for fn in (metrics.negative_log_likelihood, metrics.brier_score,
+               metrics.expected_calibration_error):
+        assert fn(probs, targets).device.type == "meta", fn.__name__
+    assert uncertainty.entropy(probs).device.type == "meta"
+    for pred in (uncertainty.from_sample_probs(torch.rand(3, 8, 4, device=META)),
+                 uncertainty.from_sample_probs(torch.rand(3, 8, 4, device=META,
+                                                          dtype=torch.bfloat16)),
+                 uncertainty.time_as_samples(torch.rand(3, 8, 4, device=META))):
+        assert {t.device.type for t in (pred.probs, pred.entropy, pred.mutual_information,
+                                        pred.expected_entropy)} == {"meta"}
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.lif = sb.BayesLinear(4, 3), sb.LIF()
+
+        def forward(self, x):
+            return self.lif.run(self.fc(x)).sum(0)
+
+    net = Net().to(META)
+    x = torch.rand(3, 2, 4, device=META)
+    for kw in ({}, {"chunk_size": 2}, {"fold": True, "batch_dim": 1}):
+        pred = sb.mc_predict(net, x, num_samples=3, count_spikes=False, **kw)
+        assert pred.probs.shape == (2, 3) and pred.probs.device.type == "meta"
+    pred = sb.mc_predict(net, x, num_samples=2, count_spikes=False, output="probs",
+                         forward=lambda m, v: torch.softmax(m(v), -1))
+    assert pred.sample_probs.device.type == "meta"
