@@ -259,9 +259,10 @@ class SnnTorchSpike(IWSTSpike):
                         del recent[i]
                         break
                 return spikes
-        if membrane is not None and not bool(membrane.any()):
+        if membrane is not None and (membrane.is_meta or not bool(membrane.any())):
             # a zero membrane not fired from: a new sequence's initial state, never a copy
-            # (a value match would hand it the spikes of a draw from an earlier zero one)
+            # (a value match would hand it the spikes of a draw from an earlier zero one);
+            # a meta one has no values to match
             return None
         for i, (prev, spikes) in enumerate(recent):  # oldest first
             if _equal(prev, key):
@@ -297,8 +298,9 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
 
 
 def _equal(a: Tensor, b: Tensor) -> bool:
-    """Whether two tensors have the same shape, dtype, device and values."""
-    return _same_layout(a, b) and bool(torch.equal(a, b))
+    """Whether two tensors have the same shape, dtype, device and values (never for
+    tensors on the ``meta`` device, which have none)."""
+    return _same_layout(a, b) and not a.is_meta and bool(torch.equal(a, b))
 
 
 #: How many frames above the spike function :func:`_snntorch_caller` looks for snnTorch's.

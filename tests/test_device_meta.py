@@ -440,3 +440,25 @@ def test_metrics_and_uncertainty_on_meta():
     pred = sb.mc_predict(net, x, num_samples=2, count_spikes=False, output="probs",
                          forward=lambda m, v: torch.softmax(m(v), -1))
     assert pred.sample_probs.device.type == "meta"
+
+
+@pytest.mark.parametrize("reset_mechanism", ["subtract", "zero"])
+def test_snntorch_drop_in_spike_grad_on_meta(reset_mechanism):
+    """``snn.Leaky(spike_grad=sbnn_addons.snntorch.spike_grad(...))`` without conversion:
+    the reset call's lookup of the spikes its membrane emitted compared values
+    (``membrane.any()``, ``torch.equal``) and raised "Tensor.item() cannot be called on
+    meta tensors"; a membrane without values matches none (the record kept with the
+    membrane itself still does)."""
+    snn = pytest.importorskip("snntorch")
+    from sbnn_addons.snntorch import spike_grad
+
+    fc = nn.Linear(6, 5).to(META)
+    lif = snn.Leaky(beta=0.9, spike_grad=spike_grad("iwst(0.5)"),
+                    reset_mechanism=reset_mechanism).to(META)
+    hidden = snn.Leaky(beta=0.9, spike_grad=spike_grad("agr"), init_hidden=True,
+                       reset_mechanism=reset_mechanism, output=True).to(META)
+    mem, out = lif.init_leaky(), 0
+    for _ in range(3):
+        spk, mem = lif(fc(torch.rand(2, 6, device=META)), mem)
+        out = out + spk + hidden(fc(torch.rand(2, 6, device=META)))[0]
+    _backward_reaches(fc, out)
