@@ -462,3 +462,26 @@ def test_snntorch_drop_in_spike_grad_on_meta(reset_mechanism):
         spk, mem = lif(fc(torch.rand(2, 6, device=META)), mem)
         out = out + spk + hidden(fc(torch.rand(2, 6, device=META)))[0]
     _backward_reaches(fc, out)
+
+
+@pytest.mark.parametrize("weights", ["gaussian", "binary"])
+def test_expectation_propagation_on_meta(weights):
+    """:class:`~sbnn_addons.ep.EPNetwork` on the device of its buffers: inference, the
+    update and the export. ``to_sbnn_layers()`` built the layers on the CPU and copied
+    the posterior into them (a CUDA network exported CPU layers; on ``meta``: "Cannot
+    copy out of meta tensor"), and the input and label checks read values."""
+    from sbnn_addons import ep
+
+    net = ep.EPNetwork([4, 5, 3], weights=weights).to(META)
+    x = torch.rand(6, 4, device=META, dtype=net.mean0.dtype)
+    y = torch.randint(0, 3, (6,), device=META)
+    outs = [*net.output_moments(x), net.log_evidence(x, y), net.predict_proba(x),
+            net.deterministic_logits(x), net.predict(x), net.update(x, y),
+            net.log_evidence(x, torch.ones(6, 3, device=META))]
+    assert {t.device.type for t in outs} == {"meta"}
+    layers = net.to_sbnn_layers()
+    assert {t.device.type for t in [*layers.parameters(), *layers.buffers()]} == {"meta"}
+    layers(x.float()).sum().backward()
+    sb_layers = nn.Sequential(sb.BayesLinear(4, 5, device=META), sb.IWSTSpike("st"),
+                              sb.BayesLinear(5, 3, device=META))
+    assert ep.from_sbnn_layers(sb_layers).mean0.device.type == "meta"
