@@ -485,3 +485,49 @@ def test_expectation_propagation_on_meta(weights):
     sb_layers = nn.Sequential(sb.BayesLinear(4, 5, device=META), sb.IWSTSpike("st"),
                               sb.BayesLinear(5, 3, device=META))
     assert ep.from_sbnn_layers(sb_layers).mean0.device.type == "meta"
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.filterwarnings("ignore:batchnorm=.affine. folds")
+def test_spikingjelly_model_moved_to_meta_folds_its_batchnorms(affine):
+    """A SpikingJelly model on the ``meta`` device (``.to("meta")``, or built there),
+    converted outside a ``torch.device("meta")`` block with ``batchnorm="affine"``: the
+    step-mode ``ChannelAffine`` was built on the CPU and loaded the folded values from the
+    device ("cannot fold BatchNorm '1' ... Cannot copy out of meta tensor"; on CUDA a
+    round trip through the CPU)."""
+    pytest.importorskip("spikingjelly")
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    from sbnn_addons.spikingjelly import ChannelAffine, to_sbnn
+
+    net = nn.Sequential(layer.Conv2d(1, 4, 3), layer.BatchNorm2d(4, affine=affine),
+                        neuron.LIFNode(), layer.Flatten(), layer.Linear(4 * 16, 3),
+                        neuron.LIFNode()).to(META)
+    functional.set_step_mode(net, "m")
+    model = to_sbnn(net, batchnorm="affine", std_mode="channel")
+    assert isinstance(model[1], ChannelAffine)
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
+    functional.reset_net(model)
+    _backward_reaches(model, model(torch.rand(3, 2, 1, 6, 6, device=META)))
+
+
+def test_spikingjelly_float64_batchnorm_folds_exactly():
+    """A float64 SpikingJelly BatchNorm folded by ``batchnorm="affine"`` keeps its float64
+    values: the step-mode ``ChannelAffine`` was built in float32, loaded the folded
+    values (rounded to float32, errors of 6e-8) and only then cast to float64."""
+    pytest.importorskip("spikingjelly")
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    from sbnn_addons.spikingjelly import to_sbnn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Conv2d(1, 4, 3), layer.BatchNorm2d(4), neuron.LIFNode()).double()
+    with torch.no_grad():
+        net[1].running_var.uniform_(0.5, 2.0)
+        net[1].running_mean.normal_()
+        net[1].num_batches_tracked += 1
+    functional.set_step_mode(net, "m")
+    want = sb.ChannelAffine.from_batchnorm(net[1])
+    got = to_sbnn(net, batchnorm="affine")[1]
+    assert got.weight.dtype == torch.float64
+    assert torch.equal(got.weight, want.weight) and torch.equal(got.bias, want.bias)
