@@ -531,3 +531,25 @@ def test_spikingjelly_float64_batchnorm_folds_exactly():
     got = to_sbnn(net, batchnorm="affine")[1]
     assert got.weight.dtype == torch.float64
     assert torch.equal(got.weight, want.weight) and torch.equal(got.bias, want.bias)
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: shd_recurrent(in_features=6, hidden=(5,), num_classes=3, num_steps=3),
+     (3, 2, 6)),
+    (lambda: dvs_resnet19(widths=(4, 4, 4), blocks=1, num_steps=2), (2, 2, 2, 8, 8)),
+], ids=["shd_recurrent", "dvs_resnet19"])
+def test_deterministic_twin_on_the_networks_device_and_dtype(make, shape):
+    """``deterministic_twin()`` built the twin on the CPU in float32, loaded the
+    network's means into it and moved it to the network's device only: from the ``meta``
+    device the load raised ("Cannot copy out of meta tensor"; from CUDA a round trip
+    through the CPU), and a float64 network's twin was float32, its means rounded."""
+    net = make().to(META)
+    twin = net.deterministic_twin()
+    assert {t.device.type for t in [*twin.parameters(), *twin.buffers()]} == {"meta"}
+    _backward_reaches(twin, twin(torch.rand(shape, device=META)))
+    torch.manual_seed(0)
+    net = make().double()
+    twin = net.deterministic_twin()
+    assert {p.dtype for p in twin.parameters()} == {torch.float64}
+    means = {k: v for k, v in net.state_dict().items() if k in twin.state_dict()}
+    assert means and all(torch.equal(twin.state_dict()[k], v) for k, v in means.items())
