@@ -553,3 +553,32 @@ def test_deterministic_twin_on_the_networks_device_and_dtype(make, shape):
     assert {p.dtype for p in twin.parameters()} == {torch.float64}
     means = {k: v for k, v in net.state_dict().items() if k in twin.state_dict()}
     assert means and all(torch.equal(twin.state_dict()[k], v) for k, v in means.items())
+
+
+def test_variance_flow_tools_and_share_posterior_on_meta():
+    """The variance rules between a layer and its neuron (scale, shift, pooling, dropout,
+    reshapes), :func:`track_variance`, :func:`check_variance_flow` and
+    :func:`share_posterior` on the ``meta`` device."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.pool = sb.BayesConv2d(2, 3, 3, padding=1), nn.AvgPool2d(2)
+            self.drop, self.lif = nn.Dropout(0.1), sb.LIF()
+            self.fc, self.lif2 = sb.BayesLinear(12, 3, std_mode="weight"), sb.LIF()
+
+        def forward(self, x):
+            c = self.drop(self.pool(self.conv(x.flatten(0, 1)) * 2.0 + 1.0))
+            h = self.lif.run(c.unflatten(0, x.shape[:2]))
+            return self.lif2.run(self.fc(h.flatten(2))).sum(0)
+
+    net = Net().to(META)
+    x = torch.rand(3, 2, 2, 4, 4, device=META)
+    report = sb.check_variance_flow(net, x)
+    assert report is not None
+    sb.track_variance(net)
+    with sb.variance_flow(), sb.share_posterior():
+        out = net(x)
+    _backward_reaches(net, out)
+    carried = sb.attach_variance(x * 1.0, torch.full_like(x, 0.1))
+    assert sb.get_variance(carried).device.type == "meta"
