@@ -1566,8 +1566,13 @@ def _safe_deepcopy(model: nn.Module) -> nn.Module:
 
 
 def _thr(m: nn.Module) -> float:
-    """The neuron's threshold as a float (the mean of a per-neuron or learned one)."""
-    return threshold_value(m.threshold)
+    """The neuron's threshold as a float (the mean of a per-neuron or learned one); 1.0
+    (snnTorch's default) for one on the ``meta`` device, which has no value: the spike
+    function reads the neuron's threshold once it has one (``_sync_spike_threshold``)."""
+    thr = m.threshold
+    if isinstance(thr, Tensor) and thr.is_meta:
+        return 1.0
+    return threshold_value(thr)
 
 
 _LAYERS = {nn.Linear: BayesLinear, nn.Conv1d: BayesConv1d, nn.Conv2d: BayesConv2d}

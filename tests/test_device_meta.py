@@ -582,3 +582,40 @@ def test_variance_flow_tools_and_share_posterior_on_meta():
     _backward_reaches(net, out)
     carried = sb.attach_variance(x * 1.0, torch.full_like(x, 0.1))
     assert sb.get_variance(carried).device.type == "meta"
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"spike_std": 0.2, "learn_std": False}])
+def test_snntorch_model_on_meta_converts_and_loads_a_checkpoint(kwargs):
+    """An snnTorch model moved to the ``meta`` device (snnTorch cannot build one there)
+    converts: the converter read each neuron's threshold for its spike function ("Tensor.item()
+    cannot be called on meta tensors"). After ``to_empty()`` a converted checkpoint
+    (thresholds, spike stds) loads and runs as the saved model; the spike functions read
+    the loaded thresholds."""
+    snn = pytest.importorskip("snntorch")
+    from sbnn_addons.snntorch import reset, to_sbnn
+
+    def host():
+        return nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4),
+            snn.Leaky(beta=0.9, threshold=2.0, init_hidden=True), nn.Flatten(),
+            nn.Linear(4 * 16, 3),
+            snn.Leaky(beta=0.8, threshold=0.5, init_hidden=True, output=True))
+
+    torch.manual_seed(0)
+    saved = to_sbnn(host(), **kwargs)
+    model = to_sbnn(host().to(META), **kwargs)
+    reset(model)
+    _backward_reaches(model, model(torch.rand(2, 1, 6, 6, device=META))[0])
+    model.to_empty(device="cpu")
+    model.load_state_dict(saved.state_dict())
+    x = torch.rand(4, 2, 1, 6, 6) * 3
+    outs = []
+    for m in (saved, model):
+        sb.seed_spikes(m, 1)
+        reset(m)
+        with torch.no_grad():
+            outs.append(torch.stack([m(x[t])[0] for t in range(4)]))
+    assert torch.equal(*outs)
+    spikes = [[(s.threshold, float(s.std.mean())) for s in m.modules()
+               if isinstance(s, sb.IWSTSpike)] for m in (saved, model)]
+    assert spikes[0] == spikes[1] and spikes[0][0][0] == 2.0
