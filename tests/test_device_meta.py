@@ -619,3 +619,26 @@ def test_snntorch_model_on_meta_converts_and_loads_a_checkpoint(kwargs):
     spikes = [[(s.threshold, float(s.std.mean())) for s in m.modules()
                if isinstance(s, sb.IWSTSpike)] for m in (saved, model)]
     assert spikes[0] == spikes[1] and spikes[0][0][0] == 2.0
+
+
+def test_seeded_spike_functions_on_meta():
+    """Seeded spike functions (:func:`seed_spikes`, ``mc_predict(seed=)``, their replay in
+    :func:`sbnn_addons.checkpoint.checkpoint`, the readout noise's stream) on the ``meta``
+    device: the private generator was made on the drive's device, which PyTorch refuses
+    for ``meta`` ("META device type not an accelerator"); there a seeded draw takes no
+    generator (no values to draw), after the same checks."""
+    from sbnn_addons.checkpoint import checkpoint
+
+    fc = sb.BayesLinear(4, 3, device=META)
+    lif = sb.LIF(spike_fn=sb.IWSTSpike("iwst(0.5)", std=0.2)).to(META)
+    net = nn.ModuleList([fc, lif])
+    sb.seed_spikes(net, 1)
+    x = torch.rand(3, 2, 4, device=META, requires_grad=True)
+    _backward_reaches(net, checkpoint(lambda v: lif.run(fc(v)), x, modules=net))
+    ref = shd_recurrent(in_features=6, hidden=(5,), num_classes=3, num_steps=3,
+                        readout_noise=True).to(META)
+    sb.seed_spikes(ref, 2)
+    _backward_reaches(ref, ref(torch.rand(3, 2, 6, device=META)))
+    pred = sb.mc_predict(ref, torch.rand(3, 2, 6, device=META), num_samples=2, seed=0,
+                         count_spikes=False)
+    assert pred.probs.device.type == "meta"
