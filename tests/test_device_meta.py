@@ -385,7 +385,7 @@ def test_spikingjelly_drop_in_parts_on_meta():
 def test_reference_network_variants_on_meta(bayes):
     """The reference networks with their other options: deterministic (surrogate
     spikes), BatchNorm per step, readout noise, checkpointed blocks."""
-    from sbnn_addons.models import SpikingResNet
+    from sbnn_addons.models import SpikingResNet, paper_recipe
 
     nets = [
         (SpikingResNet(2, 3, (4, 4), blocks=1, bayes=bayes, num_steps=2,
@@ -398,6 +398,9 @@ def test_reference_network_variants_on_meta(bayes):
     for net, x in nets:
         net = net.to(META)
         _backward_reaches(net, net(x.to(META)))
+    opt, schedule = paper_recipe(net, "shd", epochs=2)  # the SHD network's recipe
+    opt.step()
+    schedule.step()
 
 
 def test_metrics_and_uncertainty_on_meta():
