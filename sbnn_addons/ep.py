@@ -86,7 +86,7 @@ def _check_data(name: str, x: Tensor) -> Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor; convert it with {name}.float()")
-    if not bool(torch.isfinite(x).all()):
+    if not x.is_meta and not bool(torch.isfinite(x).all()):  # (meta: no values to check)
         raise ValueError(
             f"{name} contains NaN or infinite values; EP needs finite inputs "
             f"(clean or impute them, e.g. torch.nan_to_num({name}))"
@@ -250,7 +250,8 @@ def _sign_targets(y: Tensor, num_classes: int, dtype) -> Tensor:
         raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
     if y.is_floating_point():
         _check_data("y", y)
-        if y.dim() != 2 or y.shape[1] != num_classes or not bool((y.abs() == 1).all()):
+        if y.dim() != 2 or y.shape[1] != num_classes or not (
+                y.is_meta or bool((y.abs() == 1).all())):
             raise ValueError(
                 f"floating y must be +-1 sign targets of shape [B, {num_classes}]; "
                 "pass integer class labels otherwise"
@@ -258,7 +259,7 @@ def _sign_targets(y: Tensor, num_classes: int, dtype) -> Tensor:
         return y.to(dtype)
     if y.dim() != 1:
         raise ValueError(f"integer y must be class labels of shape [B], got {tuple(y.shape)}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+    if y.numel() and not y.is_meta and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise ValueError(f"class labels y must be in [0, {num_classes}), got range "
                          f"[{int(y.min())}, {int(y.max())}]")
     t = -torch.ones((y.shape[0], num_classes), dtype=dtype, device=y.device)
@@ -570,6 +571,7 @@ class EPNetwork(nn.Module):
         own noise ``sqrt(unit_noise_var)`` (``sqrt(8/pi)`` for sigmoid units), i.e.
         ``1[u > 0]`` in ``mean`` mode. Use :func:`sbnn_addons.set_mode` /
         :func:`sbnn_addons.mc_predict` for ``sample`` / ``mean`` / ``mc(K)`` evaluation.
+        The layers are on the network's device (that of its posterior buffers).
 
         Binary (+-1) weights are exported as their moment-matched Gaussians ``N(m, 1 - m^2)``
         (same mean and variance). The local reparameterisation of ``BayesLinear`` only uses
@@ -583,7 +585,7 @@ class EPNetwork(nn.Module):
             n_out, n_in = self.sizes[i + 1], self.sizes[i]
             layer = BayesLinear(
                 n_in, n_out, bias=self.bias, std=1.0, std_mode="weight", learn_std=False,
-                bias_std=1.0 if self.bias else None, dtype=m.dtype,
+                bias_std=1.0 if self.bias else None, dtype=m.dtype, device=m.device,
             )
             with torch.no_grad():
                 layer.weight.copy_(m[:, :n_in])
@@ -595,7 +597,7 @@ class EPNetwork(nn.Module):
             modules.append(layer)
             if i < self.num_layers - 1:
                 noise = math.sqrt(self.unit_noise_var)
-                modules.append(IWSTSpike("st", std=noise if noise > 0 else None))
+                modules.append(IWSTSpike("st", std=noise if noise > 0 else None).to(m.device))
         return nn.Sequential(*modules)
 
     def extra_repr(self) -> str:

@@ -116,15 +116,43 @@ class GaussianPrior:
 def scale_mixture_prior(pi: float = 0.5, std1: float = 1.0, std2: float = 1e-3):
     """Scale-mixture prior ``pi N(0, std1^2) + (1 - pi) N(0, std2^2)`` (Blundell et al.).
 
-    Returned as a ``torch.distributions.MixtureSameFamily``; its KL is Monte Carlo.
+    Returned as a ``torch.distributions.MixtureSameFamily``; its KL is Monte Carlo. Its
+    parameters follow the weights' device in the KL (a model on CUDA takes the prior as
+    built); another distribution must hold its tensors on the weights' device.
     """
     if not 0.0 < pi < 1.0:
         raise ValueError(f"pi must be in (0, 1), got {pi}")
     std1 = check_std("std1", std1, allow_zero=False)
     std2 = check_std("std2", std2, allow_zero=False)
-    mix = torch.distributions.Categorical(torch.tensor([pi, 1.0 - pi]))
-    comp = torch.distributions.Normal(torch.zeros(2), torch.tensor([std1, std2]))
-    return torch.distributions.MixtureSameFamily(mix, comp)
+    return _ScaleMixturePrior(pi, std1, std2)
+
+
+class _ScaleMixturePrior(torch.distributions.MixtureSameFamily):
+    """The prior of :func:`scale_mixture_prior`. Built without knowing the weights'
+    device (its parameters on the CPU), it follows them in the KL: :meth:`on` gives the
+    same prior on a layer's device (a CPU mixture against CUDA weights raised "Expected
+    all tensors to be on the same device")."""
+
+    def __init__(self, pi: float, std1: float, std2: float,
+                 device: torch.device | str | None = None) -> None:
+        # a meta tensor has no values to validate (a CPU or CUDA one is checked)
+        check = False if torch.device(device or "cpu").type == "meta" else None
+        mix = torch.distributions.Categorical(torch.tensor([pi, 1.0 - pi], device=device),
+                                              validate_args=check)
+        comp = torch.distributions.Normal(torch.zeros(2, device=device),
+                                          torch.tensor([std1, std2], device=device),
+                                          validate_args=check)
+        super().__init__(mix, comp, validate_args=check)
+        self._args = (pi, std1, std2)
+        self._on: dict[torch.device, _ScaleMixturePrior] = {}
+
+    def on(self, device: torch.device) -> torch.distributions.MixtureSameFamily:
+        """The same prior with its parameters on ``device`` (``self`` where they are)."""
+        if self.mixture_distribution.probs.device == device:
+            return self
+        if device not in self._on:
+            self._on[device] = _ScaleMixturePrior(*self._args, device=device)
+        return self._on[device]
 
 
 class _BinaryInputOp(torch.autograd.Function):
@@ -546,7 +574,8 @@ class _BayesMixin(SBNNModule):
         """
         check_kl_samples(num_samples)
         std = self.std
-        if not self.learn_std and not torch.compiler.is_compiling() and bool((std == 0).any()):
+        if (not self.learn_std and not torch.compiler.is_compiling() and not std.is_meta
+                and bool((std == 0).any())):
             raise ValueError(
                 f"{type(self).__name__} has a zero posterior std (a deterministic weight), "
                 "whose KL to a Gaussian prior is infinite; give it a std > 0, or leave the "
@@ -598,6 +627,40 @@ def check_kl_samples(num_samples) -> None:
                          f">= 1, got {num_samples!r}")
 
 
+def _prior_tensors(dist: torch.distributions.Distribution, depth: int = 3) -> list[Tensor]:
+    """The tensors a distribution holds (those of the distributions it is built from, as
+    a mixture's, included)."""
+    found = []
+    for value in vars(dist).values():
+        if isinstance(value, Tensor):
+            found.append(value)
+        elif isinstance(value, torch.distributions.Distribution) and depth:
+            found += _prior_tensors(value, depth - 1)
+    return found
+
+
+def _prior_on(prior: torch.distributions.Distribution,
+              like: Tensor) -> torch.distributions.Distribution:
+    """``prior`` for the weights ``like``: :func:`scale_mixture_prior` on their device.
+
+    Raises:
+        ValueError: another distribution holds a tensor (not a 0-dim one, which PyTorch
+            moves with the other operand) on another device than the weights.
+    """
+    if isinstance(prior, _ScaleMixturePrior):
+        return prior.on(like.device)
+    stray = next((t.device for t in _prior_tensors(prior)
+                  if t.dim() and t.device != like.device), None)
+    if stray is not None:
+        raise ValueError(
+            f"the prior {type(prior).__name__} holds its parameters on {stray}, but the "
+            f"layer's weights are on {like.device}: build the prior's tensors on the "
+            "weights' device (e.g. torch.distributions.Laplace(torch.zeros(n, "
+            "device=device), ...)), or pass a float std, GaussianPrior or "
+            "sbnn_addons.scale_mixture_prior(...), which follow the weights' device")
+    return prior
+
+
 def _kl(mean: Tensor, std: Tensor, prior, num_samples: int,
         mask: Tensor | None = None) -> Tensor:
     """``KL(N(mean, std^2) || prior)`` summed over the elements; with a pruning ``mask``
@@ -615,7 +678,10 @@ def _kl(mean: Tensor, std: Tensor, prior, num_samples: int,
             "prior must be None, a float std, GaussianPrior or a torch.distributions "
             f"Distribution, got {type(prior).__name__}"
         )
-    q = torch.distributions.Normal(mean, std.expand_as(mean))
+    prior = _prior_on(prior, mean)
+    # a meta tensor has no values to validate
+    q = torch.distributions.Normal(mean, std.expand_as(mean),
+                                   validate_args=False if mean.is_meta else None)
     try:
         terms = torch.distributions.kl_divergence(q, prior)
     except NotImplementedError:

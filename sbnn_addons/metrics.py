@@ -52,7 +52,7 @@ def check_probabilities(probs: Tensor, targets: Tensor, atol: float = 1e-4) -> N
         raise ValueError(
             f"probs of shape {tuple(probs.shape)} hold no examples (N = 0): the metric "
             "would be NaN; skip empty evaluation sets")
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= probs.shape[1]):
+    if _has_values(targets) and (int(targets.min()) < 0 or int(targets.max()) >= probs.shape[1]):
         raise ValueError(
             f"targets must be class indices in [0, {probs.shape[1]}) for probs of "
             f"{probs.shape[1]} classes, got values in [{int(targets.min())}, "
@@ -61,17 +61,24 @@ def check_probabilities(probs: Tensor, targets: Tensor, atol: float = 1e-4) -> N
     probs = probs.detach()  # the checks read values only (no warning for a graph tensor)
     sums = probs.sum(-1)
     atol = max(atol, probs.shape[1] * torch.finfo(probs.dtype).eps)  # float16: rounding
-    if probs.numel() and not bool(torch.isfinite(probs).all()):
+    if _has_values(probs) and not bool(torch.isfinite(probs).all()):
         raise ValueError("probs contain NaN or inf (a diverged model's outputs?)")
-    if probs.numel() and not torch.allclose(sums, torch.ones_like(sums), atol=atol):
+    if _has_values(probs) and not torch.allclose(sums, torch.ones_like(sums), atol=atol):
         raise ValueError("probs rows must sum to one (pass softmax probabilities, not logits)")
-    if probs.numel() and (float(probs.min()) < 0 or float(probs.max()) > 1):
+    if _has_values(probs) and (float(probs.min()) < 0 or float(probs.max()) > 1):
         # torchmetrics would take such a tensor for logits and softmax it again
         raise ValueError(
             f"probs must lie in [0, 1], got values in [{float(probs.min()):.3g}, "
             f"{float(probs.max()):.3g}]; clamp rounding errors (probs.clamp(0, 1)) or pass "
             "softmax probabilities"
         )
+
+
+def _has_values(t: Tensor) -> bool:
+    """Whether a check can read ``t``'s values: not empty, and not on the ``meta`` device
+    (a shape without values: its checks are skipped, as :func:`~sbnn_addons.check_finite`
+    skips them, and the computation itself runs)."""
+    return bool(t.numel()) and not t.is_meta
 
 
 def _check_bins(name: str, value) -> None:

@@ -259,9 +259,10 @@ class SnnTorchSpike(IWSTSpike):
                         del recent[i]
                         break
                 return spikes
-        if membrane is not None and not bool(membrane.any()):
+        if membrane is not None and (membrane.is_meta or not bool(membrane.any())):
             # a zero membrane not fired from: a new sequence's initial state, never a copy
-            # (a value match would hand it the spikes of a draw from an earlier zero one)
+            # (a value match would hand it the spikes of a draw from an earlier zero one);
+            # a meta one has no values to match
             return None
         for i, (prev, spikes) in enumerate(recent):  # oldest first
             if _equal(prev, key):
@@ -297,8 +298,9 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
 
 
 def _equal(a: Tensor, b: Tensor) -> bool:
-    """Whether two tensors have the same shape, dtype, device and values."""
-    return _same_layout(a, b) and bool(torch.equal(a, b))
+    """Whether two tensors have the same shape, dtype, device and values (never for
+    tensors on the ``meta`` device, which have none)."""
+    return _same_layout(a, b) and not a.is_meta and bool(torch.equal(a, b))
 
 
 #: How many frames above the spike function :func:`_snntorch_caller` looks for snnTorch's.
@@ -1564,8 +1566,13 @@ def _safe_deepcopy(model: nn.Module) -> nn.Module:
 
 
 def _thr(m: nn.Module) -> float:
-    """The neuron's threshold as a float (the mean of a per-neuron or learned one)."""
-    return threshold_value(m.threshold)
+    """The neuron's threshold as a float (the mean of a per-neuron or learned one); 1.0
+    (snnTorch's default) for one on the ``meta`` device, which has no value: the spike
+    function reads the neuron's threshold once it has one (``_sync_spike_threshold``)."""
+    thr = m.threshold
+    if isinstance(thr, Tensor) and thr.is_meta:
+        return 1.0
+    return threshold_value(thr)
 
 
 _LAYERS = {nn.Linear: BayesLinear, nn.Conv1d: BayesConv1d, nn.Conv2d: BayesConv2d}

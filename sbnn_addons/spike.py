@@ -758,6 +758,8 @@ class IWSTSpike(SBNNModule, nn.Module):
                 "sbnn_addons.checkpoint.checkpoint(fn, *args, modules=model), which replays "
                 "them, or sbnn_addons.seed_spikes(model, None) and seed the global generator"
             )
+        if u.is_meta:  # no generator there (and no values to draw): the checks above ran
+            return None
         if self._generator is None or self._generator.device != u.device:
             self._generator = torch.Generator(device=u.device).manual_seed(self._seed)
         return self._generator

@@ -722,9 +722,12 @@ def _float_like(*modules: nn.Module) -> dict:
 def _affine_from_bn(bn: nn.Module) -> nn.Module:
     plain = _layers.ChannelAffine.from_batchnorm(bn)
     if isinstance(bn, base.StepModule):
-        affine = ChannelAffine(bn.num_features, bn.step_mode, type(bn).__name__, eps=plain.eps)
+        # on the BatchNorm's device before loading: from a meta one nothing can be copied
+        # to the CPU (and from CUDA it was a round trip)
+        affine = ChannelAffine(bn.num_features, bn.step_mode, type(bn).__name__,
+                               eps=plain.eps).to(device=plain.weight.device,
+                                                 dtype=plain.weight.dtype)
         affine.load_state_dict(plain.state_dict())
-        affine = affine.to(device=plain.weight.device, dtype=plain.weight.dtype)
         affine.weight.requires_grad_(plain.weight.requires_grad)  # a frozen one stays frozen
         affine.bias.requires_grad_(plain.bias.requires_grad)
     else:

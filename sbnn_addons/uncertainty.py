@@ -48,6 +48,7 @@ from .metrics import (
     SpikeMonitor,
     _at_least_float32,
     _check_bins,
+    _has_values,
     check_probabilities,
     expected_calibration_error,
     negative_log_likelihood,
@@ -165,7 +166,7 @@ def entropy(probs: Tensor, dim: int = -1) -> Tensor:
     # axis or sigmoid outputs miss it by far more
     atol = max(1e-2, terms * torch.finfo(probs.dtype).eps)
     probs = _at_least_float32(probs)  # a bfloat16 sum keeps three digits
-    sums = probs.sum(dim) if probs.numel() else None
+    sums = probs.sum(dim) if _has_values(probs) else None
     if sums is not None and not bool(((sums - 1).abs() <= atol).all()):
         raise ValueError(
             f"entropy: probs must sum to 1 along dim={dim} (the classes' axis, of size "
@@ -182,7 +183,7 @@ def _check_unit_interval(p: Tensor, what: str) -> None:
     if not isinstance(p, Tensor) or not p.is_floating_point():
         kind = p.dtype if isinstance(p, Tensor) else type(p).__name__
         raise TypeError(f"{what} must be a floating-point tensor of probabilities, got {kind}")
-    if p.numel() and not bool(((p >= 0) & (p <= 1 + 1e-4)).all()):
+    if _has_values(p) and not bool(((p >= 0) & (p <= 1 + 1e-4)).all()):
         raise ValueError(
             f"{what} must be probabilities in [0, 1] (no NaN), got values in "
             f"[{float(p.min()):.3g}, {float(p.max()):.3g}]; pass softmax(logits), not logits")
@@ -200,7 +201,7 @@ def _float32_rows(probs: Tensor) -> Tensor:
         return probs
     sums = probs.float().sum(-1)
     atol = max(1e-4, probs.shape[-1] * torch.finfo(probs.dtype).eps)
-    if probs.numel() and not torch.allclose(sums, torch.ones_like(sums), atol=atol):
+    if _has_values(probs) and not torch.allclose(sums, torch.ones_like(sums), atol=atol):
         raise ValueError("sample_probs rows must sum to one (pass softmax probabilities)")
     probs = probs.float()
     return probs / probs.sum(-1, keepdim=True)
@@ -231,7 +232,7 @@ def from_sample_probs(sample_probs: Tensor, *, keep_samples: bool = True) -> Pre
     sums = sample_probs.sum(-1)
     # as check_probabilities: a float16 softmax's rows miss 1 by its rounding over C terms
     atol = max(1e-4, sample_probs.shape[-1] * torch.finfo(sample_probs.dtype).eps)
-    if sample_probs.numel() and not torch.allclose(sums, torch.ones_like(sums), atol=atol):
+    if _has_values(sample_probs) and not torch.allclose(sums, torch.ones_like(sums), atol=atol):
         raise ValueError("sample_probs rows must sum to one (pass softmax probabilities)")
     # the mutual information, a small difference of two entropies, was off by up to 0.01
     # (of 0.02) in bfloat16
@@ -307,7 +308,7 @@ def time_as_samples(per_step_logits: Tensor) -> Prediction:
 def _check_no_nan(probs: Tensor, where: str, kind: str) -> None:
     """Probabilities computed from ``kind`` values are NaN only where those held a NaN or
     a +inf (or a row of -inf): name that, not the probabilities."""
-    if probs.numel() and bool(torch.isnan(probs).any()):
+    if _has_values(probs) and bool(torch.isnan(probs).any()):
         raise ValueError(
             f"{where} holds NaN or inf {kind} (NaN or +inf entries, or a row of -inf), "
             "which give NaN probabilities: a diverged model, or NaN input with "
@@ -452,7 +453,7 @@ def _to_probs(out: Tensor, output: str) -> Tensor:
         return probs
     probs = out.exp() if output == "log_probs" else out
     _check_no_nan(probs, "the forward pass's output", output.replace("_", "-"))
-    if not _is_distribution(probs, tol=tol):
+    if _has_values(probs) and not _is_distribution(probs, tol=tol):
         raise ValueError(
             f"mc_predict(output={output!r}): the forward pass must return "
             f"{'log-' if output == 'log_probs' else ''}probabilities (rows in [0, 1] summing "
@@ -468,7 +469,7 @@ def _warn_if_probabilities(x: Tensor, what: str, fix: str, stacklevel: int) -> N
     """Warn where values about to be read as logits (``x [..., C]``) are already
     probability vectors, every row of them: a second softmax would flatten them.
     ``what`` starts the message, ``fix`` ends it."""
-    if x.shape[-1] > 1 and x.numel() and _is_distribution(x):
+    if x.shape[-1] > 1 and _has_values(x) and _is_distribution(x):
         warnings.warn(
             f"{what} is already a probability vector (entries in [0, 1] summing to 1), and "
             f"it is treated as logits, so a second softmax flattens it; {fix}",

@@ -331,7 +331,8 @@ class ReferenceNet(SBNNModule, nn.Module):
         Weights, biases and affine parameters are copied; noise parameters are dropped.
         A weight pruned with ``torch.nn.utils.prune`` is pruned alike in the twin (its
         ``weight_orig`` and mask). With the same weights, the twin's Heaviside forward
-        equals this network's ``mean`` mode.
+        equals this network's ``mean`` mode. The twin is on this network's device and in
+        its dtype.
 
         Args:
             **overrides: constructor arguments to change (e.g. ``surrogate="atan"``).
@@ -347,7 +348,10 @@ class ReferenceNet(SBNNModule, nn.Module):
         config.pop("bias_std", None)
         config.pop("std", None)
         # readout_noise stays: a readout with noise has a bias, and so has its twin's
-        twin = type(self)(**config)
+        ref = next(self.parameters())
+        # on this network's device and in its dtype before the load: from a meta network
+        # nothing can be copied to the CPU, and float32 would round a float64 one's means
+        twin = type(self)(**config).to(device=ref.device, dtype=ref.dtype)
         _prune_alike(twin, self)
         result = twin.load_state_dict(self.state_dict(), strict=False)
         dropped = [k for k in result.unexpected_keys  # noise: learned or fixed stds
@@ -362,7 +366,7 @@ class ReferenceNet(SBNNModule, nn.Module):
                 "(not the twin of this network's mean mode). Build that network directly, "
                 f"{type(self).__name__}(bayes=False, ...), and load what it shares with "
                 "load_state_dict(net.state_dict(), strict=False)")
-        return twin.to(next(self.parameters()).device)
+        return twin
 
 
 def _prune_alike(twin: nn.Module, net: nn.Module) -> None:
