@@ -255,8 +255,11 @@ def test_zoo_spike_products_train_predict_export(arch):
         stds = {n[: -len(".std_rho")]: p.grad for n, p in sbnn.named_parameters()
                 if n.endswith("std_rho")}
         assert len(stds) > 10 and sum(fed.values()) >= 8
+        # the weight stds of the layers fed a nonzero input (a spike function's std can get
+        # no gradient where nothing downstream passes one back: in this tiny random
+        # network that depends on the float sums, i.e. on the thread count)
         zero = [n for n, g in stds.items()
-                if fed.get(n, True) and (g is None or not g.abs().sum() > 0)]
+                if fed.get(n, False) and (g is None or not g.abs().sum() > 0)]
         assert not zero
         opt.step()
     sbnn.eval()
