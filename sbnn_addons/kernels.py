@@ -64,10 +64,9 @@ from .tensors import (
     apply_function,
     broadcasts_to,
     check_windows,
-    jacobian_and_z,
     mark_binary,
     parse_estimator_spec,
-    pull_term,
+    scaled_jacobian,
     standard_normal,
 )
 
@@ -1175,32 +1174,51 @@ def _torch_spike_backward(g: Tensor, u: Tensor, total: Tensor, fired: Tensor, es
                           g_aux: Tensor | None, aux_offset: float, aux_var: bool,
                           aux_pull: float) -> tuple[Tensor, Tensor]:
     """One step's ``(dL/du, dL/dtotal)`` on the ``"torch"`` backend of
-    :class:`LIFSequence`, the kernel's formulas (:func:`spike_backward`) in PyTorch
-    operations::
+    :class:`LIFSequence` and in compiled graphs, the kernel's formulas
+    (:func:`spike_backward`) in PyTorch operations::
 
         dL/du     = g J(h) + pull clamp(z, -3, 3) / sigma + g_aux 2 z_a / sigma
         dL/dtotal = -z g J(h) / (2 sigma) - g_aux z_a^2 / total   (with aux_var)
 
     (``pull = 2 w mean|g|``; every term 0 where ``total = 0``; ``z_a`` the auxiliary
     ``z``; ``sigma`` clamped at ``SIGMA_MIN`` in the divisions). ``dL/dtotal`` has the
-    shape of ``total``; no value is read back to the host."""
+    shape of ``total``; no value is read back to the host.
+
+    Everything that depends on ``total`` alone (``1 / sigma``, ``1 / (2 sigma)``,
+    ``1 / total``) is formed in ``total``'s compact shape, e.g. ``[B, 1]`` for a per-layer
+    std, and ``dL/dtotal``'s factors of it are applied after the sum over the broadcast
+    dimensions: per unit, the backward is multiplications and one ``exp``, no division
+    or square root (inductor recomputes what it inlines at every element).
+    """
     with torch._C.DisableTorchFunctionSubclass():  # plain operations (_torch_spike_forward)
+        work = torch.float64 if u.dtype == torch.float64 else torch.float32
+        u = u.to(work)
+        total = total.to(work)
         sigma = total.clamp_min(0).sqrt()
-        jac, z = jacobian_and_z(u, sigma, fired, estimator.kind, estimator.p, estimator.tau,
-                                estimator.max_weight)
-        grad_u = g.to(jac.dtype) * jac
-        grad_sigma = -z.clamp(-1e30, 1e30) * grad_u  # z = -inf where J = 0: the limit 0
-        grad_var = torch.where(sigma > 0, grad_sigma / (2.0 * sigma.clamp_min(1e-30)), 0.0)
+        noisy = sigma > 0
+        # 1 / max(sigma, SIGMA_MIN), 0 without noise (no pull, no aux term there)
+        inv = torch.where(noisy, sigma.clamp_min(1e-6).reciprocal(), 0.0)
+        z = u * inv
+        fired = fired.bool() if fired.dtype != torch.bool else fired
+        jac = scaled_jacobian(z, fired, estimator.kind, estimator.p, estimator.tau,
+                              estimator.max_weight)
+        jac = torch.where(noisy, jac * inv, 0.0)
+        grad_u = g.to(work) * jac
+        # -z g J / (2 sigma), summed over the broadcast dimensions, then the factor
+        # 1 / (2 sigma) of total's shape (z = -inf where J = 0: the limit 0)
+        grad_var = torch.where(noisy, _sum_to(z.clamp(-1e30, 1e30) * grad_u, total.shape)
+                               * (-0.5 / sigma.clamp_min(1e-30)), 0.0)
         if aux_pull and g.numel():
-            grad_u = grad_u + pull_term(g.to(z.dtype), z, sigma, aux_pull)
+            scale = g.abs().mean().to(work) * (2.0 * aux_pull)
+            grad_u = grad_u + z.clamp(-3.0, 3.0) * (inv * scale)  # AUX_PULL_Z_MAX
         if g_aux is not None:
-            sig = sigma.clamp_min(1e-6)  # SIGMA_MIN
-            z_aux = _aux_z(u, sig, aux_offset)
-            grad_u = grad_u + torch.where(sigma > 0, z_aux * (2.0 * g_aux) / sig, 0.0)
-            if aux_var:
-                grad_var = grad_var + torch.where(
-                    sigma >= 1e-6, -g_aux * z_aux * z_aux / total.clamp_min(1e-30), 0.0)
-        return grad_u, _sum_to(grad_var, total.shape)
+            centred = u + aux_offset if aux_offset else u
+            grad_u = grad_u + centred * (inv * inv * (2.0 * g_aux))  # 2 g_aux z_a / sigma
+            if aux_var:  # -g_aux z_a^2 / total, 0 below SIGMA_MIN
+                coef = torch.where(sigma >= 1e-6, -g_aux * inv * inv / total.clamp_min(1e-30),
+                                   0.0)
+                grad_var = grad_var + _sum_to(centred * centred, total.shape) * coef
+        return grad_u, grad_var
 
 
 def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:

@@ -18,7 +18,7 @@ from torch import Tensor
 __all__ = ["SpikeTensor", "mark_binary", "is_binary", "is_kept", "broadcasts_to",
            "apply_function", "check_windows", "estimator_spec", "parse_estimator_spec",
            "AUX_PULL_Z_MAX", "aux_pull_gradient", "pull_term", "normal_cdf_ratio",
-           "jacobian_and_z",
+           "jacobian_and_z", "scaled_jacobian",
            "standard_normal"]
 
 
@@ -274,6 +274,34 @@ def normal_cdf_ratio(x: Tensor, scale: float) -> Tensor:
     return ratio
 
 
+def scaled_jacobian(z: Tensor, h: Tensor, kind: str, p: float = 1.0, tau: float = 0.0,
+                    max_weight: float = 1e4) -> Tensor:
+    """``sigma J(h)``, the IW-ST Jacobian times the noise std, as a function of
+    ``z = u / sigma`` alone (the estimators' formulas, [Estimators](estimators.md))::
+
+        ST:       phi(z)
+        IW-ST(p): min((1 - p) + p Phi(0) / Phi(s z), max_weight) phi(z)
+        AGR(tau): min(Phi(c s z) / Phi(s z), max_weight) phi(z / r) / r
+
+    (``s = 2h - 1``, ``r = sqrt(1 + tau^2)``, ``c = tau / r``). ``z`` and ``h`` (bool) of
+    one shape ``[*]``; literal constants, see :func:`jacobian_and_z`.
+    """
+    if kind == "st":
+        return torch.exp(-0.5 * z * z) * 0.3989422804014327
+    if kind == "iwst":
+        sz = torch.where(h, z, -z)
+        ratio = normal_cdf_ratio(sz, 0.0) if p > 0 else torch.zeros_like(z)  # no 0 * inf
+        weight = (1.0 - p) + p * ratio
+        return weight.clamp_max(max_weight) * torch.exp(-0.5 * z * z) * 0.3989422804014327
+    if kind == "agr":
+        r = math.sqrt(1.0 + tau * tau)
+        sz = torch.where(h, z, -z)
+        ratio = normal_cdf_ratio(sz, tau / r).clamp_max(max_weight)
+        return ratio * torch.exp(-0.5 * (z / r) ** 2) * (0.3989422804014327 / r)
+    # validated upstream; kept for direct callers
+    raise ValueError(f"kind must be 'st', 'iwst' or 'agr', got {kind!r}")
+
+
 def jacobian_and_z(u: Tensor, sigma: Tensor, h: Tensor, kind: str, p: float = 1.0,
                    tau: float = 0.0, max_weight: float = 1e4) -> tuple[Tensor, Tensor]:
     """:func:`estimator_jacobian` and the ``z = u / sigma`` it computed (for the backward
@@ -288,21 +316,7 @@ def jacobian_and_z(u: Tensor, sigma: Tensor, h: Tensor, kind: str, p: float = 1.
     # input that Dynamo cannot lift into the backward graph (PyTorch 2.13).
     sig = sigma.clamp_min(1e-6)
     z = u / sig
-    if kind == "st":
-        jac = torch.exp(-0.5 * z * z) * 0.3989422804014327
-    elif kind == "iwst":
-        sz = torch.where(h, z, -z)
-        ratio = normal_cdf_ratio(sz, 0.0) if p > 0 else torch.zeros_like(z)  # no 0 * inf
-        weight = (1.0 - p) + p * ratio
-        jac = weight.clamp_max(max_weight) * torch.exp(-0.5 * z * z) * 0.3989422804014327
-    elif kind == "agr":
-        r = math.sqrt(1.0 + tau * tau)
-        sz = torch.where(h, z, -z)
-        ratio = normal_cdf_ratio(sz, tau / r).clamp_max(max_weight)
-        jac = ratio * torch.exp(-0.5 * (z / r) ** 2) * (0.3989422804014327 / r)
-    else:  # validated upstream; kept for direct callers
-        raise ValueError(f"kind must be 'st', 'iwst' or 'agr', got {kind!r}")
-    jac = jac / sig
+    jac = scaled_jacobian(z, h, kind, p, tau, max_weight) / sig
     return torch.where(sigma > 0, jac, 0.0), z
 
 
