@@ -1184,11 +1184,12 @@ def _torch_spike_backward(g: Tensor, u: Tensor, total: Tensor, fired: Tensor, es
     ``z``; ``sigma`` clamped at ``SIGMA_MIN`` in the divisions). ``dL/dtotal`` has the
     shape of ``total``; no value is read back to the host.
 
-    Everything that depends on ``total`` alone (``1 / sigma``, ``1 / (2 sigma)``,
-    ``1 / total``) is formed in ``total``'s compact shape, e.g. ``[B, 1]`` for a per-layer
-    std, and ``dL/dtotal``'s factors of it are applied after the sum over the broadcast
-    dimensions: per unit, the backward is multiplications and one ``exp``, no division
-    or square root (inductor recomputes what it inlines at every element).
+    Everything that depends on ``total`` alone (one square root and one reciprocal, from
+    which ``1 / max(sigma, SIGMA_MIN)``, ``1 / (2 sigma)`` and ``1 / total`` follow) is
+    formed in ``total``'s compact shape, e.g. ``[B, 1]`` for a per-layer std, and
+    ``dL/dtotal``'s factors of it are applied after the sum over the broadcast
+    dimensions: per unit, the backward is multiplications and one ``exp`` (inductor
+    recomputes what it inlines at every element).
     """
     with torch._C.DisableTorchFunctionSubclass():  # plain operations (_torch_spike_forward)
         work = torch.float64 if u.dtype == torch.float64 else torch.float32
@@ -1196,8 +1197,10 @@ def _torch_spike_backward(g: Tensor, u: Tensor, total: Tensor, fired: Tensor, es
         total = total.to(work)
         sigma = total.clamp_min(0).sqrt()
         noisy = sigma > 0
-        # 1 / max(sigma, SIGMA_MIN), 0 without noise (no pull, no aux term there)
-        inv = torch.where(noisy, sigma.clamp_min(1e-6).reciprocal(), 0.0)
+        # one reciprocal: r = 1 / sigma, and 1 / max(sigma, SIGMA_MIN) = min(r, 1 / SIGMA_MIN),
+        # 0 without noise (no jacobian, pull or aux term there)
+        r = sigma.clamp_min(1e-30).reciprocal()
+        inv = torch.where(noisy, r.clamp_max(1e6), 0.0)
         z = u * inv
         fired = fired.bool() if fired.dtype != torch.bool else fired
         jac = scaled_jacobian(z, fired, estimator.kind, estimator.p, estimator.tau,
@@ -1207,7 +1210,7 @@ def _torch_spike_backward(g: Tensor, u: Tensor, total: Tensor, fired: Tensor, es
         # -z g J / (2 sigma), summed over the broadcast dimensions, then the factor
         # 1 / (2 sigma) of total's shape (z = -inf where J = 0: the limit 0)
         grad_var = torch.where(noisy, _sum_to(z.clamp(-1e30, 1e30) * grad_u, total.shape)
-                               * (-0.5 / sigma.clamp_min(1e-30)), 0.0)
+                               * (-0.5 * r), 0.0)
         if aux_pull and g.numel():
             scale = g.abs().mean().to(work) * (2.0 * aux_pull)
             grad_u = grad_u + z.clamp(-3.0, 3.0) * (inv * scale)  # AUX_PULL_Z_MAX
@@ -1215,8 +1218,7 @@ def _torch_spike_backward(g: Tensor, u: Tensor, total: Tensor, fired: Tensor, es
             centred = u + aux_offset if aux_offset else u
             grad_u = grad_u + centred * (inv * inv * (2.0 * g_aux))  # 2 g_aux z_a / sigma
             if aux_var:  # -g_aux z_a^2 / total, 0 below SIGMA_MIN
-                coef = torch.where(sigma >= 1e-6, -g_aux * inv * inv / total.clamp_min(1e-30),
-                                   0.0)
+                coef = torch.where(sigma >= 1e-6, -g_aux * (inv * r).square(), 0.0)
                 grad_var = grad_var + _sum_to(centred * centred, total.shape) * coef
         return grad_u, grad_var
 
