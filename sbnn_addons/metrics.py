@@ -392,7 +392,10 @@ class SpikeMonitor:
         """Zero every counter."""
         self.counts: dict[str, Tensor] = {n: torch.zeros((), dtype=torch.float64)
                                           for n, _ in self._spikes}
-        self.units: dict[str, int] = {n: 0 for n, _ in self._spikes}
+        # int64 scalars, not Python ints: in a compiled model Dynamo specialises on an
+        # int it reads, so a count kept as one recompiled the graph at every call
+        self._unit_counts: dict[str, Tensor] = {n: torch.zeros((), dtype=torch.int64)
+                                                for n, _ in self._spikes}
         self.synops: dict[str, Tensor] = {n: torch.zeros((), dtype=torch.float64)
                                           for n, _ in self._layers}
 
@@ -471,7 +474,12 @@ class SpikeMonitor:
         # summed in float64: a bfloat16 sum is exact up to 256 only, a float32 one 2^24
         # on the device of the spikes (a CPU scalar plus a device one): no sync per call
         self.counts[name] = self.counts[name] + out.detach().sum(dtype=torch.float64)
-        self.units[name] += out.numel()
+        self._unit_counts[name] = self._unit_counts[name] + out.numel()
+
+    @property
+    def units(self) -> dict[str, int]:
+        """Per spike layer: the unit-steps evaluated (batch included)."""
+        return {n: int(c) for n, c in self._unit_counts.items()}
 
     def total_spikes(self) -> float:
         """Spikes of all layers."""
@@ -483,8 +491,8 @@ class SpikeMonitor:
 
     def spike_rates(self) -> dict[str, float]:
         """Per layer: spikes / unit-steps (the firing probability per unit and step)."""
-        return {n: float(self.counts[n]) / self.units[n] if self.units[n] else 0.0
-                for n in self.counts}
+        units = self.units
+        return {n: float(self.counts[n]) / units[n] if units[n] else 0.0 for n in self.counts}
 
 
 def _inhibition_neurons(model: torch.nn.Module, spikes: list) -> list:

@@ -272,3 +272,40 @@ def test_synops_of_a_transposed_convolution_called_with_output_size():
     with SpikeMonitor(model) as mon, torch.no_grad():
         model(x)
     assert float(mon.synops["up"]) == 2 * expected
+
+
+def test_compiled_model_under_a_monitor_compiles_once():
+    """A monitor around a compiled snnTorch model (a training loop that logs rates) counts
+    every call without a recompilation per call (Dynamo guards on Python ints: a unit
+    counter kept as one recompiled the graph at every call, then ran it eagerly)."""
+    snn = pytest.importorskip("snntorch")
+    from snntorch import utils as sutils
+
+    from sbnn_addons.snntorch import to_sbnn
+
+    torch.manual_seed(0)
+    net = to_sbnn(nn.Sequential(
+        nn.Linear(20, 16), snn.Leaky(beta=0.9, init_hidden=True),
+        nn.Linear(16, 4), snn.Leaky(beta=0.9, init_hidden=True, output=True)))
+    x = (torch.rand(5, 8, 20) < 0.5).float() * 2
+
+    def forward(x):
+        out = 0
+        for x_t in x:
+            spk, _ = net(x_t)
+            out = out + spk
+        return out
+
+    compiled = torch.compile(forward, fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    sutils.reset(net)
+    compiled(x)  # snnTorch's first call sees the initial membrane, of another rank
+    emitted = 0.0
+    with SpikeMonitor(net) as mon:
+        for call in range(4):  # the monitor's wrappers: one compilation, then none
+            sutils.reset(net)
+            with torch._dynamo.config.patch(error_on_recompile=call > 0):
+                emitted += float(compiled(x).sum())
+    assert mon.units == {"1.spike_grad": 4 * 5 * 8 * 16, "3.spike_grad": 4 * 5 * 8 * 4}
+    assert float(mon.counts["3.spike_grad"]) == emitted > 0
+    assert mon.spike_rates()["3.spike_grad"] == emitted / (4 * 5 * 8 * 4)
