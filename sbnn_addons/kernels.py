@@ -744,17 +744,18 @@ class _CompiledSpike(torch.autograd.Function):
     """The custom ops with the estimator as a constant: the form ``torch.compile`` traces."""
 
     @staticmethod
-    def forward(u, variance, at_zero, estimator, aux_offset, aux_var):
+    def forward(u, variance, at_zero, estimator, aux_offset, aux_var, aux_pull):
         return _spike_forward_op(u, variance, at_zero, aux_offset)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        u, variance, _at_zero, estimator, aux_offset, aux_var = inputs
+        u, variance, _at_zero, estimator, aux_offset, aux_var, aux_pull = inputs
         ctx.save_for_backward(u, variance, output[0])
         ctx.estimator = estimator  # Estimator.spec: a constant under torch.compile
         ctx.aux_offset = 0.0 if aux_offset is None else aux_offset
         ctx.want_aux = aux_offset is not None
         ctx.aux_var = aux_var
+        ctx.aux_pull = aux_pull
 
     @staticmethod
     def backward(ctx, grad, grad_aux):
@@ -764,13 +765,13 @@ class _CompiledSpike(torch.autograd.Function):
         u, variance, spikes = ctx.saved_tensors
         grad_u, grad_var = _torch_spike_backward(
             grad, u, variance, spikes, _EstimatorArgs(*parse_estimator_spec(ctx.estimator)),
-            grad_aux if ctx.want_aux else None, ctx.aux_offset, ctx.aux_var, 0.0)
-        return grad_u, grad_var, None, None, None, None
+            grad_aux if ctx.want_aux else None, ctx.aux_offset, ctx.aux_var, ctx.aux_pull)
+        return grad_u, grad_var, None, None, None, None, None
 
 
 def compiled_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
-                   aux_offset: float | None = None,
-                   aux_var: bool = True) -> tuple[Tensor, Tensor]:
+                   aux_offset: float | None = None, aux_var: bool = True,
+                   aux_pull: float = 0.0) -> tuple[Tensor, Tensor]:
     """:func:`fused_spike` for compiled graphs (global RNG): the forward is the kernel as
     the custom operator ``sbnn_addons::spike_forward``, the backward the same formulas in
     PyTorch operations, which inductor fuses.
@@ -778,10 +779,13 @@ def compiled_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False
     Spikes ``h = 1[U < Phi(u / sqrt(variance))]`` with the IW-ST backward of ``estimator``,
     as :func:`fused_spike`: ``u`` float32 CPU ``[*]``, ``variance`` float32 broadcastable to
     ``u``. Returns ``(spikes [*], sum_z2 [])`` (``sum_z2`` is 0 without ``aux_offset``).
-    Check :func:`can_fuse_compiled` first; wrong dtypes or devices raise ``TypeError``.
+    ``aux_pull`` (> 0) adds the auxiliary pull of that weight to ``dL/du`` in the same
+    backward (:func:`~sbnn_addons.tensors.aux_pull_gradient`'s term, from the backward's
+    own ``1 / sigma``: nothing more is saved for it). Check :func:`can_fuse_compiled`
+    first; wrong dtypes or devices raise ``TypeError``.
     """
     return _CompiledSpike.apply(u, variance, at_zero, estimator.spec, aux_offset,
-                                bool(aux_var))
+                                bool(aux_var), float(aux_pull))
 
 
 _STEP_RESETS = {"subtract": 0, "zero": 1, "none": 2}

@@ -533,13 +533,11 @@ class IWSTSpike(SBNNModule, nn.Module):
                 aux = variance is not None and self._aux_wanted()
                 offset = self._aux_offset(self.threshold) if aux else None
                 pull = self._pull_wanted(u)
-                if compiled:
+                if compiled:  # the backward adds the pull too (from its own 1 / sigma)
                     spikes, z2 = kernels.compiled_spike(u, fused_var, self.estimator,
                                                         self.at_zero, aux_offset=offset,
-                                                        aux_var=self.aux_std_grad)
-                    if pull:
-                        spikes = _AuxPull.apply(spikes, u, safe_sqrt(fused_var.detach()),
-                                                self.aux_pull)
+                                                        aux_var=self.aux_std_grad,
+                                                        aux_pull=self.aux_pull if pull else 0.0)
                 else:  # the kernel's backward adds the pull itself
                     out = kernels.fused_spike(u, fused_var, self.estimator, self.at_zero,
                                               self._generator_for(u, compiling),
