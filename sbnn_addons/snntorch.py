@@ -1474,7 +1474,8 @@ _HOST_HOOK = torch.nn.modules.module.register_module_buffer_registration_hook(
 def _check_neuron(name: str, m: nn.Module) -> None:
     cls = type(m)
     if cls in _TO_SBNN:
-        check_neuron_constants(name, m, ("beta", "threshold"))
+        check_neuron_constants(name, m, ("beta", "threshold"),
+                               spike_scales=("graded_spikes_factor",))
         if not m.reset_delay:
             raise ValueError(
                 f"module '{name}' uses reset_delay=False, which to_sbnn does not support (its "
@@ -1725,8 +1726,9 @@ def to_sbnn(
             ``include`` pattern matches no layer or an ``exclude`` pattern no module; a
             bad ``estimator``, ``std``, ``std_mode``, ``bias_std``, ``spike_std`` or
             ``batchnorm``; a neuron to convert uses
-            ``reset_delay=False``, ``state_quant`` or ``surrogate_disable=True``, or a
-            ``spike_grad`` whose forward is not snnTorch's Heaviside ``1[u > 0]``.
+            ``reset_delay=False``, ``state_quant`` or ``surrogate_disable=True``, has a
+            NaN ``beta`` / ``threshold`` or a NaN or infinite ``graded_spikes_factor``,
+            or a ``spike_grad`` whose forward is not snnTorch's Heaviside ``1[u > 0]``.
         TypeError: an unsupported neuron (``snn.Synaptic``: its correlated two-state
             noise; anything other than ``Leaky`` / ``RLeaky``; a SpikingJelly neuron),
             not excluded.
