@@ -99,6 +99,7 @@ from .moments import (
     track_variance,
     untrack_variance,
 )
+from .optim import register_converted_copy
 from .spike import (
     _RECOMPUTING,
     CONVERTED_SPIKE_STD,
@@ -1852,6 +1853,8 @@ def to_sbnn(
         enable_aux_loss(out)
     if example_input is not None:
         check_variance_flow(out, example_input)
+    if not inplace:  # an optimiser of the original warns at its steps
+        register_converted_copy(model, out)
     return out
 
 
