@@ -1974,7 +1974,9 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
 
     Raises:
         ValueError: a neuron's original surrogate was lost by pickling (a user's own
-            closure cannot be rebuilt) and no ``spike_grad`` was given.
+            closure cannot be rebuilt) and no ``spike_grad`` was given; ``model`` has no
+            converted part (no Bayesian layer, ``ChannelAffine`` or converted neuron:
+            e.g. the original given to ``to_sbnn``, which converts a copy).
         TypeError: ``spike_grad`` is not a spike function (``surrogate.atan``, the
             factory, instead of ``surrogate.atan()``; a name; a number); ``model`` was
             converted by ``sbnn_addons.spikingjelly.to_sbnn`` (exported by
@@ -1984,6 +1986,14 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
 
     check_module(model, "to_snntorch")
     refuse_other_host_export(model, "spikingjelly", IWSTSpike)
+    if not any(isinstance(m, ChannelAffine) for m in model.modules()) and not (
+            _already_converted(model)):
+        raise ValueError(
+            f"nothing to export: {type(model).__name__} has no Bayesian layer, "
+            "ChannelAffine or converted neuron, so it is not a model that to_sbnn returned "
+            "(the export would be a copy of it, silently): to_sbnn converts a copy and "
+            "leaves the model it is given as it was, so export the converted one, "
+            "model = to_sbnn(net); ...; plain = to_snntorch(model)")
     if spike_grad is not None:
         _check_host_spike_grad(spike_grad, model)
     out = _safe_deepcopy(model)
