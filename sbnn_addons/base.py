@@ -734,32 +734,48 @@ def check_device(x: Tensor, ref: Tensor | None, who: str, what: str = "its param
             f"input (x.to({str(ref.device)!r})) or the model (model.to(device))", ValueError)
 
 
-def check_neuron_constants(name: str, neuron: torch.nn.Module, attrs: tuple[str, ...]) -> None:
+def check_neuron_constants(name: str, neuron: torch.nn.Module, attrs: tuple[str, ...],
+                           spike_scales: tuple[str, ...] = ()) -> None:
     """Refuse a host neuron with a NaN constant (decay, threshold, reset value): its
     membrane is NaN or it never fires, so the spikes are 0 and the gradients NaN, without
-    an error, from an input the converted model's NaN check passes.
+    an error, from an input the converted model's NaN check passes. A factor the spikes
+    are scaled by (``spike_scales``: snnTorch's ``graded_spikes_factor``) must also be
+    finite: an infinite one times the 0 of a neuron that did not fire is NaN, so the
+    neuron emits NaN, silently where it is the model's output.
 
     Args:
         name: the neuron's qualified name (for the message).
         neuron: the host neuron.
         attrs: the attributes to read (floats or tensors; missing or ``None`` skipped).
+        spike_scales: the attributes that scale the spikes (read the same way), refused
+            when NaN or infinite.
 
     Raises:
         ValueError: naming the neuron and the constant.
     """
-    for attr in attrs:
+    for attr in (*attrs, *spike_scales):
         value = getattr(neuron, attr, None)
         if isinstance(value, Tensor):
             if value.device.type == "meta" or not value.is_floating_point():
                 continue
-            bad = bool(torch.isnan(value.detach()).any())
+            value = value.detach()
+            bad = value[~torch.isfinite(value) if attr in spike_scales else value.isnan()]
+            bad = float(bad.view(-1)[0]) if bad.numel() else None
         else:
-            bad = isinstance(value, float) and math.isnan(value)
-        if bad:
+            bad = float(value) if isinstance(value, float) and (
+                math.isnan(value) or (attr in spike_scales and math.isinf(value))) else None
+        if bad is None:
+            continue
+        if attr in spike_scales:
             raise ValueError(
-                f"module '{name}' ({type(neuron).__name__}) has {attr} = NaN: its membrane "
-                "would be NaN or it would never fire (spikes 0, gradients NaN) without an "
-                f"error; give {attr} a number before converting")
+                f"module '{name}' ({type(neuron).__name__}) has {attr} = {bad}: its "
+                "spikes would be NaN"
+                f"{'' if math.isnan(bad) else f' where it does not fire ({bad} * 0)'} "
+                f"without an error; give {attr} a finite number before converting")
+        raise ValueError(
+            f"module '{name}' ({type(neuron).__name__}) has {attr} = NaN: its membrane "
+            "would be NaN or it would never fire (spikes 0, gradients NaN) without an "
+            f"error; give {attr} a number before converting")
 
 
 #: The drives at which :func:`check_heaviside_forward` probes a host spike function.

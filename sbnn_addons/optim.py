@@ -44,6 +44,16 @@ _STEP_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _STEP_WARNED: weakref.WeakSet = weakref.WeakSet()
 #: Per optimiser, the (group, noise scales, weights, their group) pairs it looks at.
 _STEP_PENDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: Per parameter of a model that a converter copied (``to_sbnn`` without ``inplace``):
+#: weak references to the parameters of the same name in the converted copies.
+_COPIED: list = [None]  # a torch.utils.weak.WeakIdKeyDictionary, made at the first copy
+#: Per optimiser, the groups (sizes) and conversions (count) :func:`check_converted_copy`
+#: saw, and the held parameters that a conversion copied (with their copies).
+_COPY_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: Per optimiser, the gradients of the copies found at a step without a gradient of its own.
+_COPY_PENDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_COPY_WARNED: weakref.WeakSet = weakref.WeakSet()
+_COPIES_VERSION: list = [0]  # bumped at each registered conversion
 
 
 def register_noise_owner(module: nn.Module) -> None:
@@ -52,10 +62,39 @@ def register_noise_owner(module: nn.Module) -> None:
     global hook)."""
     _NOISE_OWNERS.add(module)
     _OWNERS_VERSION[0] += 1
+    _register_step_hook()
+
+
+def _register_step_hook() -> None:
+    """Register the global optimiser step post-hook :func:`_after_step`, once."""
     if _DECAY_HOOK[0] is None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         _DECAY_HOOK[0] = register_optimizer_step_post_hook(_after_step)
+
+
+def register_converted_copy(original: nn.Module, converted: nn.Module) -> None:
+    """Record that a converter (``to_sbnn`` without ``inplace``) made ``converted`` from
+    a copy of ``original``, so that an optimiser stepping ``original``'s parameters while
+    ``converted`` trains warns (:func:`check_converted_copy`). Parameters are paired by
+    name; one that the conversion kept (a tie to a module outside the copy) is not.
+
+    Args:
+        original: the model given to the converter (left as it was).
+        converted: the converted copy it returned.
+    """
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    if _COPIED[0] is None:
+        _COPIED[0] = WeakIdKeyDictionary()
+    copied = _COPIED[0]
+    twins = dict(converted.named_parameters(remove_duplicate=False))
+    for name, p in original.named_parameters(remove_duplicate=False):
+        twin = twins.get(name)
+        if twin is not None and twin is not p:
+            copied.setdefault(p, []).append(weakref.ref(twin))
+    _COPIES_VERSION[0] += 1
+    _register_step_hook()
 
 
 def _after_step(optimizer, args, kwargs) -> None:
@@ -63,6 +102,65 @@ def _after_step(optimizer, args, kwargs) -> None:
     check_noise_decay(optimizer)
     check_noise_trained(optimizer)
     check_noise_step(optimizer)
+    check_converted_copy(optimizer)
+
+
+def check_converted_copy(optimizer) -> None:
+    """Warn (once per optimiser) where an optimiser steps the parameters of a model that a
+    converter copied (``opt = Adam(net.parameters()); net = to_sbnn(net)``: the line a
+    host training script gets to port it) while the converted copy trains: the optimiser
+    holds the original, which gets no gradient, and the converted model never trains
+    (neither its weights nor its noise scales), silently.
+
+    Run after every ``torch.optim`` step; it looks at the parameters only where the
+    optimiser holds a parameter that a conversion copied (found again when its groups'
+    sizes or the conversions change). Warned at the second step at which no parameter
+    it holds has a gradient while a copy of one has a gradient new since the first (a
+    backward through the converted model in between): not the original trained beside
+    its converted copy, nor a single step without a backward.
+    """
+    copied = _COPIED[0]
+    groups = getattr(optimizer, "param_groups", None)
+    if not copied or not isinstance(groups, list):
+        return
+    try:
+        if optimizer in _COPY_WARNED:
+            return
+        key = (_COPIES_VERSION[0],
+               tuple(len(g.get("params", ())) if isinstance(g, dict) else -1 for g in groups))
+        checked = _COPY_CHECKED.get(optimizer)
+        if checked is None or checked[0] != key:
+            held = [p for g in groups if isinstance(g, dict) for p in g.get("params", ())]
+            checked = _COPY_CHECKED[optimizer] = (
+                key, held, [(p, copied[p]) for p in held if p in copied])
+    except TypeError:  # an optimiser that takes no weak reference: not checked
+        return
+    _, held, pairs = checked
+    if not pairs:
+        return
+    if any(p.grad is not None for p in held):  # it trains what it holds
+        _COPY_PENDING.pop(optimizer, None)
+        return
+    grads = {id(t): (weakref.ref(t.grad), t.grad._version) for _, twins in pairs
+             for ref in twins if (t := ref()) is not None and t.grad is not None}
+    pending = _COPY_PENDING.pop(optimizer, None)
+    _COPY_PENDING[optimizer] = grads
+    if pending is None or not any(
+            i in pending and (pending[i][0]() is not g[0]() or pending[i][1] != g[1])
+            for i, g in grads.items()):
+        return
+    _COPY_WARNED.add(optimizer)
+    _COPY_PENDING.pop(optimizer, None)
+    warnings.warn(
+        f"{type(optimizer).__name__} steps the parameters of the model that to_sbnn "
+        f"converted a copy of ({len(pairs)} of them), which get no gradient, while the "
+        "converted model trains: the converted model never trains (neither its weights "
+        "nor its noise scales). to_sbnn returns a converted copy and leaves the original "
+        "as it was: build the optimiser after the conversion from the converted model, "
+        "e.g. torch.optim.Adam(sbnn_addons.param_groups(model, lr=...)), or convert in "
+        "place (to_sbnn(net, inplace=True)) and add the new noise scales: "
+        "optimizer.add_param_group({'params': list(sbnn_addons.noise_parameters(net)), "
+        "'lr': ...})", UserWarning, stacklevel=4)  # at the step call
 
 
 def check_noise_decay(optimizer) -> None:

@@ -99,6 +99,7 @@ from .moments import (
     track_variance,
     untrack_variance,
 )
+from .optim import register_converted_copy
 from .spike import (
     _RECOMPUTING,
     CONVERTED_SPIKE_STD,
@@ -1474,7 +1475,8 @@ _HOST_HOOK = torch.nn.modules.module.register_module_buffer_registration_hook(
 def _check_neuron(name: str, m: nn.Module) -> None:
     cls = type(m)
     if cls in _TO_SBNN:
-        check_neuron_constants(name, m, ("beta", "threshold"))
+        check_neuron_constants(name, m, ("beta", "threshold"),
+                               spike_scales=("graded_spikes_factor",))
         if not m.reset_delay:
             raise ValueError(
                 f"module '{name}' uses reset_delay=False, which to_sbnn does not support (its "
@@ -1725,8 +1727,9 @@ def to_sbnn(
             ``include`` pattern matches no layer or an ``exclude`` pattern no module; a
             bad ``estimator``, ``std``, ``std_mode``, ``bias_std``, ``spike_std`` or
             ``batchnorm``; a neuron to convert uses
-            ``reset_delay=False``, ``state_quant`` or ``surrogate_disable=True``, or a
-            ``spike_grad`` whose forward is not snnTorch's Heaviside ``1[u > 0]``.
+            ``reset_delay=False``, ``state_quant`` or ``surrogate_disable=True``, has a
+            NaN ``beta`` / ``threshold`` or a NaN or infinite ``graded_spikes_factor``,
+            or a ``spike_grad`` whose forward is not snnTorch's Heaviside ``1[u > 0]``.
         TypeError: an unsupported neuron (``snn.Synaptic``: its correlated two-state
             noise; anything other than ``Leaky`` / ``RLeaky``; a SpikingJelly neuron),
             not excluded.
@@ -1850,6 +1853,8 @@ def to_sbnn(
         enable_aux_loss(out)
     if example_input is not None:
         check_variance_flow(out, example_input)
+    if not inplace:  # an optimiser of the original warns at its steps
+        register_converted_copy(model, out)
     return out
 
 
@@ -1969,7 +1974,9 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
 
     Raises:
         ValueError: a neuron's original surrogate was lost by pickling (a user's own
-            closure cannot be rebuilt) and no ``spike_grad`` was given.
+            closure cannot be rebuilt) and no ``spike_grad`` was given; ``model`` has no
+            converted part (no Bayesian layer, ``ChannelAffine`` or converted neuron:
+            e.g. the original given to ``to_sbnn``, which converts a copy).
         TypeError: ``spike_grad`` is not a spike function (``surrogate.atan``, the
             factory, instead of ``surrogate.atan()``; a name; a number); ``model`` was
             converted by ``sbnn_addons.spikingjelly.to_sbnn`` (exported by
@@ -1979,6 +1986,14 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
 
     check_module(model, "to_snntorch")
     refuse_other_host_export(model, "spikingjelly", IWSTSpike)
+    if not any(isinstance(m, ChannelAffine) for m in model.modules()) and not (
+            _already_converted(model)):
+        raise ValueError(
+            f"nothing to export: {type(model).__name__} has no Bayesian layer, "
+            "ChannelAffine or converted neuron, so it is not a model that to_sbnn returned "
+            "(the export would be a copy of it, silently): to_sbnn converts a copy and "
+            "leaves the model it is given as it was, so export the converted one, "
+            "model = to_sbnn(net); ...; plain = to_snntorch(model)")
     if spike_grad is not None:
         _check_host_spike_grad(spike_grad, model)
     out = _safe_deepcopy(model)

@@ -97,6 +97,7 @@ from .moments import (
     untrack_variance,
 )
 from .moments import refuse_variance as _refuse_variance
+from .optim import register_converted_copy
 from .spike import (
     CONVERTED_SPIKE_STD,
     DEFAULT_AUX_PULL,
@@ -996,6 +997,7 @@ def to_sbnn(
         inc is not None)
     affines = _layers.fold_batchnorms(model, folds, affine_bns, posterior, _affine_from_bn)
 
+    source = model  # an optimiser of the original warns at its steps
     model = model if inplace else _safe_deepcopy(model)
     reset(model)  # (the copy's) neuron states: a fresh start
     counts = {"layers": 0, "neurons": 0}
@@ -1062,6 +1064,8 @@ def to_sbnn(
         enable_aux_loss(model)
     if example_input is not None:
         check_variance_flow(model, example_input)
+    if not inplace:
+        register_converted_copy(source, model)
     return model
 
 

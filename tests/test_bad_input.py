@@ -1060,6 +1060,31 @@ def test_a_neuron_with_a_nan_constant_is_named_at_conversion(convert, make, attr
         convert(nn.Sequential(linear(4, 3), make()))
 
 
+def _rleaky_with_spike_factor(value: float) -> nn.Module:
+    lif = snn.RLeaky(beta=0.9, linear_features=3, init_hidden=True, output=True)
+    lif.graded_spikes_factor.fill_(value)  # RLeaky takes no argument for it
+    return lif
+
+
+@pytest.mark.parametrize("value", NONFINITE)
+@pytest.mark.parametrize("make", [
+    lambda v: snn.Leaky(beta=0.9, graded_spikes_factor=v, init_hidden=True, output=True),
+    lambda v: snn.Leaky(beta=0.9, graded_spikes_factor=torch.tensor([1.0, v, 1.0]),
+                        learn_graded_spikes_factor=True, init_hidden=True, output=True),
+    _rleaky_with_spike_factor,
+])
+def test_a_snntorch_neuron_with_a_nonfinite_spike_factor_is_named_at_conversion(make, value):
+    """snn.Leaky(graded_spikes_factor=nan or inf) converted emitted NaN spikes (an
+    infinite factor times the 0 of a neuron that did not fire is NaN), silently where the
+    neuron is the model's output; before the next Bayesian layer the error named the
+    data ("clean or normalise the data"), not the neuron."""
+    net = nn.Sequential(nn.Linear(4, 3), make(value))
+    with pytest.raises(ValueError, match=r"module '1' \((Leaky|RLeaky)\) has "
+                                         r"graded_spikes_factor = (nan|inf|-inf): its "
+                                         r"spikes would be NaN"):
+        sbnn_snn.to_sbnn(net)
+
+
 @pytest.mark.parametrize("call, who", [
     (lambda: sb.IWSTSpike(std=0.3, learn_std=True)(torch.rand(2, 3, device="meta")),
      "IWSTSpike has its noise std on cpu"),

@@ -258,6 +258,46 @@ def test_optimiser_built_before_an_inplace_conversion_warns(host):
         assert _steps(net, torch.optim.Adam(make(net), lr=1e-2), x, forward) == []
 
 
+@pytest.mark.parametrize("host", ["snntorch", "spikingjelly"])
+def test_optimiser_of_the_model_a_conversion_copied_warns(host):
+    """``opt = Adam(net.parameters()); net = to_sbnn(net)`` (the line a host training
+    script gets to port it): ``to_sbnn`` converts a copy, so the optimiser holds the
+    original's parameters, which get no gradient, and the converted model never trained
+    (neither its weights nor its noise scales), silently. The optimiser warns once,
+    naming the fix; the original trained beside the converted model (each with its own
+    optimiser, also one stepped without a backward) is quiet."""
+    import warnings
+
+    build, forward, to_sbnn = _host(host)
+    x = torch.rand(3, 4, 8) * 3
+    torch.manual_seed(0)
+    net = build()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    net = to_sbnn(net)
+    before = [p.detach().clone() for p in net.parameters()]
+    found = _steps(net, opt, x, forward, steps=4)
+    assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))  # untrained
+    assert len(found) == 1, found  # once per optimiser
+    assert "Adam steps the parameters of the model that to_sbnn converted a copy of" in found[0]
+    assert "param_groups(model" in found[0] and "inplace=True" in found[0]
+
+    torch.manual_seed(0)
+    host_net = build()
+    model = to_sbnn(host_net)
+    host_opt = torch.optim.Adam(host_net.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(sb.param_groups(model, lr=1e-2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            for m, o in ((host_net, host_opt), (model, opt)):
+                o.zero_grad()
+                forward(m, x).sum().backward()
+                o.step()
+        host_opt.zero_grad()
+        host_opt.step()  # a step without a backward: nothing was trained wrongly
+    assert not [w for w in caught if "never train" in str(w.message)]
+
+
 def test_optimiser_of_a_weights_filter_warns_for_core_layers():
     """``Adam([p for n, p in model.named_parameters() if 'weight' in n])`` on a core
     model: the layer's ``std_rho`` and ``bias_std_rho`` and the spike function's std

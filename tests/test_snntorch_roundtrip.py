@@ -249,6 +249,21 @@ def test_import_does_not_import_snntorch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_to_snntorch_of_a_model_that_was_not_converted_raises():
+    """``model = to_sbnn(net)``, trained, then ``to_snntorch(net)`` (the original by
+    mistake): the export returned a copy of the untrained original, silently. A model
+    without any converted part (Bayesian layer, ChannelAffine, converted neuron) now
+    raises, naming the fix; the converted model, also with its neurons excluded, exports."""
+    net, x = make("seq_leaky")
+    model = to_sbnn(net)
+    for wrong in (net, nn.Sequential(nn.Linear(3, 3), nn.ReLU())):
+        with pytest.raises(ValueError, match=r"nothing to export: Sequential has no Bayesian "
+                                             r"layer.*to_sbnn converts a copy"):
+            to_snntorch(wrong)
+    assert type(to_snntorch(model)[1]) is snn.Leaky
+    assert type(to_snntorch(to_sbnn(net, exclude=["1", "3"]))[0]) is nn.Linear
+
+
 def test_rleaky_model_copies_and_exports_after_an_evaluation_pass():
     """RLeaky(init_hidden) keeps its last spikes (a SpikeTensor under no_grad) as state:
     the model deep-copies and exports after an evaluation forward, as plain snnTorch does."""
