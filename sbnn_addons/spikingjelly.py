@@ -166,6 +166,7 @@ class SJSpike(IWSTSpike):
         self._multi = False
         self._step = 0
         self._coeffs: tuple = (1.0, 1.0, False)
+        self._in_call = False  # between the neuron's pre-hook and its forward hook
 
     # The per-step state below is written to __dict__ directly: it holds no parameters,
     # buffers or modules, and nn.Module.__setattr__ costs a few microseconds per call.
@@ -195,7 +196,8 @@ class SJSpike(IWSTSpike):
             var = var * (coeffs[1] * coeffs[1])  # c^2 var(X_t), for all steps at once
             if multi:  # the time dimension first (a view)
                 var = _per_step_variance(var, x)
-        set_state(self, _pending=var, _steps=None, _multi=multi, _step=0, _coeffs=coeffs)
+        set_state(self, _pending=var, _steps=None, _multi=multi, _step=0, _coeffs=coeffs,
+                  _in_call=True)
 
     def _end(self) -> None:
         """Called by the neuron's forward hook after each neuron call: the per-call state
@@ -203,7 +205,7 @@ class SJSpike(IWSTSpike):
         decay) is dropped, so that a trained model deep-copies; the membrane variance
         lives on as the neuron's memory."""
         set_state(self, _var_state=None, _pending=None, _steps=None,
-                  _coeffs=(1.0, 1.0, False))
+                  _coeffs=(1.0, 1.0, False), _in_call=False)
 
     def _next_input_variance(self, u: Tensor) -> Tensor | None:
         var = self._pending
@@ -233,6 +235,8 @@ class SJSpike(IWSTSpike):
                     "sbnn_addons.spikingjelly.to_sbnn"
                 )
             return super().forward(u)
+        if not self._in_call and get_variance(u) is not None:
+            raise_error(self._bypassed_hooks_message(u), VarianceFlowError)
         with no_variance_flow():
             beta, _c, hard = self._coeffs
             state = self._next_input_variance(u)  # c^2 var_t
@@ -261,6 +265,28 @@ class SJSpike(IWSTSpike):
             if state is not None:
                 self.__dict__["_var_state"] = state
             return spikes
+
+    _in_call = False  # what a spike function pickled before the flag existed reads
+
+    def _bypassed_hooks_message(self, u: Tensor) -> str:
+        """The error message for a linked spike function called outside a call of its
+        neuron module on an input carrying a Bayesian layer's noise: the neuron was run
+        through one of its own methods (``sn.multi_step_forward(x)``, ...), which skip
+        its forward hooks."""
+        name = noise_sources(u, self)[0]  # the spike function's qualified name
+        suffix = ".surrogate_function"
+        node = name[: -len(suffix)] if name and name.endswith(suffix) else None
+        kind = self.__dict__.get("_node_type", "neuron")
+        where = f"{kind} {node!r}" if node else kind
+        call = node.rsplit(".", 1)[-1] if node else "node"
+        return (
+            f"the converted SpikingJelly {where} got an input carrying a Bayesian layer's "
+            "noise outside a call of the neuron module: it was run through one of its own "
+            f"methods ({call}.multi_step_forward(x), {call}.single_step_forward(x) or "
+            f"{call}.forward(x)), which skip the neuron's forward hooks that hand the "
+            "variance of its input to the spike function with the neuron's dynamics and "
+            f"keep its noise state. Call the module itself, {call}(x) (its step_mode picks "
+            "the single- or multi-step forward)")
 
     def __getstate__(self):
         state = super().__getstate__()

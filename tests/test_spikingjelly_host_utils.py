@@ -992,3 +992,50 @@ def test_a_converted_neuron_with_noise_of_its_own_passes_the_gradient(sm):
     sbnn_sj.reset(model)
     _run(model, x, sm).sum().backward()
     assert model[0].weight.grad.abs().sum() > 0 and model[2].weight.grad.abs().sum() > 0
+
+
+class _BypassedNeuron(nn.Module):
+    """A user's model that runs its neuron through one of the neuron's own methods
+    (``sn.multi_step_forward(h)``, ``sn.single_step_forward(h_t)``, ``sn.forward(h)``)
+    instead of calling the module, which skips its forward hooks."""
+
+    def __init__(self, how: str, step_mode: str) -> None:
+        super().__init__()
+        self.how = how
+        self.fc = layer.Linear(6, 5, step_mode=step_mode)
+        self.sn = neuron.LIFNode(step_mode=step_mode)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.how == "single_step_forward":
+            return self.sn.single_step_forward(h)
+        return getattr(self.sn, self.how)(h)
+
+
+@pytest.mark.parametrize(("how", "step_mode"), [
+    ("multi_step_forward", "m"), ("forward", "m"), ("single_step_forward", "s"),
+    ("forward", "s")])
+@pytest.mark.parametrize("steps", [1, T])
+def test_a_converted_neuron_run_past_its_hooks_is_named(how, step_mode, steps):
+    """A converted neuron run through ``sn.multi_step_forward(h)`` (or
+    ``single_step_forward`` / ``forward``) skips the forward hooks that hand its input's
+    variance to the spike function with the neuron's dynamics: the second step raised a
+    VarianceFlowError blaming a 'sub of two tensors that share one Bayesian layer's noise'
+    and asking for a variance rule, and a single step ran with the variance that
+    SpikingJelly's arithmetic happened to carry, never stored as the neuron's noise
+    state. The error now names the neuron and the fix (call the module), whatever the
+    number of steps; called as a module, the same model trains."""
+    torch.manual_seed(0)
+    model = sbnn_sj.to_sbnn(_BypassedNeuron(how, step_mode))
+    x = torch.rand(steps, 3, 6) * 3
+
+    def run():
+        functional.reset_net(model)
+        return model(x) if step_mode == "m" else torch.stack([model(xt) for xt in x])
+
+    with pytest.raises(VarianceFlowError,
+                       match=rf"LIFNode 'sn'.*{how}.*forward hooks.*sn\(x\)"):
+        run()
+    model.how = "__call__"
+    run().sum().backward()
+    assert model.fc.std_rho.grad.abs().sum() > 0
