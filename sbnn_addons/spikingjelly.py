@@ -960,7 +960,8 @@ def to_sbnn(
     off).
 
     Raises:
-        ValueError: ``model`` is already converted, contains nothing to convert, an
+        ValueError: ``model`` is already converted, is itself a weight layer (convert
+            the network holding it), contains nothing to convert, an
             ``include`` / ``exclude`` pattern matches nothing, a bad ``estimator``,
             ``std``, ``std_mode``, ``bias_std``, ``spike_std`` or ``batchnorm``; a
             neuron to convert has a surrogate in the non-spiking mode (``spiking=False``)
@@ -973,6 +974,7 @@ def to_sbnn(
     # every argument is validated before anything changes: a failed inplace=True
     # conversion leaves the model as it was
     check_module(model, "spikingjelly.to_sbnn")
+    _refuse_a_single_layer(model)
     learn_std, aux_loss, inplace = (check_flag(n, v) for n, v in (
         ("learn_std", learn_std), ("aux_loss", aux_loss), ("inplace", inplace)))
     if batchnorm not in ("affine", "keep"):
@@ -1089,6 +1091,28 @@ def to_sbnn(
     if example_input is not None:
         check_variance_flow(model, example_input)
     return model
+
+
+def _refuse_a_single_layer(model: nn.Module) -> None:
+    """Refuse a model that is itself one weight layer (``to_sbnn(layer.Linear(4, 3))``):
+    the conversion replaces the layers inside a network, never the model it is given, so
+    it found "no layer.Linear" in a layer.Linear.
+
+    Raises:
+        ValueError: naming the layer and the call that makes its Bayesian version.
+    """
+    kind = type(model)
+    if kind not in _WEIGHTS:
+        return
+    if issubclass(kind, base.StepModule):  # SpikingJelly's layer.Linear / Conv1d / Conv2d
+        name, fix = (f"layer.{kind.__name__}", f"sbnn_addons.spikingjelly.Bayes{kind.__name__}"
+                     ".from_module(layer, step_mode=layer.step_mode)")
+    else:
+        name, fix = f"nn.{kind.__name__}", f"sbnn_addons.Bayes{kind.__name__}.from_module(layer)"
+    raise ValueError(
+        f"model is itself a {name}: to_sbnn converts the weight layers and neurons inside a "
+        "network, not the model it is given. Convert the network that holds the layer, or "
+        f"make its Bayesian version directly with {fix}")
 
 
 def _check_spiking_rnns(model: nn.Module, selected, excluded) -> None:

@@ -1039,3 +1039,20 @@ def test_a_converted_neuron_run_past_its_hooks_is_named(how, step_mode, steps):
     model.how = "__call__"
     run().sum().backward()
     assert model.fc.std_rho.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("make", "fix"), [
+    (lambda: layer.Linear(4, 3), r"sbnn_addons\.spikingjelly\.BayesLinear\.from_module"),
+    (lambda: layer.Conv2d(2, 3, 3, step_mode="m"),
+     r"sbnn_addons\.spikingjelly\.BayesConv2d\.from_module"),
+    (lambda: nn.Linear(4, 3), r"sbnn_addons\.BayesLinear\.from_module"),
+    (lambda: nn.Conv1d(2, 3, 3), r"sbnn_addons\.BayesConv1d\.from_module")])
+def test_a_single_weight_layer_given_as_the_model_is_named(make, fix):
+    """``to_sbnn(layer.Linear(4, 3))`` said "the model has no layer.Linear/..." of a model
+    that is one: the conversion replaces the layers inside a network, never the model
+    itself. The error now says so and names the call that makes the Bayesian layer."""
+    m = make()
+    kind = ("layer." if type(m).__module__.startswith("spikingjelly") else "nn.") + \
+        type(m).__name__
+    with pytest.raises(ValueError, match=rf"model is itself a {kind}.*{fix}"):
+        sbnn_sj.to_sbnn(m)
