@@ -37,9 +37,9 @@ What :func:`to_sbnn` does (Method page, sections 2-3):
   independent, cannot follow it; the link does it exactly.) ``S`` is the neuron's own
   memory ``sbnn_var`` (``register_memory``): ``functional.reset_net`` resets it with the
   membrane, ``detach_net`` detaches it, and copies of the model carry it.
-* A ``layer.TLastSeqToANNContainer`` runs its layers on the ``T * N`` slices at once
-  (``seq_to_ann_forward``) instead of under ``torch.vmap``, whose output would drop the
-  variance.
+* A ``layer.TLastSeqToANNContainer`` (or a subclass keeping its forward) runs its
+  layers on the ``T * N`` slices at once (``seq_to_ann_forward``) instead of under
+  ``torch.vmap``, whose output would drop the variance.
 * BatchNorm becomes a mean-only :class:`~sbnn_addons.ChannelAffine` (``batchnorm="affine"``,
   equal to the BatchNorm in eval mode) or is kept (``"keep"``).
 
@@ -606,6 +606,14 @@ def _linked_multi_step_forward(node: nn.Module, x_seq: Tensor, *args, **kwargs):
     return spikes
 
 
+def _runs_t_last_vmap(m: nn.Module) -> bool:
+    """Whether ``m`` is a ``layer.TLastSeqToANNContainer`` (or a subclass) running
+    SpikingJelly's own forward, under ``torch.vmap``: a subclass with a forward of its own
+    is left as it is (a Bayesian layer it runs under vmap raises at the first forward)."""
+    return (isinstance(m, layer.TLastSeqToANNContainer)
+            and type(m).forward is layer.TLastSeqToANNContainer.forward)
+
+
 def _t_last_seq_to_ann_forward(container: nn.Module, x_seq: Tensor):
     """The forward of a ``layer.TLastSeqToANNContainer`` in a converted model.
     SpikingJelly's own runs the modules under ``torch.vmap`` over the last (time)
@@ -1080,7 +1088,7 @@ def to_sbnn(
             "nn.Conv1d/nn.Conv2d (check include/exclude) and no supported neuron"
         )
     for m in model.modules():  # (vmap would drop the variance passing through)
-        if type(m) is layer.TLastSeqToANNContainer:
+        if _runs_t_last_vmap(m):
             m.__dict__["forward"] = functools.partial(_t_last_seq_to_ann_forward, m)
     if inc is None:
         _layers.warn_deterministic_layers(model, lambda n: match_name(n, exc), "SpikingJelly")

@@ -340,6 +340,37 @@ def test_variance_through_t_last_seq_to_ann_container():
         assert torch.equal(back(x), net(x))
 
 
+class _TimeLast(layer.TLastSeqToANNContainer):
+    """A user's subclass of the time-last container that keeps SpikingJelly's forward."""
+
+
+def test_variance_through_a_subclass_of_the_t_last_seq_to_ann_container():
+    """A subclass of ``layer.TLastSeqToANNContainer`` that keeps its forward (torch.vmap
+    over time) kept running it: the first training forward raised that the Bayesian
+    layer inside ran under torch.vmap, with no way to change that but rewriting the
+    container. It converts as the container does: the weight noise reaches the neuron,
+    mean mode equals the original, and the export runs SpikingJelly's forward again."""
+    torch.manual_seed(1)
+    net = nn.Sequential(_TimeLast(nn.Linear(6, 5)),
+                        layer.TLastMultiStepContainer(neuron.LIFNode(tau=2.0)))
+    with torch.no_grad():
+        net[0][0].weight.mul_(4.0)
+    x = torch.rand(3, 6, 4) * 2  # [N, C, T]
+    sbnn = sbnn_sj.to_sbnn(net)
+    functional.reset_net(sbnn)
+    sbnn(x).sum().backward()
+    assert sbnn[0][0].std_rho.grad.abs().sum() > 0
+    with torch.no_grad(), sbnn_addons.mode(sbnn, "mean"):
+        functional.reset_net(sbnn)
+        functional.reset_net(net)
+        assert torch.equal(sbnn(x), net(x))
+        back = sbnn_sj.to_spikingjelly(sbnn)
+        assert "forward" not in back[0].__dict__
+        functional.reset_net(back)
+        functional.reset_net(net)
+        assert torch.equal(back(x), net(x))
+
+
 @pytest.mark.parametrize("kind", ["lif_decay_soft", "lif_nodecay_soft", "if_soft"])
 def test_stochastic_soft_reset_uses_emitted_spike(kind):
     """With noise, v_after = H - v_th * spike at every step, for the emitted spike."""
