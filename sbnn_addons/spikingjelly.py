@@ -488,7 +488,9 @@ def link_neuron(node: nn.Module, spike: SJSpike | None = None) -> nn.Module:
     if _neuron_pre_hook not in node._forward_pre_hooks.values():
         node.register_forward_pre_hook(_neuron_pre_hook)
     if _mark_spikes not in node._forward_hooks.values():
-        node.register_forward_hook(_mark_spikes)
+        # first: the node's own output is the spikes; a hook of the user's that runs
+        # before it and changes them (graded values) would have its result marked 0/1
+        node.register_forward_hook(_mark_spikes, prepend=True)
     # instance attributes shadow the class methods (removed again by _unlink)
     node.__dict__["multi_step_forward"] = functools.partial(_linked_multi_step_forward, node)
     node.__dict__["functional_forward"] = functools.partial(_linked_functional_forward, node)

@@ -281,6 +281,38 @@ def test_node_output_is_marked_binary_and_unmarked_after_export(sm):
     assert "multi_step_forward" not in plain[1].__dict__
 
 
+@pytest.mark.parametrize("sm", ["s", "m"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_neuron_forward_hook_that_changes_the_spikes_is_not_marked_binary(sm, inplace):
+    """A forward hook on a neuron, registered before the conversion (the copy keeps it),
+    that changes its output (graded spikes, 0 or 0.5): the converted node's marking hook
+    ran after it and marked the hook's 0 / 0.5 as spikes, so the next Bayesian layer took
+    x for x * x and its output variance was twice the true one, silently. The marking
+    runs first now: it marks the spikes, the hook's new tensor stays unmarked, and the
+    next layer's variance is s^2 sum x^2 of what it receives."""
+    from sbnn_addons.functional import is_binary
+
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(6, 8, step_mode=sm), neuron.LIFNode(step_mode=sm),
+                        layer.Linear(8, 4, step_mode=sm),
+                        neuron.IFNode(v_threshold=1e9, step_mode=sm))
+    with torch.no_grad():
+        net[0].weight.add_(0.5)  # about half of the first neuron's units fire
+    net[1].register_forward_hook(lambda module, args, out: out * 0.5)
+    seen = []
+    net[2].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    sbnn = sbnn_sj.to_sbnn(net, std=0.1, learn_std=False, spike_std=None, inplace=inplace)
+    x = torch.rand(1, 3, 6) * 3
+    functional.reset_net(sbnn)
+    with torch.no_grad():
+        sbnn(x) if sm == "m" else sbnn(x[0])
+    h = seen[-1].as_subclass(torch.Tensor)
+    assert set(h.unique().tolist()) == {0.0, 0.5} and not is_binary(seen[-1])
+    want = 0.1**2 * (h * h).sum(-1, keepdim=True)  # [N, 1] ('s') or [1, N, 1] ('m')
+    got = sbnn[3].sbnn_var
+    torch.testing.assert_close(got, want.reshape(-1, 1).expand_as(got))
+
+
 def test_variance_through_seq_to_ann_container():
     """The variance of a plain Bayesian conv inside SeqToANNContainer flows through its
     flatten/view ops to the neuron (LIF, decay_input)."""
