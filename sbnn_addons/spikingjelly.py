@@ -167,6 +167,7 @@ class SJSpike(IWSTSpike):
         self._step = 0
         self._coeffs: tuple = (1.0, 1.0, False)
         self._in_call = False  # between the neuron's pre-hook and its forward hook
+        self._input: Tensor | None = None  # the input the pre-hook took the variance of
 
     # The per-step state below is written to __dict__ directly: it holds no parameters,
     # buffers or modules, and nn.Module.__setattr__ costs a few microseconds per call.
@@ -205,7 +206,7 @@ class SJSpike(IWSTSpike):
         decay) is dropped, so that a trained model deep-copies; the membrane variance
         lives on as the neuron's memory."""
         set_state(self, _var_state=None, _pending=None, _steps=None,
-                  _coeffs=(1.0, 1.0, False), _in_call=False)
+                  _coeffs=(1.0, 1.0, False), _in_call=False, _input=None)
 
     def _next_input_variance(self, u: Tensor) -> Tensor | None:
         var = self._pending
@@ -267,6 +268,7 @@ class SJSpike(IWSTSpike):
             return spikes
 
     _in_call = False  # what a spike function pickled before the flag existed reads
+    _input = None
 
     def _bypassed_hooks_message(self, u: Tensor) -> str:
         """The error message for a linked spike function called outside a call of its
@@ -290,7 +292,7 @@ class SJSpike(IWSTSpike):
 
     def __getstate__(self):
         state = super().__getstate__()
-        for key in ("_var_state", "_pending", "_steps"):
+        for key in ("_var_state", "_pending", "_steps", "_input"):
             state[key] = None
         return state
 
@@ -422,6 +424,8 @@ def _neuron_pre_hook(node: nn.Module, args):
         # the input under a dispatch mode that refuses the subclass (a TypeError,
         # "Multiple dispatch failed for aten.detach"); a copy, which a larger graph fuses
         stripped = x.clone() if torch.compiler.is_compiling() else x.view_as(x)
+    if not torch.compiler.is_compiling():
+        spike.__dict__["_input"] = stripped  # _mark_spikes: did the node run on it?
     return (stripped, *args[1:])
 
 
@@ -637,6 +641,10 @@ def _mark_spikes(node: nn.Module, args, output):
     layer fed by it skips ``x * x`` and keeps it as bytes for the backward unless the
     spike function keeps this tensor already (then the layer shares it)."""
     spike = node.surrogate_function
+    if isinstance(spike, SJSpike):
+        taken = spike.__dict__.get("_input")
+        if taken is not None and args and args[0] is not taken:
+            _check_input_unchanged(node, spike, taken, args[0])
     if isinstance(spike, SJSpike) and VAR_MEMORY in node._memories:
         state = spike._var_state
         if isinstance(state, Tensor) and state._base is not None:
@@ -652,6 +660,31 @@ def _mark_spikes(node: nn.Module, args, output):
             # would change in the backward
             return output.clone()
         mark_binary(output)  # a kept mark (the spike function's) stays
+
+
+def _check_input_unchanged(node: nn.Module, spike: SJSpike, taken: Tensor, x) -> None:
+    """Refuse a neuron call whose input ``x`` differs from the one whose variance the
+    link's pre-hook took (``taken``): a forward pre-hook registered after the conversion
+    (it runs after the link's) changed it, and the spikes were drawn with the variance of
+    the input before the change. An equal tensor (another object) passes.
+
+    Raises:
+        VarianceFlowError: naming the neuron and the two ways to register the hook.
+    """
+    with torch._C.DisableTorchFunctionSubclass():
+        same = isinstance(x, Tensor) and x.shape == taken.shape and torch.equal(x, taken)
+    if same:
+        return
+    spike._end()
+    name = noise_sources(taken, node)[0]
+    where = f"{type(node).__name__} {name!r}" if name else type(node).__name__
+    raise_error(
+        f"a forward pre-hook of the converted SpikingJelly {where}, registered after its "
+        "conversion, changed the neuron's input after the conversion's own pre-hook had "
+        "taken its posterior variance: the spikes were drawn with the variance of the "
+        "input before that change. Register the hook before converting, or with "
+        "register_forward_pre_hook(hook, prepend=True), which runs it first (the "
+        "variance then follows the change)", VarianceFlowError)
 
 
 def _unlink(node: nn.Module) -> None:

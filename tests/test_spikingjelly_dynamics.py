@@ -313,6 +313,46 @@ def test_a_neuron_forward_hook_that_changes_the_spikes_is_not_marked_binary(sm, 
     torch.testing.assert_close(got, want.reshape(-1, 1).expand_as(got))
 
 
+@pytest.mark.parametrize("sm", ["s", "m"])
+def test_a_pre_hook_registered_after_the_conversion_that_changes_the_input_raises(sm):
+    """A forward pre-hook registered on a converted neuron (after the link's own, which
+    takes the variance of the input) that changes the input (``x * 2``): the spikes were
+    drawn with the variance of the unchanged input, a quarter of the true one, silently.
+    It raises now, naming the neuron and the fix; registered with ``prepend=True`` (before
+    the link's hook) the same hook runs and the variance follows it; a hook that passes
+    an equal tensor on (``x.as_subclass(torch.Tensor)``) still runs."""
+    from sbnn_addons.moments import VarianceFlowError
+
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(6, 5, step_mode=sm),
+                        neuron.IFNode(v_threshold=1e9, step_mode=sm))
+    x = torch.rand(1, 3, 6) * 3
+
+    def run(model):
+        functional.reset_net(model)
+        return model(x) if sm == "m" else model(x[0])
+
+    def double(module, args):
+        return (args[0] * 2, *args[1:])
+
+    sbnn = sbnn_sj.to_sbnn(net, std=0.1, learn_std=False, spike_std=None)
+    handle = sbnn[1].register_forward_pre_hook(double)
+    with pytest.raises(VarianceFlowError, match=r"IFNode '1'.*pre-hook.*prepend=True"):
+        run(sbnn)
+    handle.remove()
+    sbnn[1].register_forward_pre_hook(double, prepend=True)
+    with torch.no_grad():
+        run(sbnn)
+    want = 4 * sbnn[0].output_variance(x[0])
+    torch.testing.assert_close(sbnn[1].sbnn_var, want.expand_as(sbnn[1].sbnn_var))
+    sbnn = sbnn_sj.to_sbnn(net, std=0.1, learn_std=False, spike_std=None)
+    sbnn[1].register_forward_pre_hook(
+        lambda module, args: (args[0].as_subclass(torch.Tensor), *args[1:]))
+    with torch.no_grad():
+        run(sbnn)
+    torch.testing.assert_close(sbnn[1].sbnn_var, (want / 4).expand_as(sbnn[1].sbnn_var))
+
+
 def test_variance_through_seq_to_ann_container():
     """The variance of a plain Bayesian conv inside SeqToANNContainer flows through its
     flatten/view ops to the neuron (LIF, decay_input)."""
