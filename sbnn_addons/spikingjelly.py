@@ -198,7 +198,7 @@ class SJSpike(IWSTSpike):
             if multi:  # the time dimension first (a view)
                 var = _per_step_variance(var, x)
         set_state(self, _pending=var, _steps=None, _multi=multi, _step=0, _coeffs=coeffs,
-                  _in_call=True)
+                  _in_call=True, _input=None)
 
     def _end(self) -> None:
         """Called by the neuron's forward hook after each neuron call: the per-call state
