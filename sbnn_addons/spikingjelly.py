@@ -1287,9 +1287,10 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
             SpikingJelly's default, where none was set).
 
     Raises:
-        ValueError: a neuron's original surrogate was lost by pickling (it does not
-            pickle, e.g. a class defined in a function) and no ``surrogate_function``
-            was given.
+        ValueError: ``model`` has no Bayesian layer or SBNN spike function (the original
+            host model passed instead of the converted one); a neuron's original
+            surrogate was lost by pickling (it does not pickle, e.g. a class defined in a
+            function) and no ``surrogate_function`` was given.
         TypeError: ``surrogate_function`` is a class (``surrogate.ATan`` instead of
             ``surrogate.ATan()``) or not callable; ``model`` was converted by
             ``sbnn_addons.snntorch.to_sbnn`` (exported by ``to_snntorch``).
@@ -1305,6 +1306,12 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
         raise TypeError(
             "surrogate_function must be a SpikingJelly surrogate such as surrogate.ATan() "
             f"(or None: each neuron's original one), got {type(surrogate_function).__name__}")
+    if not any(isinstance(m, SBNNModule) for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} has no Bayesian layer or SBNN spike function, so there "
+            "is nothing to export (a copy of it would come back as it is): pass the model "
+            "that sbnn_addons.spikingjelly.to_sbnn returned (e.g. sbnn = to_sbnn(net); ...; "
+            "to_spikingjelly(sbnn)), not the original")
     model = _safe_deepcopy(model)
     reset(model)
     untrack_variance(model)
