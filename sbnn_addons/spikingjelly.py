@@ -666,13 +666,15 @@ def _check_input_unchanged(node: nn.Module, spike: SJSpike, taken: Tensor, x) ->
     """Refuse a neuron call whose input ``x`` differs from the one whose variance the
     link's pre-hook took (``taken``): a forward pre-hook registered after the conversion
     (it runs after the link's) changed it, and the spikes were drawn with the variance of
-    the input before the change. An equal tensor (another object) passes.
+    the input before the change. An equal tensor (another object, or the same values in
+    another dtype or on another device) passes.
 
     Raises:
         VarianceFlowError: naming the neuron and the two ways to register the hook.
     """
     with torch._C.DisableTorchFunctionSubclass():
-        same = isinstance(x, Tensor) and x.shape == taken.shape and torch.equal(x, taken)
+        same = (isinstance(x, Tensor) and x.shape == taken.shape
+                and torch.equal(x.to(device=taken.device, dtype=taken.dtype), taken))
     if same:
         return
     spike._end()

@@ -319,8 +319,8 @@ def test_a_pre_hook_registered_after_the_conversion_that_changes_the_input_raise
     takes the variance of the input) that changes the input (``x * 2``): the spikes were
     drawn with the variance of the unchanged input, a quarter of the true one, silently.
     It raises now, naming the neuron and the fix; registered with ``prepend=True`` (before
-    the link's hook) the same hook runs and the variance follows it; a hook that passes
-    an equal tensor on (``x.as_subclass(torch.Tensor)``) still runs."""
+    the link's hook) the same hook runs and the variance follows it; hooks that pass the
+    same values on (``x.as_subclass(torch.Tensor)``, ``x.double()``) still run."""
     from sbnn_addons.moments import VarianceFlowError
 
     torch.manual_seed(0)
@@ -348,6 +348,7 @@ def test_a_pre_hook_registered_after_the_conversion_that_changes_the_input_raise
     sbnn = sbnn_sj.to_sbnn(net, std=0.1, learn_std=False, spike_std=None)
     sbnn[1].register_forward_pre_hook(
         lambda module, args: (args[0].as_subclass(torch.Tensor), *args[1:]))
+    sbnn[1].register_forward_pre_hook(lambda module, args: (args[0].double(), *args[1:]))
     with torch.no_grad():
         run(sbnn)
     torch.testing.assert_close(sbnn[1].sbnn_var, (want / 4).expand_as(sbnn[1].sbnn_var))
