@@ -37,9 +37,9 @@ What :func:`to_sbnn` does (Method page, sections 2-3):
   independent, cannot follow it; the link does it exactly.) ``S`` is the neuron's own
   memory ``sbnn_var`` (``register_memory``): ``functional.reset_net`` resets it with the
   membrane, ``detach_net`` detaches it, and copies of the model carry it.
-* A ``layer.TLastSeqToANNContainer`` runs its layers on the ``T * N`` slices at once
-  (``seq_to_ann_forward``) instead of under ``torch.vmap``, whose output would drop the
-  variance.
+* A ``layer.TLastSeqToANNContainer`` (or a subclass keeping its forward) runs its
+  layers on the ``T * N`` slices at once (``seq_to_ann_forward``) instead of under
+  ``torch.vmap``, whose output would drop the variance.
 * BatchNorm becomes a mean-only :class:`~sbnn_addons.ChannelAffine` (``batchnorm="affine"``,
   equal to the BatchNorm in eval mode) or is kept (``"keep"``).
 
@@ -167,6 +167,8 @@ class SJSpike(IWSTSpike):
         self._multi = False
         self._step = 0
         self._coeffs: tuple = (1.0, 1.0, False)
+        self._in_call = False  # between the neuron's pre-hook and its forward hook
+        self._input: Tensor | None = None  # the input the pre-hook took the variance of
 
     # The per-step state below is written to __dict__ directly: it holds no parameters,
     # buffers or modules, and nn.Module.__setattr__ costs a few microseconds per call.
@@ -196,7 +198,8 @@ class SJSpike(IWSTSpike):
             var = var * (coeffs[1] * coeffs[1])  # c^2 var(X_t), for all steps at once
             if multi:  # the time dimension first (a view)
                 var = _per_step_variance(var, x)
-        set_state(self, _pending=var, _steps=None, _multi=multi, _step=0, _coeffs=coeffs)
+        set_state(self, _pending=var, _steps=None, _multi=multi, _step=0, _coeffs=coeffs,
+                  _in_call=True, _input=None)
 
     def _end(self) -> None:
         """Called by the neuron's forward hook after each neuron call: the per-call state
@@ -204,7 +207,7 @@ class SJSpike(IWSTSpike):
         decay) is dropped, so that a trained model deep-copies; the membrane variance
         lives on as the neuron's memory."""
         set_state(self, _var_state=None, _pending=None, _steps=None,
-                  _coeffs=(1.0, 1.0, False))
+                  _coeffs=(1.0, 1.0, False), _in_call=False, _input=None)
 
     def _next_input_variance(self, u: Tensor) -> Tensor | None:
         var = self._pending
@@ -234,6 +237,8 @@ class SJSpike(IWSTSpike):
                     "sbnn_addons.spikingjelly.to_sbnn"
                 )
             return super().forward(u)
+        if not self._in_call and get_variance(u) is not None:
+            raise_error(self._bypassed_hooks_message(u), VarianceFlowError)
         with no_variance_flow():
             beta, _c, hard = self._coeffs
             state = self._next_input_variance(u)  # c^2 var_t
@@ -263,9 +268,32 @@ class SJSpike(IWSTSpike):
                 self.__dict__["_var_state"] = state
             return spikes
 
+    _in_call = False  # what a spike function pickled before the flag existed reads
+    _input = None
+
+    def _bypassed_hooks_message(self, u: Tensor) -> str:
+        """The error message for a linked spike function called outside a call of its
+        neuron module on an input carrying a Bayesian layer's noise: the neuron was run
+        through one of its own methods (``sn.multi_step_forward(x)``, ...), which skip
+        its forward hooks."""
+        name = noise_sources(u, self)[0]  # the spike function's qualified name
+        suffix = ".surrogate_function"
+        node = name[: -len(suffix)] if name and name.endswith(suffix) else None
+        kind = self.__dict__.get("_node_type", "neuron")
+        where = f"{kind} {node!r}" if node else kind
+        call = node.rsplit(".", 1)[-1] if node else "node"
+        return (
+            f"the converted SpikingJelly {where} got an input carrying a Bayesian layer's "
+            "noise outside a call of the neuron module: it was run through one of its own "
+            f"methods ({call}.multi_step_forward(x), {call}.single_step_forward(x) or "
+            f"{call}.forward(x)), which skip the neuron's forward hooks that hand the "
+            "variance of its input to the spike function with the neuron's dynamics and "
+            f"keep its noise state. Call the module itself, {call}(x) (its step_mode picks "
+            "the single- or multi-step forward)")
+
     def __getstate__(self):
         state = super().__getstate__()
-        for key in ("_var_state", "_pending", "_steps"):
+        for key in ("_var_state", "_pending", "_steps", "_input"):
             state[key] = None
         return state
 
@@ -397,6 +425,8 @@ def _neuron_pre_hook(node: nn.Module, args):
         # the input under a dispatch mode that refuses the subclass (a TypeError,
         # "Multiple dispatch failed for aten.detach"); a copy, which a larger graph fuses
         stripped = x.clone() if torch.compiler.is_compiling() else x.view_as(x)
+    if not torch.compiler.is_compiling():
+        spike.__dict__["_input"] = stripped  # _mark_spikes: did the node run on it?
     return (stripped, *args[1:])
 
 
@@ -463,7 +493,9 @@ def link_neuron(node: nn.Module, spike: SJSpike | None = None) -> nn.Module:
     if _neuron_pre_hook not in node._forward_pre_hooks.values():
         node.register_forward_pre_hook(_neuron_pre_hook)
     if _mark_spikes not in node._forward_hooks.values():
-        node.register_forward_hook(_mark_spikes)
+        # first: the node's own output is the spikes; a hook of the user's that runs
+        # before it and changes them (graded values) would have its result marked 0/1
+        node.register_forward_hook(_mark_spikes, prepend=True)
     # instance attributes shadow the class methods (removed again by _unlink)
     node.__dict__["multi_step_forward"] = functools.partial(_linked_multi_step_forward, node)
     node.__dict__["functional_forward"] = functools.partial(_linked_functional_forward, node)
@@ -581,6 +613,14 @@ def _linked_multi_step_forward(node: nn.Module, x_seq: Tensor, *args, **kwargs):
     return spikes
 
 
+def _runs_t_last_vmap(m: nn.Module) -> bool:
+    """Whether ``m`` is a ``layer.TLastSeqToANNContainer`` (or a subclass) running
+    SpikingJelly's own forward, under ``torch.vmap``: a subclass with a forward of its own
+    is left as it is (a Bayesian layer it runs under vmap raises at the first forward)."""
+    return (isinstance(m, layer.TLastSeqToANNContainer)
+            and type(m).forward is layer.TLastSeqToANNContainer.forward)
+
+
 def _t_last_seq_to_ann_forward(container: nn.Module, x_seq: Tensor):
     """The forward of a ``layer.TLastSeqToANNContainer`` in a converted model.
     SpikingJelly's own runs the modules under ``torch.vmap`` over the last (time)
@@ -602,6 +642,10 @@ def _mark_spikes(node: nn.Module, args, output):
     layer fed by it skips ``x * x`` and keeps it as bytes for the backward unless the
     spike function keeps this tensor already (then the layer shares it)."""
     spike = node.surrogate_function
+    if isinstance(spike, SJSpike):
+        taken = spike.__dict__.get("_input")
+        if taken is not None and args and args[0] is not taken:
+            _check_input_unchanged(node, spike, taken, args[0])
     if isinstance(spike, SJSpike) and VAR_MEMORY in node._memories:
         state = spike._var_state
         if isinstance(state, Tensor) and state._base is not None:
@@ -617,6 +661,33 @@ def _mark_spikes(node: nn.Module, args, output):
             # would change in the backward
             return output.clone()
         mark_binary(output)  # a kept mark (the spike function's) stays
+
+
+def _check_input_unchanged(node: nn.Module, spike: SJSpike, taken: Tensor, x) -> None:
+    """Refuse a neuron call whose input ``x`` differs from the one whose variance the
+    link's pre-hook took (``taken``): a forward pre-hook registered after the conversion
+    (it runs after the link's) changed it, and the spikes were drawn with the variance of
+    the input before the change. An equal tensor (another object, or the same values in
+    another dtype or on another device) passes.
+
+    Raises:
+        VarianceFlowError: naming the neuron and the two ways to register the hook.
+    """
+    with torch._C.DisableTorchFunctionSubclass():
+        same = (isinstance(x, Tensor) and x.shape == taken.shape
+                and torch.equal(x.to(device=taken.device, dtype=taken.dtype), taken))
+    if same:
+        return
+    spike._end()
+    name = noise_sources(taken, node)[0]
+    where = f"{type(node).__name__} {name!r}" if name else type(node).__name__
+    raise_error(
+        f"a forward pre-hook of the converted SpikingJelly {where}, registered after its "
+        "conversion, changed the neuron's input after the conversion's own pre-hook had "
+        "taken its posterior variance: the spikes were drawn with the variance of the "
+        "input before that change. Register the hook before converting, or with "
+        "register_forward_pre_hook(hook, prepend=True), which runs it first (the "
+        "variance then follows the change)", VarianceFlowError)
 
 
 def _unlink(node: nn.Module) -> None:
@@ -935,7 +1006,8 @@ def to_sbnn(
     off).
 
     Raises:
-        ValueError: ``model`` is already converted, contains nothing to convert, an
+        ValueError: ``model`` is already converted, is itself a weight layer (convert
+            the network holding it), contains nothing to convert, an
             ``include`` / ``exclude`` pattern matches nothing, a bad ``estimator``,
             ``std``, ``std_mode``, ``bias_std``, ``spike_std`` or ``batchnorm``; a
             neuron to convert has a surrogate in the non-spiking mode (``spiking=False``)
@@ -948,6 +1020,7 @@ def to_sbnn(
     # every argument is validated before anything changes: a failed inplace=True
     # conversion leaves the model as it was
     check_module(model, "spikingjelly.to_sbnn")
+    _refuse_a_single_layer(model)
     learn_std, aux_loss, inplace = (check_flag(n, v) for n, v in (
         ("learn_std", learn_std), ("aux_loss", aux_loss), ("inplace", inplace)))
     if batchnorm not in ("affine", "keep"):
@@ -1054,7 +1127,7 @@ def to_sbnn(
             "nn.Conv1d/nn.Conv2d (check include/exclude) and no supported neuron"
         )
     for m in model.modules():  # (vmap would drop the variance passing through)
-        if type(m) is layer.TLastSeqToANNContainer:
+        if _runs_t_last_vmap(m):
             m.__dict__["forward"] = functools.partial(_t_last_seq_to_ann_forward, m)
     if inc is None:
         _layers.warn_deterministic_layers(model, lambda n: match_name(n, exc), "SpikingJelly")
@@ -1067,6 +1140,28 @@ def to_sbnn(
     if not inplace:
         register_converted_copy(source, model)
     return model
+
+
+def _refuse_a_single_layer(model: nn.Module) -> None:
+    """Refuse a model that is itself one weight layer (``to_sbnn(layer.Linear(4, 3))``):
+    the conversion replaces the layers inside a network, never the model it is given, so
+    it found "no layer.Linear" in a layer.Linear.
+
+    Raises:
+        ValueError: naming the layer and the call that makes its Bayesian version.
+    """
+    kind = type(model)
+    if kind not in _WEIGHTS:
+        return
+    if issubclass(kind, base.StepModule):  # SpikingJelly's layer.Linear / Conv1d / Conv2d
+        name, fix = (f"layer.{kind.__name__}", f"sbnn_addons.spikingjelly.Bayes{kind.__name__}"
+                     ".from_module(layer, step_mode=layer.step_mode)")
+    else:
+        name, fix = f"nn.{kind.__name__}", f"sbnn_addons.Bayes{kind.__name__}.from_module(layer)"
+    raise ValueError(
+        f"model is itself a {name}: to_sbnn converts the weight layers and neurons inside a "
+        "network, not the model it is given. Convert the network that holds the layer, or "
+        f"make its Bayesian version directly with {fix}")
 
 
 def _check_spiking_rnns(model: nn.Module, selected, excluded) -> None:
@@ -1198,9 +1293,10 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
             SpikingJelly's default, where none was set).
 
     Raises:
-        ValueError: a neuron's original surrogate was lost by pickling (it does not
-            pickle, e.g. a class defined in a function) and no ``surrogate_function``
-            was given.
+        ValueError: ``model`` has no Bayesian layer or SBNN spike function (the original
+            host model passed instead of the converted one); a neuron's original
+            surrogate was lost by pickling (it does not pickle, e.g. a class defined in a
+            function) and no ``surrogate_function`` was given.
         TypeError: ``surrogate_function`` is a class (``surrogate.ATan`` instead of
             ``surrogate.ATan()``) or not callable; ``model`` was converted by
             ``sbnn_addons.snntorch.to_sbnn`` (exported by ``to_snntorch``).
@@ -1216,6 +1312,12 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
         raise TypeError(
             "surrogate_function must be a SpikingJelly surrogate such as surrogate.ATan() "
             f"(or None: each neuron's original one), got {type(surrogate_function).__name__}")
+    if not any(isinstance(m, SBNNModule) for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} has no Bayesian layer or SBNN spike function, so there "
+            "is nothing to export (a copy of it would come back as it is): pass the model "
+            "that sbnn_addons.spikingjelly.to_sbnn returned (e.g. sbnn = to_sbnn(net); ...; "
+            "to_spikingjelly(sbnn)), not the original")
     model = _safe_deepcopy(model)
     reset(model)
     untrack_variance(model)

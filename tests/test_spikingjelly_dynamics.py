@@ -281,6 +281,79 @@ def test_node_output_is_marked_binary_and_unmarked_after_export(sm):
     assert "multi_step_forward" not in plain[1].__dict__
 
 
+@pytest.mark.parametrize("sm", ["s", "m"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_neuron_forward_hook_that_changes_the_spikes_is_not_marked_binary(sm, inplace):
+    """A forward hook on a neuron, registered before the conversion (the copy keeps it),
+    that changes its output (graded spikes, 0 or 0.5): the converted node's marking hook
+    ran after it and marked the hook's 0 / 0.5 as spikes, so the next Bayesian layer took
+    x for x * x and its output variance was twice the true one, silently. The marking
+    runs first now: it marks the spikes, the hook's new tensor stays unmarked, and the
+    next layer's variance is s^2 sum x^2 of what it receives."""
+    from sbnn_addons.functional import is_binary
+
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(6, 8, step_mode=sm), neuron.LIFNode(step_mode=sm),
+                        layer.Linear(8, 4, step_mode=sm),
+                        neuron.IFNode(v_threshold=1e9, step_mode=sm))
+    with torch.no_grad():
+        net[0].weight.add_(0.5)  # about half of the first neuron's units fire
+    net[1].register_forward_hook(lambda module, args, out: out * 0.5)
+    seen = []
+    net[2].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    sbnn = sbnn_sj.to_sbnn(net, std=0.1, learn_std=False, spike_std=None, inplace=inplace)
+    x = torch.rand(1, 3, 6) * 3
+    functional.reset_net(sbnn)
+    with torch.no_grad():
+        sbnn(x) if sm == "m" else sbnn(x[0])
+    h = seen[-1].as_subclass(torch.Tensor)
+    assert set(h.unique().tolist()) == {0.0, 0.5} and not is_binary(seen[-1])
+    want = 0.1**2 * (h * h).sum(-1, keepdim=True)  # [N, 1] ('s') or [1, N, 1] ('m')
+    got = sbnn[3].sbnn_var
+    torch.testing.assert_close(got, want.reshape(-1, 1).expand_as(got))
+
+
+@pytest.mark.parametrize("sm", ["s", "m"])
+def test_a_pre_hook_registered_after_the_conversion_that_changes_the_input_raises(sm):
+    """A forward pre-hook registered on a converted neuron (after the link's own, which
+    takes the variance of the input) that changes the input (``x * 2``): the spikes were
+    drawn with the variance of the unchanged input, a quarter of the true one, silently.
+    It raises now, naming the neuron and the fix; registered with ``prepend=True`` (before
+    the link's hook) the same hook runs and the variance follows it; hooks that pass the
+    same values on (``x.as_subclass(torch.Tensor)``, ``x.double()``) still run."""
+    from sbnn_addons.moments import VarianceFlowError
+
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(6, 5, step_mode=sm),
+                        neuron.IFNode(v_threshold=1e9, step_mode=sm))
+    x = torch.rand(1, 3, 6) * 3
+
+    def run(model):
+        functional.reset_net(model)
+        return model(x) if sm == "m" else model(x[0])
+
+    def double(module, args):
+        return (args[0] * 2, *args[1:])
+
+    sbnn = sbnn_sj.to_sbnn(net, std=0.1, learn_std=False, spike_std=None)
+    handle = sbnn[1].register_forward_pre_hook(double)
+    with pytest.raises(VarianceFlowError, match=r"IFNode '1'.*pre-hook.*prepend=True"):
+        run(sbnn)
+    handle.remove()
+    sbnn[1].register_forward_pre_hook(double, prepend=True)
+    with torch.no_grad():
+        run(sbnn)
+    want = 4 * sbnn[0].output_variance(x[0])
+    torch.testing.assert_close(sbnn[1].sbnn_var, want.expand_as(sbnn[1].sbnn_var))
+    sbnn = sbnn_sj.to_sbnn(net, std=0.1, learn_std=False, spike_std=None)
+    sbnn[1].register_forward_pre_hook(
+        lambda module, args: (args[0].as_subclass(torch.Tensor), *args[1:]))
+    sbnn[1].register_forward_pre_hook(lambda module, args: (args[0].double(), *args[1:]))
+    with torch.no_grad():
+        run(sbnn)
+    torch.testing.assert_close(sbnn[1].sbnn_var, (want / 4).expand_as(sbnn[1].sbnn_var))
+
+
 def test_variance_through_seq_to_ann_container():
     """The variance of a plain Bayesian conv inside SeqToANNContainer flows through its
     flatten/view ops to the neuron (LIF, decay_input)."""
@@ -337,6 +410,37 @@ def test_variance_through_t_last_seq_to_ann_container():
         functional.reset_net(back)
         functional.reset_net(net)
         assert not {"forward"} & (back[0].__dict__.keys() | back[1].__dict__.keys())
+        assert torch.equal(back(x), net(x))
+
+
+class _TimeLast(layer.TLastSeqToANNContainer):
+    """A user's subclass of the time-last container that keeps SpikingJelly's forward."""
+
+
+def test_variance_through_a_subclass_of_the_t_last_seq_to_ann_container():
+    """A subclass of ``layer.TLastSeqToANNContainer`` that keeps its forward (torch.vmap
+    over time) kept running it: the first training forward raised that the Bayesian
+    layer inside ran under torch.vmap, with no way to change that but rewriting the
+    container. It converts as the container does: the weight noise reaches the neuron,
+    mean mode equals the original, and the export runs SpikingJelly's forward again."""
+    torch.manual_seed(1)
+    net = nn.Sequential(_TimeLast(nn.Linear(6, 5)),
+                        layer.TLastMultiStepContainer(neuron.LIFNode(tau=2.0)))
+    with torch.no_grad():
+        net[0][0].weight.mul_(4.0)
+    x = torch.rand(3, 6, 4) * 2  # [N, C, T]
+    sbnn = sbnn_sj.to_sbnn(net)
+    functional.reset_net(sbnn)
+    sbnn(x).sum().backward()
+    assert sbnn[0][0].std_rho.grad.abs().sum() > 0
+    with torch.no_grad(), sbnn_addons.mode(sbnn, "mean"):
+        functional.reset_net(sbnn)
+        functional.reset_net(net)
+        assert torch.equal(sbnn(x), net(x))
+        back = sbnn_sj.to_spikingjelly(sbnn)
+        assert "forward" not in back[0].__dict__
+        functional.reset_net(back)
+        functional.reset_net(net)
         assert torch.equal(back(x), net(x))
 
 

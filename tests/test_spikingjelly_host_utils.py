@@ -6,6 +6,7 @@ surrogate back on export. Real SpikingJelly models only (parametric_lif_net zoo)
 from __future__ import annotations
 
 import copy
+import functools
 import pickle
 import warnings
 
@@ -992,3 +993,155 @@ def test_a_converted_neuron_with_noise_of_its_own_passes_the_gradient(sm):
     sbnn_sj.reset(model)
     _run(model, x, sm).sum().backward()
     assert model[0].weight.grad.abs().sum() > 0 and model[2].weight.grad.abs().sum() > 0
+
+
+class _BypassedNeuron(nn.Module):
+    """A user's model that runs its neuron through one of the neuron's own methods
+    (``sn.multi_step_forward(h)``, ``sn.single_step_forward(h_t)``, ``sn.forward(h)``)
+    instead of calling the module, which skips its forward hooks."""
+
+    def __init__(self, how: str, step_mode: str) -> None:
+        super().__init__()
+        self.how = how
+        self.fc = layer.Linear(6, 5, step_mode=step_mode)
+        self.sn = neuron.LIFNode(step_mode=step_mode)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.how == "single_step_forward":
+            return self.sn.single_step_forward(h)
+        return getattr(self.sn, self.how)(h)
+
+
+@pytest.mark.parametrize(("how", "step_mode"), [
+    ("multi_step_forward", "m"), ("forward", "m"), ("single_step_forward", "s"),
+    ("forward", "s")])
+@pytest.mark.parametrize("steps", [1, T])
+def test_a_converted_neuron_run_past_its_hooks_is_named(how, step_mode, steps):
+    """A converted neuron run through ``sn.multi_step_forward(h)`` (or
+    ``single_step_forward`` / ``forward``) skips the forward hooks that hand its input's
+    variance to the spike function with the neuron's dynamics: the second step raised a
+    VarianceFlowError blaming a 'sub of two tensors that share one Bayesian layer's noise'
+    and asking for a variance rule, and a single step ran with the variance that
+    SpikingJelly's arithmetic happened to carry, never stored as the neuron's noise
+    state. The error now names the neuron and the fix (call the module), whatever the
+    number of steps; called as a module, the same model trains."""
+    torch.manual_seed(0)
+    model = sbnn_sj.to_sbnn(_BypassedNeuron(how, step_mode))
+    x = torch.rand(steps, 3, 6) * 3
+
+    def run():
+        functional.reset_net(model)
+        return model(x) if step_mode == "m" else torch.stack([model(xt) for xt in x])
+
+    with pytest.raises(VarianceFlowError,
+                       match=rf"LIFNode 'sn'.*{how}.*forward hooks.*sn\(x\)"):
+        run()
+    model.how = "__call__"
+    run().sum().backward()
+    assert model.fc.std_rho.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("make", "fix"), [
+    (lambda: layer.Linear(4, 3), r"sbnn_addons\.spikingjelly\.BayesLinear\.from_module"),
+    (lambda: layer.Conv2d(2, 3, 3, step_mode="m"),
+     r"sbnn_addons\.spikingjelly\.BayesConv2d\.from_module"),
+    (lambda: nn.Linear(4, 3), r"sbnn_addons\.BayesLinear\.from_module"),
+    (lambda: nn.Conv1d(2, 3, 3), r"sbnn_addons\.BayesConv1d\.from_module")])
+def test_a_single_weight_layer_given_as_the_model_is_named(make, fix):
+    """``to_sbnn(layer.Linear(4, 3))`` said "the model has no layer.Linear/..." of a model
+    that is one: the conversion replaces the layers inside a network, never the model
+    itself. The error now says so and names the call that makes the Bayesian layer."""
+    m = make()
+    kind = ("layer." if type(m).__module__.startswith("spikingjelly") else "nn.") + \
+        type(m).__name__
+    with pytest.raises(ValueError, match=rf"model is itself a {kind}.*{fix}"):
+        sbnn_sj.to_sbnn(m)
+
+
+def _container_net(kind: str, sm: str) -> nn.Module:
+    """Small models around SpikingJelly's containers and stateful layers that the other
+    tests use little (input ``[T, 3, 6]``)."""
+    lif = functools.partial(neuron.LIFNode, surrogate_function=surrogate.ATan())
+    if kind == "step_mode_container":
+        return nn.Sequential(layer.Linear(6, 8, step_mode=sm),
+                             layer.StepModeContainer(True, sm, lif()),
+                             layer.StepModeContainer(False, sm, nn.Linear(8, 4)),
+                             lif(step_mode=sm))
+    if kind == "element_wise_recurrent":
+        return nn.Sequential(
+            layer.Linear(6, 8, step_mode=sm),
+            layer.ElementWiseRecurrentContainer(lif(), lambda y, x: x + y, step_mode=sm),
+            layer.Linear(8, 4, step_mode=sm), lif(step_mode=sm))
+    if kind == "linear_recurrent":
+        return nn.Sequential(layer.LinearRecurrentContainer(lif(), 6, 6, step_mode=sm),
+                             layer.Linear(6, 4, step_mode=sm), lif(step_mode=sm))
+    if kind == "dropout_voting":  # the mask is kept over the steps until reset_net
+        return nn.Sequential(layer.Linear(6, 8, step_mode=sm), layer.Dropout(0.5, step_mode=sm),
+                             lif(step_mode=sm), layer.Linear(8, 4, step_mode=sm),
+                             lif(step_mode=sm), layer.VotingLayer(2, step_mode=sm))
+    if kind == "batchnorm_through_time":
+        return nn.Sequential(layer.Linear(6, 8, step_mode=sm),
+                             layer.BatchNormThroughTime1d(T, 8, step_mode=sm), lif(step_mode=sm),
+                             layer.Linear(8, 4, step_mode=sm), lif(step_mode=sm))
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("sm", ["s", "m"])
+@pytest.mark.parametrize("kind", ["step_mode_container", "element_wise_recurrent",
+                                  "linear_recurrent", "dropout_voting",
+                                  "batchnorm_through_time"])
+def test_spikingjelly_containers_convert_reset_copy_and_export(kind, sm):
+    """SpikingJelly's StepModeContainer, ElementWiseRecurrentContainer,
+    LinearRecurrentContainer, Dropout (its mask kept over the steps), VotingLayer and
+    BatchNormThroughTime1d (a BatchNorm per step), in training mode: mean mode equals the
+    original under the same seed, the weight noise reaches the spikes (every layer's std
+    gets a finite, non-zero gradient), reset_net starts a new sequence as a fresh copy
+    does, a copy made mid-sequence goes on as the original, and the export has the
+    original's module classes."""
+    torch.manual_seed(0)
+    net = _container_net(kind, sm).train()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Linear):  # drives near the threshold: 17 to 52 % spikes
+                m.weight.add_(0.3)
+            if isinstance(m, nn.BatchNorm1d):
+                m.weight.fill_(3.0)
+    torch.manual_seed(1)
+    x = torch.rand(T, 3, 6) * 2
+    model = sbnn_sj.to_sbnn(net).train()
+    with torch.no_grad(), sbnn_addons.mode(model, "mean"):
+        for m in (net, model):
+            functional.reset_net(m)
+            torch.manual_seed(5)
+            out = _run(m, x, sm)
+            if m is net:
+                want = out
+        assert torch.equal(out, want) and 0 < want.mean() < 1
+    functional.reset_net(model)
+    _run(model, x, sm).sum().backward()
+    stds = [p.grad for n, p in model.named_parameters() if n.endswith("std_rho")
+            and "surrogate" not in n]
+    assert stds and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+                        for g in stds)
+    with torch.no_grad():
+        functional.reset_net(model)
+        fresh = copy.deepcopy(model)
+        _run(model, x, sm)  # a first sequence, then reset: as the fresh copy
+        functional.reset_net(model)
+        outs = []
+        for m in (model, fresh):
+            torch.manual_seed(7)
+            outs.append(_run(m, x, sm))
+        assert torch.equal(*outs)
+        functional.reset_net(model)
+        _run(model, x[:2], sm)
+        dup = copy.deepcopy(model)  # mid-sequence
+        outs = []
+        for m in (model, dup):
+            torch.manual_seed(9)
+            outs.append(_run(m, x[2:], sm))
+        assert torch.equal(*outs)
+    back = sbnn_sj.to_spikingjelly(model)
+    kinds = [type(m) for _, m in net.named_modules(remove_duplicate=False)]
+    assert [type(m) for _, m in back.named_modules(remove_duplicate=False)] == kinds

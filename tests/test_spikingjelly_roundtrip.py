@@ -585,3 +585,17 @@ def test_converted_checkpoint_in_the_host_model(sbnn):
     with torch.no_grad():
         assert torch.equal(run_sequence(host.eval(), X, "m"), ref)
     assert ref.sum() > 0
+
+
+def test_export_of_a_model_that_was_never_converted_is_named():
+    """``to_spikingjelly(net)`` with the original host model instead of the converted one
+    (``sbnn = to_sbnn(net)`` trained, ``net`` exported by mistake) returned a copy of the
+    untrained original without a word. It raises now, naming the fix; the converted
+    model exports as before."""
+    net = nn.Sequential(layer.Linear(6, 5, step_mode="m"), neuron.LIFNode(step_mode="m"))
+    with pytest.raises(ValueError, match=r"no Bayesian layer or SBNN spike function.*to_sbnn"):
+        sbnn_sj.to_spikingjelly(net)
+    with pytest.raises(ValueError, match="no Bayesian layer"):
+        sbnn_sj.to_spikingjelly(net, surrogate.ATan())
+    back = sbnn_sj.to_spikingjelly(sbnn_sj.to_sbnn(net))
+    assert type(back[0]) is layer.Linear and type(back[1].surrogate_function) is surrogate.Sigmoid
