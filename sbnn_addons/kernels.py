@@ -1205,11 +1205,13 @@ def _torch_spike_backward(g: Tensor, u: Tensor, total: Tensor, fired: Tensor, es
         # 0 without noise (no jacobian, pull or aux term there)
         r = sigma.clamp_min(1e-30).reciprocal()
         inv = torch.where(noisy, r.clamp_max(1e6), 0.0)
+        # the drive 0 without noise: an infinite one times inv = 0 is no NaN (z, the pull's
+        # and the aux terms are 0 there, and the jacobian sigma J(0) times inv = 0)
+        u = torch.where(noisy, u, 0.0)
         z = u * inv
         fired = fired.bool() if fired.dtype != torch.bool else fired
         jac = scaled_jacobian(z, fired, estimator.kind, estimator.p, estimator.tau,
-                              estimator.max_weight)
-        jac = torch.where(noisy, jac * inv, 0.0)
+                              estimator.max_weight) * inv
         grad_u = g.to(work) * jac
         # -z g J / (2 sigma), summed over the broadcast dimensions, then the factor
         # 1 / (2 sigma) of total's shape (z = -inf where J = 0: the limit 0)
@@ -1221,9 +1223,11 @@ def _torch_spike_backward(g: Tensor, u: Tensor, total: Tensor, fired: Tensor, es
         if g_aux is not None:
             centred = u + aux_offset if aux_offset else u
             grad_u = grad_u + centred * (inv * inv * (2.0 * g_aux))  # 2 g_aux z_a / sigma
-            if aux_var:  # -g_aux z_a^2 / total, 0 below SIGMA_MIN
-                coef = torch.where(sigma >= 1e-6, -g_aux * (inv * r).square(), 0.0)
-                grad_var = grad_var + _sum_to(centred * centred, total.shape) * coef
+            if aux_var:  # -g_aux z_a^2 / total, 0 below SIGMA_MIN (also for an infinite sum)
+                grad_var = grad_var + torch.where(
+                    sigma >= 1e-6,
+                    _sum_to(centred * centred, total.shape) * (-g_aux * (inv * r).square()),
+                    0.0)
         return grad_u, grad_var
 
 

@@ -355,6 +355,50 @@ def test_kernel_op_in_a_compiled_graph_matches_the_eager_kernel():
         torch.testing.assert_close(a, b)
 
 
+@needs_kernel
+@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+def test_kernel_op_with_the_auxiliary_pull_compiles_like_eager(backend):
+    """A converted snnTorch model with the converters' default ``aux_pull`` (and the
+    auxiliary loss) and the kernel on: the compiled step's spike op adds the pull inside
+    its own backward, the eager kernel in C; same spikes (one Philox key from the global
+    RNG), loss and gradients. The pull changes the gradients, so a compiled step that
+    dropped or doubled it would differ."""
+    import torch._inductor.config as inductor_config
+
+    torch.manual_seed(0)
+    net = sbnn_snn.to_sbnn(nn.Sequential(
+        nn.Linear(16, 20), snn.Leaky(beta=0.9, init_hidden=True),
+        nn.Linear(20, 5), snn.Leaky(beta=0.9, init_hidden=True, output=True)), aux_loss=True)
+    spikes = [m for m in net.modules() if isinstance(m, sb.IWSTSpike)]
+    assert spikes and all(m.aux_pull > 0 for m in spikes)
+    x, y = torch.rand(T, 6, 16) * 2, torch.randint(0, 5, (6,))
+
+    def loss_fn(x, y):
+        sutils.reset(net)
+        out = sum(spk + 0.1 * mem for spk, mem in (net(x[t]) for t in range(x.shape[0])))
+        return F.cross_entropy(out, y) + 0.1 * sb.aux_loss(net)
+
+    old = inductor_config.fallback_random
+    inductor_config.fallback_random = True  # the layers' weight noise as in eager
+    gc.collect()
+    torch._dynamo.reset()
+    try:
+        with sb.kernels.use_kernels(True):
+            eager = _step(net, loss_fn, x, y)
+            compiled = _step(net, torch.compile(loss_fn, fullgraph=True, backend=backend), x, y)
+            for m in spikes:
+                m.aux_pull = 0.0
+            unpulled = _step(net, loss_fn, x, y)
+    finally:
+        inductor_config.fallback_random = old
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled[0], eager[0])
+    for a, b in zip(eager[1], compiled[1]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    assert not all(torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+                   for a, b in zip(eager[1], unpulled[1]))
+
+
 def test_drop_in_spike_functions_compile():
     """The drop-in spike functions in unconverted host models, fullgraph: snnTorch's second
     call (the reset) still gets the emitted spike; gradients reach the weights and the

@@ -4,6 +4,7 @@ binomial law for the firing frequencies."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -293,6 +294,69 @@ def test_backward_with_improbable_spikes_matches_the_log_space_estimator(estimat
                                       torch.ones(2), estimator)
     assert torch.isfinite(gu0).all() and torch.isfinite(gv0).all()
     assert gu0[0] == 0 and gv0[0] == 0
+
+
+def _per_unit_backward(g, u, variance, h, estimator, g_aux, offset, pull):
+    """The spike backward's formulas unit by unit in float64 (``spike_backward``'s
+    docstring, the auxiliary terms with ``aux_var``, the pull of weight ``pull``), each
+    term 0 where it does not apply, summed to the variance's shape at the end."""
+    g, u = g.double(), u.double()
+    var = variance.double().expand(u.shape)
+    sigma = var.clamp_min(0).sqrt()
+    sig, noisy = sigma.clamp_min(SIGMA_MIN), sigma > 0
+    jac = sb.functional.estimator_jacobian(u, sigma, h.double(), estimator.kind, estimator.p,
+                                           estimator.tau, estimator.max_weight)
+    z = u / sig
+    pull_u = 2 * pull * g.abs().mean() * z.clamp(-3, 3) / sig
+    grad_u = g * jac + torch.where(noisy, pull_u, 0.0)
+    grad_var = torch.where(jac != 0, -z * g * jac / (2 * sigma), 0.0)
+    if g_aux is not None:
+        grad_u = grad_u + torch.where(noisy, 2 * g_aux * (u + offset) / sig**2, 0.0)
+        grad_var = grad_var + torch.where(sigma >= SIGMA_MIN,
+                                          -g_aux * ((u + offset) / sig) ** 2 / var, 0.0)
+    return grad_u, grad_var.sum_to_size(variance.shape)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=str)
+@pytest.mark.parametrize("var_shape", [(2, 3, 2, 2), (2, 1, 1, 1), (2, 1, 2, 2), ()], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_torch_spike_backward_equals_the_per_unit_formulas(estimator, var_shape, dtype):
+    """The PyTorch-operations spike backward (compiled graphs, the "torch" sequence
+    backend) forms the variance's factors in its compact shape and applies dL/dvar's
+    after the sum; it equals the per-unit formulas in float64 and (float32) the C kernel,
+    with the pull and the auxiliary terms, for variances 0, below SIGMA_MIN^2 and
+    ordinary, and gives no NaN where the drive is infinite (0 * inf): no noise, no term."""
+    from sbnn_addons.kernels import _EstimatorArgs, _torch_spike_backward
+
+    gen = torch.Generator().manual_seed(3)
+    shape = (2, 3, 2, 2)
+    g = torch.randn(shape, generator=gen, dtype=dtype)
+    u = torch.randn(shape, generator=gen, dtype=dtype) * 1.5
+    u[0, 0, 0, 0] = u[1, 2, 1, 1] = -float("inf")  # where sigma = 0 and sigma < SIGMA_MIN
+    h = (torch.rand(shape, generator=gen) < 0.5) & (u > -float("inf"))
+    est = _EstimatorArgs(estimator.kind, estimator.p, estimator.tau, estimator.max_weight)
+    if var_shape:
+        variance = torch.rand(var_shape, generator=gen, dtype=dtype) + 0.05
+        variance.view(-1)[0], variance.view(-1)[-1] = 0.0, 3e-13
+        variances = [variance]
+    else:
+        variances = [torch.tensor(v, dtype=dtype) for v in (0.0, 3e-13, 0.5)]
+    for variance, g_aux, pull in itertools.product(variances, (None, 0.37), (0.0, 1e-3)):
+        offset = 0.0 if g_aux is None else 0.25
+        gu, gv = _torch_spike_backward(
+            g, u, variance, h, est, None if g_aux is None else torch.tensor(g_aux, dtype=dtype),
+            offset, True, pull)
+        want_u, want_v = _per_unit_backward(g, u, variance, h, estimator, g_aux, offset,
+                                            pull)
+        tol = {"rtol": 2e-5, "atol": 1e-6} if dtype == torch.float32 else {}
+        torch.testing.assert_close(gu.double(), want_u, **tol)
+        torch.testing.assert_close(gv.double(), want_v, **tol)
+        if dtype == torch.float32 and kernels.available() and kernels.enabled():
+            var, mid, inner = kernels._layout(u, variance)
+            cu, cv = kernels._backward_raw(g, u, var, mid, inner, h.float(), estimator,
+                                           g_aux or 0.0, offset, variance.shape, True, pull)
+            torch.testing.assert_close(gu, cu, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(gv, cv, rtol=1e-4, atol=1e-5)
 
 
 def test_erfcx_polynomial_is_accurate():
