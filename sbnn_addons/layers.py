@@ -819,7 +819,9 @@ class BayesLinear(_BayesMixin, nn.Linear):
 
     @classmethod
     def from_module(cls, module: nn.Linear, **kwargs) -> BayesLinear:
-        """Build from an ``nn.Linear``, keeping its weight and bias as posterior means."""
+        """Build from an ``nn.Linear``, keeping its weight and bias as posterior means (and
+        the pruning of a layer pruned with ``torch.nn.utils.prune``: a removed weight
+        stays removed, without noise)."""
         if not isinstance(module, nn.Linear):
             raise TypeError(f"expected an nn.Linear, got {type(module).__name__}")
         w = module.weight
@@ -828,17 +830,18 @@ class BayesLinear(_BayesMixin, nn.Linear):
             device=w.device, dtype=w.dtype, **kwargs,
         )
         _copy_means(layer, module)
-        return layer
+        return keep_ties(layer, module, {})  # a pruned module's mask (torch.nn.utils.prune)
 
     def to_module(self) -> nn.Linear:
-        """Plain ``nn.Linear`` with the posterior means (the deployable layer)."""
+        """Plain ``nn.Linear`` with the posterior means (the deployable layer), pruned as
+        this layer is (``torch.nn.utils.prune``)."""
         w = self.weight
         plain = nn.Linear(
             self.in_features, self.out_features, self.bias is not None,
             device=w.device, dtype=w.dtype,
         )
         _copy_means(plain, self)
-        return plain
+        return keep_ties(plain, self, {})  # a pruned layer's mask (torch.nn.utils.prune)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, std_mode={self.std_mode}, bias_noise={self.bias_noise}"
@@ -948,7 +951,8 @@ class _BayesConv(_BayesMixin):
 
     @classmethod
     def from_module(cls, module, **kwargs):
-        """Build from a plain convolution, keeping its weight and bias as means."""
+        """Build from a plain convolution, keeping its weight and bias as means (and the
+        pruning of a layer pruned with ``torch.nn.utils.prune``)."""
         if type(module) is not cls._plain and not isinstance(module, cls._plain):
             raise TypeError(f"expected an {cls._plain.__name__}, got {type(module).__name__}")
         w = module.weight
@@ -959,10 +963,11 @@ class _BayesConv(_BayesMixin):
             padding_mode=module.padding_mode, device=w.device, dtype=w.dtype, **kwargs,
         )
         _copy_means(layer, module)
-        return layer
+        return keep_ties(layer, module, {})  # a pruned module's mask (torch.nn.utils.prune)
 
     def to_module(self):
-        """Plain convolution with the posterior means (the deployable layer)."""
+        """Plain convolution with the posterior means (the deployable layer), pruned as
+        this layer is (``torch.nn.utils.prune``)."""
         w = self.weight
         plain = self._plain(
             self.in_channels, self.out_channels, self.kernel_size,
@@ -971,7 +976,7 @@ class _BayesConv(_BayesMixin):
             device=w.device, dtype=w.dtype,
         )
         _copy_means(plain, self)
-        return plain
+        return keep_ties(plain, self, {})  # a pruned layer's mask (torch.nn.utils.prune)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, std_mode={self.std_mode}, bias_noise={self.bias_noise}"
@@ -1218,14 +1223,18 @@ def keep_ties(new: nn.Module, src: nn.Module, seen: dict[int, nn.Parameter],
         _adopt_hooks(new, src)
     for name in ("weight", "bias"):
         old, made = getattr(src, name, None), getattr(new, name, None)
+        slot = name  # where new keeps the parameter
         if name in masks:
             old = masks[name][1]
+            if name + "_orig" in new._parameters:  # pruned already (by from_module)
+                slot = name + "_orig"
+                made = new._parameters[slot]
         if not isinstance(old, nn.Parameter) or not isinstance(made, nn.Parameter):
             continue
         if id(old) in seen:
-            setattr(new, name, seen[id(old)])
+            setattr(new, slot, seen[id(old)])
         elif adopt and old.shape == made.shape and old.dtype == made.dtype:
-            setattr(new, name, old)
+            setattr(new, slot, old)
             seen[id(old)] = old
         else:
             if name in masks and made.shape == old.shape:
@@ -1254,7 +1263,8 @@ def _adopt_hooks(new: nn.Module, src: nn.Module) -> None:
     weight reparametrisations (``torch.nn.utils.prune``, whose pruning :func:`keep_ties`
     gives ``new`` itself, and the hook-based ``weight_norm`` / ``spectral_norm``, which
     read parameters ``new`` does not have) are left out; a layer with one gets the other
-    forward pre-hooks in a dictionary of its own (``src`` is left as it is)."""
+    forward pre-hooks in a dictionary of its own (``src`` is left as it is), after the
+    pruning ``new`` has already (``from_module`` of a pruned layer)."""
     from torch.nn.utils.prune import BasePruningMethod
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
@@ -1266,8 +1276,11 @@ def _adopt_hooks(new: nn.Module, src: nn.Module) -> None:
             continue
         if attr == "_forward_pre_hooks" and any(
                 isinstance(h, reparametrisations) for h in hooks.values()):
-            hooks = type(hooks)((k, h) for k, h in hooks.items()
-                                if not isinstance(h, reparametrisations))
+            # new's own pruning (from_module's, of src's mask) first, then src's others
+            own = [(k, h) for k, h in new._forward_pre_hooks.items()
+                   if isinstance(h, BasePruningMethod)]
+            hooks = type(hooks)(own + [(k, h) for k, h in hooks.items()
+                                       if not isinstance(h, reparametrisations)])
         new.__dict__[attr] = hooks
     new._is_full_backward_hook = src._is_full_backward_hook
     if isinstance(new, _BayesMixin):

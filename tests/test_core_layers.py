@@ -166,6 +166,37 @@ def test_from_module_keeps_weights_and_to_module_roundtrip(make):
         cls.from_module(nn.Identity())
 
 
+@pytest.mark.parametrize("make", [
+    lambda: nn.Linear(6, 3),
+    lambda: nn.Conv2d(2, 4, 3, padding=1),
+])
+def test_from_module_and_to_module_keep_the_pruning(make):
+    """``from_module`` of a layer pruned with ``torch.nn.utils.prune`` (and ``to_module``
+    of a pruned Bayesian layer) keeps the mask, as the converters do: it was dropped, so
+    the removed synapses got noise (a larger variance, silently) and trained again."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    plain = make()
+    prune.l1_unstructured(plain, "weight", 0.5)
+    prune.l1_unstructured(plain, "bias", 0.5)
+    cls = BayesLinear if isinstance(plain, nn.Linear) else BayesConv2d
+    bayes = cls.from_module(plain, std=0.2)
+    assert torch.equal(bayes.weight_mask, plain.weight_mask)
+    assert torch.equal(bayes.bias_mask, plain.bias_mask)
+    assert torch.equal(bayes.weight_orig, plain.weight_orig)
+    x = torch.rand(4, 6) if isinstance(plain, nn.Linear) else torch.rand(2, 2, 5, 5)
+    with sb.mode(bayes, "mean"):
+        torch.testing.assert_close(bayes(x), plain(x))
+    expected = F.linear(x * x, 0.04 * plain.weight_mask) if isinstance(plain, nn.Linear) \
+        else F.conv2d(x * x, 0.04 * plain.weight_mask, padding=1)
+    torch.testing.assert_close(bayes.output_variance(x), expected)
+    back = bayes.to_module()
+    assert torch.equal(back.weight_mask, plain.weight_mask)
+    assert torch.equal(back.weight_orig, plain.weight_orig)
+    torch.testing.assert_close(back(x), plain(x))
+
+
 # ----------------------------------------------------------------------------- KL
 @pytest.mark.parametrize("std_mode", ["layer", "channel", "weight"])
 def test_kl_closed_form(std_mode):
