@@ -570,7 +570,9 @@ class _BayesMixin(SBNNModule):
 
         Raises:
             ValueError: a posterior std is 0 (a deterministic weight has an infinite KL
-                to any Gaussian prior), or ``num_samples`` is not an integer >= 1.
+                to any Gaussian prior), ``num_samples`` is not an integer >= 1, or a
+                distribution ``prior`` whose shape does not fit the weight (or the noisy
+                bias) element by element.
         """
         check_kl_samples(num_samples)
         std = self.std
@@ -679,6 +681,7 @@ def _kl(mean: Tensor, std: Tensor, prior, num_samples: int,
             f"Distribution, got {type(prior).__name__}"
         )
     prior = _prior_on(prior, mean)
+    _check_prior_shape(prior, mean)
     # a meta tensor has no values to validate
     q = torch.distributions.Normal(mean, std.expand_as(mean),
                                    validate_args=False if mean.is_meta else None)
@@ -688,6 +691,27 @@ def _kl(mean: Tensor, std: Tensor, prior, num_samples: int,
         w = q.rsample((num_samples,))
         terms = (q.log_prob(w) - prior.log_prob(w)).mean(0)
     return terms.sum() if keep is None else torch.where(keep, terms, 0.0).sum()
+
+
+def _check_prior_shape(prior: torch.distributions.Distribution, param: Tensor) -> None:
+    """Raise ``ValueError`` unless ``prior`` is per element of ``param``: no event shape,
+    and a batch shape that broadcasts to ``param``'s without enlarging it. A larger one
+    broadcast the KL terms and summed them, silently (a ``[out, in]`` prior counted a
+    noisy bias ``out`` times, a ``[2, out, in]`` one the KL twice)."""
+    try:
+        fits = (prior.event_shape == ()
+                and torch.broadcast_shapes(prior.batch_shape, param.shape) == param.shape)
+    except RuntimeError:  # not broadcastable
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"the prior {type(prior).__name__} has batch shape {tuple(prior.batch_shape)} "
+            f"and event shape {tuple(prior.event_shape)}, which do not fit a parameter of "
+            f"shape {tuple(param.shape)} element by element (the KL would be summed over "
+            "the broadcast shape, or over events); pass a prior with scalar parameters "
+            "(e.g. torch.distributions.Laplace(0.0, 1.0)), which applies to every weight and "
+            "to a noisy bias alike, or one of the weight's exact shape for a layer without "
+            "bias noise")
 
 
 def _refuse_noisy_input(x: Tensor, layer: str, module: nn.Module | None = None) -> None:
@@ -824,6 +848,7 @@ class BayesLinear(_BayesMixin, nn.Linear):
         stays removed, without noise)."""
         if not isinstance(module, nn.Linear):
             raise TypeError(f"expected an nn.Linear, got {type(module).__name__}")
+        _check_source(cls, module)
         w = module.weight
         layer = cls(
             module.in_features, module.out_features, module.bias is not None,
@@ -955,6 +980,7 @@ class _BayesConv(_BayesMixin):
         pruning of a layer pruned with ``torch.nn.utils.prune``)."""
         if type(module) is not cls._plain and not isinstance(module, cls._plain):
             raise TypeError(f"expected an {cls._plain.__name__}, got {type(module).__name__}")
+        _check_source(cls, module)
         w = module.weight
         layer = cls(
             module.in_channels, module.out_channels, module.kernel_size,
@@ -980,6 +1006,38 @@ class _BayesConv(_BayesMixin):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, std_mode={self.std_mode}, bias_noise={self.bias_noise}"
+
+
+def _check_source(cls: type, module: nn.Module) -> None:
+    """Refuse what ``cls.from_module`` cannot rebuild faithfully: a layer that is Bayesian
+    already (a new one would drop its trained noise scales and ``std_mode``) and a weight
+    computed by ``weight_norm`` / ``spectral_norm`` (the normalisation would be dropped,
+    silently; the converters leave such a layer deterministic).
+
+    Raises:
+        TypeError: ``module`` is a Bayesian layer.
+        ValueError: ``module``'s weight is normalised.
+    """
+    from torch.nn.utils import parametrize
+
+    if is_bayesian(module):
+        raise TypeError(
+            f"{cls.__name__}.from_module: {type(module).__name__} is already Bayesian; a "
+            "new layer would drop its noise scales (std, std_mode): copy it with "
+            "copy.deepcopy, or pass its plain layer (layer.to_module())")
+    kind = legacy_weight_norm(module)
+    if kind is not None:
+        fix = f"torch.nn.utils.remove_{kind}(layer)"
+    elif parametrize.is_parametrized(module, "weight"):
+        kind = "a parametrization (weight_norm, spectral_norm, ...)"
+        fix = "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')"
+    else:
+        return
+    raise ValueError(
+        f"{cls.__name__}.from_module: the weight of this {type(module).__name__} is "
+        f"computed by {kind}, a normalisation the Bayesian layer would drop (its posterior "
+        f"mean is a plain weight); bake the weight in first, {fix}, to train it without "
+        "the normalisation")
 
 
 #: the library's variance formulas, which give ``s^2 F`` for a per-layer std

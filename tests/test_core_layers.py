@@ -166,6 +166,36 @@ def test_from_module_keeps_weights_and_to_module_roundtrip(make):
         cls.from_module(nn.Identity())
 
 
+@pytest.mark.parametrize("cls", [BayesLinear, BayesConv1d, BayesConv2d])
+def test_from_module_refuses_a_bayesian_layer(cls):
+    """``from_module`` of a layer that is Bayesian already built a new one at the default
+    std and ``std_mode``, silently dropping the trained noise scales."""
+    layer = cls(4, 3) if cls is BayesLinear else cls(4, 3, 3)
+    with pytest.raises(TypeError, match="already Bayesian.*copy.deepcopy"):
+        cls.from_module(layer)
+
+
+@pytest.mark.parametrize("norm", ["parametrizations.weight_norm",
+                                  "parametrizations.spectral_norm", "weight_norm",
+                                  "spectral_norm"])
+@pytest.mark.parametrize("make", [lambda: nn.Linear(5, 3), lambda: nn.Conv2d(2, 3, 3)])
+def test_from_module_refuses_a_weight_normalised_layer(norm, make):
+    """``from_module`` of a layer with ``weight_norm`` / ``spectral_norm`` (a
+    parametrization or the legacy hook) kept the weight it computed and dropped the
+    normalisation, silently (the converters leave such a layer deterministic and name the
+    fix): it raises, naming the way to bake the weight in."""
+    import functools
+
+    plain = make()
+    functools.reduce(getattr, norm.split("."), torch.nn.utils)(plain)
+    cls = BayesLinear if isinstance(plain, nn.Linear) else BayesConv2d
+    fix = "remove_parametrizations" if norm.startswith("parametrizations") else "remove_"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the legacy weight_norm's
+        with pytest.raises(ValueError, match=f"normalisation.*{fix}"):
+            cls.from_module(plain)
+
+
 @pytest.mark.parametrize("make", [
     lambda: nn.Linear(6, 3),
     lambda: nn.Conv2d(2, 4, 3, padding=1),
@@ -285,6 +315,30 @@ def test_kl_of_a_pruned_layer_sums_the_kept_weights(std_mode):
     assert torch.all(layer.weight_orig.grad[~keep] == 0)
     if std_mode == "weight":
         assert torch.all(layer.std_rho.grad[~keep] == 0)
+
+
+@pytest.mark.parametrize("prior, bias_std", [
+    (lambda: torch.distributions.Normal(torch.zeros(4, 5), 1.0), 0.1),  # bias [4] too
+    (lambda: torch.distributions.Normal(torch.zeros(2, 4, 5), 1.0), None),  # twice
+    (lambda: torch.distributions.Laplace(torch.zeros(3), 1.0), None),  # no broadcast
+    (lambda: torch.distributions.Independent(
+        torch.distributions.Laplace(torch.zeros(4, 5), 1.0), 2), None),  # event shape
+])
+def test_kl_refuses_a_prior_whose_shape_does_not_fit(prior, bias_std):
+    """A prior with a batch shape other than the parameter's broadcast the KL terms to a
+    larger shape and summed them, silently: a ``[out, in]`` prior counted a noisy bias
+    ``out`` times, a ``[2, out, in]`` one the whole KL twice (or an unclear size error,
+    or a log-density over an event instead of per weight)."""
+    layer = BayesLinear(5, 4, std=0.2, bias_std=bias_std)
+    with pytest.raises(ValueError, match="prior.*shape.*scalar"):
+        layer.kl_divergence(prior())
+
+
+def test_kl_of_a_per_weight_prior_of_the_weight_shape():
+    """A prior of the weight's own shape is per weight: the same KL as the scalar one."""
+    layer = BayesLinear(5, 4, std=0.2)
+    per_weight = torch.distributions.Normal(torch.zeros(4, 5), 1.0)
+    torch.testing.assert_close(layer.kl_divergence(per_weight), layer.kl_divergence(1.0))
 
 
 def test_kl_scale_mixture_monte_carlo():
