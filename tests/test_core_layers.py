@@ -120,6 +120,24 @@ def test_std_modes_shapes_and_defaults():
     assert sb.is_bayesian(conv) and not sb.is_bayesian(nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("make", [
+    lambda std: BayesLinear(3, 2, std=std),
+    lambda std: BayesLinear(3, 2, bias_std=std),
+    lambda std: BayesConv2d(3, 2, 3, std=std, std_mode="channel"),
+    lambda std: sb.IWSTSpike("st", std=std),
+    lambda std: sb.GaussianPrior(std),
+])
+def test_std_arguments_refuse_a_trained_or_per_channel_tensor(make):
+    """A std argument is one number: an ``nn.Parameter`` was read once as a float (an
+    ``IWSTSpike``'s std then stayed fixed, never trained, silently), and a per-channel
+    tensor failed with torch's bare "only one element tensors can be converted"."""
+    with pytest.raises(TypeError, match="std.*never trained.*float"):
+        make(torch.nn.Parameter(torch.tensor(0.3)))
+    with pytest.raises(TypeError, match="std.*one number.*shape"):
+        make(torch.full((2,), 0.3))
+    make(torch.tensor(0.3))  # a one-element tensor without grad: its value
+
+
 def test_zero_std_fixed_is_noise_free_and_mean_mode_drops_variance():
     layer = BayesLinear(3, 2, std=0.0, learn_std=False)
     out = layer(torch.rand(4, 3))
