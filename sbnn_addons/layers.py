@@ -1009,17 +1009,24 @@ class _BayesConv(_BayesMixin):
 
 
 def _check_source(cls: type, module: nn.Module) -> None:
-    """Refuse what ``cls.from_module`` cannot rebuild faithfully: a layer that is Bayesian
+    """Refuse what ``cls.from_module`` cannot rebuild faithfully: a lazy layer before its
+    first forward (its input size unknown), a layer that is Bayesian
     already (a new one would drop its trained noise scales and ``std_mode``) and a weight
     computed by ``weight_norm`` / ``spectral_norm`` (the normalisation would be dropped,
     silently; the converters leave such a layer deterministic).
 
     Raises:
         TypeError: ``module`` is a Bayesian layer.
-        ValueError: ``module``'s weight is normalised.
+        ValueError: ``module`` is an uninitialised lazy layer, or its weight is normalised.
     """
+    from torch.nn.parameter import is_lazy
     from torch.nn.utils import parametrize
 
+    if is_lazy(module.weight):
+        raise ValueError(
+            f"{cls.__name__}.from_module: the {type(module).__name__} is lazy and not "
+            "initialised yet (its input size is unknown); run one forward pass through it "
+            "(or the model) first, then convert it")
     if is_bayesian(module):
         raise TypeError(
             f"{cls.__name__}.from_module: {type(module).__name__} is already Bayesian; a "

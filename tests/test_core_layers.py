@@ -193,6 +193,21 @@ def test_from_module_refuses_a_bayesian_layer(cls):
         cls.from_module(layer)
 
 
+@pytest.mark.parametrize("make", [lambda: nn.LazyLinear(3), lambda: nn.LazyConv1d(4, 3),
+                                  lambda: nn.LazyConv2d(4, 3)])
+def test_from_module_of_an_uninitialised_lazy_layer_names_the_fix(make):
+    """``from_module`` of a lazy layer before its first forward failed with "no synapses
+    (0 input features), give every size >= 1", which the user never gave."""
+    plain = make()
+    cls = {nn.Linear: BayesLinear, nn.Conv1d: BayesConv1d, nn.Conv2d: BayesConv2d}[
+        plain.cls_to_become]
+    with pytest.raises(ValueError, match="lazy.*forward"):
+        cls.from_module(plain)
+    plain(torch.rand(2, 5) if cls is BayesLinear else torch.rand(
+        (2, 5, 9) if cls is BayesConv1d else (2, 5, 9, 9)))
+    assert cls.from_module(plain).weight.shape == plain.weight.shape  # initialised: fine
+
+
 @pytest.mark.parametrize("norm", ["parametrizations.weight_norm",
                                   "parametrizations.spectral_norm", "weight_norm",
                                   "spectral_norm"])
