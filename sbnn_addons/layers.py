@@ -312,7 +312,8 @@ class _BayesMixin(SBNNModule):
             bare = f"size mismatch for {key}:"
             error_msgs[:] = [m for m in error_msgs if not m.startswith(bare)]
             error_msgs.append(mismatch)
-        if (saved is None and prefix + "weight" in state_dict
+        has_weight = prefix + "weight" in state_dict or prefix + "weight_orig" in state_dict
+        if (saved is None and has_weight  # weight_orig: a pruned layer's (prune)
                 and _LOAD_WARNED[0] is not missing_keys):
             _LOAD_WARNED[0] = missing_keys  # the list this load_state_dict call shares
             other = "fixed_std" if self.learn_std else "std_rho"

@@ -1236,6 +1236,20 @@ def test_loading_weights_without_noise_scales_warns():
         model.load_state_dict({}, strict=False)
 
 
+def test_loading_a_pruned_host_checkpoint_without_noise_scales_warns():
+    """The same for a pruned layer, whose state dict holds ``weight_orig`` (and
+    ``weight_mask``), not ``weight``: the warning did not fire, and the std kept its
+    initial value silently."""
+    from torch.nn.utils import prune
+
+    host = nn.Sequential(nn.Linear(4, 3))
+    prune.l1_unstructured(host[0], "weight", 0.5)
+    model = nn.Sequential(BayesLinear.from_module(host[0]))
+    with pytest.warns(UserWarning, match=r"'0'.*std_rho"):
+        result = model.load_state_dict(host.state_dict(), strict=False)
+    assert result.missing_keys == ["0.std_rho"]
+
+
 def test_channel_affine_on_meta_loads_a_batchnorm_checkpoint_with_assign():
     """A ChannelAffine built on the meta device and given a BatchNorm's state dict with
     ``assign=True`` folded the entries onto the meta device: its parameters stayed meta
