@@ -1683,7 +1683,19 @@ class ChannelAffine(nn.Module):
         ``layer.BatchNormThroughTime2d``, which have no bias) is folded with a weight of
         1 and a bias of 0; the ChannelAffine's parameter for it is frozen, as the
         BatchNorm did not learn one. A frozen BatchNorm's affine stays frozen.
+
+        Raises:
+            ValueError: the BatchNorm has no running statistics
+                (``track_running_stats=False``: it normalises every batch by its own
+                statistics, in eval mode too, which no fixed affine equals).
         """
+        if not bn.track_running_stats or bn.running_var is None:
+            raise ValueError(
+                f"ChannelAffine.from_batchnorm needs running statistics, but this "
+                f"{type(bn).__name__} has none (track_running_stats=False: it normalises "
+                "every batch by its own statistics, in eval mode too, which no fixed affine "
+                "equals); keep the BatchNorm, or build it with track_running_stats=True and "
+                "train it before folding")
         affine = cls(bn.num_features, eps=bn.eps)
         weight = bn.weight if bn.affine else None
         bias = bn.bias if bn.affine else None
@@ -1691,12 +1703,8 @@ class ChannelAffine(nn.Module):
         if ref is not None:  # the BatchNorm's device and dtype (float64, bfloat16, ...)
             affine = affine.to(device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
-            if bn.track_running_stats and bn.running_var is not None:
-                scale = 1.0 / torch.sqrt(bn.running_var + bn.eps)
-                shift = -bn.running_mean * scale
-            else:
-                scale = torch.ones_like(affine.weight)
-                shift = torch.zeros_like(affine.bias)
+            scale = 1.0 / torch.sqrt(bn.running_var + bn.eps)
+            shift = -bn.running_mean * scale
             if weight is not None:
                 scale, shift = scale * weight, shift * weight
             if bias is not None:

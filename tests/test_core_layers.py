@@ -420,6 +420,16 @@ def test_channel_affine_mean_only():
         aff(torch.rand(2, 4))
 
 
+def test_channel_affine_from_a_batchnorm_without_running_statistics_raises():
+    """``ChannelAffine.from_batchnorm`` of a BatchNorm built with
+    ``track_running_stats=False`` (which normalises every batch by its own statistics,
+    in eval mode too) folded only its affine: a layer that no longer normalises, silently
+    (the converters refuse it)."""
+    bn = nn.BatchNorm1d(3, track_running_stats=False).eval()
+    with pytest.raises(ValueError, match="track_running_stats=False.*batch"):
+        ChannelAffine.from_batchnorm(bn)
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "call, exc, word",
