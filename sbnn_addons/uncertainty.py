@@ -801,7 +801,7 @@ def _run(model: nn.Module, inputs, num_samples: int, *, seed, forward, reset, ch
             for m, m_seed, generator in seeded:  # the model's own noise stream, as before
                 m._seed, m._generator = m_seed, generator
     sample_probs = torch.cat(samples)
-    if (eval_mode != "mean" and num_samples > 1
+    if (eval_mode != "mean" and num_samples > 1 and _has_values(sample_probs)
             and bool((sample_probs == sample_probs[:1]).all())
             and any(isinstance(m, SBNNModule) for m in model.modules())):
         warnings.warn(
