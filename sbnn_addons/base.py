@@ -188,11 +188,22 @@ def check_std(name: str, value, *, allow_zero: bool) -> float:
     """Validate a standard deviation hyper-parameter and return it as a float.
 
     Raises:
-        TypeError: not a real number.
+        TypeError: not a real number: a tensor of several elements, or one that requires
+            grad (an ``nn.Parameter``, which would be read once and never trained).
         ValueError: negative, non-finite, zero where ``allow_zero`` is false, or so large
             that its square (a variance) overflows float32.
     """
     if isinstance(value, Tensor):
+        if value.requires_grad:
+            raise TypeError(
+                f"{name} is a number (an initial or fixed value), got a tensor that requires "
+                "grad (an nn.Parameter): it would be read once as a float and never trained, "
+                "silently; pass a float (learn_std=True learns a layer's or spike "
+                "function's std, through its own std_rho parameter)")
+        if value.numel() != 1:
+            raise TypeError(
+                f"{name} must be one number, got a tensor of shape {tuple(value.shape)}; "
+                "std_mode='channel' / 'weight' start every std at the one value given")
         value = float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")

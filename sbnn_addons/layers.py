@@ -312,7 +312,8 @@ class _BayesMixin(SBNNModule):
             bare = f"size mismatch for {key}:"
             error_msgs[:] = [m for m in error_msgs if not m.startswith(bare)]
             error_msgs.append(mismatch)
-        if (saved is None and prefix + "weight" in state_dict
+        has_weight = prefix + "weight" in state_dict or prefix + "weight_orig" in state_dict
+        if (saved is None and has_weight  # weight_orig: a pruned layer's (prune)
                 and _LOAD_WARNED[0] is not missing_keys):
             _LOAD_WARNED[0] = missing_keys  # the list this load_state_dict call shares
             other = "fixed_std" if self.learn_std else "std_rho"
@@ -570,7 +571,9 @@ class _BayesMixin(SBNNModule):
 
         Raises:
             ValueError: a posterior std is 0 (a deterministic weight has an infinite KL
-                to any Gaussian prior), or ``num_samples`` is not an integer >= 1.
+                to any Gaussian prior), ``num_samples`` is not an integer >= 1, or a
+                distribution ``prior`` whose shape does not fit the weight (or the noisy
+                bias) element by element.
         """
         check_kl_samples(num_samples)
         std = self.std
@@ -679,6 +682,7 @@ def _kl(mean: Tensor, std: Tensor, prior, num_samples: int,
             f"Distribution, got {type(prior).__name__}"
         )
     prior = _prior_on(prior, mean)
+    _check_prior_shape(prior, mean)
     # a meta tensor has no values to validate
     q = torch.distributions.Normal(mean, std.expand_as(mean),
                                    validate_args=False if mean.is_meta else None)
@@ -688,6 +692,27 @@ def _kl(mean: Tensor, std: Tensor, prior, num_samples: int,
         w = q.rsample((num_samples,))
         terms = (q.log_prob(w) - prior.log_prob(w)).mean(0)
     return terms.sum() if keep is None else torch.where(keep, terms, 0.0).sum()
+
+
+def _check_prior_shape(prior: torch.distributions.Distribution, param: Tensor) -> None:
+    """Raise ``ValueError`` unless ``prior`` is per element of ``param``: no event shape,
+    and a batch shape that broadcasts to ``param``'s without enlarging it. A larger one
+    broadcast the KL terms and summed them, silently (a ``[out, in]`` prior counted a
+    noisy bias ``out`` times, a ``[2, out, in]`` one the KL twice)."""
+    try:
+        fits = (prior.event_shape == ()
+                and torch.broadcast_shapes(prior.batch_shape, param.shape) == param.shape)
+    except RuntimeError:  # not broadcastable
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"the prior {type(prior).__name__} has batch shape {tuple(prior.batch_shape)} "
+            f"and event shape {tuple(prior.event_shape)}, which do not fit a parameter of "
+            f"shape {tuple(param.shape)} element by element (the KL would be summed over "
+            "the broadcast shape, or over events); pass a prior with scalar parameters "
+            "(e.g. torch.distributions.Laplace(0.0, 1.0)), which applies to every weight and "
+            "to a noisy bias alike, or one of the weight's exact shape for a layer without "
+            "bias noise")
 
 
 def _refuse_noisy_input(x: Tensor, layer: str, module: nn.Module | None = None) -> None:
@@ -819,26 +844,30 @@ class BayesLinear(_BayesMixin, nn.Linear):
 
     @classmethod
     def from_module(cls, module: nn.Linear, **kwargs) -> BayesLinear:
-        """Build from an ``nn.Linear``, keeping its weight and bias as posterior means."""
+        """Build from an ``nn.Linear``, keeping its weight and bias as posterior means (and
+        the pruning of a layer pruned with ``torch.nn.utils.prune``: a removed weight
+        stays removed, without noise)."""
         if not isinstance(module, nn.Linear):
             raise TypeError(f"expected an nn.Linear, got {type(module).__name__}")
+        _check_source(cls, module)
         w = module.weight
         layer = cls(
             module.in_features, module.out_features, module.bias is not None,
             device=w.device, dtype=w.dtype, **kwargs,
         )
         _copy_means(layer, module)
-        return layer
+        return keep_ties(layer, module, {})  # a pruned module's mask (torch.nn.utils.prune)
 
     def to_module(self) -> nn.Linear:
-        """Plain ``nn.Linear`` with the posterior means (the deployable layer)."""
+        """Plain ``nn.Linear`` with the posterior means (the deployable layer), pruned as
+        this layer is (``torch.nn.utils.prune``)."""
         w = self.weight
         plain = nn.Linear(
             self.in_features, self.out_features, self.bias is not None,
             device=w.device, dtype=w.dtype,
         )
         _copy_means(plain, self)
-        return plain
+        return keep_ties(plain, self, {})  # a pruned layer's mask (torch.nn.utils.prune)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, std_mode={self.std_mode}, bias_noise={self.bias_noise}"
@@ -948,9 +977,11 @@ class _BayesConv(_BayesMixin):
 
     @classmethod
     def from_module(cls, module, **kwargs):
-        """Build from a plain convolution, keeping its weight and bias as means."""
+        """Build from a plain convolution, keeping its weight and bias as means (and the
+        pruning of a layer pruned with ``torch.nn.utils.prune``)."""
         if type(module) is not cls._plain and not isinstance(module, cls._plain):
             raise TypeError(f"expected an {cls._plain.__name__}, got {type(module).__name__}")
+        _check_source(cls, module)
         w = module.weight
         layer = cls(
             module.in_channels, module.out_channels, module.kernel_size,
@@ -959,10 +990,11 @@ class _BayesConv(_BayesMixin):
             padding_mode=module.padding_mode, device=w.device, dtype=w.dtype, **kwargs,
         )
         _copy_means(layer, module)
-        return layer
+        return keep_ties(layer, module, {})  # a pruned module's mask (torch.nn.utils.prune)
 
     def to_module(self):
-        """Plain convolution with the posterior means (the deployable layer)."""
+        """Plain convolution with the posterior means (the deployable layer), pruned as
+        this layer is (``torch.nn.utils.prune``)."""
         w = self.weight
         plain = self._plain(
             self.in_channels, self.out_channels, self.kernel_size,
@@ -971,10 +1003,49 @@ class _BayesConv(_BayesMixin):
             device=w.device, dtype=w.dtype,
         )
         _copy_means(plain, self)
-        return plain
+        return keep_ties(plain, self, {})  # a pruned layer's mask (torch.nn.utils.prune)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, std_mode={self.std_mode}, bias_noise={self.bias_noise}"
+
+
+def _check_source(cls: type, module: nn.Module) -> None:
+    """Refuse what ``cls.from_module`` cannot rebuild faithfully: a lazy layer before its
+    first forward (its input size unknown), a layer that is Bayesian
+    already (a new one would drop its trained noise scales and ``std_mode``) and a weight
+    computed by ``weight_norm`` / ``spectral_norm`` (the normalisation would be dropped,
+    silently; the converters leave such a layer deterministic).
+
+    Raises:
+        TypeError: ``module`` is a Bayesian layer.
+        ValueError: ``module`` is an uninitialised lazy layer, or its weight is normalised.
+    """
+    from torch.nn.parameter import is_lazy
+    from torch.nn.utils import parametrize
+
+    if is_lazy(module.weight):
+        raise ValueError(
+            f"{cls.__name__}.from_module: the {type(module).__name__} is lazy and not "
+            "initialised yet (its input size is unknown); run one forward pass through it "
+            "(or the model) first, then convert it")
+    if is_bayesian(module):
+        raise TypeError(
+            f"{cls.__name__}.from_module: {type(module).__name__} is already Bayesian; a "
+            "new layer would drop its noise scales (std, std_mode): copy it with "
+            "copy.deepcopy, or pass its plain layer (layer.to_module())")
+    kind = legacy_weight_norm(module)
+    if kind is not None:
+        fix = f"torch.nn.utils.remove_{kind}(layer)"
+    elif parametrize.is_parametrized(module, "weight"):
+        kind = "a parametrization (weight_norm, spectral_norm, ...)"
+        fix = "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')"
+    else:
+        return
+    raise ValueError(
+        f"{cls.__name__}.from_module: the weight of this {type(module).__name__} is "
+        f"computed by {kind}, a normalisation the Bayesian layer would drop (its posterior "
+        f"mean is a plain weight); bake the weight in first, {fix}, to train it without "
+        "the normalisation")
 
 
 #: the library's variance formulas, which give ``s^2 F`` for a per-layer std
@@ -1218,14 +1289,18 @@ def keep_ties(new: nn.Module, src: nn.Module, seen: dict[int, nn.Parameter],
         _adopt_hooks(new, src)
     for name in ("weight", "bias"):
         old, made = getattr(src, name, None), getattr(new, name, None)
+        slot = name  # where new keeps the parameter
         if name in masks:
             old = masks[name][1]
+            if name + "_orig" in new._parameters:  # pruned already (by from_module)
+                slot = name + "_orig"
+                made = new._parameters[slot]
         if not isinstance(old, nn.Parameter) or not isinstance(made, nn.Parameter):
             continue
         if id(old) in seen:
-            setattr(new, name, seen[id(old)])
+            setattr(new, slot, seen[id(old)])
         elif adopt and old.shape == made.shape and old.dtype == made.dtype:
-            setattr(new, name, old)
+            setattr(new, slot, old)
             seen[id(old)] = old
         else:
             if name in masks and made.shape == old.shape:
@@ -1254,7 +1329,8 @@ def _adopt_hooks(new: nn.Module, src: nn.Module) -> None:
     weight reparametrisations (``torch.nn.utils.prune``, whose pruning :func:`keep_ties`
     gives ``new`` itself, and the hook-based ``weight_norm`` / ``spectral_norm``, which
     read parameters ``new`` does not have) are left out; a layer with one gets the other
-    forward pre-hooks in a dictionary of its own (``src`` is left as it is)."""
+    forward pre-hooks in a dictionary of its own (``src`` is left as it is), after the
+    pruning ``new`` has already (``from_module`` of a pruned layer)."""
     from torch.nn.utils.prune import BasePruningMethod
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
@@ -1266,8 +1342,11 @@ def _adopt_hooks(new: nn.Module, src: nn.Module) -> None:
             continue
         if attr == "_forward_pre_hooks" and any(
                 isinstance(h, reparametrisations) for h in hooks.values()):
-            hooks = type(hooks)((k, h) for k, h in hooks.items()
-                                if not isinstance(h, reparametrisations))
+            # new's own pruning (from_module's, of src's mask) first, then src's others
+            own = [(k, h) for k, h in new._forward_pre_hooks.items()
+                   if isinstance(h, BasePruningMethod)]
+            hooks = type(hooks)(own + [(k, h) for k, h in hooks.items()
+                                       if not isinstance(h, reparametrisations)])
         new.__dict__[attr] = hooks
     new._is_full_backward_hook = src._is_full_backward_hook
     if isinstance(new, _BayesMixin):
@@ -1604,7 +1683,19 @@ class ChannelAffine(nn.Module):
         ``layer.BatchNormThroughTime2d``, which have no bias) is folded with a weight of
         1 and a bias of 0; the ChannelAffine's parameter for it is frozen, as the
         BatchNorm did not learn one. A frozen BatchNorm's affine stays frozen.
+
+        Raises:
+            ValueError: the BatchNorm has no running statistics
+                (``track_running_stats=False``: it normalises every batch by its own
+                statistics, in eval mode too, which no fixed affine equals).
         """
+        if not bn.track_running_stats or bn.running_var is None:
+            raise ValueError(
+                f"ChannelAffine.from_batchnorm needs running statistics, but this "
+                f"{type(bn).__name__} has none (track_running_stats=False: it normalises "
+                "every batch by its own statistics, in eval mode too, which no fixed affine "
+                "equals); keep the BatchNorm, or build it with track_running_stats=True and "
+                "train it before folding")
         affine = cls(bn.num_features, eps=bn.eps)
         weight = bn.weight if bn.affine else None
         bias = bn.bias if bn.affine else None
@@ -1612,12 +1703,8 @@ class ChannelAffine(nn.Module):
         if ref is not None:  # the BatchNorm's device and dtype (float64, bfloat16, ...)
             affine = affine.to(device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
-            if bn.track_running_stats and bn.running_var is not None:
-                scale = 1.0 / torch.sqrt(bn.running_var + bn.eps)
-                shift = -bn.running_mean * scale
-            else:
-                scale = torch.ones_like(affine.weight)
-                shift = torch.zeros_like(affine.bias)
+            scale = 1.0 / torch.sqrt(bn.running_var + bn.eps)
+            shift = -bn.running_mean * scale
             if weight is not None:
                 scale, shift = scale * weight, shift * weight
             if bias is not None:

@@ -176,6 +176,11 @@ def sbnn_objective(
             ``RuntimeError`` with the same message).
     """
     for name, value in (("kl_weight", kl_weight), ("aux_weight", aux_weight)):
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"{name} must be one number, got a tensor of shape "
+                                 f"{tuple(value.shape)}")
+            value = value.detach()  # read for the check only (no warning for a graph)
         if not isinstance(value, (numbers.Real, Tensor)) or not (
                 math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

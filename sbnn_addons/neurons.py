@@ -88,8 +88,16 @@ def _scalar(name: str, value) -> float:
 
     Raises:
         TypeError: a string, a bool, a sequence or a tensor of several elements (the core
-            LIF has one decay and one threshold per layer).
+            LIF has one decay and one threshold per layer), or a tensor that requires grad
+            (the core LIF learns neither).
     """
+    if isinstance(value, Tensor) and value.requires_grad:
+        raise TypeError(
+            f"{name} of the core LIF is a fixed number, not learned: a tensor that requires "
+            f"grad (an nn.Parameter) would be read as a float and never trained, silently; "
+            f"pass a float (for a learned {name} use a host neuron, e.g. snnTorch's "
+            f"Leaky(learn_{'beta' if name == 'beta' else 'threshold'}=True) converted with "
+            "sbnn_addons.snntorch.to_sbnn)")
     if isinstance(value, Tensor) and value.numel() == 1:
         return float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -127,9 +135,12 @@ class LIF(nn.Module):
 
     Raises:
         TypeError: ``beta`` / ``threshold`` not a real number (a string, a list, a tensor
-            of several elements), or a ``spike_fn`` without the spike-function interface.
+            of several elements), a tensor that requires grad (an ``nn.Parameter``: the
+            core LIF learns neither), or a ``spike_fn`` without the spike-function
+            interface.
         ValueError: ``beta`` outside ``[0, 1]``, an unknown ``reset``, a NaN threshold, or
-            an infinite one with the subtract reset.
+            an infinite one with the subtract reset (also when assigned after
+            construction, ``lif.beta = ...``).
 
     Shapes:
         ``forward(I [B, *], state) -> (spikes [B, *], LIFState)``;
@@ -144,29 +155,39 @@ class LIF(nn.Module):
         reset: str = "subtract",
     ) -> None:
         super().__init__()
-        beta, threshold = _scalar("beta", beta), _scalar("threshold", threshold)
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {beta}")
         if reset not in LIF_RESETS:
             raise ValueError(f"reset must be one of {LIF_RESETS}, got {reset!r}")
-        if math.isnan(threshold):
-            raise ValueError("threshold must be a number, got nan")
         if spike_fn is not None and not (isinstance(spike_fn, nn.Module) and all(
                 callable(getattr(spike_fn, name, None)) for name in ("fire", "noise_variance"))):
             raise TypeError(
                 "spike_fn must be an IWSTSpike (or a module with its interface, fire(drive, "
                 "variance) and noise_variance(u), such as sbnn_addons.models.SurrogateSpike), "
                 f"got {type(spike_fn).__name__}")
-        if math.isinf(float(threshold)) and reset == "subtract":
-            raise ValueError(
-                f"threshold={threshold} with reset='subtract' makes the membrane NaN "
-                "(V - theta * h = V - inf * 0); for a membrane readout that never fires use "
-                "reset='none' (or 'zero')")
-        self.beta = float(beta)
-        self.threshold = float(threshold)
         self.reset = reset
+        self.beta = beta  # checked by __setattr__, as an assignment after construction
+        self.threshold = threshold
         self.spike_fn = spike_fn if spike_fn is not None else IWSTSpike("st")
         self.spike_fn.threshold = self.threshold
+
+    def __setattr__(self, name: str, value) -> None:
+        """``beta`` and ``threshold`` checked (at construction and when assigned later) and
+        stored as floats: an assigned ``nn.Parameter`` was registered as a parameter that
+        the step never differentiated (its gradient stayed 0), and ``beta = 1.5`` or
+        ``threshold = nan`` were taken as they were."""
+        if name == "beta":
+            value = _scalar("beta", value)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"beta must be in [0, 1], got {value}")
+        elif name == "threshold":
+            value = _scalar("threshold", value)
+            if math.isnan(value):
+                raise ValueError("threshold must be a number, got nan")
+            if math.isinf(value) and self.__dict__.get("reset") == "subtract":
+                raise ValueError(
+                    f"threshold={value} with reset='subtract' makes the membrane NaN "
+                    "(V - theta * h = V - inf * 0); for a membrane readout that never fires "
+                    "use reset='none' (or 'zero')")
+        super().__setattr__(name, value)
 
     def initial_state(self, current: Tensor) -> LIFState:
         """Zero membrane shaped like ``current`` and a zero variance.

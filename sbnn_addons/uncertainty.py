@@ -621,7 +621,9 @@ def mc_predict(
 
     Warns:
         UserWarning: ``model`` has no SBNN module (an unconverted model: the passes are
-            identical unless it draws noise of its own).
+            identical unless it draws noise of its own), or the ``K > 1`` passes of a
+            model with one gave identical predictions (outside ``eval_mode="mean"``): no
+            noise acted (e.g. a Bayesian readout without a spike function after it).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, ``inputs`` is not a tensor,
@@ -798,7 +800,17 @@ def _run(model: nn.Module, inputs, num_samples: int, *, seed, forward, reset, ch
             reset(model)
             for m, m_seed, generator in seeded:  # the model's own noise stream, as before
                 m._seed, m._generator = m_seed, generator
-    pred = from_sample_probs(torch.cat(samples), keep_samples=return_samples)
+    sample_probs = torch.cat(samples)
+    if (eval_mode != "mean" and num_samples > 1 and _has_values(sample_probs)
+            and bool((sample_probs == sample_probs[:1]).all())
+            and any(isinstance(m, SBNNModule) for m in model.modules())):
+        warnings.warn(
+            f"mc_predict: the {num_samples} passes gave identical predictions, so the "
+            "mutual information is 0: no noise acted. A Bayesian layer's noise acts at a "
+            "spike function; a readout layer whose output reaches the logits without one "
+            "is deterministic (as are fixed stds of 0). sbnn_addons.check_variance_flow("
+            "model, inputs) names such readouts", UserWarning, stacklevel=3)
+    pred = from_sample_probs(sample_probs, keep_samples=return_samples)
     if monitor is not None:
         pred.layer_spike_counts = {n: torch.tensor(v, dtype=torch.float64)
                                    for n, v in spikes.items()}

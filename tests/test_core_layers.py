@@ -120,6 +120,24 @@ def test_std_modes_shapes_and_defaults():
     assert sb.is_bayesian(conv) and not sb.is_bayesian(nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("make", [
+    lambda std: BayesLinear(3, 2, std=std),
+    lambda std: BayesLinear(3, 2, bias_std=std),
+    lambda std: BayesConv2d(3, 2, 3, std=std, std_mode="channel"),
+    lambda std: sb.IWSTSpike("st", std=std),
+    lambda std: sb.GaussianPrior(std),
+])
+def test_std_arguments_refuse_a_trained_or_per_channel_tensor(make):
+    """A std argument is one number: an ``nn.Parameter`` was read once as a float (an
+    ``IWSTSpike``'s std then stayed fixed, never trained, silently), and a per-channel
+    tensor failed with torch's bare "only one element tensors can be converted"."""
+    with pytest.raises(TypeError, match="std.*never trained.*float"):
+        make(torch.nn.Parameter(torch.tensor(0.3)))
+    with pytest.raises(TypeError, match="std.*one number.*shape"):
+        make(torch.full((2,), 0.3))
+    make(torch.tensor(0.3))  # a one-element tensor without grad: its value
+
+
 def test_zero_std_fixed_is_noise_free_and_mean_mode_drops_variance():
     layer = BayesLinear(3, 2, std=0.0, learn_std=False)
     out = layer(torch.rand(4, 3))
@@ -164,6 +182,82 @@ def test_from_module_keeps_weights_and_to_module_roundtrip(make):
     assert torch.equal(back(x), plain(x))
     with pytest.raises(TypeError, match="expected"):
         cls.from_module(nn.Identity())
+
+
+@pytest.mark.parametrize("cls", [BayesLinear, BayesConv1d, BayesConv2d])
+def test_from_module_refuses_a_bayesian_layer(cls):
+    """``from_module`` of a layer that is Bayesian already built a new one at the default
+    std and ``std_mode``, silently dropping the trained noise scales."""
+    layer = cls(4, 3) if cls is BayesLinear else cls(4, 3, 3)
+    with pytest.raises(TypeError, match="already Bayesian.*copy.deepcopy"):
+        cls.from_module(layer)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.LazyLinear(3), lambda: nn.LazyConv1d(4, 3),
+                                  lambda: nn.LazyConv2d(4, 3)])
+def test_from_module_of_an_uninitialised_lazy_layer_names_the_fix(make):
+    """``from_module`` of a lazy layer before its first forward failed with "no synapses
+    (0 input features), give every size >= 1", which the user never gave."""
+    plain = make()
+    cls = {nn.Linear: BayesLinear, nn.Conv1d: BayesConv1d, nn.Conv2d: BayesConv2d}[
+        plain.cls_to_become]
+    with pytest.raises(ValueError, match="lazy.*forward"):
+        cls.from_module(plain)
+    plain(torch.rand(2, 5) if cls is BayesLinear else torch.rand(
+        (2, 5, 9) if cls is BayesConv1d else (2, 5, 9, 9)))
+    assert cls.from_module(plain).weight.shape == plain.weight.shape  # initialised: fine
+
+
+@pytest.mark.parametrize("norm", ["parametrizations.weight_norm",
+                                  "parametrizations.spectral_norm", "weight_norm",
+                                  "spectral_norm"])
+@pytest.mark.parametrize("make", [lambda: nn.Linear(5, 3), lambda: nn.Conv2d(2, 3, 3)])
+def test_from_module_refuses_a_weight_normalised_layer(norm, make):
+    """``from_module`` of a layer with ``weight_norm`` / ``spectral_norm`` (a
+    parametrization or the legacy hook) kept the weight it computed and dropped the
+    normalisation, silently (the converters leave such a layer deterministic and name the
+    fix): it raises, naming the way to bake the weight in."""
+    import functools
+
+    plain = make()
+    functools.reduce(getattr, norm.split("."), torch.nn.utils)(plain)
+    cls = BayesLinear if isinstance(plain, nn.Linear) else BayesConv2d
+    fix = "remove_parametrizations" if norm.startswith("parametrizations") else "remove_"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the legacy weight_norm's
+        with pytest.raises(ValueError, match=f"normalisation.*{fix}"):
+            cls.from_module(plain)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Linear(6, 3),
+    lambda: nn.Conv2d(2, 4, 3, padding=1),
+])
+def test_from_module_and_to_module_keep_the_pruning(make):
+    """``from_module`` of a layer pruned with ``torch.nn.utils.prune`` (and ``to_module``
+    of a pruned Bayesian layer) keeps the mask, as the converters do: it was dropped, so
+    the removed synapses got noise (a larger variance, silently) and trained again."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    plain = make()
+    prune.l1_unstructured(plain, "weight", 0.5)
+    prune.l1_unstructured(plain, "bias", 0.5)
+    cls = BayesLinear if isinstance(plain, nn.Linear) else BayesConv2d
+    bayes = cls.from_module(plain, std=0.2)
+    assert torch.equal(bayes.weight_mask, plain.weight_mask)
+    assert torch.equal(bayes.bias_mask, plain.bias_mask)
+    assert torch.equal(bayes.weight_orig, plain.weight_orig)
+    x = torch.rand(4, 6) if isinstance(plain, nn.Linear) else torch.rand(2, 2, 5, 5)
+    with sb.mode(bayes, "mean"):
+        torch.testing.assert_close(bayes(x), plain(x))
+    expected = F.linear(x * x, 0.04 * plain.weight_mask) if isinstance(plain, nn.Linear) \
+        else F.conv2d(x * x, 0.04 * plain.weight_mask, padding=1)
+    torch.testing.assert_close(bayes.output_variance(x), expected)
+    back = bayes.to_module()
+    assert torch.equal(back.weight_mask, plain.weight_mask)
+    assert torch.equal(back.weight_orig, plain.weight_orig)
+    torch.testing.assert_close(back(x), plain(x))
 
 
 # ----------------------------------------------------------------------------- KL
@@ -256,6 +350,30 @@ def test_kl_of_a_pruned_layer_sums_the_kept_weights(std_mode):
         assert torch.all(layer.std_rho.grad[~keep] == 0)
 
 
+@pytest.mark.parametrize("prior, bias_std", [
+    (lambda: torch.distributions.Normal(torch.zeros(4, 5), 1.0), 0.1),  # bias [4] too
+    (lambda: torch.distributions.Normal(torch.zeros(2, 4, 5), 1.0), None),  # twice
+    (lambda: torch.distributions.Laplace(torch.zeros(3), 1.0), None),  # no broadcast
+    (lambda: torch.distributions.Independent(
+        torch.distributions.Laplace(torch.zeros(4, 5), 1.0), 2), None),  # event shape
+])
+def test_kl_refuses_a_prior_whose_shape_does_not_fit(prior, bias_std):
+    """A prior with a batch shape other than the parameter's broadcast the KL terms to a
+    larger shape and summed them, silently: a ``[out, in]`` prior counted a noisy bias
+    ``out`` times, a ``[2, out, in]`` one the whole KL twice (or an unclear size error,
+    or a log-density over an event instead of per weight)."""
+    layer = BayesLinear(5, 4, std=0.2, bias_std=bias_std)
+    with pytest.raises(ValueError, match="prior.*shape.*scalar"):
+        layer.kl_divergence(prior())
+
+
+def test_kl_of_a_per_weight_prior_of_the_weight_shape():
+    """A prior of the weight's own shape is per weight: the same KL as the scalar one."""
+    layer = BayesLinear(5, 4, std=0.2)
+    per_weight = torch.distributions.Normal(torch.zeros(4, 5), 1.0)
+    torch.testing.assert_close(layer.kl_divergence(per_weight), layer.kl_divergence(1.0))
+
+
 def test_kl_scale_mixture_monte_carlo():
     """MC KL to a scale-mixture prior (4000 samples) matches an independent 200k-sample
     estimate of E_q[log q(w) - log p(w)]. Tolerance: 5 standard errors of the 4000-sample
@@ -300,6 +418,16 @@ def test_channel_affine_mean_only():
     torch.testing.assert_close(folded(y), bn(y), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="channels"):
         aff(torch.rand(2, 4))
+
+
+def test_channel_affine_from_a_batchnorm_without_running_statistics_raises():
+    """``ChannelAffine.from_batchnorm`` of a BatchNorm built with
+    ``track_running_stats=False`` (which normalises every batch by its own statistics,
+    in eval mode too) folded only its affine: a layer that no longer normalises, silently
+    (the converters refuse it)."""
+    bn = nn.BatchNorm1d(3, track_running_stats=False).eval()
+    with pytest.raises(ValueError, match="track_running_stats=False.*batch"):
+        ChannelAffine.from_batchnorm(bn)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -1116,6 +1244,20 @@ def test_loading_weights_without_noise_scales_warns():
                                             BayesLinear(3, 2)).state_dict())
         # a state dict without the layer at all (another sub-model's) is not this case
         model.load_state_dict({}, strict=False)
+
+
+def test_loading_a_pruned_host_checkpoint_without_noise_scales_warns():
+    """The same for a pruned layer, whose state dict holds ``weight_orig`` (and
+    ``weight_mask``), not ``weight``: the warning did not fire, and the std kept its
+    initial value silently."""
+    from torch.nn.utils import prune
+
+    host = nn.Sequential(nn.Linear(4, 3))
+    prune.l1_unstructured(host[0], "weight", 0.5)
+    model = nn.Sequential(BayesLinear.from_module(host[0]))
+    with pytest.warns(UserWarning, match=r"'0'.*std_rho"):
+        result = model.load_state_dict(host.state_dict(), strict=False)
+    assert result.missing_keys == ["0.std_rho"]
 
 
 def test_channel_affine_on_meta_loads_a_batchnorm_checkpoint_with_assign():

@@ -137,6 +137,23 @@ def test_objective_bad_input(kwargs, word):
         sbnn_objective(torch.ones(3), net)
 
 
+def test_objective_weights_given_as_tensors():
+    """A weight given as a tensor of several elements failed with torch's bare "only one
+    element tensors can be converted"; a one-element tensor (a schedule's value, also
+    one that requires grad) is one number, read without torch's warning."""
+    model = nn.Sequential(BayesLinear(4, 3), LIF())
+    nll = torch.tensor(1.0)
+    for name in ("kl_weight", "aux_weight"):
+        with pytest.raises(ValueError, match=f"{name} must be one number.*shape"):
+            sbnn_objective(nll, model, 10, **{name: torch.tensor([0.1, 0.2])})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = sbnn_objective(nll, model, 10, kl_weight=torch.tensor(0.5, requires_grad=True))
+    torch.testing.assert_close(loss.detach(), 1.0 + 0.5 * sb.kl_divergence(model).detach() / 10)
+
+
 @pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("path", ["spike", "lif_step", "lif_run"])
 def test_aux_gradient_reaches_the_stds_only_with_aux_std_grad(path, kernel):

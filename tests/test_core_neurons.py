@@ -321,6 +321,37 @@ def test_lif_refuses_nan_threshold_and_beta_outside_the_unit_interval():
     assert sb.LIF(threshold=float("inf"), reset="none").threshold == float("inf")
 
 
+def test_lif_refuses_a_learnable_beta_or_threshold():
+    """The core LIF's decay and threshold are fixed numbers: an ``nn.Parameter`` passed
+    for them was read as a float (never learned, silently), and one assigned after
+    construction was registered as a parameter whose gradient stayed 0."""
+    learnable = torch.nn.Parameter(torch.tensor(0.9))
+    for name in ("beta", "threshold"):
+        with pytest.raises(TypeError, match=f"{name}.*fixed number.*learned"):
+            sb.LIF(**{name: learnable})
+        lif = sb.LIF()
+        with pytest.raises(TypeError, match=f"{name}.*fixed number.*learned"):
+            setattr(lif, name, learnable)
+        assert not list(lif.parameters())
+    assert sb.LIF(beta=torch.tensor(0.5)).beta == 0.5  # a plain tensor: its value
+
+
+def test_lif_checks_beta_and_threshold_assigned_after_construction():
+    """``lif.beta = 1.5`` (a growing membrane) or ``lif.threshold = nan`` (never fires)
+    assigned after construction were taken as they were; they are refused as at
+    construction, and a valid value is stored as a float."""
+    lif = sb.LIF()
+    with pytest.raises(ValueError, match="beta"):
+        lif.beta = 1.5
+    with pytest.raises(ValueError, match="threshold"):
+        lif.threshold = float("nan")
+    with pytest.raises(ValueError, match="reset='none'"):
+        lif.threshold = math.inf  # with the subtract reset: a NaN membrane
+    lif.beta, lif.threshold = torch.tensor(0.5), 2
+    assert (lif.beta, lif.threshold) == (0.5, 2.0)
+    assert type(lif.beta) is float and type(lif.threshold) is float
+
+
 def test_run_with_a_frozen_layer_in_front_pulls_as_the_steps_do():
     """``LIF.run`` with the auxiliary pull and currents that need no gradient (the layer in
     front frozen, only noise scales trained): the pull still acts where the steps one by

@@ -468,6 +468,27 @@ def test_nan_outputs_are_named_as_the_models(output):
     assert float(pred.probs[0, 1]) == 0.0
 
 
+@pytest.mark.parametrize("make", [
+    lambda: sb.BayesLinear(12, 4),  # a readout alone: its noise never acts
+    lambda: nn.Sequential(nn.Linear(12, 8), nn.ReLU(), sb.BayesLinear(8, 4)),
+])
+def test_identical_passes_of_a_model_whose_noise_never_acts_are_warned_about(make):
+    """A model whose only Bayesian layer is a readout (its noise acts at a spike function
+    only, and none follows) gave K identical passes and MI 0, with no word of why (the
+    unconverted-model warning does not fire: the model has an SBNN module)."""
+    model, x = make().eval(), _rate((B, 12))
+    with pytest.warns(UserWarning, match=r"3 passes.*identical.*readout.*check_variance_flow"):
+        pred = sb.mc_predict(model, x, 3)
+    assert float(pred.mutual_information.max()) < 1e-12
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sb.mc_predict(model, x, 1)  # one pass: nothing to compare
+        sb.mc_predict(model, x, 3, eval_mode="mean")  # identical by design
+        sb.mc_predict(core_model(), x, 3)  # noise that acts: no warning
+
+
 def test_an_unconverted_model_is_warned_about():
     """K identical passes of a host model gave MI 0 with no word of why."""
     plain, x = nn.Sequential(nn.Linear(12, 4)), _rate((B, 12))
