@@ -166,8 +166,7 @@ class LIF(nn.Module):
         self.reset = reset
         self.beta = beta  # checked by __setattr__, as an assignment after construction
         self.threshold = threshold
-        self.spike_fn = spike_fn if spike_fn is not None else IWSTSpike("st")
-        self.spike_fn.threshold = self.threshold
+        self.spike_fn = spike_fn if spike_fn is not None else IWSTSpike("st")  # takes threshold
 
     def __setattr__(self, name: str, value) -> None:
         """``beta`` and ``threshold`` checked (at construction and when assigned later) and
@@ -188,6 +187,12 @@ class LIF(nn.Module):
                     "(V - theta * h = V - inf * 0); for a membrane readout that never fires "
                     "use reset='none' (or 'zero')")
         super().__setattr__(name, value)
+        # the spike function centres its auxiliary z on the threshold and skips an infinite
+        # one: it follows the neuron's threshold, also one assigned later
+        spike_fn = self._modules.get("spike_fn") if "_modules" in self.__dict__ else None
+        if name in ("threshold", "spike_fn") and spike_fn is not None and (
+                "threshold" in self.__dict__):
+            spike_fn.threshold = self.__dict__["threshold"]
 
     def initial_state(self, current: Tensor) -> LIFState:
         """Zero membrane shaped like ``current`` and a zero variance.

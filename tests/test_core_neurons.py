@@ -425,3 +425,14 @@ def test_threshold_assigned_after_construction_reaches_the_aux_terms(kernel):
             losses.append(sb.aux_loss(lif))
         assert torch.isfinite(losses[1])
         torch.testing.assert_close(losses[1], losses[0])
+
+
+def test_threshold_assigned_after_construction_reaches_the_spike_function():
+    """``lif.threshold = 2.0`` after construction: the spike function, whose auxiliary
+    loss centres ``z`` on the threshold (``aux_center="zero"``) and which skips the aux
+    terms of an infinite one, kept the threshold of the constructor."""
+    lif = sb.LIF(threshold=1.0, reset="none")
+    lif.threshold = 2.0
+    assert lif.spike_fn.threshold == 2.0
+    lif.threshold = math.inf
+    assert lif.spike_fn.threshold == math.inf and not lif.spike_fn.threshold_finite
