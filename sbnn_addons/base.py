@@ -883,6 +883,24 @@ def refuse_other_host_export(model: torch.nn.Module, host: str, spike_type: type
             f"sbnn_addons.{host}.to_sbnn: export the model with "
             f"sbnn_addons.{host}.{exporter}")
 
+def refuse_unconverted_export(model: torch.nn.Module, exporter: str, converted: bool) -> None:
+    """Raise where an exporter is given a model with no converted part (``converted``
+    false, as the host adapter detects it): the original given to ``to_sbnn``, which
+    converts a copy, would come back as a copy of itself, silently. Used by both
+    exporters.
+
+    Raises:
+        ValueError: naming the model and the model to pass instead.
+    """
+    if not converted:
+        raise ValueError(
+            f"nothing to export: {type(model).__name__} has no Bayesian layer or SBNN spike "
+            "function (nor a ChannelAffine), so it is not a model that to_sbnn returned (the "
+            "export would be a copy of it, silently): to_sbnn converts a copy and leaves the "
+            "model it is given as it was, so export the converted one, model = "
+            f"to_sbnn(net); ...; plain = {exporter}(model)")
+
+
 def check_include_overlap(inc, exc, layers: list[str]) -> None:
     """Raise where an ``include`` pattern selects only layers that ``exclude`` also names:
     those layers stay deterministic, the opposite of what ``include`` asks (with a single

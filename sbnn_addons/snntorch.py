@@ -57,6 +57,7 @@ from .base import (
     host_neurons,
     raise_error,
     refuse_other_host_export,
+    refuse_unconverted_export,
     set_state,
     threshold_value,
     variance_dtype,
@@ -1986,14 +1987,8 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
 
     check_module(model, "to_snntorch")
     refuse_other_host_export(model, "spikingjelly", IWSTSpike)
-    if not any(isinstance(m, ChannelAffine) for m in model.modules()) and not (
-            _already_converted(model)):
-        raise ValueError(
-            f"nothing to export: {type(model).__name__} has no Bayesian layer, "
-            "ChannelAffine or converted neuron, so it is not a model that to_sbnn returned "
-            "(the export would be a copy of it, silently): to_sbnn converts a copy and "
-            "leaves the model it is given as it was, so export the converted one, "
-            "model = to_sbnn(net); ...; plain = to_snntorch(model)")
+    refuse_unconverted_export(model, "to_snntorch", _already_converted(model) or any(
+        isinstance(m, ChannelAffine) for m in model.modules()))
     if spike_grad is not None:
         _check_host_spike_grad(spike_grad, model)
     out = _safe_deepcopy(model)

@@ -80,6 +80,7 @@ from .base import (
     name_patterns,
     raise_error,
     refuse_other_host_export,
+    refuse_unconverted_export,
     set_state,
     threshold_value,
 )
@@ -1312,12 +1313,8 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
         raise TypeError(
             "surrogate_function must be a SpikingJelly surrogate such as surrogate.ATan() "
             f"(or None: each neuron's original one), got {type(surrogate_function).__name__}")
-    if not any(isinstance(m, SBNNModule) for m in model.modules()):
-        raise ValueError(
-            f"{type(model).__name__} has no Bayesian layer or SBNN spike function, so there "
-            "is nothing to export (a copy of it would come back as it is): pass the model "
-            "that sbnn_addons.spikingjelly.to_sbnn returned (e.g. sbnn = to_sbnn(net); ...; "
-            "to_spikingjelly(sbnn)), not the original")
+    refuse_unconverted_export(model, "to_spikingjelly",
+                              any(isinstance(m, SBNNModule) for m in model.modules()))
     model = _safe_deepcopy(model)
     reset(model)
     untrack_variance(model)
