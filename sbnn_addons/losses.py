@@ -59,6 +59,11 @@ def enable_aux_loss(model: nn.Module, enabled: bool = True) -> nn.Module:
         m.collect_aux = enabled
         m._aux_terms = []
         m._aux_stale = False
+    if enabled:
+        for host in _modules(model):
+            for child in host._modules.values():
+                if isinstance(child, IWSTSpike):
+                    child._collects_in(host)
     return model
 
 

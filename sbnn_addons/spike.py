@@ -670,6 +670,12 @@ class IWSTSpike(SBNNModule, nn.Module):
     def _batch_size(self, u: Tensor) -> int:
         return u.shape[self.batch_dim] if u.dim() > self.batch_dim else 1
 
+    def _collects_in(self, host: nn.Module) -> None:
+        """Called by :func:`~sbnn_addons.enable_aux_loss` for the module ``host`` holding
+        this spike function as a direct child: a host adapter whose neurons call it on a
+        shape that does not show the batch (a whole flattened sequence) hooks ``host``
+        here to learn it."""
+
     def pop_aux(self) -> tuple[Tensor, int] | None:
         """``(sum of the collected z^2 terms, unit-steps they cover per example)`` since
         the last call (then cleared); ``None`` if nothing was collected."""

@@ -145,7 +145,12 @@ class SJSpike(IWSTSpike):
 
     Defaults to ``at_zero=True`` (SpikingJelly fires at ``H - v_th >= 0``) and
     ``batch_dim=0``: SpikingJelly's reference path calls the surrogate once per time step
-    with ``u = H_t - v_th`` of shape ``[N, *]`` in both step modes.
+    with ``u = H_t - v_th`` of shape ``[N, *]`` in both step modes. The parallel spiking
+    neurons (``neuron.PSN``, ``MaskedPSN``, ``SlidingPSN``) call it on the whole sequence
+    (``[T, N * C]`` or ``[T, N, C]``) or on a flattened step (``[N * C]``): for them
+    :func:`~sbnn_addons.enable_aux_loss` hooks the neuron, which hands the spike function
+    the number of examples ``N`` of its input, so that the auxiliary loss is averaged over
+    the examples, not over the steps or units.
 
     When linked to its neuron (:func:`link_neuron`, done by :func:`to_sbnn`), it tracks the
     variance of the membrane with the neuron's dynamics (module doc). Unlinked, it adds
@@ -271,6 +276,20 @@ class SJSpike(IWSTSpike):
 
     _in_call = False  # what a spike function pickled before the flag existed reads
     _input = None
+    _examples = None  # the examples of a parallel spiking neuron's call (_note_examples)
+
+    def _batch_size(self, u: Tensor) -> int:
+        examples = self.__dict__.get("_examples")
+        return examples if examples is not None else super()._batch_size(u)
+
+    def _collects_in(self, host: nn.Module) -> None:
+        """A parallel spiking neuron ``host`` (``neuron.PSN``, ...) calls this spike
+        function on a whole (flattened) sequence or a flattened step: hook it to hand over
+        the number of examples of its input (:meth:`_batch_size`)."""
+        if (_calls_on_sequences(host) and host._modules.get("surrogate_function") is self
+                and _note_examples not in host._forward_pre_hooks.values()):
+            host.register_forward_pre_hook(_note_examples)
+            host.register_forward_hook(_forget_examples, always_call=True)
 
     def _bypassed_hooks_message(self, u: Tensor) -> str:
         """The error message for a linked spike function called outside a call of its
@@ -294,9 +313,36 @@ class SJSpike(IWSTSpike):
 
     def __getstate__(self):
         state = super().__getstate__()
-        for key in ("_var_state", "_pending", "_steps", "_input"):
+        for key in ("_var_state", "_pending", "_steps", "_input", "_examples"):
             state[key] = None
         return state
+
+
+#: SpikingJelly's parallel spiking neurons: they call the surrogate on a whole sequence
+#: (``[T, N * C]``, ``[T, N, C]``) or on a flattened step (``[N * C]``), not on ``[N, *]``.
+_SEQUENCE_NODES = ("PSN", "MaskedPSN", "SlidingPSN")
+
+
+def _calls_on_sequences(node: nn.Module) -> bool:
+    return any(c.__name__ in _SEQUENCE_NODES and c.__module__.startswith(_NEURON_MODULE)
+               for c in type(node).__mro__)
+
+
+def _note_examples(node: nn.Module, args) -> None:
+    """Forward pre-hook of a parallel spiking neuron: hand its spike function the number
+    of examples of the input (``[T, N, *]`` in multi-step mode, the only one of
+    ``neuron.PSN``; ``[N, *]`` in single-step mode)."""
+    spike = node._modules.get("surrogate_function")
+    if not isinstance(spike, SJSpike) or not args or not isinstance(args[0], Tensor):
+        return
+    x, dim = args[0], 1 if getattr(node, "step_mode", "m") == "m" else 0
+    spike.__dict__["_examples"] = x.shape[dim] if x.dim() > dim else 1
+
+
+def _forget_examples(node: nn.Module, args, output) -> None:
+    spike = node._modules.get("surrogate_function")
+    if isinstance(spike, SJSpike):
+        spike.__dict__.pop("_examples", None)
 
 
 _RESET_NOTE = (" (a gradient reaches them from a loss on them, and from one on the "

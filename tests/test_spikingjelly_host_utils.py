@@ -1145,3 +1145,55 @@ def test_spikingjelly_containers_convert_reset_copy_and_export(kind, sm):
     back = sbnn_sj.to_spikingjelly(model)
     kinds = [type(m) for _, m in net.named_modules(remove_duplicate=False)]
     assert [type(m) for _, m in back.named_modules(remove_duplicate=False)] == kinds
+
+
+_PSNS = {
+    "PSN": lambda s, sm: neuron.PSN(T=T, surrogate_function=s),
+    "MaskedPSN": lambda s, sm: neuron.MaskedPSN(k=2, T=T, lambda_init=1.0,
+                                                surrogate_function=s, step_mode=sm),
+    "SlidingPSN": lambda s, sm: neuron.SlidingPSN(k=2, surrogate_function=s, step_mode=sm),
+}
+
+
+@pytest.mark.parametrize(("kind", "sm"), [("PSN", "m"), ("MaskedPSN", "m"), ("MaskedPSN", "s"),
+                                          ("SlidingPSN", "m"), ("SlidingPSN", "s")])
+def test_drop_in_surrogate_of_a_parallel_spiking_neuron_averages_aux_over_examples(kind, sm):
+    """SpikingJelly's parallel spiking neurons call the surrogate on the whole sequence
+    ([T, B * N] or [T, B, N]) or on a flattened step ([B * N]): the auxiliary loss still
+    sums z^2 over the units and steps of each example and averages over the examples."""
+    torch.manual_seed(0)
+    batch, units = 6, 5
+    spike = sbnn_sj.surrogate_function(std=0.5, learn_std=False)
+    net = nn.Sequential(layer.Linear(3, units, step_mode=sm), _PSNS[kind](spike, sm))
+    drives = []
+    spike.register_forward_pre_hook(lambda _m, args: drives.append(args[0].detach()))
+    sbnn_addons.enable_aux_loss(net)
+    x = torch.rand(T, batch, 3)
+    out = _run(net, x, sm)
+    assert out.shape == (T, batch, units)
+    z2 = sum(float(((u / 0.5) ** 2).sum()) for u in drives)
+    assert float(sbnn_addons.aux_loss(net, "sum").detach()) == pytest.approx(z2 / batch, rel=1e-5)
+    functional.reset_net(net)
+    _run(net, x, sm)
+    total, per_example = spike.pop_aux()
+    assert per_example == T * units and float(total.detach()) == pytest.approx(z2 / batch, rel=1e-5)
+
+
+def test_aux_loss_of_a_parallel_spiking_neuron_next_to_a_lif_node_weighs_units_alike():
+    """The "mean" reduction of a model with a PSN and a LIF node weighs each unit-step of
+    both alike (the PSN's terms counted per example, as the LIF node's)."""
+    torch.manual_seed(0)
+    psn_spike, lif_spike = (sbnn_sj.surrogate_function(std=0.5, learn_std=False)
+                            for _ in range(2))
+    net = nn.Sequential(layer.Linear(3, 5, step_mode="m"),
+                        neuron.PSN(T=T, surrogate_function=psn_spike),
+                        layer.Linear(5, 2, step_mode="m"),
+                        neuron.IFNode(surrogate_function=lif_spike, step_mode="m"))
+    drives = {psn_spike: [], lif_spike: []}
+    for s in drives:
+        s.register_forward_pre_hook(lambda m, args: drives[m].append(args[0].detach()))
+    sbnn_addons.enable_aux_loss(net)
+    net(torch.rand(T, 6, 3))
+    z2 = sum(float(((u / 0.5) ** 2).sum()) for us in drives.values() for u in us)
+    assert float(sbnn_addons.aux_loss(net).detach()) == pytest.approx(
+        z2 / (6 * T * (5 + 2)), rel=1e-5)
