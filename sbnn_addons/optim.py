@@ -52,6 +52,8 @@ _COPIED: list = [None]  # a torch.utils.weak.WeakIdKeyDictionary, made at the fi
 _COPY_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: Per optimiser, the gradients of the copies found at a step without a gradient of its own.
 _COPY_PENDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: Per optimiser, the gradients of the parameters it holds at its last step (their traces).
+_COPY_HELD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _COPY_WARNED: weakref.WeakSet = weakref.WeakSet()
 _COPIES_VERSION: list = [0]  # bumped at each registered conversion
 
@@ -114,10 +116,12 @@ def check_converted_copy(optimizer) -> None:
 
     Run after every ``torch.optim`` step; it looks at the parameters only where the
     optimiser holds a parameter that a conversion copied (found again when its groups'
-    sizes or the conversions change). Warned at the second step at which no parameter
-    it holds has a gradient while a copy of one has a gradient new since the first (a
-    backward through the converted model in between): not the original trained beside
-    its converted copy, nor a single step without a backward.
+    sizes or the conversions change). Warned at the second step in a row at which no
+    backward reached a parameter it holds while a copy of one has a gradient new since
+    the first (a backward through the converted model in between): not the original
+    trained beside its converted copy, nor a single step without a backward. A held
+    parameter's gradient that the original's training before the conversion left behind
+    is not a backward reaching it (:func:`_held_trained`).
     """
     copied = _COPIED[0]
     groups = getattr(optimizer, "param_groups", None)
@@ -138,7 +142,10 @@ def check_converted_copy(optimizer) -> None:
     _, held, pairs = checked
     if not pairs:
         return
-    if any(p.grad is not None for p in held):  # it trains what it holds
+    then = _COPY_HELD.get(optimizer)
+    _COPY_HELD[optimizer] = {id(p): (weakref.ref(p.grad), p.grad._version)
+                             for p in held if p.grad is not None}
+    if _held_trained(held, then):  # it trains what it holds
         _COPY_PENDING.pop(optimizer, None)
         return
     grads = {id(t): (weakref.ref(t.grad), t.grad._version) for _, twins in pairs
@@ -161,6 +168,36 @@ def check_converted_copy(optimizer) -> None:
         "place (to_sbnn(net, inplace=True)) and add the new noise scales: "
         "optimizer.add_param_group({'params': list(sbnn_addons.noise_parameters(net)), "
         "'lr': ...})", UserWarning, stacklevel=4)  # at the step call
+
+
+def _held_trained(held: list, then: dict | None) -> bool:
+    """Whether a backward reached a parameter of ``held`` since the optimiser's last
+    step, whose gradients ``then`` traced (``None``: not looked at then; any gradient
+    counts). A backward gives a parameter a new gradient, or adds to its gradient in
+    place (its version grows by 1, by 2 after ``zero_grad(set_to_none=False)``). A
+    gradient left as it was (no ``zero_grad``: the original's, from its training before
+    the conversion) or only zeroed (``set_to_none=False``: version + 1, all zeros) is
+    not one. The values are read (a wait for the device) only in the last case, where
+    a version grown by 1 is a backward without ``zero_grad`` or a ``zero_grad`` alone."""
+    if then is None:
+        return any(p.grad is not None for p in held)
+    once = []
+    for p in held:
+        g = p.grad
+        if g is None:
+            continue
+        old = then.get(id(p))
+        if old is None or old[0]() is not g or g._version - old[1] >= 2:
+            return True
+        if g._version - old[1] == 1:
+            once.append(g)
+    for g in once:
+        try:
+            if g.is_sparse or g.is_meta or bool(g.detach().any()):
+                return True
+        except (RuntimeError, NotImplementedError):  # a layout that cannot tell: trained
+            return True
+    return False
 
 
 def check_noise_decay(optimizer) -> None:
