@@ -289,7 +289,7 @@ class SJSpike(IWSTSpike):
         if (_calls_on_sequences(host) and host._modules.get("surrogate_function") is self
                 and _note_examples not in host._forward_pre_hooks.values()):
             host.register_forward_pre_hook(_note_examples)
-            host.register_forward_hook(_forget_examples, always_call=True)
+            host.register_forward_hook(_forget_examples)
 
     def _bypassed_hooks_message(self, u: Tensor) -> str:
         """The error message for a linked spike function called outside a call of its
