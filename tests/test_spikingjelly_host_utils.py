@@ -1197,3 +1197,40 @@ def test_aux_loss_of_a_parallel_spiking_neuron_next_to_a_lif_node_weighs_units_a
     z2 = sum(float(((u / 0.5) ** 2).sum()) for us in drives.values() for u in us)
     assert float(sbnn_addons.aux_loss(net).detach()) == pytest.approx(
         z2 / (6 * T * (5 + 2)), rel=1e-5)
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+@pytest.mark.parametrize("where", ["prepend", "global"])
+def test_a_pre_hook_that_runs_before_the_conversions_own_rescales_the_variance(step_mode,
+                                                                              where):
+    """A forward pre-hook of a converted neuron registered with prepend=True, or a global
+    one (torch's register_module_forward_pre_hook), runs before the conversion's own and
+    changes the input carrying the variance: a rescaling scales the variance with it
+    (x * 2: the variance times 4), an operation without a rule raises."""
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    torch.manual_seed(0)
+    net = sbnn_sj.to_sbnn(nn.Sequential(layer.Linear(8, 6), neuron.LIFNode()))
+    functional.set_step_mode(net, step_mode)
+    node, taken = net[1], []
+    node.register_forward_pre_hook(  # after the conversion's: what the spike function got
+        lambda m, args: taken.append(m.surrogate_function._pending))
+    x = torch.rand(4, 8) if step_mode == "s" else torch.rand(3, 4, 8)
+    fn = {"op": lambda t: t * 2}
+
+    def hook(m, args):
+        return (fn["op"](args[0]), *args[1:]) if m is node else None
+
+    net(x)
+    functional.reset_net(net)
+    handle = (node.register_forward_pre_hook(hook, prepend=True) if where == "prepend"
+              else register_module_forward_pre_hook(hook))
+    try:
+        net(x)
+        torch.testing.assert_close(taken[1], taken[0] * 4)
+        fn["op"] = torch.tanh
+        functional.reset_net(net)
+        with pytest.raises(VarianceFlowError, match=r"LIFNode '1'.*through 'tanh'"):
+            net(x)
+    finally:
+        handle.remove()
