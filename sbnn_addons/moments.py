@@ -1913,12 +1913,14 @@ _FLOW_STATE = "_sbnn_flow"  # per tracked root: {"check_inputs": bool}
 
 # Module-level functions, the same objects for every tracked model: a compiled step that
 # is reused across models guards on its hooks' identity and would recompile per model.
-def _flow_enter(module, args):
-    """Pre-hook of a tracked root module: input checks and one :func:`share_posterior`
-    block per call (module doc)."""
+def _flow_enter(module, args, kwargs=None):
+    """Pre-hook of a tracked root module (``with_kwargs``: a membrane passed by keyword
+    is checked too; ``kwargs`` is ``None`` for a model pickled with the hook registered
+    without it): input checks and one :func:`share_posterior` block per call (module
+    doc)."""
     state = module.__dict__[_FLOW_STATE]
     if state["check_inputs"]:
-        check_model_input(module, args)
+        check_model_input(module, args, kwargs)
     if torch.compiler.is_compiling():  # the cache is eager-only; a graph shares s^2 itself
         return
     if _OPEN_FLOWS:
@@ -2233,17 +2235,18 @@ def _traced_in_checked_model() -> bool:
                for m in _traced_modules(calls_only=True))
 
 
-def check_model_input(model: nn.Module, args: tuple) -> None:
-    """Check the positional arguments of a converted model's call: the first tensor has no
-    zero-size dimension (``T = 0`` or a batch of 0) and, unless
-    :class:`~sbnn_addons.check_finite` is off, no NaN / inf; every other tensor (a
-    membrane passed in, ``net(x, mem1, mem2)``) no NaN, since the spike functions inside
-    the model skip their own check.
+def check_model_input(model: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
+    """Check the arguments of a converted model's call: the first tensor (positional,
+    else the first passed by keyword) has no zero-size dimension (``T = 0`` or a batch of
+    0) and, unless :class:`~sbnn_addons.check_finite` is off, no NaN / inf; every other
+    tensor (a membrane passed in, ``net(x, mem1, mem2)`` or ``net(x, mem=mem)``) no NaN,
+    since the spike functions inside the model skip their own check.
 
     Raises:
         ValueError: naming the problem.
     """
     tensors = [(i, a) for i, a in enumerate(args) if isinstance(a, Tensor)]
+    tensors += [(repr(k), a) for k, a in (kwargs or {}).items() if isinstance(a, Tensor)]
     if not tensors:
         return
     where = f"the converted model ({type(model).__name__})"
@@ -2290,7 +2293,7 @@ def track_variance(model: nn.Module, opaque=(), *, check_inputs: bool = False) -
         return model
     model.__dict__[_FLOW_STATE] = {"check_inputs": check_inputs}
     handles = [
-        model.register_forward_pre_hook(_flow_enter),
+        model.register_forward_pre_hook(_flow_enter, with_kwargs=True),
         # not always_call: that registry is keyed by global hook ids, which a compiled
         # step would guard on (one recompile per model); _flow_enter closes a block left
         # open by a forward that raised
@@ -2314,6 +2317,7 @@ def untrack_variance(model: nn.Module) -> nn.Module:
             for key in [k for k, h in hooks.items() if h in _FLOW_HOOKS]:
                 del hooks[key]
                 m._forward_hooks_always_called.pop(key, None)
+                m._forward_pre_hooks_with_kwargs.pop(key, None)
         m.__dict__.pop(_FLOW_STATE, None)
     model.__dict__.pop("_sbnn_flow_handles", None)
     return model

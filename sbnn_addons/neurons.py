@@ -241,9 +241,10 @@ class LIF(nn.Module):
 
         Raises:
             TypeError: ``current`` is not a floating-point tensor.
-            ValueError: ``current`` holds NaN / inf (unless
-                :class:`~sbnn_addons.check_finite` is off: they would give no spikes and
-                NaN gradients), or ``state`` does not match its shape.
+            ValueError: ``current`` or the membrane of ``state`` (positional or keyword)
+                holds NaN / inf (unless :class:`~sbnn_addons.check_finite` is off: they
+                would give no spikes and NaN gradients; a state this LIF returned is not
+                checked again), or ``state`` does not match its shape.
         """
         if isinstance(self.spike_fn, IWSTSpike) and self.spike_fn._seeded_in_graph():
             return call_eagerly(self.forward, current, state)  # see _seeded_in_graph
@@ -267,6 +268,7 @@ class LIF(nn.Module):
                 "sequence", ValueError)
         if membrane is not None:
             check_device(current, membrane, "LIF", "its state (the membrane passed in)")
+            check_input(membrane, "LIF, its state (the membrane passed in),")
         with no_variance_flow():  # V is tracked explicitly; the flow would count it twice
             variance, factors = self._variance_step(variance, var_in, factors)
             fused = self._fused_step(current, membrane, variance)
@@ -275,6 +277,7 @@ class LIF(nn.Module):
                                             self.beta, self.threshold, self.reset)
             else:
                 spikes, membrane = fused
+        mark_checked(membrane)  # from a checked current and membrane: not checked again
         return spikes, LIFState(membrane, variance, factors)
 
     def _fused_step(self, current: Tensor, membrane: Tensor | None,

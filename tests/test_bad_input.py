@@ -14,10 +14,12 @@ from _snntorch_nets import LoopLeaky
 from torch import nn
 
 import sbnn_addons as sb
+from sbnn_addons import base as base_mod
 from sbnn_addons import check_finite
 from sbnn_addons import snntorch as sbnn_snn
 from sbnn_addons import spikingjelly as sbnn_sj
 from sbnn_addons.moments import VarianceFlowError
+from sbnn_addons.neurons import LIFState
 
 pytest.importorskip("spikingjelly")
 from spikingjelly.activation_based import functional, layer, neuron  # noqa: E402
@@ -160,6 +162,27 @@ def test_lif_names_nonfinite_input(call, value):
         lif.run(currents)  # the documented switch
 
 
+def test_lif_names_a_nonfinite_membrane_passed_positionally_or_by_keyword(monkeypatch):
+    """A NaN membrane in the state passed to the core LIF fired no spike (and gave NaN
+    gradients) silently, whether passed as lif(x, state) or lif(x, state=state); a state
+    the LIF returned is not checked again."""
+    lif = sb.LIF()
+    current = torch.rand(2, 5)
+    _, state = lif(current)
+    bad = LIFState(_poison(state.membrane, math.nan), state.variance)
+    for call in (lambda: lif(current, bad), lambda: lif(current, state=bad)):
+        with pytest.raises(ValueError, match=r"LIF, its state.*NaN.*check_finite\(False\)"):
+            call()
+    calls = []
+    real = base_mod._sum_is_finite
+    monkeypatch.setattr(base_mod, "_sum_is_finite", lambda x: calls.append(x) or real(x))
+    for _ in range(3):
+        _, state = lif(current, state=state)
+    assert calls == []  # the current was checked at its first step, the states are its own
+    with check_finite(False):
+        lif(current, state=bad)
+
+
 # --------------------------------------------------------------------------- snnTorch
 def _snn_seq():
     torch.manual_seed(0)
@@ -183,6 +206,35 @@ def test_snntorch_converted_loop_names_nonfinite_input(value):
     model = sbnn_snn.to_sbnn(LoopLeaky())
     with pytest.raises(ValueError, match="NaN"):
         model(_poison(torch.rand(5, 3, 64), value))
+
+
+class _MemNet(nn.Module):
+    """An snnTorch network that takes its membrane as an argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 8)
+        self.lif = snn.Leaky(beta=0.9)
+
+    def forward(self, x, mem=None):
+        mem = self.lif.init_leaky() if mem is None else mem
+        return self.lif(self.fc(x), mem)
+
+
+@pytest.mark.parametrize("make", [_MemNet, lambda: snn.Leaky(beta=0.9)])
+def test_snntorch_converted_model_names_a_nan_membrane_passed_by_keyword(make):
+    """A NaN membrane passed to a converted model by keyword (net(x, mem=mem), a converted
+    neuron's lif(x, mem=mem)) is refused as one passed positionally: the spike functions
+    inside a converted model skip their own check."""
+    torch.manual_seed(0)
+    model = sbnn_snn.to_sbnn(make())
+    x = torch.rand(3, 16) if isinstance(model, _MemNet) else torch.rand(3, 8)
+    bad = _poison(torch.zeros(3, 8), math.nan)
+    for call, where in ((lambda: model(x, bad), "argument 1"),
+                        (lambda: model(x, mem=bad), "argument 'mem'")):
+        with pytest.raises(ValueError, match=rf"converted model.*{where}.*NaN"):
+            call()
+    model(x, mem=torch.zeros(3, 8))
 
 
 @pytest.mark.parametrize("shape", [(0, 16), (0, 3, 16)])
