@@ -94,7 +94,14 @@ def register_converted_copy(original: nn.Module, converted: nn.Module) -> None:
     for name, p in original.named_parameters(remove_duplicate=False):
         twin = twins.get(name)
         if twin is not None and twin is not p:
-            copied.setdefault(p, []).append(weakref.ref(twin))
+            refs = copied.get(p)
+            if refs is None:
+                copied[p] = [weakref.ref(twin)]
+                continue
+            # copies that are gone dropped (in place: check_converted_copy's record of an
+            # optimiser holds this list): converting in a loop keeps only the live ones
+            refs[:] = [r for r in refs if r() is not None]
+            refs.append(weakref.ref(twin))
     _COPIES_VERSION[0] += 1
     _register_step_hook()
 

@@ -559,3 +559,21 @@ def test_optimiser_of_a_pretrained_model_a_conversion_copied_warns(zero):
     model = to_sbnn(host_net)
     opt = torch.optim.Adam(sb.param_groups(model, lr=1e-2))
     assert _train([(host_net, host_opt), (model, opt)], x, forward, 4, zero) == []
+
+
+def test_converting_a_model_many_times_keeps_no_dead_copies():
+    """Each ``to_sbnn`` of one model records its copy's parameters for the optimiser
+    check; copies that are gone are dropped at the next conversion, so that converting in
+    a loop (a sweep, a notebook cell run again) does not grow the record."""
+    import gc
+
+    from sbnn_addons import optim
+
+    build, _, to_sbnn = _host("snntorch")
+    net = build()
+    for _ in range(10):
+        to_sbnn(net)
+    gc.collect()
+    kept = to_sbnn(net)
+    refs = optim._COPIED[0][net[0].weight]
+    assert len(refs) == 1 and refs[0]() is kept[0].weight
