@@ -83,6 +83,8 @@ def dvs_frames(data_dir: str, n_train: int, n_test: int, num_frames: int, stride
 AUX = [0.0, None]
 #: noise scales' learning rate over the weights' (--noise-lr-ratio)
 NOISE_LR_RATIO = [1.0]
+#: training examples on which the converted model's spike noise is calibrated (--calibrate)
+CALIBRATE = [0]
 
 class SnnTorchTask:
     """snnTorch tutorial 7: static image at every step, ``ce_rate_loss``."""
@@ -295,6 +297,13 @@ def run_task(task, data, epochs: int, batch: int, seed: int, pretrain: int = 0) 
         xte, yte = data[2], data[3]
         start = {"orig": evaluate(task, original, xte, yte, 256, None)}
     converted = task.convert(original)  # a copy: the same (initial or trained) weights
+    factor = None
+    if CALIBRATE[0]:
+        converted.eval()
+        factor = sbnn_addons.calibrate_spike_std(
+            converted, data[0][:CALIBRATE[0]], forward=task.forward).factor
+        converted.train()
+        print(f"{task.name}: spike noise calibrated, factor {factor:.3g}", flush=True)
     if pretrain:
         start["sbnn"] = evaluate(task, converted, xte, yte, 256, "sample")
         start["sbnn_mean"] = evaluate(task, converted, xte, yte, 256, "mean")
@@ -305,7 +314,8 @@ def run_task(task, data, epochs: int, batch: int, seed: int, pretrain: int = 0) 
     print(f"{task.name}: init {init}", flush=True)
     fraction, weight = AUX
     aux_weight = weight if weight is not None else fraction * init["orig"]["loss"]
-    result = {"init": init, "aux_weight": aux_weight, "pretrain": pretrain, "start": start}
+    result = {"init": init, "aux_weight": aux_weight, "pretrain": pretrain, "start": start,
+              "factor": factor}
     for label, net in (("orig", original), ("sbnn", converted)):
         result[label] = train(task, net, data, epochs, batch, label == "sbnn", seed,
                               aux_weight if label == "sbnn" else 0.0)
@@ -322,6 +332,9 @@ def table(name: str, result: dict) -> str:
         lines[0] += (f". Original trained {result['pretrain']} epochs first; test accuracy at "
                      f"conversion: original {st['orig']:.3f}, converted {st['sbnn']:.3f} "
                      f"(sample) / {st['sbnn_mean']:.3f} (mean)")
+    if result.get("factor") is not None:
+        lines[0] += (f"; spike noise calibrated on {CALIBRATE[0]} training examples "
+                     f"(calibrate_spike_std): factor {result['factor']:.3g}")
     lines += ["| epoch | original loss | converted loss | original acc | converted acc "
               "(sample) | converted acc (mean) |", "|---|---|---|---|---|---|"]
     for o, s in zip(result["orig"], result["sbnn"]):
@@ -359,14 +372,18 @@ def main(argv=None) -> int:
                    help="aux weight as a fraction of the host loss at initialisation")
     p.add_argument("--aux-weight", type=float, default=None,
                    help="explicit aux weight (overrides --aux-fraction; 0: none)")
+    p.add_argument("--calibrate", type=int, default=0, metavar="N",
+                   help="after the conversion, calibrate_spike_std on the first N training "
+                        "examples (a model converted from a trained one; 0: no)")
     p.add_argument("--convert-kw", type=json.loads, default={},
                    help='to_sbnn keyword arguments as JSON (ablations; default: none)')
     args = p.parse_args(argv)
     NOISE_LR_RATIO[0] = args.noise_lr_ratio
-    for name in ("aux_fraction", "aux_weight", "pretrain_epochs"):
+    for name in ("aux_fraction", "aux_weight", "pretrain_epochs", "calibrate"):
         if getattr(args, name) is not None and not getattr(args, name) >= 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     AUX[:] = [args.aux_fraction, args.aux_weight]
+    CALIBRATE[0] = args.calibrate
     kw = args.convert_kw
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, aux fraction {args.aux_fraction:g}, "

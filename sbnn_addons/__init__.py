@@ -8,6 +8,7 @@ evaluation modes. Host-library adapters live in :mod:`sbnn_addons.snntorch` and
 
 from . import kernels
 from .base import check_finite
+from .calibration import SpikeStdCalibration, calibrate_spike_std
 from .estimators import AGR, IWST, ST, BernoulliSpike, Estimator, get_estimator, sample_spikes
 from .layers import (
     BayesConv1d,
@@ -45,5 +46,5 @@ __all__ = [
     "attach_variance", "get_variance", "track_variance", "variance_flow",
     "check_variance_flow", "VarianceFlowError",
     "LIF", "LIFState", "IWSTSpike", "seed_spikes", "spike_seed", "kernels", "param_groups",
-    "noise_parameters", "check_finite",
+    "noise_parameters", "check_finite", "calibrate_spike_std", "SpikeStdCalibration",
 ]

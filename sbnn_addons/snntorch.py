@@ -1659,7 +1659,8 @@ def to_sbnn(
             left deterministic, raises :class:`~sbnn_addons.moments.VarianceFlowError`).
             Relative, so that a network whose weights and thresholds are scaled together
             converts to the same noise level. Learned when ``learn_std`` is true and
-            ``spike_std > 0``.
+            ``spike_std > 0``. Sized for a fresh network; after converting a trained
+            one, size it to the data with :func:`sbnn_addons.calibrate_spike_std`.
         include: an ``fnmatch`` pattern (one string is one name) or a list of them, of
             qualified module names (``"fc*"``, ``"lif1.recurrent"``) of the weight layers
             to convert or of modules containing them; ``None``: all.

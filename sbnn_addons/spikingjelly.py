@@ -1009,7 +1009,9 @@ def to_sbnn(
             :class:`~sbnn_addons.moments.VarianceFlowError`). Relative, so that a
             network whose weights and thresholds are scaled together converts to the
             same noise level;
-            learned when ``learn_std`` and ``spike_std > 0``.
+            learned when ``learn_std`` and ``spike_std > 0``. Sized for a fresh network;
+            after converting a trained one, size it to the data with
+            :func:`sbnn_addons.calibrate_spike_std`.
         include: an ``fnmatch`` pattern (one string is one name) or a list of them, of
             qualified module names of weight layers to convert, or of modules containing
             them (``None``: all).

@@ -672,10 +672,10 @@ def mc_predict(
                 output=output)
 
 
-def _refuse_training_batchnorm(model: nn.Module) -> None:
-    """Raise if a BatchNorm with running statistics is in training mode: every pass would
-    normalise by the evaluation batch's own statistics and write them into the model's
-    running averages (the model changed by a prediction, silently).
+def _refuse_training_batchnorm(model: nn.Module, who: str = "mc_predict") -> None:
+    """Raise if a BatchNorm with running statistics is in training mode: every pass of
+    ``who`` would normalise by the evaluation batch's own statistics and write them into
+    the model's running averages (the model changed by an evaluation, silently).
 
     Raises:
         ValueError: names the first such BatchNorm and the fix.
@@ -684,10 +684,10 @@ def _refuse_training_batchnorm(model: nn.Module) -> None:
         if (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
                 and m.track_running_stats and m.running_mean is not None):
             raise ValueError(
-                f"BatchNorm {name or type(m).__name__!r} is in training mode: mc_predict's "
+                f"BatchNorm {name or type(m).__name__!r} is in training mode: {who}'s "
                 "passes would normalise by the evaluation batch's statistics and update its "
                 "running averages with the evaluation inputs. Call model.eval() first: the "
-                "spikes are still drawn (the passes run in eval_mode, 'mc' by default)")
+                "spikes are still drawn in eval() (only the BatchNorm changes)")
 
 
 @contextlib.contextmanager

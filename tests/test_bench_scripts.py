@@ -66,9 +66,10 @@ def test_bench_dropin_runs_fresh_and_pretrained(capsys):
     assert dropin.main([*common, "--aux-fraction", "0.05"]) == 0
     fresh = capsys.readouterr().out
     assert fresh.count("| 1 |") == 2 and "aux weight 0.115" in fresh  # 0.05 x ln(10)
-    assert dropin.main([*common, "--pretrain-epochs", "1"]) == 0
+    assert dropin.main([*common, "--pretrain-epochs", "1", "--calibrate", "8"]) == 0
     pretrained = capsys.readouterr().out
     assert pretrained.count("trained 1 epochs first") == 2 and "aux weight 0)" in pretrained
+    assert pretrained.count("calibrated on 8 training examples") == 2
 
 
 @pytest.mark.parametrize("script, args, word", [
@@ -79,6 +80,7 @@ def test_bench_dropin_runs_fresh_and_pretrained(capsys):
     ("bench_dropin", ["--aux-fraction", "-0.1"], "--aux-fraction"),
     ("bench_dropin", ["--aux-weight", "nan"], "--aux-weight"),
     ("bench_dropin", ["--pretrain-epochs", "-1"], "--pretrain-epochs"),
+    ("bench_dropin", ["--calibrate", "-1"], "--calibrate"),
 ])
 def test_bench_scripts_name_bad_arguments(script, args, word, capsys):
     """A bad ablation or aux argument stops the script before any work, naming it."""
