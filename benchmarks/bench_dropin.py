@@ -300,10 +300,15 @@ def run_task(task, data, epochs: int, batch: int, seed: int, pretrain: int = 0) 
     factor = None
     if CALIBRATE[0]:
         converted.eval()
-        factor = sbnn_addons.calibrate_spike_std(
-            converted, data[0][:CALIBRATE[0]], forward=task.forward).factor
+        cal = sbnn_addons.calibrate_spike_std(converted, data[0][:CALIBRATE[0]],
+                                              forward=task.forward)
         converted.train()
-        print(f"{task.name}: spike noise calibrated, factor {factor:.3g}", flush=True)
+        factor = cal.factor
+        rates = {n.rsplit(".", 1)[0]: (round(cal.mean_rates[n], 4),
+                                       round(cal.initial_rates[n], 4),
+                                       round(cal.sample_rates[n], 4)) for n in cal.mean_rates}
+        print(f"{task.name}: spike noise calibrated, factor {factor:.3g}; firing rates "
+              f"(mean mode, sample mode before, after): {rates}", flush=True)
     if pretrain:
         start["sbnn"] = evaluate(task, converted, xte, yte, 256, "sample")
         start["sbnn_mean"] = evaluate(task, converted, xte, yte, 256, "mean")
