@@ -253,8 +253,12 @@ def normal_cdf_ratio(x: Tensor, scale: float) -> Tensor:
     """``Phi(scale * x) / Phi(x)`` for ``0 <= scale <= 1``, without 0/0.
 
     Formed with ``ndtr`` where ``Phi(x)`` is representable and, for the elements where it
-    underflows (``x`` below about -9 in float32), in log space with ``log_ndtr``.
+    underflows (``x`` below about -9 in float32), in log space with ``log_ndtr``. ``x``
+    is clamped to ``[-1e15, 1e15]``, where the ratio has reached its limits (inf below,
+    1 above, in float64 too): beyond about ``1e19``, ``x^2`` overflows in float32 and the
+    log-space difference would be ``inf - inf = NaN`` (as at ``x = +-inf``).
     """
+    x = x.clamp(-1e15, 1e15)
     # erfc form: torch's ndtr is 1 - ... in the lower tail (4 % off at x = -5 in float32)
     den = 0.5 * torch.special.erfc(x * -0.7071067811865476)  # 1/sqrt(2), see below
     num = 0.5 * torch.special.erfc(x * -scale * 0.7071067811865476) if scale != 0.0 else (

@@ -17,6 +17,7 @@ from sbnn_addons.functional import (
     safe_sqrt,
     spike_probability,
 )
+from sbnn_addons.tensors import scaled_jacobian
 
 F64 = torch.float64
 Z = torch.linspace(-4, 4, 81, dtype=F64)
@@ -117,6 +118,24 @@ def test_normal_cdf_ratio_far_tail(dtype):
         assert torch.isfinite(got[finite]).all()
         rtol = 1e-4 if dtype == torch.float32 else 1e-10
         torch.testing.assert_close(got[finite].double(), want[finite], rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normal_cdf_ratio_and_jacobians_stay_defined_at_huge_and_infinite_x(dtype):
+    """Beyond |x| ~ 1e19 (float32: x^2 overflows) and at +-inf the log-space ratio was
+    inf - inf = NaN, which no max_weight clamp removes: the ratio is its limit there (inf
+    below, 1 above), and the scaled jacobian of every estimator 0 (phi(z) = 0)."""
+    x = torch.tensor([-math.inf, -1e30, -3e19, -1e10, 1e10, 3e19, 1e30, math.inf],
+                     dtype=dtype)
+    for branchless in (False, True):
+        got = (torch.func.vmap(lambda v: normal_cdf_ratio(v, 0.5))(x.unsqueeze(1)).squeeze(1)
+               if branchless else normal_cdf_ratio(x, 0.5))
+        assert not got.isnan().any()
+        assert (got[:4] == math.inf).all() and (got[4:] == 1).all()
+    for kind in ("st", "iwst", "agr"):
+        for h in (False, True):
+            j = scaled_jacobian(x, torch.full(x.shape, h), kind, p=0.5, tau=0.7)
+            assert torch.equal(j, torch.zeros_like(j)), (kind, h, j)
 
 
 @pytest.mark.parametrize("kind", ["st", "iwst", "agr"])
