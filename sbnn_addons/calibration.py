@@ -152,8 +152,8 @@ def calibrate_spike_std(
     if not spikes:
         raise ValueError(
             f"calibrate_spike_std: {type(model).__name__} has no spike function with noise "
-            "of its own (converted with spike_std=None or 0, or not converted): there is "
-            "nothing to calibrate")
+            "of its own (a converter's spike_std=None or 0, IWSTSpike(std=None), or a "
+            "model not converted): there is nothing to calibrate")
     forward = forward if forward is not None else (lambda m, x: m(x))
     reset = reset if reset is not None else default_reset(model)
     streams = [(m, m._seed, m._generator) for m in model.modules() if isinstance(m, IWSTSpike)]
