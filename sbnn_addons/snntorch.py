@@ -849,9 +849,22 @@ def _compiled_copy_reset(mem: Tensor, stored: Tensor, spikes: Tensor,
     """
     if not _same_layout(mem, stored) or spikes.shape != fresh.shape:
         return fresh
+    if torch.is_grad_enabled() and (_is_inference(stored) or _is_inference(spikes)):
+        # kept by a step under torch.inference_mode(): a graph input that the compiled
+        # backward may save (to recompute the membrane), which autograd refuses for an
+        # inference tensor. A membrane of such a step is no training step's to continue
+        return fresh
     values = mem.detach()
     same = (values == stored.detach()).all() & (values != 0).any()  # zeros: a new sequence
     return torch.where(same, spikes.to(fresh.dtype), fresh)
+
+
+@torch.compiler.assume_constant_result
+def _is_inference(t: Tensor) -> bool:
+    """Whether ``t`` was made under ``torch.inference_mode()``, also in a graph being
+    traced (where Dynamo cannot call ``Tensor.is_inference``): read once per compile, which
+    the graph's guard on its inputs' dispatch keys (an inference tensor's differ) renews."""
+    return t.is_inference()
 
 
 def _check_passed_membrane(neuron: nn.Module, mem: Tensor) -> None:
