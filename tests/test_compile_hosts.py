@@ -55,3 +55,36 @@ def test_snntorch_training_step_after_an_inference_mode_evaluation():
     finally:
         torch._dynamo.reset()
     assert torch.equal(again.detach(), first.detach())
+
+
+def test_drop_in_spike_grad_draws_afresh_when_a_compiled_step_sees_the_same_input_again():
+    """The drop-in ``spike_grad()`` in an unconverted snnTorch model, a compiled step
+    (``utils.reset`` inside) called twice on the same batch (Monte Carlo samples, an
+    evaluation repeated): the firing calls of the second call matched the remembered
+    drives of the first and took their spikes, a constant without gradient, for their
+    own draws: the same spikes at every call, and a zero gradient for the weights."""
+    gc.collect()
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 40), snn.Leaky(beta=0.5, spike_grad=sbnn_snn.spike_grad(),
+                                                    init_hidden=True, output=True))
+    x = torch.rand(2, 4, 6) * 3
+
+    def step(x):
+        sutils.reset(net)
+        return torch.stack([net(x[t])[0] for t in range(x.shape[0])])
+
+    sutils.reset(net)  # once eagerly: snnTorch's reset defines its module globals
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    spikes, grads = [], []
+    try:
+        for _ in range(2):
+            net.zero_grad()
+            out = compiled(x)
+            out.sum().backward()
+            spikes.append(out.detach())
+            grads.append(net[0].weight.grad.abs().sum())
+    finally:
+        torch._dynamo.reset()
+    assert all(g > 0 for g in grads)
+    assert not torch.equal(spikes[1], spikes[0])
