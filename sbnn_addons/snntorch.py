@@ -187,7 +187,12 @@ class SnnTorchSpike(IWSTSpike):
     a sequence's initial membrane is a draw there (a neuron that never fired may lose its
     threshold once, with probability ``Phi(-threshold / std)``), and a function shared by
     more than ``MEMORY / 2`` neurons in one compiled step would lose draws: give each
-    neuron its own ``spike_grad()`` there. The reset call fires there too, so a
+    neuron its own ``spike_grad()`` there. A call whose drive is equal at every element
+    (a new sequence's zero membrane, after ``snntorch.utils.reset`` or ``init_leaky()``)
+    forgets the remembered calls of its shape, so that a compiled step given the same
+    input again draws afresh instead of taking an earlier call's spikes; neurons of the
+    same shape that share one function then lose the first reset of a sequence (a draw),
+    another reason for one ``spike_grad()`` per neuron. The reset call fires there too, so a
     :class:`~sbnn_addons.metrics.SpikeMonitor` (and :func:`~sbnn_addons.mc_predict`'s
     spike counts) counts its spikes as emitted: up to twice eager mode's counts.
     Converted models (:func:`to_sbnn`) do not have these limits.
@@ -266,21 +271,38 @@ class SnnTorchSpike(IWSTSpike):
             # (a value match would hand it the spikes of a draw from an earlier zero one);
             # a meta one has no values to match
             return None
-        for i, (prev, spikes) in enumerate(recent):  # oldest first
-            if _equal(prev, key):
+        for i, entry in enumerate(recent):  # oldest first
+            if _equal(entry[0], key) and (len(entry) < 3 or bool(entry[2])):
                 del recent[i]
-                return spikes
+                return entry[1]
         return None
 
     def _compiled_forward(self, u: Tensor, key: Tensor, recent: list) -> Tensor:
         """The same rule in a compiled graph, without a data-dependent branch: a fresh draw,
         replaced by the spikes of the latest remembered call with equal values
-        (``torch.where`` on a 0-dim condition)."""
+        (``torch.where`` on a 0-dim condition).
+
+        A drive equal at every element is the reset call of a new sequence's zero membrane
+        (``snntorch.utils.reset``, ``init_leaky()``): the calls remembered before it with
+        its shape (an earlier compiled call's, which a step given the same input again
+        would match, and take their spikes, without gradient, for its own draws) are
+        forgotten (each entry's third item, a 0-dim flag in the graph)."""
         out = _host_spike_dtype(super().forward(u))
-        for prev, spikes in recent:  # oldest first: the latest match wins
+        if key.numel() > 1:
+            flat = key.reshape(-1)
+            new_sequence = (flat == flat[0]).all()
+            for i, entry in enumerate(recent):
+                if entry[0].shape == key.shape and entry[0].dtype == key.dtype:
+                    alive = entry[2] if len(entry) > 2 else torch.ones((), dtype=torch.bool)
+                    recent[i] = (entry[0], entry[1], alive & ~new_sequence)
+        for entry in recent:  # oldest first: the latest match wins
+            prev, spikes = entry[0], entry[1]
             if prev.shape == key.shape and prev.dtype == key.dtype:
-                out = torch.where((prev == key).all(), spikes, out)
-        recent.append((key, out.detach().clone()))
+                match = (prev == key).all()
+                if len(entry) > 2:
+                    match = match & entry[2]
+                out = torch.where(match, spikes, out)
+        recent.append((key, out.detach().clone(), torch.ones((), dtype=torch.bool)))
         if len(recent) > self.MEMORY:
             del recent[0]
         return out
@@ -849,9 +871,22 @@ def _compiled_copy_reset(mem: Tensor, stored: Tensor, spikes: Tensor,
     """
     if not _same_layout(mem, stored) or spikes.shape != fresh.shape:
         return fresh
+    if torch.is_grad_enabled() and (_is_inference(stored) or _is_inference(spikes)):
+        # kept by a step under torch.inference_mode(): a graph input that the compiled
+        # backward may save (to recompute the membrane), which autograd refuses for an
+        # inference tensor. A membrane of such a step is no training step's to continue
+        return fresh
     values = mem.detach()
     same = (values == stored.detach()).all() & (values != 0).any()  # zeros: a new sequence
     return torch.where(same, spikes.to(fresh.dtype), fresh)
+
+
+@torch.compiler.assume_constant_result
+def _is_inference(t: Tensor) -> bool:
+    """Whether ``t`` was made under ``torch.inference_mode()``, also in a graph being
+    traced (where Dynamo cannot call ``Tensor.is_inference``): read once per compile, which
+    the graph's guard on its inputs' dispatch keys (an inference tensor's differ) renews."""
+    return t.is_inference()
 
 
 def _check_passed_membrane(neuron: nn.Module, mem: Tensor) -> None:

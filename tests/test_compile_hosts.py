@@ -1,0 +1,90 @@
+"""``torch.compile(fullgraph=True)`` on host models as users write them (the tutorials'
+training and evaluation loops), beyond the paths of ``test_compile.py``."""
+
+from __future__ import annotations
+
+import gc
+import shutil
+
+import pytest
+import snntorch as snn
+import snntorch.utils as sutils
+import torch
+from snntorch import functional as SF
+from torch import nn
+
+import sbnn_addons as sb
+import sbnn_addons.snntorch as sbnn_snn
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                       reason="inductor needs a C++ compiler on the CPU"),
+]
+
+
+def test_snntorch_training_step_after_an_inference_mode_evaluation():
+    """A compiled tutorial step (``utils.reset`` inside, ``SF.ce_rate_loss``) run under
+    ``torch.inference_mode()`` for an evaluation leaves the neurons' last spikes as
+    inference tensors; the next compiled training step took them as graph inputs for the
+    reset of its first step, and the partitioner saved them to recompute the membrane in
+    the backward: "Inference tensors cannot be saved for backward". The training step
+    after the evaluation runs as the first one did."""
+    gc.collect()
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = sbnn_snn.to_sbnn(nn.Sequential(
+        nn.Linear(6, 4), snn.Leaky(beta=0.5, init_hidden=True, output=True)))
+    loss_fn = SF.ce_rate_loss()
+    x, y = torch.rand(3, 6) * 3, torch.randint(0, 4, (3,))
+
+    def step(x, y):
+        sutils.reset(net)
+        return loss_fn(torch.stack([net(x)[0] for _ in range(2)]), y)
+
+    sutils.reset(net)  # once eagerly: snnTorch's reset defines its module globals
+    sb.set_mode(net, "mean")
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager_decomp_partition")
+    try:
+        first = compiled(x, y)
+        first.backward()
+        with torch.inference_mode():
+            compiled(x, y)
+        again = compiled(x, y)
+        again.backward()
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(again.detach(), first.detach())
+
+
+def test_drop_in_spike_grad_draws_afresh_when_a_compiled_step_sees_the_same_input_again():
+    """The drop-in ``spike_grad()`` in an unconverted snnTorch model, a compiled step
+    (``utils.reset`` inside) called twice on the same batch (Monte Carlo samples, an
+    evaluation repeated): the firing calls of the second call matched the remembered
+    drives of the first and took their spikes, a constant without gradient, for their
+    own draws: the same spikes at every call, and a zero gradient for the weights."""
+    gc.collect()
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 40), snn.Leaky(beta=0.5, spike_grad=sbnn_snn.spike_grad(),
+                                                    init_hidden=True, output=True))
+    x = torch.rand(2, 4, 6) * 3
+
+    def step(x):
+        sutils.reset(net)
+        return torch.stack([net(x[t])[0] for t in range(x.shape[0])])
+
+    sutils.reset(net)  # once eagerly: snnTorch's reset defines its module globals
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    spikes, grads = [], []
+    try:
+        for _ in range(2):
+            net.zero_grad()
+            out = compiled(x)
+            out.sum().backward()
+            spikes.append(out.detach())
+            grads.append(net[0].weight.grad.abs().sum())
+    finally:
+        torch._dynamo.reset()
+    assert all(g > 0 for g in grads)
+    assert not torch.equal(spikes[1], spikes[0])
