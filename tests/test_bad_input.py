@@ -1204,3 +1204,64 @@ def test_a_nan_membrane_passed_to_a_converted_model_is_named():
     assert torch.isfinite(mem1).all()
     with check_finite(False):
         net(x, nan, mem2)  # the documented switch: no check
+
+
+# ------------------------------------------------------------------ calibrate_spike_std
+def _calibration_model(**kw):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 8), snn.Leaky(beta=0.9, init_hidden=True),
+                        nn.Linear(8, 4), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    return sbnn_snn.to_sbnn(net, **kw)
+
+
+def _steps(m, x):
+    return [m(x_t) for x_t in x]
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    ({"seed": 1.5}, TypeError, "calibrate_spike_std: seed must be an integer"),
+    ({"seed": "0"}, TypeError, "calibrate_spike_std: seed must be an integer"),
+    ({"seed": True}, TypeError, "calibrate_spike_std: seed must be an integer"),
+    ({"seed": None}, TypeError, r"seed must be an integer.*same draws at every factor"),
+    ({"seed": -1}, ValueError, r"calibrate_spike_std: seed must be in \[0, 2\*\*32\)"),
+    ({"max_rate_increase": True}, ValueError, "max_rate_increase must be a finite number"),
+    ({"min_factor": True}, ValueError, r"min_factor must be in \(0, 1\]"),
+])
+def test_calibration_arguments_of_a_wrong_type_are_named(kw, error, match):
+    """A float / str / bool seed failed after the mean-mode passes with PyTorch's
+    "manual_seed expected a long"; seed=None drew other noise at every factor; a bool
+    max_rate_increase / min_factor was taken as 1."""
+    with pytest.raises(error, match=match):
+        sb.calibrate_spike_std(_calibration_model(), torch.rand(3, 2, 16), forward=_steps, **kw)
+
+
+@pytest.mark.parametrize("forward, match", [
+    (lambda m, x: None, r"never reached the spike functions \['1.spike_grad', "
+                        r"'3.spike_grad'\].*whole model"),
+    (lambda m, x: [m[1](m[0](x_t)) for x_t in x], r"never reached the spike functions "
+                                                  r"\['3.spike_grad'\] \(of 2\)"),
+])
+def test_calibration_names_spike_functions_its_forward_never_reaches(forward, match):
+    """A forward that does not run the model (or only part of it) measured a rate of 0 for
+    the spike functions it never reached and kept (or scaled) their noise, silently."""
+    with pytest.raises(ValueError, match=match):
+        sb.calibrate_spike_std(_calibration_model(), torch.rand(3, 2, 16), forward=forward)
+
+
+@pytest.mark.parametrize("value", NONFINITE)
+def test_calibration_names_a_nonfinite_spike_std(value):
+    """A NaN / inf own std was scaled by the factors (staying NaN / inf) and reported as
+    calibrated, with a warning blaming the weight noise."""
+    model = _calibration_model(learn_std=False)
+    spike = model[3].spike_grad
+    spike.fixed_std.fill_(value)
+    before = spike.fixed_std.clone()
+    with pytest.raises(ValueError, match=r"'3.spike_grad' has a non-finite noise std"):
+        sb.calibrate_spike_std(model, torch.rand(3, 2, 16), forward=_steps)
+    assert torch.equal(spike.fixed_std.isnan(), before.isnan())
+
+
+def test_calibration_names_a_model_on_the_meta_device():
+    model = _calibration_model().to("meta")
+    with pytest.raises(ValueError, match=r"meta device.*no values.*to_empty"):
+        sb.calibrate_spike_std(model, torch.rand(3, 2, 16, device="meta"), forward=_steps)
