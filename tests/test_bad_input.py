@@ -1265,3 +1265,18 @@ def test_calibration_names_a_model_on_the_meta_device():
     model = _calibration_model().to("meta")
     with pytest.raises(ValueError, match=r"meta device.*no values.*to_empty"):
         sb.calibrate_spike_std(model, torch.rand(3, 2, 16, device="meta"), forward=_steps)
+
+
+def test_lif_reset_assigned_after_construction_is_checked():
+    """lif.reset = "subtact" (a typo) was taken as it was, and so was reset="subtract"
+    assigned to a readout with an infinite threshold (NaN membranes, no spikes)."""
+    lif = sb.LIF()
+    with pytest.raises(ValueError, match=r"reset must be one of \('subtract', 'zero', "
+                                         r"'none'\), got 'subtact'"):
+        lif.reset = "subtact"
+    assert lif.reset == "subtract"
+    readout = sb.LIF(threshold=math.inf, reset="none")
+    with pytest.raises(ValueError, match=r"threshold=inf with reset='subtract'"):
+        readout.reset = "subtract"
+    readout.reset = "zero"
+    assert readout.run(torch.rand(3, 2, 4)).sum() == 0
