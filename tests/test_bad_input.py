@@ -562,6 +562,10 @@ def test_finite_check_works_under_torch_func_transforms():
     (lambda: sb.BayesConv2d("2", 3, 3), "in_channels must be an integer"),
     (lambda: sb.BayesConv1d(2, 3, 3.0), r"kernel_size must be an integer >= 1 \(or a tuple"),
     (lambda: sb.BayesConv2d(2, 3, 3, stride=0), "stride must be an integer >= 1"),  # forward
+    (lambda: sb.BayesConv2d(2, 3, 3, padding=-1), "padding must be an integer >= 0"),
+    (lambda: sb.BayesConv1d(2, 3, 3, padding=1.5), "padding must be an integer >= 0"),
+    (lambda: sb.BayesConv2d(2, 3, 3, dilation=0), "dilation must be an integer >= 1"),
+    (lambda: sb.BayesConv2d(2, 3, 3, dilation=(1, 0)), "dilation must be an integer >= 1"),
     (lambda: sb.ChannelAffine(0), "num_features must be an integer >= 1"),  # accepted
     (lambda: sb.ChannelAffine(3, eps=-1e-5), "eps must be a finite number >= 0"),  # accepted
     (lambda: sb.ChannelAffine(3, channel_dim=1.0), "channel_dim must be an integer"),
@@ -1280,3 +1284,31 @@ def test_lif_reset_assigned_after_construction_is_checked():
         readout.reset = "subtract"
     readout.reset = "zero"
     assert readout.run(torch.rand(3, 2, 4)).sum() == 0
+
+
+@pytest.mark.parametrize("host, name", [
+    ("snntorch", "0.weight"), ("snntorch", "2.std_rho"), ("snntorch", "1.spike_grad.std_rho"),
+    ("spikingjelly", "0.weight"), ("spikingjelly", "0.std_rho"),
+    ("spikingjelly", "3.surrogate_function.std_rho"),
+])
+def test_a_converted_model_names_a_nan_parameter(host, name):
+    """A NaN weight or noise scale (a NaN gradient stepped in, a corrupt checkpoint) made
+    its neurons fall silent and trained on, silently, since the input of the converted
+    model was finite. It is named at the next call, after an optimiser step too."""
+    model = _calibration_model() if host == "snntorch" else sbnn_sj.to_sbnn(_sj_net("m"))
+    x = torch.rand(4, 3, 16) if host == "snntorch" else torch.rand(4, 3, 10)
+    call = (lambda: [model(x_t) for x_t in x]) if host == "snntorch" else (lambda: model(x))
+    reset = sbnn_snn.reset if host == "snntorch" else sbnn_sj.reset
+    call()
+    reset(model)
+    param = dict(model.named_parameters())[name]
+    grad = torch.zeros_like(param)
+    grad.view(-1)[0] = math.nan
+    param.grad = grad
+    torch.optim.SGD([param], lr=0.1).step()
+    with pytest.raises(ValueError, match=rf"parameter {name!r} of the converted model .*"
+                                         r"1 NaN.*check_finite\(False\)"):
+        call()
+    reset(model)
+    with check_finite(False):
+        call()  # the documented switch
