@@ -360,10 +360,13 @@ class LIF(nn.Module):
 
         Raises:
             TypeError: ``currents`` is not a floating-point tensor.
-            ValueError: ``currents`` holds NaN / inf (unless
+            ValueError: ``currents`` is 0-d (no time dimension), or holds NaN / inf (unless
                 :class:`~sbnn_addons.check_finite` is off).
         """
         check_float("currents", currents)
+        if currents.dim() == 0:
+            raise ValueError("LIF.run: currents must be a sequence [T, ...] (time first, e.g. "
+                             "[T, B, features]), got a 0-d tensor; for one step call lif(current)")
         check_input(currents, "LIF.run")
         self._sync_threshold()
         var_seq = _known(get_variance(currents), "input currents")

@@ -338,7 +338,13 @@ class IWSTSpike(SBNNModule, nn.Module):
 
     @threshold.setter
     def threshold(self, value: float) -> None:
-        value = float(value)
+        try:
+            if isinstance(value, (bool, str, bytes)):
+                raise TypeError
+            value = float(value)
+        except (TypeError, ValueError, RuntimeError):  # a string, None, a list, a tensor
+            raise TypeError(f"threshold must be a number (the host neuron's threshold), got "
+                            f"{value!r} ({type(value).__name__})") from None
         if math.isnan(value):
             raise ValueError("threshold must be a number (not NaN), got nan")
         self._threshold = value

@@ -1312,3 +1312,42 @@ def test_a_converted_model_names_a_nan_parameter(host, name):
     reset(model)
     with check_finite(False):
         call()  # the documented switch
+
+
+def test_spike_monitor_read_before_it_ran_is_named():
+    """A monitor read without a `with` block around the forward reported a rate of 0 for
+    every layer (and 0 spikes, 0 SynOps), silently."""
+    from sbnn_addons.metrics import SpikeMonitor
+
+    model = sbnn_snn.to_sbnn(_snn_seq())
+    mon = SpikeMonitor(model)
+    model(torch.rand(3, 16))
+    for read in (mon.spike_rates, mon.total_spikes, mon.total_synops, lambda: mon.units):
+        with pytest.raises(RuntimeError, match=r"never entered.*with SpikeMonitor\(model\) "
+                                               r"as mon:"):
+            read()
+    with mon:
+        model(torch.rand(3, 16))
+    assert set(mon.spike_rates()) == {"1.spike_grad", "3.spike_grad"}
+
+
+@pytest.mark.parametrize("num_data", [0, -5, 10.5, "100", True])
+def test_sbnn_objective_names_a_bad_num_data_without_kl(num_data):
+    """num_data=0 (or a float, a string) passed with the default kl_weight=0 was ignored
+    without a word; it is checked whenever it is given."""
+    with pytest.raises(ValueError, match=r"num_data \(the training-set size N\) must be an "
+                                         r"integer >= 1"):
+        sb.sbnn_objective(torch.tensor(1.0), sb.BayesLinear(4, 3), num_data)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: setattr(sb.IWSTSpike(), "threshold", "abc"), TypeError,
+     "threshold must be a number"),  # "could not convert string to float"
+    (lambda: sb.LIF().run(torch.tensor(1.0)), ValueError,
+     r"LIF.run: currents must be a sequence \[T, \.\.\.\]"),  # an IndexError
+    (lambda: sb.sbnn_objective(torch.tensor(1), sb.BayesLinear(4, 3)), TypeError,
+     "nll must be a floating-point scalar"),  # an integer loss, no gradient
+])
+def test_small_core_misuses_are_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
