@@ -865,6 +865,26 @@ def host_neurons(model: torch.nn.Module, host: str) -> list[tuple[str, torch.nn.
             and any(c.__module__.split(".")[0] == host for c in type(m).__mro__)]
 
 
+def refuse_other_host_reset(model: torch.nn.Module, host: str, other: str) -> None:
+    """Raise where ``model`` holds neurons of host library ``other`` and none of ``host``:
+    ``host``'s reset would leave their states as they are, and the next sequence would
+    start from them, silently. Used by both adapters' ``reset``.
+
+    Raises:
+        TypeError: naming the first such neuron and the reset to use instead.
+    """
+    if host_neurons(model, host):
+        return
+    found = host_neurons(model, other)
+    if found:
+        name, m = found[0]
+        names = {"snntorch": "snnTorch", "spikingjelly": "SpikingJelly"}
+        raise TypeError(
+            f"{host}.reset: module {name!r} ({type(m).__name__}) is a {names[other]} "
+            f"neuron, which this reset leaves as it is (its state would carry over to the "
+            f"next sequence, silently): reset the model with sbnn_addons.{other}.reset")
+
+
 def refuse_other_host_export(model: torch.nn.Module, host: str, spike_type: type) -> None:
     """Raise where ``model`` holds a neuron of host library ``host`` converted by that
     host's adapter (its ``spike_grad`` / ``surrogate_function`` is a ``spike_type``,

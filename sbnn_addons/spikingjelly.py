@@ -80,6 +80,7 @@ from .base import (
     name_patterns,
     raise_error,
     refuse_other_host_export,
+    refuse_other_host_reset,
     refuse_unconverted_export,
     set_state,
     threshold_value,
@@ -936,8 +937,14 @@ def reset(model: nn.Module) -> nn.Module:
     A compiled model (``torch.compile(net)``) resets the model it wraps: SpikingJelly's
     table of reset networks would otherwise hold both, and a step that Dynamo traces with
     ``reset_net(net)`` inside fails on the module reached twice (an ``AssertionError``,
-    "already tracked for mutation"; see the Performance page)."""
+    "already tracked for mutation"; see the Performance page).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or it holds snnTorch neurons and no
+            SpikingJelly one (use :func:`sbnn_addons.snntorch.reset`).
+    """
     check_module(model, "spikingjelly.reset")
+    refuse_other_host_reset(model, "spikingjelly", "snntorch")
     net = getattr(model, "_orig_mod", model)
     functional.invalidate_reset_cache(net)
     functional.reset_net(net)

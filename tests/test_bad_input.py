@@ -1351,3 +1351,22 @@ def test_sbnn_objective_names_a_bad_num_data_without_kl(num_data):
 def test_small_core_misuses_are_named(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("reset, make, other", [
+    (sbnn_snn.reset, lambda: sbnn_sj.to_sbnn(_sj_net("m")), "spikingjelly.reset"),
+    (sbnn_snn.reset, lambda: _sj_net("m"), "spikingjelly.reset"),
+    (sbnn_sj.reset, lambda: sbnn_snn.to_sbnn(_snn_seq()), "snntorch.reset"),
+    (sbnn_sj.reset, _snn_seq, "snntorch.reset"),
+])
+def test_the_other_hosts_reset_is_named(reset, make, other):
+    """snntorch.reset on a SpikingJelly model (or the reverse) reset nothing: the neuron
+    states carried over to the next sequence, silently."""
+    with pytest.raises(TypeError, match=rf"neuron, which this reset leaves as it is.*"
+                                        rf"sbnn_addons\.{other}"):
+        reset(make())
+
+
+def test_each_hosts_reset_runs_on_a_model_without_neurons():
+    for reset in (sbnn_snn.reset, sbnn_sj.reset):
+        reset(nn.Linear(3, 2))  # nothing to reset: an exact no-op
