@@ -13,7 +13,6 @@ layer's ``sample``-mode firing rate on a batch of the user's data is close to it
 
 from __future__ import annotations
 
-import itertools
 import math
 import operator
 import warnings
@@ -32,6 +31,7 @@ from .uncertainty import (
     _refuse_training_batchnorm,
     _seeded_global_rng,
     default_reset,
+    on_meta,
 )
 
 __all__ = ["SpikeStdCalibration", "calibrate_spike_std"]
@@ -152,7 +152,7 @@ def calibrate_spike_std(
         raise ValueError(f"calibrate_spike_std: min_factor must be in (0, 1], got "
                          f"{min_factor!r}")
     seed = _check_calibration_seed(seed)
-    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+    if on_meta(model, inputs):
         raise ValueError(
             "calibrate_spike_std: the model is on the meta device, which holds no values, so "
             "it has no firing rates to measure: materialise it first "

@@ -1370,3 +1370,17 @@ def test_the_other_hosts_reset_is_named(reset, make, other):
 def test_each_hosts_reset_runs_on_a_model_without_neurons():
     for reset in (sbnn_snn.reset, sbnn_sj.reset):
         reset(nn.Linear(3, 2))  # nothing to reset: an exact no-op
+
+
+def test_mc_predict_spike_counts_on_meta_are_named():
+    """mc_predict on the meta device with the default count_spikes=True failed with
+    "Tensor.item() cannot be called on meta tensors"; the fix is named."""
+    model = sbnn_snn.to_sbnn(_snn_seq()).to("meta")
+    x = torch.rand(5, 3, 16, device="meta")
+
+    def forward(m, v):
+        return torch.stack([m(v_t)[1] for v_t in v]).mean(0)
+
+    with pytest.raises(ValueError, match=r"meta device.*count_spikes=False"):
+        sb.mc_predict(model, x, 2, forward=forward)
+    assert sb.mc_predict(model, x, 2, forward=forward, count_spikes=False).probs.is_meta
