@@ -451,6 +451,13 @@ def _neuron_pre_hook(node: nn.Module, args):
         # variance, which the spike function then refuses, naming link_neuron)
         return None
     x = args[0]
+    for attr in ("tau", "v_reset"):  # Python floats (a learned one is a parameter, checked
+        value = node.__dict__.get(attr)  # with the model's parameters): no device read
+        if isinstance(value, float) and math.isnan(value):
+            raise_error(
+                f"the converted SpikingJelly {type(node).__name__} has {attr!r} = NaN (set "
+                "after the conversion): its membrane would be NaN and it would never fire "
+                f"(spikes 0, gradients NaN), silently; give {attr} a number", ValueError)
     if in_torch_checkpoint():
         raise RuntimeError(
             f"a converted SpikingJelly {type(node).__name__} runs inside "

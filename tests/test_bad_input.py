@@ -1384,3 +1384,14 @@ def test_mc_predict_spike_counts_on_meta_are_named():
     with pytest.raises(ValueError, match=r"meta device.*count_spikes=False"):
         sb.mc_predict(model, x, 2, forward=forward)
     assert sb.mc_predict(model, x, 2, forward=forward, count_spikes=False).probs.is_meta
+
+
+@pytest.mark.parametrize("sm, shape", [("s", (3, 10)), ("m", (4, 3, 10))])
+@pytest.mark.parametrize("attr", ["tau", "v_reset"])
+def test_a_nan_spikingjelly_constant_set_after_the_conversion_is_named(sm, shape, attr):
+    """A converted LIFNode whose tau or v_reset is set to NaN after the conversion (as the
+    conversion names one before) gave NaN membranes and no spikes, silently."""
+    model = sbnn_sj.to_sbnn(_sj_net(sm))
+    setattr(model[1], attr, math.nan)
+    with pytest.raises(ValueError, match=rf"LIFNode has '{attr}' = NaN.*give {attr} a number"):
+        model(torch.rand(shape))
