@@ -1395,3 +1395,14 @@ def test_a_nan_spikingjelly_constant_set_after_the_conversion_is_named(sm, shape
     setattr(model[1], attr, math.nan)
     with pytest.raises(ValueError, match=rf"LIFNode has '{attr}' = NaN.*give {attr} a number"):
         model(torch.rand(shape))
+
+
+def test_sample_spikes_names_a_nan_drive():
+    """sample_spikes(u=NaN) drew no spike, silently (its sigma was checked, not u); an
+    infinite drive (a readout that never fires) stays allowed, and check_finite(False)
+    skips the check."""
+    with pytest.raises(ValueError, match=r"sample_spikes.*NaN.*check_finite\(False\)"):
+        sb.sample_spikes(torch.tensor([0.5, math.nan]), torch.ones(2))
+    assert sb.sample_spikes(torch.tensor([-math.inf]), torch.ones(1)).sum() == 0
+    with check_finite(False):
+        sb.sample_spikes(torch.tensor([math.nan]), torch.ones(1))
