@@ -58,6 +58,7 @@ from .moments import (
     VarianceTensor,
     _noisy_in_sample_mode,
     attach_computed_variance,
+    check_noise_scales,
     new_draw,
     no_variance_flow,
     noise_sources,
@@ -758,6 +759,8 @@ def _check_features(x: Tensor, expected: int, dim: int, layer: str,
     if type(x) is VarianceTensor:  # _refuse_noisy_input's own test first
         _refuse_noisy_input(x, layer, module)
     check_input(x, layer)
+    if module is not None:
+        check_noise_scales(module)
     if x.dim() == 0 or x.shape[dim] != expected:
         raise_error(
             f"{layer} expects {expected} input features in dimension {dim}, got input of "
@@ -968,6 +971,7 @@ class _BayesConv(_BayesMixin):
         _check_like_weight(x, self, type(self).__name__)
         _refuse_noisy_input(x, type(self).__name__, self)
         check_input(x, type(self).__name__)
+        check_noise_scales(self)
         if x.dim() not in (n + 1, n + 2) or x.shape[-n - 1] != self.in_channels:
             raise_error(
                 f"{type(self).__name__} expects input [N, {self.in_channels}, ...] with "

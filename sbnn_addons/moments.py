@@ -2239,6 +2239,46 @@ def _traced_in_checked_model() -> bool:
                for m in _traced_modules(calls_only=True))
 
 
+#: The noise scales of a Bayesian layer or spike function (a parameter or a buffer).
+_NOISE_SCALES = ("std_rho", "fixed_std", "bias_std_rho")
+
+
+def check_noise_scales(module: nn.Module) -> None:
+    """Raise if a noise scale of ``module`` (a Bayesian layer's or a spike function's
+    ``std_rho``, ``fixed_std``, ``bias_std_rho``) holds NaN / inf: its variance would be
+    NaN, and the spikes drawn with it at random or never, silently. Skipped where
+    :class:`~sbnn_addons.check_finite` is off, while ``torch.compile`` traces, and inside
+    a converted model (:func:`check_model_parameters` checks them at its entry). Each
+    scale is tested again only when its version changed (an optimiser step,
+    ``load_state_dict``, an in-place edit; an edit through ``.data`` bumps none): on an
+    accelerator one read-back per change.
+
+    Raises:
+        ValueError: naming the module, the scale and the fix.
+    """
+    if not check_finite.enabled() or torch.compiler.is_compiling() or in_checked_model():
+        return
+    params, buffers = module._parameters, module._buffers
+    scales = [(n, params[n] if n in params else buffers.get(n)) for n in _NOISE_SCALES
+              if n in params or n in buffers]
+    scales = [(n, t) for n, t in scales if t is not None and not t.is_meta
+              and not torch._C._functorch.is_functorch_wrapped_tensor(t)]
+    key = tuple((id(t), None if t.is_inference() else t._version) for _, t in scales)
+    if not scales or module.__dict__.get("_sbnn_noise_checked") == key:
+        return
+    for name, t in scales:
+        if not bool(torch.isfinite(t.detach()).all()):
+            raise ValueError(
+                f"{type(module).__name__}.{name} (a noise scale) holds NaN / inf values "
+                f"({int(torch.isnan(t).sum())} NaN, {int(torch.isinf(t).sum())} inf): the "
+                "noise variance would be NaN and the spikes drawn with it at random or "
+                "never, silently. Restore it (a checkpoint, or module.reset_parameters()) "
+                "and remove the cause (a NaN loss or gradient: clip the gradients, lower "
+                "the noise learning rate); to skip this check for speed use "
+                "sbnn_addons.check_finite(False)")
+    module.__dict__["_sbnn_noise_checked"] = key
+
+
 def check_model_input(model: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
     """Check the arguments of a converted model's call: the first tensor (positional,
     else the first passed by keyword) has no zero-size dimension (``T = 0`` or a batch of

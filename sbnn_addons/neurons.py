@@ -28,6 +28,7 @@ from .moments import (
     UnknownVariance,
     VarianceFlowError,
     attach_computed_variance,
+    check_noise_scales,
     get_variance,
     no_variance_flow,
     plain,
@@ -256,6 +257,7 @@ class LIF(nn.Module):
             return call_eagerly(self.forward, current, state)  # see _seeded_in_graph
         check_float("current", current)
         check_input(current, "LIF")
+        check_noise_scales(self.spike_fn)
         self._sync_threshold()
         var_in = _known(raw_variance(current), "input current")
         current = plain(current)  # the kernels' autograd functions see a plain tensor
@@ -368,6 +370,7 @@ class LIF(nn.Module):
             raise ValueError("LIF.run: currents must be a sequence [T, ...] (time first, e.g. "
                              "[T, B, features]), got a 0-d tensor; for one step call lif(current)")
         check_input(currents, "LIF.run")
+        check_noise_scales(self.spike_fn)
         self._sync_threshold()
         var_seq = _known(get_variance(currents), "input currents")
         currents = plain(currents)

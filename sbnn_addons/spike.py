@@ -59,6 +59,7 @@ from .moments import (
     UnknownVariance,
     VarianceFlowError,
     attach_computed_variance,
+    check_noise_scales,
     get_variance,
     in_checked_model,
 )
@@ -497,6 +498,7 @@ class IWSTSpike(SBNNModule, nn.Module):
             check_float("u", u)
         if check_finite.enabled() and not in_checked_model():
             check_input(u, f"the spike function ({type(self).__name__})", nan_only=True)
+            check_noise_scales(self)
         variance = self.noise_variance(u)
         compiling = torch.compiler.is_compiling()
         if _moments._OPEN_FLOWS:  # plain(u), inline: read on purpose (not reported)

@@ -1406,3 +1406,40 @@ def test_sample_spikes_names_a_nan_drive():
     assert sb.sample_spikes(torch.tensor([-math.inf]), torch.ones(1)).sum() == 0
     with check_finite(False):
         sb.sample_spikes(torch.tensor([math.nan]), torch.ones(1))
+
+
+def _poisoned_noise(module, name, value):
+    with torch.no_grad():
+        getattr(module, name).view(-1)[0] = value
+    return module
+
+
+@pytest.mark.parametrize("value", NONFINITE)
+@pytest.mark.parametrize("make, name, call", [
+    (lambda: sb.BayesLinear(4, 3), "std_rho", lambda m: m(torch.rand(2, 4))),
+    (lambda: sb.BayesLinear(4, 3, std_mode="weight", bias_std=0.1), "bias_std_rho",
+     lambda m: m(torch.rand(2, 4))),
+    (lambda: sb.BayesLinear(4, 3, learn_std=False, std=0.1), "fixed_std",
+     lambda m: m(torch.rand(2, 4))),
+    (lambda: sb.BayesConv2d(2, 3, 3, std_mode="channel"), "std_rho",
+     lambda m: m(torch.rand(1, 2, 5, 5))),
+    (lambda: sb.IWSTSpike(std=0.3, learn_std=True), "std_rho",
+     lambda m: m(torch.rand(2, 4) - 0.5)),
+    (lambda: sb.IWSTSpike(std=0.3), "fixed_std", lambda m: m(torch.rand(2, 4) - 0.5)),
+    (lambda: sb.LIF(spike_fn=sb.IWSTSpike(std=0.3, learn_std=True)), "spike_fn.std_rho",
+     lambda m: m.run(torch.rand(3, 2, 4))),
+    (lambda: sb.LIF(spike_fn=sb.IWSTSpike(std=0.3)), "spike_fn.fixed_std",
+     lambda m: m(torch.rand(2, 4))),
+])
+def test_a_core_part_names_a_nonfinite_noise_scale(make, name, call, value):
+    """A NaN / inf noise scale of a core layer or spike function (stepped in by an
+    optimiser, or loaded) gave NaN variances: spikes drawn at random or never, silently."""
+    module = make()
+    call(module)
+    owner, attr = (module.spike_fn, name.split(".")[1]) if "." in name else (module, name)
+    _poisoned_noise(owner, attr, value)
+    with pytest.raises(ValueError, match=rf"{type(owner).__name__}\.{attr} .*NaN / inf.*"
+                                         r"check_finite\(False\)"):
+        call(module)
+    with check_finite(False):
+        call(module)
