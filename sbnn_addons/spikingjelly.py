@@ -451,8 +451,10 @@ def _neuron_pre_hook(node: nn.Module, args):
         # variance, which the spike function then refuses, naming link_neuron)
         return None
     x = args[0]
-    for attr in ("tau", "v_reset"):  # Python floats (a learned one is a parameter, checked
-        value = node.__dict__.get(attr)  # with the model's parameters): no device read
+    # Python floats (a learned one is a parameter, checked with the model's parameters):
+    # no device read; eager only (a compiled graph may make them symbolic)
+    for attr in () if torch.compiler.is_compiling() else ("tau", "v_reset"):
+        value = node.__dict__.get(attr)
         if isinstance(value, float) and math.isnan(value):
             raise_error(
                 f"the converted SpikingJelly {type(node).__name__} has {attr!r} = NaN (set "
