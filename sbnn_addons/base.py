@@ -426,7 +426,9 @@ class check_finite:  # noqa: N801 (used as a function and as a context manager)
     Converted models (:func:`sbnn_addons.snntorch.to_sbnn`,
     :func:`sbnn_addons.spikingjelly.to_sbnn`) and the Bayesian layers check their input:
     a NaN or inf would otherwise train silently into NaN gradients while the spikes stay
-    finite. :func:`~sbnn_addons.attach_variance` checks the variance it is given the
+    finite; a converted model also checks its parameters and constant buffers, again
+    after each change of their version (an optimiser step, ``load_state_dict``).
+    :func:`~sbnn_addons.attach_variance` checks the variance it is given the
     same way (finite and >= 0), and a spike function outside a converted model (the
     drop-ins in a host model) checks its drive for NaN. The check is one reduction over
     each non-spike input (spikes are skipped); on a GPU it also reads the result back, a
@@ -861,6 +863,26 @@ def host_neurons(model: torch.nn.Module, host: str) -> list[tuple[str, torch.nn.
     return [(name, m) for name, m in model.named_modules()
             if hasattr(m, attr)
             and any(c.__module__.split(".")[0] == host for c in type(m).__mro__)]
+
+
+def refuse_other_host_reset(model: torch.nn.Module, host: str, other: str) -> None:
+    """Raise where ``model`` holds neurons of host library ``other`` and none of ``host``:
+    ``host``'s reset would leave their states as they are, and the next sequence would
+    start from them, silently. Used by both adapters' ``reset``.
+
+    Raises:
+        TypeError: naming the first such neuron and the reset to use instead.
+    """
+    if host_neurons(model, host):
+        return
+    found = host_neurons(model, other)
+    if found:
+        name, m = found[0]
+        names = {"snntorch": "snnTorch", "spikingjelly": "SpikingJelly"}
+        raise TypeError(
+            f"{host}.reset: module {name!r} ({type(m).__name__}) is a {names[other]} "
+            f"neuron, which this reset leaves as it is (its state would carry over to the "
+            f"next sequence, silently): reset the model with sbnn_addons.{other}.reset")
 
 
 def refuse_other_host_export(model: torch.nn.Module, host: str, spike_type: type) -> None:

@@ -14,6 +14,7 @@ layer's ``sample``-mode firing rate on a batch of the user's data is close to it
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,13 +24,14 @@ from torch import Tensor, nn
 
 from .base import check_module, inverse_softplus
 from .metrics import SpikeMonitor
-from .spike import IWSTSpike, seed_spikes
+from .spike import IWSTSpike, check_seed, seed_spikes
 from .uncertainty import (
     _check_inputs,
     _mode,
     _refuse_training_batchnorm,
     _seeded_global_rng,
     default_reset,
+    on_meta,
 )
 
 __all__ = ["SpikeStdCalibration", "calibrate_spike_std"]
@@ -119,19 +121,22 @@ def calibrate_spike_std(
             may show over ``mean`` mode (0.25: 25 %).
         min_factor: the smallest factor tried, in ``(0, 1]``; if even it leaves a rate too
             high, it is kept and a warning names the layers.
-        seed: the seed of the spike noise during the passes.
+        seed: the seed of the spike noise during the passes (an integer in
+            ``[0, 2**32)``; ``None`` is refused: every factor must see the same draws).
 
     Returns:
         A :class:`SpikeStdCalibration` with the factor and the rates.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, ``forward`` / ``reset`` is not
-            callable, or ``inputs`` is not a tensor (tuples or lists of tensors with a
-            custom ``forward``).
+            callable, ``inputs`` is not a tensor (tuples or lists of tensors with a
+            custom ``forward``), or ``seed`` is not an integer.
         ValueError: no spike function with noise of its own (nothing to calibrate), a
-            BatchNorm in training mode, ``max_rate_increase < 0``, ``min_factor`` outside
-            ``(0, 1]``, an empty or non-finite input, or two ``mean``-mode passes that
-            fire differently (the state is not reset between passes: pass ``reset``).
+            non-finite one, a model on the ``meta`` device, a BatchNorm in training mode,
+            ``max_rate_increase < 0``, ``min_factor`` outside ``(0, 1]``, ``seed`` outside
+            ``[0, 2**32)``, an empty or non-finite input, a ``forward`` that never
+            reaches some spike function, or two ``mean``-mode passes that fire
+            differently (the state is not reset between passes: pass ``reset``).
     """
     check_module(model, "calibrate_spike_std")
     for name, fn in (("forward", forward), ("reset", reset)):
@@ -139,12 +144,19 @@ def calibrate_spike_std(
             raise TypeError(f"calibrate_spike_std: {name} must be a callable or None, got "
                             f"{type(fn).__name__}")
     if not (isinstance(max_rate_increase, (int, float)) and max_rate_increase >= 0
-            and math.isfinite(max_rate_increase)):
+            and not isinstance(max_rate_increase, bool) and math.isfinite(max_rate_increase)):
         raise ValueError(f"calibrate_spike_std: max_rate_increase must be a finite number "
                          f">= 0, got {max_rate_increase!r}")
-    if not (isinstance(min_factor, (int, float)) and 0 < min_factor <= 1):
+    if not (isinstance(min_factor, (int, float)) and not isinstance(min_factor, bool)
+            and 0 < min_factor <= 1):
         raise ValueError(f"calibrate_spike_std: min_factor must be in (0, 1], got "
                          f"{min_factor!r}")
+    seed = _check_calibration_seed(seed)
+    if on_meta(model, inputs):
+        raise ValueError(
+            "calibrate_spike_std: the model is on the meta device, which holds no values, so "
+            "it has no firing rates to measure: materialise it first "
+            "(model.to_empty(device=...), then load_state_dict or reset_parameters)")
     _check_inputs(inputs, forward is not None)
     _refuse_training_batchnorm(model, "calibrate_spike_std")
     spikes = [(n, m) for n, m in model.named_modules()
@@ -158,6 +170,13 @@ def calibrate_spike_std(
     reset = reset if reset is not None else default_reset(model)
     streams = [(m, m._seed, m._generator) for m in model.modules() if isinstance(m, IWSTSpike)]
     initial = {n: m.std.detach().clone() for n, m in spikes}
+    for n, std in initial.items():
+        if not bool(torch.isfinite(std).all()):
+            raise ValueError(
+                f"calibrate_spike_std: the spike function {n!r} has a non-finite noise std "
+                f"({std.flatten()[:4].tolist()}): scaled by a factor it stays NaN / inf, and "
+                "the spikes it draws are meaningless; load or set a finite std first (e.g. "
+                "reconvert the trained model)")
     names = [n for n, _ in spikes]
 
     def rates(mode: str) -> dict[str, float]:
@@ -168,6 +187,14 @@ def calibrate_spike_std(
               SpikeMonitor(model, synops=False) as mon):
             forward(model, inputs)
         reset(model)
+        unreached = [n for n in names if mon.units[n] == 0]
+        if unreached:
+            raise ValueError(
+                f"calibrate_spike_std: the forward never reached the spike functions "
+                f"{unreached[:6]} (of {len(names)}), so it measures no firing rate for them "
+                "and would scale their noise blind: pass a forward that runs the whole model "
+                "over the sequence (e.g. forward=lambda m, x: [m(x_t) for x_t in x] for an "
+                "snnTorch nn.Sequential with init_hidden=True neurons)")
         found = mon.spike_rates()
         return {n: found[n] for n in names}
 
@@ -207,3 +234,20 @@ def calibrate_spike_std(
             m._seed, m._generator = s, g
     return SpikeStdCalibration(factor=factor, mean_rates=mean_rates, sample_rates=result,
                                initial_rates=first)
+
+
+def _check_calibration_seed(seed) -> int:
+    """``seed`` as an int in ``[0, 2**32)``; ``None`` is refused: the passes at every
+    factor must draw the same noise, or the rates compared differ by the draws."""
+    if seed is not None and not isinstance(seed, bool):
+        try:
+            operator.index(seed)
+        except TypeError:
+            pass
+        else:
+            return check_seed(seed, "calibrate_spike_std: seed")
+    raise TypeError(
+        f"calibrate_spike_std: seed must be an integer in [0, 2**32), got {seed!r} "
+        f"({type(seed).__name__}): it seeds the spike noise, so that the passes see the same "
+        "draws at every factor and the rates compared differ by the factor only; pass an "
+        "int such as seed=0")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .base import check_flag
+from .base import check_flag, check_input
 from .functional import apply_function, check_float, estimator_jacobian, jacobian_and_z
 from .tensors import estimator_spec, parse_estimator_spec, pull_term
 from .tensors import standard_normal as _standard_normal
@@ -233,10 +233,12 @@ def sample_spikes(
         TypeError: integer inputs, a ``deterministic`` / ``at_zero`` that is not a bool (a
             string such as ``"no"`` turned it on), or a ``generator`` that is not a
             ``torch.Generator``.
-        ValueError: negative or non-finite ``sigma``, or a shape that does not broadcast.
+        ValueError: negative or non-finite ``sigma``, a NaN in ``u`` (unless
+            :class:`~sbnn_addons.check_finite` is off), or a shape that does not broadcast.
     """
     check_float("u", u)
     check_float("sigma", sigma)
+    check_input(u, "sample_spikes (its drive u)", nan_only=True)  # -inf: never fires
     deterministic, at_zero = check_flag("deterministic", deterministic), check_flag(
         "at_zero", at_zero)
     if generator is not None and not isinstance(generator, torch.Generator):

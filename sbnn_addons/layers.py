@@ -58,6 +58,7 @@ from .moments import (
     VarianceTensor,
     _noisy_in_sample_mode,
     attach_computed_variance,
+    check_noise_scales,
     new_draw,
     no_variance_flow,
     noise_sources,
@@ -758,6 +759,8 @@ def _check_features(x: Tensor, expected: int, dim: int, layer: str,
     if type(x) is VarianceTensor:  # _refuse_noisy_input's own test first
         _refuse_noisy_input(x, layer, module)
     check_input(x, layer)
+    if module is not None:
+        check_noise_scales(module)
     if x.dim() == 0 or x.shape[dim] != expected:
         raise_error(
             f"{layer} expects {expected} input features in dimension {dim}, got input of "
@@ -968,6 +971,7 @@ class _BayesConv(_BayesMixin):
         _check_like_weight(x, self, type(self).__name__)
         _refuse_noisy_input(x, type(self).__name__, self)
         check_input(x, type(self).__name__)
+        check_noise_scales(self)
         if x.dim() not in (n + 1, n + 2) or x.shape[-n - 1] != self.in_channels:
             raise_error(
                 f"{type(self).__name__} expects input [N, {self.in_channels}, ...] with "
@@ -1056,14 +1060,18 @@ def _check_sizes(layer: str, *, positive: tuple[str, ...] = (), **sizes) -> None
     """Raise ``ValueError`` for a size that is not a non-negative integer (or a tuple of
     them), or not >= 1 for the names in ``positive``: torch failed with "Trying to create
     tensor with negative dimension" or "empty(): argument 'size' failed to unpack", naming
-    neither the layer nor the argument (a size of 0 is named as "no synapses")."""
+    neither the layer nor the argument (a size of 0 is named as "no synapses"), and a
+    negative ``padding`` or a ``dilation`` of 0 only at the first forward."""
     for name, value in sizes.items():
         low = 1 if name in positive else 0
         values = value if isinstance(value, tuple) else (value,)
         if not values or any(isinstance(v, bool) or not isinstance(v, numbers.Integral)
                              or v < low for v in values):
-            tuples = " (or a tuple of them)" if name in ("kernel_size", "stride") else ""
-            raise ValueError(f"{layer}: {name} must be an integer >= 1{tuples}, got {value!r}")
+            tuples = (" (or a tuple of them)"
+                      if name in ("kernel_size", "stride", "padding", "dilation") else "")
+            least = 0 if name == "padding" else 1  # a size of 0 is named as no synapses
+            raise ValueError(f"{layer}: {name} must be an integer >= {least}{tuples}, got "
+                             f"{value!r}")
 
 
 def _conv_init(self, plain, args, kwargs):
@@ -1073,9 +1081,10 @@ def _conv_init(self, plain, args, kwargs):
         bound = inspect.signature(plain.__init__).bind(self, *args, **kwargs).arguments
     except TypeError:
         bound = {}  # a missing or unknown argument: the host's own error below
-    _check_sizes(type(self).__name__, positive=("stride",), **{
-        k: bound[k] for k in ("in_channels", "out_channels", "kernel_size", "stride")
-        if k in bound})
+    _check_sizes(type(self).__name__, positive=("stride", "dilation"), **{
+        k: bound[k] for k in ("in_channels", "out_channels", "kernel_size", "stride",
+                              "dilation", "padding")
+        if k in bound and not (k == "padding" and isinstance(bound[k], str))})
     plain.__init__(self, *args, **kwargs)
     self._init_posterior(
         post.get("std"), post.get("std_mode", "layer"), post.get("learn_std", True),

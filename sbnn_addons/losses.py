@@ -174,11 +174,13 @@ def sbnn_objective(
         prior: prior passed to :func:`kl_divergence`.
 
     Raises:
-        TypeError: ``nll`` is not a tensor.
+        TypeError: ``nll`` is not a floating-point tensor (inside a compiled step, an
+            integer one: a ``RuntimeError`` with the same message).
         ValueError: ``nll`` is not a scalar, a weight that is not a finite number
-            ``>= 0``, an unknown ``aux_reduction``, or ``kl_weight > 0`` without an
-            integer ``num_data >= 1`` (the last three inside a compiled step: a
-            ``RuntimeError`` with the same message).
+            ``>= 0``, an unknown ``aux_reduction``, a ``num_data`` that is not an integer
+            ``>= 1``, or ``kl_weight > 0`` without ``num_data`` (a non-scalar ``nll`` and
+            the last two inside a compiled step: a ``RuntimeError`` with the same
+            message).
     """
     for name, value in (("kl_weight", kl_weight), ("aux_weight", aux_weight)):
         if isinstance(value, Tensor):
@@ -197,6 +199,14 @@ def sbnn_objective(
     if nll.numel() != 1:
         raise_error(f"nll must be a scalar (batch mean), got shape {tuple(nll.shape)}",
                     ValueError)
+    if not nll.is_floating_point():
+        raise_error(f"nll must be a floating-point scalar (the batch-mean loss, e.g. "
+                    f"F.cross_entropy(logits, y)), got dtype {nll.dtype}, which carries no "
+                    "gradient", TypeError)
+    if num_data is not None and (isinstance(num_data, bool)
+                                 or not isinstance(num_data, numbers.Integral) or num_data < 1):
+        raise_error("num_data (the training-set size N) must be an integer >= 1 (or None "
+                    f"without a KL term), got {num_data!r}", ValueError)
     nll = nll.reshape(())  # snnTorch's losses (ce_rate_loss, ...) return shape (1,)
     loss = nll
     if aux_weight > 0:
@@ -204,8 +214,7 @@ def sbnn_objective(
     else:  # weight 0 (e.g. the start of a warm-up): the collected terms are used up too
         _discard_aux(model)
     if kl_weight > 0:
-        if (isinstance(num_data, bool) or not isinstance(num_data, numbers.Integral)
-                or num_data < 1):
+        if num_data is None:
             raise_error("num_data (the training-set size N) must be an integer >= 1 "
                         f"when kl_weight > 0, got {num_data!r}", ValueError)
         loss = loss + kl_weight * kl_divergence(model, prior) / num_data

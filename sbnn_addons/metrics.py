@@ -386,6 +386,7 @@ class SpikeMonitor:
         # (module, method name, the instance's entry before entering)
         self._saved_fire: list = []
         self._active = False
+        self._entered = False  # read before any `with` block: nothing was counted
         self.reset()
 
     def reset(self) -> None:
@@ -406,6 +407,7 @@ class SpikeMonitor:
                 "monitor would count every spike twice); keep one `with` block, or use a "
                 "second SpikeMonitor(model)")
         self._active = True
+        self._entered = True
         self._saved_fire = [(m, "fire", m.__dict__.get("fire")) for _, m in self._spikes]
         self._saved_fire += [(h, "fire_inhibition", h.__dict__.get("fire_inhibition"))
                              for _, h in self._inhibitors]
@@ -476,17 +478,27 @@ class SpikeMonitor:
         self.counts[name] = self.counts[name] + out.detach().sum(dtype=torch.float64)
         self._unit_counts[name] = self._unit_counts[name] + out.numel()
 
+    def _check_entered(self) -> None:
+        if not self._entered:
+            raise RuntimeError(
+                "SpikeMonitor: the monitor was never entered, so it counted nothing (every "
+                "rate would read 0): run the model inside the monitor's block, "
+                "`with SpikeMonitor(model) as mon: model(x)`, then read mon.spike_rates()")
+
     @property
     def units(self) -> dict[str, int]:
         """Per spike layer: the unit-steps evaluated (batch included)."""
+        self._check_entered()
         return {n: int(c) for n, c in self._unit_counts.items()}
 
     def total_spikes(self) -> float:
         """Spikes of all layers."""
+        self._check_entered()
         return float(sum(self.counts.values())) if self.counts else 0.0
 
     def total_synops(self) -> float:
         """SynOps of all weight layers."""
+        self._check_entered()
         return float(sum(self.synops.values())) if self.synops else 0.0
 
     def spike_rates(self) -> dict[str, float]:

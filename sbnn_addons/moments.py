@@ -72,6 +72,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,7 @@ from .base import (
     SBNNModule,
     _raise_user_error,
     cached_tensor_test,
+    check_finite,
     check_flag,
     check_input,
     check_module,
@@ -1923,6 +1925,8 @@ def _flow_enter(module, args, kwargs=None):
         check_model_input(module, args, kwargs)
     if torch.compiler.is_compiling():  # the cache is eager-only; a graph shares s^2 itself
         return
+    if state["check_inputs"] and check_finite.enabled():
+        check_model_parameters(module, state)
     if _OPEN_FLOWS:
         _close_stale_flows(module)
     if not _OPEN_FLOWS:  # an outermost forward: what earlier ones recorded is done with
@@ -2235,6 +2239,46 @@ def _traced_in_checked_model() -> bool:
                for m in _traced_modules(calls_only=True))
 
 
+#: The noise scales of a Bayesian layer or spike function (a parameter or a buffer).
+_NOISE_SCALES = ("std_rho", "fixed_std", "bias_std_rho")
+
+
+def check_noise_scales(module: nn.Module) -> None:
+    """Raise if a noise scale of ``module`` (a Bayesian layer's or a spike function's
+    ``std_rho``, ``fixed_std``, ``bias_std_rho``) holds NaN / inf: its variance would be
+    NaN, and the spikes drawn with it at random or never, silently. Skipped where
+    :class:`~sbnn_addons.check_finite` is off, while ``torch.compile`` traces, and inside
+    a converted model (:func:`check_model_parameters` checks them at its entry). Each
+    scale is tested again only when its version changed (an optimiser step,
+    ``load_state_dict``, an in-place edit; an edit through ``.data`` bumps none): on an
+    accelerator one read-back per change.
+
+    Raises:
+        ValueError: naming the module, the scale and the fix.
+    """
+    if not check_finite.enabled() or torch.compiler.is_compiling() or in_checked_model():
+        return
+    params, buffers = module._parameters, module._buffers
+    scales = [(n, params[n] if n in params else buffers.get(n)) for n in _NOISE_SCALES
+              if n in params or n in buffers]
+    scales = [(n, t) for n, t in scales if t is not None and not t.is_meta
+              and not torch._C._functorch.is_functorch_wrapped_tensor(t)]
+    key = tuple((id(t), None if t.is_inference() else t._version) for _, t in scales)
+    if not scales or module.__dict__.get("_sbnn_noise_checked") == key:
+        return
+    for name, t in scales:
+        if not bool(torch.isfinite(t.detach()).all()):
+            raise ValueError(
+                f"{type(module).__name__}.{name} (a noise scale) holds NaN / inf values "
+                f"({int(torch.isnan(t).sum())} NaN, {int(torch.isinf(t).sum())} inf): the "
+                "noise variance would be NaN and the spikes drawn with it at random or "
+                "never, silently. Restore it (a checkpoint, or module.reset_parameters()) "
+                "and remove the cause (a NaN loss or gradient: clip the gradients, lower "
+                "the noise learning rate); to skip this check for speed use "
+                "sbnn_addons.check_finite(False)")
+    module.__dict__["_sbnn_noise_checked"] = key
+
+
 def check_model_input(model: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
     """Check the arguments of a converted model's call: the first tensor (positional,
     else the first passed by keyword) has no zero-size dimension (``T = 0`` or a batch of
@@ -2259,6 +2303,71 @@ def check_model_input(model: nn.Module, args: tuple, kwargs: dict | None = None)
     check_input(x, where)
     for i, a in tensors[1:]:
         check_input(a, f"{where}, its argument {i},", nan_only=True)
+
+
+#: Buffers whose values are constants of the model (not a neuron's state, which changes
+#: at every step): checked for NaN / inf with the parameters.
+_CONSTANT_BUFFERS = frozenset(("fixed_std", "beta", "threshold", "graded_spikes_factor",
+                               "running_mean", "running_var"))
+
+
+def _checked_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
+    tensors = itertools.chain(
+        model.named_parameters(),
+        ((n, b) for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in _CONSTANT_BUFFERS))
+    return [(n, t) for n, t in tensors
+            if type(t) in (Tensor, nn.Parameter) and t.is_floating_point() and not t.is_meta
+            and not t.is_inference() and not torch._C._functorch.is_functorch_wrapped_tensor(t)]
+
+
+def check_model_parameters(model: nn.Module, state: dict) -> None:
+    """Raise if a floating parameter (or a constant buffer: a fixed noise std, a neuron's
+    ``beta`` / ``threshold``, BatchNorm statistics) of a converted model holds NaN / inf
+    (NaN only for a threshold: an infinite one is a readout that never fires):
+    a NaN weight or noise scale fires no spike and trains on into NaN gradients while the
+    model's input and output stay finite. The tensors are tested again only when one's
+    version changed (an optimiser step, ``load_state_dict``, an in-place edit): one
+    reduction per tensor and, on an accelerator, one read-back per such call. The model's
+    tensors are listed again after each ``torch.optim`` step. ``state``: the model's
+    flow state (the list and the versions found finite are kept there).
+
+    Raises:
+        ValueError: naming the first non-finite tensor, the count and the fix.
+    """
+    from .optim import OPTIMIZER_STEPS
+
+    entry = state.get("finite")
+    if entry is None or entry[0] != OPTIMIZER_STEPS[0]:
+        entry = state["finite"] = [OPTIMIZER_STEPS[0], _checked_tensors(model), None]
+    versions = tuple(t._version for _, t in entry[1])
+    if versions == entry[2]:
+        return
+    tensors = entry[1]
+    if entry[2] is not None:
+        tensors = [nt for nt, old, new in zip(tensors, entry[2], versions) if old != new]
+    if tensors:
+        with torch.no_grad():
+            device = tensors[0][1].device
+            # an infinite threshold is a membrane readout that never fires: NaN only
+            flags = torch.stack([
+                (~torch.isnan(t).any() if n.rsplit(".", 1)[-1] == "threshold"
+                 else torch.isfinite(t).all()).to(device) for n, t in tensors])
+            if not bool(flags.all()):
+                name, t = next(nt for nt, ok in zip(tensors, flags.tolist()) if not ok)
+                _nonfinite_parameter(model, name, t)
+    entry[2] = versions
+
+
+def _nonfinite_parameter(model: nn.Module, name: str, t: Tensor) -> NoReturn:
+    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    kind = "parameter" if isinstance(t, nn.Parameter) else "buffer"
+    raise ValueError(
+        f"the {kind} {name!r} of the converted model ({type(model).__name__}) contains "
+        f"{nan} NaN and {inf} inf values (shape {tuple(t.shape)}): its neurons would fire "
+        "no spike (or at random) and train on into NaN gradients, silently. Restore it (a "
+        "checkpoint) and remove the cause (a NaN loss or gradient: clip the gradients, "
+        "lower the learning rate); to skip this check for speed use "
+        "sbnn_addons.check_finite(False)")
 
 
 _FLOW_HOOKS = (_flow_enter, _flow_leave, _probe_source, _probe_pass, _opaque_output)

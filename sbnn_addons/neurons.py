@@ -28,6 +28,7 @@ from .moments import (
     UnknownVariance,
     VarianceFlowError,
     attach_computed_variance,
+    check_noise_scales,
     get_variance,
     no_variance_flow,
     plain,
@@ -155,15 +156,13 @@ class LIF(nn.Module):
         reset: str = "subtract",
     ) -> None:
         super().__init__()
-        if reset not in LIF_RESETS:
-            raise ValueError(f"reset must be one of {LIF_RESETS}, got {reset!r}")
         if spike_fn is not None and not (isinstance(spike_fn, nn.Module) and all(
                 callable(getattr(spike_fn, name, None)) for name in ("fire", "noise_variance"))):
             raise TypeError(
                 "spike_fn must be an IWSTSpike (or a module with its interface, fire(drive, "
                 "variance) and noise_variance(u), such as sbnn_addons.models.SurrogateSpike), "
                 f"got {type(spike_fn).__name__}")
-        self.reset = reset
+        self.reset = reset  # checked by __setattr__, as an assignment after construction
         self.beta = beta  # checked by __setattr__, as an assignment after construction
         self.threshold = threshold
         self.spike_fn = spike_fn if spike_fn is not None else IWSTSpike("st")  # takes threshold
@@ -172,8 +171,16 @@ class LIF(nn.Module):
         """``beta`` and ``threshold`` checked (at construction and when assigned later) and
         stored as floats: an assigned ``nn.Parameter`` was registered as a parameter that
         the step never differentiated (its gradient stayed 0), and ``beta = 1.5`` or
-        ``threshold = nan`` were taken as they were."""
-        if name == "beta":
+        ``threshold = nan`` were taken as they were; ``reset`` is checked too."""
+        if name == "reset":
+            if not isinstance(value, str) or value not in LIF_RESETS:
+                raise ValueError(f"reset must be one of {LIF_RESETS}, got {value!r}")
+            if value == "subtract" and math.isinf(self.__dict__.get("threshold", 0.0)):
+                raise ValueError(
+                    f"threshold={self.__dict__['threshold']} with reset='subtract' makes the "
+                    "membrane NaN (V - theta * h = V - inf * 0); for a membrane readout that "
+                    "never fires use reset='none' (or 'zero')")
+        elif name == "beta":
             value = _scalar("beta", value)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"beta must be in [0, 1], got {value}")
@@ -250,6 +257,7 @@ class LIF(nn.Module):
             return call_eagerly(self.forward, current, state)  # see _seeded_in_graph
         check_float("current", current)
         check_input(current, "LIF")
+        check_noise_scales(self.spike_fn)
         self._sync_threshold()
         var_in = _known(raw_variance(current), "input current")
         current = plain(current)  # the kernels' autograd functions see a plain tensor
@@ -354,11 +362,15 @@ class LIF(nn.Module):
 
         Raises:
             TypeError: ``currents`` is not a floating-point tensor.
-            ValueError: ``currents`` holds NaN / inf (unless
+            ValueError: ``currents`` is 0-d (no time dimension), or holds NaN / inf (unless
                 :class:`~sbnn_addons.check_finite` is off).
         """
         check_float("currents", currents)
+        if currents.dim() == 0:
+            raise ValueError("LIF.run: currents must be a sequence [T, ...] (time first, e.g. "
+                             "[T, B, features]), got a 0-d tensor; for one step call lif(current)")
         check_input(currents, "LIF.run")
+        check_noise_scales(self.spike_fn)
         self._sync_threshold()
         var_seq = _known(get_variance(currents), "input currents")
         currents = plain(currents)

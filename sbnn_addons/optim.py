@@ -106,8 +106,14 @@ def register_converted_copy(original: nn.Module, converted: nn.Module) -> None:
     _register_step_hook()
 
 
+#: ``torch.optim`` steps taken since a noise owner was first built (a converted model
+#: lists its tensors for the NaN check again after each, ``moments.check_model_parameters``).
+OPTIMIZER_STEPS: list = [0]
+
+
 def _after_step(optimizer, args, kwargs) -> None:
     """The global optimiser step post-hook (warnings at ``stacklevel=4``: the step call)."""
+    OPTIMIZER_STEPS[0] += 1
     check_noise_decay(optimizer)
     check_noise_trained(optimizer)
     check_noise_step(optimizer)

@@ -57,6 +57,7 @@ from .base import (
     host_neurons,
     raise_error,
     refuse_other_host_export,
+    refuse_other_host_reset,
     refuse_unconverted_export,
     set_state,
     threshold_value,
@@ -1624,8 +1625,13 @@ def reset(model: nn.Module) -> nn.Module:
     caches. Unlike ``snntorch.utils.reset`` it walks the whole module tree and touches
     only this model's neurons (works on ``deepcopy`` / ``torch.load`` copies). Returns
     ``model``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or it holds SpikingJelly neurons and
+            no snnTorch one (use :func:`sbnn_addons.spikingjelly.reset`).
     """
     check_module(model, "snntorch.reset")
+    refuse_other_host_reset(model, "snntorch", "spikingjelly")
     for m in model.modules():
         if m.__dict__.get(_CACHE) is not None or m.__dict__.get(_STATE) is not None:
             drop_state(m, _CACHE, _STATE)

@@ -59,6 +59,7 @@ from .moments import (
     UnknownVariance,
     VarianceFlowError,
     attach_computed_variance,
+    check_noise_scales,
     get_variance,
     in_checked_model,
 )
@@ -338,7 +339,13 @@ class IWSTSpike(SBNNModule, nn.Module):
 
     @threshold.setter
     def threshold(self, value: float) -> None:
-        value = float(value)
+        try:
+            if isinstance(value, (bool, str, bytes)):
+                raise TypeError
+            value = float(value)
+        except (TypeError, ValueError, RuntimeError):  # a string, None, a list, a tensor
+            raise TypeError(f"threshold must be a number (the host neuron's threshold), got "
+                            f"{value!r} ({type(value).__name__})") from None
         if math.isnan(value):
             raise ValueError("threshold must be a number (not NaN), got nan")
         self._threshold = value
@@ -491,6 +498,7 @@ class IWSTSpike(SBNNModule, nn.Module):
             check_float("u", u)
         if check_finite.enabled() and not in_checked_model():
             check_input(u, f"the spike function ({type(self).__name__})", nan_only=True)
+            check_noise_scales(self)
         variance = self.noise_variance(u)
         compiling = torch.compiler.is_compiling()
         if _moments._OPEN_FLOWS:  # plain(u), inline: read on purpose (not reported)

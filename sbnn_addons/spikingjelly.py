@@ -80,6 +80,7 @@ from .base import (
     name_patterns,
     raise_error,
     refuse_other_host_export,
+    refuse_other_host_reset,
     refuse_unconverted_export,
     set_state,
     threshold_value,
@@ -450,6 +451,15 @@ def _neuron_pre_hook(node: nn.Module, args):
         # variance, which the spike function then refuses, naming link_neuron)
         return None
     x = args[0]
+    # Python floats (a learned one is a parameter, checked with the model's parameters):
+    # no device read; eager only (a compiled graph may make them symbolic)
+    for attr in () if torch.compiler.is_compiling() else ("tau", "v_reset"):
+        value = node.__dict__.get(attr)
+        if isinstance(value, float) and math.isnan(value):
+            raise_error(
+                f"the converted SpikingJelly {type(node).__name__} has {attr!r} = NaN (set "
+                "after the conversion): its membrane would be NaN and it would never fire "
+                f"(spikes 0, gradients NaN), silently; give {attr} a number", ValueError)
     if in_torch_checkpoint():
         raise RuntimeError(
             f"a converted SpikingJelly {type(node).__name__} runs inside "
@@ -936,8 +946,14 @@ def reset(model: nn.Module) -> nn.Module:
     A compiled model (``torch.compile(net)``) resets the model it wraps: SpikingJelly's
     table of reset networks would otherwise hold both, and a step that Dynamo traces with
     ``reset_net(net)`` inside fails on the module reached twice (an ``AssertionError``,
-    "already tracked for mutation"; see the Performance page)."""
+    "already tracked for mutation"; see the Performance page).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or it holds snnTorch neurons and no
+            SpikingJelly one (use :func:`sbnn_addons.snntorch.reset`).
+    """
     check_module(model, "spikingjelly.reset")
+    refuse_other_host_reset(model, "spikingjelly", "snntorch")
     net = getattr(model, "_orig_mod", model)
     functional.invalidate_reset_cache(net)
     functional.reset_net(net)

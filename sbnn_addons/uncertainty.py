@@ -32,6 +32,7 @@ PNG files with the ``Agg`` backend.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import numbers
 import sys
@@ -609,7 +610,8 @@ def mc_predict(
         eval_mode: ``"mc"`` (default), or ``"mean"`` (K identical deterministic passes,
             a baseline: MI = 0) or ``"sample"``.
         return_samples: keep ``sample_probs [K, B, C]``.
-        count_spikes: record per-pass spike counts of every ``IWSTSpike`` (and SynOps).
+        count_spikes: record per-pass spike counts of every ``IWSTSpike`` (and SynOps);
+            they need values: pass ``False`` on the ``meta`` device.
         synops: count SynOps at the weight layers (needs ``count_spikes``).
         output: what ``forward`` returns: ``"logits"`` (default; a softmax gives the
             probabilities), ``"probs"`` (a model that ends in a softmax: used as they are)
@@ -634,7 +636,8 @@ def mc_predict(
             input (batch 0 or ``T = 0``), NaN / inf in the input, bad ``chunk_size`` /
             ``batch_dim`` / ``eval_mode`` / ``output``, logits of the wrong shape or of
             a single class,
-            ``output="probs"`` whose rows are not probability vectors.
+            ``output="probs"`` whose rows are not probability vectors, or
+            ``count_spikes=True`` on the ``meta`` device (no values to count).
 
     .. note::
         The earlier closure form ``mc_predict(forward_fn, model, K)`` still works for one
@@ -658,6 +661,11 @@ def mc_predict(
     if isinstance(batch_dim, bool) or not isinstance(batch_dim, int):
         raise TypeError(f"batch_dim must be an int, got {batch_dim!r}")
     _check_inputs(inputs, forward is not None)
+    if count_spikes and on_meta(model, inputs):
+        raise ValueError(
+            "mc_predict: the model (or its inputs) is on the meta device, which holds no "
+            "values, so there are no spikes to count (count_spikes=True reads them as "
+            "Python numbers): pass count_spikes=False there")
     _refuse_training_batchnorm(model)
     if not any(isinstance(m, SBNNModule) for m in model.modules()):
         warnings.warn(
@@ -670,6 +678,14 @@ def mc_predict(
                 chunk_size=chunk_size, fold=fold, batch_dim=batch_dim, eval_mode=eval_mode,
                 return_samples=return_samples, count_spikes=count_spikes, synops=synops,
                 output=output)
+
+
+def on_meta(model: nn.Module, inputs=None) -> bool:
+    """Whether a parameter or buffer of ``model``, or a tensor of ``inputs`` (a tensor or
+    a tuple / list of them), is on the ``meta`` device (no values)."""
+    items = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    return any(isinstance(t, Tensor) and t.is_meta for t in items) or any(
+        t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def _refuse_training_batchnorm(model: nn.Module, who: str = "mc_predict") -> None:

@@ -562,6 +562,10 @@ def test_finite_check_works_under_torch_func_transforms():
     (lambda: sb.BayesConv2d("2", 3, 3), "in_channels must be an integer"),
     (lambda: sb.BayesConv1d(2, 3, 3.0), r"kernel_size must be an integer >= 1 \(or a tuple"),
     (lambda: sb.BayesConv2d(2, 3, 3, stride=0), "stride must be an integer >= 1"),  # forward
+    (lambda: sb.BayesConv2d(2, 3, 3, padding=-1), "padding must be an integer >= 0"),
+    (lambda: sb.BayesConv1d(2, 3, 3, padding=1.5), "padding must be an integer >= 0"),
+    (lambda: sb.BayesConv2d(2, 3, 3, dilation=0), "dilation must be an integer >= 1"),
+    (lambda: sb.BayesConv2d(2, 3, 3, dilation=(1, 0)), "dilation must be an integer >= 1"),
     (lambda: sb.ChannelAffine(0), "num_features must be an integer >= 1"),  # accepted
     (lambda: sb.ChannelAffine(3, eps=-1e-5), "eps must be a finite number >= 0"),  # accepted
     (lambda: sb.ChannelAffine(3, channel_dim=1.0), "channel_dim must be an integer"),
@@ -1204,3 +1208,238 @@ def test_a_nan_membrane_passed_to_a_converted_model_is_named():
     assert torch.isfinite(mem1).all()
     with check_finite(False):
         net(x, nan, mem2)  # the documented switch: no check
+
+
+# ------------------------------------------------------------------ calibrate_spike_std
+def _calibration_model(**kw):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 8), snn.Leaky(beta=0.9, init_hidden=True),
+                        nn.Linear(8, 4), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    return sbnn_snn.to_sbnn(net, **kw)
+
+
+def _steps(m, x):
+    return [m(x_t) for x_t in x]
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    ({"seed": 1.5}, TypeError, "calibrate_spike_std: seed must be an integer"),
+    ({"seed": "0"}, TypeError, "calibrate_spike_std: seed must be an integer"),
+    ({"seed": True}, TypeError, "calibrate_spike_std: seed must be an integer"),
+    ({"seed": None}, TypeError, r"seed must be an integer.*same draws at every factor"),
+    ({"seed": -1}, ValueError, r"calibrate_spike_std: seed must be in \[0, 2\*\*32\)"),
+    ({"max_rate_increase": True}, ValueError, "max_rate_increase must be a finite number"),
+    ({"min_factor": True}, ValueError, r"min_factor must be in \(0, 1\]"),
+])
+def test_calibration_arguments_of_a_wrong_type_are_named(kw, error, match):
+    """A float / str / bool seed failed after the mean-mode passes with PyTorch's
+    "manual_seed expected a long"; seed=None drew other noise at every factor; a bool
+    max_rate_increase / min_factor was taken as 1."""
+    with pytest.raises(error, match=match):
+        sb.calibrate_spike_std(_calibration_model(), torch.rand(3, 2, 16), forward=_steps, **kw)
+
+
+@pytest.mark.parametrize("forward, match", [
+    (lambda m, x: None, r"never reached the spike functions \['1.spike_grad', "
+                        r"'3.spike_grad'\].*whole model"),
+    (lambda m, x: [m[1](m[0](x_t)) for x_t in x], r"never reached the spike functions "
+                                                  r"\['3.spike_grad'\] \(of 2\)"),
+])
+def test_calibration_names_spike_functions_its_forward_never_reaches(forward, match):
+    """A forward that does not run the model (or only part of it) measured a rate of 0 for
+    the spike functions it never reached and kept (or scaled) their noise, silently."""
+    with pytest.raises(ValueError, match=match):
+        sb.calibrate_spike_std(_calibration_model(), torch.rand(3, 2, 16), forward=forward)
+
+
+@pytest.mark.parametrize("value", NONFINITE)
+def test_calibration_names_a_nonfinite_spike_std(value):
+    """A NaN / inf own std was scaled by the factors (staying NaN / inf) and reported as
+    calibrated, with a warning blaming the weight noise."""
+    model = _calibration_model(learn_std=False)
+    spike = model[3].spike_grad
+    spike.fixed_std.fill_(value)
+    before = spike.fixed_std.clone()
+    with pytest.raises(ValueError, match=r"'3.spike_grad' has a non-finite noise std"):
+        sb.calibrate_spike_std(model, torch.rand(3, 2, 16), forward=_steps)
+    assert torch.equal(spike.fixed_std.isnan(), before.isnan())
+
+
+def test_calibration_names_a_model_on_the_meta_device():
+    model = _calibration_model().to("meta")
+    with pytest.raises(ValueError, match=r"meta device.*no values.*to_empty"):
+        sb.calibrate_spike_std(model, torch.rand(3, 2, 16, device="meta"), forward=_steps)
+
+
+def test_lif_reset_assigned_after_construction_is_checked():
+    """lif.reset = "subtact" (a typo) was taken as it was, and so was reset="subtract"
+    assigned to a readout with an infinite threshold (NaN membranes, no spikes)."""
+    lif = sb.LIF()
+    with pytest.raises(ValueError, match=r"reset must be one of \('subtract', 'zero', "
+                                         r"'none'\), got 'subtact'"):
+        lif.reset = "subtact"
+    assert lif.reset == "subtract"
+    readout = sb.LIF(threshold=math.inf, reset="none")
+    with pytest.raises(ValueError, match=r"threshold=inf with reset='subtract'"):
+        readout.reset = "subtract"
+    readout.reset = "zero"
+    assert readout.run(torch.rand(3, 2, 4)).sum() == 0
+
+
+@pytest.mark.parametrize("host, name", [
+    ("snntorch", "0.weight"), ("snntorch", "2.std_rho"), ("snntorch", "1.spike_grad.std_rho"),
+    ("spikingjelly", "0.weight"), ("spikingjelly", "0.std_rho"),
+    ("spikingjelly", "3.surrogate_function.std_rho"),
+])
+def test_a_converted_model_names_a_nan_parameter(host, name):
+    """A NaN weight or noise scale (a NaN gradient stepped in, a corrupt checkpoint) made
+    its neurons fall silent and trained on, silently, since the input of the converted
+    model was finite. It is named at the next call, after an optimiser step too."""
+    model = _calibration_model() if host == "snntorch" else sbnn_sj.to_sbnn(_sj_net("m"))
+    x = torch.rand(4, 3, 16) if host == "snntorch" else torch.rand(4, 3, 10)
+    call = (lambda: [model(x_t) for x_t in x]) if host == "snntorch" else (lambda: model(x))
+    reset = sbnn_snn.reset if host == "snntorch" else sbnn_sj.reset
+    call()
+    reset(model)
+    param = dict(model.named_parameters())[name]
+    grad = torch.zeros_like(param)
+    grad.view(-1)[0] = math.nan
+    param.grad = grad
+    torch.optim.SGD([param], lr=0.1).step()
+    with pytest.raises(ValueError, match=rf"parameter {name!r} of the converted model .*"
+                                         r"1 NaN.*check_finite\(False\)"):
+        call()
+    reset(model)
+    with check_finite(False):
+        call()  # the documented switch
+
+
+def test_spike_monitor_read_before_it_ran_is_named():
+    """A monitor read without a `with` block around the forward reported a rate of 0 for
+    every layer (and 0 spikes, 0 SynOps), silently."""
+    from sbnn_addons.metrics import SpikeMonitor
+
+    model = sbnn_snn.to_sbnn(_snn_seq())
+    mon = SpikeMonitor(model)
+    model(torch.rand(3, 16))
+    for read in (mon.spike_rates, mon.total_spikes, mon.total_synops, lambda: mon.units):
+        with pytest.raises(RuntimeError, match=r"never entered.*with SpikeMonitor\(model\) "
+                                               r"as mon:"):
+            read()
+    with mon:
+        model(torch.rand(3, 16))
+    assert set(mon.spike_rates()) == {"1.spike_grad", "3.spike_grad"}
+
+
+@pytest.mark.parametrize("num_data", [0, -5, 10.5, "100", True])
+def test_sbnn_objective_names_a_bad_num_data_without_kl(num_data):
+    """num_data=0 (or a float, a string) passed with the default kl_weight=0 was ignored
+    without a word; it is checked whenever it is given."""
+    with pytest.raises(ValueError, match=r"num_data \(the training-set size N\) must be an "
+                                         r"integer >= 1"):
+        sb.sbnn_objective(torch.tensor(1.0), sb.BayesLinear(4, 3), num_data)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: setattr(sb.IWSTSpike(), "threshold", "abc"), TypeError,
+     "threshold must be a number"),  # "could not convert string to float"
+    (lambda: sb.LIF().run(torch.tensor(1.0)), ValueError,
+     r"LIF.run: currents must be a sequence \[T, \.\.\.\]"),  # an IndexError
+    (lambda: sb.sbnn_objective(torch.tensor(1), sb.BayesLinear(4, 3)), TypeError,
+     "nll must be a floating-point scalar"),  # an integer loss, no gradient
+])
+def test_small_core_misuses_are_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("reset, make, other", [
+    (sbnn_snn.reset, lambda: sbnn_sj.to_sbnn(_sj_net("m")), "spikingjelly.reset"),
+    (sbnn_snn.reset, lambda: _sj_net("m"), "spikingjelly.reset"),
+    (sbnn_sj.reset, lambda: sbnn_snn.to_sbnn(_snn_seq()), "snntorch.reset"),
+    (sbnn_sj.reset, _snn_seq, "snntorch.reset"),
+])
+def test_the_other_hosts_reset_is_named(reset, make, other):
+    """snntorch.reset on a SpikingJelly model (or the reverse) reset nothing: the neuron
+    states carried over to the next sequence, silently."""
+    with pytest.raises(TypeError, match=rf"neuron, which this reset leaves as it is.*"
+                                        rf"sbnn_addons\.{other}"):
+        reset(make())
+
+
+def test_each_hosts_reset_runs_on_a_model_without_neurons():
+    for reset in (sbnn_snn.reset, sbnn_sj.reset):
+        reset(nn.Linear(3, 2))  # nothing to reset: an exact no-op
+
+
+def test_mc_predict_spike_counts_on_meta_are_named():
+    """mc_predict on the meta device with the default count_spikes=True failed with
+    "Tensor.item() cannot be called on meta tensors"; the fix is named."""
+    model = sbnn_snn.to_sbnn(_snn_seq()).to("meta")
+    x = torch.rand(5, 3, 16, device="meta")
+
+    def forward(m, v):
+        return torch.stack([m(v_t)[1] for v_t in v]).mean(0)
+
+    with pytest.raises(ValueError, match=r"meta device.*count_spikes=False"):
+        sb.mc_predict(model, x, 2, forward=forward)
+    assert sb.mc_predict(model, x, 2, forward=forward, count_spikes=False).probs.is_meta
+
+
+@pytest.mark.parametrize("sm, shape", [("s", (3, 10)), ("m", (4, 3, 10))])
+@pytest.mark.parametrize("attr", ["tau", "v_reset"])
+def test_a_nan_spikingjelly_constant_set_after_the_conversion_is_named(sm, shape, attr):
+    """A converted LIFNode whose tau or v_reset is set to NaN after the conversion (as the
+    conversion names one before) gave NaN membranes and no spikes, silently."""
+    model = sbnn_sj.to_sbnn(_sj_net(sm))
+    setattr(model[1], attr, math.nan)
+    with pytest.raises(ValueError, match=rf"LIFNode has '{attr}' = NaN.*give {attr} a number"):
+        model(torch.rand(shape))
+
+
+def test_sample_spikes_names_a_nan_drive():
+    """sample_spikes(u=NaN) drew no spike, silently (its sigma was checked, not u); an
+    infinite drive (a readout that never fires) stays allowed, and check_finite(False)
+    skips the check."""
+    with pytest.raises(ValueError, match=r"sample_spikes.*NaN.*check_finite\(False\)"):
+        sb.sample_spikes(torch.tensor([0.5, math.nan]), torch.ones(2))
+    assert sb.sample_spikes(torch.tensor([-math.inf]), torch.ones(1)).sum() == 0
+    with check_finite(False):
+        sb.sample_spikes(torch.tensor([math.nan]), torch.ones(1))
+
+
+def _poisoned_noise(module, name, value):
+    with torch.no_grad():
+        getattr(module, name).view(-1)[0] = value
+    return module
+
+
+@pytest.mark.parametrize("value", NONFINITE)
+@pytest.mark.parametrize("make, name, call", [
+    (lambda: sb.BayesLinear(4, 3), "std_rho", lambda m: m(torch.rand(2, 4))),
+    (lambda: sb.BayesLinear(4, 3, std_mode="weight", bias_std=0.1), "bias_std_rho",
+     lambda m: m(torch.rand(2, 4))),
+    (lambda: sb.BayesLinear(4, 3, learn_std=False, std=0.1), "fixed_std",
+     lambda m: m(torch.rand(2, 4))),
+    (lambda: sb.BayesConv2d(2, 3, 3, std_mode="channel"), "std_rho",
+     lambda m: m(torch.rand(1, 2, 5, 5))),
+    (lambda: sb.IWSTSpike(std=0.3, learn_std=True), "std_rho",
+     lambda m: m(torch.rand(2, 4) - 0.5)),
+    (lambda: sb.IWSTSpike(std=0.3), "fixed_std", lambda m: m(torch.rand(2, 4) - 0.5)),
+    (lambda: sb.LIF(spike_fn=sb.IWSTSpike(std=0.3, learn_std=True)), "spike_fn.std_rho",
+     lambda m: m.run(torch.rand(3, 2, 4))),
+    (lambda: sb.LIF(spike_fn=sb.IWSTSpike(std=0.3)), "spike_fn.fixed_std",
+     lambda m: m(torch.rand(2, 4))),
+])
+def test_a_core_part_names_a_nonfinite_noise_scale(make, name, call, value):
+    """A NaN / inf noise scale of a core layer or spike function (stepped in by an
+    optimiser, or loaded) gave NaN variances: spikes drawn at random or never, silently."""
+    module = make()
+    call(module)
+    owner, attr = (module.spike_fn, name.split(".")[1]) if "." in name else (module, name)
+    _poisoned_noise(owner, attr, value)
+    with pytest.raises(ValueError, match=rf"{type(owner).__name__}\.{attr} .*NaN / inf.*"
+                                         r"check_finite\(False\)"):
+        call(module)
+    with check_finite(False):
+        call(module)
