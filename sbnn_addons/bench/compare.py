@@ -1276,7 +1276,15 @@ def _train_epoch(run: _Run, ctx: _Ctx, epoch: int) -> None:
                                                    ctx.world)):
         x = prepare(xb, ctx.layout, ctx.encode, enc_gen, ctx.device)
         y = yb.to(ctx.device)
-        out = run.forward(x)
+        try:
+            out = run.forward(x)
+        except ValueError:
+            if first_bad is None:
+                raise
+            # a converted model refuses the NaN weights that the step after a NaN loss
+            # wrote (on every process at once: the parameters are in sync);
+            # _check_diverged names the run, the epoch and that batch
+            break
         _check_outputs(out, ctx, yb)
         loss, task_loss = _loss(run, ctx, out, y)
         run.optimizer.zero_grad(set_to_none=True)
