@@ -178,6 +178,16 @@ def calibrate_spike_std(
                 "the spikes it draws are meaningless; load or set a finite std first (e.g. "
                 "reconvert the trained model)")
     names = [n for n, _ in spikes]
+    # the parameters (rho) or buffers as they were: put back exactly where the factor is 1
+    saved = {n: _own_noise(m).detach().clone() for n, m in spikes}
+
+    def set_factor(factor: float) -> None:
+        for n, m in spikes:
+            if factor == 1.0:
+                with torch.no_grad():
+                    _own_noise(m).copy_(saved[n])
+            else:
+                _set_std(m, initial[n] * factor)
 
     def rates(mode: str) -> dict[str, float]:
         reset(model)
@@ -208,8 +218,7 @@ def calibrate_spike_std(
                 "forward that resets the state first")
         factor, result, first = 1.0, None, None
         while True:
-            for n, m in spikes:
-                _set_std(m, initial[n] * factor)
+            set_factor(factor)
             result = rates("sample")
             first = first if first is not None else result
             too_high = [n for n in names
@@ -226,8 +235,7 @@ def calibrate_spike_std(
                 break
             factor *= 2 ** -0.5
     except BaseException:
-        for n, m in spikes:
-            _set_std(m, initial[n])
+        set_factor(1.0)
         raise
     finally:
         for m, s, g in streams:

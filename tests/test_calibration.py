@@ -86,10 +86,12 @@ def test_keeps_the_noise_of_a_network_whose_rates_it_does_not_raise():
     net = sj_to_sbnn(_trained_like_sj(bias=-3.0))
     spikes = [m for m in net.modules() if isinstance(m, IWSTSpike)]
     before = [m.std.detach().clone() for m in spikes]
+    rhos = [m.std_rho.detach().clone() for m in spikes]
     cal = calibrate_spike_std(net, torch.rand(T, B, 12))
     assert cal.factor == 1.0 and cal.sample_rates == cal.initial_rates
-    for m, s in zip(spikes, before):
+    for m, s, rho in zip(spikes, before, rhos):
         torch.testing.assert_close(m.std.detach(), s)
+        assert torch.equal(m.std_rho, rho)  # exactly as it was
 
 
 def test_snntorch_sequential_with_init_hidden_and_the_host_reset():
