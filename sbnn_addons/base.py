@@ -430,7 +430,9 @@ class check_finite:  # noqa: N801 (used as a function and as a context manager)
     after each change of their version (an optimiser step, ``load_state_dict``).
     :func:`~sbnn_addons.attach_variance` checks the variance it is given the
     same way (finite and >= 0), and a spike function outside a converted model (the
-    drop-ins in a host model) checks its drive for NaN. The check is one reduction over
+    drop-ins in a host model) checks its drive for NaN, and
+    :func:`~sbnn_addons.sbnn_objective` names a NaN or inf term of the loss (one read of
+    the loss per call). The check is one reduction over
     each non-spike input (spikes are skipped); on a GPU it also reads the result back, a
     device synchronisation per checked input. Turn it off for speed once the data
     pipeline is known to be clean.

@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .base import check_flag, check_module, raise_error
+from .base import check_finite, check_flag, check_module, raise_error
 from .layers import check_kl_samples, is_bayesian
 from .spike import IWSTSpike
 
@@ -180,7 +180,11 @@ def sbnn_objective(
             ``>= 0``, an unknown ``aux_reduction``, a ``num_data`` that is not an integer
             ``>= 1``, or ``kl_weight > 0`` without ``num_data`` (a non-scalar ``nll`` and
             the last two inside a compiled step: a ``RuntimeError`` with the same
-            message).
+            message); the NLL, the auxiliary term or the KL term is NaN or inf (unless
+            :class:`~sbnn_addons.check_finite` is off; the message names the term and
+            what to check): a NaN loss would train on and the optimiser would write
+            NaN into the weights. The check reads the loss once (on an accelerator, a
+            device synchronisation); inside a compiled step it is a runtime assert.
     """
     for name, value in (("kl_weight", kl_weight), ("aux_weight", aux_weight)):
         if isinstance(value, Tensor):
@@ -209,13 +213,87 @@ def sbnn_objective(
                     f"without a KL term), got {num_data!r}", ValueError)
     nll = nll.reshape(())  # snnTorch's losses (ce_rate_loss, ...) return shape (1,)
     loss = nll
+    terms = [("nll", nll)]
     if aux_weight > 0:
-        loss = loss + aux_weight * aux_loss(model, aux_reduction)
+        terms.append(("aux", aux_weight * aux_loss(model, aux_reduction)))
+        loss = loss + terms[-1][1]
     else:  # weight 0 (e.g. the start of a warm-up): the collected terms are used up too
         _discard_aux(model)
     if kl_weight > 0:
         if num_data is None:
             raise_error("num_data (the training-set size N) must be an integer >= 1 "
                         f"when kl_weight > 0, got {num_data!r}", ValueError)
-        loss = loss + kl_weight * kl_divergence(model, prior) / num_data
+        terms.append(("kl", kl_weight * kl_divergence(model, prior) / num_data))
+        loss = loss + terms[-1][1]
+    _check_objective(loss, terms)
     return loss
+
+
+#: What each term of :func:`sbnn_objective` is, and what to check when it is not finite.
+_TERM_HELP = {
+    "nll": ("the NLL (nll)", "check the model's output and the loss function (a log of 0: "
+            "use F.cross_entropy on the logits, not the log of a softmax) and the data; a "
+            "loss that grew step by step diverged: lower the learning rate or clip the "
+            "gradients"),
+    "aux": ("the auxiliary loss (aux_weight * aux_loss)", "z = u / sigma overflowed: a "
+            "membrane far from the threshold with a tiny noise std; normalise the input, "
+            "raise the noise std (std=, spike_std=) or lower aux_weight"),
+    "kl": ("the KL term (kl_weight * KL / num_data)", "KL(q(W) || p(W)) overflowed: huge "
+           "weights, a zero or tiny posterior std, or a prior that does not fit them; check "
+           "the weights, the layers' std and the prior"),
+}
+
+
+def _check_objective(loss: Tensor, terms: list[tuple[str, Tensor]]) -> None:
+    """Raise ``ValueError`` naming the non-finite terms of ``loss`` (unless
+    :class:`~sbnn_addons.check_finite` is off): a NaN / inf objective trains on, and the
+    optimiser writes NaN into the weights, silently. One read of ``loss`` (a device sync
+    on an accelerator), the terms only when it is not finite; a runtime assert while
+    ``torch.compile`` traces."""
+    if not check_finite.enabled():
+        return
+    with torch._C.DisableTorchFunctionSubclass():  # plain reads (no variance flow)
+        value = loss.detach()
+        if value.is_meta:  # a shape without values
+            return
+        if torch.compiler.is_compiling():  # no data-dependent branch in a graph
+            torch._assert_async(
+                torch.isfinite(value),
+                "sbnn_objective: the loss is NaN or inf (its NLL, auxiliary or KL term); "
+                "to skip this check for speed use sbnn_addons.check_finite(False)")
+            return
+        if _is_finite(value):
+            return
+        bad = [(name, _read(term)) for name, term in terms if not _is_finite(term.detach())]
+    if not bad:  # finite terms whose sum overflowed
+        bad = [("sum", _read(loss))]
+    parts = []
+    for name, number in bad:
+        what, fix = _TERM_HELP.get(name, ("the sum of its terms", "the terms are finite but "
+                                          "their sum overflows: lower the weights"))
+        parts.append(f"{what} is {number} ({fix})")
+    raise ValueError(
+        f"sbnn_objective: {'; '.join(parts)}. A NaN / inf loss trains on and the optimiser "
+        "writes NaN into the weights, silently. To skip this check for speed use "
+        "sbnn_addons.check_finite(False)")
+
+
+def _unwrapped(t: Tensor) -> Tensor:
+    """``t``'s values: under ``torch.func`` (``grad``, ``vmap``) the tensor it wraps."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
+def _is_finite(t: Tensor) -> bool:
+    """Whether ``t`` (a scalar, or a ``vmap`` batch of them) holds no NaN / inf."""
+    return math.isfinite(float(_unwrapped(t).sum()))
+
+
+def _read(t: Tensor) -> str:
+    """``t``'s value for a message: ``nan``, ``inf`` or ``-inf``."""
+    t = _unwrapped(t.detach()).reshape(-1)
+    if bool(torch.isnan(t).any()):
+        return "NaN"
+    bad = t[~torch.isfinite(t)]
+    return str(float(bad[0] if bad.numel() else t[0]))

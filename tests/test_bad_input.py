@@ -602,6 +602,42 @@ def test_sbnn_objective_arguments_are_named():
     torch.testing.assert_close(loss, nll + sb.kl_divergence(fc) / 10)
 
 
+def _snn_net_4_3():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), snn.Leaky(beta=0.9, init_hidden=True),
+                         nn.Linear(6, 3), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+
+
+def test_sbnn_objective_names_a_nonfinite_term():
+    """A NaN / inf NLL, auxiliary loss or KL made a NaN / inf objective that trained on
+    (the optimiser then writes NaN into the weights), silently: the objective names the
+    term, after consuming the collected auxiliary terms; check_finite(False) lets it pass."""
+    import torch.nn.functional as F
+
+    y = torch.zeros(5, dtype=torch.long)
+    # no layer noise and a small own spike noise: z = u / sigma overflows on a huge input
+    model = sbnn_snn.to_sbnn(_snn_net_4_3(), std=0.0, learn_std=False, spike_std=1e-3,
+                             aux_loss=True)
+    model.train()
+    nll = F.cross_entropy(model(torch.rand(5, 4))[0], y)
+    with pytest.raises(ValueError, match=r"sbnn_objective: the NLL \(nll\) is NaN.*"
+                                         r"check_finite\(False\)"):
+        sb.sbnn_objective(nll * math.nan, model, aux_weight=0.1)
+    nll = F.cross_entropy(model(torch.rand(5, 4) * 1e18)[0], y)
+    with pytest.raises(ValueError, match=r"sbnn_objective: the auxiliary loss .* is inf"):
+        sb.sbnn_objective(nll, model, aux_weight=0.1)
+    nll = F.cross_entropy(model(torch.rand(5, 4))[0], y)
+    with check_finite(False):
+        assert math.isnan(sb.sbnn_objective(nll * math.nan, model, aux_weight=0.1).item())
+    bayes = sbnn_snn.to_sbnn(_snn_net_4_3())
+    with torch.no_grad():
+        bayes[0].weight.mul_(1e25)  # mu^2 / prior^2 overflows float32
+    with pytest.raises(ValueError, match=r"sbnn_objective: the KL term .* is inf"):
+        sb.sbnn_objective(torch.tensor(1.0), bayes, 10, kl_weight=1.0, prior=0.5)
+    loss = sb.sbnn_objective(torch.tensor(1.0), bayes, 10)  # kl_weight 0: no KL computed
+    assert float(loss) == 1.0
+
+
 def _models():
     import sbnn_addons.models
 

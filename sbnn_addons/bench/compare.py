@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..base import check_flag
+from ..base import check_finite, check_flag
 from ..losses import _discard_aux, sbnn_objective
 from ..metrics import classification_metrics
 from ..modes import mc_predict, mode
@@ -1229,8 +1229,12 @@ def _loss(run: _Run, ctx: _Ctx, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]
         uses_aux = m.aux_weight > 0 or ctx.aux_all
         aux_w = (ctx.aux_weight if ctx.aux_weight is not None else m.aux_weight) \
             if uses_aux else 0.0
-        loss = sbnn_objective(task_loss, run.model, ctx.n_train, kl_weight=m.kl_weight,
-                              aux_weight=aux_w, aux_reduction=ctx.aux_reduction)
+        # a NaN / inf objective is the run's divergence: _train_epoch records its batch
+        # and _check_diverged names the method, seed, epoch and batch (not the objective's
+        # own error, which knows none of them)
+        with check_finite(False):
+            loss = sbnn_objective(task_loss, run.model, ctx.n_train, kl_weight=m.kl_weight,
+                                  aux_weight=aux_w, aux_reduction=ctx.aux_reduction)
     return loss, task_loss
 
 
