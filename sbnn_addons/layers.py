@@ -32,6 +32,7 @@ from .base import (
     SBNNModule,
     cached_tensor_test,
     check_device,
+    check_finite,
     check_flag,
     check_input,
     check_std,
@@ -59,6 +60,7 @@ from .moments import (
     _noisy_in_sample_mode,
     attach_computed_variance,
     check_noise_scales,
+    in_checked_model,
     new_draw,
     no_variance_flow,
     noise_sources,
@@ -1732,6 +1734,9 @@ class ChannelAffine(nn.Module):
                 f"{self.channel_dim}, got shape {tuple(x.shape)}"
             )
         check_device(x, self._parameters.get("weight"), "ChannelAffine")
+        if check_finite.enabled() and not in_checked_model():  # a converted model's entry
+            check_input(x, "ChannelAffine")  # checks its input and parameters
+            _check_affine_parameters(self)
         var = raw_variance(x)  # passed on as stored (a factored one stays factored)
         with no_variance_flow():
             shape = [1] * x.dim()
@@ -1741,6 +1746,33 @@ class ChannelAffine(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, channel_dim={self.channel_dim}"
+
+
+def _check_affine_parameters(module: ChannelAffine) -> None:
+    """Raise if the ``weight`` (gamma) or ``bias`` (beta) of a :class:`ChannelAffine`
+    used outside a converted model holds NaN / inf: every output of its channel would be
+    NaN / inf, silently. As :func:`~sbnn_addons.moments.check_noise_scales`: tested again
+    only when a version changed (an optimiser step, ``load_state_dict``, an in-place
+    edit), skipped while ``torch.compile`` traces."""
+    if torch.compiler.is_compiling():
+        return
+    params = [(n, module._parameters.get(n)) for n in ("weight", "bias")]
+    params = [(n, t) for n, t in params if t is not None and not t.is_meta
+              and not torch._C._functorch.is_functorch_wrapped_tensor(t)]
+    key = tuple((id(t), None if t.is_inference() else t._version) for _, t in params)
+    if not params or module.__dict__.get("_sbnn_affine_checked") == key:
+        return
+    for name, t in params:
+        if not bool(torch.isfinite(t.detach()).all()):
+            raise ValueError(
+                f"{type(module).__name__}.{name} ({'gamma' if name == 'weight' else 'beta'}) "
+                f"holds {int(torch.isnan(t).sum())} NaN and {int(torch.isinf(t).sum())} inf "
+                "values: every output of its channel would be NaN / inf and train on into "
+                "NaN gradients, silently. Restore it (a checkpoint, or "
+                "module.reset_parameters()) and remove the cause (a NaN loss or gradient: "
+                "clip the gradients, lower the learning rate); to skip this check for speed "
+                "use sbnn_addons.check_finite(False)")
+    module.__dict__["_sbnn_affine_checked"] = key
 
 
 def _fold_batchnorm_entries(module: ChannelAffine, state_dict: dict, prefix: str,

@@ -39,11 +39,36 @@ def _poison(x, value):
     (lambda: sb.BayesLinear(6, 3), (4, 6)),
     (lambda: sb.BayesConv1d(2, 3, 3), (4, 2, 8)),
     (lambda: sb.BayesConv2d(2, 3, 3), (4, 2, 6, 6)),
+    (lambda: sb.ChannelAffine(2), (4, 2, 6)),  # passed NaN on, silently
 ])
 def test_core_layer_names_nonfinite_input(make, shape, value):
     layer_ = make()
     with pytest.raises(ValueError, match=r"NaN.*inf.*check_finite\(False\)"):
         layer_(_poison(torch.rand(shape), value))
+
+
+@pytest.mark.parametrize("value", NONFINITE)
+@pytest.mark.parametrize("name", ["weight", "bias"])
+def test_channel_affine_alone_names_a_nonfinite_gamma_or_beta(name, value):
+    """A ChannelAffine used on its own with a NaN / inf gamma or beta (after a NaN
+    gradient step) turned every output of its channel NaN / inf, silently; inside a
+    converted model its parameters are checked at the model's entry."""
+    affine, x = sb.ChannelAffine(3), torch.rand(4, 3, 5)
+    affine(x)  # found finite (tested again only after a change)
+    with torch.no_grad():
+        getattr(affine, name)[1] = value
+    with pytest.raises(ValueError, match=rf"ChannelAffine\.{name}.*NaN.*inf.*"
+                                         r"check_finite\(False\)"):
+        affine(x)
+    with check_finite(False):
+        assert not torch.isfinite(affine(x)[:, 1]).all()  # the documented switch
+    net = nn.Sequential(layer.Conv1d(2, 3, 3), layer.BatchNorm1d(3), neuron.LIFNode())
+    net[1](net[0](torch.rand(4, 2, 8)))  # statistics learned: the affine folds them
+    model = sbnn_sj.to_sbnn(net, batchnorm="affine")
+    with torch.no_grad():
+        getattr(model[1], name)[1] = value
+    with pytest.raises(ValueError, match=rf"'1\.{name}' of the converted model"):
+        model(torch.rand(4, 2, 8))
 
 
 def test_check_finite_switch_as_context_and_global():
