@@ -2494,8 +2494,17 @@ def check_variance_flow(
         VarianceFlowError: an operation without a variance rule feeds a neuron; the
             message names it.
         TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``model`` has no SBNN part (no Bayesian layer, no
+            :class:`~sbnn_addons.IWSTSpike`): a host model not converted yet.
     """
     check_module(model, "check_variance_flow")
+    if not any(isinstance(m, SBNNModule) for m in model.modules()):
+        raise ValueError(
+            f"check_variance_flow: {type(model).__name__} has no SBNN layer or spike "
+            "function (no Bayesian layer, no IWSTSpike), so there is no noise to follow and "
+            "the check would pass without checking anything. Convert the model first with "
+            "sbnn_addons.snntorch.to_sbnn(model) or sbnn_addons.spikingjelly.to_sbnn(model) "
+            "(or build it from sbnn_addons' layers), then check the converted model")
     call = forward if forward is not None else (lambda m, x: m(x))
     tracked = bool(getattr(model, "_sbnn_flow_handles", None))
     report = VarianceFlowReport(

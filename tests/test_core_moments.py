@@ -606,6 +606,24 @@ def test_check_variance_flow_core_model():
         sb.check_variance_flow(lambda v: v, x)
 
 
+def test_check_variance_flow_refuses_an_unconverted_model():
+    """An snnTorch / SpikingJelly model not converted has no noise to follow: the check
+    returned an empty report, as for a model whose flow is sound, silently."""
+    snn = pytest.importorskip("snntorch")
+    pytest.importorskip("spikingjelly")
+    from spikingjelly.activation_based import layer, neuron
+
+    snn_net = nn.Sequential(nn.Linear(8, 6), snn.Leaky(beta=0.9, init_hidden=True))
+    sj_net = nn.Sequential(layer.Linear(8, 6), neuron.LIFNode())
+    for net, adapter in ((snn_net, "snntorch"), (sj_net, "spikingjelly")):
+        with pytest.raises(ValueError, match=r"no SBNN layer or spike function.*"
+                                             rf"sbnn_addons\.{adapter}\.to_sbnn"):
+            sb.check_variance_flow(net, torch.rand(2, 8))
+    from sbnn_addons.snntorch import to_sbnn
+
+    assert sb.check_variance_flow(to_sbnn(snn_net), torch.rand(2, 8)).bayesian_layers == 1
+
+
 def test_check_variance_flow_untracked_model_is_left_untracked():
     model = nn.Sequential(sb.BayesLinear(8, 6, std=0.3), nn.Flatten(), nn.Tanh(),
                           IWSTSpike("st", std=0.1))
