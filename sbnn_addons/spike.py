@@ -241,7 +241,10 @@ class IWSTSpike(SBNNModule, nn.Module):
             growing the noise: with a learned std at a weight of 1e-3 .. 1, the released
             form lowers ``z^2`` mostly by inflating ``sigma`` until the noise drowns the
             signal.
-        batch_dim: dimension of ``u`` that indexes examples (1 for ``[T, B, ...]`` input).
+        batch_dim: dimension of ``u`` that indexes examples (1 for ``[T, B, ...]`` input),
+            over which the auxiliary loss is averaged; a drive without that dimension
+            raises ``ValueError`` when the loss is collected (a 0-d drive with
+            ``batch_dim=0`` is one example).
         aux_pull: apply the auxiliary loss through the gradient, at this fraction of the
             gradient that reaches the spikes (0: off). In training mode with gradients
             on, the backward adds to the drive's gradient
@@ -676,7 +679,23 @@ class IWSTSpike(SBNNModule, nn.Module):
         return self.std_rho._version
 
     def _batch_size(self, u: Tensor) -> int:
-        return u.shape[self.batch_dim] if u.dim() > self.batch_dim else 1
+        """The number of examples in ``u``: its size along :attr:`batch_dim` (a 0-d
+        ``u`` with ``batch_dim=0`` is one example).
+
+        Raises:
+            ValueError: ``u`` has no dimension ``batch_dim`` (the auxiliary loss would be
+                averaged over a batch of 1, i.e. summed over the examples, silently).
+        """
+        if -u.dim() <= self.batch_dim < u.dim():
+            return u.shape[self.batch_dim]
+        if u.dim() == 0 and self.batch_dim == 0:
+            return 1
+        raise_error(
+            f"{type(self).__name__}: batch_dim={self.batch_dim} (the dimension of the drive "
+            "that indexes the examples, over which the auxiliary loss is averaged) is not a "
+            f"dimension of its drive of shape {tuple(u.shape)}: the loss would be averaged "
+            "over a batch of 1, silently. Build the spike function with the batch_dim of the "
+            "drive it gets (0 for [B, ...], 1 for [T, B, ...])", ValueError)
 
     def _collects_in(self, host: nn.Module) -> None:
         """Called by :func:`~sbnn_addons.enable_aux_loss` for the module ``host`` holding

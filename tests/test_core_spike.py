@@ -7,6 +7,7 @@ import copy
 import io
 import math
 import pickle
+import re
 import warnings
 
 import pytest
@@ -173,6 +174,29 @@ def test_a_spike_function_alone_checks_its_drive():
     with sb.check_finite(False):
         assert spike(u).shape == (3,)
     assert torch.equal(spike(torch.tensor([-math.inf, math.inf])), torch.tensor([0.0, 1.0]))
+
+
+@pytest.mark.parametrize("batch_dim, shape", [(1, (6,)), (1, ()), (2, (4, 3)), (-3, (4, 3))])
+def test_aux_loss_names_a_batch_dim_the_drive_lacks(batch_dim, shape):
+    """batch_dim=1 (for [T, B, ...]) on a drive without that dimension averaged the
+    auxiliary loss over a batch of 1 (a sum over the examples, silently)."""
+    spike = sb.enable_aux_loss(IWSTSpike(std=0.5, batch_dim=batch_dim))
+    u = torch.randn(shape, requires_grad=True)
+    with pytest.raises(ValueError, match=rf"batch_dim={batch_dim}.*shape {re.escape(str(shape))}"):
+        spike(u)
+    spike.pop_aux()
+
+
+@pytest.mark.parametrize("batch_dim, shape, batch", [(0, (), 1), (0, (5,), 5), (1, (3, 5), 5),
+                                                     (-1, (3, 5), 5)])
+def test_aux_loss_averages_over_batch_dim(batch_dim, shape, batch):
+    """A 0-d drive is one example (as for batch_dim=0 before); the aux term is averaged
+    over the batch_dim's size."""
+    spike = sb.enable_aux_loss(IWSTSpike(std=0.5, batch_dim=batch_dim))
+    u = torch.randn(shape, requires_grad=True)
+    spike(u)
+    total, units = spike.pop_aux()
+    assert units == u.numel() // batch
 
 
 def _roundtrip_pickle(m):
