@@ -14,7 +14,6 @@ layer's ``sample``-mode firing rate on a batch of the user's data is close to it
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -247,15 +246,10 @@ def calibrate_spike_std(
 def _check_calibration_seed(seed) -> int:
     """``seed`` as an int in ``[0, 2**32)``; ``None`` is refused: the passes at every
     factor must draw the same noise, or the rates compared differ by the draws."""
-    if seed is not None and not isinstance(seed, bool):
-        try:
-            operator.index(seed)
-        except TypeError:
-            pass
-        else:
-            return check_seed(seed, "calibrate_spike_std: seed")
-    raise TypeError(
-        f"calibrate_spike_std: seed must be an integer in [0, 2**32), got {seed!r} "
-        f"({type(seed).__name__}): it seeds the spike noise, so that the passes see the same "
-        "draws at every factor and the rates compared differ by the factor only; pass an "
-        "int such as seed=0")
+    if seed is None:
+        raise TypeError(
+            "calibrate_spike_std: seed must be an integer in [0, 2**32), got None "
+            "(NoneType): it seeds the spike noise, so that the passes see the same draws at "
+            "every factor and the rates compared differ by the factor only; pass an int such "
+            "as seed=0")
+    return check_seed(seed, "calibrate_spike_std: seed", allow_none=False)

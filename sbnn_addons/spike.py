@@ -928,17 +928,18 @@ def _noiseless_message(neuron: str, host: str, note: str) -> str:
         "exclude=[<the neuron>, <the layer feeding it>]")
 
 
-def check_seed(seed, name: str = "seed") -> int | None:
-    """``seed`` as a Python int (``None`` kept).
+def check_seed(seed, name: str = "seed", *, allow_none: bool = True) -> int | None:
+    """``seed`` as a Python int (``None`` kept where ``allow_none``).
 
     Raises:
         TypeError: ``seed`` is a bool, a float, a string or anything else that is not an
-            integer (``int``, a numpy integer, a 0-d integer tensor).
+            integer (``int``, a numpy integer, a 0-d integer tensor), or ``None`` where
+            not ``allow_none``.
         ValueError: an integer outside ``[0, 2**32)``: PyTorch's CPU generator keeps the
             low 32 bits of a seed, so seeds that differ by a multiple of ``2**32`` (and a
             negative seed, taken modulo ``2**64``) would draw the same noise, silently.
     """
-    if seed is None:
+    if seed is None and allow_none:
         return None
     if not isinstance(seed, bool):
         try:
@@ -953,8 +954,9 @@ def check_seed(seed, name: str = "seed") -> int | None:
                     "2**32 (or a negative one and its value modulo 2**64) would draw the "
                     "same noise; pass a seed in that range (e.g. the seed modulo 2**32)")
             return value
-    raise TypeError(f"{name} must be an integer or None, got {seed!r} "
-                    f"({type(seed).__name__}); pass an int such as {name}=0")
+    raise TypeError(f"{name} must be an integer{' or None' if allow_none else ''}, got "
+                    f"{seed!r} ({type(seed).__name__}); pass an int such as "
+                    f"{name.split()[-1]}=0")
 
 
 def seed_spikes(model: nn.Module, seed: int | None) -> nn.Module:

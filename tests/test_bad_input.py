@@ -1284,7 +1284,9 @@ def _steps(m, x):
 
 
 @pytest.mark.parametrize("kw, error, match", [
-    ({"seed": 1.5}, TypeError, "calibrate_spike_std: seed must be an integer"),
+    ({"seed": 1.5}, TypeError,
+     r"calibrate_spike_std: seed must be an integer, got 1\.5 \(float\); pass an int such "
+     r"as seed=0"),  # (None is refused: not "an integer or None")
     ({"seed": "0"}, TypeError, "calibrate_spike_std: seed must be an integer"),
     ({"seed": True}, TypeError, "calibrate_spike_std: seed must be an integer"),
     ({"seed": None}, TypeError, r"seed must be an integer.*same draws at every factor"),
