@@ -265,8 +265,8 @@ def _check_objective(loss: Tensor, terms: list[tuple[str, Tensor]]) -> None:
         if _is_finite(value):
             return
         bad = [(name, _read(term)) for name, term in terms if not _is_finite(term.detach())]
-    if not bad:  # finite terms whose sum overflowed
-        bad = [("sum", _read(loss))]
+        if not bad:  # finite terms whose sum overflowed
+            bad = [("sum", _read(loss))]
     parts = []
     for name, number in bad:
         what, fix = _TERM_HELP.get(name, ("the sum of its terms", "the terms are finite but "
