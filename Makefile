@@ -37,8 +37,8 @@ PYTORCH_PATH_TESTS := tests/test_bad_input.py tests/test_snntorch_convert.py \
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n 2
-	SBNN_ADDONS_KERNELS=0 $(PY) -m pytest -q -n 2 $(PYTORCH_PATH_TESTS)
+	$(PY) -m pytest -q -n 2 --dist worksteal
+	SBNN_ADDONS_KERNELS=0 $(PY) -m pytest -q -n 2 --dist worksteal $(PYTORCH_PATH_TESTS)
 	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 clean:

@@ -36,7 +36,9 @@ pytestmark = [
                        reason="inductor needs a C++ compiler on the CPU"),
 ]
 
-T = 4
+# two steps: each step unrolls into the traced graph (tracing costs about a second per
+# neuron and step), and two cover a membrane carried from one step to the next
+T = 2
 
 
 @pytest.fixture
@@ -72,7 +74,10 @@ def _check_like_eager(net: nn.Module, loss_fn, x, y):
         sb.set_mode(net, mode)
         eager = _step(net, loss_fn, x, y)
         compiled = _step(net, torch.compile(loss_fn, fullgraph=True), x, y)
-        assert torch.equal(eager[0], compiled[0]), mode
+        # the same spikes: one spike more or less moves the loss by far more than the
+        # rounding of a sum that inductor reorders
+        torch.testing.assert_close(compiled[0], eager[0], rtol=1e-6, atol=1e-6,
+                                   msg=f"{mode} mode")
         if mode == "sample":
             assert any(g.abs().sum() > 0 for g in eager[1])
         for a, b in zip(eager[1], compiled[1]):
@@ -177,7 +182,7 @@ def test_snntorch_explicit_loop_tbptt_chunks_compile_like_eager(same_random_stre
     """Compiled chunks of an explicit loop, each given back the last membranes detached
     (``mem = mem.detach()``): a chunk's first reset is the spikes the membrane emitted, as
     in eager mode, not ``1[mem > threshold]``."""
-    x = torch.rand(T, 32, 12) * 3
+    x = torch.rand(4, 32, 12) * 3
     results = []
     for compiled in (False, True):
         torch._dynamo.reset()
@@ -187,7 +192,7 @@ def test_snntorch_explicit_loop_tbptt_chunks_compile_like_eager(same_random_stre
         mem1, mem2 = net.lif1.init_leaky(), net.lif2.init_leaky()
         torch.manual_seed(1)
         spikes = []
-        for part in x.split(T // 2):
+        for part in x.split(2):
             spk, mem1, mem2 = step(part, mem1, mem2)
             spk.sum().backward()
             spikes.append(spk.detach())
@@ -1268,7 +1273,7 @@ def test_threshold_changed_in_place_reaches_a_compiled_step(same_random_stream):
             return mems.sum() + 0.1 * sb.aux_loss(model)
         return loss_fn
 
-    x = torch.rand(5, 4, 8) * 2
+    x = torch.rand(2, 4, 8) * 2
     built, model = make(False), make(True)
     # aot_eager: the check is in the traced graph (Dynamo's and AOTAutograd's), which
     # inductor's C++ code generation adds nothing to but a minute of compiling
@@ -1311,7 +1316,7 @@ def test_threshold_made_symbolic_then_infinite_recompiles(same_random_stream):
         mems = torch.stack([model(x[t])[1] for t in range(x.shape[0])])
         return mems.sum() + 0.1 * sb.aux_loss(model)
 
-    x = torch.rand(4, 3, 8) * 2
+    x = torch.rand(2, 3, 8) * 2
     torch._dynamo.reset()
     step = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     for threshold in (1.0, 2.0, 3.0, math.inf, 0.5, math.inf):
