@@ -134,12 +134,12 @@ def run(method: str, seed: int, args, data) -> dict:
             idx = perm[i:i + args.batch]
             x, y = xtr[:, idx].to(device), ytr[idx].to(device)
             nll = F.cross_entropy(net(x), y)
-            if bayes:
-                loss = sb.sbnn_objective(nll, net, n_train, kl_weight=args.kl,
-                                         prior=args.prior_std, aux_weight=aux_weight,
-                                         aux_reduction="sum")
-            else:
-                loss = nll
+            try:
+                loss = nll if not bayes else sb.sbnn_objective(
+                    nll, net, n_train, kl_weight=args.kl, prior=args.prior_std,
+                    aux_weight=aux_weight, aux_reduction="sum")
+            except ValueError as err:  # a NaN / inf term, named by sbnn_objective
+                raise FloatingPointError(f"{method} seed {seed}, epoch {epoch}: {err}") from err
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{method} seed {seed}: non-finite loss at epoch "
                                          f"{epoch}")

@@ -125,3 +125,16 @@ def test_memory_measures_count_what_a_step_allocates():
     # place while h, y (the step's variables) and the gradient of h (64 KiB each) are
     # alive: 3 x 64 KiB above the start, plus scalars
     assert 3 * 64 * 256 * 4 <= peak <= 3 * 64 * 256 * 4 + 64
+
+
+@pytest.mark.skipif(not DVS_DIR.exists(), reason="needs ../shared/data/dvs_gesture_32")
+def test_dvs_deep_protocol_names_the_run_of_a_non_finite_objective(tmp_path):
+    """A KL term that overflows (a prior std of 1e-30) stops the run with an error that
+    names the method, seed and epoch, and the term."""
+    deep = _script("dvs_deep_protocol")
+    args = ["--data-dir", str(DVS_DIR), "--width", "2", "--frames", "2", "--frame-stride",
+            "24", "--max-train", "4", "--epochs", "1", "--mc", "1", "--threads", "1",
+            "--out", str(tmp_path / "runs.jsonl"), "--seeds", "0", "--methods", "sbnn",
+            "--kl", "1", "--prior-std", "1e-30"]
+    with pytest.raises(FloatingPointError, match=r"sbnn seed 0, epoch 0: .*KL term"):
+        deep.main(args)
