@@ -497,6 +497,42 @@ def test_bad_input_to_the_kernel_functions_is_named():
         kernels.spike_backward(torch.ones(4, 4), u, torch.ones(()), torch.ones(4, 5), sb.ST())
 
 
+@pytest.mark.parametrize("u_shape, var_shape", [((6, 40), (6, 40)), ((6, 40), (6, 1)),
+                                                ((6, 40), ()), ((6, 40), (1, 40)),
+                                                ((6, 2, 20), (1, 2, 1))])
+def test_spike_forward_operator_equals_the_kernel_function(u_shape, var_shape):
+    """The custom operator of compiled graphs (``sbnn_addons::spike_forward``, its shape
+    layout cached per pair of shapes) gives the spikes and the auxiliary sum of
+    :func:`kernels.spike_forward` for the key it draws from the global RNG, for every
+    variance layout (full, per row, one element, one block, expanded), and 0 without an
+    auxiliary offset."""
+    op = torch.ops.sbnn_addons.spike_forward.default
+    u = torch.randn(u_shape)
+    var = torch.rand(var_shape) + 0.05
+    for offset in (None, 0.5):
+        for _ in range(2):  # the second call reads the cached layout
+            torch.manual_seed(4)
+            h, aux = op(u, var, False, offset)
+            torch.manual_seed(4)
+            ref, _, ref_aux = kernels.spike_forward(u, var, kernels._seed(None),
+                                                    aux_offset=offset)
+            assert torch.equal(h, ref) and 0 < h.sum() < h.numel()
+            assert aux.dtype == torch.float32 and aux.shape == ()
+            assert float(aux) == (0.0 if offset is None else pytest.approx(ref_aux, rel=1e-6))
+
+
+def test_spike_forward_operator_names_bad_input():
+    op = torch.ops.sbnn_addons.spike_forward.default
+    u = torch.randn(4, 5)
+    with pytest.raises(TypeError, match="u must be a torch.float32 CPU tensor"):
+        op(u.double(), torch.ones(()), False, None)
+    with pytest.raises(TypeError, match="variance must be"):
+        op(u, torch.ones((), dtype=torch.float64), False, None)
+    for _ in range(2):  # not cached as a layout
+        with pytest.raises(ValueError, match="does not broadcast"):
+            op(u, torch.ones(3), False, None)
+
+
 def _loop_reference(x, q, v0, s0, tau, decay_input, v_reset, detach, estimator,
                     backend="kernel"):
     """The recurrence of kernels.LIFSequence step by step with autograd: SpikingJelly's

@@ -22,6 +22,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #define CHUNK 1024 /* elements per buffer of random bytes (multiple of 16) */
 #define INV_SQRT2 0.70710678118654752440f
@@ -217,7 +220,16 @@ static double spike_chunk(const float *restrict uc, const float *restrict vc, fl
     int64_t nu = 0;
     random_bytes(B, W, n, (uint64_t)c0, seed);
     decide_by_bytes(uc, vc, B, hc, n, at_zero);
-    for (int64_t b = 0; b < n; b += 16) { /* blocks of 16: a vectorised test first */
+    int64_t b0 = 0;
+#if defined(__AVX512F__)
+    /* blocks of 16: one compare into a mask, the undecided units read from its bits */
+    for (; b0 + 16 <= n; b0 += 16) {
+        unsigned k = _mm512_cmp_ps_mask(_mm512_loadu_ps(hc + b0), _mm512_set1_ps(UNDECIDED),
+                                        _CMP_EQ_OQ);
+        for (; k; k &= k - 1) idx[nu++] = (int32_t)(b0 + __builtin_ctz(k));
+    }
+#endif
+    for (int64_t b = b0; b < n; b += 16) { /* blocks of 16: a vectorised test first */
         int64_t m = n - b < 16 ? n - b : 16;
         int any = 0;
         for (int64_t j = 0; j < m; ++j) any |= hc[b + j] == UNDECIDED;
