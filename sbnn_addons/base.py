@@ -489,6 +489,14 @@ def check_input(x: Tensor, where: str, *, nan_only: bool = False) -> None:
         _check_input(x, where, nan_only)
 
 
+def functorch_values(t: Tensor) -> Tensor:
+    """``t`` itself, or under ``torch.func`` (``vmap``, ``grad``) the tensor it wraps (a
+    ``vmap``'s whole batch): the values a check can read."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
 def _check_input(x: Tensor, where: str, nan_only: bool) -> None:
     """:func:`check_input` with the switch on and ``torch.Tensor``'s own methods."""
     if not x.is_floating_point() or x.is_meta:  # a meta tensor has no values to check
@@ -505,9 +513,7 @@ def _check_input(x: Tensor, where: str, nan_only: bool) -> None:
         return
     if is_binary(x, False):  # spikes: 0 and 1 only
         return
-    while torch._C._functorch.is_functorch_wrapped_tensor(x):
-        # under torch.func (vmap, grad): the values it wraps (a vmap's whole batch)
-        x = torch._C._functorch.get_unwrapped(x)
+    x = functorch_values(x)
     if nan_only:  # (not recorded as checked: an inf passes)
         with torch._C.DisableTorchFunction():  # no variance flow: plain reductions
             # one sum first, NaN where x holds a NaN (or both infinities): a fraction of

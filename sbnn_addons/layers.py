@@ -59,6 +59,7 @@ from .moments import (
     VarianceTensor,
     _noisy_in_sample_mode,
     attach_computed_variance,
+    check_finite_once,
     check_noise_scales,
     in_checked_model,
     new_draw,
@@ -1756,23 +1757,16 @@ def _check_affine_parameters(module: ChannelAffine) -> None:
     edit), skipped while ``torch.compile`` traces."""
     if torch.compiler.is_compiling():
         return
-    params = [(n, module._parameters.get(n)) for n in ("weight", "bias")]
-    params = [(n, t) for n, t in params if t is not None and not t.is_meta
-              and not torch._C._functorch.is_functorch_wrapped_tensor(t)]
-    key = tuple((id(t), None if t.is_inference() else t._version) for _, t in params)
-    if not params or module.__dict__.get("_sbnn_affine_checked") == key:
-        return
-    for name, t in params:
-        if not bool(torch.isfinite(t.detach()).all()):
-            raise ValueError(
-                f"{type(module).__name__}.{name} ({'gamma' if name == 'weight' else 'beta'}) "
-                f"holds {int(torch.isnan(t).sum())} NaN and {int(torch.isinf(t).sum())} inf "
-                "values: every output of its channel would be NaN / inf and train on into "
-                "NaN gradients, silently. Restore it (a checkpoint, or "
-                "module.reset_parameters()) and remove the cause (a NaN loss or gradient: "
-                "clip the gradients, lower the learning rate); to skip this check for speed "
-                "use sbnn_addons.check_finite(False)")
-    module.__dict__["_sbnn_affine_checked"] = key
+    check_finite_once(
+        module, [(n, module._parameters.get(n)) for n in ("weight", "bias")],
+        "_sbnn_affine_checked",
+        lambda name, nan, inf: (
+            f"{type(module).__name__}.{name} ({'gamma' if name == 'weight' else 'beta'}) "
+            f"holds {nan} NaN and {inf} inf values: every output of its channel would be "
+            "NaN / inf and train on into NaN gradients, silently. Restore it (a checkpoint, "
+            "or module.reset_parameters()) and remove the cause (a NaN loss or gradient: "
+            "clip the gradients, lower the learning rate); to skip this check for speed use "
+            "sbnn_addons.check_finite(False)"))
 
 
 def _fold_batchnorm_entries(module: ChannelAffine, state_dict: dict, prefix: str,

@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .base import check_finite, check_flag, check_module, raise_error
+from .base import check_finite, check_flag, check_module, functorch_values, raise_error
 from .layers import check_kl_samples, is_bayesian
 from .spike import IWSTSpike
 
@@ -278,21 +278,14 @@ def _check_objective(loss: Tensor, terms: list[tuple[str, Tensor]]) -> None:
         "sbnn_addons.check_finite(False)")
 
 
-def _unwrapped(t: Tensor) -> Tensor:
-    """``t``'s values: under ``torch.func`` (``grad``, ``vmap``) the tensor it wraps."""
-    while torch._C._functorch.is_functorch_wrapped_tensor(t):
-        t = torch._C._functorch.get_unwrapped(t)
-    return t
-
-
 def _is_finite(t: Tensor) -> bool:
     """Whether ``t`` (a scalar, or a ``vmap`` batch of them) holds no NaN / inf."""
-    return math.isfinite(float(_unwrapped(t).sum()))
+    return math.isfinite(float(functorch_values(t).sum()))
 
 
 def _read(t: Tensor) -> str:
     """``t``'s value for a message: ``nan``, ``inf`` or ``-inf``."""
-    t = _unwrapped(t.detach()).reshape(-1)
+    t = functorch_values(t.detach()).reshape(-1)
     if bool(torch.isnan(t).any()):
         return "NaN"
     bad = t[~torch.isfinite(t)]

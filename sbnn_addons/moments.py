@@ -2259,24 +2259,36 @@ def check_noise_scales(module: nn.Module) -> None:
     if not check_finite.enabled() or torch.compiler.is_compiling() or in_checked_model():
         return
     params, buffers = module._parameters, module._buffers
-    scales = [(n, params[n] if n in params else buffers.get(n)) for n in _NOISE_SCALES
-              if n in params or n in buffers]
-    scales = [(n, t) for n, t in scales if t is not None and not t.is_meta
-              and not torch._C._functorch.is_functorch_wrapped_tensor(t)]
-    key = tuple((id(t), None if t.is_inference() else t._version) for _, t in scales)
-    if not scales or module.__dict__.get("_sbnn_noise_checked") == key:
+    check_finite_once(
+        module, [(n, params[n] if n in params else buffers.get(n)) for n in _NOISE_SCALES
+                 if n in params or n in buffers], "_sbnn_noise_checked",
+        lambda name, nan, inf: (
+            f"{type(module).__name__}.{name} (a noise scale) holds NaN / inf values "
+            f"({nan} NaN, {inf} inf): the noise variance would be NaN and the spikes drawn "
+            "with it at random or never, silently. Restore it (a checkpoint, or "
+            "module.reset_parameters()) and remove the cause (a NaN loss or gradient: clip "
+            "the gradients, lower the noise learning rate); to skip this check for speed "
+            "use sbnn_addons.check_finite(False)"))
+
+
+def check_finite_once(module: nn.Module, tensors: list[tuple[str, Tensor | None]],
+                      cache: str, message: Callable[[str, int, int], str]) -> None:
+    """Raise ``ValueError(message(name, n_nan, n_inf))`` for the first of ``tensors``
+    (``(name, tensor)`` pairs of ``module``'s; ``None``, meta and ``torch.func``-wrapped
+    tensors skipped) that holds NaN / inf. Tested again only when a tensor's version (or
+    identity) changed since the last passing check, which ``module.__dict__[cache]``
+    remembers: one read-back per optimiser step, ``load_state_dict`` or in-place edit
+    (an edit through ``.data`` bumps none)."""
+    tensors = [(n, t) for n, t in tensors if t is not None and not t.is_meta
+               and not torch._C._functorch.is_functorch_wrapped_tensor(t)]
+    key = tuple((id(t), None if t.is_inference() else t._version) for _, t in tensors)
+    if not tensors or module.__dict__.get(cache) == key:
         return
-    for name, t in scales:
+    for name, t in tensors:
         if not bool(torch.isfinite(t.detach()).all()):
-            raise ValueError(
-                f"{type(module).__name__}.{name} (a noise scale) holds NaN / inf values "
-                f"({int(torch.isnan(t).sum())} NaN, {int(torch.isinf(t).sum())} inf): the "
-                "noise variance would be NaN and the spikes drawn with it at random or "
-                "never, silently. Restore it (a checkpoint, or module.reset_parameters()) "
-                "and remove the cause (a NaN loss or gradient: clip the gradients, lower "
-                "the noise learning rate); to skip this check for speed use "
-                "sbnn_addons.check_finite(False)")
-    module.__dict__["_sbnn_noise_checked"] = key
+            raise ValueError(message(name, int(torch.isnan(t).sum()),
+                                     int(torch.isinf(t).sum())))
+    module.__dict__[cache] = key
 
 
 def check_model_input(model: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
