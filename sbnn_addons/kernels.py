@@ -448,19 +448,29 @@ def _layout(u: Tensor, variance: Tensor) -> tuple[Tensor, int, int]:
 
 def _layout_of(u: Tensor, variance: Tensor) -> tuple[Tensor, int, int]:
     """:func:`_layout` for float32 CPU tensors (checked by the caller)."""
-    if variance.shape == u.shape:  # the common cases first: no broadcast
-        return variance.contiguous(), 1, 1
-    if variance.dim() == 0:
-        return variance, max(u.numel(), 1), 1
-    if not broadcasts_to(variance.shape, u.shape):
+    layout = _shape_layout(u.shape, variance.shape)
+    if layout is None:
         raise ValueError(
             f"variance of shape {tuple(variance.shape)} does not broadcast to the drive u of "
             f"shape {tuple(u.shape)} (it must not enlarge u)"
         )
-    layout = broadcast_layout(variance.shape, u.shape)
-    if layout is None:
-        return variance.expand_as(u).contiguous(), 1, 1
-    return variance.contiguous(), *layout
+    expand, mid, inner = layout
+    return (variance.expand_as(u) if expand else variance).contiguous(), mid, inner
+
+
+@functools.lru_cache(maxsize=1024)
+def _shape_layout(u_shape: torch.Size, var_shape: torch.Size) -> tuple[bool, int, int] | None:
+    """``(expand, mid, inner)`` of :func:`_layout_of` for these shapes (``expand``: the
+    variance is expanded to ``u``'s shape first), ``None`` where the variance does not
+    broadcast to ``u``. Cached: the kernel is called once per neuron and step."""
+    if var_shape == u_shape:  # the common cases first: no broadcast
+        return False, 1, 1
+    if len(var_shape) == 0:
+        return False, max(math.prod(u_shape), 1), 1
+    if not broadcasts_to(var_shape, u_shape, compiling=False):
+        return None
+    layout = broadcast_layout(var_shape, u_shape)
+    return (True, 1, 1) if layout is None else (False, *layout)
 
 
 def spike_forward(u: Tensor, variance: Tensor, seed: int, at_zero: bool = False,
@@ -711,32 +721,10 @@ _LIB.define("spike_forward(Tensor u, Tensor variance, bool at_zero, float? aux_o
             "-> (Tensor, Tensor)", tags=(torch.Tag.nondeterministic_seeded,))
 
 
-@functools.lru_cache(maxsize=1024)
-def _op_layout(u_shape: torch.Size, var_shape: torch.Size) -> tuple[bool, int, int] | None:
-    """``(expand, mid, inner)`` of :func:`_layout_of` for these shapes (``expand``: the
-    variance is expanded to ``u``'s shape first), ``None`` where the variance does not
-    broadcast to ``u``. Cached: the operator is called once per neuron and step."""
-    if var_shape == u_shape:
-        return False, 1, 1
-    if len(var_shape) == 0:
-        return False, max(math.prod(u_shape), 1), 1
-    if not broadcasts_to(var_shape, u_shape, compiling=False):
-        return None
-    layout = broadcast_layout(var_shape, u_shape)
-    return (True, 1, 1) if layout is None else (False, *layout)
-
-
 def _spike_forward_impl(u: Tensor, variance: Tensor, at_zero: bool,
                         aux_offset: float | None) -> tuple[Tensor, Tensor]:
-    # what _layout does, with the shapes' layout cached (a few us less per call)
-    if u.dtype != torch.float32 or variance.dtype != torch.float32 or not variance.is_cpu:
-        _layout(u, variance)  # raises the TypeError naming the tensor
     u = u.contiguous()
-    layout = _op_layout(u.shape, variance.shape)
-    if layout is None:
-        _layout_of(u, variance)  # raises the ValueError naming both shapes
-    expand, mid, inner = layout
-    var = variance.expand_as(u).contiguous() if expand else variance.contiguous()
+    var, mid, inner = _layout(u, variance)
     h = torch.empty_like(u)
     aux = (_lib if _lib is not None else _require()).sbnn_spike_forward(
         u.data_ptr(), var.data_ptr(), mid, inner, h.data_ptr(), None, u.numel(), _seed(None),
