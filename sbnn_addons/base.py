@@ -426,8 +426,11 @@ class check_finite:  # noqa: N801 (used as a function and as a context manager)
     Converted models (:func:`sbnn_addons.snntorch.to_sbnn`,
     :func:`sbnn_addons.spikingjelly.to_sbnn`) and the Bayesian layers check their input:
     a NaN or inf would otherwise train silently into NaN gradients while the spikes stay
-    finite; a converted model also checks its parameters and constant buffers, again
-    after each change of their version (an optimiser step, ``load_state_dict``).
+    finite; a converted model also checks its parameters and constant buffers (the
+    Bayesian layers, spike functions and ``LIF`` outside one their own), again after each
+    change of their version or storage (an optimiser step, ``load_state_dict``,
+    ``param.data = tensor``); an in-place edit through ``.data`` (``p.data.fill_(v)``)
+    changes neither and is not seen: edit under ``torch.no_grad()`` instead.
     :func:`~sbnn_addons.attach_variance` checks the variance it is given the
     same way (finite and >= 0), and a spike function outside a converted model (the
     drop-ins in a host model) checks its drive for NaN, and

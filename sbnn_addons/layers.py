@@ -763,7 +763,7 @@ def _check_features(x: Tensor, expected: int, dim: int, layer: str,
         _refuse_noisy_input(x, layer, module)
     check_input(x, layer)
     if module is not None:
-        check_noise_scales(module)
+        check_noise_scales(module, means=True)
     if x.dim() == 0 or x.shape[dim] != expected:
         raise_error(
             f"{layer} expects {expected} input features in dimension {dim}, got input of "
@@ -974,7 +974,7 @@ class _BayesConv(_BayesMixin):
         _check_like_weight(x, self, type(self).__name__)
         _refuse_noisy_input(x, type(self).__name__, self)
         check_input(x, type(self).__name__)
-        check_noise_scales(self)
+        check_noise_scales(self, means=True)
         if x.dim() not in (n + 1, n + 2) or x.shape[-n - 1] != self.in_channels:
             raise_error(
                 f"{type(self).__name__} expects input [N, {self.in_channels}, ...] with "

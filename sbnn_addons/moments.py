@@ -2241,34 +2241,44 @@ def _traced_in_checked_model() -> bool:
 
 #: The noise scales of a Bayesian layer or spike function (a parameter or a buffer).
 _NOISE_SCALES = ("std_rho", "fixed_std", "bias_std_rho")
+#: The posterior means of a Bayesian layer (``*_orig``: those of a layer pruned with
+#: ``torch.nn.utils.prune``, whose ``weight`` is recomputed from it at each call).
+_MEANS = ("weight", "bias", "weight_orig", "bias_orig")
 
 
-def check_noise_scales(module: nn.Module) -> None:
+def check_noise_scales(module: nn.Module, *, means: bool = False) -> None:
     """Raise if a noise scale of ``module`` (a Bayesian layer's or a spike function's
     ``std_rho``, ``fixed_std``, ``bias_std_rho``) holds NaN / inf: its variance would be
-    NaN, and the spikes drawn with it at random or never, silently. Skipped where
-    :class:`~sbnn_addons.check_finite` is off, while ``torch.compile`` traces, and inside
-    a converted model (:func:`check_model_parameters` checks them at its entry). Each
-    scale is tested again only when its version changed (an optimiser step,
-    ``load_state_dict``, an in-place edit; an edit through ``.data`` bumps none): on an
-    accelerator one read-back per change.
+    NaN, and the spikes drawn with it at random or never, silently. With ``means``, the
+    posterior means (a Bayesian layer's ``weight`` and ``bias``) too: every output they
+    reach would be NaN / inf. Skipped where :class:`~sbnn_addons.check_finite` is off,
+    while ``torch.compile`` traces, and inside a converted model
+    (:func:`check_model_parameters` checks them at its entry). Each tensor is tested again
+    only when its version or storage changed (an optimiser step, ``load_state_dict``, an
+    in-place edit, ``param.data = ...``; an in-place edit of ``param.data`` is not seen):
+    on an accelerator one read-back per change.
 
     Raises:
-        ValueError: naming the module, the scale and the fix.
+        ValueError: naming the module, the tensor and the fix.
     """
     if not check_finite.enabled() or torch.compiler.is_compiling() or in_checked_model():
         return
     params, buffers = module._parameters, module._buffers
+    names = _NOISE_SCALES + _MEANS if means else _NOISE_SCALES
     check_finite_once(
-        module, [(n, params[n] if n in params else buffers.get(n)) for n in _NOISE_SCALES
+        module, [(n, params[n] if n in params else buffers.get(n)) for n in names
                  if n in params or n in buffers], "_sbnn_noise_checked",
         lambda name, nan, inf: (
-            f"{type(module).__name__}.{name} (a noise scale) holds NaN / inf values "
-            f"({nan} NaN, {inf} inf): the noise variance would be NaN and the spikes drawn "
-            "with it at random or never, silently. Restore it (a checkpoint, or "
-            "module.reset_parameters()) and remove the cause (a NaN loss or gradient: clip "
-            "the gradients, lower the noise learning rate); to skip this check for speed "
-            "use sbnn_addons.check_finite(False)"))
+            f"{type(module).__name__}.{name} "
+            f"({'the posterior mean' if name in _MEANS else 'a noise scale'}) holds NaN / "
+            f"inf values ({nan} NaN, {inf} inf): "
+            + ("every output it reaches would be NaN / inf and train on into NaN "
+               "gradients, silently" if name in _MEANS else
+               "the noise variance would be NaN and the spikes drawn with it at random or "
+               "never, silently")
+            + ". Restore it (a checkpoint, or module.reset_parameters()) and remove the "
+            "cause (a NaN loss or gradient: clip the gradients, lower the learning rate); "
+            "to skip this check for speed use sbnn_addons.check_finite(False)"))
 
 
 def check_finite_once(module: nn.Module, tensors: list[tuple[str, Tensor | None]],
@@ -2277,11 +2287,13 @@ def check_finite_once(module: nn.Module, tensors: list[tuple[str, Tensor | None]
     (``(name, tensor)`` pairs of ``module``'s; ``None``, meta and ``torch.func``-wrapped
     tensors skipped) that holds NaN / inf. Tested again only when a tensor's version (or
     identity) changed since the last passing check, which ``module.__dict__[cache]``
-    remembers: one read-back per optimiser step, ``load_state_dict`` or in-place edit
-    (an edit through ``.data`` bumps none)."""
+    remembers: one read-back per optimiser step, ``load_state_dict``, in-place edit or
+    new storage (``param.data = ...``, ``module.to(...)``); an in-place edit of
+    ``param.data`` bumps no version and is not seen."""
     tensors = [(n, t) for n, t in tensors if t is not None and not t.is_meta
                and not torch._C._functorch.is_functorch_wrapped_tensor(t)]
-    key = tuple((id(t), None if t.is_inference() else t._version) for _, t in tensors)
+    key = tuple((id(t), t.data_ptr(), None if t.is_inference() else t._version)
+                for _, t in tensors)
     if not tensors or module.__dict__.get(cache) == key:
         return
     for name, t in tensors:
@@ -2338,7 +2350,8 @@ def check_model_parameters(model: nn.Module, state: dict) -> None:
     (NaN only for a threshold: an infinite one is a readout that never fires):
     a NaN weight or noise scale fires no spike and trains on into NaN gradients while the
     model's input and output stay finite. The tensors are tested again only when one's
-    version changed (an optimiser step, ``load_state_dict``, an in-place edit): one
+    version or storage changed (an optimiser step, ``load_state_dict``, an in-place edit,
+    ``param.data = ...``; an in-place edit of ``param.data`` is not seen): one
     reduction per tensor and, on an accelerator, one read-back per such call. The model's
     tensors are listed again after each ``torch.optim`` step. ``state``: the model's
     flow state (the list and the versions found finite are kept there).
@@ -2351,7 +2364,8 @@ def check_model_parameters(model: nn.Module, state: dict) -> None:
     entry = state.get("finite")
     if entry is None or entry[0] != OPTIMIZER_STEPS[0]:
         entry = state["finite"] = [OPTIMIZER_STEPS[0], _checked_tensors(model), None]
-    versions = tuple(t._version for _, t in entry[1])
+    # the storage too: ``param.data = ...`` (``model.to(...)``) moves no version counter
+    versions = tuple((t._version, t.data_ptr()) for _, t in entry[1])
     if versions == entry[2]:
         return
     tensors = entry[1]

@@ -1377,6 +1377,20 @@ def test_a_converted_model_names_a_nan_parameter(host, name):
         call()  # the documented switch
 
 
+@pytest.mark.parametrize("name", ["0.weight", "2.std_rho"])
+def test_a_converted_models_parameter_replaced_through_data_is_named(name):
+    """``param.data = tensor`` (as ``model.to(...)`` does) moves no version counter: a NaN
+    tensor put there was never checked and silenced the neurons. The storage is part of
+    what the check remembers."""
+    model, x = _calibration_model(), torch.rand(4, 3, 16)
+    _steps(model, x)
+    sbnn_snn.reset(model)
+    param = dict(model.named_parameters())[name]
+    param.data = torch.full_like(param, math.nan)
+    with pytest.raises(ValueError, match=rf"parameter {name!r} of the converted model"):
+        _steps(model, x)
+
+
 def test_spike_monitor_read_before_it_ran_is_named():
     """A monitor read without a `with` block around the forward reported a rate of 0 for
     every layer (and 0 spikes, 0 SynOps), silently."""

@@ -1277,3 +1277,41 @@ def test_channel_affine_on_meta_loads_a_batchnorm_checkpoint_with_assign():
     assert not affine[0].weight.is_meta and not affine[0].bias.is_meta
     torch.testing.assert_close(affine[0].weight, ref.weight)
     torch.testing.assert_close(affine[0].bias, ref.bias)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.parametrize("name", ["weight", "bias"])
+@pytest.mark.parametrize("make, shape", [
+    (lambda: BayesLinear(4, 3), (2, 4)),
+    (lambda: BayesConv1d(2, 3, 3), (1, 2, 5)),
+    (lambda: BayesConv2d(2, 3, 3), (1, 2, 5, 5)),
+])
+def test_a_nonfinite_posterior_mean_is_named(make, shape, name, value):
+    """A NaN / inf weight or bias mean of a layer used alone (stepped in by an optimiser,
+    loaded from a corrupt checkpoint) passed NaN through, silently: it is named at the
+    next call, tested again only when the parameter changed; check_finite(False) skips."""
+    layer, x = make(), torch.rand(shape)
+    layer(x)
+    with torch.no_grad():
+        getattr(layer, name).view(-1)[0] = value
+    with pytest.raises(ValueError, match=rf"{type(layer).__name__}\.{name} \(the posterior "
+                                         r"mean\) holds .*check_finite\(False\)"):
+        layer(x)
+    with sb.check_finite(False):
+        layer(x)
+
+
+def test_a_posterior_mean_or_noise_scale_replaced_through_data_is_checked():
+    """``param.data = tensor`` (and ``model.to(...)``, which assigns ``.data``) moves no
+    version counter: the replaced tensor is checked all the same (the key holds its
+    storage)."""
+    layer, x = BayesLinear(4, 3), torch.rand(2, 4)
+    layer(x)
+    layer.weight.data = torch.full_like(layer.weight, math.nan)
+    with pytest.raises(ValueError, match=r"BayesLinear\.weight \(the posterior mean\)"):
+        layer(x)
+    layer.reset_parameters()
+    layer(x)
+    layer.std_rho.data = torch.full_like(layer.std_rho, math.nan)
+    with pytest.raises(ValueError, match=r"BayesLinear\.std_rho \(a noise scale\)"):
+        layer(x)
