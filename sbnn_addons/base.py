@@ -7,6 +7,7 @@ import copy
 import fnmatch
 import functools
 import math
+import operator
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import NoReturn
@@ -94,6 +95,20 @@ def cached_tensor_test(owner: object, name: str, tensor: Tensor,
     if cached is None or cached[0] != key:
         cached = owner.__dict__[name] = (key, bool(test(tensor)))
     return cached[1]
+
+
+def as_int(value) -> int | None:
+    """``value`` as a Python int where it is an integer: an ``int``, a NumPy integer or a
+    0-d integer tensor (a count from ``np.arange`` or ``torch.randint``); ``None`` for
+    anything else (a bool, whose ``True`` would count as 1, a float, a string, a tensor
+    with a dimension), for the caller to name."""
+    if isinstance(value, bool) or (isinstance(value, Tensor) and (
+            value.dim() or value.dtype == torch.bool)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def check_flag(name: str, value) -> bool:

@@ -71,7 +71,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .base import positive_int
+from .base import as_int, positive_int
 from .estimators import AGR, IWST, ST, BernoulliSpike, Estimator, get_estimator
 from .functional import apply_function
 
@@ -254,14 +254,16 @@ def make_network(
         raise ValueError(f"neuron must be 'binary' or 'lif', got {neuron!r}")
     if len(sizes) < 3:
         raise ValueError("sizes must be (n_in, n_1, ..., n_L, C) with at least one hidden layer")
-    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+    if any((n := as_int(size)) is None or n < 1 for size in sizes):
         raise ValueError(f"every size must be an integer >= 1, got {tuple(sizes)}")
+    sizes = [as_int(size) for size in sizes]
     spiking = neuron == "lif"
     steps = (3 if spiking else 1) if steps is None else steps
-    if (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
-            or (not spiking and steps != 1)):  # 2.5 ran 2 steps, True 1
+    if ((count := as_int(steps)) is None or count < 1
+            or (not spiking and count != 1)):  # 2.5 ran 2 steps, True 1
         raise ValueError(f"steps must be an integer >= 1 (and 1 for binary units), got "
                          f"{steps!r}")
+    steps = count
     if not -math.inf < weight_scale < math.inf:
         raise ValueError(f"weight_scale must be a finite number, got {weight_scale}")
     units = steps * sum(sizes[1:-1])
@@ -288,8 +290,9 @@ def make_network(
 
 def make_inputs(net: ToyNetwork, batch: int = 4, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Inputs ``x [B, T, n_in] ~ N(0, 1)`` (constant over time) and labels ``y [B]``."""
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+    if (count := as_int(batch)) is None or count < 1:
         raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+    batch = count
     g = torch.Generator().manual_seed(seed + 10_000)
     n_in, classes = net.weights[0].shape[1], net.weights[-1].shape[0]
     x = torch.randn(batch, 1, n_in, generator=g, dtype=net.dtype).expand(-1, net.steps, -1)
@@ -473,8 +476,9 @@ def sample_gradients(net: ToyNetwork, x: Tensor, y: Tensor, estimator: str | Est
     Function), so this checks the library's backward, not the enumeration formulas.
     """
     _check_xy(net, x, y)
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+    if (count := as_int(num_samples)) is None or count < 1:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    num_samples = count
     est = get_estimator(estimator)
     batch = x.shape[0]
     items = num_samples * batch
@@ -572,10 +576,11 @@ def compare(net: ToyNetwork, x: Tensor, y: Tensor,
 _METRICS = ("bias", "variance", "cosine", "rel_bias", "rel_error", "grad_norm", "mean_abs_z")
 
 
-def _check_networks(networks) -> None:
-    if isinstance(networks, bool) or not isinstance(networks, int) or networks < 1:
+def _check_networks(networks) -> int:
+    if (count := as_int(networks)) is None or count < 1:
         raise ValueError(f"networks must be an integer >= 1 (random networks per point), "
                          f"got {networks!r}")
+    return count
 
 
 def _averaged(configs, rules, batch, seed) -> list[dict]:
@@ -606,7 +611,7 @@ def sweep_noise(scales: Sequence[float] = (0.25, 0.5, 1, 2, 4, 8), *, neuron: st
 
     Each row is averaged over ``networks`` random networks; ``mean_abs_z`` is exact.
     """
-    _check_networks(networks)
+    networks = _check_networks(networks)
     configs = []
     for s in scales:
         for k in range(networks):
@@ -622,7 +627,7 @@ def sweep_depth(depths: Sequence[int] = (1, 2, 3, 4), *, neuron: str = "binary",
                 networks: int = 4, batch: int = 4, seed: int = 0,
                 rules: dict[str, Rule] | None = None) -> list[dict]:
     """Metrics against the number of hidden layers at a fixed weight scale."""
-    _check_networks(networks)
+    networks = _check_networks(networks)
     configs = []
     for d in depths:
         for k in range(networks):

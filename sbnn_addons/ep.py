@@ -46,7 +46,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import check_flag
+from .base import as_int, check_flag
 from .data.randman import TASK_DEFAULTS as RANDMAN_DEFAULTS
 from .layers import BayesLinear
 from .neurons import LIF
@@ -346,11 +346,10 @@ class EPNetwork(nn.Module):
             sizes, loaded = _parse_modules(layers, self.bias, dtype)
         else:
             sizes = list(layers)
-            if len(sizes) < 2 or any(
-                isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes
-            ):
+            if len(sizes) < 2 or any((n := as_int(s)) is None or n < 1 for s in sizes):
                 raise ValueError(f"layers must be >= 2 positive integer sizes [in, ..., out], "
                                  f"got {layers!r}")
+            sizes = [as_int(s) for s in sizes]
         self.sizes = sizes
         gen = torch.Generator().manual_seed(seed)
         extra = 1 if self.bias else 0
@@ -726,9 +725,9 @@ class EPTrainer:
         self.network = network
         self.damping = _check_damping(damping)
         self.var_floor = _check_positive("var_floor", var_floor)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if (size := as_int(batch_size)) is None or size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        self.batch_size = batch_size
+        self.batch_size = size
         self.generator = torch.Generator().manual_seed(seed)
 
     def epoch(self, x: Tensor, y: Tensor) -> float:
@@ -798,8 +797,9 @@ def train(
                         f"{sorted(network_kwargs)}")
     trainer = EPTrainer(network, damping=damping, var_floor=var_floor,
                         batch_size=batch_size, seed=seed)
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+    if (count := as_int(epochs)) is None or count < 0:
         raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
+    epochs = count
     if y_test is not None:
         _check_test_labels(y_test, network._input(x_test).shape[0], network.sizes[-1])
     curve = []

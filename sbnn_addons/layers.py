@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from . import kernels
 from .base import (
     SBNNModule,
+    as_int,
     cached_tensor_test,
     check_device,
     check_finite,
@@ -579,7 +580,7 @@ class _BayesMixin(SBNNModule):
                 distribution ``prior`` whose shape does not fit the weight (or the noisy
                 bias) element by element.
         """
-        check_kl_samples(num_samples)
+        num_samples = check_kl_samples(num_samples)
         std = self.std
         if (not self.learn_std and not torch.compiler.is_compiling() and not std.is_meta
                 and bool((std == 0).any())):
@@ -626,12 +627,14 @@ def _variance_kept(module: _BayesMixin, args, output) -> None:
         "it), or register the hook on the module after the layer", VarianceFlowError)
 
 
-def check_kl_samples(num_samples) -> None:
-    """``num_samples`` of a Monte Carlo KL: an integer >= 1 (0 samples gave a reshape
-    error, a float a ``torch.Size`` error)."""
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+def check_kl_samples(num_samples) -> int:
+    """``num_samples`` of a Monte Carlo KL as an int: an integer >= 1 (0 samples gave a
+    reshape error, a float a ``torch.Size`` error)."""
+    value = as_int(num_samples)
+    if value is None or value < 1:
         raise ValueError(f"num_samples (Monte Carlo samples of the KL) must be an integer "
                          f">= 1, got {num_samples!r}")
+    return value
 
 
 def _prior_tensors(dist: torch.distributions.Distribution, depth: int = 3) -> list[Tensor]:

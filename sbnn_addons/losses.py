@@ -132,7 +132,7 @@ def kl_divergence(model: nn.Module, prior=None, num_samples: int = 16) -> Tensor
         num_samples: Monte Carlo samples for priors without a closed-form KL.
     """
     check_module(model, "kl_divergence")
-    check_kl_samples(num_samples)
+    num_samples = check_kl_samples(num_samples)
     layers = [m for m in _modules(model) if is_bayesian(m)]  # also after a compiled forward
     if not layers:
         raise ValueError("model contains no Bayesian layer; convert it first")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .base import check_flag, check_module
+from .base import as_int, check_flag, check_module
 from .tensors import is_binary
 
 __all__ = ["check_probabilities", "negative_log_likelihood", "brier_score",
@@ -81,11 +81,13 @@ def _has_values(t: Tensor) -> bool:
     return bool(t.numel()) and not t.is_meta
 
 
-def _check_bins(name: str, value) -> None:
-    """Raise ``ValueError`` unless ``value`` (a number of histogram or calibration bins)
-    is an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def _check_bins(name: str, value) -> int:
+    """``value`` (a number of histogram or calibration bins) as an int; ``ValueError``
+    unless it is an integer >= 1."""
+    count = as_int(value)
+    if count is None or count < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return count
 
 
 def _at_least_float32(probs: Tensor) -> Tensor:
@@ -124,7 +126,7 @@ def expected_calibration_error(probs: Tensor, targets: Tensor, n_bins: int = 15)
     """ECE with ``n_bins`` equal-width confidence bins (torchmetrics, L1 norm); 0 for one
     class (every prediction right with confidence 1)."""
     check_probabilities(probs, targets)
-    _check_bins("n_bins", n_bins)
+    n_bins = _check_bins("n_bins", n_bins)
     if probs.shape[1] == 1:  # confidence 1, always right (torchmetrics refuses one class)
         return torch.zeros((), dtype=torch.float32, device=probs.device)
     from torchmetrics.functional.classification import multiclass_calibration_error
@@ -169,7 +171,7 @@ def adaptive_calibration_error(probs: Tensor, targets: Tensor, n_bins: int = 15)
         Scalar tensor (float32 for half-precision ``probs``).
     """
     check_probabilities(probs, targets)
-    _check_bins("n_bins", n_bins)
+    n_bins = _check_bins("n_bins", n_bins)
     probs = _at_least_float32(probs)
     n = probs.shape[0]
     conf, pred = probs.max(-1)

@@ -28,6 +28,7 @@ from . import kernels
 from . import moments as _moments
 from .base import (
     SBNNModule,
+    as_int,
     cached_tensor_test,
     call_eagerly,
     check_device,
@@ -1007,8 +1008,9 @@ def spike_seed(seed: int, index: int) -> int:
     seed = check_seed(seed)
     if seed is None:
         raise TypeError("spike_seed(seed, index) needs an integer seed, got None")
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < SEED_LIMIT:
+    if (value := as_int(index)) is None or not 0 <= value < SEED_LIMIT:
         raise ValueError(f"index must be an integer in [0, 2**32), got {index!r}")
+    index = value
     mask = (1 << 64) - 1
     z = ((seed << 32) + index + 0x9E3779B97F4A7C15) & mask
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .base import MODES, SBNNModule, check_flag, check_input, check_module
+from .base import MODES, SBNNModule, as_int, check_flag, check_input, check_module
 from .metrics import (
     SpikeMonitor,
     _at_least_float32,
@@ -520,9 +520,11 @@ def _legacy_call(forward_fn: Callable[[], Tensor], model: nn.Module,
     return pred.probs
 
 
-def _check_num_samples(num_samples) -> None:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+def _check_num_samples(num_samples) -> int:
+    value = as_int(num_samples)
+    if value is None or value < 1:
         raise ValueError(f"num_samples (K) must be an integer >= 1, got {num_samples!r}")
+    return value
 
 
 def mc_predict(
@@ -647,7 +649,7 @@ def mc_predict(
     if (not isinstance(model, nn.Module) and callable(model)
             and isinstance(inputs, nn.Module)):
         return _legacy_call(model, inputs, num_samples)
-    _check_num_samples(num_samples)
+    num_samples = _check_num_samples(num_samples)
     check_module(model, "mc_predict")
     for name, fn in (("forward", forward), ("reset", reset)):
         if fn is not None and not callable(fn):
@@ -658,8 +660,9 @@ def mc_predict(
         check_flag(name, value) for name, value in (
             ("fold", fold), ("return_samples", return_samples),
             ("count_spikes", count_spikes), ("synops", synops)))
-    if isinstance(batch_dim, bool) or not isinstance(batch_dim, int):
+    if (index := as_int(batch_dim)) is None:
         raise TypeError(f"batch_dim must be an int, got {batch_dim!r}")
+    batch_dim = index
     _check_inputs(inputs, forward is not None)
     if count_spikes and on_meta(model, inputs):
         raise ValueError(
@@ -749,9 +752,9 @@ def _run(model: nn.Module, inputs, num_samples: int, *, seed, forward, reset, ch
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     if chunk_size is None:
         chunk_size = num_samples if fold else 1
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if (size := as_int(chunk_size)) is None or size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
-    chunk_size = min(chunk_size, num_samples)
+    chunk_size = min(size, num_samples)
     forward = forward if forward is not None else (lambda m, x: m(x))
     reset = reset if reset is not None else default_reset(model)
     if fold:
@@ -896,8 +899,9 @@ def metrics_vs_samples(
         ks = sorted({2 ** i for i in range(int(math.log2(big_k)) + 1)} | {big_k})
     out: dict[str, list[float]] = {"k": [], "accuracy": [], "nll": [], "ece": []}
     for k in ks:
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= big_k:
+        if (count := as_int(k)) is None or not 1 <= count <= big_k:
             raise ValueError(f"every k must be an integer in [1, K={big_k}], got {k!r}")
+        k = count
         probs = sample_probs[:k].mean(0)
         check_probabilities(probs, targets)
         out["k"].append(k)
@@ -956,7 +960,7 @@ def plot_reliability(probs: Tensor, targets: Tensor, path, n_bins: int = 15,
         The written path.
     """
     check_probabilities(probs, targets)
-    _check_bins("n_bins", n_bins)
+    n_bins = _check_bins("n_bins", n_bins)
     plt = _pyplot()
     edges, count, acc, mean_conf = _reliability_bins(probs, targets, n_bins)
     ece = float(expected_calibration_error(probs, targets, n_bins))
@@ -986,7 +990,7 @@ def plot_entropy_histograms(scores_in: Tensor, scores_out: Tensor, path,
     AUROC and FPR@95%TPR (:func:`sbnn_addons.metrics.ood_metrics`) in the title."""
     from .metrics import ood_metrics
 
-    _check_bins("bins", bins)
+    bins = _check_bins("bins", bins)
     plt = _pyplot()
     m = ood_metrics(scores_in, scores_out)
     a, b = scores_in.detach().double().cpu(), scores_out.detach().double().cpu()

@@ -777,6 +777,55 @@ def test_numpy_and_torch_bools_are_flags():
     assert sb.IWSTSpike("st", at_zero=torch.tensor(True)).at_zero is True
 
 
+def _diagnostics():
+    from sbnn_addons import diagnostics
+
+    return diagnostics
+
+
+def _counts_net():
+    torch.manual_seed(0)
+    return nn.Sequential(sb.BayesLinear(4, 3), sb.IWSTSpike("st", std=0.3), nn.Linear(3, 2))
+
+
+@pytest.mark.parametrize("call", [
+    lambda n: sb.mc_predict(_counts_net(), torch.rand(2, 4), n),
+    lambda n: sb.mc_predict(_counts_net(), torch.rand(2, 4), 2, chunk_size=n),
+    lambda n: sb.mc_predict(_counts_net(), torch.rand(2, 4), 2, fold=True, batch_dim=n - 2),
+    lambda n: sb.uncertainty.metrics_vs_samples(torch.full((2, 2, 2), 0.5),
+                                                torch.tensor([0, 1]), [n]),
+    lambda n: sb.uncertainty.metrics_vs_samples(torch.full((2, 2, 2), 0.5),
+                                                torch.tensor([0, 1]), n_bins=n),
+    lambda n: sb.metrics.expected_calibration_error(torch.full((2, 2), 0.5),
+                                                   torch.tensor([0, 1]), n_bins=n),
+    lambda n: sb.metrics.adaptive_calibration_error(torch.full((2, 2), 0.5),
+                                                    torch.tensor([0, 1]), n_bins=n),
+    lambda n: sb.BayesLinear(3, 2).kl_divergence(sb.scale_mixture_prior(), num_samples=n),
+    lambda n: sb.spike_seed(0, n),
+    lambda n: _diagnostics().make_network([2, n, 2]),
+    lambda n: _diagnostics().make_network([2, 2, 2], neuron="lif", steps=n),
+    lambda n: _diagnostics().make_inputs(_diagnostics().make_network([2, 2, 2]), batch=n),
+    lambda n: _ep().EPNetwork([4, n]),
+    lambda n: _ep().EPTrainer(_ep().EPNetwork([4, 2]), batch_size=n),
+])
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+@pytest.mark.filterwarnings("ignore:mc_predict. the 2 passes gave identical")
+def test_numpy_and_torch_integers_are_counts(call, kind):
+    """A count from NumPy or a 0-d integer tensor (``for k in np.arange(1, 5)``) was
+    refused with "must be an integer >= 1, got np.int64(2)", an error naming an integer
+    as not one."""
+    import numpy as np
+
+    call(np.int64(2) if kind == "numpy" else torch.tensor(2))
+
+
+@pytest.mark.parametrize("value", [True, 2.0, torch.tensor(2.0), torch.tensor([2]),
+                                   torch.tensor(True)])
+def test_a_count_that_is_not_an_integer_is_still_named(value):
+    with pytest.raises(ValueError, match=r"num_samples \(K\) must be an integer >= 1"):
+        sb.mc_predict(_counts_net(), torch.rand(2, 4), value)
+
+
 def test_std_shape_and_nll_eps_are_checked():
     """std_shape=5 failed with "'int' object is not iterable"; an eps <= 0 in the NLL
     clamped nothing (a probability of 0 gave an infinite loss)."""
