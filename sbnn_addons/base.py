@@ -7,6 +7,7 @@ import copy
 import fnmatch
 import functools
 import math
+import numbers
 import operator
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -109,6 +110,15 @@ def as_int(value) -> int | None:
         return operator.index(value)
     except TypeError:
         return None
+
+
+def as_float(value) -> float | None:
+    """``value`` as a Python float where it is a real number: an ``int``, a ``float`` or a
+    NumPy number (``np.float32`` from an array); ``None`` for anything else (a bool, a
+    string, a tensor), for the caller to name."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
 
 
 def check_flag(name: str, value) -> bool:
@@ -220,9 +230,9 @@ def check_std(name: str, value, *, allow_zero: bool) -> float:
                 f"{name} must be one number, got a tensor of shape {tuple(value.shape)}; "
                 "std_mode='channel' / 'weight' start every std at the one value given")
         value = float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if (number := as_float(value)) is None:
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    value = number
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     if value * value > _FLOAT32_MAX:

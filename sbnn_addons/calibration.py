@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .base import check_module, inverse_softplus
+from .base import as_float, check_module, inverse_softplus
 from .metrics import SpikeMonitor
 from .spike import IWSTSpike, check_seed, seed_spikes
 from .uncertainty import (
@@ -142,14 +142,14 @@ def calibrate_spike_std(
         if fn is not None and not callable(fn):
             raise TypeError(f"calibrate_spike_std: {name} must be a callable or None, got "
                             f"{type(fn).__name__}")
-    if not (isinstance(max_rate_increase, (int, float)) and max_rate_increase >= 0
-            and not isinstance(max_rate_increase, bool) and math.isfinite(max_rate_increase)):
+    if (increase := as_float(max_rate_increase)) is None or not (
+            increase >= 0 and math.isfinite(increase)):
         raise ValueError(f"calibrate_spike_std: max_rate_increase must be a finite number "
                          f">= 0, got {max_rate_increase!r}")
-    if not (isinstance(min_factor, (int, float)) and not isinstance(min_factor, bool)
-            and 0 < min_factor <= 1):
+    if (smallest := as_float(min_factor)) is None or not 0 < smallest <= 1:
         raise ValueError(f"calibrate_spike_std: min_factor must be in (0, 1], got "
                          f"{min_factor!r}")
+    max_rate_increase, min_factor = increase, smallest
     seed = _check_calibration_seed(seed)
     if on_meta(model, inputs):
         raise ValueError(

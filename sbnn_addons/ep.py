@@ -46,7 +46,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import as_int, check_flag
+from .base import as_float, as_int, check_flag
 from .data.randman import TASK_DEFAULTS as RANDMAN_DEFAULTS
 from .layers import BayesLinear
 from .neurons import LIF
@@ -95,9 +95,9 @@ def _check_data(name: str, x: Tensor) -> Tensor:
 
 
 def _check_damping(damping) -> float:
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)):
+    if (number := as_float(damping)) is None:
         raise TypeError(f"damping must be a real number in (0, 1], got {type(damping).__name__}")
-    damping = float(damping)
+    damping = number
     if not (0.0 < damping <= 1.0):
         raise ValueError(
             f"damping must be in (0, 1] (1 = undamped moment matching), got {damping}"
@@ -106,9 +106,9 @@ def _check_damping(damping) -> float:
 
 
 def _check_positive(name: str, value, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if (number := as_float(value)) is None:
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    value = number
     ok = value >= 0 if allow_zero else value > 0
     if not math.isfinite(value) or not ok:
         raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, "

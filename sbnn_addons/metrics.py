@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .base import as_int, check_flag, check_module
+from .base import as_float, as_int, check_flag, check_module
 from .tensors import is_binary
 
 __all__ = ["check_probabilities", "negative_log_likelihood", "brier_score",
@@ -33,8 +33,9 @@ def check_probabilities(probs: Tensor, targets: Tensor, atol: float = 1e-4) -> N
             ``atol``, or the dtype's rounding over ``C`` terms), or an ``atol`` that is not
             a finite number >= 0.
     """
-    if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not 0 <= atol < math.inf:
+    if (tolerance := as_float(atol)) is None or not 0 <= tolerance < math.inf:
         raise ValueError(f"atol must be a finite number >= 0, got {atol!r}")
+    atol = tolerance
     for name, value in (("probs", probs), ("targets", targets)):
         if not isinstance(value, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}; "
@@ -107,10 +108,12 @@ def negative_log_likelihood(probs: Tensor, targets: Tensor, eps: float | None = 
     probs = _at_least_float32(probs)
     if eps is None:
         eps = torch.finfo(probs.dtype).tiny
-    elif isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+    elif (floor := as_float(eps)) is None or not 0 < floor < 1:
         # eps <= 0 clamped nothing: a probability of 0 gave an infinite NLL
         raise ValueError(f"eps must be a number in (0, 1) (what a probability of 0 counts "
                          f"as) or None, got {eps!r}")
+    else:
+        eps = floor
     return -probs.gather(1, targets.long()[:, None]).clamp_min(eps).log().mean()
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .base import check_module
+from .base import as_float, check_module
 
 __all__ = ["NOISE_SUFFIX", "is_noise_parameter", "noise_parameters", "param_groups"]
 
@@ -471,8 +471,7 @@ def noise_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
 
 
 def _check_lr(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            0 < value < float("inf")):
+    if (number := as_float(value)) is None or not 0 < number < float("inf"):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 

@@ -28,6 +28,7 @@ from . import kernels
 from . import moments as _moments
 from .base import (
     SBNNModule,
+    as_float,
     as_int,
     cached_tensor_test,
     call_eagerly,
@@ -111,11 +112,11 @@ def check_aux_pull(value) -> float:
         TypeError: not a real number.
         ValueError: negative or not finite.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if (number := as_float(value)) is None:
         raise TypeError(f"aux_pull must be a number >= 0, got {type(value).__name__}")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"aux_pull must be a finite number >= 0, got {value}")
-    return float(value)
+    if not (math.isfinite(number) and number >= 0):
+        raise ValueError(f"aux_pull must be a finite number >= 0, got {number}")
+    return number
 
 
 def relative_spike_std(spike_std: float | None, threshold: float) -> float | None:

@@ -56,6 +56,7 @@ import contextlib
 import copy
 import functools
 import math
+import numbers
 import sys
 from collections.abc import Iterable, Iterator
 
@@ -195,7 +196,7 @@ class SJSpike(IWSTSpike):
         threshold = node.v_threshold
         if isinstance(threshold, Tensor):  # a learned one (nn.Parameter): its value now
             threshold = threshold_value(threshold)
-        if isinstance(threshold, (int, float)) and float(threshold) != self.threshold:
+        if isinstance(threshold, numbers.Real) and float(threshold) != self.threshold:
             # v_threshold changed after the conversion (e.g. set to inf for a membrane
             # readout, an optimiser's step of a learned one): the auxiliary terms' centre
             # and their finite-threshold test read it

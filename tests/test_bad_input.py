@@ -826,6 +826,34 @@ def test_a_count_that_is_not_an_integer_is_still_named(value):
         sb.mc_predict(_counts_net(), torch.rand(2, 4), value)
 
 
+def _counts_calibration():
+    torch.manual_seed(0)
+    return nn.Sequential(sb.BayesLinear(4, 3), sb.IWSTSpike("st", std=0.3))
+
+
+@pytest.mark.parametrize("call", [
+    lambda v: sb.BayesLinear(3, 2, std=v),
+    lambda v: sb.BayesConv2d(1, 2, 3, std=v, learn_std=False),
+    lambda v: sb.IWSTSpike("st", std=v),
+    lambda v: sb.IWSTSpike("st", aux_pull=v),
+    lambda v: sb.param_groups(sb.BayesLinear(3, 2), lr=v, noise_lr=v),
+    lambda v: sb.metrics.check_probabilities(torch.full((2, 2), 0.5), torch.tensor([0, 1]),
+                                             atol=v),
+    lambda v: sb.metrics.negative_log_likelihood(torch.full((2, 2), 0.5),
+                                                 torch.tensor([0, 1]), eps=v),
+    lambda v: sb.calibrate_spike_std(_counts_calibration(), torch.rand(2, 4),
+                                     max_rate_increase=v, min_factor=v),
+    lambda v: _ep().EPTrainer(_ep().EPNetwork([4, 2]), damping=v, var_floor=v),
+])
+@pytest.mark.filterwarnings("ignore:calibrate_spike_std. at the smallest factor")
+def test_numpy_reals_are_numbers(call):
+    """A float32 from NumPy (a hyper-parameter read from an array) was refused with "std
+    must be a real number, got float32", an error naming a real number as not one."""
+    import numpy as np
+
+    call(np.float32(0.25))
+
+
 def test_std_shape_and_nll_eps_are_checked():
     """std_shape=5 failed with "'int' object is not iterable"; an eps <= 0 in the NLL
     clamped nothing (a probability of 0 gave an infinite loss)."""

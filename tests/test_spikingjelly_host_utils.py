@@ -1234,3 +1234,16 @@ def test_a_pre_hook_that_runs_before_the_conversions_own_rescales_the_variance(s
             net(x)
     finally:
         handle.remove()
+
+
+def test_a_numpy_threshold_set_after_the_conversion_reaches_the_spike_function():
+    """``node.v_threshold = np.float32(0.5)`` after the conversion (SpikingJelly runs with
+    it) was ignored by the spike function, whose auxiliary terms stayed centred on the
+    threshold at conversion, silently."""
+    import numpy as np
+
+    net = sbnn_sj.to_sbnn(nn.Sequential(layer.Linear(8, 6), neuron.LIFNode(),
+                                        layer.Linear(6, 3), neuron.LIFNode()))
+    net[1].v_threshold = np.float32(0.5)
+    net(torch.rand(2, 8))
+    assert net[1].surrogate_function.threshold == 0.5
