@@ -593,6 +593,19 @@ def test_an_empty_sequence_is_named(make, x):
         make()(x)
 
 
+@pytest.mark.parametrize("make, x", [
+    (tiny_dvs, torch.rand(B, T, 2, 16, 16)),
+    (tiny_shd, torch.rand(B, T, 40)),
+])
+def test_a_batch_first_sequence_is_named(make, x):
+    """A batch-first input [B, T, ...] of a network with one norm per step was answered
+    with "build it with num_steps=B", a fix that gives a network of the wrong length."""
+    with pytest.raises(ValueError, match=r"batch-first .*x\.transpose\(0, 1\)"):
+        make()(x)
+    with pytest.raises(ValueError, match=rf"build it with num_steps={T + 1}$"):
+        make()(torch.rand(T + 1, *x.shape[2:]).unsqueeze(1).expand(-1, B, *x.shape[2:]))
+
+
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 @pytest.mark.parametrize("make, match", [
     (lambda: tiny_shd(num_classes=0), "num_classes must be an integer >= 1"),  # built

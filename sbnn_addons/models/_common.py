@@ -290,6 +290,18 @@ class ReferenceNet(SBNNModule, nn.Module):
                 f"{type(self).__name__} got an input of shape {tuple(x.shape)}: T = 0 time "
                 "steps, nothing to average over; skip empty sequences")
 
+    def _check_step_count(self, x: Tensor, shape: str) -> None:
+        """A network with one norm per step takes exactly ``num_steps`` steps; ``shape``
+        is the expected input shape after ``T``, for the message."""
+        if not self.per_step_norm or x.shape[0] == self.num_steps:
+            return
+        fix = ("the time steps come first: for a batch-first input [B, T, ...] pass "
+               "x.transpose(0, 1)" if x.dim() > 1 and x.shape[1] == self.num_steps
+               else f"build it with num_steps={x.shape[0]}")
+        raise ValueError(
+            f"{type(self).__name__} has one affine (or BatchNorm) per time step and expects "
+            f"x of shape [T={self.num_steps}, {shape}], got {tuple(x.shape)}: {fix}")
+
     def _check_dtype(self, x: Tensor) -> None:
         """The input's dtype must be the parameters' (outside ``torch.autocast``)."""
         param = next(self.parameters(), None)

@@ -243,12 +243,7 @@ class SHDRecurrentNet(ReferenceNet):
                 f"got {tuple(x.shape)}"
             )
         self._check_steps(x)
-        if self.per_step_norm and x.shape[0] != self.num_steps:
-            raise ValueError(
-                f"SHDRecurrentNet has one affine (or BatchNorm) per time step and expects x "
-                f"of shape [T={self.num_steps}, B, {self.in_features}], got "
-                f"{tuple(x.shape)}: build it with num_steps={x.shape[0]}"
-            )
+        self._check_step_count(x, f"B, {self.in_features}")
 
     @staticmethod
     def _norm_step(norm: nn.Module, current: Tensor, t: int) -> Tensor:

@@ -247,12 +247,7 @@ class SpikingResNet(ReferenceNet):
                 f", got {tuple(x.shape)}"
             )
         self._check_steps(x)
-        if self.per_step_norm and x.shape[0] != self.num_steps:
-            raise ValueError(
-                f"{type(self).__name__} has one affine (or BatchNorm) per time step and "
-                f"expects x of shape [T={self.num_steps}, B, {self.in_channels}, H, W], got "
-                f"{tuple(x.shape)}: build it with num_steps={x.shape[0]}"
-            )
+        self._check_step_count(x, f"B, {self.in_channels}, H, W")
         d = self.size_divisor
         if x.shape[-2] % d or x.shape[-1] % d:
             raise ValueError(
