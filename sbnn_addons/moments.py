@@ -2335,13 +2335,32 @@ _CONSTANT_BUFFERS = frozenset(("fixed_std", "beta", "threshold", "graded_spikes_
                                "running_mean", "running_var"))
 
 
-def _checked_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
-    tensors = itertools.chain(
-        model.named_parameters(),
-        ((n, b) for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in _CONSTANT_BUFFERS))
-    return [(n, t) for n, t in tensors
-            if type(t) in (Tensor, nn.Parameter) and t.is_floating_point() and not t.is_meta
-            and not t.is_inference() and not torch._C._functorch.is_functorch_wrapped_tensor(t)]
+def _checked_tensors(model: nn.Module) -> list[tuple[str, Tensor, dict, str]]:
+    """``(name, tensor, the dict of its module that holds it, its name there)`` for each
+    floating parameter and constant buffer of ``model`` (a shared one once)."""
+    out, seen = [], set()
+    for prefix, module in model.named_modules():
+        for store, constants_only in ((module._parameters, False), (module._buffers, True)):
+            for local, t in store.items():
+                if (t is None or id(t) in seen
+                        or (constants_only and local not in _CONSTANT_BUFFERS)
+                        or type(t) not in (Tensor, nn.Parameter) or not t.is_floating_point()
+                        or t.is_meta or t.is_inference()
+                        or torch._C._functorch.is_functorch_wrapped_tensor(t)):
+                    continue
+                seen.add(id(t))
+                out.append((f"{prefix}.{local}" if prefix else local, t, store, local))
+    return out
+
+
+def _finite_key(tensors: list[tuple[str, Tensor, dict, str]]) -> tuple | None:
+    """What tells whether the tensors changed: each one's version and storage (an
+    assignment ``param.data = ...``, as ``model.to(...)`` makes, moves no version
+    counter); ``None`` where one of them is no longer its module's (replaced by
+    ``load_state_dict(..., assign=True)`` or a new ``nn.Parameter`` assigned)."""
+    key = tuple((t._version, t.data_ptr()) if store.get(local) is t else None
+                for _, t, store, local in tensors)
+    return None if None in key else key
 
 
 def check_model_parameters(model: nn.Module, state: dict) -> None:
@@ -2353,8 +2372,10 @@ def check_model_parameters(model: nn.Module, state: dict) -> None:
     version or storage changed (an optimiser step, ``load_state_dict``, an in-place edit,
     ``param.data = ...``; an in-place edit of ``param.data`` is not seen): one
     reduction per tensor and, on an accelerator, one read-back per such call. The model's
-    tensors are listed again after each ``torch.optim`` step. ``state``: the model's
-    flow state (the list and the versions found finite are kept there).
+    tensors are listed again after each ``torch.optim`` step and where one of them was
+    replaced (``load_state_dict(..., assign=True)``, a new ``nn.Parameter`` assigned).
+    ``state``: the model's flow state (the list and the versions found finite are kept
+    there).
 
     Raises:
         ValueError: naming the first non-finite tensor, the count and the fix.
@@ -2362,10 +2383,12 @@ def check_model_parameters(model: nn.Module, state: dict) -> None:
     from .optim import OPTIMIZER_STEPS
 
     entry = state.get("finite")
-    if entry is None or entry[0] != OPTIMIZER_STEPS[0]:
+    versions = None
+    if entry is not None and entry[0] == OPTIMIZER_STEPS[0]:
+        versions = _finite_key(entry[1])
+    if versions is None:  # first call, an optimiser step, or a tensor replaced
         entry = state["finite"] = [OPTIMIZER_STEPS[0], _checked_tensors(model), None]
-    # the storage too: ``param.data = ...`` (``model.to(...)``) moves no version counter
-    versions = tuple((t._version, t.data_ptr()) for _, t in entry[1])
+        versions = _finite_key(entry[1])
     if versions == entry[2]:
         return
     tensors = entry[1]
@@ -2377,9 +2400,9 @@ def check_model_parameters(model: nn.Module, state: dict) -> None:
             # an infinite threshold is a membrane readout that never fires: NaN only
             flags = torch.stack([
                 (~torch.isnan(t).any() if n.rsplit(".", 1)[-1] == "threshold"
-                 else torch.isfinite(t).all()).to(device) for n, t in tensors])
+                 else torch.isfinite(t).all()).to(device) for n, t, *_ in tensors])
             if not bool(flags.all()):
-                name, t = next(nt for nt, ok in zip(tensors, flags.tolist()) if not ok)
+                name, t, *_ = next(nt for nt, ok in zip(tensors, flags.tolist()) if not ok)
                 _nonfinite_parameter(model, name, t)
     entry[2] = versions
 

@@ -1468,6 +1468,24 @@ def test_a_converted_models_parameter_replaced_through_data_is_named(name):
         _steps(model, x)
 
 
+@pytest.mark.parametrize("how", ["load_state_dict(assign=True)", "a new nn.Parameter"])
+def test_a_converted_models_parameter_replaced_by_another_is_named(how):
+    """A parameter object replaced (``load_state_dict(..., assign=True)``, a new
+    ``nn.Parameter`` assigned) left the converted model checking the old one, listed at
+    the first call: a NaN in the new weight silenced its neurons, silently."""
+    model, x = _calibration_model(), torch.rand(4, 3, 16)
+    _steps(model, x)
+    sbnn_snn.reset(model)
+    if how == "a new nn.Parameter":
+        model[0].weight = nn.Parameter(torch.full_like(model[0].weight, math.nan))
+    else:
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        state["0.weight"][0, 0] = math.nan
+        model.load_state_dict(state, assign=True)
+    with pytest.raises(ValueError, match=r"parameter '0.weight' of the converted model"):
+        _steps(model, x)
+
+
 def test_spike_monitor_read_before_it_ran_is_named():
     """A monitor read without a `with` block around the forward reported a rate of 0 for
     every layer (and 0 spikes, 0 SynOps), silently."""
