@@ -1486,6 +1486,21 @@ def test_a_converted_models_parameter_replaced_by_another_is_named(how):
         _steps(model, x)
 
 
+def test_a_model_called_on_meta_then_loaded_with_assign_is_checked():
+    """A converted model run once on the ``meta`` device (shape inference) and then given
+    its weights with ``load_state_dict(..., assign=True)``, the usual way to build a
+    large model: its tensors, listed on ``meta`` (which holds no values), were never
+    listed again, and a NaN weight loaded this way went unseen."""
+    state = sbnn_sj.to_sbnn(_sj_net("s")).state_dict()
+    state["0.weight"][0, 0] = math.nan
+    model = sbnn_sj.to_sbnn(_sj_net("s")).to("meta")
+    model(torch.rand(3, 10, device="meta"))
+    model.load_state_dict(state, assign=True)
+    sbnn_sj.reset(model)
+    with pytest.raises(ValueError, match=r"parameter '0.weight' of the converted model"):
+        model(torch.rand(3, 10))
+
+
 def test_spike_monitor_read_before_it_ran_is_named():
     """A monitor read without a `with` block around the forward reported a rate of 0 for
     every layer (and 0 spikes, 0 SynOps), silently."""
