@@ -59,6 +59,7 @@ def enable_aux_loss(model: nn.Module, enabled: bool = True) -> nn.Module:
         m.collect_aux = enabled
         m._aux_terms = []
         m._aux_stale = False
+        m._aux_read = False
     if enabled:
         for host in _modules(model):
             for child in host._modules.values():
@@ -107,12 +108,20 @@ def aux_loss(model: nn.Module, reduction: str = "mean") -> Tensor:
             "on), so the loss would be 0: call sbnn_addons.enable_aux_loss(model) (or "
             "convert with to_sbnn(..., aux_loss=True)) before the forward pass", ValueError)
     parts = [t for t in (m.pop_aux() for m in spikes) if t is not None]
-    if (not parts and not torch.compiler.is_compiling() and torch.is_grad_enabled()
-            and any(m.collect_aux and not m.training for m in spikes)):
-        warnings.warn(
-            "aux_loss: nothing was collected because the model is in eval mode (terms are "
-            "collected by training-mode forwards only); call model.train() before a "
-            "training step", stacklevel=2)
+    if not parts and not torch.compiler.is_compiling() and torch.is_grad_enabled():
+        if any(m.collect_aux and not m.training for m in spikes):
+            warnings.warn(
+                "aux_loss: nothing was collected because the model is in eval mode (terms "
+                "are collected by training-mode forwards only); call model.train() before "
+                "a training step", stacklevel=2)
+        elif any(m.collect_aux and m._aux_read for m in spikes):
+            warnings.warn(
+                "aux_loss: the terms of the last forward pass were already read (aux_loss "
+                "and sbnn_objective clear the terms they read), so this call returns 0, "
+                "and a loss built from it has no auxiliary term: read them "
+                "once per forward pass and keep the value (aux = sbnn_addons.aux_loss(model)"
+                "; loss = nll + w * aux; log aux.item()), or let sbnn_objective(..., "
+                "aux_weight=w) read them and do not call aux_loss as well", stacklevel=2)
     if not parts:
         p = next(model.parameters(), None)
         return torch.zeros((), device=p.device if p is not None else None)

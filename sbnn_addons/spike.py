@@ -327,6 +327,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         self._aux_terms: list[Tensor] = []
         self._aux_version: int | None = None
         self._aux_stale = False  # terms held at an optimiser step (set by its hook)
+        self._aux_read = False  # terms read (pop_aux) and none collected since
         self._seed: int | None = None
         self._generator: torch.Generator | None = None
         _SPIKE_FUNCTIONS.add(self)
@@ -335,6 +336,7 @@ class IWSTSpike(SBNNModule, nn.Module):
 
     _aux_pull = 0.0  # what a spike function pickled before the pull existed reads
     _aux_stale = False  # and before the stale mark existed
+    _aux_read = False  # and before the read mark existed
 
     @property
     def threshold(self) -> float:
@@ -660,6 +662,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         if not self._aux_terms:
             self._aux_version = version
             self._aux_stale = False
+            self._aux_read = False
         batch = max(self._batch_size(step), 1)
         self._aux_terms.append((z2_sum / batch, step.numel() // batch * steps))
 
@@ -714,6 +717,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         units = sum(n for _, n in self._aux_terms)
         self._aux_terms = []
         self._aux_stale = False
+        self._aux_read = True
         return total, units
 
     # ------------------------------------------------------------------ seeding
@@ -805,6 +809,7 @@ class IWSTSpike(SBNNModule, nn.Module):
             state["_generator_state"] = (generator.device.type, generator.get_state())
         state["_aux_terms"] = []
         state["_aux_stale"] = False
+        state["_aux_read"] = False
         return state
 
     def __setstate__(self, state) -> None:

@@ -262,3 +262,27 @@ def test_kl_of_a_zero_std_layer_is_named():
         layer.kl_divergence()
     with pytest.raises(ValueError, match="zero posterior std"):
         sbnn_objective(torch.tensor(1.0), nn.Sequential(layer), num_data=10, kl_weight=1.0)
+
+
+def test_a_second_read_of_the_aux_loss_is_named():
+    """aux_loss clears the terms it returns: a second read before the next forward pass
+    (``aux_loss(model)`` for a log, then ``sbnn_objective(..., aux_weight=w)``) returned
+    0, and the objective trained without its auxiliary term, silently."""
+    import warnings
+
+    net = nn.Sequential(BayesLinear(4, 3), IWSTSpike("st", std=0.3))
+    enable_aux_loss(net)
+    net(torch.rand(2, 4))
+    assert aux_loss(net) > 0
+    with pytest.warns(UserWarning, match=r"already read .*once per forward pass"):
+        assert aux_loss(net) == 0
+    net(torch.rand(2, 4))
+    aux_loss(net)
+    with pytest.warns(UserWarning, match=r"already read"):
+        sbnn_objective(torch.tensor(1.0, requires_grad=True), net, aux_weight=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net(torch.rand(2, 4))
+        assert aux_loss(net) > 0  # a new forward pass: new terms
+        with torch.no_grad():
+            assert aux_loss(net) == 0  # an evaluation: nothing to collect
