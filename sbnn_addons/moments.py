@@ -2287,17 +2287,20 @@ def check_finite_once(module: nn.Module, tensors: list[tuple[str, Tensor | None]
     (``(name, tensor)`` pairs of ``module``'s; ``None``, meta and ``torch.func``-wrapped
     tensors skipped) that holds NaN / inf. Tested again only when a tensor's version (or
     identity) changed since the last passing check, which ``module.__dict__[cache]``
-    remembers: one read-back per optimiser step, ``load_state_dict``, in-place edit or
-    new storage (``param.data = ...``, ``module.to(...)``); an in-place edit of
-    ``param.data`` bumps no version and is not seen."""
+    remembers: one read-back (for all of them) per optimiser step, ``load_state_dict``,
+    in-place edit or new storage (``param.data = ...``, ``module.to(...)``); an in-place
+    edit of ``param.data`` bumps no version and is not seen."""
     tensors = [(n, t) for n, t in tensors if t is not None and not t.is_meta
                and not torch._C._functorch.is_functorch_wrapped_tensor(t)]
     key = tuple((id(t), t.data_ptr(), None if t.is_inference() else t._version)
                 for _, t in tensors)
     if not tensors or module.__dict__.get(cache) == key:
         return
-    for name, t in tensors:
-        if not bool(torch.isfinite(t.detach()).all()):
+    with torch.no_grad():  # one read-back: on an accelerator, one device sync
+        device = tensors[0][1].device
+        flags = torch.stack([torch.isfinite(t).all().to(device) for _, t in tensors])
+        if not bool(flags.all()):
+            name, t = next(nt for nt, ok in zip(tensors, flags.tolist()) if not ok)
             raise ValueError(message(name, int(torch.isnan(t).sum()),
                                      int(torch.isinf(t).sum())))
     module.__dict__[cache] = key
