@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .base import as_float, check_module, inverse_softplus
+from .base import as_float, check_module, host_neurons, inverse_softplus
 from .metrics import SpikeMonitor
 from .spike import IWSTSpike, check_seed, seed_spikes
 from .uncertainty import (
@@ -56,6 +56,14 @@ class SpikeStdCalibration:
     mean_rates: dict[str, float] = field(default_factory=dict)
     sample_rates: dict[str, float] = field(default_factory=dict)
     initial_rates: dict[str, float] = field(default_factory=dict)
+
+
+def _step_neurons(model: nn.Module) -> list[nn.Module]:
+    """The neurons of ``model`` that run one time step per call: snnTorch's, and
+    SpikingJelly's in ``step_mode='s'``."""
+    return ([m for _, m in host_neurons(model, "snntorch")]
+            + [m for _, m in host_neurons(model, "spikingjelly")
+               if getattr(m, "step_mode", None) == "s"])
 
 
 def _own_noise(m: IWSTSpike) -> Tensor | None:
@@ -134,8 +142,12 @@ def calibrate_spike_std(
             non-finite one, a model on the ``meta`` device, a BatchNorm in training mode,
             ``max_rate_increase < 0``, ``min_factor`` outside ``(0, 1]``, ``seed`` outside
             ``[0, 2**32)``, an empty or non-finite input, a ``forward`` that never
-            reaches some spike function, or two ``mean``-mode passes that fire
-            differently (the state is not reset between passes: pass ``reset``).
+            reaches some spike function, two ``mean``-mode passes that fire
+            differently (the state is not reset between passes: pass ``reset``), or no
+            ``forward`` for a model that runs one time step per call (an
+            ``nn.Sequential`` of snnTorch neurons with ``init_hidden=True``, a
+            SpikingJelly model in ``step_mode='s'``), whose neurons ``model(inputs)``
+            ran once: the sequence taken for one step of a larger batch.
     """
     check_module(model, "calibrate_spike_std")
     for name, fn in (("forward", forward), ("reset", reset)):
@@ -165,6 +177,7 @@ def calibrate_spike_std(
             f"calibrate_spike_std: {type(model).__name__} has no spike function with noise "
             "of its own (a converter's spike_std=None or 0, IWSTSpike(std=None), or a "
             "model not converted): there is nothing to calibrate")
+    step_neurons = _step_neurons(model) if forward is None else []
     forward = forward if forward is not None else (lambda m, x: m(x))
     reset = reset if reset is not None else default_reset(model)
     streams = [(m, m._seed, m._generator) for m in model.modules() if isinstance(m, IWSTSpike)]
@@ -208,7 +221,24 @@ def calibrate_spike_std(
         return {n: found[n] for n in names}
 
     try:
-        mean_rates = rates("mean")
+        calls: dict[int, int] = {}
+        handles = [m.register_forward_pre_hook(
+            lambda mod, args: calls.__setitem__(id(mod), calls.get(id(mod), 0) + 1))
+            for m in step_neurons]
+        try:
+            mean_rates = rates("mean")
+        finally:
+            for handle in handles:
+                handle.remove()
+        if calls and min(calls.values()) == 1:
+            raise ValueError(
+                f"calibrate_spike_std: {type(model).__name__} runs one time step per call "
+                "(an nn.Sequential of snnTorch neurons with init_hidden=True, or a "
+                "SpikingJelly model in step_mode='s'), so model(inputs) ran the sequence "
+                "as one step of a larger batch, and the noise would be sized to that step: "
+                "pass forward=lambda m, x: [m(x_t) for x_t in x] for inputs [T, B, ...] "
+                "(or, for SpikingJelly, functional.set_step_mode(model, 'm') first), or "
+                "forward=lambda m, x: m(x) for inputs of one step")
         if rates("mean") != mean_rates:
             raise ValueError(
                 "calibrate_spike_std: two mean-mode passes over the same inputs fired "

@@ -169,3 +169,30 @@ def test_bad_calls_are_named():
     stats = bn[1].running_mean.clone()
     calibrate_spike_std(bn.eval(), x)
     torch.testing.assert_close(bn[1].running_mean, stats)
+
+
+def _snn_sequential():
+    torch.manual_seed(0)
+    return snn_to_sbnn(nn.Sequential(
+        nn.Linear(12, 16), snn.Leaky(beta=0.5, init_hidden=True),
+        nn.Linear(16, 5), snn.Leaky(beta=0.5, init_hidden=True, output=True)))
+
+
+def _sj_single_step():
+    net = sj_to_sbnn(_trained_like_sj())
+    functional.set_step_mode(net, "s")
+    return net
+
+
+@pytest.mark.parametrize("make", [_snn_sequential, _sj_single_step])
+def test_a_single_step_model_without_a_forward_is_named(make):
+    """model(inputs) on a model that runs one time step per call (an nn.Sequential of
+    snnTorch init_hidden neurons, as in the README; a SpikingJelly model in step_mode 's')
+    took the sequence's T steps for a batch and sized the noise to one step: a factor of
+    0.35 where the loop over the steps gave 1, silently."""
+    net, x = make(), torch.rand(T, B, 12)
+    with pytest.raises(ValueError, match=r"one time step per call.*"
+                                         r"forward=lambda m, x: \[m\(x_t\) for x_t in x\]"):
+        calibrate_spike_std(net, x)
+    calibrate_spike_std(net, x, forward=lambda m, x: [m(x_t) for x_t in x])
+    calibrate_spike_std(net, x[0], forward=lambda m, x: m(x))  # a model of one step
