@@ -438,6 +438,8 @@ class _EmittedSpikeReset:
                 _check_ddp_buffer_sync(self)
             if self.init_hidden and in_torch_checkpoint():
                 raise RuntimeError(self._hidden_state_checkpoint_message(args))
+            if args and type(args[0]) is VarianceTensor:
+                _check_input_current(self, args[0])
             # (kernel off: the PyTorch path, which CUDA tensors take, runs snnTorch's steps)
             if (type(self) is SBNNLeaky and _FUSED_STEP[0] and kernels._enabled and args
                     and type(args[0]) is VarianceTensor):
@@ -888,6 +890,30 @@ def _is_inference(t: Tensor) -> bool:
     traced (where Dynamo cannot call ``Tensor.is_inference``): read once per compile, which
     the graph's guard on its inputs' dispatch keys (an inference tensor's differ) renews."""
     return t.is_inference()
+
+
+def _check_input_current(neuron: nn.Module, x: Tensor) -> None:
+    """Raise where the input current of a converted neuron went through an operation
+    without a variance rule, naming the neuron and the Bayesian layers whose noise it
+    carries (eager mode; the spike function, which raises in a compiled step, knows
+    neither).
+
+    Raises:
+        VarianceFlowError: naming the operation, the neuron, the layers and the fix.
+    """
+    var = raw_variance(x)
+    if not isinstance(var, UnknownVariance):
+        return
+    this, layers = noise_sources(x, neuron)
+    where = f"neuron {this!r}" if this else f"this {type(neuron).__name__}"
+    fed = f", fed by the Bayesian layer(s) {', '.join(map(repr, layers))}" if layers else ""
+    fix = (f"keep those layers deterministic (exclude={layers!r} in to_sbnn)" if layers
+           else "keep the layer in front deterministic (exclude= in to_sbnn)")
+    raise VarianceFlowError(
+        f"the input of this spike function went through '{var.op}', whose effect on the "
+        f"posterior variance is unknown ({where}{fed}). Use a supported operation between "
+        "the Bayesian layer and the neuron (see sbnn_addons.moments), register a rule with "
+        f"sbnn_addons.moments.register_variance_rule, or {fix}.")
 
 
 def _check_passed_membrane(neuron: nn.Module, mem: Tensor) -> None:

@@ -296,6 +296,19 @@ def test_snntorch_recurrent_op_before_neuron_is_named(rnn, name):
         model(torch.rand(2, 3, 8))
 
 
+def test_snntorch_op_without_a_rule_names_the_neuron_and_the_layer():
+    """An operation without a variance rule between a Bayesian layer and a converted
+    snnTorch neuron was named with "this spike function" and "exclude the layer": in a
+    deep model, neither which neuron nor which layer."""
+    model = sbnn_snn.to_sbnn(nn.Sequential(
+        nn.Linear(8, 6), snn.Leaky(beta=0.9, init_hidden=True), nn.Linear(6, 4), nn.Tanh(),
+        snn.Leaky(beta=0.9, init_hidden=True, output=True)))
+    with pytest.raises(VarianceFlowError, match=r"went through 'tanh'.*neuron "
+                                                r"'4', fed by the Bayesian "
+                                                r"layer\(s\) '2'.*exclude=\['2'\]"):
+        model(torch.rand(2, 8))
+
+
 def test_snntorch_chunk_before_two_neurons_keeps_variance():
     class Split(nn.Module):
         def __init__(self):
