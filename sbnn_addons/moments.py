@@ -618,9 +618,34 @@ _FACTORED: set[str] = set()  # rules that may act on the base of a ScaledVarianc
 
 
 def register_variance_rule(*names: str) -> Callable[[Rule], Rule]:
-    """Register a rule for torch operations by name (``func.__name__``)."""
+    """Register a rule for torch operations by name (``func.__name__``).
+
+    Raises:
+        TypeError: no name, or a name that is not a non-empty string (the rule itself, as
+            ``@register_variance_rule`` without its names; a function such as
+            ``torch.cumsum`` instead of its name), which no lookup would find; a rule
+            that is not callable.
+    """
+    if not names:
+        raise TypeError("register_variance_rule needs at least one operation name, e.g. "
+                        "@register_variance_rule('cumsum')")
+    for name in names:
+        if isinstance(name, str) and name:
+            continue
+        if callable(name) and getattr(name, "__name__", None) and (
+                getattr(name, "__module__", "") or "").startswith("torch"):
+            raise TypeError(
+                f"register_variance_rule takes operation names, got the function "
+                f"{name.__name__}: rules are looked up by name; use "
+                f"register_variance_rule({name.__name__!r})")
+        raise TypeError(
+            f"register_variance_rule takes operation names (strings such as 'cumsum'), got "
+            f"{name!r}; as a decorator it needs them: @register_variance_rule('cumsum')")
 
     def deco(rule: Rule) -> Rule:
+        if not callable(rule):
+            raise TypeError(f"rule must be a callable rule(func, args, kwargs, out, var_of), "
+                            f"got {type(rule).__name__}")
         for name in names:
             _RULES[name] = rule
             _FACTORED.discard(name)  # only the built-in rules are known to be linear

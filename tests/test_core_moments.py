@@ -1328,3 +1328,31 @@ def test_full_backward_hooks_keep_the_variance_graph(where):
     assert "0.std_rho" in plain and plain.keys() == hooked.keys()
     for name in plain:
         torch.testing.assert_close(hooked[name], plain[name], msg=name)
+
+
+def _a_rule(func, args, kwargs, out, var_of):
+    return var_of(args[0])
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: register_variance_rule(_a_rule), r"operation names.*"
+                                              r"@register_variance_rule\('cumsum'\)"),
+    (lambda: register_variance_rule(torch.cumsum), r"got the function cumsum.*"
+                                                   r"register_variance_rule\('cumsum'\)"),
+    (lambda: register_variance_rule(), r"at least one operation name"),
+    (lambda: register_variance_rule(""), r"operation names"),
+    (lambda: register_variance_rule("cumsum")("not a rule"), r"rule must be a callable"),
+])
+def test_a_misused_rule_registration_is_named(call, match):
+    """``@register_variance_rule`` without its names registered the rule under itself
+    (replacing the rule by the decorator), ``register_variance_rule(torch.cumsum)`` under
+    the function object, which no lookup by name finds: the operation stayed unknown and
+    the registration looked done."""
+    saved = dict(moments._RULES)
+    try:
+        with pytest.raises(TypeError, match=match):
+            call()
+        assert moments._RULES == saved
+    finally:
+        moments._RULES.clear()
+        moments._RULES.update(saved)
