@@ -460,6 +460,17 @@ class IWSTSpike(SBNNModule, nn.Module):
             ref = self._parameters.get("std_rho", self._buffers.get("fixed_std"))
             if ref is not None and u.device != ref.device:  # check_device's test first
                 check_device(u, ref, type(self).__name__, "its noise std")
+            if ref is not None and ref.dim() and u.dim() - ref.dim() > 2:
+                # outside the std: the batch (and the time of a multi-step drive) only; a
+                # shorter std_shape broadcasts along the last dimensions, silently where
+                # their sizes agree (std_shape=(C,) on [B, C, H, W] with C == W: per W)
+                raise_error(
+                    f"{type(self).__name__} has a per-neuron std of shape "
+                    f"{tuple(ref.shape)}, which would cover the last {ref.dim()} "
+                    f"dimension(s) of its drive of shape {tuple(u.shape)}: std_shape is the "
+                    "neuron shape without the batch dimension (and the time dimension of a "
+                    "multi-step drive): (C, H, W) for [B, C, H, W] per neuron, or (C, 1, 1) "
+                    "for one std per channel", ValueError)
             dtype = u.dtype
         own_var = self.own_noise_variance()
         if own_var is not None:

@@ -660,3 +660,15 @@ def test_threshold_is_checked_and_keeps_its_finite_flag():
     old.__setstate__(state)
     assert old.threshold == -math.inf and not old.threshold_finite
     assert "threshold" not in old.__dict__
+
+
+def test_a_std_shape_shorter_than_the_neuron_shape_is_named():
+    """std_shape=(C,) on a drive [B, C, H, W] with C == W broadcast along W: one std per
+    column instead of per channel, silently (C != W failed in a broadcast)."""
+    spike = IWSTSpike(std=0.3, learn_std=True, std_shape=(4,))
+    with pytest.raises(ValueError, match=r"std of shape \(4,\).*\(2, 4, 4, 4\).*"
+                                         r"\(C, H, W\).*\(C, 1, 1\)"):
+        spike(torch.rand(2, 4, 4, 4) - 0.5)
+    spike(torch.rand(2, 4) - 0.5)  # [B, C]
+    spike(torch.rand(3, 2, 4) - 0.5)  # a multi-step drive [T, B, C]
+    IWSTSpike(std=0.3, std_shape=(4, 1, 1))(torch.rand(2, 4, 4, 4) - 0.5)  # per channel
