@@ -148,7 +148,9 @@ def check_windows(x: Tensor, kernel, stride, padding) -> None:
 def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     if len(shape) > len(target):
         return False
-    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
+    # slices, not reversed(): Dynamo traces reversed() as a user-defined iterator class,
+    # a few hundred bytecode steps per call (once per spike and step in a compiled graph)
+    return all(s == 1 or s == t for s, t in zip(shape[::-1], target[::-1]))
 
 
 _broadcasts_cached = functools.lru_cache(maxsize=4096)(_broadcasts)
