@@ -723,15 +723,17 @@ _LIB.define("spike_forward(Tensor u, Tensor variance, bool at_zero, float? aux_o
 
 def _spike_forward_impl(u: Tensor, variance: Tensor, at_zero: bool,
                         aux_offset: float | None) -> tuple[Tensor, Tensor]:
+    # the spikes as bytes: a graph keeps them for the backward at a quarter of the memory,
+    # and inductor fuses their conversion to float into the operations that read them
     u = u.contiguous()
     var, mid, inner = _layout(u, variance)
-    h = torch.empty_like(u)
+    hb = torch.empty_like(u, dtype=torch.uint8)
     aux = (_lib if _lib is not None else _require()).sbnn_spike_forward(
-        u.data_ptr(), var.data_ptr(), mid, inner, h.data_ptr(), None, u.numel(), _seed(None),
+        u.data_ptr(), var.data_ptr(), mid, inner, None, hb.data_ptr(), u.numel(), _seed(None),
         at_zero, aux_offset is not None, aux_offset or 0.0, torch.get_num_threads())
     if aux_offset is None:  # the kernel's sum is 0: no conversion of a Python float
-        return h, torch.zeros((), dtype=torch.float32)
-    return h, torch.tensor(aux, dtype=torch.float32)
+        return hb, torch.zeros((), dtype=torch.float32)
+    return hb, torch.tensor(aux, dtype=torch.float32)
 
 
 _LIB.impl("spike_forward", _spike_forward_impl, "CPU")
@@ -739,7 +741,7 @@ _LIB.impl("spike_forward", _spike_forward_impl, "CPU")
 
 @torch.library.register_fake("sbnn_addons::spike_forward", lib=_LIB)
 def _(u, variance, at_zero, aux_offset):
-    return (torch.empty_like(u, memory_format=torch.contiguous_format),
+    return (torch.empty_like(u, dtype=torch.uint8, memory_format=torch.contiguous_format),
             u.new_empty((), dtype=torch.float32))
 
 
@@ -758,12 +760,14 @@ class _CompiledSpike(torch.autograd.Function):
 
     @staticmethod
     def forward(u, variance, at_zero, estimator, aux_offset, aux_var, aux_pull):
-        return _spike_forward_op(u, variance, at_zero, aux_offset)
+        fired, z2 = _spike_forward_op(u, variance, at_zero, aux_offset)
+        return fired.to(u.dtype), z2, fired
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         u, variance, _at_zero, estimator, aux_offset, aux_var, aux_pull = inputs
-        ctx.save_for_backward(u, variance, output[0])
+        ctx.mark_non_differentiable(output[2])
+        ctx.save_for_backward(u, variance, output[2])  # the spikes as bytes
         ctx.estimator = estimator  # Estimator.spec: a constant under torch.compile
         ctx.aux_offset = 0.0 if aux_offset is None else aux_offset
         ctx.want_aux = aux_offset is not None
@@ -771,7 +775,7 @@ class _CompiledSpike(torch.autograd.Function):
         ctx.aux_pull = aux_pull
 
     @staticmethod
-    def backward(ctx, grad, grad_aux):
+    def backward(ctx, grad, grad_aux, _grad_bytes):
         # the kernel's formulas as PyTorch operations (spike_backward's): in a compiled
         # graph inductor fuses them with the rest of the backward, which costs less
         # than a call of the kernel as an opaque operator (bench_compile.py)
@@ -797,8 +801,9 @@ def compiled_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False
     own ``1 / sigma``: nothing more is saved for it). Check :func:`can_fuse_compiled`
     first; wrong dtypes or devices raise ``TypeError``.
     """
-    return _CompiledSpike.apply(u, variance, at_zero, estimator.spec, aux_offset,
-                                bool(aux_var), float(aux_pull))
+    spikes, z2, _ = _CompiledSpike.apply(u, variance, at_zero, estimator.spec, aux_offset,
+                                         bool(aux_var), float(aux_pull))
+    return spikes, z2
 
 
 _STEP_RESETS = {"subtract": 0, "zero": 1, "none": 2}

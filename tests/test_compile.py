@@ -361,6 +361,43 @@ def test_kernel_op_in_a_compiled_graph_matches_the_eager_kernel():
 
 
 @needs_kernel
+def test_a_compiled_multi_step_model_keeps_the_kernels_spikes_as_bytes():
+    """For the backward, a compiled graph of a converted multi-step SpikingJelly model keeps
+    the kernel op's spikes of every step as bytes (a quarter of float32's memory); whether
+    it also keeps the float spikes the next layer's weight gradient reads, or rebuilds them
+    from the bytes, is the partitioner's choice."""
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    if not sb.kernels.available():
+        pytest.skip("no C compiler on this machine")
+    torch._dynamo.reset()
+    gc.collect()
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(20, 30), neuron.LIFNode(), layer.Linear(30, 4))
+    functional.set_step_mode(net, "m")
+    net = sbnn_sj.to_sbnn(net)
+    x = torch.rand(3, 8, 20)
+
+    def loss_fn(x):
+        return net(x).square().sum()
+
+    step = torch.compile(loss_fn, fullgraph=True)
+    functional.reset_net(net)
+    step(x).backward()  # compiled
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    functional.reset_net(net)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step(x)
+    loss.backward()
+    assert saved.count(((8, 30), torch.uint8)) == 3, str(saved)
+
+
+@needs_kernel
 @pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
 def test_kernel_op_with_the_auxiliary_pull_compiles_like_eager(backend):
     """A converted snnTorch model with the converters' default ``aux_pull`` (and the

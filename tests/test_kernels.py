@@ -502,7 +502,7 @@ def test_bad_input_to_the_kernel_functions_is_named():
                                                 ((6, 2, 20), (1, 2, 1))])
 def test_spike_forward_operator_equals_the_kernel_function(u_shape, var_shape):
     """The custom operator of compiled graphs (``sbnn_addons::spike_forward``, its shape
-    layout cached per pair of shapes) gives the spikes and the auxiliary sum of
+    layout cached per pair of shapes) gives the spikes (as bytes) and the auxiliary sum of
     :func:`kernels.spike_forward` for the key it draws from the global RNG, for every
     variance layout (full, per row, one element, one block, expanded), and 0 without an
     auxiliary offset."""
@@ -516,7 +516,8 @@ def test_spike_forward_operator_equals_the_kernel_function(u_shape, var_shape):
             torch.manual_seed(4)
             ref, _, ref_aux = kernels.spike_forward(u, var, kernels._seed(None),
                                                     aux_offset=offset)
-            assert torch.equal(h, ref) and 0 < h.sum() < h.numel()
+            assert h.dtype == torch.uint8
+            assert torch.equal(h.float(), ref) and 0 < h.sum() < h.numel()
             assert aux.dtype == torch.float32 and aux.shape == ()
             assert float(aux) == (0.0 if offset is None else pytest.approx(ref_aux, rel=1e-6))
 

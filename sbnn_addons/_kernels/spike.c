@@ -260,7 +260,7 @@ static double forward_chunks(const float *restrict x, const float *restrict m,
                              int want_aux, float offset, int threads);
 
 /* Spikes for the n elements. `h` receives them as float and, when `hb` is not NULL, as
- * bytes. Returns the sum of z^2 over the noisy units when `want_aux`, else 0. */
+ * bytes; one of them may be NULL. Returns the sum of z^2 over the noisy units when `want_aux`, else 0. */
 double sbnn_spike_forward(const float *restrict u, const float *restrict var, int64_t mid,
                           int64_t inner, float *restrict h, uint8_t *restrict hb, int64_t total,
                           uint64_t seed, int at_zero, int want_aux, float offset,
@@ -320,7 +320,8 @@ NO_CONTRACT static void lif_reset(float *restrict H, const float *restrict h, fl
 
 /* The forward over all chunks, spread over the threads. With `step`, a LIF step: the
  * charge (x, m -> H in m_out, u) first and the reset of m_out after; otherwise the drive
- * is x itself (u, m and m_out unused). hb may be NULL (no bytes). */
+ * is x itself (u, m and m_out unused). hb may be NULL (no bytes), and h without `step` (the
+ * bytes alone). */
 static double forward_chunks(const float *restrict x, const float *restrict m,
                              const float *restrict r, const float *restrict var, int64_t mid,
                              int64_t inner, int step, float beta, float theta, int reset,
@@ -332,15 +333,15 @@ static double forward_chunks(const float *restrict x, const float *restrict m,
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : aux) \
     if (threads > 1 && total >= PARALLEL_MIN * threads)
     for (int64_t c = 0; c < chunks; ++c) {
-        float VB[CHUNK];
+        float VB[CHUNK], HC[CHUNK];
         int64_t c0 = c * CHUNK;
         int64_t n = total - c0 < CHUNK ? total - c0 : CHUNK;
         if (step)
             lif_charge(x + c0, m ? m + c0 : NULL, r ? r + c0 : NULL, beta, theta, m_out + c0,
                        u + c0, n);
         const float *vc = variance_run(var, mid, inner, c0, n, VB);
-        aux += spike_chunk(step ? u + c0 : x + c0, vc, h + c0, hb ? hb + c0 : NULL, c0, n,
-                           seed, at_zero, want_aux, offset);
+        aux += spike_chunk(step ? u + c0 : x + c0, vc, h ? h + c0 : HC, hb ? hb + c0 : NULL, c0,
+                           n, seed, at_zero, want_aux, offset);
         if (step) lif_reset(m_out + c0, h + c0, theta, reset, n);
     }
     return aux;
