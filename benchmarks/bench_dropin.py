@@ -12,6 +12,17 @@ constant) with ``w = f`` times the host's loss of the first batch at initialisat
 ``--aux-weight w`` an explicit weight; ``--convert-kw '{"aux_pull": 0}'`` turns the pull
 off. The loss printed is the host's loss in both columns.
 
+The converted model's training loss and ``sample`` accuracy are one noisy pass per
+example, the original's its deterministic pass. ``--mc K`` (default 16; 0: off) adds its
+Monte Carlo evaluation per epoch: ``sbnn_addons.mc_predict`` runs ``K`` stochastic passes
+of each test batch (``mc`` mode, neuron state reset before every pass, no gradients,
+seeded spike noise); the columns are the test loss of the expected output (the host's
+loss applied to the output averaged over the passes: spike trains, firing rates) beside
+the original's test loss of its deterministic pass, and the ``mc(K)`` test accuracy (the
+argmax of ``mc_predict``'s mean predictive distribution). The passes draw from forked
+random generators (``torch.random.fork_rng``), so every other column is the same with
+any ``--mc``.
+
 Models:
 
 * ``snntorch-csnn``: snnTorch tutorial 7's CSNN (Conv2d(1,12,5)-MaxPool-Leaky-
@@ -85,6 +96,8 @@ AUX = [0.0, None]
 NOISE_LR_RATIO = [1.0]
 #: training examples on which the converted model's spike noise is calibrated (--calibrate)
 CALIBRATE = [0]
+#: stochastic passes of the converted model's Monte Carlo evaluation (--mc; 0: none)
+MC = [16]
 
 class SnnTorchTask:
     """snnTorch tutorial 7: static image at every step, ``ce_rate_loss``."""
@@ -126,8 +139,12 @@ class SnnTorchTask:
 
         return SF.ce_rate_loss()(spk, y)
 
+    def scores(self, spk: torch.Tensor) -> torch.Tensor:
+        """The class scores ``[B, 10]`` the prediction is the argmax of: spike counts."""
+        return spk.sum(0)
+
     def predict(self, spk: torch.Tensor) -> torch.Tensor:
-        return spk.sum(0).argmax(-1)
+        return self.scores(spk).argmax(-1)
 
     def optimizer(self, net: nn.Module, sbnn: bool):
         params = sbnn_addons.param_groups(net, lr=self.lr, noise_lr=NOISE_LR_RATIO[0] * self.lr)
@@ -216,8 +233,12 @@ class SJTask:
     def loss(self, fr: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(fr, F.one_hot(y, fr.shape[-1]).to(fr.dtype))
 
+    def scores(self, fr: torch.Tensor) -> torch.Tensor:
+        """The class scores ``[B, C]`` the prediction is the argmax of: firing rates."""
+        return fr
+
     def predict(self, fr: torch.Tensor) -> torch.Tensor:
-        return fr.argmax(-1)
+        return self.scores(fr).argmax(-1)
 
     def optimizer(self, net: nn.Module, sbnn: bool):
         params = sbnn_addons.param_groups(net, lr=self.lr, noise_lr=NOISE_LR_RATIO[0] * self.lr)
@@ -240,6 +261,44 @@ def evaluate(task, net, x, y, batch: int, mode: str | None) -> float:
             correct += int((task.predict(out) == y[i:i + batch]).sum())
     net.train()
     return correct / max(len(y), 1)
+
+
+def expected_eval(task, net, x, y, batch: int, k: int, seed: int) -> dict:
+    """Test loss of the expected output, and the accuracy of the Monte Carlo prediction.
+
+    ``k = 0``: the network's own (deterministic) pass, for the original. ``k > 0``: ``k``
+    stochastic passes per test batch through ``sbnn_addons.mc_predict`` (``mc`` mode,
+    neuron state reset before every pass, no gradients, spike noise seeded with
+    ``seed``); the host's loss is applied to the output averaged over the passes (spike
+    trains / firing rates), the prediction is the argmax of ``mc_predict``'s mean
+    predictive distribution (the softmax of the class scores, averaged over the passes).
+    Runs inside ``torch.random.fork_rng``: the training run draws the same random numbers
+    with or without it.
+    """
+    net.eval()
+    total, correct = 0.0, 0
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        for i in range(0, len(y), batch):
+            xb, yb = x[i:i + batch], y[i:i + batch]
+            if k:
+                outs = []
+
+                def forward(m, inputs, outs=outs):
+                    out = task.forward(m, inputs)
+                    outs.append(out)
+                    return task.scores(out)
+
+                pred = sbnn_addons.mc_predict(net, xb, k, seed=seed + i, forward=forward,
+                                              return_samples=False, count_spikes=False)
+                out = torch.stack(outs).mean(0)
+                correct += int((pred.probs.argmax(-1) == yb).sum())
+            else:
+                out = task.forward(net, xb)
+                correct += int((task.predict(out) == yb).sum())
+            total += float(task.loss(out, yb)) * len(yb)
+    net.train()
+    n = max(len(y), 1)
+    return dict(test_loss=total / n, acc_mc=correct / n)
 
 
 def train(task, net, data, epochs: int, batch: int, sbnn: bool, seed: int,
@@ -267,10 +326,15 @@ def train(task, net, data, epochs: int, batch: int, sbnn: bool, seed: int,
         seconds = time.perf_counter() - t0
         acc = evaluate(task, net, xte, yte, 256, "sample" if sbnn else None)
         acc_mean = evaluate(task, net, xte, yte, 256, "mean") if sbnn else float("nan")
+        expected = (expected_eval(task, net, xte, yte, 256, MC[0] if sbnn else 0, seed)
+                    if MC[0] else dict(test_loss=float("nan"), acc_mc=float("nan")))
         rows.append(dict(epoch=epoch + 1, loss=total / count, acc=acc, acc_mean=acc_mean,
-                         seconds=seconds))
+                         seconds=seconds, **expected))
+        mc = (f" test loss {expected['test_loss']:.4f}"
+              + (f" mc({MC[0]}) acc {expected['acc_mc']:.3f}" if sbnn else "")
+              if MC[0] else "")
         print(f"  {'sbnn' if sbnn else 'orig'} epoch {epoch + 1}: loss {total / count:.4f} "
-              f"acc {acc:.3f} mean-mode {acc_mean:.3f} ({seconds:.0f} s)", flush=True)
+              f"acc {acc:.3f} mean-mode {acc_mean:.3f}{mc} ({seconds:.0f} s)", flush=True)
     return rows
 
 
@@ -312,6 +376,9 @@ def run_task(task, data, epochs: int, batch: int, seed: int, pretrain: int = 0) 
     if pretrain:
         start["sbnn"] = evaluate(task, converted, xte, yte, 256, "sample")
         start["sbnn_mean"] = evaluate(task, converted, xte, yte, 256, "mean")
+        if MC[0]:
+            start["sbnn_mc"] = expected_eval(task, converted, xte, yte, 256, MC[0],
+                                             seed)["acc_mc"]
     x0, y0 = data[0][:batch], data[1][:batch]
     torch.manual_seed(seed)
     init = {"orig": initial_stats(task, original, x0, y0),
@@ -337,14 +404,23 @@ def table(name: str, result: dict) -> str:
         lines[0] += (f". Original trained {result['pretrain']} epochs first; test accuracy at "
                      f"conversion: original {st['orig']:.3f}, converted {st['sbnn']:.3f} "
                      f"(sample) / {st['sbnn_mean']:.3f} (mean)")
+        if "sbnn_mc" in st:
+            lines[0] += f" / {st['sbnn_mc']:.3f} (mc {MC[0]})"
     if result.get("factor") is not None:
         lines[0] += (f"; spike noise calibrated on {CALIBRATE[0]} training examples "
                      f"(calibrate_spike_std): factor {result['factor']:.3g}")
-    lines += ["| epoch | original loss | converted loss | original acc | converted acc "
-              "(sample) | converted acc (mean) |", "|---|---|---|---|---|---|"]
+    head = ("| epoch | original loss | converted loss | original acc | converted acc "
+            "(sample) | converted acc (mean) |")
+    if MC[0]:
+        head += (f" original test loss | converted test loss (mc {MC[0]}) | converted acc "
+                 f"(mc {MC[0]}) |")
+    lines += [head, "|---" * (head.count("|") - 1) + "|"]
     for o, s in zip(result["orig"], result["sbnn"]):
-        lines.append(f"| {o['epoch']} | {o['loss']:.4f} | {s['loss']:.4f} | {o['acc']:.3f} "
-                     f"| {s['acc']:.3f} | {s['acc_mean']:.3f} |")
+        line = (f"| {o['epoch']} | {o['loss']:.4f} | {s['loss']:.4f} | {o['acc']:.3f} "
+                f"| {s['acc']:.3f} | {s['acc_mean']:.3f} |")
+        if MC[0]:
+            line += f" {o['test_loss']:.4f} | {s['test_loss']:.4f} | {s['acc_mc']:.3f} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -380,15 +456,21 @@ def main(argv=None) -> int:
     p.add_argument("--calibrate", type=int, default=0, metavar="N",
                    help="after the conversion, calibrate_spike_std on the first N training "
                         "examples (a model converted from a trained one; 0: no)")
+    p.add_argument("--mc", type=int, default=16, metavar="K",
+                   help="each epoch, also evaluate the converted model with K Monte Carlo "
+                        "passes (mc_predict): the test loss of the output averaged over the "
+                        "passes and the mc(K) accuracy, beside the original's test loss "
+                        "(0: no)")
     p.add_argument("--convert-kw", type=json.loads, default={},
                    help='to_sbnn keyword arguments as JSON (ablations; default: none)')
     args = p.parse_args(argv)
     NOISE_LR_RATIO[0] = args.noise_lr_ratio
-    for name in ("aux_fraction", "aux_weight", "pretrain_epochs", "calibrate"):
+    for name in ("aux_fraction", "aux_weight", "pretrain_epochs", "calibrate", "mc"):
         if getattr(args, name) is not None and not getattr(args, name) >= 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     AUX[:] = [args.aux_fraction, args.aux_weight]
     CALIBRATE[0] = args.calibrate
+    MC[0] = args.mc
     kw = args.convert_kw
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, aux fraction {args.aux_fraction:g}, "

@@ -62,7 +62,7 @@ def test_bench_dropin_runs_fresh_and_pretrained(capsys):
     dropin = _script("bench_dropin")
     common = ["--models", "snntorch-csnn", "sj-csnn", "--epochs", "1", "--digits-train",
               "32", "--digits-test", "32", "--batch", "16", "--snntorch-lr", "1e-2",
-              "--snntorch-steps", "2", "--sj-channels", "4"]
+              "--snntorch-steps", "2", "--sj-channels", "4", "--mc", "2"]
     assert dropin.main([*common, "--aux-fraction", "0.05"]) == 0
     fresh = capsys.readouterr().out
     assert fresh.count("| 1 |") == 2 and "aux weight 0.115" in fresh  # 0.05 x ln(10)
@@ -70,6 +70,32 @@ def test_bench_dropin_runs_fresh_and_pretrained(capsys):
     pretrained = capsys.readouterr().out
     assert pretrained.count("trained 1 epochs first") == 2 and "aux weight 0)" in pretrained
     assert pretrained.count("calibrated on 8 training examples") == 2
+    assert pretrained.count(" (mean) / ") == 2 and pretrained.count("(mc 2)") == 6
+
+
+def test_bench_dropin_mc_columns_leave_the_training_run_unchanged(capsys):
+    """`--mc K` adds the original's test loss and the converted model's test loss of the
+    output averaged over K passes and its mc(K) accuracy; the Monte Carlo passes draw
+    from forked generators, so every other column is the same as with `--mc 0`."""
+    dropin = _script("bench_dropin")
+    common = ["--models", "sj-csnn", "--epochs", "2", "--digits-train", "16",
+              "--digits-test", "8", "--batch", "8", "--sj-channels", "2"]
+
+    def rows(argv):
+        assert dropin.main(argv) == 0
+        out = capsys.readouterr().out
+        return out, [line.strip("|").split("|") for line in out.splitlines()
+                     if line.startswith("| ") and not line.startswith("| epoch")]
+
+    plain_out, plain = rows([*common, "--mc", "0"])
+    mc_out, mc = rows([*common, "--mc", "2"])
+    assert "test loss (mc 2) | converted acc (mc 2) |" in mc_out
+    assert "(mc" not in plain_out
+    assert len(plain) == len(mc) == 2
+    for p, m in zip(plain, mc, strict=True):
+        assert len(p) == 6 and len(m) == 9
+        assert m[:6] == p  # epoch, losses, sample / mean accuracies: bitwise the same
+        assert 0 < float(m[6]) and 0 < float(m[7]) and 0 <= float(m[8]) <= 1
 
 
 @pytest.mark.parametrize("script, args, word", [
@@ -81,6 +107,7 @@ def test_bench_dropin_runs_fresh_and_pretrained(capsys):
     ("bench_dropin", ["--aux-weight", "nan"], "--aux-weight"),
     ("bench_dropin", ["--pretrain-epochs", "-1"], "--pretrain-epochs"),
     ("bench_dropin", ["--calibrate", "-1"], "--calibrate"),
+    ("bench_dropin", ["--mc", "-1"], "--mc"),
 ])
 def test_bench_scripts_name_bad_arguments(script, args, word, capsys):
     """A bad ablation or aux argument stops the script before any work, naming it."""
