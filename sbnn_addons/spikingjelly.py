@@ -1126,6 +1126,13 @@ def to_sbnn(
                                 host="SpikingJelly", attr="surrogate_function",
                                 example="surrogate.ATan()")
         check_neuron_constants(name, m, ("tau", "v_threshold", "v_reset"))
+    if not any(_is_spiking_node(m) and not match_name(n, exc)
+               for n, m in model.named_modules()):
+        raise ValueError(
+            "nothing to convert: model contains no SpikingJelly neuron ("
+            + ", ".join(f"neuron.{t.__name__}" for t in SUPPORTED_NEURONS)
+            + ") outside exclude; a Bayesian layer's noise reaches the loss through the "
+            "spikes of the neuron it feeds: convert a spiking model")
 
     def selected(name: str) -> bool:
         return (inc is None or match_name(name, inc)) and not match_name(name, exc)

@@ -160,6 +160,19 @@ def test_nothing_to_convert():
         sbnn_sj.to_sbnn(nn.Sequential(layer.Linear(3, 3)), exclude=["*"])
 
 
+def test_a_model_without_a_neuron_is_named_before_it_changes():
+    """Layers and no SpikingJelly neuron (or every neuron excluded): the layers became
+    Bayesian, silently, and the first call raised (the snnTorch converter refuses such a
+    model). A failed inplace=True conversion leaves the model as it was."""
+    ann = nn.Sequential(layer.Linear(3, 4), nn.ReLU(), layer.Linear(4, 2))
+    with pytest.raises(ValueError, match="no SpikingJelly neuron .*neuron.LIFNode"):
+        sbnn_sj.to_sbnn(ann, inplace=True)
+    assert type(ann[0]) is layer.Linear and type(ann[2]) is layer.Linear
+    net = nn.Sequential(layer.Linear(3, 4), neuron.LIFNode(), layer.Linear(4, 2))
+    with pytest.raises(ValueError, match="outside exclude"):
+        sbnn_sj.to_sbnn(net, exclude=["1"])
+
+
 def test_bad_batchnorm_value():
     with pytest.raises(ValueError, match="batchnorm"):
         sbnn_sj.to_sbnn(_net(), batchnorm="fold")
