@@ -254,9 +254,10 @@ def make_network(
         raise ValueError(f"neuron must be 'binary' or 'lif', got {neuron!r}")
     if len(sizes) < 3:
         raise ValueError("sizes must be (n_in, n_1, ..., n_L, C) with at least one hidden layer")
-    if any((n := as_int(size)) is None or n < 1 for size in sizes):
+    counts = [as_int(size) for size in sizes]
+    if any(n is None or n < 1 for n in counts):
         raise ValueError(f"every size must be an integer >= 1, got {tuple(sizes)}")
-    sizes = [as_int(size) for size in sizes]
+    sizes = counts
     spiking = neuron == "lif"
     steps = (3 if spiking else 1) if steps is None else steps
     if ((count := as_int(steps)) is None or count < 1

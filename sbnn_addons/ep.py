@@ -345,11 +345,10 @@ class EPNetwork(nn.Module):
                 )
             sizes, loaded = _parse_modules(layers, self.bias, dtype)
         else:
-            sizes = list(layers)
-            if len(sizes) < 2 or any((n := as_int(s)) is None or n < 1 for s in sizes):
+            sizes = [as_int(s) for s in layers]
+            if len(sizes) < 2 or any(n is None or n < 1 for n in sizes):
                 raise ValueError(f"layers must be >= 2 positive integer sizes [in, ..., out], "
                                  f"got {layers!r}")
-            sizes = [as_int(s) for s in sizes]
         self.sizes = sizes
         gen = torch.Generator().manual_seed(seed)
         extra = 1 if self.bias else 0

@@ -2321,14 +2321,25 @@ def check_finite_once(module: nn.Module, tensors: list[tuple[str, Tensor | None]
                 for _, t in tensors)
     if not tensors or module.__dict__.get(cache) == key:
         return
-    with torch.no_grad():  # one read-back: on an accelerator, one device sync
-        device = tensors[0][1].device
-        flags = torch.stack([torch.isfinite(t).all().to(device) for _, t in tensors])
-        if not bool(flags.all()):
-            name, t = next(nt for nt, ok in zip(tensors, flags.tolist()) if not ok)
-            raise ValueError(message(name, int(torch.isnan(t).sum()),
-                                     int(torch.isinf(t).sum())))
+    found = _first_nonfinite(tensors)
+    if found is not None:
+        name, t = found
+        raise ValueError(message(name, int(torch.isnan(t).sum()), int(torch.isinf(t).sum())))
     module.__dict__[cache] = key
+
+
+def _first_nonfinite(tensors: list[tuple], nan_only: Callable[[str], bool] | None = None):
+    """The first entry ``(name, tensor, ...)`` of ``tensors`` whose tensor holds NaN / inf
+    (NaN alone where ``nan_only(name)``), or ``None``: one reduction per tensor, stacked,
+    so one read-back (on an accelerator, one device sync) for all of them."""
+    with torch.no_grad():
+        device = tensors[0][1].device
+        flags = torch.stack([
+            (~torch.isnan(t).any() if nan_only is not None and nan_only(n)
+             else torch.isfinite(t).all()).to(device) for n, t, *_ in tensors])
+        if bool(flags.all()):
+            return None
+        return next(nt for nt, ok in zip(tensors, flags.tolist()) if not ok)
 
 
 def check_model_input(model: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
@@ -2425,15 +2436,11 @@ def check_model_parameters(model: nn.Module, state: dict) -> None:
         tensors = [nt for nt, old, new in zip(tensors, entry[2], versions) if old != new]
     tensors = [nt for nt in tensors if not nt[1].is_meta]  # no values to test
     if tensors:
-        with torch.no_grad():
-            device = tensors[0][1].device
-            # an infinite threshold is a membrane readout that never fires: NaN only
-            flags = torch.stack([
-                (~torch.isnan(t).any() if n.rsplit(".", 1)[-1] == "threshold"
-                 else torch.isfinite(t).all()).to(device) for n, t, *_ in tensors])
-            if not bool(flags.all()):
-                name, t, *_ = next(nt for nt, ok in zip(tensors, flags.tolist()) if not ok)
-                _nonfinite_parameter(model, name, t)
+        # an infinite threshold is a membrane readout that never fires: NaN only
+        found = _first_nonfinite(tensors, lambda n: n.rsplit(".", 1)[-1] == "threshold")
+        if found is not None:
+            name, t, *_ = found
+            _nonfinite_parameter(model, name, t)
     entry[2] = versions
 
 
