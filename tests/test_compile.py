@@ -1461,3 +1461,35 @@ def test_settings_changed_after_compiling_reach_the_compiled_step(same_random_st
         torch.testing.assert_close(comp[0], eager[0], msg=f"change {i}")
         for a, b in zip(eager[1], comp[1]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+
+@pytest.mark.parametrize(("layer", "mode", "bad"), [
+    ("linear", "sample", math.nan), ("conv", "sample", math.inf), ("conv", "mean", math.nan),
+    ("linear weight std", "sample", math.inf), ("pruned", "sample", math.nan),
+])
+def test_a_compiled_layer_names_a_nan_or_inf_input(layer, mode, bad):
+    """Under ``torch.compile`` a layer's input check is a runtime assert in the graph: a
+    ``RuntimeError`` naming the layer and the fix, as eager mode's ``ValueError`` does, in
+    both modes and for each variance formula (per-layer, per-weight, pruned)."""
+    torch.manual_seed(0)
+    if layer.startswith("conv"):
+        net, x = sb.BayesConv2d(2, 3, 3), torch.rand(4, 2, 6, 6)
+    else:
+        net = sb.BayesLinear(8, 5, std_mode="weight" if "weight" in layer else "layer")
+        x = torch.rand(4, 8)
+    if layer == "pruned":
+        torch.nn.utils.prune.l1_unstructured(net, "weight", amount=0.5)
+    x.view(-1)[x.numel() // 2] = bad
+    step = torch.compile(lambda a: net(a).sum(), fullgraph=True)
+    torch._dynamo.reset()
+    with sb.mode(net, mode):
+        with pytest.raises(ValueError, match="contains 1 NaN|contains 0 NaN and 1 inf"):
+            net(x)
+        with pytest.raises(RuntimeError, match=rf"input of {type(net).__name__} contains NaN "
+                                               r"or inf.*check_finite\(False\)"):
+            step(x)
+        with sb.check_finite(False):
+            step(x)  # the documented switch turns the check off
+        step(torch.rand_like(x))
+
