@@ -847,3 +847,19 @@ def test_second_order_gradients_raise_on_the_kernel_and_work_on_the_pytorch_path
             g.pow(2).sum().backward()
         assert fc.std_rho.grad is not None and fc.weight.grad.abs().sum() > 0
         fc.zero_grad()
+
+
+def test_use_kernels_called_without_with_sets_the_flag():
+    """``kernels.use_kernels(False)`` as a statement turns the kernel off (as
+    ``torch.set_grad_enabled`` does); it built a context manager never entered, which
+    changed nothing. As a ``with`` block it restores the previous value."""
+    before = kernels.enabled()
+    try:
+        kernels.use_kernels(False)
+        assert not kernels.enabled()
+        with kernels.use_kernels(True):
+            assert kernels.enabled()
+        assert not kernels.enabled()
+    finally:
+        kernels.use_kernels(before)
+    assert kernels.enabled() == before
