@@ -863,3 +863,23 @@ def test_use_kernels_called_without_with_sets_the_flag():
     finally:
         kernels.use_kernels(before)
     assert kernels.enabled() == before
+
+
+@needs_kernel
+@pytest.mark.parametrize("estimator", ["st", "iwst(0.5)", "agr(1.0)"])
+def test_backward_of_a_nan_drive_is_nan_as_on_the_pytorch_path(estimator):
+    """The kernel's backward clamped ``z = u / sigma`` with fminf / fmaxf, which return
+    the bound for a NaN: a NaN drive got a finite gradient (0 or a bound's), so a NaN
+    inside a converted model trained on silently, where the PyTorch path and the hosts'
+    surrogates give NaN. It gives NaN too (only there)."""
+    u = torch.tensor([[0.3, float("nan"), -0.2, 1.5]])
+    grads = []
+    for fused in (True, False):
+        spike = IWSTSpike(estimator, std=0.5)
+        x = u.clone().requires_grad_()
+        seed_spikes(spike, 0)
+        with sb.check_finite(False), kernels.use_kernels(fused):
+            (g,) = torch.autograd.grad(spike(x).sum(), x)
+        grads.append(g)
+    for g in grads:  # (the two paths draw different spikes: IW-ST / AGR weights differ)
+        assert torch.isnan(g[0, 1]) and torch.isfinite(g[0, [0, 2, 3]]).all()
