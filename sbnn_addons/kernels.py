@@ -41,7 +41,6 @@ the PyTorch path, which is also the fallback when no C compiler is found. Set
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -53,7 +52,6 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -217,17 +215,32 @@ def enabled() -> bool:
     return _enabled
 
 
-@contextlib.contextmanager
-def use_kernels(flag: bool) -> Iterator[None]:
-    """Turn the fused kernel on or off inside a ``with`` block (``False``: PyTorch path)."""
-    global _enabled
-    from .base import check_flag
+class use_kernels:
+    """Turn the fused kernel on or off (``False``: PyTorch path) now; used as a context
+    manager, restore the previous setting when the block ends.
 
-    previous, _enabled = _enabled, check_flag("use_kernels(flag)", flag)
-    try:
-        yield
-    finally:
-        _enabled = previous
+    Like ``torch.set_grad_enabled``, it works both ways: ``with use_kernels(False): ...``
+    for a block, ``use_kernels(False)`` as a statement for good.
+    """
+
+    def __init__(self, flag: bool) -> None:
+        global _enabled
+        from .base import check_flag
+
+        self._flag = check_flag("use_kernels(flag)", flag)
+        self._previous: bool | None = _enabled
+        _enabled = self._flag
+
+    def __enter__(self) -> None:
+        global _enabled
+        if self._previous is None:  # entered again after a block ended
+            self._previous, _enabled = _enabled, self._flag
+
+    def __exit__(self, *exc) -> None:
+        global _enabled
+        previous, self._previous = self._previous, None
+        if previous is not None:
+            _enabled = previous
 
 
 def can_fuse(u: Tensor, variance: Tensor, compiling: bool | None = None) -> bool:

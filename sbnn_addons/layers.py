@@ -1494,7 +1494,10 @@ def batchnorm_after(model: nn.Module, weight_types: tuple) -> dict[str, str]:
     """``{layer name: BatchNorm name}`` (qualified names) for each BatchNorm that directly
     follows a weight layer of ``weight_types`` in the model's module order and normalises
     its outputs (as many channels as the layer has outputs): the BatchNorm a converter
-    folds into that layer's noise."""
+    folds into that layer's noise. Parameter-free modules between them (pooling, dropout,
+    flattening) leave the pair as it is; a spiking neuron or a module with parameters of
+    its own between them breaks it (``conv -> neuron -> BatchNorm`` normalises spikes, not
+    the convolution's outputs)."""
     out: dict[str, str] = {}
     last = None
     for name, m in model.named_modules():
@@ -1504,7 +1507,20 @@ def batchnorm_after(model: nn.Module, weight_types: tuple) -> dict[str, str]:
             last = None
         elif type(m) in weight_types:
             last = (name, m)
+        elif last is not None and _between_breaks_fold(m):
+            last = None
     return out
+
+
+def _between_breaks_fold(m: nn.Module) -> bool:
+    """Whether ``m``, met between a weight layer and a BatchNorm in module order, stands
+    between the layer's outputs and what the BatchNorm normalises: a spiking neuron (an
+    snnTorch one, with a ``spike_grad``; a SpikingJelly one, with a
+    ``surrogate_function``; an SBNN spike function or neuron) or a module with parameters
+    of its own (another weight layer, a normalisation)."""
+    return (isinstance(m, SBNNModule) or hasattr(m, "spike_grad")
+            or hasattr(m, "surrogate_function")
+            or next(m.parameters(recurse=False), None) is not None)
 
 
 def affine_batchnorm_plan(model: nn.Module, weight_types: tuple, batchnorm_types: tuple,

@@ -6,9 +6,6 @@ The ``mc(K)`` prediction itself is :func:`sbnn_addons.mc_predict` (defined in
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 from torch import nn
 
 from .base import MODES, SBNNModule, check_module
@@ -56,17 +53,37 @@ def get_mode(model: nn.Module) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def mode(model: nn.Module, value: str) -> Iterator[nn.Module]:
-    """Context manager: run ``model`` in mode ``value``, then restore each module's mode
-    (also when the block raises). Raises as :func:`set_mode`."""
-    check_module(model, "mode")
-    saved = [(m, m.sbnn_mode) for m in model.modules() if isinstance(m, SBNNModule)]
-    set_mode(model, value)
-    try:
-        yield model
-    finally:
-        for m, old in saved:
+class mode:
+    """Set the mode of every SBNN module in ``model`` to ``value`` now; used as a context
+    manager, restore each module's mode when the block ends (also when it raises).
+
+    Like ``torch.set_grad_enabled``, it works both ways: ``with sbnn_addons.mode(model,
+    "mean"): ...`` runs the block in ``mean`` mode and restores the modes after it, and
+    ``sbnn_addons.mode(model, "mean")`` as a statement sets the mode for good (as
+    :func:`set_mode` does). Entering the returned object again applies the mode again.
+    Raises as :func:`set_mode`.
+    """
+
+    def __init__(self, model: nn.Module, value: str) -> None:
+        check_module(model, "mode")
+        self._model = model
+        self._value = value
+        self._saved: list | None = None
+        self._apply()
+
+    def _apply(self) -> None:
+        saved = [(m, m.sbnn_mode) for m in self._model.modules() if isinstance(m, SBNNModule)]
+        set_mode(self._model, self._value)  # raises before anything is saved
+        self._saved = saved
+
+    def __enter__(self) -> nn.Module:
+        if self._saved is None:  # entered again after a block ended
+            self._apply()
+        return self._model
+
+    def __exit__(self, *exc) -> None:
+        saved, self._saved = self._saved, None
+        for m, old in saved or ():
             m.sbnn_mode = old
 
 

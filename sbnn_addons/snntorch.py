@@ -1741,7 +1741,8 @@ def to_sbnn(
             statistics keep learning, as in the original); ``"affine"`` replaces them by
             a mean-only :class:`~sbnn_addons.ChannelAffine` folded from the running
             statistics (the released configuration; the BatchNorm's scale is folded into
-            the initial posterior std of the layer before it, channel by channel with
+            the initial posterior std of the layer it directly follows (none after a
+            neuron), channel by channel with
             ``std_mode="channel"`` / ``"weight"`` (layer-wide with a per-layer std),
             which keeps the signal-to-noise ratio; it freezes the statistics, so use it on trained
             models; another BatchNorm, e.g. ``nn.BatchNorm3d``, stays as it is, with a

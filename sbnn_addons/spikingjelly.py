@@ -1041,7 +1041,8 @@ def to_sbnn(
             or ``"affine"`` (BatchNorm1d/2d -> mean-only
             :class:`~sbnn_addons.ChannelAffine` from the running statistics, equal to the
             BatchNorm in eval mode, the released configuration; the BatchNorm's scale is
-            folded into the initial posterior std of the layer before it, channel by
+            folded into the initial posterior std of the layer it directly follows
+            (none after a neuron), channel by
             channel with ``std_mode="channel"`` / ``"weight"`` (layer-wide with a
             per-layer std), which keeps the signal-to-noise ratio; it freezes the
             statistics, so use it on trained models; another BatchNorm, e.g.

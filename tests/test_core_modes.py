@@ -127,3 +127,21 @@ def test_training_steps_in_mean_mode_warn(tmp_path):
             opt.zero_grad()
             loss.backward()
             opt.step()
+
+
+def test_mode_called_without_with_sets_the_mode():
+    """``sbnn_addons.mode(model, "mean")`` as a statement (the form the docs' prose shows)
+    sets the mode, like ``set_mode``: it used to build a context manager that was never
+    entered, so the model silently stayed in ``sample`` mode."""
+    model = _model()
+    x = torch.rand(4, 5)
+    mode(model, "mean")
+    assert get_mode(model) == "mean"
+    assert torch.equal(model(x), model(x))
+    ctx = mode(model, "mc")  # applies at the call; the block restores what it found
+    with ctx as m:
+        assert m is model and get_mode(model) == "mc"
+    assert get_mode(model) == "mean"
+    with ctx:  # entered again: applies again, restores again
+        assert get_mode(model) == "mc"
+    assert get_mode(model) == "mean"

@@ -847,3 +847,39 @@ def test_second_order_gradients_raise_on_the_kernel_and_work_on_the_pytorch_path
             g.pow(2).sum().backward()
         assert fc.std_rho.grad is not None and fc.weight.grad.abs().sum() > 0
         fc.zero_grad()
+
+
+def test_use_kernels_called_without_with_sets_the_flag():
+    """``kernels.use_kernels(False)`` as a statement turns the kernel off (as
+    ``torch.set_grad_enabled`` does); it built a context manager never entered, which
+    changed nothing. As a ``with`` block it restores the previous value."""
+    before = kernels.enabled()
+    try:
+        kernels.use_kernels(False)
+        assert not kernels.enabled()
+        with kernels.use_kernels(True):
+            assert kernels.enabled()
+        assert not kernels.enabled()
+    finally:
+        kernels.use_kernels(before)
+    assert kernels.enabled() == before
+
+
+@needs_kernel
+@pytest.mark.parametrize("estimator", ["st", "iwst(0.5)", "agr(1.0)"])
+def test_backward_of_a_nan_drive_is_nan_as_on_the_pytorch_path(estimator):
+    """The kernel's backward clamped ``z = u / sigma`` with fminf / fmaxf, which return
+    the bound for a NaN: a NaN drive got a finite gradient (0 or a bound's), so a NaN
+    inside a converted model trained on silently, where the PyTorch path and the hosts'
+    surrogates give NaN. It gives NaN too (only there)."""
+    u = torch.tensor([[0.3, float("nan"), -0.2, 1.5]])
+    grads = []
+    for fused in (True, False):
+        spike = IWSTSpike(estimator, std=0.5)
+        x = u.clone().requires_grad_()
+        seed_spikes(spike, 0)
+        with sb.check_finite(False), kernels.use_kernels(fused):
+            (g,) = torch.autograd.grad(spike(x).sum(), x)
+        grads.append(g)
+    for g in grads:  # (the two paths draw different spikes: IW-ST / AGR weights differ)
+        assert torch.isnan(g[0, 1]) and torch.isfinite(g[0, [0, 2, 3]]).all()

@@ -745,6 +745,37 @@ def test_converted_std_of_a_pruned_layer_is_sized_from_its_kept_weights(std_mode
     torch.testing.assert_close(model[0].std.detach(), want, rtol=1e-5, atol=0)
 
 
+def test_batchnorm_after_a_neuron_does_not_fold_into_the_layer_before_the_neuron():
+    """batchnorm="affine" folded the scale of a BatchNorm after a neuron (conv -> Leaky
+    -> BN -> conv), which normalises spikes, into the convolution before the neuron: that
+    layer's initial noise came out 30x too large here, silently. A BatchNorm is folded
+    only into a layer it directly follows; the same for a layer of another kind between
+    them (a transposed convolution, whose outputs the BatchNorm then normalises)."""
+    import snntorch as snn
+    from torch import nn
+
+    from sbnn_addons.layers import batchnorm_after
+
+    torch.manual_seed(0)
+    host = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), snn.Leaky(beta=BETA, init_hidden=True),
+                         nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4),
+                         snn.Leaky(beta=BETA, init_hidden=True))
+    with torch.no_grad():
+        host[2].running_var.fill_(0.01)
+        host[2].weight.fill_(3.0)
+        host[4].running_var.fill_(4.0)
+        host[2].num_batches_tracked += 1
+        host[4].num_batches_tracked += 1
+    keep = to_sbnn(host, batchnorm="keep")
+    affine = to_sbnn(host, batchnorm="affine")
+    assert torch.equal(affine[0].std, keep[0].std)  # the BatchNorm reads spikes
+    torch.testing.assert_close(affine[3].std, keep[3].std / 2)  # 1 / sqrt(4): folded
+    between = nn.Sequential(nn.Conv2d(2, 4, 1), nn.ConvTranspose2d(4, 4, 1), nn.BatchNorm2d(4))
+    assert batchnorm_after(between, (nn.Conv2d,)) == {}
+    assert batchnorm_after(nn.Sequential(nn.Conv2d(2, 4, 1), nn.MaxPool2d(2), nn.Dropout(),
+                                         nn.BatchNorm2d(4)), (nn.Conv2d,)) == {"0": "3"}
+
+
 @pytest.mark.parametrize("inplace", [False, True])
 def test_pruned_host_bias_stays_pruned(inplace):
     """A host layer whose bias is pruned (``torch.nn.utils.prune``, e.g. a global pruning

@@ -675,3 +675,30 @@ def test_a_converted_neuron_with_noise_of_its_own_passes_the_gradient():
     sutils.reset(model)
     sum(model(x[t])[0].sum() for t in range(len(x))).backward()
     assert model[0].weight.grad.abs().sum() > 0 and model[2].weight.grad.abs().sum() > 0
+
+
+def test_nan_arising_inside_a_converted_model_is_not_trained_on():
+    """A NaN made inside the model (here by a module of the user's) reached the fused
+    step's kernel, whose backward gave it a finite gradient: the NaN units fired nothing
+    and the model trained on, silently (the host's surrogate gives NaN gradients). The
+    gradients are NaN, as on the PyTorch path, so the next call names the parameter."""
+
+    class NaNUnit(nn.Module):
+        def forward(self, x):
+            bad = torch.zeros_like(x)
+            bad[..., 0] = float("nan")
+            return x + bad
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), NaNUnit(), snn.Leaky(beta=BETA, init_hidden=True),
+                        nn.Linear(8, 3), snn.Leaky(beta=BETA, init_hidden=True, output=True))
+    model = to_sbnn(net)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.rand(4, 2, 4)
+    sutils.reset(model)
+    torch.stack([model(x_t)[0] for x_t in x]).sum().backward()
+    assert torch.isnan(model[0].weight.grad).any()
+    opt.step()
+    sutils.reset(model)
+    with pytest.raises(ValueError, match="NaN"):
+        model(x[0])

@@ -350,6 +350,32 @@ def test_batchnorm_that_cannot_fold_fails_before_an_inplace_conversion_changes_a
     assert not any(n._forward_pre_hooks for n in net.modules())
 
 
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_batchnorm_after_a_neuron_does_not_fold_into_the_layer_before_the_neuron(step_mode):
+    """batchnorm="affine" folds a BatchNorm's scale into the std of the layer whose outputs
+    it normalises. A BatchNorm after a neuron (conv -> LIF -> BN -> conv) normalises the
+    spikes: its scale was folded into the convolution before the neuron anyway (the last
+    weight layer in module order), so that layer's initial noise came out scaled by
+    ``weight / sqrt(running_var)`` (30x here), silently. It is folded only into a layer
+    it directly follows."""
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Conv2d(2, 4, 3, padding=1), neuron.LIFNode(),
+                        layer.BatchNorm2d(4), layer.Conv2d(4, 4, 3, padding=1),
+                        layer.BatchNorm2d(4), neuron.LIFNode())
+    functional.set_step_mode(net, step_mode)
+    with torch.no_grad():
+        net[2].running_var.fill_(0.01)
+        net[2].weight.fill_(3.0)
+        net[4].running_var.fill_(4.0)
+        net[2].num_batches_tracked += 1
+        net[4].num_batches_tracked += 1
+    keep = sbnn_sj.to_sbnn(net, batchnorm="keep")
+    affine = sbnn_sj.to_sbnn(net, batchnorm="affine")
+    assert torch.equal(affine[0].std, keep[0].std)  # the BatchNorm reads spikes
+    torch.testing.assert_close(affine[3].std, keep[3].std / 2)  # 1 / sqrt(4): folded
+    assert isinstance(affine[2], sbnn_sj.ChannelAffine)
+
+
 def test_spikingjelly_monitor_records_a_converted_models_spikes():
     """SpikingJelly's monitor (which imports tensorboard, listed in the spikingjelly
     extra) records a converted neuron's spikes."""

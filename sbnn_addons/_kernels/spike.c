@@ -421,6 +421,12 @@ static inline float jacobian(float zc, float h, int kind, float p, float tau,
     return fminf(weighted, max_weight * g_r * INV_SQRT_2PI) / r;
 }
 
+/* Whether x is NaN, from its bits: -ffast-math (finite math only) folds x != x to 0. */
+static inline int is_nan(float x) {
+    union { float f; uint32_t u; } b = {x};
+    return (b.u & 0x7fffffffu) > 0x7f800000u;
+}
+
 /* kind: 0 = ST, 1 = IW-ST(p), 2 = AGR(tau). */
 static inline void grad_one(float g, float x, float v, float h, int kind, int aux, float p,
                             float tau, float max_weight, float g_aux, float offset, float pull,
@@ -443,6 +449,13 @@ static inline void grad_one(float g, float x, float v, float h, int kind, int au
         grad_u += noisy ? g_aux * 2.0f * za * inv_s : 0.0f;
         grad_v += aux == 1 && noisy && sr >= SIGMA_MIN ? -g_aux * za * za / fmaxf(v, 1e-30f)
                                                        : 0.0f;
+    }
+    /* a NaN drive or variance gets NaN gradients, as on the PyTorch path and through the
+     * hosts' surrogates: the clamps above (fminf / fmaxf) would turn it into a bound */
+    if (is_nan(x) | is_nan(v)) {
+        union { uint32_t u; float f; } q = {0x7fc00000u};
+        grad_u = q.f;
+        grad_v = q.f;
     }
     *gu = grad_u;
     *gv = grad_v;
