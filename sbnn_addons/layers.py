@@ -1573,12 +1573,13 @@ class _CallOrderHook:
     it; then the module is the last one called."""
 
     def __init__(self, order: _CallOrder, name: str, post: bool = False) -> None:
-        self.order, self.name, self.post = order, name, post
+        # (module_name, not name: torch's weight_norm / spectral_norm hooks have a name)
+        self.order, self.module_name, self.post = order, name, post
 
     def __call__(self, module, args, *output):
         if torch.compiler.is_compiling():
             return None
-        order, name = self.order, self.name
+        order, name = self.order, self.module_name
         if not self.post and name in order.features:
             if order.expected is None:
                 order.follows.setdefault(name, set()).add(order.last)
