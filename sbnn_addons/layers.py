@@ -59,6 +59,8 @@ from .moments import (
     VarianceFlowError,
     VarianceTensor,
     _noisy_in_sample_mode,
+    _restore,
+    _snapshot,
     attach_computed_variance,
     check_finite_once,
     check_noise_scales,
@@ -84,6 +86,9 @@ __all__ = [
     "converted_layer_kwargs",
     "folded_batchnorm_scale",
     "batchnorm_after",
+    "batchnorm_call_pairs",
+    "check_batchnorm_pairing",
+    "remove_batchnorm_pairing_check",
     "affine_batchnorm_plan",
     "fold_batchnorms",
     "keep_ties",
@@ -1500,7 +1505,7 @@ def batchnorm_after(model: nn.Module, weight_types: tuple) -> dict[str, str]:
     the convolution's outputs)."""
     out: dict[str, str] = {}
     last = None
-    for name, m in model.named_modules():
+    for name, m in _outside_neurons(model):
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             if last is not None and last[1].weight.shape[0] == m.num_features:
                 out[last[0]] = name
@@ -1510,6 +1515,23 @@ def batchnorm_after(model: nn.Module, weight_types: tuple) -> dict[str, str]:
         elif last is not None and _between_breaks_fold(m):
             last = None
     return out
+
+
+def _is_neuron(m: nn.Module) -> bool:
+    """A spiking neuron: an snnTorch one (a ``spike_grad``), a SpikingJelly one (a
+    ``surrogate_function``)."""
+    return hasattr(m, "spike_grad") or hasattr(m, "surrogate_function")
+
+
+def _outside_neurons(model: nn.Module):
+    """``model.named_modules()`` without the root and without the parts of a neuron (an
+    ``snn.RLeaky``'s ``recurrent`` layer, a surrogate), which run inside the neuron."""
+    inside = None
+    for name, m in model.named_modules():
+        if not name or (inside is not None and name.startswith(inside)):
+            continue
+        inside = name + "." if _is_neuron(m) else None
+        yield name, m
 
 
 def _between_breaks_fold(m: nn.Module) -> bool:
@@ -1523,12 +1545,231 @@ def _between_breaks_fold(m: nn.Module) -> bool:
             or next(m.parameters(recurse=False), None) is not None)
 
 
+class _CallOrder:
+    """What the pairing hooks of one model share (names only, so that a copy of the model
+    keeps a consistent one): the watched module called last, the output channels of the
+    layers a BatchNorm after them folds into, each BatchNorm's channels, the class names
+    (for messages), and, when checking, the layer each BatchNorm's scale was folded into
+    (``None``: none); when recording, the modules each BatchNorm was called after."""
+
+    def __init__(self, outs: dict[str, int], features: dict[str, int],
+                 kinds: dict[str, str], expected: dict[str, str | None] | None = None,
+                 host: str = "") -> None:
+        self.last: str | None = None
+        self.outs, self.features, self.kinds = outs, features, kinds
+        self.expected, self.host = expected, host
+        self.follows: dict[str, set] = {}
+
+    def folds_into(self, bn: str, before: str | None) -> str | None:
+        """The layer a BatchNorm called right after ``before`` folds into: ``before``
+        where it is such a layer with one output per channel of the BatchNorm."""
+        return before if before is not None and self.outs.get(before) == self.features[bn] \
+            else None
+
+
+class _CallOrderHook:
+    """Forward pre-hook of a watched module (and forward hook of one with watched parts
+    of its own, ``post``): at a BatchNorm, records (or checks) the module called before
+    it; then the module is the last one called."""
+
+    def __init__(self, order: _CallOrder, name: str, post: bool = False) -> None:
+        # (module_name, not name: torch's weight_norm / spectral_norm hooks have a name)
+        self.order, self.module_name, self.post = order, name, post
+
+    def __call__(self, module, args, *output):
+        if torch.compiler.is_compiling():
+            return None
+        order, name = self.order, self.module_name
+        if not self.post and name in order.features:
+            if order.expected is None:
+                order.follows.setdefault(name, set()).add(order.last)
+            elif name in order.expected:
+                folded = order.expected[name]
+                if order.folds_into(name, order.last) != folded:
+                    raise _pairing_error(order, name, folded)
+        order.last = name
+        return None
+
+
+class _PairingRootHook:
+    """The root's forward pre-hook (a call starts: nothing called yet) and forward hook
+    (the first call ran through: the check is done, its hooks are removed)."""
+
+    def __init__(self, order: _CallOrder, post: bool) -> None:
+        self.order, self.post = order, post
+
+    def __call__(self, module, args, *output):
+        if torch.compiler.is_compiling():
+            return None
+        if self.post:
+            remove_batchnorm_pairing_check(module)
+        else:
+            self.order.last = None
+        return None
+
+
+def _pairing_error(order: _CallOrder, bn: str, folded: str | None) -> ValueError:
+    before = order.last
+
+    def named(n: str) -> str:
+        return f"{n!r} ({order.kinds[n]})"
+
+    fold = (f"the initial posterior std of {named(folded)}" if folded is not None else
+            "no layer (no weight layer is declared right before it)")
+    actual = ("no module (it is the first module the forward calls)" if before is None
+              else named(before))
+    if order.folds_into(bn, before) is not None:
+        actual += ", whose outputs it normalises"
+    wrong = " and ".join(repr(n) for n in dict.fromkeys(
+        n for n in (folded, order.folds_into(bn, before)) if n is not None))
+    host = f"sbnn_addons.{order.host}." if order.host else ""
+    return ValueError(
+        "batchnorm='affine' paired each BatchNorm with the weight layer declared right "
+        f"before it, and folded the scale of BatchNorm {bn!r} into {fold}, but the forward "
+        f"calls {bn!r} right after {actual}: the initial noise of {wrong} is off by the "
+        "BatchNorm's scale. Convert "
+        f"with {host}to_sbnn(model, batchnorm='affine', example_input=x) (x: what one call "
+        "of the model takes), which pairs each BatchNorm with the module the forward calls "
+        "right before it, or declare the modules in the order the forward calls them")
+
+
+def _watch(model: nn.Module, order: _CallOrder) -> list:
+    """Install the hooks of ``order`` on the modules whose calls decide what a BatchNorm
+    follows: weight layers, BatchNorms and their affines, neurons and any other module
+    with parameters of its own (outside neurons: the parts of a neuron run inside it).
+    Parameter-free modules (pooling, dropout, flattening) are not watched: a BatchNorm
+    after them still follows the layer before them. Returns the handles."""
+    handles = []
+    for name, m in _outside_neurons(model):
+        norm = isinstance(m, (nn.modules.batchnorm._BatchNorm, ChannelAffine))
+        if not (norm or _between_breaks_fold(m)):
+            continue
+        order.kinds[name] = type(m).__name__
+        handles.append(m.register_forward_pre_hook(_CallOrderHook(order, name)))
+        if next(m.children(), None) is not None and not (_is_neuron(m) or is_bayesian(m)):
+            # its own watched parts run inside it: after it, it is the last one called
+            handles.append(m.register_forward_hook(_CallOrderHook(order, name, post=True)))
+    return handles
+
+
+def batchnorm_call_pairs(model: nn.Module, example_input, weight_types: tuple
+                         ) -> dict[str, str]:
+    """``{layer name: BatchNorm name}`` like :func:`batchnorm_after`, by the order one
+    forward ``model(example_input)`` calls the modules instead of the order the model
+    declares them: a BatchNorm called right after a weight layer of ``weight_types`` with
+    one output per channel of the BatchNorm folds into it; one called after a neuron or
+    another module with parameters of its own folds into nothing. Parameter-free modules
+    (pooling, dropout, flattening) called between them leave the pair as it is. The
+    forward runs under ``torch.no_grad()`` with ``model.eval()``, with forward pre-hooks
+    on the modules that decide the pairs; afterwards the hooks are removed and the
+    model's train flags, buffers (neuron membranes, BatchNorm statistics) and SpikingJelly
+    memories are as before. A BatchNorm the forward calls after different layers, or
+    after a layer other BatchNorms follow too, folds into nothing, with a warning.
+    """
+    order = _CallOrder({}, {}, {})
+    handles = _watch(model, order)
+    modules = dict(model.named_modules())
+    for name in order.kinds:
+        m = modules[name]
+        if type(m) in weight_types:
+            order.outs[name] = m.weight.shape[0]
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            order.features[name] = m.num_features
+    snapshot = _snapshot(model)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input)
+    except Exception as err:
+        err.add_note(
+            "(raised by the forward model(example_input) that batchnorm='affine' runs on "
+            "the model before converting it, to pair each BatchNorm with the layer the "
+            "forward calls right before it; example_input is what one call of the model "
+            "takes)")
+        raise
+    finally:
+        for h in handles:
+            h.remove()
+        _restore(snapshot)
+    claims: dict[str, list[str]] = {}
+    unclear = []
+    for bn, before in order.follows.items():
+        layers = {order.folds_into(bn, b) for b in before}
+        if len(layers) > 1:
+            unclear.append(bn)
+        elif None not in layers:
+            claims.setdefault(layers.pop(), []).append(bn)
+    pairs = {}
+    for layer_name, bns in claims.items():
+        if len(bns) == 1:
+            pairs[layer_name] = bns[0]
+        else:
+            unclear.extend(bns)
+    if unclear:
+        warnings.warn(
+            f"batchnorm='affine' folds the scale of BatchNorm "
+            f"{', '.join(repr(n) for n in sorted(unclear))} into no layer: the forward "
+            "called it after different modules, or called other BatchNorms after the same "
+            "layer; the initial posterior std of such a layer is sized without a "
+            "BatchNorm's scale (pass std= to set it)", UserWarning, stacklevel=3)
+    return pairs
+
+
+def check_batchnorm_pairing(model: nn.Module, folds: dict[str, str], affine_bns: set[str],
+                            host: str = "") -> nn.Module:
+    """Check, at the first forward of a converted ``model``, the pairs that
+    ``batchnorm="affine"`` folded by declaration order (:func:`batchnorm_after`):
+    each BatchNorm of ``affine_bns`` (now a :class:`ChannelAffine`) must be called right
+    after the Bayesian layer its scale was folded into (``folds``, ``{layer: BatchNorm}``),
+    and one folded into no layer not right after a Bayesian layer with one output per
+    channel. Forward pre-hooks on the modules that decide it (see :func:`_watch`) and the
+    root record the call order; the first call of ``model`` that runs through removes
+    them (:func:`remove_batchnorm_pairing_check`), so later calls cost nothing. A call
+    that finds a pair the forward does not call back to back raises a ``ValueError``
+    naming the BatchNorm, the layer its scale was folded into, the module it follows and
+    the fix (``example_input=``); the hooks stay, so every later call raises too.
+    ``host`` names the converter's module in the message. The hooks do nothing while
+    ``torch.compile`` traces a graph: a model compiled before its first eager call is not
+    checked (convert it with ``example_input``). Returns ``model``."""
+    modules = dict(model.named_modules())
+    expected = {bn: None for bn in affine_bns}
+    for layer_name, bn in folds.items():
+        if bn in expected and is_bayesian(modules.get(layer_name)):
+            expected[bn] = layer_name
+    if not expected:
+        return model
+    order = _CallOrder({}, {}, {}, expected, host)
+    _watch(model, order)
+    for name in order.kinds:
+        m = modules[name]
+        if is_bayesian(m):
+            order.outs[name] = m.weight.shape[0]
+        elif name in expected:
+            order.features[name] = m.num_features
+    model.register_forward_pre_hook(_PairingRootHook(order, post=False))
+    model.register_forward_hook(_PairingRootHook(order, post=True))
+    return model
+
+
+def remove_batchnorm_pairing_check(model: nn.Module) -> nn.Module:
+    """Remove the hooks of :func:`check_batchnorm_pairing` from ``model`` (every
+    submodule). Returns ``model``."""
+    for m in model.modules():
+        for hooks in (m._forward_pre_hooks, m._forward_hooks):
+            for key in [k for k, h in hooks.items()
+                        if isinstance(h, (_CallOrderHook, _PairingRootHook))]:
+                del hooks[key]
+    return model
+
+
 def affine_batchnorm_plan(model: nn.Module, weight_types: tuple, batchnorm_types: tuple,
                           layer_selected: Callable[[str], bool],
                           excluded: Callable[[str], bool],
-                          only_folded: bool) -> tuple[dict[str, str], set[str]]:
+                          only_folded: bool, pairs: dict[str, str] | None = None,
+                          ) -> tuple[dict[str, str], set[str]]:
     """What a converter's ``batchnorm="affine"`` does to ``model``: the folds
-    ``{layer name: BatchNorm name}`` (a BatchNorm directly after a converted layer, see
+    ``{layer name: BatchNorm name}`` (a BatchNorm directly after a converted layer:
+    ``pairs``, from :func:`batchnorm_call_pairs`, else in module order, see
     :func:`batchnorm_after`) and the names of the BatchNorms it replaces by a
     :class:`ChannelAffine`: every BatchNorm not ``excluded`` (a name or a module
     containing it matched by ``exclude``) of ``batchnorm_types``, only those folded into a
@@ -1541,7 +1782,9 @@ def affine_batchnorm_plan(model: nn.Module, weight_types: tuple, batchnorm_types
             statistics, which no fixed affine equals).
     """
     types = dict(model.named_modules())
-    after = {layer: bn for layer, bn in batchnorm_after(model, weight_types).items()
+    if pairs is None:
+        pairs = batchnorm_after(model, weight_types)
+    after = {layer: bn for layer, bn in pairs.items()
              if layer_selected(layer) and not excluded(bn)}
     folds = {layer: bn for layer, bn in after.items() if type(types[bn]) in batchnorm_types}
     _warn_batchnorms_kept(types, batchnorm_types, excluded,

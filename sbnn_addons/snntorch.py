@@ -72,12 +72,15 @@ from .layers import (
     BayesLinear,
     ChannelAffine,
     affine_batchnorm_plan,
+    batchnorm_call_pairs,
+    check_batchnorm_pairing,
     converted_layer_kwargs,
     fold_batchnorms,
     fold_channel_std,
     is_bayesian,
     keep_ties,
     legacy_weight_norm,
+    remove_batchnorm_pairing_check,
     warn_deterministic_layers,
 )
 from .losses import enable_aux_loss
@@ -1742,7 +1745,11 @@ def to_sbnn(
             a mean-only :class:`~sbnn_addons.ChannelAffine` folded from the running
             statistics (the released configuration; the BatchNorm's scale is folded into
             the initial posterior std of the layer it directly follows (none after a
-            neuron), channel by channel with
+            neuron): with ``example_input`` the layer the forward calls right before it,
+            otherwise the one declared right before it, which the converted model's first
+            forward checks (a ``ValueError`` where the forward calls them in another
+            order, see :func:`~sbnn_addons.layers.check_batchnorm_pairing`); channel by
+            channel with
             ``std_mode="channel"`` / ``"weight"`` (layer-wide with a per-layer std),
             which keeps the signal-to-noise ratio; it freezes the statistics, so use it on trained
             models; another BatchNorm, e.g. ``nn.BatchNorm3d``, stays as it is, with a
@@ -1760,7 +1767,11 @@ def to_sbnn(
             raises :class:`~sbnn_addons.moments.VarianceFlowError` naming any operation
             without a variance rule between a Bayesian layer and a neuron, at conversion
             time instead of at the first training step (with ``inplace=True`` the model
-            is converted by then). The model's state is left as it was.
+            is converted by then). With ``batchnorm="affine"``, one no-grad forward
+            of the original model in eval mode first pairs each BatchNorm with the layer
+            the forward calls right before it
+            (:func:`~sbnn_addons.layers.batchnorm_call_pairs`). The model's state is left
+            as it was.
 
     Returns:
         The converted model, with its variance flow installed (``track_variance``) and
@@ -1852,8 +1863,12 @@ def to_sbnn(
     def name_selected(name: str) -> bool:
         return (inc is None or _match(name, inc)) and not _match(name, exc)
 
+    # with example_input, each BatchNorm pairs with the layer the forward calls before it
+    pairs = (batchnorm_call_pairs(model, example_input, tuple(_LAYERS))
+             if batchnorm == "affine" and example_input is not None else None)
     folds, affine_bns = ({}, set()) if batchnorm != "affine" else affine_batchnorm_plan(
-        model, tuple(_LAYERS), _BNS, name_selected, lambda n: _match(n, exc), inc is not None)
+        model, tuple(_LAYERS), _BNS, name_selected, lambda n: _match(n, exc), inc is not None,
+        pairs)
     affines = fold_batchnorms(model, folds, affine_bns, layer_kw)
 
     out = model if inplace else _safe_deepcopy(model)
@@ -1921,6 +1936,8 @@ def to_sbnn(
     track_variance(out, check_inputs=True)
     if aux_loss:
         enable_aux_loss(out)
+    if pairs is None and std is None:  # paired by declaration order: checked at the first call
+        check_batchnorm_pairing(out, folds, affine_bns, "snntorch")
     if example_input is not None:
         check_variance_flow(out, example_input)
     if not inplace:  # an optimiser of the original warns at its steps
@@ -2062,6 +2079,7 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
         _check_host_spike_grad(spike_grad, model)
     out = _safe_deepcopy(model)
     untrack_variance(out)
+    remove_batchnorm_pairing_check(out)
     out.__dict__.pop("_sbnn_flow_handles", None)
 
     ties: dict[int, nn.Parameter] = {}

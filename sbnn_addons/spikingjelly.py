@@ -1042,7 +1042,11 @@ def to_sbnn(
             :class:`~sbnn_addons.ChannelAffine` from the running statistics, equal to the
             BatchNorm in eval mode, the released configuration; the BatchNorm's scale is
             folded into the initial posterior std of the layer it directly follows
-            (none after a neuron), channel by
+            (none after a neuron): with ``example_input`` the layer the forward calls
+            right before it, otherwise the one declared right before it, which the
+            converted model's first forward checks (a ``ValueError`` where the forward
+            calls them in another order, see
+            :func:`~sbnn_addons.layers.check_batchnorm_pairing`); channel by
             channel with ``std_mode="channel"`` / ``"weight"`` (layer-wide with a
             per-layer std), which keeps the signal-to-noise ratio; it freezes the
             statistics, so use it on trained models; another BatchNorm, e.g.
@@ -1061,7 +1065,11 @@ def to_sbnn(
             raises :class:`~sbnn_addons.moments.VarianceFlowError` naming any operation
             without a variance rule between a Bayesian layer and a neuron, at conversion
             time instead of at the first training step (with ``inplace=True`` the model
-            is converted by then). The model's state is left as it was.
+            is converted by then). With ``batchnorm="affine"``, one no-grad forward
+            of the original model in eval mode first pairs each BatchNorm with the layer
+            the forward calls right before it
+            (:func:`~sbnn_addons.layers.batchnorm_call_pairs`). The model's state is left
+            as it was.
 
     Returns:
         The converted model, with :func:`sbnn_addons.track_variance` installed on it.
@@ -1139,9 +1147,12 @@ def to_sbnn(
         return (inc is None or match_name(name, inc)) and not match_name(name, exc)
 
     _check_spiking_rnns(model, selected, lambda n: match_name(n, exc))
+    # with example_input, each BatchNorm pairs with the layer the forward calls before it
+    pairs = (_layers.batchnorm_call_pairs(model, example_input, _WEIGHTS)
+             if batchnorm == "affine" and example_input is not None else None)
     folds, affine_bns = ({}, set()) if batchnorm != "affine" else _layers.affine_batchnorm_plan(
         model, _WEIGHTS, _SJ_BN + _PLAIN_BN, selected, lambda n: match_name(n, exc),
-        inc is not None)
+        inc is not None, pairs)
     affines = _layers.fold_batchnorms(model, folds, affine_bns, posterior, _affine_from_bn)
 
     source = model  # an optimiser of the original warns at its steps
@@ -1209,6 +1220,8 @@ def to_sbnn(
     track_variance(model, check_inputs=True)
     if aux_loss:
         enable_aux_loss(model)
+    if pairs is None and std is None:  # paired by declaration order: checked at the first call
+        _layers.check_batchnorm_pairing(model, folds, affine_bns, "spikingjelly")
     if example_input is not None:
         check_variance_flow(model, example_input)
     if not inplace:
@@ -1391,6 +1404,7 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
     model = _safe_deepcopy(model)
     reset(model)
     untrack_variance(model)
+    _layers.remove_batchnorm_pairing_check(model)
     if "_sbnn_flow_handles" in model.__dict__:
         del model.__dict__["_sbnn_flow_handles"]
 

@@ -1315,3 +1315,36 @@ def test_a_posterior_mean_or_noise_scale_replaced_through_data_is_checked():
     layer.std_rho.data = torch.full_like(layer.std_rho, math.nan)
     with pytest.raises(ValueError, match=r"BayesLinear\.std_rho \(a noise scale\)"):
         layer(x)
+
+
+def test_batchnorm_call_pairs_follow_the_forward_and_leave_the_model_as_it_was():
+    """batchnorm_call_pairs pairs each BatchNorm with the weight layer one forward calls
+    right before it (pooling in between does not count, a neuron does), whatever order
+    the model declares them in; a BatchNorm called after two different layers folds into
+    none, with a warning naming it. The forward leaves the model as it was."""
+    import snntorch as snn
+
+    from sbnn_addons.layers import batchnorm_call_pairs
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+            self.shared = nn.BatchNorm2d(4)
+            self.conv2, self.conv1, self.conv3 = (nn.Conv2d(4, 4, 1), nn.Conv2d(2, 4, 1),
+                                                  nn.Conv2d(4, 4, 1))
+            self.pool = nn.MaxPool2d(2)
+            self.lif = snn.Leaky(beta=0.9, init_hidden=True)
+
+        def forward(self, x):
+            x = self.lif(self.bn(self.pool(self.conv1(x))))
+            x = self.lif(self.shared(self.conv2(x)))
+            return self.lif(self.shared(self.conv3(x)))
+
+    net = Net().train()
+    state = copy.deepcopy(net.state_dict())
+    with pytest.warns(UserWarning, match="'shared' into no layer"):
+        pairs = batchnorm_call_pairs(net, torch.rand(2, 2, 4, 4), (nn.Conv2d,))
+    assert pairs == {"conv1": "bn"}
+    assert net.training and all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in net.modules())

@@ -776,6 +776,139 @@ def test_batchnorm_after_a_neuron_does_not_fold_into_the_layer_before_the_neuron
                                          nn.BatchNorm2d(4)), (nn.Conv2d,)) == {"0": "3"}
 
 
+def test_batchnorm_after_an_rleaky_does_not_fold_into_its_recurrent_layer():
+    """A BatchNorm after an ``snn.RLeaky`` normalises its spikes; in module order the
+    neuron's own ``recurrent`` layer came right before it, so batchnorm="affine" folded
+    the BatchNorm's scale into the recurrent layer's initial noise (10x here). The parts
+    of a neuron run inside it: a BatchNorm after the neuron folds into none."""
+    import snntorch as snn
+    from torch import nn
+
+    from sbnn_addons.layers import batchnorm_after
+
+    torch.manual_seed(0)
+    host = nn.Sequential(nn.Linear(3, 4), snn.RLeaky(beta=BETA, linear_features=4,
+                                                     init_hidden=True),
+                         nn.BatchNorm1d(4), nn.Linear(4, 2), snn.Leaky(beta=BETA,
+                                                                      init_hidden=True))
+    with torch.no_grad():
+        host[2].running_var.fill_(0.01)
+        host[2].num_batches_tracked += 1
+    assert batchnorm_after(host, (nn.Linear,)) == {}
+    keep = to_sbnn(host, batchnorm="keep")
+    for affine in (to_sbnn(host, batchnorm="affine"),
+                   to_sbnn(host, batchnorm="affine", example_input=torch.rand(2, 3))):
+        assert torch.equal(affine[1].recurrent.std, keep[1].recurrent.std)
+        affine(torch.rand(2, 3))  # the first forward finds the pairs as declared
+
+
+_S1, _S2 = (0.01 + 1e-5) ** -0.5, (4.0 + 1e-5) ** -0.5  # the BatchNorms' scales
+
+
+class _GroupedNet(torch.nn.Module):
+    """Layers declared grouped by type (conv1, conv2, bn1, bn2), run conv1 -> bn1 -> lif
+    -> conv2 -> bn2 -> lif; with ``swap`` the neuron of the first block is declared
+    between conv1 and bn1 but runs after bn1."""
+
+    def __init__(self, swap: bool = False):
+        import snntorch as snn
+        from torch import nn
+
+        super().__init__()
+        if swap:
+            self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+            self.lif1 = snn.Leaky(beta=BETA, init_hidden=True)
+            self.bn1 = nn.BatchNorm2d(4)
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn2 = nn.BatchNorm2d(4)
+        else:
+            self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn1 = nn.BatchNorm2d(4)
+            self.bn2 = nn.BatchNorm2d(4)
+            self.lif1 = snn.Leaky(beta=BETA, init_hidden=True)
+        self.lif2 = snn.Leaky(beta=BETA, init_hidden=True)
+        with torch.no_grad():
+            self.bn1.running_var.fill_(0.01)  # scale 10
+            self.bn2.running_var.fill_(4.0)  # scale 1/2
+            self.bn1.num_batches_tracked += 1
+            self.bn2.num_batches_tracked += 1
+
+    def forward(self, x):
+        x = self.lif1(self.bn1(self.conv1(x)))
+        return self.lif2(self.bn2(self.conv2(x)))
+
+
+def test_batchnorm_scale_folds_into_the_layer_the_forward_calls_it_after():
+    """batchnorm="affine" folds a BatchNorm's scale into the std of the layer it follows.
+    A model declaring its layers grouped by type (conv1, conv2, bn1, bn2) and running
+    conv1 -> bn1 -> lif -> conv2 -> bn2 had bn1's scale folded into conv2 (10x its noise)
+    and none into conv1, silently: the pairing read the declaration order. With
+    example_input the pairing is the call order; without it, the first forward checks the
+    declared pairs and raises, naming the BatchNorm, the layer and the fix."""
+    torch.manual_seed(0)
+    host = _GroupedNet()
+    x = torch.rand(3, 2, 5, 5)
+    state = {k: v.clone() for k, v in host.state_dict().items()}
+    mem = host.lif1.mem.clone()
+    for std_mode in ("layer", "channel"):
+        keep = to_sbnn(host, batchnorm="keep", std_mode=std_mode)
+        affine = to_sbnn(host, batchnorm="affine", std_mode=std_mode, example_input=x)
+        torch.testing.assert_close(affine.conv1.std, keep.conv1.std * _S1)
+        torch.testing.assert_close(affine.conv2.std, keep.conv2.std * _S2)
+        affine(x)  # nothing to check at the first forward: paired by the calls
+    for k, v in host.state_dict().items():  # the model's state is left as it was
+        assert torch.equal(v, state[k]), k
+    assert host.training and torch.equal(host.lif1.mem, mem)
+    declared = to_sbnn(host, batchnorm="affine")
+    with pytest.raises(ValueError, match=r"'bn1'.*'conv2'.*'conv1'.*example_input=x"):
+        declared(x)
+    with pytest.raises(ValueError, match="'bn1'"):  # still armed
+        declared(x)
+    swapped = _GroupedNet(swap=True)  # declared conv1, lif1, bn1: a fold missed
+    with pytest.raises(ValueError, match=r"'bn1'.*no layer.*'conv1'.*example_input=x"):
+        to_sbnn(swapped, batchnorm="affine")(x)
+    fixed = to_sbnn(swapped, batchnorm="affine", example_input=x)
+    torch.testing.assert_close(fixed.conv1.std, to_sbnn(swapped).conv1.std * _S1)
+
+
+def test_batchnorm_pairing_check_leaves_a_model_declared_in_call_order_as_it_was():
+    """A model declaring its layers in the order it calls them converts with
+    batchnorm="affine" as before; the first forward's check of the pairs leaves no hook
+    behind (no cost afterwards), and a std given explicitly folds nothing to check."""
+    import snntorch as snn
+    from torch import nn
+
+    torch.manual_seed(0)
+    host = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4),
+                         snn.Leaky(beta=BETA, init_hidden=True), nn.Conv2d(4, 4, 3, padding=1),
+                         nn.MaxPool2d(2), nn.BatchNorm2d(4),
+                         snn.Leaky(beta=BETA, init_hidden=True))
+    with torch.no_grad():
+        host[1].running_var.fill_(0.01)
+        host[5].running_var.fill_(4.0)
+        host[1].num_batches_tracked += 1
+        host[5].num_batches_tracked += 1
+    x = torch.rand(3, 2, 6, 6)
+    keep = to_sbnn(host, batchnorm="keep")
+    model = to_sbnn(host, batchnorm="affine")
+    paired = to_sbnn(host, batchnorm="affine", example_input=x)
+    for m in (model, paired):
+        torch.testing.assert_close(m[0].std, keep[0].std * _S1)
+        torch.testing.assert_close(m[3].std, keep[3].std * _S2)
+
+    def hooks(m):
+        return sum(len(n._forward_pre_hooks) + len(n._forward_hooks) for n in m.modules())
+
+    armed = hooks(model)
+    assert armed > hooks(paired)
+    with sbnn_addons.mode(model, "mean"), sbnn_addons.mode(paired, "mean"):
+        assert torch.equal(model(x), paired(x))
+        assert hooks(model) == hooks(paired)
+        model(x)
+    assert hooks(to_sbnn(host, batchnorm="affine", std=0.1)) == hooks(paired)
+
+
 @pytest.mark.parametrize("inplace", [False, True])
 def test_pruned_host_bias_stays_pruned(inplace):
     """A host layer whose bias is pruned (``torch.nn.utils.prune``, e.g. a global pruning

@@ -376,6 +376,69 @@ def test_batchnorm_after_a_neuron_does_not_fold_into_the_layer_before_the_neuron
     assert isinstance(affine[2], sbnn_sj.ChannelAffine)
 
 
+class _GroupedNet(nn.Module):
+    """Layers declared grouped by type (conv1, conv2, bn1, bn2), run conv1 -> bn1 -> LIF
+    -> conv2 -> bn2 -> LIF."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = layer.Conv2d(2, 4, 3, padding=1)
+        self.conv2 = layer.Conv2d(4, 4, 3, padding=1)
+        self.bn1 = layer.BatchNorm2d(4)
+        self.bn2 = layer.BatchNorm2d(4)
+        self.sn1 = neuron.LIFNode()
+        self.sn2 = neuron.LIFNode()
+        with torch.no_grad():
+            self.bn1.running_var.fill_(0.01)
+            self.bn2.running_var.fill_(4.0)
+            self.bn1.num_batches_tracked += 1
+            self.bn2.num_batches_tracked += 1
+
+    def forward(self, x):
+        return self.sn2(self.bn2(self.conv2(self.sn1(self.bn1(self.conv1(x))))))
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_batchnorm_scale_folds_into_the_layer_the_forward_calls_it_after(step_mode):
+    """batchnorm="affine" folds a BatchNorm's scale into the std of the layer it follows.
+    A model declaring its layers grouped by type (conv1, conv2, bn1, bn2) and running
+    conv1 -> bn1 -> LIF -> conv2 -> bn2 had bn1's scale folded into conv2 (10x its noise)
+    and none into conv1, silently: the pairing read the declaration order. With
+    example_input the pairing is the call order; without it, the first forward checks
+    the declared pairs and raises, naming the BatchNorm, the layer and the fix; a model
+    declared in call order (the zoo's) runs as before, the check's hooks gone after it."""
+    torch.manual_seed(0)
+    net = _GroupedNet()
+    functional.set_step_mode(net, step_mode)
+    x = torch.rand(*((T,) if step_mode == "m" else ()), 2, 2, 5, 5)
+    s1, s2 = (0.01 + 1e-5) ** -0.5, (4.0 + 1e-5) ** -0.5
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    keep = sbnn_sj.to_sbnn(net, batchnorm="keep")
+    affine = sbnn_sj.to_sbnn(net, batchnorm="affine", example_input=x)
+    torch.testing.assert_close(affine.conv1.std, keep.conv1.std * s1)
+    torch.testing.assert_close(affine.conv2.std, keep.conv2.std * s2)
+    for k, v in net.state_dict().items():  # the model's state is left as it was
+        assert torch.equal(v, state[k]), k
+    assert net.sn1.v == 0.0 and net.training
+    affine(x)
+    declared = sbnn_sj.to_sbnn(net, batchnorm="affine")
+    with pytest.raises(ValueError, match=r"'bn1'.*'conv2'.*'conv1'.*example_input=x"):
+        declared(x)
+    ordered = nn.Sequential(net.conv1, net.bn1, net.sn1, net.conv2, net.bn2, net.sn2)
+    model = sbnn_sj.to_sbnn(ordered, batchnorm="affine")
+    torch.testing.assert_close(model[0].std, keep.conv1.std * s1)
+    torch.testing.assert_close(model[3].std, keep.conv2.std * s2)
+
+    def hooks(m):
+        return sum(len(n._forward_pre_hooks) + len(n._forward_hooks) for n in m.modules())
+
+    armed = hooks(model)
+    model(x)
+    functional.reset_net(model)
+    assert hooks(model) < armed
+    assert hooks(model) == hooks(sbnn_sj.to_sbnn(ordered, batchnorm="affine", example_input=x))
+
+
 def test_spikingjelly_monitor_records_a_converted_models_spikes():
     """SpikingJelly's monitor (which imports tensorboard, listed in the spikingjelly
     extra) records a converted neuron's spikes."""
