@@ -24,7 +24,9 @@ eager step (every variant; :func:`bench_core.peak_bytes`: the allocator's events
 ``torch.cuda.max_memory_allocated`` on CUDA), and, so that no time is quoted for a
 network that does not learn, the loss before and after ``--train-steps`` Adam steps on one
 fixed batch for every variant (the mean of the last three must be below the mean of the
-first three).
+first three). ``first_call_s`` is the wall time of each variant's first step: for a
+compiled variant its compile time (Dynamo, AOTAutograd, inductor) and one step, with
+inductor's and AOTAutograd's on-disk caches off, so that every run compiles afresh.
 
 On CUDA each step ends with a device synchronisation (the time of the kernels, not of their
 launch), the C-kernel variants are left out (the kernel serves CPU tensors only: ``sbnn
@@ -43,6 +45,7 @@ import argparse
 import contextlib
 import copy
 import platform
+import time
 import types
 
 import torch
@@ -140,13 +143,15 @@ def run(reps: int, repeat: int, threads: int, device: str, train_steps: int,
         x = (torch.rand(T, batch, 784) < 0.2).float().to(device)
         y = torch.randint(0, 10, (batch,)).to(device)
         variants = _variants(host, device)
-        steps = {}
+        steps, first_call = {}, {}
         for name, (model, reset, compiled, kernels) in list(variants.items()):
             model.to(device)
             steps[name] = _make_step(model, reset, compiled, kernels, x, y)
             graphs = graphs_compiled()
+            start = time.perf_counter()
             try:  # a variant that cannot run here is named, the others still measured
                 steps[name]()
+                first_call[name] = time.perf_counter() - start
             except Exception as exc:  # noqa: BLE001
                 if name.startswith("host"):
                     raise
@@ -170,6 +175,7 @@ def run(reps: int, repeat: int, threads: int, device: str, train_steps: int,
                 "saved_bytes_ratio": (saved[name] / saved["host eager"]) if name in saved
                 else float("nan"),
                 "peak_memory_ratio": peak[name] / peak["host eager"],
+                "first_call_s": first_call[name],
                 "loss_first": first, "loss_last": last, "learns": last < first,
             })
     return rows
@@ -187,6 +193,10 @@ def main(argv=None) -> None:
                         default=["snntorch", "spikingjelly"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    # no compiled graph from an earlier run (inductor's and AOTAutograd's on-disk caches):
+    # a compiled variant's first call is the compile time of a fresh machine
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
     rows = run(args.reps, args.repeat, args.threads, args.device, args.train_steps,
                tuple(args.hosts), batch=args.batch)
     if "spikingjelly" in args.hosts:  # on CUDA the host uses its own CUDA / Triton neuron
@@ -198,7 +208,7 @@ def main(argv=None) -> None:
           f"{args.threads} threads, {args.repeat} round(s) of {args.reps} interleaved "
           f"repetitions (medians); MLP 784-256-10, T={T}, batch {args.batch}\n")
     columns = ("host", "variant", "ms", "vs_host_eager", "range", "vs_host_compiled",
-               "saved_bytes_ratio", "peak_memory_ratio")
+               "saved_bytes_ratio", "peak_memory_ratio", "first_call_s")
     print_rows(rows, columns + ("loss_first", "loss_last", "learns"), args.json)
     if not all(r["learns"] for r in rows):
         raise SystemExit("a variant's loss did not fall: its time is not meaningful")
