@@ -934,3 +934,22 @@ def test_step_record_handover_is_dropped_by_the_step_and_by_copies():
     model(x).sum().backward()
     assert "_sbnn_last_record" not in lif.__dict__
     assert lif._sbnn_history[lif.mem].keys() == {"spikes", "state"}
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_conversion_keeps_the_models_training_mode(inplace, training):
+    """A model converted in eval mode (a pretrained model, evaluated before fine-tuning)
+    is in eval mode all through, new spike functions included: its validation forwards
+    with gradients on collect no auxiliary terms (and apply no pull), as after
+    ``model.eval()``."""
+    net, x = make("seq_leaky")
+    net.train(training)
+    model = to_sbnn(net, aux_loss=True, inplace=inplace)
+    assert {m.training for m in model.modules()} == {training}
+    run(model, x)  # gradients on
+    if training:
+        assert sbnn_addons.aux_loss(model) > 0
+    else:
+        with pytest.warns(UserWarning, match="eval mode"):
+            assert sbnn_addons.aux_loss(model) == 0
