@@ -423,6 +423,20 @@ def test_paper_recipe_rejects_bad_arguments():
         paper_recipe(tiny_dvs(), "shd")
 
 
+
+def test_paper_recipe_of_a_frozen_model_raises():
+    """A frozen model (requires_grad_(False), e.g. loaded for evaluation and not unfrozen
+    before fine-tuning) got an optimiser holding nothing, and trained nothing silently;
+    param_groups raises for the same model."""
+    net = tiny_shd().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        paper_recipe(net, "shd")
+    for p in sb.noise_parameters(net.requires_grad_(True)):
+        p.requires_grad_(False)  # the weights alone: trained, as before
+    opt, _ = paper_recipe(net, "shd")
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert len(held) == sum(p.requires_grad for p in net.parameters()) > 0
+
 def test_input_dtype_other_than_the_parameters_is_named():
     """The preprocessed DVS frames are float16: a float32 network names the conversion
     (PyTorch's own error names neither); autocast passes the check."""
