@@ -37,6 +37,7 @@ from .base import (
     check_flag,
     check_input,
     check_std,
+    computed_std,
     inverse_softplus,
     noise_scale,
     raise_error,
@@ -344,17 +345,21 @@ class _BayesMixin(SBNNModule):
             param = params["std_rho"] if "std_rho" in params else self.std_rho
         else:
             param = self.fixed_std
-        return shared_square(self, param, lambda: self.std, compiling)
+        return shared_square(self, param, self._std, compiling)
 
     @property
     def std(self) -> Tensor:
         """Posterior std ``s``: shape ``()``, ``[out]`` or the weight shape."""
-        return noise_scale(self, "std_rho") if self.learn_std else self.fixed_std
+        return computed_std(self, "std_rho") if self.learn_std else self.fixed_std
 
     @property
     def bias_std(self) -> Tensor | None:
         """Std ``s_b`` of the bias noise, or ``None``."""
-        return noise_scale(self, "bias_std_rho") if self.bias_noise else None
+        return computed_std(self, "bias_std_rho") if self.bias_noise else None
+
+    def _std(self) -> Tensor:
+        """:attr:`std` as the layer computes with it (a plain tensor)."""
+        return noise_scale(self, "std_rho") if self.learn_std else self.fixed_std
 
     def _noise_free(self) -> bool:
         return self.deterministic or (
@@ -492,7 +497,7 @@ class _BayesMixin(SBNNModule):
         """``s_b^2`` of the bias noise, per output where ``torch.nn.utils.prune`` prunes
         the bias (a ``bias_mask`` buffer): the bias is then ``m * b`` with
         ``b ~ N(mu_b, s_b^2)``, so a pruned bias adds no noise, as it adds no mean."""
-        var = square(self.bias_std)
+        var = square(noise_scale(self, "bias_std_rho"))
         mask = self._bias_mask()
         if mask is None:
             return var
@@ -581,7 +586,7 @@ class _BayesMixin(SBNNModule):
                 bias) element by element.
         """
         num_samples = check_kl_samples(num_samples)
-        std = self.std
+        std = self._std()
         if (not self.learn_std and not torch.compiler.is_compiling() and not std.is_meta
                 and bool((std == 0).any())):
             raise ValueError(
@@ -593,7 +598,7 @@ class _BayesMixin(SBNNModule):
         # a weight or bias removed by torch.nn.utils.prune is no random variable: no KL
         params = [(self.weight, std, self._kl_mask())]
         if self.bias_noise and self.bias is not None:
-            params.append((self.bias, self.bias_std, self._bias_mask()))
+            params.append((self.bias, noise_scale(self, "bias_std_rho"), self._bias_mask()))
         # half precision in float32: a float16 sum overflows at 65504, and a bfloat16 one
         # keeps three digits
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
