@@ -1555,8 +1555,10 @@ def affine_batchnorm_plan(model: nn.Module, weight_types: tuple, batchnorm_types
             ", which never ran in training mode (num_batches_tracked = 0, the initial mean 0 "
             "and var 1): the folded affine does not normalise, and the converted network "
             "trains without it. Convert an untrained model with batchnorm='keep' (the "
-            "default), or load the trained weights and statistics before converting",
-            UserWarning, stacklevel=3)
+            "default), or load the trained weights and statistics before converting. "
+            "(Building the model only to load a checkpoint of the converted model into "
+            "it, load_state_dict(checkpoint), this warning can be ignored: the load "
+            "restores the folded affines.)", UserWarning, stacklevel=3)
     return folds, replaced
 
 
