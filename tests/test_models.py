@@ -252,6 +252,25 @@ def test_zero_diagonal_recurrent_mean_and_variance(mask_variance):
     assert torch.all(fresh.weight.diagonal() == 0) and torch.all(fresh.weight.grad.diagonal() == 0)
 
 
+def test_zero_diagonal_layer_exports_its_mask():
+    """The KL to a scale-mixture prior (an MC estimate) moves the unused diagonal means of
+    the released ``mask_variance=False`` layer off zero; ``to_module()`` exported them into
+    a plain ``nn.Linear`` whose self-connections the model never had, silently. The
+    exported layer masks the diagonal as the model's ``mean`` mode and the twin do."""
+    torch.manual_seed(0)
+    rec = ZeroDiagBayesLinear(6, bias=True)
+    opt = torch.optim.Adam(rec.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        sb.kl_divergence(rec, sb.scale_mixture_prior()).backward()
+        opt.step()
+    assert torch.any(rec.weight.diagonal() != 0)  # the premise: the diagonal moved
+    plain = rec.to_module()
+    x = torch.rand(4, 6)
+    with torch.no_grad(), sb.mode(rec, "mean"):
+        torch.testing.assert_close(plain(x), rec(x))
+    assert isinstance(plain, torch.nn.Linear) and not sb.is_bayesian(plain)
+
 @pytest.mark.parametrize("std_mode", ["layer", "channel", "weight"])
 def test_pruned_zero_diagonal_keeps_its_masked_variance(std_mode):
     """``torch.nn.utils.prune`` on a ``ZeroDiagBayesLinear(mask_variance=True)``: the
