@@ -319,8 +319,19 @@ class ComputedStd(Tensor):
                 "torch.as_tensor(new_std))))")
         with torch._C.DisableTorchFunctionSubclass():
             result = func(*args, **kwargs)
-        if name == "__get__" and getattr(func, "__self__", None) is Tensor.data:
-            return _computed(result, target._sbnn_owner)  # .data aliases the temporary
+            if not isinstance(target, ComputedStd):
+                return result
+            if name == "__get__" and getattr(func, "__self__", None) is Tensor.data:
+                return _computed(result, target._sbnn_owner)  # .data aliases the temporary
+            # a view of it (layer.std[0], .view(-1)) aliases the temporary too
+            base = target._base if target._is_view() else target
+            if isinstance(result, Tensor):
+                return (_computed(result, target._sbnn_owner)
+                        if result._is_view() and result._base is base else result)
+            if isinstance(result, (tuple, list)):  # unbind, split
+                return type(result)(
+                    _computed(r, target._sbnn_owner) if isinstance(r, Tensor)
+                    and r._is_view() and r._base is base else r for r in result)
         return result
 
     def __reduce_ex__(self, proto):  # saved as a plain tensor (torch.load's weights_only)
@@ -333,7 +344,8 @@ class ComputedStd(Tensor):
 
 
 def _computed(std: Tensor, owner: str) -> Tensor:
-    out = std.as_subclass(ComputedStd)
+    with torch._C.DisableTorchFunctionSubclass():
+        out = std.as_subclass(ComputedStd)
     out._sbnn_owner = owner
     return out
 

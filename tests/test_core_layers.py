@@ -1332,7 +1332,8 @@ def test_an_in_place_edit_of_a_learned_std_is_named(owner, attr):
     before = getattr(module, attr).detach().clone()
     edits = [lambda s: nn.init.constant_(s, 0.05), lambda s: s.mul_(0.5),
              lambda s: s.copy_(torch.zeros_like(s)), lambda s: s.data.fill_(0.0),
-             lambda s: s.__setitem__(..., 0.0)]
+             lambda s: s.__setitem__(..., 0.0), lambda s: s.view(-1)[0].fill_(0.0),
+             lambda s: s.reshape(-1).unbind(0)[0].zero_()]
     for edit in edits:
         with torch.no_grad(), pytest.raises(RuntimeError, match="std_rho"):
             edit(getattr(module, attr))
@@ -1341,6 +1342,7 @@ def test_an_in_place_edit_of_a_learned_std_is_named(owner, attr):
     std = getattr(module, attr)
     assert torch.equal(std.detach(), before)
     assert type(std * 2) is torch.Tensor and float(std.detach().max()) == float(before.max())
+    assert type(std.detach()) is torch.Tensor and type(std.clone()) is torch.Tensor
     std.sum().backward()  # a regulariser on the std trains std_rho
     assert any(p.grad is not None for n, p in module.named_parameters() if "std_rho" in n)
     fixed = sb.BayesLinear(4, 3, learn_std=False, std=0.1)
