@@ -277,6 +277,90 @@ def noise_scale(module: torch.nn.Module, name: str) -> Tensor:
 _SHARED: list[dict | None] = [None]
 
 
+#: In-place dunder methods of a tensor (``s *= 0.5``, ``s[...] = 0``).
+_INPLACE_DUNDERS = frozenset(
+    f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and",
+                            "or", "xor", "lshift", "rshift", "matmul")) | {"__setitem__",
+                                                                          "__set__"}
+
+
+class ComputedStd(Tensor):
+    """The std ``softplus(rho)`` that a learned noise scale's ``.std`` (``.bias_std``)
+    returns: computed at every read, so an in-place edit of it (``nn.init.constant_(
+    layer.std, 0.05)``, ``layer.std.mul_(0.5)``, ``layer.std.data.fill_(0)``) would change
+    a temporary and not the layer, silently; it raises instead, naming the parameter to
+    edit. Every other operation returns a plain tensor (the std reads, and
+    differentiates to ``rho``, as before)."""
+
+    _sbnn_owner = ""  # "BayesLinear.std_rho": the parameter it is computed from
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        # the tensor edited: the first argument (nn.init passes it by keyword, tensor=)
+        target = args[0] if args else next(iter(kwargs.values()), None)
+        edits = (isinstance(target, ComputedStd)
+                 and ((name.endswith("_") and not name.endswith("__")
+                       and name != "requires_grad_") or name in _INPLACE_DUNDERS))
+        out = kwargs.get("out")
+        if edits or isinstance(out, ComputedStd) or (
+                isinstance(out, (tuple, list)) and any(isinstance(o, ComputedStd)
+                                                        for o in out)):
+            owner = next(a for a in (target, out, *(out if isinstance(out, (tuple, list))
+                                                       else ())) if isinstance(a, ComputedStd))
+            param = owner._sbnn_owner or "std_rho"
+            raise RuntimeError(
+                f"{name}: an in-place edit of a learned std, which is computed from "
+                f"{param} (std = softplus(rho)) at every read: the edit would change a "
+                "temporary copy and leave the module as it was. Edit the parameter "
+                "instead, e.g. with torch.no_grad(): "
+                f"module.{param.rpartition('.')[2]}.copy_(torch.log(torch.expm1("
+                "torch.as_tensor(new_std))))")
+        with torch._C.DisableTorchFunctionSubclass():
+            result = func(*args, **kwargs)
+            if not isinstance(target, ComputedStd):
+                return result
+            if name == "__get__" and getattr(func, "__self__", None) is Tensor.data:
+                return _computed(result, target._sbnn_owner)  # .data aliases the temporary
+            # a view of it (layer.std[0], .view(-1)) aliases the temporary too
+            base = target._base if target._is_view() else target
+            if isinstance(result, Tensor):
+                return (_computed(result, target._sbnn_owner)
+                        if result._is_view() and result._base is base else result)
+            if isinstance(result, (tuple, list)):  # unbind, split
+                return type(result)(
+                    _computed(r, target._sbnn_owner) if isinstance(r, Tensor)
+                    and r._is_view() and r._base is base else r for r in result)
+        return result
+
+    def __reduce_ex__(self, proto):  # saved as a plain tensor (torch.load's weights_only)
+        with torch._C.DisableTorchFunctionSubclass():
+            return Tensor.__reduce_ex__(self.as_subclass(Tensor), proto)
+
+    def __repr__(self, **kwargs) -> str:  # printed as the std it is
+        with torch._C.DisableTorchFunctionSubclass():
+            return Tensor.__repr__(self.as_subclass(Tensor), **kwargs)
+
+
+def _computed(std: Tensor, owner: str) -> Tensor:
+    with torch._C.DisableTorchFunctionSubclass():
+        out = std.as_subclass(ComputedStd)
+    out._sbnn_owner = owner
+    return out
+
+
+def computed_std(module: torch.nn.Module, name: str) -> Tensor:
+    """:func:`noise_scale` as a learned std's public ``.std`` returns it: a
+    :class:`ComputedStd` in eager mode, whose in-place edits raise; a plain tensor where a
+    graph is traced or under ``torch.func`` transforms."""
+    std = noise_scale(module, name)
+    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or type(std) is not Tensor):
+        return std
+    return _computed(std, f"{type(module).__name__}.{name}")
+
+
 @contextlib.contextmanager
 def share_posterior() -> Iterator[None]:
     """Inside the block, each Bayesian layer computes ``s^2`` once and reuses it.

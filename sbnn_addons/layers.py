@@ -37,6 +37,7 @@ from .base import (
     check_flag,
     check_input,
     check_std,
+    computed_std,
     inverse_softplus,
     noise_scale,
     raise_error,
@@ -349,17 +350,21 @@ class _BayesMixin(SBNNModule):
             param = params["std_rho"] if "std_rho" in params else self.std_rho
         else:
             param = self.fixed_std
-        return shared_square(self, param, lambda: self.std, compiling)
+        return shared_square(self, param, self._std, compiling)
 
     @property
     def std(self) -> Tensor:
         """Posterior std ``s``: shape ``()``, ``[out]`` or the weight shape."""
-        return noise_scale(self, "std_rho") if self.learn_std else self.fixed_std
+        return computed_std(self, "std_rho") if self.learn_std else self.fixed_std
 
     @property
     def bias_std(self) -> Tensor | None:
         """Std ``s_b`` of the bias noise, or ``None``."""
-        return noise_scale(self, "bias_std_rho") if self.bias_noise else None
+        return computed_std(self, "bias_std_rho") if self.bias_noise else None
+
+    def _std(self) -> Tensor:
+        """:attr:`std` as the layer computes with it (a plain tensor)."""
+        return noise_scale(self, "std_rho") if self.learn_std else self.fixed_std
 
     def _noise_free(self) -> bool:
         return self.deterministic or (
@@ -497,7 +502,7 @@ class _BayesMixin(SBNNModule):
         """``s_b^2`` of the bias noise, per output where ``torch.nn.utils.prune`` prunes
         the bias (a ``bias_mask`` buffer): the bias is then ``m * b`` with
         ``b ~ N(mu_b, s_b^2)``, so a pruned bias adds no noise, as it adds no mean."""
-        var = square(self.bias_std)
+        var = square(noise_scale(self, "bias_std_rho"))
         mask = self._bias_mask()
         if mask is None:
             return var
@@ -586,7 +591,7 @@ class _BayesMixin(SBNNModule):
                 bias) element by element.
         """
         num_samples = check_kl_samples(num_samples)
-        std = self.std
+        std = self._std()
         if (not self.learn_std and not torch.compiler.is_compiling() and not std.is_meta
                 and bool((std == 0).any())):
             raise ValueError(
@@ -598,7 +603,7 @@ class _BayesMixin(SBNNModule):
         # a weight or bias removed by torch.nn.utils.prune is no random variable: no KL
         params = [(self.weight, std, self._kl_mask())]
         if self.bias_noise and self.bias is not None:
-            params.append((self.bias, self.bias_std, self._bias_mask()))
+            params.append((self.bias, noise_scale(self, "bias_std_rho"), self._bias_mask()))
         # half precision in float32: a float16 sum overflows at 65504, and a bfloat16 one
         # keeps three digits
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
@@ -1809,8 +1814,10 @@ def affine_batchnorm_plan(model: nn.Module, weight_types: tuple, batchnorm_types
             ", which never ran in training mode (num_batches_tracked = 0, the initial mean 0 "
             "and var 1): the folded affine does not normalise, and the converted network "
             "trains without it. Convert an untrained model with batchnorm='keep' (the "
-            "default), or load the trained weights and statistics before converting",
-            UserWarning, stacklevel=3)
+            "default), or load the trained weights and statistics before converting. "
+            "(Building the model only to load a checkpoint of the converted model into "
+            "it, load_state_dict(checkpoint), this warning can be ignored: the load "
+            "restores the folded affines.)", UserWarning, stacklevel=3)
     return folds, replaced
 
 

@@ -1921,6 +1921,9 @@ def to_sbnn(
             if isinstance(thr, Tensor):  # the neuron's device and float dtype
                 fn = fn.to(device=thr.device,
                            dtype=thr.dtype if thr.is_floating_point() else None)
+            # the neuron's training mode: a model converted in eval mode stays in it (no
+            # auxiliary terms or pull in its validation forwards with gradients on)
+            fn.train(m.training)
             m.__dict__.pop("spike_grad", None)
             m.spike_grad = fn
             m.__dict__[_HOST_SPIKE] = HostObject(host_fn)

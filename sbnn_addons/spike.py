@@ -41,6 +41,7 @@ from .base import (
     checkpoint_hooks_active,
     checkpoint_recomputing,
     checkpoint_without_rng_replay,
+    computed_std,
     graph_breaks_allowed,
     in_reentrant_recomputation,
     inverse_softplus,
@@ -439,7 +440,7 @@ class IWSTSpike(SBNNModule, nn.Module):
     @property
     def std(self) -> Tensor:
         """The spike function's own noise std ``s_n`` (shape ``std_shape``)."""
-        return noise_scale(self, "std_rho") if self.learn_std else self.fixed_std
+        return computed_std(self, "std_rho") if self.learn_std else self.fixed_std
 
     def noise_variance(self, u: Tensor) -> Tensor | None:
         """Total noise variance ``V(u) + s_n^2`` for drive ``u`` (``None`` if zero).
@@ -484,9 +485,9 @@ class IWSTSpike(SBNNModule, nn.Module):
         if self.learn_std:  # read from _parameters, without nn.Module.__getattr__
             params = self._parameters
             rho = params["std_rho"] if "std_rho" in params else self.std_rho
-            return shared_square(self, rho, lambda: self.std)
+            return shared_square(self, rho, lambda: noise_scale(self, "std_rho"))
         if self._fixed_std_nonzero():
-            return shared_square(self, self.fixed_std, lambda: self.std)
+            return shared_square(self, self.fixed_std, lambda: self.fixed_std)
         return None
 
     def _fixed_std_nonzero(self) -> bool:

@@ -1201,7 +1201,7 @@ def to_sbnn(
         v_th = float(v_th.detach().mean()) if isinstance(v_th, Tensor) else float(v_th)
         spike = SJSpike(estimator, std=relative_spike_std(spike_std, v_th),
                         learn_std=spike_learn, aux_pull=aux_pull)
-        spike = spike.to(**_float_like(m, model))
+        spike = spike.to(**_float_like(m, model)).train(m.training)  # the neuron's mode
         host = m.surrogate_function
         link_neuron(m, spike)
         m.__dict__[_HOST_SURROGATE] = HostObject(host)

@@ -1348,3 +1348,37 @@ def test_batchnorm_call_pairs_follow_the_forward_and_leave_the_model_as_it_was()
     assert pairs == {"conv1": "bn"}
     assert net.training and all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in net.modules())
+
+
+@pytest.mark.parametrize("owner, attr", [
+    (lambda: sb.BayesLinear(4, 3), "std"),
+    (lambda: sb.BayesConv2d(2, 3, 3, std_mode="channel"), "std"),
+    (lambda: sb.BayesLinear(4, 3, bias_std=0.1), "bias_std"),
+    (lambda: sb.IWSTSpike("st", std=0.3, learn_std=True), "std"),
+])
+def test_an_in_place_edit_of_a_learned_std_is_named(owner, attr):
+    """``.std`` of a learned std is computed from ``std_rho`` at every read: an in-place
+    edit of it (``nn.init.constant_(layer.std, 0.05)`` in an init function, ``.mul_(0.5)``
+    to quieten a trained model) changed a temporary and nothing else, silently. It raises,
+    naming std_rho; reading and differentiating ``.std`` work as before."""
+    module = owner()
+    before = getattr(module, attr).detach().clone()
+    edits = [lambda s: nn.init.constant_(s, 0.05), lambda s: s.mul_(0.5),
+             lambda s: s.copy_(torch.zeros_like(s)), lambda s: s.data.fill_(0.0),
+             lambda s: s.__setitem__(..., 0.0), lambda s: s.view(-1)[0].fill_(0.0),
+             lambda s: s.reshape(-1).unbind(0)[0].zero_()]
+    for edit in edits:
+        with torch.no_grad(), pytest.raises(RuntimeError, match="std_rho"):
+            edit(getattr(module, attr))
+        with pytest.raises(RuntimeError, match="std_rho"):  # with gradients on too
+            edit(getattr(module, attr))
+    std = getattr(module, attr)
+    assert torch.equal(std.detach(), before)
+    assert type(std * 2) is torch.Tensor and float(std.detach().max()) == float(before.max())
+    assert type(std.detach()) is torch.Tensor and type(std.clone()) is torch.Tensor
+    std.sum().backward()  # a regulariser on the std trains std_rho
+    assert any(p.grad is not None for n, p in module.named_parameters() if "std_rho" in n)
+    fixed = sb.BayesLinear(4, 3, learn_std=False, std=0.1)
+    with torch.no_grad():
+        fixed.std.fill_(0.2)  # the buffer itself: edited, as documented
+    assert torch.all(fixed.std == 0.2)

@@ -252,6 +252,25 @@ def test_zero_diagonal_recurrent_mean_and_variance(mask_variance):
     assert torch.all(fresh.weight.diagonal() == 0) and torch.all(fresh.weight.grad.diagonal() == 0)
 
 
+def test_zero_diagonal_layer_exports_its_mask():
+    """The KL to a scale-mixture prior (an MC estimate) moves the unused diagonal means of
+    the released ``mask_variance=False`` layer off zero; ``to_module()`` exported them into
+    a plain ``nn.Linear`` whose self-connections the model never had, silently. The
+    exported layer masks the diagonal as the model's ``mean`` mode and the twin do."""
+    torch.manual_seed(0)
+    rec = ZeroDiagBayesLinear(6, bias=True)
+    opt = torch.optim.Adam(rec.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        sb.kl_divergence(rec, sb.scale_mixture_prior()).backward()
+        opt.step()
+    assert torch.any(rec.weight.diagonal() != 0)  # the premise: the diagonal moved
+    plain = rec.to_module()
+    x = torch.rand(4, 6)
+    with torch.no_grad(), sb.mode(rec, "mean"):
+        torch.testing.assert_close(plain(x), rec(x))
+    assert isinstance(plain, torch.nn.Linear) and not sb.is_bayesian(plain)
+
 @pytest.mark.parametrize("std_mode", ["layer", "channel", "weight"])
 def test_pruned_zero_diagonal_keeps_its_masked_variance(std_mode):
     """``torch.nn.utils.prune`` on a ``ZeroDiagBayesLinear(mask_variance=True)``: the
@@ -422,6 +441,20 @@ def test_paper_recipe_rejects_bad_arguments():
     with pytest.raises(ValueError, match="pass task='dvs_gesture'"):
         paper_recipe(tiny_dvs(), "shd")
 
+
+
+def test_paper_recipe_of_a_frozen_model_raises():
+    """A frozen model (requires_grad_(False), e.g. loaded for evaluation and not unfrozen
+    before fine-tuning) got an optimiser holding nothing, and trained nothing silently;
+    param_groups raises for the same model."""
+    net = tiny_shd().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        paper_recipe(net, "shd")
+    for p in sb.noise_parameters(net.requires_grad_(True)):
+        p.requires_grad_(False)  # the weights alone: trained, as before
+    opt, _ = paper_recipe(net, "shd")
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert len(held) == sum(p.requires_grad for p in net.parameters()) > 0
 
 def test_input_dtype_other_than_the_parameters_is_named():
     """The preprocessed DVS frames are float16: a float32 network names the conversion

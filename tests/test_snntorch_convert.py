@@ -1075,6 +1075,30 @@ def test_affine_batchnorm_of_an_untrained_model_warns():
         to_sbnn(host.eval())
 
 
+def test_affine_batchnorm_warning_names_the_resume_of_a_checkpoint():
+    """Resuming a ``batchnorm="affine"`` model (Training page, "Saving and resuming":
+    build it as the saved one, then load its checkpoint) converts an untrained host, and
+    the warning's advice (convert with 'keep', load the host's statistics first) misled:
+    it says that such a build can ignore it, and the load restores the affines."""
+    import snntorch as snn
+    from torch import nn
+
+    def host():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4),
+                             snn.Leaky(beta=BETA, init_hidden=True))
+
+    trained = host()
+    trained[1](torch.rand(8, 4, 5, 5).mul(3))  # statistics
+    saved = to_sbnn(trained, batchnorm="affine").state_dict()
+    with pytest.warns(UserWarning, match=r"load_state_dict\(checkpoint\), this warning can "
+                                         r"be ignored"):
+        resumed = to_sbnn(host(), batchnorm="affine")
+    resumed.load_state_dict(saved)
+    for key, value in saved.items():
+        assert torch.equal(resumed.state_dict()[key], value)
+
+
 def test_step_record_handover_is_dropped_by_the_step_and_by_copies():
     """A step's fire hands its records to the step's store (one lookup, not two): after a
     forward nothing is left of it; after a direct fire() call (no store) a copy of the
@@ -1098,3 +1122,22 @@ def test_step_record_handover_is_dropped_by_the_step_and_by_copies():
     model(x).sum().backward()
     assert "_sbnn_last_record" not in lif.__dict__
     assert lif._sbnn_history[lif.mem].keys() == {"spikes", "state"}
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_conversion_keeps_the_models_training_mode(inplace, training):
+    """A model converted in eval mode (a pretrained model, evaluated before fine-tuning)
+    is in eval mode all through, new spike functions included: its validation forwards
+    with gradients on collect no auxiliary terms (and apply no pull), as after
+    ``model.eval()``."""
+    net, x = make("seq_leaky")
+    net.train(training)
+    model = to_sbnn(net, aux_loss=True, inplace=inplace)
+    assert {m.training for m in model.modules()} == {training}
+    run(model, x)  # gradients on
+    if training:
+        assert sbnn_addons.aux_loss(model) > 0
+    else:
+        with pytest.warns(UserWarning, match="eval mode"):
+            assert sbnn_addons.aux_loss(model) == 0

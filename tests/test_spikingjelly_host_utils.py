@@ -1336,3 +1336,22 @@ def test_a_numpy_threshold_set_after_the_conversion_reaches_the_spike_function()
     net[1].v_threshold = np.float32(0.5)
     net(torch.rand(2, 8))
     assert net[1].surrogate_function.threshold == 0.5
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_conversion_keeps_the_models_training_mode(inplace, training):
+    """A model converted in eval mode (a pretrained model, evaluated before fine-tuning)
+    is in eval mode all through, new surrogates included: its validation forwards with
+    gradients on collect no auxiliary terms (and apply no pull), as after
+    ``model.eval()``."""
+    net = _mnist_net("m").train(training)
+    model = sbnn_sj.to_sbnn(net, aux_loss=True, inplace=inplace)
+    assert {m.training for m in model.modules()} == {training}
+    functional.reset_net(model)
+    model(_x(steps=2, batch=2))  # gradients on
+    if training:
+        assert sbnn_addons.aux_loss(model) > 0
+    else:
+        with pytest.warns(UserWarning, match="eval mode"):
+            assert sbnn_addons.aux_loss(model) == 0

@@ -79,9 +79,10 @@ def paper_recipe(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: an unknown ``task``, a reference network of another task, ``epochs``
-            not an integer >= 1, or ``lr`` / ``noise_lr`` not a finite number > 0 (Adam
+            not an integer >= 1, ``lr`` / ``noise_lr`` not a finite number > 0 (Adam
             does not check a group's rate: a negative one ascends the loss, NaN makes
-            every parameter NaN).
+            every parameter NaN), or a model without trainable parameters (Adam would
+            take an empty group and train nothing).
     """
     check_module(model, "paper_recipe")
     _check_lr("lr", lr)
@@ -108,6 +109,10 @@ def paper_recipe(
         if p.requires_grad:
             fast = is_noise_parameter(name) or id(p) in affines
             (noise if fast else weights).append(p)
+    if not weights and not noise:  # Adam would take the empty group and train nothing
+        raise ValueError("the model has no trainable parameters (all have "
+                         "requires_grad=False): unfreeze what should train, e.g. "
+                         "model.requires_grad_(True), before paper_recipe(model, ...)")
     groups = [{"params": weights, "lr": lr, "name": "weights"}]
     if noise:
         groups.append({"params": noise, "lr": noise_lr, "name": "noise"})

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..base import check_flag, mark_checked
-from ..layers import BayesLinear
+from ..layers import BayesLinear, _copy_means, keep_ties
 from ..moments import attach_computed_variance, get_variance, no_variance_flow
 from ..spike import IWSTSpike
 from ._common import (
@@ -104,6 +104,18 @@ class ZeroDiagBayesLinear(BayesLinear):
         elif self.std_mode == "channel":
             s2 = s2.view(-1, 1)
         return F.linear(x2, s2.expand_as(self.weight) * self.diag_mask)
+
+    def to_module(self) -> ZeroDiagLinear:
+        """The deterministic layer with the posterior means: a :class:`ZeroDiagLinear`
+        (an ``nn.Linear`` that masks the diagonal, as this layer's mean does and the
+        deterministic twin does), pruned as this layer is. A plain ``nn.Linear`` would
+        use the diagonal means, which the KL of a sampled prior moves off zero while the
+        forward never reads them."""
+        w = self.weight
+        plain = ZeroDiagLinear(self.in_features, self.bias is not None, device=w.device,
+                               dtype=w.dtype)
+        _copy_means(plain, self)
+        return keep_ties(plain, self, {})  # a pruned layer's mask (torch.nn.utils.prune)
 
     def _kl_mask(self) -> Tensor | None:
         """With ``mask_variance`` the diagonal is absent from the mean and the variance:
