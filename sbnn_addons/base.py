@@ -334,6 +334,10 @@ class ComputedStd(Tensor):
                     and r._is_view() and r._base is base else r for r in result)
         return result
 
+    def __deepcopy__(self, memo):  # a copy is no module's std: a plain tensor
+        with torch._C.DisableTorchFunctionSubclass():
+            return copy.deepcopy(self.as_subclass(Tensor), memo)
+
     def __reduce_ex__(self, proto):  # saved as a plain tensor (torch.load's weights_only)
         with torch._C.DisableTorchFunctionSubclass():
             return Tensor.__reduce_ex__(self.as_subclass(Tensor), proto)
@@ -343,11 +347,18 @@ class ComputedStd(Tensor):
             return Tensor.__repr__(self.as_subclass(Tensor), **kwargs)
 
 
+#: One subclass of :class:`ComputedStd` per owner (``"BayesLinear.std_rho"``), which it
+#: names as a class attribute: nothing is kept in a tensor's ``__dict__``.
+_COMPUTED_CLASSES: dict[str, type] = {}
+
+
 def _computed(std: Tensor, owner: str) -> Tensor:
+    cls = _COMPUTED_CLASSES.get(owner)
+    if cls is None:
+        cls = _COMPUTED_CLASSES[owner] = type("ComputedStd", (ComputedStd,),
+                                              {"_sbnn_owner": owner, "__slots__": ()})
     with torch._C.DisableTorchFunctionSubclass():
-        out = std.as_subclass(ComputedStd)
-    out._sbnn_owner = owner
-    return out
+        return std.as_subclass(cls)
 
 
 def computed_std(module: torch.nn.Module, name: str) -> Tensor:

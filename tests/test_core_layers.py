@@ -1376,6 +1376,10 @@ def test_an_in_place_edit_of_a_learned_std_is_named(owner, attr):
     assert torch.equal(std.detach(), before)
     assert type(std * 2) is torch.Tensor and float(std.detach().max()) == float(before.max())
     assert type(std.detach()) is torch.Tensor and type(std.clone()) is torch.Tensor
+    with torch.no_grad():  # a copy (no module's std) and a saved one are plain tensors
+        kept = copy.deepcopy(getattr(module, attr))
+    assert type(kept) is torch.Tensor and torch.equal(kept, before)
+    assert not getattr(module, attr).__dict__  # nothing kept on the tensor itself
     std.sum().backward()  # a regulariser on the std trains std_rho
     assert any(p.grad is not None for n, p in module.named_parameters() if "std_rho" in n)
     fixed = sb.BayesLinear(4, 3, learn_std=False, std=0.1)
