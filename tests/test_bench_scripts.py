@@ -165,3 +165,15 @@ def test_dvs_deep_protocol_names_the_run_of_a_non_finite_objective(tmp_path):
             "--kl", "1", "--prior-std", "1e-30"]
     with pytest.raises(FloatingPointError, match=r"sbnn seed 0, epoch 0: .*KL term"):
         deep.main(args)
+
+
+def test_trace_count_counts_the_instructions_dynamo_traces():
+    """``trace_count.py`` (the compile-time figure of the Performance page) counts the
+    bytecode instructions of a compiled step and puts Dynamo's own method back."""
+    import torch._dynamo.symbolic_convert as symbolic_convert
+
+    trace_count = _script("trace_count")
+    step = symbolic_convert.InstructionTranslatorBase.step
+    counts = trace_count.count(False, 1)
+    assert sum(counts.values()) > 100 and any("leaky.py" in k for k in counts)
+    assert symbolic_convert.InstructionTranslatorBase.step is step
