@@ -270,6 +270,29 @@ def test_zero_diagonal_layer_exports_its_mask():
     with torch.no_grad(), sb.mode(rec, "mean"):
         torch.testing.assert_close(plain(x), rec(x))
     assert isinstance(plain, torch.nn.Linear) and not sb.is_bayesian(plain)
+    back = ZeroDiagBayesLinear.from_module(plain, std=0.05)  # and back, the means kept
+    assert type(back) is ZeroDiagBayesLinear and float(back.std.detach()) == pytest.approx(0.05)
+    with torch.no_grad(), sb.mode(back, "mean"):
+        torch.testing.assert_close(back(x), plain(x))
+
+
+def test_zero_diagonal_layer_from_a_linear_names_what_it_needs():
+    """``ZeroDiagBayesLinear.from_module`` (inherited from ``BayesLinear``) passed the
+    linear layer's sizes positionally to a constructor that takes one: a ``TypeError``
+    about positional arguments. A square ``nn.Linear`` converts, its means kept and its
+    diagonal masked; a non-square one is named."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5, 5)
+    rec = ZeroDiagBayesLinear.from_module(lin)
+    x = torch.rand(3, 5)
+    with torch.no_grad(), sb.mode(rec, "mean"):
+        torch.testing.assert_close(
+            rec(x), F.linear(x, lin.weight * (1 - torch.eye(5)), lin.bias))
+    with pytest.raises(ValueError, match="n -> n.*5 inputs and 4 outputs.*BayesLinear"):
+        ZeroDiagBayesLinear.from_module(torch.nn.Linear(5, 4))
+    with pytest.raises(TypeError, match="expected an nn.Linear"):
+        ZeroDiagBayesLinear.from_module(torch.nn.Conv1d(5, 5, 1))
+
 
 @pytest.mark.parametrize("std_mode", ["layer", "channel", "weight"])
 def test_pruned_zero_diagonal_keeps_its_masked_variance(std_mode):

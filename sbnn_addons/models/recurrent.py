@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..base import check_flag, mark_checked
-from ..layers import BayesLinear, _copy_means, keep_ties
+from ..layers import BayesLinear, _check_source, _copy_means, keep_ties
 from ..moments import attach_computed_variance, get_variance, no_variance_flow
 from ..spike import IWSTSpike
 from ._common import (
@@ -104,6 +104,30 @@ class ZeroDiagBayesLinear(BayesLinear):
         elif self.std_mode == "channel":
             s2 = s2.view(-1, 1)
         return F.linear(x2, s2.expand_as(self.weight) * self.diag_mask)
+
+    @classmethod
+    def from_module(cls, module: nn.Linear, **kwargs) -> ZeroDiagBayesLinear:
+        """Build from a square ``nn.Linear`` (a :class:`ZeroDiagLinear` too), keeping its
+        weight and bias as posterior means (the diagonal masked on the mean) and its
+        pruning; ``kwargs``: the posterior arguments of ``__init__``.
+
+        Raises:
+            TypeError: ``module`` is not an ``nn.Linear``, or is Bayesian already.
+            ValueError: ``module`` is not square (``in_features != out_features``).
+        """
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"expected an nn.Linear, got {type(module).__name__}")
+        _check_source(cls, module)
+        if module.in_features != module.out_features:
+            raise ValueError(
+                f"{cls.__name__} is a recurrent layer, n -> n: got an nn.Linear with "
+                f"{module.in_features} inputs and {module.out_features} outputs; use "
+                "sbnn_addons.BayesLinear.from_module for a non-square layer")
+        w = module.weight
+        layer = cls(module.in_features, module.bias is not None, device=w.device,
+                    dtype=w.dtype, **kwargs)
+        _copy_means(layer, module)
+        return keep_ties(layer, module, {})  # a pruned module's mask (torch.nn.utils.prune)
 
     def to_module(self) -> ZeroDiagLinear:
         """The deterministic layer with the posterior means: a :class:`ZeroDiagLinear`
