@@ -1545,8 +1545,7 @@ def _between_breaks_fold(m: nn.Module) -> bool:
     snnTorch one, with a ``spike_grad``; a SpikingJelly one, with a
     ``surrogate_function``; an SBNN spike function or neuron) or a module with parameters
     of its own (another weight layer, a normalisation)."""
-    return (isinstance(m, SBNNModule) or hasattr(m, "spike_grad")
-            or hasattr(m, "surrogate_function")
+    return (isinstance(m, SBNNModule) or _is_neuron(m)
             or next(m.parameters(recurse=False), None) is not None)
 
 
