@@ -531,6 +531,29 @@ def positive_int(text: str) -> int:
     return value
 
 
+class SettingSwitch:
+    """A setting applied when the object is made, as ``torch.set_grad_enabled`` does: as a
+    statement it stays; used as a context manager, the end of the block restores what was
+    set before (also when the block raises), and entering the object again applies the
+    setting again. A subclass defines :meth:`_apply`."""
+
+    def __init__(self) -> None:
+        self._restore: Callable[[], None] | None = self._apply()
+
+    def _apply(self) -> Callable[[], None]:
+        """Apply the setting; return the function that restores the one before."""
+        raise NotImplementedError
+
+    def __enter__(self) -> None:
+        if self._restore is None:  # entered again after a block ended
+            self._restore = self._apply()
+
+    def __exit__(self, *exc) -> None:
+        restore, self._restore = self._restore, None
+        if restore is not None:
+            restore()
+
+
 _CHECK_FINITE = [True]
 #: Tensors found finite, with their ``_version`` then (weak keys: an entry goes with its
 #: tensor), so that a tensor fed to several layers is checked once.

@@ -52,12 +52,14 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from .base import SettingSwitch, check_flag
 from .tensors import (
     apply_function,
     broadcasts_to,
@@ -215,7 +217,7 @@ def enabled() -> bool:
     return _enabled
 
 
-class use_kernels:
+class use_kernels(SettingSwitch):
     """Turn the fused kernel on or off (``False``: PyTorch path) now; used as a context
     manager, restore the previous setting when the block ends.
 
@@ -224,23 +226,18 @@ class use_kernels:
     """
 
     def __init__(self, flag: bool) -> None:
-        global _enabled
-        from .base import check_flag
-
         self._flag = check_flag("use_kernels(flag)", flag)
-        self._previous: bool | None = _enabled
-        _enabled = self._flag
+        super().__init__()
 
-    def __enter__(self) -> None:
+    def _apply(self) -> Callable[[], None]:
         global _enabled
-        if self._previous is None:  # entered again after a block ended
-            self._previous, _enabled = _enabled, self._flag
+        previous, _enabled = _enabled, self._flag
 
-    def __exit__(self, *exc) -> None:
-        global _enabled
-        previous, self._previous = self._previous, None
-        if previous is not None:
+        def restore() -> None:
+            global _enabled
             _enabled = previous
+
+        return restore
 
 
 def can_fuse(u: Tensor, variance: Tensor, compiling: bool | None = None) -> bool:

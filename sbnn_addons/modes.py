@@ -6,9 +6,11 @@ The ``mc(K)`` prediction itself is :func:`sbnn_addons.mc_predict` (defined in
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
-from .base import MODES, SBNNModule, check_module
+from .base import MODES, SBNNModule, SettingSwitch, check_module
 
 __all__ = ["set_mode", "get_mode", "mode"]
 
@@ -53,7 +55,7 @@ def get_mode(model: nn.Module) -> str | None:
     return None
 
 
-class mode:
+class mode(SettingSwitch):
     """Set the mode of every SBNN module in ``model`` to ``value`` now; used as a context
     manager, restore each module's mode when the block ends (also when it raises).
 
@@ -68,23 +70,21 @@ class mode:
         check_module(model, "mode")
         self._model = model
         self._value = value
-        self._saved: list | None = None
-        self._apply()
+        super().__init__()
 
-    def _apply(self) -> None:
+    def _apply(self) -> Callable[[], None]:
         saved = [(m, m.sbnn_mode) for m in self._model.modules() if isinstance(m, SBNNModule)]
         set_mode(self._model, self._value)  # raises before anything is saved
-        self._saved = saved
+
+        def restore() -> None:
+            for m, old in saved:
+                m.sbnn_mode = old
+
+        return restore
 
     def __enter__(self) -> nn.Module:
-        if self._saved is None:  # entered again after a block ended
-            self._apply()
+        super().__enter__()
         return self._model
-
-    def __exit__(self, *exc) -> None:
-        saved, self._saved = self._saved, None
-        for m, old in saved or ():
-            m.sbnn_mode = old
 
 
 def __getattr__(name: str):
