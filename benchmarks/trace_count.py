@@ -6,7 +6,8 @@ neuron step, the host's and the library's, one bytecode instruction at a time. T
 counts the instructions Dynamo steps through (``InstructionTranslatorBase.step``) for a loss
 over T = 2 and T = 3 steps of a two-neuron snnTorch ``Sequential`` (``init_hidden``), with
 the ``eager`` backend (no AOTAutograd, no inductor), and prints the difference: the count per
-time step. The count depends on the code, not on the machine. ``--top N`` lists the N
+time step. The count depends on the code and on the torch / snnTorch versions (it prints
+them), not on the machine. ``--top N`` lists the N
 functions that add the most per step.
 
 Usage::
@@ -66,7 +67,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--top", type=int, default=0, help="list the N costliest functions")
     args = parser.parse_args(argv)
-    print(f"torch {torch.__version__}: bytecode instructions Dynamo traces per time step")
+    print(f"torch {torch.__version__}, snntorch {snn.__version__}: bytecode instructions "
+          "Dynamo traces per time step")
     for name, converted in (("snntorch host", False), ("sbnn converted", True)):
         per_step = count(converted, 3)
         per_step.subtract(count(converted, 2))
