@@ -67,6 +67,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--top", type=int, default=0, help="list the N costliest functions")
     args = parser.parse_args(argv)
+    if args.top < 0:
+        parser.error(f"--top must be >= 0, got {args.top}")
     print(f"torch {torch.__version__}, snntorch {snn.__version__}: bytecode instructions "
           "Dynamo traces per time step")
     for name, converted in (("snntorch host", False), ("sbnn converted", True)):

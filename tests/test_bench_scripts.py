@@ -108,6 +108,7 @@ def test_bench_dropin_mc_columns_leave_the_training_run_unchanged(capsys):
     ("bench_dropin", ["--pretrain-epochs", "-1"], "--pretrain-epochs"),
     ("bench_dropin", ["--calibrate", "-1"], "--calibrate"),
     ("bench_dropin", ["--mc", "-1"], "--mc"),
+    ("trace_count", ["--top", "-1"], "--top"),
 ])
 def test_bench_scripts_name_bad_arguments(script, args, word, capsys):
     """A bad ablation or aux argument stops the script before any work, naming it."""
