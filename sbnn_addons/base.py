@@ -611,7 +611,8 @@ class check_finite:  # noqa: N801 (used as a function and as a context manager)
         return _CHECK_FINITE[0]
 
 
-def check_input(x: Tensor, where: str, *, nan_only: bool = False) -> None:
+def check_input(x: Tensor, where: str, *, nan_only: bool = False,
+                affine: bool = False) -> None:
     """Raise ``ValueError`` if ``x`` holds a NaN or inf (unless :class:`check_finite` is off).
 
     0/1 spike tensors (marked by the spike functions) and tensors already checked at the
@@ -626,8 +627,13 @@ def check_input(x: Tensor, where: str, *, nan_only: bool = False) -> None:
         nan_only: refuse NaN only (a spike function's drive, which is ``-inf`` in a
             readout that never fires, ``threshold=inf``): one sum, then ``isnan(x)`` only
             where that sum is NaN.
+        affine: ``x`` is the input of an affine layer that tests its output with
+            :func:`check_layer_output` while ``torch.compile`` traces: nothing is
+            tested here then.
     """
     if not _CHECK_FINITE[0] or not isinstance(x, Tensor):
+        return
+    if affine and torch.compiler.is_compiling():
         return
     # the reads of a carrier's metadata (dtype, version, base) without its
     # __torch_function__: no variance flow in a check
@@ -702,6 +708,34 @@ def _check_input(x: Tensor, where: str, nan_only: bool) -> None:
             )
     if version is not None:
         _CHECKED[x] = version
+
+
+def check_layer_output(out: Tensor, where: str) -> None:
+    """While ``torch.compile`` traces: the test of :func:`check_input` for the input of an
+    affine layer (a matrix product or a convolution, plus a bias), made on the layer's
+    output ``out`` as a runtime assert (nothing in eager mode, or with :class:`check_finite`
+    off). The layer's input is not tested then (``check_input(..., affine=True)``).
+
+    A NaN or inf input reaches every output that it enters (``inf * w`` is ``inf``, or
+    ``NaN`` for ``w = 0``, and a sum with a NaN or inf term is not finite), so the output's
+    sum is finite where the input is, unless the output overflows (named in the message
+    too). An input that enters no output (a pixel that a strided convolution skips) changes
+    neither the output nor a gradient. The output is a buffer of its own in the graph, so
+    the assert compiles to one kernel that every time step shares; a test of each step's
+    input ``x[t]``, a view of the sequence at a new offset, compiled to a kernel per step.
+
+    Args:
+        out: the layer's output (its mean) ``[*]``.
+        where: the layer, for the message (e.g. ``"BayesLinear"``).
+    """
+    if not _CHECK_FINITE[0] or not torch.compiler.is_compiling() or out.is_meta:
+        return
+    with torch._C.DisableTorchFunction():  # no variance flow: a plain reduction
+        torch._assert_async(
+            torch.isfinite(out.detach().sum()),
+            f"the input of {where} contains NaN or inf values (or values so large that its "
+            "output overflows); clean or normalise the data, or use "
+            "sbnn_addons.check_finite(False)")
 
 
 def check_variance(variance: Tensor, where: str) -> None:

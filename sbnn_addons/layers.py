@@ -36,6 +36,7 @@ from .base import (
     check_finite,
     check_flag,
     check_input,
+    check_layer_output,
     check_std,
     computed_std,
     inverse_softplus,
@@ -467,6 +468,8 @@ class _BayesMixin(SBNNModule):
 
     def _attach(self, mean: Tensor, x: Tensor) -> Tensor:
         compiling = torch.compiler.is_compiling()  # once: the helpers take it
+        if compiling:  # the input's finite check, on the output (check_input(affine=True))
+            check_layer_output(mean, type(self).__name__)
         self._check_mean_mode_training(compiling)
         self._guard_forward_hooks(compiling)
         if self._noise_free():
@@ -774,7 +777,7 @@ def _check_features(x: Tensor, expected: int, dim: int, layer: str,
         _check_like_weight(x, module, layer)
     if type(x) is VarianceTensor:  # _refuse_noisy_input's own test first
         _refuse_noisy_input(x, layer, module)
-    check_input(x, layer)
+    check_input(x, layer, affine=module is not None)
     if module is not None:
         check_noise_scales(module, means=True)
     if x.dim() == 0 or x.shape[dim] != expected:
@@ -986,7 +989,7 @@ class _BayesConv(_BayesMixin):
         check_float("input", x)
         _check_like_weight(x, self, type(self).__name__)
         _refuse_noisy_input(x, type(self).__name__, self)
-        check_input(x, type(self).__name__)
+        check_input(x, type(self).__name__, affine=True)
         check_noise_scales(self, means=True)
         if x.dim() not in (n + 1, n + 2) or x.shape[-n - 1] != self.in_channels:
             raise_error(

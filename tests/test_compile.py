@@ -1493,3 +1493,38 @@ def test_a_compiled_layer_names_a_nan_or_inf_input(layer, mode, bad):
             step(x)  # the documented switch turns the check off
         step(torch.rand_like(x))
 
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_a_compiled_layer_checks_its_output_and_not_each_steps_input(layer):
+    """Under ``torch.compile`` a Bayesian layer's finite check is an assert on its output,
+    not on its input: fed a step ``x[t]`` of a sequence (a view at a new offset each
+    step), an assert on the input compiled to a generated kernel per step (23 of the 43
+    C++ kernels of the compiled benchmark MLP at T = 25); the output is a buffer of its own,
+    one kernel for every step. Each step still has its assert, on that step's output."""
+    torch.manual_seed(0)
+    if layer == "conv":
+        net, x = sb.BayesConv2d(2, 3, 3), torch.rand(3, 4, 2, 6, 6)
+    else:
+        net, x = sb.BayesLinear(6, 4), torch.rand(3, 2, 6)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(lambda a: sum(net(a[t]).sum() for t in range(3)), backend=backend,
+                  fullgraph=True)(x)
+    (gm,) = graphs
+    checks = [n for n in gm.graph.nodes
+              if n.target is torch._assert_async and "NaN or inf" in str(n.args[1:])]
+    assert len(checks) == 3
+    for node in checks:  # back through isfinite, sum and detach to the tested tensor
+        tested = node.args[0]
+        while tested.op != "placeholder" and (
+                getattr(tested.target, "__name__", tested.target)
+                in ("isfinite", "sum", "detach")):
+            tested = tested.args[0]
+        name = getattr(tested.target, "__name__", str(tested.target))
+        assert name in ("linear", "conv2d"), f"the assert tests {tested.format_node()}"
