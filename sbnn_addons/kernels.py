@@ -768,14 +768,18 @@ def can_fuse_compiled(u: Tensor, variance: Tensor) -> bool:
 class _CompiledSpike(torch.autograd.Function):
     """The custom ops with the estimator as a constant: the form ``torch.compile`` traces."""
 
+    # The constants travel as one tuple, (at_zero, estimator spec, aux_offset, aux_var,
+    # aux_pull): Dynamo traces PyTorch's per-argument handling of an autograd.Function at
+    # every call, once per neuron and time step.
     @staticmethod
-    def forward(u, variance, at_zero, estimator, aux_offset, aux_var, aux_pull):
+    def forward(u, variance, constants):
+        at_zero, _estimator, aux_offset, _aux_var, _aux_pull = constants
         fired, z2 = _spike_forward_op(u, variance, at_zero, aux_offset)
         return fired.to(u.dtype), z2, fired
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        u, variance, _at_zero, estimator, aux_offset, aux_var, aux_pull = inputs
+        u, variance, (_at_zero, estimator, aux_offset, aux_var, aux_pull) = inputs
         ctx.mark_non_differentiable(output[2])
         ctx.save_for_backward(u, variance, output[2])  # the spikes as bytes
         ctx.estimator = estimator  # Estimator.spec: a constant under torch.compile
@@ -793,7 +797,7 @@ class _CompiledSpike(torch.autograd.Function):
         grad_u, grad_var = _torch_spike_backward(
             grad, u, variance, spikes, _EstimatorArgs(*parse_estimator_spec(ctx.estimator)),
             grad_aux if ctx.want_aux else None, ctx.aux_offset, ctx.aux_var, ctx.aux_pull)
-        return grad_u, grad_var, None, None, None, None, None
+        return grad_u, grad_var, None
 
 
 def compiled_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
@@ -811,8 +815,8 @@ def compiled_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False
     own ``1 / sigma``: nothing more is saved for it). Check :func:`can_fuse_compiled`
     first; wrong dtypes or devices raise ``TypeError``.
     """
-    spikes, z2, _ = _CompiledSpike.apply(u, variance, at_zero, estimator.spec, aux_offset,
-                                         bool(aux_var), float(aux_pull))
+    spikes, z2, _ = _CompiledSpike.apply(
+        u, variance, (at_zero, estimator.spec, aux_offset, bool(aux_var), float(aux_pull)))
     return spikes, z2
 
 
