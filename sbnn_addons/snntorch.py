@@ -1032,6 +1032,22 @@ def _state_buffer_names(model: nn.Module) -> list[str]:
     return names
 
 
+def _name_states_for_ddp(model: nn.Module) -> None:
+    """Name the converted neurons' states to ``DistributedDataParallel`` as buffers to
+    leave alone, so that ``DistributedDataParallel(model)`` keeps them per process. The
+    list lives on the model under ``torch.compile``'s wrapper and holds each name twice:
+    as the model names it (``1.mem``) and as the compiled wrapper does
+    (``_orig_mod.1.mem``), since DDP reads the list through the wrapper but takes the
+    wrapper's names; with the plain names only, DDP around ``torch.compile(model)``
+    copied rank 0's membranes into every rank at each forward call, and a compiled step
+    cannot check that."""
+    model = getattr(model, "_orig_mod", model)  # a compiled host model converted
+    names = _state_buffer_names(model)
+    ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    model._ddp_params_and_buffers_to_ignore = ignored + [
+        n for n in names + [f"_orig_mod.{n}" for n in names] if n not in ignored]
+
+
 def _without_graph(t):
     """``t`` detached where it is a tensor inside an autograd graph, else ``t``."""
     return t.detach() if isinstance(t, Tensor) and t.grad_fn is not None else t
@@ -1932,10 +1948,7 @@ def to_sbnn(
     if inc is None:
         warn_deterministic_layers(out, lambda n: _match(n, exc), "snnTorch")
     reset(out)
-    # DistributedDataParallel(out) leaves the neuron states per process
-    ignored = list(getattr(out, "_ddp_params_and_buffers_to_ignore", ()))
-    out._ddp_params_and_buffers_to_ignore = ignored + [
-        n for n in _state_buffer_names(out) if n not in ignored]
+    _name_states_for_ddp(out)
     track_variance(out, check_inputs=True)
     if aux_loss:
         enable_aux_loss(out)

@@ -256,6 +256,12 @@ class SJSpike(IWSTSpike):
                     state = self._var_state * decay
                 elif isinstance(decay, Tensor):  # ParametricLIFNode: learned beta
                     state = torch.addcmul(state, self._var_state, decay)
+                elif torch.compiler.is_compiling():
+                    # a tau changed between compiled steps makes decay a symbolic float,
+                    # which inductor specialises as `alpha=` with a guard in another
+                    # rounding than the value's: Dynamo failed its own guard (an
+                    # internal AssertionError); a product is kept symbolic
+                    state = state + self._var_state * decay
                 else:
                     state = state.add(self._var_state, alpha=decay)
             total = self.noise_variance(u)

@@ -1464,6 +1464,36 @@ def test_settings_changed_after_compiling_reach_the_compiled_step(same_random_st
 
 
 
+def test_time_constant_changed_between_compiled_steps_of_a_spikingjelly_model(
+        same_random_stream):
+    """A converted SpikingJelly ``LIFNode`` whose ``tau`` changes between compiled steps
+    (Dynamo then makes it a symbolic float): the next compiled step computes eager's loss
+    and gradients. The membrane variance's decay ``beta^2`` was an ``alpha=`` that
+    inductor specialised with a guard of another rounding, and Dynamo failed its own
+    guard (an internal ``AssertionError``, "Guard failed on the same frame")."""
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    torch.manual_seed(0)
+    host = nn.Sequential(layer.Linear(8, 6), neuron.LIFNode(tau=2.0))
+    functional.set_step_mode(host, "m")
+    net = sbnn_sj.to_sbnn(host)
+    x, y = torch.rand(3, 5, 8) * 3, torch.randint(0, 6, (5,))
+
+    def loss_fn(x, y):
+        functional.reset_net(net)
+        return F.cross_entropy(net(x).sum(0), y)
+
+    gc.collect()
+    compiled = torch.compile(loss_fn)
+    for tau in (2.0, 5.0):
+        net[1].tau = tau
+        eager, comp = _step(net, loss_fn, x, y), _step(net, compiled, x, y)
+        torch.testing.assert_close(comp[0], eager[0], msg=f"tau {tau}")
+        assert net[0].std_rho.grad.abs().sum() > 0
+        for a, b in zip(eager[1], comp[1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(("layer", "mode", "bad"), [
     ("linear", "sample", math.nan), ("conv", "sample", math.inf), ("conv", "mean", math.nan),
     ("linear weight std", "sample", math.inf), ("pruned", "sample", math.nan),
