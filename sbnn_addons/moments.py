@@ -348,6 +348,13 @@ class VarianceTensor(Tensor):
                 _note_read(args[0], _ESCAPED)  # x.data: the values without the variance
             with torch._C.DisableTorchFunctionSubclass():
                 return getattr(args[0], func.__self__.__name__)
+        if type(func) is torch._ops.OpOverload and func.namespace == "sbnn_addons":
+            # the library's own operators, called with a carrier by a compiled graph's
+            # code (a graph input passed straight to them, e.g. after a graph break): the
+            # graph traced them on the means, and PyTorch's first-call analysis refuses a
+            # Python subclass among a custom operator's inputs
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*_plain_args(args), **_plain_args(kwargs or {}))
         if func in _AUTOGRAD_CALLS:
             # the backward on the plain means, with the flow on: a recomputation inside it
             # (torch.utils.checkpoint) runs its variance flow as the forward did
