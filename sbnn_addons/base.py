@@ -189,6 +189,42 @@ except ImportError:  # pragma: no cover - a PyTorch without Dynamo's comptime
     _comptime = None
 
 
+def refuse_data_dependent_shape(x: Tensor, where: str) -> None:
+    """In a graph being traced, raise where the sizes of ``x`` are data-dependent
+    (unbacked: computed from a tensor's values, as ``snntorch.spikegen.rate`` computes its
+    repeat sizes with ``Tensor.tolist()``): the library's checks compare sizes, which
+    Dynamo cannot decide for such a size ("Could not guard on data-dependent
+    expression"). Nothing in eager mode.
+
+    Raises:
+        torch._dynamo.exc.UserError: (a ``RuntimeError``) naming the cause and the fix.
+    """
+    if _comptime is not None and torch.compiler.is_compiling():
+        _comptime(_refuse_unbacked_sizes)
+
+
+def _refuse_unbacked_sizes(ctx) -> None:
+    """A ``comptime`` callback of :func:`refuse_data_dependent_shape`."""
+    from torch._dynamo.exc import UserError, UserErrorType
+
+    try:
+        from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+        shape = ctx.get_local("x").as_fake().shape
+        where = ctx.get_local("where").as_python_constant()
+        if not free_unbacked_symbols(shape):
+            return
+    except Exception:  # another PyTorch: no check
+        return
+    raise UserError(
+        UserErrorType.INVALID_INPUT,
+        f"the input of {where} has a data-dependent shape in this compiled step "
+        f"({tuple(shape)}: sizes computed from a tensor's values, e.g. by "
+        "snntorch.spikegen.rate, which builds its repeat sizes with Tensor.tolist()), "
+        "which the checks of the converted model cannot compare: generate the input "
+        "(the spike trains) outside the compiled step and pass it to the step")
+
+
 def _traced_value(var):
     """The Python value of a Dynamo variable of a message being traced: a constant, a
     symbolic size at its value in the traced call, a tuple or list of them, a string

@@ -41,6 +41,7 @@ from .base import (
     inverse_softplus,
     noise_scale,
     raise_error,
+    refuse_data_dependent_shape,
     share_posterior,
     shared_square,
     square,
@@ -777,6 +778,7 @@ def _check_features(x: Tensor, expected: int, dim: int, layer: str,
     check_input(x, layer)
     if module is not None:
         check_noise_scales(module, means=True)
+    refuse_data_dependent_shape(x, layer)
     if x.dim() == 0 or x.shape[dim] != expected:
         raise_error(
             f"{layer} expects {expected} input features in dimension {dim}, got input of "
