@@ -990,6 +990,7 @@ class _BayesConv(_BayesMixin):
         _refuse_noisy_input(x, type(self).__name__, self)
         check_input(x, type(self).__name__)
         check_noise_scales(self, means=True)
+        refuse_data_dependent_shape(x, type(self).__name__)
         if x.dim() not in (n + 1, n + 2) or x.shape[-n - 1] != self.in_channels:
             raise_error(
                 f"{type(self).__name__} expects input [N, {self.in_channels}, ...] with "

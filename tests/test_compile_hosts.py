@@ -90,7 +90,7 @@ def test_drop_in_spike_grad_draws_afresh_when_a_compiled_step_sees_the_same_inpu
     assert not torch.equal(spikes[1], spikes[0])
 
 
-@pytest.mark.parametrize("where", ["step", "forward"])
+@pytest.mark.parametrize("where", ["step", "forward", "forward conv"])
 def test_spikegen_rate_inside_a_compiled_step_is_named(where):
     """``snntorch.spikegen.rate`` inside a compiled step (tutorial 3's input encoding)
     builds its repeat sizes from ``Tensor.tolist()``, so the spike trains' sizes are
@@ -106,11 +106,12 @@ def test_spikegen_rate_inside_a_compiled_step_is_named(where):
     class Net(nn.Module):  # an explicit time loop that encodes its own input
         def __init__(self):
             super().__init__()
-            self.fc, self.lif = nn.Linear(6, 4), snn.Leaky(beta=0.8)
+            self.fc = nn.Conv1d(1, 2, 3) if "conv" in where else nn.Linear(6, 4)
+            self.lif = snn.Leaky(beta=0.8)
 
         def forward(self, x):
             mem, out = self.lif.init_leaky(), []
-            data = spikegen.rate(x, num_steps=2) if where == "forward" else x
+            data = spikegen.rate(x, num_steps=2) if "forward" in where else x
             for t in range(data.shape[0]):
                 spk, mem = self.lif(self.fc(data[t]), mem)
                 out.append(spk)
@@ -121,7 +122,7 @@ def test_spikegen_rate_inside_a_compiled_step_is_named(where):
     def step(x):
         return net(spikegen.rate(x, num_steps=2) if where == "step" else x).sum()
 
-    x = torch.rand(3, 6)
+    x = torch.rand(3, 1, 6) if "conv" in where else torch.rand(3, 6)
     try:
         with pytest.raises(RuntimeError, match=r"data-dependent.*spikegen.*outside the "
                                                r"compiled step"):
