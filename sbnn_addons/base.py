@@ -161,7 +161,9 @@ def raise_error(message: str, error: type[Exception] = RuntimeError) -> NoReturn
     Dynamo reports an exception raised in traced code as ``Unsupported: Observed
     exception`` (under ``fullgraph=True``), with the message in its debug context only.
     While compiling, the message is raised as a Dynamo ``UserError`` (a
-    ``RuntimeError``), which reaches the caller with the message first.
+    ``RuntimeError``), which reaches the caller with the message first. A message that
+    holds a symbolic size (an input's shape once Dynamo made its batch dimension dynamic)
+    is rendered with the sizes of the call being traced.
 
     Args:
         message: what went wrong and the fix.
@@ -172,8 +174,92 @@ def raise_error(message: str, error: type[Exception] = RuntimeError) -> NoReturn
             while compiling.
     """
     if torch.compiler.is_compiling():
-        _raise_user_error(message)
+        if _comptime is None:
+            _raise_user_error(message)
+        # at trace time: a message formatted from symbolic sizes is no constant, which
+        # _raise_user_error cannot take ("assume_constant_result argument conversion
+        # failed"); this renders it with the sizes of the traced call
+        _comptime(_raise_traced_message)
     raise error(message)
+
+
+try:
+    from torch._dynamo.comptime import comptime as _comptime
+except ImportError:  # pragma: no cover - a PyTorch without Dynamo's comptime
+    _comptime = None
+
+
+def refuse_data_dependent_shape(x: Tensor, where: str) -> None:
+    """In a graph being traced, raise where the sizes of ``x`` are data-dependent
+    (unbacked: computed from a tensor's values, as ``snntorch.spikegen.rate`` computes its
+    repeat sizes with ``Tensor.tolist()``): the library's checks compare sizes, which
+    Dynamo cannot decide for such a size ("Could not guard on data-dependent
+    expression"). Nothing in eager mode.
+
+    Raises:
+        torch._dynamo.exc.UserError: (a ``RuntimeError``) naming the cause and the fix.
+    """
+    if _comptime is not None and torch.compiler.is_compiling():
+        _comptime(_refuse_unbacked_sizes)
+
+
+def _refuse_unbacked_sizes(ctx) -> None:
+    """A ``comptime`` callback of :func:`refuse_data_dependent_shape`."""
+    from torch._dynamo.exc import UserError, UserErrorType
+
+    try:
+        from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+        shape = ctx.get_local("x").as_fake().shape
+        where = ctx.get_local("where").as_python_constant()
+        if not free_unbacked_symbols(shape):
+            return
+    except Exception:  # another PyTorch: no check
+        return
+    raise UserError(
+        UserErrorType.INVALID_INPUT,
+        f"the input of {where} has a data-dependent shape in this compiled step "
+        f"({tuple(shape)}: sizes computed from a tensor's values, e.g. by "
+        "snntorch.spikegen.rate, which builds its repeat sizes with Tensor.tolist()), "
+        "which the checks of the converted model cannot compare: generate the input "
+        "(the spike trains) outside the compiled step and pass it to the step")
+
+
+def _traced_value(var):
+    """The Python value of a Dynamo variable of a message being traced: a constant, a
+    symbolic size at its value in the traced call, a tuple or list of them, a string
+    formatted from them."""
+    from torch._dynamo.variables import SymNodeVariable
+    from torch._dynamo.variables.misc import StringFormatVariable
+
+    if var.is_python_constant():
+        return var.as_python_constant()
+    if isinstance(var, SymNodeVariable):
+        return var.evaluate_expr()
+    if isinstance(var, StringFormatVariable):
+        return var.format_string.format(
+            *[_traced_value(a) for a in var.sym_args],
+            **{k: _traced_value(a) for k, a in var.sym_kwargs.items()})
+    items = getattr(var, "items", None)
+    if isinstance(items, list) and var.python_type() in (tuple, list):
+        return var.python_type()(_traced_value(a) for a in items)
+    return var.debug_repr()
+
+
+def _raise_traced_message(ctx) -> None:
+    """A ``comptime`` callback of :func:`raise_error`: raise its ``message`` as a Dynamo
+    ``UserError``, rendered at trace time."""
+    from torch._dynamo.exc import UserError, UserErrorType
+
+    var = ctx.get_local("message")
+    try:
+        message = _traced_value(var._ComptimeVar__variable)
+    except Exception:  # another PyTorch's variables: what Dynamo can show of it
+        try:
+            message = var.as_python_constant()
+        except Exception:
+            message = repr(var)
+    raise UserError(UserErrorType.INVALID_INPUT, str(message))
 
 
 @torch.compiler.assume_constant_result

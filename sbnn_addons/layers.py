@@ -42,6 +42,7 @@ from .base import (
     inverse_softplus,
     noise_scale,
     raise_error,
+    refuse_data_dependent_shape,
     share_posterior,
     shared_square,
     square,
@@ -780,6 +781,7 @@ def _check_features(x: Tensor, expected: int, dim: int, layer: str,
     check_input(x, layer, affine=module is not None)
     if module is not None:
         check_noise_scales(module, means=True)
+    refuse_data_dependent_shape(x, layer)
     if x.dim() == 0 or x.shape[dim] != expected:
         raise_error(
             f"{layer} expects {expected} input features in dimension {dim}, got input of "
@@ -991,6 +993,7 @@ class _BayesConv(_BayesMixin):
         _refuse_noisy_input(x, type(self).__name__, self)
         check_input(x, type(self).__name__, affine=True)
         check_noise_scales(self, means=True)
+        refuse_data_dependent_shape(x, type(self).__name__)
         if x.dim() not in (n + 1, n + 2) or x.shape[-n - 1] != self.in_channels:
             raise_error(
                 f"{type(self).__name__} expects input [N, {self.in_channels}, ...] with "

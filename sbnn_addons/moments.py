@@ -88,6 +88,7 @@ from .base import (
     check_module,
     check_variance,
     raise_error,
+    refuse_data_dependent_shape,
     share_posterior,
     variance_dtype,
 )
@@ -2365,6 +2366,7 @@ def check_model_input(model: nn.Module, args: tuple, kwargs: dict | None = None)
         return
     where = f"the converted model ({type(model).__name__})"
     x = tensors[0][1]
+    refuse_data_dependent_shape(x, where)
     if x.dim() and 0 in x.shape:
         raise_error(
             f"the input of {where} has shape {tuple(x.shape)}, with a zero-size dimension "

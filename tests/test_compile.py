@@ -1558,3 +1558,25 @@ def test_a_compiled_layer_checks_its_output_and_not_each_steps_input(layer):
             tested = tested.args[0]
         name = getattr(tested.target, "__name__", str(tested.target))
         assert name in ("linear", "conv2d"), f"the assert tests {tested.format_node()}"
+
+def test_a_shape_error_is_named_once_the_batch_dimension_is_dynamic():
+    """A converted model compiled for one batch size, then called with another (the last,
+    smaller batch of an epoch: Dynamo makes the batch dimension symbolic), then with the
+    wrong number of features: the layer's message holds the input's symbolic shape,
+    which the named error could not carry, and the call failed inside Dynamo with
+    "assume_constant_result argument conversion failed". It is eager mode's message, with
+    the input's actual shape."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = sbnn_snn.to_sbnn(nn.Sequential(nn.Linear(6, 4),
+                                         snn.Leaky(beta=0.8, init_hidden=True, output=True)))
+    step = torch.compile(lambda x: net(x)[0].sum(), fullgraph=True, backend="eager")
+    try:
+        step(torch.rand(4, 6))
+        step(torch.rand(3, 6))  # a new batch size: recompiled with a symbolic batch
+        with pytest.raises(RuntimeError, match=re.escape(
+                "BayesLinear expects 6 input features in dimension -1, got input of "
+                "shape (3, 5)")):
+            step(torch.rand(3, 5))
+    finally:
+        torch._dynamo.reset()

@@ -88,3 +88,48 @@ def test_drop_in_spike_grad_draws_afresh_when_a_compiled_step_sees_the_same_inpu
         torch._dynamo.reset()
     assert all(g > 0 for g in grads)
     assert not torch.equal(spikes[1], spikes[0])
+
+
+@pytest.mark.parametrize("where", ["step", "forward", "forward conv"])
+def test_spikegen_rate_inside_a_compiled_step_is_named(where):
+    """``snntorch.spikegen.rate`` inside a compiled step (tutorial 3's input encoding)
+    builds its repeat sizes from ``Tensor.tolist()``, so the spike trains' sizes are
+    data-dependent (unbacked) in the graph. The host model compiles; a converted one
+    failed inside a Bayesian layer's feature check with Dynamo's "Could not guard on
+    data-dependent expression". It raises an error naming the cause and the fix: the
+    spike trains generated outside the compiled step, which then compiles."""
+    from snntorch import spikegen
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+
+    class Net(nn.Module):  # an explicit time loop that encodes its own input
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Conv1d(1, 2, 3) if "conv" in where else nn.Linear(6, 4)
+            self.lif = snn.Leaky(beta=0.8)
+
+        def forward(self, x):
+            mem, out = self.lif.init_leaky(), []
+            data = spikegen.rate(x, num_steps=2) if "forward" in where else x
+            for t in range(data.shape[0]):
+                spk, mem = self.lif(self.fc(data[t]), mem)
+                out.append(spk)
+            return torch.stack(out)
+
+    net = sbnn_snn.to_sbnn(Net())
+
+    def step(x):
+        return net(spikegen.rate(x, num_steps=2) if where == "step" else x).sum()
+
+    x = torch.rand(3, 1, 6) if "conv" in where else torch.rand(3, 6)
+    try:
+        with pytest.raises(RuntimeError, match=r"data-dependent.*spikegen.*outside the "
+                                               r"compiled step"):
+            torch.compile(step, fullgraph=True, backend="eager")(x)
+        torch._dynamo.reset()
+        if where == "step":  # the fix: the spike trains as the compiled step's input
+            data = spikegen.rate(x, num_steps=2)
+            torch.compile(lambda d: net(d).sum(), fullgraph=True, backend="eager")(data)
+    finally:
+        torch._dynamo.reset()
