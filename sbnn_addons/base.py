@@ -176,6 +176,16 @@ def raise_error(message: str, error: type[Exception] = RuntimeError) -> NoReturn
     raise error(message)
 
 
+def concrete_shape(t: Tensor) -> tuple[int, ...]:
+    """``tuple(t.shape)`` as plain ints, for an error message, also while ``torch.compile``
+    traces with a dynamic dimension (a second batch size makes it symbolic): a message
+    holding a symbolic size is no constant, and :func:`raise_error` could not pass it on
+    (Dynamo's "assume_constant_result argument conversion failed" instead of the
+    message). ``operator.index`` specializes each symbolic size to its value in this
+    call, on the error path only."""
+    return tuple(operator.index(d) for d in t.shape)
+
+
 @torch.compiler.assume_constant_result
 def graph_breaks_allowed() -> bool:
     """Whether the ``torch.compile`` tracing now may break the graph (not under

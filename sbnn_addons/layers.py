@@ -38,6 +38,7 @@ from .base import (
     check_input,
     check_std,
     computed_std,
+    concrete_shape,
     inverse_softplus,
     noise_scale,
     raise_error,
@@ -780,7 +781,7 @@ def _check_features(x: Tensor, expected: int, dim: int, layer: str,
     if x.dim() == 0 or x.shape[dim] != expected:
         raise_error(
             f"{layer} expects {expected} input features in dimension {dim}, got input of "
-            f"shape {tuple(x.shape)}", ValueError)
+            f"shape {concrete_shape(x)}", ValueError)
 
 
 class BayesLinear(_BayesMixin, nn.Linear):
@@ -991,7 +992,7 @@ class _BayesConv(_BayesMixin):
         if x.dim() not in (n + 1, n + 2) or x.shape[-n - 1] != self.in_channels:
             raise_error(
                 f"{type(self).__name__} expects input [N, {self.in_channels}, ...] with "
-                f"{n + 2} dimensions (or {n + 1} unbatched), got shape {tuple(x.shape)}",
+                f"{n + 2} dimensions (or {n + 1} unbatched), got shape {concrete_shape(x)}",
                 ValueError)
         return self._attach(self._mean(x), x)
 
