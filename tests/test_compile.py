@@ -1060,6 +1060,12 @@ def _bad_models():
             torch.rand(2, 1, 6, 6), "BayesConv2d expects input [N, 2, ...] with 4 dimensions"),
         "integer current, core LIF": (sb.LIF(), torch.ones(2, 4, dtype=torch.long),
                                       "current must be a floating-point tensor"),
+        # (compiled, Dynamo's "Observed exception")
+        "one step to a multi-step conv, SpikingJelly": (
+            sbnn_sj.to_sbnn(nn.Sequential(layer.Conv2d(1, 2, 3, step_mode="m"),
+                                          neuron.LIFNode(step_mode="m"))),
+            torch.rand(2, 1, 5, 5), "BayesConv2d in step_mode='m' expects x of shape "
+                                    "[T, N, C, H, W], got (2, 1, 5, 5)"),
     }
 
 
