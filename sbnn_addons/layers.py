@@ -1999,10 +1999,9 @@ class ChannelAffine(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() <= self.channel_dim or x.shape[self.channel_dim] != self.num_features:
-            raise ValueError(
+            raise_error(
                 f"ChannelAffine expects {self.num_features} channels in dimension "
-                f"{self.channel_dim}, got shape {tuple(x.shape)}"
-            )
+                f"{self.channel_dim}, got shape {concrete_shape(x)}", ValueError)
         check_device(x, self._parameters.get("weight"), "ChannelAffine")
         if check_finite.enabled() and not in_checked_model():  # a converted model's entry
             check_input(x, "ChannelAffine")  # checks its input and parameters

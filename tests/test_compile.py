@@ -1066,6 +1066,11 @@ def _bad_models():
                                           neuron.LIFNode(step_mode="m"))),
             torch.rand(2, 1, 5, 5), "BayesConv2d in step_mode='m' expects x of shape "
                                     "[T, N, C, H, W], got (2, 1, 5, 5)"),
+        "wrong number of channels, BatchNorm made affine": (
+            sbnn_sj.to_sbnn(nn.Sequential(layer.BatchNorm2d(1), layer.Conv2d(1, 2, 3),
+                                          neuron.LIFNode()), batchnorm="affine"),
+            torch.rand(2, 3, 5, 5), "ChannelAffine expects 1 channels in dimension 1, got "
+                                    "shape (2, 3, 5, 5)"),
     }
 
 
