@@ -161,9 +161,8 @@ def raise_error(message: str, error: type[Exception] = RuntimeError) -> NoReturn
     Dynamo reports an exception raised in traced code as ``Unsupported: Observed
     exception`` (under ``fullgraph=True``), with the message in its debug context only.
     While compiling, the message is raised as a Dynamo ``UserError`` (a
-    ``RuntimeError``), which reaches the caller with the message first. A message that
-    holds a symbolic size (an input's shape once Dynamo made its batch dimension dynamic)
-    is rendered with the sizes of the call being traced.
+    ``RuntimeError``), which reaches the caller with the message first. A message about a
+    shape formats it with :func:`concrete_shape` (a symbolic size is no constant).
 
     Args:
         message: what went wrong and the fix.
@@ -174,12 +173,7 @@ def raise_error(message: str, error: type[Exception] = RuntimeError) -> NoReturn
             while compiling.
     """
     if torch.compiler.is_compiling():
-        if _comptime is None:
-            _raise_user_error(message)
-        # at trace time: a message formatted from symbolic sizes is no constant, which
-        # _raise_user_error cannot take ("assume_constant_result argument conversion
-        # failed"); this renders it with the sizes of the traced call
-        _comptime(_raise_traced_message)
+        _raise_user_error(message)
     raise error(message)
 
 
@@ -225,41 +219,14 @@ def _refuse_unbacked_sizes(ctx) -> None:
         "(the spike trains) outside the compiled step and pass it to the step")
 
 
-def _traced_value(var):
-    """The Python value of a Dynamo variable of a message being traced: a constant, a
-    symbolic size at its value in the traced call, a tuple or list of them, a string
-    formatted from them."""
-    from torch._dynamo.variables import SymNodeVariable
-    from torch._dynamo.variables.misc import StringFormatVariable
-
-    if var.is_python_constant():
-        return var.as_python_constant()
-    if isinstance(var, SymNodeVariable):
-        return var.evaluate_expr()
-    if isinstance(var, StringFormatVariable):
-        return var.format_string.format(
-            *[_traced_value(a) for a in var.sym_args],
-            **{k: _traced_value(a) for k, a in var.sym_kwargs.items()})
-    items = getattr(var, "items", None)
-    if isinstance(items, list) and var.python_type() in (tuple, list):
-        return var.python_type()(_traced_value(a) for a in items)
-    return var.debug_repr()
-
-
-def _raise_traced_message(ctx) -> None:
-    """A ``comptime`` callback of :func:`raise_error`: raise its ``message`` as a Dynamo
-    ``UserError``, rendered at trace time."""
-    from torch._dynamo.exc import UserError, UserErrorType
-
-    var = ctx.get_local("message")
-    try:
-        message = _traced_value(var._ComptimeVar__variable)
-    except Exception:  # another PyTorch's variables: what Dynamo can show of it
-        try:
-            message = var.as_python_constant()
-        except Exception:
-            message = repr(var)
-    raise UserError(UserErrorType.INVALID_INPUT, str(message))
+def concrete_shape(t: Tensor) -> tuple[int, ...]:
+    """``tuple(t.shape)`` as plain ints, for an error message, also while ``torch.compile``
+    traces with a dynamic dimension (a second batch size makes it symbolic): a message
+    holding a symbolic size is no constant, and :func:`raise_error` could not pass it on
+    (Dynamo's "assume_constant_result argument conversion failed" instead of the
+    message). ``operator.index`` specializes each symbolic size to its value in this
+    call, on the error path only."""
+    return tuple(operator.index(d) for d in t.shape)
 
 
 @torch.compiler.assume_constant_result

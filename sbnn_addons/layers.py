@@ -39,6 +39,7 @@ from .base import (
     check_layer_output,
     check_std,
     computed_std,
+    concrete_shape,
     inverse_softplus,
     noise_scale,
     raise_error,
@@ -785,7 +786,7 @@ def _check_features(x: Tensor, expected: int, dim: int, layer: str,
     if x.dim() == 0 or x.shape[dim] != expected:
         raise_error(
             f"{layer} expects {expected} input features in dimension {dim}, got input of "
-            f"shape {tuple(x.shape)}", ValueError)
+            f"shape {concrete_shape(x)}", ValueError)
 
 
 class BayesLinear(_BayesMixin, nn.Linear):
@@ -997,7 +998,7 @@ class _BayesConv(_BayesMixin):
         if x.dim() not in (n + 1, n + 2) or x.shape[-n - 1] != self.in_channels:
             raise_error(
                 f"{type(self).__name__} expects input [N, {self.in_channels}, ...] with "
-                f"{n + 2} dimensions (or {n + 1} unbatched), got shape {tuple(x.shape)}",
+                f"{n + 2} dimensions (or {n + 1} unbatched), got shape {concrete_shape(x)}",
                 ValueError)
         return self._attach(self._mean(x), x)
 
@@ -2004,10 +2005,9 @@ class ChannelAffine(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() <= self.channel_dim or x.shape[self.channel_dim] != self.num_features:
-            raise ValueError(
+            raise_error(
                 f"ChannelAffine expects {self.num_features} channels in dimension "
-                f"{self.channel_dim}, got shape {tuple(x.shape)}"
-            )
+                f"{self.channel_dim}, got shape {concrete_shape(x)}", ValueError)
         check_device(x, self._parameters.get("weight"), "ChannelAffine")
         if check_finite.enabled() and not in_checked_model():  # a converted model's entry
             check_input(x, "ChannelAffine")  # checks its input and parameters

@@ -9,7 +9,14 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .base import check_finite, check_flag, check_module, functorch_values, raise_error
+from .base import (
+    check_finite,
+    check_flag,
+    check_module,
+    concrete_shape,
+    functorch_values,
+    raise_error,
+)
 from .layers import check_kl_samples, is_bayesian
 from .spike import IWSTSpike
 
@@ -210,7 +217,7 @@ def sbnn_objective(
         raise TypeError(f"nll must be a scalar tensor (the batch-mean loss, e.g. "
                         f"F.cross_entropy(logits, y)), got {type(nll).__name__}")
     if nll.numel() != 1:
-        raise_error(f"nll must be a scalar (batch mean), got shape {tuple(nll.shape)}",
+        raise_error(f"nll must be a scalar (batch mean), got shape {concrete_shape(nll)}",
                     ValueError)
     if not nll.is_floating_point():
         raise_error(f"nll must be a floating-point scalar (the batch-mean loss, e.g. "

@@ -87,6 +87,7 @@ from .base import (
     check_input,
     check_module,
     check_variance,
+    concrete_shape,
     raise_error,
     refuse_data_dependent_shape,
     share_posterior,
@@ -2369,7 +2370,7 @@ def check_model_input(model: nn.Module, args: tuple, kwargs: dict | None = None)
     refuse_data_dependent_shape(x, where)
     if x.dim() and 0 in x.shape:
         raise_error(
-            f"the input of {where} has shape {tuple(x.shape)}, with a zero-size dimension "
+            f"the input of {where} has shape {concrete_shape(x)}, with a zero-size dimension "
             "(a sequence of T = 0 steps or a batch of 0 examples); there is nothing to run: "
             "skip empty inputs before calling the model", ValueError)
     check_input(x, where)

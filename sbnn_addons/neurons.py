@@ -12,7 +12,14 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .base import call_eagerly, check_device, check_input, mark_checked, raise_error
+from .base import (
+    call_eagerly,
+    check_device,
+    check_input,
+    concrete_shape,
+    mark_checked,
+    raise_error,
+)
 from .functional import (
     LIF_RESETS,
     _variance_update,
@@ -271,8 +278,8 @@ class LIF(nn.Module):
         if (membrane is not None and membrane.shape != current.shape
                 and membrane.numel() != 1):
             raise_error(
-                f"state of shape {tuple(membrane.shape)} does not match the input current "
-                f"of shape {tuple(current.shape)}; pass state=None at the start of a "
+                f"state of shape {concrete_shape(membrane)} does not match the input "
+                f"current of shape {concrete_shape(current)}; pass state=None at the start of a "
                 "sequence", ValueError)
         if membrane is not None:
             check_device(current, membrane, "LIF", "its state (the membrane passed in)")

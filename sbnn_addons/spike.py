@@ -42,6 +42,7 @@ from .base import (
     checkpoint_recomputing,
     checkpoint_without_rng_replay,
     computed_std,
+    concrete_shape,
     graph_breaks_allowed,
     in_reentrant_recomputation,
     inverse_softplus,
@@ -468,7 +469,7 @@ class IWSTSpike(SBNNModule, nn.Module):
                 raise_error(
                     f"{type(self).__name__} has a per-neuron std of shape "
                     f"{tuple(ref.shape)}, which would cover the last {ref.dim()} "
-                    f"dimension(s) of its drive of shape {tuple(u.shape)}: std_shape is the "
+                    f"dimension(s) of its drive of shape {concrete_shape(u)}: std_shape is the "
                     "neuron shape without the batch dimension (and the time dimension of a "
                     "multi-step drive): (C, H, W) for [B, C, H, W] per neuron, or (C, 1, 1) "
                     "for one std per channel", ValueError)
@@ -710,7 +711,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         raise_error(
             f"{type(self).__name__}: batch_dim={self.batch_dim} (the dimension of the drive "
             "that indexes the examples, over which the auxiliary loss is averaged) is not a "
-            f"dimension of its drive of shape {tuple(u.shape)}: the loss would be averaged "
+            f"dimension of its drive of shape {concrete_shape(u)}: the loss would be averaged "
             "over a batch of 1, silently. Build the spike function with the batch_dim of the "
             "drive it gets (0 for [B, ...], 1 for [T, B, ...])", ValueError)
 

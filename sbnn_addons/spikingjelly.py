@@ -76,6 +76,7 @@ from .base import (
     check_module,
     check_neuron_constants,
     check_std,
+    concrete_shape,
     host_neurons,
     match_name,
     name_patterns,
@@ -376,10 +377,10 @@ def _per_step_variance(var: Tensor, x_seq: Tensor) -> Tensor:
     except RuntimeError:
         fits = False
     if not fits:
-        raise ValueError(
-            f"the variance of shape {shape} attached to a multi-step neuron's input of shape "
-            f"{tuple(x_seq.shape)} does not broadcast to it; attach a variance of the "
-            "input's shape (or one broadcastable to it)")
+        raise_error(
+            f"the variance of shape {concrete_shape(var)} attached to a multi-step neuron's "
+            f"input of shape {concrete_shape(x_seq)} does not broadcast to it; attach a "
+            "variance of the input's shape (or one broadcastable to it)", ValueError)
     if x_seq.dim() == 0 or (var.dim() == x_seq.dim() and shape[0] == steps):
         return var
     var = var.reshape((1,) * (x_seq.dim() - var.dim()) + shape)
@@ -801,10 +802,9 @@ class _StepConv:
         if self.step_mode == "s":
             return super().forward(x)
         if x.dim() != len(self.kernel_size) + 3:
-            raise ValueError(
+            raise_error(
                 f"{type(self).__name__} in step_mode='m' expects x of shape {self._shape}, "
-                f"got {tuple(x.shape)}"
-            )
+                f"got {concrete_shape(x)}", ValueError)
         # both reshapes go through the variance flow: a noisy input (an earlier Bayesian
         # layer with no neuron between) stays noisy, so the layer refuses it and names
         # the earlier layer, instead of the earlier layer's variance vanishing silently;

@@ -1060,6 +1060,17 @@ def _bad_models():
             torch.rand(2, 1, 6, 6), "BayesConv2d expects input [N, 2, ...] with 4 dimensions"),
         "integer current, core LIF": (sb.LIF(), torch.ones(2, 4, dtype=torch.long),
                                       "current must be a floating-point tensor"),
+        # (compiled, Dynamo's "Observed exception")
+        "one step to a multi-step conv, SpikingJelly": (
+            sbnn_sj.to_sbnn(nn.Sequential(layer.Conv2d(1, 2, 3, step_mode="m"),
+                                          neuron.LIFNode(step_mode="m"))),
+            torch.rand(2, 1, 5, 5), "BayesConv2d in step_mode='m' expects x of shape "
+                                    "[T, N, C, H, W], got (2, 1, 5, 5)"),
+        "wrong number of channels, BatchNorm made affine": (
+            sbnn_sj.to_sbnn(nn.Sequential(layer.BatchNorm2d(1), layer.Conv2d(1, 2, 3),
+                                          neuron.LIFNode()), batchnorm="affine"),
+            torch.rand(2, 3, 5, 5), "ChannelAffine expects 1 channels in dimension 1, got "
+                                    "shape (2, 3, 5, 5)"),
     }
 
 
@@ -1076,6 +1087,38 @@ def test_misuses_are_named_in_a_fullgraph_step(case):
     torch._dynamo.reset()
     with pytest.raises(RuntimeError) as err:
         torch.compile(model, fullgraph=True)(x)
+    assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize("bad", ["empty sequence", "wrong number of features"])
+def test_misuses_are_named_in_a_fullgraph_step_after_a_new_batch_size(bad):
+    """A compiled multi-step SpikingJelly model called with a second batch size makes that
+    dimension symbolic (Dynamo's automatic dynamic shapes); a misuse after it (an empty
+    sequence ``[0, B, ...]``, a wrong number of features) was refused with Dynamo's
+    "assume_constant_result argument conversion failed": the message held the symbolic
+    shape. It names the problem with the input's shape, as in eager mode."""
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    gc.collect()
+    torch._dynamo.reset()
+    net = sbnn_sj.to_sbnn(nn.Sequential(layer.Linear(6, 4), neuron.LIFNode()))
+    functional.set_step_mode(net, "m")
+    step = torch.compile(net, fullgraph=True)
+    try:
+        for batch in (4, 5):
+            sbnn_sj.reset(net)
+            step(torch.rand(3, batch, 6))
+        sbnn_sj.reset(net)
+        x, message = {
+            "empty sequence": (torch.rand(0, 5, 6), "the input of the converted model "
+                               "(Sequential) has shape (0, 5, 6), with a zero-size dimension"),
+            "wrong number of features": (torch.rand(3, 5, 7), "BayesLinear expects 6 input "
+                                         "features in dimension -1, got input of shape (3, 5, 7)"),
+        }[bad]
+        with pytest.raises(RuntimeError) as err:
+            step(x)
+    finally:
+        torch._dynamo.reset()
     assert str(err.value).startswith(message)
 
 
