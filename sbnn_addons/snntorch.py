@@ -792,7 +792,10 @@ class _EmittedSpikeReset:
 
     def mem_reset(self, mem: Tensor) -> Tensor:
         compiling = torch.compiler.is_compiling()
-        cached = self.__dict__.get(_CACHE)
+        # while compiling, read as an attribute: Dynamo guards on that (a graph traced at a
+        # sequence's first step is not reused for the next one, whose reset is the kept
+        # spikes), and not on a read of the instance __dict__ (PyTorch 2.13)
+        cached = getattr(self, _CACHE, None) if compiling else self.__dict__.get(_CACHE)
         if cached is not None and not _unchanged(cached[0], cached[2], compiling):
             # changed in place since it fired (mem.mul_(mask)): the reset is computed from
             # its new values, as snnTorch computes it, not the spikes of the old ones

@@ -1623,3 +1623,57 @@ def test_a_shape_error_is_named_once_the_batch_dimension_is_dynamic():
             step(torch.rand(3, 5))
     finally:
         torch._dynamo.reset()
+
+
+def test_a_compiled_snntorch_model_called_per_step_resets_by_its_kept_spikes(
+        same_random_stream):
+    """``torch.compile(net)`` called once per time step (the loop outside the compiled
+    model), reset with ``sbnn_addons.snntorch.reset`` between sequences: the graph traced
+    at a sequence's first step (no spikes kept yet: the reset from the membrane) was
+    reused for the next steps, whose reset is the sampled spikes the neuron emitted,
+    since Dynamo does not guard on a read of a module's ``__dict__``: other spikes than
+    eager's in ``sample`` mode, silently. Also ``mc_predict`` on the compiled model,
+    seeded: eager's samples."""
+    torch.manual_seed(0)
+    net = sbnn_snn.to_sbnn(nn.Sequential(
+        nn.Linear(6, 5), snn.Leaky(beta=0.9, init_hidden=True),
+        nn.Linear(5, 3), snn.Leaky(beta=0.9, init_hidden=True, output=True)))
+    compiled = torch.compile(net)
+    x = torch.rand(4, 2, 6) * 3
+
+    def run(model):
+        return torch.stack([model(x_t)[1] for x_t in x])
+
+    for _ in range(2):  # two sequences, each from a reset
+        outs = []
+        for model in (net, compiled):
+            sbnn_snn.reset(net)
+            torch.manual_seed(3)
+            outs.append(run(model))
+        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    forward = lambda m, s: run(m).sum(0)  # noqa: E731
+    eager = sb.mc_predict(net, x, 2, seed=0, forward=forward).sample_probs
+    comp = sb.mc_predict(compiled, x, 2, seed=0, forward=forward).sample_probs
+    torch.testing.assert_close(comp, eager, rtol=0, atol=0)
+
+
+@needs_kernel
+def test_mc_predict_on_a_compiled_model_unseeded_after_seeded():
+    """A seeded ``mc_predict`` draws its spikes between graphs, and the graphs of the
+    unseeded call that follows take a tensor carrying a variance as an input, which went
+    straight to the spike operator: PyTorch's first-call analysis refused it ("Multiple
+    dispatch failed for 'sbnn_addons.spike_forward'"). The operator takes the mean."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = sbnn_snn.to_sbnn(nn.Sequential(
+        nn.Linear(6, 5), snn.Leaky(beta=0.9, init_hidden=True),
+        nn.Linear(5, 3), snn.Leaky(beta=0.9, init_hidden=True, output=True)))
+    compiled = torch.compile(net)
+    x = torch.rand(3, 2, 6) * 3
+
+    def forward(model, s):
+        return torch.stack([model(x_t)[1] for x_t in s]).sum(0)
+
+    sb.mc_predict(compiled, x, 2, seed=0, forward=forward)
+    probs = sb.mc_predict(compiled, x, 2, forward=forward).sample_probs
+    assert probs.shape == (2, 2, 3) and torch.isfinite(probs).all()
