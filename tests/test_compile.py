@@ -1602,6 +1602,7 @@ def test_a_compiled_layer_checks_its_output_and_not_each_steps_input(layer):
         name = getattr(tested.target, "__name__", str(tested.target))
         assert name in ("linear", "conv2d"), f"the assert tests {tested.format_node()}"
 
+
 def test_a_shape_error_is_named_once_the_batch_dimension_is_dynamic():
     """A converted model compiled for one batch size, then called with another (the last,
     smaller batch of an epoch: Dynamo makes the batch dimension symbolic), then with the
