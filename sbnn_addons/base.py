@@ -59,8 +59,21 @@ def set_state(obj: object, **values) -> None:
         state[key] = value
 
 
+def read_state(obj: object, key: str, compiling: bool | None = None):
+    """The plain attribute ``key`` of ``obj`` (``None`` where it has none), as
+    ``obj.__dict__.get(key)``; while ``torch.compile`` traces, read as an attribute:
+    Dynamo guards an attribute read, but not a read of an instance's ``__dict__``
+    (PyTorch 2.13), so a graph traced with one state (a neuron at a sequence's first
+    step) would be reused, silently, with another (the next step's). ``key`` is a
+    library attribute, never a parameter, buffer or submodule name. ``compiling``:
+    whether a graph is traced, where the caller knows it."""
+    if torch.compiler.is_compiling() if compiling is None else compiling:
+        return getattr(obj, key, None)
+    return obj.__dict__.get(key)
+
+
 def drop_state(obj: object, *keys: str) -> None:
-    """Forget the plain attributes ``keys`` of ``obj`` (readers use ``__dict__.get``).
+    """Forget the plain attributes ``keys`` of ``obj`` (readers use :func:`read_state`).
 
     Eager: removed. Under ``torch.compile``: set to ``None`` (see :func:`set_state`).
     """

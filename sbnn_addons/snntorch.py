@@ -56,6 +56,7 @@ from .base import (
     drop_state,
     host_neurons,
     raise_error,
+    read_state,
     refuse_other_host_export,
     refuse_other_host_reset,
     refuse_unconverted_export,
@@ -493,7 +494,7 @@ class _EmittedSpikeReset:
             plain_mem = plain_mem.clone()
         if plain_mem is not mem:
             self._buffers["mem"] = plain_mem
-            cached = self.__dict__.get(_CACHE)
+            cached = read_state(self, _CACHE, compiling)
             if cached is not None and cached[0] is mem:  # either membrane may come back
                 self.__dict__[_CACHE] = (plain_mem, *cached[1:3], mem)
         self._store_state(plain_mem, var, compiling)
@@ -792,10 +793,7 @@ class _EmittedSpikeReset:
 
     def mem_reset(self, mem: Tensor) -> Tensor:
         compiling = torch.compiler.is_compiling()
-        # while compiling, read as an attribute: Dynamo guards on that (a graph traced at a
-        # sequence's first step is not reused for the next one, whose reset is the kept
-        # spikes), and not on a read of the instance __dict__ (PyTorch 2.13)
-        cached = getattr(self, _CACHE, None) if compiling else self.__dict__.get(_CACHE)
+        cached = read_state(self, _CACHE, compiling)
         if cached is not None and not _unchanged(cached[0], cached[2], compiling):
             # changed in place since it fired (mem.mul_(mask)): the reset is computed from
             # its new values, as snnTorch computes it, not the spikes of the old ones
@@ -1123,12 +1121,12 @@ def _stored_variance(neuron: nn.Module, detached: bool = False,
             it (its variance is unknown).
     """
     mem = neuron._buffers.get("mem")
-    state = neuron.__dict__.get(_STATE)
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
+    state = read_state(neuron, _STATE, compiling)
     if state is None or mem is None:
         return None
     stored, var, had_grad, version = state
-    if compiling is None:
-        compiling = torch.compiler.is_compiling()
     if mem is not stored:
         # a detach() of the stored membrane (checked in eager mode: a graph cannot compare
         # storages), also of one that a compiled step stored

@@ -81,6 +81,7 @@ from .base import (
     match_name,
     name_patterns,
     raise_error,
+    read_state,
     refuse_other_host_export,
     refuse_other_host_reset,
     refuse_unconverted_export,
@@ -708,7 +709,7 @@ def _mark_spikes(node: nn.Module, args, output):
     spike function keeps this tensor already (then the layer shares it)."""
     spike = node.surrogate_function
     if isinstance(spike, SJSpike):
-        taken = spike.__dict__.get("_input")
+        taken = read_state(spike, "_input")
         if taken is not None and args and args[0] is not taken:
             _check_input_unchanged(node, spike, taken, args[0])
     if isinstance(spike, SJSpike) and VAR_MEMORY in node._memories:
