@@ -215,7 +215,7 @@ class SnnTorchSpike(IWSTSpike):
                 # for SpikeMonitor / mc_predict, doubling the spike counts)
                 return self._noiseless_spikes(u.detach())
             return _host_spike_dtype(super().forward(u))
-        recent = self.__dict__.get("_sbnn_recent")
+        recent = read_state(self, "_sbnn_recent")
         if recent is None:
             recent = []
             set_state(self, _sbnn_recent=recent)
