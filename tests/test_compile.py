@@ -1626,6 +1626,16 @@ def test_a_shape_error_is_named_once_the_batch_dimension_is_dynamic():
         torch._dynamo.reset()
 
 
+def _compiled_leaky_pair() -> tuple[nn.Module, nn.Module]:
+    """A converted two-layer snnTorch ``Sequential`` (``init_hidden=True`` Leaky neurons,
+    seeded) and ``torch.compile`` of it, called once per time step."""
+    torch.manual_seed(0)
+    net = sbnn_snn.to_sbnn(nn.Sequential(
+        nn.Linear(6, 5), snn.Leaky(beta=0.9, init_hidden=True),
+        nn.Linear(5, 3), snn.Leaky(beta=0.9, init_hidden=True, output=True)))
+    return net, torch.compile(net)
+
+
 def test_a_compiled_snntorch_model_called_per_step_resets_by_its_kept_spikes(
         same_random_stream):
     """``torch.compile(net)`` called once per time step (the loop outside the compiled
@@ -1635,11 +1645,7 @@ def test_a_compiled_snntorch_model_called_per_step_resets_by_its_kept_spikes(
     since Dynamo does not guard on a read of a module's ``__dict__``: other spikes than
     eager's in ``sample`` mode, silently. Also ``mc_predict`` on the compiled model,
     seeded: eager's samples."""
-    torch.manual_seed(0)
-    net = sbnn_snn.to_sbnn(nn.Sequential(
-        nn.Linear(6, 5), snn.Leaky(beta=0.9, init_hidden=True),
-        nn.Linear(5, 3), snn.Leaky(beta=0.9, init_hidden=True, output=True)))
-    compiled = torch.compile(net)
+    net, compiled = _compiled_leaky_pair()
     x = torch.rand(4, 2, 6) * 3
 
     def run(model):
@@ -1665,11 +1671,7 @@ def test_mc_predict_on_a_compiled_model_unseeded_after_seeded():
     straight to the spike operator: PyTorch's first-call analysis refused it ("Multiple
     dispatch failed for 'sbnn_addons.spike_forward'"). The operator takes the mean."""
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    net = sbnn_snn.to_sbnn(nn.Sequential(
-        nn.Linear(6, 5), snn.Leaky(beta=0.9, init_hidden=True),
-        nn.Linear(5, 3), snn.Leaky(beta=0.9, init_hidden=True, output=True)))
-    compiled = torch.compile(net)
+    net, compiled = _compiled_leaky_pair()
     x = torch.rand(3, 2, 6) * 3
 
     def forward(model, s):
