@@ -292,6 +292,14 @@ class SnnTorchSpike(IWSTSpike):
         its shape (an earlier compiled call's, which a step given the same input again
         would match, and take their spikes, without gradient, for its own draws) are
         forgotten (each entry's third item, a 0-dim flag in the graph)."""
+        if len(recent) < self.MEMORY:
+            # a list of one length: Dynamo guards on it, and a list growing by one entry
+            # per call recompiled the step at every call until it was full (past the
+            # recompile limit); entries that never match (flag False) fill it first, each
+            # its own tensors (Dynamo guards on which entries alias each other too)
+            recent[:0] = [(torch.zeros_like(key), torch.zeros_like(key),
+                           torch.zeros((), dtype=torch.bool))
+                          for _ in range(self.MEMORY - len(recent))]
         out = _host_spike_dtype(super().forward(u))
         if key.numel() > 1:
             flat = key.reshape(-1)

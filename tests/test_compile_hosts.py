@@ -133,3 +133,29 @@ def test_spikegen_rate_inside_a_compiled_step_is_named(where):
             torch.compile(lambda d: net(d).sum(), fullgraph=True, backend="eager")(data)
     finally:
         torch._dynamo.reset()
+
+
+def test_drop_in_spike_grad_compiled_per_step_stops_recompiling():
+    """A host snnTorch model with the drop-in ``spike_grad`` compiled as a module and
+    called once per time step: the spike function's list of recent draws grew by one
+    entry per call up to its size, and Dynamo, which guards on a list's length,
+    recompiled the step at every call until the recompile limit (then it ran eagerly).
+    The list has one length in a compiled graph: no new graph after the first sequence."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(6, 5), snn.Leaky(beta=0.9, init_hidden=True, spike_grad=sbnn_snn.spike_grad()),
+        nn.Linear(5, 3),
+        snn.Leaky(beta=0.9, init_hidden=True, output=True, spike_grad=sbnn_snn.spike_grad()))
+    compiled = torch.compile(net, backend="aot_eager")
+    x = torch.rand(4, 2, 6) * 3
+    graphs = []
+    for _ in range(3):
+        sutils.reset(net)
+        out = torch.stack([compiled(x_t)[1] for x_t in x])
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert torch.isfinite(out).all()
+    assert graphs[2] == graphs[1] <= 4, graphs
