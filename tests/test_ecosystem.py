@@ -4,8 +4,10 @@ models."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -19,6 +21,19 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _gloo_group(rank: int, port: int) -> Iterator[None]:
+    """In a worker of :func:`_run_two_ranks`: this process as ``rank`` of a gloo group of
+    2 on ``port`` (one intra-op thread), destroyed when the block ends."""
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def _run_two_ranks(worker, timeout: float) -> list:
@@ -63,10 +78,7 @@ def _loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _ddp_worker(rank: int, port: int, queue) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    try:
+    with _gloo_group(rank, port):
         model = _snntorch_model()
         x = torch.rand(5, 4, 8, generator=torch.Generator().manual_seed(10 + rank))
         sb.seed_spikes(model, 100 + rank)  # each rank its own noise
@@ -88,8 +100,6 @@ def _ddp_worker(rank: int, port: int, queue) -> None:
         except RuntimeError as e:
             refused = str(e)
         queue.put((rank, err, refused))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_on_a_converted_snntorch_model_averages_each_ranks_gradients():
@@ -134,10 +144,7 @@ def _ddp_compiled_worker(rank: int, port: int, queue) -> None:
 
     from sbnn_addons.snntorch import reset
 
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    try:
+    with _gloo_group(rank, port):
         model = _snntorch_model()
         x = torch.rand(3, 4, 8, generator=torch.Generator().manual_seed(10 + rank))
 
@@ -149,8 +156,6 @@ def _ddp_compiled_worker(rank: int, port: int, queue) -> None:
             local = run(model)
             got = run(DDP(torch.compile(model)))  # gradients on: DDP synchronises buffers
         queue.put((rank, float((got - local).abs().max())))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_around_a_compiled_converted_model_keeps_each_ranks_membranes():
@@ -244,10 +249,7 @@ def _ddp_steps_worker(rank: int, port: int, queue) -> None:
 
     from sbnn_addons import spikingjelly as sbnn_sj
 
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    try:
+    with _gloo_group(rank, port):
         x = torch.rand(5, 4, 8, generator=torch.Generator().manual_seed(10 + rank))
         results = {}
         for kind in ("snntorch", "s", "m"):
@@ -278,8 +280,6 @@ def _ddp_steps_worker(rank: int, port: int, queue) -> None:
             results[kind] = (params, grads, nonzero, len(noise_grads[0]),
                              both[0][2] != both[1][2])
         queue.put((rank, results))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_training_steps_keep_the_ranks_identical():
