@@ -215,12 +215,13 @@ class SnnTorchSpike(IWSTSpike):
                 # for SpikeMonitor / mc_predict, doubling the spike counts)
                 return self._noiseless_spikes(u.detach())
             return _host_spike_dtype(super().forward(u))
-        recent = read_state(self, "_sbnn_recent")
+        compiling = torch.compiler.is_compiling()
+        recent = read_state(self, "_sbnn_recent", compiling)
         if recent is None:
             recent = []
             set_state(self, _sbnn_recent=recent)
         key = u.detach()
-        if torch.compiler.is_compiling():
+        if compiling:
             return self._compiled_forward(u, key, recent)
         resetting, membrane = _snntorch_caller(key)
         if resetting:
