@@ -1776,12 +1776,14 @@ def remove_batchnorm_pairing_check(model: nn.Module) -> nn.Module:
 def affine_batchnorm_plan(model: nn.Module, weight_types: tuple, batchnorm_types: tuple,
                           layer_selected: Callable[[str], bool],
                           excluded: Callable[[str], bool],
-                          only_folded: bool, pairs: dict[str, str] | None = None,
+                          only_folded: bool, example_input=None,
                           ) -> tuple[dict[str, str], set[str]]:
     """What a converter's ``batchnorm="affine"`` does to ``model``: the folds
-    ``{layer name: BatchNorm name}`` (a BatchNorm directly after a converted layer:
-    ``pairs``, from :func:`batchnorm_call_pairs`, else in module order, see
-    :func:`batchnorm_after`) and the names of the BatchNorms it replaces by a
+    ``{layer name: BatchNorm name}`` (a BatchNorm directly after a converted layer: with
+    ``example_input``, the layer one forward calls right before it, see
+    :func:`batchnorm_call_pairs`; else in module order, see :func:`batchnorm_after`,
+    which the converter checks at the first call with :func:`check_batchnorm_pairing`)
+    and the names of the BatchNorms it replaces by a
     :class:`ChannelAffine`: every BatchNorm not ``excluded`` (a name or a module
     containing it matched by ``exclude``) of ``batchnorm_types``, only those folded into a
     converted layer with ``only_folded`` (an ``include`` list: the BatchNorms of the
@@ -1793,8 +1795,8 @@ def affine_batchnorm_plan(model: nn.Module, weight_types: tuple, batchnorm_types
             statistics, which no fixed affine equals).
     """
     types = dict(model.named_modules())
-    if pairs is None:
-        pairs = batchnorm_after(model, weight_types)
+    pairs = (batchnorm_after(model, weight_types) if example_input is None
+             else batchnorm_call_pairs(model, example_input, weight_types))
     after = {layer: bn for layer, bn in pairs.items()
              if layer_selected(layer) and not excluded(bn)}
     folds = {layer: bn for layer, bn in after.items() if type(types[bn]) in batchnorm_types}

@@ -73,7 +73,6 @@ from .layers import (
     BayesLinear,
     ChannelAffine,
     affine_batchnorm_plan,
-    batchnorm_call_pairs,
     check_batchnorm_pairing,
     converted_layer_kwargs,
     fold_batchnorms,
@@ -1890,11 +1889,9 @@ def to_sbnn(
         return (inc is None or _match(name, inc)) and not _match(name, exc)
 
     # with example_input, each BatchNorm pairs with the layer the forward calls before it
-    pairs = (batchnorm_call_pairs(model, example_input, tuple(_LAYERS))
-             if batchnorm == "affine" and example_input is not None else None)
     folds, affine_bns = ({}, set()) if batchnorm != "affine" else affine_batchnorm_plan(
         model, tuple(_LAYERS), _BNS, name_selected, lambda n: _match(n, exc), inc is not None,
-        pairs)
+        example_input)
     affines = fold_batchnorms(model, folds, affine_bns, layer_kw)
 
     out = model if inplace else _safe_deepcopy(model)
@@ -1962,8 +1959,8 @@ def to_sbnn(
     track_variance(out, check_inputs=True)
     if aux_loss:
         enable_aux_loss(out)
-    if pairs is None and std is None:  # paired by declaration order: checked at the first call
-        check_batchnorm_pairing(out, folds, affine_bns, "snntorch")
+    if example_input is None and std is None:  # paired by declaration order: checked
+        check_batchnorm_pairing(out, folds, affine_bns, "snntorch")  # at the first call
     if example_input is not None:
         check_variance_flow(out, example_input)
     if not inplace:  # an optimiser of the original warns at its steps

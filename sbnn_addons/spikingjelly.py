@@ -1155,11 +1155,9 @@ def to_sbnn(
 
     _check_spiking_rnns(model, selected, lambda n: match_name(n, exc))
     # with example_input, each BatchNorm pairs with the layer the forward calls before it
-    pairs = (_layers.batchnorm_call_pairs(model, example_input, _WEIGHTS)
-             if batchnorm == "affine" and example_input is not None else None)
     folds, affine_bns = ({}, set()) if batchnorm != "affine" else _layers.affine_batchnorm_plan(
         model, _WEIGHTS, _SJ_BN + _PLAIN_BN, selected, lambda n: match_name(n, exc),
-        inc is not None, pairs)
+        inc is not None, example_input)
     affines = _layers.fold_batchnorms(model, folds, affine_bns, posterior, _affine_from_bn)
 
     source = model  # an optimiser of the original warns at its steps
@@ -1227,8 +1225,8 @@ def to_sbnn(
     track_variance(model, check_inputs=True)
     if aux_loss:
         enable_aux_loss(model)
-    if pairs is None and std is None:  # paired by declaration order: checked at the first call
-        _layers.check_batchnorm_pairing(model, folds, affine_bns, "spikingjelly")
+    if example_input is None and std is None:  # paired by declaration order: checked
+        _layers.check_batchnorm_pairing(model, folds, affine_bns, "spikingjelly")  # at 1st call
     if example_input is not None:
         check_variance_flow(model, example_input)
     if not inplace:
