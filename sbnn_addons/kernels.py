@@ -726,13 +726,21 @@ class _EstimatorArgs(NamedTuple):
 # compiler, without the decorator's per-call Python wrapper (14 us against 4.6 us per call,
 # measured; a converted network calls it once per neuron and step). Its autograd is
 # :class:`_CompiledSpike`, whose backward is PyTorch operations that inductor fuses.
+#
+# Each call draws its Philox key from the global generator, so the calls must run in the
+# order eager mode makes them. ``after`` is the previous call's third output (an empty
+# tensor): the data dependency keeps inductor's scheduler from running one layer's calls
+# of every time step before the next layer's (it does, and PyTorch 2.13 inductor's own
+# ordering of effectful operators does not hold for this one), so that a compiled step
+# draws eager mode's spikes under the same seed.
 _LIB = torch.library.Library("sbnn_addons", "DEF")
-_LIB.define("spike_forward(Tensor u, Tensor variance, bool at_zero, float? aux_offset) "
-            "-> (Tensor, Tensor)", tags=(torch.Tag.nondeterministic_seeded,))
+_LIB.define("spike_forward(Tensor u, Tensor variance, bool at_zero, float? aux_offset, "
+            "Tensor after) -> (Tensor, Tensor, Tensor)",
+            tags=(torch.Tag.nondeterministic_seeded,))
 
 
 def _spike_forward_impl(u: Tensor, variance: Tensor, at_zero: bool,
-                        aux_offset: float | None) -> tuple[Tensor, Tensor]:
+                        aux_offset: float | None, after: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     # the spikes as bytes: a graph keeps them for the backward at a quarter of the memory,
     # and inductor fuses their conversion to float into the operations that read them
     u = u.contiguous()
@@ -742,17 +750,17 @@ def _spike_forward_impl(u: Tensor, variance: Tensor, at_zero: bool,
         u.data_ptr(), var.data_ptr(), mid, inner, None, hb.data_ptr(), u.numel(), _seed(None),
         at_zero, aux_offset is not None, aux_offset or 0.0, torch.get_num_threads())
     if aux_offset is None:  # the kernel's sum is 0: no conversion of a Python float
-        return hb, torch.zeros((), dtype=torch.float32)
-    return hb, torch.tensor(aux, dtype=torch.float32)
+        return hb, torch.zeros((), dtype=torch.float32), torch.empty(0, dtype=torch.uint8)
+    return hb, torch.tensor(aux, dtype=torch.float32), torch.empty(0, dtype=torch.uint8)
 
 
 _LIB.impl("spike_forward", _spike_forward_impl, "CPU")
 
 
 @torch.library.register_fake("sbnn_addons::spike_forward", lib=_LIB)
-def _(u, variance, at_zero, aux_offset):
+def _(u, variance, at_zero, aux_offset, after):
     return (torch.empty_like(u, dtype=torch.uint8, memory_format=torch.contiguous_format),
-            u.new_empty((), dtype=torch.float32))
+            u.new_empty((), dtype=torch.float32), u.new_empty(0, dtype=torch.uint8))
 
 
 _spike_forward_op = torch.ops.sbnn_addons.spike_forward.default
@@ -772,15 +780,15 @@ class _CompiledSpike(torch.autograd.Function):
     # aux_pull): Dynamo traces PyTorch's per-argument handling of an autograd.Function at
     # every call, once per neuron and time step.
     @staticmethod
-    def forward(u, variance, constants):
+    def forward(u, variance, after, constants):
         at_zero, _estimator, aux_offset, _aux_var, _aux_pull = constants
-        fired, z2 = _spike_forward_op(u, variance, at_zero, aux_offset)
-        return fired.to(u.dtype), z2, fired
+        fired, z2, token = _spike_forward_op(u, variance, at_zero, aux_offset, after)
+        return fired.to(u.dtype), z2, fired, token
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        u, variance, (_at_zero, estimator, aux_offset, aux_var, aux_pull) = inputs
-        ctx.mark_non_differentiable(output[2])
+        u, variance, _after, (_at_zero, estimator, aux_offset, aux_var, aux_pull) = inputs
+        ctx.mark_non_differentiable(output[2], output[3])
         ctx.save_for_backward(u, variance, output[2])  # the spikes as bytes
         ctx.estimator = estimator  # Estimator.spec: a constant under torch.compile
         ctx.aux_offset = 0.0 if aux_offset is None else aux_offset
@@ -789,7 +797,7 @@ class _CompiledSpike(torch.autograd.Function):
         ctx.aux_pull = aux_pull
 
     @staticmethod
-    def backward(ctx, grad, grad_aux, _grad_bytes):
+    def backward(ctx, grad, grad_aux, _grad_bytes, _grad_token):
         # the kernel's formulas as PyTorch operations (spike_backward's): in a compiled
         # graph inductor fuses them with the rest of the backward, which costs less
         # than a call of the kernel as an opaque operator (bench_compile.py)
@@ -797,7 +805,14 @@ class _CompiledSpike(torch.autograd.Function):
         grad_u, grad_var = _torch_spike_backward(
             grad, u, variance, spikes, _EstimatorArgs(*parse_estimator_spec(ctx.estimator)),
             grad_aux if ctx.want_aux else None, ctx.aux_offset, ctx.aux_var, ctx.aux_pull)
-        return grad_u, grad_var, None
+        return grad_u, grad_var, None, None
+
+
+# The last spike operator call's ordering output, read and replaced by every traced call
+# (:func:`compiled_spike`): within a graph a chain of data dependencies in eager mode's
+# order; across graphs Dynamo stores the graph's last one here (always a tensor, so that
+# no graph is traced twice for a ``None``).
+_DRAW_ORDER = [torch.empty(0, dtype=torch.uint8)]
 
 
 def compiled_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False,
@@ -815,8 +830,9 @@ def compiled_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False
     own ``1 / sigma``: nothing more is saved for it). Check :func:`can_fuse_compiled`
     first; wrong dtypes or devices raise ``TypeError``.
     """
-    spikes, z2, _ = _CompiledSpike.apply(
-        u, variance, (at_zero, estimator.spec, aux_offset, bool(aux_var), float(aux_pull)))
+    spikes, z2, _, _DRAW_ORDER[0] = _CompiledSpike.apply(
+        u, variance, _DRAW_ORDER[0],
+        (at_zero, estimator.spec, aux_offset, bool(aux_var), float(aux_pull)))
     return spikes, z2
 
 

@@ -3,9 +3,10 @@
 (single- and multi-step), each against eager.
 
 With inductor's ``fallback_random`` the compiled graph draws the same random numbers as eager
-PyTorch, so ``sample`` mode must match exactly (the C kernel, which draws its own stream, is
-turned off for these comparisons); ``mean`` mode must match in any case. A separate test
-checks the law of the compiled draw with inductor's own random numbers.
+PyTorch, so ``sample`` mode must match exactly (the C kernel is turned off for most of these
+comparisons; separate tests check that the kernel's compiled calls draw eager mode's spikes
+too); ``mean`` mode must match in any case. A separate test checks the law of the compiled
+draw with inductor's own random numbers.
 """
 
 from __future__ import annotations
@@ -298,6 +299,59 @@ def test_spikingjelly_compiles_like_eager(same_random_stream, step_mode):
         return F.cross_entropy(out, y)
 
     x, y = torch.rand(T, 6, 1, 8, 8) * 3, torch.randint(0, 5, (6,))
+    _check_like_eager(net, loss_fn, x, y)
+
+
+def _snntorch_conv_sequential() -> nn.Module:
+    return sbnn_snn.to_sbnn(nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2),
+        snn.Leaky(beta=0.9, init_hidden=True),
+        nn.Flatten(), nn.Linear(4 * 4 * 4, 5),
+        snn.Leaky(beta=0.9, init_hidden=True, output=True)))
+
+
+def _spikingjelly_multi_step() -> nn.Module:
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    host = nn.Sequential(layer.Linear(12, 16), neuron.LIFNode(tau=2.0),
+                         layer.Linear(16, 5), neuron.LIFNode(tau=2.0))
+    functional.set_step_mode(host, "m")
+    return sbnn_sj.to_sbnn(host)
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", ["core", "snntorch", "spikingjelly"])
+def test_kernel_op_in_a_compiled_network_draws_eagers_spikes(name):
+    """With the kernel on (the default CPU path) and inductor's own scheduling, a compiled
+    training step of a network gets eager mode's very spikes under the same seed: each
+    call of the spike operator draws its Philox key from the global generator, and the
+    calls run in eager mode's order (inductor would otherwise run one layer's calls of
+    every time step before the next layer's, and each would get another call's key)."""
+    if not sb.kernels.available():
+        pytest.skip("no C compiler on this machine")
+    from spikingjelly.activation_based import functional
+
+    torch._dynamo.reset()
+    gc.collect()
+    torch.manual_seed(0)
+    if name == "core":
+        net = CoreNet()
+        x = torch.rand(3, 6, 12) * 2
+
+        def loss_fn(x, y):
+            return F.cross_entropy(net(x), y)
+    elif name == "snntorch":
+        net = _snntorch_conv_sequential()
+        x = torch.rand(3, 6, 1, 8, 8) * 3
+        loss_fn = _sequential_rate_loss(net)
+    else:
+        net = _spikingjelly_multi_step()
+        x = torch.rand(3, 6, 12) * 3
+
+        def loss_fn(x, y):
+            functional.reset_net(net)
+            return F.cross_entropy(net(x).sum(0), y)
+    y = torch.randint(0, 5, (6,))
     _check_like_eager(net, loss_fn, x, y)
 
 
