@@ -77,6 +77,7 @@ from .base import (
     check_neuron_constants,
     check_std,
     concrete_shape,
+    drop_state,
     host_neurons,
     match_name,
     name_patterns,
@@ -289,7 +290,7 @@ class SJSpike(IWSTSpike):
     _examples = None  # the examples of a parallel spiking neuron's call (_note_examples)
 
     def _batch_size(self, u: Tensor) -> int:
-        examples = self.__dict__.get("_examples")
+        examples = read_state(self, "_examples")
         return examples if examples is not None else super()._batch_size(u)
 
     def _collects_in(self, host: nn.Module) -> None:
@@ -346,13 +347,16 @@ def _note_examples(node: nn.Module, args) -> None:
     if not isinstance(spike, SJSpike) or not args or not isinstance(args[0], Tensor):
         return
     x, dim = args[0], 1 if getattr(node, "step_mode", "m") == "m" else 0
-    spike.__dict__["_examples"] = x.shape[dim] if x.dim() > dim else 1
+    set_state(spike, _examples=x.shape[dim] if x.dim() > dim else 1)
 
 
 def _forget_examples(node: nn.Module, args, output) -> None:
     spike = node._modules.get("surrogate_function")
     if isinstance(spike, SJSpike):
-        spike.__dict__.pop("_examples", None)
+        # under torch.compile set to None, not deleted: a graph replays its deletion at
+        # every call, and one traced where a copy of the model held None failed with a
+        # KeyError at its next call
+        drop_state(spike, "_examples")
 
 
 _RESET_NOTE = (" (a gradient reaches them from a loss on them, and from one on the "

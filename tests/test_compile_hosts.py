@@ -3,6 +3,7 @@ training and evaluation loops), beyond the paths of ``test_compile.py``."""
 
 from __future__ import annotations
 
+import copy
 import gc
 import shutil
 
@@ -15,6 +16,7 @@ from torch import nn
 
 import sbnn_addons as sb
 import sbnn_addons.snntorch as sbnn_snn
+import sbnn_addons.spikingjelly as sbnn_sj
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -159,3 +161,42 @@ def test_drop_in_spike_grad_compiled_per_step_stops_recompiling():
         graphs.append(counters["stats"]["unique_graphs"])
     assert torch.isfinite(out).all()
     assert graphs[2] == graphs[1] <= 4, graphs
+
+
+@pytest.mark.parametrize(("kind", "step_mode"), [("PSN", "m"), ("SlidingPSN", "s")])
+def test_copy_of_a_parallel_spiking_neuron_compiled_with_the_aux_loss_steps_again(kind,
+                                                                                  step_mode):
+    """A SpikingJelly parallel spiking neuron with the drop-in surrogate and the auxiliary
+    loss on, deep-copied (a copy of the model, a checkpoint loaded whole) and compiled: its
+    second compiled call failed inside Dynamo with ``KeyError: '_examples'`` (the graph
+    deleted, at every call, the number of examples that its hooks hand the spike function
+    and that the copy had kept as ``None``). Every compiled call collects the terms of an
+    eager call."""
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    spike = sbnn_sj.surrogate_function(std=0.5, learn_std=False)
+    node = (neuron.PSN(T=3, surrogate_function=spike) if kind == "PSN"
+            else neuron.SlidingPSN(k=2, surrogate_function=spike, step_mode=step_mode))
+    net = copy.deepcopy(sb.enable_aux_loss(
+        nn.Sequential(layer.Linear(6, 8, step_mode=step_mode), node)))
+    x = torch.rand(3, 4, 6) * 2
+
+    def run(model):
+        functional.reset_net(net)
+        return model(x) if step_mode == "m" else torch.stack([model(x_t) for x_t in x])
+
+    compiled = torch.compile(net, fullgraph=True, backend="eager")
+    terms = []
+    try:
+        for _ in range(2):
+            run(compiled)
+            terms.append(net[1].surrogate_function.pop_aux())
+    finally:
+        torch._dynamo.reset()
+    run(net)
+    expected = net[1].surrogate_function.pop_aux()
+    for total, units in terms:
+        assert units == expected[1]
+        torch.testing.assert_close(total, expected[0])
