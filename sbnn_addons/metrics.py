@@ -8,6 +8,7 @@ SynOps counting (:class:`SpikeMonitor`) serve :mod:`sbnn_addons.uncertainty`.
 from __future__ import annotations
 
 import math
+import types
 import warnings
 from collections.abc import Sequence
 
@@ -325,6 +326,25 @@ def layer_synops(layer: torch.nn.Module, x: Tensor, *,
     return counts.sum(dtype=torch.float64) * (layer.out_channels // g)
 
 
+def _next_method(module: torch.nn.Module, attr: str):
+    """What method ``attr`` of ``module`` runs now, as a function of the module: the
+    class's, or the wrapper of an enclosing :class:`SpikeMonitor`."""
+    previous = module.__dict__.get(attr)
+    if previous is None:
+        return getattr(type(module), attr)
+    if isinstance(previous, types.MethodType) and previous.__self__ is module:
+        return previous.__func__
+    return lambda _mod, *args, **kwargs: previous(*args, **kwargs)  # set by its user
+
+
+def _shadow(module: torch.nn.Module, attr: str, method) -> None:
+    """Make ``method`` (a function of the module) ``module.<attr>``: an instance attribute,
+    bound to ``module``, that shadows the class's method. ``torch.compile`` guards the
+    attribute (not a module's hooks): a graph traced before it was set, or after it was
+    removed, is traced again."""
+    module.__dict__[attr] = types.MethodType(method, module)
+
+
 class SpikeMonitor:
     """Count the spikes of every :class:`~sbnn_addons.IWSTSpike` and the SynOps of every
     weight layer while a model runs.
@@ -344,8 +364,11 @@ class SpikeMonitor:
     escape a forward hook); the monitor wraps that method on the instances and restores
     it on exit. A snnTorch neuron built with ``inhibition=True`` keeps only the spike of
     its largest membrane after its spike function fired: its spikes are counted at its
-    ``fire_inhibition``, which returns the spikes it emits. Weight layers are observed
-    with forward pre-hooks. Monitors nest (an outer one, e.g. around
+    ``fire_inhibition``, which returns the spikes it emits. A weight layer's SynOps are
+    counted at its ``forward``, wrapped on the instance in the same way (after the
+    layer's forward pre-hooks: the input it computes on). The wrappers are attributes,
+    which ``torch.compile`` guards: a compiled model traced before the monitor was
+    entered is traced again, and counts. Monitors nest (an outer one, e.g. around
     :func:`~sbnn_addons.mc_predict`, which runs its own, keeps counting after the inner
     one exits); one monitor cannot be entered twice at once.
 
@@ -387,9 +410,8 @@ class SpikeMonitor:
                 "bilinear) are not counted: the library cannot count their synaptic "
                 "operations, so the SynOps total leaves them out; pass synops=False "
                 "(mc_predict(..., synops=False)) if you do not read SynOps", stacklevel=2)
-        self._handles: list = []
         # (module, method name, the instance's entry before entering)
-        self._saved_fire: list = []
+        self._saved: list = []
         self._active = False
         self._entered = False  # read before any `with` block: nothing was counted
         self.reset()
@@ -413,68 +435,82 @@ class SpikeMonitor:
                 "second SpikeMonitor(model)")
         self._active = True
         self._entered = True
-        self._saved_fire = [(m, "fire", m.__dict__.get("fire")) for _, m in self._spikes]
-        self._saved_fire += [(h, "fire_inhibition", h.__dict__.get("fire_inhibition"))
-                             for _, h in self._inhibitors]
+        self._saved = [(m, "fire", m.__dict__.get("fire")) for _, m in self._spikes]
+        self._saved += [(h, "fire_inhibition", h.__dict__.get("fire_inhibition"))
+                        for _, h in self._inhibitors]
+        self._saved += [(m, "forward", m.__dict__.get("forward")) for _, m in self._layers]
         self._quiet = {name: 0 for name, _ in self._inhibitors}
         for name, m in self._spikes:
-            original = m.fire  # bound method, or the wrapper of an enclosing monitor
-
-            def fire(u, variance, _orig=original, _name=name):
-                out = _orig(u, variance)
-                if not self._quiet.get(_name):  # an inhibition neuron counts what it emits
-                    self._count(_name, out)
-                return out
-
-            m.__dict__["fire"] = fire  # instance attribute shadows the method
+            _shadow(m, "fire", self._counting_fire(name, m, _next_method(m, "fire")))
         for name, h in self._inhibitors:
-            original = h.fire_inhibition
-
-            def fire_inhibition(batch_size, mem, _orig=original, _name=name):
-                self._quiet[_name] += 1  # the spike function's draws before the inhibition
-                try:
-                    out = _orig(batch_size, mem)
-                finally:
-                    self._quiet[_name] -= 1
-                self._count(_name, out != 0)  # the spikes the neuron emits
-                return out
-
-            h.__dict__["fire_inhibition"] = fire_inhibition
+            _shadow(h, "fire_inhibition", self._counting_inhibition(
+                name, h, _next_method(h, "fire_inhibition")))
         for name, m in self._layers:
-            def pre(mod, args, kwargs, _name=name):
-                x = args[0] if args else kwargs.get("input")
-                if not isinstance(x, Tensor):
-                    return
+            _shadow(m, "forward", self._counting_forward(name, m, _next_method(m, "forward")))
+        return self
+
+    # The wrappers take the module they are called on: a copy of a monitored module
+    # (copy.deepcopy rebinds a bound method to the copy) runs its own methods, uncounted.
+    def _counting_fire(self, name: str, owner, call):
+        def fire(mod, u, variance):
+            out = call(mod, u, variance)
+            # an inhibition neuron counts what it emits
+            if mod is owner and not self._quiet.get(name):
+                self._count(name, out)
+            return out
+
+        return fire
+
+    def _counting_inhibition(self, name: str, owner, call):
+        def fire_inhibition(mod, batch_size, mem):
+            if mod is not owner:
+                return call(mod, batch_size, mem)
+            self._quiet[name] += 1  # the spike function's draws before the inhibition
+            try:
+                out = call(mod, batch_size, mem)
+            finally:
+                self._quiet[name] -= 1
+            self._count(name, out != 0)  # the spikes the neuron emits
+            return out
+
+        return fire_inhibition
+
+    def _counting_forward(self, name: str, owner, call):
+        def forward(mod, *args, **kwargs):
+            x = args[0] if args else kwargs.get("input")
+            if mod is owner and isinstance(x, Tensor):
                 # a transposed convolution's output_size (its output padding)
                 size = args[1] if len(args) > 1 else kwargs.get("output_size")
-                if not self.spiking_inputs_only or is_binary(x):  # marked spikes: binary
-                    ops = layer_synops(mod, x, output_size=size)
-                elif x.is_cpu and not torch.compiler.is_compiling():
-                    if not bool(((x == 0) | (x == 1)).all()):
-                        return  # analogue input: MACs, not SynOps (and none computed)
-                    ops = layer_synops(mod, x, output_size=size)
-                else:  # a graph, or an accelerator: no data-dependent branch, no sync
-                    ops = layer_synops(mod, x, output_size=size)
-                    ops = torch.where(((x == 0) | (x == 1)).all(), ops, ops.new_zeros(()))
-                # a CPU scalar plus a device one stays on the device: no sync per call
-                self.synops[_name] = self.synops[_name] + ops
+                self._count_synops(name, mod, x, size)
+            return call(mod, *args, **kwargs)
 
-            self._handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
-        return self
+        return forward
+
+    def _count_synops(self, name: str, mod: torch.nn.Module, x: Tensor, size) -> None:
+        """Add the SynOps of the input ``x`` of weight layer ``mod`` to ``name``'s counter
+        (none for an analogue input where ``spiking_inputs_only``)."""
+        if not self.spiking_inputs_only or is_binary(x):  # marked spikes: binary
+            ops = layer_synops(mod, x, output_size=size)
+        elif x.is_cpu and not torch.compiler.is_compiling():
+            if not bool(((x == 0) | (x == 1)).all()):
+                return  # analogue input: MACs, not SynOps (and none computed)
+            ops = layer_synops(mod, x, output_size=size)
+        else:  # a graph, or an accelerator: no data-dependent branch, no sync
+            ops = layer_synops(mod, x, output_size=size)
+            ops = torch.where(((x == 0) | (x == 1)).all(), ops, ops.new_zeros(()))
+        # a CPU scalar plus a device one stays on the device: no sync per call
+        self.synops[name] = self.synops[name] + ops
 
     def __exit__(self, *exc) -> None:
         # put back what was there (an enclosing monitor's wrapper keeps counting after an
         # inner one, e.g. mc_predict's, exits), in reverse order: a module seen twice
-        for m, attr, previous in reversed(self._saved_fire):
+        for m, attr, previous in reversed(self._saved):
             if previous is None:
                 m.__dict__.pop(attr, None)
             else:
                 m.__dict__[attr] = previous
-        self._saved_fire = []
+        self._saved = []
         self._active = False
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
     def _count(self, name: str, out: Tensor) -> None:
         """Add the spikes ``out`` (0/1 per unit-step) to layer ``name``'s counters."""

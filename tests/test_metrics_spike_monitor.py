@@ -309,3 +309,74 @@ def test_compiled_model_under_a_monitor_compiles_once():
     assert mon.units == {"1.spike_grad": 4 * 5 * 8 * 16, "3.spike_grad": 4 * 5 * 8 * 4}
     assert float(mon.counts["3.spike_grad"]) == emitted > 0
     assert mon.spike_rates()["3.spike_grad"] == emitted / (4 * 5 * 8 * 4)
+
+
+def test_monitor_entered_after_a_compiled_model_was_traced_counts_its_synops():
+    """A plain snnTorch baseline compiled per step, traced before any monitor: a monitor
+    entered afterwards counts its SynOps as in eager mode (Dynamo does not guard a
+    module's hooks, so hooks added after the trace never ran and the SynOps stayed 0),
+    and a monitor that exited counts nothing more."""
+    snn = pytest.importorskip("snntorch")
+    from snntorch import utils as sutils
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 6), snn.Leaky(beta=0.9, init_hidden=True))
+    x = (torch.rand(3, 4, 10) < 0.5).float()
+    step = torch.compile(net, fullgraph=True, backend="eager")
+    torch._dynamo.reset()
+
+    def run(f):
+        sutils.reset(net)
+        for x_t in x:
+            f(x_t)
+
+    with torch.no_grad():
+        run(step)  # traced without a monitor
+        with SpikeMonitor(net) as eager:
+            run(net)
+        expected = float(eager.synops["0"])
+        assert expected > 0
+        with SpikeMonitor(net) as first:
+            run(step)
+        run(step)  # after the exit: not counted
+        with SpikeMonitor(net) as second:
+            run(step)
+    assert float(first.synops["0"]) == expected
+    assert float(second.synops["0"]) == expected
+
+
+def test_a_copy_made_inside_a_monitor_runs_as_its_own_model():
+    """``copy.deepcopy(model)`` inside a monitor (the best model of a training loop that
+    logs rates): the copy computes with its own weights, mode and spike functions, also
+    after the monitor exited, not through the monitored model's methods (its spike
+    functions fired through the monitored model's, in that model's mode)."""
+    import copy
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = sb.BayesLinear(8, 6, std=0.3)
+            self.lif = sb.LIF(spike_fn=sb.IWSTSpike("st", std=0.5))
+
+        def forward(self, x):
+            return self.lif(self.fc(x))[0]
+
+    torch.manual_seed(0)
+    net = Net()
+    x = (torch.rand(64, 8) < 0.5).float()
+    reference = copy.deepcopy(net)  # the same weights, copied outside a monitor
+    with torch.no_grad():
+        with SpikeMonitor(net) as mon:
+            net(x)
+            best = copy.deepcopy(net)
+        counted = float(mon.total_synops())
+        net.fc.weight.add_(1.0)  # the monitored model trains on
+        sb.set_mode(net, "mean")  # and is evaluated in mean mode
+        for mode in ("sample", "mean"):
+            sb.set_mode(best, mode)
+            sb.set_mode(reference, mode)
+            torch.manual_seed(1)
+            got = best(x)
+            torch.manual_seed(1)
+            assert torch.equal(got, reference(x)), mode
+        assert float(mon.total_synops()) == counted
