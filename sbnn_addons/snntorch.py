@@ -896,6 +896,21 @@ def _compiled_copy_reset(mem: Tensor, stored: Tensor, spikes: Tensor,
     return torch.where(same, spikes.to(fresh.dtype), fresh)
 
 
+def _compiled_copy_variance(mem: Tensor, stored: Tensor, var) -> Tensor | None:
+    """The noise variance of membrane ``mem`` in a compiled graph: the ``var`` of the
+    stored membrane where ``mem`` has its values (a ``detach()`` passed back by an explicit
+    time loop, e.g. from an eager chunk into a compiled one), else 0 (a new membrane), as
+    :func:`_compiled_copy_reset` chooses the reset; ``None`` where no choice is possible
+    (no variance tensor, another layout, a stored state of an inference step)."""
+    if not isinstance(var, Tensor) or not _same_layout(mem, stored):
+        return None
+    if torch.is_grad_enabled() and (_is_inference(stored) or _is_inference(var)):
+        return None  # see _compiled_copy_reset
+    values = mem.detach()
+    same = (values == stored.detach()).all() & (values != 0).any()  # zeros: a new sequence
+    return torch.where(same, var, 0.0)
+
+
 @torch.compiler.assume_constant_result
 def _is_inference(t: Tensor) -> bool:
     """Whether ``t`` was made under ``torch.inference_mode()``, also in a graph being
@@ -1139,10 +1154,13 @@ def _stored_variance(neuron: nn.Module, detached: bool = False,
         # a detach() of the stored membrane (checked in eager mode: a graph cannot compare
         # storages), also of one that a compiled step stored
         if compiling:
-            return None
-        if _copy_of(mem, stored):  # mem.clone(), mem + 0, a copy's own membrane
+            # (eager mode's test of a detach or a copy, by value in the graph)
+            var = _compiled_copy_variance(mem, stored, var)
+            if var is None:
+                return None
+        elif _copy_of(mem, stored):  # mem.clone(), mem + 0, a copy's own membrane
             return var.detach() if detached and isinstance(var, Tensor) else var
-        if not _aliases(mem, stored):
+        elif not _aliases(mem, stored):
             # an earlier step's membrane: a recomputation (activation checkpointing)
             record = _find_step_record(neuron, mem).get("state")
             if record is None:

@@ -204,6 +204,70 @@ def test_snntorch_explicit_loop_tbptt_chunks_compile_like_eager(same_random_stre
     torch.testing.assert_close(comp_mem, eager_mem)
 
 
+def test_snntorch_explicit_loop_chunk_compiled_after_an_eager_chunk_keeps_the_variance(
+        same_random_stream):
+    """Truncated BPTT whose first chunk ran eagerly (a first batch, a debugging step) and the
+    next compiled: the eager chunk returns a plain membrane whose noise variance the neuron
+    keeps, and the compiled chunk, given ``mem.detach()``, restarted that variance from 0
+    (it cannot tell a detached alias from a new membrane), silently. It takes the kept
+    variance where the membrane has the kept one's values, as eager mode does."""
+    x = torch.rand(4, 32, 12) * 3
+    results = []
+    for order in ("ee", "ec"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        net = sbnn_snn.to_sbnn(ChunkNet())
+        compiled = torch.compile(net.chunk, fullgraph=True)
+        mem1, mem2 = net.lif1.init_leaky(), net.lif2.init_leaky()
+        torch.manual_seed(1)
+        spikes = []
+        for part, how in zip(x.split(2), order):
+            spk, mem1, mem2 = (net.chunk if how == "e" else compiled)(part, mem1, mem2)
+            spikes.append(spk.detach())
+            mem1, mem2 = mem1.detach(), mem2.detach()
+        var = sb.get_variance(mem1)
+        var = sbnn_snn.membrane_variance(net.lif1) if var is None else var
+        results.append((torch.cat(spikes), var.detach().expand(32, 16)))
+    (eager_spk, eager_var), (mixed_spk, mixed_var) = results
+    assert torch.equal(mixed_spk, eager_spk)
+    torch.testing.assert_close(mixed_var, eager_var)
+
+
+def test_snntorch_init_hidden_membrane_replaced_by_a_detach_keeps_its_variance_compiled(
+        same_random_stream):
+    """Truncated BPTT with ``init_hidden`` neurons that detaches by replacing the buffer
+    (``lif.mem = lif.mem.detach()``) between compiled chunks: the compiled step took the
+    detached membrane for a new one and restarted its noise variance from 0 (eager mode
+    keeps it). It takes the kept variance where the membrane has the kept one's values."""
+    x = torch.rand(4, 32, 12) * 3
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        net = sbnn_snn.to_sbnn(nn.Sequential(
+            nn.Linear(12, 16), snn.Leaky(beta=0.9, init_hidden=True),
+            nn.Linear(16, 5), snn.Leaky(beta=0.9, init_hidden=True, output=True)))
+
+        def chunk(xs, net=net):
+            return torch.stack([net(xs[t])[0] for t in range(xs.shape[0])])
+
+        step = torch.compile(chunk, fullgraph=True) if compiled else chunk
+        sutils.reset(net)
+        torch.manual_seed(1)
+        spikes = []
+        for part in x.split(2):
+            spk = step(part)
+            spk.sum().backward()
+            spikes.append(spk.detach())
+            for lif in (net[1], net[3]):
+                lif.mem = lif.mem.detach()
+        results.append((torch.cat(spikes),
+                        sbnn_snn.membrane_variance(net[1]).detach().expand(32, 16)))
+    (eager_spk, eager_var), (comp_spk, comp_var) = results
+    assert torch.equal(comp_spk, eager_spk)
+    torch.testing.assert_close(comp_var, eager_var)
+
+
 def test_nan_membrane_passed_to_a_compiled_method_of_a_converted_model_is_named():
     """A NaN membrane passed back into a compiled chunk (``torch.compile(net.chunk)``, a
     method of the converted model other than its call): eager mode's spike function
