@@ -59,6 +59,14 @@ def set_state(obj: object, **values) -> None:
         state[key] = value
 
 
+def is_exporting() -> bool:
+    """Whether ``torch.export`` traces now. The flag that export sets is read: Dynamo
+    before PyTorch 2.13 folds ``torch.compiler.is_exporting()`` to ``True`` under every
+    ``torch.compile``."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
 def read_state(obj: object, key: str, compiling: bool | None = None):
     """The plain attribute ``key`` of ``obj`` (``None`` where it has none), as
     ``obj.__dict__.get(key)``; while ``torch.compile`` traces, read as an attribute:

@@ -59,7 +59,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .base import SettingSwitch, check_flag
+from .base import SettingSwitch, check_flag, is_exporting
 from .tensors import (
     apply_function,
     broadcasts_to,
@@ -830,9 +830,15 @@ def compiled_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False
     own ``1 / sigma``: nothing more is saved for it). Check :func:`can_fuse_compiled`
     first; wrong dtypes or devices raise ``TypeError``.
     """
-    spikes, z2, _, _DRAW_ORDER[0] = _CompiledSpike.apply(
-        u, variance, _DRAW_ORDER[0],
-        (at_zero, estimator.spec, aux_offset, bool(aux_var), float(aux_pull)))
+    # torch.export traces with fake tensors, which must not stay behind in the chain (an
+    # exported graph is called on its own: its calls run in their order)
+    exporting = is_exporting()
+    after = torch.empty(0, dtype=torch.uint8) if exporting else _DRAW_ORDER[0]
+    spikes, z2, _, token = _CompiledSpike.apply(
+        u, variance, after, (at_zero, estimator.spec, aux_offset, bool(aux_var),
+                             float(aux_pull)))
+    if not exporting:
+        _DRAW_ORDER[0] = token
     return spikes, z2
 
 

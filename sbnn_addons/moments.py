@@ -88,6 +88,7 @@ from .base import (
     check_module,
     check_variance,
     concrete_shape,
+    is_exporting,
     raise_error,
     refuse_data_dependent_shape,
     share_posterior,
@@ -418,11 +419,9 @@ def _wrap(out: Tensor, variance, probe: bool = False, noise: NoiseSet | None = N
     """
     if variance is None and not probe:
         return _plain(out, in_place=True, compiling=compiling)
-    # torch.export: the deterministic network only. The flag that export sets is read:
-    # Dynamo before PyTorch 2.13 folds torch.compiler.is_exporting() to True under every
-    # torch.compile (a compiled sample-mode step would be refused as an export)
-    flag = getattr(torch.compiler, "_is_exporting_flag", None)
-    if torch.compiler.is_exporting() if flag is None else flag:
+    # torch.export: the deterministic network only (is_exporting reads export's own flag: a
+    # compiled sample-mode step of PyTorch < 2.13 is no export)
+    if is_exporting():
         if variance is None:  # mean mode's probe: nothing to check in an exported graph
             return _plain(out, in_place=True, compiling=compiling)
         raise VarianceFlowError(

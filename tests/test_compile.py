@@ -928,6 +928,28 @@ def test_torch_export_captures_the_mean_network_and_names_sample_mode():
             torch.export.export(model, (x,))
 
 
+@needs_kernel
+def test_export_of_a_drawing_spike_leaves_later_compiled_calls_working():
+    """A spike function with noise of its own (no Bayesian layer) exports in ``sample``
+    mode, its draw in the graph. Export traces with fake tensors: a fake tensor left in
+    the ordering chain of the spike operator's calls made every later compiled call fail
+    ("Cannot access data pointer of Tensor"). The exported program runs, and a compiled
+    call afterwards draws eager mode's spikes."""
+    if not sb.kernels.available():
+        pytest.skip("no C compiler on this machine")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), sb.IWSTSpike("st", std=0.3))
+    x = torch.rand(4, 6)
+    program = torch.export.export(net, (x,))
+    assert program.module()(x).shape == (4, 8)
+    torch.manual_seed(1)
+    eager = net(x)
+    torch.manual_seed(1)
+    assert torch.equal(torch.compile(net, fullgraph=True)(x), eager)
+    torch._dynamo.reset()
+
+
 def test_kl_objective_inside_a_compiled_step_after_the_forward():
     """``sbnn_objective`` with ``kl_weight > 0`` after the forward, inside a fullgraph
     step: the KL's walk over the layers does not ask a neuron that the step changed for
