@@ -735,12 +735,13 @@ class _EstimatorArgs(NamedTuple):
 # draws eager mode's spikes under the same seed.
 _LIB = torch.library.Library("sbnn_addons", "DEF")
 _LIB.define("spike_forward(Tensor u, Tensor variance, bool at_zero, float? aux_offset, "
-            "Tensor after) -> (Tensor, Tensor, Tensor)",
+            "Tensor? after=None) -> (Tensor, Tensor, Tensor)",
             tags=(torch.Tag.nondeterministic_seeded,))
 
 
 def _spike_forward_impl(u: Tensor, variance: Tensor, at_zero: bool,
-                        aux_offset: float | None, after: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                        aux_offset: float | None,
+                        after: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     # the spikes as bytes: a graph keeps them for the backward at a quarter of the memory,
     # and inductor fuses their conversion to float into the operations that read them
     u = u.contiguous()
@@ -758,7 +759,7 @@ _LIB.impl("spike_forward", _spike_forward_impl, "CPU")
 
 
 @torch.library.register_fake("sbnn_addons::spike_forward", lib=_LIB)
-def _(u, variance, at_zero, aux_offset, after):
+def _(u, variance, at_zero, aux_offset, after=None):
     return (torch.empty_like(u, dtype=torch.uint8, memory_format=torch.contiguous_format),
             u.new_empty((), dtype=torch.float32), u.new_empty(0, dtype=torch.uint8))
 

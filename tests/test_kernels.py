@@ -512,7 +512,7 @@ def test_spike_forward_operator_equals_the_kernel_function(u_shape, var_shape):
     for offset in (None, 0.5):
         for _ in range(2):  # the second call reads the cached layout
             torch.manual_seed(4)
-            h, aux = op(u, var, False, offset)
+            h, aux, token = op(u, var, False, offset)
             torch.manual_seed(4)
             ref, _, ref_aux = kernels.spike_forward(u, var, kernels._seed(None),
                                                     aux_offset=offset)
@@ -520,6 +520,10 @@ def test_spike_forward_operator_equals_the_kernel_function(u_shape, var_shape):
             assert torch.equal(h.float(), ref) and 0 < h.sum() < h.numel()
             assert aux.dtype == torch.float32 and aux.shape == ()
             assert float(aux) == (0.0 if offset is None else pytest.approx(ref_aux, rel=1e-6))
+            # the ordering output, which a compiled graph passes to its next call
+            assert token.numel() == 0
+            torch.manual_seed(4)
+            assert torch.equal(op(u, var, False, offset, after=token)[0], h)
 
 
 def test_spike_forward_operator_names_bad_input():
