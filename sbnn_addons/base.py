@@ -165,6 +165,33 @@ def check_module(model, who: str) -> None:
                         "(pass the model itself, not model.parameters() or a state dict)")
 
 
+def compiled_wrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model that a compiled wrapper ``torch.compile(net)`` (an ``OptimizedModule``)
+    wraps, its ``_orig_mod``; ``model`` itself otherwise. State that the library keeps for
+    a model (the variance flow's hooks, SpikingJelly's table of reset networks) goes on
+    that model: ``copy.deepcopy`` and pickling rebuild a wrapper from the model it wraps,
+    without the wrapper's own hooks and attributes."""
+    return getattr(model, "_orig_mod", model)
+
+
+@contextlib.contextmanager
+def eager_calls(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """For a check whose forward hooks must see the calls (they do nothing in a compiled
+    graph): yields :func:`compiled_wrapped` ``(model)``, whose call runs eagerly, with the
+    compiled call that ``Module.compile()`` set on any of its modules off until the block
+    ends."""
+    net = compiled_wrapped(model)
+    compiled = [(m, m.__dict__["_compiled_call_impl"]) for m in net.modules()
+                if m.__dict__.get("_compiled_call_impl") is not None]
+    for m, _ in compiled:
+        m._compiled_call_impl = None
+    try:
+        yield net
+    finally:
+        for m, call in compiled:
+            m._compiled_call_impl = call
+
+
 def inverse_softplus(value: float | Tensor) -> float | Tensor:
     """``rho`` such that ``softplus(rho) = value`` (``value > 0``; a float, or a tensor
     elementwise)."""

@@ -40,6 +40,7 @@ from .base import (
     check_std,
     computed_std,
     concrete_shape,
+    eager_calls,
     inverse_softplus,
     noise_scale,
     raise_error,
@@ -1675,7 +1676,9 @@ def batchnorm_call_pairs(model: nn.Module, example_input, weight_types: tuple
     on the modules that decide the pairs; afterwards the hooks are removed and the
     model's train flags, buffers (neuron membranes, BatchNorm statistics) and SpikingJelly
     memories are as before. A BatchNorm the forward calls after different layers, or
-    after a layer other BatchNorms follow too, folds into nothing, with a warning.
+    after a layer other BatchNorms follow too, folds into nothing, with a warning. A
+    compiled model (``torch.compile(net)``, ``net.compile()``) runs the model it wraps
+    eagerly (:func:`~sbnn_addons.base.eager_calls`): the hooks do nothing in a graph.
     """
     order = _CallOrder({}, {}, {})
     handles = _watch(model, order)
@@ -1689,8 +1692,9 @@ def batchnorm_call_pairs(model: nn.Module, example_input, weight_types: tuple
     snapshot = _snapshot(model)
     try:
         model.eval()
-        with torch.no_grad():
-            model(example_input)
+        # a compiled host: its eager calls (the hooks do nothing in a compiled graph)
+        with torch.no_grad(), eager_calls(model) as net:
+            net(example_input)
     except Exception as err:
         err.add_note(
             "(raised by the forward model(example_input) that batchnorm='affine' runs on "

@@ -87,7 +87,9 @@ from .base import (
     check_input,
     check_module,
     check_variance,
+    compiled_wrapped,
     concrete_shape,
+    eager_calls,
     is_exporting,
     raise_error,
     refuse_data_dependent_shape,
@@ -2485,7 +2487,9 @@ def track_variance(model: nn.Module, opaque=(), *, check_inputs: bool = False) -
             :func:`check_model_input` (empty shapes, and NaN / inf unless
             :class:`~sbnn_addons.check_finite` is off); the adapters turn it on.
 
-    Idempotent; the adapters call it on the converted model. Returns ``model``.
+    Idempotent; the adapters call it on the converted model. A compiled model
+    (``torch.compile(net)``) gets the hooks on the model it wraps, where a copy keeps them.
+    Returns ``model``.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or ``check_inputs`` is not a bool (a
@@ -2493,29 +2497,31 @@ def track_variance(model: nn.Module, opaque=(), *, check_inputs: bool = False) -
     """
     check_module(model, "track_variance")
     check_inputs = check_flag("check_inputs", check_inputs)
-    if getattr(model, "_sbnn_flow_handles", None):
+    root = compiled_wrapped(model)
+    if getattr(root, "_sbnn_flow_handles", None):
         return model
-    model.__dict__[_FLOW_STATE] = {"check_inputs": check_inputs}
+    root.__dict__[_FLOW_STATE] = {"check_inputs": check_inputs}
     handles = [
-        model.register_forward_pre_hook(_flow_enter, with_kwargs=True),
+        root.register_forward_pre_hook(_flow_enter, with_kwargs=True),
         # not always_call: that registry is keyed by global hook ids, which a compiled
         # step would guard on (one recompile per model); _flow_enter closes a block left
         # open by a forward that raised
-        model.register_forward_hook(_flow_leave),
+        root.register_forward_hook(_flow_leave),
     ]
-    for m in model.modules():  # the mean-mode probe (see the module doc)
+    for m in root.modules():  # the mean-mode probe (see the module doc)
         if _is_bayesian_layer(m):
             handles.append(m.register_forward_hook(_probe_source))
         elif _is_passthrough(m):
             handles.append(m.register_forward_hook(_probe_pass))
         elif _opaque_reason(m) is not None:
             handles.append(m.register_forward_hook(_opaque_output))
-    model._sbnn_flow_handles = tuple(handles)
+    root._sbnn_flow_handles = tuple(handles)
     return model
 
 
 def untrack_variance(model: nn.Module) -> nn.Module:
     """Remove the hooks installed by :func:`track_variance` (from every submodule)."""
+    check_module(model, "untrack_variance")
     for m in model.modules():
         for hooks in (m._forward_pre_hooks, m._forward_hooks):
             for key in [k for k, h in hooks.items() if h in _FLOW_HOOKS]:
@@ -2524,6 +2530,7 @@ def untrack_variance(model: nn.Module) -> nn.Module:
                 m._forward_pre_hooks_with_kwargs.pop(key, None)
         m.__dict__.pop(_FLOW_STATE, None)
     model.__dict__.pop("_sbnn_flow_handles", None)
+    compiled_wrapped(model).__dict__.pop("_sbnn_flow_handles", None)
     return model
 
 
@@ -2581,6 +2588,10 @@ def check_variance_flow(
         forward: ``(model, example_input) -> anything``, for a model whose call is not
             ``model(example_input)``.
 
+    A compiled model (``torch.compile(net)``, ``net.compile()``) is checked on the model
+    it wraps, called eagerly (``forward`` gets that model): the probes do not run in a
+    compiled graph.
+
     Returns:
         :class:`VarianceFlowReport`: the operations the noise went through (with a rule)
         and those without a rule that reached no neuron.
@@ -2600,6 +2611,12 @@ def check_variance_flow(
             "the check would pass without checking anything. Convert the model first with "
             "sbnn_addons.snntorch.to_sbnn(model) or sbnn_addons.spikingjelly.to_sbnn(model) "
             "(or build it from sbnn_addons' layers), then check the converted model")
+    with eager_calls(model) as net:  # a compiled model: the probes run in eager calls
+        return _check_flow(net, example_input, forward)
+
+
+def _check_flow(model: nn.Module, example_input, forward) -> VarianceFlowReport:
+    """:func:`check_variance_flow` on a model whose calls run eagerly."""
     call = forward if forward is not None else (lambda m, x: m(x))
     tracked = bool(getattr(model, "_sbnn_flow_handles", None))
     report = VarianceFlowReport(

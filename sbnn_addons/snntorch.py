@@ -53,6 +53,7 @@ from .base import (
     check_module,
     check_neuron_constants,
     check_std,
+    compiled_wrapped,
     drop_state,
     host_neurons,
     raise_error,
@@ -1065,7 +1066,7 @@ def _name_states_for_ddp(model: nn.Module) -> None:
     wrapper's names; with the plain names only, DDP around ``torch.compile(model)``
     copied rank 0's membranes into every rank at each forward call, and a compiled step
     cannot check that."""
-    model = getattr(model, "_orig_mod", model)  # a compiled host model converted
+    model = compiled_wrapped(model)  # a compiled host model converted
     names = _state_buffer_names(model)
     ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
     model._ddp_params_and_buffers_to_ignore = ignored + [

@@ -76,6 +76,7 @@ from .base import (
     check_module,
     check_neuron_constants,
     check_std,
+    compiled_wrapped,
     concrete_shape,
     drop_state,
     host_neurons,
@@ -966,7 +967,7 @@ def reset(model: nn.Module) -> nn.Module:
     """
     check_module(model, "spikingjelly.reset")
     refuse_other_host_reset(model, "spikingjelly", "snntorch")
-    net = getattr(model, "_orig_mod", model)
+    net = compiled_wrapped(model)
     functional.invalidate_reset_cache(net)
     functional.reset_net(net)
     return model

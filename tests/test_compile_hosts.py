@@ -200,3 +200,109 @@ def test_copy_of_a_parallel_spiking_neuron_compiled_with_the_aux_loss_steps_agai
     for total, units in terms:
         assert units == expected[1]
         torch.testing.assert_close(total, expected[0])
+
+
+def _readout_host() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), snn.Leaky(beta=0.9, init_hidden=True), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("how", ["wrapper", "compile()"])
+def test_check_variance_flow_of_a_compiled_model_checks_the_model_it_wraps(how):
+    """``check_variance_flow`` on a compiled model (``torch.compile(net)``, or
+    ``net.compile()``) ran the compiled forward, where the layers' probes do not run: its
+    report's ``readouts`` was empty for a model whose readout's noise reaches the output
+    (silently), and an operation without a variance rule raised Dynamo's ``UserError``
+    instead of the documented ``VarianceFlowError`` naming the layers. It checks the model
+    eagerly, as the plain one."""
+    x = torch.rand(2, 6)
+    net = sbnn_snn.to_sbnn(_readout_host())
+    expected = sb.check_variance_flow(net, x)
+    assert expected.readouts == ["2"]
+    compiled = torch.compile(net, backend="eager") if how == "wrapper" else net
+    if how == "compile()":
+        net.compile(backend="eager")
+    try:
+        report = sb.check_variance_flow(compiled, x)
+        assert report.readouts == expected.readouts and report.ops == expected.ops
+        assert how == "wrapper" or net._compiled_call_impl is not None  # still compiled
+        torch.manual_seed(0)
+        bad = sbnn_snn.to_sbnn(nn.Sequential(nn.Linear(6, 8), nn.Tanh(),
+                                             snn.Leaky(beta=0.9, init_hidden=True)))
+        with pytest.raises(sb.VarianceFlowError, match=r"'tanh'.*fed by the Bayesian layer"):
+            sb.check_variance_flow(torch.compile(bad, backend="eager"), x)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("host", ["snntorch", "spikingjelly"])
+def test_model_compiled_then_converted_keeps_its_variance_flow_in_copies_and_exports(host):
+    """``to_sbnn(torch.compile(host))`` installed the variance flow's hooks on the compiled
+    wrapper, which a copy (``copy.deepcopy``, ``torch.save``) rebuilds from the model it
+    wraps without them, while the record of the hooks went to that model: a copy lost its
+    input checks, and the export of the converted model (``to_snntorch`` /
+    ``to_spikingjelly``) kept the stale record, so that converting the export again failed
+    inside ``copy.deepcopy`` ("cannot create weak reference to 'NoneType' object"). The
+    flow is the wrapped model's, as for a model converted then compiled."""
+    from spikingjelly.activation_based import layer, neuron
+
+    torch.manual_seed(0)
+    if host == "snntorch":
+        to_sbnn, export = sbnn_snn.to_sbnn, sbnn_snn.to_snntorch
+        model = nn.Sequential(nn.Linear(6, 8), snn.Leaky(beta=0.9, init_hidden=True))
+    else:
+        to_sbnn, export = sbnn_sj.to_sbnn, sbnn_sj.to_spikingjelly
+        model = nn.Sequential(layer.Linear(6, 8), neuron.LIFNode())
+    converted = to_sbnn(torch.compile(model, backend="eager"))
+    bad = torch.full((2, 6), float("nan"))
+    try:
+        with pytest.raises(ValueError, match="input of the converted model"):
+            copy.deepcopy(converted)._orig_mod(bad)
+        again = to_sbnn(export(converted))
+        with pytest.raises(ValueError, match="input of the converted model"):
+            again._orig_mod(bad)
+    finally:
+        torch._dynamo.reset()
+
+
+class _LateBatchNorm(nn.Module):
+    """A BatchNorm declared before the layer it follows in the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(8)
+        self.fc = nn.Linear(6, 8)
+        self.lif = snn.Leaky(beta=0.9, init_hidden=True, output=True)
+
+    def forward(self, x):
+        return self.lif(self.bn(self.fc(x)))
+
+
+@pytest.mark.parametrize("how", ["wrapper", "compile()"])
+def test_batchnorm_affine_pairs_a_compiled_host_by_its_calls(how):
+    """``to_sbnn(compiled, batchnorm="affine", example_input=x)`` pairs each BatchNorm
+    with the layer the forward calls before it by hooks that do nothing in a compiled
+    forward: a compiled host (``torch.compile(host)``, ``host.compile()``) folded no
+    BatchNorm's scale into its layer's posterior std, silently. Its forward runs eagerly
+    for the pairing: the stds of the plain host's conversion."""
+    def host():
+        torch.manual_seed(0)
+        net = _LateBatchNorm()
+        with torch.no_grad():
+            net.bn.running_var.fill_(4.0)
+            net.bn.weight.fill_(3.0)
+        return net.eval()
+
+    x = torch.rand(2, 6)
+    expected = sbnn_snn.to_sbnn(host(), batchnorm="affine", example_input=x).fc.std
+    model = host()
+    if how == "wrapper":
+        model = torch.compile(model, backend="eager")
+    else:
+        model.compile(backend="eager")
+    try:
+        converted = sbnn_snn.to_sbnn(model, batchnorm="affine", example_input=x)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(getattr(converted, "_orig_mod", converted).fc.std, expected)
+    assert how == "wrapper" or model._compiled_call_impl is not None  # still compiled
