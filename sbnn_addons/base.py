@@ -59,10 +59,12 @@ def set_state(obj: object, **values) -> None:
         state[key] = value
 
 
+@torch.compiler.assume_constant_result
 def is_exporting() -> bool:
     """Whether ``torch.export`` traces now. The flag that export sets is read: Dynamo
     before PyTorch 2.13 folds ``torch.compiler.is_exporting()`` to ``True`` under every
-    ``torch.compile``."""
+    ``torch.compile``. A constant of a graph being traced (read once per call by Dynamo,
+    not traced)."""
     flag = getattr(torch.compiler, "_is_exporting_flag", None)
     return torch.compiler.is_exporting() if flag is None else bool(flag)
 

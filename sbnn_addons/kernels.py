@@ -781,14 +781,14 @@ class _CompiledSpike(torch.autograd.Function):
     # aux_pull): Dynamo traces PyTorch's per-argument handling of an autograd.Function at
     # every call, once per neuron and time step.
     @staticmethod
-    def forward(u, variance, after, constants):
-        at_zero, _estimator, aux_offset, _aux_var, _aux_pull = constants
+    def forward(u, variance, constants):
+        at_zero, _estimator, aux_offset, _aux_var, _aux_pull, after = constants
         fired, z2, token = _spike_forward_op(u, variance, at_zero, aux_offset, after)
         return fired.to(u.dtype), z2, fired, token
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        u, variance, _after, (_at_zero, estimator, aux_offset, aux_var, aux_pull) = inputs
+        u, variance, (_at_zero, estimator, aux_offset, aux_var, aux_pull, _after) = inputs
         ctx.mark_non_differentiable(output[2], output[3])
         ctx.save_for_backward(u, variance, output[2])  # the spikes as bytes
         ctx.estimator = estimator  # Estimator.spec: a constant under torch.compile
@@ -806,7 +806,7 @@ class _CompiledSpike(torch.autograd.Function):
         grad_u, grad_var = _torch_spike_backward(
             grad, u, variance, spikes, _EstimatorArgs(*parse_estimator_spec(ctx.estimator)),
             grad_aux if ctx.want_aux else None, ctx.aux_offset, ctx.aux_var, ctx.aux_pull)
-        return grad_u, grad_var, None, None
+        return grad_u, grad_var, None
 
 
 # The last spike operator call's ordering output, read and replaced by every traced call
@@ -836,8 +836,8 @@ def compiled_spike(u: Tensor, variance: Tensor, estimator, at_zero: bool = False
     exporting = is_exporting()
     after = torch.empty(0, dtype=torch.uint8) if exporting else _DRAW_ORDER[0]
     spikes, z2, _, token = _CompiledSpike.apply(
-        u, variance, after, (at_zero, estimator.spec, aux_offset, bool(aux_var),
-                             float(aux_pull)))
+        u, variance, (at_zero, estimator.spec, aux_offset, bool(aux_var), float(aux_pull),
+                      after))
     if not exporting:
         _DRAW_ORDER[0] = token
     return spikes, z2
