@@ -813,34 +813,14 @@ def check_layer_output(out: Tensor, where: str) -> None:
             "sbnn_addons.check_finite(False)")
 
 
-@torch.compiler.assume_constant_result
-def first_in_graph(check: str, key: int) -> bool:
-    """While ``torch.compile`` traces: whether this is the first call of ``check`` with
-    ``key`` (an ``id``) in the graph being traced (run in Python, a constant of the graph). A check
-    of a module's parameters is asserted once per graph: the time steps of one graph read
-    the same tensors, and a module whose state a step changed cannot be walked again in
-    the same graph (Dynamo: "getattr() on nn.Module with pending mutation")."""
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        output = InstructionTranslator.current_tx().output
-    except Exception:  # another PyTorch: each call
-        return True
-    seen = output.__dict__.setdefault("_sbnn_asserted", set())
-    if (check, key) in seen:
-        return False
-    seen.add((check, key))
-    return True
-
-
 def assert_finite(t: Tensor, message: str, *, nan_only: bool = False) -> None:
     """While ``torch.compile`` traces: a runtime assert in the graph that ``t`` (a
     parameter or constant: a noise scale, a neuron's ``beta``) holds no NaN / inf (no NaN
     with ``nan_only``), raising a ``RuntimeError`` with ``message`` where it does. Eager
     mode's checks of such tensors are cached by version, which a graph cannot read: the
-    graph tests them at each call (a reduction each, shared by the time steps of one
-    graph). Nothing in eager mode, with :class:`check_finite` off, or for a ``meta``
-    tensor."""
+    graph tests them at each call (a reduction each, which AOTAutograd's common
+    subexpression elimination shares between the time steps of one graph). Nothing in
+    eager mode, with :class:`check_finite` off, or for a ``meta`` tensor."""
     if (not _CHECK_FINITE[0] or not torch.compiler.is_compiling() or t is None
             or t.is_meta or not t.is_floating_point()):
         return

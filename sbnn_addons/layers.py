@@ -41,7 +41,6 @@ from .base import (
     check_std,
     computed_std,
     concrete_shape,
-    first_in_graph,
     inverse_softplus,
     noise_scale,
     raise_error,
@@ -2047,8 +2046,6 @@ def _check_affine_parameters(module: ChannelAffine) -> None:
             "sbnn_addons.check_finite(False)")
 
     if torch.compiler.is_compiling():
-        if not first_in_graph("affine", id(module)):
-            return
         for name in ("weight", "bias"):
             assert_finite(module._parameters.get(name), message(name, "NaN / inf values"))
         return

@@ -89,7 +89,6 @@ from .base import (
     check_module,
     check_variance,
     concrete_shape,
-    first_in_graph,
     is_exporting,
     raise_error,
     refuse_data_dependent_shape,
@@ -2289,7 +2288,7 @@ def check_noise_scales(module: nn.Module, *, means: bool = False) -> None:
     reach would be NaN / inf. Skipped where :class:`~sbnn_addons.check_finite` is off,
     and inside a converted model (:func:`check_model_parameters` checks them at its
     entry, in eager mode). While ``torch.compile`` traces, the noise scales are runtime
-    asserts in the graph, once per graph, inside a converted model too (a
+    asserts in the graph, inside a converted model too (a
     ``RuntimeError``; the means are left to the layer's output assert). Each tensor is
     tested again only when its version or storage changed (an optimiser step,
     ``load_state_dict``, an in-place edit, ``param.data = ...``; an in-place edit of
@@ -2302,9 +2301,8 @@ def check_noise_scales(module: nn.Module, *, means: bool = False) -> None:
         return
     params, buffers = module._parameters, module._buffers
     if torch.compiler.is_compiling():  # runtime asserts (a layer's output covers its means)
-        # (inside a converted model too: its entry's check of its parameters is eager-only)
-        if not first_in_graph("noise scales", id(module)):
-            return
+        # (inside a converted model too: its entry's check of its parameters is eager-only;
+        # no test of id(module): a graph would be specialised to the module)
         for name in _NOISE_SCALES:
             assert_finite(params[name] if name in params else buffers.get(name), (
                 f"{type(module).__name__}.{name} (a noise scale) holds NaN / inf values: "

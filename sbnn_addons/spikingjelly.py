@@ -78,7 +78,6 @@ from .base import (
     check_std,
     concrete_shape,
     drop_state,
-    first_in_graph,
     host_neurons,
     match_name,
     name_patterns,
@@ -470,10 +469,9 @@ def _neuron_pre_hook(node: nn.Module, args):
     # no device read; while compiling a runtime assert (a float that changed between
     # calls is symbolic in the graph, which math.isnan cannot read)
     compiling = torch.compiler.is_compiling()
-    once = not compiling or first_in_graph("constants", id(node))  # (one graph: one value)
     if compiling:  # its noise scale (a converted model's entry checks it in eager mode only)
         check_noise_scales(spike)
-    for attr in ("tau", "v_reset") if once else ():
+    for attr in ("tau", "v_reset"):
         value = node.__dict__.get(attr)
         if not isinstance(value, float):
             continue
