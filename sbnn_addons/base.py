@@ -367,13 +367,13 @@ def noise_scale(module: torch.nn.Module, name: str) -> Tensor:
             pruned ``rho = 0`` is a std of ``softplus(0) = 0.69``, more noise, not less.
     """
     if name + "_mask" in module._buffers and name + "_orig" in module._parameters:
-        raise ValueError(
+        raise_error(
             f"{type(module).__name__}.{name} is pruned (torch.nn.utils.prune), but it is a "
             f"noise scale rho with std = softplus(rho): a pruned rho = 0 is a std of 0.69, "
             f"more noise, not less. Remove it with prune.remove(module, {name!r}) and "
             "restore its values, and prune only the weights (a pruned weight of a Bayesian "
             "layer carries no noise); leave the noise scales out of a global pruning "
-            "(sbnn_addons.optim.is_noise_parameter(name))")
+            "(sbnn_addons.optim.is_noise_parameter(name))", ValueError)
     return softplus(getattr(module, name))
 
 
@@ -836,9 +836,27 @@ def check_layer_output(out: Tensor, where: str) -> None:
     with torch._C.DisableTorchFunction():  # no variance flow: a plain reduction
         torch._assert_async(
             torch.isfinite(out.detach().sum()),
-            f"the input of {where} contains NaN or inf values (or values so large that its "
-            "output overflows); clean or normalise the data, or use "
+            f"the input of {where} contains NaN or inf values (or its weight or bias does, "
+            "or values so large that its output overflows); clean or normalise the data "
+            "(restore a non-finite weight from a checkpoint), or use "
             "sbnn_addons.check_finite(False)")
+
+
+def assert_finite(t: Tensor, message: str, *, nan_only: bool = False) -> None:
+    """While ``torch.compile`` traces: a runtime assert in the graph that ``t`` (a
+    parameter or constant: a noise scale, a neuron's ``beta``) holds no NaN / inf (no NaN
+    with ``nan_only``), raising a ``RuntimeError`` with ``message`` where it does. Eager
+    mode's checks of such tensors are cached by version, which a graph cannot read: the
+    graph tests them at each call (a reduction each, which AOTAutograd's common
+    subexpression elimination shares between the time steps of one graph). Nothing in
+    eager mode, with :class:`check_finite` off, or for a ``meta`` tensor."""
+    if (not _CHECK_FINITE[0] or not torch.compiler.is_compiling() or t is None
+            or t.is_meta or not t.is_floating_point()):
+        return
+    with torch._C.DisableTorchFunction():  # no variance flow: a plain reduction
+        v = t.detach()
+        torch._assert_async(~torch.isnan(v).any() if nan_only else torch.isfinite(v).all(),
+                            message)
 
 
 def check_variance(variance: Tensor, where: str) -> None:

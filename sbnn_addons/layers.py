@@ -31,6 +31,7 @@ from . import kernels
 from .base import (
     SBNNModule,
     as_int,
+    assert_finite,
     cached_tensor_test,
     check_device,
     check_finite,
@@ -2018,6 +2019,8 @@ class ChannelAffine(nn.Module):
         if check_finite.enabled() and not in_checked_model():  # a converted model's entry
             check_input(x, "ChannelAffine")  # checks its input and parameters
             _check_affine_parameters(self)
+        elif torch.compiler.is_compiling():  # (that of its parameters is eager-only)
+            _check_affine_parameters(self)
         var = raw_variance(x)  # passed on as stored (a factored one stays factored)
         with no_variance_flow():
             shape = [1] * x.dim()
@@ -2034,19 +2037,26 @@ def _check_affine_parameters(module: ChannelAffine) -> None:
     used outside a converted model holds NaN / inf: every output of its channel would be
     NaN / inf, silently. As :func:`~sbnn_addons.moments.check_noise_scales`: tested again
     only when a version changed (an optimiser step, ``load_state_dict``, an in-place
-    edit), skipped while ``torch.compile`` traces."""
+    edit); while ``torch.compile`` traces, a runtime assert in the graph (a
+    ``RuntimeError``)."""
+
+    def message(name: str, what: str) -> str:
+        return (
+            f"{type(module).__name__}.{name} ({'gamma' if name == 'weight' else 'beta'}) "
+            f"holds {what}: every output of its channel would be "
+            "NaN / inf and train on into NaN gradients, silently. Restore it (a checkpoint, "
+            "or module.reset_parameters()) and remove the cause (a NaN loss or gradient: "
+            "clip the gradients, lower the learning rate); to skip this check for speed use "
+            "sbnn_addons.check_finite(False)")
+
     if torch.compiler.is_compiling():
+        for name in ("weight", "bias"):
+            assert_finite(module._parameters.get(name), message(name, "NaN / inf values"))
         return
     check_finite_once(
         module, [(n, module._parameters.get(n)) for n in ("weight", "bias")],
         "_sbnn_affine_checked",
-        lambda name, nan, inf: (
-            f"{type(module).__name__}.{name} ({'gamma' if name == 'weight' else 'beta'}) "
-            f"holds {nan} NaN and {inf} inf values: every output of its channel would be "
-            "NaN / inf and train on into NaN gradients, silently. Restore it (a checkpoint, "
-            "or module.reset_parameters()) and remove the cause (a NaN loss or gradient: "
-            "clip the gradients, lower the learning rate); to skip this check for speed use "
-            "sbnn_addons.check_finite(False)"))
+        lambda name, nan, inf: message(name, f"{nan} NaN and {inf} inf values"))
 
 
 def _fold_batchnorm_entries(module: ChannelAffine, state_dict: dict, prefix: str,

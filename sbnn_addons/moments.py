@@ -81,6 +81,7 @@ from torch import Tensor, nn
 from .base import (
     SBNNModule,
     _raise_user_error,
+    assert_finite,
     cached_tensor_test,
     check_finite,
     check_flag,
@@ -2287,18 +2288,30 @@ def check_noise_scales(module: nn.Module, *, means: bool = False) -> None:
     NaN, and the spikes drawn with it at random or never, silently. With ``means``, the
     posterior means (a Bayesian layer's ``weight`` and ``bias``) too: every output they
     reach would be NaN / inf. Skipped where :class:`~sbnn_addons.check_finite` is off,
-    while ``torch.compile`` traces, and inside a converted model
-    (:func:`check_model_parameters` checks them at its entry). Each tensor is tested again
-    only when its version or storage changed (an optimiser step, ``load_state_dict``, an
-    in-place edit, ``param.data = ...``; an in-place edit of ``param.data`` is not seen):
-    on an accelerator one read-back per change.
+    and inside a converted model (:func:`check_model_parameters` checks them at its
+    entry, in eager mode). While ``torch.compile`` traces, the noise scales are runtime
+    asserts in the graph, inside a converted model too (a
+    ``RuntimeError``; the means are left to the layer's output assert). Each tensor is
+    tested again only when its version or storage changed (an optimiser step,
+    ``load_state_dict``, an in-place edit, ``param.data = ...``; an in-place edit of
+    ``param.data`` is not seen): on an accelerator one read-back per change.
 
     Raises:
         ValueError: naming the module, the tensor and the fix.
     """
-    if not check_finite.enabled() or torch.compiler.is_compiling() or in_checked_model():
+    if not check_finite.enabled():
         return
     params, buffers = module._parameters, module._buffers
+    if torch.compiler.is_compiling():  # runtime asserts (a layer's output covers its means)
+        # (inside a converted model too: its entry's check of its parameters is eager-only;
+        # no test of id(module): a graph would be specialised to the module)
+        for name in _NOISE_SCALES:
+            assert_finite(params[name] if name in params else buffers.get(name), (
+                f"{type(module).__name__}.{name} (a noise scale) holds NaN / inf values: "
+                f"{_NOISE_FIX}"))
+        return
+    if in_checked_model():
+        return
     names = _NOISE_SCALES + _MEANS if means else _NOISE_SCALES
     check_finite_once(
         module, [(n, params[n] if n in params else buffers.get(n)) for n in names
@@ -2308,12 +2321,14 @@ def check_noise_scales(module: nn.Module, *, means: bool = False) -> None:
             f"({'the posterior mean' if name in _MEANS else 'a noise scale'}) holds NaN / "
             f"inf values ({nan} NaN, {inf} inf): "
             + ("every output it reaches would be NaN / inf and train on into NaN "
-               "gradients, silently" if name in _MEANS else
-               "the noise variance would be NaN and the spikes drawn with it at random or "
-               "never, silently")
-            + ". Restore it (a checkpoint, or module.reset_parameters()) and remove the "
+               "gradients, silently. " + _RESTORE if name in _MEANS else _NOISE_FIX)))
+
+
+_RESTORE = ("Restore it (a checkpoint, or module.reset_parameters()) and remove the "
             "cause (a NaN loss or gradient: clip the gradients, lower the learning rate); "
-            "to skip this check for speed use sbnn_addons.check_finite(False)"))
+            "to skip this check for speed use sbnn_addons.check_finite(False)")
+_NOISE_FIX = ("the noise variance would be NaN and the spikes drawn with it at random or "
+              "never, silently. " + _RESTORE)
 
 
 def check_finite_once(module: nn.Module, tensors: list[tuple[str, Tensor | None]],

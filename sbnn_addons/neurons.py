@@ -374,8 +374,9 @@ class LIF(nn.Module):
         """
         check_float("currents", currents)
         if currents.dim() == 0:
-            raise ValueError("LIF.run: currents must be a sequence [T, ...] (time first, e.g. "
-                             "[T, B, features]), got a 0-d tensor; for one step call lif(current)")
+            raise_error("LIF.run: currents must be a sequence [T, ...] (time first, e.g. "
+                        "[T, B, features]), got a 0-d tensor; for one step call lif(current)",
+                        ValueError)
         check_input(currents, "LIF.run")
         check_noise_scales(self.spike_fn)
         self._sync_threshold()

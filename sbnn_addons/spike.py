@@ -356,7 +356,7 @@ class IWSTSpike(SBNNModule, nn.Module):
             raise TypeError(f"threshold must be a number (the host neuron's threshold), got "
                             f"{value!r} ({type(value).__name__})") from None
         if math.isnan(value):
-            raise ValueError("threshold must be a number (not NaN), got nan")
+            raise_error("threshold must be a number (not NaN), got nan", ValueError)
         self._threshold = value
         # A bool next to the float: what decides whether auxiliary terms and the pull
         # apply. A compiled graph guards a bool attribute as a constant, where a
@@ -518,6 +518,8 @@ class IWSTSpike(SBNNModule, nn.Module):
             check_float("u", u)
         if check_finite.enabled() and not in_checked_model():
             check_input(u, f"the spike function ({type(self).__name__})", nan_only=True)
+            check_noise_scales(self)
+        elif torch.compiler.is_compiling():  # a converted model's entry checks in eager only
             check_noise_scales(self)
         variance = self.noise_variance(u)
         compiling = torch.compiler.is_compiling()

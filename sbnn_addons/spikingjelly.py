@@ -96,6 +96,7 @@ from .moments import (
     UnknownVariance,
     VarianceFlowError,
     VarianceTensor,
+    check_noise_scales,
     check_variance_flow,
     get_variance,
     no_variance_flow,
@@ -466,14 +467,23 @@ def _neuron_pre_hook(node: nn.Module, args):
         return None
     x = args[0]
     # Python floats (a learned one is a parameter, checked with the model's parameters):
-    # no device read; eager only (a compiled graph may make them symbolic)
-    for attr in () if torch.compiler.is_compiling() else ("tau", "v_reset"):
+    # no device read; while compiling a runtime assert (a float that changed between
+    # calls is symbolic in the graph, which math.isnan cannot read)
+    compiling = torch.compiler.is_compiling()
+    if compiling:  # its noise scale (a converted model's entry checks it in eager mode only)
+        check_noise_scales(spike)
+    for attr in ("tau", "v_reset"):
         value = node.__dict__.get(attr)
-        if isinstance(value, float) and math.isnan(value):
-            raise_error(
-                f"the converted SpikingJelly {type(node).__name__} has {attr!r} = NaN (set "
-                "after the conversion): its membrane would be NaN and it would never fire "
-                f"(spikes 0, gradients NaN), silently; give {attr} a number", ValueError)
+        if not isinstance(value, float):
+            continue
+        message = (
+            f"the converted SpikingJelly {type(node).__name__} has {attr!r} = NaN (set "
+            "after the conversion): its membrane would be NaN and it would never fire "
+            f"(spikes 0, gradients NaN), silently; give {attr} a number")
+        if compiling:
+            torch._assert_async(~torch.isnan(torch.scalar_tensor(value)), message)
+        elif math.isnan(value):
+            raise ValueError(message)
     if in_torch_checkpoint():
         raise RuntimeError(
             f"a converted SpikingJelly {type(node).__name__} runs inside "

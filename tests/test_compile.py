@@ -1820,3 +1820,148 @@ def test_mc_predict_on_a_compiled_model_unseeded_after_seeded():
     sb.mc_predict(compiled, x, 2, seed=0, forward=forward)
     probs = sb.mc_predict(compiled, x, 2, forward=forward).sample_probs
     assert probs.shape == (2, 2, 3) and torch.isfinite(probs).all()
+
+
+
+def _nonfinite_parameter_cases():
+    """A NaN / inf parameter that eager mode names, each as (a model with it, its input,
+    how eager mode's message starts, where a compiled step's differs: and how that one
+    starts). The model ran once before the change, as after an optimiser
+    step that stepped a NaN gradient in."""
+    from spikingjelly.activation_based import layer, neuron
+
+    def poisoned(model, owner, name, value, x, reset=None):
+        model(x)
+        if reset is not None:
+            reset(model)
+        with torch.no_grad():
+            getattr(owner(model), name).view(-1)[0] = value
+        return model
+
+    def snn_pair():
+        torch.manual_seed(0)
+        return sbnn_snn.to_sbnn(nn.Sequential(
+            nn.Linear(4, 5), snn.Leaky(beta=0.9, init_hidden=True),
+            nn.Linear(5, 2), snn.Leaky(beta=0.9, init_hidden=True, output=True)))
+
+    def sj_affine():
+        torch.manual_seed(0)
+        net = nn.Sequential(layer.Conv1d(2, 3, 3), layer.BatchNorm1d(3), neuron.LIFNode())
+        net[1](net[0](torch.rand(4, 2, 8)))
+        return sbnn_sj.to_sbnn(net, batchnorm="affine")
+
+    x, x3 = torch.rand(2, 4), torch.rand(4, 2, 8)
+    return {
+        "noise scale of a converted snnTorch layer": (
+            poisoned(snn_pair(), lambda m: m[2], "std_rho", math.nan, x, sbnn_snn.reset), x,
+            ("the parameter '2.std_rho' of the converted model (Sequential) contains",
+             "BayesLinear.std_rho (a noise scale) holds NaN / inf values")),
+        "spike std of a converted snnTorch neuron": (
+            poisoned(snn_pair(), lambda m: m[1].spike_grad, "std_rho", math.inf, x,
+                     sbnn_snn.reset), x,
+            ("the parameter '1.spike_grad.std_rho' of the converted model (Sequential) "
+             "contains", "IWSTSpike.std_rho (a noise scale) holds NaN / inf values")),
+        "beta of a BatchNorm made affine, SpikingJelly": (
+            poisoned(sj_affine(), lambda m: m[1], "bias", math.nan, x3, sbnn_sj.reset), x3,
+            ("the parameter '1.bias' of the converted model (Sequential) contains",
+             "ChannelAffine.bias (beta) holds NaN / inf values")),
+        "spike std of a converted SpikingJelly neuron": (
+            poisoned(sj_affine(), lambda m: m[2].surrogate_function, "std_rho", math.nan, x3,
+                     sbnn_sj.reset), x3,
+            ("the parameter '2.surrogate_function.std_rho' of the converted model "
+             "(Sequential) contains", "SJSpike.std_rho (a noise scale) holds NaN / inf values")),
+        "noise scale of a core layer": (
+            poisoned(sb.BayesLinear(4, 3), lambda m: m, "std_rho", math.nan, x), x,
+            "BayesLinear.std_rho (a noise scale) holds NaN / inf values"),
+        "fixed std of a core spike function": (
+            poisoned(sb.IWSTSpike(std=0.3), lambda m: m, "fixed_std", math.inf, x - 0.5),
+            x - 0.5, "IWSTSpike.fixed_std (a noise scale) holds NaN / inf values"),
+        "spike std of a core LIF": (
+            poisoned(sb.LIF(spike_fn=sb.IWSTSpike(std=0.3, learn_std=True)),
+                     lambda m: m.spike_fn, "std_rho", math.nan, x), x,
+            "IWSTSpike.std_rho (a noise scale) holds NaN / inf values"),
+        "gamma of a ChannelAffine alone": (
+            poisoned(sb.ChannelAffine(2), lambda m: m, "weight", math.nan, x3), x3,
+            "ChannelAffine.weight (gamma) holds"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_nonfinite_parameter_cases()))
+def test_a_nonfinite_parameter_is_named_in_a_compiled_step(case):
+    """A NaN / inf noise scale (a layer's ``std_rho``, a spike function's std) or a
+    ``ChannelAffine``'s gamma / beta, which eager mode names at the next call: a
+    fullgraph step skipped those checks and ran on, drawing the spikes at random or never
+    (or returning NaN), without an error. It raises, naming the tensor and the fix (a
+    ``RuntimeError``, without the counts; in a converted model the module's own check,
+    as its entry's check of its parameters is eager-only); ``check_finite(False)`` turns
+    it off."""
+    model, x, message = _nonfinite_parameter_cases()[case]
+    eager, message = message if isinstance(message, tuple) else (message, message)
+    with pytest.raises(ValueError, match=re.escape(eager)):
+        model(x)
+    torch._dynamo.reset()
+    step = torch.compile(lambda a: model(a), fullgraph=True, backend="aot_eager")
+    try:
+        with pytest.raises(RuntimeError) as err:
+            step(x)
+        assert str(err.value).startswith(message)
+        assert "NaN" in str(err.value) and "check_finite(False)" in str(err.value)
+        with sb.check_finite(False):
+            step(x)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_a_nan_time_constant_set_between_compiled_steps_is_named(step_mode):
+    """``LIFNode.tau = nan`` set after the conversion, which eager mode names: a compiled
+    step skipped the check and ran on with NaN membranes and no spikes, without an error
+    (also after a change of ``tau``, which makes it a symbolic float in the graph)."""
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(4, 3), neuron.LIFNode())
+    functional.set_step_mode(net, step_mode)
+    model = sbnn_sj.to_sbnn(net)
+    x = torch.rand(2, 3, 4) if step_mode == "m" else torch.rand(3, 4)
+    torch._dynamo.reset()
+    step = torch.compile(lambda a: model(a), fullgraph=True, backend="aot_eager")
+    try:
+        for tau in (2.0, 3.0):  # a second value: a symbolic float
+            model[1].tau = tau
+            sbnn_sj.reset(model)
+            step(x)
+        model[1].tau = math.nan
+        sbnn_sj.reset(model)
+        with pytest.raises(RuntimeError, match=re.escape(
+                "the converted SpikingJelly LIFNode has 'tau' = NaN (set after the "
+                "conversion)")):
+            step(x)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_more_misuses_are_named_in_a_fullgraph_step():
+    """Eager mode's ``ValueError`` raised in traced code reached a fullgraph step's caller
+    as Dynamo's "Observed exception" (the message in its debug context only): a pruned
+    noise scale, ``LIF.run`` of one step, a NaN threshold set on a converted SpikingJelly
+    neuron. Each is eager mode's message (a ``RuntimeError``)."""
+    from spikingjelly.activation_based import layer, neuron
+    from torch.nn.utils import prune
+
+    pruned = sb.BayesLinear(4, 3, std_mode="weight")
+    prune.l1_unstructured(pruned, "std_rho", amount=0.3)
+    lif = sb.LIF()
+    sj = sbnn_sj.to_sbnn(nn.Sequential(layer.Linear(4, 3), neuron.LIFNode()))
+    sj[1].v_threshold = math.nan
+    cases = [(pruned, torch.rand(2, 4), "BayesLinear.std_rho is pruned"),
+             (lif.run, torch.tensor(1.0), "LIF.run: currents must be a sequence [T, ...]"),
+             (sj, torch.rand(2, 4), "threshold must be a number (not NaN)")]
+    for call, x, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call(x)
+        torch._dynamo.reset()
+        with pytest.raises(RuntimeError) as err:
+            torch.compile(lambda a, call=call: call(a), fullgraph=True, backend="eager")(x)
+        assert str(err.value).startswith(message)
+    torch._dynamo.reset()
