@@ -750,9 +750,10 @@ def _spike_forward_impl(u: Tensor, variance: Tensor, at_zero: bool,
     aux = (_lib if _lib is not None else _require()).sbnn_spike_forward(
         u.data_ptr(), var.data_ptr(), mid, inner, None, hb.data_ptr(), u.numel(), _seed(None),
         at_zero, aux_offset is not None, aux_offset or 0.0, torch.get_num_threads())
-    if aux_offset is None:  # the kernel's sum is 0: no conversion of a Python float
-        return hb, torch.zeros((), dtype=torch.float32), torch.empty(0, dtype=torch.uint8)
-    return hb, torch.tensor(aux, dtype=torch.float32), torch.empty(0, dtype=torch.uint8)
+    # without aux_offset the kernel's sum is 0: no conversion of a Python float
+    z2 = (torch.zeros((), dtype=torch.float32) if aux_offset is None
+          else torch.tensor(aux, dtype=torch.float32))
+    return hb, z2, torch.empty(0, dtype=torch.uint8)  # the last: the ordering output
 
 
 _LIB.impl("spike_forward", _spike_forward_impl, "CPU")
@@ -778,8 +779,9 @@ class _CompiledSpike(torch.autograd.Function):
     """The custom ops with the estimator as a constant: the form ``torch.compile`` traces."""
 
     # The constants travel as one tuple, (at_zero, estimator spec, aux_offset, aux_var,
-    # aux_pull): Dynamo traces PyTorch's per-argument handling of an autograd.Function at
-    # every call, once per neuron and time step.
+    # aux_pull), with the ordering input `after` (a tensor, never differentiated) last:
+    # Dynamo traces PyTorch's per-argument handling of an autograd.Function at every
+    # call, once per neuron and time step.
     @staticmethod
     def forward(u, variance, constants):
         at_zero, _estimator, aux_offset, _aux_var, _aux_pull, after = constants
