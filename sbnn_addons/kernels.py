@@ -79,6 +79,7 @@ __all__ = [
 ]
 
 _SOURCE = Path(__file__).with_name("_kernels") / "spike.c"
+_OP_SOURCE = Path(__file__).with_name("_kernels") / "spike_op.cpp"
 _KIND_CODES = {"st": 0, "iwst": 1, "agr": 2}
 _FLAG_SETS = (  # tried in order; the first that builds and loads is used
     ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp"],
@@ -90,6 +91,8 @@ _FLAG_SETS = (  # tried in order; the first that builds and loads is used
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _load_error: str | None = None
+_operator: str | None = None  # "cpp" once the C++ operator kernel is loaded
+_operator_error: str | None = None
 _enabled = os.environ.get("SBNN_ADDONS_KERNELS", "1").strip().lower() not in ("0", "false", "no")
 
 
@@ -166,7 +169,8 @@ def _build_and_open() -> ctypes.CDLL:
         try:
             if not target.exists():
                 _compile(compiler, _SOURCE, target, flags)
-            lib = ctypes.CDLL(str(target))
+            # global: the operator library (_OP_SOURCE) resolves sbnn_spike_forward here
+            lib = ctypes.CDLL(str(target), mode=ctypes.RTLD_GLOBAL)
         except (subprocess.CalledProcessError, OSError) as exc:
             detail = getattr(exc, "stderr", "") or str(exc)
             errors.append(f"{' '.join(flags)}: {detail.strip()[:300]}")
@@ -756,7 +760,10 @@ def _spike_forward_impl(u: Tensor, variance: Tensor, at_zero: bool,
     return hb, z2, torch.empty(0, dtype=torch.uint8)  # the last: the ordering output
 
 
-_LIB.impl("spike_forward", _spike_forward_impl, "CPU")
+# the CPU implementation until the C++ one (_install_operator) replaces it, and where that
+# cannot be built: its own library object, which the replacement destroys
+_PY_IMPL = [torch.library.Library("sbnn_addons", "IMPL")]
+_PY_IMPL[0].impl("spike_forward", _spike_forward_impl, "CPU")
 
 
 @torch.library.register_fake("sbnn_addons::spike_forward", lib=_LIB)
@@ -768,11 +775,92 @@ def _(u, variance, at_zero, aux_offset, after=None):
 _spike_forward_op = torch.ops.sbnn_addons.spike_forward.default
 
 
+def _build_operator() -> Path:
+    """The C++ kernel of ``sbnn_addons::spike_forward`` (``_kernels/spike_op.cpp``) as a
+    shared library in the cache, built on first use against the installed torch's headers
+    with the system C++ compiler (``$CXX``, else ``c++`` or ``g++``; about 10 s)."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (tried $CXX, c++, g++)")
+    root = Path(torch.__file__).parent
+    source = _OP_SOURCE.read_bytes()
+    cache = _cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for std in ("-std=c++20", "-std=c++17"):
+        flags = ["-O2", std, "-fPIC", "-w",
+                 f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+        key = hashlib.sha256(source + repr(flags).encode() + compiler.encode()
+                             + torch.__version__.encode() + str(root).encode()).hexdigest()[:16]
+        target = cache / f"spike_op-{key}.so"
+        if target.exists():
+            return target
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            so = Path(tmp) / "spike_op.so"
+            try:
+                subprocess.run(
+                    [compiler, "-shared", *flags, "-I", str(root / "include"), str(_OP_SOURCE),
+                     "-o", str(so), "-L", str(root / "lib"), "-lc10", "-ltorch_cpu"],
+                    check=True, capture_output=True, text=True, timeout=300)
+            except (subprocess.CalledProcessError, OSError) as exc:
+                detail = getattr(exc, "stderr", "") or str(exc)
+                errors.append(f"{std}: {detail.strip()[:300]}")
+                continue
+            os.replace(so, target)  # atomic, as the C kernel's build
+        return target
+    raise RuntimeError("; ".join(errors))
+
+
+_op_lock = threading.Lock()
+
+
+def _install_operator() -> bool:
+    """Serve ``sbnn_addons::spike_forward`` on the CPU with its C++ kernel from now on
+    (once per process; the C kernel must be loaded). Where the C++ library cannot be built
+    or loaded, the Python implementation stays (the same results, about 12 us more per
+    call) and ``_operator_error`` says why. Returns whether the C++ kernel serves it.
+
+    Called at trace time (:func:`can_fuse_compiled`), never from inside a call of the
+    operator: replacing a kernel while the dispatcher runs it is not safe."""
+    global _operator, _operator_error
+    with _op_lock:
+        if _operator is not None or _operator_error is not None:
+            return _operator is not None
+        try:
+            if _lib is None:
+                raise RuntimeError(f"the C kernel is not loaded ({_load_error})")
+            library = ctypes.CDLL(str(_build_operator()))
+        except Exception as exc:  # noqa: BLE001 - any failure: the Python implementation
+            _operator_error = f"{type(exc).__name__}: {exc}"
+            return False
+        _PY_IMPL[0]._destroy()  # one CPU kernel at a time (no override warning)
+        message = ctypes.create_string_buffer(1024)
+        if library.sbnn_register_operator(message, len(message)) != 0:
+            _operator_error = message.value.decode(errors="replace")
+            _PY_IMPL[0] = torch.library.Library("sbnn_addons", "IMPL")
+            _PY_IMPL[0].impl("spike_forward", _spike_forward_impl, "CPU")
+            return False
+        _operator = "cpp"
+        return True
+
+
+@torch.compiler.assume_constant_result
+def _ready_for_graphs() -> bool:
+    """Whether the kernel is available, loading it and the operator's C++ kernel now, while
+    a graph is traced and before it calls the operator. A constant of the graph being
+    traced (called once by Dynamo, not traced)."""
+    if _lib is None and _load() is None:
+        return False
+    _install_operator()
+    return True
+
+
 def can_fuse_compiled(u: Tensor, variance: Tensor) -> bool:
     """Under ``torch.compile``: whether the spike op (:func:`compiled_spike`) serves this
-    drive and variance (float32 CPU, kernel enabled and not known to be unbuildable)."""
-    return (_enabled and _load_error is None and u.dtype == torch.float32
-            and variance.dtype == torch.float32 and u.is_cpu and variance.is_cpu)
+    drive and variance (float32 CPU, kernel enabled and available: loaded now, with the
+    operator's C++ kernel, if it was not)."""
+    return (_enabled and u.dtype == torch.float32 and variance.dtype == torch.float32
+            and u.is_cpu and variance.is_cpu and _ready_for_graphs())
 
 
 class _CompiledSpike(torch.autograd.Function):

@@ -390,7 +390,9 @@ def test_kernel_op_in_a_compiled_network_draws_eagers_spikes(name):
     training step of a network gets eager mode's very spikes under the same seed: each
     call of the spike operator draws its Philox key from the global generator, and the
     calls run in eager mode's order (inductor would otherwise run one layer's calls of
-    every time step before the next layer's, and each would get another call's key)."""
+    every time step before the next layer's, and each would get another call's key).
+    Where a C++ compiler is found, the operator's C++ kernel serves these calls (installed
+    while the graph is traced)."""
     if not sb.kernels.available():
         pytest.skip("no C compiler on this machine")
     from spikingjelly.activation_based import functional
@@ -417,6 +419,8 @@ def test_kernel_op_in_a_compiled_network_draws_eagers_spikes(name):
             return F.cross_entropy(net(x).sum(0), y)
     y = torch.randint(0, 5, (6,))
     _check_like_eager(net, loss_fn, x, y)
+    if shutil.which("c++") or shutil.which("g++"):
+        assert sb.kernels._operator == "cpp", sb.kernels._operator_error
 
 
 def test_compiled_draw_has_the_law_of_the_method():

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -271,6 +273,29 @@ def test_no_compiler_falls_back_with_a_warning(tmp_path):
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
 
 
+def test_no_compiler_a_first_compiled_call_takes_the_pytorch_path(tmp_path):
+    """Without a C compiler, a compiled spike as the process's first use of the kernel
+    traces the PyTorch path (the kernel is loaded while the graph is traced) and trains,
+    with the warning, instead of failing when the graph calls the operator."""
+    code = textwrap.dedent("""
+        import warnings, torch
+        import sbnn_addons as sb
+        spike = sb.IWSTSpike("st", std=0.5)
+        step = torch.compile(lambda u: spike(u).sum(), fullgraph=True)
+        u = torch.randn(64, requires_grad=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step(u).backward()
+        assert any("C compiler" in str(w.message) for w in caught)
+        assert not sb.kernels.available() and u.grad.abs().sum() > 0
+        print("ok")
+    """)
+    env = dict(os.environ, CC="/bin/false", SBNN_ADDONS_CACHE=str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
 @pytest.mark.parametrize("estimator", ESTIMATORS, ids=str)
 def test_backward_with_improbable_spikes_matches_the_log_space_estimator(estimator):
     """Spikes forced against the odds (P(h) down to Phi(-40)), where the PyTorch path
@@ -497,16 +522,28 @@ def test_bad_input_to_the_kernel_functions_is_named():
         kernels.spike_backward(torch.ones(4, 4), u, torch.ones(()), torch.ones(4, 5), sb.ST())
 
 
+def _operator(implementation: str):
+    """``sbnn_addons::spike_forward`` served by its C++ kernel (``"cpp"``, installed as a
+    compiled graph's trace does) or its Python implementation (the fallback)."""
+    if implementation == "python":
+        return kernels._spike_forward_impl
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on this machine")
+    assert kernels._install_operator(), kernels._operator_error
+    return torch.ops.sbnn_addons.spike_forward.default
+
+
+@pytest.mark.parametrize("implementation", ["cpp", "python"])
 @pytest.mark.parametrize("u_shape, var_shape", [((6, 40), (6, 40)), ((6, 40), (6, 1)),
                                                 ((6, 40), ()), ((6, 40), (1, 40)),
-                                                ((6, 2, 20), (1, 2, 1))])
-def test_spike_forward_operator_equals_the_kernel_function(u_shape, var_shape):
-    """The custom operator of compiled graphs (``sbnn_addons::spike_forward``, its shape
-    layout cached per pair of shapes) gives the spikes (as bytes) and the auxiliary sum of
-    :func:`kernels.spike_forward` for the key it draws from the global RNG, for every
+                                                ((6, 2, 20), (1, 2, 1)), ((3, 4, 5), (4, 1))])
+def test_spike_forward_operator_equals_the_kernel_function(u_shape, var_shape, implementation):
+    """The custom operator of compiled graphs (``sbnn_addons::spike_forward``), by its C++
+    kernel and by its Python implementation, gives the spikes (as bytes) and the auxiliary
+    sum of :func:`kernels.spike_forward` for the key it draws from the global RNG, for every
     variance layout (full, per row, one element, one block, expanded), and 0 without an
     auxiliary offset."""
-    op = torch.ops.sbnn_addons.spike_forward.default
+    op = _operator(implementation)
     u = torch.randn(u_shape)
     var = torch.rand(var_shape) + 0.05
     for offset in (None, 0.5):
@@ -526,16 +563,59 @@ def test_spike_forward_operator_equals_the_kernel_function(u_shape, var_shape):
             assert torch.equal(op(u, var, False, offset, after=token)[0], h)
 
 
-def test_spike_forward_operator_names_bad_input():
-    op = torch.ops.sbnn_addons.spike_forward.default
+@pytest.mark.parametrize("implementation", ["cpp", "python"])
+def test_spike_forward_operator_names_bad_input(implementation):
+    op = _operator(implementation)
     u = torch.randn(4, 5)
-    with pytest.raises(TypeError, match="u must be a torch.float32 CPU tensor"):
+    with pytest.raises(TypeError, match=re.escape(
+            "u must be a torch.float32 CPU tensor for the fused kernel, got torch.float64 "
+            "on cpu; use sbnn_addons.IWSTSpike")):
         op(u.double(), torch.ones(()), False, None)
-    with pytest.raises(TypeError, match="variance must be"):
-        op(u, torch.ones((), dtype=torch.float64), False, None)
+    with pytest.raises(TypeError, match="variance must be .* got torch.int64 on cpu"):
+        op(u, torch.ones((), dtype=torch.int64), False, None)
     for _ in range(2):  # not cached as a layout
-        with pytest.raises(ValueError, match="does not broadcast"):
+        with pytest.raises(ValueError, match=re.escape(
+                "variance of shape (3,) does not broadcast to the drive u of shape (4, 5)")):
             op(u, torch.ones(3), False, None)
+        with pytest.raises(ValueError, match=re.escape("variance of shape (2, 4, 5) does")):
+            op(u, torch.ones(2, 4, 5), False, None)
+
+
+def test_spike_forward_operator_passes_opcheck():
+    """PyTorch's own check of a custom operator (schema, fake implementation against the
+    real one, dispatch) on the C++ kernel."""
+    _operator("cpp")
+    u, var = torch.randn(6, 40), torch.rand(6, 1) + 0.05
+    for offset in (None, 0.5):
+        torch.library.opcheck(torch.ops.sbnn_addons.spike_forward.default,
+                              (u, var, False, offset),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_spike_forward_operator_keeps_its_python_implementation_without_a_cxx_compiler(
+        tmp_path):
+    """Where the C++ kernel cannot be built (no C++ compiler), installing it leaves the
+    Python implementation serving the operator, with the reason kept, and the operator
+    gives the same spikes."""
+    code = textwrap.dedent("""
+        import torch
+        from sbnn_addons import kernels
+        assert kernels._ready_for_graphs()
+        assert kernels._operator is None and "compiler" in kernels._operator_error, \
+            kernels._operator_error
+        u, var = torch.randn(6, 40), torch.rand(6, 1) + 0.05
+        torch.manual_seed(3)
+        h = torch.ops.sbnn_addons.spike_forward.default(u, var, False, None)[0]
+        torch.manual_seed(3)
+        ref = kernels.spike_forward(u, var, kernels._seed(None))[0]
+        assert torch.equal(h.float(), ref)
+        print("python implementation")
+    """)
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "python implementation" in out.stdout
 
 
 def _loop_reference(x, q, v0, s0, tau, decay_input, v_reset, detach, estimator,
