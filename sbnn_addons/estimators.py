@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .base import check_flag, check_input
+from .base import check_flag, check_input, concrete_shape, raise_error
 from .functional import apply_function, check_float, estimator_jacobian, jacobian_and_z
 from .tensors import estimator_spec, parse_estimator_spec, pull_term
 from .tensors import standard_normal as _standard_normal
@@ -56,17 +56,17 @@ class Estimator:
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
-            raise ValueError(
+            raise_error(
                 f"estimator kind must be one of {_KINDS}, got {self.kind!r}; "
-                "use ST(), IWST(p) or AGR(tau)"
-            )
+                "use ST(), IWST(p) or AGR(tau)", ValueError)
         if not (_real(self.p) and 0.0 <= self.p <= 1.0):
-            raise ValueError(f"p must be a number in [0, 1], got {self.p!r}")
+            raise_error(f"p must be a number in [0, 1], got {self.p!r}", ValueError)
         if not (_real(self.tau) and math.isfinite(self.tau) and self.tau >= 0):
-            raise ValueError(f"tau must be a finite number >= 0, got {self.tau!r}")
+            raise_error(f"tau must be a finite number >= 0, got {self.tau!r}", ValueError)
         if not (_real(self.max_weight) and self.max_weight >= 1.0
                 and math.isfinite(self.max_weight)):
-            raise ValueError(f"max_weight must be a finite number >= 1, got {self.max_weight!r}")
+            raise_error(f"max_weight must be a finite number >= 1, got {self.max_weight!r}",
+                        ValueError)
         object.__setattr__(self, "spec",
                            estimator_spec(self.kind, self.p, self.tau, self.max_weight))
 
@@ -130,7 +130,8 @@ def get_estimator(spec: str | Estimator) -> Estimator:
     if isinstance(spec, Estimator):
         return spec
     if not isinstance(spec, str):
-        raise TypeError(f"estimator must be a str or an Estimator, got {type(spec).__name__}")
+        raise_error(f"estimator must be a str or an Estimator, got {type(spec).__name__}",
+                    TypeError)
     match = _PATTERN.match(spec.lower())
     name = match.group(1).replace("-", "").replace("_", "") if match else None
     arg = match.group(2) if match else None
@@ -144,10 +145,18 @@ def get_estimator(spec: str | Estimator) -> Estimator:
         return IWST(value)
     if name == "agr":
         return AGR(value or 0.0)
-    raise ValueError(
+    raise_error(
         f"unknown estimator {spec!r}; expected 'st', 'iwst(p)' with p in [0, 1], "
-        "'agr' or 'agr(tau)' with tau >= 0"
-    )
+        "'agr' or 'agr(tau)' with tau >= 0", ValueError)
+
+
+def _broadcasts(shape: tuple, target: tuple) -> bool:
+    """Whether a tensor of ``shape`` expands to ``target`` (``Tensor.expand_as``), decided
+    from the sizes: a failed expand in a graph being traced is Dynamo's error, not one the
+    caller can read."""
+    if len(shape) > len(target):
+        return False
+    return all(a == 1 or a == b for a, b in zip(reversed(shape), reversed(target)))
 
 
 class BernoulliSpike(torch.autograd.Function):
@@ -167,6 +176,12 @@ class BernoulliSpike(torch.autograd.Function):
     @staticmethod
     def forward(u: Tensor, sigma: Tensor, eps: Tensor, estimator: Estimator, at_zero: bool,
                 pull: float = 0.0):
+        if not isinstance(u, Tensor):
+            # a graph that torch.compile traces without autograd (no input needs a
+            # gradient) calls the forward with a ctx first where the call leaves the
+            # optional pull out (Dynamo passes one unless the number of arguments is the
+            # forward's): the arguments follow it
+            return BernoulliSpike.forward(sigma, eps, estimator, at_zero, pull)
         out_dtype = u.dtype
         if u.dtype in (torch.float16, torch.bfloat16):
             u, sigma, eps = u.float(), sigma.float(), eps.float()
@@ -245,22 +260,29 @@ def sample_spikes(
         raise TypeError(f"generator must be a torch.Generator or None, got "
                         f"{type(generator).__name__} (for a seed: "
                         "torch.Generator().manual_seed(seed))")
+    compiling = torch.compiler.is_compiling()
+    if compiling and generator is not None and not deterministic:
+        raise_error("sample_spikes(generator=...) cannot draw in a graph that torch.compile "
+                    "traces (a graph cannot hold a torch.Generator): drop generator= and "
+                    "seed the global generator (torch.manual_seed) before the compiled call, "
+                    "or call sample_spikes outside the compiled step")
     if sigma.shape != u.shape:
-        try:
-            sigma = sigma.expand_as(u)
-        except RuntimeError:
-            raise ValueError(
-                f"sigma of shape {tuple(sigma.shape)} does not broadcast to the drive "
-                f"u of shape {tuple(u.shape)}"
-            ) from None
-    if not torch.compiler.is_compiling() and sigma.numel() and not sigma.is_meta:
+        if not _broadcasts(tuple(sigma.shape), tuple(u.shape)):
+            raise_error(
+                f"sigma of shape {concrete_shape(sigma)} does not broadcast to the drive "
+                f"u of shape {concrete_shape(u)}", ValueError)
+        sigma = sigma.expand_as(u)
+    message = "sigma (the noise std) must be finite and >= 0"
+    if compiling:  # no data-dependent branch in a graph: a runtime assert
+        if sigma.numel() and not sigma.is_meta:
+            detached = sigma.detach()
+            torch._assert_async(((detached >= 0) & (detached < math.inf)).all(),
+                                f"{message} (a negative, infinite or NaN value)")
+    elif sigma.numel() and not sigma.is_meta:
         low, high = torch.aminmax(sigma.detach())  # one pass; NaN propagates to both
         if not (bool(low >= 0) and bool(high < math.inf)):
             bad = ~torch.isfinite(sigma) | (sigma < 0)
-            raise ValueError(
-                "sigma (the noise std) must be finite and >= 0; got "
-                f"{sigma[bad].flatten()[:3].tolist()}"
-            )
+            raise ValueError(f"{message}; got {sigma[bad].flatten()[:3].tolist()}")
     if deterministic:
         eps = torch.zeros_like(u)
     else:

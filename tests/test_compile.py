@@ -1969,3 +1969,72 @@ def test_more_misuses_are_named_in_a_fullgraph_step():
             torch.compile(lambda a, call=call: call(a), fullgraph=True, backend="eager")(x)
         assert str(err.value).startswith(message)
     torch._dynamo.reset()
+
+
+_GENERATOR = torch.Generator()
+_SAMPLE_SPIKES_MISUSES = {
+    "negative sigma": (lambda u, s: sb.sample_spikes(u, -s), r"must be finite and >= 0"),
+    "infinite sigma": (lambda u, s: sb.sample_spikes(u, s / 0.0), r"must be finite and >= 0"),
+    "sigma shape": (lambda u, s: sb.sample_spikes(u, s[:, :3]),
+                    r"sigma of shape \(4, 3\) does not broadcast to the drive u of shape"),
+    "estimator": (lambda u, s: sb.sample_spikes(u, s, "iwst"), r"unknown estimator 'iwst'"),
+    "generator": (lambda u, s: sb.sample_spikes(u, s, generator=_GENERATOR),
+                  r"generator=.*torch\.manual_seed"),
+}
+
+
+@pytest.mark.parametrize("case", list(_SAMPLE_SPIKES_MISUSES))
+def test_sample_spikes_misuses_are_named_in_a_fullgraph_step(case):
+    """``sample_spikes`` in a compiled step: a negative or infinite ``sigma``, which eager
+    mode refuses, drew spikes silently (the check read values, which a graph skipped); a
+    ``sigma`` that does not broadcast, an unknown estimator and a ``generator`` failed
+    inside Dynamo ("RuntimeError when making fake tensor call", "Observed exception",
+    "Failed to convert args/kwargs to proxy"). Each raises a ``RuntimeError`` with the
+    library's message (the generator's names the fix: the global generator)."""
+    fn, message = _SAMPLE_SPIKES_MISUSES[case]
+    u, s = torch.randn(4, 10), torch.full((4, 10), 0.5)
+    if case != "generator":
+        with pytest.raises((ValueError, TypeError), match=message):
+            fn(u, s)
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(RuntimeError, match=message) as err:
+            torch.compile(fn, fullgraph=True, backend="eager")(u, s)
+    finally:
+        torch._dynamo.reset()
+    assert str(err.value).lstrip().startswith(("sigma", "unknown", "sample_spikes")), err.value
+    torch.manual_seed(0)  # the fix of the generator's case compiles: the global generator
+    expected = sb.sample_spikes(u, s)
+    torch.manual_seed(0)
+    torch.testing.assert_close(torch.compile(lambda u, s: sb.sample_spikes(u, s), fullgraph=True,
+                                             backend="aot_eager")(u, s), expected)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("call", ["sample_spikes", "deterministic", "BernoulliSpike.apply"])
+def test_sample_spikes_compiles_without_autograd(call):
+    """``sample_spikes`` (and the documented five-argument ``BernoulliSpike.apply``) in a
+    fullgraph step whose inputs need no gradient (an evaluation, ``torch.no_grad``) failed
+    inside Dynamo ("'Function' object has no attribute 'dtype'": Dynamo passed a context
+    to a forward that takes none when an optional argument was left out). It draws eager
+    mode's spikes for the seed."""
+    u, s, eps = torch.randn(4, 10), torch.full((4, 10), 0.5), torch.randn(4, 10)
+
+    def fn(u, s):
+        if call == "BernoulliSpike.apply":
+            return sb.BernoulliSpike.apply(u, s, eps, sb.ST(), False)
+        return sb.sample_spikes(u, s, deterministic=call == "deterministic")
+
+    torch._dynamo.reset()
+    try:
+        for grad in (False, True):
+            x = u.clone().requires_grad_(grad)
+            torch.manual_seed(0)
+            expected = fn(x, s)
+            torch.manual_seed(0)
+            out = torch.compile(fn, fullgraph=True, backend="aot_eager")(x, s)
+            torch.testing.assert_close(out, expected)
+        with torch.no_grad():
+            torch.compile(fn, fullgraph=True, backend="aot_eager")(u.requires_grad_(), s)
+    finally:
+        torch._dynamo.reset()
