@@ -44,6 +44,7 @@ from . import kernels
 from . import moments as _moments
 from .base import (
     HostObject,
+    assert_finite,
     cached_tensor_test,
     check_finite,
     check_flag,
@@ -443,7 +444,9 @@ class _EmittedSpikeReset:
 
     def forward(self, *args, **kwargs):
         compiling = torch.compiler.is_compiling()
-        if not compiling:
+        if compiling:  # (the converted model's entry checks it in eager mode only)
+            self._assert_finite_beta()
+        else:
             ddp_type = _DDP_TYPE[0] if _DDP_TYPE else _ddp_type()
             if ddp_type is None or ddp_type._get_active_ddp_module() is None:
                 self.__dict__[_DDP_SYNC] = None  # _check_ddp_buffer_sync without DDP
@@ -462,6 +465,29 @@ class _EmittedSpikeReset:
         out = super().forward(*args, **kwargs)
         self._sbnn_store(compiling)
         return out
+
+    def _assert_finite_beta(self) -> None:
+        """While ``torch.compile`` traces: a runtime assert that ``beta`` (a constant
+        buffer or a learned parameter) holds no NaN / inf, which eager mode refuses at the
+        converted model's entry (a check cached by version, which a graph cannot read): a
+        NaN decay makes the membrane NaN, so the neuron never fires (spikes 0, gradients
+        NaN) without an error. One reduction of the small tensor per step, which
+        AOTAutograd's common subexpression elimination shares between the time steps of
+        one graph."""
+        p, b = self._parameters, self._buffers  # without nn.Module.__getattr__
+        beta = p["beta"] if "beta" in p else b.get("beta")
+        if isinstance(beta, Tensor):
+            host = next((c.__name__ for c in type(self).__mro__
+                         if c.__module__.startswith("snntorch")), type(self).__name__)
+            assert_finite(beta, (
+                f"{host}.beta (the membrane decay) holds NaN / inf values: a NaN one "
+                "makes the membrane NaN, so the neuron never fires (spikes 0, gradients "
+                "NaN), and an infinite one is clamped to 1 (no decay), silently. Restore "
+                "it (a checkpoint, or a number: lif.beta.fill_(0.9) under "
+                "torch.no_grad()) and remove the cause (a NaN "
+                "loss or gradient of a learned beta: clip the gradients, lower the "
+                "learning rate); to skip this check for speed use "
+                "sbnn_addons.check_finite(False)"))
 
     def _hidden_state_checkpoint_message(self, args: tuple) -> str:
         """The error for a step with ``init_hidden=True`` inside ``torch.utils.checkpoint``:

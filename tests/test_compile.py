@@ -1850,8 +1850,23 @@ def _nonfinite_parameter_cases():
         net[1](net[0](torch.rand(4, 2, 8)))
         return sbnn_sj.to_sbnn(net, batchnorm="affine")
 
+    def snn_learned_beta():
+        torch.manual_seed(0)
+        return sbnn_snn.to_sbnn(nn.Sequential(
+            nn.Linear(4, 5), snn.Leaky(beta=0.9, learn_beta=True, init_hidden=True),
+            nn.Linear(5, 2), snn.Leaky(beta=0.9, init_hidden=True, output=True)))
+
     x, x3 = torch.rand(2, 4), torch.rand(4, 2, 8)
     return {
+        "beta of a converted snnTorch neuron": (
+            poisoned(snn_pair(), lambda m: m[1], "beta", math.nan, x, sbnn_snn.reset), x,
+            ("the buffer '1.beta' of the converted model (Sequential) contains",
+             "Leaky.beta (the membrane decay) holds NaN / inf values")),
+        "learned beta of a converted snnTorch neuron": (
+            poisoned(snn_learned_beta(), lambda m: m[1], "beta", math.inf, x,
+                     sbnn_snn.reset), x,
+            ("the parameter '1.beta' of the converted model (Sequential) contains",
+             "Leaky.beta (the membrane decay) holds NaN / inf values")),
         "noise scale of a converted snnTorch layer": (
             poisoned(snn_pair(), lambda m: m[2], "std_rho", math.nan, x, sbnn_snn.reset), x,
             ("the parameter '2.std_rho' of the converted model (Sequential) contains",
@@ -1888,8 +1903,9 @@ def _nonfinite_parameter_cases():
 
 @pytest.mark.parametrize("case", list(_nonfinite_parameter_cases()))
 def test_a_nonfinite_parameter_is_named_in_a_compiled_step(case):
-    """A NaN / inf noise scale (a layer's ``std_rho``, a spike function's std) or a
-    ``ChannelAffine``'s gamma / beta, which eager mode names at the next call: a
+    """A NaN / inf noise scale (a layer's ``std_rho``, a spike function's std), a
+    ``ChannelAffine``'s gamma / beta or a converted snnTorch neuron's ``beta`` (a
+    constant or learned), which eager mode names at the next call: a
     fullgraph step skipped those checks and ran on, drawing the spikes at random or never
     (or returning NaN), without an error. It raises, naming the tensor and the fix (a
     ``RuntimeError``, without the counts; in a converted model the module's own check,
