@@ -44,6 +44,7 @@ from . import kernels
 from . import moments as _moments
 from .base import (
     HostObject,
+    _raise_user_error,
     assert_finite,
     cached_tensor_test,
     check_finite,
@@ -209,6 +210,9 @@ class SnnTorchSpike(IWSTSpike):
     MEMORY = 16
 
     def forward(self, u: Tensor) -> Tensor:
+        if (torch.compiler.is_compiling() and self.use_input_variance
+                and type(u) is VarianceTensor):
+            _refuse_traced_unknown_state()  # (eager mode: the neuron's buffer hook)
         if self.deterministic:
             if not torch.compiler.is_compiling() and _snntorch_caller(u)[0]:
                 # the reset call: the spike that membrane emitted in this mode, computed
@@ -1560,6 +1564,13 @@ def _unknown_state_message(module: nn.Module, name: str, var) -> str | None:
     """
     if not isinstance(var, UnknownVariance):
         return None
+    return _unknown_state_message_of(module, name, var.op)
+
+
+def _unknown_state_message_of(module: nn.Module, name: str, op: str | None) -> str | None:
+    """:func:`_unknown_state_message` from the neuron's options; ``op``: the operation
+    that made the variance unknown, for a neuron without such an option (``None``: no
+    message there, as a compiled graph knows no such operation)."""
     what = type(module).__name__
     mechanism = module._buffers.get("reset_mechanism_val")
     zero = isinstance(mechanism, Tensor) and mechanism.numel() == 1 and int(mechanism) == 1
@@ -1581,7 +1592,9 @@ def _unknown_state_message(module: nn.Module, name: str, var) -> str | None:
                       "the noise variance is not defined")
         fixes.append("remove state_quant (quantise the trained model instead)")
     if not causes:
-        causes.append(f"its state update passes it through '{var.op}', whose effect on the "
+        if op is None:
+            return None
+        causes.append(f"its state update passes it through '{op}', whose effect on the "
                       "noise variance is unknown")
         fixes.append("use snn.Leaky there")
     return (
@@ -1589,6 +1602,26 @@ def _unknown_state_message(module: nn.Module, name: str, var) -> str | None:
         f"of a Bayesian layer in its state '{name}' is unknown: {'; '.join(causes)}. "
         f"Fix: {'; or '.join(fixes)}; or keep the layers that feed it deterministic "
         "(plain nn.Linear / nn.Conv2d layers, or exclude= them from to_sbnn)")
+
+
+@torch.compiler.assume_constant_result
+def _refuse_traced_unknown_state() -> None:
+    """While ``torch.compile`` traces a drop-in spike function (:func:`spike_grad`)
+    whose drive carries a Bayesian layer's variance: refuse a calling snnTorch neuron
+    whose options make that variance unknown (a reset to zero of ``RLeaky`` /
+    ``Lapicque``, the same-step reset of ``reset_delay=False``, ``state_quant``), with
+    eager mode's message (:func:`_unknown_state_message`). Eager mode sees it in the
+    variance of the membrane stored (two terms that share one noise); a graph does not
+    track which noise a term carries, so the spike function would draw with a wrong
+    variance, silently. Run in Python (a constant of the graph: no operation in it)."""
+    for module in _moments._traced_modules():
+        if _is_snn_neuron(module) and not isinstance(module, _EmittedSpikeReset):
+            if hasattr(module, "syn") or hasattr(module, "syn_exc"):
+                return  # refused with or without such an option (_host_variance_message)
+            message = _unknown_state_message_of(module, "mem", None)
+            if message is not None:
+                _raise_user_error(message)
+            return
 
 
 def _in_place_cause(module: nn.Module) -> str | None:

@@ -1167,6 +1167,30 @@ def _bad_models():
                                        spike_grad=sbnn_snn.spike_grad())),
             x, "this snn.Synaptic has a variance-aware spike function, but its input carries "
                "the posterior variance of a Bayesian layer (in its state 'syn')"),
+        # (compiled, these ran on with a wrong variance, silently: a graph does not track
+        # which noise two terms share; the same-step reset was Dynamo's data-dependent
+        # branching error)
+        "drop-in spike_grad, RLeaky reset to zero": (
+            nn.Sequential(sb.BayesLinear(4, 3, std=0.3),
+                          snn.RLeaky(beta=0.9, linear_features=3, init_hidden=True,
+                                     reset_mechanism="zero", spike_grad=sbnn_snn.spike_grad())),
+            x, "this snn.RLeaky has a variance-aware spike function, but the posterior "
+               "variance of a Bayesian layer in its state 'mem' is unknown: "
+               "snn.RLeaky(reset_mechanism='zero') resets as base - reset * base"),
+        "drop-in spike_grad, Lapicque reset to zero": (
+            nn.Sequential(sb.BayesLinear(4, 3, std=0.3),
+                          snn.Lapicque(beta=0.9, init_hidden=True, reset_mechanism="zero",
+                                       spike_grad=sbnn_snn.spike_grad())),
+            x, "this snn.Lapicque has a variance-aware spike function, but the posterior "
+               "variance of a Bayesian layer in its state 'mem' is unknown: "
+               "snn.Lapicque(reset_mechanism='zero') resets as base - reset * base"),
+        "drop-in spike_grad, same-step reset to zero": (
+            nn.Sequential(sb.BayesLinear(4, 3, std=0.3),
+                          snn.Leaky(beta=0.9, init_hidden=True, reset_mechanism="zero",
+                                    reset_delay=False, spike_grad=sbnn_snn.spike_grad())),
+            x, "this snn.Leaky has a variance-aware spike function, but the posterior "
+               "variance of a Bayesian layer in its state 'mem' is unknown: reset_delay=False "
+               "with reset_mechanism='zero' applies its same-step reset"),
         "op without a rule, snnTorch": (sbnn_snn.to_sbnn(TanhLeaky()), x,
                                         "the input of this spike function went through 'tanh'"),
         "op without a rule, SpikingJelly": (
