@@ -145,6 +145,9 @@ _HISTORY = "_sbnn_history"  # WeakIdKeyDictionary: membrane -> its step's record
 # (membrane, its records in _HISTORY) from the step's fire to its store (eager): the
 # store finds them without a second weak-dictionary lookup
 _LAST_RECORD = "_sbnn_last_record"
+# a membrane assigned to the neuron's buffer (lif.mem = 0.5 * lif.mem) that eager mode
+# found computed from its kept one: see _note_membrane_edit
+_EDITED = "_sbnn_edited_membrane"
 #: Whether a converted ``snn.Leaky`` step may run as one kernel call
 #: (:meth:`SBNNLeaky._fused_step`); off only to compare it with snnTorch's own steps.
 _FUSED_STEP = [True]
@@ -1181,6 +1184,12 @@ def _stored_variance(neuron: nn.Module, detached: bool = False,
     if state is None or mem is None:
         return None
     stored, var, had_grad, version = state
+    if compiling:
+        # an edit assigned between compiled steps (a graph cannot walk autograd's graph,
+        # which _computed_from reads: _note_membrane_edit did when it was assigned)
+        edited = read_state(neuron, _EDITED, compiling)
+        if edited is not None and mem is edited:
+            raise_error(str(_edited_membrane_error(neuron)), VarianceFlowError)
     if mem is not stored:
         # a detach() of the stored membrane (checked in eager mode: a graph cannot compare
         # storages), also of one that a compiled step stored
@@ -1230,6 +1239,26 @@ def _computed_from(mem: Tensor, stored: Tensor, depth: int = 4) -> bool:
             nxt.extend(f for f, _ in fn.next_functions if f is not None)
         frontier = nxt
     return any(fn is target for fn in frontier)
+
+
+def _note_membrane_edit(neuron: nn.Module, value) -> None:
+    """When ``value`` is assigned to a converted neuron's membrane buffer in eager Python
+    (``lif.mem = 0.5 * lif.mem`` between compiled steps): keep it as the neuron's edited
+    membrane where it was computed from the kept membrane out of place while that one has
+    a variance (:func:`_computed_from`, as eager mode's next step tests it), else forget
+    any. A compiled step, which cannot walk autograd's graph, then refuses that membrane
+    (:func:`_stored_variance`) instead of taking it for a new one and restarting its
+    variance from 0, silently. Nothing while a graph is traced (a compiled step's own
+    assignments do not run this hook)."""
+    if torch.compiler.is_compiling():
+        return
+    d = neuron.__dict__
+    state = d.get(_STATE)
+    if (type(value) is Tensor and state is not None and isinstance(state[1], Tensor)
+            and value is not state[0] and _computed_from(value, state[0])):
+        d[_EDITED] = value
+    elif d.get(_EDITED) is not None:
+        del d[_EDITED]
 
 
 def _edited_membrane_error(neuron: nn.Module) -> VarianceFlowError:
@@ -1499,6 +1528,8 @@ def _refuse_host_variance(module: nn.Module, name: str, value) -> None:
         VarianceFlowError: naming the neuron and the fixes that work for it.
     """
     if type(value) is not VarianceTensor:
+        if name == "mem" and isinstance(module, _EmittedSpikeReset):
+            _note_membrane_edit(module, value)
         return None
     message = _host_variance_message(module, name, value)
     if message is not None:
@@ -2200,7 +2231,7 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
             m.__class__ = _TO_PLAIN[type(m)]
             _unlink_state_update(m)
             host = m.__dict__.pop(_HOST_SPIKE, None)
-            for key in (_CACHE, _STATE, "_sbnn_unit", _LAST_RECORD):
+            for key in (_CACHE, _STATE, "_sbnn_unit", _LAST_RECORD, _EDITED):
                 m.__dict__.pop(key, None)
             m._modules.pop("spike_grad", None)
             # a module surrogate: a copy per neuron, as the original ones (one object

@@ -29,7 +29,7 @@ from torch import nn
 import sbnn_addons as sb
 import sbnn_addons.snntorch as sbnn_snn
 import sbnn_addons.spikingjelly as sbnn_sj
-from sbnn_addons.moments import VarianceTensor
+from sbnn_addons.moments import VarianceFlowError, VarianceTensor
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -266,6 +266,38 @@ def test_snntorch_init_hidden_membrane_replaced_by_a_detach_keeps_its_variance_c
     (eager_spk, eager_var), (comp_spk, comp_var) = results
     assert torch.equal(comp_spk, eager_spk)
     torch.testing.assert_close(comp_var, eager_var)
+
+
+def test_init_hidden_membrane_rescaled_between_compiled_steps_is_named():
+    """``lif.mem = 0.5 * lif.mem`` between compiled steps of an ``init_hidden`` neuron:
+    eager mode refuses the edited membrane at the next step (its noise variance is
+    unknown); a compiled step took it for a new membrane and restarted its variance from
+    0, silently. It raises eager mode's message. A membrane edited without a graph
+    (``lif.mem.detach()``) is a new one, and a reset after the edit starts a new
+    sequence, in both."""
+    torch.manual_seed(0)
+    model = sbnn_snn.to_sbnn(nn.Sequential(
+        nn.Linear(4, 5), snn.Leaky(beta=0.9, init_hidden=True), nn.Linear(5, 2)))
+    lif, x = model[1], torch.rand(3, 4) * 2
+    message = ("the membrane passed to this SBNNLeaky was computed from its last membrane "
+               "out of place (e.g. mem = 0.5 * mem")
+    torch._dynamo.reset()
+    try:
+        for step in (model, torch.compile(lambda a: model(a), fullgraph=True,
+                                          backend="aot_eager")):
+            sutils.reset(model)
+            step(x)
+            step(x)
+            lif.mem = 0.5 * lif.mem
+            with pytest.raises((VarianceFlowError, RuntimeError)) as err:
+                step(x)
+            assert str(err.value).startswith(message)
+            sutils.reset(model)  # a new sequence after the edit
+            step(x)
+            lif.mem = 0.5 * lif.mem.detach()  # without a graph: a new membrane
+            step(x)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_nan_membrane_passed_to_a_compiled_method_of_a_converted_model_is_named():
