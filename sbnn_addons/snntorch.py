@@ -546,6 +546,8 @@ class _EmittedSpikeReset:
         the neuron's state, and (eager mode) in the records of ``mem``'s step."""
         version = _version_of(mem, compiling)
         self.__dict__[_STATE] = (mem, var, mem.requires_grad, version)
+        if read_state(self, _EDITED, compiling) is not None:  # a step went on from another
+            drop_state(self, _EDITED)
         if not compiling:  # steps are recorded per membrane in eager mode only
             last = self.__dict__.pop(_LAST_RECORD, None)  # the records the fire found
             record = (last[1] if last is not None and last[0] is mem
