@@ -44,6 +44,8 @@ from . import kernels
 from . import moments as _moments
 from .base import (
     HostObject,
+    _raise_user_error,
+    assert_finite,
     cached_tensor_test,
     check_finite,
     check_flag,
@@ -143,6 +145,9 @@ _HISTORY = "_sbnn_history"  # WeakIdKeyDictionary: membrane -> its step's record
 # (membrane, its records in _HISTORY) from the step's fire to its store (eager): the
 # store finds them without a second weak-dictionary lookup
 _LAST_RECORD = "_sbnn_last_record"
+# a membrane assigned to the neuron's buffer (lif.mem = 0.5 * lif.mem) that eager mode
+# found computed from its kept one: see _note_membrane_edit
+_EDITED = "_sbnn_edited_membrane"
 #: Whether a converted ``snn.Leaky`` step may run as one kernel call
 #: (:meth:`SBNNLeaky._fused_step`); off only to compare it with snnTorch's own steps.
 _FUSED_STEP = [True]
@@ -208,6 +213,9 @@ class SnnTorchSpike(IWSTSpike):
     MEMORY = 16
 
     def forward(self, u: Tensor) -> Tensor:
+        if (torch.compiler.is_compiling() and self.use_input_variance
+                and type(u) is VarianceTensor):
+            _refuse_traced_unknown_state()  # (eager mode: the neuron's buffer hook)
         if self.deterministic:
             if not torch.compiler.is_compiling() and _snntorch_caller(u)[0]:
                 # the reset call: the spike that membrane emitted in this mode, computed
@@ -443,7 +451,9 @@ class _EmittedSpikeReset:
 
     def forward(self, *args, **kwargs):
         compiling = torch.compiler.is_compiling()
-        if not compiling:
+        if compiling:  # (the converted model's entry checks it in eager mode only)
+            self._assert_finite_beta()
+        else:
             ddp_type = _DDP_TYPE[0] if _DDP_TYPE else _ddp_type()
             if ddp_type is None or ddp_type._get_active_ddp_module() is None:
                 self.__dict__[_DDP_SYNC] = None  # _check_ddp_buffer_sync without DDP
@@ -462,6 +472,29 @@ class _EmittedSpikeReset:
         out = super().forward(*args, **kwargs)
         self._sbnn_store(compiling)
         return out
+
+    def _assert_finite_beta(self) -> None:
+        """While ``torch.compile`` traces: a runtime assert that ``beta`` (a constant
+        buffer or a learned parameter) holds no NaN / inf, which eager mode refuses at the
+        converted model's entry (a check cached by version, which a graph cannot read): a
+        NaN decay makes the membrane NaN, so the neuron never fires (spikes 0, gradients
+        NaN) without an error. One reduction of the small tensor per step, which
+        AOTAutograd's common subexpression elimination shares between the time steps of
+        one graph."""
+        p, b = self._parameters, self._buffers  # without nn.Module.__getattr__
+        beta = p["beta"] if "beta" in p else b.get("beta")
+        if isinstance(beta, Tensor):
+            host = next((c.__name__ for c in type(self).__mro__
+                         if c.__module__.startswith("snntorch")), type(self).__name__)
+            assert_finite(beta, (
+                f"{host}.beta (the membrane decay) holds NaN / inf values: a NaN one "
+                "makes the membrane NaN, so the neuron never fires (spikes 0, gradients "
+                "NaN), and an infinite one is clamped to 1 (no decay), silently. Restore "
+                "it (a checkpoint, or a number: lif.beta.fill_(0.9) under "
+                "torch.no_grad()) and remove the cause (a NaN "
+                "loss or gradient of a learned beta: clip the gradients, lower the "
+                "learning rate); to skip this check for speed use "
+                "sbnn_addons.check_finite(False)"))
 
     def _hidden_state_checkpoint_message(self, args: tuple) -> str:
         """The error for a step with ``init_hidden=True`` inside ``torch.utils.checkpoint``:
@@ -513,6 +546,8 @@ class _EmittedSpikeReset:
         the neuron's state, and (eager mode) in the records of ``mem``'s step."""
         version = _version_of(mem, compiling)
         self.__dict__[_STATE] = (mem, var, mem.requires_grad, version)
+        if read_state(self, _EDITED, compiling) is not None:  # a step went on from another
+            drop_state(self, _EDITED)
         if not compiling:  # steps are recorded per membrane in eager mode only
             last = self.__dict__.pop(_LAST_RECORD, None)  # the records the fire found
             record = (last[1] if last is not None and last[0] is mem
@@ -1151,6 +1186,12 @@ def _stored_variance(neuron: nn.Module, detached: bool = False,
     if state is None or mem is None:
         return None
     stored, var, had_grad, version = state
+    if compiling:
+        # an edit assigned between compiled steps (a graph cannot walk autograd's graph,
+        # which _computed_from reads: _note_membrane_edit did when it was assigned)
+        edited = read_state(neuron, _EDITED, compiling)
+        if edited is not None and mem is edited:
+            raise_error(str(_edited_membrane_error(neuron)), VarianceFlowError)
     if mem is not stored:
         # a detach() of the stored membrane (checked in eager mode: a graph cannot compare
         # storages), also of one that a compiled step stored
@@ -1200,6 +1241,26 @@ def _computed_from(mem: Tensor, stored: Tensor, depth: int = 4) -> bool:
             nxt.extend(f for f, _ in fn.next_functions if f is not None)
         frontier = nxt
     return any(fn is target for fn in frontier)
+
+
+def _note_membrane_edit(neuron: nn.Module, value) -> None:
+    """When ``value`` is assigned to a converted neuron's membrane buffer in eager Python
+    (``lif.mem = 0.5 * lif.mem`` between compiled steps): keep it as the neuron's edited
+    membrane where it was computed from the kept membrane out of place while that one has
+    a variance (:func:`_computed_from`, as eager mode's next step tests it), else forget
+    any. A compiled step, which cannot walk autograd's graph, then refuses that membrane
+    (:func:`_stored_variance`) instead of taking it for a new one and restarting its
+    variance from 0, silently. Nothing while a graph is traced (a compiled step's own
+    assignments do not run this hook)."""
+    if torch.compiler.is_compiling():
+        return
+    d = neuron.__dict__
+    state = d.get(_STATE)
+    if (type(value) is Tensor and state is not None and isinstance(state[1], Tensor)
+            and value is not state[0] and _computed_from(value, state[0])):
+        d[_EDITED] = value
+    elif d.get(_EDITED) is not None:
+        del d[_EDITED]
 
 
 def _edited_membrane_error(neuron: nn.Module) -> VarianceFlowError:
@@ -1469,6 +1530,8 @@ def _refuse_host_variance(module: nn.Module, name: str, value) -> None:
         VarianceFlowError: naming the neuron and the fixes that work for it.
     """
     if type(value) is not VarianceTensor:
+        if name == "mem" and isinstance(module, _EmittedSpikeReset):
+            _note_membrane_edit(module, value)
         return None
     message = _host_variance_message(module, name, value)
     if message is not None:
@@ -1534,6 +1597,13 @@ def _unknown_state_message(module: nn.Module, name: str, var) -> str | None:
     """
     if not isinstance(var, UnknownVariance):
         return None
+    return _unknown_state_message_of(module, name, var.op)
+
+
+def _unknown_state_message_of(module: nn.Module, name: str, op: str | None) -> str | None:
+    """:func:`_unknown_state_message` from the neuron's options; ``op``: the operation
+    that made the variance unknown, for a neuron without such an option (``None``: no
+    message there, as a compiled graph knows no such operation)."""
     what = type(module).__name__
     mechanism = module._buffers.get("reset_mechanism_val")
     zero = isinstance(mechanism, Tensor) and mechanism.numel() == 1 and int(mechanism) == 1
@@ -1555,7 +1625,9 @@ def _unknown_state_message(module: nn.Module, name: str, var) -> str | None:
                       "the noise variance is not defined")
         fixes.append("remove state_quant (quantise the trained model instead)")
     if not causes:
-        causes.append(f"its state update passes it through '{var.op}', whose effect on the "
+        if op is None:
+            return None
+        causes.append(f"its state update passes it through '{op}', whose effect on the "
                       "noise variance is unknown")
         fixes.append("use snn.Leaky there")
     return (
@@ -1563,6 +1635,26 @@ def _unknown_state_message(module: nn.Module, name: str, var) -> str | None:
         f"of a Bayesian layer in its state '{name}' is unknown: {'; '.join(causes)}. "
         f"Fix: {'; or '.join(fixes)}; or keep the layers that feed it deterministic "
         "(plain nn.Linear / nn.Conv2d layers, or exclude= them from to_sbnn)")
+
+
+@torch.compiler.assume_constant_result
+def _refuse_traced_unknown_state() -> None:
+    """While ``torch.compile`` traces a drop-in spike function (:func:`spike_grad`)
+    whose drive carries a Bayesian layer's variance: refuse a calling snnTorch neuron
+    whose options make that variance unknown (a reset to zero of ``RLeaky`` /
+    ``Lapicque``, the same-step reset of ``reset_delay=False``, ``state_quant``), with
+    eager mode's message (:func:`_unknown_state_message`). Eager mode sees it in the
+    variance of the membrane stored (two terms that share one noise); a graph does not
+    track which noise a term carries, so the spike function would draw with a wrong
+    variance, silently. Run in Python (a constant of the graph: no operation in it)."""
+    for module in _moments._traced_modules():
+        if _is_snn_neuron(module) and not isinstance(module, _EmittedSpikeReset):
+            if hasattr(module, "syn") or hasattr(module, "syn_exc"):
+                return  # refused with or without such an option (_host_variance_message)
+            message = _unknown_state_message_of(module, "mem", None)
+            if message is not None:
+                _raise_user_error(message)
+            return
 
 
 def _in_place_cause(module: nn.Module) -> str | None:
@@ -2141,7 +2233,7 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
             m.__class__ = _TO_PLAIN[type(m)]
             _unlink_state_update(m)
             host = m.__dict__.pop(_HOST_SPIKE, None)
-            for key in (_CACHE, _STATE, "_sbnn_unit", _LAST_RECORD):
+            for key in (_CACHE, _STATE, "_sbnn_unit", _LAST_RECORD, _EDITED):
                 m.__dict__.pop(key, None)
             m._modules.pop("spike_grad", None)
             # a module surrogate: a copy per neuron, as the original ones (one object

@@ -29,7 +29,7 @@ from torch import nn
 import sbnn_addons as sb
 import sbnn_addons.snntorch as sbnn_snn
 import sbnn_addons.spikingjelly as sbnn_sj
-from sbnn_addons.moments import VarianceTensor
+from sbnn_addons.moments import VarianceFlowError, VarianceTensor
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -266,6 +266,38 @@ def test_snntorch_init_hidden_membrane_replaced_by_a_detach_keeps_its_variance_c
     (eager_spk, eager_var), (comp_spk, comp_var) = results
     assert torch.equal(comp_spk, eager_spk)
     torch.testing.assert_close(comp_var, eager_var)
+
+
+def test_init_hidden_membrane_rescaled_between_compiled_steps_is_named():
+    """``lif.mem = 0.5 * lif.mem`` between compiled steps of an ``init_hidden`` neuron:
+    eager mode refuses the edited membrane at the next step (its noise variance is
+    unknown); a compiled step took it for a new membrane and restarted its variance from
+    0, silently. It raises eager mode's message. A membrane edited without a graph
+    (``lif.mem.detach()``) is a new one, and a reset after the edit starts a new
+    sequence, in both."""
+    torch.manual_seed(0)
+    model = sbnn_snn.to_sbnn(nn.Sequential(
+        nn.Linear(4, 5), snn.Leaky(beta=0.9, init_hidden=True), nn.Linear(5, 2)))
+    lif, x = model[1], torch.rand(3, 4) * 2
+    message = ("the membrane passed to this SBNNLeaky was computed from its last membrane "
+               "out of place (e.g. mem = 0.5 * mem")
+    torch._dynamo.reset()
+    try:
+        for step in (model, torch.compile(lambda a: model(a), fullgraph=True,
+                                          backend="aot_eager")):
+            sutils.reset(model)
+            step(x)
+            step(x)
+            lif.mem = 0.5 * lif.mem
+            with pytest.raises((VarianceFlowError, RuntimeError)) as err:
+                step(x)
+            assert str(err.value).startswith(message)
+            sutils.reset(model)  # a new sequence after the edit
+            step(x)
+            lif.mem = 0.5 * lif.mem.detach()  # without a graph: a new membrane
+            step(x)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_nan_membrane_passed_to_a_compiled_method_of_a_converted_model_is_named():
@@ -1171,6 +1203,30 @@ def _bad_models():
                                        spike_grad=sbnn_snn.spike_grad())),
             x, "this snn.Synaptic has a variance-aware spike function, but its input carries "
                "the posterior variance of a Bayesian layer (in its state 'syn')"),
+        # (compiled, these ran on with a wrong variance, silently: a graph does not track
+        # which noise two terms share; the same-step reset was Dynamo's data-dependent
+        # branching error)
+        "drop-in spike_grad, RLeaky reset to zero": (
+            nn.Sequential(sb.BayesLinear(4, 3, std=0.3),
+                          snn.RLeaky(beta=0.9, linear_features=3, init_hidden=True,
+                                     reset_mechanism="zero", spike_grad=sbnn_snn.spike_grad())),
+            x, "this snn.RLeaky has a variance-aware spike function, but the posterior "
+               "variance of a Bayesian layer in its state 'mem' is unknown: "
+               "snn.RLeaky(reset_mechanism='zero') resets as base - reset * base"),
+        "drop-in spike_grad, Lapicque reset to zero": (
+            nn.Sequential(sb.BayesLinear(4, 3, std=0.3),
+                          snn.Lapicque(beta=0.9, init_hidden=True, reset_mechanism="zero",
+                                       spike_grad=sbnn_snn.spike_grad())),
+            x, "this snn.Lapicque has a variance-aware spike function, but the posterior "
+               "variance of a Bayesian layer in its state 'mem' is unknown: "
+               "snn.Lapicque(reset_mechanism='zero') resets as base - reset * base"),
+        "drop-in spike_grad, same-step reset to zero": (
+            nn.Sequential(sb.BayesLinear(4, 3, std=0.3),
+                          snn.Leaky(beta=0.9, init_hidden=True, reset_mechanism="zero",
+                                    reset_delay=False, spike_grad=sbnn_snn.spike_grad())),
+            x, "this snn.Leaky has a variance-aware spike function, but the posterior "
+               "variance of a Bayesian layer in its state 'mem' is unknown: reset_delay=False "
+               "with reset_mechanism='zero' applies its same-step reset"),
         "op without a rule, snnTorch": (sbnn_snn.to_sbnn(TanhLeaky()), x,
                                         "the input of this spike function went through 'tanh'"),
         "op without a rule, SpikingJelly": (
@@ -1854,8 +1910,23 @@ def _nonfinite_parameter_cases():
         net[1](net[0](torch.rand(4, 2, 8)))
         return sbnn_sj.to_sbnn(net, batchnorm="affine")
 
+    def snn_learned_beta():
+        torch.manual_seed(0)
+        return sbnn_snn.to_sbnn(nn.Sequential(
+            nn.Linear(4, 5), snn.Leaky(beta=0.9, learn_beta=True, init_hidden=True),
+            nn.Linear(5, 2), snn.Leaky(beta=0.9, init_hidden=True, output=True)))
+
     x, x3 = torch.rand(2, 4), torch.rand(4, 2, 8)
     return {
+        "beta of a converted snnTorch neuron": (
+            poisoned(snn_pair(), lambda m: m[1], "beta", math.nan, x, sbnn_snn.reset), x,
+            ("the buffer '1.beta' of the converted model (Sequential) contains",
+             "Leaky.beta (the membrane decay) holds NaN / inf values")),
+        "learned beta of a converted snnTorch neuron": (
+            poisoned(snn_learned_beta(), lambda m: m[1], "beta", math.inf, x,
+                     sbnn_snn.reset), x,
+            ("the parameter '1.beta' of the converted model (Sequential) contains",
+             "Leaky.beta (the membrane decay) holds NaN / inf values")),
         "noise scale of a converted snnTorch layer": (
             poisoned(snn_pair(), lambda m: m[2], "std_rho", math.nan, x, sbnn_snn.reset), x,
             ("the parameter '2.std_rho' of the converted model (Sequential) contains",
@@ -1892,8 +1963,9 @@ def _nonfinite_parameter_cases():
 
 @pytest.mark.parametrize("case", list(_nonfinite_parameter_cases()))
 def test_a_nonfinite_parameter_is_named_in_a_compiled_step(case):
-    """A NaN / inf noise scale (a layer's ``std_rho``, a spike function's std) or a
-    ``ChannelAffine``'s gamma / beta, which eager mode names at the next call: a
+    """A NaN / inf noise scale (a layer's ``std_rho``, a spike function's std), a
+    ``ChannelAffine``'s gamma / beta or a converted snnTorch neuron's ``beta`` (a
+    constant or learned), which eager mode names at the next call: a
     fullgraph step skipped those checks and ran on, drawing the spikes at random or never
     (or returning NaN), without an error. It raises, naming the tensor and the fix (a
     ``RuntimeError``, without the counts; in a converted model the module's own check,
