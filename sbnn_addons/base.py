@@ -847,8 +847,9 @@ def assert_finite(t: Tensor, message: str, *, nan_only: bool = False) -> None:
     parameter or constant: a noise scale, a neuron's ``beta``) holds no NaN / inf (no NaN
     with ``nan_only``), raising a ``RuntimeError`` with ``message`` where it does. Eager
     mode's checks of such tensors are cached by version, which a graph cannot read: the
-    graph tests them at each call (a reduction each, which AOTAutograd's common
-    subexpression elimination shares between the time steps of one graph). Nothing in
+    graph tests them at each call (a reduction of the small tensor and an assert, at
+    every call: a graph that calls a layer at each time step tests it at each step, as
+    AOTAutograd does not merge asserts). Nothing in
     eager mode, with :class:`check_finite` off, or for a ``meta`` tensor."""
     if (not _CHECK_FINITE[0] or not torch.compiler.is_compiling() or t is None
             or t.is_meta or not t.is_floating_point()):

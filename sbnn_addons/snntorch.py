@@ -478,9 +478,8 @@ class _EmittedSpikeReset:
         buffer or a learned parameter) holds no NaN / inf, which eager mode refuses at the
         converted model's entry (a check cached by version, which a graph cannot read): a
         NaN decay makes the membrane NaN, so the neuron never fires (spikes 0, gradients
-        NaN) without an error. One reduction of the small tensor per step, which
-        AOTAutograd's common subexpression elimination shares between the time steps of
-        one graph."""
+        NaN) without an error. One reduction of the small tensor and an assert per
+        step (:func:`~sbnn_addons.base.assert_finite`)."""
         p, b = self._parameters, self._buffers  # without nn.Module.__getattr__
         beta = p["beta"] if "beta" in p else b.get("beta")
         if isinstance(beta, Tensor):
