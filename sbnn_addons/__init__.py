@@ -6,7 +6,7 @@ evaluation modes. Host-library adapters live in :mod:`sbnn_addons.snntorch` and
 :mod:`sbnn_addons.spikingjelly` and are imported only when used.
 """
 
-from . import kernels
+from . import _inductor_fixes, kernels
 from .base import check_finite
 from .calibration import SpikeStdCalibration, calibrate_spike_std
 from .estimators import AGR, IWST, ST, BernoulliSpike, Estimator, get_estimator, sample_spikes
@@ -36,6 +36,8 @@ from .spike import IWSTSpike, seed_spikes, spike_seed
 from .uncertainty import Prediction, mc_predict
 
 __version__ = "0.1.0"
+
+_inductor_fixes.install()  # a compiled step's gradients (see the module)
 
 __all__ = [
     "AGR", "IWST", "ST", "Estimator", "get_estimator", "BernoulliSpike", "sample_spikes",

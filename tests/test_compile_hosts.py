@@ -306,3 +306,32 @@ def test_batchnorm_affine_pairs_a_compiled_host_by_its_calls(how):
         torch._dynamo.reset()
     torch.testing.assert_close(getattr(converted, "_orig_mod", converted).fc.std, expected)
     assert how == "wrapper" or model._compiled_call_impl is not None  # still compiled
+
+
+def test_compiled_kernel_reads_an_in_place_scatter_result_after_the_scatter():
+    """PyTorch 2.13 inductor's CPU backend fused a kernel that reads the result of an
+    in-place ``scatter_add`` with a kernel over a channels-last tensor and, recomputing
+    the reader's loops for the fusion, lost its dependency on the scatter: the fused
+    kernel ran first and read zeros, silently. The backward of ``max_pool2d`` is such a
+    scatter (PyTorch 2.13), so a converted SpikingJelly network (convolutions, BatchNorm,
+    max pooling; single step, ``T = 2``) compiled to the eager loss and spikes but lost
+    one time step's gradient through the pooling for the layers before it. Importing
+    ``sbnn_addons`` corrects inductor (``sbnn_addons._inductor_fixes``): the compiled
+    function computes eager's values."""
+    def f(c, x, index, src):
+        a = c * x  # a kernel over the channels-last x
+        s = torch.zeros(8, 256).scatter_add(1, index, src).view(2, 4, 16, 16)
+        return a, s * c  # the reader of the scatter's result, fused with the kernel above
+
+    gc.collect()
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    c = torch.rand(2, 4, 16, 16)
+    x = torch.rand(2, 4, 16, 16).to(memory_format=torch.channels_last)
+    index, src = torch.randint(0, 256, (8, 64)), torch.rand(8, 64)
+    try:
+        compiled = torch.compile(f, fullgraph=True)(c, x, index, src)
+    finally:
+        torch._dynamo.reset()
+    for got, want in zip(compiled, f(c, x, index, src)):
+        torch.testing.assert_close(got, want)
