@@ -157,26 +157,40 @@ def _build_and_open() -> ctypes.CDLL:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler found (tried $CC, cc, gcc)")
-    source = _SOURCE.read_bytes()
+    # global: the operator library (_OP_SOURCE) resolves sbnn_spike_forward here
+    lib = _open_cached("spike", _SOURCE, compiler, _FLAG_SETS, _cpu_signature(), _compile,
+                       mode=ctypes.RTLD_GLOBAL)
+    _declare(lib)
+    return lib
+
+
+def _open_cached(stem: str, source: Path, compiler: str, flag_sets, salt: str,
+                 build: Callable[[str, Path, Path, list[str]], None],
+                 mode: int = ctypes.DEFAULT_MODE) -> ctypes.CDLL:
+    """The shared library built from ``source`` with the first of ``flag_sets`` that builds
+    and loads. It is cached in :func:`_cache_dir` under a name that hashes the source, the
+    flags, the compiler and ``salt`` (what else the build depends on);
+    ``build(compiler, source, target, flags)`` writes a missing one, atomically.
+
+    Raises:
+        RuntimeError: no flag set built and loaded (each one's error, in order).
+    """
+    code = source.read_bytes()
     cache = _cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     errors = []
-    for flags in _FLAG_SETS:
+    for flags in flag_sets:
         key = hashlib.sha256(
-            source + repr(flags).encode() + compiler.encode() + _cpu_signature().encode()
+            code + repr(flags).encode() + compiler.encode() + salt.encode()
         ).hexdigest()[:16]
-        target = cache / f"spike-{key}.so"
+        target = cache / f"{stem}-{key}.so"
         try:
             if not target.exists():
-                _compile(compiler, _SOURCE, target, flags)
-            # global: the operator library (_OP_SOURCE) resolves sbnn_spike_forward here
-            lib = ctypes.CDLL(str(target), mode=ctypes.RTLD_GLOBAL)
+                build(compiler, source, target, flags)
+            return ctypes.CDLL(str(target), mode=mode)
         except (subprocess.CalledProcessError, OSError) as exc:
             detail = getattr(exc, "stderr", "") or str(exc)
             errors.append(f"{' '.join(flags)}: {detail.strip()[:300]}")
-            continue
-        _declare(lib)
-        return lib
     raise RuntimeError("; ".join(errors))
 
 
@@ -775,40 +789,34 @@ def _(u, variance, at_zero, aux_offset, after=None):
 _spike_forward_op = torch.ops.sbnn_addons.spike_forward.default
 
 
-def _build_operator() -> Path:
-    """The C++ kernel of ``sbnn_addons::spike_forward`` (``_kernels/spike_op.cpp``) as a
-    shared library in the cache, built on first use against the installed torch's headers
-    with the system C++ compiler (``$CXX``, else ``c++`` or ``g++``; about 10 s)."""
+# the operator library's flags: the C++ standard torch's headers want, else the one before
+_OP_FLAG_SETS = tuple(
+    ["-O2", std, "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    for std in ("-std=c++20", "-std=c++17"))
+
+
+def _compile_operator(compiler: str, source: Path, target: Path, flags: list[str]) -> None:
+    """Build the C++ kernel of ``sbnn_addons::spike_forward`` (``_kernels/spike_op.cpp``)
+    against the installed torch's headers and libraries (about 10 s)."""
+    root = Path(torch.__file__).parent
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        so = Path(tmp) / "spike_op.so"
+        subprocess.run(
+            [compiler, "-shared", *flags, "-I", str(root / "include"), str(source),
+             "-o", str(so), "-L", str(root / "lib"), "-lc10", "-ltorch_cpu"],
+            check=True, capture_output=True, text=True, timeout=300)
+        os.replace(so, target)  # atomic, as the C kernel's build
+
+
+def _open_operator() -> ctypes.CDLL:
+    """The operator's C++ kernel library, built on first use with the system C++ compiler
+    (``$CXX``, else ``c++`` or ``g++``) and cached per torch installation."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         raise RuntimeError("no C++ compiler found (tried $CXX, c++, g++)")
-    root = Path(torch.__file__).parent
-    source = _OP_SOURCE.read_bytes()
-    cache = _cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    errors = []
-    for std in ("-std=c++20", "-std=c++17"):
-        flags = ["-O2", std, "-fPIC", "-w",
-                 f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-        key = hashlib.sha256(source + repr(flags).encode() + compiler.encode()
-                             + torch.__version__.encode() + str(root).encode()).hexdigest()[:16]
-        target = cache / f"spike_op-{key}.so"
-        if target.exists():
-            return target
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            so = Path(tmp) / "spike_op.so"
-            try:
-                subprocess.run(
-                    [compiler, "-shared", *flags, "-I", str(root / "include"), str(_OP_SOURCE),
-                     "-o", str(so), "-L", str(root / "lib"), "-lc10", "-ltorch_cpu"],
-                    check=True, capture_output=True, text=True, timeout=300)
-            except (subprocess.CalledProcessError, OSError) as exc:
-                detail = getattr(exc, "stderr", "") or str(exc)
-                errors.append(f"{std}: {detail.strip()[:300]}")
-                continue
-            os.replace(so, target)  # atomic, as the C kernel's build
-        return target
-    raise RuntimeError("; ".join(errors))
+    salt = torch.__version__ + str(Path(torch.__file__).parent)
+    return _open_cached("spike_op", _OP_SOURCE, compiler, _OP_FLAG_SETS, salt,
+                        _compile_operator)
 
 
 _op_lock = threading.Lock()
@@ -829,7 +837,7 @@ def _install_operator() -> bool:
         try:
             if _lib is None:
                 raise RuntimeError(f"the C kernel is not loaded ({_load_error})")
-            library = ctypes.CDLL(str(_build_operator()))
+            library = _open_operator()
         except Exception as exc:  # noqa: BLE001 - any failure: the Python implementation
             _operator_error = f"{type(exc).__name__}: {exc}"
             return False
