@@ -1898,10 +1898,10 @@ def _nonfinite_parameter_cases():
             getattr(owner(model), name).view(-1)[0] = value
         return model
 
-    def snn_pair():
+    def snn_pair(learn_beta=False):
         torch.manual_seed(0)
         return sbnn_snn.to_sbnn(nn.Sequential(
-            nn.Linear(4, 5), snn.Leaky(beta=0.9, init_hidden=True),
+            nn.Linear(4, 5), snn.Leaky(beta=0.9, learn_beta=learn_beta, init_hidden=True),
             nn.Linear(5, 2), snn.Leaky(beta=0.9, init_hidden=True, output=True)))
 
     def sj_affine():
@@ -1910,12 +1910,6 @@ def _nonfinite_parameter_cases():
         net[1](net[0](torch.rand(4, 2, 8)))
         return sbnn_sj.to_sbnn(net, batchnorm="affine")
 
-    def snn_learned_beta():
-        torch.manual_seed(0)
-        return sbnn_snn.to_sbnn(nn.Sequential(
-            nn.Linear(4, 5), snn.Leaky(beta=0.9, learn_beta=True, init_hidden=True),
-            nn.Linear(5, 2), snn.Leaky(beta=0.9, init_hidden=True, output=True)))
-
     x, x3 = torch.rand(2, 4), torch.rand(4, 2, 8)
     return {
         "beta of a converted snnTorch neuron": (
@@ -1923,7 +1917,7 @@ def _nonfinite_parameter_cases():
             ("the buffer '1.beta' of the converted model (Sequential) contains",
              "Leaky.beta (the membrane decay) holds NaN / inf values")),
         "learned beta of a converted snnTorch neuron": (
-            poisoned(snn_learned_beta(), lambda m: m[1], "beta", math.inf, x,
+            poisoned(snn_pair(learn_beta=True), lambda m: m[1], "beta", math.inf, x,
                      sbnn_snn.reset), x,
             ("the parameter '1.beta' of the converted model (Sequential) contains",
              "Leaky.beta (the membrane decay) holds NaN / inf values")),
