@@ -506,8 +506,7 @@ def _neuron_pre_hook(node: nn.Module, args):
         # the input under a dispatch mode that refuses the subclass (a TypeError,
         # "Multiple dispatch failed for aten.detach"); a copy, which a larger graph fuses
         stripped = x.clone() if torch.compiler.is_compiling() else x.view_as(x)
-    if not torch.compiler.is_compiling():
-        spike.__dict__["_input"] = stripped  # _mark_spikes: did the node run on it?
+    spike.__dict__["_input"] = stripped  # _mark_spikes: did the node run on it?
     return (stripped, *args[1:])
 
 
@@ -754,21 +753,33 @@ def _check_input_unchanged(node: nn.Module, spike: SJSpike, taken: Tensor, x) ->
     Raises:
         VarianceFlowError: naming the neuron and the two ways to register the hook.
     """
+    compiling = torch.compiler.is_compiling()
     with torch._C.DisableTorchFunctionSubclass():
-        same = (isinstance(x, Tensor) and x.shape == taken.shape
-                and torch.equal(x.to(device=taken.device, dtype=taken.dtype), taken))
+        same = isinstance(x, Tensor) and x.shape == taken.shape
+        if same and compiling:
+            # the values are not known while tracing: a runtime assert in the graph (a
+            # NaN passed on counts as unchanged)
+            y = x.to(device=taken.device, dtype=taken.dtype)
+            torch._assert_async(((y == taken) | (y.isnan() & taken.isnan())).all(),
+                                _changed_input_message(node, None))
+            return
+        same = same and torch.equal(x.to(device=taken.device, dtype=taken.dtype), taken)
     if same:
         return
     spike._end()
-    name = noise_sources(taken, node)[0]
+    name = noise_sources(taken, node)[0] if not compiling else None
+    raise_error(_changed_input_message(node, name), VarianceFlowError)
+
+
+def _changed_input_message(node: nn.Module, name: str | None) -> str:
     where = f"{type(node).__name__} {name!r}" if name else type(node).__name__
-    raise_error(
+    return (
         f"a forward pre-hook of the converted SpikingJelly {where}, registered after its "
         "conversion, changed the neuron's input after the conversion's own pre-hook had "
         "taken its posterior variance: the spikes were drawn with the variance of the "
         "input before that change. Register the hook before converting, or with "
         "register_forward_pre_hook(hook, prepend=True), which runs it first (the "
-        "variance then follows the change)", VarianceFlowError)
+        "variance then follows the change)")
 
 
 def _unlink(node: nn.Module) -> None:

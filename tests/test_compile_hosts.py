@@ -335,3 +335,41 @@ def test_compiled_kernel_reads_an_in_place_scatter_result_after_the_scatter():
         torch._dynamo.reset()
     for got, want in zip(compiled, f(c, x, index, src)):
         torch.testing.assert_close(got, want)
+
+
+def test_a_pre_hook_changing_a_converted_neurons_input_is_named_in_a_compiled_call():
+    """A forward pre-hook registered on a converted SpikingJelly neuron after the
+    conversion (after the link's own, which takes the input's variance) that changes the
+    input (``x * 2``): eager mode names it, but a compiled call drew the spikes with the
+    variance of the unchanged input (a quarter of the true one), silently. The compiled
+    call names it too; a hook that passes the input on unchanged still runs."""
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    from sbnn_addons.moments import VarianceFlowError
+
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(6, 5, step_mode="m"),
+                        neuron.IFNode(v_threshold=1e9, step_mode="m"))
+    sbnn = sbnn_sj.to_sbnn(net, std=0.1, learn_std=False, spike_std=None)
+    x = torch.rand(2, 3, 6) * 3
+
+    def run(a):
+        functional.reset_net(sbnn)
+        return sbnn(a)
+
+    seen = []
+    handle = sbnn[1].register_forward_pre_hook(lambda m, args: seen.append(1))
+    gc.collect()
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            torch.compile(run, backend="aot_eager")(x)
+        assert seen
+        handle.remove()
+        sbnn[1].register_forward_pre_hook(lambda m, args: (args[0] * 2, *args[1:]))
+        torch._dynamo.reset()
+        with pytest.raises((VarianceFlowError, RuntimeError),
+                           match=r"IFNode.*pre-hook.*prepend=True"), torch.no_grad():
+            torch.compile(run, backend="aot_eager")(x)
+    finally:
+        torch._dynamo.reset()
