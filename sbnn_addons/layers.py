@@ -1565,6 +1565,8 @@ class _CallOrder:
     (for messages), and, when checking, the layer each BatchNorm's scale was folded into
     (``None``: none); when recording, the modules each BatchNorm was called after."""
 
+    error: tuple | None = None  # (what an order pickled before the attribute reads)
+
     def __init__(self, outs: dict[str, int], features: dict[str, int],
                  kinds: dict[str, str], expected: dict[str, str | None] | None = None,
                  host: str = "") -> None:
@@ -1572,6 +1574,7 @@ class _CallOrder:
         self.outs, self.features, self.kinds = outs, features, kinds
         self.expected, self.host = expected, host
         self.follows: dict[str, set] = {}
+        self.error: tuple | None = None  # (bn, folded, last): found while compiling
 
     def folds_into(self, bn: str, before: str | None) -> str | None:
         """The layer a BatchNorm called right after ``before`` folds into: ``before``
@@ -1590,9 +1593,18 @@ class _CallOrderHook:
         self.order, self.module_name, self.post = order, name, post
 
     def __call__(self, module, args, *output):
-        if torch.compiler.is_compiling():
-            return None
         order, name = self.order, self.module_name
+        if torch.compiler.is_compiling():
+            # a first call that is compiled checks the pairs while the graph is traced
+            # (the call order is the graph's); the recording of example_input is eager
+            if order.expected is None:
+                return None
+            if not self.post and name in order.expected:
+                folded = order.expected[name]
+                if order.folds_into(name, order.last) != folded and order.error is None:
+                    order.error = (name, folded, order.last)  # raised after the call
+            order.last = name
+            return None
         if not self.post and name in order.features:
             if order.expected is None:
                 order.follows.setdefault(name, set()).add(order.last)
@@ -1613,11 +1625,23 @@ class _PairingRootHook:
 
     def __call__(self, module, args, *output):
         if torch.compiler.is_compiling():
+            # a compiled call checks the pairs (_CallOrderHook) but cannot remove the
+            # hooks inside a graph: the first eager call removes them
+            order = self.order
+            if not self.post:
+                order.last, order.error = None, None
+            elif order.error is not None:
+                name, folded, order.last = order.error  # (the message names it)
+                raise_error(str(_pairing_error(order, name, folded)), ValueError)
             return None
+        order = self.order
         if self.post:
+            if order.error is not None:  # found in a compiled part of this call
+                name, folded, order.last = order.error
+                raise _pairing_error(order, name, folded)
             remove_batchnorm_pairing_check(module)
         else:
-            self.order.last = None
+            order.last, order.error = None, None
         return None
 
 
@@ -1744,9 +1768,10 @@ def check_batchnorm_pairing(model: nn.Module, folds: dict[str, str], affine_bns:
     that finds a pair the forward does not call back to back raises a ``ValueError``
     naming the BatchNorm, the layer its scale was folded into, the module it follows and
     the fix (``example_input=``); the hooks stay, so every later call raises too.
-    ``host`` names the converter's module in the message. The hooks do nothing while
-    ``torch.compile`` traces a graph: a model compiled before its first eager call is not
-    checked (convert it with ``example_input``). Returns ``model``."""
+    ``host`` names the converter's module in the message. A model compiled before its
+    first eager call is checked while ``torch.compile`` traces its graph (a
+    ``RuntimeError`` with the same message); the hooks stay until an eager call runs
+    through. Returns ``model``."""
     modules = dict(model.named_modules())
     expected = {bn: None for bn in affine_bns}
     for layer_name, bn in folds.items():

@@ -373,3 +373,43 @@ def test_a_pre_hook_changing_a_converted_neurons_input_is_named_in_a_compiled_ca
             torch.compile(run, backend="aot_eager")(x)
     finally:
         torch._dynamo.reset()
+
+
+def test_batchnorm_affine_pairs_are_checked_in_a_first_compiled_call():
+    """``batchnorm="affine"`` without ``example_input`` folds each BatchNorm's scale into
+    the layer declared before it, and the first forward checks that the forward calls
+    them back to back. A model declaring its layers grouped by type (``conv1, conv2, bn1,
+    bn2``), compiled before any eager call, skipped the check: bn1's scale stayed folded
+    into conv2 (the wrong layer's noise), silently. The compiled call names it as the
+    eager one does; a model declared in call order compiles and runs."""
+    from spikingjelly.activation_based import layer, neuron
+
+    class Grouped(nn.Module):
+        def __init__(self, grouped: bool):
+            super().__init__()
+            self.conv1 = layer.Conv2d(2, 4, 3, padding=1)
+            if grouped:
+                self.conv2 = layer.Conv2d(4, 4, 3, padding=1)
+            self.bn1 = layer.BatchNorm2d(4)
+            self.sn1 = neuron.LIFNode()
+            if not grouped:
+                self.conv2 = layer.Conv2d(4, 4, 3, padding=1)
+            self.bn2 = layer.BatchNorm2d(4)
+            self.sn2 = neuron.LIFNode()
+
+        def forward(self, x):
+            return self.sn2(self.bn2(self.conv2(self.sn1(self.bn1(self.conv1(x))))))
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 2, 5, 5)
+    gc.collect()
+    torch._dynamo.reset()
+    try:
+        declared = sbnn_sj.to_sbnn(Grouped(True), batchnorm="affine")
+        with pytest.raises((ValueError, RuntimeError),
+                           match=r"'bn1'.*'conv2'.*'conv1'.*example_input=x"):
+            torch.compile(declared, backend="aot_eager")(x)
+        ordered = sbnn_sj.to_sbnn(Grouped(False), batchnorm="affine")
+        torch.compile(ordered, backend="aot_eager")(x)
+    finally:
+        torch._dynamo.reset()
