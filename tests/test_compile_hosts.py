@@ -398,3 +398,46 @@ def test_host_compiled_and_run_then_converted_in_place_compiles_like_eager():
     finally:
         torch._dynamo.reset()
     assert torch.equal(results[0], results[1])
+
+
+def test_explicit_loop_with_a_graph_break_compiles_like_eager():
+    """An explicit time loop (snnTorch tutorial style, an ``RLeaky`` passing its spikes
+    back) that Dynamo splits at a graph break inside the loop: the graph after the break
+    takes the marked spikes and the carriers of the step before as inputs, and its first
+    call failed inside AOTAutograd ("Multiple dispatch failed for 'aten.add.Tensor'"). It
+    computes eager mode's loss and gradients."""
+
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.lif1 = nn.Linear(6, 8), snn.RLeaky(beta=0.9, linear_features=8)
+            self.fc2, self.lif2 = nn.Linear(8, 3), snn.Leaky(beta=0.8, learn_beta=True)
+
+        def forward(self, x):
+            spk1, mem1 = self.lif1.init_rleaky()
+            mem2 = self.lif2.init_leaky()
+            out = []
+            for t in range(x.shape[0]):
+                spk1, mem1 = self.lif1(self.fc1(x[t]), spk1, mem1)
+                if t == 1:
+                    torch._dynamo.graph_break()
+                spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+                out.append(spk2)
+            return torch.stack(out).sum(0) + mem2
+
+    torch.manual_seed(0)
+    net = sbnn_snn.to_sbnn(Loop())
+    x, y = torch.rand(3, 5, 6) * 6, torch.randint(0, 3, (5,))
+    results = []
+    try:
+        for model in (net, torch.compile(net, backend="aot_eager")):
+            torch.manual_seed(1)
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in net.parameters()]))
+            net.zero_grad()
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
