@@ -1,4 +1,4 @@
-"""A correction to PyTorch's inductor compiler that compiled SBNN training steps need.
+"""Corrections to PyTorch's compiler that compiled SBNN training steps need.
 
 Inductor's CPU backend fuses two pointwise kernels whose loop nests differ but have the
 same number of iterations (a flat loop with one over a channels-last tensor) by
@@ -20,11 +20,18 @@ Renaming is idempotent (the names it maps are the buffers before their updates),
 harmless on a PyTorch whose method already does it. It is installed when inductor's
 scheduler module is first imported (by inductor's first compilation: importing it
 eagerly would cost 0.4 s at ``import sbnn_addons``), or at once where it is loaded.
+
+AOTAutograd's first run of a compiled graph analyses its custom operators under a
+dispatch mode that refuses tensor subclasses it does not know;
+:func:`_patch_custom_op_analysis` lets it see the library's own (which carry their state
+in Python only) as plain tensors, so that a graph that starts after a graph break and
+takes a variance carrier or marked spikes as inputs runs (see the function).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.abc
 import sys
 
@@ -46,6 +53,47 @@ def _patch_scheduler(scheduler) -> None:
 
     recompute_size_and_body._sbnn_renames = True
     node_type.recompute_size_and_body = recompute_size_and_body
+
+
+_RUNTIME_WRAPPERS = "torch._functorch._aot_autograd.runtime_wrappers"
+
+
+def _library_subclasses() -> tuple[type, ...]:
+    from .base import ComputedStd
+    from .moments import VarianceTensor
+    from .tensors import SpikeTensor
+    return VarianceTensor, SpikeTensor, ComputedStd
+
+
+def _patch_custom_op_analysis(runtime_wrappers) -> None:
+    """AOTAutograd's first run of a compiled graph analyses its custom operators under a
+    dispatch mode that refuses every tensor subclass it does not know. A graph that takes
+    one of the library's tensors as an input (after a graph break: a carrier of a
+    Bayesian layer's variance, marked spikes) runs its operators on them with
+    ``__torch_function__`` off, so they reach that mode, and the first call failed
+    ("Multiple dispatch failed for 'aten.add.Tensor'"). The library's subclasses carry
+    their state in Python only (no ``__torch_dispatch__``): the mode sees plain aliases
+    of them."""
+    mode_type = getattr(runtime_wrappers, "_AnalyzeCustomOpInputOutputMode", None)
+    original = getattr(mode_type, "__torch_dispatch__", None)
+    if original is None or getattr(original, "_sbnn_plain", False):
+        return
+    import torch
+    from torch.utils._pytree import tree_map
+
+    @functools.wraps(original)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        ours = _library_subclasses()
+
+        def plain(x):
+            return x.as_subclass(torch.Tensor) if type(x) in ours else x
+
+        with torch._C.DisableTorchFunctionSubclass():  # (the first run only: no cost after)
+            args, kwargs = tree_map(plain, (args, kwargs or {}))
+        return original(self, func, tuple(t for t in types if t not in ours), args, kwargs)
+
+    __torch_dispatch__._sbnn_plain = True
+    mode_type.__torch_dispatch__ = __torch_dispatch__
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
@@ -104,6 +152,14 @@ def install() -> None:
     tag = compiler_config.cache_key_tag
     if CACHE_TAG not in tag:
         compiler_config.cache_key_tag = f"{tag},{CACHE_TAG}" if tag else CACHE_TAG
+    wrappers = sys.modules.get(_RUNTIME_WRAPPERS)
+    if wrappers is None:
+        try:
+            wrappers = importlib.import_module(_RUNTIME_WRAPPERS)
+        except Exception:  # noqa: BLE001 (a PyTorch without it: nothing to correct)
+            wrappers = None
+    if wrappers is not None:
+        _patch_custom_op_analysis(wrappers)
     module = sys.modules.get(_TARGET)
     if module is not None:
         _patch_scheduler(module)

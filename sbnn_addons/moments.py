@@ -361,6 +361,13 @@ class VarianceTensor(Tensor):
             # Python subclass among a custom operator's inputs
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*_plain_args(args), **_plain_args(kwargs or {}))
+        if type(func) is torch._ops.OpOverload and not compiling and _in_graph_analysis():
+            # an aten operator of a compiled graph's first run, on a carrier that entered
+            # the graph as an input (a graph break before or after a neuron): the graph
+            # traced the flow on the means, and AOTAutograd's first-run analysis mode
+            # refuses a Python subclass ("Multiple dispatch failed")
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*_plain_args(args), **_plain_args(kwargs or {}))
         if func in _AUTOGRAD_CALLS:
             # the backward on the plain means, with the flow on: a recomputation inside it
             # (torch.utils.checkpoint) runs its variance flow as the forward did
@@ -369,6 +376,14 @@ class VarianceTensor(Tensor):
                       for k, v in (kwargs or {}).items()}
             return func(*_plain_args(args[:2]), *args[2:], **kwargs)
         return _flow(func, args, kwargs or {}, compiling)
+
+    def __coerce_same_metadata_as_tangent__(self, expected_meta, expected_type=None):
+        """A gradient that reaches a compiled graph's backward as a carrier (computed by
+        the backward of a later graph, after a graph break, from the carriers it saved):
+        its plain values, the tangent the graph was traced with."""
+        if expected_type is None or expected_type is Tensor:
+            return self.as_subclass(Tensor)
+        return None
 
     def __deepcopy__(self, memo):
         if id(self) in memo:
@@ -395,6 +410,14 @@ class VarianceTensor(Tensor):
 
 _NONE_COMPARISONS = (Tensor.__eq__, Tensor.__ne__)
 _AUTOGRAD_CALLS = (Tensor.backward, torch.autograd.backward)
+
+
+def _in_graph_analysis() -> bool:
+    """Whether AOTAutograd's first run of a compiled graph is analysing its custom
+    operators (a dispatch mode that refuses tensor subclasses)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    mode = _get_current_dispatch_mode()
+    return mode is not None and type(mode).__name__ == "_AnalyzeCustomOpInputOutputMode"
 
 
 def _plain_args(value):

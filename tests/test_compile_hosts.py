@@ -413,3 +413,109 @@ def test_batchnorm_affine_pairs_are_checked_in_a_first_compiled_call():
         torch.compile(ordered, backend="aot_eager")(x)
     finally:
         torch._dynamo.reset()
+
+
+class _GraphBreak(nn.Module):
+    """A user module that Dynamo cannot trace (a ``print``, a data-dependent branch)."""
+
+    def forward(self, x):
+        torch._dynamo.graph_break()
+        return x
+
+
+def test_converted_snntorch_model_with_a_graph_break_compiles_like_eager():
+    """``torch.compile`` without ``fullgraph`` splits a converted snnTorch model at a graph
+    break (here before a neuron, whose input then carries a Bayesian layer's variance):
+    the graph that starts there takes that carrier as an input, and the first call failed
+    inside AOTAutograd ("Multiple dispatch failed for 'aten.zeros_like'"; its backward,
+    "we guessed its metadata incorrectly"). It runs as in eager mode, values and
+    gradients."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 8), snn.Leaky(beta=0.9, init_hidden=True),
+              nn.Linear(8, 3), snn.Leaky(beta=0.9, init_hidden=True, output=True)]
+    layers.insert(1, _GraphBreak())
+    net = sbnn_snn.to_sbnn(nn.Sequential(*layers))
+    x = torch.rand(4, 6) * 3
+    compiled = torch.compile(net, backend="aot_eager")
+    results = []
+    try:
+        for model in (net, compiled):
+            sbnn_snn.reset(net)
+            torch.manual_seed(1)
+            out = torch.stack([model(x)[0] for _ in range(3)])
+            out.sum().backward()
+            results.append((out.detach(), net[0].std_rho.grad.clone()))
+            net.zero_grad()
+    finally:
+        torch._dynamo.reset()
+    assert results[0][0].sum() > 0
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+
+
+def test_host_compiled_and_run_then_converted_in_place_compiles_like_eager():
+    """The order of a user who compiles first: ``net.compile()``, a warm-up call of the
+    snnTorch model, then ``to_sbnn(net, inplace=True)``. Dynamo had compiled the host's
+    ``Leaky.forward`` as a frame of its own, so the converted model's compiled call split
+    there and failed inside AOTAutograd ("Multiple dispatch failed"). It computes eager
+    mode's spikes."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), snn.Leaky(beta=0.9, init_hidden=True),
+                        nn.Linear(8, 3), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+    x = torch.rand(4, 6) * 3
+    net.compile(backend="aot_eager")
+    try:
+        sutils.reset(net)
+        net(x)
+        sbnn_snn.to_sbnn(net, inplace=True)
+        results = []
+        for call in (net, net._call_impl):  # compiled, then eager
+            sbnn_snn.reset(net)
+            torch.manual_seed(1)
+            results.append(torch.stack([call(x)[1] for _ in range(3)]).detach())
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(results[0], results[1])
+
+
+def test_explicit_loop_with_a_graph_break_compiles_like_eager():
+    """An explicit time loop (snnTorch tutorial style, an ``RLeaky`` passing its spikes
+    back) that Dynamo splits at a graph break inside the loop: the graph after the break
+    takes the marked spikes and the carriers of the step before as inputs, and its first
+    call failed inside AOTAutograd ("Multiple dispatch failed for 'aten.add.Tensor'"). It
+    computes eager mode's loss and gradients."""
+
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.lif1 = nn.Linear(6, 8), snn.RLeaky(beta=0.9, linear_features=8)
+            self.fc2, self.lif2 = nn.Linear(8, 3), snn.Leaky(beta=0.8, learn_beta=True)
+
+        def forward(self, x):
+            spk1, mem1 = self.lif1.init_rleaky()
+            mem2 = self.lif2.init_leaky()
+            out = []
+            for t in range(x.shape[0]):
+                spk1, mem1 = self.lif1(self.fc1(x[t]), spk1, mem1)
+                if t == 1:
+                    torch._dynamo.graph_break()
+                spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+                out.append(spk2)
+            return torch.stack(out).sum(0) + mem2
+
+    torch.manual_seed(0)
+    net = sbnn_snn.to_sbnn(Loop())
+    x, y = torch.rand(3, 5, 6) * 6, torch.randint(0, 3, (5,))
+    results = []
+    try:
+        for model in (net, torch.compile(net, backend="aot_eager")):
+            torch.manual_seed(1)
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in net.parameters()]))
+            net.zero_grad()
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
