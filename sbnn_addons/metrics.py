@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import types
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -33,6 +33,10 @@ def check_probabilities(probs: Tensor, targets: Tensor, atol: float = 1e-4) -> N
             be NaN), targets outside ``[0, C)``, or rows that do not sum to one (within
             ``atol``, or the dtype's rounding over ``C`` terms), or an ``atol`` that is not
             a finite number >= 0.
+        RuntimeError: in a ``torch.compile`` graph (the metrics compile with
+            ``fullgraph=True``), where eager mode raises a ``ValueError`` for the values
+            of ``probs`` or ``targets``: its message (less the values), when the graph
+            runs.
     """
     if (tolerance := as_float(atol)) is None or not 0 <= tolerance < math.inf:
         raise ValueError(f"atol must be a finite number >= 0, got {atol!r}")
@@ -54,26 +58,62 @@ def check_probabilities(probs: Tensor, targets: Tensor, atol: float = 1e-4) -> N
         raise ValueError(
             f"probs of shape {tuple(probs.shape)} hold no examples (N = 0): the metric "
             "would be NaN; skip empty evaluation sets")
-    if _has_values(targets) and (int(targets.min()) < 0 or int(targets.max()) >= probs.shape[1]):
-        raise ValueError(
-            f"targets must be class indices in [0, {probs.shape[1]}) for probs of "
-            f"{probs.shape[1]} classes, got values in [{int(targets.min())}, "
-            f"{int(targets.max())}]"
-        )
+    # each value check: eager, a ValueError naming the values; while torch.compile traces
+    # (no data-dependent branch in a graph), a runtime assert with the same message
+    classes = probs.shape[1]
+    _require(targets, lambda: (targets.min() >= 0) & (targets.max() < classes),
+             f"targets must be class indices in [0, {classes}) for probs of {classes} "
+             "classes{got}",
+             got=lambda: f", got values in [{int(targets.min())}, {int(targets.max())}]")
     probs = probs.detach()  # the checks read values only (no warning for a graph tensor)
     sums = probs.sum(-1)
     atol = max(atol, probs.shape[1] * torch.finfo(probs.dtype).eps)  # float16: rounding
-    if _has_values(probs) and not bool(torch.isfinite(probs).all()):
-        raise ValueError("probs contain NaN or inf (a diverged model's outputs?)")
-    if _has_values(probs) and not torch.allclose(sums, torch.ones_like(sums), atol=atol):
-        raise ValueError("probs rows must sum to one (pass softmax probabilities, not logits)")
-    if _has_values(probs) and (float(probs.min()) < 0 or float(probs.max()) > 1):
-        # torchmetrics would take such a tensor for logits and softmax it again
-        raise ValueError(
-            f"probs must lie in [0, 1], got values in [{float(probs.min()):.3g}, "
-            f"{float(probs.max()):.3g}]; clamp rounding errors (probs.clamp(0, 1)) or pass "
-            "softmax probabilities"
-        )
+    _require(probs, lambda: torch.isfinite(probs).all(),
+             "probs contain NaN or inf (a diverged model's outputs?)")
+    _require(probs, lambda: _rows_sum_to_one(sums, atol),
+             "probs rows must sum to one (pass softmax probabilities, not logits)")
+    # torchmetrics would take such a tensor for logits and softmax it again
+    _require(probs, lambda: (probs.min() >= 0) & (probs.max() <= 1),
+             "probs must lie in [0, 1]{got}; clamp rounding errors (probs.clamp(0, 1)) or "
+             "pass softmax probabilities",
+             got=lambda: f", got values in [{float(probs.min()):.3g}, "
+                         f"{float(probs.max()):.3g}]")
+
+def _rows_sum_to_one(sums: Tensor, atol: float) -> Tensor:
+    """``torch.allclose(sums, 1, atol=atol)`` as a 0-d bool tensor (no sync, no
+    data-dependent branch: it compiles into a graph)."""
+    return ((sums - 1).abs() <= atol + 1e-5).all()  # allclose's rtol 1e-5 times |1|
+
+
+def _require(t: Tensor, ok: Callable[[], Tensor], message: str, *,
+             got: Callable[[], str] | None = None, error: type[Exception] = ValueError,
+             ) -> None:
+    """A value check of ``t`` (skipped without values: empty, or on the ``meta`` device).
+
+    ``ok()`` is a 0-d bool tensor, true where the values pass. Eager mode: raise
+    ``error(message)`` where it is false, with ``{got}`` in ``message`` replaced by
+    ``got()`` (the offending values, read from the tensors). While ``torch.compile``
+    traces (no data-dependent branch in a graph): a runtime assert in the graph, which
+    raises a ``RuntimeError`` with the message (``{got}`` left out: a graph's message is
+    a constant) when the compiled code runs on values that fail.
+    """
+    if not _has_values(t):
+        return
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok(), message.replace("{got}", ""))
+    elif not bool(ok()):
+        raise error(message.replace("{got}", got() if got is not None else ""))
+
+
+def _class_indices(targets: Tensor, probs: Tensor) -> Tensor:
+    """Checked ``targets`` as int64 indices. While ``torch.compile`` traces, clamped into
+    ``[0, C)``: the graph's assert of :func:`check_probabilities` raises for a target
+    outside it, and an indexing kernel's own bounds check must not raise first, with a
+    message that names neither the targets nor the fix."""
+    targets = targets.long()
+    if torch.compiler.is_compiling():
+        return targets.clamp(0, probs.shape[1] - 1)
+    return targets
 
 
 def _has_values(t: Tensor) -> bool:
@@ -115,14 +155,15 @@ def negative_log_likelihood(probs: Tensor, targets: Tensor, eps: float | None = 
                          f"as) or None, got {eps!r}")
     else:
         eps = floor
-    return -probs.gather(1, targets.long()[:, None]).clamp_min(eps).log().mean()
+    return -probs.gather(1, _class_indices(targets, probs)[:, None]).clamp_min(eps).log().mean()
 
 
 def brier_score(probs: Tensor, targets: Tensor) -> Tensor:
     """``mean_n sum_c (p_nc - 1[y_n = c])^2`` (half precision computed in float32)."""
     check_probabilities(probs, targets)
     probs = _at_least_float32(probs)
-    onehot = torch.nn.functional.one_hot(targets.long(), probs.shape[1]).to(probs.dtype)
+    onehot = torch.nn.functional.one_hot(_class_indices(targets, probs),
+                                         probs.shape[1]).to(probs.dtype)
     return ((probs - onehot) ** 2).sum(-1).mean()
 
 
@@ -133,6 +174,14 @@ def expected_calibration_error(probs: Tensor, targets: Tensor, n_bins: int = 15)
     n_bins = _check_bins("n_bins", n_bins)
     if probs.shape[1] == 1:  # confidence 1, always right (torchmetrics refuses one class)
         return torch.zeros((), dtype=torch.float32, device=probs.device)
+    if torch.compiler.is_compiling():
+        # torchmetrics' entry point branches on the values (its logits test), which a
+        # graph cannot: its computation after that test, on probabilities checked above
+        from torchmetrics.functional.classification.calibration_error import _ce_compute
+
+        confidences, predictions = probs.max(dim=1)
+        accuracies = predictions.eq(targets)
+        return _ce_compute(confidences.float(), accuracies.float(), n_bins, "l1")
     from torchmetrics.functional.classification import multiclass_calibration_error
 
     return multiclass_calibration_error(probs, targets.long(), num_classes=probs.shape[1],
