@@ -7,6 +7,7 @@ SynOps counting (:class:`SpikeMonitor`) serve :mod:`sbnn_addons.uncertainty`.
 
 from __future__ import annotations
 
+import copy
 import math
 import types
 import warnings
@@ -386,12 +387,58 @@ def _next_method(module: torch.nn.Module, attr: str):
     return lambda _mod, *args, **kwargs: previous(*args, **kwargs)  # set by its user
 
 
-def _shadow(module: torch.nn.Module, attr: str, method) -> None:
+def _shadow(module: torch.nn.Module, attr: str, method, monitor: SpikeMonitor,
+            session: object, previous) -> None:
     """Make ``method`` (a function of the module) ``module.<attr>``: an instance attribute,
     bound to ``module``, that shadows the class's method. ``torch.compile`` guards the
     attribute (not a module's hooks): a graph traced before it was set, or after it was
-    removed, is traced again."""
+    removed, is traced again. The function is marked with the monitor's ``session`` (one
+    ``with`` block) and the entry it shadows, ``previous`` (see :func:`_unmonitored`)."""
+    method._sbnn_monitor = (monitor, session, previous)
     module.__dict__[attr] = types.MethodType(method, module)
+
+
+def _monitor_mark(entry) -> tuple | None:
+    """``(monitor, session, previous entry)`` where ``entry`` (a module's instance
+    attribute) is a :class:`SpikeMonitor`'s wrapper, else ``None``."""
+    if isinstance(entry, types.MethodType):
+        return getattr(entry.__func__, "_sbnn_monitor", None)
+    return None
+
+
+def _unmonitored(entry, exited_only: bool = False):
+    """The entry under the monitors' wrappers in ``entry``'s chain (``None``: the class's
+    method); with ``exited_only``, under those of the monitors' blocks that have exited
+    only (it stops at the wrapper of an open block)."""
+    while (mark := _monitor_mark(entry)) is not None:
+        monitor, session, previous = mark
+        if exited_only and monitor._session is session:
+            break
+        entry = previous
+    return entry
+
+
+#: The instance attributes that a :class:`SpikeMonitor` sets on the modules it watches.
+_MONITORED = ("fire", "fire_inhibition", "forward", "__deepcopy__")
+
+
+def _copy_unmonitored(module: torch.nn.Module, memo: dict) -> torch.nn.Module:
+    """``copy.deepcopy`` of a module that a :class:`SpikeMonitor` watches (its
+    ``__deepcopy__`` while the monitor's block is open): a copy without the monitors'
+    wrappers, as one made outside the block (a wrapper's method, rebound to the copy,
+    stayed on it after the block and kept the monitor and the watched model alive)."""
+    hook = module.__dict__.pop("__deepcopy__")
+    try:
+        new = copy.deepcopy(module, memo)
+    finally:
+        module.__dict__["__deepcopy__"] = hook
+    for attr in _MONITORED:
+        entry = _unmonitored(module.__dict__.get(attr))
+        if entry is None:
+            new.__dict__.pop(attr, None)
+        else:  # set by its user: copied as deepcopy copies it (a method is rebound)
+            new.__dict__[attr] = copy.deepcopy(entry, memo)
+    return new
 
 
 class SpikeMonitor:
@@ -419,7 +466,12 @@ class SpikeMonitor:
     which ``torch.compile`` guards: a compiled model traced before the monitor was
     entered is traced again, and counts. Monitors nest (an outer one, e.g. around
     :func:`~sbnn_addons.mc_predict`, which runs its own, keeps counting after the inner
-    one exits); one monitor cannot be entered twice at once.
+    one exits); one monitor cannot be entered twice at once. Blocks may close in any
+    order (or ``__exit__`` be called by hand): a monitor counts only while its own block
+    is open, and once every block has closed the model holds none of the wrappers. A
+    ``copy.deepcopy`` of the model (or of a module in it) taken inside the block is a
+    copy without the wrappers, as one taken outside it (the monitor sets the watched
+    modules' ``__deepcopy__`` for the block).
 
     Args:
         model: any module containing ``IWSTSpike`` modules and/or weight layers.
@@ -451,6 +503,9 @@ class SpikeMonitor:
         self._quiet: dict[str, int] = {}  # per spike function: inside an inhibition neuron
         self._layers = [(n, m) for n, m in model.named_modules()
                         if synops and isinstance(m, _WEIGHT_LAYERS)]
+        self._names = {(id(m), attr): n for attr, pairs in (
+            ("fire", self._spikes), ("fire_inhibition", self._inhibitors),
+            ("forward", self._layers)) for n, m in pairs}
         uncounted = [n for n, m in model.named_modules()
                      if synops and isinstance(m, _UNCOUNTED_LAYERS)]
         if uncounted:
@@ -462,6 +517,7 @@ class SpikeMonitor:
         # (module, method name, the instance's entry before entering)
         self._saved: list = []
         self._active = False
+        self._session: object | None = None  # one per `with` block, None outside it
         self._entered = False  # read before any `with` block: nothing was counted
         self.reset()
 
@@ -484,35 +540,42 @@ class SpikeMonitor:
                 "second SpikeMonitor(model)")
         self._active = True
         self._entered = True
+        session = self._session = object()
         self._saved = [(m, "fire", m.__dict__.get("fire")) for _, m in self._spikes]
         self._saved += [(h, "fire_inhibition", h.__dict__.get("fire_inhibition"))
                         for _, h in self._inhibitors]
         self._saved += [(m, "forward", m.__dict__.get("forward")) for _, m in self._layers]
+        watched = {id(m): m for m, _, _ in self._saved}.values()
+        self._saved += [(m, "__deepcopy__", m.__dict__.get("__deepcopy__")) for m in watched]
         self._quiet = {name: 0 for name, _ in self._inhibitors}
-        for name, m in self._spikes:
-            _shadow(m, "fire", self._counting_fire(name, m, _next_method(m, "fire")))
-        for name, h in self._inhibitors:
-            _shadow(h, "fire_inhibition", self._counting_inhibition(
-                name, h, _next_method(h, "fire_inhibition")))
-        for name, m in self._layers:
-            _shadow(m, "forward", self._counting_forward(name, m, _next_method(m, "forward")))
+        for m, attr, previous in self._saved:
+            if attr == "__deepcopy__":
+                method = _copy_hook()
+            else:
+                name = self._names[id(m), attr]
+                make = {"fire": self._counting_fire, "fire_inhibition": self._counting_inhibition,
+                        "forward": self._counting_forward}[attr]
+                method = make(name, m, _next_method(m, attr), session)
+            _shadow(m, attr, method, self, session, previous)
         return self
 
     # The wrappers take the module they are called on: a copy of a monitored module
     # (copy.deepcopy rebinds a bound method to the copy) runs its own methods, uncounted.
-    def _counting_fire(self, name: str, owner, call):
+    # A wrapper counts while its own block is open (`session`): one left under another
+    # monitor's wrapper by a block exited out of order passes the calls on, uncounted.
+    def _counting_fire(self, name: str, owner, call, session):
         def fire(mod, u, variance):
             out = call(mod, u, variance)
             # an inhibition neuron counts what it emits
-            if mod is owner and not self._quiet.get(name):
+            if mod is owner and self._session is session and not self._quiet.get(name):
                 self._count(name, out)
             return out
 
         return fire
 
-    def _counting_inhibition(self, name: str, owner, call):
+    def _counting_inhibition(self, name: str, owner, call, session):
         def fire_inhibition(mod, batch_size, mem):
-            if mod is not owner:
+            if mod is not owner or self._session is not session:
                 return call(mod, batch_size, mem)
             self._quiet[name] += 1  # the spike function's draws before the inhibition
             try:
@@ -524,10 +587,10 @@ class SpikeMonitor:
 
         return fire_inhibition
 
-    def _counting_forward(self, name: str, owner, call):
+    def _counting_forward(self, name: str, owner, call, session):
         def forward(mod, *args, **kwargs):
             x = args[0] if args else kwargs.get("input")
-            if mod is owner and isinstance(x, Tensor):
+            if mod is owner and self._session is session and isinstance(x, Tensor):
                 # a transposed convolution's output_size (its output padding)
                 size = args[1] if len(args) > 1 else kwargs.get("output_size")
                 self._count_synops(name, mod, x, size)
@@ -552,8 +615,15 @@ class SpikeMonitor:
 
     def __exit__(self, *exc) -> None:
         # put back what was there (an enclosing monitor's wrapper keeps counting after an
-        # inner one, e.g. mc_predict's, exits), in reverse order: a module seen twice
+        # inner one, e.g. mc_predict's, exits), less the wrappers of monitors whose blocks
+        # exited out of order; where a monitor entered later is still open, its wrapper
+        # stays and calls this one's, which counts no more (that monitor's exit skips it)
+        session, self._session = self._session, None
         for m, attr, previous in reversed(self._saved):
+            mark = _monitor_mark(m.__dict__.get(attr))
+            if mark is None or mark[0] is not self or mark[1] is not session:
+                continue
+            previous = _unmonitored(previous, exited_only=True)
             if previous is None:
                 m.__dict__.pop(attr, None)
             else:
@@ -595,6 +665,15 @@ class SpikeMonitor:
         """Per layer: spikes / unit-steps (the firing probability per unit and step)."""
         units = self.units
         return {n: float(self.counts[n]) / units[n] if units[n] else 0.0 for n in self.counts}
+
+
+def _copy_hook():
+    """A new ``__deepcopy__`` function for a watched module (a function object of its own:
+    :func:`_shadow` marks it)."""
+    def __deepcopy__(mod, memo):
+        return _copy_unmonitored(mod, memo)
+
+    return __deepcopy__
 
 
 def _inhibition_neurons(model: torch.nn.Module, spikes: list) -> list:
