@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .base import as_float, as_int, check_flag, check_module
+from .base import as_float, as_int, check_flag, check_module, raise_error
 from .tensors import is_binary
 
 __all__ = ["check_probabilities", "negative_log_likelihood", "brier_score",
@@ -40,25 +40,24 @@ def check_probabilities(probs: Tensor, targets: Tensor, atol: float = 1e-4) -> N
             runs.
     """
     if (tolerance := as_float(atol)) is None or not 0 <= tolerance < math.inf:
-        raise ValueError(f"atol must be a finite number >= 0, got {atol!r}")
+        raise_error(f"atol must be a finite number >= 0, got {atol!r}", ValueError)
     atol = tolerance
     for name, value in (("probs", probs), ("targets", targets)):
         if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}; "
-                            "convert it with torch.as_tensor")
+            raise_error(f"{name} must be a torch.Tensor, got {type(value).__name__}; "
+                        "convert it with torch.as_tensor", TypeError)
     if not probs.is_floating_point():
-        raise TypeError(f"probs must be floating point, got {probs.dtype}")
+        raise_error(f"probs must be floating point, got {probs.dtype}", TypeError)
     if targets.is_floating_point() or targets.dtype == torch.bool:
-        raise TypeError(f"targets must be integer class indices, got {targets.dtype}")
+        raise_error(f"targets must be integer class indices, got {targets.dtype}", TypeError)
     if probs.dim() != 2 or targets.shape != probs.shape[:1]:
-        raise ValueError(
+        raise_error(
             f"probs must be [N, C] and targets [N]; got {tuple(probs.shape)} and "
-            f"{tuple(targets.shape)}"
-        )
+            f"{tuple(targets.shape)}", ValueError)
     if probs.shape[0] == 0:
-        raise ValueError(
+        raise_error(
             f"probs of shape {tuple(probs.shape)} hold no examples (N = 0): the metric "
-            "would be NaN; skip empty evaluation sets")
+            "would be NaN; skip empty evaluation sets", ValueError)
     # each value check: eager, a ValueError naming the values; while torch.compile traces
     # (no data-dependent branch in a graph), a runtime assert with the same message
     classes = probs.shape[1]
@@ -129,7 +128,7 @@ def _check_bins(name: str, value) -> int:
     unless it is an integer >= 1."""
     count = as_int(value)
     if count is None or count < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        raise_error(f"{name} must be an integer >= 1, got {value!r}", ValueError)
     return count
 
 
@@ -152,8 +151,8 @@ def negative_log_likelihood(probs: Tensor, targets: Tensor, eps: float | None = 
         eps = torch.finfo(probs.dtype).tiny
     elif (floor := as_float(eps)) is None or not 0 < floor < 1:
         # eps <= 0 clamped nothing: a probability of 0 gave an infinite NLL
-        raise ValueError(f"eps must be a number in (0, 1) (what a probability of 0 counts "
-                         f"as) or None, got {eps!r}")
+        raise_error(f"eps must be a number in (0, 1) (what a probability of 0 counts "
+                    f"as) or None, got {eps!r}", ValueError)
     else:
         eps = floor
     return -probs.gather(1, _class_indices(targets, probs)[:, None]).clamp_min(eps).log().mean()

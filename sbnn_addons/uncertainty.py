@@ -44,7 +44,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .base import MODES, SBNNModule, as_int, check_flag, check_input, check_module
+from .base import (
+    MODES,
+    SBNNModule,
+    as_int,
+    check_flag,
+    check_input,
+    check_module,
+    raise_error,
+)
 from .metrics import (
     SpikeMonitor,
     _at_least_float32,
@@ -186,7 +194,8 @@ def _check_unit_interval(p: Tensor, what: str) -> None:
     above 1 accepted), no NaN."""
     if not isinstance(p, Tensor) or not p.is_floating_point():
         kind = p.dtype if isinstance(p, Tensor) else type(p).__name__
-        raise TypeError(f"{what} must be a floating-point tensor of probabilities, got {kind}")
+        raise_error(f"{what} must be a floating-point tensor of probabilities, got {kind}",
+                    TypeError)
     _require(p, lambda: ((p >= 0) & (p <= 1 + 1e-4)).all(),
              f"{what} must be probabilities in [0, 1] (no NaN){{got}}; pass softmax(logits), "
              "not logits",
@@ -238,12 +247,12 @@ def from_sample_probs(sample_probs: Tensor, *, keep_samples: bool = True) -> Pre
             runs.
     """
     if not isinstance(sample_probs, Tensor) or not sample_probs.is_floating_point():
-        raise TypeError("sample_probs must be a floating-point tensor [K, B, C]")
+        raise_error("sample_probs must be a floating-point tensor [K, B, C]", TypeError)
     if sample_probs.dim() != 3:
-        raise ValueError(
-            f"sample_probs must be [K, B, C], got shape {tuple(sample_probs.shape)}")
+        raise_error(f"sample_probs must be [K, B, C], got shape "
+                    f"{tuple(sample_probs.shape)}", ValueError)
     if sample_probs.shape[0] < 1:
-        raise ValueError("sample_probs needs K >= 1 samples (dimension 0 is empty)")
+        raise_error("sample_probs needs K >= 1 samples (dimension 0 is empty)", ValueError)
     sample_probs = _probabilities(sample_probs, "sample_probs")
     keep_samples = check_flag("keep_samples", keep_samples)
     sums = sample_probs.sum(-1)
@@ -313,9 +322,10 @@ def time_as_samples(per_step_logits: Tensor) -> Prediction:
     """
     if not isinstance(per_step_logits, Tensor) or per_step_logits.dim() != 3:
         shape = getattr(per_step_logits, "shape", None)
-        raise ValueError(f"per_step_logits must be a tensor [T, B, C], got shape {shape}")
+        raise_error(f"per_step_logits must be a tensor [T, B, C], got shape {shape}",
+                    ValueError)
     if per_step_logits.shape[0] < 1:
-        raise ValueError("per_step_logits needs T >= 1 time steps")
+        raise_error("per_step_logits needs T >= 1 time steps", ValueError)
     logits = plain(per_step_logits)
     _warn_if_probabilities(
         logits.float(), "time_as_samples: every row of per_step_logits",

@@ -676,3 +676,20 @@ def test_compiled_value_checks_raise_with_their_message(case):
         fn(*bad)
     with pytest.raises(RuntimeError, match=re.escape(message)):
         compiled(*bad)
+
+
+def test_compiled_argument_errors_reach_the_caller_with_their_message():
+    """A wrong shape or dtype in a graph: Dynamo reported `Observed exception`, with the
+    library's message in its debug context only; it comes first."""
+    torch._dynamo.reset()
+    cases = [
+        (lambda p: from_sample_probs(p).entropy, (_P[0],), "sample_probs must be [K, B, C]"),
+        (lambda p: time_as_samples(p).entropy, (_P[0],), "per_step_logits must be a tensor"),
+        (metrics.brier_score, (_P[0], _Y.float()), "targets must be integer class indices"),
+        (metrics.negative_log_likelihood, (_P[0], _Y[:3]), "probs must be [N, C] and targets"),
+    ]
+    for fn, args, message in cases:
+        with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+            fn(*args)
+        with pytest.raises(RuntimeError, match="^" + re.escape(message)):
+            torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
