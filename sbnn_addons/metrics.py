@@ -7,7 +7,6 @@ SynOps counting (:class:`SpikeMonitor`) serve :mod:`sbnn_addons.uncertainty`.
 
 from __future__ import annotations
 
-import copy
 import math
 import types
 import warnings
@@ -418,26 +417,26 @@ def _unmonitored(entry, exited_only: bool = False):
 
 
 #: The instance attributes that a :class:`SpikeMonitor` sets on the modules it watches.
-_MONITORED = ("fire", "fire_inhibition", "forward", "__deepcopy__")
+_MONITORED = ("fire", "fire_inhibition", "forward", "__reduce_ex__")
 
 
-def _copy_unmonitored(module: torch.nn.Module, memo: dict) -> torch.nn.Module:
-    """``copy.deepcopy`` of a module that a :class:`SpikeMonitor` watches (its
-    ``__deepcopy__`` while the monitor's block is open): a copy without the monitors'
-    wrappers, as one made outside the block (a wrapper's method, rebound to the copy,
-    stayed on it after the block and kept the monitor and the watched model alive)."""
-    hook = module.__dict__.pop("__deepcopy__")
-    try:
-        new = copy.deepcopy(module, memo)
-    finally:
-        module.__dict__["__deepcopy__"] = hook
+def _reduce_unmonitored(module: torch.nn.Module, protocol: int):
+    """``module.__reduce_ex__(protocol)`` (what ``copy.deepcopy``, ``pickle`` and
+    ``torch.save`` read) of a module that a :class:`SpikeMonitor` watches, as outside the
+    monitor's block: its state without the monitors' wrappers (a copy kept them, bound to
+    it, after the block, holding the monitor and the watched model; a pickled one could
+    not be loaded)."""
+    rv = type(module).__reduce_ex__(module, protocol)
+    if not isinstance(rv, tuple) or len(rv) < 3 or not isinstance(rv[2], dict):
+        return rv
+    state = dict(rv[2])
     for attr in _MONITORED:
-        entry = _unmonitored(module.__dict__.get(attr))
+        entry = _unmonitored(state.get(attr))
         if entry is None:
-            new.__dict__.pop(attr, None)
-        else:  # set by its user: copied as deepcopy copies it (a method is rebound)
-            new.__dict__[attr] = copy.deepcopy(entry, memo)
-    return new
+            state.pop(attr, None)
+        else:  # set by its user: copied or pickled as it is
+            state[attr] = entry
+    return (*rv[:2], state, *rv[3:])
 
 
 class SpikeMonitor:
@@ -469,8 +468,9 @@ class SpikeMonitor:
     order (or ``__exit__`` be called by hand): a monitor counts only while its own block
     is open, and once every block has closed the model holds none of the wrappers. A
     ``copy.deepcopy`` of the model (or of a module in it) taken inside the block is a
-    copy without the wrappers, as one taken outside it (the monitor sets the watched
-    modules' ``__deepcopy__`` for the block).
+    copy without the wrappers, as one taken outside it, and so is what ``pickle`` and
+    ``torch.save`` write (the monitor sets the watched modules' ``__reduce_ex__`` for
+    the block).
 
     Args:
         model: any module containing ``IWSTSpike`` modules and/or weight layers.
@@ -545,11 +545,12 @@ class SpikeMonitor:
                         for _, h in self._inhibitors]
         self._saved += [(m, "forward", m.__dict__.get("forward")) for _, m in self._layers]
         watched = {id(m): m for m, _, _ in self._saved}.values()
-        self._saved += [(m, "__deepcopy__", m.__dict__.get("__deepcopy__")) for m in watched]
+        self._saved += [(m, "__reduce_ex__", m.__dict__.get("__reduce_ex__"))
+                        for m in watched]
         self._quiet = {name: 0 for name, _ in self._inhibitors}
         for m, attr, previous in self._saved:
-            if attr == "__deepcopy__":
-                method = _copy_hook()
+            if attr == "__reduce_ex__":
+                method = _reduce_hook()
             else:
                 name = self._names[id(m), attr]
                 make = {"fire": self._counting_fire, "fire_inhibition": self._counting_inhibition,
@@ -666,13 +667,13 @@ class SpikeMonitor:
         return {n: float(self.counts[n]) / units[n] if units[n] else 0.0 for n in self.counts}
 
 
-def _copy_hook():
-    """A new ``__deepcopy__`` function for a watched module (a function object of its own:
-    :func:`_shadow` marks it)."""
-    def __deepcopy__(mod, memo):
-        return _copy_unmonitored(mod, memo)
+def _reduce_hook():
+    """A new ``__reduce_ex__`` function for a watched module (a function object of its
+    own: :func:`_shadow` marks it)."""
+    def __reduce_ex__(mod, protocol):
+        return _reduce_unmonitored(mod, protocol)
 
-    return __deepcopy__
+    return __reduce_ex__
 
 
 def _inhibition_neurons(model: torch.nn.Module, spikes: list) -> list:

@@ -385,7 +385,8 @@ def test_a_copy_made_inside_a_monitor_runs_as_its_own_model():
 def _watched(model: nn.Module) -> list[tuple[str, str]]:
     """The monitor's methods set on the modules of ``model`` (module name, attribute)."""
     return [(n, a) for n, m in model.named_modules()
-            for a in ("fire", "fire_inhibition", "forward", "__deepcopy__") if a in m.__dict__]
+            for a in ("fire", "fire_inhibition", "forward", "__reduce_ex__")
+            if a in m.__dict__]
 
 
 def _snntorch_model() -> nn.Module:
@@ -402,8 +403,10 @@ def _snntorch_model() -> nn.Module:
 def test_a_copy_made_inside_a_monitor_carries_none_of_its_methods():
     """copy.deepcopy of a watched snnTorch model inside the block kept the monitor's
     `fire` / `forward` on the copy (bound to it, holding the monitor and the watched
-    model) after the block, and a compiled copy traced through them."""
+    model) after the block, and a compiled copy traced through them; torch.save wrote
+    them too."""
     import copy
+    import io
 
     import sbnn_addons.snntorch as sbnn_snn
 
@@ -417,6 +420,11 @@ def test_a_copy_made_inside_a_monitor_carries_none_of_its_methods():
         sbnn_snn.reset(best)
         best(x)  # the copy runs as its own model: not counted
         assert mon.total_spikes() == counted
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert _watched(loaded) == []
     assert _watched(model) == [] and _watched(best) == []
 
 
