@@ -78,6 +78,7 @@ def check_probabilities(probs: Tensor, targets: Tensor, atol: float = 1e-4) -> N
              got=lambda: f", got values in [{float(probs.min()):.3g}, "
                          f"{float(probs.max()):.3g}]")
 
+
 def _rows_sum_to_one(sums: Tensor, atol: float) -> Tensor:
     """``torch.allclose(sums, 1, atol=atol)`` as a 0-d bool tensor (no sync, no
     data-dependent branch: it compiles into a graph)."""
