@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 import types
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from .base import as_float, as_int, check_flag, check_module
+from .base import as_float, as_int, check_flag, check_module, raise_error
 from .tensors import is_binary
 
 __all__ = ["check_probabilities", "negative_log_likelihood", "brier_score",
@@ -33,47 +33,87 @@ def check_probabilities(probs: Tensor, targets: Tensor, atol: float = 1e-4) -> N
             be NaN), targets outside ``[0, C)``, or rows that do not sum to one (within
             ``atol``, or the dtype's rounding over ``C`` terms), or an ``atol`` that is not
             a finite number >= 0.
+        RuntimeError: in a ``torch.compile`` graph (the metrics compile with
+            ``fullgraph=True``), where eager mode raises a ``ValueError`` for the values
+            of ``probs`` or ``targets``: its message (less the values), when the graph
+            runs.
     """
     if (tolerance := as_float(atol)) is None or not 0 <= tolerance < math.inf:
-        raise ValueError(f"atol must be a finite number >= 0, got {atol!r}")
+        raise_error(f"atol must be a finite number >= 0, got {atol!r}", ValueError)
     atol = tolerance
     for name, value in (("probs", probs), ("targets", targets)):
         if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}; "
-                            "convert it with torch.as_tensor")
+            raise_error(f"{name} must be a torch.Tensor, got {type(value).__name__}; "
+                        "convert it with torch.as_tensor", TypeError)
     if not probs.is_floating_point():
-        raise TypeError(f"probs must be floating point, got {probs.dtype}")
+        raise_error(f"probs must be floating point, got {probs.dtype}", TypeError)
     if targets.is_floating_point() or targets.dtype == torch.bool:
-        raise TypeError(f"targets must be integer class indices, got {targets.dtype}")
+        raise_error(f"targets must be integer class indices, got {targets.dtype}", TypeError)
     if probs.dim() != 2 or targets.shape != probs.shape[:1]:
-        raise ValueError(
+        raise_error(
             f"probs must be [N, C] and targets [N]; got {tuple(probs.shape)} and "
-            f"{tuple(targets.shape)}"
-        )
+            f"{tuple(targets.shape)}", ValueError)
     if probs.shape[0] == 0:
-        raise ValueError(
+        raise_error(
             f"probs of shape {tuple(probs.shape)} hold no examples (N = 0): the metric "
-            "would be NaN; skip empty evaluation sets")
-    if _has_values(targets) and (int(targets.min()) < 0 or int(targets.max()) >= probs.shape[1]):
-        raise ValueError(
-            f"targets must be class indices in [0, {probs.shape[1]}) for probs of "
-            f"{probs.shape[1]} classes, got values in [{int(targets.min())}, "
-            f"{int(targets.max())}]"
-        )
+            "would be NaN; skip empty evaluation sets", ValueError)
+    # each value check: eager, a ValueError naming the values; while torch.compile traces
+    # (no data-dependent branch in a graph), a runtime assert with the same message
+    classes = probs.shape[1]
+    _require(targets, lambda: (targets.min() >= 0) & (targets.max() < classes),
+             f"targets must be class indices in [0, {classes}) for probs of {classes} "
+             "classes{got}",
+             got=lambda: f", got values in [{int(targets.min())}, {int(targets.max())}]")
     probs = probs.detach()  # the checks read values only (no warning for a graph tensor)
     sums = probs.sum(-1)
     atol = max(atol, probs.shape[1] * torch.finfo(probs.dtype).eps)  # float16: rounding
-    if _has_values(probs) and not bool(torch.isfinite(probs).all()):
-        raise ValueError("probs contain NaN or inf (a diverged model's outputs?)")
-    if _has_values(probs) and not torch.allclose(sums, torch.ones_like(sums), atol=atol):
-        raise ValueError("probs rows must sum to one (pass softmax probabilities, not logits)")
-    if _has_values(probs) and (float(probs.min()) < 0 or float(probs.max()) > 1):
-        # torchmetrics would take such a tensor for logits and softmax it again
-        raise ValueError(
-            f"probs must lie in [0, 1], got values in [{float(probs.min()):.3g}, "
-            f"{float(probs.max()):.3g}]; clamp rounding errors (probs.clamp(0, 1)) or pass "
-            "softmax probabilities"
-        )
+    _require(probs, lambda: torch.isfinite(probs).all(),
+             "probs contain NaN or inf (a diverged model's outputs?)")
+    _require(probs, lambda: _rows_sum_to_one(sums, atol),
+             "probs rows must sum to one (pass softmax probabilities, not logits)")
+    # torchmetrics would take such a tensor for logits and softmax it again
+    _require(probs, lambda: (probs.min() >= 0) & (probs.max() <= 1),
+             "probs must lie in [0, 1]{got}; clamp rounding errors (probs.clamp(0, 1)) or "
+             "pass softmax probabilities",
+             got=lambda: f", got values in [{float(probs.min()):.3g}, "
+                         f"{float(probs.max()):.3g}]")
+
+
+def _rows_sum_to_one(sums: Tensor, atol: float) -> Tensor:
+    """``torch.allclose(sums, 1, atol=atol)`` as a 0-d bool tensor (no sync, no
+    data-dependent branch: it compiles into a graph)."""
+    return ((sums - 1).abs() <= atol + 1e-5).all()  # allclose's rtol 1e-5 times |1|
+
+
+def _require(t: Tensor, ok: Callable[[], Tensor], message: str, *,
+             got: Callable[[], str] | None = None, error: type[Exception] = ValueError,
+             ) -> None:
+    """A value check of ``t`` (skipped without values: empty, or on the ``meta`` device).
+
+    ``ok()`` is a 0-d bool tensor, true where the values pass. Eager mode: raise
+    ``error(message)`` where it is false, with ``{got}`` in ``message`` replaced by
+    ``got()`` (the offending values, read from the tensors). While ``torch.compile``
+    traces (no data-dependent branch in a graph): a runtime assert in the graph, which
+    raises a ``RuntimeError`` with the message (``{got}`` left out: a graph's message is
+    a constant) when the compiled code runs on values that fail.
+    """
+    if not _has_values(t):
+        return
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok(), message.replace("{got}", ""))
+    elif not bool(ok()):
+        raise error(message.replace("{got}", got() if got is not None else ""))
+
+
+def _class_indices(targets: Tensor, probs: Tensor) -> Tensor:
+    """Checked ``targets`` as int64 indices. While ``torch.compile`` traces, clamped into
+    ``[0, C)``: the graph's assert of :func:`check_probabilities` raises for a target
+    outside it, and an indexing kernel's own bounds check must not raise first, with a
+    message that names neither the targets nor the fix."""
+    targets = targets.long()
+    if torch.compiler.is_compiling():
+        return targets.clamp(0, probs.shape[1] - 1)
+    return targets
 
 
 def _has_values(t: Tensor) -> bool:
@@ -88,7 +128,7 @@ def _check_bins(name: str, value) -> int:
     unless it is an integer >= 1."""
     count = as_int(value)
     if count is None or count < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        raise_error(f"{name} must be an integer >= 1, got {value!r}", ValueError)
     return count
 
 
@@ -111,18 +151,19 @@ def negative_log_likelihood(probs: Tensor, targets: Tensor, eps: float | None = 
         eps = torch.finfo(probs.dtype).tiny
     elif (floor := as_float(eps)) is None or not 0 < floor < 1:
         # eps <= 0 clamped nothing: a probability of 0 gave an infinite NLL
-        raise ValueError(f"eps must be a number in (0, 1) (what a probability of 0 counts "
-                         f"as) or None, got {eps!r}")
+        raise_error(f"eps must be a number in (0, 1) (what a probability of 0 counts "
+                    f"as) or None, got {eps!r}", ValueError)
     else:
         eps = floor
-    return -probs.gather(1, targets.long()[:, None]).clamp_min(eps).log().mean()
+    return -probs.gather(1, _class_indices(targets, probs)[:, None]).clamp_min(eps).log().mean()
 
 
 def brier_score(probs: Tensor, targets: Tensor) -> Tensor:
     """``mean_n sum_c (p_nc - 1[y_n = c])^2`` (half precision computed in float32)."""
     check_probabilities(probs, targets)
     probs = _at_least_float32(probs)
-    onehot = torch.nn.functional.one_hot(targets.long(), probs.shape[1]).to(probs.dtype)
+    onehot = torch.nn.functional.one_hot(_class_indices(targets, probs),
+                                         probs.shape[1]).to(probs.dtype)
     return ((probs - onehot) ** 2).sum(-1).mean()
 
 
@@ -133,6 +174,14 @@ def expected_calibration_error(probs: Tensor, targets: Tensor, n_bins: int = 15)
     n_bins = _check_bins("n_bins", n_bins)
     if probs.shape[1] == 1:  # confidence 1, always right (torchmetrics refuses one class)
         return torch.zeros((), dtype=torch.float32, device=probs.device)
+    if torch.compiler.is_compiling():
+        # torchmetrics' entry point branches on the values (its logits test), which a
+        # graph cannot: its computation after that test, on probabilities checked above
+        from torchmetrics.functional.classification.calibration_error import _ce_compute
+
+        confidences, predictions = probs.max(dim=1)
+        accuracies = predictions.eq(targets)
+        return _ce_compute(confidences.float(), accuracies.float(), n_bins, "l1")
     from torchmetrics.functional.classification import multiclass_calibration_error
 
     return multiclass_calibration_error(probs, targets.long(), num_classes=probs.shape[1],
@@ -337,12 +386,58 @@ def _next_method(module: torch.nn.Module, attr: str):
     return lambda _mod, *args, **kwargs: previous(*args, **kwargs)  # set by its user
 
 
-def _shadow(module: torch.nn.Module, attr: str, method) -> None:
+def _shadow(module: torch.nn.Module, attr: str, method, monitor: SpikeMonitor,
+            session: object, previous) -> None:
     """Make ``method`` (a function of the module) ``module.<attr>``: an instance attribute,
     bound to ``module``, that shadows the class's method. ``torch.compile`` guards the
     attribute (not a module's hooks): a graph traced before it was set, or after it was
-    removed, is traced again."""
+    removed, is traced again. The function is marked with the monitor's ``session`` (one
+    ``with`` block) and the entry it shadows, ``previous`` (see :func:`_unmonitored`)."""
+    method._sbnn_monitor = (monitor, session, previous)
     module.__dict__[attr] = types.MethodType(method, module)
+
+
+def _monitor_mark(entry) -> tuple | None:
+    """``(monitor, session, previous entry)`` where ``entry`` (a module's instance
+    attribute) is a :class:`SpikeMonitor`'s wrapper, else ``None``."""
+    if isinstance(entry, types.MethodType):
+        return getattr(entry.__func__, "_sbnn_monitor", None)
+    return None
+
+
+def _unmonitored(entry, exited_only: bool = False):
+    """The entry under the monitors' wrappers in ``entry``'s chain (``None``: the class's
+    method); with ``exited_only``, under those of the monitors' blocks that have exited
+    only (it stops at the wrapper of an open block)."""
+    while (mark := _monitor_mark(entry)) is not None:
+        monitor, session, previous = mark
+        if exited_only and monitor._session is session:
+            break
+        entry = previous
+    return entry
+
+
+#: The instance attributes that a :class:`SpikeMonitor` sets on the modules it watches.
+_MONITORED = ("fire", "fire_inhibition", "forward", "__reduce_ex__")
+
+
+def _reduce_unmonitored(module: torch.nn.Module, protocol: int):
+    """``module.__reduce_ex__(protocol)`` (what ``copy.deepcopy``, ``pickle`` and
+    ``torch.save`` read) of a module that a :class:`SpikeMonitor` watches, as outside the
+    monitor's block: its state without the monitors' wrappers (a copy kept them, bound to
+    it, after the block, holding the monitor and the watched model; a pickled one could
+    not be loaded)."""
+    rv = type(module).__reduce_ex__(module, protocol)
+    if not isinstance(rv, tuple) or len(rv) < 3 or not isinstance(rv[2], dict):
+        return rv
+    state = dict(rv[2])
+    for attr in _MONITORED:
+        entry = _unmonitored(state.get(attr))
+        if entry is None:
+            state.pop(attr, None)
+        else:  # set by its user: copied or pickled as it is
+            state[attr] = entry
+    return (*rv[:2], state, *rv[3:])
 
 
 class SpikeMonitor:
@@ -370,7 +465,13 @@ class SpikeMonitor:
     which ``torch.compile`` guards: a compiled model traced before the monitor was
     entered is traced again, and counts. Monitors nest (an outer one, e.g. around
     :func:`~sbnn_addons.mc_predict`, which runs its own, keeps counting after the inner
-    one exits); one monitor cannot be entered twice at once.
+    one exits); one monitor cannot be entered twice at once. Blocks may close in any
+    order (or ``__exit__`` be called by hand): a monitor counts only while its own block
+    is open, and once every block has closed the model holds none of the wrappers. A
+    ``copy.deepcopy`` of the model (or of a module in it) taken inside the block is a
+    copy without the wrappers, as one taken outside it, and so is what ``pickle`` and
+    ``torch.save`` write (the monitor sets the watched modules' ``__reduce_ex__`` for
+    the block).
 
     Args:
         model: any module containing ``IWSTSpike`` modules and/or weight layers.
@@ -402,6 +503,9 @@ class SpikeMonitor:
         self._quiet: dict[str, int] = {}  # per spike function: inside an inhibition neuron
         self._layers = [(n, m) for n, m in model.named_modules()
                         if synops and isinstance(m, _WEIGHT_LAYERS)]
+        self._names = {(id(m), attr): n for attr, pairs in (
+            ("fire", self._spikes), ("fire_inhibition", self._inhibitors),
+            ("forward", self._layers)) for n, m in pairs}
         uncounted = [n for n, m in model.named_modules()
                      if synops and isinstance(m, _UNCOUNTED_LAYERS)]
         if uncounted:
@@ -413,6 +517,7 @@ class SpikeMonitor:
         # (module, method name, the instance's entry before entering)
         self._saved: list = []
         self._active = False
+        self._session: object | None = None  # one per `with` block, None outside it
         self._entered = False  # read before any `with` block: nothing was counted
         self.reset()
 
@@ -435,35 +540,43 @@ class SpikeMonitor:
                 "second SpikeMonitor(model)")
         self._active = True
         self._entered = True
+        session = self._session = object()
         self._saved = [(m, "fire", m.__dict__.get("fire")) for _, m in self._spikes]
         self._saved += [(h, "fire_inhibition", h.__dict__.get("fire_inhibition"))
                         for _, h in self._inhibitors]
         self._saved += [(m, "forward", m.__dict__.get("forward")) for _, m in self._layers]
+        watched = {id(m): m for m, _, _ in self._saved}.values()
+        self._saved += [(m, "__reduce_ex__", m.__dict__.get("__reduce_ex__"))
+                        for m in watched]
         self._quiet = {name: 0 for name, _ in self._inhibitors}
-        for name, m in self._spikes:
-            _shadow(m, "fire", self._counting_fire(name, m, _next_method(m, "fire")))
-        for name, h in self._inhibitors:
-            _shadow(h, "fire_inhibition", self._counting_inhibition(
-                name, h, _next_method(h, "fire_inhibition")))
-        for name, m in self._layers:
-            _shadow(m, "forward", self._counting_forward(name, m, _next_method(m, "forward")))
+        for m, attr, previous in self._saved:
+            if attr == "__reduce_ex__":
+                method = _reduce_hook()
+            else:
+                name = self._names[id(m), attr]
+                make = {"fire": self._counting_fire, "fire_inhibition": self._counting_inhibition,
+                        "forward": self._counting_forward}[attr]
+                method = make(name, m, _next_method(m, attr), session)
+            _shadow(m, attr, method, self, session, previous)
         return self
 
     # The wrappers take the module they are called on: a copy of a monitored module
     # (copy.deepcopy rebinds a bound method to the copy) runs its own methods, uncounted.
-    def _counting_fire(self, name: str, owner, call):
+    # A wrapper counts while its own block is open (`session`): one left under another
+    # monitor's wrapper by a block exited out of order passes the calls on, uncounted.
+    def _counting_fire(self, name: str, owner, call, session):
         def fire(mod, u, variance):
             out = call(mod, u, variance)
             # an inhibition neuron counts what it emits
-            if mod is owner and not self._quiet.get(name):
+            if mod is owner and self._session is session and not self._quiet.get(name):
                 self._count(name, out)
             return out
 
         return fire
 
-    def _counting_inhibition(self, name: str, owner, call):
+    def _counting_inhibition(self, name: str, owner, call, session):
         def fire_inhibition(mod, batch_size, mem):
-            if mod is not owner:
+            if mod is not owner or self._session is not session:
                 return call(mod, batch_size, mem)
             self._quiet[name] += 1  # the spike function's draws before the inhibition
             try:
@@ -475,10 +588,10 @@ class SpikeMonitor:
 
         return fire_inhibition
 
-    def _counting_forward(self, name: str, owner, call):
+    def _counting_forward(self, name: str, owner, call, session):
         def forward(mod, *args, **kwargs):
             x = args[0] if args else kwargs.get("input")
-            if mod is owner and isinstance(x, Tensor):
+            if mod is owner and self._session is session and isinstance(x, Tensor):
                 # a transposed convolution's output_size (its output padding)
                 size = args[1] if len(args) > 1 else kwargs.get("output_size")
                 self._count_synops(name, mod, x, size)
@@ -503,8 +616,15 @@ class SpikeMonitor:
 
     def __exit__(self, *exc) -> None:
         # put back what was there (an enclosing monitor's wrapper keeps counting after an
-        # inner one, e.g. mc_predict's, exits), in reverse order: a module seen twice
+        # inner one, e.g. mc_predict's, exits), less the wrappers of monitors whose blocks
+        # exited out of order; where a monitor entered later is still open, its wrapper
+        # stays and calls this one's, which counts no more (that monitor's exit skips it)
+        session, self._session = self._session, None
         for m, attr, previous in reversed(self._saved):
+            mark = _monitor_mark(m.__dict__.get(attr))
+            if mark is None or mark[0] is not self or mark[1] is not session:
+                continue
+            previous = _unmonitored(previous, exited_only=True)
             if previous is None:
                 m.__dict__.pop(attr, None)
             else:
@@ -546,6 +666,15 @@ class SpikeMonitor:
         """Per layer: spikes / unit-steps (the firing probability per unit and step)."""
         units = self.units
         return {n: float(self.counts[n]) / units[n] if units[n] else 0.0 for n in self.counts}
+
+
+def _reduce_hook():
+    """A new ``__reduce_ex__`` function for a watched module (a function object of its
+    own: :func:`_shadow` marks it)."""
+    def __reduce_ex__(mod, protocol):
+        return _reduce_unmonitored(mod, protocol)
+
+    return __reduce_ex__
 
 
 def _inhibition_neurons(model: torch.nn.Module, spikes: list) -> list:

@@ -2294,8 +2294,44 @@ def _traced_in_checked_model() -> bool:
     converted model is being called, whose pre-hook checked its input (another of its
     methods, e.g. a compiled ``net.chunk``, checks nothing: the callee checks, as in
     eager mode)."""
+    _note_traced(_traced_modules())
     return any(m.__dict__.get(_FLOW_STATE, {}).get("check_inputs")
                for m in _traced_modules(calls_only=True))
+
+
+#: module -> the code object of the outermost frame of a graph traced with a method of the
+#: module in it (its hooks as they were then; see :func:`track_variance`)
+_TRACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _note_traced(modules: list[nn.Module]) -> None:
+    """While ``torch.compile`` traces (in Python): remember that methods of ``modules``
+    are traced into the graph, with the code of its outermost frame."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx().output.current_tx
+        while getattr(tx, "parent", None) is not None:
+            tx = tx.parent
+        code = tx.f_code
+    except (AttributeError, ImportError, RuntimeError, TypeError):
+        return
+    for m in modules:
+        _TRACED[m] = code
+
+
+def _traced_before(module: nn.Module) -> bool:
+    """Whether a graph that Dynamo still holds was traced with a method of ``module`` in
+    it (``torch._dynamo.reset()`` forgets every graph)."""
+    code = _TRACED.get(module)
+    if code is None:
+        return False
+    try:
+        from torch._dynamo import convert_frame
+
+        return code in convert_frame.input_codes
+    except (AttributeError, ImportError, TypeError):  # another PyTorch: assume it is held
+        return True
 
 
 #: The noise scales of a Bayesian layer or spike function (a parameter or a buffer).
@@ -2532,12 +2568,24 @@ def track_variance(model: nn.Module, opaque=(), *, check_inputs: bool = False) -
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or ``check_inputs`` is not a bool (a
             string such as ``"no"`` turned the checks on).
+        RuntimeError: ``check_inputs=True`` for a model without the hooks that a graph
+            ``torch.compile`` still holds has already traced (``torch.compile(net)``
+            called, or a compiled step calling ``net``): that graph would run without
+            the checks, silently. Install them before the first compiled call.
     """
     check_module(model, "track_variance")
     check_inputs = check_flag("check_inputs", check_inputs)
     root = compiled_wrapped(model)
     if getattr(root, "_sbnn_flow_handles", None):
         return model
+    if check_inputs and _traced_before(root):
+        raise RuntimeError(
+            f"track_variance(check_inputs=True): torch.compile has already traced "
+            f"{type(root).__name__} without the input checks, and a compiled graph does not "
+            "see forward hooks added after it was traced (Dynamo does not guard on module "
+            "hooks), so its calls would skip the checks silently. Call track_variance "
+            "before the first compiled call (right after building the model), or run "
+            "torch._dynamo.reset() first, which makes every graph trace again")
     root.__dict__[_FLOW_STATE] = {"check_inputs": check_inputs}
     handles = [
         root.register_forward_pre_hook(_flow_enter, with_kwargs=True),

@@ -44,12 +44,22 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .base import MODES, SBNNModule, as_int, check_flag, check_input, check_module
+from .base import (
+    MODES,
+    SBNNModule,
+    as_int,
+    check_flag,
+    check_input,
+    check_module,
+    raise_error,
+)
 from .metrics import (
     SpikeMonitor,
     _at_least_float32,
     _check_bins,
     _has_values,
+    _require,
+    _rows_sum_to_one,
     check_probabilities,
     expected_calibration_error,
     negative_log_likelihood,
@@ -160,20 +170,21 @@ def entropy(probs: Tensor, dim: int = -1) -> Tensor:
             whichever is larger): another axis than the classes'
             (``entropy(sample_probs, dim=0)`` sums over the samples), or per-class
             sigmoid outputs.
+        RuntimeError: in a ``torch.compile`` graph, where eager mode raises that
+            ``ValueError``: its message (less the values), when the graph runs.
     """
-    _check_unit_interval(probs, "entropy: probs")
+    probs = _probabilities(probs, "entropy: probs")
     terms = probs.shape[dim] if probs.dim() else 1
     # loose: half-precision probabilities read in float64 miss 1 by a few 1e-3; a wrong
     # axis or sigmoid outputs miss it by far more
     atol = max(1e-2, terms * torch.finfo(probs.dtype).eps)
     probs = _at_least_float32(probs)  # a bfloat16 sum keeps three digits
     sums = probs.sum(dim) if _has_values(probs) else None
-    if sums is not None and not bool(((sums - 1).abs() <= atol).all()):
-        raise ValueError(
-            f"entropy: probs must sum to 1 along dim={dim} (the classes' axis, of size "
-            f"{terms}), got sums in [{float(sums.min()):.3g}, "
-            f"{float(sums.max()):.3g}]; pass dim= the classes' axis (e.g. -1 for "
-            "[K, B, C] samples), and probabilities from a softmax, not per-class sigmoids")
+    _require(probs, lambda: ((sums - 1).abs() <= atol).all(),
+             f"entropy: probs must sum to 1 along dim={dim} (the classes' axis, of size "
+             f"{terms}){{got}}; pass dim= the classes' axis (e.g. -1 for [K, B, C] samples), "
+             "and probabilities from a softmax, not per-class sigmoids",
+             got=lambda: f", got sums in [{float(sums.min()):.3g}, {float(sums.max()):.3g}]")
     tiny = max(_TINY, torch.finfo(probs.dtype).tiny)
     return -(probs * probs.clamp_min(tiny).log()).sum(dim)
 
@@ -183,11 +194,22 @@ def _check_unit_interval(p: Tensor, what: str) -> None:
     above 1 accepted), no NaN."""
     if not isinstance(p, Tensor) or not p.is_floating_point():
         kind = p.dtype if isinstance(p, Tensor) else type(p).__name__
-        raise TypeError(f"{what} must be a floating-point tensor of probabilities, got {kind}")
-    if _has_values(p) and not bool(((p >= 0) & (p <= 1 + 1e-4)).all()):
-        raise ValueError(
-            f"{what} must be probabilities in [0, 1] (no NaN), got values in "
-            f"[{float(p.min()):.3g}, {float(p.max()):.3g}]; pass softmax(logits), not logits")
+        raise_error(f"{what} must be a floating-point tensor of probabilities, got {kind}",
+                    TypeError)
+    _require(p, lambda: ((p >= 0) & (p <= 1 + 1e-4)).all(),
+             f"{what} must be probabilities in [0, 1] (no NaN){{got}}; pass softmax(logits), "
+             "not logits",
+             got=lambda: f", got values in [{float(p.min()):.3g}, {float(p.max()):.3g}]")
+
+
+def _probabilities(p: Tensor, what: str) -> Tensor:
+    """``p`` checked (:func:`_check_unit_interval`), as a plain tensor: the softmax of a
+    Bayesian readout's output carries a variance, which the entropies do not propagate
+    (and a graph would trace their every operation through the variance flow)."""
+    if isinstance(p, Tensor):
+        p = plain(p)
+    _check_unit_interval(p, what)
+    return p
 
 
 def _float32_rows(probs: Tensor) -> Tensor:
@@ -202,8 +224,8 @@ def _float32_rows(probs: Tensor) -> Tensor:
         return probs
     sums = probs.float().sum(-1)
     atol = max(1e-4, probs.shape[-1] * torch.finfo(probs.dtype).eps)
-    if _has_values(probs) and not torch.allclose(sums, torch.ones_like(sums), atol=atol):
-        raise ValueError("sample_probs rows must sum to one (pass softmax probabilities)")
+    _require(probs, lambda: _rows_sum_to_one(sums, atol),
+             "sample_probs rows must sum to one (pass softmax probabilities)")
     probs = probs.float()
     return probs / probs.sum(-1, keepdim=True)
 
@@ -220,21 +242,24 @@ def from_sample_probs(sample_probs: Tensor, *, keep_samples: bool = True) -> Pre
         TypeError: not a floating-point tensor.
         ValueError: not 3-D, ``K < 1``, entries outside ``[0, 1]`` or NaN, or rows that
             do not sum to one.
+        RuntimeError: in a ``torch.compile`` graph, where eager mode raises that
+            ``ValueError`` for the values: its message (less the values), when the graph
+            runs.
     """
     if not isinstance(sample_probs, Tensor) or not sample_probs.is_floating_point():
-        raise TypeError("sample_probs must be a floating-point tensor [K, B, C]")
+        raise_error("sample_probs must be a floating-point tensor [K, B, C]", TypeError)
     if sample_probs.dim() != 3:
-        raise ValueError(
-            f"sample_probs must be [K, B, C], got shape {tuple(sample_probs.shape)}")
+        raise_error(f"sample_probs must be [K, B, C], got shape "
+                    f"{tuple(sample_probs.shape)}", ValueError)
     if sample_probs.shape[0] < 1:
-        raise ValueError("sample_probs needs K >= 1 samples (dimension 0 is empty)")
-    _check_unit_interval(sample_probs, "sample_probs")
+        raise_error("sample_probs needs K >= 1 samples (dimension 0 is empty)", ValueError)
+    sample_probs = _probabilities(sample_probs, "sample_probs")
     keep_samples = check_flag("keep_samples", keep_samples)
     sums = sample_probs.sum(-1)
     # as check_probabilities: a float16 softmax's rows miss 1 by its rounding over C terms
     atol = max(1e-4, sample_probs.shape[-1] * torch.finfo(sample_probs.dtype).eps)
-    if _has_values(sample_probs) and not torch.allclose(sums, torch.ones_like(sums), atol=atol):
-        raise ValueError("sample_probs rows must sum to one (pass softmax probabilities)")
+    _require(sample_probs, lambda: _rows_sum_to_one(sums, atol),
+             "sample_probs rows must sum to one (pass softmax probabilities)")
     # the mutual information, a small difference of two entropies, was off by up to 0.01
     # (of 0.02) in bfloat16
     sample_probs = _float32_rows(sample_probs)
@@ -285,16 +310,22 @@ def time_as_samples(per_step_logits: Tensor) -> Prediction:
         :class:`Prediction` with ``num_samples = T`` and ``sample_probs [T, B, C]``
         (float32; float64 for float64 logits).
 
+    Raises:
+        ValueError: not ``[T, B, C]``, ``T < 1``, or NaN / +inf logits (NaN
+            probabilities); in a ``torch.compile`` graph a ``RuntimeError`` with the
+            message of the last, when the graph runs.
+
     Warns:
         UserWarning: every row is already a probability vector (per-step softmax
             outputs): the softmax applied here flattens it (as :func:`mc_predict` warns);
-            pass the logits.
+            pass the logits. Eager mode only (a graph cannot warn at run time).
     """
     if not isinstance(per_step_logits, Tensor) or per_step_logits.dim() != 3:
         shape = getattr(per_step_logits, "shape", None)
-        raise ValueError(f"per_step_logits must be a tensor [T, B, C], got shape {shape}")
+        raise_error(f"per_step_logits must be a tensor [T, B, C], got shape {shape}",
+                    ValueError)
     if per_step_logits.shape[0] < 1:
-        raise ValueError("per_step_logits needs T >= 1 time steps")
+        raise_error("per_step_logits needs T >= 1 time steps", ValueError)
     logits = plain(per_step_logits)
     _warn_if_probabilities(
         logits.float(), "time_as_samples: every row of per_step_logits",
@@ -309,11 +340,10 @@ def time_as_samples(per_step_logits: Tensor) -> Prediction:
 def _check_no_nan(probs: Tensor, where: str, kind: str) -> None:
     """Probabilities computed from ``kind`` values are NaN only where those held a NaN or
     a +inf (or a row of -inf): name that, not the probabilities."""
-    if _has_values(probs) and bool(torch.isnan(probs).any()):
-        raise ValueError(
-            f"{where} holds NaN or inf {kind} (NaN or +inf entries, or a row of -inf), "
-            "which give NaN probabilities: a diverged model, or NaN input with "
-            "check_finite(False)?")
+    _require(probs, lambda: ~torch.isnan(probs).any(),
+             f"{where} holds NaN or inf {kind} (NaN or +inf entries, or a row of -inf), "
+             "which give NaN probabilities: a diverged model, or NaN input with "
+             "check_finite(False)?")
 
 
 # --------------------------------------------------------------------------- predict
@@ -470,7 +500,8 @@ def _warn_if_probabilities(x: Tensor, what: str, fix: str, stacklevel: int) -> N
     """Warn where values about to be read as logits (``x [..., C]``) are already
     probability vectors, every row of them: a second softmax would flatten them.
     ``what`` starts the message, ``fix`` ends it."""
-    if x.shape[-1] > 1 and _has_values(x) and _is_distribution(x):
+    if (x.shape[-1] > 1 and _has_values(x) and not torch.compiler.is_compiling()
+            and _is_distribution(x)):
         warnings.warn(
             f"{what} is already a probability vector (entries in [0, 1] summing to 1), and "
             f"it is treated as logits, so a second softmax flattens it; {fix}",

@@ -2104,3 +2104,35 @@ def test_sample_spikes_compiles_without_autograd(call):
             torch.compile(fn, fullgraph=True, backend="aot_eager")(u.requires_grad_(), s)
     finally:
         torch._dynamo.reset()
+
+
+def test_an_mc_evaluation_step_compiles_fullgraph_and_matches_eager(same_random_stream):
+    """An evaluation step with mc(K) sampling and the uncertainty functions and metrics in
+    it: entropy, from_sample_probs, time_as_samples and the metrics stopped Dynamo under
+    fullgraph=True at their value checks (a data-dependent branch)."""
+    from sbnn_addons import metrics
+    from sbnn_addons.uncertainty import entropy, from_sample_probs, time_as_samples
+
+    torch.manual_seed(0)
+    model = sb.track_variance(nn.Sequential(
+        sb.BayesLinear(16, 32, std=0.3), sb.IWSTSpike("agr", std=0.2),
+        sb.BayesLinear(32, 4, std=0.3)))
+    x, y = torch.randn(12, 16), torch.randint(0, 4, (12,))
+
+    def step(x, y):
+        sample_probs = torch.stack([torch.softmax(model(x), -1) for _ in range(3)])
+        pred = from_sample_probs(sample_probs)
+        return (pred.probs, pred.entropy, pred.mutual_information, entropy(pred.probs),
+                time_as_samples(sample_probs.log()).mutual_information,
+                metrics.negative_log_likelihood(sample_probs[0], y),  # carries a variance
+                metrics.brier_score(pred.probs, y),
+                metrics.expected_calibration_error(pred.probs, y))
+
+    compiled = torch.compile(step, fullgraph=True)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        got = compiled(x, y)
+        torch.manual_seed(3)
+        want = step(x, y)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)

@@ -1356,3 +1356,26 @@ def test_a_misused_rule_registration_is_named(call, match):
     finally:
         moments._RULES.clear()
         moments._RULES.update(saved)
+
+
+def test_track_variance_refuses_a_model_that_a_graph_has_traced_without_the_checks():
+    """track_variance(check_inputs=True) on a compiled model that had already run: the
+    graph does not see hooks added later (Dynamo does not guard on module hooks) and ran
+    without the input checks, silently (an inf input passed)."""
+    torch._dynamo.reset()
+    net = nn.Sequential(nn.Linear(8, 6), sb.IWSTSpike("st", std=0.5), nn.Linear(6, 3))
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    x = torch.rand(4, 8)
+    bad = x.clone()
+    bad[0, 0] = math.inf
+    compiled(x)
+    with pytest.raises(RuntimeError, match=r"already traced Sequential.*before the first "
+                                           r"compiled call.*torch._dynamo.reset\(\)"):
+        sb.track_variance(compiled, check_inputs=True)
+    sb.track_variance(compiled)  # the other hooks act in eager mode only: installed
+    sb.moments.untrack_variance(compiled)
+    torch._dynamo.reset()  # the fix the message names: every graph traces again
+    sb.track_variance(compiled, check_inputs=True)
+    compiled(x)
+    with pytest.raises(RuntimeError, match="contains NaN or inf"):
+        compiled(bad)

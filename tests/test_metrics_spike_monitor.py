@@ -380,3 +380,86 @@ def test_a_copy_made_inside_a_monitor_runs_as_its_own_model():
             torch.manual_seed(1)
             assert torch.equal(got, reference(x)), mode
         assert float(mon.total_synops()) == counted
+
+
+def _watched(model: nn.Module) -> list[tuple[str, str]]:
+    """The monitor's methods set on the modules of ``model`` (module name, attribute)."""
+    return [(n, a) for n, m in model.named_modules()
+            for a in ("fire", "fire_inhibition", "forward", "__reduce_ex__")
+            if a in m.__dict__]
+
+
+def _snntorch_model() -> nn.Module:
+    import snntorch as snn
+
+    from sbnn_addons.snntorch import to_sbnn
+
+    torch.manual_seed(0)
+    return to_sbnn(nn.Sequential(nn.Linear(8, 20), snn.Leaky(beta=0.9, init_hidden=True),
+                                 nn.Linear(20, 4),
+                                 snn.Leaky(beta=0.9, init_hidden=True, output=True)))
+
+
+def test_a_copy_made_inside_a_monitor_carries_none_of_its_methods():
+    """copy.deepcopy of a watched snnTorch model inside the block kept the monitor's
+    `fire` / `forward` on the copy (bound to it, holding the monitor and the watched
+    model) after the block, and a compiled copy traced through them; torch.save wrote
+    them too."""
+    import copy
+    import io
+
+    import sbnn_addons.snntorch as sbnn_snn
+
+    model = _snntorch_model()
+    x = (torch.rand(6, 8) < 0.5).float()
+    with torch.no_grad(), SpikeMonitor(model) as mon:
+        model(x)
+        best = copy.deepcopy(model)
+        assert _watched(best) == [] and _watched(model) != []
+        counted = mon.total_spikes()
+        sbnn_snn.reset(best)
+        best(x)  # the copy runs as its own model: not counted
+        assert mon.total_spikes() == counted
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert _watched(loaded) == []
+    assert _watched(model) == [] and _watched(best) == []
+
+
+def test_monitors_exited_out_of_order_leave_nothing_behind():
+    """Two monitors closed in the wrong order (or exited by hand): the inner one's exit put
+    the outer one's wrappers back, which kept counting after its block, silently, and
+    stayed on the model."""
+    pytest.importorskip("spikingjelly")
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    from sbnn_addons.spikingjelly import to_sbnn
+
+    torch.manual_seed(0)
+    model = to_sbnn(nn.Sequential(layer.Linear(6, 40), neuron.LIFNode()))
+    x = (torch.rand(4, 6) < 0.5).float() * 3
+
+    def run():
+        functional.reset_net(model)
+        torch.manual_seed(1)  # the same spikes at each run
+        with torch.no_grad():
+            return float(model(x).sum())
+
+    outer, inner = SpikeMonitor(model).__enter__(), SpikeMonitor(model).__enter__()
+    spikes = run()
+    assert spikes > 0
+    outer.__exit__(None, None, None)  # first: inner is still open
+    run()
+    assert outer.total_spikes() == spikes  # no longer counts
+    assert inner.total_spikes() == 2 * spikes  # still counts, once per spike
+    inner.__exit__(None, None, None)
+    assert _watched(model) == []
+    run()
+    assert outer.total_spikes() == spikes and inner.total_spikes() == 2 * spikes
+    with outer:  # the monitors are usable again and count each spike once
+        with inner:
+            run()
+    assert outer.total_spikes() == 2 * spikes and inner.total_spikes() == 3 * spikes
+    assert _watched(model) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import snntorch as snn
@@ -14,6 +15,7 @@ from sbnn_addons import metrics
 from sbnn_addons.snntorch import to_sbnn
 from sbnn_addons.uncertainty import (
     Prediction,
+    entropy,
     from_sample_probs,
     metrics_vs_samples,
     plot_entropy_histograms,
@@ -638,3 +640,56 @@ def test_time_as_samples_warns_for_probabilities_as_mc_predict_does():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         time_as_samples(logits)
+
+
+# --------------------------------------------------------------------------- torch.compile
+_P = torch.softmax(torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0)), -1)
+_Y = torch.tensor([0, 1, 2, 3, 0])
+_CASES = {  # function, good arguments, bad arguments, message
+    "range": (lambda p: from_sample_probs(p).entropy, (_P,), (_P * 2 - 0.5,),
+              "sample_probs must be probabilities in [0, 1] (no NaN)"),
+    "nan": (entropy, (_P,), (_P.index_fill(1, torch.tensor([2]), float("nan")),),
+            "entropy: probs must be probabilities in [0, 1] (no NaN)"),
+    "sums": (lambda p: from_sample_probs(p).entropy, (_P,), (_P * 0.9,),
+             "sample_probs rows must sum to one"),
+    "axis": (lambda p: entropy(p, dim=0), (_P.softmax(0),), (_P,),
+             "entropy: probs must sum to 1 along dim=0"),
+    "targets": (metrics.negative_log_likelihood, (_P[0], _Y), (_P[0], _Y + 1),
+                "targets must be class indices in [0, 4) for probs of 4 classes"),
+    "metric_sums": (metrics.brier_score, (_P[0], _Y), (_P[0] * 0.9, _Y),
+                    "probs rows must sum to one"),
+    "logits": (lambda p: time_as_samples(p).entropy, (_P.log(),),
+               (_P.log().index_fill(2, torch.tensor([1]), float("inf")),),
+               "per_step_logits holds NaN or inf logits"),
+}
+
+
+@pytest.mark.parametrize("case", list(_CASES))
+def test_compiled_value_checks_raise_with_their_message(case):
+    """In a graph, values that the eager check refuses raise when the graph runs, with the
+    eager message (less the values it quotes), never silently."""
+    fn, good, bad, message = _CASES[case]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*good), fn(*good), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fn(*bad)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        compiled(*bad)
+
+
+def test_compiled_argument_errors_reach_the_caller_with_their_message():
+    """A wrong shape or dtype in a graph: Dynamo reported `Observed exception`, with the
+    library's message in its debug context only; it comes first."""
+    torch._dynamo.reset()
+    cases = [
+        (lambda p: from_sample_probs(p).entropy, (_P[0],), "sample_probs must be [K, B, C]"),
+        (lambda p: time_as_samples(p).entropy, (_P[0],), "per_step_logits must be a tensor"),
+        (metrics.brier_score, (_P[0], _Y.float()), "targets must be integer class indices"),
+        (metrics.negative_log_likelihood, (_P[0], _Y[:3]), "probs must be [N, C] and targets"),
+    ]
+    for fn, args, message in cases:
+        with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+            fn(*args)
+        with pytest.raises(RuntimeError, match="^" + re.escape(message)):
+            torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
