@@ -2181,7 +2181,9 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
     conversion's arguments of ``model``).
 
     Args:
-        model: a model returned by :func:`to_sbnn` (not modified).
+        model: a model returned by :func:`to_sbnn` (not modified), or its compiled
+            wrapper ``torch.compile(model)``, which exports the model it wraps (a plain
+            module: compile the export again where wanted).
         spike_grad: the exported neurons' spike function (an ``nn.Module``: a copy
             per neuron). ``None`` (default): each
             neuron gets back the surrogate it had before :func:`to_sbnn` (the same
@@ -2205,6 +2207,7 @@ def to_snntorch(model: nn.Module, spike_grad=None) -> nn.Module:
     from snntorch import surrogate
 
     check_module(model, "to_snntorch")
+    model = compiled_wrapped(model)  # torch.compile(model): the plain model it wraps
     refuse_other_host_export(model, "spikingjelly", IWSTSpike)
     refuse_unconverted_export(model, "to_snntorch", _already_converted(model) or any(
         isinstance(m, ChannelAffine) for m in model.modules()))

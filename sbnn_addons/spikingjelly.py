@@ -1405,7 +1405,9 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
     conversion's arguments of ``model``).
 
     Args:
-        model: a model returned by :func:`to_sbnn` (not modified).
+        model: a model returned by :func:`to_sbnn` (not modified), or its compiled
+            wrapper ``torch.compile(model)``, which exports the model it wraps (a plain
+            module: compile the export again where wanted).
         surrogate_function: SpikingJelly surrogate for every exported neuron (a fresh deep
             copy each); ``None``: each neuron's original surrogate (``surrogate.Sigmoid()``,
             SpikingJelly's default, where none was set).
@@ -1420,6 +1422,7 @@ def to_spikingjelly(model: nn.Module, surrogate_function: nn.Module | None = Non
             ``sbnn_addons.snntorch.to_sbnn`` (exported by ``to_snntorch``).
     """
     check_module(model, "to_spikingjelly")
+    model = compiled_wrapped(model)  # torch.compile(model): the plain model it wraps
     refuse_other_host_export(model, "snntorch", IWSTSpike)
     if isinstance(surrogate_function, type):
         raise TypeError(

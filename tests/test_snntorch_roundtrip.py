@@ -110,6 +110,21 @@ def test_to_snntorch_equals_mean_mode(name):
     out[1].sum().backward()
 
 
+def test_to_snntorch_of_a_compiled_wrapper_exports_the_model_it_wraps():
+    """``to_snntorch(torch.compile(model))`` (a user who trained the compiled wrapper)
+    gives the plain snnTorch model, not a compiled wrapper around it: its state dict has
+    the host model's keys (no ``_orig_mod.`` prefix) and no module of the library."""
+    model, x = _trained_like("seq_leaky")
+    with sbnn_addons.mode(model, "mean"):
+        ref = run(model, x)
+    plain = to_snntorch(torch.compile(model))
+    assert not isinstance(plain, torch._dynamo.eval_frame.OptimizedModule)
+    assert set(plain.state_dict()) == set(to_snntorch(model).state_dict())
+    assert {type(m).__module__.split(".")[0] for m in plain.modules()} == {"torch", "snntorch"}
+    out = run(plain, x)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
 def test_to_snntorch_pickles_without_sbnn_addons():
     from snntorch import surrogate
 

@@ -103,6 +103,21 @@ def test_export_equals_mean_mode(sm):
     assert default[2].surrogate_function is not default[5].surrogate_function
 
 
+def test_export_of_a_compiled_wrapper_is_the_plain_model_it_wraps():
+    """``to_spikingjelly(torch.compile(model))`` gives the plain SpikingJelly model, not a
+    compiled wrapper around it: the host model's state-dict keys (no ``_orig_mod.``) and
+    a pickle without the library."""
+    model = sbnn_sj.to_sbnn(_net(), spike_std=0.1).eval()
+    with sbnn_addons.mode(model, "mean"), torch.no_grad():
+        ref = run_sequence(model, X, "m")
+    plain = sbnn_sj.to_spikingjelly(torch.compile(model), surrogate.ATan())
+    assert not isinstance(plain, torch._dynamo.eval_frame.OptimizedModule)
+    assert set(plain.state_dict()) == set(sbnn_sj.to_spikingjelly(model).state_dict())
+    assert b"sbnn_addons" not in pickle.dumps(plain)
+    with torch.no_grad():
+        assert torch.equal(run_sequence(plain.eval(), X, "m"), ref)
+
+
 def test_export_seq_to_ann_container_plain_layers():
     torch.manual_seed(0)
     net = nn.Sequential(
