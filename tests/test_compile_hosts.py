@@ -258,9 +258,9 @@ def test_model_compiled_then_converted_keeps_its_variance_flow_in_copies_and_exp
     try:
         with pytest.raises(ValueError, match="input of the converted model"):
             copy.deepcopy(converted)._orig_mod(bad)
-        again = to_sbnn(export(converted))
+        again = to_sbnn(export(converted))  # (the export is the plain model it wraps)
         with pytest.raises(ValueError, match="input of the converted model"):
-            again._orig_mod(bad)
+            again(bad)
     finally:
         torch._dynamo.reset()
 
