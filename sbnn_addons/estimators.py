@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .base import check_flag, check_input, concrete_shape, raise_error
 from .functional import apply_function, check_float, estimator_jacobian, jacobian_and_z
-from .tensors import estimator_spec, parse_estimator_spec, pull_term
+from .tensors import broadcasts_to, estimator_spec, parse_estimator_spec, pull_term
 from .tensors import standard_normal as _standard_normal
 
 __all__ = ["Estimator", "ST", "IWST", "AGR", "get_estimator", "BernoulliSpike", "sample_spikes"]
@@ -150,15 +150,6 @@ def get_estimator(spec: str | Estimator) -> Estimator:
         "'agr' or 'agr(tau)' with tau >= 0", ValueError)
 
 
-def _broadcasts(shape: tuple, target: tuple) -> bool:
-    """Whether a tensor of ``shape`` expands to ``target`` (``Tensor.expand_as``), decided
-    from the sizes: a failed expand in a graph being traced is Dynamo's error, not one the
-    caller can read."""
-    if len(shape) > len(target):
-        return False
-    return all(a == 1 or a == b for a, b in zip(reversed(shape), reversed(target)))
-
-
 class BernoulliSpike(torch.autograd.Function):
     """Sampled spike with an IW-ST backward (Method page, sections 1 and 4).
 
@@ -267,7 +258,9 @@ def sample_spikes(
                     "seed the global generator (torch.manual_seed) before the compiled call, "
                     "or call sample_spikes outside the compiled step")
     if sigma.shape != u.shape:
-        if not _broadcasts(tuple(sigma.shape), tuple(u.shape)):
+        # decided from the sizes: a failed expand in a graph being traced is Dynamo's
+        # error, not one the caller can read
+        if not broadcasts_to(tuple(sigma.shape), tuple(u.shape), compiling):
             raise_error(
                 f"sigma of shape {concrete_shape(sigma)} does not broadcast to the drive "
                 f"u of shape {concrete_shape(u)}", ValueError)
