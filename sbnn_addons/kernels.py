@@ -774,10 +774,16 @@ def _spike_forward_impl(u: Tensor, variance: Tensor, at_zero: bool,
     return hb, z2, torch.empty(0, dtype=torch.uint8)  # the last: the ordering output
 
 
+def _python_impl() -> torch.library.Library:
+    """The operator's CPU kernel in Python, registered in a library object of its own."""
+    library = torch.library.Library("sbnn_addons", "IMPL")
+    library.impl("spike_forward", _spike_forward_impl, "CPU")
+    return library
+
+
 # the CPU implementation until the C++ one (_install_operator) replaces it, and where that
 # cannot be built: its own library object, which the replacement destroys
-_PY_IMPL = [torch.library.Library("sbnn_addons", "IMPL")]
-_PY_IMPL[0].impl("spike_forward", _spike_forward_impl, "CPU")
+_PY_IMPL = [_python_impl()]
 
 
 @torch.library.register_fake("sbnn_addons::spike_forward", lib=_LIB)
@@ -845,8 +851,7 @@ def _install_operator() -> bool:
         message = ctypes.create_string_buffer(1024)
         if library.sbnn_register_operator(message, len(message)) != 0:
             _operator_error = message.value.decode(errors="replace")
-            _PY_IMPL[0] = torch.library.Library("sbnn_addons", "IMPL")
-            _PY_IMPL[0].impl("spike_forward", _spike_forward_impl, "CPU")
+            _PY_IMPL[0] = _python_impl()
             return False
         _operator = "cpp"
         return True
