@@ -503,9 +503,6 @@ class SpikeMonitor:
         self._quiet: dict[str, int] = {}  # per spike function: inside an inhibition neuron
         self._layers = [(n, m) for n, m in model.named_modules()
                         if synops and isinstance(m, _WEIGHT_LAYERS)]
-        self._names = {(id(m), attr): n for attr, pairs in (
-            ("fire", self._spikes), ("fire_inhibition", self._inhibitors),
-            ("forward", self._layers)) for n, m in pairs}
         uncounted = [n for n, m in model.named_modules()
                      if synops and isinstance(m, _UNCOUNTED_LAYERS)]
         if uncounted:
@@ -541,22 +538,20 @@ class SpikeMonitor:
         self._active = True
         self._entered = True
         session = self._session = object()
-        self._saved = [(m, "fire", m.__dict__.get("fire")) for _, m in self._spikes]
-        self._saved += [(h, "fire_inhibition", h.__dict__.get("fire_inhibition"))
-                        for _, h in self._inhibitors]
-        self._saved += [(m, "forward", m.__dict__.get("forward")) for _, m in self._layers]
-        watched = {id(m): m for m, _, _ in self._saved}.values()
+        counted = [(name, m, attr, make) for attr, make, pairs in (
+            ("fire", self._counting_fire, self._spikes),
+            ("fire_inhibition", self._counting_inhibition, self._inhibitors),
+            ("forward", self._counting_forward, self._layers)) for name, m in pairs]
+        watched = {id(m): m for _, m, _, _ in counted}.values()
+        self._saved = [(m, attr, m.__dict__.get(attr)) for _, m, attr, _ in counted]
         self._saved += [(m, "__reduce_ex__", m.__dict__.get("__reduce_ex__"))
                         for m in watched]
         self._quiet = {name: 0 for name, _ in self._inhibitors}
-        for m, attr, previous in self._saved:
-            if attr == "__reduce_ex__":
-                method = _reduce_hook()
-            else:
-                name = self._names[id(m), attr]
-                make = {"fire": self._counting_fire, "fire_inhibition": self._counting_inhibition,
-                        "forward": self._counting_forward}[attr]
-                method = make(name, m, _next_method(m, attr), session)
+        # (each module's entry is wrapped once: its method below is the saved one)
+        methods = [make(name, m, _next_method(m, attr), session)
+                   for name, m, attr, make in counted]
+        methods += [_reduce_hook() for _ in watched]
+        for (m, attr, previous), method in zip(self._saved, methods, strict=True):
             _shadow(m, attr, method, self, session, previous)
         return self
 
