@@ -123,6 +123,10 @@ def test_to_snntorch_of_a_compiled_wrapper_exports_the_model_it_wraps():
     assert {type(m).__module__.split(".")[0] for m in plain.modules()} == {"torch", "snntorch"}
     out = run(plain, x)
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    # the compiled host model itself (not converted) is named, as the host model is
+    host, _ = make("seq_leaky")
+    with pytest.raises(ValueError, match="nothing to export: Sequential"):
+        to_snntorch(torch.compile(host))
 
 
 def test_to_snntorch_pickles_without_sbnn_addons():

@@ -116,6 +116,9 @@ def test_export_of_a_compiled_wrapper_is_the_plain_model_it_wraps():
     assert b"sbnn_addons" not in pickle.dumps(plain)
     with torch.no_grad():
         assert torch.equal(run_sequence(plain.eval(), X, "m"), ref)
+    # the compiled host model itself (not converted) is named, as the host model is
+    with pytest.raises(ValueError, match="nothing to export: Sequential"):
+        sbnn_sj.to_spikingjelly(torch.compile(_net()))
 
 
 def test_export_seq_to_ann_container_plain_layers():
