@@ -14,7 +14,14 @@ surrogate) and SpikingJelly (multi-step ``LIFNode``, ``ATan``):
   AOTAutograd);
 * ``sbnn compiled``: the same with the kernel on, called as ``torch.library`` custom ops;
 * ``sbnn compiled, aux_pull=0``: the same without the auxiliary pull (what it costs
-  compiled).
+  compiled);
+* ``sbnn compiled, free draw (bound)`` (``--draw-bound``): the compiled SBNN step with each
+  spike drawn as ``1[u + sigma eps > 0]`` from Gaussian noise ``eps`` computed before the
+  step, in the graph's own element-wise kernels (:class:`PresetNoiseDraw`). No random
+  numbers are generated in the step and no operator splits a neuron's kernel: with the
+  rest of the step left to inductor, a lower bound on the compiled SBNN step for any way
+  of placing the draw (a custom operator, the noise drawn ahead, inductor's own random
+  numbers).
 
 A step is state reset, forward, cross-entropy and backward (the compiled variants compile
 the forward and the loss). Reports the median step time as a ratio to ``host eager`` and to
@@ -56,7 +63,7 @@ from bench_core import _saved_bytes, peak_bytes, print_rows, repeated
 import sbnn_addons as sb
 
 
-def _variants(host: str, device: str):
+def _variants(host: str, device: str, draw_bound: bool = False):
     factory = snntorch_models if host == "snntorch" else spikingjelly_models
     models, reset = factory()
     original, sbnn = models["original"], models["sbnn ST"]
@@ -68,7 +75,7 @@ def _variants(host: str, device: str):
             "sbnn compiled": (copy.deepcopy(sbnn), reset, True, True),
             "sbnn compiled, aux_pull=0": (models["sbnn ST, aux_pull=0"], reset, True, True),
         }
-    return {
+    variants = {
         "host eager": (original, reset, False, None),
         "host compiled": (copy.deepcopy(original), reset, True, None),
         "sbnn eager, C kernel": (sbnn, reset, False, True),
@@ -77,6 +84,71 @@ def _variants(host: str, device: str):
         "sbnn compiled": (copy.deepcopy(sbnn), reset, True, True),
         "sbnn compiled, aux_pull=0": (models["sbnn ST, aux_pull=0"], reset, True, True),
     }
+    if draw_bound:
+        variants[BOUND] = (copy.deepcopy(sbnn), reset, True, "bound")
+    return variants
+
+
+BOUND = "sbnn compiled, free draw (bound)"
+
+
+class _PresetNoiseSpike(torch.autograd.Function):
+    """The compiled spike (``kernels._CompiledSpike``'s outputs and backward) with the draw
+    ``1[u + sigma eps > 0]`` from given noise ``eps``: element-wise operations that inductor
+    fuses into the neuron's kernel."""
+
+    @staticmethod
+    def forward(u, variance, eps, constants):
+        at_zero, _estimator, aux_offset, _aux_var, _aux_pull = constants
+        sigma = variance.clamp_min(0).sqrt()
+        drive = u + sigma * eps
+        fired = drive >= 0 if at_zero else drive > 0
+        z2 = u.new_zeros(())
+        if aux_offset is not None:
+            z = sb.kernels._aux_z(u, sigma.clamp_min(1e-6), aux_offset)
+            z2 = torch.where(sigma > 0, z * z, 0.0).sum()
+        return fired.to(u.dtype), z2, fired.to(torch.uint8)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        u, variance, _eps, (_at_zero, estimator, aux_offset, aux_var, aux_pull) = inputs
+        ctx.mark_non_differentiable(output[2])
+        ctx.save_for_backward(u, variance, output[2])
+        ctx.estimator, ctx.aux_var, ctx.aux_pull = estimator, aux_var, aux_pull
+        ctx.aux_offset = 0.0 if aux_offset is None else aux_offset
+        ctx.want_aux = aux_offset is not None
+
+    @staticmethod
+    def backward(ctx, grad, grad_aux, _grad_bytes):
+        u, variance, spikes = ctx.saved_tensors
+        spec = sb.kernels._EstimatorArgs(*sb.estimators.parse_estimator_spec(ctx.estimator))
+        grad_u, grad_var = sb.kernels._torch_spike_backward(
+            grad, u, variance, spikes, spec, grad_aux if ctx.want_aux else None,
+            ctx.aux_offset, ctx.aux_var, ctx.aux_pull)
+        return grad_u, grad_var, None, None
+
+
+class PresetNoiseDraw:
+    """A context (reusable) within which compiled spikes are drawn from one fixed Gaussian
+    noise tensor of ``numel`` elements (its first ``u.numel()``), computed once, outside
+    any step."""
+
+    def __init__(self, numel: int, device: str):
+        self.eps = torch.randn(numel, device=device)
+        self.original = sb.kernels.compiled_spike
+
+    def compiled_spike(self, u, variance, estimator, at_zero=False, aux_offset=None,
+                       aux_var=True, aux_pull=0.0):
+        spikes, z2, _ = _PresetNoiseSpike.apply(
+            u, variance, self.eps[:u.numel()].view(u.shape),
+            (at_zero, estimator.spec, aux_offset, bool(aux_var), float(aux_pull)))
+        return spikes, z2
+
+    def __enter__(self):
+        sb.kernels.compiled_spike = self.compiled_spike
+
+    def __exit__(self, *exc):
+        sb.kernels.compiled_spike = self.original
 
 
 def own_code(fn):
@@ -103,12 +175,20 @@ def _make_step(model, reset, compiled: bool, kernels: bool, x, y):
     # snnTorch / PyTorch pairs break the graph at snnTorch's `mem == None`)
     fn = torch.compile(loss_fn, fullgraph=kernels is not None) if compiled else loss_fn
 
+    draw = PresetNoiseDraw(x.shape[1] * 1024, x.device.type) if kernels == "bound" else None
+
     def step():
         model.zero_grad(set_to_none=True)
         # eager for every variant: SpikingJelly's reset_net caches modules in a global
         # table, on which a compiled step would guard (a recompile per new model)
         reset(model)
-        with contextlib.nullcontext() if kernels is not False else sb.kernels.use_kernels(False):
+        if kernels is False:
+            context = sb.kernels.use_kernels(False)
+        elif kernels == "bound":
+            context = draw
+        else:
+            context = contextlib.nullcontext()
+        with context:
             loss = fn(x, y)
             loss.backward()
         if x.is_cuda:  # the step's kernels have run when the timer stops
@@ -133,7 +213,8 @@ def _learns(model, step, steps: int, window: int = 3) -> tuple[float, float]:
 
 
 def run(reps: int, repeat: int, threads: int, device: str, train_steps: int,
-        hosts: tuple[str, ...], seed: int = 0, batch: int = B) -> list[dict]:
+        hosts: tuple[str, ...], seed: int = 0, batch: int = B,
+        draw_bound: bool = False) -> list[dict]:
     torch.set_num_threads(threads)
     # the compiled variants share one code object (loss_fn), one cache entry per model
     torch._dynamo.config.recompile_limit = 64
@@ -142,7 +223,7 @@ def run(reps: int, repeat: int, threads: int, device: str, train_steps: int,
         torch.manual_seed(seed)
         x = (torch.rand(T, batch, 784) < 0.2).float().to(device)
         y = torch.randint(0, 10, (batch,)).to(device)
-        variants = _variants(host, device)
+        variants = _variants(host, device, draw_bound)
         steps, first_call = {}, {}
         for name, (model, reset, compiled, kernels) in list(variants.items()):
             model.to(device)
@@ -191,6 +272,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=B)
     parser.add_argument("--hosts", nargs="+", choices=("snntorch", "spikingjelly"),
                         default=["snntorch", "spikingjelly"])
+    parser.add_argument("--draw-bound", action="store_true",
+                        help=f"add the variant '{BOUND}'")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     # no compiled graph from an earlier run (inductor's and AOTAutograd's on-disk caches):
@@ -198,7 +281,7 @@ def main(argv=None) -> None:
     torch._inductor.config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False
     rows = run(args.reps, args.repeat, args.threads, args.device, args.train_steps,
-               tuple(args.hosts), batch=args.batch)
+               tuple(args.hosts), batch=args.batch, draw_bound=args.draw_bound)
     if "spikingjelly" in args.hosts:  # on CUDA the host uses its own CUDA / Triton neuron
         from spikingjelly.activation_based import functional
 
