@@ -178,3 +178,31 @@ def test_trace_count_counts_the_instructions_dynamo_traces():
     counts = trace_count.count(False, 1)
     assert sum(counts.values()) > 100 and any("leaky.py" in k for k in counts)
     assert symbolic_convert.InstructionTranslatorBase.step is step
+
+
+def test_draw_bound_draws_from_its_preset_noise_in_a_compiled_graph(monkeypatch):
+    """``bench_compile.py --draw-bound``: inside ``PresetNoiseDraw`` a compiled spike is
+    ``1[u + sigma eps > 0]`` with the preset ``eps``, it has a gradient, and the block puts
+    the spike operator back."""
+    import torch
+
+    import sbnn_addons as sb
+
+    if not sb.kernels.available():
+        pytest.skip("the variant replaces the compiled spike operator, which needs the kernel")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = _script("bench_compile")
+    spike = sb.IWSTSpike("st", std=0.5)
+    torch.manual_seed(0)
+    u = torch.randn(8, 16, requires_grad=True)
+    step = torch.compile(lambda u: spike(u), fullgraph=True)
+    draw = bench.PresetNoiseDraw(1024, "cpu")
+    operator = sb.kernels.compiled_spike
+    for _ in range(2):  # the context serves every step
+        with draw:
+            spikes = step(u)
+        assert sb.kernels.compiled_spike is operator
+        expected = (u + 0.5 * draw.eps[:128].view(8, 16) > 0).float()
+        assert torch.equal(spikes, expected)
+        (grad,) = torch.autograd.grad(spikes.sum(), u)
+        assert torch.isfinite(grad).all() and (grad != 0).all()
