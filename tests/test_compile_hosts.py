@@ -519,3 +519,61 @@ def test_explicit_loop_with_a_graph_break_compiles_like_eager():
     torch.testing.assert_close(results[1][0], results[0][0])
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+class _ChunkLoop(nn.Module):
+    """A truncated-BPTT chunk (snnTorch tutorial loop) that takes and returns the membrane."""
+
+    def __init__(self, fc, lif):
+        super().__init__()
+        self.fc, self.lif = fc, lif
+
+    def forward(self, x, mem):
+        out = []
+        for t in range(x.shape[0]):
+            spk, mem = self.lif(self.fc(x[t]), mem)
+            out.append(spk)
+        return torch.stack(out), mem
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "aot_eager_decomp_partition"])
+@pytest.mark.parametrize("style", ["converted", "drop-in"])
+def test_a_carried_membrane_passed_back_into_an_aot_eager_chunk_runs(backend, style):
+    """Truncated BPTT with the debugging backends: the membrane a chunk returns (it carries
+    its variance) goes back into the next compiled chunk, whose first call checks custom
+    operators in AOTAutograd's dispatch mode. A converted model runs as eager mode does
+    (spikes, membrane and gradients); the drop-in spike function behind a Bayesian layer
+    runs and trains (its compiled draws are not eager mode's: the reset of the initial
+    membrane is a draw there, ``SnnTorchSpike``)."""
+    torch.manual_seed(0)
+    if style == "converted":
+        net = sbnn_snn.to_sbnn(_ChunkLoop(nn.Linear(6, 5), snn.Leaky(beta=0.9)))
+    else:
+        net = _ChunkLoop(sb.BayesLinear(6, 5, std=0.3),
+                         snn.Leaky(beta=0.9, spike_grad=sbnn_snn.spike_grad()))
+    x = torch.rand(3, 4, 6) * 3
+    results = []
+    try:
+        for model in (net, torch.compile(net, backend=backend, fullgraph=True)):
+            torch.manual_seed(1)
+            mem, chunks = net.lif.init_leaky(), []
+            for _ in range(3):
+                spikes, mem = model(x, mem)
+                if model is not net:  # a carrier goes back into the compiled chunk
+                    assert isinstance(mem, sb.moments.VarianceTensor)
+                spikes.sum().backward()
+                mem = mem.detach()
+                chunks.append(spikes.detach())
+            results.append((torch.cat(chunks), mem.as_subclass(torch.Tensor),
+                            [p.grad.clone() for p in net.parameters()]))
+            net.zero_grad()
+    finally:
+        torch._dynamo.reset()
+    assert results[0][0].sum() > 0 and results[1][0].sum() > 0
+    if style == "drop-in":
+        assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in results[1][2])
+        return
+    assert torch.equal(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])
+    for a, b in zip(results[0][2], results[1][2], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
