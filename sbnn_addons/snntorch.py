@@ -455,7 +455,7 @@ class _EmittedSpikeReset:
         compiling = torch.compiler.is_compiling()
         if compiling:  # (the converted model's entry checks it in eager mode only)
             self._assert_finite_beta()
-            if (getattr(self.spike_grad, "sbnn_mode", "mean") != "mean"
+            if ((self.init_hidden or getattr(self.spike_grad, "sbnn_mode", "mean") != "mean")
                     and traced_in_torch_checkpoint()):
                 raise_error(self._compiled_checkpoint_message())
         else:
@@ -535,15 +535,22 @@ class _EmittedSpikeReset:
         its gradient in the graph (``std_rho``'s gradients 97 % off, without an error)."""
         host = next((c.__name__ for c in type(self).__mro__
                      if c.__module__.startswith("snntorch")), type(self).__name__)
+        if self.init_hidden:  # (mean mode too: Dynamo fails on its state, an internal error)
+            why = ("with init_hidden=True runs in a torch.utils.checkpoint region of a "
+                   "compiled step, whose membrane kept in the module Dynamo cannot carry out "
+                   "of the region (an internal error)")
+        else:
+            why = ("runs in a torch.utils.checkpoint region of a compiled step: the "
+                   "membrane's noise variance, which the neuron carries to the next step as "
+                   "its state, would lose its gradient in the compiled graph, and the "
+                   "gradients would be wrong, without an error")
         return (
-            f"a converted snnTorch {host} runs in a torch.utils.checkpoint region of a "
-            "compiled step: the membrane's noise variance, which the neuron carries to the "
-            "next step as its state, would lose its gradient in the compiled graph, and the "
-            "gradients would be wrong, without an error. Inside a compiled step use "
+            f"a converted snnTorch {host} {why}. Inside a compiled step use "
             "sbnn_addons.checkpoint.checkpoint(fn, *args, modules=model) (the compiler "
             "then chooses what to recompute), or checkpoint outside the compiled "
             "function (torch.compile without fullgraph=True runs such a region eagerly); "
-            "mean mode (no variance) may use torch.utils.checkpoint")
+            "mean mode (no variance) may use torch.utils.checkpoint with the membrane "
+            "passed explicitly")
 
     def _sbnn_store(self, compiling: bool | None = None) -> None:
         """After a step: the membrane buffer as a plain tensor, its variance as state; the

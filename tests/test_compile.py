@@ -1165,6 +1165,38 @@ def test_torch_checkpoint_of_a_converted_snntorch_step_in_a_compiled_step_is_nam
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_torch_checkpoint_of_an_init_hidden_snntorch_model_in_a_compiled_step_is_named():
+    """The quick start's ``init_hidden`` Sequential in ``torch.utils.checkpoint`` inside a
+    fullgraph step (with Dynamo's ``skip_fwd_side_effects_in_bwd_under_checkpoint``), in
+    ``mean`` mode: Dynamo failed on the neuron's kept state with an internal error
+    ("does not belong to this Graph"), where the host model compiles. Named, with the
+    helper as the fix."""
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+    torch.manual_seed(0)
+    net = sbnn_snn.to_sbnn(nn.Sequential(
+        nn.Linear(12, 16), snn.Leaky(beta=0.9, init_hidden=True), nn.Linear(16, 5),
+        snn.Leaky(beta=0.9, init_hidden=True, output=True)))
+    sb.set_mode(net, "mean")
+    x, y = torch.rand(T, 6, 12) * 3, torch.randint(0, 5, (6,))
+
+    def loss_fn(x, y):
+        sutils.reset(net)
+        out = 0
+        for t in range(x.shape[0]):
+            spk, mem = torch_checkpoint(net, x[t], use_reentrant=False)
+            out = out + spk + mem
+        return F.cross_entropy(out, y)
+
+    sutils.reset(net)  # (once eagerly: Dynamo misses the global that its first call sets)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        with pytest.raises(RuntimeError, match=r"Leaky with init_hidden=True.*"
+                                               r"sbnn_addons.checkpoint.checkpoint"):
+            _step(net, torch.compile(loss_fn, fullgraph=True, backend="aot_eager"), x, y)
+    torch._dynamo.reset()
+
+
 def test_sample_mode_compiles_where_dynamo_reports_every_compile_as_an_export(monkeypatch):
     """Dynamo before PyTorch 2.13 answers ``torch.compiler.is_exporting()`` with ``True``
     under every ``torch.compile`` (seen on torch 2.11 with CUDA: every compiled
