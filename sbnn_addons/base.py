@@ -549,6 +549,27 @@ def shared_square(owner: object, param: Tensor, std: Callable[[], Tensor],
     return squared
 
 
+@torch.compiler.assume_constant_result
+def traced_in_torch_checkpoint() -> bool:
+    """Whether Dynamo traces this call inside a ``torch.utils.checkpoint`` region (its
+    higher-order op, which traces a region with side effects only with
+    ``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint``). Read in
+    Python while the graph is traced (a constant of the graph); ``False`` outside
+    Dynamo or where its tracer cannot be read (another PyTorch)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tracer = InstructionTranslator.current_tx().output.current_tracer
+    except Exception:  # not tracing, or another layout of Dynamo's internals
+        return False
+    while tracer is not None:
+        if str(getattr(tracer, "description", None) or "").startswith(
+                "torch.utils.checkpoint"):
+            return True
+        tracer = getattr(tracer, "parent", None)
+    return False
+
+
 def checkpoint_hooks_active() -> bool:
     """Whether the innermost saved-tensor hooks are activation checkpointing's
     (``torch.utils.checkpoint``, which :mod:`sbnn_addons.checkpoint` uses): a region whose

@@ -18,7 +18,11 @@ first. :func:`checkpoint` makes it so:
   put back to what it was when the region ran forward for the recomputation, and back to
   what it is after it: the recomputation of a region holding a SpikingJelly neuron
   starts from the neuron's state at the region's entry, not from its state at the end of
-  the sequence (silently wrong gradients), and leaves that state as it was.
+  the sequence (silently wrong gradients), and leaves that state as it was. A converted
+  SpikingJelly neuron that the region runs but ``modules=`` misses raises, naming it;
+* a converted snnTorch neuron keeps no such state for the region: pass its membrane in
+  and out (``spk, mem = lif(cur, mem)``). One that takes it from the module
+  (``init_hidden=True``, or ``spk, mem = lif(cur)``) raises.
 
 The gradients are then exactly those of the plain forward (tested), at the cost of one
 more forward of the region.
@@ -101,11 +105,14 @@ def checkpoint(fn: Callable[..., Tensor], *args, modules: nn.Module) -> Tensor:
 
     Raises:
         TypeError: ``fn`` is not callable, or ``modules`` is not an ``nn.Module``.
-        RuntimeError: a seeded spike function that is not in ``modules`` draws in the
-            region (its spikes could not be replayed: wrong gradients).
+        RuntimeError: a seeded spike function or a converted SpikingJelly neuron that is
+            not in ``modules`` runs in the region (its spikes or its state could not be
+            replayed: wrong gradients), or a converted snnTorch neuron takes its membrane
+            from the module (``spk, mem = lif(cur)``, or ``init_hidden=True``).
         ValueError: ``modules`` holds an snnTorch neuron with ``init_hidden=True`` (its
             membrane is module state that the recomputation would start from the end of
-            the sequence: wrong gradients); pass its membrane explicitly instead.
+            the sequence: wrong gradients); pass its membrane explicitly instead. Eager
+            mode: inside a compiled step nothing is recomputed, and the region runs.
     """
     if not callable(fn):  # torch.utils.checkpoint failed in its backward-setup internals
         raise TypeError(f"fn must be the region to run (a callable such as block.forward), "
@@ -115,6 +122,13 @@ def checkpoint(fn: Callable[..., Tensor], *args, modules: nn.Module) -> Tensor:
             f"modules must be the nn.Module that fn runs (searched for spike functions), got "
             f"{type(modules).__name__}"
         )
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace checkpoint's context_fn (an internal error): inside a compiled
+        # step the region runs as it is, and the compiler's partitioner chooses what the
+        # backward recomputes (never a random draw, so never a different spike)
+        # (before the search of modules= below, which Dynamo refuses on a neuron that an
+        # earlier step changed, and which no recomputation needs here)
+        return fn(*args)
     for name, m in modules.named_modules():
         if getattr(m, "init_hidden", False) is True and any(
                 c.__module__.startswith("snntorch") for c in type(m).__mro__):
@@ -125,18 +139,13 @@ def checkpoint(fn: Callable[..., Tensor], *args, modules: nn.Module) -> Tensor:
                 "state at the end of the sequence (wrong gradients). Pass the membrane "
                 "explicitly in the region (init_hidden=False: spk, mem = lif(cur, mem)), "
                 "or leave the neuron outside the checkpointed region")
-    if torch.compiler.is_compiling():
-        # Dynamo cannot trace checkpoint's context_fn (an internal error): inside a compiled
-        # step the region runs as it is, and the compiler's partitioner chooses what the
-        # backward recomputes (never a random draw, so never a different spike)
-        return fn(*args)
     spikes = [m for m in modules.modules() if isinstance(m, IWSTSpike)]
     stateful = [m for m in modules.modules() if isinstance(getattr(m, "_memories", None), dict)]
 
     def context_fn():  # called as the region starts its forward
         snapshot = _generator_snapshot(spikes)
         memories = _memories_snapshot(stateful)
-        return checkpointed_forward(spikes), _replay(spikes, snapshot, stateful, memories)
+        return checkpointed_forward(spikes, stateful), _replay(spikes, snapshot, stateful, memories)
 
     return _torch_checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn,
                              preserve_rng_state=True)

@@ -65,6 +65,7 @@ from .base import (
     refuse_unconverted_export,
     set_state,
     threshold_value,
+    traced_in_torch_checkpoint,
     variance_dtype,
 )
 from .base import match_name as _match
@@ -115,6 +116,7 @@ from .spike import (
     DEFAULT_SPIKE_STD,
     IWSTSpike,
     check_aux_pull,
+    in_checkpoint_forward,
     in_torch_checkpoint,
     refuse_gradient_without_noise,
     relative_spike_std,
@@ -453,13 +455,17 @@ class _EmittedSpikeReset:
         compiling = torch.compiler.is_compiling()
         if compiling:  # (the converted model's entry checks it in eager mode only)
             self._assert_finite_beta()
+            if ((self.init_hidden or getattr(self.spike_grad, "sbnn_mode", "mean") != "mean")
+                    and traced_in_torch_checkpoint()):
+                raise_error(self._compiled_checkpoint_message())
         else:
             ddp_type = _DDP_TYPE[0] if _DDP_TYPE else _ddp_type()
             if ddp_type is None or ddp_type._get_active_ddp_module() is None:
                 self.__dict__[_DDP_SYNC] = None  # _check_ddp_buffer_sync without DDP
             else:
                 _check_ddp_buffer_sync(self)
-            if self.init_hidden and in_torch_checkpoint():
+            if ((self.init_hidden or _state_from_module(self, args, kwargs))
+                    and (in_torch_checkpoint() or in_checkpoint_forward())):
                 raise RuntimeError(self._hidden_state_checkpoint_message(args))
             if args and type(args[0]) is VarianceTensor:
                 _check_input_current(self, args[0])
@@ -505,15 +511,46 @@ class _EmittedSpikeReset:
         host = next((c.__name__ for c in type(self).__mro__
                      if c.__module__.startswith("snntorch")), type(self).__name__)
         which = f"{host}{f' {name!r}' if name else ''}"
+        if self.init_hidden:
+            what = "has init_hidden=True"
+        else:
+            what = ("is called without its membrane (spk, mem = lif(cur)), or an RLeaky "
+                    "without its spikes: snnTorch then takes the state the module keeps")
         return (
-            f"the converted snnTorch {which} has init_hidden=True and runs inside "
-            "torch.utils.checkpoint: its membrane is module state, so the recomputation in "
+            f"the converted snnTorch {which} {what} and runs inside "
+            "torch.utils.checkpoint (or sbnn_addons.checkpoint.checkpoint): its membrane is "
+            "module state, so the recomputation in "
             "the backward would start from the membrane the module holds then (the one at "
             "the end of the sequence), not from this step's, and the gradients would be "
             "wrong, without an error. Pass the membrane explicitly in the region "
-            "(init_hidden=False: spk, mem = lif(cur, mem)), which torch.utils.checkpoint "
+            "(init_hidden=False: spk, mem = lif(cur, mem); an RLeaky's: spk, mem = "
+            "lif(cur, spk, mem)), which torch.utils.checkpoint "
             "(use_reentrant=False) and sbnn_addons.checkpoint.checkpoint recompute "
             "exactly, or leave the neuron outside the checkpointed region")
+
+    def _compiled_checkpoint_message(self) -> str:
+        """The error for a step traced by ``torch.compile`` inside ``torch.utils.checkpoint``
+        (which Dynamo traces only with ``skip_fwd_side_effects_in_bwd_under_checkpoint``):
+        the noise variance that the neuron carries to the next step as its state loses
+        its gradient in the graph (``std_rho``'s gradients 97 % off, without an error)."""
+        host = next((c.__name__ for c in type(self).__mro__
+                     if c.__module__.startswith("snntorch")), type(self).__name__)
+        if self.init_hidden:  # (mean mode too: Dynamo fails on its state, an internal error)
+            why = ("with init_hidden=True runs in a torch.utils.checkpoint region of a "
+                   "compiled step, whose membrane kept in the module Dynamo cannot carry out "
+                   "of the region (an internal error)")
+        else:
+            why = ("runs in a torch.utils.checkpoint region of a compiled step: the "
+                   "membrane's noise variance, which the neuron carries to the next step as "
+                   "its state, would lose its gradient in the compiled graph, and the "
+                   "gradients would be wrong, without an error")
+        return (
+            f"a converted snnTorch {host} {why}. Inside a compiled step use "
+            "sbnn_addons.checkpoint.checkpoint(fn, *args, modules=model) (the compiler "
+            "then chooses what to recompute), or checkpoint outside the compiled "
+            "function (torch.compile without fullgraph=True runs such a region eagerly); "
+            "mean mode (no variance) may use torch.utils.checkpoint with the membrane "
+            "passed explicitly")
 
     def _sbnn_store(self, compiling: bool | None = None) -> None:
         """After a step: the membrane buffer as a plain tensor, its variance as state; the
@@ -869,6 +906,16 @@ class _EmittedSpikeReset:
         # here too: a compiled step that follows reads it (see _check_compiled_threshold)
         self._sync_spike_threshold()
         return super().reset_mem()
+
+
+def _state_from_module(neuron: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether a step of ``neuron`` (``init_hidden=False``) takes a state from the module:
+    snnTorch's ``forward(input_, mem=None)`` (``RLeaky``'s ``(input_, spk=None,
+    mem=None)``) uses the membrane (spikes) it keeps where one is not passed."""
+    names = ("spk", "mem") if isinstance(neuron, snn.RLeaky) else ("mem",)
+    given = dict(zip(names, args[1:]))
+    given.update((k, v) for k, v in kwargs.items() if k in names)
+    return any(given.get(n) is None for n in names)
 
 
 def _refuse_noiseless_gradient(neuron: nn.Module, spike: nn.Module, u: Tensor,

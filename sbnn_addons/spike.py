@@ -94,6 +94,8 @@ DEFAULT_AUX_PULL = 1e-3
 _RECOMPUTING = [0]  # depth of recomputations (activation checkpointing) in progress
 _IN_CHECKPOINT = [0]  # depth of sbnn_addons.checkpoint forwards (which replay seeded draws)
 _CHECKPOINT_SPIKES: list[set[int]] = []  # per such forward: ids of the spikes it replays
+_CHECKPOINT_STATEFUL: list[set[int]] = []  # per such forward: ids of the modules whose state
+# (a ``_memories`` dict) it puts back for the recomputation
 #: The missing-keys list of the last load_state_dict call that warned of a spike noise
 #: std of another form (one warning per call).
 _LOAD_WARNED: list = [None]
@@ -182,17 +184,37 @@ class _AuxPull(torch.autograd.Function):
 
 
 @contextlib.contextmanager
-def checkpointed_forward(spikes: Sequence[IWSTSpike] = ()) -> Iterator[None]:
+def checkpointed_forward(spikes: Sequence[IWSTSpike] = (),
+                         stateful: Sequence[nn.Module] = ()) -> Iterator[None]:
     """Mark the first forward of an :func:`sbnn_addons.checkpoint.checkpoint` region: the
     seeded ``spikes`` (the region's ``modules=``) may draw there, since the recomputation
-    replays their generators; another seeded spike function raises."""
+    replays their generators; another seeded spike function raises. ``stateful``: the
+    modules whose ``_memories`` the recomputation puts back (see
+    :func:`checkpoint_restores_state`)."""
     _IN_CHECKPOINT[0] += 1
     _CHECKPOINT_SPIKES.append({id(m) for m in spikes})
+    _CHECKPOINT_STATEFUL.append({id(m) for m in stateful})
     try:
         yield
     finally:
+        _CHECKPOINT_STATEFUL.pop()
         _CHECKPOINT_SPIKES.pop()
         _IN_CHECKPOINT[0] -= 1
+
+
+def in_checkpoint_forward() -> bool:
+    """Whether this call runs in the first forward of an
+    :func:`sbnn_addons.checkpoint.checkpoint` region (not its recomputation), whose
+    recomputation in the backward runs it again (with gradients: without, nothing is
+    recomputed). Eager mode only."""
+    return (bool(_IN_CHECKPOINT[0]) and not _RECOMPUTING[0] and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling())
+
+
+def checkpoint_restores_state(module: nn.Module) -> bool:
+    """Whether the innermost :func:`sbnn_addons.checkpoint.checkpoint` forward puts
+    ``module``'s state back for its recomputation (``module`` is in its ``modules=``)."""
+    return bool(_CHECKPOINT_STATEFUL) and id(module) in _CHECKPOINT_STATEFUL[-1]
 
 
 @contextlib.contextmanager

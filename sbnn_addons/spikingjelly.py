@@ -112,6 +112,8 @@ from .spike import (
     DEFAULT_SPIKE_STD,
     IWSTSpike,
     check_aux_pull,
+    checkpoint_restores_state,
+    in_checkpoint_forward,
     in_torch_checkpoint,
     refuse_gradient_without_noise,
     relative_spike_std,
@@ -492,6 +494,16 @@ def _neuron_pre_hook(node: nn.Module, args):
             "at the region's entry, and the gradients would be wrong; use "
             "sbnn_addons.checkpoint.checkpoint(fn, *args, modules=block), which puts the "
             "state back for the recomputation"
+        )
+    if in_checkpoint_forward() and not checkpoint_restores_state(node):
+        name = noise_sources(x, node)[0]
+        raise RuntimeError(
+            f"a converted SpikingJelly {type(node).__name__}{f' {name!r}' if name else ''} "
+            "runs inside sbnn_addons.checkpoint.checkpoint but is not part of its modules=: "
+            "its state (membrane, noise variance) is not put back for the recomputation in "
+            "the backward, which would start from the state at the end of the sequence, and "
+            "the gradients would be wrong; pass modules= the module that fn runs "
+            "(checkpoint(fn, *args, modules=model)), or an nn.ModuleList of all of them"
         )
     var = get_variance(x)
     if isinstance(var, UnknownVariance):

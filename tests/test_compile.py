@@ -1083,6 +1083,120 @@ def test_checkpointed_region_inside_a_compiled_step(same_random_stream):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_library_checkpoint_of_a_converted_snntorch_step_inside_a_fullgraph_step(
+        same_random_stream):
+    """``sbnn_addons.checkpoint.checkpoint`` around each step of a converted snnTorch loop
+    inside a fullgraph step: its ``modules=`` search read the neurons that the step before
+    had changed, which Dynamo refused (``Unsupported: getattr() on nn.Module with pending
+    mutation``, nothing named). It compiles, with eager's loss and gradients."""
+    from sbnn_addons.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    net = sbnn_snn.to_sbnn(LoopNet())
+    x, y = torch.rand(T, 6, 12) * 3, torch.randint(0, 5, (6,))
+
+    def step(x_t, mem1, mem2):
+        spk1, mem1 = net.lif1(net.fc1(x_t), mem1)
+        spk2, mem2 = net.lif2(net.fc2(spk1), mem2)
+        return spk2, mem1, mem2
+
+    def loss_fn(x, y):
+        mem1, mem2 = net.lif1.init_leaky(), net.lif2.init_leaky()
+        out = 0
+        for t in range(x.shape[0]):
+            spk2, mem1, mem2 = checkpoint(step, x[t], mem1, mem2, modules=net)
+            out = out + spk2
+        return F.cross_entropy(out, y)
+
+    eager = _step(net, loss_fn, x, y)
+    compiled = _step(net, torch.compile(loss_fn, fullgraph=True, backend="aot_eager"), x, y)
+    torch.testing.assert_close(compiled[0], eager[0])
+    assert net.fc1.weight.grad.abs().sum() > 0
+    for a, b in zip(eager[1], compiled[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_checkpoint_of_a_converted_snntorch_step_in_a_compiled_step_is_named():
+    """``torch.utils.checkpoint`` around each step of a converted snnTorch loop in a
+    compiled step, with the Dynamo setting that its own error suggests for the neuron's
+    state (``skip_fwd_side_effects_in_bwd_under_checkpoint``): the membrane's noise
+    variance, which the neuron carries to the next step, lost its gradient in the graph
+    (``std_rho``'s gradients 97 % off, no error). ``sample`` mode raises under
+    ``fullgraph=True``, naming ``sbnn_addons.checkpoint.checkpoint``, and runs the region
+    eagerly without it; ``mean`` mode (no variance) compiles as eager."""
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+    torch.manual_seed(0)
+    net = sbnn_snn.to_sbnn(LoopNet())
+    x, y = torch.rand(T, 6, 12) * 3, torch.randint(0, 5, (6,))
+
+    def step(x_t, mem1, mem2):
+        spk1, mem1 = net.lif1(net.fc1(x_t), mem1)
+        spk2, mem2 = net.lif2(net.fc2(spk1), mem2)
+        return spk2, mem1, mem2
+
+    def loss_fn(x, y):
+        mem1, mem2 = net.lif1.init_leaky(), net.lif2.init_leaky()
+        out = 0
+        for t in range(x.shape[0]):
+            spk2, mem1, mem2 = torch_checkpoint(step, x[t], mem1, mem2, use_reentrant=False)
+            out = out + spk2
+        return F.cross_entropy(out, y)
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        with pytest.raises(RuntimeError, match=r"Leaky.*torch.utils.checkpoint.*compiled.*"
+                                               r"sbnn_addons.checkpoint.checkpoint"):
+            _step(net, torch.compile(loss_fn, fullgraph=True, backend="aot_eager"), x, y)
+        torch._dynamo.reset()  # without fullgraph: the region runs eagerly, as eager's
+        eager = _step(net, loss_fn, x, y)
+        compiled = _step(net, torch.compile(loss_fn, backend="aot_eager"), x, y)
+        assert torch.equal(compiled[0], eager[0])
+        for a, b in zip(eager[1], compiled[1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch._dynamo.reset()
+        with sb.mode(net, "mean"):
+            eager = _step(net, loss_fn, x, y)
+            compiled = _step(net, torch.compile(loss_fn, fullgraph=True, backend="aot_eager"),
+                             x, y)
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled[0], eager[0])
+    for a, b in zip(eager[1], compiled[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_checkpoint_of_an_init_hidden_snntorch_model_in_a_compiled_step_is_named():
+    """The quick start's ``init_hidden`` Sequential in ``torch.utils.checkpoint`` inside a
+    fullgraph step (with Dynamo's ``skip_fwd_side_effects_in_bwd_under_checkpoint``), in
+    ``mean`` mode: Dynamo failed on the neuron's kept state with an internal error
+    ("does not belong to this Graph"), where the host model compiles. Named, with the
+    helper as the fix."""
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+    torch.manual_seed(0)
+    net = sbnn_snn.to_sbnn(nn.Sequential(
+        nn.Linear(12, 16), snn.Leaky(beta=0.9, init_hidden=True), nn.Linear(16, 5),
+        snn.Leaky(beta=0.9, init_hidden=True, output=True)))
+    sb.set_mode(net, "mean")
+    x, y = torch.rand(T, 6, 12) * 3, torch.randint(0, 5, (6,))
+
+    def loss_fn(x, y):
+        sutils.reset(net)
+        out = 0
+        for t in range(x.shape[0]):
+            spk, mem = torch_checkpoint(net, x[t], use_reentrant=False)
+            out = out + spk + mem
+        return F.cross_entropy(out, y)
+
+    sutils.reset(net)  # (once eagerly: Dynamo misses the global that its first call sets)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        with pytest.raises(RuntimeError, match=r"Leaky with init_hidden=True.*"
+                                               r"sbnn_addons.checkpoint.checkpoint"):
+            _step(net, torch.compile(loss_fn, fullgraph=True, backend="aot_eager"), x, y)
+    torch._dynamo.reset()
+
+
 def test_sample_mode_compiles_where_dynamo_reports_every_compile_as_an_export(monkeypatch):
     """Dynamo before PyTorch 2.13 answers ``torch.compiler.is_exporting()`` with ``True``
     under every ``torch.compile`` (seen on torch 2.11 with CUDA: every compiled
