@@ -49,6 +49,7 @@ from .base import (
     noise_scale,
     raise_error,
     shared_square,
+    tracks_grad,
     variance_dtype,
 )
 from .estimators import BernoulliSpike, Estimator, _standard_normal, get_estimator
@@ -161,7 +162,12 @@ def _drop_stale_aux_terms() -> bool:
 
 class _AuxPull(torch.autograd.Function):
     """``spikes`` unchanged in the forward; in the backward the drive ``u`` also gets
-    :func:`aux_pull_gradient` of the gradient reaching the spikes."""
+    :func:`aux_pull_gradient` of the gradient reaching the spikes. Under ``torch.func``
+    (where it runs, see :meth:`IWSTSpike.fire`) its generated vmap rule maps the backward
+    too: each mapped slice (an ensemble's member, a per-sample gradient's example) is
+    pulled with its own ``mean|dL/dh|``, as the slice alone in eager mode."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(spikes: Tensor, u: Tensor, sigma: Tensor, weight: float) -> Tensor:
@@ -636,7 +642,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         """Whether this call applies the auxiliary pull (:attr:`aux_pull`): on, training
         mode, gradients on and reaching the drive ``u``, a finite threshold."""
         return (self.aux_pull > 0 and self.training and torch.is_grad_enabled()
-                and u.requires_grad and self._threshold_finite)
+                and tracks_grad(u) and self._threshold_finite)
 
     def _sequence_pull_wanted(self, *inputs: Tensor | None) -> bool:
         """Whether a fused sequence applies the auxiliary pull: as :meth:`_pull_wanted`,

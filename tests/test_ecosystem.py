@@ -9,6 +9,7 @@ import os
 import socket
 from collections.abc import Iterator
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -297,3 +298,73 @@ def test_ddp_training_steps_keep_the_ranks_identical():
         for params, grads, nonzero, count, losses_differ in per_kind.values():
             assert params == 0 and grads == 0 and nonzero and count == 4
             assert losses_differ  # the ranks ran their own data and noise
+
+
+def _ensemble_member(host: str, seed: int) -> nn.Module:
+    """A converted model (snnTorch ``Sequential`` with ``init_hidden=True``, or a
+    multi-step SpikingJelly one) with its own weights, in ``mean`` mode."""
+    import snntorch as snn
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    from sbnn_addons import spikingjelly as sbnn_sj
+    from sbnn_addons.snntorch import to_sbnn
+
+    torch.manual_seed(seed)
+    if host == "snntorch":
+        net = to_sbnn(nn.Sequential(nn.Linear(8, 16), snn.Leaky(beta=0.9, init_hidden=True),
+                                    nn.Linear(16, 4),
+                                    snn.Leaky(beta=0.9, init_hidden=True, output=True)))
+    else:
+        plain = nn.Sequential(layer.Linear(8, 16), neuron.LIFNode(), layer.Linear(16, 4),
+                              neuron.LIFNode())
+        functional.set_step_mode(plain, "m")
+        net = sbnn_sj.to_sbnn(plain)
+    with torch.no_grad():
+        net[0].weight.mul_(3.0)
+        net[2].weight.mul_(3.0)
+    return sb.set_mode(net, "mean")
+
+
+def _ensemble_run(host: str, model: nn.Module, x: torch.Tensor, params=None) -> torch.Tensor:
+    from torch.func import functional_call
+
+    from sbnn_addons import snntorch as sbnn_snn
+    from sbnn_addons import spikingjelly as sbnn_sj
+
+    def call(inp):
+        return model(inp) if params is None else functional_call(model, params, (inp,))
+
+    if host == "snntorch":
+        sbnn_snn.reset(model)
+        return torch.stack([call(xt)[0] for xt in x])
+    sbnn_sj.reset(model)
+    return call(x)
+
+
+@pytest.mark.parametrize("host", ["snntorch", "spikingjelly"])
+def test_grad_of_a_vmap_ensemble_of_converted_models_is_each_members_gradient(host):
+    """The PyTorch model-ensembling recipe (``stack_module_state``, ``functional_call``
+    under ``vmap``) with ``torch.func.grad`` around it, on converted models in ``mean``
+    mode: each member's gradient is the one eager mode gives it alone, the auxiliary pull
+    (``aux_pull``, on by default in converted models) included. The pull was dropped
+    inside ``vmap`` without an error (every weight gradient wrong)."""
+    import copy
+
+    from torch.func import grad, stack_module_state, vmap
+
+    pytest.importorskip("spikingjelly")
+    models = [_ensemble_member(host, seed) for seed in range(3)]
+    base = copy.deepcopy(models[0])
+    params, _ = stack_module_state(models)
+    x = torch.rand(4, 5, 8, generator=torch.Generator().manual_seed(1))
+
+    def member_loss(p):
+        return ((_ensemble_run(host, base, x, p).mean(0) - 0.3) ** 2).mean()
+
+    got = grad(lambda p: vmap(member_loss, randomness="different")(p).sum())(params)
+    for i, m in enumerate(models):
+        ((_ensemble_run(host, m, x).mean(0) - 0.3) ** 2).mean().backward()
+        assert m[0].weight.grad.abs().sum() > 0
+        for name, p in m.named_parameters():
+            want = torch.zeros_like(p) if p.grad is None else p.grad
+            torch.testing.assert_close(got[name][i], want, rtol=1e-5, atol=1e-7)
