@@ -734,7 +734,7 @@ def test_a_converted_model_runs_and_resets_again_after_a_torch_func_transform(fo
             net = nn.Sequential(nn.Linear(16, 32), snn.Leaky(beta=0.9, init_hidden=True),
                                 nn.Linear(32, 4),
                                 snn.Leaky(beta=0.9, init_hidden=True, output=True))
-        return sbnnaddons_mean(to_sbnn(net))
+        return sbnn_addons.set_mode(to_sbnn(net), "mean")
 
     def run(m, xs, p=None):
         def call(inp):
@@ -764,7 +764,3 @@ def test_a_converted_model_runs_and_resets_again_after_a_torch_func_transform(fo
     with torch.no_grad():
         torch.testing.assert_close(run(base, x), want[0])  # reset, then eager again
     sutils.reset(base)
-
-
-def sbnnaddons_mean(model):
-    return sbnn_addons.set_mode(model, "mean")
