@@ -108,6 +108,20 @@ _STALE_AUX_MESSAGE = (
     "sbnn_addons.enable_aux_loss(model, False) (to_sbnn(..., aux_loss=False))")
 
 
+_FORWARD_AD_MESSAGE = (
+    "forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+    "reached an SBNN spike function, whose IW-ST gradient is defined for the backward "
+    "pass only: use reverse mode (torch.func.grad, vjp, jacrev, or .backward())")
+
+
+def _refuse_tangents(*tensors: Tensor | None) -> None:
+    """Raise :data:`_FORWARD_AD_MESSAGE` where a tensor carries a forward-mode tangent
+    (inside a ``torch.func.jvp`` or a ``torch.autograd.forward_ad`` dual level)."""
+    unpack = torch.autograd.forward_ad.unpack_dual
+    if any(t is not None and unpack(t).tangent is not None for t in tensors):
+        raise NotImplementedError(_FORWARD_AD_MESSAGE)
+
+
 def check_aux_pull(value) -> float:
     """``value`` as a float ``>= 0``.
 
@@ -546,6 +560,8 @@ class IWSTSpike(SBNNModule, nn.Module):
         if self._seed is not None and self._seeded_in_graph():  # (False without a seed)
             return call_eagerly(self.fire, u, variance)
         compiling = torch.compiler.is_compiling()
+        if not compiling and torch.autograd.forward_ad._current_level >= 0:
+            _refuse_tangents(u, variance)
         if (variance is not None and variance.shape != u.shape
                 and not broadcasts_to(variance.shape, u.shape, compiling)):
             raise ValueError(

@@ -724,3 +724,18 @@ def test_vmap_of_grad_maps_the_pull_of_a_gradient_mapped_where_the_drive_is_not(
         got = torch.func.vmap(torch.func.grad(f), in_dims=(None, 0))(u, weights)
     loop = torch.stack([torch.func.grad(f)(u, w) for w in weights])
     torch.testing.assert_close(got, loop, rtol=1e-6, atol=1e-7)
+
+
+def test_forward_mode_ad_through_a_spike_function_is_named():
+    """``torch.func.jvp`` / ``jacfwd`` / ``torch.autograd.forward_ad`` through a spike
+    function: PyTorch's "You must implement the jvp function for custom
+    autograd.Function" named neither the spike function nor what works instead."""
+    spike = IWSTSpike("st", std=0.5)
+    u = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    for mode in ("sample", "mean"):
+        sb.set_mode(spike, mode)
+        with pytest.raises(NotImplementedError,
+                           match=r"(?s)forward-mode.*spike function.*torch\.func\.grad"):
+            torch.func.jvp(spike, (u,), (torch.ones_like(u),))
+    with torch.autograd.forward_ad.dual_level():  # a dual level, no tangent reaching it
+        assert spike(u).shape == (3, 4)
