@@ -644,7 +644,12 @@ class _EmittedSpikeReset:
     def __getstate__(self):
         # a copy's membrane starts a version counter of its own: record whether the
         # membrane is still the one its variance belongs to, and let the copy adopt it
+        if _TRANSFORMED in self.__dict__ and not torch._C._are_functorch_transforms_active():
+            # a torch.func transform's states cannot be copied: emptied (in the model's
+            # own dicts, which other entries of a copied model share), a fresh copy
+            self._empty_transform_state()
         state = super().__getstate__()  # nn.Module's: a copy of __dict__
+        state.pop(_TRANSFORMED, None)
         state.pop(_HISTORY, None)  # earlier steps' records: a copy continues from the last
         state.pop(_LAST_RECORD, None)
         state.pop(_DDP_SYNC, None)
@@ -886,16 +891,31 @@ class _EmittedSpikeReset:
                 for lst in _instance_lists(type(self)):
                     lst[:] = [x for x in lst if x is not self]
 
+    def _empty_transform_state(self) -> None:
+        """Replace the tensors a ``torch.func`` transform left (see
+        :meth:`_note_transform_state`) with empty plain ones, as a new neuron holds (its
+        next step starts from zero): the ``mem`` / ``spk`` buffers and snnTorch's per-step
+        attributes (``reset``); drop the variance state and spike cache kept with them."""
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+        for store, names in ((self._buffers, ("mem", "spk")), (self.__dict__, None)):
+            for name, t in list(store.items()):
+                if ((names is None or name in names) and isinstance(t, Tensor)
+                        and wrapped(t)):
+                    values = functorch_values(t)
+                    store[name] = torch.zeros(0, dtype=values.dtype, device=values.device)
+        drop_state(self, _STATE, _CACHE)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(...), .double(), .cuda(): a transform's states cannot be converted;
+        # empty ones are (an eager step that would continue them still raises)
+        if _TRANSFORMED in self.__dict__ and not torch._C._are_functorch_transforms_active():
+            self._empty_transform_state()
+        return super()._apply(fn, recurse)
+
     def _drop_transform_state(self) -> None:
-        """Replace the buffers a ``torch.func`` transform left (see
-        :meth:`_note_transform_state`) with empty plain tensors, as a new neuron holds
-        (the next step starts from zero), and register the neuron with snnTorch again."""
-        for name in ("mem", "spk"):
-            b = self._buffers.get(name)
-            if b is not None and torch._C._functorch.is_functorch_wrapped_tensor(b):
-                values = functorch_values(b)
-                self._buffers[name] = torch.zeros(0, dtype=values.dtype, device=values.device)
-        drop_state(self, _STATE, _CACHE)  # the transform's membrane and spikes
+        """Empty the tensors a ``torch.func`` transform left (:meth:`_empty_transform_state`)
+        and register the neuron with snnTorch again."""
+        self._empty_transform_state()
         self.__dict__.pop(_TRANSFORMED, None)
         _register(self)
 

@@ -5,6 +5,7 @@ validation before an inplace conversion changes anything. Real snnTorch models o
 from __future__ import annotations
 
 import copy
+import io
 import pickle
 
 import pytest
@@ -716,7 +717,8 @@ def test_vmap_ensemble_maps_the_parameters_and_names_mapped_thresholds():
 @pytest.mark.parametrize("form", ["init_hidden", "loop"])
 def test_a_converted_model_runs_and_resets_again_after_a_torch_func_transform(form):
     """A converted neuron stepped under ``vmap`` (an ensemble through ``functional_call``)
-    keeps the transform's membrane as its buffer after the transform ends. The next
+    keeps the transform's membrane as its buffer after the transform ends. A copy, a
+    save, an export or a cast of the model failed on it; the next
     ``reset`` / ``init_leaky()`` failed with PyTorch's "INTERNAL ASSERT FAILED ... please
     report a bug to PyTorch" inside a transform, and ``snntorch.utils.reset`` of any model
     (snnTorch's instance lists hold every neuron) with "Can't detach views in-place ...
@@ -758,6 +760,12 @@ def test_a_converted_model_runs_and_resets_again_after_a_torch_func_transform(fo
     g = grad(lambda p: vmap(lambda q: run(base, x, q).sum(), randomness="different")(p).sum())
     assert g(params)["fc1.weight" if form == "loop" else "0.weight"].abs().sum() > 0
     sutils.reset(other)  # snnTorch's reset of another model
+    # a copy, a saved model, an export and a cast leave the transform's membrane behind
+    # ("Cannot access storage of BatchedTensorImpl")
+    copy.deepcopy(base)
+    torch.save(base, io.BytesIO())
+    to_snntorch(base)
+    base.to(torch.float64).to(torch.float32)
     if form == "init_hidden":
         with pytest.raises(RuntimeError, match=r"torch\.func.*sbnn_addons\.snntorch\.reset"):
             base(x[0])
