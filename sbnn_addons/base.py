@@ -773,6 +773,19 @@ def functorch_values(t: Tensor) -> Tensor:
     return t
 
 
+def tracks_grad(t: Tensor) -> bool:
+    """``t.requires_grad``, also under ``torch.func``: inside ``grad(vmap(f))`` a mapped
+    tensor reports ``False`` although the ``grad`` transform around the ``vmap`` tracks
+    the tensor it wraps, so every level is asked."""
+    if t.requires_grad or not torch._C._are_functorch_transforms_active():
+        return t.requires_grad
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+        if t.requires_grad:
+            return True
+    return False
+
+
 def _check_input(x: Tensor, where: str, nan_only: bool) -> None:
     """:func:`check_input` with the switch on and ``torch.Tensor``'s own methods."""
     if not x.is_floating_point() or x.is_meta:  # a meta tensor has no values to check

@@ -269,6 +269,8 @@ def can_fuse(u: Tensor, variance: Tensor, compiling: bool | None = None) -> bool
         and variance.is_cpu
         and not torch._C._are_functorch_transforms_active()
         and not (torch.compiler.is_compiling() if compiling is None else compiling)
+        # forward-mode AD: the step-by-step path names it (IWSTSpike.fire)
+        and torch.autograd.forward_ad._current_level < 0
         and (_lib is not None or _load() is not None)
     )
 
@@ -289,7 +291,8 @@ def sequence_backend(x_seq: Tensor, variance: Tensor | None) -> str | None:
         return "kernel"
     if (x_seq.dtype not in (torch.float32, torch.float64) or var.dtype != x_seq.dtype
             or var.device != x_seq.device or torch.compiler.is_compiling()
-            or torch._C._are_functorch_transforms_active()):
+            or torch._C._are_functorch_transforms_active()
+            or torch.autograd.forward_ad._current_level >= 0):  # named step by step
         return None
     return "torch"
 

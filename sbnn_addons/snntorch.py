@@ -57,6 +57,7 @@ from .base import (
     check_std,
     compiled_wrapped,
     drop_state,
+    functorch_values,
     host_neurons,
     raise_error,
     read_state,
@@ -153,6 +154,9 @@ _EDITED = "_sbnn_edited_membrane"
 #: Whether a converted ``snn.Leaky`` step may run as one kernel call
 #: (:meth:`SBNNLeaky._fused_step`); off only to compare it with snnTorch's own steps.
 _FUSED_STEP = [True]
+# the neuron's buffers hold tensors of a torch.func transform (a step under vmap / grad):
+# left in the buffers when the transform ends, see _EmittedSpikeReset._note_transform_state
+_TRANSFORMED = "_sbnn_transform_state"
 _DDP_SYNC = "_sbnn_ddp_sync"  # DDP's buffer list at the neuron's last step (a sync marker)
 # version entries of a pickled _STATE: the copy adopts its membrane's counter / the
 # membrane was changed in place before the copy (its variance is unknown)
@@ -459,6 +463,8 @@ class _EmittedSpikeReset:
                     and traced_in_torch_checkpoint()):
                 raise_error(self._compiled_checkpoint_message())
         else:
+            if _TRANSFORMED in self.__dict__ and not torch._C._are_functorch_transforms_active():
+                self._leave_transform_state(args, kwargs)
             ddp_type = _DDP_TYPE[0] if _DDP_TYPE else _ddp_type()
             if ddp_type is None or ddp_type._get_active_ddp_module() is None:
                 self.__dict__[_DDP_SYNC] = None  # _check_ddp_buffer_sync without DDP
@@ -558,6 +564,8 @@ class _EmittedSpikeReset:
         is traced, where the caller knows it."""
         if compiling is None:
             compiling = torch.compiler.is_compiling()
+        if not compiling and torch._C._are_functorch_transforms_active():
+            self._note_transform_state()
         if self._buffers.get("spk") is not None:  # an RLeaky's spikes
             self._sbnn_store_plain_spikes(compiling)
         mem = self._buffers.get("mem")
@@ -673,7 +681,12 @@ class _EmittedSpikeReset:
     def __getstate__(self):
         # a copy's membrane starts a version counter of its own: record whether the
         # membrane is still the one its variance belongs to, and let the copy adopt it
+        if _TRANSFORMED in self.__dict__ and not torch._C._are_functorch_transforms_active():
+            # a torch.func transform's states cannot be copied: emptied (in the model's
+            # own dicts, which other entries of a copied model share), a fresh copy
+            self._empty_transform_state()
         state = super().__getstate__()  # nn.Module's: a copy of __dict__
+        state.pop(_TRANSFORMED, None)
         state.pop(_HISTORY, None)  # earlier steps' records: a copy continues from the last
         state.pop(_LAST_RECORD, None)
         state.pop(_DDP_SYNC, None)
@@ -900,7 +913,69 @@ class _EmittedSpikeReset:
             return _compiled_copy_reset(mem, cached[0], cached[1], fresh)
         return fresh
 
+    def _note_transform_state(self) -> None:
+        """After a step under a ``torch.func`` transform (``vmap``, ``grad``, e.g. an
+        ensemble through ``functional_call``): where the buffers now hold the transform's
+        tensors, which outlive it (unusable after it: PyTorch fails on them with an
+        internal assert), mark the neuron and take it out of snnTorch's instance lists, so
+        that ``snntorch.utils.reset`` of any other model does not fail on them; the next
+        reset (:meth:`reset_mem`) or eager step with its states passed brings it back."""
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+        if any(b is not None and wrapped(b)
+               for b in (self._buffers.get("mem"), self._buffers.get("spk"))):
+            if _TRANSFORMED not in self.__dict__:
+                self.__dict__[_TRANSFORMED] = True
+                for lst in _instance_lists(type(self)):
+                    lst[:] = [x for x in lst if x is not self]
+
+    def _empty_transform_state(self) -> None:
+        """Replace the tensors a ``torch.func`` transform left (see
+        :meth:`_note_transform_state`) with empty plain ones, as a new neuron holds (its
+        next step starts from zero): the ``mem`` / ``spk`` buffers and snnTorch's per-step
+        attributes (``reset``); drop the variance state and spike cache kept with them."""
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+        for store, names in ((self._buffers, ("mem", "spk")), (self.__dict__, None)):
+            for name, t in list(store.items()):
+                if ((names is None or name in names) and isinstance(t, Tensor)
+                        and wrapped(t)):
+                    values = functorch_values(t)
+                    store[name] = torch.zeros(0, dtype=values.dtype, device=values.device)
+        drop_state(self, _STATE, _CACHE)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(...), .double(), .cuda(): a transform's states cannot be converted;
+        # empty ones are (an eager step that would continue them still raises)
+        if _TRANSFORMED in self.__dict__ and not torch._C._are_functorch_transforms_active():
+            self._empty_transform_state()
+        return super()._apply(fn, recurse)
+
+    def _drop_transform_state(self) -> None:
+        """Empty the tensors a ``torch.func`` transform left (:meth:`_empty_transform_state`)
+        and register the neuron with snnTorch again."""
+        self._empty_transform_state()
+        self.__dict__.pop(_TRANSFORMED, None)
+        _register(self)
+
+    def _leave_transform_state(self, args: tuple, kwargs: dict) -> None:
+        """An eager step after a ``torch.func`` transform left this neuron's buffers (see
+        :meth:`_note_transform_state`): with its states passed (``lif(cur, mem)``) the
+        buffers are dropped; a step that would continue the transform's membrane raises."""
+        states = ("spk", "mem") if "spk" in self._buffers else ("mem",)
+        passed = len(args) > len(states) or all(
+            (kwargs.get(n) if n in kwargs else args[i + 1] if len(args) > i + 1 else None)
+            is not None for i, n in enumerate(states))
+        if not passed:
+            raise RuntimeError(
+                f"this converted snnTorch {type(self).__name__} last stepped inside a "
+                "torch.func transform (vmap, grad, functional_call under them), and its "
+                "membrane is the transform's, which cannot be continued after it: start a "
+                "new sequence with sbnn_addons.snntorch.reset(model) (snntorch.utils.reset "
+                "does not reach a neuron in this state)")
+        self._drop_transform_state()
+
     def reset_mem(self):
+        if _TRANSFORMED in self.__dict__:
+            self._drop_transform_state()
         drop_state(self, _CACHE)
         # a threshold changed in place since the last step reaches the spike function
         # here too: a compiled step that follows reads it (see _check_compiled_threshold)

@@ -49,6 +49,7 @@ from .base import (
     noise_scale,
     raise_error,
     shared_square,
+    tracks_grad,
     variance_dtype,
 )
 from .estimators import BernoulliSpike, Estimator, _standard_normal, get_estimator
@@ -109,6 +110,20 @@ _STALE_AUX_MESSAGE = (
     "sbnn_addons.enable_aux_loss(model, False) (to_sbnn(..., aux_loss=False))")
 
 
+_FORWARD_AD_MESSAGE = (
+    "forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+    "reached an SBNN spike function, whose IW-ST gradient is defined for the backward "
+    "pass only: use reverse mode (torch.func.grad, vjp, jacrev, or .backward())")
+
+
+def _refuse_tangents(*tensors: Tensor | None) -> None:
+    """Raise :data:`_FORWARD_AD_MESSAGE` where a tensor carries a forward-mode tangent
+    (inside a ``torch.func.jvp`` or a ``torch.autograd.forward_ad`` dual level)."""
+    unpack = torch.autograd.forward_ad.unpack_dual
+    if any(t is not None and unpack(t).tangent is not None for t in tensors):
+        raise NotImplementedError(_FORWARD_AD_MESSAGE)
+
+
 def check_aux_pull(value) -> float:
     """``value`` as a float ``>= 0``.
 
@@ -163,7 +178,12 @@ def _drop_stale_aux_terms() -> bool:
 
 class _AuxPull(torch.autograd.Function):
     """``spikes`` unchanged in the forward; in the backward the drive ``u`` also gets
-    :func:`aux_pull_gradient` of the gradient reaching the spikes."""
+    :func:`aux_pull_gradient` of the gradient reaching the spikes. Under ``torch.func``
+    (where it runs, see :meth:`IWSTSpike.fire`) its generated vmap rule maps the backward
+    too: each mapped slice (an ensemble's member, a per-sample gradient's example) is
+    pulled with its own ``mean|dL/dh|``, as the slice alone in eager mode."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(spikes: Tensor, u: Tensor, sigma: Tensor, weight: float) -> Tensor:
@@ -562,6 +582,8 @@ class IWSTSpike(SBNNModule, nn.Module):
         if self._seed is not None and self._seeded_in_graph():  # (False without a seed)
             return call_eagerly(self.fire, u, variance)
         compiling = torch.compiler.is_compiling()
+        if not compiling and torch.autograd.forward_ad._current_level >= 0:
+            _refuse_tangents(u, variance)
         if (variance is not None and variance.shape != u.shape
                 and not broadcasts_to(variance.shape, u.shape, compiling)):
             raise ValueError(
@@ -658,7 +680,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         """Whether this call applies the auxiliary pull (:attr:`aux_pull`): on, training
         mode, gradients on and reaching the drive ``u``, a finite threshold."""
         return (self.aux_pull > 0 and self.training and torch.is_grad_enabled()
-                and u.requires_grad and self._threshold_finite)
+                and tracks_grad(u) and self._threshold_finite)
 
     def _sequence_pull_wanted(self, *inputs: Tensor | None) -> bool:
         """Whether a fused sequence applies the auxiliary pull: as :meth:`_pull_wanted`,

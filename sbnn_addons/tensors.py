@@ -243,8 +243,13 @@ def aux_pull_gradient(grad_h: Tensor, u: Tensor, sigma: Tensor, weight: float) -
     # 1 / sigma, 0 where sigma is 0 (no noise, no pull); 1e-6 is SIGMA_MIN as a literal (a
     # traced backward's constant); kept in sigma's (compact) shape
     inv = torch.where(s > 0, s.clamp_min(1e-6).reciprocal(), torch.zeros_like(s))
-    z = (u.detach().to(dtype) * inv).clamp_(-3.0, 3.0)  # AUX_PULL_Z_MAX
-    pull = z.mul_(inv * (2.0 * weight * size))
+    z = u.detach().to(dtype) * inv
+    if torch._C._are_functorch_transforms_active():
+        # out of place: under vmap, grad_h may be mapped where u and sigma are not (a
+        # mapped tensor cannot be written into one that is not)
+        pull = z.clamp(-3.0, 3.0) * (inv * (2.0 * weight * size))
+    else:
+        pull = z.clamp_(-3.0, 3.0).mul_(inv * (2.0 * weight * size))  # AUX_PULL_Z_MAX
     if dtype != u.dtype:  # back to the drive's dtype, within its finite range
         big = torch.finfo(u.dtype).max
         pull = pull.clamp_(-big, big).to(u.dtype)

@@ -672,3 +672,70 @@ def test_a_std_shape_shorter_than_the_neuron_shape_is_named():
     spike(torch.rand(2, 4) - 0.5)  # [B, C]
     spike(torch.rand(3, 2, 4) - 0.5)  # a multi-step drive [T, B, C]
     IWSTSpike(std=0.3, std_shape=(4, 1, 1))(torch.rand(2, 4, 4, 4) - 0.5)  # per channel
+
+
+@pytest.mark.parametrize("transform", ["vmap(grad)", "grad(vmap)"])
+def test_torch_func_transforms_apply_the_auxiliary_pull_per_mapped_slice(transform):
+    """``aux_pull`` (on by default in converted models) under ``torch.func``: ``vmap`` of
+    ``grad`` (per-sample gradients) raised "You tried to vmap over _AuxPull", naming an
+    internal function; ``grad`` of ``vmap`` (an ensemble's loss) dropped the pull without
+    an error (the mapped drive does not report ``requires_grad``). Both equal a loop over
+    the slices, each pulled with its own ``mean|dL/dh|``, as in eager mode."""
+    spike = IWSTSpike("st", std=0.5, aux_pull=0.3)
+    sb.set_mode(spike, "mean")
+    u = torch.randn(4, 5, generator=torch.Generator().manual_seed(0)) * 0.5
+    w = torch.arange(5.0) - 2
+
+    def f(x):
+        return (spike(x) * w).sum()
+
+    loop = []
+    for i in range(4):
+        leaf = u[i].clone().requires_grad_()
+        f(leaf).backward()
+        loop.append(leaf.grad)
+    loop = torch.stack(loop)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # functorch fallback performance notice
+        if transform == "vmap(grad)":
+            got = torch.func.vmap(torch.func.grad(f))(u)
+        else:
+            got = torch.func.grad(lambda x: torch.func.vmap(f)(x).sum())(u)
+    torch.testing.assert_close(got, loop, rtol=1e-6, atol=1e-7)
+    spike.aux_pull = 0.0
+    unpulled = torch.func.grad(lambda x: torch.func.vmap(f)(x).sum())(u)
+    assert (got - unpulled).abs().max() > 1e-3  # the pull is there
+
+
+def test_vmap_of_grad_maps_the_pull_of_a_gradient_mapped_where_the_drive_is_not():
+    """``vmap(grad(f), in_dims=(None, 0))`` over a downstream weight only: the gradient
+    reaching the spikes is mapped, the drive and the noise std are not; the pull is
+    formed out of place there (in place it raised vmap's "inplace arithmetic" error)."""
+    spike = IWSTSpike("st", std=0.5, aux_pull=0.3)
+    sb.set_mode(spike, "mean")
+    gen = torch.Generator().manual_seed(1)
+    u, weights = torch.randn(5, generator=gen) * 0.5, torch.randn(3, 5, generator=gen)
+
+    def f(x, w):
+        return (spike(x) * w).sum()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # functorch fallback performance notice
+        got = torch.func.vmap(torch.func.grad(f), in_dims=(None, 0))(u, weights)
+    loop = torch.stack([torch.func.grad(f)(u, w) for w in weights])
+    torch.testing.assert_close(got, loop, rtol=1e-6, atol=1e-7)
+
+
+def test_forward_mode_ad_through_a_spike_function_is_named():
+    """``torch.func.jvp`` / ``jacfwd`` / ``torch.autograd.forward_ad`` through a spike
+    function: PyTorch's "You must implement the jvp function for custom
+    autograd.Function" named neither the spike function nor what works instead."""
+    spike = IWSTSpike("st", std=0.5)
+    u = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    for mode in ("sample", "mean"):
+        sb.set_mode(spike, mode)
+        with pytest.raises(NotImplementedError,
+                           match=r"(?s)forward-mode.*spike function.*torch\.func\.grad"):
+            torch.func.jvp(spike, (u,), (torch.ones_like(u),))
+    with torch.autograd.forward_ad.dual_level():  # a dual level, no tangent reaching it
+        assert spike(u).shape == (3, 4)

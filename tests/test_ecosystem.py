@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue as queue_module
 import socket
+import time
 from collections.abc import Iterator
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -45,8 +48,20 @@ def _run_two_ranks(worker, timeout: float) -> list:
     procs = [ctx.Process(target=worker, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
+    results: list = []
+    deadline = time.monotonic() + timeout
     try:
-        return sorted(queue.get(timeout=timeout) for _ in procs)
+        while len(results) < len(procs):
+            try:
+                results.append(queue.get(timeout=0.5))
+            except queue_module.Empty:
+                # a rank that raised ends without a result: fail now, not at the timeout
+                failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if failed or time.monotonic() > deadline:
+                    raise AssertionError(f"a rank failed (exit codes {failed}; its "
+                                         "traceback is in the captured stderr)" if failed
+                                         else f"no result within {timeout} s") from None
+        return sorted(results)
     finally:
         for p in procs:
             p.join(timeout=30)
@@ -297,3 +312,165 @@ def test_ddp_training_steps_keep_the_ranks_identical():
         for params, grads, nonzero, count, losses_differ in per_kind.values():
             assert params == 0 and grads == 0 and nonzero and count == 4
             assert losses_differ  # the ranks ran their own data and noise
+
+
+def _ensemble_member(host: str, seed: int) -> nn.Module:
+    """A converted model (snnTorch ``Sequential`` with ``init_hidden=True``, or a
+    multi-step SpikingJelly one) with its own weights, in ``mean`` mode."""
+    import snntorch as snn
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    from sbnn_addons import spikingjelly as sbnn_sj
+    from sbnn_addons.snntorch import to_sbnn
+
+    torch.manual_seed(seed)
+    if host == "snntorch":
+        net = to_sbnn(nn.Sequential(nn.Linear(8, 16), snn.Leaky(beta=0.9, init_hidden=True),
+                                    nn.Linear(16, 4),
+                                    snn.Leaky(beta=0.9, init_hidden=True, output=True)))
+    else:
+        plain = nn.Sequential(layer.Linear(8, 16), neuron.LIFNode(), layer.Linear(16, 4),
+                              neuron.LIFNode())
+        functional.set_step_mode(plain, "m")
+        net = sbnn_sj.to_sbnn(plain)
+    with torch.no_grad():
+        net[0].weight.mul_(3.0)
+        net[2].weight.mul_(3.0)
+    return sb.set_mode(net, "mean")
+
+
+def _ensemble_run(host: str, model: nn.Module, x: torch.Tensor, params=None) -> torch.Tensor:
+    from torch.func import functional_call
+
+    from sbnn_addons import snntorch as sbnn_snn
+    from sbnn_addons import spikingjelly as sbnn_sj
+
+    def call(inp):
+        return model(inp) if params is None else functional_call(model, params, (inp,))
+
+    if host == "snntorch":
+        sbnn_snn.reset(model)
+        return torch.stack([call(xt)[0] for xt in x])
+    sbnn_sj.reset(model)
+    return call(x)
+
+
+@pytest.mark.parametrize("host", ["snntorch", "spikingjelly"])
+def test_grad_of_a_vmap_ensemble_of_converted_models_is_each_members_gradient(host):
+    """The PyTorch model-ensembling recipe (``stack_module_state``, ``functional_call``
+    under ``vmap``) with ``torch.func.grad`` around it, on converted models in ``mean``
+    mode: each member's gradient is the one eager mode gives it alone, the auxiliary pull
+    (``aux_pull``, on by default in converted models) included. The pull was dropped
+    inside ``vmap`` without an error (every weight gradient wrong)."""
+    import copy
+
+    from torch.func import grad, stack_module_state, vmap
+
+    pytest.importorskip("spikingjelly")
+    models = [_ensemble_member(host, seed) for seed in range(3)]
+    base = copy.deepcopy(models[0])
+    params, _ = stack_module_state(models)
+    x = torch.rand(4, 5, 8, generator=torch.Generator().manual_seed(1))
+
+    def member_loss(p):
+        return ((_ensemble_run(host, base, x, p).mean(0) - 0.3) ** 2).mean()
+
+    got = grad(lambda p: vmap(member_loss, randomness="different")(p).sum())(params)
+    for i, m in enumerate(models):
+        ((_ensemble_run(host, m, x).mean(0) - 0.3) ** 2).mean().backward()
+        assert m[0].weight.grad.abs().sum() > 0
+        for name, p in m.named_parameters():
+            want = torch.zeros_like(p) if p.grad is None else p.grad
+            torch.testing.assert_close(got[name][i], want, rtol=1e-5, atol=1e-7)
+
+
+class _LoopNet(nn.Module):
+    """snnTorch's explicit time loop (tutorial form): membranes passed step to step."""
+
+    def __init__(self):
+        import snntorch as snn
+
+        super().__init__()
+        self.fc1, self.lif1 = nn.Linear(8, 16), snn.Leaky(beta=0.9)
+        self.fc2, self.lif2 = nn.Linear(16, 4), snn.Leaky(beta=0.9)
+
+    def forward(self, x):
+        mem1, mem2, out = self.lif1.init_leaky(), self.lif2.init_leaky(), []
+        for xt in x:
+            spk1, mem1 = self.lif1(self.fc1(xt), mem1)
+            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+            out.append(spk2)
+        return torch.stack(out)
+
+
+def _ddp_model(kind: str) -> nn.Module:
+    from sbnn_addons.snntorch import to_sbnn
+
+    if kind == "loop":
+        torch.manual_seed(0)
+        net = _LoopNet()
+        with torch.no_grad():
+            net.fc1.weight.mul_(3.0)
+            net.fc2.weight.mul_(3.0)
+        return to_sbnn(net)
+    return _ensemble_member("spikingjelly", 0)
+
+
+def _ddp_grads_worker(rank: int, port: int, queue) -> None:
+    """Per model and training form: the largest difference between the gradients under
+    DDP and the mean of the two ranks' gradients computed alone (same seeds)."""
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from sbnn_addons import spikingjelly as sbnn_sj
+
+    with _gloo_group(rank, port):
+        x = torch.rand(4, 3, 8, generator=torch.Generator().manual_seed(10 + rank))
+        y = torch.randint(0, 4, (3,), generator=torch.Generator().manual_seed(20 + rank))
+        errors = {}
+        for kind in ("loop", "sj"):
+            for form in ("objective", "no_sync", "mean"):
+                model = sb.set_mode(_ddp_model(kind), "mean" if form == "mean" else "sample")
+                sb.enable_aux_loss(model, form == "objective")
+
+                def step(m, scale, model=model, kind=kind, form=form):
+                    if kind == "sj":
+                        sbnn_sj.reset(m)
+                    nll = F.cross_entropy(m(x * scale).mean(0) * 3, y)
+                    return sb.sbnn_objective(nll, model, num_data=64, kl_weight=1.0,
+                                             aux_weight=0.5) if form == "objective" else nll
+
+                def run(m, model=model, form=form):
+                    sb.seed_spikes(model, 100 + rank)  # each rank its own noise
+                    torch.manual_seed(200 + rank)
+                    if form == "no_sync":  # two micro-batches, one all-reduce
+                        with m.no_sync() if m is not model else contextlib.nullcontext():
+                            step(m, 1.0).backward()
+                    step(m, 0.5).backward()
+
+                run(model)
+                local = {n: p.grad.clone() for n, p in model.named_parameters()
+                         if p.grad is not None}
+                model.zero_grad(set_to_none=True)
+                # mean mode: the layers' noise scales take no part (DDP needs to know)
+                run(DDP(model, find_unused_parameters=form == "mean"))
+                both = [None, None]
+                dist.all_gather_object(both, local)
+                assert set(local) == {n for n, p in model.named_parameters()
+                                      if p.grad is not None}
+                errors[kind, form] = max(float((p.grad - (both[0][n] + both[1][n]) / 2)
+                                               .abs().max()) for n, p in
+                                         model.named_parameters() if n in local)
+        queue.put((rank, errors))
+
+
+def test_ddp_gradients_are_the_mean_of_each_ranks_own():
+    """``DistributedDataParallel`` (gloo, 2 processes, each rank its own data and seeded
+    noise) around a converted snnTorch explicit time loop and a converted multi-step
+    SpikingJelly model: the gradients are exactly the mean of the ranks' own, with the
+    SBNN objective's auxiliary and KL terms, with ``no_sync()`` gradient accumulation,
+    and in ``mean`` mode with ``find_unused_parameters=True``."""
+    pytest.importorskip("spikingjelly")
+    for _rank, errors in _run_two_ranks(_ddp_grads_worker, timeout=120):
+        assert len(errors) == 6
+        assert max(errors.values()) < 1e-6, errors

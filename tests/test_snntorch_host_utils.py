@@ -5,6 +5,7 @@ validation before an inplace conversion changes anything. Real snnTorch models o
 from __future__ import annotations
 
 import copy
+import io
 import pickle
 
 import pytest
@@ -711,3 +712,63 @@ def test_vmap_ensemble_maps_the_parameters_and_names_mapped_thresholds():
     for m in base.modules():  # the membranes the transform left (snnTorch's instances
         if isinstance(m, snn.Leaky):  # lists keep the neuron for other tests' resets)
             m.mem = torch.zeros(1)
+
+
+@pytest.mark.parametrize("form", ["init_hidden", "loop"])
+def test_a_converted_model_runs_and_resets_again_after_a_torch_func_transform(form):
+    """A converted neuron stepped under ``vmap`` (an ensemble through ``functional_call``)
+    keeps the transform's membrane as its buffer after the transform ends. A copy, a
+    save, an export or a cast of the model failed on it; the next
+    ``reset`` / ``init_leaky()`` failed with PyTorch's "INTERNAL ASSERT FAILED ... please
+    report a bug to PyTorch" inside a transform, and ``snntorch.utils.reset`` of any model
+    (snnTorch's instance lists hold every neuron) with "Can't detach views in-place ...
+    DistributedDataParallel". A reset starts afresh, other models reset as before, and
+    an eager step that would continue the transform's membrane raises, naming the reset."""
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    from sbnn_addons.snntorch import reset
+
+    def make(seed):
+        torch.manual_seed(seed)
+        if form == "loop":
+            net = LoopLeaky(16, 32, 4)
+        else:
+            net = nn.Sequential(nn.Linear(16, 32), snn.Leaky(beta=0.9, init_hidden=True),
+                                nn.Linear(32, 4),
+                                snn.Leaky(beta=0.9, init_hidden=True, output=True))
+        return sbnn_addons.set_mode(to_sbnn(net), "mean")
+
+    def run(m, xs, p=None):
+        def call(inp):
+            return m(inp) if p is None else functional_call(m, p, (inp,))
+
+        if form == "loop":
+            return call(xs)[0]
+        reset(m)
+        return torch.stack([call(xt)[0] for xt in xs])
+
+    models = [make(s) for s in range(2)]
+    base = copy.deepcopy(models[0])
+    params, _ = stack_module_state(models)
+    x = torch.rand(4, 5, 16) * 4
+    other = make(5)
+    with torch.no_grad():
+        want = torch.stack([run(m, x) for m in models])
+        ensemble = vmap(lambda p: run(base, x, p), randomness="different")
+        torch.testing.assert_close(ensemble(params), want)
+        torch.testing.assert_close(ensemble(params), want)  # the transform again
+    g = grad(lambda p: vmap(lambda q: run(base, x, q).sum(), randomness="different")(p).sum())
+    assert g(params)["fc1.weight" if form == "loop" else "0.weight"].abs().sum() > 0
+    sutils.reset(other)  # snnTorch's reset of another model
+    # a copy, a saved model, an export and a cast leave the transform's membrane behind
+    # ("Cannot access storage of BatchedTensorImpl")
+    copy.deepcopy(base)
+    torch.save(base, io.BytesIO())
+    to_snntorch(base)
+    base.to(torch.float64).to(torch.float32)
+    if form == "init_hidden":
+        with pytest.raises(RuntimeError, match=r"torch\.func.*sbnn_addons\.snntorch\.reset"):
+            base(x[0])
+    with torch.no_grad():
+        torch.testing.assert_close(run(base, x), want[0])  # reset, then eager again
+    sutils.reset(base)
