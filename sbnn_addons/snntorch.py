@@ -172,6 +172,22 @@ def _host_spike_dtype(spikes: Tensor) -> Tensor:
     return spikes
 
 
+def _neuron_spike_dtype(spikes: Tensor, thr) -> Tensor:
+    """Spikes of a converted neuron (after :func:`_host_spike_dtype`) in the neuron's
+    dtype, its threshold's, where a membrane of another dtype gave them a wider one
+    (a float32 model fed a float64 membrane, ``torch.from_numpy(np.zeros(...))``):
+    snnTorch's are float32 there, and the next layer, of the model's dtype, takes them.
+    Unchanged under ``torch.autocast`` (float32, as snnTorch's) and where the threshold
+    is not a floating-point tensor."""
+    with torch._C.DisableTorchFunctionSubclass():  # attribute reads: no subclass call
+        dtype = spikes.dtype
+        want = thr.dtype if isinstance(thr, Tensor) and thr.is_floating_point() else dtype
+    if (dtype == want or torch.promote_types(dtype, want) != dtype
+            or torch.is_autocast_enabled(spikes.device.type)):
+        return spikes
+    return spikes.to(want)
+
+
 class SnnTorchSpike(IWSTSpike):
     """:class:`~sbnn_addons.IWSTSpike` for a hand-built ``snn.Leaky(spike_grad=...)``:
     the reset reuses the emitted spike.
@@ -686,8 +702,8 @@ class _EmittedSpikeReset:
                else b["threshold"] if "threshold" in b else self.threshold)
         u = _drive(mem, thr, compiling)
         spike = m["spike_grad"] if "spike_grad" in m else self.spike_grad
-        raw = _refuse_noiseless_gradient(self, spike, u, _host_spike_dtype(spike(u)),
-                                         compiling)
+        raw = _refuse_noiseless_gradient(
+            self, spike, u, _neuron_spike_dtype(_host_spike_dtype(spike(u)), thr), compiling)
         self._keep_reset(mem, raw, compiling)
         if self._unit_spike_factor(compiling):
             return raw  # the same values, and the spikes keep their binary mark (cheaper layers)
@@ -827,8 +843,9 @@ class _EmittedSpikeReset:
         self._sync_spike_threshold()
         mem_shift = _drive(mem, self.threshold)
         index = torch.argmax(mem_shift, dim=1)
-        raw = _refuse_noiseless_gradient(self, self.spike_grad, mem_shift,
-                                         _host_spike_dtype(self.spike_grad(mem_shift)))
+        raw = _refuse_noiseless_gradient(
+            self, self.spike_grad, mem_shift,
+            _neuron_spike_dtype(_host_spike_dtype(self.spike_grad(mem_shift)), self.threshold))
         self._keep_reset(mem, raw)  # snnTorch's reset ignores the inhibition mask: kept so
         mask = torch.zeros_like(raw)
         mask[torch.arange(batch_size), index] = 1
