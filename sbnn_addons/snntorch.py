@@ -238,7 +238,7 @@ class SnnTorchSpike(IWSTSpike):
                 # without firing (a second fire per step would count as spikes emitted
                 # for SpikeMonitor / mc_predict, doubling the spike counts)
                 return self._noiseless_spikes(u.detach())
-            return _host_spike_dtype(super().forward(u))
+            return self._host_dtype(super().forward(u))
         compiling = torch.compiler.is_compiling()
         recent = read_state(self, "_sbnn_recent", compiling)
         if recent is None:
@@ -256,7 +256,7 @@ class SnnTorchSpike(IWSTSpike):
             # of a sequence (init_leaky, utils.reset), which emitted no spike. A draw here
             # would subtract the threshold from neurons that never fired.
             return self._noiseless_spikes(key)
-        out = _host_spike_dtype(super().forward(u))
+        out = self._host_dtype(super().forward(u))
         spikes = out.detach().clone()
         recent.append((key, spikes))
         if len(recent) > self.MEMORY:
@@ -268,12 +268,22 @@ class SnnTorchSpike(IWSTSpike):
             draws[membrane] = (key, spikes, _version_of(membrane))
         return out
 
+    def _host_dtype(self, spikes: Tensor) -> Tensor:
+        """``spikes`` in the dtype the host's neuron emits (:func:`_host_spike_dtype`), and
+        no wider than this function's own (its std's: the model's, as it is cast with the
+        neuron), where a membrane of a wider dtype was passed in
+        (:func:`_neuron_spike_dtype`)."""
+        own = self._parameters.get("std_rho")
+        if own is None:
+            own = self._buffers.get("fixed_std")
+        return _neuron_spike_dtype(_host_spike_dtype(spikes), own)
+
     def _noiseless_spikes(self, key: Tensor) -> Tensor:
         """``1[u > 0]`` (``1[u >= 0]`` with ``at_zero``) of a detached drive, as snnTorch's
         surrogates return it: what the deterministic spike function emits for ``u``."""
         key = plain(key)  # a membrane's noise variance (or mean mode's probe) is not read
         fired = key >= 0 if self.at_zero else key > 0
-        return _host_spike_dtype(fired.to(key.dtype))
+        return self._host_dtype(fired.to(key.dtype))
 
     def _remembered(self, membrane: Tensor | None, key: Tensor, recent: list) -> Tensor | None:
         """The spikes emitted from the membrane of a reset call (drive ``key``), or
@@ -325,7 +335,7 @@ class SnnTorchSpike(IWSTSpike):
             recent[:0] = [(torch.zeros_like(key), torch.zeros_like(key),
                            torch.zeros((), dtype=torch.bool))
                           for _ in range(self.MEMORY - len(recent))]
-        out = _host_spike_dtype(super().forward(u))
+        out = self._host_dtype(super().forward(u))
         if key.numel() > 1:
             flat = key.reshape(-1)
             new_sequence = (flat == flat[0]).all()
@@ -339,7 +349,8 @@ class SnnTorchSpike(IWSTSpike):
                 match = (prev == key).all()
                 if len(entry) > 2:
                     match = match & entry[2]
-                out = torch.where(match, spikes, out)
+                # (a padding entry's spikes are of the drive's dtype)
+                out = torch.where(match, spikes.to(out.dtype), out)
         recent.append((key, out.detach().clone(), torch.ones((), dtype=torch.bool)))
         if len(recent) > self.MEMORY:
             del recent[0]

@@ -483,6 +483,41 @@ def test_membrane_of_another_dtype_gives_spikes_of_the_neurons_dtype(mem_dtype):
     assert model.fc1.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_drop_in_spike_grad_with_a_float64_membrane_gives_the_models_dtype(compiled):
+    """The drop-in ``spike_grad()`` in an unconverted float32 snnTorch model whose
+    explicit loop starts from float64 membranes: snnTorch's own surrogates return float32
+    spikes, and the next ``nn.Linear`` takes them; the drop-in's were float64, and the
+    next layer raised "mat1 and mat2 must have the same dtype" (compiled too, where the
+    function's remembered calls are of the drive's dtype). They are of the spike
+    function's own dtype (the model's: it is cast with the neuron), float32."""
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+    lif1 = snn.Leaky(beta=0.9, spike_grad=spike_grad())
+    lif2 = snn.Leaky(beta=0.8, spike_grad=spike_grad())
+    x = torch.rand(2, 8, 8) * 3
+
+    def step(x):
+        mem1 = torch.zeros(8, 16, dtype=torch.float64)
+        mem2 = torch.zeros(8, 4, dtype=torch.float64)
+        out = []
+        for xt in x:
+            spk1, mem1 = lif1(fc1(xt), mem1)
+            spk2, mem2 = lif2(fc2(spk1), mem2)
+            out.append(spk2)
+        return torch.stack(out)
+
+    torch._dynamo.reset()
+    try:
+        out = (torch.compile(step, fullgraph=True, backend="aot_eager") if compiled
+               else step)(x)
+    finally:
+        torch._dynamo.reset()
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert fc1.weight.grad.abs().sum() > 0 and torch.isfinite(fc1.weight.grad).all()
+
+
 @pytest.mark.parametrize("how", HOW)
 def test_copy_mid_sequence_continues_like_the_original(how):
     """A copy made between two steps (a checkpoint) carries the membrane and its noise
