@@ -796,7 +796,7 @@ def _check_input(x: Tensor, where: str, nan_only: bool) -> None:
             torch._assert_async(~torch.isnan(x.detach()).any(), _nan_message(where))
         else:
             torch._assert_async(
-                torch.isfinite(x.detach().sum()),
+                torch.isfinite(finite_test_sum(x.detach())),
                 f"the input of {where} contains NaN or inf values; clean or normalise "
                 "the data, or use sbnn_addons.check_finite(False)")
         return
@@ -869,7 +869,7 @@ def check_layer_output(out: Tensor, where: str) -> None:
         return
     with torch._C.DisableTorchFunction():  # no variance flow: a plain reduction
         torch._assert_async(
-            torch.isfinite(out.detach().sum()),
+            torch.isfinite(finite_test_sum(out.detach())),
             f"the input of {where} contains NaN or inf values (or its weight or bias does, "
             "or values so large that its output overflows); clean or normalise the data "
             "(restore a non-finite weight from a checkpoint), or use "
@@ -913,7 +913,7 @@ def check_variance(variance: Tensor, where: str) -> None:
            "for speed with sbnn_addons.check_finite(False)")
     with torch._C.DisableTorchFunction():  # no variance flow: plain reductions
         v = variance.detach()
-        ok = torch.isfinite(v.sum()) & (v.amin() >= 0)
+        ok = torch.isfinite(finite_test_sum(v)) & (v.amin() >= 0)
         if torch.compiler.is_compiling():  # no data-dependent branch in a graph
             torch._assert_async(ok, f"{message}; {fix}")
             return
@@ -932,12 +932,20 @@ def _nan_message(where: str) -> str:
             "sbnn_addons.check_finite(False) to skip this check for speed")
 
 
+def finite_test_sum(t: Tensor) -> Tensor:
+    """The sum of ``t`` that the finite checks test: in float32 for a float16 or bfloat16
+    ``t`` (a float16 sum of finite values overflows above 65504: a batch of 6000 x 12
+    ones, a batch of images, would read as holding an inf), in ``t``'s dtype otherwise.
+    A NaN or inf anywhere in ``t`` still makes it not finite."""
+    return t.sum(dtype=torch.promote_types(t.dtype, torch.float32))
+
+
 def _sum_is_finite(t: Tensor) -> bool:
-    """Whether one sum of ``t`` is finite (a NaN or inf anywhere makes it not); an empty
-    ``t`` is."""
+    """Whether one sum of ``t`` (:func:`finite_test_sum`) is finite (a NaN or inf
+    anywhere makes it not); an empty ``t`` is."""
     with torch._C.DisableTorchFunction():  # no variance flow: a plain reduction
         # the sum read as a number: torch.isfinite of it would be four more operators
-        return not t.numel() or math.isfinite(float(t.detach().sum()))
+        return not t.numel() or math.isfinite(float(finite_test_sum(t.detach())))
 
 
 def mark_checked(x: Tensor) -> None:

@@ -990,7 +990,7 @@ def _batch_norm(func, args, kwargs, out, var_of):
         dims = [d for d in range(x.dim()) if d != 1]
         # the batch statistic of the mean alone: on the carrier, `var` (no rule) would
         # build a carrier with an unknown variance, which the result then carried itself
-        stat = _plain(x).detach().var(dim=dims, unbiased=False)
+        stat = _norm_stat(x).var(dim=dims, unbiased=False)
     else:
         stat = bound["running_var"]
     return var * _norm_scale(stat, bound.get("eps", 1e-5), bound.get("weight"),
@@ -1011,11 +1011,23 @@ def _pad(func, args, kwargs, out, var_of):
 
 def _norm_scale(stat: Tensor, eps: float, weight: Tensor | None, weight_shape) -> Tensor:
     """``(weight / sqrt(stat + eps))^2``: the square of a normalisation's scale, with its
-    statistic ``stat`` (of the mean signal) treated as a constant."""
-    scale = 1.0 / (stat + eps)
+    statistic ``stat`` (of the mean signal) treated as a constant. Formed in
+    :func:`~sbnn_addons.base.variance_dtype` (float32 for float16, as the variance it
+    scales: a silent channel's ``1 / (0 + 1e-5)`` is above float16's 65504)."""
+    dtype = variance_dtype(stat.dtype)
+    scale = 1.0 / (stat.to(dtype) + eps)
     if weight is not None:
+        weight = weight.to(dtype)
         scale = scale * (weight * weight).view(weight_shape)
     return scale
+
+
+def _norm_stat(mean: Tensor) -> Tensor:
+    """The mean signal of a normalisation, detached, in which its statistic is taken:
+    float32 for float16 (a float16 variance overflows above a spread of 256, and its
+    scale would then be 0: the noise would vanish)."""
+    mean = _plain(mean).detach()
+    return mean.to(variance_dtype(mean.dtype))
 
 
 @register_variance_rule("group_norm")
@@ -1034,7 +1046,7 @@ def _group_norm(func, args, kwargs, out, var_of):
     bound.update(kwargs)
     x, groups = bound["input"], bound["num_groups"]
     n, c, extra = x.shape[0], x.shape[1], x.dim() - 2
-    stat = _plain(x).detach().reshape(n, groups, -1).var(-1, unbiased=False)
+    stat = _norm_stat(x).reshape(n, groups, -1).var(-1, unbiased=False)
     stat = stat.repeat_interleave(c // groups, dim=1).view(n, c, *(1,) * extra)
     return var_of(x) * _norm_scale(stat, bound.get("eps", 1e-5), bound.get("weight"),
                                    (c,) + (1,) * extra)
@@ -1053,7 +1065,7 @@ def _instance_norm(func, args, kwargs, out, var_of):
     shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
     if bound.get("use_input_stats", True) or bound.get("running_var") is None:
         dims = tuple(range(2, x.dim()))
-        stat = _plain(x).detach().var(dim=dims, unbiased=False, keepdim=True)
+        stat = _norm_stat(x).var(dim=dims, unbiased=False, keepdim=True)
     else:
         stat = bound["running_var"].view(shape)
     return var_of(x) * _norm_scale(stat, bound.get("eps", 1e-5), bound.get("weight"), shape)
@@ -1072,7 +1084,7 @@ def _layer_norm(func, args, kwargs, out, var_of):
     x, shape = bound["input"], bound["normalized_shape"]
     k = 1 if isinstance(shape, int) else len(shape)
     dims = tuple(range(x.dim() - k, x.dim()))
-    mean = _plain(x).detach()
+    mean = _norm_stat(x)
     if func.__name__ == "rms_norm":
         stat = (mean * mean).mean(dim=dims, keepdim=True)
         eps = bound.get("eps")

@@ -178,6 +178,22 @@ def _host_spike_dtype(spikes: Tensor) -> Tensor:
     return spikes
 
 
+def _neuron_spike_dtype(spikes: Tensor, thr) -> Tensor:
+    """Spikes of a converted neuron (after :func:`_host_spike_dtype`) in the neuron's
+    dtype, its threshold's, where a membrane of another dtype gave them a wider one
+    (a float32 model fed a float64 membrane, ``torch.from_numpy(np.zeros(...))``):
+    snnTorch's are float32 there, and the next layer, of the model's dtype, takes them.
+    Unchanged under ``torch.autocast`` (float32, as snnTorch's) and where the threshold
+    is not a floating-point tensor."""
+    with torch._C.DisableTorchFunctionSubclass():  # attribute reads: no subclass call
+        dtype = spikes.dtype
+        want = thr.dtype if isinstance(thr, Tensor) and thr.is_floating_point() else dtype
+    if (dtype == want or torch.promote_types(dtype, want) != dtype
+            or torch.is_autocast_enabled(spikes.device.type)):
+        return spikes
+    return spikes.to(want)
+
+
 class SnnTorchSpike(IWSTSpike):
     """:class:`~sbnn_addons.IWSTSpike` for a hand-built ``snn.Leaky(spike_grad=...)``:
     the reset reuses the emitted spike.
@@ -228,7 +244,7 @@ class SnnTorchSpike(IWSTSpike):
                 # without firing (a second fire per step would count as spikes emitted
                 # for SpikeMonitor / mc_predict, doubling the spike counts)
                 return self._noiseless_spikes(u.detach())
-            return _host_spike_dtype(super().forward(u))
+            return self._host_dtype(super().forward(u))
         compiling = torch.compiler.is_compiling()
         recent = read_state(self, "_sbnn_recent", compiling)
         if recent is None:
@@ -246,7 +262,7 @@ class SnnTorchSpike(IWSTSpike):
             # of a sequence (init_leaky, utils.reset), which emitted no spike. A draw here
             # would subtract the threshold from neurons that never fired.
             return self._noiseless_spikes(key)
-        out = _host_spike_dtype(super().forward(u))
+        out = self._host_dtype(super().forward(u))
         spikes = out.detach().clone()
         recent.append((key, spikes))
         if len(recent) > self.MEMORY:
@@ -258,12 +274,22 @@ class SnnTorchSpike(IWSTSpike):
             draws[membrane] = (key, spikes, _version_of(membrane))
         return out
 
+    def _host_dtype(self, spikes: Tensor) -> Tensor:
+        """``spikes`` in the dtype the host's neuron emits (:func:`_host_spike_dtype`), and
+        no wider than this function's own (its std's: the model's, as it is cast with the
+        neuron), where a membrane of a wider dtype was passed in
+        (:func:`_neuron_spike_dtype`)."""
+        own = self._parameters.get("std_rho")
+        if own is None:
+            own = self._buffers.get("fixed_std")
+        return _neuron_spike_dtype(_host_spike_dtype(spikes), own)
+
     def _noiseless_spikes(self, key: Tensor) -> Tensor:
         """``1[u > 0]`` (``1[u >= 0]`` with ``at_zero``) of a detached drive, as snnTorch's
         surrogates return it: what the deterministic spike function emits for ``u``."""
         key = plain(key)  # a membrane's noise variance (or mean mode's probe) is not read
         fired = key >= 0 if self.at_zero else key > 0
-        return _host_spike_dtype(fired.to(key.dtype))
+        return self._host_dtype(fired.to(key.dtype))
 
     def _remembered(self, membrane: Tensor | None, key: Tensor, recent: list) -> Tensor | None:
         """The spikes emitted from the membrane of a reset call (drive ``key``), or
@@ -315,7 +341,7 @@ class SnnTorchSpike(IWSTSpike):
             recent[:0] = [(torch.zeros_like(key), torch.zeros_like(key),
                            torch.zeros((), dtype=torch.bool))
                           for _ in range(self.MEMORY - len(recent))]
-        out = _host_spike_dtype(super().forward(u))
+        out = self._host_dtype(super().forward(u))
         if key.numel() > 1:
             flat = key.reshape(-1)
             new_sequence = (flat == flat[0]).all()
@@ -329,7 +355,8 @@ class SnnTorchSpike(IWSTSpike):
                 match = (prev == key).all()
                 if len(entry) > 2:
                     match = match & entry[2]
-                out = torch.where(match, spikes, out)
+                # (a padding entry's spikes are of the drive's dtype)
+                out = torch.where(match, spikes.to(out.dtype), out)
         recent.append((key, out.detach().clone(), torch.ones((), dtype=torch.bool)))
         if len(recent) > self.MEMORY:
             del recent[0]
@@ -736,8 +763,8 @@ class _EmittedSpikeReset:
                else b["threshold"] if "threshold" in b else self.threshold)
         u = _drive(mem, thr, compiling)
         spike = m["spike_grad"] if "spike_grad" in m else self.spike_grad
-        raw = _refuse_noiseless_gradient(self, spike, u, _host_spike_dtype(spike(u)),
-                                         compiling)
+        raw = _refuse_noiseless_gradient(
+            self, spike, u, _neuron_spike_dtype(_host_spike_dtype(spike(u)), thr), compiling)
         self._keep_reset(mem, raw, compiling)
         if self._unit_spike_factor(compiling):
             return raw  # the same values, and the spikes keep their binary mark (cheaper layers)
@@ -877,8 +904,9 @@ class _EmittedSpikeReset:
         self._sync_spike_threshold()
         mem_shift = _drive(mem, self.threshold)
         index = torch.argmax(mem_shift, dim=1)
-        raw = _refuse_noiseless_gradient(self, self.spike_grad, mem_shift,
-                                         _host_spike_dtype(self.spike_grad(mem_shift)))
+        raw = _refuse_noiseless_gradient(
+            self, self.spike_grad, mem_shift,
+            _neuron_spike_dtype(_host_spike_dtype(self.spike_grad(mem_shift)), self.threshold))
         self._keep_reset(mem, raw)  # snnTorch's reset ignores the inhibition mask: kept so
         mask = torch.zeros_like(raw)
         mask[torch.arange(batch_size), index] = 1

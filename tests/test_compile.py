@@ -2250,3 +2250,52 @@ def test_an_mc_evaluation_step_compiles_fullgraph_and_matches_eager(same_random_
         want = step(x, y)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("where", ["model input", "layer output"])
+def test_float16_input_whose_sum_overflows_passes_the_compiled_finite_check(where):
+    """A compiled float16 step (``model.half()`` of a converted snnTorch model, or a core
+    layer under float16 ``torch.autocast``) whose input or layer output is finite but
+    sums above float16's 65504 (6000 x 12 ones; a CIFAR batch of 64 images sums to about
+    1e5): the compiled finite check summed in float16, overflowed, and raised "contains
+    NaN or inf values", where eager mode runs. The sum is taken in float32: the compiled
+    step runs and returns eager mode's spikes; a real inf is still named."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    if where == "model input":
+        net = sbnn_snn.to_sbnn(nn.Sequential(
+            nn.Linear(12, 6), snn.Leaky(beta=0.9, init_hidden=True))).half()
+        sb.set_mode(net, "mean")
+
+        def step(x):
+            sutils.reset(net)
+            return net(x)
+
+        sutils.reset(net)  # once eagerly: snnTorch's reset defines its module globals
+        x = torch.ones(6000, 12, dtype=torch.float16)
+        ctx = torch.autocast("cpu", enabled=False)
+    else:
+        fc, lif = sb.BayesLinear(12, 6), sb.LIF()
+        with torch.no_grad():
+            fc.weight.fill_(1.0)  # each output 12 + bias: the output sums to about 4e5
+        sb.set_mode(lif, "mean")
+
+        def step(x):
+            return lif(fc(x))[0]
+
+        x = torch.ones(6000, 12)
+        ctx = torch.autocast("cpu", dtype=torch.float16)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    try:
+        with ctx:
+            want = step(x)
+            got = compiled(x)
+            if where == "layer output":  # a real inf is still named
+                bad = x.clone()
+                bad[0, 0] = math.inf
+                with pytest.raises(RuntimeError, match="NaN or inf"):
+                    compiled(bad)
+    finally:
+        torch._dynamo.reset()
+    assert got.dtype == want.dtype
+    assert torch.equal(got, want)

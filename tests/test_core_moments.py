@@ -1379,3 +1379,34 @@ def test_track_variance_refuses_a_model_that_a_graph_has_traced_without_the_chec
     compiled(x)
     with pytest.raises(RuntimeError, match="contains NaN or inf"):
         compiled(bad)
+
+
+@pytest.mark.parametrize("norm", ["batch train", "batch eval", "group", "instance", "layer"])
+def test_float16_normalisation_of_a_silent_channel_keeps_a_finite_variance(norm):
+    """A float16 normalisation (``model.half()``, or float16 ``torch.autocast``) of a
+    channel whose statistic is 0 (a silent channel: a zero batch variance, or a running
+    one that decayed to 0): the noise is scaled by ``gamma^2 / (0 + eps) = 1e5``, above
+    float16's 65504. The scale was formed in float16, inf: the variance became inf / NaN,
+    and so did the spikes' law and every gradient, silently. It is formed in float32, as
+    the variance itself: finite, and equal to the float32 network's."""
+    torch.manual_seed(0)
+    x32 = torch.randn(4, 2, 3, 3)
+    x32[:, 0] = 0.0  # a silent channel: statistic 0
+    v32 = torch.rand(4, 2, 3, 3) + 0.1
+    if norm.startswith("batch"):
+        mod = nn.BatchNorm2d(2).train(norm == "batch train")
+        mod.running_var.zero_()
+    elif norm == "group":
+        mod = nn.GroupNorm(2, 2)
+    elif norm == "instance":
+        mod = nn.InstanceNorm2d(2)
+    else:
+        x32[:, 0] = 0.0
+        x32 = x32[:, :1]
+        v32 = v32[:, :1]
+        mod = nn.LayerNorm([1, 3, 3])
+    want = get_variance(mod(attach_variance(x32, v32)))
+    got = get_variance(mod.half()(attach_variance(x32.half(), v32)))
+    assert got.dtype == torch.float32
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=0)

@@ -437,6 +437,88 @@ def test_bfloat16_model_outside_autocast_keeps_bfloat16_spikes(style):
                for p in model.parameters())
 
 
+@pytest.mark.parametrize("mem_dtype", [torch.float64, torch.float16])
+def test_membrane_of_another_dtype_gives_spikes_of_the_neurons_dtype(mem_dtype):
+    """An explicit time loop whose initial membranes are of another dtype than the
+    float32 model (``torch.from_numpy(np.zeros(...))`` is float64): snnTorch's spikes are
+    float32, and the next layer takes them. The converted neuron's spikes were float64,
+    and the next Bayesian layer raised "has torch.float32 weights but its input is
+    torch.float64" for an input that was float32. They are of the neuron's dtype (its
+    threshold's): mean mode equals the original, spikes and membranes, dtypes included;
+    sample mode trains."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.lif1 = nn.Linear(8, 16), snn.Leaky(beta=0.9)
+            self.fc2, self.lif2 = nn.Linear(16, 4), snn.Leaky(beta=0.8)
+
+        def forward(self, x):
+            mem1 = torch.zeros(x.shape[1], 16, dtype=mem_dtype)
+            mem2 = torch.zeros(x.shape[1], 4, dtype=mem_dtype)
+            spikes, mems = [], []
+            for xt in x:
+                spk1, mem1 = self.lif1(self.fc1(xt), mem1)
+                spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+                spikes.append(spk2)
+                mems.append(mem2)
+            return torch.stack(spikes), torch.stack(mems)
+
+    torch.manual_seed(0)
+    net = Net()
+    with torch.no_grad():
+        net.fc1.weight.mul_(4.0)
+        net.fc2.weight.mul_(4.0)
+    x = torch.rand(5, 8, 8)
+    model = to_sbnn(net)
+    want_spk, want_mem = net(x)
+    with sbnn_addons.mode(model, "mean"):
+        spk, mem = model(x)
+    assert spk.dtype == want_spk.dtype == torch.float32 and mem.dtype == want_mem.dtype
+    assert want_spk.sum() > 0
+    assert torch.equal(spk, want_spk) and torch.equal(mem, want_mem)
+    spk, mem = model(x)
+    assert spk.dtype == torch.float32 and mem.dtype == want_mem.dtype
+    spk.sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert model.fc1.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_drop_in_spike_grad_with_a_float64_membrane_gives_the_models_dtype(compiled):
+    """The drop-in ``spike_grad()`` in an unconverted float32 snnTorch model whose
+    explicit loop starts from float64 membranes: snnTorch's own surrogates return float32
+    spikes, and the next ``nn.Linear`` takes them; the drop-in's were float64, and the
+    next layer raised "mat1 and mat2 must have the same dtype" (compiled too, where the
+    function's remembered calls are of the drive's dtype). They are of the spike
+    function's own dtype (the model's: it is cast with the neuron), float32."""
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+    lif1 = snn.Leaky(beta=0.9, spike_grad=spike_grad())
+    lif2 = snn.Leaky(beta=0.8, spike_grad=spike_grad())
+    x = torch.rand(2, 8, 8) * 3
+
+    def step(x):
+        mem1 = torch.zeros(8, 16, dtype=torch.float64)
+        mem2 = torch.zeros(8, 4, dtype=torch.float64)
+        out = []
+        for xt in x:
+            spk1, mem1 = lif1(fc1(xt), mem1)
+            spk2, mem2 = lif2(fc2(spk1), mem2)
+            out.append(spk2)
+        return torch.stack(out)
+
+    torch._dynamo.reset()
+    try:
+        out = (torch.compile(step, fullgraph=True, backend="aot_eager") if compiled
+               else step)(x)
+    finally:
+        torch._dynamo.reset()
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert fc1.weight.grad.abs().sum() > 0 and torch.isfinite(fc1.weight.grad).all()
+
+
 @pytest.mark.parametrize("how", HOW)
 def test_copy_mid_sequence_continues_like_the_original(how):
     """A copy made between two steps (a checkpoint) carries the membrane and its noise
