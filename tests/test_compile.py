@@ -1083,6 +1083,26 @@ def test_checkpointed_region_inside_a_compiled_step(same_random_stream):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def _checkpointed_loop_loss(net: nn.Module, checkpointed):
+    """The cross-entropy of a converted :class:`LoopNet` whose every time step runs as
+    ``checkpointed(step, x_t, mem1, mem2)``."""
+
+    def step(x_t, mem1, mem2):
+        spk1, mem1 = net.lif1(net.fc1(x_t), mem1)
+        spk2, mem2 = net.lif2(net.fc2(spk1), mem2)
+        return spk2, mem1, mem2
+
+    def loss_fn(x, y):
+        mem1, mem2 = net.lif1.init_leaky(), net.lif2.init_leaky()
+        out = 0
+        for t in range(x.shape[0]):
+            spk2, mem1, mem2 = checkpointed(step, x[t], mem1, mem2)
+            out = out + spk2
+        return F.cross_entropy(out, y)
+
+    return loss_fn
+
+
 def test_library_checkpoint_of_a_converted_snntorch_step_inside_a_fullgraph_step(
         same_random_stream):
     """``sbnn_addons.checkpoint.checkpoint`` around each step of a converted snnTorch loop
@@ -1094,19 +1114,8 @@ def test_library_checkpoint_of_a_converted_snntorch_step_inside_a_fullgraph_step
     torch.manual_seed(0)
     net = sbnn_snn.to_sbnn(LoopNet())
     x, y = torch.rand(T, 6, 12) * 3, torch.randint(0, 5, (6,))
-
-    def step(x_t, mem1, mem2):
-        spk1, mem1 = net.lif1(net.fc1(x_t), mem1)
-        spk2, mem2 = net.lif2(net.fc2(spk1), mem2)
-        return spk2, mem1, mem2
-
-    def loss_fn(x, y):
-        mem1, mem2 = net.lif1.init_leaky(), net.lif2.init_leaky()
-        out = 0
-        for t in range(x.shape[0]):
-            spk2, mem1, mem2 = checkpoint(step, x[t], mem1, mem2, modules=net)
-            out = out + spk2
-        return F.cross_entropy(out, y)
+    loss_fn = _checkpointed_loop_loss(
+        net, lambda step, *args: checkpoint(step, *args, modules=net))
 
     eager = _step(net, loss_fn, x, y)
     compiled = _step(net, torch.compile(loss_fn, fullgraph=True, backend="aot_eager"), x, y)
@@ -1129,19 +1138,8 @@ def test_torch_checkpoint_of_a_converted_snntorch_step_in_a_compiled_step_is_nam
     torch.manual_seed(0)
     net = sbnn_snn.to_sbnn(LoopNet())
     x, y = torch.rand(T, 6, 12) * 3, torch.randint(0, 5, (6,))
-
-    def step(x_t, mem1, mem2):
-        spk1, mem1 = net.lif1(net.fc1(x_t), mem1)
-        spk2, mem2 = net.lif2(net.fc2(spk1), mem2)
-        return spk2, mem1, mem2
-
-    def loss_fn(x, y):
-        mem1, mem2 = net.lif1.init_leaky(), net.lif2.init_leaky()
-        out = 0
-        for t in range(x.shape[0]):
-            spk2, mem1, mem2 = torch_checkpoint(step, x[t], mem1, mem2, use_reentrant=False)
-            out = out + spk2
-        return F.cross_entropy(out, y)
+    loss_fn = _checkpointed_loop_loss(
+        net, lambda step, *args: torch_checkpoint(step, *args, use_reentrant=False))
 
     torch._dynamo.reset()
     with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
