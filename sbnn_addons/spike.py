@@ -104,9 +104,11 @@ _OPTIMIZER_STEPS: list = [0, None]  # torch.optim steps taken, the hook's handle
 _SPIKE_FUNCTIONS: weakref.WeakSet = weakref.WeakSet()  # every IWSTSpike (the hook's view)
 
 _STALE_AUX_MESSAGE = (
-    "auxiliary loss terms collected before the last optimiser step were never "
-    "used: add sbnn_addons.aux_loss(model) to the loss (or pass aux_weight to "
-    "sbnn_objective), or stop collecting them with "
+    "auxiliary loss terms collected before the last optimiser step (or another change of "
+    "the parameters: load_state_dict, DistributedDataParallel's broadcast when it wraps "
+    "the model) were never used: add sbnn_addons.aux_loss(model) to the loss (or pass "
+    "aux_weight to sbnn_objective), run forwards that train nothing under torch.no_grad() "
+    "or model.eval(), or stop collecting them with "
     "sbnn_addons.enable_aux_loss(model, False) (to_sbnn(..., aux_loss=False))")
 
 

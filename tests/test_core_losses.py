@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -239,6 +241,26 @@ def test_unused_aux_terms_raise_with_fixed_stds_too_and_weight_zero_consumes(lea
     opt.step()
     with pytest.raises(RuntimeError, match="never used"):
         net(x)
+
+
+def test_unused_aux_terms_name_a_parameter_load_as_a_cause():
+    """A training-mode forward whose terms nobody uses, then ``load_state_dict`` (a
+    checkpoint restored; DistributedDataParallel's broadcast does the same when it wraps
+    the model), then a forward: the error names those changes beside the optimiser step,
+    and how to run a forward that trains nothing."""
+    torch.manual_seed(0)
+    net = nn.Sequential(BayesLinear(8, 4), IWSTSpike("st", std=0.3, learn_std=True))
+    enable_aux_loss(net)
+    x = torch.rand(5, 8)
+    net(x)
+    net.load_state_dict(copy.deepcopy(net.state_dict()))
+    with pytest.raises(RuntimeError, match=r"(?s)load_state_dict.*DistributedDataParallel"
+                                           r".*never used.*torch\.no_grad\(\)"):
+        net(x)
+    with torch.no_grad():  # collects nothing
+        net(x)
+    net.load_state_dict(copy.deepcopy(net.state_dict()))
+    net(x)
 
 
 def test_aux_loss_warns_when_an_eval_mode_model_collected_nothing():
