@@ -773,6 +773,14 @@ def functorch_values(t: Tensor) -> Tensor:
     return t
 
 
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is open (``torch.func.jvp``, ``jacfwd``, a
+    ``torch.autograd.forward_ad.dual_level``): the fused kernels leave such calls to the
+    step-by-step path, whose spike function names forward AD
+    (:meth:`~sbnn_addons.IWSTSpike.fire`)."""
+    return torch.autograd.forward_ad._current_level >= 0
+
+
 def tracks_grad(t: Tensor) -> bool:
     """``t.requires_grad``, also under ``torch.func``: inside ``grad(vmap(f))`` a mapped
     tensor reports ``False`` although the ``grad`` transform around the ``vmap`` tracks

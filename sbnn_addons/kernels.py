@@ -59,7 +59,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .base import SettingSwitch, check_flag, is_exporting
+from .base import SettingSwitch, check_flag, forward_ad_active, is_exporting
 from .tensors import (
     apply_function,
     broadcasts_to,
@@ -269,8 +269,7 @@ def can_fuse(u: Tensor, variance: Tensor, compiling: bool | None = None) -> bool
         and variance.is_cpu
         and not torch._C._are_functorch_transforms_active()
         and not (torch.compiler.is_compiling() if compiling is None else compiling)
-        # forward-mode AD: the step-by-step path names it (IWSTSpike.fire)
-        and torch.autograd.forward_ad._current_level < 0
+        and not forward_ad_active()  # the step-by-step path names it (IWSTSpike.fire)
         and (_lib is not None or _load() is not None)
     )
 
@@ -292,7 +291,7 @@ def sequence_backend(x_seq: Tensor, variance: Tensor | None) -> str | None:
     if (x_seq.dtype not in (torch.float32, torch.float64) or var.dtype != x_seq.dtype
             or var.device != x_seq.device or torch.compiler.is_compiling()
             or torch._C._are_functorch_transforms_active()
-            or torch.autograd.forward_ad._current_level >= 0):  # named step by step
+            or forward_ad_active()):  # named step by step
         return None
     return "torch"
 

@@ -43,6 +43,7 @@ from .base import (
     checkpoint_without_rng_replay,
     computed_std,
     concrete_shape,
+    forward_ad_active,
     graph_breaks_allowed,
     in_reentrant_recomputation,
     inverse_softplus,
@@ -584,7 +585,7 @@ class IWSTSpike(SBNNModule, nn.Module):
         if self._seed is not None and self._seeded_in_graph():  # (False without a seed)
             return call_eagerly(self.fire, u, variance)
         compiling = torch.compiler.is_compiling()
-        if not compiling and torch.autograd.forward_ad._current_level >= 0:
+        if not compiling and forward_ad_active():
             _refuse_tangents(u, variance)
         if (variance is not None and variance.shape != u.shape
                 and not broadcasts_to(variance.shape, u.shape, compiling)):
