@@ -94,10 +94,10 @@ CONVERTED_SPIKE_STD = DEFAULT_SPIKE_STD
 DEFAULT_AUX_PULL = 1e-3
 
 _RECOMPUTING = [0]  # depth of recomputations (activation checkpointing) in progress
-_IN_CHECKPOINT = [0]  # depth of sbnn_addons.checkpoint forwards (which replay seeded draws)
-_CHECKPOINT_SPIKES: list[set[int]] = []  # per such forward: ids of the spikes it replays
-_CHECKPOINT_STATEFUL: list[set[int]] = []  # per such forward: ids of the modules whose state
-# (a ``_memories`` dict) it puts back for the recomputation
+#: The sbnn_addons.checkpoint forwards in progress, innermost last: per forward, the ids
+#: of the seeded spike functions whose draws its recomputation replays and the ids of the
+#: modules whose state (a ``_memories`` dict) it puts back
+_CHECKPOINT_FORWARDS: list[tuple[set[int], set[int]]] = []
 #: The missing-keys list of the last load_state_dict call that warned of a spike noise
 #: std of another form (one warning per call).
 _LOAD_WARNED: list = [None]
@@ -214,15 +214,11 @@ def checkpointed_forward(spikes: Sequence[IWSTSpike] = (),
     replays their generators; another seeded spike function raises. ``stateful``: the
     modules whose ``_memories`` the recomputation puts back (see
     :func:`checkpoint_restores_state`)."""
-    _IN_CHECKPOINT[0] += 1
-    _CHECKPOINT_SPIKES.append({id(m) for m in spikes})
-    _CHECKPOINT_STATEFUL.append({id(m) for m in stateful})
+    _CHECKPOINT_FORWARDS.append(({id(m) for m in spikes}, {id(m) for m in stateful}))
     try:
         yield
     finally:
-        _CHECKPOINT_STATEFUL.pop()
-        _CHECKPOINT_SPIKES.pop()
-        _IN_CHECKPOINT[0] -= 1
+        _CHECKPOINT_FORWARDS.pop()
 
 
 def in_checkpoint_forward() -> bool:
@@ -230,14 +226,14 @@ def in_checkpoint_forward() -> bool:
     :func:`sbnn_addons.checkpoint.checkpoint` region (not its recomputation), whose
     recomputation in the backward runs it again (with gradients: without, nothing is
     recomputed). Eager mode only."""
-    return (bool(_IN_CHECKPOINT[0]) and not _RECOMPUTING[0] and torch.is_grad_enabled()
+    return (bool(_CHECKPOINT_FORWARDS) and not _RECOMPUTING[0] and torch.is_grad_enabled()
             and not torch.compiler.is_compiling())
 
 
 def checkpoint_restores_state(module: nn.Module) -> bool:
     """Whether the innermost :func:`sbnn_addons.checkpoint.checkpoint` forward puts
     ``module``'s state back for its recomputation (``module`` is in its ``modules=``)."""
-    return bool(_CHECKPOINT_STATEFUL) and id(module) in _CHECKPOINT_STATEFUL[-1]
+    return bool(_CHECKPOINT_FORWARDS) and id(module) in _CHECKPOINT_FORWARDS[-1][1]
 
 
 @contextlib.contextmanager
@@ -257,7 +253,7 @@ def in_torch_checkpoint() -> bool:
     non-reentrant one (its saved-tensor hooks), or the recomputation of a reentrant one
     (``use_reentrant=True``, the default, whose forward runs without gradients and cannot
     be told from an evaluation), which runs inside its backward node. Eager mode only."""
-    if _IN_CHECKPOINT[0] or _RECOMPUTING[0] or torch.compiler.is_compiling():
+    if _CHECKPOINT_FORWARDS or _RECOMPUTING[0] or torch.compiler.is_compiling():
         return False
     return checkpoint_hooks_active() or in_reentrant_recomputation(False)
 
@@ -839,8 +835,8 @@ class IWSTSpike(SBNNModule, nn.Module):
             raise_error(_SEEDED_UNDER_COMPILE)
         hooks = (not _RECOMPUTING[0]
                  and torch._C._autograd._top_saved_tensors_default_hooks(False) is not None)
-        if hooks and _IN_CHECKPOINT[0] and not any(id(self) in ids
-                                                   for ids in _CHECKPOINT_SPIKES):
+        if hooks and _CHECKPOINT_FORWARDS and not any(id(self) in replayed
+                                                      for replayed, _ in _CHECKPOINT_FORWARDS):
             raise RuntimeError(
                 "this spike function is seeded (sbnn_addons.seed_spikes) and draws inside "
                 "sbnn_addons.checkpoint.checkpoint, but is not part of its modules=: its "
@@ -848,7 +844,7 @@ class IWSTSpike(SBNNModule, nn.Module):
                 "other spikes and the gradients would be wrong; pass modules= the module "
                 "(or an nn.ModuleList of the modules) that fn runs, every spike function "
                 "included")
-        if hooks and not _IN_CHECKPOINT[0]:
+        if hooks and not _CHECKPOINT_FORWARDS:
             raise RuntimeError(
                 "this spike function is seeded (sbnn_addons.seed_spikes) and draws inside "
                 "saved-tensor hooks (torch.utils.checkpoint): the recomputation in the "
