@@ -179,12 +179,13 @@ def _host_spike_dtype(spikes: Tensor) -> Tensor:
 
 
 def _neuron_spike_dtype(spikes: Tensor, thr) -> Tensor:
-    """Spikes of a converted neuron (after :func:`_host_spike_dtype`) in the neuron's
-    dtype, its threshold's, where a membrane of another dtype gave them a wider one
-    (a float32 model fed a float64 membrane, ``torch.from_numpy(np.zeros(...))``):
-    snnTorch's are float32 there, and the next layer, of the model's dtype, takes them.
-    Unchanged under ``torch.autocast`` (float32, as snnTorch's) and where the threshold
-    is not a floating-point tensor."""
+    """Spikes of a converted neuron in the dtype snnTorch's neuron emits: float32 under
+    ``torch.autocast`` (:func:`_host_spike_dtype`), else the neuron's dtype, its
+    threshold's, where a membrane of another dtype gave them a wider one (a float32 model
+    fed a float64 membrane, ``torch.from_numpy(np.zeros(...))``): snnTorch's are float32
+    there, and the next layer, of the model's dtype, takes them. Unchanged where the
+    threshold is not a floating-point tensor."""
+    spikes = _host_spike_dtype(spikes)
     with torch._C.DisableTorchFunctionSubclass():  # attribute reads: no subclass call
         dtype = spikes.dtype
         want = thr.dtype if isinstance(thr, Tensor) and thr.is_floating_point() else dtype
@@ -282,7 +283,7 @@ class SnnTorchSpike(IWSTSpike):
         own = self._parameters.get("std_rho")
         if own is None:
             own = self._buffers.get("fixed_std")
-        return _neuron_spike_dtype(_host_spike_dtype(spikes), own)
+        return _neuron_spike_dtype(spikes, own)
 
     def _noiseless_spikes(self, key: Tensor) -> Tensor:
         """``1[u > 0]`` (``1[u >= 0]`` with ``at_zero``) of a detached drive, as snnTorch's
@@ -764,7 +765,7 @@ class _EmittedSpikeReset:
         u = _drive(mem, thr, compiling)
         spike = m["spike_grad"] if "spike_grad" in m else self.spike_grad
         raw = _refuse_noiseless_gradient(
-            self, spike, u, _neuron_spike_dtype(_host_spike_dtype(spike(u)), thr), compiling)
+            self, spike, u, _neuron_spike_dtype(spike(u), thr), compiling)
         self._keep_reset(mem, raw, compiling)
         if self._unit_spike_factor(compiling):
             return raw  # the same values, and the spikes keep their binary mark (cheaper layers)
@@ -906,7 +907,7 @@ class _EmittedSpikeReset:
         index = torch.argmax(mem_shift, dim=1)
         raw = _refuse_noiseless_gradient(
             self, self.spike_grad, mem_shift,
-            _neuron_spike_dtype(_host_spike_dtype(self.spike_grad(mem_shift)), self.threshold))
+            _neuron_spike_dtype(self.spike_grad(mem_shift), self.threshold))
         self._keep_reset(mem, raw)  # snnTorch's reset ignores the inhibition mask: kept so
         mask = torch.zeros_like(raw)
         mask[torch.arange(batch_size), index] = 1
