@@ -491,7 +491,7 @@ class _EmittedSpikeReset:
                     and traced_in_torch_checkpoint()):
                 raise_error(self._compiled_checkpoint_message())
         else:
-            if _TRANSFORMED in self.__dict__ and not torch._C._are_functorch_transforms_active():
+            if self._left_by_transform():
                 self._leave_transform_state(args, kwargs)
             ddp_type = _DDP_TYPE[0] if _DDP_TYPE else _ddp_type()
             if ddp_type is None or ddp_type._get_active_ddp_module() is None:
@@ -709,7 +709,7 @@ class _EmittedSpikeReset:
     def __getstate__(self):
         # a copy's membrane starts a version counter of its own: record whether the
         # membrane is still the one its variance belongs to, and let the copy adopt it
-        if _TRANSFORMED in self.__dict__ and not torch._C._are_functorch_transforms_active():
+        if self._left_by_transform():
             # a torch.func transform's states cannot be copied: emptied (in the model's
             # own dicts, which other entries of a copied model share), a fresh copy
             self._empty_transform_state()
@@ -942,6 +942,12 @@ class _EmittedSpikeReset:
             return _compiled_copy_reset(mem, cached[0], cached[1], fresh)
         return fresh
 
+    def _left_by_transform(self) -> bool:
+        """Whether the buffers hold a ``torch.func`` transform's tensors (see
+        :meth:`_note_transform_state`) and that transform has ended."""
+        return (_TRANSFORMED in self.__dict__
+                and not torch._C._are_functorch_transforms_active())
+
     def _note_transform_state(self) -> None:
         """After a step under a ``torch.func`` transform (``vmap``, ``grad``, e.g. an
         ensemble through ``functional_call``): where the buffers now hold the transform's
@@ -974,7 +980,7 @@ class _EmittedSpikeReset:
     def _apply(self, fn, recurse=True):
         # model.to(...), .double(), .cuda(): a transform's states cannot be converted;
         # empty ones are (an eager step that would continue them still raises)
-        if _TRANSFORMED in self.__dict__ and not torch._C._are_functorch_transforms_active():
+        if self._left_by_transform():
             self._empty_transform_state()
         return super()._apply(fn, recurse)
 
