@@ -92,14 +92,15 @@ def _variants(host: str, device: str, draw_bound: bool = False):
 BOUND = "sbnn compiled, free draw (bound)"
 
 
-class _PresetNoiseSpike(torch.autograd.Function):
-    """The compiled spike (``kernels._CompiledSpike``'s outputs and backward) with the draw
-    ``1[u + sigma eps > 0]`` from given noise ``eps``: element-wise operations that inductor
-    fuses into the neuron's kernel."""
+class _PresetNoiseSpike(sb.kernels._CompiledSpike):
+    """The compiled spike (``kernels._CompiledSpike``: its outputs, saved tensors and
+    backward) with the draw ``1[u + sigma eps > 0]`` from given noise ``eps``, passed in
+    the constants' last slot (the operator's ordering input there): element-wise
+    operations that inductor fuses into the neuron's kernel."""
 
     @staticmethod
-    def forward(u, variance, eps, constants):
-        at_zero, _estimator, aux_offset, _aux_var, _aux_pull = constants
+    def forward(u, variance, constants):
+        at_zero, _estimator, aux_offset, _aux_var, _aux_pull, eps = constants
         sigma = variance.clamp_min(0).sqrt()
         drive = u + sigma * eps
         fired = drive >= 0 if at_zero else drive > 0
@@ -107,25 +108,8 @@ class _PresetNoiseSpike(torch.autograd.Function):
         if aux_offset is not None:
             z = sb.kernels._aux_z(u, sigma.clamp_min(1e-6), aux_offset)
             z2 = torch.where(sigma > 0, z * z, 0.0).sum()
-        return fired.to(u.dtype), z2, fired.to(torch.uint8)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        u, variance, _eps, (_at_zero, estimator, aux_offset, aux_var, aux_pull) = inputs
-        ctx.mark_non_differentiable(output[2])
-        ctx.save_for_backward(u, variance, output[2])
-        ctx.estimator, ctx.aux_var, ctx.aux_pull = estimator, aux_var, aux_pull
-        ctx.aux_offset = 0.0 if aux_offset is None else aux_offset
-        ctx.want_aux = aux_offset is not None
-
-    @staticmethod
-    def backward(ctx, grad, grad_aux, _grad_bytes):
-        u, variance, spikes = ctx.saved_tensors
-        spec = sb.kernels._EstimatorArgs(*sb.estimators.parse_estimator_spec(ctx.estimator))
-        grad_u, grad_var = sb.kernels._torch_spike_backward(
-            grad, u, variance, spikes, spec, grad_aux if ctx.want_aux else None,
-            ctx.aux_offset, ctx.aux_var, ctx.aux_pull)
-        return grad_u, grad_var, None, None
+        return (fired.to(u.dtype), z2, fired.to(torch.uint8),
+                u.new_empty(0, dtype=torch.uint8))
 
 
 class PresetNoiseDraw:
@@ -139,9 +123,9 @@ class PresetNoiseDraw:
 
     def compiled_spike(self, u, variance, estimator, at_zero=False, aux_offset=None,
                        aux_var=True, aux_pull=0.0):
-        spikes, z2, _ = _PresetNoiseSpike.apply(
-            u, variance, self.eps[:u.numel()].view(u.shape),
-            (at_zero, estimator.spec, aux_offset, bool(aux_var), float(aux_pull)))
+        spikes, z2, _, _ = _PresetNoiseSpike.apply(
+            u, variance, (at_zero, estimator.spec, aux_offset, bool(aux_var),
+                          float(aux_pull), self.eps[:u.numel()].view(u.shape)))
         return spikes, z2
 
     def __enter__(self):
