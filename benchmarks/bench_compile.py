@@ -123,6 +123,11 @@ class PresetNoiseDraw:
 
     def compiled_spike(self, u, variance, estimator, at_zero=False, aux_offset=None,
                        aux_var=True, aux_pull=0.0):
+        if u.numel() > self.eps.numel():
+            sb.base.raise_error(  # (traced: a Dynamo UserError with this message)
+                f"PresetNoiseDraw(numel={self.eps.numel()}) holds too little noise for a "
+                f"drive of {u.numel()} elements: make numel at least the largest layer's "
+                "batch x units", ValueError)
         spikes, z2, _, _ = _PresetNoiseSpike.apply(
             u, variance, (at_zero, estimator.spec, aux_offset, bool(aux_var),
                           float(aux_pull), self.eps[:u.numel()].view(u.shape)))

@@ -183,7 +183,7 @@ def test_trace_count_counts_the_instructions_dynamo_traces():
 def test_draw_bound_draws_from_its_preset_noise_in_a_compiled_graph(monkeypatch):
     """``bench_compile.py --draw-bound``: inside ``PresetNoiseDraw`` a compiled spike is
     ``1[u + sigma eps > 0]`` with the preset ``eps``, it has a gradient, and the block puts
-    the spike operator back."""
+    the spike operator back; too little preset noise for a drive is named."""
     import torch
 
     import sbnn_addons as sb
@@ -206,3 +206,7 @@ def test_draw_bound_draws_from_its_preset_noise_in_a_compiled_graph(monkeypatch)
         assert torch.equal(spikes, expected)
         (grad,) = torch.autograd.grad(spikes.sum(), u)
         assert torch.isfinite(grad).all() and (grad != 0).all()
+    torch._dynamo.reset()
+    with bench.PresetNoiseDraw(100, "cpu"), pytest.raises(
+            torch._dynamo.exc.UserError, match=r"^PresetNoiseDraw\(numel=100\) .* 128 elements"):
+        step(u)  # 128 elements
