@@ -430,7 +430,9 @@ class _BayesMixin(SBNNModule):
         warnings.warn(
             f"{which}: an optimiser stepped its weight between two training forwards "
             "in 'mean' mode, where the noise is off and its noise scale std_rho gets "
-            "no gradient: the network trains as a deterministic one. The mode is kept "
+            "no gradient: the network trains as a deterministic one, and only through "
+            "spike functions with noise of their own (one without, such as the core "
+            "LIF's default, passes a zero gradient there). The mode is kept "
             "by torch.save / copy.deepcopy, so a model saved in 'mean' mode resumes in "
             "it; call sbnn_addons.set_mode(model, 'sample') before training (and "
             "evaluate with the context manager sbnn_addons.mode(model, 'mean'), which "

@@ -119,7 +119,6 @@ from .spike import (
     check_aux_pull,
     in_checkpoint_forward,
     in_torch_checkpoint,
-    refuse_gradient_without_noise,
     relative_spike_std,
 )
 from .surgery import replace_modules
@@ -764,8 +763,7 @@ class _EmittedSpikeReset:
                else b["threshold"] if "threshold" in b else self.threshold)
         u = _drive(mem, thr, compiling)
         spike = m["spike_grad"] if "spike_grad" in m else self.spike_grad
-        raw = _refuse_noiseless_gradient(
-            self, spike, u, _neuron_spike_dtype(spike(u), thr), compiling)
+        raw = _neuron_spike_dtype(spike(u), thr)  # (spike refuses a noiseless draw's gradient)
         self._keep_reset(mem, raw, compiling)
         if self._unit_spike_factor(compiling):
             return raw  # the same values, and the spikes keep their binary mark (cheaper layers)
@@ -905,9 +903,7 @@ class _EmittedSpikeReset:
         self._sync_spike_threshold()
         mem_shift = _drive(mem, self.threshold)
         index = torch.argmax(mem_shift, dim=1)
-        raw = _refuse_noiseless_gradient(
-            self, self.spike_grad, mem_shift,
-            _neuron_spike_dtype(self.spike_grad(mem_shift), self.threshold))
+        raw = _neuron_spike_dtype(self.spike_grad(mem_shift), self.threshold)
         self._keep_reset(mem, raw)  # snnTorch's reset ignores the inhibition mask: kept so
         mask = torch.zeros_like(raw)
         mask[torch.arange(batch_size), index] = 1
@@ -1026,25 +1022,6 @@ def _state_from_module(neuron: nn.Module, args: tuple, kwargs: dict) -> bool:
     given = dict(zip(names, args[1:]))
     given.update((k, v) for k, v in kwargs.items() if k in names)
     return any(given.get(n) is None for n in names)
-
-
-def _refuse_noiseless_gradient(neuron: nn.Module, spike: nn.Module, u: Tensor,
-                               spikes: Tensor, compiling: bool | None = None) -> Tensor:
-    """Make a gradient that reaches the ``spikes`` of a converted neuron without any noise
-    raise (:func:`~sbnn_addons.spike.refuse_gradient_without_noise`, a test of a few
-    attributes per step where the neuron has noise): a drive ``u`` that carries no
-    posterior variance and a spike function without noise of its own. Returns the spikes
-    (under ``torch.compile`` through the check of the compiled backward). ``compiling``:
-    whether a graph is traced, where the caller knows it."""
-    if compiling is None:
-        compiling = torch.compiler.is_compiling()
-    if (not isinstance(spike, IWSTSpike) or spike.learn_std or not torch.is_grad_enabled()
-            or (not compiling and spike._fixed_std_nonzero())):  # compiled: in the graph
-        return spikes
-    if spike.use_input_variance and get_variance(u, compiling=compiling) is not None:
-        return spikes
-    name = type(neuron).__name__.removeprefix("SBNN")
-    return refuse_gradient_without_noise(spike, spikes, f"snn.{name}", "snnTorch")
 
 
 def _drive(mem: Tensor, threshold: Tensor | float, compiling: bool | None = None) -> Tensor:
@@ -2214,6 +2191,7 @@ def to_sbnn(
             # the neuron's training mode: a model converted in eval mode stays in it (no
             # auxiliary terms or pull in its validation forwards with gradients on)
             fn.train(m.training)
+            fn.noiseless_owner = (f"snn.{type(m).__name__.removeprefix('SBNN')}", "snnTorch")
             m.__dict__.pop("spike_grad", None)
             m.spike_grad = fn
             m.__dict__[_HOST_SPIKE] = HostObject(host_fn)

@@ -377,6 +377,10 @@ class IWSTSpike(SBNNModule, nn.Module):
         register_noise_owner(self)
         _watch_optimizer_steps()
 
+    #: ``(neuron, host)`` of the converted neuron that owns this function (set by the
+    #: converters), which the error of a gradient through noiseless spikes names
+    #: (:func:`refuse_gradient_without_noise`); ``None``: the function's own class.
+    noiseless_owner: tuple[str, str] | None = None
     _aux_pull = 0.0  # what a spike function pickled before the pull existed reads
     _aux_stale = False  # and before the stale mark existed
     _aux_read = False  # and before the read mark existed
@@ -566,10 +570,18 @@ class IWSTSpike(SBNNModule, nn.Module):
         compiling = torch.compiler.is_compiling()
         if _moments._OPEN_FLOWS:  # plain(u), inline: read on purpose (not reported)
             _moments._note_read(u, _moments._CONSUMED, compiling)
+        # no noise at all (under compile: no variance on the drive, and a fixed std whose
+        # value the trace cannot read): a gradient reaching the spikes would be 0
+        noiseless = (variance is None if not compiling else not self.learn_std and (
+            not self.use_input_variance or get_variance(u, compiling=True) is None))
         with torch._C.DisableTorchFunctionSubclass():  # no_variance_flow(), inline
             # the drive as a plain tensor: the kernel's autograd function runs its own
             # operations with torch functions enabled (no carrier overhead in them)
-            return self.fire(_moments._plain(u, compiling=compiling), variance)
+            spikes = self.fire(_moments._plain(u, compiling=compiling), variance)
+        if noiseless:
+            spikes = refuse_gradient_without_noise(
+                self, spikes, *(self.noiseless_owner or (f"this {type(self).__name__}", None)))
+        return spikes
 
     def fire(self, u: Tensor, variance: Tensor | None) -> Tensor:
         """Sample spikes for drive ``u`` with an explicit noise ``variance`` (or ``None``).
@@ -911,86 +923,106 @@ _CHECKPOINT_FIX = ("use sbnn_addons.checkpoint.checkpoint(fn, *args, modules=blo
                    "also replays seeded spikes")
 
 
-def refuse_gradient_without_noise(spike: IWSTSpike, spikes: Tensor, neuron: str, host: str,
-                                  note: str = "") -> Tensor:
-    """Make a gradient that reaches the ``spikes`` a converted neuron's ``spike`` function
-    drew without any noise raise (eager mode; the caller has found that neither the
-    drive nor the spike function carries any noise).
+def refuse_gradient_without_noise(spike: IWSTSpike, spikes: Tensor, neuron: str,
+                                  host: str | None, note: str = "",
+                                  noise: tuple[Tensor, ...] = ()) -> Tensor:
+    """Make a gradient that reaches the ``spikes`` a neuron's ``spike`` function drew
+    without any noise raise (the caller has found that neither the drive nor the spike
+    function carries any noise; under ``torch.compile``, that the drive carries no
+    variance tensor and the spike function learns no std).
 
-    Without noise (a drive that carries no posterior variance, from a layer left
-    deterministic by ``include`` / ``exclude`` or with a fixed zero std, and a spike
-    function without noise of its own: ``to_sbnn(spike_std=None)`` or 0) the stochastic
-    spike fires deterministically and its gradient is 0: a loss on those spikes would
-    train nothing before the neuron, without an error. Not concerned: spikes that no
-    gradient reaches (a membrane readout; the check runs in the backward), ``mean`` mode,
-    an infinite threshold (a readout that never fires), a pass without gradient.
+    Without noise (a drive that carries no posterior variance: no Bayesian layer in
+    front, a layer left deterministic by ``include`` / ``exclude`` or with a fixed zero
+    std; and a spike function without noise of its own: ``std=None`` or 0) the
+    stochastic spike fires deterministically and its gradient is 0: a loss on those
+    spikes would train nothing before the neuron, without an error. Not concerned: spikes
+    that no gradient reaches (a membrane readout; the check runs in the backward),
+    ``mean`` mode (the deterministic network, whose exact gradient through a spike is 0;
+    an optimiser step in it warns), an infinite threshold (a readout that never fires), a
+    pass without gradient.
 
     Args:
         spike: the spike function that drew ``spikes``.
         spikes: its output.
-        neuron: the converted neuron, for the message (``"snn.Leaky"``).
-        host: the host library, whose surrogate the neuron can keep (``"snnTorch"``).
+        neuron: the neuron, for the message (``"snn.Leaky"``, ``"LIF"``).
+        host: the host library of a converted neuron, whose surrogate the neuron can keep
+            (``"snnTorch"``); ``None`` for a neuron or spike function of this library's
+            own (a core :class:`~sbnn_addons.LIF`, a drop-in spike function).
         note: a further sentence of the message (where a gradient comes from).
+        noise: under ``torch.compile``, further noise variances of the drive whose values
+            the trace cannot read (a core LIF's membrane variance): the check fails only
+            where they are 0 too.
 
     Returns:
         ``spikes`` (eager: with a hook that raises); under ``torch.compile``, where a
         tensor hook cannot be registered and the std's value cannot be read, the spikes
         through :class:`_NoiselessGradientCheck`, whose backward fails in the graph
-        where the spike function's fixed std is 0 and a non-zero gradient arrives.
+        where the spike function's fixed std and ``noise`` are 0 and a non-zero gradient
+        arrives.
     """
     if spike.deterministic or not spike.threshold_finite or not torch.is_grad_enabled():
         return spikes
     with torch._C.DisableTorchFunctionSubclass():  # attribute reads, no variance flow
         if not spikes.requires_grad:
             return spikes
+        message = _noiseless_message(neuron, host, note)
         if torch.compiler.is_compiling():
             if spike.learn_std:
                 return spikes
-            return _NoiselessGradientCheck.apply(spikes, spike.fixed_std,
-                                                 _noiseless_message(neuron, host, note))
-        spikes.register_hook(functools.partial(_noiseless_gradient_error, neuron, host, note))
+            return _NoiselessGradientCheck.apply(spikes, message, spike.fixed_std, *noise)
+        spikes.register_hook(functools.partial(_noiseless_gradient_error, message))
     return spikes
 
 
 class _NoiselessGradientCheck(torch.autograd.Function):
     """The identity on spikes drawn without input variance, whose backward fails (an
-    assertion in the compiled graph) where the spike function's own fixed ``std`` is 0
-    and a non-zero gradient reaches them: :func:`refuse_gradient_without_noise` under
-    ``torch.compile``."""
+    assertion in the compiled graph) where the spike function's own fixed ``std`` and the
+    further ``noise`` variances are 0 and a non-zero gradient reaches them:
+    :func:`refuse_gradient_without_noise` under ``torch.compile``."""
 
     @staticmethod
-    def forward(ctx, spikes: Tensor, std: Tensor, message: str) -> Tensor:
-        ctx.save_for_backward(std)
+    def forward(ctx, spikes: Tensor, message: str, *noise: Tensor) -> Tensor:
+        ctx.save_for_backward(*noise)
         ctx.message = message
         return spikes.view_as(spikes)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (std,) = ctx.saved_tensors
-        torch._assert_async((std != 0).any() | (grad == 0).all(), ctx.message)
-        return grad, None, None
+        noisy = [(t != 0).any() for t in ctx.saved_tensors]
+        torch._assert_async(functools.reduce(torch.logical_or, noisy, (grad == 0).all()),
+                            ctx.message)
+        return (grad, None) + (None,) * len(ctx.saved_tensors)
 
 
-def _noiseless_gradient_error(neuron: str, host: str, note: str, _grad: Tensor) -> None:
+def _noiseless_gradient_error(message: str, _grad: Tensor) -> None:
     """Backward hook of :func:`refuse_gradient_without_noise`.
 
     Raises:
-        VarianceFlowError: naming the neuron and the fixes.
+        VarianceFlowError: ``message``, naming the neuron and the fixes.
     """
-    raise VarianceFlowError(_noiseless_message(neuron, host, note))
+    raise VarianceFlowError(message)
 
 
-def _noiseless_message(neuron: str, host: str, note: str) -> str:
+def _noiseless_message(neuron: str, host: str | None, note: str) -> str:
     """The error of :func:`refuse_gradient_without_noise`."""
+    zero = ("so it fires deterministically and passes a zero gradient: nothing before it "
+            f"would train through its spikes{note}.")
+    if host is None:
+        return (
+            f"a gradient reached the spikes of {neuron}, which has no noise: its drive "
+            "carries no posterior variance (no Bayesian layer feeds it, e.g. a plain "
+            "nn.Linear, or the layer has a fixed zero std) and its spike function has no "
+            f"noise of its own (std=None or 0), {zero} Feed it from a Bayesian layer "
+            "(sbnn_addons.BayesLinear, BayesConv2d), or give its spike function noise of "
+            "its own: IWSTSpike('st', std=0.4), sbnn_addons.snntorch.spike_grad() (a std by "
+            "default)")
     return (
         f"a gradient reached the spikes of a converted {neuron} that has no noise: its "
         "input carries no posterior variance (the layer feeding it is deterministic: left "
         "out by include / exclude, or a fixed zero std) and its spike function has no "
-        "noise of its own (to_sbnn(..., spike_std=None or 0)), so it fires "
-        "deterministically and passes a zero gradient: nothing before it would train "
-        f"through its spikes{note}. Convert with spike_std > 0 (the default), convert the "
-        f"layer feeding it, or keep the neuron with its {host} surrogate: "
-        "exclude=[<the neuron>, <the layer feeding it>]")
+        f"noise of its own (to_sbnn(..., spike_std=None or 0)), {zero} Convert with "
+        "spike_std > 0 (the default), convert the layer feeding it, or keep the neuron with "
+        f"its {host} surrogate: exclude=[<the neuron>, <the layer feeding it>]")
 
 
 def check_seed(seed, name: str = "seed", *, allow_none: bool = True) -> int | None:

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from _kernel import needs_kernel
+from torch import nn
 
 import sbnn_addons as sb
 from sbnn_addons import LIF, BayesLinear, IWSTSpike, LIFState, attach_variance, get_variance
@@ -436,3 +437,82 @@ def test_threshold_assigned_after_construction_reaches_the_spike_function():
     assert lif.spike_fn.threshold == 2.0
     lif.threshold = math.inf
     assert lif.spike_fn.threshold == math.inf and not lif.spike_fn.threshold_finite
+
+
+_SPIKE_WEIGHTS = torch.randn(4, 4, 5, generator=torch.Generator().manual_seed(1))
+
+
+def _loss_through_spikes(model, x):
+    """A loss on the spikes of ``model`` (a Sequential ending in a core LIF or an
+    IWSTSpike) over the steps of ``x [T, B, F]``, with fixed random weights."""
+    weights = _SPIKE_WEIGHTS[:len(x), :x.shape[1]]
+    if isinstance(model[-1], LIF):
+        spikes = model[-1].run(model[0](x))
+    else:
+        spikes = model(x)
+    return (spikes * weights).sum()
+
+
+@pytest.mark.parametrize("alone", [False, True], ids=["LIF", "IWSTSpike"])
+def test_a_gradient_through_noiseless_spikes_is_refused(alone):
+    """Spikes drawn without any noise (no Bayesian layer in front, and a spike function
+    with no std of its own: the core LIF's default) fire deterministically and their
+    gradient is 0: a loss on them trained nothing before the neuron, without an error.
+    The backward names the cause and the fix; a pass without gradient runs, and with
+    noise of its own the layer gets its gradient."""
+    layer = nn.Linear(6, 5)
+    model = nn.Sequential(layer, IWSTSpike() if alone else LIF())
+    x = torch.rand(4, 3, 6, generator=torch.Generator().manual_seed(0)) * 2
+    with pytest.raises(sb.VarianceFlowError,
+                       match=r"(?s)no noise of its own.*BayesLinear.*std=0.4"):
+        _loss_through_spikes(model, x).backward()
+    with torch.no_grad():
+        _loss_through_spikes(model, x)
+    model[1] = IWSTSpike(std=0.4) if alone else LIF(spike_fn=IWSTSpike(std=0.4))
+    _loss_through_spikes(model, x).backward()
+    assert layer.weight.grad.abs().sum() > 0
+
+
+def test_mean_mode_gives_the_deterministic_networks_gradient_and_warns_when_trained():
+    """``mean`` mode is the deterministic network, whose exact gradient through a spike
+    without noise of its own is 0: a backward runs (as for any deterministic model). An
+    optimiser step in that mode warns, naming the zero gradient and ``sample`` mode."""
+    layer = BayesLinear(6, 5, std=0.3)
+    model = nn.Sequential(layer, LIF())
+    sb.set_mode(model, "mean")
+    x = torch.rand(4, 3, 6, generator=torch.Generator().manual_seed(0)) * 4
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _loss_through_spikes(model, x).backward()
+    assert not layer.weight.grad.any()
+    opt.step()
+    with pytest.warns(UserWarning, match=r"(?s)'mean' mode.*zero gradient.*'sample'"):
+        _loss_through_spikes(model, x)
+
+
+def test_a_lif_whose_membrane_has_variance_from_earlier_steps_passes_the_gradient():
+    """A step whose current carries no variance still draws with the membrane variance
+    of the steps before it: its spikes have noise, and their gradient is not refused."""
+    lif = LIF()
+    x = torch.rand(3, 5, requires_grad=True)
+    state = None
+    spikes, state = lif(attach_variance(x, torch.full_like(x, 0.2)), state)
+    spikes2, state = lif(x * 1.5, state)  # no variance on this current
+    (spikes + spikes2).sum().backward()
+    assert x.grad.abs().sum() > 0
+
+
+def test_a_compiled_step_through_noiseless_spikes_fails_its_backward():
+    """Under ``torch.compile`` (fullgraph) the check is an assertion in the backward: a
+    core LIF behind a plain layer fails, naming the fix; behind a Bayesian layer it
+    trains."""
+    x = torch.rand(3, 4, 6, generator=torch.Generator().manual_seed(0)) * 2
+    for layer, fails in ((nn.Linear(6, 5), True), (BayesLinear(6, 5, std=0.3), False)):
+        model = nn.Sequential(layer, LIF())
+        step = torch.compile(lambda x, model=model: _loss_through_spikes(model, x),
+                             fullgraph=True, backend="aot_eager")
+        if fails:
+            with pytest.raises(RuntimeError, match="(?s)no noise of its own.*BayesLinear"):
+                step(x).backward()
+        else:
+            step(x).backward()
+            assert layer.weight.grad.abs().sum() > 0

@@ -68,11 +68,17 @@ def test_expected_gradient_is_a_gaussian_surrogate_for_agr():
 
 
 def test_no_own_noise_is_still_available():
+    """Without own noise a drop-in function takes only the variance of Bayesian layers;
+    with none, its gradient would be 0, which it refuses (naming the fix)."""
     for fn in (sbnn_snn.spike_grad(std=None), sbnn_sj.surrogate_function(std=0)):
         assert not fn.learn_std
         u = torch.randn(8, requires_grad=True)
-        fn(u).sum().backward()
-        assert not u.grad.any()
+        with pytest.raises(sbnn_addons.VarianceFlowError, match="no noise of its own"):
+            fn(u).sum().backward()
+    fn = sbnn_snn.spike_grad(std=None)  # the variance a Bayesian layer attaches
+    u = torch.randn(8, requires_grad=True)
+    fn(sbnn_addons.attach_variance(u, torch.full_like(u, 0.25))).sum().backward()
+    assert u.grad.any()
 
 
 # --------------------------------------------------------------------------- snnTorch drop-in
@@ -99,11 +105,11 @@ def test_snntorch_drop_in_trains_at_defaults(digits):
     F.cross_entropy(out * 10, y).backward()
     assert net[0].weight.grad.abs().sum() > 0 and net[2].weight.grad.abs().sum() > 0
     assert net[1].spike_grad.std_rho.grad is not None
-    # the same model with std=None has no gradient at all (what the default fixes)
+    # the same model with std=None would have no gradient at all (what the default fixes)
     torch.manual_seed(0)
     silent = _snn_tutorial_net(lambda: sbnn_snn.spike_grad(std=None))
-    F.cross_entropy(_snn_rate_logits(silent, x) * 10, y).backward()
-    assert not silent[0].weight.grad.any()
+    with pytest.raises(sbnn_addons.VarianceFlowError, match="no noise of its own"):
+        F.cross_entropy(_snn_rate_logits(silent, x) * 10, y).backward()
 
     opt = torch.optim.Adam(sbnn_addons.param_groups(net, lr=5e-3))
     losses = []
@@ -484,3 +490,31 @@ def test_the_drop_in_spike_functions_check_their_drive():
     functional.reset_net(node)
     with sbnn_addons.check_finite(False):
         assert node(x).shape == (1, 3)
+
+
+def test_a_drop_in_spike_function_without_noise_refuses_a_gradient_it_would_zero():
+    """``spike_grad(std=None)`` and ``surrogate_function(std=0)`` (only the variance of
+    Bayesian layers) in host snnTorch and SpikingJelly models of plain layers fire
+    deterministically: their spikes' gradient is 0, and a loss on them trained nothing,
+    without an error. The backward names the cause and the fix."""
+    torch.manual_seed(0)
+    fc, lif = nn.Linear(6, 5), snn.Leaky(beta=0.9, spike_grad=sbnn_snn.spike_grad(std=None))
+    x = torch.rand(4, 3, 6) * 2
+    mem, loss = lif.init_leaky(), 0.0
+    for t in range(len(x)):
+        spk, mem = lif(fc(x[t]), mem)
+        loss = loss + spk.sum()
+    with pytest.raises(sbnn_addons.VarianceFlowError,
+                       match=r"(?s)SnnTorchSpike, which has no noise.*BayesLinear"):
+        loss.backward()
+
+    net = nn.Sequential(layer.Linear(6, 5), neuron.LIFNode(
+        tau=2.0, surrogate_function=sbnn_sj.surrogate_function(std=0)))
+    functional.set_step_mode(net, "m")
+    with pytest.raises(sbnn_addons.VarianceFlowError,
+                       match=r"(?s)SJSpike, which has no noise.*BayesLinear"):
+        net(x).sum().backward()
+    functional.reset_net(net)
+    net[1].surrogate_function = sbnn_sj.surrogate_function()  # its own noise: trains
+    net(x).sum().backward()
+    assert net[0].weight.grad.abs().sum() > 0
