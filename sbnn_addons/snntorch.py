@@ -151,6 +151,11 @@ _LAST_RECORD = "_sbnn_last_record"
 # a membrane assigned to the neuron's buffer (lif.mem = 0.5 * lif.mem) that eager mode
 # found computed from its kept one: see _note_membrane_edit
 _EDITED = "_sbnn_edited_membrane"
+# the spikes a membrane emitted, on the carrier of that membrane that a compiled step's
+# fire returns (as it carries its variance): the reset of a neuron that steps on several
+# membranes in turn (one snn.Leaky shared by the layers of an explicit loop), which
+# keeps the last one only in _CACHE, where a graph has no per-membrane records
+_EMITTED = "sbnn_emitted"
 #: Whether a converted ``snn.Leaky`` step may run as one kernel call
 #: (:meth:`SBNNLeaky._fused_step`); off only to compare it with snnTorch's own steps.
 _FUSED_STEP = [True]
@@ -795,6 +800,8 @@ class _EmittedSpikeReset:
             spikes = raw.detach().clone()
         mark = _fire_mark(mem, compiling)
         self.__dict__[_CACHE] = (mem, spikes, mark)
+        if compiling and type(mem) is VarianceTensor:
+            setattr(mem, _EMITTED, spikes)  # (eager mode: the records of mem's step)
         if not compiling:  # steps are recorded per membrane in eager mode only
             record = _step_record(self, mem)
             record["spikes"] = (spikes, mark)
@@ -932,6 +939,10 @@ class _EmittedSpikeReset:
         if found is not None and not isinstance(found[1], Tensor):
             return found[0]
         fresh = _host_spike_dtype((mem.detach() - self.threshold > 0).to(mem.dtype))
+        if compiling and found is None and type(mem) is VarianceTensor:
+            emitted = getattr(mem, _EMITTED, None)
+            if isinstance(emitted, Tensor):  # a membrane of another step in the graph
+                return emitted
         if found is not None:
             # an inference tensor (no version counter): its values when it fired decide,
             # in the graph (no wait for the device)
