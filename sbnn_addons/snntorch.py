@@ -922,6 +922,12 @@ class _EmittedSpikeReset:
 
     def mem_reset(self, mem: Tensor) -> Tensor:
         compiling = torch.compiler.is_compiling()
+        spike = self._modules.get("spike_grad")
+        if compiling and isinstance(spike, IWSTSpike) and spike.deterministic:
+            # mean mode: the spikes a membrane emitted are 1[mem > threshold] of the values
+            # it fired from. A graph reads no version counter, so a kept copy would miss a
+            # change in place since (mem.mul_(mask)), which snnTorch's reset follows
+            return _host_spike_dtype((mem.detach() - self.threshold > 0).to(mem.dtype))
         cached = read_state(self, _CACHE, compiling)
         if cached is not None and not _unchanged(cached[0], cached[2], compiling):
             # changed in place since it fired (mem.mul_(mask)): the reset is computed from
