@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .base import as_float, check_module, host_neurons, inverse_softplus
+from .base import as_float, check_module, compiled_wrapped, host_neurons, inverse_softplus
 from .metrics import SpikeMonitor
 from .spike import IWSTSpike, check_seed, seed_spikes
 from .uncertainty import (
@@ -170,7 +170,8 @@ def calibrate_spike_std(
             "(model.to_empty(device=...), then load_state_dict or reset_parameters)")
     _check_inputs(inputs, forward is not None)
     _refuse_training_batchnorm(model, "calibrate_spike_std")
-    spikes = [(n, m) for n, m in model.named_modules()
+    # (a compiled wrapper's under the names of the model it wraps, as SpikeMonitor's)
+    spikes = [(n, m) for n, m in compiled_wrapped(model).named_modules()
               if isinstance(m, IWSTSpike) and _own_noise(m) is not None]
     if not spikes:
         raise ValueError(

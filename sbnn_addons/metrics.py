@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .base import as_float, as_int, check_flag, check_module, raise_error
+from .base import as_float, as_int, check_flag, check_module, compiled_wrapped, raise_error
 from .tensors import is_binary
 
 __all__ = ["check_probabilities", "negative_log_likelihood", "brier_score",
@@ -474,7 +474,8 @@ class SpikeMonitor:
     the block).
 
     Args:
-        model: any module containing ``IWSTSpike`` modules and/or weight layers.
+        model: any module containing ``IWSTSpike`` modules and/or weight layers (a
+            compiled wrapper ``torch.compile(net)`` is counted under ``net``'s names).
         synops: count SynOps at ``nn.Linear``, ``nn.Conv1d/2d/3d`` and
             ``nn.ConvTranspose1d/2d/3d`` layers (Bayesian layers included).
         spiking_inputs_only: count SynOps only for calls whose input is binary (spikes);
@@ -498,13 +499,14 @@ class SpikeMonitor:
         self.model = model
         self.count_synops = synops
         self.spiking_inputs_only = check_flag("spiking_inputs_only", spiking_inputs_only)
-        self._spikes = [(n, m) for n, m in model.named_modules() if isinstance(m, IWSTSpike)]
+        # a compiled wrapper's modules under the names of the model it wraps (without
+        # its `_orig_mod.`), as the model's own counts are named
+        named = list(compiled_wrapped(model).named_modules())
+        self._spikes = [(n, m) for n, m in named if isinstance(m, IWSTSpike)]
         self._inhibitors = _inhibition_neurons(model, self._spikes)
         self._quiet: dict[str, int] = {}  # per spike function: inside an inhibition neuron
-        self._layers = [(n, m) for n, m in model.named_modules()
-                        if synops and isinstance(m, _WEIGHT_LAYERS)]
-        uncounted = [n for n, m in model.named_modules()
-                     if synops and isinstance(m, _UNCOUNTED_LAYERS)]
+        self._layers = [(n, m) for n, m in named if synops and isinstance(m, _WEIGHT_LAYERS)]
+        uncounted = [n for n, m in named if synops and isinstance(m, _UNCOUNTED_LAYERS)]
         if uncounted:
             warnings.warn(
                 f"SpikeMonitor: the SynOps of the layers {uncounted[:6]} (recurrent or "

@@ -150,6 +150,11 @@ _LAST_RECORD = "_sbnn_last_record"
 # a membrane assigned to the neuron's buffer (lif.mem = 0.5 * lif.mem) that eager mode
 # found computed from its kept one: see _note_membrane_edit
 _EDITED = "_sbnn_edited_membrane"
+# the spikes a membrane emitted, on the carrier of that membrane that a compiled step's
+# fire returns (as it carries its variance): the reset of a neuron that steps on several
+# membranes in turn (one snn.Leaky shared by the layers of an explicit loop), which
+# keeps the last one only in _CACHE, where a graph has no per-membrane records
+_EMITTED = "sbnn_emitted"
 #: Whether a converted ``snn.Leaky`` step may run as one kernel call
 #: (:meth:`SBNNLeaky._fused_step`); off only to compare it with snnTorch's own steps.
 _FUSED_STEP = [True]
@@ -793,6 +798,8 @@ class _EmittedSpikeReset:
             spikes = raw.detach().clone()
         mark = _fire_mark(mem, compiling)
         self.__dict__[_CACHE] = (mem, spikes, mark)
+        if compiling and type(mem) is VarianceTensor:
+            setattr(mem, _EMITTED, spikes)  # (eager mode: the records of mem's step)
         if not compiling:  # steps are recorded per membrane in eager mode only
             record = _step_record(self, mem)
             record["spikes"] = (spikes, mark)
@@ -911,6 +918,12 @@ class _EmittedSpikeReset:
 
     def mem_reset(self, mem: Tensor) -> Tensor:
         compiling = torch.compiler.is_compiling()
+        spike = self._modules.get("spike_grad")
+        if compiling and isinstance(spike, IWSTSpike) and spike.deterministic:
+            # mean mode: the spikes a membrane emitted are 1[mem > threshold] of the values
+            # it fired from. A graph reads no version counter, so a kept copy would miss a
+            # change in place since (mem.mul_(mask)), which snnTorch's reset follows
+            return _host_spike_dtype((mem.detach() - self.threshold > 0).to(mem.dtype))
         cached = read_state(self, _CACHE, compiling)
         if cached is not None and not _unchanged(cached[0], cached[2], compiling):
             # changed in place since it fired (mem.mul_(mask)): the reset is computed from
@@ -928,6 +941,10 @@ class _EmittedSpikeReset:
         if found is not None and not isinstance(found[1], Tensor):
             return found[0]
         fresh = _host_spike_dtype((mem.detach() - self.threshold > 0).to(mem.dtype))
+        if compiling and found is None and type(mem) is VarianceTensor:
+            emitted = getattr(mem, _EMITTED, None)
+            if isinstance(emitted, Tensor):  # a membrane of another step in the graph
+                return emitted
         if found is not None:
             # an inference tensor (no version counter): its values when it fired decide,
             # in the graph (no wait for the device)

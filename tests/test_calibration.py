@@ -196,3 +196,16 @@ def test_a_single_step_model_without_a_forward_is_named(make):
         calibrate_spike_std(net, x)
     calibrate_spike_std(net, x, forward=lambda m, x: [m(x_t) for x_t in x])
     calibrate_spike_std(net, x[0], forward=lambda m, x: m(x))  # a model of one step
+
+
+def test_a_compiled_model_is_calibrated_under_its_models_names():
+    """A compiled wrapper (``torch.compile(net)``; without ``fullgraph`` its seeded
+    steps run eagerly) is measured and reported under the names of the model it wraps,
+    as ``SpikeMonitor`` counts it, not the wrapper's ``_orig_mod.`` paths."""
+    net = sj_to_sbnn(_trained_like_sj()).eval()
+    x = torch.rand(T, B, 12)
+    torch._dynamo.reset()
+    result = calibrate_spike_std(torch.compile(net, backend="eager"), x)
+    torch._dynamo.reset()
+    names = {"1.surrogate_function", "3.surrogate_function"}
+    assert set(result.mean_rates) == set(result.sample_rates) == names

@@ -167,6 +167,91 @@ def test_snntorch_explicit_loop_compiles_like_eager(same_random_stream):
     _check_like_eager(net, lambda x, y: F.cross_entropy(net(x).sum(0), y), x, y)
 
 
+class SharedLeakyNet(nn.Module):
+    """One ``snn.Leaky`` called on the membranes of three layers in turn (valid in snnTorch,
+    see ``test_one_leaky_shared_by_two_layers_keeps_each_membrane_state``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(12, 16), nn.Linear(16, 16), nn.Linear(16, 5)
+        self.lif = snn.Leaky(beta=0.9)
+
+    def forward(self, x):
+        mem1, mem2, mem3 = self.lif.init_leaky(), self.lif.init_leaky(), self.lif.init_leaky()
+        out = 0
+        for t in range(x.shape[0]):
+            spk1, mem1 = self.lif(self.fc1(x[t]), mem1)
+            spk2, mem2 = self.lif(self.fc2(spk1), mem2)
+            spk3, mem3 = self.lif(self.fc3(spk2), mem3)
+            out = out + spk3
+        return out
+
+
+def test_snntorch_explicit_loop_with_one_leaky_shared_by_layers_compiles_like_eager(
+        same_random_stream):
+    """A compiled step kept only the last membrane the shared neuron fired from, so each
+    layer's reset after the first step was ``1[mem > threshold]`` instead of the spikes that
+    membrane emitted (eager mode's): other spikes and gradients in ``sample`` mode, silently.
+    The membrane a compiled step returns carries its spikes, as it carries its variance."""
+    torch.manual_seed(0)
+    host = SharedLeakyNet()
+    with torch.no_grad():
+        for fc in (host.fc1, host.fc2, host.fc3):
+            fc.weight.mul_(3)
+    net = sbnn_snn.to_sbnn(host)
+    x, y = torch.rand(3, 6, 12) * 3, torch.randint(0, 5, (6,))
+    _check_like_eager(net, lambda x, y: F.cross_entropy(net(x), y), x, y)
+
+
+class MaskedLoopNet(LoopNet):
+    """An explicit loop that zeroes some examples' membranes in place between steps (an
+    episode ended: ``mem.mul_(mask)``), which ``mean`` mode follows as snnTorch does."""
+
+    def forward(self, x, mask):
+        mem1, mem2 = self.lif1.init_leaky(), self.lif2.init_leaky()
+        out = 0
+        for t in range(x.shape[0]):
+            spk1, mem1 = self.lif1(self.fc1(x[t]), mem1)
+            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+            mem1.mul_(mask[t])
+            out = out + spk2
+        return out
+
+
+def test_snntorch_membrane_changed_in_place_in_a_compiled_mean_mode_loop_resets_like_eager():
+    """A membrane changed in place after it fired (``mem.mul_(mask)``) inside a compiled
+    ``mean``-mode step: the compiled step reset it by the spikes of its old values (a
+    graph reads no version counter), eager mode and snnTorch by its new ones: another
+    loss and other gradients, silently. In ``mean`` mode the reset is the spike of the
+    membrane's current values."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    host = MaskedLoopNet()
+    with torch.no_grad():
+        host.fc1.weight.mul_(3)
+        host.fc2.weight.mul_(3)
+    net = sb.set_mode(sbnn_snn.to_sbnn(host), "mean")
+    x, y = torch.rand(4, 6, 12) * 3, torch.randint(0, 5, (6,))
+    mask = (torch.rand(4, 6, 1) > 0.5).float()
+
+    def loss_fn(x, y, mask):
+        return F.cross_entropy(net(x, mask), y)
+
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend="aot_eager")):
+        net.zero_grad()
+        loss = fn(x, y, mask)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in net.parameters()
+                                        if p.grad is not None]))
+    torch._dynamo.reset()
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(b, a)
+    # the host model itself, which converted mean mode runs exactly
+    torch.testing.assert_close(F.cross_entropy(host(x, mask), y), results[0][0])
+
+
 class ChunkNet(LoopNet):
     """The explicit loop run in chunks (truncated BPTT): the membranes come in and go out."""
 

@@ -463,3 +463,37 @@ def test_monitors_exited_out_of_order_leave_nothing_behind():
             run()
     assert outer.total_spikes() == 2 * spikes and inner.total_spikes() == 3 * spikes
     assert _watched(model) == []
+
+
+def test_a_compiled_wrapper_is_counted_under_its_models_names():
+    """``SpikeMonitor(torch.compile(net))`` and ``mc_predict`` on it named every layer
+    by the wrapper's path (``_orig_mod.lif1.spike_grad``), so code reading a layer's
+    counts or rates by the model's names raised a ``KeyError`` once the model was compiled:
+    the names are the model's own, as for the eager model."""
+    snn = pytest.importorskip("snntorch")
+    from sbnn_addons.snntorch import to_sbnn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.lif1 = nn.Linear(10, 6), snn.Leaky(beta=0.9)
+
+        def forward(self, x):
+            mem, out = self.lif1.init_leaky(), 0
+            for x_t in x:
+                spk, mem = self.lif1(self.fc1(x_t), mem)
+                out = out + spk
+            return out
+
+    torch.manual_seed(0)
+    net = to_sbnn(Net()).eval()
+    x = torch.rand(3, 4, 10) * 3
+    compiled = torch.compile(net, fullgraph=True, backend="eager")
+    torch._dynamo.reset()
+    with torch.no_grad(), SpikeMonitor(compiled) as mon:
+        compiled(x)
+    assert list(mon.counts) == ["lif1.spike_grad"] and list(mon.synops) == ["fc1"]
+    pred = sb.mc_predict(compiled, x, 2)
+    assert list(pred.layer_spike_counts) == ["lif1.spike_grad"]
+    assert list(pred.layer_synops) == ["fc1"]
+    assert set(pred.spike_rates()) == {"lif1.spike_grad"}
