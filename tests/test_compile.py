@@ -1261,6 +1261,41 @@ def test_unconverted_spikingjelly_neuron_after_a_bayesian_layer_raises_under_com
         assert str(err.value).startswith("a SpikingJelly neuron that is not converted")
 
 
+@pytest.mark.parametrize(("how", "step_mode"), [
+    ("multi_step_forward", "m"), ("forward", "m"), ("single_step_forward", "s")])
+def test_a_converted_neuron_run_past_its_hooks_is_named_in_a_compiled_step(how, step_mode):
+    """A converted SpikingJelly neuron run through one of its own methods
+    (``sn.multi_step_forward(h)``, ``sn.forward(h)``, ``sn.single_step_forward(h)``)
+    skips the hooks that hand its input's variance to the spike function: eager mode
+    names it, and a fullgraph step raised Dynamo's "builtin isinstance() cannot determine
+    type of argument ... likely a Dynamo bug" instead (SpikingJelly's loop iterates over
+    the input, ``for x in x_seq``, whose items Dynamo builds without their variance)."""
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    class Bypassed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = layer.Linear(6, 5, step_mode=step_mode)
+            self.sn = neuron.LIFNode(step_mode=step_mode)
+
+        def forward(self, x):
+            return getattr(self.sn, how)(self.fc(x))
+
+    torch.manual_seed(0)
+    model = sbnn_sj.to_sbnn(Bypassed())
+    x = torch.rand(2, 3, 6) * 3 if step_mode == "m" else torch.rand(3, 6) * 3
+
+    def step(x):
+        functional.reset_net(model)
+        return model(x).sum()
+
+    gc.collect()
+    torch._dynamo.reset()
+    named = rf"SpikingJelly LIFNode.*outside a call of the neuron module.*{how}.*Call the module"
+    with pytest.raises(RuntimeError, match=named):
+        torch.compile(step, fullgraph=True)(x)
+
+
 def test_forward_hook_that_drops_the_variance_raises_in_a_first_compiled_call():
     """A user's forward hook on a converted layer that returns ``output.data`` raises the
     named error in a fullgraph step that runs before any eager forward (the layer's check
