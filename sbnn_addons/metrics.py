@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .base import as_float, as_int, check_flag, check_module, raise_error
+from .base import as_float, as_int, check_flag, check_module, compiled_wrapped, raise_error
 from .tensors import is_binary
 
 __all__ = ["check_probabilities", "negative_log_likelihood", "brier_score",
@@ -498,12 +498,15 @@ class SpikeMonitor:
         self.model = model
         self.count_synops = synops
         self.spiking_inputs_only = check_flag("spiking_inputs_only", spiking_inputs_only)
-        self._spikes = [(n, m) for n, m in model.named_modules() if isinstance(m, IWSTSpike)]
-        self._inhibitors = _inhibition_neurons(model, self._spikes)
+        # a compiled model (torch.compile(net)): the names of the model it wraps, not
+        # '_orig_mod.'-prefixed ones (mc_predict's counts are keyed by them)
+        net = compiled_wrapped(model)
+        self._spikes = [(n, m) for n, m in net.named_modules() if isinstance(m, IWSTSpike)]
+        self._inhibitors = _inhibition_neurons(net, self._spikes)
         self._quiet: dict[str, int] = {}  # per spike function: inside an inhibition neuron
-        self._layers = [(n, m) for n, m in model.named_modules()
+        self._layers = [(n, m) for n, m in net.named_modules()
                         if synops and isinstance(m, _WEIGHT_LAYERS)]
-        uncounted = [n for n, m in model.named_modules()
+        uncounted = [n for n, m in net.named_modules()
                      if synops and isinstance(m, _UNCOUNTED_LAYERS)]
         if uncounted:
             warnings.warn(
