@@ -499,11 +499,13 @@ class SpikeMonitor:
         self.model = model
         self.count_synops = synops
         self.spiking_inputs_only = check_flag("spiking_inputs_only", spiking_inputs_only)
-        # a compiled wrapper's modules under the names of the model it wraps (without
-        # its `_orig_mod.`), as the model's own counts are named
-        named = list(compiled_wrapped(model).named_modules())
+        # a compiled wrapper (torch.compile(net)): the names of the model it wraps, not
+        # '_orig_mod.'-prefixed ones (the model's own counts and mc_predict's are keyed
+        # by them)
+        net = compiled_wrapped(model)
+        named = list(net.named_modules())
         self._spikes = [(n, m) for n, m in named if isinstance(m, IWSTSpike)]
-        self._inhibitors = _inhibition_neurons(model, self._spikes)
+        self._inhibitors = _inhibition_neurons(net, self._spikes)
         self._quiet: dict[str, int] = {}  # per spike function: inside an inhibition neuron
         self._layers = [(n, m) for n, m in named if synops and isinstance(m, _WEIGHT_LAYERS)]
         uncounted = [n for n, m in named if synops and isinstance(m, _UNCOUNTED_LAYERS)]

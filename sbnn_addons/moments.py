@@ -627,8 +627,34 @@ def get_variance(tensor: Tensor, *,
         nset = tensor.__dict__.get("noise")  # _note_read(tensor, _CONSUMED), inline
         if nset is not None:
             _CONSUMED.append(nset)
-    var = tensor.variance
+    if torch.compiler.is_compiling() if compiling is None else compiling:
+        var = _traced_variance(tensor)
+    else:
+        var = tensor.variance
     return var.value() if isinstance(var, ScaledVariance) else var
+
+
+_NO_VARIANCE = object()
+
+
+def _traced_variance(tensor: VarianceTensor):
+    """The variance of a carrier in a graph being traced.
+
+    Raises:
+        RuntimeError: (a Dynamo ``UserError``) the carrier has none: Dynamo built it
+            without calling its ``__torch_function__``, which it does for the items of a
+            carrier iterated over (``for x_t in x_seq``); Dynamo failed on it with an
+            internal error ("builtin isinstance() cannot determine type of argument").
+    """
+    var = getattr(tensor, "variance", _NO_VARIANCE)
+    if var is _NO_VARIANCE:
+        raise_error(
+            "a tensor carrying a Bayesian layer's posterior variance was iterated over "
+            "(`for x_t in x_seq`) in a step that torch.compile traces, which builds the "
+            "items without their variance. Index it "
+            "(`x_seq[t] for t in range(x_seq.shape[0])`) or unbind it (`x_seq.unbind(0)`), "
+            "which keep the variance")
+    return var
 
 
 def raw_variance(tensor: Tensor) -> Tensor | ScaledVariance | UnknownVariance | None:
@@ -1203,7 +1229,7 @@ def _scan(args, kwargs, compiling: bool | None = None):
             for b in items:
                 if type(b) is not VarianceTensor:
                     continue
-                var = b.variance
+                var = b.variance if eager else _traced_variance(b)
                 if var is None:
                     if b.probe:
                         probe = True

@@ -590,8 +590,35 @@ def link_neuron(node: nn.Module, spike: SJSpike | None = None) -> nn.Module:
         node.register_forward_hook(_mark_spikes, prepend=True)
     # instance attributes shadow the class methods (removed again by _unlink)
     node.__dict__["multi_step_forward"] = functools.partial(_linked_multi_step_forward, node)
+    node.__dict__["single_step_forward"] = functools.partial(_linked_single_step_forward, node)
     node.__dict__["functional_forward"] = functools.partial(_linked_functional_forward, node)
     return node
+
+
+def _refuse_a_call_past_the_hooks(node: nn.Module, x) -> None:
+    """Refuse a linked node run through one of its own methods (``node.multi_step_forward(x)``,
+    ``node.single_step_forward(x)``, ``node.forward(x)``), outside a call of the module,
+    on an input carrying a Bayesian layer's noise: its hooks, which hand the input's
+    variance to the spike function, did not run. Raised before SpikingJelly's loop, which
+    iterates over the input (``for x in x_seq``): a graph being traced builds those items
+    without their variance, and Dynamo failed with an internal error ("builtin
+    isinstance() cannot determine type of argument") instead of this one.
+
+    Raises:
+        VarianceFlowError: naming the neuron and the fix (eager mode; a Dynamo
+            ``UserError`` while compiling).
+    """
+    spike = node._modules.get("surrogate_function")
+    if (isinstance(spike, SJSpike) and spike._linked and not spike._in_call
+            and isinstance(x, Tensor) and get_variance(x) is not None):
+        raise_error(spike._bypassed_hooks_message(x), VarianceFlowError)
+
+
+def _linked_single_step_forward(node: nn.Module, x: Tensor, *args, **kwargs):
+    """A linked node's ``single_step_forward``: the node's own, after
+    :func:`_refuse_a_call_past_the_hooks`."""
+    _refuse_a_call_past_the_hooks(node, x)
+    return type(node).single_step_forward(node, x, *args, **kwargs)
 
 
 def _linked_functional_forward(node: nn.Module, inputs, states, **kwargs):
@@ -670,6 +697,7 @@ def _linked_multi_step_forward(node: nn.Module, x_seq: Tensor, *args, **kwargs):
     :func:`~sbnn_addons.kernels.lif_sequence` call (the same spikes and membranes as the
     node's own loop, which calls the spike function once per step; one autograd node
     instead of about ten per step), else the node's own method."""
+    _refuse_a_call_past_the_hooks(node, x_seq)
     spike = node.surrogate_function
     if isinstance(x_seq, Tensor) and x_seq.dim() and x_seq.shape[0] == 0:
         return x_seq.new_zeros(x_seq.shape)  # T = 0: no steps, no spikes, state unchanged
@@ -796,6 +824,7 @@ def _changed_input_message(node: nn.Module, name: str | None) -> str:
 
 def _unlink(node: nn.Module) -> None:
     node.__dict__.pop("multi_step_forward", None)
+    node.__dict__.pop("single_step_forward", None)
     node.__dict__.pop("functional_forward", None)
     if VAR_MEMORY in getattr(node, "_memories", {}):
         delattr(node, VAR_MEMORY)  # MemoryModule.__delattr__: the memory and its reset value

@@ -1346,6 +1346,73 @@ def test_unconverted_spikingjelly_neuron_after_a_bayesian_layer_raises_under_com
         assert str(err.value).startswith("a SpikingJelly neuron that is not converted")
 
 
+@pytest.mark.parametrize(("how", "step_mode"), [
+    ("multi_step_forward", "m"), ("forward", "m"), ("single_step_forward", "s")])
+def test_a_converted_neuron_run_past_its_hooks_is_named_in_a_compiled_step(how, step_mode):
+    """A converted SpikingJelly neuron run through one of its own methods
+    (``sn.multi_step_forward(h)``, ``sn.forward(h)``, ``sn.single_step_forward(h)``)
+    skips the hooks that hand its input's variance to the spike function: eager mode
+    names it, and a fullgraph step raised Dynamo's "builtin isinstance() cannot determine
+    type of argument ... likely a Dynamo bug" instead (SpikingJelly's loop iterates over
+    the input, ``for x in x_seq``, whose items Dynamo builds without their variance)."""
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    class Bypassed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = layer.Linear(6, 5, step_mode=step_mode)
+            self.sn = neuron.LIFNode(step_mode=step_mode)
+
+        def forward(self, x):
+            return getattr(self.sn, how)(self.fc(x))
+
+    torch.manual_seed(0)
+    model = sbnn_sj.to_sbnn(Bypassed())
+    x = torch.rand(2, 3, 6) * 3 if step_mode == "m" else torch.rand(3, 6) * 3
+
+    def step(x):
+        functional.reset_net(model)
+        return model(x).sum()
+
+    gc.collect()
+    torch._dynamo.reset()
+    named = rf"SpikingJelly LIFNode.*outside a call of the neuron module.*{how}.*Call the module"
+    with pytest.raises(RuntimeError, match=named):
+        torch.compile(step, fullgraph=True)(x)
+
+
+def test_a_bayesian_output_iterated_over_in_a_compiled_step_is_named():
+    """A user's time loop that iterates over a multi-step Bayesian layer's output
+    (``for h_t in fc(x_seq)``) into a single-step neuron: Dynamo builds the items without
+    their variance, and a fullgraph step failed with its internal "builtin isinstance()
+    cannot determine type of argument ... likely a Dynamo bug". It names the fix;
+    indexing or ``unbind`` compile as in eager mode."""
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    torch.manual_seed(0)
+    net = sbnn_sj.to_sbnn(nn.Sequential(layer.Linear(6, 5, step_mode="m"),
+                                        neuron.LIFNode(step_mode="s")))
+    fc, sn = net[0], net[1]
+
+    def iterated(x):
+        functional.reset_net(net)
+        return torch.stack([sn(h) for h in fc(x)]).sum()
+
+    def indexed(x):
+        functional.reset_net(net)
+        h = fc(x)
+        return torch.stack([sn(h[t]) for t in range(h.shape[0])]).sum()
+
+    x = torch.rand(2, 3, 6) * 3
+    gc.collect()
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=r"iterated over.*Index it.*unbind"):
+        torch.compile(iterated, fullgraph=True, backend="aot_eager")(x)
+    with sb.mode(net, "mean"):
+        assert torch.equal(torch.compile(indexed, fullgraph=True, backend="aot_eager")(x),
+                           iterated(x))
+
+
 def test_forward_hook_that_drops_the_variance_raises_in_a_first_compiled_call():
     """A user's forward hook on a converted layer that returns ``output.data`` raises the
     named error in a fullgraph step that runs before any eager forward (the layer's check

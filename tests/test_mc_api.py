@@ -500,3 +500,30 @@ def test_an_unconverted_model_is_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sb.mc_predict(core_model(), x, 2)  # a converted / core model: no warning
+
+
+def test_mc_predict_on_a_compiled_model_names_its_layers_as_the_model_does():
+    """``mc_predict`` (and a ``SpikeMonitor``) on a compiled model,
+    ``torch.compile(net)``, counted the same spikes as on ``net`` but keyed them
+    ``'_orig_mod.2.surrogate_function'`` (the wrapper's attribute): a lookup by the
+    model's own layer names failed with a KeyError. The names are the model's."""
+    torch.manual_seed(0)
+    host = nn.Sequential(layer.Linear(6, 8), neuron.LIFNode(), layer.Linear(8, 3),
+                         neuron.LIFNode())
+    functional.set_step_mode(host, "m")
+    net = sbnn_sj.to_sbnn(host).eval()
+    x = torch.rand(3, 4, 6) * 4
+    compiled = torch.compile(net, fullgraph=True, backend="eager")
+    preds = []
+    for model in (net, compiled):
+        torch.manual_seed(3)
+        preds.append(sb.mc_predict(model, x, 2, forward=lambda m, x: m(x).mean(0)))
+    eager, comp = preds
+    assert set(eager.layer_spike_counts) == {"1.surrogate_function", "3.surrogate_function"}
+    assert comp.layer_spike_counts.keys() == eager.layer_spike_counts.keys()
+    assert comp.layer_synops.keys() == eager.layer_synops.keys()
+    assert comp.spike_rates() == eager.spike_rates()
+    with sb.metrics.SpikeMonitor(compiled) as mon:
+        functional.reset_net(net)
+        compiled(x)
+    assert set(mon.counts) == set(eager.layer_spike_counts)
