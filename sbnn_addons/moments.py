@@ -338,10 +338,14 @@ class VarianceTensor(Tensor):
             :class:`UnknownVariance`, or ``None`` (no noise now).
         probe: ``True`` where the noise is off (``mean`` mode) but would be on in
             ``sample`` mode (see :func:`check_variance_flow`).
+        emitted: on a converted snnTorch neuron's membrane in a compiled step, the spikes
+            that membrane emitted (its reset, where one neuron steps on the membranes of
+            several layers); not set otherwise, and not passed on by operations.
     """
 
     variance: Tensor | ScaledVariance | UnknownVariance | None
     probe: bool
+    emitted: Tensor
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):

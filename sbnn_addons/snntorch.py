@@ -154,7 +154,7 @@ _EDITED = "_sbnn_edited_membrane"
 # fire returns (as it carries its variance): the reset of a neuron that steps on several
 # membranes in turn (one snn.Leaky shared by the layers of an explicit loop), which
 # keeps the last one only in _CACHE, where a graph has no per-membrane records
-_EMITTED = "sbnn_emitted"
+_EMITTED = "emitted"  # VarianceTensor.emitted
 #: Whether a converted ``snn.Leaky`` step may run as one kernel call
 #: (:meth:`SBNNLeaky._fused_step`); off only to compare it with snnTorch's own steps.
 _FUSED_STEP = [True]
