@@ -297,28 +297,12 @@ class LIF(nn.Module):
                                             self.beta, self.threshold, self.reset)
             else:
                 spikes, membrane = fused
-        if var_in is None:
-            spikes = self._refuse_noiseless(spikes, variance)
+        if var_in is None and isinstance(self.spike_fn, IWSTSpike):
+            # no variance on this current: noiseless where V and the own std are 0 too
+            spikes = refuse_gradient_without_noise(self.spike_fn, spikes, "this LIF", None,
+                                                   _RESET_NOTE, noise=(variance,))
         mark_checked(membrane)  # from a checked current and membrane: not checked again
         return spikes, LIFState(membrane, variance, factors)
-
-    def _refuse_noiseless(self, spikes: Tensor, variance: Tensor) -> Tensor:
-        """``spikes`` of a step whose current carried no variance, made to refuse a
-        gradient (:func:`~sbnn_addons.spike.refuse_gradient_without_noise`) where the
-        membrane variance ``variance`` is 0 too and the spike function has no noise of its
-        own: they fired deterministically, and their gradient would be 0 (a plain layer in
-        front, or ``mean`` mode), silently. Eager mode reads ``variance`` (only on this
-        path, a step without input variance); a compiled graph tests it in its backward."""
-        spike = self.spike_fn
-        if (not isinstance(spike, IWSTSpike) or spike.learn_std
-                or not torch.is_grad_enabled() or not spike.threshold_finite):
-            return spikes
-        if torch.compiler.is_compiling():
-            return refuse_gradient_without_noise(spike, spikes, "this LIF", None, _RESET_NOTE,
-                                                 noise=(variance,))
-        if spike._fixed_std_nonzero() or bool((variance != 0).any()):
-            return spikes
-        return refuse_gradient_without_noise(spike, spikes, "this LIF", None, _RESET_NOTE)
 
     def _fused_step(self, current: Tensor, membrane: Tensor | None,
                     variance: Tensor) -> tuple[Tensor, Tensor] | None:

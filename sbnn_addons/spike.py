@@ -927,9 +927,9 @@ def refuse_gradient_without_noise(spike: IWSTSpike, spikes: Tensor, neuron: str,
                                   host: str | None, note: str = "",
                                   noise: tuple[Tensor, ...] = ()) -> Tensor:
     """Make a gradient that reaches the ``spikes`` a neuron's ``spike`` function drew
-    without any noise raise (the caller has found that neither the drive nor the spike
-    function carries any noise; under ``torch.compile``, that the drive carries no
-    variance tensor and the spike function learns no std).
+    without any noise raise (the caller has found that the drive carries no variance
+    tensor; here the spike function's own fixed std and ``noise`` are tested: read in
+    eager mode, asserted in the backward under ``torch.compile``).
 
     Without noise (a drive that carries no posterior variance: no Bayesian layer in
     front, a layer left deterministic by ``include`` / ``exclude`` or with a fixed zero
@@ -949,9 +949,8 @@ def refuse_gradient_without_noise(spike: IWSTSpike, spikes: Tensor, neuron: str,
             (``"snnTorch"``); ``None`` for a neuron or spike function of this library's
             own (a core :class:`~sbnn_addons.LIF`, a drop-in spike function).
         note: a further sentence of the message (where a gradient comes from).
-        noise: under ``torch.compile``, further noise variances of the drive whose values
-            the trace cannot read (a core LIF's membrane variance): the check fails only
-            where they are 0 too.
+        noise: further noise variances of the drive (a core LIF's membrane variance): the
+            check fails only where they are 0 too.
 
     Returns:
         ``spikes`` (eager: with a hook that raises); under ``torch.compile``, where a
@@ -960,17 +959,21 @@ def refuse_gradient_without_noise(spike: IWSTSpike, spikes: Tensor, neuron: str,
         where the spike function's fixed std and ``noise`` are 0 and a non-zero gradient
         arrives.
     """
-    if spike.deterministic or not spike.threshold_finite or not torch.is_grad_enabled():
+    if (spike.deterministic or spike.learn_std or not spike.threshold_finite
+            or not torch.is_grad_enabled()):
         return spikes
     with torch._C.DisableTorchFunctionSubclass():  # attribute reads, no variance flow
         if not spikes.requires_grad:
             return spikes
-        message = _noiseless_message(neuron, host, note)
         if torch.compiler.is_compiling():
-            if spike.learn_std:
-                return spikes
-            return _NoiselessGradientCheck.apply(spikes, message, spike.fixed_std, *noise)
-        spikes.register_hook(functools.partial(_noiseless_gradient_error, message))
+            return _NoiselessGradientCheck.apply(
+                spikes, _noiseless_message(neuron, host, note), spike.fixed_std, *noise)
+        # eager: the same test now (a value read only on this path, a drive without
+        # variance)
+        if spike._fixed_std_nonzero() or any(bool((t != 0).any()) for t in noise):
+            return spikes
+        spikes.register_hook(functools.partial(_noiseless_gradient_error,
+                                               _noiseless_message(neuron, host, note)))
     return spikes
 
 
