@@ -341,11 +341,17 @@ class VarianceTensor(Tensor):
         emitted: on a converted snnTorch neuron's membrane in a compiled step, the spikes
             that membrane emitted (its reset, where one neuron steps on the membranes of
             several layers); not set otherwise, and not passed on by operations.
+        derived: on a carrier of a membrane's shape that a compiled step computed from
+            such a membrane (one with :attr:`emitted`, or one derived from it:
+            ``mem * mask``, ``mem.detach()``), that membrane: a converted neuron given it
+            as its membrane takes it for a copy of the membrane (its values, checked in
+            the graph) or refuses it as an edit, as eager mode does; not set otherwise.
     """
 
     variance: Tensor | ScaledVariance | UnknownVariance | None
     probe: bool
     emitted: Tensor
+    derived: VarianceTensor
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -1687,9 +1693,31 @@ def _flow(func, args, kwargs, compiling: bool | None = None):
     if in_place or (out is args[0] if args else False):  # the target carries the result
         if compiling and name in _SUMS and _noisy_operand(args[1:]):
             _refuse_compiled_in_place_sum(name)
+        if (compiling and type(args[0]) is VarianceTensor
+                and getattr(args[0], "emitted", None) is not None):
+            _refuse_compiled_membrane_edit(name)
         _mark_in_place(args[0], var, name, noise=nset)
         return args[0]
-    return _wrap(out, var, noise=nset, compiling=compiling)
+    new = _wrap(out, var, noise=nset, compiling=compiling)
+    if compiling and type(new) is VarianceTensor:
+        source = _membrane_source(args)
+        if source is not None and new.shape == source.shape:  # (a loss is no membrane)
+            new.derived = source
+    return new
+
+
+def _membrane_source(args) -> VarianceTensor | None:
+    """The membrane (a carrier with :attr:`VarianceTensor.emitted`) that a compiled step's
+    operation on ``args`` computes from, directly or through earlier operations, else
+    ``None``: the result's :attr:`VarianceTensor.derived`."""
+    for arg in args:
+        if type(arg) is VarianceTensor:
+            if getattr(arg, "emitted", None) is not None:
+                return arg
+            source = getattr(arg, "derived", None)
+            if source is not None:
+                return source
+    return None
 
 
 #: In-place reshapes of a tensor's metadata, with their out-of-place forms.
@@ -1810,6 +1838,24 @@ def _traced_modules(calls_only: bool = False) -> list[nn.Module]:
         return found
     except (AttributeError, ImportError, RuntimeError, TypeError):
         return []
+
+
+def _refuse_compiled_membrane_edit(name: str) -> None:
+    """A membrane that a converted snnTorch neuron's step returned (it carries the spikes
+    it emitted, :attr:`VarianceTensor.emitted`) changed in place inside a compiled step
+    (``mem.mul_(mask)``). Its next step would reset it by the spikes of its old values
+    and go on with a variance the neuron did not track, silently; eager mode refuses the
+    edit with this message (a graph reads no version counter at the next step, but it
+    sees the edit here, while it is traced).
+
+    Raises:
+        torch._dynamo.exc.UserError: naming the fix.
+    """
+    _raise_user_error(
+        f"the membrane of a converted snnTorch neuron was changed in place ('{name}') "
+        "since its last step, so its noise variance is unknown; start a new sequence with "
+        "a new membrane (mem = lif.init_leaky(), or snntorch.utils.reset(model)) instead "
+        "of changing it in place")
 
 
 @torch.compiler.assume_constant_result

@@ -155,6 +155,8 @@ _EDITED = "_sbnn_edited_membrane"
 # membranes in turn (one snn.Leaky shared by the layers of an explicit loop), which
 # keeps the last one only in _CACHE, where a graph has no per-membrane records
 _EMITTED = "emitted"  # VarianceTensor.emitted
+# the membrane a carrier was computed from in a compiled step (VarianceTensor.derived)
+_DERIVED = "derived"
 #: Whether a converted ``snn.Leaky`` step may run as one kernel call
 #: (:meth:`SBNNLeaky._fused_step`); off only to compare it with snnTorch's own steps.
 _FUSED_STEP = [True]
@@ -800,6 +802,8 @@ class _EmittedSpikeReset:
         self.__dict__[_CACHE] = (mem, spikes, mark)
         if compiling and type(mem) is VarianceTensor:
             setattr(mem, _EMITTED, spikes)  # (eager mode: the records of mem's step)
+            # a step's own membrane, no copy of an earlier one (nor a chain back to it)
+            setattr(mem, _DERIVED, None)
         if not compiling:  # steps are recorded per membrane in eager mode only
             record = _step_record(self, mem)
             record["spikes"] = (spikes, mark)
@@ -945,6 +949,9 @@ class _EmittedSpikeReset:
             emitted = getattr(mem, _EMITTED, None)
             if isinstance(emitted, Tensor):  # a membrane of another step in the graph
                 return emitted
+            source = getattr(mem, _DERIVED, None)
+            if source is not None:  # computed in the graph from a membrane of a step
+                return self._derived_reset(mem, source)
         if found is not None:
             # an inference tensor (no version counter): its values when it fired decide,
             # in the graph (no wait for the device)
@@ -954,6 +961,24 @@ class _EmittedSpikeReset:
             # given back the last membrane detached (truncated BPTT) or copied
             return _compiled_copy_reset(mem, cached[0], cached[1], fresh)
         return fresh
+
+    def _derived_reset(self, mem: Tensor, source: Tensor) -> Tensor:
+        """The reset, in a compiled ``sample``-mode step, of membrane ``mem`` that the graph
+        computed from the membrane ``source`` of an earlier step: the spikes ``source``
+        emitted where ``mem`` is a copy of it (``mem.detach()``, ``mem.clone()``: its
+        values, asserted in the graph), as in eager mode. An edit (``mem = 0.5 * mem``,
+        ``mem * mask``) raises eager mode's error: the reset would otherwise be the spikes
+        of the edited mean values, not the ones the neuron emitted, silently.
+
+        Raises:
+            RuntimeError: ``mem`` is an edit of ``source`` (when the graph runs; while
+                it is traced for another shape), naming the fix.
+        """
+        message = str(_edited_membrane_error(self))
+        if mem.shape != source.shape:
+            raise_error(message, VarianceFlowError)
+        torch._assert_async((mem.detach() == source.detach()).all(), message)
+        return getattr(source, _EMITTED)
 
     def _left_by_transform(self) -> bool:
         """Whether the buffers hold a ``torch.func`` transform's tensors (see
@@ -1351,7 +1376,11 @@ def _stored_variance(neuron: nn.Module, detached: bool = False,
             if var is None:
                 return None
         elif _copy_of(mem, stored):  # mem.clone(), mem + 0, a copy's own membrane
-            return var.detach() if detached and isinstance(var, Tensor) else var
+            # with the kept variance's graph where the copy has one (mem.clone()), as an
+            # alias keeps it: only a copy without a graph (mem.detach().clone()) drops it
+            if detached and had_grad and not mem.requires_grad and isinstance(var, Tensor):
+                return var.detach()
+            return var
         elif not _aliases(mem, stored):
             # an earlier step's membrane: a recomputation (activation checkpointing)
             record = _find_step_record(neuron, mem).get("state")

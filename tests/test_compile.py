@@ -252,6 +252,94 @@ def test_snntorch_membrane_changed_in_place_in_a_compiled_mean_mode_loop_resets_
     torch.testing.assert_close(F.cross_entropy(host(x, mask), y), results[0][0])
 
 
+class EditedLoopNet(LoopNet):
+    """An explicit loop that passes the first neuron a membrane computed from the one its
+    last step returned: ``edit(mem1, t)`` (a copy, a detach, or an edit of the values)."""
+
+    def __init__(self, edit):
+        super().__init__()
+        self.edit = edit
+
+    def forward(self, x):
+        mem1, mem2 = self.lif1.init_leaky(), self.lif2.init_leaky()
+        out = 0
+        for t in range(x.shape[0]):
+            spk1, mem1 = self.lif1(self.fc1(x[t]), mem1)
+            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+            mem1 = self.edit(mem1, t)
+            out = out + spk2
+        return out
+
+
+def _mul_mask_in_place(mem, t):
+    return mem.mul_((torch.arange(mem.shape[0]) % (t + 2) != 0).to(mem.dtype)[:, None])
+
+
+_MEMBRANE_EDITS = {
+    "in place": _mul_mask_in_place,
+    "out of place": lambda mem, t: mem * 0.5,
+    "no rule": lambda mem, t: mem.clamp(max=0.5),
+    "edited copy": lambda mem, t: mem.clone().mul_(0.5),
+}
+
+
+@pytest.mark.parametrize("edit", list(_MEMBRANE_EDITS))
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_snntorch_membrane_edited_inside_a_compiled_sample_mode_loop_raises_like_eager(
+        edit, backend):
+    """A membrane edited inside a compiled ``sample``-mode explicit loop, in place
+    (``mem.mul_(mask)``: an episode ended) or out of place (``mem = 0.5 * mem``), then
+    passed back: eager mode refuses it (the neuron's variance and reset follow the
+    membranes its steps return), while the compiled step reset it by ``1[mem > theta]``
+    of the edited mean values instead of the spikes it emitted (loss 1.7352 compiled),
+    silently. The compiled step raises eager mode's error."""
+    torch.manual_seed(0)
+    net = sbnn_snn.to_sbnn(EditedLoopNet(_MEMBRANE_EDITS[edit]))
+    x, y = torch.rand(4, 6, 12) * 3, torch.randint(0, 5, (6,))
+
+    def loss_fn(x, y):
+        return F.cross_entropy(net(x), y)
+
+    with pytest.raises(sb.VarianceFlowError, match="membrane"):
+        loss_fn(x, y)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="^the membrane (of|passed to) "):
+        torch.compile(loss_fn, fullgraph=True, backend=backend)(x, y).backward()
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("copy", ["detach", "clone"])
+def test_snntorch_membrane_copied_inside_a_compiled_sample_mode_loop_runs_like_eager(
+        copy, same_random_stream):
+    """A copy of the membrane passed back inside a compiled loop (``mem.detach()``:
+    truncated BPTT within one graph; ``mem.clone()``) is no edit: the same spikes, loss
+    and gradients as eager mode under the same seed."""
+    edit = ((lambda mem, t: mem.detach() if t % 2 else mem) if copy == "detach"
+            else (lambda mem, t: mem.clone()))
+    torch.manual_seed(0)
+    host = EditedLoopNet(edit)
+    with torch.no_grad():
+        host.fc1.weight.mul_(3)
+    net = sbnn_snn.to_sbnn(host)
+    x, y = torch.rand(4, 6, 12) * 3, torch.randint(0, 5, (6,))
+
+    def loss_fn(x, y):
+        return F.cross_entropy(net(x), y)
+
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
+        torch.manual_seed(1)
+        net.zero_grad()
+        loss = fn(x, y)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in net.parameters()
+                                        if p.grad is not None]))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    assert len(results[1][1]) == len(results[0][1])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(b, a)
+
+
 class ChunkNet(LoopNet):
     """The explicit loop run in chunks (truncated BPTT): the membranes come in and go out."""
 
