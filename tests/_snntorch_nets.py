@@ -69,6 +69,28 @@ class LoopLeaky(nn.Module):
         return torch.stack(spk2_rec), torch.stack(mem2_rec)
 
 
+class EditedLoop(nn.Module):
+    """snnTorch tutorial 5's explicit loop that passes the first neuron back
+    ``edit(mem1, t)``, a membrane computed from the one its step returned (a copy, a
+    detach, or an edit of the values); returns the output spike counts."""
+
+    def __init__(self, edit, num_inputs=12, num_hidden=16, num_outputs=5):
+        super().__init__()
+        self.fc1, self.lif1 = nn.Linear(num_inputs, num_hidden), snn.Leaky(beta=BETA)
+        self.fc2, self.lif2 = nn.Linear(num_hidden, num_outputs), snn.Leaky(beta=BETA)
+        self.edit = edit
+
+    def forward(self, x):
+        mem1, mem2 = self.lif1.init_leaky(), self.lif2.init_leaky()
+        out = 0
+        for t in range(x.shape[0]):
+            spk1, mem1 = self.lif1(self.fc1(x[t]), mem1)
+            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+            mem1 = self.edit(mem1, t)
+            out = out + spk2
+        return out
+
+
 class LoopRLeaky(nn.Module):
     """RLeaky tutorial style: explicit spk / mem states."""
 

@@ -24,6 +24,7 @@ import snntorch.utils as sutils
 import torch
 import torch.nn.functional as F
 from _kernel import needs_kernel
+from _snntorch_nets import EditedLoop
 from torch import nn
 
 import sbnn_addons as sb
@@ -252,25 +253,6 @@ def test_snntorch_membrane_changed_in_place_in_a_compiled_mean_mode_loop_resets_
     torch.testing.assert_close(F.cross_entropy(host(x, mask), y), results[0][0])
 
 
-class EditedLoopNet(LoopNet):
-    """An explicit loop that passes the first neuron a membrane computed from the one its
-    last step returned: ``edit(mem1, t)`` (a copy, a detach, or an edit of the values)."""
-
-    def __init__(self, edit):
-        super().__init__()
-        self.edit = edit
-
-    def forward(self, x):
-        mem1, mem2 = self.lif1.init_leaky(), self.lif2.init_leaky()
-        out = 0
-        for t in range(x.shape[0]):
-            spk1, mem1 = self.lif1(self.fc1(x[t]), mem1)
-            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
-            mem1 = self.edit(mem1, t)
-            out = out + spk2
-        return out
-
-
 def _mul_mask_in_place(mem, t):
     return mem.mul_((torch.arange(mem.shape[0]) % (t + 2) != 0).to(mem.dtype)[:, None])
 
@@ -294,7 +276,7 @@ def test_snntorch_membrane_edited_inside_a_compiled_sample_mode_loop_raises_like
     of the edited mean values instead of the spikes it emitted (loss 1.7352 compiled),
     silently. The compiled step raises eager mode's error."""
     torch.manual_seed(0)
-    net = sbnn_snn.to_sbnn(EditedLoopNet(_MEMBRANE_EDITS[edit]))
+    net = sbnn_snn.to_sbnn(EditedLoop(_MEMBRANE_EDITS[edit]))
     x, y = torch.rand(4, 6, 12) * 3, torch.randint(0, 5, (6,))
 
     def loss_fn(x, y):
@@ -317,7 +299,7 @@ def test_snntorch_membrane_copied_inside_a_compiled_sample_mode_loop_runs_like_e
     edit = ((lambda mem, t: mem.detach() if t % 2 else mem) if copy == "detach"
             else (lambda mem, t: mem.clone()))
     torch.manual_seed(0)
-    host = EditedLoopNet(edit)
+    host = EditedLoop(edit)
     with torch.no_grad():
         host.fc1.weight.mul_(3)
     net = sbnn_snn.to_sbnn(host)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _snntorch_nets import BETA, MODELS, make, run
+from _snntorch_nets import BETA, MODELS, EditedLoop, make, run
 
 import sbnn_addons
 from sbnn_addons import get_variance
@@ -1143,29 +1143,6 @@ def test_conversion_keeps_the_models_training_mode(inplace, training):
             assert sbnn_addons.aux_loss(model) == 0
 
 
-class _CopiedMembraneLoop(torch.nn.Module):
-    """snnTorch tutorial 5's explicit loop; ``copy`` is applied to the first membrane
-    before it is passed back."""
-
-    def __init__(self, copy):
-        import snntorch as snn
-
-        super().__init__()
-        self.fc1, self.lif1 = torch.nn.Linear(12, 16), snn.Leaky(beta=0.9)
-        self.fc2, self.lif2 = torch.nn.Linear(16, 5), snn.Leaky(beta=0.9)
-        self.copy = copy
-
-    def forward(self, x):
-        mem1, mem2 = self.lif1.init_leaky(), self.lif2.init_leaky()
-        out = 0
-        for t in range(x.shape[0]):
-            spk1, mem1 = self.lif1(self.fc1(x[t]), mem1)
-            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
-            mem1 = self.copy(mem1)
-            out = out + spk2
-        return out
-
-
 def test_a_cloned_membrane_keeps_the_variance_gradient():
     """``mem = mem.clone()`` passed back in an explicit loop keeps the graph of the
     membrane, and so of its noise variance: the same gradients as the membrane itself.
@@ -1174,11 +1151,11 @@ def test_a_cloned_membrane_keeps_the_variance_gradient():
     (``mem.detach().clone()``) still drops it, as ``mem.detach()`` does."""
     x, y = torch.rand(4, 6, 12) * 3, torch.randint(0, 5, (6,))
     grads = {}
-    for name, copy in (("same", lambda m: m), ("clone", lambda m: m.clone()),
-                       ("detach", lambda m: m.detach()),
-                       ("detached clone", lambda m: m.detach().clone())):
+    for name, copy in (("same", lambda m, t: m), ("clone", lambda m, t: m.clone()),
+                       ("detach", lambda m, t: m.detach()),
+                       ("detached clone", lambda m, t: m.detach().clone())):
         torch.manual_seed(0)
-        host = _CopiedMembraneLoop(copy)
+        host = EditedLoop(copy)
         with torch.no_grad():
             host.fc1.weight.mul_(3)
         net = to_sbnn(host)
