@@ -1693,8 +1693,11 @@ def _flow(func, args, kwargs, compiling: bool | None = None):
     if in_place or (out is args[0] if args else False):  # the target carries the result
         if compiling and name in _SUMS and _noisy_operand(args[1:]):
             _refuse_compiled_in_place_sum(name)
+        # (an edit: not a conversion that returns the membrane itself, mem.contiguous(),
+        # mem.to(torch.float32), which eager mode lets pass)
         if (compiling and type(args[0]) is VarianceTensor
-                and getattr(args[0], "emitted", None) is not None):
+                and getattr(args[0], "emitted", None) is not None
+                and (in_place or name[-1:] == "_" or type(func) is torch._ops.OpOverload)):
             _refuse_compiled_membrane_edit(name)
         _mark_in_place(args[0], var, name, noise=nset)
         return args[0]

@@ -340,6 +340,45 @@ def test_snntorch_membrane_copied_inside_a_compiled_sample_mode_loop_runs_like_e
         torch.testing.assert_close(b, a)
 
 
+_NO_OP_CONVERSIONS = {
+    "contiguous": lambda mem, t: mem.contiguous(),
+    "to": lambda mem, t: mem.to(torch.float32),
+    "float": lambda mem, t: mem.float(),
+}
+
+
+@pytest.mark.parametrize("conversion", list(_NO_OP_CONVERSIONS))
+def test_snntorch_membrane_converted_to_itself_inside_a_compiled_loop_runs_like_eager(
+        conversion, same_random_stream):
+    """A conversion that returns the membrane itself (``mem.contiguous()``,
+    ``mem.to(torch.float32)``, ``mem.float()`` of a float32 one: the same tensor) inside
+    a compiled ``sample``-mode loop changes nothing, as in eager mode: it raised "the
+    membrane ... was changed in place ('contiguous')", taken for an in-place edit
+    because the operation returns its input."""
+    torch.manual_seed(0)
+    host = EditedLoopNet(_NO_OP_CONVERSIONS[conversion])
+    with torch.no_grad():
+        host.fc1.weight.mul_(3)
+    net = sbnn_snn.to_sbnn(host)
+    x, y = torch.rand(4, 6, 12) * 3, torch.randint(0, 5, (6,))
+
+    def loss_fn(x, y):
+        return F.cross_entropy(net(x), y)
+
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend="aot_eager")):
+        torch.manual_seed(1)
+        net.zero_grad()
+        loss = fn(x, y)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in net.parameters()
+                                        if p.grad is not None]))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    assert len(results[1][1]) == len(results[0][1])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(b, a)
+
+
 class ChunkNet(LoopNet):
     """The explicit loop run in chunks (truncated BPTT): the membranes come in and go out."""
 
