@@ -340,6 +340,32 @@ def test_snntorch_membrane_copied_inside_a_compiled_sample_mode_loop_runs_like_e
         torch.testing.assert_close(b, a)
 
 
+def test_snntorch_nan_membrane_detached_inside_a_compiled_loop_runs_like_eager(
+        same_random_stream):
+    """With ``check_finite(False)``, a membrane holding NaN values (a NaN weight) passed
+    back as ``mem.detach()`` inside a compiled ``sample``-mode loop is a copy, as in eager
+    mode: the graph's check that it holds the membrane's values took NaN for a changed
+    value and raised "the membrane ... was computed from its last membrane out of
+    place", where eager mode runs."""
+    torch.manual_seed(0)
+    host = EditedLoopNet(lambda mem, t: mem.detach() if t % 2 else mem)
+    with torch.no_grad():
+        host.fc1.weight.mul_(3)
+        host.fc1.weight[0, 0] = float("nan")
+    net = sbnn_snn.to_sbnn(host)
+    x, y = torch.rand(4, 6, 12) * 3, torch.randint(0, 5, (6,))
+
+    def loss_fn(x, y):
+        return F.cross_entropy(net(x), y)
+
+    losses = []
+    with sb.check_finite(False):
+        for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend="aot_eager")):
+            torch.manual_seed(1)
+            losses.append(fn(x, y).detach())
+    torch.testing.assert_close(losses[1], losses[0], equal_nan=True)
+
+
 _NO_OP_CONVERSIONS = {
     "contiguous": lambda mem, t: mem.contiguous(),
     "to": lambda mem, t: mem.to(torch.float32),
