@@ -345,7 +345,9 @@ class VarianceTensor(Tensor):
             such a membrane (one with :attr:`emitted`, or one derived from it:
             ``mem * mask``, ``mem.detach()``), that membrane: a converted neuron given it
             as its membrane takes it for a copy of the membrane (its values, checked in
-            the graph) or refuses it as an edit, as eager mode does; not set otherwise.
+            the graph) or refuses it as an edit, as eager mode does (an edit without a
+            graph back to it, ``mem.detach() * mask``, is a new membrane); not set
+            otherwise.
     """
 
     variance: Tensor | ScaledVariance | UnknownVariance | None
