@@ -345,7 +345,9 @@ class VarianceTensor(Tensor):
             such a membrane (one with :attr:`emitted`, or one derived from it:
             ``mem * mask``, ``mem.detach()``), that membrane: a converted neuron given it
             as its membrane takes it for a copy of the membrane (its values, checked in
-            the graph) or refuses it as an edit, as eager mode does; not set otherwise.
+            the graph) or refuses it as an edit, as eager mode does (an edit without a
+            graph back to it, ``mem.detach() * mask``, is a new membrane); not set
+            otherwise.
     """
 
     variance: Tensor | ScaledVariance | UnknownVariance | None
@@ -1693,8 +1695,11 @@ def _flow(func, args, kwargs, compiling: bool | None = None):
     if in_place or (out is args[0] if args else False):  # the target carries the result
         if compiling and name in _SUMS and _noisy_operand(args[1:]):
             _refuse_compiled_in_place_sum(name)
+        # (an edit: not a conversion that returns the membrane itself, mem.contiguous(),
+        # mem.to(torch.float32), which eager mode lets pass)
         if (compiling and type(args[0]) is VarianceTensor
-                and getattr(args[0], "emitted", None) is not None):
+                and getattr(args[0], "emitted", None) is not None
+                and (in_place or name[-1:] == "_" or type(func) is torch._ops.OpOverload)):
             _refuse_compiled_membrane_edit(name)
         _mark_in_place(args[0], var, name, noise=nset)
         return args[0]

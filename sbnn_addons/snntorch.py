@@ -649,6 +649,17 @@ class _EmittedSpikeReset:
         mem = self._buffers.get("mem")
         if type(mem) is VarianceTensor:  # a membrane passed with a variance of its own
             _check_passed_membrane(self, mem)
+            source = getattr(mem, _DERIVED, None)
+            if (source is not None and not mem.requires_grad
+                    and torch.compiler.is_compiling()):
+                # computed in the graph without a graph back to the membrane of an earlier
+                # step (mem.detach() * mask, an edit under no_grad): a copy keeps its
+                # variance, an edit is a new membrane without one, as eager mode takes it
+                var = get_variance(mem, compiling=True)
+                if isinstance(var, Tensor):
+                    var = torch.where(_same_values(mem, source), var, 0.0)
+                    self._buffers["mem"] = attach_computed_variance(
+                        plain_in_place(mem, True), var, compiling=True)
         if type(mem) is not VarianceTensor:
             compiling = torch.compiler.is_compiling()
             var = _stored_variance(self, detached=True, compiling=compiling)
@@ -951,7 +962,7 @@ class _EmittedSpikeReset:
                 return emitted
             source = getattr(mem, _DERIVED, None)
             if source is not None:  # computed in the graph from a membrane of a step
-                return self._derived_reset(mem, source)
+                return self._derived_reset(mem, source, fresh)
         if found is not None:
             # an inference tensor (no version counter): its values when it fired decide,
             # in the graph (no wait for the device)
@@ -962,22 +973,27 @@ class _EmittedSpikeReset:
             return _compiled_copy_reset(mem, cached[0], cached[1], fresh)
         return fresh
 
-    def _derived_reset(self, mem: Tensor, source: Tensor) -> Tensor:
+    def _derived_reset(self, mem: Tensor, source: Tensor, fresh: Tensor) -> Tensor:
         """The reset, in a compiled ``sample``-mode step, of membrane ``mem`` that the graph
         computed from the membrane ``source`` of an earlier step: the spikes ``source``
         emitted where ``mem`` is a copy of it (``mem.detach()``, ``mem.clone()``: its
-        values, asserted in the graph), as in eager mode. An edit (``mem = 0.5 * mem``,
-        ``mem * mask``) raises eager mode's error: the reset would otherwise be the spikes
-        of the edited mean values, not the ones the neuron emitted, silently.
+        values), as in eager mode. An edit with a graph (``mem = 0.5 * mem``,
+        ``mem * mask``) raises eager mode's error (asserted in the graph): the reset would
+        otherwise be the spikes of the edited mean values, not the ones the neuron
+        emitted, silently. An edit without one (``mem.detach() * mask``, an edit under
+        ``torch.no_grad()``) is a new membrane, as eager mode takes it: ``fresh``.
 
         Raises:
-            RuntimeError: ``mem`` is an edit of ``source`` (when the graph runs; while
-                it is traced for another shape), naming the fix.
+            RuntimeError: ``mem`` is an edit of ``source`` with a graph (when the graph
+                runs; while it is traced for another shape), naming the fix.
         """
         message = str(_edited_membrane_error(self))
         if mem.shape != source.shape:
             raise_error(message, VarianceFlowError)
-        torch._assert_async((mem.detach() == source.detach()).all(), message)
+        same = _same_values(mem, source)
+        if not mem.requires_grad:  # eager mode refuses an edit only where it has a graph
+            return torch.where(same, getattr(source, _EMITTED).to(fresh.dtype), fresh)
+        torch._assert_async(same, message)
         return getattr(source, _EMITTED)
 
     def _left_by_transform(self) -> bool:
@@ -1076,6 +1092,13 @@ def _drive(mem: Tensor, threshold: Tensor | float, compiling: bool | None = None
     with torch._C.DisableTorchFunctionSubclass():
         u = mem - threshold
     return attach_derived_variance(u, var, mem, compiling)
+
+
+def _same_values(mem: Tensor, source: Tensor) -> Tensor:
+    """Whether ``mem`` holds the values of ``source`` (NaN for NaN, which
+    ``check_finite(False)`` lets through): a 0-dim tensor, for a choice in the graph."""
+    values, kept = mem.detach(), source.detach()
+    return ((values == kept) | ((values != values) & (kept != kept))).all()
 
 
 def _compiled_copy_reset(mem: Tensor, stored: Tensor, spikes: Tensor,

@@ -322,6 +322,114 @@ def test_snntorch_membrane_copied_inside_a_compiled_sample_mode_loop_runs_like_e
         torch.testing.assert_close(b, a)
 
 
+def _mask_detached(mem, t):
+    return mem.detach() * (torch.arange(mem.shape[0]) % (t + 2) != 0).to(mem.dtype)[:, None]
+
+
+@pytest.mark.parametrize("edit", ["detached edit", "edit without gradients"])
+def test_snntorch_membrane_edited_without_a_graph_inside_a_compiled_loop_runs_like_eager(
+        edit, same_random_stream):
+    """An edit of the membrane without a graph back to it, passed back inside a compiled
+    ``sample``-mode loop: ``mem.detach() * mask`` (truncated BPTT with episodes that end),
+    or ``0.5 * mem`` under ``torch.no_grad()`` (an evaluation). Eager mode refuses an edit
+    only where it has a graph, and takes this one for a new membrane (its reset is
+    ``1[mem > threshold]`` of the values passed, as in snnTorch); the compiled step raised
+    "the membrane ... was computed from its last membrane out of place". It now runs as
+    eager mode: the same loss and gradients under the same seed."""
+    torch.manual_seed(0)
+    host = EditedLoopNet(_mask_detached if edit == "detached edit"
+                         else (lambda mem, t: 0.5 * mem))
+    with torch.no_grad():
+        host.fc1.weight.mul_(3)
+    net = sbnn_snn.to_sbnn(host)
+    x, y = torch.rand(4, 6, 12) * 3, torch.randint(0, 5, (6,))
+
+    def loss_fn(x, y):
+        return F.cross_entropy(net(x), y)
+
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend="aot_eager")):
+        torch.manual_seed(1)
+        net.zero_grad()
+        if edit == "detached edit":
+            loss = fn(x, y)
+            loss.backward()
+        else:
+            with torch.no_grad():
+                loss = fn(x, y)
+        results.append((loss.detach(), [p.grad.clone() for p in net.parameters()
+                                        if p.grad is not None]))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    assert len(results[1][1]) == len(results[0][1])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(b, a)
+
+
+def test_snntorch_nan_membrane_detached_inside_a_compiled_loop_runs_like_eager(
+        same_random_stream):
+    """With ``check_finite(False)``, a membrane holding NaN values (a NaN weight) passed
+    back as ``mem.detach()`` inside a compiled ``sample``-mode loop is a copy, as in eager
+    mode: the graph's check that it holds the membrane's values took NaN for a changed
+    value and raised "the membrane ... was computed from its last membrane out of
+    place", where eager mode runs."""
+    torch.manual_seed(0)
+    host = EditedLoopNet(lambda mem, t: mem.detach() if t % 2 else mem)
+    with torch.no_grad():
+        host.fc1.weight.mul_(3)
+        host.fc1.weight[0, 0] = float("nan")
+    net = sbnn_snn.to_sbnn(host)
+    x, y = torch.rand(4, 6, 12) * 3, torch.randint(0, 5, (6,))
+
+    def loss_fn(x, y):
+        return F.cross_entropy(net(x), y)
+
+    losses = []
+    with sb.check_finite(False):
+        for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend="aot_eager")):
+            torch.manual_seed(1)
+            losses.append(fn(x, y).detach())
+    torch.testing.assert_close(losses[1], losses[0], equal_nan=True)
+
+
+_NO_OP_CONVERSIONS = {
+    "contiguous": lambda mem, t: mem.contiguous(),
+    "to": lambda mem, t: mem.to(torch.float32),
+    "float": lambda mem, t: mem.float(),
+}
+
+
+@pytest.mark.parametrize("conversion", list(_NO_OP_CONVERSIONS))
+def test_snntorch_membrane_converted_to_itself_inside_a_compiled_loop_runs_like_eager(
+        conversion, same_random_stream):
+    """A conversion that returns the membrane itself (``mem.contiguous()``,
+    ``mem.to(torch.float32)``, ``mem.float()`` of a float32 one: the same tensor) inside
+    a compiled ``sample``-mode loop changes nothing, as in eager mode: it raised "the
+    membrane ... was changed in place ('contiguous')", taken for an in-place edit
+    because the operation returns its input."""
+    torch.manual_seed(0)
+    host = EditedLoopNet(_NO_OP_CONVERSIONS[conversion])
+    with torch.no_grad():
+        host.fc1.weight.mul_(3)
+    net = sbnn_snn.to_sbnn(host)
+    x, y = torch.rand(4, 6, 12) * 3, torch.randint(0, 5, (6,))
+
+    def loss_fn(x, y):
+        return F.cross_entropy(net(x), y)
+
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend="aot_eager")):
+        torch.manual_seed(1)
+        net.zero_grad()
+        loss = fn(x, y)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in net.parameters()
+                                        if p.grad is not None]))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    assert len(results[1][1]) == len(results[0][1])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(b, a)
+
+
 class ChunkNet(LoopNet):
     """The explicit loop run in chunks (truncated BPTT): the membranes come in and go out."""
 
