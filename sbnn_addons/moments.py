@@ -348,12 +348,16 @@ class VarianceTensor(Tensor):
             the graph) or refuses it as an edit, as eager mode does (an edit without a
             graph back to it, ``mem.detach() * mask``, is a new membrane); not set
             otherwise.
+        edited: on such a membrane changed in place in a compiled step
+            (``mem.mul_(mask)``), the operation's name: a converted neuron given it, or a
+            copy of it, raises eager mode's error; not set otherwise.
     """
 
     variance: Tensor | ScaledVariance | UnknownVariance | None
     probe: bool
     emitted: Tensor
     derived: VarianceTensor
+    edited: str
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -1700,7 +1704,9 @@ def _flow(func, args, kwargs, compiling: bool | None = None):
         if (compiling and type(args[0]) is VarianceTensor
                 and getattr(args[0], "emitted", None) is not None
                 and (in_place or name[-1:] == "_" or type(func) is torch._ops.OpOverload)):
-            _refuse_compiled_membrane_edit(name)
+            # a graph reads no version counter at the next step: the edit is named on
+            # the membrane, which a converted neuron given it refuses
+            args[0].edited = name
         _mark_in_place(args[0], var, name, noise=nset)
         return args[0]
     new = _wrap(out, var, noise=nset, compiling=compiling)
@@ -1843,24 +1849,6 @@ def _traced_modules(calls_only: bool = False) -> list[nn.Module]:
         return found
     except (AttributeError, ImportError, RuntimeError, TypeError):
         return []
-
-
-def _refuse_compiled_membrane_edit(name: str) -> None:
-    """A membrane that a converted snnTorch neuron's step returned (it carries the spikes
-    it emitted, :attr:`VarianceTensor.emitted`) changed in place inside a compiled step
-    (``mem.mul_(mask)``). Its next step would reset it by the spikes of its old values
-    and go on with a variance the neuron did not track, silently; eager mode refuses the
-    edit with this message (a graph reads no version counter at the next step, but it
-    sees the edit here, while it is traced).
-
-    Raises:
-        torch._dynamo.exc.UserError: naming the fix.
-    """
-    _raise_user_error(
-        f"the membrane of a converted snnTorch neuron was changed in place ('{name}') "
-        "since its last step, so its noise variance is unknown; start a new sequence with "
-        "a new membrane (mem = lif.init_leaky(), or snntorch.utils.reset(model)) instead "
-        "of changing it in place")
 
 
 @torch.compiler.assume_constant_result

@@ -157,6 +157,8 @@ _EDITED = "_sbnn_edited_membrane"
 _EMITTED = "emitted"  # VarianceTensor.emitted
 # the membrane a carrier was computed from in a compiled step (VarianceTensor.derived)
 _DERIVED = "derived"
+# the in-place operation that changed a membrane in a compiled step (VarianceTensor.edited)
+_EDITED_IN_PLACE = "edited"
 #: Whether a converted ``snn.Leaky`` step may run as one kernel call
 #: (:meth:`SBNNLeaky._fused_step`); off only to compare it with snnTorch's own steps.
 _FUSED_STEP = [True]
@@ -933,6 +935,8 @@ class _EmittedSpikeReset:
 
     def mem_reset(self, mem: Tensor) -> Tensor:
         compiling = torch.compiler.is_compiling()
+        if compiling and type(mem) is VarianceTensor:
+            self._refuse_edited_in_place(mem)
         spike = self._modules.get("spike_grad")
         if compiling and isinstance(spike, IWSTSpike) and spike.deterministic:
             # mean mode: the spikes a membrane emitted are 1[mem > threshold] of the values
@@ -972,6 +976,20 @@ class _EmittedSpikeReset:
             # given back the last membrane detached (truncated BPTT) or copied
             return _compiled_copy_reset(mem, cached[0], cached[1], fresh)
         return fresh
+
+    def _refuse_edited_in_place(self, mem: VarianceTensor) -> None:
+        """In a compiled step: raise eager mode's error where the membrane ``mem``, or the
+        membrane it is a copy of, was changed in place since its step
+        (:attr:`~sbnn_addons.moments.VarianceTensor.edited`; a graph reads no version
+        counter).
+
+        Raises:
+            RuntimeError: naming the fix (a Dynamo ``UserError`` while traced).
+        """
+        source = getattr(mem, _DERIVED, None)
+        for t in (mem, source):
+            if t is not None and getattr(t, _EDITED_IN_PLACE, None) is not None:
+                raise_error(str(_changed_in_place_error(self)), VarianceFlowError)
 
     def _derived_reset(self, mem: Tensor, source: Tensor, fresh: Tensor) -> Tensor:
         """The reset, in a compiled ``sample``-mode step, of membrane ``mem`` that the graph
@@ -1416,12 +1434,7 @@ def _stored_variance(neuron: nn.Module, detached: bool = False,
             and _version_of(mem, compiling) not in (None, version)):
         # (without a variance, mean mode's included, there is none to lose: the step goes
         # on from the changed values, as in snnTorch)
-        raise VarianceFlowError(
-            f"the membrane of this {type(neuron).__name__} was changed in place since its "
-            "last step, so its noise variance is unknown; start a new sequence with a new "
-            "membrane (mem = lif.init_leaky(), or snntorch.utils.reset(model)) instead of "
-            "changing it in place"
-        )
+        raise _changed_in_place_error(neuron)
     if detached and had_grad and not mem.requires_grad and isinstance(var, Tensor):
         var = var.detach()
     return var
@@ -1463,6 +1476,15 @@ def _note_membrane_edit(neuron: nn.Module, value) -> None:
         d[_EDITED] = value
     elif d.get(_EDITED) is not None:
         del d[_EDITED]
+
+
+def _changed_in_place_error(neuron: nn.Module) -> VarianceFlowError:
+    return VarianceFlowError(
+        f"the membrane of this {type(neuron).__name__} was changed in place since its "
+        "last step, so its noise variance is unknown; start a new sequence with a new "
+        "membrane (mem = lif.init_leaky(), or snntorch.utils.reset(model)) instead of "
+        "changing it in place"
+    )
 
 
 def _edited_membrane_error(neuron: nn.Module) -> VarianceFlowError:

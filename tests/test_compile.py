@@ -290,6 +290,40 @@ def test_snntorch_membrane_edited_inside_a_compiled_sample_mode_loop_raises_like
     torch._dynamo.reset()
 
 
+class MeanMembraneReadout(LoopNet):
+    """An explicit loop whose readout is the last membrane scaled in place, never passed
+    back: ``mem2.div_(T)``."""
+
+    def forward(self, x):
+        mem1, mem2 = self.lif1.init_leaky(), self.lif2.init_leaky()
+        for t in range(x.shape[0]):
+            spk1, mem1 = self.lif1(self.fc1(x[t]), mem1)
+            _, mem2 = self.lif2(self.fc2(spk1), mem2)
+        return mem2.div_(x.shape[0])
+
+
+def test_snntorch_membrane_changed_in_place_for_a_readout_in_a_compiled_step_runs(
+        same_random_stream):
+    """An in-place edit of a membrane that no neuron is given again (a readout,
+    ``mem2.div_(T)``) is no edit of a sequence: eager mode runs it, and so does a compiled
+    step (it refused the edit while it was traced, where the membrane might be passed
+    back), with eager mode's loss."""
+    torch.manual_seed(0)
+    net = sbnn_snn.to_sbnn(MeanMembraneReadout())
+    x, y = torch.rand(4, 6, 12) * 3, torch.randint(0, 5, (6,))
+
+    def loss_fn(x, y):
+        return F.cross_entropy(net(x), y)
+
+    losses = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
+        torch.manual_seed(1)
+        loss = fn(x, y)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0])
+
+
 @pytest.mark.parametrize("copy", ["detach", "clone"])
 def test_snntorch_membrane_copied_inside_a_compiled_sample_mode_loop_runs_like_eager(
         copy, same_random_stream):
@@ -337,7 +371,7 @@ def test_snntorch_membrane_edited_without_a_graph_inside_a_compiled_loop_runs_li
     "the membrane ... was computed from its last membrane out of place". It now runs as
     eager mode: the same loss and gradients under the same seed."""
     torch.manual_seed(0)
-    host = EditedLoopNet(_mask_detached if edit == "detached edit"
+    host = EditedLoop(_mask_detached if edit == "detached edit"
                          else (lambda mem, t: 0.5 * mem))
     with torch.no_grad():
         host.fc1.weight.mul_(3)
@@ -373,7 +407,7 @@ def test_snntorch_nan_membrane_detached_inside_a_compiled_loop_runs_like_eager(
     value and raised "the membrane ... was computed from its last membrane out of
     place", where eager mode runs."""
     torch.manual_seed(0)
-    host = EditedLoopNet(lambda mem, t: mem.detach() if t % 2 else mem)
+    host = EditedLoop(lambda mem, t: mem.detach() if t % 2 else mem)
     with torch.no_grad():
         host.fc1.weight.mul_(3)
         host.fc1.weight[0, 0] = float("nan")
@@ -407,7 +441,7 @@ def test_snntorch_membrane_converted_to_itself_inside_a_compiled_loop_runs_like_
     membrane ... was changed in place ('contiguous')", taken for an in-place edit
     because the operation returns its input."""
     torch.manual_seed(0)
-    host = EditedLoopNet(_NO_OP_CONVERSIONS[conversion])
+    host = EditedLoop(_NO_OP_CONVERSIONS[conversion])
     with torch.no_grad():
         host.fc1.weight.mul_(3)
     net = sbnn_snn.to_sbnn(host)
