@@ -324,18 +324,18 @@ def test_snntorch_membrane_changed_in_place_for_a_readout_in_a_compiled_step_run
     torch.testing.assert_close(losses[1], losses[0])
 
 
-@pytest.mark.parametrize("copy", ["detach", "clone"])
-def test_snntorch_membrane_copied_inside_a_compiled_sample_mode_loop_runs_like_eager(
-        copy, same_random_stream):
-    """A copy of the membrane passed back inside a compiled loop (``mem.detach()``:
-    truncated BPTT within one graph; ``mem.clone()``) is no edit: the same spikes, loss
-    and gradients as eager mode under the same seed."""
-    edit = ((lambda mem, t: mem.detach() if t % 2 else mem) if copy == "detach"
-            else (lambda mem, t: mem.clone()))
+def _assert_edited_loop_runs_like_eager(edit, backend: str = "inductor", nan: bool = False,
+                                        no_grad: bool = False) -> None:
+    """Train-step ``EditedLoop(edit)`` (first layer's weights x3, ``nan``: one NaN weight,
+    with ``check_finite(False)``) in eager mode and compiled (``fullgraph``) under the same
+    seed, and assert the same loss and gradients (``no_grad``: the loss only, under
+    ``torch.no_grad()``)."""
     torch.manual_seed(0)
     host = EditedLoop(edit)
     with torch.no_grad():
         host.fc1.weight.mul_(3)
+        if nan:
+            host.fc1.weight[0, 0] = float("nan")
     net = sbnn_snn.to_sbnn(host)
     x, y = torch.rand(4, 6, 12) * 3, torch.randint(0, 5, (6,))
 
@@ -343,17 +343,33 @@ def test_snntorch_membrane_copied_inside_a_compiled_sample_mode_loop_runs_like_e
         return F.cross_entropy(net(x), y)
 
     results = []
-    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
-        torch.manual_seed(1)
-        net.zero_grad()
-        loss = fn(x, y)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in net.parameters()
-                                        if p.grad is not None]))
-    torch.testing.assert_close(results[1][0], results[0][0])
+    with sb.check_finite(not nan):
+        for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend=backend)):
+            torch.manual_seed(1)
+            net.zero_grad()
+            if no_grad or nan:
+                with torch.no_grad():
+                    loss = fn(x, y)
+            else:
+                loss = fn(x, y)
+                loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in net.parameters()
+                                            if p.grad is not None]))
+    torch.testing.assert_close(results[1][0], results[0][0], equal_nan=nan)
     assert len(results[1][1]) == len(results[0][1])
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("copy", ["detach", "clone"])
+def test_snntorch_membrane_copied_inside_a_compiled_sample_mode_loop_runs_like_eager(
+        copy, same_random_stream):
+    """A copy of the membrane passed back inside a compiled loop (``mem.detach()``:
+    truncated BPTT within one graph; ``mem.clone()``) is no edit: the same spikes, loss
+    and gradients as eager mode under the same seed."""
+    _assert_edited_loop_runs_like_eager(
+        (lambda mem, t: mem.detach() if t % 2 else mem) if copy == "detach"
+        else (lambda mem, t: mem.clone()))
 
 
 def _mask_detached(mem, t):
@@ -370,33 +386,9 @@ def test_snntorch_membrane_edited_without_a_graph_inside_a_compiled_loop_runs_li
     ``1[mem > threshold]`` of the values passed, as in snnTorch); the compiled step raised
     "the membrane ... was computed from its last membrane out of place". It now runs as
     eager mode: the same loss and gradients under the same seed."""
-    torch.manual_seed(0)
-    host = EditedLoop(_mask_detached if edit == "detached edit"
-                         else (lambda mem, t: 0.5 * mem))
-    with torch.no_grad():
-        host.fc1.weight.mul_(3)
-    net = sbnn_snn.to_sbnn(host)
-    x, y = torch.rand(4, 6, 12) * 3, torch.randint(0, 5, (6,))
-
-    def loss_fn(x, y):
-        return F.cross_entropy(net(x), y)
-
-    results = []
-    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend="aot_eager")):
-        torch.manual_seed(1)
-        net.zero_grad()
-        if edit == "detached edit":
-            loss = fn(x, y)
-            loss.backward()
-        else:
-            with torch.no_grad():
-                loss = fn(x, y)
-        results.append((loss.detach(), [p.grad.clone() for p in net.parameters()
-                                        if p.grad is not None]))
-    torch.testing.assert_close(results[1][0], results[0][0])
-    assert len(results[1][1]) == len(results[0][1])
-    for a, b in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(b, a)
+    _assert_edited_loop_runs_like_eager(
+        _mask_detached if edit == "detached edit" else (lambda mem, t: 0.5 * mem),
+        backend="aot_eager", no_grad=edit != "detached edit")
 
 
 def test_snntorch_nan_membrane_detached_inside_a_compiled_loop_runs_like_eager(
@@ -406,23 +398,8 @@ def test_snntorch_nan_membrane_detached_inside_a_compiled_loop_runs_like_eager(
     mode: the graph's check that it holds the membrane's values took NaN for a changed
     value and raised "the membrane ... was computed from its last membrane out of
     place", where eager mode runs."""
-    torch.manual_seed(0)
-    host = EditedLoop(lambda mem, t: mem.detach() if t % 2 else mem)
-    with torch.no_grad():
-        host.fc1.weight.mul_(3)
-        host.fc1.weight[0, 0] = float("nan")
-    net = sbnn_snn.to_sbnn(host)
-    x, y = torch.rand(4, 6, 12) * 3, torch.randint(0, 5, (6,))
-
-    def loss_fn(x, y):
-        return F.cross_entropy(net(x), y)
-
-    losses = []
-    with sb.check_finite(False):
-        for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend="aot_eager")):
-            torch.manual_seed(1)
-            losses.append(fn(x, y).detach())
-    torch.testing.assert_close(losses[1], losses[0], equal_nan=True)
+    _assert_edited_loop_runs_like_eager(lambda mem, t: mem.detach() if t % 2 else mem,
+                                        backend="aot_eager", nan=True)
 
 
 _NO_OP_CONVERSIONS = {
@@ -440,28 +417,7 @@ def test_snntorch_membrane_converted_to_itself_inside_a_compiled_loop_runs_like_
     a compiled ``sample``-mode loop changes nothing, as in eager mode: it raised "the
     membrane ... was changed in place ('contiguous')", taken for an in-place edit
     because the operation returns its input."""
-    torch.manual_seed(0)
-    host = EditedLoop(_NO_OP_CONVERSIONS[conversion])
-    with torch.no_grad():
-        host.fc1.weight.mul_(3)
-    net = sbnn_snn.to_sbnn(host)
-    x, y = torch.rand(4, 6, 12) * 3, torch.randint(0, 5, (6,))
-
-    def loss_fn(x, y):
-        return F.cross_entropy(net(x), y)
-
-    results = []
-    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend="aot_eager")):
-        torch.manual_seed(1)
-        net.zero_grad()
-        loss = fn(x, y)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in net.parameters()
-                                        if p.grad is not None]))
-    torch.testing.assert_close(results[1][0], results[0][0])
-    assert len(results[1][1]) == len(results[0][1])
-    for a, b in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(b, a)
+    _assert_edited_loop_runs_like_eager(_NO_OP_CONVERSIONS[conversion], backend="aot_eager")
 
 
 class ChunkNet(LoopNet):
