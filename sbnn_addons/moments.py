@@ -341,6 +341,9 @@ class VarianceTensor(Tensor):
         emitted: on a converted snnTorch neuron's membrane in a compiled step, the spikes
             that membrane emitted (its reset, where one neuron steps on the membranes of
             several layers); not set otherwise, and not passed on by operations.
+        emitter: with :attr:`emitted`, the neuron that stepped that membrane: another
+            neuron given it, or a carrier derived from it, takes it for a new membrane
+            (as eager mode does, which keeps the variance with the neuron).
         derived: on a carrier of a membrane's shape that a compiled step computed from
             such a membrane (one with :attr:`emitted`, or one derived from it:
             ``mem * mask``, ``mem.detach()``), that membrane: a converted neuron given it
@@ -356,6 +359,7 @@ class VarianceTensor(Tensor):
     variance: Tensor | ScaledVariance | UnknownVariance | None
     probe: bool
     emitted: Tensor
+    emitter: torch.nn.Module
     derived: VarianceTensor
     edited: str
 

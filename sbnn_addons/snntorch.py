@@ -155,6 +155,9 @@ _EDITED = "_sbnn_edited_membrane"
 # membranes in turn (one snn.Leaky shared by the layers of an explicit loop), which
 # keeps the last one only in _CACHE, where a graph has no per-membrane records
 _EMITTED = "emitted"  # VarianceTensor.emitted
+# the neuron that stepped that membrane (VarianceTensor.emitter): another neuron given it
+# (an encoder's membrane as a decoder's first one) takes it for a new membrane
+_EMITTER = "emitter"
 # the membrane a carrier was computed from in a compiled step (VarianceTensor.derived)
 _DERIVED = "derived"
 # the in-place operation that changed a membrane in a compiled step (VarianceTensor.edited)
@@ -649,6 +652,13 @@ class _EmittedSpikeReset:
 
     def _sbnn_state_update(self, input_: Tensor) -> Tensor:
         mem = self._buffers.get("mem")
+        foreign = (type(mem) is VarianceTensor and torch.compiler.is_compiling()
+                   and _stepped_by_another(self, mem))
+        if foreign:
+            # another neuron's membrane in the graph, or computed from one (an encoder's
+            # last membrane as a decoder's first): eager mode keeps its variance with the
+            # neuron that stepped it, so this one starts it as a new membrane
+            mem = self._buffers["mem"] = plain_in_place(mem, True)
         if type(mem) is VarianceTensor:  # a membrane passed with a variance of its own
             _check_passed_membrane(self, mem)
             source = getattr(mem, _DERIVED, None)
@@ -664,7 +674,8 @@ class _EmittedSpikeReset:
                         plain_in_place(mem, True), var, compiling=True)
         if type(mem) is not VarianceTensor:
             compiling = torch.compiler.is_compiling()
-            var = _stored_variance(self, detached=True, compiling=compiling)
+            var = None if foreign else _stored_variance(self, detached=True,
+                                                        compiling=compiling)
             current_var = input_.variance if type(input_) is VarianceTensor else None
             zero_reset = _MOMENT_FORMS.get(getattr(self._sbnn_host_state, "__func__", None))
             if (zero_reset is not None and isinstance(current_var, (Tensor, ScaledVariance))
@@ -815,6 +826,7 @@ class _EmittedSpikeReset:
         self.__dict__[_CACHE] = (mem, spikes, mark)
         if compiling and type(mem) is VarianceTensor:
             setattr(mem, _EMITTED, spikes)  # (eager mode: the records of mem's step)
+            setattr(mem, _EMITTER, self)
             # a step's own membrane, no copy of an earlier one (nor a chain back to it)
             setattr(mem, _DERIVED, None)
         if not compiling:  # steps are recorded per membrane in eager mode only
@@ -935,7 +947,8 @@ class _EmittedSpikeReset:
 
     def mem_reset(self, mem: Tensor) -> Tensor:
         compiling = torch.compiler.is_compiling()
-        if compiling and type(mem) is VarianceTensor:
+        own = compiling and type(mem) is VarianceTensor and not _stepped_by_another(self, mem)
+        if own:
             self._refuse_edited_in_place(mem)
         spike = self._modules.get("spike_grad")
         if compiling and isinstance(spike, IWSTSpike) and spike.deterministic:
@@ -960,7 +973,7 @@ class _EmittedSpikeReset:
         if found is not None and not isinstance(found[1], Tensor):
             return found[0]
         fresh = _host_spike_dtype((mem.detach() - self.threshold > 0).to(mem.dtype))
-        if compiling and found is None and type(mem) is VarianceTensor:
+        if own and found is None:
             emitted = getattr(mem, _EMITTED, None)
             if isinstance(emitted, Tensor):  # a membrane of another step in the graph
                 return emitted
@@ -1193,6 +1206,16 @@ def _check_input_current(neuron: nn.Module, x: Tensor) -> None:
         f"posterior variance is unknown ({where}{fed}). Use a supported operation between "
         "the Bayesian layer and the neuron (see sbnn_addons.moments), register a rule with "
         f"sbnn_addons.moments.register_variance_rule, or {fix}.")
+
+
+def _stepped_by_another(neuron: nn.Module, mem: VarianceTensor) -> bool:
+    """In a compiled step: whether the carrier ``mem`` is the membrane of a step of
+    another converted neuron (:attr:`~sbnn_addons.moments.VarianceTensor.emitter`), or
+    was computed from one (``0.5 * mem_enc``). Eager mode keeps a membrane's variance
+    and emitted spikes with the neuron that stepped it: to another neuron it is a new
+    membrane."""
+    source = mem if getattr(mem, _EMITTED, None) is not None else getattr(mem, _DERIVED, None)
+    return source is not None and getattr(source, _EMITTER, None) is not neuron
 
 
 def _check_passed_membrane(neuron: nn.Module, mem: Tensor) -> None:

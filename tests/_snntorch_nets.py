@@ -91,6 +91,30 @@ class EditedLoop(nn.Module):
         return out
 
 
+class HandoffLoop(nn.Module):
+    """An encoder-decoder explicit loop: the decoder neuron starts from
+    ``edit(mem_enc, 0)``, computed from the encoder neuron's last membrane (a sequence to
+    sequence model's hand-off); returns the decoder's spike counts."""
+
+    def __init__(self, edit, num_inputs=12, num_hidden=16):
+        super().__init__()
+        self.fc1, self.encoder = nn.Linear(num_inputs, num_hidden), snn.Leaky(beta=BETA)
+        self.fc2, self.decoder = nn.Linear(num_hidden, num_hidden), snn.Leaky(beta=BETA)
+        self.edit = edit
+        with torch.no_grad():
+            self.fc2.weight.mul_(3)
+
+    def forward(self, x):
+        mem_enc = self.encoder.init_leaky()
+        for t in range(x.shape[0]):
+            spk, mem_enc = self.encoder(self.fc1(x[t]), mem_enc)
+        mem_dec, out = self.edit(mem_enc, 0), 0
+        for _ in range(x.shape[0]):
+            spk_dec, mem_dec = self.decoder(self.fc2(spk), mem_dec)
+            out = out + spk_dec
+        return out
+
+
 class LoopRLeaky(nn.Module):
     """RLeaky tutorial style: explicit spk / mem states."""
 

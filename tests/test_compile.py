@@ -24,7 +24,7 @@ import snntorch.utils as sutils
 import torch
 import torch.nn.functional as F
 from _kernel import needs_kernel
-from _snntorch_nets import EditedLoop
+from _snntorch_nets import EditedLoop, HandoffLoop
 from torch import nn
 
 import sbnn_addons as sb
@@ -325,13 +325,13 @@ def test_snntorch_membrane_changed_in_place_for_a_readout_in_a_compiled_step_run
 
 
 def _assert_edited_loop_runs_like_eager(edit, backend: str = "inductor", nan: bool = False,
-                                        no_grad: bool = False) -> None:
-    """Train-step ``EditedLoop(edit)`` (first layer's weights x3, ``nan``: one NaN weight,
+                                        no_grad: bool = False, net=EditedLoop) -> None:
+    """Train-step ``net(edit)`` (first layer's weights x3, ``nan``: one NaN weight,
     with ``check_finite(False)``) in eager mode and compiled (``fullgraph``) under the same
     seed, and assert the same loss and gradients (``no_grad``: the loss only, under
     ``torch.no_grad()``)."""
     torch.manual_seed(0)
-    host = EditedLoop(edit)
+    host = net(edit)
     with torch.no_grad():
         host.fc1.weight.mul_(3)
         if nan:
@@ -400,6 +400,29 @@ def test_snntorch_nan_membrane_detached_inside_a_compiled_loop_runs_like_eager(
     place", where eager mode runs."""
     _assert_edited_loop_runs_like_eager(lambda mem, t: mem.detach() if t % 2 else mem,
                                         backend="aot_eager", nan=True)
+
+
+_HANDOFFS = {
+    "as it is": lambda mem, t: mem,
+    "scaled": lambda mem, t: 0.5 * mem,
+    "detached": lambda mem, t: mem.detach(),
+    "cloned": lambda mem, t: mem.clone(),
+    "changed in place": lambda mem, t: mem.mul_(0.5),
+}
+
+
+@pytest.mark.parametrize(("handoff", "backend"), [
+    *((handoff, "aot_eager") for handoff in _HANDOFFS), ("as it is", "inductor"),
+    ("scaled", "inductor")])
+def test_snntorch_membrane_of_another_neuron_inside_a_compiled_loop_runs_like_eager(
+        handoff, backend, same_random_stream):
+    """An encoder neuron's last membrane passed as a decoder neuron's first one, inside a
+    compiled ``sample``-mode loop (``HandoffLoop``): eager mode keeps a membrane's
+    variance and emitted spikes with the neuron that stepped it, so the decoder starts a
+    new membrane. The compiled step reset the decoder by the encoder's emitted spikes and
+    kept the encoder's variance (another loss, silently), and refused ``0.5 * mem_enc``
+    as an edit of the decoder's own membrane. Same loss and gradients as eager mode."""
+    _assert_edited_loop_runs_like_eager(_HANDOFFS[handoff], backend=backend, net=HandoffLoop)
 
 
 _NO_OP_CONVERSIONS = {
