@@ -1166,14 +1166,35 @@ def _compiled_copy_variance(mem: Tensor, stored: Tensor, var) -> Tensor | None:
     stored membrane where ``mem`` has its values (a ``detach()`` passed back by an explicit
     time loop, e.g. from an eager chunk into a compiled one), else 0 (a new membrane), as
     :func:`_compiled_copy_reset` chooses the reset; ``None`` where no choice is possible
-    (no variance tensor, another layout, a stored state of an inference step)."""
+    (no variance tensor, another layout, a stored state of an inference step) and for a
+    membrane with a graph (a new one: a learned initial membrane).
+
+    Raises:
+        RuntimeError: ``mem`` has a graph and the stored membrane's values (a copy,
+            ``mem.clone()``, from an earlier call; when the graph runs), naming the fix.
+    """
     if not isinstance(var, Tensor) or not _same_layout(mem, stored):
         return None
     if torch.is_grad_enabled() and (_is_inference(stored) or _is_inference(var)):
         return None  # see _compiled_copy_reset
     values = mem.detach()
     same = (values == stored.detach()).all() & (values != 0).any()  # zeros: a new sequence
+    if mem.requires_grad:
+        # a membrane with a graph that is not the kept one: computed in this call (a
+        # learned initial membrane) it is a new membrane, and ``var``'s graph belongs to an
+        # earlier call (freed by its backward: a where() on it would fail there). A copy
+        # with a graph (mem.clone() between calls) would need that graph: refused
+        torch._assert_async(~same, _COPY_WITH_GRAPH_ERROR)
+        return None
     return torch.where(same, var, 0.0)
+
+
+_COPY_WITH_GRAPH_ERROR = (
+    "the membrane passed to this compiled step is a copy with a graph (e.g. mem.clone()) of "
+    "the membrane a converted snnTorch neuron kept from an earlier call: a compiled step "
+    "cannot follow its noise variance's graph into that call. Pass the membrane the step "
+    "returned as it is (backpropagation through both calls), or detach it "
+    "(mem = mem.detach(), truncated BPTT)")
 
 
 @torch.compiler.assume_constant_result

@@ -509,6 +509,49 @@ def test_snntorch_explicit_loop_chunk_compiled_after_an_eager_chunk_keeps_the_va
     torch.testing.assert_close(mixed_var, eager_var)
 
 
+def test_snntorch_learned_initial_membrane_trains_in_compiled_chunks_like_eager(
+        same_random_stream):
+    """Each compiled chunk starts from a learned initial membrane (``h0(x[0])``, a plain
+    tensor with a graph, not the membrane the neuron kept): the second call failed in its
+    backward with "Trying to backward through the graph a second time", as the graph
+    compared it with the kept membrane and took the kept variance (the first call's graph,
+    freed) where the values matched. It is a new membrane, as in eager mode: the same
+    losses and gradients."""
+    x = torch.rand(2, 2, 32, 12) * 3
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        net, h0 = sbnn_snn.to_sbnn(ChunkNet()), nn.Linear(12, 16)
+        step = torch.compile(net.chunk, fullgraph=True, backend="aot_eager") if compiled \
+            else net.chunk
+        torch.manual_seed(1)
+        for part in x:
+            net.zero_grad()
+            spk, _, mem2 = step(part, h0(part[0]), net.lif2.init_leaky())
+            (spk.sum() + mem2.sum()).backward()
+            results.append([spk.detach()] + [  # (compiled: zeros where eager has None)
+                torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                for p in net.parameters()])
+    for eager, comp in zip(results[:2], results[2:]):
+        for a, b in zip(eager, comp):
+            torch.testing.assert_close(b, a)
+
+
+def test_snntorch_membrane_copied_with_a_graph_into_a_compiled_chunk_is_refused(
+        same_random_stream):
+    """``mem.clone()`` of an eager chunk's membrane (with its graph) passed to a compiled
+    chunk: the compiled step cannot follow the kept variance's graph into the earlier
+    call, and would lose its gradient: it raises, naming the fix."""
+    torch.manual_seed(0)
+    net = sbnn_snn.to_sbnn(ChunkNet())
+    x = torch.rand(4, 32, 12) * 3
+    _, mem1, mem2 = net.chunk(x[:2], net.lif1.init_leaky(), net.lif2.init_leaky())
+    step = torch.compile(net.chunk, fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match=r"copy with a graph \(e\.g\. mem\.clone\(\)\)"):
+        step(x[2:], mem1.clone(), mem2)
+
+
 def test_snntorch_init_hidden_membrane_replaced_by_a_detach_keeps_its_variance_compiled(
         same_random_stream):
     """Truncated BPTT with ``init_hidden`` neurons that detaches by replacing the buffer
