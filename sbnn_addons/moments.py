@@ -317,6 +317,11 @@ def _noise_of(x, compiling: bool | None = None) -> NoiseSet | None:
     return found
 
 
+#: The attributes of a compiled step's membranes (:class:`VarianceTensor`'s docstring):
+#: not copied or pickled with the carrier.
+_COMPILED_STEP_MARKS = frozenset({"emitted", "emitter", "derived", "edited"})
+
+
 class VarianceTensor(Tensor):
     """A mean tensor that carries its posterior variance: the variance flow's carrier.
 
@@ -338,6 +343,8 @@ class VarianceTensor(Tensor):
             :class:`UnknownVariance`, or ``None`` (no noise now).
         probe: ``True`` where the noise is off (``mean`` mode) but would be on in
             ``sample`` mode (see :func:`check_variance_flow`).
+        noise: in eager mode, the :class:`NoiseSet` of the draws its variance is made of
+            (set once an operation reads a layer's output; not set in a compiled graph).
         emitted: on a converted snnTorch neuron's membrane in a compiled step, the spikes
             that membrane emitted (its reset, where one neuron steps on the membranes of
             several layers); not set otherwise, and not passed on by operations.
@@ -354,10 +361,14 @@ class VarianceTensor(Tensor):
         edited: on such a membrane changed in place in a compiled step
             (``mem.mul_(mask)``), the operation's name: a converted neuron given it, or a
             copy of it, raises eager mode's error; not set otherwise.
+
+    ``emitted``, ``emitter``, ``derived`` and ``edited`` belong to the compiled step that
+    set them: a deep copy, ``pickle`` and ``torch.save`` leave them out.
     """
 
     variance: Tensor | ScaledVariance | UnknownVariance | None
     probe: bool
+    noise: NoiseSet
     emitted: Tensor
     emitter: torch.nn.Module
     derived: VarianceTensor
@@ -404,6 +415,16 @@ class VarianceTensor(Tensor):
         if expected_type is None or expected_type is Tensor:
             return self.as_subclass(Tensor)
         return None
+
+    def __reduce_ex__(self, proto):
+        # pickle / torch.save: without the attributes of a compiled step's membranes
+        # (emitted, emitter, derived, edited), which name that step's tensors and neuron,
+        # as a deepcopy leaves them (pickling them took the whole model along)
+        rebuild, args = super().__reduce_ex__(proto)
+        if rebuild is torch._tensor._rebuild_from_type_v2 and isinstance(args[-1], dict):
+            state = {k: v for k, v in args[-1].items() if k not in _COMPILED_STEP_MARKS}
+            args = (*args[:-1], state)
+        return rebuild, args
 
     def __deepcopy__(self, memo):
         if id(self) in memo:

@@ -552,6 +552,28 @@ def test_snntorch_membrane_copied_with_a_graph_into_a_compiled_chunk_is_refused(
         step(x[2:], mem1.clone(), mem2)
 
 
+def test_a_membrane_returned_by_a_compiled_chunk_pickles_with_its_variance(tmp_path):
+    """``pickle`` and ``torch.save`` of the membrane a compiled chunk returned (a
+    checkpoint of the state mid-sequence): it carries the compiled step's marks, which
+    name the neuron that stepped it, and pickling took the model along and loaded a
+    ``VarianceTensor`` without its variance (any operation on it then failed with
+    "'VarianceTensor' object has no attribute 'variance'"). The marks stay behind; the
+    values and the variance round-trip."""
+    torch.manual_seed(0)
+    net = sbnn_snn.to_sbnn(ChunkNet())
+    step = torch.compile(net.chunk, fullgraph=True, backend="aot_eager")
+    _, mem1, _ = step(torch.rand(2, 32, 12) * 3, net.lif1.init_leaky(), net.lif2.init_leaky())
+    assert getattr(mem1, "emitter", None) is net.lif1  # (what the round trips leave out)
+    path = tmp_path / "mem.pt"
+    torch.save(mem1, path)
+    for loaded in (pickle.loads(pickle.dumps(mem1)), torch.load(path, weights_only=False)):
+        assert type(loaded) is VarianceTensor
+        assert set(vars(loaded)) <= {"variance", "probe", "noise"}
+        torch.testing.assert_close(loaded.as_subclass(torch.Tensor),
+                                   mem1.detach().as_subclass(torch.Tensor))
+        torch.testing.assert_close(sb.get_variance(loaded), sb.get_variance(mem1).detach())
+
+
 def test_snntorch_init_hidden_membrane_replaced_by_a_detach_keeps_its_variance_compiled(
         same_random_stream):
     """Truncated BPTT with ``init_hidden`` neurons that detaches by replacing the buffer
