@@ -319,7 +319,7 @@ def _noise_of(x, compiling: bool | None = None) -> NoiseSet | None:
 
 #: The attributes of a compiled step's membranes (:class:`VarianceTensor`'s docstring):
 #: not copied or pickled with the carrier.
-_COMPILED_STEP_MARKS = frozenset({"emitted", "emitter", "derived", "edited"})
+_COMPILED_STEP_MARKS = frozenset({"emitted", "emitter", "derived", "edited", "viewed"})
 
 
 class VarianceTensor(Tensor):
@@ -359,11 +359,15 @@ class VarianceTensor(Tensor):
             graph back to it, ``mem.detach() * mask``, is a new membrane); not set
             otherwise.
         edited: on such a membrane changed in place in a compiled step
-            (``mem.mul_(mask)``), the operation's name: a converted neuron given it, or a
-            copy of it, raises eager mode's error; not set otherwise.
+            (``mem.mul_(mask)``, or through a view of it: ``mem[i].zero_()``), the
+            operation's name: a converted neuron given it, or a copy of it, raises eager
+            mode's error; not set otherwise.
+        viewed: on a carrier that a compiled step computed as a view of such a membrane
+            (``mem[i]``, ``mem.detach()``, ``mem.view(-1)``), that membrane; not set
+            otherwise.
 
-    ``emitted``, ``emitter``, ``derived`` and ``edited`` belong to the compiled step that
-    set them: a deep copy, ``pickle`` and ``torch.save`` leave them out.
+    ``emitted``, ``emitter``, ``derived``, ``edited`` and ``viewed`` belong to the compiled
+    step that set them: a deep copy, ``pickle`` and ``torch.save`` leave them out.
     """
 
     variance: Tensor | ScaledVariance | UnknownVariance | None
@@ -373,6 +377,7 @@ class VarianceTensor(Tensor):
     emitter: torch.nn.Module
     derived: VarianceTensor
     edited: str
+    viewed: VarianceTensor
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -785,6 +790,10 @@ def _same_op(func, args, kwargs, out, var_of):
         return var.to(dtype=variance_dtype(out.dtype), device=out.device)
     if name in ("detach", "detach_"):
         return var.detach()
+    if name in ("view", "view_as") and isinstance(out, Tensor) and out.dtype == args[0].dtype:
+        # the variance need not be a view: it may be broadcast (a per-row variance
+        # expanded to the mean's shape), which view(-1) cannot merge
+        return var.reshape(out.shape)
     if name in ("view_as", "reshape_as", "expand_as"):
         return getattr(var, name)(args[1])
     return _c_level(func)(var, *args[1:], **kwargs)
@@ -1726,20 +1735,59 @@ def _flow(func, args, kwargs, compiling: bool | None = None):
             _refuse_compiled_in_place_sum(name)
         # (an edit: not a conversion that returns the membrane itself, mem.contiguous(),
         # mem.to(torch.float32), which eager mode lets pass)
-        if (compiling and type(args[0]) is VarianceTensor
-                and getattr(args[0], "emitted", None) is not None
+        if (type(args[0]) is VarianceTensor
                 and (in_place or name[-1:] == "_" or type(func) is torch._ops.OpOverload)):
             # a graph reads no version counter at the next step: the edit is named on
-            # the membrane, which a converted neuron given it refuses
-            args[0].edited = name
+            # the membrane (or the membrane a view of it shows: mem[i].zero_(),
+            # mem.detach().mul_(mask)), which a converted neuron given it refuses (also
+            # an eager edit between compiled calls of a membrane a compiled step returned)
+            viewed = getattr(args[0], "viewed", None)
+            if viewed is not None:  # (and the view, which may be passed back itself)
+                viewed.edited = args[0].edited = name
+            elif getattr(args[0], "emitted", None) is not None:
+                args[0].edited = name
         _mark_in_place(args[0], var, name, noise=nset)
         return args[0]
     new = _wrap(out, var, noise=nset, compiling=compiling)
-    if compiling and type(new) is VarianceTensor:
+    if type(new) is VarianceTensor:  # (eager: between compiled calls, see above)
         source = _membrane_source(args)
-        if source is not None and new.shape == source.shape:  # (a loss is no membrane)
+        if (source is not None and new.shape == source.shape  # (a loss is no membrane)
+                and (compiling or name != "detach")):
+            # (a detach between compiled calls, truncated BPTT: the next call finds the
+            # membrane its neuron kept by its values, as eager mode finds its alias)
             new.derived = source
+        viewed = _viewed_membrane(name, args)
+        if viewed is not None:
+            new.viewed = viewed
     return new
+
+
+#: Operations whose result is a view of their first argument (``__getitem__`` with basic
+#: indices only): an in-place edit of the result changes that argument.
+_VIEWS = frozenset({
+    "__getitem__", "detach", "view", "view_as", "narrow", "select", "transpose", "t",
+    "permute", "squeeze", "unsqueeze", "expand", "expand_as", "unflatten", "flatten",
+    "reshape", "reshape_as", "as_strided", "diagonal", "movedim", "moveaxis", "swapaxes",
+    "swapdims", "unfold", "T", "mT", "alias"})
+
+
+def _viewed_membrane(name: str, args) -> VarianceTensor | None:
+    """The membrane (a carrier with :attr:`VarianceTensor.emitted`) that the result of the
+    compiled step's operation ``name`` on ``args`` is a view of (directly or through
+    earlier views), else ``None``: the result's :attr:`VarianceTensor.viewed`."""
+    if name not in _VIEWS or type(args[0]) is not VarianceTensor:
+        return None
+    if name == "__getitem__" and _advanced_index(args[1]):
+        return None  # a copy (mem[mask]): an edit of it leaves the membrane as it is
+    if getattr(args[0], "emitted", None) is not None:
+        return args[0]
+    return getattr(args[0], "viewed", None)
+
+
+def _advanced_index(index) -> bool:
+    """Whether a ``__getitem__`` index selects by tensors, lists or bools (a copy)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, (Tensor, list, bool)) for p in parts)
 
 
 def _membrane_source(args) -> VarianceTensor | None:

@@ -265,18 +265,37 @@ _MEMBRANE_EDITS = {
 }
 
 
-@pytest.mark.parametrize("edit", list(_MEMBRANE_EDITS))
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def _edited_through(view):
+    def edit(mem, t):
+        view(mem).mul_(0.5)  # an edit of the membrane through a view of it
+        return mem
+    return edit
+
+
+#: In-place edits of the membrane through a view of it (its own version counter in eager
+#: mode): the compiled step ran on silently (loss 1.7459 for the row, eager raises).
+_EDITS_THROUGH_VIEWS = {
+    "a row": _edited_through(lambda mem: mem[0]),
+    "a detached alias": _edited_through(lambda mem: mem.detach()),
+    "a flat view": _edited_through(lambda mem: mem.view(-1)),
+}
+
+
+@pytest.mark.parametrize(("edit", "backend"), [
+    *((edit, backend) for edit in _MEMBRANE_EDITS for backend in ("aot_eager", "inductor")),
+    *((edit, "aot_eager") for edit in _EDITS_THROUGH_VIEWS)])
 def test_snntorch_membrane_edited_inside_a_compiled_sample_mode_loop_raises_like_eager(
         edit, backend):
     """A membrane edited inside a compiled ``sample``-mode explicit loop, in place
-    (``mem.mul_(mask)``: an episode ended) or out of place (``mem = 0.5 * mem``), then
-    passed back: eager mode refuses it (the neuron's variance and reset follow the
-    membranes its steps return), while the compiled step reset it by ``1[mem > theta]``
-    of the edited mean values instead of the spikes it emitted (loss 1.7352 compiled),
-    silently. The compiled step raises eager mode's error."""
+    (``mem.mul_(mask)``: an episode ended; through a view, ``mem[0].mul_(0.5)``) or out of
+    place (``mem = 0.5 * mem``), then passed back: eager mode refuses it (the neuron's
+    variance and reset follow the membranes its steps return), while the compiled step
+    reset it by ``1[mem > theta]`` of the edited mean values instead of the spikes it
+    emitted (loss 1.7352 compiled), silently. The compiled step raises eager mode's
+    error."""
+    edit = {**_MEMBRANE_EDITS, **_EDITS_THROUGH_VIEWS}[edit]
     torch.manual_seed(0)
-    net = sbnn_snn.to_sbnn(EditedLoop(_MEMBRANE_EDITS[edit]))
+    net = sbnn_snn.to_sbnn(EditedLoop(edit))
     x, y = torch.rand(4, 6, 12) * 3, torch.randint(0, 5, (6,))
 
     def loss_fn(x, y):
@@ -400,6 +419,15 @@ def test_snntorch_nan_membrane_detached_inside_a_compiled_loop_runs_like_eager(
     place", where eager mode runs."""
     _assert_edited_loop_runs_like_eager(lambda mem, t: mem.detach() if t % 2 else mem,
                                         backend="aot_eager", nan=True)
+
+
+def test_snntorch_membrane_copy_edited_inside_a_compiled_loop_runs_like_eager(
+        same_random_stream):
+    """An in-place edit of a copy that indexing makes (``mem[mem > 0.5].mul_(0.5)``:
+    a boolean mask selects a copy) leaves the membrane as it is: it runs as in eager
+    mode, not refused as an edit through a view."""
+    _assert_edited_loop_runs_like_eager(_edited_through(lambda mem: mem[mem > 0.5]),
+                                        backend="aot_eager")
 
 
 _HANDOFFS = {
@@ -550,6 +578,34 @@ def test_snntorch_membrane_copied_with_a_graph_into_a_compiled_chunk_is_refused(
     step = torch.compile(net.chunk, fullgraph=True, backend="aot_eager")
     with pytest.raises(RuntimeError, match=r"copy with a graph \(e\.g\. mem\.clone\(\)\)"):
         step(x[2:], mem1.clone(), mem2)
+
+
+_EDITS_BETWEEN_CHUNKS = {
+    "in place through a detached alias": lambda mem: mem.detach().mul_(0.5),
+    "out of place": lambda mem: 0.5 * mem,
+}
+
+
+@pytest.mark.parametrize("edit", list(_EDITS_BETWEEN_CHUNKS))
+def test_snntorch_membrane_edited_between_compiled_chunks_raises_like_eager(edit):
+    """A membrane that a compiled chunk returned, edited before the next compiled chunk
+    (eager code between two calls) after a backward: eager mode raises. In place through a
+    detached alias (``mem.detach().mul_(0.5)``) the next chunk ran on silently (the
+    reset by the kept membrane's values, the variance scaled); out of place
+    (``0.5 * mem``) its backward failed with "Trying to backward through the graph a
+    second time". Both raise eager mode's error now, naming the fix."""
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        net = sbnn_snn.to_sbnn(ChunkNet())
+        step = torch.compile(net.chunk, fullgraph=True, backend="aot_eager") if compiled \
+            else net.chunk
+        x = torch.rand(4, 32, 12) * 3
+        spk, mem1, mem2 = step(x[:2], net.lif1.init_leaky(), net.lif2.init_leaky())
+        spk.sum().backward()
+        with pytest.raises(RuntimeError, match="^the membrane (of|passed to) this SBNNLeaky"):
+            spk, _, _ = step(x[2:], _EDITS_BETWEEN_CHUNKS[edit](mem1), mem2.detach())
+            spk.sum().backward()
 
 
 def test_a_membrane_returned_by_a_compiled_chunk_pickles_with_its_variance(tmp_path):

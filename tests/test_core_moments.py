@@ -127,6 +127,23 @@ def test_reshape_flatten_index_move_variance():
     assert torch.equal(get_variance(c), torch.cat([v, 4 * v], 1))
 
 
+@pytest.mark.parametrize("std_mode", ["layer", "weight"])
+def test_a_view_of_a_layer_output_keeps_its_variance(std_mode):
+    """``view`` of a Bayesian layer's output that merges its dimensions
+    (``fc(x).view(-1)``, ``view_as``): with a per-layer std the variance is one value per
+    row broadcast over the features, which cannot be viewed so, and the view failed with
+    PyTorch's "view size is not compatible with input tensor's size and stride ... Use
+    .reshape(...)" on a contiguous output. The variance is reshaped, the output's own
+    view's values."""
+    torch.manual_seed(0)
+    layer = sb.BayesLinear(4, 6, std_mode=std_mode)
+    out = layer(torch.rand(2, 4))
+    want = get_variance(out).expand(2, 6).reshape(12)
+    for view in (out.view(-1), out.view(size=(12,)), out.view_as(torch.zeros(12))):
+        assert view.shape == (12,)
+        assert torch.equal(get_variance(view), want)
+
+
 def test_linear_combinations():
     a, va = _noisy((3, 4), 0)
     b, vb = _noisy((3, 4), 1)
