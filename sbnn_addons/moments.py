@@ -366,6 +366,11 @@ class VarianceTensor(Tensor):
             (``mem[i]``, ``mem.detach()``, ``mem.view(-1)``), that membrane; not set
             otherwise.
 
+    ``derived``, ``edited`` and ``viewed`` are also set by eager code between two
+    compiled calls, on the membranes the first returned (``0.5 * mem``,
+    ``mem.detach().mul_(mask)``): the second call refuses such an edit as eager mode
+    does.
+
     ``emitted``, ``emitter``, ``derived``, ``edited`` and ``viewed`` belong to the compiled
     step that set them: a deep copy, ``pickle`` and ``torch.save`` leave them out.
     """
@@ -423,7 +428,7 @@ class VarianceTensor(Tensor):
 
     def __reduce_ex__(self, proto):
         # pickle / torch.save: without the attributes of a compiled step's membranes
-        # (emitted, emitter, derived, edited), which name that step's tensors and neuron,
+        # (_COMPILED_STEP_MARKS), which name that step's tensors and neuron,
         # as a deepcopy leaves them (pickling them took the whole model along)
         rebuild, args = super().__reduce_ex__(proto)
         if rebuild is torch._tensor._rebuild_from_type_v2 and isinstance(args[-1], dict):
@@ -1773,8 +1778,8 @@ _VIEWS = frozenset({
 
 def _viewed_membrane(name: str, args) -> VarianceTensor | None:
     """The membrane (a carrier with :attr:`VarianceTensor.emitted`) that the result of the
-    compiled step's operation ``name`` on ``args`` is a view of (directly or through
-    earlier views), else ``None``: the result's :attr:`VarianceTensor.viewed`."""
+    operation ``name`` on ``args`` is a view of (directly or through earlier views), else
+    ``None``: the result's :attr:`VarianceTensor.viewed`."""
     if name not in _VIEWS or type(args[0]) is not VarianceTensor:
         return None
     if name == "__getitem__" and _advanced_index(args[1]):
@@ -1791,9 +1796,9 @@ def _advanced_index(index) -> bool:
 
 
 def _membrane_source(args) -> VarianceTensor | None:
-    """The membrane (a carrier with :attr:`VarianceTensor.emitted`) that a compiled step's
-    operation on ``args`` computes from, directly or through earlier operations, else
-    ``None``: the result's :attr:`VarianceTensor.derived`."""
+    """The membrane (a carrier with :attr:`VarianceTensor.emitted`) that an operation on
+    ``args`` computes from, directly or through earlier operations, else ``None``: the
+    result's :attr:`VarianceTensor.derived`."""
     for arg in args:
         if type(arg) is VarianceTensor:
             if getattr(arg, "emitted", None) is not None:
