@@ -36,7 +36,9 @@ What :func:`to_sbnn` does (Method page, sections 2-3):
   ``V`` twice, so the generic variance flow, which treats the terms of a sum as
   independent, cannot follow it; the link does it exactly.) ``S`` is the neuron's own
   memory ``sbnn_var`` (``register_memory``): ``functional.reset_net`` resets it with the
-  membrane, ``detach_net`` detaches it, and copies of the model carry it.
+  membrane, ``detach_net`` detaches it, and copies of the model carry it. The memory
+  ``sbnn_v`` holds the membrane it belongs to: a ``v`` set by the user since (a learned
+  initial membrane ``node.v = h0(x[0])``) is a new membrane, without it.
 * A ``layer.TLastSeqToANNContainer`` (or a subclass keeping its forward) runs its
   layers on the ``T * N`` slices at once (``seq_to_ann_forward``) instead of under
   ``torch.vmap``, whose output would drop the variance.
@@ -137,6 +139,10 @@ __all__ = [
 
 #: Name of the memory (``register_memory``) holding a linked neuron's noise variance.
 VAR_MEMORY = "sbnn_var"
+#: Name of the memory holding the membrane (the neuron's ``v`` after its last call) that
+#: the variance in :data:`VAR_MEMORY` belongs to: a ``v`` set by the user since (a learned
+#: initial membrane) is a new membrane, without that variance.
+MEMBRANE_MEMORY = "sbnn_v"
 #: Key of a converted neuron's original surrogate in its ``__dict__`` (a HostObject).
 _HOST_SURROGATE = "_sbnn_host_surrogate"
 
@@ -199,6 +205,9 @@ class SJSpike(IWSTSpike):
             # SpikingJelly starts a new membrane when the input's shape changes (a new
             # batch size without reset_net, materialize_states): so does the variance
             var_state = None
+        if var_state is not None and isinstance(v, Tensor):
+            var_state = _variance_of_membrane(v, node._memories.get(MEMBRANE_MEMORY),
+                                              var_state)
         state["_var_state"] = var_state
         threshold = node.v_threshold
         if isinstance(threshold, Tensor):  # a learned one (nn.Parameter): its value now
@@ -331,6 +340,45 @@ class SJSpike(IWSTSpike):
         for key in ("_var_state", "_pending", "_steps", "_input", "_examples"):
             state[key] = None
         return state
+
+
+def _variance_of_membrane(v: Tensor, kept, var: Tensor) -> Tensor | None:
+    """The noise variance of membrane ``v`` that a linked neuron starts a call from:
+    ``var``, kept with the membrane ``kept`` that its last call left, while ``v`` is that
+    membrane; else ``v`` was set by the user (``node.v = ...``) since:
+
+    * a tensor with a graph (a learned initial membrane ``h0(x[0])``, set instead of
+      ``functional.reset_net``) is a new membrane: no variance yet (``var``'s graph
+      belongs to an earlier call, freed by its backward);
+    * a tensor without one is the kept membrane detached by hand (``node.v =
+      node.v.detach()``, truncated BPTT: ``var`` without its graph, as after
+      ``functional.detach_net``) where it views the kept one's memory (compiled: where
+      it has its values, checked in the graph), else a new membrane.
+
+    ``kept`` is ``None`` for a neuron linked before this memory existed (a pickled
+    model): ``var`` as it is."""
+    if v is kept or not isinstance(kept, Tensor):
+        return var
+    if v.requires_grad:
+        return None
+    if not torch.compiler.is_compiling():
+        return var.detach() if _aliases(v, kept) else None
+    if v.shape != kept.shape or v.dtype != kept.dtype or v.device != kept.device:
+        return None
+    same = (v == kept.detach()).all() & (v != 0).any()  # zeros: a new sequence
+    return torch.where(same, var.detach(), 0.0)
+
+
+def _aliases(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` view the same memory the same way (``b.detach()``); never
+    for a tensor without storage."""
+    if not (a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+            and a.device == b.device and a.storage_offset() == b.storage_offset()):
+        return False
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    except RuntimeError:  # "Cannot access data pointer of Tensor (e.g. FakeTensor, ...)"
+        return False
 
 
 #: SpikingJelly's parallel spiking neurons: they call the surrogate on a whole sequence
@@ -582,6 +630,8 @@ def link_neuron(node: nn.Module, spike: SJSpike | None = None) -> nn.Module:
     node.surrogate_function._node_type = type(node).__name__  # for messages
     if VAR_MEMORY not in node._memories:
         node.register_memory(VAR_MEMORY, None)
+    if MEMBRANE_MEMORY not in node._memories:
+        node.register_memory(MEMBRANE_MEMORY, None)
     if _neuron_pre_hook not in node._forward_pre_hooks.values():
         node.register_forward_pre_hook(_neuron_pre_hook)
     if _mark_spikes not in node._forward_hooks.values():
@@ -771,6 +821,9 @@ def _mark_spikes(node: nn.Module, args, output):
         if isinstance(state, Tensor) and state._base is not None:
             state = state.clone()  # a view cannot be detached in place (detach_net)
         node._memories[VAR_MEMORY] = state
+        if MEMBRANE_MEMORY in node._memories:  # the membrane that variance belongs to
+            v = node._memories.get("v")
+            node._memories[MEMBRANE_MEMORY] = v if isinstance(state, Tensor) else None
     if isinstance(spike, SJSpike):
         spike._end()
     if isinstance(output, Tensor):
@@ -826,8 +879,9 @@ def _unlink(node: nn.Module) -> None:
     node.__dict__.pop("multi_step_forward", None)
     node.__dict__.pop("single_step_forward", None)
     node.__dict__.pop("functional_forward", None)
-    if VAR_MEMORY in getattr(node, "_memories", {}):
-        delattr(node, VAR_MEMORY)  # MemoryModule.__delattr__: the memory and its reset value
+    for memory in (VAR_MEMORY, MEMBRANE_MEMORY):
+        if memory in getattr(node, "_memories", {}):
+            delattr(node, memory)  # MemoryModule.__delattr__: the memory and its reset value
     for hooks, fn in ((node._forward_pre_hooks, _neuron_pre_hook),
                       (node._forward_pre_hooks, _refuse_variance),
                       (node._forward_hooks, _mark_spikes)):
