@@ -351,9 +351,9 @@ def _variance_of_membrane(v: Tensor, kept, var: Tensor) -> Tensor | None:
       ``functional.reset_net``) is a new membrane: no variance yet (``var``'s graph
       belongs to an earlier call, freed by its backward);
     * a tensor without one is the kept membrane detached by hand (``node.v =
-      node.v.detach()``, truncated BPTT: ``var`` without its graph, as after
-      ``functional.detach_net``) where it views the kept one's memory (compiled: where
-      it has its values, checked in the graph), else a new membrane.
+      node.v.detach()`` or ``.detach().clone()``, truncated BPTT: ``var`` without its
+      graph, as after ``functional.detach_net``) where it views the kept one's memory or
+      has its (non-zero) values (compiled: checked in the graph), else a new membrane.
 
     ``kept`` is ``None`` for a neuron linked before this memory existed (a pickled
     model): ``var`` as it is."""
@@ -361,10 +361,16 @@ def _variance_of_membrane(v: Tensor, kept, var: Tensor) -> Tensor | None:
         return var
     if v.requires_grad:
         return None
-    if not torch.compiler.is_compiling():
-        return var.detach() if _aliases(v, kept) else None
     if v.shape != kept.shape or v.dtype != kept.dtype or v.device != kept.device:
         return None
+    if not torch.compiler.is_compiling():
+        if _aliases(v, kept):
+            return var.detach()
+        try:  # a copy: zeros are a new sequence's initial state, never taken for one
+            same = torch.equal(v, kept.detach()) and bool(v.any())
+        except RuntimeError:  # fake tensors (torch.export)
+            same = False
+        return var.detach() if same else None
     same = (v == kept.detach()).all() & (v != 0).any()  # zeros: a new sequence
     return torch.where(same, var.detach(), 0.0)
 

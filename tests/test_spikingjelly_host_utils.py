@@ -1417,14 +1417,15 @@ def test_membrane_set_by_the_user_is_a_new_membrane(step_mode, between):
 
 
 @pytest.mark.parametrize("step_mode", ["s", "m"])
-def test_membrane_detached_by_hand_keeps_its_variance(step_mode):
-    """``node.v = node.v.detach()`` between two chunks of one sequence (truncated BPTT by
-    hand): the next chunk goes on with the kept variance, without its graph, exactly as
-    after ``functional.detach_net`` (the second backward failed through the first
-    chunk's freed graph)."""
+@pytest.mark.parametrize("how", ["v.detach()", "v.detach().clone()"])
+def test_membrane_detached_by_hand_keeps_its_variance(step_mode, how):
+    """``node.v = node.v.detach()`` (or a copy of it) between two chunks of one sequence
+    (truncated BPTT by hand): the next chunk goes on with the kept variance, without its
+    graph, exactly as after ``functional.detach_net`` (the second backward failed
+    through the first chunk's freed graph)."""
     x = torch.rand(4, 6, 12) * 3
     results = []
-    for how in ("detach_net", "by hand"):
+    for by_hand in (False, True):
         net, _ = _initial_membrane_net(step_mode)
         functional.reset_net(net)
         sbnn_addons.seed_spikes(net, 0)
@@ -1434,10 +1435,12 @@ def test_membrane_detached_by_hand_keeps_its_variance(step_mode):
             out = net(chunk) if step_mode == "m" else torch.stack([net(xt) for xt in chunk])
             out.sum().backward()
             outs.append([out.detach()] + [p.grad.clone() for p in net.parameters()])
-            if how == "detach_net":
+            if not by_hand:
                 functional.detach_net(net)
-            else:
+            elif how == "v.detach()":
                 net[1].v = net[1].v.detach()
+            else:
+                net[1].v = net[1].v.detach().clone()
         assert net[1].sbnn_var is not None
         results.append(outs)
     for want, got in zip(*results):
