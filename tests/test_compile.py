@@ -646,6 +646,46 @@ def test_spikingjelly_membrane_detached_by_hand_between_compiled_chunks_keeps_it
             torch.testing.assert_close(b, a)
 
 
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_spikingjelly_compiled_chunks_of_one_sequence_keep_the_variance(same_random_stream,
+                                                                       step_mode):
+    """Two compiled chunks of one sequence, one backward through both (no detach): the
+    membrane a compiled call leaves is the one its variance belongs to (the memory
+    ``sbnn_v`` is that very tensor), so the second chunk goes on with the variance, as in
+    eager mode (had the graph returned two tensors, the second chunk would have taken the
+    membrane for a user's new one and dropped the variance, silently)."""
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    x = torch.rand(4, 6, 12) * 3
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        host = nn.Sequential(layer.Linear(12, 16), neuron.LIFNode(tau=2.0),
+                             layer.Linear(16, 5), neuron.LIFNode(tau=2.0))
+        with torch.no_grad():
+            host[0].weight.mul_(3.0)
+            host[2].weight.mul_(3.0)
+        functional.set_step_mode(host, step_mode)
+        net = sbnn_sj.to_sbnn(host)
+
+        def chunk(x, net=net):
+            return net(x) if step_mode == "m" else torch.stack([net(xt) for xt in x])
+
+        if compiled:
+            chunk = torch.compile(chunk, fullgraph=True, backend="aot_eager")
+        functional.reset_net(net)
+        torch.manual_seed(1)
+        first = chunk(x[:2])
+        assert all(net[i].v is net[i].sbnn_v for i in (1, 3))
+        second = chunk(x[2:])
+        (first.sum() + second.sum()).backward()
+        runs.append([first.detach(), second.detach()] + [p.grad.clone()
+                                                         for p in net.parameters()])
+    for want, got in zip(*runs):
+        torch.testing.assert_close(got, want)
+
+
 def test_snntorch_init_hidden_membrane_replaced_by_a_detach_keeps_its_variance_compiled(
         same_random_stream):
     """Truncated BPTT with ``init_hidden`` neurons that detaches by replacing the buffer
