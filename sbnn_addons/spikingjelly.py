@@ -71,6 +71,7 @@ from . import layers as _layers
 from .base import (
     HostObject,
     SBNNModule,
+    aliases,
     call_eagerly,
     check_flag,
     check_heaviside_forward,
@@ -79,6 +80,7 @@ from .base import (
     check_neuron_constants,
     check_std,
     compiled_wrapped,
+    computed_from,
     concrete_shape,
     drop_state,
     host_neurons,
@@ -206,7 +208,7 @@ class SJSpike(IWSTSpike):
             # batch size without reset_net, materialize_states): so does the variance
             var_state = None
         if var_state is not None and isinstance(v, Tensor):
-            var_state = _variance_of_membrane(v, node._memories.get(MEMBRANE_MEMORY),
+            var_state = _variance_of_membrane(node, v, node._memories.get(MEMBRANE_MEMORY),
                                               var_state)
         state["_var_state"] = var_state
         threshold = node.v_threshold
@@ -342,7 +344,7 @@ class SJSpike(IWSTSpike):
         return state
 
 
-def _variance_of_membrane(v: Tensor, kept, var: Tensor) -> Tensor | None:
+def _variance_of_membrane(node: nn.Module, v: Tensor, kept, var: Tensor) -> Tensor | None:
     """The noise variance of membrane ``v`` that a linked neuron starts a call from:
     ``var``, kept with the membrane ``kept`` that its last call left, while ``v`` is that
     membrane; else ``v`` was set by the user (``node.v = ...``) since:
@@ -356,15 +358,30 @@ def _variance_of_membrane(v: Tensor, kept, var: Tensor) -> Tensor | None:
       has its (non-zero) values (compiled: checked in the graph), else a new membrane.
 
     ``kept`` is ``None`` for a neuron linked before this memory existed (a pickled
-    model): ``var`` as it is."""
+    model): ``var`` as it is.
+
+    Raises:
+        VarianceFlowError: ``v`` was computed from the kept membrane out of place
+            (``node.v = 0.5 * node.v``: its variance is unknown; eager mode, which can
+            walk the autograd graph).
+    """
     if v is kept or not isinstance(kept, Tensor):
         return var
     if v.requires_grad:
+        if computed_from(v, kept):
+            name = type(node).__name__
+            raise VarianceFlowError(
+                f"the membrane v of this converted SpikingJelly {name} was set to a tensor "
+                "computed from its last membrane (e.g. node.v = 0.5 * node.v): the neuron "
+                "follows the noise variance of the membranes its calls leave, not of an "
+                "edit of one, and would restart it silently. Apply the change to the "
+                "neuron's input instead, or start a new sequence "
+                "(functional.reset_net(net), then set node.v to the new membrane)")
         return None
     if v.shape != kept.shape or v.dtype != kept.dtype or v.device != kept.device:
         return None
     if not torch.compiler.is_compiling():
-        if _aliases(v, kept):
+        if aliases(v, kept):
             return var.detach()
         try:  # a copy: zeros are a new sequence's initial state, never taken for one
             same = torch.equal(v, kept.detach()) and bool(v.any())
@@ -373,18 +390,6 @@ def _variance_of_membrane(v: Tensor, kept, var: Tensor) -> Tensor | None:
         return var.detach() if same else None
     same = (v == kept.detach()).all() & (v != 0).any()  # zeros: a new sequence
     return torch.where(same, var.detach(), 0.0)
-
-
-def _aliases(a: Tensor, b: Tensor) -> bool:
-    """Whether ``a`` and ``b`` view the same memory the same way (``b.detach()``); never
-    for a tensor without storage."""
-    if not (a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
-            and a.device == b.device and a.storage_offset() == b.storage_offset()):
-        return False
-    try:
-        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-    except RuntimeError:  # "Cannot access data pointer of Tensor (e.g. FakeTensor, ...)"
-        return False
 
 
 #: SpikingJelly's parallel spiking neurons: they call the surrogate on a whole sequence

@@ -1446,3 +1446,26 @@ def test_membrane_detached_by_hand_keeps_its_variance(step_mode, how):
     for want, got in zip(*results):
         for a, b in zip(want, got):
             torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_membrane_edited_by_the_user_is_named(step_mode):
+    """``node.v = 0.5 * node.v`` between two calls of one sequence: the variance of the
+    edited membrane is unknown (it went on with the unscaled variance, silently): a
+    ``VarianceFlowError`` names the edit and the fixes. A detached edit (no graph back
+    to the membrane) is a new membrane, as a value set by the user."""
+    net, _ = _initial_membrane_net(step_mode)
+    x = torch.rand(4, 6, 12) * 3
+
+    def run(chunk):
+        return net(chunk) if step_mode == "m" else torch.stack([net(xt) for xt in chunk])
+
+    functional.reset_net(net)
+    run(x[:2])
+    net[1].v = 0.5 * net[1].v
+    with pytest.raises(VarianceFlowError, match=r"computed from its last membrane"):
+        run(x[2:])
+    functional.reset_net(net)
+    run(x[:2])
+    net[1].v = 0.5 * net[1].v.detach()
+    run(x[2:]).sum().backward()
