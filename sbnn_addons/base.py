@@ -1331,8 +1331,10 @@ def computed_from(mem: Tensor, stored: Tensor, depth: int = 4) -> bool:
     """Whether ``mem`` was computed from ``stored`` by a few out-of-place operations
     (``0.5 * mem``, ``mem.clamp(...)``): ``stored``'s autograd node is among the first
     ``depth`` levels of ``mem``'s graph. Eager, with a graph only (else ``False``)."""
+    if torch.compiler.is_compiling():  # (Dynamo cannot read grad_fn)
+        return False
     target = stored.grad_fn
-    if target is None or mem.grad_fn is None or torch.compiler.is_compiling():
+    if target is None or mem.grad_fn is None:
         return False
     frontier = [mem.grad_fn]
     for _ in range(depth):
