@@ -1313,3 +1313,35 @@ def match_name(name: str, patterns) -> bool:
     parts = name.split(".")
     prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)] if name else [""]
     return any(fnmatch.fnmatchcase(q, p) for q in prefixes for p in patterns)
+
+
+def aliases(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` view the same memory the same way (``b.detach()``); never
+    for a tensor without storage (``torch.export`` traces with fake tensors)."""
+    if not (a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+            and a.device == b.device and a.storage_offset() == b.storage_offset()):
+        return False
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    except RuntimeError:  # "Cannot access data pointer of Tensor (e.g. FakeTensor, ...)"
+        return False
+
+
+def computed_from(mem: Tensor, stored: Tensor, depth: int = 4) -> bool:
+    """Whether ``mem`` was computed from ``stored`` by a few out-of-place operations
+    (``0.5 * mem``, ``mem.clamp(...)``): ``stored``'s autograd node is among the first
+    ``depth`` levels of ``mem``'s graph. Eager, with a graph only (else ``False``)."""
+    if torch.compiler.is_compiling():  # (Dynamo cannot read grad_fn)
+        return False
+    target = stored.grad_fn
+    if target is None or mem.grad_fn is None:
+        return False
+    frontier = [mem.grad_fn]
+    for _ in range(depth):
+        nxt = []
+        for fn in frontier:
+            if fn is target:
+                return True
+            nxt.extend(f for f, _ in fn.next_functions if f is not None)
+        frontier = nxt
+    return any(fn is target for fn in frontier)

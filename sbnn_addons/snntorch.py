@@ -69,6 +69,8 @@ from .base import (
     traced_in_torch_checkpoint,
     variance_dtype,
 )
+from .base import aliases as _aliases
+from .base import computed_from as _computed_from
 from .base import match_name as _match
 from .base import name_patterns as _patterns
 from .estimators import Estimator
@@ -1415,18 +1417,6 @@ def _copy_of(mem: Tensor, stored: Tensor) -> bool:
         return False
 
 
-def _aliases(a: Tensor, b: Tensor) -> bool:
-    """Whether ``a`` and ``b`` view the same memory the same way (``b.detach()``); never
-    for a tensor without storage (``torch.export`` traces with fake tensors)."""
-    if not (a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
-            and a.device == b.device and a.storage_offset() == b.storage_offset()):
-        return False
-    try:
-        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-    except RuntimeError:  # "Cannot access data pointer of Tensor (e.g. FakeTensor, ...)"
-        return False
-
-
 def _stored_variance(neuron: nn.Module, detached: bool = False,
                      compiling: bool | None = None):
     """The variance of a neuron's plain membrane buffer: the stored ``V`` while ``mem`` is
@@ -1482,24 +1472,6 @@ def _stored_variance(neuron: nn.Module, detached: bool = False,
     if detached and had_grad and not mem.requires_grad and isinstance(var, Tensor):
         var = var.detach()
     return var
-
-
-def _computed_from(mem: Tensor, stored: Tensor, depth: int = 4) -> bool:
-    """Whether ``mem`` was computed from ``stored`` by a few out-of-place operations
-    (``0.5 * mem``, ``mem.clamp(...)``): ``stored``'s autograd node is among the first
-    ``depth`` levels of ``mem``'s graph. Eager, with a graph only (else ``False``)."""
-    target = stored.grad_fn
-    if target is None or mem.grad_fn is None or torch.compiler.is_compiling():
-        return False
-    frontier = [mem.grad_fn]
-    for _ in range(depth):
-        nxt = []
-        for fn in frontier:
-            if fn is target:
-                return True
-            nxt.extend(f for f, _ in fn.next_functions if f is not None)
-        frontier = nxt
-    return any(fn is target for fn in frontier)
 
 
 def _note_membrane_edit(neuron: nn.Module, value) -> None:

@@ -36,7 +36,9 @@ What :func:`to_sbnn` does (Method page, sections 2-3):
   ``V`` twice, so the generic variance flow, which treats the terms of a sum as
   independent, cannot follow it; the link does it exactly.) ``S`` is the neuron's own
   memory ``sbnn_var`` (``register_memory``): ``functional.reset_net`` resets it with the
-  membrane, ``detach_net`` detaches it, and copies of the model carry it.
+  membrane, ``detach_net`` detaches it, and copies of the model carry it. The memory
+  ``sbnn_v`` holds the membrane it belongs to: a ``v`` set by the user since (a learned
+  initial membrane ``node.v = h0(x[0])``) is a new membrane, without it.
 * A ``layer.TLastSeqToANNContainer`` (or a subclass keeping its forward) runs its
   layers on the ``T * N`` slices at once (``seq_to_ann_forward``) instead of under
   ``torch.vmap``, whose output would drop the variance.
@@ -69,6 +71,7 @@ from . import layers as _layers
 from .base import (
     HostObject,
     SBNNModule,
+    aliases,
     call_eagerly,
     check_flag,
     check_heaviside_forward,
@@ -77,6 +80,7 @@ from .base import (
     check_neuron_constants,
     check_std,
     compiled_wrapped,
+    computed_from,
     concrete_shape,
     drop_state,
     host_neurons,
@@ -137,6 +141,10 @@ __all__ = [
 
 #: Name of the memory (``register_memory``) holding a linked neuron's noise variance.
 VAR_MEMORY = "sbnn_var"
+#: Name of the memory holding the membrane (the neuron's ``v`` after its last call) that
+#: the variance in :data:`VAR_MEMORY` belongs to: a ``v`` set by the user since (a learned
+#: initial membrane) is a new membrane, without that variance.
+MEMBRANE_MEMORY = "sbnn_v"
 #: Key of a converted neuron's original surrogate in its ``__dict__`` (a HostObject).
 _HOST_SURROGATE = "_sbnn_host_surrogate"
 
@@ -199,6 +207,9 @@ class SJSpike(IWSTSpike):
             # SpikingJelly starts a new membrane when the input's shape changes (a new
             # batch size without reset_net, materialize_states): so does the variance
             var_state = None
+        if var_state is not None and isinstance(v, Tensor):
+            var_state = _variance_of_membrane(node, v, node._memories.get(MEMBRANE_MEMORY),
+                                              var_state)
         state["_var_state"] = var_state
         threshold = node.v_threshold
         if isinstance(threshold, Tensor):  # a learned one (nn.Parameter): its value now
@@ -331,6 +342,54 @@ class SJSpike(IWSTSpike):
         for key in ("_var_state", "_pending", "_steps", "_input", "_examples"):
             state[key] = None
         return state
+
+
+def _variance_of_membrane(node: nn.Module, v: Tensor, kept, var: Tensor) -> Tensor | None:
+    """The noise variance of membrane ``v`` that a linked neuron starts a call from:
+    ``var``, kept with the membrane ``kept`` that its last call left, while ``v`` is that
+    membrane; else ``v`` was set by the user (``node.v = ...``) since:
+
+    * a tensor with a graph (a learned initial membrane ``h0(x[0])``, set instead of
+      ``functional.reset_net``) is a new membrane: no variance yet (``var``'s graph
+      belongs to an earlier call, freed by its backward);
+    * a tensor without one is the kept membrane detached by hand (``node.v =
+      node.v.detach()`` or ``.detach().clone()``, truncated BPTT: ``var`` without its
+      graph, as after ``functional.detach_net``) where it views the kept one's memory or
+      has its (non-zero) values (compiled: checked in the graph), else a new membrane.
+
+    ``kept`` is ``None`` for a neuron linked before this memory existed (a pickled
+    model): ``var`` as it is.
+
+    Raises:
+        VarianceFlowError: ``v`` was computed from the kept membrane out of place
+            (``node.v = 0.5 * node.v``: its variance is unknown; eager mode, which can
+            walk the autograd graph).
+    """
+    if v is kept or not isinstance(kept, Tensor):
+        return var
+    if v.requires_grad:
+        if computed_from(v, kept):
+            name = type(node).__name__
+            raise VarianceFlowError(
+                f"the membrane v of this converted SpikingJelly {name} was set to a tensor "
+                "computed from its last membrane (e.g. node.v = 0.5 * node.v): the neuron "
+                "follows the noise variance of the membranes its calls leave, not of an "
+                "edit of one, and would restart it silently. Apply the change to the "
+                "neuron's input instead, or start a new sequence "
+                "(functional.reset_net(net), then set node.v to the new membrane)")
+        return None
+    if v.shape != kept.shape or v.dtype != kept.dtype or v.device != kept.device:
+        return None
+    if not torch.compiler.is_compiling():
+        if aliases(v, kept):
+            return var.detach()
+        try:  # a copy: zeros are a new sequence's initial state, never taken for one
+            same = torch.equal(v, kept.detach()) and bool(v.any())
+        except RuntimeError:  # fake tensors (torch.export)
+            same = False
+        return var.detach() if same else None
+    same = (v == kept.detach()).all() & (v != 0).any()  # zeros: a new sequence
+    return torch.where(same, var.detach(), 0.0)
 
 
 #: SpikingJelly's parallel spiking neurons: they call the surrogate on a whole sequence
@@ -582,6 +641,8 @@ def link_neuron(node: nn.Module, spike: SJSpike | None = None) -> nn.Module:
     node.surrogate_function._node_type = type(node).__name__  # for messages
     if VAR_MEMORY not in node._memories:
         node.register_memory(VAR_MEMORY, None)
+    if MEMBRANE_MEMORY not in node._memories:
+        node.register_memory(MEMBRANE_MEMORY, None)
     if _neuron_pre_hook not in node._forward_pre_hooks.values():
         node.register_forward_pre_hook(_neuron_pre_hook)
     if _mark_spikes not in node._forward_hooks.values():
@@ -771,6 +832,9 @@ def _mark_spikes(node: nn.Module, args, output):
         if isinstance(state, Tensor) and state._base is not None:
             state = state.clone()  # a view cannot be detached in place (detach_net)
         node._memories[VAR_MEMORY] = state
+        if MEMBRANE_MEMORY in node._memories:  # the membrane that variance belongs to
+            v = node._memories.get("v")
+            node._memories[MEMBRANE_MEMORY] = v if isinstance(state, Tensor) else None
     if isinstance(spike, SJSpike):
         spike._end()
     if isinstance(output, Tensor):
@@ -826,8 +890,9 @@ def _unlink(node: nn.Module) -> None:
     node.__dict__.pop("multi_step_forward", None)
     node.__dict__.pop("single_step_forward", None)
     node.__dict__.pop("functional_forward", None)
-    if VAR_MEMORY in getattr(node, "_memories", {}):
-        delattr(node, VAR_MEMORY)  # MemoryModule.__delattr__: the memory and its reset value
+    for memory in (VAR_MEMORY, MEMBRANE_MEMORY):
+        if memory in getattr(node, "_memories", {}):
+            delattr(node, memory)  # MemoryModule.__delattr__: the memory and its reset value
     for hooks, fn in ((node._forward_pre_hooks, _neuron_pre_hook),
                       (node._forward_pre_hooks, _refuse_variance),
                       (node._forward_hooks, _mark_spikes)):

@@ -630,6 +630,140 @@ def test_a_membrane_returned_by_a_compiled_chunk_pickles_with_its_variance(tmp_p
         torch.testing.assert_close(sb.get_variance(loaded), sb.get_variance(mem1).detach())
 
 
+def _sj_initial_membrane_net(step_mode: str):
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    torch.manual_seed(0)
+    host = nn.Sequential(layer.Linear(12, 16), neuron.LIFNode(tau=2.0), layer.Linear(16, 5))
+    with torch.no_grad():
+        host[0].weight.mul_(3.0)
+    functional.set_step_mode(host, step_mode)
+    return sbnn_sj.to_sbnn(host, exclude=["2"]), nn.Linear(12, 16)
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+@pytest.mark.parametrize("between", ["nothing", "v.detach()"])
+def test_spikingjelly_membrane_set_by_the_user_in_compiled_steps_is_a_new_membrane(
+        same_random_stream, step_mode, between):
+    """A compiled step that sets ``node.v = h0(x[0])`` (a learned initial membrane)
+    instead of calling ``functional.reset_net`` (the neuron is the model's only state),
+    called three times with a backward each: the second call's backward failed through
+    the first call's freed variance graph (and, after a detach, the new sequence drew
+    with the last one's variance, silently). It is a new membrane: the losses and
+    gradients of eager steps that reset first. A detach set back by hand between the
+    calls (``node.v = node.v.detach()``) changes nothing there."""
+    from spikingjelly.activation_based import functional
+
+    x = torch.rand(3, 3, 6, 12) * 3
+    y = torch.randint(0, 5, (3, 6))
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        net, h0 = _sj_initial_membrane_net(step_mode)
+
+        def step(x, y, net=net, h0=h0, compiled=compiled):
+            if not compiled:
+                functional.reset_net(net)
+            net[1].v = h0(x[0])
+            out = net(x) if step_mode == "m" else torch.stack([net(xt) for xt in x])
+            return F.cross_entropy(out.sum(0), y)
+
+        if compiled:
+            step = torch.compile(step, fullgraph=True, backend="aot_eager")
+        runs.append([])
+        for i in range(len(x)):
+            net.zero_grad()
+            h0.zero_grad()
+            torch.manual_seed(i)
+            loss = step(x[i], y[i])
+            loss.backward()
+            runs[-1].append([loss.detach()] + [p.grad.clone() for p in
+                                               [*net.parameters(), *h0.parameters()]])
+            if between == "v.detach()":
+                net[1].v = net[1].v.detach()
+    for want, got in zip(*runs):
+        for a, b in zip(want, got):
+            torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_spikingjelly_membrane_detached_by_hand_between_compiled_chunks_keeps_its_variance(
+        same_random_stream, step_mode):
+    """``node.v = node.v.detach()`` between two compiled chunks of one sequence
+    (truncated BPTT by hand): the second chunk goes on with the kept variance, without
+    its graph, as after ``functional.detach_net`` (eager chunks; its backward failed
+    through the first chunk's freed graph)."""
+    from spikingjelly.activation_based import functional
+
+    x = torch.rand(4, 6, 12) * 3
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        net, _ = _sj_initial_membrane_net(step_mode)
+
+        def chunk(x, net=net):
+            return net(x) if step_mode == "m" else torch.stack([net(xt) for xt in x])
+
+        if compiled:
+            chunk = torch.compile(chunk, fullgraph=True, backend="aot_eager")
+        functional.reset_net(net)
+        torch.manual_seed(0)
+        runs.append([])
+        for part in (x[:2], x[2:]):
+            net.zero_grad()
+            out = chunk(part)
+            out.sum().backward()
+            runs[-1].append([out.detach()] + [p.grad.clone() for p in net.parameters()])
+            if compiled:
+                net[1].v = net[1].v.detach()
+            else:
+                functional.detach_net(net)
+        assert net[1].sbnn_var is not None
+    for want, got in zip(*runs):
+        for a, b in zip(want, got):
+            torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_spikingjelly_compiled_chunks_of_one_sequence_keep_the_variance(same_random_stream,
+                                                                       step_mode):
+    """Two compiled chunks of one sequence, one backward through both (no detach): the
+    membrane a compiled call leaves is the one its variance belongs to (the memory
+    ``sbnn_v`` is that very tensor), so the second chunk goes on with the variance, as in
+    eager mode (had the graph returned two tensors, the second chunk would have taken the
+    membrane for a user's new one and dropped the variance, silently)."""
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    x = torch.rand(4, 6, 12) * 3
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        host = nn.Sequential(layer.Linear(12, 16), neuron.LIFNode(tau=2.0),
+                             layer.Linear(16, 5), neuron.LIFNode(tau=2.0))
+        with torch.no_grad():
+            host[0].weight.mul_(3.0)
+            host[2].weight.mul_(3.0)
+        functional.set_step_mode(host, step_mode)
+        net = sbnn_sj.to_sbnn(host)
+
+        def chunk(x, net=net):
+            return net(x) if step_mode == "m" else torch.stack([net(xt) for xt in x])
+
+        if compiled:
+            chunk = torch.compile(chunk, fullgraph=True, backend="aot_eager")
+        functional.reset_net(net)
+        torch.manual_seed(1)
+        first = chunk(x[:2])
+        assert all(net[i].v is net[i].sbnn_v for i in (1, 3))
+        second = chunk(x[2:])
+        (first.sum() + second.sum()).backward()
+        runs.append([first.detach(), second.detach()] + [p.grad.clone()
+                                                         for p in net.parameters()])
+    for want, got in zip(*runs):
+        torch.testing.assert_close(got, want)
+
+
 def test_snntorch_init_hidden_membrane_replaced_by_a_detach_keeps_its_variance_compiled(
         same_random_stream):
     """Truncated BPTT with ``init_hidden`` neurons that detaches by replacing the buffer

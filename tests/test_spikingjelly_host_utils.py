@@ -1355,3 +1355,117 @@ def test_conversion_keeps_the_models_training_mode(inplace, training):
     else:
         with pytest.warns(UserWarning, match="eval mode"):
             assert sbnn_addons.aux_loss(model) == 0
+
+
+def _initial_membrane_net(step_mode: str):
+    """A converted Linear-LIF-Linear model whose only state is the neuron's, and a layer
+    that makes its learned initial membrane."""
+    torch.manual_seed(0)
+    host = nn.Sequential(layer.Linear(12, 16), neuron.LIFNode(tau=2.0), layer.Linear(16, 5))
+    with torch.no_grad():
+        host[0].weight.mul_(3.0)
+    functional.set_step_mode(host, step_mode)
+    return sbnn_sj.to_sbnn(host, exclude=["2"]), nn.Linear(12, 16)
+
+
+def initial_membrane_step(net, h0, step_mode: str, how: str):
+    """One training step that starts the neuron from ``h0(x[0])`` set as ``node.v``:
+    after ``reset_net`` ("reset"), or instead of it ("set")."""
+    def step(x, y):
+        if how == "reset":
+            functional.reset_net(net)
+        net[1].v = h0(x[0])
+        out = net(x) if step_mode == "m" else torch.stack([net(xt) for xt in x])
+        return torch.nn.functional.cross_entropy(out.sum(0), y)
+    return step
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+@pytest.mark.parametrize("between", ["nothing", "detach_net", "v.detach()"])
+def test_membrane_set_by_the_user_is_a_new_membrane(step_mode, between):
+    """``node.v = h0(x[0])`` (a learned initial membrane) set before each sequence
+    instead of ``functional.reset_net`` (the neuron is the model's only state; the
+    unconverted model trains so): the neuron kept the noise variance of the last
+    sequence's membrane for the new one. Without a detach, the second backward failed
+    through the first one's freed graph ("Trying to backward through the graph a second
+    time"); after ``detach_net``, the new sequence was drawn with that stale variance,
+    silently. The set membrane is a new one (no variance yet), as after ``reset_net``.
+    A detach of the kept membrane set back by hand (``node.v = node.v.detach()``,
+    truncated BPTT) keeps its variance, as ``detach_net`` does."""
+    x = torch.rand(3, 3, 6, 12) * 3
+    y = torch.randint(0, 5, (3, 6))
+    runs = {}
+    for how in ("reset", "set"):
+        net, h0 = _initial_membrane_net(step_mode)
+        step = initial_membrane_step(net, h0, step_mode, how)
+        runs[how] = []
+        for i in range(len(x)):
+            net.zero_grad()
+            h0.zero_grad()
+            sbnn_addons.seed_spikes(net, i)
+            loss = step(x[i], y[i])
+            loss.backward()
+            runs[how].append([loss.detach()] + [p.grad.clone() for p in
+                                                [*net.parameters(), *h0.parameters()]])
+            if between == "detach_net":
+                functional.detach_net(net)
+            elif between == "v.detach()":
+                net[1].v = net[1].v.detach()
+    for want, got in zip(runs["reset"], runs["set"]):
+        for a, b in zip(want, got):
+            torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+@pytest.mark.parametrize("how", ["v.detach()", "v.detach().clone()"])
+def test_membrane_detached_by_hand_keeps_its_variance(step_mode, how):
+    """``node.v = node.v.detach()`` (or a copy of it) between two chunks of one sequence
+    (truncated BPTT by hand): the next chunk goes on with the kept variance, without its
+    graph, exactly as after ``functional.detach_net`` (the second backward failed
+    through the first chunk's freed graph)."""
+    x = torch.rand(4, 6, 12) * 3
+    results = []
+    for by_hand in (False, True):
+        net, _ = _initial_membrane_net(step_mode)
+        functional.reset_net(net)
+        sbnn_addons.seed_spikes(net, 0)
+        outs = []
+        for chunk in (x[:2], x[2:]):
+            net.zero_grad()
+            out = net(chunk) if step_mode == "m" else torch.stack([net(xt) for xt in chunk])
+            out.sum().backward()
+            outs.append([out.detach()] + [p.grad.clone() for p in net.parameters()])
+            if not by_hand:
+                functional.detach_net(net)
+            elif how == "v.detach()":
+                net[1].v = net[1].v.detach()
+            else:
+                net[1].v = net[1].v.detach().clone()
+        assert net[1].sbnn_var is not None
+        results.append(outs)
+    for want, got in zip(*results):
+        for a, b in zip(want, got):
+            torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_membrane_edited_by_the_user_is_named(step_mode):
+    """``node.v = 0.5 * node.v`` between two calls of one sequence: the variance of the
+    edited membrane is unknown (it went on with the unscaled variance, silently): a
+    ``VarianceFlowError`` names the edit and the fixes. A detached edit (no graph back
+    to the membrane) is a new membrane, as a value set by the user."""
+    net, _ = _initial_membrane_net(step_mode)
+    x = torch.rand(4, 6, 12) * 3
+
+    def run(chunk):
+        return net(chunk) if step_mode == "m" else torch.stack([net(xt) for xt in chunk])
+
+    functional.reset_net(net)
+    run(x[:2])
+    net[1].v = 0.5 * net[1].v
+    with pytest.raises(VarianceFlowError, match=r"computed from its last membrane"):
+        run(x[2:])
+    functional.reset_net(net)
+    run(x[:2])
+    net[1].v = 0.5 * net[1].v.detach()
+    run(x[2:]).sum().backward()
