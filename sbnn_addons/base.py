@@ -1345,3 +1345,12 @@ def computed_from(mem: Tensor, stored: Tensor, depth: int = 4) -> bool:
             nxt.extend(f for f, _ in fn.next_functions if f is not None)
         frontier = nxt
     return any(fn is target for fn in frontier)
+
+
+def version_of(t: Tensor, compiling: bool | None = None) -> int | None:
+    """``t._version``; ``None`` in a compiled graph and for an inference tensor (created
+    under ``torch.inference_mode()``), which has no version counter. ``compiling``:
+    whether a graph is traced, where the caller knows it."""
+    if (torch.compiler.is_compiling() if compiling is None else compiling) or t.is_inference():
+        return None
+    return t._version

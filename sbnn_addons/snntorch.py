@@ -73,6 +73,7 @@ from .base import aliases as _aliases
 from .base import computed_from as _computed_from
 from .base import match_name as _match
 from .base import name_patterns as _patterns
+from .base import version_of as _version_of
 from .estimators import Estimator
 from .layers import (
     BayesConv1d,
@@ -1373,15 +1374,6 @@ def _name_states_for_ddp(model: nn.Module) -> None:
 def _without_graph(t):
     """``t`` detached where it is a tensor inside an autograd graph, else ``t``."""
     return t.detach() if isinstance(t, Tensor) and t.grad_fn is not None else t
-
-
-def _version_of(t: Tensor, compiling: bool | None = None) -> int | None:
-    """``t._version``; ``None`` in a compiled graph and for an inference tensor (created
-    under ``torch.inference_mode()``), which has no version counter. ``compiling``:
-    whether a graph is traced, where the caller knows it."""
-    if (torch.compiler.is_compiling() if compiling is None else compiling) or t.is_inference():
-        return None
-    return t._version
 
 
 def _fire_mark(mem: Tensor, compiling: bool | None = None) -> int | Tensor | None:

@@ -93,6 +93,7 @@ from .base import (
     refuse_unconverted_export,
     set_state,
     threshold_value,
+    version_of,
 )
 from .functional import compact_broadcast, mark_binary
 from .losses import enable_aux_loss
@@ -147,6 +148,9 @@ VAR_MEMORY = "sbnn_var"
 MEMBRANE_MEMORY = "sbnn_v"
 #: Key of a converted neuron's original surrogate in its ``__dict__`` (a HostObject).
 _HOST_SURROGATE = "_sbnn_host_surrogate"
+#: Key of ``(id, Tensor._version)`` of the membrane in :data:`MEMBRANE_MEMORY` when the
+#: neuron's last eager call left it, in the neuron's ``__dict__``.
+_KEPT_VERSION = "_sbnn_kept_version"
 
 #: Neuron classes whose dynamics the adapter follows exactly (exact type match).
 SUPPORTED_NEURONS: tuple[type, ...] = (
@@ -361,11 +365,28 @@ def _variance_of_membrane(node: nn.Module, v: Tensor, kept, var: Tensor) -> Tens
     model): ``var`` as it is.
 
     Raises:
-        VarianceFlowError: ``v`` was computed from the kept membrane out of place
-            (``node.v = 0.5 * node.v``: its variance is unknown; eager mode, which can
-            walk the autograd graph).
+        VarianceFlowError: ``v`` is the kept membrane changed in place since
+            (``node.v.zero_()``: eager mode, which reads its version counter), or ``v``
+            was computed from the kept membrane out of place (``node.v = 0.5 * node.v``:
+            eager mode, which can walk the autograd graph); its variance is unknown.
     """
-    if v is kept or not isinstance(kept, Tensor):
+    if not isinstance(kept, Tensor):
+        return var
+    if v is kept:
+        # (the id: a copy of the model holds another tensor, with a version of its own;
+        # None: a compiled call left it, which cannot read it)
+        kept_id, version = node.__dict__.get(_KEPT_VERSION, (None, None))
+        if (version is not None and not torch.compiler.is_compiling() and kept_id == id(v)
+                and version_of(v, False) not in (None, version)):
+            name = type(node).__name__
+            raise VarianceFlowError(
+                f"the membrane v of this converted SpikingJelly {name} was changed in place "
+                "since its last call (e.g. node.v.zero_(), node.v.mul_(mask)), so its noise "
+                "variance is unknown: the neuron would go on with the variance of the old "
+                "values, silently. Start a new sequence with functional.reset_net(net) "
+                "(then set node.v to another initial membrane if needed, a new membrane), "
+                "or set node.v to an edited copy without a graph (node.v = "
+                "node.v.detach() * mask: a new membrane, without the variance)")
         return var
     if v.requires_grad:
         if computed_from(v, kept):
@@ -835,6 +856,9 @@ def _mark_spikes(node: nn.Module, args, output):
         if MEMBRANE_MEMORY in node._memories:  # the membrane that variance belongs to
             v = node._memories.get("v")
             node._memories[MEMBRANE_MEMORY] = v if isinstance(state, Tensor) else None
+            if isinstance(v, Tensor):  # (eager: a change in place since is refused)
+                node.__dict__[_KEPT_VERSION] = ((None, None) if torch.compiler.is_compiling()
+                                                else (id(v), version_of(v, False)))
     if isinstance(spike, SJSpike):
         spike._end()
     if isinstance(output, Tensor):

@@ -1469,3 +1469,57 @@ def test_membrane_edited_by_the_user_is_named(step_mode):
     run(x[:2])
     net[1].v = 0.5 * net[1].v.detach()
     run(x[2:]).sum().backward()
+
+
+def test_membrane_set_from_a_bayesian_layer_names_the_layer_and_the_fix():
+    """A learned initial membrane made by a layer the conversion made Bayesian
+    (``self.lif.v = self.h0(x[0])``): the neuron starts a membrane set by hand without
+    variance, so the layer's noise reaches no neuron. The error named other causes only
+    (a plain tensor made of the output); it names this one and ``exclude=``."""
+
+    class InitialMembraneNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.h0, self.fc = layer.Linear(12, 16), layer.Linear(12, 16)
+            self.lif, self.out = neuron.LIFNode(tau=2.0), layer.Linear(16, 5)
+            functional.set_step_mode(self, "m")
+
+        def forward(self, x):
+            functional.reset_net(self)
+            self.lif.v = self.h0(x[0])
+            return self.out(self.lif(self.fc(x)))
+
+    torch.manual_seed(0)
+    net = sbnn_sj.to_sbnn(InitialMembraneNet(), exclude=["out"])
+    with pytest.raises(VarianceFlowError, match=r"'h0'.*node\.v = layer\(x\).*exclude="):
+        net(torch.rand(3, 6, 12))
+    net = sbnn_sj.to_sbnn(InitialMembraneNet(), exclude=["out", "h0"])
+    net(torch.rand(3, 6, 12)).sum().backward()  # the fix
+
+
+@pytest.mark.parametrize("edit", ["zero_", "mul_"])
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_membrane_changed_in_place_by_the_user_is_named(step_mode, edit):
+    """``node.v.zero_()`` (a reset by hand) or ``node.v.mul_(mask)`` between two calls of
+    one sequence, after ``functional.detach_net``: the neuron went on with the variance
+    of the old values, silently (the same tensor: nothing else tells the change). Its
+    version counter does: a ``VarianceFlowError`` names the change and the fixes. An
+    unchanged membrane (``detach_net`` detaches it in place without a new version) goes
+    on."""
+    net, _ = _initial_membrane_net(step_mode)
+    x = torch.rand(4, 6, 12) * 3
+
+    def run(chunk):
+        return net(chunk) if step_mode == "m" else torch.stack([net(xt) for xt in chunk])
+
+    functional.reset_net(net)
+    run(x[:2]).sum().backward()
+    functional.detach_net(net)
+    run(x[2:3]).sum().backward()  # unchanged: goes on
+    functional.detach_net(net)
+    v = net[1].v
+    v.zero_() if edit == "zero_" else v.mul_((torch.arange(6) % 2).float()[:, None])
+    with pytest.raises(VarianceFlowError, match=r"changed in place since its last call"):
+        run(x[3:])
+    functional.reset_net(net)  # the fix: a new sequence
+    run(x[3:]).sum().backward()
