@@ -1756,10 +1756,7 @@ def _flow(func, args, kwargs, compiling: bool | None = None):
     new = _wrap(out, var, noise=nset, compiling=compiling)
     if type(new) is VarianceTensor:  # (eager: between compiled calls, see above)
         source = _membrane_source(args)
-        if (source is not None and new.shape == source.shape  # (a loss is no membrane)
-                and (compiling or name != "detach")):
-            # (a detach between compiled calls, truncated BPTT: the next call finds the
-            # membrane its neuron kept by its values, as eager mode finds its alias)
+        if source is not None and new.shape == source.shape:  # (a loss is no membrane)
             new.derived = source
         viewed = _viewed_membrane(name, args)
         if viewed is not None:

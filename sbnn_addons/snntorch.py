@@ -146,7 +146,8 @@ _CACHE = "_sbnn_fire_cache"  # (membrane fired from, its spikes, _fire_mark[, or
 _STATE = "_sbnn_state"  # (membrane, its variance, whether it required grad, its _version)
 _HOST_SPIKE = "_sbnn_host_spike_grad"  # HostObject: the neuron's original spike_grad
 _BN_KIND = "_sbnn_batchnorm_kind"
-_HISTORY = "_sbnn_history"  # WeakIdKeyDictionary: membrane -> its step's records
+# WeakIdKeyDictionary: a membrane's storage -> {its view: the records of its step}
+_HISTORY = "_sbnn_history"
 # (membrane, its records in _HISTORY) from the step's fire to its store (eager): the
 # store finds them without a second weak-dictionary lookup
 _LAST_RECORD = "_sbnn_last_record"
@@ -1265,7 +1266,8 @@ def _check_passed_membrane(neuron: nn.Module, mem: Tensor) -> None:
 
 
 def _step_records(neuron: nn.Module) -> WeakIdKeyDictionary:
-    """Per membrane this neuron computed and that is still alive: its variance state and
+    """Per membrane this neuron computed and that is still alive (it or an alias of it:
+    :func:`_record_key`): its variance state and
     the spikes it emitted (its reset). The neuron's own state holds its last step; these
     serve a step on another membrane: one neuron called on several membranes in turn
     (one ``snn.Leaky`` shared by several layers of an explicit loop), and a step replayed
@@ -1277,24 +1279,31 @@ def _step_records(neuron: nn.Module) -> WeakIdKeyDictionary:
     return records
 
 
+def _record_key(mem: Tensor) -> tuple:
+    """Where the records of ``mem``'s step are kept: its storage, which lives as long as
+    any alias of the membrane lives (``mem.detach()``, kept by a loop that replaced the
+    membrane itself: truncated BPTT), and its view of it; ``mem`` itself for a tensor
+    without a storage of its own (a ``torch.func`` transform's)."""
+    try:
+        storage = mem.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return mem, None
+    return storage, (mem.shape, mem.stride(), mem.storage_offset(), mem.dtype)
+
+
 def _find_step_record(neuron: nn.Module, mem: Tensor) -> dict:
-    """The records of ``mem``'s step: ``mem`` itself, or an alias of it (what a
+    """The records of ``mem``'s step: ``mem`` itself, or an alias of it (a detach, what a
     recomputation gets back from autograd's saved tensors); ``{}`` if none."""
-    records = _step_records(neuron)
-    record = records.get(mem)
-    if record is not None:
-        return record
-    for key, record in list(records.items()):
-        if _aliases(mem, key):
-            return record
-    return {}
+    key, view = _record_key(mem)
+    return _step_records(neuron).get(key, {}).get(view, {})
 
 
 def _step_record(neuron: nn.Module, mem: Tensor) -> dict:
     records = neuron.__dict__.get(_HISTORY)  # _step_records(neuron), inline
     if records is None:
         records = neuron.__dict__[_HISTORY] = WeakIdKeyDictionary()
-    return records.setdefault(mem, {})
+    key, view = _record_key(mem)
+    return records.setdefault(key, {}).setdefault(view, {})
 
 
 def _check_ddp_buffer_sync(neuron: nn.Module) -> None:

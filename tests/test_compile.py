@@ -204,6 +204,63 @@ def test_snntorch_explicit_loop_with_one_leaky_shared_by_layers_compiles_like_ea
     _check_like_eager(net, lambda x, y: F.cross_entropy(net(x), y), x, y)
 
 
+class SharedLeakyChunks(SharedLeakyNet):
+    """``SharedLeakyNet`` run in chunks (truncated BPTT): the membranes come in and go
+    out. ``shared=False``: one ``snn.Leaky`` per layer instead."""
+
+    def __init__(self, shared: bool = True):
+        super().__init__()
+        self.lifs = nn.ModuleList([self.lif] * 3 if shared
+                                  else [snn.Leaky(beta=0.9) for _ in range(3)])
+
+    def chunk(self, x, mem1, mem2, mem3):
+        out = []
+        for t in range(x.shape[0]):
+            spk1, mem1 = self.lifs[0](self.fc1(x[t]), mem1)
+            spk2, mem2 = self.lifs[1](self.fc2(spk1), mem2)
+            spk3, mem3 = self.lifs[2](self.fc3(spk2), mem3)
+            out.append(torch.cat([spk1, spk2, spk3], 1))
+        return torch.stack(out), mem1, mem2, mem3
+
+
+def test_snntorch_leaky_shared_by_layers_across_detached_chunks_goes_on_like_one_per_layer(
+        same_random_stream):
+    """One ``snn.Leaky`` shared by three layers, run in chunks that pass the membranes on
+    detached (``mem = mem.detach()``). The neuron kept the spikes and variance of each
+    layer's membrane only while that membrane object lived: in eager mode the next
+    chunk went on from them where the loop still held the replaced membranes, and
+    restarted every layer but the last (reset by ``1[mem > threshold]``, variance 0) where
+    it did not, silently; a compiled chunk restarted them always. The records follow
+    the membrane's storage, which the detached copy shares: the same spikes and
+    gradients in the three runs, and as with one neuron per layer."""
+    x = torch.rand(6, 8, 12) * 3
+    runs = []
+    for how in ("one per layer", "eager, references kept", "eager", "compiled"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        host = SharedLeakyChunks(shared=how != "one per layer")
+        with torch.no_grad():
+            for fc in (host.fc1, host.fc2, host.fc3):
+                fc.weight.mul_(3)
+        net = sbnn_snn.to_sbnn(host)
+        step = (torch.compile(net.chunk, fullgraph=True, backend="aot_eager")
+                if how == "compiled" else net.chunk)
+        mems, kept, spikes = [lif.init_leaky() for lif in net.lifs], [], []
+        torch.manual_seed(1)
+        for part in x.split(2):
+            spk, *mems = step(part, *mems)
+            spk.sum().backward()
+            spikes.append(spk.detach())
+            if how == "eager, references kept":
+                kept.append(mems)
+            mems = [m.detach() for m in mems]
+        runs.append([torch.cat(spikes)] + [p.grad.clone() for fc in (net.fc1, net.fc2, net.fc3)
+                                           for p in fc.parameters()])
+    for run in runs[1:]:
+        for want, got in zip(runs[0], run):
+            torch.testing.assert_close(got, want)
+
+
 class MaskedLoopNet(LoopNet):
     """An explicit loop that zeroes some examples' membranes in place between steps (an
     episode ended: ``mem.mul_(mask)``), which ``mean`` mode follows as snnTorch does."""
