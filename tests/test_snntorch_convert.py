@@ -1121,7 +1121,9 @@ def test_step_record_handover_is_dropped_by_the_step_and_by_copies():
     assert "_sbnn_last_record" not in copy.deepcopy(lif).__dict__
     model(x).sum().backward()
     assert "_sbnn_last_record" not in lif.__dict__
-    assert lif._sbnn_history[lif.mem].keys() == {"spikes", "state"}
+    from sbnn_addons.snntorch import _find_step_record
+
+    assert _find_step_record(lif, lif.mem).keys() == {"spikes", "state"}
 
 
 @pytest.mark.parametrize("inplace", [False, True])
