@@ -37,3 +37,20 @@ def run_sequence(model: torch.nn.Module, x: torch.Tensor, step_mode: str) -> tor
     if step_mode == "m":
         return model(x)
     return torch.stack([model(xt) for xt in x])
+
+
+def initial_membrane_net(step_mode: str):
+    """A converted Linear-LIF-Linear model whose only state is the neuron's (seeded, the
+    first layer's weights x3 so that it spikes), and a layer that makes its learned
+    initial membrane."""
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    import sbnn_addons.spikingjelly as sbnn_sj
+
+    torch.manual_seed(0)
+    host = torch.nn.Sequential(layer.Linear(12, 16), neuron.LIFNode(tau=2.0),
+                               layer.Linear(16, 5))
+    with torch.no_grad():
+        host[0].weight.mul_(3.0)
+    functional.set_step_mode(host, step_mode)
+    return sbnn_sj.to_sbnn(host, exclude=["2"]), torch.nn.Linear(12, 16)

@@ -24,6 +24,7 @@ import snntorch.utils as sutils
 import torch
 import torch.nn.functional as F
 from _kernel import needs_kernel
+from _sj_helpers import initial_membrane_net
 from _snntorch_nets import EditedLoop, HandoffLoop
 from torch import nn
 
@@ -687,17 +688,6 @@ def test_a_membrane_returned_by_a_compiled_chunk_pickles_with_its_variance(tmp_p
         torch.testing.assert_close(sb.get_variance(loaded), sb.get_variance(mem1).detach())
 
 
-def _sj_initial_membrane_net(step_mode: str):
-    from spikingjelly.activation_based import functional, layer, neuron
-
-    torch.manual_seed(0)
-    host = nn.Sequential(layer.Linear(12, 16), neuron.LIFNode(tau=2.0), layer.Linear(16, 5))
-    with torch.no_grad():
-        host[0].weight.mul_(3.0)
-    functional.set_step_mode(host, step_mode)
-    return sbnn_sj.to_sbnn(host, exclude=["2"]), nn.Linear(12, 16)
-
-
 @pytest.mark.parametrize("step_mode", ["s", "m"])
 @pytest.mark.parametrize("between", ["nothing", "v.detach()"])
 def test_spikingjelly_membrane_set_by_the_user_in_compiled_steps_is_a_new_membrane(
@@ -716,7 +706,7 @@ def test_spikingjelly_membrane_set_by_the_user_in_compiled_steps_is_a_new_membra
     runs = []
     for compiled in (False, True):
         torch._dynamo.reset()
-        net, h0 = _sj_initial_membrane_net(step_mode)
+        net, h0 = initial_membrane_net(step_mode)
 
         def step(x, y, net=net, h0=h0, compiled=compiled):
             if not compiled:
@@ -756,7 +746,7 @@ def test_spikingjelly_membrane_detached_by_hand_between_compiled_chunks_keeps_it
     runs = []
     for compiled in (False, True):
         torch._dynamo.reset()
-        net, _ = _sj_initial_membrane_net(step_mode)
+        net, _ = initial_membrane_net(step_mode)
 
         def chunk(x, net=net):
             return net(x) if step_mode == "m" else torch.stack([net(xt) for xt in x])

@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 from _copies import HOW, copy_by
+from _sj_helpers import initial_membrane_net
 from torch import nn
 
 import sbnn_addons
@@ -1357,17 +1358,6 @@ def test_conversion_keeps_the_models_training_mode(inplace, training):
             assert sbnn_addons.aux_loss(model) == 0
 
 
-def _initial_membrane_net(step_mode: str):
-    """A converted Linear-LIF-Linear model whose only state is the neuron's, and a layer
-    that makes its learned initial membrane."""
-    torch.manual_seed(0)
-    host = nn.Sequential(layer.Linear(12, 16), neuron.LIFNode(tau=2.0), layer.Linear(16, 5))
-    with torch.no_grad():
-        host[0].weight.mul_(3.0)
-    functional.set_step_mode(host, step_mode)
-    return sbnn_sj.to_sbnn(host, exclude=["2"]), nn.Linear(12, 16)
-
-
 def initial_membrane_step(net, h0, step_mode: str, how: str):
     """One training step that starts the neuron from ``h0(x[0])`` set as ``node.v``:
     after ``reset_net`` ("reset"), or instead of it ("set")."""
@@ -1396,7 +1386,7 @@ def test_membrane_set_by_the_user_is_a_new_membrane(step_mode, between):
     y = torch.randint(0, 5, (3, 6))
     runs = {}
     for how in ("reset", "set"):
-        net, h0 = _initial_membrane_net(step_mode)
+        net, h0 = initial_membrane_net(step_mode)
         step = initial_membrane_step(net, h0, step_mode, how)
         runs[how] = []
         for i in range(len(x)):
@@ -1426,7 +1416,7 @@ def test_membrane_detached_by_hand_keeps_its_variance(step_mode, how):
     x = torch.rand(4, 6, 12) * 3
     results = []
     for by_hand in (False, True):
-        net, _ = _initial_membrane_net(step_mode)
+        net, _ = initial_membrane_net(step_mode)
         functional.reset_net(net)
         sbnn_addons.seed_spikes(net, 0)
         outs = []
@@ -1454,7 +1444,7 @@ def test_membrane_edited_by_the_user_is_named(step_mode):
     edited membrane is unknown (it went on with the unscaled variance, silently): a
     ``VarianceFlowError`` names the edit and the fixes. A detached edit (no graph back
     to the membrane) is a new membrane, as a value set by the user."""
-    net, _ = _initial_membrane_net(step_mode)
+    net, _ = initial_membrane_net(step_mode)
     x = torch.rand(4, 6, 12) * 3
 
     def run(chunk):
@@ -1506,7 +1496,7 @@ def test_membrane_changed_in_place_by_the_user_is_named(step_mode, edit):
     version counter does: a ``VarianceFlowError`` names the change and the fixes. An
     unchanged membrane (``detach_net`` detaches it in place without a new version) goes
     on."""
-    net, _ = _initial_membrane_net(step_mode)
+    net, _ = initial_membrane_net(step_mode)
     x = torch.rand(4, 6, 12) * 3
 
     def run(chunk):
