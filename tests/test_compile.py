@@ -330,8 +330,8 @@ def _edited_through(view):
     return edit
 
 
-#: In-place edits of the membrane through a view of it (its own version counter in eager
-#: mode): the compiled step ran on silently (loss 1.7459 for the row, eager raises).
+#: In-place edits of the membrane through a view of it (the view shares its version counter in eager
+#: mode): the compiled step ran on silently where eager mode raises.
 _EDITS_THROUGH_VIEWS = {
     "a row": _edited_through(lambda mem: mem[0]),
     "a detached alias": _edited_through(lambda mem: mem.detach()),
