@@ -1327,6 +1327,40 @@ def aliases(a: Tensor, b: Tensor) -> bool:
         return False
 
 
+def same_layout(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors have the same shape, dtype and device (static in a graph)."""
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+
+
+def equal(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors have the same shape, dtype, device and values (never for
+    tensors on the ``meta`` device, which have none)."""
+    return same_layout(a, b) and not a.is_meta and bool(torch.equal(a, b))
+
+
+def copy_of(mem: Tensor, stored: Tensor) -> bool:
+    """Whether ``mem`` is a value copy of the stored, non-zero membrane (another tensor with
+    the same values: ``mem.clone()``, the membrane of a copied model). A zero membrane is
+    a new sequence's initial state, never taken for a copy. Eager mode; in a graph,
+    :func:`holds_copy`."""
+    if aliases(mem, stored):
+        return False
+    try:
+        return equal(mem, stored) and bool(mem.any())
+    except RuntimeError:  # fake tensors (torch.export)
+        return False
+
+
+def holds_copy(mem: Tensor, stored: Tensor) -> Tensor:
+    """Whether ``mem`` holds the values of the stored, non-zero membrane (a zero membrane
+    is a new sequence's initial state), as a 0-dim tensor: :func:`copy_of`'s test in a
+    compiled graph, for a choice without a data-dependent branch (``torch.where``), where
+    storages cannot be compared (an alias counts too). ``mem`` and ``stored`` have one
+    layout."""
+    values = mem.detach()
+    return (values == stored.detach()).all() & (values != 0).any()
+
+
 def computed_from(mem: Tensor, stored: Tensor, depth: int = 4) -> bool:
     """Whether ``mem`` was computed from ``stored`` by a few out-of-place operations
     (``0.5 * mem``, ``mem.clamp(...)``): ``stored``'s autograd node is among the first

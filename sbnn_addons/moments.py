@@ -1781,9 +1781,7 @@ def _viewed_membrane(name: str, args) -> VarianceTensor | None:
         return None
     if name == "__getitem__" and _advanced_index(args[1]):
         return None  # a copy (mem[mask]): an edit of it leaves the membrane as it is
-    if getattr(args[0], "emitted", None) is not None:
-        return args[0]
-    return getattr(args[0], "viewed", None)
+    return _membrane_behind(args[0], "viewed")
 
 
 def _advanced_index(index) -> bool:
@@ -1798,12 +1796,19 @@ def _membrane_source(args) -> VarianceTensor | None:
     result's :attr:`VarianceTensor.derived`."""
     for arg in args:
         if type(arg) is VarianceTensor:
-            if getattr(arg, "emitted", None) is not None:
-                return arg
-            source = getattr(arg, "derived", None)
+            source = _membrane_behind(arg, "derived")
             if source is not None:
                 return source
     return None
+
+
+def _membrane_behind(carrier: VarianceTensor, mark: str) -> VarianceTensor | None:
+    """The membrane of a compiled step (a carrier with :attr:`VarianceTensor.emitted`)
+    that ``carrier`` is, or that its ``mark`` (``"derived"`` or ``"viewed"``) names; else
+    ``None``."""
+    if getattr(carrier, "emitted", None) is not None:
+        return carrier
+    return getattr(carrier, mark, None)
 
 
 #: In-place reshapes of a tensor's metadata, with their out-of-place forms.

@@ -71,8 +71,12 @@ from .base import (
 )
 from .base import aliases as _aliases
 from .base import computed_from as _computed_from
+from .base import copy_of as _copy_of
+from .base import equal as _equal
+from .base import holds_copy as _holds_copy
 from .base import match_name as _match
 from .base import name_patterns as _patterns
+from .base import same_layout as _same_layout
 from .base import version_of as _version_of
 from .estimators import Estimator
 from .layers import (
@@ -387,17 +391,6 @@ class SnnTorchSpike(IWSTSpike):
         return state
 
 
-def _same_layout(a: Tensor, b: Tensor) -> bool:
-    """Whether two tensors have the same shape, dtype and device (static in a graph)."""
-    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
-
-
-def _equal(a: Tensor, b: Tensor) -> bool:
-    """Whether two tensors have the same shape, dtype, device and values (never for
-    tensors on the ``meta`` device, which have none)."""
-    return _same_layout(a, b) and not a.is_meta and bool(torch.equal(a, b))
-
-
 #: How many frames above the spike function :func:`_snntorch_caller` looks for snnTorch's.
 _CALLER_DEPTH = 24
 
@@ -656,8 +649,8 @@ class _EmittedSpikeReset:
 
     def _sbnn_state_update(self, input_: Tensor) -> Tensor:
         mem = self._buffers.get("mem")
-        foreign = (type(mem) is VarianceTensor and torch.compiler.is_compiling()
-                   and _stepped_by_another(self, mem))
+        compiling = torch.compiler.is_compiling()
+        foreign = type(mem) is VarianceTensor and compiling and _stepped_by_another(self, mem)
         if foreign:
             # another neuron's membrane in the graph, or computed from one (an encoder's
             # last membrane as a decoder's first): eager mode keeps its variance with the
@@ -666,8 +659,7 @@ class _EmittedSpikeReset:
         if type(mem) is VarianceTensor:  # a membrane passed with a variance of its own
             _check_passed_membrane(self, mem)
             source = getattr(mem, _DERIVED, None)
-            if (source is not None and not mem.requires_grad
-                    and torch.compiler.is_compiling()):
+            if source is not None and not mem.requires_grad and compiling:
                 # computed in the graph without a graph back to the membrane of an earlier
                 # step (mem.detach() * mask, an edit under no_grad): a copy keeps its
                 # variance, an edit is a new membrane without one, as eager mode takes it
@@ -677,7 +669,6 @@ class _EmittedSpikeReset:
                     self._buffers["mem"] = attach_computed_variance(
                         plain_in_place(mem, True), var, compiling=True)
         if type(mem) is not VarianceTensor:
-            compiling = torch.compiler.is_compiling()
             var = None if foreign else _stored_variance(self, detached=True,
                                                         compiling=compiling)
             current_var = input_.variance if type(input_) is VarianceTensor else None
@@ -1160,9 +1151,7 @@ def _compiled_copy_reset(mem: Tensor, stored: Tensor, spikes: Tensor,
         # backward may save (to recompute the membrane), which autograd refuses for an
         # inference tensor. A membrane of such a step is no training step's to continue
         return fresh
-    values = mem.detach()
-    same = (values == stored.detach()).all() & (values != 0).any()  # zeros: a new sequence
-    return torch.where(same, spikes.to(fresh.dtype), fresh)
+    return torch.where(_holds_copy(mem, stored), spikes.to(fresh.dtype), fresh)
 
 
 def _compiled_copy_variance(mem: Tensor, stored: Tensor, var) -> Tensor | None:
@@ -1181,8 +1170,7 @@ def _compiled_copy_variance(mem: Tensor, stored: Tensor, var) -> Tensor | None:
         return None
     if torch.is_grad_enabled() and (_is_inference(stored) or _is_inference(var)):
         return None  # see _compiled_copy_reset
-    values = mem.detach()
-    same = (values == stored.detach()).all() & (values != 0).any()  # zeros: a new sequence
+    same = _holds_copy(mem, stored)
     if mem.requires_grad:
         # a membrane with a graph that is not the kept one: computed in this call (a
         # learned initial membrane) it is a new membrane, and ``var``'s graph belongs to an
@@ -1239,7 +1227,7 @@ def _stepped_by_another(neuron: nn.Module, mem: VarianceTensor) -> bool:
     was computed from one (``0.5 * mem_enc``). Eager mode keeps a membrane's variance
     and emitted spikes with the neuron that stepped it: to another neuron it is a new
     membrane."""
-    source = mem if getattr(mem, _EMITTED, None) is not None else getattr(mem, _DERIVED, None)
+    source = _moments._membrane_behind(mem, _DERIVED)
     return source is not None and getattr(source, _EMITTER, None) is not neuron
 
 
@@ -1404,18 +1392,6 @@ def _unchanged(t: Tensor, mark: int | Tensor | None, compiling: bool | None = No
     (``None``, or values to compare: taken as unchanged here). ``compiling``: whether a
     graph is traced, where the caller knows it."""
     return not isinstance(mark, int) or _version_of(t, compiling) in (None, mark)
-
-
-def _copy_of(mem: Tensor, stored: Tensor) -> bool:
-    """Whether ``mem`` is a value copy of the stored, non-zero membrane (another tensor with
-    the same values: ``mem.clone()``, the membrane of a copied model). A zero membrane is
-    a new sequence's initial state, never taken for a copy."""
-    if _aliases(mem, stored):
-        return False
-    try:
-        return _equal(mem, stored) and bool(mem.any())
-    except RuntimeError:  # fake tensors (torch.export)
-        return False
 
 
 def _stored_variance(neuron: nn.Module, detached: bool = False,

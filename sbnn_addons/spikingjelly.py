@@ -82,7 +82,9 @@ from .base import (
     compiled_wrapped,
     computed_from,
     concrete_shape,
+    copy_of,
     drop_state,
+    holds_copy,
     host_neurons,
     match_name,
     name_patterns,
@@ -91,6 +93,7 @@ from .base import (
     refuse_other_host_export,
     refuse_other_host_reset,
     refuse_unconverted_export,
+    same_layout,
     set_state,
     threshold_value,
     version_of,
@@ -399,18 +402,11 @@ def _variance_of_membrane(node: nn.Module, v: Tensor, kept, var: Tensor) -> Tens
                 "neuron's input instead, or start a new sequence "
                 "(functional.reset_net(net), then set node.v to the new membrane)")
         return None
-    if v.shape != kept.shape or v.dtype != kept.dtype or v.device != kept.device:
+    if not same_layout(v, kept):
         return None
     if not torch.compiler.is_compiling():
-        if aliases(v, kept):
-            return var.detach()
-        try:  # a copy: zeros are a new sequence's initial state, never taken for one
-            same = torch.equal(v, kept.detach()) and bool(v.any())
-        except RuntimeError:  # fake tensors (torch.export)
-            same = False
-        return var.detach() if same else None
-    same = (v == kept.detach()).all() & (v != 0).any()  # zeros: a new sequence
-    return torch.where(same, var.detach(), 0.0)
+        return var.detach() if aliases(v, kept) or copy_of(v, kept) else None
+    return torch.where(holds_copy(v, kept), var.detach(), 0.0)
 
 
 #: SpikingJelly's parallel spiking neurons: they call the surrogate on a whole sequence
