@@ -34,6 +34,12 @@ def run_sequence(model: torch.nn.Module, x: torch.Tensor, step_mode: str) -> tor
     from spikingjelly.activation_based import functional
 
     functional.reset_net(model)
+    return run_steps(model, x, step_mode)
+
+
+def run_steps(model: torch.nn.Module, x: torch.Tensor, step_mode: str) -> torch.Tensor:
+    """Run ``x`` ``[T, N, ...]`` through ``model`` in its step mode, from its state now
+    (a chunk of a sequence): one call in multi-step mode, a call per step otherwise."""
     if step_mode == "m":
         return model(x)
     return torch.stack([model(xt) for xt in x])

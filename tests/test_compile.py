@@ -24,7 +24,7 @@ import snntorch.utils as sutils
 import torch
 import torch.nn.functional as F
 from _kernel import needs_kernel
-from _sj_helpers import initial_membrane_net
+from _sj_helpers import initial_membrane_net, run_steps
 from _snntorch_nets import EditedLoop, HandoffLoop
 from torch import nn
 
@@ -712,8 +712,7 @@ def test_spikingjelly_membrane_set_by_the_user_in_compiled_steps_is_a_new_membra
             if not compiled:
                 functional.reset_net(net)
             net[1].v = h0(x[0])
-            out = net(x) if step_mode == "m" else torch.stack([net(xt) for xt in x])
-            return F.cross_entropy(out.sum(0), y)
+            return F.cross_entropy(run_steps(net, x, step_mode).sum(0), y)
 
         if compiled:
             step = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -733,6 +732,18 @@ def test_spikingjelly_membrane_set_by_the_user_in_compiled_steps_is_a_new_membra
             torch.testing.assert_close(b, a)
 
 
+def _sj_chunks_from_a_reset(net: nn.Module, step_mode: str, compiled: bool):
+    """``functional.reset_net(net)``, then a function that runs a chunk of the sequence
+    through ``net`` in its step mode (compiled: ``fullgraph``, ``aot_eager``)."""
+    from spikingjelly.activation_based import functional
+
+    def chunk(x):
+        return run_steps(net, x, step_mode)
+
+    functional.reset_net(net)
+    return torch.compile(chunk, fullgraph=True, backend="aot_eager") if compiled else chunk
+
+
 @pytest.mark.parametrize("step_mode", ["s", "m"])
 def test_spikingjelly_membrane_detached_by_hand_between_compiled_chunks_keeps_its_variance(
         same_random_stream, step_mode):
@@ -747,13 +758,7 @@ def test_spikingjelly_membrane_detached_by_hand_between_compiled_chunks_keeps_it
     for compiled in (False, True):
         torch._dynamo.reset()
         net, _ = initial_membrane_net(step_mode)
-
-        def chunk(x, net=net):
-            return net(x) if step_mode == "m" else torch.stack([net(xt) for xt in x])
-
-        if compiled:
-            chunk = torch.compile(chunk, fullgraph=True, backend="aot_eager")
-        functional.reset_net(net)
+        chunk = _sj_chunks_from_a_reset(net, step_mode, compiled)
         torch.manual_seed(0)
         runs.append([])
         for part in (x[:2], x[2:]):
@@ -793,13 +798,7 @@ def test_spikingjelly_compiled_chunks_of_one_sequence_keep_the_variance(same_ran
             host[2].weight.mul_(3.0)
         functional.set_step_mode(host, step_mode)
         net = sbnn_sj.to_sbnn(host)
-
-        def chunk(x, net=net):
-            return net(x) if step_mode == "m" else torch.stack([net(xt) for xt in x])
-
-        if compiled:
-            chunk = torch.compile(chunk, fullgraph=True, backend="aot_eager")
-        functional.reset_net(net)
+        chunk = _sj_chunks_from_a_reset(net, step_mode, compiled)
         torch.manual_seed(1)
         first = chunk(x[:2])
         assert all(net[i].v is net[i].sbnn_v for i in (1, 3))

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 from _copies import HOW, copy_by
-from _sj_helpers import initial_membrane_net
+from _sj_helpers import initial_membrane_net, run_steps
 from torch import nn
 
 import sbnn_addons
@@ -1365,8 +1365,7 @@ def initial_membrane_step(net, h0, step_mode: str, how: str):
         if how == "reset":
             functional.reset_net(net)
         net[1].v = h0(x[0])
-        out = net(x) if step_mode == "m" else torch.stack([net(xt) for xt in x])
-        return torch.nn.functional.cross_entropy(out.sum(0), y)
+        return torch.nn.functional.cross_entropy(run_steps(net, x, step_mode).sum(0), y)
     return step
 
 
@@ -1422,7 +1421,7 @@ def test_membrane_detached_by_hand_keeps_its_variance(step_mode, how):
         outs = []
         for chunk in (x[:2], x[2:]):
             net.zero_grad()
-            out = net(chunk) if step_mode == "m" else torch.stack([net(xt) for xt in chunk])
+            out = run_steps(net, chunk, step_mode)
             out.sum().backward()
             outs.append([out.detach()] + [p.grad.clone() for p in net.parameters()])
             if not by_hand:
@@ -1447,8 +1446,7 @@ def test_membrane_edited_by_the_user_is_named(step_mode):
     net, _ = initial_membrane_net(step_mode)
     x = torch.rand(4, 6, 12) * 3
 
-    def run(chunk):
-        return net(chunk) if step_mode == "m" else torch.stack([net(xt) for xt in chunk])
+    run = functools.partial(run_steps, net, step_mode=step_mode)
 
     functional.reset_net(net)
     run(x[:2])
@@ -1499,8 +1497,7 @@ def test_membrane_changed_in_place_by_the_user_is_named(step_mode, edit):
     net, _ = initial_membrane_net(step_mode)
     x = torch.rand(4, 6, 12) * 3
 
-    def run(chunk):
-        return net(chunk) if step_mode == "m" else torch.stack([net(xt) for xt in chunk])
+    run = functools.partial(run_steps, net, step_mode=step_mode)
 
     functional.reset_net(net)
     run(x[:2]).sum().backward()
