@@ -351,9 +351,10 @@ class VarianceTensor(Tensor):
         emitter: with :attr:`emitted`, the neuron that stepped that membrane: another
             neuron given it, or a carrier derived from it, takes it for a new membrane
             (as eager mode does, which keeps the variance with the neuron).
-        derived: on a carrier of a membrane's shape that a compiled step computed from
+        derived: on a carrier of a membrane's rank that a compiled step computed from
             such a membrane (one with :attr:`emitted`, or one derived from it:
-            ``mem * mask``, ``mem.detach()``), that membrane: a converted neuron given it
+            ``mem * mask``, ``mem.detach()``, a slice ``mem[:, :8]``, or
+            ``torch.cat`` of such slices), that membrane: a converted neuron given it
             as its membrane takes it for a copy of the membrane (its values, checked in
             the graph) or refuses it as an edit, as eager mode does (an edit without a
             graph back to it, ``mem.detach() * mask``, is a new membrane); not set
@@ -1756,7 +1757,9 @@ def _flow(func, args, kwargs, compiling: bool | None = None):
     new = _wrap(out, var, noise=nset, compiling=compiling)
     if type(new) is VarianceTensor:  # (eager: between compiled calls, see above)
         source = _membrane_source(args)
-        if source is not None and new.shape == source.shape:  # (a loss is no membrane)
+        # (a loss or a readout of another rank is no membrane; a slice is marked, so that
+        # a membrane put together from edited slices, torch.cat, is seen as an edit)
+        if source is not None and new.dim() == source.dim():
             new.derived = source
         viewed = _viewed_membrane(name, args)
         if viewed is not None:
@@ -1795,10 +1798,11 @@ def _membrane_source(args) -> VarianceTensor | None:
     ``args`` computes from, directly or through earlier operations, else ``None``: the
     result's :attr:`VarianceTensor.derived`."""
     for arg in args:
-        if type(arg) is VarianceTensor:
-            source = _membrane_behind(arg, "derived")
-            if source is not None:
-                return source
+        for item in arg if isinstance(arg, (list, tuple)) else (arg,):  # torch.cat([...])
+            if type(item) is VarianceTensor:
+                source = _membrane_behind(item, "derived")
+                if source is not None:
+                    return source
     return None
 
 

@@ -665,7 +665,8 @@ class _EmittedSpikeReset:
                 # variance, an edit is a new membrane without one, as eager mode takes it
                 var = get_variance(mem, compiling=True)
                 if isinstance(var, Tensor):
-                    var = torch.where(_same_values(mem, source), var, 0.0)
+                    var = (torch.where(_same_values(mem, source), var, 0.0)
+                           if mem.shape == source.shape else torch.zeros_like(var))
                     self._buffers["mem"] = attach_computed_variance(
                         plain_in_place(mem, True), var, compiling=True)
         if type(mem) is not VarianceTensor:
@@ -1014,7 +1015,9 @@ class _EmittedSpikeReset:
                 runs; while it is traced for another shape), naming the fix.
         """
         message = str(_edited_membrane_error(self))
-        if mem.shape != source.shape:
+        if mem.shape != source.shape:  # (a slice of it): no copy
+            if not mem.requires_grad:
+                return fresh
             raise_error(message, VarianceFlowError)
         same = _same_values(mem, source)
         if not mem.requires_grad:  # eager mode refuses an edit only where it has a graph

@@ -320,6 +320,8 @@ _MEMBRANE_EDITS = {
     "out of place": lambda mem, t: mem * 0.5,
     "no rule": lambda mem, t: mem.clamp(max=0.5),
     "edited copy": lambda mem, t: mem.clone().mul_(0.5),
+    # an edit of some units, put together from slices (none of the membrane's shape)
+    "concatenated slices": lambda mem, t: torch.cat([0.5 * mem[:, :8], mem[:, 8:]], 1),
 }
 
 
@@ -453,19 +455,30 @@ def _mask_detached(mem, t):
     return mem.detach() * (torch.arange(mem.shape[0]) % (t + 2) != 0).to(mem.dtype)[:, None]
 
 
-@pytest.mark.parametrize("edit", ["detached edit", "edit without gradients"])
+def _slices_detached(mem, t):
+    return torch.cat([0.5 * mem[:, :8], mem[:, 8:]], 1).detach()
+
+
+_EDITS_WITHOUT_GRAPH = {
+    "detached edit": (_mask_detached, False),
+    "edit without gradients": (lambda mem, t: 0.5 * mem, True),
+    "detached concatenated slices": (_slices_detached, False),
+}
+
+
+@pytest.mark.parametrize("edit", list(_EDITS_WITHOUT_GRAPH))
 def test_snntorch_membrane_edited_without_a_graph_inside_a_compiled_loop_runs_like_eager(
         edit, same_random_stream):
     """An edit of the membrane without a graph back to it, passed back inside a compiled
     ``sample``-mode loop: ``mem.detach() * mask`` (truncated BPTT with episodes that end),
     or ``0.5 * mem`` under ``torch.no_grad()`` (an evaluation). Eager mode refuses an edit
     only where it has a graph, and takes this one for a new membrane (its reset is
-    ``1[mem > threshold]`` of the values passed, as in snnTorch); the compiled step raised
+    ``1[mem > threshold]`` of the values passed, as in snnTorch; also one put together from
+    edited slices, ``torch.cat``); the compiled step raised
     "the membrane ... was computed from its last membrane out of place". It now runs as
     eager mode: the same loss and gradients under the same seed."""
-    _assert_edited_loop_runs_like_eager(
-        _mask_detached if edit == "detached edit" else (lambda mem, t: 0.5 * mem),
-        backend="aot_eager", no_grad=edit != "detached edit")
+    fn, no_grad = _EDITS_WITHOUT_GRAPH[edit]
+    _assert_edited_loop_runs_like_eager(fn, backend="aot_eager", no_grad=no_grad)
 
 
 def test_snntorch_nan_membrane_detached_inside_a_compiled_loop_runs_like_eager(
@@ -494,6 +507,7 @@ _HANDOFFS = {
     "detached": lambda mem, t: mem.detach(),
     "cloned": lambda mem, t: mem.clone(),
     "changed in place": lambda mem, t: mem.mul_(0.5),
+    "concatenated slices": lambda mem, t: torch.cat([0.5 * mem[:, :8], mem[:, 8:]], 1),
 }
 
 
