@@ -115,6 +115,30 @@ class HandoffLoop(nn.Module):
         return out
 
 
+class ShrinkingLoop(nn.Module):
+    """An explicit loop whose batch shrinks after two steps (the first half of the examples
+    goes on): both neurons go on from ``edit(mem)``, computed from the first half of their
+    membranes (``mem[:half]``); returns the spike counts, zero for the examples that
+    stopped."""
+
+    def __init__(self, edit, num_inputs=12, num_hidden=16, num_outputs=5):
+        super().__init__()
+        self.fc1, self.lif1 = nn.Linear(num_inputs, num_hidden), snn.Leaky(beta=BETA)
+        self.fc2, self.lif2 = nn.Linear(num_hidden, num_outputs), snn.Leaky(beta=BETA)
+        self.edit = edit
+
+    def forward(self, x):
+        mem1, mem2 = self.lif1.init_leaky(), self.lif2.init_leaky()
+        out, half = 0, x.shape[1] // 2
+        for t in range(x.shape[0]):
+            if t == 2:
+                mem1, mem2, out = self.edit(mem1, half), self.edit(mem2, half), out[:half]
+            spk1, mem1 = self.lif1(self.fc1(x[t, :out.shape[0]] if t >= 2 else x[t]), mem1)
+            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+            out = out + spk2
+        return torch.cat([out, out.new_zeros(x.shape[1] - half, out.shape[1])])
+
+
 class LoopRLeaky(nn.Module):
     """RLeaky tutorial style: explicit spk / mem states."""
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from _kernel import needs_kernel
 from _sj_helpers import initial_membrane_net, run_steps
-from _snntorch_nets import EditedLoop, HandoffLoop
+from _snntorch_nets import EditedLoop, HandoffLoop, ShrinkingLoop
 from torch import nn
 
 import sbnn_addons as sb
@@ -523,6 +523,34 @@ def test_snntorch_membrane_of_another_neuron_inside_a_compiled_loop_runs_like_ea
     kept the encoder's variance (another loss, silently), and refused ``0.5 * mem_enc``
     as an edit of the decoder's own membrane. Same loss and gradients as eager mode."""
     _assert_edited_loop_runs_like_eager(_HANDOFFS[handoff], backend=backend, net=HandoffLoop)
+
+
+def test_snntorch_membrane_cut_to_fewer_examples_inside_a_compiled_loop_raises_like_eager():
+    """Membranes cut to the first half of the batch inside a compiled ``sample``-mode loop
+    (``mem = mem[:half]``, ``ShrinkingLoop``): eager mode refuses a membrane computed from
+    the last one with a graph, while the compiled step took the slice for a new membrane
+    and ran on (another loss), silently. The compiled step raises eager mode's error."""
+    net = sbnn_snn.to_sbnn(ShrinkingLoop(lambda mem, half: mem[:half]))
+    x, y = torch.rand(4, 6, 12) * 3, torch.randint(0, 5, (6,))
+
+    def loss_fn(x, y):
+        return F.cross_entropy(net(x), y)
+
+    with pytest.raises(sb.VarianceFlowError, match="out of place"):
+        loss_fn(x, y)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="^the membrane passed to .* out of place"):
+        torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(x, y).backward()
+    torch._dynamo.reset()
+
+
+def test_snntorch_membrane_cut_and_detached_inside_a_compiled_loop_runs_like_eager(
+        same_random_stream):
+    """Membranes cut to the first half of the batch and detached (``mem[:half].detach()``)
+    inside a compiled ``sample``-mode loop: a new membrane in both modes (reset by
+    ``1[mem > threshold]``, variance 0); the same loss and gradients under one seed."""
+    _assert_edited_loop_runs_like_eager(lambda mem, half: mem[:half].detach(),
+                                        backend="aot_eager", net=ShrinkingLoop)
 
 
 _NO_OP_CONVERSIONS = {
