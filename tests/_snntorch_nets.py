@@ -115,17 +115,11 @@ class HandoffLoop(nn.Module):
         return out
 
 
-class ShrinkingLoop(nn.Module):
-    """An explicit loop whose batch shrinks after two steps (the first half of the examples
-    goes on): both neurons go on from ``edit(mem)``, computed from the first half of their
-    membranes (``mem[:half]``); returns the spike counts, zero for the examples that
+class ShrinkingLoop(EditedLoop):
+    """``EditedLoop`` whose batch shrinks after two steps (the first half of the examples
+    goes on): both neurons go on from ``edit(mem, half)``, computed from the first half of
+    their membranes (``mem[:half]``); returns the spike counts, zero for the examples that
     stopped."""
-
-    def __init__(self, edit, num_inputs=12, num_hidden=16, num_outputs=5):
-        super().__init__()
-        self.fc1, self.lif1 = nn.Linear(num_inputs, num_hidden), snn.Leaky(beta=BETA)
-        self.fc2, self.lif2 = nn.Linear(num_hidden, num_outputs), snn.Leaky(beta=BETA)
-        self.edit = edit
 
     def forward(self, x):
         mem1, mem2 = self.lif1.init_leaky(), self.lif2.init_leaky()

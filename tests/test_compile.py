@@ -353,18 +353,25 @@ def test_snntorch_membrane_edited_inside_a_compiled_sample_mode_loop_raises_like
     reset it by ``1[mem > theta]`` of the edited mean values instead of the spikes it
     emitted (loss 1.7352 compiled), silently. The compiled step raises eager mode's
     error."""
-    edit = {**_MEMBRANE_EDITS, **_EDITS_THROUGH_VIEWS}[edit]
     torch.manual_seed(0)
-    net = sbnn_snn.to_sbnn(EditedLoop(edit))
+    _assert_edited_loop_raises_like_eager({**_MEMBRANE_EDITS, **_EDITS_THROUGH_VIEWS}[edit],
+                                          backend)
+
+
+def _assert_edited_loop_raises_like_eager(edit, backend: str, net=EditedLoop,
+                                          match: str = "") -> None:
+    """Assert that a training step of ``net(edit)`` raises a ``VarianceFlowError`` in eager
+    mode and eager mode's error (a ``RuntimeError``) compiled with ``fullgraph``."""
+    net = sbnn_snn.to_sbnn(net(edit))
     x, y = torch.rand(4, 6, 12) * 3, torch.randint(0, 5, (6,))
 
     def loss_fn(x, y):
         return F.cross_entropy(net(x), y)
 
-    with pytest.raises(sb.VarianceFlowError, match="membrane"):
+    with pytest.raises(sb.VarianceFlowError, match=f"membrane.*{match}"):
         loss_fn(x, y)
     torch._dynamo.reset()
-    with pytest.raises(RuntimeError, match="^the membrane (of|passed to) "):
+    with pytest.raises(RuntimeError, match=f"^the membrane (of|passed to) .*{match}"):
         torch.compile(loss_fn, fullgraph=True, backend=backend)(x, y).backward()
     torch._dynamo.reset()
 
@@ -530,18 +537,8 @@ def test_snntorch_membrane_cut_to_fewer_examples_inside_a_compiled_loop_raises_l
     (``mem = mem[:half]``, ``ShrinkingLoop``): eager mode refuses a membrane computed from
     the last one with a graph, while the compiled step took the slice for a new membrane
     and ran on (another loss), silently. The compiled step raises eager mode's error."""
-    net = sbnn_snn.to_sbnn(ShrinkingLoop(lambda mem, half: mem[:half]))
-    x, y = torch.rand(4, 6, 12) * 3, torch.randint(0, 5, (6,))
-
-    def loss_fn(x, y):
-        return F.cross_entropy(net(x), y)
-
-    with pytest.raises(sb.VarianceFlowError, match="out of place"):
-        loss_fn(x, y)
-    torch._dynamo.reset()
-    with pytest.raises(RuntimeError, match="^the membrane passed to .* out of place"):
-        torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(x, y).backward()
-    torch._dynamo.reset()
+    _assert_edited_loop_raises_like_eager(lambda mem, half: mem[:half], "aot_eager",
+                                          net=ShrinkingLoop, match="out of place")
 
 
 def test_snntorch_membrane_cut_and_detached_inside_a_compiled_loop_runs_like_eager(
