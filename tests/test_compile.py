@@ -480,10 +480,11 @@ def test_snntorch_membrane_edited_without_a_graph_inside_a_compiled_loop_runs_li
     ``sample``-mode loop: ``mem.detach() * mask`` (truncated BPTT with episodes that end),
     or ``0.5 * mem`` under ``torch.no_grad()`` (an evaluation). Eager mode refuses an edit
     only where it has a graph, and takes this one for a new membrane (its reset is
-    ``1[mem > threshold]`` of the values passed, as in snnTorch; also one put together from
-    edited slices, ``torch.cat``); the compiled step raised
-    "the membrane ... was computed from its last membrane out of place". It now runs as
-    eager mode: the same loss and gradients under the same seed."""
+    ``1[mem > threshold]`` of the values passed, as in snnTorch). The compiled step raised
+    "the membrane ... was computed from its last membrane out of place" for the first two,
+    and kept the slices' variance for one put together from edited slices and detached
+    (``torch.cat([...]).detach()``: other gradients, silently). It now runs as eager mode:
+    the same loss and gradients under the same seed."""
     fn, no_grad = _EDITS_WITHOUT_GRAPH[edit]
     _assert_edited_loop_runs_like_eager(fn, backend="aot_eager", no_grad=no_grad)
 
