@@ -1388,3 +1388,101 @@ def version_of(t: Tensor, compiling: bool | None = None) -> int | None:
     if (torch.compiler.is_compiling() if compiling is None else compiling) or t.is_inference():
         return None
     return t._version
+
+
+#: Membranes that neurons returned with a noise variance in eager mode, by the id of
+#: their storage: ``{id: (weakref to the storage, {view: weakref to the neuron})}``
+#: (:func:`note_noisy_membrane`; an entry goes when its storage does).
+_NOISY_MEMBRANES: dict = {}
+
+#: Keys of the ``metadata`` of autograd nodes: which outputs of the node are such a
+#: membrane (``{output_nr: weakref to the neuron}``), and that the node emits spikes.
+_MEMBRANE_NODE = "sbnn_addons.noisy_membrane"
+_SPIKE_NODE = "sbnn_addons.spikes"
+
+
+def _storage_view(t: Tensor) -> tuple | None:
+    """``t``'s storage and its view of it; ``None`` for a tensor without a storage of its
+    own (a ``torch.func`` transform's)."""
+    try:
+        storage = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return storage, (t.shape, t.stride(), t.storage_offset(), t.dtype)
+
+
+def note_noisy_membrane(mem: Tensor, neuron) -> None:
+    """Record that ``neuron``'s step returned the plain membrane ``mem`` whose noise
+    variance the neuron keeps (eager mode), for :func:`noisy_membrane_behind`: by its
+    storage (``mem``, an alias of it, with or without a graph) and on its autograd node
+    (a tensor computed from it: ``0.5 * mem``). Both go with ``mem``: no entry outlives
+    the membrane, its aliases or its graph."""
+    ref = weakref.ref(neuron)
+    key = _storage_view(mem)
+    if key is not None:
+        storage, view = key
+        entry = _NOISY_MEMBRANES.get(id(storage))
+        if entry is None or entry[0]() is not storage:
+            ident = id(storage)
+            entry = _NOISY_MEMBRANES[ident] = (
+                weakref.ref(storage, lambda _, i=ident: _forget_storage(i)), {})
+        entry[1][view] = ref
+    fn = mem.grad_fn
+    if fn is not None:
+        fn.metadata.setdefault(_MEMBRANE_NODE, {})[mem.output_nr] = ref
+
+
+def _forget_storage(ident: int) -> None:
+    entry = _NOISY_MEMBRANES.get(ident)
+    if entry is not None and entry[0]() is None:  # (not a new storage with the same id)
+        del _NOISY_MEMBRANES[ident]
+
+
+def note_spikes(spikes: Tensor) -> None:
+    """Record that ``spikes``' autograd node emits a neuron's spikes (eager mode): the
+    search of :func:`noisy_membrane_behind` stops there, since spikes are what a layer
+    or a neuron may take from a neuron, though computed from its membrane."""
+    fn = spikes.grad_fn
+    if fn is not None:
+        fn.metadata[_SPIKE_NODE] = True
+
+
+def noisy_membrane_behind(x: Tensor, depth: int = 3):
+    """The neuron whose noisy membrane (:func:`note_noisy_membrane`) ``x`` is (or a plain
+    alias of it), or was computed from by at most ``depth`` operations (with a graph)
+    other than the neuron's spike function; else ``None``. Eager mode: a compiled step's
+    membrane carries its variance itself."""
+    if torch.compiler.is_compiling() or not _NOISY_MEMBRANES:
+        return None
+    if type(x) is Tensor:  # (a carrier is a new tensor, no membrane's alias)
+        try:
+            storage = x.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # no storage of its own (torch.func)
+            storage = None
+        entry = _NOISY_MEMBRANES.get(id(storage))
+        if entry is not None and entry[0]() is storage:
+            ref = entry[1].get((x.shape, x.stride(), x.storage_offset(), x.dtype))
+            if ref is not None:
+                return ref()
+        fn, nr = x.grad_fn, x.output_nr
+    else:
+        with torch._C.DisableTorchFunctionSubclass():  # attribute reads of a carrier
+            fn, nr = x.grad_fn, x.output_nr
+    if fn is None:
+        return None
+    frontier = [(fn, nr)]
+    for _ in range(depth + 1):
+        nxt = []
+        for fn, nr in frontier:
+            meta = fn.metadata
+            if meta:
+                membranes = meta.get(_MEMBRANE_NODE)
+                if membranes is not None and nr in membranes:
+                    neuron = membranes[nr]()
+                    if neuron is not None:
+                        return neuron
+                if membranes is not None or _SPIKE_NODE in meta:
+                    continue  # a neuron's step: its spikes, not its membrane
+            nxt.extend(f for f in fn.next_functions if f[0] is not None)
+        frontier = nxt
+    return None

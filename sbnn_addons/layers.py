@@ -75,6 +75,7 @@ from .moments import (
     no_variance_flow,
     noise_sources,
     raw_variance,
+    refuse_membrane_input,
 )
 from .optim import register_noise_owner
 
@@ -783,6 +784,8 @@ def _check_features(x: Tensor, expected: int, dim: int, layer: str,
         _check_like_weight(x, module, layer)
     if type(x) is VarianceTensor:  # _refuse_noisy_input's own test first
         _refuse_noisy_input(x, layer, module)
+    elif module is not None and type(x) is Tensor:  # (spikes are what a layer takes)
+        refuse_membrane_input(x, module, "the input")
     check_input(x, layer, affine=module is not None)
     if module is not None:
         check_noise_scales(module, means=True)
@@ -995,7 +998,10 @@ class _BayesConv(_BayesMixin):
         n = self.weight.dim() - 2
         check_float("input", x)
         _check_like_weight(x, self, type(self).__name__)
-        _refuse_noisy_input(x, type(self).__name__, self)
+        if type(x) is VarianceTensor:
+            _refuse_noisy_input(x, type(self).__name__, self)
+        elif type(x) is Tensor:  # (spikes are what a layer takes)
+            refuse_membrane_input(x, self, "the input")
         check_input(x, type(self).__name__, affine=True)
         check_noise_scales(self, means=True)
         refuse_data_dependent_shape(x, type(self).__name__)

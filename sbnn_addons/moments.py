@@ -92,6 +92,7 @@ from .base import (
     concrete_shape,
     eager_calls,
     is_exporting,
+    noisy_membrane_behind,
     raise_error,
     refuse_data_dependent_shape,
     share_posterior,
@@ -241,6 +242,9 @@ class NoiseSet:
 
 _NOISE_TOKENS = itertools.count()
 
+#: The last Bayesian layer's output (eager mode): a weak reference and its version.
+_LAST_DRAW: list = [(lambda: None, None)]
+
 
 def new_draw(out: Tensor, layer: nn.Module, compiling: bool | None = None) -> Tensor:
     """Give a Bayesian layer's output ``out`` a :class:`NoiseSet` leaf of its own and
@@ -253,6 +257,8 @@ def new_draw(out: Tensor, layer: nn.Module, compiling: bool | None = None) -> Te
         leaf = NoiseSet(token, token, None)
         out.__dict__["noise"] = leaf
         layer.__dict__["_sbnn_draw"] = token
+        with torch._C.DisableTorchFunctionSubclass():  # (no version: inference mode)
+            _LAST_DRAW[0] = (weakref.ref(out), None if out.is_inference() else out._version)
         if _OPEN_FLOWS and out.variance is not None:
             # for _check_dropped_noise (with the torch.func level the layer ran at; the
             # mean's autograd node, None without gradients; _functorch_level(), inline)
@@ -2321,16 +2327,64 @@ def noisy_output_layers(model: nn.Module, output, *, unknown: bool = False) -> l
             if _is_bayesian_layer(m) and m.__dict__.get("_sbnn_draw") in tokens]
 
 
+def _running_root() -> nn.Module | None:
+    """The tracked model whose eager forward is running, innermost; ``None`` while a
+    graph is traced (a compiled forward opens no flow: an entry left by an eager forward
+    that raised belongs to another call, and reading its modules would break the
+    graph)."""
+    if torch.compiler.is_compiling() or not _OPEN_FLOWS:
+        return None
+    return _OPEN_FLOWS[-1][0]()
+
+
 def noise_sources(x: Tensor, module: nn.Module) -> tuple[str | None, list[str]]:
     """For error messages: the qualified name of ``module`` in the tracked model whose
     forward is running, and the names of the Bayesian layers whose draws ``x`` carries
     (eager mode; ``(None, [])`` where no tracked forward is running), also where that
     variance became unknown on the way."""
-    root = _OPEN_FLOWS[-1][0]() if _OPEN_FLOWS else None
+    root = _running_root()
     if root is None:
         return None, []
     names = {id(m): n for n, m in root.named_modules()}
     return names.get(id(module)), noisy_output_layers(root, x, unknown=True)
+
+
+def refuse_membrane_input(x: Tensor, consumer: nn.Module, what: str) -> None:
+    """Refuse ``x`` as the input of ``consumer`` (a Bayesian layer, or a neuron's input
+    current) where it is a noisy membrane that a neuron returned in eager mode, or was
+    computed from one (:func:`~sbnn_addons.base.noisy_membrane_behind`): that membrane
+    is a plain tensor whose noise variance the neuron keeps, so ``consumer`` would take
+    it as noise-free (a compiled step carries the variance on the membrane, and refuses
+    it at a Bayesian layer).
+
+    Args:
+        x: the input.
+        consumer: the module it is given to.
+        what: what ``x`` is to ``consumer``, for the message (``"the input"``).
+
+    Raises:
+        VarianceFlowError: naming both modules and the fix.
+    """
+    last, version = _LAST_DRAW[0]
+    if last() is x:
+        with torch._C.DisableTorchFunctionSubclass():
+            if version is None or x._version == version:  # a layer's output as it is:
+                return  # its input was checked
+    neuron = noisy_membrane_behind(x)
+    if neuron is None:
+        return
+    root = _running_root()
+    names = {} if root is None else {id(m): n for n, m in root.named_modules()}
+    this, source = names.get(id(consumer)), names.get(id(neuron))
+    where = f" ({this!r})" if this else ""
+    which = f"neuron {source!r}" if source else f"a {type(neuron).__name__}"
+    raise VarianceFlowError(
+        f"{what} of {type(consumer).__name__}{where} is the membrane of {which}, or was "
+        "computed from it: a membrane a neuron returns is a plain tensor whose noise "
+        "variance (of the Bayesian layers feeding that neuron) the neuron keeps, so "
+        f"{type(consumer).__name__} would take it as noise-free and the noise would vanish "
+        "silently. Feed it the neuron's spikes instead, or keep the layers feeding "
+        f"{which} deterministic (exclude= in to_sbnn)")
 
 
 def _check_unused_noise(model: nn.Module, output) -> None:

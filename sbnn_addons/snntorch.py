@@ -59,6 +59,8 @@ from .base import (
     drop_state,
     functorch_values,
     host_neurons,
+    note_noisy_membrane,
+    note_spikes,
     raise_error,
     read_state,
     refuse_other_host_export,
@@ -111,6 +113,7 @@ from .moments import (
     plain,
     plain_in_place,
     raw_variance,
+    refuse_membrane_input,
     refuse_variance,
     scale_variance,
     track_variance,
@@ -511,6 +514,8 @@ class _EmittedSpikeReset:
                 raise RuntimeError(self._hidden_state_checkpoint_message(args))
             if args and type(args[0]) is VarianceTensor:
                 _check_input_current(self, args[0])
+            if args and isinstance(args[0], Tensor) and type(args[0]) is not SpikeTensor:
+                refuse_membrane_input(args[0], self, "the input current")
             # (kernel off: the PyTorch path, which CUDA tensors take, runs snnTorch's steps)
             if (type(self) is SBNNLeaky and _FUSED_STEP[0] and kernels._enabled and args
                     and type(args[0]) is VarianceTensor):
@@ -633,6 +638,8 @@ class _EmittedSpikeReset:
             record = (last[1] if last is not None and last[0] is mem
                       else _step_record(self, mem))
             record["state"] = (var, mem.requires_grad, version)
+            if var is not None:  # a layer or neuron it is fed to would drop V: they refuse
+                note_noisy_membrane(mem, self)
 
     def _sbnn_store_plain_spikes(self, compiling: bool | None = None) -> None:
         """An ``RLeaky``'s ``spk`` buffer as a plain tensor: in eager mode the spikes are
@@ -792,6 +799,8 @@ class _EmittedSpikeReset:
         spike = m["spike_grad"] if "spike_grad" in m else self.spike_grad
         raw = _neuron_spike_dtype(spike(u), thr)  # (spike refuses a noiseless draw's gradient)
         self._keep_reset(mem, raw, compiling)
+        if not compiling:  # (a fused step's spikes share the membrane's autograd node)
+            note_spikes(raw)
         if self._unit_spike_factor(compiling):
             return raw  # the same values, and the spikes keep their binary mark (cheaper layers)
         return raw * self.graded_spikes_factor

@@ -115,6 +115,22 @@ class HandoffLoop(nn.Module):
         return out
 
 
+class MembraneFedLoop(EditedLoop):
+    """``EditedLoop`` whose second neuron is driven by ``edit(self, spk1, mem1)``, its
+    input current computed from the first neuron's step (``self.fc2(spk1)``, the
+    tutorial's; ``self.fc2(mem1)``: a layer fed by a membrane); returns the output spike
+    counts."""
+
+    def forward(self, x):
+        mem1, mem2 = self.lif1.init_leaky(), self.lif2.init_leaky()
+        out = 0
+        for t in range(x.shape[0]):
+            spk1, mem1 = self.lif1(self.fc1(x[t]), mem1)
+            spk2, mem2 = self.lif2(self.edit(self, spk1, mem1), mem2)
+            out = out + spk2
+        return out
+
+
 class ShrinkingLoop(EditedLoop):
     """``EditedLoop`` whose batch shrinks after two steps (the first half of the examples
     goes on): both neurons go on from ``edit(mem, half)``, computed from the first half of

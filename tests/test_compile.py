@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from _kernel import needs_kernel
 from _sj_helpers import initial_membrane_net, run_steps
-from _snntorch_nets import EditedLoop, HandoffLoop, ShrinkingLoop
+from _snntorch_nets import EditedLoop, HandoffLoop, MembraneFedLoop, ShrinkingLoop
 from torch import nn
 
 import sbnn_addons as sb
@@ -549,6 +549,24 @@ def test_snntorch_membrane_cut_and_detached_inside_a_compiled_loop_runs_like_eag
     ``1[mem > threshold]``, variance 0); the same loss and gradients under one seed."""
     _assert_edited_loop_runs_like_eager(lambda mem, half: mem[:half].detach(),
                                         backend="aot_eager", net=ShrinkingLoop)
+
+
+@pytest.mark.parametrize("feed", [lambda net, spk, mem: net.fc2(mem),
+                                  lambda net, spk, mem: net.fc2(0.5 * mem)],
+                         ids=["fc2(mem)", "fc2(0.5 * mem)"])
+def test_snntorch_bayesian_layer_fed_by_a_membrane_raises_in_both_modes(feed):
+    """A Bayesian layer fed by the first neuron's membrane in an explicit ``sample``-mode
+    loop: eager mode refuses the membrane (a plain tensor whose noise variance the neuron
+    keeps), a compiled step the variance the membrane carries; neither drops it."""
+    torch.manual_seed(0)
+    net = sbnn_snn.to_sbnn(MembraneFedLoop(feed))
+    x = torch.rand(4, 6, 12) * 3
+    with pytest.raises(sb.VarianceFlowError, match="the input of BayesLinear .*membrane"):
+        net(x)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="^the input of BayesLinear .*posterior variance"):
+        torch.compile(net, fullgraph=True, backend="aot_eager")(x)
+    torch._dynamo.reset()
 
 
 _NO_OP_CONVERSIONS = {

@@ -7,6 +7,9 @@
 3. A plain ``snn.Leaky`` fed by a Bayesian layer after the conversion raises instead of
    dropping the variance.
 4. ``surrogate_disable=True`` is refused at conversion (it would be ignored).
+5. A membrane an explicit loop feeds to a Bayesian layer, or into another neuron's input
+   current, raises instead of being taken as noise-free (the membrane a step returns is a
+   plain tensor; the neuron keeps its noise variance).
 
 Also: a one-state neuron with the drop-in ``spike_grad()`` whose own update makes a
 Bayesian layer's noise variance unknown (reset to zero in ``RLeaky`` / ``Lapicque``,
@@ -21,10 +24,11 @@ import pytest
 import snntorch as snn
 import snntorch.utils as sutils
 import torch
-from _snntorch_nets import BETA, LoopLeaky
+from _snntorch_nets import BETA, LoopLeaky, MembraneFedLoop
 from torch import nn
 
 import sbnn_addons
+from sbnn_addons import kernels
 from sbnn_addons.snntorch import spike_grad, to_sbnn, to_snntorch
 
 N_SHARED = 20  # more neurons than SnnTorchSpike.MEMORY = 16 remembered draws
@@ -702,3 +706,85 @@ def test_nan_arising_inside_a_converted_model_is_not_trained_on():
     sutils.reset(model)
     with pytest.raises(ValueError, match="NaN"):
         model(x[0])
+
+
+# --------------------------------------------------------------------------- 5. membranes fed on
+#: Input currents of the second neuron of ``MembraneFedLoop`` computed from the first
+#: neuron's membrane ``mem`` (through its layer ``fc2``, or not).
+_MEMBRANE_FEEDS = {
+    "fc2(mem)": lambda net, spk, mem: net.fc2(mem),
+    "fc2(0.5 * mem)": lambda net, spk, mem: net.fc2(0.5 * mem),
+    "fc2(mem.detach())": lambda net, spk, mem: net.fc2(mem.detach()),
+    "fc2(mem.flatten(1))": lambda net, spk, mem: net.fc2(mem.flatten(1)),
+    "fc2(spk + mem.clamp(0, 1))": lambda net, spk, mem: net.fc2(spk + mem.clamp(0, 1)),
+}
+_CURRENTS_FROM_MEMBRANES = {
+    "fc2(mem)": lambda net, spk, mem: net.fc2(mem),
+    "0.5 * mem[:, :5]": lambda net, spk, mem: 0.5 * mem[:, :5],
+    "fc2(spk) + mem[:, :5]": lambda net, spk, mem: net.fc2(spk) + mem[:, :5],
+}
+
+
+def _membrane_fed(feed, **convert):
+    torch.manual_seed(0)
+    return to_sbnn(MembraneFedLoop(feed), **convert), torch.rand(5, 4, 12) * 3
+
+
+@pytest.mark.parametrize("kernels_on", [True, False])
+@pytest.mark.parametrize("feed", list(_MEMBRANE_FEEDS))
+def test_a_bayesian_layer_fed_by_a_membrane_in_an_explicit_loop_raises(feed, kernels_on):
+    """``fc2(mem1)``: the membrane a step returns is a plain tensor whose noise variance
+    the neuron keeps, so the layer took it as noise-free (its output variance
+    ``s^2 sum mem^2`` only) and the first layer's noise vanished from the second neuron,
+    without an error; a compiled step refuses it (the membrane carries its variance)."""
+    net, x = _membrane_fed(_MEMBRANE_FEEDS[feed])
+    with kernels.use_kernels(kernels_on), pytest.raises(
+            sbnn_addons.VarianceFlowError,
+            match=r"the input of BayesLinear \('fc2'\) is the membrane of neuron 'lif1'.*"
+                  r"spikes instead.*exclude="):
+        net(x).sum().backward()
+
+
+@pytest.mark.parametrize("feed", ["fc2(mem)", "fc2(mem.detach())"])
+def test_a_bayesian_layer_fed_by_a_membrane_raises_without_gradients(feed):
+    """Evaluation (``torch.no_grad()``, ``sample`` mode): the membrane itself, or an
+    alias of it, is recognised by its storage."""
+    net, x = _membrane_fed(_MEMBRANE_FEEDS[feed])
+    with torch.no_grad(), pytest.raises(sbnn_addons.VarianceFlowError,
+                                        match="is the membrane of neuron 'lif1'"):
+        net(x)
+
+
+@pytest.mark.parametrize("kernels_on", [True, False])
+@pytest.mark.parametrize("feed", list(_CURRENTS_FROM_MEMBRANES))
+def test_a_neuron_driven_by_another_neurons_membrane_raises(feed, kernels_on):
+    """With ``fc2`` left deterministic the second neuron's input current held the first
+    neuron's membrane without its noise variance (the neuron took that part as
+    noise-free), silently."""
+    net, x = _membrane_fed(_CURRENTS_FROM_MEMBRANES[feed], exclude=["fc2"])
+    with kernels.use_kernels(kernels_on), pytest.raises(
+            sbnn_addons.VarianceFlowError,
+            match=r"the input current of SBNNLeaky \('lif2'\) is the membrane of neuron "
+                  r"'lif1'"):
+        net(x).sum().backward()
+
+
+@pytest.mark.parametrize("kernels_on", [True, False])
+def test_spikes_and_noise_free_membranes_still_feed_layers_and_neurons(kernels_on):
+    """Not refused: spikes (also through dropout), a membrane in ``mean`` mode (no noise),
+    and a membrane whose neuron is fed by deterministic layers (the fix the error names);
+    the noisy layers get a gradient on their std."""
+    spikes = [lambda net, spk, mem: net.fc2(spk),
+              lambda net, spk, mem: net.fc2(nn.functional.dropout(spk.view(-1, 16), 0.2))]
+    with kernels.use_kernels(kernels_on):
+        for feed in spikes:
+            net, x = _membrane_fed(feed)
+            net(x).sum().backward()
+            assert net.fc2.std_rho.grad.abs() > 0
+        for feed in _MEMBRANE_FEEDS.values():
+            net, x = _membrane_fed(feed)
+            with sbnn_addons.mode(net, "mean"):
+                net(x).sum().backward()
+            net, x = _membrane_fed(feed, exclude=["fc1"])
+            net(x).sum().backward()
+            assert net.fc2.std_rho.grad.abs() > 0
