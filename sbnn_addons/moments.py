@@ -795,13 +795,17 @@ def _same_op(func, args, kwargs, out, var_of):
         # full backward hook) with grad mode off, where a new variance would lose its graph
         # (the layer's std got no gradient)
         return var
+    if name in ("detach", "detach_"):
+        # the same values: a compact variance stays compact (e.g. [N, 1] for a per-layer
+        # std), as the step after it keeps it; expanded, a membrane detached between
+        # truncated-BPTT chunks changed layout after the first, and a compiled chunk
+        # compiled again for it
+        return var.detach()
     if isinstance(out, Tensor) and var.shape != args[0].shape:
         var = var.expand_as(args[0])
     if name in ("to", "type_as", "float", "double", "half", "bfloat16"):
         # to float16: float32, as a float16 layer forms it (a small variance underflows)
         return var.to(dtype=variance_dtype(out.dtype), device=out.device)
-    if name in ("detach", "detach_"):
-        return var.detach()
     if name in ("view", "view_as") and isinstance(out, Tensor) and out.dtype == args[0].dtype:
         # the variance need not be a view: it may be broadcast (a per-row variance
         # expanded to the mean's shape), which view(-1) cannot merge

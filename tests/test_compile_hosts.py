@@ -13,6 +13,7 @@ import snntorch.utils as sutils
 import torch
 from snntorch import functional as SF
 from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import sbnn_addons as sb
 import sbnn_addons.snntorch as sbnn_snn
@@ -534,6 +535,28 @@ class _ChunkLoop(nn.Module):
             spk, mem = self.lif(self.fc(x[t]), mem)
             out.append(spk)
         return torch.stack(out), mem
+
+
+def test_truncated_bptt_chunks_compile_once_for_the_carried_membrane():
+    """A converted snnTorch chunk given back its detached membrane compiles for the
+    carried membrane once: ``mem.detach()`` kept a per-layer std's compact variance
+    ([B, 1]) compact, where it expanded it ([B, 5], stride 0), so the third chunk's
+    membrane (a full variance after the second) compiled the chunk again."""
+    torch.manual_seed(0)
+    net = sbnn_snn.to_sbnn(_ChunkLoop(nn.Linear(6, 5), snn.Leaky(beta=0.9)))
+    counter = CompileCounterWithBackend("aot_eager")
+    model = torch.compile(net, backend=counter, fullgraph=True)
+    x, mem, frames = torch.rand(3, 4, 6) * 3, net.lif.init_leaky(), []
+    try:
+        for _ in range(4):
+            spikes, mem = model(x, mem)
+            spikes.sum().backward()
+            mem = mem.detach()
+            frames.append(counter.frame_count)
+    finally:
+        torch._dynamo.reset()
+    assert mem.variance.shape == (4, 1)
+    assert frames[1] > frames[0] and frames[1:] == [frames[1]] * 3, frames
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "aot_eager_decomp_partition"])

@@ -1427,3 +1427,15 @@ def test_float16_normalisation_of_a_silent_channel_keeps_a_finite_variance(norm)
     assert got.dtype == torch.float32
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("op", ["detach", "detach_"])
+def test_detach_keeps_a_compact_variance_compact(op):
+    """``h.detach()`` has ``h``'s values: a per-row variance ([N, 1], a per-layer std's)
+    stays per row, as the operations around it keep it, with its graph cut."""
+    mean = torch.randn(4, 5, requires_grad=True) * 1.0
+    var = torch.rand(4, 1, requires_grad=True) + 0.0
+    h = attach_variance(mean, var)
+    out = getattr(h, op)()
+    assert get_variance(out).shape == (4, 1) and not get_variance(out).requires_grad
+    torch.testing.assert_close(get_variance(out), var.detach())
