@@ -273,7 +273,11 @@ class SnnTorchSpike(IWSTSpike):
         if recent is None:
             recent = []
             set_state(self, _sbnn_recent=recent)
-        key = u.detach()
+        # the values only: a drive's variance is the spike function's to read, and a
+        # memory holding carriers (a membrane passed back with its variance) or plain
+        # drives by turns is a new guard of a compiled step each time (a truncated-BPTT
+        # chunk compiled again when the carried membrane came back)
+        key = plain(u).detach()
         if compiling:
             return self._compiled_forward(u, key, recent)
         resetting, membrane = _snntorch_caller(key)
