@@ -540,10 +540,11 @@ class _ChunkLoop(nn.Module):
 @pytest.mark.parametrize("style", ["converted", "drop-in"])
 def test_truncated_bptt_chunks_compile_once_for_the_carried_membrane(style):
     """A chunk given back its detached membrane compiles for the carried membrane once,
-    after an eager chunk (whose membrane is plain). It compiled a third time: ``mem.detach()`` expanded a per-layer
-    std's compact variance ([B, 1]) to [B, 5] with stride 0, and the next chunk returned
-    it full, of another layout; the drop-in spike function remembered the eager chunk's
-    drives as carriers and the compiled chunk's as plain tensors, two types to guard."""
+    after an eager chunk (whose membrane is plain). It compiled again: ``mem.detach()``
+    expanded a per-layer std's compact variance ([B, 1]) to [B, 5] with stride 0, and the
+    next chunk returned it full, of another layout; the drop-in spike function
+    remembered the eager chunk's drives as carriers and the compiled chunk's as plain
+    tensors, two types to guard (a compile at every chunk)."""
     torch.manual_seed(0)
     if style == "converted":
         net = sbnn_snn.to_sbnn(_ChunkLoop(nn.Linear(6, 5), snn.Leaky(beta=0.9)))
