@@ -537,6 +537,15 @@ class _ChunkLoop(nn.Module):
         return torch.stack(out), mem
 
 
+def _chunk_net(style: str) -> _ChunkLoop:
+    """A ``_ChunkLoop`` converted by ``to_sbnn`` (``"converted"``), or built with a
+    ``BayesLinear`` and the drop-in ``spike_grad()`` (``"drop-in"``)."""
+    if style == "converted":
+        return sbnn_snn.to_sbnn(_ChunkLoop(nn.Linear(6, 5), snn.Leaky(beta=0.9)))
+    return _ChunkLoop(sb.BayesLinear(6, 5, std=0.3),
+                      snn.Leaky(beta=0.9, spike_grad=sbnn_snn.spike_grad()))
+
+
 @pytest.mark.parametrize("style", ["converted", "drop-in"])
 def test_truncated_bptt_chunks_compile_once_for_the_carried_membrane(style):
     """A chunk given back its detached membrane compiles for the carried membrane once,
@@ -546,11 +555,7 @@ def test_truncated_bptt_chunks_compile_once_for_the_carried_membrane(style):
     remembered the eager chunk's drives as carriers and the compiled chunk's as plain
     tensors, two types to guard (a compile at every chunk)."""
     torch.manual_seed(0)
-    if style == "converted":
-        net = sbnn_snn.to_sbnn(_ChunkLoop(nn.Linear(6, 5), snn.Leaky(beta=0.9)))
-    else:
-        net = _ChunkLoop(sb.BayesLinear(6, 5, std=0.3),
-                         snn.Leaky(beta=0.9, spike_grad=sbnn_snn.spike_grad()))
+    net = _chunk_net(style)
     counter = CompileCounterWithBackend("aot_eager")
     model = torch.compile(net, backend=counter, fullgraph=True)
     x, frames = torch.rand(3, 4, 6) * 3, []
@@ -579,11 +584,7 @@ def test_a_carried_membrane_passed_back_into_an_aot_eager_chunk_runs(backend, st
     runs and trains (its compiled draws are not eager mode's: the reset of the initial
     membrane is a draw there, ``SnnTorchSpike``)."""
     torch.manual_seed(0)
-    if style == "converted":
-        net = sbnn_snn.to_sbnn(_ChunkLoop(nn.Linear(6, 5), snn.Leaky(beta=0.9)))
-    else:
-        net = _ChunkLoop(sb.BayesLinear(6, 5, std=0.3),
-                         snn.Leaky(beta=0.9, spike_grad=sbnn_snn.spike_grad()))
+    net = _chunk_net(style)
     x = torch.rand(3, 4, 6) * 3
     results = []
     try:
