@@ -1401,7 +1401,7 @@ _MEMBRANE_NODE = "sbnn_addons.noisy_membrane"
 _SPIKE_NODE = "sbnn_addons.spikes"
 
 
-def _storage_view(t: Tensor) -> tuple | None:
+def storage_view(t: Tensor) -> tuple | None:
     """``t``'s storage and its view of it; ``None`` for a tensor without a storage of its
     own (a ``torch.func`` transform's)."""
     try:
@@ -1418,7 +1418,7 @@ def note_noisy_membrane(mem: Tensor, neuron) -> None:
     (a tensor computed from it: ``0.5 * mem``). Both go with ``mem``: no entry outlives
     the membrane, its aliases or its graph."""
     ref = weakref.ref(neuron)
-    key = _storage_view(mem)
+    key = storage_view(mem)
     if key is not None:
         storage, view = key
         entry = _NOISY_MEMBRANES.get(id(storage))
@@ -1455,13 +1455,10 @@ def noisy_membrane_behind(x: Tensor, depth: int = 3):
     if torch.compiler.is_compiling() or not _NOISY_MEMBRANES:
         return None
     if type(x) is Tensor:  # (a carrier is a new tensor, no membrane's alias)
-        try:
-            storage = x.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # no storage of its own (torch.func)
-            storage = None
-        entry = _NOISY_MEMBRANES.get(id(storage))
-        if entry is not None and entry[0]() is storage:
-            ref = entry[1].get((x.shape, x.stride(), x.storage_offset(), x.dtype))
+        key = storage_view(x)
+        entry = None if key is None else _NOISY_MEMBRANES.get(id(key[0]))
+        if entry is not None and entry[0]() is key[0]:
+            ref = entry[1].get(key[1])
             if ref is not None:
                 return ref()
         fn, nr = x.grad_fn, x.output_nr

@@ -67,6 +67,7 @@ from .base import (
     refuse_other_host_reset,
     refuse_unconverted_export,
     set_state,
+    storage_view,
     threshold_value,
     traced_in_torch_checkpoint,
     variance_dtype,
@@ -1288,11 +1289,8 @@ def _record_key(mem: Tensor) -> tuple:
     any alias of the membrane lives (``mem.detach()``, kept by a loop that replaced the
     membrane itself: truncated BPTT), and its view of it; ``mem`` itself for a tensor
     without a storage of its own (a ``torch.func`` transform's)."""
-    try:
-        storage = mem.untyped_storage()
-    except (RuntimeError, NotImplementedError):
-        return mem, None
-    return storage, (mem.shape, mem.stride(), mem.storage_offset(), mem.dtype)
+    key = storage_view(mem)
+    return (mem, None) if key is None else key
 
 
 def _find_step_record(neuron: nn.Module, mem: Tensor) -> dict:
