@@ -2384,8 +2384,9 @@ def refuse_membrane_input(x: Tensor, consumer: nn.Module, what: str) -> None:
     which = f"neuron {source!r}" if source else f"a {type(neuron).__name__}"
     raise VarianceFlowError(
         f"{what} of {type(consumer).__name__}{where} is the membrane of {which}, or was "
-        "computed from it: a membrane a neuron returns is a plain tensor whose noise "
-        "variance (of the Bayesian layers feeding that neuron) the neuron keeps, so "
+        "computed from it: a neuron's membrane (returned by a step, or kept as node.v) "
+        "is a plain tensor whose noise variance (of the Bayesian layers feeding that "
+        "neuron) the neuron keeps, so "
         f"{type(consumer).__name__} would take it as noise-free and the noise would vanish "
         "silently. Feed it the neuron's spikes instead, or keep the layers feeding "
         f"{which} deterministic (exclude= in to_sbnn)")

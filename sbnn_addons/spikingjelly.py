@@ -88,6 +88,8 @@ from .base import (
     host_neurons,
     match_name,
     name_patterns,
+    note_noisy_membrane,
+    note_spikes,
     raise_error,
     read_state,
     refuse_other_host_export,
@@ -109,6 +111,7 @@ from .moments import (
     get_variance,
     no_variance_flow,
     noise_sources,
+    refuse_membrane_input,
     track_variance,
     untrack_variance,
 )
@@ -293,6 +296,8 @@ class SJSpike(IWSTSpike):
             if state is not None:
                 total = state if total is None else state + total
             spikes = self.fire(u, total)
+            if not torch.compiler.is_compiling():  # (see _mark_spikes)
+                note_spikes(spikes)
             # no noise at all: a gradient reaching these spikes (a loss on them, or on the
             # membrane through the reset) would be 0 (compiled: no input variance, and the
             # graph tests the fixed std, whose value a trace cannot read)
@@ -584,6 +589,8 @@ def _neuron_pre_hook(node: nn.Module, args):
     var = get_variance(x)
     if isinstance(var, UnknownVariance):
         raise_error(_unknown_variance_message(node, x, var), VarianceFlowError)
+    if type(x) is Tensor and not compiling:  # (spikes, a Bayesian layer's output: taken)
+        refuse_membrane_input(x, node, "the input current")
     spike._begin(node, var, node.step_mode == "m", x)
     if type(x) is not VarianceTensor:
         return None
@@ -849,6 +856,12 @@ def _mark_spikes(node: nn.Module, args, output):
         if isinstance(state, Tensor) and state._base is not None:
             state = state.clone()  # a view cannot be detached in place (detach_net)
         node._memories[VAR_MEMORY] = state
+        if isinstance(state, Tensor) and not torch.compiler.is_compiling():
+            # node.v (and v_seq) are plain tensors whose noise variance the node keeps:
+            # a Bayesian layer or another node fed by them would take them as noise-free
+            for kept in (node._memories.get("v"), node.__dict__.get("v_seq")):
+                if isinstance(kept, Tensor):
+                    note_noisy_membrane(kept, node)
         if MEMBRANE_MEMORY in node._memories:  # the membrane that variance belongs to
             v = node._memories.get("v")
             node._memories[MEMBRANE_MEMORY] = v if isinstance(state, Tensor) else None

@@ -1510,3 +1510,107 @@ def test_membrane_changed_in_place_by_the_user_is_named(step_mode, edit):
         run(x[3:])
     functional.reset_net(net)  # the fix: a new sequence
     run(x[3:]).sum().backward()
+
+
+# --------------------------------------------------------------------------- membranes fed on
+class MembraneFedNet(nn.Module):
+    """Linear-LIF-Linear-LIF whose second stage reads the first neuron's membrane,
+    ``node.v`` (single-step) or ``node.v_seq`` (multi-step, ``store_v_seq=True``), through
+    ``feed(net, spikes, v)`` instead of its spikes."""
+
+    def __init__(self, feed, step_mode: str):
+        super().__init__()
+        self.fc1 = layer.Linear(12, 16)
+        self.lif1 = neuron.LIFNode(tau=2.0, store_v_seq=step_mode == "m")
+        self.fc2 = layer.Linear(16, 5)
+        self.lif2 = neuron.LIFNode(tau=2.0)
+        with torch.no_grad():
+            self.fc1.weight.mul_(3.0)
+        functional.set_step_mode(self, step_mode)
+        self.feed = feed
+
+    def forward(self, x):
+        spikes = self.lif1(self.fc1(x))
+        v = self.lif1.v_seq if self.lif1.step_mode == "m" else self.lif1.v
+        return self.lif2(self.feed(self, spikes, v))
+
+
+_SJ_MEMBRANE_FEEDS = {
+    "fc2(v)": lambda net, spikes, v: net.fc2(v),
+    "fc2(0.5 * v)": lambda net, spikes, v: net.fc2(0.5 * v),
+    "fc2(v.detach())": lambda net, spikes, v: net.fc2(v.detach()),
+    "fc2(spikes + v.clamp(0, 1))": lambda net, spikes, v: net.fc2(spikes + v.clamp(0, 1)),
+}
+_SJ_CURRENTS_FROM_MEMBRANES = {
+    "fc2(v)": lambda net, spikes, v: net.fc2(v),
+    "0.5 * v[..., :5]": lambda net, spikes, v: 0.5 * v[..., :5],
+}
+
+
+def _sj_membrane_fed(feed, step_mode, **convert):
+    torch.manual_seed(0)
+    net = sbnn_sj.to_sbnn(MembraneFedNet(feed, step_mode), **convert)
+    return net, torch.rand(4, 6, 12) * 3
+
+
+@pytest.mark.parametrize("kernels_on", [True, False])
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+@pytest.mark.parametrize("feed", list(_SJ_MEMBRANE_FEEDS))
+def test_a_bayesian_layer_fed_by_a_node_membrane_raises(feed, step_mode, kernels_on):
+    """``fc2(lif1.v)`` (or ``lif1.v_seq``): the membrane a converted node keeps is a
+    plain tensor whose noise variance the node keeps as its own memory, so the layer took
+    it as noise-free and the first layer's noise vanished from ``lif2``, silently."""
+    net, x = _sj_membrane_fed(_SJ_MEMBRANE_FEEDS[feed], step_mode)
+    functional.reset_net(net)
+    with sbnn_addons.kernels.use_kernels(kernels_on), pytest.raises(
+            VarianceFlowError,
+            match=r"the input of BayesLinear \('fc2'\) is the membrane of neuron 'lif1'.*"
+                  r"spikes instead.*exclude="):
+        run_steps(net, x, step_mode).sum().backward()
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_a_bayesian_layer_fed_by_a_node_membrane_raises_without_gradients(step_mode):
+    net, x = _sj_membrane_fed(_SJ_MEMBRANE_FEEDS["fc2(v.detach())"], step_mode)
+    functional.reset_net(net)
+    with torch.no_grad(), pytest.raises(VarianceFlowError,
+                                        match="is the membrane of neuron 'lif1'"):
+        run_steps(net, x, step_mode)
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+@pytest.mark.parametrize("feed", list(_SJ_CURRENTS_FROM_MEMBRANES))
+def test_a_node_driven_by_another_nodes_membrane_raises(feed, step_mode):
+    """With ``fc2`` left deterministic, ``lif2`` took the first node's membrane in its
+    input current as noise-free, silently."""
+    net, x = _sj_membrane_fed(_SJ_CURRENTS_FROM_MEMBRANES[feed], step_mode, exclude=["fc2"])
+    functional.reset_net(net)
+    with pytest.raises(VarianceFlowError,
+                       match=r"the input current of LIFNode \('lif2'\) is the membrane of "
+                             r"neuron 'lif1'"):
+        run_steps(net, x, step_mode).sum().backward()
+
+
+@pytest.mark.parametrize("kernels_on", [True, False])
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_node_spikes_and_noise_free_membranes_still_feed_layers_and_nodes(step_mode,
+                                                                         kernels_on):
+    """Not refused: spikes, a membrane in ``mean`` mode (no noise), and a membrane whose
+    node is fed by deterministic layers (the fix the error names); the noisy layers get
+    a gradient on their std."""
+    with sbnn_addons.kernels.use_kernels(kernels_on):
+        for feed in (lambda net, spikes, v: net.fc2(spikes),
+                     lambda net, spikes, v: net.fc2(nn.functional.dropout(spikes, 0.2))):
+            net, x = _sj_membrane_fed(feed, step_mode)
+            functional.reset_net(net)
+            run_steps(net, x, step_mode).sum().backward()
+            assert net.fc2.std_rho.grad.abs() > 0
+        for feed in _SJ_MEMBRANE_FEEDS.values():
+            net, x = _sj_membrane_fed(feed, step_mode)
+            functional.reset_net(net)
+            with sbnn_addons.mode(net, "mean"):
+                run_steps(net, x, step_mode).sum().backward()
+            net, x = _sj_membrane_fed(feed, step_mode, exclude=["fc1"])
+            functional.reset_net(net)
+            run_steps(net, x, step_mode).sum().backward()
+            assert net.fc2.std_rho.grad.abs() > 0
