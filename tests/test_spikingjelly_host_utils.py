@@ -1614,3 +1614,28 @@ def test_node_spikes_and_noise_free_membranes_still_feed_layers_and_nodes(step_m
             functional.reset_net(net)
             run_steps(net, x, step_mode).sum().backward()
             assert net.fc2.std_rho.grad.abs() > 0
+
+
+@pytest.mark.parametrize("kernels_on", [True, False])
+def test_a_classifier_on_the_last_membrane_of_a_multi_step_node_raises(kernels_on):
+    """``fc2(lif1.v)`` after a multi-step call (the fused sequence: no ``store_v_seq``),
+    a classifier on the last membrane: the layer took it as noise-free, silently."""
+
+    class LastMembraneNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.lif1 = layer.Linear(12, 16), neuron.LIFNode(tau=2.0)
+            self.fc2 = nn.Linear(16, 5)
+            functional.set_step_mode(self, "m")
+
+        def forward(self, x):
+            self.lif1(self.fc1(x))
+            return self.fc2(self.lif1.v)
+
+    torch.manual_seed(0)
+    net = sbnn_sj.to_sbnn(LastMembraneNet())
+    with sbnn_addons.kernels.use_kernels(kernels_on), pytest.raises(
+            VarianceFlowError, match=r"BayesLinear \('fc2'\) is the membrane of neuron 'lif1'"):
+        net(torch.rand(4, 6, 12) * 3)
+    net = sbnn_sj.to_sbnn(LastMembraneNet(), exclude=["fc1"])  # the fix the error names
+    net(torch.rand(4, 6, 12) * 3).sum().backward()
