@@ -2591,9 +2591,10 @@ def check_noise_scales(module: nn.Module, *, means: bool = False) -> None:
         # (inside a converted model too: its entry's check of its parameters is eager-only;
         # no test of id(module): a graph would be specialised to the module)
         for name in _NOISE_SCALES:
-            assert_finite(params[name] if name in params else buffers.get(name), (
-                f"{type(module).__name__}.{name} (a noise scale) holds NaN / inf values: "
-                f"{_NOISE_FIX}"))
+            scale = params[name] if name in params else buffers.get(name)
+            if scale is not None:  # (the message is traced at every call: only where used)
+                assert_finite(scale, f"{type(module).__name__}.{name} (a noise scale) holds "
+                                     f"NaN / inf values: {_NOISE_FIX}")
         return
     if in_checked_model():
         return
