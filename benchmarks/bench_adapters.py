@@ -7,7 +7,8 @@ Bernoulli(0.2) input):
   loop (the tutorial style), against ``sbnn_addons.snntorch.to_sbnn`` of the same model;
 * SpikingJelly: ``layer.Linear`` + ``neuron.LIFNode(tau=2)`` in multi-step mode with
   ``surrogate.ATan()`` (``--sj-node plif``: ``neuron.ParametricLIFNode(init_tau=2)``,
-  whose learned rate the fused sequence also differentiates), against
+  whose learned rate the fused sequence also differentiates; ``--sj-step-mode s``: the
+  same in single-step mode, called once per time step), against
   ``sbnn_addons.spikingjelly.to_sbnn`` of the same model.
 
 Per-layer std (the paper's scalar) with ST and AGR estimators, at the converters'
@@ -20,6 +21,7 @@ Usage::
 
     python benchmarks/bench_adapters.py --reps 30 --repeat 3
     python benchmarks/bench_adapters.py --reps 30 --repeat 3 --sj-node plif --hosts spikingjelly
+    python benchmarks/bench_adapters.py --reps 30 --repeat 3 --sj-step-mode s --hosts spikingjelly
 """
 
 from __future__ import annotations
@@ -65,7 +67,10 @@ def snntorch_models():
             "sbnn ST, aux_pull=0": to_sbnn(base, estimator="st", aux_pull=0)}, (lambda m: None)
 
 
-def spikingjelly_models(node: str = "lif"):
+def spikingjelly_models(node: str = "lif", step_mode: str = "m"):
+    """The SpikingJelly MLP in ``step_mode``: ``"m"``, one call on the whole sequence
+    (a converted node runs it as one fused sequence); ``"s"``, one call per time step (a
+    converted node runs SpikingJelly's own step with the spike function)."""
     from spikingjelly.activation_based import functional, layer, neuron, surrogate
 
     from sbnn_addons.spikingjelly import to_sbnn
@@ -73,19 +78,22 @@ def spikingjelly_models(node: str = "lif"):
     def make_node():
         if node == "plif":
             return neuron.ParametricLIFNode(init_tau=2.0, surrogate_function=surrogate.ATan(),
-                                            step_mode="m")
-        return neuron.LIFNode(tau=2.0, surrogate_function=surrogate.ATan(), step_mode="m")
+                                            step_mode=step_mode)
+        return neuron.LIFNode(tau=2.0, surrogate_function=surrogate.ATan(),
+                              step_mode=step_mode)
 
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.net = nn.Sequential(
-                layer.Linear(784, 256, step_mode="m"), make_node(),
-                layer.Linear(256, 10, step_mode="m"), make_node(),
+                layer.Linear(784, 256, step_mode=step_mode), make_node(),
+                layer.Linear(256, 10, step_mode=step_mode), make_node(),
             )
 
         def forward(self, x):
-            return self.net(x).sum(0)
+            if step_mode == "m":
+                return self.net(x).sum(0)
+            return sum(self.net(x_t) for x_t in x)
 
     base = Net()
     return {"original": base,
@@ -95,14 +103,15 @@ def spikingjelly_models(node: str = "lif"):
 
 
 def run(reps: int, threads: int, seed: int = 0, repeat: int = 1, sj_node: str = "lif",
-        hosts: tuple[str, ...] = ("snntorch", "spikingjelly")) -> list[dict]:
+        hosts: tuple[str, ...] = ("snntorch", "spikingjelly"),
+        sj_step_mode: str = "m") -> list[dict]:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     x = (torch.rand(T, B, 784) < 0.2).float()
     y = torch.randint(0, 10, (B,))
     rows = []
     factories = {"snntorch": snntorch_models,
-                 "spikingjelly": lambda: spikingjelly_models(sj_node)}
+                 "spikingjelly": lambda: spikingjelly_models(sj_node, sj_step_mode)}
     for host in hosts:
         models, reset = factories[host]()
 
@@ -121,7 +130,8 @@ def run(reps: int, threads: int, seed: int = 0, repeat: int = 1, sj_node: str = 
             if k == "original":
                 continue
             ratio, low, high = ratios[k]
-            name = f"{host} ({sj_node})" if host == "spikingjelly" else host
+            name = (f"{host} ({sj_node}{', single-step' if sj_step_mode == 's' else ''})"
+                    if host == "spikingjelly" else host)
             rows.append({"host": name, "config": f"{k}, per-layer std",
                          "original_ms": 1e3 * times["original"], "sbnn_ms": 1e3 * times[k],
                          "time_ratio": ratio, "ratio_range": f"{low:.2f}-{high:.2f}",
@@ -139,12 +149,15 @@ def main(argv=None) -> None:
                              "with their range")
     parser.add_argument("--sj-node", choices=("lif", "plif"), default="lif",
                         help="SpikingJelly neuron: LIFNode or ParametricLIFNode")
+    parser.add_argument("--sj-step-mode", choices=("m", "s"), default="m",
+                        help="SpikingJelly step mode: m (one call per sequence) or s (one "
+                             "call per time step)")
     parser.add_argument("--hosts", nargs="+", choices=("snntorch", "spikingjelly"),
                         default=["snntorch", "spikingjelly"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     rows = run(args.reps, args.threads, repeat=args.repeat, sj_node=args.sj_node,
-               hosts=tuple(args.hosts))
+               hosts=tuple(args.hosts), sj_step_mode=args.sj_step_mode)
     print(f"torch {torch.__version__}, {platform.machine()}, {args.threads} threads, "
           f"{args.repeat} round(s) of {args.reps} interleaved repetitions (medians); "
           f"MLP 784-256-10, T={T}, batch {B}\n")

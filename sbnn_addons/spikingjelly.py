@@ -700,9 +700,17 @@ def _refuse_a_call_past_the_hooks(node: nn.Module, x) -> None:
 
 
 def _linked_single_step_forward(node: nn.Module, x: Tensor, *args, **kwargs):
-    """A linked node's ``single_step_forward``: the node's own, after
+    """A linked node's ``single_step_forward``: a call in single-step mode runs as a fused
+    sequence of one step (:func:`_fused_sequence`: the same spikes and membrane as the
+    node's own step, in one autograd node), else the node's own, after
     :func:`_refuse_a_call_past_the_hooks`."""
     _refuse_a_call_past_the_hooks(node, x)
+    spike = node.surrogate_function
+    if (not args and not kwargs and isinstance(x, Tensor) and x.dim()
+            and isinstance(spike, SJSpike) and spike._linked and not spike._multi):
+        spikes = _fused_sequence(node, spike, x.unsqueeze(0), multi=False)
+        if spikes is not None:
+            return spikes[0]
     return type(node).single_step_forward(node, x, *args, **kwargs)
 
 
@@ -730,19 +738,20 @@ def _linked_functional_forward(node: nn.Module, inputs, states, **kwargs):
 _NODE_CONSTANTS = ("v_threshold", "v_reset", "tau")
 
 
-def _sequence_dynamics(node: nn.Module, spike: SJSpike, x_seq: Tensor):
-    """The :class:`~sbnn_addons.kernels.Dynamics` of this multi-step call of a linked
-    node, or ``None`` where the fused sequence does not serve it (then the node runs its
-    own loop): float32 or float64 (on the C kernel for float32 on the CPU, else on
-    PyTorch operations: :func:`~sbnn_addons.kernels.sequence_backend`), eager, a
-    stochastic mode, no ``store_v_seq``, a finite threshold, some noise where a gradient
-    may follow."""
-    var = spike._pending
+def _sequence_dynamics(node: nn.Module, spike: SJSpike, x_seq: Tensor, var=None,
+                       multi: bool = True):
+    """The :class:`~sbnn_addons.kernels.Dynamics` of this call of a linked node on
+    ``x_seq`` (a multi-step call, or with ``multi=False`` a single-step call as a sequence
+    of one step) with the input variance term ``var`` (``[T, *]``), or ``None`` where the
+    fused sequence does not serve it (then the node runs its own step or loop): float32 or
+    float64 (on the C kernel for float32 on the CPU, else on PyTorch operations:
+    :func:`~sbnn_addons.kernels.sequence_backend`), eager, a stochastic mode, no
+    ``store_v_seq``, a finite threshold, some noise where a gradient may follow."""
     kind = type(node)
     if (
         kind not in SUPPORTED_NEURONS
         or spike._step != 0
-        or not spike._multi
+        or spike._multi != multi
         or spike.deterministic
         or spike.fire_overridden()
         or node.store_v_seq
@@ -786,17 +795,32 @@ def _linked_multi_step_forward(node: nn.Module, x_seq: Tensor, *args, **kwargs):
     spike = node.surrogate_function
     if isinstance(x_seq, Tensor) and x_seq.dim() and x_seq.shape[0] == 0:
         return x_seq.new_zeros(x_seq.shape)  # T = 0: no steps, no spikes, state unchanged
-    dyn = None
     if not args and not kwargs and isinstance(spike, SJSpike) and spike._linked:
-        dyn = _sequence_dynamics(node, spike, x_seq)
+        spikes = _fused_sequence(node, spike, x_seq, multi=True)
+        if spikes is not None:
+            return spikes
+    return type(node).multi_step_forward(node, x_seq, *args, **kwargs)
+
+
+def _fused_sequence(node: nn.Module, spike: SJSpike, x_seq: Tensor, multi: bool):
+    """Run linked ``node`` on ``x_seq`` ``[T, *]`` as one
+    :func:`~sbnn_addons.kernels.lif_sequence` call, keeping its membrane and noise state
+    as the node's own steps would; ``None`` (nothing run) where the fused sequence does not
+    serve this call (:func:`_sequence_dynamics`). ``multi=False``: a single-step call,
+    ``x_seq`` its input with a time dimension of 1."""
+    var = spike._pending
+    if not multi and isinstance(var, Tensor):
+        var = var.unsqueeze(0)  # c^2 var(X): the step's term, as a sequence's [1, *]
+    dyn = _sequence_dynamics(node, spike, x_seq, var, multi)
     if dyn is None:
-        return type(node).multi_step_forward(node, x_seq, *args, **kwargs)
+        return None
     (v0,) = node.materialize_states((x_seq,), tuple(node._memories.values()), "m")[:1]
-    var = None
-    if isinstance(spike._pending, Tensor):
-        var = compact_broadcast(spike._pending)
+    if isinstance(var, Tensor):
+        var = compact_broadcast(var)
         if var.shape[0] != x_seq.shape[0]:  # constant over time: lif_sequence takes T terms
             var = var.expand(x_seq.shape[0], *var.shape[1:])
+    else:
+        var = None
     own = spike.noise_variance(x_seq.new_zeros(()))  # the spike's own noise only
     noisy = var is not None or spike._var_state is not None or own is not None
     aux = noisy and spike._aux_wanted()  # as the node's loop
@@ -812,7 +836,8 @@ def _linked_multi_step_forward(node: nn.Module, x_seq: Tensor, *args, **kwargs):
     if aux:
         spike._collect(out[3], x_seq[0], x_seq.shape[0])
     node._memories["v"] = v
-    node.v_seq = None
+    if multi:
+        node.v_seq = None
     set_state(spike, _var_state=state if var is not None or spike._var_state is not None
               else None, _step=x_seq.shape[0])
     return spikes

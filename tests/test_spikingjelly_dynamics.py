@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from _sj_helpers import record_spikes, run_sequence
+from _sj_helpers import record_spikes, run_sequence, run_steps
 from torch import nn
 
 import sbnn_addons
@@ -62,11 +62,12 @@ def _record_fire(spike):
 
 def _own_loop(model):
     """A copy of a converted model whose linked nodes run SpikingJelly's own per-step
-    loop in multi-step mode (one spike-function call per step) instead of the fused
-    sequence."""
+    loop in multi-step mode, and its own step in single-step mode (one spike-function
+    call per step), instead of the fused sequence."""
     twin = copy.deepcopy(model)
     for m in twin.modules():
         m.__dict__.pop("multi_step_forward", None)
+        m.__dict__.pop("single_step_forward", None)
     return twin
 
 
@@ -119,25 +120,28 @@ SEQUENCE_NEURONS = {
 @pytest.mark.parametrize("backend", [pytest.param("kernel", marks=needs_kernel), "torch"])
 @pytest.mark.parametrize("estimator, extra", [("st", None), ("agr(0.5)", None),
                                               ("st", "own noise"), ("agr(0.5)", "aux loss")])
+@pytest.mark.parametrize("sm", ["m", "s"])
 @pytest.mark.parametrize("kind", list(SEQUENCE_NEURONS))
-def test_fused_sequence_equals_the_nodes_own_loop(kind, estimator, extra, backend,
+def test_fused_sequence_equals_the_nodes_own_loop(kind, estimator, extra, backend, sm,
                                                   monkeypatch):
-    """Multi-step LIFNode / IFNode run as one fused sequence (kernels.lif_sequence, on the
-    C kernel or on PyTorch operations, the path of CUDA tensors): the spikes, outputs,
-    membranes and variance states equal the node's own loop bitwise, and all gradients
+    """LIFNode / IFNode run as fused sequences (kernels.lif_sequence, on the C kernel or
+    on PyTorch operations, the path of CUDA tensors): a multi-step call as one sequence, a
+    single-step call as a sequence of one step. The spikes, outputs, membranes and
+    variance states equal the node's own loop (or step) bitwise, and all gradients
     (weights, posterior std, the spike's own learned std, the auxiliary loss,
     ParametricLIFNode's learned time constant, through two sequences chained without a
     reset) agree to rtol 1e-5."""
     with kernels.use_kernels(backend == "kernel"):
         _fused_sequence_equals_the_nodes_own_loop(kind, estimator, extra, backend,
-                                                  monkeypatch)
+                                                  monkeypatch, sm)
 
 
-def _fused_sequence_equals_the_nodes_own_loop(kind, estimator, extra, backend, monkeypatch):
+def _fused_sequence_equals_the_nodes_own_loop(kind, estimator, extra, backend, monkeypatch,
+                                              sm="m"):
     torch.manual_seed(3)
     make, _ = SEQUENCE_NEURONS[kind]
-    net = nn.Sequential(layer.Linear(12, 9, step_mode="m"), make("m"),
-                        layer.Linear(9, 5, step_mode="m"), make("m"))
+    net = nn.Sequential(layer.Linear(12, 9, step_mode=sm), make(sm),
+                        layer.Linear(9, 5, step_mode=sm), make(sm))
     with torch.no_grad():  # strong enough weights for both layers to spike often
         net[0].weight.mul_(2.5)
         net[2].weight.mul_(4.0)
@@ -161,7 +165,8 @@ def _fused_sequence_equals_the_nodes_own_loop(kind, estimator, extra, backend, m
     for model in (fused, own):
         torch.manual_seed(11)
         functional.reset_net(model)
-        outs = [model(x[0]), model(x[1])]  # the second sequence continues the state
+        # the second sequence continues the state
+        outs = [run_steps(model, x[0], sm), run_steps(model, x[1], sm)]
         loss = sum(o.sum() for o in outs) + outs[1][-1, :, 0].sum() * 3
         if extra == "aux loss":
             aux = sbnn_addons.aux_loss(model)
@@ -177,6 +182,8 @@ def _fused_sequence_equals_the_nodes_own_loop(kind, estimator, extra, backend, m
     (out_f, grad_f, state_f), (out_o, grad_o, state_o) = results
     for a, b in zip(out_f, out_o):
         assert torch.equal(a, b)
+    if sm == "s":  # a record per layer and step: the rates of each layer's steps
+        fired = [torch.stack(fired[i::2]) for i in range(2)]
     rates = [float(f.mean()) for f in fired]
     assert all(0.02 < r < 0.98 for r in rates), rates  # both layers fire, not always
     for (v_f, s_f), (v_o, s_o) in zip(state_f, state_o):
