@@ -15,7 +15,10 @@ Per-layer std (the paper's scalar) with ST and AGR estimators, at the converters
 defaults (the auxiliary pull on), and ST with ``aux_pull=0`` (what the pull costs).
 Reports median step time (forward, cross-entropy, backward, state reset), the bytes of
 the tensors a step saves for backward (``bench_core._saved_bytes``) and the peak memory a
-step allocates (``bench_core.peak_bytes``), each as a ratio to the original model.
+step allocates (``bench_core.peak_bytes``), each as a ratio to the original model, and,
+so that no time is quoted for a network that does not learn, the loss before and after
+``--train-steps`` Adam steps on one fixed batch (``bench_core.learns``; the script fails
+unless every model's loss falls, the original's too).
 
 Usage::
 
@@ -31,7 +34,7 @@ import platform
 
 import torch
 import torch.nn.functional as F
-from bench_core import _saved_bytes, peak_bytes, print_rows, repeated
+from bench_core import _saved_bytes, learns, peak_bytes, print_rows, repeated
 from torch import nn
 
 T, B = 25, 128
@@ -104,7 +107,7 @@ def spikingjelly_models(node: str = "lif", step_mode: str = "m"):
 
 def run(reps: int, threads: int, seed: int = 0, repeat: int = 1, sj_node: str = "lif",
         hosts: tuple[str, ...] = ("snntorch", "spikingjelly"),
-        sj_step_mode: str = "m") -> list[dict]:
+        sj_step_mode: str = "m", train_steps: int = 40) -> list[dict]:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     x = (torch.rand(T, B, 784) < 0.2).float()
@@ -119,13 +122,16 @@ def run(reps: int, threads: int, seed: int = 0, repeat: int = 1, sj_node: str = 
             def step():
                 model.zero_grad(set_to_none=True)
                 reset(model)
-                F.cross_entropy(model(x), y).backward()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
             return step
 
         steps = {k: make_step(m) for k, m in models.items()}
         times, ratios = repeated(steps, reps, repeat)
         mem = {k: _saved_bytes(f) for k, f in steps.items()}
         peak = {k: peak_bytes(f) for k, f in steps.items()}
+        trained = {k: learns(m, steps[k], train_steps) for k, m in models.items()}
         for k in models:
             if k == "original":
                 continue
@@ -136,7 +142,10 @@ def run(reps: int, threads: int, seed: int = 0, repeat: int = 1, sj_node: str = 
                          "original_ms": 1e3 * times["original"], "sbnn_ms": 1e3 * times[k],
                          "time_ratio": ratio, "ratio_range": f"{low:.2f}-{high:.2f}",
                          "memory_ratio": mem[k] / mem["original"],
-                         "peak_memory_ratio": peak[k] / peak["original"]})
+                         "peak_memory_ratio": peak[k] / peak["original"],
+                         "loss_first": trained[k][0], "loss_last": trained[k][1],
+                         "learns": trained[k][1] < trained[k][0],
+                         "host_learns": trained["original"][1] < trained["original"][0]})
     return rows
 
 
@@ -154,15 +163,22 @@ def main(argv=None) -> None:
                              "call per time step)")
     parser.add_argument("--hosts", nargs="+", choices=("snntorch", "spikingjelly"),
                         default=["snntorch", "spikingjelly"])
+    parser.add_argument("--train-steps", type=int, default=40,
+                        help="Adam steps on one fixed batch per model after the timing: the "
+                             "script fails unless every model's loss falls")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     rows = run(args.reps, args.threads, repeat=args.repeat, sj_node=args.sj_node,
-               hosts=tuple(args.hosts), sj_step_mode=args.sj_step_mode)
+               hosts=tuple(args.hosts), sj_step_mode=args.sj_step_mode,
+               train_steps=args.train_steps)
     print(f"torch {torch.__version__}, {platform.machine()}, {args.threads} threads, "
           f"{args.repeat} round(s) of {args.reps} interleaved repetitions (medians); "
           f"MLP 784-256-10, T={T}, batch {B}\n")
     print_rows(rows, ("host", "config", "original_ms", "sbnn_ms", "time_ratio", "ratio_range",
-                      "memory_ratio", "peak_memory_ratio"), args.json)
+                      "memory_ratio", "peak_memory_ratio", "loss_first", "loss_last",
+                      "learns"), args.json)
+    if not all(r["learns"] and r["host_learns"] for r in rows):
+        raise SystemExit("a model's loss did not fall: its time is not meaningful")
 
 if __name__ == "__main__":
     main()

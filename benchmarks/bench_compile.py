@@ -58,7 +58,7 @@ import types
 import torch
 import torch.nn.functional as F
 from bench_adapters import B, T, snntorch_models, spikingjelly_models
-from bench_core import _saved_bytes, peak_bytes, print_rows, repeated
+from bench_core import _saved_bytes, learns, peak_bytes, print_rows, repeated
 
 import sbnn_addons as sb
 
@@ -187,20 +187,6 @@ def _make_step(model, reset, compiled: bool, kernels: bool, x, y):
     return step
 
 
-def _learns(model, step, steps: int, window: int = 3) -> tuple[float, float]:
-    """The mean loss of the first and of the last ``window`` of ``steps`` Adam steps (an
-    SBNN's loss is a noisy sample: one step's value against another's can go either way
-    while the trend falls)."""
-    opt = torch.optim.Adam(sb.param_groups(model, lr=2e-3))
-    losses = []
-    for _ in range(steps):
-        loss = step()
-        opt.step()
-        losses.append(float(loss.detach()))
-    window = max(1, min(window, steps // 2))
-    return sum(losses[:window]) / window, sum(losses[-window:]) / window
-
-
 def run(reps: int, repeat: int, threads: int, device: str, train_steps: int,
         hosts: tuple[str, ...], seed: int = 0, batch: int = B,
         draw_bound: bool = False) -> list[dict]:
@@ -236,7 +222,7 @@ def run(reps: int, repeat: int, threads: int, device: str, train_steps: int,
         saved = {k: _saved_bytes(f) for k, f in steps.items() if "compiled" not in k}
         peak = {k: peak_bytes(f, device) for k, f in steps.items()}
         for name, (model, *_rest) in variants.items():
-            first, last = _learns(model, steps[name], train_steps)
+            first, last = learns(model, steps[name], train_steps)
             ratio, low, high = ratios[name]
             rows.append({
                 "host": host, "variant": name, "ms": 1e3 * times[name],

@@ -278,6 +278,22 @@ def _median_ratio(fns: dict, reps: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def learns(model: nn.Module, step, steps: int, window: int = 3) -> tuple[float, float]:
+    """The mean loss of the first and of the last ``window`` of ``steps`` Adam steps of
+    ``step()`` (a training step on one fixed batch, returning its loss; ``model``'s
+    gradients set by it). A benchmark quotes no time for a network whose loss does not
+    fall: an SBNN's loss is a noisy sample, one step's value against another's can go
+    either way while the trend falls, so the windows' means are compared."""
+    opt = torch.optim.Adam(sb.param_groups(model, lr=2e-3))
+    losses = []
+    for _ in range(steps):
+        loss = step()
+        opt.step()
+        losses.append(float(loss.detach()))
+    window = max(1, min(window, steps // 2))
+    return sum(losses[:window]) / window, sum(losses[-window:]) / window
+
+
 def repeated(fns: dict, reps: int, repeat: int) -> tuple[dict, dict]:
     """``repeat`` rounds of :func:`_median_ratio`: the median over rounds of each
     function's time, and the ``(median, min, max)`` over rounds of its ratio to

@@ -210,3 +210,19 @@ def test_draw_bound_draws_from_its_preset_noise_in_a_compiled_graph(monkeypatch)
     with bench.PresetNoiseDraw(100, "cpu"), pytest.raises(
             torch._dynamo.exc.UserError, match=r"^PresetNoiseDraw\(numel=100\) .* 128 elements"):
         step(u)  # 128 elements
+
+
+def test_bench_adapters_checks_that_every_model_learns(monkeypatch):
+    """``bench_adapters.py`` quotes a step time only next to the loss before and after
+    Adam steps on one batch (``bench_core.learns``), here in SpikingJelly's single-step
+    mode (``--sj-step-mode s``)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports bench_core
+    adapters = _script("bench_adapters")
+    rows = adapters.run(reps=1, threads=1, hosts=("spikingjelly",), sj_step_mode="s",
+                        train_steps=40)
+    assert [r["config"] for r in rows] == [
+        "sbnn ST, per-layer std", "sbnn AGR, per-layer std",
+        "sbnn ST, aux_pull=0, per-layer std"]
+    assert all(r["host"] == "spikingjelly (lif, single-step)" for r in rows)
+    assert all(r["learns"] and r["host_learns"] for r in rows), rows
+    assert all(r["loss_last"] < r["loss_first"] for r in rows)
