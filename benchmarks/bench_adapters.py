@@ -73,7 +73,7 @@ def snntorch_models():
 def spikingjelly_models(node: str = "lif", step_mode: str = "m"):
     """The SpikingJelly MLP in ``step_mode``: ``"m"``, one call on the whole sequence
     (a converted node runs it as one fused sequence); ``"s"``, one call per time step (a
-    converted node runs SpikingJelly's own step with the spike function)."""
+    converted node runs each step as a fused sequence of one step)."""
     from spikingjelly.activation_based import functional, layer, neuron, surrogate
 
     from sbnn_addons.spikingjelly import to_sbnn

@@ -738,8 +738,8 @@ def _linked_functional_forward(node: nn.Module, inputs, states, **kwargs):
 _NODE_CONSTANTS = ("v_threshold", "v_reset", "tau")
 
 
-def _sequence_dynamics(node: nn.Module, spike: SJSpike, x_seq: Tensor, var=None,
-                       multi: bool = True):
+def _sequence_dynamics(node: nn.Module, spike: SJSpike, x_seq: Tensor, var,
+                       multi: bool):
     """The :class:`~sbnn_addons.kernels.Dynamics` of this call of a linked node on
     ``x_seq`` (a multi-step call, or with ``multi=False`` a single-step call as a sequence
     of one step) with the input variance term ``var`` (``[T, *]``), or ``None`` where the
